@@ -1,0 +1,181 @@
+"""Value types of the public SDK. Plain frozen dataclasses: never protobuf objects."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+
+class RequestState(enum.StrEnum):
+    PENDING = "PENDING"
+    APPROVED = "APPROVED"
+    DENIED = "DENIED"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+
+    @property
+    def terminal(self) -> bool:
+        return self is not RequestState.PENDING
+
+
+class GrantState(enum.StrEnum):
+    PENDING_DELIVERY = "PENDING_DELIVERY"
+    ACTIVE = "ACTIVE"
+    REVOKING = "REVOKING"
+    REVOKED = "REVOKED"
+    EXPIRED = "EXPIRED"
+    RELEASED = "RELEASED"
+    FAILED = "FAILED"
+    REVOKE_FAILED = "REVOKE_FAILED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL_GRANT_STATES
+
+
+_TERMINAL_GRANT_STATES = frozenset(
+    {GrantState.REVOKED, GrantState.EXPIRED, GrantState.RELEASED, GrantState.FAILED}
+)
+
+
+class ReviewDecision(enum.StrEnum):
+    APPROVE = "APPROVE"
+    DENY = "DENY"
+
+
+class OfflineMode(enum.StrEnum):
+    HOLD = "HOLD"
+    REVOKE_AFTER = "REVOKE_AFTER"
+
+
+@dataclass(frozen=True, slots=True)
+class OfflinePolicy:
+    """What the agent does with a grant while it cannot reach the coordinator."""
+
+    mode: OfflineMode = OfflineMode.HOLD
+    grace: timedelta = timedelta(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    reviewer: str
+    decision: ReviewDecision
+    reason: str
+    reviewed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: str
+    subject: str
+    agent: str
+    action: str
+    duration: timedelta
+    reason: str
+    state: RequestState
+    rule: str
+    approvals_required: int
+    approver_groups: tuple[str, ...]
+    reviews: tuple[Review, ...]
+    created_at: datetime
+    pending_expires_at: datetime | None
+    decided_at: datetime | None
+    decided_by: str
+    decision_reason: str
+    grant_id: str
+    grant_state: GrantState | None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    id: str
+    request_id: str
+    agent: str
+    subject: str
+    action: str
+    not_before: datetime
+    not_after: datetime
+    state: GrantState
+    offline: OfflinePolicy
+    created_at: datetime
+    ended_at: datetime | None = None
+    ended_by: str = ""
+    end_reason: str = ""
+    grant_seq: int = 0
+    revoke_seq: int = 0
+    applied_at: datetime | None = None
+    failure: str = ""
+    epoch: int = 0
+
+    @property
+    def expires_at(self) -> datetime:
+        return self.not_after
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    name: str
+    labels: dict[str, str]
+    connected: bool
+    last_seen_at: datetime | None
+    enrolled_at: datetime | None
+    version: str = ""
+    last_acked_seq: int = 0
+    last_seq: int = 0
+    active_grants: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JoinToken:
+    token: str = field(repr=False)
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    seq: int
+    id: str
+    at: datetime
+    actor: str
+    kind: str
+    subject: str
+    agent: str
+    request_id: str
+    grant_id: str
+    details: dict[str, str]
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDocument:
+    yaml: str
+    version: int
+    sha256: str
+    applied_at: datetime | None
+    applied_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDecision:
+    """The answer of `policy test`: which rule matched, or why none did."""
+
+    allowed: bool
+    rule: str
+    explanation: str
+    approval_required: bool
+    approvals_required: int
+    approver_groups: tuple[str, ...]
+    max_duration: timedelta | None
+    reason_required: bool
+    trace: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChainVerification:
+    ok: bool
+    events_checked: int
+    first_bad_seq: int
+    problem: str
+    head_hash: str
