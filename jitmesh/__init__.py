@@ -1,0 +1,86 @@
+"""jitmesh: just-in-time access for fleets of hosts. The public SDK surface.
+
+`Client` is imported on first use: the value types, errors and durations are needed by code
+that must start fast and never talks gRPC (the agent's local `check`, run on every sudo), and
+importing the client pulls in gRPC and the generated protobuf modules.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from jitmesh.durations import DurationError, format_duration, parse_duration
+from jitmesh.errors import (
+    AuthenticationError,
+    ConflictError,
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    JitmeshError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitedError,
+    UnavailableError,
+)
+from jitmesh.types import (
+    Agent,
+    AuditEvent,
+    ChainVerification,
+    Grant,
+    GrantState,
+    JoinToken,
+    OfflineMode,
+    OfflinePolicy,
+    PolicyDecision,
+    PolicyDocument,
+    Request,
+    RequestState,
+    Review,
+    ReviewDecision,
+)
+
+if TYPE_CHECKING:
+    from jitmesh.client import Client
+
+__all__ = [
+    "Agent",
+    "AuditEvent",
+    "AuthenticationError",
+    "ChainVerification",
+    "Client",
+    "ConflictError",
+    "DeadlineExceededError",
+    "DurationError",
+    "Grant",
+    "GrantState",
+    "InternalError",
+    "InvalidArgumentError",
+    "JitmeshError",
+    "JoinToken",
+    "NotFoundError",
+    "OfflineMode",
+    "OfflinePolicy",
+    "PermissionDeniedError",
+    "PolicyDecision",
+    "PolicyDocument",
+    "RateLimitedError",
+    "Request",
+    "RequestState",
+    "Review",
+    "ReviewDecision",
+    "UnavailableError",
+    "format_duration",
+    "parse_duration",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Client":
+        from jitmesh.client import Client
+
+        return Client
+    raise AttributeError(f"module 'jitmesh' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"Client"})

@@ -4,7 +4,8 @@
     ├── UnavailableError          the coordinator cannot be reached (UNAVAILABLE)
     ├── DeadlineExceededError     the call ran out of time (DEADLINE_EXCEEDED)
     ├── AuthenticationError       no or bad credential (UNAUTHENTICATED)
-    ├── PermissionDeniedError     the credential lacks the right, or policy denies (PERMISSION_DENIED)
+    ├── PermissionDeniedError     the credential lacks the right, or policy denies
+    │                             (PERMISSION_DENIED)
     ├── InvalidArgumentError      bad input; nothing was changed (INVALID_ARGUMENT, OUT_OF_RANGE)
     ├── NotFoundError             no such request, grant, agent (NOT_FOUND)
     ├── ConflictError             the object is not in a state that allows this

@@ -1,0 +1,641 @@
+"""The async client SDK for the jitmesh coordinator.
+
+    async with await Client.connect("127.0.0.1:7443", token=token) as client:
+        request, grant = await client.create_request(
+            agent="web-1", action="deploy", duration=timedelta(minutes=15), reason="release 42"
+        )
+
+Every method returns `jitmesh.types` values (never protobuf messages) and raises only
+`jitmesh.errors.JitmeshError` subclasses for failures reported by, or on the way to, the
+coordinator. Input that cannot be valid is refused before it is sent, with
+`InvalidArgumentError`, so callers handle one error tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from importlib import metadata
+from types import TracebackType
+from typing import Final, Self, TypeVar
+
+import grpc
+from grpc import aio
+
+from jitmesh import _convert, errors, types, validation
+from jitmesh.durations import format_duration
+from jitmesh.v1 import (
+    access_pb2,
+    access_pb2_grpc,
+    agents_pb2,
+    agents_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+    types_pb2,
+)
+
+__all__ = ["Client"]
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+_T = TypeVar("_T")
+
+# Page size asked for when following next_page_token. Servers cap it (AIP-158) if it is too big.
+_PAGE_SIZE: Final = 100
+# Back-off between re-subscriptions while waiting on a watch stream that ended.
+_RESUBSCRIBE_MIN: Final = 0.05
+_RESUBSCRIBE_MAX: Final = 2.0
+_MAX_MESSAGE: Final = 300
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# ---------------------------------------------------------------------------------------------
+# gRPC status to SDK error: the one place the mapping lives.
+
+_STATUS_ERRORS: Final[Mapping[grpc.StatusCode, tuple[type[errors.JitmeshError], str]]] = {
+    grpc.StatusCode.UNAVAILABLE: (errors.UnavailableError, "the coordinator is unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (errors.DeadlineExceededError, "the call ran out of time"),
+    grpc.StatusCode.UNAUTHENTICATED: (
+        errors.AuthenticationError,
+        "the coordinator did not accept the credential",
+    ),
+    grpc.StatusCode.PERMISSION_DENIED: (errors.PermissionDeniedError, "permission denied"),
+    grpc.StatusCode.INVALID_ARGUMENT: (errors.InvalidArgumentError, "invalid argument"),
+    grpc.StatusCode.OUT_OF_RANGE: (errors.InvalidArgumentError, "value out of range"),
+    grpc.StatusCode.NOT_FOUND: (errors.NotFoundError, "not found"),
+    grpc.StatusCode.FAILED_PRECONDITION: (
+        errors.ConflictError,
+        "the object is not in a state that allows this",
+    ),
+    grpc.StatusCode.ABORTED: (errors.ConflictError, "the change lost a race; try again"),
+    grpc.StatusCode.ALREADY_EXISTS: (errors.ConflictError, "already exists"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (errors.RateLimitedError, "too many calls; slow down"),
+}
+
+
+def error_from_status(
+    code: grpc.StatusCode,
+    details: str | None,
+    *,
+    target: str,
+    timeout: float | None = None,
+    secrets: Iterable[str] = (),
+) -> errors.JitmeshError:
+    """The SDK exception for a gRPC status, keeping the server's message on one line.
+
+    `secrets` (the bearer token) are cut out of the message should the other side echo them.
+    """
+    message = _one_line(details or "")
+    for secret in secrets:
+        if secret:
+            message = message.replace(secret, "[redacted]")
+    cls, fallback = _STATUS_ERRORS.get(code, (errors.InternalError, ""))
+    if code is grpc.StatusCode.UNAVAILABLE:
+        message = f"cannot reach the coordinator at {target}: {message or fallback}"
+    elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        within = f" within {timeout:g}s" if timeout is not None else ""
+        message = f"the coordinator at {target} did not answer{within}"
+    elif cls is errors.InternalError:
+        message = f"the coordinator failed ({code.name}): {message or 'no details'}"
+    else:
+        message = message or fallback
+    return cls(message, code=code.name)
+
+
+def _one_line(text: str) -> str:
+    # Server messages reach terminals and log lines: one line, no control characters, bounded.
+    text = _CONTROL.sub("?", " ".join(text.split()))
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def _invalid(exc: ValueError) -> errors.InvalidArgumentError:
+    return errors.InvalidArgumentError(str(exc))
+
+
+def _check(pattern: re.Pattern[str], value: str, field: str) -> str:
+    try:
+        return validation.check(pattern, value, field)
+    except validation.ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _check_optional(pattern: re.Pattern[str], value: str, field: str) -> str:
+    """Filters use "" for "any"; anything else must have the shape of the field."""
+    return value if value == "" else _check(pattern, value, field)
+
+
+def _check_reason(value: str) -> str:
+    try:
+        return validation.check_reason(value)
+    except validation.ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _check_positive(value: timedelta, field: str) -> timedelta:
+    if value <= timedelta(0):
+        raise errors.InvalidArgumentError(f"{field} must be positive")
+    return value
+
+
+def _check_token(token: str) -> None:
+    # gRPC refuses header values outside visible ASCII with an opaque error at call time; say so
+    # up front, without echoing the token.
+    if not all("!" <= c <= "~" for c in token):
+        raise errors.InvalidArgumentError("token contains characters that cannot be sent")
+
+
+def _sdk_version() -> str:
+    try:
+        return metadata.version("jitmesh")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+class Client:
+    """A connection to one coordinator. Create it with `await Client.connect(...)`.
+
+    Use it as an async context manager (or call `close()`) so the channel is closed. A client
+    belongs to the event loop it was created in.
+    """
+
+    def __init__(
+        self, channel: aio.Channel, *, target: str, token: str | None, timeout: float
+    ) -> None:
+        self._channel = channel
+        self._target = target
+        self._token = token
+        self._timeout = timeout
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self._closed = False
+        self._access = access_pb2_grpc.AccessStub(channel)
+        self._agents = agents_pb2_grpc.AgentsStub(channel)
+        self._policy = policy_pb2_grpc.PolicyStub(channel)
+        self._audit = audit_pb2_grpc.AuditStub(channel)
+
+    @classmethod
+    async def connect(
+        cls,
+        target: str,
+        *,
+        token: str | None = None,
+        # A per-call gRPC deadline, which reaches the server; not a timeout of this coroutine.
+        timeout: float = 10.0,  # noqa: ASYNC109
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, str | int]] = (),
+    ) -> Self:
+        """Open a channel to the coordinator at `target` ("host:port").
+
+        Does not contact the coordinator: the first call does, and reports an unreachable
+        coordinator as `UnavailableError`. `token` is sent as `authorization: Bearer <token>` on
+        every call (None or "" sends none). `timeout` is the deadline in seconds of each unary
+        call; streams have none. `credentials` switches from plain text to TLS.
+
+        A coroutine because gRPC channels bind to the running event loop.
+        """
+        if not target.strip():
+            raise errors.InvalidArgumentError("coordinator address is empty")
+        if not timeout > 0:
+            raise errors.InvalidArgumentError("timeout must be positive")
+        if token:
+            _check_token(token)
+        options = [("grpc.primary_user_agent", f"jitmesh-sdk/{_sdk_version()}"), *channel_options]
+        if credentials is None:
+            channel = aio.insecure_channel(target, options=options)
+        else:
+            channel = aio.secure_channel(target, credentials, options=options)
+        return cls(channel, target=target, token=token or None, timeout=timeout)
+
+    @property
+    def target(self) -> str:
+        return self._target
+
+    def __repr__(self) -> str:
+        # Never the token.
+        return f"Client(target={self._target!r})"
+
+    async def close(self) -> None:
+        """Close the channel, cancelling calls and streams still running. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            await self._channel.close(None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -----------------------------------------------------------------------------------------
+    # Plumbing
+
+    def _error(self, exc: aio.AioRpcError, timeout: float | None) -> errors.JitmeshError:
+        return error_from_status(
+            exc.code(),
+            exc.details(),
+            target=self._target,
+            timeout=timeout,
+            secrets=(self._token or "",),
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the jitmesh Client is closed")
+
+    async def _unary(
+        self,
+        method: aio.UnaryUnaryMultiCallable[_Req, _Resp],
+        request: _Req,
+        *,
+        # A gRPC deadline, unlike asyncio.timeout, travels to the server, which stops working on
+        # the call when it passes.
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> _Resp:
+        self._check_open()
+        deadline = self._timeout if timeout is None else timeout
+        try:
+            return await method(request, timeout=deadline, metadata=self._metadata)
+        except aio.AioRpcError as exc:
+            raise self._error(exc, deadline) from exc
+
+    async def _stream(
+        self, method: aio.UnaryStreamMultiCallable[_Req, _Resp], request: _Req
+    ) -> AsyncGenerator[_Resp, None]:
+        self._check_open()
+        call = method(request, metadata=self._metadata)
+        try:
+            async for item in call:
+                yield item
+        except aio.AioRpcError as exc:
+            raise self._error(exc, None) from exc
+        finally:
+            call.cancel()
+
+    @staticmethod
+    async def _collect(
+        fetch: Callable[[str, int], Awaitable[tuple[list[_T], str]]], limit: int | None
+    ) -> list[_T]:
+        """Follow next_page_token until the last page or until `limit` items."""
+        if limit is not None and limit < 1:
+            raise errors.InvalidArgumentError("limit must be positive")
+        items: list[_T] = []
+        token = ""
+        seen: set[str] = set()
+        while True:
+            size = _PAGE_SIZE if limit is None else min(_PAGE_SIZE, limit - len(items))
+            page, token = await fetch(token, size)
+            items.extend(page)
+            if limit is not None and len(items) >= limit:
+                return items[:limit]
+            if not token:
+                return items
+            if token in seen:
+                # A server that hands out the same page token again would loop us forever.
+                raise errors.InternalError("the coordinator repeated a page token")
+            seen.add(token)
+
+    # -----------------------------------------------------------------------------------------
+    # Requests
+
+    async def create_request(
+        self, *, agent: str, action: str, duration: timedelta, reason: str = ""
+    ) -> tuple[types.Request, types.Grant | None]:
+        """Ask for `action` on `agent` for `duration`, as the caller.
+
+        Returns the request and, when policy approved it at once, its grant (still to be
+        delivered to the agent: see `Grant.state`).
+        """
+        message = access_pb2.CreateRequestRequest(
+            agent=_check(validation.AGENT, agent, "agent"),
+            action=_check(validation.ACTION, action, "action"),
+            duration=_convert.duration_to_proto(_check_positive(duration, "duration")),
+            reason=_check_reason(reason),
+        )
+        response = await self._unary(self._access.CreateRequest, message)
+        grant = _convert.grant(response.grant) if response.HasField("grant") else None
+        return _convert.request(response.request), grant
+
+    async def get_request(self, id: str) -> types.Request:
+        message = access_pb2.GetRequestRequest(id=_check(validation.ID, id, "request id"))
+        return _convert.request(await self._unary(self._access.GetRequest, message))
+
+    async def list_requests(
+        self,
+        *,
+        states: Iterable[types.RequestState] = (),
+        subject: str = "",
+        agent: str = "",
+        limit: int | None = None,
+    ) -> list[types.Request]:
+        """Requests the caller may see, filtered; empty filters match anything.
+
+        Follows the coordinator's pages; stops after `limit` requests when given.
+        """
+        wire_states = [_convert.request_state_to_proto(s) for s in states]
+        subject = _check_optional(validation.SUBJECT, subject, "subject")
+        agent = _check_optional(validation.AGENT, agent, "agent")
+
+        async def fetch(token: str, size: int) -> tuple[list[types.Request], str]:
+            message = access_pb2.ListRequestsRequest(
+                states=wire_states, subject=subject, agent=agent, page_size=size, page_token=token
+            )
+            response = await self._unary(self._access.ListRequests, message)
+            return [_convert.request(r) for r in response.requests], response.next_page_token
+
+        return await self._collect(fetch, limit)
+
+    async def approve(
+        self, id: str, *, reason: str = ""
+    ) -> tuple[types.Request, types.Grant | None]:
+        """Approve a pending request as the caller.
+
+        Returns the request and, when this approval was the last one required, the new grant.
+        Raises `ConflictError` when the request is no longer pending.
+        """
+        return await self._review(id, types_pb2.REVIEW_DECISION_APPROVE, reason)
+
+    async def deny(self, id: str, *, reason: str = "") -> types.Request:
+        """Deny a pending request. A deny that races an approval wins."""
+        request, _ = await self._review(id, types_pb2.REVIEW_DECISION_DENY, reason)
+        return request
+
+    async def _review(
+        self, id: str, decision: types_pb2.ReviewDecision.ValueType, reason: str
+    ) -> tuple[types.Request, types.Grant | None]:
+        message = access_pb2.ReviewRequestRequest(
+            id=_check(validation.ID, id, "request id"),
+            decision=decision,
+            reason=_check_reason(reason),
+        )
+        response = await self._unary(self._access.ReviewRequest, message)
+        grant = _convert.grant(response.grant) if response.HasField("grant") else None
+        return _convert.request(response.request), grant
+
+    async def cancel(self, id: str) -> types.Request:
+        """Withdraw a pending request (the requester's own)."""
+        message = access_pb2.CancelRequestRequest(id=_check(validation.ID, id, "request id"))
+        return _convert.request(await self._unary(self._access.CancelRequest, message))
+
+    async def watch_requests(self, ids: Iterable[str] = ()) -> AsyncGenerator[types.Request, None]:
+        """Snapshots of requests as they or their grants change; `ids` empty means all visible.
+
+        The coordinator sends the current snapshot of each watched request first, then one
+        whenever it changes. The stream has no deadline; it ends (or raises
+        `UnavailableError`) when the coordinator closes it, and the caller may subscribe again.
+        Close it with `contextlib.aclosing` (or `aclose()`) when done early.
+        """
+        message = access_pb2.WatchRequestsRequest(
+            ids=[_check(validation.ID, i, "request id") for i in ids]
+        )
+        async for snapshot in self._stream(self._access.WatchRequests, message):
+            yield _convert.request(snapshot)
+
+    async def wait_for_request(
+        self,
+        id: str,
+        *,
+        until: Callable[[types.Request], bool],
+        # Part of the public contract (it shapes the error raised); asyncio.timeout around the
+        # call would work too but would raise TimeoutError instead of a JitmeshError.
+        timeout: timedelta | float,  # noqa: ASYNC109
+    ) -> types.Request:
+        """The first snapshot of request `id` for which `until(snapshot)` holds.
+
+        Built on `watch_requests`: the current state counts, so a request already in the awaited
+        state returns at once. When the coordinator ends the stream (a restart, a recycled
+        connection) the wait subscribes again. Raises `DeadlineExceededError` when `timeout`
+        (seconds or a timedelta) passes first; `until` must also accept states from which the
+        awaited one can no longer be reached, or the wait runs into the timeout.
+        """
+        _check(validation.ID, id, "request id")
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+        last: types.Request | None = None
+        try:
+            async with asyncio.timeout(seconds):
+                backoff = _RESUBSCRIBE_MIN
+                while True:
+                    with contextlib.suppress(errors.UnavailableError):
+                        async with contextlib.aclosing(self.watch_requests([id])) as stream:
+                            async for snapshot in stream:
+                                if snapshot.id != id:
+                                    continue
+                                last = snapshot
+                                backoff = _RESUBSCRIBE_MIN
+                                if until(snapshot):
+                                    return snapshot
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _RESUBSCRIBE_MAX)
+        except TimeoutError:
+            state = f" (still {last.state.value.lower()})" if last is not None else ""
+            waited = format_duration(timedelta(seconds=seconds))
+            raise errors.DeadlineExceededError(
+                f"gave up waiting for request {id} after {waited}{state}"
+            ) from None
+
+    # -----------------------------------------------------------------------------------------
+    # Grants
+
+    async def get_grant(self, id: str) -> types.Grant:
+        message = access_pb2.GetGrantRequest(id=_check(validation.ID, id, "grant id"))
+        return _convert.grant(await self._unary(self._access.GetGrant, message))
+
+    async def list_grants(
+        self,
+        *,
+        states: Iterable[types.GrantState] = (),
+        subject: str = "",
+        agent: str = "",
+        limit: int | None = None,
+    ) -> list[types.Grant]:
+        """Grants the caller may see, filtered; empty filters match anything. Follows pages."""
+        wire_states = [_convert.grant_state_to_proto(s) for s in states]
+        subject = _check_optional(validation.SUBJECT, subject, "subject")
+        agent = _check_optional(validation.AGENT, agent, "agent")
+
+        async def fetch(token: str, size: int) -> tuple[list[types.Grant], str]:
+            message = access_pb2.ListGrantsRequest(
+                states=wire_states, subject=subject, agent=agent, page_size=size, page_token=token
+            )
+            response = await self._unary(self._access.ListGrants, message)
+            return [_convert.grant(g) for g in response.grants], response.next_page_token
+
+        return await self._collect(fetch, limit)
+
+    async def revoke_grant(self, id: str, *, reason: str = "") -> types.Grant:
+        """Take a grant away before it expires. The returned grant is usually REVOKING: the
+        agent confirms the removal asynchronously (REVOKED, or REVOKE_FAILED)."""
+        message = access_pb2.RevokeGrantRequest(
+            id=_check(validation.ID, id, "grant id"), reason=_check_reason(reason)
+        )
+        return _convert.grant(await self._unary(self._access.RevokeGrant, message))
+
+    async def release_grant(self, id: str) -> types.Grant:
+        """Hand a grant back before it expires (its subject's own)."""
+        message = access_pb2.ReleaseGrantRequest(id=_check(validation.ID, id, "grant id"))
+        return _convert.grant(await self._unary(self._access.ReleaseGrant, message))
+
+    # -----------------------------------------------------------------------------------------
+    # Agents
+
+    async def list_agents(self) -> list[types.Agent]:
+        """Every enrolled agent with its connection state. Follows pages."""
+
+        async def fetch(token: str, size: int) -> tuple[list[types.Agent], str]:
+            message = agents_pb2.ListAgentsRequest(page_size=size, page_token=token)
+            response = await self._unary(self._agents.ListAgents, message)
+            return [_convert.agent(a) for a in response.agents], response.next_page_token
+
+        return await self._collect(fetch, None)
+
+    async def get_agent(self, name: str) -> types.Agent:
+        message = agents_pb2.GetAgentRequest(name=_check(validation.AGENT, name, "agent"))
+        return _convert.agent(await self._unary(self._agents.GetAgent, message))
+
+    async def create_join_token(
+        self, *, labels: Mapping[str, str] | None = None, ttl: timedelta | None = None
+    ) -> types.JoinToken:
+        """A one-time token an agent enrolls with. `ttl` None means the coordinator's default.
+
+        The token is shown only here: the coordinator keeps its hash.
+        """
+        try:
+            checked = validation.check_labels(dict(labels or {}))
+        except validation.ValidationError as exc:
+            raise _invalid(exc) from None
+        message = agents_pb2.CreateJoinTokenRequest(
+            labels=checked,
+            ttl=_convert.duration_to_proto(None if ttl is None else _check_positive(ttl, "ttl")),
+        )
+        return _convert.join_token(await self._unary(self._agents.CreateJoinToken, message))
+
+    async def remove_agent(self, name: str) -> None:
+        """Forget an agent: its credential stops working and its grants are revoked."""
+        message = agents_pb2.RemoveAgentRequest(name=_check(validation.AGENT, name, "agent"))
+        await self._unary(self._agents.RemoveAgent, message)
+
+    # -----------------------------------------------------------------------------------------
+    # Policy
+
+    async def get_policy(self) -> types.PolicyDocument:
+        return _convert.policy_document(
+            await self._unary(self._policy.GetPolicy, policy_pb2.GetPolicyRequest())
+        )
+
+    async def apply_policy(
+        self, yaml_text: str, *, expected_version: int = 0
+    ) -> types.PolicyDocument:
+        """Validate and swap in a policy document; a bad document leaves the running one.
+
+        With `expected_version` set, the coordinator refuses (`ConflictError`) unless the running
+        version is that one, so two operators cannot overwrite each other unknowingly.
+        """
+        if expected_version < 0:
+            raise errors.InvalidArgumentError("expected version must not be negative")
+        message = policy_pb2.ApplyPolicyRequest(yaml=yaml_text, expected_version=expected_version)
+        return _convert.policy_document(await self._unary(self._policy.ApplyPolicy, message))
+
+    async def test_policy(
+        self,
+        *,
+        subject: str,
+        action: str,
+        agent: str,
+        duration: timedelta | None = None,
+        groups: Iterable[str] = (),
+    ) -> types.PolicyDecision:
+        """Would `subject` get `action` on `agent`, and by which rule? Changes nothing.
+
+        `groups` empty means the subject's known groups; `duration` is checked against the
+        rule's maximum when given.
+        """
+        message = policy_pb2.TestPolicyRequest(
+            subject=_check(validation.SUBJECT, subject, "subject"),
+            action=_check(validation.ACTION, action, "action"),
+            agent=_check(validation.AGENT, agent, "agent"),
+            duration=_convert.duration_to_proto(
+                None if duration is None else _check_positive(duration, "duration")
+            ),
+            groups=[_check(validation.GROUP, g, "group") for g in groups],
+        )
+        return _convert.policy_decision(await self._unary(self._policy.TestPolicy, message))
+
+    # -----------------------------------------------------------------------------------------
+    # Audit
+
+    async def list_audit(
+        self,
+        *,
+        since: datetime | None = None,
+        agent: str = "",
+        subject: str = "",
+        kind: str = "",
+        grant_id: str = "",
+        request_id: str = "",
+        after_seq: int = 0,
+        limit: int | None = None,
+    ) -> list[types.AuditEvent]:
+        """Audit events in sequence order, filtered; empty filters match anything.
+
+        `since` must be timezone-aware. Follows pages; stops after `limit` events when given.
+        """
+        if since is not None and since.tzinfo is None:
+            raise errors.InvalidArgumentError("since must be timezone-aware")
+        if after_seq < 0:
+            raise errors.InvalidArgumentError("after_seq must not be negative")
+        agent = _check_optional(validation.AGENT, agent, "agent")
+        subject = _check_optional(validation.SUBJECT, subject, "subject")
+        grant_id = _check_optional(validation.ID, grant_id, "grant id")
+        request_id = _check_optional(validation.ID, request_id, "request id")
+
+        async def fetch(token: str, size: int) -> tuple[list[types.AuditEvent], str]:
+            message = audit_pb2.ListEventsRequest(
+                since=_convert.time_to_proto(since),
+                agent=agent,
+                subject=subject,
+                kind=kind,
+                after_seq=after_seq,
+                grant_id=grant_id,
+                request_id=request_id,
+                page_size=size,
+                page_token=token,
+            )
+            response = await self._unary(self._audit.ListEvents, message)
+            return [_convert.audit_event(e) for e in response.events], response.next_page_token
+
+        return await self._collect(fetch, limit)
+
+    async def tail_audit(self, after_seq: int = 0) -> AsyncGenerator[types.AuditEvent, None]:
+        """Events with a sequence number above `after_seq`, then new ones as they are written.
+
+        Never ends on its own while the coordinator keeps the stream open.
+        """
+        if after_seq < 0:
+            raise errors.InvalidArgumentError("after_seq must not be negative")
+        message = audit_pb2.TailEventsRequest(after_seq=after_seq)
+        async for event in self._stream(self._audit.TailEvents, message):
+            yield _convert.audit_event(event)
+
+    async def verify_audit(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (a gRPC deadline, see _unary)
+    ) -> types.ChainVerification:
+        """Walk the audit hash chain on the coordinator and report the first bad entry.
+
+        `timeout` overrides the client's deadline: a long chain takes longer than a lookup.
+        """
+        response = await self._unary(
+            self._audit.VerifyChain, audit_pb2.VerifyChainRequest(), timeout=timeout
+        )
+        return _convert.chain_verification(response)
