@@ -1,0 +1,578 @@
+"""How jitctl shows things: JSON objects for programs, aligned tables for people.
+
+JSON: every object carries `id` and `state`; instants are RFC 3339 UTC strings ending in Z (or
+null when unset); durations appear twice, as "15m" and in seconds. Tables: a header row, aligned
+columns, UTC times, and nothing from the coordinator that could steer a terminal (control
+characters are replaced).
+
+Pure functions of their arguments (the current time included), so they are tested directly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from jitmesh.durations import format_duration
+from jitmesh.types import (
+    Agent,
+    AuditEvent,
+    ChainVerification,
+    Grant,
+    JoinToken,
+    PolicyDecision,
+    PolicyDocument,
+    Request,
+)
+
+JSON = dict[str, Any]
+
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NONE: Final = "-"
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalars
+
+
+def rfc3339(at: datetime | None) -> str | None:
+    """2026-01-01T12:00:00Z, with milliseconds only when there are any."""
+    if at is None:
+        return None
+    at = at.astimezone(UTC)
+    if at.microsecond:
+        return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def seconds(value: timedelta) -> int | float:
+    total = value.total_seconds()
+    return int(total) if total == int(total) else total
+
+
+def human_time(at: datetime | None) -> str:
+    if at is None:
+        return _NONE
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def relative(at: datetime, now: datetime) -> str:
+    """ "in 14m30s" or "3h5m ago": the two most significant units are enough for people."""
+    delta = at - now
+    ago = delta < timedelta(0)
+    whole = timedelta(seconds=round(abs(delta.total_seconds())))
+    if whole == timedelta(0):
+        return "now"
+    text = _two_units(whole)
+    return f"{text} ago" if ago else f"in {text}"
+
+
+def _two_units(value: timedelta) -> str:
+    parts = re.findall(r"\d+[a-z]+", format_duration(value))
+    return "".join(parts[:2])
+
+
+def duration_text(value: timedelta | None) -> str:
+    return _NONE if value is None else format_duration(value)
+
+
+def cell(value: object) -> str:
+    """One table cell: one line, no control characters, "-" for nothing."""
+    text = " ".join(str(value).split())
+    return _CONTROL.sub("?", text) if text else _NONE
+
+
+def dumps(value: JSON | list[JSON]) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def dumps_line(value: JSON) -> str:
+    """One object per line, for streams (JSON Lines)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Aligned columns under a header row; the last column is not padded."""
+    cells = [list(headers)] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [value.ljust(width) for value, width in zip(row[:-1], widths[:-1], strict=True)]
+        lines.append("  ".join([*padded, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def details(pairs: Iterable[tuple[str, object]]) -> str:
+    """A single object as FIELD/VALUE rows."""
+    return table(("FIELD", "VALUE"), pairs)
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or _NONE
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+def request_json(request: Request, grant: Grant | None = None) -> JSON:
+    result: JSON = {
+        "id": request.id,
+        "state": request.state.value,
+        "subject": request.subject,
+        "agent": request.agent,
+        "action": request.action,
+        "duration": format_duration(request.duration),
+        "duration_seconds": seconds(request.duration),
+        "reason": request.reason,
+        "rule": request.rule,
+        "approvals_required": request.approvals_required,
+        "approver_groups": list(request.approver_groups),
+        "reviews": [
+            {
+                "reviewer": r.reviewer,
+                "decision": r.decision.value,
+                "reason": r.reason,
+                "reviewed_at": rfc3339(r.reviewed_at),
+            }
+            for r in request.reviews
+        ],
+        "created_at": rfc3339(request.created_at),
+        "pending_expires_at": rfc3339(request.pending_expires_at),
+        "decided_at": rfc3339(request.decided_at),
+        "decided_by": request.decided_by,
+        "decision_reason": request.decision_reason,
+        "grant_id": request.grant_id or None,
+        "grant_state": request.grant_state.value if request.grant_state else None,
+    }
+    if grant is not None:
+        result["grant"] = grant_json(grant)
+    return result
+
+
+REQUEST_HEADERS: Final = (
+    "ID",
+    "STATE",
+    "SUBJECT",
+    "AGENT",
+    "ACTION",
+    "DURATION",
+    "CREATED",
+    "GRANT",
+)
+
+
+def requests_table(requests: Iterable[Request]) -> str:
+    return table(
+        REQUEST_HEADERS,
+        (
+            (
+                r.id,
+                r.state.value,
+                r.subject,
+                r.agent,
+                r.action,
+                format_duration(r.duration),
+                human_time(r.created_at),
+                _grant_ref(r),
+            )
+            for r in requests
+        ),
+    )
+
+
+def _grant_ref(request: Request) -> str:
+    if not request.grant_id:
+        return _NONE
+    state = f" ({request.grant_state.value})" if request.grant_state else ""
+    return request.grant_id + state
+
+
+def request_details(request: Request, now: datetime, grant: Grant | None = None) -> str:
+    pairs: list[tuple[str, object]] = [
+        ("ID", request.id),
+        ("STATE", request.state.value),
+        ("SUBJECT", request.subject),
+        ("AGENT", request.agent),
+        ("ACTION", request.action),
+        ("DURATION", format_duration(request.duration)),
+        ("REASON", request.reason),
+        ("RULE", request.rule),
+        ("APPROVALS", _approvals(request)),
+        ("CREATED", human_time(request.created_at)),
+    ]
+    if request.pending_expires_at is not None and not request.state.terminal:
+        pending = request.pending_expires_at
+        pairs.append(("PENDING UNTIL", f"{human_time(pending)} ({relative(pending, now)})"))
+    if request.decided_at is not None:
+        pairs.append(("DECIDED", f"{human_time(request.decided_at)} by {request.decided_by}"))
+        pairs.append(("DECISION REASON", request.decision_reason))
+    pairs.extend(
+        ("REVIEW", f"{r.decision.value.lower()} by {r.reviewer}: {r.reason}".rstrip(": "))
+        for r in request.reviews
+    )
+    pairs.append(("GRANT", _grant_ref(request)))
+    if grant is not None:
+        pairs.append(
+            ("EXPIRES", f"{human_time(grant.expires_at)} ({relative(grant.expires_at, now)})")
+        )
+    return details(pairs)
+
+
+def _approvals(request: Request) -> str:
+    if request.approvals_required == 0:
+        return "none required"
+    approves = sum(1 for r in request.reviews if r.decision.value == "APPROVE")
+    groups = f" from {', '.join(request.approver_groups)}" if request.approver_groups else ""
+    return f"{approves}/{request.approvals_required}{groups}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Grants
+
+
+def grant_json(grant: Grant) -> JSON:
+    length = grant.not_after - grant.not_before
+    return {
+        "id": grant.id,
+        "state": grant.state.value,
+        "agent": grant.agent,
+        "subject": grant.subject,
+        "action": grant.action,
+        "request_id": grant.request_id,
+        "not_before": rfc3339(grant.not_before),
+        "not_after": rfc3339(grant.not_after),
+        "expires_at": rfc3339(grant.expires_at),
+        "duration": format_duration(length),
+        "duration_seconds": seconds(length),
+        "offline": {
+            "mode": grant.offline.mode.value,
+            "grace": format_duration(grant.offline.grace),
+            "grace_seconds": seconds(grant.offline.grace),
+        },
+        "created_at": rfc3339(grant.created_at),
+        "applied_at": rfc3339(grant.applied_at),
+        "ended_at": rfc3339(grant.ended_at),
+        "ended_by": grant.ended_by,
+        "end_reason": grant.end_reason,
+        "failure": grant.failure,
+        "grant_seq": grant.grant_seq,
+        "revoke_seq": grant.revoke_seq,
+        "epoch": grant.epoch,
+    }
+
+
+GRANT_HEADERS: Final = ("ID", "STATE", "SUBJECT", "AGENT", "ACTION", "EXPIRES", "REQUEST")
+
+
+def grants_table(grants: Iterable[Grant], now: datetime) -> str:
+    return table(
+        GRANT_HEADERS,
+        (
+            (
+                g.id,
+                g.state.value,
+                g.subject,
+                g.agent,
+                g.action,
+                _expiry(g, now),
+                g.request_id,
+            )
+            for g in grants
+        ),
+    )
+
+
+def _expiry(grant: Grant, now: datetime) -> str:
+    return f"{human_time(grant.expires_at)} ({relative(grant.expires_at, now)})"
+
+
+def grant_details(grant: Grant, now: datetime) -> str:
+    offline = grant.offline.mode.value
+    if grant.offline.grace:
+        offline += f" after {format_duration(grant.offline.grace)}"
+    pairs: list[tuple[str, object]] = [
+        ("ID", grant.id),
+        ("STATE", grant.state.value),
+        ("SUBJECT", grant.subject),
+        ("AGENT", grant.agent),
+        ("ACTION", grant.action),
+        ("NOT BEFORE", human_time(grant.not_before)),
+        ("EXPIRES", _expiry(grant, now)),
+        ("OFFLINE", offline),
+        ("REQUEST", grant.request_id),
+        ("CREATED", human_time(grant.created_at)),
+        ("APPLIED", human_time(grant.applied_at)),
+    ]
+    if grant.ended_at is not None:
+        pairs.append(("ENDED", f"{human_time(grant.ended_at)} by {cell(grant.ended_by)}"))
+        pairs.append(("END REASON", grant.end_reason))
+    if grant.failure:
+        pairs.append(("FAILURE", grant.failure))
+    return details(pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agents
+
+
+def agent_state(agent: Agent) -> str:
+    return "connected" if agent.connected else "disconnected"
+
+
+def agent_json(agent: Agent) -> JSON:
+    return {
+        "id": agent.name,
+        "state": agent_state(agent),
+        "name": agent.name,
+        "connected": agent.connected,
+        "labels": dict(agent.labels),
+        "last_seen_at": rfc3339(agent.last_seen_at),
+        "enrolled_at": rfc3339(agent.enrolled_at),
+        "version": agent.version,
+        "last_acked_seq": agent.last_acked_seq,
+        "last_seq": agent.last_seq,
+        "active_grants": agent.active_grants,
+    }
+
+
+AGENT_HEADERS: Final = ("NAME", "STATE", "LABELS", "LAST SEEN", "GRANTS", "VERSION")
+
+
+def agents_table(agents: Iterable[Agent], now: datetime) -> str:
+    return table(
+        AGENT_HEADERS,
+        (
+            (
+                a.name,
+                agent_state(a),
+                _labels(a.labels),
+                _last_seen(a, now),
+                a.active_grants,
+                a.version,
+            )
+            for a in agents
+        ),
+    )
+
+
+def _last_seen(agent: Agent, now: datetime) -> str:
+    if agent.connected:
+        return "now"
+    if agent.last_seen_at is None:
+        return "never"
+    return f"{human_time(agent.last_seen_at)} ({relative(agent.last_seen_at, now)})"
+
+
+def agent_details(agent: Agent, now: datetime) -> str:
+    return details(
+        [
+            ("NAME", agent.name),
+            ("STATE", agent_state(agent)),
+            ("LABELS", _labels(agent.labels)),
+            ("LAST SEEN", _last_seen(agent, now)),
+            ("ENROLLED", human_time(agent.enrolled_at)),
+            ("VERSION", agent.version),
+            ("ACTIVE GRANTS", agent.active_grants),
+            ("COMMANDS ACKED", f"{agent.last_acked_seq} of {agent.last_seq}"),
+        ]
+    )
+
+
+def join_token_json(token: JoinToken, labels: Mapping[str, str]) -> JSON:
+    return {
+        "id": "join-token",
+        "state": "created",
+        "token": token.token,
+        "expires_at": rfc3339(token.expires_at),
+        "labels": dict(labels),
+    }
+
+
+def join_token_details(token: JoinToken, labels: Mapping[str, str], now: datetime) -> str:
+    return details(
+        [
+            ("TOKEN", token.token),
+            ("EXPIRES", f"{human_time(token.expires_at)} ({relative(token.expires_at, now)})"),
+            ("LABELS", _labels(labels)),
+            ("NOTE", "shown only once: the coordinator keeps only its hash"),
+        ]
+    )
+
+
+def removed_json(name: str) -> JSON:
+    return {"id": name, "state": "removed"}
+
+
+def removed_table(name: str) -> str:
+    return table(("NAME", "STATE"), [(name, "removed")])
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy
+
+
+def policy_json(doc: PolicyDocument) -> JSON:
+    return {
+        "id": f"v{doc.version}",
+        "state": "active",
+        "version": doc.version,
+        "sha256": doc.sha256,
+        "applied_at": rfc3339(doc.applied_at),
+        "applied_by": doc.applied_by,
+        "yaml": doc.yaml,
+    }
+
+
+def policy_yaml(doc: PolicyDocument) -> str:
+    """The document as applied, under a comment header: still valid YAML to apply again."""
+    header = (
+        f"# policy v{doc.version} sha256:{doc.sha256} "
+        f"applied {human_time(doc.applied_at)} by {cell(doc.applied_by)}"
+    )
+    return f"{header}\n{doc.yaml.rstrip(chr(10))}"
+
+
+def policy_details(doc: PolicyDocument) -> str:
+    return details(
+        [
+            ("VERSION", f"v{doc.version}"),
+            ("SHA256", doc.sha256),
+            ("APPLIED", human_time(doc.applied_at)),
+            ("APPLIED BY", doc.applied_by),
+        ]
+    )
+
+
+def decision_json(decision: PolicyDecision) -> JSON:
+    return {
+        "id": decision.rule,
+        "state": "allowed" if decision.allowed else "denied",
+        "allowed": decision.allowed,
+        "rule": decision.rule,
+        "explanation": decision.explanation,
+        "approval_required": decision.approval_required,
+        "approvals_required": decision.approvals_required,
+        "approver_groups": list(decision.approver_groups),
+        "max_duration": None
+        if decision.max_duration is None
+        else format_duration(decision.max_duration),
+        "max_duration_seconds": None
+        if decision.max_duration is None
+        else seconds(decision.max_duration),
+        "reason_required": decision.reason_required,
+        "trace": list(decision.trace),
+    }
+
+
+def decision_details(decision: PolicyDecision) -> str:
+    if decision.allowed:
+        verdict = f"allowed by rule {decision.rule}" if decision.rule else "allowed"
+    else:
+        verdict = "denied"
+    if not decision.approval_required:
+        approval = "not required"
+    else:
+        groups = ", ".join(decision.approver_groups) or "any approver"
+        approval = f"{decision.approvals_required} from {groups}"
+    pairs: list[tuple[str, object]] = [
+        ("DECISION", verdict),
+        ("EXPLANATION", decision.explanation),
+    ]
+    if decision.allowed:
+        pairs += [
+            ("APPROVAL", approval),
+            ("MAX DURATION", duration_text(decision.max_duration)),
+            ("REASON REQUIRED", "yes" if decision.reason_required else "no"),
+        ]
+    pairs += [("TRACE", line) for line in decision.trace]
+    return details(pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit
+
+
+def event_json(event: AuditEvent) -> JSON:
+    return {
+        "id": event.id,
+        "state": "recorded",
+        "seq": event.seq,
+        "at": rfc3339(event.at),
+        "actor": event.actor,
+        "kind": event.kind,
+        "subject": event.subject,
+        "agent": event.agent,
+        "request_id": event.request_id,
+        "grant_id": event.grant_id,
+        "details": dict(event.details),
+        "prev_hash": event.prev_hash,
+        "hash": event.hash,
+    }
+
+
+EVENT_HEADERS: Final = ("SEQ", "TIME", "KIND", "ACTOR", "SUBJECT", "AGENT", "REF", "DETAILS")
+
+
+def _event_row(event: AuditEvent) -> tuple[object, ...]:
+    return (
+        event.seq,
+        human_time(event.at),
+        event.kind,
+        event.actor,
+        event.subject,
+        event.agent,
+        event.grant_id or event.request_id,
+        _labels(event.details),
+    )
+
+
+def events_table(events: Iterable[AuditEvent]) -> str:
+    return table(EVENT_HEADERS, (_event_row(e) for e in events))
+
+
+# A stream cannot measure its rows first: fixed widths for every column but the last.
+_STREAM_WIDTHS: Final = (8, 20, 22, 16, 20, 20, 37)
+
+
+def event_stream_header() -> str:
+    return _fixed(EVENT_HEADERS)
+
+
+def event_stream_row(event: AuditEvent) -> str:
+    return _fixed(tuple(cell(v) for v in _event_row(event)))
+
+
+def _fixed(values: Sequence[str]) -> str:
+    padded = [v.ljust(w) for v, w in zip(values[:-1], _STREAM_WIDTHS, strict=True)]
+    return "  ".join([*padded, values[-1]]).rstrip()
+
+
+def verification_json(result: ChainVerification) -> JSON:
+    return {
+        "id": "audit-chain",
+        "state": "ok" if result.ok else "broken",
+        "ok": result.ok,
+        "events_checked": result.events_checked,
+        "first_bad_seq": result.first_bad_seq,
+        "problem": result.problem,
+        "head_hash": result.head_hash,
+    }
+
+
+def verification_details(result: ChainVerification) -> str:
+    pairs: list[tuple[str, object]] = [
+        ("CHAIN", "ok" if result.ok else "broken"),
+        ("EVENTS CHECKED", result.events_checked),
+        ("HEAD HASH", result.head_hash),
+    ]
+    if not result.ok:
+        pairs += [("FIRST BAD SEQ", result.first_bad_seq), ("PROBLEM", result.problem)]
+    return details(pairs)
