@@ -1,0 +1,182 @@
+"""jitmesh-coordinator: flags, configuration and logging; everything else is in app.py."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from server.app import Coordinator, build
+from server.config import CoordinatorConfig
+from server.domain.models import ADMIN_GROUP, Principal, new_secret
+from server.domain.policy import DEV_POLICY
+
+log = logging.getLogger("jitmesh.coordinator")
+
+DEV_USERS = {
+    "alice": ["developers"],
+    "bob": ["sre"],
+    "carol": ["sre"],
+    "admin": [ADMIN_GROUP],
+}
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise argparse.ArgumentTypeError("expected HOST:PORT, e.g. 127.0.0.1:7443")
+    return host.strip("[]"), int(port)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jitmesh-coordinator", description="jitmesh coordinator")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("serve", "run a coordinator"),
+        ("dev", "run a development coordinator on loopback with ready-made users and tokens"),
+    ):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--data", type=Path, required=True, help="data directory")
+        s.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 7443))
+        s.add_argument("--log-level", default="INFO")
+        s.add_argument("--heartbeat", type=float, default=10.0, help="agent heartbeat, seconds")
+        s.add_argument("--keepalive", type=float, default=30.0, help="HTTP/2 keepalive, seconds")
+        s.add_argument("--keepalive-timeout", type=float, default=10.0)
+        if name == "serve":
+            s.add_argument("--policy", type=Path, help="initial policy (used if none is stored)")
+            s.add_argument(
+                "--insecure",
+                action="store_true",
+                help="serve without TLS (required until TLS is configured)",
+            )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("yoyo").setLevel(logging.WARNING)
+    host, port = args.listen
+    from datetime import timedelta
+
+    common = {
+        "data_dir": args.data,
+        "host": host,
+        "port": port,
+        "heartbeat": timedelta(seconds=args.heartbeat),
+        "keepalive": timedelta(seconds=args.keepalive),
+        "keepalive_timeout": timedelta(seconds=args.keepalive_timeout),
+    }
+    if args.command == "dev":
+        if not _loopback(host):
+            print("jitmesh-coordinator: dev mode listens on loopback only", file=sys.stderr)
+            return 2
+        config = CoordinatorConfig(**common, default_policy=DEV_POLICY)
+    else:
+        if not args.insecure:
+            print(
+                "jitmesh-coordinator: TLS is not configured; pass --insecure to serve without it",
+                file=sys.stderr,
+            )
+            return 2
+        config = CoordinatorConfig(**common, initial_policy=args.policy)
+    try:
+        asyncio.run(_serve(config, dev=args.command == "dev"))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(config: CoordinatorConfig, *, dev: bool) -> None:
+    coordinator = await build(config)
+    if dev:
+        await _dev_setup(coordinator)
+    else:
+        await _bootstrap_admin(coordinator)
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await coordinator.run()
+    log.info("coordinator stopped")
+
+
+async def _dev_setup(coordinator: Coordinator) -> None:
+    """Users alice, bob, carol and admin with tokens, and a reusable join token, all written to
+    DATA/dev.env. Restarted on the same directory, the same tokens are kept."""
+    env_path = coordinator.config.data_dir / "dev.env"
+    old = _read_env(env_path)
+    values: dict[str, str] = {}
+    for user, groups in DEV_USERS.items():
+        key = f"JITMESH_TOKEN_{user.upper()}"
+        token = old.get(key) or new_secret("jmt")
+        await coordinator.identity.ensure_user(user, groups, token, label="dev")
+        values[key] = token
+    join = old.get("JITMESH_JOIN_TOKEN") or new_secret("jmj")
+    admin = Principal("admin", frozenset({ADMIN_GROUP}))
+    await coordinator.fleet.create_join_token(admin, {}, None, max_uses=None, token=join)
+    values["JITMESH_JOIN_TOKEN"] = join
+    lines = [f"JITMESH_COORDINATOR={coordinator.address}"]
+    lines += [f"{k}={v}" for k, v in values.items()]
+    _write_private(env_path, "\n".join(lines) + "\n")
+    log.info("dev mode ready env_file=%s address=%s", env_path, coordinator.address)
+
+
+async def _bootstrap_admin(coordinator: Coordinator) -> None:
+    path = coordinator.config.data_dir / "admin.token"
+    if path.exists():
+        token = path.read_text().strip()
+    else:
+        token = new_secret("jmt")
+        _write_private(path, token + "\n")
+        log.info("bootstrap admin token written path=%s", path)
+    await coordinator.identity.ensure_user("admin", [ADMIN_GROUP], token, label="bootstrap")
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The coordinator's composition root: builds every part from the config and runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jitmesh.clock import Clock, SystemClock
+from jitmesh.v1 import (
+    access_pb2,
+    access_pb2_grpc,
+    agentlink_pb2,
+    agentlink_pb2_grpc,
+    agents_pb2,
+    agents_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+)
+from server.config import CoordinatorConfig
+from server.domain.access import AccessService
+from server.domain.expiry import Expirer
+from server.domain.fleet import FleetService
+from server.domain.governance import AuditService, IdentityService, PolicyService
+from server.domain.hub import Hub
+from server.rpc.agentlink import AgentLinkServicer, LinkRegistry
+from server.rpc.auth import Authenticator
+from server.rpc.services import AccessServicer, AgentsServicer, AuditServicer, PolicyServicer
+from server.store.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+
+SERVICES = [
+    access_pb2.DESCRIPTOR.services_by_name["Access"].full_name,
+    agents_pb2.DESCRIPTOR.services_by_name["Agents"].full_name,
+    policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
+    agentlink_pb2.DESCRIPTOR.services_by_name["AgentLink"].full_name,
+]
+
+
+@dataclass
+class Coordinator:
+    """A running coordinator: its parts, and the port it listens on."""
+
+    config: CoordinatorConfig
+    store: SqliteStore
+    server: grpc.aio.Server
+    port: int
+    registry: LinkRegistry
+    expirer: Expirer
+    identity: IdentityService
+    fleet: FleetService
+    policy: PolicyService
+    health: Any
+    epoch: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def run(self) -> None:
+        """Serve until cancelled; then stop accepting calls and close streams and the store."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.expirer.run())
+                tg.create_task(self.server.wait_for_termination())
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        self.registry.close_all("coordinator shutting down")
+        await self.server.stop(grace=1.0)
+        await self.store.close()
+
+
+async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordinator:
+    """Open the store, load the policy, and start the gRPC server (listening, not yet `run`)."""
+    clock = clock or SystemClock()
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(config.data_dir, 0o700)
+    store = await SqliteStore.open(config.data_dir / "coordinator.db")
+    epoch = int(await store.get_meta("epoch") or "0") + 1
+    async with store.transaction() as tx:
+        # Each process start is a new epoch, so agents can tell a stale coordinator's commands.
+        await tx.set_meta("epoch", str(epoch))
+    hub = Hub()
+    registry = LinkRegistry(queue_limit=config.agent_queue_limit)
+    identity = IdentityService(store, hub, clock)
+    initial = config.initial_policy.read_text() if config.initial_policy else config.default_policy
+    policy = await PolicyService.load(store, hub, clock, initial)
+    expirer = Expirer(store, hub, clock)
+    access = AccessService(
+        store, registry, hub, clock, policy.current, epoch, expirer.deadlines_changed
+    )
+    fleet = FleetService(store, registry, hub, clock, epoch)
+    audit = AuditService(store, hub)
+    auth = Authenticator(identity)
+
+    server = grpc.aio.server(options=_server_options(config))
+    access_pb2_grpc.add_AccessServicer_to_server(AccessServicer(auth, access, hub), server)
+    agents_pb2_grpc.add_AgentsServicer_to_server(AgentsServicer(auth, fleet), server)
+    policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(auth, policy), server)
+    audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(auth, audit), server)
+    agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
+        AgentLinkServicer(fleet, registry, clock, config.heartbeat), server
+    )
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*SERVICES, reflection.SERVICE_NAME, health.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    await server.start()
+    for name in [*SERVICES, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("coordinator listening address=%s:%d epoch=%d", config.host, port, epoch)
+    return Coordinator(
+        config,
+        store,
+        server,
+        port,
+        registry,
+        expirer,
+        identity,
+        fleet,
+        policy,
+        health_servicer,
+        epoch,
+    )
+
+
+def _server_options(config: CoordinatorConfig) -> list[tuple[str, int]]:
+    keepalive_ms = int(config.keepalive.total_seconds() * 1000)
+    return [
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout.total_seconds() * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout.total_seconds() * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Agents ping as often as every second in tests; do not punish them for it.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        # Thousands of agents reconnect at once after a restart: let them queue.
+        ("grpc.server.max_pending_requests", 20000),
+    ]

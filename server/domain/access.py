@@ -1,0 +1,427 @@
+"""Requests and grants: create, review, cancel, revoke, release. Each operation is one store
+transaction that also writes its audit events; pushes and notifications follow the commit."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from datetime import timedelta
+
+from jitmesh import validation as v
+from jitmesh.clock import Clock
+from jitmesh.durations import MAX_DURATION, format_duration
+from jitmesh.types import (
+    Grant,
+    GrantState,
+    Request,
+    RequestState,
+    Review,
+    ReviewDecision,
+)
+
+from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied
+from .hub import Hub
+from .lifecycle import REVOCABLE_GRANT_STATES
+from .models import AuditEntry, Command, CommandKind, Principal, new_id, same_person
+from .policy import Policy, Rule, match
+from .ports import CommandSink, Store, Tx
+
+MIN_DURATION = timedelta(seconds=1)
+MAX_PAGE = 1000
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _checked(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except v.ValidationError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+class AccessService:
+    def __init__(
+        self,
+        store: Store,
+        links: CommandSink,
+        hub: Hub,
+        clock: Clock,
+        policy: Callable[[], Policy],
+        epoch: int,
+        deadlines_changed: Callable[[], None],
+    ) -> None:
+        self._store = store
+        self._links = links
+        self._hub = hub
+        self._clock = clock
+        self._policy = policy
+        self._epoch = epoch
+        self._deadlines_changed = deadlines_changed
+
+    async def create_request(
+        self,
+        principal: Principal,
+        *,
+        agent: str,
+        action: str,
+        duration: timedelta,
+        reason: str,
+    ) -> tuple[Request, Grant | None]:
+        _checked(lambda: v.check(v.AGENT, agent, "agent"))
+        _checked(lambda: v.check(v.ACTION, action, "action"))
+        _checked(lambda: v.check_reason(reason))
+        if duration < MIN_DURATION:
+            raise InvalidArgument("duration must be at least 1s")
+        if duration > MAX_DURATION:
+            raise InvalidArgument("duration must be at most 366d")
+        policy = self._policy()
+        if action not in policy.model.actions:
+            raise InvalidArgument(f"unknown action {action}")
+        target = await self._store.get_agent(agent)
+        if target is None:
+            raise NotFound(f"agent {agent} is not enrolled")
+        now = self._clock.now()
+        found = match(policy, principal, action, agent, target.labels)
+        rule = found.rule
+        if rule is None:
+            async with self._store.transaction() as tx:
+                await tx.audit(
+                    AuditEntry(
+                        "request.refused",
+                        principal.name,
+                        now,
+                        subject=principal.name,
+                        agent=agent,
+                        details={"action": action, "why": found.explanation},
+                    )
+                )
+            await self._hub.audit_written(tx.new_audit)
+            raise PermissionDenied(
+                f"{principal.name} may not {action} on {agent}: {found.explanation}"
+            )
+        if duration > rule.max_duration:
+            raise InvalidArgument(
+                f"duration {format_duration(duration)} is above the maximum "
+                f"{format_duration(rule.max_duration)} of rule {rule.name}"
+            )
+        if rule.reason == "required" and not reason.strip():
+            raise InvalidArgument(f"rule {rule.name} requires a reason")
+        manual = rule.approval.mode == "manual"
+        request = Request(
+            id=new_id("req"),
+            subject=principal.name,
+            agent=agent,
+            action=action,
+            duration=duration,
+            reason=reason,
+            state=RequestState.PENDING,
+            rule=rule.name,
+            approvals_required=rule.approval.approvals if manual else 0,
+            approver_groups=tuple(rule.approval.from_groups) if manual else (),
+            reviews=(),
+            created_at=now,
+            pending_expires_at=now + policy.model.request_ttl if manual else None,
+            decided_at=None,
+            decided_by="",
+            decision_reason="",
+            grant_id="",
+            grant_state=None,
+        )
+        grant: Grant | None = None
+        command: Command | None = None
+        async with self._store.transaction() as tx:
+            await tx.insert_request(request)
+            await tx.audit(self._entry("request.created", principal.name, request, rule=rule.name))
+            if not manual:
+                grant, command = await self._approve(tx, request, rule, f"policy:{rule.name}")
+        return await self._after(tx, request.id, grant, command)
+
+    async def review(
+        self, principal: Principal, request_id: str, decision: ReviewDecision, reason: str
+    ) -> tuple[Request, Grant | None]:
+        _checked(lambda: v.check_reason(reason))
+        grant: Grant | None = None
+        command: Command | None = None
+        async with self._store.transaction() as tx:
+            request = await self._get_request(tx, request_id)
+            if request.state is not RequestState.PENDING:
+                raise Conflict(f"request is {request.state.value}, not PENDING")
+            if same_person(principal.name, request.subject):
+                raise PermissionDenied("nobody may review their own request")
+            if not principal.groups.intersection(request.approver_groups):
+                raise PermissionDenied(
+                    "reviewing this request needs a member of "
+                    + ", ".join(sorted(request.approver_groups))
+                )
+            now = self._clock.now()
+            review = Review(principal.name, decision, reason, now)
+            if not await tx.insert_review(request.id, review):
+                raise Conflict("you have already reviewed this request")
+            if decision is ReviewDecision.DENY:
+                # Deny wins: one denial ends the request whatever approvals it already has.
+                await self._decide(tx, request, RequestState.DENIED, principal.name, reason)
+                await tx.audit(self._entry("request.denied", principal.name, request, why=reason))
+            else:
+                await tx.audit(self._entry("request.reviewed", principal.name, request))
+                approvals = 1 + sum(
+                    1
+                    for r in request.reviews
+                    if r.decision is ReviewDecision.APPROVE
+                    and not same_person(r.reviewer, principal.name)
+                )
+                if approvals >= request.approvals_required:
+                    rule = self._rule(request.rule)
+                    grant, command = await self._approve(tx, request, rule, principal.name, reason)
+        return await self._after(tx, request_id, grant, command)
+
+    async def cancel(self, principal: Principal, request_id: str) -> Request:
+        async with self._store.transaction() as tx:
+            request = await self._get_request(tx, request_id)
+            if not (same_person(principal.name, request.subject) or principal.is_admin):
+                raise PermissionDenied("only the requester or an admin may cancel a request")
+            if request.state is not RequestState.PENDING:
+                raise Conflict(f"request is {request.state.value}, not PENDING")
+            await self._decide(tx, request, RequestState.CANCELLED, principal.name, "cancelled")
+            await tx.audit(self._entry("request.cancelled", principal.name, request))
+        request, _ = await self._after(tx, request_id, None, None)
+        return request
+
+    async def revoke(self, principal: Principal, grant_id: str, reason: str) -> Grant:
+        _checked(lambda: v.check_reason(reason))
+
+        async def allowed(grant: Grant) -> bool:
+            if principal.is_admin:
+                return True
+            request = await self._store.get_request(grant.request_id)
+            return request is not None and bool(
+                principal.groups.intersection(request.approver_groups)
+            )
+
+        return await self._end(
+            principal, grant_id, "revoked", reason or "revoked", allowed, "grant.revoking"
+        )
+
+    async def release(self, principal: Principal, grant_id: str) -> Grant:
+        async def allowed(grant: Grant) -> bool:
+            return same_person(principal.name, grant.subject)
+
+        return await self._end(
+            principal, grant_id, "released", "released", allowed, "grant.releasing"
+        )
+
+    async def get_request(self, principal: Principal, request_id: str) -> Request:
+        request = await self._store.get_request(self._id(request_id, "request"))
+        if request is None:
+            raise NotFound("no such request")
+        return request
+
+    async def list_requests(
+        self,
+        principal: Principal,
+        *,
+        states: Sequence[RequestState],
+        subject: str,
+        agent: str,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[Request], str]:
+        return await self._store.list_requests(
+            states=states,
+            subject=subject,
+            agent=agent,
+            limit=self._page_size(page_size),
+            page_token=page_token,
+        )
+
+    async def get_grant(self, principal: Principal, grant_id: str) -> Grant:
+        grant = await self._store.get_grant(self._id(grant_id, "grant"))
+        if grant is None:
+            raise NotFound("no such grant")
+        return grant
+
+    async def list_grants(
+        self,
+        principal: Principal,
+        *,
+        states: Sequence[GrantState],
+        subject: str,
+        agent: str,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[Grant], str]:
+        return await self._store.list_grants(
+            states=states,
+            subject=subject,
+            agent=agent,
+            limit=self._page_size(page_size),
+            page_token=page_token,
+        )
+
+    # Internals.
+
+    async def _end(
+        self,
+        principal: Principal,
+        grant_id: str,
+        how: str,
+        reason: str,
+        allowed: Callable[[Grant], Awaitable[bool]],
+        kind: str,
+    ) -> Grant:
+        grant = await self.get_grant(principal, grant_id)
+        if not await allowed(grant):
+            raise PermissionDenied(f"{principal.name} may not end this grant")
+        command: Command | None = None
+        async with self._store.transaction() as tx:
+            current = await tx.get_grant(grant.id)
+            assert current is not None
+            if current.state is GrantState.REVOKING:
+                return current  # already on its way out: idempotent
+            if current.state not in REVOCABLE_GRANT_STATES | {GrantState.REVOKE_FAILED}:
+                raise Conflict(f"grant is {current.state.value}; nothing to {how[:-1]}")
+            now = self._clock.now()
+            moved = await tx.move_grant(
+                current.id,
+                expected=[current.state],
+                state=GrantState.REVOKING,
+                ended_by=principal.name,
+                end_reason=reason if how == "revoked" else "released",
+            )
+            if not moved:
+                raise Conflict("grant changed meanwhile; try again")
+            seq = await tx.append_command(current.agent, CommandKind.REVOKE, current.id, now, how)
+            updated = await tx.get_grant(current.id)
+            assert updated is not None
+            command = Command(current.agent, seq, CommandKind.REVOKE, updated, how)
+            await tx.audit(
+                AuditEntry(
+                    kind,
+                    principal.name,
+                    now,
+                    subject=current.subject,
+                    agent=current.agent,
+                    request_id=current.request_id,
+                    grant_id=current.id,
+                    details={"action": current.action, "reason": reason, "seq": str(seq)},
+                )
+            )
+        self._links.push([command])
+        self._hub.requests_changed([grant.request_id])
+        await self._hub.audit_written(tx.new_audit)
+        return updated
+
+    async def _approve(
+        self, tx: Tx, request: Request, rule: Rule, by: str, reason: str = ""
+    ) -> tuple[Grant, Command]:
+        now = self._clock.now()
+        grant = Grant(
+            id=new_id("grt"),
+            request_id=request.id,
+            agent=request.agent,
+            subject=request.subject,
+            action=request.action,
+            not_before=now,
+            not_after=now + request.duration,
+            state=GrantState.PENDING_DELIVERY,
+            offline=rule.offline.to_policy(),
+            created_at=now,
+            epoch=self._epoch,
+        )
+        await self._decide(tx, request, RequestState.APPROVED, by, reason, grant.id)
+        await tx.insert_grant(grant)
+        seq = await tx.append_command(grant.agent, CommandKind.GRANT, grant.id, now)
+        grant = replace(grant, grant_seq=seq)
+        await tx.audit(self._entry("request.approved", by, request, grant_id=grant.id))
+        await tx.audit(
+            AuditEntry(
+                "grant.created",
+                by,
+                now,
+                subject=grant.subject,
+                agent=grant.agent,
+                request_id=request.id,
+                grant_id=grant.id,
+                details={
+                    "action": grant.action,
+                    "not_after": grant.not_after.isoformat(),
+                    "offline": grant.offline.mode.value,
+                    "seq": str(seq),
+                },
+            )
+        )
+        return grant, Command(grant.agent, seq, CommandKind.GRANT, grant)
+
+    async def _decide(
+        self,
+        tx: Tx,
+        request: Request,
+        state: RequestState,
+        by: str,
+        reason: str,
+        grant_id: str = "",
+    ) -> None:
+        ok = await tx.decide_request(
+            request.id,
+            expected=RequestState.PENDING,
+            state=state,
+            at=self._clock.now(),
+            by=by,
+            reason=reason,
+            grant_id=grant_id,
+        )
+        if not ok:
+            raise Conflict("request was decided meanwhile")
+
+    async def _after(
+        self, tx: Tx, request_id: str, grant: Grant | None, command: Command | None
+    ) -> tuple[Request, Grant | None]:
+        if command is not None:
+            self._links.push([command])
+        self._deadlines_changed()
+        self._hub.requests_changed([request_id])
+        await self._hub.audit_written(tx.new_audit)
+        request = await self._store.get_request(request_id)
+        assert request is not None
+        return request, grant
+
+    async def _get_request(self, tx: Tx, request_id: str) -> Request:
+        request = await tx.get_request(self._id(request_id, "request"))
+        if request is None:
+            raise NotFound("no such request")
+        return request
+
+    def _rule(self, name: str) -> Rule:
+        for rule in self._policy().model.rules:
+            if rule.name == name and rule.effect == "allow":
+                return rule
+        raise Conflict(f"rule {name} is no longer in the policy; the request cannot be approved")
+
+    @staticmethod
+    def _id(value: str, what: str) -> str:
+        if not v.ID.fullmatch(value):
+            raise InvalidArgument(f"{what} id is not valid")
+        return value
+
+    @staticmethod
+    def _page_size(size: int) -> int:
+        return MAX_PAGE if size <= 0 else min(size, MAX_PAGE)
+
+    def _entry(self, kind: str, actor: str, request: Request, **details: str) -> AuditEntry:
+        grant_id = details.pop("grant_id", "")
+        info = {"action": request.action, "duration": format_duration(request.duration)}
+        if request.reason:
+            info["reason"] = request.reason
+        info.update({k: val for k, val in details.items() if val})
+        return AuditEntry(
+            kind,
+            actor,
+            self._clock.now(),
+            subject=request.subject,
+            agent=request.agent,
+            request_id=request.id,
+            grant_id=grant_id,
+            details=info,
+        )

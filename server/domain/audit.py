@@ -1,0 +1,85 @@
+"""The audit hash chain. Each event's hash covers its fields and the previous event's hash, so
+changing, deleting, inserting or reordering an entry breaks the chain at that entry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+
+from jitmesh.clock import to_ms
+from jitmesh.types import AuditEvent, ChainVerification
+
+GENESIS = "0" * 64
+
+
+def event_hash(event: AuditEvent) -> str:
+    """SHA-256 over the canonical JSON of every field but the hash itself."""
+    canonical = json.dumps(
+        [
+            event.seq,
+            event.id,
+            to_ms(event.at),
+            event.actor,
+            event.kind,
+            event.subject,
+            event.agent,
+            event.request_id,
+            event.grant_id,
+            dict(sorted(event.details.items())),
+            event.prev_hash,
+        ],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ChainVerifier:
+    """Walks the chain in order, one event at a time, and names the first entry that does not
+    fit. Feeding stops being useful once `failure` is set."""
+
+    def __init__(self) -> None:
+        self.expected_prev = GENESIS
+        self.expected_seq = 1
+        self.checked = 0
+        self.failure: ChainVerification | None = None
+
+    def feed(self, event: AuditEvent) -> bool:
+        """Check one event; False once the chain is broken."""
+        if self.failure is not None:
+            return False
+        problem = ""
+        if event.seq != self.expected_seq:
+            problem = (
+                f"sequence gap: expected {self.expected_seq}, found {event.seq} "
+                "(entries deleted or inserted)"
+            )
+        elif event.prev_hash != self.expected_prev:
+            problem = (
+                "previous-hash link broken (an entry before it deleted, inserted or reordered)"
+            )
+        elif event_hash(event) != event.hash:
+            problem = "hash does not match contents (entry modified)"
+        if problem:
+            self.failure = ChainVerification(
+                False, self.checked, self.expected_seq, problem, self.expected_prev
+            )
+            return False
+        self.checked += 1
+        self.expected_prev = event.hash
+        self.expected_seq += 1
+        return True
+
+    def result(self) -> ChainVerification:
+        if self.failure is not None:
+            return self.failure
+        return ChainVerification(True, self.checked, 0, "", self.expected_prev)
+
+
+def verify_chain(events: Iterable[AuditEvent]) -> ChainVerification:
+    verifier = ChainVerifier()
+    for event in events:
+        if not verifier.feed(event):
+            break
+    return verifier.result()

@@ -1,0 +1,44 @@
+"""Coordinator domain errors. The rpc layer maps each to a gRPC status by one table.
+
+    DomainError
+    ├── Unauthenticated      no or unknown credential
+    ├── PermissionDenied     the principal may not do this, or policy denies it
+    ├── InvalidArgument      bad input; nothing was changed
+    ├── NotFound             no such object
+    ├── Conflict             the object's state does not allow this (approving a denied request)
+    └── RateLimited          too many calls
+
+Messages are one line, name fields and rules, and never echo secrets or unchecked input.
+"""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Unauthenticated(DomainError):
+    pass
+
+
+class PermissionDenied(DomainError):
+    pass
+
+
+class InvalidArgument(DomainError):
+    pass
+
+
+class NotFound(DomainError):
+    pass
+
+
+class Conflict(DomainError):
+    pass
+
+
+class RateLimited(DomainError):
+    pass

@@ -1,0 +1,104 @@
+"""Expiry on the coordinator: grants past not_after and pending requests past their TTL.
+
+The agent removes access on its own at not_after; the coordinator records the expiry so its view
+agrees. Work is batched (one transaction per batch), and the loop sleeps until the next deadline
+or until a new one is added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from jitmesh.clock import Clock
+from jitmesh.types import GrantState, RequestState
+
+from .hub import Hub
+from .models import AuditEntry
+from .ports import Store
+
+BATCH = 2000
+# Never sleep longer than this: a missed wake-up costs at most this much lateness.
+MAX_NAP = timedelta(seconds=30)
+
+
+class Expirer:
+    def __init__(self, store: Store, hub: Hub, clock: Clock) -> None:
+        self._store = store
+        self._hub = hub
+        self._clock = clock
+        self._wake = asyncio.Event()
+
+    def deadlines_changed(self) -> None:
+        self._wake.set()
+
+    async def sweep(self, now: datetime) -> tuple[int, int]:
+        """Expire everything due at `now`. Returns (grants, requests) expired."""
+        grants = requests = 0
+        while True:
+            changed: list[str] = []
+            async with self._store.transaction() as tx:
+                due = await tx.due_grants(now, BATCH)
+                for grant in due:
+                    moved = await tx.move_grant(
+                        grant.id,
+                        expected=[grant.state],
+                        state=GrantState.EXPIRED,
+                        ended_at=now,
+                        end_reason="expired",
+                    )
+                    if moved:
+                        grants += 1
+                        changed.append(grant.request_id)
+                        await tx.audit(
+                            AuditEntry(
+                                "grant.expired",
+                                "coordinator",
+                                now,
+                                subject=grant.subject,
+                                agent=grant.agent,
+                                request_id=grant.request_id,
+                                grant_id=grant.id,
+                                details={"action": grant.action, "was": grant.state.value},
+                            )
+                        )
+                pending = await tx.due_requests(now, BATCH)
+                for request_id in pending:
+                    ok = await tx.decide_request(
+                        request_id,
+                        expected=RequestState.PENDING,
+                        state=RequestState.EXPIRED,
+                        at=now,
+                        by="coordinator",
+                        reason="not reviewed in time",
+                    )
+                    if ok:
+                        requests += 1
+                        changed.append(request_id)
+                        await tx.audit(
+                            AuditEntry("request.expired", "coordinator", now, request_id=request_id)
+                        )
+            self._hub.requests_changed(changed)
+            await self._hub.audit_written(tx.new_audit)
+            if len(due) < BATCH and len(pending) < BATCH:
+                return grants, requests
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            now = self._clock.now()
+            await self.sweep(now)
+            deadline = await self._store.next_deadline()
+            nap = MAX_NAP if deadline is None else min(MAX_NAP, deadline - self._clock.now())
+            await self._nap(max(nap.total_seconds(), 0.0))
+
+    async def _nap(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()

@@ -1,0 +1,189 @@
+"""Identity (operator tokens), the running policy, and the audit log's read side."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from jitmesh import validation as v
+from jitmesh.clock import Clock
+from jitmesh.types import AuditEvent, ChainVerification, PolicyDecision, PolicyDocument
+
+from .access import hash_secret
+from .audit import ChainVerifier
+from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from .hub import Hub
+from .models import AuditEntry, Principal
+from .policy import Policy, decision, match, parse_policy
+from .ports import Store
+
+VERIFY_PAGE = 5000
+
+
+class IdentityService:
+    def __init__(self, store: Store, hub: Hub, clock: Clock) -> None:
+        self._store = store
+        self._hub = hub
+        self._clock = clock
+
+    async def authenticate(self, token: str) -> Principal:
+        """Look the token up on every call: a revoked token or disabled user is refused at once."""
+        if not token or len(token) > 512:
+            raise Unauthenticated("missing or malformed bearer token")
+        principal = await self._store.principal_for_token(hash_secret(token), self._clock.now())
+        if principal is None:
+            raise Unauthenticated("bearer token is not valid or has expired")
+        return principal
+
+    async def ensure_user(
+        self, name: str, groups: Iterable[str], token: str, *, label: str = ""
+    ) -> None:
+        """Create or update a user and register a bearer token for it (idempotent)."""
+        v.check(v.SUBJECT, name, "user name")
+        now = self._clock.now()
+        async with self._store.transaction() as tx:
+            await tx.upsert_user(name, groups, now)
+            if not await tx.insert_token(hash_secret(token), name, now, None, label):
+                return
+            await tx.audit(
+                AuditEntry(
+                    "user.token_registered",
+                    "coordinator",
+                    now,
+                    subject=name,
+                    details={"groups": ",".join(sorted(groups)), "label": label},
+                )
+            )
+        await self._hub.audit_written(tx.new_audit)
+
+
+class PolicyService:
+    """Holds the running policy. A new document is validated first and swapped in atomically;
+    a bad one leaves the running policy in force."""
+
+    def __init__(self, store: Store, hub: Hub, clock: Clock, policy: Policy) -> None:
+        self._store = store
+        self._hub = hub
+        self._clock = clock
+        self._policy = policy
+
+    @classmethod
+    async def load(
+        cls, store: Store, hub: Hub, clock: Clock, initial: str, *, by: str = "coordinator"
+    ) -> PolicyService:
+        """The stored policy if there is one; otherwise `initial`, stored as version 1."""
+        current = await store.current_policy()
+        service = cls(store, hub, clock, parse_policy(current.yaml if current else initial))
+        if current is None:
+            await service._store_policy(service._policy, by)
+        return service
+
+    def current(self) -> Policy:
+        return self._policy
+
+    async def get(self, principal: Principal) -> PolicyDocument:
+        doc = await self._store.current_policy()
+        if doc is None:
+            raise NotFound("no policy has been applied")
+        return doc
+
+    async def apply(self, principal: Principal, text: str, expected_version: int) -> PolicyDocument:
+        if not principal.is_admin:
+            raise PermissionDenied("applying policy needs the admins group")
+        policy = parse_policy(text)
+        if expected_version:
+            current = await self._store.current_policy()
+            if current is None or current.version != expected_version:
+                raise Conflict("policy changed meanwhile (expected version does not match)")
+        doc = await self._store_policy(policy, principal.name)
+        self._policy = policy
+        return doc
+
+    async def test(
+        self,
+        principal: Principal,
+        *,
+        subject: str,
+        action: str,
+        agent: str,
+        duration: timedelta | None,
+        groups: Iterable[str],
+    ) -> PolicyDecision:
+        try:
+            v.check(v.SUBJECT, subject, "subject")
+            v.check(v.ACTION, action, "action")
+            v.check(v.AGENT, agent, "agent")
+            for group in groups:
+                v.check(v.GROUP, group, "group")
+        except v.ValidationError as exc:
+            raise InvalidArgument(str(exc)) from None
+        target = await self._store.get_agent(agent)
+        if target is None:
+            raise NotFound(f"agent {agent} is not enrolled")
+        known = frozenset(groups) or await self._store.user_groups(subject) or frozenset()
+        found = match(self._policy, Principal(subject, known), action, agent, target.labels)
+        return decision(found, duration)
+
+    async def _store_policy(self, policy: Policy, by: str) -> PolicyDocument:
+        now = self._clock.now()
+        async with self._store.transaction() as tx:
+            version = await tx.insert_policy(policy.text, policy.sha256, now, by)
+            await tx.audit(
+                AuditEntry(
+                    "policy.applied",
+                    by,
+                    now,
+                    details={
+                        "version": str(version),
+                        "sha256": policy.sha256,
+                        "rules": ",".join(r.name for r in policy.model.rules),
+                    },
+                )
+            )
+        await self._hub.audit_written(tx.new_audit)
+        return PolicyDocument(policy.text, version, policy.sha256, now, by)
+
+
+class AuditService:
+    def __init__(self, store: Store, hub: Hub) -> None:
+        self._store = store
+        self._hub = hub
+
+    async def list(
+        self,
+        principal: Principal,
+        *,
+        since: datetime | None,
+        agent: str,
+        subject: str,
+        kind: str,
+        grant_id: str,
+        request_id: str,
+        after_seq: int,
+        limit: int,
+    ) -> list[AuditEvent]:
+        return await self._store.list_audit(
+            since=since,
+            agent=agent,
+            subject=subject,
+            kind=kind,
+            grant_id=grant_id,
+            request_id=request_id,
+            after_seq=after_seq,
+            limit=min(max(limit, 1), 5000),
+        )
+
+    async def verify(self, principal: Principal) -> ChainVerification:
+        verifier = ChainVerifier()
+        after = 0
+        while True:
+            page = await self._store.audit_chain(after, VERIFY_PAGE)
+            for event in page:
+                if not verifier.feed(event):
+                    return verifier.result()
+            if len(page) < VERIFY_PAGE:
+                return verifier.result()
+            after = page[-1].seq
+
+    async def wait_after(self, seq: int) -> None:
+        await self._hub.wait_audit_after(seq)

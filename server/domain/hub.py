@@ -1,0 +1,54 @@
+"""In-process change notifications for watchers (request watch, audit tail). Hints only: a
+watcher re-reads the store, so a missed or merged notification loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+
+from jitmesh.types import AuditEvent
+
+
+class Hub:
+    def __init__(self, queue_size: int = 1000) -> None:
+        self._request_watchers: set[asyncio.Queue[str]] = set()
+        self._queue_size = queue_size
+        self._audit = asyncio.Condition()
+        self.audit_head = 0
+
+    def requests_changed(self, request_ids: Iterable[str]) -> None:
+        for queue in list(self._request_watchers):
+            for rid in request_ids:
+                if rid:
+                    try:
+                        queue.put_nowait(rid)
+                    except asyncio.QueueFull:
+                        # A watcher that does not keep up gets "everything changed" instead.
+                        _drain(queue)
+                        queue.put_nowait("*")
+
+    @asynccontextmanager
+    async def watch_requests(self) -> AsyncIterator[asyncio.Queue[str]]:
+        queue: asyncio.Queue[str] = asyncio.Queue(self._queue_size)
+        self._request_watchers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._request_watchers.discard(queue)
+
+    async def audit_written(self, events: Sequence[AuditEvent]) -> None:
+        """Call after a commit with the audit events it wrote."""
+        if events and events[-1].seq > self.audit_head:
+            self.audit_head = events[-1].seq
+            async with self._audit:
+                self._audit.notify_all()
+
+    async def wait_audit_after(self, seq: int) -> None:
+        async with self._audit:
+            await self._audit.wait_for(lambda: self.audit_head > seq)
+
+
+def _drain(queue: asyncio.Queue[str]) -> None:
+    while not queue.empty():
+        queue.get_nowait()

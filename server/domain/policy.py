@@ -1,0 +1,349 @@
+"""The access policy: a YAML document of rules, validated with pydantic, evaluated purely.
+
+A request matches a rule when the subject (by name or group), the action and the agent (by name or
+labels) all match. Deny rules win wherever they match; otherwise the first allow rule in document
+order decides; nothing matching means deny. The rule then bounds the duration, may require a
+reason, and says how the request is approved: automatically, or by N people from named groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from jitmesh import validation as v
+from jitmesh.durations import DurationError, format_duration, parse_duration
+from jitmesh.types import OfflineMode, OfflinePolicy, PolicyDecision
+
+from .errors import InvalidArgument
+from .models import Principal, same_person
+
+MAX_POLICY_BYTES = 256 * 1024
+ANY = "*"
+
+
+def _duration(value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError("expected a duration such as 15m or 1h")
+    if isinstance(value, int):
+        value = f"{value}s"
+    try:
+        return parse_duration(value)
+    except DurationError as exc:
+        raise ValueError(str(exc)) from None
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+
+
+def _names(pattern: Any, what: str) -> Any:
+    def check(values: list[str]) -> list[str]:
+        for value in values:
+            if value != ANY and not pattern.fullmatch(value):
+                raise ValueError(f"{what} {value!r} is not a valid name")
+        return values
+
+    return check
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SubjectMatch(_Strict):
+    users: list[str] = []
+    groups: list[str] = []
+
+    _users = field_validator("users")(_names(v.SUBJECT, "user"))
+    _groups = field_validator("groups")(_names(v.GROUP, "group"))
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SubjectMatch:
+        if not self.users and not self.groups:
+            raise ValueError("name at least one user or group")
+        return self
+
+
+class AgentMatch(_Strict):
+    names: list[str] = []
+    labels: dict[str, str] = {}
+
+    _names_ok = field_validator("names")(_names(v.AGENT, "agent"))
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        try:
+            return v.check_labels(labels)
+        except v.ValidationError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class Approval(_Strict):
+    """`approval: auto`, or `approval: {approvals: N, from_groups: [...]}`."""
+
+    mode: Literal["auto", "manual"] = "manual"
+    approvals: int = Field(default=1, ge=1, le=10)
+    from_groups: list[str] = []
+
+    _groups = field_validator("from_groups")(_names(v.GROUP, "group"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if data == "auto":
+            return {"mode": "auto"}
+        if isinstance(data, dict) and "mode" not in data:
+            return {"mode": "manual", **data}
+        return data
+
+    @model_validator(mode="after")
+    def _groups_needed(self) -> Approval:
+        if self.mode == "manual" and not self.from_groups:
+            raise ValueError("manual approval needs from_groups")
+        return self
+
+
+class Offline(_Strict):
+    mode: Literal["hold", "revoke_after"] = "hold"
+    grace: Duration | None = None
+
+    @model_validator(mode="after")
+    def _grace(self) -> Offline:
+        if self.mode == "revoke_after" and self.grace is None:
+            raise ValueError("revoke_after needs a grace duration")
+        return self
+
+    def to_policy(self) -> OfflinePolicy:
+        if self.mode == "hold":
+            return OfflinePolicy(OfflineMode.HOLD, timedelta(0))
+        return OfflinePolicy(OfflineMode.REVOKE_AFTER, self.grace or timedelta(0))
+
+
+class Rule(_Strict):
+    name: str
+    effect: Literal["allow", "deny"] = "allow"
+    subjects: SubjectMatch
+    actions: list[str] = Field(min_length=1)
+    agents: AgentMatch
+    max_duration: Duration = timedelta(hours=1)
+    reason: Literal["optional", "required"] = "optional"
+    approval: Approval = Approval(mode="auto")
+    offline: Offline = Offline()
+
+    _rule_name = field_validator("name")(lambda value: v.check(v.RULE, value, "rule name"))
+    _actions = field_validator("actions")(_names(v.ACTION, "action"))
+
+    def matches_subject(self, principal: Principal) -> bool:
+        users = self.subjects.users
+        return (
+            ANY in users
+            or any(same_person(u, principal.name) for u in users)
+            or ANY in self.subjects.groups
+            or bool(principal.groups.intersection(self.subjects.groups))
+        )
+
+    def matches_action(self, action: str) -> bool:
+        return ANY in self.actions or action in self.actions
+
+    def matches_agent(self, name: str, labels: dict[str, str]) -> bool:
+        match = self.agents
+        if match.names and name not in match.names and ANY not in match.names:
+            return False
+        return all(labels.get(k) == want for k, want in match.labels.items())
+
+
+class PolicyModel(_Strict):
+    version: Literal[1] = 1
+    # The catalogue of actions agents know; a request for any other action is refused.
+    actions: list[str] = Field(min_length=1)
+    request_ttl: Duration = timedelta(hours=1)
+    rules: list[Rule] = []
+
+    _actions = field_validator("actions")(_names(v.ACTION, "action"))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PolicyModel:
+        seen: set[str] = set()
+        for i, rule in enumerate(self.rules):
+            if rule.name in seen:
+                raise ValueError(f"rules[{i}]: rule name {rule.name!r} is used twice")
+            seen.add(rule.name)
+            for action in rule.actions:
+                if action != ANY and action not in self.actions:
+                    raise ValueError(
+                        f"rules[{i}] ({rule.name}): action {action!r} is not in the actions list"
+                    )
+        if ANY in self.actions:
+            raise ValueError("actions: list the actions by name ('*' is for rules)")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A validated policy with the text it came from."""
+
+    model: PolicyModel
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """The outcome of matching: the deciding rule (None when denied) and a trace."""
+
+    rule: Rule | None
+    explanation: str
+    trace: tuple[str, ...]
+
+
+def parse_policy(text: str) -> Policy:
+    """Parse and validate a policy document; errors name the place (line, or path of the field)."""
+    if len(text.encode()) > MAX_POLICY_BYTES:
+        raise InvalidArgument(f"policy is larger than {MAX_POLICY_BYTES // 1024} KiB")
+    yaml = YAML(typ="safe", pure=True)
+    yaml.version = (1, 2)
+    try:
+        data = yaml.load(io.StringIO(text))
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise InvalidArgument(f"policy is not valid YAML at {where}: {exc.problem}") from None
+    except YAMLError:
+        raise InvalidArgument("policy is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("policy must be a YAML mapping with actions and rules")
+    try:
+        model = PolicyModel.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidArgument(f"policy is invalid: {_first_error(exc)}") from None
+    return Policy(model=model, text=text)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False, include_input=False)[0]
+    parts: list[str] = []
+    for loc in err["loc"]:
+        if isinstance(loc, int):
+            parts.append(f"[{loc}]")
+        elif "function-" not in loc:  # pydantic's own validator tags are not places
+            parts.append(f".{loc}" if parts else loc)
+    where = "".join(parts) or "document"
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}"
+
+
+def match(
+    policy: Policy,
+    principal: Principal,
+    action: str,
+    agent: str,
+    labels: dict[str, str],
+) -> Match:
+    """Which rule decides, and why. Pure: the same inputs always give the same answer."""
+    model = policy.model
+    if action not in model.actions:
+        return Match(None, f"action {action!r} is not in the policy's actions", ())
+    trace: list[str] = []
+    chosen: Rule | None = None
+    for rule in model.rules:
+        misses = []
+        if not rule.matches_subject(principal):
+            misses.append("subject")
+        if not rule.matches_action(action):
+            misses.append("action")
+        if not rule.matches_agent(agent, labels):
+            misses.append("agent")
+        if misses:
+            trace.append(f"{rule.name} ({rule.effect}): no match on {', '.join(misses)}")
+            continue
+        trace.append(f"{rule.name} ({rule.effect}): matches")
+        if rule.effect == "deny":
+            return Match(None, f"denied by rule {rule.name}", tuple(trace))
+        if chosen is None:
+            chosen = rule
+    if chosen is None:
+        return Match(None, "no rule allows this (default deny)", tuple(trace))
+    return Match(chosen, f"allowed by rule {chosen.name}", tuple(trace))
+
+
+def decision(found: Match, duration: timedelta | None = None) -> PolicyDecision:
+    rule = found.rule
+    if rule is None:
+        return PolicyDecision(False, "", found.explanation, False, 0, (), None, False, found.trace)
+    explanation = found.explanation
+    allowed = True
+    if duration is not None and duration > rule.max_duration:
+        allowed = False
+        explanation = (
+            f"rule {rule.name} matches, but its maximum duration is "
+            f"{format_duration(rule.max_duration)}"
+        )
+    manual = rule.approval.mode == "manual"
+    return PolicyDecision(
+        allowed=allowed,
+        rule=rule.name,
+        explanation=explanation,
+        approval_required=manual,
+        approvals_required=rule.approval.approvals if manual else 0,
+        approver_groups=tuple(rule.approval.from_groups) if manual else (),
+        max_duration=rule.max_duration,
+        reason_required=rule.reason == "required",
+        trace=found.trace,
+    )
+
+
+DEV_POLICY = """\
+# jitmesh development policy. Anything not allowed here is denied.
+version: 1
+actions: [deploy, restart, logs, shell, db-migrate]
+request_ttl: 1h
+rules:
+  - name: staging-self-service
+    subjects: {groups: [developers]}
+    actions: [deploy, restart, logs]
+    agents: {labels: {env: staging}}
+    max_duration: 1h
+    reason: optional
+    approval: auto
+  - name: prod-with-approval
+    subjects: {groups: [developers]}
+    actions: [deploy, restart, logs]
+    agents: {labels: {env: prod}}
+    max_duration: 1h
+    reason: required
+    approval: {approvals: 1, from_groups: [sre]}
+  - name: sre-prod
+    subjects: {groups: [sre]}
+    actions: ["*"]
+    agents: {labels: {env: prod}}
+    max_duration: 4h
+    reason: required
+    approval: {approvals: 1, from_groups: [sre]}
+"""
+
+# A coordinator started without a policy denies everything until one is applied.
+EMPTY_POLICY = """\
+version: 1
+actions: [deploy, restart, logs]
+rules: []
+"""

@@ -1,0 +1,239 @@
+"""AgentLink.Connect: the stream each agent keeps open.
+
+Per stream: one reader (acks, events, heartbeats from the agent) and one writer, fed by one
+bounded queue, so nothing else ever writes to the stream. The writer first replays the agent's
+command log from where the agent's Hello says it stopped (or sends a snapshot), then forwards
+commands pushed live after each commit. A live command that does not follow the last one sent
+makes the writer re-read the log, so nothing is skipped. An agent whose queue overflows is cut
+off; it reconnects and resyncs from the log instead of growing the coordinator's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import grpc
+
+from jitmesh.clock import Clock
+from jitmesh.v1 import agentlink_pb2, agentlink_pb2_grpc
+from server.domain import errors
+from server.domain.fleet import BACKLOG_PAGE, FleetService
+from server.domain.models import Command, Principal, Resume
+
+from . import convert as c
+from .auth import bearer
+from .errors import status_of
+
+log = logging.getLogger(__name__)
+Ctx = grpc.aio.ServicerContext[agentlink_pb2.AgentMessage, agentlink_pb2.CoordinatorMessage]
+HELLO_TIMEOUT = 10.0
+# grpc-stubs predates the aio EOF sentinel.
+EOF = grpc.aio.EOF  # type: ignore[attr-defined]
+
+
+class Session:
+    def __init__(self, agent: str, queue_limit: int) -> None:
+        self.agent = agent
+        self.queue: asyncio.Queue[agentlink_pb2.CoordinatorMessage | Command] = asyncio.Queue(
+            queue_limit
+        )
+        self.closed = asyncio.Event()
+        self.close_reason = ""
+
+    def offer(self, item: agentlink_pb2.CoordinatorMessage | Command) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.close("outbound queue full (slow agent); it will resync")
+
+    def close(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.close_reason = reason
+            self.closed.set()
+
+
+class LinkRegistry:
+    """The connected agents of this coordinator process; also the domain's CommandSink."""
+
+    def __init__(self, queue_limit: int = 1000) -> None:
+        self.queue_limit = queue_limit
+        self._sessions: dict[str, Session] = {}
+
+    def push(self, commands: Sequence[Command]) -> None:
+        for command in commands:
+            session = self._sessions.get(command.agent)
+            if session is not None:
+                session.offer(command)
+
+    def connected(self, agent: str) -> bool:
+        return agent in self._sessions
+
+    def count(self) -> int:
+        return len(self._sessions)
+
+    def disconnect(self, agent: str, reason: str) -> None:
+        session = self._sessions.get(agent)
+        if session is not None:
+            session.close(reason)
+
+    def register(self, session: Session) -> None:
+        old = self._sessions.get(session.agent)
+        if old is not None:
+            old.close("replaced by a newer stream from the same agent")
+        self._sessions[session.agent] = session
+
+    def unregister(self, session: Session) -> None:
+        if self._sessions.get(session.agent) is session:
+            del self._sessions[session.agent]
+
+    def close_all(self, reason: str) -> None:
+        for session in list(self._sessions.values()):
+            session.close(reason)
+
+
+class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
+    def __init__(
+        self,
+        fleet: FleetService,
+        registry: LinkRegistry,
+        clock: Clock,
+        heartbeat: timedelta = timedelta(seconds=10),
+    ) -> None:
+        self._fleet = fleet
+        self._registry = registry
+        self._clock = clock
+        self._heartbeat = heartbeat
+
+    async def Connect(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
+        try:
+            principal = await self._fleet.authenticate_agent(bearer(context))
+            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
+            if not isinstance(first, agentlink_pb2.AgentMessage) or not first.HasField("hello"):
+                raise errors.InvalidArgument("the first message must be a Hello")
+            resume = await self._fleet.hello(principal, c.hello(first.hello))
+        except errors.DomainError as exc:
+            await context.abort(status_of(exc), exc.message)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello in time")
+        session = Session(principal.name, self._registry.queue_limit)
+        self._registry.register(session)
+        log.info("agent connected agent=%s resume_after=%d", session.agent, resume.resume_after_seq)
+        tasks = [
+            asyncio.create_task(self._read(principal, session, context)),
+            asyncio.create_task(self._write(session, resume, context)),
+            asyncio.create_task(self._tick(session)),
+        ]
+        closed = asyncio.create_task(session.closed.wait())
+        try:
+            await asyncio.wait([*tasks, closed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in [*tasks, closed]:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            self._registry.unregister(session)
+            reason = session.close_reason or _reason(results)
+            log.info("agent disconnected agent=%s reason=%s", session.agent, reason)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._fleet.disconnected(principal, reason))
+        if session.close_reason and not context.done():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, session.close_reason)
+
+    async def _read(self, principal: Principal, session: Session, context: Ctx) -> None:
+        while True:
+            message = await context.read()
+            if message is EOF:
+                session.close("agent closed the stream")
+                return
+            assert isinstance(message, agentlink_pb2.AgentMessage)
+            kind = message.WhichOneof("body")
+            try:
+                if kind == "ack":
+                    await self._fleet.ack(principal, c.ack(message.ack))
+                elif kind == "event":
+                    await self._fleet.observed(principal, c.observation(message.event))
+                    session.offer(
+                        agentlink_pb2.CoordinatorMessage(
+                            event_ack=agentlink_pb2.EventAck(event_ids=[message.event.event_id])
+                        )
+                    )
+                elif kind == "hello":
+                    raise errors.InvalidArgument("Hello may only be sent once")
+            except errors.PermissionDenied as exc:
+                # An agent acting for another is cut off at once, not merely refused.
+                session.close(exc.message)
+                return
+
+    async def _write(self, session: Session, resume: Resume, context: Ctx) -> None:
+        epoch = self._fleet.epoch
+        await context.write(
+            agentlink_pb2.CoordinatorMessage(
+                welcome=agentlink_pb2.Welcome(
+                    coordinator_time=c.ts(self._clock.now()),
+                    epoch=epoch,
+                    resume_after_seq=resume.resume_after_seq,
+                    agent=session.agent,
+                    heartbeat_interval=c.dur(self._heartbeat),
+                )
+            )
+        )
+        last = resume.resume_after_seq
+        if resume.snapshot is not None:
+            body = c.snapshot_body(
+                session.agent, resume.snapshot_seq, resume.snapshot, epoch, self._clock.now()
+            )
+            await context.write(self._command(resume.snapshot_seq, body))
+            last = resume.snapshot_seq
+        last = await self._replay(session, last, context)
+        while True:
+            item = await session.queue.get()
+            if not isinstance(item, Command):
+                await context.write(item)
+                continue
+            if item.seq <= last:
+                continue
+            if item.seq > last + 1:
+                last = await self._replay(session, last, context)
+                continue
+            body = c.command_body(item, epoch, self._clock.now())
+            await context.write(self._command(item.seq, body))
+            last = item.seq
+
+    async def _replay(self, session: Session, last: int, context: Ctx) -> int:
+        epoch = self._fleet.epoch
+        while True:
+            page = await self._fleet.backlog(session.agent, last)
+            for command in page:
+                body = c.command_body(command, epoch, self._clock.now())
+                await context.write(self._command(command.seq, body))
+                last = command.seq
+            if len(page) < BACKLOG_PAGE:
+                return last
+
+    async def _tick(self, session: Session) -> None:
+        while True:
+            await self._clock.sleep(self._heartbeat.total_seconds())
+            session.offer(
+                agentlink_pb2.CoordinatorMessage(
+                    heartbeat=agentlink_pb2.Heartbeat(sent_at=c.ts(self._clock.now()))
+                )
+            )
+
+    @staticmethod
+    def _command(seq: int, body: agentlink_pb2.CommandBody) -> agentlink_pb2.CoordinatorMessage:
+        # Signatures over `body` are added here by the signing work; the bytes are final.
+        return agentlink_pb2.CoordinatorMessage(
+            command=agentlink_pb2.Command(seq=seq, body=body.SerializeToString())
+        )
+
+
+def _reason(results: list[Any]) -> str:
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            log.warning("agent stream task failed: %r", result)
+            return f"stream error: {type(result).__name__}"
+    return "stream ended"

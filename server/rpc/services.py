@@ -1,0 +1,316 @@
+"""The operator-facing services: authorize, translate, call the domain, translate back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import grpc
+
+from jitmesh.v1 import (
+    access_pb2,
+    access_pb2_grpc,
+    agents_pb2,
+    agents_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+    types_pb2,
+)
+from server.domain import errors
+from server.domain.access import AccessService
+from server.domain.fleet import FleetService
+from server.domain.governance import AuditService, PolicyService
+from server.domain.hub import Hub
+
+from . import convert as c
+from .auth import Authenticator
+from .errors import mapped, status_of
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+MAX_WATCH_IDS = 100
+
+
+def _duration(value: Any, field: str) -> timedelta:
+    try:
+        return c.from_dur(value)
+    except (OverflowError, ValueError):
+        raise errors.InvalidArgument(f"{field} is out of range") from None
+
+
+class AccessServicer(access_pb2_grpc.AccessServicer):
+    def __init__(self, auth: Authenticator, access: AccessService, hub: Hub) -> None:
+        self._auth = auth
+        self._access = access
+        self._hub = hub
+
+    @mapped
+    async def CreateRequest(
+        self, request: access_pb2.CreateRequestRequest, context: Ctx
+    ) -> access_pb2.CreateRequestResponse:
+        principal = await self._auth.operator(context)
+        if not request.HasField("duration"):
+            raise errors.InvalidArgument("duration is required")
+        req, grant = await self._access.create_request(
+            principal,
+            agent=request.agent,
+            action=request.action,
+            duration=_duration(request.duration, "duration"),
+            reason=request.reason,
+        )
+        return access_pb2.CreateRequestResponse(
+            request=c.request(req), grant=c.grant(grant) if grant else None
+        )
+
+    @mapped
+    async def GetRequest(
+        self, request: access_pb2.GetRequestRequest, context: Ctx
+    ) -> types_pb2.AccessRequest:
+        principal = await self._auth.operator(context)
+        return c.request(await self._access.get_request(principal, request.id))
+
+    @mapped
+    async def ListRequests(
+        self, request: access_pb2.ListRequestsRequest, context: Ctx
+    ) -> access_pb2.ListRequestsResponse:
+        principal = await self._auth.operator(context)
+        items, token = await self._access.list_requests(
+            principal,
+            states=c.request_states(list(request.states)),
+            subject=request.subject,
+            agent=request.agent,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return access_pb2.ListRequestsResponse(
+            requests=[c.request(r) for r in items], next_page_token=token
+        )
+
+    @mapped
+    async def ReviewRequest(
+        self, request: access_pb2.ReviewRequestRequest, context: Ctx
+    ) -> access_pb2.ReviewRequestResponse:
+        principal = await self._auth.operator(context)
+        decision = c.review_decision(request.decision)
+        if decision is None:
+            raise errors.InvalidArgument("decision must be APPROVE or DENY")
+        req, grant = await self._access.review(principal, request.id, decision, request.reason)
+        return access_pb2.ReviewRequestResponse(
+            request=c.request(req), grant=c.grant(grant) if grant else None
+        )
+
+    @mapped
+    async def CancelRequest(
+        self, request: access_pb2.CancelRequestRequest, context: Ctx
+    ) -> types_pb2.AccessRequest:
+        principal = await self._auth.operator(context)
+        return c.request(await self._access.cancel(principal, request.id))
+
+    async def WatchRequests(
+        self, request: access_pb2.WatchRequestsRequest, context: Ctx
+    ) -> AsyncIterator[types_pb2.AccessRequest]:
+        try:
+            principal = await self._auth.operator(context)
+            if len(request.ids) > MAX_WATCH_IDS:
+                raise errors.InvalidArgument(f"watch at most {MAX_WATCH_IDS} ids")
+            wanted = set(request.ids)
+            async with self._hub.watch_requests() as queue:
+                # The current state first, so a watcher never misses a change made before it
+                # subscribed.
+                for rid in sorted(wanted):
+                    yield c.request(await self._access.get_request(principal, rid))
+                while True:
+                    rid = await queue.get()
+                    ids = sorted(wanted) if rid == "*" else [rid]
+                    for one in ids:
+                        if wanted and one not in wanted:
+                            continue
+                        found = await self._access.get_request(principal, one)
+                        yield c.request(found)
+        except errors.DomainError as exc:
+            await context.abort(status_of(exc), exc.message)
+
+    @mapped
+    async def GetGrant(self, request: access_pb2.GetGrantRequest, context: Ctx) -> types_pb2.Grant:
+        principal = await self._auth.operator(context)
+        return c.grant(await self._access.get_grant(principal, request.id))
+
+    @mapped
+    async def ListGrants(
+        self, request: access_pb2.ListGrantsRequest, context: Ctx
+    ) -> access_pb2.ListGrantsResponse:
+        principal = await self._auth.operator(context)
+        items, token = await self._access.list_grants(
+            principal,
+            states=c.grant_states(list(request.states)),
+            subject=request.subject,
+            agent=request.agent,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return access_pb2.ListGrantsResponse(
+            grants=[c.grant(g) for g in items], next_page_token=token
+        )
+
+    @mapped
+    async def RevokeGrant(
+        self, request: access_pb2.RevokeGrantRequest, context: Ctx
+    ) -> types_pb2.Grant:
+        principal = await self._auth.operator(context)
+        return c.grant(await self._access.revoke(principal, request.id, request.reason))
+
+    @mapped
+    async def ReleaseGrant(
+        self, request: access_pb2.ReleaseGrantRequest, context: Ctx
+    ) -> types_pb2.Grant:
+        principal = await self._auth.operator(context)
+        return c.grant(await self._access.release(principal, request.id))
+
+
+class AgentsServicer(agents_pb2_grpc.AgentsServicer):
+    def __init__(self, auth: Authenticator, fleet: FleetService) -> None:
+        self._auth = auth
+        self._fleet = fleet
+
+    @mapped
+    async def ListAgents(
+        self, request: agents_pb2.ListAgentsRequest, context: Ctx
+    ) -> agents_pb2.ListAgentsResponse:
+        principal = await self._auth.operator(context)
+        agents = await self._fleet.list_agents(principal)
+        return agents_pb2.ListAgentsResponse(agents=[c.agent(a) for a in agents])
+
+    @mapped
+    async def GetAgent(self, request: agents_pb2.GetAgentRequest, context: Ctx) -> types_pb2.Agent:
+        principal = await self._auth.operator(context)
+        return c.agent(await self._fleet.get_agent(principal, request.name))
+
+    @mapped
+    async def CreateJoinToken(
+        self, request: agents_pb2.CreateJoinTokenRequest, context: Ctx
+    ) -> agents_pb2.CreateJoinTokenResponse:
+        principal = await self._auth.operator(context)
+        ttl = _duration(request.ttl, "ttl") if request.HasField("ttl") else None
+        token, expires_at = await self._fleet.create_join_token(
+            principal, dict(request.labels), ttl
+        )
+        return agents_pb2.CreateJoinTokenResponse(token=token, expires_at=c.ts(expires_at))
+
+    @mapped
+    async def RemoveAgent(
+        self, request: agents_pb2.RemoveAgentRequest, context: Ctx
+    ) -> agents_pb2.RemoveAgentResponse:
+        principal = await self._auth.operator(context)
+        await self._fleet.remove_agent(principal, request.name)
+        return agents_pb2.RemoveAgentResponse()
+
+    @mapped
+    async def Enroll(
+        self, request: agents_pb2.EnrollRequest, context: Ctx
+    ) -> agents_pb2.EnrollResponse:
+        name, credential = await self._fleet.enroll(
+            request.join_token, request.name, dict(request.labels)
+        )
+        return agents_pb2.EnrollResponse(agent=name, credential=credential)
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServicer):
+    def __init__(self, auth: Authenticator, policy: PolicyService) -> None:
+        self._auth = auth
+        self._policy = policy
+
+    @mapped
+    async def GetPolicy(
+        self, request: policy_pb2.GetPolicyRequest, context: Ctx
+    ) -> policy_pb2.PolicyDocument:
+        principal = await self._auth.operator(context)
+        return c.policy_document(await self._policy.get(principal))
+
+    @mapped
+    async def ApplyPolicy(
+        self, request: policy_pb2.ApplyPolicyRequest, context: Ctx
+    ) -> policy_pb2.PolicyDocument:
+        principal = await self._auth.operator(context)
+        doc = await self._policy.apply(principal, request.yaml, request.expected_version)
+        return c.policy_document(doc)
+
+    @mapped
+    async def TestPolicy(
+        self, request: policy_pb2.TestPolicyRequest, context: Ctx
+    ) -> policy_pb2.TestPolicyResponse:
+        principal = await self._auth.operator(context)
+        result = await self._policy.test(
+            principal,
+            subject=request.subject,
+            action=request.action,
+            agent=request.agent,
+            duration=_duration(request.duration, "duration")
+            if request.HasField("duration")
+            else None,
+            groups=list(request.groups),
+        )
+        return c.policy_decision(result)
+
+
+class AuditServicer(audit_pb2_grpc.AuditServicer):
+    def __init__(self, auth: Authenticator, audit: AuditService) -> None:
+        self._auth = auth
+        self._audit = audit
+
+    @mapped
+    async def ListEvents(
+        self, request: audit_pb2.ListEventsRequest, context: Ctx
+    ) -> audit_pb2.ListEventsResponse:
+        principal = await self._auth.operator(context)
+        after = int(request.page_token) if request.page_token.isdigit() else request.after_seq
+        limit = request.page_size or 1000
+        events = await self._audit.list(
+            principal,
+            since=c.from_ts(request.since) if request.HasField("since") else None,
+            agent=request.agent,
+            subject=request.subject,
+            kind=request.kind,
+            grant_id=request.grant_id,
+            request_id=request.request_id,
+            after_seq=after,
+            limit=limit,
+        )
+        token = str(events[-1].seq) if len(events) >= limit else ""
+        return audit_pb2.ListEventsResponse(
+            events=[c.audit_event(x) for x in events], next_page_token=token
+        )
+
+    async def TailEvents(
+        self, request: audit_pb2.TailEventsRequest, context: Ctx
+    ) -> AsyncIterator[types_pb2.AuditEvent]:
+        try:
+            principal = await self._auth.operator(context)
+            after = request.after_seq
+            while True:
+                events = await self._audit.list(
+                    principal,
+                    since=None,
+                    agent="",
+                    subject="",
+                    kind="",
+                    grant_id="",
+                    request_id="",
+                    after_seq=after,
+                    limit=1000,
+                )
+                for event in events:
+                    yield c.audit_event(event)
+                    after = event.seq
+                if not events:
+                    await self._audit.wait_after(after)
+        except errors.DomainError as exc:
+            await context.abort(status_of(exc), exc.message)
+
+    @mapped
+    async def VerifyChain(
+        self, request: audit_pb2.VerifyChainRequest, context: Ctx
+    ) -> audit_pb2.VerifyChainResponse:
+        principal = await self._auth.operator(context)
+        return c.verification(await self._audit.verify(principal))

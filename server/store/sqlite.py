@@ -1,0 +1,737 @@
+"""The SQLite store (aiosqlite, WAL): the only SQL of the coordinator.
+
+One connection writes, under an asyncio lock, one `BEGIN IMMEDIATE` transaction at a time; a
+second connection reads committed data without waiting for the writer (WAL). Schema migrations
+are versioned SQL files applied with yoyo before the store opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+from yoyo import get_backend, read_migrations
+
+from jitmesh.clock import from_ms, to_ms
+from jitmesh.types import (
+    Agent,
+    AuditEvent,
+    Grant,
+    GrantState,
+    OfflineMode,
+    OfflinePolicy,
+    PolicyDocument,
+    Request,
+    RequestState,
+    Review,
+    ReviewDecision,
+)
+from server.domain.audit import GENESIS, event_hash
+from server.domain.errors import Conflict
+from server.domain.models import AuditEntry, Command, CommandKind, Principal
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+_REQUEST_COLUMNS = (
+    "r.id, r.subject, r.agent, r.action, r.duration_ms, r.reason, r.state, r.rule, "
+    "r.approvals_required, r.approver_groups, r.created_at, r.pending_expires_at, r.decided_at, "
+    "r.decided_by, r.decision_reason, r.grant_id, g.state"
+)
+_REQUEST_FROM = "requests r LEFT JOIN grants g ON g.id = r.grant_id"
+_GRANT_COLUMNS = (
+    "id, request_id, agent, subject, action, not_before, not_after, state, offline_mode, "
+    "offline_grace_ms, created_at, ended_at, ended_by, end_reason, grant_seq, revoke_seq, "
+    "applied_at, failure, epoch"
+)
+_GRANT_COLUMNS_G = ", ".join("g." + c for c in _GRANT_COLUMNS.split(", "))
+_AUDIT_COLUMNS = (
+    "seq, id, at, actor, kind, subject, agent, request_id, grant_id, details, prev_hash, hash"
+)
+_AGENT_COLUMNS = (
+    "a.name, a.labels, a.enrolled_at, a.last_seen_at, a.version, a.last_acked_seq, a.last_seq, "
+    "(SELECT COUNT(*) FROM grants g WHERE g.agent = a.name "
+    "AND g.state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING', 'REVOKE_FAILED'))"
+)
+LIVE_STATES = ("PENDING_DELIVERY", "ACTIVE", "REVOKING", "REVOKE_FAILED")
+
+
+def migrate(path: Path) -> None:
+    """Bring the database at `path` to the newest schema (synchronous; run before opening)."""
+    backend = get_backend(f"sqlite:///{path}")
+    with backend.lock():
+        backend.apply_migrations(backend.to_apply(read_migrations(str(MIGRATIONS))))
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    await conn.execute("PRAGMA journal_mode=WAL")
+    await conn.execute("PRAGMA synchronous=NORMAL")
+    await conn.execute("PRAGMA foreign_keys=ON")
+    await conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def _ms(at: datetime | None) -> int | None:
+    return None if at is None else to_ms(at)
+
+
+def _at(ms: int | None) -> datetime | None:
+    return None if ms is None else from_ms(ms)
+
+
+def _request(row: Sequence[Any], reviews: tuple[Review, ...]) -> Request:
+    return Request(
+        id=row[0],
+        subject=row[1],
+        agent=row[2],
+        action=row[3],
+        duration=timedelta(milliseconds=row[4]),
+        reason=row[5],
+        state=RequestState(row[6]),
+        rule=row[7],
+        approvals_required=row[8],
+        approver_groups=tuple(json.loads(row[9])),
+        reviews=reviews,
+        created_at=from_ms(row[10]),
+        pending_expires_at=_at(row[11]),
+        decided_at=_at(row[12]),
+        decided_by=row[13],
+        decision_reason=row[14],
+        grant_id=row[15],
+        grant_state=GrantState(row[16]) if row[16] else None,
+    )
+
+
+def _grant(row: Sequence[Any]) -> Grant:
+    return Grant(
+        id=row[0],
+        request_id=row[1],
+        agent=row[2],
+        subject=row[3],
+        action=row[4],
+        not_before=from_ms(row[5]),
+        not_after=from_ms(row[6]),
+        state=GrantState(row[7]),
+        offline=OfflinePolicy(OfflineMode(row[8]), timedelta(milliseconds=row[9])),
+        created_at=from_ms(row[10]),
+        ended_at=_at(row[11]),
+        ended_by=row[12],
+        end_reason=row[13],
+        grant_seq=row[14],
+        revoke_seq=row[15],
+        applied_at=_at(row[16]),
+        failure=row[17],
+        epoch=row[18],
+    )
+
+
+def _audit(row: Sequence[Any]) -> AuditEvent:
+    return AuditEvent(
+        seq=row[0],
+        id=row[1],
+        at=from_ms(row[2]),
+        actor=row[3],
+        kind=row[4],
+        subject=row[5],
+        agent=row[6],
+        request_id=row[7],
+        grant_id=row[8],
+        details=json.loads(row[9]),
+        prev_hash=row[10],
+        hash=row[11],
+    )
+
+
+def _agent(row: Sequence[Any]) -> Agent:
+    return Agent(
+        name=row[0],
+        labels=json.loads(row[1]),
+        connected=False,
+        last_seen_at=_at(row[3]),
+        enrolled_at=from_ms(row[2]),
+        version=row[4],
+        last_acked_seq=row[5],
+        last_seq=row[6],
+        active_grants=row[7],
+    )
+
+
+async def _one(conn: aiosqlite.Connection, sql: str, args: Iterable[Any] = ()) -> Any:
+    async with conn.execute(sql, tuple(args)) as cur:
+        return await cur.fetchone()
+
+
+async def _all(conn: aiosqlite.Connection, sql: str, args: Iterable[Any] = ()) -> list[Any]:
+    async with conn.execute(sql, tuple(args)) as cur:
+        return list(await cur.fetchall())
+
+
+async def _get_request(conn: aiosqlite.Connection, request_id: str) -> Request | None:
+    row = await _one(
+        conn, f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.id = ?", [request_id]
+    )
+    if row is None:
+        return None
+    reviews = await _reviews(conn, [request_id])
+    return _request(row, reviews.get(request_id, ()))
+
+
+async def _reviews(conn: aiosqlite.Connection, ids: list[str]) -> dict[str, tuple[Review, ...]]:
+    if not ids:
+        return {}
+    marks = ",".join("?" * len(ids))
+    rows = await _all(
+        conn,
+        "SELECT request_id, reviewer, decision, reason, reviewed_at FROM reviews "
+        f"WHERE request_id IN ({marks}) ORDER BY reviewed_at, reviewer",
+        ids,
+    )
+    out: dict[str, list[Review]] = {}
+    for rid, reviewer, decision, reason, at in rows:
+        out.setdefault(rid, []).append(
+            Review(reviewer, ReviewDecision(decision), reason, from_ms(at))
+        )
+    return {k: tuple(v) for k, v in out.items()}
+
+
+async def _get_grant(conn: aiosqlite.Connection, grant_id: str) -> Grant | None:
+    row = await _one(conn, f"SELECT {_GRANT_COLUMNS} FROM grants WHERE id = ?", [grant_id])
+    return None if row is None else _grant(row)
+
+
+async def _get_agent(conn: aiosqlite.Connection, name: str) -> Agent | None:
+    row = await _one(
+        conn,
+        f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.name = ? AND a.removed_at IS NULL",
+        [name],
+    )
+    return None if row is None else _agent(row)
+
+
+def _page(token: str) -> tuple[int, str] | None:
+    if not token:
+        return None
+    at, _, key = token.partition(":")
+    try:
+        return int(at), key
+    except ValueError:
+        raise Conflict("page token is not valid") from None
+
+
+class SqliteTx:
+    """One write transaction. Methods that change state by compare-and-set return False when the
+    row was not in the expected state, so the caller decides what that means."""
+
+    def __init__(self, store: SqliteStore, conn: aiosqlite.Connection) -> None:
+        self._store = store
+        self._conn = conn
+        self.head_seq, self.head_hash = store.head
+        self.new_audit: list[AuditEvent] = []
+
+    async def get_request(self, request_id: str) -> Request | None:
+        return await _get_request(self._conn, request_id)
+
+    async def get_grant(self, grant_id: str) -> Grant | None:
+        return await _get_grant(self._conn, grant_id)
+
+    async def get_agent(self, name: str) -> Agent | None:
+        return await _get_agent(self._conn, name)
+
+    async def insert_request(self, r: Request) -> None:
+        await self._conn.execute(
+            "INSERT INTO requests (id, subject, agent, action, duration_ms, reason, state, rule, "
+            "approvals_required, approver_groups, created_at, pending_expires_at, decided_at, "
+            "decided_by, decision_reason, grant_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                r.id, r.subject, r.agent, r.action, r.duration // timedelta(milliseconds=1),
+                r.reason, r.state.value, r.rule, r.approvals_required,
+                json.dumps(list(r.approver_groups)), to_ms(r.created_at),
+                _ms(r.pending_expires_at), _ms(r.decided_at), r.decided_by, r.decision_reason,
+                r.grant_id,
+            ),
+        )  # fmt: skip
+
+    async def decide_request(
+        self,
+        request_id: str,
+        *,
+        expected: RequestState,
+        state: RequestState,
+        at: datetime,
+        by: str,
+        reason: str,
+        grant_id: str = "",
+    ) -> bool:
+        cur = await self._conn.execute(
+            "UPDATE requests SET state = ?, decided_at = ?, decided_by = ?, decision_reason = ?, "
+            "grant_id = ? WHERE id = ? AND state = ?",
+            (state.value, to_ms(at), by, reason, grant_id, request_id, expected.value),
+        )
+        return cur.rowcount == 1
+
+    async def insert_review(self, request_id: str, review: Review) -> bool:
+        try:
+            await self._conn.execute(
+                "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at) "
+                "VALUES (?,?,?,?,?)",
+                (request_id, review.reviewer, review.decision.value, review.reason,
+                 to_ms(review.reviewed_at)),
+            )  # fmt: skip
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    async def insert_grant(self, g: Grant) -> None:
+        await self._conn.execute(
+            f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                g.id, g.request_id, g.agent, g.subject, g.action, to_ms(g.not_before),
+                to_ms(g.not_after), g.state.value, g.offline.mode.value,
+                g.offline.grace // timedelta(milliseconds=1), to_ms(g.created_at),
+                _ms(g.ended_at), g.ended_by, g.end_reason, g.grant_seq, g.revoke_seq,
+                _ms(g.applied_at), g.failure, g.epoch,
+            ),
+        )  # fmt: skip
+
+    async def move_grant(
+        self,
+        grant_id: str,
+        *,
+        expected: Iterable[GrantState],
+        state: GrantState,
+        **fields: Any,
+    ) -> bool:
+        """Compare-and-set the grant's state, with extra column updates (instants as datetimes)."""
+        sets = ["state = ?"]
+        args: list[Any] = [state.value]
+        for column, value in fields.items():
+            if column not in _GRANT_UPDATABLE:
+                raise ValueError(f"column {column} cannot be updated")
+            sets.append(f"{column} = ?")
+            args.append(to_ms(value) if isinstance(value, datetime) else value)
+        states = [s.value for s in expected]
+        marks = ",".join("?" * len(states))
+        cur = await self._conn.execute(
+            f"UPDATE grants SET {', '.join(sets)} WHERE id = ? AND state IN ({marks})",
+            (*args, grant_id, *states),
+        )
+        return cur.rowcount == 1
+
+    async def append_command(
+        self, agent: str, kind: CommandKind, grant_id: str, at: datetime, revoke_reason: str = ""
+    ) -> int:
+        """Give the command the agent's next sequence number (gap-free) and store it."""
+        row = await _one(
+            self._conn,
+            "UPDATE agents SET last_seq = last_seq + 1 WHERE name = ? RETURNING last_seq",
+            [agent],
+        )
+        if row is None:
+            raise Conflict(f"agent {agent} is not enrolled")
+        seq = int(row[0])
+        await self._conn.execute(
+            "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
+            "VALUES (?,?,?,?,?,?)",
+            (agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)),
+        )
+        column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
+        await self._conn.execute(f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id))
+        return seq
+
+    async def ack_command(
+        self, agent: str, seq: int, status: str, reason: str, at: datetime
+    ) -> tuple[CommandKind, str] | None:
+        """Record the agent's ack once; returns the command's kind and grant, or None when the
+        command is unknown or was acked before."""
+        row = await _one(
+            self._conn,
+            "UPDATE commands SET acked_at = ?, ack_status = ?, ack_reason = ? "
+            "WHERE agent = ? AND seq = ? AND acked_at IS NULL RETURNING kind, grant_id",
+            [to_ms(at), status, reason, agent, seq],
+        )
+        await self._conn.execute(
+            "UPDATE agents SET last_acked_seq = MAX(last_acked_seq, ?), last_seen_at = ? "
+            "WHERE name = ?",
+            (seq, to_ms(at), agent),
+        )
+        return None if row is None else (CommandKind(row[0]), row[1])
+
+    async def enroll_agent(
+        self, name: str, labels: dict[str, str], credential_hash: str, at: datetime
+    ) -> bool:
+        """Create the agent, or give an existing one a new credential. True when it is new."""
+        cur = await self._conn.execute(
+            "UPDATE agents SET labels = ?, credential_hash = ?, removed_at = NULL WHERE name = ?",
+            (json.dumps(labels, sort_keys=True), credential_hash, name),
+        )
+        if cur.rowcount == 1:
+            return False
+        await self._conn.execute(
+            "INSERT INTO agents (name, labels, credential_hash, enrolled_at) VALUES (?,?,?,?)",
+            (name, json.dumps(labels, sort_keys=True), credential_hash, to_ms(at)),
+        )
+        return True
+
+    async def agent_seen(
+        self, name: str, at: datetime, *, labels: dict[str, str] | None = None,
+        version: str | None = None, boot_id: str | None = None,
+    ) -> None:  # fmt: skip
+        await self._conn.execute(
+            "UPDATE agents SET last_seen_at = ?, labels = COALESCE(?, labels), "
+            "version = COALESCE(?, version), boot_id = COALESCE(?, boot_id) WHERE name = ?",
+            (
+                to_ms(at),
+                None if labels is None else json.dumps(labels, sort_keys=True),
+                version,
+                boot_id,
+                name,
+            ),
+        )
+
+    async def remove_agent(self, name: str, at: datetime) -> bool:
+        cur = await self._conn.execute(
+            "UPDATE agents SET removed_at = ?, credential_hash = NULL "
+            "WHERE name = ? AND removed_at IS NULL",
+            (to_ms(at), name),
+        )
+        return cur.rowcount == 1
+
+    async def insert_join_token(
+        self, token_hash: str, labels: dict[str, str], by: str, at: datetime,
+        expires_at: datetime | None, max_uses: int | None,
+    ) -> None:  # fmt: skip
+        await self._conn.execute(
+            "INSERT OR REPLACE INTO join_tokens "
+            "(hash, labels, created_by, created_at, expires_at, max_uses) VALUES (?,?,?,?,?,?)",
+            (token_hash, json.dumps(labels), by, to_ms(at), _ms(expires_at), max_uses),
+        )
+
+    async def use_join_token(self, token_hash: str, at: datetime) -> dict[str, str] | None:
+        """Spend one use of a join token (compare-and-set); its labels, or None if unusable."""
+        row = await _one(
+            self._conn,
+            "UPDATE join_tokens SET uses = uses + 1 WHERE hash = ? "
+            "AND (expires_at IS NULL OR expires_at > ?) AND (max_uses IS NULL OR uses < max_uses) "
+            "RETURNING labels",
+            [token_hash, to_ms(at)],
+        )
+        return None if row is None else dict(json.loads(row[0]))
+
+    async def upsert_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
+        await self._conn.execute(
+            "INSERT INTO users (name, groups, created_at) VALUES (?,?,?) "
+            "ON CONFLICT(name) DO UPDATE SET groups = excluded.groups",
+            (name, json.dumps(sorted(groups)), to_ms(at)),
+        )
+
+    async def insert_token(
+        self, token_hash: str, user: str, at: datetime, expires_at: datetime | None, label: str
+    ) -> bool:
+        """Register a token hash; False when it was already registered."""
+        cur = await self._conn.execute(
+            "INSERT OR IGNORE INTO tokens (hash, user_name, label, created_at, expires_at) "
+            "VALUES (?,?,?,?,?)",
+            (token_hash, user, label, to_ms(at), _ms(expires_at)),
+        )
+        return cur.rowcount == 1
+
+    async def insert_policy(self, text: str, sha256: str, at: datetime, by: str) -> int:
+        row = await _one(self._conn, "SELECT COALESCE(MAX(version), 0) + 1 FROM policies")
+        version = int(row[0])
+        await self._conn.execute(
+            "INSERT INTO policies (version, yaml, sha256, applied_at, applied_by) "
+            "VALUES (?,?,?,?,?)",
+            (version, text, sha256, to_ms(at), by),
+        )
+        return version
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    async def audit(self, entry: AuditEntry) -> AuditEvent | None:
+        """Append an event to the hash chain. Returns None (and writes nothing) when an event
+        with the same id is already stored: agent events are stored exactly once."""
+        if await _one(self._conn, "SELECT 1 FROM audit WHERE id = ?", [entry.id]):
+            return None
+        event = AuditEvent(
+            seq=self.head_seq + 1,
+            id=entry.id,
+            at=from_ms(to_ms(entry.at)),
+            actor=entry.actor,
+            kind=entry.kind,
+            subject=entry.subject,
+            agent=entry.agent,
+            request_id=entry.request_id,
+            grant_id=entry.grant_id,
+            details=dict(entry.details),
+            prev_hash=self.head_hash,
+            hash="",
+        )
+        event = replace(event, hash=event_hash(event))
+        await self._conn.execute(
+            f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                event.seq, event.id, to_ms(event.at), event.actor, event.kind, event.subject,
+                event.agent, event.request_id, event.grant_id,
+                json.dumps(event.details, sort_keys=True), event.prev_hash, event.hash,
+            ),
+        )  # fmt: skip
+        self.head_seq, self.head_hash = event.seq, event.hash
+        self.new_audit.append(event)
+        return event
+
+    async def due_grants(self, now: datetime, limit: int) -> list[Grant]:
+        rows = await _all(
+            self._conn,
+            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE state IN "
+            "('PENDING_DELIVERY', 'ACTIVE', 'REVOKING') AND not_after <= ? "
+            "ORDER BY not_after LIMIT ?",
+            [to_ms(now), limit],
+        )
+        return [_grant(r) for r in rows]
+
+    async def due_requests(self, now: datetime, limit: int) -> list[str]:
+        rows = await _all(
+            self._conn,
+            "SELECT id FROM requests WHERE state = 'PENDING' AND pending_expires_at <= ? "
+            "ORDER BY pending_expires_at LIMIT ?",
+            [to_ms(now), limit],
+        )
+        return [r[0] for r in rows]
+
+
+_GRANT_UPDATABLE = frozenset(
+    {"ended_at", "ended_by", "end_reason", "applied_at", "failure", "epoch"}
+)
+
+
+class SqliteStore:
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._lock = asyncio.Lock()
+        self.head: tuple[int, str] = (0, GENESIS)
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(migrate, path)
+        writer = await _connect(path)
+        reader = await _connect(path)
+        store = cls(path, writer, reader)
+        row = await _one(writer, "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        if row is not None:
+            store.head = (int(row[0]), str(row[1]))
+        return store
+
+    async def close(self) -> None:
+        await self._reader.close()
+        await self._writer.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqliteTx]:
+        """A write transaction: committed when the block ends, rolled back if it raises."""
+        async with self._lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            tx = SqliteTx(self, self._writer)
+            try:
+                yield tx
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+            self.head = (tx.head_seq, tx.head_hash)
+
+    # Reads: committed data only.
+
+    async def get_request(self, request_id: str) -> Request | None:
+        return await _get_request(self._reader, request_id)
+
+    async def list_requests(
+        self, *, states: Sequence[RequestState], subject: str, agent: str, limit: int,
+        page_token: str,
+    ) -> tuple[list[Request], str]:  # fmt: skip
+        where, args = _filters(
+            [("r.state", [s.value for s in states]), ("r.subject", subject), ("r.agent", agent)]
+        )
+        after = _page(page_token)
+        if after:
+            where.append("(r.created_at, r.id) < (?, ?)")
+            args.extend(after)
+        sql = f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = await _all(
+            self._reader, sql + " ORDER BY r.created_at DESC, r.id DESC LIMIT ?", [*args, limit + 1]
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        reviews = await _reviews(self._reader, [r[0] for r in rows])
+        items = [_request(r, reviews.get(r[0], ())) for r in rows]
+        token = f"{to_ms(items[-1].created_at)}:{items[-1].id}" if more and items else ""
+        return items, token
+
+    async def get_grant(self, grant_id: str) -> Grant | None:
+        return await _get_grant(self._reader, grant_id)
+
+    async def list_grants(
+        self, *, states: Sequence[GrantState], subject: str, agent: str, limit: int,
+        page_token: str,
+    ) -> tuple[list[Grant], str]:  # fmt: skip
+        where, args = _filters(
+            [("state", [s.value for s in states]), ("subject", subject), ("agent", agent)]
+        )
+        after = _page(page_token)
+        if after:
+            where.append("(created_at, id) < (?, ?)")
+            args.extend(after)
+        sql = f"SELECT {_GRANT_COLUMNS} FROM grants"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = await _all(
+            self._reader, sql + " ORDER BY created_at DESC, id DESC LIMIT ?", [*args, limit + 1]
+        )
+        items = [_grant(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        token = f"{to_ms(items[-1].created_at)}:{items[-1].id}" if more and items else ""
+        return items, token
+
+    async def live_grants(self, agent: str) -> list[Grant]:
+        rows = await _all(
+            self._reader,
+            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE agent = ? "
+            "AND state IN ('PENDING_DELIVERY', 'ACTIVE') ORDER BY grant_seq",
+            [agent],
+        )
+        return [_grant(r) for r in rows]
+
+    async def get_agent(self, name: str) -> Agent | None:
+        return await _get_agent(self._reader, name)
+
+    async def list_agents(self) -> list[Agent]:
+        rows = await _all(
+            self._reader,
+            f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.removed_at IS NULL ORDER BY a.name",
+        )
+        return [_agent(r) for r in rows]
+
+    async def agent_for_credential(self, credential_hash: str) -> str | None:
+        row = await _one(
+            self._reader,
+            "SELECT name FROM agents WHERE credential_hash = ? AND removed_at IS NULL",
+            [credential_hash],
+        )
+        return None if row is None else str(row[0])
+
+    async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None:
+        row = await _one(
+            self._reader,
+            "SELECT u.name, u.groups FROM tokens t JOIN users u ON u.name = t.user_name "
+            "WHERE t.hash = ? AND t.revoked_at IS NULL AND u.disabled = 0 "
+            "AND (t.expires_at IS NULL OR t.expires_at > ?)",
+            [token_hash, to_ms(now)],
+        )
+        if row is None:
+            return None
+        return Principal(name=row[0], groups=frozenset(json.loads(row[1])))
+
+    async def user_groups(self, name: str) -> frozenset[str] | None:
+        row = await _one(self._reader, "SELECT groups FROM users WHERE name = ?", [name])
+        return None if row is None else frozenset(json.loads(row[0]))
+
+    async def commands_after(self, agent: str, seq: int, limit: int) -> list[Command]:
+        rows = await _all(
+            self._reader,
+            f"SELECT c.seq, c.kind, c.revoke_reason, {_GRANT_COLUMNS_G} "
+            "FROM commands c JOIN grants g ON g.id = c.grant_id "
+            "WHERE c.agent = ? AND c.seq > ? ORDER BY c.seq LIMIT ?",
+            [agent, seq, limit],
+        )
+        return [Command(agent, r[0], CommandKind(r[1]), _grant(r[3:]), r[2]) for r in rows]
+
+    async def first_unacked_seq(self, agent: str) -> int | None:
+        row = await _one(
+            self._reader,
+            "SELECT MIN(seq) FROM commands WHERE agent = ? AND acked_at IS NULL",
+            [agent],
+        )
+        return None if row is None or row[0] is None else int(row[0])
+
+    async def current_policy(self) -> PolicyDocument | None:
+        row = await _one(
+            self._reader,
+            "SELECT yaml, version, sha256, applied_at, applied_by FROM policies "
+            "ORDER BY version DESC LIMIT 1",
+        )
+        if row is None:
+            return None
+        return PolicyDocument(row[0], row[1], row[2], from_ms(row[3]), row[4])
+
+    async def list_audit(
+        self, *, since: datetime | None, agent: str, subject: str, kind: str, grant_id: str,
+        request_id: str, after_seq: int, limit: int,
+    ) -> list[AuditEvent]:  # fmt: skip
+        where, args = _filters(
+            [("agent", agent), ("subject", subject), ("kind", kind), ("grant_id", grant_id),
+             ("request_id", request_id)]
+        )  # fmt: skip
+        where.append("seq > ?")
+        args.append(after_seq)
+        if since is not None:
+            where.append("at >= ?")
+            args.append(to_ms(since))
+        rows = await _all(
+            self._reader,
+            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
+            [*args, limit],
+        )
+        return [_audit(r) for r in rows]
+
+    async def audit_chain(self, after_seq: int, limit: int) -> list[AuditEvent]:
+        rows = await _all(
+            self._reader,
+            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+            [after_seq, limit],
+        )
+        return [_audit(r) for r in rows]
+
+    async def next_deadline(self) -> datetime | None:
+        row = await _one(
+            self._reader,
+            "SELECT MIN(t) FROM ("
+            "SELECT MIN(not_after) AS t FROM grants "
+            "WHERE state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING') "
+            "UNION ALL SELECT MIN(pending_expires_at) FROM requests WHERE state = 'PENDING')",
+        )
+        return None if row is None or row[0] is None else from_ms(int(row[0]))
+
+    async def get_meta(self, key: str) -> str | None:
+        row = await _one(self._reader, "SELECT value FROM meta WHERE key = ?", [key])
+        return None if row is None else str(row[0])
+
+
+def _filters(pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    for column, value in pairs:
+        if isinstance(value, list):
+            if value:
+                where.append(f"{column} IN ({','.join('?' * len(value))})")
+                args.extend(value)
+        elif value:
+            where.append(f"{column} = ?")
+            args.append(value)
+    return where, args
