@@ -331,7 +331,8 @@ class SqliteTx:
         """Give the command the agent's next sequence number (gap-free) and store it."""
         row = await _one(
             self._conn,
-            "UPDATE agents SET last_seq = last_seq + 1 WHERE name = ? RETURNING last_seq",
+            "UPDATE agents SET last_seq = last_seq + 1 WHERE name = ? AND removed_at IS NULL "
+            "RETURNING last_seq",
             [agent],
         )
         if row is None:
