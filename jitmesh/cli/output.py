@@ -539,7 +539,7 @@ def events_table(events: Iterable[AuditEvent]) -> str:
 
 
 # A stream cannot measure its rows first: fixed widths for every column but the last.
-_STREAM_WIDTHS: Final = (8, 20, 22, 16, 20, 20, 37)
+_STREAM_WIDTHS: Final = (8, 20, 22, 16, 20, 20, 38)
 
 
 def event_stream_header() -> str:

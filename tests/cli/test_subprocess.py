@@ -1,0 +1,119 @@
+"""The installed `jitctl` console script, as a separate process."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from jitmesh.v1 import audit_pb2
+from tests.sdk.scripted import TOKEN, Scripted, ServerThread, make_agent, make_event
+
+JITCTL = str(Path(sys.executable).parent / "jitctl")
+
+
+def _env(target: str) -> dict[str, str]:
+    return {**os.environ, "JITMESH_COORDINATOR": target, "JITMESH_TOKEN": TOKEN}
+
+
+def test_console_script_lists_agents_as_json() -> None:
+    model = Scripted()
+    model.put(make_agent("web-1"))
+    with ServerThread(model) as server:
+        result = subprocess.run(
+            [JITCTL, "agent", "list", "-o", "json"],
+            env=_env(server.target),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [
+        {
+            "id": "web-1",
+            "state": "connected",
+            "name": "web-1",
+            "connected": True,
+            "labels": {"env": "prod", "role": "web"},
+            "last_seen_at": "2026-01-01T12:00:00Z",
+            "enrolled_at": "2025-12-29T12:00:00Z",
+            "version": "0.1.0",
+            "last_acked_seq": 7,
+            "last_seq": 7,
+            "active_grants": 1,
+        }
+    ]
+    assert result.stderr == ""
+
+
+def test_console_script_usage_error_is_one_line() -> None:
+    result = subprocess.run(
+        [JITCTL, "request", "create", "--agent", "web-1", "--action", "x", "--duration", "soon"],
+        env=_env("127.0.0.1:1"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("jitctl: argument --duration:")
+    assert result.stdout == ""
+
+
+class _Lines:
+    """Lines of a child's stdout, read in a thread so the test can wait with a timeout."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._queue.put(line)
+
+    def next(self, timeout: float = 10.0) -> str:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail("jitctl printed nothing in time")
+
+
+def test_audit_tail_follows_and_resumes_after_the_stream_ends() -> None:
+    model = Scripted()
+    model.put(make_event(1), make_event(2), make_event(3))
+    # The first stream ends (as a recycled connection would) after two events.
+    model.tail_break_after = 2
+    with ServerThread(model) as server:
+        child = subprocess.Popen(
+            [JITCTL, "-o", "json", "audit", "tail"],
+            env=_env(server.target),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout is not None
+            lines = _Lines(child.stdout)
+            seen = [json.loads(lines.next())["seq"] for _ in range(3)]
+            assert seen == [1, 2, 3]
+            server.run(lambda: model.publish(make_event(4)))
+            event = json.loads(lines.next())
+            assert (event["seq"], event["state"]) == (4, "recorded")
+        finally:
+            child.terminate()
+            _, err = child.communicate(timeout=10)
+    # Resubscribed once, after the last event it had printed: nothing twice, nothing skipped.
+    calls = model.calls_to("TailEvents")
+    after = [m.after_seq for m in calls if isinstance(m, audit_pb2.TailEventsRequest)]
+    assert after == [0, 2]
+    assert "Traceback" not in err
