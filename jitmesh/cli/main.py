@@ -310,12 +310,17 @@ def _version() -> str:
 
 
 class Output:
-    """Where a command's result goes, in the format asked for."""
+    """Where a command's result goes, in the format asked for, and the time it is shown at."""
 
-    def __init__(self, fmt: str, now: datetime, stream: TextIO) -> None:
+    def __init__(self, fmt: str, clock: Clock, stream: TextIO) -> None:
         self.json = fmt == "json"
-        self.now = now
+        self._clock = clock
         self._stream = stream
+
+    @property
+    def now(self) -> datetime:
+        # Read when used: `request create --wait` may print minutes after it started.
+        return self._clock.now()
 
     def emit(self, value: output.JSON | list[output.JSON], text: str) -> None:
         self.line(output.dumps(value) if self.json else text)
@@ -590,7 +595,8 @@ async def _run(args: argparse.Namespace, out: Output) -> int:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"jitctl: {message}", file=sys.stderr, flush=True)
+    # Reasons can carry coordinator text (a deny reason, an agent's failure): keep it one line.
+    print(f"jitctl: {output.cell(message)}", file=sys.stderr, flush=True)
     return code
 
 
@@ -603,7 +609,7 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> in
         # --help and --version exit 0; usage errors exit 2 after their one line.
         return exc.code if isinstance(exc.code, int) else 2
     _settings(args)
-    out = Output(args.output, (clock or SystemClock()).now(), sys.stdout)
+    out = Output(args.output, clock or SystemClock(), sys.stdout)
     try:
         return asyncio.run(_run(args, out))
     except errors.AuthenticationError as exc:
@@ -621,6 +627,13 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> in
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except Exception as exc:
+        # A bug here or below: still one line, still without the token, but with the type so a
+        # report can say where to look.
+        message = str(exc)
+        if args.token:
+            message = message.replace(args.token, "[redacted]")
+        return _fail(f"unexpected error ({type(exc).__name__}): {message}", 1)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from jitmesh.cli.main import main
+from jitmesh.client import Client
 from tests.cli.conftest import Jitctl, Result
 from tests.sdk.scripted import TOKEN, Scripted, ServerThread, rid
 
@@ -149,3 +150,17 @@ def test_main_reads_the_process_arguments(
     )
     assert main() == 0
     assert '"audit-chain"' in capsys.readouterr().out
+
+
+def test_an_unexpected_error_is_still_one_line_without_the_token(
+    jitctl: Jitctl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(self: Client) -> None:
+        raise ValueError(f"header value {TOKEN}\nis odd")
+
+    monkeypatch.setattr(Client, "list_agents", broken)
+    result = jitctl("agent", "list")
+    assert result.code == 1
+    assert result.error_line() == (
+        "jitctl: unexpected error (ValueError): header value [redacted] is odd"
+    )

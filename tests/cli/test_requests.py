@@ -132,7 +132,9 @@ def test_wait_fails_when_the_agent_cannot_apply(model: Scripted, jitctl: Jitctl)
 def test_wait_fails_when_denied(model: Scripted, jitctl: Jitctl) -> None:
     pending = make_request(NEW)
     model.watch_script = [
-        replace(pending, state=RequestState.DENIED, decided_by="bob", decision_reason="code freeze")
+        replace(
+            pending, state=RequestState.DENIED, decided_by="bob", decision_reason="code\nfreeze"
+        )
     ]
     result = jitctl(*CREATE, "--wait")
     assert result.code == 1
