@@ -1,0 +1,72 @@
+"""Reference counting of (subject, action) pairs."""
+
+from __future__ import annotations
+
+from agent.domain.coverage import held_pairs, pair_changes, reconcile
+from agent.domain.leases import LeaseState
+
+from .factories import lease
+
+PAIR = ("alice", "deploy")
+
+
+def test_first_lease_applies_its_pair() -> None:
+    new = lease(applied=False)
+    changes = pair_changes([], starting=[new])
+    assert changes.apply == {PAIR}
+    assert changes.remove == frozenset()
+
+
+def test_second_overlapping_lease_applies_nothing() -> None:
+    first = lease()
+    second = lease(applied=False)
+    changes = pair_changes([first], starting=[second])
+    assert changes.apply == frozenset()
+    assert changes.remove == frozenset()
+
+
+def test_ending_one_of_two_overlapping_leases_keeps_the_pair() -> None:
+    first, second = lease(), lease()
+    changes = pair_changes([first, second], ending=[first])
+    assert changes.remove == frozenset()
+
+
+def test_ending_the_last_holder_removes_the_pair() -> None:
+    first, second = lease(), lease()
+    assert pair_changes([first, second], ending=[first, second]).remove == {PAIR}
+    assert pair_changes([second], ending=[second]).remove == {PAIR}
+
+
+def test_replacing_a_holder_in_one_step_neither_applies_nor_removes() -> None:
+    old, new = lease(), lease(applied=False)
+    changes = pair_changes([old], starting=[new], ending=[old])
+    assert changes == pair_changes([old], starting=[new], ending=[old])
+    assert changes.apply == frozenset()
+    assert changes.remove == frozenset()
+
+
+def test_ending_a_lease_that_never_started_removes_nothing() -> None:
+    scheduled = lease(applied=False)
+    assert pair_changes([], ending=[scheduled]).remove == frozenset()
+
+
+def test_other_pairs_are_counted_separately() -> None:
+    alice = lease("alice", "deploy")
+    bob = lease("bob", "deploy")
+    alice_ssh = lease("alice", "ssh")
+    changes = pair_changes([alice, bob, alice_ssh], ending=[alice, alice_ssh])
+    assert changes.remove == {("alice", "deploy"), ("alice", "ssh")}
+
+
+def test_leases_that_do_not_hold_are_not_counted_as_holders() -> None:
+    removed = lease(state=LeaseState.REMOVED)
+    pending = lease(applied=False)
+    new = lease(applied=False)
+    assert pair_changes([removed, pending], starting=[new]).apply == {PAIR}
+    assert held_pairs([removed, pending]) == frozenset()
+
+
+def test_reconcile_applies_missing_and_removes_unknown() -> None:
+    plan = reconcile({("a", "x"), ("b", "y")}, {("b", "y"), ("c", "z")})
+    assert plan.apply == {("a", "x")}
+    assert plan.remove == {("c", "z")}
