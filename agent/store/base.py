@@ -1,0 +1,73 @@
+"""The lease store interface. The SQLite store implements it; an in-memory or a failing store
+can stand in for it behind the same methods."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from agent.domain.leases import Lease, OutboxEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    agent: str
+    last_applied_seq: int
+    # Highest coordinator epoch seen.
+    epoch: int
+    boot_id: str
+    # Latest wall-clock instant the agent is known to have reached: time never runs back below it.
+    last_wall_at: datetime | None
+    # When the agent last knew it had the coordinator (the offline grace counts from here).
+    last_contact_at: datetime | None
+
+
+class LeaseStore(Protocol):
+    async def meta(self) -> Meta: ...
+
+    async def claim(self, agent: str, boot_id: str) -> None:
+        """Bind the store to `agent` (refusing a store of another agent) and note the boot id."""
+        ...
+
+    async def lease(self, grant_id: str) -> Lease | None: ...
+
+    async def leases(self, grant_ids: Iterable[str]) -> dict[str, Lease]: ...
+
+    async def active_leases(self) -> list[Lease]: ...
+
+    async def record_command(self, *, seq: int, epoch: int, writes: Sequence[Lease]) -> None:
+        """One transaction: the rows a command writes, its sequence number as the last applied
+        one (even when lower: a snapshot replaces everything), and the highest epoch seen."""
+        ...
+
+    async def mark_applied(
+        self, grant_id: str, at: datetime, event: OutboxEvent | None = None
+    ) -> bool:
+        """Active lease whose pair is now in force. False if it was no longer active."""
+        ...
+
+    async def mark_failed(
+        self, grant_id: str, at: datetime, reason: str, event: OutboxEvent | None = None
+    ) -> bool: ...
+
+    async def end_lease(self, lease: Lease, event: OutboxEvent | None = None) -> bool:
+        """Persist an active lease's end (`lease` is the ended row) and its event, atomically."""
+        ...
+
+    async def add_event(self, event: OutboxEvent) -> None: ...
+
+    async def pending_events(self, limit: int) -> list[OutboxEvent]:
+        """Oldest first."""
+        ...
+
+    async def delete_events(self, event_ids: Iterable[str]) -> int: ...
+
+    async def note_epoch(self, epoch: int) -> None: ...
+
+    async def note_wall(self, at: datetime) -> None: ...
+
+    async def note_contact(self, at: datetime) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,308 @@
+"""The lease table in SQLite (`STATE/agent.db`): the only SQL of the agent besides `readonly`.
+
+The stdlib `sqlite3` module is called synchronously inside the async methods, on purpose: there is
+one writer, every transaction takes well under a millisecond (WAL, synchronous=NORMAL), and the
+push-latency budget allows at most one thread hand-off per command; running the calls inline costs
+less than any hand-off to a worker thread would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from agent.domain.errors import StateError
+from agent.domain.leases import Lease, LeaseState, OutboxEvent
+from jitmesh.clock import from_ms, to_ms
+from jitmesh.types import OfflineMode, OfflinePolicy
+
+from .base import Meta
+from .migrate import migrate
+
+DB_NAME = "agent.db"
+LOCK_NAME = "agent.lock"
+
+_LEASE_COLUMNS = (
+    "grant_id, subject, action, request_id, not_before_ms, not_after_ms, offline_mode, "
+    "offline_grace_ms, state, seq, applied_at_ms, removed_at_ms, remove_reason"
+)
+_EVENT_COLUMNS = "event_id, kind, grant_id, subject, action, observed_at_ms, details"
+
+
+class SqliteLeaseStore:
+    def __init__(self, db: sqlite3.Connection, lock_fd: int) -> None:
+        self._db = db
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def open(cls, state_dir: Path) -> SqliteLeaseStore:
+        """Lock the state directory for this process, migrate the schema, open the table."""
+        lock_fd = _lock(state_dir / LOCK_NAME)
+        try:
+            db_path = state_dir / DB_NAME
+            migrate(db_path)
+            db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=True)
+            db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a power cut can lose the last commits, never corrupt the file;
+            # the coordinator resends what was not acknowledged.
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=5000")
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            os.close(lock_fd)
+            raise StateError(f"cannot open the lease table: {type(exc).__name__}") from exc
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(db, lock_fd)
+
+    def close(self) -> None:
+        self._db.close()
+        os.close(self._lock_fd)
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # Metadata.
+
+    async def meta(self) -> Meta:
+        values = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        last_wall = values.get("last_wall_ms")
+        last_contact = values.get("last_contact_ms")
+        return Meta(
+            agent=values.get("agent", ""),
+            last_applied_seq=int(values.get("last_applied_seq", "0")),
+            epoch=int(values.get("epoch", "0")),
+            boot_id=values.get("boot_id", ""),
+            last_wall_at=from_ms(int(last_wall)) if last_wall else None,
+            last_contact_at=from_ms(int(last_contact)) if last_contact else None,
+        )
+
+    async def claim(self, agent: str, boot_id: str) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'agent'").fetchone()
+            if row is not None and row[0] != agent:
+                # The table's leases, sequence numbers and tombstones belong to one agent.
+                raise StateError("the state directory belongs to an agent with another name")
+            _put(db, "agent", agent)
+            _put(db, "boot_id", boot_id)
+
+    async def note_epoch(self, epoch: int) -> None:
+        with self._tx() as db:
+            _raise_epoch(db, epoch)
+
+    async def note_wall(self, at: datetime) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('last_wall_ms', :v) ON CONFLICT (key) "
+                "DO UPDATE SET value = max(CAST(value AS INTEGER), :v)",
+                {"v": to_ms(at)},
+            )
+
+    async def note_contact(self, at: datetime) -> None:
+        with self._tx() as db:
+            _put(db, "last_contact_ms", str(to_ms(at)))
+
+    # Leases.
+
+    async def lease(self, grant_id: str) -> Lease | None:
+        row = self._db.execute(
+            f"SELECT {_LEASE_COLUMNS} FROM leases WHERE grant_id = ?", (grant_id,)
+        ).fetchone()
+        return _lease(row) if row else None
+
+    async def leases(self, grant_ids: Iterable[str]) -> dict[str, Lease]:
+        found: dict[str, Lease] = {}
+        for grant_id in set(grant_ids):
+            lease = await self.lease(grant_id)
+            if lease is not None:
+                found[grant_id] = lease
+        return found
+
+    async def active_leases(self) -> list[Lease]:
+        rows = self._db.execute(
+            f"SELECT {_LEASE_COLUMNS} FROM leases WHERE state = 'active' ORDER BY not_after_ms"
+        ).fetchall()
+        return [_lease(row) for row in rows]
+
+    async def record_command(self, *, seq: int, epoch: int, writes: Sequence[Lease]) -> None:
+        with self._tx() as db:
+            for lease in writes:
+                db.execute(
+                    f"INSERT INTO leases ({_LEASE_COLUMNS}) VALUES "
+                    "(:grant_id, :subject, :action, :request_id, :not_before_ms, :not_after_ms, "
+                    ":offline_mode, :offline_grace_ms, :state, :seq, :applied_at_ms, "
+                    ":removed_at_ms, :remove_reason) "
+                    "ON CONFLICT (grant_id) DO UPDATE SET subject = excluded.subject, "
+                    "action = excluded.action, request_id = excluded.request_id, "
+                    "not_before_ms = excluded.not_before_ms, not_after_ms = excluded.not_after_ms, "
+                    "offline_mode = excluded.offline_mode, "
+                    "offline_grace_ms = excluded.offline_grace_ms, state = excluded.state, "
+                    "seq = excluded.seq, applied_at_ms = excluded.applied_at_ms, "
+                    "removed_at_ms = excluded.removed_at_ms, "
+                    "remove_reason = excluded.remove_reason",
+                    _lease_row(lease),
+                )
+            _put(db, "last_applied_seq", str(seq))
+            _raise_epoch(db, epoch)
+
+    async def mark_applied(
+        self, grant_id: str, at: datetime, event: OutboxEvent | None = None
+    ) -> bool:
+        with self._tx() as db:
+            # Compare-and-set: only an active lease can become applied.
+            changed = db.execute(
+                "UPDATE leases SET applied_at_ms = ? WHERE grant_id = ? AND state = 'active'",
+                (to_ms(at), grant_id),
+            ).rowcount
+            if changed and event is not None:
+                _insert_event(db, event)
+        return bool(changed)
+
+    async def mark_failed(
+        self, grant_id: str, at: datetime, reason: str, event: OutboxEvent | None = None
+    ) -> bool:
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE leases SET state = 'failed', removed_at_ms = ?, remove_reason = ? "
+                "WHERE grant_id = ? AND state = 'active'",
+                (to_ms(at), reason, grant_id),
+            ).rowcount
+            if changed and event is not None:
+                _insert_event(db, event)
+        return bool(changed)
+
+    async def end_lease(self, lease: Lease, event: OutboxEvent | None = None) -> bool:
+        if lease.state is LeaseState.ACTIVE or lease.removed_at is None:
+            raise ValueError("end_lease needs an ended lease")
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE leases SET state = ?, removed_at_ms = ?, remove_reason = ? "
+                "WHERE grant_id = ? AND state = 'active'",
+                (lease.state.value, to_ms(lease.removed_at), lease.remove_reason, lease.grant_id),
+            ).rowcount
+            if changed and event is not None:
+                _insert_event(db, event)
+        return bool(changed)
+
+    # Outbox.
+
+    async def add_event(self, event: OutboxEvent) -> None:
+        with self._tx() as db:
+            _insert_event(db, event)
+
+    async def pending_events(self, limit: int) -> list[OutboxEvent]:
+        rows = self._db.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM outbox ORDER BY created LIMIT ?", (limit,)
+        ).fetchall()
+        return [
+            OutboxEvent(
+                event_id=row[0],
+                kind=row[1],
+                grant_id=row[2],
+                subject=row[3],
+                action=row[4],
+                observed_at=from_ms(row[5]),
+                details=json.loads(row[6]),
+            )
+            for row in rows
+        ]
+
+    async def delete_events(self, event_ids: Iterable[str]) -> int:
+        with self._tx() as db:
+            return sum(
+                db.execute("DELETE FROM outbox WHERE event_id = ?", (event_id,)).rowcount
+                for event_id in set(event_ids)
+            )
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StateError("another agent is running on this state directory") from None
+    return fd
+
+
+def _put(db: sqlite3.Connection, key: str, value: str) -> None:
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
+def _raise_epoch(db: sqlite3.Connection, epoch: int) -> None:
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES ('epoch', :v) ON CONFLICT (key) "
+        "DO UPDATE SET value = max(CAST(value AS INTEGER), :v)",
+        {"v": epoch},
+    )
+
+
+def _insert_event(db: sqlite3.Connection, event: OutboxEvent) -> None:
+    # ON CONFLICT: an event id is written once; writing it again is not a second event.
+    db.execute(
+        f"INSERT INTO outbox (created, {_EVENT_COLUMNS}) VALUES "
+        "((SELECT coalesce(max(created), 0) + 1 FROM outbox), ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (event_id) DO NOTHING",
+        (
+            event.event_id,
+            event.kind,
+            event.grant_id,
+            event.subject,
+            event.action,
+            to_ms(event.observed_at),
+            json.dumps(dict(event.details), sort_keys=True),
+        ),
+    )
+
+
+def _lease_row(lease: Lease) -> dict[str, Any]:
+    return {
+        "grant_id": lease.grant_id,
+        "subject": lease.subject,
+        "action": lease.action,
+        "request_id": lease.request_id,
+        "not_before_ms": to_ms(lease.not_before),
+        "not_after_ms": to_ms(lease.not_after),
+        "offline_mode": lease.offline.mode.value,
+        "offline_grace_ms": lease.offline.grace // timedelta(milliseconds=1),
+        "state": lease.state.value,
+        "seq": lease.seq,
+        "applied_at_ms": None if lease.applied_at is None else to_ms(lease.applied_at),
+        "removed_at_ms": None if lease.removed_at is None else to_ms(lease.removed_at),
+        "remove_reason": lease.remove_reason,
+    }
+
+
+def _lease(row: tuple[Any, ...]) -> Lease:
+    return Lease(
+        grant_id=row[0],
+        subject=row[1],
+        action=row[2],
+        request_id=row[3],
+        not_before=from_ms(row[4]),
+        not_after=from_ms(row[5]),
+        offline=OfflinePolicy(OfflineMode(row[6]), timedelta(milliseconds=row[7])),
+        state=LeaseState(row[8]),
+        seq=row[9],
+        applied_at=None if row[10] is None else from_ms(row[10]),
+        removed_at=None if row[11] is None else from_ms(row[11]),
+        remove_reason=row[12],
+    )
