@@ -1,0 +1,184 @@
+"""Agent configuration: frozen pydantic models, validated once at the edge (`__main__`).
+
+Inside the agent, plain frozen dataclasses take over (`LinkSettings`, enforcer `Hooks`).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from agent.domain.errors import ConfigError
+from jitmesh import validation
+from jitmesh.durations import DurationError, parse_duration
+
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_RESERVED_ENV = frozenset({"JITMESH_SUBJECT", "JITMESH_ACTION"})
+_PLACEHOLDERS = ("{subject}", "{action}")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ExecHooksConfig(_Frozen):
+    """The YAML file of an `exec:FILE` enforcer."""
+
+    apply: tuple[str, ...] = Field(min_length=1, max_length=64)
+    remove: tuple[str, ...] = Field(min_length=1, max_length=64)
+    observe: tuple[str, ...] | None = Field(default=None, min_length=1, max_length=64)
+    timeout: timedelta = timedelta(seconds=10)
+    env: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+    @field_validator("apply", "remove", "observe")
+    @classmethod
+    def _argv(cls, argv: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if argv is None:
+            return None
+        if not argv[0]:
+            raise ValueError("the program (first element) must not be empty")
+        if any("\0" in part or len(part) > 4096 for part in argv):
+            raise ValueError("argv elements must be under 4096 characters, without NUL")
+        return argv
+
+    @field_validator("observe")
+    @classmethod
+    def _observe_has_no_pair(cls, argv: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if argv is not None and any(p in part for part in argv for p in _PLACEHOLDERS):
+            raise ValueError("observe runs for all pairs: it takes no {subject} or {action}")
+        return argv
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, value: Any) -> timedelta:
+        if isinstance(value, bool):
+            raise ValueError("timeout must be a duration such as 10s")
+        if isinstance(value, int | float):
+            value = f"{int(value * 1000)}ms"
+        if not isinstance(value, str):
+            raise ValueError("timeout must be a duration such as 10s")
+        try:
+            result = parse_duration(value)
+        except DurationError as exc:
+            raise ValueError(str(exc)) from None
+        if result > timedelta(minutes=10):
+            raise ValueError("timeout must be at most 10m")
+        return result
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key, value in env.items():
+            if not _ENV_KEY.fullmatch(key):
+                raise ValueError("env names must be letters, digits and _")
+            # The hook environment is fixed on purpose; loader variables and the per-call
+            # variables cannot be set from configuration either.
+            if key.startswith("LD_") or key in _RESERVED_ENV:
+                raise ValueError("env must not set LD_* or JITMESH_SUBJECT/JITMESH_ACTION")
+            if "\0" in value or len(value) > 4096:
+                raise ValueError("env values must be under 4096 characters, without NUL")
+        return env
+
+
+class FileEnforcerConfig(_Frozen):
+    kind: Literal["file"] = "file"
+    directory: Path
+
+
+class ExecEnforcerConfig(_Frozen):
+    kind: Literal["exec"] = "exec"
+    path: Path
+    hooks: ExecHooksConfig
+
+
+EnforcerConfig = Annotated[FileEnforcerConfig | ExecEnforcerConfig, Field(discriminator="kind")]
+
+
+class AgentConfig(_Frozen):
+    coordinator: str = Field(min_length=1, max_length=255, pattern=r"^[^\s]+$")
+    name: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    join_token: SecretStr | None = None
+    state_dir: Path
+    enforcers: tuple[EnforcerConfig, ...] = ()
+    backoff_base: float = Field(default=1.0, ge=0, le=3600)
+    backoff_cap: float = Field(default=60.0, ge=0, le=3600)
+    backoff_reset_after: float = Field(default=30.0, ge=0, le=3600)
+    # Used when the coordinator's Welcome names no heartbeat interval.
+    heartbeat: float = Field(default=10.0, gt=0, le=3600)
+    keepalive_time: float = Field(default=30.0, gt=0, le=3600)
+    keepalive_timeout: float = Field(default=10.0, gt=0, le=3600)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        try:
+            return validation.check(validation.AGENT, value, "name")
+        except validation.ValidationError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        try:
+            return validation.check_labels(value)
+        except validation.ValidationError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("join_token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            return None
+        return value
+
+
+def parse_exec_hooks(text: str) -> ExecHooksConfig:
+    """Parse an exec enforcer's YAML (YAML 1.2: `NO` stays a string, `12:30` is not a number)."""
+    from pydantic import ValidationError
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        data = YAML(typ="safe", pure=True).load(text)
+    except YAMLError:
+        raise ConfigError("exec hooks file is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError("exec hooks file must be a mapping (apply, remove, observe, ...)")
+    try:
+        return ExecHooksConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"exec hooks file: {describe(exc)}") from None
+
+
+def load_exec_hooks(path: Path) -> ExecHooksConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read exec hooks file ({exc.strerror})") from None
+    return parse_exec_hooks(text)
+
+
+def parse_enforcer(spec: str) -> EnforcerConfig:
+    """`file:DIR` or `exec:FILE` (the exec hooks file is read and validated here)."""
+    kind, sep, where = spec.partition(":")
+    if not sep or not where:
+        raise ConfigError("enforcer must be file:DIR or exec:FILE")
+    if kind == "file":
+        return FileEnforcerConfig(directory=Path(where))
+    if kind == "exec":
+        return ExecEnforcerConfig(path=Path(where), hooks=load_exec_hooks(Path(where)))
+    raise ConfigError("enforcer must be file:DIR or exec:FILE")
+
+
+def describe(exc: Any) -> str:
+    """A pydantic ValidationError as `field: problem; ...`, without the offending input."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "value"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)

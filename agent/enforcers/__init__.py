@@ -1,0 +1,1 @@
+"""Enforcers: the only code with side effects on the host."""

@@ -1,0 +1,78 @@
+"""The enforcer interface, and the ordered set of enforcers an agent runs.
+
+An enforcer puts one (subject, action) pair in force on the host or takes it away. `apply` and
+`remove` are idempotent: applying a pair that is in force, or removing one that is not, succeeds
+and changes nothing. `observe` reports the pairs the enforcer sees in force, for the start-up
+reconcile. Failures raise `EnforcerError` (agent.domain.errors) and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+from agent.domain.errors import ApplyFailed, EnforcerError
+from agent.domain.leases import Pair
+
+log = logging.getLogger(__name__)
+
+
+class Enforcer(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    async def apply(self, subject: str, action: str) -> None: ...
+
+    async def remove(self, subject: str, action: str) -> None: ...
+
+    async def observe(self) -> set[Pair]: ...
+
+
+class EnforcerSet:
+    """All configured enforcers, applied in order, all or nothing."""
+
+    def __init__(self, enforcers: Sequence[Enforcer]) -> None:
+        self.enforcers = tuple(enforcers)
+
+    async def apply(self, pair: Pair) -> None:
+        """Apply `pair` with every enforcer. If one fails, the ones that ran (the failing one
+        too: it may have got halfway) are removed again and `ApplyFailed` is raised."""
+        ran: list[Enforcer] = []
+        for enforcer in self.enforcers:
+            ran.append(enforcer)
+            try:
+                await enforcer.apply(*pair)
+            except EnforcerError as exc:
+                rolled_back = await self._undo(ran, pair)
+                raise ApplyFailed(exc, rolled_back=rolled_back) from exc
+
+    async def remove(self, pair: Pair) -> None:
+        """Remove `pair` with every enforcer, last first. Every enforcer is tried even when an
+        earlier one fails (take away as much access as possible); then the first error is raised."""
+        errors = await self._remove_each(self.enforcers, pair)
+        if errors:
+            raise errors[0]
+
+    async def _undo(self, ran: Sequence[Enforcer], pair: Pair) -> bool:
+        errors = await self._remove_each(ran, pair)
+        return not errors
+
+    @staticmethod
+    async def _remove_each(enforcers: Sequence[Enforcer], pair: Pair) -> list[EnforcerError]:
+        errors: list[EnforcerError] = []
+        for enforcer in reversed(enforcers):
+            try:
+                await enforcer.remove(*pair)
+            except EnforcerError as exc:
+                log.warning(
+                    "remove failed",
+                    extra={
+                        "enforcer": enforcer.name,
+                        "subject": pair[0],
+                        "action": pair[1],
+                        "error": str(exc),
+                    },
+                )
+                errors.append(exc)
+        return errors

@@ -1,0 +1,152 @@
+"""The `exec` enforcer: runs configured argv hooks to apply, remove and observe access.
+
+Never a shell: each argv element gets `{subject}` and `{action}` substituted (values already
+checked against the shared SUBJECT and ACTION shapes) and the result is executed directly. The
+environment is fixed (nothing is inherited from the agent: no LD_PRELOAD, no secrets of the
+agent's own environment). Each hook runs in its own session with a timeout; on timeout or
+cancellation its whole process group is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from agent.domain.errors import EnforcerError, HookFailed, HookTimeout
+from agent.domain.leases import Pair
+from jitmesh import validation
+
+log = logging.getLogger(__name__)
+
+FIXED_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+TAIL_CHARS = 160
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    apply: tuple[str, ...]
+    remove: tuple[str, ...]
+    observe: tuple[str, ...] | None = None
+    timeout: timedelta = timedelta(seconds=10)
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+class ExecEnforcer:
+    def __init__(self, hooks: Hooks, *, name: str = "exec") -> None:
+        self._hooks = hooks
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def apply(self, subject: str, action: str) -> None:
+        await self._run("apply", self._hooks.apply, (subject, action))
+
+    async def remove(self, subject: str, action: str) -> None:
+        await self._run("remove", self._hooks.remove, (subject, action))
+
+    async def observe(self) -> set[Pair]:
+        """Pairs the observe hook prints, one `subject action` per line.
+
+        Without an observe hook nothing can be seen: the start-up reconcile then applies every
+        pair the table holds again (apply is idempotent) and cannot find access it did not grant.
+        """
+        if self._hooks.observe is None:
+            return set()
+        out = await self._run("observe", self._hooks.observe, None)
+        found: set[Pair] = set()
+        skipped = 0
+        for line in out.decode("utf-8", "replace").splitlines():
+            parts = line.split()
+            if not parts:
+                continue
+            if (
+                len(parts) == 2
+                and validation.SUBJECT.fullmatch(parts[0])
+                and validation.ACTION.fullmatch(parts[1])
+            ):
+                found.add((parts[0], parts[1]))
+            else:
+                skipped += 1
+        if skipped:
+            log.warning(
+                "observe hook printed lines that are not pairs",
+                extra={"enforcer": self._name, "count": skipped},
+            )
+        return found
+
+    async def _run(self, phase: str, template: tuple[str, ...], pair: Pair | None) -> bytes:
+        env = {**FIXED_ENV, **self._hooks.env}
+        argv = list(template)
+        if pair is not None:
+            subject, action = _checked(pair)
+            argv = [a.replace("{subject}", subject).replace("{action}", action) for a in argv]
+            env["JITMESH_SUBJECT"] = subject
+            env["JITMESH_ACTION"] = action
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise EnforcerError(
+                f"{self._name} enforcer: {phase} hook could not start ({exc.strerror})"
+            ) from None
+        try:
+            async with asyncio.timeout(self._hooks.timeout.total_seconds()):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            _kill_group(proc.pid)
+            await proc.wait()
+            raise HookTimeout(
+                f"{self._name} enforcer: {phase} hook timed out after "
+                f"{self._hooks.timeout.total_seconds():g}s and was killed"
+            ) from None
+        except BaseException:
+            # Cancelled (the agent is stopping): leave no hook behind, and reap it.
+            _kill_group(proc.pid)
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise HookFailed(
+                f"{self._name} enforcer: {phase} hook exited with code {proc.returncode}",
+                exit_code=proc.returncode if proc.returncode is not None else -1,
+                tail=self._tail(err),
+            )
+        return out
+
+    def _tail(self, stderr: bytes) -> str:
+        text = stderr.decode("utf-8", "replace")
+        # Configured values may be secrets (tokens for the hook): never pass them on.
+        for value in self._hooks.env.values():
+            if len(value) >= 4:
+                text = text.replace(value, "***")
+        text = "".join(c if c.isprintable() else " " for c in text).strip()
+        return text[-TAIL_CHARS:]
+
+
+def _checked(pair: Pair) -> Pair:
+    try:
+        validation.check(validation.SUBJECT, pair[0], "subject")
+        validation.check(validation.ACTION, pair[1], "action")
+    except validation.ValidationError as exc:
+        raise EnforcerError(f"exec enforcer: {exc}") from None
+    return pair
+
+
+def _kill_group(pgid: int) -> None:
+    # The hook leads its own session, so its process group id is its pid; killing the group
+    # takes any children it started with it.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)

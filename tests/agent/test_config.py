@@ -1,0 +1,118 @@
+"""Configuration validated at the edge: exec hooks YAML, enforcer specs, agent settings."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from agent.config import (
+    AgentConfig,
+    ExecEnforcerConfig,
+    FileEnforcerConfig,
+    describe,
+    parse_enforcer,
+    parse_exec_hooks,
+)
+from agent.domain.errors import ConfigError
+
+GOOD = """\
+apply: [/usr/local/bin/grant, "{subject}", "{action}"]
+remove: [/usr/local/bin/revoke, "{subject}", "{action}"]
+observe: [/usr/local/bin/list]
+timeout: 1m30s
+env:
+  MODE: NO
+  AT: 12:30
+"""
+
+
+def test_exec_hooks_parse_as_yaml_1_2() -> None:
+    hooks = parse_exec_hooks(GOOD)
+    assert hooks.apply == ("/usr/local/bin/grant", "{subject}", "{action}")
+    assert hooks.observe == ("/usr/local/bin/list",)
+    assert hooks.timeout == timedelta(seconds=90)
+    # YAML 1.1 would have made these false and 750.
+    assert hooks.env == {"MODE": "NO", "AT": "12:30"}
+
+
+def test_exec_hooks_defaults_and_numeric_timeout() -> None:
+    hooks = parse_exec_hooks("apply: [/bin/true]\nremove: [/bin/true]\ntimeout: 2.5\n")
+    assert hooks.timeout == timedelta(seconds=2.5)
+    assert hooks.observe is None
+    assert hooks.env == {}
+    assert parse_exec_hooks("apply: [/bin/true]\nremove: [/bin/true]\n").timeout == timedelta(
+        seconds=10
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("apply: [/bin/true]\n", "remove"),
+        ("apply: []\nremove: [/bin/true]\n", "apply"),
+        ("apply: ['']\nremove: [/bin/true]\n", "must not be empty"),
+        ("apply: [/bin/true]\nremove: [/bin/true]\nobserve: [/bin/ls, '{subject}']\n", "observe"),
+        ("apply: [/bin/true]\nremove: [/bin/true]\nenv: {LD_PRELOAD: /x.so}\n", "LD_"),
+        ("apply: [/bin/true]\nremove: [/bin/true]\nenv: {JITMESH_SUBJECT: x}\n", "JITMESH"),
+        ("apply: [/bin/true]\nremove: [/bin/true]\nenv: {'A B': x}\n", "env names"),
+        ("apply: [/bin/true]\nremove: [/bin/true]\ntimeout: forever\n", "timeout"),
+        ("apply: [/bin/true]\nremove: [/bin/true]\ntimeout: 1h\n", "at most 10m"),
+        ("apply: [/bin/true]\nremove: [/bin/true]\nshell: yes\n", "shell"),
+        ("- just\n- a list\n", "mapping"),
+        ("apply: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_exec_hooks_are_refused_clearly(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        parse_exec_hooks(text)
+
+
+def test_hook_errors_do_not_echo_values() -> None:
+    text = "apply: [/bin/true]\nremove: [/bin/true]\nenv: {LD_AUDIT: topsecret-canary}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_exec_hooks(text)
+    assert "topsecret-canary" not in str(caught.value)
+
+
+def test_enforcer_specs(tmp_path: Path) -> None:
+    hooks = tmp_path / "hooks.yaml"
+    hooks.write_text(GOOD)
+    assert parse_enforcer(f"file:{tmp_path}") == FileEnforcerConfig(directory=tmp_path)
+    spec = parse_enforcer(f"exec:{hooks}")
+    assert isinstance(spec, ExecEnforcerConfig)
+    assert spec.hooks.timeout == timedelta(seconds=90)
+    with pytest.raises(ConfigError, match="file:DIR or exec:FILE"):
+        parse_enforcer("sudoers:/etc/sudoers.d")
+    with pytest.raises(ConfigError, match="file:DIR or exec:FILE"):
+        parse_enforcer("file:")
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse_enforcer(f"exec:{tmp_path / 'missing.yaml'}")
+
+
+def test_agent_config_validates_names_and_labels(tmp_path: Path) -> None:
+    config = AgentConfig(
+        coordinator="127.0.0.1:7443",
+        name="web-1",
+        labels={"env": "prod"},
+        join_token="jmj_secret",
+        state_dir=tmp_path,
+    )
+    assert config.join_token is not None
+    assert "jmj_secret" not in repr(config)
+    with pytest.raises(ValidationError) as caught:
+        AgentConfig(coordinator="x:1", name="Web_1 <script>", state_dir=tmp_path)
+    message = describe(caught.value)
+    assert message.startswith("name: ")
+    assert "<script>" not in message
+    with pytest.raises(ValidationError, match="labels"):
+        AgentConfig(coordinator="x:1", name="web-1", labels={"Bad Key": "v"}, state_dir=tmp_path)
+    with pytest.raises(ValidationError, match="coordinator"):
+        AgentConfig(coordinator="has space:1", name="web-1", state_dir=tmp_path)
+
+
+def test_blank_join_token_counts_as_none(tmp_path: Path) -> None:
+    config = AgentConfig(coordinator="x:1", name="web-1", join_token="  ", state_dir=tmp_path)
+    assert config.join_token is None
