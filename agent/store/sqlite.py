@@ -63,8 +63,12 @@ class SqliteLeaseStore:
         return cls(db, lock_fd)
 
     def close(self) -> None:
+        """Idempotent: the lock's file descriptor is closed once, never a reused number."""
+        if self._lock_fd < 0:
+            return
         self._db.close()
         os.close(self._lock_fd)
+        self._lock_fd = -1
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

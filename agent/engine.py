@@ -1,0 +1,511 @@
+"""The agent's core: applies commands, starts and ends leases on time, reconciles the host.
+
+Every change to the lease table and the host goes through here, one at a time (one lock): command
+handling, the expiry sweep and the start-up reconcile. For each command: validate, persist (one
+transaction), enforce (reference-counted), then answer with the ack. The table is the truth; the
+expiry loop's timers are derived from it on every pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from agent.domain import commands, expiry
+from agent.domain.commands import (
+    Ack,
+    AckStatus,
+    AlreadyEnded,
+    Bury,
+    CommandSpec,
+    GrantSpec,
+    Keep,
+    Refuse,
+    RevokeSpec,
+    SnapshotSpec,
+)
+from agent.domain.coverage import held_pairs, pair_changes, reconcile
+from agent.domain.errors import ApplyFailed, EnforcerError
+from agent.domain.leases import EventKind, Lease, OutboxEvent, Pair, new_event
+from agent.domain.timekeeping import FailClosedTime, spread
+from agent.enforcers.base import EnforcerSet
+from agent.store.base import LeaseStore
+from jitmesh.clock import Clock
+
+log = logging.getLogger(__name__)
+
+# The expiry loop wakes at least this often, so a wall clock that jumps forward is noticed soon
+# (the monotonic clock it otherwise sleeps on cannot see such a jump).
+MAX_NAP = 1.0
+# How often the loop persists the wall time reached (the floor after a restart).
+WALL_NOTE_EVERY = timedelta(seconds=10)
+# Retrying removals that failed: exponential from RETRY_BASE to RETRY_CAP, +-50 %.
+RETRY_BASE = 1.0
+RETRY_CAP = 60.0
+MAX_REASON = 256
+
+
+@dataclass(frozen=True, slots=True)
+class HelloState:
+    last_applied_seq: int
+    epoch: int
+    active_grant_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Failures:
+    apply: dict[Pair, str]
+    remove: dict[Pair, str]
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        name: str,
+        store: LeaseStore,
+        enforcers: EnforcerSet,
+        clock: Clock,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.name = name
+        self._store = store
+        self._enforcers = enforcers
+        self._clock = clock
+        self._rand = rand
+        # Set when the outbox gains events or loses acknowledged ones (the link's sender waits).
+        self.outbox_changed = asyncio.Event()
+        self._leases_changed = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._time: FailClosedTime | None = None
+        self._connected = False
+        self._offline_since: datetime | None = None
+        self._last_applied_seq = 0
+        self._epoch = 0
+        # Pairs whose removal failed after their lease row had already ended (revoke, snapshot,
+        # a failed rollback): retried by the sweep until they succeed. Value: the grant id or "".
+        self._pending_removals: dict[Pair, str] = {}
+        self._retry_attempt = 0
+        self._wall_noted_at: datetime | None = None
+
+    def now(self) -> datetime:
+        if self._time is None:
+            raise RuntimeError("the engine has not started")
+        return self._time.now(wall=self._clock.now(), mono=self._clock.monotonic())
+
+    # Start-up and shutdown.
+
+    async def start(self) -> None:
+        """Before connecting: end what expired while the agent was down, then reconcile the
+        enforcers with the table."""
+        meta = await self._store.meta()
+        wall = self._clock.now()
+        if meta.last_wall_at is not None and meta.last_wall_at > wall:
+            log.warning("wall clock is behind the last time seen; using the later time")
+        self._time = FailClosedTime(
+            wall=wall, mono=self._clock.monotonic(), floor=meta.last_wall_at
+        )
+        self._last_applied_seq = meta.last_applied_seq
+        self._epoch = meta.epoch
+        # Until the link reaches the coordinator, it has been out of reach since the last contact.
+        self._offline_since = meta.last_contact_at
+        async with self._lock:
+            await self._sweep(while_down=True)
+            await self._reconcile()
+
+    async def checkpoint(self) -> None:
+        """Persist the time reached (and the contact, if connected), e.g. before stopping."""
+        now = self.now()
+        await self._store.note_wall(now)
+        if self._connected:
+            await self._store.note_contact(now)
+
+    # The link's view.
+
+    async def hello_state(self) -> HelloState:
+        active = await self._store.active_leases()
+        return HelloState(
+            self._last_applied_seq, self._epoch, tuple(lease.grant_id for lease in active)
+        )
+
+    async def note_epoch(self, epoch: int) -> None:
+        if epoch > self._epoch:
+            self._epoch = epoch
+            await self._store.note_epoch(epoch)
+
+    async def coordinator_reached(self) -> None:
+        self._connected = True
+        self._offline_since = None
+        await self._store.note_contact(self.now())
+        self._leases_changed.set()
+
+    async def coordinator_alive(self) -> None:
+        if self._connected:
+            await self._store.note_contact(self.now())
+
+    async def coordinator_lost(self) -> None:
+        if not self._connected:
+            return
+        now = self.now()
+        self._connected = False
+        self._offline_since = now
+        await self._store.note_contact(now)
+        # revoke_after leases now have an earlier deadline.
+        self._leases_changed.set()
+
+    async def pending_events(self, limit: int) -> list[OutboxEvent]:
+        return await self._store.pending_events(limit)
+
+    async def events_delivered(self, event_ids: Iterable[str]) -> None:
+        if await self._store.delete_events(event_ids):
+            self.outbox_changed.set()
+
+    # Commands.
+
+    async def handle(self, command: CommandSpec) -> Ack:
+        async with self._lock:
+            ack = commands.screen(
+                command, own_name=self.name, last_applied_seq=self._last_applied_seq
+            )
+            if ack is None:
+                now = self.now()
+                kind = command.kind
+                if isinstance(kind, GrantSpec):
+                    ack = await self._grant(command, kind, now)
+                elif isinstance(kind, RevokeSpec):
+                    ack = await self._revoke(command, kind, now)
+                else:
+                    ack = await self._snapshot(command, kind, now)
+        log.info(
+            "command handled",
+            extra={
+                "seq": ack.seq,
+                "status": ack.status.value,
+                "grant_id": ack.grant_id,
+                "reason": ack.reason,
+            },
+        )
+        self._leases_changed.set()
+        return ack
+
+    async def _record(self, command: CommandSpec, writes: Sequence[Lease]) -> None:
+        await self._store.record_command(seq=command.seq, epoch=command.epoch, writes=writes)
+        self._last_applied_seq = command.seq
+        self._epoch = max(self._epoch, command.epoch)
+
+    async def _grant(self, command: CommandSpec, spec: GrantSpec, now: datetime) -> Ack:
+        seq, grant_id = command.seq, spec.grant_id
+        decision = commands.decide_grant(spec, await self._store.lease(grant_id), seq=seq, now=now)
+        if isinstance(decision, Refuse):
+            await self._record(command, ())
+            return Ack(seq, AckStatus.REJECTED, decision.reason, grant_id)
+        if isinstance(decision, Keep):
+            await self._record(command, ())
+            return Ack(seq, AckStatus.APPLIED, "already applied", grant_id)
+        lease = decision.lease
+        holding = await self._holding()
+        await self._record(command, (lease,))
+        if not decision.new:
+            return Ack(seq, AckStatus.APPLIED, "updated", grant_id)
+        if not lease.allows(now):
+            # not_before lies ahead: the expiry loop starts it on time.
+            return Ack(seq, AckStatus.APPLIED, "scheduled", grant_id)
+        failures = await self._enforce(holding, starting=[lease])
+        reason = failures.apply.get(lease.pair)
+        if reason is not None:
+            await self._store.mark_failed(grant_id, now, reason)
+            return Ack(seq, AckStatus.FAILED, reason, grant_id)
+        await self._store.mark_applied(grant_id, now)
+        log.info("grant applied", extra=_lease_fields(lease))
+        return Ack(seq, AckStatus.APPLIED, "", grant_id)
+
+    async def _revoke(self, command: CommandSpec, spec: RevokeSpec, now: datetime) -> Ack:
+        seq, grant_id = command.seq, spec.grant_id
+        decision = commands.decide_revoke(spec, await self._store.lease(grant_id), seq=seq, now=now)
+        if isinstance(decision, Bury):
+            await self._record(command, (decision.row,))
+            return Ack(seq, AckStatus.APPLIED, "unknown grant: tombstone kept", grant_id)
+        if isinstance(decision, AlreadyEnded):
+            await self._record(command, ())
+            return Ack(seq, AckStatus.APPLIED, decision.reason, grant_id)
+        holding = await self._holding()
+        await self._record(command, (decision.after,))
+        failures = await self._enforce(holding, ending=[decision.before])
+        pair = decision.before.pair
+        if pair in failures.remove:
+            self._pending_removals[pair] = grant_id
+            return Ack(
+                seq, AckStatus.FAILED, _cut(f"remove failed: {failures.remove[pair]}"), grant_id
+            )
+        log.info("grant revoked", extra=_lease_fields(decision.before))
+        return Ack(seq, AckStatus.APPLIED, "", grant_id)
+
+    async def _snapshot(self, command: CommandSpec, spec: SnapshotSpec, now: datetime) -> Ack:
+        active = await self._store.active_leases()
+        named = {grant.grant_id for grant in spec.grants} | set(spec.tombstones)
+        known = await self._store.leases(named)
+        known.update({lease.grant_id: lease for lease in active})
+        plan = commands.plan_snapshot(spec, known, active, seq=command.seq, now=now)
+        await self._record(command, plan.writes)
+        starting = [lease for lease in plan.starting if lease.allows(now)]
+        failures = await self._enforce(
+            [lease for lease in active if lease.holds], starting=starting, ending=plan.ending
+        )
+        failed: list[str] = []
+        for lease in starting:
+            reason = failures.apply.get(lease.pair)
+            if reason is None:
+                await self._store.mark_applied(lease.grant_id, now)
+            else:
+                failed.append(lease.grant_id)
+                await self._store.mark_failed(lease.grant_id, now, reason)
+        for lease in plan.ending:
+            if lease.pair in failures.remove:
+                self._pending_removals[lease.pair] = lease.grant_id
+        summary = (
+            f"held {plan.kept + len(plan.starting) - len(failed)}, ended {len(plan.ending)}, "
+            f"refused {len(plan.refused)}"
+        )
+        if failed or failures.remove:
+            problems = [*failures.apply.values(), *failures.remove.values()]
+            return Ack(command.seq, AckStatus.FAILED, _cut(f"{summary}; {problems[0]}"))
+        return Ack(command.seq, AckStatus.APPLIED, summary)
+
+    # Expiry.
+
+    async def run(self) -> None:
+        """The expiry loop: sweep, then sleep until the next deadline or a change of leases."""
+        while True:
+            self._leases_changed.clear()
+            delay = await self.sweep()
+            await _sleep_or_wake(self._clock, delay, self._leases_changed)
+
+    async def sweep(self) -> float:
+        """Start and end what is due; returns the seconds until the next sweep is needed."""
+        async with self._lock:
+            return await self._sweep(while_down=False)
+
+    async def _sweep(self, *, while_down: bool) -> float:
+        now = self.now()
+        active = await self._store.active_leases()
+        due = expiry.due(active, now, self._offline_since)
+        ending = [lease for lease, _ in due.ends]
+        failures = await self._enforce(
+            [lease for lease in active if lease.holds], starting=due.starts, ending=ending
+        )
+        events = False
+        for lease in due.starts:
+            reason = failures.apply.get(lease.pair)
+            if reason is None:
+                event = new_event(EventKind.GRANT_APPLIED, at=now, lease=lease)
+                events |= await self._store.mark_applied(lease.grant_id, now, event)
+                log.info("scheduled grant applied", extra=_lease_fields(lease))
+            else:
+                event = new_event(
+                    EventKind.GRANT_APPLY_FAILED, at=now, lease=lease, details={"reason": reason}
+                )
+                events |= await self._store.mark_failed(lease.grant_id, now, reason, event)
+        stuck: set[str] = set()
+        for lease, cause in due.ends:
+            if lease.holds and lease.pair in failures.remove:
+                # Still in force: the lease stays active (and due) until removal succeeds.
+                stuck.add(lease.grant_id)
+                continue
+            events |= await self._store.end_lease(
+                lease.ended(at=now, reason=cause.value), _end_event(lease, cause, now, while_down)
+            )
+            log.info(
+                "grant expired" if cause is expiry.EndCause.EXPIRED else "grant ended offline",
+                extra=_lease_fields(lease),
+            )
+        retried_ok, retried_events = await self._retry_removals(now)
+        if events or retried_events:
+            self.outbox_changed.set()
+        if self._wall_noted_at is None or now - self._wall_noted_at >= WALL_NOTE_EVERY:
+            await self._store.note_wall(now)
+            self._wall_noted_at = now
+
+        active = await self._store.active_leases()
+        remaining = [lease for lease in active if lease.grant_id not in stuck]
+        wake = expiry.next_wakeup(remaining, self._offline_since)
+        delay = MAX_NAP if wake is None else min(MAX_NAP, (wake - now).total_seconds())
+        if stuck or not retried_ok:
+            # Removals keep failing: try again after a growing, jittered delay (not in a spin).
+            retry = RETRY_BASE * 2.0 ** min(self._retry_attempt, 16)
+            delay = min(delay, spread(min(RETRY_CAP, retry), rand=self._rand()))
+            self._retry_attempt += 1
+        else:
+            self._retry_attempt = 0
+        return max(0.0, delay)
+
+    async def _retry_removals(self, now: datetime) -> tuple[bool, bool]:
+        """Retry removals that failed before. Returns (all done, events written)."""
+        if not self._pending_removals:
+            return True, False
+        held = held_pairs(await self._store.active_leases())
+        ok, events = True, False
+        for pair, grant_id in sorted(self._pending_removals.items()):
+            if pair in held:
+                # A newer lease holds the pair again: it must stay.
+                del self._pending_removals[pair]
+                continue
+            try:
+                await self._enforcers.remove(pair)
+            except EnforcerError:
+                ok = False
+                continue
+            del self._pending_removals[pair]
+            await self._store.add_event(
+                new_event(
+                    EventKind.GRANT_REMOVED,
+                    at=now,
+                    pair=pair,
+                    grant_id=grant_id,
+                    details={"retried": "true"},
+                )
+            )
+            events = True
+            log.info(
+                "removal succeeded on retry",
+                extra={"grant_id": grant_id, "subject": pair[0], "action": pair[1]},
+            )
+        return ok, events
+
+    # Reconcile.
+
+    async def _reconcile(self) -> None:
+        """Make each enforcer's view match the table: apply what active leases hold but the
+        enforcer does not show; remove what it shows that no active lease holds."""
+        now = self.now()
+        active = await self._store.active_leases()
+        desired = held_pairs(active)
+        broken: dict[Pair, str] = {}
+        events = False
+        for enforcer in self._enforcers.enforcers:
+            try:
+                observed = await enforcer.observe()
+            except EnforcerError as exc:
+                # Cannot see: re-apply everything (idempotent), remove nothing.
+                log.warning("observe failed", extra={"enforcer": enforcer.name, "error": str(exc)})
+                observed = set()
+            plan = reconcile(desired, observed)
+            for subject, action in sorted(plan.apply - broken.keys()):
+                try:
+                    await enforcer.apply(subject, action)
+                except EnforcerError as exc:
+                    broken[(subject, action)] = str(exc)
+                    continue
+                log.info(
+                    "reconcile applied",
+                    extra={"enforcer": enforcer.name, "subject": subject, "action": action},
+                )
+            for subject, action in sorted(plan.remove):
+                try:
+                    await enforcer.remove(subject, action)
+                except EnforcerError:
+                    self._pending_removals[(subject, action)] = ""
+                    continue
+                await self._store.add_event(
+                    new_event(
+                        EventKind.DRIFT_REMOVED,
+                        at=now,
+                        pair=(subject, action),
+                        details={"enforcer": enforcer.name},
+                    )
+                )
+                events = True
+                log.warning(
+                    "reconcile removed access no lease holds",
+                    extra={"enforcer": enforcer.name, "subject": subject, "action": action},
+                )
+        # All or nothing: a pair one enforcer cannot apply is taken away from all of them, and
+        # the leases that held it have failed.
+        for pair, reason in sorted(broken.items()):
+            try:
+                await self._enforcers.remove(pair)
+            except EnforcerError:
+                self._pending_removals[pair] = ""
+            for lease in active:
+                if lease.holds and lease.pair == pair:
+                    event = new_event(
+                        EventKind.GRANT_APPLY_FAILED,
+                        at=now,
+                        lease=lease,
+                        details={"reason": reason, "while": "reconcile"},
+                    )
+                    events |= await self._store.mark_failed(lease.grant_id, now, reason, event)
+        if events:
+            self.outbox_changed.set()
+
+    # Enforcement.
+
+    async def _holding(self) -> list[Lease]:
+        return [lease for lease in await self._store.active_leases() if lease.holds]
+
+    async def _enforce(
+        self,
+        holding: Sequence[Lease],
+        *,
+        starting: Sequence[Lease] = (),
+        ending: Sequence[Lease] = (),
+    ) -> _Failures:
+        """Apply and remove the pairs that starting and ending leases change (ref-counted)."""
+        changes = pair_changes(holding, starting=starting, ending=ending)
+        apply_failed: dict[Pair, str] = {}
+        for pair in sorted(changes.apply):
+            try:
+                await self._enforcers.apply(pair)
+            except EnforcerError as exc:
+                apply_failed[pair] = _cut(str(exc))
+                if isinstance(exc, ApplyFailed) and not exc.rolled_back:
+                    self._pending_removals[pair] = ""
+                log.warning(
+                    "apply failed", extra={"subject": pair[0], "action": pair[1], "error": str(exc)}
+                )
+        if apply_failed:
+            # Leases that failed to start hold nothing: recount before removing.
+            started = [lease for lease in starting if lease.pair not in apply_failed]
+            changes = pair_changes(holding, starting=started, ending=ending)
+        remove_failed: dict[Pair, str] = {}
+        for pair in sorted(changes.remove):
+            try:
+                await self._enforcers.remove(pair)
+            except EnforcerError as exc:
+                remove_failed[pair] = _cut(str(exc))
+        return _Failures(apply_failed, remove_failed)
+
+
+def _end_event(
+    lease: Lease, cause: expiry.EndCause, now: datetime, while_down: bool
+) -> OutboxEvent:
+    details = {"while": "down"} if while_down else {}
+    if cause is expiry.EndCause.OFFLINE:
+        details["reason"] = "offline"
+        return new_event(EventKind.GRANT_REMOVED, at=now, lease=lease, details=details)
+    return new_event(EventKind.GRANT_EXPIRED, at=now, lease=lease, details=details)
+
+
+def _lease_fields(lease: Lease) -> dict[str, str]:
+    return {"grant_id": lease.grant_id, "subject": lease.subject, "action": lease.action}
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
+
+async def _sleep_or_wake(clock: Clock, seconds: float, wake: asyncio.Event) -> None:
+    """Sleep on `clock` (a fake one in tests) until `seconds` pass or `wake` is set."""
+    if wake.is_set():
+        return
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    waiter = asyncio.ensure_future(wake.wait())
+    try:
+        await asyncio.wait((sleeper, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sleeper.cancel()
+        waiter.cancel()
+        await asyncio.gather(sleeper, waiter, return_exceptions=True)

@@ -1,0 +1,349 @@
+"""The engine with a fake clock, a real SQLite store and recording or file enforcers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from agent.domain.commands import AckStatus, RevokeSpec, SnapshotSpec
+from agent.domain.leases import LeaseState
+from agent.enforcers.base import EnforcerSet
+from agent.enforcers.file import FileEnforcer
+from agent.engine import Engine
+from agent.store.sqlite import SqliteLeaseStore
+from jitmesh.clock import FakeClock
+
+from .factories import AGENT, T0, command, gid, grant, revoke_after
+from .fakes import RecordingEnforcer
+
+MIN = timedelta(minutes=1)
+SEC = timedelta(seconds=1)
+PAIR = ("alice", "deploy")
+
+
+@dataclass
+class Rig:
+    engine: Engine
+    store: SqliteLeaseStore
+    clock: FakeClock
+    recorder: RecordingEnforcer
+    files: FileEnforcer
+    state: Path
+
+    async def kinds(self) -> list[tuple[str, str, dict[str, str]]]:
+        return [(e.kind, e.grant_id, dict(e.details)) for e in await self.store.pending_events(100)]
+
+
+def build(state: Path, clock: FakeClock, recorder: RecordingEnforcer) -> Rig:
+    state.mkdir(exist_ok=True)
+    store = SqliteLeaseStore.open(state)
+    files = FileEnforcer(state / "markers", clock=clock)
+    engine = Engine(
+        name=AGENT,
+        store=store,
+        enforcers=EnforcerSet([files, recorder]),
+        clock=clock,
+        rand=lambda: 0.5,
+    )
+    return Rig(engine, store, clock, recorder, files, state)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    made = build(tmp_path / "state", FakeClock(T0), RecordingEnforcer())
+    await made.engine.start()
+    yield made
+    made.store.close()
+
+
+async def restart(rig: Rig) -> Rig:
+    rig.store.close()
+    again = build(rig.state, rig.clock, rig.recorder)
+    await again.engine.start()
+    return again
+
+
+async def test_grant_applies_then_acks(rig: Rig) -> None:
+    spec = grant()
+    ack = await rig.engine.handle(command(1, spec))
+    assert (ack.seq, ack.status, ack.grant_id) == (1, AckStatus.APPLIED, spec.grant_id)
+    assert await rig.files.observe() == {PAIR}
+    stored = await rig.store.lease(spec.grant_id)
+    assert stored is not None
+    assert stored.applied_at == T0
+    assert (await rig.store.meta()).last_applied_seq == 1
+
+
+async def test_duplicate_command_is_reacked_without_a_second_apply(rig: Rig) -> None:
+    spec = grant()
+    await rig.engine.handle(command(1, spec))
+    ack = await rig.engine.handle(command(1, spec))
+    assert (ack.status, ack.reason) == (AckStatus.APPLIED, "duplicate")
+    assert rig.recorder.count("apply", PAIR) == 1
+
+
+async def test_same_grant_under_a_new_sequence_number_is_not_applied_again(rig: Rig) -> None:
+    spec = grant()
+    await rig.engine.handle(command(1, spec))
+    ack = await rig.engine.handle(command(2, spec))
+    assert (ack.status, ack.reason) == (AckStatus.APPLIED, "already applied")
+    assert rig.recorder.count("apply", PAIR) == 1
+    assert (await rig.store.meta()).last_applied_seq == 2
+
+
+async def test_command_for_another_agent_changes_nothing(rig: Rig) -> None:
+    ack = await rig.engine.handle(command(5, grant(), agent="web-2"))
+    assert ack.status is AckStatus.REJECTED
+    assert rig.recorder.calls == []
+    assert (await rig.store.meta()).last_applied_seq == 0
+
+
+async def test_expired_on_arrival_is_rejected_but_consumes_its_number(rig: Rig) -> None:
+    await rig.clock.advance(11 * MIN)
+    ack = await rig.engine.handle(command(1, grant(length=10 * MIN)))
+    assert (ack.status, ack.reason) == (AckStatus.REJECTED, "expired on arrival")
+    assert rig.recorder.calls == []
+    assert (await rig.store.meta()).last_applied_seq == 1
+
+
+async def test_revoke_before_grant_leaves_a_tombstone_that_refuses_the_grant(rig: Rig) -> None:
+    spec = grant()
+    ack = await rig.engine.handle(command(1, RevokeSpec(spec.grant_id)))
+    assert ack.status is AckStatus.APPLIED
+    late = await rig.engine.handle(command(2, spec))
+    assert (late.status, late.reason) == (AckStatus.REJECTED, "tombstoned")
+    assert rig.recorder.calls == []
+    stored = await rig.store.lease(spec.grant_id)
+    assert stored is not None
+    assert stored.state is LeaseState.TOMBSTONE
+
+
+async def test_overlapping_grants_keep_access_until_the_last_one_ends(rig: Rig) -> None:
+    first, second = grant(), grant()
+    await rig.engine.handle(command(1, first))
+    await rig.engine.handle(command(2, second))
+    assert rig.recorder.count("apply", PAIR) == 1
+
+    ack = await rig.engine.handle(command(3, RevokeSpec(first.grant_id)))
+    assert ack.status is AckStatus.APPLIED
+    assert rig.recorder.count("remove", PAIR) == 0
+    assert await rig.files.observe() == {PAIR}
+
+    await rig.engine.handle(command(4, RevokeSpec(second.grant_id)))
+    assert rig.recorder.count("remove", PAIR) == 1
+    assert await rig.files.observe() == set()
+
+
+async def test_revoke_is_idempotent(rig: Rig) -> None:
+    spec = grant()
+    await rig.engine.handle(command(1, spec))
+    await rig.engine.handle(command(2, RevokeSpec(spec.grant_id)))
+    again = await rig.engine.handle(command(3, RevokeSpec(spec.grant_id)))
+    assert (again.status, again.reason) == (AckStatus.APPLIED, "already ended")
+    assert rig.recorder.count("remove", PAIR) == 1
+
+
+async def test_expiry_removes_access_and_reports_it(rig: Rig) -> None:
+    spec = grant(length=10 * MIN)
+    await rig.engine.handle(command(1, spec))
+    await rig.clock.advance(10 * MIN - SEC)
+    await rig.engine.sweep()
+    assert await rig.files.observe() == {PAIR}
+    await rig.clock.advance(SEC)
+    await rig.engine.sweep()
+    assert await rig.files.observe() == set()
+    assert await rig.kinds() == [("grant.expired", spec.grant_id, {})]
+    stored = await rig.store.lease(spec.grant_id)
+    assert stored is not None
+    assert (stored.state, stored.remove_reason) == (LeaseState.REMOVED, "expired")
+
+
+async def test_expiry_of_one_overlapping_lease_keeps_the_pair(rig: Rig) -> None:
+    short, long = grant(length=5 * MIN), grant(length=20 * MIN)
+    await rig.engine.handle(command(1, short))
+    await rig.engine.handle(command(2, long))
+    await rig.clock.advance(6 * MIN)
+    await rig.engine.sweep()
+    assert await rig.files.observe() == {PAIR}
+    assert rig.recorder.count("remove", PAIR) == 0
+    assert [k for k, _, _ in await rig.kinds()] == ["grant.expired"]
+
+
+async def test_wall_clock_set_back_never_extends_a_grant(rig: Rig) -> None:
+    spec = grant(length=10 * MIN)
+    await rig.engine.handle(command(1, spec))
+    await rig.clock.jump_wall(-timedelta(hours=1))
+    await rig.clock.advance(10 * MIN)
+    await rig.engine.sweep()
+    assert await rig.files.observe() == set()
+
+
+async def test_wall_clock_jump_forward_ends_grants_early(rig: Rig) -> None:
+    await rig.engine.handle(command(1, grant(length=10 * MIN)))
+    await rig.clock.jump_wall(timedelta(hours=1))
+    await rig.engine.sweep()
+    assert await rig.files.observe() == set()
+
+
+async def test_scheduled_grant_starts_at_not_before(rig: Rig) -> None:
+    spec = grant(start=2 * MIN, length=5 * MIN)
+    ack = await rig.engine.handle(command(1, spec))
+    assert (ack.status, ack.reason) == (AckStatus.APPLIED, "scheduled")
+    assert rig.recorder.calls == []
+    delay = await rig.engine.sweep()
+    assert delay == 1.0  # naps at most a second, the start is two minutes away
+    await rig.clock.advance(2 * MIN)
+    await rig.engine.sweep()
+    assert await rig.files.observe() == {PAIR}
+    assert await rig.kinds() == [("grant.applied", spec.grant_id, {})]
+
+
+async def test_failed_apply_is_acked_failed_and_rolled_back(rig: Rig) -> None:
+    rig.recorder.fail_apply.add(PAIR)
+    spec = grant()
+    ack = await rig.engine.handle(command(1, spec))
+    assert ack.status is AckStatus.FAILED
+    assert "apply refused" in ack.reason
+    assert await rig.files.observe() == set()  # the file enforcer was rolled back
+    stored = await rig.store.lease(spec.grant_id)
+    assert stored is not None
+    assert stored.state is LeaseState.FAILED
+    assert (await rig.store.meta()).last_applied_seq == 1
+
+
+async def test_failed_removal_at_expiry_is_retried_until_it_works(rig: Rig) -> None:
+    spec = grant(length=MIN)
+    await rig.engine.handle(command(1, spec))
+    rig.recorder.fail_remove.add(PAIR)
+    await rig.clock.advance(MIN)
+    delay = await rig.engine.sweep()
+    # The lease stays active (access may still be in force) and nothing is reported yet.
+    assert 0 < delay <= 1.0
+    stored = await rig.store.lease(spec.grant_id)
+    assert stored is not None
+    assert stored.state is LeaseState.ACTIVE
+    assert await rig.kinds() == []
+
+    rig.recorder.fail_remove.clear()
+    await rig.clock.advance(timedelta(seconds=delay))
+    await rig.engine.sweep()
+    assert rig.recorder.in_force == set()
+    assert [k for k, _, _ in await rig.kinds()] == ["grant.expired"]
+
+
+async def test_failed_removal_on_revoke_is_acked_failed_and_retried(rig: Rig) -> None:
+    spec = grant()
+    await rig.engine.handle(command(1, spec))
+    rig.recorder.fail_remove.add(PAIR)
+    ack = await rig.engine.handle(command(2, RevokeSpec(spec.grant_id)))
+    assert ack.status is AckStatus.FAILED
+    assert ack.reason.startswith("remove failed")
+    rig.recorder.fail_remove.clear()
+    await rig.clock.advance(SEC)
+    await rig.engine.sweep()
+    assert rig.recorder.in_force == set()
+    assert await rig.kinds() == [("grant.removed", spec.grant_id, {"retried": "true"})]
+
+
+async def test_snapshot_replaces_the_set(rig: Rig) -> None:
+    keep, drop = grant("alice", "deploy"), grant("bob", "ssh")
+    await rig.engine.handle(command(5, keep))
+    await rig.engine.handle(command(6, drop))
+    new = grant("carol", "deploy")
+    buried = gid()
+    ack = await rig.engine.handle(
+        command(3, SnapshotSpec(grants=(keep, new), tombstones=(buried,)))
+    )
+    assert ack.status is AckStatus.APPLIED
+    assert ack.reason == "held 2, ended 1, refused 0"
+    assert await rig.files.observe() == {("alice", "deploy"), ("carol", "deploy")}
+    assert (await rig.store.meta()).last_applied_seq == 3
+    stored = await rig.store.lease(buried)
+    assert stored is not None
+    assert stored.state is LeaseState.TOMBSTONE
+    # After the snapshot, numbering continues from it: 4 is new, not a duplicate.
+    ack = await rig.engine.handle(command(4, RevokeSpec(new.grant_id)))
+    assert (ack.status, ack.reason) == (AckStatus.APPLIED, "")
+
+
+async def test_offline_grace_ends_revoke_after_grants_only(rig: Rig) -> None:
+    strict = grant("alice", "deploy", offline=revoke_after(5 * MIN), length=60 * MIN)
+    lenient = grant("bob", "ssh", length=60 * MIN)
+    await rig.engine.coordinator_reached()
+    await rig.engine.handle(command(1, strict))
+    await rig.engine.handle(command(2, lenient))
+    await rig.clock.advance(10 * MIN)
+    await rig.engine.sweep()
+    assert await rig.files.observe() == {("alice", "deploy"), ("bob", "ssh")}  # still connected
+
+    await rig.engine.coordinator_lost()
+    await rig.clock.advance(5 * MIN - SEC)
+    await rig.engine.sweep()
+    assert ("alice", "deploy") in await rig.files.observe()
+    await rig.clock.advance(SEC)
+    await rig.engine.sweep()
+    assert await rig.files.observe() == {("bob", "ssh")}
+    assert await rig.kinds() == [("grant.removed", strict.grant_id, {"reason": "offline"})]
+
+
+async def test_restart_expires_what_ended_while_down_then_reconciles(rig: Rig) -> None:
+    short, long = grant("alice", "deploy", length=MIN), grant("bob", "ssh", length=60 * MIN)
+    await rig.engine.handle(command(1, short))
+    await rig.engine.handle(command(2, long))
+    rig.store.close()
+    # While down: time passes, someone deletes bob's marker, and someone adds access by hand.
+    await rig.clock.advance(10 * MIN)
+    (rig.state / "markers" / "bob:ssh").unlink()
+    await rig.files.apply("mallory", "root")
+
+    again = build(rig.state, rig.clock, RecordingEnforcer())
+    try:
+        await again.engine.start()
+        assert await again.files.observe() == {("bob", "ssh")}
+        events = await again.kinds()
+        assert ("grant.expired", short.grant_id, {"while": "down"}) in events
+        assert ("drift.removed", "", {"enforcer": "file"}) in events
+        assert len(events) == 2
+        # The recorder (a fresh, empty host view) was given the held pair back.
+        assert again.recorder.in_force == {("bob", "ssh")}
+        assert (await again.store.meta()).last_applied_seq == 2
+    finally:
+        again.store.close()
+
+
+async def test_restart_keeps_time_from_running_backwards(rig: Rig) -> None:
+    spec = grant(length=10 * MIN)
+    await rig.engine.handle(command(1, spec))
+    await rig.clock.advance(9 * MIN)
+    await rig.engine.checkpoint()
+    # The host comes back with its clock an hour slow: the persisted floor still ends the lease
+    # once a minute has passed.
+    await rig.clock.jump_wall(-timedelta(hours=1))
+    again = await restart(rig)
+    try:
+        assert await again.files.observe() == {PAIR}
+        await again.clock.advance(MIN)
+        await again.engine.sweep()
+        assert await again.files.observe() == set()
+    finally:
+        again.store.close()
+
+
+async def test_expiry_loop_wakes_on_time_and_signals_the_outbox(rig: Rig) -> None:
+    spec = grant(length=3 * SEC)
+    await rig.engine.handle(command(1, spec))
+    rig.engine.outbox_changed.clear()
+    async with asyncio.TaskGroup() as tasks:
+        loop = tasks.create_task(rig.engine.run())
+        for _ in range(3):
+            await rig.clock.advance(SEC)
+        async with asyncio.timeout(5):
+            await rig.engine.outbox_changed.wait()
+        loop.cancel()
+    assert await rig.files.observe() == set()
+    assert [k for k, _, _ in await rig.kinds()] == ["grant.expired"]
