@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from agent import app as agent_app
 from agent.config import AgentConfig, FileEnforcerConfig
@@ -62,7 +63,7 @@ class Mesh:
             coordinator=self.address,
             name=name,
             labels={"env": env},
-            join_token=JOIN_TOKEN,  # type: ignore[arg-type]  # pydantic turns str into SecretStr
+            join_token=SecretStr(JOIN_TOKEN),
             state_dir=state,
             enforcers=(FileEnforcerConfig(directory=access),),
             backoff_base=0.05,
