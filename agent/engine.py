@@ -281,8 +281,11 @@ class Engine:
         """The expiry loop: sweep, then sleep until the next deadline or a change of leases."""
         while True:
             self._leases_changed.clear()
+            # The deadline is absolute (taken before the sweep read the time), so time that
+            # passes between the sweep and the start of the sleep is not slept again.
+            started = self._clock.monotonic()
             delay = await self.sweep()
-            await _sleep_or_wake(self._clock, delay, self._leases_changed)
+            await _sleep_or_wake(self._clock, started + delay, self._leases_changed)
 
     async def sweep(self) -> float:
         """Start and end what is due; returns the seconds until the next sweep is needed."""
@@ -497,11 +500,12 @@ def _cut(text: str) -> str:
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
 
 
-async def _sleep_or_wake(clock: Clock, seconds: float, wake: asyncio.Event) -> None:
-    """Sleep on `clock` (a fake one in tests) until `seconds` pass or `wake` is set."""
+async def _sleep_or_wake(clock: Clock, until: float, wake: asyncio.Event) -> None:
+    """Sleep on `clock` (a fake one in tests) until its monotonic time reaches `until`, or
+    until `wake` is set."""
     if wake.is_set():
         return
-    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    sleeper = asyncio.ensure_future(_sleep_until(clock, until))
     waiter = asyncio.ensure_future(wake.wait())
     try:
         await asyncio.wait((sleeper, waiter), return_when=asyncio.FIRST_COMPLETED)
@@ -509,3 +513,8 @@ async def _sleep_or_wake(clock: Clock, seconds: float, wake: asyncio.Event) -> N
         sleeper.cancel()
         waiter.cancel()
         await asyncio.gather(sleeper, waiter, return_exceptions=True)
+
+
+async def _sleep_until(clock: Clock, until: float) -> None:
+    # Read the clock when the sleep starts, not when it was asked for.
+    await clock.sleep(until - clock.monotonic())

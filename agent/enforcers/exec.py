@@ -4,7 +4,8 @@ Never a shell: each argv element gets `{subject}` and `{action}` substituted (va
 checked against the shared SUBJECT and ACTION shapes) and the result is executed directly. The
 environment is fixed (nothing is inherited from the agent: no LD_PRELOAD, no secrets of the
 agent's own environment). Each hook runs in its own session with a timeout; on timeout or
-cancellation its whole process group is killed.
+cancellation its whole process group is killed. What a hook leaves running after it exits
+normally is its own business.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import contextlib
 import logging
 import os
 import signal
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import IO
 
 from agent.domain.errors import EnforcerError, HookFailed, HookTimeout
 from agent.domain.leases import Pair
@@ -26,6 +29,9 @@ log = logging.getLogger(__name__)
 
 FIXED_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 TAIL_CHARS = 160
+TAIL_BYTES = 4096
+# What observe output is read at most (one short line per pair in force).
+MAX_OUTPUT = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,43 +96,60 @@ class ExecEnforcer:
             argv = [a.replace("{subject}", subject).replace("{action}", action) for a in argv]
             env["JITMESH_SUBJECT"] = subject
             env["JITMESH_ACTION"] = action
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise EnforcerError(
-                f"{self._name} enforcer: {phase} hook could not start ({exc.strerror})"
-            ) from None
-        try:
-            async with asyncio.timeout(self._hooks.timeout.total_seconds()):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            _kill_group(proc.pid)
-            await proc.wait()
-            raise HookTimeout(
-                f"{self._name} enforcer: {phase} hook timed out after "
-                f"{self._hooks.timeout.total_seconds():g}s and was killed"
-            ) from None
-        except BaseException:
-            # Cancelled (the agent is stopping): leave no hook behind, and reap it.
-            _kill_group(proc.pid)
-            await proc.wait()
-            raise
+        # Output goes to unlinked temporary files, not pipes: a process the hook leaves behind
+        # cannot hold a pipe open and keep the agent waiting for end-of-file.
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            proc = await self._spawn(phase, argv, env, out, err)
+            try:
+                async with asyncio.timeout(self._hooks.timeout.total_seconds()):
+                    await proc.wait()
+            except TimeoutError:
+                await _kill_group(proc)
+                raise HookTimeout(
+                    f"{self._name} enforcer: {phase} hook timed out after "
+                    f"{self._hooks.timeout.total_seconds():g}s and was killed"
+                ) from None
+            except BaseException:
+                # Cancelled (the agent is stopping): leave no hook behind.
+                await _kill_group(proc)
+                raise
+            stdout = _head(out, MAX_OUTPUT)
+            stderr = _tail(err, TAIL_BYTES)
         if proc.returncode != 0:
             raise HookFailed(
                 f"{self._name} enforcer: {phase} hook exited with code {proc.returncode}",
                 exit_code=proc.returncode if proc.returncode is not None else -1,
-                tail=self._tail(err),
+                tail=self._redacted(stderr),
             )
-        return out
+        return stdout
 
-    def _tail(self, stderr: bytes) -> str:
+    async def _spawn(
+        self, phase: str, argv: list[str], env: dict[str, str], out: IO[bytes], err: IO[bytes]
+    ) -> asyncio.subprocess.Process:
+        starting = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+            )
+        )
+        try:
+            return await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # Cancelled while the hook was starting. asyncio would kill the hook alone, not what
+            # it already started: let the start finish, then kill the whole group.
+            with contextlib.suppress(OSError):
+                await _kill_group(await starting)
+            raise
+        except OSError as exc:
+            raise EnforcerError(
+                f"{self._name} enforcer: {phase} hook could not start ({exc.strerror})"
+            ) from None
+
+    def _redacted(self, stderr: bytes) -> str:
         text = stderr.decode("utf-8", "replace")
         # Configured values may be secrets (tokens for the hook): never pass them on.
         for value in self._hooks.env.values():
@@ -145,8 +168,20 @@ def _checked(pair: Pair) -> Pair:
     return pair
 
 
-def _kill_group(pgid: int) -> None:
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
     # The hook leads its own session, so its process group id is its pid; killing the group
     # takes any children it started with it.
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
+
+
+def _head(file: IO[bytes], limit: int) -> bytes:
+    file.seek(0)
+    return file.read(limit)
+
+
+def _tail(file: IO[bytes], limit: int) -> bytes:
+    size = file.seek(0, os.SEEK_END)
+    file.seek(max(0, size - limit))
+    return file.read(limit)

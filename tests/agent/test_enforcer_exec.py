@@ -141,12 +141,27 @@ async def test_cancelling_a_hook_kills_its_process_group(tmp_path: Path) -> None
         words = (await asyncio.to_thread(fifo.read_text)).split()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await task
+        async with asyncio.timeout(10):
+            await task
     child, leader = (int(word) for word in words)
     await wait_gone(child)
     await wait_gone(leader)
     assert not running(child)
     assert not running(leader)
+
+
+async def test_a_hook_that_leaves_a_process_behind_does_not_block(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    # The leftover keeps the hook's stdout and stderr open; the agent must not wait for them.
+    leave = script(tmp_path, "leave.sh", f'sleep 300 &\necho "$!" > {pids}\necho done\n')
+    enforcer = ExecEnforcer(Hooks(apply=(leave,), remove=(leave,), timeout=timedelta(minutes=5)))
+    try:
+        async with asyncio.timeout(10):
+            await enforcer.apply("alice", "deploy")
+    finally:
+        leftover = int(pids.read_text())
+        os.kill(leftover, 9)
+        await wait_gone(leftover)
 
 
 async def test_hooks_get_a_fixed_environment_and_nothing_inherited(

@@ -1,0 +1,174 @@
+"""Composition root: builds the store, enforcers, engine and link, and runs them.
+
+Start-up order: open and migrate the store; end what expired while the agent was down; reconcile
+the enforcers with the table; only then connect. Everything then runs under one TaskGroup until
+`stop` is set or the task is cancelled; the lease table stays as it is for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import stat
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.config import AgentConfig, ExecEnforcerConfig, FileEnforcerConfig
+from agent.domain.errors import AgentError, EnrollmentError, StateError
+from agent.enforcers.base import Enforcer, EnforcerSet
+from agent.enforcers.exec import ExecEnforcer, Hooks
+from agent.enforcers.file import FileEnforcer
+from agent.engine import Engine
+from agent.rpc.link import Link, LinkSettings
+from agent.store.credential import CredentialFile
+from agent.store.sqlite import SqliteLeaseStore
+from jitmesh.clock import Clock, SystemClock
+
+log = logging.getLogger(__name__)
+
+CREDENTIAL_NAME = "credential"
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+class _Stopped(Exception):
+    pass
+
+
+async def run(
+    config: AgentConfig,
+    *,
+    clock: Clock | None = None,
+    pacing: Clock | None = None,
+    stop: asyncio.Event | None = None,
+    rand: Callable[[], float] = random.random,
+) -> None:
+    """Run the agent until `stop` is set (or the task is cancelled).
+
+    `clock` decides lease time and stamps messages; `pacing` times reconnect backoff and
+    heartbeats (tests give leases a fake clock and the network a real one).
+    """
+    clock = clock or SystemClock()
+    pacing = pacing or clock
+    state_dir = prepare_state_dir(config.state_dir)
+    credentials = CredentialFile(state_dir / CREDENTIAL_NAME)
+    join_token = config.join_token.get_secret_value() if config.join_token else None
+    if credentials.read() is None and not join_token:
+        raise EnrollmentError(
+            "no credential in the state directory and no join token: "
+            "pass --join-token or set JITMESH_JOIN_TOKEN"
+        )
+    store = SqliteLeaseStore.open(state_dir)
+    try:
+        boot_id = read_boot_id()
+        await store.claim(config.name, boot_id)
+        engine = Engine(
+            name=config.name,
+            store=store,
+            enforcers=EnforcerSet(build_enforcers(config, clock)),
+            clock=clock,
+            rand=rand,
+        )
+        await engine.start()
+        link = Link(
+            LinkSettings(
+                target=config.coordinator,
+                name=config.name,
+                labels=dict(config.labels),
+                join_token=join_token,
+                version=agent_version(),
+                boot_id=boot_id,
+                backoff_base=config.backoff_base,
+                backoff_cap=config.backoff_cap,
+                backoff_reset_after=config.backoff_reset_after,
+                heartbeat=config.heartbeat,
+                keepalive_time=config.keepalive_time,
+                keepalive_timeout=config.keepalive_timeout,
+            ),
+            engine=engine,
+            credentials=credentials,
+            clock=clock,
+            pacing=pacing,
+            rand=rand,
+        )
+        log.info("agent started", extra={"state_dir": str(state_dir)})
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(engine.run())
+                tasks.create_task(link.run())
+                if stop is not None:
+                    tasks.create_task(_until(stop))
+        except BaseExceptionGroup as group:
+            _reraise(group)
+        finally:
+            await engine.checkpoint()
+        log.info("agent stopped")
+    finally:
+        store.close()
+
+
+def build_enforcers(config: AgentConfig, clock: Clock) -> list[Enforcer]:
+    enforcers: list[Enforcer] = []
+    for spec in config.enforcers:
+        if isinstance(spec, FileEnforcerConfig):
+            enforcers.append(FileEnforcer(spec.directory, clock=clock))
+        elif isinstance(spec, ExecEnforcerConfig):
+            hooks = Hooks(
+                apply=spec.hooks.apply,
+                remove=spec.hooks.remove,
+                observe=spec.hooks.observe,
+                timeout=spec.hooks.timeout,
+                env=dict(spec.hooks.env),
+            )
+            enforcers.append(ExecEnforcer(hooks, name=f"exec:{spec.path.name}"))
+    if not enforcers:
+        log.warning("no enforcers: leases are tracked and answer `check`, nothing else")
+    return enforcers
+
+
+def prepare_state_dir(path: Path) -> Path:
+    """The state directory holds the credential: create it 0700, tighten it if it is looser."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(path, 0o700)
+    except OSError as exc:
+        raise StateError(f"cannot prepare the state directory ({exc.strerror})") from None
+    return path
+
+
+def read_boot_id() -> str:
+    try:
+        return BOOT_ID.read_text(encoding="ascii").strip()
+    except OSError:
+        # No boot id on this system: a fresh id per start is the safe approximation (the
+        # coordinator then treats every start like a reboot).
+        return f"start-{uuid.uuid4()}"
+
+
+def agent_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jitmesh")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+async def _until(stop: asyncio.Event) -> None:
+    await stop.wait()
+    raise _Stopped()
+
+
+def _reraise(group: BaseExceptionGroup[BaseException]) -> None:
+    """A stop request ends the agent normally; a lone agent error surfaces as itself."""
+    _, rest = group.split(_Stopped)
+    if rest is None:
+        return
+    errors = rest.exceptions
+    if len(errors) == 1 and isinstance(errors[0], AgentError):
+        raise errors[0]
+    raise rest

@@ -1,0 +1,1 @@
+"""The agent's link to the coordinator: the only grpc and protobuf code of the agent."""

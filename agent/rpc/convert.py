@@ -1,0 +1,173 @@
+"""Protobuf to agent domain types and back. Everything from the wire is validated here."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from agent.domain.commands import (
+    Ack,
+    AckStatus,
+    CommandSpec,
+    GrantSpec,
+    RevokeReason,
+    RevokeSpec,
+    SnapshotSpec,
+)
+from agent.domain.errors import MalformedCommand
+from agent.domain.leases import OutboxEvent
+from jitmesh import validation
+from jitmesh.clock import EPOCH, from_ms, to_ms
+from jitmesh.durations import MAX_DURATION
+from jitmesh.types import OfflineMode, OfflinePolicy
+from jitmesh.v1 import agentlink_pb2, types_pb2
+
+# 9999-12-31T23:59:59Z: the last second a datetime can hold.
+_MAX_SECONDS = 253_402_300_799
+
+_ACK_STATUS = {
+    AckStatus.APPLIED: agentlink_pb2.ACK_STATUS_APPLIED,
+    AckStatus.FAILED: agentlink_pb2.ACK_STATUS_FAILED,
+    AckStatus.REJECTED: agentlink_pb2.ACK_STATUS_REJECTED,
+}
+_REVOKE_REASON = {
+    agentlink_pb2.REVOKE_REASON_REVOKED: RevokeReason.REVOKED,
+    agentlink_pb2.REVOKE_REASON_RELEASED: RevokeReason.RELEASED,
+    agentlink_pb2.REVOKE_REASON_EXPIRED: RevokeReason.EXPIRED,
+    agentlink_pb2.REVOKE_REASON_AGENT_REMOVED: RevokeReason.AGENT_REMOVED,
+}
+
+
+def to_timestamp(at: datetime) -> Timestamp:
+    ms = to_ms(at)
+    return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def from_timestamp(ts: Timestamp, field: str) -> datetime:
+    """Timestamp to an aware UTC datetime, truncated to the millisecond (the stored precision)."""
+    if not 0 <= ts.seconds <= _MAX_SECONDS or not 0 <= ts.nanos < 1_000_000_000:
+        raise MalformedCommand(f"{field} is out of range")
+    return from_ms(ts.seconds * 1000 + ts.nanos // 1_000_000)
+
+
+def from_duration(d: Duration, field: str) -> timedelta:
+    if d.seconds < 0 or d.nanos < 0 or d.seconds > MAX_DURATION.total_seconds():
+        raise MalformedCommand(f"{field} is out of range")
+    return timedelta(seconds=d.seconds, microseconds=d.nanos // 1000)
+
+
+def command_from_pb(seq: int, body: agentlink_pb2.CommandBody) -> CommandSpec:
+    kind = body.WhichOneof("kind")
+    spec: GrantSpec | RevokeSpec | SnapshotSpec
+    if kind == "grant":
+        spec = grant_from_pb(body.grant)
+    elif kind == "revoke":
+        spec = RevokeSpec(
+            grant_id=_check(validation.ID, body.revoke.grant_id, "grant_id"),
+            # A revoke is always safe to honour, whatever reason a newer coordinator gives.
+            reason=_REVOKE_REASON.get(body.revoke.reason, RevokeReason.REVOKED),
+        )
+    elif kind == "snapshot":
+        spec = SnapshotSpec(
+            grants=tuple(grant_from_pb(g) for g in body.snapshot.grants),
+            tombstones=tuple(
+                _check(validation.ID, t, "tombstone grant_id") for t in body.snapshot.tombstones
+            ),
+        )
+    else:
+        raise MalformedCommand("command has no kind")
+    return CommandSpec(seq=seq, agent=body.agent, body_seq=body.seq, epoch=body.epoch, kind=spec)
+
+
+def grant_from_pb(g: agentlink_pb2.GrantCommand) -> GrantSpec:
+    if not g.HasField("not_after"):
+        # A grant without an end is refused, never taken as forever.
+        raise MalformedCommand("grant has no not_after")
+    return GrantSpec(
+        grant_id=_check(validation.ID, g.grant_id, "grant_id"),
+        subject=_check(validation.SUBJECT, g.subject, "subject"),
+        action=_check(validation.ACTION, g.action, "action"),
+        # No not_before: valid from the start; not_after still bounds it.
+        not_before=(
+            from_timestamp(g.not_before, "not_before") if g.HasField("not_before") else EPOCH
+        ),
+        not_after=from_timestamp(g.not_after, "not_after"),
+        offline=_offline(g.offline),
+        request_id=_check(validation.ID, g.request_id, "request_id") if g.request_id else "",
+    )
+
+
+def _offline(policy: types_pb2.OfflinePolicy) -> OfflinePolicy:
+    if policy.mode in (types_pb2.OFFLINE_MODE_UNSPECIFIED, types_pb2.OFFLINE_MODE_HOLD):
+        return OfflinePolicy(OfflineMode.HOLD)
+    if policy.mode == types_pb2.OFFLINE_MODE_REVOKE_AFTER:
+        return OfflinePolicy(OfflineMode.REVOKE_AFTER, from_duration(policy.grace, "offline grace"))
+    raise MalformedCommand("offline mode is unknown")
+
+
+def _check(pattern: re.Pattern[str], value: str, field: str) -> str:
+    try:
+        return validation.check(pattern, value, field)
+    except validation.ValidationError as exc:
+        raise MalformedCommand(str(exc)) from None
+
+
+def ack_to_pb(ack: Ack) -> agentlink_pb2.AgentMessage:
+    return agentlink_pb2.AgentMessage(
+        ack=agentlink_pb2.Ack(
+            seq=ack.seq, status=_ACK_STATUS[ack.status], reason=ack.reason, grant_id=ack.grant_id
+        )
+    )
+
+
+def event_to_pb(event: OutboxEvent) -> agentlink_pb2.AgentMessage:
+    return agentlink_pb2.AgentMessage(
+        event=agentlink_pb2.AgentEvent(
+            event_id=event.event_id,
+            kind=event.kind,
+            grant_id=event.grant_id,
+            subject=event.subject,
+            action=event.action,
+            observed_at=to_timestamp(event.observed_at),
+            details=dict(event.details),
+        )
+    )
+
+
+def hello_to_pb(
+    *,
+    agent: str,
+    labels: Mapping[str, str],
+    last_applied_seq: int,
+    active_grant_ids: Sequence[str],
+    version: str,
+    epoch: int,
+    boot_id: str,
+    agent_time: datetime,
+) -> agentlink_pb2.AgentMessage:
+    return agentlink_pb2.AgentMessage(
+        hello=agentlink_pb2.Hello(
+            agent=agent,
+            labels=dict(labels),
+            last_applied_seq=last_applied_seq,
+            active_grant_ids=list(active_grant_ids),
+            version=version,
+            epoch=epoch,
+            boot_id=boot_id,
+            agent_time=to_timestamp(agent_time),
+        )
+    )
+
+
+def heartbeat_to_pb(sent_at: datetime) -> agentlink_pb2.AgentMessage:
+    return agentlink_pb2.AgentMessage(
+        heartbeat=agentlink_pb2.Heartbeat(sent_at=to_timestamp(sent_at))
+    )
+
+
+def duration_seconds(d: Duration) -> float:
+    return d.seconds + d.nanos / 1e9

@@ -1,0 +1,318 @@
+"""The agent's link to the coordinator: `AgentLink.Connect`, kept open, resumed after every break.
+
+Protocol, as the agent speaks it:
+
+- Every call carries `authorization: Bearer <credential>`. Without `STATE/credential` the agent
+  first calls `Agents.Enroll(join_token, name, labels)` (no authorization) and saves the returned
+  credential (0600, atomically). A Connect refused with UNAUTHENTICATED deletes the credential
+  and, when a join token is configured, the next attempt enrolls again.
+- The agent's first message is `Hello` (name, labels, last applied sequence number, active grant
+  ids, version, highest epoch seen, boot id, agent time). The coordinator's first message must be
+  `Welcome` (coordinator time, epoch, resume point, heartbeat interval); then `Command`s follow in
+  sequence order.
+- Each `Command` is verified (`verify.py`), parsed, persisted, applied and then acknowledged with
+  `Ack(seq, APPLIED | FAILED | REJECTED, reason, grant_id)`. Commands not meant for this agent,
+  with a body sequence number that differs from the command's, or that do not parse are REJECTED
+  and change nothing. Duplicates (seq at or below the last applied one, snapshots aside) are
+  re-acked APPLIED without effect.
+- After the Welcome the agent sends every event of its outbox as `AgentEvent` (then new ones as
+  they come); the coordinator answers `EventAck(event_ids)` and acknowledged events are deleted.
+  Unacknowledged events are sent again on the next stream; the coordinator deduplicates by id.
+- The agent sends `Heartbeat(sent_at)` every `Welcome.heartbeat_interval` and ignores the
+  coordinator's heartbeats.
+- When the stream breaks, the agent reconnects after a full-jitter exponential backoff (base and
+  cap configurable, reset after a stream that stayed healthy long enough) and says in its Hello
+  where it stopped.
+
+One writer task per stream drains a bounded queue: every other task only puts messages on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+
+from agent.domain.commands import Ack, AckStatus
+from agent.domain.errors import EnrollmentError, LinkError, MalformedCommand
+from agent.domain.timekeeping import full_jitter
+from agent.engine import Engine
+from agent.store.credential import CredentialFile
+from jitmesh.clock import Clock
+from jitmesh.v1 import agentlink_pb2, agents_pb2
+from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
+from jitmesh.v1.agents_pb2_grpc import AgentsStub
+
+from . import convert
+from .verify import verify
+
+log = logging.getLogger(__name__)
+
+ENROLL_TIMEOUT = 30.0
+OUTBOX_BATCH = 100
+MIN_HEARTBEAT = 0.1
+MAX_RECEIVE = 4 * 1024 * 1024  # snapshots can be large
+MAX_SEND = 64 * 1024
+
+_Call = grpc.aio.StreamStreamCall[agentlink_pb2.AgentMessage, agentlink_pb2.CoordinatorMessage]
+_Queue = asyncio.Queue[agentlink_pb2.AgentMessage]
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSettings:
+    target: str
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    join_token: str | None = field(default=None, repr=False)
+    version: str = ""
+    boot_id: str = ""
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    backoff_reset_after: float = 30.0
+    heartbeat: float = 10.0
+    keepalive_time: float = 30.0
+    keepalive_timeout: float = 10.0
+    queue_size: int = 256
+
+
+class _StreamEnded(Exception):
+    """The coordinator closed the stream without an error."""
+
+
+class Link:
+    def __init__(
+        self,
+        settings: LinkSettings,
+        *,
+        engine: Engine,
+        credentials: CredentialFile,
+        clock: Clock,
+        pacing: Clock,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        """`clock` stamps messages; `pacing` times backoff and heartbeats."""
+        self._settings = settings
+        self._engine = engine
+        self._credentials = credentials
+        self._clock = clock
+        self._pacing = pacing
+        self._rand = rand
+        self._welcomed_at: float | None = None
+        self._sent: set[str] = set()
+
+    async def run(self) -> None:
+        """Connect, serve the stream until it breaks, back off, and again; until cancelled."""
+        attempt = 0
+        while True:
+            self._welcomed_at = None
+            if self._credentials.read() is None and not self._settings.join_token:
+                # Nothing to connect or enroll with: retrying cannot help.
+                raise EnrollmentError(
+                    "no credential in the state directory and no join token to enroll with"
+                )
+            try:
+                await self._session()
+                reason = "stream ended"
+            except grpc.aio.AioRpcError as exc:
+                reason = self._refused(exc)
+            except (LinkError, EnrollmentError) as exc:
+                reason = str(exc)
+            await self._engine.coordinator_lost()
+            healthy_for = (
+                None if self._welcomed_at is None else self._pacing.monotonic() - self._welcomed_at
+            )
+            if healthy_for is not None and healthy_for >= self._settings.backoff_reset_after:
+                attempt = 0
+            delay = full_jitter(
+                attempt,
+                base=self._settings.backoff_base,
+                cap=self._settings.backoff_cap,
+                rand=self._rand(),
+            )
+            attempt += 1
+            log.warning("link down", extra={"reason": reason, "delay": f"{delay:.3f}s"})
+            await self._pacing.sleep(delay)
+
+    def _refused(self, exc: grpc.aio.AioRpcError) -> str:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            # The coordinator no longer accepts the credential (removed agent, reset coordinator).
+            # With a join token, drop it and enroll again on the next attempt; without one, keep
+            # it and keep trying: it is the only identity this agent has.
+            if self._settings.join_token:
+                self._credentials.delete()
+                log.warning("credential refused; enrolling again")
+            else:
+                log.error("credential refused and no join token to enroll again")
+        return code.name if code is not None else "UNKNOWN"
+
+    async def _session(self) -> None:
+        credential = self._credentials.read()
+        async with grpc.aio.insecure_channel(self._settings.target, options=self._options()) as ch:
+            if credential is None:
+                credential = await self._enroll(ch)
+            state = await self._engine.hello_state()
+            # No request iterator: this call is written to by the one writer task.
+            call: _Call = AgentLinkStub(ch).Connect(
+                None, metadata=(("authorization", f"Bearer {credential}"),)
+            )
+            queue: _Queue = asyncio.Queue(maxsize=self._settings.queue_size)
+            queue.put_nowait(
+                convert.hello_to_pb(
+                    agent=self._settings.name,
+                    labels=self._settings.labels,
+                    last_applied_seq=state.last_applied_seq,
+                    active_grant_ids=state.active_grant_ids,
+                    version=self._settings.version,
+                    epoch=state.epoch,
+                    boot_id=self._settings.boot_id,
+                    agent_time=self._clock.now(),
+                )
+            )
+            self._sent = set()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._write(call, queue))
+                    tasks.create_task(self._read(call, queue, tasks))
+            except BaseExceptionGroup as group:
+                _raise_most_telling(group)
+
+    def _options(self) -> list[tuple[str, int]]:
+        s = self._settings
+        return [
+            ("grpc.keepalive_time_ms", int(s.keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout * 1000)),
+            # Without it a silently dropped connection takes about a minute to notice.
+            ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Keep pinging while the stream carries no data (by default pings stop after two).
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_receive_message_length", MAX_RECEIVE),
+            ("grpc.max_send_message_length", MAX_SEND),
+        ]
+
+    async def _enroll(self, channel: grpc.aio.Channel) -> str:
+        request = agents_pb2.EnrollRequest(
+            join_token=self._settings.join_token or "",
+            name=self._settings.name,
+            labels=dict(self._settings.labels),
+        )
+        try:
+            response = await AgentsStub(channel).Enroll(request, timeout=ENROLL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            raise EnrollmentError(
+                f"enrollment failed: {code.name if code is not None else 'UNKNOWN'}"
+            ) from None
+        credential = response.credential
+        # It travels in call metadata, which takes printable ASCII only.
+        if not credential or not (credential.isascii() and credential.isprintable()):
+            raise EnrollmentError("enrollment returned no usable credential")
+        self._credentials.write(credential)
+        if response.agent and response.agent != self._settings.name:
+            log.warning("the coordinator enrolled this agent under another name")
+        log.info("enrolled")
+        return credential
+
+    async def _write(self, call: _Call, queue: _Queue) -> None:
+        while True:
+            message = await queue.get()
+            try:
+                await call.write(message)
+            except asyncio.InvalidStateError:
+                # The call finished (OK) while this message waited: the reader reports why.
+                raise _StreamEnded() from None
+
+    async def _read(self, call: _Call, queue: _Queue, tasks: asyncio.TaskGroup) -> None:
+        first = await call.read()
+        if not isinstance(first, agentlink_pb2.CoordinatorMessage):
+            raise _StreamEnded()
+        if first.WhichOneof("body") != "welcome":
+            raise LinkError("the coordinator did not start with a Welcome")
+        interval = await self._welcome(first.welcome)
+        tasks.create_task(self._heartbeats(queue, interval))
+        tasks.create_task(self._send_outbox(queue))
+        while True:
+            message = await call.read()
+            if not isinstance(message, agentlink_pb2.CoordinatorMessage):
+                raise _StreamEnded()
+            kind = message.WhichOneof("body")
+            if kind == "command":
+                await queue.put(await self._command(message.command))
+            elif kind == "event_ack":
+                ids = list(message.event_ack.event_ids)
+                self._sent.difference_update(ids)
+                await self._engine.events_delivered(ids)
+            elif kind == "welcome":
+                log.warning("ignoring a second Welcome on one stream")
+            # Coordinator heartbeats need no answer; keepalive pings watch the connection.
+
+    async def _welcome(self, welcome: agentlink_pb2.Welcome) -> float:
+        await self._engine.note_epoch(welcome.epoch)
+        await self._engine.coordinator_reached()
+        self._welcomed_at = self._pacing.monotonic()
+        if welcome.agent and welcome.agent != self._settings.name:
+            log.warning("the coordinator knows this agent under another name")
+        interval = self._settings.heartbeat
+        if welcome.HasField("heartbeat_interval"):
+            given = convert.duration_seconds(welcome.heartbeat_interval)
+            if given > 0:
+                interval = max(MIN_HEARTBEAT, given)
+        log.info(
+            "connected",
+            extra={"coordinator": self._settings.target, "seq": welcome.resume_after_seq},
+        )
+        return interval
+
+    async def _command(self, command: agentlink_pb2.Command) -> agentlink_pb2.AgentMessage:
+        try:
+            spec = convert.command_from_pb(command.seq, verify(command))
+        except MalformedCommand as exc:
+            log.warning("command rejected", extra={"seq": command.seq, "reason": str(exc)})
+            return convert.ack_to_pb(Ack(command.seq, AckStatus.REJECTED, str(exc)[:256]))
+        return convert.ack_to_pb(await self._engine.handle(spec))
+
+    async def _heartbeats(self, queue: _Queue, interval: float) -> None:
+        while True:
+            await self._pacing.sleep(interval)
+            await queue.put(convert.heartbeat_to_pb(self._clock.now()))
+            # The stream is up (keepalive would have broken it otherwise): note the contact, so
+            # the offline grace after a crash counts from here.
+            await self._engine.coordinator_alive()
+
+    async def _send_outbox(self, queue: _Queue) -> None:
+        changed = self._engine.outbox_changed
+        while True:
+            changed.clear()
+            for event in await self._engine.pending_events(OUTBOX_BATCH):
+                if event.event_id not in self._sent:
+                    self._sent.add(event.event_id)
+                    await queue.put(convert.event_to_pb(event))
+            await changed.wait()
+
+
+def _raise_most_telling(group: BaseExceptionGroup[BaseException]) -> None:
+    """Surface the error that explains why a stream's tasks ended: a status from the
+    coordinator first, then a protocol error; a plain end of stream returns normally."""
+    leaves = list(_leaves(group))
+    for kind in (grpc.aio.AioRpcError, LinkError):
+        for exc in leaves:
+            if isinstance(exc, kind):
+                raise exc
+    if all(isinstance(exc, _StreamEnded) for exc in leaves):
+        return
+    raise group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found.extend(_leaves(exc))
+        else:
+            found.append(exc)
+    return found
