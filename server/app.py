@@ -72,9 +72,15 @@ class Coordinator:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.expirer.run())
-                tg.create_task(self.server.wait_for_termination())
+                tg.create_task(self._until_terminated())
         finally:
             await self.stop()
+
+    async def _until_terminated(self) -> None:
+        # grpc.aio's wait_for_termination() awaits the server's own shutdown future without a
+        # shield: cancelling it cancels that future, and stop() then fails with CancelledError
+        # and leaves the server half shut down (the process hangs at exit).
+        await asyncio.shield(self.server.wait_for_termination())
 
     async def stop(self) -> None:
         self.registry.close_all("coordinator shutting down")

@@ -75,8 +75,18 @@ class Expirer:
                     if ok:
                         requests += 1
                         changed.append(request_id)
+                        # Subject and agent too, so the event shows up in filtered audit lists.
+                        request = await tx.get_request(request_id)
                         await tx.audit(
-                            AuditEntry("request.expired", "coordinator", now, request_id=request_id)
+                            AuditEntry(
+                                "request.expired",
+                                "coordinator",
+                                now,
+                                subject=request.subject if request else "",
+                                agent=request.agent if request else "",
+                                request_id=request_id,
+                                details={"action": request.action} if request else {},
+                            )
                         )
             self._hub.requests_changed(changed)
             await self._hub.audit_written(tx.new_audit)

@@ -3,6 +3,7 @@ observed events). The stream itself lives in rpc/; the decisions live here."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -13,7 +14,6 @@ from jitmesh.types import Agent, Grant, GrantState
 from .access import hash_secret
 from .errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from .hub import Hub
-from .lifecycle import LIVE_GRANT_STATES
 from .models import (
     AgentAck,
     AgentHello,
@@ -30,6 +30,7 @@ from .ports import CommandSink, Store, Tx
 DEFAULT_JOIN_TTL = timedelta(hours=1)
 MAX_JOIN_TTL = timedelta(days=7)
 BACKLOG_PAGE = 500
+EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class FleetService:
@@ -100,7 +101,7 @@ class FleetService:
             for grant in await self._store.live_grants(name):
                 await tx.move_grant(
                     grant.id,
-                    expected=LIVE_GRANT_STATES,
+                    expected=[grant.state],
                     state=GrantState.REVOKE_FAILED,
                     failure="agent removed before a revoke could be acknowledged",
                     ended_by=principal.name,
@@ -204,18 +205,26 @@ class FleetService:
             done = await tx.ack_command(principal.name, ack.seq, ack.status, ack.reason[:256], now)
             if done is None:
                 return
-            kind, grant_id = done
+            kind, grant_id, issued_at = done
             grant = await tx.get_grant(grant_id)
             if grant is None:
                 return
-            await self._apply_ack(tx, principal.name, grant, kind, ack, now)
+            await self._apply_ack(tx, principal.name, grant, kind, ack, now, now - issued_at)
         self._hub.requests_changed([grant.request_id])
         await self._hub.audit_written(tx.new_audit)
 
     async def _apply_ack(
-        self, tx: Tx, agent: str, grant: Grant, kind: CommandKind, ack: AgentAck, now: datetime
+        self,
+        tx: Tx,
+        agent: str,
+        grant: Grant,
+        kind: CommandKind,
+        ack: AgentAck,
+        now: datetime,
+        latency: timedelta,
     ) -> None:
-        latency_ms = str(int((now - grant.created_at).total_seconds() * 1000))
+        # From the command's commit to the agent's ack: the propagation a revoke receipt shows.
+        latency_ms = str(int(latency.total_seconds() * 1000))
         entry = AuditEntry(
             "",
             f"agent:{agent}",
@@ -257,8 +266,7 @@ class FleetService:
                 ended_at=now,
             )
             entry = replace(entry, kind=f"grant.{state.value.lower()}")
-            if grant.revoke_seq:
-                entry.details["latency_ms"] = latency_ms
+            entry.details["latency_ms"] = latency_ms
         else:
             await tx.move_grant(
                 grant.id,
@@ -272,6 +280,9 @@ class FleetService:
 
     async def observed(self, principal: Principal, event: AgentObservation) -> None:
         """Store an event the agent observed on its host, once per event id."""
+        if not EVENT_ID.fullmatch(event.event_id):
+            # Deduplication is by this id: an empty or shared id would swallow later events.
+            raise InvalidArgument("event id is not valid (expected 1 to 64 of A-Za-z0-9._:-)")
         now = self._clock.now()
         details = {k[:64]: val[:256] for k, val in list(event.details.items())[:16]}
         details["observed_at"] = event.observed_at.isoformat()

@@ -29,8 +29,10 @@ REQUEST_TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
 
 G = GrantState
 GRANT_TRANSITIONS: dict[GrantState, frozenset[GrantState]] = {
-    G.PENDING_DELIVERY: frozenset({G.ACTIVE, G.FAILED, G.REVOKING, G.EXPIRED}),
-    G.ACTIVE: frozenset({G.REVOKING, G.EXPIRED}),
+    # REVOKE_FAILED straight from a live state: the agent was removed, so no revoke can ever be
+    # acknowledged (the host still ends the grant at not_after).
+    G.PENDING_DELIVERY: frozenset({G.ACTIVE, G.FAILED, G.REVOKING, G.EXPIRED, G.REVOKE_FAILED}),
+    G.ACTIVE: frozenset({G.REVOKING, G.EXPIRED, G.REVOKE_FAILED}),
     # A revoke that meets the expiry ends as EXPIRED; one the agent cannot carry out is kept.
     G.REVOKING: frozenset({G.REVOKED, G.RELEASED, G.EXPIRED, G.REVOKE_FAILED}),
     G.REVOKE_FAILED: frozenset({G.REVOKED, G.RELEASED, G.EXPIRED, G.REVOKING}),

@@ -44,6 +44,7 @@ class Session:
         )
         self.closed = asyncio.Event()
         self.close_reason = ""
+        self.close_code = grpc.StatusCode.UNAVAILABLE
 
     def offer(self, item: agentlink_pb2.CoordinatorMessage | Command) -> None:
         try:
@@ -51,9 +52,10 @@ class Session:
         except asyncio.QueueFull:
             self.close("outbound queue full (slow agent); it will resync")
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         if not self.closed.is_set():
             self.close_reason = reason
+            self.close_code = code
             self.closed.set()
 
 
@@ -141,7 +143,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._fleet.disconnected(principal, reason))
         if session.close_reason and not context.done():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, session.close_reason)
+            await context.abort(session.close_code, session.close_reason)
 
     async def _read(self, principal: Principal, session: Session, context: Ctx) -> None:
         while True:
@@ -163,9 +165,11 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                     )
                 elif kind == "hello":
                     raise errors.InvalidArgument("Hello may only be sent once")
-            except errors.PermissionDenied as exc:
-                # An agent acting for another is cut off at once, not merely refused.
-                session.close(exc.message)
+            except errors.DomainError as exc:
+                # A refused message ends the stream with its status: an agent acting for another
+                # is cut off at once, not merely refused, and a malformed message is not skipped
+                # silently (the agent would believe it delivered).
+                session.close(exc.message, status_of(exc))
                 return
 
     async def _write(self, session: Session, resume: Resume, context: Ctx) -> None:

@@ -31,6 +31,7 @@ from .errors import mapped, status_of
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_WATCH_IDS = 100
+MAX_AUDIT_PAGE = 5000
 
 
 def _duration(value: Any, field: str) -> timedelta:
@@ -265,7 +266,9 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> audit_pb2.ListEventsResponse:
         principal = await self._auth.operator(context)
         after = int(request.page_token) if request.page_token.isdigit() else request.after_seq
-        limit = request.page_size or 1000
+        # Capped here, not only in the domain: a page cut short by the cap must still carry a
+        # next_page_token, or the caller silently misses the rest.
+        limit = min(request.page_size, MAX_AUDIT_PAGE) if request.page_size > 0 else 1000
         events = await self._audit.list(
             principal,
             since=c.from_ts(request.since) if request.HasField("since") else None,

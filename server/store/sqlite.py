@@ -35,7 +35,8 @@ from jitmesh.types import (
     ReviewDecision,
 )
 from server.domain.audit import GENESIS, event_hash
-from server.domain.errors import Conflict
+from server.domain.errors import Conflict, InvalidArgument
+from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
 from server.domain.models import AuditEntry, Command, CommandKind, Principal
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -223,7 +224,7 @@ def _page(token: str) -> tuple[int, str] | None:
     try:
         return int(at), key
     except ValueError:
-        raise Conflict("page token is not valid") from None
+        raise InvalidArgument("page token is not valid") from None
 
 
 class SqliteTx:
@@ -270,6 +271,8 @@ class SqliteTx:
         reason: str,
         grant_id: str = "",
     ) -> bool:
+        if state not in REQUEST_TRANSITIONS[expected]:
+            raise ValueError(f"request lifecycle has no step {expected.value} -> {state.value}")
         cur = await self._conn.execute(
             "UPDATE requests SET state = ?, decided_at = ?, decided_by = ?, decision_reason = ?, "
             "grant_id = ? WHERE id = ? AND state = ?",
@@ -309,7 +312,12 @@ class SqliteTx:
         state: GrantState,
         **fields: Any,
     ) -> bool:
-        """Compare-and-set the grant's state, with extra column updates (instants as datetimes)."""
+        """Compare-and-set the grant's state, with extra column updates (instants as datetimes).
+        Only steps of the grant lifecycle (`GRANT_TRANSITIONS`) may be asked for."""
+        states = [s.value for s in expected]
+        for current in expected:
+            if state not in GRANT_TRANSITIONS[current]:
+                raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
         sets = ["state = ?"]
         args: list[Any] = [state.value]
         for column, value in fields.items():
@@ -317,7 +325,6 @@ class SqliteTx:
                 raise ValueError(f"column {column} cannot be updated")
             sets.append(f"{column} = ?")
             args.append(to_ms(value) if isinstance(value, datetime) else value)
-        states = [s.value for s in expected]
         marks = ",".join("?" * len(states))
         cur = await self._conn.execute(
             f"UPDATE grants SET {', '.join(sets)} WHERE id = ? AND state IN ({marks})",
@@ -349,21 +356,24 @@ class SqliteTx:
 
     async def ack_command(
         self, agent: str, seq: int, status: str, reason: str, at: datetime
-    ) -> tuple[CommandKind, str] | None:
-        """Record the agent's ack once; returns the command's kind and grant, or None when the
-        command is unknown or was acked before."""
+    ) -> tuple[CommandKind, str, datetime] | None:
+        """Record the agent's ack once; returns the command's kind, grant and creation time, or
+        None when the command is unknown or was acked before."""
         row = await _one(
             self._conn,
             "UPDATE commands SET acked_at = ?, ack_status = ?, ack_reason = ? "
-            "WHERE agent = ? AND seq = ? AND acked_at IS NULL RETURNING kind, grant_id",
+            "WHERE agent = ? AND seq = ? AND acked_at IS NULL RETURNING kind, grant_id, created_at",
             [to_ms(at), status, reason, agent, seq],
         )
+        if row is None:
+            # An ack for a command this agent never got (or a repeat) moves nothing.
+            return None
         await self._conn.execute(
             "UPDATE agents SET last_acked_seq = MAX(last_acked_seq, ?), last_seen_at = ? "
             "WHERE name = ?",
             (seq, to_ms(at), agent),
         )
-        return None if row is None else (CommandKind(row[0]), row[1])
+        return CommandKind(row[0]), row[1], from_ms(row[2])
 
     async def enroll_agent(
         self, name: str, labels: dict[str, str], credential_hash: str, at: datetime
