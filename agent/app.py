@@ -86,6 +86,7 @@ async def run(
                 heartbeat=config.heartbeat,
                 keepalive_time=config.keepalive_time,
                 keepalive_timeout=config.keepalive_timeout,
+                welcome_timeout=config.welcome_timeout,
             ),
             engine=engine,
             credentials=credentials,

@@ -112,6 +112,7 @@ class AgentConfig(_Frozen):
     heartbeat: float = Field(default=10.0, gt=0, le=3600)
     keepalive_time: float = Field(default=30.0, gt=0, le=3600)
     keepalive_timeout: float = Field(default=10.0, gt=0, le=3600)
+    welcome_timeout: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("name")
     @classmethod

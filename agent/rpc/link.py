@@ -77,6 +77,8 @@ class LinkSettings:
     keepalive_time: float = 30.0
     keepalive_timeout: float = 10.0
     queue_size: int = 256
+    # A coordinator that accepts the stream but never welcomes the agent is treated as down.
+    welcome_timeout: float = 30.0
 
 
 class _StreamEnded(Exception):
@@ -228,7 +230,11 @@ class Link:
                 raise _StreamEnded() from None
 
     async def _read(self, call: _Call, queue: _Queue, tasks: asyncio.TaskGroup) -> None:
-        first = await call.read()
+        try:
+            async with asyncio.timeout(self._settings.welcome_timeout):
+                first = await call.read()
+        except TimeoutError:
+            raise LinkError("no Welcome from the coordinator") from None
         if not isinstance(first, agentlink_pb2.CoordinatorMessage):
             raise _StreamEnded()
         if first.WhichOneof("body") != "welcome":

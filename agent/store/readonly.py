@@ -8,6 +8,8 @@ from pathlib import Path
 
 from agent.domain.errors import StateError
 
+DB_NAME = "agent.db"
+
 
 @dataclass(frozen=True, slots=True)
 class Allowing:

@@ -25,8 +25,8 @@ from jitmesh.types import OfflineMode, OfflinePolicy
 
 from .base import Meta
 from .migrate import migrate
+from .readonly import DB_NAME
 
-DB_NAME = "agent.db"
 LOCK_NAME = "agent.lock"
 
 _LEASE_COLUMNS = (

@@ -76,6 +76,8 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
         self.ack_events = True
         self.epoch = 7
         self.heartbeat_interval: Duration | None = None
+        # While set, streams are accepted but never welcomed.
+        self.silent = False
         self._enrolled = 0
 
     async def session(self) -> Session:
@@ -112,6 +114,9 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
         pump = asyncio.ensure_future(self._pump(request_iterator, session))
         try:
             await self.sessions.put(session)
+            if self.silent:
+                await session.outgoing.get()
+                return
             welcome = agentlink_pb2.Welcome(
                 epoch=self.epoch,
                 resume_after_seq=first.hello.last_applied_seq,

@@ -341,6 +341,20 @@ async def test_without_credential_or_join_token_the_agent_refuses_to_start(
     assert not (host.state / "agent.db").exists()
 
 
+async def test_a_stream_without_welcome_is_given_up_and_retried(
+    coordinator: Coordinator, host: Host
+) -> None:
+    coordinator.silent = True
+    async with running(host, host.config(coordinator, welcome_timeout=0.2)):
+        mute = await coordinator.session()
+        async with asyncio.timeout(10):
+            await mute.ended.wait()  # the agent hung up on its own
+        coordinator.silent = False
+        session = await coordinator.session()
+        ack = await session.command(grant_body(1, gid(), T0, T0 + MIN))
+        assert ack.status == APPLIED
+
+
 async def test_heartbeats_follow_the_welcome_interval(coordinator: Coordinator, host: Host) -> None:
     coordinator.heartbeat_interval = Duration(nanos=50_000_000)
     async with running(host, host.config(coordinator)):

@@ -1,0 +1,200 @@
+"""`jitmesh-agent`: run the agent, or answer a local access check from its lease table.
+
+    jitmesh-agent [run] --coordinator ADDR --name NAME --join-token TOKEN --state DIR
+                        [--label KEY=VALUE ...] [--enforcer file:DIR | exec:FILE ...]
+    jitmesh-agent check --state DIR --subject USER --action ACTION
+
+The only place that parses flags, loads configuration and sets up logging. `check` imports as
+little as possible: it runs on every login or sudo call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+
+EXIT_OK = 0
+EXIT_DENIED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["check"]:
+        return check(args[1:])
+    if args[:1] == ["run"]:
+        args = args[1:]
+    return run(args)
+
+
+# check
+
+
+def check(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jitmesh-agent check",
+        description="Exit 0 if SUBJECT may do ACTION now according to the lease table, 1 if not "
+        "(2 on usage or state errors).",
+    )
+    parser.add_argument("--state", required=True, type=Path, help="the agent's state directory")
+    parser.add_argument("--subject", required=True)
+    parser.add_argument("--action", required=True)
+    args = parser.parse_args(argv)
+
+    import time
+
+    from agent.domain.errors import StateError
+    from agent.store.readonly import DB_NAME, find_allowing
+    from jitmesh import validation
+
+    try:
+        validation.check(validation.SUBJECT, args.subject, "subject")
+        validation.check(validation.ACTION, args.action, "action")
+    except validation.ValidationError as exc:
+        return _fail(f"check: {exc}")
+    now_ms = time.time_ns() // 1_000_000
+    try:
+        found = find_allowing(args.state / DB_NAME, args.subject, args.action, now_ms)
+    except StateError as exc:
+        return _fail(f"check: {exc}")
+    if found is None:
+        print("not allowed")
+        return EXIT_DENIED
+    print(f"allowed: grant {found.grant_id} until {_iso_ms(found.not_after_ms)}")
+    return EXIT_OK
+
+
+def _iso_ms(ms: int) -> str:
+    from datetime import UTC, datetime, timedelta
+
+    at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    return at.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# run
+
+
+def run(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jitmesh-agent",
+        description="Run the jitmesh agent (see also: jitmesh-agent check --help).",
+    )
+    parser.add_argument(
+        "--coordinator",
+        default=os.environ.get("JITMESH_COORDINATOR"),
+        help="coordinator address host:port (env JITMESH_COORDINATOR)",
+    )
+    parser.add_argument("--name", required=True, help="this agent's name")
+    parser.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
+    )
+    parser.add_argument(
+        "--join-token",
+        default=os.environ.get("JITMESH_JOIN_TOKEN"),
+        help="one-time join token for enrollment (env JITMESH_JOIN_TOKEN)",
+    )
+    parser.add_argument("--state", required=True, type=Path, help="state directory")
+    parser.add_argument(
+        "--enforcer",
+        action="append",
+        default=[],
+        metavar="file:DIR|exec:FILE",
+        help="repeatable; applied in the order given",
+    )
+    parser.add_argument("--backoff-base", type=float, default=1.0, metavar="SECONDS")
+    parser.add_argument("--backoff-cap", type=float, default=60.0, metavar="SECONDS")
+    parser.add_argument(
+        "--heartbeat",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="heartbeat interval when the coordinator's Welcome names none",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    args = parser.parse_args(argv)
+    if not args.coordinator:
+        parser.error("--coordinator (or JITMESH_COORDINATOR) is required")
+
+    from pydantic import ValidationError
+
+    from agent.config import AgentConfig, EnforcerConfig, describe, parse_enforcer
+    from agent.domain.errors import AgentError
+
+    try:
+        labels = dict(_label(text) for text in args.label)
+        enforcers: list[EnforcerConfig] = [parse_enforcer(text) for text in args.enforcer]
+        config = AgentConfig(
+            coordinator=args.coordinator,
+            name=args.name,
+            labels=labels,
+            join_token=args.join_token or None,
+            state_dir=args.state,
+            enforcers=tuple(enforcers),
+            backoff_base=args.backoff_base,
+            backoff_cap=args.backoff_cap,
+            heartbeat=args.heartbeat,
+        )
+    except ValidationError as exc:
+        return _fail(f"configuration: {describe(exc)}")
+    except AgentError as exc:
+        return _fail(f"configuration: {exc}")
+
+    _setup_logging(config.name, args.log_level)
+    import asyncio
+
+    try:
+        asyncio.run(_serve(config))
+    except AgentError as exc:
+        return _fail(str(exc))
+    return EXIT_OK
+
+
+def _label(text: str) -> tuple[str, str]:
+    from agent.domain.errors import ConfigError
+
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError("labels must look like KEY=VALUE")
+    return key, value
+
+
+async def _serve(config: AgentConfig) -> None:
+    import asyncio
+    import signal
+
+    from agent import app
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await app.run(config, stop=stop)
+
+
+def _setup_logging(agent: str, level: str) -> None:
+    import logging
+
+    from agent.logfmt import AgentField, KeyValueFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter())
+    handler.addFilter(AgentField(agent))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _fail(message: str) -> int:
+    print(f"jitmesh-agent: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
