@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -37,8 +37,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 # check
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (callers such as pam_exec log stderr line by line)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}\n")
+
+
 def check(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="jitmesh-agent check",
         description="Exit 0 if SUBJECT may do ACTION now according to the lease table, 1 if not "
         "(2 on usage or state errors).",

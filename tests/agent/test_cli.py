@@ -94,7 +94,10 @@ def test_check_reports_usage_and_state_errors_with_exit_2(tmp_path: Path, state:
     assert "subject is not valid" in hostile.stderr
     assert "rm -rf" not in hostile.stderr
 
-    assert agent("check", "--state", str(state), "--subject", "alice").returncode == USAGE
+    no_action = agent("check", "--state", str(state), "--subject", "alice")
+    assert no_action.returncode == USAGE
+    assert no_action.stderr.count("\n") == 1
+    assert "--action" in no_action.stderr
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "agent.db").write_bytes(b"")

@@ -24,7 +24,9 @@ MIN = timedelta(minutes=1)
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteLeaseStore]:
-    opened = SqliteLeaseStore.open(tmp_path)
+    # Typed as the interface: mypy checks that the SQLite store implements all of it.
+    opened: LeaseStore = SqliteLeaseStore.open(tmp_path)
+    assert isinstance(opened, SqliteLeaseStore)
     await opened.claim("web-1", "boot-a")
     yield opened
     opened.close()
@@ -32,11 +34,6 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteLeaseStore]:
 
 def reopen(path: Path) -> SqliteLeaseStore:
     return SqliteLeaseStore.open(path)
-
-
-def test_sqlite_store_implements_the_interface(store: SqliteLeaseStore) -> None:
-    typed: LeaseStore = store
-    assert typed is store
 
 
 async def test_new_store_is_empty_and_in_wal_mode(store: SqliteLeaseStore, tmp_path: Path) -> None:
