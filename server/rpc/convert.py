@@ -1,4 +1,9 @@
-"""Coordinator records to protobuf and back. The only place besides handlers that knows protobuf."""
+"""Coordinator records to protobuf and back.
+
+Requests, grants, agents, audit events and policy answers are `jitmesh.types` values, so their
+conversion is the SDK's (`jitmesh.convert`, round-trip tested there); this module adds what only
+the coordinator needs: request filters and the agent stream.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +12,23 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from jitmesh.types import (
-    Agent,
-    AuditEvent,
-    ChainVerification,
-    Grant,
-    GrantState,
-    OfflineMode,
-    OfflinePolicy,
-    PolicyDecision,
-    PolicyDocument,
-    Request,
-    RequestState,
-    ReviewDecision,
-)
-from jitmesh.v1 import (
-    agentlink_pb2,
-    audit_pb2,
-    policy_pb2,
-    types_pb2,
-)
+from jitmesh import convert as shared
+from jitmesh.types import Grant, GrantState, RequestState, ReviewDecision
+from jitmesh.v1 import agentlink_pb2, types_pb2
 from server.domain.models import AgentAck, AgentHello, AgentObservation, Command, CommandKind
+
+request = shared.request_to_proto
+grant = shared.grant_to_proto
+agent = shared.agent_to_proto
+audit_event = shared.audit_event_to_proto
+verification = shared.chain_verification_to_proto
+policy_document = shared.policy_document_to_proto
+policy_decision = shared.policy_decision_to_proto
+offline = shared.offline_policy_to_proto
 
 
 def ts(at: datetime | None) -> Timestamp | None:
-    if at is None:
-        return None
-    out = Timestamp()
-    out.FromDatetime(at)
-    return out
+    return shared.time_to_proto(at)
 
 
 def from_ts(value: Timestamp) -> datetime:
@@ -52,28 +45,12 @@ def from_dur(value: Duration) -> timedelta:
     return value.ToTimedelta()
 
 
-def request_state(state: RequestState) -> types_pb2.RequestState.ValueType:
-    return types_pb2.RequestState.Value(f"REQUEST_STATE_{state.value}")
-
-
-def grant_state(state: GrantState | None) -> types_pb2.GrantState.ValueType:
-    if state is None:
-        return types_pb2.GRANT_STATE_UNSPECIFIED
-    return types_pb2.GrantState.Value(f"GRANT_STATE_{state.value}")
-
-
 def request_states(values: list[types_pb2.RequestState.ValueType]) -> list[RequestState]:
-    return [
-        RequestState(types_pb2.RequestState.Name(x).removeprefix("REQUEST_STATE_"))
-        for x in values
-        if x
-    ]
+    return [shared.request_state(x) for x in values if x]
 
 
 def grant_states(values: list[types_pb2.GrantState.ValueType]) -> list[GrantState]:
-    return [
-        GrantState(types_pb2.GrantState.Name(x).removeprefix("GRANT_STATE_")) for x in values if x
-    ]
+    return [shared.grant_state(x) for x in values if x]
 
 
 def review_decision(value: types_pb2.ReviewDecision.ValueType) -> ReviewDecision | None:
@@ -82,138 +59,6 @@ def review_decision(value: types_pb2.ReviewDecision.ValueType) -> ReviewDecision
     if value == types_pb2.REVIEW_DECISION_DENY:
         return ReviewDecision.DENY
     return None
-
-
-def offline(policy: OfflinePolicy) -> types_pb2.OfflinePolicy:
-    mode = (
-        types_pb2.OFFLINE_MODE_HOLD
-        if policy.mode is OfflineMode.HOLD
-        else types_pb2.OFFLINE_MODE_REVOKE_AFTER
-    )
-    return types_pb2.OfflinePolicy(mode=mode, grace=dur(policy.grace))
-
-
-def request(r: Request) -> types_pb2.AccessRequest:
-    return types_pb2.AccessRequest(
-        id=r.id,
-        subject=r.subject,
-        agent=r.agent,
-        action=r.action,
-        duration=dur(r.duration),
-        reason=r.reason,
-        state=request_state(r.state),
-        rule=r.rule,
-        approvals_required=r.approvals_required,
-        approver_groups=list(r.approver_groups),
-        reviews=[
-            types_pb2.Review(
-                reviewer=x.reviewer,
-                decision=(
-                    types_pb2.REVIEW_DECISION_APPROVE
-                    if x.decision is ReviewDecision.APPROVE
-                    else types_pb2.REVIEW_DECISION_DENY
-                ),
-                reason=x.reason,
-                reviewed_at=ts(x.reviewed_at),
-            )
-            for x in r.reviews
-        ],
-        created_at=ts(r.created_at),
-        pending_expires_at=ts(r.pending_expires_at),
-        decided_at=ts(r.decided_at),
-        decided_by=r.decided_by,
-        decision_reason=r.decision_reason,
-        grant_id=r.grant_id,
-        grant_state=grant_state(r.grant_state),
-    )
-
-
-def grant(g: Grant) -> types_pb2.Grant:
-    return types_pb2.Grant(
-        id=g.id,
-        request_id=g.request_id,
-        agent=g.agent,
-        subject=g.subject,
-        action=g.action,
-        not_before=ts(g.not_before),
-        not_after=ts(g.not_after),
-        state=grant_state(g.state),
-        offline=offline(g.offline),
-        created_at=ts(g.created_at),
-        ended_at=ts(g.ended_at),
-        ended_by=g.ended_by,
-        end_reason=g.end_reason,
-        grant_seq=g.grant_seq,
-        revoke_seq=g.revoke_seq,
-        applied_at=ts(g.applied_at),
-        failure=g.failure,
-        epoch=g.epoch,
-    )
-
-
-def agent(a: Agent) -> types_pb2.Agent:
-    return types_pb2.Agent(
-        name=a.name,
-        labels=a.labels,
-        connected=a.connected,
-        last_seen_at=ts(a.last_seen_at),
-        enrolled_at=ts(a.enrolled_at),
-        version=a.version,
-        last_acked_seq=a.last_acked_seq,
-        last_seq=a.last_seq,
-        active_grants=a.active_grants,
-    )
-
-
-def audit_event(x: AuditEvent) -> types_pb2.AuditEvent:
-    return types_pb2.AuditEvent(
-        seq=x.seq,
-        id=x.id,
-        at=ts(x.at),
-        actor=x.actor,
-        kind=x.kind,
-        subject=x.subject,
-        agent=x.agent,
-        request_id=x.request_id,
-        grant_id=x.grant_id,
-        details=x.details,
-        prev_hash=x.prev_hash,
-        hash=x.hash,
-    )
-
-
-def verification(x: ChainVerification) -> audit_pb2.VerifyChainResponse:
-    return audit_pb2.VerifyChainResponse(
-        ok=x.ok,
-        events_checked=x.events_checked,
-        first_bad_seq=x.first_bad_seq,
-        problem=x.problem,
-        head_hash=x.head_hash,
-    )
-
-
-def policy_document(d: PolicyDocument) -> policy_pb2.PolicyDocument:
-    return policy_pb2.PolicyDocument(
-        yaml=d.yaml,
-        version=d.version,
-        sha256=d.sha256,
-        applied_at=ts(d.applied_at),
-        applied_by=d.applied_by,
-    )
-
-
-def policy_decision(d: PolicyDecision) -> policy_pb2.TestPolicyResponse:
-    return policy_pb2.TestPolicyResponse(
-        allowed=d.allowed,
-        rule=d.rule,
-        explanation=d.explanation,
-        approval_required=d.approval_required,
-        approvals_required=d.approvals_required,
-        approver_groups=list(d.approver_groups),
-        max_duration=dur(d.max_duration) if d.max_duration is not None else None,
-        reason_required=d.reason_required,
-        trace=list(d.trace),
-    )
 
 
 # The agent stream.

@@ -24,7 +24,7 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
-from jitmesh import _convert
+from jitmesh import convert as _convert
 from jitmesh.types import (
     Agent,
     AuditEvent,

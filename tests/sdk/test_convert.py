@@ -8,7 +8,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from jitmesh import _convert
+from jitmesh import convert as _convert
 from jitmesh.errors import InternalError
 from jitmesh.types import (
     ChainVerification,
