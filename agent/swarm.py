@@ -1,0 +1,185 @@
+"""Many agents in one process: one Engine, Link and in-memory lease store per agent, one gRPC
+connection each. For reconnect storms (tests/faults) and benchmarks, not for production hosts.
+
+    swarm = Swarm(SwarmSettings(target="127.0.0.1:7443", join_token=..., count=1000,
+                                credentials_dir=tmp))
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(swarm.run())
+        await swarm.wait_connected(1000, timeout=60)
+
+Each agent enrolls once with the (reusable) join token and keeps its credential in
+`credentials_dir/<name>`; enforcement is a `MemoryEnforcer` per agent, so what each agent has in
+force can be inspected (and its apply/remove history too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+import resource
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.domain.leases import Pair
+from agent.enforcers.base import EnforcerSet
+from agent.engine import Engine
+from agent.rpc.link import Link, LinkSettings
+from agent.store.credential import CredentialFile
+from agent.store.memory import MemoryLeaseStore
+from jitmesh.clock import Clock, SystemClock
+
+
+class MemoryEnforcer:
+    """Pairs in force, in a set; every apply and remove is logged with its monotonic time."""
+
+    def __init__(self, name: str = "memory", clock: Callable[[], float] = time.monotonic) -> None:
+        self._name = name
+        self._clock = clock
+        self.in_force: set[Pair] = set()
+        self.history: list[tuple[float, str, Pair]] = []
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def apply(self, subject: str, action: str) -> None:
+        self.in_force.add((subject, action))
+        self.history.append((self._clock(), "apply", (subject, action)))
+
+    async def remove(self, subject: str, action: str) -> None:
+        self.in_force.discard((subject, action))
+        self.history.append((self._clock(), "remove", (subject, action)))
+
+    async def observe(self) -> set[Pair]:
+        return set(self.in_force)
+
+
+class _OwnConnectionLink(Link):
+    """A Link whose channel never shares a connection with another Link of this process (gRPC
+    pools subchannels per target by default, which would put the whole swarm on one socket)."""
+
+    def _options(self) -> list[tuple[str, int]]:
+        return [*super()._options(), ("grpc.use_local_subchannel_pool", 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmSettings:
+    target: str
+    join_token: str = field(repr=False)
+    count: int
+    credentials_dir: Path
+    prefix: str = "swarm"
+    labels: Mapping[str, str] = field(default_factory=lambda: {"env": "staging"})
+    backoff_base: float = 0.2
+    backoff_cap: float = 5.0
+    backoff_reset_after: float = 30.0
+    heartbeat: float = 10.0
+    keepalive_time: float = 30.0
+    keepalive_timeout: float = 10.0
+    welcome_timeout: float = 30.0
+
+
+@dataclass
+class SwarmAgent:
+    name: str
+    store: MemoryLeaseStore
+    enforcer: MemoryEnforcer
+    engine: Engine
+    link: Link
+
+
+class Swarm:
+    def __init__(
+        self,
+        settings: SwarmSettings,
+        *,
+        clock: Clock | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self._clock = clock or SystemClock()
+        settings.credentials_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.agents: list[SwarmAgent] = [self._build(i, rand) for i in range(settings.count)]
+
+    def _build(self, index: int, rand: Callable[[], float]) -> SwarmAgent:
+        s = self.settings
+        name = f"{s.prefix}-{index:05d}"
+        store = MemoryLeaseStore()
+        enforcer = MemoryEnforcer()
+        engine = Engine(
+            name=name, store=store, enforcers=EnforcerSet([enforcer]), clock=self._clock, rand=rand
+        )
+        extra: dict[str, Any] = {}
+        if "keys" in inspect.signature(Link.__init__).parameters:
+            # Command-signing keys pinned at enrollment (the security work), one file per agent.
+            from agent.store import keys
+
+            extra["keys"] = keys.PinnedKeys(s.credentials_dir / f"{name}.keys")
+        link = _OwnConnectionLink(
+            LinkSettings(
+                target=s.target,
+                name=name,
+                labels=dict(s.labels),
+                join_token=s.join_token,
+                version="swarm",
+                boot_id=f"swarm-{name}",
+                backoff_base=s.backoff_base,
+                backoff_cap=s.backoff_cap,
+                backoff_reset_after=s.backoff_reset_after,
+                heartbeat=s.heartbeat,
+                keepalive_time=s.keepalive_time,
+                keepalive_timeout=s.keepalive_timeout,
+                welcome_timeout=s.welcome_timeout,
+            ),
+            engine=engine,
+            credentials=CredentialFile(s.credentials_dir / name),
+            clock=self._clock,
+            pacing=self._clock,
+            rand=rand,
+            **extra,
+        )
+        return SwarmAgent(name, store, enforcer, engine, link)
+
+    def connected(self) -> int:
+        return sum(agent.engine.connected for agent in self.agents)
+
+    def disconnected_names(self) -> list[str]:
+        return [agent.name for agent in self.agents if not agent.engine.connected]
+
+    async def run(self) -> None:
+        """Start every engine, then run all engines and links until cancelled."""
+        raise_fd_limit()
+        for agent in self.agents:
+            await agent.store.claim(agent.name, f"swarm-{agent.name}")
+            await agent.engine.start()
+        async with asyncio.TaskGroup() as tasks:
+            for agent in self.agents:
+                tasks.create_task(agent.engine.run())
+                tasks.create_task(agent.link.run())
+
+    async def wait_connected(self, count: int, within: float) -> float:
+        """Wait until `count` agents are connected; returns the seconds it took."""
+        return await self._wait(lambda: self.connected() >= count, within, f"{count} connected")
+
+    async def wait_disconnected(self, within: float) -> float:
+        return await self._wait(lambda: self.connected() == 0, within, "all disconnected")
+
+    @staticmethod
+    async def _wait(done: Callable[[], bool], within: float, what: str) -> float:
+        started = time.monotonic()
+        while not done():
+            if time.monotonic() - started > within:
+                raise TimeoutError(f"swarm: not {what} after {within}s")
+            await asyncio.sleep(0.02)
+        return time.monotonic() - started
+
+
+def raise_fd_limit() -> None:
+    """One socket per agent: lift the soft open-files limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
