@@ -92,6 +92,11 @@ class Engine:
         self._retry_attempt = 0
         self._wall_noted_at: datetime | None = None
 
+    @property
+    def connected(self) -> bool:
+        """Welcomed by the coordinator on the current stream."""
+        return self._connected
+
     def now(self) -> datetime:
         if self._time is None:
             raise RuntimeError("the engine has not started")
