@@ -24,12 +24,14 @@ from agent.enforcers.file import FileEnforcer
 from agent.engine import Engine
 from agent.rpc.link import Link, LinkSettings
 from agent.store.credential import CredentialFile
+from agent.store.keys import PinnedKeys
 from agent.store.sqlite import SqliteLeaseStore
 from jitmesh.clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 
 CREDENTIAL_NAME = "credential"
+KEYS_NAME = "signing_keys.json"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
@@ -90,6 +92,7 @@ async def run(
             ),
             engine=engine,
             credentials=credentials,
+            keys=PinnedKeys(state_dir / KEYS_NAME),
             clock=clock,
             pacing=pacing,
             rand=rand,

@@ -34,6 +34,7 @@ from server.domain.hub import Hub
 from server.rpc.agentlink import AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
 from server.rpc.services import AccessServicer, AgentsServicer, AuditServicer, PolicyServicer
+from server.signing import SigningKeys
 from server.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Coordinator:
     policy: PolicyService
     health: Any
     epoch: int
+    keys: SigningKeys
 
     @property
     def address(self) -> str:
@@ -110,14 +112,15 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     fleet = FleetService(store, registry, hub, clock, epoch)
     audit = AuditService(store, hub)
     auth = Authenticator(identity)
+    keys = SigningKeys.open(config.data_dir, clock.now())
 
     server = grpc.aio.server(options=_server_options(config))
     access_pb2_grpc.add_AccessServicer_to_server(AccessServicer(auth, access, hub), server)
-    agents_pb2_grpc.add_AgentsServicer_to_server(AgentsServicer(auth, fleet), server)
+    agents_pb2_grpc.add_AgentsServicer_to_server(AgentsServicer(auth, fleet, keys), server)
     policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(auth, policy), server)
     audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(auth, audit), server)
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
-        AgentLinkServicer(fleet, registry, clock, config.heartbeat), server
+        AgentLinkServicer(fleet, registry, clock, keys, config.heartbeat), server
     )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -143,6 +146,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         policy,
         health_servicer,
         epoch,
+        keys,
     )
 
 

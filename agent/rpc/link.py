@@ -10,7 +10,9 @@ Protocol, as the agent speaks it:
   ids, version, highest epoch seen, boot id, agent time). The coordinator's first message must be
   `Welcome` (coordinator time, epoch, resume point, heartbeat interval); then `Command`s follow in
   sequence order.
-- Each `Command` is verified (`verify.py`), parsed, persisted, applied and then acknowledged with
+- Each `Command` is verified (`verify.py`: Ed25519 signature over the body bytes by a key pinned
+  at enrollment in `STATE/signing_keys.json`; not from an earlier epoch), parsed, persisted,
+  applied and then acknowledged with
   `Ack(seq, APPLIED | FAILED | REJECTED, reason, grant_id)`. Commands not meant for this agent,
   with a body sequence number that differs from the command's, or that do not parse are REJECTED
   and change nothing. Duplicates (seq at or below the last applied one, snapshots aside) are
@@ -42,6 +44,7 @@ from agent.domain.errors import EnrollmentError, LinkError, MalformedCommand
 from agent.domain.timekeeping import full_jitter
 from agent.engine import Engine
 from agent.store.credential import CredentialFile
+from agent.store.keys import PinnedKeys
 from jitmesh.clock import Clock
 from jitmesh.v1 import agentlink_pb2, agents_pb2
 from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
@@ -92,6 +95,7 @@ class Link:
         *,
         engine: Engine,
         credentials: CredentialFile,
+        keys: PinnedKeys,
         clock: Clock,
         pacing: Clock,
         rand: Callable[[], float] = random.random,
@@ -100,6 +104,9 @@ class Link:
         self._settings = settings
         self._engine = engine
         self._credentials = credentials
+        self._keys = keys
+        self._pinned: dict[str, bytes] = {}
+        self._min_epoch = 0
         self._clock = clock
         self._pacing = pacing
         self._rand = rand
@@ -154,10 +161,16 @@ class Link:
 
     async def _session(self) -> None:
         credential = self._credentials.read()
+        if credential is not None and not self._keys.read() and self._settings.join_token:
+            # Enrolled before commands were signed: without pinned keys every command would be
+            # refused, so enroll again to get them.
+            credential = None
         async with grpc.aio.insecure_channel(self._settings.target, options=self._options()) as ch:
             if credential is None:
                 credential = await self._enroll(ch)
             state = await self._engine.hello_state()
+            self._pinned = self._keys.read()
+            self._min_epoch = state.epoch
             # No request iterator: this call is written to by the one writer task.
             call: _Call = AgentLinkStub(ch).Connect(
                 None, metadata=(("authorization", f"Bearer {credential}"),)
@@ -214,6 +227,11 @@ class Link:
         # It travels in call metadata, which takes printable ASCII only.
         if not credential or not (credential.isascii() and credential.isprintable()):
             raise EnrollmentError("enrollment returned no usable credential")
+        keys = {k.key_id: k.public_key for k in response.signing_keys if len(k.public_key) == 32}
+        if not keys:
+            raise EnrollmentError("enrollment returned no command-signing key")
+        # Keys first: a credential is never saved without the keys that check its commands.
+        self._keys.write(keys)
         self._credentials.write(credential)
         if response.agent and response.agent != self._settings.name:
             log.warning("the coordinator enrolled this agent under another name")
@@ -259,6 +277,7 @@ class Link:
 
     async def _welcome(self, welcome: agentlink_pb2.Welcome) -> float:
         await self._engine.note_epoch(welcome.epoch)
+        self._min_epoch = max(self._min_epoch, welcome.epoch)
         await self._engine.coordinator_reached()
         self._welcomed_at = self._pacing.monotonic()
         if welcome.agent and welcome.agent != self._settings.name:
@@ -276,7 +295,11 @@ class Link:
 
     async def _command(self, command: agentlink_pb2.Command) -> agentlink_pb2.AgentMessage:
         try:
-            spec = convert.command_from_pb(command.seq, verify(command))
+            body = verify(command, self._pinned)
+            if body.epoch < self._min_epoch:
+                # Signed, but by an earlier coordinator run: a replay or a stale coordinator.
+                raise MalformedCommand("command is from an earlier coordinator epoch")
+            spec = convert.command_from_pb(command.seq, body)
         except MalformedCommand as exc:
             log.warning("command rejected", extra={"seq": command.seq, "reason": str(exc)})
             return convert.ack_to_pb(Ack(command.seq, AckStatus.REJECTED, str(exc)[:256]))

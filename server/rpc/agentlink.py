@@ -24,6 +24,7 @@ from jitmesh.v1 import agentlink_pb2, agentlink_pb2_grpc
 from server.domain import errors
 from server.domain.fleet import BACKLOG_PAGE, FleetService
 from server.domain.models import Command, Principal, Resume
+from server.signing import SigningKeys
 
 from . import convert as c
 from .auth import bearer
@@ -104,8 +105,10 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         fleet: FleetService,
         registry: LinkRegistry,
         clock: Clock,
+        keys: SigningKeys,
         heartbeat: timedelta = timedelta(seconds=10),
     ) -> None:
+        self._keys = keys
         self._fleet = fleet
         self._registry = registry
         self._clock = clock
@@ -227,11 +230,15 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 )
             )
 
-    @staticmethod
-    def _command(seq: int, body: agentlink_pb2.CommandBody) -> agentlink_pb2.CoordinatorMessage:
-        # Signatures over `body` are added here by the signing work; the bytes are final.
+    def _command(
+        self, seq: int, body: agentlink_pb2.CommandBody
+    ) -> agentlink_pb2.CoordinatorMessage:
+        # The signature covers the exact bytes sent: agent, epoch, seq, issue time and the grant
+        # with its window. The agent checks it before it parses the body.
+        data = body.SerializeToString(deterministic=True)
+        key_id, signature = self._keys.sign(data)
         return agentlink_pb2.CoordinatorMessage(
-            command=agentlink_pb2.Command(seq=seq, body=body.SerializeToString())
+            command=agentlink_pb2.Command(seq=seq, body=data, key_id=key_id, signature=signature)
         )
 
 

@@ -24,6 +24,7 @@ from server.domain.access import AccessService
 from server.domain.fleet import FleetService
 from server.domain.governance import AuditService, PolicyService
 from server.domain.hub import Hub
+from server.signing import SigningKeys
 
 from . import convert as c
 from .auth import Authenticator
@@ -171,9 +172,10 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
 
 
 class AgentsServicer(agents_pb2_grpc.AgentsServicer):
-    def __init__(self, auth: Authenticator, fleet: FleetService) -> None:
+    def __init__(self, auth: Authenticator, fleet: FleetService, keys: SigningKeys) -> None:
         self._auth = auth
         self._fleet = fleet
+        self._keys = keys
 
     @mapped
     async def ListAgents(
@@ -214,7 +216,18 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
         name, credential = await self._fleet.enroll(
             request.join_token, request.name, dict(request.labels)
         )
-        return agents_pb2.EnrollResponse(agent=name, credential=credential)
+        return agents_pb2.EnrollResponse(
+            agent=name,
+            credential=credential,
+            signing_keys=[
+                agents_pb2.SigningKey(
+                    key_id=k.key_id,
+                    public_key=k.public_raw,
+                    not_after=c.ts(k.not_after) if k.not_after else None,
+                )
+                for k in self._keys.public_keys()
+            ],
+        )
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):

@@ -10,6 +10,8 @@ from datetime import datetime
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -22,6 +24,10 @@ CoordinatorMessage = agentlink_pb2.CoordinatorMessage
 # The servicer stubs type the context per method; the fake does not need that precision.
 _Context = grpc.aio.ServicerContext[Any, Any]
 _Outgoing = CoordinatorMessage | grpc.StatusCode | None
+# The fake's command-signing key: handed out at enrollment, used by `command()`.
+SIGNING_KEY = Ed25519PrivateKey.generate()
+KEY_ID = "fake-key-1"
+PUBLIC_KEY = SIGNING_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def ts(at: datetime) -> Timestamp:
@@ -96,7 +102,11 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
         credential = f"cred-{self._enrolled}"
         self.credentials.add(credential)
         await self.enrollments.put(request)
-        return agents_pb2.EnrollResponse(agent=request.name, credential=credential)
+        return agents_pb2.EnrollResponse(
+            agent=request.name,
+            credential=credential,
+            signing_keys=[agents_pb2.SigningKey(key_id=KEY_ID, public_key=PUBLIC_KEY)],
+        )
 
     async def Connect(
         self, request_iterator: AsyncIterator[AgentMessage], context: _Context
@@ -204,8 +214,11 @@ async def serving() -> AsyncIterator[Coordinator]:
 
 
 def command(body: agentlink_pb2.CommandBody) -> CoordinatorMessage:
+    data = body.SerializeToString()
     return CoordinatorMessage(
-        command=agentlink_pb2.Command(seq=body.seq, body=body.SerializeToString())
+        command=agentlink_pb2.Command(
+            seq=body.seq, body=data, key_id=KEY_ID, signature=SIGNING_KEY.sign(data)
+        )
     )
 
 

@@ -1,0 +1,134 @@
+"""The coordinator's command-signing keys (Ed25519), kept in `DATA/signing_keys.json` (0600).
+
+Every command sent to an agent is signed over the exact bytes of its serialized `CommandBody`
+(agent, epoch, seq, issue time and the grant with its window), so the agent can check, before it
+parses anything, that the coordinator it enrolled with produced those bytes for it.
+
+Rotation adds a new key that signs from then on; the previous keys stay valid for verification
+until `retired_at + ROTATION_OVERLAP`, so commands signed just before a rotation still verify.
+Agents receive every valid public key at enrollment and pin them in their state directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+ROTATION_OVERLAP = timedelta(days=1)
+FILE_NAME = "signing_keys.json"
+
+
+def key_id(public_raw: bytes) -> str:
+    return "ed25519:" + hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKey:
+    key_id: str
+    public_raw: bytes
+    # None while the key is current; else the last instant a signature by it is accepted.
+    not_after: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    private: Ed25519PrivateKey
+    created_at: datetime
+    retired_at: datetime | None
+
+    @property
+    def public_raw(self) -> bytes:
+        return self.private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.public_raw)
+
+
+class SigningKeys:
+    """Loads or creates the signing keys; `sign` uses the newest."""
+
+    def __init__(self, path: Path, keys: list[_Key]) -> None:
+        self._path = path
+        self._keys = keys
+
+    @classmethod
+    def open(cls, data_dir: Path, now: datetime) -> SigningKeys:
+        path = data_dir / FILE_NAME
+        keys: list[_Key] = []
+        if path.exists():
+            for item in json.loads(path.read_text(encoding="utf-8")):
+                keys.append(
+                    _Key(
+                        Ed25519PrivateKey.from_private_bytes(base64.b64decode(item["private"])),
+                        datetime.fromisoformat(item["created_at"]),
+                        datetime.fromisoformat(item["retired_at"]) if item["retired_at"] else None,
+                    )
+                )
+        store = cls(path, keys)
+        if not keys:
+            store.rotate(now)
+        return store
+
+    def rotate(self, now: datetime) -> str:
+        """Make a new key current; the old ones stay valid for verification for a while."""
+        self._keys = [
+            k if k.retired_at is not None else _Key(k.private, k.created_at, now)
+            for k in self._keys
+            if k.retired_at is None or k.retired_at + ROTATION_OVERLAP > now
+        ]
+        new = _Key(Ed25519PrivateKey.generate(), now, None)
+        self._keys.append(new)
+        self._save()
+        return new.key_id
+
+    def sign(self, data: bytes) -> tuple[str, bytes]:
+        current = self._keys[-1]
+        return current.key_id, current.private.sign(data)
+
+    def public_keys(self, now: datetime | None = None) -> list[PublicKey]:
+        now = now or datetime.now(UTC)
+        out = []
+        for k in self._keys:
+            not_after = None if k.retired_at is None else k.retired_at + ROTATION_OVERLAP
+            if not_after is None or not_after > now:
+                out.append(PublicKey(k.key_id, k.public_raw, not_after))
+        return out
+
+    def _save(self) -> None:
+        items = [
+            {
+                "private": base64.b64encode(
+                    k.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+                ).decode(),
+                "created_at": k.created_at.isoformat(),
+                "retired_at": k.retired_at.isoformat() if k.retired_at else None,
+            }
+            for k in self._keys
+        ]
+        write_private(self._path, json.dumps(items, indent=1))
+
+
+def write_private(path: Path, text: str | bytes) -> None:
+    """Write a file created 0600 from the start, replaced atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
