@@ -165,14 +165,17 @@ def _agent(row: Sequence[Any]) -> Agent:
     )
 
 
+# Each read is one call on the connection's thread (execute and fetch all rows together), never
+# a cursor held open across awaits: an open statement holds the connection's read snapshot, and
+# another coroutine's read on the same connection in between would see that older snapshot
+# (a request committed a moment ago reads back as missing). One thread hop instead of three, too.
 async def _one(conn: aiosqlite.Connection, sql: str, args: Iterable[Any] = ()) -> Any:
-    async with conn.execute(sql, tuple(args)) as cur:
-        return await cur.fetchone()
+    rows = await conn.execute_fetchall(sql, tuple(args))
+    return next(iter(rows), None)
 
 
 async def _all(conn: aiosqlite.Connection, sql: str, args: Iterable[Any] = ()) -> list[Any]:
-    async with conn.execute(sql, tuple(args)) as cur:
-        return list(await cur.fetchall())
+    return list(await conn.execute_fetchall(sql, tuple(args)))
 
 
 async def _get_request(conn: aiosqlite.Connection, request_id: str) -> Request | None:

@@ -1,0 +1,158 @@
+"""scripts/bench: run the scenarios, print the table, write JSON. The exit code reports errors
+only (a scenario that failed to run), never slowness."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from . import scenarios as sc
+from .stats import Row, Scenario
+
+GROUPS: dict[
+    str, tuple[set[str], Callable[[Path, sc.Sizes], Coroutine[Any, Any, list[Scenario]]]]
+] = {
+    "local": ({"1", "2", "8"}, sc.local),
+    "expiry": ({"7"}, sc.expiry),
+    "fleet": ({"3", "4", "5", "6"}, sc.fleet),
+}
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(mem / 2**30, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def fmt(value: float, unit: str) -> str:
+    if math.isnan(value):
+        return "-"
+    if unit in ("ms",):
+        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+def table(results: list[Scenario]) -> str:
+    head = ("scenario", "metric", "jitmesh", "baseline", "ratio", "unit", "target")
+    lines: list[tuple[str, ...]] = [head]
+    for s in results:
+        if s.error:
+            lines.append((s.name, "ERROR", s.error[:60], "", "", "", ""))
+        row: Row
+        for row in s.rows:
+            r = row.ratio
+            lines.append(
+                (
+                    s.name,
+                    row.metric,
+                    fmt(row.jitmesh, row.unit),
+                    fmt(row.baseline, row.unit),
+                    "-" if math.isnan(r) else f"{r:.2f}x",
+                    row.unit,
+                    row.target,
+                )
+            )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = []
+    for k, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip())
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument(
+        "--only", default="", help="comma-separated scenario numbers, e.g. 1,2,7 (default: all)"
+    )
+    p.add_argument("--agents", type=int, help="agents for scenarios 3-6 (overrides the size)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    sizes = sc.Sizes.quick() if args.quick else sc.Sizes.full()
+    if args.agents:
+        sizes = sc.Sizes(**{**sizes.__dict__, "agents": args.agents})
+    wanted = set(filter(None, args.only.split(",")))
+    work = Path(tempfile.mkdtemp(prefix="jitmesh-bench."))
+    results: list[Scenario] = []
+    started = time.monotonic()
+    failed = False
+    for group, (numbers, run) in GROUPS.items():
+        if wanted and not numbers & wanted:
+            continue
+        print(f"bench: running {group} scenarios ({','.join(sorted(numbers))})", file=sys.stderr)
+        (work / group).mkdir()
+        try:
+            found: list[Scenario] = asyncio.run(run(work / group, sizes))
+        except Exception as exc:
+            failed = True
+            found = [Scenario(group, "", "", error=f"{type(exc).__name__}: {exc}")]
+            logging.getLogger("bench").exception("scenario group %s failed", group)
+        results += [s for s in found if not wanted or s.name.split()[0] in wanted or s.error]
+    total = time.monotonic() - started
+    sys.stderr.flush()
+    print(f"\njitmesh benchmarks ({'quick' if args.quick else 'full'}), {total:.0f} s")
+    for s in results:
+        if not s.error:
+            print(f"  {s.name}: {s.size}. {s.real}")
+    print()
+    print(table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        document = {
+            "mode": "quick" if args.quick else "full",
+            "seconds": total,
+            "machine": machine(),
+            "scenarios": [
+                {
+                    "name": s.name,
+                    "size": s.size,
+                    "real": s.real,
+                    "seconds": s.seconds,
+                    "error": s.error,
+                    "rows": [row.as_json() for row in s.rows],
+                    "extra": s.extra,
+                }
+                for s in results
+            ],
+        }
+        args.json.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    if args.keep or failed:
+        print(f"bench: work directory kept: {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,632 @@
+"""The scenarios. Each runs the baseline and jitmesh interleaved (round after round) in the same
+run, so both see the same machine at the same time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import math
+import sqlite3
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from agent.swarm import Swarm, SwarmSettings
+from jitmesh import Client
+from jitmesh.types import Grant, GrantState, OfflinePolicy
+from server.app import build
+from server.config import CoordinatorConfig
+from server.domain.expiry import Expirer
+from server.domain.hub import Hub
+from server.domain.models import ADMIN_GROUP, AgentAck, Command, Principal
+from server.domain.policy import DEV_POLICY
+from server.store.sqlite import SqliteStore
+
+from . import baseline as bl
+from .procs import Child, DevCoordinator, bin_path, cpu_seconds, free_port, rss_bytes, spawn
+from .stats import Scenario, median, percentile
+from .waiting import until
+
+log = logging.getLogger("bench")
+
+USERS = {"alice": ["developers"], "bob": ["sre"], "admin": [ADMIN_GROUP]}
+JOIN = "jmj_bench-join-token"
+HOUR = timedelta(hours=1)
+MS = 1000.0
+
+REAL_LOCAL = (
+    "real: in-process coordinator (gRPC, SQLite, policy, audit), a real jitmesh-agent process "
+    "(SQLite lease table, file enforcer), SDK over gRPC; baseline: raw grpc.aio stream to a "
+    "separate process"
+)
+REAL_FLEET = (
+    "real: jitmesh-coordinator dev process; swarm in the bench process: real Link + Engine per "
+    "agent, one TCP connection each, in-memory lease store and enforcer; baseline: raw grpc.aio "
+    "server process, one stream per agent"
+)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rounds: int
+    push_per_round: int
+    approve_per_round: int
+    agents: int
+    fanout_rounds: int
+    callers: int
+    throughput_seconds: float
+    expiry_grants: int
+
+    @staticmethod
+    def quick() -> Sizes:
+        return Sizes(5, 60, 20, 1000, 2, 32, 4.0, 10_000)
+
+    @staticmethod
+    def full() -> Sizes:
+        return Sizes(10, 500, 100, 10_000, 2, 64, 15.0, 100_000)
+
+
+def _ms_list(values: Sequence[float]) -> list[float]:
+    return [v * MS for v in values]
+
+
+# Scenarios 1, 2 and 8: one real agent process, the coordinator in this process.
+
+
+class _Probe:
+    """Times when the coordinator pushes a grant's command and when the agent's acks arrive."""
+
+    def __init__(self) -> None:
+        self.pushed: dict[str, float] = {}
+        self.acked: dict[str, list[float]] = {}
+        self._waiters: dict[tuple[str, int], asyncio.Future[None]] = {}
+
+    def on_push(self, commands: Sequence[Command]) -> None:
+        now = time.perf_counter()
+        for command in commands:
+            self.pushed.setdefault(command.grant.id, now)
+
+    def on_ack(self, grant_id: str, at: float) -> None:
+        times = self.acked.setdefault(grant_id, [])
+        times.append(at)
+        waiter = self._waiters.pop((grant_id, len(times)), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def acks(self, grant_id: str, count: int, within: float = 30.0) -> None:
+        if len(self.acked.get(grant_id, [])) >= count:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[(grant_id, count)] = waiter
+        async with asyncio.timeout(within):
+            await waiter
+
+
+async def local(tmp: Path, sizes: Sizes) -> list[Scenario]:
+    push = Scenario("1 push", f"{sizes.rounds}x{sizes.push_per_round} grants", REAL_LOCAL)
+    approve = Scenario(
+        "2 approve-to-enforced", f"{sizes.rounds}x{sizes.approve_per_round} approvals", REAL_LOCAL
+    )
+    footprint = Scenario("8 agent footprint", "1 jitmesh-agent process", REAL_LOCAL)
+    started = time.monotonic()
+    config = CoordinatorConfig(data_dir=tmp / "coordinator", port=0, default_policy=DEV_POLICY)
+    coordinator = await build(config)
+    admin = Principal("admin", frozenset({ADMIN_GROUP}))
+    await coordinator.fleet.create_join_token(admin, {}, None, max_uses=None, token=JOIN)
+    for user, groups in USERS.items():
+        await coordinator.identity.ensure_user(user, groups, f"jmt_bench-{user}")
+    probe = _Probe()
+    registry_push = coordinator.registry.push
+    fleet_ack = coordinator.fleet.ack
+
+    def push_hook(commands: Sequence[Command]) -> None:
+        probe.on_push(commands)
+        registry_push(commands)
+
+    async def ack_hook(principal: Principal, ack: AgentAck) -> None:
+        at = time.perf_counter()
+        await fleet_ack(principal, ack)
+        probe.on_ack(ack.grant_id, at)
+
+    # Instance attributes shadow the methods: the servicers call through them.
+    setattr(coordinator.registry, "push", push_hook)  # noqa: B010
+    setattr(coordinator.fleet, "ack", ack_hook)  # noqa: B010
+    runner = asyncio.create_task(coordinator.run())
+    address = f"127.0.0.1:{coordinator.port}"
+    children: list[Child] = []
+    server = bl.BaselineServer()
+    clients: list[Client] = []
+    try:
+        for name, env in (("bench-staging", "staging"), ("bench-prod", "prod")):
+            access = tmp / f"{name}-access"
+            access.mkdir()
+            argv = [
+                bin_path("jitmesh-agent"), "--coordinator", address, "--name", name,
+                "--label", f"env={env}", "--join-token", JOIN, "--state", str(tmp / name),
+                "--enforcer", f"file:{access}", "--log-level", "warning",
+            ]  # fmt: skip
+            children.append(spawn(argv, tmp / f"{name}.log"))
+        for name in ("bench-staging", "bench-prod"):
+            await until(lambda n=name: coordinator.registry.connected(n), 30, f"{name} connected")  # type: ignore[misc]
+        port = await server.start()
+        base_child = spawn(
+            [sys.executable, "-m", "bench.baseline", "client", f"127.0.0.1:{port}"],
+            tmp / "baseline-client.log",
+        )
+        children.append(base_child)
+        await server.wait_streams(1, 30)
+        for user in USERS:
+            clients.append(await Client.connect(address, token=f"jmt_bench-{user}"))
+        alice, bob, _ = clients
+
+        base_rtt: list[float] = []
+        push_lat: list[float] = []
+        approve_lat: list[float] = []
+        round_p50: list[tuple[float, float, float]] = []
+        # Warm-up: connections, caches, the first SQLite pages.
+        for _ in range(20):
+            await server.push()
+        for _ in range(3):
+            await _push_once(alice, probe)
+        for _ in range(sizes.rounds):
+            rtts = [await server.push() for _ in range(sizes.push_per_round)]
+            pushes = [await _push_once(alice, probe) for _ in range(sizes.push_per_round)]
+            approvals = [
+                await _approve_once(alice, bob, probe) for _ in range(sizes.approve_per_round)
+            ]
+            base_rtt += rtts
+            push_lat += pushes
+            approve_lat += approvals
+            round_p50.append((median(rtts), median(pushes), median(approvals)))
+        b, p, a = _ms_list(base_rtt), _ms_list(push_lat), _ms_list(approve_lat)
+        ratios = [j / r for r, j, _ in round_p50]
+        push.add("p50", percentile(p, 50), percentile(b, 50), target="<= 1.5x")
+        push.add("p99", percentile(p, 99), percentile(b, 99), target="<= 1.6x")
+        push.add("p99.9", percentile(p, 99.9), percentile(b, 99.9))
+        push.extra["median_of_round_p50_ratios"] = median(ratios)
+        push.extra["samples"] = len(p)
+        approve.add("p50", percentile(a, 50), percentile(b, 50), target="<= 4x")
+        approve.add("p99", percentile(a, 99), percentile(b, 99))
+        approve.extra["median_of_round_p50_ratios"] = median([x / r for r, _, x in round_p50])
+        approve.extra["measured_until"] = "the agent's ack (sent after persist and apply) arrives"
+        footprint.add(
+            "RSS",
+            rss_bytes(children[0].pid) / 2**20,
+            rss_bytes(base_child.pid) / 2**20,
+            unit="MiB",
+            target="<= 50 MiB",
+            note="baseline: the raw grpc.aio client process",
+        )
+    finally:
+        for client in clients:
+            await client.close()
+        for child in children:
+            child.stop()
+        await server.stop()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    elapsed = time.monotonic() - started
+    for s in (push, approve, footprint):
+        s.seconds = elapsed
+    return [push, approve, footprint]
+
+
+async def _push_once(alice: Client, probe: _Probe) -> float:
+    _, grant = await alice.create_request(agent="bench-staging", action="deploy", duration=HOUR)
+    assert grant is not None
+    await probe.acks(grant.id, 1)
+    latency = probe.acked[grant.id][0] - probe.pushed[grant.id]
+    # Hand it back, so the next grant is applied by the enforcer again (not only ref-counted).
+    await alice.release_grant(grant.id)
+    await probe.acks(grant.id, 2)
+    return latency
+
+
+async def _approve_once(alice: Client, bob: Client, probe: _Probe) -> float:
+    request, _ = await alice.create_request(
+        agent="bench-prod", action="deploy", duration=HOUR, reason="bench"
+    )
+    started = time.perf_counter()
+    _, grant = await bob.approve(request.id)
+    assert grant is not None
+    await probe.acks(grant.id, 1)
+    latency = probe.acked[grant.id][0] - started
+    await alice.release_grant(grant.id)
+    await probe.acks(grant.id, 2)
+    return latency
+
+
+# Scenarios 3, 4, 5 and 6: a real coordinator process and a swarm of agents.
+
+
+class _LinkDowns(logging.Handler):
+    """Counts the swarm's "link down" records: each one is a stream that ended or failed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "link down":
+            self.count += 1
+
+
+async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
+    n = sizes.agents
+    fanout = Scenario("3 fanout", f"{n} agents x {sizes.fanout_rounds} rounds", REAL_FLEET)
+    capacity = Scenario("4 capacity", f"{n} agents", REAL_FLEET)
+    throughput = Scenario(
+        "5 throughput",
+        f"{sizes.callers} callers x {sizes.throughput_seconds:.0f} s over {n} agents",
+        REAL_FLEET,
+    )
+    reconnect = Scenario("6 reconnect", f"{n} agents", REAL_FLEET)
+    scenarios = [capacity, throughput, fanout, reconnect]
+    started = time.monotonic()
+    downs = _LinkDowns()
+    link_log = logging.getLogger("agent.rpc.link")
+    link_log.setLevel(logging.WARNING)
+    link_log.addHandler(downs)
+    link_log.propagate = False
+    (tmp / "fleet").mkdir()
+    coord = DevCoordinator(tmp / "fleet" / "coordinator", free_port())
+    base_port = free_port()
+    base_child = spawn(
+        [sys.executable, "-m", "bench.baseline", "serve", str(base_port)], tmp / "baseline.log"
+    )
+    base_target = f"127.0.0.1:{base_port}"
+    tasks: list[asyncio.Task[None]] = []
+    clients: list[Client] = []
+    try:
+        await coord.start()
+        await asyncio.sleep(1.0)
+        coord_rss0 = rss_bytes(coord.pid)
+        base_rss0 = rss_bytes(base_child.pid)
+        swarm = Swarm(
+            SwarmSettings(
+                target=coord.address,
+                join_token=coord.join_token,
+                count=n,
+                credentials_dir=tmp / "fleet" / "credentials",
+                prefix="swarm",
+                labels={"env": "staging"},
+                heartbeat=30.0,
+                keepalive_time=60.0,
+                keepalive_timeout=20.0,
+                welcome_timeout=60.0,
+            )
+        )
+        tasks.append(asyncio.create_task(swarm.run()))
+        connect_s = await swarm.wait_connected(n, within=max(120.0, n / 20))
+        capacity.extra["first_connect_and_enroll_s"] = connect_s
+        base_seen: list[float] = [0.0] * n
+
+        def seen(i: int) -> Callable[[float], None]:
+            def note(at: float) -> None:
+                base_seen[i] = at
+
+            return note
+
+        for i in range(n):
+            tasks.append(asyncio.create_task(bl.client_stream(base_target, seen(i))))
+        base_connect_started = time.monotonic()
+        await _wait_base_streams(base_target, base_seen, n)
+        capacity.extra["baseline_connect_s"] = time.monotonic() - base_connect_started
+        await asyncio.sleep(2.0)
+
+        # 4. capacity: RSS per connected agent, idle CPU over a few seconds.
+        j_rss = (rss_bytes(coord.pid) - coord_rss0) / n
+        b_rss = (rss_bytes(base_child.pid) - base_rss0) / n
+        capacity.add("RSS per agent", j_rss / 1024, b_rss / 1024, unit="KiB", target="<= 64 KiB")
+        total_j, total_b = rss_bytes(coord.pid) / 2**20, rss_bytes(base_child.pid) / 2**20
+        capacity.add("coordinator RSS total", total_j, total_b, unit="MiB")
+        j_idle, b_idle = await _idle_cpu([coord.pid, base_child.pid], 3.0)
+        capacity.add("idle CPU", j_idle * 100, b_idle * 100, unit="% core")
+
+        for user in ("alice", "admin"):
+            for _ in range(4):
+                clients.append(await Client.connect(coord.address, token=coord.token(user)))
+        alices, admins = clients[:4], clients[4:]
+        names = [agent.name for agent in swarm.agents]
+
+        # 5. throughput, baseline first.
+        b_rate = await _echo_rate(base_target, sizes.callers, sizes.throughput_seconds)
+        j_rate, cpu_per, api_rate = await _throughput(
+            coord.pid, alices, swarm, names, sizes.callers, sizes.throughput_seconds
+        )
+        throughput.add(
+            "requests/s (create -> agent applied)", j_rate, b_rate, unit="/s", target=">= 2000",
+            note="baseline: raw unary calls/s, same concurrency",
+        )  # fmt: skip
+        throughput.add("requests/s accepted by the API", api_rate, b_rate, unit="/s")
+        throughput.add("coordinator CPU per request", cpu_per * MS, unit="ms")
+
+        # 3. fanout, interleaved rounds.
+        j_times: list[float] = []
+        b_times: list[float] = []
+        j_cpu: list[float] = []
+        b_cpu: list[float] = []
+        for _ in range(sizes.fanout_rounds):
+            cpu0 = cpu_seconds(base_child.pid)
+            t0 = time.monotonic()
+            await bl.fanout(base_target)
+            await until(lambda t0=t0: min(base_seen) >= t0, 60, "baseline fan-out seen")  # type: ignore[misc]
+            b_times.append(max(base_seen) - t0)
+            b_cpu.append((cpu_seconds(base_child.pid) - cpu0) / n)
+            elapsed, cpu = await _fanout_round(coord.pid, alices, admins, swarm, names)
+            j_times.append(elapsed)
+            j_cpu.append(cpu / n)
+        fanout.add(
+            f"all {n} acks (median of rounds)", median(j_times) * MS, median(b_times) * MS,
+            target="<= 1.2x",
+        )  # fmt: skip
+        fanout.add("CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us")
+        fanout.extra["rounds_ms"] = {"jitmesh": _ms_list(j_times), "baseline": _ms_list(b_times)}
+        fanout.extra["issued_as"] = f"{n} concurrent Access.RevokeGrant calls (4 channels)"
+
+        # 6. reconnect after SIGKILL.
+        for client in clients:
+            await client.close()
+        clients.clear()
+        downs.count = 0
+        t_kill = time.monotonic()
+        coord.kill()
+        await swarm.wait_disconnected(within=30.0)
+        await coord.start()
+        marks = {50: math.nan, 90: math.nan, 99: math.nan, 100: math.nan}
+        deadline = t_kill + max(120.0, n / 50)
+        while time.monotonic() < deadline:
+            up = swarm.connected()
+            now = time.monotonic()
+            for pct in marks:
+                if math.isnan(marks[pct]) and up * 100 >= pct * n:
+                    marks[pct] = now - t_kill
+            if up >= n:
+                break
+            await asyncio.sleep(0.01)
+        for pct, at in marks.items():
+            reconnect.add(
+                f"{pct} % back", at * MS, unit="ms", target="<= 30 s" if pct == 100 else ""
+            )
+        reconnect.add("failed attempts", float(max(0, downs.count - n)), unit="")
+        reconnect.add("left behind", float(n - swarm.connected()), unit="agents", target="0")
+        reconnect.extra["measured_from"] = "SIGKILL; restart as soon as all links saw it"
+    finally:
+        for client in clients:
+            await client.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        coord.stop()
+        base_child.stop()
+        link_log.removeHandler(downs)
+    elapsed = time.monotonic() - started
+    for s in scenarios:
+        s.seconds = elapsed
+    return scenarios
+
+
+async def _wait_base_streams(target: str, seen: list[float], n: int) -> None:
+    # Every baseline stream is up once a fan-out reaches all of them.
+    for _ in range(100):
+        await bl.fanout(target)
+        if all(seen):
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"baseline: not {n} streams up")
+
+
+async def _idle_cpu(pids: Sequence[int], seconds: float) -> list[float]:
+    before = [cpu_seconds(pid) for pid in pids]
+    await asyncio.sleep(seconds)
+    return [(cpu_seconds(pid) - b) / seconds for pid, b in zip(pids, before, strict=True)]
+
+
+async def _gather_limited(jobs: Sequence[Callable[[], Awaitable[Any]]], limit: int) -> list[Any]:
+    gate = asyncio.Semaphore(limit)
+
+    async def one(job: Callable[[], Awaitable[Any]]) -> Any:
+        async with gate:
+            return await job()
+
+    return await asyncio.gather(*(one(job) for job in jobs))
+
+
+async def _echo_rate(target: str, callers: int, seconds: float) -> float:
+    import grpc
+
+    count = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        echo = channel.unary_unary(bl.ECHO, None, None)
+        stop = time.monotonic() + seconds
+
+        async def caller() -> None:
+            nonlocal count
+            while time.monotonic() < stop:
+                await echo(bytes(bl.PUSH_BYTES))
+                count += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        return count / (time.monotonic() - started)
+
+
+async def _throughput(
+    pid: int,
+    alices: Sequence[Client],
+    swarm: Swarm,
+    names: Sequence[str],
+    callers: int,
+    seconds: float,
+) -> tuple[float, float, float]:
+    """Returns (requests/s from create until applied on the agent, coordinator CPU s per
+    request, requests/s the API accepted)."""
+    by_name = {agent.name: agent for agent in swarm.agents}
+    created: list[tuple[str, str]] = []
+    picks = itertools.cycle(names)
+    cpu0 = cpu_seconds(pid)
+    started = time.monotonic()
+    stop = started + seconds
+
+    async def caller(client: Client) -> None:
+        while time.monotonic() < stop:
+            agent = next(picks)
+            _, grant = await client.create_request(agent=agent, action="deploy", duration=HOUR)
+            assert grant is not None
+            created.append((agent, grant.id))
+
+    await asyncio.gather(*(caller(alices[i % len(alices)]) for i in range(callers)))
+    api_done = time.monotonic()
+
+    async def all_applied() -> bool:
+        for agent, grant_id in created:
+            lease = await by_name[agent].store.lease(grant_id)
+            if lease is None or lease.applied_at is None:
+                return False
+        return True
+
+    limit = time.monotonic() + 120
+    while not await all_applied():
+        if time.monotonic() > limit:
+            raise TimeoutError("throughput: grants not applied after 120 s")
+        await asyncio.sleep(0.01)
+    done = time.monotonic()
+    cpu = cpu_seconds(pid) - cpu0
+    return len(created) / (done - started), cpu / len(created), len(created) / (api_done - started)
+
+
+async def _fanout_round(
+    pid: int,
+    alices: Sequence[Client],
+    admins: Sequence[Client],
+    swarm: Swarm,
+    names: Sequence[str],
+) -> tuple[float, float]:
+    """Grant (alice, restart) on every agent (not timed), then revoke them all at once: the
+    seconds until the last agent removed it, and the coordinator CPU seconds spent."""
+    pair = ("alice", "restart")
+    grants: list[str] = []
+
+    def creator(i: int) -> Callable[[], Awaitable[None]]:
+        async def create() -> None:
+            _, grant = await alices[i % len(alices)].create_request(
+                agent=names[i], action="restart", duration=HOUR
+            )
+            assert grant is not None
+            grants.append(grant.id)
+
+        return create
+
+    await _gather_limited([creator(i) for i in range(len(names))], 64)
+    agents = swarm.agents
+    await until(lambda: all(pair in a.enforcer.in_force for a in agents), 300, "fan-out granted")
+    await asyncio.sleep(0.5)
+    marks = [len(a.enforcer.history) for a in agents]
+    cpu0 = cpu_seconds(pid)
+    started = time.monotonic()
+    await asyncio.gather(
+        *(admins[i % len(admins)].revoke_grant(g, reason="bench") for i, g in enumerate(grants))
+    )
+    await until(lambda: not any(pair in a.enforcer.in_force for a in agents), 300, "revoked")
+    cpu = cpu_seconds(pid) - cpu0
+    last = started
+    for agent, mark in zip(agents, marks, strict=True):
+        for at, op, what in agent.enforcer.history[mark:]:
+            if op == "remove" and what == pair:
+                last = max(last, at)
+    return last - started, cpu
+
+
+# Scenario 7: the coordinator's expiry sweep.
+
+
+async def expiry(tmp: Path, sizes: Sizes) -> list[Scenario]:
+    n = sizes.expiry_grants
+    scenario = Scenario(
+        "7 expiry sweep",
+        f"{n} grants due at once",
+        "real: SqliteStore + Expirer (one audit event per grant, hash chain); baseline: plain "
+        "sqlite3, one UPDATE and one hashed INSERT per row, one transaction",
+    )
+    started = time.monotonic()
+    store = await SqliteStore.open(tmp / "expiry" / "coordinator.db")
+    try:
+        created = datetime.now(UTC) - timedelta(hours=2)
+        batch = 5000
+        for first in range(0, n, batch):
+            async with store.transaction() as tx:
+                for i in range(first, min(n, first + batch)):
+                    await tx.insert_grant(_due_grant(i, created))
+        now = created + timedelta(hours=2)
+        b = _baseline_sweep(n)
+        sweep_started = time.perf_counter()
+        grants, _ = await Expirer(store, Hub(), _FixedClock(now)).sweep(now)
+        j = time.perf_counter() - sweep_started
+        if grants != n:
+            raise RuntimeError(f"expiry sweep expired {grants} of {n} grants")
+        scenario.add(f"{n} grants", j * MS, b * MS, target="< 1 s (100,000)")
+    finally:
+        await store.close()
+    scenario.seconds = time.monotonic() - started
+    return [scenario]
+
+
+def _due_grant(i: int, created: datetime) -> Grant:
+    return Grant(
+        id=f"grt_bench{i:08d}",
+        request_id=f"req_bench{i:08d}",
+        agent=f"agent-{i % 1000}",
+        subject="alice",
+        action="deploy",
+        not_before=created,
+        not_after=created + timedelta(hours=1),
+        state=GrantState.ACTIVE,
+        offline=OfflinePolicy(),
+        created_at=created,
+        grant_seq=i + 1,
+        epoch=1,
+    )
+
+
+def _baseline_sweep(n: int) -> float:
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.execute("CREATE TABLE g (id TEXT PRIMARY KEY, state TEXT, not_after INTEGER)")
+    db.execute("CREATE TABLE a (seq INTEGER PRIMARY KEY, grant_id TEXT, prev TEXT, hash TEXT)")
+    db.executemany("INSERT INTO g VALUES (?, 'ACTIVE', 0)", ((f"g{i}",) for i in range(n)))
+    started = time.perf_counter()
+    db.execute("BEGIN")
+    ids = [r[0] for r in db.execute("SELECT id FROM g WHERE state = 'ACTIVE' AND not_after <= 1")]
+    db.executemany("UPDATE g SET state = 'EXPIRED' WHERE id = ?", ((i,) for i in ids))
+    prev = ""
+    rows = []
+    for seq, grant_id in enumerate(ids, 1):
+        digest = hashlib.sha256(f"{prev}|{seq}|{grant_id}|grant.expired".encode()).hexdigest()
+        rows.append((seq, grant_id, prev, digest))
+        prev = digest
+    db.executemany("INSERT INTO a VALUES (?, ?, ?, ?)", rows)
+    db.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    db.close()
+    return elapsed
+
+
+class _FixedClock:
+    def __init__(self, at: datetime) -> None:
+        self._at = at
+
+    def now(self) -> datetime:
+        return self._at
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
