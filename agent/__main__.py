@@ -124,6 +124,36 @@ def run(argv: Sequence[str]) -> int:
         metavar="SECONDS",
         help="heartbeat interval when the coordinator's Welcome names none",
     )
+    # Defaults: the production column of PROMISES.md's starting parameters.
+    parser.add_argument("--keepalive", type=float, default=30.0, metavar="SECONDS")
+    parser.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="HTTP/2 ping timeout: a silently dead connection is noticed after about "
+        "keepalive + timeout",
+    )
+    parser.add_argument(
+        "--remove-retries",
+        type=int,
+        default=6,
+        help="attempts to remove access for a revoke before it is reported REVOKE_FAILED",
+    )
+    parser.add_argument(
+        "--remove-retry-base",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="first delay between remove attempts (doubling, +-50 %%)",
+    )
+    parser.add_argument(
+        "--skew-tolerance",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="grants issued further than this from the agent's clock are refused",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     args = parser.parse_args(argv)
     if not args.coordinator:
@@ -147,6 +177,11 @@ def run(argv: Sequence[str]) -> int:
             backoff_base=args.backoff_base,
             backoff_cap=args.backoff_cap,
             heartbeat=args.heartbeat,
+            keepalive_time=args.keepalive,
+            keepalive_timeout=args.keepalive_timeout,
+            remove_retries=args.remove_retries,
+            remove_retry_base=args.remove_retry_base,
+            skew_tolerance=args.skew_tolerance,
         )
     except ValidationError as exc:
         return _fail(f"configuration: {describe(exc)}")
@@ -182,7 +217,10 @@ async def _serve(config: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await app.run(config, stop=stop)
+    from agent import testclock
+
+    # None unless the fault suite's test-only clock variable is set.
+    await app.run(config, stop=stop, clock=testclock.from_env())
 
 
 def _setup_logging(agent: str, level: str) -> None:

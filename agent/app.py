@@ -14,10 +14,12 @@ import random
 import stat
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 from agent.config import AgentConfig, ExecEnforcerConfig, FileEnforcerConfig
 from agent.domain.errors import AgentError, EnrollmentError, StateError
+from agent.domain.leases import EventKind, new_event
 from agent.enforcers.base import Enforcer, EnforcerSet
 from agent.enforcers.exec import ExecEnforcer, Hooks
 from agent.enforcers.file import FileEnforcer
@@ -26,7 +28,7 @@ from agent.rpc.link import Link, LinkSettings
 from agent.store.credential import CredentialFile
 from agent.store.keys import PinnedKeys
 from agent.store.sqlite import SqliteLeaseStore
-from jitmesh.clock import Clock, SystemClock
+from jitmesh.clock import Clock, SystemClock, to_ms
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ async def run(
             "no credential in the state directory and no join token: "
             "pass --join-token or set JITMESH_JOIN_TOKEN"
         )
-    store = SqliteLeaseStore.open(state_dir)
+    store, moved_aside = SqliteLeaseStore.open_or_recover(state_dir, now_ms=to_ms(clock.now()))
     try:
         boot_id = read_boot_id()
         await store.claim(config.name, boot_id)
@@ -72,7 +74,19 @@ async def run(
             enforcers=EnforcerSet(build_enforcers(config, clock)),
             clock=clock,
             rand=rand,
+            remove_retries=config.remove_retries,
+            remove_retry_base=config.remove_retry_base,
+            skew_tolerance=timedelta(seconds=config.skew_tolerance),
         )
+        if moved_aside:
+            # Fail closed: with an empty table the start-up reconcile removes every access the
+            # enforcers observe; the coordinator then sends a snapshot (Hello says seq 0).
+            log.error("lease table unreadable: moved aside", extra={"error": moved_aside})
+            await store.add_event(
+                new_event(
+                    EventKind.STATE_MOVED_ASIDE, at=clock.now(), details={"error": moved_aside}
+                )
+            )
         await engine.start()
         link = Link(
             LinkSettings(

@@ -113,6 +113,12 @@ class AgentConfig(_Frozen):
     keepalive_time: float = Field(default=30.0, gt=0, le=3600)
     keepalive_timeout: float = Field(default=10.0, gt=0, le=3600)
     welcome_timeout: float = Field(default=30.0, gt=0, le=3600)
+    # A revoke's removal is tried this many times (jittered exponential backoff from the base)
+    # before the grant is reported REVOKE_FAILED; the sweep keeps retrying after that.
+    remove_retries: int = Field(default=6, ge=1, le=20)
+    remove_retry_base: float = Field(default=10.0, ge=0, le=3600)
+    # Grants whose issue time differs from the agent's clock by more are refused.
+    skew_tolerance: float = Field(default=60.0, gt=0, le=86400)
 
     @field_validator("name")
     @classmethod

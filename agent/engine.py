@@ -29,7 +29,7 @@ from agent.domain.commands import (
     SnapshotSpec,
 )
 from agent.domain.coverage import held_pairs, pair_changes, reconcile
-from agent.domain.errors import ApplyFailed, EnforcerError
+from agent.domain.errors import ApplyFailed, EnforcerError, StateError
 from agent.domain.leases import EventKind, Lease, OutboxEvent, Pair, new_event
 from agent.domain.timekeeping import FailClosedTime, spread
 from agent.enforcers.base import EnforcerSet
@@ -47,6 +47,9 @@ WALL_NOTE_EVERY = timedelta(seconds=10)
 RETRY_BASE = 1.0
 RETRY_CAP = 60.0
 MAX_REASON = 256
+# A wall clock this much behind the last recorded time at start is not yet "untrusted" (the time
+# is recorded as the agent runs, a little ahead of a clean stop).
+CLOCK_SLACK = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +74,14 @@ class Engine:
         enforcers: EnforcerSet,
         clock: Clock,
         rand: Callable[[], float] = random.random,
+        remove_retries: int = 1,
+        remove_retry_base: float = 0.0,
+        skew_tolerance: timedelta | None = None,
     ) -> None:
+        """`remove_retries`: attempts at a revoke's removal before it is acked FAILED (the
+        coordinator's REVOKE_FAILED), `remove_retry_base` apart, doubling, +-50 %.
+        `skew_tolerance`: grants issued further from the agent's time are refused (None: no
+        check)."""
         self.name = name
         self._store = store
         self._enforcers = enforcers
@@ -91,6 +101,12 @@ class Engine:
         self._pending_removals: dict[Pair, str] = {}
         self._retry_attempt = 0
         self._wall_noted_at: datetime | None = None
+        self._remove_retries = max(1, remove_retries)
+        self._remove_retry_base = remove_retry_base
+        self._skew = skew_tolerance
+        # Set at start when the wall clock is behind the last recorded time; cleared by the
+        # coordinator's time in a Welcome. While set, grants are refused.
+        self._clock_untrusted = False
 
     @property
     def connected(self) -> bool:
@@ -109,8 +125,12 @@ class Engine:
         enforcers with the table."""
         meta = await self._store.meta()
         wall = self._clock.now()
-        if meta.last_wall_at is not None and meta.last_wall_at > wall:
-            log.warning("wall clock is behind the last time seen; using the later time")
+        if meta.last_wall_at is not None and meta.last_wall_at > wall + CLOCK_SLACK:
+            # The clock went back while the agent was down (a bad RTC, a reboot with a wrong
+            # clock): no lease deadline can be trusted. Everything managed goes; new grants wait
+            # for the coordinator's time.
+            log.warning("wall clock is behind the last time seen: clock untrusted")
+            self._clock_untrusted = True
         self._time = FailClosedTime(
             wall=wall, mono=self._clock.monotonic(), floor=meta.last_wall_at
         )
@@ -119,8 +139,52 @@ class Engine:
         # Until the link reaches the coordinator, it has been out of reach since the last contact.
         self._offline_since = meta.last_contact_at
         async with self._lock:
+            if self._clock_untrusted:
+                await self._end_everything(
+                    reason="clock_untrusted",
+                    event=new_event(
+                        EventKind.CLOCK_UNTRUSTED,
+                        at=self.now(),
+                        details={
+                            "wall": wall.isoformat(),
+                            "last_seen": meta.last_wall_at.isoformat() if meta.last_wall_at else "",
+                        },
+                    ),
+                )
             await self._sweep(while_down=True)
             await self._reconcile()
+
+    async def _end_everything(self, *, reason: str, event: OutboxEvent) -> None:
+        """Fail closed: end every active lease and take its access away."""
+        now = self.now()
+        active = await self._store.active_leases()
+        failures = await self._enforce([lease for lease in active if lease.holds], ending=active)
+        for lease in active:
+            if lease.pair in failures.remove:
+                self._pending_removals[lease.pair] = lease.grant_id
+            await self._store.end_lease(
+                lease.ended(at=now, reason=reason),
+                new_event(EventKind.GRANT_REMOVED, at=now, lease=lease, details={"reason": reason}),
+            )
+        await self._store.add_event(event)
+        self.outbox_changed.set()
+
+    async def coordinator_time_seen(self, at: datetime) -> None:
+        """The coordinator's clock (from a Welcome): time never runs behind it, and a clock
+        found untrusted at start is trusted again."""
+        if self._time is None:
+            return
+        self._time.raise_to(at, mono=self._clock.monotonic())
+        if self._clock_untrusted:
+            self._clock_untrusted = False
+            await self._store.note_wall(self.now())
+            await self._store.add_event(
+                new_event(
+                    EventKind.CLOCK_TRUSTED, at=self.now(), details={"coordinator": at.isoformat()}
+                )
+            )
+            self.outbox_changed.set()
+            log.info("clock trusted again: coordinator time seen")
 
     async def checkpoint(self) -> None:
         """Persist the time reached (and the contact, if connected), e.g. before stopping."""
@@ -185,6 +249,12 @@ class Engine:
                     ack = await self._revoke(command, kind, now)
                 else:
                     ack = await self._snapshot(command, kind, now)
+        if (
+            ack.status is AckStatus.FAILED
+            and isinstance(command.kind, RevokeSpec)
+            and self._remove_retries > 1
+        ):
+            ack = await self._retry_revoke(ack)
         log.info(
             "command handled",
             extra={
@@ -197,6 +267,53 @@ class Engine:
         self._leases_changed.set()
         return ack
 
+    async def _retry_revoke(self, ack: Ack) -> Ack:
+        """A revoke's removal failed: try again with jittered backoff (not holding the lock
+        while waiting, so expiry goes on); after the last attempt the ack stays FAILED and the
+        coordinator records REVOKE_FAILED. The sweep keeps retrying afterwards."""
+        lease = await self._store.lease(ack.grant_id)
+        if lease is None:
+            return ack
+        pair = lease.pair
+        reason = ack.reason
+        for attempt in range(1, self._remove_retries):
+            delay = spread(self._remove_retry_base * 2.0 ** (attempt - 1), rand=self._rand())
+            await self._clock.sleep(delay)
+            async with self._lock:
+                if pair not in self._pending_removals:
+                    # The sweep's retry removed it meanwhile.
+                    return Ack(ack.seq, AckStatus.APPLIED, "removed on retry", ack.grant_id)
+                if pair in held_pairs(await self._store.active_leases()):
+                    del self._pending_removals[pair]
+                    return Ack(ack.seq, AckStatus.APPLIED, "held by another grant", ack.grant_id)
+                try:
+                    await self._enforcers.remove(pair)
+                except EnforcerError as exc:
+                    reason = _cut(f"remove failed: {exc}")
+                    continue
+                del self._pending_removals[pair]
+                log.info("grant revoked on retry", extra=_lease_fields(lease))
+                return Ack(
+                    ack.seq, AckStatus.APPLIED, f"removed on attempt {attempt + 1}", ack.grant_id
+                )
+        now = self.now()
+        await self._store.add_event(
+            new_event(
+                EventKind.GRANT_REVOKE_FAILED,
+                at=now,
+                lease=lease,
+                details={"attempts": str(self._remove_retries), "reason": reason},
+            )
+        )
+        self.outbox_changed.set()
+        log.error("revoke failed after retries", extra=_lease_fields(lease))
+        return Ack(
+            ack.seq,
+            AckStatus.FAILED,
+            _cut(f"{reason} ({self._remove_retries} attempts)"),
+            ack.grant_id,
+        )
+
     async def _record(self, command: CommandSpec, writes: Sequence[Lease]) -> None:
         await self._store.record_command(seq=command.seq, epoch=command.epoch, writes=writes)
         self._last_applied_seq = command.seq
@@ -204,6 +321,20 @@ class Engine:
 
     async def _grant(self, command: CommandSpec, spec: GrantSpec, now: datetime) -> Ack:
         seq, grant_id = command.seq, spec.grant_id
+        refusal = self._time_problem(command, now)
+        if refusal is not None:
+            await self._record(command, ())
+            await self._store.add_event(
+                new_event(
+                    EventKind.GRANT_REFUSED,
+                    at=now,
+                    grant_id=grant_id,
+                    pair=(spec.subject, spec.action),
+                    details={"reason": refusal},
+                )
+            )
+            self.outbox_changed.set()
+            return Ack(seq, AckStatus.REJECTED, refusal, grant_id)
         decision = commands.decide_grant(spec, await self._store.lease(grant_id), seq=seq, now=now)
         if isinstance(decision, Refuse):
             await self._record(command, ())
@@ -213,7 +344,12 @@ class Engine:
             return Ack(seq, AckStatus.APPLIED, "already applied", grant_id)
         lease = decision.lease
         holding = await self._holding()
-        await self._record(command, (lease,))
+        try:
+            await self._record(command, (lease,))
+        except StateError as exc:
+            # Not persisted (a full disk): no hook runs, access never exists without its row.
+            log.error("cannot persist a grant", extra={"grant_id": grant_id, "error": str(exc)})
+            return Ack(seq, AckStatus.FAILED, "cannot persist the grant", grant_id)
         if not decision.new:
             return Ack(seq, AckStatus.APPLIED, "updated", grant_id)
         if not lease.allows(now):
@@ -224,9 +360,26 @@ class Engine:
         if reason is not None:
             await self._store.mark_failed(grant_id, now, reason)
             return Ack(seq, AckStatus.FAILED, reason, grant_id)
-        await self._store.mark_applied(grant_id, now)
+        try:
+            await self._store.mark_applied(grant_id, now)
+        except StateError:
+            # Applied but not recorded as applied: take it away again (fail closed).
+            await self._enforce([*holding, lease], ending=[lease])
+            return Ack(seq, AckStatus.FAILED, "cannot persist the grant", grant_id)
         log.info("grant applied", extra=_lease_fields(lease))
         return Ack(seq, AckStatus.APPLIED, "", grant_id)
+
+    def _time_problem(self, command: CommandSpec, now: datetime) -> str | None:
+        if self._clock_untrusted:
+            return "agent clock untrusted"
+        skew = self._skew
+        if (
+            skew is not None
+            and command.issued_at is not None
+            and abs(now - command.issued_at) > skew
+        ):
+            return "clock skew beyond tolerance"
+        return None
 
     async def _revoke(self, command: CommandSpec, spec: RevokeSpec, now: datetime) -> Ack:
         seq, grant_id = command.seq, spec.grant_id
@@ -238,7 +391,15 @@ class Engine:
             await self._record(command, ())
             return Ack(seq, AckStatus.APPLIED, decision.reason, grant_id)
         holding = await self._holding()
-        await self._record(command, (decision.after,))
+        try:
+            await self._record(command, (decision.after,))
+        except StateError as exc:
+            # Cannot persist the end (a full disk): take the access away all the same.
+            log.error("cannot persist a revoke", extra={"grant_id": grant_id, "error": str(exc)})
+            failures = await self._enforce(holding, ending=[decision.before])
+            if decision.before.pair in failures.remove:
+                self._pending_removals[decision.before.pair] = grant_id
+            return Ack(seq, AckStatus.FAILED, "access removed; cannot persist the revoke", grant_id)
         failures = await self._enforce(holding, ending=[decision.before])
         pair = decision.before.pair
         if pair in failures.remove:

@@ -65,6 +65,8 @@ class CommandSpec:
     body_seq: int
     epoch: int
     kind: GrantSpec | RevokeSpec | SnapshotSpec
+    # When the coordinator issued (or re-sent) it, by the coordinator's clock.
+    issued_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

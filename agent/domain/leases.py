@@ -84,6 +84,16 @@ class EventKind(enum.StrEnum):
     GRANT_REMOVED = "grant.removed"
     # Start-up reconcile found access on the host that no active lease covers, and removed it.
     DRIFT_REMOVED = "drift.removed"
+    # A grant refused because the agent's clock and the coordinator's disagree too much.
+    GRANT_REFUSED = "grant.refused"
+    # At start the wall clock was behind the last time the agent had recorded: every managed
+    # grant was removed and new ones are refused until the coordinator's time is seen.
+    CLOCK_UNTRUSTED = "clock.untrusted"
+    CLOCK_TRUSTED = "clock.trusted"
+    # The lease table could not be read at start: moved aside, everything managed removed.
+    STATE_MOVED_ASIDE = "state.moved_aside"
+    # A revoke whose removal kept failing: access may still be in force (never reported revoked).
+    GRANT_REVOKE_FAILED = "grant.revoke_failed"
 
 
 @dataclass(frozen=True, slots=True)

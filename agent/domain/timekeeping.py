@@ -23,6 +23,13 @@ class FailClosedTime:
         self._high = max(self._high, wall, by_mono)
         return self._high
 
+    def raise_to(self, at: datetime, *, mono: float) -> None:
+        """Move "now" forward to `at` (a trusted time, e.g. the coordinator's), never back."""
+        if at > self._high:
+            self._anchor_wall = at
+            self._anchor_mono = mono
+            self._high = at
+
 
 def full_jitter(attempt: int, *, base: float, cap: float, rand: float) -> float:
     """Delay before reconnect number `attempt` (0 first): uniform in [0, min(cap, base * 2^n)).

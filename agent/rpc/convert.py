@@ -80,7 +80,16 @@ def command_from_pb(seq: int, body: agentlink_pb2.CommandBody) -> CommandSpec:
         )
     else:
         raise MalformedCommand("command has no kind")
-    return CommandSpec(seq=seq, agent=body.agent, body_seq=body.seq, epoch=body.epoch, kind=spec)
+    return CommandSpec(
+        seq=seq,
+        agent=body.agent,
+        body_seq=body.seq,
+        epoch=body.epoch,
+        kind=spec,
+        issued_at=from_timestamp(body.issued_at, "issued_at")
+        if body.HasField("issued_at")
+        else None,
+    )
 
 
 def grant_from_pb(g: agentlink_pb2.GrantCommand) -> GrantSpec:

@@ -278,6 +278,13 @@ class Link:
     async def _welcome(self, welcome: agentlink_pb2.Welcome) -> float:
         await self._engine.note_epoch(welcome.epoch)
         self._min_epoch = max(self._min_epoch, welcome.epoch)
+        if welcome.HasField("coordinator_time"):
+            # Time never runs behind the coordinator's; an untrusted clock is trusted again.
+            try:
+                coordinator_time = convert.from_timestamp(welcome.coordinator_time, "time")
+            except MalformedCommand:
+                raise LinkError("the Welcome carries an impossible time") from None
+            await self._engine.coordinator_time_seen(coordinator_time)
         await self._engine.coordinator_reached()
         self._welcomed_at = self._pacing.monotonic()
         if welcome.agent and welcome.agent != self._settings.name:

@@ -54,6 +54,12 @@ class SqliteLeaseStore:
             # the coordinator resends what was not acknowledged.
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
+            # A damaged file is found now, at start, not in the middle of a command.
+            check = db.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                db.close()
+                raise sqlite3.DatabaseError("quick_check failed")
+            db.execute("SELECT count(*) FROM leases").fetchone()
         except (sqlite3.Error, OSError, ValueError) as exc:
             os.close(lock_fd)
             raise StateError(f"cannot open the lease table: {type(exc).__name__}") from exc
@@ -70,15 +76,52 @@ class SqliteLeaseStore:
         os.close(self._lock_fd)
         self._lock_fd = -1
 
+    @classmethod
+    def open_or_recover(cls, state_dir: Path, *, now_ms: int) -> tuple[SqliteLeaseStore, str]:
+        """Open the lease table; if it cannot be read (corrupt, truncated, not a database), move
+        it aside (`agent.db.corrupt-<ms>`, with its WAL and shared-memory files) and start with
+        an empty one. Returns the store and, if a table was moved aside, why ("" otherwise).
+
+        The caller must then treat every access on the host as unmanaged (an empty table: the
+        start-up reconcile removes all the enforcers observe) and resync from the coordinator.
+        """
+        try:
+            return cls.open(state_dir), ""
+        except StateError as exc:
+            if not isinstance(exc.__cause__, sqlite3.DatabaseError):
+                raise  # locked by another agent, permissions: not something moving aside fixes
+            why = type(exc.__cause__).__name__
+        db_path = state_dir / DB_NAME
+        for suffix in ("", "-wal", "-shm"):
+            part = db_path.with_name(db_path.name + suffix)
+            if part.exists():
+                os.replace(part, part.with_name(f"{part.name}.corrupt-{now_ms}"))
+        return cls.open(state_dir), why
+
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One immediate transaction. SQLite errors (a full disk, I/O errors) surface as
+        StateError, so callers can answer a failed ack instead of crashing the agent."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StateError(f"lease table unavailable: {type(exc).__name__}") from exc
         try:
             yield self._db
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise StateError(f"lease table write failed: {exc}") from exc
         except BaseException:
-            self._db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise StateError(f"lease table commit failed: {exc}") from exc
 
     # Metadata.
 

@@ -19,6 +19,7 @@ from jitmesh.types import (
     Review,
     ReviewDecision,
 )
+from server.crashpoints import crash_point
 
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 from .hub import Hub
@@ -137,6 +138,7 @@ class AccessService:
             await tx.audit(self._entry("request.created", principal.name, request, rule=rule.name))
             if not manual:
                 grant, command = await self._approve(tx, request, rule, f"policy:{rule.name}")
+                crash_point("before_commit")
         return await self._after(tx, request.id, grant, command)
 
     async def review(
@@ -379,6 +381,7 @@ class AccessService:
         self, tx: Tx, request_id: str, grant: Grant | None, command: Command | None
     ) -> tuple[Request, Grant | None]:
         if command is not None:
+            crash_point("after_commit")
             self._links.push([command])
         self._deadlines_changed()
         self._hub.requests_changed([request_id])

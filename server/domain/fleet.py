@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from jitmesh import validation as v
 from jitmesh.clock import Clock
 from jitmesh.types import Agent, Grant, GrantState
+from server.crashpoints import crash_point
 
 from .access import hash_secret
 from .errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
@@ -183,9 +184,13 @@ class FleetService:
                 )
             )
         await self._hub.audit_written(tx.new_audit)
-        if hello.last_applied_seq > agent.last_seq:
-            # The agent has seen commands this log does not hold (a restored or replaced store):
-            # only a full snapshot brings it back in line.
+        if hello.last_applied_seq > agent.last_seq or (
+            hello.last_applied_seq == 0 and agent.last_seq > 0
+        ):
+            # The agent has seen commands this log does not hold (a restored or replaced store),
+            # or it lost its lease table (moved aside as corrupt, a reinstalled host): only a full
+            # snapshot brings it back in line. Replaying the whole log instead would apply, for a
+            # moment, grants that were revoked later in it.
             grants = await self._store.live_grants(agent.name)
             return Resume(agent.last_seq, (), tuple(grants), agent.last_seq)
         resume_after = hello.last_applied_seq
@@ -201,6 +206,8 @@ class FleetService:
 
     async def ack(self, principal: Principal, ack: AgentAck) -> None:
         now = self._clock.now()
+        # The command reached the agent and was applied, the ack is not recorded yet.
+        crash_point("after_push")
         async with self._store.transaction() as tx:
             done = await tx.ack_command(principal.name, ack.seq, ack.status, ack.reason[:256], now)
             if done is None:
@@ -210,6 +217,7 @@ class FleetService:
             if grant is None:
                 return
             await self._apply_ack(tx, principal.name, grant, kind, ack, now, now - issued_at)
+        crash_point("after_ack")
         self._hub.requests_changed([grant.request_id])
         await self._hub.audit_written(tx.new_audit)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -316,22 +318,63 @@ async def test_restart_expires_what_ended_while_down_then_reconciles(rig: Rig) -
         again.store.close()
 
 
-async def test_restart_keeps_time_from_running_backwards(rig: Rig) -> None:
+async def test_restart_with_the_clock_set_back_removes_everything_until_coordinator_time(
+    rig: Rig,
+) -> None:
     spec = grant(length=10 * MIN)
     await rig.engine.handle(command(1, spec))
     await rig.clock.advance(9 * MIN)
     await rig.engine.checkpoint()
-    # The host comes back with its clock an hour slow: the persisted floor still ends the lease
-    # once a minute has passed.
+    # The host comes back with its clock an hour slow: no deadline can be trusted, so every
+    # managed grant goes at once, and new grants are refused until the coordinator's time is seen.
     await rig.clock.jump_wall(-timedelta(hours=1))
     again = await restart(rig)
     try:
-        assert await again.files.observe() == {PAIR}
-        await again.clock.advance(MIN)
-        await again.engine.sweep()
         assert await again.files.observe() == set()
+        kinds = [k for k, _, _ in await again.kinds()]
+        assert "clock.untrusted" in kinds
+        assert "grant.removed" in kinds
+        late = grant(length=10 * MIN)
+        ack = await again.engine.handle(command(2, late))
+        assert (ack.status, ack.reason) == (AckStatus.REJECTED, "agent clock untrusted")
+        assert await again.files.observe() == set()
+        # The coordinator's time: trusted again, and "now" never runs behind it.
+        await again.engine.coordinator_time_seen(T0 + 9 * MIN)
+        assert again.engine.now() >= T0 + 9 * MIN
+        fresh = grant(length=10 * MIN)
+        ack = await again.engine.handle(command(3, fresh))
+        assert ack.status is AckStatus.APPLIED
+        assert await again.files.observe() == {PAIR}
     finally:
         again.store.close()
+
+
+async def test_grant_issued_beyond_the_skew_tolerance_is_refused_and_audited(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(T0)
+    store = SqliteLeaseStore.open(tmp_path)
+    await store.claim(AGENT, "boot")
+    files = FileEnforcer(tmp_path / "access", clock=clock)
+    engine = Engine(
+        name=AGENT,
+        store=store,
+        enforcers=EnforcerSet([files]),
+        clock=clock,
+        skew_tolerance=timedelta(seconds=2),
+    )
+    await engine.start()
+    try:
+        spec = grant(length=10 * MIN)
+        skewed = replace(command(1, spec), issued_at=T0 - 5 * SEC)
+        ack = await engine.handle(skewed)
+        assert (ack.status, ack.reason) == (AckStatus.REJECTED, "clock skew beyond tolerance")
+        assert await files.observe() == set()
+        assert [e.kind for e in await store.pending_events(10)] == ["grant.refused"]
+        fine = replace(command(2, grant(length=10 * MIN)), issued_at=T0 - SEC)
+        assert (await engine.handle(fine)).status is AckStatus.APPLIED
+    finally:
+        store.close()
 
 
 async def test_expiry_loop_wakes_on_time_and_signals_the_outbox(rig: Rig) -> None:
@@ -347,3 +390,87 @@ async def test_expiry_loop_wakes_on_time_and_signals_the_outbox(rig: Rig) -> Non
         loop.cancel()
     assert await rig.files.observe() == set()
     assert [k for k, _, _ in await rig.kinds()] == ["grant.expired"]
+
+
+def retrying(rig: Rig, retries: int) -> Engine:
+    return Engine(
+        name=AGENT,
+        store=rig.store,
+        enforcers=EnforcerSet([rig.files, rig.recorder]),
+        clock=rig.clock,
+        rand=lambda: 0.5,
+        remove_retries=retries,
+        remove_retry_base=1.0,
+    )
+
+
+async def advance_until_done(clock: FakeClock, task: asyncio.Task[object]) -> None:
+    async with asyncio.timeout(5):
+        while not task.done():
+            await clock.advance(SEC)
+
+
+async def test_failing_remove_is_retried_then_reported_failed_never_revoked(
+    tmp_path: Path,
+) -> None:
+    rig = build(tmp_path / "state", FakeClock(T0), RecordingEnforcer())
+    engine = retrying(rig, 4)
+    await engine.start()
+    try:
+        spec = grant(length=10 * MIN)
+        await engine.handle(command(1, spec))
+        rig.recorder.fail_remove.add(PAIR)
+        task = asyncio.create_task(engine.handle(command(2, RevokeSpec(spec.grant_id))))
+        await advance_until_done(rig.clock, task)
+        ack = task.result()
+        assert ack.status is AckStatus.FAILED
+        assert "4 attempts" in ack.reason
+        assert rig.recorder.count("remove", PAIR) == 4
+        assert PAIR in rig.recorder.in_force
+        assert "grant.revoke_failed" in [k for k, _, _ in await rig.kinds()]
+    finally:
+        rig.store.close()
+
+
+async def test_remove_that_succeeds_on_retry_acks_applied(tmp_path: Path) -> None:
+    rig = build(tmp_path / "state", FakeClock(T0), RecordingEnforcer())
+    engine = retrying(rig, 4)
+    await engine.start()
+    try:
+        spec = grant(length=10 * MIN)
+        await engine.handle(command(1, spec))
+        rig.recorder.fail_remove.add(PAIR)
+        task = asyncio.create_task(engine.handle(command(2, RevokeSpec(spec.grant_id))))
+        await rig.clock.advance(timedelta(milliseconds=10))
+        rig.recorder.fail_remove.clear()
+        await advance_until_done(rig.clock, task)
+        assert task.result().status is AckStatus.APPLIED
+        assert PAIR not in rig.recorder.in_force
+    finally:
+        rig.store.close()
+
+
+async def test_full_disk_grant_fails_without_a_hook_and_revoke_still_removes(rig: Rig) -> None:
+    held = grant(length=10 * MIN, action="restart")
+    await rig.engine.handle(command(1, held))
+    calls = len(rig.recorder.calls)
+    # Fill the disk: no page can be added to the table any more.
+    pages = rig.store._db.execute("PRAGMA page_count").fetchone()[0]
+    rig.store._db.execute(f"PRAGMA max_page_count={pages}")
+    n = 0
+    for size in (4096, 512, 64, 8, 1):
+        with contextlib.suppress(sqlite3.Error):
+            while True:
+                n += 1
+                rig.store._db.execute(
+                    "INSERT INTO leases (grant_id, subject, action, request_id, not_before_ms, "
+                    "not_after_ms, offline_mode, offline_grace_ms, state, seq, removed_at_ms, "
+                    "remove_reason) VALUES (?, 's', 'a', '', 0, 0, 'HOLD', 0, 'removed', 0, 0, ?)",
+                    (f"fill-{n}", "x" * size),
+                )
+    ack = await rig.engine.handle(command(2, grant(length=10 * MIN)))
+    assert (ack.status, ack.reason) == (AckStatus.FAILED, "cannot persist the grant")
+    assert len(rig.recorder.calls) == calls  # no hook ran
+    # An update in place may still fit; whether it is persisted or not, the access goes.
+    await rig.engine.handle(command(3, RevokeSpec(held.grant_id)))
+    assert ("alice", "restart") not in rig.recorder.in_force  # the hook still ran
