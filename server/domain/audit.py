@@ -13,9 +13,13 @@ from jitmesh.types import AuditEvent, ChainVerification
 GENESIS = "0" * 64
 
 
+# One encoder for every hash: json.dumps with options builds a new encoder on each call.
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def event_hash(event: AuditEvent) -> str:
     """SHA-256 over the canonical JSON of every field but the hash itself."""
-    canonical = json.dumps(
+    canonical = _CANONICAL(
         [
             event.seq,
             event.id,
@@ -28,9 +32,7 @@ def event_hash(event: AuditEvent) -> str:
             event.grant_id,
             dict(sorted(event.details.items())),
             event.prev_hash,
-        ],
-        separators=(",", ":"),
-        ensure_ascii=False,
+        ]
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 

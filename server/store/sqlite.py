@@ -77,6 +77,7 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     await conn.execute("PRAGMA synchronous=NORMAL")
     await conn.execute("PRAGMA foreign_keys=ON")
     await conn.execute("PRAGMA busy_timeout=5000")
+    await conn.execute("PRAGMA cache_size=-65536")
     return conn
 
 
@@ -506,6 +507,98 @@ class SqliteTx:
         self.new_audit.append(event)
         return event
 
+    async def move_grants(
+        self,
+        grant_ids: Sequence[str],
+        *,
+        expected: Iterable[GrantState],
+        state: GrantState,
+        **fields: Any,
+    ) -> set[str]:
+        """`move_grant` for many grants at once (one statement per chunk, not one per grant).
+        Returns the ids that were in an expected state and moved."""
+        states = [s.value for s in expected]
+        for current in expected:
+            if state not in GRANT_TRANSITIONS[current]:
+                raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
+        sets = ["state = ?"]
+        args: list[Any] = [state.value]
+        for column, value in fields.items():
+            if column not in _GRANT_UPDATABLE:
+                raise ValueError(f"column {column} cannot be updated")
+            sets.append(f"{column} = ?")
+            args.append(to_ms(value) if isinstance(value, datetime) else value)
+        moved: set[str] = set()
+        marks = ",".join("?" * len(states))
+        for first in range(0, len(grant_ids), _CHUNK):
+            chunk = grant_ids[first : first + _CHUNK]
+            rows = await _all(
+                self._conn,
+                f"UPDATE grants SET {', '.join(sets)} WHERE id IN ({','.join('?' * len(chunk))}) "
+                f"AND state IN ({marks}) RETURNING id",
+                [*args, *chunk, *states],
+            )
+            moved.update(row[0] for row in rows)
+        return moved
+
+    async def audit_many(self, entries: Sequence[AuditEntry]) -> list[AuditEvent]:
+        """`audit` for many entries, in order, as one batch: the chain is the same as entry by
+        entry. Entries whose id is already stored are skipped."""
+        stored: set[str] = set()
+        ids = [entry.id for entry in entries]
+        for first in range(0, len(ids), _CHUNK):
+            chunk = ids[first : first + _CHUNK]
+            rows = await _all(
+                self._conn,
+                f"SELECT id FROM audit WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            stored.update(row[0] for row in rows)
+        events: list[AuditEvent] = []
+        rows_out: list[tuple[Any, ...]] = []
+        seq, prev = self.head_seq, self.head_hash
+        for entry in entries:
+            if entry.id in stored:
+                continue
+            stored.add(entry.id)
+            seq += 1
+            event = AuditEvent(
+                seq=seq,
+                id=entry.id,
+                at=from_ms(to_ms(entry.at)),
+                actor=entry.actor,
+                kind=entry.kind,
+                subject=entry.subject,
+                agent=entry.agent,
+                request_id=entry.request_id,
+                grant_id=entry.grant_id,
+                details=dict(entry.details),
+                prev_hash=prev,
+                hash="",
+            )
+            prev = event_hash(event)
+            # Built again rather than dataclasses.replace: a third of the cost per event.
+            event = AuditEvent(
+                event.seq, event.id, event.at, event.actor, event.kind, event.subject,
+                event.agent, event.request_id, event.grant_id, event.details, event.prev_hash,
+                prev,
+            )  # fmt: skip
+            events.append(event)
+            rows_out.append(
+                (
+                    event.seq, event.id, to_ms(event.at), event.actor, event.kind, event.subject,
+                    event.agent, event.request_id, event.grant_id, _details_json(event.details),
+                    event.prev_hash, event.hash,
+                )
+            )  # fmt: skip
+        if rows_out:
+            await self._conn.executemany(
+                f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows_out
+            )
+        self.head_seq, self.head_hash = seq, prev
+        self.new_audit.extend(events)
+        return events
+
     async def due_grants(self, now: datetime, limit: int) -> list[Grant]:
         rows = await _all(
             self._conn,
@@ -525,6 +618,12 @@ class SqliteTx:
         )
         return [r[0] for r in rows]
 
+
+# The same text as json.dumps(..., sort_keys=True), without building an encoder per call.
+_details_json = json.JSONEncoder(sort_keys=True).encode
+
+# Ids per statement in batched updates and lookups (well under SQLite's variable limit).
+_CHUNK = 500
 
 _GRANT_UPDATABLE = frozenset(
     {"ended_at", "ended_by", "end_reason", "applied_at", "failure", "epoch"}

@@ -1,0 +1,58 @@
+"""Batched store writes (the expiry sweep's): the same compare-and-set and the same hash chain
+as the one-row methods."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from jitmesh.types import GrantState
+from server.domain.audit import verify_chain
+from server.domain.models import AuditEntry
+from server.store.sqlite import SqliteStore
+from tests.server.helpers import T0, make_grant
+
+
+async def test_move_grants_moves_only_rows_in_an_expected_state(store: SqliteStore) -> None:
+    grants = [make_grant(request_id=f"req{i}", agent="web-1") for i in range(1203)]
+    async with store.transaction() as tx:
+        for grant in grants:
+            await tx.insert_grant(grant)
+        ids = [g.id for g in grants]
+        assert await tx.move_grant(ids[0], expected=[GrantState.PENDING_DELIVERY],
+                                   state=GrantState.ACTIVE)  # fmt: skip
+        moved = await tx.move_grants(
+            [*ids, "grt_unknown"],
+            expected=[GrantState.PENDING_DELIVERY],
+            state=GrantState.EXPIRED,
+            ended_at=T0 + timedelta(hours=2),
+            end_reason="expired",
+        )
+    assert moved == set(ids[1:])
+    first, last = await store.get_grant(ids[0]), await store.get_grant(ids[-1])
+    assert first is not None
+    assert first.state is GrantState.ACTIVE
+    assert last is not None
+    assert last.state is GrantState.EXPIRED
+    assert last.ended_at == T0 + timedelta(hours=2)
+    assert last.end_reason == "expired"
+
+
+async def test_audit_many_extends_the_chain_like_one_by_one(store: SqliteStore) -> None:
+    async with store.transaction() as tx:
+        await tx.audit(AuditEntry("before", "a", T0, id="evt-0"))
+        entries = [
+            AuditEntry("grant.expired", "coordinator", T0, grant_id=f"g{i}", id=f"evt-{i}",
+                       details={"action": "deploy", "was": "ACTIVE"})
+            for i in range(1, 1204)
+        ]  # fmt: skip
+        # An id already stored (here, or earlier) is skipped, as with `audit`.
+        written = await tx.audit_many([*entries, AuditEntry("dup", "a", T0, id="evt-0")])
+        assert len(written) == len(entries)
+        assert tx.new_audit[-1] == written[-1]
+    async with store.transaction() as tx:
+        after = await tx.audit(AuditEntry("after", "a", T0, id="evt-last"))
+    chain = await store.audit_chain(0, 10_000)
+    assert [e.id for e in chain] == ["evt-0", *(e.id for e in entries), "evt-last"]
+    assert verify_chain(chain).ok
+    assert after is not None
+    assert store.head == (after.seq, after.hash)
