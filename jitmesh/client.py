@@ -25,7 +25,8 @@ from typing import Final, Self, TypeVar
 import grpc
 from grpc import aio
 
-from jitmesh import convert as _convert, errors, types, validation
+from jitmesh import convert as _convert
+from jitmesh import errors, types, validation
 from jitmesh.durations import format_duration
 from jitmesh.v1 import (
     access_pb2,
