@@ -107,6 +107,12 @@ def run(argv: Sequence[str]) -> int:
         default=os.environ.get("JITMESH_JOIN_TOKEN"),
         help="one-time join token for enrollment (env JITMESH_JOIN_TOKEN)",
     )
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        default=os.environ.get("JITMESH_CA_FILE") or None,
+        help="the coordinator's CA certificate; with it the agent uses mTLS (env JITMESH_CA_FILE)",
+    )
     parser.add_argument("--state", required=True, type=Path, help="state directory")
     parser.add_argument(
         "--enforcer",
@@ -172,6 +178,7 @@ def run(argv: Sequence[str]) -> int:
             name=args.name,
             labels=labels,
             join_token=args.join_token or None,
+            ca_file=args.ca_file,
             state_dir=args.state,
             enforcers=tuple(enforcers),
             backoff_base=args.backoff_base,

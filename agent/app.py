@@ -24,6 +24,7 @@ from agent.enforcers.base import Enforcer, EnforcerSet
 from agent.enforcers.exec import ExecEnforcer, Hooks
 from agent.enforcers.file import FileEnforcer
 from agent.engine import Engine
+from agent.identity import IdentityFile
 from agent.rpc.link import Link, LinkSettings
 from agent.store.credential import CredentialFile
 from agent.store.keys import PinnedKeys
@@ -59,7 +60,12 @@ async def run(
     state_dir = prepare_state_dir(config.state_dir)
     credentials = CredentialFile(state_dir / CREDENTIAL_NAME)
     join_token = config.join_token.get_secret_value() if config.join_token else None
-    if credentials.read() is None and not join_token:
+    enrolled = (
+        IdentityFile(state_dir / "tls_identity.json").read()
+        if config.ca_file
+        else credentials.read()
+    )
+    if enrolled is None and not join_token:
         raise EnrollmentError(
             "no credential in the state directory and no join token: "
             "pass --join-token or set JITMESH_JOIN_TOKEN"
@@ -94,6 +100,7 @@ async def run(
                 name=config.name,
                 labels=dict(config.labels),
                 join_token=join_token,
+                ca_pem=config.ca_file.read_bytes() if config.ca_file else None,
                 version=agent_version(),
                 boot_id=boot_id,
                 backoff_base=config.backoff_base,

@@ -103,6 +103,8 @@ class AgentConfig(_Frozen):
     name: str
     labels: dict[str, str] = Field(default_factory=dict)
     join_token: SecretStr | None = None
+    # The coordinator's CA certificate: enroll with a CSR over TLS and connect with mTLS only.
+    ca_file: Path | None = None
     state_dir: Path
     enforcers: tuple[EnforcerConfig, ...] = ()
     backoff_base: float = Field(default=1.0, ge=0, le=3600)

@@ -53,7 +53,25 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument(
                 "--insecure",
                 action="store_true",
-                help="serve without TLS (required until TLS is configured)",
+                help="serve without TLS (agents then use bearer credentials): testing only",
+            )
+            s.add_argument(
+                "--agent-port",
+                type=int,
+                default=None,
+                help="port where agents connect with mTLS (default: the listen port + 1)",
+            )
+            s.add_argument(
+                "--tls-cert",
+                type=Path,
+                help="PEM certificate for the operator port (else the CA's)",
+            )
+            s.add_argument("--tls-key", type=Path, help="PEM key for --tls-cert")
+            s.add_argument(
+                "--tls-name",
+                action="append",
+                default=[],
+                help="extra DNS name or IP for the coordinator's certificate (repeatable)",
             )
     return p
 
@@ -82,14 +100,22 @@ def main(argv: list[str] | None = None) -> int:
             print("jitmesh-coordinator: dev mode listens on loopback only", file=sys.stderr)
             return 2
         config = CoordinatorConfig(**common, default_policy=DEV_POLICY)
-    else:
-        if not args.insecure:
-            print(
-                "jitmesh-coordinator: TLS is not configured; pass --insecure to serve without it",
-                file=sys.stderr,
-            )
-            return 2
+    elif args.insecure:
         config = CoordinatorConfig(**common, initial_policy=args.policy)
+    else:
+        if (args.tls_cert is None) != (args.tls_key is None):
+            print("jitmesh-coordinator: --tls-cert and --tls-key go together", file=sys.stderr)
+            return 2
+        agent_port = args.agent_port if args.agent_port is not None else port + 1 if port else 0
+        config = CoordinatorConfig(
+            **common,
+            initial_policy=args.policy,
+            tls=True,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_names=tuple(args.tls_name),
+            agent_port=agent_port,
+        )
     try:
         asyncio.run(_serve(config, dev=args.command == "dev"))
     except KeyboardInterrupt:
@@ -106,6 +132,12 @@ async def _serve(config: CoordinatorConfig, *, dev: bool) -> None:
         await _dev_setup(coordinator)
     else:
         await _bootstrap_admin(coordinator)
+    if coordinator.ca is not None:
+        log.info(
+            "TLS from the internal CA ca_file=%s agent_port=%d",
+            coordinator.ca.directory / "ca.pem",
+            coordinator.agent_port,
+        )
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()

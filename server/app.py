@@ -25,6 +25,7 @@ from jitmesh.v1 import (
     policy_pb2,
     policy_pb2_grpc,
 )
+from server.ca import InternalCA
 from server.config import CoordinatorConfig
 from server.domain.access import AccessService
 from server.domain.expiry import Expirer
@@ -64,6 +65,9 @@ class Coordinator:
     health: Any
     epoch: int
     keys: SigningKeys
+    ca: InternalCA | None = None
+    # Where AgentLink requires a client certificate (the main port without TLS).
+    agent_port: int = 0
 
     @property
     def address(self) -> str:
@@ -113,23 +117,51 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     audit = AuditService(store, hub)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
+    ca = InternalCA.open(config.data_dir, clock.now()) if config.tls else None
 
     server = grpc.aio.server(options=_server_options(config))
+    if ca is not None:
+        tls = ca.server_tls([config.host, *config.tls_names], clock.now())
+        if config.tls_cert is not None and config.tls_key is not None:
+            main_pair = (config.tls_key.read_bytes(), config.tls_cert.read_bytes())
+        else:
+            main_pair = (tls.key_pem, tls.cert_pem)
+        # gRPC asks for a client certificate only where it requires one, so agents get their
+        # own port; operators and enrolling agents use the main port with server-side TLS.
+        port = server.add_secure_port(
+            f"{config.host}:{config.port}", grpc.ssl_server_credentials([main_pair])
+        )
+        agent_port = server.add_secure_port(
+            f"{config.host}:{config.agent_port}",
+            grpc.ssl_server_credentials(
+                [(tls.key_pem, tls.cert_pem)],
+                root_certificates=tls.ca_pem,
+                require_client_auth=True,
+            ),
+        )
+    else:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        agent_port = port
+    if port == 0 or agent_port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+
     access_pb2_grpc.add_AccessServicer_to_server(AccessServicer(auth, access, hub), server)
-    agents_pb2_grpc.add_AgentsServicer_to_server(AgentsServicer(auth, fleet, keys), server)
+    agents_pb2_grpc.add_AgentsServicer_to_server(
+        AgentsServicer(auth, fleet, keys, ca, agent_port), server
+    )
     policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(auth, policy), server)
     audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(auth, audit), server)
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
-        AgentLinkServicer(fleet, registry, clock, keys, config.heartbeat), server
+        AgentLinkServicer(
+            fleet, registry, clock, keys, config.heartbeat, require_certificate=ca is not None
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*SERVICES, reflection.SERVICE_NAME, health.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
     for name in [*SERVICES, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -147,6 +179,8 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         health_servicer,
         epoch,
         keys,
+        ca,
+        agent_port,
     )
 
 

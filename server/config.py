@@ -24,3 +24,11 @@ class CoordinatorConfig(BaseModel):
     keepalive_timeout: timedelta = timedelta(seconds=10)
     agent_queue_limit: int = Field(default=1000, ge=10)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    # TLS from the internal CA (DATA/ca/). Operators and enrolling agents use `port` with
+    # server-side TLS (or with tls_cert/tls_key when given); AgentLink needs a client certificate
+    # from the CA on `agent_port`, and enrollment then requires a CSR.
+    tls: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_names: tuple[str, ...] = ()
+    agent_port: int = Field(default=0, ge=0, le=65535)

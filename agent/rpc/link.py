@@ -43,6 +43,7 @@ from agent.domain.commands import Ack, AckStatus
 from agent.domain.errors import EnrollmentError, LinkError, MalformedCommand
 from agent.domain.timekeeping import full_jitter
 from agent.engine import Engine
+from agent.identity import IdentityFile, TlsIdentity, new_key_and_csr
 from agent.store.credential import CredentialFile
 from agent.store.keys import PinnedKeys
 from jitmesh.clock import Clock
@@ -71,6 +72,9 @@ class LinkSettings:
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
     join_token: str | None = field(default=None, repr=False)
+    # The coordinator's CA (PEM): with it the agent enrolls with a CSR over TLS and connects
+    # with mTLS only; without it, plain loopback and a bearer credential (development).
+    ca_pem: bytes | None = field(default=None, repr=False)
     version: str = ""
     boot_id: str = ""
     backoff_base: float = 1.0
@@ -99,8 +103,10 @@ class Link:
         clock: Clock,
         pacing: Clock,
         rand: Callable[[], float] = random.random,
+        identity: IdentityFile | None = None,
     ) -> None:
         """`clock` stamps messages; `pacing` times backoff and heartbeats."""
+        self._identity = identity or IdentityFile(credentials.path.with_name("tls_identity.json"))
         self._settings = settings
         self._engine = engine
         self._credentials = credentials
@@ -118,7 +124,8 @@ class Link:
         attempt = 0
         while True:
             self._welcomed_at = None
-            if self._credentials.read() is None and not self._settings.join_token:
+            enrolled = self._identity.read() if self._settings.ca_pem else self._credentials.read()
+            if enrolled is None and not self._settings.join_token:
                 # Nothing to connect or enroll with: retrying cannot help.
                 raise EnrollmentError(
                     "no credential in the state directory and no join token to enroll with"
@@ -154,12 +161,16 @@ class Link:
             # it and keep trying: it is the only identity this agent has.
             if self._settings.join_token:
                 self._credentials.delete()
+                self._identity.delete()
                 log.warning("credential refused; enrolling again")
             else:
                 log.error("credential refused and no join token to enroll again")
         return code.name if code is not None else "UNKNOWN"
 
     async def _session(self) -> None:
+        if self._settings.ca_pem is not None:
+            await self._tls_session(self._settings.ca_pem)
+            return
         credential = self._credentials.read()
         if credential is not None and not self._keys.read() and self._settings.join_token:
             # Enrolled before commands were signed: without pinned keys every command would be
@@ -168,33 +179,95 @@ class Link:
         async with grpc.aio.insecure_channel(self._settings.target, options=self._options()) as ch:
             if credential is None:
                 credential = await self._enroll(ch)
-            state = await self._engine.hello_state()
-            self._pinned = self._keys.read()
-            self._min_epoch = state.epoch
-            # No request iterator: this call is written to by the one writer task.
-            call: _Call = AgentLinkStub(ch).Connect(
-                None, metadata=(("authorization", f"Bearer {credential}"),)
-            )
-            queue: _Queue = asyncio.Queue(maxsize=self._settings.queue_size)
-            queue.put_nowait(
-                convert.hello_to_pb(
-                    agent=self._settings.name,
-                    labels=self._settings.labels,
-                    last_applied_seq=state.last_applied_seq,
-                    active_grant_ids=state.active_grant_ids,
-                    version=self._settings.version,
-                    epoch=state.epoch,
-                    boot_id=self._settings.boot_id,
-                    agent_time=self._clock.now(),
-                )
-            )
-            self._sent = set()
+            await self._stream(ch, (("authorization", f"Bearer {credential}"),))
+
+    async def _tls_session(self, ca_pem: bytes) -> None:
+        identity = self._identity.read()
+        if identity is None or not self._keys.read():
+            server_only = grpc.ssl_channel_credentials(ca_pem)
+            async with grpc.aio.secure_channel(
+                self._settings.target, server_only, options=self._options()
+            ) as ch:
+                identity = await self._enroll_tls(ch)
+        host = self._settings.target.rpartition(":")[0]
+        target = f"{host}:{identity.port}"
+        if self._clock.now() >= identity.renew_at():
+            identity = await self._renew(target, ca_pem, identity)
+        mutual = grpc.ssl_channel_credentials(ca_pem, identity.key_pem, identity.cert_pem)
+        async with grpc.aio.secure_channel(target, mutual, options=self._options()) as ch:
+            await self._stream(ch, ())
+
+    async def _renew(self, target: str, ca_pem: bytes, old: TlsIdentity) -> TlsIdentity:
+        """A new key and certificate before the old one ends; the lease table is untouched, so
+        grants carry on across the reconnect that follows."""
+        key_pem, csr = new_key_and_csr(self._settings.name)
+        mutual = grpc.ssl_channel_credentials(ca_pem, old.key_pem, old.cert_pem)
+        async with grpc.aio.secure_channel(target, mutual, options=self._options()) as ch:
             try:
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self._write(call, queue))
-                    tasks.create_task(self._read(call, queue, tasks))
-            except BaseExceptionGroup as group:
-                _raise_most_telling(group)
+                response = await AgentsStub(ch).RenewCertificate(
+                    agents_pb2.RenewCertificateRequest(csr=csr), timeout=ENROLL_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as exc:
+                # Keep the old certificate while it lasts; the next session tries again.
+                log.warning("certificate renewal failed", extra={"reason": _code(exc)})
+                return old
+        new = TlsIdentity(key_pem, bytes(response.certificate), old.port)
+        self._identity.write(new)
+        log.info("certificate renewed")
+        return new
+
+    async def _enroll_tls(self, channel: grpc.aio.Channel) -> TlsIdentity:
+        key_pem, csr = new_key_and_csr(self._settings.name)
+        request = agents_pb2.EnrollRequest(
+            join_token=self._settings.join_token or "",
+            name=self._settings.name,
+            labels=dict(self._settings.labels),
+            csr=csr,
+        )
+        try:
+            response = await AgentsStub(channel).Enroll(request, timeout=ENROLL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            raise EnrollmentError(f"enrollment failed: {_code(exc)}") from None
+        if not response.certificate or not 0 < response.agent_port < 65536:
+            raise EnrollmentError("enrollment returned no usable certificate")
+        self._pin(response)
+        identity = TlsIdentity(key_pem, bytes(response.certificate), response.agent_port)
+        self._identity.write(identity)
+        log.info("enrolled")
+        return identity
+
+    def _pin(self, response: agents_pb2.EnrollResponse) -> None:
+        keys = {k.key_id: k.public_key for k in response.signing_keys if len(k.public_key) == 32}
+        if not keys:
+            raise EnrollmentError("enrollment returned no command-signing key")
+        self._keys.write(keys)
+
+    async def _stream(self, ch: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
+        state = await self._engine.hello_state()
+        self._pinned = self._keys.read()
+        self._min_epoch = state.epoch
+        # No request iterator: this call is written to by the one writer task.
+        call: _Call = AgentLinkStub(ch).Connect(None, metadata=metadata)
+        queue: _Queue = asyncio.Queue(maxsize=self._settings.queue_size)
+        queue.put_nowait(
+            convert.hello_to_pb(
+                agent=self._settings.name,
+                labels=self._settings.labels,
+                last_applied_seq=state.last_applied_seq,
+                active_grant_ids=state.active_grant_ids,
+                version=self._settings.version,
+                epoch=state.epoch,
+                boot_id=self._settings.boot_id,
+                agent_time=self._clock.now(),
+            )
+        )
+        self._sent = set()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._write(call, queue))
+                tasks.create_task(self._read(call, queue, tasks))
+        except BaseExceptionGroup as group:
+            _raise_most_telling(group)
 
     def _options(self) -> list[tuple[str, int]]:
         s = self._settings
@@ -227,11 +300,8 @@ class Link:
         # It travels in call metadata, which takes printable ASCII only.
         if not credential or not (credential.isascii() and credential.isprintable()):
             raise EnrollmentError("enrollment returned no usable credential")
-        keys = {k.key_id: k.public_key for k in response.signing_keys if len(k.public_key) == 32}
-        if not keys:
-            raise EnrollmentError("enrollment returned no command-signing key")
         # Keys first: a credential is never saved without the keys that check its commands.
-        self._keys.write(keys)
+        self._pin(response)
         self._credentials.write(credential)
         if response.agent and response.agent != self._settings.name:
             log.warning("the coordinator enrolled this agent under another name")
@@ -329,6 +399,11 @@ class Link:
                     self._sent.add(event.event_id)
                     await queue.put(convert.event_to_pb(event))
             await changed.wait()
+
+
+def _code(exc: grpc.aio.AioRpcError) -> str:
+    code = exc.code()
+    return code.name if code is not None else "UNKNOWN"
 
 
 def _raise_most_telling(group: BaseExceptionGroup[BaseException]) -> None:

@@ -17,6 +17,8 @@ from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from typing import NoReturn, TextIO, TypeAlias
 
+import grpc
+
 from jitmesh import errors
 from jitmesh.cli import output
 from jitmesh.client import Client
@@ -27,6 +29,7 @@ from jitmesh.types import Grant, GrantState, Request, RequestState
 DEFAULT_COORDINATOR = "127.0.0.1:7443"
 ENV_COORDINATOR = "JITMESH_COORDINATOR"
 ENV_TOKEN = "JITMESH_TOKEN"  # noqa: S105 (the name of a variable, not a secret)
+ENV_CA_FILE = "JITMESH_CA_FILE"
 
 DEFAULT_TIMEOUT = timedelta(seconds=10)
 VERIFY_TIMEOUT = timedelta(seconds=60)
@@ -155,6 +158,12 @@ def _common_options() -> _Parser:
         "--token",
         default=argparse.SUPPRESS,
         help=f"bearer token (default: ${ENV_TOKEN}); prefer the variable, argv is visible",
+    )
+    group.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        default=argparse.SUPPRESS,
+        help=f"CA certificate of a TLS coordinator (default: ${ENV_CA_FILE}; none: plain text)",
     )
     group.add_argument(
         "-o",
@@ -579,6 +588,7 @@ def _settings(args: argparse.Namespace) -> None:
         getattr(args, "coordinator", None) or os.environ.get(ENV_COORDINATOR) or DEFAULT_COORDINATOR
     )
     args.token = getattr(args, "token", None) or os.environ.get(ENV_TOKEN) or None
+    args.ca_file = getattr(args, "ca_file", None) or os.environ.get(ENV_CA_FILE) or None
     args.output = getattr(args, "output", "table")
     # None: the command's own default (most calls DEFAULT_TIMEOUT, audit verify longer).
     args.timeout = getattr(args, "timeout", None)
@@ -586,12 +596,25 @@ def _settings(args: argparse.Namespace) -> None:
 
 async def _run(args: argparse.Namespace, out: Output) -> int:
     handler: Handler = args.handler
+    credentials = None
+    if args.ca_file:
+        try:
+            pem = await asyncio.to_thread(_read_bytes, args.ca_file)
+            credentials = grpc.ssl_channel_credentials(pem)
+        except OSError:
+            return _fail("cannot read the CA file", 2)
     async with await Client.connect(
         args.coordinator,
         token=args.token,
+        credentials=credentials,
         timeout=(args.timeout or DEFAULT_TIMEOUT).total_seconds(),
     ) as client:
         return await handler(client, args, out)
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _fail(message: str, code: int) -> int:

@@ -246,12 +246,17 @@ class EnrollResponse(_message.Message):
     CERTIFICATE_FIELD_NUMBER: _builtins.int
     CA_BUNDLE_FIELD_NUMBER: _builtins.int
     SIGNING_KEYS_FIELD_NUMBER: _builtins.int
+    AGENT_PORT_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     credential: _builtins.str
     """Bearer credential for AgentLink.Connect, shown once; the coordinator keeps only its hash."""
     certificate: _builtins.bytes
     """PEM certificate and CA chain when the agent sent a CSR."""
     ca_bundle: _builtins.bytes
+    agent_port: _builtins.int
+    """With mTLS: the port (same host as the enrollment address) where AgentLink requires the
+    certificate.
+    """
     @_builtins.property
     def signing_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___SigningKey]:
         """Public keys the agent uses to verify signed commands."""
@@ -264,14 +269,57 @@ class EnrollResponse(_message.Message):
         certificate: _builtins.bytes = ...,
         ca_bundle: _builtins.bytes = ...,
         signing_keys: _abc.Iterable[Global___SigningKey] | None = ...,
+        agent_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "ca_bundle", b"ca_bundle", "certificate", b"certificate", "credential", b"credential", "signing_keys", b"signing_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_port", b"agent_port", "ca_bundle", b"ca_bundle", "certificate", b"certificate", "credential", b"credential", "signing_keys", b"signing_keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnrollResponse: _TypeAlias = EnrollResponse  # noqa: Y015
+
+@_typing.final
+class RenewCertificateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSR_FIELD_NUMBER: _builtins.int
+    csr: _builtins.bytes
+    """PEM certificate signing request for a new ECDSA P-256 key."""
+    def __init__(
+        self,
+        *,
+        csr: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewCertificateRequest: _TypeAlias = RenewCertificateRequest  # noqa: Y015
+
+@_typing.final
+class RenewCertificateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    CA_BUNDLE_FIELD_NUMBER: _builtins.int
+    certificate: _builtins.bytes
+    ca_bundle: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        certificate: _builtins.bytes = ...,
+        ca_bundle: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_bundle", b"ca_bundle", "certificate", b"certificate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewCertificateResponse: _TypeAlias = RenewCertificateResponse  # noqa: Y015
 
 @_typing.final
 class SigningKey(_message.Message):

@@ -60,6 +60,11 @@ class AgentsStub:
                 request_serializer=jitmesh_dot_v1_dot_agents__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=jitmesh_dot_v1_dot_agents__pb2.EnrollResponse.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/jitmesh.v1.Agents/RenewCertificate',
+                request_serializer=jitmesh_dot_v1_dot_agents__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=jitmesh_dot_v1_dot_agents__pb2.RenewCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class AgentsServicer:
@@ -96,6 +101,14 @@ class AgentsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCertificate(self, request, context):
+        """Called by an enrolled agent over mTLS with its current certificate, before it expires: a
+        certificate for a new key (from `csr`); the old certificate stops working.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +136,11 @@ def add_AgentsServicer_to_server(servicer, server):
                     servicer.Enroll,
                     request_deserializer=jitmesh_dot_v1_dot_agents__pb2.EnrollRequest.FromString,
                     response_serializer=jitmesh_dot_v1_dot_agents__pb2.EnrollResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=jitmesh_dot_v1_dot_agents__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=jitmesh_dot_v1_dot_agents__pb2.RenewCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +278,33 @@ class Agents:
             '/jitmesh.v1.Agents/Enroll',
             jitmesh_dot_v1_dot_agents__pb2.EnrollRequest.SerializeToString,
             jitmesh_dot_v1_dot_agents__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitmesh.v1.Agents/RenewCertificate',
+            jitmesh_dot_v1_dot_agents__pb2.RenewCertificateRequest.SerializeToString,
+            jitmesh_dot_v1_dot_agents__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

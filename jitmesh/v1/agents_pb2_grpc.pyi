@@ -21,6 +21,10 @@ class AgentsStub:
     RemoveAgent: _aio.UnaryUnaryMultiCallable[_agents_pb2.RemoveAgentRequest, _agents_pb2.RemoveAgentResponse]
     Enroll: _aio.UnaryUnaryMultiCallable[_agents_pb2.EnrollRequest, _agents_pb2.EnrollResponse]
     """Called by an agent without credentials: trades a join token for its agent credential."""
+    RenewCertificate: _aio.UnaryUnaryMultiCallable[_agents_pb2.RenewCertificateRequest, _agents_pb2.RenewCertificateResponse]
+    """Called by an enrolled agent over mTLS with its current certificate, before it expires: a
+    certificate for a new key (from `csr`); the old certificate stops working.
+    """
 
 class AgentsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -58,5 +62,15 @@ class AgentsServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_agents_pb2.EnrollRequest, _abc.Awaitable[_agents_pb2.EnrollResponse]],
     ) -> _abc.Awaitable[_agents_pb2.EnrollResponse]:
         """Called by an agent without credentials: trades a join token for its agent credential."""
+
+    @_abc_1.abstractmethod
+    def RenewCertificate(
+        self,
+        request: _agents_pb2.RenewCertificateRequest,
+        context: _aio.ServicerContext[_agents_pb2.RenewCertificateRequest, _abc.Awaitable[_agents_pb2.RenewCertificateResponse]],
+    ) -> _abc.Awaitable[_agents_pb2.RenewCertificateResponse]:
+        """Called by an enrolled agent over mTLS with its current certificate, before it expires: a
+        certificate for a new key (from `csr`); the old certificate stops working.
+        """
 
 def add_AgentsServicer_to_server(servicer: AgentsServicer, server: _aio.Server) -> None: ...

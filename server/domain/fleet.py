@@ -114,15 +114,19 @@ class FleetService:
 
     # Agents.
 
-    async def enroll(self, join_token: str, name: str, labels: dict[str, str]) -> tuple[str, str]:
-        """Trade a join token for an agent credential. Returns (agent name, credential)."""
+    async def enroll(
+        self, join_token: str, name: str, labels: dict[str, str], credential: str | None = None
+    ) -> tuple[str, str]:
+        """Trade a join token for an agent credential. Returns (agent name, credential).
+
+        With mTLS the caller passes the credential: a binding to the certificate it issued."""
         try:
             v.check(v.AGENT, name, "agent name")
             labels = v.check_labels(labels)
         except v.ValidationError as exc:
             raise InvalidArgument(str(exc)) from None
         now = self._clock.now()
-        credential = new_secret("jma")
+        credential = credential or new_secret("jma")
         async with self._store.transaction() as tx:
             token_labels = await tx.use_join_token(hash_secret(join_token), now)
             if token_labels is None:
@@ -141,6 +145,25 @@ class FleetService:
             )
         await self._hub.audit_written(tx.new_audit)
         return name, credential
+
+    async def renew_credential(self, principal: Principal, old: str, new: str) -> None:
+        """Bind the agent to a new credential (its renewed certificate); the old one stops
+        working. Refused when the old one is no longer the agent's (removed, re-enrolled)."""
+        now = self._clock.now()
+        async with self._store.transaction() as tx:
+            # The write lock is held: no removal can commit between this check and the update.
+            if await self._store.agent_for_credential(hash_secret(old)) != principal.name:
+                raise Unauthenticated("agent credential is not valid")
+            agent = await tx.get_agent(principal.name)
+            if agent is None:
+                raise Unauthenticated("agent is not enrolled")
+            await tx.enroll_agent(agent.name, agent.labels, hash_secret(new), now)
+            await tx.audit(
+                AuditEntry(
+                    "agent.certificate_renewed", f"agent:{agent.name}", now, agent=agent.name
+                )
+            )
+        await self._hub.audit_written(tx.new_audit)
 
     async def authenticate_agent(self, credential: str) -> Principal:
         name = await self._store.agent_for_credential(hash_secret(credential))

@@ -21,18 +21,21 @@ import grpc
 
 from jitmesh.clock import Clock
 from jitmesh.v1 import agentlink_pb2, agentlink_pb2_grpc
+from server.ca import CertificateError, agent_of
 from server.domain import errors
 from server.domain.fleet import BACKLOG_PAGE, FleetService
 from server.domain.models import Command, Principal, Resume
 from server.signing import SigningKeys
 
 from . import convert as c
-from .auth import bearer
+from .auth import CERT_PREFIX, bearer, cert_binding, peer_certificate
 from .errors import status_of
 
 log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[agentlink_pb2.AgentMessage, agentlink_pb2.CoordinatorMessage]
 HELLO_TIMEOUT = 10.0
+# Agent messages are small (acks, events, heartbeats); anything bigger is an attack or a bug.
+MAX_AGENT_MESSAGE = 64 * 1024
 # grpc-stubs predates the aio EOF sentinel.
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 
@@ -107,8 +110,12 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         clock: Clock,
         keys: SigningKeys,
         heartbeat: timedelta = timedelta(seconds=10),
+        *,
+        require_certificate: bool = False,
     ) -> None:
         self._keys = keys
+        # With mTLS, identity comes only from the verified client certificate.
+        self._require_certificate = require_certificate
         self._fleet = fleet
         self._registry = registry
         self._clock = clock
@@ -116,8 +123,13 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
 
     async def Connect(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
         try:
-            principal = await self._fleet.authenticate_agent(bearer(context))
+            principal = await self._fleet.authenticate_agent(self._credential(context))
             first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
+            if (
+                isinstance(first, agentlink_pb2.AgentMessage)
+                and first.ByteSize() > MAX_AGENT_MESSAGE
+            ):
+                raise errors.InvalidArgument("message too large")
             if not isinstance(first, agentlink_pb2.AgentMessage) or not first.HasField("hello"):
                 raise errors.InvalidArgument("the first message must be a Hello")
             resume = await self._fleet.hello(principal, c.hello(first.hello))
@@ -157,6 +169,8 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             assert isinstance(message, agentlink_pb2.AgentMessage)
             kind = message.WhichOneof("body")
             try:
+                if message.ByteSize() > MAX_AGENT_MESSAGE:
+                    raise errors.InvalidArgument("message too large")
                 if kind == "ack":
                     await self._fleet.ack(principal, c.ack(message.ack))
                 elif kind == "event":
@@ -174,6 +188,24 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 # silently (the agent would believe it delivered).
                 session.close(exc.message, status_of(exc))
                 return
+
+    def _credential(self, context: Ctx) -> str:
+        pem = peer_certificate(context)
+        if pem is not None:
+            try:
+                name, serial = agent_of(pem)
+            except CertificateError as exc:
+                raise errors.Unauthenticated(str(exc)) from None
+            # Only the agent's current certificate is bound: a removed agent's, or one replaced
+            # by renewal or re-enrollment, no longer authenticates.
+            return cert_binding(name, serial)
+        if self._require_certificate:
+            raise errors.Unauthenticated("AgentLink needs a client certificate from the CA")
+        credential = bearer(context)
+        if credential.startswith(CERT_PREFIX):
+            # Certificate bindings are derived from public data: never accepted as a bearer.
+            raise errors.Unauthenticated("agent credential is not valid")
+        return credential
 
     async def _write(self, session: Session, resume: Resume, context: Ctx) -> None:
         epoch = self._fleet.epoch

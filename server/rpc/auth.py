@@ -26,3 +26,20 @@ class Authenticator:
     async def operator(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
         principal: Principal = await self._identity.authenticate(bearer(context))
         return principal
+
+
+def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
+    """The client certificate TLS verified against the internal CA, if the call came with one.
+
+    A grpc.aio interceptor cannot see it: handlers read it here, from the auth context."""
+    values = list(context.auth_context().get("x509_pem_cert") or ())
+    return bytes(values[0]) if values else None
+
+
+def cert_binding(agent: str, serial: int) -> str:
+    """The agent credential that stands for one issued certificate. It is derived from public
+    data, so it is only ever accepted from a verified certificate, never as a bearer value."""
+    return f"{CERT_PREFIX}{agent}:{serial:x}"
+
+
+CERT_PREFIX = "x509:"

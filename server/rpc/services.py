@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 
+from jitmesh import validation
 from jitmesh.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -19,6 +20,7 @@ from jitmesh.v1 import (
     policy_pb2_grpc,
     types_pb2,
 )
+from server.ca import CertificateError, InternalCA, Issued, agent_of
 from server.domain import errors
 from server.domain.access import AccessService
 from server.domain.fleet import FleetService
@@ -27,7 +29,7 @@ from server.domain.hub import Hub
 from server.signing import SigningKeys
 
 from . import convert as c
-from .auth import Authenticator
+from .auth import Authenticator, cert_binding, peer_certificate
 from .errors import mapped, status_of
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -172,10 +174,20 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
 
 
 class AgentsServicer(agents_pb2_grpc.AgentsServicer):
-    def __init__(self, auth: Authenticator, fleet: FleetService, keys: SigningKeys) -> None:
+    def __init__(
+        self,
+        auth: Authenticator,
+        fleet: FleetService,
+        keys: SigningKeys,
+        ca: InternalCA | None = None,
+        agent_port: int = 0,
+    ) -> None:
         self._auth = auth
         self._fleet = fleet
         self._keys = keys
+        # With a CA, agents enroll with a CSR and connect with mTLS only.
+        self._ca = ca
+        self._agent_port = agent_port
 
     @mapped
     async def ListAgents(
@@ -213,21 +225,70 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
     async def Enroll(
         self, request: agents_pb2.EnrollRequest, context: Ctx
     ) -> agents_pb2.EnrollResponse:
-        name, credential = await self._fleet.enroll(
-            request.join_token, request.name, dict(request.labels)
+        if self._ca is None:
+            name, credential = await self._fleet.enroll(
+                request.join_token, request.name, dict(request.labels)
+            )
+            return agents_pb2.EnrollResponse(
+                agent=name, credential=credential, signing_keys=self._signing_keys()
+            )
+        if not request.csr:
+            raise errors.InvalidArgument("enrollment needs a CSR: this coordinator requires mTLS")
+        name = validation.check(validation.AGENT, request.name, "agent name")
+        issued = self._issue(bytes(request.csr), name)
+        await self._fleet.enroll(
+            request.join_token,
+            name,
+            dict(request.labels),
+            credential=cert_binding(name, issued.serial),
         )
         return agents_pb2.EnrollResponse(
             agent=name,
-            credential=credential,
-            signing_keys=[
-                agents_pb2.SigningKey(
-                    key_id=k.key_id,
-                    public_key=k.public_raw,
-                    not_after=c.ts(k.not_after) if k.not_after else None,
-                )
-                for k in self._keys.public_keys()
-            ],
+            certificate=issued.pem,
+            ca_bundle=self._ca.ca_pem,
+            signing_keys=self._signing_keys(),
+            agent_port=self._agent_port,
         )
+
+    @mapped
+    async def RenewCertificate(
+        self, request: agents_pb2.RenewCertificateRequest, context: Ctx
+    ) -> agents_pb2.RenewCertificateResponse:
+        pem = peer_certificate(context)
+        if self._ca is None or pem is None:
+            raise errors.Unauthenticated("renewal needs the agent's current client certificate")
+        try:
+            name, serial = agent_of(pem)
+        except CertificateError as exc:
+            raise errors.Unauthenticated(str(exc)) from None
+        issued = self._issue(bytes(request.csr), name)
+        principal = await self._fleet.authenticate_agent(cert_binding(name, serial))
+        await self._fleet.renew_credential(
+            principal, cert_binding(name, serial), cert_binding(name, issued.serial)
+        )
+        return agents_pb2.RenewCertificateResponse(
+            certificate=issued.pem, ca_bundle=self._ca.ca_pem
+        )
+
+    def _issue(self, csr: bytes, name: str) -> Issued:
+        assert self._ca is not None
+        if len(csr) > 8192:
+            raise errors.InvalidArgument("csr is too large")
+        try:
+            # Certificates are checked by TLS against the real clock, so they are made with it.
+            return self._ca.sign_agent_csr(csr, name, datetime.now(UTC))
+        except CertificateError as exc:
+            raise errors.InvalidArgument(str(exc)) from None
+
+    def _signing_keys(self) -> list[agents_pb2.SigningKey]:
+        return [
+            agents_pb2.SigningKey(
+                key_id=k.key_id,
+                public_key=k.public_raw,
+                not_after=c.ts(k.not_after) if k.not_after else None,
+            )
+            for k in self._keys.public_keys()
+        ]
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):

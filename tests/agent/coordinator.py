@@ -108,6 +108,11 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
             signing_keys=[agents_pb2.SigningKey(key_id=KEY_ID, public_key=PUBLIC_KEY)],
         )
 
+    async def RenewCertificate(
+        self, request: agents_pb2.RenewCertificateRequest, context: _Context
+    ) -> agents_pb2.RenewCertificateResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
     async def Connect(
         self, request_iterator: AsyncIterator[AgentMessage], context: _Context
     ) -> AsyncIterator[CoordinatorMessage]:

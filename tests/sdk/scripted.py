@@ -468,6 +468,11 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
     ) -> agents_pb2.EnrollResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
 
+    async def RenewCertificate(
+        self, request: agents_pb2.RenewCertificateRequest, context: Ctx
+    ) -> agents_pb2.RenewCertificateResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
 
 class PolicyService(policy_pb2_grpc.PolicyServicer):
     def __init__(self, model: Scripted) -> None:
