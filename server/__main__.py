@@ -68,6 +68,13 @@ def parser() -> argparse.ArgumentParser:
             )
             s.add_argument("--tls-key", type=Path, help="PEM key for --tls-cert")
             s.add_argument(
+                "--request-rate",
+                type=float,
+                default=1.0,
+                help="access requests per second per caller, after a burst of --request-burst",
+            )
+            s.add_argument("--request-burst", type=int, default=30)
+            s.add_argument(
                 "--tls-name",
                 action="append",
                 default=[],
@@ -101,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         config = CoordinatorConfig(**common, default_policy=DEV_POLICY)
     elif args.insecure:
-        config = CoordinatorConfig(**common, initial_policy=args.policy)
+        config = CoordinatorConfig(
+            **common,
+            initial_policy=args.policy,
+            request_rate=args.request_rate,
+            request_burst=args.request_burst,
+        )
     else:
         if (args.tls_cert is None) != (args.tls_key is None):
             print("jitmesh-coordinator: --tls-cert and --tls-key go together", file=sys.stderr)
@@ -110,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         config = CoordinatorConfig(
             **common,
             initial_policy=args.policy,
+            request_rate=args.request_rate,
+            request_burst=args.request_burst,
             tls=True,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,

@@ -34,6 +34,7 @@ from server.domain.governance import AuditService, IdentityService, PolicyServic
 from server.domain.hub import Hub
 from server.rpc.agentlink import AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
+from server.rpc.limits import RateLimiter
 from server.rpc.services import AccessServicer, AgentsServicer, AuditServicer, PolicyServicer
 from server.signing import SigningKeys
 from server.store.sqlite import SqliteStore
@@ -145,7 +146,17 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     if port == 0 or agent_port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
 
-    access_pb2_grpc.add_AccessServicer_to_server(AccessServicer(auth, access, hub), server)
+    access_pb2_grpc.add_AccessServicer_to_server(
+        AccessServicer(
+            auth,
+            access,
+            hub,
+            None
+            if config.request_rate is None
+            else RateLimiter(config.request_rate, config.request_burst, clock.monotonic),
+        ),
+        server,
+    )
     agents_pb2_grpc.add_AgentsServicer_to_server(
         AgentsServicer(auth, fleet, keys, ca, agent_port), server
     )

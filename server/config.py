@@ -27,6 +27,10 @@ class CoordinatorConfig(BaseModel):
     # TLS from the internal CA (DATA/ca/). Operators and enrolling agents use `port` with
     # server-side TLS (or with tls_cert/tls_key when given); AgentLink needs a client certificate
     # from the CA on `agent_port`, and enrollment then requires a CSR.
+    # Access requests per caller: a burst, then a steady rate per second. None: no limit (dev
+    # mode, tests, benchmarks); `serve` sets one by default.
+    request_burst: int = Field(default=30, ge=1)
+    request_rate: float | None = Field(default=None, gt=0)
     tls: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -170,6 +170,15 @@ class Rule(_Strict):
         return all(labels.get(k) == want for k, want in match.labels.items())
 
 
+# Coordinator roles and their spellings: never an action, so no grant can confer them.
+RESERVED_ACTIONS = frozenset({"admin", "admins", "approve", "approver", "approvers", "coordinator"})
+
+
+def reserved_action(action: str) -> bool:
+    folded = action.replace("_", "-").replace(".", "-")
+    return folded in RESERVED_ACTIONS or folded.startswith(("jitmesh", "admin-", "approver-"))
+
+
 class PolicyModel(_Strict):
     version: Literal[1] = 1
     # The catalogue of actions agents know; a request for any other action is refused.
@@ -193,6 +202,12 @@ class PolicyModel(_Strict):
                     )
         if ANY in self.actions:
             raise ValueError("actions: list the actions by name ('*' is for rules)")
+        for action in self.actions:
+            if reserved_action(action):
+                # Actions are what agents enforce on hosts. One named like a coordinator role
+                # would invite a hook that maps it to approver or admin rights: a request path
+                # to raising one's own privileges (Teleport GHSA-76cc-p55w-63g3).
+                raise ValueError(f"actions: {action!r} names a coordinator role and is reserved")
         return self
 
 

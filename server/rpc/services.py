@@ -31,6 +31,7 @@ from server.signing import SigningKeys
 from . import convert as c
 from .auth import Authenticator, cert_binding, peer_certificate
 from .errors import mapped, status_of
+from .limits import RateLimiter
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_WATCH_IDS = 100
@@ -45,16 +46,25 @@ def _duration(value: Any, field: str) -> timedelta:
 
 
 class AccessServicer(access_pb2_grpc.AccessServicer):
-    def __init__(self, auth: Authenticator, access: AccessService, hub: Hub) -> None:
+    def __init__(
+        self,
+        auth: Authenticator,
+        access: AccessService,
+        hub: Hub,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self._auth = auth
         self._access = access
         self._hub = hub
+        self._limiter = limiter
 
     @mapped
     async def CreateRequest(
         self, request: access_pb2.CreateRequestRequest, context: Ctx
     ) -> access_pb2.CreateRequestResponse:
         principal = await self._auth.operator(context)
+        if self._limiter is not None:
+            self._limiter.take(principal.name)
         if not request.HasField("duration"):
             raise errors.InvalidArgument("duration is required")
         req, grant = await self._access.create_request(
