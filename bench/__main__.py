@@ -96,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default="", help="comma-separated scenario numbers, e.g. 1,2,7 (default: all)"
     )
     p.add_argument("--agents", type=int, help="agents for scenarios 3-6 (overrides the size)")
+    p.add_argument("--profile", type=Path, help="py-spy the coordinator into this directory")
     p.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     sizes = sc.Sizes.quick() if args.quick else sc.Sizes.full()
     if args.agents:
         sizes = sc.Sizes(**{**sizes.__dict__, "agents": args.agents})
+    sc.PROFILE_DIR = args.profile
     wanted = set(filter(None, args.only.split(",")))
     work = Path(tempfile.mkdtemp(prefix="jitmesh-bench."))
     results: list[Scenario] = []

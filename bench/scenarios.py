@@ -12,7 +12,7 @@ import math
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,6 +35,8 @@ from .stats import Scenario, median, percentile
 from .waiting import until
 
 log = logging.getLogger("bench")
+# Set by --profile: py-spy records the coordinator process during the throughput and fan-out runs.
+PROFILE_DIR: Path | None = None
 
 USERS = {"alice": ["developers"], "bob": ["sre"], "admin": [ADMIN_GROUP]}
 JOIN = "jmj_bench-join-token"
@@ -339,9 +341,10 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
 
         # 5. throughput, baseline first.
         b_rate = await _echo_rate(base_target, sizes.callers, sizes.throughput_seconds)
-        j_rate, cpu_per, api_rate = await _throughput(
-            coord.pid, alices, swarm, names, sizes.callers, sizes.throughput_seconds
-        )
+        with _profiled(coord.pid, "throughput", tmp):
+            j_rate, cpu_per, api_rate = await _throughput(
+                coord.pid, alices, swarm, names, sizes.callers, sizes.throughput_seconds
+            )
         throughput.add(
             "requests/s (create -> agent applied)", j_rate, b_rate, unit="/s", target=">= 2000",
             note="baseline: raw unary calls/s, same concurrency",
@@ -361,7 +364,8 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
             await until(lambda t0=t0: min(base_seen) >= t0, 60, "baseline fan-out seen")  # type: ignore[misc]
             b_times.append(max(base_seen) - t0)
             b_cpu.append((cpu_seconds(base_child.pid) - cpu0) / n)
-            elapsed, cpu = await _fanout_round(coord.pid, alices, admins, swarm, names)
+            with _profiled(coord.pid, "fanout", tmp):
+                elapsed, cpu = await _fanout_round(coord.pid, alices, admins, swarm, names)
             j_times.append(elapsed)
             j_cpu.append(cpu / n)
         fanout.add(
@@ -412,6 +416,23 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
     for s in scenarios:
         s.seconds = elapsed
     return scenarios
+
+
+@contextlib.contextmanager
+def _profiled(pid: int, name: str, tmp: Path) -> Iterator[None]:
+    if PROFILE_DIR is None:
+        yield
+        return
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    out = PROFILE_DIR / f"{name}.txt"
+    argv = [bin_path("py-spy"), "record", "-p", str(pid), "-r", "200", "--format", "raw"]
+    child = spawn([*argv, "-o", str(out)], tmp / f"py-spy-{name}.log")
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        yield
+    finally:
+        child.proc.send_signal(2)
+        child.proc.wait(30)
 
 
 async def _wait_base_streams(target: str, seen: list[float], n: int) -> None:
@@ -471,6 +492,7 @@ async def _throughput(
     request, requests/s the API accepted)."""
     by_name = {agent.name: agent for agent in swarm.agents}
     created: list[tuple[str, str]] = []
+    own0 = time.process_time()
     picks = itertools.cycle(names)
     cpu0 = cpu_seconds(pid)
     started = time.monotonic()
@@ -500,6 +522,11 @@ async def _throughput(
         await asyncio.sleep(0.01)
     done = time.monotonic()
     cpu = cpu_seconds(pid) - cpu0
+    print(
+        f"bench: throughput: {len(created)} requests in {done - started:.1f} s; coordinator "
+        f"CPU {cpu:.1f} s, bench process CPU {time.process_time() - own0:.1f} s",
+        file=sys.stderr,
+    )
     return len(created) / (done - started), cpu / len(created), len(created) / (api_done - started)
 
 
