@@ -4,6 +4,7 @@ no policy, no protobuf schema (raw bytes): the floor our stack can reach on this
 
     python -m bench.baseline serve PORT      # the "coordinator" end, for the multi-agent runs
     python -m bench.baseline client TARGET   # the "agent" end, one stream, acks every message
+    python -m bench.baseline clients TARGET N  # N of them, each on its own connection
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ class BaselineServer:
             self.sessions.remove(session)
 
     async def _fanout(self, _request: bytes, _context: Any) -> bytes:
+        count = len(self.sessions)
         elapsed = await self.fanout()
-        return str(elapsed).encode()
+        return f"{elapsed} {count}".encode()
 
     async def _echo(self, request: bytes, _context: Any) -> bytes:
         return request[:ACK_BYTES]
@@ -132,11 +134,21 @@ async def client_stream(target: str, on_message: Callable[[float], None] | None 
             await call.write(message[:8] + bytes(ACK_BYTES - 8))
 
 
-async def fanout(target: str) -> float:
+async def fanout(target: str) -> tuple[float, int]:
+    """One message to every stream of the server at `target`, timed there from the first push
+    until the last ack is in. Returns (seconds, streams)."""
     async with grpc.aio.insecure_channel(target) as channel:
         reply = await channel.unary_unary(FANOUT, None, None)(b"", timeout=600)
         assert isinstance(reply, bytes)
-        return float(reply.decode())
+        elapsed, count = reply.decode().split()
+        return float(elapsed), int(count)
+
+
+async def clients(target: str, count: int) -> None:
+    """`count` agent-like streams, each on its own connection, until cancelled."""
+    async with asyncio.TaskGroup() as tasks:
+        for _ in range(count):
+            tasks.create_task(client_stream(target))
 
 
 async def _serve(port: int) -> None:
@@ -150,10 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve").add_argument("port", type=int)
     sub.add_parser("client").add_argument("target")
+    many = sub.add_parser("clients")
+    many.add_argument("target")
+    many.add_argument("count", type=int)
     args = p.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         if args.command == "serve":
             asyncio.run(_serve(args.port))
+        elif args.command == "clients":
+            asyncio.run(clients(args.target, args.count))
         else:
             asyncio.run(client_stream(args.target))
     return 0
