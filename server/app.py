@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -26,6 +26,7 @@ from jitmesh.v1 import (
     policy_pb2_grpc,
 )
 from server.ca import InternalCA
+from server.checkpoints import Checkpoints
 from server.config import CoordinatorConfig
 from server.domain.access import AccessService
 from server.domain.expiry import Expirer
@@ -66,9 +67,11 @@ class Coordinator:
     health: Any
     epoch: int
     keys: SigningKeys
+    checkpoints: Checkpoints | None = None
     ca: InternalCA | None = None
     # Where AgentLink requires a client certificate (the main port without TLS).
     agent_port: int = 0
+    clock: Clock = field(default_factory=SystemClock)
 
     @property
     def address(self) -> str:
@@ -79,6 +82,14 @@ class Coordinator:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.expirer.run())
+                if self.checkpoints is not None:
+                    tg.create_task(
+                        self.checkpoints.run(
+                            lambda: self.store.head,
+                            self.clock,
+                            self.config.checkpoint_interval.total_seconds(),
+                        )
+                    )
                 tg.create_task(self._until_terminated())
         finally:
             await self.stop()
@@ -92,6 +103,9 @@ class Coordinator:
     async def stop(self) -> None:
         self.registry.close_all("coordinator shutting down")
         await self.server.stop(grace=1.0)
+        if self.checkpoints is not None:
+            seq, head_hash = self.store.head
+            self.checkpoints.append(seq, head_hash, self.clock.now())
         await self.store.close()
 
 
@@ -115,9 +129,10 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         store, registry, hub, clock, policy.current, epoch, expirer.deadlines_changed
     )
     fleet = FleetService(store, registry, hub, clock, epoch)
-    audit = AuditService(store, hub)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
+    checkpoints = Checkpoints(config.data_dir, keys)
+    audit = AuditService(store, hub, checkpoints.verified)
     ca = InternalCA.open(config.data_dir, clock.now()) if config.tls else None
 
     server = grpc.aio.server(options=_server_options(config))
@@ -190,8 +205,10 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         health_servicer,
         epoch,
         keys,
+        checkpoints,
         ca,
         agent_port,
+        clock,
     )
 
 

@@ -31,6 +31,8 @@ class CoordinatorConfig(BaseModel):
     # mode, tests, benchmarks); `serve` sets one by default.
     request_burst: int = Field(default=30, ge=1)
     request_rate: float | None = Field(default=None, gt=0)
+    # How often the audit head is signed into DATA/audit_checkpoints.jsonl (when it moved).
+    checkpoint_interval: timedelta = timedelta(seconds=10)
     tls: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -99,12 +99,16 @@ class SigningKeys:
         current = self._keys[-1]
         return current.key_id, current.private.sign(data)
 
-    def public_keys(self, now: datetime | None = None) -> list[PublicKey]:
+    def public_keys(
+        self, now: datetime | None = None, *, all_keys: bool = False
+    ) -> list[PublicKey]:
+        """The keys valid now (for agents), or with `all_keys` every key still on file (for
+        checking old audit checkpoints)."""
         now = now or datetime.now(UTC)
         out = []
         for k in self._keys:
             not_after = None if k.retired_at is None else k.retired_at + ROTATION_OVERLAP
-            if not_after is None or not_after > now:
+            if all_keys or not_after is None or not_after > now:
                 out.append(PublicKey(k.key_id, k.public_raw, not_after))
         return out
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 from jitmesh import validation as v
@@ -145,9 +145,17 @@ class PolicyService:
 
 
 class AuditService:
-    def __init__(self, store: Store, hub: Hub) -> None:
+    def __init__(
+        self,
+        store: Store,
+        hub: Hub,
+        checkpoints: Callable[[], tuple[dict[int, str], list[int]]] | None = None,
+    ) -> None:
+        """`checkpoints` returns the signed checkpoints that verify (seq -> hash) and the seqs
+        of those whose signature does not."""
         self._store = store
         self._hub = hub
+        self._checkpoints = checkpoints
 
     async def list(
         self,
@@ -174,7 +182,12 @@ class AuditService:
         )
 
     async def verify(self, principal: Principal) -> ChainVerification:
-        verifier = ChainVerifier()
+        trusted, forged = self._checkpoints() if self._checkpoints else ({}, [])
+        if forged:
+            return ChainVerification(
+                False, 0, min(forged), "checkpoint signature is not valid (forged checkpoint)", ""
+            )
+        verifier = ChainVerifier(trusted)
         after = 0
         while True:
             page = await self._store.audit_chain(after, VERIFY_PAGE)
