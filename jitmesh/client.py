@@ -14,6 +14,7 @@ coordinator. Input that cannot be valid is refused before it is sent, with
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -27,6 +28,7 @@ from grpc import aio
 
 from jitmesh import convert as _convert
 from jitmesh import errors, types, validation
+from jitmesh.clock import to_ms
 from jitmesh.durations import format_duration
 from jitmesh.v1 import (
     access_pb2,
@@ -640,3 +642,48 @@ class Client:
             self._audit.VerifyChain, audit_pb2.VerifyChainRequest(), timeout=timeout
         )
         return _convert.chain_verification(response)
+
+    async def export_audit(self) -> AsyncGenerator[dict[str, object], None]:
+        """The whole audit log as JSON-ready records an outside tool can verify: the public
+        keys (`type: key`), every event with its hash fields (`type: event`), and the signed
+        checkpoints of the chain head (`type: checkpoint`). See THREAT_MODEL.md for the format."""
+        response = await self._unary(
+            self._audit.ListCheckpoints, audit_pb2.ListCheckpointsRequest()
+        )
+        for key in response.keys:
+            yield {
+                "type": "key",
+                "key_id": key.key_id,
+                "public_key": base64.b64encode(key.public_key).decode(),
+            }
+        after = 0
+        while True:
+            page = await self.list_audit(after_seq=after, limit=1000)
+            for event in page:
+                yield {
+                    "type": "event",
+                    "seq": event.seq,
+                    "id": event.id,
+                    "at_ms": to_ms(event.at),
+                    "actor": event.actor,
+                    "kind": event.kind,
+                    "subject": event.subject,
+                    "agent": event.agent,
+                    "request_id": event.request_id,
+                    "grant_id": event.grant_id,
+                    "details": dict(event.details),
+                    "prev_hash": event.prev_hash,
+                    "hash": event.hash,
+                }
+            if len(page) < 1000:
+                break
+            after = page[-1].seq
+        for cp in response.checkpoints:
+            yield {
+                "type": "checkpoint",
+                "seq": cp.seq,
+                "hash": cp.hash,
+                "at_ms": cp.at_ms,
+                "key_id": cp.key_id,
+                "signature": base64.b64encode(cp.signature).decode(),
+            }

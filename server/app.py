@@ -176,7 +176,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         AgentsServicer(auth, fleet, keys, ca, agent_port), server
     )
     policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(auth, policy), server)
-    audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(auth, audit), server)
+    audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(auth, audit, checkpoints), server)
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
         AgentLinkServicer(
             fleet, registry, clock, keys, config.heartbeat, require_certificate=ca is not None

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from jitmesh.clock import Clock, from_ms, to_ms
 from server.domain.audit import checkpoint_bytes
-from server.signing import SigningKeys
+from server.signing import PublicKey, SigningKeys
 
 log = logging.getLogger(__name__)
 FILE_NAME = "audit_checkpoints.jsonl"
@@ -73,6 +73,9 @@ class Checkpoints:
                 # An unreadable line is a forged one: report it as such, at seq 0.
                 out.append(Checkpoint(0, "", from_ms(0), "", b""))
         return out
+
+    def public_keys(self) -> list[PublicKey]:
+        return self._keys.public_keys(None, all_keys=True)
 
     def verified(self) -> tuple[dict[int, str], list[int]]:
         """(seq -> hash of checkpoints that verify, seqs of those that do not)."""

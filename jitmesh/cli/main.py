@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -302,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request", default="", metavar="ID")
     p.add_argument("--limit", type=_positive_int, metavar="N")
     command(audit, "verify", _audit_verify, "check the hash chain; exit 1 if it is broken")
+    command(
+        audit,
+        "export",
+        _audit_export,
+        "write the log, signed checkpoints and public keys as JSON lines (stdout)",
+    )
     p = command(audit, "tail", _audit_tail, "print events as they are written (Ctrl-C stops)")
     p.add_argument("--after-seq", type=_non_negative_int, default=0, metavar="SEQ")
     return parser
@@ -547,6 +554,13 @@ async def _audit_verify(client: Client, args: argparse.Namespace, out: Output) -
     if not result.ok:
         problem = f": {result.problem}" if result.problem else ""
         raise CommandFailed(f"audit chain is broken at seq {result.first_bad_seq}{problem}")
+    return 0
+
+
+async def _audit_export(client: Client, args: argparse.Namespace, out: Output) -> int:
+    # Always JSON lines, whatever -o says: the format an outside verifier reads.
+    async for record in client.export_audit():
+        out.line(json.dumps(record, ensure_ascii=False, sort_keys=True))
     return 0
 
 

@@ -50,6 +50,11 @@ class AuditStub:
                 request_serializer=jitmesh_dot_v1_dot_audit__pb2.VerifyChainRequest.SerializeToString,
                 response_deserializer=jitmesh_dot_v1_dot_audit__pb2.VerifyChainResponse.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/jitmesh.v1.Audit/ListCheckpoints',
+                request_serializer=jitmesh_dot_v1_dot_audit__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=jitmesh_dot_v1_dot_audit__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServicer:
@@ -74,6 +79,13 @@ class AuditServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCheckpoints(self, request, context):
+        """The signed checkpoints of the chain head and the public keys that check them, for export.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +103,11 @@ def add_AuditServicer_to_server(servicer, server):
                     servicer.VerifyChain,
                     request_deserializer=jitmesh_dot_v1_dot_audit__pb2.VerifyChainRequest.FromString,
                     response_serializer=jitmesh_dot_v1_dot_audit__pb2.VerifyChainResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=jitmesh_dot_v1_dot_audit__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=jitmesh_dot_v1_dot_audit__pb2.ListCheckpointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +191,33 @@ class Audit:
             '/jitmesh.v1.Audit/VerifyChain',
             jitmesh_dot_v1_dot_audit__pb2.VerifyChainRequest.SerializeToString,
             jitmesh_dot_v1_dot_audit__pb2.VerifyChainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitmesh.v1.Audit/ListCheckpoints',
+            jitmesh_dot_v1_dot_audit__pb2.ListCheckpointsRequest.SerializeToString,
+            jitmesh_dot_v1_dot_audit__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

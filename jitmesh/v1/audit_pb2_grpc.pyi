@@ -19,6 +19,8 @@ class AuditStub:
     TailEvents: _aio.UnaryStreamMultiCallable[_audit_pb2.TailEventsRequest, _types_pb2.AuditEvent]
     """Server stream: events after `after_seq`, then new ones as they are written."""
     VerifyChain: _aio.UnaryUnaryMultiCallable[_audit_pb2.VerifyChainRequest, _audit_pb2.VerifyChainResponse]
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListCheckpointsRequest, _audit_pb2.ListCheckpointsResponse]
+    """The signed checkpoints of the chain head and the public keys that check them, for export."""
 
 class AuditServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -42,5 +44,13 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         request: _audit_pb2.VerifyChainRequest,
         context: _aio.ServicerContext[_audit_pb2.VerifyChainRequest, _abc.Awaitable[_audit_pb2.VerifyChainResponse]],
     ) -> _abc.Awaitable[_audit_pb2.VerifyChainResponse]: ...
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _audit_pb2.ListCheckpointsRequest,
+        context: _aio.ServicerContext[_audit_pb2.ListCheckpointsRequest, _abc.Awaitable[_audit_pb2.ListCheckpointsResponse]],
+    ) -> _abc.Awaitable[_audit_pb2.ListCheckpointsResponse]:
+        """The signed checkpoints of the chain head and the public keys that check them, for export."""
 
 def add_AuditServicer_to_server(servicer: AuditServicer, server: _aio.Server) -> None: ...

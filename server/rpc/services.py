@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from jitmesh import validation
+from jitmesh.clock import to_ms
 from jitmesh.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -21,6 +22,7 @@ from jitmesh.v1 import (
     types_pb2,
 )
 from server.ca import CertificateError, InternalCA, Issued, agent_of
+from server.checkpoints import Checkpoints
 from server.domain import errors
 from server.domain.access import AccessService
 from server.domain.fleet import FleetService
@@ -340,9 +342,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
 
 
 class AuditServicer(audit_pb2_grpc.AuditServicer):
-    def __init__(self, auth: Authenticator, audit: AuditService) -> None:
+    def __init__(
+        self, auth: Authenticator, audit: AuditService, checkpoints: Checkpoints | None = None
+    ) -> None:
         self._auth = auth
         self._audit = audit
+        self._checkpoints = checkpoints
 
     @mapped
     async def ListEvents(
@@ -401,3 +406,27 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> audit_pb2.VerifyChainResponse:
         principal = await self._auth.operator(context)
         return c.verification(await self._audit.verify(principal))
+
+    @mapped
+    async def ListCheckpoints(
+        self, request: audit_pb2.ListCheckpointsRequest, context: Ctx
+    ) -> audit_pb2.ListCheckpointsResponse:
+        await self._auth.operator(context)
+        if self._checkpoints is None:
+            return audit_pb2.ListCheckpointsResponse()
+        return audit_pb2.ListCheckpointsResponse(
+            checkpoints=[
+                audit_pb2.AuditCheckpoint(
+                    seq=cp.seq,
+                    hash=cp.hash,
+                    at_ms=to_ms(cp.at),
+                    key_id=cp.key_id,
+                    signature=cp.signature,
+                )
+                for cp in self._checkpoints.read()
+            ],
+            keys=[
+                agents_pb2.SigningKey(key_id=k.key_id, public_key=k.public_raw)
+                for k in self._checkpoints.public_keys()
+            ],
+        )

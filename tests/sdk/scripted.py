@@ -564,6 +564,11 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         await self.m.guard("VerifyChain", request, context)
         return _convert.chain_verification_to_proto(self.m.verification)
 
+    async def ListCheckpoints(
+        self, request: audit_pb2.ListCheckpointsRequest, context: Ctx
+    ) -> audit_pb2.ListCheckpointsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
 
 async def start(model: Scripted) -> tuple[aio.Server, str]:
     server = aio.server()
