@@ -57,12 +57,13 @@ def summarize(records: list[dict[str, Any]], seed: str) -> dict[str, Any]:
     overstay: dict[str, Any] = {}
     above = 0
     for phase, rows in grants.items():
-        # After an agent crash the allowance is the downtime plus the margin: measure beyond it.
-        values = [row["overstay_ms"] - row["downtime_ms"] for row in rows]
-        above += sum(1 for v in values if v > MARGIN_MS)
+        values = [row["overstay_ms"] for row in rows]
+        # After an agent crash the allowance is the downtime plus the margin.
+        above += sum(1 for row in rows if row["overstay_ms"] > row["downtime_ms"] + MARGIN_MS)
         overstay[phase] = {
             "grants": len(values),
             "max_ms": max(values, default=0.0),
+            "downtime_max_ms": max((row["downtime_ms"] for row in rows), default=0.0),
             "p99_ms": pct(values, 99),
             "p50_ms": pct(values, 50),
         }
@@ -104,16 +105,21 @@ def table(summary: dict[str, Any]) -> str:
     lines = [f"jitmesh fault suite, seed {summary['seed']}", ""]
     lines.append("faults injected by kind")
     for kind, count in summary["faults"].items():
-        lines.append(f"  {kind:<28} {count:>6}")
-    lines.append(f"  {'total':<28} {summary['faults_total']:>6}")
+        lines.append(f"  {kind:<34} {count:>6}")
+    lines.append(f"  {'total':<34} {summary['faults_total']:>6}")
     lines.append("")
     lines.append(f"grants issued                  {summary['grants_issued']:>6}")
-    lines.append("overstay (ms past expiry; after a crash: past downtime)")
+    lines.append("overstay (ms past expiry; after an agent crash the allowance is downtime + 250)")
     lines.append(f"  {'phase':<13} {'grants':>6} {'max':>9} {'p99':>9} {'p50':>9}")
     for phase, o in summary["overstay"].items():
         lines.append(
             f"  {phase:<13} {o['grants']:>6} {o['max_ms']:>9.1f} {o['p99_ms']:>9.1f} "
             f"{o['p50_ms']:>9.1f}"
+            + (
+                f"  (agent downtime up to {o['downtime_max_ms']:.0f} ms)"
+                if o["downtime_max_ms"]
+                else ""
+            )
         )
     lines.append(f"  above 250 ms                 {summary['overstay_above_250ms']:>6}")
     lines.append(f"double applies                 {summary['double_applies']:>6}")
