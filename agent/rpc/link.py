@@ -194,8 +194,17 @@ class Link:
         if self._clock.now() >= identity.renew_at():
             identity = await self._renew(target, ca_pem, identity)
         mutual = grpc.ssl_channel_credentials(ca_pem, identity.key_pem, identity.cert_pem)
+        # A stream outlasting the certificate's renewal point is ended then, so the next session
+        # renews; a failed renewal leaves the timer off (the old certificate serves until then).
+        renew_in = (identity.renew_at() - self._clock.now()).total_seconds()
         async with grpc.aio.secure_channel(target, mutual, options=self._options()) as ch:
-            await self._stream(ch, ())
+            try:
+                async with asyncio.timeout(renew_in if renew_in > 0 else None) as renewal:
+                    await self._stream(ch, ())
+            except TimeoutError:
+                if not renewal.expired():
+                    raise
+                raise LinkError("certificate renewal due") from None
 
     async def _renew(self, target: str, ca_pem: bytes, old: TlsIdentity) -> TlsIdentity:
         """A new key and certificate before the old one ends; the lease table is untouched, so
