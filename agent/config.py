@@ -5,7 +5,10 @@ Inside the agent, plain frozen dataclasses take over (`LinkSettings`, enforcer `
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import stat
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -165,11 +168,40 @@ def parse_exec_hooks(text: str) -> ExecHooksConfig:
 
 
 def load_exec_hooks(path: Path) -> ExecHooksConfig:
+    """Read an exec enforcer's hooks file. The file, every hook program and every directory
+    above them must be writable by their owner (root or this user) only: anyone else who could
+    change them could run code as the agent."""
     try:
+        check_private(path, "exec hooks file")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read exec hooks file ({exc.strerror})") from None
-    return parse_exec_hooks(text)
+    hooks = parse_exec_hooks(text)
+    for argv in (hooks.apply, hooks.remove, hooks.observe):
+        if argv is None:
+            continue
+        program = shutil.which(argv[0])
+        if program is None:
+            raise ConfigError("exec hook program not found or not executable")
+        try:
+            check_private(Path(program), "exec hook program")
+        except OSError as exc:
+            raise ConfigError(f"cannot check exec hook program ({exc.strerror})") from None
+    return hooks
+
+
+def check_private(path: Path, what: str) -> None:
+    """Refuse `path` (symlinks followed) when it, or a directory above it, is owned by another
+    user or writable by group or others. Sticky directories (/tmp) are allowed: there nobody
+    can replace another user's entries."""
+    resolved = path.resolve(strict=True)
+    for candidate in (resolved, *resolved.parents):
+        st = candidate.stat()
+        if st.st_uid not in (0, os.getuid()):
+            raise ConfigError(f"{what}: {candidate} is owned by another user")
+        sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        if st.st_mode & 0o022 and not sticky_dir:
+            raise ConfigError(f"{what}: {candidate} is writable by group or others")
 
 
 def parse_enforcer(spec: str) -> EnforcerConfig:

@@ -19,9 +19,9 @@ from agent.config import (
 from agent.domain.errors import ConfigError
 
 GOOD = """\
-apply: [/usr/local/bin/grant, "{subject}", "{action}"]
-remove: [/usr/local/bin/revoke, "{subject}", "{action}"]
-observe: [/usr/local/bin/list]
+apply: [/bin/true, "{subject}", "{action}"]
+remove: [/bin/true, "{subject}", "{action}"]
+observe: [/bin/true]
 timeout: 1m30s
 env:
   MODE: NO
@@ -31,8 +31,8 @@ env:
 
 def test_exec_hooks_parse_as_yaml_1_2() -> None:
     hooks = parse_exec_hooks(GOOD)
-    assert hooks.apply == ("/usr/local/bin/grant", "{subject}", "{action}")
-    assert hooks.observe == ("/usr/local/bin/list",)
+    assert hooks.apply == ("/bin/true", "{subject}", "{action}")
+    assert hooks.observe == ("/bin/true",)
     assert hooks.timeout == timedelta(seconds=90)
     # YAML 1.1 would have made these false and 750.
     assert hooks.env == {"MODE": "NO", "AT": "12:30"}
