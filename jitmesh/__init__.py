@@ -37,6 +37,7 @@ from jitmesh.types import (
     RequestState,
     Review,
     ReviewDecision,
+    TokenInfo,
 )
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ __all__ = [
     "RequestState",
     "Review",
     "ReviewDecision",
+    "TokenInfo",
     "UnavailableError",
     "format_duration",
     "parse_duration",

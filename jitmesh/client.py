@@ -37,6 +37,8 @@ from jitmesh.v1 import (
     agents_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
+    identity_pb2,
+    identity_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
     types_pb2,
@@ -181,6 +183,7 @@ class Client:
         self._agents = agents_pb2_grpc.AgentsStub(channel)
         self._policy = policy_pb2_grpc.PolicyStub(channel)
         self._audit = audit_pb2_grpc.AuditStub(channel)
+        self._identity = identity_pb2_grpc.IdentityStub(channel)
 
     @classmethod
     async def connect(
@@ -528,6 +531,46 @@ class Client:
         await self._unary(self._agents.RemoveAgent, message)
 
     # -----------------------------------------------------------------------------------------
+    # Operator tokens and users (admins)
+
+    async def create_token(
+        self,
+        user: str,
+        *,
+        groups: Iterable[str] = (),
+        ttl: timedelta | None = None,
+        label: str = "",
+    ) -> tuple[str, types.TokenInfo]:
+        """A new bearer token for `user` (created with `groups` if new): the token, shown once,
+        and its listing. Every token expires (default 30 days, at most 365)."""
+        message = identity_pb2.CreateTokenRequest(
+            user=_check(validation.SUBJECT, user, "user"),
+            groups=[_check(validation.GROUP, g, "group") for g in groups],
+            ttl=_convert.duration_to_proto(None if ttl is None else _check_positive(ttl, "ttl")),
+            label=label,
+        )
+        response = await self._unary(self._identity.CreateToken, message)
+        return response.token, _token_info(response.info)
+
+    async def list_tokens(self, user: str = "") -> list[types.TokenInfo]:
+        user = _check_optional(validation.SUBJECT, user, "user")
+        message = identity_pb2.ListTokensRequest(user=user)
+        response = await self._unary(self._identity.ListTokens, message)
+        return [_token_info(t) for t in response.tokens]
+
+    async def revoke_token(self, token_id: str) -> None:
+        """Revoke a token by the id `list_tokens` shows; its next call is refused."""
+        message = identity_pb2.RevokeTokenRequest(id=token_id)
+        await self._unary(self._identity.RevokeToken, message)
+
+    async def set_user_disabled(self, user: str, disabled: bool = True) -> None:
+        """Disable (or enable) a user: every call with any of their tokens is refused."""
+        message = identity_pb2.SetUserDisabledRequest(
+            user=_check(validation.SUBJECT, user, "user"), disabled=disabled
+        )
+        await self._unary(self._identity.SetUserDisabled, message)
+
+    # -----------------------------------------------------------------------------------------
     # Policy
 
     async def get_policy(self) -> types.PolicyDocument:
@@ -687,3 +730,14 @@ class Client:
                 "key_id": cp.key_id,
                 "signature": base64.b64encode(cp.signature).decode(),
             }
+
+
+def _token_info(msg: identity_pb2.TokenInfo) -> types.TokenInfo:
+    return types.TokenInfo(
+        id=msg.id,
+        user=msg.user,
+        label=msg.label,
+        created_at=_convert.required_time(msg.created_at, "created_at"),
+        expires_at=_convert.time_or_none(msg.expires_at),
+        revoked_at=_convert.time_or_none(msg.revoked_at),
+    )

@@ -127,6 +127,19 @@ class Agent:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """An operator bearer token as listed: never the token itself. `id` is a prefix of its
+    hash, enough to revoke it."""
+
+    id: str
+    user: str
+    label: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class JoinToken:
     token: str = field(repr=False)
     expires_at: datetime

@@ -22,6 +22,8 @@ from jitmesh.v1 import (
     agents_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
+    identity_pb2,
+    identity_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
 )
@@ -31,12 +33,18 @@ from server.config import CoordinatorConfig
 from server.domain.access import AccessService
 from server.domain.expiry import Expirer
 from server.domain.fleet import FleetService
-from server.domain.governance import AuditService, IdentityService, PolicyService
+from server.domain.governance import AuditService, IdentityService, PolicyService, TokenService
 from server.domain.hub import Hub
 from server.rpc.agentlink import AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
-from server.rpc.services import AccessServicer, AgentsServicer, AuditServicer, PolicyServicer
+from server.rpc.services import (
+    AccessServicer,
+    AgentsServicer,
+    AuditServicer,
+    IdentityServicer,
+    PolicyServicer,
+)
 from server.signing import SigningKeys
 from server.store.sqlite import SqliteStore
 
@@ -47,6 +55,7 @@ SERVICES = [
     agents_pb2.DESCRIPTOR.services_by_name["Agents"].full_name,
     policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
+    identity_pb2.DESCRIPTOR.services_by_name["Identity"].full_name,
     agentlink_pb2.DESCRIPTOR.services_by_name["AgentLink"].full_name,
 ]
 
@@ -176,6 +185,9 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         AgentsServicer(auth, fleet, keys, ca, agent_port), server
     )
     policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(auth, policy), server)
+    identity_pb2_grpc.add_IdentityServicer_to_server(
+        IdentityServicer(auth, TokenService(store, hub, clock)), server
+    )
     audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(auth, audit, checkpoints), server)
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
         AgentLinkServicer(

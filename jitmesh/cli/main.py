@@ -25,7 +25,7 @@ from jitmesh.cli import output
 from jitmesh.client import Client
 from jitmesh.clock import Clock, SystemClock
 from jitmesh.durations import DurationError, parse_duration
-from jitmesh.types import Grant, GrantState, Request, RequestState
+from jitmesh.types import Grant, GrantState, Request, RequestState, TokenInfo
 
 DEFAULT_COORDINATOR = "127.0.0.1:7443"
 ENV_COORDINATOR = "JITMESH_COORDINATOR"
@@ -273,6 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(agents, "remove", _agent_remove, "forget an agent and revoke its grants")
     p.add_argument("name", metavar="NAME")
 
+    # operator tokens and users
+    optokens = group(nouns, "token", "operator bearer tokens (admins)")
+    p = command(optokens, "create", _token_create, "a new token for a user, shown once")
+    p.add_argument("user", metavar="USER")
+    p.add_argument("--group", action="append", default=[], dest="groups", metavar="GROUP")
+    p.add_argument("--ttl", type=_duration, metavar="DURATION", help="default 30d, at most 365d")
+    p.add_argument("--label", default="")
+    p = command(optokens, "list", _token_list, "list tokens (never the tokens themselves)")
+    p.add_argument("--user", default="", metavar="USER")
+    p = command(optokens, "revoke", _token_revoke, "revoke a token by its id")
+    p.add_argument("id", metavar="ID")
+    users = group(nouns, "user", "disable or enable operators (admins)")
+    p = command(users, "disable", _user_disable, "refuse every call of a user from now on")
+    p.add_argument("user", metavar="USER")
+    p = command(users, "enable", _user_enable, "let a disabled user back in")
+    p.add_argument("user", metavar="USER")
+
     # policy
     policy = group(nouns, "policy", "see, change and test the access policy")
     command(policy, "show", _policy_show, "print the running policy")
@@ -485,6 +502,59 @@ async def _agent_token_create(client: Client, args: argparse.Namespace, out: Out
     out.emit(
         output.join_token_json(token, labels), output.join_token_details(token, labels, out.now)
     )
+    return 0
+
+
+def _token_json(info: TokenInfo) -> dict[str, str | None]:
+    return {
+        "id": info.id,
+        "user": info.user,
+        "label": info.label,
+        "created_at": info.created_at.isoformat(),
+        "expires_at": info.expires_at.isoformat() if info.expires_at else None,
+        "revoked_at": info.revoked_at.isoformat() if info.revoked_at else None,
+    }
+
+
+async def _token_create(client: Client, args: argparse.Namespace, out: Output) -> int:
+    token, info = await client.create_token(
+        args.user, groups=args.groups, ttl=args.ttl, label=args.label
+    )
+    expires = info.expires_at.isoformat() if info.expires_at else "never"
+    out.emit(
+        {"token": token, **_token_json(info)},
+        f"TOKEN    {token}\nID       {info.id}\nUSER     {info.user}\nEXPIRES  {expires}\n"
+        "(shown once: the coordinator keeps only its hash)",
+    )
+    return 0
+
+
+async def _token_list(client: Client, args: argparse.Namespace, out: Output) -> int:
+    tokens = await client.list_tokens(args.user)
+    lines = ["ID                USER            EXPIRES                    REVOKED"]
+    for t in tokens:
+        expires = t.expires_at.isoformat(timespec="seconds") if t.expires_at else "never"
+        revoked = t.revoked_at.isoformat(timespec="seconds") if t.revoked_at else "-"
+        lines.append(f"{t.id:<17} {output.cell(t.user):<15} {expires:<26} {revoked}")
+    out.emit([_token_json(t) for t in tokens], "\n".join(lines))
+    return 0
+
+
+async def _token_revoke(client: Client, args: argparse.Namespace, out: Output) -> int:
+    await client.revoke_token(args.id)
+    out.emit({"revoked": args.id}, f"revoked token {args.id}")
+    return 0
+
+
+async def _user_disable(client: Client, args: argparse.Namespace, out: Output) -> int:
+    await client.set_user_disabled(args.user, True)
+    out.emit({"disabled": args.user}, f"disabled {args.user}")
+    return 0
+
+
+async def _user_enable(client: Client, args: argparse.Namespace, out: Output) -> int:
+    await client.set_user_disabled(args.user, False)
+    out.emit({"enabled": args.user}, f"enabled {args.user}")
     return 0
 
 

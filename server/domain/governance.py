@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock
-from jitmesh.types import AuditEvent, ChainVerification, PolicyDecision, PolicyDocument
+from jitmesh.types import (
+    AuditEvent,
+    ChainVerification,
+    PolicyDecision,
+    PolicyDocument,
+    TokenInfo,
+)
 
 from .access import hash_secret
 from .audit import ChainVerifier
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from .hub import Hub
-from .models import AuditEntry, Principal
+from .models import AuditEntry, Principal, new_secret, same_person
 from .policy import Policy, decision, match, parse_policy
 from .ports import Store
 
@@ -55,6 +62,101 @@ class IdentityService:
                 )
             )
         await self._hub.audit_written(tx.new_audit)
+
+
+TOKEN_TTL = timedelta(days=30)
+MAX_TOKEN_TTL = timedelta(days=365)
+TOKEN_ID = re.compile(r"[0-9a-f]{16}")
+
+
+class TokenService:
+    """Operator bearer tokens, for admins: create (shown once, stored hashed, always expiring),
+    list (never the token), revoke, and disable or enable users."""
+
+    def __init__(self, store: Store, hub: Hub, clock: Clock) -> None:
+        self._store = store
+        self._hub = hub
+        self._clock = clock
+
+    async def create(
+        self,
+        principal: Principal,
+        user: str,
+        groups: list[str],
+        ttl: timedelta | None,
+        label: str,
+    ) -> tuple[str, TokenInfo]:
+        _require_admin(principal)
+        try:
+            v.check(v.SUBJECT, user, "user")
+            for group in groups:
+                v.check(v.GROUP, group, "group")
+            v.check_reason(label, field="label")
+        except v.ValidationError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if len(label) > 128:
+            raise InvalidArgument("label is longer than 128 characters")
+        ttl = TOKEN_TTL if ttl is None else ttl
+        if not timedelta(minutes=1) <= ttl <= MAX_TOKEN_TTL:
+            raise InvalidArgument("ttl must be between 1m and 365d")
+        now = self._clock.now()
+        token = new_secret("jmt")
+        async with self._store.transaction() as tx:
+            if groups:
+                await tx.upsert_user(user, groups, now)
+            elif await self._store.user_groups(user) is None:
+                raise InvalidArgument("a new user needs at least one group")
+            await tx.insert_token(hash_secret(token), user, now, now + ttl, label)
+            await tx.audit(
+                AuditEntry(
+                    "user.token_created",
+                    principal.name,
+                    now,
+                    subject=user,
+                    details={
+                        "id": hash_secret(token)[:16],
+                        "expires_at": (now + ttl).isoformat(),
+                        "groups": ",".join(sorted(groups)),
+                    },
+                )
+            )
+        await self._hub.audit_written(tx.new_audit)
+        info = TokenInfo(hash_secret(token)[:16], user, label, now, now + ttl, None)
+        return token, info
+
+    async def list(self, principal: Principal, user: str) -> list[TokenInfo]:
+        _require_admin(principal)
+        if user and not v.SUBJECT.fullmatch(user):
+            raise InvalidArgument("user is not valid")
+        return await self._store.list_tokens(user)
+
+    async def revoke(self, principal: Principal, token_id: str) -> None:
+        _require_admin(principal)
+        now = self._clock.now()
+        async with self._store.transaction() as tx:
+            if not TOKEN_ID.fullmatch(token_id) or not await tx.revoke_token(token_id, now):
+                raise NotFound("no such live token")
+            await tx.audit(
+                AuditEntry("user.token_revoked", principal.name, now, details={"id": token_id})
+            )
+        await self._hub.audit_written(tx.new_audit)
+
+    async def set_disabled(self, principal: Principal, user: str, disabled: bool) -> None:
+        _require_admin(principal)
+        if same_person(user, principal.name) and disabled:
+            raise InvalidArgument("admins cannot disable themselves")
+        now = self._clock.now()
+        async with self._store.transaction() as tx:
+            if not v.SUBJECT.fullmatch(user) or not await tx.set_user_disabled(user, disabled):
+                raise NotFound("no such user")
+            kind = "user.disabled" if disabled else "user.enabled"
+            await tx.audit(AuditEntry(kind, principal.name, now, subject=user))
+        await self._hub.audit_written(tx.new_audit)
+
+
+def _require_admin(principal: Principal) -> None:
+    if not principal.is_admin:
+        raise PermissionDenied("this needs the admins group")
 
 
 class PolicyService:

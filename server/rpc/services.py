@@ -10,6 +10,7 @@ import grpc
 
 from jitmesh import validation
 from jitmesh.clock import to_ms
+from jitmesh.types import TokenInfo
 from jitmesh.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -17,6 +18,8 @@ from jitmesh.v1 import (
     agents_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
+    identity_pb2,
+    identity_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
     types_pb2,
@@ -26,7 +29,7 @@ from server.checkpoints import Checkpoints
 from server.domain import errors
 from server.domain.access import AccessService
 from server.domain.fleet import FleetService
-from server.domain.governance import AuditService, PolicyService
+from server.domain.governance import AuditService, PolicyService, TokenService
 from server.domain.hub import Hub
 from server.signing import SigningKeys
 
@@ -301,6 +304,58 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
             )
             for k in self._keys.public_keys()
         ]
+
+
+def _token_info(info: TokenInfo) -> identity_pb2.TokenInfo:
+    return identity_pb2.TokenInfo(
+        id=info.id,
+        user=info.user,
+        label=info.label,
+        created_at=c.ts(info.created_at),
+        expires_at=c.ts(info.expires_at),
+        revoked_at=c.ts(info.revoked_at),
+    )
+
+
+class IdentityServicer(identity_pb2_grpc.IdentityServicer):
+    def __init__(self, auth: Authenticator, tokens: TokenService) -> None:
+        self._auth = auth
+        self._tokens = tokens
+
+    @mapped
+    async def CreateToken(
+        self, request: identity_pb2.CreateTokenRequest, context: Ctx
+    ) -> identity_pb2.CreateTokenResponse:
+        principal = await self._auth.operator(context)
+        ttl = _duration(request.ttl, "ttl") if request.HasField("ttl") else None
+        token, info = await self._tokens.create(
+            principal, request.user, list(request.groups), ttl, request.label
+        )
+        return identity_pb2.CreateTokenResponse(token=token, info=_token_info(info))
+
+    @mapped
+    async def ListTokens(
+        self, request: identity_pb2.ListTokensRequest, context: Ctx
+    ) -> identity_pb2.ListTokensResponse:
+        principal = await self._auth.operator(context)
+        tokens = await self._tokens.list(principal, request.user)
+        return identity_pb2.ListTokensResponse(tokens=[_token_info(t) for t in tokens])
+
+    @mapped
+    async def RevokeToken(
+        self, request: identity_pb2.RevokeTokenRequest, context: Ctx
+    ) -> identity_pb2.RevokeTokenResponse:
+        principal = await self._auth.operator(context)
+        await self._tokens.revoke(principal, request.id)
+        return identity_pb2.RevokeTokenResponse()
+
+    @mapped
+    async def SetUserDisabled(
+        self, request: identity_pb2.SetUserDisabledRequest, context: Ctx
+    ) -> identity_pb2.SetUserDisabledResponse:
+        principal = await self._auth.operator(context)
+        await self._tokens.set_disabled(principal, request.user, request.disabled)
+        return identity_pb2.SetUserDisabledResponse()
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):

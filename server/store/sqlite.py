@@ -33,6 +33,7 @@ from jitmesh.types import (
     RequestState,
     Review,
     ReviewDecision,
+    TokenInfo,
 )
 from server.domain.audit import GENESIS, event_hash
 from server.domain.errors import Conflict, InvalidArgument
@@ -503,6 +504,19 @@ class SqliteTx:
         )
         return cur.rowcount == 1
 
+    async def revoke_token(self, token_id: str, at: datetime) -> bool:
+        cur = await self._conn.execute(
+            "UPDATE tokens SET revoked_at = ? WHERE substr(hash, 1, 16) = ? AND revoked_at IS NULL",
+            (to_ms(at), token_id),
+        )
+        return cur.rowcount >= 1
+
+    async def set_user_disabled(self, name: str, disabled: bool) -> bool:
+        cur = await self._conn.execute(
+            "UPDATE users SET disabled = ? WHERE name = ?", (int(disabled), name)
+        )
+        return cur.rowcount == 1
+
     async def insert_policy(self, text: str, sha256: str, at: datetime, by: str) -> int:
         row = await _one(self._conn, "SELECT COALESCE(MAX(version), 0) + 1 FROM policies")
         version = int(row[0])
@@ -821,6 +835,17 @@ class SqliteStore:
         if row is None:
             return None
         return Principal(name=row[0], groups=frozenset(json.loads(row[1])))
+
+    async def list_tokens(self, user: str) -> list[TokenInfo]:
+        rows = await _all(
+            self._reader,
+            "SELECT hash, user_name, label, created_at, expires_at, revoked_at FROM tokens "
+            "WHERE ? = '' OR user_name = ? ORDER BY created_at, hash",
+            [user, user],
+        )
+        return [
+            TokenInfo(str(r[0])[:16], r[1], r[2], from_ms(r[3]), _at(r[4]), _at(r[5])) for r in rows
+        ]
 
     async def user_groups(self, name: str) -> frozenset[str] | None:
         row = await _one(self._reader, "SELECT groups FROM users WHERE name = ?", [name])

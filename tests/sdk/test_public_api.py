@@ -27,6 +27,7 @@ INTENDED = {
     "RequestState",
     "Review",
     "ReviewDecision",
+    "TokenInfo",
     # errors
     "JitmeshError",
     "AuthenticationError",
