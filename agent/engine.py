@@ -107,6 +107,9 @@ class Engine:
         # Set at start when the wall clock is behind the last recorded time; cleared by the
         # coordinator's time in a Welcome. While set, grants are refused.
         self._clock_untrusted = False
+        # Set while the last Welcome showed the agent's clock further from the coordinator's
+        # than the tolerance: grants are refused (and audited) until a Welcome agrees again.
+        self._skewed = False
 
     @property
     def connected(self) -> bool:
@@ -174,7 +177,30 @@ class Engine:
         found untrusted at start is trusted again."""
         if self._time is None:
             return
+        # Skew: the agent's wall clock against the coordinator's, at every Welcome. A clock behind
+        # is corrected (time never runs behind the coordinator's, and runs on the monotonic clock
+        # from there); a clock ahead cannot be (time never goes back), so grants are refused
+        # until a Welcome agrees again. Both are audited.
+        wall = self._clock.now()
+        skew_ms = int((wall - at).total_seconds() * 1000)
         self._time.raise_to(at, mono=self._clock.monotonic())
+        was = self._skewed
+        self._skewed = self._skew is not None and self.now() - at > self._skew
+        if self._skew is not None and abs(wall - at) > self._skew:
+            await self._store.add_event(
+                new_event(
+                    EventKind.CLOCK_SKEWED,
+                    at=self.now(),
+                    details={"skew_ms": str(skew_ms), "refusing": str(self._skewed).lower()},
+                )
+            )
+            self.outbox_changed.set()
+            log.warning("clock skew", extra={"skew_ms": skew_ms, "refusing": self._skewed})
+        elif was and not self._skewed:
+            await self._store.add_event(
+                new_event(EventKind.CLOCK_TRUSTED, at=self.now(), details={"skew_ms": str(skew_ms)})
+            )
+            self.outbox_changed.set()
         if self._clock_untrusted:
             self._clock_untrusted = False
             await self._store.note_wall(self.now())
@@ -372,12 +398,13 @@ class Engine:
     def _time_problem(self, command: CommandSpec, now: datetime) -> str | None:
         if self._clock_untrusted:
             return "agent clock untrusted"
+        if self._skewed:
+            return "clock skew beyond tolerance"
+        # Issued "in the future": the agent's clock is behind the coordinator's, and its view of
+        # the grant's window would last too long. (Issued long ago is not skew: a command can wait
+        # in a queue or a stalled connection; an agent clock ahead only ends grants early.)
         skew = self._skew
-        if (
-            skew is not None
-            and command.issued_at is not None
-            and abs(now - command.issued_at) > skew
-        ):
+        if skew is not None and command.issued_at is not None and command.issued_at - now > skew:
             return "clock skew beyond tolerance"
         return None
 

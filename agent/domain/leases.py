@@ -90,6 +90,8 @@ class EventKind(enum.StrEnum):
     # grant was removed and new ones are refused until the coordinator's time is seen.
     CLOCK_UNTRUSTED = "clock.untrusted"
     CLOCK_TRUSTED = "clock.trusted"
+    # A Welcome showed the agent's clock further from the coordinator's than the tolerance.
+    CLOCK_SKEWED = "clock.skewed"
     # The lease table could not be read at start: moved aside, everything managed removed.
     STATE_MOVED_ASIDE = "state.moved_aside"
     # A revoke whose removal kept failing: access may still be in force (never reported revoked).

@@ -366,13 +366,24 @@ async def test_grant_issued_beyond_the_skew_tolerance_is_refused_and_audited(
     await engine.start()
     try:
         spec = grant(length=10 * MIN)
-        skewed = replace(command(1, spec), issued_at=T0 - 5 * SEC)
+        # Issued 5 s "in the future": the agent's clock is behind.
+        skewed = replace(command(1, spec), issued_at=T0 + 5 * SEC)
         ack = await engine.handle(skewed)
         assert (ack.status, ack.reason) == (AckStatus.REJECTED, "clock skew beyond tolerance")
         assert await files.observe() == set()
-        assert [e.kind for e in await store.pending_events(10)] == ["grant.refused"]
-        fine = replace(command(2, grant(length=10 * MIN)), issued_at=T0 - SEC)
+        # Issued long ago is a slow delivery, not skew.
+        fine = replace(command(2, grant(length=10 * MIN)), issued_at=T0 - 5 * MIN)
         assert (await engine.handle(fine)).status is AckStatus.APPLIED
+        # A Welcome with the coordinator's clock 10 s behind the agent's: refused until one
+        # agrees again (a clock behind would simply be corrected).
+        await engine.coordinator_time_seen(T0 - 10 * SEC)
+        ack = await engine.handle(command(3, grant(length=10 * MIN)))
+        assert (ack.status, ack.reason) == (AckStatus.REJECTED, "clock skew beyond tolerance")
+        await clock.advance(10 * SEC)
+        await engine.coordinator_time_seen(clock.now())
+        assert (await engine.handle(command(4, grant(length=10 * MIN)))).status is AckStatus.APPLIED
+        kinds = [e.kind for e in await store.pending_events(10)]
+        assert kinds == ["grant.refused", "clock.skewed", "grant.refused", "clock.trusted"]
     finally:
         store.close()
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import grpc
+
 from jitmesh import Client, Grant, GrantState
 from tests.e2e.procs import BIN, free_port, read_env, wait_for, wait_healthy
 
@@ -137,9 +139,23 @@ class Cluster:
         )  # fmt: skip
         self.coordinator.start()
         if wait:
-            await wait_healthy(self.address)
+            await self._healthy(self.coordinator)
             await wait_for(lambda: (data / "dev.env").exists(), 20, "dev.env")
             self.env = read_env(data / "dev.env")
+
+    async def _healthy(self, process: Process, timeout: float = 30) -> None:
+        """Wait until the coordinator serves; fail at once (with its log) if it exited."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not process.running:
+                tail = process.log.read_text()[-2000:]
+                raise AssertionError(f"coordinator exited at start:\n{tail}")
+            try:
+                await wait_healthy(self.address, timeout=1.0)
+                return
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > deadline:
+                    raise
 
     async def client(self, user: str) -> Client:
         client = await Client.connect(self.address, token=self.env[f"JITMESH_TOKEN_{user.upper()}"])

@@ -3,7 +3,8 @@
 Faults, each switchable at any time: `blackhole(up, down)` (bytes in that direction are read and
 dropped, the connection stays open: a silent partition, one direction or both), `reset()` (every
 open connection is closed with an RST), `refuse` (new connections are reset at once), `latency`
-(seconds added before each chunk is forwarded) and `flap(period)` (blackhole on and off).
+(seconds added before each chunk is forwarded), `stall()` (stop reading from the coordinator, as
+a stopped agent would) and `flap(period)` (blackhole on and off).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ class FaultProxy:
         self.drop_down = False  # coordinator -> agent
         self.refuse = False
         self.latency = 0.0
+        # Stop reading from the coordinator (a stopped agent): TCP and HTTP/2 flow control push
+        # back, the coordinator's writes block and its per-agent queue fills.
+        self.stall_down = asyncio.Event()
+        self.stall_down.set()
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._pipes: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
@@ -42,6 +47,10 @@ class FaultProxy:
     def heal(self) -> None:
         self.drop_up = self.drop_down = self.refuse = False
         self.latency = 0.0
+        self.stall_down.set()
+
+    def stall(self) -> None:
+        self.stall_down.clear()
 
     def reset(self) -> None:
         """Close every open connection with an RST (SO_LINGER 0)."""
@@ -92,6 +101,8 @@ class FaultProxy:
     ) -> None:
         try:
             while True:
+                if not up:
+                    await self.stall_down.wait()
                 data = await reader.read(65536)
                 if not data:
                     break
