@@ -4,8 +4,11 @@ side effect (P3). In process: the real engine on an in-memory lease store, seede
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sqlite3
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from agent.domain.commands import AckStatus, CommandSpec, GrantSpec, RevokeSpec
 from agent.enforcers.base import EnforcerSet
@@ -124,3 +127,49 @@ async def test_revoke_before_grant_leaves_a_tombstone_that_wins(recorder: Record
     )
     recorder.applies(double=doubles, unauthorized=unauthorized)
     assert (doubles, unauthorized) == (0, 0)
+
+
+async def test_full_disk_refuses_grants_without_a_hook_and_still_revokes(
+    recorder: Recorder, tmp_path: Path
+) -> None:
+    from agent.store.sqlite import SqliteLeaseStore
+
+    store = SqliteLeaseStore.open(tmp_path)
+    enforcer = MemoryEnforcer()
+    try:
+        await store.claim(AGENT, "boot")
+        engine = Engine(
+            name=AGENT, store=store, enforcers=EnforcerSet([enforcer]), clock=FakeClock(T0)
+        )
+        await engine.start()
+        held = "grt-" + "1" * 32
+        assert (await engine.handle(grant_cmd(1, held, "restart"))).status is AckStatus.APPLIED
+        fill_disk(store)
+        recorder.fault("disk_full")
+        calls = len(enforcer.history)
+        ack = await engine.handle(grant_cmd(2, "grt-" + "2" * 32, "deploy"))
+        assert (ack.status, ack.reason) == (AckStatus.FAILED, "cannot persist the grant")
+        assert len(enforcer.history) == calls  # no hook
+        await engine.handle(revoke_cmd(3, held))
+        assert enforcer.in_force == set()  # the revoke's hook still ran
+        recorder.applies(double=double_applies(enforcer), unauthorized=0)
+    finally:
+        store.close()
+
+
+def fill_disk(store: object) -> None:
+    """PRAGMA max_page_count at the current size, then fill every page that has room."""
+    db = store._db  # type: ignore[attr-defined]
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count={pages}")
+    n = 0
+    for size in (4096, 512, 64, 8, 1):
+        with contextlib.suppress(sqlite3.Error):
+            while True:
+                n += 1
+                db.execute(
+                    "INSERT INTO leases (grant_id, subject, action, request_id, not_before_ms, "
+                    "not_after_ms, offline_mode, offline_grace_ms, state, seq, removed_at_ms, "
+                    "remove_reason) VALUES (?, 's', 'a', '', 0, 0, 'HOLD', 0, 'removed', 0, 0, ?)",
+                    (f"fill-{n}", "x" * size),
+                )
