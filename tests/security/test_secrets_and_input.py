@@ -11,9 +11,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from jitmesh import Client, JitmeshError, validation
-from jitmesh.v1 import agentlink_pb2, agents_pb2
+from jitmesh.v1 import access_pb2, agentlink_pb2, agents_pb2
+from jitmesh.v1.access_pb2_grpc import AccessStub
 from jitmesh.v1.agents_pb2_grpc import AgentsStub
 from tests.server.helpers import ADMIN, TOKENS, Env, agent_link, bearer, channel
 
@@ -125,4 +127,24 @@ async def test_invalid_utf8_on_the_wire_is_refused_without_state(env: Env) -> No
             await call(raw, metadata=bearer(TOKENS["alice"]))
     assert refused.value.code() != grpc.StatusCode.OK
     assert "\ufffd" not in (refused.value.details() or "")
+    assert await env.admin.list_requests() == before
+
+
+async def test_durations_out_of_bounds_are_refused_by_the_server(env: Env) -> None:
+    before = await env.admin.list_requests()
+    async with channel(env.address) as ch:
+        stub = AccessStub(ch)
+        for seconds, nanos in ((0, 0), (-60, 0), (0, 1), (315_576_000_000, 0), (10**9, 0)):
+            message = access_pb2.CreateRequestRequest(
+                agent="web-1", action="logs", duration=Duration(seconds=seconds, nanos=nanos)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.CreateRequest(message, metadata=bearer(TOKENS["alice"]))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (seconds, nanos)
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.CreateRequest(
+                access_pb2.CreateRequestRequest(agent="web-1", action="logs"),
+                metadata=bearer(TOKENS["alice"]),
+            )
+        assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await env.admin.list_requests() == before
