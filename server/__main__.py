@@ -48,6 +48,12 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--heartbeat", type=float, default=10.0, help="agent heartbeat, seconds")
         s.add_argument("--keepalive", type=float, default=30.0, help="HTTP/2 keepalive, seconds")
         s.add_argument("--keepalive-timeout", type=float, default=10.0)
+        s.add_argument(
+            "--agent-queue-limit",
+            type=int,
+            default=1000,
+            help="messages queued per agent stream; a slower agent is cut off and resyncs",
+        )
         if name == "serve":
             s.add_argument("--policy", type=Path, help="initial policy (used if none is stored)")
             s.add_argument(
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "heartbeat": timedelta(seconds=args.heartbeat),
         "keepalive": timedelta(seconds=args.keepalive),
         "keepalive_timeout": timedelta(seconds=args.keepalive_timeout),
+        "agent_queue_limit": args.agent_queue_limit,
     }
     if args.command == "dev":
         if not _loopback(host):

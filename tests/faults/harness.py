@@ -23,7 +23,10 @@ from .proxy import FaultProxy
 from .results import Recorder
 
 # PROMISES.md, "in tests" column.
-COORDINATOR_FLAGS = ["--heartbeat", "1", "--keepalive", "2", "--keepalive-timeout", "1"]
+COORDINATOR_FLAGS = [
+    "--heartbeat", "1", "--keepalive", "2", "--keepalive-timeout", "1",
+    "--agent-queue-limit", "100",
+]  # fmt: skip
 AGENT_FLAGS = [
     "--keepalive", "2", "--keepalive-timeout", "1",
     "--backoff-base", "0.2", "--backoff-cap", "5",
