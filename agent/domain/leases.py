@@ -107,6 +107,8 @@ class OutboxEvent:
     subject: str = ""
     action: str = ""
     details: Mapping[str, str] = field(default_factory=dict)
+    # Assigned by the store when the event is written (1, 2, 3, ...): gaps show lost events.
+    counter: int = 0
 
 
 def new_event(

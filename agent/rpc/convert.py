@@ -143,6 +143,7 @@ def event_to_pb(event: OutboxEvent) -> agentlink_pb2.AgentMessage:
             action=event.action,
             observed_at=to_timestamp(event.observed_at),
             details=dict(event.details),
+            counter=event.counter,
         )
     )
 

@@ -31,6 +31,7 @@ class MemoryLeaseStore:
         self._leases: dict[str, Lease] = {}
         # Insertion order is delivery order (dicts keep it).
         self._outbox: dict[str, OutboxEvent] = {}
+        self._counter = 0
 
     async def meta(self) -> Meta:
         return self._meta
@@ -63,7 +64,7 @@ class MemoryLeaseStore:
             return False
         self._leases[grant_id] = replace(lease, applied_at=at)
         if event is not None:
-            self._outbox.setdefault(event.event_id, event)
+            self._keep(event)
         return True
 
     async def mark_failed(
@@ -74,7 +75,7 @@ class MemoryLeaseStore:
             return False
         self._leases[grant_id] = lease.ended(at=at, reason=reason, state=LeaseState.FAILED)
         if event is not None:
-            self._outbox.setdefault(event.event_id, event)
+            self._keep(event)
         return True
 
     async def end_lease(self, lease: Lease, event: OutboxEvent | None = None) -> bool:
@@ -90,11 +91,16 @@ class MemoryLeaseStore:
             remove_reason=lease.remove_reason,
         )
         if event is not None:
-            self._outbox.setdefault(event.event_id, event)
+            self._keep(event)
         return True
 
+    def _keep(self, event: OutboxEvent) -> None:
+        if event.event_id not in self._outbox:
+            self._counter += 1
+            self._outbox[event.event_id] = replace(event, counter=self._counter)
+
     async def add_event(self, event: OutboxEvent) -> None:
-        self._outbox.setdefault(event.event_id, event)
+        self._keep(event)
 
     async def pending_events(self, limit: int) -> list[OutboxEvent]:
         return list(self._outbox.values())[:limit]

@@ -33,7 +33,7 @@ _LEASE_COLUMNS = (
     "grant_id, subject, action, request_id, not_before_ms, not_after_ms, offline_mode, "
     "offline_grace_ms, state, seq, applied_at_ms, removed_at_ms, remove_reason"
 )
-_EVENT_COLUMNS = "event_id, kind, grant_id, subject, action, observed_at_ms, details"
+_EVENT_COLUMNS = "event_id, kind, grant_id, subject, action, observed_at_ms, details, counter"
 
 
 class SqliteLeaseStore:
@@ -264,6 +264,7 @@ class SqliteLeaseStore:
                 action=row[4],
                 observed_at=from_ms(row[5]),
                 details=json.loads(row[6]),
+                counter=row[7],
             )
             for row in rows
         ]
@@ -303,10 +304,15 @@ def _raise_epoch(db: sqlite3.Connection, epoch: int) -> None:
 
 
 def _insert_event(db: sqlite3.Connection, event: OutboxEvent) -> None:
-    # ON CONFLICT: an event id is written once; writing it again is not a second event.
+    # An event id is written once; writing it again is not a second event (and takes no number).
+    if db.execute("SELECT 1 FROM outbox WHERE event_id = ?", (event.event_id,)).fetchone():
+        return
+    row = db.execute("SELECT value FROM meta WHERE key = 'event_counter'").fetchone()
+    counter = int(row[0]) + 1 if row else 1
+    _put(db, "event_counter", str(counter))
     db.execute(
         f"INSERT INTO outbox (created, {_EVENT_COLUMNS}) VALUES "
-        "((SELECT coalesce(max(created), 0) + 1 FROM outbox), ?, ?, ?, ?, ?, ?, ?) "
+        "((SELECT coalesce(max(created), 0) + 1 FROM outbox), ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (event_id) DO NOTHING",
         (
             event.event_id,
@@ -316,6 +322,7 @@ def _insert_event(db: sqlite3.Connection, event: OutboxEvent) -> None:
             event.action,
             to_ms(event.observed_at),
             json.dumps(dict(event.details), sort_keys=True),
+            counter,
         ),
     )
 

@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from jitmesh.v1 import agents_pb2 as jitmesh_dot_v1_dot_agents__pb2
 from jitmesh.v1 import types_pb2 as jitmesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajitmesh/v1/agentlink.proto\x12\njitmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16jitmesh/v1/types.proto\"\xaf\x01\n\x0c\x41gentMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.jitmesh.v1.HelloH\x00\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.jitmesh.v1.AckH\x00\x12\'\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x16.jitmesh.v1.AgentEventH\x00\x12*\n\theartbeat\x18\x04 \x01(\x0b\x32\x15.jitmesh.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"\xc3\x01\n\x12\x43oordinatorMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.jitmesh.v1.WelcomeH\x00\x12&\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x13.jitmesh.v1.CommandH\x00\x12)\n\tevent_ack\x18\x03 \x01(\x0b\x32\x14.jitmesh.v1.EventAckH\x00\x12*\n\theartbeat\x18\x04 \x01(\x0b\x32\x15.jitmesh.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"\x89\x02\n\x05Hello\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12-\n\x06labels\x18\x02 \x03(\x0b\x32\x1d.jitmesh.v1.Hello.LabelsEntry\x12\x18\n\x10last_applied_seq\x18\x03 \x01(\x04\x12\x18\n\x10\x61\x63tive_grant_ids\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x0f\n\x07\x62oot_id\x18\x07 \x01(\t\x12.\n\nagent_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xae\x01\n\x07Welcome\x12\x34\n\x10\x63oordinator_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x18\n\x10resume_after_seq\x18\x03 \x01(\x04\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x07\x43ommand\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\xf8\x01\n\x0b\x43ommandBody\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12-\n\tissued_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05grant\x18\x05 \x01(\x0b\x32\x18.jitmesh.v1.GrantCommandH\x00\x12+\n\x06revoke\x18\x06 \x01(\x0b\x32\x19.jitmesh.v1.RevokeCommandH\x00\x12/\n\x08snapshot\x18\x07 \x01(\x0b\x32\x1b.jitmesh.v1.SnapshotCommandH\x00\x42\x06\n\x04kind\"\xe0\x01\n\x0cGrantCommand\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12.\n\nnot_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07offline\x18\x06 \x01(\x0b\x32\x19.jitmesh.v1.OfflinePolicy\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"K\n\rRevokeCommand\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.jitmesh.v1.RevokeReason\"O\n\x0fSnapshotCommand\x12(\n\x06grants\x18\x01 \x03(\x0b\x32\x18.jitmesh.v1.GrantCommand\x12\x12\n\ntombstones\x18\x02 \x03(\t\"[\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.jitmesh.v1.AckStatus\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08grant_id\x18\x04 \x01(\t\"\xf6\x01\n\nAgentEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08grant_id\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12/\n\x0bobserved_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x07\x64\x65tails\x18\x07 \x03(\x0b\x32#.jitmesh.v1.AgentEvent.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1d\n\x08\x45ventAck\x12\x11\n\tevent_ids\x18\x01 \x03(\t\"8\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa0\x01\n\x0cRevokeReason\x12\x1d\n\x19REVOKE_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15REVOKE_REASON_REVOKED\x10\x01\x12\x1a\n\x16REVOKE_REASON_RELEASED\x10\x02\x12\x19\n\x15REVOKE_REASON_EXPIRED\x10\x03\x12\x1f\n\x1bREVOKE_REASON_AGENT_REMOVED\x10\x04*o\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43K_STATUS_APPLIED\x10\x01\x12\x15\n\x11\x41\x43K_STATUS_FAILED\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x32T\n\tAgentLink\x12G\n\x07\x43onnect\x12\x18.jitmesh.v1.AgentMessage\x1a\x1e.jitmesh.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajitmesh/v1/agentlink.proto\x12\njitmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17jitmesh/v1/agents.proto\x1a\x16jitmesh/v1/types.proto\"\xaf\x01\n\x0c\x41gentMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.jitmesh.v1.HelloH\x00\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.jitmesh.v1.AckH\x00\x12\'\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x16.jitmesh.v1.AgentEventH\x00\x12*\n\theartbeat\x18\x04 \x01(\x0b\x32\x15.jitmesh.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"\xc3\x01\n\x12\x43oordinatorMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.jitmesh.v1.WelcomeH\x00\x12&\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x13.jitmesh.v1.CommandH\x00\x12)\n\tevent_ack\x18\x03 \x01(\x0b\x32\x14.jitmesh.v1.EventAckH\x00\x12*\n\theartbeat\x18\x04 \x01(\x0b\x32\x15.jitmesh.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"\x89\x02\n\x05Hello\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12-\n\x06labels\x18\x02 \x03(\x0b\x32\x1d.jitmesh.v1.Hello.LabelsEntry\x12\x18\n\x10last_applied_seq\x18\x03 \x01(\x04\x12\x18\n\x10\x61\x63tive_grant_ids\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x0f\n\x07\x62oot_id\x18\x07 \x01(\t\x12.\n\nagent_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x02\n\x07Welcome\x12\x34\n\x10\x63oordinator_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x18\n\x10resume_after_seq\x18\x03 \x01(\x04\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x0csigning_keys\x18\x06 \x03(\x0b\x32\x16.jitmesh.v1.SigningKey\x12\x13\n\x0bkeys_key_id\x18\x07 \x01(\t\x12\x16\n\x0ekeys_signature\x18\x08 \x01(\x0c\"G\n\x07\x43ommand\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\xf8\x01\n\x0b\x43ommandBody\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12-\n\tissued_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05grant\x18\x05 \x01(\x0b\x32\x18.jitmesh.v1.GrantCommandH\x00\x12+\n\x06revoke\x18\x06 \x01(\x0b\x32\x19.jitmesh.v1.RevokeCommandH\x00\x12/\n\x08snapshot\x18\x07 \x01(\x0b\x32\x1b.jitmesh.v1.SnapshotCommandH\x00\x42\x06\n\x04kind\"\xe0\x01\n\x0cGrantCommand\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12.\n\nnot_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07offline\x18\x06 \x01(\x0b\x32\x19.jitmesh.v1.OfflinePolicy\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"K\n\rRevokeCommand\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.jitmesh.v1.RevokeReason\"O\n\x0fSnapshotCommand\x12(\n\x06grants\x18\x01 \x03(\x0b\x32\x18.jitmesh.v1.GrantCommand\x12\x12\n\ntombstones\x18\x02 \x03(\t\"[\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.jitmesh.v1.AckStatus\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08grant_id\x18\x04 \x01(\t\"\x87\x02\n\nAgentEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08grant_id\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12/\n\x0bobserved_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x07\x64\x65tails\x18\x07 \x03(\x0b\x32#.jitmesh.v1.AgentEvent.DetailsEntry\x12\x0f\n\x07\x63ounter\x18\x08 \x01(\x04\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1d\n\x08\x45ventAck\x12\x11\n\tevent_ids\x18\x01 \x03(\t\"8\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa0\x01\n\x0cRevokeReason\x12\x1d\n\x19REVOKE_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15REVOKE_REASON_REVOKED\x10\x01\x12\x1a\n\x16REVOKE_REASON_RELEASED\x10\x02\x12\x19\n\x15REVOKE_REASON_EXPIRED\x10\x03\x12\x1f\n\x1bREVOKE_REASON_AGENT_REMOVED\x10\x04*o\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43K_STATUS_APPLIED\x10\x01\x12\x15\n\x11\x41\x43K_STATUS_FAILED\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x32T\n\tAgentLink\x12G\n\x07\x43onnect\x12\x18.jitmesh.v1.AgentMessage\x1a\x1e.jitmesh.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,40 +39,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_AGENTEVENT_DETAILSENTRY']._loaded_options = None
   _globals['_AGENTEVENT_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_REVOKEREASON']._serialized_start=2093
-  _globals['_REVOKEREASON']._serialized_end=2253
-  _globals['_ACKSTATUS']._serialized_start=2255
-  _globals['_ACKSTATUS']._serialized_end=2366
-  _globals['_AGENTMESSAGE']._serialized_start=132
-  _globals['_AGENTMESSAGE']._serialized_end=307
-  _globals['_COORDINATORMESSAGE']._serialized_start=310
-  _globals['_COORDINATORMESSAGE']._serialized_end=505
-  _globals['_HELLO']._serialized_start=508
-  _globals['_HELLO']._serialized_end=773
-  _globals['_HELLO_LABELSENTRY']._serialized_start=728
-  _globals['_HELLO_LABELSENTRY']._serialized_end=773
-  _globals['_WELCOME']._serialized_start=776
-  _globals['_WELCOME']._serialized_end=950
-  _globals['_COMMAND']._serialized_start=952
-  _globals['_COMMAND']._serialized_end=1023
-  _globals['_COMMANDBODY']._serialized_start=1026
-  _globals['_COMMANDBODY']._serialized_end=1274
-  _globals['_GRANTCOMMAND']._serialized_start=1277
-  _globals['_GRANTCOMMAND']._serialized_end=1501
-  _globals['_REVOKECOMMAND']._serialized_start=1503
-  _globals['_REVOKECOMMAND']._serialized_end=1578
-  _globals['_SNAPSHOTCOMMAND']._serialized_start=1580
-  _globals['_SNAPSHOTCOMMAND']._serialized_end=1659
-  _globals['_ACK']._serialized_start=1661
-  _globals['_ACK']._serialized_end=1752
-  _globals['_AGENTEVENT']._serialized_start=1755
-  _globals['_AGENTEVENT']._serialized_end=2001
-  _globals['_AGENTEVENT_DETAILSENTRY']._serialized_start=1955
-  _globals['_AGENTEVENT_DETAILSENTRY']._serialized_end=2001
-  _globals['_EVENTACK']._serialized_start=2003
-  _globals['_EVENTACK']._serialized_end=2032
-  _globals['_HEARTBEAT']._serialized_start=2034
-  _globals['_HEARTBEAT']._serialized_end=2090
-  _globals['_AGENTLINK']._serialized_start=2368
-  _globals['_AGENTLINK']._serialized_end=2452
+  _globals['_REVOKEREASON']._serialized_start=2226
+  _globals['_REVOKEREASON']._serialized_end=2386
+  _globals['_ACKSTATUS']._serialized_start=2388
+  _globals['_ACKSTATUS']._serialized_end=2499
+  _globals['_AGENTMESSAGE']._serialized_start=157
+  _globals['_AGENTMESSAGE']._serialized_end=332
+  _globals['_COORDINATORMESSAGE']._serialized_start=335
+  _globals['_COORDINATORMESSAGE']._serialized_end=530
+  _globals['_HELLO']._serialized_start=533
+  _globals['_HELLO']._serialized_end=798
+  _globals['_HELLO_LABELSENTRY']._serialized_start=753
+  _globals['_HELLO_LABELSENTRY']._serialized_end=798
+  _globals['_WELCOME']._serialized_start=801
+  _globals['_WELCOME']._serialized_end=1066
+  _globals['_COMMAND']._serialized_start=1068
+  _globals['_COMMAND']._serialized_end=1139
+  _globals['_COMMANDBODY']._serialized_start=1142
+  _globals['_COMMANDBODY']._serialized_end=1390
+  _globals['_GRANTCOMMAND']._serialized_start=1393
+  _globals['_GRANTCOMMAND']._serialized_end=1617
+  _globals['_REVOKECOMMAND']._serialized_start=1619
+  _globals['_REVOKECOMMAND']._serialized_end=1694
+  _globals['_SNAPSHOTCOMMAND']._serialized_start=1696
+  _globals['_SNAPSHOTCOMMAND']._serialized_end=1775
+  _globals['_ACK']._serialized_start=1777
+  _globals['_ACK']._serialized_end=1868
+  _globals['_AGENTEVENT']._serialized_start=1871
+  _globals['_AGENTEVENT']._serialized_end=2134
+  _globals['_AGENTEVENT_DETAILSENTRY']._serialized_start=2088
+  _globals['_AGENTEVENT_DETAILSENTRY']._serialized_end=2134
+  _globals['_EVENTACK']._serialized_start=2136
+  _globals['_EVENTACK']._serialized_end=2165
+  _globals['_HEARTBEAT']._serialized_start=2167
+  _globals['_HEARTBEAT']._serialized_end=2223
+  _globals['_AGENTLINK']._serialized_start=2501
+  _globals['_AGENTLINK']._serialized_end=2585
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from jitmesh.v1 import agents_pb2 as _agents_pb2
 from jitmesh.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -210,14 +211,27 @@ class Welcome(_message.Message):
     RESUME_AFTER_SEQ_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    SIGNING_KEYS_FIELD_NUMBER: _builtins.int
+    KEYS_KEY_ID_FIELD_NUMBER: _builtins.int
+    KEYS_SIGNATURE_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     resume_after_seq: _builtins.int
     """Commands with seq greater than this follow on the stream (or a snapshot does)."""
     agent: _builtins.str
+    keys_key_id: _builtins.str
+    keys_signature: _builtins.bytes
     @_builtins.property
     def coordinator_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def signing_keys(self) -> _containers.RepeatedCompositeFieldContainer[_agents_pb2.SigningKey]:
+        """The coordinator's command-signing public keys now valid (after a rotation: the new key and
+        the previous ones until their not_after). The agent adopts them only when `keys_signature`
+        verifies, under `keys_key_id`, with a key it already pinned. Signed bytes: see
+        jitmesh/keyset.py.
+        """
+
     def __init__(
         self,
         *,
@@ -226,10 +240,13 @@ class Welcome(_message.Message):
         resume_after_seq: _builtins.int = ...,
         agent: _builtins.str = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
+        signing_keys: _abc.Iterable[_agents_pb2.SigningKey] | None = ...,
+        keys_key_id: _builtins.str = ...,
+        keys_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["coordinator_time", b"coordinator_time", "heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "coordinator_time", b"coordinator_time", "epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "resume_after_seq", b"resume_after_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "coordinator_time", b"coordinator_time", "epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "keys_key_id", b"keys_key_id", "keys_signature", b"keys_signature", "resume_after_seq", b"resume_after_seq", "signing_keys", b"signing_keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -462,6 +479,7 @@ class AgentEvent(_message.Message):
     ACTION_FIELD_NUMBER: _builtins.int
     OBSERVED_AT_FIELD_NUMBER: _builtins.int
     DETAILS_FIELD_NUMBER: _builtins.int
+    COUNTER_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Chosen by the agent (UUID); the coordinator deduplicates on it."""
     kind: _builtins.str
@@ -469,6 +487,10 @@ class AgentEvent(_message.Message):
     grant_id: _builtins.str
     subject: _builtins.str
     action: _builtins.str
+    counter: _builtins.int
+    """1, 2, 3, ... per agent in the order the agent recorded its events (restarting at 1 only
+    when its lease table was replaced): a jump tells the coordinator that events were lost.
+    """
     @_builtins.property
     def observed_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -483,10 +505,11 @@ class AgentEvent(_message.Message):
         action: _builtins.str = ...,
         observed_at: _timestamp_pb2.Timestamp | None = ...,
         details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        counter: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["observed_at", b"observed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "details", b"details", "event_id", b"event_id", "grant_id", b"grant_id", "kind", b"kind", "observed_at", b"observed_at", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "counter", b"counter", "details", b"details", "event_id", b"event_id", "grant_id", b"grant_id", "kind", b"kind", "observed_at", b"observed_at", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -336,6 +336,8 @@ class FleetService:
                     id=event.event_id,
                 )
             )
+            if stored and event.counter:
+                await self._check_counter(tx, principal.name, event.counter, now)
             if stored and grant is not None and event.kind == "grant.expired":
                 await tx.move_grant(
                     grant.id,
@@ -347,6 +349,21 @@ class FleetService:
         if grant is not None:
             self._hub.requests_changed([grant.request_id])
         await self._hub.audit_written(tx.new_audit)
+
+    async def _check_counter(self, tx: Tx, agent: str, counter: int, now: datetime) -> None:
+        """Events arrive in the agent's order: a counter that jumps means events were lost on
+        the way (audited with the missing range); one that falls back means the agent started
+        over with a new lease table (audited too)."""
+        key = f"event_counter:{agent}"
+        last = int(await self._store.get_meta(key) or "0")
+        await tx.set_meta(key, str(counter))
+        if counter > last + 1:
+            kind, details = "agent.events_missing", {"from": str(last + 1), "to": str(counter - 1)}
+        elif counter <= last:
+            kind, details = "agent.event_counter_reset", {"last": str(last), "now": str(counter)}
+        else:
+            return
+        await tx.audit(AuditEntry(kind, f"agent:{agent}", now, agent=agent, details=details))
 
     async def disconnected(self, principal: Principal, reason: str) -> None:
         now = self._clock.now()

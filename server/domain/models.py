@@ -99,6 +99,8 @@ class AgentObservation:
     action: str
     observed_at: datetime
     details: dict[str, str]
+    # The agent's event counter (0: an agent that does not number its events).
+    counter: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,7 @@ def observation(ev: agentlink_pb2.AgentEvent) -> AgentObservation:
         action=ev.action,
         observed_at=from_ts(ev.observed_at),
         details=dict(ev.details),
+        counter=ev.counter,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -143,11 +144,11 @@ async def test_end_lease_writes_the_end_and_its_event_atomically(store: SqliteLe
     stored = await store.lease(item.grant_id)
     assert stored is not None
     assert (stored.state, stored.remove_reason) == (LeaseState.REMOVED, "expired")
-    assert await store.pending_events(10) == [event]
+    assert await store.pending_events(10) == [replace(event, counter=1)]
     # Ending it again changes nothing and adds no event.
     again = new_event(EventKind.GRANT_EXPIRED, at=T0 + MIN, lease=item)
     assert not await store.end_lease(item.ended(at=T0 + MIN, reason="expired"), again)
-    assert await store.pending_events(10) == [event]
+    assert await store.pending_events(10) == [replace(event, counter=1)]
 
 
 async def test_outbox_keeps_order_survives_reopen_and_deletes_acked(tmp_path: Path) -> None:
@@ -159,6 +160,8 @@ async def test_outbox_keeps_order_survives_reopen_and_deletes_acked(tmp_path: Pa
     store.close()
 
     store = reopen(tmp_path)
+    # Numbered 1, 2, 3, ... in the order written; the repeated id took no number.
+    events = [replace(event, counter=i + 1) for i, event in enumerate(events)]
     try:
         assert await store.pending_events(10) == events
         assert await store.pending_events(2) == events[:2]
@@ -197,7 +200,7 @@ def test_one_agent_process_per_state_directory(store: SqliteLeaseStore, tmp_path
 
 def test_migrations_are_idempotent(tmp_path: Path) -> None:
     db = tmp_path / "agent.db"
-    assert migrate(db) == 1
+    assert migrate(db) == 2
     assert migrate(db) == 0
     conn = sqlite3.connect(db)
     try:
