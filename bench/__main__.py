@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
             found = [Scenario(group, "", "", error=f"{type(exc).__name__}: {exc}")]
             logging.getLogger("bench").exception("scenario group %s failed", group)
+        failed |= any(s.error for s in found)
         results += [s for s in found if not wanted or s.name.split()[0] in wanted or s.error]
     total = time.monotonic() - started
     sys.stderr.flush()
