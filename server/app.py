@@ -109,6 +109,13 @@ class Coordinator:
         # and leaves the server half shut down (the process hangs at exit).
         await asyncio.shield(self.server.wait_for_termination())
 
+    def rotate_signing_key(self) -> str:
+        """A new command-signing key from now on. Agents are reconnected so their next Welcome
+        announces it (signed by the key they trust); their leases, and so their grants, stay."""
+        key_id = self.keys.rotate(self.clock.now())
+        self.registry.close_all("signing key rotated; reconnect")
+        return key_id
+
     async def stop(self) -> None:
         self.registry.close_all("coordinator shutting down")
         await self.server.stop(grace=1.0)

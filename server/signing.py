@@ -99,6 +99,14 @@ class SigningKeys:
         current = self._keys[-1]
         return current.key_id, current.private.sign(data)
 
+    def sign_with_oldest(self, data: bytes, now: datetime) -> tuple[str, bytes]:
+        """Sign with the oldest key still valid: the one every agent enrolled within the
+        rotation overlap has pinned (used to announce a rotation)."""
+        for k in self._keys:
+            if k.retired_at is None or k.retired_at + ROTATION_OVERLAP > now:
+                return k.key_id, k.private.sign(data)
+        return self.sign(data)
+
     def public_keys(
         self, now: datetime | None = None, *, all_keys: bool = False
     ) -> list[PublicKey]:

@@ -38,6 +38,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.domain.commands import Ack, AckStatus
 from agent.domain.errors import EnrollmentError, LinkError, MalformedCommand
@@ -46,7 +48,8 @@ from agent.engine import Engine
 from agent.identity import IdentityFile, TlsIdentity, new_key_and_csr
 from agent.store.credential import CredentialFile
 from agent.store.keys import PinnedKeys
-from jitmesh.clock import Clock
+from jitmesh.clock import Clock, to_ms
+from jitmesh.keyset import key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agents_pb2
 from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
 from jitmesh.v1.agents_pb2_grpc import AgentsStub
@@ -354,7 +357,34 @@ class Link:
                 log.warning("ignoring a second Welcome on one stream")
             # Coordinator heartbeats need no answer; keepalive pings watch the connection.
 
+    def _adopt_keys(self, welcome: agentlink_pb2.Welcome) -> None:
+        """Pin the signing keys the Welcome announces (a rotation), but only when a key already
+        pinned signed the announcement; keys past their not_after are dropped."""
+        if not welcome.signing_keys:
+            return
+        public = self._pinned.get(welcome.keys_key_id)
+        try:
+            if public is None:
+                raise InvalidSignature
+            Ed25519PublicKey.from_public_bytes(public).verify(
+                welcome.keys_signature, keys_bytes(key_entries(welcome.signing_keys))
+            )
+        except (InvalidSignature, ValueError):
+            log.warning("ignoring signing keys not signed by a pinned key")
+            return
+        now_ms = to_ms(self._clock.now())
+        keys = {
+            kid: pub
+            for kid, pub, not_after in key_entries(welcome.signing_keys)
+            if len(pub) == 32 and (not_after == 0 or not_after > now_ms)
+        }
+        if keys and keys != self._pinned:
+            self._keys.write(keys)
+            self._pinned = keys
+            log.info("signing keys updated", extra={"keys": ",".join(sorted(keys))})
+
     async def _welcome(self, welcome: agentlink_pb2.Welcome) -> float:
+        self._adopt_keys(welcome)
         await self._engine.note_epoch(welcome.epoch)
         self._min_epoch = max(self._min_epoch, welcome.epoch)
         if welcome.HasField("coordinator_time"):

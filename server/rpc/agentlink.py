@@ -20,7 +20,8 @@ from typing import Any
 import grpc
 
 from jitmesh.clock import Clock
-from jitmesh.v1 import agentlink_pb2, agentlink_pb2_grpc
+from jitmesh.keyset import key_entries, keys_bytes
+from jitmesh.v1 import agentlink_pb2, agentlink_pb2_grpc, agents_pb2
 from server.ca import CertificateError, agent_of
 from server.domain import errors
 from server.domain.fleet import BACKLOG_PAGE, FleetService
@@ -207,8 +208,25 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             raise errors.Unauthenticated("agent credential is not valid")
         return credential
 
+    def _announced_keys(self) -> tuple[list[agents_pb2.SigningKey], str, bytes]:
+        """The valid public keys, signed with the oldest valid key: agents adopt a rotated key
+        only on a signature by a key they already trust."""
+        listed = [
+            agents_pb2.SigningKey(
+                key_id=k.key_id,
+                public_key=k.public_raw,
+                not_after=c.ts(k.not_after) if k.not_after else None,
+            )
+            for k in self._keys.public_keys(self._clock.now())
+        ]
+        key_id, signature = self._keys.sign_with_oldest(
+            keys_bytes(key_entries(listed)), self._clock.now()
+        )
+        return listed, key_id, signature
+
     async def _write(self, session: Session, resume: Resume, context: Ctx) -> None:
         epoch = self._fleet.epoch
+        keys, keys_key_id, keys_signature = self._announced_keys()
         await context.write(
             agentlink_pb2.CoordinatorMessage(
                 welcome=agentlink_pb2.Welcome(
@@ -217,6 +235,9 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                     resume_after_seq=resume.resume_after_seq,
                     agent=session.agent,
                     heartbeat_interval=c.dur(self._heartbeat),
+                    signing_keys=keys,
+                    keys_key_id=keys_key_id,
+                    keys_signature=keys_signature,
                 )
             )
         )

@@ -82,6 +82,8 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
         self.ack_events = True
         self.epoch = 7
         self.heartbeat_interval: Duration | None = None
+        # Merged into every Welcome (e.g. announced signing keys).
+        self.welcome_extra: agentlink_pb2.Welcome | None = None
         # While set, streams are accepted but never welcomed.
         self.silent = False
         self._enrolled = 0
@@ -139,6 +141,8 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
             )
             if self.heartbeat_interval is not None:
                 welcome.heartbeat_interval.CopyFrom(self.heartbeat_interval)
+            if self.welcome_extra is not None:
+                welcome.MergeFrom(self.welcome_extra)
             yield CoordinatorMessage(welcome=welcome)
             while True:
                 item = await session.outgoing.get()
