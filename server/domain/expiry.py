@@ -101,8 +101,12 @@ class Expirer:
         while True:
             self._wake.clear()
             now = self._clock.now()
-            await self.sweep(now)
             deadline = await self._store.next_deadline()
+            # Woken by every new deadline (each request created): sweep only when something is
+            # due, not a write transaction per request.
+            if deadline is not None and deadline <= now:
+                await self.sweep(now)
+                deadline = await self._store.next_deadline()
             nap = MAX_NAP if deadline is None else min(MAX_NAP, deadline - self._clock.now())
             await self._nap(max(nap.total_seconds(), 0.0))
 
