@@ -346,6 +346,24 @@ class FleetService:
                     ended_at=now,
                     end_reason="expired",
                 )
+            if (
+                stored
+                and grant is not None
+                and event.kind == "grant.removed"
+                and event.details.get("retried") == "true"
+            ):
+                # A removal that had failed (REVOKE_FAILED) finally succeeded on the host: only
+                # now is the grant reported as revoked (or released).
+                await tx.move_grant(
+                    grant.id,
+                    expected=[GrantState.REVOKE_FAILED],
+                    state=(
+                        GrantState.RELEASED
+                        if grant.end_reason == "released"
+                        else GrantState.REVOKED
+                    ),
+                    ended_at=now,
+                )
         if grant is not None:
             self._hub.requests_changed([grant.request_id])
         await self._hub.audit_written(tx.new_audit)

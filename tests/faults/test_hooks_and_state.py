@@ -53,10 +53,12 @@ async def test_remove_hook_that_fails_or_hangs_ends_revoke_failed(
     attempts = (web.oracle.root / "log").read_text().count(f"{how} alice {HOLD[0]}")
     assert attempts >= 4  # the configured remove retries (the sweep may add its own)
     assert await audit_count(admin, grant.id, "grant.revoked") == 0
-    # The hook works again: the agent's own retries take the access away.
+    # The hook works again: the agent's own retries take the access away, and only then is the
+    # grant reported revoked.
     web.oracle.misbehave(how, on=False)
     await wait_removed(web.oracle, pair, 30)
-    assert (await admin.get_grant(grant.id)).state is not GrantState.REVOKED
+    done = await cluster.wait_grant(admin, grant.id, {GrantState.REVOKED})
+    assert done.state is GrantState.REVOKED
 
 
 async def test_half_done_apply_is_rolled_back(cluster: Cluster, recorder: Recorder) -> None:
