@@ -37,6 +37,12 @@ def parse_listen(value: str) -> tuple[str, int]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jitmesh-coordinator", description="jitmesh coordinator")
     sub = p.add_subparsers(dest="command", required=True)
+    rotate = sub.add_parser(
+        "rotate-signing-key",
+        help="make a new command-signing key (run while the coordinator is stopped); the old "
+        "one stays valid for a day and agents adopt the new one when they reconnect",
+    )
+    rotate.add_argument("--data", type=Path, required=True, help="data directory")
     for name, text in (
         ("serve", "run a coordinator"),
         ("dev", "run a development coordinator on loopback with ready-made users and tokens"),
@@ -91,6 +97,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "rotate-signing-key":
+        from datetime import UTC, datetime
+
+        from server.signing import SigningKeys
+
+        now = datetime.now(UTC)
+        key_id = SigningKeys.open(args.data, now).rotate(now)
+        print(f"new signing key {key_id}")
+        return 0
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",

@@ -116,3 +116,21 @@ async def test_keys_announced_without_a_pinned_signature_are_ignored(tmp_path: P
             assert (ack.status, ack.reason) == (REJECTED, "command is signed by an unknown key")
             assert "attacker" not in json.loads((host.state / "signing_keys.json").read_text())
             assert host.pairs() == set()
+
+
+def test_rotate_signing_key_command_keeps_the_old_key_for_verification(
+    tmp_path: Path,
+) -> None:
+    from datetime import UTC, datetime
+
+    from server.__main__ import main
+    from server.signing import SigningKeys
+
+    now = datetime.now(UTC)
+    first = SigningKeys.open(tmp_path, now).public_keys(now)
+    assert main(["rotate-signing-key", "--data", str(tmp_path)]) == 0
+    keys = SigningKeys.open(tmp_path, now).public_keys(now)
+    assert keys[0].key_id == first[0].key_id
+    assert len(keys) == 2
+    assert keys[0].not_after is not None
+    assert keys[1].not_after is None
