@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from agent.crashpoints import crash_point
 from agent.domain import commands, expiry
 from agent.domain.commands import (
     Ack,
@@ -154,8 +155,32 @@ class Engine:
                         },
                     ),
                 )
+            await self._adopt_applied()
             await self._sweep(while_down=True)
             await self._reconcile()
+
+    async def _adopt_applied(self) -> None:
+        """A crash between an apply and its record leaves access in force for a lease the table
+        still shows as not applied: record it as applied instead of applying it a second time."""
+        now = self.now()
+        waiting = [
+            lease
+            for lease in await self._store.active_leases()
+            if lease.applied_at is None and lease.allows(now)
+        ]
+        if not waiting or not self._enforcers.enforcers:
+            return
+        seen: set[Pair] | None = None
+        for enforcer in self._enforcers.enforcers:
+            try:
+                observed = await enforcer.observe()
+            except EnforcerError:
+                return  # cannot see: apply again (idempotent) rather than guess
+            seen = observed if seen is None else seen & observed
+        for lease in waiting:
+            if seen and lease.pair in seen:
+                await self._store.mark_applied(lease.grant_id, now)
+                log.info("found applied at start", extra=_lease_fields(lease))
 
     async def _end_everything(self, *, reason: str, event: OutboxEvent) -> None:
         """Fail closed: end every active lease and take its access away."""
@@ -381,11 +406,13 @@ class Engine:
         if not lease.allows(now):
             # not_before lies ahead: the expiry loop starts it on time.
             return Ack(seq, AckStatus.APPLIED, "scheduled", grant_id)
+        crash_point("agent_after_record")
         failures = await self._enforce(holding, starting=[lease])
         reason = failures.apply.get(lease.pair)
         if reason is not None:
             await self._store.mark_failed(grant_id, now, reason)
             return Ack(seq, AckStatus.FAILED, reason, grant_id)
+        crash_point("agent_after_apply")
         try:
             await self._store.mark_applied(grant_id, now)
         except StateError:
@@ -427,7 +454,9 @@ class Engine:
             if decision.before.pair in failures.remove:
                 self._pending_removals[decision.before.pair] = grant_id
             return Ack(seq, AckStatus.FAILED, "access removed; cannot persist the revoke", grant_id)
+        crash_point("agent_after_revoke_record")
         failures = await self._enforce(holding, ending=[decision.before])
+        crash_point("agent_after_remove")
         pair = decision.before.pair
         if pair in failures.remove:
             self._pending_removals[pair] = grant_id

@@ -169,7 +169,7 @@ class Cluster:
         admin = await self.client("admin")
         await admin.apply_policy(POLICY)
 
-    async def start_agent(self, name: str, *, new: bool = True) -> AgentHandle:
+    async def start_agent(self, name: str, *, new: bool = True, crash_at: str = "") -> AgentHandle:
         if new:
             proxy = FaultProxy(self.port)
             await proxy.start()
@@ -188,6 +188,9 @@ class Cluster:
             )  # fmt: skip
             self.agents[name] = AgentHandle(name, state, oracle, proxy, process, clock_file)
         handle = self.agents[name]
+        handle.process.env.pop("JITMESH_TEST_CRASH_AT", None)
+        if crash_at:
+            handle.process.env["JITMESH_TEST_CRASH_AT"] = crash_at
         handle.process.start()
         return handle
 
