@@ -43,6 +43,14 @@ def parser() -> argparse.ArgumentParser:
         "one stays valid for a day and agents adopt the new one when they reconnect",
     )
     rotate.add_argument("--data", type=Path, required=True, help="data directory")
+    issue = sub.add_parser(
+        "issue-operator-cert",
+        help="sign an operator's CSR with the internal CA (jitmesh://user/NAME); the operator "
+        "then calls the mTLS (agent) port with it, no token needed",
+    )
+    issue.add_argument("--data", type=Path, required=True, help="data directory")
+    issue.add_argument("--user", required=True)
+    issue.add_argument("--csr", type=Path, required=True, help="PEM CSR for an ECDSA P-256 key")
     for name, text in (
         ("serve", "run a coordinator"),
         ("dev", "run a development coordinator on loopback with ready-made users and tokens"),
@@ -97,6 +105,25 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "issue-operator-cert":
+        from datetime import UTC, datetime
+
+        from jitmesh import validation
+        from server.ca import CertificateError, InternalCA
+
+        if not validation.SUBJECT.fullmatch(args.user):
+            print("jitmesh-coordinator: --user is not a valid user name", file=sys.stderr)
+            return 2
+        now = datetime.now(UTC)
+        try:
+            issued = InternalCA.open(args.data, now).sign_user_csr(
+                args.csr.read_bytes(), args.user, now
+            )
+        except (OSError, CertificateError) as exc:
+            print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
+            return 1
+        sys.stdout.write(issued.pem.decode())
+        return 0
     if args.command == "rotate-signing-key":
         from datetime import UTC, datetime
 

@@ -34,6 +34,8 @@ AGENT_LIFETIME = timedelta(days=30)
 RENEW_FRACTION = 1 / 3
 BACKDATE = timedelta(minutes=5)
 AGENT_URI = "jitmesh://agent/"
+USER_URI = "jitmesh://user/"
+USER_LIFETIME = timedelta(days=90)
 
 
 class CertificateError(Exception):
@@ -146,6 +148,18 @@ class InternalCA:
     def sign_agent_csr(
         self, csr_pem: bytes, agent: str, now: datetime, lifetime: timedelta = AGENT_LIFETIME
     ) -> Issued:
+        return self._sign_csr(csr_pem, AGENT_URI, agent, now, lifetime)
+
+    def sign_user_csr(
+        self, csr_pem: bytes, user: str, now: datetime, lifetime: timedelta = USER_LIFETIME
+    ) -> Issued:
+        """An operator client certificate (`jitmesh://user/NAME`): the user's groups and whether
+        they are disabled are looked up on every call, as for a bearer token."""
+        return self._sign_csr(csr_pem, USER_URI, user, now, lifetime)
+
+    def _sign_csr(
+        self, csr_pem: bytes, prefix: str, name: str, now: datetime, lifetime: timedelta
+    ) -> Issued:
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError:
@@ -157,8 +171,8 @@ class InternalCA:
             raise CertificateError("csr key must be ECDSA P-256")
         cert = self._issue(
             public,
-            agent,
-            [x509.UniformResourceIdentifier(AGENT_URI + agent)],
+            name,
+            [x509.UniformResourceIdentifier(prefix + name)],
             ExtendedKeyUsageOID.CLIENT_AUTH,
             now,
             lifetime,
@@ -210,6 +224,19 @@ def agent_of(cert_pem: bytes) -> tuple[str, int]:
     if len(names) != 1:
         raise CertificateError("client certificate names no agent")
     return names[0], cert.serial_number
+
+
+def user_of(cert_pem: bytes) -> str | None:
+    """The operator named by a verified client certificate's `jitmesh://user/NAME` URI SAN, or
+    None for any other certificate (an agent's)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    names = [u.removeprefix(USER_URI) for u in uris if u.startswith(USER_URI)]
+    return names[0] if len(names) == 1 else None
 
 
 def renew_due(cert_pem: bytes, now: datetime) -> bool:

@@ -42,6 +42,14 @@ class IdentityService:
             raise Unauthenticated("bearer token is not valid or has expired")
         return principal
 
+    async def authenticate_user(self, name: str) -> Principal:
+        """An operator identified by a client certificate: looked up on every call, so a
+        disabled (or deleted) user is refused at once."""
+        principal = await self._store.principal_for_user(name)
+        if principal is None:
+            raise Unauthenticated("client certificate names no enabled user")
+        return principal
+
     async def ensure_user(
         self, name: str, groups: Iterable[str], token: str, *, label: str = ""
     ) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 
+from server.ca import user_of
 from server.domain import errors
 from server.domain.models import Principal
 
@@ -24,6 +25,13 @@ class Authenticator:
         self._identity = identity
 
     async def operator(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        """From an operator client certificate (`jitmesh://user/NAME`, verified by TLS against
+        the internal CA on the mTLS port), else from the bearer token."""
+        pem = peer_certificate(context)
+        user = user_of(pem) if pem is not None else None
+        if user is not None:
+            by_cert: Principal = await self._identity.authenticate_user(user)
+            return by_cert
         principal: Principal = await self._identity.authenticate(bearer(context))
         return principal
 

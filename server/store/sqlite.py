@@ -847,6 +847,12 @@ class SqliteStore:
             TokenInfo(str(r[0])[:16], r[1], r[2], from_ms(r[3]), _at(r[4]), _at(r[5])) for r in rows
         ]
 
+    async def principal_for_user(self, name: str) -> Principal | None:
+        row = await _one(
+            self._reader, "SELECT name, groups FROM users WHERE name = ? AND disabled = 0", [name]
+        )
+        return None if row is None else Principal(name=row[0], groups=frozenset(json.loads(row[1])))
+
     async def user_groups(self, name: str) -> frozenset[str] | None:
         row = await _one(self._reader, "SELECT groups FROM users WHERE name = ?", [name])
         return None if row is None else frozenset(json.loads(row[0]))

@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from agent import app as agent_app
 from agent.config import AgentConfig, FileEnforcerConfig
 from agent.identity import new_key_and_csr
-from jitmesh import Client
+from jitmesh import AuthenticationError, Client, PermissionDeniedError
 from jitmesh.v1 import agentlink_pb2, agents_pb2
 from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
 from jitmesh.v1.agents_pb2_grpc import AgentsStub
@@ -353,3 +353,43 @@ async def test_enrollment_needs_a_csr_a_valid_token_and_spends_it_once(tls: Tls)
         assert len(won) == 1
         assert {e.code() for e in lost} == {grpc.StatusCode.UNAUTHENTICATED}
         assert all(token not in (e.details() or "") for e in lost)
+
+
+async def test_operators_authenticate_with_client_certificates(
+    tls: Tls, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.__main__ import main
+
+    key_pem, csr = new_key_and_csr("alice")
+    csr_file = tls.root / "alice.csr"
+    csr_file.write_bytes(csr)
+    data = str(tls.root / "coordinator")
+    assert (
+        main(["issue-operator-cert", "--data", data, "--user", "alice", "--csr", str(csr_file)])
+        == 0
+    )
+    cert_pem = capsys.readouterr().out.encode()
+
+    async def as_cert(key: bytes, cert: bytes) -> Client:
+        return await Client.connect(
+            tls.agent_address, credentials=grpc.ssl_channel_credentials(tls.ca_pem, key, cert)
+        )
+
+    async with await as_cert(key_pem, cert_pem) as alice:
+        assert await alice.list_requests() == []
+        # The certificate is alice: the admin-only token API refuses her.
+        with pytest.raises(PermissionDeniedError):
+            await alice.list_tokens()
+        await tls.admin.set_user_disabled("alice")
+        with pytest.raises(AuthenticationError):
+            await alice.list_requests()
+    # A certificate for a user the coordinator does not know, and an agent's certificate, name
+    # no operator.
+    unknown_key, unknown_csr = new_key_and_csr("mallory")
+    assert tls.coordinator.ca is not None
+    unknown = tls.coordinator.ca.sign_user_csr(unknown_csr, "mallory", datetime.now(UTC))
+    agent_key, agent_cert = await tls.enroll("web-9")
+    for key, cert in ((unknown_key, unknown.pem), (agent_key, agent_cert)):
+        async with await as_cert(key, cert) as client:
+            with pytest.raises(AuthenticationError):
+                await client.list_requests()
