@@ -319,6 +319,12 @@ class FleetService:
         details["observed_at"] = event.observed_at.isoformat()
         if event.action:
             details["action"] = event.action[:64]
+        grant = (
+            await self._store.get_grant(event.grant_id) if v.ID.fullmatch(event.grant_id) else None
+        )
+        if grant is not None and grant.agent != principal.name:
+            await self._refuse_impersonation(principal, "event", grant.agent)
+            raise PermissionDenied("event names another agent's grant")
         async with self._store.transaction() as tx:
             grant = await tx.get_grant(event.grant_id) if v.ID.fullmatch(event.grant_id) else None
             if grant is not None and grant.agent != principal.name:
@@ -382,6 +388,20 @@ class FleetService:
         else:
             return
         await tx.audit(AuditEntry(kind, f"agent:{agent}", now, agent=agent, details=details))
+
+    async def _refuse_impersonation(self, principal: Principal, via: str, claimed: str) -> None:
+        now = self._clock.now()
+        async with self._store.transaction() as tx:
+            await tx.audit(
+                AuditEntry(
+                    "agent.impersonation_refused",
+                    f"agent:{principal.name}",
+                    now,
+                    agent=principal.name,
+                    details={"claimed": claimed[:64], "via": via},
+                )
+            )
+        await self._hub.audit_written(tx.new_audit)
 
     async def disconnected(self, principal: Principal, reason: str) -> None:
         now = self._clock.now()

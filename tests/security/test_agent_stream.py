@@ -38,6 +38,10 @@ async def test_an_event_naming_another_agents_grant_cuts_the_stream(env: Env) ->
         assert await link.ended() == grpc.StatusCode.PERMISSION_DENIED
     # db-1's grant was not ended by web-1's claim.
     assert not (await env.admin.get_grant(grant_id)).state.terminal
+    refused = await env.admin.list_audit(since=None, kind="agent.impersonation_refused")
+    assert [(e.agent, e.details["claimed"], e.details["via"]) for e in refused] == [
+        ("web-1", "db-1", "event")
+    ]
 
 
 async def test_an_ack_for_another_agents_command_changes_nothing(env: Env) -> None:
