@@ -42,12 +42,16 @@ EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
 class Session:
+    # Thousands of these live at once: no per-instance __dict__, and a bare future to wait on
+    # for the close rather than an Event plus a task waiting on it (docs/performance.md).
+    __slots__ = ("agent", "close_code", "close_reason", "closed", "queue")
+
     def __init__(self, agent: str, queue_limit: int) -> None:
         self.agent = agent
         self.queue: asyncio.Queue[agentlink_pb2.CoordinatorMessage | Command] = asyncio.Queue(
             queue_limit
         )
-        self.closed = asyncio.Event()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.close_reason = ""
         self.close_code = grpc.StatusCode.UNAVAILABLE
 
@@ -58,10 +62,10 @@ class Session:
             self.close("outbound queue full (slow agent); it will resync")
 
     def close(self, reason: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
-        if not self.closed.is_set():
+        if not self.closed.done():
             self.close_reason = reason
             self.close_code = code
-            self.closed.set()
+            self.closed.set_result(None)
 
 
 class LinkRegistry:
@@ -70,6 +74,9 @@ class LinkRegistry:
     def __init__(self, queue_limit: int = 1000) -> None:
         self.queue_limit = queue_limit
         self._sessions: dict[str, Session] = {}
+
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
 
     def push(self, commands: Sequence[Command]) -> None:
         for command in commands:
@@ -115,6 +122,8 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         require_certificate: bool = False,
     ) -> None:
         self._keys = keys
+        self._ticker: asyncio.Task[None] | None = None
+        self._streams = 0
         # With mTLS, identity comes only from the verified client certificate.
         self._require_certificate = require_certificate
         self._fleet = fleet
@@ -141,19 +150,26 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         session = Session(principal.name, self._registry.queue_limit)
         self._registry.register(session)
         log.info("agent connected agent=%s resume_after=%d", session.agent, resume.resume_after_seq)
+        self._streams += 1
+        if self._ticker is None or self._ticker.done():
+            # One heartbeat task for all streams, not one per stream: it lives while any stream
+            # does (the last stream to end cancels it).
+            self._ticker = asyncio.create_task(self._tick())
         tasks = [
             asyncio.create_task(self._read(principal, session, context)),
             asyncio.create_task(self._write(session, resume, context)),
-            asyncio.create_task(self._tick(session)),
         ]
-        closed = asyncio.create_task(session.closed.wait())
         try:
-            await asyncio.wait([*tasks, closed], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*tasks, session.closed], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in [*tasks, closed]:
+            for task in tasks:
                 task.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             self._registry.unregister(session)
+            self._streams -= 1
+            if self._streams == 0 and self._ticker is not None:
+                self._ticker.cancel()
+                self._ticker = None
             reason = session.close_reason or _reason(results)
             log.info("agent disconnected agent=%s reason=%s", session.agent, reason)
             with contextlib.suppress(Exception):
@@ -274,14 +290,14 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             if len(page) < BACKLOG_PAGE:
                 return last
 
-    async def _tick(self, session: Session) -> None:
+    async def _tick(self) -> None:
         while True:
             await self._clock.sleep(self._heartbeat.total_seconds())
-            session.offer(
-                agentlink_pb2.CoordinatorMessage(
-                    heartbeat=agentlink_pb2.Heartbeat(sent_at=c.ts(self._clock.now()))
-                )
+            beat = agentlink_pb2.CoordinatorMessage(
+                heartbeat=agentlink_pb2.Heartbeat(sent_at=c.ts(self._clock.now()))
             )
+            for session in self._registry.sessions():
+                session.offer(beat)
 
     def _command(
         self, seq: int, body: agentlink_pb2.CommandBody
