@@ -160,6 +160,13 @@ def run(argv: Sequence[str]) -> int:
         metavar="SECONDS",
         help="grants issued further than this from the agent's clock are refused",
     )
+    parser.add_argument(
+        "--reconcile-every",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how often the host is compared with the lease table (drift removed)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     args = parser.parse_args(argv)
     if not args.coordinator:
@@ -189,6 +196,7 @@ def run(argv: Sequence[str]) -> int:
             remove_retries=args.remove_retries,
             remove_retry_base=args.remove_retry_base,
             skew_tolerance=args.skew_tolerance,
+            reconcile_every=args.reconcile_every,
         )
     except ValidationError as exc:
         return _fail(f"configuration: {describe(exc)}")

@@ -83,6 +83,7 @@ async def run(
             remove_retries=config.remove_retries,
             remove_retry_base=config.remove_retry_base,
             skew_tolerance=timedelta(seconds=config.skew_tolerance),
+            reconcile_every=config.reconcile_every,
         )
         if moved_aside:
             # Fail closed: with an empty table the start-up reconcile removes every access the

@@ -124,6 +124,8 @@ class AgentConfig(_Frozen):
     remove_retry_base: float = Field(default=10.0, ge=0, le=3600)
     # Grants whose issue time differs from the agent's clock by more are refused.
     skew_tolerance: float = Field(default=60.0, gt=0, le=86400)
+    # Seconds between drift reconciles (host against lease table) while running.
+    reconcile_every: float = Field(default=300.0, gt=0, le=86400)
 
     @field_validator("name")
     @classmethod

@@ -78,6 +78,7 @@ class Engine:
         remove_retries: int = 1,
         remove_retry_base: float = 0.0,
         skew_tolerance: timedelta | None = None,
+        reconcile_every: float | None = None,
     ) -> None:
         """`remove_retries`: attempts at a revoke's removal before it is acked FAILED (the
         coordinator's REVOKE_FAILED), `remove_retry_base` apart, doubling, +-50 %.
@@ -105,6 +106,9 @@ class Engine:
         self._remove_retries = max(1, remove_retries)
         self._remove_retry_base = remove_retry_base
         self._skew = skew_tolerance
+        # Seconds between drift reconciles while running (None: only at start).
+        self._reconcile_every = reconcile_every
+        self._reconciled_at = clock.monotonic()
         # Set at start when the wall clock is behind the last recorded time; cleared by the
         # coordinator's time in a Welcome. While set, grants are refused.
         self._clock_untrusted = False
@@ -507,6 +511,14 @@ class Engine:
             # passes between the sweep and the start of the sleep is not slept again.
             started = self._clock.monotonic()
             delay = await self.sweep()
+            if self._reconcile_every is not None:
+                # Drift: compare the host with the table now and then, not only at start (after
+                # the sweep, so expired access is never brought back).
+                if started - self._reconciled_at >= self._reconcile_every:
+                    async with self._lock:
+                        await self._reconcile()
+                    self._reconciled_at = started
+                delay = min(delay, max(0.0, self._reconciled_at + self._reconcile_every - started))
             await _sleep_or_wake(self._clock, started + delay, self._leases_changed)
 
     async def sweep(self) -> float:

@@ -31,7 +31,7 @@ AGENT_FLAGS = [
     "--keepalive", "2", "--keepalive-timeout", "1",
     "--backoff-base", "0.2", "--backoff-cap", "5",
     "--remove-retries", "4", "--remove-retry-base", "0.2",
-    "--skew-tolerance", "2", "--heartbeat", "1",
+    "--skew-tolerance", "2", "--heartbeat", "1", "--reconcile-every", "2",
 ]  # fmt: skip
 GRACE = 5.0
 MARGIN_MS = 250.0

@@ -4,6 +4,7 @@ managed access removed, and the agent resyncs from a snapshot without a crash lo
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from jitmesh import GrantState
+from tests.e2e.procs import wait_for
 
 from .harness import HOLD, Cluster, audit_count, wait_in_force, wait_removed
 from .results import Recorder
@@ -120,3 +122,33 @@ async def test_damaged_lease_table(cluster: Cluster, recorder: Recorder, damage:
         admin = await cluster.client("admin")
         events = await admin.list_audit(agent="web-1")
         assert any(e.kind == "agent.state.moved_aside" for e in events)
+
+
+async def test_drift_is_removed_while_running_and_expired_access_never_returns(
+    cluster: Cluster, recorder: Recorder
+) -> None:
+    alice = await cluster.client("alice")
+    web = cluster.agents["web-1"]
+    # Access nobody granted appears on the host: the periodic reconcile removes it.
+    rogue = web.oracle.root / "in" / f"mallory:{HOLD[3]}"
+    rogue.touch()
+    recorder.fault("drift_unknown_access")
+    await wait_for(lambda: not rogue.exists(), 15, "rogue access removed")
+    # A grant expires; its access is put back by hand: removed again, never restored.
+    pair = ("alice", HOLD[4])
+    grant = await cluster.grant(alice, "web-1", HOLD[4], 2)
+    await wait_in_force(web.oracle, pair)
+    await wait_removed(web.oracle, pair, 10)
+    back = web.oracle.root / "in" / f"alice:{HOLD[4]}"
+    back.touch()
+    recorder.fault("drift_expired_access")
+    await wait_for(lambda: not back.exists(), 15, "expired access removed again")
+    async with asyncio.timeout(15):
+        while True:
+            events = await alice.list_audit(agent="web-1")
+            drift = [e for e in events if e.kind == "agent.drift.removed"]
+            if len(drift) >= 2:
+                break
+            await asyncio.sleep(0.1)
+    assert {e.details.get("action") for e in drift} >= {HOLD[3], HOLD[4]}
+    assert grant.id
