@@ -85,10 +85,11 @@ class SigningKeys:
 
     def rotate(self, now: datetime) -> str:
         """Make a new key current; the old ones stay valid for verification for a while."""
+        # Retired keys stay on file: commands no longer verify with them after the overlap
+        # (`public_keys`), but audit checkpoints they signed must keep verifying.
         self._keys = [
             k if k.retired_at is not None else _Key(k.private, k.created_at, now)
             for k in self._keys
-            if k.retired_at is None or k.retired_at + ROTATION_OVERLAP > now
         ]
         new = _Key(Ed25519PrivateKey.generate(), now, None)
         self._keys.append(new)

@@ -134,3 +134,20 @@ def test_rotate_signing_key_command_keeps_the_old_key_for_verification(
     assert len(keys) == 2
     assert keys[0].not_after is not None
     assert keys[1].not_after is None
+
+
+def test_checkpoints_signed_by_a_long_retired_key_still_verify(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from server.checkpoints import Checkpoints
+    from server.signing import SigningKeys
+
+    now = datetime.now(UTC)
+    keys = SigningKeys.open(tmp_path, now)
+    checkpoints = Checkpoints(tmp_path, keys)
+    checkpoints.append(3, "a" * 64, now)
+    later = now + timedelta(days=30)
+    keys.rotate(now + timedelta(days=10))
+    keys.rotate(later)
+    assert checkpoints.verified() == ({3: "a" * 64}, [])
+    assert len(keys.public_keys(later)) == 2  # the first key no longer verifies commands
