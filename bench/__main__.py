@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = sc.Sizes(**{**sizes.__dict__, "agents": args.agents})
     sc.PROFILE_DIR = args.profile
     wanted = set(filter(None, args.only.split(",")))
+    sc.WANTED = wanted
     work = Path(tempfile.mkdtemp(prefix="jitmesh-bench."))
     results: list[Scenario] = []
     started = time.monotonic()
