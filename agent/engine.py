@@ -47,6 +47,7 @@ WALL_NOTE_EVERY = timedelta(seconds=10)
 # Retrying removals that failed: exponential from RETRY_BASE to RETRY_CAP, +-50 %.
 RETRY_BASE = 1.0
 RETRY_CAP = 60.0
+REVOKE_FAILED_RETRY = 600.0
 MAX_REASON = 256
 # A wall clock this much behind the last recorded time at start is not yet "untrusted" (the time
 # is recorded as the agent runs, a little ahead of a clean stop).
@@ -105,6 +106,14 @@ class Engine:
         self._wall_noted_at: datetime | None = None
         self._remove_retries = max(1, remove_retries)
         self._remove_retry_base = remove_retry_base
+        # After a revoke's own attempts, the sweep keeps retrying from the same base, up to
+        # base * 2^retries, at most every 10 minutes (PROMISES.md: "then retry every 10 min").
+        self._sweep_retry_base = remove_retry_base or RETRY_BASE
+        self._sweep_retry_cap = (
+            min(REVOKE_FAILED_RETRY, remove_retry_base * 2.0**self._remove_retries)
+            if remove_retry_base
+            else RETRY_CAP
+        )
         self._skew = skew_tolerance
         # Seconds between drift reconciles while running (None: only at start).
         self._reconcile_every = reconcile_every
@@ -572,8 +581,8 @@ class Engine:
         delay = MAX_NAP if wake is None else min(MAX_NAP, (wake - now).total_seconds())
         if stuck or not retried_ok:
             # Removals keep failing: try again after a growing, jittered delay (not in a spin).
-            retry = RETRY_BASE * 2.0 ** min(self._retry_attempt, 16)
-            delay = min(delay, spread(min(RETRY_CAP, retry), rand=self._rand()))
+            retry = self._sweep_retry_base * 2.0 ** min(self._retry_attempt, 16)
+            delay = min(delay, spread(min(self._sweep_retry_cap, retry), rand=self._rand()))
             self._retry_attempt += 1
         else:
             self._retry_attempt = 0
@@ -644,7 +653,22 @@ class Engine:
                 try:
                     await enforcer.remove(subject, action)
                 except EnforcerError:
-                    self._pending_removals[(subject, action)] = ""
+                    self._pending_removals.setdefault((subject, action), "")
+                    continue
+                events = True
+                grant_id = self._pending_removals.pop((subject, action), "")
+                if grant_id:
+                    # A revoke whose removal had failed: done now, and reported as such (the
+                    # coordinator moves REVOKE_FAILED to REVOKED on this event).
+                    await self._store.add_event(
+                        new_event(
+                            EventKind.GRANT_REMOVED,
+                            at=now,
+                            pair=(subject, action),
+                            grant_id=grant_id,
+                            details={"retried": "true", "enforcer": enforcer.name},
+                        )
+                    )
                     continue
                 await self._store.add_event(
                     new_event(
@@ -654,7 +678,6 @@ class Engine:
                         details={"enforcer": enforcer.name},
                     )
                 )
-                events = True
                 log.warning(
                     "reconcile removed access no lease holds",
                     extra={"enforcer": enforcer.name, "subject": subject, "action": action},

@@ -99,7 +99,9 @@ async def test_damaged_lease_table(cluster: Cluster, recorder: Recorder, damage:
     grant = await cluster.grant(alice, "web-1", HOLD[2], 120)
     await cluster.wait_grant(alice, grant.id, {GrantState.ACTIVE})
     await wait_in_force(web.oracle, pair)
-    web.process.kill()
+    # A clean stop first: the table is checkpointed into agent.db (otherwise page 1 may still
+    # live in the WAL and damage to the main file would go unseen until the next checkpoint).
+    web.process.stop()
     db = web.state / "agent.db"
     damage(db)  # type: ignore[operator]
     recorder.fault(f"disk_{damage.__name__}")  # type: ignore[attr-defined]
