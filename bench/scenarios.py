@@ -387,7 +387,7 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
                 j_times.append(elapsed)
                 j_cpu.append(cpu / n)
             fanout.add(
-                f"all {n} acks (median of rounds)", median(j_times) * MS, median(b_times) * MS,
+                f"all {n} revoked (median of rounds)", median(j_times) * MS, median(b_times) * MS,
                 target="<= 1.2x",
             )  # fmt: skip
             fanout.add("CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us")
