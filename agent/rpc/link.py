@@ -140,6 +140,12 @@ class Link:
                 reason = self._refused(exc)
             except (LinkError, EnrollmentError) as exc:
                 reason = str(exc)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A stop that arrived while the stream was already failing: the TaskGroup in
+                # `_stream` reports the stream's error and swallows the cancellation, which
+                # would leave the agent reconnecting forever after SIGTERM.
+                raise asyncio.CancelledError
             await self._engine.coordinator_lost()
             healthy_for = (
                 None if self._welcomed_at is None else self._pacing.monotonic() - self._welcomed_at
@@ -276,8 +282,12 @@ class Link:
         self._sent = set()
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._write(call, queue))
-                tasks.create_task(self._read(call, queue, tasks))
+                writer = tasks.create_task(self._write(call, queue))
+                reader = tasks.create_task(self._read(call, queue, tasks))
+                # Wait inside the block: on Python 3.11 a child that fails after the block has
+                # ended leaves a cancel request on this task that is never taken back, and
+                # `run` could no longer tell a stop (SIGTERM) from a broken stream.
+                await asyncio.wait([writer, reader], return_when=asyncio.FIRST_COMPLETED)
         except BaseExceptionGroup as group:
             _raise_most_telling(group)
 
