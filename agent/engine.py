@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from agent.crashpoints import crash_point
 from agent.domain import commands, expiry
 from agent.domain.commands import (
     Ack,
@@ -36,6 +35,7 @@ from agent.domain.timekeeping import FailClosedTime, spread
 from agent.enforcers.base import EnforcerSet
 from agent.store.base import LeaseStore
 from jitmesh.clock import Clock
+from jitmesh.crashpoints import crash_point
 
 log = logging.getLogger(__name__)
 

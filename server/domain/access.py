@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock
+from jitmesh.crashpoints import crash_point
 from jitmesh.durations import MAX_DURATION, format_duration
 from jitmesh.types import (
     Grant,
@@ -19,7 +20,6 @@ from jitmesh.types import (
     Review,
     ReviewDecision,
 )
-from server.crashpoints import crash_point
 
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 from .hub import Hub

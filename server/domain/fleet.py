@@ -9,8 +9,8 @@ from datetime import datetime, timedelta
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock
+from jitmesh.crashpoints import crash_point
 from jitmesh.types import Agent, Grant, GrantState
-from server.crashpoints import crash_point
 
 from .access import hash_secret
 from .errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated

@@ -736,25 +736,17 @@ class SqliteStore:
         self, *, states: Sequence[RequestState], subject: str, agent: str, limit: int,
         page_token: str,
     ) -> tuple[list[Request], str]:  # fmt: skip
-        where, args = _filters(
-            [("r.state", [s.value for s in states]), ("r.subject", subject), ("r.agent", agent)]
+        rows, more = await _newest_first(
+            self._reader,
+            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM}",
+            "r.",
+            [("r.state", [s.value for s in states]), ("r.subject", subject), ("r.agent", agent)],
+            page_token,
+            limit,
         )
-        after = _page(page_token)
-        if after:
-            where.append("(r.created_at, r.id) < (?, ?)")
-            args.extend(after)
-        sql = f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM}"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = await _all(
-            self._reader, sql + " ORDER BY r.created_at DESC, r.id DESC LIMIT ?", [*args, limit + 1]
-        )
-        more = len(rows) > limit
-        rows = rows[:limit]
         reviews = await _reviews(self._reader, [r[0] for r in rows])
-        items = [_request(r, reviews.get(r[0], ())) for r in rows]
-        token = f"{to_ms(items[-1].created_at)}:{items[-1].id}" if more and items else ""
-        return items, token
+        requests = [_request(r, reviews.get(r[0], ())) for r in rows]
+        return requests, _next_token(requests, more)
 
     async def get_grant(self, grant_id: str) -> Grant | None:
         return await _get_grant(self._reader, grant_id)
@@ -763,23 +755,16 @@ class SqliteStore:
         self, *, states: Sequence[GrantState], subject: str, agent: str, limit: int,
         page_token: str,
     ) -> tuple[list[Grant], str]:  # fmt: skip
-        where, args = _filters(
-            [("state", [s.value for s in states]), ("subject", subject), ("agent", agent)]
+        rows, more = await _newest_first(
+            self._reader,
+            f"SELECT {_GRANT_COLUMNS} FROM grants",
+            "",
+            [("state", [s.value for s in states]), ("subject", subject), ("agent", agent)],
+            page_token,
+            limit,
         )
-        after = _page(page_token)
-        if after:
-            where.append("(created_at, id) < (?, ?)")
-            args.extend(after)
-        sql = f"SELECT {_GRANT_COLUMNS} FROM grants"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = await _all(
-            self._reader, sql + " ORDER BY created_at DESC, id DESC LIMIT ?", [*args, limit + 1]
-        )
-        items = [_grant(r) for r in rows[:limit]]
-        more = len(rows) > limit
-        token = f"{to_ms(items[-1].created_at)}:{items[-1].id}" if more and items else ""
-        return items, token
+        grants = [_grant(r) for r in rows]
+        return grants, _next_token(grants, more)
 
     async def live_grants(self, agent: str) -> list[Grant]:
         rows = await _all(
@@ -910,6 +895,30 @@ class SqliteStore:
     async def get_meta(self, key: str) -> str | None:
         row = await _one(self._reader, "SELECT value FROM meta WHERE key = ?", [key])
         return None if row is None else str(row[0])
+
+
+async def _newest_first(
+    conn: Connection,
+    select: str,
+    alias: str,
+    filters: list[tuple[str, Any]],
+    page_token: str,
+    limit: int,
+) -> tuple[list[Any], bool]:
+    """One page of rows, newest first, after the page token; and whether more follow."""
+    where, args = _filters(filters)
+    after = _page(page_token)
+    if after:
+        where.append(f"({alias}created_at, {alias}id) < (?, ?)")
+        args.extend(after)
+    sql = select + (" WHERE " + " AND ".join(where) if where else "")
+    order = f" ORDER BY {alias}created_at DESC, {alias}id DESC LIMIT ?"
+    rows = await _all(conn, sql + order, [*args, limit + 1])
+    return rows[:limit], len(rows) > limit
+
+
+def _next_token(items: Sequence[Request] | Sequence[Grant], more: bool) -> str:
+    return f"{to_ms(items[-1].created_at)}:{items[-1].id}" if more and items else ""
 
 
 def _filters(pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
