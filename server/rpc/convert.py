@@ -13,8 +13,10 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from jitmesh import convert as shared
+from jitmesh.errors import JitmeshError
 from jitmesh.types import Grant, GrantState, RequestState, ReviewDecision
 from jitmesh.v1 import agentlink_pb2, types_pb2
+from server.domain.errors import InvalidArgument
 from server.domain.models import AgentAck, AgentHello, AgentObservation, Command, CommandKind
 
 request = shared.request_to_proto
@@ -46,11 +48,17 @@ def from_dur(value: Duration) -> timedelta:
 
 
 def request_states(values: list[types_pb2.RequestState.ValueType]) -> list[RequestState]:
-    return [shared.request_state(x) for x in values if x]
+    try:
+        return [shared.request_state(x) for x in values if x]
+    except JitmeshError:
+        raise InvalidArgument("states: unknown request state") from None
 
 
 def grant_states(values: list[types_pb2.GrantState.ValueType]) -> list[GrantState]:
-    return [shared.grant_state(x) for x in values if x]
+    try:
+        return [shared.grant_state(x) for x in values if x]
+    except JitmeshError:
+        raise InvalidArgument("states: unknown grant state") from None
 
 
 def review_decision(value: types_pb2.ReviewDecision.ValueType) -> ReviewDecision | None:
