@@ -120,6 +120,7 @@ async def test_partition_shorter_than_the_grace_and_one_way(
         recorder.fault(kind)
         await asyncio.sleep(2.0)  # shorter than detection + grace: the fault itself
         web.proxy.heal()
+        await cluster.wait_connected("web-1")
         assert pair in web.oracle.in_force()
     # Flapping and a reset: the agent reconnects; the grant stays.
     await web.proxy.flap(0.3, 3)
