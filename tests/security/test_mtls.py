@@ -102,7 +102,21 @@ async def connect_as(
     tls: Tls, key_pem: bytes | None, cert_pem: bytes | None, *, name: str = "web-1"
 ) -> grpc.StatusCode:
     """Open AgentLink with this client certificate (or none); the status the stream ends with,
-    or OK when the coordinator welcomed it."""
+    or OK when the coordinator welcomed it.
+
+    A client-side write or read racing the coordinator's refusal sometimes ends the call with
+    gRPC core's own INTERNAL ("Internal error from Core") instead of the coordinator's status;
+    that says nothing about the coordinator, so the attempt is made again (at most 5 times)."""
+    for _ in range(4):
+        code, details = await _connect_once(tls, key_pem, cert_pem, name)
+        if not (code is grpc.StatusCode.INTERNAL and details == "Internal error from Core"):
+            return code
+    return (await _connect_once(tls, key_pem, cert_pem, name))[0]
+
+
+async def _connect_once(
+    tls: Tls, key_pem: bytes | None, cert_pem: bytes | None, name: str
+) -> tuple[grpc.StatusCode, str | None]:
     if key_pem is None or cert_pem is None:
         creds = grpc.ssl_channel_credentials(tls.ca_pem)
     else:
@@ -113,13 +127,11 @@ async def connect_as(
             await call.write(agentlink_pb2.AgentMessage(hello=agentlink_pb2.Hello(agent=name)))
             first = await call.read()
         except grpc.aio.AioRpcError:
-            # The status the coordinator ended the call with (a write racing the refusal can
-            # fail on its own first).
-            return await call.code()
+            return await call.code(), await call.details()
         if isinstance(first, agentlink_pb2.CoordinatorMessage) and first.HasField("welcome"):
             call.cancel()
-            return grpc.StatusCode.OK
-        return await call.code()
+            return grpc.StatusCode.OK, None
+        return await call.code(), await call.details()
 
 
 async def read_until_error(call: object) -> None:
