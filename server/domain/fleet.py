@@ -3,9 +3,12 @@ observed events). The stream itself lives in rpc/; the decisions live here."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock
@@ -32,6 +35,7 @@ DEFAULT_JOIN_TTL = timedelta(hours=1)
 MAX_JOIN_TTL = timedelta(days=7)
 BACKLOG_PAGE = 500
 EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+log = logging.getLogger(__name__)
 
 
 class FleetService:
@@ -41,6 +45,9 @@ class FleetService:
         self._hub = hub
         self._clock = clock
         self.epoch = epoch
+        self._acks: list[_PendingAck] = []
+        self._ack_writer: asyncio.Task[None] | None = None
+        self._acks_waiting = 0
 
     # Operators.
 
@@ -228,86 +235,85 @@ class FleetService:
         return await self._store.commands_after(agent, after_seq, BACKLOG_PAGE)
 
     async def ack(self, principal: Principal, ack: AgentAck) -> None:
-        now = self._clock.now()
+        """Record an agent's ack of a command and move its grant on.
+
+        Group commit: acks from every stream that arrive while a batch is being written go
+        into the next transaction together, so a fleet-wide revoke (thousands of acks within
+        milliseconds) costs a few commits instead of one per agent, and a quiet fleet waits
+        for nothing (a batch of one is written at once). Returns once the ack is durable."""
         # The command reached the agent and was applied, the ack is not recorded yet.
         crash_point("after_push")
-        async with self._store.transaction() as tx:
-            done = await tx.ack_command(principal.name, ack.seq, ack.status, ack.reason[:256], now)
-            if done is None:
-                return
-            kind, grant_id, issued_at = done
-            grant = await tx.get_grant(grant_id)
-            if grant is None:
-                return
-            await self._apply_ack(tx, principal.name, grant, kind, ack, now, now - issued_at)
-        crash_point("after_ack")
-        self._hub.requests_changed([grant.request_id])
-        await self._hub.audit_written(tx.new_audit)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks.append(_PendingAck(principal.name, ack, future))
+        if self._ack_writer is None or self._ack_writer.done():
+            self._ack_writer = asyncio.create_task(self._write_acks())
+        self._acks_waiting += 1
+        try:
+            await future
+        finally:
+            self._acks_waiting -= 1
 
-    async def _apply_ack(
-        self,
-        tx: Tx,
-        agent: str,
-        grant: Grant,
-        kind: CommandKind,
-        ack: AgentAck,
-        now: datetime,
-        latency: timedelta,
-    ) -> None:
-        # From the command's commit to the agent's ack: the propagation a revoke receipt shows.
-        latency_ms = str(int(latency.total_seconds() * 1000))
-        entry = AuditEntry(
-            "",
-            f"agent:{agent}",
-            now,
-            subject=grant.subject,
-            agent=agent,
-            request_id=grant.request_id,
-            grant_id=grant.id,
-            details={"action": grant.action, "seq": str(ack.seq)},
-        )
-        reason = ack.reason[:256]
-        if kind is CommandKind.GRANT:
-            if ack.status == "APPLIED":
-                await tx.move_grant(
-                    grant.id,
-                    expected=[GrantState.PENDING_DELIVERY],
-                    state=GrantState.ACTIVE,
-                    applied_at=now,
-                )
-                entry = replace(entry, kind="grant.applied")
-                entry.details["latency_ms"] = latency_ms
-            else:
-                ended = now >= grant.not_after
-                await tx.move_grant(
-                    grant.id,
-                    expected=[GrantState.PENDING_DELIVERY],
-                    state=GrantState.EXPIRED if ended else GrantState.FAILED,
-                    failure=reason,
-                    ended_at=now,
-                )
-                entry = replace(entry, kind="grant.apply_failed")
-                entry.details.update(status=ack.status, reason=reason)
-        elif ack.status == "APPLIED":
-            state = GrantState.RELEASED if grant.end_reason == "released" else GrantState.REVOKED
-            await tx.move_grant(
-                grant.id,
-                expected=[GrantState.REVOKING, GrantState.REVOKE_FAILED],
-                state=state,
-                ended_at=now,
+    @property
+    def acks_waiting(self) -> int:
+        """Acks received and not yet durable (for tests and metrics)."""
+        return self._acks_waiting
+
+    async def _write_acks(self) -> None:
+        batch: list[_PendingAck] = []
+        try:
+            while self._acks:
+                batch, self._acks = self._acks[:ACK_BATCH], self._acks[ACK_BATCH:]
+                try:
+                    await self._ack_batch(batch)
+                except Exception:
+                    if len(batch) == 1:
+                        raise
+                    # One bad ack must not spoil the others: each on its own, so only the bad
+                    # one's stream sees the error.
+                    log.exception("ack batch of %d failed; writing them one by one", len(batch))
+                    for one in batch:
+                        try:
+                            await self._ack_batch([one])
+                        except Exception as exc:
+                            if not one.future.done():
+                                one.future.set_exception(exc)
+                batch = []
+        except BaseException as exc:
+            for one in [*batch, *self._acks]:
+                if not one.future.done():
+                    one.future.set_exception(exc)
+            self._acks = []
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _ack_batch(self, batch: list[_PendingAck]) -> None:
+        now = self._clock.now()
+        request_ids: list[str] = []
+        async with self._store.transaction() as tx:
+            recorded = await tx.ack_commands(
+                [(p.agent, p.ack.seq, p.ack.status, p.ack.reason[:256]) for p in batch], now
             )
-            entry = replace(entry, kind=f"grant.{state.value.lower()}")
-            entry.details["latency_ms"] = latency_ms
-        else:
-            await tx.move_grant(
-                grant.id,
-                expected=[GrantState.REVOKING],
-                state=GrantState.REVOKE_FAILED,
-                failure=reason,
-            )
-            entry = replace(entry, kind="grant.revoke_failed")
-            entry.details.update(status=ack.status, reason=reason)
-        await tx.audit(entry)
+            grants = await tx.get_grants(sorted({grant_id for _, grant_id, _ in recorded.values()}))
+            moves = _Moves(grants)
+            entries: list[AuditEntry] = []
+            for pending in batch:
+                found = recorded.pop((pending.agent, pending.ack.seq), None)
+                grant = None if found is None else grants.get(found[1])
+                if found is None or grant is None:
+                    continue  # an unknown or repeated ack moves nothing
+                kind, _, issued_at = found
+                entries.append(moves.ack(pending.agent, grant, kind, pending.ack, now, issued_at))
+                request_ids.append(grant.request_id)
+            for ids, expected, state, fields in moves.grouped():
+                await tx.move_grants(ids, expected=[expected], state=state, **fields)
+            await tx.audit_many(entries)
+        crash_point("after_ack")
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_result(None)
+        if request_ids:
+            self._hub.requests_changed(request_ids)
+        await self._hub.audit_written(tx.new_audit)
 
     async def observed(self, principal: Principal, event: AgentObservation) -> None:
         """Store an event the agent observed on its host, once per event id."""
@@ -425,3 +431,91 @@ class FleetService:
 def _require_admin(principal: Principal) -> None:
     if not principal.is_admin:
         raise PermissionDenied("this needs the admins group")
+
+
+# Acks written per transaction at most (a fleet-wide revoke's acks go in a few commits).
+ACK_BATCH = 2000
+
+
+@dataclass(slots=True)
+class _PendingAck:
+    agent: str
+    ack: AgentAck
+    future: asyncio.Future[None]
+
+
+class _Moves:
+    """The grant moves of a batch of acks, worked out in order in memory (the batch is one
+    transaction under the store's writer lock, so what was read is what is there), then written
+    as one compare-and-set per (from, to, columns) group. The outcome is the same as moving
+    grant by grant, ack by ack."""
+
+    def __init__(self, grants: dict[str, Grant]) -> None:
+        self._start = {gid: g.state for gid, g in grants.items()}
+        self._state = dict(self._start)
+        self._fields: dict[str, dict[str, Any]] = {}
+
+    def _move(
+        self, grant_id: str, expected: tuple[GrantState, ...], state: GrantState, **fields: Any
+    ) -> None:
+        if self._state[grant_id] in expected:
+            self._state[grant_id] = state
+            self._fields.setdefault(grant_id, {}).update(fields)
+
+    def ack(
+        self,
+        agent: str,
+        grant: Grant,
+        kind: CommandKind,
+        ack: AgentAck,
+        now: datetime,
+        issued_at: datetime,
+    ) -> AuditEntry:
+        """Move the grant as this ack says; the audit entry it gets (written either way)."""
+        # From the command's commit to the agent's ack: the propagation a revoke receipt shows.
+        latency_ms = str(int((now - issued_at).total_seconds() * 1000))
+        details = {"action": grant.action, "seq": str(ack.seq)}
+        reason = ack.reason[:256]
+        if kind is CommandKind.GRANT and ack.status == "APPLIED":
+            self._move(grant.id, (GrantState.PENDING_DELIVERY,), GrantState.ACTIVE, applied_at=now)
+            what = "grant.applied"
+            details["latency_ms"] = latency_ms
+        elif kind is CommandKind.GRANT:
+            ended = GrantState.EXPIRED if now >= grant.not_after else GrantState.FAILED
+            self._move(
+                grant.id, (GrantState.PENDING_DELIVERY,), ended, failure=reason, ended_at=now
+            )
+            what = "grant.apply_failed"
+            details.update(status=ack.status, reason=reason)
+        elif ack.status == "APPLIED":
+            state = GrantState.RELEASED if grant.end_reason == "released" else GrantState.REVOKED
+            self._move(
+                grant.id, (GrantState.REVOKING, GrantState.REVOKE_FAILED), state, ended_at=now
+            )
+            what = f"grant.{state.value.lower()}"
+            details["latency_ms"] = latency_ms
+        else:
+            self._move(grant.id, (GrantState.REVOKING,), GrantState.REVOKE_FAILED, failure=reason)
+            what = "grant.revoke_failed"
+            details.update(status=ack.status, reason=reason)
+        return AuditEntry(
+            what,
+            f"agent:{agent}",
+            now,
+            subject=grant.subject,
+            agent=agent,
+            request_id=grant.request_id,
+            grant_id=grant.id,
+            details=details,
+        )
+
+    def grouped(self) -> list[tuple[list[str], GrantState, GrantState, dict[str, Any]]]:
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for grant_id, state in self._state.items():
+            start = self._start[grant_id]
+            if state is start:
+                continue
+            fields = self._fields[grant_id]
+            key = (start, state, tuple(sorted(fields.items())))
+            groups.setdefault(key, []).append(grant_id)
+        return [(ids, start, state, dict(fields)) for (start, state, fields), ids in groups.items()]

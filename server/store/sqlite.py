@@ -440,26 +440,50 @@ class SqliteTx:
         await self._conn.execute(f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id))
         return seq
 
-    async def ack_command(
-        self, agent: str, seq: int, status: str, reason: str, at: datetime
-    ) -> tuple[CommandKind, str, datetime] | None:
-        """Record the agent's ack once; returns the command's kind, grant and creation time, or
-        None when the command is unknown or was acked before."""
-        row = await _one(
-            self._conn,
-            "UPDATE commands SET acked_at = ?, ack_status = ?, ack_reason = ? "
-            "WHERE agent = ? AND seq = ? AND acked_at IS NULL RETURNING kind, grant_id, created_at",
-            [to_ms(at), status, reason, agent, seq],
-        )
-        if row is None:
-            # An ack for a command this agent never got (or a repeat) moves nothing.
-            return None
-        await self._conn.execute(
+    async def ack_commands(
+        self, acks: Sequence[tuple[str, int, str, str]], at: datetime
+    ) -> dict[tuple[str, int], tuple[CommandKind, str, datetime]]:
+        """Record agents' acks (agent, seq, status, reason), each command's first ack only, in
+        a few statements per chunk. Returns, for each ack recorded now (not for unknown or
+        repeated ones, nor for another agent's command), its command's kind, grant and creation
+        time; moves each agent's last_acked_seq up."""
+        done: dict[tuple[str, int], tuple[CommandKind, str, datetime]] = {}
+        when = to_ms(at)
+        for first in range(0, len(acks), _CHUNK):
+            chunk = acks[first : first + _CHUNK]
+            rows = await _all(
+                self._conn,
+                "UPDATE commands SET acked_at = ?, ack_status = a.column3, ack_reason = a.column4 "
+                f"FROM (VALUES {','.join(['(?,?,?,?)'] * len(chunk))}) AS a "
+                "WHERE commands.agent = a.column1 AND commands.seq = a.column2 "
+                "AND commands.acked_at IS NULL "
+                "RETURNING commands.agent, commands.seq, commands.kind, commands.grant_id, "
+                "commands.created_at",
+                [when, *(v for ack in chunk for v in ack)],
+            )
+            for agent, seq, kind, grant_id, created in rows:
+                done[(agent, int(seq))] = (CommandKind(kind), grant_id, from_ms(created))
+        highest: dict[str, int] = {}
+        for agent, seq in done:
+            highest[agent] = max(seq, highest.get(agent, 0))
+        await self._conn.executemany(
             "UPDATE agents SET last_acked_seq = MAX(last_acked_seq, ?), last_seen_at = ? "
             "WHERE name = ?",
-            (seq, to_ms(at), agent),
+            [(seq, when, agent) for agent, seq in highest.items()],
         )
-        return CommandKind(row[0]), row[1], from_ms(row[2])
+        return done
+
+    async def get_grants(self, grant_ids: Sequence[str]) -> dict[str, Grant]:
+        found: dict[str, Grant] = {}
+        for first in range(0, len(grant_ids), _CHUNK):
+            chunk = grant_ids[first : first + _CHUNK]
+            rows = await _all(
+                self._conn,
+                f"SELECT {_GRANT_COLUMNS} FROM grants WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            found.update((r[0], _grant(r)) for r in rows)
+        return found
 
     async def enroll_agent(
         self, name: str, labels: dict[str, str], credential_hash: str, at: datetime
@@ -836,6 +860,11 @@ class SqliteStore:
         self.head: tuple[int, str] = (0, GENESIS)
         self._commits = 0
         self._checkpointing: asyncio.Task[None] | None = None
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed since the store was opened."""
+        return self._commits
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
