@@ -3,8 +3,6 @@ observed events). The stream itself lives in rpc/; the decisions live here."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -16,6 +14,7 @@ from jitmesh.crashpoints import crash_point
 from jitmesh.types import Agent, Grant, GrantState
 
 from .access import hash_secret
+from .batching import GroupCommit
 from .errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from .hub import Hub
 from .models import (
@@ -35,7 +34,6 @@ DEFAULT_JOIN_TTL = timedelta(hours=1)
 MAX_JOIN_TTL = timedelta(days=7)
 BACKLOG_PAGE = 500
 EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-log = logging.getLogger(__name__)
 
 
 class FleetService:
@@ -45,9 +43,8 @@ class FleetService:
         self._hub = hub
         self._clock = clock
         self.epoch = epoch
-        self._acks: list[_PendingAck] = []
-        self._ack_writer: asyncio.Task[None] | None = None
-        self._acks_waiting = 0
+        self._acks = GroupCommit(self._ack_batch, ACK_BATCH)
+        self._hellos = GroupCommit(self._hello_batch, ACK_BATCH)
 
     # Operators.
 
@@ -197,23 +194,8 @@ class FleetService:
         agent = await self._store.get_agent(principal.name)
         if agent is None:
             raise Unauthenticated("agent is not enrolled")
-        async with self._store.transaction() as tx:
-            await tx.agent_seen(
-                agent.name, now, version=hello.version[:64], boot_id=hello.boot_id[:64]
-            )
-            await tx.audit(
-                AuditEntry(
-                    "agent.connected",
-                    f"agent:{agent.name}",
-                    now,
-                    agent=agent.name,
-                    details={
-                        "last_applied_seq": str(hello.last_applied_seq),
-                        "version": hello.version[:64],
-                    },
-                )
-            )
-        await self._hub.audit_written(tx.new_audit)
+        # Group-committed: after a coordinator restart thousands of agents say Hello at once.
+        await self._hellos.submit((agent.name, hello, now))
         if hello.last_applied_seq > agent.last_seq or (
             hello.last_applied_seq == 0 and agent.last_seq > 0
         ):
@@ -231,60 +213,44 @@ class FleetService:
             resume_after = min(resume_after, unacked - 1)
         return Resume(resume_after, (), None, 0)
 
+    async def _hello_batch(self, batch: list[tuple[str, AgentHello, datetime]]) -> None:
+        async with self._store.transaction() as tx:
+            for name, hello, now in batch:
+                await tx.agent_seen(
+                    name, now, version=hello.version[:64], boot_id=hello.boot_id[:64]
+                )
+            await tx.audit_many(
+                [
+                    AuditEntry(
+                        "agent.connected",
+                        f"agent:{name}",
+                        now,
+                        agent=name,
+                        details={
+                            "last_applied_seq": str(hello.last_applied_seq),
+                            "version": hello.version[:64],
+                        },
+                    )
+                    for name, hello, now in batch
+                ]
+            )
+        await self._hub.audit_written(tx.new_audit)
+
     async def backlog(self, agent: str, after_seq: int) -> list[Command]:
         return await self._store.commands_after(agent, after_seq, BACKLOG_PAGE)
 
     async def ack(self, principal: Principal, ack: AgentAck) -> None:
-        """Record an agent's ack of a command and move its grant on.
-
-        Group commit: acks from every stream that arrive while a batch is being written go
-        into the next transaction together, so a fleet-wide revoke (thousands of acks within
-        milliseconds) costs a few commits instead of one per agent, and a quiet fleet waits
-        for nothing (a batch of one is written at once). Returns once the ack is durable."""
+        """Record an agent's ack of a command and move its grant on; returns once durable.
+        Acks from all streams are group-committed (`batching.GroupCommit`): a fleet-wide
+        revoke's thousands of acks cost a few commits, not one per agent."""
         # The command reached the agent and was applied, the ack is not recorded yet.
         crash_point("after_push")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._acks.append(_PendingAck(principal.name, ack, future))
-        if self._ack_writer is None or self._ack_writer.done():
-            self._ack_writer = asyncio.create_task(self._write_acks())
-        self._acks_waiting += 1
-        try:
-            await future
-        finally:
-            self._acks_waiting -= 1
+        await self._acks.submit(_PendingAck(principal.name, ack))
 
     @property
     def acks_waiting(self) -> int:
         """Acks received and not yet durable (for tests and metrics)."""
-        return self._acks_waiting
-
-    async def _write_acks(self) -> None:
-        batch: list[_PendingAck] = []
-        try:
-            while self._acks:
-                batch, self._acks = self._acks[:ACK_BATCH], self._acks[ACK_BATCH:]
-                try:
-                    await self._ack_batch(batch)
-                except Exception:
-                    if len(batch) == 1:
-                        raise
-                    # One bad ack must not spoil the others: each on its own, so only the bad
-                    # one's stream sees the error.
-                    log.exception("ack batch of %d failed; writing them one by one", len(batch))
-                    for one in batch:
-                        try:
-                            await self._ack_batch([one])
-                        except Exception as exc:
-                            if not one.future.done():
-                                one.future.set_exception(exc)
-                batch = []
-        except BaseException as exc:
-            for one in [*batch, *self._acks]:
-                if not one.future.done():
-                    one.future.set_exception(exc)
-            self._acks = []
-            if not isinstance(exc, Exception):
-                raise
+        return self._acks.waiting
 
     async def _ack_batch(self, batch: list[_PendingAck]) -> None:
         now = self._clock.now()
@@ -308,9 +274,6 @@ class FleetService:
                 await tx.move_grants(ids, expected=[expected], state=state, **fields)
             await tx.audit_many(entries)
         crash_point("after_ack")
-        for pending in batch:
-            if not pending.future.done():
-                pending.future.set_result(None)
         if request_ids:
             self._hub.requests_changed(request_ids)
         await self._hub.audit_written(tx.new_audit)
@@ -437,11 +400,10 @@ def _require_admin(principal: Principal) -> None:
 ACK_BATCH = 2000
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _PendingAck:
     agent: str
     ack: AgentAck
-    future: asyncio.Future[None]
 
 
 class _Moves:
