@@ -15,7 +15,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ from .waiting import until
 log = logging.getLogger("bench")
 # Set by --profile: py-spy records the coordinator process during the throughput and fan-out runs.
 PROFILE_DIR: Path | None = None
-REVOKES_IN_FLIGHT = 1000
 # Scenario numbers asked for with --only (empty: all); the fleet group skips the others' phases.
 WANTED: set[str] = set()
 
@@ -395,11 +393,9 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
                 "jitmesh": _ms_list(j_times),
                 "baseline": _ms_list(b_times),
             }
-            fanout.extra["issued_as"] = (
-                f"{n} Access.RevokeGrant calls, {REVOKES_IN_FLIGHT} in flight, 4 channels"
-            )
+            fanout.extra["issued_as"] = "one Locks.CreateLock call (subject alice, action restart)"
             fanout.extra["timed"] = (
-                "jitmesh: first revoke call until the last agent's enforcer removed the access; "
+                "jitmesh: the lock call until the last agent's enforcer removed the access; "
                 "baseline: first push until the last ack is back at the server"
             )
 
@@ -622,15 +618,16 @@ async def _fanout_round(
     marks = [len(a.enforcer.history) for a in agents]
     cpu0 = cpu_seconds(pid)
     started = time.monotonic()
-    # All issued at once, at most REVOKES_IN_FLIGHT outstanding (10,000 calls in flight at
-    # once were cancelled by the client library).
-    await _gather_limited(
-        [partial(admins[i % len(admins)].revoke_grant, g, reason="bench")
-         for i, g in enumerate(grants)],
-        REVOKES_IN_FLIGHT,
-    )  # fmt: skip
+    # One lock: one call, one transaction writing a revoke into every agent's log, one push
+    # per stream.
+    lock, revoked, _ = await admins[0].create_lock(
+        subject="alice", action="restart", reason="bench fan-out"
+    )
+    if revoked != len(grants):
+        raise RuntimeError(f"the lock revoked {revoked} grants, expected {len(grants)}")
     await until(lambda: not any(pair in a.enforcer.in_force for a in agents), 300, "revoked")
     cpu = cpu_seconds(pid) - cpu0
+    await admins[0].lift_lock(lock.id, reason="next round")
     last = started
     for agent, mark in zip(agents, marks, strict=True):
         for at, op, what in agent.enforcer.history[mark:]:

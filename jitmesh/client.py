@@ -39,6 +39,8 @@ from jitmesh.v1 import (
     audit_pb2_grpc,
     identity_pb2,
     identity_pb2_grpc,
+    locks_pb2,
+    locks_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
     types_pb2,
@@ -184,6 +186,7 @@ class Client:
         self._policy = policy_pb2_grpc.PolicyStub(channel)
         self._audit = audit_pb2_grpc.AuditStub(channel)
         self._identity = identity_pb2_grpc.IdentityStub(channel)
+        self._locks = locks_pb2_grpc.LocksStub(channel)
 
     @classmethod
     async def connect(
@@ -490,6 +493,52 @@ class Client:
         """Hand a grant back before it expires (its subject's own)."""
         message = access_pb2.ReleaseGrantRequest(id=_check(validation.ID, id, "grant id"))
         return _convert.grant(await self._unary(self._access.ReleaseGrant, message))
+
+    # -----------------------------------------------------------------------------------------
+    # Locks
+
+    async def create_lock(
+        self,
+        *,
+        subject: str = "",
+        agent: str = "",
+        action: str = "",
+        reason: str,
+        ttl: timedelta | None = None,
+    ) -> tuple[types.Lock, int, int]:
+        """Emergency stop (admins): revoke every live grant matching subject, agent and action
+        (the ones given; at least one), deny matching pending requests, and refuse new ones until
+        the lock is lifted or `ttl` passes. Returns the lock, grants revoked, requests denied."""
+        target = types.LockTarget(
+            subject=_check_optional(validation.SUBJECT, subject, "subject"),
+            agent=_check_optional(validation.AGENT, agent, "agent"),
+            action=_check_optional(validation.ACTION, action, "action"),
+        )
+        if not (target.subject or target.agent or target.action):
+            raise errors.InvalidArgumentError("a lock needs a subject, an agent or an action")
+        if not reason.strip():
+            raise errors.InvalidArgumentError("a lock needs a reason")
+        message = locks_pb2.CreateLockRequest(
+            target=_convert.lock_target_to_proto(target),
+            reason=_check_reason(reason),
+            ttl=_convert.duration_to_proto(None if ttl is None else _check_positive(ttl, "ttl")),
+        )
+        response = await self._unary(self._locks.CreateLock, message)
+        return _convert.lock(response.lock), response.grants_revoked, response.requests_denied
+
+    async def list_locks(self, *, include_ended: bool = False) -> list[types.Lock]:
+        """Locks in force, newest first (with `include_ended`, lifted and expired ones too)."""
+        message = locks_pb2.ListLocksRequest(include_ended=include_ended)
+        response = await self._unary(self._locks.ListLocks, message)
+        return [_convert.lock(x) for x in response.locks]
+
+    async def lift_lock(self, id: str, *, reason: str = "") -> types.Lock:
+        """End a lock: matching requests may be made and approved again (revoked grants stay
+        revoked)."""
+        message = locks_pb2.LiftLockRequest(
+            id=_check(validation.ID, id, "lock id"), reason=_check_reason(reason)
+        )
+        return _convert.lock(await self._unary(self._locks.LiftLock, message))
 
     # -----------------------------------------------------------------------------------------
     # Agents

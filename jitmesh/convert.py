@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from jitmesh import types
 from jitmesh.errors import InternalError
-from jitmesh.v1 import agents_pb2, audit_pb2, policy_pb2, types_pb2
+from jitmesh.v1 import agents_pb2, audit_pb2, locks_pb2, policy_pb2, types_pb2
 
 # ---------------------------------------------------------------------------------------------
 # Scalars
@@ -405,4 +405,40 @@ def chain_verification_to_proto(value: types.ChainVerification) -> audit_pb2.Ver
         first_bad_seq=value.first_bad_seq,
         problem=value.problem,
         head_hash=value.head_hash,
+    )
+
+
+def lock_target(msg: locks_pb2.LockTarget) -> types.LockTarget:
+    return types.LockTarget(subject=msg.subject, agent=msg.agent, action=msg.action)
+
+
+def lock_target_to_proto(value: types.LockTarget) -> locks_pb2.LockTarget:
+    return locks_pb2.LockTarget(subject=value.subject, agent=value.agent, action=value.action)
+
+
+def lock(msg: locks_pb2.Lock) -> types.Lock:
+    return types.Lock(
+        id=msg.id,
+        target=lock_target(msg.target),
+        reason=msg.reason,
+        created_by=msg.created_by,
+        created_at=required_time(msg.created_at, "a lock"),
+        expires_at=time_or_none(msg.expires_at),
+        lifted_at=time_or_none(msg.lifted_at),
+        lifted_by=msg.lifted_by,
+        lift_reason=msg.lift_reason,
+    )
+
+
+def lock_to_proto(value: types.Lock) -> locks_pb2.Lock:
+    return locks_pb2.Lock(
+        id=value.id,
+        target=lock_target_to_proto(value.target),
+        reason=value.reason,
+        created_by=value.created_by,
+        created_at=time_to_proto(value.created_at),
+        expires_at=time_to_proto(value.expires_at),
+        lifted_at=time_to_proto(value.lifted_at),
+        lifted_by=value.lifted_by,
+        lift_reason=value.lift_reason,
     )

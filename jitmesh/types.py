@@ -192,3 +192,46 @@ class ChainVerification:
     first_bad_seq: int
     problem: str
     head_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class LockTarget:
+    """What a lock matches: every non-empty field must match; at least one is set."""
+
+    subject: str = ""
+    agent: str = ""
+    action: str = ""
+
+    def matches(self, subject: str, agent: str, action: str) -> bool:
+        return (
+            (not self.subject or self.subject == subject)
+            and (not self.agent or self.agent == agent)
+            and (not self.action or self.action == action)
+        )
+
+    def describe(self) -> str:
+        parts = [
+            f"{k}={v}"
+            for k, v in (("subject", self.subject), ("agent", self.agent), ("action", self.action))
+            if v
+        ]
+        return " ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Lock:
+    """An emergency stop: while in force, the grants it matches are revoked and new requests
+    and approvals it matches are refused."""
+
+    id: str
+    target: LockTarget
+    reason: str
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None = None
+    lifted_at: datetime | None = None
+    lifted_by: str = ""
+    lift_reason: str = ""
+
+    def in_force(self, now: datetime) -> bool:
+        return self.lifted_at is None and (self.expires_at is None or now < self.expires_at)

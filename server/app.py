@@ -24,6 +24,8 @@ from jitmesh.v1 import (
     audit_pb2_grpc,
     identity_pb2,
     identity_pb2_grpc,
+    locks_pb2,
+    locks_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
 )
@@ -35,9 +37,11 @@ from server.domain.expiry import Expirer
 from server.domain.fleet import FleetService
 from server.domain.governance import AuditService, IdentityService, PolicyService, TokenService
 from server.domain.hub import Hub
+from server.domain.locks import LockService
 from server.rpc.agentlink import AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
+from server.rpc.locks import LocksServicer
 from server.rpc.services import (
     AccessServicer,
     AgentsServicer,
@@ -57,6 +61,7 @@ SERVICES = [
     audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
     identity_pb2.DESCRIPTOR.services_by_name["Identity"].full_name,
     agentlink_pb2.DESCRIPTOR.services_by_name["AgentLink"].full_name,
+    locks_pb2.DESCRIPTOR.services_by_name["Locks"].full_name,
 ]
 
 
@@ -196,6 +201,9 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         IdentityServicer(auth, TokenService(store, hub, clock)), server
     )
     audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(auth, audit, checkpoints), server)
+    locks_pb2_grpc.add_LocksServicer_to_server(
+        LocksServicer(auth, LockService(store, registry, hub, clock)), server
+    )
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
         AgentLinkServicer(
             fleet, registry, clock, keys, config.heartbeat, require_certificate=ca is not None

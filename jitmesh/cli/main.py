@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
-from typing import NoReturn, TextIO, TypeAlias
+from typing import Any, NoReturn, TextIO, TypeAlias
 
 import grpc
 
@@ -25,7 +25,7 @@ from jitmesh.cli import output
 from jitmesh.client import Client
 from jitmesh.clock import Clock, SystemClock
 from jitmesh.durations import DurationError, parse_duration
-from jitmesh.types import Grant, GrantState, Request, RequestState, TokenInfo
+from jitmesh.types import Grant, GrantState, Lock, Request, RequestState, TokenInfo
 
 DEFAULT_COORDINATOR = "127.0.0.1:7443"
 ENV_COORDINATOR = "JITMESH_COORDINATOR"
@@ -272,6 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=_duration, metavar="DURATION")
     p = command(agents, "remove", _agent_remove, "forget an agent and revoke its grants")
     p.add_argument("name", metavar="NAME")
+
+    # locks
+    locks = group(nouns, "lock", "emergency stop: end and refuse access (admins)")
+    p = command(locks, "create", _lock_create, "revoke matching grants now and refuse new ones")
+    p.add_argument("--subject", default="", metavar="USER")
+    p.add_argument("--agent", default="", metavar="NAME")
+    p.add_argument("--action", default="", metavar="ACTION")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--ttl", type=_duration, metavar="DURATION", help="default: until lifted")
+    p = command(locks, "list", _lock_list, "list locks in force")
+    p.add_argument("--all", action="store_true", help="include lifted and expired locks")
+    p = command(locks, "lift", _lock_lift, "end a lock")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--reason", default="")
 
     # operator tokens and users
     optokens = group(nouns, "token", "operator bearer tokens (admins)")
@@ -543,6 +557,59 @@ async def _token_list(client: Client, args: argparse.Namespace, out: Output) -> 
 async def _token_revoke(client: Client, args: argparse.Namespace, out: Output) -> int:
     await client.revoke_token(args.id)
     out.emit({"revoked": args.id}, f"revoked token {args.id}")
+    return 0
+
+
+def _lock_state(lock: Lock) -> str:
+    if lock.lifted_at is not None:
+        return "lifted"
+    return "active" if lock.in_force(datetime.now(UTC)) else "expired"
+
+
+def _lock_json(lock: Lock) -> dict[str, Any]:
+    return {
+        "id": lock.id,
+        "state": _lock_state(lock),
+        "subject": lock.target.subject,
+        "agent": lock.target.agent,
+        "action": lock.target.action,
+        "reason": lock.reason,
+        "created_by": lock.created_by,
+        "created_at": output.rfc3339(lock.created_at),
+        "expires_at": output.rfc3339(lock.expires_at),
+        "lifted_at": output.rfc3339(lock.lifted_at),
+        "lifted_by": lock.lifted_by,
+    }
+
+
+async def _lock_create(client: Client, args: argparse.Namespace, out: Output) -> int:
+    lock, revoked, denied = await client.create_lock(
+        subject=args.subject, agent=args.agent, action=args.action, reason=args.reason,
+        ttl=args.ttl,
+    )  # fmt: skip
+    out.emit(
+        {**_lock_json(lock), "grants_revoked": revoked, "requests_denied": denied},
+        f"locked {output.cell(lock.target.describe())} ({lock.id}): "
+        f"{revoked} grants revoked, {denied} pending requests denied",
+    )
+    return 0
+
+
+async def _lock_list(client: Client, args: argparse.Namespace, out: Output) -> int:
+    locks = await client.list_locks(include_ended=args.all)
+    lines = [f"{'ID':<37} {'TARGET':<31} {'STATE':<8} REASON"]
+    for lock in locks:
+        target = output.cell(lock.target.describe())
+        lines.append(
+            f"{lock.id:<37} {target:<31} {_lock_state(lock):<8} {output.cell(lock.reason)}"
+        )
+    out.emit([_lock_json(x) for x in locks], "\n".join(lines))
+    return 0
+
+
+async def _lock_lift(client: Client, args: argparse.Namespace, out: Output) -> int:
+    lock = await client.lift_lock(args.id, reason=args.reason)
+    out.emit(_lock_json(lock), f"lifted {lock.id}")
     return 0
 
 

@@ -24,6 +24,7 @@ from jitmesh.types import (
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 from .hub import Hub
 from .lifecycle import REVOCABLE_GRANT_STATES
+from .locks import refuse_if_locked
 from .models import AuditEntry, Command, CommandKind, Principal, new_id, same_person
 from .policy import Policy, Rule, match
 from .ports import CommandSink, Store, Tx
@@ -85,21 +86,14 @@ class AccessService:
         if target is None:
             raise NotFound(f"agent {agent} is not enrolled")
         now = self._clock.now()
+        lock = await self._store.lock_in_force(principal.name, agent, action, now)
+        if lock is not None:
+            await self._refused(principal.name, agent, action, f"locked by {lock.id}")
+            raise Conflict(f"{lock.target.describe()} is locked ({lock.id}): {lock.reason}")
         found = match(policy, principal, action, agent, target.labels)
         rule = found.rule
         if rule is None:
-            async with self._store.transaction() as tx:
-                await tx.audit(
-                    AuditEntry(
-                        "request.refused",
-                        principal.name,
-                        now,
-                        subject=principal.name,
-                        agent=agent,
-                        details={"action": action, "why": found.explanation},
-                    )
-                )
-            await self._hub.audit_written(tx.new_audit)
+            await self._refused(principal.name, agent, action, found.explanation)
             raise PermissionDenied(
                 f"{principal.name} may not {action} on {agent}: {found.explanation}"
             )
@@ -315,10 +309,26 @@ class AccessService:
         await self._hub.audit_written(tx.new_audit)
         return updated
 
+    async def _refused(self, subject: str, agent: str, action: str, why: str) -> None:
+        async with self._store.transaction() as tx:
+            await tx.audit(
+                AuditEntry(
+                    "request.refused",
+                    subject,
+                    self._clock.now(),
+                    subject=subject,
+                    agent=agent,
+                    details={"action": action, "why": why},
+                )
+            )
+        await self._hub.audit_written(tx.new_audit)
+
     async def _approve(
         self, tx: Tx, request: Request, rule: Rule, by: str, reason: str = ""
     ) -> tuple[Grant, Command]:
         now = self._clock.now()
+        # Inside the approving transaction: a lock created a moment ago cannot be slipped past.
+        await refuse_if_locked(tx, request.subject, request.agent, request.action, now)
         grant = Grant(
             id=new_id("grt"),
             request_id=request.id,

@@ -4,8 +4,9 @@ observed events). The stream itself lives in rpc/; the decisions live here."""
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock
@@ -13,6 +14,7 @@ from jitmesh.crashpoints import crash_point
 from jitmesh.types import Agent, Grant, GrantState
 
 from .access import hash_secret
+from .batching import GroupCommit
 from .errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from .hub import Hub
 from .models import (
@@ -41,6 +43,8 @@ class FleetService:
         self._hub = hub
         self._clock = clock
         self.epoch = epoch
+        self._acks = GroupCommit(self._ack_batch, ACK_BATCH)
+        self._hellos = GroupCommit(self._hello_batch, ACK_BATCH)
 
     # Operators.
 
@@ -190,23 +194,8 @@ class FleetService:
         agent = await self._store.get_agent(principal.name)
         if agent is None:
             raise Unauthenticated("agent is not enrolled")
-        async with self._store.transaction() as tx:
-            await tx.agent_seen(
-                agent.name, now, version=hello.version[:64], boot_id=hello.boot_id[:64]
-            )
-            await tx.audit(
-                AuditEntry(
-                    "agent.connected",
-                    f"agent:{agent.name}",
-                    now,
-                    agent=agent.name,
-                    details={
-                        "last_applied_seq": str(hello.last_applied_seq),
-                        "version": hello.version[:64],
-                    },
-                )
-            )
-        await self._hub.audit_written(tx.new_audit)
+        # Group-committed: after a coordinator restart thousands of agents say Hello at once.
+        await self._hellos.submit((agent.name, hello, now))
         if hello.last_applied_seq > agent.last_seq or (
             hello.last_applied_seq == 0 and agent.last_seq > 0
         ):
@@ -224,90 +213,70 @@ class FleetService:
             resume_after = min(resume_after, unacked - 1)
         return Resume(resume_after, (), None, 0)
 
+    async def _hello_batch(self, batch: list[tuple[str, AgentHello, datetime]]) -> None:
+        async with self._store.transaction() as tx:
+            for name, hello, now in batch:
+                await tx.agent_seen(
+                    name, now, version=hello.version[:64], boot_id=hello.boot_id[:64]
+                )
+            await tx.audit_many(
+                [
+                    AuditEntry(
+                        "agent.connected",
+                        f"agent:{name}",
+                        now,
+                        agent=name,
+                        details={
+                            "last_applied_seq": str(hello.last_applied_seq),
+                            "version": hello.version[:64],
+                        },
+                    )
+                    for name, hello, now in batch
+                ]
+            )
+        await self._hub.audit_written(tx.new_audit)
+
     async def backlog(self, agent: str, after_seq: int) -> list[Command]:
         return await self._store.commands_after(agent, after_seq, BACKLOG_PAGE)
 
     async def ack(self, principal: Principal, ack: AgentAck) -> None:
-        now = self._clock.now()
+        """Record an agent's ack of a command and move its grant on; returns once durable.
+        Acks from all streams are group-committed (`batching.GroupCommit`): a fleet-wide
+        revoke's thousands of acks cost a few commits, not one per agent."""
         # The command reached the agent and was applied, the ack is not recorded yet.
         crash_point("after_push")
-        async with self._store.transaction() as tx:
-            done = await tx.ack_command(principal.name, ack.seq, ack.status, ack.reason[:256], now)
-            if done is None:
-                return
-            kind, grant_id, issued_at = done
-            grant = await tx.get_grant(grant_id)
-            if grant is None:
-                return
-            await self._apply_ack(tx, principal.name, grant, kind, ack, now, now - issued_at)
-        crash_point("after_ack")
-        self._hub.requests_changed([grant.request_id])
-        await self._hub.audit_written(tx.new_audit)
+        await self._acks.submit(_PendingAck(principal.name, ack))
 
-    async def _apply_ack(
-        self,
-        tx: Tx,
-        agent: str,
-        grant: Grant,
-        kind: CommandKind,
-        ack: AgentAck,
-        now: datetime,
-        latency: timedelta,
-    ) -> None:
-        # From the command's commit to the agent's ack: the propagation a revoke receipt shows.
-        latency_ms = str(int(latency.total_seconds() * 1000))
-        entry = AuditEntry(
-            "",
-            f"agent:{agent}",
-            now,
-            subject=grant.subject,
-            agent=agent,
-            request_id=grant.request_id,
-            grant_id=grant.id,
-            details={"action": grant.action, "seq": str(ack.seq)},
-        )
-        reason = ack.reason[:256]
-        if kind is CommandKind.GRANT:
-            if ack.status == "APPLIED":
-                await tx.move_grant(
-                    grant.id,
-                    expected=[GrantState.PENDING_DELIVERY],
-                    state=GrantState.ACTIVE,
-                    applied_at=now,
-                )
-                entry = replace(entry, kind="grant.applied")
-                entry.details["latency_ms"] = latency_ms
-            else:
-                ended = now >= grant.not_after
-                await tx.move_grant(
-                    grant.id,
-                    expected=[GrantState.PENDING_DELIVERY],
-                    state=GrantState.EXPIRED if ended else GrantState.FAILED,
-                    failure=reason,
-                    ended_at=now,
-                )
-                entry = replace(entry, kind="grant.apply_failed")
-                entry.details.update(status=ack.status, reason=reason)
-        elif ack.status == "APPLIED":
-            state = GrantState.RELEASED if grant.end_reason == "released" else GrantState.REVOKED
-            await tx.move_grant(
-                grant.id,
-                expected=[GrantState.REVOKING, GrantState.REVOKE_FAILED],
-                state=state,
-                ended_at=now,
+    @property
+    def acks_waiting(self) -> int:
+        """Acks received and not yet durable (for tests and metrics)."""
+        return self._acks.waiting
+
+    async def _ack_batch(self, batch: list[_PendingAck]) -> None:
+        now = self._clock.now()
+        request_ids: list[str] = []
+        async with self._store.transaction() as tx:
+            recorded = await tx.ack_commands(
+                [(p.agent, p.ack.seq, p.ack.status, p.ack.reason[:256]) for p in batch], now
             )
-            entry = replace(entry, kind=f"grant.{state.value.lower()}")
-            entry.details["latency_ms"] = latency_ms
-        else:
-            await tx.move_grant(
-                grant.id,
-                expected=[GrantState.REVOKING],
-                state=GrantState.REVOKE_FAILED,
-                failure=reason,
-            )
-            entry = replace(entry, kind="grant.revoke_failed")
-            entry.details.update(status=ack.status, reason=reason)
-        await tx.audit(entry)
+            grants = await tx.get_grants(sorted({grant_id for _, grant_id, _ in recorded.values()}))
+            moves = _Moves(grants)
+            entries: list[AuditEntry] = []
+            for pending in batch:
+                found = recorded.pop((pending.agent, pending.ack.seq), None)
+                grant = None if found is None else grants.get(found[1])
+                if found is None or grant is None:
+                    continue  # an unknown or repeated ack moves nothing
+                kind, _, issued_at = found
+                entries.append(moves.ack(pending.agent, grant, kind, pending.ack, now, issued_at))
+                request_ids.append(grant.request_id)
+            for ids, expected, state, fields in moves.grouped():
+                await tx.move_grants(ids, expected=[expected], state=state, **fields)
+            await tx.audit_many(entries)
+        crash_point("after_ack")
+        if request_ids:
+            self._hub.requests_changed(request_ids)
+        await self._hub.audit_written(tx.new_audit)
 
     async def observed(self, principal: Principal, event: AgentObservation) -> None:
         """Store an event the agent observed on its host, once per event id."""
@@ -425,3 +394,90 @@ class FleetService:
 def _require_admin(principal: Principal) -> None:
     if not principal.is_admin:
         raise PermissionDenied("this needs the admins group")
+
+
+# Acks written per transaction at most (a fleet-wide revoke's acks go in a few commits).
+ACK_BATCH = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingAck:
+    agent: str
+    ack: AgentAck
+
+
+class _Moves:
+    """The grant moves of a batch of acks, worked out in order in memory (the batch is one
+    transaction under the store's writer lock, so what was read is what is there), then written
+    as one compare-and-set per (from, to, columns) group. The outcome is the same as moving
+    grant by grant, ack by ack."""
+
+    def __init__(self, grants: dict[str, Grant]) -> None:
+        self._start = {gid: g.state for gid, g in grants.items()}
+        self._state = dict(self._start)
+        self._fields: dict[str, dict[str, Any]] = {}
+
+    def _move(
+        self, grant_id: str, expected: tuple[GrantState, ...], state: GrantState, **fields: Any
+    ) -> None:
+        if self._state[grant_id] in expected:
+            self._state[grant_id] = state
+            self._fields.setdefault(grant_id, {}).update(fields)
+
+    def ack(
+        self,
+        agent: str,
+        grant: Grant,
+        kind: CommandKind,
+        ack: AgentAck,
+        now: datetime,
+        issued_at: datetime,
+    ) -> AuditEntry:
+        """Move the grant as this ack says; the audit entry it gets (written either way)."""
+        # From the command's commit to the agent's ack: the propagation a revoke receipt shows.
+        latency_ms = str(int((now - issued_at).total_seconds() * 1000))
+        details = {"action": grant.action, "seq": str(ack.seq)}
+        reason = ack.reason[:256]
+        if kind is CommandKind.GRANT and ack.status == "APPLIED":
+            self._move(grant.id, (GrantState.PENDING_DELIVERY,), GrantState.ACTIVE, applied_at=now)
+            what = "grant.applied"
+            details["latency_ms"] = latency_ms
+        elif kind is CommandKind.GRANT:
+            ended = GrantState.EXPIRED if now >= grant.not_after else GrantState.FAILED
+            self._move(
+                grant.id, (GrantState.PENDING_DELIVERY,), ended, failure=reason, ended_at=now
+            )
+            what = "grant.apply_failed"
+            details.update(status=ack.status, reason=reason)
+        elif ack.status == "APPLIED":
+            state = GrantState.RELEASED if grant.end_reason == "released" else GrantState.REVOKED
+            self._move(
+                grant.id, (GrantState.REVOKING, GrantState.REVOKE_FAILED), state, ended_at=now
+            )
+            what = f"grant.{state.value.lower()}"
+            details["latency_ms"] = latency_ms
+        else:
+            self._move(grant.id, (GrantState.REVOKING,), GrantState.REVOKE_FAILED, failure=reason)
+            what = "grant.revoke_failed"
+            details.update(status=ack.status, reason=reason)
+        return AuditEntry(
+            what,
+            f"agent:{agent}",
+            now,
+            subject=grant.subject,
+            agent=agent,
+            request_id=grant.request_id,
+            grant_id=grant.id,
+            details=details,
+        )
+
+    def grouped(self) -> list[tuple[list[str], GrantState, GrantState, dict[str, Any]]]:
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for grant_id, state in self._state.items():
+            start = self._start[grant_id]
+            if state is start:
+                continue
+            fields = self._fields[grant_id]
+            key = (start, state, tuple(sorted(fields.items())))
+            groups.setdefault(key, []).append(grant_id)
+        return [(ids, start, state, dict(fields)) for (start, state, fields), ids in groups.items()]

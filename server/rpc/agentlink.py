@@ -122,6 +122,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         require_certificate: bool = False,
     ) -> None:
         self._keys = keys
+        self._announcement: tuple[bytes, str, bytes] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._streams = 0
         # With mTLS, identity comes only from the verified client certificate.
@@ -235,10 +236,15 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             )
             for k in self._keys.public_keys(self._clock.now())
         ]
-        key_id, signature = self._keys.sign_with_oldest(
-            keys_bytes(key_entries(listed)), self._clock.now()
-        )
-        return listed, key_id, signature
+        data = keys_bytes(key_entries(listed))
+        cached = self._announcement
+        if cached is None or cached[0] != data:
+            # Ed25519 signatures are deterministic: the same key list signed by the same key
+            # gives the same bytes, so one signature serves every Welcome until the keys change
+            # (ten thousand agents reconnecting would otherwise sign it ten thousand times).
+            cached = (data, *self._keys.sign_with_oldest(data, self._clock.now()))
+            self._announcement = cached
+        return listed, cached[1], cached[2]
 
     async def _write(self, session: Session, resume: Resume, context: Ctx) -> None:
         epoch = self._fleet.epoch

@@ -27,6 +27,8 @@ from jitmesh.types import (
     AuditEvent,
     Grant,
     GrantState,
+    Lock,
+    LockTarget,
     OfflineMode,
     OfflinePolicy,
     PolicyDocument,
@@ -251,6 +253,56 @@ async def _get_agent(conn: Connection, name: str) -> Agent | None:
     return None if row is None else _agent(row)
 
 
+_LOCK_COLUMNS = (
+    "id, subject, agent, action, reason, created_by, created_at, expires_at, lifted_at, "
+    "lifted_by, lift_reason"
+)
+
+
+def _lock(row: Sequence[Any]) -> Lock:
+    return Lock(
+        id=row[0],
+        target=LockTarget(subject=row[1], agent=row[2], action=row[3]),
+        reason=row[4],
+        created_by=row[5],
+        created_at=from_ms(row[6]),
+        expires_at=_at(row[7]),
+        lifted_at=_at(row[8]),
+        lifted_by=row[9],
+        lift_reason=row[10],
+    )
+
+
+def _lock_match(target: LockTarget, alias: str) -> tuple[str, list[str]]:
+    """SQL conditions (each starting with AND) for rows a lock target matches. Lock subjects are
+    stored case-folded (subjects are ASCII, so SQL lower() folds them the same way)."""
+    where = ""
+    args: list[str] = []
+    if target.subject:
+        where += f" AND lower({alias}subject) = ?"
+        args.append(target.subject)
+    if target.agent:
+        where += f" AND {alias}agent = ?"
+        args.append(target.agent)
+    if target.action:
+        where += f" AND {alias}action = ?"
+        args.append(target.action)
+    return where, args
+
+
+async def _lock_in_force(
+    conn: Connection, subject: str, agent: str, action: str, now: datetime
+) -> Lock | None:
+    row = await _one(
+        conn,
+        f"SELECT {_LOCK_COLUMNS} FROM locks WHERE lifted_at IS NULL "
+        "AND (expires_at IS NULL OR expires_at > ?) AND subject IN ('', ?) "
+        "AND agent IN ('', ?) AND action IN ('', ?) ORDER BY created_at, id LIMIT 1",
+        [to_ms(now), subject.lower(), agent, action],
+    )
+    return None if row is None else _lock(row)
+
+
 def _page(token: str) -> tuple[int, str] | None:
     if not token:
         return None
@@ -388,26 +440,50 @@ class SqliteTx:
         await self._conn.execute(f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id))
         return seq
 
-    async def ack_command(
-        self, agent: str, seq: int, status: str, reason: str, at: datetime
-    ) -> tuple[CommandKind, str, datetime] | None:
-        """Record the agent's ack once; returns the command's kind, grant and creation time, or
-        None when the command is unknown or was acked before."""
-        row = await _one(
-            self._conn,
-            "UPDATE commands SET acked_at = ?, ack_status = ?, ack_reason = ? "
-            "WHERE agent = ? AND seq = ? AND acked_at IS NULL RETURNING kind, grant_id, created_at",
-            [to_ms(at), status, reason, agent, seq],
-        )
-        if row is None:
-            # An ack for a command this agent never got (or a repeat) moves nothing.
-            return None
-        await self._conn.execute(
+    async def ack_commands(
+        self, acks: Sequence[tuple[str, int, str, str]], at: datetime
+    ) -> dict[tuple[str, int], tuple[CommandKind, str, datetime]]:
+        """Record agents' acks (agent, seq, status, reason), each command's first ack only, in
+        a few statements per chunk. Returns, for each ack recorded now (not for unknown or
+        repeated ones, nor for another agent's command), its command's kind, grant and creation
+        time; moves each agent's last_acked_seq up."""
+        done: dict[tuple[str, int], tuple[CommandKind, str, datetime]] = {}
+        when = to_ms(at)
+        for first in range(0, len(acks), _CHUNK):
+            chunk = acks[first : first + _CHUNK]
+            rows = await _all(
+                self._conn,
+                "UPDATE commands SET acked_at = ?, ack_status = a.column3, ack_reason = a.column4 "
+                f"FROM (VALUES {','.join(['(?,?,?,?)'] * len(chunk))}) AS a "
+                "WHERE commands.agent = a.column1 AND commands.seq = a.column2 "
+                "AND commands.acked_at IS NULL "
+                "RETURNING commands.agent, commands.seq, commands.kind, commands.grant_id, "
+                "commands.created_at",
+                [when, *(v for ack in chunk for v in ack)],
+            )
+            for agent, seq, kind, grant_id, created in rows:
+                done[(agent, int(seq))] = (CommandKind(kind), grant_id, from_ms(created))
+        highest: dict[str, int] = {}
+        for agent, seq in done:
+            highest[agent] = max(seq, highest.get(agent, 0))
+        await self._conn.executemany(
             "UPDATE agents SET last_acked_seq = MAX(last_acked_seq, ?), last_seen_at = ? "
             "WHERE name = ?",
-            (seq, to_ms(at), agent),
+            [(seq, when, agent) for agent, seq in highest.items()],
         )
-        return CommandKind(row[0]), row[1], from_ms(row[2])
+        return done
+
+    async def get_grants(self, grant_ids: Sequence[str]) -> dict[str, Grant]:
+        found: dict[str, Grant] = {}
+        for first in range(0, len(grant_ids), _CHUNK):
+            chunk = grant_ids[first : first + _CHUNK]
+            rows = await _all(
+                self._conn,
+                f"SELECT {_GRANT_COLUMNS} FROM grants WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            found.update((r[0], _grant(r)) for r in rows)
+        return found
 
     async def enroll_agent(
         self, name: str, labels: dict[str, str], credential_hash: str, at: datetime
@@ -663,6 +739,103 @@ class SqliteTx:
         )
         return [r[0] for r in rows]
 
+    # Locks.
+
+    async def insert_lock(self, lock: Lock) -> None:
+        t = lock.target
+        await self._conn.execute(
+            f"INSERT INTO locks ({_LOCK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                lock.id, t.subject, t.agent, t.action, lock.reason, lock.created_by,
+                to_ms(lock.created_at), _ms(lock.expires_at), None, "", "",
+            ),
+        )  # fmt: skip
+
+    async def lift_lock(self, lock_id: str, at: datetime, by: str, reason: str) -> bool:
+        cur = await self._conn.execute(
+            "UPDATE locks SET lifted_at = ?, lifted_by = ?, lift_reason = ? "
+            "WHERE id = ? AND lifted_at IS NULL",
+            (to_ms(at), by, reason, lock_id),
+        )
+        return cur.rowcount == 1
+
+    async def get_lock(self, lock_id: str) -> Lock | None:
+        row = await _one(self._conn, f"SELECT {_LOCK_COLUMNS} FROM locks WHERE id = ?", [lock_id])
+        return None if row is None else _lock(row)
+
+    async def lock_in_force(
+        self, subject: str, agent: str, action: str, now: datetime
+    ) -> Lock | None:
+        return await _lock_in_force(self._conn, subject, agent, action, now)
+
+    async def locked_grants(self, target: LockTarget, states: Iterable[GrantState]) -> list[Grant]:
+        """Grants in `states` that the target matches, on agents still enrolled, per agent in
+        the order they were granted."""
+        where, args = _lock_match(target, "g.")
+        wanted = [s.value for s in states]
+        rows = await _all(
+            self._conn,
+            f"SELECT {_GRANT_COLUMNS_G} FROM grants g JOIN agents a ON a.name = g.agent "
+            f"WHERE a.removed_at IS NULL AND g.state IN ({','.join('?' * len(wanted))}) {where} "
+            "ORDER BY g.agent, g.grant_seq",
+            [*wanted, *args],
+        )
+        return [_grant(r) for r in rows]
+
+    async def locked_requests(self, target: LockTarget) -> list[Request]:
+        """Pending requests the target matches."""
+        where, args = _lock_match(target, "r.")
+        rows = await _all(
+            self._conn,
+            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'PENDING' {where} "
+            "ORDER BY r.created_at, r.id",
+            args,
+        )
+        reviews = await _reviews(self._conn, [r[0] for r in rows])
+        return [_request(r, reviews.get(r[0], ())) for r in rows]
+
+    async def append_revokes(
+        self, grants: Sequence[Grant], at: datetime, revoke_reason: str
+    ) -> dict[str, int]:
+        """`append_command(REVOKE)` for many grants at once: each agent's next sequence numbers
+        (gap-free, in the order given), the commands, and the grants' revoke_seq, in a few
+        statements per chunk of agents instead of three per grant. Returns grant id -> seq."""
+        per_agent: dict[str, list[str]] = {}
+        for g in grants:
+            per_agent.setdefault(g.agent, []).append(g.id)
+        by_count: dict[int, list[str]] = {}
+        for agent, ids in per_agent.items():
+            by_count.setdefault(len(ids), []).append(agent)
+        seqs: dict[str, int] = {}
+        for count, agents in by_count.items():
+            for first in range(0, len(agents), _CHUNK):
+                chunk = agents[first : first + _CHUNK]
+                rows = await _all(
+                    self._conn,
+                    "UPDATE agents SET last_seq = last_seq + ? "
+                    f"WHERE name IN ({','.join('?' * len(chunk))}) AND removed_at IS NULL "
+                    "RETURNING name, last_seq",
+                    [count, *chunk],
+                )
+                if len(rows) != len(chunk):
+                    raise Conflict("an agent was removed meanwhile; try again")
+                for name, last in rows:
+                    for i, grant_id in enumerate(per_agent[name]):
+                        seqs[grant_id] = int(last) - count + 1 + i
+        created = to_ms(at)
+        await self._conn.executemany(
+            "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
+            "VALUES (?,?,?,?,?,?)",
+            [
+                (g.agent, seqs[g.id], CommandKind.REVOKE.value, g.id, revoke_reason, created)
+                for g in grants
+            ],
+        )
+        await self._conn.executemany(
+            "UPDATE grants SET revoke_seq = ? WHERE id = ?", [(seqs[g.id], g.id) for g in grants]
+        )
+        return seqs
+
 
 # Commits between WAL checkpoints (each commit adds a few pages to the WAL).
 CHECKPOINT_EVERY = 200
@@ -687,6 +860,11 @@ class SqliteStore:
         self.head: tuple[int, str] = (0, GENESIS)
         self._commits = 0
         self._checkpointing: asyncio.Task[None] | None = None
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed since the store was opened."""
+        return self._commits
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -895,6 +1073,20 @@ class SqliteStore:
     async def get_meta(self, key: str) -> str | None:
         row = await _one(self._reader, "SELECT value FROM meta WHERE key = ?", [key])
         return None if row is None else str(row[0])
+
+    async def list_locks(self, *, include_ended: bool, now: datetime) -> list[Lock]:
+        sql = f"SELECT {_LOCK_COLUMNS} FROM locks"
+        args: list[Any] = []
+        if not include_ended:
+            sql += " WHERE lifted_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
+            args.append(to_ms(now))
+        rows = await _all(self._reader, sql + " ORDER BY created_at DESC, id DESC LIMIT 1000", args)
+        return [_lock(r) for r in rows]
+
+    async def lock_in_force(
+        self, subject: str, agent: str, action: str, now: datetime
+    ) -> Lock | None:
+        return await _lock_in_force(self._reader, subject, agent, action, now)
 
 
 async def _newest_first(

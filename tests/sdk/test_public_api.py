@@ -19,6 +19,8 @@ INTENDED = {
     "Grant",
     "GrantState",
     "JoinToken",
+    "Lock",
+    "LockTarget",
     "OfflineMode",
     "OfflinePolicy",
     "PolicyDecision",

@@ -272,14 +272,18 @@ async def test_ack_command_only_once(store: SqliteStore) -> None:
         seq = await tx.append_command("web-1", CommandKind.GRANT, grant_id, T0)
     assert await store.first_unacked_seq("web-1") == seq
     async with store.transaction() as tx:
-        first = await tx.ack_command("web-1", seq, "APPLIED", "", T0)
-        again = await tx.ack_command("web-1", seq, "APPLIED", "", T0)
-        other_agent = await tx.ack_command("db-1", seq, "APPLIED", "", T0)
-        unknown = await tx.ack_command("web-1", 99, "APPLIED", "", T0)
-    assert first == (CommandKind.GRANT, grant_id, T0)
-    assert again is None
-    assert other_agent is None
-    assert unknown is None
+        first = await tx.ack_commands(
+            [
+                ("web-1", seq, "APPLIED", ""),
+                ("web-1", seq, "APPLIED", ""),  # the same ack twice in one batch
+                ("db-1", seq, "APPLIED", ""),  # another agent's
+                ("web-1", 99, "APPLIED", ""),  # a command that does not exist
+            ],
+            T0,
+        )
+        again = await tx.ack_commands([("web-1", seq, "FAILED", "late")], T0)
+    assert first == {("web-1", seq): (CommandKind.GRANT, grant_id, T0)}
+    assert again == {}
     assert await store.first_unacked_seq("web-1") is None
     agent = await store.get_agent("web-1")
     assert agent is not None

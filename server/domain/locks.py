@@ -1,0 +1,206 @@
+"""Locks: the emergency stop. A lock names a subject, an agent, an action or a combination of
+them. Creating one ends, in one transaction, everything it matches: live grants move to REVOKING
+with one revoke command each in their agents' logs (pushed to every agent at once after the
+commit), pending requests are denied. While the lock is in force, new requests and approvals it
+matches are refused (checked inside the approving transaction, so an approval cannot slip in
+between). A lock ends when an admin lifts it or at its optional expiry."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from jitmesh import validation as v
+from jitmesh.clock import Clock
+from jitmesh.types import Grant, GrantState, Lock, LockTarget, RequestState
+
+from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied
+from .hub import Hub
+from .models import AuditEntry, Command, CommandKind, Principal, new_id
+from .ports import CommandSink, Store, Tx
+
+MAX_LOCK_TTL = timedelta(days=366)
+# Live grants a lock revokes: those the agent may still hold (a REVOKING one is on its way out).
+LOCKABLE_GRANT_STATES = (GrantState.PENDING_DELIVERY, GrantState.ACTIVE, GrantState.REVOKE_FAILED)
+
+
+class LockService:
+    def __init__(self, store: Store, links: CommandSink, hub: Hub, clock: Clock) -> None:
+        self._store = store
+        self._links = links
+        self._hub = hub
+        self._clock = clock
+
+    async def create(
+        self,
+        principal: Principal,
+        target: LockTarget,
+        reason: str,
+        ttl: timedelta | None,
+    ) -> tuple[Lock, int, int]:
+        """Lock the target; returns the lock, the grants revoked and the requests denied."""
+        _require_admin(principal)
+        target = checked_target(target)
+        try:
+            v.check_reason(reason)
+        except v.ValidationError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if not reason.strip():
+            raise InvalidArgument("a lock needs a reason")
+        if ttl is not None and not timedelta(seconds=1) <= ttl <= MAX_LOCK_TTL:
+            raise InvalidArgument("lock ttl must be between 1s and 366d")
+        now = self._clock.now()
+        lock = Lock(
+            id=new_id("lck"),
+            target=target,
+            reason=reason,
+            created_by=principal.name,
+            created_at=now,
+            expires_at=None if ttl is None else now + ttl,
+        )
+        how = f"locked: {lock.id}"
+        async with self._store.transaction() as tx:
+            await tx.insert_lock(lock)
+            entries = [_lock_entry("lock.created", principal.name, lock, now)]
+            grants = await tx.locked_grants(target, LOCKABLE_GRANT_STATES)
+            moved = await tx.move_grants(
+                [g.id for g in grants],
+                expected=LOCKABLE_GRANT_STATES,
+                state=GrantState.REVOKING,
+                ended_by=principal.name,
+                end_reason=how,
+            )
+            ending = [g for g in grants if g.id in moved]
+            seqs = await tx.append_revokes(ending, now, "revoked")
+            commands = [
+                Command(
+                    g.agent,
+                    seqs[g.id],
+                    CommandKind.REVOKE,
+                    _revoking(g, seqs[g.id], principal.name, how),
+                    "revoked",
+                )
+                for g in ending
+            ]
+            entries.extend(
+                AuditEntry(
+                    "grant.revoking",
+                    principal.name,
+                    now,
+                    subject=g.subject,
+                    agent=g.agent,
+                    request_id=g.request_id,
+                    grant_id=g.id,
+                    details={
+                        "action": g.action,
+                        "reason": reason,
+                        "lock": lock.id,
+                        "seq": str(seqs[g.id]),
+                    },
+                )
+                for g in ending
+            )
+            denied = []
+            for request in await tx.locked_requests(target):
+                if await tx.decide_request(
+                    request.id,
+                    expected=RequestState.PENDING,
+                    state=RequestState.DENIED,
+                    at=now,
+                    by=principal.name,
+                    reason=how,
+                ):
+                    denied.append(request.id)
+                    entries.append(
+                        AuditEntry(
+                            "request.denied",
+                            principal.name,
+                            now,
+                            subject=request.subject,
+                            agent=request.agent,
+                            request_id=request.id,
+                            details={"action": request.action, "why": how},
+                        )
+                    )
+            await tx.audit_many(entries)
+        self._links.push(commands)
+        self._hub.requests_changed([g.request_id for g in ending] + denied)
+        await self._hub.audit_written(tx.new_audit)
+        return lock, len(ending), len(denied)
+
+    async def lift(self, principal: Principal, lock_id: str, reason: str) -> Lock:
+        _require_admin(principal)
+        if not v.ID.fullmatch(lock_id):
+            raise InvalidArgument("lock id is not valid")
+        try:
+            v.check_reason(reason)
+        except v.ValidationError as exc:
+            raise InvalidArgument(str(exc)) from None
+        now = self._clock.now()
+        async with self._store.transaction() as tx:
+            lock = await tx.get_lock(lock_id)
+            if lock is None:
+                raise NotFound("no such lock")
+            if lock.lifted_at is not None:
+                raise Conflict("lock was lifted already")
+            await tx.lift_lock(lock_id, now, principal.name, reason)
+            lifted = await tx.get_lock(lock_id)
+            assert lifted is not None
+            await tx.audit(_lock_entry("lock.lifted", principal.name, lifted, now, reason))
+        await self._hub.audit_written(tx.new_audit)
+        return lifted
+
+    async def list(self, principal: Principal, *, include_ended: bool) -> list[Lock]:
+        return await self._store.list_locks(include_ended=include_ended, now=self._clock.now())
+
+
+async def refuse_if_locked(
+    store: Store | Tx, subject: str, agent: str, action: str, now: datetime
+) -> None:
+    """Raise Conflict when a lock in force matches: new requests and approvals are refused."""
+    lock = await store.lock_in_force(subject, agent, action, now)
+    if lock is not None:
+        raise Conflict(f"{lock.target.describe()} is locked ({lock.id}): {lock.reason}")
+
+
+def checked_target(target: LockTarget) -> LockTarget:
+    if not (target.subject or target.agent or target.action):
+        raise InvalidArgument("a lock needs a subject, an agent or an action")
+    try:
+        if target.subject:
+            v.check(v.SUBJECT, target.subject, "subject")
+        if target.agent:
+            v.check(v.AGENT, target.agent, "agent")
+        if target.action:
+            v.check(v.ACTION, target.action, "action")
+    except v.ValidationError as exc:
+        raise InvalidArgument(str(exc)) from None
+    # Subjects are one person whatever their case: locks match them case-folded.
+    return LockTarget(subject=target.subject.lower(), agent=target.agent, action=target.action)
+
+
+def _revoking(grant: Grant, seq: int, by: str, how: str) -> Grant:
+    return replace(grant, state=GrantState.REVOKING, revoke_seq=seq, ended_by=by, end_reason=how)
+
+
+def _lock_entry(
+    kind: str, actor: str, lock: Lock, now: datetime, lift_reason: str = ""
+) -> AuditEntry:
+    details = {"lock": lock.id, "target": lock.target.describe(), "reason": lock.reason}
+    if lock.expires_at is not None:
+        details["expires_at"] = lock.expires_at.isoformat()
+    if lift_reason:
+        details["lift_reason"] = lift_reason
+    return AuditEntry(
+        kind,
+        actor,
+        now,
+        subject=lock.target.subject,
+        agent=lock.target.agent,
+        details=details,
+    )
+
+
+def _require_admin(principal: Principal) -> None:
+    if not principal.is_admin:
+        raise PermissionDenied("only admins may create or lift locks")

@@ -1,0 +1,93 @@
+"""Acks from many agents are written together (group commit) with the same outcome as one by
+one: every grant moves exactly as its ack says, every ack is audited once."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from datetime import timedelta
+
+from jitmesh import GrantState
+from jitmesh.v1 import agentlink_pb2
+from server.domain.models import ADMIN_GROUP, Principal
+from tests.server.helpers import Env, agent_link
+
+M15 = timedelta(minutes=15)
+ADMIN = Principal("admin", frozenset({ADMIN_GROUP}))
+
+
+async def test_acks_from_many_agents_land_in_few_commits(env: Env) -> None:
+    names = [f"app-{i}" for i in range(12)]
+    for name in names:
+        join, _ = await env.coordinator.fleet.create_join_token(ADMIN, {"env": "staging"}, None)
+        _, env.credentials[name] = await env.coordinator.fleet.enroll(join, name, {})
+    async with AsyncExitStack() as stack:
+        links = [
+            await stack.enter_async_context(agent_link(env.address, env.credentials[n]))
+            for n in names
+        ]
+        for name, link in zip(names, links, strict=True):
+            await link.hello(name)
+        grants, requests = {}, {}
+        for name in names:
+            request, grant = await env.alice.create_request(
+                agent=name, action="deploy", duration=M15
+            )
+            assert grant is not None
+            grants[name], requests[name] = grant.id, request.id
+        for link in links:
+            assert (await link.command())[0] == 1
+        # Half apply, half fail. The store's writer is kept busy while the acks arrive on
+        # their own streams, as under load: they queue up and are written together after it.
+        statuses = [
+            agentlink_pb2.ACK_STATUS_APPLIED if i % 2 else agentlink_pb2.ACK_STATUS_FAILED
+            for i in range(len(names))
+        ]
+        fleet = env.coordinator.fleet
+        async with env.coordinator.store.transaction():
+            commits = env.coordinator.store.commits
+            for name, link, status in zip(names, links, statuses, strict=True):
+                await link.ack(1, grants[name], status)
+            async with asyncio.timeout(10):
+                while fleet.acks_waiting < len(names):
+                    await asyncio.sleep(0.01)
+        for name in names:
+            await env.wait_grant_state(requests[name], GrantState.ACTIVE)
+        states = [(await env.admin.get_grant(grants[n])).state for n in names]
+        assert states == [
+            GrantState.ACTIVE if i % 2 else GrantState.FAILED for i in range(len(names))
+        ]
+        # The busy transaction, the first ack's batch (taken before the writer was free), and
+        # one batch for the other eleven.
+        assert env.coordinator.store.commits - commits == 3
+        # A repeated ack changes nothing and is not audited again.
+        await links[1].ack(1, grants[names[1]], agentlink_pb2.ACK_STATUS_FAILED)
+        await links[1].ack(1, grants[names[1]], agentlink_pb2.ACK_STATUS_APPLIED)
+    applied = await env.admin.list_audit(kind="grant.applied")
+    failed = await env.admin.list_audit(kind="grant.apply_failed")
+    assert sorted(e.agent for e in applied) == sorted(names[1::2])
+    assert sorted(e.agent for e in failed) == sorted(names[0::2])
+    assert (await env.admin.get_grant(grants[names[1]])).state is GrantState.ACTIVE
+    assert (await env.admin.verify_audit()).ok
+
+
+async def test_grant_and_revoke_acked_in_one_batch_end_revoked(env: Env) -> None:
+    """The grant's apply ack and its revoke ack arrive together: the grant ends REVOKED, as it
+    would ack by ack (ACTIVE is skipped only because the revoke came first)."""
+    async with agent_link(env.address, env.credentials["web-1"]) as link:
+        await link.hello("web-1")
+        request, grant = await env.alice.create_request(
+            agent="web-1", action="deploy", duration=M15
+        )
+        assert grant is not None
+        await link.command()
+        await env.admin.revoke_grant(grant.id, reason="changed my mind")
+        seq, body = await link.command()
+        assert body.WhichOneof("kind") == "revoke"
+        await link.ack(1, grant.id)
+        await link.ack(seq, grant.id)
+        await env.wait_grant_state(request.id, GrantState.REVOKED)
+    ended = await env.admin.get_grant(grant.id)
+    assert ended.state is GrantState.REVOKED
+    kinds = [e.kind for e in await env.admin.list_audit(grant_id=grant.id)]
+    assert kinds[-2:] == ["grant.applied", "grant.revoked"]
