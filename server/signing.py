@@ -15,7 +15,7 @@ import base64
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -48,14 +48,14 @@ class _Key:
     private: Ed25519PrivateKey
     created_at: datetime
     retired_at: datetime | None
+    # Derived from the private key once (every pushed command names its key).
+    public_raw: bytes = field(init=False, repr=False)
+    key_id: str = field(init=False)
 
-    @property
-    def public_raw(self) -> bytes:
-        return self.private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-    @property
-    def key_id(self) -> str:
-        return key_id(self.public_raw)
+    def __post_init__(self) -> None:
+        raw = self.private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        object.__setattr__(self, "public_raw", raw)
+        object.__setattr__(self, "key_id", key_id(raw))
 
 
 class SigningKeys:
