@@ -279,7 +279,7 @@ class FleetService:
         await self._hub.audit_written(tx.new_audit)
 
     async def observed(self, principal: Principal, event: AgentObservation) -> None:
-        """Store an event the agent observed on its host, once per event id."""
+        """Store an event the agent observed on its host, once per agent and event id."""
         if not EVENT_ID.fullmatch(event.event_id):
             # Deduplication is by this id: an empty or shared id would swallow later events.
             raise InvalidArgument("event id is not valid (expected 1 to 64 of A-Za-z0-9._:-)")
@@ -308,7 +308,9 @@ class FleetService:
                     request_id=grant.request_id if grant else "",
                     grant_id=grant.id if grant else "",
                     details=details,
-                    id=event.event_id,
+                    # Stored once per agent and event id: agent names hold no ':', so one
+                    # agent's ids can never collide with (and swallow) another's.
+                    id=f"{principal.name}:{event.event_id}",
                 )
             )
             if stored and event.counter:

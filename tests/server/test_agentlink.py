@@ -193,7 +193,7 @@ async def test_expired_event_is_stored_once_and_acknowledged(env: Env) -> None:
             assert list(ack.event_ack.event_ids) == ["6f1c0a52-0000-4000-8000-000000000001"]
     stored = await env.admin.list_audit(kind="agent.grant.expired")
     assert len(stored) == 1
-    assert stored[0].id == "6f1c0a52-0000-4000-8000-000000000001"
+    assert stored[0].id == "db-1:6f1c0a52-0000-4000-8000-000000000001"
     assert (stored[0].agent, stored[0].subject, stored[0].grant_id) == ("db-1", "alice", grant_id)
     assert stored[0].details["how"] == "timer"
     grant = await env.admin.get_grant(grant_id)
@@ -233,3 +233,15 @@ async def test_ack_for_another_agents_command_changes_nothing(env: Env) -> None:
     assert (await env.admin.get_grant(staging.id)).state is GrantState.PENDING_DELIVERY
     assert (await env.admin.get_agent("db-1")).last_acked_seq == 0
     assert request.grant_id == staging.id
+
+
+async def test_the_same_event_id_from_two_agents_is_stored_twice(env: Env) -> None:
+    """Deduplication is per agent: an agent cannot swallow another's events by reusing ids."""
+    for agent in ("web-1", "db-1"):
+        async with agent_link(env.address, env.credentials[agent]) as link:
+            await link.hello(agent)
+            await link.send(event("evt-shared-1", "note", ""))
+            ack = await link.next("event_ack")
+            assert list(ack.event_ack.event_ids) == ["evt-shared-1"]
+    stored = await env.admin.list_audit(kind="agent.note")
+    assert sorted(e.id for e in stored) == ["db-1:evt-shared-1", "web-1:evt-shared-1"]
