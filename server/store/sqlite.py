@@ -8,6 +8,7 @@ are versioned SQL files applied with yoyo before the store opens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -889,14 +890,21 @@ class SqliteStore:
     async def transaction(self) -> AsyncIterator[SqliteTx]:
         """A write transaction: committed when the block ends, rolled back if it raises."""
         async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
+            await self._settled("BEGIN IMMEDIATE", undo_if_cancelled=True)
             tx = SqliteTx(self, self._writer)
             try:
                 yield tx
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                await self._settled("ROLLBACK")
                 raise
-            await self._writer.execute("COMMIT")
+            try:
+                await self._settled("COMMIT")
+            except sqlite3.Error:
+                # A commit that failed (a full disk, an I/O error) can leave the transaction
+                # open; the next one must start clean.
+                with contextlib.suppress(sqlite3.Error):
+                    await self._settled("ROLLBACK")
+                raise
             self.head = (tx.head_seq, tx.head_hash)
             self._commits += 1
             if self._commits % CHECKPOINT_EVERY == 0 and (
@@ -904,6 +912,26 @@ class SqliteStore:
             ):
                 # Owned by the store and awaited by `close`; it never raises (failures are logged).
                 self._checkpointing = asyncio.create_task(asyncio.to_thread(_checkpoint, self.path))
+
+    async def _settled(self, sql: str, *, undo_if_cancelled: bool = False) -> None:
+        """Run a transaction-control statement to its end even if the caller is cancelled
+        meanwhile (a stream closing mid-call). aiosqlite runs it on its thread regardless; a
+        BEGIN whose caller was cancelled before the ROLLBACK was issued would leave the writer
+        inside a transaction, and every later write would fail."""
+        done = asyncio.ensure_future(self._writer.execute(sql))
+        cancelled = False
+        while not done.done():
+            try:
+                await asyncio.shield(done)
+            except asyncio.CancelledError:
+                cancelled = True  # keep waiting: the statement runs anyway
+            except Exception:
+                break  # `done` holds the statement's error
+        if cancelled:
+            if undo_if_cancelled and not done.cancelled() and done.exception() is None:
+                await self._settled("ROLLBACK")
+            raise asyncio.CancelledError
+        done.result()
 
     # Reads: committed data only.
 

@@ -4,6 +4,7 @@ the audit chain, and all-or-nothing transactions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 from pathlib import Path
 
@@ -536,3 +537,30 @@ async def test_next_deadline_and_due_rows(store: SqliteStore) -> None:
         assert [g.id for g in await tx.due_grants(T0 + timedelta(minutes=10), 10)] == [grant.id]
         assert await tx.due_requests(T0 + timedelta(minutes=59), 10) == []
         assert await tx.due_requests(T0 + timedelta(hours=1), 10) == [request.id]
+
+
+# Cancellation.
+
+
+async def test_a_cancelled_caller_never_leaves_the_writer_inside_a_transaction(
+    store: SqliteStore,
+) -> None:
+    """A caller cancelled at any await of its transaction (a stream closing mid-call): the
+    transaction is rolled back or committed whole, and the next one starts clean."""
+    for steps in range(12):
+        async def write(n: int = steps) -> None:
+            async with store.transaction() as tx:
+                await tx.set_meta(f"k{n}", "v")
+                await tx.set_meta(f"k{n}b", "v")
+
+        task = asyncio.create_task(write())
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        async with store.transaction() as tx:  # would fail: "cannot start a transaction..."
+            await tx.set_meta("after", str(steps))
+        first, second = await store.get_meta(f"k{steps}"), await store.get_meta(f"k{steps}b")
+        assert (first, second) in {(None, None), ("v", "v")}  # all or nothing
+        assert await store.get_meta("after") == str(steps)
