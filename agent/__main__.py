@@ -119,7 +119,8 @@ def run(argv: Sequence[str]) -> int:
         action="append",
         default=[],
         metavar="file:DIR|exec:FILE",
-        help="repeatable; applied in the order given",
+        help="repeatable; applied in the order given. file,drift=report:DIR (or exec,...) "
+        "only reports access on the host no lease holds instead of removing it",
     )
     parser.add_argument("--backoff-base", type=float, default=1.0, metavar="SECONDS")
     parser.add_argument("--backoff-cap", type=float, default=60.0, metavar="SECONDS")
