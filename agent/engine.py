@@ -551,9 +551,15 @@ class Engine:
     async def run(self) -> None:
         """The expiry loop (sweep, then sleep until the next deadline or a change of leases) and,
         beside it, the loop retrying pending removals in the background."""
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._retry_loop(tasks))
-            await self._expiry_loop()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._retry_loop(tasks))
+                await self._expiry_loop()
+        except BaseExceptionGroup as group:
+            # One failure (a lease table that cannot be read) surfaces as itself, as before.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     async def _expiry_loop(self) -> None:
         while True:

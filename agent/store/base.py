@@ -54,7 +54,8 @@ class LeaseStore(Protocol):
     ) -> bool: ...
 
     async def end_lease(self, lease: Lease, event: OutboxEvent | None = None) -> bool:
-        """Persist an active lease's end (`lease` is the ended row) and its event, atomically."""
+        """Persist an active lease's end (`lease` is the ended row) and its event, atomically.
+        The SQLite store keeps an end its table cannot take (a full disk) in its journal."""
         ...
 
     async def removals(self) -> list[Removal]:

@@ -195,7 +195,7 @@ class SqliteLeaseStore:
                     _upsert_removal(db, _removal_from_json(row))
             journal.clear()
             log.info("revoke journal moved into the lease table")
-        except (StateError, JournalFull, OSError) as exc:
+        except (StateError, JournalFull, OSError, KeyError, TypeError, ValueError) as exc:
             log.warning(
                 "revoke journal kept: the lease table is still not writable",
                 extra={"error": str(exc)},
@@ -329,9 +329,6 @@ class SqliteLeaseStore:
         then on the lease reads as ended, here and in `check`, across restarts."""
         if lease.state is LeaseState.ACTIVE or lease.removed_at is None:
             raise ValueError("end_lease needs an ended lease")
-        current = await self.lease(lease.grant_id)
-        if current is None or current.state is not LeaseState.ACTIVE:
-            return False
         try:
             with self._tx() as db:
                 changed = db.execute(
@@ -347,6 +344,9 @@ class SqliteLeaseStore:
                 if changed and event is not None:
                     _insert_event(db, event)
         except StateError as exc:
+            current = await self.lease(lease.grant_id)
+            if current is None or current.state is not LeaseState.ACTIVE:
+                return False
             self._journal_add(
                 "ends",
                 {

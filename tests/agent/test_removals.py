@@ -20,7 +20,7 @@ from agent.domain.leases import LeaseState
 from agent.enforcers.base import EnforcerSet
 from agent.enforcers.file import FileEnforcer
 from agent.engine import Engine
-from agent.store.journal import JOURNAL_NAME, SIZE, read_entries
+from agent.store.journal import JOURNAL_NAME, SIZE, Journal, JournalFull, read_entries
 from agent.store.readonly import DB_NAME, find_allowing
 from agent.store.sqlite import SqliteLeaseStore
 from jitmesh.clock import FakeClock, to_ms
@@ -397,3 +397,26 @@ async def test_journal_is_laid_over_the_table_until_it_takes_writes_again(tmp_pa
         assert [r.pair for r in await agent.store.removals()] == [PAIR]
     finally:
         agent.store.close()
+
+
+def test_journal_keeps_the_previous_version_when_a_write_is_torn(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    journal = Journal.open(path)
+    try:
+        assert path.stat().st_size == SIZE
+        first = {"ends": [{"grant_id": "grt-1"}], "removals": []}
+        second = {"ends": [{"grant_id": "grt-1"}, {"grant_id": "grt-2"}], "removals": []}
+        journal.write(first)
+        journal.write(second)
+        assert read_entries(path) == second
+        with pytest.raises(JournalFull):
+            journal.write({"ends": [{"grant_id": "x" * SIZE}], "removals": []})
+        assert read_entries(path) == second
+    finally:
+        journal.close()
+    # A crash in the middle of the second write: its slot is damaged, the first version holds.
+    data = bytearray(path.read_bytes())
+    data[40] ^= 0xFF  # the second version (sequence number 2) is in slot 0
+    path.write_bytes(bytes(data))
+    assert read_entries(path) == first
+    assert path.stat().st_size == SIZE
