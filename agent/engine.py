@@ -324,7 +324,7 @@ class Engine:
     # Commands.
 
     async def handle(self, command: CommandSpec) -> Ack:
-        async with self._exclusive(await self._pairs_of(command)):
+        async with self._exclusive(command):
             ack = commands.screen(
                 command, own_name=self.name, last_applied_seq=self._last_applied_seq
             )
@@ -358,17 +358,19 @@ class Engine:
         if isinstance(kind, GrantSpec):
             return {(kind.subject, kind.action)}
         if isinstance(kind, RevokeSpec):
-            # A grant id's pair never changes, so it can be read before taking the lock.
             lease = await self._store.lease(kind.grant_id)
             return set() if lease is None else {lease.pair}
         return None
 
     @contextlib.asynccontextmanager
-    async def _exclusive(self, pairs: Collection[Pair] | None) -> AsyncIterator[None]:
-        """The engine lock, taken when no background removal of `pairs` (None: of any pair) is
+    async def _exclusive(self, command: CommandSpec) -> AsyncIterator[None]:
+        """The engine lock, taken when no background removal of a pair `command` may change is
         running: a command for a pair waits for that pair's hook, never for another one's."""
         while True:
             await self._lock.acquire()
+            if not self._removing:
+                break  # the usual case: nothing to look up
+            pairs = await self._pairs_of(command)
             busy = [task for pair, task in self._removing.items() if pairs is None or pair in pairs]
             if not busy:
                 break

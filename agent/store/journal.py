@@ -14,8 +14,9 @@ intact. Payload: JSON `{"ends": [...], "removals": [...]}`.
 
 The SQLite store reads the journal at start and lays it over the table (journaled grants are
 ended, never re-applied; `jitmesh-agent check` refuses them too), and moves it into the table and
-clears it as soon as the table takes a write again. Its capacity (a few hundred entries) bounds
-what a full disk can hold back; past it the write fails as before and the revoke is acked FAILED.
+clears it as soon as the table takes a write again. Its capacity (a slot of 128 KiB: about 1,000
+revokes, or 350 expiries with their events) bounds what a full disk can hold back; past it the
+write fails as before and the revoke is acked FAILED.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 JOURNAL_NAME = "agent.journal"
-SIZE = 64 * 1024
+SIZE = 256 * 1024
 _SLOT = SIZE // 2
 _MAGIC = b"JMJ1"
 _HEADER = struct.Struct(">4sQII")  # magic, sequence number, payload length, CRC-32 of payload
