@@ -192,7 +192,8 @@ class SqliteLeaseStore:
                     if changed and end.get("event"):
                         _insert_event(db, _event_from_json(end["event"]))
                 for row in journal.entries["removals"]:
-                    _upsert_removal(db, _removal_from_json(row))
+                    # A row the table took meanwhile (more attempts) is newer: keep it.
+                    _upsert_removal(db, _removal_from_json(row), only_if_newer=True)
             journal.clear()
             log.info("revoke journal moved into the lease table")
         except (StateError, JournalFull, OSError, KeyError, TypeError, ValueError) as exc:
@@ -506,13 +507,16 @@ def _insert_event(db: sqlite3.Connection, event: OutboxEvent) -> None:
     )
 
 
-def _upsert_removal(db: sqlite3.Connection, removal: Removal) -> None:
+def _upsert_removal(
+    db: sqlite3.Connection, removal: Removal, *, only_if_newer: bool = False
+) -> None:
     db.execute(
         "INSERT INTO removals (subject, action, grant_ids, attempts, next_at_ms, since_ms, error, "
         "reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subject, action) DO UPDATE SET "
         "grant_ids = excluded.grant_ids, attempts = excluded.attempts, "
         "next_at_ms = excluded.next_at_ms, since_ms = excluded.since_ms, error = excluded.error, "
-        "reported = excluded.reported",
+        "reported = excluded.reported"
+        + (" WHERE excluded.attempts > removals.attempts" if only_if_newer else ""),
         (
             removal.pair[0],
             removal.pair[1],

@@ -98,9 +98,9 @@ def test_enforcer_drift_setting(tmp_path: Path) -> None:
     assert parse_enforcer(f"file:{tmp_path}").drift == "remove"
     assert parse_enforcer(f"file,drift=report:{tmp_path}").drift == "report"
     assert parse_enforcer(f"exec,drift=remove:{hooks}").drift == "remove"
-    with pytest.raises(ConfigError, match="^enforcer file: drift must be remove or report$"):
+    with pytest.raises(ConfigError, match=r"^enforcer file: drift must be remove or report$"):
         parse_enforcer(f"file,drift=ignore:{tmp_path}")
-    with pytest.raises(ConfigError, match="^enforcer exec: unknown option"):
+    with pytest.raises(ConfigError, match=r"^enforcer exec: unknown option"):
         parse_enforcer(f"exec,mode=report:{hooks}")
     with pytest.raises(ValidationError) as caught:
         AgentConfig.model_validate(

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import pytest
 from agent.domain.commands import AckStatus, RevokeSpec
 from agent.domain.coverage import DriftMode
 from agent.domain.leases import LeaseState
+from agent.domain.removals import Removal
 from agent.enforcers.base import EnforcerSet
 from agent.enforcers.file import FileEnforcer
 from agent.engine import Engine
@@ -288,7 +289,7 @@ async def test_report_only_drift_never_brings_expired_access_back(tmp_path: Path
         again.store.close()
 
 
-def fill(store: SqliteLeaseStore, grant_id: str) -> None:
+def fill(store: SqliteLeaseStore, grant_id: str | None = None) -> None:
     """A full disk: PRAGMA max_page_count at the current size, every page filled, and the
     lease `grant_id`'s own page too (its row grown until it no longer fits), so that ending it
     needs a page the database cannot get."""
@@ -315,7 +316,7 @@ def fill(store: SqliteLeaseStore, grant_id: str) -> None:
                     (f"fill-{n}", "x" * size),
                 )
     with contextlib.suppress(sqlite3.Error):
-        while True:
+        while grant_id is not None:
             db.execute(
                 "UPDATE leases SET request_id = request_id || 'x' WHERE grant_id = ?", (grant_id,)
             )
@@ -420,3 +421,20 @@ def test_journal_keeps_the_previous_version_when_a_write_is_torn(tmp_path: Path)
     path.write_bytes(bytes(data))
     assert read_entries(path) == first
     assert path.stat().st_size == SIZE
+
+
+async def test_a_journaled_removal_never_overwrites_a_newer_row(tmp_path: Path) -> None:
+    store = SqliteLeaseStore.open(tmp_path)
+    try:
+        owed = Removal(PAIR, ("grt-1",), attempts=2, next_at=T0, since=T0, error="old")
+        fill(store)
+        await store.save_removal(owed)
+        assert read_entries(tmp_path / JOURNAL_NAME)["removals"] != []
+        unfill(store)
+        # The table takes the newer state; the journal's older one, moved in after, loses.
+        await store.save_removal(replace(owed, attempts=5, error="new"))
+        assert read_entries(tmp_path / JOURNAL_NAME) == {"ends": [], "removals": []}
+        [kept] = await store.removals()
+        assert (kept.attempts, kept.error) == (5, "new")
+    finally:
+        store.close()
