@@ -119,7 +119,8 @@ def run(argv: Sequence[str]) -> int:
         action="append",
         default=[],
         metavar="file:DIR|exec:FILE",
-        help="repeatable; applied in the order given",
+        help="repeatable; applied in the order given. file,drift=report:DIR (or exec,...) "
+        "only reports access on the host no lease holds instead of removing it",
     )
     parser.add_argument("--backoff-base", type=float, default=1.0, metavar="SECONDS")
     parser.add_argument("--backoff-cap", type=float, default=60.0, metavar="SECONDS")
@@ -175,11 +176,16 @@ def run(argv: Sequence[str]) -> int:
     from pydantic import ValidationError
 
     from agent.config import AgentConfig, EnforcerConfig, describe, parse_enforcer
-    from agent.domain.errors import AgentError
+    from agent.domain.errors import AgentError, ConfigError
 
     try:
         labels = dict(_label(text) for text in args.label)
-        enforcers: list[EnforcerConfig] = [parse_enforcer(text) for text in args.enforcer]
+        enforcers: list[EnforcerConfig] = []
+        for number, text in enumerate(args.enforcer, 1):
+            try:
+                enforcers.append(parse_enforcer(text))
+            except ConfigError as exc:
+                raise ConfigError(f"--enforcer number {number}: {exc}") from None
         config = AgentConfig(
             coordinator=args.coordinator,
             name=args.name,

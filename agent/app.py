@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from agent.config import AgentConfig, ExecEnforcerConfig, FileEnforcerConfig
+from agent.domain.coverage import DriftMode
 from agent.domain.errors import AgentError, EnrollmentError, StateError
 from agent.domain.leases import EventKind, new_event
 from agent.enforcers.base import Enforcer, EnforcerSet
@@ -77,7 +78,10 @@ async def run(
         engine = Engine(
             name=config.name,
             store=store,
-            enforcers=EnforcerSet(build_enforcers(config, clock)),
+            enforcers=EnforcerSet(
+                build_enforcers(config, clock),
+                drift=[DriftMode(spec.drift) for spec in config.enforcers],
+            ),
             clock=clock,
             rand=rand,
             remove_retries=config.remove_retries,

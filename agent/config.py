@@ -87,15 +87,22 @@ class ExecHooksConfig(_Frozen):
         return env
 
 
+# What the drift reconcile does with access an enforcer shows that no lease holds: take it away,
+# or only report it (audited on the coordinator, left in place).
+DriftSetting = Literal["remove", "report"]
+
+
 class FileEnforcerConfig(_Frozen):
     kind: Literal["file"] = "file"
     directory: Path
+    drift: DriftSetting = "remove"
 
 
 class ExecEnforcerConfig(_Frozen):
     kind: Literal["exec"] = "exec"
     path: Path
     hooks: ExecHooksConfig
+    drift: DriftSetting = "remove"
 
 
 EnforcerConfig = Annotated[FileEnforcerConfig | ExecEnforcerConfig, Field(discriminator="kind")]
@@ -207,15 +214,28 @@ def check_private(path: Path, what: str) -> None:
 
 
 def parse_enforcer(spec: str) -> EnforcerConfig:
-    """`file:DIR` or `exec:FILE` (the exec hooks file is read and validated here)."""
-    kind, sep, where = spec.partition(":")
+    """`KIND[,drift=remove|report]:WHERE`: `file:DIR` or `exec:FILE` (the exec hooks file is
+    read and validated here), optionally with the enforcer's drift setting."""
+    head, sep, where = spec.partition(":")
     if not sep or not where:
         raise ConfigError("enforcer must be file:DIR or exec:FILE")
+    kind, *options = head.split(",")
+    if kind not in ("file", "exec"):
+        raise ConfigError("enforcer must be file:DIR or exec:FILE")
+    drift: DriftSetting = "remove"
+    for option in options:
+        key, eq, value = option.partition("=")
+        if key != "drift" or not eq:
+            raise ConfigError(f"enforcer {kind}: unknown option (expected drift=remove|report)")
+        if value == "remove":
+            drift = "remove"
+        elif value == "report":
+            drift = "report"
+        else:
+            raise ConfigError(f"enforcer {kind}: drift must be remove or report")
     if kind == "file":
-        return FileEnforcerConfig(directory=Path(where))
-    if kind == "exec":
-        return ExecEnforcerConfig(path=Path(where), hooks=load_exec_hooks(Path(where)))
-    raise ConfigError("enforcer must be file:DIR or exec:FILE")
+        return FileEnforcerConfig(directory=Path(where), drift=drift)
+    return ExecEnforcerConfig(path=Path(where), hooks=load_exec_hooks(Path(where)), drift=drift)
 
 
 def describe(exc: Any) -> str:

@@ -4,15 +4,27 @@ Every change to the lease table and the host goes through here, one at a time (o
 handling, the expiry sweep and the start-up reconcile. For each command: validate, persist (one
 transaction), enforce (reference-counted), then answer with the ack. The table is the truth; the
 expiry loop's timers are derived from it on every pass.
+
+A removal that fails after its lease ended (a revoke, a snapshot, a fail-closed start) becomes a
+pending removal (`agent.domain.removals`), persisted with its attempts and next retry time. The
+revoke is acked FAILED at once (the coordinator shows REVOKE_FAILED) and the next commands go on;
+a retry loop beside the expiry loop retries in the background, running the hook outside the
+lock. A retry that succeeds reports the grants removed (`grant.removed`, retried=true: the
+coordinator moves them to REVOKED); when the attempts run out they are reported
+`grant.revoke_failed` once and retried every `cap` seconds, across restarts. Ordering: while a
+pair's removal runs in the background, commands and expiries that touch that pair wait for it
+(others do not); a pending pair that a newer lease holds again is parked, never removed under
+that lease, and reported removed once the holder's own end really removes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from agent.domain import commands, expiry
@@ -28,9 +40,17 @@ from agent.domain.commands import (
     RevokeSpec,
     SnapshotSpec,
 )
-from agent.domain.coverage import held_pairs, pair_changes, reconcile
+from agent.domain.coverage import DriftMode, held_pairs, pair_changes, reconcile
 from agent.domain.errors import ApplyFailed, EnforcerError, StateError
 from agent.domain.leases import EventKind, Lease, OutboxEvent, Pair, new_event
+from agent.domain.removals import (
+    Removal,
+    RetryPolicy,
+    failed_again,
+    first_failure,
+    is_due,
+    needs_report,
+)
 from agent.domain.timekeeping import FailClosedTime, spread
 from agent.enforcers.base import EnforcerSet
 from agent.store.base import LeaseStore
@@ -44,10 +64,6 @@ log = logging.getLogger(__name__)
 MAX_NAP = 1.0
 # How often the loop persists the wall time reached (the floor after a restart).
 WALL_NOTE_EVERY = timedelta(seconds=10)
-# Retrying removals that failed: exponential from RETRY_BASE to RETRY_CAP, +-50 %.
-RETRY_BASE = 1.0
-RETRY_CAP = 60.0
-REVOKE_FAILED_RETRY = 600.0
 MAX_REASON = 256
 # A wall clock this much behind the last recorded time at start is not yet "untrusted" (the time
 # is recorded as the agent runs, a little ahead of a clean stop).
@@ -81,8 +97,9 @@ class Engine:
         skew_tolerance: timedelta | None = None,
         reconcile_every: float | None = None,
     ) -> None:
-        """`remove_retries`: attempts at a revoke's removal before it is acked FAILED (the
-        coordinator's REVOKE_FAILED), `remove_retry_base` apart, doubling, +-50 %.
+        """`remove_retries`: attempts at a revoke's removal before its grant is reported
+        `grant.revoke_failed`, `remove_retry_base` apart, doubling, +-50 % (the revoke itself is
+        acked FAILED after the first, inline, attempt; REVOKED follows a removal that worked).
         `skew_tolerance`: grants issued further from the agent's time are refused (None: no
         check)."""
         self.name = name
@@ -99,21 +116,21 @@ class Engine:
         self._offline_since: datetime | None = None
         self._last_applied_seq = 0
         self._epoch = 0
-        # Pairs whose removal failed after their lease row had already ended (revoke, snapshot,
-        # a failed rollback): retried by the sweep until they succeed. Value: the grant id or "".
-        self._pending_removals: dict[Pair, str] = {}
+        # Pairs whose removal failed after their lease had already ended (revoke, snapshot, a
+        # failed rollback, drift): a copy of the store's pending removals, retried in the
+        # background by the retry loop until they succeed.
+        self._pending: dict[Pair, Removal] = {}
+        # Background removals running now (outside the lock), by pair.
+        self._removing: dict[Pair, asyncio.Task[None]] = {}
+        self._removals_changed = asyncio.Event()
+        # Report-only drift already audited, by (enforcer, pair), until it is gone.
+        self._drift_reported: set[tuple[str, Pair]] = set()
+        # Expiry ends whose removal failed (the lease stays active): the sweep's own retries.
         self._retry_attempt = 0
         self._wall_noted_at: datetime | None = None
-        self._remove_retries = max(1, remove_retries)
-        self._remove_retry_base = remove_retry_base
-        # After a revoke's own attempts, the sweep keeps retrying from the same base, up to
-        # base * 2^retries, at most every 10 minutes (PROMISES.md: "then retry every 10 min").
-        self._sweep_retry_base = remove_retry_base or RETRY_BASE
-        self._sweep_retry_cap = (
-            min(REVOKE_FAILED_RETRY, remove_retry_base * 2.0**self._remove_retries)
-            if remove_retry_base
-            else RETRY_CAP
-        )
+        # A revoke's attempts (the first inline, the others in the background), then REVOKE_FAILED
+        # and a retry every base * 2^retries, at most every 10 minutes (PROMISES.md).
+        self._policy = RetryPolicy.from_settings(remove_retries, remove_retry_base)
         self._skew = skew_tolerance
         # Seconds between drift reconciles while running (None: only at start).
         self._reconcile_every = reconcile_every
@@ -155,6 +172,11 @@ class Engine:
         self._epoch = meta.epoch
         # Until the link reaches the coordinator, it has been out of reach since the last contact.
         self._offline_since = meta.last_contact_at
+        # Removals still owed from before the restart: retried at once (in the background, by
+        # `run`), then on their schedule.
+        self._pending = {
+            removal.pair: replace(removal, next_at=wall) for removal in await self._store.removals()
+        }
         async with self._lock:
             if self._clock_untrusted:
                 await self._end_everything(
@@ -201,11 +223,13 @@ class Engine:
         active = await self._store.active_leases()
         failures = await self._enforce([lease for lease in active if lease.holds], ending=active)
         for lease in active:
-            if lease.pair in failures.remove:
-                self._pending_removals[lease.pair] = lease.grant_id
             await self._store.end_lease(
                 lease.ended(at=now, reason=reason),
                 new_event(EventKind.GRANT_REMOVED, at=now, lease=lease, details={"reason": reason}),
+            )
+        for pair, error in sorted(failures.remove.items()):
+            await self._pend(
+                pair, [lease.grant_id for lease in active if lease.pair == pair], error
             )
         await self._store.add_event(event)
         self.outbox_changed.set()
@@ -300,7 +324,7 @@ class Engine:
     # Commands.
 
     async def handle(self, command: CommandSpec) -> Ack:
-        async with self._lock:
+        async with self._exclusive(command):
             ack = commands.screen(
                 command, own_name=self.name, last_applied_seq=self._last_applied_seq
             )
@@ -313,12 +337,9 @@ class Engine:
                     ack = await self._revoke(command, kind, now)
                 else:
                     ack = await self._snapshot(command, kind, now)
-        if (
-            ack.status is AckStatus.FAILED
-            and isinstance(command.kind, RevokeSpec)
-            and self._remove_retries > 1
-        ):
-            ack = await self._retry_revoke(ack)
+            elif ack.status is AckStatus.APPLIED and isinstance(command.kind, RevokeSpec):
+                # A revoke sent again (its ack was lost): never "done" while its removal is owed.
+                ack = self._still_owed(ack) or ack
         log.info(
             "command handled",
             extra={
@@ -331,52 +352,46 @@ class Engine:
         self._leases_changed.set()
         return ack
 
-    async def _retry_revoke(self, ack: Ack) -> Ack:
-        """A revoke's removal failed: try again with jittered backoff (not holding the lock
-        while waiting, so expiry goes on); after the last attempt the ack stays FAILED and the
-        coordinator records REVOKE_FAILED. The sweep keeps retrying afterwards."""
-        lease = await self._store.lease(ack.grant_id)
-        if lease is None:
-            return ack
-        pair = lease.pair
-        reason = ack.reason
-        for attempt in range(1, self._remove_retries):
-            delay = spread(self._remove_retry_base * 2.0 ** (attempt - 1), rand=self._rand())
-            await self._clock.sleep(delay)
-            async with self._lock:
-                if pair not in self._pending_removals:
-                    # The sweep's retry removed it meanwhile.
-                    return Ack(ack.seq, AckStatus.APPLIED, "removed on retry", ack.grant_id)
-                if pair in held_pairs(await self._store.active_leases()):
-                    del self._pending_removals[pair]
-                    return Ack(ack.seq, AckStatus.APPLIED, "held by another grant", ack.grant_id)
-                try:
-                    await self._enforcers.remove(pair)
-                except EnforcerError as exc:
-                    reason = _cut(f"remove failed: {exc}")
-                    continue
-                del self._pending_removals[pair]
-                log.info("grant revoked on retry", extra=_lease_fields(lease))
+    async def _pairs_of(self, command: CommandSpec) -> Collection[Pair] | None:
+        """The pairs a command may change on the host (None: any, for a snapshot)."""
+        kind = command.kind
+        if isinstance(kind, GrantSpec):
+            return {(kind.subject, kind.action)}
+        if isinstance(kind, RevokeSpec):
+            lease = await self._store.lease(kind.grant_id)
+            return set() if lease is None else {lease.pair}
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, command: CommandSpec) -> AsyncIterator[None]:
+        """The engine lock, taken when no background removal of a pair `command` may change is
+        running: a command for a pair waits for that pair's hook, never for another one's."""
+        while True:
+            await self._lock.acquire()
+            if not self._removing:
+                break  # the usual case: nothing to look up
+            pairs = await self._pairs_of(command)
+            busy = [task for pair, task in self._removing.items() if pairs is None or pair in pairs]
+            if not busy:
+                break
+            self._lock.release()
+            await asyncio.wait(busy)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _still_owed(self, ack: Ack) -> Ack | None:
+        """A FAILED ack if the grant's removal is still pending."""
+        for removal in self._pending.values():
+            if ack.grant_id and ack.grant_id in removal.grant_ids:
                 return Ack(
-                    ack.seq, AckStatus.APPLIED, f"removed on attempt {attempt + 1}", ack.grant_id
+                    ack.seq,
+                    AckStatus.FAILED,
+                    _cut(f"removal pending: {removal.error}"),
+                    ack.grant_id,
                 )
-        now = self.now()
-        await self._store.add_event(
-            new_event(
-                EventKind.GRANT_REVOKE_FAILED,
-                at=now,
-                lease=lease,
-                details={"attempts": str(self._remove_retries), "reason": reason},
-            )
-        )
-        self.outbox_changed.set()
-        log.error("revoke failed after retries", extra=_lease_fields(lease))
-        return Ack(
-            ack.seq,
-            AckStatus.FAILED,
-            _cut(f"{reason} ({self._remove_retries} attempts)"),
-            ack.grant_id,
-        )
+        return None
 
     async def _record(self, command: CommandSpec, writes: Sequence[Lease]) -> None:
         await self._store.record_command(seq=command.seq, epoch=command.epoch, writes=writes)
@@ -430,7 +445,10 @@ class Engine:
             await self._store.mark_applied(grant_id, now)
         except StateError:
             # Applied but not recorded as applied: take it away again (fail closed).
-            await self._enforce([*holding, lease], ending=[lease])
+            applied = replace(lease, applied_at=now)
+            failures = await self._enforce([*holding, applied], ending=[applied])
+            for pair, error in failures.remove.items():
+                await self._pend(pair, [grant_id], error)
             return Ack(seq, AckStatus.FAILED, "cannot persist the grant", grant_id)
         log.info("grant applied", extra=_lease_fields(lease))
         return Ack(seq, AckStatus.APPLIED, "", grant_id)
@@ -456,25 +474,45 @@ class Engine:
             return Ack(seq, AckStatus.APPLIED, "unknown grant: tombstone kept", grant_id)
         if isinstance(decision, AlreadyEnded):
             await self._record(command, ())
-            return Ack(seq, AckStatus.APPLIED, decision.reason, grant_id)
+            ack = Ack(seq, AckStatus.APPLIED, decision.reason, grant_id)
+            return self._still_owed(ack) or ack
         holding = await self._holding()
+        pair = decision.before.pair
+        journaled = False
         try:
             await self._record(command, (decision.after,))
         except StateError as exc:
-            # Cannot persist the end (a full disk): take the access away all the same.
+            # Cannot persist the end in the table (a full disk): the store keeps it in its
+            # revoke journal (the lease is ended from now on, across restarts), and the access
+            # goes all the same.
             log.error("cannot persist a revoke", extra={"grant_id": grant_id, "error": str(exc)})
+            try:
+                journaled = await self._store.end_lease(decision.after)
+            except StateError as again:
+                log.error(
+                    "cannot journal a revoke", extra={"grant_id": grant_id, "error": str(again)}
+                )
             failures = await self._enforce(holding, ending=[decision.before])
-            if decision.before.pair in failures.remove:
-                self._pending_removals[decision.before.pair] = grant_id
-            return Ack(seq, AckStatus.FAILED, "access removed; cannot persist the revoke", grant_id)
+            if pair in failures.remove:
+                await self._pend(pair, [grant_id], failures.remove[pair])
+                reason = _cut(f"remove failed (retrying): {failures.remove[pair]}")
+                return Ack(seq, AckStatus.FAILED, reason, grant_id)
+            if not journaled:
+                reason = "access removed; cannot persist the revoke"
+                return Ack(seq, AckStatus.FAILED, reason, grant_id)
+            reason = "access removed; lease table full, revoke kept in the journal"
+            return Ack(seq, AckStatus.APPLIED, reason, grant_id)
         crash_point("agent_after_revoke_record")
         failures = await self._enforce(holding, ending=[decision.before])
         crash_point("agent_after_remove")
-        pair = decision.before.pair
         if pair in failures.remove:
-            self._pending_removals[pair] = grant_id
+            # Acked FAILED now (REVOKE_FAILED on the coordinator); retried in the background.
+            await self._pend(pair, [grant_id], failures.remove[pair])
             return Ack(
-                seq, AckStatus.FAILED, _cut(f"remove failed: {failures.remove[pair]}"), grant_id
+                seq,
+                AckStatus.FAILED,
+                _cut(f"remove failed (retrying): {failures.remove[pair]}"),
+                grant_id,
             )
         log.info("grant revoked", extra=_lease_fields(decision.before))
         return Ack(seq, AckStatus.APPLIED, "", grant_id)
@@ -498,9 +536,9 @@ class Engine:
             else:
                 failed.append(lease.grant_id)
                 await self._store.mark_failed(lease.grant_id, now, reason)
-        for lease in plan.ending:
-            if lease.pair in failures.remove:
-                self._pending_removals[lease.pair] = lease.grant_id
+        for pair, error in sorted(failures.remove.items()):
+            ended = [lease.grant_id for lease in plan.ending if lease.pair == pair]
+            await self._pend(pair, ended, error)
         summary = (
             f"held {plan.kept + len(plan.starting) - len(failed)}, ended {len(plan.ending)}, "
             f"refused {len(plan.refused)}"
@@ -513,7 +551,19 @@ class Engine:
     # Expiry.
 
     async def run(self) -> None:
-        """The expiry loop: sweep, then sleep until the next deadline or a change of leases."""
+        """The expiry loop (sweep, then sleep until the next deadline or a change of leases) and,
+        beside it, the loop retrying pending removals in the background."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._retry_loop(tasks))
+                await self._expiry_loop()
+        except BaseExceptionGroup as group:
+            # One failure (a lease table that cannot be read) surfaces as itself, as before.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def _expiry_loop(self) -> None:
         while True:
             self._leases_changed.clear()
             # The deadline is absolute (taken before the sweep read the time), so time that
@@ -524,8 +574,7 @@ class Engine:
                 # Drift: compare the host with the table now and then, not only at start (after
                 # the sweep, so expired access is never brought back).
                 if started - self._reconciled_at >= self._reconcile_every:
-                    async with self._lock:
-                        await self._reconcile()
+                    await self.reconcile()
                     self._reconciled_at = started
                 delay = min(delay, max(0.0, self._reconciled_at + self._reconcile_every - started))
             await _sleep_or_wake(self._clock, started + delay, self._leases_changed)
@@ -539,12 +588,20 @@ class Engine:
         now = self.now()
         active = await self._store.active_leases()
         due = expiry.due(active, now, self._offline_since)
-        ending = [lease for lease, _ in due.ends]
+        # A pair whose removal runs in the background waits for it (the loop is woken when it
+        # ends): an apply or remove now could cross it.
+        busy = set(self._removing)
+        starts = [lease for lease in due.starts if lease.pair not in busy]
+        ends = [(lease, cause) for lease, cause in due.ends if lease.pair not in busy]
+        waiting = {lease.grant_id for lease in due.starts if lease.pair in busy}
+        waiting |= {lease.grant_id for lease, _ in due.ends if lease.pair in busy}
         failures = await self._enforce(
-            [lease for lease in active if lease.holds], starting=due.starts, ending=ending
+            [lease for lease in active if lease.holds],
+            starting=starts,
+            ending=[lease for lease, _ in ends],
         )
         events = False
-        for lease in due.starts:
+        for lease in starts:
             reason = failures.apply.get(lease.pair)
             if reason is None:
                 event = new_event(EventKind.GRANT_APPLIED, at=now, lease=lease)
@@ -556,7 +613,7 @@ class Engine:
                 )
                 events |= await self._store.mark_failed(lease.grant_id, now, reason, event)
         stuck: set[str] = set()
-        for lease, cause in due.ends:
+        for lease, cause in ends:
             if lease.holds and lease.pair in failures.remove:
                 # Still in force: the lease stays active (and due) until removal succeeds.
                 stuck.add(lease.grant_id)
@@ -568,70 +625,170 @@ class Engine:
                 "grant expired" if cause is expiry.EndCause.EXPIRED else "grant ended offline",
                 extra=_lease_fields(lease),
             )
-        retried_ok, retried_events = await self._retry_removals(now)
-        if events or retried_events:
+        if events:
             self.outbox_changed.set()
         if self._wall_noted_at is None or now - self._wall_noted_at >= WALL_NOTE_EVERY:
             await self._store.note_wall(now)
             self._wall_noted_at = now
 
         active = await self._store.active_leases()
-        remaining = [lease for lease in active if lease.grant_id not in stuck]
+        remaining = [lease for lease in active if lease.grant_id not in stuck | waiting]
         wake = expiry.next_wakeup(remaining, self._offline_since)
         delay = MAX_NAP if wake is None else min(MAX_NAP, (wake - now).total_seconds())
-        if stuck or not retried_ok:
+        if stuck:
             # Removals keep failing: try again after a growing, jittered delay (not in a spin).
-            retry = self._sweep_retry_base * 2.0 ** min(self._retry_attempt, 16)
-            delay = min(delay, spread(min(self._sweep_retry_cap, retry), rand=self._rand()))
+            retry = self._policy.base * 2.0 ** min(self._retry_attempt, 16)
+            delay = min(delay, spread(min(self._policy.cap, retry), rand=self._rand()))
             self._retry_attempt += 1
         else:
             self._retry_attempt = 0
         return max(0.0, delay)
 
-    async def _retry_removals(self, now: datetime) -> tuple[bool, bool]:
-        """Retry removals that failed before. Returns (all done, events written)."""
-        if not self._pending_removals:
-            return True, False
-        held = held_pairs(await self._store.active_leases())
-        ok, events = True, False
-        for pair, grant_id in sorted(self._pending_removals.items()):
-            if pair in held:
-                # A newer lease holds the pair again: it must stay.
-                del self._pending_removals[pair]
-                continue
+    # Pending removals.
+
+    async def _pend(self, pair: Pair, grant_ids: Iterable[str], error: str) -> None:
+        """A removal of `pair` failed after its leases ended: persist it for the retry loop
+        (merged into one already pending for the pair)."""
+        now = self.now()
+        removal = first_failure(
+            pair,
+            tuple(grant_ids),
+            now=now,
+            error=_cut(error),
+            policy=self._policy,
+            rand=self._rand(),
+            existing=self._pending.get(pair),
+        )
+        await self._keep_pending(removal, now)
+        log.warning(
+            "removal pending",
+            extra={"subject": pair[0], "action": pair[1], "attempts": removal.attempts},
+        )
+
+    async def _keep_pending(self, removal: Removal, now: datetime) -> None:
+        events: list[OutboxEvent] = []
+        if needs_report(removal, self._policy):
+            # The attempts ran out: REVOKE_FAILED, reported once (and the retries go on).
+            removal = replace(removal, reported=True)
+            events = [
+                new_event(
+                    EventKind.GRANT_REVOKE_FAILED,
+                    at=now,
+                    pair=removal.pair,
+                    grant_id=grant_id,
+                    details={"attempts": str(removal.attempts), "reason": removal.error},
+                )
+                for grant_id in removal.grant_ids
+            ]
+            log.error(
+                "revoke failed after retries",
+                extra={"subject": removal.pair[0], "action": removal.pair[1]},
+            )
+        self._pending[removal.pair] = removal
+        try:
+            await self._store.save_removal(removal, events)
+        except StateError as exc:
+            # Kept in memory (retried all the same); the store journals what it can.
+            log.error("cannot persist a pending removal", extra={"error": str(exc)})
+        if events:
+            self.outbox_changed.set()
+        self._removals_changed.set()
+
+    async def _removed(self, pair: Pair, now: datetime) -> None:
+        """`pair` was really removed: a removal pending for it is done; its grants are reported
+        removed (the coordinator moves REVOKE_FAILED to REVOKED on these events)."""
+        removal = self._pending.pop(pair, None)
+        if removal is None:
+            return
+        events = [
+            new_event(
+                EventKind.GRANT_REMOVED,
+                at=now,
+                pair=pair,
+                grant_id=grant_id,
+                details={"retried": "true", "attempts": str(removal.attempts + 1)},
+            )
+            for grant_id in removal.grant_ids
+        ]
+        try:
+            await self._store.drop_removal(pair, events)
+        except StateError as exc:
+            # Not recorded: keep it owed, so the (idempotent) removal and its report are tried
+            # again rather than lost.
+            log.error("cannot record a removal", extra={"error": str(exc)})
+            self._pending[pair] = replace(removal, next_at=now)
+            self._removals_changed.set()
+            return
+        if events:
+            self.outbox_changed.set()
+        log.info(
+            "pending removal done",
+            extra={"subject": pair[0], "action": pair[1], "grant_ids": ",".join(removal.grant_ids)},
+        )
+
+    async def _retry_loop(self, tasks: asyncio.TaskGroup) -> None:
+        """Start each due pending removal as its own background task (the hook runs without
+        the lock); sleep until the next one is due or the set changes."""
+        while True:
+            self._removals_changed.clear()
+            delay = self._policy.cap
+            async with self._lock:
+                now = self.now()
+                held = held_pairs(await self._store.active_leases())
+                for pair, removal in sorted(self._pending.items()):
+                    if pair in self._removing or pair in held:
+                        # Running already; or a newer lease holds the pair again (parked: its
+                        # own end removes it, and completes this one).
+                        continue
+                    if is_due(removal, now, policy=self._policy):
+                        self._removing[pair] = tasks.create_task(self._retry_removal(pair))
+                    else:
+                        delay = min(delay, (removal.next_at - now).total_seconds())
+            await _sleep_or_wake(
+                self._clock, self._clock.monotonic() + max(0.0, delay), self._removals_changed
+            )
+
+    async def _retry_removal(self, pair: Pair) -> None:
+        try:
+            error = ""
             try:
                 await self._enforcers.remove(pair)
-            except EnforcerError:
-                ok = False
-                continue
-            del self._pending_removals[pair]
-            await self._store.add_event(
-                new_event(
-                    EventKind.GRANT_REMOVED,
-                    at=now,
-                    pair=pair,
-                    grant_id=grant_id,
-                    details={"retried": "true"},
-                )
-            )
-            events = True
-            log.info(
-                "removal succeeded on retry",
-                extra={"grant_id": grant_id, "subject": pair[0], "action": pair[1]},
-            )
-        return ok, events
+            except EnforcerError as exc:
+                error = _cut(str(exc))
+            async with self._lock:
+                now = self.now()
+                removal = self._pending.get(pair)
+                if removal is not None and not error:
+                    await self._removed(pair, now)
+                elif removal is not None:
+                    again = failed_again(
+                        removal, now=now, error=error, policy=self._policy, rand=self._rand()
+                    )
+                    await self._keep_pending(again, now)
+                del self._removing[pair]
+        finally:
+            self._removing.pop(pair, None)
+            self._removals_changed.set()
+            self._leases_changed.set()
 
     # Reconcile.
 
+    async def reconcile(self) -> None:
+        """Compare the host with the lease table now (drift)."""
+        async with self._lock:
+            await self._reconcile()
+
     async def _reconcile(self) -> None:
         """Make each enforcer's view match the table: apply what active leases hold but the
-        enforcer does not show; remove what it shows that no active lease holds."""
+        enforcer does not show; remove (or, for a report-only enforcer, audit) what it shows that
+        no active lease holds. Pairs with a pending removal are the retry loop's, not drift."""
         now = self.now()
         active = await self._store.active_leases()
         desired = held_pairs(active)
+        owed = set(self._pending) | set(self._removing)
         broken: dict[Pair, str] = {}
         events = False
-        for enforcer in self._enforcers.enforcers:
+        for enforcer, mode in zip(self._enforcers.enforcers, self._enforcers.drift, strict=True):
             try:
                 observed = await enforcer.observe()
             except EnforcerError as exc:
@@ -649,27 +806,17 @@ class Engine:
                     "reconcile applied",
                     extra={"enforcer": enforcer.name, "subject": subject, "action": action},
                 )
-            for subject, action in sorted(plan.remove):
+            drift = plan.remove - owed
+            if mode is DriftMode.REPORT:
+                events |= await self._report_drift(enforcer.name, drift, now)
+                continue
+            for subject, action in sorted(drift):
                 try:
                     await enforcer.remove(subject, action)
-                except EnforcerError:
-                    self._pending_removals.setdefault((subject, action), "")
+                except EnforcerError as exc:
+                    await self._pend((subject, action), (), str(exc))
                     continue
                 events = True
-                grant_id = self._pending_removals.pop((subject, action), "")
-                if grant_id:
-                    # A revoke whose removal had failed: done now, and reported as such (the
-                    # coordinator moves REVOKE_FAILED to REVOKED on this event).
-                    await self._store.add_event(
-                        new_event(
-                            EventKind.GRANT_REMOVED,
-                            at=now,
-                            pair=(subject, action),
-                            grant_id=grant_id,
-                            details={"retried": "true", "enforcer": enforcer.name},
-                        )
-                    )
-                    continue
                 await self._store.add_event(
                     new_event(
                         EventKind.DRIFT_REMOVED,
@@ -687,8 +834,8 @@ class Engine:
         for pair, reason in sorted(broken.items()):
             try:
                 await self._enforcers.remove(pair)
-            except EnforcerError:
-                self._pending_removals[pair] = ""
+            except EnforcerError as exc:
+                await self._pend(pair, (), str(exc))
             for lease in active:
                 if lease.holds and lease.pair == pair:
                     event = new_event(
@@ -700,6 +847,27 @@ class Engine:
                     events |= await self._store.mark_failed(lease.grant_id, now, reason, event)
         if events:
             self.outbox_changed.set()
+
+    async def _report_drift(self, enforcer: str, drift: frozenset[Pair], now: datetime) -> bool:
+        """Report-only drift: audit each pair once (until it is gone), change nothing."""
+        known = {pair for name, pair in self._drift_reported if name == enforcer}
+        self._drift_reported -= {(enforcer, pair) for pair in known - drift}
+        new = sorted(drift - known)
+        for subject, action in new:
+            await self._store.add_event(
+                new_event(
+                    EventKind.DRIFT_REPORTED,
+                    at=now,
+                    pair=(subject, action),
+                    details={"enforcer": enforcer},
+                )
+            )
+            self._drift_reported.add((enforcer, (subject, action)))
+            log.warning(
+                "reconcile found access no lease holds (report only: left in place)",
+                extra={"enforcer": enforcer, "subject": subject, "action": action},
+            )
+        return bool(new)
 
     # Enforcement.
 
@@ -716,13 +884,15 @@ class Engine:
         """Apply and remove the pairs that starting and ending leases change (ref-counted)."""
         changes = pair_changes(holding, starting=starting, ending=ending)
         apply_failed: dict[Pair, str] = {}
+        unrolled: set[Pair] = set()
         for pair in sorted(changes.apply):
             try:
                 await self._enforcers.apply(pair)
             except EnforcerError as exc:
                 apply_failed[pair] = _cut(str(exc))
                 if isinstance(exc, ApplyFailed) and not exc.rolled_back:
-                    self._pending_removals[pair] = ""
+                    # Partly in place: keep trying to take it away.
+                    unrolled.add(pair)
                 log.warning(
                     "apply failed", extra={"subject": pair[0], "action": pair[1], "error": str(exc)}
                 )
@@ -736,6 +906,13 @@ class Engine:
                 await self._enforcers.remove(pair)
             except EnforcerError as exc:
                 remove_failed[pair] = _cut(str(exc))
+                continue
+            # A removal owed for an earlier end of this pair (parked while a newer lease held
+            # it) is done now too.
+            await self._removed(pair, self.now())
+        for pair, error in apply_failed.items():
+            if pair in unrolled:
+                await self._pend(pair, (), error)
         return _Failures(apply_failed, remove_failed)
 
 

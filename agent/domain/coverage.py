@@ -8,6 +8,7 @@ to drift away from the table.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Set
 from dataclasses import dataclass
 
@@ -48,6 +49,16 @@ def pair_changes(
         apply=frozenset({lease.pair for lease in starters} - before),
         remove=frozenset({lease.pair for lease in ending if lease.holds} - after),
     )
+
+
+class DriftMode(enum.StrEnum):
+    """What the drift reconcile does with access an enforcer shows that no lease holds."""
+
+    # Take it away (and audit it).
+    REMOVE = "remove"
+    # Leave it, and audit it (once per pair until it is gone): for hosts where another tool also
+    # manages the same access. Expired access is still never brought back.
+    REPORT = "report"
 
 
 @dataclass(frozen=True, slots=True)

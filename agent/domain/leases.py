@@ -84,6 +84,8 @@ class EventKind(enum.StrEnum):
     GRANT_REMOVED = "grant.removed"
     # Start-up reconcile found access on the host that no active lease covers, and removed it.
     DRIFT_REMOVED = "drift.removed"
+    # The same, on an enforcer whose drift setting is `report`: audited, left in place.
+    DRIFT_REPORTED = "drift.reported"
     # A grant refused because the agent's clock and the coordinator's disagree too much.
     GRANT_REFUSED = "grant.refused"
     # At start the wall clock was behind the last time the agent had recorded: every managed

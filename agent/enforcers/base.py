@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
+from agent.domain.coverage import DriftMode
 from agent.domain.errors import ApplyFailed, EnforcerError
 from agent.domain.leases import Pair
 
@@ -30,10 +31,17 @@ class Enforcer(Protocol):
 
 
 class EnforcerSet:
-    """All configured enforcers, applied in order, all or nothing."""
+    """All configured enforcers, applied in order, all or nothing. `drift`: per enforcer (in
+    the same order), what the drift reconcile does with access no lease holds (default remove)."""
 
-    def __init__(self, enforcers: Sequence[Enforcer]) -> None:
+    def __init__(
+        self, enforcers: Sequence[Enforcer], *, drift: Sequence[DriftMode] | None = None
+    ) -> None:
         self.enforcers = tuple(enforcers)
+        modes = tuple(drift) if drift is not None else (DriftMode.REMOVE,) * len(self.enforcers)
+        if len(modes) != len(self.enforcers):
+            raise ValueError("one drift mode per enforcer")
+        self.drift = modes
 
     async def apply(self, pair: Pair) -> None:
         """Apply `pair` with every enforcer. If one fails, the ones that ran (the failing one

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from agent.domain.leases import Lease, OutboxEvent
+from agent.domain.leases import Lease, OutboxEvent, Pair
+from agent.domain.removals import Removal
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +54,20 @@ class LeaseStore(Protocol):
     ) -> bool: ...
 
     async def end_lease(self, lease: Lease, event: OutboxEvent | None = None) -> bool:
-        """Persist an active lease's end (`lease` is the ended row) and its event, atomically."""
+        """Persist an active lease's end (`lease` is the ended row) and its event, atomically.
+        The SQLite store keeps an end its table cannot take (a full disk) in its journal."""
+        ...
+
+    async def removals(self) -> list[Removal]:
+        """Pending removals (failed removals of ended leases' pairs), by pair."""
+        ...
+
+    async def save_removal(self, removal: Removal, events: Sequence[OutboxEvent] = ()) -> None:
+        """Insert or replace the pending removal of `removal.pair`, with `events`, atomically."""
+        ...
+
+    async def drop_removal(self, pair: Pair, events: Sequence[OutboxEvent] = ()) -> None:
+        """The removal of `pair` succeeded: forget it and write `events`, atomically."""
         ...
 
     async def add_event(self, event: OutboxEvent) -> None: ...

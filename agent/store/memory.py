@@ -13,7 +13,8 @@ from dataclasses import replace
 from datetime import datetime
 
 from agent.domain.errors import StateError
-from agent.domain.leases import Lease, LeaseState, OutboxEvent
+from agent.domain.leases import Lease, LeaseState, OutboxEvent, Pair
+from agent.domain.removals import Removal
 
 from .base import Meta
 
@@ -32,6 +33,7 @@ class MemoryLeaseStore:
         # Insertion order is delivery order (dicts keep it).
         self._outbox: dict[str, OutboxEvent] = {}
         self._counter = 0
+        self._removals: dict[Pair, Removal] = {}
 
     async def meta(self) -> Meta:
         return self._meta
@@ -93,6 +95,19 @@ class MemoryLeaseStore:
         if event is not None:
             self._keep(event)
         return True
+
+    async def removals(self) -> list[Removal]:
+        return [self._removals[pair] for pair in sorted(self._removals)]
+
+    async def save_removal(self, removal: Removal, events: Sequence[OutboxEvent] = ()) -> None:
+        self._removals[removal.pair] = removal
+        for event in events:
+            self._keep(event)
+
+    async def drop_removal(self, pair: Pair, events: Sequence[OutboxEvent] = ()) -> None:
+        self._removals.pop(pair, None)
+        for event in events:
+            self._keep(event)
 
     def _keep(self, event: OutboxEvent) -> None:
         if event.event_id not in self._outbox:

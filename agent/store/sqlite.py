@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,13 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from agent.domain.errors import StateError
-from agent.domain.leases import Lease, LeaseState, OutboxEvent
+from agent.domain.leases import Lease, LeaseState, OutboxEvent, Pair
+from agent.domain.removals import Removal
 from jitmesh.clock import from_ms, to_ms
 from jitmesh.types import OfflineMode, OfflinePolicy
 
 from .base import Meta
+from .journal import JOURNAL_NAME, Journal, JournalFull
 from .migrate import migrate
 from .readonly import DB_NAME
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = "agent.lock"
 
@@ -37,9 +42,15 @@ _EVENT_COLUMNS = "event_id, kind, grant_id, subject, action, observed_at_ms, det
 
 
 class SqliteLeaseStore:
-    def __init__(self, db: sqlite3.Connection, lock_fd: int) -> None:
+    """Writes that fail (a full disk) for a lease's end or a pending removal go to the overflow
+    journal (`journal.py`) instead, and reads lay the journal over the table until it is moved
+    in: a lease ended in the journal is never active again."""
+
+    def __init__(self, db: sqlite3.Connection, lock_fd: int, journal: Journal | None) -> None:
         self._db = db
         self._lock_fd = lock_fd
+        self._journal = journal
+        self._flushing = False
 
     @classmethod
     def open(cls, state_dir: Path) -> SqliteLeaseStore:
@@ -66,13 +77,28 @@ class SqliteLeaseStore:
         except BaseException:
             os.close(lock_fd)
             raise
-        return cls(db, lock_fd)
+        journal_path = state_dir / JOURNAL_NAME
+        try:
+            journal: Journal | None = Journal.open(journal_path)
+        except OSError as exc:
+            if journal_path.exists():
+                # It may hold ends the table lacks: starting without them could re-apply access.
+                db.close()
+                os.close(lock_fd)
+                raise StateError(f"cannot read the revoke journal ({exc.strerror})") from None
+            log.warning("no revoke journal (cannot allocate it)", extra={"error": exc.strerror})
+            journal = None
+        store = cls(db, lock_fd, journal)
+        store._flush_journal()
+        return store
 
     def close(self) -> None:
         """Idempotent: the lock's file descriptor is closed once, never a reused number."""
         if self._lock_fd < 0:
             return
         self._db.close()
+        if self._journal is not None:
+            self._journal.close()
         os.close(self._lock_fd)
         self._lock_fd = -1
 
@@ -122,6 +148,72 @@ class SqliteLeaseStore:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
             raise StateError(f"lease table commit failed: {exc}") from exc
+        # The table takes writes again: move what the journal holds into it.
+        self._flush_journal()
+
+    # The overflow journal.
+
+    def _journaled(self) -> dict[str, list[dict[str, Any]]]:
+        if self._journal is None:
+            return {"ends": [], "removals": []}
+        return self._journal.entries
+
+    def _journal_add(self, kind: str, entry: dict[str, Any], key: Iterable[str]) -> None:
+        """Add (or replace, by the fields `key`) one entry; raises StateError if impossible."""
+        if self._journal is None:
+            raise StateError("lease table write failed and no revoke journal")
+        fields = tuple(key)
+        entries = {name: list(items) for name, items in self._journal.entries.items()}
+        entries[kind] = [
+            e
+            for e in entries[kind]
+            if tuple(e.get(f) for f in fields) != tuple(entry[f] for f in fields)
+        ] + [entry]
+        try:
+            self._journal.write(entries)
+        except (JournalFull, OSError) as exc:
+            raise StateError(f"revoke journal write failed: {exc}") from None
+
+    def _flush_journal(self) -> None:
+        """Move the journal's entries into the table (one transaction), then clear it. Replaying
+        them twice is harmless: ends are compare-and-set on active, events written once per id."""
+        journal = self._journal
+        if journal is None or journal.empty or self._flushing:
+            return
+        self._flushing = True
+        try:
+            with self._tx() as db:
+                for end in journal.entries["ends"]:
+                    changed = db.execute(
+                        "UPDATE leases SET state = ?, removed_at_ms = ?, remove_reason = ? "
+                        "WHERE grant_id = ? AND state = 'active'",
+                        (end["state"], end["removed_at_ms"], end["reason"], end["grant_id"]),
+                    ).rowcount
+                    if changed and end.get("event"):
+                        _insert_event(db, _event_from_json(end["event"]))
+                for row in journal.entries["removals"]:
+                    # A row the table took meanwhile (more attempts) is newer: keep it.
+                    _upsert_removal(db, _removal_from_json(row), only_if_newer=True)
+            journal.clear()
+            log.info("revoke journal moved into the lease table")
+        except (StateError, JournalFull, OSError, KeyError, TypeError, ValueError) as exc:
+            log.warning(
+                "revoke journal kept: the lease table is still not writable",
+                extra={"error": str(exc)},
+            )
+        finally:
+            self._flushing = False
+
+    def _journal_ends(self) -> dict[str, dict[str, Any]]:
+        return {e["grant_id"]: e for e in self._journaled()["ends"]}
+
+    def _overlay(self, lease: Lease) -> Lease:
+        end = self._journal_ends().get(lease.grant_id)
+        if end is None or lease.state is not LeaseState.ACTIVE:
+            return lease
+        return lease.ended(
+            at=from_ms(end["removed_at_ms"]), reason=end["reason"], state=LeaseState(end["state"])
+        )
 
     # Metadata.
 
@@ -169,7 +261,7 @@ class SqliteLeaseStore:
         row = self._db.execute(
             f"SELECT {_LEASE_COLUMNS} FROM leases WHERE grant_id = ?", (grant_id,)
         ).fetchone()
-        return _lease(row) if row else None
+        return self._overlay(_lease(row)) if row else None
 
     async def leases(self, grant_ids: Iterable[str]) -> dict[str, Lease]:
         found: dict[str, Lease] = {}
@@ -183,7 +275,8 @@ class SqliteLeaseStore:
         rows = self._db.execute(
             f"SELECT {_LEASE_COLUMNS} FROM leases WHERE state = 'active' ORDER BY not_after_ms"
         ).fetchall()
-        return [_lease(row) for row in rows]
+        ended = self._journal_ends()
+        return [_lease(row) for row in rows if row[0] not in ended]
 
     async def record_command(self, *, seq: int, epoch: int, writes: Sequence[Lease]) -> None:
         with self._tx() as db:
@@ -233,17 +326,104 @@ class SqliteLeaseStore:
         return bool(changed)
 
     async def end_lease(self, lease: Lease, event: OutboxEvent | None = None) -> bool:
+        """If the table cannot be written, the end (and its event) goes to the journal: from
+        then on the lease reads as ended, here and in `check`, across restarts."""
         if lease.state is LeaseState.ACTIVE or lease.removed_at is None:
             raise ValueError("end_lease needs an ended lease")
-        with self._tx() as db:
-            changed = db.execute(
-                "UPDATE leases SET state = ?, removed_at_ms = ?, remove_reason = ? "
-                "WHERE grant_id = ? AND state = 'active'",
-                (lease.state.value, to_ms(lease.removed_at), lease.remove_reason, lease.grant_id),
-            ).rowcount
-            if changed and event is not None:
-                _insert_event(db, event)
+        try:
+            with self._tx() as db:
+                changed = db.execute(
+                    "UPDATE leases SET state = ?, removed_at_ms = ?, remove_reason = ? "
+                    "WHERE grant_id = ? AND state = 'active'",
+                    (
+                        lease.state.value,
+                        to_ms(lease.removed_at),
+                        lease.remove_reason,
+                        lease.grant_id,
+                    ),
+                ).rowcount
+                if changed and event is not None:
+                    _insert_event(db, event)
+        except StateError as exc:
+            current = await self.lease(lease.grant_id)
+            if current is None or current.state is not LeaseState.ACTIVE:
+                return False
+            self._journal_add(
+                "ends",
+                {
+                    "grant_id": lease.grant_id,
+                    "state": lease.state.value,
+                    "removed_at_ms": to_ms(lease.removed_at),
+                    "reason": lease.remove_reason,
+                    "event": None if event is None else _event_json(event),
+                },
+                ("grant_id",),
+            )
+            log.error(
+                "lease end kept in the revoke journal",
+                extra={"grant_id": lease.grant_id, "error": str(exc)},
+            )
+            return True
         return bool(changed)
+
+    # Pending removals.
+
+    async def removals(self) -> list[Removal]:
+        rows = self._db.execute(
+            "SELECT subject, action, grant_ids, attempts, next_at_ms, since_ms, error, reported "
+            "FROM removals ORDER BY subject, action"
+        ).fetchall()
+        found = {
+            (row[0], row[1]): Removal(
+                pair=(row[0], row[1]),
+                grant_ids=tuple(json.loads(row[2])),
+                attempts=row[3],
+                next_at=from_ms(row[4]),
+                since=from_ms(row[5]),
+                error=row[6],
+                reported=bool(row[7]),
+            )
+            for row in rows
+        }
+        for entry in self._journaled()["removals"]:
+            removal = _removal_from_json(entry)
+            found[removal.pair] = removal
+        return [found[pair] for pair in sorted(found)]
+
+    async def save_removal(self, removal: Removal, events: Sequence[OutboxEvent] = ()) -> None:
+        """Insert or replace the pending removal of `removal.pair` (and write `event`); on a
+        failed write it goes to the journal (its events are then lost: the coordinator
+        already has the revoke's FAILED ack)."""
+        try:
+            with self._tx() as db:
+                _upsert_removal(db, removal)
+                for event in events:
+                    _insert_event(db, event)
+        except StateError:
+            self._journal_add(
+                "removals",
+                _removal_json(removal),
+                ("subject", "action"),
+            )
+
+    async def drop_removal(self, pair: Pair, events: Sequence[OutboxEvent] = ()) -> None:
+        """The removal of `pair` succeeded: forget it and write its events, atomically."""
+        with self._tx() as db:
+            db.execute("DELETE FROM removals WHERE subject = ? AND action = ?", pair)
+            for event in events:
+                _insert_event(db, event)
+        journal = self._journal
+        if journal is not None and any(
+            (r.get("subject"), r.get("action")) == pair for r in journal.entries["removals"]
+        ):
+            entries = {name: list(items) for name, items in journal.entries.items()}
+            entries["removals"] = [
+                r for r in entries["removals"] if (r.get("subject"), r.get("action")) != pair
+            ]
+            try:
+                journal.write(entries)
+            except (JournalFull, OSError) as exc:
+                raise StateError(f"revoke journal write failed: {exc}") from None
 
     # Outbox.
 
@@ -324,6 +504,78 @@ def _insert_event(db: sqlite3.Connection, event: OutboxEvent) -> None:
             json.dumps(dict(event.details), sort_keys=True),
             counter,
         ),
+    )
+
+
+def _upsert_removal(
+    db: sqlite3.Connection, removal: Removal, *, only_if_newer: bool = False
+) -> None:
+    db.execute(
+        "INSERT INTO removals (subject, action, grant_ids, attempts, next_at_ms, since_ms, error, "
+        "reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subject, action) DO UPDATE SET "
+        "grant_ids = excluded.grant_ids, attempts = excluded.attempts, "
+        "next_at_ms = excluded.next_at_ms, since_ms = excluded.since_ms, error = excluded.error, "
+        "reported = excluded.reported"
+        + (" WHERE excluded.attempts > removals.attempts" if only_if_newer else ""),
+        (
+            removal.pair[0],
+            removal.pair[1],
+            json.dumps(list(removal.grant_ids)),
+            removal.attempts,
+            to_ms(removal.next_at),
+            to_ms(removal.since),
+            removal.error,
+            int(removal.reported),
+        ),
+    )
+
+
+def _removal_json(removal: Removal) -> dict[str, Any]:
+    return {
+        "subject": removal.pair[0],
+        "action": removal.pair[1],
+        "grant_ids": list(removal.grant_ids),
+        "attempts": removal.attempts,
+        "next_at_ms": to_ms(removal.next_at),
+        "since_ms": to_ms(removal.since),
+        "error": removal.error,
+        "reported": removal.reported,
+    }
+
+
+def _removal_from_json(entry: dict[str, Any]) -> Removal:
+    return Removal(
+        pair=(str(entry["subject"]), str(entry["action"])),
+        grant_ids=tuple(str(g) for g in entry.get("grant_ids", [])),
+        attempts=int(entry.get("attempts", 1)),
+        next_at=from_ms(int(entry["next_at_ms"])),
+        since=from_ms(int(entry["since_ms"])),
+        error=str(entry.get("error", "")),
+        reported=bool(entry.get("reported", False)),
+    )
+
+
+def _event_json(event: OutboxEvent) -> dict[str, Any]:
+    return {
+        "event_id": event.event_id,
+        "kind": event.kind,
+        "grant_id": event.grant_id,
+        "subject": event.subject,
+        "action": event.action,
+        "observed_at_ms": to_ms(event.observed_at),
+        "details": dict(event.details),
+    }
+
+
+def _event_from_json(entry: dict[str, Any]) -> OutboxEvent:
+    return OutboxEvent(
+        event_id=str(entry["event_id"]),
+        kind=str(entry["kind"]),
+        grant_id=str(entry.get("grant_id", "")),
+        subject=str(entry.get("subject", "")),
+        action=str(entry.get("action", "")),
+        observed_at=from_ms(int(entry["observed_at_ms"])),
+        details={str(k): str(v) for k, v in dict(entry.get("details", {})).items()},
     )
 
 

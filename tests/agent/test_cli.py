@@ -153,6 +153,19 @@ def test_run_flag_errors_exit_2_without_echoing_values(tmp_path: Path) -> None:
     assert no_token.returncode == USAGE
     assert "join token" in no_token.stderr
 
+    state = tmp_path / "drift-state"
+    bad_drift = agent(
+        "--coordinator", "127.0.0.1:1", "--name", "web-1", "--state", str(state),
+        "--enforcer", f"file:{tmp_path / 'a'}", "--enforcer", f"file,drift=keep:{tmp_path / 'b'}",
+        env=env,
+    )  # fmt: skip
+    assert bad_drift.returncode == USAGE
+    assert bad_drift.stderr.strip() == (
+        "jitmesh-agent: configuration: --enforcer number 2: enforcer file: "
+        "drift must be remove or report"
+    )
+    assert not state.exists()  # nothing created
+
 
 @pytest.mark.subprocess
 async def test_agent_process_enrolls_applies_and_stops_on_sigterm(tmp_path: Path) -> None:

@@ -92,6 +92,28 @@ def test_enforcer_specs(tmp_path: Path) -> None:
         parse_enforcer(f"exec:{tmp_path / 'missing.yaml'}")
 
 
+def test_enforcer_drift_setting(tmp_path: Path) -> None:
+    hooks = tmp_path / "hooks.yaml"
+    hooks.write_text(GOOD)
+    assert parse_enforcer(f"file:{tmp_path}").drift == "remove"
+    assert parse_enforcer(f"file,drift=report:{tmp_path}").drift == "report"
+    assert parse_enforcer(f"exec,drift=remove:{hooks}").drift == "remove"
+    with pytest.raises(ConfigError, match=r"^enforcer file: drift must be remove or report$"):
+        parse_enforcer(f"file,drift=ignore:{tmp_path}")
+    with pytest.raises(ConfigError, match=r"^enforcer exec: unknown option"):
+        parse_enforcer(f"exec,mode=report:{hooks}")
+    with pytest.raises(ValidationError) as caught:
+        AgentConfig.model_validate(
+            {
+                "coordinator": "localhost:1",
+                "name": "web-1",
+                "state_dir": str(tmp_path),
+                "enforcers": [{"kind": "file", "directory": str(tmp_path), "drift": "keep"}],
+            }
+        )
+    assert describe(caught.value).startswith("enforcers.0.file.drift: Input should be")
+
+
 def test_agent_config_validates_names_and_labels(tmp_path: Path) -> None:
     config = AgentConfig(
         coordinator="127.0.0.1:7443",

@@ -238,20 +238,6 @@ async def test_failed_removal_at_expiry_is_retried_until_it_works(rig: Rig) -> N
     assert [k for k, _, _ in await rig.kinds()] == ["grant.expired"]
 
 
-async def test_failed_removal_on_revoke_is_acked_failed_and_retried(rig: Rig) -> None:
-    spec = grant()
-    await rig.engine.handle(command(1, spec))
-    rig.recorder.fail_remove.add(PAIR)
-    ack = await rig.engine.handle(command(2, RevokeSpec(spec.grant_id)))
-    assert ack.status is AckStatus.FAILED
-    assert ack.reason.startswith("remove failed")
-    rig.recorder.fail_remove.clear()
-    await rig.clock.advance(SEC)
-    await rig.engine.sweep()
-    assert rig.recorder.in_force == set()
-    assert await rig.kinds() == [("grant.removed", spec.grant_id, {"retried": "true"})]
-
-
 async def test_snapshot_replaces_the_set(rig: Rig) -> None:
     keep, drop = grant("alice", "deploy"), grant("bob", "ssh")
     await rig.engine.handle(command(5, keep))
@@ -401,64 +387,6 @@ async def test_expiry_loop_wakes_on_time_and_signals_the_outbox(rig: Rig) -> Non
         loop.cancel()
     assert await rig.files.observe() == set()
     assert [k for k, _, _ in await rig.kinds()] == ["grant.expired"]
-
-
-def retrying(rig: Rig, retries: int) -> Engine:
-    return Engine(
-        name=AGENT,
-        store=rig.store,
-        enforcers=EnforcerSet([rig.files, rig.recorder]),
-        clock=rig.clock,
-        rand=lambda: 0.5,
-        remove_retries=retries,
-        remove_retry_base=1.0,
-    )
-
-
-async def advance_until_done(clock: FakeClock, task: asyncio.Task[object]) -> None:
-    async with asyncio.timeout(5):
-        while not task.done():
-            await clock.advance(SEC)
-
-
-async def test_failing_remove_is_retried_then_reported_failed_never_revoked(
-    tmp_path: Path,
-) -> None:
-    rig = build(tmp_path / "state", FakeClock(T0), RecordingEnforcer())
-    engine = retrying(rig, 4)
-    await engine.start()
-    try:
-        spec = grant(length=10 * MIN)
-        await engine.handle(command(1, spec))
-        rig.recorder.fail_remove.add(PAIR)
-        task = asyncio.create_task(engine.handle(command(2, RevokeSpec(spec.grant_id))))
-        await advance_until_done(rig.clock, task)
-        ack = task.result()
-        assert ack.status is AckStatus.FAILED
-        assert "4 attempts" in ack.reason
-        assert rig.recorder.count("remove", PAIR) == 4
-        assert PAIR in rig.recorder.in_force
-        assert "grant.revoke_failed" in [k for k, _, _ in await rig.kinds()]
-    finally:
-        rig.store.close()
-
-
-async def test_remove_that_succeeds_on_retry_acks_applied(tmp_path: Path) -> None:
-    rig = build(tmp_path / "state", FakeClock(T0), RecordingEnforcer())
-    engine = retrying(rig, 4)
-    await engine.start()
-    try:
-        spec = grant(length=10 * MIN)
-        await engine.handle(command(1, spec))
-        rig.recorder.fail_remove.add(PAIR)
-        task = asyncio.create_task(engine.handle(command(2, RevokeSpec(spec.grant_id))))
-        await rig.clock.advance(timedelta(milliseconds=10))
-        rig.recorder.fail_remove.clear()
-        await advance_until_done(rig.clock, task)
-        assert task.result().status is AckStatus.APPLIED
-        assert PAIR not in rig.recorder.in_force
-    finally:
-        rig.store.close()
 
 
 async def test_full_disk_grant_fails_without_a_hook_and_revoke_still_removes(rig: Rig) -> None:

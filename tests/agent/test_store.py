@@ -200,7 +200,7 @@ def test_one_agent_process_per_state_directory(store: SqliteLeaseStore, tmp_path
 
 def test_migrations_are_idempotent(tmp_path: Path) -> None:
     db = tmp_path / "agent.db"
-    assert migrate(db) == 2
+    assert migrate(db) == 3
     assert migrate(db) == 0
     conn = sqlite3.connect(db)
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.domain.leases import EventKind, LeaseState, new_event
+from agent.domain.removals import Removal
 from agent.store.base import LeaseStore
 from agent.store.memory import MemoryLeaseStore
 from agent.store.sqlite import SqliteLeaseStore
@@ -46,3 +47,19 @@ async def test_same_rules(store: LeaseStore) -> None:
     await store.note_wall(T0)
     assert (await store.meta()).last_wall_at == T0 + timedelta(seconds=5)
     assert await store.active_leases() == []
+
+
+async def test_pending_removals_same_rules(store: LeaseStore) -> None:
+    owed = Removal(("alice", "deploy"), ("grt-1",), attempts=1, next_at=T0, since=T0, error="x")
+    event = new_event(EventKind.GRANT_REVOKE_FAILED, at=T0, grant_id="grt-1")
+    await store.save_removal(owed, [event])
+    again = Removal(("alice", "deploy"), ("grt-1", "grt-2"), 2, T0, T0, "y", reported=True)
+    await store.save_removal(again)
+    await store.save_removal(Removal(("bob", "ssh"), (), 1, T0, T0))
+    assert [r.pair for r in await store.removals()] == [("alice", "deploy"), ("bob", "ssh")]
+    assert (await store.removals())[0] == again
+    done = new_event(EventKind.GRANT_REMOVED, at=T0, grant_id="grt-1")
+    await store.drop_removal(("alice", "deploy"), [done])
+    await store.drop_removal(("carol", "none"))
+    assert [r.pair for r in await store.removals()] == [("bob", "ssh")]
+    assert [e.event_id for e in await store.pending_events(10)] == [event.event_id, done.event_id]

@@ -173,12 +173,14 @@ class Cluster:
         admin = await self.client("admin")
         await admin.apply_policy(POLICY)
 
-    async def start_agent(self, name: str, *, new: bool = True, crash_at: str = "") -> AgentHandle:
+    async def start_agent(
+        self, name: str, *, new: bool = True, crash_at: str = "", hook_timeout: str = "1s"
+    ) -> AgentHandle:
         if new:
             proxy = FaultProxy(self.port)
             await proxy.start()
             oracle = Oracle(self.root / f"{name}-oracle")
-            hooks = oracle.hooks_yaml()
+            hooks = oracle.hooks_yaml(hook_timeout)
             clock_file = self.root / f"{name}.clock"
             clock_file.write_text("0\n")
             state = self.root / name

@@ -46,14 +46,20 @@ async def test_remove_hook_that_fails_or_hangs_ends_revoke_failed(
     web.oracle.misbehave(how)
     recorder.fault(f"hook_{how.replace('-', '_')}")
     await admin.revoke_grant(grant.id, reason="faults")
+    # The first attempt failed: acked FAILED at once; the agent retries in the background.
     failed = await cluster.wait_grant(
         admin, grant.id, {GrantState.REVOKE_FAILED, GrantState.REVOKED}
     )
     assert failed.state is GrantState.REVOKE_FAILED
     listed = {g.id: g.state for g in await admin.list_grants(agent="web-1")}
     assert listed[grant.id] is GrantState.REVOKE_FAILED
-    attempts = (web.oracle.root / "log").read_text().count(f"{how} alice {HOLD[0]}")
-    assert attempts >= 4  # the configured remove retries (the sweep may add its own)
+    # The configured remove retries (4), then the agent reports the attempts ran out.
+    log = web.oracle.root / "log"
+    await wait_for(lambda: log.read_text().count(f"{how} alice {HOLD[0]}") >= 4, 30, "4 attempts")
+    async with asyncio.timeout(30):
+        while await audit_count(admin, grant.id, "agent.grant.revoke_failed") == 0:
+            await asyncio.sleep(0.1)
+    assert (await admin.get_grant(grant.id)).state is GrantState.REVOKE_FAILED
     assert await audit_count(admin, grant.id, "grant.revoked") == 0
     # The hook works again: the agent's own retries take the access away, and only then is the
     # grant reported revoked.
@@ -154,3 +160,71 @@ async def test_drift_is_removed_while_running_and_expired_access_never_returns(
             await asyncio.sleep(0.1)
     assert {e.details.get("action") for e in drift} >= {HOLD[3], HOLD[4]}
     assert grant.id
+
+
+async def test_a_hanging_remove_hook_does_not_delay_a_following_grant(
+    cluster: Cluster, recorder: Recorder
+) -> None:
+    """The revoke's retries run in the background: while one hangs, the agent applies a grant
+    for another pair (the hook's timeout is long, so the hang outlasts the grant's round trip)."""
+    web = await cluster.start_agent("web-2", hook_timeout="20s")
+    await cluster.wait_connected("web-2")
+    alice = await cluster.client("alice")
+    admin = await cluster.client("admin")
+    revoked = await cluster.grant(alice, "web-2", HOLD[5], 120)
+    await wait_in_force(web.oracle, ("alice", HOLD[5]))
+    web.oracle.misbehave("fail-remove")
+    await admin.revoke_grant(revoked.id, reason="faults")
+    await cluster.wait_grant(admin, revoked.id, {GrantState.REVOKE_FAILED})
+    # The next background attempt hangs.
+    web.oracle.misbehave("hang-remove")
+    web.oracle.misbehave("fail-remove", on=False)
+    recorder.fault("hook_hang_remove")
+    hang_pid = web.oracle.root / "hang.pid"
+    await wait_for(hang_pid.exists, 20, "a retry hanging")
+    pid = int(hang_pid.read_text().strip())
+    following = await cluster.grant(alice, "web-2", HOLD[6], 60)
+    await wait_in_force(web.oracle, ("alice", HOLD[6]))
+    assert (await admin.get_grant(following.id)).state is GrantState.ACTIVE
+    os.kill(pid, 0)  # the hanging remove hook is still running: the grant did not wait for it
+    web.oracle.misbehave("hang-remove", on=False)
+    web.oracle.kill_hung_hook()
+    await wait_removed(web.oracle, ("alice", HOLD[5]), 30)
+    done = await cluster.wait_grant(admin, revoked.id, {GrantState.REVOKED})
+    assert done.state is GrantState.REVOKED
+    assert web.oracle.history().double_applies(("alice", HOLD[6])) == 0
+
+
+async def test_a_restart_during_revoke_failed_keeps_retrying(
+    cluster: Cluster, recorder: Recorder
+) -> None:
+    alice = await cluster.client("alice")
+    admin = await cluster.client("admin")
+    web = cluster.agents["web-1"]
+    pair = ("alice", HOLD[7])
+    grant = await cluster.grant(alice, "web-1", HOLD[7], 120)
+    await wait_in_force(web.oracle, pair)
+    web.oracle.misbehave("fail-remove")
+    await admin.revoke_grant(grant.id, reason="faults")
+    await cluster.wait_grant(admin, grant.id, {GrantState.REVOKE_FAILED})
+    web.process.kill()
+    recorder.fault("agent_kill_revoke_failed")
+    log = web.oracle.root / "log"
+    before = log.read_text().count(f"fail-remove alice {HOLD[7]}")
+    await cluster.start_agent("web-1", new=False)
+    await cluster.wait_connected("web-1")
+    # The restarted agent retries the owed removal (from its lease table), still failing.
+    await wait_for(
+        lambda: log.read_text().count(f"fail-remove alice {HOLD[7]}") > before,
+        20,
+        "a retry after the restart",
+    )
+    assert (await admin.get_grant(grant.id)).state is GrantState.REVOKE_FAILED
+    assert pair in web.oracle.in_force()
+    web.oracle.misbehave("fail-remove", on=False)
+    await wait_removed(web.oracle, pair, 30)
+    done = await cluster.wait_grant(admin, grant.id, {GrantState.REVOKED})
+    assert done.state is GrantState.REVOKED
+    history = web.oracle.history()
+    assert history.double_applies(pair) == 0
+    assert len(history.applies(pair)) == 1  # never put back after the restart
