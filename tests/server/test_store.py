@@ -548,6 +548,7 @@ async def test_a_cancelled_caller_never_leaves_the_writer_inside_a_transaction(
     """A caller cancelled at any await of its transaction (a stream closing mid-call): the
     transaction is rolled back or committed whole, and the next one starts clean."""
     for steps in range(12):
+
         async def write(n: int = steps) -> None:
             async with store.transaction() as tx:
                 await tx.set_meta(f"k{n}", "v")
