@@ -14,7 +14,7 @@ from pathlib import Path
 
 from server.app import Coordinator, build
 from server.config import CoordinatorConfig
-from server.domain.models import ADMIN_GROUP, Principal, new_secret
+from server.domain.models import ADMIN_GROUP, Principal, new_secret, user_name
 from server.domain.policy import DEV_POLICY
 
 log = logging.getLogger("jitmesh.coordinator")
@@ -95,6 +95,21 @@ def parser() -> argparse.ArgumentParser:
             )
             s.add_argument("--request-burst", type=int, default=30)
             s.add_argument(
+                "--enroll-rate",
+                type=float,
+                default=0.5,
+                help="enrollments per second per peer address, after a burst of --enroll-burst "
+                "(agents behind one NAT share an address)",
+            )
+            s.add_argument("--enroll-burst", type=int, default=20)
+            s.add_argument(
+                "--enroll-overall-rate",
+                type=float,
+                default=50.0,
+                help="enrollments per second from all addresses, after --enroll-overall-burst",
+            )
+            s.add_argument("--enroll-overall-burst", type=int, default=500)
+            s.add_argument(
                 "--tls-name",
                 action="append",
                 default=[],
@@ -111,18 +126,19 @@ def main(argv: list[str] | None = None) -> int:
         from jitmesh import validation
         from server.ca import CertificateError, InternalCA
 
-        if not validation.SUBJECT.fullmatch(args.user):
+        user = user_name(args.user)
+        if not validation.SUBJECT.fullmatch(user):
             print("jitmesh-coordinator: --user is not a valid user name", file=sys.stderr)
             return 2
         now = datetime.now(UTC)
         try:
-            issued = InternalCA.open(args.data, now).sign_user_csr(
-                args.csr.read_bytes(), args.user, now
-            )
+            issued = InternalCA.open(args.data, now).sign_user_csr(args.csr.read_bytes(), user, now)
         except (OSError, CertificateError) as exc:
             print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
             return 1
         sys.stdout.write(issued.pem.decode())
+        # What `jitctl cert revoke` takes, should the certificate need to be refused.
+        print(f"issued certificate for {user} serial={issued.serial:x}", file=sys.stderr)
         return 0
     if args.command == "rotate-signing-key":
         from datetime import UTC, datetime
@@ -162,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             initial_policy=args.policy,
             request_rate=args.request_rate,
             request_burst=args.request_burst,
+            **_enroll_limits(args),
         )
     else:
         if (args.tls_cert is None) != (args.tls_key is None):
@@ -173,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             initial_policy=args.policy,
             request_rate=args.request_rate,
             request_burst=args.request_burst,
+            **_enroll_limits(args),
             tls=True,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
@@ -187,6 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _enroll_limits(args: argparse.Namespace) -> dict[str, float | int]:
+    return {
+        "enroll_rate": args.enroll_rate,
+        "enroll_burst": args.enroll_burst,
+        "enroll_overall_rate": args.enroll_overall_rate,
+        "enroll_overall_burst": args.enroll_overall_burst,
+    }
 
 
 async def _serve(config: CoordinatorConfig, *, dev: bool) -> None:

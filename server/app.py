@@ -188,8 +188,16 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         ),
         server,
     )
+    enroll_limits = (
+        None
+        if config.enroll_rate is None
+        else (
+            RateLimiter(config.enroll_rate, config.enroll_burst, clock.monotonic),
+            RateLimiter(config.enroll_overall_rate, config.enroll_overall_burst, clock.monotonic),
+        )
+    )
     agents_pb2_grpc.add_AgentsServicer_to_server(
-        AgentsServicer(auth, fleet, keys, ca, agent_port), server
+        AgentsServicer(auth, fleet, keys, ca, agent_port, enroll_limits), server
     )
     policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(auth, policy), server)
     identity_pb2_grpc.add_IdentityServicer_to_server(

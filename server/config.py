@@ -31,6 +31,12 @@ class CoordinatorConfig(BaseModel):
     # mode, tests, benchmarks); `serve` sets one by default.
     request_burst: int = Field(default=30, ge=1)
     request_rate: float | None = Field(default=None, gt=0)
+    # Enrollments (no credential yet) per peer address and overall: a burst, then a rate per
+    # second. None: no limit (dev mode, tests, benchmarks); `serve` sets them by default.
+    enroll_burst: int = Field(default=20, ge=1)
+    enroll_rate: float | None = Field(default=None, gt=0)
+    enroll_overall_burst: int = Field(default=500, ge=1)
+    enroll_overall_rate: float = Field(default=50.0, gt=0)
     # How often the audit head is signed into DATA/audit_checkpoints.jsonl (when it moved).
     checkpoint_interval: timedelta = timedelta(seconds=10)
     tls: bool = False

@@ -39,7 +39,7 @@ from jitmesh.types import (
 from server.domain.audit import GENESIS, event_hash
 from server.domain.errors import Conflict, InvalidArgument
 from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
-from server.domain.models import AuditEntry, Command, CommandKind, Principal
+from server.domain.models import AuditEntry, Command, CommandKind, JoinToken, Principal
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -451,24 +451,27 @@ class SqliteTx:
 
     async def insert_join_token(
         self, token_hash: str, labels: dict[str, str], by: str, at: datetime,
-        expires_at: datetime | None, max_uses: int | None,
+        expires_at: datetime | None, max_uses: int | None, replaces: str | None = None,
     ) -> None:  # fmt: skip
         await self._conn.execute(
             "INSERT OR REPLACE INTO join_tokens "
-            "(hash, labels, created_by, created_at, expires_at, max_uses) VALUES (?,?,?,?,?,?)",
-            (token_hash, json.dumps(labels), by, to_ms(at), _ms(expires_at), max_uses),
+            "(hash, labels, created_by, created_at, expires_at, max_uses, replaces) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (token_hash, json.dumps(labels), by, to_ms(at), _ms(expires_at), max_uses, replaces),
         )
 
-    async def use_join_token(self, token_hash: str, at: datetime) -> dict[str, str] | None:
-        """Spend one use of a join token (compare-and-set); its labels, or None if unusable."""
+    async def use_join_token(self, token_hash: str, at: datetime) -> JoinToken | None:
+        """Spend one use of a join token (compare-and-set); None if unusable."""
         row = await _one(
             self._conn,
             "UPDATE join_tokens SET uses = uses + 1 WHERE hash = ? "
             "AND (expires_at IS NULL OR expires_at > ?) AND (max_uses IS NULL OR uses < max_uses) "
-            "RETURNING labels",
+            "RETURNING labels, replaces, max_uses IS NULL",
             [token_hash, to_ms(at)],
         )
-        return None if row is None else dict(json.loads(row[0]))
+        if row is None:
+            return None
+        return JoinToken(dict(json.loads(row[0])), row[1], bool(row[2]))
 
     async def upsert_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
         await self._conn.execute(
@@ -498,6 +501,15 @@ class SqliteTx:
     async def set_user_disabled(self, name: str, disabled: bool) -> bool:
         cur = await self._conn.execute(
             "UPDATE users SET disabled = ? WHERE name = ?", (int(disabled), name)
+        )
+        return cur.rowcount == 1
+
+    async def revoke_certificate(self, serial: str, at: datetime, by: str, reason: str) -> bool:
+        """False when the serial was revoked before."""
+        cur = await self._conn.execute(
+            "INSERT OR IGNORE INTO revoked_certificates (serial, revoked_at, revoked_by, reason) "
+            "VALUES (?,?,?,?)",
+            (serial, to_ms(at), by, reason),
         )
         return cur.rowcount == 1
 
@@ -816,9 +828,13 @@ class SqliteStore:
             TokenInfo(str(r[0])[:16], r[1], r[2], from_ms(r[3]), _at(r[4]), _at(r[5])) for r in rows
         ]
 
-    async def principal_for_user(self, name: str) -> Principal | None:
+    async def principal_for_user(self, name: str, serial: str) -> Principal | None:
+        """The enabled user a client certificate names, unless that certificate was revoked."""
         row = await _one(
-            self._reader, "SELECT name, groups FROM users WHERE name = ? AND disabled = 0", [name]
+            self._reader,
+            "SELECT name, groups FROM users WHERE name = ? AND disabled = 0 "
+            "AND NOT EXISTS (SELECT 1 FROM revoked_certificates WHERE serial = ?)",
+            [name, serial],
         )
         return None if row is None else Principal(name=row[0], groups=frozenset(json.loads(row[1])))
 
