@@ -23,7 +23,8 @@ class CoordinatorConfig(BaseModel):
     keepalive: timedelta = timedelta(seconds=30)
     keepalive_timeout: timedelta = timedelta(seconds=10)
     agent_queue_limit: int = Field(default=1000, ge=10)
-    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    # Largest message the operator port accepts (the agent port: 64 KiB, fixed).
+    max_message_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
     # TLS from the internal CA (DATA/ca/). Operators and enrolling agents use `port` with
     # server-side TLS (or with tls_cert/tls_key when given); AgentLink needs a client certificate
     # from the CA on `agent_port`, and enrollment then requires a CSR.
