@@ -213,7 +213,9 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
             RateLimiter(config.enroll_overall_rate, config.enroll_overall_burst, clock.monotonic),
         )
     )
-    agents_servicer = AgentsServicer(auth, fleet, keys, ca, agent_port, enroll_limits)
+    agents_servicer = AgentsServicer(
+        auth, fleet, keys, ca, agent_port, enroll_limits, config.agent_cert_lifetime
+    )
     policy_servicer = PolicyServicer(auth, policy)
     identity_servicer = IdentityServicer(auth, TokenService(store, hub, clock))
     audit_servicer = AuditServicer(auth, audit, checkpoints)

@@ -198,7 +198,9 @@ class InternalCA:
             .issuer_name(self._cert.subject)
             .public_key(public)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
+            # Backdated for clocks a little behind; never by more than a tenth of the lifetime,
+            # so a short-lived certificate (tests) still renews at two thirds of its life.
+            .not_valid_before(now - min(BACKDATE, lifetime / 10))
             .not_valid_after(min(now + lifetime, self._cert.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)

@@ -45,3 +45,5 @@ class CoordinatorConfig(BaseModel):
     tls_key: Path | None = None
     tls_names: tuple[str, ...] = ()
     agent_port: int = Field(default=0, ge=0, le=65535)
+    # Agent certificates; agents renew them once two thirds of this have passed.
+    agent_cert_lifetime: timedelta = Field(default=timedelta(days=30), ge=timedelta(seconds=1))

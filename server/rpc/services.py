@@ -23,7 +23,7 @@ from jitmesh.v1 import (
     policy_pb2_grpc,
     types_pb2,
 )
-from server.ca import CertificateError, InternalCA, Issued, agent_of
+from server.ca import AGENT_LIFETIME, CertificateError, InternalCA, Issued, agent_of
 from server.checkpoints import Checkpoints
 from server.domain import errors
 from server.domain.access import AccessService
@@ -197,9 +197,11 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
         ca: InternalCA | None = None,
         agent_port: int = 0,
         enroll_limits: tuple[RateLimiter, RateLimiter] | None = None,
+        cert_lifetime: timedelta = AGENT_LIFETIME,
     ) -> None:
         """`enroll_limits`: (per peer address, overall) for Enroll, which needs no credential."""
         self._auth = auth
+        self._cert_lifetime = cert_lifetime
         self._peer_limit: RateLimiter | None = None
         self._overall_limit: RateLimiter | None = None
         if enroll_limits is not None:
@@ -319,7 +321,7 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
             raise errors.InvalidArgument("csr is too large")
         try:
             # Certificates are checked by TLS against the real clock, so they are made with it.
-            return self._ca.sign_agent_csr(csr, name, datetime.now(UTC))
+            return self._ca.sign_agent_csr(csr, name, datetime.now(UTC), self._cert_lifetime)
         except CertificateError as exc:
             raise errors.InvalidArgument(str(exc)) from None
 
