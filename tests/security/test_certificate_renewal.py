@@ -16,7 +16,7 @@ from agent.config import AgentConfig, FileEnforcerConfig
 from agent.identity import IdentityFile
 from jitmesh import Client, GrantState
 from jitmesh.types import AuditEvent
-from tests.security.test_mtls import connect_as, serving_tls
+from tests.security.test_mtls import refused_as, serving_tls
 
 RETRY = 0.02
 LIFETIME = timedelta(seconds=9)
@@ -70,10 +70,8 @@ async def test_a_running_agent_renews_its_certificate_without_dropping_grants(
             assert renewed.at >= enrolled.renew_at()
             # The first certificate no longer authenticates. UNAUTHENTICATED (not UNAVAILABLE)
             # means TLS still accepted it: refused because it is no longer bound, not expired.
-            assert (
-                await connect_as(tls, enrolled.key_pem, enrolled.cert_pem)
-                == grpc.StatusCode.UNAUTHENTICATED
-            )
+            old = await refused_as(tls, enrolled.key_pem, enrolled.cert_pem)
+            assert old == grpc.StatusCode.UNAUTHENTICATED
             # The agent reconnected after the renewal, with the new certificate.
             async with asyncio.timeout(15):
                 while not await connected_after(tls.admin, renewed.seq):

@@ -20,7 +20,7 @@ from jitmesh.v1 import agentlink_pb2, agents_pb2
 from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
 from jitmesh.v1.agents_pb2_grpc import AgentsStub
 from server.ca import InternalCA, Issued
-from tests.security.test_mtls import Tls, connect_as, read_until_error, serving_tls
+from tests.security.test_mtls import Tls, connect_as, read_until_error, refused_as, serving_tls
 
 JITCTL = Path(sys.executable).parent / "jitctl"
 
@@ -170,7 +170,7 @@ async def test_a_replacement_token_re_enrolls_only_its_agent_and_cuts_the_old_on
             grpc.StatusCode.UNAVAILABLE,
             "agent replaced by a new enrollment",
         )
-    assert await connect_as(tls, old_key, old_cert) == grpc.StatusCode.UNAUTHENTICATED
+    assert await refused_as(tls, old_key, old_cert) == grpc.StatusCode.UNAUTHENTICATED
     assert await connect_as(tls, new_key, new_cert) == grpc.StatusCode.OK
     # The replacement kept the agent's labels, and both steps are in the audit log.
     assert (await tls.admin.get_agent("web-1")).labels == {"env": "prod"}
