@@ -220,3 +220,21 @@ async def jitctl(tls: Tls, *args: str) -> str:
         out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     return out.decode()
+
+
+async def test_renewal_with_a_retired_certificate_signs_nothing(
+    tls: Tls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first_key, first_cert = await tls.enroll("web-1")
+    await tls.enroll("web-1", await tls.join_token(replaces="web-1"))
+    assert tls.coordinator.ca is not None
+    signed = count_signatures(tls.coordinator.ca, monkeypatch)
+    _, csr = new_key_and_csr("web-1")
+    creds = grpc.ssl_channel_credentials(tls.ca_pem, first_key, first_cert)
+    async with grpc.aio.secure_channel(tls.agent_address, creds) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as refused_renewal:
+            await AgentsStub(ch).RenewCertificate(
+                agents_pb2.RenewCertificateRequest(csr=csr), timeout=10
+            )
+    assert refused_renewal.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert signed == []
