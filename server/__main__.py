@@ -12,6 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from server.app import Coordinator, build
 from server.config import CoordinatorConfig
 from server.domain.models import ADMIN_GROUP, Principal, new_secret, user_name
@@ -167,36 +169,43 @@ def main(argv: list[str] | None = None) -> int:
         "keepalive_timeout": timedelta(seconds=args.keepalive_timeout),
         "agent_queue_limit": args.agent_queue_limit,
     }
-    if args.command == "dev":
-        if not _loopback(host):
-            print("jitmesh-coordinator: dev mode listens on loopback only", file=sys.stderr)
-            return 2
-        config = CoordinatorConfig(**common, default_policy=DEV_POLICY)
-    elif args.insecure:
-        config = CoordinatorConfig(
-            **common,
-            initial_policy=args.policy,
-            request_rate=args.request_rate,
-            request_burst=args.request_burst,
-            **_enroll_limits(args),
-        )
-    else:
-        if (args.tls_cert is None) != (args.tls_key is None):
-            print("jitmesh-coordinator: --tls-cert and --tls-key go together", file=sys.stderr)
-            return 2
-        agent_port = args.agent_port if args.agent_port is not None else port + 1 if port else 0
-        config = CoordinatorConfig(
-            **common,
-            initial_policy=args.policy,
-            request_rate=args.request_rate,
-            request_burst=args.request_burst,
-            **_enroll_limits(args),
-            tls=True,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_names=tuple(args.tls_name),
-            agent_port=agent_port,
-        )
+    try:
+        if args.command == "dev":
+            if not _loopback(host):
+                print("jitmesh-coordinator: dev mode listens on loopback only", file=sys.stderr)
+                return 2
+            config = CoordinatorConfig(**common, default_policy=DEV_POLICY)
+        elif args.insecure:
+            config = CoordinatorConfig(
+                **common,
+                initial_policy=args.policy,
+                request_rate=args.request_rate,
+                request_burst=args.request_burst,
+                **_enroll_limits(args),
+            )
+        else:
+            if (args.tls_cert is None) != (args.tls_key is None):
+                print("jitmesh-coordinator: --tls-cert and --tls-key go together", file=sys.stderr)
+                return 2
+            agent_port = args.agent_port if args.agent_port is not None else port + 1 if port else 0
+            config = CoordinatorConfig(
+                **common,
+                initial_policy=args.policy,
+                request_rate=args.request_rate,
+                request_burst=args.request_burst,
+                **_enroll_limits(args),
+                tls=True,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                tls_names=tuple(args.tls_name),
+                agent_port=agent_port,
+            )
+    except ValidationError as exc:
+        # Flags out of range (a rate of 0, a burst below 1): one line naming the flag.
+        first = exc.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "a flag"
+        print(f"jitmesh-coordinator: {flag}: {first['msg'].lower()}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(_serve(config, dev=args.command == "dev"))
     except KeyboardInterrupt:
