@@ -142,6 +142,9 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
                     yield c.request(await self._access.get_request(principal, rid))
                 while True:
                     rid = await queue.get()
+                    # Checked again for every change: a token or certificate revoked, or a user
+                    # disabled, ends the stream here instead of watching on.
+                    principal = await self._auth.operator(context)
                     ids = sorted(wanted) if rid == "*" else [rid]
                     for one in ids:
                         if wanted and one not in wanted:
@@ -485,6 +488,10 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
                     after_seq=after,
                     limit=1000,
                 )
+                if events:
+                    # Checked again before every batch: a revoked token or certificate, or a
+                    # disabled user, ends the tail (the revocation is itself an event).
+                    principal = await self._auth.operator(context)
                 for event in events:
                     yield c.audit_event(event)
                     after = event.seq

@@ -4,8 +4,10 @@ identity), while the same user's other certificates and tokens keep working."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -110,3 +112,37 @@ async def test_a_certificate_naming_a_variant_of_a_user_is_that_user(
     async with await as_cert(tls, wide_key, wide_cert) as client:
         with pytest.raises(AuthenticationError):
             await client.list_requests()
+
+
+async def test_open_streams_end_when_their_credential_is_revoked_or_the_user_disabled(
+    tls: Tls,
+) -> None:
+    """An authorization error ends a stream already open (Kubernetes CVE-2018-1002105)."""
+    await tls.enroll("db-1", await tls.join_token({"env": "prod"}))
+    key, cert, serial = issue(tls, "alice")
+    head = (await tls.admin.list_audit(since=None))[-1].seq
+    async with (
+        await as_cert(tls, key, cert) as alice,
+        contextlib.aclosing(alice.tail_audit(after_seq=head)) as tail,
+    ):
+        await tls.admin.create_join_token()
+        assert (await anext(tail)).kind == "agent.join_token_created"
+        await tls.admin.revoke_certificate(f"{serial:x}")
+        with pytest.raises(AuthenticationError):
+            async with asyncio.timeout(10):
+                await anext(tail)
+    alice = await Client.connect(
+        tls.address, token="jmt_test-alice", credentials=grpc.ssl_channel_credentials(tls.ca_pem)
+    )
+    async with alice:
+        request, _ = await alice.create_request(
+            agent="db-1", action="deploy", duration=timedelta(minutes=5), reason="INC-7"
+        )
+        async with contextlib.aclosing(alice.watch_requests([request.id])) as watch:
+            async with asyncio.timeout(10):
+                assert (await anext(watch)).id == request.id  # the current state comes first
+            await tls.admin.set_user_disabled("alice")
+            await tls.admin.cancel(request.id)
+            with pytest.raises(AuthenticationError):
+                async with asyncio.timeout(10):
+                    await anext(watch)
