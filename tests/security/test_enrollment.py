@@ -143,6 +143,10 @@ async def test_a_join_token_cannot_take_over_an_enrolled_agents_name(tls: Tls) -
     assert event.agent == "web-1"
     assert "enrolled" in event.details["reason"]
     assert await audit(tls, "agent.replaced") == []
+    # Once removed, the name is free for an ordinary token again.
+    await tls.admin.remove_agent("web-1")
+    assert (await enroll(tls, await tls.join_token(), "web-1")).agent == "web-1"
+    assert [e.agent for e in await audit(tls, "agent.reenrolled")] == ["web-1"]
 
 
 async def test_a_replacement_token_re_enrolls_only_its_agent_and_cuts_the_old_one(
