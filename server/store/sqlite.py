@@ -11,12 +11,12 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 from yoyo import get_backend, read_migrations
@@ -65,6 +65,27 @@ _AGENT_COLUMNS = (
     "AND g.state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING', 'REVOKE_FAILED'))"
 )
 LIVE_STATES = ("PENDING_DELIVERY", "ACTIVE", "REVOKING", "REVOKE_FAILED")
+
+
+T = TypeVar("T")
+
+
+async def _to_the_end(statement: Awaitable[T]) -> T:
+    """Await `statement` to its end even if this task is cancelled meanwhile; a cancellation
+    that arrived is raised afterwards."""
+    task = asyncio.ensure_future(statement)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+    result = task.result()
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 def migrate(path: Path) -> None:
@@ -721,16 +742,30 @@ class SqliteStore:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
-        """A write transaction: committed when the block ends, rolled back if it raises."""
+        """A write transaction: committed when the block ends, rolled back if it raises.
+
+        Cancel-safe: BEGIN, COMMIT and ROLLBACK run in aiosqlite's thread whatever happens to
+        the awaiting task, so they are awaited to their end and the cancellation re-raised
+        after. Otherwise a caller cancelled at the wrong moment (a client opening and cancelling
+        streams as fast as it can) left a transaction open behind a released lock, or a commit
+        without the head moving, and every later write failed."""
         async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            tx = SqliteTx(self, self._writer)
             try:
+                await _to_the_end(self._writer.execute("BEGIN IMMEDIATE"))
+                tx = SqliteTx(self, self._writer)
                 yield tx
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                if self._writer.in_transaction:
+                    await _to_the_end(self._writer.execute("ROLLBACK"))
                 raise
-            await self._writer.execute("COMMIT")
+            try:
+                await _to_the_end(self._writer.execute("COMMIT"))
+            except BaseException:
+                if self._writer.in_transaction:
+                    await _to_the_end(self._writer.execute("ROLLBACK"))
+                else:
+                    self.head = (tx.head_seq, tx.head_hash)  # committed, then cancelled
+                raise
             self.head = (tx.head_seq, tx.head_hash)
             self._commits += 1
             if self._commits % CHECKPOINT_EVERY == 0 and (
