@@ -100,7 +100,12 @@ def run(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--name", required=True, help="this agent's name")
     parser.add_argument(
-        "--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="repeatable; asked for at enrollment, which the coordinator refuses unless the join "
+        "token gives the same label (the agent gets the token's labels)",
     )
     parser.add_argument(
         "--join-token",

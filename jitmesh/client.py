@@ -558,10 +558,17 @@ class Client:
         return _convert.agent(await self._unary(self._agents.GetAgent, message))
 
     async def create_join_token(
-        self, *, labels: Mapping[str, str] | None = None, ttl: timedelta | None = None
+        self,
+        *,
+        labels: Mapping[str, str] | None = None,
+        ttl: timedelta | None = None,
+        replaces: str = "",
     ) -> types.JoinToken:
         """A one-time token an agent enrolls with. `ttl` None means the coordinator's default.
 
+        The agent gets exactly `labels` (asking for others is refused). A name already enrolled
+        can only be enrolled again with a token that `replaces` it (a reinstalled host): the old
+        certificate then stops working; with no labels given, the agent's labels are kept.
         The token is shown only here: the coordinator keeps its hash.
         """
         try:
@@ -571,6 +578,7 @@ class Client:
         message = agents_pb2.CreateJoinTokenRequest(
             labels=checked,
             ttl=_convert.duration_to_proto(None if ttl is None else _check_positive(ttl, "ttl")),
+            replaces=_check_optional(validation.AGENT, replaces, "replaces"),
         )
         return _convert.join_token(await self._unary(self._agents.CreateJoinToken, message))
 
@@ -611,6 +619,12 @@ class Client:
         """Revoke a token by the id `list_tokens` shows; its next call is refused."""
         message = identity_pb2.RevokeTokenRequest(id=token_id)
         await self._unary(self._identity.RevokeToken, message)
+
+    async def revoke_certificate(self, serial: str, *, reason: str = "") -> None:
+        """Refuse an operator client certificate, by its serial number (hexadecimal), from its
+        next call on."""
+        message = identity_pb2.RevokeCertificateRequest(serial=serial, reason=_check_reason(reason))
+        await self._unary(self._identity.RevokeCertificate, message)
 
     async def set_user_disabled(self, user: str, disabled: bool = True) -> None:
         """Disable (or enable) a user: every call with any of their tokens is refused."""

@@ -12,9 +12,11 @@ import signal
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from server.app import Coordinator, build
 from server.config import CoordinatorConfig
-from server.domain.models import ADMIN_GROUP, Principal, new_secret
+from server.domain.models import ADMIN_GROUP, Principal, new_secret, user_name
 from server.domain.policy import DEV_POLICY
 
 log = logging.getLogger("jitmesh.coordinator")
@@ -95,6 +97,21 @@ def parser() -> argparse.ArgumentParser:
             )
             s.add_argument("--request-burst", type=int, default=30)
             s.add_argument(
+                "--enroll-rate",
+                type=float,
+                default=0.5,
+                help="enrollments per second per peer address, after a burst of --enroll-burst "
+                "(agents behind one NAT share an address)",
+            )
+            s.add_argument("--enroll-burst", type=int, default=20)
+            s.add_argument(
+                "--enroll-overall-rate",
+                type=float,
+                default=50.0,
+                help="enrollments per second from all addresses, after --enroll-overall-burst",
+            )
+            s.add_argument("--enroll-overall-burst", type=int, default=500)
+            s.add_argument(
                 "--tls-name",
                 action="append",
                 default=[],
@@ -111,18 +128,19 @@ def main(argv: list[str] | None = None) -> int:
         from jitmesh import validation
         from server.ca import CertificateError, InternalCA
 
-        if not validation.SUBJECT.fullmatch(args.user):
+        user = user_name(args.user)
+        if not validation.SUBJECT.fullmatch(user):
             print("jitmesh-coordinator: --user is not a valid user name", file=sys.stderr)
             return 2
         now = datetime.now(UTC)
         try:
-            issued = InternalCA.open(args.data, now).sign_user_csr(
-                args.csr.read_bytes(), args.user, now
-            )
+            issued = InternalCA.open(args.data, now).sign_user_csr(args.csr.read_bytes(), user, now)
         except (OSError, CertificateError) as exc:
             print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
             return 1
         sys.stdout.write(issued.pem.decode())
+        # What `jitctl cert revoke` takes, should the certificate need to be refused.
+        print(f"issued certificate for {user} serial={issued.serial:x}", file=sys.stderr)
         return 0
     if args.command == "rotate-signing-key":
         from datetime import UTC, datetime
@@ -151,34 +169,43 @@ def main(argv: list[str] | None = None) -> int:
         "keepalive_timeout": timedelta(seconds=args.keepalive_timeout),
         "agent_queue_limit": args.agent_queue_limit,
     }
-    if args.command == "dev":
-        if not _loopback(host):
-            print("jitmesh-coordinator: dev mode listens on loopback only", file=sys.stderr)
-            return 2
-        config = CoordinatorConfig(**common, default_policy=DEV_POLICY)
-    elif args.insecure:
-        config = CoordinatorConfig(
-            **common,
-            initial_policy=args.policy,
-            request_rate=args.request_rate,
-            request_burst=args.request_burst,
-        )
-    else:
-        if (args.tls_cert is None) != (args.tls_key is None):
-            print("jitmesh-coordinator: --tls-cert and --tls-key go together", file=sys.stderr)
-            return 2
-        agent_port = args.agent_port if args.agent_port is not None else port + 1 if port else 0
-        config = CoordinatorConfig(
-            **common,
-            initial_policy=args.policy,
-            request_rate=args.request_rate,
-            request_burst=args.request_burst,
-            tls=True,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_names=tuple(args.tls_name),
-            agent_port=agent_port,
-        )
+    try:
+        if args.command == "dev":
+            if not _loopback(host):
+                print("jitmesh-coordinator: dev mode listens on loopback only", file=sys.stderr)
+                return 2
+            config = CoordinatorConfig(**common, default_policy=DEV_POLICY)
+        elif args.insecure:
+            config = CoordinatorConfig(
+                **common,
+                initial_policy=args.policy,
+                request_rate=args.request_rate,
+                request_burst=args.request_burst,
+                **_enroll_limits(args),
+            )
+        else:
+            if (args.tls_cert is None) != (args.tls_key is None):
+                print("jitmesh-coordinator: --tls-cert and --tls-key go together", file=sys.stderr)
+                return 2
+            agent_port = args.agent_port if args.agent_port is not None else port + 1 if port else 0
+            config = CoordinatorConfig(
+                **common,
+                initial_policy=args.policy,
+                request_rate=args.request_rate,
+                request_burst=args.request_burst,
+                **_enroll_limits(args),
+                tls=True,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                tls_names=tuple(args.tls_name),
+                agent_port=agent_port,
+            )
+    except ValidationError as exc:
+        # Flags out of range (a rate of 0, a burst below 1): one line naming the flag.
+        first = exc.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "a flag"
+        print(f"jitmesh-coordinator: {flag}: {first['msg'].lower()}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(_serve(config, dev=args.command == "dev"))
     except KeyboardInterrupt:
@@ -187,6 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _enroll_limits(args: argparse.Namespace) -> dict[str, float | int]:
+    return {
+        "enroll_rate": args.enroll_rate,
+        "enroll_burst": args.enroll_burst,
+        "enroll_overall_rate": args.enroll_overall_rate,
+        "enroll_overall_burst": args.enroll_overall_burst,
+    }
 
 
 async def _serve(config: CoordinatorConfig, *, dev: bool) -> None:

@@ -38,7 +38,7 @@ from server.domain.fleet import FleetService
 from server.domain.governance import AuditService, IdentityService, PolicyService, TokenService
 from server.domain.hub import Hub
 from server.domain.locks import LockService
-from server.rpc.agentlink import AgentLinkServicer, LinkRegistry
+from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
 from server.rpc.locks import LocksServicer
@@ -53,6 +53,12 @@ from server.signing import SigningKeys
 from server.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
+
+# What the coordinator may send: operators get pages of at most a few thousand items; agents
+# get snapshots (the agent accepts up to 4 MiB). What it receives: `max_message_bytes` (1 MiB)
+# from operators, MAX_AGENT_MESSAGE (64 KiB) on the agent port.
+OPERATOR_MAX_SEND = 16 * 1024 * 1024
+AGENT_MAX_SEND = 4 * 1024 * 1024
 
 SERVICES = [
     access_pb2.DESCRIPTOR.services_by_name["Access"].full_name,
@@ -86,6 +92,8 @@ class Coordinator:
     # Where AgentLink requires a client certificate (the main port without TLS).
     agent_port: int = 0
     clock: Clock = field(default_factory=SystemClock)
+    # The mTLS agent port's own server (TLS only; else agents share `server`).
+    agent_server: grpc.aio.Server | None = None
 
     @property
     def address(self) -> str:
@@ -123,7 +131,10 @@ class Coordinator:
 
     async def stop(self) -> None:
         self.registry.close_all("coordinator shutting down")
-        await self.server.stop(grace=1.0)
+        if self.agent_server is not None:
+            await asyncio.gather(self.server.stop(grace=1.0), self.agent_server.stop(grace=1.0))
+        else:
+            await self.server.stop(grace=1.0)
         if self.checkpoints is not None:
             seq, head_hash = self.store.head
             self.checkpoints.append(seq, head_hash, self.clock.now())
@@ -156,7 +167,12 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     audit = AuditService(store, hub, checkpoints.verified)
     ca = InternalCA.open(config.data_dir, clock.now()) if config.tls else None
 
-    server = grpc.aio.server(options=_server_options(config))
+    # Operators (and enrolling agents) send small messages; so do agents. Each server has its
+    # own limits because gRPC sets them per server, not per port (docs: THREAT_MODEL.md).
+    server = grpc.aio.server(
+        options=_server_options(config, config.max_message_bytes, OPERATOR_MAX_SEND)
+    )
+    agent_server: grpc.aio.Server | None = None
     if ca is not None:
         tls = ca.server_tls([config.host, *config.tls_names], clock.now())
         if config.tls_cert is not None and config.tls_key is not None:
@@ -164,11 +180,15 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         else:
             main_pair = (tls.key_pem, tls.cert_pem)
         # gRPC asks for a client certificate only where it requires one, so agents get their
-        # own port; operators and enrolling agents use the main port with server-side TLS.
+        # own port (and server, for the 64 KiB message limit); operators and enrolling agents
+        # use the main port with server-side TLS.
         port = server.add_secure_port(
             f"{config.host}:{config.port}", grpc.ssl_server_credentials([main_pair])
         )
-        agent_port = server.add_secure_port(
+        agent_server = grpc.aio.server(
+            options=_server_options(config, MAX_AGENT_MESSAGE, AGENT_MAX_SEND)
+        )
+        agent_port = agent_server.add_secure_port(
             f"{config.host}:{config.agent_port}",
             grpc.ssl_server_credentials(
                 [(tls.key_pem, tls.cert_pem)],
@@ -182,40 +202,51 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     if port == 0 or agent_port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
 
-    access_pb2_grpc.add_AccessServicer_to_server(
-        AccessServicer(
-            auth,
-            access,
-            hub,
-            None
-            if config.request_rate is None
-            else RateLimiter(config.request_rate, config.request_burst, clock.monotonic),
-        ),
-        server,
+    access_servicer = AccessServicer(
+        auth,
+        access,
+        hub,
+        None
+        if config.request_rate is None
+        else RateLimiter(config.request_rate, config.request_burst, clock.monotonic),
     )
-    agents_pb2_grpc.add_AgentsServicer_to_server(
-        AgentsServicer(auth, fleet, keys, ca, agent_port), server
+    enroll_limits = (
+        None
+        if config.enroll_rate is None
+        else (
+            RateLimiter(config.enroll_rate, config.enroll_burst, clock.monotonic),
+            RateLimiter(config.enroll_overall_rate, config.enroll_overall_burst, clock.monotonic),
+        )
     )
-    policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(auth, policy), server)
-    identity_pb2_grpc.add_IdentityServicer_to_server(
-        IdentityServicer(auth, TokenService(store, hub, clock)), server
+    agents_servicer = AgentsServicer(
+        auth, fleet, keys, ca, agent_port, enroll_limits, config.agent_cert_lifetime
     )
-    audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(auth, audit, checkpoints), server)
-    locks_pb2_grpc.add_LocksServicer_to_server(
-        LocksServicer(auth, LockService(store, registry, hub, clock)), server
-    )
+    policy_servicer = PolicyServicer(auth, policy)
+    identity_servicer = IdentityServicer(auth, TokenService(store, hub, clock))
+    audit_servicer = AuditServicer(auth, audit, checkpoints)
+    locks_servicer = LocksServicer(auth, LockService(store, registry, hub, clock))
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    # Operators with client certificates call the agent port too.
+    for target in (server,) if agent_server is None else (server, agent_server):
+        access_pb2_grpc.add_AccessServicer_to_server(access_servicer, target)
+        agents_pb2_grpc.add_AgentsServicer_to_server(agents_servicer, target)
+        policy_pb2_grpc.add_PolicyServicer_to_server(policy_servicer, target)
+        identity_pb2_grpc.add_IdentityServicer_to_server(identity_servicer, target)
+        audit_pb2_grpc.add_AuditServicer_to_server(audit_servicer, target)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
+        reflection.enable_server_reflection(
+            [*SERVICES, reflection.SERVICE_NAME, health.SERVICE_NAME], target
+        )
+        locks_pb2_grpc.add_LocksServicer_to_server(locks_servicer, target)
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
         AgentLinkServicer(
             fleet, registry, clock, keys, config.heartbeat, require_certificate=ca is not None
         ),
-        server,
-    )
-    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*SERVICES, reflection.SERVICE_NAME, health.SERVICE_NAME], server
+        server if agent_server is None else agent_server,
     )
     await server.start()
+    if agent_server is not None:
+        await agent_server.start()
     for name in [*SERVICES, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("coordinator listening address=%s:%d epoch=%d", config.host, port, epoch)
@@ -236,10 +267,13 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         ca,
         agent_port,
         clock,
+        agent_server,
     )
 
 
-def _server_options(config: CoordinatorConfig) -> list[tuple[str, int]]:
+def _server_options(
+    config: CoordinatorConfig, max_receive: int, max_send: int
+) -> list[tuple[str, int]]:
     keepalive_ms = int(config.keepalive.total_seconds() * 1000)
     return [
         ("grpc.keepalive_time_ms", keepalive_ms),
@@ -249,8 +283,8 @@ def _server_options(config: CoordinatorConfig) -> list[tuple[str, int]]:
         # Agents ping as often as every second in tests; do not punish them for it.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
         ("grpc.http2.max_ping_strikes", 0),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ("grpc.max_receive_message_length", max_receive),
+        ("grpc.max_send_message_length", max_send),
         # Thousands of agents reconnect at once after a restart: let them queue.
         ("grpc.server.max_pending_requests", 20000),
     ]

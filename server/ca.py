@@ -198,7 +198,9 @@ class InternalCA:
             .issuer_name(self._cert.subject)
             .public_key(public)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
+            # Backdated for clocks a little behind; never by more than a tenth of the lifetime,
+            # so a short-lived certificate (tests) still renews at two thirds of its life.
+            .not_valid_before(now - min(BACKDATE, lifetime / 10))
             .not_valid_after(min(now + lifetime, self._cert.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -226,9 +228,9 @@ def agent_of(cert_pem: bytes) -> tuple[str, int]:
     return names[0], cert.serial_number
 
 
-def user_of(cert_pem: bytes) -> str | None:
-    """The operator named by a verified client certificate's `jitmesh://user/NAME` URI SAN, or
-    None for any other certificate (an agent's)."""
+def user_of(cert_pem: bytes) -> tuple[str, int] | None:
+    """The operator named by a verified client certificate's `jitmesh://user/NAME` URI SAN, and
+    the certificate's serial; None for any other certificate (an agent's)."""
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -236,7 +238,7 @@ def user_of(cert_pem: bytes) -> str | None:
         return None
     uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
     names = [u.removeprefix(USER_URI) for u in uris if u.startswith(USER_URI)]
-    return names[0] if len(names) == 1 else None
+    return (names[0], cert.serial_number) if len(names) == 1 else None
 
 
 def renew_due(cert_pem: bytes, now: datetime) -> bool:

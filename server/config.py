@@ -23,7 +23,8 @@ class CoordinatorConfig(BaseModel):
     keepalive: timedelta = timedelta(seconds=30)
     keepalive_timeout: timedelta = timedelta(seconds=10)
     agent_queue_limit: int = Field(default=1000, ge=10)
-    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    # Largest message the operator port accepts (the agent port: 64 KiB, fixed).
+    max_message_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
     # TLS from the internal CA (DATA/ca/). Operators and enrolling agents use `port` with
     # server-side TLS (or with tls_cert/tls_key when given); AgentLink needs a client certificate
     # from the CA on `agent_port`, and enrollment then requires a CSR.
@@ -31,6 +32,12 @@ class CoordinatorConfig(BaseModel):
     # mode, tests, benchmarks); `serve` sets one by default.
     request_burst: int = Field(default=30, ge=1)
     request_rate: float | None = Field(default=None, gt=0)
+    # Enrollments (no credential yet) per peer address and overall: a burst, then a rate per
+    # second. None: no limit (dev mode, tests, benchmarks); `serve` sets them by default.
+    enroll_burst: int = Field(default=20, ge=1)
+    enroll_rate: float | None = Field(default=None, gt=0)
+    enroll_overall_burst: int = Field(default=500, ge=1)
+    enroll_overall_rate: float = Field(default=50.0, gt=0)
     # How often the audit head is signed into DATA/audit_checkpoints.jsonl (when it moved).
     checkpoint_interval: timedelta = timedelta(seconds=10)
     tls: bool = False
@@ -38,3 +45,5 @@ class CoordinatorConfig(BaseModel):
     tls_key: Path | None = None
     tls_names: tuple[str, ...] = ()
     agent_port: int = Field(default=0, ge=0, le=65535)
+    # Agent certificates; agents renew them once two thirds of this have passed.
+    agent_cert_lifetime: timedelta = Field(default=timedelta(days=30), ge=timedelta(seconds=1))

@@ -270,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--label", action="append", type=_label, default=[], metavar="KEY=VALUE", dest="labels"
     )
     p.add_argument("--ttl", type=_duration, metavar="DURATION")
+    p.add_argument(
+        "--replace",
+        default="",
+        metavar="NAME",
+        help="enroll this already enrolled agent again (a reinstalled host): its old "
+        "certificate stops working; without --label its labels are kept",
+    )
     p = command(agents, "remove", _agent_remove, "forget an agent and revoke its grants")
     p.add_argument("name", metavar="NAME")
 
@@ -298,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="", metavar="USER")
     p = command(optokens, "revoke", _token_revoke, "revoke a token by its id")
     p.add_argument("id", metavar="ID")
+    certs = group(nouns, "cert", "operator client certificates (admins)")
+    p = command(certs, "revoke", _cert_revoke, "refuse a certificate by its serial from now on")
+    p.add_argument("serial", metavar="SERIAL", help="hexadecimal, as openssl x509 -serial shows")
+    p.add_argument("--reason", default="")
     users = group(nouns, "user", "disable or enable operators (admins)")
     p = command(users, "disable", _user_disable, "refuse every call of a user from now on")
     p.add_argument("user", metavar="USER")
@@ -512,7 +523,7 @@ async def _agent_show(client: Client, args: argparse.Namespace, out: Output) -> 
 
 async def _agent_token_create(client: Client, args: argparse.Namespace, out: Output) -> int:
     labels = dict(args.labels)
-    token = await client.create_join_token(labels=labels, ttl=args.ttl)
+    token = await client.create_join_token(labels=labels, ttl=args.ttl, replaces=args.replace)
     out.emit(
         output.join_token_json(token, labels), output.join_token_details(token, labels, out.now)
     )
@@ -610,6 +621,12 @@ async def _lock_list(client: Client, args: argparse.Namespace, out: Output) -> i
 async def _lock_lift(client: Client, args: argparse.Namespace, out: Output) -> int:
     lock = await client.lift_lock(args.id, reason=args.reason)
     out.emit(_lock_json(lock), f"lifted {lock.id}")
+    return 0
+
+
+async def _cert_revoke(client: Client, args: argparse.Namespace, out: Output) -> int:
+    await client.revoke_certificate(args.serial, reason=args.reason)
+    out.emit({"revoked_certificate": args.serial}, f"revoked certificate {args.serial}")
     return 0
 
 

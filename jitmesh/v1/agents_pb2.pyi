@@ -111,8 +111,16 @@ class CreateJoinTokenRequest(_message.Message):
 
     LABELS_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    REPLACES_FIELD_NUMBER: _builtins.int
+    replaces: _builtins.str
+    """The name of an enrolled agent this token may enroll again (a reinstalled host): the old
+    certificate stops working and its stream is cut. Without it, a name already in use is
+    refused. With no labels given, the agent's current labels are kept.
+    """
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The enrolled agent gets exactly these labels; an agent asking for others is refused."""
+
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration: ...
     def __init__(
@@ -120,10 +128,11 @@ class CreateJoinTokenRequest(_message.Message):
         *,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        replaces: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "replaces", b"replaces", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -55,6 +55,11 @@ class IdentityStub:
                 request_serializer=jitmesh_dot_v1_dot_identity__pb2.SetUserDisabledRequest.SerializeToString,
                 response_deserializer=jitmesh_dot_v1_dot_identity__pb2.SetUserDisabledResponse.FromString,
                 _registered_method=True)
+        self.RevokeCertificate = channel.unary_unary(
+                '/jitmesh.v1.Identity/RevokeCertificate',
+                request_serializer=jitmesh_dot_v1_dot_identity__pb2.RevokeCertificateRequest.SerializeToString,
+                response_deserializer=jitmesh_dot_v1_dot_identity__pb2.RevokeCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityServicer:
@@ -87,6 +92,13 @@ class IdentityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeCertificate(self, request, context):
+        """An operator client certificate is refused from its next call on, by serial number.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +121,11 @@ def add_IdentityServicer_to_server(servicer, server):
                     servicer.SetUserDisabled,
                     request_deserializer=jitmesh_dot_v1_dot_identity__pb2.SetUserDisabledRequest.FromString,
                     response_serializer=jitmesh_dot_v1_dot_identity__pb2.SetUserDisabledResponse.SerializeToString,
+            ),
+            'RevokeCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCertificate,
+                    request_deserializer=jitmesh_dot_v1_dot_identity__pb2.RevokeCertificateRequest.FromString,
+                    response_serializer=jitmesh_dot_v1_dot_identity__pb2.RevokeCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +237,33 @@ class Identity:
             '/jitmesh.v1.Identity/SetUserDisabled',
             jitmesh_dot_v1_dot_identity__pb2.SetUserDisabledRequest.SerializeToString,
             jitmesh_dot_v1_dot_identity__pb2.SetUserDisabledResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitmesh.v1.Identity/RevokeCertificate',
+            jitmesh_dot_v1_dot_identity__pb2.RevokeCertificateRequest.SerializeToString,
+            jitmesh_dot_v1_dot_identity__pb2.RevokeCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

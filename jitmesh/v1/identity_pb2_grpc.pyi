@@ -22,6 +22,8 @@ class IdentityStub:
     RevokeToken: _aio.UnaryUnaryMultiCallable[_identity_pb2.RevokeTokenRequest, _identity_pb2.RevokeTokenResponse]
     SetUserDisabled: _aio.UnaryUnaryMultiCallable[_identity_pb2.SetUserDisabledRequest, _identity_pb2.SetUserDisabledResponse]
     """A disabled user's next call is refused, whatever token it carries."""
+    RevokeCertificate: _aio.UnaryUnaryMultiCallable[_identity_pb2.RevokeCertificateRequest, _identity_pb2.RevokeCertificateResponse]
+    """An operator client certificate is refused from its next call on, by serial number."""
 
 class IdentityServicer(metaclass=_abc_1.ABCMeta):
     """Operator bearer tokens and users. Admins only."""
@@ -55,5 +57,13 @@ class IdentityServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_identity_pb2.SetUserDisabledRequest, _abc.Awaitable[_identity_pb2.SetUserDisabledResponse]],
     ) -> _abc.Awaitable[_identity_pb2.SetUserDisabledResponse]:
         """A disabled user's next call is refused, whatever token it carries."""
+
+    @_abc_1.abstractmethod
+    def RevokeCertificate(
+        self,
+        request: _identity_pb2.RevokeCertificateRequest,
+        context: _aio.ServicerContext[_identity_pb2.RevokeCertificateRequest, _abc.Awaitable[_identity_pb2.RevokeCertificateResponse]],
+    ) -> _abc.Awaitable[_identity_pb2.RevokeCertificateResponse]:
+        """An operator client certificate is refused from its next call on, by serial number."""
 
 def add_IdentityServicer_to_server(servicer: IdentityServicer, server: _aio.Server) -> None: ...

@@ -25,7 +25,15 @@ from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 from .hub import Hub
 from .lifecycle import REVOCABLE_GRANT_STATES
 from .locks import refuse_if_locked
-from .models import AuditEntry, Command, CommandKind, Principal, new_id, same_person
+from .models import (
+    AuditEntry,
+    Command,
+    CommandKind,
+    Principal,
+    new_id,
+    same_person,
+    user_name,
+)
 from .policy import Policy, Rule, match
 from .ports import CommandSink, Store, Tx
 
@@ -226,7 +234,7 @@ class AccessService:
     ) -> tuple[list[Request], str]:
         return await self._store.list_requests(
             states=states,
-            subject=subject,
+            subject=user_name(subject),
             agent=agent,
             limit=self._page_size(page_size),
             page_token=page_token,
@@ -250,7 +258,7 @@ class AccessService:
     ) -> tuple[list[Grant], str]:
         return await self._store.list_grants(
             states=states,
-            subject=subject,
+            subject=user_name(subject),
             agent=agent,
             limit=self._page_size(page_size),
             page_token=page_token,

@@ -41,4 +41,8 @@ class Conflict(DomainError):
 
 
 class RateLimited(DomainError):
-    pass
+    def __init__(self, message: str, *, first: bool = True) -> None:
+        super().__init__(message)
+        # The first refusal since the caller's last allowed call: worth one audit entry, where
+        # auditing every refusal would let a flood write the audit log.
+        self.first = first

@@ -4,6 +4,7 @@ observed events). The stream itself lives in rpc/; the decisions live here."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,7 +16,14 @@ from jitmesh.types import Agent, Grant, GrantState
 
 from .access import hash_secret
 from .batching import GroupCommit
-from .errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from .errors import (
+    Conflict,
+    DomainError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from .hub import Hub
 from .models import (
     AgentAck,
@@ -65,32 +73,48 @@ class FleetService:
         *,
         max_uses: int | None = 1,
         token: str | None = None,
+        replaces: str = "",
     ) -> tuple[str, datetime | None]:
-        """A one-time join token (reusable with max_uses=None, for development mode only)."""
+        """A one-time join token (reusable with max_uses=None, for development mode only).
+
+        The enrolled agent gets exactly `labels`. With `replaces`, the token may enroll that
+        already enrolled agent again (a reinstalled host), keeping its labels unless others are
+        given; no other token can take a name in use."""
         _require_admin(principal)
         try:
             labels = v.check_labels(labels)
+            if replaces:
+                v.check(v.AGENT, replaces, "replaces")
         except v.ValidationError as exc:
             raise InvalidArgument(str(exc)) from None
         if ttl is not None and not timedelta(seconds=1) <= ttl <= MAX_JOIN_TTL:
             raise InvalidArgument("join token ttl must be between 1s and 7d")
+        if replaces:
+            existing = await self._store.get_agent(replaces)
+            if existing is None:
+                raise NotFound("no such agent to replace")
+            labels = labels or dict(existing.labels)
         now = self._clock.now()
         expires_at = None if ttl is None and max_uses is None else now + (ttl or DEFAULT_JOIN_TTL)
         secret = token or new_secret("jmj")
+        details = {
+            "labels": _labels(labels),
+            "uses": "unlimited" if max_uses is None else str(max_uses),
+        }
+        if replaces:
+            details["replaces"] = replaces
         async with self._store.transaction() as tx:
             await tx.insert_join_token(
-                hash_secret(secret), labels, principal.name, now, expires_at, max_uses
+                hash_secret(secret),
+                labels,
+                principal.name,
+                now,
+                expires_at,
+                max_uses,
+                replaces or None,
             )
             await tx.audit(
-                AuditEntry(
-                    "agent.join_token_created",
-                    principal.name,
-                    now,
-                    details={
-                        "labels": ",".join(f"{k}={val}" for k, val in sorted(labels.items())),
-                        "uses": "unlimited" if max_uses is None else str(max_uses),
-                    },
-                )
+                AuditEntry("agent.join_token_created", principal.name, now, details=details)
             )
         await self._hub.audit_written(tx.new_audit)
         return secret, expires_at
@@ -119,36 +143,92 @@ class FleetService:
     # Agents.
 
     async def enroll(
-        self, join_token: str, name: str, labels: dict[str, str], credential: str | None = None
+        self,
+        join_token: str,
+        name: str,
+        labels: dict[str, str],
+        issue: Callable[[str], str] | None = None,
+        *,
+        peer: str = "",
     ) -> tuple[str, str]:
         """Trade a join token for an agent credential. Returns (agent name, credential).
 
-        With mTLS the caller passes the credential: a binding to the certificate it issued."""
+        The token is checked and spent first; only then does `issue(name)` make the credential
+        (with mTLS: sign the agent's CSR, returning the binding to that certificate). The agent
+        gets the token's labels: asking for any other label, or for a name already enrolled
+        (unless the token was made to replace it), is refused. A refusal spends nothing and is
+        audited; a replacement cuts the old agent's stream, whose certificate no longer binds."""
         try:
             v.check(v.AGENT, name, "agent name")
             labels = v.check_labels(labels)
         except v.ValidationError as exc:
             raise InvalidArgument(str(exc)) from None
         now = self._clock.now()
-        credential = credential or new_secret("jma")
+        try:
+            async with self._store.transaction() as tx:
+                token = await tx.use_join_token(hash_secret(join_token), now)
+                if token is None:
+                    raise Unauthenticated("join token is not valid, used up or expired")
+                if token.reusable:
+                    # The development-mode token (loopback demo): the agent picks its labels.
+                    given = {**labels, **token.labels}
+                elif any(token.labels.get(k) != val for k, val in labels.items()):
+                    raise PermissionDenied("the agent asks for labels its join token does not give")
+                else:
+                    given = dict(token.labels)
+                if token.replaces is not None and token.replaces != name:
+                    raise PermissionDenied("this join token only enrolls the agent it replaces")
+                replaced = await tx.get_agent(name) is not None
+                if replaced and token.replaces != name and not token.reusable:
+                    raise Conflict(
+                        "an agent with this name is enrolled: remove it, or create a join token "
+                        "that replaces it"
+                    )
+                credential = issue(name) if issue is not None else new_secret("jma")
+                created = await tx.enroll_agent(name, given, hash_secret(credential), now)
+                kind = (
+                    "agent.enrolled"
+                    if created
+                    else "agent.replaced"
+                    if replaced
+                    else "agent.reenrolled"
+                )
+                await tx.audit(
+                    AuditEntry(
+                        kind,
+                        f"agent:{name}",
+                        now,
+                        agent=name,
+                        details={"labels": _labels(given)},
+                    )
+                )
+        except DomainError as exc:
+            await self.enrollment_refused(name, exc.message, peer)
+            raise
+        if replaced:
+            # Its certificate (or credential) no longer binds: end the stream it may still hold.
+            self._links.disconnect(name, "agent replaced by a new enrollment")
+        await self._hub.audit_written(tx.new_audit)
+        return name, credential
+
+    async def enrollment_refused(self, name: str, reason: str, peer: str = "") -> None:
+        """Audit a refused enrollment (the name is the one asked for, already validated or
+        cut short; never the token)."""
+        details = {"reason": reason[:128]}
+        if peer:
+            details["peer"] = peer[:64]
+        agent = name if v.AGENT.fullmatch(name) else ""
         async with self._store.transaction() as tx:
-            token_labels = await tx.use_join_token(hash_secret(join_token), now)
-            if token_labels is None:
-                raise Unauthenticated("join token is not valid, used up or expired")
-            # Labels bound to the join token win over what the agent asks for.
-            merged = {**labels, **token_labels}
-            created = await tx.enroll_agent(name, merged, hash_secret(credential), now)
             await tx.audit(
                 AuditEntry(
-                    "agent.enrolled" if created else "agent.reenrolled",
-                    f"agent:{name}",
-                    now,
-                    agent=name,
-                    details={"labels": ",".join(f"{k}={val}" for k, val in sorted(merged.items()))},
+                    "agent.enroll_refused",
+                    "anonymous",
+                    self._clock.now(),
+                    agent=agent,
+                    details=details,
                 )
             )
         await self._hub.audit_written(tx.new_audit)
-        return name, credential
 
     async def renew_credential(self, principal: Principal, old: str, new: str) -> None:
         """Bind the agent to a new credential (its renewed certificate); the old one stops
@@ -391,6 +471,10 @@ class FleetService:
 
     def _live(self, agent: Agent) -> Agent:
         return replace(agent, connected=self._links.connected(agent.name))
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={val}" for k, val in sorted(labels.items()))
 
 
 def _require_admin(principal: Principal) -> None:

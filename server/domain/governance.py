@@ -20,7 +20,7 @@ from .access import hash_secret
 from .audit import ChainVerifier
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from .hub import Hub
-from .models import AuditEntry, Principal, new_secret, same_person
+from .models import AuditEntry, Principal, new_secret, same_person, user_name
 from .policy import Policy, decision, match, parse_policy
 from .ports import Store
 
@@ -42,19 +42,19 @@ class IdentityService:
             raise Unauthenticated("bearer token is not valid or has expired")
         return principal
 
-    async def authenticate_user(self, name: str) -> Principal:
+    async def authenticate_user(self, name: str, serial: int) -> Principal:
         """An operator identified by a client certificate: looked up on every call, so a
-        disabled (or deleted) user is refused at once."""
-        principal = await self._store.principal_for_user(name)
+        disabled (or deleted) user, or a revoked certificate, is refused at once."""
+        principal = await self._store.principal_for_user(user_name(name), f"{serial:x}")
         if principal is None:
-            raise Unauthenticated("client certificate names no enabled user")
+            raise Unauthenticated("client certificate names no enabled user, or was revoked")
         return principal
 
     async def ensure_user(
         self, name: str, groups: Iterable[str], token: str, *, label: str = ""
     ) -> None:
         """Create or update a user and register a bearer token for it (idempotent)."""
-        v.check(v.SUBJECT, name, "user name")
+        name = v.check(v.SUBJECT, user_name(name), "user name")
         now = self._clock.now()
         async with self._store.transaction() as tx:
             await tx.upsert_user(name, groups, now)
@@ -96,7 +96,7 @@ class TokenService:
     ) -> tuple[str, TokenInfo]:
         _require_admin(principal)
         try:
-            v.check(v.SUBJECT, user, "user")
+            user = v.check(v.SUBJECT, user_name(user), "user")
             for group in groups:
                 v.check(v.GROUP, group, "group")
             v.check_reason(label, field="label")
@@ -134,6 +134,7 @@ class TokenService:
 
     async def list(self, principal: Principal, user: str) -> list[TokenInfo]:
         _require_admin(principal)
+        user = user_name(user)
         if user and not v.SUBJECT.fullmatch(user):
             raise InvalidArgument("user is not valid")
         return await self._store.list_tokens(user)
@@ -151,6 +152,7 @@ class TokenService:
 
     async def set_disabled(self, principal: Principal, user: str, disabled: bool) -> None:
         _require_admin(principal)
+        user = user_name(user)
         if same_person(user, principal.name) and disabled:
             raise InvalidArgument("admins cannot disable themselves")
         now = self._clock.now()
@@ -160,6 +162,42 @@ class TokenService:
             kind = "user.disabled" if disabled else "user.enabled"
             await tx.audit(AuditEntry(kind, principal.name, now, subject=user))
         await self._hub.audit_written(tx.new_audit)
+
+    async def revoke_certificate(self, principal: Principal, serial: str, reason: str) -> str:
+        """Refuse an operator client certificate from its next call on; the serial as stored
+        (lower-case hex). Agents' certificates are retired by removal or re-enrollment."""
+        _require_admin(principal)
+        canonical = certificate_serial(serial)
+        try:
+            v.check_reason(reason)
+        except v.ValidationError as exc:
+            raise InvalidArgument(str(exc)) from None
+        now = self._clock.now()
+        async with self._store.transaction() as tx:
+            if not await tx.revoke_certificate(canonical, now, principal.name, reason):
+                raise Conflict("this certificate is already revoked")
+            await tx.audit(
+                AuditEntry(
+                    "user.certificate_revoked",
+                    principal.name,
+                    now,
+                    details={"serial": canonical, "reason": reason[:256]},
+                )
+            )
+        await self._hub.audit_written(tx.new_audit)
+        return canonical
+
+
+SERIAL = re.compile(r"(0x)?[0-9a-f]{1,40}")
+
+
+def certificate_serial(text: str) -> str:
+    """A certificate serial number as typed (hex, any case, with or without colons or 0x) in
+    the one spelling the store keeps: lower-case hex without leading zeros."""
+    compact = text.strip().replace(":", "").lower()
+    if not SERIAL.fullmatch(compact):
+        raise InvalidArgument("serial is not valid (expected up to 40 hexadecimal digits)")
+    return f"{int(compact.removeprefix('0x'), 16):x}"
 
 
 def _require_admin(principal: Principal) -> None:
@@ -220,7 +258,7 @@ class PolicyService:
         groups: Iterable[str],
     ) -> PolicyDecision:
         try:
-            v.check(v.SUBJECT, subject, "subject")
+            subject = v.check(v.SUBJECT, user_name(subject), "subject")
             v.check(v.ACTION, action, "action")
             v.check(v.AGENT, agent, "agent")
             for group in groups:

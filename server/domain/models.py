@@ -33,8 +33,25 @@ def same_person(a: str, b: str) -> bool:
     return _fold(a) == _fold(b)
 
 
+def user_name(name: str) -> str:
+    """The one spelling of a user name the coordinator stores and compares: NFKC, case-folded
+    (so "ALICE", "Alice" and its full-width form are all "alice"). Applied wherever a user
+    name enters (tokens, certificates, policy, filters), so one person is one principal."""
+    return unicodedata.normalize("NFKC", _fold(name))
+
+
 def _fold(name: str) -> str:
     return unicodedata.normalize("NFKC", name).casefold().strip()
+
+
+@dataclass(frozen=True, slots=True)
+class JoinToken:
+    """A join token just spent: the labels it gives, the agent it may enroll again (if any),
+    and whether it is the reusable development-mode token."""
+
+    labels: dict[str, str]
+    replaces: str | None = None
+    reusable: bool = False
 
 
 class CommandKind(enum.StrEnum):

@@ -30,7 +30,8 @@ class Authenticator:
         pem = peer_certificate(context)
         user = user_of(pem) if pem is not None else None
         if user is not None:
-            by_cert: Principal = await self._identity.authenticate_user(user)
+            # Looked up on every call: a disabled user or a revoked serial is refused at once.
+            by_cert: Principal = await self._identity.authenticate_user(*user)
             return by_cert
         principal: Principal = await self._identity.authenticate(bearer(context))
         return principal

@@ -1,4 +1,5 @@
-"""Per-caller rate limits (token buckets) for calls that create state, such as access requests."""
+"""Per-caller rate limits (token buckets) for calls that create state: access requests (per
+principal) and enrollment (per peer address, and overall)."""
 
 from __future__ import annotations
 
@@ -17,16 +18,29 @@ class RateLimiter:
         self._rate = rate
         self._burst = float(burst)
         self._now = monotonic
-        self._buckets: dict[str, tuple[float, float]] = {}
+        # caller -> (tokens, when counted, refusing since the last allowed call)
+        self._buckets: dict[str, tuple[float, float, bool]] = {}
 
     def take(self, caller: str) -> None:
         now = self._now()
-        tokens, at = self._buckets.get(caller, (self._burst, now))
+        tokens, at, refusing = self._buckets.get(caller, (self._burst, now, False))
         tokens = min(self._burst, tokens + (now - at) * self._rate)
         if tokens < 1.0:
-            self._buckets[caller] = (tokens, now)
-            raise errors.RateLimited("too many requests; slow down")
+            self._buckets[caller] = (tokens, now, True)
+            raise errors.RateLimited("too many requests; slow down", first=not refusing)
         if len(self._buckets) >= MAX_CALLERS and caller not in self._buckets:
-            # Callers are authenticated principals, so this stays small; bound it anyway.
+            # Bounded memory: with peer addresses as callers a flood from many addresses could
+            # grow it; forgetting everyone refills their buckets, which the overall limit caps.
             self._buckets.clear()
-        self._buckets[caller] = (tokens - 1.0, now)
+        self._buckets[caller] = (tokens - 1.0, now, False)
+
+
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer string (`ipv4:10.0.0.7:51234`, `ipv6:[::1]:51234`),
+    without the port: the caller of an unauthenticated call such as enrollment."""
+    kind, _, rest = peer.partition(":")
+    if kind in {"ipv4", "ipv6"}:
+        host, sep, port = rest.rpartition(":")
+        if sep and port.isdigit():
+            return host.strip("[]")
+    return peer

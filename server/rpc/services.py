@@ -8,7 +8,6 @@ from typing import Any
 
 import grpc
 
-from jitmesh import validation
 from jitmesh.clock import to_ms
 from jitmesh.types import TokenInfo
 from jitmesh.v1 import (
@@ -24,7 +23,7 @@ from jitmesh.v1 import (
     policy_pb2_grpc,
     types_pb2,
 )
-from server.ca import CertificateError, InternalCA, Issued, agent_of
+from server.ca import AGENT_LIFETIME, CertificateError, InternalCA, Issued, agent_of
 from server.checkpoints import Checkpoints
 from server.domain import errors
 from server.domain.access import AccessService
@@ -36,11 +35,12 @@ from server.signing import SigningKeys
 from . import convert as c
 from .auth import Authenticator, cert_binding, peer_certificate
 from .errors import mapped, status_of
-from .limits import RateLimiter
+from .limits import RateLimiter, peer_host
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_WATCH_IDS = 100
 MAX_AUDIT_PAGE = 5000
+MAX_CSR = 8192
 
 
 def _duration(value: Any, field: str) -> timedelta:
@@ -142,6 +142,9 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
                     yield c.request(await self._access.get_request(principal, rid))
                 while True:
                     rid = await queue.get()
+                    # Checked again for every change: a token or certificate revoked, or a user
+                    # disabled, ends the stream here instead of watching on.
+                    principal = await self._auth.operator(context)
                     ids = sorted(wanted) if rid == "*" else [rid]
                     for one in ids:
                         if wanted and one not in wanted:
@@ -196,8 +199,16 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
         keys: SigningKeys,
         ca: InternalCA | None = None,
         agent_port: int = 0,
+        enroll_limits: tuple[RateLimiter, RateLimiter] | None = None,
+        cert_lifetime: timedelta = AGENT_LIFETIME,
     ) -> None:
+        """`enroll_limits`: (per peer address, overall) for Enroll, which needs no credential."""
         self._auth = auth
+        self._cert_lifetime = cert_lifetime
+        self._peer_limit: RateLimiter | None = None
+        self._overall_limit: RateLimiter | None = None
+        if enroll_limits is not None:
+            self._peer_limit, self._overall_limit = enroll_limits
         self._fleet = fleet
         self._keys = keys
         # With a CA, agents enroll with a CSR and connect with mTLS only.
@@ -224,7 +235,7 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
         principal = await self._auth.operator(context)
         ttl = _duration(request.ttl, "ttl") if request.HasField("ttl") else None
         token, expires_at = await self._fleet.create_join_token(
-            principal, dict(request.labels), ttl
+            principal, dict(request.labels), ttl, replaces=request.replaces
         )
         return agents_pb2.CreateJoinTokenResponse(token=token, expires_at=c.ts(expires_at))
 
@@ -240,26 +251,47 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
     async def Enroll(
         self, request: agents_pb2.EnrollRequest, context: Ctx
     ) -> agents_pb2.EnrollResponse:
+        # Unauthenticated: limited per peer address and overall before anything else is done.
+        peer = peer_host(context.peer() or "")
+        for limiter, caller in ((self._peer_limit, peer), (self._overall_limit, "*")):
+            if limiter is None:
+                continue
+            try:
+                limiter.take(caller)
+            except errors.RateLimited as exc:
+                if exc.first:
+                    await self._fleet.enrollment_refused(
+                        request.name[:64],
+                        "rate limited" + ("" if caller == peer else " (all)"),
+                        peer,
+                    )
+                raise
         if self._ca is None:
             name, credential = await self._fleet.enroll(
-                request.join_token, request.name, dict(request.labels)
+                request.join_token, request.name, dict(request.labels), peer=peer
             )
             return agents_pb2.EnrollResponse(
                 agent=name, credential=credential, signing_keys=self._signing_keys()
             )
         if not request.csr:
             raise errors.InvalidArgument("enrollment needs a CSR: this coordinator requires mTLS")
-        name = validation.check(validation.AGENT, request.name, "agent name")
-        issued = self._issue(bytes(request.csr), name)
-        await self._fleet.enroll(
-            request.join_token,
-            name,
-            dict(request.labels),
-            credential=cert_binding(name, issued.serial),
+        csr = bytes(request.csr)
+        if len(csr) > MAX_CSR:
+            raise errors.InvalidArgument("csr is too large")
+        issued: list[Issued] = []
+
+        def issue(name: str) -> str:
+            # Runs only once the join token has been checked and spent.
+            issued.append(self._issue(csr, name))
+            return cert_binding(name, issued[0].serial)
+
+        name, _ = await self._fleet.enroll(
+            request.join_token, request.name, dict(request.labels), issue, peer=peer
         )
+        assert self._ca is not None
         return agents_pb2.EnrollResponse(
             agent=name,
-            certificate=issued.pem,
+            certificate=issued[0].pem,
             ca_bundle=self._ca.ca_pem,
             signing_keys=self._signing_keys(),
             agent_port=self._agent_port,
@@ -276,8 +308,9 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
             name, serial = agent_of(pem)
         except CertificateError as exc:
             raise errors.Unauthenticated(str(exc)) from None
-        issued = self._issue(bytes(request.csr), name)
+        # The certificate must be the agent's current one before the CA signs anything.
         principal = await self._fleet.authenticate_agent(cert_binding(name, serial))
+        issued = self._issue(bytes(request.csr), name)
         await self._fleet.renew_credential(
             principal, cert_binding(name, serial), cert_binding(name, issued.serial)
         )
@@ -287,11 +320,11 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
 
     def _issue(self, csr: bytes, name: str) -> Issued:
         assert self._ca is not None
-        if len(csr) > 8192:
+        if len(csr) > MAX_CSR:
             raise errors.InvalidArgument("csr is too large")
         try:
             # Certificates are checked by TLS against the real clock, so they are made with it.
-            return self._ca.sign_agent_csr(csr, name, datetime.now(UTC))
+            return self._ca.sign_agent_csr(csr, name, datetime.now(UTC), self._cert_lifetime)
         except CertificateError as exc:
             raise errors.InvalidArgument(str(exc)) from None
 
@@ -356,6 +389,14 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         principal = await self._auth.operator(context)
         await self._tokens.set_disabled(principal, request.user, request.disabled)
         return identity_pb2.SetUserDisabledResponse()
+
+    @mapped
+    async def RevokeCertificate(
+        self, request: identity_pb2.RevokeCertificateRequest, context: Ctx
+    ) -> identity_pb2.RevokeCertificateResponse:
+        principal = await self._auth.operator(context)
+        await self._tokens.revoke_certificate(principal, request.serial, request.reason)
+        return identity_pb2.RevokeCertificateResponse()
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
@@ -447,6 +488,10 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
                     after_seq=after,
                     limit=1000,
                 )
+                if events:
+                    # Checked again before every batch: a revoked token or certificate, or a
+                    # disabled user, ends the tail (the revocation is itself an event).
+                    principal = await self._auth.operator(context)
                 for event in events:
                     yield c.audit_event(event)
                     after = event.seq

@@ -8,16 +8,15 @@ are versioned SQL files applied with yoyo before the store opens.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 from yoyo import get_backend, read_migrations
@@ -42,7 +41,7 @@ from jitmesh.types import (
 from server.domain.audit import GENESIS, event_hash
 from server.domain.errors import Conflict, InvalidArgument
 from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
-from server.domain.models import AuditEntry, Command, CommandKind, Principal
+from server.domain.models import AuditEntry, Command, CommandKind, JoinToken, Principal
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -68,6 +67,27 @@ _AGENT_COLUMNS = (
     "AND g.state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING', 'REVOKE_FAILED'))"
 )
 LIVE_STATES = ("PENDING_DELIVERY", "ACTIVE", "REVOKING", "REVOKE_FAILED")
+
+
+T = TypeVar("T")
+
+
+async def _to_the_end(statement: Awaitable[T]) -> T:
+    """Await `statement` to its end even if this task is cancelled meanwhile; a cancellation
+    that arrived is raised afterwards."""
+    task = asyncio.ensure_future(statement)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+    result = task.result()
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 def migrate(path: Path) -> None:
@@ -528,24 +548,27 @@ class SqliteTx:
 
     async def insert_join_token(
         self, token_hash: str, labels: dict[str, str], by: str, at: datetime,
-        expires_at: datetime | None, max_uses: int | None,
+        expires_at: datetime | None, max_uses: int | None, replaces: str | None = None,
     ) -> None:  # fmt: skip
         await self._conn.execute(
             "INSERT OR REPLACE INTO join_tokens "
-            "(hash, labels, created_by, created_at, expires_at, max_uses) VALUES (?,?,?,?,?,?)",
-            (token_hash, json.dumps(labels), by, to_ms(at), _ms(expires_at), max_uses),
+            "(hash, labels, created_by, created_at, expires_at, max_uses, replaces) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (token_hash, json.dumps(labels), by, to_ms(at), _ms(expires_at), max_uses, replaces),
         )
 
-    async def use_join_token(self, token_hash: str, at: datetime) -> dict[str, str] | None:
-        """Spend one use of a join token (compare-and-set); its labels, or None if unusable."""
+    async def use_join_token(self, token_hash: str, at: datetime) -> JoinToken | None:
+        """Spend one use of a join token (compare-and-set); None if unusable."""
         row = await _one(
             self._conn,
             "UPDATE join_tokens SET uses = uses + 1 WHERE hash = ? "
             "AND (expires_at IS NULL OR expires_at > ?) AND (max_uses IS NULL OR uses < max_uses) "
-            "RETURNING labels",
+            "RETURNING labels, replaces, max_uses IS NULL",
             [token_hash, to_ms(at)],
         )
-        return None if row is None else dict(json.loads(row[0]))
+        if row is None:
+            return None
+        return JoinToken(dict(json.loads(row[0])), row[1], bool(row[2]))
 
     async def upsert_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
         await self._conn.execute(
@@ -575,6 +598,15 @@ class SqliteTx:
     async def set_user_disabled(self, name: str, disabled: bool) -> bool:
         cur = await self._conn.execute(
             "UPDATE users SET disabled = ? WHERE name = ?", (int(disabled), name)
+        )
+        return cur.rowcount == 1
+
+    async def revoke_certificate(self, serial: str, at: datetime, by: str, reason: str) -> bool:
+        """False when the serial was revoked before."""
+        cur = await self._conn.execute(
+            "INSERT OR IGNORE INTO revoked_certificates (serial, revoked_at, revoked_by, reason) "
+            "VALUES (?,?,?,?)",
+            (serial, to_ms(at), by, reason),
         )
         return cur.rowcount == 1
 
@@ -888,22 +920,29 @@ class SqliteStore:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
-        """A write transaction: committed when the block ends, rolled back if it raises."""
+        """A write transaction: committed when the block ends, rolled back if it raises.
+
+        Cancel-safe: BEGIN, COMMIT and ROLLBACK run in aiosqlite's thread whatever happens to
+        the awaiting task, so they are awaited to their end and the cancellation re-raised
+        after. Otherwise a caller cancelled at the wrong moment (a client opening and cancelling
+        streams as fast as it can) left a transaction open behind a released lock, or a commit
+        without the head moving, and every later write failed."""
         async with self._lock:
-            await self._settled("BEGIN IMMEDIATE", undo_if_cancelled=True)
-            tx = SqliteTx(self, self._writer)
             try:
+                await _to_the_end(self._writer.execute("BEGIN IMMEDIATE"))
+                tx = SqliteTx(self, self._writer)
                 yield tx
             except BaseException:
-                await self._settled("ROLLBACK")
+                if self._writer.in_transaction:
+                    await _to_the_end(self._writer.execute("ROLLBACK"))
                 raise
             try:
-                await self._settled("COMMIT")
-            except sqlite3.Error:
-                # A commit that failed (a full disk, an I/O error) can leave the transaction
-                # open; the next one must start clean.
-                with contextlib.suppress(sqlite3.Error):
-                    await self._settled("ROLLBACK")
+                await _to_the_end(self._writer.execute("COMMIT"))
+            except BaseException:
+                if self._writer.in_transaction:
+                    await _to_the_end(self._writer.execute("ROLLBACK"))
+                else:
+                    self.head = (tx.head_seq, tx.head_hash)  # committed, then cancelled
                 raise
             self.head = (tx.head_seq, tx.head_hash)
             self._commits += 1
@@ -912,26 +951,6 @@ class SqliteStore:
             ):
                 # Owned by the store and awaited by `close`; it never raises (failures are logged).
                 self._checkpointing = asyncio.create_task(asyncio.to_thread(_checkpoint, self.path))
-
-    async def _settled(self, sql: str, *, undo_if_cancelled: bool = False) -> None:
-        """Run a transaction-control statement to its end even if the caller is cancelled
-        meanwhile (a stream closing mid-call). aiosqlite runs it on its thread regardless; a
-        BEGIN whose caller was cancelled before the ROLLBACK was issued would leave the writer
-        inside a transaction, and every later write would fail."""
-        done = asyncio.ensure_future(self._writer.execute(sql))
-        cancelled = False
-        while not done.done():
-            try:
-                await asyncio.shield(done)
-            except asyncio.CancelledError:
-                cancelled = True  # keep waiting: the statement runs anyway
-            except Exception:
-                break  # `done` holds the statement's error
-        if cancelled:
-            if undo_if_cancelled and not done.cancelled() and done.exception() is None:
-                await self._settled("ROLLBACK")
-            raise asyncio.CancelledError
-        done.result()
 
     # Reads: committed data only.
 
@@ -1022,9 +1041,13 @@ class SqliteStore:
             TokenInfo(str(r[0])[:16], r[1], r[2], from_ms(r[3]), _at(r[4]), _at(r[5])) for r in rows
         ]
 
-    async def principal_for_user(self, name: str) -> Principal | None:
+    async def principal_for_user(self, name: str, serial: str) -> Principal | None:
+        """The enabled user a client certificate names, unless that certificate was revoked."""
         row = await _one(
-            self._reader, "SELECT name, groups FROM users WHERE name = ? AND disabled = 0", [name]
+            self._reader,
+            "SELECT name, groups FROM users WHERE name = ? AND disabled = 0 "
+            "AND NOT EXISTS (SELECT 1 FROM revoked_certificates WHERE serial = ?)",
+            [name, serial],
         )
         return None if row is None else Principal(name=row[0], groups=frozenset(json.loads(row[1])))
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -52,33 +53,44 @@ class Tls:
     def agent_address(self) -> str:
         return f"127.0.0.1:{self.coordinator.agent_port}"
 
-    async def join_token(self) -> str:
-        token, _ = await self.coordinator.fleet.create_join_token(ADMIN, {}, timedelta(hours=1))
+    async def join_token(self, labels: dict[str, str] | None = None, replaces: str = "") -> str:
+        token, _ = await self.coordinator.fleet.create_join_token(
+            ADMIN, labels or {}, timedelta(hours=1), replaces=replaces
+        )
         return token
 
-    async def enroll(self, name: str) -> tuple[bytes, bytes]:
+    async def enroll(
+        self, name: str, token: str | None = None, labels: dict[str, str] | None = None
+    ) -> tuple[bytes, bytes]:
         """Enroll like an agent does; the key and certificate."""
         key_pem, csr = new_key_and_csr(name)
         creds = grpc.ssl_channel_credentials(self.ca_pem)
         async with grpc.aio.secure_channel(self.address, creds) as ch:
             response = await AgentsStub(ch).Enroll(
-                agents_pb2.EnrollRequest(join_token=await self.join_token(), name=name, csr=csr),
+                agents_pb2.EnrollRequest(
+                    join_token=token or await self.join_token(),
+                    name=name,
+                    csr=csr,
+                    labels=labels or {},
+                ),
                 timeout=10,
             )
         assert response.agent_port == self.coordinator.agent_port
         return key_pem, bytes(response.certificate)
 
 
-@pytest.fixture
-async def tls(tmp_path: Path) -> AsyncIterator[Tls]:
-    config = CoordinatorConfig(
-        data_dir=tmp_path / "coordinator",
+@contextlib.asynccontextmanager
+async def serving_tls(root: Path, **config: Any) -> AsyncIterator[Tls]:
+    """A coordinator serving TLS from its internal CA, with users alice and admin."""
+    built = CoordinatorConfig(
+        data_dir=root / "coordinator",
         port=0,
         agent_port=0,
         tls=True,
         default_policy=DEV_POLICY,
+        **config,
     )
-    coordinator = await build(config)
+    coordinator = await build(built)
     for user, groups in {"alice": ["developers"], "admin": [ADMIN_GROUP]}.items():
         await coordinator.identity.ensure_user(user, groups, f"jmt_test-{user}")
     runner = asyncio.create_task(coordinator.run())
@@ -90,12 +102,18 @@ async def tls(tmp_path: Path) -> AsyncIterator[Tls]:
         credentials=grpc.ssl_channel_credentials(ca_pem),
     )
     try:
-        yield Tls(tmp_path, coordinator, ca_pem, admin)
+        yield Tls(root, coordinator, ca_pem, admin)
     finally:
         await admin.close()
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+
+
+@pytest.fixture
+async def tls(tmp_path: Path) -> AsyncIterator[Tls]:
+    async with serving_tls(tmp_path) as serving:
+        yield serving
 
 
 async def connect_as(
@@ -132,6 +150,21 @@ async def _connect_once(
             call.cancel()
             return grpc.StatusCode.OK, None
         return await call.code(), await call.details()
+
+
+async def refused_as(tls: Tls, key_pem: bytes | None, cert_pem: bytes | None) -> grpc.StatusCode:
+    """Open AgentLink with this client certificate (or none) and write nothing: the status the
+    coordinator refuses it with. (A Hello written now could race the refusal, and gRPC then
+    ends the call INTERNAL.) A certificate wrongly accepted would wait for its Hello instead and
+    end DEADLINE_EXCEEDED here."""
+    if key_pem is None or cert_pem is None:
+        creds = grpc.ssl_channel_credentials(tls.ca_pem)
+    else:
+        creds = grpc.ssl_channel_credentials(tls.ca_pem, key_pem, cert_pem)
+    async with grpc.aio.secure_channel(tls.agent_address, creds) as ch:
+        call = AgentLinkStub(ch).Connect(None, timeout=5)
+        code: grpc.StatusCode = await call.code()
+        return code
 
 
 async def read_until_error(call: object) -> None:
@@ -176,7 +209,7 @@ async def test_an_agent_enrolls_with_a_csr_and_receives_grants_over_mtls_only(tl
     access.mkdir()
     ca_file = tls.root / "ca.pem"
     ca_file.write_bytes(tls.ca_pem)
-    token = await tls.join_token()
+    token = await tls.join_token({"env": "staging"})
     config = AgentConfig(
         coordinator=tls.address,
         name="web-1",
@@ -273,7 +306,7 @@ async def test_certificates_that_are_not_the_agents_current_one_are_refused(tls:
     foreign = foreign_ca.sign_agent_csr(foreign_csr, "web-1", now)
     attacks["another coordinator's CA"] = (key_pem, foreign.pem)
     for name, (key, cert) in attacks.items():
-        code = await connect_as(tls, key, cert)
+        code = await refused_as(tls, key, cert)
         assert code in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED}, name
     assert not tls.coordinator.registry.connected("web-1")
     # The genuine agent is still served.
@@ -299,13 +332,13 @@ async def test_removing_an_agent_revokes_its_certificate_and_cuts_its_stream(tls
             grpc.StatusCode.UNAVAILABLE,
             "agent removed",
         )
-    assert await connect_as(tls, key_pem, cert_pem) == grpc.StatusCode.UNAUTHENTICATED
+    assert await refused_as(tls, key_pem, cert_pem) == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_re_enrollment_and_renewal_retire_the_previous_certificate(tls: Tls) -> None:
     first_key, first_cert = await tls.enroll("web-1")
-    second_key, second_cert = await tls.enroll("web-1")
-    assert await connect_as(tls, first_key, first_cert) == grpc.StatusCode.UNAUTHENTICATED
+    second_key, second_cert = await tls.enroll("web-1", await tls.join_token(replaces="web-1"))
+    assert await refused_as(tls, first_key, first_cert) == grpc.StatusCode.UNAUTHENTICATED
     assert await connect_as(tls, second_key, second_cert) == grpc.StatusCode.OK
 
     new_key, csr = new_key_and_csr("web-1")
@@ -315,7 +348,7 @@ async def test_re_enrollment_and_renewal_retire_the_previous_certificate(tls: Tl
             agents_pb2.RenewCertificateRequest(csr=csr), timeout=10
         )
     assert await connect_as(tls, new_key, bytes(renewed.certificate)) == grpc.StatusCode.OK
-    assert await connect_as(tls, second_key, second_cert) == grpc.StatusCode.UNAUTHENTICATED
+    assert await refused_as(tls, second_key, second_cert) == grpc.StatusCode.UNAUTHENTICATED
     # Renewal without a client certificate (the operator port) is refused.
     async with grpc.aio.secure_channel(tls.address, grpc.ssl_channel_credentials(tls.ca_pem)) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as refused:

@@ -8,6 +8,7 @@ import asyncio
 from datetime import timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 
 from jitmesh import (
@@ -19,6 +20,8 @@ from jitmesh import (
     RateLimitedError,
     RequestState,
 )
+from jitmesh.v1 import identity_pb2
+from jitmesh.v1.identity_pb2_grpc import IdentityStub
 from server.app import Coordinator, build
 from server.config import CoordinatorConfig
 from server.domain.policy import DEV_POLICY
@@ -130,3 +133,38 @@ async def test_a_disabled_users_next_call_is_refused(env: Env) -> None:
     raw_sql(env.coordinator.config.data_dir / "coordinator.db", "UPDATE users SET disabled = 1")
     with pytest.raises(AuthenticationError):
         await env.alice.list_requests()
+
+
+async def test_name_variants_are_one_principal(env: Env) -> None:
+    """Upper case, mixed case and full-width forms of a name reach the same user row: a token
+    made for "ALICE" is alice's, so she cannot approve her own request with it, and disabling
+    "Alice" disables every one of them."""
+    request_id = await prod_request(env)
+    token, info = await env.admin.create_token("ALICE", groups=["sre"])
+    assert info.user == "alice"
+    async with await Client.connect(env.address, token=token) as variant:
+        with pytest.raises(PermissionDeniedError):
+            await variant.approve(request_id)
+    # Past the SDK's own checks (a raw call), full-width letters fold to the same user.
+    async with grpc.aio.insecure_channel(env.address) as ch:
+        created = await IdentityStub(ch).CreateToken(
+            identity_pb2.CreateTokenRequest(user="ＡＬＩＣＥ", groups=["sre"]),
+            metadata=(("authorization", f"Bearer {TOKENS['admin']}"),),
+            timeout=10,
+        )
+    assert created.info.user == "alice"
+    async with await Client.connect(env.address, token=created.token) as wide:
+        with pytest.raises(PermissionDeniedError):
+            await wide.approve(request_id)
+    assert {t.user for t in await env.admin.list_tokens("Alice")} == {"alice"}
+    assert len(await env.admin.list_tokens("ALICE")) == 3
+    db = env.coordinator.config.data_dir / "coordinator.db"
+    assert raw_sql(db, "SELECT name FROM users WHERE lower(name) = 'alice'") == [("alice",)]
+    # Filters and policy tests take any spelling too.
+    assert [r.id for r in await env.admin.list_requests(subject="ALICE")] == [request_id]
+    await env.admin.set_user_disabled("Alice")
+    for secret in (TOKENS["alice"], token, created.token):
+        async with await Client.connect(env.address, token=secret) as client:
+            with pytest.raises(AuthenticationError):
+                await client.list_requests()
+    assert (await env.admin.get_request(request_id)).state is RequestState.PENDING

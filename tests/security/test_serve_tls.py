@@ -75,3 +75,21 @@ async def test_serve_refuses_half_a_tls_configuration(tmp_path: Path) -> None:
     )
     assert code == 2
     assert "--tls-cert and --tls-key go together" in out
+
+
+async def test_limits_out_of_range_are_refused_with_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for flag, value in (
+        ("--enroll-rate", "0"),
+        ("--enroll-burst", "0"),
+        ("--request-rate", "-1"),
+        ("--enroll-overall-rate", "0"),
+    ):
+        code, out = await run(
+            str(BIN / "jitmesh-coordinator"), "serve", "--data", str(data), flag, value
+        )
+        assert code == 2
+        assert out.startswith(f"jitmesh-coordinator: {flag}: ")
+        assert len(out.splitlines()) == 1
+        assert "Traceback" not in out
+    assert not data.exists()

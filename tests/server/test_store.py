@@ -13,7 +13,7 @@ import pytest
 from jitmesh.types import GrantState, RequestState
 from server.domain.audit import GENESIS, verify_chain
 from server.domain.errors import Conflict, InvalidArgument
-from server.domain.models import AuditEntry, CommandKind
+from server.domain.models import AuditEntry, CommandKind, JoinToken
 from server.store.sqlite import MIGRATIONS, SqliteStore
 from tests.server.helpers import T0, make_grant, make_request, raw_sql
 
@@ -298,7 +298,7 @@ async def test_join_token_is_single_use(store: SqliteStore) -> None:
     async with store.transaction() as tx:
         await tx.insert_join_token("h1", {"env": "prod"}, "admin", T0, T0 + timedelta(hours=1), 1)
     async with store.transaction() as tx:
-        assert await tx.use_join_token("h1", T0) == {"env": "prod"}
+        assert await tx.use_join_token("h1", T0) == JoinToken({"env": "prod"})
     async with store.transaction() as tx:
         assert await tx.use_join_token("h1", T0) is None
         assert await tx.use_join_token("unknown", T0) is None
@@ -308,7 +308,7 @@ async def test_two_concurrent_uses_of_a_join_token_one_wins(store: SqliteStore) 
     async with store.transaction() as tx:
         await tx.insert_join_token("h1", {}, "admin", T0, T0 + timedelta(hours=1), 1)
 
-    async def use() -> dict[str, str] | None:
+    async def use() -> JoinToken | None:
         async with store.transaction() as tx:
             return await tx.use_join_token("h1", T0)
 
@@ -321,7 +321,7 @@ async def test_join_token_expires(store: SqliteStore) -> None:
     async with store.transaction() as tx:
         await tx.insert_join_token("h1", {}, "admin", T0, expires, 5)
         assert await tx.use_join_token("h1", expires) is None
-        assert await tx.use_join_token("h1", expires - timedelta(milliseconds=1)) == {}
+        assert await tx.use_join_token("h1", expires - timedelta(milliseconds=1)) == JoinToken({})
 
 
 async def test_reusable_join_token(store: SqliteStore) -> None:
@@ -329,7 +329,14 @@ async def test_reusable_join_token(store: SqliteStore) -> None:
         await tx.insert_join_token("dev", {}, "admin", T0, None, None)
     for _ in range(3):
         async with store.transaction() as tx:
-            assert await tx.use_join_token("dev", T0 + timedelta(days=400)) == {}
+            used = await tx.use_join_token("dev", T0 + timedelta(days=400))
+            assert used == JoinToken({}, reusable=True)
+
+
+async def test_a_replacement_join_token_names_its_agent(store: SqliteStore) -> None:
+    async with store.transaction() as tx:
+        await tx.insert_join_token("h1", {}, "admin", T0, T0 + timedelta(hours=1), 1, "web-1")
+        assert await tx.use_join_token("h1", T0) == JoinToken({}, replaces="web-1")
 
 
 # Audit.
