@@ -56,11 +56,11 @@ async def test_sigstopped_agent_is_cut_off_and_resyncs(
 
     What cuts the stream: with the suite's keepalive (2 s, ping timeout 1 s) the first unanswered
     HTTP/2 ping, long before the queue of 10 fills: a frozen process's HTTP/2 window and socket
-    buffers take the commands of 2,000 to 9,500 grants before the coordinator's writer blocks
-    (measured with keepalive and ping timeout at 60 s, when only the queue could cut; that takes
-    minutes of issuing and resyncing, too long for this suite). A grant that expires while the
-    agent is stopped is measured like a crash: the agent was not running, the allowance is the
-    stopped time plus 250 ms."""
+    buffers take the commands of 2,000 to more than 6,000 grants before the writer blocks
+    (measured with the keepalive and ping timeout set long, so that only the queue could cut;
+    that takes minutes of issuing and resyncing, too long for this suite). A grant that expires
+    while the agent is stopped is measured like a crash: the agent was not running, the allowance
+    is the stopped time plus 250 ms."""
     cluster = Cluster(tmp_path, recorder)
     web = None
     try:
