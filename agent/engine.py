@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -249,37 +249,45 @@ class Engine:
         was = self._skewed
         self._skewed = self._skew is not None and self.now() - at > self._skew
         if self._skew is not None and abs(wall - at) > self._skew:
-            await self._store.add_event(
-                new_event(
-                    EventKind.CLOCK_SKEWED,
-                    at=self.now(),
-                    details={"skew_ms": str(skew_ms), "refusing": str(self._skewed).lower()},
+            with _best_effort("a clock event"):
+                await self._store.add_event(
+                    new_event(
+                        EventKind.CLOCK_SKEWED,
+                        at=self.now(),
+                        details={"skew_ms": str(skew_ms), "refusing": str(self._skewed).lower()},
+                    )
                 )
-            )
             self.outbox_changed.set()
             log.warning("clock skew", extra={"skew_ms": skew_ms, "refusing": self._skewed})
         elif was and not self._skewed:
-            await self._store.add_event(
-                new_event(EventKind.CLOCK_TRUSTED, at=self.now(), details={"skew_ms": str(skew_ms)})
-            )
+            with _best_effort("a clock event"):
+                await self._store.add_event(
+                    new_event(
+                        EventKind.CLOCK_TRUSTED, at=self.now(), details={"skew_ms": str(skew_ms)}
+                    )
+                )
             self.outbox_changed.set()
         if self._clock_untrusted:
             self._clock_untrusted = False
-            await self._store.note_wall(self.now())
-            await self._store.add_event(
-                new_event(
-                    EventKind.CLOCK_TRUSTED, at=self.now(), details={"coordinator": at.isoformat()}
+            with _best_effort("the trusted clock"):
+                await self._store.note_wall(self.now())
+                await self._store.add_event(
+                    new_event(
+                        EventKind.CLOCK_TRUSTED,
+                        at=self.now(),
+                        details={"coordinator": at.isoformat()},
+                    )
                 )
-            )
             self.outbox_changed.set()
             log.info("clock trusted again: coordinator time seen")
 
     async def checkpoint(self) -> None:
         """Persist the time reached (and the contact, if connected), e.g. before stopping."""
         now = self.now()
-        await self._store.note_wall(now)
-        if self._connected:
-            await self._store.note_contact(now)
+        with _best_effort("the time reached"):
+            await self._store.note_wall(now)
+            if self._connected:
+                await self._store.note_contact(now)
 
     # The link's view.
 
@@ -292,17 +300,20 @@ class Engine:
     async def note_epoch(self, epoch: int) -> None:
         if epoch > self._epoch:
             self._epoch = epoch
-            await self._store.note_epoch(epoch)
+            with _best_effort("the epoch"):
+                await self._store.note_epoch(epoch)
 
     async def coordinator_reached(self) -> None:
         self._connected = True
         self._offline_since = None
-        await self._store.note_contact(self.now())
+        with _best_effort("the contact time"):
+            await self._store.note_contact(self.now())
         self._leases_changed.set()
 
     async def coordinator_alive(self) -> None:
         if self._connected:
-            await self._store.note_contact(self.now())
+            with _best_effort("the contact time"):
+                await self._store.note_contact(self.now())
 
     async def coordinator_lost(self) -> None:
         if not self._connected:
@@ -310,7 +321,8 @@ class Engine:
         now = self.now()
         self._connected = False
         self._offline_since = now
-        await self._store.note_contact(now)
+        with _best_effort("the contact time"):
+            await self._store.note_contact(now)
         # revoke_after leases now have an earlier deadline.
         self._leases_changed.set()
 
@@ -318,8 +330,10 @@ class Engine:
         return await self._store.pending_events(limit)
 
     async def events_delivered(self, event_ids: Iterable[str]) -> None:
-        if await self._store.delete_events(event_ids):
-            self.outbox_changed.set()
+        # Events not deleted are sent again; the coordinator stores each id once.
+        with _best_effort("delivered events"):
+            if await self._store.delete_events(event_ids):
+                self.outbox_changed.set()
 
     # Commands.
 
@@ -331,12 +345,19 @@ class Engine:
             if ack is None:
                 now = self.now()
                 kind = command.kind
-                if isinstance(kind, GrantSpec):
-                    ack = await self._grant(command, kind, now)
-                elif isinstance(kind, RevokeSpec):
-                    ack = await self._revoke(command, kind, now)
-                else:
-                    ack = await self._snapshot(command, kind, now)
+                try:
+                    if isinstance(kind, GrantSpec):
+                        ack = await self._grant(command, kind, now)
+                    elif isinstance(kind, RevokeSpec):
+                        ack = await self._revoke(command, kind, now)
+                    else:
+                        ack = await self._snapshot(command, kind, now)
+                except StateError as exc:
+                    # A full or failing disk where the command's own paths do not answer it: a
+                    # failed ack (the coordinator resends it later), not a crash.
+                    log.error("cannot persist a command", extra={"error": str(exc)})
+                    grant_id = "" if isinstance(kind, SnapshotSpec) else kind.grant_id
+                    ack = Ack(command.seq, AckStatus.FAILED, "cannot persist the command", grant_id)
             elif ack.status is AckStatus.APPLIED and isinstance(command.kind, RevokeSpec):
                 # A revoke sent again (its ack was lost): never "done" while its removal is owed.
                 ack = self._still_owed(ack) or ack
@@ -569,14 +590,23 @@ class Engine:
             # The deadline is absolute (taken before the sweep read the time), so time that
             # passes between the sweep and the start of the sleep is not slept again.
             started = self._clock.monotonic()
-            delay = await self.sweep()
-            if self._reconcile_every is not None:
-                # Drift: compare the host with the table now and then, not only at start (after
-                # the sweep, so expired access is never brought back).
-                if started - self._reconciled_at >= self._reconcile_every:
-                    await self.reconcile()
-                    self._reconciled_at = started
-                delay = min(delay, max(0.0, self._reconciled_at + self._reconcile_every - started))
+            try:
+                delay = await self.sweep()
+                if self._reconcile_every is not None:
+                    # Drift: compare the host with the table now and then, not only at start
+                    # (after the sweep, so expired access is never brought back).
+                    if started - self._reconciled_at >= self._reconcile_every:
+                        self._reconciled_at = started
+                        await self.reconcile()
+                    delay = min(
+                        delay, max(0.0, self._reconciled_at + self._reconcile_every - started)
+                    )
+            except StateError as exc:
+                # A full or failing disk: the sweep removes access before it records the end, so
+                # expiry is still enforced; the records are tried again shortly, and the agent
+                # keeps running rather than crash (and crash again at every start).
+                log.error("expiry sweep cannot persist", extra={"error": str(exc)})
+                delay = min(MAX_NAP, self._policy.base)
             await _sleep_or_wake(self._clock, started + delay, self._leases_changed)
 
     async def sweep(self) -> float:
@@ -928,6 +958,16 @@ def _end_event(
 
 def _lease_fields(lease: Lease) -> dict[str, str]:
     return {"grant_id": lease.grant_id, "subject": lease.subject, "action": lease.action}
+
+
+@contextlib.contextmanager
+def _best_effort(what: str) -> Iterator[None]:
+    """Bookkeeping a full or failing disk must not turn into a crash: logged and skipped (the
+    next write of the same kind tries again)."""
+    try:
+        yield
+    except StateError as exc:
+        log.error("cannot persist %s", what, extra={"error": str(exc)})
 
 
 def _cut(text: str) -> str:

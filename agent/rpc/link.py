@@ -421,10 +421,7 @@ class Link:
 
     async def _command(self, command: agentlink_pb2.Command) -> agentlink_pb2.AgentMessage:
         try:
-            body = verify(command, self._pinned)
-            if body.epoch < self._min_epoch:
-                # Signed, but by an earlier coordinator run: a replay or a stale coordinator.
-                raise MalformedCommand("command is from an earlier coordinator epoch")
+            body = verify(command, self._pinned, min_epoch=self._min_epoch)
             spec = convert.command_from_pb(command.seq, body)
         except MalformedCommand as exc:
             log.warning("command rejected", extra={"seq": command.seq, "reason": str(exc)})

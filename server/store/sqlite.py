@@ -1056,11 +1056,17 @@ class SqliteStore:
         return None if row is None else frozenset(json.loads(row[0]))
 
     async def commands_after(self, agent: str, seq: int, limit: int) -> list[Command]:
+        # A grant command the agent has refused (acked FAILED or REJECTED) is never sent again:
+        # the grant ended here with that ack, and no revoke follows it in the log. An agent that
+        # could not record its refusal (a full disk) would otherwise apply it on the replay after
+        # its restart, for a grant the coordinator shows as failed.
         rows = await _all(
             self._reader,
             f"SELECT c.seq, c.kind, c.revoke_reason, {_GRANT_COLUMNS_G} "
             "FROM commands c JOIN grants g ON g.id = c.grant_id "
-            "WHERE c.agent = ? AND c.seq > ? ORDER BY c.seq LIMIT ?",
+            "WHERE c.agent = ? AND c.seq > ? "
+            "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
+            "ORDER BY c.seq LIMIT ?",
             [agent, seq, limit],
         )
         return [Command(agent, r[0], CommandKind(r[1]), _grant(r[3:]), r[2]) for r in rows]

@@ -413,3 +413,36 @@ async def test_full_disk_grant_fails_without_a_hook_and_revoke_still_removes(rig
     # An update in place may still fit; whether it is persisted or not, the access goes.
     await rig.engine.handle(command(3, RevokeSpec(held.grant_id)))
     assert ("alice", "restart") not in rig.recorder.in_force  # the hook still ran
+
+
+async def test_a_disk_that_refuses_every_write_fails_commands_but_crashes_nothing(
+    rig: Rig,
+) -> None:
+    """Nothing can be written (a full or failing disk; here the connection is made read-only):
+    commands get a failed ack, the bookkeeping the link calls for is skipped, and the expiry
+    loop keeps running and still removes access on time (it removes before it records)."""
+    spec = grant(length=3 * SEC)
+    await rig.engine.handle(command(1, spec))
+    rig.store._db.execute("PRAGMA query_only=1")
+    await rig.engine.coordinator_reached()
+    await rig.engine.coordinator_alive()
+    await rig.engine.note_epoch(9)
+    await rig.engine.events_delivered(["evt-1"])
+    ack = await rig.engine.handle(command(2, RevokeSpec(gid())))  # a tombstone to write
+    assert (ack.status, ack.reason) == (AckStatus.FAILED, "cannot persist the command")
+    ack = await rig.engine.handle(command(3, grant(action="restart")))
+    assert (ack.status, ack.reason) == (AckStatus.FAILED, "cannot persist the grant")
+    assert ("alice", "restart") not in rig.recorder.in_force
+    async with asyncio.TaskGroup() as tasks:
+        loop = tasks.create_task(rig.engine.run())
+        async with asyncio.timeout(5):
+            while PAIR in rig.recorder.in_force:
+                await rig.clock.advance(SEC)
+        # Past the failed record the loop goes on (it would have ended the TaskGroup).
+        for _ in range(3):
+            await rig.clock.advance(SEC)
+        assert not loop.done()
+        loop.cancel()
+    await rig.engine.coordinator_lost()
+    await rig.engine.checkpoint()
+    assert await rig.files.observe() == set()

@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -81,9 +83,13 @@ class Process:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def signal(self, sig: int) -> None:
+    @property
+    def pid(self) -> int:
         assert self.popen is not None
-        os.kill(self.popen.pid, sig)
+        return self.popen.pid
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
 
     def kill(self) -> None:
         assert self.popen is not None
@@ -135,12 +141,15 @@ class Cluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def start_coordinator(self, crash_at: str = "", wait: bool = True) -> None:
+    async def start_coordinator(
+        self, crash_at: str = "", wait: bool = True, flags: Sequence[str] = ()
+    ) -> None:
+        """`flags` come after the suite's own and override them (argparse: the last wins)."""
         data = self.root / "coordinator"
         env = {"JITMESH_TEST_CRASH_AT": crash_at} if crash_at else {}
         self.coordinator = Process(
             [str(BIN / "jitmesh-coordinator"), "dev", "--data", str(data),
-             "--listen", self.address, "--log-level", "WARNING", *COORDINATOR_FLAGS],
+             "--listen", self.address, "--log-level", "WARNING", *COORDINATOR_FLAGS, *flags],
             self.root / "coordinator.log",
             env,
         )  # fmt: skip
@@ -174,8 +183,16 @@ class Cluster:
         await admin.apply_policy(POLICY)
 
     async def start_agent(
-        self, name: str, *, new: bool = True, crash_at: str = "", hook_timeout: str = "1s"
+        self,
+        name: str,
+        *,
+        new: bool = True,
+        crash_at: str = "",
+        hook_timeout: str = "1s",
+        direct: bool = False,
     ) -> AgentHandle:
+        """`direct`: the agent dials the coordinator itself (its proxy is started but unused), so
+        no proxy buffers bytes on the way when the agent process is frozen."""
         if new:
             proxy = FaultProxy(self.port)
             await proxy.start()
@@ -185,7 +202,8 @@ class Cluster:
             clock_file.write_text("0\n")
             state = self.root / name
             process = Process(
-                [str(BIN / "jitmesh-agent"), "--coordinator", proxy.address, "--name", name,
+                [str(BIN / "jitmesh-agent"), "--name", name,
+                 "--coordinator", self.address if direct else proxy.address,
                  "--label", "env=staging", "--join-token", self.env["JITMESH_JOIN_TOKEN"],
                  "--state", str(state), "--enforcer", f"exec:{hooks}", "--log-level", "info",
                  *AGENT_FLAGS],
@@ -246,6 +264,14 @@ class Cluster:
         for client in self._clients:
             await client.close()
         self._clients.clear()
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set of a live process, from /proc/PID/status (VmRSS, in KiB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def overstay_ms(history: History, pair: tuple[str, str], end: datetime) -> float:
@@ -309,13 +335,24 @@ async def audit_count(client: Client, grant_id: str, kind: str) -> int:
 
 
 async def audit_settled(
-    recorder: Recorder, client: Client, expected: dict[str, str], timeout: float = 20
+    recorder: Recorder,
+    client: Client,
+    expected: dict[str, str],
+    timeout: float = 20,
+    *,
+    agent: str = "",
 ) -> None:
-    """Each grant id in `expected` must end with exactly one audit event of its kind."""
+    """Each grant id in `expected` must end with exactly one audit event of its kind. With
+    `agent`, one listing of that agent's events per look instead of one per grant (thousands of
+    grants)."""
     deadline = time.monotonic() + timeout
     counts: dict[str, int] = {}
     while True:
-        counts = {g: await audit_count(client, g, k) for g, k in expected.items()}
+        if agent:
+            found = Counter((e.grant_id, e.kind) for e in await client.list_audit(agent=agent))
+            counts = {g: found[(g, k)] for g, k in expected.items()}
+        else:
+            counts = {g: await audit_count(client, g, k) for g, k in expected.items()}
         if all(c >= 1 for c in counts.values()) or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.1)

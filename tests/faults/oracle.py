@@ -19,6 +19,8 @@ from pathlib import Path
 
 SCRIPT = r"""#!/bin/sh
 # jitmesh fault-suite oracle hook (test only)
+# A full-disk test limits the agent's file size (inherited here): the host's record must not be.
+ulimit -S -f unlimited 2>/dev/null
 d="$ORACLE_DIR"; op="$1"; s="$2"; a="$3"
 if [ -e "$d/hang-$op" ]; then
   echo $$ > "$d/hang.pid"; echo "$(date +%s%N) hang-$op $s $a" >> "$d/log"; exec sleep 30
@@ -33,6 +35,7 @@ case "$op" in
       rm -f "$d/in/$s:$a"; echo "$(date +%s%N) remove $s $a" >> "$d/log"
     fi ;;
   observe)
+    echo x >> "$d/observes"
     for f in "$d"/in/*; do
       [ -e "$f" ] || continue; b=$(basename "$f"); echo "${b%%:*} ${b#*:}"
     done ;;
@@ -75,6 +78,11 @@ class Oracle:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
             pid_file.unlink()
+
+    def observes(self) -> int:
+        """How many times the agent has looked at the host (its reconcile runs `observe`)."""
+        path = self.root / "observes"
+        return len(path.read_text().splitlines()) if path.exists() else 0
 
     def in_force(self) -> set[tuple[str, str]]:
         found = set()

@@ -27,7 +27,8 @@ class Recorder:
         double_applies: int = 0,
         unauthorized: int = 0,
     ) -> None:
-        """phase: connected, partitioned or crash (agent downtime in between)."""
+        """phase: connected, partitioned, crash or stopped (the last two: agent downtime in
+        between, SIGKILL and restart or SIGSTOP and SIGCONT)."""
         self._write(
             {
                 "type": "grant",

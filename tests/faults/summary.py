@@ -3,8 +3,9 @@
     python -m tests.faults.summary RESULTS.jsonl [--seed N] [--json OUT]
 
 Exit status 1 when a promise is broken: a grant outliving its expiry by more than 250 ms outside
-agent downtime (after a crash: more than the downtime plus 250 ms), a double or unauthorized
-apply, an audit event lost or stored twice, or agents left behind after the reconnect storm.
+agent downtime (after a crash or while the agent was stopped: more than the downtime plus 250 ms),
+a double or unauthorized apply, an audit event lost or stored twice, or agents left behind after
+the reconnect storm.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ def pct(values: list[float], p: float) -> float:
 
 def summarize(records: list[dict[str, Any]], seed: str) -> dict[str, Any]:
     faults: Counter[str] = Counter()
-    grants: dict[str, list[dict[str, Any]]] = {"connected": [], "partitioned": [], "crash": []}
+    # crash: the agent was killed and restarted; stopped: frozen (SIGSTOP) and resumed. In both
+    # the agent was not running, and the allowance is its downtime plus the margin.
+    grants: dict[str, list[dict[str, Any]]] = {
+        "connected": [],
+        "partitioned": [],
+        "crash": [],
+        "stopped": [],
+    }
     issued = 0
     double = unauthorized = 0
     expected = stored = duplicated = 0
@@ -58,7 +66,7 @@ def summarize(records: list[dict[str, Any]], seed: str) -> dict[str, Any]:
     above = 0
     for phase, rows in grants.items():
         values = [row["overstay_ms"] for row in rows]
-        # After an agent crash the allowance is the downtime plus the margin.
+        # After an agent crash or stop the allowance is the downtime plus the margin.
         above += sum(1 for row in rows if row["overstay_ms"] > row["downtime_ms"] + MARGIN_MS)
         overstay[phase] = {
             "grants": len(values),
@@ -109,7 +117,9 @@ def table(summary: dict[str, Any]) -> str:
     lines.append(f"  {'total':<34} {summary['faults_total']:>6}")
     lines.append("")
     lines.append(f"grants issued                  {summary['grants_issued']:>6}")
-    lines.append("overstay (ms past expiry; after an agent crash the allowance is downtime + 250)")
+    lines.append(
+        "overstay (ms past expiry; after an agent crash or stop the allowance is downtime + 250)"
+    )
     lines.append(f"  {'phase':<13} {'grants':>6} {'max':>9} {'p99':>9} {'p50':>9}")
     for phase, o in summary["overstay"].items():
         lines.append(

@@ -145,7 +145,7 @@ async def test_full_disk_refuses_grants_without_a_hook_and_still_revokes(
         held = "grt-" + "1" * 32
         assert (await engine.handle(grant_cmd(1, held, "restart"))).status is AckStatus.APPLIED
         fill_disk(store)
-        recorder.fault("disk_full")
+        recorder.fault("disk_full_in_process")
         calls = len(enforcer.history)
         ack = await engine.handle(grant_cmd(2, "grt-" + "2" * 32, "deploy"))
         assert (ack.status, ack.reason) == (AckStatus.FAILED, "cannot persist the grant")

@@ -291,6 +291,19 @@ async def test_ack_command_only_once(store: SqliteStore) -> None:
     assert agent.last_acked_seq == seq  # an ack for a command that does not exist moves nothing
 
 
+async def test_a_refused_grant_command_is_not_sent_again(store: SqliteStore) -> None:
+    await enroll(store, "web-1")
+    grants = [await grant_for(store) for _ in range(4)]
+    async with store.transaction() as tx:
+        for grant_id in grants:
+            await tx.append_command("web-1", CommandKind.GRANT, grant_id, T0)
+        await tx.append_command("web-1", CommandKind.REVOKE, grants[0], T0, "revoked")
+        acks = [(1, "APPLIED"), (2, "FAILED"), (3, "REJECTED"), (5, "FAILED")]
+        await tx.ack_commands([("web-1", seq, status, "") for seq, status in acks], T0)
+    # Applied, unacknowledged and revoke commands are replayed; refused grants never again.
+    assert [c.seq for c in await store.commands_after("web-1", 0, 10)] == [1, 4, 5]
+
+
 # Join tokens.
 
 
