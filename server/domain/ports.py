@@ -20,7 +20,7 @@ from jitmesh.types import (
     TokenInfo,
 )
 
-from .models import AuditEntry, Command, CommandKind, Principal
+from .models import AuditEntry, Command, CommandKind, Moved, Principal
 
 
 class Tx(Protocol):
@@ -95,8 +95,12 @@ class Tx(Protocol):
     async def set_meta(self, key: str, value: str) -> None: ...
     async def audit(self, entry: AuditEntry) -> AuditEvent | None: ...
     async def audit_many(self, entries: Sequence[AuditEntry]) -> list[AuditEvent]: ...
-    async def due_grants(self, now: datetime, limit: int) -> list[Grant]: ...
-    async def due_requests(self, now: datetime, limit: int) -> list[str]: ...
+    async def move_due_grants(
+        self, now: datetime, limit: int, *, state: GrantState, **fields: Any
+    ) -> list[Moved]: ...
+    async def move_due_requests(
+        self, now: datetime, limit: int, *, state: RequestState, by: str, reason: str
+    ) -> list[Moved]: ...
 
 
 class Store(Protocol):

@@ -36,10 +36,10 @@ from jitmesh.types import (
     ReviewDecision,
     TokenInfo,
 )
-from server.domain.audit import GENESIS, event_hash
+from server.domain.audit import GENESIS, canonical_details, chain_hash, event_hash
 from server.domain.errors import Conflict, InvalidArgument
 from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
-from server.domain.models import AuditEntry, Command, CommandKind, Principal
+from server.domain.models import AuditEntry, Command, CommandKind, Moved, Principal
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -562,24 +562,16 @@ class SqliteTx:
     ) -> set[str]:
         """`move_grant` for many grants at once (one statement per chunk, not one per grant).
         Returns the ids that were in an expected state and moved."""
+        expected = list(expected)
         states = [s.value for s in expected]
-        for current in expected:
-            if state not in GRANT_TRANSITIONS[current]:
-                raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
-        sets = ["state = ?"]
-        args: list[Any] = [state.value]
-        for column, value in fields.items():
-            if column not in _GRANT_UPDATABLE:
-                raise ValueError(f"column {column} cannot be updated")
-            sets.append(f"{column} = ?")
-            args.append(to_ms(value) if isinstance(value, datetime) else value)
+        sets, args = _grant_sets(expected, state, fields)
         moved: set[str] = set()
         marks = ",".join("?" * len(states))
         for first in range(0, len(grant_ids), _CHUNK):
             chunk = grant_ids[first : first + _CHUNK]
             rows = await _all(
                 self._conn,
-                f"UPDATE grants SET {', '.join(sets)} WHERE id IN ({','.join('?' * len(chunk))}) "
+                f"UPDATE grants SET {sets} WHERE id IN ({','.join('?' * len(chunk))}) "
                 f"AND state IN ({marks}) RETURNING id",
                 [*args, *chunk, *states],
             )
@@ -589,8 +581,31 @@ class SqliteTx:
     async def audit_many(self, entries: Sequence[AuditEntry]) -> list[AuditEvent]:
         """`audit` for many entries, in order, as one batch: the chain is the same as entry by
         entry. Entries whose id is already stored are skipped."""
+        events, rows = _chain(entries, self.head_seq, self.head_hash, set())
+        if not rows:
+            return []
+        # One executemany for the batch. Ids are almost always fresh (the coordinator's own are
+        # random), so the batch is tried as it is, inside a savepoint; only when an id turns out
+        # to be stored already is it rolled back and chained again without the stored ones.
+        await self._conn.execute("SAVEPOINT audit_many")
+        try:
+            await self._conn.executemany(_AUDIT_INSERT, rows)
+        except sqlite3.IntegrityError:
+            await self._conn.execute("ROLLBACK TO audit_many")
+            await self._conn.execute("RELEASE audit_many")
+            stored = await self._stored_audit_ids([entry.id for entry in entries])
+            events, rows = _chain(entries, self.head_seq, self.head_hash, stored)
+            if not rows:
+                return []
+            await self._conn.executemany(_AUDIT_INSERT, rows)
+        else:
+            await self._conn.execute("RELEASE audit_many")
+        self.head_seq, self.head_hash = events[-1].seq, events[-1].hash
+        self.new_audit.extend(events)
+        return events
+
+    async def _stored_audit_ids(self, ids: Sequence[str]) -> set[str]:
         stored: set[str] = set()
-        ids = [entry.id for entry in entries]
         for first in range(0, len(ids), _CHUNK):
             chunk = ids[first : first + _CHUNK]
             rows = await _all(
@@ -599,69 +614,115 @@ class SqliteTx:
                 chunk,
             )
             stored.update(row[0] for row in rows)
-        events: list[AuditEvent] = []
-        rows_out: list[tuple[Any, ...]] = []
-        seq, prev = self.head_seq, self.head_hash
-        for entry in entries:
-            if entry.id in stored:
-                continue
-            stored.add(entry.id)
-            seq += 1
-            event = AuditEvent(
-                seq=seq,
-                id=entry.id,
-                at=from_ms(to_ms(entry.at)),
-                actor=entry.actor,
-                kind=entry.kind,
-                subject=entry.subject,
-                agent=entry.agent,
-                request_id=entry.request_id,
-                grant_id=entry.grant_id,
-                details=dict(entry.details),
-                prev_hash=prev,
-                hash="",
-            )
-            prev = event_hash(event)
-            # Built again rather than dataclasses.replace: a third of the cost per event.
-            event = AuditEvent(
-                event.seq, event.id, event.at, event.actor, event.kind, event.subject,
-                event.agent, event.request_id, event.grant_id, event.details, event.prev_hash,
-                prev,
-            )  # fmt: skip
-            events.append(event)
-            rows_out.append(
-                (
-                    event.seq, event.id, to_ms(event.at), event.actor, event.kind, event.subject,
-                    event.agent, event.request_id, event.grant_id, _details_json(event.details),
-                    event.prev_hash, event.hash,
-                )
-            )  # fmt: skip
-        if rows_out:
-            await self._conn.executemany(
-                f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows_out
-            )
-        self.head_seq, self.head_hash = seq, prev
-        self.new_audit.extend(events)
-        return events
+        return stored
 
-    async def due_grants(self, now: datetime, limit: int) -> list[Grant]:
+    async def move_due_grants(
+        self, now: datetime, limit: int, *, state: GrantState, **fields: Any
+    ) -> list[Moved]:
+        """Compare-and-set up to `limit` grants past their not_after that may still expire
+        (PENDING_DELIVERY, ACTIVE, REVOKING) to `state`, set-based: one UPDATE ... RETURNING per
+        state left, no row read into Python before it moves."""
+        sets, args = _grant_sets(list(_DUE_GRANT_STATES), state, fields)
+        moved: list[Moved] = []
+        for was in _DUE_GRANT_STATES:
+            if len(moved) >= limit:
+                break
+            # The repeated IN list lets SQLite use the partial index grants_live.
+            rows = await _all(
+                self._conn,
+                f"UPDATE grants SET {sets} WHERE rowid IN (SELECT rowid FROM grants "
+                f"WHERE state IN ({_DUE_GRANT_IN}) AND state = ? AND not_after <= ? "
+                "ORDER BY not_after LIMIT ?) RETURNING id, request_id, agent, subject, action",
+                [*args, was.value, to_ms(now), limit - len(moved)],
+            )
+            w = was.value
+            moved.extend(Moved(r[0], r[1], r[2], r[3], r[4], w) for r in rows)
+        return moved
+
+    async def move_due_requests(
+        self, now: datetime, limit: int, *, state: RequestState, by: str, reason: str
+    ) -> list[Moved]:
+        """Compare-and-set up to `limit` PENDING requests past their TTL to `state`, set-based."""
+        if state not in REQUEST_TRANSITIONS[RequestState.PENDING]:
+            raise ValueError(f"request lifecycle has no step PENDING -> {state.value}")
         rows = await _all(
             self._conn,
-            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE state IN "
-            "('PENDING_DELIVERY', 'ACTIVE', 'REVOKING') AND not_after <= ? "
-            "ORDER BY not_after LIMIT ?",
-            [to_ms(now), limit],
+            "UPDATE requests SET state = ?, decided_at = ?, decided_by = ?, decision_reason = ? "
+            "WHERE rowid IN (SELECT rowid FROM requests WHERE state = 'PENDING' "
+            "AND pending_expires_at <= ? ORDER BY pending_expires_at LIMIT ?) "
+            "RETURNING id, agent, subject, action",
+            [state.value, to_ms(now), by, reason, to_ms(now), limit],
         )
-        return [_grant(r) for r in rows]
+        return [Moved(r[0], "", r[1], r[2], r[3], RequestState.PENDING.value) for r in rows]
 
-    async def due_requests(self, now: datetime, limit: int) -> list[str]:
-        rows = await _all(
-            self._conn,
-            "SELECT id FROM requests WHERE state = 'PENDING' AND pending_expires_at <= ? "
-            "ORDER BY pending_expires_at LIMIT ?",
-            [to_ms(now), limit],
-        )
-        return [r[0] for r in rows]
+
+def _grant_sets(
+    expected: Sequence[GrantState], state: GrantState, fields: dict[str, Any]
+) -> tuple[str, list[Any]]:
+    """The SET clause (and its arguments) of a grant compare-and-set; only lifecycle steps and
+    updatable columns are allowed."""
+    for current in expected:
+        if state not in GRANT_TRANSITIONS[current]:
+            raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
+    sets = ["state = ?"]
+    args: list[Any] = [state.value]
+    for column, value in fields.items():
+        if column not in _GRANT_UPDATABLE:
+            raise ValueError(f"column {column} cannot be updated")
+        sets.append(f"{column} = ?")
+        args.append(to_ms(value) if isinstance(value, datetime) else value)
+    return ", ".join(sets), args
+
+
+def _chain(
+    entries: Sequence[AuditEntry], seq: int, prev: str, skip: set[str]
+) -> tuple[list[AuditEvent], list[tuple[Any, ...]]]:
+    """The audit events (and their rows) that extend the chain at (seq, prev) with `entries`,
+    leaving out ids in `skip` and repeated ids. Pure Python, per entry only what differs: the
+    instant's and the details' encodings are reused across entries that share them (a sweep's
+    entries share the instant and a few details shapes)."""
+    events: list[AuditEvent] = []
+    rows: list[tuple[Any, ...]] = []
+    seen = set(skip)
+    instants: dict[datetime, tuple[int, datetime]] = {}
+    shapes: dict[tuple[tuple[str, str], ...], tuple[str, str]] = {}
+    for entry in entries:
+        if entry.id in seen:
+            continue
+        seen.add(entry.id)
+        instant = instants.get(entry.at)
+        if instant is None:
+            at_ms = to_ms(entry.at)
+            instant = instants[entry.at] = (at_ms, from_ms(at_ms))
+        key = tuple(entry.details.items())
+        shape = shapes.get(key)
+        if shape is None:
+            shape = shapes[key] = (canonical_details(entry.details), _details_json(entry.details))
+        seq += 1
+        digest = chain_hash(
+            seq, entry.id, instant[0], entry.actor, entry.kind, entry.subject, entry.agent,
+            entry.request_id, entry.grant_id, shape[0], prev,
+        )  # fmt: skip
+        events.append(
+            AuditEvent(
+                seq, entry.id, instant[1], entry.actor, entry.kind, entry.subject, entry.agent,
+                entry.request_id, entry.grant_id, dict(entry.details), prev, digest,
+            )
+        )  # fmt: skip
+        rows.append(
+            (
+                seq, entry.id, instant[0], entry.actor, entry.kind, entry.subject, entry.agent,
+                entry.request_id, entry.grant_id, shape[1], prev, digest,
+            )
+        )  # fmt: skip
+        prev = digest
+    return events, rows
+
+
+# Grant states the expiry sweep moves, in the order it takes them.
+_DUE_GRANT_STATES = (GrantState.ACTIVE, GrantState.PENDING_DELIVERY, GrantState.REVOKING)
+_DUE_GRANT_IN = "'PENDING_DELIVERY', 'ACTIVE', 'REVOKING'"  # as in the grants_live index
+_AUDIT_INSERT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 
 
 # Commits between WAL checkpoints (each commit adds a few pages to the WAL).
