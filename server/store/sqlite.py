@@ -261,6 +261,40 @@ def _page(token: str) -> tuple[int, str] | None:
         raise InvalidArgument("page token is not valid") from None
 
 
+_REQUEST_INSERT = (
+    "INSERT INTO requests (id, subject, agent, action, duration_ms, reason, state, rule, "
+    "approvals_required, approver_groups, created_at, pending_expires_at, decided_at, "
+    "decided_by, decision_reason, grant_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_GRANT_INSERT = (
+    f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_COMMAND_INSERT = (
+    "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
+    "VALUES (?,?,?,?,?,?)"
+)
+
+
+def _request_row(r: Request) -> tuple[Any, ...]:
+    return (
+        r.id, r.subject, r.agent, r.action, r.duration // timedelta(milliseconds=1),
+        r.reason, r.state.value, r.rule, r.approvals_required,
+        json.dumps(list(r.approver_groups)), to_ms(r.created_at),
+        _ms(r.pending_expires_at), _ms(r.decided_at), r.decided_by, r.decision_reason,
+        r.grant_id,
+    )  # fmt: skip
+
+
+def _grant_row(g: Grant) -> tuple[Any, ...]:
+    return (
+        g.id, g.request_id, g.agent, g.subject, g.action, to_ms(g.not_before),
+        to_ms(g.not_after), g.state.value, g.offline.mode.value,
+        g.offline.grace // timedelta(milliseconds=1), to_ms(g.created_at),
+        _ms(g.ended_at), g.ended_by, g.end_reason, g.grant_seq, g.revoke_seq,
+        _ms(g.applied_at), g.failure, g.epoch,
+    )  # fmt: skip
+
+
 class SqliteTx:
     """One write transaction. Methods that change state by compare-and-set return False when the
     row was not in the expected state, so the caller decides what that means."""
@@ -281,18 +315,7 @@ class SqliteTx:
         return await _get_agent(self._conn, name)
 
     async def insert_request(self, r: Request) -> None:
-        await self._conn.execute(
-            "INSERT INTO requests (id, subject, agent, action, duration_ms, reason, state, rule, "
-            "approvals_required, approver_groups, created_at, pending_expires_at, decided_at, "
-            "decided_by, decision_reason, grant_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                r.id, r.subject, r.agent, r.action, r.duration // timedelta(milliseconds=1),
-                r.reason, r.state.value, r.rule, r.approvals_required,
-                json.dumps(list(r.approver_groups)), to_ms(r.created_at),
-                _ms(r.pending_expires_at), _ms(r.decided_at), r.decided_by, r.decision_reason,
-                r.grant_id,
-            ),
-        )  # fmt: skip
+        await self._conn.execute(_REQUEST_INSERT, _request_row(r))
 
     async def decide_request(
         self,
@@ -327,16 +350,7 @@ class SqliteTx:
         return True
 
     async def insert_grant(self, g: Grant) -> None:
-        await self._conn.execute(
-            f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                g.id, g.request_id, g.agent, g.subject, g.action, to_ms(g.not_before),
-                to_ms(g.not_after), g.state.value, g.offline.mode.value,
-                g.offline.grace // timedelta(milliseconds=1), to_ms(g.created_at),
-                _ms(g.ended_at), g.ended_by, g.end_reason, g.grant_seq, g.revoke_seq,
-                _ms(g.applied_at), g.failure, g.epoch,
-            ),
-        )  # fmt: skip
+        await self._conn.execute(_GRANT_INSERT, _grant_row(g))
 
     async def move_grant(
         self,
@@ -380,13 +394,49 @@ class SqliteTx:
             raise Conflict(f"agent {agent} is not enrolled")
         seq = int(row[0])
         await self._conn.execute(
-            "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
-            "VALUES (?,?,?,?,?,?)",
-            (agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)),
+            _COMMAND_INSERT, (agent, seq, kind.value, grant_id, revoke_reason, to_ms(at))
         )
         column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
         await self._conn.execute(f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id))
         return seq
+
+    async def insert_requests(self, requests: Sequence[Request]) -> None:
+        """`insert_request` for many requests, one statement for all (group commit)."""
+        await self._conn.executemany(_REQUEST_INSERT, [_request_row(r) for r in requests])
+
+    async def insert_grants(self, grants: Sequence[Grant]) -> None:
+        """`insert_grant` for many grants, one statement for all (group commit)."""
+        await self._conn.executemany(_GRANT_INSERT, [_grant_row(g) for g in grants])
+
+    async def append_commands(
+        self, commands: Sequence[tuple[str, CommandKind, str, datetime]]
+    ) -> list[int | None]:
+        """`append_command` for many (agent, kind, grant id, instant) at once: each agent's next
+        sequence numbers, gap-free and in the order given; None for a command whose agent is
+        not enrolled (nothing is stored for it). Does not touch the grants: the caller stores
+        the sequence numbers with them."""
+        wanted: dict[str, int] = {}
+        for agent, *_ in commands:
+            wanted[agent] = wanted.get(agent, 0) + 1
+        # One statement moves every agent's counter by its number of new commands.
+        rows = await _all(
+            self._conn,
+            "UPDATE agents SET last_seq = last_seq + w.value FROM json_each(?) AS w "
+            "WHERE agents.name = w.key AND agents.removed_at IS NULL "
+            "RETURNING agents.name, agents.last_seq",
+            [json.dumps(wanted)],
+        )
+        next_seq = {name: last - wanted[name] + 1 for name, last in rows}
+        seqs: list[int | None] = []
+        stored: list[tuple[Any, ...]] = []
+        for agent, kind, grant_id, at in commands:
+            seq = next_seq.get(agent)
+            seqs.append(seq)
+            if seq is not None:
+                next_seq[agent] = seq + 1
+                stored.append((agent, seq, kind.value, grant_id, "", to_ms(at)))
+        await self._conn.executemany(_COMMAND_INSERT, stored)
+        return seqs
 
     async def ack_command(
         self, agent: str, seq: int, status: str, reason: str, at: datetime
@@ -770,23 +820,43 @@ class SqliteStore:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
-        """A write transaction: committed when the block ends, rolled back if it raises."""
+        """A write transaction: committed when the block ends, rolled back if it raises.
+
+        The caller's task may be cancelled at any await (a stream handler whose call ended),
+        but a statement already queued on the connection's thread still runs: so BEGIN is
+        inside the rollback's reach, and the rollback and the commit (with the chain head it
+        moves) run to the end even when the caller is cancelled meanwhile."""
         async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            tx = SqliteTx(self, self._writer)
             try:
+                await self._writer.execute("BEGIN IMMEDIATE")
+                tx = SqliteTx(self, self._writer)
                 yield tx
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                await asyncio.shield(self._rollback())
                 raise
+            await asyncio.shield(self._commit(tx))
+
+    async def _rollback(self) -> None:
+        try:
+            await self._writer.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            if self._writer.in_transaction:
+                raise
+            # BEGIN itself failed: there is nothing to roll back.
+
+    async def _commit(self, tx: SqliteTx) -> None:
+        try:
             await self._writer.execute("COMMIT")
-            self.head = (tx.head_seq, tx.head_hash)
-            self._commits += 1
-            if self._commits % CHECKPOINT_EVERY == 0 and (
-                self._checkpointing is None or self._checkpointing.done()
-            ):
-                # Owned by the store and awaited by `close`; it never raises (failures are logged).
-                self._checkpointing = asyncio.create_task(asyncio.to_thread(_checkpoint, self.path))
+        except BaseException:
+            await self._rollback()
+            raise
+        self.head = (tx.head_seq, tx.head_hash)
+        self._commits += 1
+        if self._commits % CHECKPOINT_EVERY == 0 and (
+            self._checkpointing is None or self._checkpointing.done()
+        ):
+            # Owned by the store and awaited by `close`; it never raises (failures are logged).
+            self._checkpointing = asyncio.create_task(asyncio.to_thread(_checkpoint, self.path))
 
     # Reads: committed data only.
 

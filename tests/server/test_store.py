@@ -4,6 +4,7 @@ the audit chain, and all-or-nothing transactions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -579,3 +580,28 @@ async def test_move_due_grants_takes_only_due_grants_that_may_expire(store: Sqli
     stored = await store.get_grant(later.id)
     assert stored is not None
     assert stored.state is GrantState.ACTIVE
+
+
+async def test_a_writer_cancelled_at_any_step_leaves_the_store_and_chain_sound(
+    store: SqliteStore,
+) -> None:
+    # A stream handler's task is cancelled when its call ends, at whatever await it is: in
+    # BEGIN, in a statement, in COMMIT. Statements already queued still run on the connection's
+    # thread, so no transaction may be left open and the chain head must follow what committed.
+    async def write(i: int) -> None:
+        async with store.transaction() as tx:
+            await tx.audit(AuditEntry("cancelled.maybe", "a", T0, id=f"evt-{i}"))
+
+    for i in range(40):
+        task = asyncio.ensure_future(write(i))
+        for _ in range(i % 8):
+            await asyncio.sleep(0)  # lets the cancel land at a different step each time
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        async with store.transaction() as tx:
+            await tx.audit(AuditEntry("after", "a", T0, id=f"evt-after-{i}"))
+    chain = await store.audit_chain(0, 1000)
+    assert verify_chain(chain).ok
+    assert store.head == (chain[-1].seq, chain[-1].hash)
+    assert sum(e.kind == "after" for e in chain) == 40

@@ -1,0 +1,85 @@
+"""Group commit: concurrent callers' writes coalesced into one store transaction.
+
+Callers that arrive while a batch is being written wait for the next one, so under load each
+transaction (and each worker-thread hop of the store) carries many callers' writes, and with no
+load a caller is written at once, alone. Each caller gets its own result or error: the write
+function answers per item, and a batch that fails as a whole is written again one item at a time,
+so a bad item fails only itself. A caller's result is set only after the transaction committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Items per transaction: bounds how long one batch holds the writer.
+MAX_BATCH = 256
+
+
+class GroupCommit(Generic[T, R]):
+    def __init__(
+        self,
+        write: Callable[[Sequence[T]], Awaitable[Sequence[R | Exception]]],
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        """`write` stores the items in one transaction and answers each, in order, with its
+        result or the exception that item alone gets."""
+        self._write = write
+        self._max_batch = max_batch
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._flushing: asyncio.Future[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._flushing is None or self._flushing.done():
+            # The writer is a task of its own, owned here and awaited by `close`: a caller
+            # that is cancelled (its RPC ended) must not cancel the others' batch.
+            self._flushing = asyncio.ensure_future(self._flush())
+        return await future
+
+    async def close(self) -> None:
+        """Wait for the batches already submitted."""
+        if self._flushing is not None:
+            await self._flushing
+
+    async def _flush(self) -> None:
+        batch: list[tuple[T, asyncio.Future[R]]] = []
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                items = [item for item, _ in batch]
+                try:
+                    results = list(await self._write(items))
+                except Exception as exc:
+                    if len(batch) == 1:
+                        results = [exc]
+                    else:
+                        # Something in the batch failed the whole transaction: each alone.
+                        results = [await self._one(item) for item in items]
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():  # the caller is gone
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+                batch = []
+        except BaseException:
+            # Cancelled (the loop is shutting down): nobody is left waiting forever.
+            for _, future in batch + self._pending:
+                if not future.done():
+                    future.cancel()
+            self._pending.clear()
+            raise
+
+    async def _one(self, item: T) -> R | Exception:
+        try:
+            return (await self._write([item]))[0]
+        except Exception as exc:
+            return exc
