@@ -4,6 +4,7 @@ observed events). The stream itself lives in rpc/; the decisions live here."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -13,6 +14,7 @@ from jitmesh.crashpoints import crash_point
 from jitmesh.types import Agent, Grant, GrantState
 
 from .access import hash_secret
+from .batching import GroupCommit
 from .errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from .hub import Hub
 from .models import (
@@ -41,6 +43,7 @@ class FleetService:
         self._hub = hub
         self._clock = clock
         self.epoch = epoch
+        self._acks = GroupCommit(self._ack_many)
 
     # Operators.
 
@@ -228,21 +231,69 @@ class FleetService:
         return await self._store.commands_after(agent, after_seq, BACKLOG_PAGE)
 
     async def ack(self, principal: Principal, ack: AgentAck) -> None:
-        now = self._clock.now()
         # The command reached the agent and was applied, the ack is not recorded yet.
         crash_point("after_push")
+        await self._acks.submit((principal.name, ack))
+
+    async def _ack_many(self, acks: Sequence[tuple[str, AgentAck]]) -> list[None]:
+        """Group commit of acks (from many agents at once): the commands acked, the grants moved
+        and the audit events written by a few statements for the whole batch. The common case,
+        a grant applied, is set-based; the others go one by one in the same transaction."""
+        now = self._clock.now()
         async with self._store.transaction() as tx:
-            done = await tx.ack_command(principal.name, ack.seq, ack.status, ack.reason[:256], now)
-            if done is None:
-                return
-            kind, grant_id, issued_at = done
-            grant = await tx.get_grant(grant_id)
-            if grant is None:
-                return
-            await self._apply_ack(tx, principal.name, grant, kind, ack, now, now - issued_at)
+            done = await tx.ack_commands(
+                [(agent, ack.seq, ack.status, ack.reason[:256]) for agent, ack in acks], now
+            )
+            grants = await tx.get_grants([d[1] for d in done if d is not None])
+            applied: list[tuple[str, Grant, AgentAck, timedelta]] = []
+            changed: list[str] = []
+            for (agent, ack), found in zip(acks, done, strict=True):
+                grant = None if found is None else grants.get(found[1])
+                if found is None or grant is None:
+                    continue
+                kind, _, issued_at = found
+                changed.append(grant.request_id)
+                if kind is CommandKind.GRANT and ack.status == "APPLIED":
+                    applied.append((agent, grant, ack, now - issued_at))
+                else:
+                    await self._apply_ack(tx, agent, grant, kind, ack, now, now - issued_at)
+            if applied:
+                await tx.move_grants(
+                    [grant.id for _, grant, _, _ in applied],
+                    expected=[GrantState.PENDING_DELIVERY],
+                    state=GrantState.ACTIVE,
+                    applied_at=now,
+                )
+                await tx.audit_many(
+                    [
+                        self._ack_entry(agent, grant, ack, now, "grant.applied", latency)
+                        for agent, grant, ack, latency in applied
+                    ]
+                )
         crash_point("after_ack")
-        self._hub.requests_changed([grant.request_id])
+        self._hub.requests_changed(changed)
         await self._hub.audit_written(tx.new_audit)
+        return [None] * len(acks)
+
+    @staticmethod
+    def _ack_entry(
+        agent: str, grant: Grant, ack: AgentAck, now: datetime, kind: str, latency: timedelta
+    ) -> AuditEntry:
+        # From the command's commit to the agent's ack: the propagation a revoke receipt shows.
+        return AuditEntry(
+            kind,
+            f"agent:{agent}",
+            now,
+            subject=grant.subject,
+            agent=agent,
+            request_id=grant.request_id,
+            grant_id=grant.id,
+            details={
+                "action": grant.action,
+                "seq": str(ack.seq),
+                "latency_ms": str(int(latency.total_seconds() * 1000)),
+            },
+        )
 
     async def _apply_ack(
         self,

@@ -459,6 +459,47 @@ class SqliteTx:
         )
         return CommandKind(row[0]), row[1], from_ms(row[2])
 
+    async def ack_commands(
+        self, acks: Sequence[tuple[str, int, str, str]], at: datetime
+    ) -> list[tuple[CommandKind, str, datetime] | None]:
+        """`ack_command` for many (agent, seq, status, reason) at once, in two statements: per
+        ack the command's kind, grant and creation time, or None when the command is unknown or
+        was acked before (a repeat later in the same batch included)."""
+        rows = await _all(
+            self._conn,
+            "UPDATE commands SET acked_at = ?, ack_status = a.status, ack_reason = a.reason "
+            "FROM (SELECT json_extract(value, '$[0]') AS agent, json_extract(value, '$[1]') AS seq,"
+            " json_extract(value, '$[2]') AS status, json_extract(value, '$[3]') AS reason "
+            "FROM json_each(?)) AS a "
+            "WHERE commands.agent = a.agent AND commands.seq = a.seq AND commands.acked_at IS NULL "
+            "RETURNING commands.agent, commands.seq, commands.kind, commands.grant_id, "
+            "commands.created_at",
+            [to_ms(at), json.dumps([list(ack) for ack in acks])],
+        )
+        found = {(r[0], r[1]): (CommandKind(r[2]), r[3], from_ms(r[4])) for r in rows}
+        if found:
+            highest: dict[str, int] = {}
+            for agent, seq in found:
+                highest[agent] = max(seq, highest.get(agent, 0))
+            await self._conn.execute(
+                "UPDATE agents SET last_acked_seq = MAX(last_acked_seq, h.value), "
+                "last_seen_at = ? FROM json_each(?) AS h WHERE agents.name = h.key",
+                (to_ms(at), json.dumps(highest)),
+            )
+        return [found.pop((agent, seq), None) for agent, seq, _, _ in acks]
+
+    async def get_grants(self, grant_ids: Sequence[str]) -> dict[str, Grant]:
+        grants: dict[str, Grant] = {}
+        for first in range(0, len(grant_ids), _CHUNK):
+            chunk = grant_ids[first : first + _CHUNK]
+            rows = await _all(
+                self._conn,
+                f"SELECT {_GRANT_COLUMNS} FROM grants WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            grants.update((row[0], _grant(row)) for row in rows)
+        return grants
+
     async def enroll_agent(
         self, name: str, labels: dict[str, str], credential_hash: str, at: datetime
     ) -> bool:

@@ -12,7 +12,7 @@ from jitmesh import ConflictError, GrantState, RequestState
 from jitmesh.types import Agent
 from server.domain.audit import verify_chain
 from server.domain.batching import GroupCommit
-from server.domain.models import CommandKind
+from server.domain.models import AgentAck, CommandKind, Principal
 from server.store.sqlite import SqliteStore
 from tests.server.helpers import ADMIN, T0, Env, make_grant
 
@@ -190,3 +190,63 @@ async def test_append_commands_numbers_each_agent_gap_free(store: SqliteStore) -
     agent = await store.get_agent("a")
     assert agent is not None
     assert agent.last_seq == 4
+
+
+async def test_concurrent_acks_are_each_recorded_once(env: Env) -> None:
+    answers = await asyncio.gather(
+        *(
+            env.alice.create_request(agent=agent, action="deploy", duration=M15)
+            for agent in ["web-1"] * 6
+        )
+    )
+    grants = {g.grant_seq: g for _, g in answers if g is not None}
+    web = Principal("web-1", kind="agent")
+    fleet = env.coordinator.fleet
+    # A repeat of seq 1 in the same batch, an unknown seq, and a failed apply among them.
+    acks = [AgentAck(seq, "APPLIED", "", grants[seq].id) for seq in range(1, 6)]
+    acks += [AgentAck(1, "APPLIED", "", grants[1].id), AgentAck(99, "APPLIED", "", "")]
+    acks.append(AgentAck(6, "FAILED", "no such user", grants[6].id))
+    await asyncio.gather(*(fleet.ack(web, ack) for ack in acks))
+    for seq, grant in grants.items():
+        stored = await env.admin.get_grant(grant.id)
+        assert stored.state is (GrantState.FAILED if seq == 6 else GrantState.ACTIVE)
+    chain = await env.coordinator.store.audit_chain(0, 10_000)
+    assert verify_chain(chain).ok
+    applied = [e for e in chain if e.kind == "grant.applied"]
+    assert sorted(e.grant_id for e in applied) == sorted(grants[s].id for s in range(1, 6))
+    assert all(e.actor == "agent:web-1" and "latency_ms" in e.details for e in applied)
+    assert [e.details["reason"] for e in chain if e.kind == "grant.apply_failed"] == [
+        "no such user"
+    ]
+    agent = await env.coordinator.store.get_agent("web-1")
+    assert agent is not None
+    assert agent.last_acked_seq == 6
+
+
+async def test_ack_commands_answers_each_ack(store: SqliteStore) -> None:
+    grants = [make_grant(request_id=f"req-{i}", agent="a") for i in range(3)]
+    async with store.transaction() as tx:
+        assert await tx.enroll_agent("a", {}, "hash-a", T0)
+        for grant in grants:
+            await tx.insert_grant(grant)
+            await tx.append_command("a", CommandKind.GRANT, grant.id, T0)
+        assert await tx.ack_command("a", 3, "APPLIED", "", T0) is not None
+    async with store.transaction() as tx:
+        done = await tx.ack_commands(
+            [("a", 1, "APPLIED", ""), ("a", 2, "FAILED", "why"), ("a", 1, "APPLIED", ""),
+             ("a", 3, "APPLIED", ""), ("b", 1, "APPLIED", ""), ("a", 7, "APPLIED", "")],
+            T0 + M15,
+        )  # fmt: skip
+    assert done == [
+        (CommandKind.GRANT, grants[0].id, T0),
+        (CommandKind.GRANT, grants[1].id, T0),
+        None,  # a repeat
+        None,  # acked before
+        None,  # another agent's
+        None,  # unknown
+    ]
+    agent = await store.get_agent("a")
+    assert agent is not None
+    assert agent.last_acked_seq == 3
+    assert agent.last_seen_at == T0 + M15
+    assert await store.first_unacked_seq("a") is None
