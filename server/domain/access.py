@@ -73,7 +73,6 @@ class AccessService:
         self._deadlines_changed = deadlines_changed
         self._creations = GroupCommit(self._create_many)
 
-
     async def create_request(
         self,
         principal: Principal,
