@@ -201,8 +201,10 @@ def test_fast_hash_is_the_generic_canonical_json() -> None:
     # non-ASCII, separators in values, and details in any key order or with non-string values.
     rng = random.Random(7)
     alphabet = 'ab"\\/\n\t\x00\x1f\x7f é✓\u2028\U0001f600,:{}[]'
+
     def text() -> str:
         return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+
     base = chain(1)[0]
     for _ in range(500):
         details: dict[str, str] = {text(): text() for _ in range(rng.randrange(0, 4))}

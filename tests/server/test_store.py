@@ -537,9 +537,7 @@ async def test_next_deadline_and_due_rows(store: SqliteStore) -> None:
         )
         assert await expire(T0 + timedelta(minutes=59), 10) == []
         moved = await tx.move_due_grants(due, 10, state=GrantState.EXPIRED, ended_at=due)
-        assert moved == [
-            Moved(grant.id, "req-x", "web-1", "alice", "deploy", "PENDING_DELIVERY")
-        ]
+        assert moved == [Moved(grant.id, "req-x", "web-1", "alice", "deploy", "PENDING_DELIVERY")]
         # Moved once: a second sweep finds nothing (compare-and-set on the state).
         assert await tx.move_due_grants(due, 10, state=GrantState.EXPIRED) == []
         ended = await expire(T0 + timedelta(hours=1), 10)
