@@ -20,8 +20,12 @@ from jitmesh.types import AuditEvent, ChainVerification
 GENESIS = "0" * 64
 
 
-# One encoder for every hash: json.dumps with options builds a new encoder on each call.
+# The canonical text is the compact JSON array of the fields (json.dumps with separators
+# (",", ":") and ensure_ascii=False, details keys sorted). It is assembled here from the C
+# string escaper rather than by the generic encoder: the same text at a third of the cost, which
+# matters when a sweep hashes 100,000 events (tests/server/test_audit_chain.py compares both).
 _CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_quote = json.encoder.encode_basestring
 
 
 def checkpoint_bytes(seq: int, head_hash: str, at: datetime) -> bytes:
@@ -29,8 +33,38 @@ def checkpoint_bytes(seq: int, head_hash: str, at: datetime) -> bytes:
     return f"jitmesh-audit-checkpoint/v1\n{seq}\n{head_hash}\n{to_ms(at)}".encode()
 
 
+def canonical_details(details: Mapping[str, str]) -> str:
+    """The details object as it appears in the canonical text (keys sorted)."""
+    items = sorted(details.items())
+    if all(type(k) is str and type(v) is str for k, v in items):
+        return "{" + ",".join(f"{_quote(k)}:{_quote(v)}" for k, v in items) + "}"
+    return _CANONICAL(dict(items))
+
+
+def chain_hash(
+    seq: int, event_id: str, at_ms: int, actor: str, kind: str, subject: str, agent: str,
+    request_id: str, grant_id: str, details: str, prev_hash: str,
+) -> str:  # fmt: skip
+    """SHA-256 of the canonical text, `details` already in canonical form."""
+    q = _quote
+    text = (
+        f"[{int(seq)},{q(event_id)},{int(at_ms)},{q(actor)},{q(kind)},{q(subject)},{q(agent)},"
+        f"{q(request_id)},{q(grant_id)},{details},{q(prev_hash)}]"
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def event_hash(event: AuditEvent) -> str:
     """SHA-256 over the canonical JSON of every field but the hash itself."""
+    return chain_hash(
+        event.seq, event.id, to_ms(event.at), event.actor, event.kind, event.subject,
+        event.agent, event.request_id, event.grant_id, canonical_details(event.details),
+        event.prev_hash,
+    )  # fmt: skip
+
+
+def reference_hash(event: AuditEvent) -> str:
+    """`event_hash` through the generic JSON encoder: the definition the fast path must match."""
     canonical = _CANONICAL(
         [
             event.seq,

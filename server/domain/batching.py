@@ -1,98 +1,104 @@
-"""Group commit: many callers' writes in one transaction.
+"""Group commit: concurrent callers' writes coalesced into one store transaction.
 
-Callers submit an item and wait until it is durable. Items that arrive while a batch is being
-written go into the next batch together, so a burst (a fleet-wide revoke's acks, ten thousand
-agents saying Hello after a restart) costs a few commits instead of one per item, and a lone
-item is written at once (no timer, no added latency)."""
+Callers that arrive while a batch is being written wait for the next one, so under load each
+transaction (and each worker-thread hop of the store) carries many callers' writes, and with no
+load a caller is written at once, alone. Each caller gets its own result or error: the write
+function answers per item, and a batch that fails as a whole is written again one item at a time,
+so a bad item fails only itself. A caller's result is set only after the transaction committed.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+# Items per transaction: bounds how long one batch holds the writer.
+MAX_BATCH = 256
 
 
-@dataclass(slots=True)
-class _Waiting(Generic[T]):
-    item: T
-    future: asyncio.Future[None]
-
-
-class GroupCommit(Generic[T]):
-    def __init__(self, write: Callable[[list[T]], Awaitable[None]], limit: int) -> None:
-        """`write` stores a batch in one transaction (all or nothing); `limit` caps a batch."""
+class GroupCommit(Generic[T, R]):
+    def __init__(
+        self,
+        write: Callable[[Sequence[T]], Awaitable[Sequence[R | Exception]]],
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        """`write` stores the items in one transaction and answers each, in order, with its
+        result or the exception that item alone gets."""
         self._write = write
-        self._limit = limit
-        self._queue: list[_Waiting[T]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._max_batch = max_batch
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._flushing: asyncio.Future[None] | None = None
         self._waiting = 0
 
     @property
     def waiting(self) -> int:
-        """Items submitted and not yet durable."""
+        """Items submitted and not yet answered (for tests and metrics)."""
         return self._waiting
 
-    async def submit(self, item: T) -> None:
-        """Returns once the item's batch is committed; raises what writing the item raised."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Waiting(item, future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._drain())
-            self._writer.add_done_callback(self._writer_ended)
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._flushing is None or self._flushing.done():
+            # The writer is a task of its own, owned here and awaited by `close`: a caller
+            # that is cancelled (its RPC ended) must not cancel the others' batch.
+            self._flushing = asyncio.ensure_future(self._flush())
+            self._flushing.add_done_callback(self._flush_ended)
         self._waiting += 1
         try:
-            await future
+            return await future
         finally:
             self._waiting -= 1
 
-    async def _drain(self) -> None:
-        batch: list[_Waiting[T]] = []
+    def _flush_ended(self, flushing: asyncio.Future[None]) -> None:
+        """A writer cancelled before it even started leaves its items pending: cancel them."""
+        if flushing is self._flushing:
+            for _, future in self._pending:
+                if not future.done():
+                    future.cancel()
+            self._pending.clear()
+
+    async def close(self) -> None:
+        """Wait for the batches already submitted."""
+        if self._flushing is not None:
+            await self._flushing
+
+    async def _flush(self) -> None:
+        batch: list[tuple[T, asyncio.Future[R]]] = []
         try:
-            while self._queue:
-                batch, self._queue = self._queue[: self._limit], self._queue[self._limit :]
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                items = [item for item, _ in batch]
                 try:
-                    await self._write([w.item for w in batch])
+                    results = list(await self._write(items))
                 except Exception as exc:
                     if len(batch) == 1:
-                        _settle(batch[0].future, exc)
+                        results = [exc]
                     else:
-                        # One bad item must not spoil the others: each on its own, so only the
-                        # bad one's caller sees the error.
-                        log.warning("batch of %d failed (%s); writing them one by one",
-                                    len(batch), type(exc).__name__)  # fmt: skip
-                        for waiting in batch:
-                            try:
-                                await self._write([waiting.item])
-                            except Exception as one:
-                                _settle(waiting.future, one)
-                for waiting in batch:
-                    _settle(waiting.future, None)
+                        # Something in the batch failed the whole transaction: each alone.
+                        results = [await self._one(item) for item in items]
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():  # the caller is gone
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
                 batch = []
-        except BaseException as exc:
-            # Cancelled (shutdown): nobody may wait forever.
-            for waiting in [*batch, *self._queue]:
-                _settle(waiting.future, exc)
-            self._queue = []
+        except BaseException:
+            # Cancelled (the loop is shutting down): nobody is left waiting forever.
+            for _, future in batch + self._pending:
+                if not future.done():
+                    future.cancel()
+            self._pending.clear()
             raise
 
-    def _writer_ended(self, writer: asyncio.Task[None]) -> None:
-        """A writer cancelled before it even started leaves its items queued: fail them."""
-        if self._queue and self._writer is writer:
-            error = asyncio.CancelledError() if writer.cancelled() else writer.exception()
-            for waiting in self._queue:
-                _settle(waiting.future, error or RuntimeError("group commit writer ended"))
-            self._queue = []
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+    async def _one(self, item: T) -> R | Exception:
+        try:
+            return (await self._write([item]))[0]
+        except Exception as exc:
+            return exc

@@ -36,21 +36,19 @@ class Expirer:
         """Expire everything due at `now`. Returns (grants, requests) expired."""
         grants = requests = 0
         while True:
-            changed: list[str] = []
             async with self._store.transaction() as tx:
-                due = await tx.due_grants(now, BATCH)
-                # One batch per transaction: one UPDATE per chunk of grants and one multi-row
-                # audit insert (one event per grant, in grant order), not a round trip per row.
-                moved = await tx.move_grants(
-                    [grant.id for grant in due],
-                    expected={grant.state for grant in due},
-                    state=GrantState.EXPIRED,
-                    ended_at=now,
-                    end_reason="expired",
+                # Set-based: the due grants move in one UPDATE (per state they leave), then one
+                # multi-row audit insert with one event per grant; no per-row round trips.
+                moved = await tx.move_due_grants(
+                    now, BATCH, state=GrantState.EXPIRED, ended_at=now, end_reason="expired"
                 )
-                expired = [grant for grant in due if grant.id in moved]
-                grants += len(expired)
-                changed.extend(grant.request_id for grant in expired)
+                ended = await tx.move_due_requests(
+                    now,
+                    BATCH,
+                    state=RequestState.EXPIRED,
+                    by="coordinator",
+                    reason="not reviewed in time",
+                )
                 await tx.audit_many(
                     [
                         AuditEntry(
@@ -61,40 +59,31 @@ class Expirer:
                             agent=grant.agent,
                             request_id=grant.request_id,
                             grant_id=grant.id,
-                            details={"action": grant.action, "was": grant.state.value},
+                            details={"action": grant.action, "was": grant.was},
                         )
-                        for grant in expired
+                        for grant in moved
+                    ]
+                    # Subject and agent too, so the event shows up in filtered audit lists.
+                    + [
+                        AuditEntry(
+                            "request.expired",
+                            "coordinator",
+                            now,
+                            subject=request.subject,
+                            agent=request.agent,
+                            request_id=request.id,
+                            details={"action": request.action},
+                        )
+                        for request in ended
                     ]
                 )
-                pending = await tx.due_requests(now, BATCH)
-                for request_id in pending:
-                    ok = await tx.decide_request(
-                        request_id,
-                        expected=RequestState.PENDING,
-                        state=RequestState.EXPIRED,
-                        at=now,
-                        by="coordinator",
-                        reason="not reviewed in time",
-                    )
-                    if ok:
-                        requests += 1
-                        changed.append(request_id)
-                        # Subject and agent too, so the event shows up in filtered audit lists.
-                        request = await tx.get_request(request_id)
-                        await tx.audit(
-                            AuditEntry(
-                                "request.expired",
-                                "coordinator",
-                                now,
-                                subject=request.subject if request else "",
-                                agent=request.agent if request else "",
-                                request_id=request_id,
-                                details={"action": request.action} if request else {},
-                            )
-                        )
-            self._hub.requests_changed(changed)
+            grants += len(moved)
+            requests += len(ended)
+            self._hub.requests_changed(
+                [grant.request_id for grant in moved] + [request.id for request in ended]
+            )
             await self._hub.audit_written(tx.new_audit)
-            if len(due) < BATCH and len(pending) < BATCH:
+            if len(moved) < BATCH and len(ended) < BATCH:
                 return grants, requests
 
     async def run(self) -> None:

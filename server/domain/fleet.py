@@ -4,7 +4,7 @@ observed events). The stream itself lives in rpc/; the decisions live here."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -293,7 +293,7 @@ class FleetService:
             resume_after = min(resume_after, unacked - 1)
         return Resume(resume_after, (), None, 0)
 
-    async def _hello_batch(self, batch: list[tuple[str, AgentHello, datetime]]) -> None:
+    async def _hello_batch(self, batch: Sequence[tuple[str, AgentHello, datetime]]) -> list[None]:
         async with self._store.transaction() as tx:
             for name, hello, now in batch:
                 await tx.agent_seen(
@@ -315,6 +315,7 @@ class FleetService:
                 ]
             )
         await self._hub.audit_written(tx.new_audit)
+        return [None] * len(batch)
 
     async def backlog(self, agent: str, after_seq: int) -> list[Command]:
         return await self._store.commands_after(agent, after_seq, BACKLOG_PAGE)
@@ -332,7 +333,7 @@ class FleetService:
         """Acks received and not yet durable (for tests and metrics)."""
         return self._acks.waiting
 
-    async def _ack_batch(self, batch: list[_PendingAck]) -> None:
+    async def _ack_batch(self, batch: Sequence[_PendingAck]) -> list[None]:
         now = self._clock.now()
         request_ids: list[str] = []
         async with self._store.transaction() as tx:
@@ -357,6 +358,7 @@ class FleetService:
         if request_ids:
             self._hub.requests_changed(request_ids)
         await self._hub.audit_written(tx.new_audit)
+        return [None] * len(batch)
 
     async def observed(self, principal: Principal, event: AgentObservation) -> None:
         """Store an event the agent observed on its host, once per agent and event id."""

@@ -38,10 +38,10 @@ from jitmesh.types import (
     ReviewDecision,
     TokenInfo,
 )
-from server.domain.audit import GENESIS, event_hash
+from server.domain.audit import GENESIS, canonical_details, chain_hash, event_hash
 from server.domain.errors import Conflict, InvalidArgument
 from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
-from server.domain.models import AuditEntry, Command, CommandKind, JoinToken, Principal
+from server.domain.models import AuditEntry, Command, CommandKind, JoinToken, Moved, Principal
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -334,6 +334,40 @@ def _page(token: str) -> tuple[int, str] | None:
         raise InvalidArgument("page token is not valid") from None
 
 
+_REQUEST_INSERT = (
+    "INSERT INTO requests (id, subject, agent, action, duration_ms, reason, state, rule, "
+    "approvals_required, approver_groups, created_at, pending_expires_at, decided_at, "
+    "decided_by, decision_reason, grant_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_GRANT_INSERT = (
+    f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_COMMAND_INSERT = (
+    "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
+    "VALUES (?,?,?,?,?,?)"
+)
+
+
+def _request_row(r: Request) -> tuple[Any, ...]:
+    return (
+        r.id, r.subject, r.agent, r.action, r.duration // timedelta(milliseconds=1),
+        r.reason, r.state.value, r.rule, r.approvals_required,
+        json.dumps(list(r.approver_groups)), to_ms(r.created_at),
+        _ms(r.pending_expires_at), _ms(r.decided_at), r.decided_by, r.decision_reason,
+        r.grant_id,
+    )  # fmt: skip
+
+
+def _grant_row(g: Grant) -> tuple[Any, ...]:
+    return (
+        g.id, g.request_id, g.agent, g.subject, g.action, to_ms(g.not_before),
+        to_ms(g.not_after), g.state.value, g.offline.mode.value,
+        g.offline.grace // timedelta(milliseconds=1), to_ms(g.created_at),
+        _ms(g.ended_at), g.ended_by, g.end_reason, g.grant_seq, g.revoke_seq,
+        _ms(g.applied_at), g.failure, g.epoch,
+    )  # fmt: skip
+
+
 class SqliteTx:
     """One write transaction. Methods that change state by compare-and-set return False when the
     row was not in the expected state, so the caller decides what that means."""
@@ -354,18 +388,7 @@ class SqliteTx:
         return await _get_agent(self._conn, name)
 
     async def insert_request(self, r: Request) -> None:
-        await self._conn.execute(
-            "INSERT INTO requests (id, subject, agent, action, duration_ms, reason, state, rule, "
-            "approvals_required, approver_groups, created_at, pending_expires_at, decided_at, "
-            "decided_by, decision_reason, grant_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                r.id, r.subject, r.agent, r.action, r.duration // timedelta(milliseconds=1),
-                r.reason, r.state.value, r.rule, r.approvals_required,
-                json.dumps(list(r.approver_groups)), to_ms(r.created_at),
-                _ms(r.pending_expires_at), _ms(r.decided_at), r.decided_by, r.decision_reason,
-                r.grant_id,
-            ),
-        )  # fmt: skip
+        await self._conn.execute(_REQUEST_INSERT, _request_row(r))
 
     async def decide_request(
         self,
@@ -400,16 +423,7 @@ class SqliteTx:
         return True
 
     async def insert_grant(self, g: Grant) -> None:
-        await self._conn.execute(
-            f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                g.id, g.request_id, g.agent, g.subject, g.action, to_ms(g.not_before),
-                to_ms(g.not_after), g.state.value, g.offline.mode.value,
-                g.offline.grace // timedelta(milliseconds=1), to_ms(g.created_at),
-                _ms(g.ended_at), g.ended_by, g.end_reason, g.grant_seq, g.revoke_seq,
-                _ms(g.applied_at), g.failure, g.epoch,
-            ),
-        )  # fmt: skip
+        await self._conn.execute(_GRANT_INSERT, _grant_row(g))
 
     async def move_grant(
         self,
@@ -453,21 +467,57 @@ class SqliteTx:
             raise Conflict(f"agent {agent} is not enrolled")
         seq = int(row[0])
         await self._conn.execute(
-            "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
-            "VALUES (?,?,?,?,?,?)",
-            (agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)),
+            _COMMAND_INSERT, (agent, seq, kind.value, grant_id, revoke_reason, to_ms(at))
         )
         column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
         await self._conn.execute(f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id))
         return seq
 
+    async def insert_requests(self, requests: Sequence[Request]) -> None:
+        """`insert_request` for many requests, one statement for all (group commit)."""
+        await self._conn.executemany(_REQUEST_INSERT, [_request_row(r) for r in requests])
+
+    async def insert_grants(self, grants: Sequence[Grant]) -> None:
+        """`insert_grant` for many grants, one statement for all (group commit)."""
+        await self._conn.executemany(_GRANT_INSERT, [_grant_row(g) for g in grants])
+
+    async def append_commands(
+        self, commands: Sequence[tuple[str, CommandKind, str, datetime]]
+    ) -> list[int | None]:
+        """`append_command` for many (agent, kind, grant id, instant) at once: each agent's next
+        sequence numbers, gap-free and in the order given; None for a command whose agent is
+        not enrolled (nothing is stored for it). Does not touch the grants: the caller stores
+        the sequence numbers with them."""
+        wanted: dict[str, int] = {}
+        for agent, *_ in commands:
+            wanted[agent] = wanted.get(agent, 0) + 1
+        # One statement moves every agent's counter by its number of new commands.
+        rows = await _all(
+            self._conn,
+            "UPDATE agents SET last_seq = last_seq + w.value FROM json_each(?) AS w "
+            "WHERE agents.name = w.key AND agents.removed_at IS NULL "
+            "RETURNING agents.name, agents.last_seq",
+            [json.dumps(wanted)],
+        )
+        next_seq = {name: last - wanted[name] + 1 for name, last in rows}
+        seqs: list[int | None] = []
+        stored: list[tuple[Any, ...]] = []
+        for agent, kind, grant_id, at in commands:
+            seq = next_seq.get(agent)
+            seqs.append(seq)
+            if seq is not None:
+                next_seq[agent] = seq + 1
+                stored.append((agent, seq, kind.value, grant_id, "", to_ms(at)))
+        await self._conn.executemany(_COMMAND_INSERT, stored)
+        return seqs
+
     async def ack_commands(
         self, acks: Sequence[tuple[str, int, str, str]], at: datetime
     ) -> dict[tuple[str, int], tuple[CommandKind, str, datetime]]:
-        """Record agents' acks (agent, seq, status, reason), each command's first ack only, in
-        a few statements per chunk. Returns, for each ack recorded now (not for unknown or
-        repeated ones, nor for another agent's command), its command's kind, grant and creation
-        time; moves each agent's last_acked_seq up."""
+        """Record agents' acks (agent, seq, status, reason), each command's first ack only (and
+        a revoke's APPLIED after a failed one), in a few statements per chunk. Returns, for each
+        ack recorded now (not for unknown or repeated ones, nor for another agent's command),
+        its command's kind, grant and creation time; moves each agent's last_acked_seq up."""
         done: dict[tuple[str, int], tuple[CommandKind, str, datetime]] = {}
         when = to_ms(at)
         for first in range(0, len(acks), _CHUNK):
@@ -477,7 +527,10 @@ class SqliteTx:
                 "UPDATE commands SET acked_at = ?, ack_status = a.column3, ack_reason = a.column4 "
                 f"FROM (VALUES {','.join(['(?,?,?,?)'] * len(chunk))}) AS a "
                 "WHERE commands.agent = a.column1 AND commands.seq = a.column2 "
-                "AND commands.acked_at IS NULL "
+                # The first ack counts; except that a revoke the agent could not carry out and
+                # later did (sent again after its restart) is acked again as done.
+                "AND (commands.acked_at IS NULL OR (commands.kind = 'revoke' "
+                "AND commands.ack_status <> 'APPLIED' AND a.column3 = 'APPLIED')) "
                 "RETURNING commands.agent, commands.seq, commands.kind, commands.grant_id, "
                 "commands.created_at",
                 [when, *(v for ack in chunk for v in ack)],
@@ -505,6 +558,103 @@ class SqliteTx:
             )
             found.update((r[0], _grant(r)) for r in rows)
         return found
+
+    # Locks.
+
+    async def insert_lock(self, lock: Lock) -> None:
+        t = lock.target
+        await self._conn.execute(
+            f"INSERT INTO locks ({_LOCK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                lock.id, t.subject, t.agent, t.action, lock.reason, lock.created_by,
+                to_ms(lock.created_at), _ms(lock.expires_at), None, "", "",
+            ),
+        )  # fmt: skip
+
+    async def lift_lock(self, lock_id: str, at: datetime, by: str, reason: str) -> bool:
+        cur = await self._conn.execute(
+            "UPDATE locks SET lifted_at = ?, lifted_by = ?, lift_reason = ? "
+            "WHERE id = ? AND lifted_at IS NULL",
+            (to_ms(at), by, reason, lock_id),
+        )
+        return cur.rowcount == 1
+
+    async def get_lock(self, lock_id: str) -> Lock | None:
+        row = await _one(self._conn, f"SELECT {_LOCK_COLUMNS} FROM locks WHERE id = ?", [lock_id])
+        return None if row is None else _lock(row)
+
+    async def lock_in_force(
+        self, subject: str, agent: str, action: str, now: datetime
+    ) -> Lock | None:
+        return await _lock_in_force(self._conn, subject, agent, action, now)
+
+    async def locked_grants(self, target: LockTarget, states: Iterable[GrantState]) -> list[Grant]:
+        """Grants in `states` that the target matches, on agents still enrolled, per agent in
+        the order they were granted."""
+        where, args = _lock_match(target, "g.")
+        wanted = [s.value for s in states]
+        rows = await _all(
+            self._conn,
+            f"SELECT {_GRANT_COLUMNS_G} FROM grants g JOIN agents a ON a.name = g.agent "
+            f"WHERE a.removed_at IS NULL AND g.state IN ({','.join('?' * len(wanted))}) {where} "
+            "ORDER BY g.agent, g.grant_seq",
+            [*wanted, *args],
+        )
+        return [_grant(r) for r in rows]
+
+    async def locked_requests(self, target: LockTarget) -> list[Request]:
+        """Pending requests the target matches."""
+        where, args = _lock_match(target, "r.")
+        rows = await _all(
+            self._conn,
+            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'PENDING' {where} "
+            "ORDER BY r.created_at, r.id",
+            args,
+        )
+        reviews = await _reviews(self._conn, [r[0] for r in rows])
+        return [_request(r, reviews.get(r[0], ())) for r in rows]
+
+    async def append_revokes(
+        self, grants: Sequence[Grant], at: datetime, revoke_reason: str
+    ) -> dict[str, int]:
+        """`append_command(REVOKE)` for many grants at once: each agent's next sequence numbers
+        (gap-free, in the order given), the commands, and the grants' revoke_seq, in a few
+        statements per chunk of agents instead of three per grant. Returns grant id -> seq."""
+        per_agent: dict[str, list[str]] = {}
+        for g in grants:
+            per_agent.setdefault(g.agent, []).append(g.id)
+        by_count: dict[int, list[str]] = {}
+        for agent, ids in per_agent.items():
+            by_count.setdefault(len(ids), []).append(agent)
+        seqs: dict[str, int] = {}
+        for count, agents in by_count.items():
+            for first in range(0, len(agents), _CHUNK):
+                chunk = agents[first : first + _CHUNK]
+                rows = await _all(
+                    self._conn,
+                    "UPDATE agents SET last_seq = last_seq + ? "
+                    f"WHERE name IN ({','.join('?' * len(chunk))}) AND removed_at IS NULL "
+                    "RETURNING name, last_seq",
+                    [count, *chunk],
+                )
+                if len(rows) != len(chunk):
+                    raise Conflict("an agent was removed meanwhile; try again")
+                for name, last in rows:
+                    for i, grant_id in enumerate(per_agent[name]):
+                        seqs[grant_id] = int(last) - count + 1 + i
+        created = to_ms(at)
+        await self._conn.executemany(
+            "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
+            "VALUES (?,?,?,?,?,?)",
+            [
+                (g.agent, seqs[g.id], CommandKind.REVOKE.value, g.id, revoke_reason, created)
+                for g in grants
+            ],
+        )
+        await self._conn.executemany(
+            "UPDATE grants SET revoke_seq = ? WHERE id = ?", [(seqs[g.id], g.id) for g in grants]
+        )
+        return seqs
 
     async def enroll_agent(
         self, name: str, labels: dict[str, str], credential_hash: str, at: datetime
@@ -671,24 +821,16 @@ class SqliteTx:
     ) -> set[str]:
         """`move_grant` for many grants at once (one statement per chunk, not one per grant).
         Returns the ids that were in an expected state and moved."""
+        expected = list(expected)
         states = [s.value for s in expected]
-        for current in expected:
-            if state not in GRANT_TRANSITIONS[current]:
-                raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
-        sets = ["state = ?"]
-        args: list[Any] = [state.value]
-        for column, value in fields.items():
-            if column not in _GRANT_UPDATABLE:
-                raise ValueError(f"column {column} cannot be updated")
-            sets.append(f"{column} = ?")
-            args.append(to_ms(value) if isinstance(value, datetime) else value)
+        sets, args = _grant_sets(expected, state, fields)
         moved: set[str] = set()
         marks = ",".join("?" * len(states))
         for first in range(0, len(grant_ids), _CHUNK):
             chunk = grant_ids[first : first + _CHUNK]
             rows = await _all(
                 self._conn,
-                f"UPDATE grants SET {', '.join(sets)} WHERE id IN ({','.join('?' * len(chunk))}) "
+                f"UPDATE grants SET {sets} WHERE id IN ({','.join('?' * len(chunk))}) "
                 f"AND state IN ({marks}) RETURNING id",
                 [*args, *chunk, *states],
             )
@@ -698,8 +840,31 @@ class SqliteTx:
     async def audit_many(self, entries: Sequence[AuditEntry]) -> list[AuditEvent]:
         """`audit` for many entries, in order, as one batch: the chain is the same as entry by
         entry. Entries whose id is already stored are skipped."""
+        events, rows = _chain(entries, self.head_seq, self.head_hash, set())
+        if not rows:
+            return []
+        # One executemany for the batch. Ids are almost always fresh (the coordinator's own are
+        # random), so the batch is tried as it is, inside a savepoint; only when an id turns out
+        # to be stored already is it rolled back and chained again without the stored ones.
+        await self._conn.execute("SAVEPOINT audit_many")
+        try:
+            await self._conn.executemany(_AUDIT_INSERT, rows)
+        except sqlite3.IntegrityError:
+            await self._conn.execute("ROLLBACK TO audit_many")
+            await self._conn.execute("RELEASE audit_many")
+            stored = await self._stored_audit_ids([entry.id for entry in entries])
+            events, rows = _chain(entries, self.head_seq, self.head_hash, stored)
+            if not rows:
+                return []
+            await self._conn.executemany(_AUDIT_INSERT, rows)
+        else:
+            await self._conn.execute("RELEASE audit_many")
+        self.head_seq, self.head_hash = events[-1].seq, events[-1].hash
+        self.new_audit.extend(events)
+        return events
+
+    async def _stored_audit_ids(self, ids: Sequence[str]) -> set[str]:
         stored: set[str] = set()
-        ids = [entry.id for entry in entries]
         for first in range(0, len(ids), _CHUNK):
             chunk = ids[first : first + _CHUNK]
             rows = await _all(
@@ -708,166 +873,115 @@ class SqliteTx:
                 chunk,
             )
             stored.update(row[0] for row in rows)
-        events: list[AuditEvent] = []
-        rows_out: list[tuple[Any, ...]] = []
-        seq, prev = self.head_seq, self.head_hash
-        for entry in entries:
-            if entry.id in stored:
-                continue
-            stored.add(entry.id)
-            seq += 1
-            event = AuditEvent(
-                seq=seq,
-                id=entry.id,
-                at=from_ms(to_ms(entry.at)),
-                actor=entry.actor,
-                kind=entry.kind,
-                subject=entry.subject,
-                agent=entry.agent,
-                request_id=entry.request_id,
-                grant_id=entry.grant_id,
-                details=dict(entry.details),
-                prev_hash=prev,
-                hash="",
-            )
-            prev = event_hash(event)
-            # Built again rather than dataclasses.replace: a third of the cost per event.
-            event = AuditEvent(
-                event.seq, event.id, event.at, event.actor, event.kind, event.subject,
-                event.agent, event.request_id, event.grant_id, event.details, event.prev_hash,
-                prev,
-            )  # fmt: skip
-            events.append(event)
-            rows_out.append(
-                (
-                    event.seq, event.id, to_ms(event.at), event.actor, event.kind, event.subject,
-                    event.agent, event.request_id, event.grant_id, _details_json(event.details),
-                    event.prev_hash, event.hash,
-                )
-            )  # fmt: skip
-        if rows_out:
-            await self._conn.executemany(
-                f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows_out
-            )
-        self.head_seq, self.head_hash = seq, prev
-        self.new_audit.extend(events)
-        return events
+        return stored
 
-    async def due_grants(self, now: datetime, limit: int) -> list[Grant]:
+    async def move_due_grants(
+        self, now: datetime, limit: int, *, state: GrantState, **fields: Any
+    ) -> list[Moved]:
+        """Compare-and-set up to `limit` grants past their not_after that may still expire
+        (PENDING_DELIVERY, ACTIVE, REVOKING) to `state`, set-based: one UPDATE ... RETURNING per
+        state left, no row read into Python before it moves."""
+        sets, args = _grant_sets(list(_DUE_GRANT_STATES), state, fields)
+        moved: list[Moved] = []
+        for was in _DUE_GRANT_STATES:
+            if len(moved) >= limit:
+                break
+            # The repeated IN list lets SQLite use the partial index grants_live.
+            rows = await _all(
+                self._conn,
+                f"UPDATE grants SET {sets} WHERE rowid IN (SELECT rowid FROM grants "
+                f"WHERE state IN ({_DUE_GRANT_IN}) AND state = ? AND not_after <= ? "
+                "ORDER BY not_after LIMIT ?) RETURNING id, request_id, agent, subject, action",
+                [*args, was.value, to_ms(now), limit - len(moved)],
+            )
+            w = was.value
+            moved.extend(Moved(r[0], r[1], r[2], r[3], r[4], w) for r in rows)
+        return moved
+
+    async def move_due_requests(
+        self, now: datetime, limit: int, *, state: RequestState, by: str, reason: str
+    ) -> list[Moved]:
+        """Compare-and-set up to `limit` PENDING requests past their TTL to `state`, set-based."""
+        if state not in REQUEST_TRANSITIONS[RequestState.PENDING]:
+            raise ValueError(f"request lifecycle has no step PENDING -> {state.value}")
         rows = await _all(
             self._conn,
-            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE state IN "
-            "('PENDING_DELIVERY', 'ACTIVE', 'REVOKING') AND not_after <= ? "
-            "ORDER BY not_after LIMIT ?",
-            [to_ms(now), limit],
+            "UPDATE requests SET state = ?, decided_at = ?, decided_by = ?, decision_reason = ? "
+            "WHERE rowid IN (SELECT rowid FROM requests WHERE state = 'PENDING' "
+            "AND pending_expires_at <= ? ORDER BY pending_expires_at LIMIT ?) "
+            "RETURNING id, agent, subject, action",
+            [state.value, to_ms(now), by, reason, to_ms(now), limit],
         )
-        return [_grant(r) for r in rows]
+        return [Moved(r[0], "", r[1], r[2], r[3], RequestState.PENDING.value) for r in rows]
 
-    async def due_requests(self, now: datetime, limit: int) -> list[str]:
-        rows = await _all(
-            self._conn,
-            "SELECT id FROM requests WHERE state = 'PENDING' AND pending_expires_at <= ? "
-            "ORDER BY pending_expires_at LIMIT ?",
-            [to_ms(now), limit],
-        )
-        return [r[0] for r in rows]
 
-    # Locks.
+def _grant_sets(
+    expected: Sequence[GrantState], state: GrantState, fields: dict[str, Any]
+) -> tuple[str, list[Any]]:
+    """The SET clause (and its arguments) of a grant compare-and-set; only lifecycle steps and
+    updatable columns are allowed."""
+    for current in expected:
+        if state not in GRANT_TRANSITIONS[current]:
+            raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
+    sets = ["state = ?"]
+    args: list[Any] = [state.value]
+    for column, value in fields.items():
+        if column not in _GRANT_UPDATABLE:
+            raise ValueError(f"column {column} cannot be updated")
+        sets.append(f"{column} = ?")
+        args.append(to_ms(value) if isinstance(value, datetime) else value)
+    return ", ".join(sets), args
 
-    async def insert_lock(self, lock: Lock) -> None:
-        t = lock.target
-        await self._conn.execute(
-            f"INSERT INTO locks ({_LOCK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                lock.id, t.subject, t.agent, t.action, lock.reason, lock.created_by,
-                to_ms(lock.created_at), _ms(lock.expires_at), None, "", "",
-            ),
+
+def _chain(
+    entries: Sequence[AuditEntry], seq: int, prev: str, skip: set[str]
+) -> tuple[list[AuditEvent], list[tuple[Any, ...]]]:
+    """The audit events (and their rows) that extend the chain at (seq, prev) with `entries`,
+    leaving out ids in `skip` and repeated ids. Pure Python, per entry only what differs: the
+    instant's and the details' encodings are reused across entries that share them (a sweep's
+    entries share the instant and a few details shapes)."""
+    events: list[AuditEvent] = []
+    rows: list[tuple[Any, ...]] = []
+    seen = set(skip)
+    instants: dict[datetime, tuple[int, datetime]] = {}
+    shapes: dict[tuple[tuple[str, str], ...], tuple[str, str]] = {}
+    for entry in entries:
+        if entry.id in seen:
+            continue
+        seen.add(entry.id)
+        instant = instants.get(entry.at)
+        if instant is None:
+            at_ms = to_ms(entry.at)
+            instant = instants[entry.at] = (at_ms, from_ms(at_ms))
+        key = tuple(entry.details.items())
+        shape = shapes.get(key)
+        if shape is None:
+            shape = shapes[key] = (canonical_details(entry.details), _details_json(entry.details))
+        seq += 1
+        digest = chain_hash(
+            seq, entry.id, instant[0], entry.actor, entry.kind, entry.subject, entry.agent,
+            entry.request_id, entry.grant_id, shape[0], prev,
         )  # fmt: skip
+        events.append(
+            AuditEvent(
+                seq, entry.id, instant[1], entry.actor, entry.kind, entry.subject, entry.agent,
+                entry.request_id, entry.grant_id, dict(entry.details), prev, digest,
+            )
+        )  # fmt: skip
+        rows.append(
+            (
+                seq, entry.id, instant[0], entry.actor, entry.kind, entry.subject, entry.agent,
+                entry.request_id, entry.grant_id, shape[1], prev, digest,
+            )
+        )  # fmt: skip
+        prev = digest
+    return events, rows
 
-    async def lift_lock(self, lock_id: str, at: datetime, by: str, reason: str) -> bool:
-        cur = await self._conn.execute(
-            "UPDATE locks SET lifted_at = ?, lifted_by = ?, lift_reason = ? "
-            "WHERE id = ? AND lifted_at IS NULL",
-            (to_ms(at), by, reason, lock_id),
-        )
-        return cur.rowcount == 1
 
-    async def get_lock(self, lock_id: str) -> Lock | None:
-        row = await _one(self._conn, f"SELECT {_LOCK_COLUMNS} FROM locks WHERE id = ?", [lock_id])
-        return None if row is None else _lock(row)
-
-    async def lock_in_force(
-        self, subject: str, agent: str, action: str, now: datetime
-    ) -> Lock | None:
-        return await _lock_in_force(self._conn, subject, agent, action, now)
-
-    async def locked_grants(self, target: LockTarget, states: Iterable[GrantState]) -> list[Grant]:
-        """Grants in `states` that the target matches, on agents still enrolled, per agent in
-        the order they were granted."""
-        where, args = _lock_match(target, "g.")
-        wanted = [s.value for s in states]
-        rows = await _all(
-            self._conn,
-            f"SELECT {_GRANT_COLUMNS_G} FROM grants g JOIN agents a ON a.name = g.agent "
-            f"WHERE a.removed_at IS NULL AND g.state IN ({','.join('?' * len(wanted))}) {where} "
-            "ORDER BY g.agent, g.grant_seq",
-            [*wanted, *args],
-        )
-        return [_grant(r) for r in rows]
-
-    async def locked_requests(self, target: LockTarget) -> list[Request]:
-        """Pending requests the target matches."""
-        where, args = _lock_match(target, "r.")
-        rows = await _all(
-            self._conn,
-            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'PENDING' {where} "
-            "ORDER BY r.created_at, r.id",
-            args,
-        )
-        reviews = await _reviews(self._conn, [r[0] for r in rows])
-        return [_request(r, reviews.get(r[0], ())) for r in rows]
-
-    async def append_revokes(
-        self, grants: Sequence[Grant], at: datetime, revoke_reason: str
-    ) -> dict[str, int]:
-        """`append_command(REVOKE)` for many grants at once: each agent's next sequence numbers
-        (gap-free, in the order given), the commands, and the grants' revoke_seq, in a few
-        statements per chunk of agents instead of three per grant. Returns grant id -> seq."""
-        per_agent: dict[str, list[str]] = {}
-        for g in grants:
-            per_agent.setdefault(g.agent, []).append(g.id)
-        by_count: dict[int, list[str]] = {}
-        for agent, ids in per_agent.items():
-            by_count.setdefault(len(ids), []).append(agent)
-        seqs: dict[str, int] = {}
-        for count, agents in by_count.items():
-            for first in range(0, len(agents), _CHUNK):
-                chunk = agents[first : first + _CHUNK]
-                rows = await _all(
-                    self._conn,
-                    "UPDATE agents SET last_seq = last_seq + ? "
-                    f"WHERE name IN ({','.join('?' * len(chunk))}) AND removed_at IS NULL "
-                    "RETURNING name, last_seq",
-                    [count, *chunk],
-                )
-                if len(rows) != len(chunk):
-                    raise Conflict("an agent was removed meanwhile; try again")
-                for name, last in rows:
-                    for i, grant_id in enumerate(per_agent[name]):
-                        seqs[grant_id] = int(last) - count + 1 + i
-        created = to_ms(at)
-        await self._conn.executemany(
-            "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
-            "VALUES (?,?,?,?,?,?)",
-            [
-                (g.agent, seqs[g.id], CommandKind.REVOKE.value, g.id, revoke_reason, created)
-                for g in grants
-            ],
-        )
-        await self._conn.executemany(
-            "UPDATE grants SET revoke_seq = ? WHERE id = ?", [(seqs[g.id], g.id) for g in grants]
-        )
-        return seqs
+# Grant states the expiry sweep moves, in the order it takes them.
+_DUE_GRANT_STATES = (GrantState.ACTIVE, GrantState.PENDING_DELIVERY, GrantState.REVOKING)
+_DUE_GRANT_IN = "'PENDING_DELIVERY', 'ACTIVE', 'REVOKING'"  # as in the grants_live index
+_AUDIT_INSERT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 
 
 # Commits between WAL checkpoints (each commit adds a few pages to the WAL).

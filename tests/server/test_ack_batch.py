@@ -11,6 +11,7 @@ from jitmesh import GrantState
 from jitmesh.v1 import agentlink_pb2
 from server.domain.models import ADMIN_GROUP, Principal
 from tests.server.helpers import Env, agent_link
+from tests.server.test_agentlink import event
 
 M15 = timedelta(minutes=15)
 ADMIN = Principal("admin", frozenset({ADMIN_GROUP}))
@@ -91,3 +92,32 @@ async def test_grant_and_revoke_acked_in_one_batch_end_revoked(env: Env) -> None
     assert ended.state is GrantState.REVOKED
     kinds = [e.kind for e in await env.admin.list_audit(grant_id=grant.id)]
     assert kinds[-2:] == ["grant.applied", "grant.revoked"]
+
+
+async def test_a_revoke_that_failed_and_later_succeeded_ends_revoked(env: Env) -> None:
+    """The agent could not remove the access (REVOKE_FAILED); the revoke reaches it again after
+    its restart and the removal works: the same command's APPLIED ack ends the grant REVOKED.
+    A grant command's later ack changes nothing (its first ack stands)."""
+    async with agent_link(env.address, env.credentials["web-1"]) as link:
+        await link.hello("web-1")
+        request, grant = await env.alice.create_request(
+            agent="web-1", action="deploy", duration=M15
+        )
+        assert grant is not None
+        await link.command()
+        await link.ack(1, grant.id)
+        await env.wait_grant_state(request.id, GrantState.ACTIVE)
+        await env.admin.revoke_grant(grant.id, reason="incident")
+        seq, _ = await link.command()
+        await link.ack(seq, grant.id, agentlink_pb2.ACK_STATUS_FAILED)
+        await env.wait_grant_state(request.id, GrantState.REVOKE_FAILED)
+        await link.ack(seq, grant.id)
+        await env.wait_grant_state(request.id, GrantState.REVOKED)
+        await link.ack(1, grant.id, agentlink_pb2.ACK_STATUS_FAILED)
+        # Acks and events are read in order: once this event is acknowledged, so was that ack.
+        await link.send(event("evt-after-1", "note", ""))
+        await link.next("event_ack")
+    assert (await env.admin.get_grant(grant.id)).state is GrantState.REVOKED
+    kinds = [e.kind for e in await env.admin.list_audit(grant_id=grant.id)]
+    assert kinds[-2:] == ["grant.revoke_failed", "grant.revoked"]
+    assert "grant.apply_failed" not in kinds

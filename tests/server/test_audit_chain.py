@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from datetime import timedelta
 
 from jitmesh.types import AuditEvent
-from server.domain.audit import GENESIS, ChainVerifier, event_hash, verify_chain
+from server.domain.audit import GENESIS, ChainVerifier, event_hash, reference_hash, verify_chain
 from server.domain.models import new_id
 from tests.server.helpers import T0
 
@@ -192,3 +193,26 @@ def test_verifier_stops_at_the_first_problem() -> None:
     fed = [verifier.feed(e) for e in events]
     assert fed == [True, False, False, False, False, False, False, False]
     assert verifier.result().first_bad_seq == 2
+
+
+def test_fast_hash_is_the_generic_canonical_json() -> None:
+    # The hash assembles the canonical text itself; it must be byte for byte what the generic
+    # encoder (the definition) gives, for any text: quotes, backslashes, control characters,
+    # non-ASCII, separators in values, and details in any key order or with non-string values.
+    rng = random.Random(7)
+    alphabet = 'ab"\\/\n\t\x00\x1f\x7f é✓\u2028\U0001f600,:{}[]'
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+
+    base = chain(1)[0]
+    for _ in range(500):
+        details: dict[str, str] = {text(): text() for _ in range(rng.randrange(0, 4))}
+        event = replace(
+            base, seq=rng.randrange(1, 2**40), id=text(), actor=text(), kind=text(),
+            subject=text(), agent=text(), request_id=text(), grant_id=text(),
+            details=dict(reversed(list(details.items()))), prev_hash=text(),
+        )  # fmt: skip
+        assert event_hash(event) == reference_hash(event)
+    odd = replace(base, details={"n": 3, "b": None})  # type: ignore[dict-item]
+    assert event_hash(odd) == reference_hash(odd)

@@ -4,6 +4,7 @@ only its own caller."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
@@ -16,16 +17,17 @@ class Writes:
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def write(self, items: list[str]) -> None:
+    async def write(self, items: Sequence[str]) -> list[None]:
         await self.gate.wait()
         if "bad" in items:
             raise ValueError("bad item")
-        self.batches.append(items)
+        self.batches.append(list(items))
+        return [None] * len(items)
 
 
 async def test_items_arriving_during_a_write_share_the_next_batch() -> None:
     writes = Writes()
-    group = GroupCommit(writes.write, limit=3)
+    group = GroupCommit(writes.write, max_batch=3)
     writes.gate.clear()
     first = asyncio.create_task(group.submit("a"))
     async with asyncio.timeout(5):
@@ -44,7 +46,7 @@ async def test_items_arriving_during_a_write_share_the_next_batch() -> None:
 
 async def test_a_bad_item_fails_only_its_caller() -> None:
     writes = Writes()
-    group = GroupCommit(writes.write, limit=10)
+    group = GroupCommit(writes.write, max_batch=10)
     writes.gate.clear()
     first = asyncio.create_task(group.submit("a"))
     others = [asyncio.create_task(group.submit(x)) for x in ("b", "bad", "c")]
@@ -61,14 +63,14 @@ async def test_a_bad_item_fails_only_its_caller() -> None:
 
 async def test_a_cancelled_writer_leaves_nobody_waiting() -> None:
     writes = Writes()
-    group = GroupCommit(writes.write, limit=10)
+    group = GroupCommit(writes.write, max_batch=10)
     writes.gate.clear()
     waiting = [asyncio.create_task(group.submit(x)) for x in "ab"]
     async with asyncio.timeout(5):
         while group.waiting < 2:
             await asyncio.sleep(0)
-    assert group._writer is not None
-    group._writer.cancel()
+    assert group._flushing is not None
+    group._flushing.cancel()
     for task in waiting:
         with pytest.raises(asyncio.CancelledError):
             await task

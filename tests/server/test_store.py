@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from jitmesh.types import GrantState, RequestState
 from server.domain.audit import GENESIS, verify_chain
 from server.domain.errors import Conflict, InvalidArgument
-from server.domain.models import AuditEntry, CommandKind, JoinToken
+from server.domain.models import AuditEntry, CommandKind, JoinToken, Moved
 from server.store.sqlite import MIGRATIONS, SqliteStore
 from tests.server.helpers import T0, make_grant, make_request, raw_sql
 
@@ -552,11 +553,80 @@ async def test_next_deadline_and_due_rows(store: SqliteStore) -> None:
         await tx.insert_request(request)
         await tx.insert_grant(grant)
     assert await store.next_deadline() == T0 + timedelta(minutes=10)
+    early, due = T0 + timedelta(minutes=9), T0 + timedelta(minutes=10)
     async with store.transaction() as tx:
-        assert await tx.due_grants(T0 + timedelta(minutes=9), 10) == []
-        assert [g.id for g in await tx.due_grants(T0 + timedelta(minutes=10), 10)] == [grant.id]
-        assert await tx.due_requests(T0 + timedelta(minutes=59), 10) == []
-        assert await tx.due_requests(T0 + timedelta(hours=1), 10) == [request.id]
+        assert await tx.move_due_grants(early, 10, state=GrantState.EXPIRED) == []
+        expire = partial(
+            tx.move_due_requests, state=RequestState.EXPIRED, by="coordinator", reason="late"
+        )
+        assert await expire(T0 + timedelta(minutes=59), 10) == []
+        moved = await tx.move_due_grants(due, 10, state=GrantState.EXPIRED, ended_at=due)
+        assert moved == [Moved(grant.id, "req-x", "web-1", "alice", "deploy", "PENDING_DELIVERY")]
+        # Moved once: a second sweep finds nothing (compare-and-set on the state).
+        assert await tx.move_due_grants(due, 10, state=GrantState.EXPIRED) == []
+        ended = await expire(T0 + timedelta(hours=1), 10)
+        assert [(r.id, r.was) for r in ended] == [(request.id, "PENDING")]
+        assert await expire(T0 + timedelta(hours=1), 10) == []
+    stored = await store.get_grant(grant.id)
+    assert stored is not None
+    assert (stored.state, stored.ended_at) == (GrantState.EXPIRED, due)
+    expired = await store.get_request(request.id)
+    assert expired is not None
+    assert (expired.state, expired.decided_by) == (RequestState.EXPIRED, "coordinator")
+    assert await store.next_deadline() is None
+
+
+async def test_move_due_grants_takes_only_due_grants_that_may_expire(store: SqliteStore) -> None:
+    minute = timedelta(minutes=1)
+    states = [GrantState.ACTIVE, GrantState.PENDING_DELIVERY, GrantState.REVOKING,
+              GrantState.REVOKE_FAILED, GrantState.REVOKED, GrantState.FAILED]  # fmt: skip
+    grants = [make_grant(request_id=f"req-{s.value}", state=s, duration=minute) for s in states]
+    later = make_grant(request_id="req-later", state=GrantState.ACTIVE, duration=2 * minute)
+    async with store.transaction() as tx:
+        for grant in [*grants, later]:
+            await tx.insert_grant(grant)
+    with pytest.raises(ValueError, match="no step"):
+        async with store.transaction() as tx:
+            await tx.move_due_grants(T0 + minute, 10, state=GrantState.ACTIVE)
+    async with store.transaction() as tx:
+        # The limit spans the states: two now, the third in the next batch.
+        first = await tx.move_due_grants(T0 + minute, 2, state=GrantState.EXPIRED)
+        second = await tx.move_due_grants(T0 + minute, 2, state=GrantState.EXPIRED)
+    assert [(m.was, m.request_id) for m in first + second] == [
+        (s.value, f"req-{s.value}") for s in states[:3]
+    ]
+    for grant, state in zip(grants, states, strict=True):
+        stored = await store.get_grant(grant.id)
+        assert stored is not None
+        assert stored.state is (GrantState.EXPIRED if state in states[:3] else state)
+    stored = await store.get_grant(later.id)
+    assert stored is not None
+    assert stored.state is GrantState.ACTIVE
+
+
+async def test_a_writer_cancelled_at_any_step_leaves_the_store_and_chain_sound(
+    store: SqliteStore,
+) -> None:
+    # A stream handler's task is cancelled when its call ends, at whatever await it is: in
+    # BEGIN, in a statement, in COMMIT. Statements already queued still run on the connection's
+    # thread, so no transaction may be left open and the chain head must follow what committed.
+    async def write(i: int) -> None:
+        async with store.transaction() as tx:
+            await tx.audit(AuditEntry("cancelled.maybe", "a", T0, id=f"evt-{i}"))
+
+    for i in range(40):
+        task = asyncio.ensure_future(write(i))
+        for _ in range(i % 8):
+            await asyncio.sleep(0)  # lets the cancel land at a different step each time
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        async with store.transaction() as tx:
+            await tx.audit(AuditEntry("after", "a", T0, id=f"evt-after-{i}"))
+    chain = await store.audit_chain(0, 1000)
+    assert verify_chain(chain).ok
+    assert store.head == (chain[-1].seq, chain[-1].hash)
+    assert sum(e.kind == "after" for e in chain) == 40
 
 
 # Cancellation.

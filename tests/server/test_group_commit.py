@@ -1,0 +1,250 @@
+"""Group commit: concurrent writers share a transaction, and each still gets its own answer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import timedelta
+
+import pytest
+
+from jitmesh import ConflictError, GrantState, RequestState
+from jitmesh.types import Agent
+from server.domain.audit import verify_chain
+from server.domain.batching import GroupCommit
+from server.domain.models import AgentAck, CommandKind, Principal
+from server.store.sqlite import SqliteStore
+from tests.server.helpers import ADMIN, T0, Env, make_grant
+
+M15 = timedelta(minutes=15)
+
+
+class Recorder:
+    """A write function that records its batches and answers item * 10, failing chosen items
+    on their own (`refuse`) or the whole batch they are in (`poison`)."""
+
+    def __init__(self, refuse: int = -1, poison: int = -1) -> None:
+        self.batches: list[list[int]] = []
+        self.refuse = refuse
+        self.poison = poison
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started = asyncio.Event()
+
+    async def write(self, items: Sequence[int]) -> list[int | Exception]:
+        self.batches.append(list(items))
+        self.started.set()
+        await self.gate.wait()
+        if self.poison in items:
+            raise RuntimeError("the whole transaction failed")
+        return [ValueError(f"bad {i}") if i == self.refuse else i * 10 for i in items]
+
+
+async def test_concurrent_submissions_share_a_batch_and_get_their_own_results() -> None:
+    recorder = Recorder(refuse=3)
+    group: GroupCommit[int, int] = GroupCommit(recorder.write)
+    results = await asyncio.gather(*(group.submit(i) for i in range(6)), return_exceptions=True)
+    assert recorder.batches == [[0, 1, 2, 3, 4, 5]]
+    assert results[:3] == [0, 10, 20]
+    assert isinstance(results[3], ValueError)
+    assert str(results[3]) == "bad 3"
+    assert results[4:] == [40, 50]
+
+
+async def test_callers_arriving_during_a_write_form_the_next_batch() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    group: GroupCommit[int, int] = GroupCommit(recorder.write, max_batch=4)
+    first = [asyncio.ensure_future(group.submit(i)) for i in range(5)]
+    await asyncio.wait_for(recorder.started.wait(), 5)
+    later = [asyncio.ensure_future(group.submit(i)) for i in range(5, 7)]
+    recorder.gate.set()
+    assert await asyncio.gather(*first, *later) == [i * 10 for i in range(7)]
+    # At most max_batch per transaction; the ones waiting meanwhile go together.
+    assert recorder.batches == [[0, 1, 2, 3], [4, 5, 6]]
+
+
+async def test_a_failing_transaction_is_retried_item_by_item() -> None:
+    recorder = Recorder(poison=2)
+    group: GroupCommit[int, int] = GroupCommit(recorder.write)
+    results = await asyncio.gather(*(group.submit(i) for i in range(4)), return_exceptions=True)
+    assert recorder.batches == [[0, 1, 2, 3], [0], [1], [2], [3]]
+    assert results[:2] == [0, 10]
+    assert isinstance(results[2], RuntimeError)
+    assert results[3] == 30
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_others() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    group: GroupCommit[int, int] = GroupCommit(recorder.write)
+    leaver = asyncio.ensure_future(group.submit(1))
+    stayer = asyncio.ensure_future(group.submit(2))
+    await asyncio.wait_for(recorder.started.wait(), 5)
+    leaver.cancel()
+    recorder.gate.set()
+    assert await stayer == 20
+    await group.close()
+    assert leaver.cancelled()
+
+
+async def test_concurrent_creates_each_get_their_request_and_a_gap_free_command_log(
+    env: Env,
+) -> None:
+    # Auto-approved (web-1, staging) and manual (db-1, prod) requests at once.
+    calls = [
+        env.alice.create_request(agent=agent, action="deploy", duration=M15, reason=f"r{i}")
+        for i, agent in enumerate(["web-1", "db-1"] * 12)
+    ]
+    answers = await asyncio.gather(*calls)
+    seqs = []
+    for i, (request, grant) in enumerate(answers):
+        assert request.reason == f"r{i}"
+        stored = await env.admin.get_request(request.id)
+        assert stored == request
+        if request.agent == "web-1":
+            assert request.state is RequestState.APPROVED
+            assert grant is not None
+            assert (grant.request_id, grant.state) == (request.id, GrantState.PENDING_DELIVERY)
+            assert request.grant_id == grant.id
+            assert await env.admin.get_grant(grant.id) == grant
+            seqs.append(grant.grant_seq)
+        else:
+            assert request.state is RequestState.PENDING
+            assert grant is None
+    assert sorted(seqs) == list(range(1, 13))
+    store = env.coordinator.store
+    commands = await store.commands_after("web-1", 0, 100)
+    assert [c.seq for c in commands] == list(range(1, 13))
+    assert {c.grant.id for c in commands} == {g.id for _, g in answers if g is not None}
+    chain = await store.audit_chain(0, 10_000)
+    assert verify_chain(chain).ok
+    kinds = [e.kind for e in chain if e.request_id == answers[0][0].id]
+    assert kinds == ["request.created", "request.approved", "grant.created"]
+
+
+async def test_a_create_that_fails_inside_the_batch_does_not_spoil_the_others(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = env.coordinator.store
+    join, _ = await env.coordinator.fleet.create_join_token(ADMIN, {"env": "staging"}, None)
+    await env.coordinator.fleet.enroll(join, "web-2", {})
+    real_get_agent = store.get_agent
+    agents = ["web-1", "web-1", "web-2", "web-1"]
+    # All four are checked before any is written, so they go into one batch.
+    checked = asyncio.Barrier(len(agents))
+
+    async def get_agent_then_remove(name: str) -> Agent | None:
+        # web-2 is removed between its request's checks and the batch write.
+        agent = await real_get_agent(name)
+        if name == "web-2":
+            async with store.transaction() as tx:
+                await tx.remove_agent("web-2", T0)
+        await asyncio.wait_for(checked.wait(), 5)
+        return agent
+
+    monkeypatch.setattr(store, "get_agent", get_agent_then_remove)
+    results = await asyncio.gather(
+        *(env.alice.create_request(agent=a, action="deploy", duration=M15) for a in agents),
+        return_exceptions=True,
+    )
+    assert isinstance(results[2], ConflictError)
+    seqs = []
+    for answer in [r for i, r in enumerate(results) if i != 2]:
+        assert not isinstance(answer, BaseException)
+        request, grant = answer
+        assert request.state is RequestState.APPROVED
+        assert grant is not None
+        seqs.append(grant.grant_seq)
+    assert sorted(seqs) == [1, 2, 3]
+    listed, _ = await store.list_requests(
+        states=[], subject="alice", agent="web-2", limit=10, page_token=""
+    )
+    assert listed == []
+    assert verify_chain(await store.audit_chain(0, 10_000)).ok
+
+
+async def test_append_commands_numbers_each_agent_gap_free(store: SqliteStore) -> None:
+    grants = [make_grant(request_id=f"req-{i}", agent="a" if i != 3 else "b") for i in range(5)]
+    async with store.transaction() as tx:
+        for name in ("a", "b"):
+            assert await tx.enroll_agent(name, {}, f"hash-{name}", T0)
+        assert await tx.remove_agent("b", T0)
+        for grant in grants:
+            await tx.insert_grant(grant)
+    async with store.transaction() as tx:
+        await tx.append_command("a", CommandKind.GRANT, grants[0].id, T0)
+        seqs = await tx.append_commands(
+            [(g.agent, CommandKind.GRANT, g.id, T0) for g in grants[1:]]
+        )
+    # In the order given, after the one already there; nothing for the removed agent.
+    assert seqs == [2, 3, None, 4]
+    commands = await store.commands_after("a", 0, 10)
+    assert [(c.seq, c.grant.id) for c in commands] == [
+        (1, grants[0].id),
+        (2, grants[1].id),
+        (3, grants[2].id),
+        (4, grants[4].id),
+    ]
+    assert await store.commands_after("b", 0, 10) == []
+    agent = await store.get_agent("a")
+    assert agent is not None
+    assert agent.last_seq == 4
+
+
+async def test_concurrent_acks_are_each_recorded_once(env: Env) -> None:
+    answers = await asyncio.gather(
+        *(
+            env.alice.create_request(agent=agent, action="deploy", duration=M15)
+            for agent in ["web-1"] * 6
+        )
+    )
+    grants = {g.grant_seq: g for _, g in answers if g is not None}
+    web = Principal("web-1", kind="agent")
+    fleet = env.coordinator.fleet
+    # A repeat of seq 1 in the same batch, an unknown seq, and a failed apply among them.
+    acks = [AgentAck(seq, "APPLIED", "", grants[seq].id) for seq in range(1, 6)]
+    acks += [AgentAck(1, "APPLIED", "", grants[1].id), AgentAck(99, "APPLIED", "", "")]
+    acks.append(AgentAck(6, "FAILED", "no such user", grants[6].id))
+    await asyncio.gather(*(fleet.ack(web, ack) for ack in acks))
+    for seq, grant in grants.items():
+        stored = await env.admin.get_grant(grant.id)
+        assert stored.state is (GrantState.FAILED if seq == 6 else GrantState.ACTIVE)
+    chain = await env.coordinator.store.audit_chain(0, 10_000)
+    assert verify_chain(chain).ok
+    applied = [e for e in chain if e.kind == "grant.applied"]
+    assert sorted(e.grant_id for e in applied) == sorted(grants[s].id for s in range(1, 6))
+    assert all(e.actor == "agent:web-1" and "latency_ms" in e.details for e in applied)
+    assert [e.details["reason"] for e in chain if e.kind == "grant.apply_failed"] == [
+        "no such user"
+    ]
+    agent = await env.coordinator.store.get_agent("web-1")
+    assert agent is not None
+    assert agent.last_acked_seq == 6
+
+
+async def test_ack_commands_answers_each_ack(store: SqliteStore) -> None:
+    grants = [make_grant(request_id=f"req-{i}", agent="a") for i in range(3)]
+    async with store.transaction() as tx:
+        assert await tx.enroll_agent("a", {}, "hash-a", T0)
+        for grant in grants:
+            await tx.insert_grant(grant)
+            await tx.append_command("a", CommandKind.GRANT, grant.id, T0)
+        assert await tx.ack_commands([("a", 3, "APPLIED", "")], T0)
+    async with store.transaction() as tx:
+        done = await tx.ack_commands(
+            [("a", 1, "APPLIED", ""), ("a", 2, "FAILED", "why"), ("a", 1, "APPLIED", ""),
+             ("a", 3, "APPLIED", ""), ("b", 1, "APPLIED", ""), ("a", 7, "APPLIED", "")],
+            T0 + M15,
+        )  # fmt: skip
+    # Only the first ack of each command: not a repeat, not one acked before, not another
+    # agent's, not an unknown command.
+    assert done == {
+        ("a", 1): (CommandKind.GRANT, grants[0].id, T0),
+        ("a", 2): (CommandKind.GRANT, grants[1].id, T0),
+    }
+    agent = await store.get_agent("a")
+    assert agent is not None
+    assert agent.last_acked_seq == 3
+    assert agent.last_seen_at == T0 + M15
+    assert await store.first_unacked_seq("a") is None
