@@ -482,7 +482,7 @@ class SqliteTx:
         await self._conn.executemany(_GRANT_INSERT, [_grant_row(g) for g in grants])
 
     async def append_commands(
-        self, commands: Sequence[tuple[str, CommandKind, str, datetime]]
+        self, commands: Sequence[tuple[str, CommandKind, str, datetime]], revoke_reason: str = ""
     ) -> list[int | None]:
         """`append_command` for many (agent, kind, grant id, instant) at once: each agent's next
         sequence numbers, gap-free and in the order given; None for a command whose agent is
@@ -507,7 +507,7 @@ class SqliteTx:
             seqs.append(seq)
             if seq is not None:
                 next_seq[agent] = seq + 1
-                stored.append((agent, seq, kind.value, grant_id, "", to_ms(at)))
+                stored.append((agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)))
         await self._conn.executemany(_COMMAND_INSERT, stored)
         return seqs
 
@@ -617,44 +617,18 @@ class SqliteTx:
     async def append_revokes(
         self, grants: Sequence[Grant], at: datetime, revoke_reason: str
     ) -> dict[str, int]:
-        """`append_command(REVOKE)` for many grants at once: each agent's next sequence numbers
-        (gap-free, in the order given), the commands, and the grants' revoke_seq, in a few
-        statements per chunk of agents instead of three per grant. Returns grant id -> seq."""
-        per_agent: dict[str, list[str]] = {}
-        for g in grants:
-            per_agent.setdefault(g.agent, []).append(g.id)
-        by_count: dict[int, list[str]] = {}
-        for agent, ids in per_agent.items():
-            by_count.setdefault(len(ids), []).append(agent)
-        seqs: dict[str, int] = {}
-        for count, agents in by_count.items():
-            for first in range(0, len(agents), _CHUNK):
-                chunk = agents[first : first + _CHUNK]
-                rows = await _all(
-                    self._conn,
-                    "UPDATE agents SET last_seq = last_seq + ? "
-                    f"WHERE name IN ({','.join('?' * len(chunk))}) AND removed_at IS NULL "
-                    "RETURNING name, last_seq",
-                    [count, *chunk],
-                )
-                if len(rows) != len(chunk):
-                    raise Conflict("an agent was removed meanwhile; try again")
-                for name, last in rows:
-                    for i, grant_id in enumerate(per_agent[name]):
-                        seqs[grant_id] = int(last) - count + 1 + i
-        created = to_ms(at)
-        await self._conn.executemany(
-            "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
-            "VALUES (?,?,?,?,?,?)",
-            [
-                (g.agent, seqs[g.id], CommandKind.REVOKE.value, g.id, revoke_reason, created)
-                for g in grants
-            ],
+        """A revoke command for each grant (`append_commands`) and the grants' revoke_seq.
+        Returns grant id -> seq."""
+        seqs = await self.append_commands(
+            [(g.agent, CommandKind.REVOKE, g.id, at) for g in grants], revoke_reason
         )
+        if None in seqs:
+            raise Conflict("an agent was removed meanwhile; try again")
+        by_grant = {g.id: seq for g, seq in zip(grants, seqs, strict=True) if seq is not None}
         await self._conn.executemany(
-            "UPDATE grants SET revoke_seq = ? WHERE id = ?", [(seqs[g.id], g.id) for g in grants]
+            "UPDATE grants SET revoke_seq = ? WHERE id = ?", [(q, g) for g, q in by_grant.items()]
         )
-        return seqs
+        return by_grant
 
     async def enroll_agent(
         self, name: str, labels: dict[str, str], credential_hash: str, at: datetime
