@@ -147,19 +147,7 @@ class AccessService:
         )
         grant: Grant | None = None
         if not manual:
-            grant = Grant(
-                id=new_id("grt"),
-                request_id=request.id,
-                agent=request.agent,
-                subject=request.subject,
-                action=request.action,
-                not_before=now,
-                not_after=now + request.duration,
-                state=GrantState.PENDING_DELIVERY,
-                offline=rule.offline.to_policy(),
-                created_at=now,
-                epoch=self._epoch,
-            )
+            grant = self._new_grant(request, rule, now)
         return await self._creations.submit(_Creation(principal.name, request, grant))
 
     async def _create_many(
@@ -414,19 +402,7 @@ class AccessService:
         now = self._clock.now()
         # Inside the approving transaction: a lock created a moment ago cannot be slipped past.
         await refuse_if_locked(tx, request.subject, request.agent, request.action, now)
-        grant = Grant(
-            id=new_id("grt"),
-            request_id=request.id,
-            agent=request.agent,
-            subject=request.subject,
-            action=request.action,
-            not_before=now,
-            not_after=now + request.duration,
-            state=GrantState.PENDING_DELIVERY,
-            offline=rule.offline.to_policy(),
-            created_at=now,
-            epoch=self._epoch,
-        )
+        grant = self._new_grant(request, rule, now)
         await self._decide(tx, request, RequestState.APPROVED, by, reason, grant.id)
         await tx.insert_grant(grant)
         seq = await tx.append_command(grant.agent, CommandKind.GRANT, grant.id, now)
@@ -456,6 +432,22 @@ class AccessService:
                 },
             ),
         ]
+
+    def _new_grant(self, request: Request, rule: Rule, now: datetime) -> Grant:
+        """The grant an approval of `request` under `rule` creates, starting now."""
+        return Grant(
+            id=new_id("grt"),
+            request_id=request.id,
+            agent=request.agent,
+            subject=request.subject,
+            action=request.action,
+            not_before=now,
+            not_after=now + request.duration,
+            state=GrantState.PENDING_DELIVERY,
+            offline=rule.offline.to_policy(),
+            created_at=now,
+            epoch=self._epoch,
+        )
 
     async def _decide(
         self,

@@ -435,20 +435,12 @@ class SqliteTx:
     ) -> bool:
         """Compare-and-set the grant's state, with extra column updates (instants as datetimes).
         Only steps of the grant lifecycle (`GRANT_TRANSITIONS`) may be asked for."""
+        expected = list(expected)
         states = [s.value for s in expected]
-        for current in expected:
-            if state not in GRANT_TRANSITIONS[current]:
-                raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
-        sets = ["state = ?"]
-        args: list[Any] = [state.value]
-        for column, value in fields.items():
-            if column not in _GRANT_UPDATABLE:
-                raise ValueError(f"column {column} cannot be updated")
-            sets.append(f"{column} = ?")
-            args.append(to_ms(value) if isinstance(value, datetime) else value)
+        sets, args = _grant_sets(expected, state, fields)
         marks = ",".join("?" * len(states))
         cur = await self._conn.execute(
-            f"UPDATE grants SET {', '.join(sets)} WHERE id = ? AND state IN ({marks})",
+            f"UPDATE grants SET {sets} WHERE id = ? AND state IN ({marks})",
             (*args, grant_id, *states),
         )
         return cur.rowcount == 1
