@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from agent.domain import commands, expiry
@@ -407,6 +407,13 @@ class Engine:
             await self._record(command, ())
             return Ack(seq, AckStatus.APPLIED, "already applied", grant_id)
         lease = decision.lease
+        starts_now = decision.new and lease.allows(now)
+        if starts_now:
+            # Written as applied in the command's own transaction: one commit per grant, none
+            # after the enforcer. A crash between the commit and the enforcer leaves the row
+            # ahead of the host; the start-up reconcile applies what active leases hold and the
+            # host lacks, before the agent connects again.
+            lease = replace(lease, applied_at=now)
         holding = await self._holding()
         try:
             await self._record(command, (lease,))
@@ -416,7 +423,7 @@ class Engine:
             return Ack(seq, AckStatus.FAILED, "cannot persist the grant", grant_id)
         if not decision.new:
             return Ack(seq, AckStatus.APPLIED, "updated", grant_id)
-        if not lease.allows(now):
+        if not starts_now:
             # not_before lies ahead: the expiry loop starts it on time.
             return Ack(seq, AckStatus.APPLIED, "scheduled", grant_id)
         crash_point("agent_after_record")
@@ -426,12 +433,6 @@ class Engine:
             await self._store.mark_failed(grant_id, now, reason)
             return Ack(seq, AckStatus.FAILED, reason, grant_id)
         crash_point("agent_after_apply")
-        try:
-            await self._store.mark_applied(grant_id, now)
-        except StateError:
-            # Applied but not recorded as applied: take it away again (fail closed).
-            await self._enforce([*holding, lease], ending=[lease])
-            return Ack(seq, AckStatus.FAILED, "cannot persist the grant", grant_id)
         log.info("grant applied", extra=_lease_fields(lease))
         return Ack(seq, AckStatus.APPLIED, "", grant_id)
 

@@ -81,6 +81,61 @@ async def test_grant_applies_then_acks(rig: Rig) -> None:
     assert (await rig.store.meta()).last_applied_seq == 1
 
 
+async def test_grant_is_persisted_in_one_commit_before_its_hook(rig: Rig) -> None:
+    # The push path commits once per grant: the row (already marked applied), the sequence
+    # number and the epoch together, before the enforcer runs; nothing is committed after it.
+    statements: list[str] = []
+    rig.store._db.set_trace_callback(statements.append)
+    ack = await rig.engine.handle(command(1, grant()))
+    rig.store._db.set_trace_callback(None)
+    assert ack.status is AckStatus.APPLIED
+    assert [s for s in statements if s.startswith(("BEGIN", "COMMIT"))] == [
+        "BEGIN IMMEDIATE",
+        "COMMIT",
+    ]
+    assert rig.recorder.in_force == {PAIR}
+
+
+class _Killed(BaseException):
+    """The process dying between two steps (nothing after it runs)."""
+
+
+class _DiesOnApply(RecordingEnforcer):
+    async def apply(self, subject: str, action: str) -> None:
+        raise _Killed
+
+
+async def test_death_between_the_commit_and_the_hook_is_repaired_before_connecting(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(T0)
+    state = tmp_path / "state"
+    state.mkdir()
+    store = SqliteLeaseStore.open(state)
+    engine = Engine(name=AGENT, store=store, enforcers=EnforcerSet([_DiesOnApply()]), clock=clock)
+    await engine.start()
+    spec = grant()
+    with pytest.raises(_Killed):
+        await engine.handle(command(1, spec))
+    store.close()
+
+    again = build(state, clock, RecordingEnforcer())
+    try:
+        stored = await again.store.lease(spec.grant_id)
+        assert stored is not None
+        assert stored.applied_at == T0
+        assert (await again.store.meta()).last_applied_seq == 1
+        await again.engine.start()
+        # Applied once by the start-up reconcile; the resent command is a duplicate.
+        assert again.recorder.calls == [("apply", PAIR)]
+        assert await again.files.observe() == {PAIR}
+        ack = await again.engine.handle(command(1, spec))
+        assert (ack.status, ack.reason) == (AckStatus.APPLIED, "duplicate")
+        assert again.recorder.calls == [("apply", PAIR)]
+    finally:
+        again.store.close()
+
+
 async def test_duplicate_command_is_reacked_without_a_second_apply(rig: Rig) -> None:
     spec = grant()
     await rig.engine.handle(command(1, spec))
