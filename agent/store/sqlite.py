@@ -50,8 +50,11 @@ class SqliteLeaseStore:
             migrate(db_path)
             db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=True)
             db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a power cut can lose the last commits, never corrupt the file;
-            # the coordinator resends what was not acknowledged.
+            # NORMAL in WAL mode: a commit is in the WAL (the OS cache) before the ack leaves,
+            # so a crash or SIGKILL loses nothing acked (tests/e2e/test_agent_kill.py); no fsync
+            # per commit (FULL costs one per command). A power cut can lose the newest commits,
+            # never corrupt the file: the Hello then says where the table stopped and the
+            # coordinator resends from there (docs/performance.md, "Durability").
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
             # A damaged file is found now, at start, not in the middle of a command.
