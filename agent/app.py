@@ -21,7 +21,6 @@ from agent.config import AgentConfig, ExecEnforcerConfig, FileEnforcerConfig
 from agent.domain.errors import AgentError, EnrollmentError, StateError
 from agent.domain.leases import EventKind, new_event
 from agent.enforcers.base import Enforcer, EnforcerSet
-from agent.enforcers.exec import ExecEnforcer, Hooks
 from agent.enforcers.file import FileEnforcer
 from agent.engine import Engine
 from agent.identity import IdentityFile
@@ -141,6 +140,9 @@ def build_enforcers(config: AgentConfig, clock: Clock) -> list[Enforcer]:
         if isinstance(spec, FileEnforcerConfig):
             enforcers.append(FileEnforcer(spec.directory, clock=clock))
         elif isinstance(spec, ExecEnforcerConfig):
+            # Imported only when configured (subprocess machinery the file enforcer never needs).
+            from agent.enforcers.exec import ExecEnforcer, Hooks
+
             hooks = Hooks(
                 apply=spec.hooks.apply,
                 remove=spec.hooks.remove,

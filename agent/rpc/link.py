@@ -40,8 +40,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.domain.commands import Ack, AckStatus
 from agent.domain.errors import EnrollmentError, LinkError, MalformedCommand
@@ -57,6 +55,7 @@ from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
 from jitmesh.v1.agents_pb2_grpc import AgentsStub
 
 from . import convert
+from .signature import signature_holds
 from .verify import verify
 
 log = logging.getLogger(__name__)
@@ -374,13 +373,9 @@ class Link:
         if not welcome.signing_keys:
             return
         public = self._pinned.get(welcome.keys_key_id)
-        try:
-            if public is None:
-                raise InvalidSignature
-            Ed25519PublicKey.from_public_bytes(public).verify(
-                welcome.keys_signature, keys_bytes(key_entries(welcome.signing_keys))
-            )
-        except (InvalidSignature, ValueError):
+        if public is None or not signature_holds(
+            public, welcome.keys_signature, keys_bytes(key_entries(welcome.signing_keys))
+        ):
             log.warning("ignoring signing keys not signed by a pinned key")
             return
         now_ms = to_ms(self._clock.now())
