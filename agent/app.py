@@ -27,6 +27,7 @@ from agent.identity import IdentityFile
 from agent.rpc.link import Link, LinkSettings
 from agent.store.credential import CredentialFile
 from agent.store.keys import PinnedKeys
+from agent.store.migrate import migrate_isolated
 from agent.store.sqlite import SqliteLeaseStore
 from jitmesh.clock import Clock, SystemClock, to_ms
 
@@ -58,7 +59,7 @@ async def run(
     pacing = pacing or clock
     state_dir = prepare_state_dir(config.state_dir)
     credentials = CredentialFile(state_dir / CREDENTIAL_NAME)
-    join_token = config.join_token.get_secret_value() if config.join_token else None
+    join_token = config.join_token_value()
     enrolled = (
         IdentityFile(state_dir / "tls_identity.json").read()
         if config.ca_file
@@ -69,7 +70,10 @@ async def run(
             "no credential in the state directory and no join token: "
             "pass --join-token or set JITMESH_JOIN_TOKEN"
         )
-    store, moved_aside = SqliteLeaseStore.open_or_recover(state_dir, now_ms=to_ms(clock.now()))
+    # Pending migrations run in a child process: yoyo never stays resident in the agent.
+    store, moved_aside = SqliteLeaseStore.open_or_recover(
+        state_dir, now_ms=to_ms(clock.now()), migrations=migrate_isolated
+    )
     try:
         boot_id = read_boot_id()
         await store.claim(config.name, boot_id)

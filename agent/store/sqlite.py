@@ -13,7 +13,7 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,12 +42,15 @@ class SqliteLeaseStore:
         self._lock_fd = lock_fd
 
     @classmethod
-    def open(cls, state_dir: Path) -> SqliteLeaseStore:
-        """Lock the state directory for this process, migrate the schema, open the table."""
+    def open(
+        cls, state_dir: Path, *, migrations: Callable[[Path], int] = migrate
+    ) -> SqliteLeaseStore:
+        """Lock the state directory for this process, migrate the schema, open the table.
+        `migrations` applies what is pending (the agent passes `migrate_isolated`)."""
         lock_fd = _lock(state_dir / LOCK_NAME)
         try:
             db_path = state_dir / DB_NAME
-            migrate(db_path)
+            migrations(db_path)
             db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=True)
             db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit is in the WAL (the OS cache) before the ack leaves,
@@ -80,7 +83,9 @@ class SqliteLeaseStore:
         self._lock_fd = -1
 
     @classmethod
-    def open_or_recover(cls, state_dir: Path, *, now_ms: int) -> tuple[SqliteLeaseStore, str]:
+    def open_or_recover(
+        cls, state_dir: Path, *, now_ms: int, migrations: Callable[[Path], int] = migrate
+    ) -> tuple[SqliteLeaseStore, str]:
         """Open the lease table; if it cannot be read (corrupt, truncated, not a database), move
         it aside (`agent.db.corrupt-<ms>`, with its WAL and shared-memory files) and start with
         an empty one. Returns the store and, if a table was moved aside, why ("" otherwise).
@@ -89,7 +94,7 @@ class SqliteLeaseStore:
         start-up reconcile removes all the enforcers observe) and resync from the coordinator.
         """
         try:
-            return cls.open(state_dir), ""
+            return cls.open(state_dir, migrations=migrations), ""
         except StateError as exc:
             if not isinstance(exc.__cause__, sqlite3.DatabaseError):
                 raise  # locked by another agent, permissions: not something moving aside fixes
@@ -99,7 +104,7 @@ class SqliteLeaseStore:
             part = db_path.with_name(db_path.name + suffix)
             if part.exists():
                 os.replace(part, part.with_name(f"{part.name}.corrupt-{now_ms}"))
-        return cls.open(state_dir), why
+        return cls.open(state_dir, migrations=migrations), why
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
