@@ -211,8 +211,15 @@ class SqliteLeaseStore:
                     "remove_reason = excluded.remove_reason",
                     _lease_row(lease),
                 )
-            _put(db, "last_applied_seq", str(seq))
-            _raise_epoch(db, epoch)
+            # One statement for both: the sequence number as given, the epoch only upwards.
+            db.execute(
+                "INSERT INTO meta (key, value) "
+                "VALUES ('last_applied_seq', :seq), ('epoch', :epoch) "
+                "ON CONFLICT (key) DO UPDATE SET value = CASE key WHEN 'epoch' "
+                "THEN max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) "
+                "ELSE excluded.value END",
+                {"seq": str(seq), "epoch": epoch},
+            )
 
     async def mark_applied(
         self, grant_id: str, at: datetime, event: OutboxEvent | None = None
