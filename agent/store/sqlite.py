@@ -60,6 +60,9 @@ class SqliteLeaseStore:
             # coordinator resends from there (docs/performance.md, "Durability").
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
+            # At most 512 KiB of page cache (SQLite's default is 2 MiB): the hot pages (active
+            # leases, meta) are few, the rest is history, and the agent's memory budget is small.
+            db.execute("PRAGMA cache_size=-512")
             # A damaged file is found now, at start, not in the middle of a command.
             check = db.execute("PRAGMA quick_check").fetchone()
             if check is None or check[0] != "ok":
