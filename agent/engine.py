@@ -104,6 +104,8 @@ class Engine:
         self._pending_removals: dict[Pair, str] = {}
         self._retry_attempt = 0
         self._wall_noted_at: datetime | None = None
+        # When the expiry loop's last sweep planned to look again (engine time).
+        self._next_sweep_at: datetime | None = None
         self._remove_retries = max(1, remove_retries)
         self._remove_retry_base = remove_retry_base
         # After a revoke's own attempts, the sweep keeps retrying from the same base, up to
@@ -328,8 +330,26 @@ class Engine:
                 "reason": ack.reason,
             },
         )
-        self._leases_changed.set()
+        if self._expiry_must_look(command, ack):
+            self._leases_changed.set()
         return ack
+
+    def _expiry_must_look(self, command: CommandSpec, ack: Ack) -> bool:
+        """Whether the expiry loop must sweep before the wake it planned. Not for a grant that
+        was applied (or scheduled) and whose start and end both lie beyond that wake: the usual
+        case, where a sweep after every command would cost a table read and task churn on the
+        push path for nothing. Always for anything else."""
+        kind = command.kind
+        planned = self._next_sweep_at
+        if (
+            planned is None
+            or ack.status is not AckStatus.APPLIED
+            or not isinstance(kind, GrantSpec)
+        ):
+            return True
+        now = self.now()
+        next_deadline = kind.not_before if kind.not_before > now else kind.not_after
+        return next_deadline <= planned
 
     async def _retry_revoke(self, ack: Ack) -> Ack:
         """A revoke's removal failed: try again with jittered backoff (not holding the lock
@@ -587,7 +607,9 @@ class Engine:
             self._retry_attempt += 1
         else:
             self._retry_attempt = 0
-        return max(0.0, delay)
+        delay = max(0.0, delay)
+        self._next_sweep_at = now + timedelta(seconds=delay)
+        return delay
 
     async def _retry_removals(self, now: datetime) -> tuple[bool, bool]:
         """Retry removals that failed before. Returns (all done, events written)."""

@@ -458,6 +458,38 @@ async def test_expiry_loop_wakes_on_time_and_signals_the_outbox(rig: Rig) -> Non
     assert [k for k, _, _ in await rig.kinds()] == ["grant.expired"]
 
 
+async def test_a_grant_beyond_the_planned_sweep_does_not_wake_the_expiry_loop(rig: Rig) -> None:
+    # Sweeps counted by their reads of the active leases (two per sweep, one per grant handled).
+    reads: list[str] = []
+    rig.store._db.set_trace_callback(
+        lambda sql: reads.append(sql) if "state = 'active' ORDER BY" in sql else None
+    )
+    async with asyncio.TaskGroup() as tasks:
+        loop = tasks.create_task(rig.engine.run())
+        async with asyncio.timeout(5):
+            while len(reads) < 2:
+                await asyncio.sleep(0)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        before = len(reads)
+        # Ends in ten minutes: nothing for the loop to do before its planned wake.
+        await rig.engine.handle(command(1, grant(length=10 * MIN)))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(reads) == before + 1
+        # Starts before the planned wake: the loop must look now, to start it on time.
+        await rig.engine.handle(command(2, grant("bob", "ssh", start=SEC / 2, length=10 * MIN)))
+        async with asyncio.timeout(5):
+            while len(reads) < before + 4:
+                await asyncio.sleep(0)
+        await rig.clock.advance(SEC)
+        async with asyncio.timeout(5):
+            while ("bob", "ssh") not in rig.recorder.in_force:
+                await asyncio.sleep(0)
+        loop.cancel()
+    rig.store._db.set_trace_callback(None)
+
+
 def retrying(rig: Rig, retries: int) -> Engine:
     return Engine(
         name=AGENT,
