@@ -45,7 +45,9 @@ def migrate_isolated(db_path: Path) -> int:
     _check_path(db_path)
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "agent.store.migrate", str(db_path)],
+            # -I: isolated, so neither the working directory nor PYTHON* variables can put
+            # other code in front of the installed package (the agent often runs as root).
+            [sys.executable, "-I", "-m", "agent.store.migrate", str(db_path)],
             capture_output=True,
             timeout=CHILD_TIMEOUT,
             check=False,

@@ -223,6 +223,18 @@ def test_pending_migrations_run_in_a_child_process(tmp_path: Path) -> None:
     store.close()
 
 
+def test_the_migration_child_ignores_code_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An `agent` package planted where the agent was started must not run in its place.
+    planted = tmp_path / "cwd" / "agent"
+    planted.mkdir(parents=True)
+    (planted / "__init__.py").write_text("raise SystemExit(99)\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "cwd"))
+    assert migrate_isolated(tmp_path / "agent.db") == 2
+
+
 def test_a_file_that_is_not_a_database_fails_migration_as_a_database_error(
     tmp_path: Path,
 ) -> None:
