@@ -265,7 +265,7 @@ class Link:
         state = await self._engine.hello_state()
         self._pinned = self._keys.read()
         self._min_epoch = state.epoch
-        # No request iterator: this call is written to by the one writer task.
+        # No request iterator: this call is written to only through `_Writes` (one at a time).
         call: _Call = AgentLinkStub(ch).Connect(None, metadata=metadata)
         queue: _Queue = asyncio.Queue(maxsize=self._settings.queue_size)
         out = _Writes(call)
