@@ -178,9 +178,7 @@ def run(argv: Sequence[str]) -> int:
     if not args.coordinator:
         parser.error("--coordinator (or JITMESH_COORDINATOR) is required")
 
-    from pydantic import ValidationError
-
-    from agent.config import AgentConfig, EnforcerConfig, describe, parse_enforcer
+    from agent.config import AgentConfig, EnforcerConfig, parse_enforcer
     from agent.domain.errors import AgentError, ConfigError
 
     try:
@@ -209,8 +207,6 @@ def run(argv: Sequence[str]) -> int:
             skew_tolerance=args.skew_tolerance,
             reconcile_every=args.reconcile_every,
         )
-    except ValidationError as exc:
-        return _fail(f"configuration: {describe(exc)}")
     except AgentError as exc:
         return _fail(f"configuration: {exc}")
 

@@ -22,13 +22,13 @@ from agent.domain.coverage import DriftMode
 from agent.domain.errors import AgentError, EnrollmentError, StateError
 from agent.domain.leases import EventKind, new_event
 from agent.enforcers.base import Enforcer, EnforcerSet
-from agent.enforcers.exec import ExecEnforcer, Hooks
 from agent.enforcers.file import FileEnforcer
 from agent.engine import Engine
 from agent.identity import IdentityFile
 from agent.rpc.link import Link, LinkSettings
 from agent.store.credential import CredentialFile
 from agent.store.keys import PinnedKeys
+from agent.store.migrate import migrate_isolated
 from agent.store.sqlite import SqliteLeaseStore
 from jitmesh.clock import Clock, SystemClock, to_ms
 
@@ -60,7 +60,7 @@ async def run(
     pacing = pacing or clock
     state_dir = prepare_state_dir(config.state_dir)
     credentials = CredentialFile(state_dir / CREDENTIAL_NAME)
-    join_token = config.join_token.get_secret_value() if config.join_token else None
+    join_token = config.join_token_value()
     enrolled = (
         IdentityFile(state_dir / "tls_identity.json").read()
         if config.ca_file
@@ -71,7 +71,10 @@ async def run(
             "no credential in the state directory and no join token: "
             "pass --join-token or set JITMESH_JOIN_TOKEN"
         )
-    store, moved_aside = SqliteLeaseStore.open_or_recover(state_dir, now_ms=to_ms(clock.now()))
+    # Pending migrations run in a child process: yoyo never stays resident in the agent.
+    store, moved_aside = SqliteLeaseStore.open_or_recover(
+        state_dir, now_ms=to_ms(clock.now()), migrations=migrate_isolated
+    )
     try:
         boot_id = read_boot_id()
         await store.claim(config.name, boot_id)
@@ -145,6 +148,9 @@ def build_enforcers(config: AgentConfig, clock: Clock) -> list[Enforcer]:
         if isinstance(spec, FileEnforcerConfig):
             enforcers.append(FileEnforcer(spec.directory, clock=clock))
         elif isinstance(spec, ExecEnforcerConfig):
+            # Imported only when configured (subprocess machinery the file enforcer never needs).
+            from agent.enforcers.exec import ExecEnforcer, Hooks
+
             hooks = Hooks(
                 apply=spec.hooks.apply,
                 remove=spec.hooks.remove,
@@ -180,12 +186,11 @@ def read_boot_id() -> str:
 
 
 def agent_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    # The package's own constant (pyproject.toml reads its version from it): importlib.metadata
+    # would cost 1.5 MiB of resident memory for this one string (docs/performance.md).
+    from jitmesh import __version__
 
-    try:
-        return version("jitmesh")
-    except PackageNotFoundError:
-        return "unknown"
+    return __version__
 
 
 async def _until(stop: asyncio.Event) -> None:

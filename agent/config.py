@@ -1,19 +1,24 @@
-"""Agent configuration: frozen pydantic models, validated once at the edge (`__main__`).
+"""Agent configuration: frozen dataclasses, validated once at the edge (`__main__`), where they
+are built.
 
-Inside the agent, plain frozen dataclasses take over (`LinkSettings`, enforcer `Hooks`).
+Not pydantic (STYLE.md's default for configuration), on purpose: the agent runs on every host and
+pydantic with its schemas is about 12 MiB of the agent's 50 MiB resident-memory budget
+(docs/performance.md). Each field is checked in `__post_init__`; a bad value raises ConfigError
+naming the field, never echoing the value.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
 import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from typing import Any, Literal, Protocol
 
 from agent.domain.errors import ConfigError
 from jitmesh import validation
@@ -22,145 +27,256 @@ from jitmesh.durations import DurationError, parse_duration
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _RESERVED_ENV = frozenset({"JITMESH_SUBJECT", "JITMESH_ACTION"})
 _PLACEHOLDERS = ("{subject}", "{action}")
+_MAX_ARGV = 64
+_MAX_ENV = 64
+_MAX_PART = 4096
+_COORDINATOR = re.compile(r"[^\s]{1,255}")
+MAX_HOOK_TIMEOUT = timedelta(minutes=10)
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class SecretLike(Protocol):
+    def get_secret_value(self) -> str: ...
 
 
-class ExecHooksConfig(_Frozen):
+class Secret:
+    """A value kept out of repr and logs (the join token)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecHooksConfig:
     """The YAML file of an `exec:FILE` enforcer."""
 
-    apply: tuple[str, ...] = Field(min_length=1, max_length=64)
-    remove: tuple[str, ...] = Field(min_length=1, max_length=64)
-    observe: tuple[str, ...] | None = Field(default=None, min_length=1, max_length=64)
+    apply: tuple[str, ...]
+    remove: tuple[str, ...]
+    observe: tuple[str, ...] | None = None
     timeout: timedelta = timedelta(seconds=10)
-    env: dict[str, str] = Field(default_factory=dict, max_length=64)
+    env: Mapping[str, str] = field(default_factory=dict)
 
-    @field_validator("apply", "remove", "observe")
-    @classmethod
-    def _argv(cls, argv: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if argv is None:
-            return None
-        if not argv[0]:
-            raise ValueError("the program (first element) must not be empty")
-        if any("\0" in part or len(part) > 4096 for part in argv):
-            raise ValueError("argv elements must be under 4096 characters, without NUL")
-        return argv
-
-    @field_validator("observe")
-    @classmethod
-    def _observe_has_no_pair(cls, argv: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if argv is not None and any(p in part for part in argv for p in _PLACEHOLDERS):
-            raise ValueError("observe runs for all pairs: it takes no {subject} or {action}")
-        return argv
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _timeout(cls, value: Any) -> timedelta:
-        if isinstance(value, bool):
-            raise ValueError("timeout must be a duration such as 10s")
-        if isinstance(value, int | float):
-            value = f"{int(value * 1000)}ms"
-        if not isinstance(value, str):
-            raise ValueError("timeout must be a duration such as 10s")
-        try:
-            result = parse_duration(value)
-        except DurationError as exc:
-            raise ValueError(str(exc)) from None
-        if result > timedelta(minutes=10):
-            raise ValueError("timeout must be at most 10m")
-        return result
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, env: dict[str, str]) -> dict[str, str]:
-        for key, value in env.items():
-            if not _ENV_KEY.fullmatch(key):
-                raise ValueError("env names must be letters, digits and _")
-            # The hook environment is fixed on purpose; loader variables and the per-call
-            # variables cannot be set from configuration either.
-            if key.startswith("LD_") or key in _RESERVED_ENV:
-                raise ValueError("env must not set LD_* or JITMESH_SUBJECT/JITMESH_ACTION")
-            if "\0" in value or len(value) > 4096:
-                raise ValueError("env values must be under 4096 characters, without NUL")
-        return env
+    def __post_init__(self) -> None:
+        _set(self, "apply", _argv(self.apply, "apply"))
+        _set(self, "remove", _argv(self.remove, "remove"))
+        if self.observe is not None:
+            observe = _argv(self.observe, "observe")
+            if any(p in part for part in observe for p in _PLACEHOLDERS):
+                raise ConfigError("observe: runs for all pairs: it takes no {subject} or {action}")
+            _set(self, "observe", observe)
+        _set(self, "timeout", _timeout(self.timeout))
+        _set(self, "env", _env(self.env))
 
 
 # What the drift reconcile does with access an enforcer shows that no lease holds: take it away,
 # or only report it (audited on the coordinator, left in place).
 DriftSetting = Literal["remove", "report"]
+_DRIFT_SETTINGS: tuple[DriftSetting, ...] = ("remove", "report")
 
 
-class FileEnforcerConfig(_Frozen):
-    kind: Literal["file"] = "file"
+def _drift(value: object) -> DriftSetting:
+    for setting in _DRIFT_SETTINGS:
+        if value == setting:
+            return setting
+    raise ConfigError("drift: must be remove or report")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileEnforcerConfig:
     directory: Path
     drift: DriftSetting = "remove"
+    kind: str = field(default="file", init=False)
+
+    def __post_init__(self) -> None:
+        _set(self, "directory", _path(self.directory, "directory"))
+        _set(self, "drift", _drift(self.drift))
 
 
-class ExecEnforcerConfig(_Frozen):
-    kind: Literal["exec"] = "exec"
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecEnforcerConfig:
     path: Path
     hooks: ExecHooksConfig
     drift: DriftSetting = "remove"
+    kind: str = field(default="exec", init=False)
+
+    def __post_init__(self) -> None:
+        _set(self, "path", _path(self.path, "path"))
+        if not isinstance(self.hooks, ExecHooksConfig):
+            raise ConfigError("hooks: must be an ExecHooksConfig")
+        _set(self, "drift", _drift(self.drift))
 
 
-EnforcerConfig = Annotated[FileEnforcerConfig | ExecEnforcerConfig, Field(discriminator="kind")]
+EnforcerConfig = FileEnforcerConfig | ExecEnforcerConfig
 
 
-class AgentConfig(_Frozen):
-    coordinator: str = Field(min_length=1, max_length=255, pattern=r"^[^\s]+$")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    coordinator: str
     name: str
-    labels: dict[str, str] = Field(default_factory=dict)
-    join_token: SecretStr | None = None
+    state_dir: Path
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # Given as a string or a secret (anything with get_secret_value); kept as a Secret.
+    join_token: SecretLike | str | None = field(default=None, repr=False)
     # The coordinator's CA certificate: enroll with a CSR over TLS and connect with mTLS only.
     ca_file: Path | None = None
-    state_dir: Path
     enforcers: tuple[EnforcerConfig, ...] = ()
-    backoff_base: float = Field(default=1.0, ge=0, le=3600)
-    backoff_cap: float = Field(default=60.0, ge=0, le=3600)
-    backoff_reset_after: float = Field(default=30.0, ge=0, le=3600)
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    backoff_reset_after: float = 30.0
     # Used when the coordinator's Welcome names no heartbeat interval.
-    heartbeat: float = Field(default=10.0, gt=0, le=3600)
-    keepalive_time: float = Field(default=30.0, gt=0, le=3600)
-    keepalive_timeout: float = Field(default=10.0, gt=0, le=3600)
-    welcome_timeout: float = Field(default=30.0, gt=0, le=3600)
+    heartbeat: float = 10.0
+    keepalive_time: float = 30.0
+    keepalive_timeout: float = 10.0
+    welcome_timeout: float = 30.0
     # A revoke's removal is tried this many times (jittered exponential backoff from the base)
     # before the grant is reported REVOKE_FAILED; the sweep keeps retrying after that.
-    remove_retries: int = Field(default=6, ge=1, le=20)
-    remove_retry_base: float = Field(default=10.0, ge=0, le=3600)
+    remove_retries: int = 6
+    remove_retry_base: float = 10.0
     # Grants whose issue time differs from the agent's clock by more are refused.
-    skew_tolerance: float = Field(default=60.0, gt=0, le=86400)
+    skew_tolerance: float = 60.0
     # Seconds between drift reconciles (host against lease table) while running.
-    reconcile_every: float = Field(default=300.0, gt=0, le=86400)
+    reconcile_every: float = 300.0
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
+    def __post_init__(self) -> None:
+        if not isinstance(self.coordinator, str) or not _COORDINATOR.fullmatch(self.coordinator):
+            raise ConfigError("coordinator: must be host:port, without spaces, 1-255 characters")
         try:
-            return validation.check(validation.AGENT, value, "name")
+            validation.check(validation.AGENT, self.name, "name")
+            if not isinstance(self.labels, Mapping):
+                raise validation.ValidationError("labels must be a mapping")
+            labels = validation.check_labels(dict(self.labels))
         except validation.ValidationError as exc:
-            raise ValueError(str(exc)) from None
+            raise ConfigError(str(exc)) from None
+        _set(self, "labels", labels)
+        _set(self, "join_token", _secret(self.join_token))
+        _set(self, "state_dir", _path(self.state_dir, "state_dir"))
+        if self.ca_file is not None:
+            _set(self, "ca_file", _path(self.ca_file, "ca_file"))
+        enforcers = tuple(self.enforcers)
+        if not all(isinstance(e, FileEnforcerConfig | ExecEnforcerConfig) for e in enforcers):
+            raise ConfigError("enforcers: each must be a file or exec enforcer")
+        _set(self, "enforcers", enforcers)
+        for name in ("backoff_base", "backoff_cap", "backoff_reset_after", "remove_retry_base"):
+            _set(self, name, _number(getattr(self, name), name, low=0, high=3600))
+        for name in ("heartbeat", "keepalive_time", "keepalive_timeout", "welcome_timeout"):
+            _set(self, name, _number(getattr(self, name), name, low=0, high=3600, open_low=True))
+        for name in ("skew_tolerance", "reconcile_every"):
+            _set(self, name, _number(getattr(self, name), name, low=0, high=86400, open_low=True))
+        retries = self.remove_retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 1 <= retries <= 20:
+            raise ConfigError("remove_retries: must be a whole number from 1 to 20")
 
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        try:
-            return validation.check_labels(value)
-        except validation.ValidationError as exc:
-            raise ValueError(str(exc)) from None
+    def join_token_value(self) -> str | None:
+        token = self.join_token
+        return token.get_secret_value() if isinstance(token, Secret) else None
 
-    @field_validator("join_token")
-    @classmethod
-    def _token(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().strip():
-            return None
+
+def _set(obj: object, name: str, value: object) -> None:
+    # Normalizing a frozen dataclass's own fields while it is being built.
+    object.__setattr__(obj, name, value)
+
+
+def _secret(value: object) -> Secret | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value
+    elif callable(getattr(value, "get_secret_value", None)):
+        text = value.get_secret_value()  # type: ignore[attr-defined]
+        if not isinstance(text, str):
+            raise ConfigError("join_token: must be a string")
+    else:
+        raise ConfigError("join_token: must be a string")
+    # A blank token is no token.
+    return Secret(text) if text.strip() else None
+
+
+def _path(value: object, name: str) -> Path:
+    if isinstance(value, Path):
         return value
+    if isinstance(value, str) and value and "\0" not in value:
+        return Path(value)
+    raise ConfigError(f"{name}: must be a path")
+
+
+def _number(value: object, name: str, *, low: float, high: float, open_low: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name}: must be a number")
+    if value > high or value < low or (open_low and value == low):
+        above = "above" if open_low else "at least"
+        raise ConfigError(f"{name}: must be {above} {low:g} and at most {high:g}")
+    return float(value)
+
+
+def _argv(value: object, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"{name}: must be a list of strings (program and arguments)")
+    if not 1 <= len(value) <= _MAX_ARGV:
+        raise ConfigError(f"{name}: must have 1 to {_MAX_ARGV} elements")
+    if not value[0]:
+        raise ConfigError(f"{name}: the program (first element) must not be empty")
+    if any("\0" in part or len(part) > _MAX_PART for part in value):
+        raise ConfigError(f"{name}: argv elements must be under 4096 characters, without NUL")
+    return tuple(value)
+
+
+def _timeout(value: object) -> timedelta:
+    if isinstance(value, timedelta):
+        result = value
+    elif isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError("timeout: must be a duration such as 10s")
+    else:
+        text = f"{int(value * 1000)}ms" if isinstance(value, int | float) else value
+        try:
+            result = parse_duration(text)
+        except DurationError as exc:
+            raise ConfigError(f"timeout: {exc}") from None
+    if result <= timedelta(0):
+        raise ConfigError("timeout: must be a duration such as 10s")
+    if result > MAX_HOOK_TIMEOUT:
+        raise ConfigError("timeout: must be at most 10m")
+    return result
+
+
+def _env(value: object) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ConfigError("env: must be a mapping of names to strings")
+    if len(value) > _MAX_ENV:
+        raise ConfigError(f"env: at most {_MAX_ENV} variables")
+    env: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not _ENV_KEY.fullmatch(key):
+            raise ConfigError("env: env names must be letters, digits and _")
+        # The hook environment is fixed on purpose; loader variables and the per-call variables
+        # cannot be set from configuration either.
+        if key.startswith("LD_") or key in _RESERVED_ENV:
+            raise ConfigError("env: must not set LD_* or JITMESH_SUBJECT/JITMESH_ACTION")
+        if not isinstance(item, str):
+            raise ConfigError("env: values must be strings (quote them in YAML)")
+        if "\0" in item or len(item) > _MAX_PART:
+            raise ConfigError("env: values must be under 4096 characters, without NUL")
+        env[key] = item
+    return env
+
+
+_HOOK_FIELDS = frozenset({"apply", "remove", "observe", "timeout", "env"})
 
 
 def parse_exec_hooks(text: str) -> ExecHooksConfig:
     """Parse an exec enforcer's YAML (YAML 1.2: `NO` stays a string, `12:30` is not a number)."""
-    from pydantic import ValidationError
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
@@ -170,10 +286,24 @@ def parse_exec_hooks(text: str) -> ExecHooksConfig:
         raise ConfigError("exec hooks file is not valid YAML") from None
     if not isinstance(data, dict):
         raise ConfigError("exec hooks file must be a mapping (apply, remove, observe, ...)")
+    unknown = [key for key in data if key not in _HOOK_FIELDS]
+    if unknown:
+        # Named only when it looks like a field name: the message never echoes arbitrary input.
+        key = unknown[0]
+        named = f" {key}" if isinstance(key, str) and _ENV_KEY.fullmatch(key) else ""
+        raise ConfigError(f"exec hooks file: unknown field{named} (allowed: {_allowed()})")
+    for required in ("apply", "remove"):
+        if required not in data:
+            raise ConfigError(f"exec hooks file: {required}: is required")
+    values: dict[str, Any] = dict(data)
     try:
-        return ExecHooksConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"exec hooks file: {describe(exc)}") from None
+        return ExecHooksConfig(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"exec hooks file: {exc}") from None
+
+
+def _allowed() -> str:
+    return ", ".join(sorted(_HOOK_FIELDS))
 
 
 def load_exec_hooks(path: Path) -> ExecHooksConfig:
@@ -236,12 +366,3 @@ def parse_enforcer(spec: str) -> EnforcerConfig:
     if kind == "file":
         return FileEnforcerConfig(directory=Path(where), drift=drift)
     return ExecEnforcerConfig(path=Path(where), hooks=load_exec_hooks(Path(where)), drift=drift)
-
-
-def describe(exc: Any) -> str:
-    """A pydantic ValidationError as `field: problem; ...`, without the offending input."""
-    parts = []
-    for error in exc.errors(include_input=False, include_url=False):
-        where = ".".join(str(part) for part in error["loc"]) or "value"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)

@@ -42,7 +42,7 @@ from agent.domain.commands import (
 )
 from agent.domain.coverage import DriftMode, held_pairs, pair_changes, reconcile
 from agent.domain.errors import ApplyFailed, EnforcerError, StateError
-from agent.domain.leases import EventKind, Lease, OutboxEvent, Pair, new_event
+from agent.domain.leases import EventKind, Lease, LeaseState, OutboxEvent, Pair, new_event
 from agent.domain.removals import (
     Removal,
     RetryPolicy,
@@ -131,6 +131,8 @@ class Engine:
         # A revoke's attempts (the first inline, the others in the background), then REVOKE_FAILED
         # and a retry every base * 2^retries, at most every 10 minutes (PROMISES.md).
         self._policy = RetryPolicy.from_settings(remove_retries, remove_retry_base)
+        # When the expiry loop's last sweep planned to look again (engine time).
+        self._next_sweep_at: datetime | None = None
         self._skew = skew_tolerance
         # Seconds between drift reconciles while running (None: only at start).
         self._reconcile_every = reconcile_every
@@ -370,8 +372,26 @@ class Engine:
                 "reason": ack.reason,
             },
         )
-        self._leases_changed.set()
+        if self._expiry_must_look(command, ack):
+            self._leases_changed.set()
         return ack
+
+    def _expiry_must_look(self, command: CommandSpec, ack: Ack) -> bool:
+        """Whether the expiry loop must sweep before the wake it planned. Not for a grant that
+        was applied (or scheduled) and whose start and end both lie beyond that wake: the usual
+        case, where a sweep after every command would cost a table read and task churn on the
+        push path for nothing. Always for anything else."""
+        kind = command.kind
+        planned = self._next_sweep_at
+        if (
+            planned is None
+            or ack.status is not AckStatus.APPLIED
+            or not isinstance(kind, GrantSpec)
+        ):
+            return True
+        now = self.now()
+        next_deadline = kind.not_before if kind.not_before > now else kind.not_after
+        return next_deadline <= planned
 
     async def _pairs_of(self, command: CommandSpec) -> Collection[Pair] | None:
         """The pairs a command may change on the host (None: any, for a snapshot)."""
@@ -443,6 +463,13 @@ class Engine:
             await self._record(command, ())
             return Ack(seq, AckStatus.APPLIED, "already applied", grant_id)
         lease = decision.lease
+        starts_now = decision.new and lease.allows(now)
+        if starts_now:
+            # Written as applied in the command's own transaction: one commit per grant, none
+            # after the enforcer. A crash between the commit and the enforcer leaves the row
+            # ahead of the host; the start-up reconcile applies what active leases hold and the
+            # host lacks, before the agent connects again.
+            lease = replace(lease, applied_at=now)
         holding = await self._holding()
         try:
             await self._record(command, (lease,))
@@ -452,27 +479,32 @@ class Engine:
             return Ack(seq, AckStatus.FAILED, "cannot persist the grant", grant_id)
         if not decision.new:
             return Ack(seq, AckStatus.APPLIED, "updated", grant_id)
-        if not lease.allows(now):
+        if not starts_now:
             # not_before lies ahead: the expiry loop starts it on time.
             return Ack(seq, AckStatus.APPLIED, "scheduled", grant_id)
         crash_point("agent_after_record")
         failures = await self._enforce(holding, starting=[lease])
         reason = failures.apply.get(lease.pair)
         if reason is not None:
-            await self._store.mark_failed(grant_id, now, reason)
+            await self._apply_failed(lease, now, reason)
             return Ack(seq, AckStatus.FAILED, reason, grant_id)
         crash_point("agent_after_apply")
-        try:
-            await self._store.mark_applied(grant_id, now)
-        except StateError:
-            # Applied but not recorded as applied: take it away again (fail closed).
-            applied = replace(lease, applied_at=now)
-            failures = await self._enforce([*holding, applied], ending=[applied])
-            for pair, error in failures.remove.items():
-                await self._pend(pair, [grant_id], error)
-            return Ack(seq, AckStatus.FAILED, "cannot persist the grant", grant_id)
         log.info("grant applied", extra=_lease_fields(lease))
         return Ack(seq, AckStatus.APPLIED, "", grant_id)
+
+    async def _apply_failed(self, lease: Lease, now: datetime, reason: str) -> None:
+        """A grant's row, written as applied before its hook, whose apply failed: the row must
+        end (fail closed), or a reconcile would later apply access the coordinator was told
+        failed. A table that takes no write (a full disk) gets the end in its journal; if even
+        that fails, StateError: the command is acked FAILED."""
+        try:
+            await self._store.mark_failed(lease.grant_id, now, reason)
+        except StateError as exc:
+            log.error(
+                "cannot record a failed grant in the table",
+                extra={"grant_id": lease.grant_id, "error": str(exc)},
+            )
+            await self._store.end_lease(lease.ended(at=now, reason=reason, state=LeaseState.FAILED))
 
     def _time_problem(self, command: CommandSpec, now: datetime) -> str | None:
         if self._clock_untrusted:
@@ -607,6 +639,8 @@ class Engine:
                 # keeps running rather than crash (and crash again at every start).
                 log.error("expiry sweep cannot persist", extra={"error": str(exc)})
                 delay = min(MAX_NAP, self._policy.base)
+                # No plan: every command wakes the loop until a sweep makes one again.
+                self._next_sweep_at = None
             await _sleep_or_wake(self._clock, started + delay, self._leases_changed)
 
     async def sweep(self) -> float:
@@ -672,7 +706,9 @@ class Engine:
             self._retry_attempt += 1
         else:
             self._retry_attempt = 0
-        return max(0.0, delay)
+        delay = max(0.0, delay)
+        self._next_sweep_at = now + timedelta(seconds=delay)
+        return delay
 
     # Pending removals.
 

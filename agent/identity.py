@@ -9,11 +9,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from agent.store.credential import CredentialFile
 
 # Renew once less than this fraction of the certificate's lifetime is left.
@@ -27,6 +22,10 @@ class TlsIdentity:
     port: int
 
     def renew_at(self) -> datetime:
+        # Imported here, as below: `cryptography` is 7 MiB of resident memory that an agent
+        # without TLS never needs (docs/performance.md).
+        from cryptography import x509
+
         cert = x509.load_pem_x509_certificate(self.cert_pem)
         start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
         return end - (end - start) * RENEW_FRACTION
@@ -35,6 +34,11 @@ class TlsIdentity:
 def new_key_and_csr(name: str) -> tuple[bytes, bytes]:
     """A fresh private key (PEM) and a CSR for it. The CA writes the identity itself; the name
     here is informational."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (
         x509.CertificateSigningRequestBuilder()

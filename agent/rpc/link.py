@@ -26,7 +26,9 @@ Protocol, as the agent speaks it:
   cap configurable, reset after a stream that stayed healthy long enough) and says in its Hello
   where it stopped.
 
-One writer task per stream drains a bounded queue: every other task only puts messages on it.
+Writes to the stream never overlap (two at once crash it): a lock serializes them. The reader
+writes each command's ack itself, at once (no hand-off to another task on the push path); a writer
+task drains a bounded queue for everything else (the Hello, heartbeats, outbox events).
 """
 
 from __future__ import annotations
@@ -38,8 +40,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.domain.commands import Ack, AckStatus
 from agent.domain.errors import EnrollmentError, LinkError, MalformedCommand
@@ -55,6 +55,7 @@ from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
 from jitmesh.v1.agents_pb2_grpc import AgentsStub
 
 from . import convert
+from .signature import signature_holds
 from .verify import verify
 
 log = logging.getLogger(__name__)
@@ -264,9 +265,10 @@ class Link:
         state = await self._engine.hello_state()
         self._pinned = self._keys.read()
         self._min_epoch = state.epoch
-        # No request iterator: this call is written to by the one writer task.
+        # No request iterator: this call is written to only through `_Writes` (one at a time).
         call: _Call = AgentLinkStub(ch).Connect(None, metadata=metadata)
         queue: _Queue = asyncio.Queue(maxsize=self._settings.queue_size)
+        out = _Writes(call)
         queue.put_nowait(
             convert.hello_to_pb(
                 agent=self._settings.name,
@@ -282,8 +284,8 @@ class Link:
         self._sent = set()
         try:
             async with asyncio.TaskGroup() as tasks:
-                writer = tasks.create_task(self._write(call, queue))
-                reader = tasks.create_task(self._read(call, queue, tasks))
+                writer = tasks.create_task(self._write(out, queue))
+                reader = tasks.create_task(self._read(call, out, queue, tasks))
                 # Wait inside the block: on Python 3.11 a child that fails after the block has
                 # ended leaves a cancel request on this task that is never taken back, and
                 # `run` could no longer tell a stop (SIGTERM) from a broken stream.
@@ -330,16 +332,13 @@ class Link:
         log.info("enrolled")
         return credential
 
-    async def _write(self, call: _Call, queue: _Queue) -> None:
+    async def _write(self, out: _Writes, queue: _Queue) -> None:
         while True:
-            message = await queue.get()
-            try:
-                await call.write(message)
-            except asyncio.InvalidStateError:
-                # The call finished (OK) while this message waited: the reader reports why.
-                raise _StreamEnded() from None
+            await out.send(await queue.get())
 
-    async def _read(self, call: _Call, queue: _Queue, tasks: asyncio.TaskGroup) -> None:
+    async def _read(
+        self, call: _Call, out: _Writes, queue: _Queue, tasks: asyncio.TaskGroup
+    ) -> None:
         try:
             async with asyncio.timeout(self._settings.welcome_timeout):
                 first = await call.read()
@@ -358,7 +357,8 @@ class Link:
                 raise _StreamEnded()
             kind = message.WhichOneof("body")
             if kind == "command":
-                await queue.put(await self._command(message.command))
+                # Acked from here: the ack leaves as soon as the command is persisted and applied.
+                await out.send(await self._command(message.command))
             elif kind == "event_ack":
                 ids = list(message.event_ack.event_ids)
                 self._sent.difference_update(ids)
@@ -373,13 +373,9 @@ class Link:
         if not welcome.signing_keys:
             return
         public = self._pinned.get(welcome.keys_key_id)
-        try:
-            if public is None:
-                raise InvalidSignature
-            Ed25519PublicKey.from_public_bytes(public).verify(
-                welcome.keys_signature, keys_bytes(key_entries(welcome.signing_keys))
-            )
-        except (InvalidSignature, ValueError):
+        if public is None or not signature_holds(
+            public, welcome.keys_signature, keys_bytes(key_entries(welcome.signing_keys))
+        ):
             log.warning("ignoring signing keys not signed by a pinned key")
             return
         now_ms = to_ms(self._clock.now())
@@ -445,6 +441,25 @@ class Link:
                     self._sent.add(event.event_id)
                     await queue.put(convert.event_to_pb(event))
             await changed.wait()
+
+
+class _Writes:
+    """The only way onto the stream: one write at a time. Uncontended (the usual case for an
+    ack), the lock is taken without yielding to the event loop."""
+
+    __slots__ = ("_call", "_lock")
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+        self._lock = asyncio.Lock()
+
+    async def send(self, message: agentlink_pb2.AgentMessage) -> None:
+        async with self._lock:
+            try:
+                await self._call.write(message)
+            except asyncio.InvalidStateError:
+                # The call finished (OK) while this message waited: the reader reports why.
+                raise _StreamEnded() from None
 
 
 def _code(exc: grpc.aio.AioRpcError) -> str:

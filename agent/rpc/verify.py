@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
 from agent.domain.errors import MalformedCommand
 from jitmesh.v1 import agentlink_pb2
+
+from .signature import signature_holds
 
 
 def verify(
@@ -30,10 +30,8 @@ def verify(
     public = keys.get(command.key_id)
     if public is None:
         raise MalformedCommand("command is signed by an unknown key")
-    try:
-        Ed25519PublicKey.from_public_bytes(public).verify(command.signature, command.body)
-    except (InvalidSignature, ValueError):
-        raise MalformedCommand("command signature is not valid") from None
+    if not signature_holds(public, command.signature, command.body):
+        raise MalformedCommand("command signature is not valid")
     body = agentlink_pb2.CommandBody()
     try:
         body.ParseFromString(command.body)

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -53,18 +53,27 @@ class SqliteLeaseStore:
         self._flushing = False
 
     @classmethod
-    def open(cls, state_dir: Path) -> SqliteLeaseStore:
-        """Lock the state directory for this process, migrate the schema, open the table."""
+    def open(
+        cls, state_dir: Path, *, migrations: Callable[[Path], int] = migrate
+    ) -> SqliteLeaseStore:
+        """Lock the state directory for this process, migrate the schema, open the table.
+        `migrations` applies what is pending (the agent passes `migrate_isolated`)."""
         lock_fd = _lock(state_dir / LOCK_NAME)
         try:
             db_path = state_dir / DB_NAME
-            migrate(db_path)
+            migrations(db_path)
             db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=True)
             db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a power cut can lose the last commits, never corrupt the file;
-            # the coordinator resends what was not acknowledged.
+            # NORMAL in WAL mode: a commit is in the WAL (the OS cache) before the ack leaves,
+            # so a crash or SIGKILL loses nothing acked (tests/e2e/test_agent_kill.py); no fsync
+            # per commit (FULL costs one per command). A power cut can lose the newest commits,
+            # never corrupt the file: the Hello then says where the table stopped and the
+            # coordinator resends from there (docs/performance.md, "Durability").
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
+            # At most 512 KiB of page cache (SQLite's default is 2 MiB): the hot pages (active
+            # leases, meta) are few, the rest is history, and the agent's memory budget is small.
+            db.execute("PRAGMA cache_size=-512")
             # A damaged file is found now, at start, not in the middle of a command.
             check = db.execute("PRAGMA quick_check").fetchone()
             if check is None or check[0] != "ok":
@@ -103,7 +112,9 @@ class SqliteLeaseStore:
         self._lock_fd = -1
 
     @classmethod
-    def open_or_recover(cls, state_dir: Path, *, now_ms: int) -> tuple[SqliteLeaseStore, str]:
+    def open_or_recover(
+        cls, state_dir: Path, *, now_ms: int, migrations: Callable[[Path], int] = migrate
+    ) -> tuple[SqliteLeaseStore, str]:
         """Open the lease table; if it cannot be read (corrupt, truncated, not a database), move
         it aside (`agent.db.corrupt-<ms>`, with its WAL and shared-memory files) and start with
         an empty one. Returns the store and, if a table was moved aside, why ("" otherwise).
@@ -112,7 +123,7 @@ class SqliteLeaseStore:
         start-up reconcile removes all the enforcers observe) and resync from the coordinator.
         """
         try:
-            return cls.open(state_dir), ""
+            return cls.open(state_dir, migrations=migrations), ""
         except StateError as exc:
             if not isinstance(exc.__cause__, sqlite3.DatabaseError):
                 raise  # locked by another agent, permissions: not something moving aside fixes
@@ -122,7 +133,7 @@ class SqliteLeaseStore:
             part = db_path.with_name(db_path.name + suffix)
             if part.exists():
                 os.replace(part, part.with_name(f"{part.name}.corrupt-{now_ms}"))
-        return cls.open(state_dir), why
+        return cls.open(state_dir, migrations=migrations), why
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -296,8 +307,15 @@ class SqliteLeaseStore:
                     "remove_reason = excluded.remove_reason",
                     _lease_row(lease),
                 )
-            _put(db, "last_applied_seq", str(seq))
-            _raise_epoch(db, epoch)
+            # One statement for both: the sequence number as given, the epoch only upwards.
+            db.execute(
+                "INSERT INTO meta (key, value) "
+                "VALUES ('last_applied_seq', :seq), ('epoch', :epoch) "
+                "ON CONFLICT (key) DO UPDATE SET value = CASE key WHEN 'epoch' "
+                "THEN max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) "
+                "ELSE excluded.value END",
+                {"seq": str(seq), "epoch": epoch},
+            )
 
     async def mark_applied(
         self, grant_id: str, at: datetime, event: OutboxEvent | None = None

@@ -81,6 +81,61 @@ async def test_grant_applies_then_acks(rig: Rig) -> None:
     assert (await rig.store.meta()).last_applied_seq == 1
 
 
+async def test_grant_is_persisted_in_one_commit_before_its_hook(rig: Rig) -> None:
+    # The push path commits once per grant: the row (already marked applied), the sequence
+    # number and the epoch together, before the enforcer runs; nothing is committed after it.
+    statements: list[str] = []
+    rig.store._db.set_trace_callback(statements.append)
+    ack = await rig.engine.handle(command(1, grant()))
+    rig.store._db.set_trace_callback(None)
+    assert ack.status is AckStatus.APPLIED
+    assert [s for s in statements if s.startswith(("BEGIN", "COMMIT"))] == [
+        "BEGIN IMMEDIATE",
+        "COMMIT",
+    ]
+    assert rig.recorder.in_force == {PAIR}
+
+
+class _Killed(BaseException):
+    """The process dying between two steps (nothing after it runs)."""
+
+
+class _DiesOnApply(RecordingEnforcer):
+    async def apply(self, subject: str, action: str) -> None:
+        raise _Killed
+
+
+async def test_death_between_the_commit_and_the_hook_is_repaired_before_connecting(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(T0)
+    state = tmp_path / "state"
+    state.mkdir()
+    store = SqliteLeaseStore.open(state)
+    engine = Engine(name=AGENT, store=store, enforcers=EnforcerSet([_DiesOnApply()]), clock=clock)
+    await engine.start()
+    spec = grant()
+    with pytest.raises(_Killed):
+        await engine.handle(command(1, spec))
+    store.close()
+
+    again = build(state, clock, RecordingEnforcer())
+    try:
+        stored = await again.store.lease(spec.grant_id)
+        assert stored is not None
+        assert stored.applied_at == T0
+        assert (await again.store.meta()).last_applied_seq == 1
+        await again.engine.start()
+        # Applied once by the start-up reconcile; the resent command is a duplicate.
+        assert again.recorder.calls == [("apply", PAIR)]
+        assert await again.files.observe() == {PAIR}
+        ack = await again.engine.handle(command(1, spec))
+        assert (ack.status, ack.reason) == (AckStatus.APPLIED, "duplicate")
+        assert again.recorder.calls == [("apply", PAIR)]
+    finally:
+        again.store.close()
+
+
 async def test_duplicate_command_is_reacked_without_a_second_apply(rig: Rig) -> None:
     spec = grant()
     await rig.engine.handle(command(1, spec))
@@ -216,6 +271,52 @@ async def test_failed_apply_is_acked_failed_and_rolled_back(rig: Rig) -> None:
     assert stored is not None
     assert stored.state is LeaseState.FAILED
     assert (await rig.store.meta()).last_applied_seq == 1
+
+
+class _TableFillsDuringApply(RecordingEnforcer):
+    """Refuses the apply, and by then the lease table takes no write (the disk filled while the
+    hook ran): the row written as applied before the hook cannot be marked failed."""
+
+    store: SqliteLeaseStore | None = None
+
+    async def apply(self, subject: str, action: str) -> None:
+        assert self.store is not None
+        self.store._db.execute("PRAGMA query_only=1")
+        await super().apply(subject, action)
+
+
+async def test_failed_apply_that_cannot_be_recorded_never_comes_back(tmp_path: Path) -> None:
+    # The row was committed as applied before the hook; the hook failed and the table refuses
+    # the failure: the end goes to the journal, so neither a reconcile nor a restart applies it.
+    state = tmp_path / "state"
+    hook = _TableFillsDuringApply()
+    hook.fail_apply.add(PAIR)
+    first = build(state, FakeClock(T0), hook)
+    hook.store = first.store
+    await first.engine.start()
+    spec = grant(length=10 * MIN)
+    ack = await first.engine.handle(command(1, spec))
+    assert ack.status is AckStatus.FAILED
+    assert "apply refused" in ack.reason
+    assert await first.store.active_leases() == []
+    await first.engine.reconcile()
+    assert hook.count("apply", PAIR) == 1
+    assert await first.files.observe() == set()
+    first.store.close()
+
+    hook.fail_apply.clear()
+    again = build(state, first.clock, hook)
+    hook.store = None
+    try:
+        await again.engine.start()
+        stored = await again.store.lease(spec.grant_id)
+        assert stored is not None
+        assert stored.state is LeaseState.FAILED
+        assert hook.count("apply", PAIR) == 1
+        assert PAIR not in hook.in_force
+        assert await again.files.observe() == set()
+    finally:
+        again.store.close()
 
 
 async def test_failed_removal_at_expiry_is_retried_until_it_works(rig: Rig) -> None:
@@ -387,6 +488,38 @@ async def test_expiry_loop_wakes_on_time_and_signals_the_outbox(rig: Rig) -> Non
         loop.cancel()
     assert await rig.files.observe() == set()
     assert [k for k, _, _ in await rig.kinds()] == ["grant.expired"]
+
+
+async def test_a_grant_beyond_the_planned_sweep_does_not_wake_the_expiry_loop(rig: Rig) -> None:
+    # Sweeps counted by their reads of the active leases (two per sweep, one per grant handled).
+    reads: list[str] = []
+    rig.store._db.set_trace_callback(
+        lambda sql: reads.append(sql) if "state = 'active' ORDER BY" in sql else None
+    )
+    async with asyncio.TaskGroup() as tasks:
+        loop = tasks.create_task(rig.engine.run())
+        async with asyncio.timeout(5):
+            while len(reads) < 2:
+                await asyncio.sleep(0)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        before = len(reads)
+        # Ends in ten minutes: nothing for the loop to do before its planned wake.
+        await rig.engine.handle(command(1, grant(length=10 * MIN)))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(reads) == before + 1
+        # Starts before the planned wake: the loop must look now, to start it on time.
+        await rig.engine.handle(command(2, grant("bob", "ssh", start=SEC / 2, length=10 * MIN)))
+        async with asyncio.timeout(5):
+            while len(reads) < before + 4:
+                await asyncio.sleep(0)
+        await rig.clock.advance(SEC)
+        async with asyncio.timeout(5):
+            while ("bob", "ssh") not in rig.recorder.in_force:
+                await asyncio.sleep(0)
+        loop.cancel()
+    rig.store._db.set_trace_callback(None)
 
 
 async def test_full_disk_grant_fails_without_a_hook_and_revoke_still_removes(rig: Rig) -> None:

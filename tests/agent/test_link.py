@@ -9,6 +9,7 @@ import stat
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -51,8 +52,8 @@ class Host:
     def pairs(self) -> set[str]:
         return {p.name for p in self.markers.iterdir()} if self.markers.exists() else set()
 
-    def config(self, coordinator: Coordinator, **changes: object) -> AgentConfig:
-        values: dict[str, object] = {
+    def config(self, coordinator: Coordinator, **changes: Any) -> AgentConfig:
+        values: dict[str, Any] = {
             "coordinator": coordinator.address,
             "name": "web-1",
             "labels": {"env": "test"},
@@ -63,7 +64,7 @@ class Host:
             "backoff_cap": 0.2,
         }
         values.update(changes)
-        return AgentConfig.model_validate(values)
+        return AgentConfig(**values)
 
 
 @pytest.fixture

@@ -44,16 +44,14 @@ class Host:
         return {p.name for p in self.markers.iterdir()} if self.markers.exists() else set()
 
     def config(self, coordinator: Coordinator) -> AgentConfig:
-        return AgentConfig.model_validate(
-            {
-                "coordinator": coordinator.address,
-                "name": "web-1",
-                "join_token": "join-1",
-                "state_dir": self.state,
-                "enforcers": (FileEnforcerConfig(directory=self.markers),),
-                "backoff_base": 0.05,
-                "backoff_cap": 0.2,
-            }
+        return AgentConfig(
+            coordinator=coordinator.address,
+            name="web-1",
+            join_token="join-1",
+            state_dir=self.state,
+            enforcers=(FileEnforcerConfig(directory=self.markers),),
+            backoff_base=0.05,
+            backoff_cap=0.2,
         )
 
 
