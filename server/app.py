@@ -69,6 +69,7 @@ SERVICES = [
     agentlink_pb2.DESCRIPTOR.services_by_name["AgentLink"].full_name,
     locks_pb2.DESCRIPTOR.services_by_name["Locks"].full_name,
 ]
+OPERATOR_SERVICES = [name for name in SERVICES if not name.endswith(".AgentLink")]
 
 
 @dataclass
@@ -233,11 +234,13 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         policy_pb2_grpc.add_PolicyServicer_to_server(policy_servicer, target)
         identity_pb2_grpc.add_IdentityServicer_to_server(identity_servicer, target)
         audit_pb2_grpc.add_AuditServicer_to_server(audit_servicer, target)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
-        reflection.enable_server_reflection(
-            [*SERVICES, reflection.SERVICE_NAME, health.SERVICE_NAME], target
-        )
         locks_pb2_grpc.add_LocksServicer_to_server(locks_servicer, target)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
+        # Reflection lists what the port serves: AgentLink only where agents connect.
+        served = SERVICES if target is not server or agent_server is None else OPERATOR_SERVICES
+        reflection.enable_server_reflection(
+            [*served, reflection.SERVICE_NAME, health.SERVICE_NAME], target
+        )
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
         AgentLinkServicer(
             fleet, registry, clock, keys, config.heartbeat, require_certificate=ca is not None

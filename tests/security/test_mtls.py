@@ -438,3 +438,20 @@ async def test_operators_authenticate_with_client_certificates(
         async with await as_cert(key, cert) as client:
             with pytest.raises(AuthenticationError):
                 await client.list_requests()
+
+
+async def test_reflection_lists_only_what_each_port_serves(tls: Tls) -> None:
+    """Under TLS AgentLink is served on the agent port only; the operator port does not list it."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    creds = grpc.ssl_channel_credentials(tls.ca_pem)
+    async with grpc.aio.secure_channel(tls.address, creds) as ch:
+        call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        names: set[str] = set()
+        async for answer in call:
+            names.update(s.name for s in answer.list_services_response.service)
+    assert "jitmesh.v1.Locks" in names
+    assert "jitmesh.v1.Access" in names
+    assert "jitmesh.v1.AgentLink" not in names
