@@ -4,6 +4,7 @@
     ├── ConfigError            bad flags or configuration: the agent does not start
     ├── StateError             the state directory or the lease table cannot be used
     ├── EnrollmentError        no credential and no join token, or enrollment went wrong
+    │   └── EnrollmentRefused  join token, name or labels refused: retrying cannot help
     ├── LinkError              the coordinator broke the stream protocol
     ├── MalformedCommand       a command that does not parse or validate (acked REJECTED)
     └── EnforcerError          an enforcer could not apply, remove or observe
@@ -31,6 +32,11 @@ class StateError(AgentError):
 
 class EnrollmentError(AgentError):
     pass
+
+
+class EnrollmentRefused(EnrollmentError):
+    """Retrying cannot help (a used or expired join token, a name already enrolled, labels the
+    token does not give): the agent stops and says why, instead of asking again for ever."""
 
 
 class LinkError(AgentError):

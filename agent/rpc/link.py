@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from agent.domain.commands import Ack, AckStatus
-from agent.domain.errors import EnrollmentError, LinkError, MalformedCommand
+from agent.domain.errors import EnrollmentError, EnrollmentRefused, LinkError, MalformedCommand
 from agent.domain.timekeeping import full_jitter
 from agent.engine import Engine
 from agent.identity import IdentityFile, TlsIdentity, new_key_and_csr
@@ -139,6 +139,8 @@ class Link:
                 reason = "stream ended"
             except grpc.aio.AioRpcError as exc:
                 reason = self._refused(exc)
+            except EnrollmentRefused:
+                raise
             except (LinkError, EnrollmentError) as exc:
                 reason = str(exc)
             task = asyncio.current_task()
@@ -246,7 +248,7 @@ class Link:
         try:
             response = await AgentsStub(channel).Enroll(request, timeout=ENROLL_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
-            raise EnrollmentError(f"enrollment failed: {_code(exc)}") from None
+            raise _enrollment_error(exc) from None
         if not response.certificate or not 0 < response.agent_port < 65536:
             raise EnrollmentError("enrollment returned no usable certificate")
         self._pin(response)
@@ -316,10 +318,7 @@ class Link:
         try:
             response = await AgentsStub(channel).Enroll(request, timeout=ENROLL_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            raise EnrollmentError(
-                f"enrollment failed: {code.name if code is not None else 'UNKNOWN'}"
-            ) from None
+            raise _enrollment_error(exc) from None
         credential = response.credential
         # It travels in call metadata, which takes printable ASCII only.
         if not credential or not (credential.isascii() and credential.isprintable()):
@@ -460,6 +459,26 @@ class _Writes:
             except asyncio.InvalidStateError:
                 # The call finished (OK) while this message waited: the reader reports why.
                 raise _StreamEnded() from None
+
+
+# Enrollment answers that no retry can change: the agent stops with the coordinator's reason.
+_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    }
+)
+
+
+def _enrollment_error(exc: grpc.aio.AioRpcError) -> EnrollmentError:
+    """A refusal (stop, with the coordinator's one-line reason, printable and cut short) or a
+    failure worth retrying (unavailable, rate limited, a deadline)."""
+    if exc.code() in _REFUSALS:
+        why = "".join(ch for ch in (exc.details() or "")[:200] if ch.isprintable())
+        return EnrollmentRefused(f"enrollment refused ({_code(exc)}): {why or 'no reason given'}")
+    return EnrollmentError(f"enrollment failed: {_code(exc)}")
 
 
 def _code(exc: grpc.aio.AioRpcError) -> str:

@@ -87,6 +87,7 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
         # While set, streams are accepted but never welcomed.
         self.silent = False
         self._enrolled = 0
+        self.enroll_attempts = 0
 
     async def session(self) -> Session:
         async with asyncio.timeout(10):
@@ -97,6 +98,7 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
         request: agents_pb2.EnrollRequest,
         context: _Context,
     ) -> agents_pb2.EnrollResponse:
+        self.enroll_attempts += 1
         if request.join_token not in self.join_tokens:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "join token is not valid")
         self.join_tokens.discard(request.join_token)

@@ -17,7 +17,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from agent import app
 from agent.config import AgentConfig, FileEnforcerConfig
-from agent.domain.errors import EnrollmentError
+from agent.domain.errors import EnrollmentError, EnrollmentRefused
 from jitmesh.clock import FakeClock, SystemClock
 from jitmesh.v1 import agentlink_pb2
 
@@ -380,3 +380,17 @@ async def test_stopping_closes_the_stream_and_keeps_the_table(
     async with running(host, config):
         again = await coordinator.session()
         assert list(again.hello.active_grant_ids) == [grant_id]
+
+
+async def test_a_refused_enrollment_stops_the_agent_with_the_coordinators_reason(
+    coordinator: Coordinator, host: Host
+) -> None:
+    """A used or wrong join token cannot become valid by asking again: the agent stops once,
+    saying why, instead of retrying (and being audited) for ever."""
+    coordinator.join_tokens = set()
+    with pytest.raises(EnrollmentRefused, match=r"UNAUTHENTICATED\): join token is not valid"):
+        async with asyncio.timeout(10):
+            await app.run(host.config(coordinator), clock=host.clock, pacing=SystemClock())
+    assert coordinator.enrollments.empty()
+    assert coordinator.enroll_attempts == 1
+    assert not (host.state / "credential").exists()
