@@ -95,6 +95,7 @@ class Coordinator:
     clock: Clock = field(default_factory=SystemClock)
     # The mTLS agent port's own server (TLS only; else agents share `server`).
     agent_server: grpc.aio.Server | None = None
+    access: AccessService | None = None
 
     @property
     def address(self) -> str:
@@ -271,6 +272,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         agent_port,
         clock,
         agent_server,
+        access,
     )
 
 

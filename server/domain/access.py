@@ -25,7 +25,7 @@ from .batching import GroupCommit
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 from .hub import Hub
 from .lifecycle import REVOCABLE_GRANT_STATES
-from .locks import refuse_if_locked
+from .locks import first_lock, refuse_if_locked
 from .models import (
     AuditEntry,
     Command,
@@ -81,6 +81,11 @@ class AccessService:
         self._epoch = epoch
         self._deadlines_changed = deadlines_changed
         self._creations = GroupCommit(self._create_many)
+
+    @property
+    def creations_waiting(self) -> int:
+        """Checked requests waiting for their group commit (for tests and metrics)."""
+        return self._creations.waiting
 
     async def create_request(
         self,
@@ -164,13 +169,41 @@ class AccessService:
         commands: list[Command] = []
         entries: list[AuditEntry] = []
         async with self._store.transaction() as tx:
+            # Locks are checked again inside the transaction, before any sequence number is
+            # given out: a lock committed after a caller's own check refuses it here.
+            in_force = await tx.locks_in_force(now)
+            locked = {
+                k: lock
+                for k, item in enumerate(items)
+                if (lock := first_lock(in_force, item.request)) is not None
+            }
             seqs = iter(
                 await tx.append_commands(
-                    [(i.grant.agent, CommandKind.GRANT, i.grant.id, now) for i in items if i.grant]
+                    [
+                        (i.grant.agent, CommandKind.GRANT, i.grant.id, now)
+                        for k, i in enumerate(items)
+                        if i.grant and k not in locked
+                    ]
                 )
             )
-            for item in items:
+            for k, item in enumerate(items):
                 request, grant = item.request, item.grant
+                if k in locked:
+                    lock = locked[k]
+                    entries.append(
+                        AuditEntry(
+                            "request.refused",
+                            item.actor,
+                            now,
+                            subject=request.subject,
+                            agent=request.agent,
+                            details={"action": request.action, "why": f"locked by {lock.id}"},
+                        )
+                    )
+                    out.append(
+                        Conflict(f"{lock.target.describe()} is locked ({lock.id}): {lock.reason}")
+                    )
+                    continue
                 entries.append(
                     self._entry("request.created", item.actor, request, rule=request.rule)
                 )

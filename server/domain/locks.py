@@ -7,12 +7,13 @@ between). A lock ends when an admin lifts it or at its optional expiry."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock
-from jitmesh.types import Grant, GrantState, Lock, LockTarget, RequestState
+from jitmesh.types import Grant, GrantState, Lock, LockTarget, Request, RequestState
 
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 from .hub import Hub
@@ -161,6 +162,15 @@ async def refuse_if_locked(
     lock = await store.lock_in_force(subject, agent, action, now)
     if lock is not None:
         raise Conflict(f"{lock.target.describe()} is locked ({lock.id}): {lock.reason}")
+
+
+def first_lock(locks: Sequence[Lock], request: Request) -> Lock | None:
+    """The first of `locks` (all in force) that matches the request's subject, agent, action."""
+    subject = request.subject.lower()
+    for lock in locks:
+        if lock.target.matches(subject, request.agent, request.action):
+            return lock
+    return None
 
 
 def checked_target(target: LockTarget) -> LockTarget:

@@ -580,6 +580,15 @@ class SqliteTx:
     ) -> Lock | None:
         return await _lock_in_force(self._conn, subject, agent, action, now)
 
+    async def locks_in_force(self, now: datetime) -> list[Lock]:
+        rows = await _all(
+            self._conn,
+            f"SELECT {_LOCK_COLUMNS} FROM locks WHERE lifted_at IS NULL "
+            "AND (expires_at IS NULL OR expires_at > ?) ORDER BY created_at, id",
+            [to_ms(now)],
+        )
+        return [_lock(r) for r in rows]
+
     async def locked_grants(self, target: LockTarget, states: Iterable[GrantState]) -> list[Grant]:
         """Grants in `states` that the target matches, on agents still enrolled, per agent in
         the order they were granted."""

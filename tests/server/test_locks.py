@@ -3,6 +3,7 @@ loop, the SDK as the caller, raw agent streams to see the revokes that reach the
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import grpc
@@ -227,3 +228,34 @@ async def test_grants_on_many_agents_are_revoked_in_one_lock(env: Env) -> None:
     ]
     states = {g.state for g in await env.admin.list_grants()}
     assert states == {GrantState.REVOKING}
+
+
+async def test_a_lock_committed_after_the_callers_check_refuses_the_request(env: Env) -> None:
+    """The race the in-transaction check closes: the request passed its own lock check and
+    waits for its group commit while a lock commits; it is refused, not granted, and no
+    command (nor sequence number) is spent on it."""
+    access = env.coordinator.access
+    assert access is not None
+    async with env.coordinator.store.transaction() as tx:
+        creating = asyncio.create_task(
+            env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+        )
+        async with asyncio.timeout(10):
+            while access.creations_waiting < 1:
+                await asyncio.sleep(0.01)
+        await tx.insert_lock(Lock(new_id("lck"), LockTarget(subject="alice"), "race", "admin", T0))
+    with pytest.raises(ConflictError, match="locked"):
+        await creating
+    assert await env.admin.list_requests() == []
+    assert raw_sql(env.coordinator.store.path, "SELECT COUNT(*) FROM commands")[0][0] == 0
+    assert raw_sql(
+        env.coordinator.store.path, "SELECT last_seq FROM agents WHERE name = 'web-1'"
+    ) == [(0,)]
+    refused = await env.admin.list_audit(kind="request.refused")
+    assert [e.details["why"] for e in refused] == [
+        f"locked by {(await env.admin.list_locks())[0].id}"
+    ]
+    # The next request, unlocked, gets sequence number 1: no gap was left.
+    _, grant = await env.dave.create_request(agent="web-1", action="deploy", duration=M15)
+    assert grant is not None
+    assert grant.grant_seq == 1
