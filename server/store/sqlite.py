@@ -1027,11 +1027,18 @@ class SqliteStore:
                 raise
             try:
                 await _to_the_end(self._writer.execute("COMMIT"))
+            except asyncio.CancelledError:
+                # `_to_the_end` raises this only after the statement succeeded: committed, then
+                # cancelled. The head moves with what was stored.
+                self.head = (tx.head_seq, tx.head_hash)
+                self._commits += 1
+                raise
             except BaseException:
+                # The commit failed. SQLite rolls back by itself on an I/O error or a full disk
+                # (the transaction is then no longer open); otherwise roll back here. Either
+                # way nothing was stored, so the head stays where it was.
                 if self._writer.in_transaction:
                     await _to_the_end(self._writer.execute("ROLLBACK"))
-                else:
-                    self.head = (tx.head_seq, tx.head_hash)  # committed, then cancelled
                 raise
             self.head = (tx.head_seq, tx.head_hash)
             self._commits += 1

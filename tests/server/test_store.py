@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -655,3 +657,34 @@ async def test_a_cancelled_caller_never_leaves_the_writer_inside_a_transaction(
         first, second = await store.get_meta(f"k{steps}"), await store.get_meta(f"k{steps}b")
         assert (first, second) in {(None, None), ("v", "v")}  # all or nothing
         assert await store.get_meta("after") == str(steps)
+
+
+async def test_a_commit_that_fails_leaves_the_audit_head_where_it_was(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A COMMIT that fails on a full disk or an I/O error (SQLite then rolls the transaction back
+    by itself, so none is open afterwards) stored nothing: the chain's head must not move, or
+    every later event would chain onto entries that do not exist. The failing COMMIT is faked
+    (the real one needs the coordinator's own disk to fill); the rollback is SQLite's own."""
+    async with store.transaction() as tx:
+        await tx.audit(AuditEntry("test.event", "alice", T0, details={"i": "0"}))
+    head = store.head
+    real = store._writer.execute
+
+    async def commit_fails(sql: str, *args: Any) -> Any:
+        if sql == "COMMIT":
+            await real("ROLLBACK")  # what SQLite does itself on SQLITE_IOERR / SQLITE_FULL
+            raise sqlite3.OperationalError("disk I/O error")
+        return await real(sql, *args)
+
+    monkeypatch.setattr(store._writer, "execute", commit_fails)
+    with pytest.raises(sqlite3.OperationalError):
+        async with store.transaction() as tx:
+            await tx.audit(AuditEntry("test.event", "alice", T0, details={"i": "lost"}))
+    monkeypatch.undo()
+    assert store.head == head
+    async with store.transaction() as tx:
+        await tx.audit(AuditEntry("test.event", "bob", T0, details={"i": "1"}))
+    events = await store.audit_chain(0, 100)
+    assert [e.details["i"] for e in events] == ["0", "1"]
+    assert verify_chain(events).ok
