@@ -425,11 +425,10 @@ class SqliteLeaseStore:
             )
 
     async def drop_removal(self, pair: Pair, events: Sequence[OutboxEvent] = ()) -> None:
-        """The removal of `pair` succeeded: forget it and write its events, atomically."""
-        with self._tx() as db:
-            db.execute("DELETE FROM removals WHERE subject = ? AND action = ?", pair)
-            for event in events:
-                _insert_event(db, event)
+        """The removal of `pair` succeeded: forget it and write its events, atomically. The
+        journal's copy goes first: the table's commit moves the journal into the table, which
+        would otherwise bring the finished removal back. (If the table write then fails, the
+        table's own row keeps the removal pending and it is simply done again.)"""
         journal = self._journal
         if journal is not None and any(
             (r.get("subject"), r.get("action")) == pair for r in journal.entries["removals"]
@@ -442,6 +441,10 @@ class SqliteLeaseStore:
                 journal.write(entries)
             except (JournalFull, OSError) as exc:
                 raise StateError(f"revoke journal write failed: {exc}") from None
+        with self._tx() as db:
+            db.execute("DELETE FROM removals WHERE subject = ? AND action = ?", pair)
+            for event in events:
+                _insert_event(db, event)
 
     # Outbox.
 

@@ -438,3 +438,26 @@ async def test_a_journaled_removal_never_overwrites_a_newer_row(tmp_path: Path) 
         assert (kept.attempts, kept.error) == (5, "new")
     finally:
         store.close()
+
+
+async def test_a_journaled_removal_that_succeeds_is_not_brought_back(tmp_path: Path) -> None:
+    """The removal went to the journal (disk full); space came back and the retry worked: its
+    drop is the first write the table takes, and the journal's copy must not return with it,
+    now or after a restart."""
+    store = SqliteLeaseStore.open(tmp_path)
+    try:
+        fill(store)
+        await store.save_removal(Removal(PAIR, ("grt-1",), attempts=1, next_at=T0, since=T0))
+        assert read_entries(tmp_path / JOURNAL_NAME)["removals"] != []
+        assert PAIR in [r.pair for r in await store.removals()]
+        unfill(store)
+        await store.drop_removal(PAIR)
+        assert await store.removals() == []
+        assert read_entries(tmp_path / JOURNAL_NAME) == {"ends": [], "removals": []}
+    finally:
+        store.close()
+    again = SqliteLeaseStore.open(tmp_path)
+    try:
+        assert await again.removals() == []
+    finally:
+        again.close()
