@@ -336,15 +336,32 @@ class FleetService:
     async def _ack_batch(self, batch: Sequence[_PendingAck]) -> list[None]:
         now = self._clock.now()
         request_ids: list[str] = []
+        # The same command acked twice in one batch (an old and a new stream of one agent):
+        # each repeat goes in a later round, so the store sees the acks in their order, exactly
+        # as one by one (a repeat is ignored, or a revoke's APPLIED supersedes its FAILED).
+        rounds: list[list[_PendingAck]] = []
+        round_of: list[int] = []
+        seen: dict[tuple[str, int], int] = {}
+        for pending in batch:
+            key = (pending.agent, pending.ack.seq)
+            k = seen[key] = seen.get(key, -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(pending)
+            round_of.append(k)
         async with self._store.transaction() as tx:
-            recorded = await tx.ack_commands(
-                [(p.agent, p.ack.seq, p.ack.status, p.ack.reason[:256]) for p in batch], now
-            )
-            grants = await tx.get_grants(sorted({grant_id for _, grant_id, _ in recorded.values()}))
+            recorded = [
+                await tx.ack_commands(
+                    [(p.agent, p.ack.seq, p.ack.status, p.ack.reason[:256]) for p in acks], now
+                )
+                for acks in rounds
+            ]
+            grant_ids = {grant_id for found in recorded for _, grant_id, _ in found.values()}
+            grants = await tx.get_grants(sorted(grant_ids))
             moves = _Moves(grants)
             entries: list[AuditEntry] = []
-            for pending in batch:
-                found = recorded.pop((pending.agent, pending.ack.seq), None)
+            for pending, k in zip(batch, round_of, strict=True):
+                found = recorded[k].get((pending.agent, pending.ack.seq))
                 grant = None if found is None else grants.get(found[1])
                 if found is None or grant is None:
                     continue  # an unknown or repeated ack moves nothing

@@ -9,8 +9,8 @@ from datetime import timedelta
 
 from jitmesh import GrantState
 from jitmesh.v1 import agentlink_pb2
-from server.domain.models import ADMIN_GROUP, Principal
-from tests.server.helpers import Env, agent_link
+from server.domain.models import ADMIN_GROUP, AgentAck, Principal
+from tests.server.helpers import Env, agent_link, raw_sql
 from tests.server.test_agentlink import event
 
 M15 = timedelta(minutes=15)
@@ -121,3 +121,35 @@ async def test_a_revoke_that_failed_and_later_succeeded_ends_revoked(env: Env) -
     kinds = [e.kind for e in await env.admin.list_audit(grant_id=grant.id)]
     assert kinds[-2:] == ["grant.revoke_failed", "grant.revoked"]
     assert "grant.apply_failed" not in kinds
+
+
+async def test_the_same_command_acked_twice_in_one_batch_counts_in_order(env: Env) -> None:
+    """Two acks of one revoke land in one batch (an agent's old and new stream), FAILED then
+    APPLIED: as one by one, the grant ends REVOKED and the command row says APPLIED."""
+    fleet = env.coordinator.fleet
+    async with agent_link(env.address, env.credentials["web-1"]) as link:
+        await link.hello("web-1")
+        request, grant = await env.alice.create_request(
+            agent="web-1", action="deploy", duration=M15
+        )
+        assert grant is not None
+        await link.command()
+        await link.ack(1, grant.id)
+        await env.wait_grant_state(request.id, GrantState.ACTIVE)
+        await env.admin.revoke_grant(grant.id, reason="incident")
+        seq, _ = await link.command()
+    web = Principal("web-1", frozenset())
+    async with env.coordinator.store.transaction():
+        acks = [
+            asyncio.create_task(fleet.ack(web, AgentAck(seq, status, "", grant.id)))
+            for status in ("FAILED", "APPLIED")
+        ]
+        async with asyncio.timeout(10):
+            while fleet.acks_waiting < 2:
+                await asyncio.sleep(0.01)
+    await asyncio.gather(*acks)
+    assert (await env.admin.get_grant(grant.id)).state is GrantState.REVOKED
+    rows = raw_sql(env.coordinator.store.path, "SELECT seq, ack_status FROM commands")
+    assert (seq, "APPLIED") in rows
+    kinds = [e.kind for e in await env.admin.list_audit(grant_id=grant.id)]
+    assert kinds[-2:] == ["grant.revoke_failed", "grant.revoked"]
