@@ -4,6 +4,7 @@ transaction that also writes its audit events; pushes and notifications follow t
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -38,6 +39,7 @@ from .models import (
 from .policy import Policy, Rule, match
 from .ports import CommandSink, Store, Tx
 
+log = logging.getLogger(__name__)
 MIN_DURATION = timedelta(seconds=1)
 MAX_PAGE = 1000
 
@@ -235,10 +237,15 @@ class AccessService:
             crash_point("before_commit")
         if commands:
             crash_point("after_commit")
+        try:
+            # Committed: nothing below may fail the batch, or GroupCommit would write each
+            # request again (the push and the notices are hints; the log and the store are not).
             self._links.push(commands)
-        self._deadlines_changed()
-        self._hub.requests_changed([r.id for r in requests])
-        await self._hub.audit_written(tx.new_audit)
+            self._deadlines_changed()
+            self._hub.requests_changed([r.id for r in requests])
+            await self._hub.audit_written(tx.new_audit)
+        except Exception:
+            log.exception("after a committed batch of %d requests", len(requests))
         return out
 
     async def review(
