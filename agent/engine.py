@@ -356,7 +356,8 @@ class Engine:
                         ack = await self._snapshot(command, kind, now)
                 except StateError as exc:
                     # A full or failing disk where the command's own paths do not answer it: a
-                    # failed ack (the coordinator resends it later), not a crash.
+                    # failed ack, not a crash. Nothing was recorded, so the next resync after a
+                    # restart starts before this command again (a refused grant excepted).
                     log.error("cannot persist a command", extra={"error": str(exc)})
                     grant_id = "" if isinstance(kind, SnapshotSpec) else kind.grant_id
                     ack = Ack(command.seq, AckStatus.FAILED, "cannot persist the command", grant_id)
