@@ -600,8 +600,8 @@ async def _lock_create(client: Client, args: argparse.Namespace, out: Output) ->
     )  # fmt: skip
     out.emit(
         {**_lock_json(lock), "grants_revoked": revoked, "requests_denied": denied},
-        f"locked {output.cell(lock.target.describe())} ({lock.id}): "
-        f"{revoked} grants revoked, {denied} pending requests denied",
+        f"locked {output.cell(lock.target.describe())} ({lock.id}); "
+        f"grants revoked: {revoked}, pending requests denied: {denied}",
     )
     return 0
 
