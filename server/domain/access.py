@@ -23,7 +23,7 @@ from jitmesh.types import (
 )
 
 from .batching import GroupCommit
-from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied
+from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
 from .hub import Hub
 from .lifecycle import REVOCABLE_GRANT_STATES
 from .locks import first_lock, refuse_if_locked
@@ -46,13 +46,6 @@ MAX_PAGE = 1000
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def _checked(fn: Callable[[], object]) -> None:
-    try:
-        fn()
-    except v.ValidationError as exc:
-        raise InvalidArgument(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +91,10 @@ class AccessService:
         duration: timedelta,
         reason: str,
     ) -> tuple[Request, Grant | None]:
-        _checked(lambda: v.check(v.AGENT, agent, "agent"))
-        _checked(lambda: v.check(v.ACTION, action, "action"))
-        _checked(lambda: v.check_reason(reason))
+        with invalid_input():
+            v.check(v.AGENT, agent, "agent")
+            v.check(v.ACTION, action, "action")
+            v.check_reason(reason)
         if duration < MIN_DURATION:
             raise InvalidArgument("duration must be at least 1s")
         if duration > MAX_DURATION:
@@ -251,7 +245,8 @@ class AccessService:
     async def review(
         self, principal: Principal, request_id: str, decision: ReviewDecision, reason: str
     ) -> tuple[Request, Grant | None]:
-        _checked(lambda: v.check_reason(reason))
+        with invalid_input():
+            v.check_reason(reason)
         grant: Grant | None = None
         command: Command | None = None
         async with self._store.transaction() as tx:
@@ -299,7 +294,8 @@ class AccessService:
         return request
 
     async def revoke(self, principal: Principal, grant_id: str, reason: str) -> Grant:
-        _checked(lambda: v.check_reason(reason))
+        with invalid_input():
+            v.check_reason(reason)
 
         async def allowed(grant: Grant) -> bool:
             if principal.is_admin:

@@ -13,6 +13,11 @@ Messages are one line, name fields and rules, and never echo secrets or unchecke
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from jitmesh.validation import ValidationError
+
 
 class DomainError(Exception):
     def __init__(self, message: str) -> None:
@@ -46,3 +51,13 @@ class RateLimited(DomainError):
         # The first refusal since the caller's last allowed call: worth one audit entry, where
         # auditing every refusal would let a flood write the audit log.
         self.first = first
+
+
+@contextmanager
+def invalid_input() -> Iterator[None]:
+    """Input checks (`jitmesh.validation`) inside the block fail as InvalidArgument, with the
+    check's own message (which names the field, never the value)."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise InvalidArgument(str(exc)) from None

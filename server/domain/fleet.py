@@ -23,6 +23,7 @@ from .errors import (
     NotFound,
     PermissionDenied,
     Unauthenticated,
+    invalid_input,
 )
 from .hub import Hub
 from .models import (
@@ -81,12 +82,10 @@ class FleetService:
         already enrolled agent again (a reinstalled host), keeping its labels unless others are
         given; no other token can take a name in use."""
         _require_admin(principal)
-        try:
+        with invalid_input():
             labels = v.check_labels(labels)
             if replaces:
                 v.check(v.AGENT, replaces, "replaces")
-        except v.ValidationError as exc:
-            raise InvalidArgument(str(exc)) from None
         if ttl is not None and not timedelta(seconds=1) <= ttl <= MAX_JOIN_TTL:
             raise InvalidArgument("join token ttl must be between 1s and 7d")
         if replaces:
@@ -158,11 +157,9 @@ class FleetService:
         gets the token's labels: asking for any other label, or for a name already enrolled
         (unless the token was made to replace it), is refused. A refusal spends nothing and is
         audited; a replacement cuts the old agent's stream, whose certificate no longer binds."""
-        try:
+        with invalid_input():
             v.check(v.AGENT, name, "agent name")
             labels = v.check_labels(labels)
-        except v.ValidationError as exc:
-            raise InvalidArgument(str(exc)) from None
         now = self._clock.now()
         try:
             async with self._store.transaction() as tx:
@@ -259,17 +256,7 @@ class FleetService:
         """Check the Hello against the credential and say where the agent's log resumes."""
         now = self._clock.now()
         if hello.name != principal.name:
-            async with self._store.transaction() as tx:
-                await tx.audit(
-                    AuditEntry(
-                        "agent.impersonation_refused",
-                        f"agent:{principal.name}",
-                        now,
-                        agent=principal.name,
-                        details={"claimed": hello.name[:64]},
-                    )
-                )
-            await self._hub.audit_written(tx.new_audit)
+            await self._refuse_impersonation(principal, "hello", hello.name)
             raise PermissionDenied("hello names another agent than the credential")
         agent = await self._store.get_agent(principal.name)
         if agent is None:

@@ -18,7 +18,14 @@ from jitmesh.types import (
 
 from .access import hash_secret
 from .audit import ChainVerifier
-from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from .errors import (
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    invalid_input,
+)
 from .hub import Hub
 from .models import AuditEntry, Principal, new_secret, same_person, user_name
 from .policy import Policy, decision, match, parse_policy
@@ -95,13 +102,11 @@ class TokenService:
         label: str,
     ) -> tuple[str, TokenInfo]:
         _require_admin(principal)
-        try:
+        with invalid_input():
             user = v.check(v.SUBJECT, user_name(user), "user")
             for group in groups:
                 v.check(v.GROUP, group, "group")
             v.check_reason(label, field="label")
-        except v.ValidationError as exc:
-            raise InvalidArgument(str(exc)) from None
         if len(label) > 128:
             raise InvalidArgument("label is longer than 128 characters")
         ttl = TOKEN_TTL if ttl is None else ttl
@@ -168,10 +173,8 @@ class TokenService:
         (lower-case hex). Agents' certificates are retired by removal or re-enrollment."""
         _require_admin(principal)
         canonical = certificate_serial(serial)
-        try:
+        with invalid_input():
             v.check_reason(reason)
-        except v.ValidationError as exc:
-            raise InvalidArgument(str(exc)) from None
         now = self._clock.now()
         async with self._store.transaction() as tx:
             if not await tx.revoke_certificate(canonical, now, principal.name, reason):
@@ -257,14 +260,12 @@ class PolicyService:
         duration: timedelta | None,
         groups: Iterable[str],
     ) -> PolicyDecision:
-        try:
+        with invalid_input():
             subject = v.check(v.SUBJECT, user_name(subject), "subject")
             v.check(v.ACTION, action, "action")
             v.check(v.AGENT, agent, "agent")
             for group in groups:
                 v.check(v.GROUP, group, "group")
-        except v.ValidationError as exc:
-            raise InvalidArgument(str(exc)) from None
         target = await self._store.get_agent(agent)
         if target is None:
             raise NotFound(f"agent {agent} is not enrolled")

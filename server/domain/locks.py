@@ -15,7 +15,7 @@ from jitmesh import validation as v
 from jitmesh.clock import Clock
 from jitmesh.types import Grant, GrantState, Lock, LockTarget, Request, RequestState
 
-from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied
+from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
 from .hub import Hub
 from .models import AuditEntry, Command, CommandKind, Principal, new_id
 from .ports import CommandSink, Store, Tx
@@ -42,10 +42,8 @@ class LockService:
         """Lock the target; returns the lock, the grants revoked and the requests denied."""
         _require_admin(principal)
         target = checked_target(target)
-        try:
+        with invalid_input():
             v.check_reason(reason)
-        except v.ValidationError as exc:
-            raise InvalidArgument(str(exc)) from None
         if not reason.strip():
             raise InvalidArgument("a lock needs a reason")
         if ttl is not None and not timedelta(seconds=1) <= ttl <= MAX_LOCK_TTL:
@@ -133,10 +131,8 @@ class LockService:
         _require_admin(principal)
         if not v.ID.fullmatch(lock_id):
             raise InvalidArgument("lock id is not valid")
-        try:
+        with invalid_input():
             v.check_reason(reason)
-        except v.ValidationError as exc:
-            raise InvalidArgument(str(exc)) from None
         now = self._clock.now()
         async with self._store.transaction() as tx:
             lock = await tx.get_lock(lock_id)
@@ -176,15 +172,13 @@ def first_lock(locks: Sequence[Lock], request: Request) -> Lock | None:
 def checked_target(target: LockTarget) -> LockTarget:
     if not (target.subject or target.agent or target.action):
         raise InvalidArgument("a lock needs a subject, an agent or an action")
-    try:
+    with invalid_input():
         if target.subject:
             v.check(v.SUBJECT, target.subject, "subject")
         if target.agent:
             v.check(v.AGENT, target.agent, "agent")
         if target.action:
             v.check(v.ACTION, target.action, "action")
-    except v.ValidationError as exc:
-        raise InvalidArgument(str(exc)) from None
     # Subjects are one person whatever their case: locks match them case-folded.
     return LockTarget(subject=target.subject.lower(), agent=target.agent, action=target.action)
 
