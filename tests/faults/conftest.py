@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from .harness import Cluster
 from .results import Recorder
 
 if not os.environ.get("JITMESH_FAULTS"):
@@ -31,3 +33,17 @@ def rng(request: pytest.FixtureRequest) -> random.Random:
 @pytest.fixture
 def long_run() -> bool:
     return bool(os.environ.get("JITMESH_FAULTS_LONG"))
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, recorder: Recorder) -> AsyncIterator[Cluster]:
+    """A coordinator and one agent, web-1, connected; the tests that need more build their own."""
+    made = Cluster(tmp_path, recorder)
+    try:
+        await made.start_coordinator()
+        await made.apply_policy()
+        await made.start_agent("web-1")
+        await made.wait_connected("web-1")
+        yield made
+    finally:
+        await made.close()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -27,19 +25,6 @@ from .harness import (
 from .results import Recorder
 
 pytestmark = pytest.mark.subprocess
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, recorder: Recorder) -> AsyncIterator[Cluster]:
-    made = Cluster(tmp_path, recorder)
-    try:
-        await made.start_coordinator()
-        await made.apply_policy()
-        await made.start_agent("web-1")
-        await made.wait_connected("web-1")
-        yield made
-    finally:
-        await made.close()
 
 
 async def wait_log(web: AgentHandle, word: str, timeout: float = 20) -> None:

@@ -15,8 +15,6 @@ itself (a child inherits it): the fault is the agent's disk, the measurement mus
 from __future__ import annotations
 
 import resource
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -27,19 +25,6 @@ from .harness import HOLD, Cluster, audit_settled, wait_in_force, wait_removed
 from .results import Recorder
 
 pytestmark = pytest.mark.subprocess
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, recorder: Recorder) -> AsyncIterator[Cluster]:
-    made = Cluster(tmp_path, recorder)
-    try:
-        await made.start_coordinator()
-        await made.apply_policy()
-        await made.start_agent("web-1")
-        await made.wait_connected("web-1")
-        yield made
-    finally:
-        await made.close()
 
 
 def fill_disk(pid: int) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,19 +17,6 @@ from .harness import HOLD, Cluster, audit_count, wait_in_force, wait_removed
 from .results import Recorder
 
 pytestmark = pytest.mark.subprocess
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, recorder: Recorder) -> AsyncIterator[Cluster]:
-    made = Cluster(tmp_path, recorder)
-    try:
-        await made.start_coordinator()
-        await made.apply_policy()
-        await made.start_agent("web-1")
-        await made.wait_connected("web-1")
-        yield made
-    finally:
-        await made.close()
 
 
 @pytest.mark.parametrize("how", ["fail-remove", "hang-remove"])

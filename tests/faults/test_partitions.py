@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -31,19 +29,6 @@ pytestmark = pytest.mark.subprocess
 
 # A dead connection is noticed after keepalive + ping timeout (2 s + 1 s), plus a ping's jitter.
 DETECT = 4.0
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, recorder: Recorder) -> AsyncIterator[Cluster]:
-    made = Cluster(tmp_path, recorder)
-    try:
-        await made.start_coordinator()
-        await made.apply_policy()
-        await made.start_agent("web-1")
-        await made.wait_connected("web-1")
-        yield made
-    finally:
-        await made.close()
 
 
 async def test_connected_grants_end_on_time(
