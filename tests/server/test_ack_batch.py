@@ -7,14 +7,28 @@ import asyncio
 from contextlib import AsyncExitStack
 from datetime import timedelta
 
-from jitmesh import GrantState
+from jitmesh import Grant, GrantState, Request
 from jitmesh.v1 import agentlink_pb2
 from server.domain.models import ADMIN_GROUP, AgentAck, Principal
-from tests.server.helpers import Env, agent_link, raw_sql
+from tests.server.helpers import AgentLink, Env, agent_link, raw_sql
 from tests.server.test_agentlink import event
 
 M15 = timedelta(minutes=15)
 ADMIN = Principal("admin", frozenset({ADMIN_GROUP}))
+
+
+async def applied_then_revoked(env: Env, link: AgentLink) -> tuple[Request, Grant, int]:
+    """alice's grant on web-1, applied and acked, then revoked: its request, the grant and the
+    revoke command's sequence number (the revoke is read off the stream, not yet acked)."""
+    await link.hello("web-1")
+    request, grant = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+    assert grant is not None
+    await link.command()
+    await link.ack(1, grant.id)
+    await env.wait_grant_state(request.id, GrantState.ACTIVE)
+    await env.admin.revoke_grant(grant.id, reason="incident")
+    seq, _ = await link.command()
+    return request, grant, seq
 
 
 async def test_acks_from_many_agents_land_in_few_commits(env: Env) -> None:
@@ -99,16 +113,7 @@ async def test_a_revoke_that_failed_and_later_succeeded_ends_revoked(env: Env) -
     its restart and the removal works: the same command's APPLIED ack ends the grant REVOKED.
     A grant command's later ack changes nothing (its first ack stands)."""
     async with agent_link(env.address, env.credentials["web-1"]) as link:
-        await link.hello("web-1")
-        request, grant = await env.alice.create_request(
-            agent="web-1", action="deploy", duration=M15
-        )
-        assert grant is not None
-        await link.command()
-        await link.ack(1, grant.id)
-        await env.wait_grant_state(request.id, GrantState.ACTIVE)
-        await env.admin.revoke_grant(grant.id, reason="incident")
-        seq, _ = await link.command()
+        request, grant, seq = await applied_then_revoked(env, link)
         await link.ack(seq, grant.id, agentlink_pb2.ACK_STATUS_FAILED)
         await env.wait_grant_state(request.id, GrantState.REVOKE_FAILED)
         await link.ack(seq, grant.id)
@@ -128,16 +133,7 @@ async def test_the_same_command_acked_twice_in_one_batch_counts_in_order(env: En
     APPLIED: as one by one, the grant ends REVOKED and the command row says APPLIED."""
     fleet = env.coordinator.fleet
     async with agent_link(env.address, env.credentials["web-1"]) as link:
-        await link.hello("web-1")
-        request, grant = await env.alice.create_request(
-            agent="web-1", action="deploy", duration=M15
-        )
-        assert grant is not None
-        await link.command()
-        await link.ack(1, grant.id)
-        await env.wait_grant_state(request.id, GrantState.ACTIVE)
-        await env.admin.revoke_grant(grant.id, reason="incident")
-        seq, _ = await link.command()
+        _, grant, seq = await applied_then_revoked(env, link)
     web = Principal("web-1", frozenset())
     async with env.coordinator.store.transaction():
         acks = [
