@@ -10,13 +10,30 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 BIN = Path(sys.executable).parent
+
+
+async def jitctl(*args: str, env: Mapping[str, str]) -> tuple[int, str, str]:
+    """Run the installed `jitctl` console script (a real process) with `env` over this process's
+    environment; its exit code, standard output and standard error."""
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "jitctl"),
+        *args,
+        env={**os.environ, **env},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 def free_port() -> int:

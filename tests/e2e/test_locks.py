@@ -3,35 +3,19 @@ against a real coordinator; the access really disappears from every agent's host
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from jitmesh import GrantState
 
+from . import procs
 from .conftest import Mesh, wait_until
-
-JITCTL = str(Path(sys.executable).parent / "jitctl")
 
 
 async def jitctl(mesh: Mesh, *argv: str, user: str = "admin") -> tuple[int, str, str]:
-    env = {**os.environ, "JITMESH_COORDINATOR": mesh.address, "JITMESH_TOKEN": f"jmt_test-{user}"}
-    proc = await asyncio.create_subprocess_exec(
-        JITCTL,
-        *argv,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(30):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    env = {"JITMESH_COORDINATOR": mesh.address, "JITMESH_TOKEN": f"jmt_test-{user}"}
+    return await procs.jitctl(*argv, env=env)
 
 
 async def jitctl_json(mesh: Mesh, *argv: str) -> Any:

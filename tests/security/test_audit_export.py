@@ -4,19 +4,17 @@ do not, and the verifier names the first bad entry."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import os
 import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
 
+from tests.e2e import procs
 from tests.server.helpers import TOKENS, Env
 
 ROOT = Path(__file__).resolve().parents[2]
-JITCTL = Path(sys.executable).with_name("jitctl")
 VERIFIER = ROOT / "scripts" / "verify_audit_export"
 
 
@@ -26,22 +24,12 @@ async def export(env: Env, path: Path) -> list[dict[str, object]]:
     assert env.coordinator.checkpoints is not None
     seq, head = env.coordinator.store.head
     env.coordinator.checkpoints.append(seq, head, env.clock.now())
-    environ = {**os.environ, "JITMESH_TOKEN": TOKENS["admin"]}
-    proc = await asyncio.create_subprocess_exec(
-        str(JITCTL),
-        "--coordinator",
-        env.address,
-        "audit",
-        "export",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=environ,
+    code, stdout, stderr = await procs.jitctl(
+        "--coordinator", env.address, "audit", "export", env={"JITMESH_TOKEN": TOKENS["admin"]}
     )
-    async with asyncio.timeout(30):
-        stdout, stderr = await proc.communicate()
-    assert proc.returncode == 0, stderr.decode()
-    path.write_bytes(stdout)
-    return [json.loads(line) for line in stdout.decode().splitlines()]
+    assert code == 0, stderr
+    path.write_text(stdout)
+    return [json.loads(line) for line in stdout.splitlines()]
 
 
 def verify(env: Env, path: Path) -> tuple[int, str]:

@@ -4,9 +4,6 @@ and overall, a join token cannot take over an enrolled agent's name or add label
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +17,8 @@ from jitmesh.v1 import agentlink_pb2, agents_pb2
 from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
 from jitmesh.v1.agents_pb2_grpc import AgentsStub
 from server.ca import InternalCA, Issued
+from tests.e2e import procs
 from tests.security.test_mtls import Tls, connect_as, read_until_error, refused_as, serving_tls
-
-JITCTL = Path(sys.executable).parent / "jitctl"
 
 
 @pytest.fixture
@@ -207,23 +203,14 @@ async def test_labels_come_from_the_join_token_only(tls: Tls) -> None:
 async def jitctl(tls: Tls, *args: str) -> str:
     ca_file = tls.root / "ca.pem"
     ca_file.write_bytes(tls.ca_pem)
-    environ = {
-        **os.environ,
+    env = {
         "JITMESH_TOKEN": "jmt_test-admin",
         "JITMESH_COORDINATOR": tls.address,
         "JITMESH_CA_FILE": str(ca_file),
     }
-    proc = await asyncio.create_subprocess_exec(
-        str(JITCTL),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=environ,
-    )
-    async with asyncio.timeout(30):
-        out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    code, out, err = await procs.jitctl(*args, env=env)
+    assert code == 0, err
+    return out
 
 
 async def test_renewal_with_a_retired_certificate_signs_nothing(

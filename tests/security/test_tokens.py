@@ -4,8 +4,6 @@ next call; non-admins can do none of it."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 from datetime import timedelta
 
 import pytest
@@ -17,7 +15,7 @@ from jitmesh import (
     NotFoundError,
     PermissionDeniedError,
 )
-from tests.security.test_audit_export import JITCTL
+from tests.e2e import procs
 from tests.server.helpers import TOKENS, Env
 
 
@@ -74,20 +72,12 @@ async def test_only_admins_manage_tokens_and_bounds_hold(env: Env) -> None:
 
 
 async def test_jitctl_token_commands(env: Env) -> None:
-    environ = {**os.environ, "JITMESH_TOKEN": TOKENS["admin"], "JITMESH_COORDINATOR": env.address}
+    environ = {"JITMESH_TOKEN": TOKENS["admin"], "JITMESH_COORDINATOR": env.address}
 
     async def jitctl(*args: str) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            str(JITCTL),
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=environ,
-        )
-        async with asyncio.timeout(30):
-            out, err = await proc.communicate()
-        assert proc.returncode == 0, err.decode()
-        return out.decode()
+        code, out, err = await procs.jitctl(*args, env=environ)
+        assert code == 0, err
+        return out
 
     created = await jitctl("-o", "json", "token", "create", "erin", "--group", "sre", "--ttl", "2h")
     assert '"token": "jmt_' in created
