@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import SecretStr
 
 from agent import app as agent_app
@@ -442,8 +443,6 @@ async def test_operators_authenticate_with_client_certificates(
 
 async def test_reflection_lists_only_what_each_port_serves(tls: Tls) -> None:
     """Under TLS AgentLink is served on the agent port only; the operator port does not list it."""
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
     creds = grpc.ssl_channel_credentials(tls.ca_pem)
     async with grpc.aio.secure_channel(tls.address, creds) as ch:
         call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(

@@ -18,8 +18,9 @@ from jitmesh import (
     RequestState,
 )
 from jitmesh.types import Lock, LockTarget
+from jitmesh.v1 import locks_pb2, locks_pb2_grpc
 from server.domain.models import new_id
-from tests.server.helpers import T0, Env, agent_link, raw_sql
+from tests.server.helpers import T0, TOKENS, Env, agent_link, bearer, channel, raw_sql
 
 M15 = timedelta(minutes=15)
 
@@ -173,9 +174,6 @@ async def test_bad_locks_are_refused_and_change_nothing(
 
 async def test_server_checks_lock_input_too(env: Env) -> None:
     """The SDK refuses bad input before sending; the server refuses it on its own as well."""
-    from jitmesh.v1 import locks_pb2, locks_pb2_grpc
-    from tests.server.helpers import TOKENS, bearer, channel
-
     async with channel(env.address) as ch:
         stub = locks_pb2_grpc.LocksStub(ch)
         for target in (
