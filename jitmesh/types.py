@@ -86,9 +86,9 @@ class ApprovalStage:
     mode: StageMode = StageMode.ANY
     groups: tuple[str, ...] = ()
     users: tuple[str, ...] = ()
-    # After `timeout` without passing, members of `escalate_to` may approve the stage too.
+    # After `timeout` without passing, members of `escalation_groups` may approve it too.
     timeout: timedelta | None = None
-    escalate_to: tuple[str, ...] = ()
+    escalation_groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +102,11 @@ class ApprovalPlan:
     # When people may approve (window texts such as "weekdays 08:00-20:00 Europe/Berlin");
     # empty means at any time.
     approve_windows: tuple[str, ...] = ()
+    # How long a request may stay pending; whether it needs a reason; the pattern its ticket
+    # id must match ('' when none is required).
+    pending_ttl: timedelta | None = None
+    reason_required: bool = False
+    ticket_pattern: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ Rules, all judged here and nowhere else:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,6 +33,7 @@ from jitmesh.durations import format_duration
 from jitmesh.types import (
     ApprovalPlan,
     ApprovalStage,
+    Request,
     RequestState,
     Review,
     ReviewDecision,
@@ -64,7 +66,7 @@ class Outcome:
 
 def plan_groups(plan: ApprovalPlan) -> frozenset[str]:
     """Every group the plan names (approvers and escalation)."""
-    return frozenset(g for s in plan.stages for g in (*s.groups, *s.escalate_to))
+    return frozenset(g for s in plan.stages for g in (*s.groups, *s.escalation_groups))
 
 
 def recorded_groups(plan: ApprovalPlan, principal: Principal) -> tuple[str, ...]:
@@ -84,7 +86,7 @@ def eligible(
     return (
         any(same_person(u, reviewer) for u in stage.users)
         or bool(held.intersection(stage.groups))
-        or (escalation and bool(held.intersection(stage.escalate_to)))
+        or (escalation and bool(held.intersection(stage.escalation_groups)))
     )
 
 
@@ -103,7 +105,7 @@ def stage_passed(stage: ApprovalStage, approvers: Sequence[Review], *, escalatio
         1
         for r in approvers
         if escalation
-        and set(r.groups).intersection(stage.escalate_to)
+        and set(r.groups).intersection(stage.escalation_groups)
         and not set(r.groups).intersection(stage.groups)
     )
     return standins >= missing
@@ -237,7 +239,7 @@ def review_refusal(
         return f"you approve at stage {later[0].name}, which has not started yet"
     names = [*(f"group {g}" for g in current.groups), *(f"user {u}" for u in current.users)]
     if late:
-        names.extend(f"group {g}" for g in current.escalate_to)
+        names.extend(f"group {g}" for g in current.escalation_groups)
     return f"stage {current.name} needs approval from " + ", ".join(names)
 
 
@@ -304,3 +306,82 @@ def auto_decision(
 
 def _short(d: timedelta) -> str:
     return format_duration(d) if d > timedelta(0) else "0s"
+
+
+def plan_json(plan: ApprovalPlan | None) -> str:
+    """The stored form of a plan (JSON, keys in a fixed order); '' for none."""
+    if plan is None:
+        return ""
+    return json.dumps(
+        {
+            "policy_version": plan.policy_version,
+            "rule": plan.rule,
+            "approve_windows": list(plan.approve_windows),
+            "pending_ttl_ms": None
+            if plan.pending_ttl is None
+            else plan.pending_ttl // timedelta(milliseconds=1),
+            "reason_required": plan.reason_required,
+            "ticket_pattern": plan.ticket_pattern,
+            "stages": [
+                {
+                    "name": s.name,
+                    "approvals": s.approvals,
+                    "mode": s.mode.value,
+                    "groups": list(s.groups),
+                    "users": list(s.users),
+                    "timeout_ms": None
+                    if s.timeout is None
+                    else s.timeout // timedelta(milliseconds=1),
+                    "escalate_to": list(s.escalation_groups),
+                }
+                for s in plan.stages
+            ],
+        },
+        separators=(",", ":"),
+    )
+
+
+def plan_from_json(text: str) -> ApprovalPlan | None:
+    """A stored plan ('' for a request stored before plans: see `plan_of`)."""
+    if not text:
+        return None
+    data = json.loads(text)
+    return ApprovalPlan(
+        policy_version=int(data["policy_version"]),
+        rule=str(data["rule"]),
+        approve_windows=tuple(data.get("approve_windows", ())),
+        pending_ttl=None
+        if data.get("pending_ttl_ms") is None
+        else timedelta(milliseconds=data["pending_ttl_ms"]),
+        reason_required=bool(data.get("reason_required", False)),
+        ticket_pattern=str(data.get("ticket_pattern", "")),
+        stages=tuple(
+            ApprovalStage(
+                name=s["name"],
+                approvals=int(s["approvals"]),
+                mode=StageMode(s["mode"]),
+                groups=tuple(s["groups"]),
+                users=tuple(s["users"]),
+                timeout=None
+                if s["timeout_ms"] is None
+                else timedelta(milliseconds=s["timeout_ms"]),
+                escalation_groups=tuple(s["escalate_to"]),
+            )
+            for s in data["stages"]
+        ),
+    )
+
+
+def plan_of(request: Request) -> ApprovalPlan:
+    """The request's pinned plan; a request stored before plans existed gets the one stage it
+    was made with (its approvals and groups), under policy version 0."""
+    if request.plan is not None:
+        return request.plan
+    stages: tuple[ApprovalStage, ...] = ()
+    if request.approvals_required:
+        stages = (
+            ApprovalStage(
+                "stage-1", request.approvals_required, groups=tuple(request.approver_groups)
+            ),
+        )
+    return ApprovalPlan(0, request.rule, stages)

@@ -143,7 +143,7 @@ class Stage(_Strict):
             groups=tuple(self.groups),
             users=tuple(user_name(u) for u in self.users),
             timeout=self.timeout,
-            escalate_to=tuple(self.escalate_to),
+            escalation_groups=tuple(self.escalate_to),
         )
 
 
@@ -460,6 +460,9 @@ def plan_for(policy: Policy, rule: Rule) -> ApprovalPlan:
         rule=rule.name,
         stages=tuple(stage.to_stage(i) for i, stage in enumerate(approval.stages)),
         approve_windows=tuple(approval.approve_windows),
+        pending_ttl=pending_ttl(policy, rule),
+        reason_required=rule.reason == "required",
+        ticket_pattern=rule.ticket or "",
     )
 
 
@@ -473,7 +476,7 @@ def describe_stage(stage: ApprovalStage) -> str:
     text = f"stage {stage.name}: {how}{stage.approvals} approval(s) from {who}"
     if stage.timeout is not None:
         text += f"; after {format_duration(stage.timeout)} also from " + ", ".join(
-            f"group {g}" for g in stage.escalate_to
+            f"group {g}" for g in stage.escalation_groups
         )
     return text
 

@@ -42,7 +42,7 @@ TEAM = ApprovalStage(
     groups=("sre",),
     users=("carol",),
     timeout=timedelta(minutes=10),
-    escalate_to=("oncall",),
+    escalation_groups=("oncall",),
 )
 SECURITY = ApprovalStage("security", approvals=1, groups=("security",))
 PLAN = ApprovalPlan(policy_version=3, rule="prod", stages=(TEAM, SECURITY))
@@ -120,7 +120,10 @@ def test_escalation_group_is_eligible_only_after_the_stage_timeout() -> None:
 
 def test_the_second_stage_timeout_counts_from_when_it_opened() -> None:
     stage2 = ApprovalStage(
-        "security", groups=("security",), timeout=timedelta(minutes=5), escalate_to=("oncall",)
+        "security",
+        groups=("security",),
+        timeout=timedelta(minutes=5),
+        escalation_groups=("oncall",),
     )
     plan = ApprovalPlan(1, "r", (TEAM, stage2))
     first = [review("sre1", APPROVE, 20), review("sre2", APPROVE, 21)]
@@ -180,7 +183,7 @@ def test_all_mode_needs_one_from_each_group() -> None:
         mode=StageMode.ALL,
         groups=("dba", "sre"),
         timeout=timedelta(minutes=10),
-        escalate_to=("oncall",),
+        escalation_groups=("oncall",),
     )
     plan = ApprovalPlan(1, "r", (stage,))
 
