@@ -149,6 +149,10 @@ class AgentConfig:
     skew_tolerance: float = 60.0
     # Seconds between drift reconciles (host against lease table) while running.
     reconcile_every: float = 300.0
+    # Prometheus metrics on HOST:PORT (None: off, and the exporter is never imported).
+    metrics_listen: str | None = None
+    # Answer systemd's watchdog when it asks for one (WATCHDOG_USEC).
+    watchdog: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.coordinator, str) or not _COORDINATOR.fullmatch(self.coordinator):
@@ -366,3 +370,30 @@ def parse_enforcer(spec: str) -> EnforcerConfig:
     if kind == "file":
         return FileEnforcerConfig(directory=Path(where), drift=drift)
     return ExecEnforcerConfig(path=Path(where), hooks=load_exec_hooks(Path(where)), drift=drift)
+
+
+def enforcers_from_tables(tables: Mapping[str, Any]) -> list[EnforcerConfig]:
+    """`[enforcers.KIND]` tables of the agent's --config file, in the file's order:
+    `[enforcers.file] directory = "DIR"` and `[enforcers.exec] hooks = "FILE"` (each with an
+    optional `drift = "remove" | "report"`). Host enforcers with their own sections are read by
+    their modules' parsers (see `parse_enforcer`)."""
+    found: list[EnforcerConfig] = []
+    for kind, table in tables.items():
+        where = f"[enforcers.{kind}]" if isinstance(kind, str) and kind.isidentifier() else "?"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where} must be a table")
+        drift = _drift(table.get("drift", "remove"))
+        if kind == "file":
+            if set(table) - {"directory", "drift"}:
+                raise ConfigError(f"{where}: allowed keys are directory and drift")
+            found.append(
+                FileEnforcerConfig(directory=_path(table.get("directory"), where), drift=drift)
+            )
+        elif kind == "exec":
+            if set(table) - {"hooks", "drift"}:
+                raise ConfigError(f"{where}: allowed keys are hooks and drift")
+            path = _path(table.get("hooks"), f"{where} hooks")
+            found.append(ExecEnforcerConfig(path=path, hooks=load_exec_hooks(path), drift=drift))
+        else:
+            raise ConfigError(f"{where}: unknown enforcer (file or exec)")
+    return found

@@ -96,6 +96,12 @@ class Coordinator:
     # The mTLS agent port's own server (TLS only; else agents share `server`).
     agent_server: grpc.aio.Server | None = None
     access: AccessService | None = None
+    hub: Hub = field(default_factory=Hub)
+    # Rate limiters by name ("requests", "enroll_peer", "enroll_overall"), for the metrics.
+    limiters: dict[str, RateLimiter] = field(default_factory=dict)
+
+    def rate_limit_refusals(self) -> dict[str, int]:
+        return {name: limiter.refused for name, limiter in self.limiters.items()}
 
     @property
     def address(self) -> str:
@@ -204,22 +210,19 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     if port == 0 or agent_port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
 
-    access_servicer = AccessServicer(
-        auth,
-        access,
-        hub,
-        None
-        if config.request_rate is None
-        else RateLimiter(config.request_rate, config.request_burst, clock.monotonic),
-    )
-    enroll_limits = (
-        None
-        if config.enroll_rate is None
-        else (
+    limiters: dict[str, RateLimiter] = {}
+    if config.request_rate is not None:
+        limiters["requests"] = RateLimiter(
+            config.request_rate, config.request_burst, clock.monotonic
+        )
+    access_servicer = AccessServicer(auth, access, hub, limiters.get("requests"))
+    enroll_limits = None
+    if config.enroll_rate is not None:
+        enroll_limits = (
             RateLimiter(config.enroll_rate, config.enroll_burst, clock.monotonic),
             RateLimiter(config.enroll_overall_rate, config.enroll_overall_burst, clock.monotonic),
         )
-    )
+        limiters["enroll_peer"], limiters["enroll_overall"] = enroll_limits
     agents_servicer = AgentsServicer(
         auth, fleet, keys, ca, agent_port, enroll_limits, config.agent_cert_lifetime
     )
@@ -273,6 +276,8 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         clock,
         agent_server,
         access,
+        hub=hub,
+        limiters=limiters,
     )
 
 

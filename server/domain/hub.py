@@ -4,7 +4,7 @@ watcher re-reads the store, so a missed or merged notification loses nothing."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 
 from jitmesh.types import AuditEvent
@@ -16,6 +16,9 @@ class Hub:
         self._queue_size = queue_size
         self._audit = asyncio.Condition()
         self.audit_head = 0
+        # Told of every audit event written by this process, after its commit (metrics count
+        # them). Must not raise or block: they run inside the writer's call.
+        self.audit_observers: list[Callable[[Sequence[AuditEvent]], None]] = []
 
     def requests_changed(self, request_ids: Iterable[str]) -> None:
         for queue in list(self._request_watchers):
@@ -39,6 +42,8 @@ class Hub:
 
     async def audit_written(self, events: Sequence[AuditEvent]) -> None:
         """Call after a commit with the audit events it wrote."""
+        for observe in self.audit_observers:
+            observe(events)
         if events and events[-1].seq > self.audit_head:
             self.audit_head = events[-1].seq
             async with self._audit:
