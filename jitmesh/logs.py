@@ -111,8 +111,10 @@ def setup(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(parse_level(level))
-    # Libraries' chatter stays out of operators' logs unless they ask for debug.
-    logging.getLogger("yoyo").setLevel(logging.WARNING)
+    # Libraries' chatter (every SQL statement, gRPC internals) stays out of operators' logs,
+    # even at debug: our own debug lines are what an operator asked for.
+    for noisy in ("yoyo", "aiosqlite", "grpc", "asyncio", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return handler
 
 

@@ -259,9 +259,11 @@ async def _serve(
         await _bootstrap_admin(coordinator, admin_token)
     if coordinator.ca is not None:
         log.info(
-            "TLS from the internal CA ca_file=%s agent_port=%d",
-            coordinator.ca.directory / "ca.pem",
-            coordinator.agent_port,
+            "TLS from the internal CA",
+            extra={
+                "ca_file": str(coordinator.ca.directory / "ca.pem"),
+                "port": coordinator.agent_port,
+            },
         )
     task = asyncio.current_task()
     assert task is not None
@@ -333,7 +335,7 @@ async def _dev_setup(coordinator: Coordinator) -> None:
     lines = [f"JITMESH_COORDINATOR={coordinator.address}"]
     lines += [f"{k}={v}" for k, v in values.items()]
     _write_private(env_path, "\n".join(lines) + "\n")
-    log.info("dev mode ready env_file=%s address=%s", env_path, coordinator.address)
+    log.info("dev mode ready", extra={"env_file": str(env_path), "address": coordinator.address})
 
 
 async def _bootstrap_admin(coordinator: Coordinator, given: str | None) -> None:
@@ -346,7 +348,7 @@ async def _bootstrap_admin(coordinator: Coordinator, given: str | None) -> None:
     else:
         token = new_secret("jmt")
         _write_private(path, token + "\n")
-        log.info("bootstrap admin token written path=%s", path)
+        log.info("bootstrap admin token written", extra={"path": str(path)})
     await coordinator.identity.ensure_user("admin", [ADMIN_GROUP], token, label="bootstrap")
 
 

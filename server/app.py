@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jitmesh import telemetry as t
 from jitmesh.clock import Clock, SystemClock
 from jitmesh.v1 import (
     access_pb2,
@@ -38,6 +39,7 @@ from server.domain.fleet import FleetService
 from server.domain.governance import AuditService, IdentityService, PolicyService, TokenService
 from server.domain.hub import Hub
 from server.domain.locks import LockService
+from server.rpc.accesslog import AccessLog
 from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
@@ -178,7 +180,8 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     # Operators (and enrolling agents) send small messages; so do agents. Each server has its
     # own limits because gRPC sets them per server, not per port (docs: THREAT_MODEL.md).
     server = grpc.aio.server(
-        options=_server_options(config, config.max_message_bytes, OPERATOR_MAX_SEND)
+        interceptors=[AccessLog()],
+        options=_server_options(config, config.max_message_bytes, OPERATOR_MAX_SEND),
     )
     agent_server: grpc.aio.Server | None = None
     if ca is not None:
@@ -194,7 +197,8 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
             f"{config.host}:{config.port}", grpc.ssl_server_credentials([main_pair])
         )
         agent_server = grpc.aio.server(
-            options=_server_options(config, MAX_AGENT_MESSAGE, AGENT_MAX_SEND)
+            interceptors=[AccessLog()],
+            options=_server_options(config, MAX_AGENT_MESSAGE, AGENT_MAX_SEND),
         )
         agent_port = agent_server.add_secure_port(
             f"{config.host}:{config.agent_port}",
@@ -256,7 +260,10 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         await agent_server.start()
     for name in [*SERVICES, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("coordinator listening address=%s:%d epoch=%d", config.host, port, epoch)
+    log.info(
+        "coordinator listening",
+        extra={t.ADDRESS: f"{config.host}:{port}", t.EPOCH: epoch},
+    )
     return Coordinator(
         config,
         store,

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from jitmesh import telemetry as t
 from jitmesh.clock import Clock
 from jitmesh.keyset import key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agentlink_pb2_grpc, agents_pb2
@@ -150,7 +151,10 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello in time")
         session = Session(principal.name, self._registry.queue_limit)
         self._registry.register(session)
-        log.info("agent connected agent=%s resume_after=%d", session.agent, resume.resume_after_seq)
+        log.info(
+            "agent connected",
+            extra={t.AGENT: session.agent, t.PEER: context.peer(), t.SEQ: resume.resume_after_seq},
+        )
         self._streams += 1
         if self._ticker is None or self._ticker.done():
             # One heartbeat task for all streams, not one per stream: it lives while any stream
@@ -172,7 +176,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 self._ticker.cancel()
                 self._ticker = None
             reason = session.close_reason or _reason(results)
-            log.info("agent disconnected agent=%s reason=%s", session.agent, reason)
+            log.info("agent disconnected", extra={t.AGENT: session.agent, t.REASON: reason})
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._fleet.disconnected(principal, reason))
         if session.close_reason and not context.done():
