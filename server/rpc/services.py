@@ -190,6 +190,18 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
         principal = await self._auth.operator(context)
         return c.grant(await self._access.release(principal, request.id))
 
+    async def ExtendGrant(
+        self, request: access_pb2.ExtendGrantRequest, context: Ctx
+    ) -> access_pb2.ExtendGrantResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not built yet (issue 11)")
+        raise AssertionError("unreachable")  # abort raises
+
+    async def ListRequestOptions(
+        self, request: access_pb2.ListRequestOptionsRequest, context: Ctx
+    ) -> access_pb2.ListRequestOptionsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not built yet (issue 11)")
+        raise AssertionError("unreachable")  # abort raises
+
 
 class AgentsServicer(agents_pb2_grpc.AgentsServicer):
     def __init__(
@@ -338,6 +350,18 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
             for k in self._keys.public_keys()
         ]
 
+    async def ListJoinTokens(
+        self, request: agents_pb2.ListJoinTokensRequest, context: Ctx
+    ) -> agents_pb2.ListJoinTokensResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not built yet (issue 10)")
+        raise AssertionError("unreachable")  # abort raises
+
+    async def RevokeJoinToken(
+        self, request: agents_pb2.RevokeJoinTokenRequest, context: Ctx
+    ) -> agents_pb2.JoinTokenInfo:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not built yet (issue 10)")
+        raise AssertionError("unreachable")  # abort raises
+
 
 def _token_info(info: TokenInfo) -> identity_pb2.TokenInfo:
     return identity_pb2.TokenInfo(
@@ -397,6 +421,24 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         principal = await self._auth.operator(context)
         await self._tokens.revoke_certificate(principal, request.serial, request.reason)
         return identity_pb2.RevokeCertificateResponse()
+
+    async def SetUserGroups(
+        self, request: identity_pb2.SetUserGroupsRequest, context: Ctx
+    ) -> identity_pb2.UserInfo:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not built yet (issue 10)")
+        raise AssertionError("unreachable")  # abort raises
+
+    async def ExchangeIdToken(
+        self, request: identity_pb2.ExchangeIdTokenRequest, context: Ctx
+    ) -> identity_pb2.ExchangeIdTokenResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not built yet (issue 13)")
+        raise AssertionError("unreachable")  # abort raises
+
+    async def GetSignInConfig(
+        self, request: identity_pb2.GetSignInConfigRequest, context: Ctx
+    ) -> identity_pb2.SignInConfig:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not built yet (issue 13)")
+        raise AssertionError("unreachable")  # abort raises
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):

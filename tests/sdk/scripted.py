@@ -426,6 +426,18 @@ class AccessService(access_pb2_grpc.AccessServicer):
         self.m.put(updated)
         return _convert.grant_to_proto(updated)
 
+    async def ExtendGrant(
+        self, request: access_pb2.ExtendGrantRequest, context: Ctx
+    ) -> access_pb2.ExtendGrantResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        raise AssertionError("unreachable")  # abort raises
+
+    async def ListRequestOptions(
+        self, request: access_pb2.ListRequestOptionsRequest, context: Ctx
+    ) -> access_pb2.ListRequestOptionsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        raise AssertionError("unreachable")  # abort raises
+
 
 class AgentsService(agents_pb2_grpc.AgentsServicer):
     def __init__(self, model: Scripted) -> None:
@@ -472,6 +484,18 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
         self, request: agents_pb2.RenewCertificateRequest, context: Ctx
     ) -> agents_pb2.RenewCertificateResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def ListJoinTokens(
+        self, request: agents_pb2.ListJoinTokensRequest, context: Ctx
+    ) -> agents_pb2.ListJoinTokensResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        raise AssertionError("unreachable")  # abort raises
+
+    async def RevokeJoinToken(
+        self, request: agents_pb2.RevokeJoinTokenRequest, context: Ctx
+    ) -> agents_pb2.JoinTokenInfo:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        raise AssertionError("unreachable")  # abort raises
 
 
 class PolicyService(policy_pb2_grpc.PolicyServicer):
