@@ -272,6 +272,16 @@ async def _missing(context: Ctx, what: str) -> NoReturn:
 
 
 class AccessService(access_pb2_grpc.AccessServicer):
+    async def ExtendGrant(
+        self, request: access_pb2.ExtendGrantRequest, context: Ctx
+    ) -> access_pb2.ExtendGrantResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def ListRequestOptions(
+        self, request: access_pb2.ListRequestOptionsRequest, context: Ctx
+    ) -> access_pb2.ListRequestOptionsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
     def __init__(self, model: Scripted) -> None:
         self.m = model
 
@@ -426,18 +436,6 @@ class AccessService(access_pb2_grpc.AccessServicer):
         self.m.put(updated)
         return _convert.grant_to_proto(updated)
 
-    async def ExtendGrant(
-        self, request: access_pb2.ExtendGrantRequest, context: Ctx
-    ) -> access_pb2.ExtendGrantResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-        raise AssertionError("unreachable")  # abort raises
-
-    async def ListRequestOptions(
-        self, request: access_pb2.ListRequestOptionsRequest, context: Ctx
-    ) -> access_pb2.ListRequestOptionsResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-        raise AssertionError("unreachable")  # abort raises
-
 
 class AgentsService(agents_pb2_grpc.AgentsServicer):
     def __init__(self, model: Scripted) -> None:
@@ -489,13 +487,11 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
         self, request: agents_pb2.ListJoinTokensRequest, context: Ctx
     ) -> agents_pb2.ListJoinTokensResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-        raise AssertionError("unreachable")  # abort raises
 
     async def RevokeJoinToken(
         self, request: agents_pb2.RevokeJoinTokenRequest, context: Ctx
     ) -> agents_pb2.JoinTokenInfo:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-        raise AssertionError("unreachable")  # abort raises
 
 
 class PolicyService(policy_pb2_grpc.PolicyServicer):
