@@ -133,7 +133,12 @@ SETTINGS: Final = (
     Setting("join_token", _text, secret=True, help="one-time join token (prefer the file)"),
     Setting("join_token_file", _text, help="file holding the one-time join token"),
     Setting("ca_file", _text, help="the coordinator's CA certificate (mTLS)"),
-    Setting("enforcer", _list, [], help="enforcers as file:DIR, exec:FILE or sudo:FILE.toml (repeatable)"),
+    Setting(
+        "enforcer",
+        _list,
+        [],
+        help="enforcers as file:DIR, exec:FILE or sudo:FILE.toml (repeatable)",
+    ),
     Setting("log_level", _level, "info", help="debug, info, warning or error"),
     Setting("log_format", _format, "console", help="console or json"),
     Setting("metrics_listen", _listen, help="serve Prometheus metrics on HOST:PORT"),
