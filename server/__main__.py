@@ -262,7 +262,8 @@ async def _dev_setup(coordinator: Coordinator) -> None:
     admin = Principal("admin", frozenset({ADMIN_GROUP}))
     await coordinator.fleet.create_join_token(admin, {}, None, max_uses=None, token=join)
     values["JITMESH_JOIN_TOKEN"] = join
-    lines = [f"JITMESH_COORDINATOR={coordinator.address}"]
+    # Dev mode speaks plain text on loopback; clients sourcing this file follow (jitmesh.tls).
+    lines = [f"JITMESH_COORDINATOR={coordinator.address}", "JITMESH_INSECURE=1"]
     lines += [f"{k}={v}" for k, v in values.items()]
     _write_private(env_path, "\n".join(lines) + "\n")
     log.info("dev mode ready env_file=%s address=%s", env_path, coordinator.address)

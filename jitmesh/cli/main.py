@@ -18,8 +18,6 @@ from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from typing import Any, NoReturn, TextIO, TypeAlias
 
-import grpc
-
 from jitmesh import errors
 from jitmesh.cli import output
 from jitmesh.client import Client
@@ -164,7 +162,8 @@ def _common_options() -> _Parser:
         "--ca-file",
         metavar="PEM",
         default=argparse.SUPPRESS,
-        help=f"CA certificate of a TLS coordinator (default: ${ENV_CA_FILE}; none: plain text)",
+        help=f"CA certificate of the coordinator (default: ${ENV_CA_FILE}; none: the system's "
+        "trust store; $JITMESH_INSECURE=1: plain text, for a dev coordinator)",
     )
     group.add_argument(
         "-o",
@@ -756,7 +755,8 @@ def _settings(args: argparse.Namespace) -> None:
         getattr(args, "coordinator", None) or os.environ.get(ENV_COORDINATOR) or DEFAULT_COORDINATOR
     )
     args.token = getattr(args, "token", None) or os.environ.get(ENV_TOKEN) or None
-    args.ca_file = getattr(args, "ca_file", None) or os.environ.get(ENV_CA_FILE) or None
+    # The SDK applies $JITMESH_CA_FILE and $JITMESH_INSECURE (jitmesh.tls); a flag beats them.
+    args.ca_file = getattr(args, "ca_file", None) or None
     args.output = getattr(args, "output", "table")
     # None: the command's own default (most calls DEFAULT_TIMEOUT, audit verify longer).
     args.timeout = getattr(args, "timeout", None)
@@ -764,25 +764,13 @@ def _settings(args: argparse.Namespace) -> None:
 
 async def _run(args: argparse.Namespace, out: Output) -> int:
     handler: Handler = args.handler
-    credentials = None
-    if args.ca_file:
-        try:
-            pem = await asyncio.to_thread(_read_bytes, args.ca_file)
-            credentials = grpc.ssl_channel_credentials(pem)
-        except OSError:
-            return _fail("cannot read the CA file", 2)
     async with await Client.connect(
         args.coordinator,
         token=args.token,
-        credentials=credentials,
+        ca_file=args.ca_file,
         timeout=(args.timeout or DEFAULT_TIMEOUT).total_seconds(),
     ) as client:
         return await handler(client, args, out)
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _fail(message: str, code: int) -> int:
