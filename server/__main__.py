@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from server.app import Coordinator, build
+from server.app import Coordinator, DirectoryBusy, build
 from server.config import CoordinatorConfig
 from server.domain.models import ADMIN_GROUP, Principal, new_secret, user_name
 from server.domain.policy import DEV_POLICY
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve(config, dev=args.command == "dev"))
     except KeyboardInterrupt:
         pass
-    except OSError as exc:
+    except (OSError, DirectoryBusy) as exc:
         print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -176,6 +176,14 @@ class FleetService:
                 if token.replaces is not None and token.replaces != name:
                     raise PermissionDenied("this join token only enrolls the agent it replaces")
                 replaced = await tx.get_agent(name) is not None
+                if replaced and token.reusable and self._links.connected(name):
+                    # Dev mode lets an agent that lost its credential enroll its name again,
+                    # not a second process take the name from a connected one (the two would
+                    # take it from each other for ever).
+                    raise Conflict(
+                        f"agent {name} is connected now: another agent process already uses "
+                        "this name (stop it, or give this one another --name)"
+                    )
                 if replaced and token.replaces != name and not token.reusable:
                     raise Conflict(
                         "an agent with this name is enrolled: remove it, or create a join token "
