@@ -29,6 +29,7 @@ from jitmesh.types import (
     Grant,
     GrantState,
     JoinToken,
+    JoinTokenInfo,
     Lock,
     LockTarget,
     OfflineMode,
@@ -40,6 +41,7 @@ from jitmesh.types import (
     Review,
     ReviewDecision,
     TokenInfo,
+    UserInfo,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ __all__ = [
     "InvalidArgumentError",
     "JitmeshError",
     "JoinToken",
+    "JoinTokenInfo",
     "Lock",
     "LockTarget",
     "NotFoundError",
@@ -78,6 +81,7 @@ __all__ = [
     "ReviewDecision",
     "TokenInfo",
     "UnavailableError",
+    "UserInfo",
     "format_duration",
     "parse_duration",
 ]

@@ -621,6 +621,31 @@ class Client:
         )
         return _convert.join_token(await self._unary(self._agents.CreateJoinToken, message))
 
+    async def list_join_tokens(self, *, include_ended: bool = False) -> list[types.JoinTokenInfo]:
+        """Join tokens (never the tokens themselves), oldest first: those that can still enroll
+        an agent, or all with `include_ended`. Admins only."""
+        message = agents_pb2.ListJoinTokensRequest(include_ended=include_ended)
+        response = await self._unary(self._agents.ListJoinTokens, message)
+        return [_convert.join_token_info(t) for t in response.tokens]
+
+    async def revoke_join_token(self, id: str, *, reason: str = "") -> types.JoinTokenInfo:
+        """From now on the join token (by the id `list_join_tokens` shows) enrolls nothing.
+        Agents already enrolled with it stay. Admins only."""
+        message = agents_pb2.RevokeJoinTokenRequest(id=id.strip(), reason=_check_reason(reason))
+        return _convert.join_token_info(await self._unary(self._agents.RevokeJoinToken, message))
+
+    async def set_user_groups(
+        self, user: str, groups: Iterable[str], *, reason: str = ""
+    ) -> types.UserInfo:
+        """Replace a user's groups (the only way they change: creating a token for an existing
+        user never does). Audited. Admins only."""
+        message = identity_pb2.SetUserGroupsRequest(
+            user=_check(validation.SUBJECT, user, "user"),
+            groups=[_check(validation.GROUP, g, "group") for g in groups],
+            reason=_check_reason(reason),
+        )
+        return _convert.user_info(await self._unary(self._identity.SetUserGroups, message))
+
     async def remove_agent(self, name: str) -> None:
         """Forget an agent: its credential stops working and its grants are revoked."""
         message = agents_pb2.RemoveAgentRequest(name=_check(validation.AGENT, name, "agent"))

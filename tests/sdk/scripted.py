@@ -275,6 +275,18 @@ class AccessService(access_pb2_grpc.AccessServicer):
     def __init__(self, model: Scripted) -> None:
         self.m = model
 
+    async def ExtendGrant(
+        self, request: access_pb2.ExtendGrantRequest, context: Ctx
+    ) -> access_pb2.ExtendGrantResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        raise AssertionError("abort raises")
+
+    async def ListRequestOptions(
+        self, request: access_pb2.ListRequestOptionsRequest, context: Ctx
+    ) -> access_pb2.ListRequestOptionsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        raise AssertionError("abort raises")
+
     async def CreateRequest(
         self, request: access_pb2.CreateRequestRequest, context: Ctx
     ) -> access_pb2.CreateRequestResponse:
@@ -430,6 +442,18 @@ class AccessService(access_pb2_grpc.AccessServicer):
 class AgentsService(agents_pb2_grpc.AgentsServicer):
     def __init__(self, model: Scripted) -> None:
         self.m = model
+
+    async def ListJoinTokens(
+        self, request: agents_pb2.ListJoinTokensRequest, context: Ctx
+    ) -> agents_pb2.ListJoinTokensResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        raise AssertionError("abort raises")
+
+    async def RevokeJoinToken(
+        self, request: agents_pb2.RevokeJoinTokenRequest, context: Ctx
+    ) -> agents_pb2.JoinTokenInfo:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        raise AssertionError("abort raises")
 
     async def ListAgents(
         self, request: agents_pb2.ListAgentsRequest, context: Ctx
