@@ -19,6 +19,7 @@ INTENDED = {
     "Grant",
     "GrantState",
     "JoinToken",
+    "JoinTokenInfo",
     "Lock",
     "LockTarget",
     "OfflineMode",
@@ -41,6 +42,7 @@ INTENDED = {
     "PermissionDeniedError",
     "RateLimitedError",
     "UnavailableError",
+    "UserInfo",
     # durations
     "DurationError",
     "format_duration",
