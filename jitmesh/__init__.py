@@ -24,6 +24,8 @@ from jitmesh.errors import (
 )
 from jitmesh.types import (
     Agent,
+    ApprovalPlan,
+    ApprovalStage,
     AuditEvent,
     ChainVerification,
     Grant,
@@ -40,6 +42,7 @@ from jitmesh.types import (
     RequestState,
     Review,
     ReviewDecision,
+    StageMode,
     TokenInfo,
     UserInfo,
 )
@@ -52,6 +55,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Agent",
+    "ApprovalPlan",
+    "ApprovalStage",
     "AuditEvent",
     "AuthenticationError",
     "ChainVerification",
@@ -79,6 +84,7 @@ __all__ = [
     "RequestState",
     "Review",
     "ReviewDecision",
+    "StageMode",
     "TokenInfo",
     "UnavailableError",
     "UserInfo",
