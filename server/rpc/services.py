@@ -34,7 +34,7 @@ from server.signing import SigningKeys
 
 from . import convert as c
 from .auth import Authenticator, cert_binding, peer_certificate
-from .errors import mapped, status_of
+from .errors import mapped, not_built, status_of
 from .limits import RateLimiter, peer_host
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -127,20 +127,6 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
         principal = await self._auth.operator(context)
         return c.request(await self._access.cancel(principal, request.id))
 
-    # Wire 0.2 RPCs whose behaviour another issue builds (issue 11): UNIMPLEMENTED until then, as
-    # the generated base class answers; spelled out so the servicer type-checks as complete.
-    async def ExtendGrant(
-        self, request: access_pb2.ExtendGrantRequest, context: Ctx
-    ) -> access_pb2.ExtendGrantResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ExtendGrant is not built yet")
-        raise AssertionError("abort raises")
-
-    async def ListRequestOptions(
-        self, request: access_pb2.ListRequestOptionsRequest, context: Ctx
-    ) -> access_pb2.ListRequestOptionsResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListRequestOptions is not built yet")
-        raise AssertionError("abort raises")
-
     async def WatchRequests(
         self, request: access_pb2.WatchRequestsRequest, context: Ctx
     ) -> AsyncIterator[types_pb2.AccessRequest]:
@@ -203,6 +189,16 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
     ) -> types_pb2.Grant:
         principal = await self._auth.operator(context)
         return c.grant(await self._access.release(principal, request.id))
+
+    async def ExtendGrant(
+        self, request: access_pb2.ExtendGrantRequest, context: Ctx
+    ) -> access_pb2.ExtendGrantResponse:
+        await not_built(context, "ExtendGrant", 11)
+
+    async def ListRequestOptions(
+        self, request: access_pb2.ListRequestOptionsRequest, context: Ctx
+    ) -> access_pb2.ListRequestOptionsResponse:
+        await not_built(context, "ListRequestOptions", 11)
 
 
 class AgentsServicer(agents_pb2_grpc.AgentsServicer):
@@ -391,6 +387,16 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         self._auth = auth
         self._tokens = tokens
 
+    async def ExchangeIdToken(
+        self, request: identity_pb2.ExchangeIdTokenRequest, context: Ctx
+    ) -> identity_pb2.ExchangeIdTokenResponse:
+        await not_built(context, "ExchangeIdToken", 13)
+
+    async def GetSignInConfig(
+        self, request: identity_pb2.GetSignInConfigRequest, context: Ctx
+    ) -> identity_pb2.SignInConfig:
+        await not_built(context, "GetSignInConfig", 13)
+
     @mapped
     async def CreateToken(
         self, request: identity_pb2.CreateTokenRequest, context: Ctx
@@ -401,20 +407,6 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
             principal, request.user, list(request.groups), ttl, request.label
         )
         return identity_pb2.CreateTokenResponse(token=token, info=_token_info(info))
-
-    # Wire 0.2 RPCs whose behaviour another issue builds (issue 13): UNIMPLEMENTED until then, as
-    # the generated base class answers; spelled out so the servicer type-checks as complete.
-    async def ExchangeIdToken(
-        self, request: identity_pb2.ExchangeIdTokenRequest, context: Ctx
-    ) -> identity_pb2.ExchangeIdTokenResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ExchangeIdToken is not built yet")
-        raise AssertionError("abort raises")
-
-    async def GetSignInConfig(
-        self, request: identity_pb2.GetSignInConfigRequest, context: Ctx
-    ) -> identity_pb2.SignInConfig:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetSignInConfig is not built yet")
-        raise AssertionError("abort raises")
 
     @mapped
     async def SetUserGroups(

@@ -184,18 +184,6 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
     ) -> agents_pb2.ListAgentsResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this fake")
 
-    async def ListJoinTokens(
-        self, request: agents_pb2.ListJoinTokensRequest, context: _Context
-    ) -> agents_pb2.ListJoinTokensResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-        raise AssertionError("abort raises")
-
-    async def RevokeJoinToken(
-        self, request: agents_pb2.RevokeJoinTokenRequest, context: _Context
-    ) -> agents_pb2.JoinTokenInfo:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-        raise AssertionError("abort raises")
-
     async def GetAgent(
         self,
         request: agents_pb2.GetAgentRequest,
@@ -215,6 +203,16 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
         request: agents_pb2.RemoveAgentRequest,
         context: _Context,
     ) -> agents_pb2.RemoveAgentResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this fake")
+
+    async def ListJoinTokens(
+        self, request: agents_pb2.ListJoinTokensRequest, context: _Context
+    ) -> agents_pb2.ListJoinTokensResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this fake")
+
+    async def RevokeJoinToken(
+        self, request: agents_pb2.RevokeJoinTokenRequest, context: _Context
+    ) -> agents_pb2.JoinTokenInfo:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this fake")
 
 
