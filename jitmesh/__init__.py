@@ -32,6 +32,7 @@ from jitmesh.types import (
     Grant,
     GrantState,
     JoinToken,
+    JoinTokenInfo,
     Lock,
     LockTarget,
     OfflineMode,
@@ -45,6 +46,7 @@ from jitmesh.types import (
     Reviewed,
     StageMode,
     TokenInfo,
+    UserInfo,
 )
 
 if TYPE_CHECKING:
@@ -71,6 +73,7 @@ __all__ = [
     "InvalidArgumentError",
     "JitmeshError",
     "JoinToken",
+    "JoinTokenInfo",
     "Lock",
     "LockTarget",
     "NotFoundError",
@@ -88,6 +91,7 @@ __all__ = [
     "StageMode",
     "TokenInfo",
     "UnavailableError",
+    "UserInfo",
     "format_duration",
     "parse_duration",
 ]

@@ -22,6 +22,7 @@ INTENDED = {
     "Grant",
     "GrantState",
     "JoinToken",
+    "JoinTokenInfo",
     "Lock",
     "LockTarget",
     "OfflineMode",
@@ -46,6 +47,7 @@ INTENDED = {
     "PermissionDeniedError",
     "RateLimitedError",
     "UnavailableError",
+    "UserInfo",
     # durations
     "DurationError",
     "format_duration",
