@@ -107,6 +107,17 @@ def run(argv: Sequence[str]) -> int:
     for setting in agent_settings.SETTINGS:
         if setting.name in ("labels", "enforcer"):
             continue
+        if setting.name == "insecure":
+            parser.add_argument(
+                "--insecure",
+                dest="insecure",
+                action="store_const",
+                const=True,
+                default=argparse.SUPPRESS,
+                help="plain text, for a development or --insecure coordinator (env "
+                "JITMESH_INSECURE=1); one of --ca-file and --insecure is needed",
+            )
+            continue
         parser.add_argument(
             setting.flag,
             dest=setting.name,
@@ -181,12 +192,15 @@ def _agent_config(loaded: agent_settings.Loaded) -> AgentConfig:
     enforcers += enforcers_from_tables(loaded.enforcer_tables, loaded.config_file)
     from agent import settings as agent_settings
 
+    ca_file, insecure = agent_settings.transport(loaded)
+
     return AgentConfig(
         coordinator=values["coordinator"],
         name=values["name"],
         labels=values["labels"],
         join_token=agent_settings.join_token(loaded),
-        ca_file=Path(values["ca_file"]) if values.get("ca_file") else None,
+        ca_file=ca_file,
+        insecure=insecure,
         state_dir=Path(values["state"]),
         enforcers=tuple(enforcers),
         backoff_base=values["backoff_base"],

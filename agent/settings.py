@@ -82,6 +82,17 @@ def _list(value: object, name: str) -> list[str]:
     return [_text(v, name) for v in value]
 
 
+def _bool(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    from jitmesh import errors, tls
+
+    try:
+        return tls.parse_insecure(_text(value, name), source=name)
+    except errors.JitmeshError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _level(value: object, name: str) -> str:
     from jitmesh.logs import LogLevelError, parse_level
 
@@ -132,7 +143,8 @@ SETTINGS: Final = (
     Setting("labels", _labels, {}, help="KEY=VALUE labels asked for at enrollment"),
     Setting("join_token", _text, secret=True, help="one-time join token (prefer the file)"),
     Setting("join_token_file", _text, help="file holding the one-time join token"),
-    Setting("ca_file", _text, help="the coordinator's CA certificate (mTLS)"),
+    Setting("ca_file", _text, help="the coordinator's CA certificate, its DATA/ca/ca.pem (mTLS)"),
+    Setting("insecure", _bool, help="plain text, for a development or --insecure coordinator"),
     Setting(
         "enforcer",
         _list,
@@ -165,6 +177,8 @@ class Loaded:
     config_file: Path | None
     # The flags given (a reload reads the file and the environment again; flags still win).
     flags: Mapping[str, object]
+    # Where each value came from: 0 default, 1 file, 2 environment, 3 flag.
+    layers: dict[str, int]
 
 
 def load(
@@ -175,6 +189,7 @@ def load(
     """Defaults, then the file, then the environment, then the flags that were given."""
     environ = os.environ if environ is None else environ
     raw: dict[str, tuple[object, str]] = {}
+    layers: dict[str, int] = {}
     tables: dict[str, Any] = {}
     if config_file is not None:
         data = _read(config_file)
@@ -187,15 +202,18 @@ def load(
                 named = key if re.fullmatch(r"[a-z_]{1,40}", key) else "?"
                 raise ConfigError(f"unknown setting {named!r} in {config_file}")
             raw[key] = (value, f"{key} in {config_file}")
+            layers[key] = 1
     for setting in SETTINGS:
         if environ.get(setting.env):
             raw[setting.name] = (environ[setting.env], setting.env)
+            layers[setting.name] = 2
     for name, value in flags.items():
         raw[name] = (value, BY_NAME[name].flag)
+        layers[name] = 3
     values = {s.name: s.default for s in SETTINGS}
     for name, (value, where) in raw.items():
         values[name] = BY_NAME[name].parse(value, where)
-    return Loaded(values, tables, config_file, dict(flags))
+    return Loaded(values, tables, config_file, dict(flags), layers)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -236,3 +254,26 @@ def printable(loaded: Loaded) -> dict[str, Any]:
     if loaded.enforcer_tables:
         out["enforcers"] = loaded.enforcer_tables
     return out
+
+
+def transport(loaded: Loaded) -> tuple[Path | None, bool]:
+    """The CA file and plain-text choice by the rule every client keeps (jitmesh.tls): when both
+    are given, the one from the later layer wins (a flag beats the environment beats the file);
+    from the same layer they clash."""
+    from jitmesh import errors, tls
+
+    values = loaded.values
+    ca_file, insecure = values.get("ca_file") or None, values.get("insecure")
+    if ca_file and insecure:
+        ca_layer, insecure_layer = loaded.layers.get("ca_file", 0), loaded.layers["insecure"]
+        if ca_layer > insecure_layer:
+            insecure = None
+        elif insecure_layer > ca_layer:
+            ca_file = None
+    try:
+        chosen = tls.choose(values["coordinator"], ca_file=ca_file, insecure=insecure, environ={})
+        if chosen.ca_file is not None:
+            tls.read_ca_file(chosen.ca_file)
+    except errors.JitmeshError as exc:
+        raise ConfigError(str(exc)) from None
+    return chosen.ca_file, chosen.insecure

@@ -160,7 +160,7 @@ def test_agent_ready_after_reconcile_watchdog_stopping(
     proc = _run(
         [str(BIN / "jitmesh-agent"), "--coordinator", f"127.0.0.1:{free_port()}",
          "--name", "web-1", "--join-token", "jmj_x", "--state", str(tmp_path / "state"),
-         "--enforcer", f"file:{access}"],
+         "--enforcer", f"file:{access}", "--insecure"],
         notify,
         tmp_path / "agent.log",
     )  # fmt: skip
