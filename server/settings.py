@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, PlainSerializer, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -75,6 +77,19 @@ Listen = Annotated[str, BeforeValidator(_listen)]
 def split_listen(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+# Settings never read from the environment. JITMESH_INSECURE is the clients' switch (jitctl, the
+# SDK and the agent speak plain text with it, and the dev coordinator's dev.env sets it): a shell
+# that sourced dev.env must not start `serve` without TLS.
+NOT_FROM_ENV = frozenset({"insecure"})
+
+
+class _Environment(EnvSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if field_name in NOT_FROM_ENV:
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
 
 
 class CoordinatorSettings(BaseSettings):
@@ -140,7 +155,7 @@ class CoordinatorSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # First wins: flags, then the environment, then the file.
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, _Environment(settings_cls)]
         path = _CONFIG_FILE.get()
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))

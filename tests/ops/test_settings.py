@@ -159,3 +159,15 @@ def test_agent_join_token_from_a_file(tmp_path: Path) -> None:
     secret.write_text("jmj_from-file\n")
     loaded = agent_settings.load(None, {"join_token_file": str(secret)}, {})
     assert agent_settings.join_token(loaded) == "jmj_from-file"
+
+
+def test_the_clients_insecure_variable_does_not_make_serve_plain_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dev.env sets JITMESH_INSECURE=1 for jitctl; a shell that sourced it still starts `serve`
+    with TLS (only the flag or the file's `insecure = true` turns TLS off)."""
+    monkeypatch.setenv("JITMESH_INSECURE", "1")
+    assert load_coordinator(None, {}).insecure is False
+    config = tmp_path / "c.toml"
+    config.write_text("insecure = true\n")
+    assert load_coordinator(config, {}).insecure is True
