@@ -111,6 +111,13 @@ def _format(value: object, name: str) -> str:
     return text
 
 
+def _end_sessions(value: object, name: str) -> str:
+    text = _text(value, name)
+    if text not in ("exec", "user"):
+        raise ConfigError(f"{name}: must be exec or user")
+    return text
+
+
 def _listen(value: object, name: str) -> str:
     text = _text(value, name)
     host, sep, port = text.rpartition(":")
@@ -163,6 +170,18 @@ SETTINGS: Final = (
     Setting("remove_retry_base", _seconds, 10.0, help="first delay between removal attempts"),
     Setting("skew_tolerance", _seconds, 60.0, help="refuse grants issued further off"),
     Setting("reconcile_every", _seconds, 300.0, help="how often the host is reconciled"),
+    Setting(
+        "exec_grace",
+        _seconds,
+        10.0,
+        help="when a grant ends: time between SIGTERM and SIGKILL for its exec commands",
+    ),
+    Setting(
+        "end_sessions",
+        _end_sessions,
+        "exec",
+        help="user: also end every process of the subject's user when their last grant ends",
+    ),
 )
 BY_NAME: Final = {s.name: s for s in SETTINGS}
 DURATIONS: Final = frozenset(s.name for s in SETTINGS if s.parse is _seconds)
