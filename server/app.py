@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jitmesh.clock import Clock, SystemClock
+from jitmesh.types import ReviewDecision
 from jitmesh.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -33,11 +35,21 @@ from server.ca import InternalCA
 from server.checkpoints import Checkpoints
 from server.config import CoordinatorConfig
 from server.domain.access import AccessService
+from server.domain.errors import PermissionDenied
 from server.domain.expiry import Expirer
 from server.domain.fleet import FleetService
 from server.domain.governance import AuditService, IdentityService, PolicyService, TokenService
 from server.domain.hub import Hub
 from server.domain.locks import LockService
+from server.domain.models import Principal
+from server.domain.receivers import ReceiverKind, ReceiverService
+from server.notify.base import Links
+from server.notify.factory import users_map
+from server.notify.http import interactions_app, listen, serve
+from server.notify.retry import RetryPolicy
+from server.notify.secrets import Sealer
+from server.notify.sender import Sender
+from server.notify.slack import SlackInteractions
 from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
@@ -50,7 +62,7 @@ from server.rpc.services import (
     PolicyServicer,
 )
 from server.signing import SigningKeys
-from server.store.sqlite import SqliteStore
+from server.store.sqlite import SqliteOutbox, SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +108,15 @@ class Coordinator:
     # The mTLS agent port's own server (TLS only; else agents share `server`).
     agent_server: grpc.aio.Server | None = None
     access: AccessService | None = None
+    sender: Sender | None = None
+    receivers: ReceiverService | None = None
+    # Slack's interaction endpoint, when configured: its socket (bound at build) and app.
+    slack_socket: Any = None
+    slack_app: Any = None
+
+    @property
+    def slack_port(self) -> int:
+        return int(self.slack_socket.getsockname()[1]) if self.slack_socket is not None else 0
 
     @property
     def address(self) -> str:
@@ -106,6 +127,10 @@ class Coordinator:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.expirer.run())
+                if self.sender is not None:
+                    tg.create_task(self.sender.run())
+                if self.slack_app is not None:
+                    tg.create_task(serve(self.slack_app, self.slack_socket))
                 if self.checkpoints is not None:
                     tg.create_task(
                         self.checkpoints.run(
@@ -140,6 +165,8 @@ class Coordinator:
         if self.checkpoints is not None:
             seq, head_hash = self.store.head
             self.checkpoints.append(seq, head_hash, self.clock.now())
+        if self.slack_socket is not None:
+            self.slack_socket.close()
         await self.store.close()
 
 
@@ -203,6 +230,19 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         agent_port = port
     if port == 0 or agent_port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
+
+    sealer = Sealer.open(config.data_dir)
+    outbox = SqliteOutbox(store)
+    sender = _sender(config, store, outbox, sealer, clock) if config.notify else None
+    if sender is not None:
+        hub.on_audit.append(sender.wake)
+    receivers = ReceiverService(
+        store, outbox, clock, sealer.seal, sender.wake if sender is not None else lambda: None
+    )
+    slack_socket, slack_app = None, None
+    if config.slack_signing_secret_file is not None:
+        slack_socket = listen(config.slack_host, config.slack_port)
+        slack_app = interactions_app(_slack(config, store, outbox, access, clock))
 
     access_servicer = AccessServicer(
         auth,
@@ -273,6 +313,78 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         clock,
         agent_server,
         access,
+        sender,
+        receivers,
+        slack_socket,
+        slack_app,
+    )
+
+
+def _sender(
+    config: CoordinatorConfig,
+    store: SqliteStore,
+    outbox: SqliteOutbox,
+    sealer: Sealer,
+    clock: Clock,
+) -> Sender:
+    async def labels(agent: str) -> dict[str, str]:
+        found = await store.get_agent(agent)
+        return found.labels if found is not None else {}
+
+    async def rule_of(request_id: str) -> str:
+        found = await store.get_request(request_id)
+        return found.rule if found is not None else ""
+
+    policy = RetryPolicy(config.notify_retry_first, config.notify_retry_cap, config.notify_attempts)
+    return Sender(
+        outbox,
+        sealer,
+        clock,
+        Links(config.web_url),
+        labels=labels,
+        rule_of=rule_of,
+        policy=policy,
+        poll=config.notify_poll,
+    )
+
+
+def _slack(
+    config: CoordinatorConfig,
+    store: SqliteStore,
+    outbox: SqliteOutbox,
+    access: AccessService,
+    clock: Clock,
+) -> SlackInteractions:
+    """Slack's clicks, reviewed for the mapped user: that user's own groups decide (a disabled
+    or unknown user acts for nobody), and the audit log names both ("bob via slack")."""
+    assert config.slack_signing_secret_file is not None
+    secret = config.slack_signing_secret_file.read_bytes().strip()
+
+    async def user_for(slack_user: str) -> str | None:
+        for spec in await outbox.list_receivers():
+            if spec.kind is ReceiverKind.SLACK:
+                found = users_map(spec.settings.get("users", "")).get(slack_user)
+                if found:
+                    return found
+        return None
+
+    async def review(user: str, request_id: str, decision: ReviewDecision) -> str:
+        found = await store.principal_for_user(user, "")
+        if found is None:
+            raise PermissionDenied(f"{user} is not an enabled jitmesh user")
+        principal = Principal(found.name, found.groups, via="slack")
+        request, grant = await access.review(principal, request_id, decision, "via Slack")
+        if decision is ReviewDecision.DENY:
+            return "Denied"
+        return "Approved" if grant is not None else "Approval recorded"
+
+    return SlackInteractions(
+        secret,
+        user_for,
+        review,
+        httpx.AsyncClient(timeout=10.0),
+        clock,
+        response_hosts=config.slack_response_hosts,
     )
 
 

@@ -266,10 +266,10 @@ class AccessService:
                 raise Conflict("you have already reviewed this request")
             if decision is ReviewDecision.DENY:
                 # Deny wins: one denial ends the request whatever approvals it already has.
-                await self._decide(tx, request, RequestState.DENIED, principal.name, reason)
-                await tx.audit(self._entry("request.denied", principal.name, request, why=reason))
+                await self._decide(tx, request, RequestState.DENIED, principal.actor, reason)
+                await tx.audit(self._entry("request.denied", principal.actor, request, why=reason))
             else:
-                await tx.audit(self._entry("request.reviewed", principal.name, request))
+                await tx.audit(self._entry("request.reviewed", principal.actor, request))
                 approvals = 1 + sum(
                     1
                     for r in request.reviews
@@ -278,7 +278,7 @@ class AccessService:
                 )
                 if approvals >= request.approvals_required:
                     rule = self._rule(request.rule)
-                    grant, command = await self._approve(tx, request, rule, principal.name, reason)
+                    grant, command = await self._approve(tx, request, rule, principal.actor, reason)
         return await self._after(tx, request_id, grant, command)
 
     async def cancel(self, principal: Principal, request_id: str) -> Request:

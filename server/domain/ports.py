@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from jitmesh.types import (
     Agent,
@@ -23,6 +23,9 @@ from jitmesh.types import (
 )
 
 from .models import AuditEntry, Command, CommandKind, JoinToken, Moved, Principal
+
+if TYPE_CHECKING:
+    from .receivers import ReceiverSpec
 
 
 class Tx(Protocol):
@@ -125,6 +128,8 @@ class Tx(Protocol):
     async def append_revokes(
         self, grants: Sequence[Grant], at: datetime, revoke_reason: str
     ) -> dict[str, int]: ...
+    async def insert_receiver(self, spec: ReceiverSpec) -> bool: ...
+    async def delete_receiver(self, name: str) -> bool: ...
 
 
 class Store(Protocol):

@@ -42,6 +42,15 @@ from server.domain.audit import GENESIS, canonical_details, chain_hash, event_ha
 from server.domain.errors import Conflict, InvalidArgument
 from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
 from server.domain.models import AuditEntry, Command, CommandKind, JoinToken, Moved, Principal
+from server.domain.notices import NOTIFIABLE, Notice, NoticeKind, notice_for
+from server.domain.receivers import (
+    AttemptRecord,
+    Delivery,
+    DeliveryState,
+    ReceiverKind,
+    ReceiverSpec,
+    Route,
+)
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -784,7 +793,52 @@ class SqliteTx:
             return None
         self.head_seq, self.head_hash = event.seq, event.hash
         self.new_audit.append(event)
+        await self._outbox([event])
         return event
+
+    async def _outbox(self, events: Sequence[AuditEvent]) -> None:
+        """Notifiable events go to the outbox in the audit event's own transaction."""
+        rows = [
+            (
+                n.id,
+                n.kind.value,
+                to_ms(n.at),
+                n.actor,
+                n.subject,
+                n.agent,
+                n.request_id,
+                n.grant_id,
+                _details_json(n.details),
+            )  # fmt: skip
+            for event in events
+            if event.kind in NOTIFIABLE and (n := notice_for(event)) is not None
+        ]
+        if rows:
+            await self._conn.executemany(_OUTBOX_INSERT, rows)
+
+    async def insert_receiver(self, spec: ReceiverSpec) -> bool:
+        """False (and nothing written) when a receiver of that name exists."""
+        cur = await self._conn.execute(
+            "INSERT INTO receivers (name, kind, settings, secret, route, created_at, created_by) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+            (
+                spec.name, spec.kind.value, _details_json(dict(spec.settings)), spec.secret,
+                _route_json(spec.route), to_ms(spec.created_at), spec.created_by,
+            ),
+        )  # fmt: skip
+        return cur.rowcount == 1
+
+    async def delete_receiver(self, name: str) -> bool:
+        """Removes the receiver; its pending deliveries are given up (attempts stay in the log)."""
+        cur = await self._conn.execute("DELETE FROM receivers WHERE name = ?", (name,))
+        if cur.rowcount != 1:
+            return False
+        await self._conn.execute(
+            "UPDATE deliveries SET state = 'GAVE_UP', last_error = 'receiver removed' "
+            "WHERE receiver = ? AND state = 'PENDING'",
+            (name,),
+        )
+        return True
 
     async def move_grants(
         self,
@@ -836,6 +890,7 @@ class SqliteTx:
             await self._conn.execute("RELEASE audit_many")
         self.head_seq, self.head_hash = events[-1].seq, events[-1].hash
         self.new_audit.extend(events)
+        await self._outbox(events)
         return events
 
     async def _stored_audit_ids(self, ids: Sequence[str]) -> set[str]:
@@ -1278,3 +1333,211 @@ def _filters(pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
             where.append(f"{column} = ?")
             args.append(value)
     return where, args
+
+
+# Notifications: the outbox, receivers, deliveries and attempts.
+
+_OUTBOX_COLUMNS = "event_id, kind, at, actor, subject, agent, request_id, grant_id, details"
+_OUTBOX_INSERT = (
+    f"INSERT INTO outbox ({_OUTBOX_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (event_id) DO NOTHING"
+)
+_OUTBOX_CURSOR = "outbox_routed"
+
+
+def _route_json(route: Route) -> str:
+    return _details_json(
+        {
+            "kinds": list(route.kinds),
+            "labels": dict(route.labels),
+            "actions": list(route.actions),
+            "rules": list(route.rules),
+            "requester": route.requester,
+        }
+    )
+
+
+def _route(text: str) -> Route:
+    data = json.loads(text)
+    return Route(
+        kinds=tuple(data.get("kinds", ())),
+        labels=dict(data.get("labels", {})),
+        actions=tuple(data.get("actions", ())),
+        rules=tuple(data.get("rules", ())),
+        requester=bool(data.get("requester", False)),
+    )
+
+
+def _notice(row: Sequence[Any]) -> Notice:
+    return Notice(
+        id=row[0],
+        kind=NoticeKind(row[1]),
+        at=from_ms(row[2]),
+        actor=row[3],
+        subject=row[4],
+        agent=row[5],
+        request_id=row[6],
+        grant_id=row[7],
+        details=json.loads(row[8]),
+    )
+
+
+class SqliteOutbox:
+    """The sender's side of the outbox. Each method is its own short transaction, so the sender
+    never holds the store's writer while it talks to a receiver."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+
+    async def list_receivers(self) -> list[ReceiverSpec]:
+        rows = await _all(
+            self._store._reader,
+            "SELECT name, kind, settings, secret, route, created_at, created_by "
+            "FROM receivers ORDER BY name",
+        )
+        return [
+            ReceiverSpec(
+                r[0], ReceiverKind(r[1]), json.loads(r[2]), r[3], _route(r[4]), from_ms(r[5]), r[6]
+            )
+            for r in rows
+        ]
+
+    async def unrouted(self, limit: int) -> tuple[int, list[tuple[int, Notice]]]:
+        """The routing cursor, and the outbox entries after it (oldest first)."""
+        cursor = int(await self._store.get_meta(_OUTBOX_CURSOR) or "0")
+        rows = await _all(
+            self._store._reader,
+            f"SELECT seq, {_OUTBOX_COLUMNS} FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (cursor, limit),
+        )
+        return cursor, [(int(r[0]), _notice(r[1:])) for r in rows]
+
+    async def route(
+        self, cursor: int, upto: int, deliveries: Sequence[tuple[int, str]], now: datetime
+    ) -> bool:
+        """Create the deliveries of outbox entries (cursor, upto] and move the cursor, at once;
+        False when another sender moved the cursor first (nothing written)."""
+        async with self._store.transaction() as tx:
+            conn = tx._conn
+            current = await _one(conn, "SELECT value FROM meta WHERE key = ?", (_OUTBOX_CURSOR,))
+            if int(current[0] if current else "0") != cursor:
+                return False
+            await conn.executemany(
+                "INSERT INTO deliveries (event_seq, receiver, state, next_at) "
+                "VALUES (?, ?, 'PENDING', ?) ON CONFLICT DO NOTHING",
+                [(seq, name, to_ms(now)) for seq, name in deliveries],
+            )
+            await tx.set_meta(_OUTBOX_CURSOR, str(upto))
+        return True
+
+    async def claim(self, now: datetime, until: datetime, limit: int) -> list[Delivery]:
+        """Claim up to `limit` due deliveries until `until` (others leave them alone meanwhile;
+        a claim left by a crashed sender lapses then)."""
+        async with self._store.transaction() as tx:
+            rows = await _all(
+                tx._conn,
+                "UPDATE deliveries SET claimed_until = ? WHERE rowid IN (SELECT rowid FROM "
+                "deliveries WHERE state = 'PENDING' AND next_at <= ? AND claimed_until <= ? "
+                "ORDER BY next_at LIMIT ?) RETURNING event_seq, receiver, attempts",
+                (to_ms(until), to_ms(now), to_ms(now), limit),
+            )
+            if not rows:
+                return []
+            seqs = sorted({int(r[0]) for r in rows})
+            notices = {
+                int(r[0]): _notice(r[1:])
+                for r in await _all(
+                    tx._conn,
+                    f"SELECT seq, {_OUTBOX_COLUMNS} FROM outbox "
+                    f"WHERE seq IN ({','.join('?' * len(seqs))})",
+                    seqs,
+                )
+            }
+        return sorted(
+            (Delivery(int(r[0]), r[1], int(r[2]), notices[int(r[0])]) for r in rows),
+            key=lambda d: (d.event_seq, d.receiver),
+        )
+
+    async def record(
+        self,
+        delivery: Delivery,
+        at: datetime,
+        ok: bool,
+        detail: str,
+        next_at: datetime | None,
+    ) -> None:
+        """One attempt: logged; the delivery DELIVERED, PENDING again at `next_at`, or GAVE_UP
+        (`next_at` None after a failure)."""
+        attempt = delivery.attempts + 1
+        if ok:
+            state, due = DeliveryState.DELIVERED, to_ms(at)
+        elif next_at is None:
+            state, due = DeliveryState.GAVE_UP, to_ms(at)
+        else:
+            state, due = DeliveryState.PENDING, to_ms(next_at)
+        async with self._store.transaction() as tx:
+            await tx._conn.execute(
+                "UPDATE deliveries SET state = ?, attempts = ?, next_at = ?, claimed_until = 0, "
+                "last_error = ?, delivered_at = ? WHERE event_seq = ? AND receiver = ? "
+                "AND state = 'PENDING'",
+                (
+                    state.value, attempt, due, "" if ok else detail, to_ms(at) if ok else None,
+                    delivery.event_seq, delivery.receiver,
+                ),
+            )  # fmt: skip
+            await tx._conn.execute(
+                "INSERT INTO delivery_attempts (event_seq, receiver, attempt, at, ok, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (delivery.event_seq, delivery.receiver, attempt, to_ms(at), int(ok), detail),
+            )
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Give claims back (a sender stopping before it tried them)."""
+        if not deliveries:
+            return
+        async with self._store.transaction() as tx:
+            await tx._conn.executemany(
+                "UPDATE deliveries SET claimed_until = 0 WHERE event_seq = ? AND receiver = ? "
+                "AND state = 'PENDING'",
+                [(d.event_seq, d.receiver) for d in deliveries],
+            )
+
+    async def next_due(self) -> datetime | None:
+        row = await _one(
+            self._store._reader,
+            "SELECT MIN(MAX(next_at, claimed_until)) FROM deliveries WHERE state = 'PENDING'",
+        )
+        return from_ms(row[0]) if row and row[0] is not None else None
+
+    async def log(self, *, request_id: str, receiver: str, limit: int) -> list[AttemptRecord]:
+        """Attempts, newest first, optionally for one request or one receiver."""
+        where, args = ["1 = 1"], []
+        if request_id:
+            where.append("o.request_id = ?")
+            args.append(request_id)
+        if receiver:
+            where.append("a.receiver = ?")
+            args.append(receiver)
+        rows = await _all(
+            self._store._reader,
+            "SELECT a.event_seq, o.event_id, o.kind, a.receiver, a.attempt, a.at, a.ok, a.detail, "
+            "COALESCE(d.state, 'GAVE_UP') FROM delivery_attempts a "
+            "JOIN outbox o ON o.seq = a.event_seq "
+            "LEFT JOIN deliveries d ON d.event_seq = a.event_seq AND d.receiver = a.receiver "
+            f"WHERE {' AND '.join(where)} ORDER BY a.id DESC LIMIT ?",
+            [*args, limit],
+        )
+        return [
+            AttemptRecord(
+                int(r[0]),
+                r[1],
+                r[2],
+                r[3],
+                int(r[4]),
+                from_ms(r[5]),
+                bool(r[6]),
+                r[7],
+                DeliveryState(r[8]),
+            )  # fmt: skip
+            for r in rows
+        ]
