@@ -373,7 +373,7 @@ def _slack(
         if found is None:
             raise PermissionDenied(f"{user} is not an enabled jitmesh user")
         principal = Principal(found.name, found.groups, via="slack")
-        request, grant = await access.review(principal, request_id, decision, "via Slack")
+        _request, grant = await access.review(principal, request_id, decision, "via Slack")
         if decision is ReviewDecision.DENY:
             return "Denied"
         return "Approved" if grant is not None else "Approval recorded"

@@ -809,7 +809,7 @@ class SqliteTx:
                 n.request_id,
                 n.grant_id,
                 _details_json(n.details),
-            )  # fmt: skip
+            )
             for event in events
             if event.kind in NOTIFIABLE and (n := notice_for(event)) is not None
         ]
@@ -1538,6 +1538,6 @@ class SqliteOutbox:
                 bool(r[6]),
                 r[7],
                 DeliveryState(r[8]),
-            )  # fmt: skip
+            )
             for r in rows
         ]

@@ -194,7 +194,9 @@ async def test_slack_click_for_a_request_the_user_may_not_review_changes_nothing
         assert coordinator.receivers is not None
         await coordinator.receivers.add(
             ADMIN, name="slack", kind="slack",
-            settings={"channel": "C1", "api_url": recorder.url, "users": "U0DAVE=dave,U0ALICE=alice"},
+            settings={
+                "channel": "C1", "api_url": recorder.url, "users": "U0DAVE=dave,U0ALICE=alice"
+            },
             secret="xoxb-bot-token", route=Route(kinds=("request.created",)),
         )  # fmt: skip
         request_id = await file_prod_request(clients["alice"])
@@ -224,7 +226,8 @@ async def test_a_receiver_down_for_a_while_gets_each_notice_later_once(
     recorder.stop()
     clock = FakeClock(datetime.now(UTC))
     async with running(tmp_path / "c", clock) as (coordinator, clients):
-        assert coordinator.receivers is not None and coordinator.sender is not None
+        assert coordinator.receivers is not None
+        assert coordinator.sender is not None
         await add_webhook(coordinator, url, kinds=("request.created",))
         request_id = await file_prod_request(clients["alice"])
         # The first attempts fail while the receiver is down; each is recorded.
@@ -247,7 +250,8 @@ async def test_a_receiver_down_for_a_while_gets_each_notice_later_once(
         log = await coordinator.receivers.log(ADMIN, request_id=request_id, receiver="", limit=10)
         assert [(a.attempt, a.ok) for a in reversed(log)] == [(1, False), (2, True)]
         assert [a.state for a in log] == [DeliveryState.DELIVERED] * 2
-    assert len(got) == 1 and got[0].status == 200
+    assert len(got) == 1
+    assert got[0].status == 200
 
 
 async def test_a_coordinator_restart_loses_no_notice_and_sends_none_twice(
@@ -307,7 +311,8 @@ async def test_receivers_are_for_admins_and_never_show_their_secret(
                 route=Route(),
             )  # fmt: skip
         [spec] = await receivers.receivers(ADMIN)
-        assert SECRET not in spec.secret and spec.secret.startswith("sealed:")
+        assert SECRET not in spec.secret
+        assert spec.secret.startswith("sealed:")
         raw = (tmp_path / "c" / "coordinator.db").read_bytes()
         assert SECRET.encode() not in raw
         audit = await coordinator.store.list_audit(
