@@ -28,6 +28,8 @@ from jitmesh.v1 import (
     identity_pb2_grpc,
     locks_pb2,
     locks_pb2_grpc,
+    notify_pb2,
+    notify_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
 )
@@ -54,6 +56,7 @@ from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegis
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
 from server.rpc.locks import LocksServicer
+from server.rpc.notify import NotifyServicer
 from server.rpc.services import (
     AccessServicer,
     AgentsServicer,
@@ -80,6 +83,7 @@ SERVICES = [
     identity_pb2.DESCRIPTOR.services_by_name["Identity"].full_name,
     agentlink_pb2.DESCRIPTOR.services_by_name["AgentLink"].full_name,
     locks_pb2.DESCRIPTOR.services_by_name["Locks"].full_name,
+    notify_pb2.DESCRIPTOR.services_by_name["Notify"].full_name,
 ]
 OPERATOR_SERVICES = [name for name in SERVICES if not name.endswith(".AgentLink")]
 
@@ -267,6 +271,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     identity_servicer = IdentityServicer(auth, TokenService(store, hub, clock))
     audit_servicer = AuditServicer(auth, audit, checkpoints)
     locks_servicer = LocksServicer(auth, LockService(store, registry, hub, clock))
+    notify_servicer = NotifyServicer(auth, receivers)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     # Operators with client certificates call the agent port too.
     for target in (server,) if agent_server is None else (server, agent_server):
@@ -276,6 +281,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         identity_pb2_grpc.add_IdentityServicer_to_server(identity_servicer, target)
         audit_pb2_grpc.add_AuditServicer_to_server(audit_servicer, target)
         locks_pb2_grpc.add_LocksServicer_to_server(locks_servicer, target)
+        notify_pb2_grpc.add_NotifyServicer_to_server(notify_servicer, target)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
         # Reflection lists what the port serves: AgentLink only where agents connect.
         served = SERVICES if target is not server or agent_server is None else OPERATOR_SERVICES

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -98,6 +98,23 @@ class AttemptRecord:
     state: DeliveryState
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """One notice for one receiver, as `jitctl notify log` lists it."""
+
+    event_seq: int
+    event_id: str
+    kind: str
+    receiver: str
+    state: DeliveryState
+    attempts: int
+    last_attempt_at: datetime | None
+    next_attempt_at: datetime | None
+    last_error: str
+    request_id: str
+    grant_id: str
+
+
 def validate(
     name: str,
     kind: str,
@@ -152,6 +169,7 @@ def to_requester(route: Route, notice: Notice) -> bool:
 __all__ = [
     "AttemptRecord",
     "Delivery",
+    "DeliveryRecord",
     "DeliveryState",
     "NoticeKind",
     "ReceiverKind",
@@ -236,6 +254,20 @@ class ReceiverService:
         _admin(principal)
         return await self._outbox.list_receivers()
 
+    async def deliveries(
+        self,
+        principal: Principal,
+        *,
+        receiver: str,
+        states: Sequence[DeliveryState],
+        limit: int,
+        before: int,
+    ) -> list[DeliveryRecord]:
+        _admin(principal)
+        return await self._outbox.deliveries(
+            receiver=receiver, states=states, limit=max(1, min(limit, 1000)), before=before
+        )
+
     async def log(
         self, principal: Principal, *, request_id: str, receiver: str, limit: int
     ) -> list[AttemptRecord]:
@@ -248,6 +280,9 @@ class ReceiverService:
 class ReceiverReader(Protocol):
     async def list_receivers(self) -> list[ReceiverSpec]: ...
     async def log(self, *, request_id: str, receiver: str, limit: int) -> list[AttemptRecord]: ...
+    async def deliveries(
+        self, *, receiver: str, states: Sequence[DeliveryState], limit: int, before: int
+    ) -> list[DeliveryRecord]: ...
 
 
 def _admin(principal: Principal) -> None:

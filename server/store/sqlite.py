@@ -46,6 +46,7 @@ from server.domain.notices import NOTIFIABLE, Notice, NoticeKind, notice_for
 from server.domain.receivers import (
     AttemptRecord,
     Delivery,
+    DeliveryRecord,
     DeliveryState,
     ReceiverKind,
     ReceiverSpec,
@@ -1508,6 +1509,48 @@ class SqliteOutbox:
             "SELECT MIN(MAX(next_at, claimed_until)) FROM deliveries WHERE state = 'PENDING'",
         )
         return from_ms(row[0]) if row and row[0] is not None else None
+
+    async def deliveries(
+        self, *, receiver: str, states: Sequence[DeliveryState], limit: int, before: int
+    ) -> list[DeliveryRecord]:
+        """Deliveries, newest notice first; `before`: only notices older than this outbox seq
+        (the page cursor)."""
+        where: list[str] = ["1 = 1"]
+        args: list[Any] = []
+        if receiver:
+            where.append("d.receiver = ?")
+            args.append(receiver)
+        if states:
+            where.append(f"d.state IN ({','.join('?' * len(states))})")
+            args.extend(s.value for s in states)
+        if before:
+            where.append("d.event_seq < ?")
+            args.append(before)
+        rows = await _all(
+            self._store._reader,
+            "SELECT d.event_seq, o.event_id, o.kind, d.receiver, d.state, d.attempts, "
+            "(SELECT MAX(a.at) FROM delivery_attempts a WHERE a.event_seq = d.event_seq "
+            "AND a.receiver = d.receiver), d.next_at, d.last_error, o.request_id, o.grant_id "
+            "FROM deliveries d JOIN outbox o ON o.seq = d.event_seq "
+            f"WHERE {' AND '.join(where)} ORDER BY d.event_seq DESC, d.receiver LIMIT ?",
+            [*args, limit],
+        )
+        return [
+            DeliveryRecord(
+                int(r[0]),
+                r[1],
+                r[2],
+                r[3],
+                DeliveryState(r[4]),
+                int(r[5]),
+                _at(r[6]),
+                _at(r[7]) if r[4] == "PENDING" else None,
+                r[8],
+                r[9],
+                r[10],
+            )
+            for r in rows
+        ]
 
     async def log(self, *, request_id: str, receiver: str, limit: int) -> list[AttemptRecord]:
         """Attempts, newest first, optionally for one request or one receiver."""

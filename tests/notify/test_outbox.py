@@ -324,3 +324,44 @@ async def test_receivers_are_for_admins_and_never_show_their_secret(
         assert SECRET not in json.dumps([e.details for e in audit])
         await receivers.remove(ADMIN, "hook")
         assert await receivers.receivers(ADMIN) == []
+
+
+async def test_receivers_and_the_delivery_log_over_the_api(
+    tmp_path: Path, recorder: HttpRecorder
+) -> None:
+    from jitmesh.errors import PermissionDeniedError
+    from jitmesh.types import NotifyRoute
+
+    recorder.answer = verifying(WebhookVerifier(SECRET.encode()))
+    clock = FakeClock(datetime.now(UTC))
+    async with running(tmp_path / "c", clock) as (coordinator, clients):
+        admin = clients["admin"]
+        added = await admin.add_receiver(
+            "hook", "webhook", target=recorder.url, secret=SECRET,
+            route=NotifyRoute(events=("request.created",), agent_labels={"env": "prod"}),
+        )  # fmt: skip
+        assert (added.name, added.kind, added.target) == ("hook", "webhook", recorder.url)
+        assert added.secret_source == "stored"
+        with pytest.raises(PermissionDeniedError):
+            await clients["bob"].list_receivers()
+        with pytest.raises(PermissionDeniedError):
+            await clients["bob"].list_deliveries()
+        [listed] = await admin.list_receivers()
+        assert listed.route.agent_labels == {"env": "prod"}
+        assert SECRET not in repr(listed)
+        request_id = await file_prod_request(clients["alice"])
+        # Staging is auto-approved and its agent has env=staging: not routed here.
+        await clients["alice"].create_request(
+            agent="web-1", action="deploy", duration=timedelta(minutes=5), reason=""
+        )
+        await recorder.wait_for(lambda r: len(r) == 1)
+        assert coordinator.sender is not None
+        async with asyncio.timeout(10):
+            while coordinator.sender.attempts < 1:
+                await asyncio.sleep(0.01)
+        [delivery] = await admin.list_deliveries(receiver="hook")
+        assert (delivery.state, delivery.attempts, delivery.request_id) == (
+            "DELIVERED", 1, request_id,
+        )  # fmt: skip
+        await admin.remove_receiver("hook")
+        assert await admin.list_receivers() == []
