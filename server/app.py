@@ -45,6 +45,7 @@ from server.domain.hub import Hub
 from server.domain.locks import LockService
 from server.domain.models import Principal
 from server.domain.receivers import ReceiverKind, ReceiverService
+from server.domain.signin import SignInRules, SignInService
 from server.notify.base import Links
 from server.notify.factory import users_map
 from server.notify.http import interactions_app, listen, serve
@@ -52,6 +53,7 @@ from server.notify.retry import RetryPolicy
 from server.notify.secrets import Sealer
 from server.notify.sender import Sender
 from server.notify.slack import SlackInteractions
+from server.oidc import OidcSettings, OidcVerifier
 from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
@@ -268,7 +270,22 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         auth, fleet, keys, ca, agent_port, enroll_limits, config.agent_cert_lifetime
     )
     policy_servicer = PolicyServicer(auth, policy)
-    identity_servicer = IdentityServicer(auth, TokenService(store, hub, clock))
+    oidc, signin = None, None
+    if config.oidc_issuer:
+        if not config.oidc_client_id:
+            raise ValueError("oidc_issuer needs oidc_client_id (the audience of ID tokens)")
+        oidc = OidcVerifier(
+            OidcSettings(config.oidc_issuer, config.oidc_client_id, config.oidc_scopes),
+            httpx.AsyncClient(timeout=10.0),
+            clock,
+        )
+        signin = SignInService(
+            store,
+            SignInRules(
+                config.oidc_username_claim, config.oidc_groups_claim, config.oidc_token_ttl
+            ),
+        )
+    identity_servicer = IdentityServicer(auth, TokenService(store, hub, clock), oidc, signin, clock)
     audit_servicer = AuditServicer(auth, audit, checkpoints)
     locks_servicer = LocksServicer(auth, LockService(store, registry, hub, clock))
     notify_servicer = NotifyServicer(auth, receivers)

@@ -45,6 +45,14 @@ class CoordinatorConfig(BaseModel):
     tls_key: Path | None = None
     tls_names: tuple[str, ...] = ()
     agent_port: int = Field(default=0, ge=0, le=65535)
+    # Single sign-on (OpenID Connect): ID tokens from `oidc_issuer` for `oidc_client_id` are
+    # exchanged for short-lived jitmesh tokens (docs/sign-in.md).
+    oidc_issuer: str = ""
+    oidc_client_id: str = ""
+    oidc_scopes: tuple[str, ...] = ("openid", "profile", "email")
+    oidc_username_claim: str = "preferred_username"
+    oidc_groups_claim: str = "groups"
+    oidc_token_ttl: timedelta = Field(default=timedelta(hours=1), gt=timedelta(0))
     # Notifications (docs/notifications.md). `web_url`: where messages link to (jitmesh-web).
     notify: bool = True
     web_url: str = ""

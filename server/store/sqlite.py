@@ -712,6 +712,18 @@ class SqliteTx:
             (name, json.dumps(sorted(groups)), to_ms(at)),
         )
 
+    async def get_user(self, name: str) -> tuple[frozenset[str], bool, str] | None:
+        row = await _one(
+            self._conn, "SELECT groups, disabled, managed_by FROM users WHERE name = ?", [name]
+        )
+        return None if row is None else (frozenset(json.loads(row[0])), bool(row[1]), row[2])
+
+    async def insert_oidc_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
+        await self._conn.execute(
+            "INSERT INTO users (name, groups, created_at, managed_by) VALUES (?,?,?,'oidc')",
+            (name, json.dumps(sorted(groups)), to_ms(at)),
+        )
+
     async def insert_token(
         self, token_hash: str, user: str, at: datetime, expires_at: datetime | None, label: str
     ) -> bool:

@@ -53,3 +53,7 @@ CREATE TABLE delivery_attempts (
     detail    TEXT NOT NULL
 );
 CREATE INDEX delivery_attempts_event ON delivery_attempts(event_seq);
+
+-- Single sign-on: a user is managed either by admins ('local': groups set with jitctl) or by
+-- the identity provider ('oidc': groups taken from the ID token at each sign-in), never both.
+ALTER TABLE users ADD COLUMN managed_by TEXT NOT NULL DEFAULT 'local';
