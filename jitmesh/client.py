@@ -637,6 +637,34 @@ class Client:
         await self._unary(self._identity.SetUserDisabled, message)
 
     # -----------------------------------------------------------------------------------------
+    # Single sign-on (these two calls need no token)
+
+    async def sign_in_config(self) -> types.SignInConfig:
+        """The coordinator's identity provider settings; NotFoundError without single sign-on."""
+        response = await self._unary(
+            self._identity.GetSignInConfig, identity_pb2.GetSignInConfigRequest()
+        )
+        return types.SignInConfig(
+            issuer=response.issuer,
+            client_id=response.client_id,
+            scopes=tuple(response.scopes),
+            audience=response.audience,
+        )
+
+    async def exchange_id_token(
+        self, id_token: str, *, nonce: str, ttl: timedelta | None = None
+    ) -> tuple[str, types.TokenInfo]:
+        """Exchange an OpenID Connect ID token (with the nonce of the sign-in that produced it)
+        for a short-lived jitmesh token: the token, shown once, and its listing."""
+        message = identity_pb2.ExchangeIdTokenRequest(
+            id_token=id_token,
+            nonce=nonce,
+            ttl=_convert.duration_to_proto(None if ttl is None else _check_positive(ttl, "ttl")),
+        )
+        response = await self._unary(self._identity.ExchangeIdToken, message)
+        return response.token, _token_info(response.info)
+
+    # -----------------------------------------------------------------------------------------
     # Notification receivers (admins)
 
     async def add_receiver(

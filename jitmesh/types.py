@@ -277,3 +277,13 @@ class NotifyDelivery:
     last_error: str
     request_id: str
     grant_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SignInConfig:
+    """What a client needs to start a single sign-on (`jitctl login`)."""
+
+    issuer: str
+    client_id: str
+    scopes: tuple[str, ...]
+    audience: str

@@ -119,6 +119,7 @@ class Coordinator:
     # Slack's interaction endpoint, when configured: its socket (bound at build) and app.
     slack_socket: Any = None
     slack_app: Any = None
+    http: httpx.AsyncClient | None = None
 
     @property
     def slack_port(self) -> int:
@@ -173,6 +174,8 @@ class Coordinator:
             self.checkpoints.append(seq, head_hash, self.clock.now())
         if self.slack_socket is not None:
             self.slack_socket.close()
+        if self.http is not None:
+            await self.http.aclose()
         await self.store.close()
 
 
@@ -237,6 +240,9 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     if port == 0 or agent_port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
 
+    # One HTTP client for the coordinator's own calls out (the IdP's keys, Slack's response_url);
+    # closed by stop(). The notify sender has its own, owned by its run().
+    http = httpx.AsyncClient(timeout=10.0)
     sealer = Sealer.open(config.data_dir)
     outbox = SqliteOutbox(store)
     sender = _sender(config, store, outbox, sealer, clock) if config.notify else None
@@ -248,7 +254,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     slack_socket, slack_app = None, None
     if config.slack_signing_secret_file is not None:
         slack_socket = listen(config.slack_host, config.slack_port)
-        slack_app = interactions_app(_slack(config, store, outbox, access, clock))
+        slack_app = interactions_app(_slack(config, store, outbox, access, clock, http))
 
     access_servicer = AccessServicer(  # type: ignore[abstract]  # wire 0.2 RPCs answer UNIMPLEMENTED until built
         auth,
@@ -276,7 +282,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
             raise ValueError("oidc_issuer needs oidc_client_id (the audience of ID tokens)")
         oidc = OidcVerifier(
             OidcSettings(config.oidc_issuer, config.oidc_client_id, config.oidc_scopes),
-            httpx.AsyncClient(timeout=10.0),
+            http,
             clock,
         )
         signin = SignInService(
@@ -342,6 +348,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         receivers,
         slack_socket,
         slack_app,
+        http,
     )
 
 
@@ -379,6 +386,7 @@ def _slack(
     outbox: SqliteOutbox,
     access: AccessService,
     clock: Clock,
+    http: httpx.AsyncClient,
 ) -> SlackInteractions:
     """Slack's clicks, reviewed for the mapped user: that user's own groups decide (a disabled
     or unknown user acts for nobody), and the audit log names both ("bob via slack")."""
@@ -407,7 +415,7 @@ def _slack(
         secret,
         user_for,
         review,
-        httpx.AsyncClient(timeout=10.0),
+        http,
         clock,
         response_hosts=config.slack_response_hosts,
     )

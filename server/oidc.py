@@ -22,6 +22,13 @@ LEEWAY = 60  # seconds of clock difference tolerated on exp, iat and nbf
 MAX_TOKEN = 16 * 1024
 
 
+_KEY_ERRORS = (
+    jose_errors.MissingKeyError,
+    jose_errors.InvalidKeyIdError,
+    jose_errors.BadSignatureError,
+)
+
+
 class IdTokenRejected(Exception):
     """The ID token is not one to trust; the message says which check failed (never the token)."""
 
@@ -62,13 +69,17 @@ class OidcVerifier:
         keys = await self._keyset(refresh=False)
         try:
             token = jwt.decode(id_token, keys, algorithms=ALGORITHMS)
-        except (jose_errors.MissingKeyError, jose_errors.BadSignatureError):
+        except _KEY_ERRORS:
             # Perhaps the issuer rotated its keys: fetch them again (at most every 30 s).
             keys = await self._keyset(refresh=True)
             try:
                 token = jwt.decode(id_token, keys, algorithms=ALGORITHMS)
+            except _KEY_ERRORS as exc:
+                raise IdTokenRejected(
+                    f"bad signature: no key of the issuer verifies it ({exc.error})"
+                ) from None
             except jose_errors.JoseError as exc:
-                raise IdTokenRejected(f"bad signature ({exc.error})") from None
+                raise IdTokenRejected(f"cannot decode the ID token ({exc.error})") from None
         except jose_errors.JoseError as exc:
             raise IdTokenRejected(f"cannot decode the ID token ({exc.error})") from None
         now = int(self._clock.now().timestamp())

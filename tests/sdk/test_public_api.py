@@ -21,6 +21,9 @@ INTENDED = {
     "JoinToken",
     "Lock",
     "LockTarget",
+    "NotifyDelivery",
+    "NotifyReceiver",
+    "NotifyRoute",
     "OfflineMode",
     "OfflinePolicy",
     "PolicyDecision",
@@ -29,6 +32,7 @@ INTENDED = {
     "RequestState",
     "Review",
     "ReviewDecision",
+    "SignInConfig",
     "TokenInfo",
     # errors
     "JitmeshError",
