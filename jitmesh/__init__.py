@@ -24,6 +24,8 @@ from jitmesh.errors import (
 )
 from jitmesh.types import (
     Agent,
+    ApprovalPlan,
+    ApprovalStage,
     AuditEvent,
     ChainVerification,
     Grant,
@@ -43,6 +45,7 @@ from jitmesh.types import (
     Review,
     ReviewDecision,
     SignInConfig,
+    StageMode,
     TokenInfo,
 )
 
@@ -54,6 +57,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Agent",
+    "ApprovalPlan",
+    "ApprovalStage",
     "AuditEvent",
     "AuthenticationError",
     "ChainVerification",
@@ -84,6 +89,7 @@ __all__ = [
     "Review",
     "ReviewDecision",
     "SignInConfig",
+    "StageMode",
     "TokenInfo",
     "UnavailableError",
     "format_duration",

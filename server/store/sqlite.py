@@ -38,6 +38,7 @@ from jitmesh.types import (
     ReviewDecision,
     TokenInfo,
 )
+from server.domain.approval import plan_from_json, plan_json
 from server.domain.audit import GENESIS, canonical_details, chain_hash, event_hash
 from server.domain.errors import Conflict, InvalidArgument
 from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
@@ -59,7 +60,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _REQUEST_COLUMNS = (
     "r.id, r.subject, r.agent, r.action, r.duration_ms, r.reason, r.state, r.rule, "
     "r.approvals_required, r.approver_groups, r.created_at, r.pending_expires_at, r.decided_at, "
-    "r.decided_by, r.decision_reason, r.grant_id, g.state"
+    "r.decided_by, r.decision_reason, r.grant_id, g.state, r.plan, r.ticket"
 )
 _REQUEST_FROM = "requests r LEFT JOIN grants g ON g.id = r.grant_id"
 _GRANT_COLUMNS = (
@@ -172,6 +173,8 @@ def _request(row: Sequence[Any], reviews: tuple[Review, ...]) -> Request:
         decision_reason=row[14],
         grant_id=row[15],
         grant_state=GrantState(row[16]) if row[16] else None,
+        plan=plan_from_json(row[17]),
+        ticket=row[18],
     )
 
 
@@ -258,14 +261,16 @@ async def _reviews(conn: Connection, ids: list[str]) -> dict[str, tuple[Review, 
     marks = ",".join("?" * len(ids))
     rows = await _all(
         conn,
-        "SELECT request_id, reviewer, decision, reason, reviewed_at FROM reviews "
+        "SELECT request_id, reviewer, decision, reason, reviewed_at, groups FROM reviews "
         f"WHERE request_id IN ({marks}) ORDER BY reviewed_at, reviewer",
         ids,
     )
     out: dict[str, list[Review]] = {}
-    for rid, reviewer, decision, reason, at in rows:
+    for rid, reviewer, decision, reason, at, groups in rows:
         out.setdefault(rid, []).append(
-            Review(reviewer, ReviewDecision(decision), reason, from_ms(at))
+            Review(
+                reviewer, ReviewDecision(decision), reason, from_ms(at), tuple(json.loads(groups))
+            )
         )
     return {k: tuple(v) for k, v in out.items()}
 
@@ -347,7 +352,8 @@ def _page(token: str) -> tuple[int, str] | None:
 _REQUEST_INSERT = (
     "INSERT INTO requests (id, subject, agent, action, duration_ms, reason, state, rule, "
     "approvals_required, approver_groups, created_at, pending_expires_at, decided_at, "
-    "decided_by, decision_reason, grant_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    "decided_by, decision_reason, grant_id, plan, ticket) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _GRANT_INSERT = (
     f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -364,7 +370,7 @@ def _request_row(r: Request) -> tuple[Any, ...]:
         r.reason, r.state.value, r.rule, r.approvals_required,
         json.dumps(list(r.approver_groups)), to_ms(r.created_at),
         _ms(r.pending_expires_at), _ms(r.decided_at), r.decided_by, r.decision_reason,
-        r.grant_id,
+        r.grant_id, plan_json(r.plan), r.ticket,
     )  # fmt: skip
 
 
@@ -423,10 +429,10 @@ class SqliteTx:
     async def insert_review(self, request_id: str, review: Review) -> bool:
         try:
             await self._conn.execute(
-                "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at) "
-                "VALUES (?,?,?,?,?)",
+                "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, "
+                "groups) VALUES (?,?,?,?,?,?)",
                 (request_id, review.reviewer, review.decision.value, review.reason,
-                 to_ms(review.reviewed_at)),
+                 to_ms(review.reviewed_at), json.dumps(list(review.groups))),
             )  # fmt: skip
         except sqlite3.IntegrityError:
             return False
@@ -612,6 +618,20 @@ class SqliteTx:
             [*wanted, *args],
         )
         return [_grant(r) for r in rows]
+
+    async def user_groups(self, name: str) -> frozenset[str] | None:
+        row = await _one(self._conn, "SELECT groups FROM users WHERE name = ?", [name])
+        return None if row is None else frozenset(json.loads(row[0]))
+
+    async def pending_requests(self) -> list[Request]:
+        """Every PENDING request, oldest first (a new policy judges them all)."""
+        rows = await _all(
+            self._conn,
+            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'PENDING' "
+            "ORDER BY r.created_at, r.id",
+        )
+        reviews = await _reviews(self._conn, [r[0] for r in rows])
+        return [_request(r, reviews.get(r[0], ())) for r in rows]
 
     async def locked_requests(self, target: LockTarget) -> list[Request]:
         """Pending requests the target matches."""
@@ -1139,6 +1159,20 @@ class SqliteStore:
 
     async def get_grant(self, grant_id: str) -> Grant | None:
         return await _get_grant(self._reader, grant_id)
+
+    async def recent_auto_grants(
+        self, subject: str, rule: str, since: datetime
+    ) -> list[tuple[datetime, datetime, datetime | None]]:
+        """(not_before, not_after, ended_at) of the grants the policy approved by itself for
+        `subject` under `rule` after `since` (an automatic grant is made with its request)."""
+        rows = await _all(
+            self._reader,
+            "SELECT g.not_before, g.not_after, g.ended_at FROM requests r "
+            "JOIN grants g ON g.id = r.grant_id WHERE r.created_at > ? AND r.subject = ? "
+            "AND r.rule = ? AND r.decided_by LIKE 'policy:%'",
+            [to_ms(since), subject, rule],
+        )
+        return [(from_ms(a), from_ms(b), _at(c)) for a, b, c in rows]
 
     async def list_grants(
         self, *, states: Sequence[GrantState], subject: str, agent: str, limit: int,

@@ -14,6 +14,8 @@ INTENDED = {
     "Client",
     # value types
     "Agent",
+    "ApprovalPlan",
+    "ApprovalStage",
     "AuditEvent",
     "ChainVerification",
     "Grant",
@@ -33,6 +35,7 @@ INTENDED = {
     "Review",
     "ReviewDecision",
     "SignInConfig",
+    "StageMode",
     "TokenInfo",
     # errors
     "JitmeshError",
