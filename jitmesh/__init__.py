@@ -47,6 +47,7 @@ from jitmesh.types import (
     SignInConfig,
     StageMode,
     TokenInfo,
+    UserInfo,
 )
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ __all__ = [
     "StageMode",
     "TokenInfo",
     "UnavailableError",
+    "UserInfo",
     "format_duration",
     "parse_duration",
 ]

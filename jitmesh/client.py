@@ -639,6 +639,13 @@ class Client:
     # -----------------------------------------------------------------------------------------
     # Single sign-on (these two calls need no token)
 
+    async def whoami(self) -> types.UserInfo:
+        """The user this client's credential belongs to."""
+        response = await self._unary(self._identity.WhoAmI, identity_pb2.WhoAmIRequest())
+        return types.UserInfo(
+            name=response.name, groups=tuple(response.groups), managed_by=response.managed_by
+        )
+
     async def sign_in_config(self) -> types.SignInConfig:
         """The coordinator's identity provider settings; NotFoundError without single sign-on."""
         response = await self._unary(

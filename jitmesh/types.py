@@ -337,3 +337,13 @@ class SignInConfig:
     client_id: str
     scopes: tuple[str, ...]
     audience: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserInfo:
+    """A user as the coordinator knows it. `managed_by`: "local" (groups set by admins) or
+    "oidc" (groups from the identity provider at each sign-in)."""
+
+    name: str
+    groups: tuple[str, ...]
+    managed_by: str

@@ -368,6 +368,17 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         self._clock = clock or SystemClock()
 
     @mapped
+    async def WhoAmI(
+        self, request: identity_pb2.WhoAmIRequest, context: Ctx
+    ) -> identity_pb2.UserInfo:
+        principal = await self._auth.operator(context)
+        return identity_pb2.UserInfo(
+            name=principal.name,
+            groups=sorted(principal.groups),
+            managed_by=await self._tokens.managed_by(principal.name),
+        )
+
+    @mapped
     async def GetSignInConfig(
         self, request: identity_pb2.GetSignInConfigRequest, context: Ctx
     ) -> identity_pb2.SignInConfig:

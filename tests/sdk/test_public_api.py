@@ -37,6 +37,7 @@ INTENDED = {
     "SignInConfig",
     "StageMode",
     "TokenInfo",
+    "UserInfo",
     # errors
     "JitmeshError",
     "AuthenticationError",
