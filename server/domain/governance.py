@@ -99,7 +99,7 @@ class TokenService:
         self._clock = clock
 
     async def managed_by(self, name: str) -> str:
-        """"local" or "oidc": who sets this user's groups."""
+        """ "local" or "oidc": who sets this user's groups."""
         async with self._store.transaction() as tx:
             user = await tx.get_user(name)
         return user[2] if user is not None else ""
