@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from jitmesh.client import Client
-from jitmesh.clock import FakeClock
+from jitmesh.clock import Clock, FakeClock
 from jitmesh.types import RequestState
 from server.app import Coordinator, build
 from server.config import CoordinatorConfig
@@ -37,7 +37,7 @@ SIGNING = b"slack-signing-secret-e2e"
 
 @asynccontextmanager
 async def running(
-    data: Path, clock: FakeClock, **settings: Any
+    data: Path, clock: Clock, **settings: Any
 ) -> AsyncIterator[tuple[Coordinator, dict[str, Client]]]:
     """A coordinator running (sender and Slack endpoint included) with the test users and two
     agents enrolled; clients for each user."""
