@@ -256,7 +256,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         slack_socket = listen(config.slack_host, config.slack_port)
         slack_app = interactions_app(_slack(config, store, outbox, access, clock, http))
 
-    access_servicer = AccessServicer(  # type: ignore[abstract]  # wire 0.2 RPCs answer UNIMPLEMENTED until built
+    access_servicer = AccessServicer(
         auth,
         access,
         hub,
@@ -272,7 +272,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
             RateLimiter(config.enroll_overall_rate, config.enroll_overall_burst, clock.monotonic),
         )
     )
-    agents_servicer = AgentsServicer(  # type: ignore[abstract]  # wire 0.2 RPCs answer UNIMPLEMENTED until built
+    agents_servicer = AgentsServicer(
         auth, fleet, keys, ca, agent_port, enroll_limits, config.agent_cert_lifetime
     )
     policy_servicer = PolicyServicer(auth, policy)
@@ -291,9 +291,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
                 config.oidc_username_claim, config.oidc_groups_claim, config.oidc_token_ttl
             ),
         )
-    identity_servicer = IdentityServicer(  # type: ignore[abstract]  # SetUserGroups: issue 10
-        auth, TokenService(store, hub, clock), oidc, signin, clock
-    )
+    identity_servicer = IdentityServicer(auth, TokenService(store, hub, clock), oidc, signin, clock)
     audit_servicer = AuditServicer(auth, audit, checkpoints)
     locks_servicer = LocksServicer(auth, LockService(store, registry, hub, clock))
     notify_servicer = NotifyServicer(auth, receivers)

@@ -441,16 +441,6 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
     ) -> identity_pb2.UserInfo:
         await not_built(context, "SetUserGroups", 10)
 
-    async def ExchangeIdToken(
-        self, request: identity_pb2.ExchangeIdTokenRequest, context: Ctx
-    ) -> identity_pb2.ExchangeIdTokenResponse:
-        await not_built(context, "ExchangeIdToken", 13)
-
-    async def GetSignInConfig(
-        self, request: identity_pb2.GetSignInConfigRequest, context: Ctx
-    ) -> identity_pb2.SignInConfig:
-        await not_built(context, "GetSignInConfig", 13)
-
     @mapped
     async def CreateToken(
         self, request: identity_pb2.CreateTokenRequest, context: Ctx

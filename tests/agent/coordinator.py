@@ -218,7 +218,7 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
 
 @contextlib.asynccontextmanager
 async def serving() -> AsyncIterator[Coordinator]:
-    fake = Coordinator()  # type: ignore[abstract]  # wire 0.2 RPCs answer UNIMPLEMENTED until built
+    fake = Coordinator()
     server = grpc.aio.server()
     add_AgentLinkServicer_to_server(fake, server)
     add_AgentsServicer_to_server(fake, server)

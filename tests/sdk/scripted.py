@@ -592,8 +592,8 @@ class AuditService(audit_pb2_grpc.AuditServicer):
 
 async def start(model: Scripted) -> tuple[aio.Server, str]:
     server = aio.server()
-    access_pb2_grpc.add_AccessServicer_to_server(AccessService(model), server)  # type: ignore[abstract]  # wire 0.2 RPCs answer UNIMPLEMENTED until built
-    agents_pb2_grpc.add_AgentsServicer_to_server(AgentsService(model), server)  # type: ignore[abstract]  # wire 0.2 RPCs answer UNIMPLEMENTED until built
+    access_pb2_grpc.add_AccessServicer_to_server(AccessService(model), server)
+    agents_pb2_grpc.add_AgentsServicer_to_server(AgentsService(model), server)
     policy_pb2_grpc.add_PolicyServicer_to_server(PolicyService(model), server)
     audit_pb2_grpc.add_AuditServicer_to_server(AuditService(model), server)
     port = server.add_insecure_port("127.0.0.1:0")
