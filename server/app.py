@@ -255,6 +255,8 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     if config.slack_signing_secret_file is not None:
         slack_socket = listen(config.slack_host, config.slack_port)
         slack_app = interactions_app(_slack(config, store, outbox, access, clock, http))
+        host, port = slack_socket.getsockname()[:2]
+        log.info("slack interactions endpoint address=http://%s:%d/slack/interactions", host, port)
 
     access_servicer = AccessServicer(
         auth,
