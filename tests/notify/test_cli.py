@@ -41,6 +41,13 @@ async def test_receivers_and_log_with_jitctl(tmp_path: Path, recorder: HttpRecor
         assert code != 0
         assert "admins" in err
         request_id = await file_prod_request(clients["alice"])
+        # Every message for an approver links to the request's page; so does request show.
+        code, out, err = await jitctl(
+            "request", "show", request_id,
+            env={**admin, "JITMESH_WEB_URL": "https://jit.example.com/"},
+        )  # fmt: skip
+        assert code == 0, err
+        assert f"https://jit.example.com/requests/{request_id}" in out
         await recorder.wait_for(lambda r: len(r) == 1)
         assert coordinator.sender is not None
         async with asyncio.timeout(10):
