@@ -326,6 +326,16 @@ class AccessService:
                 grant, command = await self._approve(tx, request, rule, principal.actor, reason)
             else:
                 await tx.audit(self._reviewed(principal.actor, request, plan, before.stage))
+                if after.stage > before.stage:
+                    # A stage passed and the next one's approvers are waiting: a notice for them.
+                    passed = plan.stages[before.stage].name
+                    opened = plan.stages[after.stage].name if after.stage < len(plan.stages) else ""
+                    await tx.audit(
+                        self._entry(
+                            "request.stage_approved", principal.actor, request,
+                            stage=passed, next_stage=opened,
+                        )
+                    )  # fmt: skip
         return await self._after(tx, request_id, grant, command)
 
     def outcome(self, request: Request, now: datetime) -> tuple[ApprovalPlan, Outcome]:

@@ -365,3 +365,21 @@ async def test_receivers_and_the_delivery_log_over_the_api(
         )  # fmt: skip
         await admin.remove_receiver("hook")
         assert await admin.list_receivers() == []
+
+
+async def test_a_passed_stage_notifies_the_next_stages_approvers(
+    tmp_path: Path, recorder: HttpRecorder
+) -> None:
+    from tests.server.test_workflow import STAGED
+
+    recorder.answer = verifying(WebhookVerifier(SECRET.encode()))
+    async with running(tmp_path / "c", FakeClock(datetime.now(UTC))) as (coordinator, clients):
+        await clients["admin"].apply_policy(STAGED)
+        await add_webhook(coordinator, recorder.url, kinds=("request.stage_approved",))
+        request_id = await file_prod_request(clients["alice"])
+        await clients["bob"].approve(request_id)
+        await clients["carol"].approve(request_id)
+        [notice] = await recorder.wait_for(lambda r: len(r) == 1)
+        body = notice.json()
+        assert (body["kind"], body["request_id"]) == ("request.stage_approved", request_id)
+        assert (body["details"]["stage"], body["details"]["next_stage"]) == ("team", "security")
