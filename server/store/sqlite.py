@@ -41,7 +41,7 @@ from jitmesh.types import (
 from server.domain.approval import plan_from_json, plan_json
 from server.domain.audit import GENESIS, canonical_details, chain_hash, event_hash
 from server.domain.errors import Conflict, InvalidArgument
-from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
+from server.domain.lifecycle import DUE_GRANT_STATES, GRANT_TRANSITIONS, REQUEST_TRANSITIONS
 from server.domain.models import AuditEntry, Command, CommandKind, JoinToken, Moved, Principal
 from server.domain.notices import NOTIFIABLE, Notice, NoticeKind, notice_for
 from server.domain.receivers import (
@@ -1042,7 +1042,7 @@ def _chain(
 
 
 # Grant states the expiry sweep moves, in the order it takes them.
-_DUE_GRANT_STATES = (GrantState.ACTIVE, GrantState.PENDING_DELIVERY, GrantState.REVOKING)
+_DUE_GRANT_STATES = DUE_GRANT_STATES
 _DUE_GRANT_IN = "'PENDING_DELIVERY', 'ACTIVE', 'REVOKING'"  # as in the grants_live index
 _AUDIT_INSERT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 
