@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -38,6 +39,7 @@ from server.checkpoints import Checkpoints
 from server.config import CoordinatorConfig
 from server.domain.access import AccessService
 from server.domain.errors import PermissionDenied
+from server.domain.expiring import ExpiryWarnings
 from server.domain.expiry import Expirer
 from server.domain.fleet import FleetService
 from server.domain.governance import AuditService, IdentityService, PolicyService, TokenService
@@ -120,6 +122,7 @@ class Coordinator:
     slack_socket: Any = None
     slack_app: Any = None
     http: httpx.AsyncClient | None = None
+    warnings: ExpiryWarnings | None = None
 
     @property
     def slack_port(self) -> int:
@@ -136,6 +139,8 @@ class Coordinator:
                 tg.create_task(self.expirer.run())
                 if self.sender is not None:
                     tg.create_task(self.sender.run())
+                if self.warnings is not None:
+                    tg.create_task(self.warnings.run())
                 if self.slack_app is not None:
                     tg.create_task(serve(self.slack_app, self.slack_socket))
                 if self.checkpoints is not None:
@@ -248,15 +253,17 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     sender = _sender(config, store, outbox, sealer, clock) if config.notify else None
     if sender is not None:
         hub.on_audit.append(sender.wake)
+    warnings = None
+    if config.notify and config.notify_expiry_warning > timedelta(0):
+        # It looks at least every 30 s: a warning is due minutes before the end, so it is not
+        # woken by every commit (that would cost the hot paths a query each).
+        warnings = ExpiryWarnings(store, hub, clock, config.notify_expiry_warning)
     receivers = ReceiverService(
         store, outbox, clock, sealer.seal, sender.wake if sender is not None else lambda: None
     )
     slack_socket, slack_app = None, None
     if config.slack_signing_secret_file is not None:
-        slack_socket = listen(config.slack_host, config.slack_port)
         slack_app = interactions_app(_slack(config, store, outbox, access, clock, http))
-        host, port = slack_socket.getsockname()[:2]
-        log.info("slack interactions endpoint address=http://%s:%d/slack/interactions", host, port)
 
     access_servicer = AccessServicer(
         auth,
@@ -322,6 +329,19 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     await server.start()
     if agent_server is not None:
         await agent_server.start()
+    if slack_app is not None:
+        try:
+            slack_socket = listen(config.slack_host, config.slack_port)
+        except OSError:
+            await server.stop(None)
+            if agent_server is not None:
+                await agent_server.stop(None)
+            await store.close()
+            raise
+        log.info(
+            "slack interactions endpoint address=http://%s:%d/slack/interactions",
+            *slack_socket.getsockname()[:2],
+        )
     for name in [*SERVICES, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("coordinator listening address=%s:%d epoch=%d", config.host, port, epoch)
@@ -349,6 +369,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         slack_socket,
         slack_app,
         http,
+        warnings,
     )
 
 

@@ -60,6 +60,8 @@ class CoordinatorConfig(BaseModel):
     notify_retry_cap: timedelta = Field(default=timedelta(minutes=10), gt=timedelta(0))
     notify_attempts: int = Field(default=30, ge=1)
     # How often the sender looks for work written by another replica (its own wakes it at once).
+    # Grants are warned about (grant.expiring) this long before they end; 0 turns it off.
+    notify_expiry_warning: timedelta = Field(default=timedelta(minutes=10), ge=timedelta(0))
     notify_poll: timedelta = Field(default=timedelta(seconds=5), gt=timedelta(0))
     # Slack's interaction endpoint (Approve/Deny): served when a signing secret file is given.
     slack_signing_secret_file: Path | None = None

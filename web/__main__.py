@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"jitmesh-web: --listen must be HOST:PORT, not {args.listen!r}")
     host = host.strip("[]") or "127.0.0.1"
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

@@ -42,6 +42,7 @@ class Outbox(Protocol):
     ) -> None: ...
     async def release(self, deliveries: Sequence[Delivery]) -> None: ...
     async def next_due(self) -> datetime | None: ...
+    async def prune(self, before: datetime) -> int: ...
 
 
 # What routing needs to know of the world: an agent's labels, a request's rule.
@@ -65,6 +66,7 @@ class Sender:
         poll: timedelta = timedelta(seconds=5),
         rand: Callable[[], float] = random.random,
         timeout: float = 10.0,
+        retention: timedelta = timedelta(days=30),
     ) -> None:
         self._outbox = outbox
         self._sealer = sealer
@@ -78,6 +80,8 @@ class Sender:
         self._poll = poll
         self._rand = rand
         self._timeout = timeout
+        self._retention = retention
+        self._pruned_at: datetime | None = None
         self._wake = asyncio.Event()
         self.attempts = 0
 
@@ -91,6 +95,7 @@ class Sender:
                 self._wake.clear()
                 try:
                     await self.step(http)
+                    await self._prune()
                 except Exception:
                     # A store error must not end notifications for good: try again later.
                     log.exception("notify sender step failed")
@@ -99,6 +104,9 @@ class Sender:
     async def step(self, http: httpx.AsyncClient) -> int:
         """Route what is new, then try every delivery that is due. Returns attempts made."""
         specs = {s.name: s for s in await self._outbox.list_receivers()}
+        if not specs:
+            # Nothing to send to (and nothing written: this runs after every commit).
+            return 0
         await self._route(specs)
         receivers: dict[str, Receiver | None] = {}
         made = 0
@@ -151,6 +159,17 @@ class Sender:
         if receiver is None:
             return Attempt(False, "receiver misconfigured (see the coordinator's log)")
         return await attempt(receiver, delivery.notice, self._links)
+
+    async def _prune(self) -> None:
+        """Forget notices older than the retention once every receiver is done with them
+        (hourly)."""
+        now = self._clock.now()
+        if self._pruned_at is not None and now - self._pruned_at < timedelta(hours=1):
+            return
+        self._pruned_at = now
+        removed = await self._outbox.prune(now - self._retention)
+        if removed:
+            log.info("notify outbox pruned notices=%d", removed)
 
     async def _route(self, specs: Mapping[str, ReceiverSpec]) -> None:
         while True:

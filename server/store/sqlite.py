@@ -850,7 +850,15 @@ class SqliteTx:
             await self._conn.executemany(_OUTBOX_INSERT, rows)
 
     async def insert_receiver(self, spec: ReceiverSpec) -> bool:
-        """False (and nothing written) when a receiver of that name exists."""
+        """False (and nothing written) when a receiver of that name exists. The first receiver
+        starts from now: notices written while nobody received them are not sent to it."""
+        first = await _one(self._conn, "SELECT NOT EXISTS (SELECT 1 FROM receivers)")
+        if first and first[0]:
+            await self._conn.execute(
+                "INSERT INTO meta (key, value) SELECT ?, CAST(COALESCE(MAX(seq), 0) AS TEXT) "
+                "FROM outbox WHERE 1 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (_OUTBOX_CURSOR,),
+            )
         cur = await self._conn.execute(
             "INSERT INTO receivers (name, kind, settings, secret, route, created_at, created_by) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
@@ -1188,6 +1196,16 @@ class SqliteStore:
         )
         grants = [_grant(r) for r in rows]
         return grants, _next_token(grants, more)
+
+    async def expiring_grants(self, after: datetime, until: datetime, limit: int) -> list[Grant]:
+        # The repeated IN list lets SQLite use the partial index grants_live.
+        rows = await _all(
+            self._reader,
+            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE state IN ({_DUE_GRANT_IN}) "
+            "AND state = 'ACTIVE' AND not_after > ? AND not_after <= ? ORDER BY not_after LIMIT ?",
+            [to_ms(after), to_ms(until), limit],
+        )
+        return [_grant(r) for r in rows]
 
     async def live_grants(self, agent: str) -> list[Grant]:
         rows = await _all(
@@ -1548,6 +1566,25 @@ class SqliteOutbox:
                 "AND state = 'PENDING'",
                 [(d.event_seq, d.receiver) for d in deliveries],
             )
+
+    async def prune(self, before: datetime) -> int:
+        """Delete notices written before `before` that are routed and have no PENDING delivery
+        (with their deliveries and attempts); how many."""
+        async with self._store.transaction() as tx:
+            cursor = await _one(tx._conn, "SELECT value FROM meta WHERE key = ?", (_OUTBOX_CURSOR,))
+            upto = int(cursor[0]) if cursor else 0
+            rows = await _all(
+                tx._conn,
+                "SELECT seq FROM outbox o WHERE o.at < ? AND o.seq <= ? AND NOT EXISTS "
+                "(SELECT 1 FROM deliveries d WHERE d.event_seq = o.seq AND d.state = 'PENDING') "
+                "ORDER BY seq LIMIT 5000",
+                (to_ms(before), upto),
+            )
+            seqs = [(int(r[0]),) for r in rows]
+            await tx._conn.executemany("DELETE FROM delivery_attempts WHERE event_seq = ?", seqs)
+            await tx._conn.executemany("DELETE FROM deliveries WHERE event_seq = ?", seqs)
+            await tx._conn.executemany("DELETE FROM outbox WHERE seq = ?", seqs)
+        return len(seqs)
 
     async def next_due(self) -> datetime | None:
         row = await _one(
