@@ -78,7 +78,7 @@ class SignInService:
         token = new_secret("jmt")
         expires_at = now + lifetime
         async with self._store.transaction() as tx:
-            user = await tx.get_user(name)
+            user = await tx.get_user_record(name)
             if user is not None and user[2] != ManagedBy.OIDC.value:
                 await tx.audit(
                     AuditEntry(
@@ -103,8 +103,8 @@ class SignInService:
                         AuditEntry(
                             "user.groups_changed", f"oidc:{issuer}", now, subject=name,
                             details={
-                                "from": ",".join(sorted(user[0])),
-                                "to": ",".join(sorted(groups)),
+                                "before": ",".join(sorted(user[0])),
+                                "after": ",".join(sorted(groups)),
                                 "source": "oidc",
                             },
                         )

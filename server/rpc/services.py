@@ -80,6 +80,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             action=request.action,
             duration=_duration(request.duration, "duration"),
             reason=request.reason,
+            ticket=request.ticket,
         )
         return access_pb2.CreateRequestResponse(
             request=c.request(req), grant=c.grant(grant) if grant else None
@@ -104,6 +105,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             agent=request.agent,
             page_size=request.page_size,
             page_token=request.page_token,
+            reviewable=request.reviewable,
         )
         return access_pb2.ListRequestsResponse(
             requests=[c.request(r) for r in items], next_page_token=token
@@ -246,10 +248,32 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
     ) -> agents_pb2.CreateJoinTokenResponse:
         principal = await self._auth.operator(context)
         ttl = _duration(request.ttl, "ttl") if request.HasField("ttl") else None
-        token, expires_at = await self._fleet.create_join_token(
+        token, info = await self._fleet.create_join_token_info(
             principal, dict(request.labels), ttl, replaces=request.replaces
         )
-        return agents_pb2.CreateJoinTokenResponse(token=token, expires_at=c.ts(expires_at))
+        return agents_pb2.CreateJoinTokenResponse(
+            token=token,
+            expires_at=c.ts(info.expires_at),
+            id=info.id,
+            labels=info.labels,
+            replaces=info.replaces,
+        )
+
+    @mapped
+    async def ListJoinTokens(
+        self, request: agents_pb2.ListJoinTokensRequest, context: Ctx
+    ) -> agents_pb2.ListJoinTokensResponse:
+        principal = await self._auth.operator(context)
+        tokens = await self._fleet.list_join_tokens(principal, include_ended=request.include_ended)
+        return agents_pb2.ListJoinTokensResponse(tokens=[c.join_token_info(t) for t in tokens])
+
+    @mapped
+    async def RevokeJoinToken(
+        self, request: agents_pb2.RevokeJoinTokenRequest, context: Ctx
+    ) -> agents_pb2.JoinTokenInfo:
+        principal = await self._auth.operator(context)
+        info = await self._fleet.revoke_join_token(principal, request.id, request.reason)
+        return c.join_token_info(info)
 
     @mapped
     async def RemoveAgent(
@@ -350,16 +374,6 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
             for k in self._keys.public_keys()
         ]
 
-    async def ListJoinTokens(
-        self, request: agents_pb2.ListJoinTokensRequest, context: Ctx
-    ) -> agents_pb2.ListJoinTokensResponse:
-        await not_built(context, "ListJoinTokens", 10)
-
-    async def RevokeJoinToken(
-        self, request: agents_pb2.RevokeJoinTokenRequest, context: Ctx
-    ) -> agents_pb2.JoinTokenInfo:
-        await not_built(context, "RevokeJoinToken", 10)
-
 
 def _token_info(info: TokenInfo) -> identity_pb2.TokenInfo:
     return identity_pb2.TokenInfo(
@@ -392,11 +406,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         self, request: identity_pb2.WhoAmIRequest, context: Ctx
     ) -> identity_pb2.UserInfo:
         principal = await self._auth.operator(context)
-        return identity_pb2.UserInfo(
-            name=principal.name,
-            groups=sorted(principal.groups),
-            managed_by=await self._tokens.managed_by(principal.name),
-        )
+        return c.user_info(await self._tokens.whoami(principal))
 
     @mapped
     async def GetSignInConfig(
@@ -436,11 +446,6 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
             user=identity_pb2.UserInfo(name=user, groups=sorted(groups), managed_by="oidc"),
         )
 
-    async def SetUserGroups(
-        self, request: identity_pb2.SetUserGroupsRequest, context: Ctx
-    ) -> identity_pb2.UserInfo:
-        await not_built(context, "SetUserGroups", 10)
-
     @mapped
     async def CreateToken(
         self, request: identity_pb2.CreateTokenRequest, context: Ctx
@@ -451,6 +456,16 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
             principal, request.user, list(request.groups), ttl, request.label
         )
         return identity_pb2.CreateTokenResponse(token=token, info=_token_info(info))
+
+    @mapped
+    async def SetUserGroups(
+        self, request: identity_pb2.SetUserGroupsRequest, context: Ctx
+    ) -> identity_pb2.UserInfo:
+        principal = await self._auth.operator(context)
+        info = await self._tokens.set_groups(
+            principal, request.user, list(request.groups), request.reason
+        )
+        return c.user_info(info)
 
     @mapped
     async def ListTokens(

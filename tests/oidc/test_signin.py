@@ -69,7 +69,7 @@ async def test_groups_come_from_the_provider_at_each_sign_in_and_changes_are_aud
         since=None, agent="", subject="carol", kind="user.groups_changed", grant_id="",
         request_id="", after_seq=0, limit=10,
     )  # fmt: skip
-    assert [(e.details["from"], e.details["to"]) for e in events] == [("sre", "developers")]
+    assert [(e.details["before"], e.details["after"]) for e in events] == [("sre", "developers")]
 
 
 async def test_a_local_user_is_never_taken_over_by_the_provider(
@@ -144,3 +144,22 @@ async def test_without_single_sign_on_the_calls_say_so(tmp_path: Path) -> None:
                 await anonymous.sign_in_config()
     finally:
         await plain.stop()
+
+
+async def test_admins_do_not_change_a_provider_managed_user_on_the_side(
+    coordinator: Coordinator, provider: Provider
+) -> None:
+    from jitmesh.errors import InvalidArgumentError
+
+    await coordinator.identity.ensure_user("admin", ["admins"], TOKENS["admin"])
+    nonce = secrets.token_urlsafe(16)
+    async with await connect(coordinator) as anonymous:
+        await anonymous.exchange_id_token(
+            await id_token_for(provider, "carol", nonce=nonce), nonce=nonce
+        )
+    async with await connect(coordinator, TOKENS["admin"]) as admin:
+        with pytest.raises(InvalidArgumentError, match="identity provider"):
+            await admin.set_user_groups("carol", ["admins"], reason="promote")
+        with pytest.raises(InvalidArgumentError, match="identity provider"):
+            await admin.create_token("carol")
+    assert await coordinator.store.user_groups("carol") == frozenset({"sre"})
