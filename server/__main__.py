@@ -199,6 +199,7 @@ def coordinator_config(settings: CoordinatorSettings, *, dev: bool) -> Coordinat
     the dev policy; serve: TLS from the internal CA unless --insecure, rate limits on."""
     assert settings.data is not None
     host, port = split_listen(settings.listen)
+    slack_host, slack_port = split_listen(settings.slack_listen)
     common = {
         "data_dir": settings.data,
         "host": host,
@@ -207,6 +208,16 @@ def coordinator_config(settings: CoordinatorSettings, *, dev: bool) -> Coordinat
         "keepalive": settings.keepalive,
         "keepalive_timeout": settings.keepalive_timeout,
         "agent_queue_limit": settings.agent_queue_limit,
+        "oidc_issuer": settings.oidc_issuer,
+        "oidc_client_id": settings.oidc_client_id,
+        "oidc_username_claim": settings.oidc_username_claim,
+        "oidc_groups_claim": settings.oidc_groups_claim,
+        "oidc_token_ttl": settings.oidc_token_ttl,
+        "web_url": settings.web_url,
+        "slack_signing_secret_file": settings.slack_signing_secret_file,
+        "slack_host": slack_host,
+        "slack_port": slack_port,
+        "notify_expiry_warning": settings.notify_expiry_warning,
     }
     try:
         if dev:

@@ -132,6 +132,26 @@ class CoordinatorSettings(BaseSettings):
     enroll_burst: int = Field(default=20, ge=1)
     enroll_overall_rate: float = Field(default=50.0, gt=0)
     enroll_overall_burst: int = Field(default=500, ge=1)
+    # Single sign-on (docs/sign-in.md).
+    oidc_issuer: str = Field(default="", description="trusted OpenID Connect issuer URL")
+    oidc_client_id: str = Field(default="", description="audience of accepted ID tokens")
+    oidc_username_claim: str = "preferred_username"
+    oidc_groups_claim: str = "groups"
+    oidc_token_ttl: Duration = Field(
+        default=timedelta(hours=1), description="how long a sign-in token lasts"
+    )
+    # Notifications (docs/notifications.md).
+    web_url: str = Field(default="", description="jitmesh-web's address, for links")
+    notify_expiry_warning: Duration = Field(
+        default=timedelta(minutes=10), description="warn this long before a grant ends (0: off)"
+    )
+    slack_signing_secret_file: Path | None = Field(
+        default=None,
+        description="serve Slack's interaction endpoint with the signing secret in this file",
+    )
+    slack_listen: Listen = Field(
+        default="127.0.0.1:0", description="HOST:PORT of the Slack interaction endpoint"
+    )
     watchdog: bool = Field(
         default=True, description="answer systemd's watchdog when WATCHDOG_USEC is set"
     )

@@ -19,6 +19,8 @@ class Hub:
         # Told of every audit event written by this process, after its commit (metrics count
         # them). Must not raise or block: they run inside the writer's call.
         self.audit_observers: list[Callable[[Sequence[AuditEvent]], None]] = []
+        # Called after every commit that wrote audit events (the notify sender's wake-up).
+        self.on_audit: list[Callable[[], None]] = []
 
     def requests_changed(self, request_ids: Iterable[str]) -> None:
         for queue in list(self._request_watchers):
@@ -46,6 +48,8 @@ class Hub:
             observe(events)
         if events and events[-1].seq > self.audit_head:
             self.audit_head = events[-1].seq
+            for listener in self.on_audit:
+                listener()
             async with self._audit:
                 self._audit.notify_all()
 
