@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from jitmesh.types import (
@@ -131,6 +131,10 @@ class Tx(Protocol):
     ) -> list[Grant]: ...
     async def locked_requests(self, target: LockTarget) -> list[Request]: ...
     async def pending_requests(self) -> list[Request]: ...
+    async def extend_grant(
+        self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
+    ) -> bool: ...
+    async def warn_expiring(self, now: datetime, ahead: timedelta, limit: int) -> list[Grant]: ...
     async def user_groups(self, name: str) -> frozenset[str] | None: ...
     async def append_revokes(
         self, grants: Sequence[Grant], at: datetime, revoke_reason: str

@@ -50,6 +50,7 @@ INTENDED = {
     "UserInfo",
     # durations
     "DurationError",
+    "Extended",
     "format_duration",
     "parse_duration",
 }
