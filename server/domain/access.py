@@ -157,15 +157,18 @@ class AccessService:
             raise InvalidArgument(
                 f"rule {rule.name} requires a ticket id matching {rule.ticket} (--ticket)"
             )
+        auto = False
         if _extends is None:
+            auto, _ = await self._automatic(principal.name, rule, duration, now)
+        if _extends is None and not auto:
+            # Reuse spares approvers a question already answered. An automatic approval asks
+            # nobody, so it makes its own grant (overlapping grants are reference-counted on
+            # the host, and a caller may release its own without touching another).
             live = await self._live_grant(principal.name, agent, action)
             if live is not None:
                 reused = await self._reuse(principal, live, rule, duration, reason, ticket, now)
                 if reused is not None:
                     return reused
-        auto = False
-        if _extends is None:
-            auto, _ = await self._automatic(principal.name, rule, duration, now)
         plan = replace(plan_for(policy, rule), automatic=auto)
         request = Request(
             id=new_id("req"),

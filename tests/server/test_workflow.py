@@ -425,32 +425,42 @@ async def test_extension_that_needs_approval_again(env: Env) -> None:
 
 
 async def test_a_request_for_what_is_held_live_reuses_the_grant(env: Env) -> None:
-    await env.admin.apply_policy(EXTENDING)
-    first, grant = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+    # Prod needs an approver; extensions there are automatic within the rule's bounds.
+    await env.admin.apply_policy(EXTENDING.replace("    extend: {approval: again}\n", ""))
+    first, _ = await env.alice.create_request(
+        agent="db-1", action="deploy", duration=M15, reason="x"
+    )
+    _, grant = await env.bob.approve(first.id)
     assert grant is not None
-    again = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+    again = await env.alice.create_request(agent="db-1", action="deploy", duration=M15, reason="y")
     assert again.reused
     assert again.grant is not None
     assert again.grant.id == grant.id
-    assert again.request.grant_id == grant.id
-    assert again.request.decided_by == "reused"
+    assert again.request.state is RequestState.APPROVED
+    assert (again.request.grant_id, again.request.decided_by) == (grant.id, "reused")
+    assert await env.bob.list_requests(reviewable=True) == []  # nobody was asked
     # More time than it has left: extended in place (the rule allows it), still one grant.
     await env.clock.advance(timedelta(minutes=10))
-    longer = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+    longer = await env.alice.create_request(agent="db-1", action="deploy", duration=M15, reason="z")
     assert longer.reused
     assert longer.grant is not None
+    assert longer.grant.id == grant.id
     assert longer.grant.not_after == env.clock.now() + M15
     assert longer.grant.extensions == 1
     assert [g.id for g in await env.admin.list_grants()] == [grant.id]
-    reused = await env.admin.list_audit(kind="request.reused")
-    assert len(reused) == 2
-    # Someone else holds nothing: a new grant for them.
-    other, other_grant = await env.dave.create_request(agent="web-1", action="deploy", duration=M15)
-    assert not other.reused
-    assert other_grant is not None
-    assert other_grant.id != grant.id
-    assert longer.grant.id == grant.id
-    assert first.id not in (again.request.id, longer.request.id)
+    assert len(await env.admin.list_audit(kind="request.reused")) == 2
+    # Someone else holds nothing: their request asks an approver.
+    other, other_grant = await env.dave.create_request(
+        agent="db-1", action="deploy", duration=M15, reason="x"
+    )
+    assert (other.reused, other.state, other_grant) == (False, RequestState.PENDING, None)
+    # An automatic rule makes a grant of its own each time (overlaps are counted on the host).
+    _, one = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+    two = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+    assert one is not None
+    assert two.grant is not None
+    assert not two.reused
+    assert two.grant.id != one.id
 
 
 async def test_grant_expiring_is_audited_before_the_end_and_again_after_an_extension(
