@@ -257,7 +257,7 @@ async def _assemble(
     identity = IdentityService(store, hub, clock)
     initial = config.initial_policy.read_text() if config.initial_policy else config.default_policy
     policy = await PolicyService.load(store, hub, clock, initial)
-    expirer = Expirer(store, hub, clock, expiring_warning=config.grant_expiring_warning or None)
+    expirer = Expirer(store, hub, clock)
     access = AccessService(
         store, registry, hub, clock, policy.current, epoch, expirer.deadlines_changed
     )

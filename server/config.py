@@ -20,8 +20,6 @@ class CoordinatorConfig(BaseModel):
     initial_policy: Path | None = None
     default_policy: str = EMPTY_POLICY
     heartbeat: timedelta = timedelta(seconds=10)
-    # A `grant.expiring` audit event (and notice) this long before a live grant ends; 0: never.
-    grant_expiring_warning: timedelta = timedelta(minutes=5)
     keepalive: timedelta = timedelta(seconds=30)
     keepalive_timeout: timedelta = timedelta(seconds=10)
     agent_queue_limit: int = Field(default=1000, ge=10)

@@ -11,7 +11,6 @@ import asyncio
 from datetime import datetime, timedelta
 
 from jitmesh.clock import Clock
-from jitmesh.durations import format_duration
 from jitmesh.types import GrantState, RequestState
 
 from .hub import Hub
@@ -23,55 +22,12 @@ BATCH = 5000
 MAX_NAP = timedelta(seconds=30)
 
 
-# How often the loop looks for grants about to end, when a warning time is set: a
-# `grant.expiring` notice is at most this late.
-WARN_EVERY = timedelta(seconds=5)
-
-
 class Expirer:
-    def __init__(
-        self, store: Store, hub: Hub, clock: Clock, *, expiring_warning: timedelta | None = None
-    ) -> None:
-        """`expiring_warning`: audit `grant.expiring` this long before a live grant's end (again
-        after each extension); None: never."""
+    def __init__(self, store: Store, hub: Hub, clock: Clock) -> None:
         self._store = store
         self._hub = hub
         self._clock = clock
-        self._warning = expiring_warning
         self._wake = asyncio.Event()
-
-    async def warn(self, now: datetime) -> int:
-        """Audit `grant.expiring` for live grants ending within the warning time (once per end)."""
-        if not self._warning:
-            return 0
-        warned = 0
-        while True:
-            async with self._store.transaction() as tx:
-                ending = await tx.warn_expiring(now, self._warning, BATCH)
-                await tx.audit_many(
-                    [
-                        AuditEntry(
-                            "grant.expiring",
-                            "coordinator",
-                            now,
-                            subject=g.subject,
-                            agent=g.agent,
-                            request_id=g.request_id,
-                            grant_id=g.id,
-                            details={
-                                "action": g.action,
-                                "not_after": g.not_after.isoformat(),
-                                "in": format_duration(max(g.not_after - now, timedelta(seconds=1))),
-                            },
-                        )
-                        for g in ending
-                    ]
-                )
-            warned += len(ending)
-            self._hub.requests_changed([g.request_id for g in ending])
-            await self._hub.audit_written(tx.new_audit)
-            if len(ending) < BATCH:
-                return warned
 
     def deadlines_changed(self) -> None:
         self._wake.set()
@@ -140,10 +96,7 @@ class Expirer:
             if deadline is not None and deadline <= now:
                 await self.sweep(now)
                 deadline = await self._store.next_deadline()
-            await self.warn(now)
             nap = MAX_NAP if deadline is None else min(MAX_NAP, deadline - self._clock.now())
-            if self._warning:
-                nap = min(nap, WARN_EVERY)
             await self._nap(max(nap.total_seconds(), 0.0))
 
     async def _nap(self, seconds: float) -> None:

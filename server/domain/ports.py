@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from jitmesh.types import (
@@ -137,7 +137,6 @@ class Tx(Protocol):
     async def extend_grant(
         self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
     ) -> bool: ...
-    async def warn_expiring(self, now: datetime, ahead: timedelta, limit: int) -> list[Grant]: ...
     async def user_groups(self, name: str) -> frozenset[str] | None: ...
     async def append_revokes(
         self, grants: Sequence[Grant], at: datetime, revoke_reason: str

@@ -510,19 +510,6 @@ class SqliteTx:
         )
         return cur.rowcount == 1
 
-    async def warn_expiring(self, now: datetime, ahead: timedelta, limit: int) -> list[Grant]:
-        """Live grants ending within `ahead` of `now` that were not yet warned about for their
-        current end; each is marked warned for that end (an extension warns again)."""
-        rows = await _all(
-            self._conn,
-            "UPDATE grants SET warned_not_after = not_after WHERE rowid IN (SELECT rowid "
-            "FROM grants WHERE state IN ('PENDING_DELIVERY', 'ACTIVE') AND not_after > ? "
-            "AND not_after <= ? AND (warned_not_after IS NULL OR warned_not_after <> not_after) "
-            f"ORDER BY not_after LIMIT ?) RETURNING {_GRANT_COLUMNS}",
-            [to_ms(now), to_ms(now + ahead), limit],
-        )
-        return [_grant(r) for r in rows]
-
     async def insert_requests(self, requests: Sequence[Request]) -> None:
         """`insert_request` for many requests, one statement for all (group commit)."""
         await self._conn.executemany(_REQUEST_INSERT, [_request_row(r) for r in requests])

@@ -467,24 +467,27 @@ async def test_grant_expiring_is_audited_before_the_end_and_again_after_an_exten
     env: Env,
 ) -> None:
     await env.admin.apply_policy(EXTENDING)
-    expirer = env.coordinator.expirer
-
-    _, grant = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
-    assert grant is not None
+    warner = env.coordinator.warnings
+    assert warner is not None
+    async with agent_link(env.address, env.credentials["web-1"]) as link:
+        await link.hello("web-1")
+        _, grant = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+        assert grant is not None
+        seq, _ = await link.command()
+        await link.ack(seq, grant.id)
+        await env.wait_grant_state(grant.request_id, GrantState.ACTIVE)
     grant_id = grant.id
 
     async def warnings() -> list[str]:
-        await expirer.warn(env.clock.now())  # the loop may have done it already
+        await warner.warn_due(env.clock.now())  # the running loop may have done it already
         events = await env.admin.list_audit(kind="grant.expiring", grant_id=grant_id)
-        return [e.details["not_after"] for e in events]
+        return [e.details["expires_at"] for e in events]
 
-    assert await warnings() == []
-    await env.clock.advance(timedelta(minutes=10, seconds=1))  # 4m59s left, warning is 5m
+    await env.clock.advance(timedelta(minutes=6))  # 9m left, the warning time is 10m
     assert await warnings() == [grant.not_after.isoformat()]
+    extended, _ = await env.alice.extend_grant(grant.id, by=timedelta(minutes=15))
     assert await warnings() == [grant.not_after.isoformat()]  # once per end
-    extended, _ = await env.alice.extend_grant(grant.id, by=timedelta(minutes=10))
-    assert await warnings() == [grant.not_after.isoformat()]
-    await env.clock.advance(timedelta(minutes=10))
+    await env.clock.advance(timedelta(minutes=15))  # 9m left of the new end
     assert await warnings() == [grant.not_after.isoformat(), extended.not_after.isoformat()]
 
 

@@ -1,10 +1,8 @@
--- Extensions in place: how many times a grant's end moved, the end it was first given, and the
--- end for which a grant.expiring notice went out (a new end after an extension warns again).
+-- Extensions in place: how many times a grant's end moved, and the end it was first given.
 -- depends: 0003.approval-plans
 
 ALTER TABLE grants ADD COLUMN extensions INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE grants ADD COLUMN original_not_after INTEGER;
-ALTER TABLE grants ADD COLUMN warned_not_after INTEGER;
 
 -- Requests: a scheduled start, a label selector for several hosts with the grants made for it
 -- (JSON), the grant a request reused or extends.
