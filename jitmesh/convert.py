@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from jitmesh import types
 from jitmesh.errors import InternalError
-from jitmesh.v1 import agents_pb2, audit_pb2, locks_pb2, policy_pb2, types_pb2
+from jitmesh.v1 import agents_pb2, audit_pb2, identity_pb2, locks_pb2, policy_pb2, types_pb2
 
 # ---------------------------------------------------------------------------------------------
 # Scalars
@@ -167,6 +167,7 @@ def review(msg: types_pb2.Review) -> types.Review:
         decision=review_decision(msg.decision),
         reason=msg.reason,
         reviewed_at=required_time(msg.reviewed_at, "a review"),
+        stage=msg.stage,
     )
 
 
@@ -176,6 +177,61 @@ def review_to_proto(value: types.Review) -> types_pb2.Review:
         decision=review_decision_to_proto(value.decision),
         reason=value.reason,
         reviewed_at=time_to_proto(value.reviewed_at),
+        stage=value.stage,
+    )
+
+
+def _stage_mode(number: int) -> types.StageMode:
+    return types.StageMode.ALL if number == types_pb2.STAGE_MODE_ALL else types.StageMode.ANY
+
+
+def approval_stage(msg: types_pb2.ApprovalStage) -> types.ApprovalStage:
+    return types.ApprovalStage(
+        name=msg.name,
+        approvals=msg.approvals,
+        mode=_stage_mode(msg.mode),
+        groups=tuple(msg.groups),
+        users=tuple(msg.users),
+        timeout=duration_or_none(msg.timeout),
+        escalation_groups=tuple(msg.escalation_groups),
+    )
+
+
+def approval_stage_to_proto(value: types.ApprovalStage) -> types_pb2.ApprovalStage:
+    return types_pb2.ApprovalStage(
+        name=value.name,
+        approvals=value.approvals,
+        mode=types_pb2.STAGE_MODE_ALL
+        if value.mode is types.StageMode.ALL
+        else types_pb2.STAGE_MODE_ANY,
+        groups=value.groups,
+        users=value.users,
+        timeout=duration_to_proto(value.timeout),
+        escalation_groups=value.escalation_groups,
+    )
+
+
+def approval_plan(msg: types_pb2.ApprovalPlan) -> types.ApprovalPlan:
+    return types.ApprovalPlan(
+        policy_version=msg.policy_version,
+        rule=msg.rule,
+        stages=tuple(approval_stage(s) for s in msg.stages),
+        pending_ttl=duration_or_none(msg.pending_ttl),
+        reason_required=msg.reason_required,
+        ticket_pattern=msg.ticket_pattern,
+        automatic=msg.automatic,
+    )
+
+
+def approval_plan_to_proto(value: types.ApprovalPlan) -> types_pb2.ApprovalPlan:
+    return types_pb2.ApprovalPlan(
+        policy_version=value.policy_version,
+        rule=value.rule,
+        stages=[approval_stage_to_proto(s) for s in value.stages],
+        pending_ttl=duration_to_proto(value.pending_ttl),
+        reason_required=value.reason_required,
+        ticket_pattern=value.ticket_pattern,
+        automatic=value.automatic,
     )
 
 
@@ -199,6 +255,15 @@ def request(msg: types_pb2.AccessRequest) -> types.Request:
         decision_reason=msg.decision_reason,
         grant_id=msg.grant_id,
         grant_state=grant_state_or_none(msg.grant_state),
+        plan=approval_plan(msg.plan) if msg.HasField("plan") else None,
+        ticket=msg.ticket,
+        current_stage=msg.current_stage,
+        start_at=time_or_none(msg.start_at),
+        selector=dict(msg.selector),
+        grant_ids=tuple(msg.grant_ids),
+        reused=msg.reused,
+        extends_grant_id=msg.extends_grant_id,
+        change_seq=msg.change_seq,
     )
 
 
@@ -222,6 +287,15 @@ def request_to_proto(value: types.Request) -> types_pb2.AccessRequest:
         decision_reason=value.decision_reason,
         grant_id=value.grant_id,
         grant_state=grant_state_to_proto(value.grant_state),
+        plan=approval_plan_to_proto(value.plan) if value.plan is not None else None,
+        ticket=value.ticket,
+        current_stage=value.current_stage,
+        start_at=time_to_proto(value.start_at),
+        selector=value.selector,
+        grant_ids=value.grant_ids,
+        reused=value.reused,
+        extends_grant_id=value.extends_grant_id,
+        change_seq=value.change_seq,
     )
 
 
@@ -245,6 +319,9 @@ def grant(msg: types_pb2.Grant) -> types.Grant:
         applied_at=time_or_none(msg.applied_at),
         failure=msg.failure,
         epoch=msg.epoch,
+        extensions=msg.extensions,
+        original_not_after=time_or_none(msg.original_not_after),
+        breakglass_code_id=msg.breakglass_code_id,
     )
 
 
@@ -268,6 +345,9 @@ def grant_to_proto(value: types.Grant) -> types_pb2.Grant:
         applied_at=time_to_proto(value.applied_at),
         failure=value.failure,
         epoch=value.epoch,
+        extensions=value.extensions,
+        original_not_after=time_to_proto(value.original_not_after),
+        breakglass_code_id=value.breakglass_code_id,
     )
 
 
@@ -301,13 +381,71 @@ def agent_to_proto(value: types.Agent) -> types_pb2.Agent:
 
 def join_token(msg: agents_pb2.CreateJoinTokenResponse) -> types.JoinToken:
     return types.JoinToken(
-        token=msg.token, expires_at=required_time(msg.expires_at, "a join token")
+        token=msg.token,
+        expires_at=required_time(msg.expires_at, "a join token"),
+        id=msg.id,
+        labels=dict(msg.labels),
+        replaces=msg.replaces,
     )
 
 
 def join_token_to_proto(value: types.JoinToken) -> agents_pb2.CreateJoinTokenResponse:
     return agents_pb2.CreateJoinTokenResponse(
-        token=value.token, expires_at=time_to_proto(value.expires_at)
+        token=value.token,
+        expires_at=time_to_proto(value.expires_at),
+        id=value.id,
+        labels=value.labels,
+        replaces=value.replaces,
+    )
+
+
+def user_info(msg: identity_pb2.UserInfo) -> types.UserInfo:
+    return types.UserInfo(
+        name=msg.name,
+        groups=tuple(msg.groups),
+        disabled=msg.disabled,
+        created_at=required_time(msg.created_at, "a user"),
+        managed_by=msg.managed_by or "local",
+    )
+
+
+def user_info_to_proto(value: types.UserInfo) -> identity_pb2.UserInfo:
+    return identity_pb2.UserInfo(
+        name=value.name,
+        groups=list(value.groups),
+        disabled=value.disabled,
+        managed_by=value.managed_by,
+        created_at=time_to_proto(value.created_at),
+    )
+
+
+def join_token_info(msg: agents_pb2.JoinTokenInfo) -> types.JoinTokenInfo:
+    return types.JoinTokenInfo(
+        id=msg.id,
+        labels=dict(msg.labels),
+        replaces=msg.replaces,
+        created_by=msg.created_by,
+        created_at=required_time(msg.created_at, "a join token"),
+        expires_at=time_or_none(msg.expires_at),
+        uses_left=msg.uses_left if msg.HasField("uses_left") else None,
+        revoked_at=time_or_none(msg.revoked_at),
+        revoked_by=msg.revoked_by,
+        used_by=tuple(msg.used_by),
+    )
+
+
+def join_token_info_to_proto(value: types.JoinTokenInfo) -> agents_pb2.JoinTokenInfo:
+    return agents_pb2.JoinTokenInfo(
+        id=value.id,
+        labels=value.labels,
+        replaces=value.replaces,
+        created_by=value.created_by,
+        created_at=time_to_proto(value.created_at),
+        expires_at=time_to_proto(value.expires_at),
+        uses_left=value.uses_left,
+        revoked_at=time_to_proto(value.revoked_at),
+        revoked_by=value.revoked_by,
+        used_by=list(value.used_by),
     )
 
 
@@ -376,6 +514,8 @@ def policy_decision(msg: policy_pb2.TestPolicyResponse) -> types.PolicyDecision:
         max_duration=duration_or_none(msg.max_duration),
         reason_required=msg.reason_required,
         trace=tuple(msg.trace),
+        plan=approval_plan(msg.plan) if msg.HasField("plan") else None,
+        policy_version=msg.policy_version,
     )
 
 
@@ -390,6 +530,8 @@ def policy_decision_to_proto(value: types.PolicyDecision) -> policy_pb2.TestPoli
         max_duration=duration_to_proto(value.max_duration),
         reason_required=value.reason_required,
         trace=value.trace,
+        plan=approval_plan_to_proto(value.plan) if value.plan is not None else None,
+        policy_version=value.policy_version,
     )
 
 

@@ -36,8 +36,9 @@ from .approval import (
 )
 from .batching import GroupCommit
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
+from .grants import end_grants, write_grants
 from .hub import Hub
-from .lifecycle import REVOCABLE_GRANT_STATES
+from .lifecycle import ENDABLE_GRANT_STATES
 from .locks import first_lock, refuse_if_locked
 from .models import (
     AuditEntry,
@@ -152,7 +153,7 @@ class AccessService:
                 f"rule {rule.name} requires a ticket id matching {rule.ticket} (--ticket)"
             )
         auto, _ = await self._automatic(principal.name, rule, duration, now)
-        plan = plan_for(policy, rule)
+        plan = replace(plan_for(policy, rule), automatic=auto)
         request = Request(
             id=new_id("req"),
             subject=principal.name,
@@ -204,8 +205,7 @@ class AccessService:
         now = from_ms(to_ms(self._clock.now()))
         out: list[tuple[Request, Grant | None] | Exception] = []
         requests: list[Request] = []
-        grants: list[Grant] = []
-        commands: list[Command] = []
+        approved: list[tuple[Request, Grant, str]] = []
         entries: list[AuditEntry] = []
         async with self._store.transaction() as tx:
             # Locks are checked again inside the transaction, before any sequence number is
@@ -270,14 +270,11 @@ class AccessService:
                         grant_id=grant.id,
                         grant_state=grant.state,
                     )
-                    entries.extend(self._approved_entries(by, request, grant, now))
-                    grants.append(grant)
-                    commands.append(Command(grant.agent, seq, CommandKind.GRANT, grant))
+                    approved.append((request, grant, by))
                 requests.append(request)
                 out.append((request, grant))
             await tx.insert_requests(requests)
-            await tx.insert_grants(grants)
-            await tx.audit_many(entries)
+            commands = await write_grants(tx, approved, now, audit_first=entries)
             crash_point("before_commit")
         if commands:
             crash_point("after_commit")
@@ -389,7 +386,7 @@ class AccessService:
         request = await self._store.get_request(self._id(request_id, "request"))
         if request is None:
             raise NotFound("no such request")
-        return request
+        return self.shown(request)
 
     async def list_requests(
         self,
@@ -400,13 +397,53 @@ class AccessService:
         agent: str,
         page_size: int,
         page_token: str,
+        reviewable: bool = False,
     ) -> tuple[list[Request], str]:
-        return await self._store.list_requests(
+        """A page of requests, newest first. `reviewable`: only those the caller may approve
+        now (pending, at a stage that names the caller, not the caller's own); a page may then
+        hold fewer than `page_size` and still have a next page."""
+        if reviewable:
+            states = [RequestState.PENDING]
+        items, token = await self._store.list_requests(
             states=states,
             subject=user_name(subject),
             agent=agent,
             limit=self._page_size(page_size),
             page_token=page_token,
+        )
+        shown = [self.shown(r) for r in items]
+        if reviewable:
+            now = self._clock.now()
+            shown = [r for r in shown if self.may_approve(principal, r, now)]
+        return shown, token
+
+    def may_approve(self, principal: Principal, request: Request, now: datetime) -> bool:
+        """Whether `principal` could approve `request` at `now` (the rules of apply_review)."""
+        if request.state is not RequestState.PENDING:
+            return False
+        plan, outcome = self.outcome(request, now)
+        if any(same_person(r.reviewer, principal.name) for r in request.reviews):
+            return False
+        return not review_refusal(
+            plan, outcome, principal, ReviewDecision.APPROVE, now, requester=request.subject
+        )
+
+    def shown(self, request: Request) -> Request:
+        """The request as callers see it: the stage it waits at, and the stage each review
+        counted for."""
+        if request.state is not RequestState.PENDING and not request.reviews:
+            return request
+        plan = plan_of(request)
+        outcome = self._apply(
+            plan, request, request.reviews, request.decided_at or self._clock.now()
+        )
+        stage_of = {name: k for k, names in enumerate(outcome.counted) for name in names}
+        return replace(
+            request,
+            current_stage=outcome.stage,
+            reviews=tuple(
+                replace(r, stage=stage_of.get(r.reviewer, outcome.stage)) for r in request.reviews
+            ),
         )
 
     async def get_grant(self, principal: Principal, grant_id: str) -> Grant:
@@ -447,41 +484,30 @@ class AccessService:
         grant = await self.get_grant(principal, grant_id)
         if not await allowed(grant):
             raise PermissionDenied(f"{principal.name} may not end this grant")
-        command: Command | None = None
         async with self._store.transaction() as tx:
             current = await tx.get_grant(grant.id)
             assert current is not None
             if current.state is GrantState.REVOKING:
                 return current  # already on its way out: idempotent
-            if current.state not in REVOCABLE_GRANT_STATES | {GrantState.REVOKE_FAILED}:
+            if current.state not in ENDABLE_GRANT_STATES:
                 raise Conflict(f"grant is {current.state.value}; nothing to {how[:-1]}")
             now = self._clock.now()
-            moved = await tx.move_grant(
-                current.id,
-                expected=[current.state],
-                state=GrantState.REVOKING,
-                ended_by=principal.name,
+            ended, commands = await end_grants(
+                tx,
+                [current],
+                now,
+                by=principal.name,
                 end_reason=reason if how == "revoked" else "released",
+                kind=kind,
+                revoke_reason=how,
+                details={"reason": reason},
+                expected=[current.state],
             )
-            if not moved:
+            if not ended:
                 raise Conflict("grant changed meanwhile; try again")
-            seq = await tx.append_command(current.agent, CommandKind.REVOKE, current.id, now, how)
             updated = await tx.get_grant(current.id)
             assert updated is not None
-            command = Command(current.agent, seq, CommandKind.REVOKE, updated, how)
-            await tx.audit(
-                AuditEntry(
-                    kind,
-                    principal.name,
-                    now,
-                    subject=current.subject,
-                    agent=current.agent,
-                    request_id=current.request_id,
-                    grant_id=current.id,
-                    details={"action": current.action, "reason": reason, "seq": str(seq)},
-                )
-            )
-        self._links.push([command])
+        self._links.push(commands)
         self._hub.requests_changed([grant.request_id])
         await self._hub.audit_written(tx.new_audit)
         return updated
@@ -508,34 +534,9 @@ class AccessService:
         await refuse_if_locked(tx, request.subject, request.agent, request.action, now)
         grant = self._new_grant(request, rule, now)
         await self._decide(tx, request, RequestState.APPROVED, by, reason, grant.id)
-        await tx.insert_grant(grant)
         seq = await tx.append_command(grant.agent, CommandKind.GRANT, grant.id, now)
-        grant = replace(grant, grant_seq=seq)
-        for entry in self._approved_entries(by, request, grant, now):
-            await tx.audit(entry)
-        return grant, Command(grant.agent, seq, CommandKind.GRANT, grant)
-
-    def _approved_entries(
-        self, by: str, request: Request, grant: Grant, now: datetime
-    ) -> list[AuditEntry]:
-        return [
-            self._entry("request.approved", by, request, grant_id=grant.id),
-            AuditEntry(
-                "grant.created",
-                by,
-                now,
-                subject=grant.subject,
-                agent=grant.agent,
-                request_id=request.id,
-                grant_id=grant.id,
-                details={
-                    "action": grant.action,
-                    "not_after": grant.not_after.isoformat(),
-                    "offline": grant.offline.mode.value,
-                    "seq": str(grant.grant_seq),
-                },
-            ),
-        ]
+        (command,) = await write_grants(tx, [(request, replace(grant, grant_seq=seq), by)], now)
+        return command.grant, command
 
     def _new_grant(self, request: Request, rule: Rule, now: datetime) -> Grant:
         """The grant an approval of `request` under `rule` creates, starting now."""
@@ -585,7 +586,7 @@ class AccessService:
         await self._hub.audit_written(tx.new_audit)
         request = await self._store.get_request(request_id)
         assert request is not None
-        return request, grant
+        return self.shown(request), grant
 
     async def _get_request(self, tx: Tx, request_id: str) -> Request:
         request = await tx.get_request(self._id(request_id, "request"))

@@ -27,6 +27,7 @@ from jitmesh.types import (
     AuditEvent,
     Grant,
     GrantState,
+    JoinTokenInfo,
     Lock,
     LockTarget,
     OfflineMode,
@@ -37,11 +38,12 @@ from jitmesh.types import (
     Review,
     ReviewDecision,
     TokenInfo,
+    UserInfo,
 )
 from server.domain.approval import plan_from_json, plan_json
 from server.domain.audit import GENESIS, canonical_details, chain_hash, event_hash
 from server.domain.errors import Conflict, InvalidArgument
-from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
+from server.domain.lifecycle import DUE_GRANT_STATES, GRANT_TRANSITIONS, REQUEST_TRANSITIONS
 from server.domain.models import AuditEntry, Command, CommandKind, JoinToken, Moved, Principal
 
 log = logging.getLogger(__name__)
@@ -668,18 +670,21 @@ class SqliteTx:
         return by_grant
 
     async def enroll_agent(
-        self, name: str, labels: dict[str, str], credential_hash: str, at: datetime
-    ) -> bool:
+        self, name: str, labels: dict[str, str], credential_hash: str, at: datetime,
+        join_token_id: str = "",
+    ) -> bool:  # fmt: skip
         """Create the agent, or give an existing one a new credential. True when it is new."""
         cur = await self._conn.execute(
-            "UPDATE agents SET labels = ?, credential_hash = ?, removed_at = NULL WHERE name = ?",
-            (json.dumps(labels, sort_keys=True), credential_hash, name),
+            "UPDATE agents SET labels = ?, credential_hash = ?, removed_at = NULL, "
+            "join_token_id = ? WHERE name = ?",
+            (json.dumps(labels, sort_keys=True), credential_hash, join_token_id, name),
         )
         if cur.rowcount == 1:
             return False
         await self._conn.execute(
-            "INSERT INTO agents (name, labels, credential_hash, enrolled_at) VALUES (?,?,?,?)",
-            (name, json.dumps(labels, sort_keys=True), credential_hash, to_ms(at)),
+            "INSERT INTO agents (name, labels, credential_hash, enrolled_at, join_token_id) "
+            "VALUES (?,?,?,?,?)",
+            (name, json.dumps(labels, sort_keys=True), credential_hash, to_ms(at), join_token_id),
         )
         return True
 
@@ -722,7 +727,7 @@ class SqliteTx:
         """Spend one use of a join token (compare-and-set); None if unusable."""
         row = await _one(
             self._conn,
-            "UPDATE join_tokens SET uses = uses + 1 WHERE hash = ? "
+            "UPDATE join_tokens SET uses = uses + 1 WHERE hash = ? AND revoked_at IS NULL "
             "AND (expires_at IS NULL OR expires_at > ?) AND (max_uses IS NULL OR uses < max_uses) "
             "RETURNING labels, replaces, max_uses IS NULL",
             [token_hash, to_ms(at)],
@@ -730,6 +735,14 @@ class SqliteTx:
         if row is None:
             return None
         return JoinToken(dict(json.loads(row[0])), row[1], bool(row[2]))
+
+    async def revoke_join_token(self, token_id: str, at: datetime, by: str) -> bool:
+        cur = await self._conn.execute(
+            "UPDATE join_tokens SET revoked_at = ?, revoked_by = ? "
+            "WHERE substr(hash, 1, 16) = ? AND revoked_at IS NULL",
+            (to_ms(at), by, token_id),
+        )
+        return cur.rowcount >= 1
 
     async def upsert_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
         await self._conn.execute(
@@ -990,7 +1003,7 @@ def _chain(
 
 
 # Grant states the expiry sweep moves, in the order it takes them.
-_DUE_GRANT_STATES = (GrantState.ACTIVE, GrantState.PENDING_DELIVERY, GrantState.REVOKING)
+_DUE_GRANT_STATES = DUE_GRANT_STATES
 _DUE_GRANT_IN = "'PENDING_DELIVERY', 'ACTIVE', 'REVOKING'"  # as in the grants_live index
 _AUDIT_INSERT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 
@@ -1196,6 +1209,25 @@ class SqliteStore:
             TokenInfo(str(r[0])[:16], r[1], r[2], from_ms(r[3]), _at(r[4]), _at(r[5])) for r in rows
         ]
 
+    async def list_join_tokens(self) -> list[JoinTokenInfo]:
+        rows = await _all(
+            self._reader,
+            "SELECT substr(j.hash, 1, 16), j.labels, COALESCE(j.replaces, ''), j.created_by, "
+            "j.created_at, j.expires_at, j.max_uses - j.uses, j.revoked_at, j.revoked_by, "
+            "(SELECT json_group_array(a.name) FROM agents a "
+            " WHERE a.join_token_id = substr(j.hash, 1, 16) AND a.removed_at IS NULL) "
+            "FROM join_tokens j ORDER BY j.created_at, j.hash",
+            [],
+        )
+        return [
+            JoinTokenInfo(
+                r[0], dict(json.loads(r[1])), r[2], r[3], from_ms(r[4]), _at(r[5]),
+                None if r[6] is None else max(int(r[6]), 0), _at(r[7]), r[8],
+                tuple(sorted(json.loads(r[9]))),
+            )
+            for r in rows
+        ]  # fmt: skip
+
     async def principal_for_user(self, name: str, serial: str) -> Principal | None:
         """The enabled user a client certificate names, unless that certificate was revoked."""
         row = await _one(
@@ -1205,6 +1237,16 @@ class SqliteStore:
             [name, serial],
         )
         return None if row is None else Principal(name=row[0], groups=frozenset(json.loads(row[1])))
+
+    async def get_user(self, name: str) -> UserInfo | None:
+        row = await _one(
+            self._reader,
+            "SELECT name, groups, disabled, created_at FROM users WHERE name = ?",
+            [name],
+        )
+        if row is None:
+            return None
+        return UserInfo(row[0], tuple(sorted(json.loads(row[1]))), bool(row[2]), from_ms(row[3]))
 
     async def user_groups(self, name: str) -> frozenset[str] | None:
         row = await _one(self._reader, "SELECT groups FROM users WHERE name = ?", [name])

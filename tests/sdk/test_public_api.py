@@ -18,9 +18,11 @@ INTENDED = {
     "ApprovalStage",
     "AuditEvent",
     "ChainVerification",
+    "Created",
     "Grant",
     "GrantState",
     "JoinToken",
+    "JoinTokenInfo",
     "Lock",
     "LockTarget",
     "OfflineMode",
@@ -31,6 +33,7 @@ INTENDED = {
     "RequestState",
     "Review",
     "ReviewDecision",
+    "Reviewed",
     "StageMode",
     "TokenInfo",
     # errors
@@ -44,6 +47,7 @@ INTENDED = {
     "PermissionDeniedError",
     "RateLimitedError",
     "UnavailableError",
+    "UserInfo",
     # durations
     "DurationError",
     "format_duration",

@@ -1,0 +1,460 @@
+"""The host half of the host tests: runs inside the private mount namespace that
+`tests.host.sandbox` made (overlay over /etc, tmpfs over /home, /run, /var/log, /var/mail), never
+elsewhere. `python -m tests.host.inside SCENARIO JSON_ARGS`; prints one JSON line with what it saw.
+
+Real programs throughout: useradd, su, sudo and visudo, gpasswd, sshd and ssh, pamtester.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from agent.domain.coverage import Cover
+from agent.enforcers.sudo import Bundle, SudoEnforcer, SudoSettings
+
+ID_U = "/usr/bin/id -u"
+BIN = Path(sys.executable).parent
+
+
+def _inside() -> None:
+    # Refuse to run anywhere but in the sandbox: /etc must be the overlay.
+    with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
+        if not any(line.split()[4] == "/etc" and " overlay " in line for line in mounts):
+            raise SystemExit("tests.host.inside runs only under tests.host.sandbox (no overlay)")
+
+
+def sh(*argv: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str]:
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def make_user(name: str) -> None:
+    home = f"/home/{name}"
+    rc, out = sh("useradd", "-l", "-m", "-d", home, "-s", "/bin/sh", name)
+    assert rc == 0, out
+
+
+def as_user(user: str, command: str) -> tuple[int, str]:
+    return sh("su", "-s", "/bin/sh", user, "-c", command)
+
+
+def sudo_as(user: str, command: str) -> tuple[int, str]:
+    """`sudo -n COMMAND` as `user` (never asks for a password: refused instead)."""
+    return as_user(user, f"sudo -n {command}")
+
+
+def wait_until(what: str, done: Callable[[], bool], timeout: float) -> float:
+    """Poll `done` until it holds; the monotonic time it first held."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic()
+
+
+def whole_second(at: datetime) -> datetime:
+    return at.replace(microsecond=0)
+
+
+# Scenarios
+
+
+async def sudo_enforcer(scratch: str) -> dict[str, Any]:
+    make_user("alice")
+    make_user("bob")
+    enforcer = SudoEnforcer(SudoSettings({"restart": Bundle((ID_U,))}))
+    seen: dict[str, Any] = {}
+    now = whole_second(datetime.now(UTC))
+    hour = Cover("alice", "restart", "grt-" + "a" * 32, now, now + timedelta(hours=1))
+    seen["before"] = sudo_as("alice", ID_U)[0]
+    await enforcer.apply(hour)
+    path = enforcer.path_for("alice", "restart")
+    st = path.stat()
+    seen["mode"] = oct(st.st_mode & 0o7777)
+    seen["owner"] = st.st_uid
+    seen["file"] = path.read_text()
+    seen["listed"] = sh("sudo", "-l", "-U", "alice")[1]
+    seen["allowed"] = sudo_as("alice", ID_U)
+    seen["other_args"] = sudo_as("alice", "/usr/bin/id")[0]
+    seen["other_command"] = sudo_as("alice", "/bin/cat /etc/shadow")[0]
+    seen["bob"] = sudo_as("bob", ID_U)[0]
+    seen["observed"] = sorted(await enforcer.observe())
+    # Drift: a rule added by hand to the managed drop-in.
+    with path.open("a") as file:
+        file.write("alice ALL=(ALL) NOPASSWD: ALL\n")
+    seen["observed_after_edit"] = sorted(await enforcer.observe())
+    seen["edited_file_left"] = path.exists()
+    seen["edited_rule_works"] = sudo_as("alice", "/bin/cat /etc/shadow")[0] == 0
+    # Applied again (what the reconcile does), then taken away.
+    await enforcer.apply(hour)
+    seen["reapplied"] = sudo_as("alice", ID_U)[0]
+    await enforcer.remove("alice", "restart")
+    seen["after_remove"] = sudo_as("alice", ID_U)[0]
+    seen["files_left"] = sorted(os.listdir("/etc/sudoers.d"))
+    # Extension: the deadline in the drop-in moves; one file, still allowed.
+    short = Cover("alice", "restart", "grt-" + "b" * 32, now, now + timedelta(seconds=30))
+    await enforcer.apply(short)
+    await enforcer.extend(
+        Cover("alice", "restart", "grt-" + "c" * 32, now, now + timedelta(hours=2))
+    )
+    seen["extended_file"] = path.read_text()
+    seen["extended_allowed"] = sudo_as("alice", ID_U)[0]
+    # The host's own deadline: NOTAFTER passes with the drop-in still in place.
+    start = datetime.now(UTC)
+    ends = whole_second(start) + timedelta(seconds=3)
+    await enforcer.apply(Cover("alice", "restart", "grt-" + "d" * 32, start, ends))
+    seen["native_allowed_before"] = sudo_as("alice", ID_U)[0]
+    wait_until("sudo to refuse", lambda: sudo_as("alice", ID_U)[0] != 0, timeout=15)
+    refused_at = datetime.now(UTC)
+    seen["native_refused_after_s"] = (refused_at - ends).total_seconds()
+    seen["native_file_still_there"] = path.exists()
+    return seen
+
+
+class Coordinator:
+    """A real coordinator in this process (SQLite, gRPC on a loopback port, the dev policy:
+    developers may `restart` on env=staging at once), alice a developer."""
+
+    JOIN = "jmj_host-test-join-token"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    async def __aenter__(self) -> Coordinator:
+        from server.app import build
+        from server.config import CoordinatorConfig
+        from server.domain.models import ADMIN_GROUP, Principal
+        from server.domain.policy import DEV_POLICY
+
+        config = CoordinatorConfig(
+            data_dir=self.root / "coordinator", port=0, default_policy=DEV_POLICY
+        )
+        self.server = await build(config)
+        admin = Principal("admin", frozenset({ADMIN_GROUP}))
+        await self.server.fleet.create_join_token(admin, {}, None, max_uses=None, token=self.JOIN)
+        await self.server.identity.ensure_user("alice", ["developers"], "jmt_host-alice")
+        self.runner = asyncio.create_task(self.server.run())
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    async def connected(self, name: str) -> None:
+        async with asyncio.timeout(20):
+            while not self.server.registry.connected(name):
+                await asyncio.sleep(0.02)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.runner
+
+
+def start_agent(root: Path, address: str, *enforcers: str) -> subprocess.Popen[bytes]:
+    state = root / "agent-state"
+    log = (root / "agent.log").open("ab")
+    return subprocess.Popen(
+        [str(BIN / "jitmesh-agent"), "--coordinator", address, "--name", "web-1",
+         "--label", "env=staging", "--join-token", Coordinator.JOIN, "--state", str(state),
+         "--backoff-base", "0.1", "--backoff-cap", "0.5",
+         *[f"--enforcer={e}" for e in enforcers]],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def agent_config(root: Path, text: str) -> Path:
+    path = root / "agent.toml"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+async def sudo_agent(scratch: str, seconds: int) -> dict[str, Any]:
+    """The README's walk-through: alice gets `restart` on web-1 for a few seconds through the
+    coordinator; with the agent running its expiry removes the drop-in on time; then again with
+    the agent SIGKILLed while the grant is live, and sudo itself refuses after not_after."""
+    from jitmesh import Client
+
+    root = Path(scratch)
+    make_user("alice")
+    config = agent_config(root, f'[enforcers.sudo.actions]\nrestart = ["{ID_U}"]\n')
+    seen: dict[str, Any] = {}
+    dropin = Path("/etc/sudoers.d/jitmesh_alice__restart")
+    async with Coordinator(root) as coordinator:
+        agent = start_agent(root, coordinator.address, f"sudo:{config}")
+        try:
+            await coordinator.connected("web-1")
+            async with await Client.connect(coordinator.address, token="jmt_host-alice") as alice:
+                for case in ("running", "killed"):
+                    _, grant = await alice.create_request(
+                        agent="web-1", action="restart", duration=timedelta(seconds=seconds)
+                    )
+                    assert grant is not None
+                    wait_until("the drop-in", dropin.exists, timeout=15)
+                    seen[f"{case}_allowed"] = sudo_as("alice", ID_U)[0]
+                    seen[f"{case}_file"] = dropin.read_text()
+                    if case == "killed":
+                        agent.kill()
+                        agent.wait(timeout=10)
+                    wait_until(
+                        "sudo to refuse", lambda: sudo_as("alice", ID_U)[0] != 0, 3 * seconds
+                    )
+                    refused = datetime.now(UTC)
+                    seen[f"{case}_refused_after_s"] = (refused - grant.not_after).total_seconds()
+                    if case == "running":
+                        wait_until(
+                            "the agent to remove the drop-in", lambda: not dropin.exists(), 10
+                        )
+                        removed = datetime.now(UTC)
+                        seen["running_removed_after_s"] = (
+                            removed - grant.not_after
+                        ).total_seconds()
+                    else:
+                        seen["killed_file_still_there"] = dropin.exists()
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait(timeout=10)
+    return seen
+
+
+async def ash(*argv: str, timeout: float = 60) -> tuple[int, str]:
+    """A command from inside the event loop (the agent serves in this same loop)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    async with asyncio.timeout(timeout):
+        out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode().strip()
+
+
+def agent_cli(user: str | None, *args: str) -> list[str]:
+    """`jitmesh-agent ARGS`, as `user` through su (None: as root)."""
+    argv = [str(BIN / "jitmesh-agent"), *args]
+    if user is None:
+        return argv
+    return ["su", "-s", "/bin/sh", user, "-c", " ".join(shlex.quote(a) for a in argv)]
+
+
+class LocalAgent:
+    """An engine with the file enforcer, its sessions and its local socket, in this process, on
+    the real clock; commands are handed to it directly (no coordinator needed here)."""
+
+    def __init__(self, state: Path, *, grace: float = 1.0, end: str = "exec") -> None:
+        from agent.app import prepare_state_dir
+        from agent.enforcers.base import EnforcerSet
+        from agent.enforcers.file import FileEnforcer
+        from agent.engine import Engine
+        from agent.local.server import LocalServer
+        from agent.local.sessions import EndSessions, Sessions
+        from agent.store.sqlite import SqliteLeaseStore
+        from jitmesh.clock import SystemClock
+
+        self.state = prepare_state_dir(state)
+        self.store = SqliteLeaseStore.open(state)
+        clock = SystemClock()
+        self.engine = Engine(
+            name="web-1",
+            store=self.store,
+            enforcers=EnforcerSet([FileEnforcer(state.parent / "markers")]),
+            clock=clock,
+        )
+        self.sessions = Sessions(
+            clock=clock,
+            audit=self.engine.audit,
+            holds_any=self.engine.holds_any,
+            grace=grace,
+            end=EndSessions(end),
+        )
+        self.engine.on_access_removed(self.sessions.removed)
+        self.server = LocalServer(
+            state_dir=state, name="web-1", engine=self.engine, sessions=self.sessions, clock=clock
+        )
+        self.seq = 0
+
+    async def __aenter__(self) -> LocalAgent:
+        await self.engine.start()
+        self.tasks = [
+            asyncio.create_task(c)
+            for c in (self.engine.run(), self.sessions.run(), self.server.run())
+        ]
+        await asyncio.wait_for(self.server.ready.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.store.close()
+
+    async def grant(self, subject: str, action: str, seconds: float = 3600) -> str:
+        from agent.domain.commands import GrantSpec
+        from agent.domain.leases import HOLD
+
+        now = datetime.now(UTC)
+        grant_id = "grt-" + os.urandom(16).hex()
+        spec = GrantSpec(
+            grant_id, subject, action, now - timedelta(seconds=1),
+            now + timedelta(seconds=seconds), HOLD,
+        )  # fmt: skip
+        ack = await self._command(spec)
+        assert ack.status.value == "APPLIED", ack
+        return grant_id
+
+    async def revoke(self, grant_id: str) -> None:
+        from agent.domain.commands import RevokeSpec
+
+        ack = await self._command(RevokeSpec(grant_id))
+        assert ack.status.value == "APPLIED", ack
+
+    async def _command(self, kind: Any) -> Any:
+        from agent.domain.commands import CommandSpec
+
+        self.seq += 1
+        return await self.engine.handle(
+            CommandSpec(seq=self.seq, agent="web-1", body_seq=self.seq, epoch=1, kind=kind)
+        )
+
+    async def events(self) -> list[tuple[str, dict[str, str]]]:
+        return [(e.kind, dict(e.details)) for e in await self.store.pending_events(1000)]
+
+
+async def local_exec(scratch: str) -> dict[str, Any]:
+    """The local socket (who the caller is decides whom they may ask about) and exec: exit code
+    through, run as the subject, ended by a revoke (SIGTERM, then SIGKILL after the grace),
+    --release ending the grant on the host, refused without a grant; all audited."""
+    make_user("alice")
+    make_user("bob")
+    seen: dict[str, Any] = {}
+    state = Path("/run/jitmesh-test/state")
+    state.parent.mkdir(parents=True)
+    async with LocalAgent(state) as agent:
+        s = str(state)
+        seen["mode"] = oct(state.stat().st_mode & 0o777)
+        seen["alice_check_none"] = await ash(
+            *agent_cli("alice", "check", "--state", s, "--action", "deploy")
+        )
+        grant = await agent.grant("alice", "deploy")
+        seen["alice_check"] = await ash(
+            *agent_cli("alice", "check", "--state", s, "--action", "deploy")
+        )
+        seen["alice_names_bob"] = await ash(
+            *agent_cli("alice", "check", "--state", s, "--subject", "bob", "--action", "deploy")
+        )
+        seen["bob_check"] = await ash(
+            *agent_cli("bob", "check", "--state", s, "--action", "deploy")
+        )
+        seen["root_names_alice"] = await ash(
+            *agent_cli(None, "check", "--state", s, "--subject", "alice", "--action", "deploy")
+        )
+        # The exit code passes through; the command runs as the caller.
+        seen["exit7"] = await ash(
+            *agent_cli(
+                "alice",
+                "exec",
+                "--state",
+                s,
+                "--action",
+                "deploy",
+                "--",
+                "sh",
+                "-c",
+                "id -un; exit 7",
+            )
+        )
+        # Root runs it as the subject.
+        seen["root_as_alice"] = await ash(
+            *agent_cli(
+                None,
+                "exec",
+                "--state",
+                s,
+                "--subject",
+                "alice",
+                "--action",
+                "deploy",
+                "--",
+                "id",
+                "-un",
+            )
+        )
+        seen["bob_exec"] = await ash(
+            *agent_cli("bob", "exec", "--state", s, "--action", "deploy", "--", "true")
+        )
+        # A revoke ends a running command: SIGTERM ...
+        running = asyncio.create_task(
+            ash(
+                *agent_cli("alice", "exec", "--state", s, "--action", "deploy", "--", "sleep", "60")
+            )
+        )
+        await _until(lambda: bool(agent.sessions.runs), 20)
+        started = time.monotonic()
+        await agent.revoke(grant)
+        seen["revoked_run"] = await running
+        seen["revoked_after_s"] = time.monotonic() - started
+        # ... then SIGKILL for a command that ignores SIGTERM (grace 1 s).
+        grant = await agent.grant("alice", "deploy")
+        stubborn = asyncio.create_task(
+            ash(*agent_cli("alice", "exec", "--state", s, "--action", "deploy", "--grace", "30",
+                           "--", "sh", "-c", "trap '' TERM; sleep 60; sleep 60"))
+        )  # fmt: skip
+        await _until(lambda: bool(agent.sessions.runs), 20)
+        started = time.monotonic()
+        await agent.revoke(grant)
+        seen["killed_run"] = await stubborn
+        seen["killed_after_s"] = time.monotonic() - started
+        # --release: access ends with the command.
+        grant = await agent.grant("alice", "deploy")
+        seen["release_run"] = await ash(
+            *agent_cli(
+                "alice", "exec", "--state", s, "--action", "deploy", "--release", "--", "true"
+            )
+        )
+        lease = await agent.store.lease(grant)
+        seen["released_state"] = (lease.state.value, lease.remove_reason) if lease else None
+        seen["after_release_check"] = await ash(
+            *agent_cli("alice", "check", "--state", s, "--action", "deploy")
+        )
+        seen["events"] = await agent.events()
+    return seen
+
+
+async def _until(done: Callable[[], bool], timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not done():
+            await asyncio.sleep(0.02)
+
+
+SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
+    "sudo_enforcer": sudo_enforcer,
+    "sudo_agent": sudo_agent,
+    "local_exec": local_exec,
+}
+
+
+def main() -> None:
+    _inside()
+    name, raw = sys.argv[1], sys.argv[2]
+    args = json.loads(raw)
+    result = asyncio.run(SCENARIOS[name](*args))
+    print(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()
