@@ -741,7 +741,17 @@ class _Moves:
             details["source"] = ack.source
         reason = ack.reason[:256]
         at = applied_at or now
-        if kind is CommandKind.GRANT and ack.status is AckStatus.APPLIED:
+        if kind is CommandKind.EXTEND:
+            # The grant stays as it is: only its end moved (and was audited grant.extended
+            # when decided). The ack says whether the host has the new end.
+            applied = ack.status == "APPLIED"
+            what = "grant.extension_applied" if applied else "grant.extension_failed"
+            details["not_after"] = grant.not_after.isoformat()
+            if applied:
+                details["latency_ms"] = latency_ms
+            else:
+                details.update(status=ack.status, reason=reason)
+        elif kind is CommandKind.GRANT and ack.status is AckStatus.APPLIED:
             if grant.id in self._applied:
                 return None  # already recorded as applied: nothing new to say
             self._applied.add(grant.id)

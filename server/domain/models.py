@@ -69,6 +69,9 @@ class CommandKind(enum.StrEnum):
     # A snapshot has its own place in the log (docs/wire.md): its row names no grant, and it is
     # never replayed (a new Hello that needs one gets a new one).
     SNAPSHOT = "snapshot"
+    # The grant's end moved later in place (same grant id): sent as the grant with its new
+    # not_after, which every agent version applies in place (docs/wire.md, ExtendCommand).
+    EXTEND = "extend"
 
 
 @dataclass(frozen=True, slots=True)

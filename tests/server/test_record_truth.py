@@ -19,10 +19,17 @@ M15 = timedelta(minutes=15)
 A = agentlink_pb2
 
 
+_PAIRS = [("alice", "deploy"), ("alice", "restart"), ("dave", "deploy"), ("dave", "logs")]
+_used: dict[int, int] = {}
+
+
 async def prod_grant(env: Env) -> tuple[str, str]:
-    """A grant for alice on db-1 (approved by bob): (request id, grant id)."""
-    request, _ = await env.alice.create_request(
-        agent="db-1", action="deploy", duration=M15, reason="release 42"
+    """A grant on db-1 (approved by bob), each time for another subject and action (a request
+    for a pair held live would reuse its grant): (request id, grant id)."""
+    n = _used[id(env)] = _used.get(id(env), -1) + 1
+    subject, action = _PAIRS[n % len(_PAIRS)]
+    request, _ = await env.clients[subject].create_request(
+        agent="db-1", action=action, duration=M15, reason="release 42"
     )
     request, grant = await env.bob.approve(request.id)
     assert grant is not None
