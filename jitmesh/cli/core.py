@@ -371,14 +371,15 @@ Handler = Callable[..., Awaitable[None]]
 
 
 def command(
-    parent: click.Group,
+    parent: click.Group | None,
     name: str,
     *,
     help: str,
     examples: Sequence[str],
     connect: bool = True,
 ) -> Callable[[Handler], click.Command]:
-    """Turn `async def handler(client, out, **params)` into a command of `parent`.
+    """Turn `async def handler(client, out, **params)` into a command of `parent` (None: a
+    top-level command, added to GROUPS in main.py).
 
     With connect=False the handler gets None for the client (commands that work offline)."""
 
@@ -400,7 +401,8 @@ def command(
             epilog=_epilog(examples),
         )
         global_options(visible=False)(made)
-        parent.add_command(made)
+        if parent is not None:
+            parent.add_command(made)
         return made
 
     return decorate
