@@ -28,7 +28,7 @@ import grpc
 from grpc import aio
 
 from jitmesh import convert as _convert
-from jitmesh import errors, tls, types, validation
+from jitmesh import errors, profiles, tls, types, validation
 from jitmesh.clock import to_ms
 from jitmesh.durations import format_duration
 from jitmesh.v1 import (
@@ -271,6 +271,39 @@ class Client:
         else:
             channel = aio.secure_channel(target, credentials, options=options)
         return cls(channel, target=target, token=token or None, timeout=timeout, trust=trust)
+
+    @classmethod
+    async def from_config(
+        cls,
+        profile: str | None = None,
+        *,
+        coordinator: str | None = None,
+        token: str | None = None,
+        ca_file: str | None = None,
+        insecure: bool | None = None,
+        timeout: float = 10.0,  # noqa: ASYNC109 (a per-call deadline, as in connect)
+    ) -> Self:
+        """Connect the way jitctl does: each setting from the explicit argument, else its
+        JITMESH_* variable, else the profile in ~/.config/jitmesh/config.toml (`profile`, else
+        JITMESH_PROFILE, else the file's default_profile; see `jitmesh.profiles`)."""
+        found = profiles.resolve(
+            coordinator=coordinator,
+            token=token,
+            ca_file=ca_file,
+            insecure=insecure,
+            profile=profile,
+        )
+        if not found.coordinator:
+            raise errors.InvalidArgumentError(
+                "no coordinator: pass coordinator=, set JITMESH_COORDINATOR or use a profile"
+            )
+        return await cls.connect(
+            found.coordinator,
+            token=found.token,
+            ca_file=found.ca_file,
+            insecure=found.insecure,
+            timeout=timeout,
+        )
 
     @property
     def target(self) -> str:
