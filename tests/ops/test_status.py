@@ -68,3 +68,25 @@ async def test_status_is_for_admins(mesh: Mesh) -> None:
         pass
     else:
         raise AssertionError("alice saw the mesh status")
+
+
+async def test_grant_revoke_wait_returns_once_the_host_removed_it(mesh: Mesh) -> None:
+    web = await mesh.start_agent("web-2", "staging")
+    alice = mesh.client("alice")
+    await wait_until(lambda: mesh.coordinator.registry.count() == 1, 20)
+    request, _ = await alice.create_request(
+        agent="web-2", action="deploy", duration=timedelta(minutes=15)
+    )
+    final = await alice.wait_for_request(
+        request.id, until=lambda r: r.grant_state is GrantState.ACTIVE, timeout=20
+    )
+    assert web.marker("alice", "deploy").exists()
+    env = {"JITMESH_COORDINATOR": mesh.address, "JITMESH_TOKEN": "jmt_test-admin"}
+    code, out, err = await procs.jitctl(
+        "grant", "revoke", str(final.grant_id), "--reason", "done", "--wait", "-o", "json",
+        env=env,
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["state"] == "REVOKED"
+    # Removed on the host before the command returned, not merely asked for.
+    assert not web.marker("alice", "deploy").exists()
