@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, timedelta
 
 import pytest
 
 from jitmesh.client import Client
-from jitmesh.errors import ConflictError, InvalidArgumentError, PermissionDeniedError
-from jitmesh.types import GrantState, RequestState
+from jitmesh.errors import (
+    ConflictError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+)
+from jitmesh.types import Grant, GrantState, RequestState
 from server.domain.access import AccessService
 from server.domain.models import Principal
 from server.domain.policy import DEV_POLICY
@@ -498,3 +504,86 @@ async def audit_kinds_until(env: Env, grant_id: str, kind: str) -> list[str]:
             if event.grant_id == grant_id and event.kind == kind:
                 break
     return [e.kind for e in await env.admin.list_audit(grant_id=grant_id)]
+
+
+# The SDK's grant context manager.
+
+
+@contextlib.asynccontextmanager
+async def acking_agent(env: Env, name: str) -> AsyncIterator[list[int]]:
+    """A raw AgentLink for `name` that acks every command as applied; yields the seqs acked."""
+    acked: list[int] = []
+    async with agent_link(env.address, env.credentials[name]) as link:
+        await link.hello(name)
+
+        async def ack_all() -> None:
+            while True:
+                seq, body = await link.command()
+                grant_id = body.grant.grant_id or body.revoke.grant_id
+                await link.ack(seq, grant_id)
+                acked.append(seq)
+
+        task = asyncio.create_task(ack_all())
+        try:
+            yield acked
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_grant_context_manager_releases_on_an_exception(env: Env) -> None:
+    seen: list[Grant] = []
+
+    async def deploy() -> None:
+        async with env.alice.grant("web-1", "deploy", M15, reason="ci") as held:
+            seen.append(held)
+            raise RuntimeError("deploy broke")
+
+    async with acking_agent(env, "web-1"):
+        with pytest.raises(RuntimeError, match="deploy broke"):
+            await deploy()
+        (held,) = seen
+        assert held.state is GrantState.ACTIVE
+        assert held.subject == "alice"
+        after = await env.alice.get_grant(held.id)
+        assert after.state in (GrantState.REVOKING, GrantState.RELEASED)
+        assert after.end_reason == "released"
+
+
+async def test_grant_context_manager_leaves_a_reused_grant_alone(env: Env) -> None:
+    async with acking_agent(env, "db-1"):
+        request, _ = await env.alice.create_request(
+            agent="db-1", action="deploy", duration=M15, reason="x"
+        )
+        _, earlier = await env.bob.approve(request.id)
+        assert earlier is not None
+        await env.wait_grant_state(request.id, GrantState.ACTIVE)
+        async with env.alice.grant("db-1", "deploy", timedelta(minutes=5), reason="y") as held:
+            assert held.id == earlier.id
+        assert (await env.alice.get_grant(earlier.id)).state is GrantState.ACTIVE
+
+
+async def test_grant_context_manager_denied_and_cancelled(env: Env) -> None:
+    async def deny_when_asked() -> None:
+        async with contextlib.aclosing(env.bob.watch_requests()) as stream:
+            async for seen in stream:
+                if seen.state is RequestState.PENDING and seen.subject == "alice":
+                    await env.bob.deny(seen.id, reason="not today")
+                    return
+
+    denier = asyncio.create_task(deny_when_asked())
+
+    async def use(timeout: float) -> None:
+        async with env.alice.grant("db-1", "deploy", M15, reason="x", timeout=timeout):
+            raise AssertionError("never entered")
+
+    with pytest.raises(PermissionDeniedError, match="denied by bob: not today"):
+        await use(10)
+    await denier
+    # Given up waiting: the undecided request is cancelled, not left for approvers.
+    with pytest.raises(DeadlineExceededError):
+        await use(0.2)
+    pending = await env.alice.list_requests(states=[RequestState.PENDING])
+    assert pending == []
+    assert len(await env.alice.list_requests(states=[RequestState.CANCELLED])) == 1
