@@ -478,8 +478,14 @@ class Client:
         message = access_pb2.CancelRequestRequest(id=_check(validation.ID, id, "request id"))
         return _convert.request(await self._unary(self._access.CancelRequest, message))
 
-    async def watch_requests(self, ids: Iterable[str] = ()) -> AsyncGenerator[types.Request, None]:
+    async def watch_requests(
+        self, ids: Iterable[str] = (), *, after_change_seq: int = 0
+    ) -> AsyncGenerator[types.Request, None]:
         """Snapshots of requests as they or their grants change; `ids` empty means all visible.
+
+        Each snapshot of a change carries `change_seq`, a cursor: subscribing again with
+        `after_change_seq` set to the last one received first sends every request changed
+        since (in its current state), so nothing is lost across a reconnect.
 
         The coordinator sends the current snapshot of each watched request first, then one
         whenever it changes. The stream has no deadline; it ends (or raises
@@ -487,7 +493,8 @@ class Client:
         Close it with `contextlib.aclosing` (or `aclose()`) when done early.
         """
         message = access_pb2.WatchRequestsRequest(
-            ids=[_check(validation.ID, i, "request id") for i in ids]
+            ids=[_check(validation.ID, i, "request id") for i in ids],
+            after_change_seq=max(after_change_seq, 0),
         )
         async for snapshot in self._stream(self._access.WatchRequests, message):
             yield _convert.request(snapshot)

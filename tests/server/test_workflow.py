@@ -587,3 +587,46 @@ async def test_grant_context_manager_denied_and_cancelled(env: Env) -> None:
     pending = await env.alice.list_requests(states=[RequestState.PENDING])
     assert pending == []
     assert len(await env.alice.list_requests(states=[RequestState.CANCELLED])) == 1
+
+
+# Watching requests with a cursor.
+
+
+async def test_watch_resumes_from_its_cursor_without_losing_changes(env: Env) -> None:
+    seen: dict[str, list[RequestState]] = {}
+
+    async def read(n: int, after: int) -> int:
+        watch = env.admin.watch_requests(after_change_seq=after)
+        async with asyncio.timeout(WAIT), contextlib.aclosing(watch) as s:
+            async for request in s:
+                assert request.change_seq > after
+                after = request.change_seq
+                seen.setdefault(request.id, []).append(request.state)
+                n -= 1
+                if n == 0:
+                    break
+        return after
+
+    first = await prod(env)
+    # From the start of the log (seq 1 is the first policy): the one request so far.
+    cursor = await read(1, 1)
+    assert seen == {first: [RequestState.PENDING]}
+    seen.clear()
+    # Disconnected: a burst of changes (more than the hub's queue would hold for a slow
+    # watcher) happens meanwhile.
+    made = [await prod(env) for _ in range(5)]
+    await env.bob.deny(made[0], reason="no")
+    await env.alice.cancel(made[1])
+    _, grant = await env.bob.approve(made[2])
+    assert grant is not None
+    # Resumed from the cursor: every request changed since, once, in its current state.
+    cursor = await read(5, cursor)
+    assert set(seen) == set(made)
+    assert seen[made[0]] == [RequestState.DENIED]
+    assert seen[made[1]] == [RequestState.CANCELLED]
+    assert seen[made[2]] == [RequestState.APPROVED]
+    # And live changes after that.
+    seen.clear()
+    await env.bob.deny(made[3], reason="later")
+    await read(1, cursor)
+    assert seen == {made[3]: [RequestState.DENIED]}
