@@ -74,6 +74,12 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             self._limiter.take(principal.name)
         if not request.HasField("duration"):
             raise errors.InvalidArgument("duration is required")
+        if request.HasField("start_at") or request.selector:
+            # Refused rather than ignored: a start or a selector silently dropped would grant
+            # something else than what was asked.
+            raise errors.InvalidArgument(
+                "scheduled starts and selectors are not supported by this coordinator yet"
+            )
         req, grant = await self._access.create_request(
             principal,
             agent=request.agent,
