@@ -274,6 +274,7 @@ async def _assemble(
     access = AccessService(
         store, registry, hub, clock, policy.current, epoch, expirer.deadlines_changed
     )
+    expirer.start_due = access.start_scheduled
     fleet = FleetService(store, registry, hub, clock, epoch)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
