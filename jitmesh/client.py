@@ -1097,10 +1097,17 @@ class Client:
         )
         return _convert.chain_verification(response)
 
-    async def export_audit(self) -> AsyncGenerator[dict[str, object], None]:
-        """The whole audit log as JSON-ready records an outside tool can verify: the public
-        keys (`type: key`), every event with its hash fields (`type: event`), and the signed
-        checkpoints of the chain head (`type: checkpoint`). See THREAT_MODEL.md for the format."""
+    async def export_audit(
+        self, *, from_seq: int = 1, to_seq: int | None = None
+    ) -> AsyncGenerator[dict[str, object], None]:
+        """The audit log as JSON-ready records an outside tool can verify: the public keys
+        (`type: key`), every event with its hash fields (`type: event`), and the signed
+        checkpoints of the chain head (`type: checkpoint`). See THREAT_MODEL.md for the format.
+
+        `from_seq`/`to_seq` (inclusive) export a range, for archives: consecutive ranges verify
+        together (`scripts/verify_audit_export A.jsonl B.jsonl`), and with the live chain."""
+        if from_seq < 1 or (to_seq is not None and to_seq < from_seq):
+            raise errors.InvalidArgumentError("the range must be 1 <= from <= to")
         response = await self._unary(
             self._audit.ListCheckpoints, audit_pb2.ListCheckpointsRequest()
         )
@@ -1110,10 +1117,14 @@ class Client:
                 "key_id": key.key_id,
                 "public_key": base64.b64encode(key.public_key).decode(),
             }
-        after = 0
-        while True:
+        after = from_seq - 1
+        done = False
+        while not done:
             page = await self.list_audit(after_seq=after, limit=1000)
             for event in page:
+                if to_seq is not None and event.seq > to_seq:
+                    done = True
+                    break
                 yield {
                     "type": "event",
                     "seq": event.seq,
@@ -1133,6 +1144,8 @@ class Client:
                 break
             after = page[-1].seq
         for cp in response.checkpoints:
+            if cp.seq < from_seq or (to_seq is not None and cp.seq > to_seq):
+                continue
             yield {
                 "type": "checkpoint",
                 "seq": cp.seq,

@@ -17,6 +17,7 @@ from jitmesh.cli.core import (
     CommandFailed,
     Output,
     Since,
+    UsageError,
     command,
     group,
     settings,
@@ -105,11 +106,19 @@ async def _verify(client: Client, out: Output) -> None:
     "verifier: always JSON lines, whatever -o says).",
     examples=[
         "jitctl audit export > audit.jsonl",
-        "scripts/verify_audit_export audit.jsonl",
+        "jitctl audit export --to 100000 > archive-1.jsonl   # an archive range",
+        "jitctl audit export --from 100001 > live.jsonl",
+        "scripts/verify_audit_export archive-1.jsonl live.jsonl --key ID=BASE64",
     ],
 )
-async def _export(client: Client, out: Output) -> None:
-    async for record in client.export_audit():
+@click.option(
+    "--from", "from_seq", type=POSITIVE, default=1, metavar="SEQ", help="First event (default 1)."
+)
+@click.option("--to", "to_seq", type=POSITIVE, metavar="SEQ", help="Last event (default: head).")
+async def _export(client: Client, out: Output, *, from_seq: int, to_seq: int | None) -> None:
+    if to_seq is not None and to_seq < from_seq:
+        raise UsageError("--to must not be below --from")
+    async for record in client.export_audit(from_seq=from_seq, to_seq=to_seq):
         out.line(json.dumps(record, ensure_ascii=False, sort_keys=True))
 
 

@@ -32,12 +32,12 @@ async def export(env: Env, path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in stdout.splitlines()]
 
 
-def verify(env: Env, path: Path) -> tuple[int, str]:
+def verify(env: Env, *paths: Path) -> tuple[int, str]:
     keys = [
         f"{k.key_id}={base64.b64encode(k.public_raw).decode()}"
         for k in env.coordinator.keys.public_keys()
     ]
-    args = [sys.executable, str(VERIFIER), str(path)]
+    args = [sys.executable, str(VERIFIER), *map(str, paths)]
     for key in keys:
         args += ["--key", key]
     done = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
