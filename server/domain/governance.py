@@ -64,14 +64,21 @@ class IdentityService:
         return principal
 
     async def ensure_user(
-        self, name: str, groups: Iterable[str], token: str, *, label: str = ""
+        self,
+        name: str,
+        groups: Iterable[str],
+        token: str,
+        *,
+        label: str = "",
+        expires_at: datetime | None = None,
     ) -> None:
-        """Create or update a user and register a bearer token for it (idempotent)."""
+        """Create or update a user and register a bearer token for it (idempotent: a token
+        registered already keeps its expiry)."""
         name = v.check(v.SUBJECT, user_name(name), "user name")
         now = self._clock.now()
         async with self._store.transaction() as tx:
             await tx.upsert_user(name, groups, now)
-            if not await tx.insert_token(hash_secret(token), name, now, None, label):
+            if not await tx.insert_token(hash_secret(token), name, now, expires_at, label):
                 return
             await tx.audit(
                 AuditEntry(
