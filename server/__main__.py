@@ -128,6 +128,14 @@ def parser() -> argparse.ArgumentParser:
             )
             s.add_argument("--enroll-overall-burst", type=int, default=500)
             s.add_argument(
+                "--auditor-group",
+                action="append",
+                default=[],
+                metavar="GROUP",
+                help="a group whose members read the whole audit log and every request and "
+                "grant (repeatable; never named in the policy document)",
+            )
+            s.add_argument(
                 "--tls-name",
                 action="append",
                 default=[],
@@ -204,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 request_rate=args.request_rate,
                 request_burst=args.request_burst,
                 **_enroll_limits(args),
+                auditor_groups=tuple(args.auditor_group),
             )
         else:
             if (args.tls_cert is None) != (args.tls_key is None):
@@ -216,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 request_rate=args.request_rate,
                 request_burst=args.request_burst,
                 **_enroll_limits(args),
+                auditor_groups=tuple(args.auditor_group),
                 tls=True,
                 tls_cert=args.tls_cert,
                 tls_key=args.tls_key,

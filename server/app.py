@@ -43,6 +43,7 @@ from server.domain.fleet import FleetService
 from server.domain.governance import AuditService, IdentityService, PolicyService, TokenService
 from server.domain.hub import Hub
 from server.domain.locks import LockService
+from server.domain.reads import Readers
 from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
@@ -223,14 +224,22 @@ async def _assemble(
     initial = config.initial_policy.read_text() if config.initial_policy else config.default_policy
     policy = await PolicyService.load(store, hub, clock, initial)
     expirer = Expirer(store, hub, clock)
+    readers = Readers(frozenset(config.auditor_groups))
     access = AccessService(
-        store, registry, hub, clock, policy.current, epoch, expirer.deadlines_changed
+        store,
+        registry,
+        hub,
+        clock,
+        policy.current,
+        epoch,
+        expirer.deadlines_changed,
+        readers=readers,
     )
     fleet = FleetService(store, registry, hub, clock, epoch)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
     checkpoints = Checkpoints(config.data_dir, keys)
-    audit = AuditService(store, hub, checkpoints.verified)
+    audit = AuditService(store, hub, checkpoints.verified, readers=readers)
     ca = InternalCA.open(config.data_dir, clock.now()) if config.tls else None
 
     # Operators (and enrolling agents) send small messages; so do agents. Each server has its

@@ -46,4 +46,7 @@ class CoordinatorConfig(BaseModel):
     tls_names: tuple[str, ...] = ()
     agent_port: int = Field(default=0, ge=0, le=65535)
     # Agent certificates; agents renew them once two thirds of this have passed.
+    # Groups that read the whole audit log and every request and grant (domain/reads.py), named
+    # here and never in the policy document, which admins change at run time.
+    auditor_groups: tuple[str, ...] = ()
     agent_cert_lifetime: timedelta = Field(default=timedelta(days=30), ge=timedelta(seconds=1))

@@ -36,6 +36,7 @@ from .hub import Hub
 from .models import ADMIN_GROUP, AuditEntry, Principal, new_secret, same_person, user_name
 from .policy import Policy, decision, match, parse_policy
 from .ports import Store, Tx
+from .reads import Readers
 
 VERIFY_PAGE = 5000
 
@@ -427,9 +428,11 @@ class AuditService:
         store: Store,
         hub: Hub,
         checkpoints: Callable[[], tuple[dict[int, str], list[int]]] | None = None,
+        readers: Readers | None = None,
     ) -> None:
         """`checkpoints` returns the signed checkpoints that verify (seq -> hash) and the seqs
-        of those whose signature does not."""
+        of those whose signature does not. Only `readers` (admins, auditors) read the log."""
+        self._readers = readers or Readers()
         self._store = store
         self._hub = hub
         self._checkpoints = checkpoints
@@ -447,6 +450,7 @@ class AuditService:
         after_seq: int,
         limit: int,
     ) -> list[AuditEvent]:
+        self.require_reader(principal)
         return await self._store.list_audit(
             since=since,
             agent=agent,
@@ -458,7 +462,12 @@ class AuditService:
             limit=min(max(limit, 1), 5000),
         )
 
+    def require_reader(self, principal: Principal) -> None:
+        """Admins and auditors only (domain/reads.py); every read of the log passes here."""
+        self._readers.require_audit_reader(principal)
+
     async def verify(self, principal: Principal) -> ChainVerification:
+        self.require_reader(principal)
         trusted, forged = self._checkpoints() if self._checkpoints else ({}, [])
         if forged:
             return ChainVerification(

@@ -149,8 +149,10 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
                     for one in ids:
                         if wanted and one not in wanted:
                             continue
-                        found = await self._access.get_request(principal, one)
-                        yield c.request(found)
+                        # Only what the caller may see (domain/reads.py); others' changes pass.
+                        found = await self._access.visible_request(principal, one)
+                        if found is not None:
+                            yield c.request(found)
         except errors.DomainError as exc:
             await context.abort(status_of(exc), exc.message)
 
@@ -563,7 +565,8 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     async def ListCheckpoints(
         self, request: audit_pb2.ListCheckpointsRequest, context: Ctx
     ) -> audit_pb2.ListCheckpointsResponse:
-        await self._auth.operator(context)
+        principal = await self._auth.operator(context)
+        self._audit.require_reader(principal)
         if self._checkpoints is None:
             return audit_pb2.ListCheckpointsResponse()
         return audit_pb2.ListCheckpointsResponse(

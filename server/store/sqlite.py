@@ -45,6 +45,7 @@ from server.domain.audit import GENESIS, canonical_details, chain_hash, event_ha
 from server.domain.errors import Conflict, InvalidArgument
 from server.domain.lifecycle import DUE_GRANT_STATES, GRANT_TRANSITIONS, REQUEST_TRANSITIONS
 from server.domain.models import AuditEntry, Command, CommandKind, JoinToken, Moved, Principal
+from server.domain.reads import page_token_after
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -1339,7 +1340,7 @@ async def _newest_first(
 
 
 def _next_token(items: Sequence[Request] | Sequence[Grant], more: bool) -> str:
-    return f"{to_ms(items[-1].created_at)}:{items[-1].id}" if more and items else ""
+    return page_token_after(items[-1]) if more and items else ""
 
 
 def _filters(pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
