@@ -156,7 +156,7 @@ class AccessService:
                 f"rule {rule.name} requires a ticket id matching {rule.ticket} (--ticket)"
             )
         auto, _ = await self._automatic(principal.name, rule, duration, now)
-        plan = plan_for(policy, rule)
+        plan = replace(plan_for(policy, rule), automatic=auto)
         request = Request(
             id=new_id("req"),
             subject=principal.name,
@@ -398,7 +398,7 @@ class AccessService:
         request = await self._store.get_request(self._id(request_id, "request"))
         if request is None or not (await self._view(principal)).sees_request(request):
             return None
-        return request
+        return self.shown(request)
 
     async def _view(self, principal: Principal) -> View:
         async def pending(token: str, limit: int) -> tuple[list[Request], str]:
@@ -417,9 +417,16 @@ class AccessService:
         agent: str,
         page_size: int,
         page_token: str,
+        reviewable: bool = False,
     ) -> tuple[list[Request], str]:
-        """Requests the caller may see (domain/reads.py), newest first, filtered."""
+        """A page of requests the caller may see (domain/reads.py), newest first.
+        `reviewable`: only those the caller may approve now (pending, at a stage that names the
+        caller, not the caller's own). A page may hold fewer than `page_size` and still have a
+        next page."""
+        if reviewable:
+            states = [RequestState.PENDING]
         view = await self._view(principal)
+        now = self._clock.now()
 
         async def fetch(token: str, limit: int) -> tuple[list[Request], str]:
             return await self._store.list_requests(
@@ -431,9 +438,42 @@ class AccessService:
             )
 
         async def visible(rows: Sequence[Request]) -> list[bool]:
-            return [view.sees_request(r) for r in rows]
+            return [
+                view.sees_request(r) and (not reviewable or self.may_approve(principal, r, now))
+                for r in rows
+            ]
 
-        return await visible_page(fetch, visible, self._page_size(page_size), page_token)
+        items, token = await visible_page(fetch, visible, self._page_size(page_size), page_token)
+        return [self.shown(r) for r in items], token
+
+    def may_approve(self, principal: Principal, request: Request, now: datetime) -> bool:
+        """Whether `principal` could approve `request` at `now` (the rules of apply_review)."""
+        if request.state is not RequestState.PENDING:
+            return False
+        plan, outcome = self.outcome(request, now)
+        if any(same_person(r.reviewer, principal.name) for r in request.reviews):
+            return False
+        return not review_refusal(
+            plan, outcome, principal, ReviewDecision.APPROVE, now, requester=request.subject
+        )
+
+    def shown(self, request: Request) -> Request:
+        """The request as callers see it: the stage it waits at, and the stage each review
+        counted for."""
+        if request.state is not RequestState.PENDING and not request.reviews:
+            return request
+        plan = plan_of(request)
+        outcome = self._apply(
+            plan, request, request.reviews, request.decided_at or self._clock.now()
+        )
+        stage_of = {name: k for k, names in enumerate(outcome.counted) for name in names}
+        return replace(
+            request,
+            current_stage=outcome.stage,
+            reviews=tuple(
+                replace(r, stage=stage_of.get(r.reviewer, outcome.stage)) for r in request.reviews
+            ),
+        )
 
     async def get_grant(self, principal: Principal, grant_id: str) -> Grant:
         """The grant, if the caller may see it (domain/reads.py); else not found."""
@@ -604,7 +644,7 @@ class AccessService:
         await self._hub.audit_written(tx.new_audit)
         request = await self._store.get_request(request_id)
         assert request is not None
-        return request, grant
+        return self.shown(request), grant
 
     async def _get_request(self, tx: Tx, request_id: str) -> Request:
         request = await tx.get_request(self._id(request_id, "request"))
