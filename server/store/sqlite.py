@@ -355,9 +355,12 @@ def _page(token: str) -> tuple[int, str] | None:
         return None
     at, _, key = token.partition(":")
     try:
-        return int(at), key
+        value = int(at)
     except ValueError:
         raise InvalidArgument("page token is not valid") from None
+    if not 0 <= value < 2**63:
+        raise InvalidArgument("page token is not valid")
+    return value, key
 
 
 _REQUEST_INSERT = (
@@ -490,12 +493,22 @@ class SqliteTx:
         await self._conn.execute(
             _COMMAND_INSERT, (agent, seq, kind.value, grant_id, revoke_reason, to_ms(at))
         )
-        if kind is not CommandKind.EXTEND:
+        if kind in (CommandKind.GRANT, CommandKind.REVOKE):
             column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
             await self._conn.execute(
                 f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id)
             )
         return seq
+
+    async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
+        """Mark the agent's commands before `snapshot_seq` that were never acknowledged as
+        replaced by that snapshot (NOT_APPLIED): they are not sent again."""
+        cur = await self._conn.execute(
+            "UPDATE commands SET acked_at = ?, ack_status = 'NOT_APPLIED', ack_reason = ? "
+            "WHERE agent = ? AND seq < ? AND acked_at IS NULL",
+            (to_ms(at), f"replaced by snapshot {snapshot_seq}", agent, snapshot_seq),
+        )
+        return cur.rowcount
 
     async def extend_grant(
         self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
@@ -1031,9 +1044,9 @@ def _grant_sets(
     expected: Sequence[GrantState], state: GrantState, fields: dict[str, Any]
 ) -> tuple[str, list[Any]]:
     """The SET clause (and its arguments) of a grant compare-and-set; only lifecycle steps and
-    updatable columns are allowed."""
+    updatable columns are allowed (staying in the same state updates columns only)."""
     for current in expected:
-        if state not in GRANT_TRANSITIONS[current]:
+        if state is not current and state not in GRANT_TRANSITIONS[current]:
             raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
     sets = ["state = ?"]
     args: list[Any] = [state.value]
@@ -1257,6 +1270,15 @@ class SqliteStore:
         )
         return [_grant(r) for r in rows]
 
+    async def unremoved_grants(self, agent: str) -> list[Grant]:
+        rows = await _all(
+            self._reader,
+            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE agent = ? "
+            "AND state IN ('REVOKING', 'REVOKE_FAILED') ORDER BY revoke_seq",
+            [agent],
+        )
+        return [_grant(r) for r in rows]
+
     async def get_agent(self, name: str) -> Agent | None:
         return await _get_agent(self._reader, name)
 
@@ -1362,7 +1384,10 @@ class SqliteStore:
     async def first_unacked_seq(self, agent: str) -> int | None:
         row = await _one(
             self._reader,
-            "SELECT MIN(seq) FROM commands WHERE agent = ? AND acked_at IS NULL",
+            # A snapshot's own row is never resent (a new Hello gets a new snapshot), so an ack
+            # of it lost in a crash must not hold the resume point back for ever.
+            "SELECT MIN(seq) FROM commands WHERE agent = ? AND acked_at IS NULL "
+            "AND kind <> 'snapshot'",
             [agent],
         )
         return None if row is None or row[0] is None else int(row[0])
