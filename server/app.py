@@ -17,6 +17,7 @@ import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jitmesh import telemetry as t
 from jitmesh.clock import Clock, SystemClock
 from jitmesh.pidlock import DirectoryBusy, lock_directory
 from jitmesh.types import ReviewDecision
@@ -62,6 +63,7 @@ from server.notify.secrets import Sealer
 from server.notify.sender import Sender
 from server.notify.slack import SlackInteractions
 from server.oidc import OidcSettings, OidcVerifier
+from server.rpc.accesslog import AccessLog
 from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
@@ -140,6 +142,12 @@ class Coordinator:
 
     # The exclusive lock on the data directory (jitmesh.pidlock), released by stop().
     lock_fd: int = -1
+    hub: Hub = field(default_factory=Hub)
+    # Rate limiters by name ("requests", "enroll_peer", "enroll_overall"), for the metrics.
+    limiters: dict[str, RateLimiter] = field(default_factory=dict)
+
+    def rate_limit_refusals(self) -> dict[str, int]:
+        return {name: limiter.refused for name, limiter in self.limiters.items()}
 
     @property
     def address(self) -> str:
@@ -287,7 +295,8 @@ async def _assemble(
     # Operators (and enrolling agents) send small messages; so do agents. Each server has its
     # own limits because gRPC sets them per server, not per port (docs: THREAT_MODEL.md).
     server = grpc.aio.server(
-        options=_server_options(config, config.max_message_bytes, OPERATOR_MAX_SEND)
+        interceptors=[AccessLog()],
+        options=_server_options(config, config.max_message_bytes, OPERATOR_MAX_SEND),
     )
     servers.append(server)
     agent_server: grpc.aio.Server | None = None
@@ -306,7 +315,8 @@ async def _assemble(
             grpc.ssl_server_credentials([main_pair]),
         )
         agent_server = grpc.aio.server(
-            options=_server_options(config, MAX_AGENT_MESSAGE, AGENT_MAX_SEND)
+            interceptors=[AccessLog()],
+            options=_server_options(config, MAX_AGENT_MESSAGE, AGENT_MAX_SEND),
         )
         servers.append(agent_server)
         agent_port = _listen(
@@ -344,22 +354,19 @@ async def _assemble(
     if config.slack_signing_secret_file is not None:
         slack_app = interactions_app(_slack(config, store, outbox, access, clock, http))
 
-    access_servicer = AccessServicer(
-        auth,
-        access,
-        hub,
-        None
-        if config.request_rate is None
-        else RateLimiter(config.request_rate, config.request_burst, clock.monotonic),
-    )
-    enroll_limits = (
-        None
-        if config.enroll_rate is None
-        else (
+    limiters: dict[str, RateLimiter] = {}
+    if config.request_rate is not None:
+        limiters["requests"] = RateLimiter(
+            config.request_rate, config.request_burst, clock.monotonic
+        )
+    access_servicer = AccessServicer(auth, access, hub, limiters.get("requests"))
+    enroll_limits = None
+    if config.enroll_rate is not None:
+        enroll_limits = (
             RateLimiter(config.enroll_rate, config.enroll_burst, clock.monotonic),
             RateLimiter(config.enroll_overall_rate, config.enroll_overall_burst, clock.monotonic),
         )
-    )
+        limiters["enroll_peer"], limiters["enroll_overall"] = enroll_limits
     agents_servicer = AgentsServicer(
         auth, fleet, keys, ca, agent_port, enroll_limits, config.agent_cert_lifetime
     )
@@ -417,7 +424,10 @@ async def _assemble(
         )
     for name in [*SERVICES, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("coordinator listening address=%s:%d epoch=%d", config.host, port, epoch)
+    log.info(
+        "coordinator listening",
+        extra={t.ADDRESS: f"{config.host}:{port}", t.EPOCH: epoch},
+    )
     return Coordinator(
         config,
         store,
@@ -443,6 +453,8 @@ async def _assemble(
         slack_app,
         http,
         warnings,
+        hub=hub,
+        limiters=limiters,
     )
 
 
