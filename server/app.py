@@ -34,6 +34,8 @@ from jitmesh.v1 import (
     identity_pb2_grpc,
     locks_pb2,
     locks_pb2_grpc,
+    mesh_pb2,
+    mesh_pb2_grpc,
     notify_pb2,
     notify_pb2_grpc,
     policy_pb2,
@@ -55,6 +57,7 @@ from server.domain.models import Principal
 from server.domain.reads import Readers
 from server.domain.receivers import ReceiverKind, ReceiverService
 from server.domain.signin import SignInRules, SignInService
+from server.domain.status import StatusService
 from server.notify.base import Links
 from server.notify.factory import users_map
 from server.notify.http import interactions_app, listen, serve
@@ -68,6 +71,7 @@ from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegis
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
 from server.rpc.locks import LocksServicer
+from server.rpc.mesh import MeshServicer
 from server.rpc.notify import NotifyServicer
 from server.rpc.services import (
     AccessServicer,
@@ -96,6 +100,7 @@ SERVICES = [
     agentlink_pb2.DESCRIPTOR.services_by_name["AgentLink"].full_name,
     locks_pb2.DESCRIPTOR.services_by_name["Locks"].full_name,
     notify_pb2.DESCRIPTOR.services_by_name["Notify"].full_name,
+    mesh_pb2.DESCRIPTOR.services_by_name["Mesh"].full_name,
 ]
 OPERATOR_SERVICES = [name for name in SERVICES if not name.endswith(".AgentLink")]
 DB_NAME = "coordinator.db"
@@ -389,6 +394,9 @@ async def _assemble(
     identity_servicer = IdentityServicer(auth, TokenService(store, hub, clock), oidc, signin, clock)
     audit_servicer = AuditServicer(auth, audit, checkpoints)
     locks_servicer = LocksServicer(auth, LockService(store, registry, hub, clock))
+    mesh_servicer = MeshServicer(
+        auth, StatusService(store, clock, epoch, registry.count, lambda: store.head[0])
+    )
     notify_servicer = NotifyServicer(auth, receivers)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     # Operators with client certificates call the agent port too.
@@ -399,6 +407,7 @@ async def _assemble(
         identity_pb2_grpc.add_IdentityServicer_to_server(identity_servicer, target)
         audit_pb2_grpc.add_AuditServicer_to_server(audit_servicer, target)
         locks_pb2_grpc.add_LocksServicer_to_server(locks_servicer, target)
+        mesh_pb2_grpc.add_MeshServicer_to_server(mesh_servicer, target)
         notify_pb2_grpc.add_NotifyServicer_to_server(notify_servicer, target)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
         # Reflection lists what the port serves: AgentLink only where agents connect.
