@@ -290,6 +290,7 @@ async def _assemble(
         expirer.deadlines_changed,
         readers=readers,
     )
+    expirer.start_due = access.start_scheduled
     fleet = FleetService(store, registry, hub, clock, epoch)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
