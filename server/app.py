@@ -15,7 +15,6 @@ from typing import Any
 import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from jitmesh import telemetry as t
 from jitmesh.clock import Clock, SystemClock
@@ -64,6 +63,7 @@ from server.notify.secrets import Sealer
 from server.notify.sender import Sender
 from server.notify.slack import SlackInteractions
 from server.oidc import OidcSettings, OidcVerifier
+from server.rpc import reflection
 from server.rpc.accesslog import AccessLog
 from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
@@ -274,6 +274,7 @@ async def _assemble(
     access = AccessService(
         store, registry, hub, clock, policy.current, epoch, expirer.deadlines_changed
     )
+    expirer.start_due = access.start_scheduled
     fleet = FleetService(store, registry, hub, clock, epoch)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
@@ -396,9 +397,7 @@ async def _assemble(
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
         # Reflection lists what the port serves: AgentLink only where agents connect.
         served = SERVICES if target is not server or agent_server is None else OPERATOR_SERVICES
-        reflection.enable_server_reflection(
-            [*served, reflection.SERVICE_NAME, health.SERVICE_NAME], target
-        )
+        reflection.enable(target, [*served, health.SERVICE_NAME])
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
         AgentLinkServicer(
             fleet, registry, clock, keys, config.heartbeat, require_certificate=ca is not None

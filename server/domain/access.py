@@ -111,12 +111,24 @@ class AccessService:
         duration: timedelta,
         reason: str,
         ticket: str = "",
+        start_at: datetime | None = None,
+        selector: dict[str, str] | None = None,
         _extends: Grant | None = None,
     ) -> tuple[Request, Grant | None]:
         """A new request, checked against the policy and locks. A request for an agent and
         action the caller already holds live reuses that grant (extending it in place when more
         time is asked for and the rule allows it) instead of asking approvers again.
-        `_extends`: make the pending request that extends this grant once approved."""
+        `_extends`: make the pending request that extends this grant once approved.
+        `selector` instead of `agent`: every agent with those labels, one grant each."""
+        if selector:
+            return await self._create_for_selector(
+                principal,
+                selector=selector,
+                action=action,
+                duration=duration,
+                reason=reason,
+                ticket=ticket,
+            )
         with invalid_input():
             v.check(v.AGENT, agent, "agent")
             v.check(v.ACTION, action, "action")
@@ -136,6 +148,12 @@ class AccessService:
             raise NotFound(f"agent {agent} is not enrolled")
         # Whole milliseconds, as stored: the request is returned as built, not read back.
         now = from_ms(to_ms(self._clock.now()))
+        if start_at is not None:
+            start_at = from_ms(to_ms(start_at))
+            if start_at <= now:
+                start_at = None  # a start in the past is now
+            elif start_at - now > MAX_DURATION:
+                raise InvalidArgument("start must be within 366d")
         lock = await self._store.lock_in_force(principal.name, agent, action, now)
         if lock is not None:
             await self._refused(principal.name, agent, action, f"locked by {lock.id}")
@@ -161,7 +179,7 @@ class AccessService:
         auto = False
         if _extends is None:
             auto, _ = await self._automatic(principal.name, rule, duration, now)
-        if _extends is None and not auto:
+        if _extends is None and not auto and start_at is None:
             # Reuse spares approvers a question already answered. An automatic approval asks
             # nobody, so it makes its own grant (overlapping grants are reference-counted on
             # the host, and a caller may release its own without touching another).
@@ -193,11 +211,157 @@ class AccessService:
             plan=plan,
             ticket=ticket,
             extends_grant_id=_extends.id if _extends is not None else "",
+            start_at=start_at,
         )
         grant: Grant | None = None
-        if auto:
+        if auto and start_at is not None:
+            # Approved now, issued at the start (eligibility and locks checked again then).
+            request = replace(
+                request,
+                state=RequestState.SCHEDULED,
+                decided_at=now,
+                decided_by=f"policy:{rule.name}",
+            )
+        elif auto:
             grant = self._new_grant(request, rule, now)
         return await self._creations.submit(_Creation(principal.name, request, grant))
+
+    async def _create_for_selector(
+        self,
+        principal: Principal,
+        *,
+        selector: dict[str, str],
+        action: str,
+        duration: timedelta,
+        reason: str,
+        ticket: str,
+    ) -> tuple[Request, Grant | None]:
+        """One request for every agent whose labels match `selector`: one plan (all of them
+        must fall under the same allow rule), one approval, and at approval a grant per agent
+        matching then (each pushed and tracked on its own)."""
+        with invalid_input():
+            v.check_labels(selector, field="selector")
+            v.check(v.ACTION, action, "action")
+            v.check_reason(reason)
+            v.check_reason(ticket, field="ticket")
+        if duration < MIN_DURATION or duration > MAX_DURATION:
+            raise InvalidArgument("duration must be between 1s and 366d")
+        policy = self._policy()
+        now = from_ms(to_ms(self._clock.now()))
+        agents = [a for a in await self._store.list_agents() if _selects(selector, a.labels)]
+        if not agents:
+            raise NotFound("no enrolled agent has these labels")
+        rules: dict[str, Rule] = {}
+        for target in agents:
+            found = match(policy, principal, action, target.name, target.labels)
+            if found.rule is None:
+                await self._refused(principal.name, target.name, action, found.explanation)
+                raise PermissionDenied(
+                    f"{principal.name} may not {action} on {target.name}: {found.explanation}"
+                )
+            rules[found.rule.name] = found.rule
+        if len(rules) > 1:
+            raise InvalidArgument(
+                "the selector spans agents under different rules ("
+                + ", ".join(sorted(rules))
+                + "): ask for each group of agents on its own"
+            )
+        (rule,) = rules.values()
+        if duration > rule.max_duration:
+            raise InvalidArgument(
+                f"duration {format_duration(duration)} is above the maximum "
+                f"{format_duration(rule.max_duration)} of rule {rule.name}"
+            )
+        if rule.reason == "required" and not reason.strip():
+            raise InvalidArgument(f"rule {rule.name} requires a reason")
+        if rule.ticket is not None and not rule.ticket_ok(ticket):
+            raise InvalidArgument(
+                f"rule {rule.name} requires a ticket id matching {rule.ticket} (--ticket)"
+            )
+        auto, _ = await self._automatic(principal.name, rule, duration, now)
+        plan = replace(plan_for(policy, rule), automatic=auto)
+        request = Request(
+            id=new_id("req"),
+            subject=principal.name,
+            agent="",
+            action=action,
+            duration=duration,
+            reason=reason,
+            state=RequestState.PENDING,
+            rule=rule.name,
+            approvals_required=0 if auto else sum(s.approvals for s in plan.stages),
+            approver_groups=() if auto else tuple(plan_groups_in_order(plan)),
+            reviews=(),
+            created_at=now,
+            pending_expires_at=None if auto else now + pending_ttl(policy, rule),
+            decided_at=None,
+            decided_by="",
+            decision_reason="",
+            grant_id="",
+            grant_state=None,
+            plan=plan,
+            ticket=ticket,
+            selector=dict(selector),
+        )
+        commands: list[Command] = []
+        async with self._store.transaction() as tx:
+            await tx.insert_requests([request])
+            await tx.audit(
+                self._entry(
+                    "request.created",
+                    principal.name,
+                    request,
+                    rule=rule.name,
+                    selector=_labels_text(selector),
+                    agents=",".join(a.name for a in agents),
+                )
+            )
+            if auto:
+                commands = await self._grant_selected(
+                    tx, request, rule, f"policy:{rule.name}", "", now
+                )
+        grant = commands[0].grant if commands else None
+        await self._after(tx, request.id, None, None)
+        self._links.push(commands)
+        stored = await self._store.get_request(request.id)
+        assert stored is not None
+        return self.shown(stored), grant
+
+    async def _grant_selected(
+        self, tx: Tx, request: Request, rule: Rule, by: str, reason: str, now: datetime
+    ) -> list[Command]:
+        """Approve a selector request: a grant for each agent matching it now (an agent under
+        a lock gets none, audited), the request APPROVED with the first as its grant."""
+        in_force = await tx.locks_in_force(now)
+        grants: list[Grant] = []
+        for target in await tx.list_agents():
+            if not _selects(request.selector, target.labels):
+                continue
+            one = replace(request, agent=target.name)
+            lock = first_lock(in_force, one)
+            if lock is not None:
+                await tx.audit(
+                    AuditEntry(
+                        "request.refused",
+                        by,
+                        now,
+                        subject=request.subject,
+                        agent=target.name,
+                        request_id=request.id,
+                        details={"action": request.action, "why": f"locked by {lock.id}"},
+                    )
+                )
+                continue
+            grants.append(self._new_grant(one, rule, now))
+        if not grants:
+            raise Conflict("no agent matching the selector can be granted now (none, or locked)")
+        seqs = await tx.append_commands([(g.agent, CommandKind.GRANT, g.id, now) for g in grants])
+        numbered = [replace(g, grant_seq=seq) for g, seq in zip(grants, seqs, strict=True) if seq]
+        await self._decide(tx, request, RequestState.APPROVED, by, reason, numbered[0].id)
+        await tx.set_request_grants(request.id, [g.id for g in numbered])
+        return await write_grants(
+            tx, [(replace(request, agent=g.agent), g, by) for g in numbered], now
+        )
 
     async def _live_grant(self, subject: str, agent: str, action: str) -> Grant | None:
         """The caller's live grant for this agent and action that ends last, if any."""
@@ -348,6 +512,8 @@ class AccessService:
                         ticket=request.ticket,
                     )
                 )
+                if request.state is RequestState.SCHEDULED:
+                    entries.append(self._scheduled_entry(request.decided_by, request))
                 if grant is not None:
                     seq = next(seqs)
                     if seq is None:
@@ -391,6 +557,7 @@ class AccessService:
             v.check_reason(reason)
         grant: Grant | None = None
         command: Command | None = None
+        more: list[Command] = []
         async with self._store.transaction() as tx:
             request = await self._get_request(tx, request_id)
             now = self._clock.now()
@@ -414,7 +581,17 @@ class AccessService:
             elif after.state is RequestState.APPROVED:
                 await tx.audit(self._reviewed(principal.actor, request, plan, before.stage))
                 rule = self._rule(request.rule)
-                grant, command = await self._approve(tx, request, rule, principal.actor, reason)
+                if request.start_at is not None and request.start_at > now:
+                    # Approved; the grant is issued at the start, after a second look.
+                    await self._decide(tx, request, RequestState.SCHEDULED, principal.actor, reason)
+                    await tx.audit(self._scheduled_entry(principal.actor, request))
+                elif request.selector:
+                    more = await self._grant_selected(
+                        tx, request, rule, principal.actor, reason, now
+                    )
+                    grant = more[0].grant
+                else:
+                    grant, command = await self._approve(tx, request, rule, principal.actor, reason)
             else:
                 await tx.audit(self._reviewed(principal.actor, request, plan, before.stage))
                 if after.stage > before.stage:
@@ -427,6 +604,7 @@ class AccessService:
                             stage=passed, next_stage=opened,
                         )
                     )  # fmt: skip
+        self._links.push(more)
         return await self._after(tx, request_id, grant, command)
 
     def outcome(self, request: Request, now: datetime) -> tuple[ApprovalPlan, Outcome]:
@@ -457,8 +635,18 @@ class AccessService:
             request = await self._get_request(tx, request_id)
             if not (same_person(principal.name, request.subject) or principal.is_admin):
                 raise PermissionDenied("only the requester or an admin may cancel a request")
-            _still_pending(request, self._clock.now())
-            await self._decide(tx, request, RequestState.CANCELLED, principal.name, "cancelled")
+            if request.state is RequestState.SCHEDULED:
+                await self._decide(
+                    tx,
+                    request,
+                    RequestState.CANCELLED,
+                    principal.name,
+                    "cancelled",
+                    expected=RequestState.SCHEDULED,
+                )
+            else:
+                _still_pending(request, self._clock.now())
+                await self._decide(tx, request, RequestState.CANCELLED, principal.name, "cancelled")
             await tx.audit(self._entry("request.cancelled", principal.name, request))
         request, _ = await self._after(tx, request_id, None, None)
         return request
@@ -757,16 +945,75 @@ class AccessService:
         await tx.audit(self._entry("request.approved", by, request, grant_id=grant.id))
         return done
 
+    def _scheduled_entry(self, by: str, request: Request) -> AuditEntry:
+        start = request.start_at.isoformat() if request.start_at else ""
+        return self._entry("request.scheduled", by, request, start_at=start)
+
+    async def start_scheduled(self, now: datetime) -> int:
+        """Issue the grants of SCHEDULED requests whose start has come, each after checking
+        again that the policy still allows it for the subject's groups now and that no lock
+        stands in the way; otherwise the request is DENIED, saying why. Returns how many were
+        decided."""
+        due = await self._store.due_scheduled(now, MAX_PAGE)
+        for request in due:
+            why, rule = await self._still_allowed(request, now)
+            command: Command | None = None
+            async with self._store.transaction() as tx:
+                lock = await tx.lock_in_force(request.subject, request.agent, request.action, now)
+                if not why and lock is not None:
+                    why = f"{lock.target.describe()} is locked ({lock.id}): {lock.reason}"
+                if why or rule is None:
+                    by = f"policy:v{self._policy().version}" if lock is None else lock.id
+                    await self._decide(
+                        tx, request, RequestState.DENIED, by, why, expected=RequestState.SCHEDULED
+                    )
+                    await tx.audit(self._entry("request.denied", by, request, why=why))
+                else:
+                    grant = self._new_grant(request, rule, now)
+                    await self._decide(
+                        tx,
+                        request,
+                        RequestState.APPROVED,
+                        "scheduler",
+                        "started",
+                        grant.id,
+                        expected=RequestState.SCHEDULED,
+                    )
+                    seq = await tx.append_command(grant.agent, CommandKind.GRANT, grant.id, now)
+                    (command,) = await write_grants(
+                        tx, [(request, replace(grant, grant_seq=seq), "scheduler")], now
+                    )
+            await self._after(tx, request.id, None, command)
+        return len(due)
+
+    async def _still_allowed(self, request: Request, now: datetime) -> tuple[str, Rule | None]:
+        """Why the scheduled `request` may no longer start ('' and its rule when it may)."""
+        assert request.start_at is not None
+        if request.start_at + request.duration <= now:
+            return "its time passed before it could start", None
+        groups = await self._store.user_groups(request.subject) or frozenset()
+        try:
+            rule = await self._rule_now(
+                Principal(request.subject, groups), request.agent, request.action
+            )
+        except (PermissionDenied, NotFound) as exc:
+            return f"no longer allowed at its start: {exc.message}", None
+        if request.duration > rule.max_duration:
+            return f"rule {rule.name} now allows at most {format_duration(rule.max_duration)}", None
+        return "", rule
+
     def _new_grant(self, request: Request, rule: Rule, now: datetime) -> Grant:
-        """The grant an approval of `request` under `rule` creates, starting now."""
+        """The grant an approval of `request` under `rule` creates, starting now (or at its
+        scheduled start: its duration counts from there)."""
+        start = request.start_at if request.start_at is not None and request.start_at < now else now
         return Grant(
             id=new_id("grt"),
             request_id=request.id,
             agent=request.agent,
             subject=request.subject,
             action=request.action,
-            not_before=now,
-            not_after=now + request.duration,
+            not_before=start,
+            not_after=start + request.duration,
             state=GrantState.PENDING_DELIVERY,
             offline=rule.offline.to_policy(),
             created_at=now,
@@ -781,10 +1028,12 @@ class AccessService:
         by: str,
         reason: str,
         grant_id: str = "",
+        *,
+        expected: RequestState = RequestState.PENDING,
     ) -> None:
         ok = await tx.decide_request(
             request.id,
-            expected=RequestState.PENDING,
+            expected=expected,
             state=state,
             at=self._clock.now(),
             by=by,
@@ -854,3 +1103,11 @@ def _still_pending(request: Request, now: datetime) -> None:
         raise Conflict(f"request is {request.state.value}, not PENDING")
     if request.pending_expires_at is not None and now >= request.pending_expires_at:
         raise Conflict("request expired unreviewed (its pending time is over): ask again")
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == want for k, want in selector.items())
+
+
+def _labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={val}" for k, val in sorted(labels.items()))

@@ -75,6 +75,8 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             self._limiter.take(principal.name)
         if not request.HasField("duration"):
             raise errors.InvalidArgument("duration is required")
+        if request.selector and request.agent:
+            raise errors.InvalidArgument("name an agent or a selector, not both")
         req, grant = await self._access.create_request(
             principal,
             agent=request.agent,
@@ -82,9 +84,17 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             duration=_duration(request.duration, "duration"),
             reason=request.reason,
             ticket=request.ticket,
+            start_at=c.from_ts(request.start_at, "start_at")
+            if request.HasField("start_at")
+            else None,
+            selector=dict(request.selector),
         )
+        grants = [await self._access.get_grant(principal, gid) for gid in req.grant_ids]
         return access_pb2.CreateRequestResponse(
-            request=c.request(req), grant=c.grant(grant) if grant else None
+            request=c.request(req),
+            grant=c.grant(grant) if grant else None,
+            reused=req.reused,
+            grants=[c.grant(g) for g in grants],
         )
 
     @mapped

@@ -450,6 +450,20 @@ class SqliteTx:
         )
         return cur.rowcount == 1
 
+    async def set_request_grants(self, request_id: str, grant_ids: Sequence[str]) -> None:
+        """The grants a request for several agents made (its `grant_id` is the first)."""
+        await self._conn.execute(
+            "UPDATE requests SET grant_ids = ? WHERE id = ?",
+            (json.dumps(list(grant_ids)), request_id),
+        )
+
+    async def list_agents(self) -> list[Agent]:
+        rows = await _all(
+            self._conn,
+            f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.removed_at IS NULL ORDER BY a.name",
+        )
+        return [_agent(r) for r in rows]
+
     async def insert_review(self, request_id: str, review: Review) -> bool:
         try:
             await self._conn.execute(
@@ -1487,6 +1501,17 @@ class SqliteStore:
         )
         return [_audit(r) for r in rows]
 
+    async def due_scheduled(self, now: datetime, limit: int) -> list[Request]:
+        """SCHEDULED requests whose start has come, earliest first."""
+        rows = await _all(
+            self._reader,
+            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'SCHEDULED' "
+            "AND r.start_at <= ? ORDER BY r.start_at LIMIT ?",
+            [to_ms(now), limit],
+        )
+        reviews = await _reviews(self._reader, [r[0] for r in rows])
+        return [_request(r, reviews.get(r[0], ())) for r in rows]
+
     async def requests_changed_after(self, after_seq: int, limit: int) -> list[tuple[str, int]]:
         """(request id, its latest audit seq) for requests with audit events after
         `after_seq`, in the order of those latest changes; plus, when `after_seq` is negative,
@@ -1516,7 +1541,8 @@ class SqliteStore:
             "SELECT MIN(t) FROM ("
             "SELECT MIN(not_after) AS t FROM grants "
             "WHERE state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING') "
-            "UNION ALL SELECT MIN(pending_expires_at) FROM requests WHERE state = 'PENDING')",
+            "UNION ALL SELECT MIN(pending_expires_at) FROM requests WHERE state = 'PENDING' "
+            "UNION ALL SELECT MIN(start_at) FROM requests WHERE state = 'SCHEDULED')",
         )
         return None if row is None or row[0] is None else from_ms(int(row[0]))
 

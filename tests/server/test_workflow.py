@@ -16,13 +16,14 @@ from jitmesh.errors import (
     ConflictError,
     DeadlineExceededError,
     InvalidArgumentError,
+    NotFoundError,
     PermissionDeniedError,
 )
 from jitmesh.types import Grant, GrantState, RequestState
 from server.domain.access import AccessService
 from server.domain.models import Principal
 from server.domain.policy import DEV_POLICY
-from tests.server.helpers import WAIT, Env, agent_link
+from tests.server.helpers import ADMIN, WAIT, Env, agent_link
 
 M15 = timedelta(minutes=15)
 
@@ -630,3 +631,100 @@ async def test_watch_resumes_from_its_cursor_without_losing_changes(env: Env) ->
     await env.bob.deny(made[3], reason="later")
     await read(1, cursor)
     assert seen == {made[3]: [RequestState.DENIED]}
+
+
+# Scheduled starts.
+
+
+async def test_scheduled_start_issues_the_grant_at_its_start_after_a_second_look(
+    env: Env,
+) -> None:
+    access_ = access(env)
+    start = env.clock.now() + timedelta(hours=2)
+    request, grant = await env.alice.create_request(
+        agent="db-1", action="deploy", duration=timedelta(hours=1), reason="x", start_at=start
+    )
+    assert (request.state, request.start_at, grant) == (RequestState.PENDING, start, None)
+    approved, grant = await env.bob.approve(request.id)
+    assert (approved.state, grant) == (RequestState.SCHEDULED, None)
+    assert await env.admin.list_grants() == []
+    assert await access_.start_scheduled(env.clock.now()) == 0  # not yet
+    await env.clock.advance(timedelta(hours=2))
+    await access_.start_scheduled(env.clock.now())  # the running loop may have done it already
+    started = await env.alice.get_request(request.id)
+    assert (started.state, started.decided_by) == (RequestState.APPROVED, "scheduler")
+    issued = await env.alice.get_grant(started.grant_id)
+    # Its duration counts from the start, not from the approval.
+    assert (issued.not_before, issued.not_after) == (start, start + timedelta(hours=1))
+    kinds = [e.kind for e in await env.admin.list_audit(request_id=request.id)]
+    assert kinds[-2:] == ["request.approved", "grant.created"]
+    assert "request.scheduled" in kinds
+
+
+async def test_scheduled_start_with_eligibility_lost_in_between_gives_nothing(env: Env) -> None:
+    access_ = access(env)
+    start = env.clock.now() + timedelta(hours=1)
+    left, _ = await env.alice.create_request(
+        agent="db-1", action="deploy", duration=M15, reason="x", start_at=start
+    )
+    await env.bob.approve(left.id)
+    locked, _ = await env.dave.create_request(
+        agent="db-1", action="deploy", duration=M15, reason="x", start_at=start
+    )
+    await env.bob.approve(locked.id)
+    cancelled, _ = await env.dave.create_request(
+        agent="db-1", action="restart", duration=M15, reason="x", start_at=start
+    )
+    await env.bob.approve(cancelled.id)
+    assert (await env.dave.cancel(cancelled.id)).state is RequestState.CANCELLED
+    # Meanwhile alice leaves developers, and dave is locked.
+    await env.coordinator.identity.ensure_user("alice", ["sales"], "jmt_alice_new_0123456789")
+    lock, _, _ = await env.admin.create_lock(subject="dave", reason="investigation")
+    await env.clock.advance(timedelta(hours=1))
+    await access_.start_scheduled(env.clock.now())
+    first = await env.admin.get_request(left.id)
+    assert first.state is RequestState.DENIED
+    assert first.decided_by.startswith("policy:v")
+    assert "no longer allowed" in first.decision_reason
+    second = await env.admin.get_request(locked.id)
+    assert (second.state, second.decided_by) == (RequestState.DENIED, lock.id)
+    assert await env.admin.list_grants() == []
+
+
+# Several hosts in one request.
+
+
+async def test_a_request_for_several_hosts_gets_one_approval_and_a_grant_each(env: Env) -> None:
+    for name in ("db-2", "db-3"):
+        join, _ = await env.coordinator.fleet.create_join_token(ADMIN, {"env": "prod"}, None)
+        await env.coordinator.fleet.enroll(join, name, {})
+    created = await env.alice.create_request(
+        selector={"env": "prod"}, action="deploy", duration=M15, reason="fleet release"
+    )
+    request = created.request
+    assert (request.state, request.agent, request.selector) == (
+        RequestState.PENDING,
+        "",
+        {"env": "prod"},
+    )
+    approved, first = await env.bob.approve(request.id)
+    assert approved.state is RequestState.APPROVED
+    assert first is not None
+    grants = [await env.alice.get_grant(g) for g in approved.grant_ids]
+    assert sorted(g.agent for g in grants) == ["db-1", "db-2", "db-3"]
+    assert approved.grant_id == grants[0].id == first.id
+    assert {g.request_id for g in grants} == {request.id}
+    # Each is tracked on its own: revoking one leaves the others.
+    await env.admin.revoke_grant(grants[1].id, reason="that host only")
+    states = [(await env.alice.get_grant(g.id)).state for g in grants]
+    assert states.count(GrantState.REVOKING) == 1
+    assert states.count(GrantState.PENDING_DELIVERY) == 2
+    # Automatic rules grant at once, one per host.
+    auto = await env.alice.create_request(
+        selector={"env": "staging"}, action="deploy", duration=M15
+    )
+    assert auto.request.state is RequestState.APPROVED
+    assert auto.grant is not None
+    assert len(auto.request.grant_ids) == 1
+    with pytest.raises(NotFoundError):
+        await env.alice.create_request(selector={"env": "nowhere"}, action="deploy", duration=M15)
