@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from jitmesh import __version__
 from jitmesh import validation as v
 from jitmesh.clock import Clock
 from jitmesh.crashpoints import crash_point
@@ -60,7 +59,7 @@ class FleetService:
         hub: Hub,
         clock: Clock,
         epoch: int,
-        version: str = __version__,
+        version: str,
     ):
         self._store = store
         self._links = links
