@@ -52,6 +52,7 @@ from .models import (
 )
 from .policy import Policy, Rule, match, pending_ttl, plan_for
 from .ports import CommandSink, Store, Tx
+from .reads import Readers, View, view_of, visible_page
 
 log = logging.getLogger(__name__)
 MIN_DURATION = timedelta(seconds=1)
@@ -88,7 +89,9 @@ class AccessService:
         policy: Callable[[], Policy],
         epoch: int,
         deadlines_changed: Callable[[], None],
+        readers: Readers | None = None,
     ) -> None:
+        self._readers = readers or Readers()
         self._store = store
         self._links = links
         self._hub = hub
@@ -733,7 +736,8 @@ class AccessService:
             raise InvalidArgument("an extension must be at least 1s")
         if by > MAX_DURATION:
             raise InvalidArgument("an extension must be at most 366d")
-        grant = await self.get_grant(principal, grant_id)
+        # An action checks its own right (below); reads check visibility (domain/reads.py).
+        grant = await self._load_grant(grant_id)
         if not same_person(principal.name, grant.subject):
             raise PermissionDenied("only the grant's subject may extend it")
         if grant.state not in EXTENDABLE_GRANT_STATES:
@@ -810,10 +814,25 @@ class AccessService:
         )
 
     async def get_request(self, principal: Principal, request_id: str) -> Request:
-        request = await self._store.get_request(self._id(request_id, "request"))
+        """The request, if the caller may see it (domain/reads.py); else not found."""
+        request = await self.visible_request(principal, request_id)
         if request is None:
-            raise NotFound("no such request")
+            raise NotFound(f"no such request {request_id} (or not one you may see)")
+        return request
+
+    async def visible_request(self, principal: Principal, request_id: str) -> Request | None:
+        request = await self._store.get_request(self._id(request_id, "request"))
+        if request is None or not (await self._view(principal)).sees_request(request):
+            return None
         return self.shown(request)
+
+    async def _view(self, principal: Principal) -> View:
+        async def pending(token: str, limit: int) -> tuple[list[Request], str]:
+            return await self._store.list_requests(
+                states=[RequestState.PENDING], subject="", agent="", limit=limit, page_token=token
+            )
+
+        return await view_of(principal, self._readers, pending)
 
     async def list_requests(
         self,
@@ -826,23 +845,32 @@ class AccessService:
         page_token: str,
         reviewable: bool = False,
     ) -> tuple[list[Request], str]:
-        """A page of requests, newest first. `reviewable`: only those the caller may approve
-        now (pending, at a stage that names the caller, not the caller's own); a page may then
-        hold fewer than `page_size` and still have a next page."""
+        """A page of requests the caller may see (domain/reads.py), newest first.
+        `reviewable`: only those the caller may approve now (pending, at a stage that names the
+        caller, not the caller's own). A page may hold fewer than `page_size` and still have a
+        next page."""
         if reviewable:
             states = [RequestState.PENDING]
-        items, token = await self._store.list_requests(
-            states=states,
-            subject=user_name(subject),
-            agent=agent,
-            limit=self._page_size(page_size),
-            page_token=page_token,
-        )
-        shown = [self.shown(r) for r in items]
-        if reviewable:
-            now = self._clock.now()
-            shown = [r for r in shown if self.may_approve(principal, r, now)]
-        return shown, token
+        view = await self._view(principal)
+        now = self._clock.now()
+
+        async def fetch(token: str, limit: int) -> tuple[list[Request], str]:
+            return await self._store.list_requests(
+                states=states,
+                subject=user_name(subject),
+                agent=agent,
+                limit=limit,
+                page_token=token,
+            )
+
+        async def visible(rows: Sequence[Request]) -> list[bool]:
+            return [
+                view.sees_request(r) and (not reviewable or self.may_approve(principal, r, now))
+                for r in rows
+            ]
+
+        items, token = await visible_page(fetch, visible, self._page_size(page_size), page_token)
+        return [self.shown(r) for r in items], token
 
     async def changes(
         self, principal: Principal, after_seq: int, wanted: frozenset[str] = frozenset()
@@ -902,10 +930,30 @@ class AccessService:
         )
 
     async def get_grant(self, principal: Principal, grant_id: str) -> Grant:
+        """The grant, if the caller may see it (domain/reads.py); else not found."""
+        grant = await self._load_grant(grant_id)
+        view = await self._view(principal)
+        if not (await self._grants_visible(view, [grant]))[0]:
+            raise NotFound(f"no such grant {grant_id} (or not one you may see)")
+        return grant
+
+    async def _load_grant(self, grant_id: str) -> Grant:
         grant = await self._store.get_grant(self._id(grant_id, "grant"))
         if grant is None:
-            raise NotFound("no such grant")
+            raise NotFound(f"no such grant {grant_id}")
         return grant
+
+    async def _grants_visible(self, view: View, grants: Sequence[Grant]) -> list[bool]:
+        requests: dict[str, Request | None] = {}
+        shown = []
+        for grant in grants:
+            if view.sees_grant(grant, None):
+                shown.append(True)
+                continue
+            if grant.request_id not in requests:
+                requests[grant.request_id] = await self._store.get_request(grant.request_id)
+            shown.append(view.sees_grant(grant, requests[grant.request_id]))
+        return shown
 
     async def list_grants(
         self,
@@ -917,13 +965,22 @@ class AccessService:
         page_size: int,
         page_token: str,
     ) -> tuple[list[Grant], str]:
-        return await self._store.list_grants(
-            states=states,
-            subject=user_name(subject),
-            agent=agent,
-            limit=self._page_size(page_size),
-            page_token=page_token,
-        )
+        """Grants the caller may see (domain/reads.py), newest first, filtered."""
+        view = await self._view(principal)
+
+        async def fetch(token: str, limit: int) -> tuple[list[Grant], str]:
+            return await self._store.list_grants(
+                states=states,
+                subject=user_name(subject),
+                agent=agent,
+                limit=limit,
+                page_token=token,
+            )
+
+        async def visible(rows: Sequence[Grant]) -> list[bool]:
+            return await self._grants_visible(view, rows)
+
+        return await visible_page(fetch, visible, self._page_size(page_size), page_token)
 
     # Internals.
 
@@ -936,7 +993,7 @@ class AccessService:
         allowed: Callable[[Grant], Awaitable[bool]],
         kind: str,
     ) -> Grant:
-        grant = await self.get_grant(principal, grant_id)
+        grant = await self._load_grant(grant_id)
         if not await allowed(grant):
             raise PermissionDenied(f"{principal.name} may not end this grant")
         async with self._store.transaction() as tx:

@@ -649,7 +649,8 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     async def ListCheckpoints(
         self, request: audit_pb2.ListCheckpointsRequest, context: Ctx
     ) -> audit_pb2.ListCheckpointsResponse:
-        await self._auth.operator(context)
+        principal = await self._auth.operator(context)
+        self._audit.require_reader(principal)
         if self._checkpoints is None:
             return audit_pb2.ListCheckpointsResponse()
         return audit_pb2.ListCheckpointsResponse(

@@ -55,6 +55,7 @@ from server.domain.models import (
     StatusCounts,
 )
 from server.domain.notices import NOTIFIABLE, Notice, NoticeKind, notice_for
+from server.domain.reads import page_token_after
 from server.domain.receivers import (
     AttemptRecord,
     Delivery,
@@ -1586,7 +1587,7 @@ async def _newest_first(
 
 
 def _next_token(items: Sequence[Request] | Sequence[Grant], more: bool) -> str:
-    return f"{to_ms(items[-1].created_at)}:{items[-1].id}" if more and items else ""
+    return page_token_after(items[-1]) if more and items else ""
 
 
 def _filters(pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
