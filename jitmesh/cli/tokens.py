@@ -142,7 +142,9 @@ async def _enable(client: Client, out: Output, *, user: str) -> None:
     examples=["jitctl user set-groups alice --group developers --group sre --reason 'on call'"],
 )
 @click.argument("user", metavar="USER")
-@click.option("--group", "groups", multiple=True, required=True, help="A group (repeatable).")
+@click.option(
+    "--group", "groups", multiple=True, required=True, metavar="GROUP", help="A group (repeat)."
+)
 @click.option("--reason", default="", help="Why, for the audit log.")
 async def _set_groups(
     client: Client, out: Output, *, user: str, groups: tuple[str, ...], reason: str
