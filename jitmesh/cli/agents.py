@@ -126,8 +126,8 @@ async def _token_list(client: Client, out: Output, *, include_ended: bool) -> No
     help="Revoke a join token (a leaked one): it enrolls nothing from now on. Audited.",
     examples=["jitctl agent token revoke 3f9c0d1e2a4b5c6d --reason 'pasted in a ticket'"],
 )
-@click.argument("token_id", metavar="ID")
+@click.argument("id", metavar="ID")
 @click.option("--reason", default="", help="Why, for the audit log.")
-async def _token_revoke(client: Client, out: Output, *, token_id: str, reason: str) -> None:
-    info = await client.revoke_join_token(token_id, reason=reason)
+async def _token_revoke(client: Client, out: Output, *, id: str, reason: str) -> None:
+    info = await client.revoke_join_token(id, reason=reason)
     out.emit(output.join_token_info_json(info), f"revoked join token {info.id}")
