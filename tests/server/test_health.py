@@ -63,12 +63,12 @@ async def test_not_serving_from_the_moment_shutdown_begins(tmp_path: Path) -> No
     seen: list[int] = []
     async with grpc.aio.insecure_channel(coordinator.address) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
-        seen.append((await watch.read()).status)
-        runner.cancel()
         with contextlib.suppress(grpc.aio.AioRpcError):
             async with asyncio.timeout(15):
-                while (item := await watch.read()) is not grpc.aio.EOF:
+                async for item in watch:
                     seen.append(item.status)
+                    if len(seen) == 1:
+                        runner.cancel()  # shutdown begins once the watch saw SERVING
                     if item.status == NOT_SERVING:
                         break
         with contextlib.suppress(asyncio.CancelledError):
