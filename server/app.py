@@ -16,6 +16,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from jitmesh import __version__
 from jitmesh import telemetry as t
 from jitmesh.clock import Clock, SystemClock
 from jitmesh.pidlock import DirectoryBusy, lock_directory
@@ -324,7 +325,7 @@ async def _assemble(
         readers=readers,
     )
     expirer.start_due = access.start_scheduled
-    fleet = FleetService(store, registry, hub, clock, epoch)
+    fleet = FleetService(store, registry, hub, clock, epoch, __version__)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
     checkpoints = Checkpoints(config.data_dir, keys)
