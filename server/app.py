@@ -430,7 +430,7 @@ async def _assemble(
     audit_servicer = AuditServicer(auth, audit, checkpoints)
     locks_servicer = LocksServicer(auth, LockService(store, registry, hub, clock))
     mesh_servicer = MeshServicer(
-        auth, StatusService(store, clock, epoch, registry.count, lambda: store.head[0])
+        auth, StatusService(store, clock, epoch, registry.count, lambda: store.head[0], readers)
     )
     notify_servicer = NotifyServicer(auth, receivers)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]

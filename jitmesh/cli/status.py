@@ -11,7 +11,7 @@ from jitmesh.client import Client
     None,
     "status",
     help="The mesh at a glance: agents connected, requests waiting, grants by state, revokes "
-    "not yet acknowledged (admins).",
+    "not yet acknowledged (admins and auditors).",
     examples=["jitctl status", "jitctl status -o json"],
 )
 async def status(client: Client, out: Output) -> None:

@@ -1,5 +1,6 @@
 """The mesh at a glance (`jitctl status`, the Mesh.Status RPC): counts from the store, the
-agents connected to this coordinator, the audit head. Admins only (it describes everyone)."""
+agents connected to this coordinator, the audit head. For those who read everything (admins and
+the auditor groups, domain/reads.py): it describes everyone."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from jitmesh.clock import Clock
 from .errors import PermissionDenied
 from .models import Principal, StatusCounts
 from .ports import Store
+from .reads import Readers
 
 # Ended grants are counted over this window (the live ones always).
 ENDED_WINDOW = timedelta(days=1)
@@ -34,7 +36,9 @@ class StatusService:
         epoch: int,
         agents_connected: Callable[[], int],
         audit_head: Callable[[], int],
+        readers: Readers | None = None,
     ) -> None:
+        self._readers = readers or Readers()
         self._store = store
         self._clock = clock
         self._epoch = epoch
@@ -42,8 +46,8 @@ class StatusService:
         self._head = audit_head
 
     async def status(self, principal: Principal) -> MeshStatus:
-        if not principal.is_admin:
-            raise PermissionDenied("only admins may see the mesh status")
+        if not self._readers.reads_everything(principal):
+            raise PermissionDenied("only admins and auditors may see the mesh status")
         now = self._clock.now()
         counts = await self._store.status_counts(now, now - ENDED_WINDOW)
         return MeshStatus(now, self._epoch, self._connected(), self._head(), counts)
