@@ -27,6 +27,7 @@ GROUPS: dict[
     "local": ({"1", "2", "8"}, sc.local),
     "expiry": ({"7"}, sc.expiry),
     "fleet": ({"3", "4", "5", "6"}, sc.fleet),
+    "delivery": ({"12"}, sc.flood),
 }
 
 

@@ -42,6 +42,7 @@ from server.ca import InternalCA
 from server.checkpoints import Checkpoints
 from server.config import CoordinatorConfig
 from server.domain.access import AccessService
+from server.domain.delivery import DeliveryGate, DeliveryRates
 from server.domain.errors import PermissionDenied
 from server.domain.expiring import ExpiryWarnings
 from server.domain.expiry import Expirer
@@ -258,10 +259,21 @@ async def _assemble(
     initial = config.initial_policy.read_text() if config.initial_policy else config.default_policy
     policy = await PolicyService.load(store, hub, clock, initial)
     expirer = Expirer(store, hub, clock)
+    # Grant commands an agent would not get in time are refused (server/domain/delivery.py):
+    # never more undelivered than half its stream's queue, so accepted work never cuts it off.
+    rates = DeliveryRates()
+    gate = DeliveryGate(rates, config.agent_queue_limit // 2, registry.connected)
     access = AccessService(
-        store, registry, hub, clock, policy.current, epoch, expirer.deadlines_changed
+        store,
+        registry,
+        hub,
+        clock,
+        policy.current,
+        epoch,
+        expirer.deadlines_changed,
+        delivery=gate,
     )
-    fleet = FleetService(store, registry, hub, clock, epoch)
+    fleet = FleetService(store, registry, hub, clock, epoch, rates=rates)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
     checkpoints = Checkpoints(config.data_dir, keys)
