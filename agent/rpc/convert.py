@@ -133,6 +133,13 @@ def ack_to_pb(ack: Ack) -> agentlink_pb2.AgentMessage:
     )
 
 
+def acks_to_pb(acks: Sequence[Ack]) -> agentlink_pb2.AgentMessage:
+    """Several acks in one message (wire 0.2 and later), in order."""
+    return agentlink_pb2.AgentMessage(
+        acks=agentlink_pb2.AckBatch(acks=[ack_to_pb(a).ack for a in acks])
+    )
+
+
 def event_to_pb(event: OutboxEvent) -> agentlink_pb2.AgentMessage:
     return agentlink_pb2.AgentMessage(
         event=agentlink_pb2.AgentEvent(

@@ -27,7 +27,9 @@ Protocol, as the agent speaks it:
   where it stopped.
 
 Writes to the stream never overlap (two at once crash it): a lock serializes them. The reader
-writes each command's ack itself, at once (no hand-off to another task on the push path); a writer
+hands commands to the applier task, which applies them and writes their acks itself, at once:
+one by one when they come one by one, and when they come faster than they are applied, all those
+waiting together (one commit, one `AckBatch` to a coordinator of wire 0.2 or later). A writer
 task drains a bounded queue for everything else (the Hello, heartbeats, outbox events).
 """
 
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from agent.domain.commands import Ack, AckStatus
+from agent.domain.commands import Ack, AckStatus, CommandSpec
 from agent.domain.errors import EnrollmentError, EnrollmentRefused, LinkError, MalformedCommand
 from agent.domain.timekeeping import full_jitter
 from agent.engine import Engine
@@ -65,6 +67,10 @@ OUTBOX_BATCH = 100
 MIN_HEARTBEAT = 0.1
 MAX_RECEIVE = 4 * 1024 * 1024  # snapshots can be large
 MAX_SEND = 64 * 1024
+# Commands received and not yet applied (beyond: the reader stops, and gRPC holds the sender),
+# and the most applied together (their acks fit one message well under MAX_SEND).
+RECEIVED_COMMANDS = 1024
+APPLY_BATCH = 128
 
 _Call = grpc.aio.StreamStreamCall[agentlink_pb2.AgentMessage, agentlink_pb2.CoordinatorMessage]
 _Queue = asyncio.Queue[agentlink_pb2.AgentMessage]
@@ -348,16 +354,19 @@ class Link:
         if first.WhichOneof("body") != "welcome":
             raise LinkError("the coordinator did not start with a Welcome")
         interval = await self._welcome(first.welcome)
+        batched = _speaks(first.welcome.version, 0, 2)
+        received: asyncio.Queue[agentlink_pb2.Command] = asyncio.Queue(RECEIVED_COMMANDS)
         tasks.create_task(self._heartbeats(queue, interval))
         tasks.create_task(self._send_outbox(queue))
+        tasks.create_task(self._apply(received, out, batched=batched))
         while True:
             message = await call.read()
             if not isinstance(message, agentlink_pb2.CoordinatorMessage):
                 raise _StreamEnded()
             kind = message.WhichOneof("body")
             if kind == "command":
-                # Acked from here: the ack leaves as soon as the command is persisted and applied.
-                await out.send(await self._command(message.command))
+                # Full: stop reading, so gRPC's flow control holds the coordinator back.
+                await received.put(message.command)
             elif kind == "event_ack":
                 ids = list(message.event_ack.event_ids)
                 self._sent.difference_update(ids)
@@ -414,14 +423,40 @@ class Link:
         )
         return interval
 
-    async def _command(self, command: agentlink_pb2.Command) -> agentlink_pb2.AgentMessage:
-        try:
-            body = verify(command, self._pinned, min_epoch=self._min_epoch)
-            spec = convert.command_from_pb(command.seq, body)
-        except MalformedCommand as exc:
-            log.warning("command rejected", extra={"seq": command.seq, "reason": str(exc)})
-            return convert.ack_to_pb(Ack(command.seq, AckStatus.REJECTED, str(exc)[:256]))
-        return convert.ack_to_pb(await self._engine.handle(spec))
+    async def _apply(
+        self, received: asyncio.Queue[agentlink_pb2.Command], out: _Writes, *, batched: bool
+    ) -> None:
+        """Apply the commands as they arrive and ack them at once: one at a time when they
+        come one at a time, and all those waiting together when they come faster than they are
+        applied (one commit, one ack message: `Engine.handle_many`, `AckBatch`)."""
+        while True:
+            batch = [await received.get()]
+            while not received.empty() and len(batch) < APPLY_BATCH:
+                batch.append(received.get_nowait())
+            acks = await self._commands(batch)
+            if batched and len(acks) > 1:
+                await out.send(convert.acks_to_pb(acks))
+            else:
+                for ack in acks:
+                    await out.send(convert.ack_to_pb(ack))
+
+    async def _commands(self, batch: list[agentlink_pb2.Command]) -> list[Ack]:
+        """Each command verified (a refused one changes nothing), the others handled in order."""
+        acks: dict[int, Ack] = {}
+        specs: list[tuple[int, CommandSpec]] = []
+        for k, command in enumerate(batch):
+            try:
+                body = verify(command, self._pinned, min_epoch=self._min_epoch)
+                specs.append((k, convert.command_from_pb(command.seq, body)))
+            except MalformedCommand as exc:
+                log.warning("command rejected", extra={"seq": command.seq, "reason": str(exc)})
+                acks[k] = Ack(command.seq, AckStatus.REJECTED, str(exc)[:256])
+        if len(specs) == 1:
+            acks[specs[0][0]] = await self._engine.handle(specs[0][1])
+        elif specs:
+            handled = await self._engine.handle_many([spec for _, spec in specs])
+            acks.update(zip((k for k, _ in specs), handled, strict=True))
+        return [acks[k] for k in range(len(batch))]
 
     async def _heartbeats(self, queue: _Queue, interval: float) -> None:
         while True:
@@ -479,6 +514,15 @@ def _enrollment_error(exc: grpc.aio.AioRpcError) -> EnrollmentError:
         why = "".join(ch for ch in (exc.details() or "")[:200] if ch.isprintable())
         return EnrollmentRefused(f"enrollment refused ({_code(exc)}): {why or 'no reason given'}")
     return EnrollmentError(f"enrollment failed: {_code(exc)}")
+
+
+def _speaks(version: str, major: int, minor: int) -> bool:
+    """Whether a coordinator of `version` ("MAJOR.MINOR.PATCH") understands the wire of
+    MAJOR.MINOR (an empty or unparsable version: no)."""
+    parts = version.split(".")
+    if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        return False
+    return (int(parts[0]), int(parts[1])) >= (major, minor)
 
 
 def _code(exc: grpc.aio.AioRpcError) -> str:

@@ -11,6 +11,7 @@ off; it reconnects and resyncs from the log instead of growing the coordinator's
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from jitmesh import __version__
 from jitmesh.clock import Clock
 from jitmesh.keyset import key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agentlink_pb2_grpc, agents_pb2
@@ -37,6 +39,8 @@ Ctx = grpc.aio.ServicerContext[agentlink_pb2.AgentMessage, agentlink_pb2.Coordin
 HELLO_TIMEOUT = 10.0
 # Agent messages are small (acks, events, heartbeats); anything bigger is an attack or a bug.
 MAX_AGENT_MESSAGE = 64 * 1024
+# Ack messages of one stream read on while earlier ones are still being written.
+ACKS_IN_FLIGHT = 64
 # grpc-stubs predates the aio EOF sentinel.
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 
@@ -179,6 +183,9 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             await context.abort(session.close_code, session.close_reason)
 
     async def _read(self, principal: Principal, session: Session, context: Ctx) -> None:
+        # Acks being written: the reader goes on reading while they are group-committed
+        # (recorded in the order read), up to ACKS_IN_FLIGHT; a failed write ends the stream.
+        writing: collections.deque[asyncio.Future[Any]] = collections.deque()
         while True:
             message = await context.read()
             if message is EOF:
@@ -190,7 +197,15 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 if message.ByteSize() > MAX_AGENT_MESSAGE:
                     raise errors.InvalidArgument("message too large")
                 if kind == "ack":
-                    await self._fleet.ack(principal, c.ack(message.ack))
+                    writing.append(self._fleet.ack_later(principal, [c.ack(message.ack)]))
+                    await _settle(writing)
+                elif kind == "acks":
+                    # Several commands applied in one commit (docs/wire.md): each ack as if
+                    # alone, in order, written together.
+                    acks = [c.ack(one) for one in message.acks.acks]
+                    if acks:
+                        writing.append(self._fleet.ack_later(principal, acks))
+                        await _settle(writing)
                 elif kind == "event":
                     await self._fleet.observed(principal, c.observation(message.event))
                     session.offer(
@@ -260,6 +275,8 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                     signing_keys=keys,
                     keys_key_id=keys_key_id,
                     keys_signature=keys_signature,
+                    # Since 0.2: what the agent may send (e.g. AckBatch): docs/wire.md.
+                    version=__version__,
                 )
             )
         )
@@ -315,6 +332,18 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         return agentlink_pb2.CoordinatorMessage(
             command=agentlink_pb2.Command(seq=seq, body=data, key_id=key_id, signature=signature)
         )
+
+
+async def _settle(writing: collections.deque[asyncio.Future[Any]]) -> None:
+    """Take the finished ack writes off the front (raising a failure), and wait for the
+    oldest while too many are in flight."""
+    while writing:
+        oldest = writing[0]
+        if len(writing) > ACKS_IN_FLIGHT or oldest.done():
+            writing.popleft()
+            await oldest
+        else:
+            return
 
 
 def _reason(results: list[Any]) -> str:
