@@ -55,6 +55,7 @@ from jitmesh.keyset import key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agents_pb2
 from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
 from jitmesh.v1.agents_pb2_grpc import AgentsStub
+from jitmesh.versions import older_than
 
 from . import convert
 from .signature import signature_holds
@@ -287,6 +288,7 @@ class Link:
                 epoch=state.epoch,
                 boot_id=self._settings.boot_id,
                 agent_time=self._clock.now(),
+                removing_grant_ids=state.removing_grant_ids,
             )
         )
         self._sent = set()
@@ -354,7 +356,7 @@ class Link:
         if first.WhichOneof("body") != "welcome":
             raise LinkError("the coordinator did not start with a Welcome")
         interval = await self._welcome(first.welcome)
-        batched = _speaks(first.welcome.version, 0, 2)
+        batched = not older_than(first.welcome.version, 0, 2)
         received: asyncio.Queue[agentlink_pb2.Command] = asyncio.Queue(RECEIVED_COMMANDS)
         tasks.create_task(self._heartbeats(queue, interval))
         tasks.create_task(self._send_outbox(queue))
@@ -514,15 +516,6 @@ def _enrollment_error(exc: grpc.aio.AioRpcError) -> EnrollmentError:
         why = "".join(ch for ch in (exc.details() or "")[:200] if ch.isprintable())
         return EnrollmentRefused(f"enrollment refused ({_code(exc)}): {why or 'no reason given'}")
     return EnrollmentError(f"enrollment failed: {_code(exc)}")
-
-
-def _speaks(version: str, major: int, minor: int) -> bool:
-    """Whether a coordinator of `version` ("MAJOR.MINOR.PATCH") understands the wire of
-    MAJOR.MINOR (an empty or unparsable version: no)."""
-    parts = version.split(".")
-    if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
-        return False
-    return (int(parts[0]), int(parts[1])) >= (major, minor)
 
 
 def _code(exc: grpc.aio.AioRpcError) -> str:

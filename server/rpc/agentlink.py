@@ -24,6 +24,7 @@ from jitmesh import __version__
 from jitmesh.clock import Clock
 from jitmesh.keyset import key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agentlink_pb2_grpc, agents_pb2
+from jitmesh.versions import older_than
 from server.ca import CertificateError, agent_of
 from server.domain import errors
 from server.domain.fleet import BACKLOG_PAGE, FleetService
@@ -48,10 +49,12 @@ EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 class Session:
     # Thousands of these live at once: no per-instance __dict__, and a bare future to wait on
     # for the close rather than an Event plus a task waiting on it (docs/performance.md).
-    __slots__ = ("agent", "close_code", "close_reason", "closed", "queue")
+    __slots__ = ("agent", "close_code", "close_reason", "closed", "legacy", "queue")
 
     def __init__(self, agent: str, queue_limit: int) -> None:
         self.agent = agent
+        # An agent older than wire 0.2 (docs/wire.md, "Mixed versions").
+        self.legacy = False
         self.queue: asyncio.Queue[agentlink_pb2.CoordinatorMessage | Command] = asyncio.Queue(
             queue_limit
         )
@@ -137,6 +140,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         self._heartbeat = heartbeat
 
     async def Connect(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
+        principal: Principal | None = None
         try:
             principal = await self._fleet.authenticate_agent(self._credential(context))
             first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
@@ -147,12 +151,16 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 raise errors.InvalidArgument("message too large")
             if not isinstance(first, agentlink_pb2.AgentMessage) or not first.HasField("hello"):
                 raise errors.InvalidArgument("the first message must be a Hello")
-            resume = await self._fleet.hello(principal, c.hello(first.hello))
+            hello = c.hello(first.hello)
+            resume = await self._fleet.hello(principal, hello)
         except errors.DomainError as exc:
+            if principal is not None and isinstance(exc, errors.InvalidArgument):
+                await self._refused(principal, exc)
             await context.abort(status_of(exc), exc.message)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello in time")
         session = Session(principal.name, self._registry.queue_limit)
+        session.legacy = older_than(hello.version, 0, 2)
         self._registry.register(session)
         log.info("agent connected agent=%s resume_after=%d", session.agent, resume.resume_after_seq)
         self._streams += 1
@@ -175,7 +183,11 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             if self._streams == 0 and self._ticker is not None:
                 self._ticker.cancel()
                 self._ticker = None
-            reason = session.close_reason or _reason(results)
+            failure = _failure(results)
+            if failure and not session.close_reason:
+                # A handler that failed never ends the stream "OK".
+                session.close(failure, grpc.StatusCode.INTERNAL)
+            reason = session.close_reason or "stream ended"
             log.info("agent disconnected agent=%s reason=%s", session.agent, reason)
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._fleet.disconnected(principal, reason))
@@ -184,7 +196,8 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
 
     async def _read(self, principal: Principal, session: Session, context: Ctx) -> None:
         # Acks being written: the reader goes on reading while they are group-committed
-        # (recorded in the order read), up to ACKS_IN_FLIGHT; a failed write ends the stream.
+        # (recorded in the order read), up to ACKS_IN_FLIGHT; a failed write ends the stream
+        # (`_watch`) as a refused message does.
         writing: collections.deque[asyncio.Future[Any]] = collections.deque()
         while True:
             message = await context.read()
@@ -196,15 +209,22 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             try:
                 if message.ByteSize() > MAX_AGENT_MESSAGE:
                     raise errors.InvalidArgument("message too large")
-                if kind == "ack":
-                    writing.append(self._fleet.ack_later(principal, [c.ack(message.ack)]))
-                    await _settle(writing)
-                elif kind == "acks":
-                    # Several commands applied in one commit (docs/wire.md): each ack as if
-                    # alone, in order, written together.
-                    acks = [c.ack(one) for one in message.acks.acks]
-                    if acks:
+                if kind in ("ack", "acks"):
+                    # An AckBatch: several commands applied in one commit (docs/wire.md), each
+                    # ack as if alone, in order, written together.
+                    acks = (
+                        [c.ack(message.ack, legacy=session.legacy)]
+                        if kind == "ack"
+                        else [c.ack(one, legacy=session.legacy) for one in message.acks.acks]
+                    )
+                    if any(ack.results for ack in acks):
+                        # A snapshot's ack (rare): its results are checked against the agent's
+                        # grants first, then it is written in its turn.
+                        for ack in acks:
+                            await self._fleet.ack(principal, ack)
+                    elif acks:
                         writing.append(self._fleet.ack_later(principal, acks))
+                        _watch(session, writing[-1])
                         await _settle(writing)
                 elif kind == "event":
                     await self._fleet.observed(principal, c.observation(message.event))
@@ -215,12 +235,20 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                     )
                 elif kind == "hello":
                     raise errors.InvalidArgument("Hello may only be sent once")
+                elif kind != "heartbeat":
+                    raise errors.InvalidArgument("unknown or empty agent message")
             except errors.DomainError as exc:
+                if isinstance(exc, errors.InvalidArgument):
+                    await self._refused(principal, exc)
                 # A refused message ends the stream with its status: an agent acting for another
                 # is cut off at once, not merely refused, and a malformed message is not skipped
                 # silently (the agent would believe it delivered).
                 session.close(exc.message, status_of(exc))
                 return
+
+    async def _refused(self, principal: Principal, exc: errors.DomainError) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._fleet.message_refused(principal, exc.message))
 
     def _credential(self, context: Ctx) -> str:
         pem = peer_certificate(context)
@@ -283,7 +311,12 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         last = resume.resume_after_seq
         if resume.snapshot is not None:
             body = c.snapshot_body(
-                session.agent, resume.snapshot_seq, resume.snapshot, epoch, self._clock.now()
+                session.agent,
+                resume.snapshot_seq,
+                resume.snapshot,
+                epoch,
+                self._clock.now(),
+                resume.tombstones,
             )
             await context.write(self._command(resume.snapshot_seq, body))
             last = resume.snapshot_seq
@@ -335,20 +368,32 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
 
 
 async def _settle(writing: collections.deque[asyncio.Future[Any]]) -> None:
-    """Take the finished ack writes off the front (raising a failure), and wait for the
-    oldest while too many are in flight."""
-    while writing:
-        oldest = writing[0]
-        if len(writing) > ACKS_IN_FLIGHT or oldest.done():
-            writing.popleft()
-            await oldest
-        else:
+    """Take the finished ack writes off the front, and wait for the oldest while too many are
+    in flight (their failures are handled by `_watch`)."""
+    while writing and (writing[0].done() or len(writing) > ACKS_IN_FLIGHT):
+        await asyncio.wait([writing.popleft()])
+
+
+def _watch(session: Session, written: asyncio.Future[Any]) -> None:
+    """End the stream when an ack write failed: with the refusal's status for a refused ack
+    (another agent's grant named), as the reader does for any refused message."""
+
+    def done(future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
             return
+        exc = future.exception()
+        if isinstance(exc, errors.DomainError):
+            session.close(exc.message, status_of(exc))
+        elif exc is not None:
+            log.warning("recording an agent's acks failed: %r", exc)
+            session.close(f"stream error: {type(exc).__name__}", grpc.StatusCode.INTERNAL)
+
+    written.add_done_callback(done)
 
 
-def _reason(results: list[Any]) -> str:
+def _failure(results: list[Any]) -> str:
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
             log.warning("agent stream task failed: %r", result)
             return f"stream error: {type(result).__name__}"
-    return "stream ended"
+    return ""

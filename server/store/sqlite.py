@@ -62,13 +62,14 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _REQUEST_COLUMNS = (
     "r.id, r.subject, r.agent, r.action, r.duration_ms, r.reason, r.state, r.rule, "
     "r.approvals_required, r.approver_groups, r.created_at, r.pending_expires_at, r.decided_at, "
-    "r.decided_by, r.decision_reason, r.grant_id, g.state, r.plan, r.ticket"
+    "r.decided_by, r.decision_reason, r.grant_id, g.state, r.plan, r.ticket, r.start_at, "
+    "r.selector, r.grant_ids, r.reused, r.extends_grant_id"
 )
 _REQUEST_FROM = "requests r LEFT JOIN grants g ON g.id = r.grant_id"
 _GRANT_COLUMNS = (
     "id, request_id, agent, subject, action, not_before, not_after, state, offline_mode, "
     "offline_grace_ms, created_at, ended_at, ended_by, end_reason, grant_seq, revoke_seq, "
-    "applied_at, failure, epoch"
+    "applied_at, failure, epoch, extensions, original_not_after"
 )
 _GRANT_COLUMNS_G = ", ".join("g." + c for c in _GRANT_COLUMNS.split(", "))
 _AUDIT_COLUMNS = (
@@ -177,6 +178,11 @@ def _request(row: Sequence[Any], reviews: tuple[Review, ...]) -> Request:
         grant_state=GrantState(row[16]) if row[16] else None,
         plan=plan_from_json(row[17]),
         ticket=row[18],
+        start_at=_at(row[19]),
+        selector=json.loads(row[20]) if row[20] else {},
+        grant_ids=tuple(json.loads(row[21])) if row[21] else (),
+        reused=bool(row[22]),
+        extends_grant_id=row[23],
     )
 
 
@@ -200,6 +206,8 @@ def _grant(row: Sequence[Any]) -> Grant:
         applied_at=_at(row[16]),
         failure=row[17],
         epoch=row[18],
+        extensions=row[19],
+        original_not_after=_at(row[20]),
     )
 
 
@@ -346,19 +354,22 @@ def _page(token: str) -> tuple[int, str] | None:
         return None
     at, _, key = token.partition(":")
     try:
-        return int(at), key
+        value = int(at)
     except ValueError:
         raise InvalidArgument("page token is not valid") from None
+    if not 0 <= value < 2**63:
+        raise InvalidArgument("page token is not valid")
+    return value, key
 
 
 _REQUEST_INSERT = (
     "INSERT INTO requests (id, subject, agent, action, duration_ms, reason, state, rule, "
     "approvals_required, approver_groups, created_at, pending_expires_at, decided_at, "
-    "decided_by, decision_reason, grant_id, plan, ticket) "
-    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    "decided_by, decision_reason, grant_id, plan, ticket, start_at, selector, grant_ids, "
+    "reused, extends_grant_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _GRANT_INSERT = (
-    f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _COMMAND_INSERT = (
     "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
@@ -372,7 +383,9 @@ def _request_row(r: Request) -> tuple[Any, ...]:
         r.reason, r.state.value, r.rule, r.approvals_required,
         json.dumps(list(r.approver_groups)), to_ms(r.created_at),
         _ms(r.pending_expires_at), _ms(r.decided_at), r.decided_by, r.decision_reason,
-        r.grant_id, plan_json(r.plan), r.ticket,
+        r.grant_id, plan_json(r.plan), r.ticket, _ms(r.start_at),
+        json.dumps(r.selector) if r.selector else "",
+        json.dumps(list(r.grant_ids)) if r.grant_ids else "", int(r.reused), r.extends_grant_id,
     )  # fmt: skip
 
 
@@ -382,7 +395,7 @@ def _grant_row(g: Grant) -> tuple[Any, ...]:
         to_ms(g.not_after), g.state.value, g.offline.mode.value,
         g.offline.grace // timedelta(milliseconds=1), to_ms(g.created_at),
         _ms(g.ended_at), g.ended_by, g.end_reason, g.grant_seq, g.revoke_seq,
-        _ms(g.applied_at), g.failure, g.epoch,
+        _ms(g.applied_at), g.failure, g.epoch, g.extensions, _ms(g.original_not_after),
     )  # fmt: skip
 
 
@@ -479,9 +492,36 @@ class SqliteTx:
         await self._conn.execute(
             _COMMAND_INSERT, (agent, seq, kind.value, grant_id, revoke_reason, to_ms(at))
         )
-        column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
-        await self._conn.execute(f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id))
+        if kind in (CommandKind.GRANT, CommandKind.REVOKE):
+            column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
+            await self._conn.execute(
+                f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id)
+            )
         return seq
+
+    async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
+        """Mark the agent's commands before `snapshot_seq` that were never acknowledged as
+        replaced by that snapshot (NOT_APPLIED): they are not sent again."""
+        cur = await self._conn.execute(
+            "UPDATE commands SET acked_at = ?, ack_status = 'NOT_APPLIED', ack_reason = ? "
+            "WHERE agent = ? AND seq < ? AND acked_at IS NULL",
+            (to_ms(at), f"replaced by snapshot {snapshot_seq}", agent, snapshot_seq),
+        )
+        return cur.rowcount
+
+    async def extend_grant(
+        self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
+    ) -> bool:
+        """Compare-and-set a live grant's end to a later `not_after` (in place: same grant),
+        counting the extension and keeping the first end. False when the grant is no longer
+        PENDING_DELIVERY or ACTIVE or its end moved meanwhile."""
+        cur = await self._conn.execute(
+            "UPDATE grants SET not_after = ?, extensions = extensions + 1, "
+            "original_not_after = COALESCE(original_not_after, not_after) "
+            "WHERE id = ? AND state IN ('PENDING_DELIVERY', 'ACTIVE') AND not_after = ?",
+            (to_ms(not_after), grant_id, to_ms(expected_not_after)),
+        )
+        return cur.rowcount == 1
 
     async def insert_requests(self, requests: Sequence[Request]) -> None:
         """`insert_request` for many requests, one statement for all (group commit)."""
@@ -1003,9 +1043,9 @@ def _grant_sets(
     expected: Sequence[GrantState], state: GrantState, fields: dict[str, Any]
 ) -> tuple[str, list[Any]]:
     """The SET clause (and its arguments) of a grant compare-and-set; only lifecycle steps and
-    updatable columns are allowed."""
+    updatable columns are allowed (staying in the same state updates columns only)."""
     for current in expected:
-        if state not in GRANT_TRANSITIONS[current]:
+        if state is not current and state not in GRANT_TRANSITIONS[current]:
             raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
     sets = ["state = ?"]
     args: list[Any] = [state.value]
@@ -1229,6 +1269,15 @@ class SqliteStore:
         )
         return [_grant(r) for r in rows]
 
+    async def unremoved_grants(self, agent: str) -> list[Grant]:
+        rows = await _all(
+            self._reader,
+            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE agent = ? "
+            "AND state IN ('REVOKING', 'REVOKE_FAILED') ORDER BY revoke_seq",
+            [agent],
+        )
+        return [_grant(r) for r in rows]
+
     async def get_agent(self, name: str) -> Agent | None:
         return await _get_agent(self._reader, name)
 
@@ -1334,7 +1383,10 @@ class SqliteStore:
     async def first_unacked_seq(self, agent: str) -> int | None:
         row = await _one(
             self._reader,
-            "SELECT MIN(seq) FROM commands WHERE agent = ? AND acked_at IS NULL",
+            # A snapshot's own row is never resent (a new Hello gets a new snapshot), so an ack
+            # of it lost in a crash must not hold the resume point back for ever.
+            "SELECT MIN(seq) FROM commands WHERE agent = ? AND acked_at IS NULL "
+            "AND kind <> 'snapshot'",
             [agent],
         )
         return None if row is None or row[0] is None else int(row[0])

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -66,6 +67,17 @@ def wait_until(what: str, done: Callable[[], bool], timeout: float) -> float:
     return time.monotonic()
 
 
+def first_refusal(attempt: Callable[[], int], timeout: float) -> datetime:
+    """When the first attempt that failed began (attempts are made back to back)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        began = datetime.now(UTC)
+        if attempt() != 0:
+            return began
+        time.sleep(0.05)
+    raise AssertionError(f"still allowed after {timeout}s")
+
+
 def whole_second(at: datetime) -> datetime:
     return at.replace(microsecond=0)
 
@@ -118,8 +130,7 @@ async def sudo_enforcer(scratch: str) -> dict[str, Any]:
     ends = whole_second(start) + timedelta(seconds=3)
     await enforcer.apply(Cover("alice", "restart", "grt-" + "d" * 32, start, ends))
     seen["native_allowed_before"] = sudo_as("alice", ID_U)[0]
-    wait_until("sudo to refuse", lambda: sudo_as("alice", ID_U)[0] != 0, timeout=15)
-    refused_at = datetime.now(UTC)
+    refused_at = first_refusal(lambda: sudo_as("alice", ID_U)[0], 15)
     seen["native_refused_after_s"] = (refused_at - ends).total_seconds()
     seen["native_file_still_there"] = path.exists()
     return seen
@@ -185,52 +196,124 @@ def agent_config(root: Path, text: str) -> Path:
 
 
 async def sudo_agent(scratch: str, seconds: int) -> dict[str, Any]:
-    """The README's walk-through: alice gets `restart` on web-1 for a few seconds through the
-    coordinator; with the agent running its expiry removes the drop-in on time; then again with
-    the agent SIGKILLed while the grant is live, and sudo itself refuses after not_after."""
+    """The README's walk-through: alice gets `restart` (sudo) and `logs` (an SSH key) on web-1
+    for a few seconds through the coordinator. With the agent running, its expiry removes both
+    on time; then again with the agent SIGKILLed while the grants are live: sudo and sshd refuse
+    after not_after on their own, and the agent, started again, removes what expired."""
     from jitmesh import Client
 
     root = Path(scratch)
     make_user("alice")
-    config = agent_config(root, f'[enforcers.sudo.actions]\nrestart = ["{ID_U}"]\n')
+    sshd = Sshd(root)
+    config = agent_config(
+        root,
+        f'[enforcers.sudo.actions]\nrestart = ["{ID_U}"]\n'
+        f'[enforcers.ssh]\nkeys = "{sshd.keys}"\nactions = ["logs"]\n',
+    )
     seen: dict[str, Any] = {}
     dropin = Path("/etc/sudoers.d/jitmesh_alice__restart")
+    keyfile = Path("/etc/ssh/jitmesh_keys/alice")
+    enforcers = (f"sudo:{config}", f"ssh:{config}")
     async with Coordinator(root) as coordinator:
-        agent = start_agent(root, coordinator.address, f"sudo:{config}")
+        agent = start_agent(root, coordinator.address, *enforcers)
         try:
             await coordinator.connected("web-1")
             async with await Client.connect(coordinator.address, token="jmt_host-alice") as alice:
                 for case in ("running", "killed"):
-                    _, grant = await alice.create_request(
-                        agent="web-1", action="restart", duration=timedelta(seconds=seconds)
+                    grants = {}
+                    for action in ("restart", "logs"):
+                        _, grant = await alice.create_request(
+                            agent="web-1", action=action, duration=timedelta(seconds=seconds)
+                        )
+                        assert grant is not None
+                        grants[action] = grant
+                    wait_until(
+                        "the drop-in and the keys", lambda: dropin.exists() and keyfile.exists(), 15
                     )
-                    assert grant is not None
-                    wait_until("the drop-in", dropin.exists, timeout=15)
-                    seen[f"{case}_allowed"] = sudo_as("alice", ID_U)[0]
+                    seen[f"{case}_sudo_allowed"] = sudo_as("alice", ID_U)[0]
+                    seen[f"{case}_ssh_allowed"] = sshd.login()[0]
                     seen[f"{case}_file"] = dropin.read_text()
                     if case == "killed":
                         agent.kill()
                         agent.wait(timeout=10)
-                    wait_until(
-                        "sudo to refuse", lambda: sudo_as("alice", ID_U)[0] != 0, 3 * seconds
-                    )
-                    refused = datetime.now(UTC)
-                    seen[f"{case}_refused_after_s"] = (refused - grant.not_after).total_seconds()
+                    sudo_refused = first_refusal(lambda: sudo_as("alice", ID_U)[0], 3 * seconds)
+                    ssh_refused = first_refusal(lambda: sshd.login()[0], 3 * seconds)
+                    seen[f"{case}_sudo_refused_after_s"] = (
+                        sudo_refused - grants["restart"].not_after
+                    ).total_seconds()
+                    seen[f"{case}_ssh_refused_after_s"] = (
+                        ssh_refused - grants["logs"].not_after
+                    ).total_seconds()
                     if case == "running":
                         wait_until(
-                            "the agent to remove the drop-in", lambda: not dropin.exists(), 10
+                            "the agent to remove both",
+                            lambda: not (dropin.exists() or keyfile.exists()),
+                            10,
                         )
                         removed = datetime.now(UTC)
                         seen["running_removed_after_s"] = (
-                            removed - grant.not_after
+                            removed - grants["logs"].not_after
                         ).total_seconds()
                     else:
-                        seen["killed_file_still_there"] = dropin.exists()
+                        seen["killed_files_still_there"] = [dropin.exists(), keyfile.exists()]
+                        # Started again, the agent ends what expired while it was down.
+                        agent = start_agent(root, coordinator.address, *enforcers)
+                        wait_until(
+                            "the restarted agent to clean up",
+                            lambda: not (dropin.exists() or keyfile.exists()),
+                            20,
+                        )
+                        seen["restarted_cleaned_up"] = True
         finally:
             if agent.poll() is None:
                 agent.kill()
                 agent.wait(timeout=10)
+            sshd.stop()
     return seen
+
+
+class Sshd:
+    """sshd on a loopback port (host keys made in the overlay), with alice's key registered for
+    the ssh enforcer and the managed file named in AuthorizedKeysFile."""
+
+    def __init__(self, root: Path) -> None:
+        import socket
+
+        from tests.e2e.procs import free_port
+
+        assert sh("usermod", "-p", "*", "alice")[0] == 0  # not locked (no password, keys only)
+        assert sh("ssh-keygen", "-A")[0] == 0
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.key = root / "alice_key"
+        assert sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key))[0] == 0
+        self.keys = Path("/etc/jitmesh/ssh-keys")
+        self.keys.mkdir(parents=True)
+        (self.keys / "alice.pub").write_text(Path(f"{self.key}.pub").read_text())
+        Path("/etc/ssh/sshd_config.d/jitmesh.conf").write_text(
+            "AuthorizedKeysFile .ssh/authorized_keys /etc/ssh/jitmesh_keys/%u\n"
+        )
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/sshd", "-D", "-e", "-p", str(self.port), "-o", "ListenAddress=127.0.0.1"],
+            stdout=(root / "sshd.log").open("ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+        def listening() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until("sshd", listening, timeout=20)
+
+    def login(self) -> tuple[int, str]:
+        return sh(
+            "ssh", "-i", str(self.key), "-p", str(self.port), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "alice@127.0.0.1", "id -un",
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
 
 
 async def ash(*argv: str, timeout: float = 60) -> tuple[int, str]:
@@ -256,7 +339,9 @@ class LocalAgent:
     """An engine with the file enforcer, its sessions and its local socket, in this process, on
     the real clock; commands are handed to it directly (no coordinator needed here)."""
 
-    def __init__(self, state: Path, *, grace: float = 1.0, end: str = "exec") -> None:
+    def __init__(
+        self, state: Path, *, grace: float = 1.0, end: str = "exec", enforcers: Any = None
+    ) -> None:
         from agent.app import prepare_state_dir
         from agent.enforcers.base import EnforcerSet
         from agent.enforcers.file import FileEnforcer
@@ -272,7 +357,7 @@ class LocalAgent:
         self.engine = Engine(
             name="web-1",
             store=self.store,
-            enforcers=EnforcerSet([FileEnforcer(state.parent / "markers")]),
+            enforcers=EnforcerSet(enforcers or [FileEnforcer(state.parent / "markers")]),
             clock=clock,
         )
         self.sessions = Sessions(
@@ -410,11 +495,14 @@ async def local_exec(scratch: str) -> dict[str, Any]:
         seen["revoked_after_s"] = time.monotonic() - started
         # ... then SIGKILL for a command that ignores SIGTERM (grace 1 s).
         grant = await agent.grant("alice", "deploy")
+        trapped = Path("/run/jitmesh-test/alice/trapped")
+        trapped.parent.mkdir()
+        shutil.chown(trapped.parent, "alice")
         stubborn = asyncio.create_task(
             ash(*agent_cli("alice", "exec", "--state", s, "--action", "deploy", "--grace", "30",
-                           "--", "sh", "-c", "trap '' TERM; sleep 60; sleep 60"))
+                           "--", "sh", "-c", f"trap '' TERM; touch {trapped}; sleep 60; sleep 60"))
         )  # fmt: skip
-        await _until(lambda: bool(agent.sessions.runs), 20)
+        await _until(trapped.exists, 20)
         started = time.monotonic()
         await agent.revoke(grant)
         seen["killed_run"] = await stubborn
@@ -435,6 +523,125 @@ async def local_exec(scratch: str) -> dict[str, Any]:
     return seen
 
 
+PAM_SNIPPET = """\
+# /etc/pam.d/{service}: log in only with a live jitmesh grant for the `login` action.
+auth     required pam_permit.so
+account  required pam_exec.so quiet {agent} check --pam --state {state} --action login
+"""
+
+
+async def pam_login(scratch: str) -> dict[str, Any]:
+    """`jitmesh-agent check` as a pam_exec account module, through pamtester."""
+    make_user("alice")
+    make_user("bob")
+    state = Path("/run/jitmesh-test/state")
+    state.parent.mkdir(parents=True)
+    Path("/etc/pam.d/jitmesh-login").write_text(
+        PAM_SNIPPET.format(service="jitmesh-login", agent=BIN / "jitmesh-agent", state=state)
+    )
+    seen: dict[str, Any] = {}
+
+    async def login(user: str) -> int:
+        return (await ash("pamtester", "jitmesh-login", user, "acct_mgmt"))[0]
+
+    async with LocalAgent(state) as agent:
+        seen["without"] = await login("alice")
+        grant = await agent.grant("alice", "login")
+        seen["with"] = await login("alice")
+        seen["other_user"] = await login("bob")
+        await agent.grant("alice", "deploy")
+        await agent.revoke(grant)
+        seen["other_action_only"] = await login("alice")
+        await agent.grant("alice", "login")
+    # The agent stopped: root's check reads the lease table (expiry still by not_after).
+    seen["agent_down"] = await login("alice")
+    seen["agent_down_bob"] = await login("bob")
+    return seen
+
+
+def members(group: str) -> list[str]:
+    import grp
+
+    return sorted(grp.getgrnam(group).gr_mem)
+
+
+async def group_enforcer(scratch: str) -> dict[str, Any]:
+    """Membership per action with gpasswd: a group shared by two actions stays while one holds;
+    a member added by hand is found and removed by the engine's reconcile (audited)."""
+    from agent.enforcers.group import GroupEnforcer, GroupSettings
+
+    for user in ("alice", "mallory"):
+        make_user(user)
+    for group in ("deployers", "builders"):
+        assert sh("groupadd", group)[0] == 0
+    settings = GroupSettings({"deploy": ("deployers", "builders"), "build": ("builders",)})
+    enforcer = GroupEnforcer(settings)
+    now = whole_second(datetime.now(UTC))
+    seen: dict[str, Any] = {}
+
+    def window(action: str) -> Cover:
+        return Cover("alice", action, "grt-" + "e" * 32, now, now + timedelta(hours=1))
+
+    await enforcer.apply(window("deploy"))
+    seen["deploy"] = [members("deployers"), members("builders")]
+    seen["id"] = sh("id", "-nG", "alice")[1]
+    await enforcer.apply(window("build"))
+    await enforcer.remove("alice", "deploy")
+    # builders is still needed by build.
+    seen["after_deploy_removed"] = [members("deployers"), members("builders")]
+    await enforcer.remove("alice", "build")
+    seen["after_both_removed"] = [members("deployers"), members("builders")]
+    # Drift through the engine: the reconcile removes a member nobody granted.
+    state = Path("/run/jitmesh-test/state")
+    state.parent.mkdir(parents=True)
+    async with LocalAgent(state, enforcers=[GroupEnforcer(settings)]) as agent:
+        await agent.grant("alice", "build")
+        assert sh("gpasswd", "-a", "mallory", "builders")[0] == 0
+        seen["engine_applied"] = members("builders")
+        await agent.engine.reconcile()
+        seen["after_reconcile"] = members("builders")
+        seen["events"] = await agent.events()
+    return seen
+
+
+async def ssh_enforcer(scratch: str) -> dict[str, Any]:
+    """A real login over loopback with a key, allowed while the grant holds and refused by sshd
+    itself after expiry-time (the file still in place: nobody removed it)."""
+    from agent.enforcers.ssh import SshEnforcer, SshSettings
+
+    make_user("alice")
+    make_user("bob")
+    sshd = Sshd(Path(scratch))
+    seen: dict[str, Any] = {}
+    seen["sshd_T"] = [
+        line for line in sh("/usr/sbin/sshd", "-T")[1].splitlines()
+        if line.startswith("authorizedkeysfile")
+    ]  # fmt: skip
+    try:
+        enforcer = SshEnforcer(SshSettings(sshd.keys, frozenset({"ssh"})))
+        seen["before"] = sshd.login()[0]
+        start = datetime.now(UTC)
+        ends = whole_second(start) + timedelta(seconds=3)
+        await enforcer.apply(Cover("alice", "ssh", "grt-" + "f" * 32, start, ends))
+        path = enforcer.path_for("alice")
+        st = path.stat()
+        seen["mode"], seen["owner"] = oct(st.st_mode & 0o777), st.st_uid
+        seen["file"] = path.read_text()
+        seen["login"] = sshd.login()
+        seen["observed"] = sorted(await enforcer.observe())
+        refused = first_refusal(lambda: sshd.login()[0], 15)
+        seen["refused_after_s"] = (refused - ends).total_seconds()
+        seen["file_still_there"] = path.exists()
+        try:
+            await enforcer.apply(Cover("bob", "ssh", "grt-" + "f" * 32, start, ends))
+            seen["bob"] = "applied"
+        except Exception as exc:
+            seen["bob"] = str(exc)
+    finally:
+        sshd.stop()
+    return seen
+
+
 async def _until(done: Callable[[], bool], timeout: float) -> None:
     async with asyncio.timeout(timeout):
         while not done():
@@ -445,6 +652,9 @@ SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "sudo_enforcer": sudo_enforcer,
     "sudo_agent": sudo_agent,
     "local_exec": local_exec,
+    "pam_login": pam_login,
+    "group_enforcer": group_enforcer,
+    "ssh_enforcer": ssh_enforcer,
 }
 
 

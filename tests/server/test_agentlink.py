@@ -15,9 +15,16 @@ from tests.server.helpers import T0, Env, agent_link
 M15 = timedelta(minutes=15)
 
 
+# A request for a pair the subject already holds live would reuse that grant: each call asks for
+# another (subject, action) pair, so every call makes a new grant and command.
+_PAIRS = [(who, action) for who in ("alice", "dave") for action in ("deploy", "restart", "logs")]
+
+
 async def approved_prod_grant(env: Env) -> tuple[str, str]:
-    request, _ = await env.alice.create_request(
-        agent="db-1", action="deploy", duration=M15, reason="release 42"
+    held = {(g.subject, g.action) for g in await env.admin.list_grants() if not g.state.terminal}
+    who, action = next(pair for pair in _PAIRS if pair not in held)
+    request, _ = await env.clients[who].create_request(
+        agent="db-1", action=action, duration=M15, reason="release 42"
     )
     request, grant = await env.bob.approve(request.id)
     assert grant is not None
@@ -146,9 +153,10 @@ async def test_agent_ahead_of_the_log_gets_a_snapshot(env: Env) -> None:
     _, grant_id = await approved_prod_grant(env)
     async with agent_link(env.address, env.credentials["db-1"]) as link:
         welcome = await link.hello("db-1", last_applied_seq=50)
-        assert welcome.resume_after_seq == 1
+        # The snapshot has its own place in the log, after the grant command (seq 1).
+        assert welcome.resume_after_seq == 2
         seq, body = await link.command()
-        assert (seq, body.WhichOneof("kind")) == (1, "snapshot")
+        assert (seq, body.WhichOneof("kind")) == (2, "snapshot")
         assert [g.grant_id for g in body.snapshot.grants] == [grant_id]
 
 
@@ -179,9 +187,9 @@ async def test_first_message_must_be_hello(env: Env) -> None:
 
 
 async def test_expired_event_is_stored_once_and_acknowledged(env: Env) -> None:
-    request_id, grant_id = await approved_prod_grant(env)
     async with agent_link(env.address, env.credentials["db-1"]) as link:
         await link.hello("db-1")
+        request_id, grant_id = await approved_prod_grant(env)
         seq, _ = await link.command()
         await link.ack(seq, grant_id)
         await env.wait_grant_state(request_id, GrantState.ACTIVE)
