@@ -42,6 +42,7 @@ from server.ca import InternalCA
 from server.checkpoints import Checkpoints
 from server.config import CoordinatorConfig
 from server.domain.access import AccessService
+from server.domain.admission import Admission, AdmissionSettings
 from server.domain.delivery import DeliveryGate, DeliveryRates
 from server.domain.errors import PermissionDenied
 from server.domain.expiring import ExpiryWarnings
@@ -397,7 +398,18 @@ async def _assemble(
         )
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
         AgentLinkServicer(
-            fleet, registry, clock, keys, config.heartbeat, require_certificate=ca is not None
+            fleet,
+            registry,
+            clock,
+            keys,
+            config.heartbeat,
+            require_certificate=ca is not None,
+            admission=Admission(
+                AdmissionSettings(
+                    config.agent_admit_rate, config.agent_admit_burst, config.agent_max_handshakes
+                ),
+                clock.monotonic(),
+            ),
         ),
         server if agent_server is None else agent_server,
     )

@@ -71,6 +71,8 @@ MAX_SEND = 64 * 1024
 # Commands received and not yet applied (beyond: the reader stops, and gRPC holds the sender),
 # and the most applied together (their acks fit one message well under MAX_SEND).
 RECEIVED_COMMANDS = 1024
+# A coordinator's retry hint is believed up to this many seconds.
+MAX_HINT = 600.0
 APPLY_BATCH = 128
 
 _Call = grpc.aio.StreamStreamCall[agentlink_pb2.AgentMessage, agentlink_pb2.CoordinatorMessage]
@@ -129,6 +131,8 @@ class Link:
         self._rand = rand
         self._welcomed_at: float | None = None
         self._sent: set[str] = set()
+        # The coordinator's "try again after" (seconds) from the last attempt, if it gave one.
+        self._retry_hint = 0.0
 
     async def run(self) -> None:
         """Connect, serve the stream until it breaks, back off, and again; until cancelled."""
@@ -169,11 +173,20 @@ class Link:
                 rand=self._rand(),
             )
             attempt += 1
+            if self._retry_hint > 0:
+                # Pushed back: the hint (spread by up to half again, so the refused do not all
+                # return together), never less than the schedule's own delay.
+                hinted = min(MAX_HINT, self._retry_hint) * (1.0 + 0.5 * self._rand())
+                delay = max(delay, hinted)
+                self._retry_hint = 0.0
             log.warning("link down", extra={"reason": reason, "delay": f"{delay:.3f}s"})
             await self._pacing.sleep(delay)
 
     def _refused(self, exc: grpc.aio.AioRpcError) -> str:
         code = exc.code()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and self._retry_hint <= 0:
+            # The hint in the status details (the stream may have ended before it was read).
+            self._retry_hint = convert.retry_after(exc.trailing_metadata()) or 0.0
         if code == grpc.StatusCode.UNAUTHENTICATED:
             # The coordinator no longer accepts the credential (removed agent, reset coordinator).
             # With a join token, drop it and enroll again on the next attempt; without one, keep
@@ -301,7 +314,16 @@ class Link:
                 # `run` could no longer tell a stop (SIGTERM) from a broken stream.
                 await asyncio.wait([writer, reader], return_when=asyncio.FIRST_COMPLETED)
         except BaseExceptionGroup as group:
+            await self._note_hint(call)
             _raise_most_telling(group)
+
+    async def _note_hint(self, call: _Call) -> None:
+        """A stream refused with RESOURCE_EXHAUSTED: keep its retry hint (status details),
+        whichever of the stream's tasks noticed the end first."""
+        if self._retry_hint > 0 or not call.done():
+            return
+        if await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self._retry_hint = convert.retry_after(await call.trailing_metadata()) or 0.0
 
     def _options(self) -> list[tuple[str, int]]:
         s = self._settings
@@ -352,6 +374,12 @@ class Link:
         except TimeoutError:
             raise LinkError("no Welcome from the coordinator") from None
         if not isinstance(first, agentlink_pb2.CoordinatorMessage):
+            raise _StreamEnded()
+        if first.WhichOneof("body") == "pushback":
+            # Admission control: "not now". The stream ends next (RESOURCE_EXHAUSTED); `run`
+            # waits at least this long, never less than its own schedule.
+            self._retry_hint = convert.duration_seconds(first.pushback.retry_after)
+            await call.read()
             raise _StreamEnded()
         if first.WhichOneof("body") != "welcome":
             raise LinkError("the coordinator did not start with a Welcome")

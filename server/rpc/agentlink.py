@@ -27,13 +27,14 @@ from jitmesh.v1 import agentlink_pb2, agentlink_pb2_grpc, agents_pb2
 from jitmesh.versions import older_than
 from server.ca import CertificateError, agent_of
 from server.domain import errors
+from server.domain.admission import Admission
 from server.domain.fleet import BACKLOG_PAGE, FleetService
-from server.domain.models import Command, Principal, Resume
+from server.domain.models import AgentHello, Command, Principal, Resume
 from server.signing import SigningKeys
 
 from . import convert as c
 from .auth import CERT_PREFIX, bearer, cert_binding, peer_certificate
-from .errors import status_of
+from .errors import admission_hint, retry_metadata, status_of
 
 log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[agentlink_pb2.AgentMessage, agentlink_pb2.CoordinatorMessage]
@@ -127,7 +128,10 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         heartbeat: timedelta = timedelta(seconds=10),
         *,
         require_certificate: bool = False,
+        admission: Admission | None = None,
     ) -> None:
+        # Streams are admitted at the pace the coordinator takes (admission.py); None: all.
+        self._admission = admission
         self._keys = keys
         self._announcement: tuple[bytes, str, bytes] | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -140,6 +144,30 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         self._heartbeat = heartbeat
 
     async def Connect(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
+        admission = self._admission
+        if admission is not None:
+            wait = admission.admit(self._clock.monotonic())
+            if wait is not None:
+                await self._push_back(context, wait)
+        try:
+            principal, hello, resume = await self._handshake(context)
+        finally:
+            if admission is not None:
+                admission.welcomed()
+        await self._serve(context, principal, hello, resume)
+
+    async def _push_back(self, context: Ctx, seconds: float) -> None:
+        """Refuse the stream for now: the hint in-stream, then RESOURCE_EXHAUSTED (with the
+        hint in the status details too, for clients that do not read the stream)."""
+        hint = admission_hint(seconds)
+        with contextlib.suppress(Exception):
+            await context.write(agentlink_pb2.CoordinatorMessage(pushback=hint))
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, hint.reason, trailing_metadata=retry_metadata(hint)
+        )
+
+    async def _handshake(self, context: Ctx) -> tuple[Principal, AgentHello, Resume]:
+        """The credential, the Hello, and where the agent's log resumes."""
         principal: Principal | None = None
         try:
             principal = await self._fleet.authenticate_agent(self._credential(context))
@@ -159,6 +187,11 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             await context.abort(status_of(exc), exc.message)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello in time")
+        return principal, hello, resume
+
+    async def _serve(
+        self, context: Ctx, principal: Principal, hello: AgentHello, resume: Resume
+    ) -> None:
         session = Session(principal.name, self._registry.queue_limit)
         session.legacy = older_than(hello.version, 0, 2)
         self._registry.register(session)

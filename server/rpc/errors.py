@@ -66,7 +66,10 @@ def retry_hint(pushback: Pushback) -> agentlink_pb2.RetryHint:
 def pushback_metadata(pushback: Pushback) -> tuple[tuple[str, bytes], ...]:
     """Trailing metadata for a RESOURCE_EXHAUSTED answer (docs/wire.md, "Pushback"): a
     google.rpc.Status whose details are the standard RetryInfo and our RetryHint."""
-    hint = retry_hint(pushback)
+    return retry_metadata(retry_hint(pushback))
+
+
+def retry_metadata(hint: agentlink_pb2.RetryHint) -> tuple[tuple[str, bytes], ...]:
     info = error_details_pb2.RetryInfo(retry_delay=hint.retry_after)
     details = []
     for message in (info, hint):
@@ -74,9 +77,17 @@ def pushback_metadata(pushback: Pushback) -> tuple[tuple[str, bytes], ...]:
         packed.Pack(message)
         details.append(packed)
     status = status_pb2.Status(
-        code=code_pb2.RESOURCE_EXHAUSTED, message=pushback.message(), details=details
+        code=code_pb2.RESOURCE_EXHAUSTED, message=hint.reason, details=details
     )
     return ((DETAILS_KEY, status.SerializeToString()),)
+
+
+def admission_hint(seconds: float) -> agentlink_pb2.RetryHint:
+    """The hint for an agent stream refused by admission control."""
+    return agentlink_pb2.RetryHint(
+        retry_after=_duration(seconds),
+        reason=f"too many agents connecting at once; try again in {seconds:.2f}s",
+    )
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
