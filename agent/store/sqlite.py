@@ -480,6 +480,11 @@ class SqliteLeaseStore:
             for row in rows
         ]
 
+    async def outbox_depth(self) -> int:
+        """Events waiting for the coordinator (the metrics read it)."""
+        row = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        return int(row[0])
+
     async def delete_events(self, event_ids: Iterable[str]) -> int:
         with self._tx() as db:
             return sum(

@@ -214,3 +214,20 @@ os.register_at_fork(after_in_child=_random_pool.clear)
 
 def new_secret(prefix: str) -> str:
     return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusCounts:
+    """What the store counts for `jitctl status` and the metrics: one read, no lists."""
+
+    agents_enrolled: int
+    # Requests waiting for a decision (or a scheduled start), by state name.
+    requests: dict[str, int]
+    # Grants not ended, and those ended since the time asked for, by state name.
+    grants: dict[str, int]
+    # Grants whose revoke was sent and not yet acknowledged (REVOKING).
+    revokes_unacknowledged: int
+    # Commands of any kind not yet acknowledged: sum over agents of last_seq - last_acked_seq.
+    commands_unacknowledged: int
+    locks_in_force: int
+    policy_version: int

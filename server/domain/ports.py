@@ -24,7 +24,15 @@ from jitmesh.types import (
     UserInfo,
 )
 
-from .models import AuditEntry, Command, CommandKind, JoinToken, Moved, Principal
+from .models import (
+    AuditEntry,
+    Command,
+    CommandKind,
+    JoinToken,
+    Moved,
+    Principal,
+    StatusCounts,
+)
 
 if TYPE_CHECKING:
     from .receivers import ReceiverSpec
@@ -154,6 +162,7 @@ class Tx(Protocol):
 class Store(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[Tx]: ...
     async def close(self) -> None: ...
+    async def status_counts(self, now: datetime, ended_since: datetime) -> StatusCounts: ...
     async def get_request(self, request_id: str) -> Request | None: ...
     async def list_requests(
         self,

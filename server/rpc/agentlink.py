@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from jitmesh import __version__
+from jitmesh import telemetry as t
 from jitmesh.clock import Clock
 from jitmesh.keyset import key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agentlink_pb2_grpc, agents_pb2
@@ -195,7 +196,10 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         session = Session(principal.name, self._registry.queue_limit)
         session.legacy = older_than(hello.version, 0, 2)
         self._registry.register(session)
-        log.info("agent connected agent=%s resume_after=%d", session.agent, resume.resume_after_seq)
+        log.info(
+            "agent connected",
+            extra={t.AGENT: session.agent, t.PEER: context.peer(), t.SEQ: resume.resume_after_seq},
+        )
         self._streams += 1
         if self._ticker is None or self._ticker.done():
             # One heartbeat task for all streams, not one per stream: it lives while any stream
@@ -221,7 +225,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 # A handler that failed never ends the stream "OK".
                 session.close(failure, grpc.StatusCode.INTERNAL)
             reason = session.close_reason or "stream ended"
-            log.info("agent disconnected agent=%s reason=%s", session.agent, reason)
+            log.info("agent disconnected", extra={t.AGENT: session.agent, t.REASON: reason})
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._fleet.disconnected(principal, reason))
         if session.close_reason and not context.done():

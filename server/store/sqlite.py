@@ -11,7 +11,8 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -44,7 +45,15 @@ from server.domain.approval import plan_from_json, plan_json
 from server.domain.audit import GENESIS, canonical_details, chain_hash, event_hash
 from server.domain.errors import Conflict, InvalidArgument
 from server.domain.lifecycle import DUE_GRANT_STATES, GRANT_TRANSITIONS, REQUEST_TRANSITIONS
-from server.domain.models import AuditEntry, Command, CommandKind, JoinToken, Moved, Principal
+from server.domain.models import (
+    AuditEntry,
+    Command,
+    CommandKind,
+    JoinToken,
+    Moved,
+    Principal,
+    StatusCounts,
+)
 from server.domain.notices import NOTIFIABLE, Notice, NoticeKind, notice_for
 from server.domain.receivers import (
     AttemptRecord,
@@ -1131,6 +1140,9 @@ class SqliteStore:
         self.head: tuple[int, str] = (0, GENESIS)
         self._commits = 0
         self._checkpointing: asyncio.Task[None] | None = None
+        # Told how long each committed write transaction took, from BEGIN to COMMIT, in
+        # seconds (the metrics' histogram); must not raise.
+        self.observe_transaction: Callable[[float], None] | None = None
 
     @property
     def commits(self) -> int:
@@ -1166,6 +1178,7 @@ class SqliteStore:
         streams as fast as it can) left a transaction open behind a released lock, or a commit
         without the head moving, and every later write failed."""
         async with self._lock:
+            began = time.monotonic()
             try:
                 await _to_the_end(self._writer.execute("BEGIN IMMEDIATE"))
                 tx = SqliteTx(self, self._writer)
@@ -1191,6 +1204,8 @@ class SqliteStore:
                 raise
             self.head = (tx.head_seq, tx.head_hash)
             self._commits += 1
+            if self.observe_transaction is not None:
+                self.observe_transaction(time.monotonic() - began)
             if self._commits % CHECKPOINT_EVERY == 0 and (
                 self._checkpointing is None or self._checkpointing.done()
             ):
@@ -1280,6 +1295,57 @@ class SqliteStore:
 
     async def get_agent(self, name: str) -> Agent | None:
         return await _get_agent(self._reader, name)
+
+    async def status_counts(self, now: datetime, ended_since: datetime) -> StatusCounts:
+        """Counts for the mesh status and the metrics: live grants by state (the partial index
+        grants_live and the agents table keep this cheap), grants ended since `ended_since`,
+        pending requests, unacknowledged commands."""
+        live = ("PENDING_DELIVERY", "ACTIVE", "REVOKING", "REVOKE_FAILED")
+        marks = ", ".join("?" * len(live))
+        grants = {
+            str(state): int(count)
+            for state, count in await _all(
+                self._reader,
+                f"SELECT state, COUNT(*) FROM grants WHERE state IN ({marks}) GROUP BY state",
+                live,
+            )
+        }
+        for state, count in await _all(
+            self._reader,
+            f"SELECT state, COUNT(*) FROM grants WHERE ended_at >= ? AND state NOT IN ({marks}) "
+            "GROUP BY state",
+            (_ms(ended_since), *live),
+        ):
+            grants[str(state)] = int(count)
+        requests = {
+            str(state): int(count)
+            for state, count in await _all(
+                self._reader,
+                "SELECT state, COUNT(*) FROM requests WHERE state IN ('PENDING', 'SCHEDULED') "
+                "GROUP BY state",
+            )
+        }
+        agents = await _one(
+            self._reader,
+            "SELECT COUNT(*), COALESCE(SUM(MAX(last_seq - last_acked_seq, 0)), 0) FROM agents "
+            "WHERE removed_at IS NULL",
+        )
+        locks = await _one(
+            self._reader,
+            "SELECT COUNT(*) FROM locks WHERE lifted_at IS NULL "
+            "AND (expires_at IS NULL OR expires_at > ?)",
+            (_ms(now),),
+        )
+        policy = await _one(self._reader, "SELECT COALESCE(MAX(version), 0) FROM policies")
+        return StatusCounts(
+            agents_enrolled=int(agents[0]) if agents else 0,
+            requests=requests,
+            grants=grants,
+            revokes_unacknowledged=grants.get("REVOKING", 0),
+            commands_unacknowledged=int(agents[1]) if agents else 0,
+            locks_in_force=int(locks[0]) if locks else 0,
+            policy_version=int(policy[0]) if policy else 0,
+        )
 
     async def list_agents(self) -> list[Agent]:
         rows = await _all(
