@@ -287,6 +287,7 @@ async def _assemble(
         expirer.deadlines_changed,
         delivery=gate,
     )
+    expirer.start_due = access.start_scheduled
     fleet = FleetService(store, registry, hub, clock, epoch, rates=rates)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())

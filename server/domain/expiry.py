@@ -8,6 +8,7 @@ or until a new one is added.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from jitmesh.clock import Clock
@@ -28,6 +29,8 @@ class Expirer:
         self._hub = hub
         self._clock = clock
         self._wake = asyncio.Event()
+        # Issues the grants of scheduled requests whose start has come (AccessService's).
+        self.start_due: Callable[[datetime], Awaitable[int]] | None = None
 
     def deadlines_changed(self) -> None:
         self._wake.set()
@@ -95,6 +98,8 @@ class Expirer:
             # due, not a write transaction per request.
             if deadline is not None and deadline <= now:
                 await self.sweep(now)
+                if self.start_due is not None:
+                    await self.start_due(now)
                 deadline = await self._store.next_deadline()
             nap = MAX_NAP if deadline is None else min(MAX_NAP, deadline - self._clock.now())
             await self._nap(max(nap.total_seconds(), 0.0))

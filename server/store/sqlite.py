@@ -1487,6 +1487,32 @@ class SqliteStore:
         )
         return [_audit(r) for r in rows]
 
+    async def due_scheduled(self, now: datetime, limit: int) -> list[Request]:
+        """SCHEDULED requests whose start has come, earliest first."""
+        rows = await _all(
+            self._reader,
+            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'SCHEDULED' "
+            "AND r.start_at <= ? ORDER BY r.start_at LIMIT ?",
+            [to_ms(now), limit],
+        )
+        reviews = await _reviews(self._reader, [r[0] for r in rows])
+        return [_request(r, reviews.get(r[0], ())) for r in rows]
+
+    async def requests_changed_after(self, after_seq: int, limit: int) -> list[tuple[str, int]]:
+        """(request id, its latest audit seq) for requests with audit events after
+        `after_seq`, in the order of those latest changes; plus, when `after_seq` is negative,
+        nothing but the head: [("", head seq)]."""
+        if after_seq < 0:
+            row = await _one(self._reader, "SELECT COALESCE(MAX(seq), 0) FROM audit")
+            return [("", int(row[0]))]
+        rows = await _all(
+            self._reader,
+            "SELECT request_id, MAX(seq) AS last FROM audit WHERE seq > ? AND request_id <> '' "
+            "GROUP BY request_id ORDER BY last LIMIT ?",
+            [after_seq, limit],
+        )
+        return [(r[0], int(r[1])) for r in rows]
+
     async def audit_chain(self, after_seq: int, limit: int) -> list[AuditEvent]:
         rows = await _all(
             self._reader,
@@ -1501,7 +1527,8 @@ class SqliteStore:
             "SELECT MIN(t) FROM ("
             "SELECT MIN(not_after) AS t FROM grants "
             "WHERE state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING') "
-            "UNION ALL SELECT MIN(pending_expires_at) FROM requests WHERE state = 'PENDING')",
+            "UNION ALL SELECT MIN(pending_expires_at) FROM requests WHERE state = 'PENDING' "
+            "UNION ALL SELECT MIN(start_at) FROM requests WHERE state = 'SCHEDULED')",
         )
         return None if row is None or row[0] is None else from_ms(int(row[0]))
 
