@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from jitmesh import __version__
 from jitmesh import telemetry as t
 from jitmesh.clock import Clock, SystemClock
 from jitmesh.pidlock import DirectoryBusy, lock_directory
@@ -46,6 +46,7 @@ from server.checkpoints import Checkpoints
 from server.config import CoordinatorConfig
 from server.domain.access import AccessService
 from server.domain.admission import Admission, AdmissionSettings
+from server.domain.bootstrap import DevDataError, dev_credentials, refuse_dev_data
 from server.domain.delivery import DeliveryGate, DeliveryRates
 from server.domain.errors import PermissionDenied
 from server.domain.expiring import ExpiryWarnings
@@ -55,6 +56,7 @@ from server.domain.governance import AuditService, IdentityService, PolicyServic
 from server.domain.hub import Hub
 from server.domain.locks import LockService
 from server.domain.models import Principal
+from server.domain.reads import Readers
 from server.domain.receivers import ReceiverKind, ReceiverService
 from server.domain.signin import SignInRules, SignInService
 from server.domain.status import StatusService
@@ -66,6 +68,7 @@ from server.notify.secrets import Sealer
 from server.notify.sender import Sender
 from server.notify.slack import SlackInteractions
 from server.oidc import OidcSettings, OidcVerifier
+from server.rpc import reflection
 from server.rpc.accesslog import AccessLog
 from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
@@ -106,7 +109,7 @@ OPERATOR_SERVICES = [name for name in SERVICES if not name.endswith(".AgentLink"
 DB_NAME = "coordinator.db"
 LOCK_NAME = "coordinator.lock"
 
-__all__ = ["Coordinator", "DirectoryBusy", "build", "lock_data_dir", "open_store"]
+__all__ = ["Coordinator", "DevDataError", "DirectoryBusy", "build", "lock_data_dir", "open_store"]
 
 
 @dataclass
@@ -213,13 +216,17 @@ class Coordinator:
             self.lock_fd = -1
 
 
-async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordinator:
+async def build(
+    config: CoordinatorConfig, clock: Clock | None = None, *, refuse_dev_data: bool = False
+) -> Coordinator:
     """Open the store, load the policy, and start the gRPC server (listening, not yet `run`).
 
-    Raises `DirectoryBusy` when another coordinator holds the data directory."""
+    Raises `DirectoryBusy` when another coordinator holds the data directory, and with
+    `refuse_dev_data` (`serve`) `DevDataError` before listening when the store still holds dev
+    mode's ready-made credentials."""
     lock_fd = lock_data_dir(config.data_dir)
     try:
-        coordinator = await _build(config, clock or SystemClock())
+        coordinator = await _build(config, clock or SystemClock(), refuse_dev_data)
     except BaseException:
         os.close(lock_fd)
         raise
@@ -246,10 +253,12 @@ async def open_store(data_dir: Path) -> SqliteStore:
     return await SqliteStore.open(path)
 
 
-async def _build(config: CoordinatorConfig, clock: Clock) -> Coordinator:
+async def _build(config: CoordinatorConfig, clock: Clock, refuse_dev: bool) -> Coordinator:
     store = await open_store(config.data_dir)
     servers: list[grpc.aio.Server] = []
     try:
+        if refuse_dev:
+            refuse_dev_data(await dev_credentials(store, clock.now()), str(config.data_dir))
         return await _assemble(config, clock, store, servers)
     except BaseException:
         # A port already taken, a bad policy file: stop what was made, so the process exits
@@ -277,6 +286,7 @@ async def _assemble(
     # never more undelivered than half its stream's queue, so accepted work never cuts it off.
     rates = DeliveryRates()
     gate = DeliveryGate(rates, config.agent_queue_limit // 2, registry.connected)
+    readers = Readers(frozenset(config.auditor_groups))
     access = AccessService(
         store,
         registry,
@@ -286,13 +296,14 @@ async def _assemble(
         epoch,
         expirer.deadlines_changed,
         delivery=gate,
+        readers=readers,
     )
     expirer.start_due = access.start_scheduled
-    fleet = FleetService(store, registry, hub, clock, epoch, rates=rates)
+    fleet = FleetService(store, registry, hub, clock, epoch, __version__, rates=rates)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
     checkpoints = Checkpoints(config.data_dir, keys)
-    audit = AuditService(store, hub, checkpoints.verified)
+    audit = AuditService(store, hub, checkpoints.verified, readers=readers)
     ca = InternalCA.open(config.data_dir, clock.now()) if config.tls else None
 
     # Operators (and enrolling agents) send small messages; so do agents. Each server has its
@@ -410,9 +421,7 @@ async def _assemble(
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
         # Reflection lists what the port serves: AgentLink only where agents connect.
         served = SERVICES if target is not server or agent_server is None else OPERATOR_SERVICES
-        reflection.enable_server_reflection(
-            [*served, reflection.SERVICE_NAME, health.SERVICE_NAME], target
-        )
+        reflection.enable(target, [*served, health.SERVICE_NAME])
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
         AgentLinkServicer(
             fleet,

@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 
-from jitmesh import __version__
 from jitmesh import telemetry as t
 from jitmesh.clock import Clock
 from jitmesh.keyset import key_entries, keys_bytes
@@ -332,6 +331,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         await context.write(
             agentlink_pb2.CoordinatorMessage(
                 welcome=agentlink_pb2.Welcome(
+                    version=self._fleet.version,
                     coordinator_time=c.ts(self._clock.now()),
                     epoch=epoch,
                     resume_after_seq=resume.resume_after_seq,
@@ -340,8 +340,6 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                     signing_keys=keys,
                     keys_key_id=keys_key_id,
                     keys_signature=keys_signature,
-                    # Since 0.2: what the agent may send (e.g. AckBatch): docs/wire.md.
-                    version=__version__,
                 )
             )
         )

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from jitmesh.clock import Clock, SystemClock, to_ms
-from jitmesh.types import TokenInfo
+from jitmesh.types import Agent, TokenInfo
 from jitmesh.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -23,6 +23,7 @@ from jitmesh.v1 import (
     policy_pb2_grpc,
     types_pb2,
 )
+from jitmesh.versions import agent_compatibility
 from server.ca import AGENT_LIFETIME, CertificateError, InternalCA, Issued, agent_of
 from server.checkpoints import Checkpoints
 from server.domain import errors
@@ -74,10 +75,8 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             self._limiter.take(principal.name)
         if not request.HasField("duration"):
             raise errors.InvalidArgument("duration is required")
-        if request.selector:
-            # Refused rather than ignored: a selector silently dropped would grant something
-            # else than what was asked.
-            raise errors.InvalidArgument("selectors are not supported by this coordinator yet")
+        if request.selector and request.agent:
+            raise errors.InvalidArgument("name an agent or a selector, not both")
         req, grant = await self._access.create_request(
             principal,
             agent=request.agent,
@@ -88,9 +87,14 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             start_at=c.from_ts(request.start_at, "start_at")
             if request.HasField("start_at")
             else None,
+            selector=dict(request.selector),
         )
+        grants = [await self._access.get_grant(principal, gid) for gid in req.grant_ids]
         return access_pb2.CreateRequestResponse(
-            request=c.request(req), grant=c.grant(grant) if grant else None
+            request=c.request(req),
+            grant=c.grant(grant) if grant else None,
+            reused=req.reused,
+            grants=[c.grant(g) for g in grants],
         )
 
     @mapped
@@ -256,12 +260,19 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
     ) -> agents_pb2.ListAgentsResponse:
         principal = await self._auth.operator(context)
         agents = await self._fleet.list_agents(principal)
-        return agents_pb2.ListAgentsResponse(agents=[c.agent(a) for a in agents])
+        return agents_pb2.ListAgentsResponse(agents=[self._agent(a) for a in agents])
 
     @mapped
     async def GetAgent(self, request: agents_pb2.GetAgentRequest, context: Ctx) -> types_pb2.Agent:
         principal = await self._auth.operator(context)
-        return c.agent(await self._fleet.get_agent(principal, request.name))
+        return self._agent(await self._fleet.get_agent(principal, request.name))
+
+    def _agent(self, agent: Agent) -> types_pb2.Agent:
+        """The agent, with how this coordinator serves its version (docs/wire.md)."""
+        out = c.agent(agent)
+        if agent.version:
+            out.compatibility = agent_compatibility(agent.version, self._fleet.version).value
+        return out
 
     @mapped
     async def CreateJoinToken(
@@ -640,7 +651,8 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     async def ListCheckpoints(
         self, request: audit_pb2.ListCheckpointsRequest, context: Ctx
     ) -> audit_pb2.ListCheckpointsResponse:
-        await self._auth.operator(context)
+        principal = await self._auth.operator(context)
+        self._audit.require_reader(principal)
         if self._checkpoints is None:
             return audit_pb2.ListCheckpointsResponse()
         return audit_pb2.ListCheckpointsResponse(

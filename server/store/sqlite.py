@@ -55,6 +55,7 @@ from server.domain.models import (
     StatusCounts,
 )
 from server.domain.notices import NOTIFIABLE, Notice, NoticeKind, notice_for
+from server.domain.reads import page_token_after
 from server.domain.receivers import (
     AttemptRecord,
     Delivery,
@@ -449,6 +450,20 @@ class SqliteTx:
             (state.value, to_ms(at), by, reason, grant_id, request_id, expected.value),
         )
         return cur.rowcount == 1
+
+    async def set_request_grants(self, request_id: str, grant_ids: Sequence[str]) -> None:
+        """The grants a request for several agents made (its `grant_id` is the first)."""
+        await self._conn.execute(
+            "UPDATE requests SET grant_ids = ? WHERE id = ?",
+            (json.dumps(list(grant_ids)), request_id),
+        )
+
+    async def list_agents(self) -> list[Agent]:
+        rows = await _all(
+            self._conn,
+            f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.removed_at IS NULL ORDER BY a.name",
+        )
+        return [_agent(r) for r in rows]
 
     async def insert_review(self, request_id: str, review: Review) -> bool:
         try:
@@ -1572,7 +1587,7 @@ async def _newest_first(
 
 
 def _next_token(items: Sequence[Request] | Sequence[Grant], more: bool) -> str:
-    return f"{to_ms(items[-1].created_at)}:{items[-1].id}" if more and items else ""
+    return page_token_after(items[-1]) if more and items else ""
 
 
 def _filters(pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
