@@ -170,8 +170,16 @@ def _rows(
         100.0 * lost / max(1, len(accepted)),
         unit="%",
         target="0 %",
+        note="grants the coordinator answered 'created' for that ended before their agent "
+        "applied them",
     )
-    s.add("create calls refused with a retry hint", float(len(refusals)), unit="calls")
+    s.add(
+        "create calls refused with a retry hint",
+        float(len(refusals)),
+        unit="calls",
+        note="RESOURCE_EXHAUSTED: the agent would not have applied the grant in time; the "
+        "caller waited the hint and asked again (nothing was written)",
+    )
     s.add("coordinator CPU per accepted grant", 1000 * cpu / max(1, len(accepted)), unit="ms")
     s.extra.update(
         accepted=len(accepted),

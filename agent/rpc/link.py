@@ -93,7 +93,7 @@ class LinkSettings:
     version: str = __version__
     boot_id: str = ""
     backoff_base: float = 1.0
-    backoff_cap: float = 60.0
+    backoff_cap: float = 15.0
     backoff_reset_after: float = 30.0
     heartbeat: float = 10.0
     keepalive_time: float = 30.0
@@ -176,6 +176,7 @@ class Link:
             )
             attempt += 1
             if self._retry_hint > 0:
+                reason = "RESOURCE_EXHAUSTED"  # pushed back, however the stream's end showed
                 # Pushed back: the hint (spread by up to half again, so the refused do not all
                 # return together), never less than the schedule's own delay.
                 hinted = min(MAX_HINT, self._retry_hint) * (1.0 + 0.5 * self._rand())
