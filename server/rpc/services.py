@@ -37,7 +37,7 @@ from server.signing import SigningKeys
 
 from . import convert as c
 from .auth import Authenticator, cert_binding, peer_certificate
-from .errors import mapped, not_built, status_of
+from .errors import mapped, status_of
 from .limits import RateLimiter, peer_host
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -224,10 +224,16 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             grant=c.grant(grant), request=c.request(pending) if pending else None
         )
 
+    @mapped
     async def ListRequestOptions(
         self, request: access_pb2.ListRequestOptionsRequest, context: Ctx
     ) -> access_pb2.ListRequestOptionsResponse:
-        await not_built(context, "ListRequestOptions", 11)
+        principal = await self._auth.operator(context)
+        found = await self._access.options(principal, agent=request.agent, action=request.action)
+        return access_pb2.ListRequestOptionsResponse(
+            options=[c.request_option(o) for o in found],
+            policy_version=self._access.policy_version(),
+        )
 
 
 class AgentsServicer(agents_pb2_grpc.AgentsServicer):
