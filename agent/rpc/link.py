@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from agent import defaults
 from agent.domain.commands import Ack, AckStatus, CommandSpec
 from agent.domain.errors import EnrollmentError, EnrollmentRefused, LinkError, MalformedCommand
 from agent.domain.timekeeping import full_jitter
@@ -92,8 +93,8 @@ class LinkSettings:
     ca_pem: bytes | None = field(default=None, repr=False)
     version: str = __version__
     boot_id: str = ""
-    backoff_base: float = 1.0
-    backoff_cap: float = 15.0
+    backoff_base: float = defaults.BACKOFF_BASE
+    backoff_cap: float = defaults.BACKOFF_CAP
     backoff_reset_after: float = 30.0
     heartbeat: float = 10.0
     keepalive_time: float = 30.0
