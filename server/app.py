@@ -45,7 +45,9 @@ from server.ca import InternalCA
 from server.checkpoints import Checkpoints
 from server.config import CoordinatorConfig
 from server.domain.access import AccessService
+from server.domain.admission import Admission, AdmissionSettings
 from server.domain.bootstrap import DevDataError, dev_credentials, refuse_dev_data
+from server.domain.delivery import DeliveryGate, DeliveryRates
 from server.domain.errors import PermissionDenied
 from server.domain.expiring import ExpiryWarnings
 from server.domain.expiry import Expirer
@@ -105,6 +107,9 @@ SERVICES = [
 ]
 OPERATOR_SERVICES = [name for name in SERVICES if not name.endswith(".AgentLink")]
 DB_NAME = "coordinator.db"
+# How often health probes the store, and how long a probe may take before it counts as down.
+STORE_PROBE_EVERY = 2.0
+STORE_PROBE_TIMEOUT = 5.0
 LOCK_NAME = "coordinator.lock"
 
 __all__ = ["Coordinator", "DevDataError", "DirectoryBusy", "build", "lock_data_dir", "open_store"]
@@ -179,8 +184,35 @@ class Coordinator:
                         )
                     )
                 tg.create_task(self._until_terminated())
+                tg.create_task(self._watch_store())
         finally:
             await self.stop()
+
+    async def _watch_store(self) -> None:
+        """Health tells the truth: NOT_SERVING (every service, and "") while the store does not
+        answer a read within STORE_PROBE_TIMEOUT, SERVING again once it does."""
+        serving = True
+        while True:
+            try:
+                async with asyncio.timeout(STORE_PROBE_TIMEOUT):
+                    await self.store.get_meta("epoch")
+                healthy = True
+            except Exception as exc:  # any failure of the store is "not serving"
+                healthy = False
+                if serving:
+                    log.error("store unreachable; health NOT_SERVING: %s", type(exc).__name__)
+            if healthy != serving:
+                serving = healthy
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if healthy
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for name in [*SERVICES, ""]:
+                    await self.health.set(name, status)
+                if healthy:
+                    log.info("store reachable again; health SERVING")
+            await asyncio.sleep(STORE_PROBE_EVERY)
 
     async def _until_terminated(self) -> None:
         # grpc.aio's wait_for_termination() awaits the server's own shutdown future without a
@@ -196,6 +228,9 @@ class Coordinator:
         return key_id
 
     async def stop(self) -> None:
+        # From the moment shutdown begins, health says NOT_SERVING (and stays so): load
+        # balancers and systemd stop sending work before the ports close.
+        await self.health.enter_graceful_shutdown()
         self.registry.close_all("coordinator shutting down")
         if self.agent_server is not None:
             await asyncio.gather(self.server.stop(grace=1.0), self.agent_server.stop(grace=1.0))
@@ -280,6 +315,10 @@ async def _assemble(
     initial = config.initial_policy.read_text() if config.initial_policy else config.default_policy
     policy = await PolicyService.load(store, hub, clock, initial)
     expirer = Expirer(store, hub, clock)
+    # Grant commands an agent would not get in time are refused (server/domain/delivery.py):
+    # never more undelivered than half its stream's queue, so accepted work never cuts it off.
+    rates = DeliveryRates()
+    gate = DeliveryGate(rates, config.agent_queue_limit // 2, registry.connected)
     readers = Readers(frozenset(config.auditor_groups))
     access = AccessService(
         store,
@@ -289,10 +328,11 @@ async def _assemble(
         policy.current,
         epoch,
         expirer.deadlines_changed,
+        delivery=gate,
         readers=readers,
     )
     expirer.start_due = access.start_scheduled
-    fleet = FleetService(store, registry, hub, clock, epoch, __version__)
+    fleet = FleetService(store, registry, hub, clock, epoch, __version__, rates=rates)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
     checkpoints = Checkpoints(config.data_dir, keys)
@@ -417,7 +457,18 @@ async def _assemble(
         reflection.enable(target, [*served, health.SERVICE_NAME])
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
         AgentLinkServicer(
-            fleet, registry, clock, keys, config.heartbeat, require_certificate=ca is not None
+            fleet,
+            registry,
+            clock,
+            keys,
+            config.heartbeat,
+            require_certificate=ca is not None,
+            admission=Admission(
+                AdmissionSettings(
+                    config.agent_admit_rate, config.agent_admit_burst, config.agent_max_handshakes
+                ),
+                clock.monotonic(),
+            ),
         ),
         server if agent_server is None else agent_server,
     )

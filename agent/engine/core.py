@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from agent import defaults
 from agent.domain.commands import Ack, CommandSpec
 from agent.domain.leases import EventKind, Lease, OutboxEvent, Pair, new_event
 from agent.domain.removals import RetryPolicy
@@ -52,8 +53,8 @@ def assemble(
     enforcers: EnforcerSet,
     clock: Clock,
     rand: Callable[[], float] = random.random,
-    remove_retries: int = 1,
-    remove_retry_base: float = 0.0,
+    remove_retries: int = defaults.REMOVE_RETRIES,
+    remove_retry_base: float = defaults.REMOVE_RETRY_BASE,
     skew_tolerance: timedelta | None = None,
     reconcile_every: float | None = None,
 ) -> Parts:
@@ -117,8 +118,8 @@ class Engine:
         enforcers: EnforcerSet,
         clock: Clock,
         rand: Callable[[], float] = random.random,
-        remove_retries: int = 1,
-        remove_retry_base: float = 0.0,
+        remove_retries: int = defaults.REMOVE_RETRIES,
+        remove_retry_base: float = defaults.REMOVE_RETRY_BASE,
         skew_tolerance: timedelta | None = None,
         reconcile_every: float | None = None,
     ) -> None:
@@ -194,6 +195,11 @@ class Engine:
 
     async def handle(self, command: CommandSpec) -> Ack:
         return await self._commands.handle(command)
+
+    async def handle_many(self, commands: Sequence[CommandSpec]) -> list[Ack]:
+        """`handle` for commands received together (in order, the same acks), grants that
+        start now persisted in one commit."""
+        return await self._commands.handle_many(commands)
 
     async def sweep(self) -> float:
         """Start and end what is due; returns the seconds until the next sweep is needed."""
