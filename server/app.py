@@ -109,9 +109,7 @@ class Coordinator:
                 if self.checkpoints is not None:
                     tg.create_task(
                         self.checkpoints.run(
-                            lambda: self.store.head,
-                            self.clock,
-                            self.config.checkpoint_interval.total_seconds(),
+                            self.clock, self.config.checkpoint_interval.total_seconds()
                         )
                     )
                 tg.create_task(self._until_terminated())
@@ -138,8 +136,7 @@ class Coordinator:
         else:
             await self.server.stop(grace=1.0)
         if self.checkpoints is not None:
-            seq, head_hash = self.store.head
-            self.checkpoints.append(seq, head_hash, self.clock.now())
+            await self.checkpoints.append(self.clock.now())
         await self.store.close()
 
 
@@ -165,7 +162,8 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     fleet = FleetService(store, registry, hub, clock, epoch)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
-    checkpoints = Checkpoints(config.data_dir, keys)
+    checkpoints = Checkpoints(store, keys)
+    await checkpoints.import_file(config.data_dir)
     audit = AuditService(store, hub, checkpoints.verified)
     ca = InternalCA.open(config.data_dir, clock.now()) if config.tls else None
 

@@ -38,7 +38,7 @@ class CoordinatorConfig(BaseModel):
     enroll_rate: float | None = Field(default=None, gt=0)
     enroll_overall_burst: int = Field(default=500, ge=1)
     enroll_overall_rate: float = Field(default=50.0, gt=0)
-    # How often the audit head is signed into DATA/audit_checkpoints.jsonl (when it moved).
+    # How often the audit head is signed into the store's checkpoints (when it moved).
     checkpoint_interval: timedelta = timedelta(seconds=10)
     tls: bool = False
     tls_cert: Path | None = None

@@ -31,6 +31,7 @@ from .models import (
     AuditEntry,
     Command,
     CommandKind,
+    GrantChange,
     Principal,
     new_id,
     same_person,
@@ -392,8 +393,10 @@ class AccessService:
                 current.id,
                 expected=[current.state],
                 state=GrantState.REVOKING,
-                ended_by=principal.name,
-                end_reason=reason if how == "revoked" else "released",
+                change=GrantChange(
+                    ended_by=principal.name,
+                    end_reason=reason if how == "revoked" else "released",
+                ),
             )
             if not moved:
                 raise Conflict("grant changed meanwhile; try again")

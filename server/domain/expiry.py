@@ -14,7 +14,7 @@ from jitmesh.clock import Clock
 from jitmesh.types import GrantState, RequestState
 
 from .hub import Hub
-from .models import AuditEntry
+from .models import AuditEntry, GrantChange
 from .ports import Store
 
 BATCH = 5000
@@ -40,7 +40,10 @@ class Expirer:
                 # Set-based: the due grants move in one UPDATE (per state they leave), then one
                 # multi-row audit insert with one event per grant; no per-row round trips.
                 moved = await tx.move_due_grants(
-                    now, BATCH, state=GrantState.EXPIRED, ended_at=now, end_reason="expired"
+                    now,
+                    BATCH,
+                    state=GrantState.EXPIRED,
+                    change=GrantChange(ended_at=now, end_reason="expired"),
                 )
                 ended = await tx.move_due_requests(
                     now,

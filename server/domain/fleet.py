@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock
@@ -27,12 +26,14 @@ from .errors import (
 )
 from .hub import Hub
 from .models import (
+    NO_CHANGE,
     AgentAck,
     AgentHello,
     AgentObservation,
     AuditEntry,
     Command,
     CommandKind,
+    GrantChange,
     Principal,
     Resume,
     new_secret,
@@ -126,14 +127,16 @@ class FleetService:
                 raise NotFound("no such agent")
             # The agent can no longer connect, so no revoke can be acknowledged: its live grants
             # are REVOKE_FAILED (never reported as revoked); the host still ends them at not_after.
-            for grant in await self._store.live_grants(name):
+            for grant in await tx.live_grants(name):
                 await tx.move_grant(
                     grant.id,
                     expected=[grant.state],
                     state=GrantState.REVOKE_FAILED,
-                    failure="agent removed before a revoke could be acknowledged",
-                    ended_by=principal.name,
-                    ended_at=now,
+                    change=GrantChange(
+                        failure="agent removed before a revoke could be acknowledged",
+                        ended_by=principal.name,
+                        ended_at=now,
+                    ),
                 )
             await tx.audit(AuditEntry("agent.removed", principal.name, now, agent=name))
         self._links.disconnect(name, "agent removed")
@@ -232,8 +235,9 @@ class FleetService:
         working. Refused when the old one is no longer the agent's (removed, re-enrolled)."""
         now = self._clock.now()
         async with self._store.transaction() as tx:
-            # The write lock is held: no removal can commit between this check and the update.
-            if await self._store.agent_for_credential(hash_secret(old)) != principal.name:
+            # Read inside the transaction: no removal can commit between this check and the
+            # update (SQLite holds the write lock; PostgreSQL locks the row it updates).
+            if await tx.agent_for_credential(hash_secret(old)) != principal.name:
                 raise Unauthenticated("agent credential is not valid")
             agent = await tx.get_agent(principal.name)
             if agent is None:
@@ -355,8 +359,8 @@ class FleetService:
                 kind, _, issued_at = found
                 entries.append(moves.ack(pending.agent, grant, kind, pending.ack, now, issued_at))
                 request_ids.append(grant.request_id)
-            for ids, expected, state, fields in moves.grouped():
-                await tx.move_grants(ids, expected=[expected], state=state, **fields)
+            for ids, expected, state, change in moves.grouped():
+                await tx.move_grants(ids, expected=[expected], state=state, change=change)
             await tx.audit_many(entries)
         crash_point("after_ack")
         if request_ids:
@@ -406,8 +410,7 @@ class FleetService:
                     grant.id,
                     expected=[GrantState.ACTIVE, GrantState.PENDING_DELIVERY, GrantState.REVOKING],
                     state=GrantState.EXPIRED,
-                    ended_at=now,
-                    end_reason="expired",
+                    change=GrantChange(ended_at=now, end_reason="expired"),
                 )
             if (
                 stored
@@ -425,7 +428,7 @@ class FleetService:
                         if grant.end_reason == "released"
                         else GrantState.REVOKED
                     ),
-                    ended_at=now,
+                    change=GrantChange(ended_at=now),
                 )
         if grant is not None:
             self._hub.requests_changed([grant.request_id])
@@ -507,14 +510,25 @@ class _Moves:
     def __init__(self, grants: dict[str, Grant]) -> None:
         self._start = {gid: g.state for gid, g in grants.items()}
         self._state = dict(self._start)
-        self._fields: dict[str, dict[str, Any]] = {}
+        self._changes: dict[str, GrantChange] = {}
 
     def _move(
-        self, grant_id: str, expected: tuple[GrantState, ...], state: GrantState, **fields: Any
+        self,
+        grant_id: str,
+        expected: tuple[GrantState, ...],
+        state: GrantState,
+        change: GrantChange,
     ) -> None:
         if self._state[grant_id] in expected:
             self._state[grant_id] = state
-            self._fields.setdefault(grant_id, {}).update(fields)
+            before = self._changes.get(grant_id, NO_CHANGE)
+            # Later moves of the same grant in the batch win field by field, as one by one.
+            self._changes[grant_id] = GrantChange(
+                *(
+                    new if new is not None else old
+                    for old, new in zip(astuple(before), astuple(change), strict=True)
+                )
+            )
 
     def ack(
         self,
@@ -531,25 +545,41 @@ class _Moves:
         details = {"action": grant.action, "seq": str(ack.seq)}
         reason = ack.reason[:256]
         if kind is CommandKind.GRANT and ack.status == "APPLIED":
-            self._move(grant.id, (GrantState.PENDING_DELIVERY,), GrantState.ACTIVE, applied_at=now)
+            self._move(
+                grant.id,
+                (GrantState.PENDING_DELIVERY,),
+                GrantState.ACTIVE,
+                GrantChange(applied_at=now),
+            )
             what = "grant.applied"
             details["latency_ms"] = latency_ms
         elif kind is CommandKind.GRANT:
             ended = GrantState.EXPIRED if now >= grant.not_after else GrantState.FAILED
             self._move(
-                grant.id, (GrantState.PENDING_DELIVERY,), ended, failure=reason, ended_at=now
+                grant.id,
+                (GrantState.PENDING_DELIVERY,),
+                ended,
+                GrantChange(failure=reason, ended_at=now),
             )
             what = "grant.apply_failed"
             details.update(status=ack.status, reason=reason)
         elif ack.status == "APPLIED":
             state = GrantState.RELEASED if grant.end_reason == "released" else GrantState.REVOKED
             self._move(
-                grant.id, (GrantState.REVOKING, GrantState.REVOKE_FAILED), state, ended_at=now
+                grant.id,
+                (GrantState.REVOKING, GrantState.REVOKE_FAILED),
+                state,
+                GrantChange(ended_at=now),
             )
             what = f"grant.{state.value.lower()}"
             details["latency_ms"] = latency_ms
         else:
-            self._move(grant.id, (GrantState.REVOKING,), GrantState.REVOKE_FAILED, failure=reason)
+            self._move(
+                grant.id,
+                (GrantState.REVOKING,),
+                GrantState.REVOKE_FAILED,
+                GrantChange(failure=reason),
+            )
             what = "grant.revoke_failed"
             details.update(status=ack.status, reason=reason)
         return AuditEntry(
@@ -563,13 +593,11 @@ class _Moves:
             details=details,
         )
 
-    def grouped(self) -> list[tuple[list[str], GrantState, GrantState, dict[str, Any]]]:
-        groups: dict[tuple[Any, ...], list[str]] = {}
+    def grouped(self) -> list[tuple[list[str], GrantState, GrantState, GrantChange]]:
+        groups: dict[tuple[GrantState, GrantState, GrantChange], list[str]] = {}
         for grant_id, state in self._state.items():
             start = self._start[grant_id]
             if state is start:
                 continue
-            fields = self._fields[grant_id]
-            key = (start, state, tuple(sorted(fields.items())))
-            groups.setdefault(key, []).append(grant_id)
-        return [(ids, start, state, dict(fields)) for (start, state, fields), ids in groups.items()]
+            groups.setdefault((start, state, self._changes[grant_id]), []).append(grant_id)
+        return [(ids, start, state, change) for (start, state, change), ids in groups.items()]

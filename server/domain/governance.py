@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 
 from jitmesh import validation as v
@@ -117,7 +117,7 @@ class TokenService:
         async with self._store.transaction() as tx:
             if groups:
                 await tx.upsert_user(user, groups, now)
-            elif await self._store.user_groups(user) is None:
+            elif await tx.user_groups(user) is None:
                 raise InvalidArgument("a new user needs at least one group")
             await tx.insert_token(hash_secret(token), user, now, now + ttl, label)
             await tx.audit(
@@ -298,7 +298,7 @@ class AuditService:
         self,
         store: Store,
         hub: Hub,
-        checkpoints: Callable[[], tuple[dict[int, str], list[int]]] | None = None,
+        checkpoints: Callable[[], Awaitable[tuple[dict[int, str], list[int]]]] | None = None,
     ) -> None:
         """`checkpoints` returns the signed checkpoints that verify (seq -> hash) and the seqs
         of those whose signature does not."""
@@ -331,7 +331,7 @@ class AuditService:
         )
 
     async def verify(self, principal: Principal) -> ChainVerification:
-        trusted, forged = self._checkpoints() if self._checkpoints else ({}, [])
+        trusted, forged = await self._checkpoints() if self._checkpoints else ({}, [])
         if forged:
             return ChainVerification(
                 False, 0, min(forged), "checkpoint signature is not valid (forged checkpoint)", ""

@@ -17,7 +17,7 @@ from jitmesh.types import Grant, GrantState, Lock, LockTarget, Request, RequestS
 
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
 from .hub import Hub
-from .models import AuditEntry, Command, CommandKind, Principal, new_id
+from .models import AuditEntry, Command, CommandKind, GrantChange, Principal, new_id
 from .ports import CommandSink, Store, Tx
 
 MAX_LOCK_TTL = timedelta(days=366)
@@ -66,8 +66,7 @@ class LockService:
                 [g.id for g in grants],
                 expected=LOCKABLE_GRANT_STATES,
                 state=GrantState.REVOKING,
-                ended_by=principal.name,
-                end_reason=how,
+                change=GrantChange(ended_by=principal.name, end_reason=how),
             )
             ending = [g for g in grants if g.id in moved]
             seqs = await tx.append_revokes(ending, now, "revoked")

@@ -1,12 +1,24 @@
-"""What the domain needs from the outside: the store (one interface, several implementations)
-and the link registry that pushes commands to connected agents."""
+"""What the domain needs from the outside: the store (one interface, several implementations,
+one contract suite in tests/store/) and the link registry that pushes commands to connected
+agents.
+
+The store's contract, whatever the implementation:
+- A write runs as a function given a `Tx` (`Store.write`): the store may run it again, from the
+  start, on a serialization failure or deadlock between replicas, so the function's only
+  effects are through the `Tx` and its result (publish, push and notify after it returned).
+- Every read inside a write goes through the `Tx` (never through the `Store`, which may be
+  another connection that does not see the transaction's own writes, or waits for them).
+- Compare-and-set methods return False (or leave an id out) on a lost race; the caller decides.
+- Shared state lives in the store, not in a process: the audit chain's head, checkpoints,
+  meta (epoch and generations), policy versions, locks, tokens and users.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 from jitmesh.types import (
     Agent,
@@ -22,7 +34,19 @@ from jitmesh.types import (
     TokenInfo,
 )
 
-from .models import AuditEntry, Command, CommandKind, JoinToken, Moved, Principal
+from .models import (
+    NO_CHANGE,
+    AuditEntry,
+    Checkpoint,
+    Command,
+    CommandKind,
+    GrantChange,
+    JoinToken,
+    Moved,
+    Principal,
+)
+
+T = TypeVar("T")
 
 
 class Tx(Protocol):
@@ -33,6 +57,10 @@ class Tx(Protocol):
     async def get_request(self, request_id: str) -> Request | None: ...
     async def get_grant(self, grant_id: str) -> Grant | None: ...
     async def get_agent(self, name: str) -> Agent | None: ...
+    async def live_grants(self, agent: str) -> list[Grant]: ...
+    async def agent_for_credential(self, credential_hash: str) -> str | None: ...
+    async def user_groups(self, name: str) -> frozenset[str] | None: ...
+    async def get_meta(self, key: str) -> str | None: ...
     async def insert_request(self, r: Request) -> None: ...
     async def decide_request(
         self,
@@ -53,7 +81,12 @@ class Tx(Protocol):
     async def insert_review(self, request_id: str, review: Review) -> bool: ...
     async def insert_grant(self, g: Grant) -> None: ...
     async def move_grant(
-        self, grant_id: str, *, expected: Iterable[GrantState], state: GrantState, **fields: Any
+        self,
+        grant_id: str,
+        *,
+        expected: Iterable[GrantState],
+        state: GrantState,
+        change: GrantChange = NO_CHANGE,
     ) -> bool: ...
     async def move_grants(
         self,
@@ -61,7 +94,7 @@ class Tx(Protocol):
         *,
         expected: Iterable[GrantState],
         state: GrantState,
-        **fields: Any,
+        change: GrantChange = NO_CHANGE,
     ) -> set[str]: ...
     async def append_command(
         self, agent: str, kind: CommandKind, grant_id: str, at: datetime, revoke_reason: str = ""
@@ -106,7 +139,7 @@ class Tx(Protocol):
     async def audit(self, entry: AuditEntry) -> AuditEvent | None: ...
     async def audit_many(self, entries: Sequence[AuditEntry]) -> list[AuditEvent]: ...
     async def move_due_grants(
-        self, now: datetime, limit: int, *, state: GrantState, **fields: Any
+        self, now: datetime, limit: int, *, state: GrantState, change: GrantChange = NO_CHANGE
     ) -> list[Moved]: ...
     async def move_due_requests(
         self, now: datetime, limit: int, *, state: RequestState, by: str, reason: str
@@ -128,8 +161,23 @@ class Tx(Protocol):
 
 
 class Store(Protocol):
-    def transaction(self) -> AbstractAsyncContextManager[Tx]: ...
+    async def write(self, work: Callable[[Tx], Awaitable[T]]) -> T:
+        """Run `work` in one write transaction and commit; run it again from the start (a new
+        `Tx`) when the store reports a serialization failure or deadlock. Returns what `work`
+        returned; an exception from `work` rolls back and propagates."""
+        ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """One write transaction as a block, run once (never retried): kept for the callers not
+        yet moved to `write`. On a store with several writers a serialization failure surfaces
+        as `Conflict` ("try again")."""
+        ...
+
     async def close(self) -> None: ...
+    async def audit_head(self) -> tuple[int, str]: ...
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> None: ...
+    async def checkpoints(self) -> list[Checkpoint]: ...
+    async def last_checkpoint(self) -> Checkpoint | None: ...
     async def get_request(self, request_id: str) -> Request | None: ...
     async def list_requests(
         self,
