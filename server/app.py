@@ -96,6 +96,7 @@ class Coordinator:
     # The mTLS agent port's own server (TLS only; else agents share `server`).
     agent_server: grpc.aio.Server | None = None
     access: AccessService | None = None
+    _stopped: bool = field(default=False, init=False)
 
     @property
     def address(self) -> str:
@@ -130,6 +131,10 @@ class Coordinator:
         return key_id
 
     async def stop(self) -> None:
+        """Stop serving and close the store; a second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.registry.close_all("coordinator shutting down")
         if self.agent_server is not None:
             await asyncio.gather(self.server.stop(grace=1.0), self.agent_server.stop(grace=1.0))

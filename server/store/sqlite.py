@@ -57,6 +57,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _REQUEST_COLUMNS = rec.columns(rec.REQUEST_COLUMNS, "r.") + ", g.state AS grant_state"
 _REQUEST_FROM = "requests r LEFT JOIN grants g ON g.id = r.grant_id"
 _GRANT_COLUMNS = rec.columns(rec.GRANT_COLUMNS)
+_GRANT_COLUMNS_OF_G = rec.columns(rec.GRANT_COLUMNS, "g.")
 _GRANT_COLUMNS_G = ", ".join(f"g.{c} AS g_{c}" for c in rec.GRANT_COLUMNS)
 _AUDIT_COLUMNS = rec.columns(rec.AUDIT_COLUMNS)
 _LIVE_IN = ", ".join(f"'{s}'" for s in rec.LIVE_STATES)
@@ -516,7 +517,7 @@ class SqliteTx:
         wanted = [s.value for s in states]
         rows = await _all(
             self._conn,
-            f"SELECT {_GRANT_COLUMNS_G} FROM grants g JOIN agents a ON a.name = g.agent "
+            f"SELECT {_GRANT_COLUMNS_OF_G} FROM grants g JOIN agents a ON a.name = g.agent "
             f"WHERE a.removed_at IS NULL AND g.state IN ({','.join('?' * len(wanted))}) {where} "
             "ORDER BY g.agent, g.grant_seq",
             [*wanted, *args],

@@ -1,0 +1,1123 @@
+"""The PostgreSQL store (psycopg 3 with psycopg_pool): the coordinator's store when several
+replicas share one database. The same contract as the SQLite store (tests/store/).
+
+- Writes run at READ COMMITTED with explicit row locks: compare-and-set is `UPDATE ... WHERE
+  state = ...` (a waiting writer re-checks the row once the other commits); per-agent sequence
+  numbers come from `UPDATE agents SET last_seq = last_seq + n ... RETURNING` (the agent's row
+  lock makes them gap-free across replicas); the audit chain's head is one row locked by every
+  transaction that audits (one chain, no fork, no gap).
+- `write(fn)` runs `fn` again on a serialization failure or deadlock (Teleport's RetryTx);
+  `transaction()` runs once and reports them as `Conflict` ("try again").
+- The expiry sweep takes due rows with `FOR UPDATE SKIP LOCKED`: replicas sweeping at the same
+  moment never wait for each other and never move a row twice.
+- Reads outside a write use any pooled connection in autocommit: committed data only.
+- Versioned migrations (server/store/postgres/migrations/*.sql) are applied at open, or by
+  `jitmesh-coordinator migrate`, under an advisory lock, each in its own transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from jitmesh.clock import from_ms, to_ms
+from jitmesh.types import (
+    Agent,
+    AuditEvent,
+    Grant,
+    GrantState,
+    Lock,
+    LockTarget,
+    PolicyDocument,
+    Request,
+    RequestState,
+    Review,
+    ReviewDecision,
+    TokenInfo,
+)
+from server.domain.audit import GENESIS
+from server.domain.errors import Conflict
+from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
+from server.domain.models import (
+    NO_CHANGE,
+    AuditEntry,
+    Checkpoint,
+    Command,
+    CommandKind,
+    GrantChange,
+    JoinToken,
+    Moved,
+    Principal,
+)
+from server.store import rows as rec
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[dict[str, Any]]
+
+# Retries of a write that met a serialization failure or a deadlock, with jittered backoff.
+RETRIES = 8
+_RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+# Advisory lock keys (any fixed numbers, used only by jitmesh).
+_MIGRATE_LOCK = 0x6A69_746D_0001
+_POLICY_LOCK = 0x6A69_746D_0002
+
+_REQUEST_COLUMNS = rec.columns(rec.REQUEST_COLUMNS, "r.") + ", g.state AS grant_state"
+_REQUEST_FROM = "requests r LEFT JOIN grants g ON g.id = r.grant_id"
+_GRANT_COLUMNS = rec.columns(rec.GRANT_COLUMNS)
+_GRANT_COLUMNS_G = ", ".join(f"g.{c} AS g_{c}" for c in rec.GRANT_COLUMNS)
+_AUDIT_COLUMNS = rec.columns(rec.AUDIT_COLUMNS)
+_LOCK_COLUMNS = rec.columns(rec.LOCK_COLUMNS)
+_CHECKPOINT_COLUMNS = "seq, hash, at, key_id, signature"
+_LIVE_IN = ", ".join(f"'{s}'" for s in rec.LIVE_STATES)
+_AGENT_COLUMNS = (
+    "a.name, a.labels, a.enrolled_at, a.last_seen_at, a.version, a.last_acked_seq, a.last_seq, "
+    f"(SELECT COUNT(*) FROM grants g WHERE g.agent = a.name AND g.state IN ({_LIVE_IN})) "
+    "AS live_grants"
+)
+_REQUEST_INSERT = (
+    f"INSERT INTO requests ({rec.columns(rec.REQUEST_COLUMNS)}) "
+    f"VALUES ({','.join(['%s'] * len(rec.REQUEST_COLUMNS))})"
+)
+_GRANT_INSERT = (
+    f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES ({','.join(['%s'] * len(rec.GRANT_COLUMNS))})"
+)
+_COMMAND_INSERT = (
+    "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
+    "VALUES (%s,%s,%s,%s,%s,%s)"
+)
+_AUDIT_INSERT = (
+    f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({','.join(['%s'] * len(rec.AUDIT_COLUMNS))})"
+)
+_DUE_GRANT_STATES = (GrantState.ACTIVE, GrantState.PENDING_DELIVERY, GrantState.REVOKING)
+
+
+def with_schema(dsn: str, schema: str) -> str:
+    """`dsn` with its search_path set to `schema` (one installation per schema)."""
+    parts = urlsplit(dsn)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "options"]
+    query.append(("options", f"-csearch_path={schema}"))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+async def _one(conn: Conn, sql: str, args: Sequence[Any] = ()) -> dict[str, Any] | None:
+    cur = await conn.execute(sql, args)
+    return await cur.fetchone()
+
+
+async def _all(conn: Conn, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    cur = await conn.execute(sql, args)
+    return await cur.fetchall()
+
+
+async def _rowcount(conn: Conn, sql: str, args: Sequence[Any] = ()) -> int:
+    cur = await conn.execute(sql, args)
+    return cur.rowcount
+
+
+def _migration_files() -> list[Path]:
+    return sorted(MIGRATIONS.glob("*.sql"))
+
+
+async def migrate(dsn: str) -> list[str]:
+    """Bring the database (or schema) `dsn` names to the newest schema; returns the migrations
+    applied now. Safe to run from several replicas at once (an advisory lock orders them)."""
+    applied_now: list[str] = []
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("SELECT pg_advisory_lock(%s)", [_MIGRATE_LOCK])
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS jitmesh_migrations "
+                "(id TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            cur = await conn.execute("SELECT id FROM jitmesh_migrations")
+            done = {row[0] for row in await cur.fetchall()}
+            for path in _migration_files():
+                if path.stem in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(path.read_text(encoding="utf-8").encode())
+                    await conn.execute(
+                        "INSERT INTO jitmesh_migrations (id) VALUES (%s)", [path.stem]
+                    )
+                applied_now.append(path.stem)
+            await conn.execute(
+                "INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, %s) "
+                "ON CONFLICT (id) DO NOTHING",
+                [GENESIS],
+            )
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", [_MIGRATE_LOCK])
+    return applied_now
+
+
+async def _get_request(conn: Conn, request_id: str) -> Request | None:
+    row = await _one(
+        conn, f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.id = %s", [request_id]
+    )
+    if row is None:
+        return None
+    reviews = await _reviews(conn, [request_id])
+    return rec.request(row, reviews.get(request_id, ()))
+
+
+async def _reviews(conn: Conn, ids: list[str]) -> dict[str, tuple[Review, ...]]:
+    if not ids:
+        return {}
+    rows = await _all(
+        conn,
+        "SELECT request_id, reviewer, decision, reason, reviewed_at FROM reviews "
+        "WHERE request_id = ANY(%s) ORDER BY reviewed_at, reviewer",
+        [ids],
+    )
+    out: dict[str, list[Review]] = {}
+    for r in rows:
+        out.setdefault(r["request_id"], []).append(
+            Review(
+                r["reviewer"], ReviewDecision(r["decision"]), r["reason"], from_ms(r["reviewed_at"])
+            )
+        )
+    return {k: tuple(v) for k, v in out.items()}
+
+
+async def _get_grant(conn: Conn, grant_id: str, *, for_update: bool = False) -> Grant | None:
+    row = await _one(
+        conn,
+        f"SELECT {_GRANT_COLUMNS} FROM grants WHERE id = %s"
+        + (" FOR UPDATE" if for_update else ""),
+        [grant_id],
+    )
+    return None if row is None else rec.grant(row)
+
+
+async def _get_agent(conn: Conn, name: str) -> Agent | None:
+    row = await _one(
+        conn,
+        f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.name = %s AND a.removed_at IS NULL",
+        [name],
+    )
+    return None if row is None else rec.agent(row)
+
+
+async def _live_grants(conn: Conn, agent: str) -> list[Grant]:
+    rows = await _all(
+        conn,
+        f"SELECT {_GRANT_COLUMNS} FROM grants WHERE agent = %s "
+        "AND state IN ('PENDING_DELIVERY', 'ACTIVE') ORDER BY grant_seq",
+        [agent],
+    )
+    return [rec.grant(r) for r in rows]
+
+
+async def _agent_for_credential(conn: Conn, credential_hash: str) -> str | None:
+    row = await _one(
+        conn,
+        "SELECT name FROM agents WHERE credential_hash = %s AND removed_at IS NULL",
+        [credential_hash],
+    )
+    return None if row is None else str(row["name"])
+
+
+async def _user_groups(conn: Conn, name: str) -> frozenset[str] | None:
+    row = await _one(conn, "SELECT groups FROM users WHERE name = %s", [name])
+    return None if row is None else frozenset(json.loads(row["groups"]))
+
+
+async def _get_meta(conn: Conn, key: str) -> str | None:
+    row = await _one(conn, "SELECT value FROM meta WHERE key = %s", [key])
+    return None if row is None else str(row["value"])
+
+
+def _lock_match(target: LockTarget, alias: str) -> tuple[str, list[str]]:
+    """SQL conditions (each starting with AND) for rows a lock target matches. Lock subjects are
+    stored case-folded (subjects are ASCII, so SQL lower() folds them the same way)."""
+    where = ""
+    args: list[str] = []
+    if target.subject:
+        where += f" AND lower({alias}subject) = %s"
+        args.append(target.subject)
+    if target.agent:
+        where += f" AND {alias}agent = %s"
+        args.append(target.agent)
+    if target.action:
+        where += f" AND {alias}action = %s"
+        args.append(target.action)
+    return where, args
+
+
+async def _lock_in_force(
+    conn: Conn, subject: str, agent: str, action: str, now: datetime
+) -> Lock | None:
+    row = await _one(
+        conn,
+        f"SELECT {_LOCK_COLUMNS} FROM locks WHERE lifted_at IS NULL "
+        "AND (expires_at IS NULL OR expires_at > %s) AND subject IN ('', %s) "
+        "AND agent IN ('', %s) AND action IN ('', %s) ORDER BY created_at, id LIMIT 1",
+        [to_ms(now), subject.lower(), agent, action],
+    )
+    return None if row is None else rec.lock(row)
+
+
+def _grant_sets(
+    expected: Sequence[GrantState], state: GrantState, change: GrantChange
+) -> tuple[str, list[Any]]:
+    for current in expected:
+        if state not in GRANT_TRANSITIONS[current]:
+            raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
+    sets = ["state = %s"]
+    args: list[Any] = [state.value]
+    for column, value in rec.grant_change(change):
+        sets.append(f"{column} = %s")
+        args.append(value)
+    return ", ".join(sets), args
+
+
+class PostgresTx:
+    """One write transaction on one pooled connection."""
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+        self._head: tuple[int, str] | None = None
+        self.new_audit: list[AuditEvent] = []
+
+    async def _audit_head(self) -> tuple[int, str]:
+        if self._head is None:
+            row = await _one(self._conn, "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+            self._head = (0, GENESIS) if row is None else (int(row["seq"]), str(row["hash"]))
+        return self._head
+
+    async def get_request(self, request_id: str) -> Request | None:
+        return await _get_request(self._conn, request_id)
+
+    async def get_grant(self, grant_id: str) -> Grant | None:
+        return await _get_grant(self._conn, grant_id)
+
+    async def get_agent(self, name: str) -> Agent | None:
+        return await _get_agent(self._conn, name)
+
+    async def live_grants(self, agent: str) -> list[Grant]:
+        return await _live_grants(self._conn, agent)
+
+    async def agent_for_credential(self, credential_hash: str) -> str | None:
+        return await _agent_for_credential(self._conn, credential_hash)
+
+    async def user_groups(self, name: str) -> frozenset[str] | None:
+        return await _user_groups(self._conn, name)
+
+    async def get_meta(self, key: str) -> str | None:
+        return await _get_meta(self._conn, key)
+
+    async def insert_request(self, r: Request) -> None:
+        await self._conn.execute(_REQUEST_INSERT, rec.request_values(r))
+
+    async def insert_requests(self, requests: Sequence[Request]) -> None:
+        if requests:
+            async with self._conn.cursor() as cur:
+                await cur.executemany(_REQUEST_INSERT, [rec.request_values(r) for r in requests])
+
+    async def decide_request(
+        self,
+        request_id: str,
+        *,
+        expected: RequestState,
+        state: RequestState,
+        at: datetime,
+        by: str,
+        reason: str,
+        grant_id: str = "",
+    ) -> bool:
+        if state not in REQUEST_TRANSITIONS[expected]:
+            raise ValueError(f"request lifecycle has no step {expected.value} -> {state.value}")
+        count = await _rowcount(
+            self._conn,
+            "UPDATE requests SET state = %s, decided_at = %s, decided_by = %s, "
+            "decision_reason = %s, grant_id = %s WHERE id = %s AND state = %s",
+            [state.value, to_ms(at), by, reason, grant_id, request_id, expected.value],
+        )
+        return count == 1
+
+    async def insert_review(self, request_id: str, review: Review) -> bool:
+        count = await _rowcount(
+            self._conn,
+            "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at) "
+            "VALUES (%s,%s,%s,%s,%s) ON CONFLICT (request_id, reviewer) DO NOTHING",
+            [request_id, review.reviewer, review.decision.value, review.reason,
+             to_ms(review.reviewed_at)],
+        )  # fmt: skip
+        return count == 1
+
+    async def insert_grant(self, g: Grant) -> None:
+        await self._conn.execute(_GRANT_INSERT, rec.grant_values(g))
+
+    async def insert_grants(self, grants: Sequence[Grant]) -> None:
+        if grants:
+            async with self._conn.cursor() as cur:
+                await cur.executemany(_GRANT_INSERT, [rec.grant_values(g) for g in grants])
+
+    async def move_grant(
+        self,
+        grant_id: str,
+        *,
+        expected: Iterable[GrantState],
+        state: GrantState,
+        change: GrantChange = NO_CHANGE,
+    ) -> bool:
+        expected = list(expected)
+        sets, args = _grant_sets(expected, state, change)
+        count = await _rowcount(
+            self._conn,
+            f"UPDATE grants SET {sets} WHERE id = %s AND state = ANY(%s)",
+            [*args, grant_id, [s.value for s in expected]],
+        )
+        return count == 1
+
+    async def move_grants(
+        self,
+        grant_ids: Sequence[str],
+        *,
+        expected: Iterable[GrantState],
+        state: GrantState,
+        change: GrantChange = NO_CHANGE,
+    ) -> set[str]:
+        expected = list(expected)
+        sets, args = _grant_sets(expected, state, change)
+        if not grant_ids:
+            return set()
+        rows = await _all(
+            self._conn,
+            f"UPDATE grants SET {sets} WHERE id = ANY(%s) AND state = ANY(%s) RETURNING id",
+            [*args, list(grant_ids), [s.value for s in expected]],
+        )
+        return {r["id"] for r in rows}
+
+    async def append_command(
+        self, agent: str, kind: CommandKind, grant_id: str, at: datetime, revoke_reason: str = ""
+    ) -> int:
+        row = await _one(
+            self._conn,
+            "UPDATE agents SET last_seq = last_seq + 1 WHERE name = %s AND removed_at IS NULL "
+            "RETURNING last_seq",
+            [agent],
+        )
+        if row is None:
+            raise Conflict(f"agent {agent} is not enrolled")
+        seq = int(row["last_seq"])
+        await self._conn.execute(
+            _COMMAND_INSERT, [agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)]
+        )
+        column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
+        await self._conn.execute(f"UPDATE grants SET {column} = %s WHERE id = %s", [seq, grant_id])
+        return seq
+
+    async def append_commands(
+        self, commands: Sequence[tuple[str, CommandKind, str, datetime]], revoke_reason: str = ""
+    ) -> list[int | None]:
+        wanted: dict[str, int] = {}
+        for agent, *_ in commands:
+            wanted[agent] = wanted.get(agent, 0) + 1
+        if not wanted:
+            return []
+        # Agents in name order: two replicas numbering overlapping agents lock them in the same
+        # order, so they wait for each other instead of deadlocking.
+        names = sorted(wanted)
+        rows = await _all(
+            self._conn,
+            "UPDATE agents SET last_seq = agents.last_seq + w.n "
+            "FROM (SELECT * FROM unnest(%s::text[], %s::bigint[]) AS u(name, n) ORDER BY name) w "
+            "WHERE agents.name = w.name AND agents.removed_at IS NULL "
+            "RETURNING agents.name, agents.last_seq",
+            [names, [wanted[n] for n in names]],
+        )
+        next_seq = {r["name"]: int(r["last_seq"]) - wanted[r["name"]] + 1 for r in rows}
+        seqs: list[int | None] = []
+        stored: list[tuple[Any, ...]] = []
+        for agent, kind, grant_id, at in commands:
+            seq = next_seq.get(agent)
+            seqs.append(seq)
+            if seq is not None:
+                next_seq[agent] = seq + 1
+                stored.append((agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)))
+        if stored:
+            async with self._conn.cursor() as cur:
+                await cur.executemany(_COMMAND_INSERT, stored)
+        return seqs
+
+    async def ack_commands(
+        self, acks: Sequence[tuple[str, int, str, str]], at: datetime
+    ) -> dict[tuple[str, int], tuple[CommandKind, str, datetime]]:
+        done: dict[tuple[str, int], tuple[CommandKind, str, datetime]] = {}
+        when = to_ms(at)
+        if not acks:
+            return done
+        rows = await _all(
+            self._conn,
+            "UPDATE commands SET acked_at = %s, ack_status = a.status, ack_reason = a.reason "
+            "FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[]) "
+            "AS a(agent, seq, status, reason) "
+            "WHERE commands.agent = a.agent AND commands.seq = a.seq "
+            # The first ack counts; except that a revoke the agent could not carry out and
+            # later did (sent again after its restart) is acked again as done.
+            "AND (commands.acked_at IS NULL OR (commands.kind = 'revoke' "
+            "AND commands.ack_status <> 'APPLIED' AND a.status = 'APPLIED')) "
+            "RETURNING commands.agent, commands.seq, commands.kind, commands.grant_id, "
+            "commands.created_at",
+            [
+                when,
+                [a[0] for a in acks],
+                [a[1] for a in acks],
+                [a[2] for a in acks],
+                [a[3] for a in acks],
+            ],
+        )
+        for r in rows:
+            done[(r["agent"], int(r["seq"]))] = (
+                CommandKind(r["kind"]),
+                r["grant_id"],
+                from_ms(r["created_at"]),
+            )
+        highest: dict[str, int] = {}
+        for agent, seq in done:
+            highest[agent] = max(seq, highest.get(agent, 0))
+        if highest:
+            names = sorted(highest)
+            await self._conn.execute(
+                "UPDATE agents SET last_acked_seq = GREATEST(agents.last_acked_seq, h.seq), "
+                "last_seen_at = %s FROM unnest(%s::text[], %s::bigint[]) AS h(name, seq) "
+                "WHERE agents.name = h.name",
+                [when, names, [highest[n] for n in names]],
+            )
+        return done
+
+    async def get_grants(self, grant_ids: Sequence[str]) -> dict[str, Grant]:
+        if not grant_ids:
+            return {}
+        rows = await _all(
+            self._conn,
+            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE id = ANY(%s)",
+            [list(grant_ids)],
+        )
+        return {r["id"]: rec.grant(r) for r in rows}
+
+    # Locks.
+
+    async def insert_lock(self, lock: Lock) -> None:
+        await self._conn.execute(
+            f"INSERT INTO locks ({_LOCK_COLUMNS}) "
+            f"VALUES ({','.join(['%s'] * len(rec.LOCK_COLUMNS))})",
+            rec.lock_values(lock),
+        )
+
+    async def lift_lock(self, lock_id: str, at: datetime, by: str, reason: str) -> bool:
+        count = await _rowcount(
+            self._conn,
+            "UPDATE locks SET lifted_at = %s, lifted_by = %s, lift_reason = %s "
+            "WHERE id = %s AND lifted_at IS NULL",
+            [to_ms(at), by, reason, lock_id],
+        )
+        return count == 1
+
+    async def get_lock(self, lock_id: str) -> Lock | None:
+        row = await _one(self._conn, f"SELECT {_LOCK_COLUMNS} FROM locks WHERE id = %s", [lock_id])
+        return None if row is None else rec.lock(row)
+
+    async def lock_in_force(
+        self, subject: str, agent: str, action: str, now: datetime
+    ) -> Lock | None:
+        return await _lock_in_force(self._conn, subject, agent, action, now)
+
+    async def locks_in_force(self, now: datetime) -> list[Lock]:
+        rows = await _all(
+            self._conn,
+            f"SELECT {_LOCK_COLUMNS} FROM locks WHERE lifted_at IS NULL "
+            "AND (expires_at IS NULL OR expires_at > %s) ORDER BY created_at, id",
+            [to_ms(now)],
+        )
+        return [rec.lock(r) for r in rows]
+
+    async def locked_grants(self, target: LockTarget, states: Iterable[GrantState]) -> list[Grant]:
+        where, args = _lock_match(target, "g.")
+        rows = await _all(
+            self._conn,
+            f"SELECT {rec.columns(rec.GRANT_COLUMNS, 'g.')} FROM grants g "
+            "JOIN agents a ON a.name = g.agent "
+            f"WHERE a.removed_at IS NULL AND g.state = ANY(%s) {where} "
+            "ORDER BY g.agent, g.grant_seq",
+            [[s.value for s in states], *args],
+        )
+        return [rec.grant(r) for r in rows]
+
+    async def locked_requests(self, target: LockTarget) -> list[Request]:
+        where, args = _lock_match(target, "r.")
+        rows = await _all(
+            self._conn,
+            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'PENDING' {where} "
+            "ORDER BY r.created_at, r.id",
+            args,
+        )
+        reviews = await _reviews(self._conn, [r["id"] for r in rows])
+        return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
+
+    async def append_revokes(
+        self, grants: Sequence[Grant], at: datetime, revoke_reason: str
+    ) -> dict[str, int]:
+        seqs = await self.append_commands(
+            [(g.agent, CommandKind.REVOKE, g.id, at) for g in grants], revoke_reason
+        )
+        if None in seqs:
+            raise Conflict("an agent was removed meanwhile; try again")
+        by_grant = {g.id: seq for g, seq in zip(grants, seqs, strict=True) if seq is not None}
+        if by_grant:
+            await self._conn.execute(
+                "UPDATE grants SET revoke_seq = u.seq FROM unnest(%s::text[], %s::bigint[]) "
+                "AS u(id, seq) WHERE grants.id = u.id",
+                [list(by_grant), list(by_grant.values())],
+            )
+        return by_grant
+
+    # Agents, tokens, users.
+
+    async def enroll_agent(
+        self, name: str, labels: dict[str, str], credential_hash: str, at: datetime
+    ) -> bool:
+        count = await _rowcount(
+            self._conn,
+            "UPDATE agents SET labels = %s, credential_hash = %s, removed_at = NULL "
+            "WHERE name = %s",
+            [rec.dumps(labels), credential_hash, name],
+        )
+        if count == 1:
+            return False
+        await self._conn.execute(
+            "INSERT INTO agents (name, labels, credential_hash, enrolled_at) VALUES (%s,%s,%s,%s)",
+            [name, rec.dumps(labels), credential_hash, to_ms(at)],
+        )
+        return True
+
+    async def agent_seen(
+        self, name: str, at: datetime, *, labels: dict[str, str] | None = None,
+        version: str | None = None, boot_id: str | None = None,
+    ) -> None:  # fmt: skip
+        await self._conn.execute(
+            "UPDATE agents SET last_seen_at = %s, labels = COALESCE(%s, labels), "
+            "version = COALESCE(%s, version), boot_id = COALESCE(%s, boot_id) WHERE name = %s",
+            [to_ms(at), None if labels is None else rec.dumps(labels), version, boot_id, name],
+        )
+
+    async def remove_agent(self, name: str, at: datetime) -> bool:
+        count = await _rowcount(
+            self._conn,
+            "UPDATE agents SET removed_at = %s, credential_hash = NULL "
+            "WHERE name = %s AND removed_at IS NULL",
+            [to_ms(at), name],
+        )
+        return count == 1
+
+    async def insert_join_token(
+        self, token_hash: str, labels: dict[str, str], by: str, at: datetime,
+        expires_at: datetime | None, max_uses: int | None, replaces: str | None = None,
+    ) -> None:  # fmt: skip
+        await self._conn.execute(
+            "INSERT INTO join_tokens "
+            "(hash, labels, created_by, created_at, expires_at, max_uses, replaces) "
+            "VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (hash) DO UPDATE SET "
+            "labels = excluded.labels, created_by = excluded.created_by, "
+            "created_at = excluded.created_at, expires_at = excluded.expires_at, "
+            "max_uses = excluded.max_uses, replaces = excluded.replaces, uses = 0",
+            [token_hash, json.dumps(labels), by, to_ms(at), rec.ms(expires_at), max_uses,
+             replaces],
+        )  # fmt: skip
+
+    async def use_join_token(self, token_hash: str, at: datetime) -> JoinToken | None:
+        row = await _one(
+            self._conn,
+            "UPDATE join_tokens SET uses = uses + 1 WHERE hash = %s "
+            "AND (expires_at IS NULL OR expires_at > %s) "
+            "AND (max_uses IS NULL OR uses < max_uses) "
+            "RETURNING labels, replaces, max_uses IS NULL AS reusable",
+            [token_hash, to_ms(at)],
+        )
+        if row is None:
+            return None
+        return JoinToken(dict(json.loads(row["labels"])), row["replaces"], bool(row["reusable"]))
+
+    async def upsert_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
+        await self._conn.execute(
+            "INSERT INTO users (name, groups, created_at) VALUES (%s,%s,%s) "
+            "ON CONFLICT (name) DO UPDATE SET groups = excluded.groups",
+            [name, json.dumps(sorted(groups)), to_ms(at)],
+        )
+
+    async def insert_token(
+        self, token_hash: str, user: str, at: datetime, expires_at: datetime | None, label: str
+    ) -> bool:
+        count = await _rowcount(
+            self._conn,
+            "INSERT INTO tokens (hash, user_name, label, created_at, expires_at) "
+            "VALUES (%s,%s,%s,%s,%s) ON CONFLICT (hash) DO NOTHING",
+            [token_hash, user, label, to_ms(at), rec.ms(expires_at)],
+        )
+        return count == 1
+
+    async def revoke_token(self, token_id: str, at: datetime) -> bool:
+        count = await _rowcount(
+            self._conn,
+            "UPDATE tokens SET revoked_at = %s WHERE substr(hash, 1, 16) = %s "
+            "AND revoked_at IS NULL",
+            [to_ms(at), token_id],
+        )
+        return count >= 1
+
+    async def set_user_disabled(self, name: str, disabled: bool) -> bool:
+        count = await _rowcount(
+            self._conn, "UPDATE users SET disabled = %s WHERE name = %s", [int(disabled), name]
+        )
+        return count == 1
+
+    async def revoke_certificate(self, serial: str, at: datetime, by: str, reason: str) -> bool:
+        count = await _rowcount(
+            self._conn,
+            "INSERT INTO revoked_certificates (serial, revoked_at, revoked_by, reason) "
+            "VALUES (%s,%s,%s,%s) ON CONFLICT (serial) DO NOTHING",
+            [serial, to_ms(at), by, reason],
+        )
+        return count == 1
+
+    async def insert_policy(self, text: str, sha256: str, at: datetime, by: str) -> int:
+        # Versions are numbered in one order across replicas.
+        await self._conn.execute("SELECT pg_advisory_xact_lock(%s)", [_POLICY_LOCK])
+        row = await _one(
+            self._conn, "SELECT COALESCE(MAX(version), 0) + 1 AS version FROM policies"
+        )
+        assert row is not None
+        version = int(row["version"])
+        await self._conn.execute(
+            "INSERT INTO policies (version, yaml, sha256, applied_at, applied_by) "
+            "VALUES (%s,%s,%s,%s,%s)",
+            [version, text, sha256, to_ms(at), by],
+        )
+        return version
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._conn.execute(
+            "INSERT INTO meta (key, value) VALUES (%s, %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )
+
+    # Audit.
+
+    async def audit(self, entry: AuditEntry) -> AuditEvent | None:
+        events = await self.audit_many([entry])
+        return events[0] if events else None
+
+    async def audit_many(self, entries: Sequence[AuditEntry]) -> list[AuditEvent]:
+        if not entries:
+            return []
+        # The head first: from here to commit no other transaction can add an event, so the
+        # ids found stored below stay the only ones stored.
+        head_seq, head_hash = await self._audit_head()
+        rows = await _all(
+            self._conn,
+            "SELECT id FROM audit WHERE id = ANY(%s)",
+            [[entry.id for entry in entries]],
+        )
+        stored = {r["id"] for r in rows}
+        events, values = rec.chain(entries, head_seq, head_hash, stored)
+        if not values:
+            return []
+        async with self._conn.cursor() as cur:
+            await cur.executemany(_AUDIT_INSERT, values)
+        self._head = (events[-1].seq, events[-1].hash)
+        await self._conn.execute(
+            "UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1", list(self._head)
+        )
+        self.new_audit.extend(events)
+        return events
+
+    # Sweeps.
+
+    async def move_due_grants(
+        self, now: datetime, limit: int, *, state: GrantState, change: GrantChange = NO_CHANGE
+    ) -> list[Moved]:
+        """Up to `limit` due grants to `state`. Rows another replica's sweep holds are skipped
+        (SKIP LOCKED): that sweep moves them."""
+        sets, args = _grant_sets(list(_DUE_GRANT_STATES), state, change)
+        moved: list[Moved] = []
+        for was in _DUE_GRANT_STATES:
+            if len(moved) >= limit:
+                break
+            rows = await _all(
+                self._conn,
+                f"UPDATE grants SET {sets} WHERE id IN (SELECT id FROM grants "
+                "WHERE state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING') AND state = %s "
+                "AND not_after <= %s ORDER BY not_after LIMIT %s FOR UPDATE SKIP LOCKED) "
+                "AND state = %s RETURNING id, request_id, agent, subject, action",
+                [*args, was.value, to_ms(now), limit - len(moved), was.value],
+            )
+            moved.extend(
+                Moved(r["id"], r["request_id"], r["agent"], r["subject"], r["action"], was.value)
+                for r in rows
+            )
+        return moved
+
+    async def move_due_requests(
+        self, now: datetime, limit: int, *, state: RequestState, by: str, reason: str
+    ) -> list[Moved]:
+        if state not in REQUEST_TRANSITIONS[RequestState.PENDING]:
+            raise ValueError(f"request lifecycle has no step PENDING -> {state.value}")
+        rows = await _all(
+            self._conn,
+            "UPDATE requests SET state = %s, decided_at = %s, decided_by = %s, "
+            "decision_reason = %s WHERE id IN (SELECT id FROM requests WHERE state = 'PENDING' "
+            "AND pending_expires_at <= %s ORDER BY pending_expires_at LIMIT %s "
+            "FOR UPDATE SKIP LOCKED) AND state = 'PENDING' RETURNING id, agent, subject, action",
+            [state.value, to_ms(now), by, reason, to_ms(now), limit],
+        )
+        pending = RequestState.PENDING.value
+        return [Moved(r["id"], "", r["agent"], r["subject"], r["action"], pending) for r in rows]
+
+
+class PostgresStore:
+    def __init__(self, pool: AsyncConnectionPool[Conn], dsn: str) -> None:
+        self._pool = pool
+        self.dsn = dsn
+        self._commits = 0
+        self.retries = 0
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed by this store object since it was opened."""
+        return self._commits
+
+    @classmethod
+    async def open(
+        cls, dsn: str, *, min_size: int = 2, max_size: int = 10, migrate_now: bool = True
+    ) -> PostgresStore:
+        if migrate_now:
+            await migrate(dsn)
+        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            open=False,
+            name="jitmesh",
+        )
+        await pool.open(wait=True, timeout=30)
+        return cls(pool, dsn)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresTx]:
+        """One write transaction, run once: a serialization failure or deadlock is reported as
+        `Conflict` ("try again"); `write` retries instead."""
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                tx = PostgresTx(conn)
+                yield tx
+        except _RETRYABLE as exc:
+            raise Conflict("the store was busy with a conflicting change; try again") from exc
+        self._commits += 1
+
+    async def write(self, work: Callable[[PostgresTx], Awaitable[T]]) -> T:
+        """Run `work` in one transaction and commit; again, from the start, on a serialization
+        failure or deadlock (up to RETRIES times, with jittered backoff)."""
+        for attempt in range(RETRIES + 1):
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    result = await work(PostgresTx(conn))
+            except _RETRYABLE:
+                if attempt == RETRIES:
+                    raise
+                self.retries += 1
+                await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
+                continue
+            self._commits += 1
+            return result
+        raise AssertionError("unreachable")
+
+    # Reads: committed data only.
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[Conn]:
+        async with self._pool.connection() as conn:
+            yield conn
+
+    async def audit_head(self) -> tuple[int, str]:
+        async with self._read() as conn:
+            row = await _one(conn, "SELECT seq, hash FROM audit_head WHERE id = 1")
+        return (0, GENESIS) if row is None else (int(row["seq"]), str(row["hash"]))
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        async with self._read() as conn:
+            await conn.execute(
+                "INSERT INTO checkpoints (seq, hash, at, key_id, signature) "
+                "VALUES (%s,%s,%s,%s,%s)",
+                [checkpoint.seq, checkpoint.hash, to_ms(checkpoint.at), checkpoint.key_id,
+                 checkpoint.signature],
+            )  # fmt: skip
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        async with self._read() as conn:
+            rows = await _all(conn, f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY id")
+        return [rec.checkpoint(r) for r in rows]
+
+    async def last_checkpoint(self) -> Checkpoint | None:
+        async with self._read() as conn:
+            row = await _one(
+                conn, f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY id DESC LIMIT 1"
+            )
+        return None if row is None else rec.checkpoint(row)
+
+    async def get_request(self, request_id: str) -> Request | None:
+        async with self._read() as conn:
+            return await _get_request(conn, request_id)
+
+    async def list_requests(
+        self, *, states: Sequence[RequestState], subject: str, agent: str, limit: int,
+        page_token: str,
+    ) -> tuple[list[Request], str]:  # fmt: skip
+        async with self._read() as conn:
+            rows, more = await _newest_first(
+                conn,
+                f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM}",
+                "r.",
+                [("r.state", [s.value for s in states]), ("r.subject", subject),
+                 ("r.agent", agent)],
+                page_token,
+                limit,
+            )  # fmt: skip
+            reviews = await _reviews(conn, [r["id"] for r in rows])
+        requests = [rec.request(r, reviews.get(r["id"], ())) for r in rows]
+        return requests, rec.next_page(requests, more)
+
+    async def get_grant(self, grant_id: str) -> Grant | None:
+        async with self._read() as conn:
+            return await _get_grant(conn, grant_id)
+
+    async def list_grants(
+        self, *, states: Sequence[GrantState], subject: str, agent: str, limit: int,
+        page_token: str,
+    ) -> tuple[list[Grant], str]:  # fmt: skip
+        async with self._read() as conn:
+            rows, more = await _newest_first(
+                conn,
+                f"SELECT {_GRANT_COLUMNS} FROM grants",
+                "",
+                [("state", [s.value for s in states]), ("subject", subject), ("agent", agent)],
+                page_token,
+                limit,
+            )
+        grants = [rec.grant(r) for r in rows]
+        return grants, rec.next_page(grants, more)
+
+    async def live_grants(self, agent: str) -> list[Grant]:
+        async with self._read() as conn:
+            return await _live_grants(conn, agent)
+
+    async def get_agent(self, name: str) -> Agent | None:
+        async with self._read() as conn:
+            return await _get_agent(conn, name)
+
+    async def list_agents(self) -> list[Agent]:
+        async with self._read() as conn:
+            rows = await _all(
+                conn,
+                f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.removed_at IS NULL ORDER BY a.name",
+            )
+        return [rec.agent(r) for r in rows]
+
+    async def agent_for_credential(self, credential_hash: str) -> str | None:
+        async with self._read() as conn:
+            return await _agent_for_credential(conn, credential_hash)
+
+    async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None:
+        async with self._read() as conn:
+            row = await _one(
+                conn,
+                "SELECT u.name, u.groups FROM tokens t JOIN users u ON u.name = t.user_name "
+                "WHERE t.hash = %s AND t.revoked_at IS NULL AND u.disabled = 0 "
+                "AND (t.expires_at IS NULL OR t.expires_at > %s)",
+                [token_hash, to_ms(now)],
+            )
+        if row is None:
+            return None
+        return Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
+
+    async def list_tokens(self, user: str) -> list[TokenInfo]:
+        async with self._read() as conn:
+            rows = await _all(
+                conn,
+                "SELECT hash, user_name, label, created_at, expires_at, revoked_at FROM tokens "
+                "WHERE %s = '' OR user_name = %s ORDER BY created_at, hash",
+                [user, user],
+            )
+        return [rec.token(r) for r in rows]
+
+    async def principal_for_user(self, name: str, serial: str) -> Principal | None:
+        async with self._read() as conn:
+            row = await _one(
+                conn,
+                "SELECT name, groups FROM users WHERE name = %s AND disabled = 0 "
+                "AND NOT EXISTS (SELECT 1 FROM revoked_certificates WHERE serial = %s)",
+                [name, serial],
+            )
+        if row is None:
+            return None
+        return Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
+
+    async def user_groups(self, name: str) -> frozenset[str] | None:
+        async with self._read() as conn:
+            return await _user_groups(conn, name)
+
+    async def commands_after(self, agent: str, seq: int, limit: int) -> list[Command]:
+        # A grant command the agent has refused (acked FAILED or REJECTED) is never sent again
+        # (as in the SQLite store).
+        async with self._read() as conn:
+            rows = await _all(
+                conn,
+                "SELECT c.seq AS c_seq, c.kind AS c_kind, c.revoke_reason AS c_revoke_reason, "
+                f"{_GRANT_COLUMNS_G} FROM commands c JOIN grants g ON g.id = c.grant_id "
+                "WHERE c.agent = %s AND c.seq > %s "
+                "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
+                "ORDER BY c.seq LIMIT %s",
+                [agent, seq, limit],
+            )
+        return [
+            Command(
+                agent,
+                r["c_seq"],
+                CommandKind(r["c_kind"]),
+                rec.grant(r, "g_"),
+                r["c_revoke_reason"],
+            )
+            for r in rows
+        ]
+
+    async def first_unacked_seq(self, agent: str) -> int | None:
+        async with self._read() as conn:
+            row = await _one(
+                conn,
+                "SELECT MIN(seq) AS seq FROM commands WHERE agent = %s AND acked_at IS NULL",
+                [agent],
+            )
+        return None if row is None or row["seq"] is None else int(row["seq"])
+
+    async def current_policy(self) -> PolicyDocument | None:
+        async with self._read() as conn:
+            row = await _one(
+                conn,
+                "SELECT yaml, version, sha256, applied_at, applied_by FROM policies "
+                "ORDER BY version DESC LIMIT 1",
+            )
+        return None if row is None else rec.policy(row)
+
+    async def list_audit(
+        self, *, since: datetime | None, agent: str, subject: str, kind: str, grant_id: str,
+        request_id: str, after_seq: int, limit: int,
+    ) -> list[AuditEvent]:  # fmt: skip
+        where, args = _filters(
+            [("agent", agent), ("subject", subject), ("kind", kind), ("grant_id", grant_id),
+             ("request_id", request_id)]
+        )  # fmt: skip
+        where.append("seq > %s")
+        args.append(after_seq)
+        if since is not None:
+            where.append("at >= %s")
+            args.append(to_ms(since))
+        async with self._read() as conn:
+            rows = await _all(
+                conn,
+                f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(where)} "
+                "ORDER BY seq LIMIT %s",
+                [*args, limit],
+            )
+        return [rec.audit(r) for r in rows]
+
+    async def audit_chain(self, after_seq: int, limit: int) -> list[AuditEvent]:
+        async with self._read() as conn:
+            rows = await _all(
+                conn,
+                f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
+                [after_seq, limit],
+            )
+        return [rec.audit(r) for r in rows]
+
+    async def next_deadline(self) -> datetime | None:
+        async with self._read() as conn:
+            row = await _one(
+                conn,
+                "SELECT LEAST((SELECT MIN(not_after) FROM grants "
+                "WHERE state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING')), "
+                "(SELECT MIN(pending_expires_at) FROM requests WHERE state = 'PENDING')) AS t",
+            )
+        return None if row is None or row["t"] is None else from_ms(int(row["t"]))
+
+    async def get_meta(self, key: str) -> str | None:
+        async with self._read() as conn:
+            return await _get_meta(conn, key)
+
+    async def list_locks(self, *, include_ended: bool, now: datetime) -> list[Lock]:
+        sql = f"SELECT {_LOCK_COLUMNS} FROM locks"
+        args: list[Any] = []
+        if not include_ended:
+            sql += " WHERE lifted_at IS NULL AND (expires_at IS NULL OR expires_at > %s)"
+            args.append(to_ms(now))
+        async with self._read() as conn:
+            rows = await _all(conn, sql + " ORDER BY created_at DESC, id DESC LIMIT 1000", args)
+        return [rec.lock(r) for r in rows]
+
+    async def lock_in_force(
+        self, subject: str, agent: str, action: str, now: datetime
+    ) -> Lock | None:
+        async with self._read() as conn:
+            return await _lock_in_force(conn, subject, agent, action, now)
+
+
+async def _newest_first(
+    conn: Conn,
+    select: str,
+    alias: str,
+    filters: list[tuple[str, Any]],
+    page_token: str,
+    limit: int,
+) -> tuple[list[dict[str, Any]], bool]:
+    where, args = _filters(filters)
+    after = rec.page(page_token)
+    if after:
+        where.append(f"({alias}created_at, {alias}id) < (%s, %s)")
+        args.extend(after)
+    sql = select + (" WHERE " + " AND ".join(where) if where else "")
+    order = f" ORDER BY {alias}created_at DESC, {alias}id DESC LIMIT %s"
+    rows = await _all(conn, sql + order, [*args, limit + 1])
+    return rows[:limit], len(rows) > limit
+
+
+def _filters(pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    for column, value in pairs:
+        if isinstance(value, list):
+            if value:
+                where.append(f"{column} = ANY(%s)")
+                args.append(value)
+        elif value:
+            where.append(f"{column} = %s")
+            args.append(value)
+    return where, args
