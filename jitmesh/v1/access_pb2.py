@@ -23,44 +23,63 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from jitmesh.v1 import types_pb2 as jitmesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jitmesh/v1/access.proto\x12\njitmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x16jitmesh/v1/types.proto\"r\n\x14\x43reateRequestRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x04 \x01(\t\"e\n\x15\x43reateRequestResponse\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.jitmesh.v1.AccessRequest\x12 \n\x05grant\x18\x02 \x01(\x0b\x32\x11.jitmesh.v1.Grant\"\x1f\n\x11GetRequestRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x86\x01\n\x13ListRequestsRequest\x12(\n\x06states\x18\x01 \x03(\x0e\x32\x18.jitmesh.v1.RequestState\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"\\\n\x14ListRequestsResponse\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.jitmesh.v1.AccessRequest\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"`\n\x14ReviewRequestRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x1a.jitmesh.v1.ReviewDecision\x12\x0e\n\x06reason\x18\x03 \x01(\t\"e\n\x15ReviewRequestResponse\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.jitmesh.v1.AccessRequest\x12 \n\x05grant\x18\x02 \x01(\x0b\x32\x11.jitmesh.v1.Grant\"\"\n\x14\x43\x61ncelRequestRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x14WatchRequestsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"\x1d\n\x0fGetGrantRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x82\x01\n\x11ListGrantsRequest\x12&\n\x06states\x18\x01 \x03(\x0e\x32\x16.jitmesh.v1.GrantState\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"P\n\x12ListGrantsResponse\x12!\n\x06grants\x18\x01 \x03(\x0b\x32\x11.jitmesh.v1.Grant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x12RevokeGrantRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"!\n\x13ReleaseGrantRequest\x12\n\n\x02id\x18\x01 \x01(\t2\xfc\x05\n\x06\x41\x63\x63\x65ss\x12T\n\rCreateRequest\x12 .jitmesh.v1.CreateRequestRequest\x1a!.jitmesh.v1.CreateRequestResponse\x12\x46\n\nGetRequest\x12\x1d.jitmesh.v1.GetRequestRequest\x1a\x19.jitmesh.v1.AccessRequest\x12Q\n\x0cListRequests\x12\x1f.jitmesh.v1.ListRequestsRequest\x1a .jitmesh.v1.ListRequestsResponse\x12T\n\rReviewRequest\x12 .jitmesh.v1.ReviewRequestRequest\x1a!.jitmesh.v1.ReviewRequestResponse\x12L\n\rCancelRequest\x12 .jitmesh.v1.CancelRequestRequest\x1a\x19.jitmesh.v1.AccessRequest\x12N\n\rWatchRequests\x12 .jitmesh.v1.WatchRequestsRequest\x1a\x19.jitmesh.v1.AccessRequest0\x01\x12:\n\x08GetGrant\x12\x1b.jitmesh.v1.GetGrantRequest\x1a\x11.jitmesh.v1.Grant\x12K\n\nListGrants\x12\x1d.jitmesh.v1.ListGrantsRequest\x1a\x1e.jitmesh.v1.ListGrantsResponse\x12@\n\x0bRevokeGrant\x12\x1e.jitmesh.v1.RevokeGrantRequest\x1a\x11.jitmesh.v1.Grant\x12\x42\n\x0cReleaseGrant\x12\x1f.jitmesh.v1.ReleaseGrantRequest\x1a\x11.jitmesh.v1.Grantb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jitmesh/v1/access.proto\x12\njitmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16jitmesh/v1/types.proto\"\xa3\x02\n\x14\x43reateRequestRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06ticket\x18\x05 \x01(\t\x12,\n\x08start_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12@\n\x08selector\x18\x07 \x03(\x0b\x32..jitmesh.v1.CreateRequestRequest.SelectorEntry\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x01\n\x15\x43reateRequestResponse\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.jitmesh.v1.AccessRequest\x12 \n\x05grant\x18\x02 \x01(\x0b\x32\x11.jitmesh.v1.Grant\x12\x0e\n\x06reused\x18\x03 \x01(\x08\x12!\n\x06grants\x18\x04 \x03(\x0b\x32\x11.jitmesh.v1.Grant\"\x1f\n\x11GetRequestRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x9a\x01\n\x13ListRequestsRequest\x12(\n\x06states\x18\x01 \x03(\x0e\x32\x18.jitmesh.v1.RequestState\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x12\n\nreviewable\x18\x06 \x01(\x08\"\\\n\x14ListRequestsResponse\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.jitmesh.v1.AccessRequest\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"v\n\x14ReviewRequestRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x1a.jitmesh.v1.ReviewDecision\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0con_behalf_of\x18\x04 \x01(\t\"e\n\x15ReviewRequestResponse\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.jitmesh.v1.AccessRequest\x12 \n\x05grant\x18\x02 \x01(\x0b\x32\x11.jitmesh.v1.Grant\"\"\n\x14\x43\x61ncelRequestRequest\x12\n\n\x02id\x18\x01 \x01(\t\"=\n\x14WatchRequestsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x18\n\x10\x61\x66ter_change_seq\x18\x02 \x01(\x04\"\x1d\n\x0fGetGrantRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x82\x01\n\x11ListGrantsRequest\x12&\n\x06states\x18\x01 \x03(\x0e\x32\x16.jitmesh.v1.GrantState\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"P\n\x12ListGrantsResponse\x12!\n\x06grants\x18\x01 \x03(\x0b\x32\x11.jitmesh.v1.Grant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x12RevokeGrantRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"!\n\x13ReleaseGrantRequest\x12\n\n\x02id\x18\x01 \x01(\t\"g\n\x12\x45xtendGrantRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x02\x62y\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06ticket\x18\x04 \x01(\t\"c\n\x13\x45xtendGrantResponse\x12 \n\x05grant\x18\x01 \x01(\x0b\x32\x11.jitmesh.v1.Grant\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.jitmesh.v1.AccessRequest\":\n\x19ListRequestOptionsRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\"\xea\x02\n\rRequestOption\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x35\n\x06labels\x18\x02 \x03(\x0b\x32%.jitmesh.v1.RequestOption.LabelsEntry\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12/\n\x0cmax_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x04plan\x18\x05 \x01(\x0b\x32\x18.jitmesh.v1.ApprovalPlan\x12\x1b\n\x0e\x61utomatic_left\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x34\n\x11granted_time_left\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rlive_grant_id\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_automatic_left\"`\n\x1aListRequestOptionsResponse\x12*\n\x07options\x18\x01 \x03(\x0b\x32\x19.jitmesh.v1.RequestOption\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x32\xb1\x07\n\x06\x41\x63\x63\x65ss\x12T\n\rCreateRequest\x12 .jitmesh.v1.CreateRequestRequest\x1a!.jitmesh.v1.CreateRequestResponse\x12\x46\n\nGetRequest\x12\x1d.jitmesh.v1.GetRequestRequest\x1a\x19.jitmesh.v1.AccessRequest\x12Q\n\x0cListRequests\x12\x1f.jitmesh.v1.ListRequestsRequest\x1a .jitmesh.v1.ListRequestsResponse\x12T\n\rReviewRequest\x12 .jitmesh.v1.ReviewRequestRequest\x1a!.jitmesh.v1.ReviewRequestResponse\x12L\n\rCancelRequest\x12 .jitmesh.v1.CancelRequestRequest\x1a\x19.jitmesh.v1.AccessRequest\x12N\n\rWatchRequests\x12 .jitmesh.v1.WatchRequestsRequest\x1a\x19.jitmesh.v1.AccessRequest0\x01\x12:\n\x08GetGrant\x12\x1b.jitmesh.v1.GetGrantRequest\x1a\x11.jitmesh.v1.Grant\x12K\n\nListGrants\x12\x1d.jitmesh.v1.ListGrantsRequest\x1a\x1e.jitmesh.v1.ListGrantsResponse\x12@\n\x0bRevokeGrant\x12\x1e.jitmesh.v1.RevokeGrantRequest\x1a\x11.jitmesh.v1.Grant\x12\x42\n\x0cReleaseGrant\x12\x1f.jitmesh.v1.ReleaseGrantRequest\x1a\x11.jitmesh.v1.Grant\x12N\n\x0b\x45xtendGrant\x12\x1e.jitmesh.v1.ExtendGrantRequest\x1a\x1f.jitmesh.v1.ExtendGrantResponse\x12\x63\n\x12ListRequestOptions\x12%.jitmesh.v1.ListRequestOptionsRequest\x1a&.jitmesh.v1.ListRequestOptionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jitmesh.v1.access_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEREQUESTREQUEST']._serialized_start=95
-  _globals['_CREATEREQUESTREQUEST']._serialized_end=209
-  _globals['_CREATEREQUESTRESPONSE']._serialized_start=211
-  _globals['_CREATEREQUESTRESPONSE']._serialized_end=312
-  _globals['_GETREQUESTREQUEST']._serialized_start=314
-  _globals['_GETREQUESTREQUEST']._serialized_end=345
-  _globals['_LISTREQUESTSREQUEST']._serialized_start=348
-  _globals['_LISTREQUESTSREQUEST']._serialized_end=482
-  _globals['_LISTREQUESTSRESPONSE']._serialized_start=484
-  _globals['_LISTREQUESTSRESPONSE']._serialized_end=576
-  _globals['_REVIEWREQUESTREQUEST']._serialized_start=578
-  _globals['_REVIEWREQUESTREQUEST']._serialized_end=674
-  _globals['_REVIEWREQUESTRESPONSE']._serialized_start=676
-  _globals['_REVIEWREQUESTRESPONSE']._serialized_end=777
-  _globals['_CANCELREQUESTREQUEST']._serialized_start=779
-  _globals['_CANCELREQUESTREQUEST']._serialized_end=813
-  _globals['_WATCHREQUESTSREQUEST']._serialized_start=815
-  _globals['_WATCHREQUESTSREQUEST']._serialized_end=850
-  _globals['_GETGRANTREQUEST']._serialized_start=852
-  _globals['_GETGRANTREQUEST']._serialized_end=881
-  _globals['_LISTGRANTSREQUEST']._serialized_start=884
-  _globals['_LISTGRANTSREQUEST']._serialized_end=1014
-  _globals['_LISTGRANTSRESPONSE']._serialized_start=1016
-  _globals['_LISTGRANTSRESPONSE']._serialized_end=1096
-  _globals['_REVOKEGRANTREQUEST']._serialized_start=1098
-  _globals['_REVOKEGRANTREQUEST']._serialized_end=1146
-  _globals['_RELEASEGRANTREQUEST']._serialized_start=1148
-  _globals['_RELEASEGRANTREQUEST']._serialized_end=1181
-  _globals['_ACCESS']._serialized_start=1184
-  _globals['_ACCESS']._serialized_end=1948
+  _globals['_CREATEREQUESTREQUEST_SELECTORENTRY']._loaded_options = None
+  _globals['_CREATEREQUESTREQUEST_SELECTORENTRY']._serialized_options = b'8\001'
+  _globals['_REQUESTOPTION_LABELSENTRY']._loaded_options = None
+  _globals['_REQUESTOPTION_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_CREATEREQUESTREQUEST']._serialized_start=129
+  _globals['_CREATEREQUESTREQUEST']._serialized_end=420
+  _globals['_CREATEREQUESTREQUEST_SELECTORENTRY']._serialized_start=373
+  _globals['_CREATEREQUESTREQUEST_SELECTORENTRY']._serialized_end=420
+  _globals['_CREATEREQUESTRESPONSE']._serialized_start=423
+  _globals['_CREATEREQUESTRESPONSE']._serialized_end=575
+  _globals['_GETREQUESTREQUEST']._serialized_start=577
+  _globals['_GETREQUESTREQUEST']._serialized_end=608
+  _globals['_LISTREQUESTSREQUEST']._serialized_start=611
+  _globals['_LISTREQUESTSREQUEST']._serialized_end=765
+  _globals['_LISTREQUESTSRESPONSE']._serialized_start=767
+  _globals['_LISTREQUESTSRESPONSE']._serialized_end=859
+  _globals['_REVIEWREQUESTREQUEST']._serialized_start=861
+  _globals['_REVIEWREQUESTREQUEST']._serialized_end=979
+  _globals['_REVIEWREQUESTRESPONSE']._serialized_start=981
+  _globals['_REVIEWREQUESTRESPONSE']._serialized_end=1082
+  _globals['_CANCELREQUESTREQUEST']._serialized_start=1084
+  _globals['_CANCELREQUESTREQUEST']._serialized_end=1118
+  _globals['_WATCHREQUESTSREQUEST']._serialized_start=1120
+  _globals['_WATCHREQUESTSREQUEST']._serialized_end=1181
+  _globals['_GETGRANTREQUEST']._serialized_start=1183
+  _globals['_GETGRANTREQUEST']._serialized_end=1212
+  _globals['_LISTGRANTSREQUEST']._serialized_start=1215
+  _globals['_LISTGRANTSREQUEST']._serialized_end=1345
+  _globals['_LISTGRANTSRESPONSE']._serialized_start=1347
+  _globals['_LISTGRANTSRESPONSE']._serialized_end=1427
+  _globals['_REVOKEGRANTREQUEST']._serialized_start=1429
+  _globals['_REVOKEGRANTREQUEST']._serialized_end=1477
+  _globals['_RELEASEGRANTREQUEST']._serialized_start=1479
+  _globals['_RELEASEGRANTREQUEST']._serialized_end=1512
+  _globals['_EXTENDGRANTREQUEST']._serialized_start=1514
+  _globals['_EXTENDGRANTREQUEST']._serialized_end=1617
+  _globals['_EXTENDGRANTRESPONSE']._serialized_start=1619
+  _globals['_EXTENDGRANTRESPONSE']._serialized_end=1718
+  _globals['_LISTREQUESTOPTIONSREQUEST']._serialized_start=1720
+  _globals['_LISTREQUESTOPTIONSREQUEST']._serialized_end=1778
+  _globals['_REQUESTOPTION']._serialized_start=1781
+  _globals['_REQUESTOPTION']._serialized_end=2143
+  _globals['_REQUESTOPTION_LABELSENTRY']._serialized_start=2079
+  _globals['_REQUESTOPTION_LABELSENTRY']._serialized_end=2124
+  _globals['_LISTREQUESTOPTIONSRESPONSE']._serialized_start=2145
+  _globals['_LISTREQUESTOPTIONSRESPONSE']._serialized_end=2241
+  _globals['_ACCESS']._serialized_start=2244
+  _globals['_ACCESS']._serialized_end=3189
 # @@protoc_insertion_point(module_scope)

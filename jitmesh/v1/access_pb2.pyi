@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from jitmesh.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
@@ -24,15 +25,49 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class CreateRequestRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     AGENT_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    START_AT_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
+    """The agent; empty when `selector` names several."""
     action: _builtins.str
     reason: _builtins.str
+    ticket: _builtins.str
+    """Since 0.2 (issue 11): a ticket id, checked against the rule's pattern."""
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def start_at(self) -> _timestamp_pb2.Timestamp:
+        """Since 0.2: a scheduled start (the request is SCHEDULED between approval and start)."""
+
+    @_builtins.property
+    def selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Since 0.2: several hosts by label (exactly one of `agent` and `selector`)."""
+
     def __init__(
         self,
         *,
@@ -40,10 +75,13 @@ class CreateRequestRequest(_message.Message):
         action: _builtins.str = ...,
         duration: _duration_pb2.Duration | None = ...,
         reason: _builtins.str = ...,
+        ticket: _builtins.str = ...,
+        start_at: _timestamp_pb2.Timestamp | None = ...,
+        selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "start_at", b"start_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent", b"agent", "duration", b"duration", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent", b"agent", "duration", b"duration", "reason", b"reason", "selector", b"selector", "start_at", b"start_at", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -55,21 +93,33 @@ class CreateRequestResponse(_message.Message):
 
     REQUEST_FIELD_NUMBER: _builtins.int
     GRANT_FIELD_NUMBER: _builtins.int
+    REUSED_FIELD_NUMBER: _builtins.int
+    GRANTS_FIELD_NUMBER: _builtins.int
+    reused: _builtins.bool
+    """Since 0.2."""
     @_builtins.property
     def request(self) -> _types_pb2.AccessRequest: ...
     @_builtins.property
     def grant(self) -> _types_pb2.Grant:
-        """Set when the policy approved the request at once."""
+        """Set when the policy approved the request at once (or a live grant was reused: then
+        `reused` is set and the grant is the one already held).
+        """
+
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Grant]:
+        """Since 0.2: for a selector request approved at once, every grant (`grant` is the first)."""
 
     def __init__(
         self,
         *,
         request: _types_pb2.AccessRequest | None = ...,
         grant: _types_pb2.Grant | None = ...,
+        reused: _builtins.bool = ...,
+        grants: _abc.Iterable[_types_pb2.Grant] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "request", b"request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "grants", b"grants", "request", b"request", "reused", b"reused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -103,10 +153,15 @@ class ListRequestsRequest(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REVIEWABLE_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     agent: _builtins.str
     page_size: _builtins.int
     page_token: _builtins.str
+    reviewable: _builtins.bool
+    """Since 0.2 (issue 11): only requests the caller may review now (pending, in a stage whose
+    groups or users include the caller, not the caller's own).
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.RequestState.ValueType]:
         """Empty means any."""
@@ -119,10 +174,11 @@ class ListRequestsRequest(_message.Message):
         agent: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        reviewable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "page_size", b"page_size", "page_token", b"page_token", "reviewable", b"reviewable", "states", b"states", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -158,19 +214,26 @@ class ReviewRequestRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     DECISION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ON_BEHALF_OF_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     decision: _types_pb2.ReviewDecision.ValueType
     reason: _builtins.str
+    on_behalf_of: _builtins.str
+    """Since 0.2 (issue 13): review for this mapped user. Only a caller holding a delegated
+    token (scope "review-on-behalf") may set it; the user's own eligibility is checked, and
+    the review is recorded as the user's with `via` naming the delegate ("bob via slack").
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         decision: _types_pb2.ReviewDecision.ValueType = ...,
         reason: _builtins.str = ...,
+        on_behalf_of: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "id", b"id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "id", b"id", "on_behalf_of", b"on_behalf_of", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,6 +289,13 @@ class WatchRequestsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     IDS_FIELD_NUMBER: _builtins.int
+    AFTER_CHANGE_SEQ_FIELD_NUMBER: _builtins.int
+    after_change_seq: _builtins.int
+    """Since 0.2 (issue 11): resume after this cursor (AccessRequest.change_seq of the last item
+    received): first every request changed since then, in its current state, then live
+    changes. 0 means live changes only (0.1 behaviour). A cursor older than what the coordinator
+    still keeps answers OUT_OF_RANGE: list the requests again and watch from the newest change_seq.
+    """
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Empty means every request the caller may see."""
@@ -234,10 +304,11 @@ class WatchRequestsRequest(_message.Message):
         self,
         *,
         ids: _abc.Iterable[_builtins.str] | None = ...,
+        after_change_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_change_seq", b"after_change_seq", "ids", b"ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -357,3 +428,183 @@ class ReleaseGrantRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseGrantRequest: _TypeAlias = ReleaseGrantRequest  # noqa: Y015
+
+@_typing.final
+class ExtendGrantRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    reason: _builtins.str
+    ticket: _builtins.str
+    @_builtins.property
+    def by(self) -> _duration_pb2.Duration:
+        """How much later the grant should end (from its current not_after)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        by: _duration_pb2.Duration | None = ...,
+        reason: _builtins.str = ...,
+        ticket: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["by", b"by"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by", b"by", "id", b"id", "reason", b"reason", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendGrantRequest: _TypeAlias = ExtendGrantRequest  # noqa: Y015
+
+@_typing.final
+class ExtendGrantResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def grant(self) -> _types_pb2.Grant:
+        """The grant, extended (not_after moved) or as it was when approval is needed."""
+
+    @_builtins.property
+    def request(self) -> _types_pb2.AccessRequest:
+        """Set when the rule needs approval for the extension: the pending extension request
+        (extends_grant_id names the grant).
+        """
+
+    def __init__(
+        self,
+        *,
+        grant: _types_pb2.Grant | None = ...,
+        request: _types_pb2.AccessRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendGrantResponse: _TypeAlias = ExtendGrantResponse  # noqa: Y015
+
+@_typing.final
+class ListRequestOptionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    """Only this agent; empty means every agent the caller could ask for."""
+    action: _builtins.str
+    """Only this action; empty means any."""
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        action: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRequestOptionsRequest: _TypeAlias = ListRequestOptionsRequest  # noqa: Y015
+
+@_typing.final
+class RequestOption(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    MAX_DURATION_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    AUTOMATIC_LEFT_FIELD_NUMBER: _builtins.int
+    GRANTED_TIME_LEFT_FIELD_NUMBER: _builtins.int
+    LIVE_GRANT_ID_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    action: _builtins.str
+    automatic_left: _builtins.int
+    """Automatic approvals left in the rule's rolling budget (when it has one) and granted time
+    left; unset when the rule has no budget.
+    """
+    live_grant_id: _builtins.str
+    """A live grant the caller holds for this agent and action (a request would reuse it)."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def max_duration(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def plan(self) -> _types_pb2.ApprovalPlan:
+        """The plan a request would be pinned to now (stages, reason and ticket rules, automatic)."""
+
+    @_builtins.property
+    def granted_time_left(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        action: _builtins.str = ...,
+        max_duration: _duration_pb2.Duration | None = ...,
+        plan: _types_pb2.ApprovalPlan | None = ...,
+        automatic_left: _builtins.int | None = ...,
+        granted_time_left: _duration_pb2.Duration | None = ...,
+        live_grant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_automatic_left", b"_automatic_left", "automatic_left", b"automatic_left", "granted_time_left", b"granted_time_left", "max_duration", b"max_duration", "plan", b"plan"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_automatic_left", b"_automatic_left", "action", b"action", "agent", b"agent", "automatic_left", b"automatic_left", "granted_time_left", b"granted_time_left", "labels", b"labels", "live_grant_id", b"live_grant_id", "max_duration", b"max_duration", "plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__automatic_left: _TypeAlias = _typing.Literal["automatic_left"]  # noqa: Y015
+    _WhichOneofArgType__automatic_left: _TypeAlias = _typing.Literal["_automatic_left", b"_automatic_left"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__automatic_left) -> _WhichOneofReturnType__automatic_left | None: ...
+
+Global___RequestOption: _TypeAlias = RequestOption  # noqa: Y015
+
+@_typing.final
+class ListRequestOptionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    policy_version: _builtins.int
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestOption]: ...
+    def __init__(
+        self,
+        *,
+        options: _abc.Iterable[Global___RequestOption] | None = ...,
+        policy_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "policy_version", b"policy_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRequestOptionsResponse: _TypeAlias = ListRequestOptionsResponse  # noqa: Y015

@@ -87,6 +87,16 @@ class AccessStub:
                 request_serializer=jitmesh_dot_v1_dot_access__pb2.ReleaseGrantRequest.SerializeToString,
                 response_deserializer=jitmesh_dot_v1_dot_types__pb2.Grant.FromString,
                 _registered_method=True)
+        self.ExtendGrant = channel.unary_unary(
+                '/jitmesh.v1.Access/ExtendGrant',
+                request_serializer=jitmesh_dot_v1_dot_access__pb2.ExtendGrantRequest.SerializeToString,
+                response_deserializer=jitmesh_dot_v1_dot_access__pb2.ExtendGrantResponse.FromString,
+                _registered_method=True)
+        self.ListRequestOptions = channel.unary_unary(
+                '/jitmesh.v1.Access/ListRequestOptions',
+                request_serializer=jitmesh_dot_v1_dot_access__pb2.ListRequestOptionsRequest.SerializeToString,
+                response_deserializer=jitmesh_dot_v1_dot_access__pb2.ListRequestOptionsResponse.FromString,
+                _registered_method=True)
 
 
 class AccessServicer:
@@ -156,6 +166,23 @@ class AccessServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExtendGrant(self, request, context):
+        """Since 0.2 (issue 11). Moves a live grant's end later in place, within the rule's bounds
+        (maximum total, maximum count); where the rule asks for approval again, answers with a
+        pending extension request instead of the moved grant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRequestOptions(self, request, context):
+        """Since 0.2 (issue 11). "What may I ask for": the agents, actions, maximum durations and the
+        approval each rule would give the caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccessServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +235,16 @@ def add_AccessServicer_to_server(servicer, server):
                     servicer.ReleaseGrant,
                     request_deserializer=jitmesh_dot_v1_dot_access__pb2.ReleaseGrantRequest.FromString,
                     response_serializer=jitmesh_dot_v1_dot_types__pb2.Grant.SerializeToString,
+            ),
+            'ExtendGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendGrant,
+                    request_deserializer=jitmesh_dot_v1_dot_access__pb2.ExtendGrantRequest.FromString,
+                    response_serializer=jitmesh_dot_v1_dot_access__pb2.ExtendGrantResponse.SerializeToString,
+            ),
+            'ListRequestOptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRequestOptions,
+                    request_deserializer=jitmesh_dot_v1_dot_access__pb2.ListRequestOptionsRequest.FromString,
+                    response_serializer=jitmesh_dot_v1_dot_access__pb2.ListRequestOptionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -482,6 +519,60 @@ class Access:
             '/jitmesh.v1.Access/ReleaseGrant',
             jitmesh_dot_v1_dot_access__pb2.ReleaseGrantRequest.SerializeToString,
             jitmesh_dot_v1_dot_types__pb2.Grant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitmesh.v1.Access/ExtendGrant',
+            jitmesh_dot_v1_dot_access__pb2.ExtendGrantRequest.SerializeToString,
+            jitmesh_dot_v1_dot_access__pb2.ExtendGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRequestOptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitmesh.v1.Access/ListRequestOptions',
+            jitmesh_dot_v1_dot_access__pb2.ListRequestOptionsRequest.SerializeToString,
+            jitmesh_dot_v1_dot_access__pb2.ListRequestOptionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,6 +31,15 @@ class AccessStub:
     RevokeGrant: _aio.UnaryUnaryMultiCallable[_access_pb2.RevokeGrantRequest, _types_pb2.Grant]
     ReleaseGrant: _aio.UnaryUnaryMultiCallable[_access_pb2.ReleaseGrantRequest, _types_pb2.Grant]
     """The subject hands the grant back before it expires."""
+    ExtendGrant: _aio.UnaryUnaryMultiCallable[_access_pb2.ExtendGrantRequest, _access_pb2.ExtendGrantResponse]
+    """Since 0.2 (issue 11). Moves a live grant's end later in place, within the rule's bounds
+    (maximum total, maximum count); where the rule asks for approval again, answers with a
+    pending extension request instead of the moved grant.
+    """
+    ListRequestOptions: _aio.UnaryUnaryMultiCallable[_access_pb2.ListRequestOptionsRequest, _access_pb2.ListRequestOptionsResponse]
+    """Since 0.2 (issue 11). "What may I ask for": the agents, actions, maximum durations and the
+    approval each rule would give the caller.
+    """
 
 class AccessServicer(metaclass=_abc_1.ABCMeta):
     """Requests and grants, for operators and pipelines. Callers authenticate with
@@ -108,5 +117,26 @@ class AccessServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_access_pb2.ReleaseGrantRequest, _abc.Awaitable[_types_pb2.Grant]],
     ) -> _abc.Awaitable[_types_pb2.Grant]:
         """The subject hands the grant back before it expires."""
+
+    @_abc_1.abstractmethod
+    def ExtendGrant(
+        self,
+        request: _access_pb2.ExtendGrantRequest,
+        context: _aio.ServicerContext[_access_pb2.ExtendGrantRequest, _abc.Awaitable[_access_pb2.ExtendGrantResponse]],
+    ) -> _abc.Awaitable[_access_pb2.ExtendGrantResponse]:
+        """Since 0.2 (issue 11). Moves a live grant's end later in place, within the rule's bounds
+        (maximum total, maximum count); where the rule asks for approval again, answers with a
+        pending extension request instead of the moved grant.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRequestOptions(
+        self,
+        request: _access_pb2.ListRequestOptionsRequest,
+        context: _aio.ServicerContext[_access_pb2.ListRequestOptionsRequest, _abc.Awaitable[_access_pb2.ListRequestOptionsResponse]],
+    ) -> _abc.Awaitable[_access_pb2.ListRequestOptionsResponse]:
+        """Since 0.2 (issue 11). "What may I ask for": the agents, actions, maximum durations and the
+        approval each rule would give the caller.
+        """
 
 def add_AccessServicer_to_server(servicer: AccessServicer, server: _aio.Server) -> None: ...

@@ -55,6 +55,15 @@ class _AckStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AckStatus.V
     ACK_STATUS_FAILED: _AckStatus.ValueType  # 2
     ACK_STATUS_REJECTED: _AckStatus.ValueType  # 3
     """Refused before applying (expired, not for this agent, tombstoned, bad signature)."""
+    ACK_STATUS_DUPLICATE: _AckStatus.ValueType  # 4
+    """Since 0.2: the agent already applied this very command (same seq) and acked it before: the
+    coordinator records nothing new and audits nothing. (0.1 agents sent APPLIED + "duplicate".)
+    """
+    ACK_STATUS_NOT_APPLIED: _AckStatus.ValueType  # 5
+    """Since 0.2: the command's seq is at or below the agent's last applied seq, but the agent
+    never applied it (a later snapshot superseded it). The grant's truth comes from that
+    snapshot's results or from Hello.active_grant_ids, never from this ack.
+    """
 
 class AckStatus(_AckStatus, metaclass=_AckStatusEnumTypeWrapper): ...
 
@@ -63,6 +72,15 @@ ACK_STATUS_APPLIED: AckStatus.ValueType  # 1
 ACK_STATUS_FAILED: AckStatus.ValueType  # 2
 ACK_STATUS_REJECTED: AckStatus.ValueType  # 3
 """Refused before applying (expired, not for this agent, tombstoned, bad signature)."""
+ACK_STATUS_DUPLICATE: AckStatus.ValueType  # 4
+"""Since 0.2: the agent already applied this very command (same seq) and acked it before: the
+coordinator records nothing new and audits nothing. (0.1 agents sent APPLIED + "duplicate".)
+"""
+ACK_STATUS_NOT_APPLIED: AckStatus.ValueType  # 5
+"""Since 0.2: the command's seq is at or below the agent's last applied seq, but the agent
+never applied it (a later snapshot superseded it). The grant's truth comes from that
+snapshot's results or from Hello.active_grant_ids, never from this ack.
+"""
 Global___AckStatus: _TypeAlias = AckStatus  # noqa: Y015
 
 @_typing.final
@@ -73,6 +91,7 @@ class AgentMessage(_message.Message):
     ACK_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    ACKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -81,6 +100,13 @@ class AgentMessage(_message.Message):
     def event(self) -> Global___AgentEvent: ...
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
+    @_builtins.property
+    def acks(self) -> Global___AckBatch:
+        """Since 0.2: several acks in one message (the agent applied several commands in one
+        commit). Each Ack in it means exactly what it means alone; the coordinator records them
+        in order. Sent only to coordinators whose Welcome.version is 0.2 or later.
+        """
+
     def __init__(
         self,
         *,
@@ -88,12 +114,13 @@ class AgentMessage(_message.Message):
         ack: Global___Ack | None = ...,
         event: Global___AgentEvent | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        acks: Global___AckBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "event", b"event", "heartbeat", b"heartbeat", "hello", b"hello"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "acks", b"acks", "body", b"body", "event", b"event", "heartbeat", b"heartbeat", "hello", b"hello"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "event", b"event", "heartbeat", b"heartbeat", "hello", b"hello"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "acks", b"acks", "body", b"body", "event", b"event", "heartbeat", b"heartbeat", "hello", b"hello"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "ack", "event", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "ack", "event", "heartbeat", "acks"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -107,6 +134,7 @@ class CoordinatorMessage(_message.Message):
     COMMAND_FIELD_NUMBER: _builtins.int
     EVENT_ACK_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    PUSHBACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -115,6 +143,14 @@ class CoordinatorMessage(_message.Message):
     def event_ack(self) -> Global___EventAck: ...
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
+    @_builtins.property
+    def pushback(self) -> Global___RetryHint:
+        """Since 0.2: sent just before the coordinator ends the stream with RESOURCE_EXHAUSTED
+        (admission control): the agent waits at least `retry_after` (plus its own jitter) before
+        it dials again. The same hint travels in the status details for clients that cannot read
+        the stream.
+        """
+
     def __init__(
         self,
         *,
@@ -122,12 +158,13 @@ class CoordinatorMessage(_message.Message):
         command: Global___Command | None = ...,
         event_ack: Global___EventAck | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        pushback: Global___RetryHint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command", b"command", "event_ack", b"event_ack", "heartbeat", b"heartbeat", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command", b"command", "event_ack", b"event_ack", "heartbeat", b"heartbeat", "pushback", b"pushback", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command", b"command", "event_ack", b"event_ack", "heartbeat", b"heartbeat", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command", b"command", "event_ack", b"event_ack", "heartbeat", b"heartbeat", "pushback", b"pushback", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "command", "event_ack", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "command", "event_ack", "heartbeat", "pushback"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -167,11 +204,16 @@ class Hello(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     BOOT_ID_FIELD_NUMBER: _builtins.int
     AGENT_TIME_FIELD_NUMBER: _builtins.int
+    BREAKGLASS_FIELD_NUMBER: _builtins.int
+    REMOVING_GRANT_IDS_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """Informational only: checked against the credential."""
     last_applied_seq: _builtins.int
     """Highest command sequence number the agent has applied and persisted."""
     version: _builtins.str
+    """The agent's software version ("0.2.0"). Since 0.2 the coordinator decides from it what it
+    may send (docs/wire.md, "Mixed versions") and refuses a version it cannot serve.
+    """
     epoch: _builtins.int
     """Highest coordinator epoch the agent has seen."""
     boot_id: _builtins.str
@@ -179,9 +221,29 @@ class Hello(_message.Message):
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
-    def active_grant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def active_grant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Grants the agent holds now (lease ACTIVE, started or waiting for not_before). Since 0.2 the
+        coordinator settles from it the grants applied but never acknowledged (the ack was lost in
+        a coordinator crash): see docs/wire.md, "Resume".
+        """
+
     @_builtins.property
     def agent_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def breakglass(self) -> _containers.RepeatedCompositeFieldContainer[Global___BreakglassUse]:
+        """Since 0.2: break-glass leases the agent granted on its own (a code used while cut off or
+        not yet acknowledged): the coordinator adopts each as a grant before it computes the resume
+        point, so no snapshot removes it. Also reported once as an AgentEvent (breakglass.used).
+        """
+
+    @_builtins.property
+    def removing_grant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Since 0.2: grants the agent has ended but whose removal from the host failed and is being
+        retried (they are not in active_grant_ids). With them the coordinator settles revokes whose
+        ack was lost: a grant whose revoke seq is at or below last_applied_seq is REVOKE_FAILED
+        when listed here, else removed.
+        """
+
     def __init__(
         self,
         *,
@@ -193,10 +255,12 @@ class Hello(_message.Message):
         epoch: _builtins.int = ...,
         boot_id: _builtins.str = ...,
         agent_time: _timestamp_pb2.Timestamp | None = ...,
+        breakglass: _abc.Iterable[Global___BreakglassUse] | None = ...,
+        removing_grant_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent_time", b"agent_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_grant_ids", b"active_grant_ids", "agent", b"agent", "agent_time", b"agent_time", "boot_id", b"boot_id", "epoch", b"epoch", "labels", b"labels", "last_applied_seq", b"last_applied_seq", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_grant_ids", b"active_grant_ids", "agent", b"agent", "agent_time", b"agent_time", "boot_id", b"boot_id", "breakglass", b"breakglass", "epoch", b"epoch", "labels", b"labels", "last_applied_seq", b"last_applied_seq", "removing_grant_ids", b"removing_grant_ids", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -214,12 +278,23 @@ class Welcome(_message.Message):
     SIGNING_KEYS_FIELD_NUMBER: _builtins.int
     KEYS_KEY_ID_FIELD_NUMBER: _builtins.int
     KEYS_SIGNATURE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     resume_after_seq: _builtins.int
     """Commands with seq greater than this follow on the stream (or a snapshot does)."""
     agent: _builtins.str
     keys_key_id: _builtins.str
     keys_signature: _builtins.bytes
+    version: _builtins.str
+    """Since 0.2: the coordinator's software version ("0.2.0"). An agent refuses (and logs why) a
+    coordinator whose version it cannot understand: see docs/wire.md, "Mixed versions". Empty
+    from a 0.1 coordinator.
+    """
+    replica: _builtins.str
+    """Since 0.2: the identity of the replica that holds this stream (stable across restarts of
+    that replica; unique among the replicas sharing one store). Informational for the agent.
+    """
     @_builtins.property
     def coordinator_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -243,10 +318,12 @@ class Welcome(_message.Message):
         signing_keys: _abc.Iterable[_agents_pb2.SigningKey] | None = ...,
         keys_key_id: _builtins.str = ...,
         keys_signature: _builtins.bytes = ...,
+        version: _builtins.str = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["coordinator_time", b"coordinator_time", "heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "coordinator_time", b"coordinator_time", "epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "keys_key_id", b"keys_key_id", "keys_signature", b"keys_signature", "resume_after_seq", b"resume_after_seq", "signing_keys", b"signing_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "coordinator_time", b"coordinator_time", "epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "keys_key_id", b"keys_key_id", "keys_signature", b"keys_signature", "replica", b"replica", "resume_after_seq", b"resume_after_seq", "signing_keys", b"signing_keys", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -295,10 +372,23 @@ class CommandBody(_message.Message):
     GRANT_FIELD_NUMBER: _builtins.int
     REVOKE_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
+    LOCK_FIELD_NUMBER: _builtins.int
+    UNLOCK_FIELD_NUMBER: _builtins.int
+    EXTEND_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """The agent the command is meant for."""
     epoch: _builtins.int
+    """The cluster epoch (generation): one number shared by every replica on one store, raised
+    only when the store's history is rewound (restored from a backup) or by an explicit fence,
+    and by a single SQLite coordinator at each start (0.1 behaviour, still allowed: it only
+    rises). Agents refuse commands from an epoch lower than the highest they have seen.
+    """
     seq: _builtins.int
+    replica: _builtins.str
+    """Since 0.2: the replica that signed the command (Welcome.replica of the stream it was
+    first sent on). Covered by the signature, so an agent's log names who sent what.
+    """
     @_builtins.property
     def issued_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -307,6 +397,16 @@ class CommandBody(_message.Message):
     def revoke(self) -> Global___RevokeCommand: ...
     @_builtins.property
     def snapshot(self) -> Global___SnapshotCommand: ...
+    @_builtins.property
+    def lock(self) -> Global___LockCommand:
+        """Since 0.2 (never sent to a 0.1 agent: it gets the GrantCommand/RevokeCommand equivalent
+        or nothing, see docs/wire.md).
+        """
+
+    @_builtins.property
+    def unlock(self) -> Global___UnlockCommand: ...
+    @_builtins.property
+    def extend(self) -> Global___ExtendCommand: ...
     def __init__(
         self,
         *,
@@ -317,12 +417,16 @@ class CommandBody(_message.Message):
         grant: Global___GrantCommand | None = ...,
         revoke: Global___RevokeCommand | None = ...,
         snapshot: Global___SnapshotCommand | None = ...,
+        lock: Global___LockCommand | None = ...,
+        unlock: Global___UnlockCommand | None = ...,
+        extend: Global___ExtendCommand | None = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "issued_at", b"issued_at", "kind", b"kind", "revoke", b"revoke", "snapshot", b"snapshot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["extend", b"extend", "grant", b"grant", "issued_at", b"issued_at", "kind", b"kind", "lock", b"lock", "revoke", b"revoke", "snapshot", b"snapshot", "unlock", b"unlock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "epoch", b"epoch", "grant", b"grant", "issued_at", b"issued_at", "kind", b"kind", "revoke", b"revoke", "seq", b"seq", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "epoch", b"epoch", "extend", b"extend", "grant", b"grant", "issued_at", b"issued_at", "kind", b"kind", "lock", b"lock", "replica", b"replica", "revoke", b"revoke", "seq", b"seq", "snapshot", b"snapshot", "unlock", b"unlock"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["grant", "revoke", "snapshot"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["grant", "revoke", "snapshot", "lock", "unlock", "extend"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -392,31 +496,143 @@ Global___RevokeCommand: _TypeAlias = RevokeCommand  # noqa: Y015
 
 @_typing.final
 class SnapshotCommand(_message.Message):
-    """The complete set of grants the agent should hold; anything else it holds is removed."""
+    """The complete set of grants the agent should hold; anything else it holds is removed.
+    Since 0.2 a snapshot has its own sequence number in the agent's command log (it is never
+    sent under the number of another command), and its ack carries one GrantResult per grant and
+    per tombstone it names.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     GRANTS_FIELD_NUMBER: _builtins.int
     TOMBSTONES_FIELD_NUMBER: _builtins.int
+    LOCKS_FIELD_NUMBER: _builtins.int
+    LOCKS_COMPLETE_FIELD_NUMBER: _builtins.int
+    locks_complete: _builtins.bool
     @_builtins.property
     def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantCommand]: ...
     @_builtins.property
     def tombstones(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Grant ids that must never be applied again (revoked before their grant arrived)."""
+        """Grant ids that must never be applied again (revoked before their grant arrived, or revoked
+        and not yet acknowledged as removed).
+        """
+
+    @_builtins.property
+    def locks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LockCommand]:
+        """Since 0.2: every lock in force that concerns this agent; the agent replaces its kept locks
+        with exactly these. Absent in a 0.1 snapshot (the agent then keeps its locks).
+        """
 
     def __init__(
         self,
         *,
         grants: _abc.Iterable[Global___GrantCommand] | None = ...,
         tombstones: _abc.Iterable[_builtins.str] | None = ...,
+        locks: _abc.Iterable[Global___LockCommand] | None = ...,
+        locks_complete: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "tombstones", b"tombstones"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "locks", b"locks", "locks_complete", b"locks_complete", "tombstones", b"tombstones"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SnapshotCommand: _TypeAlias = SnapshotCommand  # noqa: Y015
+
+@_typing.final
+class LockCommand(_message.Message):
+    """Since 0.2. A lock the agent keeps in its lease table until unlocked or expired, so that a
+    cut-off agent refuses a break-glass code for a locked subject, action or host. The lock's
+    revokes still come as RevokeCommands: this command only records the lock.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCK_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    lock_id: _builtins.str
+    subject: _builtins.str
+    """Empty fields match anything: both empty locks the whole host."""
+    action: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset: until an UnlockCommand (or a snapshot without it)."""
+
+    def __init__(
+        self,
+        *,
+        lock_id: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        action: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "expires_at", b"expires_at", "lock_id", b"lock_id", "reason", b"reason", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockCommand: _TypeAlias = LockCommand  # noqa: Y015
+
+@_typing.final
+class UnlockCommand(_message.Message):
+    """Since 0.2. The lock is lifted (an unknown lock id is not an error)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCK_ID_FIELD_NUMBER: _builtins.int
+    lock_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        lock_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lock_id", b"lock_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlockCommand: _TypeAlias = UnlockCommand  # noqa: Y015
+
+@_typing.final
+class ExtendCommand(_message.Message):
+    """Since 0.2. The grant's end moves to `not_after` in place: same grant id, subject and action,
+    no second apply. The agent persists the new deadline and tells its enforcers (host-native
+    expiry moves too); access has no gap. An extension never shortens a grant (the coordinator
+    revokes instead); an agent refuses one that would (REJECTED). For an unknown, ended or
+    tombstoned grant the ack is REJECTED with the reason.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    EXTENSION_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    extension: _builtins.int
+    """How many extensions the grant has had, this one included (1, 2, ...): informational."""
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
+        extension: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extension", b"extension", "grant_id", b"grant_id", "not_after", b"not_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendCommand: _TypeAlias = ExtendCommand  # noqa: Y015
 
 @_typing.final
 class Ack(_message.Message):
@@ -426,10 +642,19 @@ class Ack(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     GRANT_ID_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     status: Global___AckStatus.ValueType
     reason: _builtins.str
+    """Free text for people and the audit log; never parsed."""
     grant_id: _builtins.str
+    """The grant the command named (empty for a snapshot, lock or unlock)."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantResult]:
+        """Since 0.2, for a snapshot: one result per grant and per tombstone the snapshot named, in
+        any order. `status` is then APPLIED when every result is APPLIED or REJECTED, else FAILED.
+        """
+
     def __init__(
         self,
         *,
@@ -437,14 +662,116 @@ class Ack(_message.Message):
         status: Global___AckStatus.ValueType = ...,
         reason: _builtins.str = ...,
         grant_id: _builtins.str = ...,
+        results: _abc.Iterable[Global___GrantResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant_id", b"grant_id", "reason", b"reason", "seq", b"seq", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant_id", b"grant_id", "reason", b"reason", "results", b"results", "seq", b"seq", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Ack: _TypeAlias = Ack  # noqa: Y015
+
+@_typing.final
+class GrantResult(_message.Message):
+    """Since 0.2: what the agent did with one grant of a snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    APPLIED_AT_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    status: Global___AckStatus.ValueType
+    """For a grant: APPLIED (held now, or scheduled to start at not_before), REJECTED (refused:
+    expired, tombstoned, ...), FAILED (an enforcer could not apply it). For a tombstone:
+    APPLIED once the grant is not held (removed, or never held), FAILED when its removal
+    failed (retried by the agent).
+    """
+    reason: _builtins.str
+    @_builtins.property
+    def applied_at(self) -> _timestamp_pb2.Timestamp:
+        """When the agent first applied the grant, by its own clock (may be before the snapshot when
+        it was applied earlier and its ack was lost). Unset when not applied.
+        """
+
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        status: Global___AckStatus.ValueType = ...,
+        reason: _builtins.str = ...,
+        applied_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["applied_at", b"applied_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_at", b"applied_at", "grant_id", b"grant_id", "reason", b"reason", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantResult: _TypeAlias = GrantResult  # noqa: Y015
+
+@_typing.final
+class AckBatch(_message.Message):
+    """Since 0.2."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Ack]: ...
+    def __init__(
+        self,
+        *,
+        acks: _abc.Iterable[Global___Ack] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckBatch: _TypeAlias = AckBatch  # noqa: Y015
+
+@_typing.final
+class RetryHint(_message.Message):
+    """Since 0.2: "not now, try again after `retry_after`". Sent in-stream before a
+    RESOURCE_EXHAUSTED end (admission control), and as a status detail (google.rpc.Status
+    details, with a google.rpc.RetryInfo beside it) on RESOURCE_EXHAUSTED answers to operator
+    calls, e.g. CreateRequest when the agent's undelivered commands reached their bound.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    UNDELIVERED_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    agent: _builtins.str
+    """For per-agent pushback: the agent, its undelivered commands and the bound."""
+    undelivered: _builtins.int
+    limit: _builtins.int
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        retry_after: _duration_pb2.Duration | None = ...,
+        reason: _builtins.str = ...,
+        agent: _builtins.str = ...,
+        undelivered: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_after", b"retry_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "limit", b"limit", "reason", b"reason", "retry_after", b"retry_after", "undelivered", b"undelivered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryHint: _TypeAlias = RetryHint  # noqa: Y015
 
 @_typing.final
 class AgentEvent(_message.Message):
@@ -480,6 +807,9 @@ class AgentEvent(_message.Message):
     OBSERVED_AT_FIELD_NUMBER: _builtins.int
     DETAILS_FIELD_NUMBER: _builtins.int
     COUNTER_FIELD_NUMBER: _builtins.int
+    EXEC_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    BREAKGLASS_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Chosen by the agent (UUID); the coordinator deduplicates on it."""
     kind: _builtins.str
@@ -495,6 +825,18 @@ class AgentEvent(_message.Message):
     def observed_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def exec(self) -> Global___ExecRecord:
+        """kinds exec.started and exec.exited"""
+
+    @_builtins.property
+    def sessions(self) -> Global___SessionsEnded:
+        """kind sessions.ended"""
+
+    @_builtins.property
+    def breakglass(self) -> Global___BreakglassUse:
+        """kind breakglass.used"""
+
     def __init__(
         self,
         *,
@@ -506,14 +848,159 @@ class AgentEvent(_message.Message):
         observed_at: _timestamp_pb2.Timestamp | None = ...,
         details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         counter: _builtins.int = ...,
+        exec: Global___ExecRecord | None = ...,
+        sessions: Global___SessionsEnded | None = ...,
+        breakglass: Global___BreakglassUse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["observed_at", b"observed_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["breakglass", b"breakglass", "detail", b"detail", "exec", b"exec", "observed_at", b"observed_at", "sessions", b"sessions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "counter", b"counter", "details", b"details", "event_id", b"event_id", "grant_id", b"grant_id", "kind", b"kind", "observed_at", b"observed_at", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "breakglass", b"breakglass", "counter", b"counter", "detail", b"detail", "details", b"details", "event_id", b"event_id", "exec", b"exec", "grant_id", b"grant_id", "kind", b"kind", "observed_at", b"observed_at", "sessions", b"sessions", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_detail: _TypeAlias = _typing.Literal["exec", "sessions", "breakglass"]  # noqa: Y015
+    _WhichOneofArgType_detail: _TypeAlias = _typing.Literal["detail", b"detail"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_detail) -> _WhichOneofReturnType_detail | None: ...
+
+Global___AgentEvent: _TypeAlias = AgentEvent  # noqa: Y015
+
+@_typing.final
+class ExecRecord(_message.Message):
+    """Since 0.2: a command run through `jitmesh-agent exec` under a grant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    ARGC_FIELD_NUMBER: _builtins.int
+    RUN_AS_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """A per-run id chosen by the agent: exec.started and exec.exited of one run share it."""
+    command: _builtins.str
+    """argv[0] and the argument count: arguments may hold secrets and are not sent."""
+    argc: _builtins.int
+    run_as: _builtins.str
+    """The local user the command ran as, and its process id."""
+    pid: _builtins.int
+    exit_code: _builtins.int
+    """exec.exited only: the exit code (or 128+N for signal N), the signal's name when one ended
+    it, how long it ran, and why it ended: "exited", "revoked", "expired", "locked".
+    """
+    signal: _builtins.str
+    cause: _builtins.str
+    released: _builtins.bool
+    """Whether the grant was released because the command ended (`exec --release`)."""
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        command: _builtins.str = ...,
+        argc: _builtins.int = ...,
+        run_as: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        exit_code: _builtins.int = ...,
+        signal: _builtins.str = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        cause: _builtins.str = ...,
+        released: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argc", b"argc", "cause", b"cause", "command", b"command", "duration", b"duration", "exit_code", b"exit_code", "pid", b"pid", "released", b"released", "run_as", b"run_as", "run_id", b"run_id", "signal", b"signal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AgentEvent: _TypeAlias = AgentEvent  # noqa: Y015
+Global___ExecRecord: _TypeAlias = ExecRecord  # noqa: Y015
+
+@_typing.final
+class SessionsEnded(_message.Message):
+    """Since 0.2: processes ended because a grant ended (exec runs always; all of the subject's
+    processes with end_sessions = "user").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    PROCESSES_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    user: _builtins.str
+    processes: _builtins.int
+    cause: _builtins.str
+    """"revoked", "expired", "locked", "released" """
+    scope: _builtins.str
+    """"exec" or "user" """
+    def __init__(
+        self,
+        *,
+        user: _builtins.str = ...,
+        processes: _builtins.int = ...,
+        cause: _builtins.str = ...,
+        scope: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "processes", b"processes", "scope", b"scope", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionsEnded: _TypeAlias = SessionsEnded  # noqa: Y015
+
+@_typing.final
+class BreakglassUse(_message.Message):
+    """Since 0.2: a break-glass code used on the host (see breakglass.proto for the code)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    USED_AT_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    code_id: _builtins.str
+    """The code's id (BreakglassGrant.code_id)."""
+    code: _builtins.bytes
+    """The whole code as presented (serialized BreakglassCode): the coordinator verifies it too."""
+    grant_id: _builtins.str
+    """The lease the agent created for it: an id the agent derives from the code id, so a code
+    can only ever make one lease ("bg-" + code id).
+    """
+    subject: _builtins.str
+    action: _builtins.str
+    caller: _builtins.str
+    """The local user who presented it (from SO_PEERCRED), "root" or the subject."""
+    @_builtins.property
+    def used_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        code_id: _builtins.str = ...,
+        code: _builtins.bytes = ...,
+        grant_id: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        action: _builtins.str = ...,
+        used_at: _timestamp_pb2.Timestamp | None = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
+        caller: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after", "used_at", b"used_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "caller", b"caller", "code", b"code", "code_id", b"code_id", "grant_id", b"grant_id", "not_after", b"not_after", "subject", b"subject", "used_at", b"used_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BreakglassUse: _TypeAlias = BreakglassUse  # noqa: Y015
 
 @_typing.final
 class EventAck(_message.Message):

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from jitmesh.v1 import types_pb2 as jitmesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jitmesh/v1/agents.proto\x12\njitmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16jitmesh/v1/types.proto\":\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"P\n\x12ListAgentsResponse\x12!\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x11.jitmesh.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xc1\x01\n\x16\x43reateJoinTokenRequest\x12>\n\x06labels\x18\x01 \x03(\x0b\x32..jitmesh.v1.CreateJoinTokenRequest.LabelsEntry\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08replaces\x18\x03 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"X\n\x17\x43reateJoinTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\"\n\x12RemoveAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13RemoveAgentResponse\"\xa4\x01\n\rEnrollRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x35\n\x06labels\x18\x03 \x03(\x0b\x32%.jitmesh.v1.EnrollRequest.LabelsEntry\x12\x0b\n\x03\x63sr\x18\x04 \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9d\x01\n\x0e\x45nrollResponse\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\x12\x11\n\tca_bundle\x18\x04 \x01(\x0c\x12,\n\x0csigning_keys\x18\x05 \x03(\x0b\x32\x16.jitmesh.v1.SigningKey\x12\x12\n\nagent_port\x18\x06 \x01(\r\"&\n\x17RenewCertificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"B\n\x18RenewCertificateResponse\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\x12\x11\n\tca_bundle\x18\x02 \x01(\x0c\"_\n\nSigningKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12-\n\tnot_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xdd\x03\n\x06\x41gents\x12K\n\nListAgents\x12\x1d.jitmesh.v1.ListAgentsRequest\x1a\x1e.jitmesh.v1.ListAgentsResponse\x12:\n\x08GetAgent\x12\x1b.jitmesh.v1.GetAgentRequest\x1a\x11.jitmesh.v1.Agent\x12Z\n\x0f\x43reateJoinToken\x12\".jitmesh.v1.CreateJoinTokenRequest\x1a#.jitmesh.v1.CreateJoinTokenResponse\x12N\n\x0bRemoveAgent\x12\x1e.jitmesh.v1.RemoveAgentRequest\x1a\x1f.jitmesh.v1.RemoveAgentResponse\x12?\n\x06\x45nroll\x12\x19.jitmesh.v1.EnrollRequest\x1a\x1a.jitmesh.v1.EnrollResponse\x12]\n\x10RenewCertificate\x12#.jitmesh.v1.RenewCertificateRequest\x1a$.jitmesh.v1.RenewCertificateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jitmesh/v1/agents.proto\x12\njitmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16jitmesh/v1/types.proto\":\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"P\n\x12ListAgentsResponse\x12!\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x11.jitmesh.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xc1\x01\n\x16\x43reateJoinTokenRequest\x12>\n\x06labels\x18\x01 \x03(\x0b\x32..jitmesh.v1.CreateJoinTokenRequest.LabelsEntry\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08replaces\x18\x03 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe6\x01\n\x17\x43reateJoinTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\n\n\x02id\x18\x03 \x01(\t\x12?\n\x06labels\x18\x04 \x03(\x0b\x32/.jitmesh.v1.CreateJoinTokenResponse.LabelsEntry\x12\x10\n\x08replaces\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x82\x03\n\rJoinTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x35\n\x06labels\x18\x02 \x03(\x0b\x32%.jitmesh.v1.JoinTokenInfo.LabelsEntry\x12\x10\n\x08replaces\x18\x03 \x01(\t\x12\x12\n\ncreated_by\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\tuses_left\x18\x07 \x01(\rH\x00\x88\x01\x01\x12.\n\nrevoked_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrevoked_by\x18\t \x01(\t\x12\x0f\n\x07used_by\x18\n \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_uses_left\".\n\x15ListJoinTokensRequest\x12\x15\n\rinclude_ended\x18\x01 \x01(\x08\"C\n\x16ListJoinTokensResponse\x12)\n\x06tokens\x18\x01 \x03(\x0b\x32\x19.jitmesh.v1.JoinTokenInfo\"4\n\x16RevokeJoinTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\"\n\x12RemoveAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13RemoveAgentResponse\"\xa4\x01\n\rEnrollRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x35\n\x06labels\x18\x03 \x03(\x0b\x32%.jitmesh.v1.EnrollRequest.LabelsEntry\x12\x0b\n\x03\x63sr\x18\x04 \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9d\x01\n\x0e\x45nrollResponse\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\x12\x11\n\tca_bundle\x18\x04 \x01(\x0c\x12,\n\x0csigning_keys\x18\x05 \x03(\x0b\x32\x16.jitmesh.v1.SigningKey\x12\x12\n\nagent_port\x18\x06 \x01(\r\"&\n\x17RenewCertificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"B\n\x18RenewCertificateResponse\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\x12\x11\n\tca_bundle\x18\x02 \x01(\x0c\"_\n\nSigningKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12-\n\tnot_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x88\x05\n\x06\x41gents\x12K\n\nListAgents\x12\x1d.jitmesh.v1.ListAgentsRequest\x1a\x1e.jitmesh.v1.ListAgentsResponse\x12:\n\x08GetAgent\x12\x1b.jitmesh.v1.GetAgentRequest\x1a\x11.jitmesh.v1.Agent\x12Z\n\x0f\x43reateJoinToken\x12\".jitmesh.v1.CreateJoinTokenRequest\x1a#.jitmesh.v1.CreateJoinTokenResponse\x12N\n\x0bRemoveAgent\x12\x1e.jitmesh.v1.RemoveAgentRequest\x1a\x1f.jitmesh.v1.RemoveAgentResponse\x12?\n\x06\x45nroll\x12\x19.jitmesh.v1.EnrollRequest\x1a\x1a.jitmesh.v1.EnrollResponse\x12]\n\x10RenewCertificate\x12#.jitmesh.v1.RenewCertificateRequest\x1a$.jitmesh.v1.RenewCertificateResponse\x12W\n\x0eListJoinTokens\x12!.jitmesh.v1.ListJoinTokensRequest\x1a\".jitmesh.v1.ListJoinTokensResponse\x12P\n\x0fRevokeJoinToken\x12\".jitmesh.v1.RevokeJoinTokenRequest\x1a\x19.jitmesh.v1.JoinTokenInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATEJOINTOKENREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CREATEJOINTOKENREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_CREATEJOINTOKENRESPONSE_LABELSENTRY']._loaded_options = None
+  _globals['_CREATEJOINTOKENRESPONSE_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_JOINTOKENINFO_LABELSENTRY']._loaded_options = None
+  _globals['_JOINTOKENINFO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_ENROLLREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_LISTAGENTSREQUEST']._serialized_start=128
@@ -48,24 +52,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEJOINTOKENREQUEST']._serialized_end=497
   _globals['_CREATEJOINTOKENREQUEST_LABELSENTRY']._serialized_start=452
   _globals['_CREATEJOINTOKENREQUEST_LABELSENTRY']._serialized_end=497
-  _globals['_CREATEJOINTOKENRESPONSE']._serialized_start=499
-  _globals['_CREATEJOINTOKENRESPONSE']._serialized_end=587
-  _globals['_REMOVEAGENTREQUEST']._serialized_start=589
-  _globals['_REMOVEAGENTREQUEST']._serialized_end=623
-  _globals['_REMOVEAGENTRESPONSE']._serialized_start=625
-  _globals['_REMOVEAGENTRESPONSE']._serialized_end=646
-  _globals['_ENROLLREQUEST']._serialized_start=649
-  _globals['_ENROLLREQUEST']._serialized_end=813
+  _globals['_CREATEJOINTOKENRESPONSE']._serialized_start=500
+  _globals['_CREATEJOINTOKENRESPONSE']._serialized_end=730
+  _globals['_CREATEJOINTOKENRESPONSE_LABELSENTRY']._serialized_start=452
+  _globals['_CREATEJOINTOKENRESPONSE_LABELSENTRY']._serialized_end=497
+  _globals['_JOINTOKENINFO']._serialized_start=733
+  _globals['_JOINTOKENINFO']._serialized_end=1119
+  _globals['_JOINTOKENINFO_LABELSENTRY']._serialized_start=452
+  _globals['_JOINTOKENINFO_LABELSENTRY']._serialized_end=497
+  _globals['_LISTJOINTOKENSREQUEST']._serialized_start=1121
+  _globals['_LISTJOINTOKENSREQUEST']._serialized_end=1167
+  _globals['_LISTJOINTOKENSRESPONSE']._serialized_start=1169
+  _globals['_LISTJOINTOKENSRESPONSE']._serialized_end=1236
+  _globals['_REVOKEJOINTOKENREQUEST']._serialized_start=1238
+  _globals['_REVOKEJOINTOKENREQUEST']._serialized_end=1290
+  _globals['_REMOVEAGENTREQUEST']._serialized_start=1292
+  _globals['_REMOVEAGENTREQUEST']._serialized_end=1326
+  _globals['_REMOVEAGENTRESPONSE']._serialized_start=1328
+  _globals['_REMOVEAGENTRESPONSE']._serialized_end=1349
+  _globals['_ENROLLREQUEST']._serialized_start=1352
+  _globals['_ENROLLREQUEST']._serialized_end=1516
   _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_start=452
   _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_end=497
-  _globals['_ENROLLRESPONSE']._serialized_start=816
-  _globals['_ENROLLRESPONSE']._serialized_end=973
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=975
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=1013
-  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=1015
-  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=1081
-  _globals['_SIGNINGKEY']._serialized_start=1083
-  _globals['_SIGNINGKEY']._serialized_end=1178
-  _globals['_AGENTS']._serialized_start=1181
-  _globals['_AGENTS']._serialized_end=1658
+  _globals['_ENROLLRESPONSE']._serialized_start=1519
+  _globals['_ENROLLRESPONSE']._serialized_end=1676
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=1678
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=1716
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=1718
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=1784
+  _globals['_SIGNINGKEY']._serialized_start=1786
+  _globals['_SIGNINGKEY']._serialized_end=1881
+  _globals['_AGENTS']._serialized_start=1884
+  _globals['_AGENTS']._serialized_end=2532
 # @@protoc_insertion_point(module_scope)

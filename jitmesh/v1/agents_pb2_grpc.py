@@ -65,6 +65,16 @@ class AgentsStub:
                 request_serializer=jitmesh_dot_v1_dot_agents__pb2.RenewCertificateRequest.SerializeToString,
                 response_deserializer=jitmesh_dot_v1_dot_agents__pb2.RenewCertificateResponse.FromString,
                 _registered_method=True)
+        self.ListJoinTokens = channel.unary_unary(
+                '/jitmesh.v1.Agents/ListJoinTokens',
+                request_serializer=jitmesh_dot_v1_dot_agents__pb2.ListJoinTokensRequest.SerializeToString,
+                response_deserializer=jitmesh_dot_v1_dot_agents__pb2.ListJoinTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeJoinToken = channel.unary_unary(
+                '/jitmesh.v1.Agents/RevokeJoinToken',
+                request_serializer=jitmesh_dot_v1_dot_agents__pb2.RevokeJoinTokenRequest.SerializeToString,
+                response_deserializer=jitmesh_dot_v1_dot_agents__pb2.JoinTokenInfo.FromString,
+                _registered_method=True)
 
 
 class AgentsServicer:
@@ -109,6 +119,21 @@ class AgentsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJoinTokens(self, request, context):
+        """Since 0.2 (issue 10). Join tokens not yet used up, expired or revoked (with
+        include_ended, all of them). Admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeJoinToken(self, request, context):
+        """Since 0.2 (issue 10). A revoked join token enrolls nothing from then on. Admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +166,16 @@ def add_AgentsServicer_to_server(servicer, server):
                     servicer.RenewCertificate,
                     request_deserializer=jitmesh_dot_v1_dot_agents__pb2.RenewCertificateRequest.FromString,
                     response_serializer=jitmesh_dot_v1_dot_agents__pb2.RenewCertificateResponse.SerializeToString,
+            ),
+            'ListJoinTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJoinTokens,
+                    request_deserializer=jitmesh_dot_v1_dot_agents__pb2.ListJoinTokensRequest.FromString,
+                    response_serializer=jitmesh_dot_v1_dot_agents__pb2.ListJoinTokensResponse.SerializeToString,
+            ),
+            'RevokeJoinToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeJoinToken,
+                    request_deserializer=jitmesh_dot_v1_dot_agents__pb2.RevokeJoinTokenRequest.FromString,
+                    response_serializer=jitmesh_dot_v1_dot_agents__pb2.JoinTokenInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +340,60 @@ class Agents:
             '/jitmesh.v1.Agents/RenewCertificate',
             jitmesh_dot_v1_dot_agents__pb2.RenewCertificateRequest.SerializeToString,
             jitmesh_dot_v1_dot_agents__pb2.RenewCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJoinTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitmesh.v1.Agents/ListJoinTokens',
+            jitmesh_dot_v1_dot_agents__pb2.ListJoinTokensRequest.SerializeToString,
+            jitmesh_dot_v1_dot_agents__pb2.ListJoinTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeJoinToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitmesh.v1.Agents/RevokeJoinToken',
+            jitmesh_dot_v1_dot_agents__pb2.RevokeJoinTokenRequest.SerializeToString,
+            jitmesh_dot_v1_dot_agents__pb2.JoinTokenInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,6 +25,12 @@ class AgentsStub:
     """Called by an enrolled agent over mTLS with its current certificate, before it expires: a
     certificate for a new key (from `csr`); the old certificate stops working.
     """
+    ListJoinTokens: _aio.UnaryUnaryMultiCallable[_agents_pb2.ListJoinTokensRequest, _agents_pb2.ListJoinTokensResponse]
+    """Since 0.2 (issue 10). Join tokens not yet used up, expired or revoked (with
+    include_ended, all of them). Admins only.
+    """
+    RevokeJoinToken: _aio.UnaryUnaryMultiCallable[_agents_pb2.RevokeJoinTokenRequest, _agents_pb2.JoinTokenInfo]
+    """Since 0.2 (issue 10). A revoked join token enrolls nothing from then on. Admins only."""
 
 class AgentsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -72,5 +78,23 @@ class AgentsServicer(metaclass=_abc_1.ABCMeta):
         """Called by an enrolled agent over mTLS with its current certificate, before it expires: a
         certificate for a new key (from `csr`); the old certificate stops working.
         """
+
+    @_abc_1.abstractmethod
+    def ListJoinTokens(
+        self,
+        request: _agents_pb2.ListJoinTokensRequest,
+        context: _aio.ServicerContext[_agents_pb2.ListJoinTokensRequest, _abc.Awaitable[_agents_pb2.ListJoinTokensResponse]],
+    ) -> _abc.Awaitable[_agents_pb2.ListJoinTokensResponse]:
+        """Since 0.2 (issue 10). Join tokens not yet used up, expired or revoked (with
+        include_ended, all of them). Admins only.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeJoinToken(
+        self,
+        request: _agents_pb2.RevokeJoinTokenRequest,
+        context: _aio.ServicerContext[_agents_pb2.RevokeJoinTokenRequest, _abc.Awaitable[_agents_pb2.JoinTokenInfo]],
+    ) -> _abc.Awaitable[_agents_pb2.JoinTokenInfo]:
+        """Since 0.2 (issue 10). A revoked join token enrolls nothing from then on. Admins only."""
 
 def add_AgentsServicer_to_server(servicer: AgentsServicer, server: _aio.Server) -> None: ...

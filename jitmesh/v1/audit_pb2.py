@@ -27,7 +27,7 @@ from jitmesh.v1 import agents_pb2 as jitmesh_dot_v1_dot_agents__pb2
 from jitmesh.v1 import types_pb2 as jitmesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jitmesh/v1/audit.proto\x12\njitmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17jitmesh/v1/agents.proto\x1a\x16jitmesh/v1/types.proto\"\xcc\x01\n\x11ListEventsRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x11\n\tafter_seq\x18\x05 \x01(\x04\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x10\n\x08grant_id\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\"U\n\x12ListEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.jitmesh.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x11TailEventsRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\"\x14\n\x12VerifyChainRequest\"t\n\x13VerifyChainResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x16\n\x0e\x65vents_checked\x18\x02 \x01(\x04\x12\x15\n\rfirst_bad_seq\x18\x03 \x01(\x04\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12\x11\n\thead_hash\x18\x05 \x01(\t\"\x18\n\x16ListCheckpointsRequest\"^\n\x0f\x41uditCheckpoint\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"q\n\x17ListCheckpointsResponse\x12\x30\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1b.jitmesh.v1.AuditCheckpoint\x12$\n\x04keys\x18\x02 \x03(\x0b\x32\x16.jitmesh.v1.SigningKey2\xc7\x02\n\x05\x41udit\x12K\n\nListEvents\x12\x1d.jitmesh.v1.ListEventsRequest\x1a\x1e.jitmesh.v1.ListEventsResponse\x12\x45\n\nTailEvents\x12\x1d.jitmesh.v1.TailEventsRequest\x1a\x16.jitmesh.v1.AuditEvent0\x01\x12N\n\x0bVerifyChain\x12\x1e.jitmesh.v1.VerifyChainRequest\x1a\x1f.jitmesh.v1.VerifyChainResponse\x12Z\n\x0fListCheckpoints\x12\".jitmesh.v1.ListCheckpointsRequest\x1a#.jitmesh.v1.ListCheckpointsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jitmesh/v1/audit.proto\x12\njitmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17jitmesh/v1/agents.proto\x1a\x16jitmesh/v1/types.proto\"\xdc\x01\n\x11ListEventsRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x11\n\tafter_seq\x18\x05 \x01(\x04\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x10\n\x08grant_id\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x0e\n\x06to_seq\x18\n \x01(\x04\"g\n\x12ListEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.jitmesh.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08head_seq\x18\x03 \x01(\x04\"&\n\x11TailEventsRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\"\x14\n\x12VerifyChainRequest\"t\n\x13VerifyChainResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x16\n\x0e\x65vents_checked\x18\x02 \x01(\x04\x12\x15\n\rfirst_bad_seq\x18\x03 \x01(\x04\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12\x11\n\thead_hash\x18\x05 \x01(\t\"\x18\n\x16ListCheckpointsRequest\"^\n\x0f\x41uditCheckpoint\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"q\n\x17ListCheckpointsResponse\x12\x30\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1b.jitmesh.v1.AuditCheckpoint\x12$\n\x04keys\x18\x02 \x03(\x0b\x32\x16.jitmesh.v1.SigningKey2\xc7\x02\n\x05\x41udit\x12K\n\nListEvents\x12\x1d.jitmesh.v1.ListEventsRequest\x1a\x1e.jitmesh.v1.ListEventsResponse\x12\x45\n\nTailEvents\x12\x1d.jitmesh.v1.TailEventsRequest\x1a\x16.jitmesh.v1.AuditEvent0\x01\x12N\n\x0bVerifyChain\x12\x1e.jitmesh.v1.VerifyChainRequest\x1a\x1f.jitmesh.v1.VerifyChainResponse\x12Z\n\x0fListCheckpoints\x12\".jitmesh.v1.ListCheckpointsRequest\x1a#.jitmesh.v1.ListCheckpointsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jitmesh.v1.audit_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LISTEVENTSREQUEST']._serialized_start=121
-  _globals['_LISTEVENTSREQUEST']._serialized_end=325
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=327
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=412
-  _globals['_TAILEVENTSREQUEST']._serialized_start=414
-  _globals['_TAILEVENTSREQUEST']._serialized_end=452
-  _globals['_VERIFYCHAINREQUEST']._serialized_start=454
-  _globals['_VERIFYCHAINREQUEST']._serialized_end=474
-  _globals['_VERIFYCHAINRESPONSE']._serialized_start=476
-  _globals['_VERIFYCHAINRESPONSE']._serialized_end=592
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=594
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=618
-  _globals['_AUDITCHECKPOINT']._serialized_start=620
-  _globals['_AUDITCHECKPOINT']._serialized_end=714
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=716
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=829
-  _globals['_AUDIT']._serialized_start=832
-  _globals['_AUDIT']._serialized_end=1159
+  _globals['_LISTEVENTSREQUEST']._serialized_end=341
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=343
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=446
+  _globals['_TAILEVENTSREQUEST']._serialized_start=448
+  _globals['_TAILEVENTSREQUEST']._serialized_end=486
+  _globals['_VERIFYCHAINREQUEST']._serialized_start=488
+  _globals['_VERIFYCHAINREQUEST']._serialized_end=508
+  _globals['_VERIFYCHAINRESPONSE']._serialized_start=510
+  _globals['_VERIFYCHAINRESPONSE']._serialized_end=626
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=628
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=652
+  _globals['_AUDITCHECKPOINT']._serialized_start=654
+  _globals['_AUDITCHECKPOINT']._serialized_end=748
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=750
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=863
+  _globals['_AUDIT']._serialized_start=866
+  _globals['_AUDIT']._serialized_end=1193
 # @@protoc_insertion_point(module_scope)

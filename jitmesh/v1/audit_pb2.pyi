@@ -34,6 +34,7 @@ class ListEventsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     GRANT_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TO_SEQ_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     subject: _builtins.str
     kind: _builtins.str
@@ -42,6 +43,10 @@ class ListEventsRequest(_message.Message):
     page_token: _builtins.str
     grant_id: _builtins.str
     request_id: _builtins.str
+    to_seq: _builtins.int
+    """Since 0.2 (issue 12): an inclusive upper bound (0: none). With after_seq = FROM - 1 it
+    selects the range FROM..TO for `audit export --from --to`.
+    """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -56,10 +61,11 @@ class ListEventsRequest(_message.Message):
         page_token: _builtins.str = ...,
         grant_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        to_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "agent", b"agent", "grant_id", b"grant_id", "kind", b"kind", "page_size", b"page_size", "page_token", b"page_token", "request_id", b"request_id", "since", b"since", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "agent", b"agent", "grant_id", b"grant_id", "kind", b"kind", "page_size", b"page_size", "page_token", b"page_token", "request_id", b"request_id", "since", b"since", "subject", b"subject", "to_seq", b"to_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -71,7 +77,12 @@ class ListEventsResponse(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    HEAD_SEQ_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    head_seq: _builtins.int
+    """Since 0.2: the chain head's seq when the page was read (an export knows where the live
+    chain stands).
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.AuditEvent]: ...
     def __init__(
@@ -79,10 +90,11 @@ class ListEventsResponse(_message.Message):
         *,
         events: _abc.Iterable[_types_pb2.AuditEvent] | None = ...,
         next_page_token: _builtins.str = ...,
+        head_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "head_seq", b"head_seq", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -90,6 +102,10 @@ Global___ListEventsResponse: _TypeAlias = ListEventsResponse  # noqa: Y015
 
 @_typing.final
 class TailEventsRequest(_message.Message):
+    """The cursor is the AuditEvent.seq of the last event received: a tail that reconnects with
+    after_seq = that seq misses nothing and repeats nothing.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AFTER_SEQ_FIELD_NUMBER: _builtins.int

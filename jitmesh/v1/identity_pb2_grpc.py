@@ -60,6 +60,21 @@ class IdentityStub:
                 request_serializer=jitmesh_dot_v1_dot_identity__pb2.RevokeCertificateRequest.SerializeToString,
                 response_deserializer=jitmesh_dot_v1_dot_identity__pb2.RevokeCertificateResponse.FromString,
                 _registered_method=True)
+        self.SetUserGroups = channel.unary_unary(
+                '/jitmesh.v1.Identity/SetUserGroups',
+                request_serializer=jitmesh_dot_v1_dot_identity__pb2.SetUserGroupsRequest.SerializeToString,
+                response_deserializer=jitmesh_dot_v1_dot_identity__pb2.UserInfo.FromString,
+                _registered_method=True)
+        self.ExchangeIdToken = channel.unary_unary(
+                '/jitmesh.v1.Identity/ExchangeIdToken',
+                request_serializer=jitmesh_dot_v1_dot_identity__pb2.ExchangeIdTokenRequest.SerializeToString,
+                response_deserializer=jitmesh_dot_v1_dot_identity__pb2.ExchangeIdTokenResponse.FromString,
+                _registered_method=True)
+        self.GetSignInConfig = channel.unary_unary(
+                '/jitmesh.v1.Identity/GetSignInConfig',
+                request_serializer=jitmesh_dot_v1_dot_identity__pb2.GetSignInConfigRequest.SerializeToString,
+                response_deserializer=jitmesh_dot_v1_dot_identity__pb2.SignInConfig.FromString,
+                _registered_method=True)
 
 
 class IdentityServicer:
@@ -99,6 +114,32 @@ class IdentityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetUserGroups(self, request, context):
+        """Since 0.2 (issue 10). Replaces a user's groups: an explicit, audited act (a token issued
+        for an existing user no longer changes its groups).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExchangeIdToken(self, request, context):
+        """Since 0.2 (issue 13). Called WITHOUT a bearer token: the OpenID Connect ID token is the
+        credential. The coordinator checks issuer, audience, signature (JWKS), expiry and nonce,
+        maps the configured claim to the user name and takes its groups, and answers with a
+        short-lived jitmesh token for that user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSignInConfig(self, request, context):
+        """Since 0.2 (issue 13). Called without a bearer token: what `jitctl login` needs to start a
+        sign-in (issuer, client id, scopes). NOT_FOUND when single sign-on is not configured.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +167,21 @@ def add_IdentityServicer_to_server(servicer, server):
                     servicer.RevokeCertificate,
                     request_deserializer=jitmesh_dot_v1_dot_identity__pb2.RevokeCertificateRequest.FromString,
                     response_serializer=jitmesh_dot_v1_dot_identity__pb2.RevokeCertificateResponse.SerializeToString,
+            ),
+            'SetUserGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUserGroups,
+                    request_deserializer=jitmesh_dot_v1_dot_identity__pb2.SetUserGroupsRequest.FromString,
+                    response_serializer=jitmesh_dot_v1_dot_identity__pb2.UserInfo.SerializeToString,
+            ),
+            'ExchangeIdToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExchangeIdToken,
+                    request_deserializer=jitmesh_dot_v1_dot_identity__pb2.ExchangeIdTokenRequest.FromString,
+                    response_serializer=jitmesh_dot_v1_dot_identity__pb2.ExchangeIdTokenResponse.SerializeToString,
+            ),
+            'GetSignInConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSignInConfig,
+                    request_deserializer=jitmesh_dot_v1_dot_identity__pb2.GetSignInConfigRequest.FromString,
+                    response_serializer=jitmesh_dot_v1_dot_identity__pb2.SignInConfig.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +320,87 @@ class Identity:
             '/jitmesh.v1.Identity/RevokeCertificate',
             jitmesh_dot_v1_dot_identity__pb2.RevokeCertificateRequest.SerializeToString,
             jitmesh_dot_v1_dot_identity__pb2.RevokeCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUserGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitmesh.v1.Identity/SetUserGroups',
+            jitmesh_dot_v1_dot_identity__pb2.SetUserGroupsRequest.SerializeToString,
+            jitmesh_dot_v1_dot_identity__pb2.UserInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeIdToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitmesh.v1.Identity/ExchangeIdToken',
+            jitmesh_dot_v1_dot_identity__pb2.ExchangeIdTokenRequest.SerializeToString,
+            jitmesh_dot_v1_dot_identity__pb2.ExchangeIdTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSignInConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitmesh.v1.Identity/GetSignInConfig',
+            jitmesh_dot_v1_dot_identity__pb2.GetSignInConfigRequest.SerializeToString,
+            jitmesh_dot_v1_dot_identity__pb2.SignInConfig.FromString,
             options,
             channel_credentials,
             insecure,

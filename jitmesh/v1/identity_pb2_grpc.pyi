@@ -24,6 +24,20 @@ class IdentityStub:
     """A disabled user's next call is refused, whatever token it carries."""
     RevokeCertificate: _aio.UnaryUnaryMultiCallable[_identity_pb2.RevokeCertificateRequest, _identity_pb2.RevokeCertificateResponse]
     """An operator client certificate is refused from its next call on, by serial number."""
+    SetUserGroups: _aio.UnaryUnaryMultiCallable[_identity_pb2.SetUserGroupsRequest, _identity_pb2.UserInfo]
+    """Since 0.2 (issue 10). Replaces a user's groups: an explicit, audited act (a token issued
+    for an existing user no longer changes its groups).
+    """
+    ExchangeIdToken: _aio.UnaryUnaryMultiCallable[_identity_pb2.ExchangeIdTokenRequest, _identity_pb2.ExchangeIdTokenResponse]
+    """Since 0.2 (issue 13). Called WITHOUT a bearer token: the OpenID Connect ID token is the
+    credential. The coordinator checks issuer, audience, signature (JWKS), expiry and nonce,
+    maps the configured claim to the user name and takes its groups, and answers with a
+    short-lived jitmesh token for that user.
+    """
+    GetSignInConfig: _aio.UnaryUnaryMultiCallable[_identity_pb2.GetSignInConfigRequest, _identity_pb2.SignInConfig]
+    """Since 0.2 (issue 13). Called without a bearer token: what `jitctl login` needs to start a
+    sign-in (issuer, client id, scopes). NOT_FOUND when single sign-on is not configured.
+    """
 
 class IdentityServicer(metaclass=_abc_1.ABCMeta):
     """Operator bearer tokens and users. Admins only."""
@@ -65,5 +79,37 @@ class IdentityServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_identity_pb2.RevokeCertificateRequest, _abc.Awaitable[_identity_pb2.RevokeCertificateResponse]],
     ) -> _abc.Awaitable[_identity_pb2.RevokeCertificateResponse]:
         """An operator client certificate is refused from its next call on, by serial number."""
+
+    @_abc_1.abstractmethod
+    def SetUserGroups(
+        self,
+        request: _identity_pb2.SetUserGroupsRequest,
+        context: _aio.ServicerContext[_identity_pb2.SetUserGroupsRequest, _abc.Awaitable[_identity_pb2.UserInfo]],
+    ) -> _abc.Awaitable[_identity_pb2.UserInfo]:
+        """Since 0.2 (issue 10). Replaces a user's groups: an explicit, audited act (a token issued
+        for an existing user no longer changes its groups).
+        """
+
+    @_abc_1.abstractmethod
+    def ExchangeIdToken(
+        self,
+        request: _identity_pb2.ExchangeIdTokenRequest,
+        context: _aio.ServicerContext[_identity_pb2.ExchangeIdTokenRequest, _abc.Awaitable[_identity_pb2.ExchangeIdTokenResponse]],
+    ) -> _abc.Awaitable[_identity_pb2.ExchangeIdTokenResponse]:
+        """Since 0.2 (issue 13). Called WITHOUT a bearer token: the OpenID Connect ID token is the
+        credential. The coordinator checks issuer, audience, signature (JWKS), expiry and nonce,
+        maps the configured claim to the user name and takes its groups, and answers with a
+        short-lived jitmesh token for that user.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSignInConfig(
+        self,
+        request: _identity_pb2.GetSignInConfigRequest,
+        context: _aio.ServicerContext[_identity_pb2.GetSignInConfigRequest, _abc.Awaitable[_identity_pb2.SignInConfig]],
+    ) -> _abc.Awaitable[_identity_pb2.SignInConfig]:
+        """Since 0.2 (issue 13). Called without a bearer token: what `jitctl login` needs to start a
+        sign-in (issuer, client id, scopes). NOT_FOUND when single sign-on is not configured.
+        """
 
 def add_IdentityServicer_to_server(servicer: IdentityServicer, server: _aio.Server) -> None: ...

@@ -24,25 +24,30 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from jitmesh.v1 import types_pb2 as jitmesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jitmesh/v1/policy.proto\x12\njitmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetPolicyRequest\"\x83\x01\n\x0ePolicyDocument\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12.\n\napplied_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\napplied_by\x18\x05 \x01(\t\"<\n\x12\x41pplyPolicyRequest\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x04\"\x80\x01\n\x11TestPolicyRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06groups\x18\x05 \x03(\t\"\xf1\x01\n\x12TestPolicyResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x13\n\x0b\x65xplanation\x18\x03 \x01(\t\x12\x19\n\x11\x61pproval_required\x18\x04 \x01(\x08\x12\x1a\n\x12\x61pprovals_required\x18\x05 \x01(\r\x12\x17\n\x0f\x61pprover_groups\x18\x06 \x03(\t\x12/\n\x0cmax_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0freason_required\x18\x08 \x01(\x08\x12\r\n\x05trace\x18\t \x03(\t2\xe7\x01\n\x06Policy\x12\x45\n\tGetPolicy\x12\x1c.jitmesh.v1.GetPolicyRequest\x1a\x1a.jitmesh.v1.PolicyDocument\x12I\n\x0b\x41pplyPolicy\x12\x1e.jitmesh.v1.ApplyPolicyRequest\x1a\x1a.jitmesh.v1.PolicyDocument\x12K\n\nTestPolicy\x12\x1d.jitmesh.v1.TestPolicyRequest\x1a\x1e.jitmesh.v1.TestPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jitmesh/v1/policy.proto\x12\njitmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16jitmesh/v1/types.proto\"\x12\n\x10GetPolicyRequest\"\x83\x01\n\x0ePolicyDocument\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12.\n\napplied_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\napplied_by\x18\x05 \x01(\t\"M\n\x12\x41pplyPolicyRequest\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x04\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"\x8f\x02\n\x11TestPolicyRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06groups\x18\x05 \x03(\t\x12\x13\n\x0bpolicy_yaml\x18\x06 \x01(\t\x12\x44\n\x0c\x61gent_labels\x18\x07 \x03(\x0b\x32..jitmesh.v1.TestPolicyRequest.AgentLabelsEntry\x1a\x32\n\x10\x41gentLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x02\n\x12TestPolicyResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x13\n\x0b\x65xplanation\x18\x03 \x01(\t\x12\x19\n\x11\x61pproval_required\x18\x04 \x01(\x08\x12\x1a\n\x12\x61pprovals_required\x18\x05 \x01(\r\x12\x17\n\x0f\x61pprover_groups\x18\x06 \x03(\t\x12/\n\x0cmax_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0freason_required\x18\x08 \x01(\x08\x12\r\n\x05trace\x18\t \x03(\t\x12&\n\x04plan\x18\n \x01(\x0b\x32\x18.jitmesh.v1.ApprovalPlan\x12\x16\n\x0epolicy_version\x18\x0b \x01(\x04\x32\xe7\x01\n\x06Policy\x12\x45\n\tGetPolicy\x12\x1c.jitmesh.v1.GetPolicyRequest\x1a\x1a.jitmesh.v1.PolicyDocument\x12I\n\x0b\x41pplyPolicy\x12\x1e.jitmesh.v1.ApplyPolicyRequest\x1a\x1a.jitmesh.v1.PolicyDocument\x12K\n\nTestPolicy\x12\x1d.jitmesh.v1.TestPolicyRequest\x1a\x1e.jitmesh.v1.TestPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jitmesh.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETPOLICYREQUEST']._serialized_start=104
-  _globals['_GETPOLICYREQUEST']._serialized_end=122
-  _globals['_POLICYDOCUMENT']._serialized_start=125
-  _globals['_POLICYDOCUMENT']._serialized_end=256
-  _globals['_APPLYPOLICYREQUEST']._serialized_start=258
-  _globals['_APPLYPOLICYREQUEST']._serialized_end=318
-  _globals['_TESTPOLICYREQUEST']._serialized_start=321
-  _globals['_TESTPOLICYREQUEST']._serialized_end=449
-  _globals['_TESTPOLICYRESPONSE']._serialized_start=452
-  _globals['_TESTPOLICYRESPONSE']._serialized_end=693
-  _globals['_POLICY']._serialized_start=696
-  _globals['_POLICY']._serialized_end=927
+  _globals['_TESTPOLICYREQUEST_AGENTLABELSENTRY']._loaded_options = None
+  _globals['_TESTPOLICYREQUEST_AGENTLABELSENTRY']._serialized_options = b'8\001'
+  _globals['_GETPOLICYREQUEST']._serialized_start=128
+  _globals['_GETPOLICYREQUEST']._serialized_end=146
+  _globals['_POLICYDOCUMENT']._serialized_start=149
+  _globals['_POLICYDOCUMENT']._serialized_end=280
+  _globals['_APPLYPOLICYREQUEST']._serialized_start=282
+  _globals['_APPLYPOLICYREQUEST']._serialized_end=359
+  _globals['_TESTPOLICYREQUEST']._serialized_start=362
+  _globals['_TESTPOLICYREQUEST']._serialized_end=633
+  _globals['_TESTPOLICYREQUEST_AGENTLABELSENTRY']._serialized_start=583
+  _globals['_TESTPOLICYREQUEST_AGENTLABELSENTRY']._serialized_end=633
+  _globals['_TESTPOLICYRESPONSE']._serialized_start=636
+  _globals['_TESTPOLICYRESPONSE']._serialized_end=941
+  _globals['_POLICY']._serialized_start=944
+  _globals['_POLICY']._serialized_end=1175
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from jitmesh.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -74,18 +75,24 @@ class ApplyPolicyRequest(_message.Message):
 
     YAML_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     yaml: _builtins.str
     expected_version: _builtins.int
     """When set, refuse unless the running version is this one (compare-and-set)."""
+    dry_run: _builtins.bool
+    """Since 0.2 (issue 10): validate only; nothing is stored or audited. The answer is the
+    document as it would be applied (version = the next one).
+    """
     def __init__(
         self,
         *,
         yaml: _builtins.str = ...,
         expected_version: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "yaml", b"yaml"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "expected_version", b"expected_version", "yaml", b"yaml"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -95,14 +102,40 @@ Global___ApplyPolicyRequest: _TypeAlias = ApplyPolicyRequest  # noqa: Y015
 class TestPolicyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class AgentLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SUBJECT_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     GROUPS_FIELD_NUMBER: _builtins.int
+    POLICY_YAML_FIELD_NUMBER: _builtins.int
+    AGENT_LABELS_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     action: _builtins.str
     agent: _builtins.str
+    policy_yaml: _builtins.str
+    """Since 0.2 (issue 10): test this policy document (YAML) instead of the running one; it is
+    validated as ApplyPolicy would and never stored.
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """Optional: checked against the rule's maximum when set."""
@@ -110,6 +143,10 @@ class TestPolicyRequest(_message.Message):
     @_builtins.property
     def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Groups to assume for the subject; empty means the subject's known groups."""
+
+    @_builtins.property
+    def agent_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Since 0.2 (issue 11): the agent's labels to assume (for an agent not enrolled yet)."""
 
     def __init__(
         self,
@@ -119,10 +156,12 @@ class TestPolicyRequest(_message.Message):
         agent: _builtins.str = ...,
         duration: _duration_pb2.Duration | None = ...,
         groups: _abc.Iterable[_builtins.str] | None = ...,
+        policy_yaml: _builtins.str = ...,
+        agent_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent", b"agent", "duration", b"duration", "groups", b"groups", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent", b"agent", "agent_labels", b"agent_labels", "duration", b"duration", "groups", b"groups", "policy_yaml", b"policy_yaml", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -141,6 +180,8 @@ class TestPolicyResponse(_message.Message):
     MAX_DURATION_FIELD_NUMBER: _builtins.int
     REASON_REQUIRED_FIELD_NUMBER: _builtins.int
     TRACE_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     rule: _builtins.str
     explanation: _builtins.str
@@ -148,6 +189,7 @@ class TestPolicyResponse(_message.Message):
     approval_required: _builtins.bool
     approvals_required: _builtins.int
     reason_required: _builtins.bool
+    policy_version: _builtins.int
     @_builtins.property
     def approver_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -155,6 +197,12 @@ class TestPolicyResponse(_message.Message):
     @_builtins.property
     def trace(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """One line per rule considered, in order."""
+
+    @_builtins.property
+    def plan(self) -> _types_pb2.ApprovalPlan:
+        """Since 0.2 (issue 11): the plan a request would be pinned to (stages, budgets, windows are
+        explained in `trace`), and the policy version tested (0 for a document given in the call).
+        """
 
     def __init__(
         self,
@@ -168,10 +216,12 @@ class TestPolicyResponse(_message.Message):
         max_duration: _duration_pb2.Duration | None = ...,
         reason_required: _builtins.bool = ...,
         trace: _abc.Iterable[_builtins.str] | None = ...,
+        plan: _types_pb2.ApprovalPlan | None = ...,
+        policy_version: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_duration", b"max_duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_duration", b"max_duration", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "approval_required", b"approval_required", "approvals_required", b"approvals_required", "approver_groups", b"approver_groups", "explanation", b"explanation", "max_duration", b"max_duration", "reason_required", b"reason_required", "rule", b"rule", "trace", b"trace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "approval_required", b"approval_required", "approvals_required", b"approvals_required", "approver_groups", b"approver_groups", "explanation", b"explanation", "max_duration", b"max_duration", "plan", b"plan", "policy_version", b"policy_version", "reason_required", b"reason_required", "rule", b"rule", "trace", b"trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -33,6 +33,11 @@ class _RequestStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RequestS
     REQUEST_STATE_DENIED: _RequestState.ValueType  # 3
     REQUEST_STATE_CANCELLED: _RequestState.ValueType  # 4
     REQUEST_STATE_EXPIRED: _RequestState.ValueType  # 5
+    REQUEST_STATE_SCHEDULED: _RequestState.ValueType  # 6
+    """Since 0.2: approved with a scheduled start (`start_at`) still ahead. At the start the
+    coordinator checks eligibility and locks again, then issues the grant(s) (APPROVED) or
+    denies the request (DENIED, decided_by names why).
+    """
 
 class RequestState(_RequestState, metaclass=_RequestStateEnumTypeWrapper):
     """Shared value types of the jitmesh wire. Field numbers are stable: add, never renumber."""
@@ -43,6 +48,11 @@ REQUEST_STATE_APPROVED: RequestState.ValueType  # 2
 REQUEST_STATE_DENIED: RequestState.ValueType  # 3
 REQUEST_STATE_CANCELLED: RequestState.ValueType  # 4
 REQUEST_STATE_EXPIRED: RequestState.ValueType  # 5
+REQUEST_STATE_SCHEDULED: RequestState.ValueType  # 6
+"""Since 0.2: approved with a scheduled start (`start_at`) still ahead. At the start the
+coordinator checks eligibility and locks again, then issues the grant(s) (APPROVED) or
+denies the request (DENIED, decided_by names why).
+"""
 Global___RequestState: _TypeAlias = RequestState  # noqa: Y015
 
 class _GrantState:
@@ -112,6 +122,55 @@ OFFLINE_MODE_REVOKE_AFTER: OfflineMode.ValueType  # 2
 """Remove the grant after `grace` without the coordinator (fail closed)."""
 Global___OfflineMode: _TypeAlias = OfflineMode  # noqa: Y015
 
+class _StageMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StageModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StageMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STAGE_MODE_UNSPECIFIED: _StageMode.ValueType  # 0
+    STAGE_MODE_ANY: _StageMode.ValueType  # 1
+    """`approvals` distinct people from the union of the groups and users (the default)."""
+    STAGE_MODE_ALL: _StageMode.ValueType  # 2
+    """At least one from each listed group, and `approvals` in total."""
+
+class StageMode(_StageMode, metaclass=_StageModeEnumTypeWrapper):
+    """Since 0.2: how a stage counts approvals."""
+
+STAGE_MODE_UNSPECIFIED: StageMode.ValueType  # 0
+STAGE_MODE_ANY: StageMode.ValueType  # 1
+"""`approvals` distinct people from the union of the groups and users (the default)."""
+STAGE_MODE_ALL: StageMode.ValueType  # 2
+"""At least one from each listed group, and `approvals` in total."""
+Global___StageMode: _TypeAlias = StageMode  # noqa: Y015
+
+class _StageState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StageStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StageState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STAGE_STATE_UNSPECIFIED: _StageState.ValueType  # 0
+    STAGE_STATE_WAITING: _StageState.ValueType  # 1
+    """Not reached yet (an earlier stage is still open)."""
+    STAGE_STATE_OPEN: _StageState.ValueType  # 2
+    STAGE_STATE_PASSED: _StageState.ValueType  # 3
+    STAGE_STATE_DENIED: _StageState.ValueType  # 4
+    STAGE_STATE_ESCALATED: _StageState.ValueType  # 5
+    """Timed out to its escalation groups (still open for them and for the original approvers)."""
+
+class StageState(_StageState, metaclass=_StageStateEnumTypeWrapper): ...
+
+STAGE_STATE_UNSPECIFIED: StageState.ValueType  # 0
+STAGE_STATE_WAITING: StageState.ValueType  # 1
+"""Not reached yet (an earlier stage is still open)."""
+STAGE_STATE_OPEN: StageState.ValueType  # 2
+STAGE_STATE_PASSED: StageState.ValueType  # 3
+STAGE_STATE_DENIED: StageState.ValueType  # 4
+STAGE_STATE_ESCALATED: StageState.ValueType  # 5
+"""Timed out to its escalation groups (still open for them and for the original approvers)."""
+Global___StageState: _TypeAlias = StageState  # noqa: Y015
+
 @_typing.final
 class OfflinePolicy(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -143,9 +202,20 @@ class Review(_message.Message):
     DECISION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     REVIEWED_AT_FIELD_NUMBER: _builtins.int
+    VIA_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
     reviewer: _builtins.str
+    """The person whose review this is (for a delegated review, the mapped user, never the
+    delegate).
+    """
     decision: Global___ReviewDecision.ValueType
     reason: _builtins.str
+    via: _builtins.str
+    """Since 0.2: the delegate that relayed the review for `reviewer` ("slack"), empty when the
+    reviewer called in person. Audited as "bob via slack".
+    """
+    stage: _builtins.int
+    """Since 0.2: the index (0-based) of the approval stage this review counted for."""
     @_builtins.property
     def reviewed_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -155,18 +225,145 @@ class Review(_message.Message):
         decision: Global___ReviewDecision.ValueType = ...,
         reason: _builtins.str = ...,
         reviewed_at: _timestamp_pb2.Timestamp | None = ...,
+        via: _builtins.str = ...,
+        stage: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reviewed_at", b"reviewed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "reason", b"reason", "reviewed_at", b"reviewed_at", "reviewer", b"reviewer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "reason", b"reason", "reviewed_at", b"reviewed_at", "reviewer", b"reviewer", "stage", b"stage", "via", b"via"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Review: _TypeAlias = Review  # noqa: Y015
 
 @_typing.final
+class ApprovalStage(_message.Message):
+    """Since 0.2: one stage of a request's pinned approval plan. Names, not member lists: an
+    approval counts when the approver is, at the moment of approving, in one of `groups` or
+    listed in `users` (or, after a timeout, in `escalation_groups`), and is not the requester.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    USERS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    ESCALATION_GROUPS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
+    PASSED_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    approvals: _builtins.int
+    mode: Global___StageMode.ValueType
+    state: Global___StageState.ValueType
+    """Progress (not part of the pinned plan: filled in when a request is returned)."""
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def users(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """After this long open, the stage also accepts `escalation_groups`."""
+
+    @_builtins.property
+    def escalation_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def approved_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def passed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        approvals: _builtins.int = ...,
+        mode: Global___StageMode.ValueType = ...,
+        groups: _abc.Iterable[_builtins.str] | None = ...,
+        users: _abc.Iterable[_builtins.str] | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        escalation_groups: _abc.Iterable[_builtins.str] | None = ...,
+        state: Global___StageState.ValueType = ...,
+        approved_by: _abc.Iterable[_builtins.str] | None = ...,
+        passed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["passed_at", b"passed_at", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "approved_by", b"approved_by", "escalation_groups", b"escalation_groups", "groups", b"groups", "mode", b"mode", "name", b"name", "passed_at", b"passed_at", "state", b"state", "timeout", b"timeout", "users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalStage: _TypeAlias = ApprovalStage  # noqa: Y015
+
+@_typing.final
+class ApprovalPlan(_message.Message):
+    """Since 0.2: what a request was pinned to when it was created."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
+    PENDING_TTL_FIELD_NUMBER: _builtins.int
+    REASON_REQUIRED_FIELD_NUMBER: _builtins.int
+    TICKET_PATTERN_FIELD_NUMBER: _builtins.int
+    AUTOMATIC_FIELD_NUMBER: _builtins.int
+    policy_version: _builtins.int
+    rule: _builtins.str
+    reason_required: _builtins.bool
+    ticket_pattern: _builtins.str
+    """The pattern a ticket id must match, empty when no ticket is required."""
+    automatic: _builtins.bool
+    """True when the plan approves at once (no stage, within budget and window)."""
+    @_builtins.property
+    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalStage]: ...
+    @_builtins.property
+    def pending_ttl(self) -> _duration_pb2.Duration:
+        """How long the request may stay pending (the rule's pending lifetime)."""
+
+    def __init__(
+        self,
+        *,
+        policy_version: _builtins.int = ...,
+        rule: _builtins.str = ...,
+        stages: _abc.Iterable[Global___ApprovalStage] | None = ...,
+        pending_ttl: _duration_pb2.Duration | None = ...,
+        reason_required: _builtins.bool = ...,
+        ticket_pattern: _builtins.str = ...,
+        automatic: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pending_ttl", b"pending_ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["automatic", b"automatic", "pending_ttl", b"pending_ttl", "policy_version", b"policy_version", "reason_required", b"reason_required", "rule", b"rule", "stages", b"stages", "ticket_pattern", b"ticket_pattern"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalPlan: _TypeAlias = ApprovalPlan  # noqa: Y015
+
+@_typing.final
 class AccessRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     ID_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
@@ -186,6 +383,15 @@ class AccessRequest(_message.Message):
     DECISION_REASON_FIELD_NUMBER: _builtins.int
     GRANT_ID_FIELD_NUMBER: _builtins.int
     GRANT_STATE_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    CURRENT_STAGE_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    START_AT_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    GRANT_IDS_FIELD_NUMBER: _builtins.int
+    REUSED_FIELD_NUMBER: _builtins.int
+    EXTENDS_GRANT_ID_FIELD_NUMBER: _builtins.int
+    CHANGE_SEQ_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     subject: _builtins.str
     agent: _builtins.str
@@ -200,6 +406,20 @@ class AccessRequest(_message.Message):
     grant_id: _builtins.str
     """Set once approved."""
     grant_state: Global___GrantState.ValueType
+    current_stage: _builtins.int
+    """Index of the stage waiting for approvals (meaningful while PENDING)."""
+    ticket: _builtins.str
+    """A ticket id as given (checked against the rule's pattern)."""
+    reused: _builtins.bool
+    """The request was answered with a grant the subject already held live (`grant_id`), with no
+    new approval and no new grant.
+    """
+    extends_grant_id: _builtins.str
+    """For an extension request (more time than a held grant has left): the grant it extends."""
+    change_seq: _builtins.int
+    """A resume cursor: the coordinator's change number of this request's latest change (its
+    latest audit event's seq). Increases with every change; WatchRequests resumes after it.
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -214,6 +434,28 @@ class AccessRequest(_message.Message):
 
     @_builtins.property
     def decided_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def plan(self) -> Global___ApprovalPlan:
+        """Since 0.2 (issue 11 owns the behaviour):
+        The pinned approval plan (stages with their eligible groups and users). The 0.1 fields
+        `rule`, `approvals_required` and `approver_groups` stay filled for older clients (from the
+        first stage).
+        """
+
+    @_builtins.property
+    def start_at(self) -> _timestamp_pb2.Timestamp:
+        """Scheduled start: the grant's window begins here (its duration counts from it). Unset: at
+        approval.
+        """
+
+    @_builtins.property
+    def selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Several hosts in one request: the label selector (`agent` is then empty), and at approval
+        one grant per matching agent in `grant_ids` (`grant_id` holds the first).
+        """
+
+    @_builtins.property
+    def grant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -235,10 +477,19 @@ class AccessRequest(_message.Message):
         decision_reason: _builtins.str = ...,
         grant_id: _builtins.str = ...,
         grant_state: Global___GrantState.ValueType = ...,
+        plan: Global___ApprovalPlan | None = ...,
+        current_stage: _builtins.int = ...,
+        ticket: _builtins.str = ...,
+        start_at: _timestamp_pb2.Timestamp | None = ...,
+        selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        grant_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reused: _builtins.bool = ...,
+        extends_grant_id: _builtins.str = ...,
+        change_seq: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "decided_at", b"decided_at", "duration", b"duration", "pending_expires_at", b"pending_expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "decided_at", b"decided_at", "duration", b"duration", "pending_expires_at", b"pending_expires_at", "plan", b"plan", "start_at", b"start_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent", b"agent", "approvals_required", b"approvals_required", "approver_groups", b"approver_groups", "created_at", b"created_at", "decided_at", b"decided_at", "decided_by", b"decided_by", "decision_reason", b"decision_reason", "duration", b"duration", "grant_id", b"grant_id", "grant_state", b"grant_state", "id", b"id", "pending_expires_at", b"pending_expires_at", "reason", b"reason", "reviews", b"reviews", "rule", b"rule", "state", b"state", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent", b"agent", "approvals_required", b"approvals_required", "approver_groups", b"approver_groups", "change_seq", b"change_seq", "created_at", b"created_at", "current_stage", b"current_stage", "decided_at", b"decided_at", "decided_by", b"decided_by", "decision_reason", b"decision_reason", "duration", b"duration", "extends_grant_id", b"extends_grant_id", "grant_id", b"grant_id", "grant_ids", b"grant_ids", "grant_state", b"grant_state", "id", b"id", "pending_expires_at", b"pending_expires_at", "plan", b"plan", "reason", b"reason", "reused", b"reused", "reviews", b"reviews", "rule", b"rule", "selector", b"selector", "start_at", b"start_at", "state", b"state", "subject", b"subject", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -266,6 +517,10 @@ class Grant(_message.Message):
     APPLIED_AT_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    EXTENSIONS_FIELD_NUMBER: _builtins.int
+    ORIGINAL_NOT_AFTER_FIELD_NUMBER: _builtins.int
+    BREAKGLASS_CODE_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     request_id: _builtins.str
     agent: _builtins.str
@@ -280,6 +535,14 @@ class Grant(_message.Message):
     failure: _builtins.str
     """Why the agent could not apply or remove it (FAILED, REVOKE_FAILED)."""
     epoch: _builtins.int
+    extensions: _builtins.int
+    """Since 0.2 (issue 11): how many times the grant was extended in place (not_after holds the
+    current end) and the end it was first given.
+    """
+    breakglass_code_id: _builtins.str
+    """Since 0.2: set for a grant adopted from a break-glass code used on the host."""
+    replica: _builtins.str
+    """Since 0.2: the replica that issued the grant command."""
     @_builtins.property
     def not_before(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -294,6 +557,8 @@ class Grant(_message.Message):
     def applied_at(self) -> _timestamp_pb2.Timestamp:
         """When the agent acknowledged the grant, and the latency from decision to ack."""
 
+    @_builtins.property
+    def original_not_after(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -315,10 +580,14 @@ class Grant(_message.Message):
         applied_at: _timestamp_pb2.Timestamp | None = ...,
         failure: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        extensions: _builtins.int = ...,
+        original_not_after: _timestamp_pb2.Timestamp | None = ...,
+        breakglass_code_id: _builtins.str = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["applied_at", b"applied_at", "created_at", b"created_at", "ended_at", b"ended_at", "not_after", b"not_after", "not_before", b"not_before", "offline", b"offline"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["applied_at", b"applied_at", "created_at", b"created_at", "ended_at", b"ended_at", "not_after", b"not_after", "not_before", b"not_before", "offline", b"offline", "original_not_after", b"original_not_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent", b"agent", "applied_at", b"applied_at", "created_at", b"created_at", "end_reason", b"end_reason", "ended_at", b"ended_at", "ended_by", b"ended_by", "epoch", b"epoch", "failure", b"failure", "grant_seq", b"grant_seq", "id", b"id", "not_after", b"not_after", "not_before", b"not_before", "offline", b"offline", "request_id", b"request_id", "revoke_seq", b"revoke_seq", "state", b"state", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent", b"agent", "applied_at", b"applied_at", "breakglass_code_id", b"breakglass_code_id", "created_at", b"created_at", "end_reason", b"end_reason", "ended_at", b"ended_at", "ended_by", b"ended_by", "epoch", b"epoch", "extensions", b"extensions", "failure", b"failure", "grant_seq", b"grant_seq", "id", b"id", "not_after", b"not_after", "not_before", b"not_before", "offline", b"offline", "original_not_after", b"original_not_after", "replica", b"replica", "request_id", b"request_id", "revoke_seq", b"revoke_seq", "state", b"state", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -357,12 +626,20 @@ class Agent(_message.Message):
     LAST_ACKED_SEQ_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     ACTIVE_GRANTS_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    COMPATIBILITY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     connected: _builtins.bool
     version: _builtins.str
     last_acked_seq: _builtins.int
     last_seq: _builtins.int
     active_grants: _builtins.int
+    replica: _builtins.str
+    """Since 0.2: the replica holding the agent's stream (empty when not connected)."""
+    compatibility: _builtins.str
+    """Since 0.2: whether this coordinator serves the agent's version fully ("supported"), in
+    the one-minor-older compatibility mode ("compat"), or refuses it ("refused").
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -381,10 +658,12 @@ class Agent(_message.Message):
         last_acked_seq: _builtins.int = ...,
         last_seq: _builtins.int = ...,
         active_grants: _builtins.int = ...,
+        replica: _builtins.str = ...,
+        compatibility: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at", "last_seen_at", b"last_seen_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_grants", b"active_grants", "connected", b"connected", "enrolled_at", b"enrolled_at", "labels", b"labels", "last_acked_seq", b"last_acked_seq", "last_seen_at", b"last_seen_at", "last_seq", b"last_seq", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_grants", b"active_grants", "compatibility", b"compatibility", "connected", b"connected", "enrolled_at", b"enrolled_at", "labels", b"labels", "last_acked_seq", b"last_acked_seq", "last_seen_at", b"last_seen_at", "last_seq", b"last_seq", "name", b"name", "replica", b"replica", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
