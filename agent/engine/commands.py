@@ -1,0 +1,287 @@
+"""Commands from the coordinator: validate, persist (one transaction), enforce (ref-counted),
+then answer with the ack.
+
+A command for a pair whose removal runs in the background waits for that removal (never for
+another pair's). A revoke whose removal fails is acked FAILED at once (the coordinator shows
+REVOKE_FAILED) and handed to the removal retries; the next commands go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import replace
+from datetime import datetime
+
+from agent.domain import commands
+from agent.domain.commands import (
+    Ack,
+    AckStatus,
+    AlreadyEnded,
+    Bury,
+    CommandSpec,
+    GrantSpec,
+    Keep,
+    Refuse,
+    RevokeSpec,
+    SnapshotSpec,
+)
+from agent.domain.errors import StateError
+from agent.domain.leases import EventKind, Lease, LeaseState, Pair, new_event
+from agent.engine.clocktrust import ClockTrust
+from agent.engine.enforcement import Enforcement
+from agent.engine.expiry import Expiry
+from agent.engine.linkstate import LinkState
+from agent.engine.removals import Removals
+from agent.engine.shared import Shared, cut, lease_fields
+from agent.store.base import LeaseStore
+from jitmesh.crashpoints import crash_point
+
+log = logging.getLogger(__name__)
+
+
+class Commands:
+    def __init__(
+        self,
+        *,
+        name: str,
+        store: LeaseStore,
+        shared: Shared,
+        time: ClockTrust,
+        link: LinkState,
+        enforcement: Enforcement,
+        removals: Removals,
+        expiry: Expiry,
+    ) -> None:
+        self._name = name
+        self._store = store
+        self._shared = shared
+        self._time = time
+        self._link = link
+        self._enforcement = enforcement
+        self._removals = removals
+        self._expiry = expiry
+
+    async def handle(self, command: CommandSpec) -> Ack:
+        async with self._exclusive(command):
+            ack = commands.screen(
+                command, own_name=self._name, last_applied_seq=self._link.last_applied_seq
+            )
+            if ack is None:
+                now = self._time.now()
+                kind = command.kind
+                try:
+                    if isinstance(kind, GrantSpec):
+                        ack = await self._grant(command, kind, now)
+                    elif isinstance(kind, RevokeSpec):
+                        ack = await self._revoke(command, kind, now)
+                    else:
+                        ack = await self._snapshot(command, kind, now)
+                except StateError as exc:
+                    # A full or failing disk where the command's own paths do not answer it: a
+                    # failed ack, not a crash. Nothing was recorded, so the next resync after a
+                    # restart starts before this command again (a refused grant excepted).
+                    log.error("cannot persist a command", extra={"error": str(exc)})
+                    grant_id = "" if isinstance(kind, SnapshotSpec) else kind.grant_id
+                    ack = Ack(command.seq, AckStatus.FAILED, "cannot persist the command", grant_id)
+            elif ack.status is AckStatus.APPLIED and isinstance(command.kind, RevokeSpec):
+                # A revoke sent again (its ack was lost): never "done" while its removal is owed.
+                ack = self._removals.still_owed(ack) or ack
+        log.info(
+            "command handled",
+            extra={
+                "seq": ack.seq,
+                "status": ack.status.value,
+                "grant_id": ack.grant_id,
+                "reason": ack.reason,
+            },
+        )
+        if self._expiry.must_look(command, ack):
+            self._shared.leases_changed.set()
+        return ack
+
+    async def _pairs_of(self, command: CommandSpec) -> Collection[Pair] | None:
+        """The pairs a command may change on the host (None: any, for a snapshot)."""
+        kind = command.kind
+        if isinstance(kind, GrantSpec):
+            return {(kind.subject, kind.action)}
+        if isinstance(kind, RevokeSpec):
+            lease = await self._store.lease(kind.grant_id)
+            return set() if lease is None else {lease.pair}
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, command: CommandSpec) -> AsyncIterator[None]:
+        """The engine lock, taken when no background removal of a pair `command` may change is
+        running: a command for a pair waits for that pair's hook, never for another one's."""
+        lock = self._shared.lock
+        removing = self._removals.removing
+        while True:
+            await lock.acquire()
+            if not removing:
+                break  # the usual case: nothing to look up
+            pairs = await self._pairs_of(command)
+            busy = [task for pair, task in removing.items() if pairs is None or pair in pairs]
+            if not busy:
+                break
+            lock.release()
+            await asyncio.wait(busy)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    async def _record(self, command: CommandSpec, writes: Sequence[Lease]) -> None:
+        await self._store.record_command(seq=command.seq, epoch=command.epoch, writes=writes)
+        self._link.applied(command.seq, command.epoch)
+
+    async def _grant(self, command: CommandSpec, spec: GrantSpec, now: datetime) -> Ack:
+        seq, grant_id = command.seq, spec.grant_id
+        refusal = self._time.grant_problem(command, now)
+        if refusal is not None:
+            await self._record(command, ())
+            await self._store.add_event(
+                new_event(
+                    EventKind.GRANT_REFUSED,
+                    at=now,
+                    grant_id=grant_id,
+                    pair=(spec.subject, spec.action),
+                    details={"reason": refusal},
+                )
+            )
+            self._shared.outbox_changed.set()
+            return Ack(seq, AckStatus.REJECTED, refusal, grant_id)
+        decision = commands.decide_grant(spec, await self._store.lease(grant_id), seq=seq, now=now)
+        if isinstance(decision, Refuse):
+            await self._record(command, ())
+            return Ack(seq, AckStatus.REJECTED, decision.reason, grant_id)
+        if isinstance(decision, Keep):
+            await self._record(command, ())
+            return Ack(seq, AckStatus.APPLIED, "already applied", grant_id)
+        lease = decision.lease
+        starts_now = decision.new and lease.allows(now)
+        if starts_now:
+            # Written as applied in the command's own transaction: one commit per grant, none
+            # after the enforcer. A crash between the commit and the enforcer leaves the row
+            # ahead of the host; the start-up reconcile applies what active leases hold and the
+            # host lacks, before the agent connects again.
+            lease = replace(lease, applied_at=now)
+        holding = await self._enforcement.holding()
+        try:
+            await self._record(command, (lease,))
+        except StateError as exc:
+            # Not persisted (a full disk): no hook runs, access never exists without its row.
+            log.error("cannot persist a grant", extra={"grant_id": grant_id, "error": str(exc)})
+            return Ack(seq, AckStatus.FAILED, "cannot persist the grant", grant_id)
+        if not decision.new:
+            return Ack(seq, AckStatus.APPLIED, "updated", grant_id)
+        if not starts_now:
+            # not_before lies ahead: the expiry loop starts it on time.
+            return Ack(seq, AckStatus.APPLIED, "scheduled", grant_id)
+        crash_point("agent_after_record")
+        failures = await self._enforcement.enforce(holding, starting=[lease])
+        reason = failures.apply.get(lease.pair)
+        if reason is not None:
+            await self._apply_failed(lease, now, reason)
+            return Ack(seq, AckStatus.FAILED, reason, grant_id)
+        crash_point("agent_after_apply")
+        log.info("grant applied", extra=lease_fields(lease))
+        return Ack(seq, AckStatus.APPLIED, "", grant_id)
+
+    async def _apply_failed(self, lease: Lease, now: datetime, reason: str) -> None:
+        """A grant's row, written as applied before its hook, whose apply failed: the row must
+        end (fail closed), or a reconcile would later apply access the coordinator was told
+        failed. A table that takes no write (a full disk) gets the end in its journal; if even
+        that fails, StateError: the command is acked FAILED."""
+        try:
+            await self._store.mark_failed(lease.grant_id, now, reason)
+        except StateError as exc:
+            log.error(
+                "cannot record a failed grant in the table",
+                extra={"grant_id": lease.grant_id, "error": str(exc)},
+            )
+            await self._store.end_lease(lease.ended(at=now, reason=reason, state=LeaseState.FAILED))
+
+    async def _revoke(self, command: CommandSpec, spec: RevokeSpec, now: datetime) -> Ack:
+        seq, grant_id = command.seq, spec.grant_id
+        decision = commands.decide_revoke(spec, await self._store.lease(grant_id), seq=seq, now=now)
+        if isinstance(decision, Bury):
+            await self._record(command, (decision.row,))
+            return Ack(seq, AckStatus.APPLIED, "unknown grant: tombstone kept", grant_id)
+        if isinstance(decision, AlreadyEnded):
+            await self._record(command, ())
+            ack = Ack(seq, AckStatus.APPLIED, decision.reason, grant_id)
+            return self._removals.still_owed(ack) or ack
+        holding = await self._enforcement.holding()
+        pair = decision.before.pair
+        journaled = False
+        try:
+            await self._record(command, (decision.after,))
+        except StateError as exc:
+            # Cannot persist the end in the table (a full disk): the store keeps it in its
+            # revoke journal (the lease is ended from now on, across restarts), and the access
+            # goes all the same.
+            log.error("cannot persist a revoke", extra={"grant_id": grant_id, "error": str(exc)})
+            try:
+                journaled = await self._store.end_lease(decision.after)
+            except StateError as again:
+                log.error(
+                    "cannot journal a revoke", extra={"grant_id": grant_id, "error": str(again)}
+                )
+            failures = await self._enforcement.enforce(holding, ending=[decision.before])
+            if pair in failures.remove:
+                await self._removals.pend(pair, [grant_id], failures.remove[pair])
+                reason = cut(f"remove failed (retrying): {failures.remove[pair]}")
+                return Ack(seq, AckStatus.FAILED, reason, grant_id)
+            if not journaled:
+                reason = "access removed; cannot persist the revoke"
+                return Ack(seq, AckStatus.FAILED, reason, grant_id)
+            reason = "access removed; lease table full, revoke kept in the journal"
+            return Ack(seq, AckStatus.APPLIED, reason, grant_id)
+        crash_point("agent_after_revoke_record")
+        failures = await self._enforcement.enforce(holding, ending=[decision.before])
+        crash_point("agent_after_remove")
+        if pair in failures.remove:
+            # Acked FAILED now (REVOKE_FAILED on the coordinator); retried in the background.
+            await self._removals.pend(pair, [grant_id], failures.remove[pair])
+            return Ack(
+                seq,
+                AckStatus.FAILED,
+                cut(f"remove failed (retrying): {failures.remove[pair]}"),
+                grant_id,
+            )
+        log.info("grant revoked", extra=lease_fields(decision.before))
+        return Ack(seq, AckStatus.APPLIED, "", grant_id)
+
+    async def _snapshot(self, command: CommandSpec, spec: SnapshotSpec, now: datetime) -> Ack:
+        active = await self._store.active_leases()
+        named = {grant.grant_id for grant in spec.grants} | set(spec.tombstones)
+        known = await self._store.leases(named)
+        known.update({lease.grant_id: lease for lease in active})
+        plan = commands.plan_snapshot(spec, known, active, seq=command.seq, now=now)
+        await self._record(command, plan.writes)
+        starting = [lease for lease in plan.starting if lease.allows(now)]
+        failures = await self._enforcement.enforce(
+            [lease for lease in active if lease.holds], starting=starting, ending=plan.ending
+        )
+        failed: list[str] = []
+        for lease in starting:
+            reason = failures.apply.get(lease.pair)
+            if reason is None:
+                await self._store.mark_applied(lease.grant_id, now)
+            else:
+                failed.append(lease.grant_id)
+                await self._store.mark_failed(lease.grant_id, now, reason)
+        for pair, error in sorted(failures.remove.items()):
+            ended = [lease.grant_id for lease in plan.ending if lease.pair == pair]
+            await self._removals.pend(pair, ended, error)
+        summary = (
+            f"held {plan.kept + len(plan.starting) - len(failed)}, ended {len(plan.ending)}, "
+            f"refused {len(plan.refused)}"
+        )
+        if failed or failures.remove:
+            problems = [*failures.apply.values(), *failures.remove.values()]
+            return Ack(command.seq, AckStatus.FAILED, cut(f"{summary}; {problems[0]}"))
+        return Ack(command.seq, AckStatus.APPLIED, summary)

@@ -1,0 +1,234 @@
+"""The engine: one small object that builds the parts and is the agent's one way in.
+
+Every change to the lease table and the host goes through one part or another, one at a time
+(the shared lock): command handling (`commands`), the expiry sweep (`expiry`), the start-up and
+periodic reconcile (`reconcile`), the bookkeeping of background removal retries (`removals`).
+Enforcement (`enforcement`) is the one place where leases become apply/remove on the host,
+reference-counted. Clock trust (`clocktrust`) says what time it is and whether grants may be
+believed; link state (`linkstate`) what the engine knows of its coordinator. The table is the
+truth; the expiry loop's timers are derived from it on every pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from agent.domain.commands import Ack, CommandSpec
+from agent.domain.leases import EventKind, OutboxEvent, new_event
+from agent.domain.removals import RetryPolicy
+from agent.enforcers.base import EnforcerSet
+from agent.engine.clocktrust import ClockTrust
+from agent.engine.commands import Commands
+from agent.engine.enforcement import Enforcement
+from agent.engine.expiry import Expiry
+from agent.engine.linkstate import HelloState, LinkState
+from agent.engine.reconcile import Reconciler
+from agent.engine.removals import Removals
+from agent.engine.shared import Shared
+from agent.store.base import LeaseStore
+from jitmesh.clock import Clock
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    shared: Shared
+    time: ClockTrust
+    link: LinkState
+    removals: Removals
+    enforcement: Enforcement
+    reconciler: Reconciler
+    expiry: Expiry
+    commands: Commands
+
+
+def assemble(
+    *,
+    name: str,
+    store: LeaseStore,
+    enforcers: EnforcerSet,
+    clock: Clock,
+    rand: Callable[[], float] = random.random,
+    remove_retries: int = 1,
+    remove_retry_base: float = 0.0,
+    skew_tolerance: timedelta | None = None,
+    reconcile_every: float | None = None,
+) -> Parts:
+    """The parts, each given the others it needs (the engine's tests build them here too)."""
+    shared = Shared()
+    time = ClockTrust(store=store, clock=clock, shared=shared, skew_tolerance=skew_tolerance)
+    now = time.now
+    link = LinkState(store=store, shared=shared, now=now)
+    # A revoke's attempts (the first inline, the others in the background), then REVOKE_FAILED
+    # and a retry every base * 2^retries, at most every 10 minutes (PROMISES.md).
+    policy = RetryPolicy.from_settings(remove_retries, remove_retry_base)
+    removals = Removals(
+        store=store,
+        enforcers=enforcers,
+        clock=clock,
+        shared=shared,
+        policy=policy,
+        rand=rand,
+        now=now,
+    )
+    enforcement = Enforcement(store=store, enforcers=enforcers, removals=removals, now=now)
+    reconciler = Reconciler(
+        store=store,
+        enforcers=enforcers,
+        clock=clock,
+        shared=shared,
+        removals=removals,
+        now=now,
+        every=reconcile_every,
+    )
+    expiry = Expiry(
+        store=store,
+        clock=clock,
+        shared=shared,
+        time=time,
+        link=link,
+        enforcement=enforcement,
+        removals=removals,
+        reconciler=reconciler,
+        rand=rand,
+    )
+    commands = Commands(
+        name=name,
+        store=store,
+        shared=shared,
+        time=time,
+        link=link,
+        enforcement=enforcement,
+        removals=removals,
+        expiry=expiry,
+    )
+    return Parts(shared, time, link, removals, enforcement, reconciler, expiry, commands)
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        name: str,
+        store: LeaseStore,
+        enforcers: EnforcerSet,
+        clock: Clock,
+        rand: Callable[[], float] = random.random,
+        remove_retries: int = 1,
+        remove_retry_base: float = 0.0,
+        skew_tolerance: timedelta | None = None,
+        reconcile_every: float | None = None,
+    ) -> None:
+        """`remove_retries`: attempts at a revoke's removal before its grant is reported
+        `grant.revoke_failed`, `remove_retry_base` apart, doubling, +-50 % (the revoke itself is
+        acked FAILED after the first, inline, attempt; REVOKED follows a removal that worked).
+        `skew_tolerance`: grants issued further from the agent's time are refused (None: no
+        check). `reconcile_every`: seconds between drift reconciles while running (None: only
+        at start)."""
+        self.name = name
+        self._store = store
+        parts = assemble(
+            name=name,
+            store=store,
+            enforcers=enforcers,
+            clock=clock,
+            rand=rand,
+            remove_retries=remove_retries,
+            remove_retry_base=remove_retry_base,
+            skew_tolerance=skew_tolerance,
+            reconcile_every=reconcile_every,
+        )
+        self._shared = parts.shared
+        self._time = parts.time
+        self._link = parts.link
+        self._removals = parts.removals
+        self._reconciler = parts.reconciler
+        self._expiry = parts.expiry
+        self._commands = parts.commands
+
+    @property
+    def outbox_changed(self) -> asyncio.Event:
+        """Set when the outbox gains events or loses acknowledged ones (the link's sender
+        waits)."""
+        return self._shared.outbox_changed
+
+    @property
+    def connected(self) -> bool:
+        """Welcomed by the coordinator on the current stream."""
+        return self._link.connected
+
+    def now(self) -> datetime:
+        return self._time.now()
+
+    async def start(self) -> None:
+        """Before connecting: end what expired while the agent was down, then reconcile the
+        enforcers with the table."""
+        meta = await self._store.meta()
+        wall = self._time.start(meta)
+        self._link.load(meta)
+        await self._removals.load(wall)
+        async with self._shared.lock:
+            if self._time.untrusted:
+                await self._expiry.end_everything(
+                    reason="clock_untrusted",
+                    event=new_event(
+                        EventKind.CLOCK_UNTRUSTED,
+                        at=self.now(),
+                        details={
+                            "wall": wall.isoformat(),
+                            "last_seen": meta.last_wall_at.isoformat() if meta.last_wall_at else "",
+                        },
+                    ),
+                )
+            await self._reconciler.adopt_applied()
+            await self._expiry.sweep_locked(while_down=True)
+            await self._reconciler.reconcile_locked()
+
+    async def run(self) -> None:
+        """The expiry loop and, beside it, the loop retrying pending removals."""
+        await self._expiry.run()
+
+    async def handle(self, command: CommandSpec) -> Ack:
+        return await self._commands.handle(command)
+
+    async def sweep(self) -> float:
+        """Start and end what is due; returns the seconds until the next sweep is needed."""
+        return await self._expiry.sweep()
+
+    async def reconcile(self) -> None:
+        """Compare the host with the lease table now (drift)."""
+        await self._reconciler.reconcile()
+
+    # Clock trust.
+
+    async def coordinator_time_seen(self, at: datetime) -> None:
+        await self._time.coordinator_time_seen(at)
+
+    # The link's view.
+
+    async def checkpoint(self) -> None:
+        await self._link.checkpoint()
+
+    async def hello_state(self) -> HelloState:
+        return await self._link.hello_state()
+
+    async def note_epoch(self, epoch: int) -> None:
+        await self._link.note_epoch(epoch)
+
+    async def coordinator_reached(self) -> None:
+        await self._link.reached()
+
+    async def coordinator_alive(self) -> None:
+        await self._link.alive()
+
+    async def coordinator_lost(self) -> None:
+        await self._link.lost()
+
+    async def pending_events(self, limit: int) -> list[OutboxEvent]:
+        return await self._link.pending_events(limit)
+
+    async def events_delivered(self, event_ids: Iterable[str]) -> None:
+        await self._link.events_delivered(event_ids)

@@ -1,0 +1,87 @@
+"""Enforcement: the one place where leases become changes on the host.
+
+Overlapping leases for the same pair are reference-counted here (`pair_changes`): a pair is
+applied when its first holder starts and removed when its last holder ends, never otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from agent.domain.coverage import pair_changes
+from agent.domain.errors import ApplyFailed, EnforcerError
+from agent.domain.leases import Lease, Pair
+from agent.enforcers.base import EnforcerSet
+from agent.engine.removals import Removals
+from agent.engine.shared import cut
+from agent.store.base import LeaseStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Failures:
+    apply: dict[Pair, str]
+    remove: dict[Pair, str]
+
+
+class Enforcement:
+    def __init__(
+        self,
+        *,
+        store: LeaseStore,
+        enforcers: EnforcerSet,
+        removals: Removals,
+        now: Callable[[], datetime],
+    ) -> None:
+        self._store = store
+        self._enforcers = enforcers
+        self._removals = removals
+        self._now = now
+
+    async def holding(self) -> list[Lease]:
+        return [lease for lease in await self._store.active_leases() if lease.holds]
+
+    async def enforce(
+        self,
+        holding: Sequence[Lease],
+        *,
+        starting: Sequence[Lease] = (),
+        ending: Sequence[Lease] = (),
+    ) -> Failures:
+        """Apply and remove the pairs that starting and ending leases change (ref-counted)."""
+        changes = pair_changes(holding, starting=starting, ending=ending)
+        apply_failed: dict[Pair, str] = {}
+        unrolled: set[Pair] = set()
+        for pair in sorted(changes.apply):
+            try:
+                await self._enforcers.apply(pair)
+            except EnforcerError as exc:
+                apply_failed[pair] = cut(str(exc))
+                if isinstance(exc, ApplyFailed) and not exc.rolled_back:
+                    # Partly in place: keep trying to take it away.
+                    unrolled.add(pair)
+                log.warning(
+                    "apply failed", extra={"subject": pair[0], "action": pair[1], "error": str(exc)}
+                )
+        if apply_failed:
+            # Leases that failed to start hold nothing: recount before removing.
+            started = [lease for lease in starting if lease.pair not in apply_failed]
+            changes = pair_changes(holding, starting=started, ending=ending)
+        remove_failed: dict[Pair, str] = {}
+        for pair in sorted(changes.remove):
+            try:
+                await self._enforcers.remove(pair)
+            except EnforcerError as exc:
+                remove_failed[pair] = cut(str(exc))
+                continue
+            # A removal owed for an earlier end of this pair (parked while a newer lease held
+            # it) is done now too.
+            await self._removals.removed(pair, self._now())
+        for pair, error in apply_failed.items():
+            if pair in unrolled:
+                await self._removals.pend(pair, (), error)
+        return Failures(apply_failed, remove_failed)

@@ -1,0 +1,120 @@
+"""Commands: screened, recorded (the resume point moves with the table), enforced, acked; a
+command waits for a background removal of its own pair only."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+
+from agent.domain.commands import AckStatus, RevokeSpec, SnapshotSpec
+from agent.domain.leases import EventKind
+from tests.agent.factories import T0, command, grant
+from tests.agent.fakes import RecordingEnforcer
+
+from .conftest import Bench
+
+PAIR = ("alice", "deploy")
+
+
+async def test_a_grant_is_recorded_applied_and_acked(bench: Bench) -> None:
+    spec = grant()
+    ack = await bench.parts.commands.handle(command(1, spec))
+    assert (ack.status, ack.grant_id, ack.reason) == (AckStatus.APPLIED, spec.grant_id, "")
+    assert bench.hook.in_force == {PAIR}
+    assert bench.parts.link.last_applied_seq == 1
+    stored = await bench.store.lease(spec.grant_id)
+    assert stored is not None
+    assert stored.applied_at == T0
+    again = await bench.parts.commands.handle(command(1, spec))
+    assert again.status is AckStatus.APPLIED
+    assert bench.hook.count("apply", PAIR) == 1
+
+
+async def test_a_grant_for_later_is_scheduled_for_the_expiry_loop(bench: Bench) -> None:
+    ack = await bench.parts.commands.handle(command(1, grant(start=timedelta(minutes=5))))
+    assert (ack.status, ack.reason) == (AckStatus.APPLIED, "scheduled")
+    assert bench.hook.in_force == set()
+    assert bench.parts.shared.leases_changed.is_set()
+
+
+async def test_a_failed_apply_ends_the_row(bench: Bench) -> None:
+    bench.hook.fail_apply.add(PAIR)
+    spec = grant()
+    ack = await bench.parts.commands.handle(command(1, spec))
+    assert ack.status is AckStatus.FAILED
+    stored = await bench.store.lease(spec.grant_id)
+    assert stored is not None
+    assert not stored.holds
+
+
+async def test_a_revoke_whose_removal_fails_is_acked_failed_and_pended(bench: Bench) -> None:
+    commands = bench.parts.commands
+    spec = grant()
+    await commands.handle(command(1, spec))
+    bench.hook.fail_remove.add(PAIR)
+    ack = await commands.handle(command(2, RevokeSpec(spec.grant_id)))
+    assert ack.status is AckStatus.FAILED
+    assert ack.reason.startswith("remove failed (retrying)")
+    assert set(bench.parts.removals.pending) == {PAIR}
+    # Sent again (its ack lost): still not done while the removal is owed.
+    resent = await commands.handle(command(2, RevokeSpec(spec.grant_id)))
+    assert resent.status is AckStatus.FAILED
+
+
+async def test_a_grant_is_refused_while_the_clock_is_untrusted(build: Callable[..., Bench]) -> None:
+    bench = build()
+    await bench.store.note_wall(T0 + timedelta(hours=1))
+    bench.parts.time.start(await bench.store.meta())
+    ack = await bench.parts.commands.handle(command(1, grant()))
+    assert (ack.status, ack.reason) == (AckStatus.REJECTED, "agent clock untrusted")
+    assert bench.parts.link.last_applied_seq == 1
+    assert [k for k, _, _ in await bench.kinds()] == [EventKind.GRANT_REFUSED]
+
+
+async def test_a_snapshot_ends_what_it_does_not_name(bench: Bench) -> None:
+    commands = bench.parts.commands
+    await commands.handle(command(1, grant()))
+    ack = await commands.handle(command(2, SnapshotSpec(grants=(), tombstones=())))
+    assert (ack.status, ack.reason) == (AckStatus.APPLIED, "held 0, ended 1, refused 0")
+    assert bench.hook.in_force == set()
+
+
+class _Gated(RecordingEnforcer):
+    def __init__(self) -> None:
+        super().__init__("gated")
+        self.gate = asyncio.Event()
+        self.hanging = asyncio.Event()
+
+    async def remove(self, subject: str, action: str) -> None:
+        if (subject, action) == PAIR and not self.gate.is_set():
+            self.hanging.set()
+            await self.gate.wait()
+        await super().remove(subject, action)
+
+
+async def test_a_command_waits_for_its_own_pairs_background_removal_only(
+    build: Callable[..., Bench],
+) -> None:
+    hook = _Gated()
+    bench = build(hook=hook)
+    bench.parts.time.start(await bench.store.meta())
+    commands, removals = bench.parts.commands, bench.parts.removals
+    await removals.pend(PAIR, ["grt-old"], "hook failed")
+    async with asyncio.TaskGroup() as tasks:
+        loop = tasks.create_task(removals.run(tasks))
+        await bench.clock.advance(timedelta(minutes=2))  # the retry is due
+        await asyncio.wait_for(hook.hanging.wait(), 5)
+        # Another pair goes through while alice's removal hangs.
+        other = await asyncio.wait_for(commands.handle(command(1, grant("bob", "read"))), 5)
+        assert other.status is AckStatus.APPLIED
+        mine = tasks.create_task(commands.handle(command(2, grant())))
+        # Not done while alice's removal hangs (given time to finish if it did not wait).
+        await asyncio.wait([mine], timeout=0.2)
+        assert not mine.done()
+        assert hook.count("apply", PAIR) == 0
+        hook.gate.set()
+        ack = await asyncio.wait_for(mine, 5)
+        assert ack.status is AckStatus.APPLIED
+        assert hook.in_force == {PAIR, ("bob", "read")}
+        loop.cancel()
