@@ -12,12 +12,15 @@ import signal
 import sys
 from pathlib import Path
 
+import psycopg
 from pydantic import ValidationError
 
 from server.app import Coordinator, build
 from server.config import CoordinatorConfig
 from server.domain.models import ADMIN_GROUP, Principal, new_secret, user_name
 from server.domain.policy import DEV_POLICY
+from server.domain.ports import Tx
+from server.shared import SecretKeyError
 
 log = logging.getLogger("jitmesh.coordinator")
 
@@ -53,6 +56,22 @@ def parser() -> argparse.ArgumentParser:
     issue.add_argument("--data", type=Path, required=True, help="data directory")
     issue.add_argument("--user", required=True)
     issue.add_argument("--csr", type=Path, required=True, help="PEM CSR for an ECDSA P-256 key")
+    migrate = sub.add_parser(
+        "migrate",
+        help="bring the store to the newest schema and exit (serve also does this at start)",
+    )
+    _store_flags(migrate, data_required=False)
+    sub.add_parser(
+        "new-secret-key",
+        help="print a new key for --secret-key-file / JITMESH_SECRET_KEY (replicas on "
+        "PostgreSQL encrypt their shared signing keys and CA with it)",
+    )
+    fence = sub.add_parser(
+        "fence",
+        help="raise the cluster epoch (after restoring the store from a backup): agents then "
+        "refuse every command signed from the older history",
+    )
+    _store_flags(fence, data_required=False)
     for name, text in (
         ("serve", "run a coordinator"),
         ("dev", "run a development coordinator on loopback with ready-made users and tokens"),
@@ -71,6 +90,23 @@ def parser() -> argparse.ArgumentParser:
             help="messages queued per agent stream; a slower agent is cut off and resyncs",
         )
         if name == "serve":
+            s.add_argument(
+                "--store",
+                default="",
+                help="postgresql://USER@HOST/DB to share the state with other replicas "
+                "(default: SQLite in --data)",
+            )
+            s.add_argument(
+                "--replica",
+                default="",
+                help="this replica's id (default: made once and kept in --data/replica.id)",
+            )
+            s.add_argument(
+                "--secret-key-file",
+                type=Path,
+                help="with --store postgresql://: the key that encrypts the shared signing keys "
+                "and CA (else JITMESH_SECRET_KEY)",
+            )
             s.add_argument("--policy", type=Path, help="initial policy (used if none is stored)")
             s.add_argument(
                 "--insecure",
@@ -120,8 +156,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _store_flags(p: argparse.ArgumentParser, *, data_required: bool) -> None:
+    p.add_argument("--data", type=Path, required=data_required, help="data directory (SQLite)")
+    p.add_argument("--store", default="", help="postgresql://... (else SQLite in --data)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "new-secret-key":
+        from server.shared import new_key
+
+        print(new_key())
+        return 0
+    if args.command in ("migrate", "fence"):
+        if not args.store and args.data is None:
+            print(
+                "jitmesh-coordinator: give --store postgresql://... or --data DIR", file=sys.stderr
+            )
+            return 2
+        try:
+            return asyncio.run(_maintain(args.command, args.store, args.data))
+        except (OSError, ValueError) as exc:
+            print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
+            return 1
     if args.command == "issue-operator-cert":
         from datetime import UTC, datetime
 
@@ -178,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.insecure:
             config = CoordinatorConfig(
                 **common,
+                **_store_options(args),
                 initial_policy=args.policy,
                 request_rate=args.request_rate,
                 request_burst=args.request_burst,
@@ -190,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             agent_port = args.agent_port if args.agent_port is not None else port + 1 if port else 0
             config = CoordinatorConfig(
                 **common,
+                **_store_options(args),
                 initial_policy=args.policy,
                 request_rate=args.request_rate,
                 request_burst=args.request_burst,
@@ -210,9 +269,37 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve(config, dev=args.command == "dev"))
     except KeyboardInterrupt:
         pass
-    except OSError as exc:
+    except (OSError, ValueError, SecretKeyError, psycopg.Error) as exc:
         print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _store_options(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "store": args.store,
+        "replica": args.replica,
+        "secret_key_file": args.secret_key_file,
+    }
+
+
+async def _maintain(command: str, store_url: str, data: Path | None) -> int:
+    from server.app import open_store
+
+    store = await open_store(store_url, data or Path("."))
+    try:
+        if command == "fence":
+
+            async def raise_epoch(tx: Tx) -> int:
+                epoch = int(await tx.get_meta("epoch") or "0") + 1
+                await tx.set_meta("epoch", str(epoch))
+                return epoch
+
+            print(f"cluster epoch is now {await store.write(raise_epoch)}")
+        else:
+            print("store schema is up to date")
+    finally:
+        await store.close()
     return 0
 
 

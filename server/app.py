@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
+import socket
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jitmesh import __version__
 from jitmesh.clock import Clock, SystemClock
 from jitmesh.v1 import (
     access_pb2,
@@ -38,6 +43,7 @@ from server.domain.fleet import FleetService
 from server.domain.governance import AuditService, IdentityService, PolicyService, TokenService
 from server.domain.hub import Hub
 from server.domain.locks import LockService
+from server.domain.ports import Tx
 from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
@@ -49,10 +55,14 @@ from server.rpc.services import (
     IdentityServicer,
     PolicyServicer,
 )
-from server.signing import SigningKeys
+from server.shared import SharedFiles, load_key
+from server.signing import SigningKeys, write_private
+from server.store.postgres import PostgresStore
 from server.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
+# How often a replica reports itself running (FleetService.REPLICA_ALIVE: taken as gone).
+REPLICA_REPORT = timedelta(seconds=10)
 
 # What the coordinator may send: operators get pages of at most a few thousand items; agents
 # get snapshots (the agent accepts up to 4 MiB). What it receives: `max_message_bytes` (1 MiB)
@@ -77,7 +87,7 @@ class Coordinator:
     """A running coordinator: its parts, and the port it listens on."""
 
     config: CoordinatorConfig
-    store: SqliteStore
+    store: SqliteStore | PostgresStore
     server: grpc.aio.Server
     port: int
     registry: LinkRegistry
@@ -96,6 +106,9 @@ class Coordinator:
     # The mTLS agent port's own server (TLS only; else agents share `server`).
     agent_server: grpc.aio.Server | None = None
     access: AccessService | None = None
+    replica: str = ""
+    shared: SharedFiles | None = None
+    started_at: datetime | None = None
     _stopped: bool = field(default=False, init=False)
 
     @property
@@ -114,6 +127,11 @@ class Coordinator:
                         )
                     )
                 tg.create_task(self._until_terminated())
+                tg.create_task(self._report_running())
+                if isinstance(self.store, PostgresStore):
+                    tg.create_task(self.store.listen_commands(self.registry.wake))
+                if self.shared is not None:
+                    tg.create_task(self.shared.run(self.clock, self._shared_changed))
         finally:
             await self.stop()
 
@@ -123,10 +141,31 @@ class Coordinator:
         # and leaves the server half shut down (the process hangs at exit).
         await asyncio.shield(self.server.wait_for_termination())
 
-    def rotate_signing_key(self) -> str:
+    async def _report_running(self) -> None:
+        """Tell the other replicas (and `jitctl agent list`) this one runs."""
+        started_at = self.started_at or self.clock.now()
+        while True:
+            await self.clock.sleep(REPLICA_REPORT.total_seconds())
+            try:
+                await self.store.replica_seen(
+                    self.replica, self.address, __version__, started_at, self.clock.now()
+                )
+            except Exception as exc:  # the store is down for a moment: report again later
+                log.warning("cannot report this replica as running: %s", exc)
+
+    def _shared_changed(self, names: list[str]) -> None:
+        if "signing_keys.json" in names:
+            self.keys.reload()
+            # Agents learn the new key list from their next Welcome.
+            self.registry.close_all("signing keys changed on another replica; reconnect")
+
+    async def rotate_signing_key(self) -> str:
         """A new command-signing key from now on. Agents are reconnected so their next Welcome
-        announces it (signed by the key they trust); their leases, and so their grants, stay."""
+        announces it (signed by the key they trust); their leases, and so their grants, stay.
+        With replicas, the others take the new keys from the store within a few seconds."""
         key_id = self.keys.rotate(self.clock.now())
+        if self.shared is not None:
+            await self.shared.push("signing_keys.json", self.clock)
         self.registry.close_all("signing key rotated; reconnect")
         return key_id
 
@@ -150,11 +189,19 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     clock = clock or SystemClock()
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(config.data_dir, 0o700)
-    store = await SqliteStore.open(config.data_dir / "coordinator.db")
-    epoch = int(await store.get_meta("epoch") or "0") + 1
-    async with store.transaction() as tx:
-        # Each process start is a new epoch, so agents can tell a stale coordinator's commands.
-        await tx.set_meta("epoch", str(epoch))
+    store = await open_store(config.store, config.data_dir, config.store_pool_size)
+    replica = config.replica or _replica_id(config.data_dir)
+    shared: SharedFiles | None = None
+    try:
+        if isinstance(store, PostgresStore):
+            store.replica = replica
+            # Signing keys and the CA come from the store before anything opens them.
+            shared = SharedFiles(store, config.data_dir, load_key(config.secret_key_file))
+            await shared.sync(clock)
+        epoch = await _epoch(store)
+    except BaseException:
+        await store.close()
+        raise
     hub = Hub()
     registry = LinkRegistry(queue_limit=config.agent_queue_limit)
     identity = IdentityService(store, hub, clock)
@@ -164,13 +211,15 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     access = AccessService(
         store, registry, hub, clock, policy.current, epoch, expirer.deadlines_changed
     )
-    fleet = FleetService(store, registry, hub, clock, epoch)
+    fleet = FleetService(store, registry, hub, clock, epoch, replica)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
     checkpoints = Checkpoints(store, keys)
     await checkpoints.import_file(config.data_dir)
     audit = AuditService(store, hub, checkpoints.verified)
     ca = InternalCA.open(config.data_dir, clock.now()) if config.tls else None
+    if shared is not None:
+        await shared.push_missing(clock)  # the first replica made the keys and the CA
 
     # Operators (and enrolling agents) send small messages; so do agents. Each server has its
     # own limits because gRPC sets them per server, not per port (docs: THREAT_MODEL.md).
@@ -256,7 +305,11 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         await agent_server.start()
     for name in [*SERVICES, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("coordinator listening address=%s:%d epoch=%d", config.host, port, epoch)
+    started_at = clock.now()
+    await store.replica_seen(replica, f"{config.host}:{port}", __version__, started_at, started_at)
+    log.info(
+        "coordinator listening address=%s:%d epoch=%d replica=%s", config.host, port, epoch, replica
+    )
     return Coordinator(
         config,
         store,
@@ -276,7 +329,47 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         clock,
         agent_server,
         access,
+        replica,
+        shared,
+        started_at,
     )
+
+
+async def open_store(url: str, data_dir: Path, pool_size: int = 10) -> SqliteStore | PostgresStore:
+    """The store `url` names: a PostgreSQL URL, `sqlite:PATH`, or "" for DATA/coordinator.db."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return await PostgresStore.open(url, max_size=pool_size)
+    if url.startswith("sqlite:"):
+        return await SqliteStore.open(Path(url.removeprefix("sqlite:")))
+    if url:
+        raise ValueError("--store takes a postgresql:// URL or sqlite:PATH")
+    return await SqliteStore.open(data_dir / "coordinator.db")
+
+
+async def _epoch(store: SqliteStore | PostgresStore) -> int:
+    """The cluster epoch commands carry (docs/wire.md). A single SQLite coordinator raises it at
+    each start (0.1 behaviour); replicas on PostgreSQL share one that only `fence` raises (after
+    a restore from a backup), so an agent accepts commands from any of them."""
+
+    async def work(tx: Tx) -> int:
+        current = int(await tx.get_meta("epoch") or "0")
+        epoch = current + 1 if isinstance(store, SqliteStore) or current == 0 else current
+        if epoch != current:
+            await tx.set_meta("epoch", str(epoch))
+        return epoch
+
+    return await store.write(work)
+
+
+def _replica_id(data_dir: Path) -> str:
+    """This replica's id, made once and kept in its data directory (stable across restarts)."""
+    path = data_dir / "replica.id"
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        made = f"{socket.gethostname().split('.')[0][:40]}-{secrets.token_hex(3)}"
+        write_private(path, made + "\n")
+        return made
 
 
 def _server_options(

@@ -41,14 +41,26 @@ from .models import (
 from .ports import CommandSink, Store, Tx
 
 DEFAULT_JOIN_TTL = timedelta(hours=1)
+# A replica that has not reported itself running for this long is taken as gone.
+REPLICA_ALIVE = timedelta(seconds=30)
 MAX_JOIN_TTL = timedelta(days=7)
 BACKLOG_PAGE = 500
 EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class FleetService:
-    def __init__(self, store: Store, links: CommandSink, hub: Hub, clock: Clock, epoch: int):
+    def __init__(
+        self,
+        store: Store,
+        links: CommandSink,
+        hub: Hub,
+        clock: Clock,
+        epoch: int,
+        replica: str = "",
+    ):
         self._store = store
+        # This coordinator replica: recorded as the holder of each agent stream it serves.
+        self.replica = replica
         self._links = links
         self._hub = hub
         self._clock = clock
@@ -59,13 +71,14 @@ class FleetService:
     # Operators.
 
     async def list_agents(self, principal: Principal) -> list[Agent]:
-        return [self._live(a) for a in await self._store.list_agents()]
+        live = await self._live_replicas()
+        return [self._live(a, live) for a in await self._store.list_agents()]
 
     async def get_agent(self, principal: Principal, name: str) -> Agent:
         agent = await self._store.get_agent(name) if v.AGENT.fullmatch(name) else None
         if agent is None:
             raise NotFound("no such agent")
-        return self._live(agent)
+        return self._live(agent, await self._live_replicas())
 
     async def create_join_token(
         self,
@@ -288,7 +301,11 @@ class FleetService:
         async with self._store.transaction() as tx:
             for name, hello, now in batch:
                 await tx.agent_seen(
-                    name, now, version=hello.version[:64], boot_id=hello.boot_id[:64]
+                    name,
+                    now,
+                    version=hello.version[:64],
+                    boot_id=hello.boot_id[:64],
+                    replica=self.replica,
                 )
             await tx.audit_many(
                 [
@@ -466,7 +483,7 @@ class FleetService:
     async def disconnected(self, principal: Principal, reason: str) -> None:
         now = self._clock.now()
         async with self._store.transaction() as tx:
-            await tx.agent_seen(principal.name, now)
+            await tx.agent_left(principal.name, self.replica, now)
             await tx.audit(
                 AuditEntry(
                     "agent.disconnected",
@@ -478,8 +495,19 @@ class FleetService:
             )
         await self._hub.audit_written(tx.new_audit)
 
-    def _live(self, agent: Agent) -> Agent:
-        return replace(agent, connected=self._links.connected(agent.name))
+    async def _live_replicas(self) -> set[str]:
+        """Replicas that reported themselves running lately (a killed one stops doing so)."""
+        now = self._clock.now()
+        return {
+            r.id for r in await self._store.list_replicas() if now - r.last_seen_at <= REPLICA_ALIVE
+        }
+
+    def _live(self, agent: Agent, live: set[str]) -> Agent:
+        """Connected: its stream is here, or on another replica that is still running."""
+        if self._links.connected(agent.name):
+            return replace(agent, connected=True, replica=self.replica)
+        held = agent.replica if agent.replica in live and agent.replica != self.replica else ""
+        return replace(agent, connected=bool(held), replica=held)
 
 
 def _labels(labels: dict[str, str]) -> str:

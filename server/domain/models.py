@@ -114,6 +114,18 @@ class Checkpoint:
     signature: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaInfo:
+    """A coordinator replica as the shared store knows it (it updates `last_seen_at` while it
+    runs)."""
+
+    id: str
+    address: str
+    version: str
+    started_at: datetime
+    last_seen_at: datetime
+
+
 class Moved(NamedTuple):
     """A row that a batched compare-and-set moved (the expiry sweep's), with what its audit event
     names. `was`: the state it left. Requests have no `request_id` of their own and leave it

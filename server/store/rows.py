@@ -30,7 +30,7 @@ from jitmesh.types import (
 )
 from server.domain.audit import canonical_details, chain_hash
 from server.domain.errors import InvalidArgument
-from server.domain.models import AuditEntry, Checkpoint, GrantChange
+from server.domain.models import AuditEntry, Checkpoint, GrantChange, ReplicaInfo
 
 Row = Mapping[str, Any]
 
@@ -194,6 +194,7 @@ def agent(row: Row) -> Agent:
         last_acked_seq=row["last_acked_seq"],
         last_seq=row["last_seq"],
         active_grants=row["live_grants"],
+        replica=row["replica"],
     )
 
 
@@ -235,6 +236,16 @@ def token(row: Row) -> TokenInfo:
 def policy(row: Row) -> PolicyDocument:
     return PolicyDocument(
         row["yaml"], row["version"], row["sha256"], from_ms(row["applied_at"]), row["applied_by"]
+    )
+
+
+def replica(row: Row) -> ReplicaInfo:
+    return ReplicaInfo(
+        row["id"],
+        row["address"],
+        row["version"],
+        from_ms(row["started_at"]),
+        from_ms(row["last_seen_at"]),
     )
 
 

@@ -48,6 +48,7 @@ from server.domain.models import (
     JoinToken,
     Moved,
     Principal,
+    ReplicaInfo,
 )
 from server.store import rows as rec
 
@@ -63,6 +64,7 @@ _AUDIT_COLUMNS = rec.columns(rec.AUDIT_COLUMNS)
 _LIVE_IN = ", ".join(f"'{s}'" for s in rec.LIVE_STATES)
 _AGENT_COLUMNS = (
     "a.name, a.labels, a.enrolled_at, a.last_seen_at, a.version, a.last_acked_seq, a.last_seq, "
+    "a.replica, "
     f"(SELECT COUNT(*) FROM grants g WHERE g.agent = a.name AND g.state IN ({_LIVE_IN})) "
     "AS live_grants"
 )
@@ -570,18 +572,29 @@ class SqliteTx:
 
     async def agent_seen(
         self, name: str, at: datetime, *, labels: dict[str, str] | None = None,
-        version: str | None = None, boot_id: str | None = None,
+        version: str | None = None, boot_id: str | None = None, replica: str | None = None,
     ) -> None:  # fmt: skip
         await self._conn.execute(
             "UPDATE agents SET last_seen_at = ?, labels = COALESCE(?, labels), "
-            "version = COALESCE(?, version), boot_id = COALESCE(?, boot_id) WHERE name = ?",
+            "version = COALESCE(?, version), boot_id = COALESCE(?, boot_id), "
+            "replica = COALESCE(?, replica) WHERE name = ?",
             (
                 to_ms(at),
                 None if labels is None else json.dumps(labels, sort_keys=True),
                 version,
                 boot_id,
+                replica,
                 name,
             ),
+        )
+
+    async def agent_left(self, name: str, replica: str, at: datetime) -> None:
+        """The agent's stream on `replica` ended: seen now, and held by no replica unless
+        another one took it meanwhile."""
+        await self._conn.execute(
+            "UPDATE agents SET last_seen_at = ?, "
+            "replica = CASE WHEN replica = ? THEN '' ELSE replica END WHERE name = ?",
+            [to_ms(at), replica, name],
         )
 
     async def remove_agent(self, name: str, at: datetime) -> bool:
@@ -889,6 +902,46 @@ class SqliteStore:
         there is no serialization failure to retry: `work` runs once."""
         async with self.transaction() as tx:
             return await work(tx)
+
+    # Replicas and shared secrets.
+
+    async def replica_seen(
+        self, replica: str, address: str, version: str, started_at: datetime, at: datetime
+    ) -> None:
+        """Record that `replica` runs (at start, and then periodically)."""
+        async with self.transaction() as tx:
+            await tx._conn.execute(
+                "INSERT INTO replicas (id, address, version, started_at, last_seen_at) "
+                "VALUES (?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET address = excluded.address, "
+                "version = excluded.version, started_at = excluded.started_at, "
+                "last_seen_at = excluded.last_seen_at",
+                [replica, address, version, to_ms(started_at), to_ms(at)],
+            )
+            if started_at == at:
+                # Started now: no agent stream is held by this replica yet (a crash left some).
+                await tx._conn.execute(
+                    "UPDATE agents SET replica = '' WHERE replica = ?", [replica]
+                )
+
+    async def list_replicas(self) -> list[ReplicaInfo]:
+        rows = await _all(
+            self._reader,
+            "SELECT id, address, version, started_at, last_seen_at FROM replicas ORDER BY id",
+        )
+        return [rec.replica(r) for r in rows]
+
+    async def get_secret(self, name: str) -> bytes | None:
+        row = await _one(self._reader, "SELECT ciphertext FROM secrets WHERE name = ?", [name])
+        return None if row is None else bytes(row["ciphertext"])
+
+    async def put_secret(self, name: str, ciphertext: bytes, at: datetime) -> None:
+        async with self.transaction() as tx:
+            await tx._conn.execute(
+                "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (?,?,?) "
+                "ON CONFLICT (name) DO UPDATE SET ciphertext = excluded.ciphertext, "
+                "updated_at = excluded.updated_at",
+                [name, ciphertext, to_ms(at)],
+            )
 
     # Reads: committed data only.
 

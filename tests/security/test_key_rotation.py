@@ -75,7 +75,7 @@ async def test_rotation_reaches_a_running_agent_and_keeps_its_grants(tmp_path: P
             await until(lambda: (access / "alice:logs").exists())
             old = set(json.loads((state / "signing_keys.json").read_text()))
 
-            new = coordinator.rotate_signing_key()
+            new = await coordinator.rotate_signing_key()
             await until(lambda: new in json.loads((state / "signing_keys.json").read_text()))
             assert set(json.loads((state / "signing_keys.json").read_text())) == old | {new}
             await until(lambda: coordinator.registry.connected("web-1"))

@@ -61,6 +61,7 @@ from server.domain.models import (
     JoinToken,
     Moved,
     Principal,
+    ReplicaInfo,
 )
 from server.store import rows as rec
 
@@ -72,6 +73,9 @@ Conn = psycopg.AsyncConnection[dict[str, Any]]
 # Retries of a write that met a serialization failure or a deadlock, with jittered backoff.
 RETRIES = 8
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+# The channel that wakes the replica holding an agent's stream; payload "replica|agent,agent".
+COMMANDS_CHANNEL = "jitmesh_commands"
+NOTIFY_PAYLOAD = 7000  # bytes of agent names per notification (PostgreSQL's limit is 8000)
 # Advisory lock keys (any fixed numbers, used only by jitmesh).
 _MIGRATE_LOCK = 0x6A69_746D_0001
 _POLICY_LOCK = 0x6A69_746D_0002
@@ -86,6 +90,7 @@ _CHECKPOINT_COLUMNS = "seq, hash, at, key_id, signature"
 _LIVE_IN = ", ".join(f"'{s}'" for s in rec.LIVE_STATES)
 _AGENT_COLUMNS = (
     "a.name, a.labels, a.enrolled_at, a.last_seen_at, a.version, a.last_acked_seq, a.last_seq, "
+    "a.replica, "
     f"(SELECT COUNT(*) FROM grants g WHERE g.agent = a.name AND g.state IN ({_LIVE_IN})) "
     "AS live_grants"
 )
@@ -289,8 +294,9 @@ def _grant_sets(
 class PostgresTx:
     """One write transaction on one pooled connection."""
 
-    def __init__(self, conn: Conn) -> None:
+    def __init__(self, conn: Conn, replica: str = "") -> None:
         self._conn = conn
+        self._replica = replica
         self._head: tuple[int, str] | None = None
         self.new_audit: list[AuditEvent] = []
 
@@ -421,7 +427,26 @@ class PostgresTx:
         )
         column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
         await self._conn.execute(f"UPDATE grants SET {column} = %s WHERE id = %s", [seq, grant_id])
+        await self._notify([agent])
         return seq
+
+    async def _notify(self, agents: Iterable[str]) -> None:
+        """Wake the replicas holding these agents' streams once this transaction commits
+        (NOTIFY is delivered at commit, never for a rollback). A hint only: a replica that
+        misses it re-reads the log when the agent reconnects or the listener reconnects."""
+        payloads: list[str] = []
+        chunk: list[str] = []
+        size = 0
+        for agent in sorted(set(agents)):
+            if size + len(agent) > NOTIFY_PAYLOAD:
+                payloads.append(f"{self._replica}|{','.join(chunk)}")
+                chunk, size = [], 0
+            chunk.append(agent)
+            size += len(agent) + 1
+        if chunk:
+            payloads.append(f"{self._replica}|{','.join(chunk)}")
+        for payload in payloads:
+            await self._conn.execute("SELECT pg_notify(%s, %s)", [COMMANDS_CHANNEL, payload])
 
     async def append_commands(
         self, commands: Sequence[tuple[str, CommandKind, str, datetime]], revoke_reason: str = ""
@@ -454,6 +479,7 @@ class PostgresTx:
         if stored:
             async with self._conn.cursor() as cur:
                 await cur.executemany(_COMMAND_INSERT, stored)
+            await self._notify(row[0] for row in stored)
         return seqs
 
     async def ack_commands(
@@ -609,12 +635,29 @@ class PostgresTx:
 
     async def agent_seen(
         self, name: str, at: datetime, *, labels: dict[str, str] | None = None,
-        version: str | None = None, boot_id: str | None = None,
+        version: str | None = None, boot_id: str | None = None, replica: str | None = None,
     ) -> None:  # fmt: skip
         await self._conn.execute(
             "UPDATE agents SET last_seen_at = %s, labels = COALESCE(%s, labels), "
-            "version = COALESCE(%s, version), boot_id = COALESCE(%s, boot_id) WHERE name = %s",
-            [to_ms(at), None if labels is None else rec.dumps(labels), version, boot_id, name],
+            "version = COALESCE(%s, version), boot_id = COALESCE(%s, boot_id), "
+            "replica = COALESCE(%s, replica) WHERE name = %s",
+            [
+                to_ms(at),
+                None if labels is None else rec.dumps(labels),
+                version,
+                boot_id,
+                replica,
+                name,
+            ],
+        )
+
+    async def agent_left(self, name: str, replica: str, at: datetime) -> None:
+        """The agent's stream on `replica` ended: seen now, and held by no replica unless
+        another one took it meanwhile."""
+        await self._conn.execute(
+            "UPDATE agents SET last_seen_at = %s, "
+            "replica = CASE WHEN replica = %s THEN '' ELSE replica END WHERE name = %s",
+            [to_ms(at), replica, name],
         )
 
     async def remove_agent(self, name: str, at: datetime) -> bool:
@@ -797,6 +840,8 @@ class PostgresStore:
         self.dsn = dsn
         self._commits = 0
         self.retries = 0
+        # This replica's id: its own notifications are not delivered back to it.
+        self.replica = ""
 
     @property
     def commits(self) -> int:
@@ -829,7 +874,7 @@ class PostgresStore:
         `Conflict` ("try again"); `write` retries instead."""
         try:
             async with self._pool.connection() as conn, conn.transaction():
-                tx = PostgresTx(conn)
+                tx = PostgresTx(conn, self.replica)
                 yield tx
         except _RETRYABLE as exc:
             raise Conflict("the store was busy with a conflicting change; try again") from exc
@@ -841,7 +886,7 @@ class PostgresStore:
         for attempt in range(RETRIES + 1):
             try:
                 async with self._pool.connection() as conn, conn.transaction():
-                    result = await work(PostgresTx(conn))
+                    result = await work(PostgresTx(conn, self.replica))
             except _RETRYABLE:
                 if attempt == RETRIES:
                     raise
@@ -851,6 +896,63 @@ class PostgresStore:
             self._commits += 1
             return result
         raise AssertionError("unreachable")
+
+    # Replicas and shared secrets.
+
+    async def replica_seen(
+        self, replica: str, address: str, version: str, started_at: datetime, at: datetime
+    ) -> None:
+        """Record that `replica` runs (at start, and then periodically)."""
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO replicas (id, address, version, started_at, last_seen_at) "
+                "VALUES (%s,%s,%s,%s,%s) ON CONFLICT (id) DO UPDATE SET "
+                "address = excluded.address, "
+                "version = excluded.version, started_at = excluded.started_at, "
+                "last_seen_at = excluded.last_seen_at",
+                [replica, address, version, to_ms(started_at), to_ms(at)],
+            )
+            if started_at == at:
+                # Started now: no agent stream is held by this replica yet (a crash left some).
+                await conn.execute("UPDATE agents SET replica = '' WHERE replica = %s", [replica])
+
+    async def list_replicas(self) -> list[ReplicaInfo]:
+        async with self._read() as conn:
+            rows = await _all(
+                conn,
+                "SELECT id, address, version, started_at, last_seen_at FROM replicas ORDER BY id",
+            )
+        return [rec.replica(r) for r in rows]
+
+    async def get_secret(self, name: str) -> bytes | None:
+        async with self._read() as conn:
+            row = await _one(conn, "SELECT ciphertext FROM secrets WHERE name = %s", [name])
+        return None if row is None else bytes(row["ciphertext"])
+
+    async def put_secret(self, name: str, ciphertext: bytes, at: datetime) -> None:
+        async with self._read() as conn:
+            await conn.execute(
+                "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (%s,%s,%s) "
+                "ON CONFLICT (name) DO UPDATE SET ciphertext = excluded.ciphertext, "
+                "updated_at = excluded.updated_at",
+                [name, ciphertext, to_ms(at)],
+            )
+
+    async def listen_commands(self, wake: Callable[[list[str] | None], None]) -> None:
+        """Run until cancelled: call `wake(agents)` when another replica committed commands for
+        them, and `wake(None)` after (re)connecting, when notifications may have been missed."""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {COMMANDS_CHANNEL}")
+                    wake(None)
+                    async for note in conn.notifies():
+                        origin, _, names = note.payload.partition("|")
+                        if origin != self.replica and names:
+                            wake(names.split(","))
+            except psycopg.Error as exc:
+                log.warning("command notifications interrupted, listening again: %s", exc)
+                await asyncio.sleep(1.0)
 
     # Reads: committed data only.
 
