@@ -24,6 +24,8 @@ from jitmesh.errors import (
 )
 from jitmesh.types import (
     Agent,
+    ApprovalPlan,
+    ApprovalStage,
     AuditEvent,
     ChainVerification,
     Grant,
@@ -39,6 +41,7 @@ from jitmesh.types import (
     RequestState,
     Review,
     ReviewDecision,
+    StageMode,
     TokenInfo,
 )
 
@@ -50,6 +53,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Agent",
+    "ApprovalPlan",
+    "ApprovalStage",
     "AuditEvent",
     "AuthenticationError",
     "ChainVerification",
@@ -76,6 +81,7 @@ __all__ = [
     "RequestState",
     "Review",
     "ReviewDecision",
+    "StageMode",
     "TokenInfo",
     "UnavailableError",
     "format_duration",

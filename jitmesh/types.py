@@ -63,6 +63,50 @@ class Review:
     decision: ReviewDecision
     reason: str
     reviewed_at: datetime
+    # The groups named by the request's approval plan that the reviewer was in at the moment
+    # of reviewing (membership is judged then, not later).
+    groups: tuple[str, ...] = ()
+
+
+class StageMode(enum.StrEnum):
+    """`any`: N distinct people from the union of the stage's groups and users. `all`: at
+    least one from each listed group, and N in total."""
+
+    ANY = "any"
+    ALL = "all"
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalStage:
+    """One stage of an approval plan: who may approve it (group and user names, never a
+    member list) and how many must."""
+
+    name: str
+    approvals: int = 1
+    mode: StageMode = StageMode.ANY
+    groups: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    # After `timeout` without passing, members of `escalation_groups` may approve it too.
+    timeout: timedelta | None = None
+    escalation_groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalPlan:
+    """What a request needs to be approved, pinned when it was created: the policy version and
+    rule that matched and the stages, run in order. A later policy never changes it."""
+
+    policy_version: int
+    rule: str
+    stages: tuple[ApprovalStage, ...]
+    # When people may approve (window texts such as "weekdays 08:00-20:00 Europe/Berlin");
+    # empty means at any time.
+    approve_windows: tuple[str, ...] = ()
+    # How long a request may stay pending; whether it needs a reason; the pattern its ticket
+    # id must match ('' when none is required).
+    pending_ttl: timedelta | None = None
+    reason_required: bool = False
+    ticket_pattern: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +129,12 @@ class Request:
     decision_reason: str
     grant_id: str
     grant_state: GrantState | None
+    plan: ApprovalPlan | None = None
+    ticket: str = ""
+
+    @property
+    def stages(self) -> tuple[ApprovalStage, ...]:
+        return self.plan.stages if self.plan is not None else ()
 
 
 @dataclass(frozen=True, slots=True)

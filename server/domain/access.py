@@ -14,6 +14,7 @@ from jitmesh.clock import Clock, from_ms, to_ms
 from jitmesh.crashpoints import crash_point
 from jitmesh.durations import MAX_DURATION, format_duration
 from jitmesh.types import (
+    ApprovalPlan,
     Grant,
     GrantState,
     Request,
@@ -22,6 +23,17 @@ from jitmesh.types import (
     ReviewDecision,
 )
 
+from .approval import (
+    DAY,
+    Outcome,
+    Usage,
+    apply_review,
+    auto_decision,
+    budget_usage,
+    plan_of,
+    recorded_groups,
+    review_refusal,
+)
 from .batching import GroupCommit
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
 from .hub import Hub
@@ -37,12 +49,18 @@ from .models import (
     same_person,
     user_name,
 )
-from .policy import Policy, Rule, match
+from .policy import Policy, Rule, match, pending_ttl, plan_for
 from .ports import CommandSink, Store, Tx
 
 log = logging.getLogger(__name__)
 MIN_DURATION = timedelta(seconds=1)
 MAX_PAGE = 1000
+MAX_TICKET = 128
+
+
+def plan_groups_in_order(plan: ApprovalPlan) -> list[str]:
+    """The approver groups of every stage, first mention first (the request's summary)."""
+    return list(dict.fromkeys(g for s in plan.stages for g in s.groups))
 
 
 def hash_secret(secret: str) -> str:
@@ -91,11 +109,15 @@ class AccessService:
         action: str,
         duration: timedelta,
         reason: str,
+        ticket: str = "",
     ) -> tuple[Request, Grant | None]:
         with invalid_input():
             v.check(v.AGENT, agent, "agent")
             v.check(v.ACTION, action, "action")
             v.check_reason(reason)
+            v.check_reason(ticket, field="ticket")
+        if len(ticket) > MAX_TICKET:
+            raise InvalidArgument(f"ticket is longer than {MAX_TICKET} characters")
         if duration < MIN_DURATION:
             raise InvalidArgument("duration must be at least 1s")
         if duration > MAX_DURATION:
@@ -126,7 +148,12 @@ class AccessService:
             )
         if rule.reason == "required" and not reason.strip():
             raise InvalidArgument(f"rule {rule.name} requires a reason")
-        manual = rule.approval.mode == "manual"
+        if rule.ticket is not None and not rule.ticket_ok(ticket):
+            raise InvalidArgument(
+                f"rule {rule.name} requires a ticket id matching {rule.ticket} (--ticket)"
+            )
+        auto, _ = await self._automatic(principal.name, rule, duration, now)
+        plan = plan_for(policy, rule)
         request = Request(
             id=new_id("req"),
             subject=principal.name,
@@ -136,21 +163,37 @@ class AccessService:
             reason=reason,
             state=RequestState.PENDING,
             rule=rule.name,
-            approvals_required=rule.approval.approvals if manual else 0,
-            approver_groups=tuple(rule.approval.from_groups) if manual else (),
+            approvals_required=0 if auto else sum(s.approvals for s in plan.stages),
+            approver_groups=() if auto else tuple(plan_groups_in_order(plan)),
             reviews=(),
             created_at=now,
-            pending_expires_at=now + policy.model.request_ttl if manual else None,
+            pending_expires_at=None if auto else now + pending_ttl(policy, rule),
             decided_at=None,
             decided_by="",
             decision_reason="",
             grant_id="",
             grant_state=None,
+            plan=plan,
+            ticket=ticket,
         )
         grant: Grant | None = None
-        if not manual:
+        if auto:
             grant = self._new_grant(request, rule, now)
         return await self._creations.submit(_Creation(principal.name, request, grant))
+
+    async def _automatic(
+        self, subject: str, rule: Rule, duration: timedelta, now: datetime
+    ) -> tuple[bool, tuple[str, ...]]:
+        """Whether the policy approves by itself now, with its notes (windows, budget)."""
+        auto = rule.approval.auto
+        if auto is None:
+            return False, ()
+        usage = Usage(0, timedelta(0))
+        if auto.budget is not None:
+            usage = budget_usage(
+                await self._store.recent_auto_grants(subject, rule.name, now - DAY), now
+            )
+        return auto_decision(auto, usage, duration, now)
 
     async def _create_many(
         self, items: Sequence[_Creation]
@@ -202,7 +245,14 @@ class AccessService:
                     )
                     continue
                 entries.append(
-                    self._entry("request.created", item.actor, request, rule=request.rule)
+                    self._entry(
+                        "request.created",
+                        item.actor,
+                        request,
+                        rule=request.rule,
+                        policy_version=str(request.plan.policy_version if request.plan else ""),
+                        ticket=request.ticket,
+                    )
                 )
                 if grant is not None:
                     seq = next(seqs)
@@ -254,33 +304,53 @@ class AccessService:
             request = await self._get_request(tx, request_id)
             if request.state is not RequestState.PENDING:
                 raise Conflict(f"request is {request.state.value}, not PENDING")
-            if same_person(principal.name, request.subject):
-                raise PermissionDenied("nobody may review their own request")
-            if not principal.groups.intersection(request.approver_groups):
-                raise PermissionDenied(
-                    "reviewing this request needs a member of "
-                    + ", ".join(sorted(request.approver_groups))
-                )
             now = self._clock.now()
-            review = Review(principal.name, decision, reason, now)
+            plan, before = self.outcome(request, now)
+            # The rules are apply_review's; asking first means nobody's review is silently
+            # ignored: a review that would not count is refused with the reason.
+            refusal = review_refusal(
+                plan, before, principal, decision, now, requester=request.subject
+            )
+            if refusal:
+                raise PermissionDenied(refusal)
+            review = Review(principal.name, decision, reason, now, recorded_groups(plan, principal))
             if not await tx.insert_review(request.id, review):
                 raise Conflict("you have already reviewed this request")
-            if decision is ReviewDecision.DENY:
+            after = self._apply(plan, request, (*request.reviews, review), now)
+            if after.state is RequestState.DENIED:
                 # Deny wins: one denial ends the request whatever approvals it already has.
                 await self._decide(tx, request, RequestState.DENIED, principal.name, reason)
                 await tx.audit(self._entry("request.denied", principal.name, request, why=reason))
+            elif after.state is RequestState.APPROVED:
+                await tx.audit(self._reviewed(principal.name, request, plan, before.stage))
+                rule = self._rule(request.rule)
+                grant, command = await self._approve(tx, request, rule, principal.name, reason)
             else:
-                await tx.audit(self._entry("request.reviewed", principal.name, request))
-                approvals = 1 + sum(
-                    1
-                    for r in request.reviews
-                    if r.decision is ReviewDecision.APPROVE
-                    and not same_person(r.reviewer, principal.name)
-                )
-                if approvals >= request.approvals_required:
-                    rule = self._rule(request.rule)
-                    grant, command = await self._approve(tx, request, rule, principal.name, reason)
+                await tx.audit(self._reviewed(principal.name, request, plan, before.stage))
         return await self._after(tx, request_id, grant, command)
+
+    def outcome(self, request: Request, now: datetime) -> tuple[ApprovalPlan, Outcome]:
+        """The request's plan and where its approval stands at `now`."""
+        plan = plan_of(request)
+        return plan, self._apply(plan, request, request.reviews, now)
+
+    @staticmethod
+    def _apply(
+        plan: ApprovalPlan, request: Request, reviews: Sequence[Review], now: datetime
+    ) -> Outcome:
+        deadline = request.pending_expires_at or request.created_at
+        return apply_review(
+            plan,
+            reviews,
+            now,
+            requester=request.subject,
+            opened_at=request.created_at,
+            deadline=deadline,
+        )
+
+    def _reviewed(self, actor: str, request: Request, plan: ApprovalPlan, stage: int) -> AuditEntry:
+        name = plan.stages[stage].name if stage < len(plan.stages) else ""
+        return self._entry("request.reviewed", actor, request, stage=name)
 
     async def cancel(self, principal: Principal, request_id: str) -> Request:
         async with self._store.transaction() as tx:

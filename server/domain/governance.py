@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock
+from jitmesh.durations import format_duration
 from jitmesh.types import (
     AuditEvent,
     ChainVerification,
     PolicyDecision,
     PolicyDocument,
+    Request,
+    RequestState,
     TokenInfo,
 )
 
 from .access import hash_secret
+from .approval import DAY, auto_decision, budget_usage
 from .audit import ChainVerifier
 from .errors import (
     Conflict,
@@ -29,7 +34,7 @@ from .errors import (
 from .hub import Hub
 from .models import AuditEntry, Principal, new_secret, same_person, user_name
 from .policy import Policy, decision, match, parse_policy
-from .ports import Store
+from .ports import Store, Tx
 
 VERIFY_PAGE = 5000
 
@@ -227,6 +232,8 @@ class PolicyService:
         service = cls(store, hub, clock, parse_policy(current.yaml if current else initial))
         if current is None:
             await service._store_policy(service._policy, by)
+        else:
+            service._policy = replace(service._policy, version=current.version)
         return service
 
     def current(self) -> Policy:
@@ -247,7 +254,6 @@ class PolicyService:
             if current is None or current.version != expected_version:
                 raise Conflict("policy changed meanwhile (expected version does not match)")
         doc = await self._store_policy(policy, principal.name)
-        self._policy = policy
         return doc
 
     async def test(
@@ -271,13 +277,28 @@ class PolicyService:
             raise NotFound(f"agent {agent} is not enrolled")
         known = frozenset(groups) or await self._store.user_groups(subject) or frozenset()
         found = match(self._policy, Principal(subject, known), action, agent, target.labels)
-        return decision(found, duration)
+        notes: tuple[str, ...] = ()
+        rule = found.rule
+        if rule is not None and rule.approval.auto is not None and rule.approval.auto.limited:
+            now = self._clock.now()
+            usage = budget_usage(
+                await self._store.recent_auto_grants(subject, rule.name, now - DAY), now
+            )
+            _, notes = auto_decision(
+                rule.approval.auto, usage, duration or timedelta(seconds=1), now
+            )
+        return decision(found, duration, notes)
 
     async def _store_policy(self, policy: Policy, by: str) -> PolicyDocument:
+        """Store and swap in a new version. In the same transaction, every pending request the
+        new version would deny is DENIED, decided by `policy:vN` (the requester's groups and
+        the agent's labels as they are now); its pinned plan is otherwise left alone."""
         now = self._clock.now()
+        denied: list[str] = []
         async with self._store.transaction() as tx:
             version = await tx.insert_policy(policy.text, policy.sha256, now, by)
-            await tx.audit(
+            policy = replace(policy, version=version)
+            entries = [
                 AuditEntry(
                     "policy.applied",
                     by,
@@ -288,9 +309,59 @@ class PolicyService:
                         "rules": ",".join(r.name for r in policy.model.rules),
                     },
                 )
-            )
+            ]
+            for request in await tx.pending_requests():
+                why = await self._would_deny(tx, policy, request)
+                if not why:
+                    continue
+                decider = f"policy:v{version}"
+                if await tx.decide_request(
+                    request.id,
+                    expected=RequestState.PENDING,
+                    state=RequestState.DENIED,
+                    at=now,
+                    by=decider,
+                    reason=why,
+                ):
+                    denied.append(request.id)
+                    entries.append(
+                        AuditEntry(
+                            "request.denied",
+                            decider,
+                            now,
+                            subject=request.subject,
+                            agent=request.agent,
+                            request_id=request.id,
+                            details={
+                                "action": request.action,
+                                "why": why,
+                                "policy_version": str(version),
+                            },
+                        )
+                    )
+            await tx.audit_many(entries)
+            self._policy = policy
+        self._hub.requests_changed(denied)
         await self._hub.audit_written(tx.new_audit)
         return PolicyDocument(policy.text, version, policy.sha256, now, by)
+
+    async def _would_deny(self, tx: Tx, policy: Policy, request: Request) -> str:
+        """Why `policy` would deny `request` if it were asked now ('' when it would not)."""
+        agent = await tx.get_agent(request.agent)
+        if agent is None:
+            return f"agent {request.agent} is no longer enrolled"
+        groups = await tx.user_groups(request.subject) or frozenset()
+        found = match(
+            policy, Principal(request.subject, groups), request.action, agent.name, agent.labels
+        )
+        if found.rule is None:
+            return f"policy version {policy.version}: {found.explanation}"
+        if request.duration > found.rule.max_duration:
+            return (
+                f"policy version {policy.version}: rule {found.rule.name} allows at most "
+                f"{format_duration(found.rule.max_duration)}"
+            )
+        return ""
 
 
 class AuditService:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any, Literal
@@ -28,10 +29,18 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from jitmesh import validation as v
 from jitmesh.durations import DurationError, format_duration, parse_duration
-from jitmesh.types import OfflineMode, OfflinePolicy, PolicyDecision
+from jitmesh.types import (
+    ApprovalPlan,
+    ApprovalStage,
+    OfflineMode,
+    OfflinePolicy,
+    PolicyDecision,
+    StageMode,
+)
 
 from .errors import InvalidArgument
-from .models import Principal, same_person
+from .models import Principal, same_person, user_name
+from .windows import WindowError, parse_window
 
 MAX_POLICY_BYTES = 256 * 1024
 ANY = "*"
@@ -96,29 +105,142 @@ class AgentMatch(_Strict):
             raise ValueError(str(exc)) from None
 
 
-class Approval(_Strict):
-    """`approval: auto`, or `approval: {approvals: N, from_groups: [...]}`."""
+class Stage(_Strict):
+    """One approval stage: `approvals` distinct people from its groups and users (`any`), or
+    with `all` at least one from each listed group and `approvals` in total. After `timeout`
+    without passing, members of `escalate_to` may approve it too."""
 
-    mode: Literal["auto", "manual"] = "manual"
+    name: str = ""
     approvals: int = Field(default=1, ge=1, le=10)
-    from_groups: list[str] = []
+    mode: Literal["any", "all"] = "any"
+    groups: list[str] = []
+    users: list[str] = []
+    timeout: Duration | None = None
+    escalate_to: list[str] = []
 
-    _groups = field_validator("from_groups")(_names(v.GROUP, "group"))
+    _groups = field_validator("groups", "escalate_to")(_names(v.GROUP, "group"))
+    _users = field_validator("users")(_names(v.SUBJECT, "user"))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Stage:
+        if not self.groups and not self.users:
+            raise ValueError("a stage names at least one approver group or user")
+        if ANY in self.groups or ANY in self.users:
+            raise ValueError("approvers are named; '*' cannot approve")
+        if self.mode == "all" and not self.groups:
+            raise ValueError("mode all needs groups (one approver from each)")
+        if (self.timeout is None) != (not self.escalate_to):
+            raise ValueError("timeout and escalate_to go together (escalate to whom, when)")
+        if self.timeout is not None and self.timeout < timedelta(seconds=1):
+            raise ValueError("timeout must be at least 1s")
+        return self
+
+    def to_stage(self, index: int) -> ApprovalStage:
+        return ApprovalStage(
+            name=self.name or f"stage-{index + 1}",
+            approvals=self.approvals,
+            mode=StageMode(self.mode),
+            groups=tuple(self.groups),
+            users=tuple(user_name(u) for u in self.users),
+            timeout=self.timeout,
+            escalation_groups=tuple(self.escalate_to),
+        )
+
+
+def _windows(values: list[str]) -> list[str]:
+    for value in values:
+        try:
+            parse_window(value)
+        except WindowError as exc:
+            raise ValueError(str(exc)) from None
+    return values
+
+
+class Budget(_Strict):
+    """Automatic approvals per user and rule over a rolling 24 hours: at most `count` grants
+    and at most `granted` time (a grant's time counts until it is released or expires)."""
+
+    count: int | None = Field(default=None, ge=1, le=100_000)
+    granted: Duration | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> Budget:
+        if self.count is None and self.granted is None:
+            raise ValueError("a budget names count, granted, or both")
+        return self
+
+
+class Auto(_Strict):
+    """When the policy approves by itself: inside `windows` (all times when empty) and within
+    `budget` (no limit when absent). Outside them the request waits for the stages."""
+
+    windows: list[str] = []
+    budget: Budget | None = None
+
+    _windows_ok = field_validator("windows")(_windows)
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.windows) or self.budget is not None
+
+
+class Approval(_Strict):
+    """`approval: auto`; `approval: {approvals: N, from_groups: [...]}` (version 1); or
+    `approval: {auto: {...}, stages: [...], approve_windows: [...]}`."""
+
+    auto: Auto | None = None
+    stages: list[Stage] = []
+    # When people may approve; empty means at any time.
+    approve_windows: list[str] = []
+
+    _windows_ok = field_validator("approve_windows")(_windows)
 
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
         if data == "auto":
-            return {"mode": "auto"}
-        if isinstance(data, dict) and "mode" not in data:
-            return {"mode": "manual", **data}
+            return {"auto": {}}
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        mode = data.pop("mode", None)
+        if mode == "auto":
+            data.setdefault("auto", {})
+        if "approvals" in data or "from_groups" in data or mode == "manual":
+            if "stages" in data:
+                raise ValueError("use either stages or approvals/from_groups, not both")
+            groups = data.pop("from_groups", [])
+            if not groups:
+                raise ValueError("manual approval needs from_groups")
+            data["stages"] = [{"approvals": data.pop("approvals", 1), "groups": groups}]
         return data
 
     @model_validator(mode="after")
-    def _groups_needed(self) -> Approval:
-        if self.mode == "manual" and not self.from_groups:
-            raise ValueError("manual approval needs from_groups")
+    def _consistent(self) -> Approval:
+        if self.auto is None and not self.stages:
+            raise ValueError("approval needs stages, or auto")
+        if self.auto is not None and self.auto.limited and not self.stages:
+            raise ValueError(
+                "auto-approval with windows or a budget needs stages: past them the request "
+                "waits for a person"
+            )
+        if self.auto is not None and not self.auto.limited and self.stages:
+            raise ValueError("unlimited auto-approval makes the stages unreachable")
         return self
+
+    @property
+    def always_auto(self) -> bool:
+        return self.auto is not None and not self.auto.limited
+
+
+class Extension(_Strict):
+    """How a live grant may be extended in place: at most `max_count` times, never past
+    `max_total` from its start (the rule's max_duration when absent); `approval: again` asks
+    the rule's stages once more instead of extending at once."""
+
+    max_count: int = Field(default=3, ge=0, le=100)
+    max_total: Duration | None = None
+    approval: Literal["auto", "again"] = "auto"
 
 
 class Offline(_Strict):
@@ -145,11 +267,36 @@ class Rule(_Strict):
     agents: AgentMatch
     max_duration: Duration = timedelta(hours=1)
     reason: Literal["optional", "required"] = "optional"
-    approval: Approval = Approval(mode="auto")
+    # A pattern the ticket id must match in full (the ticket is then required).
+    ticket: str | None = Field(default=None, max_length=256)
+    # How long a request waits for approval (the policy's request_ttl when absent).
+    pending_ttl: Duration | None = None
+    approval: Approval = Approval(auto=Auto())
     offline: Offline = Offline()
+    extend: Extension = Extension()
 
     _rule_name = field_validator("name")(lambda value: v.check(v.RULE, value, "rule name"))
     _actions = field_validator("actions")(_names(v.ACTION, "action"))
+
+    @field_validator("ticket")
+    @classmethod
+    def _ticket(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error:
+                raise ValueError("ticket is not a valid regular expression") from None
+        return value
+
+    @field_validator("pending_ttl")
+    @classmethod
+    def _pending(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and not timedelta(seconds=1) <= value <= timedelta(days=30):
+            raise ValueError("pending_ttl must be between 1s and 30d")
+        return value
+
+    def ticket_ok(self, ticket: str) -> bool:
+        return self.ticket is None or re.fullmatch(self.ticket, ticket) is not None
 
     def matches_subject(self, principal: Principal) -> bool:
         users = self.subjects.users
@@ -180,7 +327,9 @@ def reserved_action(action: str) -> bool:
 
 
 class PolicyModel(_Strict):
-    version: Literal[1] = 1
+    # Version 2 added stages, auto-approval limits, tickets, pending_ttl and extend; every
+    # version-1 document means the same under version 2.
+    version: Literal[1, 2] = 1
     # The catalogue of actions agents know; a request for any other action is refused.
     actions: list[str] = Field(min_length=1)
     request_ttl: Duration = timedelta(hours=1)
@@ -217,6 +366,8 @@ class Policy:
 
     model: PolicyModel
     text: str
+    # The stored version (0 until stored).
+    version: int = 0
 
     @property
     def sha256(self) -> str:
@@ -301,7 +452,42 @@ def match(
     return Match(chosen, f"allowed by rule {chosen.name}", tuple(trace))
 
 
-def decision(found: Match, duration: timedelta | None = None) -> PolicyDecision:
+def plan_for(policy: Policy, rule: Rule) -> ApprovalPlan:
+    """The approval plan a request under `rule` pins at creation."""
+    approval = rule.approval
+    return ApprovalPlan(
+        policy_version=policy.version,
+        rule=rule.name,
+        stages=tuple(stage.to_stage(i) for i, stage in enumerate(approval.stages)),
+        approve_windows=tuple(approval.approve_windows),
+        pending_ttl=pending_ttl(policy, rule),
+        reason_required=rule.reason == "required",
+        ticket_pattern=rule.ticket or "",
+    )
+
+
+def pending_ttl(policy: Policy, rule: Rule) -> timedelta:
+    return rule.pending_ttl or policy.model.request_ttl
+
+
+def describe_stage(stage: ApprovalStage) -> str:
+    who = ", ".join([*(f"group {g}" for g in stage.groups), *(f"user {u}" for u in stage.users)])
+    how = "one from each group, " if stage.mode is StageMode.ALL else ""
+    text = f"stage {stage.name}: {how}{stage.approvals} approval(s) from {who}"
+    if stage.timeout is not None:
+        text += f"; after {format_duration(stage.timeout)} also from " + ", ".join(
+            f"group {g}" for g in stage.escalation_groups
+        )
+    return text
+
+
+def decision(
+    found: Match,
+    duration: timedelta | None = None,
+    notes: tuple[str, ...] = (),
+) -> PolicyDecision:
+    """The answer of `policy test`. `notes`: what else was judged (auto-approval windows and
+    budget), one line each, appended to the trace."""
     rule = found.rule
     if rule is None:
         return PolicyDecision(False, "", found.explanation, False, 0, (), None, False, found.trace)
@@ -313,17 +499,27 @@ def decision(found: Match, duration: timedelta | None = None) -> PolicyDecision:
             f"rule {rule.name} matches, but its maximum duration is "
             f"{format_duration(rule.max_duration)}"
         )
-    manual = rule.approval.mode == "manual"
+    stages = [s.to_stage(i) for i, s in enumerate(rule.approval.stages)]
+    manual = not rule.approval.always_auto
+    lines = list(found.trace)
+    if rule.approval.auto is not None:
+        lines.append("approval: automatic" + (" within its limits" if manual else ""))
+    lines.extend(f"approval: {describe_stage(s)}" for s in stages)
+    if rule.approval.approve_windows:
+        lines.append("approval: people may approve " + "; ".join(rule.approval.approve_windows))
+    if rule.ticket is not None:
+        lines.append(f"ticket: required, matching {rule.ticket}")
+    lines.extend(notes)
     return PolicyDecision(
         allowed=allowed,
         rule=rule.name,
         explanation=explanation,
         approval_required=manual,
-        approvals_required=rule.approval.approvals if manual else 0,
-        approver_groups=tuple(rule.approval.from_groups) if manual else (),
+        approvals_required=sum(s.approvals for s in stages) if manual else 0,
+        approver_groups=tuple(dict.fromkeys(g for s in stages for g in s.groups)) if manual else (),
         max_duration=rule.max_duration,
         reason_required=rule.reason == "required",
-        trace=found.trace,
+        trace=tuple(lines),
     )
 
 

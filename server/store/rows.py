@@ -8,7 +8,7 @@ reads a column by its position, so adding a column never shifts another one.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,8 +26,10 @@ from jitmesh.types import (
     Request,
     RequestState,
     Review,
+    ReviewDecision,
     TokenInfo,
 )
+from server.domain.approval import plan_from_json, plan_json
 from server.domain.audit import canonical_details, chain_hash
 from server.domain.errors import InvalidArgument
 from server.domain.models import AuditEntry, Checkpoint, GrantChange, ReplicaInfo
@@ -37,7 +39,7 @@ Row = Mapping[str, Any]
 REQUEST_COLUMNS = (
     "id", "subject", "agent", "action", "duration_ms", "reason", "state", "rule",
     "approvals_required", "approver_groups", "created_at", "pending_expires_at", "decided_at",
-    "decided_by", "decision_reason", "grant_id",
+    "decided_by", "decision_reason", "grant_id", "plan", "ticket",
 )  # fmt: skip
 GRANT_COLUMNS = (
     "id", "request_id", "agent", "subject", "action", "not_before", "not_after", "state",
@@ -94,7 +96,29 @@ def request(row: Row, reviews: tuple[Review, ...]) -> Request:
         decision_reason=row["decision_reason"],
         grant_id=row["grant_id"],
         grant_state=GrantState(row["grant_state"]) if row["grant_state"] else None,
+        plan=plan_from_json(row["plan"]),
+        ticket=row["ticket"],
     )
+
+
+def review(row: Row) -> Review:
+    return Review(
+        row["reviewer"],
+        ReviewDecision(row["decision"]),
+        row["reason"],
+        from_ms(row["reviewed_at"]),
+        tuple(json.loads(row["groups"])),
+    )
+
+
+def reviews_by_request(rows: Iterable[Row]) -> dict[str, tuple[Review, ...]]:
+    out: dict[str, list[Review]] = {}
+    for row in rows:
+        out.setdefault(row["request_id"], []).append(review(row))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+REVIEW_COLUMNS = "request_id, reviewer, decision, reason, reviewed_at, groups"
 
 
 def request_values(r: Request) -> tuple[Any, ...]:
@@ -104,7 +128,7 @@ def request_values(r: Request) -> tuple[Any, ...]:
         r.reason, r.state.value, r.rule, r.approvals_required,
         json.dumps(list(r.approver_groups)), to_ms(r.created_at),
         ms(r.pending_expires_at), ms(r.decided_at), r.decided_by, r.decision_reason,
-        r.grant_id,
+        r.grant_id, plan_json(r.plan), r.ticket,
     )  # fmt: skip
 
 

@@ -32,7 +32,6 @@ from jitmesh.types import (
     Request,
     RequestState,
     Review,
-    ReviewDecision,
     TokenInfo,
 )
 from server.domain.audit import GENESIS
@@ -165,16 +164,11 @@ async def _reviews(conn: Connection, ids: list[str]) -> dict[str, tuple[Review, 
     marks = ",".join("?" * len(ids))
     rows = await _all(
         conn,
-        "SELECT request_id, reviewer, decision, reason, reviewed_at FROM reviews "
+        f"SELECT {rec.REVIEW_COLUMNS} FROM reviews "
         f"WHERE request_id IN ({marks}) ORDER BY reviewed_at, reviewer",
         ids,
     )
-    out: dict[str, list[Review]] = {}
-    for rid, reviewer, decision, reason, at in rows:
-        out.setdefault(rid, []).append(
-            Review(reviewer, ReviewDecision(decision), reason, from_ms(at))
-        )
-    return {k: tuple(v) for k, v in out.items()}
+    return rec.reviews_by_request(rows)
 
 
 async def _get_grant(conn: Connection, grant_id: str) -> Grant | None:
@@ -334,16 +328,14 @@ class SqliteTx:
         return cur.rowcount == 1
 
     async def insert_review(self, request_id: str, review: Review) -> bool:
-        try:
-            await self._conn.execute(
-                "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at) "
-                "VALUES (?,?,?,?,?)",
-                (request_id, review.reviewer, review.decision.value, review.reason,
-                 to_ms(review.reviewed_at)),
-            )  # fmt: skip
-        except sqlite3.IntegrityError:
-            return False
-        return True
+        """False when this reviewer has reviewed the request already."""
+        cur = await self._conn.execute(
+            "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, "
+            "groups) VALUES (?,?,?,?,?,?) ON CONFLICT (request_id, reviewer) DO NOTHING",
+            (request_id, review.reviewer, review.decision.value, review.reason,
+             to_ms(review.reviewed_at), json.dumps(list(review.groups))),
+        )  # fmt: skip
+        return cur.rowcount == 1
 
     async def insert_grant(self, g: Grant) -> None:
         await self._conn.execute(_GRANT_INSERT, rec.grant_values(g))
@@ -525,6 +517,16 @@ class SqliteTx:
             [*wanted, *args],
         )
         return [rec.grant(r) for r in rows]
+
+    async def pending_requests(self) -> list[Request]:
+        """Every PENDING request, oldest first (a new policy judges them all)."""
+        rows = await _all(
+            self._conn,
+            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'PENDING' "
+            "ORDER BY r.created_at, r.id",
+        )
+        reviews = await _reviews(self._conn, [r["id"] for r in rows])
+        return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
 
     async def locked_requests(self, target: LockTarget) -> list[Request]:
         """Pending requests the target matches."""
@@ -989,6 +991,22 @@ class SqliteStore:
 
     async def get_grant(self, grant_id: str) -> Grant | None:
         return await _get_grant(self._reader, grant_id)
+
+    async def recent_auto_grants(
+        self, subject: str, rule: str, since: datetime
+    ) -> list[tuple[datetime, datetime, datetime | None]]:
+        """(not_before, not_after, ended_at) of the grants the policy approved by itself for
+        `subject` under `rule` after `since` (an automatic grant is made with its request)."""
+        rows = await _all(
+            self._reader,
+            "SELECT g.not_before, g.not_after, g.ended_at FROM requests r "
+            "JOIN grants g ON g.id = r.grant_id WHERE r.created_at > ? AND r.subject = ? "
+            "AND r.rule = ? AND r.decided_by LIKE 'policy:%'",
+            [to_ms(since), subject, rule],
+        )
+        return [
+            (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
+        ]
 
     async def list_grants(
         self, *, states: Sequence[GrantState], subject: str, agent: str, limit: int,

@@ -14,6 +14,8 @@ INTENDED = {
     "Client",
     # value types
     "Agent",
+    "ApprovalPlan",
+    "ApprovalStage",
     "AuditEvent",
     "ChainVerification",
     "Grant",
@@ -29,6 +31,7 @@ INTENDED = {
     "RequestState",
     "Review",
     "ReviewDecision",
+    "StageMode",
     "TokenInfo",
     # errors
     "JitmeshError",

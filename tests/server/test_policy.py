@@ -100,7 +100,7 @@ def test_rule_without_subjects_names_is_refused() -> None:
     [
         ("- just\n- a list\n", "YAML mapping"),
         ("rules: []\n", "actions"),
-        ("version: 2\nactions: [deploy]\n", "version"),
+        ("version: 3\nactions: [deploy]\n", "version"),
         ("actions: ['*']\n", "list the actions by name"),
         ("actions: [Deploy]\n", "actions"),
         ("actions: [deploy]\nrequest_ttl: soon\n", "request_ttl"),
@@ -303,3 +303,122 @@ def test_dev_policy_prod_rules_require_a_reason_and_sre() -> None:
     bob = decision(match(DEV, BOB, "shell", "db-1", PROD), timedelta(hours=4))
     assert bob.allowed
     assert not decision(match(DEV, BOB, "shell", "db-1", PROD), timedelta(hours=5)).allowed
+
+
+# Version 2: stages, automatic approval with limits, tickets, pending lifetime, windows.
+
+V2 = """\
+version: 2
+actions: [deploy, restart, logs]
+request_ttl: 1h
+rules:
+  - name: prod
+    subjects: {groups: [developers]}
+    actions: [deploy]
+    agents: {labels: {env: prod}}
+    max_duration: 2h
+    reason: required
+    ticket: '^(INC|CHG)-[0-9]+$'
+    pending_ttl: 30m
+    approval:
+      auto:
+        windows: ["weekdays 08:00-20:00 Europe/Berlin"]
+        budget: {count: 5, granted: 2h}
+      stages:
+        - {name: team, approvals: 2, groups: [sre], users: [Carol], timeout: 15m,
+           escalate_to: [oncall]}
+        - {name: owners, mode: all, groups: [dba, security]}
+      approve_windows: ["mon-fri 07:00-22:00 UTC"]
+"""
+
+
+def test_version_2_document_loads_with_stages_and_limits() -> None:
+    from server.domain.policy import pending_ttl, plan_for
+
+    parsed = parse_policy(V2)
+    rule_ = parsed.model.rules[0]
+    assert rule_.ticket_ok("INC-42")
+    assert not rule_.ticket_ok("INC-42x")
+    assert pending_ttl(parsed, rule_) == timedelta(minutes=30)
+    plan = plan_for(parsed, rule_)
+    assert [s.name for s in plan.stages] == ["team", "owners"]
+    assert plan.stages[0].users == ("carol",)  # folded like every user name
+    assert plan.stages[1].mode.value == "all"
+    found = decision(match(parsed, user("alice", "developers"), "deploy", "db-1", {"env": "prod"}))
+    text = "\n".join(found.trace)
+    assert (
+        "stage team: 2 approval(s) from group sre, user carol; after 15m also from group oncall"
+        in text
+    )
+    assert "ticket: required" in text
+    assert "automatic within its limits" in text
+    assert found.approvals_required == 3
+    assert found.approver_groups == ("sre", "dba", "security")
+
+
+def test_version_1_documents_keep_their_meaning() -> None:
+    from server.domain.policy import plan_for
+
+    parsed = parse_policy(DEV_POLICY)
+    assert parsed.model.version == 1
+    staging, prod = parsed.model.rules[0], parsed.model.rules[1]
+    assert staging.approval.always_auto
+    assert plan_for(parsed, staging).stages == ()
+    (stage,) = plan_for(parsed, prod).stages
+    assert (stage.approvals, stage.groups, stage.mode.value) == (1, ("sre",), "any")
+    legacy = parse_policy(HEADER + rule(approval="{mode: manual, approvals: 2, from_groups: [a]}"))
+    assert legacy.model.rules[0].approval.stages[0].approvals == 2
+
+
+@pytest.mark.parametrize(
+    ("approval", "says"),
+    [
+        ("{stages: []}", "approval needs stages, or auto"),
+        ("{auto: {budget: {count: 1}}}", "needs stages"),
+        ("{stages: [{groups: [a], timeout: 5m}]}", "timeout and escalate_to go together"),
+        ("{stages: [{mode: all, users: [bob]}]}", "mode all needs groups"),
+        ("{stages: [{users: ['*']}]}", "'*' cannot approve"),
+        ("{auto: {windows: ['weekdays 8-20 Europe/Berlin']}, stages: [{groups: [a]}]}", "HH:MM"),
+        (
+            "{auto: {windows: ['daily 08:00-20:00 Mars/Olympus']}, stages: [{groups: [a]}]}",
+            "unknown time zone",
+        ),
+        ("{auto: {budget: {}}, stages: [{groups: [a]}]}", "a budget names count"),
+        ("{approvals: 1, from_groups: [a], stages: [{groups: [a]}]}", "either stages or"),
+    ],
+)
+def test_version_2_mistakes_are_named(approval: str, says: str) -> None:
+    assert says in refused(HEADER + rule(approval=approval))
+
+
+def test_bad_ticket_pattern_is_refused() -> None:
+    assert "ticket is not a valid regular expression" in refused(HEADER + rule(ticket="'(['"))
+
+
+def test_windows_in_a_named_zone() -> None:
+    from datetime import UTC, datetime
+
+    from server.domain.windows import WindowError, parse_window
+
+    berlin = parse_window("weekdays 08:00-20:00 Europe/Berlin")
+    # Summer time: 06:30 UTC is 08:30 in Berlin; winter: 07:30 UTC is 08:30.
+    assert berlin.contains(datetime(2026, 7, 6, 6, 30, tzinfo=UTC))
+    assert not berlin.contains(datetime(2026, 1, 5, 6, 30, tzinfo=UTC))
+    assert berlin.contains(datetime(2026, 1, 5, 7, 30, tzinfo=UTC))
+    assert not berlin.contains(datetime(2026, 1, 10, 12, 0, tzinfo=UTC))  # Saturday
+    night = parse_window("fri 22:00-06:00 UTC")
+    assert night.contains(datetime(2026, 1, 9, 23, 0, tzinfo=UTC))  # Friday night
+    assert night.contains(datetime(2026, 1, 10, 5, 59, tzinfo=UTC))  # Saturday morning
+    assert not night.contains(datetime(2026, 1, 10, 22, 30, tzinfo=UTC))  # Saturday night
+    assert parse_window("sat,sun 00:00-24:00 utc").contains(
+        datetime(2026, 1, 11, 23, 59, tzinfo=UTC)
+    )
+    assert parse_window("sun-tue 10:00-11:00 UTC").days == frozenset({6, 0, 1})
+    for bad in (
+        "weekdays Europe/Berlin",
+        "moon 08:00-09:00 UTC",
+        "daily 08:00-08:00 UTC",
+        "daily 08:00-09:00 ../../etc/passwd",
+    ):
+        with pytest.raises(WindowError):
+            parse_window(bad)

@@ -45,7 +45,6 @@ from jitmesh.types import (
     Request,
     RequestState,
     Review,
-    ReviewDecision,
     TokenInfo,
 )
 from server.domain.audit import GENESIS
@@ -185,18 +184,11 @@ async def _reviews(conn: Conn, ids: list[str]) -> dict[str, tuple[Review, ...]]:
         return {}
     rows = await _all(
         conn,
-        "SELECT request_id, reviewer, decision, reason, reviewed_at FROM reviews "
+        f"SELECT {rec.REVIEW_COLUMNS} FROM reviews "
         "WHERE request_id = ANY(%s) ORDER BY reviewed_at, reviewer",
         [ids],
     )
-    out: dict[str, list[Review]] = {}
-    for r in rows:
-        out.setdefault(r["request_id"], []).append(
-            Review(
-                r["reviewer"], ReviewDecision(r["decision"]), r["reason"], from_ms(r["reviewed_at"])
-            )
-        )
-    return {k: tuple(v) for k, v in out.items()}
+    return rec.reviews_by_request(rows)
 
 
 async def _get_grant(conn: Conn, grant_id: str, *, for_update: bool = False) -> Grant | None:
@@ -359,10 +351,10 @@ class PostgresTx:
     async def insert_review(self, request_id: str, review: Review) -> bool:
         count = await _rowcount(
             self._conn,
-            "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at) "
-            "VALUES (%s,%s,%s,%s,%s) ON CONFLICT (request_id, reviewer) DO NOTHING",
+            "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, groups) "
+            "VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (request_id, reviewer) DO NOTHING",
             [request_id, review.reviewer, review.decision.value, review.reason,
-             to_ms(review.reviewed_at)],
+             to_ms(review.reviewed_at), json.dumps(list(review.groups))],
         )  # fmt: skip
         return count == 1
 
@@ -593,6 +585,16 @@ class PostgresTx:
             f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'PENDING' {where} "
             "ORDER BY r.created_at, r.id",
             args,
+        )
+        reviews = await _reviews(self._conn, [r["id"] for r in rows])
+        return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
+
+    async def pending_requests(self) -> list[Request]:
+        """Every PENDING request, oldest first (a new policy judges them all)."""
+        rows = await _all(
+            self._conn,
+            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'PENDING' "
+            "ORDER BY r.created_at, r.id",
         )
         reviews = await _reviews(self._conn, [r["id"] for r in rows])
         return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
@@ -1012,6 +1014,23 @@ class PostgresStore:
     async def get_grant(self, grant_id: str) -> Grant | None:
         async with self._read() as conn:
             return await _get_grant(conn, grant_id)
+
+    async def recent_auto_grants(
+        self, subject: str, rule: str, since: datetime
+    ) -> list[tuple[datetime, datetime, datetime | None]]:
+        """(not_before, not_after, ended_at) of the grants the policy approved by itself for
+        `subject` under `rule` after `since` (an automatic grant is made with its request)."""
+        async with self._read() as conn:
+            rows = await _all(
+                conn,
+                "SELECT g.not_before, g.not_after, g.ended_at FROM requests r "
+                "JOIN grants g ON g.id = r.grant_id WHERE r.created_at > %s AND r.subject = %s "
+                "AND r.rule = %s AND r.decided_by LIKE 'policy:%%'",
+                [to_ms(since), subject, rule],
+            )
+        return [
+            (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
+        ]
 
     async def list_grants(
         self, *, states: Sequence[GrantState], subject: str, agent: str, limit: int,
