@@ -1,20 +1,31 @@
-"""How jitctl shows things: JSON objects for programs, aligned tables for people.
+"""How jitctl shows things: JSON or YAML objects for programs, aligned tables for people.
 
-JSON: every object carries `id` and `state`; instants are RFC 3339 UTC strings ending in Z (or
-null when unset); durations appear twice, as "15m" and in seconds. Tables: a header row, aligned
-columns, UTC times, and nothing from the coordinator that could steer a terminal (control
-characters are replaced).
+JSON and YAML: every object carries `id` and `state`; instants are RFC 3339 UTC strings ending
+in Z (or null when unset); durations appear twice, as "15m" and in seconds. Tables: a header row,
+aligned columns, UTC times with a relative hint ("in 12m"), states coloured on a terminal, and
+nothing from the coordinator that could steer a terminal (control characters are replaced).
+
+Tables are laid out here rather than by `rich.table.Table`: rich fits a table into the
+terminal's width by wrapping or cutting cells, which breaks copying an id and `grep`; we never
+cut a cell and let a long line run on, like kubectl. rich measures cell widths (wide characters)
+and colours the states.
 
 Pure functions of their arguments (the current time included), so they are tested directly.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
+
+from rich.cells import cell_len
+from rich.text import Text
+from ruamel.yaml import YAML
 
 from jitmesh.durations import format_duration
 from jitmesh.types import (
@@ -23,9 +34,11 @@ from jitmesh.types import (
     ChainVerification,
     Grant,
     JoinToken,
+    Lock,
     PolicyDecision,
     PolicyDocument,
     Request,
+    TokenInfo,
 )
 
 JSON = dict[str, Any]
@@ -94,22 +107,94 @@ def dumps_line(value: JSON) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def dumps_yaml(value: JSON | list[JSON]) -> str:
+    """The JSON value as a YAML 1.2 document, keys in the same order."""
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    stream = io.StringIO()
+    yaml.dump(value, stream)
+    return stream.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------
 # Tables
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """Aligned columns under a header row; the last column is not padded."""
-    cells = [list(headers)] + [[cell(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = []
-    for row in cells:
-        padded = [value.ljust(width) for value, width in zip(row[:-1], widths[:-1], strict=True)]
-        lines.append("  ".join([*padded, row[-1]]).rstrip())
-    return "\n".join(lines)
+# How a state looks on a terminal: green holds access or went well, yellow is on its way, red
+# needs a person, dim is over.
+_GOOD: Final = frozenset({"ACTIVE", "APPROVED", "connected", "ok", "allowed", "active"})
+_BUSY: Final = frozenset({"PENDING", "PENDING_DELIVERY", "REVOKING", "created"})
+_BAD: Final = frozenset({"DENIED", "FAILED", "REVOKE_FAILED", "disconnected", "broken", "denied"})
+_OVER: Final = frozenset(
+    {"EXPIRED", "REVOKED", "RELEASED", "CANCELLED", "lifted", "expired", "removed", "revoked"}
+)
+# Columns (or FIELD rows of a details table) whose values are states.
+_STATE_NAMES: Final = frozenset({"STATE", "CHAIN", "DECISION"})
 
 
-def details(pairs: Iterable[tuple[str, object]]) -> str:
+def state_style(value: str) -> str:
+    first = value.split(" ", 1)[0]
+    if first in _GOOD:
+        return "green"
+    if first in _BUSY:
+        return "yellow"
+    if first in _BAD:
+        return "bold red"
+    if first in _OVER:
+        return "dim"
+    return ""
+
+
+@dataclass(frozen=True)
+class Table:
+    """Aligned columns under a header row; the last column is not padded. `str()` is the plain
+    text (pipes, tests); `rich()` the same text with the header bold and states coloured."""
+
+    headers: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+    def _widths(self) -> list[int]:
+        cells = (self.headers, *self.rows)
+        return [max(cell_len(row[i]) for row in cells) for i in range(len(self.headers))]
+
+    def _styles(self, row: tuple[str, ...]) -> list[str]:
+        styles = [""] * len(row)
+        if self.headers[:2] == ("FIELD", "VALUE"):
+            if row[0] in _STATE_NAMES:
+                styles[1] = state_style(row[1])
+            return styles
+        for i, header in enumerate(self.headers):
+            if header in _STATE_NAMES:
+                styles[i] = state_style(row[i])
+        return styles
+
+    @staticmethod
+    def _line(row: tuple[str, ...], widths: list[int], styles: list[str]) -> Text:
+        line = Text()
+        last = len(row) - 1
+        for i, (value, width, style) in enumerate(zip(row, widths, styles, strict=True)):
+            line.append(value, style=style)
+            if i < last:
+                line.append(" " * (width - cell_len(value) + 2))
+        line.rstrip()
+        return line
+
+    def rich(self) -> Text:
+        widths = self._widths()
+        lines = [self._line(self.headers, widths, ["bold"] * len(self.headers))]
+        lines += [self._line(row, widths, self._styles(row)) for row in self.rows]
+        return Text("\n").join(lines)
+
+    def __str__(self) -> str:
+        return self.rich().plain
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Table:
+    """Aligned columns under a header row; every cell made safe by `cell`."""
+    return Table(tuple(headers), tuple(tuple(cell(v) for v in row) for row in rows))
+
+
+def details(pairs: Iterable[tuple[str, object]]) -> Table:
     """A single object as FIELD/VALUE rows."""
     return table(("FIELD", "VALUE"), pairs)
 
@@ -169,7 +254,7 @@ REQUEST_HEADERS: Final = (
 )
 
 
-def requests_table(requests: Iterable[Request]) -> str:
+def requests_table(requests: Iterable[Request], now: datetime) -> Table:
     return table(
         REQUEST_HEADERS,
         (
@@ -180,7 +265,7 @@ def requests_table(requests: Iterable[Request]) -> str:
                 r.agent,
                 r.action,
                 format_duration(r.duration),
-                human_time(r.created_at),
+                _when(r.created_at, now),
                 _grant_ref(r),
             )
             for r in requests
@@ -195,7 +280,7 @@ def _grant_ref(request: Request) -> str:
     return request.grant_id + state
 
 
-def request_details(request: Request, now: datetime, grant: Grant | None = None) -> str:
+def request_details(request: Request, now: datetime, grant: Grant | None = None) -> Table:
     pairs: list[tuple[str, object]] = [
         ("ID", request.id),
         ("STATE", request.state.value),
@@ -206,7 +291,7 @@ def request_details(request: Request, now: datetime, grant: Grant | None = None)
         ("REASON", request.reason),
         ("RULE", request.rule),
         ("APPROVALS", _approvals(request)),
-        ("CREATED", human_time(request.created_at)),
+        ("CREATED", _when(request.created_at, now)),
     ]
     if request.pending_expires_at is not None and not request.state.terminal:
         pending = request.pending_expires_at
@@ -272,7 +357,7 @@ def grant_json(grant: Grant) -> JSON:
 GRANT_HEADERS: Final = ("ID", "STATE", "SUBJECT", "AGENT", "ACTION", "EXPIRES", "REQUEST")
 
 
-def grants_table(grants: Iterable[Grant], now: datetime) -> str:
+def grants_table(grants: Iterable[Grant], now: datetime) -> Table:
     return table(
         GRANT_HEADERS,
         (
@@ -294,7 +379,7 @@ def _expiry(grant: Grant, now: datetime) -> str:
     return f"{human_time(grant.expires_at)} ({relative(grant.expires_at, now)})"
 
 
-def grant_details(grant: Grant, now: datetime) -> str:
+def grant_details(grant: Grant, now: datetime) -> Table:
     offline = grant.offline.mode.value
     if grant.offline.grace:
         offline += f" after {format_duration(grant.offline.grace)}"
@@ -347,7 +432,7 @@ def agent_json(agent: Agent) -> JSON:
 AGENT_HEADERS: Final = ("NAME", "STATE", "LABELS", "LAST SEEN", "GRANTS", "VERSION", "REPLICA")
 
 
-def agents_table(agents: Iterable[Agent], now: datetime) -> str:
+def agents_table(agents: Iterable[Agent], now: datetime) -> Table:
     return table(
         AGENT_HEADERS,
         (
@@ -373,7 +458,7 @@ def _last_seen(agent: Agent, now: datetime) -> str:
     return f"{human_time(agent.last_seen_at)} ({relative(agent.last_seen_at, now)})"
 
 
-def agent_details(agent: Agent, now: datetime) -> str:
+def agent_details(agent: Agent, now: datetime) -> Table:
     return details(
         [
             ("NAME", agent.name),
@@ -399,7 +484,7 @@ def join_token_json(token: JoinToken, labels: Mapping[str, str]) -> JSON:
     }
 
 
-def join_token_details(token: JoinToken, labels: Mapping[str, str], now: datetime) -> str:
+def join_token_details(token: JoinToken, labels: Mapping[str, str], now: datetime) -> Table:
     return details(
         [
             ("TOKEN", token.token),
@@ -414,7 +499,7 @@ def removed_json(name: str) -> JSON:
     return {"id": name, "state": "removed"}
 
 
-def removed_table(name: str) -> str:
+def removed_table(name: str) -> Table:
     return table(("NAME", "STATE"), [(name, "removed")])
 
 
@@ -443,7 +528,7 @@ def policy_yaml(doc: PolicyDocument) -> str:
     return f"{header}\n{doc.yaml.rstrip(chr(10))}"
 
 
-def policy_details(doc: PolicyDocument) -> str:
+def policy_details(doc: PolicyDocument) -> Table:
     return details(
         [
             ("VERSION", f"v{doc.version}"),
@@ -475,7 +560,7 @@ def decision_json(decision: PolicyDecision) -> JSON:
     }
 
 
-def decision_details(decision: PolicyDecision) -> str:
+def decision_details(decision: PolicyDecision) -> Table:
     if decision.allowed:
         verdict = f"allowed by rule {decision.rule}" if decision.rule else "allowed"
     else:
@@ -537,7 +622,7 @@ def _event_row(event: AuditEvent) -> tuple[object, ...]:
     )
 
 
-def events_table(events: Iterable[AuditEvent]) -> str:
+def events_table(events: Iterable[AuditEvent]) -> Table:
     return table(EVENT_HEADERS, (_event_row(e) for e in events))
 
 
@@ -570,7 +655,7 @@ def verification_json(result: ChainVerification) -> JSON:
     }
 
 
-def verification_details(result: ChainVerification) -> str:
+def verification_details(result: ChainVerification) -> Table:
     pairs: list[tuple[str, object]] = [
         ("CHAIN", "ok" if result.ok else "broken"),
         ("EVENTS CHECKED", result.events_checked),
@@ -579,3 +664,98 @@ def verification_details(result: ChainVerification) -> str:
     if not result.ok:
         pairs += [("FIRST BAD SEQ", result.first_bad_seq), ("PROBLEM", result.problem)]
     return details(pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operator tokens and locks
+
+
+def token_json(info: TokenInfo) -> JSON:
+    return {
+        "id": info.id,
+        "state": "revoked" if info.revoked_at else "active",
+        "user": info.user,
+        "label": info.label,
+        "created_at": rfc3339(info.created_at),
+        "expires_at": rfc3339(info.expires_at),
+        "revoked_at": rfc3339(info.revoked_at),
+    }
+
+
+def token_created_details(token: str, info: TokenInfo, now: datetime) -> Table:
+    return details(
+        [
+            ("TOKEN", token),
+            ("ID", info.id),
+            ("USER", info.user),
+            ("EXPIRES", _when(info.expires_at, now, "never")),
+            ("NOTE", "shown once: the coordinator keeps only its hash"),
+        ]
+    )
+
+
+TOKEN_HEADERS: Final = ("ID", "STATE", "USER", "LABEL", "EXPIRES", "REVOKED")
+
+
+def tokens_table(tokens: Iterable[TokenInfo], now: datetime) -> Table:
+    return table(
+        TOKEN_HEADERS,
+        (
+            (
+                t.id,
+                "revoked" if t.revoked_at else "active",
+                t.user,
+                t.label,
+                _when(t.expires_at, now, "never"),
+                human_time(t.revoked_at),
+            )
+            for t in tokens
+        ),
+    )
+
+
+def _when(at: datetime | None, now: datetime, unset: str = _NONE) -> str:
+    if at is None:
+        return unset
+    return f"{human_time(at)} ({relative(at, now)})"
+
+
+def lock_state(lock: Lock, now: datetime) -> str:
+    if lock.lifted_at is not None:
+        return "lifted"
+    return "active" if lock.in_force(now) else "expired"
+
+
+def lock_json(lock: Lock, now: datetime) -> JSON:
+    return {
+        "id": lock.id,
+        "state": lock_state(lock, now),
+        "subject": lock.target.subject,
+        "agent": lock.target.agent,
+        "action": lock.target.action,
+        "reason": lock.reason,
+        "created_by": lock.created_by,
+        "created_at": rfc3339(lock.created_at),
+        "expires_at": rfc3339(lock.expires_at),
+        "lifted_at": rfc3339(lock.lifted_at),
+        "lifted_by": lock.lifted_by,
+    }
+
+
+LOCK_HEADERS: Final = ("ID", "TARGET", "STATE", "EXPIRES", "REASON")
+
+
+def locks_table(locks: Iterable[Lock], now: datetime) -> Table:
+    return table(
+        LOCK_HEADERS,
+        (
+            (
+                lock.id,
+                lock.target.describe(),
+                lock_state(lock, now),
+                _when(lock.expires_at, now, "until lifted"),
+                lock.reason,
+            )
+            for lock in locks
+        ),
+    )

@@ -69,13 +69,34 @@ def test_bad_duration_is_a_usage_error(jitctl: Jitctl, model: Scripted, duration
     assert model.calls == []
 
 
-def test_missing_command_and_unknown_option_are_usage_errors(jitctl: Jitctl) -> None:
+def test_no_command_shows_help(jitctl: Jitctl) -> None:
+    # Deliberately changed with the port to click: `jitctl` alone (and a group alone) shows its
+    # help and exits 0, like kubectl, instead of a usage error.
     nothing = jitctl()
-    assert nothing.code == 2
-    assert "required: COMMAND" in nothing.error_line()
+    assert nothing.code == 0
+    assert nothing.out.startswith("Usage: jitctl [OPTIONS] COMMAND")
+    assert "request " in nothing.out
+    assert "Examples:" in nothing.out
+    group = jitctl("grant")
+    assert group.code == 0
+    assert group.out.startswith("Usage: jitctl grant [OPTIONS] COMMAND")
+    assert nothing.err == group.err == ""
+
+
+def test_unknown_option_or_command_is_a_usage_error(jitctl: Jitctl) -> None:
     unknown = jitctl("grant", "list", "--colour")
     assert unknown.code == 2
-    assert "unrecognized arguments: --colour" in unknown.error_line()
+    assert unknown.error_line() == (
+        "jitctl: no such option --colour (see 'jitctl grant list --help')"
+    )
+    typo = jitctl("grant", "lst")
+    assert typo.code == 2
+    assert "no such command 'lst'" in typo.error_line()
+    missing = jitctl("request", "create", "--agent", "web-1", "--duration", "5m")
+    assert missing.code == 2
+    assert missing.error_line() == (
+        "jitctl: missing option --action (see 'jitctl request create --help')"
+    )
 
 
 def test_help_exits_zero(jitctl: Jitctl) -> None:

@@ -31,7 +31,7 @@ def test_seconds_are_whole_when_they_can_be() -> None:
 
 
 def test_table_aligns_columns_under_the_header() -> None:
-    text = output.table(("A", "LONGER", "C"), [("xxxx", "y", "z"), ("", "yy", "")])
+    text = str(output.table(("A", "LONGER", "C"), [("xxxx", "y", "z"), ("", "yy", "")]))
     assert text.splitlines() == [
         "A     LONGER  C",
         "xxxx  y       z",

@@ -79,7 +79,9 @@ async def test_jitctl_token_commands(env: Env) -> None:
         assert code == 0, err
         return out
 
-    created = await jitctl("-o", "json", "token", "create", "erin", "--group", "sre", "--ttl", "2h")
+    created = await jitctl(
+        "-o", "json", "token", "create", "--user", "erin", "--group", "sre", "--ttl", "2h"
+    )
     assert '"token": "jmt_' in created
     listed = await jitctl("token", "list", "--user", "erin")
     assert "erin" in listed

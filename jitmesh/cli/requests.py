@@ -1,0 +1,215 @@
+"""jitctl request ...: ask for access, and review requests."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import click
+
+from jitmesh.cli import output
+from jitmesh.cli.core import (
+    DURATION,
+    POSITIVE,
+    CommandFailed,
+    Output,
+    StateType,
+    command,
+    group,
+)
+from jitmesh.client import Client
+from jitmesh.types import Grant, GrantState, Request, RequestState
+
+requests = group(
+    None,
+    "request",
+    help="Ask for access, and review requests.",
+    examples=[
+        "jitctl request create --agent web-1 --action deploy --duration 15m --reason INC-42 --wait",
+        "jitctl request list --state pending",
+        "jitctl request approve req-... --reason 'looks fine'",
+    ],
+)
+
+
+@command(
+    requests,
+    "create",
+    help="Ask for an action on an agent for a while.",
+    examples=[
+        "jitctl request create --agent web-1 --action deploy --duration 15m --reason INC-42",
+        "jitctl request create --agent db-1 --action logs --duration 1h30m --wait",
+        "jitctl request create --agent web-1 --action deploy --duration 15m -o json",
+    ],
+)
+@click.option("--agent", required=True, metavar="NAME", help="The host's agent.")
+@click.option(
+    "--action",
+    required=True,
+    metavar="ACTION",
+    help="What to be allowed to do (policy names them).",
+)
+@click.option("--duration", required=True, type=DURATION, help="How long, such as 15m or 1h30m.")
+@click.option("--reason", default="", help="Why (some rules require one).")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait for approval and for the agent to apply the grant (exit 1 if it does not).",
+)
+@click.option(
+    "--wait-timeout",
+    type=DURATION,
+    default="10m",
+    metavar="DURATION",
+    show_default=True,
+    help="Give up waiting after this long.",
+)
+async def _create(
+    client: Client,
+    out: Output,
+    *,
+    agent: str,
+    action: str,
+    duration: timedelta,
+    reason: str,
+    wait: bool,
+    wait_timeout: timedelta,
+) -> None:
+    request, grant = await client.create_request(
+        agent=agent, action=action, duration=duration, reason=reason
+    )
+    if not wait:
+        out.emit(
+            output.request_json(request, grant), output.request_details(request, out.now, grant)
+        )
+        return
+    if not out.structured:
+        # Show the id at once: it is what approvers are told while we wait.
+        out.show(output.request_details(request, out.now, grant))
+    with out.waiting(f"waiting for request {request.id} to be decided"):
+        final = await client.wait_for_request(request.id, until=settled, timeout=wait_timeout)
+    grant = await client.get_grant(final.grant_id) if final.grant_id else None
+    failure = wait_failure(final, grant)
+    if out.structured:
+        out.emit(output.request_json(final, grant), "")
+    elif grant is not None and failure is None:
+        out.line(
+            f"grant {grant.id} is active on {grant.agent} until "
+            f"{output.human_time(grant.expires_at)} ({output.relative(grant.expires_at, out.now)})"
+        )
+    if failure is not None:
+        raise CommandFailed(failure)
+
+
+def settled(request: Request) -> bool:
+    """Nothing more to wait for: decided, and if approved, the agent has answered."""
+    if request.state is RequestState.PENDING:
+        return False
+    if request.state is not RequestState.APPROVED:
+        return True
+    return request.grant_state not in (None, GrantState.PENDING_DELIVERY)
+
+
+def wait_failure(request: Request, grant: Grant | None) -> str | None:
+    """Why a settled request did not end in an active grant, or None when it did."""
+    who = f" by {request.decided_by}" if request.decided_by else ""
+    why = f": {request.decision_reason}" if request.decision_reason else ""
+    match request.state:
+        case RequestState.DENIED:
+            return f"request {request.id} was denied{who}{why}"
+        case RequestState.CANCELLED:
+            return f"request {request.id} was cancelled{who}{why}"
+        case RequestState.EXPIRED:
+            return f"request {request.id} expired before it was approved"
+        case RequestState.PENDING:
+            return f"request {request.id} is still pending"
+    state = grant.state if grant is not None else request.grant_state
+    if state is GrantState.ACTIVE:
+        return None
+    name = state.value.lower() if state is not None else "unknown"
+    if state is GrantState.FAILED:
+        failure = grant.failure if grant is not None and grant.failure else "no reason given"
+        return f"grant {request.grant_id} failed on agent {request.agent}: {failure}"
+    return f"grant {request.grant_id} is {name} on agent {request.agent}"
+
+
+@command(
+    requests,
+    "list",
+    help="List requests, newest last.",
+    examples=[
+        "jitctl request list",
+        "jitctl request list --state pending --agent web-1",
+        "jitctl request list --subject alice --limit 20 -o yaml",
+    ],
+)
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=StateType(RequestState),
+    help="Only requests in this state (repeat for several).",
+)
+@click.option("--agent", default="", metavar="NAME", help="Only requests for this agent.")
+@click.option("--subject", default="", metavar="USER", help="Only requests by this user.")
+@click.option("--limit", type=POSITIVE, metavar="N", help="At most N requests.")
+async def _list(
+    client: Client,
+    out: Output,
+    *,
+    states: tuple[RequestState, ...],
+    agent: str,
+    subject: str,
+    limit: int | None,
+) -> None:
+    found = await client.list_requests(states=states, subject=subject, agent=agent, limit=limit)
+    out.emit([output.request_json(r) for r in found], output.requests_table(found, out.now))
+
+
+@command(
+    requests,
+    "show",
+    help="Show one request.",
+    examples=["jitctl request show req-...", "jitctl request show req-... -o json"],
+)
+@click.argument("id", metavar="ID")
+async def _show(client: Client, out: Output, *, id: str) -> None:
+    request = await client.get_request(id)
+    out.emit(output.request_json(request), output.request_details(request, out.now))
+
+
+@command(
+    requests,
+    "approve",
+    help="Approve a pending request (approvers).",
+    examples=["jitctl request approve req-...", "jitctl request approve req-... --reason 'ok'"],
+)
+@click.argument("id", metavar="ID")
+@click.option("--reason", default="", help="Why, for the audit log.")
+async def _approve(client: Client, out: Output, *, id: str, reason: str) -> None:
+    request, grant = await client.approve(id, reason=reason)
+    out.emit(output.request_json(request, grant), output.request_details(request, out.now, grant))
+
+
+@command(
+    requests,
+    "deny",
+    help="Deny a pending request (approvers).",
+    examples=["jitctl request deny req-... --reason 'change freeze'"],
+)
+@click.argument("id", metavar="ID")
+@click.option("--reason", default="", help="Why, shown to the requester.")
+async def _deny(client: Client, out: Output, *, id: str, reason: str) -> None:
+    request = await client.deny(id, reason=reason)
+    out.emit(output.request_json(request), output.request_details(request, out.now))
+
+
+@command(
+    requests,
+    "cancel",
+    help="Withdraw your own pending request.",
+    examples=["jitctl request cancel req-..."],
+)
+@click.argument("id", metavar="ID")
+async def _cancel(client: Client, out: Output, *, id: str) -> None:
+    request = await client.cancel(id)
+    out.emit(output.request_json(request), output.request_details(request, out.now))
