@@ -89,24 +89,24 @@ def parser() -> argparse.ArgumentParser:
             default=1000,
             help="messages queued per agent stream; a slower agent is cut off and resyncs",
         )
+        s.add_argument(
+            "--store",
+            default="",
+            help="postgresql://USER@HOST/DB to share the state with other replicas "
+            "(default: SQLite in --data)",
+        )
+        s.add_argument(
+            "--replica",
+            default="",
+            help="this replica's id (default: made once and kept in --data/replica.id)",
+        )
+        s.add_argument(
+            "--secret-key-file",
+            type=Path,
+            help="with --store postgresql://: the key that encrypts the shared signing keys "
+            "and CA (else JITMESH_SECRET_KEY)",
+        )
         if name == "serve":
-            s.add_argument(
-                "--store",
-                default="",
-                help="postgresql://USER@HOST/DB to share the state with other replicas "
-                "(default: SQLite in --data)",
-            )
-            s.add_argument(
-                "--replica",
-                default="",
-                help="this replica's id (default: made once and kept in --data/replica.id)",
-            )
-            s.add_argument(
-                "--secret-key-file",
-                type=Path,
-                help="with --store postgresql://: the key that encrypts the shared signing keys "
-                "and CA (else JITMESH_SECRET_KEY)",
-            )
             s.add_argument("--policy", type=Path, help="initial policy (used if none is stored)")
             s.add_argument(
                 "--insecure",
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             if not _loopback(host):
                 print("jitmesh-coordinator: dev mode listens on loopback only", file=sys.stderr)
                 return 2
-            config = CoordinatorConfig(**common, default_policy=DEV_POLICY)
+            config = CoordinatorConfig(**common, **_store_options(args), default_policy=DEV_POLICY)
         elif args.insecure:
             config = CoordinatorConfig(
                 **common,

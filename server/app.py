@@ -218,8 +218,10 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     await checkpoints.import_file(config.data_dir)
     audit = AuditService(store, hub, checkpoints.verified)
     ca = InternalCA.open(config.data_dir, clock.now()) if config.tls else None
-    if shared is not None:
-        await shared.push_missing(clock)  # the first replica made the keys and the CA
+    if shared is not None and await shared.claim_missing(clock):
+        # Another replica made the store's keys and CA first: use those.
+        keys.reload()
+        ca = InternalCA.open(config.data_dir, clock.now()) if config.tls else None
 
     # Operators (and enrolling agents) send small messages; so do agents. Each server has its
     # own limits because gRPC sets them per server, not per port (docs: THREAT_MODEL.md).

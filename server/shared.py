@@ -113,11 +113,23 @@ class SharedFiles:
         await self._store.put_secret(name, ciphertext, clock.now())
         self._seen[name] = ciphertext
 
-    async def push_missing(self, clock: Clock) -> None:
-        """Upload the shared files that exist here and not yet in the store (created at start)."""
+    async def claim_missing(self, clock: Clock) -> bool:
+        """Upload the shared files made here at start that the store does not hold yet. Two
+        replicas starting at once on an empty store both make keys: the first upload wins, and
+        the loser takes the winner's files (True: the files on disk changed, open them again)."""
+        lost = False
         for name in SHARED_FILES:
-            if (self._dir / name).exists() and await self._store.get_secret(name) is None:
-                await self.push(name, clock)
+            path = self._dir / name
+            if not path.exists() or await self._store.get_secret(name) is not None:
+                continue
+            ciphertext = self._box.encrypt(path.read_bytes())
+            if await self._store.put_secret(name, ciphertext, clock.now(), replace=False):
+                self._seen[name] = ciphertext
+            else:
+                lost = True
+        if lost:
+            await self.sync(clock)
+        return lost
 
     async def run(self, clock: Clock, on_change: Callable[[list[str]], None]) -> None:
         """Every REFRESH, take the store's newer files; `on_change(names)` reloads them."""

@@ -936,14 +936,23 @@ class SqliteStore:
         row = await _one(self._reader, "SELECT ciphertext FROM secrets WHERE name = ?", [name])
         return None if row is None else bytes(row["ciphertext"])
 
-    async def put_secret(self, name: str, ciphertext: bytes, at: datetime) -> None:
+    async def put_secret(
+        self, name: str, ciphertext: bytes, at: datetime, *, replace: bool = True
+    ) -> bool:
+        """Store a secret; with `replace=False` only if none is stored under `name` yet (the
+        first replica to create it wins). True when stored."""
+        conflict = (
+            "DO UPDATE SET ciphertext = excluded.ciphertext, updated_at = excluded.updated_at"
+            if replace
+            else "DO NOTHING"
+        )
         async with self.transaction() as tx:
-            await tx._conn.execute(
+            cur = await tx._conn.execute(
                 "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (?,?,?) "
-                "ON CONFLICT (name) DO UPDATE SET ciphertext = excluded.ciphertext, "
-                "updated_at = excluded.updated_at",
+                f"ON CONFLICT (name) {conflict}",
                 [name, ciphertext, to_ms(at)],
             )
+        return cur.rowcount == 1
 
     # Reads: committed data only.
 

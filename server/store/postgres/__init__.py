@@ -844,6 +844,11 @@ class PostgresStore:
         self.retries = 0
         # This replica's id: its own notifications are not delivered back to it.
         self.replica = ""
+        # Every write transaction takes the audit head's row lock first: writes from all
+        # replicas then run one at a time in one order, so they never deadlock, and the chain
+        # has one head (docs/scaling.md, "The audit chain", for the measurement). False: take it
+        # at the first audit event only (more overlap, deadlocks retried by `write`).
+        self.head_first = True
 
     @property
     def commits(self) -> int:
@@ -877,6 +882,8 @@ class PostgresStore:
         try:
             async with self._pool.connection() as conn, conn.transaction():
                 tx = PostgresTx(conn, self.replica)
+                if self.head_first:
+                    await tx._audit_head()
                 yield tx
         except _RETRYABLE as exc:
             raise Conflict("the store was busy with a conflicting change; try again") from exc
@@ -888,10 +895,15 @@ class PostgresStore:
         for attempt in range(RETRIES + 1):
             try:
                 async with self._pool.connection() as conn, conn.transaction():
-                    result = await work(PostgresTx(conn, self.replica))
-            except _RETRYABLE:
+                    tx = PostgresTx(conn, self.replica)
+                    if self.head_first:
+                        await tx._audit_head()
+                    result = await work(tx)
+            except _RETRYABLE as exc:
                 if attempt == RETRIES:
-                    raise
+                    raise Conflict(
+                        "the store stayed busy with conflicting changes; try again"
+                    ) from exc
                 self.retries += 1
                 await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
                 continue
@@ -931,14 +943,23 @@ class PostgresStore:
             row = await _one(conn, "SELECT ciphertext FROM secrets WHERE name = %s", [name])
         return None if row is None else bytes(row["ciphertext"])
 
-    async def put_secret(self, name: str, ciphertext: bytes, at: datetime) -> None:
+    async def put_secret(
+        self, name: str, ciphertext: bytes, at: datetime, *, replace: bool = True
+    ) -> bool:
+        """Store a secret; with `replace=False` only if none is stored under `name` yet (the
+        first replica to create it wins). True when stored."""
+        conflict = (
+            "DO UPDATE SET ciphertext = excluded.ciphertext, updated_at = excluded.updated_at"
+            if replace
+            else "DO NOTHING"
+        )
         async with self._read() as conn:
-            await conn.execute(
+            cur = await conn.execute(
                 "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (%s,%s,%s) "
-                "ON CONFLICT (name) DO UPDATE SET ciphertext = excluded.ciphertext, "
-                "updated_at = excluded.updated_at",
+                f"ON CONFLICT (name) {conflict}",
                 [name, ciphertext, to_ms(at)],
             )
+        return cur.rowcount == 1
 
     async def listen_commands(self, wake: Callable[[list[str] | None], None]) -> None:
         """Run until cancelled: call `wake(agents)` when another replica committed commands for
