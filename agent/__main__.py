@@ -1,7 +1,7 @@
 """`jitmesh-agent`: run the agent, or answer a local access check from its lease table.
 
     jitmesh-agent [run] --coordinator ADDR --name NAME --join-token TOKEN --state DIR
-                        [--label KEY=VALUE ...] [--enforcer file:DIR | exec:FILE ...]
+                        [--label KEY=VALUE ...] [--enforcer file:DIR|exec:FILE|sudo:TOML ...]
     jitmesh-agent check --state DIR --subject USER --action ACTION
 
 The only place that parses flags, loads configuration and sets up logging. `check` imports as
@@ -123,7 +123,7 @@ def run(argv: Sequence[str]) -> int:
         "--enforcer",
         action="append",
         default=[],
-        metavar="file:DIR|exec:FILE",
+        metavar="file:DIR|exec:FILE|sudo:FILE.toml",
         help="repeatable; applied in the order given. file,drift=report:DIR (or exec,...) "
         "only reports access on the host no lease holds instead of removing it",
     )

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from agent.config import AgentConfig, ExecEnforcerConfig, FileEnforcerConfig
+from agent.config import AgentConfig, ExecEnforcerConfig, FileEnforcerConfig, SudoEnforcerConfig
 from agent.domain.coverage import DriftMode
 from agent.domain.errors import AgentError, EnrollmentError, StateError
 from agent.domain.leases import EventKind, new_event
@@ -159,6 +159,10 @@ def build_enforcers(config: AgentConfig, clock: Clock) -> list[Enforcer]:
                 env=dict(spec.hooks.env),
             )
             enforcers.append(ExecEnforcer(hooks, name=f"exec:{spec.path.name}"))
+        elif isinstance(spec, SudoEnforcerConfig):
+            from agent.enforcers.sudo import SudoEnforcer
+
+            enforcers.append(SudoEnforcer(spec.settings))
     if not enforcers:
         log.warning("no enforcers: leases are tracked and answer `check`, nothing else")
     return enforcers

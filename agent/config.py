@@ -18,11 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from agent.domain.errors import ConfigError
 from jitmesh import validation
 from jitmesh.durations import DurationError, parse_duration
+
+if TYPE_CHECKING:
+    from agent.enforcers.sudo import SudoSettings
 
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _RESERVED_ENV = frozenset({"JITMESH_SUBJECT", "JITMESH_ACTION"})
@@ -119,7 +122,21 @@ class ExecEnforcerConfig:
         _set(self, "drift", _drift(self.drift))
 
 
-EnforcerConfig = FileEnforcerConfig | ExecEnforcerConfig
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SudoEnforcerConfig:
+    """`[enforcers.sudo]` of an agent TOML file (`--enforcer sudo:FILE`)."""
+
+    path: Path
+    settings: SudoSettings
+    drift: DriftSetting = "remove"
+    kind: str = field(default="sudo", init=False)
+
+    def __post_init__(self) -> None:
+        _set(self, "path", _path(self.path, "path"))
+        _set(self, "drift", _drift(self.drift))
+
+
+EnforcerConfig = FileEnforcerConfig | ExecEnforcerConfig | SudoEnforcerConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,8 +183,9 @@ class AgentConfig:
         if self.ca_file is not None:
             _set(self, "ca_file", _path(self.ca_file, "ca_file"))
         enforcers = tuple(self.enforcers)
-        if not all(isinstance(e, FileEnforcerConfig | ExecEnforcerConfig) for e in enforcers):
-            raise ConfigError("enforcers: each must be a file or exec enforcer")
+        kinds = FileEnforcerConfig | ExecEnforcerConfig | SudoEnforcerConfig
+        if not all(isinstance(e, kinds) for e in enforcers):
+            raise ConfigError("enforcers: each must be a file, exec or sudo enforcer")
         _set(self, "enforcers", enforcers)
         for name in ("backoff_base", "backoff_cap", "backoff_reset_after", "remove_retry_base"):
             _set(self, name, _number(getattr(self, name), name, low=0, high=3600))
@@ -343,15 +361,41 @@ def check_private(path: Path, what: str) -> None:
             raise ConfigError(f"{what}: {candidate} is writable by group or others")
 
 
+def load_sudo(path: Path) -> SudoSettings:
+    """`[enforcers.sudo]` of an agent TOML file. The file must be writable by its owner (root
+    or this user) only: whoever can change it decides who gets sudo."""
+    import tomllib
+
+    from agent.enforcers.sudo import settings_from
+
+    try:
+        check_private(path, "sudo configuration")
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read sudo configuration ({exc.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        raise ConfigError("sudo configuration is not valid TOML") from None
+    section = data.get("enforcers", {}).get("sudo") if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError("sudo configuration: no [enforcers.sudo] section")
+    try:
+        return settings_from(section)
+    except ValueError as exc:
+        raise ConfigError(f"[enforcers.sudo] {exc}") from None
+
+
+_KINDS = "file:DIR, exec:FILE or sudo:FILE.toml"
+
+
 def parse_enforcer(spec: str) -> EnforcerConfig:
-    """`KIND[,drift=remove|report]:WHERE`: `file:DIR` or `exec:FILE` (the exec hooks file is
+    """`KIND[,drift=remove|report]:WHERE`: `file:DIR`, `exec:FILE` or `sudo:FILE.toml` (files are
     read and validated here), optionally with the enforcer's drift setting."""
     head, sep, where = spec.partition(":")
     if not sep or not where:
-        raise ConfigError("enforcer must be file:DIR or exec:FILE")
+        raise ConfigError(f"enforcer must be {_KINDS}")
     kind, *options = head.split(",")
-    if kind not in ("file", "exec"):
-        raise ConfigError("enforcer must be file:DIR or exec:FILE")
+    if kind not in ("file", "exec", "sudo"):
+        raise ConfigError(f"enforcer must be {_KINDS}")
     drift: DriftSetting = "remove"
     for option in options:
         key, eq, value = option.partition("=")
@@ -365,4 +409,6 @@ def parse_enforcer(spec: str) -> EnforcerConfig:
             raise ConfigError(f"enforcer {kind}: drift must be remove or report")
     if kind == "file":
         return FileEnforcerConfig(directory=Path(where), drift=drift)
+    if kind == "sudo":
+        return SudoEnforcerConfig(path=Path(where), settings=load_sudo(Path(where)), drift=drift)
     return ExecEnforcerConfig(path=Path(where), hooks=load_exec_hooks(Path(where)), drift=drift)

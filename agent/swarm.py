@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.domain.coverage import Cover
 from agent.domain.leases import Pair
 from agent.enforcers.base import EnforcerSet
 from agent.engine import Engine
@@ -46,9 +47,12 @@ class MemoryEnforcer:
     def name(self) -> str:
         return self._name
 
-    async def apply(self, subject: str, action: str) -> None:
-        self.in_force.add((subject, action))
-        self.history.append((self._clock(), "apply", (subject, action)))
+    async def apply(self, cover: Cover) -> None:
+        self.in_force.add(cover.pair)
+        self.history.append((self._clock(), "apply", cover.pair))
+
+    async def extend(self, cover: Cover) -> None:
+        pass
 
     async def remove(self, subject: str, action: str) -> None:
         self.in_force.discard((subject, action))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from .leases import Lease, Pair
 
@@ -19,6 +20,52 @@ from .leases import Lease, Pair
 class PairChanges:
     apply: frozenset[Pair]
     remove: frozenset[Pair]
+    # Pairs in force before and after whose window (latest not_after) moved: their host-native
+    # deadline follows, with no remove and no second apply.
+    moved: frozenset[Pair] = frozenset()
+    # The window of every pair in force afterwards.
+    after: dict[Pair, Cover] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Cover:
+    """What an enforcer puts in force for one pair: the live leases covering it, as one window.
+
+    `not_after` is the latest `not_after` of those leases (a host-native deadline, such as sudo's
+    NOTAFTER, always equals it); `grant_id` names the lease that lasts longest; `not_before`
+    the earliest start among them."""
+
+    subject: str
+    action: str
+    grant_id: str
+    not_before: datetime
+    not_after: datetime
+
+    @property
+    def pair(self) -> Pair:
+        return (self.subject, self.action)
+
+
+def covers(leases: Iterable[Lease]) -> dict[Pair, Cover]:
+    """The window each pair is covered for by `leases` (all of them, whether started or not:
+    callers pass the leases that hold, or are starting)."""
+    found: dict[Pair, Cover] = {}
+    for lease in leases:
+        old = found.get(lease.pair)
+        if old is None:
+            found[lease.pair] = Cover(
+                lease.subject, lease.action, lease.grant_id, lease.not_before, lease.not_after
+            )
+            continue
+        longest = lease if lease.not_after > old.not_after else None
+        found[lease.pair] = Cover(
+            lease.subject,
+            lease.action,
+            longest.grant_id if longest else old.grant_id,
+            min(old.not_before, lease.not_before),
+            longest.not_after if longest else old.not_after,
+        )
+    return found
 
 
 def held_pairs(leases: Iterable[Lease]) -> frozenset[Pair]:
@@ -42,12 +89,20 @@ def pair_changes(
     holders = [lease for lease in holding if lease.holds]
     starters = list(starting)
     end_ids = {lease.grant_id for lease in ending}
-    before = {lease.pair for lease in holders}
-    after = {lease.pair for lease in holders if lease.grant_id not in end_ids}
-    after |= {lease.pair for lease in starters}
+    before = covers(holders)
+    start_ids = {lease.grant_id for lease in starters}
+    remaining = [lease for lease in holders if lease.grant_id not in end_ids | start_ids]
+    after = covers([*remaining, *starters])
+    moved = {
+        pair
+        for pair, cover in after.items()
+        if pair in before and before[pair].not_after != cover.not_after
+    }
     return PairChanges(
-        apply=frozenset({lease.pair for lease in starters} - before),
-        remove=frozenset({lease.pair for lease in ending if lease.holds} - after),
+        apply=frozenset({lease.pair for lease in starters} - before.keys()),
+        remove=frozenset({lease.pair for lease in ending if lease.holds} - after.keys()),
+        moved=frozenset(moved),
+        after=after,
     )
 
 

@@ -1,9 +1,17 @@
 """The enforcer interface, and the ordered set of enforcers an agent runs.
 
-An enforcer puts one (subject, action) pair in force on the host or takes it away. `apply` and
-`remove` are idempotent: applying a pair that is in force, or removing one that is not, succeeds
-and changes nothing. `observe` reports the pairs the enforcer sees in force, for the start-up
-reconcile. Failures raise `EnforcerError` (agent.domain.errors) and nothing else.
+An enforcer puts one (subject, action) pair in force on the host or takes it away. `apply` gets
+the pair's `Cover`: the live grants covering it as one window (the longest-lasting grant's id,
+`not_before`, and `not_after`, the latest deadline among them), so an enforcer that can make the
+host itself refuse access after a time (sudo's NOTAFTER, OpenSSH's expiry-time) writes exactly
+that deadline. `extend` is called when only that deadline moves (an extension, an overlapping
+grant that lasts longer starting, or the longest one ending while another still covers the
+pair): never a remove and a second apply. `apply` and `remove` are idempotent: applying a pair
+that is in force (with its current window) or removing one that is not succeeds. `observe`
+reports the pairs the enforcer sees in force, for the reconcile. Failures raise
+`EnforcerError` (agent.domain.errors) and nothing else. Reference counting is not an enforcer's
+business: the engine (`agent.engine.enforcement`) calls `apply` for a pair's first grant and
+`remove` after its last.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from agent.domain.coverage import DriftMode
+from agent.domain.coverage import Cover, DriftMode
 from agent.domain.errors import ApplyFailed, EnforcerError
 from agent.domain.leases import Pair
 
@@ -23,7 +31,9 @@ class Enforcer(Protocol):
     @property
     def name(self) -> str: ...
 
-    async def apply(self, subject: str, action: str) -> None: ...
+    async def apply(self, cover: Cover) -> None: ...
+
+    async def extend(self, cover: Cover) -> None: ...
 
     async def remove(self, subject: str, action: str) -> None: ...
 
@@ -43,17 +53,29 @@ class EnforcerSet:
             raise ValueError("one drift mode per enforcer")
         self.drift = modes
 
-    async def apply(self, pair: Pair) -> None:
-        """Apply `pair` with every enforcer. If one fails, the ones that ran (the failing one
+    async def apply(self, cover: Cover) -> None:
+        """Apply `cover` with every enforcer. If one fails, the ones that ran (the failing one
         too: it may have got halfway) are removed again and `ApplyFailed` is raised."""
         ran: list[Enforcer] = []
         for enforcer in self.enforcers:
             ran.append(enforcer)
             try:
-                await enforcer.apply(*pair)
+                await enforcer.apply(cover)
             except EnforcerError as exc:
-                rolled_back = await self._undo(ran, pair)
+                rolled_back = await self._undo(ran, cover.pair)
                 raise ApplyFailed(exc, rolled_back=rolled_back) from exc
+
+    async def extend(self, cover: Cover) -> None:
+        """Move the pair's deadline with every enforcer; every one is tried, then the first
+        error is raised."""
+        errors: list[EnforcerError] = []
+        for enforcer in self.enforcers:
+            try:
+                await enforcer.extend(cover)
+            except EnforcerError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     async def remove(self, pair: Pair) -> None:
         """Remove `pair` with every enforcer, last first. Every enforcer is tried even when an

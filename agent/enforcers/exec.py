@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import IO
 
+from agent.domain.coverage import Cover
 from agent.domain.errors import EnforcerError, HookFailed, HookTimeout
 from agent.domain.leases import Pair
 from jitmesh import validation
@@ -52,8 +53,11 @@ class ExecEnforcer:
     def name(self) -> str:
         return self._name
 
-    async def apply(self, subject: str, action: str) -> None:
-        await self._run("apply", self._hooks.apply, (subject, action))
+    async def apply(self, cover: Cover) -> None:
+        await self._run("apply", self._hooks.apply, cover.pair)
+
+    async def extend(self, cover: Cover) -> None:
+        """Hooks have no deadline to move (the agent's own expiry removes the pair on time)."""
 
     async def remove(self, subject: str, action: str) -> None:
         await self._run("remove", self._hooks.remove, (subject, action))

@@ -13,6 +13,7 @@ import secrets
 from datetime import datetime
 from pathlib import Path
 
+from agent.domain.coverage import Cover
 from agent.domain.errors import EnforcerError
 from agent.domain.leases import Pair
 from jitmesh import validation
@@ -28,7 +29,8 @@ class FileEnforcer:
     def name(self) -> str:
         return "file"
 
-    async def apply(self, subject: str, action: str) -> None:
+    async def apply(self, cover: Cover) -> None:
+        subject, action = cover.pair
         path = self._marker(subject, action)
         line = json.dumps(
             {"subject": subject, "action": action, "applied_at": _iso(self._clock.now())},
@@ -49,6 +51,9 @@ class FileEnforcer:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise EnforcerError(f"file enforcer: cannot write marker ({exc.strerror})") from None
+
+    async def extend(self, cover: Cover) -> None:
+        """A marker has no deadline of its own: nothing to move."""
 
     async def remove(self, subject: str, action: str) -> None:
         path = self._marker(subject, action)

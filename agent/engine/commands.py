@@ -176,6 +176,10 @@ class Commands:
             log.error("cannot persist a grant", extra={"grant_id": grant_id, "error": str(exc)})
             return Ack(seq, AckStatus.FAILED, "cannot persist the grant", grant_id)
         if not decision.new:
+            if lease.holds:
+                # The same grant with another not_after (an extension): the host's deadline
+                # follows; nothing is applied a second time.
+                await self._enforcement.moved([lease.pair])
             return Ack(seq, AckStatus.APPLIED, "updated", grant_id)
         if not starts_now:
             # not_before lies ahead: the expiry loop starts it on time.
@@ -230,7 +234,9 @@ class Commands:
                 log.error(
                     "cannot journal a revoke", extra={"grant_id": grant_id, "error": str(again)}
                 )
-            failures = await self._enforcement.enforce(holding, ending=[decision.before])
+            failures = await self._enforcement.enforce(
+                holding, ending=[decision.before], cause=spec.reason.value
+            )
             if pair in failures.remove:
                 await self._removals.pend(pair, [grant_id], failures.remove[pair])
                 reason = cut(f"remove failed (retrying): {failures.remove[pair]}")
@@ -241,7 +247,9 @@ class Commands:
             reason = "access removed; lease table full, revoke kept in the journal"
             return Ack(seq, AckStatus.APPLIED, reason, grant_id)
         crash_point("agent_after_revoke_record")
-        failures = await self._enforcement.enforce(holding, ending=[decision.before])
+        failures = await self._enforcement.enforce(
+            holding, ending=[decision.before], cause=spec.reason.value
+        )
         crash_point("agent_after_remove")
         if pair in failures.remove:
             # Acked FAILED now (REVOKE_FAILED on the coordinator); retried in the background.

@@ -135,6 +135,7 @@ class Expiry:
             [lease for lease in active if lease.holds],
             starting=starts,
             ending=[lease for lease, _ in ends],
+            cause=_cause(ends),
         )
         events = False
         for lease in starts:
@@ -186,7 +187,7 @@ class Expiry:
         now = self._time.now()
         active = await self._store.active_leases()
         failures = await self._enforcement.enforce(
-            [lease for lease in active if lease.holds], ending=active
+            [lease for lease in active if lease.holds], ending=active, cause=reason
         )
         for lease in active:
             await self._store.end_lease(
@@ -199,6 +200,13 @@ class Expiry:
             )
         await self._store.add_event(event)
         self._shared.outbox_changed.set()
+
+
+def _cause(ends: list[tuple[Lease, expiry.EndCause]]) -> str:
+    """Why the access that `ends` take away ended, for those told (expired, unless every one
+    ended for being offline too long)."""
+    offline = ends and all(cause is expiry.EndCause.OFFLINE for _, cause in ends)
+    return "offline" if offline else "expired"
 
 
 def _end_event(

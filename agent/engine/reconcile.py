@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
-from agent.domain.coverage import DriftMode, held_pairs, reconcile
+from agent.domain.coverage import DriftMode, covers, held_pairs, reconcile
 from agent.domain.errors import EnforcerError
 from agent.domain.leases import EventKind, Pair, new_event
 from agent.enforcers.base import EnforcerSet
@@ -93,6 +93,7 @@ class Reconciler:
         now = self._now()
         active = await self._store.active_leases()
         desired = held_pairs(active)
+        windows = covers(lease for lease in active if lease.holds)
         owed = self._removals.owed()
         broken: dict[Pair, str] = {}
         events = False
@@ -106,7 +107,7 @@ class Reconciler:
             plan = reconcile(desired, observed)
             for subject, action in sorted(plan.apply - broken.keys()):
                 try:
-                    await enforcer.apply(subject, action)
+                    await enforcer.apply(windows[(subject, action)])
                 except EnforcerError as exc:
                     broken[(subject, action)] = str(exc)
                     continue

@@ -36,14 +36,14 @@ from .approval import (
 )
 from .batching import GroupCommit
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
+from .grants import end_grants, write_grants
 from .hub import Hub
-from .lifecycle import REVOCABLE_GRANT_STATES
+from .lifecycle import ENDABLE_GRANT_STATES
 from .locks import first_lock, refuse_if_locked
 from .models import (
     AuditEntry,
     Command,
     CommandKind,
-    GrantChange,
     Principal,
     new_id,
     same_person,
@@ -205,8 +205,7 @@ class AccessService:
         now = from_ms(to_ms(self._clock.now()))
         out: list[tuple[Request, Grant | None] | Exception] = []
         requests: list[Request] = []
-        grants: list[Grant] = []
-        commands: list[Command] = []
+        approved: list[tuple[Request, Grant, str]] = []
         entries: list[AuditEntry] = []
         async with self._store.transaction() as tx:
             # Locks are checked again inside the transaction, before any sequence number is
@@ -271,14 +270,11 @@ class AccessService:
                         grant_id=grant.id,
                         grant_state=grant.state,
                     )
-                    entries.extend(self._approved_entries(by, request, grant, now))
-                    grants.append(grant)
-                    commands.append(Command(grant.agent, seq, CommandKind.GRANT, grant))
+                    approved.append((request, grant, by))
                 requests.append(request)
                 out.append((request, grant))
             await tx.insert_requests(requests)
-            await tx.insert_grants(grants)
-            await tx.audit_many(entries)
+            commands = await write_grants(tx, approved, now, audit_first=entries)
             crash_point("before_commit")
         if commands:
             crash_point("after_commit")
@@ -450,43 +446,30 @@ class AccessService:
         grant = await self.get_grant(principal, grant_id)
         if not await allowed(grant):
             raise PermissionDenied(f"{principal.name} may not end this grant")
-        command: Command | None = None
         async with self._store.transaction() as tx:
             current = await tx.get_grant(grant.id)
             assert current is not None
             if current.state is GrantState.REVOKING:
                 return current  # already on its way out: idempotent
-            if current.state not in REVOCABLE_GRANT_STATES | {GrantState.REVOKE_FAILED}:
+            if current.state not in ENDABLE_GRANT_STATES:
                 raise Conflict(f"grant is {current.state.value}; nothing to {how[:-1]}")
             now = self._clock.now()
-            moved = await tx.move_grant(
-                current.id,
+            ended, commands = await end_grants(
+                tx,
+                [current],
+                now,
+                by=principal.name,
+                end_reason=reason if how == "revoked" else "released",
+                kind=kind,
+                revoke_reason=how,
+                details={"reason": reason},
                 expected=[current.state],
-                state=GrantState.REVOKING,
-                change=GrantChange(
-                    ended_by=principal.name,
-                    end_reason=reason if how == "revoked" else "released",
-                ),
             )
-            if not moved:
+            if not ended:
                 raise Conflict("grant changed meanwhile; try again")
-            seq = await tx.append_command(current.agent, CommandKind.REVOKE, current.id, now, how)
             updated = await tx.get_grant(current.id)
             assert updated is not None
-            command = Command(current.agent, seq, CommandKind.REVOKE, updated, how)
-            await tx.audit(
-                AuditEntry(
-                    kind,
-                    principal.name,
-                    now,
-                    subject=current.subject,
-                    agent=current.agent,
-                    request_id=current.request_id,
-                    grant_id=current.id,
-                    details={"action": current.action, "reason": reason, "seq": str(seq)},
-                )
-            )
-        self._links.push([command])
+        self._links.push(commands)
         self._hub.requests_changed([grant.request_id])
         await self._hub.audit_written(tx.new_audit)
         return updated
@@ -513,34 +496,9 @@ class AccessService:
         await refuse_if_locked(tx, request.subject, request.agent, request.action, now)
         grant = self._new_grant(request, rule, now)
         await self._decide(tx, request, RequestState.APPROVED, by, reason, grant.id)
-        await tx.insert_grant(grant)
         seq = await tx.append_command(grant.agent, CommandKind.GRANT, grant.id, now)
-        grant = replace(grant, grant_seq=seq)
-        for entry in self._approved_entries(by, request, grant, now):
-            await tx.audit(entry)
-        return grant, Command(grant.agent, seq, CommandKind.GRANT, grant)
-
-    def _approved_entries(
-        self, by: str, request: Request, grant: Grant, now: datetime
-    ) -> list[AuditEntry]:
-        return [
-            self._entry("request.approved", by, request, grant_id=grant.id),
-            AuditEntry(
-                "grant.created",
-                by,
-                now,
-                subject=grant.subject,
-                agent=grant.agent,
-                request_id=request.id,
-                grant_id=grant.id,
-                details={
-                    "action": grant.action,
-                    "not_after": grant.not_after.isoformat(),
-                    "offline": grant.offline.mode.value,
-                    "seq": str(grant.grant_seq),
-                },
-            ),
-        ]
+        (command,) = await write_grants(tx, [(request, replace(grant, grant_seq=seq), by)], now)
+        return command.grant, command
 
     def _new_grant(self, request: Request, rule: Rule, now: datetime) -> Grant:
         """The grant an approval of `request` under `rule` creates, starting now."""

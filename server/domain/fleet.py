@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from jitmesh import validation as v
 from jitmesh.clock import Clock
 from jitmesh.crashpoints import crash_point
-from jitmesh.types import Agent, Grant, GrantState
+from jitmesh.types import Agent, Grant, GrantState, LockTarget
 
 from .access import hash_secret
 from .batching import GroupCommit
@@ -24,7 +24,9 @@ from .errors import (
     Unauthenticated,
     invalid_input,
 )
+from .grants import end_grants
 from .hub import Hub
+from .lifecycle import DUE_GRANT_STATES, LIVE_GRANT_STATES
 from .models import (
     NO_CHANGE,
     AgentAck,
@@ -136,22 +138,24 @@ class FleetService:
         _require_admin(principal)
         now = self._clock.now()
         async with self._store.transaction() as tx:
-            if not v.AGENT.fullmatch(name) or not await tx.remove_agent(name, now):
+            if not v.AGENT.fullmatch(name):
                 raise NotFound("no such agent")
+            live = await tx.locked_grants(LockTarget(agent=name), LIVE_GRANT_STATES)
+            if not await tx.remove_agent(name, now):
+                raise NotFound("no such agent")
+            await tx.audit(AuditEntry("agent.removed", principal.name, now, agent=name))
             # The agent can no longer connect, so no revoke can be acknowledged: its live grants
             # are REVOKE_FAILED (never reported as revoked); the host still ends them at not_after.
-            for grant in await tx.live_grants(name):
-                await tx.move_grant(
-                    grant.id,
-                    expected=[grant.state],
-                    state=GrantState.REVOKE_FAILED,
-                    change=GrantChange(
-                        failure="agent removed before a revoke could be acknowledged",
-                        ended_by=principal.name,
-                        ended_at=now,
-                    ),
-                )
-            await tx.audit(AuditEntry("agent.removed", principal.name, now, agent=name))
+            await end_grants(
+                tx,
+                live,
+                now,
+                by=principal.name,
+                end_reason="agent removed",
+                kind="grant.revoke_failed",
+                failure="agent removed before a revoke could be acknowledged",
+                expected=LIVE_GRANT_STATES - {GrantState.REVOKE_FAILED},
+            )
         self._links.disconnect(name, "agent removed")
         await self._hub.audit_written(tx.new_audit)
 
@@ -425,7 +429,7 @@ class FleetService:
             if stored and grant is not None and event.kind == "grant.expired":
                 await tx.move_grant(
                     grant.id,
-                    expected=[GrantState.ACTIVE, GrantState.PENDING_DELIVERY, GrantState.REVOKING],
+                    expected=DUE_GRANT_STATES,
                     state=GrantState.EXPIRED,
                     change=GrantChange(ended_at=now, end_reason="expired"),
                 )

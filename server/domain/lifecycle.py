@@ -42,10 +42,19 @@ GRANT_TRANSITIONS: dict[GrantState, frozenset[GrantState]] = {
     G.FAILED: frozenset(),
 }
 
+# Each set of grant states is named here once; everything else imports it.
 # Grants that may still be in force on the host.
 LIVE_GRANT_STATES = frozenset({G.PENDING_DELIVERY, G.ACTIVE, G.REVOKING, G.REVOKE_FAILED})
-# Grants a revoke or release can still act on.
+# Grants a release can still act on (delivered or on their way).
 REVOCABLE_GRANT_STATES = frozenset({G.PENDING_DELIVERY, G.ACTIVE})
+# Grants a revoke or a lock ends: those the agent may still hold, a failed removal included (a
+# REVOKING one is already on its way out).
+ENDABLE_GRANT_STATES = frozenset({G.PENDING_DELIVERY, G.ACTIVE, G.REVOKE_FAILED})
+# Grants the expiry sweep (and an agent's grant.expired event) moves to EXPIRED at not_after.
+DUE_GRANT_STATES = (G.ACTIVE, G.PENDING_DELIVERY, G.REVOKING)
+# Grants that can be extended in place, and that a new request for the same agent and action
+# reuses instead of asking again.
+EXTENDABLE_GRANT_STATES = frozenset({G.PENDING_DELIVERY, G.ACTIVE})
 
 
 def check_request_transition(current: RequestState, target: RequestState) -> None:

@@ -8,21 +8,20 @@ between). A lock ends when an admin lifts it or at its optional expiry."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime, timedelta
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock
-from jitmesh.types import Grant, GrantState, Lock, LockTarget, Request, RequestState
+from jitmesh.types import Lock, LockTarget, Request, RequestState
 
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
+from .grants import end_grants
 from .hub import Hub
-from .models import AuditEntry, Command, CommandKind, GrantChange, Principal, new_id
+from .lifecycle import ENDABLE_GRANT_STATES
+from .models import AuditEntry, Principal, new_id
 from .ports import CommandSink, Store, Tx
 
 MAX_LOCK_TTL = timedelta(days=366)
-# Live grants a lock revokes: those the agent may still hold (a REVOKING one is on its way out).
-LOCKABLE_GRANT_STATES = (GrantState.PENDING_DELIVERY, GrantState.ACTIVE, GrantState.REVOKE_FAILED)
 
 
 class LockService:
@@ -60,44 +59,18 @@ class LockService:
         how = f"locked: {lock.id}"
         async with self._store.transaction() as tx:
             await tx.insert_lock(lock)
-            entries = [_lock_entry("lock.created", principal.name, lock, now)]
-            grants = await tx.locked_grants(target, LOCKABLE_GRANT_STATES)
-            moved = await tx.move_grants(
-                [g.id for g in grants],
-                expected=LOCKABLE_GRANT_STATES,
-                state=GrantState.REVOKING,
-                change=GrantChange(ended_by=principal.name, end_reason=how),
+            await tx.audit(_lock_entry("lock.created", principal.name, lock, now))
+            grants = await tx.locked_grants(target, ENDABLE_GRANT_STATES)
+            ending, commands = await end_grants(
+                tx,
+                grants,
+                now,
+                by=principal.name,
+                end_reason=how,
+                kind="grant.revoking",
+                details={"reason": reason, "lock": lock.id},
             )
-            ending = [g for g in grants if g.id in moved]
-            seqs = await tx.append_revokes(ending, now, "revoked")
-            commands = [
-                Command(
-                    g.agent,
-                    seqs[g.id],
-                    CommandKind.REVOKE,
-                    _revoking(g, seqs[g.id], principal.name, how),
-                    "revoked",
-                )
-                for g in ending
-            ]
-            entries.extend(
-                AuditEntry(
-                    "grant.revoking",
-                    principal.name,
-                    now,
-                    subject=g.subject,
-                    agent=g.agent,
-                    request_id=g.request_id,
-                    grant_id=g.id,
-                    details={
-                        "action": g.action,
-                        "reason": reason,
-                        "lock": lock.id,
-                        "seq": str(seqs[g.id]),
-                    },
-                )
-                for g in ending
-            )
+            entries = []
             denied = []
             for request in await tx.locked_requests(target):
                 if await tx.decide_request(
@@ -180,10 +153,6 @@ def checked_target(target: LockTarget) -> LockTarget:
             v.check(v.ACTION, target.action, "action")
     # Subjects are one person whatever their case: locks match them case-folded.
     return LockTarget(subject=target.subject.lower(), agent=target.agent, action=target.action)
-
-
-def _revoking(grant: Grant, seq: int, by: str, how: str) -> Grant:
-    return replace(grant, state=GrantState.REVOKING, revoke_seq=seq, ended_by=by, end_reason=how)
 
 
 def _lock_entry(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -25,6 +25,17 @@ STATUS: dict[type[e.DomainError], grpc.StatusCode] = {
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+async def not_built(
+    context: grpc.aio.ServicerContext[Any, Any], method: str, issue: int
+) -> NoReturn:
+    """An RPC of the wire revision whose behaviour has not landed yet (docs/wire.md): gRPC's
+    UNIMPLEMENTED, as an unregistered method would answer."""
+    await context.abort(
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"{method} is not implemented by this coordinator yet (issue {issue})",
+    )
 
 
 def status_of(error: e.DomainError) -> grpc.StatusCode:

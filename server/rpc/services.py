@@ -34,7 +34,7 @@ from server.signing import SigningKeys
 
 from . import convert as c
 from .auth import Authenticator, cert_binding, peer_certificate
-from .errors import mapped, status_of
+from .errors import mapped, not_built, status_of
 from .limits import RateLimiter, peer_host
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -190,6 +190,16 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
         principal = await self._auth.operator(context)
         return c.grant(await self._access.release(principal, request.id))
 
+    async def ExtendGrant(
+        self, request: access_pb2.ExtendGrantRequest, context: Ctx
+    ) -> access_pb2.ExtendGrantResponse:
+        await not_built(context, "ExtendGrant", 11)
+
+    async def ListRequestOptions(
+        self, request: access_pb2.ListRequestOptionsRequest, context: Ctx
+    ) -> access_pb2.ListRequestOptionsResponse:
+        await not_built(context, "ListRequestOptions", 11)
+
 
 class AgentsServicer(agents_pb2_grpc.AgentsServicer):
     def __init__(
@@ -338,6 +348,16 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
             for k in self._keys.public_keys()
         ]
 
+    async def ListJoinTokens(
+        self, request: agents_pb2.ListJoinTokensRequest, context: Ctx
+    ) -> agents_pb2.ListJoinTokensResponse:
+        await not_built(context, "ListJoinTokens", 10)
+
+    async def RevokeJoinToken(
+        self, request: agents_pb2.RevokeJoinTokenRequest, context: Ctx
+    ) -> agents_pb2.JoinTokenInfo:
+        await not_built(context, "RevokeJoinToken", 10)
+
 
 def _token_info(info: TokenInfo) -> identity_pb2.TokenInfo:
     return identity_pb2.TokenInfo(
@@ -354,6 +374,21 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
     def __init__(self, auth: Authenticator, tokens: TokenService) -> None:
         self._auth = auth
         self._tokens = tokens
+
+    async def SetUserGroups(
+        self, request: identity_pb2.SetUserGroupsRequest, context: Ctx
+    ) -> identity_pb2.UserInfo:
+        await not_built(context, "SetUserGroups", 10)
+
+    async def ExchangeIdToken(
+        self, request: identity_pb2.ExchangeIdTokenRequest, context: Ctx
+    ) -> identity_pb2.ExchangeIdTokenResponse:
+        await not_built(context, "ExchangeIdToken", 13)
+
+    async def GetSignInConfig(
+        self, request: identity_pb2.GetSignInConfigRequest, context: Ctx
+    ) -> identity_pb2.SignInConfig:
+        await not_built(context, "GetSignInConfig", 13)
 
     @mapped
     async def CreateToken(

@@ -36,7 +36,7 @@ from jitmesh.types import (
 )
 from server.domain.audit import GENESIS
 from server.domain.errors import Conflict
-from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
+from server.domain.lifecycle import DUE_GRANT_STATES, GRANT_TRANSITIONS, REQUEST_TRANSITIONS
 from server.domain.models import (
     NO_CHANGE,
     AuditEntry,
@@ -816,7 +816,7 @@ def _grant_sets(
 
 
 # Grant states the expiry sweep moves, in the order it takes them.
-_DUE_GRANT_STATES = (GrantState.ACTIVE, GrantState.PENDING_DELIVERY, GrantState.REVOKING)
+_DUE_GRANT_STATES = DUE_GRANT_STATES
 _DUE_GRANT_IN = "'PENDING_DELIVERY', 'ACTIVE', 'REVOKING'"  # as in the grants_live index
 _AUDIT_INSERT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 

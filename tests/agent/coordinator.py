@@ -205,6 +205,16 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
     ) -> agents_pb2.RemoveAgentResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this fake")
 
+    async def ListJoinTokens(
+        self, request: agents_pb2.ListJoinTokensRequest, context: _Context
+    ) -> agents_pb2.ListJoinTokensResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this fake")
+
+    async def RevokeJoinToken(
+        self, request: agents_pb2.RevokeJoinTokenRequest, context: _Context
+    ) -> agents_pb2.JoinTokenInfo:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this fake")
+
 
 @contextlib.asynccontextmanager
 async def serving() -> AsyncIterator[Coordinator]:

@@ -7,6 +7,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from agent.domain.commands import CommandSpec, GrantSpec, RevokeSpec, SnapshotSpec
+from agent.domain.coverage import Cover
 from agent.domain.leases import HOLD, Lease, LeaseState
 from jitmesh.types import OfflineMode, OfflinePolicy
 
@@ -78,3 +79,15 @@ def command(
 
 def ended(item: Lease, at: datetime) -> Lease:
     return replace(item, state=LeaseState.REMOVED, removed_at=at, remove_reason="revoked")
+
+
+def cover(
+    subject: str = "alice",
+    action: str = "deploy",
+    *,
+    grant_id: str = "grt-00000000000000000000000000000001",
+    start: timedelta = timedelta(0),
+    length: timedelta = timedelta(minutes=10),
+) -> Cover:
+    """The window an enforcer is given for a pair."""
+    return Cover(subject, action, grant_id, T0 + start, T0 + start + length)

@@ -3,6 +3,7 @@ show: failures at a chosen step)."""
 
 from __future__ import annotations
 
+from agent.domain.coverage import Cover
 from agent.domain.errors import EnforcerError
 from agent.domain.leases import Pair
 
@@ -19,17 +20,25 @@ class RecordingEnforcer:
         self.fail_apply: set[Pair] = set()
         self.fail_remove: set[Pair] = set()
         self.fail_observe = False
+        # The window each pair was last applied or extended with.
+        self.windows: dict[Pair, Cover] = {}
 
     @property
     def name(self) -> str:
         return self._name
 
-    async def apply(self, subject: str, action: str) -> None:
+    async def apply(self, cover: Cover) -> None:
+        subject, action = cover.pair
         self.calls.append(("apply", (subject, action)))
         self.journal.append((self._name, "apply"))
         if (subject, action) in self.fail_apply:
             raise EnforcerError(f"{self._name}: apply refused")
         self.in_force.add((subject, action))
+        self.windows[cover.pair] = cover
+
+    async def extend(self, cover: Cover) -> None:
+        self.calls.append(("extend", cover.pair))
+        self.windows[cover.pair] = cover
 
     async def remove(self, subject: str, action: str) -> None:
         self.calls.append(("remove", (subject, action)))

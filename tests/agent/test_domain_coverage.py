@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from agent.domain.coverage import held_pairs, pair_changes, reconcile
+from datetime import timedelta
+
+from agent.domain.coverage import covers, held_pairs, pair_changes, reconcile
 from agent.domain.leases import LeaseState
 
 from .factories import lease
@@ -70,3 +72,19 @@ def test_reconcile_applies_missing_and_removes_unknown() -> None:
     plan = reconcile({("a", "x"), ("b", "y")}, {("b", "y"), ("c", "z")})
     assert plan.apply == {("a", "x")}
     assert plan.remove == {("c", "z")}
+
+
+def test_the_window_is_the_latest_deadline_of_the_live_leases() -> None:
+    short, long = lease(length=timedelta(minutes=5)), lease(length=timedelta(minutes=30))
+    window = covers([short, long])[PAIR]
+    assert (window.grant_id, window.not_after) == (long.grant_id, long.not_after)
+    # A longer lease starting moves the deadline of a pair already in force: no apply.
+    changes = pair_changes([short], starting=[long])
+    assert (changes.apply, changes.moved) == (frozenset(), frozenset({PAIR}))
+    assert changes.after[PAIR].not_after == long.not_after
+    # The longest ending while the other still covers the pair: the deadline comes back.
+    changes = pair_changes([short, long], ending=[long])
+    assert (changes.remove, changes.moved) == (frozenset(), frozenset({PAIR}))
+    assert changes.after[PAIR].not_after == short.not_after
+    # A shorter one ending moves nothing.
+    assert pair_changes([short, long], ending=[short]).moved == frozenset()

@@ -14,6 +14,7 @@ import pytest
 from agent.domain.errors import EnforcerError, HookFailed, HookTimeout
 from agent.enforcers.base import Enforcer
 from agent.enforcers.exec import ExecEnforcer, Hooks
+from tests.agent.factories import cover
 
 
 def script(tmp_path: Path, name: str, body: str) -> str:
@@ -69,7 +70,7 @@ def test_exec_enforcer_implements_the_interface(tmp_path: Path) -> None:
 
 async def test_apply_and_remove_run_their_hooks_with_the_pair(tmp_path: Path) -> None:
     enforcer = ExecEnforcer(recording_hooks(tmp_path))
-    await enforcer.apply("alice", "deploy")
+    await enforcer.apply(cover("alice", "deploy"))
     await enforcer.remove("alice", "deploy")
     assert (tmp_path / "calls.log").read_text().splitlines() == [
         "apply --user=alice deploy alice deploy",
@@ -83,14 +84,14 @@ async def test_values_are_never_interpreted_by_a_shell(tmp_path: Path) -> None:
     dumper.write_text("import json, sys\njson.dump(sys.argv[2:], open(sys.argv[1], 'w'))\n")
     hook = (sys.executable, str(dumper), str(out), "{subject};{action}", "$(id)", "`id`")
     enforcer = ExecEnforcer(Hooks(apply=hook, remove=hook))
-    await enforcer.apply("alice", "deploy")
+    await enforcer.apply(cover("alice", "deploy"))
     assert json.loads(out.read_text()) == ["alice;deploy", "$(id)", "`id`"]
 
 
 async def test_invalid_names_never_reach_a_hook(tmp_path: Path) -> None:
     enforcer = ExecEnforcer(recording_hooks(tmp_path))
     with pytest.raises(EnforcerError, match="subject is not valid"):
-        await enforcer.apply("alice; rm -rf /", "deploy")
+        await enforcer.apply(cover("alice; rm -rf /", "deploy"))
     assert not (tmp_path / "calls.log").exists()
 
 
@@ -100,7 +101,7 @@ async def test_nonzero_exit_raises_with_the_code_and_a_redacted_tail(tmp_path: P
         Hooks(apply=(failing,), remove=(failing,), env={"API_TOKEN": "s3cr3t-canary"})
     )
     with pytest.raises(HookFailed) as caught:
-        await enforcer.apply("alice", "deploy")
+        await enforcer.apply(cover("alice", "deploy"))
     assert caught.value.exit_code == 3
     assert "exited with code 3" in str(caught.value)
     assert "s3cr3t-canary" not in str(caught.value)
@@ -112,7 +113,7 @@ async def test_missing_program_is_an_enforcer_error(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-hook")
     enforcer = ExecEnforcer(Hooks(apply=(missing,), remove=(missing,)))
     with pytest.raises(EnforcerError, match="could not start"):
-        await enforcer.apply("alice", "deploy")
+        await enforcer.apply(cover("alice", "deploy"))
 
 
 async def test_hanging_hook_is_killed_with_its_process_group(tmp_path: Path) -> None:
@@ -122,7 +123,7 @@ async def test_hanging_hook_is_killed_with_its_process_group(tmp_path: Path) -> 
         Hooks(apply=(hang,), remove=(hang,), timeout=timedelta(milliseconds=500))
     )
     with pytest.raises(HookTimeout, match="timed out"):
-        await enforcer.apply("alice", "deploy")
+        await enforcer.apply(cover("alice", "deploy"))
     child, leader = (int(word) for word in pids.read_text().split())
     await wait_gone(child)
     await wait_gone(leader)
@@ -135,7 +136,7 @@ async def test_cancelling_a_hook_kills_its_process_group(tmp_path: Path) -> None
     os.mkfifo(fifo)
     hang = script(tmp_path, "hang.sh", f'sleep 300 &\necho "$! $$" > {fifo}\nwait\n')
     enforcer = ExecEnforcer(Hooks(apply=(hang,), remove=(hang,), timeout=timedelta(minutes=5)))
-    task = asyncio.ensure_future(enforcer.apply("alice", "deploy"))
+    task = asyncio.ensure_future(enforcer.apply(cover("alice", "deploy")))
     # Reading the FIFO blocks until the hook has written its pids: it is running.
     async with asyncio.timeout(5):
         words = (await asyncio.to_thread(fifo.read_text)).split()
@@ -157,7 +158,7 @@ async def test_a_hook_that_leaves_a_process_behind_does_not_block(tmp_path: Path
     enforcer = ExecEnforcer(Hooks(apply=(leave,), remove=(leave,), timeout=timedelta(minutes=5)))
     try:
         async with asyncio.timeout(10):
-            await enforcer.apply("alice", "deploy")
+            await enforcer.apply(cover("alice", "deploy"))
     finally:
         leftover = int(pids.read_text())
         os.kill(leftover, 9)
@@ -174,7 +175,7 @@ async def test_hooks_get_a_fixed_environment_and_nothing_inherited(
     dumper.write_text("import json, os, sys\njson.dump(dict(os.environ), open(sys.argv[1], 'w'))\n")
     hook = (sys.executable, str(dumper), str(out))
     enforcer = ExecEnforcer(Hooks(apply=hook, remove=hook, env={"HOOK_MODE": "strict"}))
-    await enforcer.apply("alice", "deploy")
+    await enforcer.apply(cover("alice", "deploy"))
     env = json.loads(out.read_text())
     assert env == {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",

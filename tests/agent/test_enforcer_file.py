@@ -12,7 +12,7 @@ from agent.enforcers.base import Enforcer
 from agent.enforcers.file import FileEnforcer
 from jitmesh.clock import FakeClock
 
-from .factories import T0
+from .factories import T0, cover
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def test_file_enforcer_implements_the_interface(enforcer: FileEnforcer) -> None:
 
 
 async def test_apply_writes_one_json_marker(enforcer: FileEnforcer) -> None:
-    await enforcer.apply("alice", "deploy")
+    await enforcer.apply(cover("alice", "deploy"))
     marker = enforcer.directory / "alice:deploy"
     assert json.loads(marker.read_text()) == {
         "subject": "alice",
@@ -37,8 +37,8 @@ async def test_apply_writes_one_json_marker(enforcer: FileEnforcer) -> None:
 
 
 async def test_apply_and_remove_are_idempotent(enforcer: FileEnforcer) -> None:
-    await enforcer.apply("alice", "deploy")
-    await enforcer.apply("alice", "deploy")
+    await enforcer.apply(cover("alice", "deploy"))
+    await enforcer.apply(cover("alice", "deploy"))
     assert await enforcer.observe() == {("alice", "deploy")}
     await enforcer.remove("alice", "deploy")
     await enforcer.remove("alice", "deploy")
@@ -48,8 +48,8 @@ async def test_apply_and_remove_are_idempotent(enforcer: FileEnforcer) -> None:
 
 async def test_observe_lists_markers_and_ignores_other_files(enforcer: FileEnforcer) -> None:
     assert await enforcer.observe() == set()  # no directory yet
-    await enforcer.apply("alice", "deploy")
-    await enforcer.apply("bob@example.com", "db.read")
+    await enforcer.apply(cover("alice", "deploy"))
+    await enforcer.apply(cover("bob@example.com", "db.read"))
     (enforcer.directory / ".alice:deploy.1234.tmp").write_text("")
     (enforcer.directory / "README").write_text("")
     (enforcer.directory / "Bad Name:x").write_text("")
@@ -64,7 +64,7 @@ async def test_names_that_could_be_paths_are_refused(
     enforcer: FileEnforcer, tmp_path: Path, subject: str, action: str
 ) -> None:
     with pytest.raises(EnforcerError, match="not valid"):
-        await enforcer.apply(subject, action)
+        await enforcer.apply(cover(subject, action))
     with pytest.raises(EnforcerError, match="not valid"):
         await enforcer.remove(subject, action)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -75,6 +75,6 @@ async def test_unwritable_directory_is_an_enforcer_error(tmp_path: Path) -> None
     blocker.write_text("a file where the directory should be")
     enforcer = FileEnforcer(blocker)
     with pytest.raises(EnforcerError, match="cannot write marker"):
-        await enforcer.apply("alice", "deploy")
+        await enforcer.apply(cover("alice", "deploy"))
     with pytest.raises(EnforcerError, match="cannot list markers"):
         await enforcer.observe()

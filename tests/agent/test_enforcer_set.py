@@ -10,6 +10,7 @@ from agent.domain.errors import ApplyFailed, EnforcerError
 from agent.enforcers.base import EnforcerSet
 from agent.enforcers.file import FileEnforcer
 
+from .factories import cover
 from .fakes import RecordingEnforcer
 
 PAIR = ("alice", "deploy")
@@ -18,7 +19,7 @@ PAIR = ("alice", "deploy")
 async def test_apply_runs_every_enforcer_in_order(tmp_path: Path) -> None:
     files = FileEnforcer(tmp_path)
     recorder = RecordingEnforcer()
-    await EnforcerSet([files, recorder]).apply(PAIR)
+    await EnforcerSet([files, recorder]).apply(cover(*PAIR))
     assert await files.observe() == {PAIR}
     assert recorder.calls == [("apply", PAIR)]
 
@@ -29,7 +30,7 @@ async def test_a_failing_enforcer_rolls_back_the_others(tmp_path: Path) -> None:
     broken.fail_apply.add(PAIR)
     after = RecordingEnforcer("after")
     with pytest.raises(ApplyFailed) as caught:
-        await EnforcerSet([files, broken, after]).apply(PAIR)
+        await EnforcerSet([files, broken, after]).apply(cover(*PAIR))
     assert caught.value.rolled_back
     assert "apply refused" in str(caught.value)
     assert await files.observe() == set()
@@ -44,7 +45,7 @@ async def test_a_failed_rollback_is_reported(tmp_path: Path) -> None:
     broken = RecordingEnforcer("broken")
     broken.fail_apply.add(PAIR)
     with pytest.raises(ApplyFailed) as caught:
-        await EnforcerSet([sticky, broken]).apply(PAIR)
+        await EnforcerSet([sticky, broken]).apply(cover(*PAIR))
     assert not caught.value.rolled_back
     assert sticky.in_force == {PAIR}
 
@@ -55,7 +56,7 @@ async def test_remove_tries_every_enforcer_then_raises_the_first_error(tmp_path:
     stuck = RecordingEnforcer("stuck", journal)
     last = RecordingEnforcer("last", journal)
     enforcers = EnforcerSet([first, stuck, last])
-    await enforcers.apply(PAIR)
+    await enforcers.apply(cover(*PAIR))
     stuck.fail_remove.add(PAIR)
     journal.clear()
     with pytest.raises(EnforcerError, match="stuck: remove refused"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.domain.commands import AckStatus, RevokeSpec, SnapshotSpec
+from agent.domain.coverage import Cover
 from agent.domain.leases import LeaseState
 from agent.enforcers.base import EnforcerSet
 from agent.enforcers.file import FileEnforcer
@@ -20,7 +21,7 @@ from agent.engine import Engine
 from agent.store.sqlite import SqliteLeaseStore
 from jitmesh.clock import FakeClock
 
-from .factories import AGENT, T0, command, gid, grant, revoke_after
+from .factories import AGENT, T0, command, cover, gid, grant, revoke_after
 from .fakes import RecordingEnforcer
 
 MIN = timedelta(minutes=1)
@@ -101,7 +102,7 @@ class _Killed(BaseException):
 
 
 class _DiesOnApply(RecordingEnforcer):
-    async def apply(self, subject: str, action: str) -> None:
+    async def apply(self, cover: Cover) -> None:
         raise _Killed
 
 
@@ -279,10 +280,10 @@ class _TableFillsDuringApply(RecordingEnforcer):
 
     store: SqliteLeaseStore | None = None
 
-    async def apply(self, subject: str, action: str) -> None:
+    async def apply(self, cover: Cover) -> None:
         assert self.store is not None
         self.store._db.execute("PRAGMA query_only=1")
-        await super().apply(subject, action)
+        await super().apply(cover)
 
 
 async def test_failed_apply_that_cannot_be_recorded_never_comes_back(tmp_path: Path) -> None:
@@ -388,7 +389,7 @@ async def test_restart_expires_what_ended_while_down_then_reconciles(rig: Rig) -
     # While down: time passes, someone deletes bob's marker, and someone adds access by hand.
     await rig.clock.advance(10 * MIN)
     (rig.state / "markers" / "bob:ssh").unlink()
-    await rig.files.apply("mallory", "root")
+    await rig.files.apply(cover("mallory", "root"))
 
     again = build(rig.state, rig.clock, RecordingEnforcer())
     try:

@@ -26,7 +26,7 @@ from agent.store.readonly import DB_NAME, find_allowing
 from agent.store.sqlite import SqliteLeaseStore
 from jitmesh.clock import FakeClock, to_ms
 
-from .factories import AGENT, T0, command, grant
+from .factories import AGENT, T0, command, cover, grant
 from .fakes import RecordingEnforcer
 
 SEC = timedelta(seconds=1)
@@ -252,7 +252,7 @@ async def test_report_only_drift_is_audited_once_and_left_in_place(tmp_path: Pat
     state = tmp_path / "state"
     agent = build(state, clock, hook, drift=DriftMode.REPORT)
     # Access on the host that the lease table never granted.
-    await agent.files.apply(*OTHER)
+    await agent.files.apply(cover(*OTHER))
     await agent.engine.start()
     try:
         assert OTHER in await agent.files.observe()

@@ -272,6 +272,16 @@ async def _missing(context: Ctx, what: str) -> NoReturn:
 
 
 class AccessService(access_pb2_grpc.AccessServicer):
+    async def ExtendGrant(
+        self, request: access_pb2.ExtendGrantRequest, context: Ctx
+    ) -> access_pb2.ExtendGrantResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def ListRequestOptions(
+        self, request: access_pb2.ListRequestOptionsRequest, context: Ctx
+    ) -> access_pb2.ListRequestOptionsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
     def __init__(self, model: Scripted) -> None:
         self.m = model
 
@@ -471,6 +481,16 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
     async def RenewCertificate(
         self, request: agents_pb2.RenewCertificateRequest, context: Ctx
     ) -> agents_pb2.RenewCertificateResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def ListJoinTokens(
+        self, request: agents_pb2.ListJoinTokensRequest, context: Ctx
+    ) -> agents_pb2.ListJoinTokensResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def RevokeJoinToken(
+        self, request: agents_pb2.RevokeJoinTokenRequest, context: Ctx
+    ) -> agents_pb2.JoinTokenInfo:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
 
 

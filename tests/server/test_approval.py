@@ -20,6 +20,7 @@ from jitmesh.types import (
     StageMode,
 )
 from server.domain.approval import (
+    Outcome,
     Usage,
     apply_review,
     auto_decision,
@@ -69,7 +70,7 @@ def review(
     return Review(who, decision, "", at(minutes), PEOPLE.get(who, ()) if groups is None else groups)
 
 
-def outcome(reviews: list[Review], now: float = 59, plan: ApprovalPlan = PLAN):  # type: ignore[no-untyped-def]
+def outcome(reviews: list[Review], now: float = 59, plan: ApprovalPlan = PLAN) -> Outcome:
     return apply_review(plan, reviews, at(now), requester="alice", opened_at=T0, deadline=DEADLINE)
 
 

@@ -49,7 +49,7 @@ from jitmesh.types import (
 )
 from server.domain.audit import GENESIS
 from server.domain.errors import Conflict
-from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
+from server.domain.lifecycle import DUE_GRANT_STATES, GRANT_TRANSITIONS, REQUEST_TRANSITIONS
 from server.domain.models import (
     NO_CHANGE,
     AuditEntry,
@@ -107,7 +107,7 @@ _COMMAND_INSERT = (
 _AUDIT_INSERT = (
     f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({','.join(['%s'] * len(rec.AUDIT_COLUMNS))})"
 )
-_DUE_GRANT_STATES = (GrantState.ACTIVE, GrantState.PENDING_DELIVERY, GrantState.REVOKING)
+_DUE_GRANT_STATES = DUE_GRANT_STATES
 
 
 def with_schema(dsn: str, schema: str) -> str:

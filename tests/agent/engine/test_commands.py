@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 
 from agent.domain.commands import AckStatus, RevokeSpec, SnapshotSpec
@@ -118,3 +119,14 @@ async def test_a_command_waits_for_its_own_pairs_background_removal_only(
         assert ack.status is AckStatus.APPLIED
         assert hook.in_force == {PAIR, ("bob", "read")}
         loop.cancel()
+
+
+async def test_the_same_grant_with_a_later_deadline_moves_the_hosts_deadline(bench: Bench) -> None:
+    commands = bench.parts.commands
+    spec = grant()
+    await commands.handle(command(1, spec))
+    later = replace(spec, not_after=spec.not_after + timedelta(minutes=15))
+    ack = await commands.handle(command(2, later))
+    assert (ack.status, ack.reason) == (AckStatus.APPLIED, "updated")
+    assert bench.hook.windows[PAIR].not_after == later.not_after
+    assert bench.hook.count("apply", PAIR) == 1

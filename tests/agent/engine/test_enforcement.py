@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 
+from agent.domain.coverage import Cover
 from agent.domain.errors import EnforcerError
 from agent.domain.leases import Pair
 from agent.enforcers.base import EnforcerSet
@@ -47,7 +48,7 @@ async def test_failures_are_returned_per_pair(bench: Bench) -> None:
 class _Stuck(RecordingEnforcer):
     """Applies halfway, then cannot be taken away either."""
 
-    async def apply(self, subject: str, action: str) -> None:
+    async def apply(self, cover: Cover) -> None:
         raise EnforcerError("half applied")
 
     async def remove(self, subject: str, action: str) -> None:
@@ -77,3 +78,24 @@ async def test_holding_is_the_active_leases_that_hold(bench: Bench) -> None:
     live, later = lease(), lease(start=timedelta(hours=1), applied=False)
     await bench.put(live, later)
     assert [x.grant_id for x in await bench.parts.enforcement.holding()] == [live.grant_id]
+
+
+async def test_enforcers_hear_when_only_the_deadline_moves(bench: Bench) -> None:
+    enforce, hook = bench.parts.enforcement.enforce, bench.hook
+    short, long = lease(length=timedelta(minutes=5)), lease(length=timedelta(hours=1))
+    await enforce([], starting=[short])
+    assert hook.windows[PAIR].not_after == short.not_after
+    await enforce([short], starting=[long])
+    assert hook.windows[PAIR].not_after == long.not_after
+    await enforce([short, long], ending=[long])
+    assert hook.windows[PAIR].not_after == short.not_after
+    assert [op for op, _ in hook.calls] == ["apply", "extend", "extend"]
+
+
+async def test_removal_listeners_hear_the_cause(bench: Bench) -> None:
+    heard: list[tuple[Pair, str]] = []
+    bench.parts.enforcement.on_removed.append(lambda pair, cause: heard.append((pair, cause)))
+    held = lease()
+    await bench.parts.enforcement.enforce([], starting=[held])
+    await bench.parts.enforcement.enforce([held], ending=[held], cause="expired")
+    assert heard == [(PAIR, "expired")]

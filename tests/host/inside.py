@@ -1,0 +1,250 @@
+"""The host half of the host tests: runs inside the private mount namespace that
+`tests.host.sandbox` made (overlay over /etc, tmpfs over /home, /run, /var/log, /var/mail), never
+elsewhere. `python -m tests.host.inside SCENARIO JSON_ARGS`; prints one JSON line with what it saw.
+
+Real programs throughout: useradd, su, sudo and visudo, gpasswd, sshd and ssh, pamtester.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from agent.domain.coverage import Cover
+from agent.enforcers.sudo import Bundle, SudoEnforcer, SudoSettings
+
+ID_U = "/usr/bin/id -u"
+BIN = Path(sys.executable).parent
+
+
+def _inside() -> None:
+    # Refuse to run anywhere but in the sandbox: /etc must be the overlay.
+    with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
+        if not any(line.split()[4] == "/etc" and " overlay " in line for line in mounts):
+            raise SystemExit("tests.host.inside runs only under tests.host.sandbox (no overlay)")
+
+
+def sh(*argv: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str]:
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def make_user(name: str) -> None:
+    home = f"/home/{name}"
+    rc, out = sh("useradd", "-l", "-m", "-d", home, "-s", "/bin/sh", name)
+    assert rc == 0, out
+
+
+def as_user(user: str, command: str) -> tuple[int, str]:
+    return sh("su", "-s", "/bin/sh", user, "-c", command)
+
+
+def sudo_as(user: str, command: str) -> tuple[int, str]:
+    """`sudo -n COMMAND` as `user` (never asks for a password: refused instead)."""
+    return as_user(user, f"sudo -n {command}")
+
+
+def wait_until(what: str, done: Callable[[], bool], timeout: float) -> float:
+    """Poll `done` until it holds; the monotonic time it first held."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic()
+
+
+def whole_second(at: datetime) -> datetime:
+    return at.replace(microsecond=0)
+
+
+# Scenarios
+
+
+async def sudo_enforcer(scratch: str) -> dict[str, Any]:
+    make_user("alice")
+    make_user("bob")
+    enforcer = SudoEnforcer(SudoSettings({"restart": Bundle((ID_U,))}))
+    seen: dict[str, Any] = {}
+    now = whole_second(datetime.now(UTC))
+    hour = Cover("alice", "restart", "grt-" + "a" * 32, now, now + timedelta(hours=1))
+    seen["before"] = sudo_as("alice", ID_U)[0]
+    await enforcer.apply(hour)
+    path = enforcer.path_for("alice", "restart")
+    st = path.stat()
+    seen["mode"] = oct(st.st_mode & 0o7777)
+    seen["owner"] = st.st_uid
+    seen["file"] = path.read_text()
+    seen["listed"] = sh("sudo", "-l", "-U", "alice")[1]
+    seen["allowed"] = sudo_as("alice", ID_U)
+    seen["other_args"] = sudo_as("alice", "/usr/bin/id")[0]
+    seen["other_command"] = sudo_as("alice", "/bin/cat /etc/shadow")[0]
+    seen["bob"] = sudo_as("bob", ID_U)[0]
+    seen["observed"] = sorted(await enforcer.observe())
+    # Drift: a rule added by hand to the managed drop-in.
+    with path.open("a") as file:
+        file.write("alice ALL=(ALL) NOPASSWD: ALL\n")
+    seen["observed_after_edit"] = sorted(await enforcer.observe())
+    seen["edited_file_left"] = path.exists()
+    seen["edited_rule_works"] = sudo_as("alice", "/bin/cat /etc/shadow")[0] == 0
+    # Applied again (what the reconcile does), then taken away.
+    await enforcer.apply(hour)
+    seen["reapplied"] = sudo_as("alice", ID_U)[0]
+    await enforcer.remove("alice", "restart")
+    seen["after_remove"] = sudo_as("alice", ID_U)[0]
+    seen["files_left"] = sorted(os.listdir("/etc/sudoers.d"))
+    # Extension: the deadline in the drop-in moves; one file, still allowed.
+    short = Cover("alice", "restart", "grt-" + "b" * 32, now, now + timedelta(seconds=30))
+    await enforcer.apply(short)
+    await enforcer.extend(
+        Cover("alice", "restart", "grt-" + "c" * 32, now, now + timedelta(hours=2))
+    )
+    seen["extended_file"] = path.read_text()
+    seen["extended_allowed"] = sudo_as("alice", ID_U)[0]
+    # The host's own deadline: NOTAFTER passes with the drop-in still in place.
+    start = datetime.now(UTC)
+    ends = whole_second(start) + timedelta(seconds=3)
+    await enforcer.apply(Cover("alice", "restart", "grt-" + "d" * 32, start, ends))
+    seen["native_allowed_before"] = sudo_as("alice", ID_U)[0]
+    wait_until("sudo to refuse", lambda: sudo_as("alice", ID_U)[0] != 0, timeout=15)
+    refused_at = datetime.now(UTC)
+    seen["native_refused_after_s"] = (refused_at - ends).total_seconds()
+    seen["native_file_still_there"] = path.exists()
+    return seen
+
+
+class Coordinator:
+    """A real coordinator in this process (SQLite, gRPC on a loopback port, the dev policy:
+    developers may `restart` on env=staging at once), alice a developer."""
+
+    JOIN = "jmj_host-test-join-token"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    async def __aenter__(self) -> Coordinator:
+        from server.app import build
+        from server.config import CoordinatorConfig
+        from server.domain.models import ADMIN_GROUP, Principal
+        from server.domain.policy import DEV_POLICY
+
+        config = CoordinatorConfig(
+            data_dir=self.root / "coordinator", port=0, default_policy=DEV_POLICY
+        )
+        self.server = await build(config)
+        admin = Principal("admin", frozenset({ADMIN_GROUP}))
+        await self.server.fleet.create_join_token(admin, {}, None, max_uses=None, token=self.JOIN)
+        await self.server.identity.ensure_user("alice", ["developers"], "jmt_host-alice")
+        self.runner = asyncio.create_task(self.server.run())
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    async def connected(self, name: str) -> None:
+        async with asyncio.timeout(20):
+            while not self.server.registry.connected(name):
+                await asyncio.sleep(0.02)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.runner
+
+
+def start_agent(root: Path, address: str, *enforcers: str) -> subprocess.Popen[bytes]:
+    state = root / "agent-state"
+    log = (root / "agent.log").open("ab")
+    return subprocess.Popen(
+        [str(BIN / "jitmesh-agent"), "--coordinator", address, "--name", "web-1",
+         "--label", "env=staging", "--join-token", Coordinator.JOIN, "--state", str(state),
+         "--backoff-base", "0.1", "--backoff-cap", "0.5",
+         *[f"--enforcer={e}" for e in enforcers]],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def agent_config(root: Path, text: str) -> Path:
+    path = root / "agent.toml"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+async def sudo_agent(scratch: str, seconds: int) -> dict[str, Any]:
+    """The README's walk-through: alice gets `restart` on web-1 for a few seconds through the
+    coordinator; with the agent running its expiry removes the drop-in on time; then again with
+    the agent SIGKILLed while the grant is live, and sudo itself refuses after not_after."""
+    from jitmesh import Client
+
+    root = Path(scratch)
+    make_user("alice")
+    config = agent_config(root, f'[enforcers.sudo.actions]\nrestart = ["{ID_U}"]\n')
+    seen: dict[str, Any] = {}
+    dropin = Path("/etc/sudoers.d/jitmesh_alice__restart")
+    async with Coordinator(root) as coordinator:
+        agent = start_agent(root, coordinator.address, f"sudo:{config}")
+        try:
+            await coordinator.connected("web-1")
+            async with await Client.connect(coordinator.address, token="jmt_host-alice") as alice:
+                for case in ("running", "killed"):
+                    _, grant = await alice.create_request(
+                        agent="web-1", action="restart", duration=timedelta(seconds=seconds)
+                    )
+                    assert grant is not None
+                    wait_until("the drop-in", dropin.exists, timeout=15)
+                    seen[f"{case}_allowed"] = sudo_as("alice", ID_U)[0]
+                    seen[f"{case}_file"] = dropin.read_text()
+                    if case == "killed":
+                        agent.kill()
+                        agent.wait(timeout=10)
+                    wait_until(
+                        "sudo to refuse", lambda: sudo_as("alice", ID_U)[0] != 0, 3 * seconds
+                    )
+                    refused = datetime.now(UTC)
+                    seen[f"{case}_refused_after_s"] = (refused - grant.not_after).total_seconds()
+                    if case == "running":
+                        wait_until(
+                            "the agent to remove the drop-in", lambda: not dropin.exists(), 10
+                        )
+                        removed = datetime.now(UTC)
+                        seen["running_removed_after_s"] = (
+                            removed - grant.not_after
+                        ).total_seconds()
+                    else:
+                        seen["killed_file_still_there"] = dropin.exists()
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait(timeout=10)
+    return seen
+
+
+SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
+    "sudo_enforcer": sudo_enforcer,
+    "sudo_agent": sudo_agent,
+}
+
+
+def main() -> None:
+    _inside()
+    name, raw = sys.argv[1], sys.argv[2]
+    args = json.loads(raw)
+    result = asyncio.run(SCENARIOS[name](*args))
+    print(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()

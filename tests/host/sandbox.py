@@ -1,0 +1,71 @@
+"""Run a test's host half in a private mount namespace, never against this machine's own /etc.
+
+`run(tmp_path, "name", ...)` starts `python -m tests.host.inside name ARGS` under
+`unshare --mount` after mounting an overlay over /etc (so `useradd`, sudoers drop-ins, sshd and
+PAM configuration change only the overlay's upper directory in tmp_path) and empty tmpfs over
+/home, /run, /var/log and /var/mail (home directories, sudo's timestamps, sshd's run directory,
+lastlog). Whatever the scenario starts (the agent, sshd, sudo, su) inherits the namespace; when
+the last process in it ends, the mounts are gone. The scenario prints one JSON line last; the
+test asserts on it.
+
+Needs root (mount namespaces and overlay) and Debian's sudo, passwd, openssh-server and
+pamtester: scripts/test installs them when run as root and they are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+PROGRAMS = ("unshare", "visudo", "sudo", "useradd", "gpasswd", "sshd", "ssh", "pamtester")
+TMPFS = ("/home", "/run", "/var/log", "/var/mail")
+
+_SETUP = """
+set -e
+upper=$1; work=$2; shift 2
+mount -t overlay overlay -o "lowerdir=/etc,upperdir=$upper,workdir=$work" /etc
+for d in {dirs}; do [ -d "$d" ] && mount -t tmpfs -o mode=0755 tmpfs "$d"; done
+exec "$@"
+""".format(dirs=" ".join(TMPFS))
+
+
+def missing() -> list[str]:
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    return [p for p in PROGRAMS if shutil.which(p, path=path) is None]
+
+
+def run(tmp_path: Path, scenario: str, *args: Any, timeout: float = 120) -> dict[str, Any]:
+    if os.geteuid() != 0:
+        raise AssertionError("host tests need root (a private mount namespace with an overlay)")
+    absent = missing()
+    if absent:
+        raise AssertionError(
+            f"host tests need {', '.join(absent)}: apt-get install -y sudo passwd "
+            "openssh-server openssh-client pamtester (scripts/test does it when run as root)"
+        )
+    upper, work, scratch = tmp_path / "etc-upper", tmp_path / "etc-work", tmp_path / "scratch"
+    for d in (upper, work, scratch):
+        d.mkdir(exist_ok=True)
+    argv = [
+        "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _SETUP, "sh",
+        str(upper), str(work), sys.executable, "-m", "tests.host.inside", scenario,
+        json.dumps([str(scratch), *args]),
+    ]  # fmt: skip
+    env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
+    proc = subprocess.run(
+        argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise AssertionError(
+            f"scenario {scenario} failed (exit {proc.returncode})\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
