@@ -21,6 +21,7 @@ from server.domain.models import ADMIN_GROUP, Principal, new_secret, user_name
 from server.domain.policy import DEV_POLICY
 from server.domain.ports import Tx
 from server.shared import SecretKeyError
+from server.store.postgres.importer import StoreImportError
 
 log = logging.getLogger("jitmesh.coordinator")
 
@@ -66,6 +67,18 @@ def parser() -> argparse.ArgumentParser:
         help="print a new key for --secret-key-file / JITMESH_SECRET_KEY (replicas on "
         "PostgreSQL encrypt their shared signing keys and CA with it)",
     )
+    move = sub.add_parser(
+        "migrate-store",
+        help="copy a SQLite installation into an empty PostgreSQL store (coordinator stopped), "
+        "then verify the audit chain there",
+    )
+    move.add_argument("--from", dest="source", required=True, help="sqlite:PATH")
+    move.add_argument("--to", dest="target", required=True, help="postgresql://...")
+    move.add_argument(
+        "--data", type=Path, help="the SQLite coordinator's data directory: its signing keys and "
+        "CA are uploaded (encrypted) for the replicas",
+    )  # fmt: skip
+    move.add_argument("--secret-key-file", type=Path, help="else JITMESH_SECRET_KEY")
     fence = sub.add_parser(
         "fence",
         help="raise the cluster epoch (after restoring the store from a backup): agents then "
@@ -168,6 +181,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(new_key())
         return 0
+    if args.command == "migrate-store":
+        try:
+            return asyncio.run(
+                _migrate_store(args.source, args.target, args.data, args.secret_key_file)
+            )
+        except (OSError, ValueError, SecretKeyError, StoreImportError, psycopg.Error) as exc:
+            print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
+            return 1
     if args.command in ("migrate", "fence"):
         if not args.store and args.data is None:
             print(
@@ -281,6 +302,30 @@ def _store_options(args: argparse.Namespace) -> dict[str, object]:
         "replica": args.replica,
         "secret_key_file": args.secret_key_file,
     }
+
+
+async def _migrate_store(source: str, target: str, data: Path | None, key_file: Path | None) -> int:
+    from jitmesh.clock import SystemClock
+    from server.shared import SharedFiles, load_key
+    from server.store.postgres import PostgresStore, import_sqlite
+
+    if not source.startswith("sqlite:"):
+        raise ValueError("--from takes sqlite:PATH")
+    if not target.startswith(("postgresql://", "postgres://")):
+        raise ValueError("--to takes a postgresql:// URL")
+    box = load_key(key_file) if data is not None else None
+    done = await import_sqlite(Path(source.removeprefix("sqlite:")), target)
+    for table, count in done.rows.items():
+        print(f"{table}: {count} rows")
+    print(f"audit chain verified: {done.audit_head[0]} events, head {done.audit_head[1][:16]}")
+    if data is not None and box is not None:
+        store = await PostgresStore.open(target, min_size=1, max_size=2, migrate_now=False)
+        try:
+            await SharedFiles(store, data, box).claim_missing(SystemClock())
+        finally:
+            await store.close()
+        print("signing keys and CA uploaded (encrypted)")
+    return 0
 
 
 async def _maintain(command: str, store_url: str, data: Path | None) -> int:

@@ -1263,3 +1263,8 @@ def _filters(pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
             where.append(f"{column} = %s")
             args.append(value)
     return where, args
+
+
+from .importer import import_sqlite  # noqa: E402  (uses `migrate` above)
+
+__all__ = ["PostgresStore", "PostgresTx", "import_sqlite", "migrate", "with_schema"]
