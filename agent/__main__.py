@@ -115,8 +115,15 @@ def run(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--ca-file",
         type=Path,
-        default=os.environ.get("JITMESH_CA_FILE") or None,
-        help="the coordinator's CA certificate; with it the agent uses mTLS (env JITMESH_CA_FILE)",
+        default=None,
+        help="the coordinator's CA certificate (its DATA/ca/ca.pem): the agent enrolls over TLS "
+        "and connects with mTLS (env JITMESH_CA_FILE); one of --ca-file and --insecure is needed",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="plain text, for a development or --insecure coordinator (env JITMESH_INSECURE=1)",
     )
     parser.add_argument("--state", required=True, type=Path, help="state directory")
     parser.add_argument(
@@ -180,7 +187,16 @@ def run(argv: Sequence[str]) -> int:
 
     from agent.config import AgentConfig, EnforcerConfig, parse_enforcer
     from agent.domain.errors import AgentError, ConfigError
+    from jitmesh import errors, tls
 
+    try:
+        # The rule every client keeps (jitmesh.tls); a flag beats the environment. The agent
+        # cannot use the system's trust store: its mTLS port's certificate is the internal CA's.
+        transport = tls.choose(args.coordinator, ca_file=args.ca_file, insecure=args.insecure)
+        if transport.ca_file is not None:
+            tls.read_ca_file(transport.ca_file)
+    except errors.JitmeshError as exc:
+        return _fail(f"configuration: {exc}")
     try:
         labels = dict(_label(text) for text in args.label)
         enforcers: list[EnforcerConfig] = []
@@ -194,7 +210,8 @@ def run(argv: Sequence[str]) -> int:
             name=args.name,
             labels=labels,
             join_token=args.join_token or None,
-            ca_file=args.ca_file,
+            ca_file=transport.ca_file,
+            insecure=transport.insecure,
             state_dir=args.state,
             enforcers=tuple(enforcers),
             backoff_base=args.backoff_base,

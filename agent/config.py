@@ -149,6 +149,9 @@ class AgentConfig:
     join_token: SecretLike | str | None = field(default=None, repr=False)
     # The coordinator's CA certificate: enroll with a CSR over TLS and connect with mTLS only.
     ca_file: Path | None = None
+    # Plain text (a development or --insecure coordinator): bearer credentials, no TLS. One of
+    # ca_file and insecure must be given: the agent never falls back to plain text by itself.
+    insecure: bool = False
     enforcers: tuple[EnforcerConfig, ...] = ()
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
@@ -182,6 +185,16 @@ class AgentConfig:
         _set(self, "state_dir", _path(self.state_dir, "state_dir"))
         if self.ca_file is not None:
             _set(self, "ca_file", _path(self.ca_file, "ca_file"))
+        if self.insecure not in (True, False):
+            raise ConfigError("insecure: must be true or false")
+        if self.ca_file is None and not self.insecure:
+            raise ConfigError(
+                "the agent speaks TLS to the coordinator: give the coordinator's CA certificate "
+                "(its DATA/ca/ca.pem) with --ca-file or JITMESH_CA_FILE, or --insecure "
+                "(JITMESH_INSECURE=1) for a development coordinator"
+            )
+        if self.ca_file is not None and self.insecure:
+            raise ConfigError("give --ca-file or --insecure, not both")
         enforcers = tuple(self.enforcers)
         kinds = FileEnforcerConfig | ExecEnforcerConfig | SudoEnforcerConfig
         if not all(isinstance(e, kinds) for e in enforcers):

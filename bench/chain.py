@@ -73,16 +73,16 @@ async def _run(dsn: str, mode: str, seconds: float, tasks: int, agents: int) -> 
                 n += 1
                 request, grant = _request_and_grant(agent)
 
-                async def work(tx: Tx) -> None:
+                async def work(
+                    tx: Tx, request: Request = request, grant: Grant = grant, agent: str = agent
+                ) -> None:
                     await tx.insert_requests([request])
                     await tx.insert_grants([grant])
                     await tx.append_commands([(agent, CommandKind.GRANT, grant.id, T0)])
                     if mode != "no-chain":
+                        kinds = ("request.created", "request.approved", "grant.created")
                         await tx.audit_many(
-                            [
-                                AuditEntry(kind, "alice", T0, grant_id=grant.id)
-                                for kind in ("request.created", "request.approved", "grant.created")
-                            ]
+                            [AuditEntry(kind, "alice", T0, grant_id=grant.id) for kind in kinds]
                         )
 
                 started = time.perf_counter()

@@ -177,7 +177,7 @@ async def local(tmp: Path, sizes: Sizes) -> list[Scenario]:
         children.append(base_child)
         await server.wait_streams(1, 30)
         for user in USERS:
-            clients.append(await Client.connect(address, token=f"jmt_bench-{user}"))
+            clients.append(await Client.connect(address, token=f"jmt_bench-{user}", insecure=True))
         alice, bob, _ = clients
 
         base_rtt: list[float] = []
@@ -349,7 +349,9 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
         for user in ("alice", "admin"):
             for _ in range(4):
                 # Thousands of calls are issued at once: each waits its turn at the writer.
-                client = await Client.connect(coord.address, token=coord.token(user), timeout=600)
+                client = await Client.connect(
+                    coord.address, token=coord.token(user), timeout=600, insecure=True
+                )
                 clients.append(client)
         alices, admins = clients[:4], clients[4:]
         names = [agent.name for agent in swarm.agents]

@@ -31,6 +31,7 @@ from jitmesh.types import (
     Grant,
     GrantState,
     JoinToken,
+    JoinTokenInfo,
     Lock,
     LockTarget,
     OfflineMode,
@@ -43,6 +44,7 @@ from jitmesh.types import (
     ReviewDecision,
     StageMode,
     TokenInfo,
+    UserInfo,
 )
 
 if TYPE_CHECKING:
@@ -68,6 +70,7 @@ __all__ = [
     "InvalidArgumentError",
     "JitmeshError",
     "JoinToken",
+    "JoinTokenInfo",
     "Lock",
     "LockTarget",
     "NotFoundError",
@@ -84,6 +87,7 @@ __all__ = [
     "StageMode",
     "TokenInfo",
     "UnavailableError",
+    "UserInfo",
     "format_duration",
     "parse_duration",
 ]

@@ -20,6 +20,7 @@ import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from importlib import metadata
+from os import PathLike
 from types import TracebackType
 from typing import Final, Self, TypeVar
 
@@ -27,7 +28,7 @@ import grpc
 from grpc import aio
 
 from jitmesh import convert as _convert
-from jitmesh import errors, types, validation
+from jitmesh import errors, tls, types, validation
 from jitmesh.clock import to_ms
 from jitmesh.durations import format_duration
 from jitmesh.v1 import (
@@ -92,6 +93,7 @@ def error_from_status(
     target: str,
     timeout: float | None = None,
     secrets: Iterable[str] = (),
+    trust: str = "",
 ) -> errors.JitmeshError:
     """The SDK exception for a gRPC status, keeping the server's message on one line.
 
@@ -103,7 +105,7 @@ def error_from_status(
             message = message.replace(secret, "[redacted]")
     cls, fallback = _STATUS_ERRORS.get(code, (errors.InternalError, ""))
     if code is grpc.StatusCode.UNAVAILABLE:
-        message = f"cannot reach the coordinator at {target}: {message or fallback}"
+        message = f"cannot reach the coordinator at {target}: {_transport_hint(message, trust)}"
     elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
         within = f" within {timeout:g}s" if timeout is not None else ""
         message = f"the coordinator at {target} did not answer{within}"
@@ -112,6 +114,21 @@ def error_from_status(
     else:
         message = message or fallback
     return cls(message, code=code.name)
+
+
+def _transport_hint(message: str, trust: str) -> str:
+    """What to do about the usual TLS failures, instead of gRPC's C-core wording."""
+    if "CERTIFICATE_VERIFY_FAILED" in message or "certificate verify failed" in message:
+        return (
+            f"its TLS certificate did not verify against {trust or 'the trusted CAs'}; give "
+            f"the coordinator's CA with --ca-file or {tls.ENV_CA_FILE}"
+        )
+    if "WRONG_VERSION_NUMBER" in message or "Ssl handshake failed" in message:
+        return (
+            "the TLS handshake failed (a development coordinator speaks plain text: use "
+            f"--insecure or {tls.ENV_INSECURE}=1 for it on loopback)"
+        )
+    return message or "the coordinator is unavailable"
 
 
 def _one_line(text: str) -> str:
@@ -171,10 +188,17 @@ class Client:
     """
 
     def __init__(
-        self, channel: aio.Channel, *, target: str, token: str | None, timeout: float
+        self,
+        channel: aio.Channel,
+        *,
+        target: str,
+        token: str | None,
+        timeout: float,
+        trust: str = "",
     ) -> None:
         self._channel = channel
         self._target = target
+        self._trust = trust
         self._token = token
         self._timeout = timeout
         self._metadata: tuple[tuple[str, str], ...] = (
@@ -196,6 +220,8 @@ class Client:
         token: str | None = None,
         # A per-call gRPC deadline, which reaches the server; not a timeout of this coroutine.
         timeout: float = 10.0,  # noqa: ASYNC109
+        ca_file: str | PathLike[str] | None = None,
+        insecure: bool | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, str | int]] = (),
     ) -> Self:
@@ -204,7 +230,13 @@ class Client:
         Does not contact the coordinator: the first call does, and reports an unreachable
         coordinator as `UnavailableError`. `token` is sent as `authorization: Bearer <token>` on
         every call (None or "" sends none). `timeout` is the deadline in seconds of each unary
-        call; streams have none. `credentials` switches from plain text to TLS.
+        call; streams have none.
+
+        The channel is TLS unless told otherwise (`jitmesh.tls`): `ca_file` pins the
+        coordinator's CA; without it the system's trust store is used; `insecure=True` speaks
+        plain text (for a development coordinator on loopback). Unset arguments come from
+        `JITMESH_CA_FILE` and `JITMESH_INSECURE`; an explicit argument beats the environment.
+        `credentials` (ready-made gRPC credentials, e.g. with a client certificate) beats both.
 
         A coroutine because gRPC channels bind to the running event loop.
         """
@@ -215,11 +247,17 @@ class Client:
         if token:
             _check_token(token)
         options = [("grpc.primary_user_agent", f"jitmesh-sdk/{_sdk_version()}"), *channel_options]
+        if credentials is not None:
+            trust = "the given credentials"
+        else:
+            transport = tls.choose(target, ca_file=ca_file, insecure=insecure)
+            credentials = transport.credentials()
+            trust = transport.trust
         if credentials is None:
             channel = aio.insecure_channel(target, options=options)
         else:
             channel = aio.secure_channel(target, credentials, options=options)
-        return cls(channel, target=target, token=token or None, timeout=timeout)
+        return cls(channel, target=target, token=token or None, timeout=timeout, trust=trust)
 
     @property
     def target(self) -> str:
@@ -256,6 +294,7 @@ class Client:
             target=self._target,
             timeout=timeout,
             secrets=(self._token or "",),
+            trust=self._trust,
         )
 
     def _check_open(self) -> None:
@@ -581,6 +620,31 @@ class Client:
             replaces=_check_optional(validation.AGENT, replaces, "replaces"),
         )
         return _convert.join_token(await self._unary(self._agents.CreateJoinToken, message))
+
+    async def list_join_tokens(self, *, include_ended: bool = False) -> list[types.JoinTokenInfo]:
+        """Join tokens (never the tokens themselves), oldest first: those that can still enroll
+        an agent, or all with `include_ended`. Admins only."""
+        message = agents_pb2.ListJoinTokensRequest(include_ended=include_ended)
+        response = await self._unary(self._agents.ListJoinTokens, message)
+        return [_convert.join_token_info(t) for t in response.tokens]
+
+    async def revoke_join_token(self, id: str, *, reason: str = "") -> types.JoinTokenInfo:
+        """From now on the join token (by the id `list_join_tokens` shows) enrolls nothing.
+        Agents already enrolled with it stay. Admins only."""
+        message = agents_pb2.RevokeJoinTokenRequest(id=id.strip(), reason=_check_reason(reason))
+        return _convert.join_token_info(await self._unary(self._agents.RevokeJoinToken, message))
+
+    async def set_user_groups(
+        self, user: str, groups: Iterable[str], *, reason: str = ""
+    ) -> types.UserInfo:
+        """Replace a user's groups (the only way they change: creating a token for an existing
+        user never does). Audited. Admins only."""
+        message = identity_pb2.SetUserGroupsRequest(
+            user=_check(validation.SUBJECT, user, "user"),
+            groups=[_check(validation.GROUP, g, "group") for g in groups],
+            reason=_check_reason(reason),
+        )
+        return _convert.user_info(await self._unary(self._identity.SetUserGroups, message))
 
     async def remove_agent(self, name: str) -> None:
         """Forget an agent: its credential stops working and its grants are revoked."""

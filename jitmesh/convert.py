@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from jitmesh import types
 from jitmesh.errors import InternalError
-from jitmesh.v1 import agents_pb2, audit_pb2, locks_pb2, policy_pb2, types_pb2
+from jitmesh.v1 import agents_pb2, audit_pb2, identity_pb2, locks_pb2, policy_pb2, types_pb2
 
 # ---------------------------------------------------------------------------------------------
 # Scalars
@@ -303,13 +303,71 @@ def agent_to_proto(value: types.Agent) -> types_pb2.Agent:
 
 def join_token(msg: agents_pb2.CreateJoinTokenResponse) -> types.JoinToken:
     return types.JoinToken(
-        token=msg.token, expires_at=required_time(msg.expires_at, "a join token")
+        token=msg.token,
+        expires_at=required_time(msg.expires_at, "a join token"),
+        id=msg.id,
+        labels=dict(msg.labels),
+        replaces=msg.replaces,
     )
 
 
 def join_token_to_proto(value: types.JoinToken) -> agents_pb2.CreateJoinTokenResponse:
     return agents_pb2.CreateJoinTokenResponse(
-        token=value.token, expires_at=time_to_proto(value.expires_at)
+        token=value.token,
+        expires_at=time_to_proto(value.expires_at),
+        id=value.id,
+        labels=value.labels,
+        replaces=value.replaces,
+    )
+
+
+def user_info(msg: identity_pb2.UserInfo) -> types.UserInfo:
+    return types.UserInfo(
+        name=msg.name,
+        groups=tuple(msg.groups),
+        disabled=msg.disabled,
+        created_at=required_time(msg.created_at, "a user"),
+        managed_by=msg.managed_by or "local",
+    )
+
+
+def user_info_to_proto(value: types.UserInfo) -> identity_pb2.UserInfo:
+    return identity_pb2.UserInfo(
+        name=value.name,
+        groups=list(value.groups),
+        disabled=value.disabled,
+        managed_by=value.managed_by,
+        created_at=time_to_proto(value.created_at),
+    )
+
+
+def join_token_info(msg: agents_pb2.JoinTokenInfo) -> types.JoinTokenInfo:
+    return types.JoinTokenInfo(
+        id=msg.id,
+        labels=dict(msg.labels),
+        replaces=msg.replaces,
+        created_by=msg.created_by,
+        created_at=required_time(msg.created_at, "a join token"),
+        expires_at=time_or_none(msg.expires_at),
+        uses_left=msg.uses_left if msg.HasField("uses_left") else None,
+        revoked_at=time_or_none(msg.revoked_at),
+        revoked_by=msg.revoked_by,
+        used_by=tuple(msg.used_by),
+    )
+
+
+def join_token_info_to_proto(value: types.JoinTokenInfo) -> agents_pb2.JoinTokenInfo:
+    return agents_pb2.JoinTokenInfo(
+        id=value.id,
+        labels=value.labels,
+        replaces=value.replaces,
+        created_by=value.created_by,
+        created_at=time_to_proto(value.created_at),
+        expires_at=time_to_proto(value.expires_at),
+        uses_left=value.uses_left,
+        revoked_at=time_to_proto(value.revoked_at),
+        revoked_by=value.revoked_by,
+        used_by=list(value.used_by),
     )
 
 

@@ -195,6 +195,47 @@ class TokenInfo:
 class JoinToken:
     token: str = field(repr=False)
     expires_at: datetime
+    # Since 0.2: how `agent token list|revoke` names it, and what the agent will get.
+    id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    replaces: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UserInfo:
+    """An operator account. `managed_by` is "local" (groups set by admins with
+    `set_user_groups`) or "oidc" (groups from the identity provider at sign-in)."""
+
+    name: str
+    groups: tuple[str, ...]
+    disabled: bool
+    created_at: datetime
+    managed_by: str = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class JoinTokenInfo:
+    """A join token as listed: never the token itself. `id` is a prefix of its hash, enough to
+    revoke it; `uses_left` None is the reusable development token."""
+
+    id: str
+    labels: dict[str, str]
+    replaces: str
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    uses_left: int | None
+    revoked_at: datetime | None = None
+    revoked_by: str = ""
+    used_by: tuple[str, ...] = ()
+
+    def live(self, now: datetime) -> bool:
+        """Whether it can still enroll an agent at `now`."""
+        return (
+            self.revoked_at is None
+            and (self.expires_at is None or self.expires_at > now)
+            and (self.uses_left is None or self.uses_left > 0)
+        )
 
 
 @dataclass(frozen=True, slots=True)

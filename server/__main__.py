@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 from pydantic import ValidationError
 
-from server.app import Coordinator, build
+from server.app import Coordinator, DirectoryBusy, build
 from server.config import CoordinatorConfig
 from server.domain.models import ADMIN_GROUP, Principal, new_secret, user_name
 from server.domain.policy import DEV_POLICY
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve(config, dev=args.command == "dev"))
     except KeyboardInterrupt:
         pass
-    except (OSError, ValueError, SecretKeyError, psycopg.Error) as exc:
+    except (OSError, ValueError, SecretKeyError, psycopg.Error, DirectoryBusy) as exc:
         print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -329,9 +329,9 @@ async def _migrate_store(source: str, target: str, data: Path | None, key_file: 
 
 
 async def _maintain(command: str, store_url: str, data: Path | None) -> int:
-    from server.app import open_store
+    from server.app import open_store_url
 
-    store = await open_store(store_url, data or Path("."))
+    store = await open_store_url(store_url, data or Path("."))
     try:
         if command == "fence":
 
@@ -394,7 +394,8 @@ async def _dev_setup(coordinator: Coordinator) -> None:
     admin = Principal("admin", frozenset({ADMIN_GROUP}))
     await coordinator.fleet.create_join_token(admin, {}, None, max_uses=None, token=join)
     values["JITMESH_JOIN_TOKEN"] = join
-    lines = [f"JITMESH_COORDINATOR={coordinator.address}"]
+    # Dev mode speaks plain text on loopback; clients sourcing this file follow (jitmesh.tls).
+    lines = [f"JITMESH_COORDINATOR={coordinator.address}", "JITMESH_INSECURE=1"]
     lines += [f"{k}={v}" for k, v in values.items()]
     _write_private(env_path, "\n".join(lines) + "\n")
     log.info("dev mode ready env_file=%s address=%s", env_path, coordinator.address)

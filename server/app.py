@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -18,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jitmesh import __version__
 from jitmesh.clock import Clock, SystemClock
+from jitmesh.pidlock import DirectoryBusy, lock_directory
 from jitmesh.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -80,6 +83,10 @@ SERVICES = [
     locks_pb2.DESCRIPTOR.services_by_name["Locks"].full_name,
 ]
 OPERATOR_SERVICES = [name for name in SERVICES if not name.endswith(".AgentLink")]
+DB_NAME = "coordinator.db"
+LOCK_NAME = "coordinator.lock"
+
+__all__ = ["Coordinator", "DirectoryBusy", "build", "lock_data_dir", "open_store"]
 
 
 @dataclass
@@ -109,6 +116,8 @@ class Coordinator:
     replica: str = ""
     shared: SharedFiles | None = None
     started_at: datetime | None = None
+    # The exclusive lock on the data directory (jitmesh.pidlock), released by stop().
+    lock_fd: int = -1
     _stopped: bool = field(default=False, init=False)
 
     @property
@@ -182,26 +191,72 @@ class Coordinator:
         if self.checkpoints is not None:
             await self.checkpoints.append(self.clock.now())
         await self.store.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
 
 async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordinator:
-    """Open the store, load the policy, and start the gRPC server (listening, not yet `run`)."""
-    clock = clock or SystemClock()
-    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(config.data_dir, 0o700)
-    store = await open_store(config.store, config.data_dir, config.store_pool_size)
-    replica = config.replica or _replica_id(config.data_dir)
-    shared: SharedFiles | None = None
+    """Open the store, load the policy, and start the gRPC server (listening, not yet `run`).
+
+    Raises `DirectoryBusy` when another coordinator holds the data directory."""
+    lock_fd = lock_data_dir(config.data_dir)
     try:
-        if isinstance(store, PostgresStore):
-            store.replica = replica
-            # Signing keys and the CA come from the store before anything opens them.
-            shared = SharedFiles(store, config.data_dir, load_key(config.secret_key_file))
-            await shared.sync(clock)
-        epoch = await _epoch(store)
+        coordinator = await _build(config, clock or SystemClock())
     except BaseException:
+        os.close(lock_fd)
+        raise
+    coordinator.lock_fd = lock_fd
+    return coordinator
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """The data directory, made private (0700), locked for this process (the lock's fd)."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(data_dir, 0o700)
+    return lock_directory(data_dir / LOCK_NAME, what="coordinator")
+
+
+async def open_store(data_dir: Path) -> SqliteStore:
+    """The SQLite store in `data_dir`, its files private (0600). SQLite gives the -wal and -shm
+    files the database file's mode, so creating that one 0600 first covers all three; files
+    made before this rule are tightened."""
+    path = data_dir / DB_NAME
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(data_dir / name, 0o600)
+    return await SqliteStore.open(path)
+
+
+async def _build(config: CoordinatorConfig, clock: Clock) -> Coordinator:
+    store = await open_store_url(config.store, config.data_dir, config.store_pool_size)
+    servers: list[grpc.aio.Server] = []
+    try:
+        return await _assemble(config, clock, store, servers)
+    except BaseException:
+        # A port already taken, a bad policy file: stop what was made, so the process exits
+        # with its message instead of hanging on a half-built gRPC server.
+        for server in servers:
+            await server.stop(None)
         await store.close()
         raise
+
+
+async def _assemble(
+    config: CoordinatorConfig,
+    clock: Clock,
+    store: SqliteStore | PostgresStore,
+    servers: list[grpc.aio.Server],
+) -> Coordinator:
+    replica = config.replica or _replica_id(config.data_dir)
+    shared: SharedFiles | None = None
+    if isinstance(store, PostgresStore):
+        store.replica = replica
+        # Signing keys and the CA come from the store before anything opens them.
+        shared = SharedFiles(store, config.data_dir, load_key(config.secret_key_file))
+        await shared.sync(clock)
+    epoch = await _epoch(store)
     hub = Hub()
     registry = LinkRegistry(queue_limit=config.agent_queue_limit)
     identity = IdentityService(store, hub, clock)
@@ -228,6 +283,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     server = grpc.aio.server(
         options=_server_options(config, config.max_message_bytes, OPERATOR_MAX_SEND)
     )
+    servers.append(server)
     agent_server: grpc.aio.Server | None = None
     if ca is not None:
         tls = ca.server_tls([config.host, *config.tls_names], clock.now())
@@ -238,13 +294,17 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
         # gRPC asks for a client certificate only where it requires one, so agents get their
         # own port (and server, for the 64 KiB message limit); operators and enrolling agents
         # use the main port with server-side TLS.
-        port = server.add_secure_port(
-            f"{config.host}:{config.port}", grpc.ssl_server_credentials([main_pair])
+        port = _listen(
+            server.add_secure_port,
+            f"{config.host}:{config.port}",
+            grpc.ssl_server_credentials([main_pair]),
         )
         agent_server = grpc.aio.server(
             options=_server_options(config, MAX_AGENT_MESSAGE, AGENT_MAX_SEND)
         )
-        agent_port = agent_server.add_secure_port(
+        servers.append(agent_server)
+        agent_port = _listen(
+            agent_server.add_secure_port,
             f"{config.host}:{config.agent_port}",
             grpc.ssl_server_credentials(
                 [(tls.key_pem, tls.cert_pem)],
@@ -253,7 +313,7 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
             ),
         )
     else:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        port = _listen(server.add_insecure_port, f"{config.host}:{config.port}")
         agent_port = port
     if port == 0 or agent_port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
@@ -337,7 +397,9 @@ async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordi
     )
 
 
-async def open_store(url: str, data_dir: Path, pool_size: int = 10) -> SqliteStore | PostgresStore:
+async def open_store_url(
+    url: str, data_dir: Path, pool_size: int = 10
+) -> SqliteStore | PostgresStore:
     """The store `url` names: a PostgreSQL URL, `sqlite:PATH`, or "" for DATA/coordinator.db."""
     if url.startswith(("postgresql://", "postgres://")):
         return await PostgresStore.open(url, max_size=pool_size)
@@ -345,7 +407,7 @@ async def open_store(url: str, data_dir: Path, pool_size: int = 10) -> SqliteSto
         return await SqliteStore.open(Path(url.removeprefix("sqlite:")))
     if url:
         raise ValueError("--store takes a postgresql:// URL or sqlite:PATH")
-    return await SqliteStore.open(data_dir / "coordinator.db")
+    return await open_store(data_dir)
 
 
 async def _epoch(store: SqliteStore | PostgresStore) -> int:
@@ -374,6 +436,20 @@ def _replica_id(data_dir: Path) -> str:
         return made
 
 
+def _listen(add_port: Callable[..., int], address: str, *credentials: Any) -> int:
+    """Bind one port; an address already taken (another coordinator) is one clear OSError."""
+    try:
+        port = add_port(address, *credentials)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(
+            f"cannot listen on {address}: the address is in use (another coordinator?) or "
+            "not available on this host"
+        )
+    return port
+
+
 def _server_options(
     config: CoordinatorConfig, max_receive: int, max_send: int
 ) -> list[tuple[str, int]]:
@@ -390,4 +466,7 @@ def _server_options(
         ("grpc.max_send_message_length", max_send),
         # Thousands of agents reconnect at once after a restart: let them queue.
         ("grpc.server.max_pending_requests", 20000),
+        # gRPC sets SO_REUSEPORT by default: a second coordinator on the same port would start
+        # and take half the calls. Off, the second one fails with "address in use".
+        ("grpc.so_reuseport", 0),
     ]

@@ -9,7 +9,6 @@ less than any hand-off to a worker thread would.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from agent.domain.errors import StateError
 from agent.domain.leases import Lease, LeaseState, OutboxEvent, Pair
 from agent.domain.removals import Removal
 from jitmesh.clock import from_ms, to_ms
+from jitmesh.pidlock import DirectoryBusy, lock_directory
 from jitmesh.types import OfflineMode, OfflinePolicy
 
 from .base import Meta
@@ -479,13 +479,10 @@ class SqliteLeaseStore:
 
 
 def _lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise StateError("another agent is running on this state directory") from None
-    return fd
+        return lock_directory(path, what="agent")
+    except DirectoryBusy as exc:
+        raise StateError(str(exc)) from None
 
 
 def _put(db: sqlite3.Connection, key: str, value: str) -> None:

@@ -29,9 +29,9 @@ from enum import Enum
 from typing import Any, Final, TextIO
 
 import click
-import grpc
 from rich.console import Console
 
+from jitmesh import errors, tls
 from jitmesh.cli import output
 from jitmesh.client import Client
 from jitmesh.clock import Clock, SystemClock
@@ -40,7 +40,8 @@ from jitmesh.durations import DurationError, parse_duration
 DEFAULT_COORDINATOR: Final = "127.0.0.1:7443"
 ENV_COORDINATOR: Final = "JITMESH_COORDINATOR"
 ENV_TOKEN: Final = "JITMESH_TOKEN"  # noqa: S105 (the name of a variable, not a secret)
-ENV_CA_FILE: Final = "JITMESH_CA_FILE"
+ENV_CA_FILE: Final = tls.ENV_CA_FILE
+ENV_INSECURE: Final = tls.ENV_INSECURE
 DEFAULT_TIMEOUT: Final = timedelta(seconds=10)
 FORMATS: Final = ("table", "json", "yaml")
 
@@ -66,6 +67,7 @@ class Settings:
     coordinator: str | None = None
     token: str | None = None
     ca_file: str | None = None
+    insecure: bool | None = None
     output: str | None = None
     timeout: timedelta | None = None
     clock: Clock = field(default_factory=SystemClock)
@@ -75,9 +77,6 @@ class Settings:
 
     def resolved_token(self) -> str | None:
         return self.token or os.environ.get(ENV_TOKEN) or None
-
-    def resolved_ca_file(self) -> str | None:
-        return self.ca_file or os.environ.get(ENV_CA_FILE) or None
 
 
 def settings(ctx: click.Context | None = None) -> Settings:
@@ -216,6 +215,15 @@ def _store(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
     return callback
 
 
+def _store_flag(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    # A flag not given stays None, so the environment decides (jitmesh.tls); given, it wins.
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value:
+            setattr(settings(ctx), name, True)
+
+    return callback
+
+
 def global_options(*, visible: bool) -> Callable[[Any], Any]:
     """The connection and output options. Shown in full on `jitctl --help`; on each command only
     -o is shown (the others still work there, as the epilog says)."""
@@ -243,7 +251,18 @@ def global_options(*, visible: bool) -> Callable[[Any], Any]:
             expose_value=False,
             callback=_store("ca_file"),
             hidden=hidden,
-            help=f"CA certificate of a TLS coordinator (default: ${ENV_CA_FILE}).",
+            help=f"CA certificate of the coordinator (default: ${ENV_CA_FILE}; without one: the "
+            "system's trust store).",
+        ),
+        click.option(
+            "--insecure",
+            is_flag=True,
+            default=None,
+            expose_value=False,
+            callback=_store_flag("insecure"),
+            hidden=hidden,
+            help=f"Plain text, for a development coordinator on loopback (default: "
+            f"${ENV_INSECURE}); the token is readable on the network.",
         ),
         click.option(
             "-o",
@@ -373,26 +392,20 @@ async def _invoke(
     if not connect:
         await handler(None, out, **params)
         return
-    credentials = None
-    ca_file = config.resolved_ca_file()
-    if ca_file:
-        try:
-            pem = await asyncio.to_thread(_read_bytes, ca_file)
-        except OSError:
-            raise UsageError("cannot read the CA file") from None
-        credentials = grpc.ssl_channel_credentials(pem)
-    async with await Client.connect(
-        config.resolved_coordinator(),
-        token=config.resolved_token(),
-        credentials=credentials,
-        timeout=(config.timeout or DEFAULT_TIMEOUT).total_seconds(),
-    ) as client:
+    try:
+        # TLS unless told otherwise: the SDK applies $JITMESH_CA_FILE and $JITMESH_INSECURE
+        # (jitmesh.tls), and a flag given here beats them.
+        client = await Client.connect(
+            config.resolved_coordinator(),
+            token=config.resolved_token(),
+            ca_file=config.ca_file,
+            insecure=config.insecure,
+            timeout=(config.timeout or DEFAULT_TIMEOUT).total_seconds(),
+        )
+    except errors.InvalidArgumentError as exc:
+        raise UsageError(str(exc)) from None
+    async with client:
         await handler(client, out, **params)
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from jitmesh import validation as v
 from jitmesh.clock import Clock
 from jitmesh.crashpoints import crash_point
-from jitmesh.types import Agent, Grant, GrantState, LockTarget
+from jitmesh.types import Agent, Grant, GrantState, JoinTokenInfo, LockTarget
 
 from .access import hash_secret
 from .batching import GroupCommit
@@ -92,6 +92,22 @@ class FleetService:
         token: str | None = None,
         replaces: str = "",
     ) -> tuple[str, datetime | None]:
+        """`create_join_token_info`, answering the token and its expiry only."""
+        secret, info = await self.create_join_token_info(
+            principal, labels, ttl, max_uses=max_uses, token=token, replaces=replaces
+        )
+        return secret, info.expires_at
+
+    async def create_join_token_info(
+        self,
+        principal: Principal,
+        labels: dict[str, str],
+        ttl: timedelta | None,
+        *,
+        max_uses: int | None = 1,
+        token: str | None = None,
+        replaces: str = "",
+    ) -> tuple[str, JoinTokenInfo]:
         """A one-time join token (reusable with max_uses=None, for development mode only).
 
         The enrolled agent gets exactly `labels`. With `replaces`, the token may enroll that
@@ -132,7 +148,51 @@ class FleetService:
                 AuditEntry("agent.join_token_created", principal.name, now, details=details)
             )
         await self._hub.audit_written(tx.new_audit)
-        return secret, expires_at
+        info = JoinTokenInfo(
+            join_token_id(secret), labels, replaces, principal.name, now, expires_at, max_uses
+        )
+        return secret, info
+
+    async def list_join_tokens(
+        self, principal: Principal, *, include_ended: bool
+    ) -> list[JoinTokenInfo]:
+        """Join tokens (never the tokens themselves), oldest first; only those that can still
+        enroll an agent unless `include_ended`."""
+        _require_admin(principal)
+        tokens = await self._store.list_join_tokens()
+        now = self._clock.now()
+        return [t for t in tokens if include_ended or t.live(now)]
+
+    async def revoke_join_token(
+        self, principal: Principal, token_id: str, reason: str, *, actor: str = ""
+    ) -> JoinTokenInfo:
+        """From now on the join token enrolls nothing (agents enrolled with it stay); audited.
+        `actor` names a local operation (`retire-dev`) instead of the principal."""
+        _require_admin(principal)
+        with invalid_input():
+            v.check_reason(reason)
+        if not JOIN_TOKEN_ID.fullmatch(token_id):
+            raise InvalidArgument(
+                "a join token id is 16 hexadecimal digits (jitctl agent token list)"
+            )
+        now = self._clock.now()
+        by = actor or principal.name
+        async with self._store.transaction() as tx:
+            if not await tx.revoke_join_token(token_id, now, by):
+                raise NotFound("no such join token, or it is revoked already")
+            await tx.audit(
+                AuditEntry(
+                    "agent.join_token_revoked",
+                    by,
+                    now,
+                    details={"id": token_id, "reason": reason[:256]},
+                )
+            )
+        await self._hub.audit_written(tx.new_audit)
+        for info in await self._store.list_join_tokens():
+            if info.id == token_id:
+                return info
+        raise NotFound("no such join token")
 
     async def remove_agent(self, principal: Principal, name: str) -> None:
         _require_admin(principal)
@@ -196,13 +256,23 @@ class FleetService:
                 if token.replaces is not None and token.replaces != name:
                     raise PermissionDenied("this join token only enrolls the agent it replaces")
                 replaced = await tx.get_agent(name) is not None
+                if replaced and token.reusable and self._links.connected(name):
+                    # Dev mode lets an agent that lost its credential enroll its name again,
+                    # not a second process take the name from a connected one (the two would
+                    # take it from each other for ever).
+                    raise Conflict(
+                        f"agent {name} is connected now: another agent process already uses "
+                        "this name (stop it, or give this one another --name)"
+                    )
                 if replaced and token.replaces != name and not token.reusable:
                     raise Conflict(
                         "an agent with this name is enrolled: remove it, or create a join token "
                         "that replaces it"
                     )
                 credential = issue(name) if issue is not None else new_secret("jma")
-                created = await tx.enroll_agent(name, given, hash_secret(credential), now)
+                created = await tx.enroll_agent(
+                    name, given, hash_secret(credential), now, join_token_id(join_token)
+                )
                 kind = (
                     "agent.enrolled"
                     if created
@@ -512,6 +582,14 @@ class FleetService:
             return replace(agent, connected=True, replica=self.replica)
         held = agent.replica if agent.replica in live and agent.replica != self.replica else ""
         return replace(agent, connected=bool(held), replica=held)
+
+
+JOIN_TOKEN_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def join_token_id(secret: str) -> str:
+    """How a join token is named once made: a prefix of its hash (like operator tokens)."""
+    return hash_secret(secret)[:16]
 
 
 def _labels(labels: dict[str, str]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -18,6 +18,7 @@ from jitmesh.types import (
     Request,
     RequestState,
     TokenInfo,
+    UserInfo,
 )
 
 from .access import hash_secret
@@ -32,7 +33,7 @@ from .errors import (
     invalid_input,
 )
 from .hub import Hub
-from .models import AuditEntry, Principal, new_secret, same_person, user_name
+from .models import ADMIN_GROUP, AuditEntry, Principal, new_secret, same_person, user_name
 from .policy import Policy, decision, match, parse_policy
 from .ports import Store, Tx
 
@@ -119,11 +120,20 @@ class TokenService:
             raise InvalidArgument("ttl must be between 1m and 365d")
         now = self._clock.now()
         token = new_secret("jmt")
+        existing = await self._store.user_groups(user)
+        if existing is not None and groups and frozenset(groups) != existing:
+            # Tokens issued earlier would silently gain (or lose) the new groups.
+            have = ", ".join(sorted(existing)) or "none"
+            raise InvalidArgument(
+                f"user {user} exists with groups {have}: a token never changes a user's groups; "
+                f"change them with 'jitctl user set-groups {user} --group ...' (audited), or "
+                "leave --group out"
+            )
         async with self._store.transaction() as tx:
-            if groups:
+            if existing is None:
+                if not groups:
+                    raise InvalidArgument("a new user needs at least one group (--group)")
                 await tx.upsert_user(user, groups, now)
-            elif await tx.user_groups(user) is None:
-                raise InvalidArgument("a new user needs at least one group")
             await tx.insert_token(hash_secret(token), user, now, now + ttl, label)
             await tx.audit(
                 AuditEntry(
@@ -159,6 +169,46 @@ class TokenService:
                 AuditEntry("user.token_revoked", principal.name, now, details={"id": token_id})
             )
         await self._hub.audit_written(tx.new_audit)
+
+    async def set_groups(
+        self, principal: Principal, user: str, groups: Sequence[str], reason: str
+    ) -> UserInfo:
+        """Replace a user's groups: the one way they change (tokens and certificates of the
+        user carry the new groups from their next call on). Audited with before and after."""
+        _require_admin(principal)
+        with invalid_input():
+            user = v.check(v.SUBJECT, user_name(user), "user")
+            for group in groups:
+                v.check(v.GROUP, group, "group")
+            v.check_reason(reason)
+        if not groups:
+            raise InvalidArgument("a user needs at least one group (to lock a user out: disable)")
+        if same_person(user, principal.name) and ADMIN_GROUP not in groups:
+            raise InvalidArgument("admins cannot take themselves out of the admins group")
+        now = self._clock.now()
+        before = await self._store.user_groups(user)
+        if before is None:
+            raise NotFound(f"no such user {user} (a user is made by its first token)")
+        async with self._store.transaction() as tx:
+            await tx.upsert_user(user, groups, now)
+            await tx.audit(
+                AuditEntry(
+                    "user.groups_changed",
+                    principal.name,
+                    now,
+                    subject=user,
+                    details={
+                        "before": ",".join(sorted(before)),
+                        "after": ",".join(sorted(set(groups))),
+                        "reason": reason[:256],
+                    },
+                )
+            )
+        await self._hub.audit_written(tx.new_audit)
+        info = await self._store.get_user(user)
+        if info is None:
+            raise NotFound(f"no such user {user}")
+        return info
 
     async def set_disabled(self, principal: Principal, user: str, disabled: bool) -> None:
         _require_admin(principal)

@@ -29,6 +29,10 @@ policy_decision = shared.policy_decision_to_proto
 offline = shared.offline_policy_to_proto
 
 
+join_token_info = shared.join_token_info_to_proto
+user_info = shared.user_info_to_proto
+
+
 def ts(at: datetime | None) -> Timestamp | None:
     return shared.time_to_proto(at)
 

@@ -244,10 +244,32 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
     ) -> agents_pb2.CreateJoinTokenResponse:
         principal = await self._auth.operator(context)
         ttl = _duration(request.ttl, "ttl") if request.HasField("ttl") else None
-        token, expires_at = await self._fleet.create_join_token(
+        token, info = await self._fleet.create_join_token_info(
             principal, dict(request.labels), ttl, replaces=request.replaces
         )
-        return agents_pb2.CreateJoinTokenResponse(token=token, expires_at=c.ts(expires_at))
+        return agents_pb2.CreateJoinTokenResponse(
+            token=token,
+            expires_at=c.ts(info.expires_at),
+            id=info.id,
+            labels=info.labels,
+            replaces=info.replaces,
+        )
+
+    @mapped
+    async def ListJoinTokens(
+        self, request: agents_pb2.ListJoinTokensRequest, context: Ctx
+    ) -> agents_pb2.ListJoinTokensResponse:
+        principal = await self._auth.operator(context)
+        tokens = await self._fleet.list_join_tokens(principal, include_ended=request.include_ended)
+        return agents_pb2.ListJoinTokensResponse(tokens=[c.join_token_info(t) for t in tokens])
+
+    @mapped
+    async def RevokeJoinToken(
+        self, request: agents_pb2.RevokeJoinTokenRequest, context: Ctx
+    ) -> agents_pb2.JoinTokenInfo:
+        principal = await self._auth.operator(context)
+        info = await self._fleet.revoke_join_token(principal, request.id, request.reason)
+        return c.join_token_info(info)
 
     @mapped
     async def RemoveAgent(
@@ -348,16 +370,6 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
             for k in self._keys.public_keys()
         ]
 
-    async def ListJoinTokens(
-        self, request: agents_pb2.ListJoinTokensRequest, context: Ctx
-    ) -> agents_pb2.ListJoinTokensResponse:
-        await not_built(context, "ListJoinTokens", 10)
-
-    async def RevokeJoinToken(
-        self, request: agents_pb2.RevokeJoinTokenRequest, context: Ctx
-    ) -> agents_pb2.JoinTokenInfo:
-        await not_built(context, "RevokeJoinToken", 10)
-
 
 def _token_info(info: TokenInfo) -> identity_pb2.TokenInfo:
     return identity_pb2.TokenInfo(
@@ -374,11 +386,6 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
     def __init__(self, auth: Authenticator, tokens: TokenService) -> None:
         self._auth = auth
         self._tokens = tokens
-
-    async def SetUserGroups(
-        self, request: identity_pb2.SetUserGroupsRequest, context: Ctx
-    ) -> identity_pb2.UserInfo:
-        await not_built(context, "SetUserGroups", 10)
 
     async def ExchangeIdToken(
         self, request: identity_pb2.ExchangeIdTokenRequest, context: Ctx
@@ -400,6 +407,16 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
             principal, request.user, list(request.groups), ttl, request.label
         )
         return identity_pb2.CreateTokenResponse(token=token, info=_token_info(info))
+
+    @mapped
+    async def SetUserGroups(
+        self, request: identity_pb2.SetUserGroupsRequest, context: Ctx
+    ) -> identity_pb2.UserInfo:
+        principal = await self._auth.operator(context)
+        info = await self._tokens.set_groups(
+            principal, request.user, list(request.groups), request.reason
+        )
+        return c.user_info(info)
 
     @mapped
     async def ListTokens(

@@ -18,6 +18,7 @@ from jitmesh.types import (
     AuditEvent,
     Grant,
     GrantState,
+    JoinTokenInfo,
     Lock,
     LockTarget,
     OfflineMode,
@@ -28,6 +29,7 @@ from jitmesh.types import (
     Review,
     ReviewDecision,
     TokenInfo,
+    UserInfo,
 )
 from server.domain.approval import plan_from_json, plan_json
 from server.domain.audit import canonical_details, chain_hash
@@ -254,6 +256,37 @@ def token(row: Row) -> TokenInfo:
         from_ms(row["created_at"]),
         at(row["expires_at"]),
         at(row["revoked_at"]),
+    )
+
+
+JOIN_TOKEN_SELECT = (  # noqa: S105 (column names, no secret)
+    "substr(hash, 1, 16) AS id, labels, COALESCE(replaces, '') AS replaces, created_by, "
+    "created_at, expires_at, max_uses - uses AS uses_left, revoked_at, revoked_by"
+)
+
+
+def join_token_info(row: Row, used_by: Iterable[str]) -> JoinTokenInfo:
+    left = row["uses_left"]
+    return JoinTokenInfo(
+        row["id"],
+        dict(json.loads(row["labels"])),
+        row["replaces"],
+        row["created_by"],
+        from_ms(row["created_at"]),
+        at(row["expires_at"]),
+        None if left is None else max(int(left), 0),
+        at(row["revoked_at"]),
+        row["revoked_by"],
+        tuple(sorted(used_by)),
+    )
+
+
+def user(row: Row) -> UserInfo:
+    return UserInfo(
+        row["name"],
+        tuple(sorted(json.loads(row["groups"]))),
+        bool(row["disabled"]),
+        from_ms(row["created_at"]),
     )
 
 

@@ -26,6 +26,7 @@ from jitmesh.types import (
     AuditEvent,
     Grant,
     GrantState,
+    JoinTokenInfo,
     Lock,
     LockTarget,
     PolicyDocument,
@@ -33,6 +34,7 @@ from jitmesh.types import (
     RequestState,
     Review,
     TokenInfo,
+    UserInfo,
 )
 from server.domain.audit import GENESIS
 from server.domain.errors import Conflict
@@ -557,18 +559,21 @@ class SqliteTx:
         return by_grant
 
     async def enroll_agent(
-        self, name: str, labels: dict[str, str], credential_hash: str, at: datetime
-    ) -> bool:
+        self, name: str, labels: dict[str, str], credential_hash: str, at: datetime,
+        join_token_id: str = "",
+    ) -> bool:  # fmt: skip
         """Create the agent, or give an existing one a new credential. True when it is new."""
         cur = await self._conn.execute(
-            "UPDATE agents SET labels = ?, credential_hash = ?, removed_at = NULL WHERE name = ?",
-            (json.dumps(labels, sort_keys=True), credential_hash, name),
+            "UPDATE agents SET labels = ?, credential_hash = ?, removed_at = NULL, "
+            "join_token_id = ? WHERE name = ?",
+            (json.dumps(labels, sort_keys=True), credential_hash, join_token_id, name),
         )
         if cur.rowcount == 1:
             return False
         await self._conn.execute(
-            "INSERT INTO agents (name, labels, credential_hash, enrolled_at) VALUES (?,?,?,?)",
-            (name, json.dumps(labels, sort_keys=True), credential_hash, to_ms(at)),
+            "INSERT INTO agents (name, labels, credential_hash, enrolled_at, join_token_id) "
+            "VALUES (?,?,?,?,?)",
+            (name, json.dumps(labels, sort_keys=True), credential_hash, to_ms(at), join_token_id),
         )
         return True
 
@@ -626,7 +631,7 @@ class SqliteTx:
         """Spend one use of a join token (compare-and-set); None if unusable."""
         row = await _one(
             self._conn,
-            "UPDATE join_tokens SET uses = uses + 1 WHERE hash = ? "
+            "UPDATE join_tokens SET uses = uses + 1 WHERE hash = ? AND revoked_at IS NULL "
             "AND (expires_at IS NULL OR expires_at > ?) AND (max_uses IS NULL OR uses < max_uses) "
             "RETURNING labels, replaces, max_uses IS NULL AS reusable",
             [token_hash, to_ms(at)],
@@ -634,6 +639,14 @@ class SqliteTx:
         if row is None:
             return None
         return JoinToken(dict(json.loads(row["labels"])), row["replaces"], bool(row["reusable"]))
+
+    async def revoke_join_token(self, token_id: str, at: datetime, by: str) -> bool:
+        cur = await self._conn.execute(
+            "UPDATE join_tokens SET revoked_at = ?, revoked_by = ? "
+            "WHERE substr(hash, 1, 16) = ? AND revoked_at IS NULL",
+            (to_ms(at), by, token_id),
+        )
+        return cur.rowcount >= 1
 
     async def upsert_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
         await self._conn.execute(
@@ -1069,6 +1082,21 @@ class SqliteStore:
         )
         return [rec.token(r) for r in rows]
 
+    async def list_join_tokens(self) -> list[JoinTokenInfo]:
+        tokens = await _all(
+            self._reader,
+            f"SELECT {rec.JOIN_TOKEN_SELECT} FROM join_tokens ORDER BY created_at, hash",
+        )
+        agents = await _all(
+            self._reader,
+            "SELECT name, join_token_id FROM agents "
+            "WHERE removed_at IS NULL AND join_token_id <> ''",
+        )
+        used: dict[str, list[str]] = {}
+        for a in agents:
+            used.setdefault(a["join_token_id"], []).append(a["name"])
+        return [rec.join_token_info(t, used.get(t["id"], ())) for t in tokens]
+
     async def principal_for_user(self, name: str, serial: str) -> Principal | None:
         """The enabled user a client certificate names, unless that certificate was revoked."""
         row = await _one(
@@ -1080,6 +1108,14 @@ class SqliteStore:
         if row is None:
             return None
         return Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
+
+    async def get_user(self, name: str) -> UserInfo | None:
+        row = await _one(
+            self._reader,
+            "SELECT name, groups, disabled, created_at FROM users WHERE name = ?",
+            [name],
+        )
+        return None if row is None else rec.user(row)
 
     async def user_groups(self, name: str) -> frozenset[str] | None:
         return await _user_groups(self._reader, name)

@@ -133,7 +133,7 @@ def test_check_imports_neither_grpc_nor_the_agent_runtime(state: Path) -> None:
 
 
 def test_run_flag_errors_exit_2_without_echoing_values(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin"}
+    env = {"PATH": "/usr/bin:/bin", "JITMESH_INSECURE": "1"}
     no_coordinator = agent("--name", "web-1", "--state", str(tmp_path), env=env)
     assert no_coordinator.returncode == USAGE
     assert "--coordinator" in no_coordinator.stderr
@@ -167,6 +167,23 @@ def test_run_flag_errors_exit_2_without_echoing_values(tmp_path: Path) -> None:
     assert not state.exists()  # nothing created
 
 
+def test_the_agent_needs_a_ca_file_or_an_explicit_insecure(tmp_path: Path) -> None:
+    base = ["--coordinator", "127.0.0.1:1", "--name", "web-1", "--state", str(tmp_path / "s")]
+    neither = agent(*base, "--join-token", "jmj_x", env={"PATH": "/usr/bin:/bin"})
+    assert neither.returncode == USAGE
+    assert "--ca-file" in neither.stderr
+    assert "--insecure" in neither.stderr
+    # The flag beats the environment: --ca-file wins over JITMESH_INSECURE=1 (the file is
+    # missing, so the agent says so instead of connecting in plain text).
+    pinned = agent(
+        *base, "--ca-file", str(tmp_path / "ca.pem"), "--join-token", "jmj_x",
+        env={"PATH": "/usr/bin:/bin", "JITMESH_INSECURE": "1"},
+    )  # fmt: skip
+    assert pinned.returncode == USAGE
+    assert "ca_file" in pinned.stderr or "CA" in pinned.stderr
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.subprocess
 async def test_agent_process_enrolls_applies_and_stops_on_sigterm(tmp_path: Path) -> None:
     markers = tmp_path / "markers"
@@ -181,7 +198,7 @@ async def test_agent_process_enrolls_applies_and_stops_on_sigterm(tmp_path: Path
             "--enforcer", f"file:{markers}",
             "--backoff-base", "0.05",
             "--backoff-cap", "0.2",
-            env={"PATH": "/usr/bin:/bin", "JITMESH_JOIN_TOKEN": "join-1"},
+            env={"PATH": "/usr/bin:/bin", "JITMESH_JOIN_TOKEN": "join-1", "JITMESH_INSECURE": "1"},
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         try:

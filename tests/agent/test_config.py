@@ -117,23 +117,32 @@ def test_agent_config_validates_names_and_labels(tmp_path: Path) -> None:
         name="web-1",
         labels={"env": "prod"},
         join_token="jmj_secret",
+        insecure=True,
         state_dir=tmp_path,
     )
     assert config.join_token is not None
     assert "jmj_secret" not in repr(config)
     with pytest.raises(ConfigError) as caught:
-        AgentConfig(coordinator="x:1", name="Web_1 <script>", state_dir=tmp_path)
+        AgentConfig(coordinator="x:1", insecure=True, name="Web_1 <script>", state_dir=tmp_path)
     message = str(caught.value)
     assert message.startswith("name ")
     assert "<script>" not in message
     with pytest.raises(ConfigError, match="labels"):
-        AgentConfig(coordinator="x:1", name="web-1", labels={"Bad Key": "v"}, state_dir=tmp_path)
+        AgentConfig(
+            coordinator="x:1",
+            insecure=True,
+            name="web-1",
+            labels={"Bad Key": "v"},
+            state_dir=tmp_path,
+        )
     with pytest.raises(ConfigError, match="coordinator"):
-        AgentConfig(coordinator="has space:1", name="web-1", state_dir=tmp_path)
+        AgentConfig(coordinator="has space:1", insecure=True, name="web-1", state_dir=tmp_path)
 
 
 def test_blank_join_token_counts_as_none(tmp_path: Path) -> None:
-    config = AgentConfig(coordinator="x:1", name="web-1", join_token="  ", state_dir=tmp_path)
+    config = AgentConfig(
+        coordinator="x:1", insecure=True, name="web-1", join_token="  ", state_dir=tmp_path
+    )
     assert config.join_token is None
 
 
@@ -142,7 +151,9 @@ def test_agent_config_bounds_and_secrets(tmp_path: Path) -> None:
         def get_secret_value(self) -> str:
             return "jmj_wrapped"
 
-    config = AgentConfig(coordinator="x:1", name="web-1", join_token=Wrapped(), state_dir=tmp_path)
+    config = AgentConfig(
+        coordinator="x:1", insecure=True, name="web-1", join_token=Wrapped(), state_dir=tmp_path
+    )
     assert config.join_token_value() == "jmj_wrapped"
     assert config.state_dir == tmp_path
     assert "jmj_wrapped" not in repr(config)
@@ -157,6 +168,17 @@ def test_agent_config_bounds_and_secrets(tmp_path: Path) -> None:
     ]
     for field, value in bad:
         with pytest.raises(ConfigError, match=field):
-            AgentConfig(coordinator="x:1", name="web-1", state_dir=tmp_path, **{field: value})
+            AgentConfig(
+                coordinator="x:1", insecure=True, name="web-1", state_dir=tmp_path, **{field: value}
+            )
     with pytest.raises(TypeError):
-        AgentConfig(coordinator="x:1", name="web-1", state_dir=tmp_path, hooks="x")  # type: ignore[call-arg]
+        AgentConfig(coordinator="x:1", insecure=True, name="web-1", state_dir=tmp_path, hooks="x")  # type: ignore[call-arg]
+
+
+def test_the_agent_never_falls_back_to_plain_text_by_itself(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"speaks TLS.*--ca-file.*--insecure"):
+        AgentConfig(coordinator="x:1", name="web-1", state_dir=tmp_path)
+    with pytest.raises(ConfigError, match="not both"):
+        AgentConfig(
+            coordinator="x:1", name="web-1", state_dir=tmp_path, ca_file=tmp_path, insecure=True
+        )

@@ -64,6 +64,7 @@ class Host:
             "backoff_cap": 0.2,
         }
         values.update(changes)
+        values.setdefault("insecure", "ca_file" not in values)
         return AgentConfig(**values)
 
 

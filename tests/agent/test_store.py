@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -196,7 +197,8 @@ async def test_store_belongs_to_one_agent(tmp_path: Path) -> None:
 
 
 def test_one_agent_process_per_state_directory(store: SqliteLeaseStore, tmp_path: Path) -> None:
-    with pytest.raises(StateError, match="another agent is running"):
+    # The message names the holder (here this very process, which holds the fixture's store).
+    with pytest.raises(StateError, match=rf"another agent \(pid {os.getpid()}\) is running"):
         SqliteLeaseStore.open(tmp_path)
 
 

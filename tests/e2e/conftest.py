@@ -64,6 +64,7 @@ class Mesh:
             name=name,
             labels={"env": env},
             join_token=SecretStr(JOIN_TOKEN),
+            insecure=True,
             state_dir=state,
             enforcers=(FileEnforcerConfig(directory=access),),
             backoff_base=0.05,

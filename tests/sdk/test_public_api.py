@@ -21,6 +21,7 @@ INTENDED = {
     "Grant",
     "GrantState",
     "JoinToken",
+    "JoinTokenInfo",
     "Lock",
     "LockTarget",
     "OfflineMode",
@@ -44,6 +45,7 @@ INTENDED = {
     "PermissionDeniedError",
     "RateLimitedError",
     "UnavailableError",
+    "UserInfo",
     # durations
     "DurationError",
     "format_duration",

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from agent.identity import new_key_and_csr
+from jitmesh import Client, InvalidArgumentError, NotFoundError, PermissionDeniedError
 from jitmesh.types import AuditEvent
 from jitmesh.v1 import agentlink_pb2, agents_pb2
 from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
@@ -229,3 +230,45 @@ async def test_renewal_with_a_retired_certificate_signs_nothing(
             )
     assert refused_renewal.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert signed == []
+
+
+async def test_join_tokens_can_be_listed_and_revoked(tls: Tls) -> None:
+    # Issue 10 item 4: a leaked join token could not be cancelled.
+    made = await tls.admin.create_join_token(labels={"env": "prod"})
+    assert (len(made.id), made.labels, made.replaces) == (16, {"env": "prod"}, "")
+    assert made.token[:16] != made.id
+    [listed] = await tls.admin.list_join_tokens()
+    assert (listed.id, listed.labels, listed.uses_left, listed.created_by) == (
+        made.id,
+        {"env": "prod"},
+        1,
+        "admin",
+    )
+    assert made.token not in repr(listed)
+    revoked = await tls.admin.revoke_join_token(made.id, reason="leaked in a ticket")
+    assert revoked.revoked_at is not None
+    assert revoked.revoked_by == "admin"
+    assert await tls.admin.list_join_tokens() == []
+    assert [t.id for t in await tls.admin.list_join_tokens(include_ended=True)] == [made.id]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await tls.enroll("web-1", made.token)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(NotFoundError):
+        await tls.admin.revoke_join_token(made.id)
+    with pytest.raises(InvalidArgumentError, match="16 hexadecimal"):
+        await tls.admin.revoke_join_token("jmj_" + made.token)
+    async with await Client.connect(
+        tls.address, token="jmt_test-alice", credentials=grpc.ssl_channel_credentials(tls.ca_pem)
+    ) as alice:
+        with pytest.raises(PermissionDeniedError):
+            await alice.list_join_tokens()
+    kinds = [e.kind for e in await tls.admin.list_audit(kind="agent.join_token_revoked")]
+    assert kinds == ["agent.join_token_revoked"]
+
+    # A used token lists the agent it enrolled; a replacement token says what it replaces.
+    used = await tls.admin.create_join_token(labels={"env": "prod"})
+    await tls.enroll("web-2", used.token)
+    [after] = [t for t in await tls.admin.list_join_tokens(include_ended=True) if t.id == used.id]
+    assert (after.uses_left, after.used_by) == (0, ("web-2",))
+    replacing = await tls.admin.create_join_token(replaces="web-2")
+    assert (replacing.replaces, replacing.labels) == ("web-2", {"env": "prod"})

@@ -62,6 +62,7 @@ async def test_rotation_reaches_a_running_agent_and_keeps_its_grants(tmp_path: P
         coordinator=f"127.0.0.1:{coordinator.port}",
         name="web-1",
         join_token=SecretStr(join),
+        insecure=True,
         state_dir=state,
         enforcers=(FileEnforcerConfig(directory=access),),
         backoff_base=0.05,

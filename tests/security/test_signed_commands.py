@@ -48,6 +48,7 @@ class Host:
             coordinator=coordinator.address,
             name="web-1",
             join_token="join-1",
+            insecure=True,
             state_dir=self.state,
             enforcers=(FileEnforcerConfig(directory=self.markers),),
             backoff_base=0.05,

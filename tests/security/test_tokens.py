@@ -86,3 +86,35 @@ async def test_jitctl_token_commands(env: Env) -> None:
     listed = await jitctl("token", "list", "--user", "erin")
     assert "erin" in listed
     assert "jmt_" not in listed
+
+
+async def test_a_token_never_changes_an_existing_users_groups(env: Env) -> None:
+    # Issue 10 item H: issuing a token for alice with --group sre used to make her (and every
+    # token she already holds) sre.
+    with pytest.raises(InvalidArgumentError, match="user set-groups"):
+        await env.admin.create_token("ALICE", groups=["sre"])
+    assert await env.coordinator.store.user_groups("alice") == frozenset({"developers"})
+    # The same groups, or none, are fine; a new user is still made with the groups given.
+    await env.admin.create_token("alice", groups=["developers"])
+    await env.admin.create_token("alice")
+    await env.admin.create_token("erin", groups=["sre"])
+    assert await env.coordinator.store.user_groups("erin") == frozenset({"sre"})
+
+
+async def test_changing_groups_is_its_own_audited_act(env: Env) -> None:
+    with pytest.raises(PermissionDeniedError):
+        await env.alice.set_user_groups("alice", ["admins"])
+    with pytest.raises(NotFoundError, match="no such user"):
+        await env.admin.set_user_groups("nobody", ["sre"])
+    with pytest.raises(InvalidArgumentError, match="at least one group"):
+        await env.admin.set_user_groups("alice", [])
+    with pytest.raises(InvalidArgumentError, match="admins group"):
+        await env.admin.set_user_groups("admin", ["sre"])
+    info = await env.admin.set_user_groups("Alice", ["developers", "sre"], reason="on call")
+    assert (info.name, info.groups, info.disabled) == ("alice", ("developers", "sre"), False)
+    # Her existing token carries the new groups on its next call: she may now list what sre
+    # approves (and her token was never re-issued).
+    assert await env.coordinator.store.user_groups("alice") == frozenset({"developers", "sre"})
+    [event] = await env.admin.list_audit(kind="user.groups_changed")
+    assert (event.actor, event.subject) == ("admin", "alice")
+    assert event.details == {"before": "developers", "after": "developers,sre", "reason": "on call"}

@@ -39,6 +39,7 @@ from jitmesh.types import (
     AuditEvent,
     Grant,
     GrantState,
+    JoinTokenInfo,
     Lock,
     LockTarget,
     PolicyDocument,
@@ -46,6 +47,7 @@ from jitmesh.types import (
     RequestState,
     Review,
     TokenInfo,
+    UserInfo,
 )
 from server.domain.audit import GENESIS
 from server.domain.errors import Conflict
@@ -619,19 +621,21 @@ class PostgresTx:
     # Agents, tokens, users.
 
     async def enroll_agent(
-        self, name: str, labels: dict[str, str], credential_hash: str, at: datetime
-    ) -> bool:
+        self, name: str, labels: dict[str, str], credential_hash: str, at: datetime,
+        join_token_id: str = "",
+    ) -> bool:  # fmt: skip
         count = await _rowcount(
             self._conn,
-            "UPDATE agents SET labels = %s, credential_hash = %s, removed_at = NULL "
-            "WHERE name = %s",
-            [rec.dumps(labels), credential_hash, name],
+            "UPDATE agents SET labels = %s, credential_hash = %s, removed_at = NULL, "
+            "join_token_id = %s WHERE name = %s",
+            [rec.dumps(labels), credential_hash, join_token_id, name],
         )
         if count == 1:
             return False
         await self._conn.execute(
-            "INSERT INTO agents (name, labels, credential_hash, enrolled_at) VALUES (%s,%s,%s,%s)",
-            [name, rec.dumps(labels), credential_hash, to_ms(at)],
+            "INSERT INTO agents (name, labels, credential_hash, enrolled_at, join_token_id) "
+            "VALUES (%s,%s,%s,%s,%s)",
+            [name, rec.dumps(labels), credential_hash, to_ms(at), join_token_id],
         )
         return True
 
@@ -689,7 +693,7 @@ class PostgresTx:
     async def use_join_token(self, token_hash: str, at: datetime) -> JoinToken | None:
         row = await _one(
             self._conn,
-            "UPDATE join_tokens SET uses = uses + 1 WHERE hash = %s "
+            "UPDATE join_tokens SET uses = uses + 1 WHERE hash = %s AND revoked_at IS NULL "
             "AND (expires_at IS NULL OR expires_at > %s) "
             "AND (max_uses IS NULL OR uses < max_uses) "
             "RETURNING labels, replaces, max_uses IS NULL AS reusable",
@@ -698,6 +702,15 @@ class PostgresTx:
         if row is None:
             return None
         return JoinToken(dict(json.loads(row["labels"])), row["replaces"], bool(row["reusable"]))
+
+    async def revoke_join_token(self, token_id: str, at: datetime, by: str) -> bool:
+        count = await _rowcount(
+            self._conn,
+            "UPDATE join_tokens SET revoked_at = %s, revoked_by = %s "
+            "WHERE substr(hash, 1, 16) = %s AND revoked_at IS NULL",
+            [to_ms(at), by, token_id],
+        )
+        return count >= 1
 
     async def upsert_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
         await self._conn.execute(
@@ -1111,6 +1124,31 @@ class PostgresStore:
                 [user, user],
             )
         return [rec.token(r) for r in rows]
+
+    async def list_join_tokens(self) -> list[JoinTokenInfo]:
+        async with self._read() as conn:
+            tokens = await _all(
+                conn,
+                f"SELECT {rec.JOIN_TOKEN_SELECT} FROM join_tokens ORDER BY created_at, hash",
+            )
+            agents = await _all(
+                conn,
+                "SELECT name, join_token_id FROM agents "
+                "WHERE removed_at IS NULL AND join_token_id <> ''",
+            )
+        used: dict[str, list[str]] = {}
+        for a in agents:
+            used.setdefault(a["join_token_id"], []).append(a["name"])
+        return [rec.join_token_info(t, used.get(t["id"], ())) for t in tokens]
+
+    async def get_user(self, name: str) -> UserInfo | None:
+        async with self._read() as conn:
+            row = await _one(
+                conn,
+                "SELECT name, groups, disabled, created_at FROM users WHERE name = %s",
+                [name],
+            )
+        return None if row is None else rec.user(row)
 
     async def principal_for_user(self, name: str, serial: str) -> Principal | None:
         async with self._read() as conn:
