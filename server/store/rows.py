@@ -259,7 +259,7 @@ def token(row: Row) -> TokenInfo:
     )
 
 
-JOIN_TOKEN_SELECT = (  # noqa: S105 (column names, no secret)
+ENROLLMENT_COLUMNS = (
     "substr(hash, 1, 16) AS id, labels, COALESCE(replaces, '') AS replaces, created_by, "
     "created_at, expires_at, max_uses - uses AS uses_left, revoked_at, revoked_by"
 )

@@ -1085,7 +1085,7 @@ class SqliteStore:
     async def list_join_tokens(self) -> list[JoinTokenInfo]:
         tokens = await _all(
             self._reader,
-            f"SELECT {rec.JOIN_TOKEN_SELECT} FROM join_tokens ORDER BY created_at, hash",
+            f"SELECT {rec.ENROLLMENT_COLUMNS} FROM join_tokens ORDER BY created_at, hash",
         )
         agents = await _all(
             self._reader,

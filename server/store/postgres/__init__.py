@@ -1129,7 +1129,7 @@ class PostgresStore:
         async with self._read() as conn:
             tokens = await _all(
                 conn,
-                f"SELECT {rec.JOIN_TOKEN_SELECT} FROM join_tokens ORDER BY created_at, hash",
+                f"SELECT {rec.ENROLLMENT_COLUMNS} FROM join_tokens ORDER BY created_at, hash",
             )
             agents = await _all(
                 conn,
