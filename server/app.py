@@ -264,7 +264,15 @@ async def _assemble(
     policy = await PolicyService.load(store, hub, clock, initial)
     expirer = Expirer(store, hub, clock)
     access = AccessService(
-        store, registry, hub, clock, policy.current, epoch, expirer.deadlines_changed
+        store,
+        registry,
+        hub,
+        clock,
+        policy.current,
+        epoch,
+        expirer.deadlines_changed,
+        # Replicas: a policy applied on another replica is in force here from the next call.
+        policy.refresh if isinstance(store, PostgresStore) else None,
     )
     fleet = FleetService(store, registry, hub, clock, epoch, replica)
     auth = Authenticator(identity)

@@ -86,7 +86,11 @@ class AccessService:
         policy: Callable[[], Policy],
         epoch: int,
         deadlines_changed: Callable[[], None],
+        refresh_policy: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
+        """`refresh_policy` (replicas): called before each request is judged, so a policy
+        applied on another replica is in force here from the next call."""
+        self._refresh_policy = refresh_policy
         self._store = store
         self._links = links
         self._hub = hub
@@ -122,6 +126,8 @@ class AccessService:
             raise InvalidArgument("duration must be at least 1s")
         if duration > MAX_DURATION:
             raise InvalidArgument("duration must be at most 366d")
+        if self._refresh_policy is not None:
+            await self._refresh_policy()
         policy = self._policy()
         if action not in policy.model.actions:
             raise InvalidArgument(f"unknown action {action}")

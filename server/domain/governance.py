@@ -289,6 +289,16 @@ class PolicyService:
     def current(self) -> Policy:
         return self._policy
 
+    async def refresh(self) -> Policy:
+        """The running policy, reloaded first when the store holds a newer version (applied on
+        another replica): one indexed read of the newest version number, never a stale copy."""
+        version = await self._store.policy_version()
+        if version != self._policy.version:
+            doc = await self._store.current_policy()
+            if doc is not None and doc.version != self._policy.version:
+                self._policy = replace(parse_policy(doc.yaml), version=doc.version)
+        return self._policy
+
     async def get(self, principal: Principal) -> PolicyDocument:
         doc = await self._store.current_policy()
         if doc is None:

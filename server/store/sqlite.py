@@ -1154,6 +1154,11 @@ class SqliteStore:
         )
         return None if row is None or row["seq"] is None else int(row["seq"])
 
+    async def policy_version(self) -> int:
+        """The newest policy version (0: none)."""
+        row = await _one(self._reader, "SELECT COALESCE(MAX(version), 0) AS v FROM policies")
+        return 0 if row is None else int(row["v"])
+
     async def current_policy(self) -> PolicyDocument | None:
         row = await _one(
             self._reader,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from jitmesh import Client, GrantState, RequestState
-from jitmesh.errors import ConflictError, JitmeshError
+from jitmesh.errors import ConflictError, JitmeshError, PermissionDeniedError
 from server.shared import new_key
 from tests.support import postgres
 
@@ -273,3 +273,28 @@ async def test_a_replica_killed_under_load_loses_nothing_and_applies_nothing_twi
         per_grant[event.grant_id] = per_grant.get(event.grant_id, 0) + 1
     assert per_grant == {g: 1 for g, _, _ in made}
     assert (await admin.verify_audit()).ok
+
+
+async def test_a_policy_applied_on_one_replica_is_in_force_on_another_at_the_next_call(
+    cluster: Cluster,
+) -> None:
+    a = await cluster.start_replica("ra")
+    b = await cluster.start_replica("rb")
+    cluster.start_agent("web-1", "staging", b)
+    admin_a = await cluster.client(a, "admin")
+    alice_b = await cluster.client(b, "alice")
+    await wait(lambda: connected_to(admin_a, "web-1", "rb"), 20, "web-1 held by rb")
+    _, grant = await alice_b.create_request(agent="web-1", action="deploy", duration=MIN)
+    assert grant is not None  # the development policy: self-service on staging
+    current = await admin_a.get_policy()
+    stricter = current.yaml.replace(
+        "actions: [deploy, restart, logs]\n    agents: {labels: {env: staging}}",
+        "actions: [logs]\n    agents: {labels: {env: staging}}",
+        1,
+    )
+    assert stricter != current.yaml
+    await admin_a.apply_policy(stricter, expected_version=current.version)
+    with pytest.raises(PermissionDeniedError):
+        await alice_b.create_request(agent="web-1", action="deploy", duration=MIN)
+    _, allowed = await alice_b.create_request(agent="web-1", action="logs", duration=MIN)
+    assert allowed is not None

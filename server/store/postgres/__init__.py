@@ -1199,6 +1199,12 @@ class PostgresStore:
             )
         return None if row is None or row["seq"] is None else int(row["seq"])
 
+    async def policy_version(self) -> int:
+        """The newest policy version (0: none)."""
+        async with self._read() as conn:
+            row = await _one(conn, "SELECT COALESCE(MAX(version), 0) AS v FROM policies")
+        return 0 if row is None else int(row["v"])
+
     async def current_policy(self) -> PolicyDocument | None:
         async with self._read() as conn:
             row = await _one(
