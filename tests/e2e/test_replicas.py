@@ -273,6 +273,11 @@ async def test_a_replica_killed_under_load_loses_nothing_and_applies_nothing_twi
         per_grant[event.grant_id] = per_grant.get(event.grant_id, 0) + 1
     assert per_grant == {g: 1 for g, _, _ in made}
     assert (await admin.verify_audit()).ok
+    # A client given both addresses carries on with the one still running.
+    token = cluster.env(b)["JITMESH_TOKEN_ADMIN"]
+    both = await Client.connect(f"{a.address},{b.address}", token=token, timeout=15.0)
+    cluster.clients.append(both)
+    assert {x.name for x in await both.list_agents()} == set(accesses)
 
 
 async def test_a_policy_applied_on_one_replica_is_in_force_on_another_at_the_next_call(
