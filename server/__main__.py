@@ -49,6 +49,13 @@ def parser() -> argparse.ArgumentParser:
         "one stays valid for a day and agents adopt the new one when they reconnect",
     )
     rotate.add_argument("--data", type=Path, required=True, help="data directory")
+    rotate.add_argument(
+        "--store",
+        default="",
+        help="replicas on postgresql://...: rotate the shared keys (while they run: each loads "
+        "the new key within seconds and reconnects its agents)",
+    )
+    rotate.add_argument("--secret-key-file", type=Path, help="else JITMESH_SECRET_KEY")
     issue = sub.add_parser(
         "issue-operator-cert",
         help="sign an operator's CSR with the internal CA (jitmesh://user/NAME); the operator "
@@ -225,8 +232,16 @@ def main(argv: list[str] | None = None) -> int:
 
         from server.signing import SigningKeys
 
-        now = datetime.now(UTC)
-        key_id = SigningKeys.open(args.data, now).rotate(now)
+        if args.store:
+            args.data.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                key_id = asyncio.run(_rotate_shared(args.store, args.data, args.secret_key_file))
+            except (OSError, ValueError, SecretKeyError, psycopg.Error) as exc:
+                print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
+                return 1
+        else:
+            now = datetime.now(UTC)
+            key_id = SigningKeys.open(args.data, now).rotate(now)
         print(f"new signing key {key_id}")
         return 0
     logging.basicConfig(
@@ -302,6 +317,26 @@ def _store_options(args: argparse.Namespace) -> dict[str, object]:
         "replica": args.replica,
         "secret_key_file": args.secret_key_file,
     }
+
+
+async def _rotate_shared(store_url: str, data: Path, key_file: Path | None) -> str:
+    """Rotate the signing keys the replicas share: take the store's, rotate, upload."""
+    from jitmesh.clock import SystemClock
+    from server.shared import SharedFiles, load_key
+    from server.signing import SigningKeys
+    from server.store.postgres import PostgresStore
+
+    clock = SystemClock()
+    box = load_key(key_file)
+    store = await PostgresStore.open(store_url, min_size=1, max_size=2)
+    try:
+        shared = SharedFiles(store, data, box)
+        await shared.sync(clock)
+        key_id = SigningKeys.open(data, clock.now()).rotate(clock.now())
+        await shared.push("signing_keys.json", clock)
+    finally:
+        await store.close()
+    return key_id
 
 
 async def _migrate_store(source: str, target: str, data: Path | None, key_file: Path | None) -> int:

@@ -303,3 +303,33 @@ async def test_a_policy_applied_on_one_replica_is_in_force_on_another_at_the_nex
         await alice_b.create_request(agent="web-1", action="deploy", duration=MIN)
     _, allowed = await alice_b.create_request(agent="web-1", action="logs", duration=MIN)
     assert allowed is not None
+
+
+async def test_a_key_rotation_reaches_every_replica_and_their_agents(cluster: Cluster) -> None:
+    a = await cluster.start_replica("ra")
+    b = await cluster.start_replica("rb")
+    state, access = cluster.start_agent("db-1", "prod", b)
+    admin = await cluster.client(a, "admin")
+    await wait(lambda: connected_to(admin, "db-1", "rb"), 20, "db-1 held by rb")
+    rotate = await asyncio.create_subprocess_exec(
+        str(procs.BIN / "jitmesh-coordinator"), "rotate-signing-key", "--data",
+        str(cluster.root / "rotator"), "--store", cluster.dsn,
+        "--secret-key-file", str(cluster.key_file),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await rotate.communicate()
+    assert rotate.returncode == 0, err.decode()
+    new_key = out.decode().split()[-1]
+    # Each replica loads the new keys and reconnects its agents; the agent adopts the new key
+    # from the Welcome (signed by the key it already trusts).
+    pinned = state / "signing_keys.json"
+    await wait(lambda: new_key in pinned.read_text(), 30, "the agent pinned the new key")
+    alice = await cluster.client(a, "alice")
+    bob = await cluster.client(a, "bob")
+    request, _ = await alice.create_request(
+        agent="db-1", action="deploy", duration=15 * MIN, reason="after rotation"
+    )
+    _, grant = await bob.approve(request.id)
+    assert grant is not None
+    # Signed by rb with the new key: the agent verifies and applies it.
+    await wait((access / "alice:deploy").exists, 15, "a grant signed with the new key applied")
