@@ -2,10 +2,13 @@
 
     jitmesh-agent [run] --coordinator ADDR --name NAME --join-token TOKEN --state DIR
                         [--label KEY=VALUE ...] [--enforcer file:DIR|exec:FILE|sudo:TOML ...]
-    jitmesh-agent check --state DIR --subject USER --action ACTION
+    jitmesh-agent check --state DIR [--subject USER | --pam] --action ACTION
+    jitmesh-agent exec --state DIR [--subject USER] --action ACTION [--release]
+                       [--request --duration 15m --reason TEXT] -- COMMAND ...
 
-The only place that parses flags, loads configuration and sets up logging. `check` imports as
-little as possible: it runs on every login or sudo call.
+The only place that parses flags, loads configuration and sets up logging. `check` and `exec`
+import as little as possible (check runs on every login or sudo call): they talk to the running
+agent over its socket in the state directory.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["check"]:
         return check(args[1:])
+    if args[:1] == ["exec"]:
+        return exec_command(args[1:])
     if args[:1] == ["run"]:
         args = args[1:]
     return run(args)
@@ -47,28 +52,60 @@ class _OneLineParser(argparse.ArgumentParser):
 def check(argv: Sequence[str]) -> int:
     parser = _OneLineParser(
         prog="jitmesh-agent check",
-        description="Exit 0 if SUBJECT may do ACTION now according to the lease table, 1 if not "
-        "(2 on usage or state errors).",
+        description="Exit 0 if SUBJECT (by default: you) may do ACTION now, 1 if not (2 on usage "
+        "or state errors). Asks the running agent over its socket, which knows who you are; "
+        "only root may name another subject. With the agent down, root's check reads the lease "
+        "table instead.",
     )
     parser.add_argument("--state", required=True, type=Path, help="the agent's state directory")
-    parser.add_argument("--subject", required=True)
+    who = parser.add_mutually_exclusive_group()
+    who.add_argument("--subject", help="whom to check (root only; default: the caller)")
+    who.add_argument(
+        "--pam",
+        action="store_true",
+        help="for pam_exec: the subject is PAM_USER from the environment",
+    )
     parser.add_argument("--action", required=True)
     args = parser.parse_args(argv)
 
     import time
 
     from agent.domain.errors import StateError
+    from agent.local.client import Unreachable, ask
     from agent.store.readonly import DB_NAME, find_allowing
     from jitmesh import validation
 
+    subject = os.environ.get("PAM_USER", "") if args.pam else args.subject
     try:
-        validation.check(validation.SUBJECT, args.subject, "subject")
+        if subject is not None:
+            validation.check(validation.SUBJECT, subject, "subject")
         validation.check(validation.ACTION, args.action, "action")
     except validation.ValidationError as exc:
         return _fail(f"check: {exc}")
+    try:
+        answer = ask(args.state, {"method": "check", "subject": subject, "action": args.action})
+    except Unreachable:
+        answer = None
+    if answer is not None:
+        if not answer.get("ok"):
+            return _fail(f"check: {answer.get('error', 'refused')}")
+        if not answer.get("allowed"):
+            print("not allowed")
+            return EXIT_DENIED
+        print(f"allowed: grant {answer['grant_id']} until {answer['not_after']}")
+        return EXIT_OK
+    # The agent is not running: the lease table still answers (expired grants are refused by
+    # their own not_after), for whoever can read it (root).
+    if subject is None:
+        return _fail("check: the agent is not running")
+    if os.geteuid() != 0:
+        import pwd
+
+        if subject != pwd.getpwuid(os.getuid()).pw_name:
+            return _fail("check: only root may name another subject (--subject)")
     now_ms = time.time_ns() // 1_000_000
     try:
-        found = find_allowing(args.state / DB_NAME, args.subject, args.action, now_ms)
+        found = find_allowing(args.state / DB_NAME, subject, args.action, now_ms)
     except StateError as exc:
         return _fail(f"check: {exc}")
     if found is None:
@@ -76,6 +113,71 @@ def check(argv: Sequence[str]) -> int:
         return EXIT_DENIED
     print(f"allowed: grant {found.grant_id} until {_iso_ms(found.not_after_ms)}")
     return EXIT_OK
+
+
+def exec_command(argv: Sequence[str]) -> int:
+    args = list(argv)
+    if "--" not in args:
+        return _fail("exec: put the command after --, e.g. exec --action A -- CMD ARGS")
+    split = args.index("--")
+    command = args[split + 1 :]
+    parser = _OneLineParser(
+        prog="jitmesh-agent exec",
+        description="Run COMMAND only while a grant lets SUBJECT (by default: you) do ACTION on "
+        "this host: in its own process group, as the subject's user when run by root, ended "
+        "(SIGTERM, then SIGKILL) when the grant is revoked, expires or is locked. The exit code "
+        "is the command's. Start, exit and duration are audited.",
+    )
+    parser.add_argument("--state", required=True, type=Path, help="the agent's state directory")
+    parser.add_argument("--subject", help="root only: the subject (default: the caller)")
+    parser.add_argument("--action", required=True)
+    parser.add_argument(
+        "--release", action="store_true", help="release the grant when the command ends"
+    )
+    parser.add_argument(
+        "--run-as-root", action="store_true", help="root only: run as root, not as the subject"
+    )
+    parser.add_argument(
+        "--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
+    )
+    parser.add_argument(
+        "--request",
+        action="store_true",
+        help="first file a request with your own credentials (JITMESH_COORDINATOR, "
+        "JITMESH_TOKEN) and wait until it is approved and applied here",
+    )
+    parser.add_argument("--duration", help="with --request: how long, e.g. 15m")
+    parser.add_argument("--reason", default="", help="with --request: why (e.g. INC-42)")
+    parsed = parser.parse_args(args[:split])
+    if not command or not command[0]:
+        return _fail("exec: no command after --")
+    duration = None
+    if parsed.request:
+        if not parsed.duration:
+            return _fail("exec: --request needs --duration (e.g. 15m)")
+        from jitmesh.durations import DurationError, parse_duration
+
+        try:
+            duration = parse_duration(parsed.duration)
+        except DurationError as exc:
+            return _fail(f"exec: --duration: {exc}")
+    elif parsed.duration or parsed.reason:
+        return _fail("exec: --duration and --reason go with --request")
+    from agent.local.runner import ExecOptions, run
+
+    return run(
+        ExecOptions(
+            state_dir=parsed.state,
+            subject=parsed.subject,
+            action=parsed.action,
+            argv=command,
+            release=parsed.release,
+            run_as_root=parsed.run_as_root,
+            grace=parsed.grace,
+            request_duration=duration,
+            request_reason=parsed.reason,
+        )
+    )
 
 
 def _iso_ms(ms: int) -> str:
@@ -180,6 +282,20 @@ def run(argv: Sequence[str]) -> int:
         metavar="SECONDS",
         help="how often the host is compared with the lease table (drift removed)",
     )
+    parser.add_argument(
+        "--exec-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="when a grant ends: seconds between SIGTERM and SIGKILL for its exec commands",
+    )
+    parser.add_argument(
+        "--end-sessions",
+        choices=["exec", "user"],
+        default="exec",
+        help="user: also end every process of the subject's user when their last grant here "
+        "ends (for users that exist on the host only for jitmesh access)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     args = parser.parse_args(argv)
     if not args.coordinator:
@@ -223,6 +339,8 @@ def run(argv: Sequence[str]) -> int:
             remove_retry_base=args.remove_retry_base,
             skew_tolerance=args.skew_tolerance,
             reconcile_every=args.reconcile_every,
+            exec_grace=args.exec_grace,
+            end_sessions=args.end_sessions,
         )
     except AgentError as exc:
         return _fail(f"configuration: {exc}")

@@ -25,6 +25,9 @@ from agent.enforcers.base import Enforcer, EnforcerSet
 from agent.enforcers.file import FileEnforcer
 from agent.engine import Engine
 from agent.identity import IdentityFile
+from agent.local.protocol import SOCKET_NAME
+from agent.local.server import LocalServer
+from agent.local.sessions import EndSessions, Sessions
 from agent.rpc.link import Link, LinkSettings
 from agent.store.credential import CredentialFile
 from agent.store.keys import PinnedKeys
@@ -35,6 +38,7 @@ from jitmesh.clock import Clock, SystemClock, to_ms
 log = logging.getLogger(__name__)
 
 CREDENTIAL_NAME = "credential"
+STATE_DIR_MODE = 0o711
 KEYS_NAME = "signing_keys.json"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -126,10 +130,24 @@ async def run(
             pacing=pacing,
             rand=rand,
         )
+        sessions = Sessions(
+            clock=clock,
+            audit=engine.audit,
+            holds_any=engine.holds_any,
+            grace=config.exec_grace,
+            end=EndSessions(config.end_sessions),
+        )
+        engine.on_access_removed(sessions.removed)
+        local = LocalServer(
+            state_dir=state_dir, name=config.name, engine=engine, sessions=sessions, clock=clock
+        )
+        tighten_state_files(state_dir)
         log.info("agent started", extra={"state_dir": str(state_dir)})
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(engine.run())
+                tasks.create_task(sessions.run())
+                tasks.create_task(local.run())
                 tasks.create_task(link.run())
                 if stop is not None:
                     tasks.create_task(_until(stop))
@@ -169,15 +187,28 @@ def build_enforcers(config: AgentConfig, clock: Clock) -> list[Enforcer]:
 
 
 def prepare_state_dir(path: Path) -> Path:
-    """The state directory holds the credential: create it 0700, tighten it if it is looser."""
+    """The state directory holds the credential: 0711, so that local users can reach the agent's
+    socket by its name but list and read nothing (every file in it is 0600: see
+    `tighten_state_files`)."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            os.chmod(path, 0o700)
+        if mode != STATE_DIR_MODE:
+            os.chmod(path, STATE_DIR_MODE)
+        tighten_state_files(path)
     except OSError as exc:
         raise StateError(f"cannot prepare the state directory ({exc.strerror})") from None
     return path
+
+
+def tighten_state_files(path: Path) -> None:
+    """Every file in the state directory but the socket is the agent's alone (SQLite makes its
+    -wal and -shm files with the database's mode)."""
+    for entry in os.scandir(path):
+        if entry.name == SOCKET_NAME or not entry.is_file(follow_symlinks=False):
+            continue
+        if stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode) & 0o077:
+            os.chmod(entry.path, 0o600)
 
 
 def read_boot_id() -> str:

@@ -169,6 +169,11 @@ class AgentConfig:
     skew_tolerance: float = 60.0
     # Seconds between drift reconciles (host against lease table) while running.
     reconcile_every: float = 300.0
+    # Seconds between SIGTERM and SIGKILL when a grant's end ends a command or a session.
+    exec_grace: float = 10.0
+    # "exec": end what was started through `exec` when its grant ends; "user": also every
+    # process of the subject's user when their last grant on the host ends.
+    end_sessions: str = "exec"
 
     def __post_init__(self) -> None:
         if not isinstance(self.coordinator, str) or not _COORDINATOR.fullmatch(self.coordinator):
@@ -204,6 +209,9 @@ class AgentConfig:
             _set(self, name, _number(getattr(self, name), name, low=0, high=3600))
         for name in ("heartbeat", "keepalive_time", "keepalive_timeout", "welcome_timeout"):
             _set(self, name, _number(getattr(self, name), name, low=0, high=3600, open_low=True))
+        _set(self, "exec_grace", _number(self.exec_grace, "exec_grace", low=0, high=3600))
+        if self.end_sessions not in ("exec", "user"):
+            raise ConfigError("end_sessions: must be exec or user")
         for name in ("skew_tolerance", "reconcile_every"):
             _set(self, name, _number(getattr(self, name), name, low=0, high=86400, open_low=True))
         retries = self.remove_retries

@@ -154,9 +154,16 @@ def _check_optional(pattern: re.Pattern[str], value: str, field: str) -> str:
     return value if value == "" else _check(pattern, value, field)
 
 
-def _check_reason(value: str) -> str:
+def _check_reason(value: str, *, field: str = "reason") -> str:
     try:
-        return validation.check_reason(value)
+        return validation.check_reason(value, field=field)
+    except validation.ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _check_labels(value: dict[str, str], field: str) -> dict[str, str]:
+    try:
+        return validation.check_labels(value, field=field)
     except validation.ValidationError as exc:
         raise _invalid(exc) from None
 
@@ -361,22 +368,38 @@ class Client:
     # Requests
 
     async def create_request(
-        self, *, agent: str, action: str, duration: timedelta, reason: str = ""
-    ) -> tuple[types.Request, types.Grant | None]:
-        """Ask for `action` on `agent` for `duration`, as the caller.
+        self,
+        *,
+        agent: str = "",
+        action: str,
+        duration: timedelta,
+        reason: str = "",
+        ticket: str = "",
+        start_at: datetime | None = None,
+        selector: Mapping[str, str] | None = None,
+    ) -> types.Created:
+        """Ask for `action` on `agent` (or on every agent matching `selector`) for `duration`,
+        as the caller; `start_at` schedules the start (the duration counts from it).
 
         Returns the request and, when policy approved it at once, its grant (still to be
-        delivered to the agent: see `Grant.state`).
+        delivered to the agent: see `Grant.state`). When the caller already holds a live grant
+        for the agent and action, that grant comes back (`request.reused`) and nothing new is
+        made. A named tuple: `request, grant = await client.create_request(...)` works.
         """
+        if bool(agent) == bool(selector):
+            raise errors.InvalidArgumentError("name exactly one of agent and selector")
         message = access_pb2.CreateRequestRequest(
-            agent=_check(validation.AGENT, agent, "agent"),
+            agent=_check(validation.AGENT, agent, "agent") if agent else "",
             action=_check(validation.ACTION, action, "action"),
             duration=_convert.duration_to_proto(_check_positive(duration, "duration")),
             reason=_check_reason(reason),
+            ticket=_check_reason(ticket, field="ticket"),
+            start_at=_convert.time_to_proto(start_at),
+            selector=_check_labels(dict(selector or {}), "selector"),
         )
         response = await self._unary(self._access.CreateRequest, message)
         grant = _convert.grant(response.grant) if response.HasField("grant") else None
-        return _convert.request(response.request), grant
+        return types.Created(_convert.request(response.request), grant)
 
     async def get_request(self, id: str) -> types.Request:
         message = access_pb2.GetRequestRequest(id=_check(validation.ID, id, "request id"))
@@ -389,8 +412,10 @@ class Client:
         subject: str = "",
         agent: str = "",
         limit: int | None = None,
+        reviewable: bool = False,
     ) -> list[types.Request]:
-        """Requests the caller may see, filtered; empty filters match anything.
+        """Requests the caller may see, filtered; empty filters match anything. `reviewable`:
+        only the pending requests the caller may approve now.
 
         Follows the coordinator's pages; stops after `limit` requests when given.
         """
@@ -400,22 +425,27 @@ class Client:
 
         async def fetch(token: str, size: int) -> tuple[list[types.Request], str]:
             message = access_pb2.ListRequestsRequest(
-                states=wire_states, subject=subject, agent=agent, page_size=size, page_token=token
+                states=wire_states,
+                subject=subject,
+                agent=agent,
+                page_size=size,
+                page_token=token,
+                reviewable=reviewable,
             )
             response = await self._unary(self._access.ListRequests, message)
             return [_convert.request(r) for r in response.requests], response.next_page_token
 
         return await self._collect(fetch, limit)
 
-    async def approve(
-        self, id: str, *, reason: str = ""
-    ) -> tuple[types.Request, types.Grant | None]:
+    async def approve(self, id: str, *, reason: str = "") -> types.Reviewed:
         """Approve a pending request as the caller.
 
-        Returns the request and, when this approval was the last one required, the new grant.
-        Raises `ConflictError` when the request is no longer pending.
+        Returns the request and, when this approval was the last one required, the new grant
+        (a named tuple: `request, grant = ...` works). Raises `ConflictError` when the request
+        is no longer pending, `PermissionDeniedError` (saying who may) when the caller's
+        approval would not count now.
         """
-        return await self._review(id, types_pb2.REVIEW_DECISION_APPROVE, reason)
+        return types.Reviewed(*await self._review(id, types_pb2.REVIEW_DECISION_APPROVE, reason))
 
     async def deny(self, id: str, *, reason: str = "") -> types.Request:
         """Deny a pending request. A deny that races an approval wins."""

@@ -167,6 +167,7 @@ def review(msg: types_pb2.Review) -> types.Review:
         decision=review_decision(msg.decision),
         reason=msg.reason,
         reviewed_at=required_time(msg.reviewed_at, "a review"),
+        stage=msg.stage,
     )
 
 
@@ -176,6 +177,61 @@ def review_to_proto(value: types.Review) -> types_pb2.Review:
         decision=review_decision_to_proto(value.decision),
         reason=value.reason,
         reviewed_at=time_to_proto(value.reviewed_at),
+        stage=value.stage,
+    )
+
+
+def _stage_mode(number: int) -> types.StageMode:
+    return types.StageMode.ALL if number == types_pb2.STAGE_MODE_ALL else types.StageMode.ANY
+
+
+def approval_stage(msg: types_pb2.ApprovalStage) -> types.ApprovalStage:
+    return types.ApprovalStage(
+        name=msg.name,
+        approvals=msg.approvals,
+        mode=_stage_mode(msg.mode),
+        groups=tuple(msg.groups),
+        users=tuple(msg.users),
+        timeout=duration_or_none(msg.timeout),
+        escalation_groups=tuple(msg.escalation_groups),
+    )
+
+
+def approval_stage_to_proto(value: types.ApprovalStage) -> types_pb2.ApprovalStage:
+    return types_pb2.ApprovalStage(
+        name=value.name,
+        approvals=value.approvals,
+        mode=types_pb2.STAGE_MODE_ALL
+        if value.mode is types.StageMode.ALL
+        else types_pb2.STAGE_MODE_ANY,
+        groups=value.groups,
+        users=value.users,
+        timeout=duration_to_proto(value.timeout),
+        escalation_groups=value.escalation_groups,
+    )
+
+
+def approval_plan(msg: types_pb2.ApprovalPlan) -> types.ApprovalPlan:
+    return types.ApprovalPlan(
+        policy_version=msg.policy_version,
+        rule=msg.rule,
+        stages=tuple(approval_stage(s) for s in msg.stages),
+        pending_ttl=duration_or_none(msg.pending_ttl),
+        reason_required=msg.reason_required,
+        ticket_pattern=msg.ticket_pattern,
+        automatic=msg.automatic,
+    )
+
+
+def approval_plan_to_proto(value: types.ApprovalPlan) -> types_pb2.ApprovalPlan:
+    return types_pb2.ApprovalPlan(
+        policy_version=value.policy_version,
+        rule=value.rule,
+        stages=[approval_stage_to_proto(s) for s in value.stages],
+        pending_ttl=duration_to_proto(value.pending_ttl),
+        reason_required=value.reason_required,
+        ticket_pattern=value.ticket_pattern,
+        automatic=value.automatic,
     )
 
 
@@ -199,6 +255,15 @@ def request(msg: types_pb2.AccessRequest) -> types.Request:
         decision_reason=msg.decision_reason,
         grant_id=msg.grant_id,
         grant_state=grant_state_or_none(msg.grant_state),
+        plan=approval_plan(msg.plan) if msg.HasField("plan") else None,
+        ticket=msg.ticket,
+        current_stage=msg.current_stage,
+        start_at=time_or_none(msg.start_at),
+        selector=dict(msg.selector),
+        grant_ids=tuple(msg.grant_ids),
+        reused=msg.reused,
+        extends_grant_id=msg.extends_grant_id,
+        change_seq=msg.change_seq,
     )
 
 
@@ -222,6 +287,15 @@ def request_to_proto(value: types.Request) -> types_pb2.AccessRequest:
         decision_reason=value.decision_reason,
         grant_id=value.grant_id,
         grant_state=grant_state_to_proto(value.grant_state),
+        plan=approval_plan_to_proto(value.plan) if value.plan is not None else None,
+        ticket=value.ticket,
+        current_stage=value.current_stage,
+        start_at=time_to_proto(value.start_at),
+        selector=value.selector,
+        grant_ids=value.grant_ids,
+        reused=value.reused,
+        extends_grant_id=value.extends_grant_id,
+        change_seq=value.change_seq,
     )
 
 
@@ -245,6 +319,9 @@ def grant(msg: types_pb2.Grant) -> types.Grant:
         applied_at=time_or_none(msg.applied_at),
         failure=msg.failure,
         epoch=msg.epoch,
+        extensions=msg.extensions,
+        original_not_after=time_or_none(msg.original_not_after),
+        breakglass_code_id=msg.breakglass_code_id,
     )
 
 
@@ -268,6 +345,9 @@ def grant_to_proto(value: types.Grant) -> types_pb2.Grant:
         applied_at=time_to_proto(value.applied_at),
         failure=value.failure,
         epoch=value.epoch,
+        extensions=value.extensions,
+        original_not_after=time_to_proto(value.original_not_after),
+        breakglass_code_id=value.breakglass_code_id,
     )
 
 
@@ -436,6 +516,8 @@ def policy_decision(msg: policy_pb2.TestPolicyResponse) -> types.PolicyDecision:
         max_duration=duration_or_none(msg.max_duration),
         reason_required=msg.reason_required,
         trace=tuple(msg.trace),
+        plan=approval_plan(msg.plan) if msg.HasField("plan") else None,
+        policy_version=msg.policy_version,
     )
 
 
@@ -450,6 +532,8 @@ def policy_decision_to_proto(value: types.PolicyDecision) -> policy_pb2.TestPoli
         max_duration=duration_to_proto(value.max_duration),
         reason_required=value.reason_required,
         trace=value.trace,
+        plan=approval_plan_to_proto(value.plan) if value.plan is not None else None,
+        policy_version=value.policy_version,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 
 class RequestState(enum.StrEnum):
@@ -13,10 +14,13 @@ class RequestState(enum.StrEnum):
     DENIED = "DENIED"
     CANCELLED = "CANCELLED"
     EXPIRED = "EXPIRED"
+    # Approved with a scheduled start still ahead: the grant is issued at `start_at`, after
+    # eligibility and locks are checked again.
+    SCHEDULED = "SCHEDULED"
 
     @property
     def terminal(self) -> bool:
-        return self is not RequestState.PENDING
+        return self not in (RequestState.PENDING, RequestState.SCHEDULED)
 
 
 class GrantState(enum.StrEnum):
@@ -64,8 +68,10 @@ class Review:
     reason: str
     reviewed_at: datetime
     # The groups named by the request's approval plan that the reviewer was in at the moment
-    # of reviewing (membership is judged then, not later).
+    # of reviewing (membership is judged then, not later). Kept by the coordinator, not sent.
     groups: tuple[str, ...] = ()
+    # The stage (0-based) this review counted for.
+    stage: int = 0
 
 
 class StageMode(enum.StrEnum):
@@ -107,6 +113,8 @@ class ApprovalPlan:
     pending_ttl: timedelta | None = None
     reason_required: bool = False
     ticket_pattern: str = ""
+    # True when the plan approved at once (no stage was needed).
+    automatic: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +139,20 @@ class Request:
     grant_state: GrantState | None
     plan: ApprovalPlan | None = None
     ticket: str = ""
+    # The stage waiting for approvals (meaningful while PENDING).
+    current_stage: int = 0
+    # A scheduled start: the grant's window begins here (None: at approval).
+    start_at: datetime | None = None
+    # Several hosts: the label selector (`agent` is then empty) and, once approved, one grant
+    # per matching agent (`grant_id` is the first).
+    selector: dict[str, str] = field(default_factory=dict)
+    grant_ids: tuple[str, ...] = ()
+    # Answered with a live grant the subject already held (`grant_id`): nothing new was made.
+    reused: bool = False
+    # For an extension request: the grant it extends.
+    extends_grant_id: str = ""
+    # A resume cursor for WatchRequests: the number of this request's latest change.
+    change_seq: int = 0
 
     @property
     def stages(self) -> tuple[ApprovalStage, ...]:
@@ -157,10 +179,35 @@ class Grant:
     applied_at: datetime | None = None
     failure: str = ""
     epoch: int = 0
+    # How many times the grant was extended in place, and the end it was first given.
+    extensions: int = 0
+    original_not_after: datetime | None = None
+    # Set for a grant adopted from a break-glass code used on the host.
+    breakglass_code_id: str = ""
 
     @property
     def expires_at(self) -> datetime:
         return self.not_after
+
+
+class Created(NamedTuple):
+    """What `Client.create_request` returns: the request and, when it was approved at once (or
+    a live grant was reused: `request.reused`), its grant. Unpacks as `request, grant`."""
+
+    request: Request
+    grant: Grant | None
+
+    @property
+    def reused(self) -> bool:
+        return self.request.reused
+
+
+class Reviewed(NamedTuple):
+    """What `Client.approve` returns: the request and, when this approval completed it, the
+    new grant. Unpacks as `request, grant`."""
+
+    request: Request
+    grant: Grant | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +323,10 @@ class PolicyDecision:
     max_duration: timedelta | None
     reason_required: bool
     trace: tuple[str, ...]
+    # The plan a request would be pinned to, and the policy version tested (0: a document given
+    # in the call).
+    plan: ApprovalPlan | None = None
+    policy_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,6 +98,12 @@ class EventKind(enum.StrEnum):
     STATE_MOVED_ASIDE = "state.moved_aside"
     # A revoke whose removal kept failing: access may still be in force (never reported revoked).
     GRANT_REVOKE_FAILED = "grant.revoke_failed"
+    # A command run through `jitmesh-agent exec` started, and ended (exit code, duration, why).
+    EXEC_STARTED = "exec.started"
+    EXEC_EXITED = "exec.exited"
+    # Processes ended because a grant ended: an exec run, or every process of the subject's user
+    # (end_sessions = "user").
+    SESSIONS_ENDED = "sessions.ended"
 
 
 @dataclass(frozen=True, slots=True)

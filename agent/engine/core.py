@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from agent.domain.commands import Ack, CommandSpec
-from agent.domain.leases import EventKind, OutboxEvent, new_event
+from agent.domain.leases import EventKind, Lease, OutboxEvent, Pair, new_event
 from agent.domain.removals import RetryPolicy
 from agent.enforcers.base import EnforcerSet
 from agent.engine.clocktrust import ClockTrust
@@ -28,7 +28,7 @@ from agent.engine.expiry import Expiry
 from agent.engine.linkstate import HelloState, LinkState
 from agent.engine.reconcile import Reconciler
 from agent.engine.removals import Removals
-from agent.engine.shared import Shared
+from agent.engine.shared import Shared, best_effort
 from agent.store.base import LeaseStore
 from jitmesh.clock import Clock
 
@@ -146,6 +146,7 @@ class Engine:
         self._link = parts.link
         self._removals = parts.removals
         self._reconciler = parts.reconciler
+        self._enforcement = parts.enforcement
         self._expiry = parts.expiry
         self._commands = parts.commands
 
@@ -201,6 +202,38 @@ class Engine:
     async def reconcile(self) -> None:
         """Compare the host with the lease table now (drift)."""
         await self._reconciler.reconcile()
+
+    # The local socket's view.
+
+    async def allowing(self, subject: str, action: str) -> Lease | None:
+        """The live lease that lets `subject` do `action` now and lasts longest (None: none)."""
+        now = self.now()
+        found = [
+            lease
+            for lease in await self._store.active_leases()
+            if lease.pair == (subject, action) and lease.allows(now)
+        ]
+        return max(found, key=lambda lease: lease.not_after, default=None)
+
+    async def holds_any(self, subject: str) -> bool:
+        """Whether some live lease still holds access for `subject` on this host."""
+        return any(
+            lease.holds and lease.subject == subject for lease in await self._store.active_leases()
+        )
+
+    async def release(self, grant_id: str) -> bool:
+        """End a lease on the host now (released: `exec --release`)."""
+        return await self._expiry.end_now(grant_id, "released")
+
+    def on_access_removed(self, listener: Callable[[Pair, str], None]) -> None:
+        """`listener(pair, cause)` after a pair's access was really removed from the host."""
+        self._enforcement.on_removed.append(listener)
+
+    async def audit(self, event: OutboxEvent) -> None:
+        """An event observed on the host, for the coordinator's audit log (through the outbox)."""
+        with best_effort("an event"):
+            await self._store.add_event(event)
+        self._shared.outbox_changed.set()
 
     # Clock trust.
 

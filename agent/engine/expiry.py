@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from agent.domain import expiry
 from agent.domain.commands import Ack, AckStatus, CommandSpec, GrantSpec
 from agent.domain.errors import StateError
-from agent.domain.leases import EventKind, Lease, OutboxEvent, new_event
+from agent.domain.leases import EventKind, Lease, LeaseState, OutboxEvent, new_event
 from agent.domain.timekeeping import spread
 from agent.engine.clocktrust import ClockTrust
 from agent.engine.enforcement import Enforcement
@@ -181,6 +181,28 @@ class Expiry:
         delay = max(0.0, delay)
         self.next_sweep_at = now + timedelta(seconds=delay)
         return delay
+
+    async def end_now(self, grant_id: str, reason: str) -> bool:
+        """End one active lease now, on the host's side (`exec --release`: access ends with the
+        action). Always the safe direction: it only ever takes access away. False if the lease
+        is not active."""
+        async with self._shared.lock:
+            lease = await self._store.lease(grant_id)
+            if lease is None or lease.state is not LeaseState.ACTIVE:
+                return False
+            now = self._time.now()
+            holding = await self._enforcement.holding()
+            failures = await self._enforcement.enforce(holding, ending=[lease], cause=reason)
+            await self._store.end_lease(
+                lease.ended(at=now, reason=reason),
+                new_event(EventKind.GRANT_REMOVED, at=now, lease=lease, details={"reason": reason}),
+            )
+            if lease.pair in failures.remove:
+                await self._removals.pend(lease.pair, [grant_id], failures.remove[lease.pair])
+            self._shared.outbox_changed.set()
+            self._shared.leases_changed.set()
+            log.info("grant ended on the host", extra={**lease_fields(lease), "reason": reason})
+            return True
 
     async def end_everything(self, *, reason: str, event: OutboxEvent) -> None:
         """Fail closed: end every active lease and take its access away (under the lock)."""

@@ -30,6 +30,7 @@ from ruamel.yaml import YAML
 from jitmesh.durations import format_duration
 from jitmesh.types import (
     Agent,
+    ApprovalStage,
     AuditEvent,
     ChainVerification,
     Grant,
@@ -236,10 +237,53 @@ def request_json(request: Request, grant: Grant | None = None) -> JSON:
         "decision_reason": request.decision_reason,
         "grant_id": request.grant_id or None,
         "grant_state": request.grant_state.value if request.grant_state else None,
+        "ticket": request.ticket,
+        "current_stage": request.current_stage,
+        "stages": [stage_json(s) for s in request.stages],
+        "policy_version": request.plan.policy_version if request.plan else None,
+        "start_at": rfc3339(request.start_at),
+        "selector": dict(request.selector),
+        "grant_ids": list(request.grant_ids),
+        "reused": request.reused,
+        "extends_grant_id": request.extends_grant_id or None,
+        "change_seq": request.change_seq,
     }
     if grant is not None:
         result["grant"] = grant_json(grant)
     return result
+
+
+def stage_json(stage: ApprovalStage) -> JSON:
+    return {
+        "name": stage.name,
+        "approvals": stage.approvals,
+        "mode": stage.mode.value,
+        "groups": list(stage.groups),
+        "users": list(stage.users),
+        "timeout": format_duration(stage.timeout) if stage.timeout else None,
+        "escalation_groups": list(stage.escalation_groups),
+    }
+
+
+def stage_line(request: Request, index: int) -> str:
+    """One stage for people: who may approve, how many have, and where the request is."""
+    stage = request.stages[index]
+    who = [*(f"group {g}" for g in stage.groups), *(f"user {u}" for u in stage.users)]
+    text = f"{stage.name}: {stage.approvals} from " + ", ".join(who)
+    if stage.mode.value == "all":
+        text += " (one from each group)"
+    if stage.timeout is not None:
+        text += f"; after {format_duration(stage.timeout)} also " + ", ".join(
+            stage.escalation_groups
+        )
+    approvers = [
+        r.reviewer for r in request.reviews if r.stage == index and r.decision.value == "APPROVE"
+    ]
+    if approvers:
+        text += f" [approved by {', '.join(approvers)}]"
+    if request.state.value == "PENDING" and index == request.current_stage:
+        text += " <- waiting"
+    return text
 
 
 REQUEST_HEADERS: Final = (
@@ -293,6 +337,21 @@ def request_details(request: Request, now: datetime, grant: Grant | None = None)
         ("APPROVALS", _approvals(request)),
         ("CREATED", _when(request.created_at, now)),
     ]
+    if request.plan is not None:
+        pairs.insert(8, ("POLICY VERSION", request.plan.policy_version))
+    if request.ticket:
+        pairs.insert(7, ("TICKET", request.ticket))
+    pairs.extend(("STAGE", stage_line(request, k)) for k in range(len(request.stages)))
+    if request.selector:
+        pairs.append(
+            ("SELECTOR", ",".join(f"{k}={v}" for k, v in sorted(request.selector.items())))
+        )
+    if request.start_at is not None:
+        pairs.append(
+            ("STARTS", f"{human_time(request.start_at)} ({relative(request.start_at, now)})")
+        )
+    if request.reused:
+        pairs.append(("REUSED", "a live grant you already hold"))
     if request.pending_expires_at is not None and not request.state.terminal:
         pending = request.pending_expires_at
         pairs.append(("PENDING UNTIL", f"{human_time(pending)} ({relative(pending, now)})"))

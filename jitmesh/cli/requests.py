@@ -39,6 +39,8 @@ requests = group(
         "jitctl request create --agent web-1 --action deploy --duration 15m --reason INC-42",
         "jitctl request create --agent db-1 --action logs --duration 1h30m --wait",
         "jitctl request create --agent web-1 --action deploy --duration 15m -o json",
+        "jitctl request create --agent db-1 --action deploy --duration 30m --reason hotfix "
+        "--ticket INC-42",
     ],
 )
 @click.option("--agent", required=True, metavar="NAME", help="The host's agent.")
@@ -50,6 +52,7 @@ requests = group(
 )
 @click.option("--duration", required=True, type=DURATION, help="How long, such as 15m or 1h30m.")
 @click.option("--reason", default="", help="Why (some rules require one).")
+@click.option("--ticket", default="", metavar="ID", help="A ticket id (some rules require one).")
 @click.option(
     "--wait",
     is_flag=True,
@@ -71,11 +74,12 @@ async def _create(
     action: str,
     duration: timedelta,
     reason: str,
+    ticket: str,
     wait: bool,
     wait_timeout: timedelta,
 ) -> None:
     request, grant = await client.create_request(
-        agent=agent, action=action, duration=duration, reason=reason
+        agent=agent, action=action, duration=duration, reason=reason, ticket=ticket
     )
     if not wait:
         out.emit(
@@ -140,6 +144,7 @@ def wait_failure(request: Request, grant: Grant | None) -> str | None:
         "jitctl request list",
         "jitctl request list --state pending --agent web-1",
         "jitctl request list --subject alice --limit 20 -o yaml",
+        "jitctl request list --reviewable",
     ],
 )
 @click.option(
@@ -152,6 +157,11 @@ def wait_failure(request: Request, grant: Grant | None) -> str | None:
 @click.option("--agent", default="", metavar="NAME", help="Only requests for this agent.")
 @click.option("--subject", default="", metavar="USER", help="Only requests by this user.")
 @click.option("--limit", type=POSITIVE, metavar="N", help="At most N requests.")
+@click.option(
+    "--reviewable",
+    is_flag=True,
+    help="Only the pending requests you may approve now (your stage, not your own).",
+)
 async def _list(
     client: Client,
     out: Output,
@@ -160,8 +170,11 @@ async def _list(
     agent: str,
     subject: str,
     limit: int | None,
+    reviewable: bool,
 ) -> None:
-    found = await client.list_requests(states=states, subject=subject, agent=agent, limit=limit)
+    found = await client.list_requests(
+        states=states, subject=subject, agent=agent, limit=limit, reviewable=reviewable
+    )
     out.emit([output.request_json(r) for r in found], output.requests_table(found, out.now))
 
 

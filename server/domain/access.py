@@ -159,7 +159,7 @@ class AccessService:
                 f"rule {rule.name} requires a ticket id matching {rule.ticket} (--ticket)"
             )
         auto, _ = await self._automatic(principal.name, rule, duration, now)
-        plan = plan_for(policy, rule)
+        plan = replace(plan_for(policy, rule), automatic=auto)
         request = Request(
             id=new_id("req"),
             subject=principal.name,
@@ -394,7 +394,7 @@ class AccessService:
         request = await self._store.get_request(self._id(request_id, "request"))
         if request is None:
             raise NotFound("no such request")
-        return request
+        return self.shown(request)
 
     async def list_requests(
         self,
@@ -405,13 +405,53 @@ class AccessService:
         agent: str,
         page_size: int,
         page_token: str,
+        reviewable: bool = False,
     ) -> tuple[list[Request], str]:
-        return await self._store.list_requests(
+        """A page of requests, newest first. `reviewable`: only those the caller may approve
+        now (pending, at a stage that names the caller, not the caller's own); a page may then
+        hold fewer than `page_size` and still have a next page."""
+        if reviewable:
+            states = [RequestState.PENDING]
+        items, token = await self._store.list_requests(
             states=states,
             subject=user_name(subject),
             agent=agent,
             limit=self._page_size(page_size),
             page_token=page_token,
+        )
+        shown = [self.shown(r) for r in items]
+        if reviewable:
+            now = self._clock.now()
+            shown = [r for r in shown if self.may_approve(principal, r, now)]
+        return shown, token
+
+    def may_approve(self, principal: Principal, request: Request, now: datetime) -> bool:
+        """Whether `principal` could approve `request` at `now` (the rules of apply_review)."""
+        if request.state is not RequestState.PENDING:
+            return False
+        plan, outcome = self.outcome(request, now)
+        if any(same_person(r.reviewer, principal.name) for r in request.reviews):
+            return False
+        return not review_refusal(
+            plan, outcome, principal, ReviewDecision.APPROVE, now, requester=request.subject
+        )
+
+    def shown(self, request: Request) -> Request:
+        """The request as callers see it: the stage it waits at, and the stage each review
+        counted for."""
+        if request.state is not RequestState.PENDING and not request.reviews:
+            return request
+        plan = plan_of(request)
+        outcome = self._apply(
+            plan, request, request.reviews, request.decided_at or self._clock.now()
+        )
+        stage_of = {name: k for k, names in enumerate(outcome.counted) for name in names}
+        return replace(
+            request,
+            current_stage=outcome.stage,
+            reviews=tuple(
+                replace(r, stage=stage_of.get(r.reviewer, outcome.stage)) for r in request.reviews
+            ),
         )
 
     async def get_grant(self, principal: Principal, grant_id: str) -> Grant:
@@ -554,7 +594,7 @@ class AccessService:
         await self._hub.audit_written(tx.new_audit)
         request = await self._store.get_request(request_id)
         assert request is not None
-        return request, grant
+        return self.shown(request), grant
 
     async def _get_request(self, tx: Tx, request_id: str) -> Request:
         request = await tx.get_request(self._id(request_id, "request"))

@@ -322,6 +322,7 @@ def plan_json(plan: ApprovalPlan | None) -> str:
             else plan.pending_ttl // timedelta(milliseconds=1),
             "reason_required": plan.reason_required,
             "ticket_pattern": plan.ticket_pattern,
+            "automatic": plan.automatic,
             "stages": [
                 {
                     "name": s.name,
@@ -355,6 +356,7 @@ def plan_from_json(text: str) -> ApprovalPlan | None:
         else timedelta(milliseconds=data["pending_ttl_ms"]),
         reason_required=bool(data.get("reason_required", False)),
         ticket_pattern=str(data.get("ticket_pattern", "")),
+        automatic=bool(data.get("automatic", False)),
         stages=tuple(
             ApprovalStage(
                 name=s["name"],

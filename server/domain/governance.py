@@ -34,7 +34,7 @@ from .errors import (
 )
 from .hub import Hub
 from .models import ADMIN_GROUP, AuditEntry, Principal, new_secret, same_person, user_name
-from .policy import Policy, decision, match, parse_policy
+from .policy import Policy, decision, match, parse_policy, plan_for
 from .ports import Store, Tx
 
 VERIFY_PAGE = 5000
@@ -339,15 +339,19 @@ class PolicyService:
         found = match(self._policy, Principal(subject, known), action, agent, target.labels)
         notes: tuple[str, ...] = ()
         rule = found.rule
-        if rule is not None and rule.approval.auto is not None and rule.approval.auto.limited:
+        if rule is None:
+            return decision(found, duration)
+        auto = rule.approval.always_auto
+        if rule.approval.auto is not None and rule.approval.auto.limited:
             now = self._clock.now()
             usage = budget_usage(
                 await self._store.recent_auto_grants(subject, rule.name, now - DAY), now
             )
-            _, notes = auto_decision(
+            auto, notes = auto_decision(
                 rule.approval.auto, usage, duration or timedelta(seconds=1), now
             )
-        return decision(found, duration, notes)
+        plan = replace(plan_for(self._policy, rule), automatic=auto)
+        return decision(found, duration, notes, plan)
 
     async def _store_policy(self, policy: Policy, by: str) -> PolicyDocument:
         """Store and swap in a new version. In the same transaction, every pending request the

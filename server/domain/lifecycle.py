@@ -19,7 +19,13 @@ REQUEST_TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
             RequestState.DENIED,
             RequestState.CANCELLED,
             RequestState.EXPIRED,
+            RequestState.SCHEDULED,
         }
+    ),
+    # Approved with a start ahead: at the start the grant is issued (APPROVED) or, when the
+    # subject is no longer eligible or is locked, DENIED; the requester may still cancel.
+    RequestState.SCHEDULED: frozenset(
+        {RequestState.APPROVED, RequestState.DENIED, RequestState.CANCELLED}
     ),
     RequestState.APPROVED: frozenset(),
     RequestState.DENIED: frozenset(),

@@ -485,6 +485,7 @@ def decision(
     found: Match,
     duration: timedelta | None = None,
     notes: tuple[str, ...] = (),
+    plan: ApprovalPlan | None = None,
 ) -> PolicyDecision:
     """The answer of `policy test`. `notes`: what else was judged (auto-approval windows and
     budget), one line each, appended to the trace."""
@@ -501,6 +502,8 @@ def decision(
         )
     stages = [s.to_stage(i) for i, s in enumerate(rule.approval.stages)]
     manual = not rule.approval.always_auto
+    if plan is not None and plan.automatic:
+        manual = False
     lines = list(found.trace)
     if rule.approval.auto is not None:
         lines.append("approval: automatic" + (" within its limits" if manual else ""))
@@ -520,6 +523,8 @@ def decision(
         max_duration=rule.max_duration,
         reason_required=rule.reason == "required",
         trace=tuple(lines),
+        plan=plan,
+        policy_version=plan.policy_version if plan is not None else 0,
     )
 
 

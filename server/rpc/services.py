@@ -78,6 +78,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             action=request.action,
             duration=_duration(request.duration, "duration"),
             reason=request.reason,
+            ticket=request.ticket,
         )
         return access_pb2.CreateRequestResponse(
             request=c.request(req), grant=c.grant(grant) if grant else None
@@ -102,6 +103,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             agent=request.agent,
             page_size=request.page_size,
             page_token=request.page_token,
+            reviewable=request.reviewable,
         )
         return access_pb2.ListRequestsResponse(
             requests=[c.request(r) for r in items], next_page_token=token

@@ -106,7 +106,7 @@ async def test_enrolls_saves_the_credential_privately_and_says_hello(
         credential = host.state / "credential"
         assert credential.read_text().strip() == "cred-1"
         assert stat.S_IMODE(credential.stat().st_mode) == 0o600
-        assert stat.S_IMODE(host.state.stat().st_mode) == 0o700
+        assert stat.S_IMODE(host.state.stat().st_mode) == 0o711
 
         hello = session.hello
         assert hello.agent == "web-1"

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -232,9 +233,218 @@ async def sudo_agent(scratch: str, seconds: int) -> dict[str, Any]:
     return seen
 
 
+async def ash(*argv: str, timeout: float = 60) -> tuple[int, str]:
+    """A command from inside the event loop (the agent serves in this same loop)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    async with asyncio.timeout(timeout):
+        out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode().strip()
+
+
+def agent_cli(user: str | None, *args: str) -> list[str]:
+    """`jitmesh-agent ARGS`, as `user` through su (None: as root)."""
+    argv = [str(BIN / "jitmesh-agent"), *args]
+    if user is None:
+        return argv
+    return ["su", "-s", "/bin/sh", user, "-c", " ".join(shlex.quote(a) for a in argv)]
+
+
+class LocalAgent:
+    """An engine with the file enforcer, its sessions and its local socket, in this process, on
+    the real clock; commands are handed to it directly (no coordinator needed here)."""
+
+    def __init__(self, state: Path, *, grace: float = 1.0, end: str = "exec") -> None:
+        from agent.app import prepare_state_dir
+        from agent.enforcers.base import EnforcerSet
+        from agent.enforcers.file import FileEnforcer
+        from agent.engine import Engine
+        from agent.local.server import LocalServer
+        from agent.local.sessions import EndSessions, Sessions
+        from agent.store.sqlite import SqliteLeaseStore
+        from jitmesh.clock import SystemClock
+
+        self.state = prepare_state_dir(state)
+        self.store = SqliteLeaseStore.open(state)
+        clock = SystemClock()
+        self.engine = Engine(
+            name="web-1",
+            store=self.store,
+            enforcers=EnforcerSet([FileEnforcer(state.parent / "markers")]),
+            clock=clock,
+        )
+        self.sessions = Sessions(
+            clock=clock,
+            audit=self.engine.audit,
+            holds_any=self.engine.holds_any,
+            grace=grace,
+            end=EndSessions(end),
+        )
+        self.engine.on_access_removed(self.sessions.removed)
+        self.server = LocalServer(
+            state_dir=state, name="web-1", engine=self.engine, sessions=self.sessions, clock=clock
+        )
+        self.seq = 0
+
+    async def __aenter__(self) -> LocalAgent:
+        await self.engine.start()
+        self.tasks = [
+            asyncio.create_task(c)
+            for c in (self.engine.run(), self.sessions.run(), self.server.run())
+        ]
+        await asyncio.wait_for(self.server.ready.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.store.close()
+
+    async def grant(self, subject: str, action: str, seconds: float = 3600) -> str:
+        from agent.domain.commands import GrantSpec
+        from agent.domain.leases import HOLD
+
+        now = datetime.now(UTC)
+        grant_id = "grt-" + os.urandom(16).hex()
+        spec = GrantSpec(
+            grant_id, subject, action, now - timedelta(seconds=1),
+            now + timedelta(seconds=seconds), HOLD,
+        )  # fmt: skip
+        ack = await self._command(spec)
+        assert ack.status.value == "APPLIED", ack
+        return grant_id
+
+    async def revoke(self, grant_id: str) -> None:
+        from agent.domain.commands import RevokeSpec
+
+        ack = await self._command(RevokeSpec(grant_id))
+        assert ack.status.value == "APPLIED", ack
+
+    async def _command(self, kind: Any) -> Any:
+        from agent.domain.commands import CommandSpec
+
+        self.seq += 1
+        return await self.engine.handle(
+            CommandSpec(seq=self.seq, agent="web-1", body_seq=self.seq, epoch=1, kind=kind)
+        )
+
+    async def events(self) -> list[tuple[str, dict[str, str]]]:
+        return [(e.kind, dict(e.details)) for e in await self.store.pending_events(1000)]
+
+
+async def local_exec(scratch: str) -> dict[str, Any]:
+    """The local socket (who the caller is decides whom they may ask about) and exec: exit code
+    through, run as the subject, ended by a revoke (SIGTERM, then SIGKILL after the grace),
+    --release ending the grant on the host, refused without a grant; all audited."""
+    make_user("alice")
+    make_user("bob")
+    seen: dict[str, Any] = {}
+    state = Path("/run/jitmesh-test/state")
+    state.parent.mkdir(parents=True)
+    async with LocalAgent(state) as agent:
+        s = str(state)
+        seen["mode"] = oct(state.stat().st_mode & 0o777)
+        seen["alice_check_none"] = await ash(
+            *agent_cli("alice", "check", "--state", s, "--action", "deploy")
+        )
+        grant = await agent.grant("alice", "deploy")
+        seen["alice_check"] = await ash(
+            *agent_cli("alice", "check", "--state", s, "--action", "deploy")
+        )
+        seen["alice_names_bob"] = await ash(
+            *agent_cli("alice", "check", "--state", s, "--subject", "bob", "--action", "deploy")
+        )
+        seen["bob_check"] = await ash(
+            *agent_cli("bob", "check", "--state", s, "--action", "deploy")
+        )
+        seen["root_names_alice"] = await ash(
+            *agent_cli(None, "check", "--state", s, "--subject", "alice", "--action", "deploy")
+        )
+        # The exit code passes through; the command runs as the caller.
+        seen["exit7"] = await ash(
+            *agent_cli(
+                "alice",
+                "exec",
+                "--state",
+                s,
+                "--action",
+                "deploy",
+                "--",
+                "sh",
+                "-c",
+                "id -un; exit 7",
+            )
+        )
+        # Root runs it as the subject.
+        seen["root_as_alice"] = await ash(
+            *agent_cli(
+                None,
+                "exec",
+                "--state",
+                s,
+                "--subject",
+                "alice",
+                "--action",
+                "deploy",
+                "--",
+                "id",
+                "-un",
+            )
+        )
+        seen["bob_exec"] = await ash(
+            *agent_cli("bob", "exec", "--state", s, "--action", "deploy", "--", "true")
+        )
+        # A revoke ends a running command: SIGTERM ...
+        running = asyncio.create_task(
+            ash(
+                *agent_cli("alice", "exec", "--state", s, "--action", "deploy", "--", "sleep", "60")
+            )
+        )
+        await _until(lambda: bool(agent.sessions.runs), 20)
+        started = time.monotonic()
+        await agent.revoke(grant)
+        seen["revoked_run"] = await running
+        seen["revoked_after_s"] = time.monotonic() - started
+        # ... then SIGKILL for a command that ignores SIGTERM (grace 1 s).
+        grant = await agent.grant("alice", "deploy")
+        stubborn = asyncio.create_task(
+            ash(*agent_cli("alice", "exec", "--state", s, "--action", "deploy", "--grace", "30",
+                           "--", "sh", "-c", "trap '' TERM; sleep 60; sleep 60"))
+        )  # fmt: skip
+        await _until(lambda: bool(agent.sessions.runs), 20)
+        started = time.monotonic()
+        await agent.revoke(grant)
+        seen["killed_run"] = await stubborn
+        seen["killed_after_s"] = time.monotonic() - started
+        # --release: access ends with the command.
+        grant = await agent.grant("alice", "deploy")
+        seen["release_run"] = await ash(
+            *agent_cli(
+                "alice", "exec", "--state", s, "--action", "deploy", "--release", "--", "true"
+            )
+        )
+        lease = await agent.store.lease(grant)
+        seen["released_state"] = (lease.state.value, lease.remove_reason) if lease else None
+        seen["after_release_check"] = await ash(
+            *agent_cli("alice", "check", "--state", s, "--action", "deploy")
+        )
+        seen["events"] = await agent.events()
+    return seen
+
+
+async def _until(done: Callable[[], bool], timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not done():
+            await asyncio.sleep(0.02)
+
+
 SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "sudo_enforcer": sudo_enforcer,
     "sudo_agent": sudo_agent,
+    "local_exec": local_exec,
 }
 
 

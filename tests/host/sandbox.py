@@ -28,11 +28,27 @@ TMPFS = ("/home", "/run", "/var/log", "/var/mail")
 
 _SETUP = """
 set -e
-upper=$1; work=$2; shift 2
+upper=$1; work=$2; rupper=$3; rwork=$4; reach=$5; shift 5
 mount -t overlay overlay -o "lowerdir=/etc,upperdir=$upper,workdir=$work" /etc
 for d in {dirs}; do [ -d "$d" ] && mount -t tmpfs -o mode=0755 tmpfs "$d"; done
+# Test users must reach the interpreter and the checkout when they live under /root (0700): an
+# overlay over /root, where directories on those paths get o+x (the real /root is untouched).
+if [ -n "$reach" ]; then
+  mount -t overlay overlay -o "lowerdir=/root,upperdir=$rupper,workdir=$rwork" /root
+  for d in $reach; do chmod o+x "$d"; done
+fi
 exec "$@"
 """.format(dirs=" ".join(TMPFS))
+
+
+def _reach() -> str:
+    """Directories under /root on the way to the interpreter and the checkout."""
+    found: set[Path] = set()
+    for target in (Path(os.path.realpath(sys.executable)), ROOT):
+        for parent in (target, *target.parents):
+            if parent == Path("/root") or Path("/root") in parent.parents:
+                found.add(parent)
+    return " ".join(sorted(str(p) for p in found if p.is_dir()))
 
 
 def missing() -> list[str]:
@@ -49,13 +65,13 @@ def run(tmp_path: Path, scenario: str, *args: Any, timeout: float = 120) -> dict
             f"host tests need {', '.join(absent)}: apt-get install -y sudo passwd "
             "openssh-server openssh-client pamtester (scripts/test does it when run as root)"
         )
-    upper, work, scratch = tmp_path / "etc-upper", tmp_path / "etc-work", tmp_path / "scratch"
-    for d in (upper, work, scratch):
+    dirs = [tmp_path / n for n in ("etc-upper", "etc-work", "root-upper", "root-work", "scratch")]
+    for d in dirs:
         d.mkdir(exist_ok=True)
     argv = [
         "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _SETUP, "sh",
-        str(upper), str(work), sys.executable, "-m", "tests.host.inside", scenario,
-        json.dumps([str(scratch), *args]),
+        *[str(d) for d in dirs[:4]], _reach(), sys.executable, "-m", "tests.host.inside",
+        scenario, json.dumps([str(dirs[4]), *args]),
     ]  # fmt: skip
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
     proc = subprocess.run(

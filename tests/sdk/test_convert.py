@@ -157,3 +157,41 @@ def test_offline_policy_and_review_decisions() -> None:
     assert _convert.review(_convert.review_to_proto(review)) == review
     with pytest.raises(InternalError, match="without a decision"):
         _convert.review(types_pb2.Review(reviewer="bob", reviewed_at=_convert.time_to_proto(NOW)))
+
+
+def test_request_and_grant_round_trip_the_workflow_fields() -> None:
+    from dataclasses import replace
+
+    from jitmesh.types import ApprovalPlan, ApprovalStage, StageMode
+
+    plan = ApprovalPlan(
+        policy_version=7,
+        rule="prod",
+        stages=(
+            ApprovalStage(
+                "team", 2, StageMode.ANY, ("sre",), ("carol",), timedelta(minutes=5), ("oncall",)
+            ),
+            ApprovalStage("owners", 1, StageMode.ALL, ("dba", "security")),
+        ),
+        pending_ttl=timedelta(minutes=30),
+        reason_required=True,
+        ticket_pattern="^INC-[0-9]+$",
+        automatic=False,
+    )
+    original = replace(
+        make_request(),
+        state=RequestState.SCHEDULED,
+        plan=plan,
+        ticket="INC-1",
+        current_stage=1,
+        start_at=NOW + timedelta(hours=2),
+        selector={"env": "staging"},
+        grant_ids=("grt-" + "1" * 32, "grt-" + "2" * 32),
+        reused=True,
+        extends_grant_id="grt-" + "3" * 32,
+        change_seq=42,
+        reviews=(Review("bob", ReviewDecision.APPROVE, "ok", NOW, stage=1),),
+    )
+    assert _convert.request(_convert.request_to_proto(original)) == original
+    grant = replace(make_grant(), extensions=2, original_not_after=NOW, breakglass_code_id="bgc-1")
+    assert _convert.grant(_convert.grant_to_proto(grant)) == grant

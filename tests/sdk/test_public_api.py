@@ -18,6 +18,7 @@ INTENDED = {
     "ApprovalStage",
     "AuditEvent",
     "ChainVerification",
+    "Created",
     "Grant",
     "GrantState",
     "JoinToken",
@@ -32,6 +33,7 @@ INTENDED = {
     "RequestState",
     "Review",
     "ReviewDecision",
+    "Reviewed",
     "StageMode",
     "TokenInfo",
     # errors

@@ -10,10 +10,9 @@ from datetime import timedelta
 import pytest
 
 from jitmesh.client import Client
-from jitmesh.errors import ConflictError, PermissionDeniedError
+from jitmesh.errors import ConflictError, InvalidArgumentError, PermissionDeniedError
 from jitmesh.types import RequestState
 from server.domain.access import AccessService
-from server.domain.errors import InvalidArgument
 from server.domain.models import Principal
 from server.domain.policy import DEV_POLICY
 from tests.server.helpers import Env
@@ -90,21 +89,25 @@ async def test_request_pins_its_plan_and_ticket(env: Env) -> None:
                 "    pending_ttl: 30m", "    pending_ttl: 30m\n    ticket: '^(INC|CHG)-[0-9]+$'"
             )
         )
+        before = await env.admin.list_requests()
         for ticket in ("JIRA-1", "", "INC-7 "):
-            with pytest.raises(InvalidArgument, match="ticket id matching"):
-                await access(env).create_request(
-                    ALICE, agent="db-1", action="deploy", duration=M15, reason="x", ticket=ticket
+            with pytest.raises(InvalidArgumentError, match="ticket id matching"):
+                await env.alice.create_request(
+                    agent="db-1", action="deploy", duration=M15, reason="x", ticket=ticket
                 )
-        created, _ = await access(env).create_request(
-            ALICE, agent="db-1", action="deploy", duration=M15, reason="x", ticket="INC-7"
+        assert await env.admin.list_requests() == before
+        created, _ = await env.alice.create_request(
+            agent="db-1", action="deploy", duration=M15, reason="x", ticket="INC-7"
         )
-        request = await access(env).get_request(ALICE, created.id)
+        request = await env.bob.get_request(created.id)
         assert request == created
         assert request.ticket == "INC-7"
         assert request.plan is not None
         assert request.plan.rule == "prod"
         assert request.plan.policy_version == 3
         assert request.plan.ticket_pattern == "^(INC|CHG)-[0-9]+$"
+        assert request.plan.reason_required
+        assert not request.plan.automatic
         assert [(s.name, s.approvals, s.groups) for s in request.stages] == [
             ("team", 2, ("sre",)),
             ("security", 1, ("security",)),
@@ -113,6 +116,30 @@ async def test_request_pins_its_plan_and_ticket(env: Env) -> None:
         events = await env.admin.list_audit(kind="request.created", request_id=request.id)
         assert events[0].details["ticket"] == "INC-7"
         assert events[0].details["policy_version"] == "3"
+        decision = await env.admin.test_policy(subject="alice", action="deploy", agent="db-1")
+        assert decision.plan is not None
+        assert decision.plan.stages == request.stages
+        assert decision.policy_version == 3
+    finally:
+        for c in users.values():
+            await c.close()
+
+
+async def test_reviewable_lists_what_the_caller_may_approve_now(env: Env) -> None:
+    users = await staged(env)
+    try:
+        request_id = await prod(env)
+        assert [r.id for r in await env.bob.list_requests(reviewable=True)] == [request_id]
+        assert await users["erin"].list_requests(reviewable=True) == []  # stage 2 not yet
+        assert await env.alice.list_requests(reviewable=True) == []  # own request
+        await env.bob.approve(request_id)
+        assert await env.bob.list_requests(reviewable=True) == []  # reviewed already
+        assert [r.id for r in await env.carol.list_requests(reviewable=True)] == [request_id]
+        request, _ = await env.carol.approve(request_id)
+        assert request.current_stage == 1
+        assert [r.stage for r in request.reviews] == [0, 0]
+        assert [r.id for r in await users["erin"].list_requests(reviewable=True)] == [request_id]
+        assert await users["olga"].list_requests(reviewable=True) == []
     finally:
         for c in users.values():
             await c.close()
