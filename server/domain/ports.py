@@ -11,6 +11,12 @@ The store's contract, whatever the implementation:
 - Compare-and-set methods return False (or leave an id out) on a lost race; the caller decides.
 - Shared state lives in the store, not in a process: the audit chain's head, checkpoints,
   meta (epoch and generations), policy versions, locks, tokens and users.
+
+Adding a store method or a column: declare it here (typed: no `**fields`), implement it in
+both stores (server/store/sqlite.py and server/store/postgres/; rows are read by column name
+through server/store/rows.py), add a migration to both migration folders
+(tests/store/test_schema.py fails while their tables or columns differ), and test it in the
+contract suite (tests/store/), which runs every test on both stores.
 """
 
 from __future__ import annotations
