@@ -118,6 +118,7 @@ class Coordinator:
     started_at: datetime | None = None
     # The exclusive lock on the data directory (jitmesh.pidlock), released by stop().
     lock_fd: int = -1
+    hub: Hub | None = None
     _stopped: bool = field(default=False, init=False)
 
     @property
@@ -138,7 +139,8 @@ class Coordinator:
                 tg.create_task(self._until_terminated())
                 tg.create_task(self._report_running())
                 if isinstance(self.store, PostgresStore):
-                    tg.create_task(self.store.listen_commands(self.registry.wake))
+                    changed = None if self.hub is None else self.hub.audit_advanced
+                    tg.create_task(self.store.listen(self.registry.wake, changed))
                 if self.shared is not None:
                     tg.create_task(self.shared.run(self.clock, self._shared_changed))
         finally:
@@ -402,6 +404,7 @@ async def _assemble(
         replica,
         shared,
         started_at,
+        hub=hub,
     )
 
 

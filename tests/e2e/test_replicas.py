@@ -333,3 +333,49 @@ async def test_a_key_rotation_reaches_every_replica_and_their_agents(cluster: Cl
     assert grant is not None
     # Signed by rb with the new key: the agent verifies and applies it.
     await wait((access / "alice:deploy").exists, 15, "a grant signed with the new key applied")
+
+
+async def test_watchers_on_one_replica_see_changes_made_on_another(cluster: Cluster) -> None:
+    a = await cluster.start_replica("ra")
+    b = await cluster.start_replica("rb")
+    cluster.start_agent("db-1", "prod", a)
+    alice_a = await cluster.client(a, "alice")
+    bob_a = await cluster.client(a, "bob")
+    alice_b = await cluster.client(b, "alice")
+    admin_b = await cluster.client(b, "admin")
+    await wait(lambda: connected_to(admin_b, "db-1", "ra"), 20, "db-1 connected")
+    request, _ = await alice_a.create_request(
+        agent="db-1", action="logs", duration=MIN, reason="watch me"
+    )
+    head = (await admin_b.verify_audit()).events_checked
+
+    watching = asyncio.Event()
+    tailing = asyncio.Event()
+
+    async def decided_seen_on_b() -> RequestState:
+        async for seen in alice_b.watch_requests([request.id]):
+            if seen.state is RequestState.PENDING:
+                watching.set()  # the first snapshot: the stream is open
+            else:
+                return seen.state
+        raise AssertionError("the watch ended")
+
+    async def tail_seen_on_b() -> str:
+        async for event in admin_b.tail_audit(after_seq=head):
+            if event.kind == "request.created" and event.agent == "db-1":
+                tailing.set()  # an event written on rb itself: the stream is open
+            if event.kind == "request.approved":
+                return event.request_id
+        raise AssertionError("the tail ended")
+
+    watcher = asyncio.create_task(decided_seen_on_b())
+    tail = asyncio.create_task(tail_seen_on_b())
+    async with asyncio.timeout(10):
+        await watching.wait()
+        await alice_b.create_request(agent="db-1", action="restart", duration=MIN, reason="x")
+        await tailing.wait()
+    # Both streams on rb wait; the approval is committed on ra.
+    await bob_a.approve(request.id)
+    async with asyncio.timeout(10):
+        assert await watcher is RequestState.APPROVED
+        assert await tail == request.id

@@ -76,6 +76,8 @@ RETRIES = 8
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 # The channel that wakes the replica holding an agent's stream; payload "replica|agent,agent".
 COMMANDS_CHANNEL = "jitmesh_commands"
+# The channel that tells replicas of new audit events; payload "replica|seq|request,request".
+AUDIT_CHANNEL = "jitmesh_audit"
 NOTIFY_PAYLOAD = 7000  # bytes of agent names per notification (PostgreSQL's limit is 8000)
 # Advisory lock keys (any fixed numbers, used only by jitmesh).
 _MIGRATE_LOCK = 0x6A69_746D_0001
@@ -804,6 +806,13 @@ class PostgresTx:
             "UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1", list(self._head)
         )
         self.new_audit.extend(events)
+        # Watchers on the other replicas (request watch, audit tail) learn of it at commit.
+        ids = sorted({e.request_id for e in events if e.request_id})
+        listed = ",".join(ids) if sum(len(i) + 1 for i in ids) < NOTIFY_PAYLOAD else "*"
+        await self._conn.execute(
+            "SELECT pg_notify(%s, %s)",
+            [AUDIT_CHANNEL, f"{self._replica}|{events[-1].seq}|{listed}"],
+        )
         return events
 
     # Sweeps.
@@ -974,18 +983,32 @@ class PostgresStore:
             )
         return cur.rowcount == 1
 
-    async def listen_commands(self, wake: Callable[[list[str] | None], None]) -> None:
+    async def listen(
+        self,
+        wake: Callable[[list[str] | None], None],
+        changed: Callable[[int, list[str]], Awaitable[None]] | None = None,
+    ) -> None:
         """Run until cancelled: call `wake(agents)` when another replica committed commands for
-        them, and `wake(None)` after (re)connecting, when notifications may have been missed."""
+        them, and `wake(None)` after (re)connecting, when notifications may have been missed;
+        `changed(audit_seq, request_ids)` when another replica committed audit events (request
+        ids ["*"]: any request may have changed), so watchers here see it at once."""
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {COMMANDS_CHANNEL}")
+                    await conn.execute(f"LISTEN {AUDIT_CHANNEL}")
                     wake(None)
+                    if changed is not None:
+                        await changed((await self.audit_head())[0], ["*"])
                     async for note in conn.notifies():
-                        origin, _, names = note.payload.partition("|")
-                        if origin != self.replica and names:
-                            wake(names.split(","))
+                        origin, _, rest = note.payload.partition("|")
+                        if origin == self.replica or not rest:
+                            continue
+                        if note.channel == COMMANDS_CHANNEL:
+                            wake(rest.split(","))
+                        elif changed is not None:
+                            seq, _, ids = rest.partition("|")
+                            await changed(int(seq), [i for i in ids.split(",") if i])
             except psycopg.Error as exc:
                 log.warning("command notifications interrupted, listening again: %s", exc)
                 await asyncio.sleep(1.0)
