@@ -1,7 +1,7 @@
 """`jitmesh-agent`: run the agent, or answer a local access check from its lease table.
 
     jitmesh-agent [run] --coordinator ADDR --name NAME --join-token TOKEN --state DIR
-                        [--label KEY=VALUE ...] [--enforcer file:DIR|exec:FILE|sudo:TOML ...]
+                        [--label KEY=VALUE ...] [--enforcer KIND:WHERE ...]
     jitmesh-agent check --state DIR [--subject USER | --pam] --action ACTION
     jitmesh-agent exec --state DIR [--subject USER] --action ACTION [--release]
                        [--request --duration 15m --reason TEXT] -- COMMAND ...
@@ -232,7 +232,7 @@ def run(argv: Sequence[str]) -> int:
         "--enforcer",
         action="append",
         default=[],
-        metavar="file:DIR|exec:FILE|sudo:FILE.toml",
+        metavar="file:DIR|exec:FILE|sudo:TOML|group:TOML|ssh:TOML",
         help="repeatable; applied in the order given. file,drift=report:DIR (or exec,...) "
         "only reports access on the host no lease holds instead of removing it",
     )

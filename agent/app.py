@@ -17,7 +17,14 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from agent.config import AgentConfig, ExecEnforcerConfig, FileEnforcerConfig, SudoEnforcerConfig
+from agent.config import (
+    AgentConfig,
+    ExecEnforcerConfig,
+    FileEnforcerConfig,
+    GroupEnforcerConfig,
+    SshEnforcerConfig,
+    SudoEnforcerConfig,
+)
 from agent.domain.coverage import DriftMode
 from agent.domain.errors import AgentError, EnrollmentError, StateError
 from agent.domain.leases import EventKind, new_event
@@ -181,6 +188,14 @@ def build_enforcers(config: AgentConfig, clock: Clock) -> list[Enforcer]:
             from agent.enforcers.sudo import SudoEnforcer
 
             enforcers.append(SudoEnforcer(spec.settings))
+        elif isinstance(spec, GroupEnforcerConfig):
+            from agent.enforcers.group import GroupEnforcer
+
+            enforcers.append(GroupEnforcer(spec.settings))
+        elif isinstance(spec, SshEnforcerConfig):
+            from agent.enforcers.ssh import SshEnforcer
+
+            enforcers.append(SshEnforcer(spec.settings))
     if not enforcers:
         log.warning("no enforcers: leases are tracked and answer `check`, nothing else")
     return enforcers

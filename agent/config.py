@@ -25,6 +25,8 @@ from jitmesh import validation
 from jitmesh.durations import DurationError, parse_duration
 
 if TYPE_CHECKING:
+    from agent.enforcers.group import GroupSettings
+    from agent.enforcers.ssh import SshSettings
     from agent.enforcers.sudo import SudoSettings
 
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -136,7 +138,41 @@ class SudoEnforcerConfig:
         _set(self, "drift", _drift(self.drift))
 
 
-EnforcerConfig = FileEnforcerConfig | ExecEnforcerConfig | SudoEnforcerConfig
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupEnforcerConfig:
+    """`[enforcers.group]` of an agent TOML file (`--enforcer group:FILE`)."""
+
+    path: Path
+    settings: GroupSettings
+    drift: DriftSetting = "remove"
+    kind: str = field(default="group", init=False)
+
+    def __post_init__(self) -> None:
+        _set(self, "path", _path(self.path, "path"))
+        _set(self, "drift", _drift(self.drift))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SshEnforcerConfig:
+    """`[enforcers.ssh]` of an agent TOML file (`--enforcer ssh:FILE`)."""
+
+    path: Path
+    settings: SshSettings
+    drift: DriftSetting = "remove"
+    kind: str = field(default="ssh", init=False)
+
+    def __post_init__(self) -> None:
+        _set(self, "path", _path(self.path, "path"))
+        _set(self, "drift", _drift(self.drift))
+
+
+EnforcerConfig = (
+    FileEnforcerConfig
+    | ExecEnforcerConfig
+    | SudoEnforcerConfig
+    | GroupEnforcerConfig
+    | SshEnforcerConfig
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -201,9 +237,15 @@ class AgentConfig:
         if self.ca_file is not None and self.insecure:
             raise ConfigError("give --ca-file or --insecure, not both")
         enforcers = tuple(self.enforcers)
-        kinds = FileEnforcerConfig | ExecEnforcerConfig | SudoEnforcerConfig
+        kinds = (
+            FileEnforcerConfig
+            | ExecEnforcerConfig
+            | SudoEnforcerConfig
+            | GroupEnforcerConfig
+            | SshEnforcerConfig
+        )
         if not all(isinstance(e, kinds) for e in enforcers):
-            raise ConfigError("enforcers: each must be a file, exec or sudo enforcer")
+            raise ConfigError("enforcers: each must be a file, exec, sudo, group or ssh enforcer")
         _set(self, "enforcers", enforcers)
         for name in ("backoff_base", "backoff_cap", "backoff_reset_after", "remove_retry_base"):
             _set(self, name, _number(getattr(self, name), name, low=0, high=3600))
@@ -382,30 +424,53 @@ def check_private(path: Path, what: str) -> None:
             raise ConfigError(f"{what}: {candidate} is writable by group or others")
 
 
-def load_sudo(path: Path) -> SudoSettings:
-    """`[enforcers.sudo]` of an agent TOML file. The file must be writable by its owner (root
-    or this user) only: whoever can change it decides who gets sudo."""
+def _section(path: Path, kind: str) -> dict[str, Any]:
+    """`[enforcers.KIND]` of an agent TOML file. The file must be writable by its owner (root
+    or this user) only: whoever can change it decides who gets which privilege."""
     import tomllib
 
+    try:
+        check_private(path, f"{kind} configuration")
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {kind} configuration ({exc.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{kind} configuration is not valid TOML") from None
+    enforcers = data.get("enforcers")
+    section = enforcers.get(kind) if isinstance(enforcers, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{kind} configuration: no [enforcers.{kind}] section")
+    return section
+
+
+def load_sudo(path: Path) -> SudoSettings:
     from agent.enforcers.sudo import settings_from
 
     try:
-        check_private(path, "sudo configuration")
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read sudo configuration ({exc.strerror})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
-        raise ConfigError("sudo configuration is not valid TOML") from None
-    section = data.get("enforcers", {}).get("sudo") if isinstance(data, dict) else None
-    if not isinstance(section, dict):
-        raise ConfigError("sudo configuration: no [enforcers.sudo] section")
-    try:
-        return settings_from(section)
+        return settings_from(_section(path, "sudo"))
     except ValueError as exc:
         raise ConfigError(f"[enforcers.sudo] {exc}") from None
 
 
-_KINDS = "file:DIR, exec:FILE or sudo:FILE.toml"
+def load_group(path: Path) -> GroupSettings:
+    from agent.enforcers.group import settings_from
+
+    try:
+        return settings_from(_section(path, "group"))
+    except ValueError as exc:
+        raise ConfigError(f"[enforcers.group] {exc}") from None
+
+
+def load_ssh(path: Path) -> SshSettings:
+    from agent.enforcers.ssh import settings_from
+
+    try:
+        return settings_from(_section(path, "ssh"))
+    except ValueError as exc:
+        raise ConfigError(f"[enforcers.ssh] {exc}") from None
+
+
+_KINDS = "file:DIR, exec:FILE or sudo|group|ssh:FILE.toml"
 
 
 def parse_enforcer(spec: str) -> EnforcerConfig:
@@ -415,7 +480,7 @@ def parse_enforcer(spec: str) -> EnforcerConfig:
     if not sep or not where:
         raise ConfigError(f"enforcer must be {_KINDS}")
     kind, *options = head.split(",")
-    if kind not in ("file", "exec", "sudo"):
+    if kind not in ("file", "exec", "sudo", "group", "ssh"):
         raise ConfigError(f"enforcer must be {_KINDS}")
     drift: DriftSetting = "remove"
     for option in options:
@@ -432,4 +497,8 @@ def parse_enforcer(spec: str) -> EnforcerConfig:
         return FileEnforcerConfig(directory=Path(where), drift=drift)
     if kind == "sudo":
         return SudoEnforcerConfig(path=Path(where), settings=load_sudo(Path(where)), drift=drift)
+    if kind == "group":
+        return GroupEnforcerConfig(path=Path(where), settings=load_group(Path(where)), drift=drift)
+    if kind == "ssh":
+        return SshEnforcerConfig(path=Path(where), settings=load_ssh(Path(where)), drift=drift)
     return ExecEnforcerConfig(path=Path(where), hooks=load_exec_hooks(Path(where)), drift=drift)

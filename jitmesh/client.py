@@ -43,6 +43,8 @@ from jitmesh.v1 import (
     identity_pb2_grpc,
     locks_pb2,
     locks_pb2_grpc,
+    notify_pb2,
+    notify_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
     types_pb2,
@@ -219,6 +221,7 @@ class Client:
         self._audit = audit_pb2_grpc.AuditStub(channel)
         self._identity = identity_pb2_grpc.IdentityStub(channel)
         self._locks = locks_pb2_grpc.LocksStub(channel)
+        self._notify = notify_pb2_grpc.NotifyStub(channel)
 
     @classmethod
     async def connect(
@@ -732,6 +735,107 @@ class Client:
         await self._unary(self._identity.SetUserDisabled, message)
 
     # -----------------------------------------------------------------------------------------
+    # Single sign-on (these two calls need no token)
+
+    async def whoami(self) -> types.UserInfo:
+        """The user this client's credential belongs to."""
+        response = await self._unary(self._identity.WhoAmI, identity_pb2.WhoAmIRequest())
+        return _convert.user_info(response)
+
+    async def sign_in_config(self) -> types.SignInConfig:
+        """The coordinator's identity provider settings; NotFoundError without single sign-on."""
+        response = await self._unary(
+            self._identity.GetSignInConfig, identity_pb2.GetSignInConfigRequest()
+        )
+        return types.SignInConfig(
+            issuer=response.issuer,
+            client_id=response.client_id,
+            scopes=tuple(response.scopes),
+            audience=response.audience,
+        )
+
+    async def exchange_id_token(
+        self, id_token: str, *, nonce: str, ttl: timedelta | None = None
+    ) -> tuple[str, types.TokenInfo]:
+        """Exchange an OpenID Connect ID token (with the nonce of the sign-in that produced it)
+        for a short-lived jitmesh token: the token, shown once, and its listing."""
+        message = identity_pb2.ExchangeIdTokenRequest(
+            id_token=id_token,
+            nonce=nonce,
+            ttl=_convert.duration_to_proto(None if ttl is None else _check_positive(ttl, "ttl")),
+        )
+        response = await self._unary(self._identity.ExchangeIdToken, message)
+        return response.token, _token_info(response.info)
+
+    # -----------------------------------------------------------------------------------------
+    # Notification receivers (admins)
+
+    async def add_receiver(
+        self,
+        name: str,
+        kind: str,
+        *,
+        target: str = "",
+        route: types.NotifyRoute | None = None,
+        settings: Mapping[str, str] | None = None,
+        secret: str = "",
+        secret_file: str = "",
+    ) -> types.NotifyReceiver:
+        """Add a receiver (`kind`: webhook, slack or email). The secret (HMAC key, Slack bot
+        token or webhook URL, SMTP password) is sealed by the coordinator and never returned;
+        or give `secret_file`, a path on the coordinator's host read when sending."""
+        kinds = {
+            "webhook": notify_pb2.RECEIVER_KIND_WEBHOOK,
+            "slack": notify_pb2.RECEIVER_KIND_SLACK,
+            "email": notify_pb2.RECEIVER_KIND_EMAIL,
+        }
+        if kind not in kinds:
+            raise errors.InvalidArgumentError("receiver kind must be webhook, slack or email")
+        route = route or types.NotifyRoute()
+        message = notify_pb2.AddReceiverRequest(
+            receiver=notify_pb2.Receiver(
+                name=name,
+                kind=kinds[kind],
+                target=target,
+                route=notify_pb2.Route(
+                    events=list(route.events),
+                    agent_labels=dict(route.agent_labels),
+                    actions=list(route.actions),
+                    rules=list(route.rules),
+                    requesters=route.requesters,
+                ),
+                settings=dict(settings or {}),
+            ),
+            secret=secret,
+            secret_file=secret_file,
+        )
+        return _receiver(await self._unary(self._notify.AddReceiver, message))
+
+    async def list_receivers(self) -> list[types.NotifyReceiver]:
+        response = await self._unary(self._notify.ListReceivers, notify_pb2.ListReceiversRequest())
+        return [_receiver(r) for r in response.receivers]
+
+    async def remove_receiver(self, name: str) -> None:
+        await self._unary(self._notify.RemoveReceiver, notify_pb2.RemoveReceiverRequest(id=name))
+
+    async def list_deliveries(
+        self, *, receiver: str = "", limit: int = 100
+    ) -> list[types.NotifyDelivery]:
+        """Deliveries, newest notice first: state, attempts, the last error (never a secret)."""
+        out: list[types.NotifyDelivery] = []
+        token = ""
+        while len(out) < limit:
+            message = notify_pb2.ListDeliveriesRequest(
+                receiver_id=receiver, page_size=min(_PAGE_SIZE, limit - len(out)), page_token=token
+            )
+            response = await self._unary(self._notify.ListDeliveries, message)
+            out.extend(_delivery(d) for d in response.deliveries)
+            token = response.next_page_token
+            if not token:
+                break
+        return out
+
+    # -----------------------------------------------------------------------------------------
     # Policy
 
     async def get_policy(self) -> types.PolicyDocument:
@@ -926,3 +1030,41 @@ def _dial_target(target: str) -> str:
     if len(families) > 1:
         raise errors.InvalidArgumentError("coordinator addresses mix IPv4 and IPv6")
     return ("ipv4:" if families == {4} else "ipv6:") + ",".join(parts)
+
+def _receiver(r: notify_pb2.Receiver) -> types.NotifyReceiver:
+    kinds = {
+        notify_pb2.RECEIVER_KIND_WEBHOOK: "webhook",
+        notify_pb2.RECEIVER_KIND_SLACK: "slack",
+        notify_pb2.RECEIVER_KIND_EMAIL: "email",
+    }
+    return types.NotifyReceiver(
+        name=r.name or r.id,
+        kind=kinds.get(r.kind, "unknown"),
+        target=r.target,
+        route=types.NotifyRoute(
+            events=tuple(r.route.events),
+            agent_labels=dict(r.route.agent_labels),
+            actions=tuple(r.route.actions),
+            rules=tuple(r.route.rules),
+            requesters=r.route.requesters,
+        ),
+        settings=dict(r.settings),
+        secret_source=r.secret_source,
+        created_at=_convert.time_or_none(r.created_at),
+        created_by=r.created_by,
+    )
+
+
+def _delivery(d: notify_pb2.Delivery) -> types.NotifyDelivery:
+    return types.NotifyDelivery(
+        id=d.id,
+        receiver=d.receiver_id,
+        event_kind=d.event_kind,
+        state=notify_pb2.DeliveryState.Name(d.state).removeprefix("DELIVERY_STATE_"),
+        attempts=d.attempts,
+        last_attempt_at=_convert.time_or_none(d.last_attempt_at),
+        next_attempt_at=_convert.time_or_none(d.next_attempt_at),
+        last_error=d.last_error,
+        request_id=d.request_id,
+        grant_id=d.grant_id,
+    )

@@ -379,3 +379,55 @@ class Lock:
 
     def in_force(self, now: datetime) -> bool:
         return self.lifted_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyRoute:
+    """Which notices go to a receiver: every non-empty filter must match."""
+
+    events: tuple[str, ...] = ()
+    agent_labels: dict[str, str] = field(default_factory=dict)
+    actions: tuple[str, ...] = ()
+    rules: tuple[str, ...] = ()
+    requesters: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyReceiver:
+    """A notification receiver. Its secret is never returned: `secret_source` says only where
+    it comes from ("stored", "file:/path" or "")."""
+
+    name: str
+    kind: str  # webhook, slack, email
+    target: str
+    route: NotifyRoute
+    settings: dict[str, str]
+    secret_source: str
+    created_at: datetime | None
+    created_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyDelivery:
+    """One notice for one receiver (`jitctl notify log`)."""
+
+    id: str
+    receiver: str
+    event_kind: str
+    state: str  # PENDING, FAILING, DELIVERED, ABANDONED
+    attempts: int
+    last_attempt_at: datetime | None
+    next_attempt_at: datetime | None
+    last_error: str
+    request_id: str
+    grant_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SignInConfig:
+    """What a client needs to start a single sign-on (`jitctl login`)."""
+
+    issuer: str
+    client_id: str
+    scopes: tuple[str, ...]
+    audience: str

@@ -126,6 +126,26 @@ def parser() -> argparse.ArgumentParser:
             help="with --store postgresql://: the key that encrypts the shared signing keys "
             "and CA (else JITMESH_SECRET_KEY)",
         )
+        # Single sign-on and notifications (docs/sign-in.md, docs/notifications.md).
+        s.add_argument("--oidc-issuer", default="", help="trusted OpenID Connect issuer URL")
+        s.add_argument("--oidc-client-id", default="", help="audience of accepted ID tokens")
+        s.add_argument("--oidc-username-claim", default="preferred_username")
+        s.add_argument("--oidc-groups-claim", default="groups")
+        s.add_argument(
+            "--oidc-token-ttl", type=float, default=3600.0, help="seconds a sign-in token lasts"
+        )
+        s.add_argument("--web-url", default="", help="jitmesh-web's address, for links")
+        s.add_argument(
+            "--slack-signing-secret-file",
+            type=Path,
+            help="serve Slack's interaction endpoint (Approve/Deny) with this signing secret",
+        )
+        s.add_argument(
+            "--slack-listen",
+            type=parse_listen,
+            default=("127.0.0.1", 0),
+            help="HOST:PORT of the Slack interaction endpoint",
+        )
         if name == "serve":
             s.add_argument("--policy", type=Path, help="initial policy (used if none is stored)")
             s.add_argument(
@@ -261,6 +281,15 @@ def main(argv: list[str] | None = None) -> int:
         "keepalive": timedelta(seconds=args.keepalive),
         "keepalive_timeout": timedelta(seconds=args.keepalive_timeout),
         "agent_queue_limit": args.agent_queue_limit,
+        "oidc_issuer": args.oidc_issuer,
+        "oidc_client_id": args.oidc_client_id,
+        "oidc_username_claim": args.oidc_username_claim,
+        "oidc_groups_claim": args.oidc_groups_claim,
+        "oidc_token_ttl": timedelta(seconds=args.oidc_token_ttl),
+        "web_url": args.web_url,
+        "slack_signing_secret_file": args.slack_signing_secret_file,
+        "slack_host": args.slack_listen[0],
+        "slack_port": args.slack_listen[1],
     }
     try:
         if args.command == "dev":

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jitmesh import __version__
 from jitmesh.clock import Clock, SystemClock
 from jitmesh.pidlock import DirectoryBusy, lock_directory
+from jitmesh.types import ReviewDecision
 from jitmesh.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -34,6 +36,8 @@ from jitmesh.v1 import (
     identity_pb2_grpc,
     locks_pb2,
     locks_pb2_grpc,
+    notify_pb2,
+    notify_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
 )
@@ -41,16 +45,30 @@ from server.ca import InternalCA
 from server.checkpoints import Checkpoints
 from server.config import CoordinatorConfig
 from server.domain.access import AccessService
+from server.domain.errors import PermissionDenied
+from server.domain.expiring import ExpiryWarnings
 from server.domain.expiry import Expirer
 from server.domain.fleet import FleetService
 from server.domain.governance import AuditService, IdentityService, PolicyService, TokenService
 from server.domain.hub import Hub
 from server.domain.locks import LockService
+from server.domain.models import Principal
 from server.domain.ports import Tx
+from server.domain.receivers import ReceiverKind, ReceiverService
+from server.domain.signin import SignInRules, SignInService
+from server.notify.base import Links
+from server.notify.factory import users_map
+from server.notify.http import interactions_app, listen, serve
+from server.notify.retry import RetryPolicy
+from server.notify.secrets import Sealer
+from server.notify.sender import Sender
+from server.notify.slack import SlackInteractions
+from server.oidc import OidcSettings, OidcVerifier
 from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
 from server.rpc.locks import LocksServicer
+from server.rpc.notify import NotifyServicer
 from server.rpc.services import (
     AccessServicer,
     AgentsServicer,
@@ -60,8 +78,8 @@ from server.rpc.services import (
 )
 from server.shared import SharedFiles, load_key
 from server.signing import SigningKeys, write_private
-from server.store.postgres import PostgresStore
-from server.store.sqlite import SqliteStore
+from server.store.postgres import PostgresOutbox, PostgresStore
+from server.store.sqlite import SqliteOutbox, SqliteStore
 
 log = logging.getLogger(__name__)
 # How often a replica reports itself running (FleetService.REPLICA_ALIVE: taken as gone).
@@ -81,6 +99,7 @@ SERVICES = [
     identity_pb2.DESCRIPTOR.services_by_name["Identity"].full_name,
     agentlink_pb2.DESCRIPTOR.services_by_name["AgentLink"].full_name,
     locks_pb2.DESCRIPTOR.services_by_name["Locks"].full_name,
+    notify_pb2.DESCRIPTOR.services_by_name["Notify"].full_name,
 ]
 OPERATOR_SERVICES = [name for name in SERVICES if not name.endswith(".AgentLink")]
 DB_NAME = "coordinator.db"
@@ -116,6 +135,18 @@ class Coordinator:
     replica: str = ""
     shared: SharedFiles | None = None
     started_at: datetime | None = None
+    sender: Sender | None = None
+    receivers: ReceiverService | None = None
+    # Slack's interaction endpoint, when configured: its socket (bound at build) and app.
+    slack_socket: Any = None
+    slack_app: Any = None
+    http: httpx.AsyncClient | None = None
+    warnings: ExpiryWarnings | None = None
+
+    @property
+    def slack_port(self) -> int:
+        return int(self.slack_socket.getsockname()[1]) if self.slack_socket is not None else 0
+
     # The exclusive lock on the data directory (jitmesh.pidlock), released by stop().
     lock_fd: int = -1
     hub: Hub | None = None
@@ -130,6 +161,12 @@ class Coordinator:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.expirer.run())
+                if self.sender is not None:
+                    tg.create_task(self.sender.run())
+                if self.warnings is not None:
+                    tg.create_task(self.warnings.run())
+                if self.slack_app is not None:
+                    tg.create_task(serve(self.slack_app, self.slack_socket))
                 if self.checkpoints is not None:
                     tg.create_task(
                         self.checkpoints.run(
@@ -192,6 +229,10 @@ class Coordinator:
             await self.server.stop(grace=1.0)
         if self.checkpoints is not None:
             await self.checkpoints.append(self.clock.now())
+        if self.slack_socket is not None:
+            self.slack_socket.close()
+        if self.http is not None:
+            await self.http.aclose()
         await self.store.close()
         if self.lock_fd >= 0:
             os.close(self.lock_fd)
@@ -328,6 +369,28 @@ async def _assemble(
     if port == 0 or agent_port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
 
+    # One HTTP client for the coordinator's own calls out (the IdP's keys, Slack's response_url);
+    # closed by stop(). The notify sender has its own, owned by its run().
+    http = httpx.AsyncClient(timeout=10.0)
+    sealer = Sealer.open(config.data_dir)
+    outbox: SqliteOutbox | PostgresOutbox = (
+        PostgresOutbox(store) if isinstance(store, PostgresStore) else SqliteOutbox(store)
+    )
+    sender = _sender(config, store, outbox, sealer, clock) if config.notify else None
+    if sender is not None:
+        hub.on_audit.append(sender.wake)
+    warnings = None
+    if config.notify and config.notify_expiry_warning > timedelta(0):
+        # It looks at least every 30 s: a warning is due minutes before the end, so it is not
+        # woken by every commit (that would cost the hot paths a query each).
+        warnings = ExpiryWarnings(store, hub, clock, config.notify_expiry_warning)
+    receivers = ReceiverService(
+        store, outbox, clock, sealer.seal, sender.wake if sender is not None else lambda: None
+    )
+    slack_socket, slack_app = None, None
+    if config.slack_signing_secret_file is not None:
+        slack_app = interactions_app(_slack(config, store, outbox, access, clock, http))
+
     access_servicer = AccessServicer(
         auth,
         access,
@@ -348,9 +411,25 @@ async def _assemble(
         auth, fleet, keys, ca, agent_port, enroll_limits, config.agent_cert_lifetime
     )
     policy_servicer = PolicyServicer(auth, policy)
-    identity_servicer = IdentityServicer(auth, TokenService(store, hub, clock))
+    oidc, signin = None, None
+    if config.oidc_issuer:
+        if not config.oidc_client_id:
+            raise ValueError("oidc_issuer needs oidc_client_id (the audience of ID tokens)")
+        oidc = OidcVerifier(
+            OidcSettings(config.oidc_issuer, config.oidc_client_id, config.oidc_scopes),
+            http,
+            clock,
+        )
+        signin = SignInService(
+            store,
+            SignInRules(
+                config.oidc_username_claim, config.oidc_groups_claim, config.oidc_token_ttl
+            ),
+        )
+    identity_servicer = IdentityServicer(auth, TokenService(store, hub, clock), oidc, signin, clock)
     audit_servicer = AuditServicer(auth, audit, checkpoints)
     locks_servicer = LocksServicer(auth, LockService(store, registry, hub, clock))
+    notify_servicer = NotifyServicer(auth, receivers)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     # Operators with client certificates call the agent port too.
     for target in (server,) if agent_server is None else (server, agent_server):
@@ -360,6 +439,7 @@ async def _assemble(
         identity_pb2_grpc.add_IdentityServicer_to_server(identity_servicer, target)
         audit_pb2_grpc.add_AuditServicer_to_server(audit_servicer, target)
         locks_pb2_grpc.add_LocksServicer_to_server(locks_servicer, target)
+        notify_pb2_grpc.add_NotifyServicer_to_server(notify_servicer, target)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
         # Reflection lists what the port serves: AgentLink only where agents connect.
         served = SERVICES if target is not server or agent_server is None else OPERATOR_SERVICES
@@ -375,6 +455,13 @@ async def _assemble(
     await server.start()
     if agent_server is not None:
         await agent_server.start()
+    if slack_app is not None:
+        # A taken port raises here; _build stops the servers and closes the store.
+        slack_socket = listen(config.slack_host, config.slack_port)
+        log.info(
+            "slack interactions endpoint address=http://%s:%d/slack/interactions",
+            *slack_socket.getsockname()[:2],
+        )
     for name in [*SERVICES, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     started_at = clock.now()
@@ -401,10 +488,85 @@ async def _assemble(
         clock,
         agent_server,
         access,
-        replica,
-        shared,
-        started_at,
+        sender=sender,
+        receivers=receivers,
+        slack_socket=slack_socket,
+        slack_app=slack_app,
+        http=http,
+        warnings=warnings,
+        replica=replica,
+        shared=shared,
+        started_at=started_at,
         hub=hub,
+    )
+
+
+def _sender(
+    config: CoordinatorConfig,
+    store: SqliteStore | PostgresStore,
+    outbox: SqliteOutbox | PostgresOutbox,
+    sealer: Sealer,
+    clock: Clock,
+) -> Sender:
+    async def labels(agent: str) -> dict[str, str]:
+        found = await store.get_agent(agent)
+        return found.labels if found is not None else {}
+
+    async def rule_of(request_id: str) -> str:
+        found = await store.get_request(request_id)
+        return found.rule if found is not None else ""
+
+    policy = RetryPolicy(config.notify_retry_first, config.notify_retry_cap, config.notify_attempts)
+    return Sender(
+        outbox,
+        sealer,
+        clock,
+        Links(config.web_url),
+        labels=labels,
+        rule_of=rule_of,
+        policy=policy,
+        poll=config.notify_poll,
+    )
+
+
+def _slack(
+    config: CoordinatorConfig,
+    store: SqliteStore | PostgresStore,
+    outbox: SqliteOutbox | PostgresOutbox,
+    access: AccessService,
+    clock: Clock,
+    http: httpx.AsyncClient,
+) -> SlackInteractions:
+    """Slack's clicks, reviewed for the mapped user: that user's own groups decide (a disabled
+    or unknown user acts for nobody), and the audit log names both ("bob via slack")."""
+    assert config.slack_signing_secret_file is not None
+    secret = config.slack_signing_secret_file.read_bytes().strip()
+
+    async def user_for(slack_user: str) -> str | None:
+        for spec in await outbox.list_receivers():
+            if spec.kind is ReceiverKind.SLACK:
+                found = users_map(spec.settings.get("users", "")).get(slack_user)
+                if found:
+                    return found
+        return None
+
+    async def review(user: str, request_id: str, decision: ReviewDecision) -> str:
+        found = await store.principal_for_user(user, "")
+        if found is None:
+            raise PermissionDenied(f"{user} is not an enabled jitmesh user")
+        principal = Principal(found.name, found.groups, via="slack")
+        _request, grant = await access.review(principal, request_id, decision, "via Slack")
+        if decision is ReviewDecision.DENY:
+            return "Denied"
+        return "Approved" if grant is not None else "Approval recorded"
+
+    return SlackInteractions(
+        secret,
+        user_for,
+        review,
+        http,
+        clock,
+        response_hosts=config.slack_response_hosts,
     )
 
 

@@ -55,5 +55,29 @@ class CoordinatorConfig(BaseModel):
     tls_key: Path | None = None
     tls_names: tuple[str, ...] = ()
     agent_port: int = Field(default=0, ge=0, le=65535)
+    # Single sign-on (OpenID Connect): ID tokens from `oidc_issuer` for `oidc_client_id` are
+    # exchanged for short-lived jitmesh tokens (docs/sign-in.md).
+    oidc_issuer: str = ""
+    oidc_client_id: str = ""
+    oidc_scopes: tuple[str, ...] = ("openid", "profile", "email")
+    oidc_username_claim: str = "preferred_username"
+    oidc_groups_claim: str = "groups"
+    oidc_token_ttl: timedelta = Field(default=timedelta(hours=1), gt=timedelta(0))
+    # Notifications (docs/notifications.md). `web_url`: where messages link to (jitmesh-web).
+    notify: bool = True
+    web_url: str = ""
+    notify_retry_first: timedelta = Field(default=timedelta(seconds=2), gt=timedelta(0))
+    notify_retry_cap: timedelta = Field(default=timedelta(minutes=10), gt=timedelta(0))
+    notify_attempts: int = Field(default=30, ge=1)
+    # How often the sender looks for work written by another replica (its own wakes it at once).
+    # Grants are warned about (grant.expiring) this long before they end; 0 turns it off.
+    notify_expiry_warning: timedelta = Field(default=timedelta(minutes=10), ge=timedelta(0))
+    notify_poll: timedelta = Field(default=timedelta(seconds=5), gt=timedelta(0))
+    # Slack's interaction endpoint (Approve/Deny): served when a signing secret file is given.
+    slack_signing_secret_file: Path | None = None
+    slack_host: str = "127.0.0.1"
+    slack_port: int = Field(default=0, ge=0, le=65535)
+    # Hosts the endpoint may post outcomes to (Slack's `response_url`).
+    slack_response_hosts: tuple[str, ...] = ("hooks.slack.com",)
     # Agent certificates; agents renew them once two thirds of this have passed.
     agent_cert_lifetime: timedelta = Field(default=timedelta(days=30), ge=timedelta(seconds=1))

@@ -99,9 +99,13 @@ def _run(options: ExecOptions) -> int:
         status, cause = _supervise(agent, child, options.grace)
         code, signal_name = _exit_code(status)
         agent.send({"exited": code, "signal": signal_name})
-        done = agent.receive() or {}
-    # The agent may have ended the command before its message reached us: its answer says.
-    cause = cause or str(done.get("cause") or "")
+        done: dict[str, Any] = {}
+        while (message := agent.receive()) is not None:
+            # An `end` the agent sent while the command was already exiting comes first.
+            cause = cause or str(message.get("end") or message.get("cause") or "")
+            if message.get("done"):
+                done = message
+                break
     if cause:
         print(f"jitmesh-agent exec: access ended ({cause}): the command was ended", file=sys.stderr)
     if options.release:

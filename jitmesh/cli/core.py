@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import Enum
+from pathlib import Path
 from typing import Any, Final, TextIO
 
 import click
@@ -76,7 +77,27 @@ class Settings:
         return self.coordinator or os.environ.get(ENV_COORDINATOR) or DEFAULT_COORDINATOR
 
     def resolved_token(self) -> str | None:
-        return self.token or os.environ.get(ENV_TOKEN) or None
+        return self.token or os.environ.get(ENV_TOKEN) or _saved_token()
+
+
+ENV_TOKEN_FILE: Final = "JITMESH_TOKEN_FILE"  # noqa: S105 (a variable's name)
+
+
+def token_file() -> Path:
+    """Where `jitctl login` keeps its token: $JITMESH_TOKEN_FILE, else
+    $XDG_CONFIG_HOME/jitmesh/token (~/.config/jitmesh/token)."""
+    given = os.environ.get(ENV_TOKEN_FILE)
+    if given:
+        return Path(given)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "jitmesh" / "token"
+
+
+def _saved_token() -> str | None:
+    try:
+        return token_file().read_text().strip() or None
+    except OSError:
+        return None
 
 
 def settings(ctx: click.Context | None = None) -> Settings:

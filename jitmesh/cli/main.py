@@ -34,6 +34,8 @@ from jitmesh.cli.core import (
 )
 from jitmesh.cli.grants import grants
 from jitmesh.cli.locks import locks
+from jitmesh.cli.login import register as register_login
+from jitmesh.cli.notify import notify
 from jitmesh.cli.policy import policy
 from jitmesh.cli.requests import requests
 from jitmesh.cli.tokens import certs, tokens, users
@@ -45,6 +47,7 @@ GROUPS: tuple[click.Command, ...] = (
     grants,
     agents,
     locks,
+    notify,
     policy,
     audit,
     tokens,
@@ -88,6 +91,7 @@ def cli() -> None:
 
 for _command in GROUPS:
     cli.add_command(_command)
+register_login(cli)  # jitctl login, jitctl whoami
 # Every context (and so every level's help) inherits the root's settings.
 for _command in cli.commands.values():
     _command.context_settings = {**cli.context_settings, **_command.context_settings}

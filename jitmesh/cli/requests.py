@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import click
@@ -187,7 +188,16 @@ async def _list(
 @click.argument("id", metavar="ID")
 async def _show(client: Client, out: Output, *, id: str) -> None:
     request = await client.get_request(id)
-    out.emit(output.request_json(request), output.request_details(request, out.now))
+    table = output.request_details(request, out.now)
+    value = output.request_json(request)
+    # The request's page on jitmesh-web, when its address is known (JITMESH_WEB_URL).
+    web = os.environ.get("JITMESH_WEB_URL", "").rstrip("/")
+    if web:
+        link = f"{web}/requests/{request.id}"
+        table = output.Table(table.headers, (*table.rows, ("LINK", link)))
+        if isinstance(value, dict):
+            value["link"] = link
+    out.emit(value, table)
 
 
 @command(

@@ -26,47 +26,49 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19jitmesh/v1/identity.proto\x12\njitmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"y\n\x12\x43reateTokenRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05label\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\"I\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12#\n\x04info\x18\x02 \x01(\x0b\x32\x15.jitmesh.v1.TokenInfo\"\xe4\x01\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\"!\n\x11ListTokensRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\";\n\x12ListTokensResponse\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.jitmesh.v1.TokenInfo\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x15\n\x13RevokeTokenResponse\"8\n\x16SetUserDisabledRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x10\n\x08\x64isabled\x18\x02 \x01(\x08\"\x19\n\x17SetUserDisabledResponse\":\n\x18RevokeCertificateRequest\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1b\n\x19RevokeCertificateResponse\"~\n\x08UserInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\x12\x10\n\x08\x64isabled\x18\x03 \x01(\x08\x12\x12\n\nmanaged_by\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x14SetUserGroupsRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"a\n\x16\x45xchangeIdTokenRequest\x12\x10\n\x08id_token\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"q\n\x17\x45xchangeIdTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12#\n\x04info\x18\x02 \x01(\x0b\x32\x15.jitmesh.v1.TokenInfo\x12\"\n\x04user\x18\x03 \x01(\x0b\x32\x14.jitmesh.v1.UserInfo\"\x18\n\x16GetSignInConfigRequest\"S\n\x0cSignInConfig\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x10\n\x08\x61udience\x18\x04 \x01(\t2\xab\x05\n\x08Identity\x12N\n\x0b\x43reateToken\x12\x1e.jitmesh.v1.CreateTokenRequest\x1a\x1f.jitmesh.v1.CreateTokenResponse\x12K\n\nListTokens\x12\x1d.jitmesh.v1.ListTokensRequest\x1a\x1e.jitmesh.v1.ListTokensResponse\x12N\n\x0bRevokeToken\x12\x1e.jitmesh.v1.RevokeTokenRequest\x1a\x1f.jitmesh.v1.RevokeTokenResponse\x12Z\n\x0fSetUserDisabled\x12\".jitmesh.v1.SetUserDisabledRequest\x1a#.jitmesh.v1.SetUserDisabledResponse\x12`\n\x11RevokeCertificate\x12$.jitmesh.v1.RevokeCertificateRequest\x1a%.jitmesh.v1.RevokeCertificateResponse\x12G\n\rSetUserGroups\x12 .jitmesh.v1.SetUserGroupsRequest\x1a\x14.jitmesh.v1.UserInfo\x12Z\n\x0f\x45xchangeIdToken\x12\".jitmesh.v1.ExchangeIdTokenRequest\x1a#.jitmesh.v1.ExchangeIdTokenResponse\x12O\n\x0fGetSignInConfig\x12\".jitmesh.v1.GetSignInConfigRequest\x1a\x18.jitmesh.v1.SignInConfigb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19jitmesh/v1/identity.proto\x12\njitmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0f\n\rWhoAmIRequest\"y\n\x12\x43reateTokenRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05label\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\"I\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12#\n\x04info\x18\x02 \x01(\x0b\x32\x15.jitmesh.v1.TokenInfo\"\xe4\x01\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\"!\n\x11ListTokensRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\";\n\x12ListTokensResponse\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.jitmesh.v1.TokenInfo\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x15\n\x13RevokeTokenResponse\"8\n\x16SetUserDisabledRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x10\n\x08\x64isabled\x18\x02 \x01(\x08\"\x19\n\x17SetUserDisabledResponse\":\n\x18RevokeCertificateRequest\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1b\n\x19RevokeCertificateResponse\"~\n\x08UserInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\x12\x10\n\x08\x64isabled\x18\x03 \x01(\x08\x12\x12\n\nmanaged_by\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x14SetUserGroupsRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"a\n\x16\x45xchangeIdTokenRequest\x12\x10\n\x08id_token\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"q\n\x17\x45xchangeIdTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12#\n\x04info\x18\x02 \x01(\x0b\x32\x15.jitmesh.v1.TokenInfo\x12\"\n\x04user\x18\x03 \x01(\x0b\x32\x14.jitmesh.v1.UserInfo\"\x18\n\x16GetSignInConfigRequest\"S\n\x0cSignInConfig\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x10\n\x08\x61udience\x18\x04 \x01(\t2\xe6\x05\n\x08Identity\x12N\n\x0b\x43reateToken\x12\x1e.jitmesh.v1.CreateTokenRequest\x1a\x1f.jitmesh.v1.CreateTokenResponse\x12K\n\nListTokens\x12\x1d.jitmesh.v1.ListTokensRequest\x1a\x1e.jitmesh.v1.ListTokensResponse\x12N\n\x0bRevokeToken\x12\x1e.jitmesh.v1.RevokeTokenRequest\x1a\x1f.jitmesh.v1.RevokeTokenResponse\x12Z\n\x0fSetUserDisabled\x12\".jitmesh.v1.SetUserDisabledRequest\x1a#.jitmesh.v1.SetUserDisabledResponse\x12`\n\x11RevokeCertificate\x12$.jitmesh.v1.RevokeCertificateRequest\x1a%.jitmesh.v1.RevokeCertificateResponse\x12G\n\rSetUserGroups\x12 .jitmesh.v1.SetUserGroupsRequest\x1a\x14.jitmesh.v1.UserInfo\x12Z\n\x0f\x45xchangeIdToken\x12\".jitmesh.v1.ExchangeIdTokenRequest\x1a#.jitmesh.v1.ExchangeIdTokenResponse\x12O\n\x0fGetSignInConfig\x12\".jitmesh.v1.GetSignInConfigRequest\x1a\x18.jitmesh.v1.SignInConfig\x12\x39\n\x06WhoAmI\x12\x19.jitmesh.v1.WhoAmIRequest\x1a\x14.jitmesh.v1.UserInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jitmesh.v1.identity_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATETOKENREQUEST']._serialized_start=106
-  _globals['_CREATETOKENREQUEST']._serialized_end=227
-  _globals['_CREATETOKENRESPONSE']._serialized_start=229
-  _globals['_CREATETOKENRESPONSE']._serialized_end=302
-  _globals['_TOKENINFO']._serialized_start=305
-  _globals['_TOKENINFO']._serialized_end=533
-  _globals['_LISTTOKENSREQUEST']._serialized_start=535
-  _globals['_LISTTOKENSREQUEST']._serialized_end=568
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=570
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=629
-  _globals['_REVOKETOKENREQUEST']._serialized_start=631
-  _globals['_REVOKETOKENREQUEST']._serialized_end=663
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=665
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=686
-  _globals['_SETUSERDISABLEDREQUEST']._serialized_start=688
-  _globals['_SETUSERDISABLEDREQUEST']._serialized_end=744
-  _globals['_SETUSERDISABLEDRESPONSE']._serialized_start=746
-  _globals['_SETUSERDISABLEDRESPONSE']._serialized_end=771
-  _globals['_REVOKECERTIFICATEREQUEST']._serialized_start=773
-  _globals['_REVOKECERTIFICATEREQUEST']._serialized_end=831
-  _globals['_REVOKECERTIFICATERESPONSE']._serialized_start=833
-  _globals['_REVOKECERTIFICATERESPONSE']._serialized_end=860
-  _globals['_USERINFO']._serialized_start=862
-  _globals['_USERINFO']._serialized_end=988
-  _globals['_SETUSERGROUPSREQUEST']._serialized_start=990
-  _globals['_SETUSERGROUPSREQUEST']._serialized_end=1058
-  _globals['_EXCHANGEIDTOKENREQUEST']._serialized_start=1060
-  _globals['_EXCHANGEIDTOKENREQUEST']._serialized_end=1157
-  _globals['_EXCHANGEIDTOKENRESPONSE']._serialized_start=1159
-  _globals['_EXCHANGEIDTOKENRESPONSE']._serialized_end=1272
-  _globals['_GETSIGNINCONFIGREQUEST']._serialized_start=1274
-  _globals['_GETSIGNINCONFIGREQUEST']._serialized_end=1298
-  _globals['_SIGNINCONFIG']._serialized_start=1300
-  _globals['_SIGNINCONFIG']._serialized_end=1383
-  _globals['_IDENTITY']._serialized_start=1386
-  _globals['_IDENTITY']._serialized_end=2069
+  _globals['_WHOAMIREQUEST']._serialized_start=106
+  _globals['_WHOAMIREQUEST']._serialized_end=121
+  _globals['_CREATETOKENREQUEST']._serialized_start=123
+  _globals['_CREATETOKENREQUEST']._serialized_end=244
+  _globals['_CREATETOKENRESPONSE']._serialized_start=246
+  _globals['_CREATETOKENRESPONSE']._serialized_end=319
+  _globals['_TOKENINFO']._serialized_start=322
+  _globals['_TOKENINFO']._serialized_end=550
+  _globals['_LISTTOKENSREQUEST']._serialized_start=552
+  _globals['_LISTTOKENSREQUEST']._serialized_end=585
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=587
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=646
+  _globals['_REVOKETOKENREQUEST']._serialized_start=648
+  _globals['_REVOKETOKENREQUEST']._serialized_end=680
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=682
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=703
+  _globals['_SETUSERDISABLEDREQUEST']._serialized_start=705
+  _globals['_SETUSERDISABLEDREQUEST']._serialized_end=761
+  _globals['_SETUSERDISABLEDRESPONSE']._serialized_start=763
+  _globals['_SETUSERDISABLEDRESPONSE']._serialized_end=788
+  _globals['_REVOKECERTIFICATEREQUEST']._serialized_start=790
+  _globals['_REVOKECERTIFICATEREQUEST']._serialized_end=848
+  _globals['_REVOKECERTIFICATERESPONSE']._serialized_start=850
+  _globals['_REVOKECERTIFICATERESPONSE']._serialized_end=877
+  _globals['_USERINFO']._serialized_start=879
+  _globals['_USERINFO']._serialized_end=1005
+  _globals['_SETUSERGROUPSREQUEST']._serialized_start=1007
+  _globals['_SETUSERGROUPSREQUEST']._serialized_end=1075
+  _globals['_EXCHANGEIDTOKENREQUEST']._serialized_start=1077
+  _globals['_EXCHANGEIDTOKENREQUEST']._serialized_end=1174
+  _globals['_EXCHANGEIDTOKENRESPONSE']._serialized_start=1176
+  _globals['_EXCHANGEIDTOKENRESPONSE']._serialized_end=1289
+  _globals['_GETSIGNINCONFIGREQUEST']._serialized_start=1291
+  _globals['_GETSIGNINCONFIGREQUEST']._serialized_end=1315
+  _globals['_SIGNINCONFIG']._serialized_start=1317
+  _globals['_SIGNINCONFIG']._serialized_end=1400
+  _globals['_IDENTITY']._serialized_start=1403
+  _globals['_IDENTITY']._serialized_end=2145
 # @@protoc_insertion_point(module_scope)

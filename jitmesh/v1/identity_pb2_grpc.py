@@ -75,6 +75,11 @@ class IdentityStub:
                 request_serializer=jitmesh_dot_v1_dot_identity__pb2.GetSignInConfigRequest.SerializeToString,
                 response_deserializer=jitmesh_dot_v1_dot_identity__pb2.SignInConfig.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/jitmesh.v1.Identity/WhoAmI',
+                request_serializer=jitmesh_dot_v1_dot_identity__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=jitmesh_dot_v1_dot_identity__pb2.UserInfo.FromString,
+                _registered_method=True)
 
 
 class IdentityServicer:
@@ -140,6 +145,15 @@ class IdentityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """Added with issue 13's implementation: the caller's own user (name, groups, managed_by), for
+        any authenticated caller. What jitmesh-web shows as "signed in as" and filters "my
+        requests" by; `jitctl whoami`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +196,11 @@ def add_IdentityServicer_to_server(servicer, server):
                     servicer.GetSignInConfig,
                     request_deserializer=jitmesh_dot_v1_dot_identity__pb2.GetSignInConfigRequest.FromString,
                     response_serializer=jitmesh_dot_v1_dot_identity__pb2.SignInConfig.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=jitmesh_dot_v1_dot_identity__pb2.WhoAmIRequest.FromString,
+                    response_serializer=jitmesh_dot_v1_dot_identity__pb2.UserInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +420,33 @@ class Identity:
             '/jitmesh.v1.Identity/GetSignInConfig',
             jitmesh_dot_v1_dot_identity__pb2.GetSignInConfigRequest.SerializeToString,
             jitmesh_dot_v1_dot_identity__pb2.SignInConfig.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitmesh.v1.Identity/WhoAmI',
+            jitmesh_dot_v1_dot_identity__pb2.WhoAmIRequest.SerializeToString,
+            jitmesh_dot_v1_dot_identity__pb2.UserInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,11 @@ class IdentityStub:
     """Since 0.2 (issue 13). Called without a bearer token: what `jitctl login` needs to start a
     sign-in (issuer, client id, scopes). NOT_FOUND when single sign-on is not configured.
     """
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_identity_pb2.WhoAmIRequest, _identity_pb2.UserInfo]
+    """Added with issue 13's implementation: the caller's own user (name, groups, managed_by), for
+    any authenticated caller. What jitmesh-web shows as "signed in as" and filters "my
+    requests" by; `jitctl whoami`.
+    """
 
 class IdentityServicer(metaclass=_abc_1.ABCMeta):
     """Operator bearer tokens and users. Admins only."""
@@ -110,6 +115,17 @@ class IdentityServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_identity_pb2.SignInConfig]:
         """Since 0.2 (issue 13). Called without a bearer token: what `jitctl login` needs to start a
         sign-in (issuer, client id, scopes). NOT_FOUND when single sign-on is not configured.
+        """
+
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _identity_pb2.WhoAmIRequest,
+        context: _aio.ServicerContext[_identity_pb2.WhoAmIRequest, _abc.Awaitable[_identity_pb2.UserInfo]],
+    ) -> _abc.Awaitable[_identity_pb2.UserInfo]:
+        """Added with issue 13's implementation: the caller's own user (name, groups, managed_by), for
+        any authenticated caller. What jitmesh-web shows as "signed in as" and filters "my
+        requests" by; `jitctl whoami`.
         """
 
 def add_IdentityServicer_to_server(servicer: IdentityServicer, server: _aio.Server) -> None: ...

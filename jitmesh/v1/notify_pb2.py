@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jitmesh/v1/notify.proto\x12\njitmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x01\n\x05Route\x12\x0e\n\x06\x65vents\x18\x01 \x03(\t\x12\x38\n\x0c\x61gent_labels\x18\x02 \x03(\x0b\x32\".jitmesh.v1.Route.AgentLabelsEntry\x12\x0f\n\x07\x61\x63tions\x18\x03 \x03(\t\x12\r\n\x05rules\x18\x04 \x03(\t\x12\x12\n\nrequesters\x18\x05 \x01(\x08\x1a\x32\n\x10\x41gentLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd9\x01\n\x08Receiver\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.jitmesh.v1.ReceiverKind\x12\x0e\n\x06target\x18\x04 \x01(\t\x12 \n\x05route\x18\x05 \x01(\x0b\x32\x11.jitmesh.v1.Route\x12\x15\n\rsecret_source\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x08 \x01(\t\"a\n\x12\x41\x64\x64ReceiverRequest\x12&\n\x08receiver\x18\x01 \x01(\x0b\x32\x14.jitmesh.v1.Receiver\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x13\n\x0bsecret_file\x18\x03 \x01(\t\"\x16\n\x14ListReceiversRequest\"@\n\x15ListReceiversResponse\x12\'\n\treceivers\x18\x01 \x03(\x0b\x32\x14.jitmesh.v1.Receiver\"#\n\x15RemoveReceiverRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x18\n\x16RemoveReceiverResponse\"\xb2\x02\n\x08\x44\x65livery\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0breceiver_id\x18\x02 \x01(\t\x12\x11\n\taudit_seq\x18\x03 \x01(\x04\x12\x12\n\nevent_kind\x18\x04 \x01(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.jitmesh.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x33\n\x0flast_attempt_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_attempt_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x10\n\x08grant_id\x18\x0b \x01(\t\"~\n\x15ListDeliveriesRequest\x12\x13\n\x0breceiver_id\x18\x01 \x01(\t\x12)\n\x06states\x18\x02 \x03(\x0e\x32\x19.jitmesh.v1.DeliveryState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"[\n\x16ListDeliveriesResponse\x12(\n\ndeliveries\x18\x01 \x03(\x0b\x32\x14.jitmesh.v1.Delivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*z\n\x0cReceiverKind\x12\x1d\n\x19RECEIVER_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15RECEIVER_KIND_WEBHOOK\x10\x01\x12\x17\n\x13RECEIVER_KIND_SLACK\x10\x02\x12\x17\n\x13RECEIVER_KIND_EMAIL\x10\x03*\xa3\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATE_PENDING\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_DELIVERED\x10\x02\x12\x1a\n\x16\x44\x45LIVERY_STATE_FAILING\x10\x03\x12\x1c\n\x18\x44\x45LIVERY_STATE_ABANDONED\x10\x04\x32\xd5\x02\n\x06Notify\x12\x43\n\x0b\x41\x64\x64Receiver\x12\x1e.jitmesh.v1.AddReceiverRequest\x1a\x14.jitmesh.v1.Receiver\x12T\n\rListReceivers\x12 .jitmesh.v1.ListReceiversRequest\x1a!.jitmesh.v1.ListReceiversResponse\x12W\n\x0eRemoveReceiver\x12!.jitmesh.v1.RemoveReceiverRequest\x1a\".jitmesh.v1.RemoveReceiverResponse\x12W\n\x0eListDeliveries\x12!.jitmesh.v1.ListDeliveriesRequest\x1a\".jitmesh.v1.ListDeliveriesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jitmesh/v1/notify.proto\x12\njitmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x01\n\x05Route\x12\x0e\n\x06\x65vents\x18\x01 \x03(\t\x12\x38\n\x0c\x61gent_labels\x18\x02 \x03(\x0b\x32\".jitmesh.v1.Route.AgentLabelsEntry\x12\x0f\n\x07\x61\x63tions\x18\x03 \x03(\t\x12\r\n\x05rules\x18\x04 \x03(\t\x12\x12\n\nrequesters\x18\x05 \x01(\x08\x1a\x32\n\x10\x41gentLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc0\x02\n\x08Receiver\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.jitmesh.v1.ReceiverKind\x12\x0e\n\x06target\x18\x04 \x01(\t\x12 \n\x05route\x18\x05 \x01(\x0b\x32\x11.jitmesh.v1.Route\x12\x15\n\rsecret_source\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x08 \x01(\t\x12\x34\n\x08settings\x18\t \x03(\x0b\x32\".jitmesh.v1.Receiver.SettingsEntry\x1a/\n\rSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"a\n\x12\x41\x64\x64ReceiverRequest\x12&\n\x08receiver\x18\x01 \x01(\x0b\x32\x14.jitmesh.v1.Receiver\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x13\n\x0bsecret_file\x18\x03 \x01(\t\"\x16\n\x14ListReceiversRequest\"@\n\x15ListReceiversResponse\x12\'\n\treceivers\x18\x01 \x03(\x0b\x32\x14.jitmesh.v1.Receiver\"#\n\x15RemoveReceiverRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x18\n\x16RemoveReceiverResponse\"\xb2\x02\n\x08\x44\x65livery\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0breceiver_id\x18\x02 \x01(\t\x12\x11\n\taudit_seq\x18\x03 \x01(\x04\x12\x12\n\nevent_kind\x18\x04 \x01(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.jitmesh.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x33\n\x0flast_attempt_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_attempt_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x10\n\x08grant_id\x18\x0b \x01(\t\"~\n\x15ListDeliveriesRequest\x12\x13\n\x0breceiver_id\x18\x01 \x01(\t\x12)\n\x06states\x18\x02 \x03(\x0e\x32\x19.jitmesh.v1.DeliveryState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"[\n\x16ListDeliveriesResponse\x12(\n\ndeliveries\x18\x01 \x03(\x0b\x32\x14.jitmesh.v1.Delivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*z\n\x0cReceiverKind\x12\x1d\n\x19RECEIVER_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15RECEIVER_KIND_WEBHOOK\x10\x01\x12\x17\n\x13RECEIVER_KIND_SLACK\x10\x02\x12\x17\n\x13RECEIVER_KIND_EMAIL\x10\x03*\xa3\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATE_PENDING\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_DELIVERED\x10\x02\x12\x1a\n\x16\x44\x45LIVERY_STATE_FAILING\x10\x03\x12\x1c\n\x18\x44\x45LIVERY_STATE_ABANDONED\x10\x04\x32\xd5\x02\n\x06Notify\x12\x43\n\x0b\x41\x64\x64Receiver\x12\x1e.jitmesh.v1.AddReceiverRequest\x1a\x14.jitmesh.v1.Receiver\x12T\n\rListReceivers\x12 .jitmesh.v1.ListReceiversRequest\x1a!.jitmesh.v1.ListReceiversResponse\x12W\n\x0eRemoveReceiver\x12!.jitmesh.v1.RemoveReceiverRequest\x1a\".jitmesh.v1.RemoveReceiverResponse\x12W\n\x0eListDeliveries\x12!.jitmesh.v1.ListDeliveriesRequest\x1a\".jitmesh.v1.ListDeliveriesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +34,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROUTE_AGENTLABELSENTRY']._loaded_options = None
   _globals['_ROUTE_AGENTLABELSENTRY']._serialized_options = b'8\001'
-  _globals['_RECEIVERKIND']._serialized_start=1262
-  _globals['_RECEIVERKIND']._serialized_end=1384
-  _globals['_DELIVERYSTATE']._serialized_start=1387
-  _globals['_DELIVERYSTATE']._serialized_end=1550
+  _globals['_RECEIVER_SETTINGSENTRY']._loaded_options = None
+  _globals['_RECEIVER_SETTINGSENTRY']._serialized_options = b'8\001'
+  _globals['_RECEIVERKIND']._serialized_start=1365
+  _globals['_RECEIVERKIND']._serialized_end=1487
+  _globals['_DELIVERYSTATE']._serialized_start=1490
+  _globals['_DELIVERYSTATE']._serialized_end=1653
   _globals['_ROUTE']._serialized_start=73
   _globals['_ROUTE']._serialized_end=258
   _globals['_ROUTE_AGENTLABELSENTRY']._serialized_start=208
   _globals['_ROUTE_AGENTLABELSENTRY']._serialized_end=258
   _globals['_RECEIVER']._serialized_start=261
-  _globals['_RECEIVER']._serialized_end=478
-  _globals['_ADDRECEIVERREQUEST']._serialized_start=480
-  _globals['_ADDRECEIVERREQUEST']._serialized_end=577
-  _globals['_LISTRECEIVERSREQUEST']._serialized_start=579
-  _globals['_LISTRECEIVERSREQUEST']._serialized_end=601
-  _globals['_LISTRECEIVERSRESPONSE']._serialized_start=603
-  _globals['_LISTRECEIVERSRESPONSE']._serialized_end=667
-  _globals['_REMOVERECEIVERREQUEST']._serialized_start=669
-  _globals['_REMOVERECEIVERREQUEST']._serialized_end=704
-  _globals['_REMOVERECEIVERRESPONSE']._serialized_start=706
-  _globals['_REMOVERECEIVERRESPONSE']._serialized_end=730
-  _globals['_DELIVERY']._serialized_start=733
-  _globals['_DELIVERY']._serialized_end=1039
-  _globals['_LISTDELIVERIESREQUEST']._serialized_start=1041
-  _globals['_LISTDELIVERIESREQUEST']._serialized_end=1167
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=1169
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=1260
-  _globals['_NOTIFY']._serialized_start=1553
-  _globals['_NOTIFY']._serialized_end=1894
+  _globals['_RECEIVER']._serialized_end=581
+  _globals['_RECEIVER_SETTINGSENTRY']._serialized_start=534
+  _globals['_RECEIVER_SETTINGSENTRY']._serialized_end=581
+  _globals['_ADDRECEIVERREQUEST']._serialized_start=583
+  _globals['_ADDRECEIVERREQUEST']._serialized_end=680
+  _globals['_LISTRECEIVERSREQUEST']._serialized_start=682
+  _globals['_LISTRECEIVERSREQUEST']._serialized_end=704
+  _globals['_LISTRECEIVERSRESPONSE']._serialized_start=706
+  _globals['_LISTRECEIVERSRESPONSE']._serialized_end=770
+  _globals['_REMOVERECEIVERREQUEST']._serialized_start=772
+  _globals['_REMOVERECEIVERREQUEST']._serialized_end=807
+  _globals['_REMOVERECEIVERRESPONSE']._serialized_start=809
+  _globals['_REMOVERECEIVERRESPONSE']._serialized_end=833
+  _globals['_DELIVERY']._serialized_start=836
+  _globals['_DELIVERY']._serialized_end=1142
+  _globals['_LISTDELIVERIESREQUEST']._serialized_start=1144
+  _globals['_LISTDELIVERIESREQUEST']._serialized_end=1270
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=1272
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=1363
+  _globals['_NOTIFY']._serialized_start=1656
+  _globals['_NOTIFY']._serialized_end=1997
 # @@protoc_insertion_point(module_scope)

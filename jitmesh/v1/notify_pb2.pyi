@@ -134,6 +134,26 @@ Global___Route: _TypeAlias = Route  # noqa: Y015
 class Receiver(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SettingsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
@@ -142,6 +162,7 @@ class Receiver(_message.Message):
     SECRET_SOURCE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     kind: Global___ReceiverKind.ValueType
@@ -159,6 +180,16 @@ class Receiver(_message.Message):
     def route(self) -> Global___Route: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Added by issue 13's implementation: the kind's other settings, never secrets. Webhook:
+        none. Slack: `channel` (with a bot token as the secret; a secret starting with https:// is
+        an incoming webhook URL), `api_url`, `users` ("U0BOB=bob,U0CAROL=carol": Slack user ids
+        to jitmesh users, for Approve/Deny and direct messages). E-mail: `host`, `port`
+        (587), `sender`, `username`, `starttls` ("true"), `ca_file`, `requester_domain` (the
+        requester's address is user@domain); `target` holds the `to` addresses.
+        """
+
     def __init__(
         self,
         *,
@@ -170,10 +201,11 @@ class Receiver(_message.Message):
         secret_source: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         created_by: _builtins.str = ...,
+        settings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "route", b"route"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "id", b"id", "kind", b"kind", "name", b"name", "route", b"route", "secret_source", b"secret_source", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "id", b"id", "kind", b"kind", "name", b"name", "route", b"route", "secret_source", b"secret_source", "settings", b"settings", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

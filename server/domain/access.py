@@ -321,14 +321,24 @@ class AccessService:
             after = self._apply(plan, request, (*request.reviews, review), now)
             if after.state is RequestState.DENIED:
                 # Deny wins: one denial ends the request whatever approvals it already has.
-                await self._decide(tx, request, RequestState.DENIED, principal.name, reason)
-                await tx.audit(self._entry("request.denied", principal.name, request, why=reason))
+                await self._decide(tx, request, RequestState.DENIED, principal.actor, reason)
+                await tx.audit(self._entry("request.denied", principal.actor, request, why=reason))
             elif after.state is RequestState.APPROVED:
-                await tx.audit(self._reviewed(principal.name, request, plan, before.stage))
+                await tx.audit(self._reviewed(principal.actor, request, plan, before.stage))
                 rule = self._rule(request.rule)
-                grant, command = await self._approve(tx, request, rule, principal.name, reason)
+                grant, command = await self._approve(tx, request, rule, principal.actor, reason)
             else:
-                await tx.audit(self._reviewed(principal.name, request, plan, before.stage))
+                await tx.audit(self._reviewed(principal.actor, request, plan, before.stage))
+                if after.stage > before.stage:
+                    # A stage passed and the next one's approvers are waiting: a notice for them.
+                    passed = plan.stages[before.stage].name
+                    opened = plan.stages[after.stage].name if after.stage < len(plan.stages) else ""
+                    await tx.audit(
+                        self._entry(
+                            "request.stage_approved", principal.actor, request,
+                            stage=passed, next_stage=opened,
+                        )
+                    )  # fmt: skip
         return await self._after(tx, request_id, grant, command)
 
     def outcome(self, request: Request, now: datetime) -> tuple[ApprovalPlan, Outcome]:

@@ -99,6 +99,14 @@ class TokenService:
         self._hub = hub
         self._clock = clock
 
+    async def whoami(self, principal: Principal) -> UserInfo:
+        """The caller's own user (any authenticated caller)."""
+        found = await self._store.get_user(principal.name)
+        if found is not None:
+            return found
+        # An operator known only by a client certificate's name.
+        return UserInfo(principal.name, tuple(sorted(principal.groups)), False, self._clock.now())
+
     async def create(
         self,
         principal: Principal,
@@ -121,6 +129,8 @@ class TokenService:
         now = self._clock.now()
         token = new_secret("jmt")
         existing = await self._store.user_groups(user)
+        if existing is not None:
+            _refuse_if_oidc(await self._store.get_user(user))
         if existing is not None and groups and frozenset(groups) != existing:
             # Tokens issued earlier would silently gain (or lose) the new groups.
             have = ", ".join(sorted(existing)) or "none"
@@ -189,6 +199,7 @@ class TokenService:
         before = await self._store.user_groups(user)
         if before is None:
             raise NotFound(f"no such user {user} (a user is made by its first token)")
+        _refuse_if_oidc(await self._store.get_user(user))
         async with self._store.transaction() as tx:
             await tx.upsert_user(user, groups, now)
             await tx.audit(
@@ -256,6 +267,16 @@ def certificate_serial(text: str) -> str:
     if not SERIAL.fullmatch(compact):
         raise InvalidArgument("serial is not valid (expected up to 40 hexadecimal digits)")
     return f"{int(compact.removeprefix('0x'), 16):x}"
+
+
+def _refuse_if_oidc(user: UserInfo | None) -> None:
+    """Users who sign in through the identity provider get their groups (and tokens) from it:
+    admins never change them on the side (issue 13: never both, silently)."""
+    if user is not None and user.managed_by == "oidc":
+        raise InvalidArgument(
+            f"user {user.name} signs in through the identity provider, which sets its groups at "
+            "each sign-in (and its tokens come from jitctl login): change them there"
+        )
 
 
 def _require_admin(principal: Principal) -> None:

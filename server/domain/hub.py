@@ -4,7 +4,7 @@ watcher re-reads the store, so a missed or merged notification loses nothing."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 
 from jitmesh.types import AuditEvent
@@ -16,6 +16,8 @@ class Hub:
         self._queue_size = queue_size
         self._audit = asyncio.Condition()
         self.audit_head = 0
+        # Called after every commit that wrote audit events (the notify sender's wake-up).
+        self.on_audit: list[Callable[[], None]] = []
 
     def requests_changed(self, request_ids: Iterable[str]) -> None:
         for queue in list(self._request_watchers):
@@ -41,6 +43,8 @@ class Hub:
         """Call after a commit with the audit events it wrote."""
         if events and events[-1].seq > self.audit_head:
             self.audit_head = events[-1].seq
+            for listener in self.on_audit:
+                listener()
             async with self._audit:
                 self._audit.notify_all()
 

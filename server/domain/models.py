@@ -24,10 +24,17 @@ class Principal:
     name: str
     groups: frozenset[str] = frozenset()
     kind: str = "user"
+    # A delegate relaying this person's own act ("slack"): audited as "bob via slack".
+    via: str = ""
 
     @property
     def is_admin(self) -> bool:
-        return self.kind == "user" and ADMIN_GROUP in self.groups
+        return self.kind == "user" and ADMIN_GROUP in self.groups and not self.via
+
+    @property
+    def actor(self) -> str:
+        """The name the audit log records for this caller's acts."""
+        return f"{self.name} via {self.via}" if self.via else self.name
 
 
 def same_person(a: str, b: str) -> bool:

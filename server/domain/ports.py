@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from jitmesh.types import (
     Agent,
@@ -56,6 +56,9 @@ from .models import (
 )
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from .receivers import ReceiverSpec
 
 
 class Tx(Protocol):
@@ -176,6 +179,13 @@ class Tx(Protocol):
     async def append_revokes(
         self, grants: Sequence[Grant], at: datetime, revoke_reason: str
     ) -> dict[str, int]: ...
+    async def get_user_record(self, name: str) -> tuple[frozenset[str], bool, str] | None:
+        """(groups, disabled, managed_by) of a user, or None."""
+        ...
+
+    async def insert_oidc_user(self, name: str, groups: Iterable[str], at: datetime) -> None: ...
+    async def insert_receiver(self, spec: ReceiverSpec) -> bool: ...
+    async def delete_receiver(self, name: str) -> bool: ...
 
 
 class Store(Protocol):
@@ -228,6 +238,10 @@ class Store(Protocol):
         page_token: str,
     ) -> tuple[list[Grant], str]: ...
     async def live_grants(self, agent: str) -> list[Grant]: ...
+    async def expiring_grants(self, after: datetime, until: datetime, limit: int) -> list[Grant]:
+        """ACTIVE grants ending in (after, until], soonest first."""
+        ...
+
     async def get_agent(self, name: str) -> Agent | None: ...
     async def list_agents(self) -> list[Agent]: ...
     async def agent_for_credential(self, credential_hash: str) -> str | None: ...

@@ -32,7 +32,11 @@ def listen(host: str, port: int) -> socket.socket:
     """A bound, listening socket (port 0: any free port; read it with getsockname)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if port:
+        # A restart rebinds its fixed port at once. Never with port 0: Linux may then hand out
+        # a port another SO_REUSEADDR socket has bound but not yet listens on (the gRPC
+        # server's, between its bind and its start).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(128)
     sock.setblocking(False)

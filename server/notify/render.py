@@ -32,6 +32,11 @@ def facts(notice: Notice) -> list[tuple[str, str]]:
         ("Duration", notice.details.get("duration", "")),
         ("Reason", notice.details.get("reason", "") or notice.details.get("why", "")),
         ("Ticket", notice.details.get("ticket", "")),
+        (
+            "Stage passed",
+            notice.details.get("stage", "") if notice.kind.value.endswith("stage_approved") else "",
+        ),
+        ("Next stage", notice.details.get("next_stage", "")),
         ("By", notice.actor),
         ("Request", notice.request_id),
         ("Grant", notice.grant_id),

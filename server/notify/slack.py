@@ -125,7 +125,7 @@ class SlackInteractions:
     def __init__(
         self,
         signing_secret: bytes,
-        users: Mapping[str, str],
+        users: Callable[[str], Awaitable[str | None]],
         review: Review,
         http: httpx.AsyncClient,
         clock: Clock,
@@ -133,7 +133,7 @@ class SlackInteractions:
         response_hosts: tuple[str, ...] = ("hooks.slack.com",),
     ) -> None:
         self._secret = signing_secret
-        self._users = dict(users)
+        self._users = users
         self._review = review
         self._http = http
         self._clock = clock
@@ -189,7 +189,7 @@ class SlackInteractions:
         click = self.parse(body)
         if click is None:
             return 200
-        user = self._users.get(click.slack_user)
+        user = await self._users(click.slack_user)
         if user is None:
             await self._respond(
                 click, f"Your Slack account ({click.slack_user}) is not mapped to a jitmesh user.",

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from jitmesh.clock import to_ms
+from jitmesh.clock import Clock, SystemClock, to_ms
 from jitmesh.types import TokenInfo
 from jitmesh.v1 import (
     access_pb2,
@@ -26,10 +26,12 @@ from jitmesh.v1 import (
 from server.ca import AGENT_LIFETIME, CertificateError, InternalCA, Issued, agent_of
 from server.checkpoints import Checkpoints
 from server.domain import errors
-from server.domain.access import AccessService
+from server.domain.access import AccessService, hash_secret
 from server.domain.fleet import FleetService
 from server.domain.governance import AuditService, PolicyService, TokenService
 from server.domain.hub import Hub
+from server.domain.signin import SignInService
+from server.oidc import IdTokenRejected, OidcVerifier
 from server.signing import SigningKeys
 
 from . import convert as c
@@ -385,19 +387,64 @@ def _token_info(info: TokenInfo) -> identity_pb2.TokenInfo:
 
 
 class IdentityServicer(identity_pb2_grpc.IdentityServicer):
-    def __init__(self, auth: Authenticator, tokens: TokenService) -> None:
+    def __init__(
+        self,
+        auth: Authenticator,
+        tokens: TokenService,
+        oidc: OidcVerifier | None = None,
+        signin: SignInService | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self._auth = auth
         self._tokens = tokens
+        self._oidc = oidc
+        self._signin = signin
+        self._clock = clock or SystemClock()
 
-    async def ExchangeIdToken(
-        self, request: identity_pb2.ExchangeIdTokenRequest, context: Ctx
-    ) -> identity_pb2.ExchangeIdTokenResponse:
-        await not_built(context, "ExchangeIdToken", 13)
+    @mapped
+    async def WhoAmI(
+        self, request: identity_pb2.WhoAmIRequest, context: Ctx
+    ) -> identity_pb2.UserInfo:
+        principal = await self._auth.operator(context)
+        return c.user_info(await self._tokens.whoami(principal))
 
+    @mapped
     async def GetSignInConfig(
         self, request: identity_pb2.GetSignInConfigRequest, context: Ctx
     ) -> identity_pb2.SignInConfig:
-        await not_built(context, "GetSignInConfig", 13)
+        # No bearer token: this is what a client needs before it has one.
+        if self._oidc is None:
+            raise errors.NotFound("single sign-on is not configured on this coordinator")
+        s = self._oidc.settings
+        return identity_pb2.SignInConfig(
+            issuer=s.issuer, client_id=s.client_id, scopes=list(s.scopes), audience=s.client_id
+        )
+
+    @mapped
+    async def ExchangeIdToken(
+        self, request: identity_pb2.ExchangeIdTokenRequest, context: Ctx
+    ) -> identity_pb2.ExchangeIdTokenResponse:
+        # No bearer token: the ID token, checked here, is the credential.
+        if self._oidc is None or self._signin is None:
+            raise errors.NotFound("single sign-on is not configured on this coordinator")
+        try:
+            claims = await self._oidc.verify(request.id_token, request.nonce)
+        except IdTokenRejected as exc:
+            raise errors.Unauthenticated(f"ID token refused: {exc}") from None
+        ttl = _duration(request.ttl, "ttl") if request.HasField("ttl") else None
+        now = self._clock.now()
+        token, user, groups, expires_at = await self._signin.sign_in(
+            claims, self._oidc.settings.issuer, now, ttl, hash_secret
+        )
+        info = identity_pb2.TokenInfo(
+            id=hash_secret(token)[:16], user=user, label="oidc sign-in",
+            created_at=c.ts(now), expires_at=c.ts(expires_at), source="oidc",
+        )  # fmt: skip
+        return identity_pb2.ExchangeIdTokenResponse(
+            token=token,
+            info=info,
+            user=identity_pb2.UserInfo(name=user, groups=sorted(groups), managed_by="oidc"),
+        )
 
     @mapped
     async def CreateToken(

@@ -35,6 +35,8 @@ from server.domain.approval import plan_from_json, plan_json
 from server.domain.audit import canonical_details, chain_hash
 from server.domain.errors import InvalidArgument
 from server.domain.models import AuditEntry, Checkpoint, GrantChange, ReplicaInfo
+from server.domain.notices import Notice, NoticeKind
+from server.domain.receivers import Route
 
 Row = Mapping[str, Any]
 
@@ -287,6 +289,7 @@ def user(row: Row) -> UserInfo:
         tuple(sorted(json.loads(row["groups"]))),
         bool(row["disabled"]),
         from_ms(row["created_at"]),
+        row["managed_by"],
     )
 
 
@@ -374,3 +377,45 @@ def chain(
         )  # fmt: skip
         prev = digest
     return events, rows
+
+
+# Notifications (server/notify/): the outbox's columns and the routing cursor's meta key.
+OUTBOX_COLUMNS = "event_id, kind, at, actor, subject, agent, request_id, grant_id, details"
+OUTBOX_CURSOR = "outbox_routed"
+
+
+def route_json(route: Route) -> str:
+    return details_json(
+        {
+            "kinds": list(route.kinds),
+            "labels": dict(route.labels),
+            "actions": list(route.actions),
+            "rules": list(route.rules),
+            "requester": route.requester,
+        }
+    )
+
+
+def route(text: str) -> Route:
+    data = json.loads(text)
+    return Route(
+        kinds=tuple(data.get("kinds", ())),
+        labels=dict(data.get("labels", {})),
+        actions=tuple(data.get("actions", ())),
+        rules=tuple(data.get("rules", ())),
+        requester=bool(data.get("requester", False)),
+    )
+
+
+def notice(row: Sequence[Any]) -> Notice:
+    return Notice(
+        id=row[0],
+        kind=NoticeKind(row[1]),
+        at=from_ms(row[2]),
+        actor=row[3],
+        subject=row[4],
+        agent=row[5],
+        request_id=row[6],
+        grant_id=row[7],
+        details=json.loads(row[8]),
+    )

@@ -51,6 +51,15 @@ from server.domain.models import (
     Principal,
     ReplicaInfo,
 )
+from server.domain.notices import NOTIFIABLE, Notice, notice_for
+from server.domain.receivers import (
+    AttemptRecord,
+    Delivery,
+    DeliveryRecord,
+    DeliveryState,
+    ReceiverKind,
+    ReceiverSpec,
+)
 from server.store import rows as rec
 
 log = logging.getLogger(__name__)
@@ -655,6 +664,18 @@ class SqliteTx:
             (name, json.dumps(sorted(groups)), to_ms(at)),
         )
 
+    async def get_user_record(self, name: str) -> tuple[frozenset[str], bool, str] | None:
+        row = await _one(
+            self._conn, "SELECT groups, disabled, managed_by FROM users WHERE name = ?", [name]
+        )
+        return None if row is None else (frozenset(json.loads(row[0])), bool(row[1]), row[2])
+
+    async def insert_oidc_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
+        await self._conn.execute(
+            "INSERT INTO users (name, groups, created_at, managed_by) VALUES (?,?,?,'oidc')",
+            (name, json.dumps(sorted(groups)), to_ms(at)),
+        )
+
     async def insert_token(
         self, token_hash: str, user: str, at: datetime, expires_at: datetime | None, label: str
     ) -> bool:
@@ -713,6 +734,58 @@ class SqliteTx:
         events = await self.audit_many([entry])
         return events[0] if events else None
 
+    async def _outbox(self, events: Sequence[AuditEvent]) -> None:
+        """Notifiable events go to the outbox in the audit event's own transaction."""
+        rows = [
+            (
+                n.id,
+                n.kind.value,
+                to_ms(n.at),
+                n.actor,
+                n.subject,
+                n.agent,
+                n.request_id,
+                n.grant_id,
+                _details_json(n.details),
+            )
+            for event in events
+            if event.kind in NOTIFIABLE and (n := notice_for(event)) is not None
+        ]
+        if rows:
+            await self._conn.executemany(_OUTBOX_INSERT, rows)
+
+    async def insert_receiver(self, spec: ReceiverSpec) -> bool:
+        """False (and nothing written) when a receiver of that name exists. The first receiver
+        starts from now: notices written while nobody received them are not sent to it."""
+        first = await _one(self._conn, "SELECT NOT EXISTS (SELECT 1 FROM receivers)")
+        if first and first[0]:
+            await self._conn.execute(
+                "INSERT INTO meta (key, value) SELECT ?, CAST(COALESCE(MAX(seq), 0) AS TEXT) "
+                "FROM outbox WHERE 1 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (_OUTBOX_CURSOR,),
+            )
+        cur = await self._conn.execute(
+            "INSERT INTO receivers (name, kind, settings, secret, route, created_at, created_by) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+            (
+                spec.name, spec.kind.value, _details_json(dict(spec.settings)), spec.secret,
+                _route_json(spec.route), to_ms(spec.created_at), spec.created_by,
+            ),
+        )  # fmt: skip
+        return cur.rowcount == 1
+
+    async def delete_receiver(self, name: str) -> bool:
+        """Removes the receiver; its pending deliveries are given up (attempts stay in the log)."""
+        cur = await self._conn.execute("DELETE FROM receivers WHERE name = ?", (name,))
+        if cur.rowcount != 1:
+            return False
+        await self._conn.execute(
+            "UPDATE deliveries SET state = 'GAVE_UP', last_error = 'receiver removed' "
+            "WHERE receiver = ? AND state = 'PENDING'",
+            (name,),
+        )
+        return True
+
     async def move_grants(
         self,
         grant_ids: Sequence[str],
@@ -754,6 +827,7 @@ class SqliteTx:
         await self._conn.executemany(_AUDIT_INSERT, rows)
         self._head = (events[-1].seq, events[-1].hash)
         self.new_audit.extend(events)
+        await self._outbox(events)
         return events
 
     async def _stored_audit_ids(self, ids: Sequence[str]) -> set[str]:
@@ -1045,6 +1119,16 @@ class SqliteStore:
         grants = [rec.grant(r) for r in rows]
         return grants, rec.next_page(grants, more)
 
+    async def expiring_grants(self, after: datetime, until: datetime, limit: int) -> list[Grant]:
+        # The repeated IN list lets SQLite use the partial index grants_live.
+        rows = await _all(
+            self._reader,
+            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE state IN ({_DUE_GRANT_IN}) "
+            "AND state = 'ACTIVE' AND not_after > ? AND not_after <= ? ORDER BY not_after LIMIT ?",
+            [to_ms(after), to_ms(until), limit],
+        )
+        return [rec.grant(r) for r in rows]
+
     async def live_grants(self, agent: str) -> list[Grant]:
         return await _live_grants(self._reader, agent)
 
@@ -1112,7 +1196,7 @@ class SqliteStore:
     async def get_user(self, name: str) -> UserInfo | None:
         row = await _one(
             self._reader,
-            "SELECT name, groups, disabled, created_at FROM users WHERE name = ?",
+            "SELECT name, groups, disabled, created_at, managed_by FROM users WHERE name = ?",
             [name],
         )
         return None if row is None else rec.user(row)
@@ -1255,3 +1339,240 @@ def _filters(pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
             where.append(f"{column} = ?")
             args.append(value)
     return where, args
+
+
+# Notifications: the outbox, receivers, deliveries and attempts (helpers shared by both stores
+# in rows.py).
+
+_OUTBOX_COLUMNS = rec.OUTBOX_COLUMNS
+_OUTBOX_INSERT = (
+    f"INSERT INTO outbox ({_OUTBOX_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (event_id) DO NOTHING"
+)
+_OUTBOX_CURSOR = rec.OUTBOX_CURSOR
+_route_json = rec.route_json
+_route = rec.route
+_notice = rec.notice
+_details_json = rec.details_json
+
+
+class SqliteOutbox:
+    """The sender's side of the outbox. Each method is its own short transaction, so the sender
+    never holds the store's writer while it talks to a receiver."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+
+    async def list_receivers(self) -> list[ReceiverSpec]:
+        rows = await _all(
+            self._store._reader,
+            "SELECT name, kind, settings, secret, route, created_at, created_by "
+            "FROM receivers ORDER BY name",
+        )
+        return [
+            ReceiverSpec(
+                r[0], ReceiverKind(r[1]), json.loads(r[2]), r[3], _route(r[4]), from_ms(r[5]), r[6]
+            )
+            for r in rows
+        ]
+
+    async def unrouted(self, limit: int) -> tuple[int, list[tuple[int, Notice]]]:
+        """The routing cursor, and the outbox entries after it (oldest first)."""
+        cursor = int(await self._store.get_meta(_OUTBOX_CURSOR) or "0")
+        rows = await _all(
+            self._store._reader,
+            f"SELECT seq, {_OUTBOX_COLUMNS} FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (cursor, limit),
+        )
+        return cursor, [(int(r[0]), _notice(r[1:])) for r in rows]
+
+    async def route(
+        self, cursor: int, upto: int, deliveries: Sequence[tuple[int, str]], now: datetime
+    ) -> bool:
+        """Create the deliveries of outbox entries (cursor, upto] and move the cursor, at once;
+        False when another sender moved the cursor first (nothing written)."""
+        async with self._store.transaction() as tx:
+            conn = tx._conn
+            current = await _one(conn, "SELECT value FROM meta WHERE key = ?", (_OUTBOX_CURSOR,))
+            if int(current[0] if current else "0") != cursor:
+                return False
+            await conn.executemany(
+                "INSERT INTO deliveries (event_seq, receiver, state, next_at) "
+                "VALUES (?, ?, 'PENDING', ?) ON CONFLICT DO NOTHING",
+                [(seq, name, to_ms(now)) for seq, name in deliveries],
+            )
+            await tx.set_meta(_OUTBOX_CURSOR, str(upto))
+        return True
+
+    async def claim(self, now: datetime, until: datetime, limit: int) -> list[Delivery]:
+        """Claim up to `limit` due deliveries until `until` (others leave them alone meanwhile;
+        a claim left by a crashed sender lapses then)."""
+        async with self._store.transaction() as tx:
+            rows = await _all(
+                tx._conn,
+                "UPDATE deliveries SET claimed_until = ? WHERE rowid IN (SELECT rowid FROM "
+                "deliveries WHERE state = 'PENDING' AND next_at <= ? AND claimed_until <= ? "
+                "ORDER BY next_at LIMIT ?) RETURNING event_seq, receiver, attempts",
+                (to_ms(until), to_ms(now), to_ms(now), limit),
+            )
+            if not rows:
+                return []
+            seqs = sorted({int(r[0]) for r in rows})
+            notices = {
+                int(r[0]): _notice(r[1:])
+                for r in await _all(
+                    tx._conn,
+                    f"SELECT seq, {_OUTBOX_COLUMNS} FROM outbox "
+                    f"WHERE seq IN ({','.join('?' * len(seqs))})",
+                    seqs,
+                )
+            }
+        return sorted(
+            (Delivery(int(r[0]), r[1], int(r[2]), notices[int(r[0])]) for r in rows),
+            key=lambda d: (d.event_seq, d.receiver),
+        )
+
+    async def record(
+        self,
+        delivery: Delivery,
+        at: datetime,
+        ok: bool,
+        detail: str,
+        next_at: datetime | None,
+    ) -> None:
+        """One attempt: logged; the delivery DELIVERED, PENDING again at `next_at`, or GAVE_UP
+        (`next_at` None after a failure)."""
+        attempt = delivery.attempts + 1
+        if ok:
+            state, due = DeliveryState.DELIVERED, to_ms(at)
+        elif next_at is None:
+            state, due = DeliveryState.GAVE_UP, to_ms(at)
+        else:
+            state, due = DeliveryState.PENDING, to_ms(next_at)
+        async with self._store.transaction() as tx:
+            await tx._conn.execute(
+                "UPDATE deliveries SET state = ?, attempts = ?, next_at = ?, claimed_until = 0, "
+                "last_error = ?, delivered_at = ? WHERE event_seq = ? AND receiver = ? "
+                "AND state = 'PENDING'",
+                (
+                    state.value, attempt, due, "" if ok else detail, to_ms(at) if ok else None,
+                    delivery.event_seq, delivery.receiver,
+                ),
+            )  # fmt: skip
+            await tx._conn.execute(
+                "INSERT INTO delivery_attempts (event_seq, receiver, attempt, at, ok, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (delivery.event_seq, delivery.receiver, attempt, to_ms(at), int(ok), detail),
+            )
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Give claims back (a sender stopping before it tried them)."""
+        if not deliveries:
+            return
+        async with self._store.transaction() as tx:
+            await tx._conn.executemany(
+                "UPDATE deliveries SET claimed_until = 0 WHERE event_seq = ? AND receiver = ? "
+                "AND state = 'PENDING'",
+                [(d.event_seq, d.receiver) for d in deliveries],
+            )
+
+    async def prune(self, before: datetime) -> int:
+        """Delete notices written before `before` that are routed and have no PENDING delivery
+        (with their deliveries and attempts); how many."""
+        async with self._store.transaction() as tx:
+            cursor = await _one(tx._conn, "SELECT value FROM meta WHERE key = ?", (_OUTBOX_CURSOR,))
+            upto = int(cursor[0]) if cursor else 0
+            rows = await _all(
+                tx._conn,
+                "SELECT seq FROM outbox o WHERE o.at < ? AND o.seq <= ? AND NOT EXISTS "
+                "(SELECT 1 FROM deliveries d WHERE d.event_seq = o.seq AND d.state = 'PENDING') "
+                "ORDER BY seq LIMIT 5000",
+                (to_ms(before), upto),
+            )
+            seqs = [(int(r[0]),) for r in rows]
+            await tx._conn.executemany("DELETE FROM delivery_attempts WHERE event_seq = ?", seqs)
+            await tx._conn.executemany("DELETE FROM deliveries WHERE event_seq = ?", seqs)
+            await tx._conn.executemany("DELETE FROM outbox WHERE seq = ?", seqs)
+        return len(seqs)
+
+    async def next_due(self) -> datetime | None:
+        row = await _one(
+            self._store._reader,
+            "SELECT MIN(MAX(next_at, claimed_until)) FROM deliveries WHERE state = 'PENDING'",
+        )
+        return from_ms(row[0]) if row and row[0] is not None else None
+
+    async def deliveries(
+        self, *, receiver: str, states: Sequence[DeliveryState], limit: int, before: int
+    ) -> list[DeliveryRecord]:
+        """Deliveries, newest notice first; `before`: only notices older than this outbox seq
+        (the page cursor)."""
+        where: list[str] = ["1 = 1"]
+        args: list[Any] = []
+        if receiver:
+            where.append("d.receiver = ?")
+            args.append(receiver)
+        if states:
+            where.append(f"d.state IN ({','.join('?' * len(states))})")
+            args.extend(s.value for s in states)
+        if before:
+            where.append("d.event_seq < ?")
+            args.append(before)
+        rows = await _all(
+            self._store._reader,
+            "SELECT d.event_seq, o.event_id, o.kind, d.receiver, d.state, d.attempts, "
+            "(SELECT MAX(a.at) FROM delivery_attempts a WHERE a.event_seq = d.event_seq "
+            "AND a.receiver = d.receiver), d.next_at, d.last_error, o.request_id, o.grant_id "
+            "FROM deliveries d JOIN outbox o ON o.seq = d.event_seq "
+            f"WHERE {' AND '.join(where)} ORDER BY d.event_seq DESC, d.receiver LIMIT ?",
+            [*args, limit],
+        )
+        return [
+            DeliveryRecord(
+                int(r[0]),
+                r[1],
+                r[2],
+                r[3],
+                DeliveryState(r[4]),
+                int(r[5]),
+                rec.at(r[6]),
+                rec.at(r[7]) if r[4] == "PENDING" else None,
+                r[8],
+                r[9],
+                r[10],
+            )
+            for r in rows
+        ]
+
+    async def log(self, *, request_id: str, receiver: str, limit: int) -> list[AttemptRecord]:
+        """Attempts, newest first, optionally for one request or one receiver."""
+        where, args = ["1 = 1"], []
+        if request_id:
+            where.append("o.request_id = ?")
+            args.append(request_id)
+        if receiver:
+            where.append("a.receiver = ?")
+            args.append(receiver)
+        rows = await _all(
+            self._store._reader,
+            "SELECT a.event_seq, o.event_id, o.kind, a.receiver, a.attempt, a.at, a.ok, a.detail, "
+            "COALESCE(d.state, 'GAVE_UP') FROM delivery_attempts a "
+            "JOIN outbox o ON o.seq = a.event_seq "
+            "LEFT JOIN deliveries d ON d.event_seq = a.event_seq AND d.receiver = a.receiver "
+            f"WHERE {' AND '.join(where)} ORDER BY a.id DESC LIMIT ?",
+            [*args, limit],
+        )
+        return [
+            AttemptRecord(
+                int(r[0]),
+                r[1],
+                r[2],
+                r[3],
+                int(r[4]),
+                from_ms(r[5]),
+                bool(r[6]),
+                r[7],
+                DeliveryState(r[8]),
+            )
+            for r in rows
+        ]

@@ -83,9 +83,9 @@ def test_enforcer_specs(tmp_path: Path) -> None:
     spec = parse_enforcer(f"exec:{hooks}")
     assert isinstance(spec, ExecEnforcerConfig)
     assert spec.hooks.timeout == timedelta(seconds=90)
-    with pytest.raises(ConfigError, match=r"file:DIR, exec:FILE or sudo:FILE\.toml"):
+    with pytest.raises(ConfigError, match=r"file:DIR, exec:FILE or sudo\|group\|ssh:FILE\.toml"):
         parse_enforcer("sudoers:/etc/sudoers.d")
-    with pytest.raises(ConfigError, match=r"file:DIR, exec:FILE or sudo:FILE\.toml"):
+    with pytest.raises(ConfigError, match=r"file:DIR, exec:FILE or sudo\|group\|ssh:FILE\.toml"):
         parse_enforcer("file:")
     with pytest.raises(ConfigError, match="cannot read"):
         parse_enforcer(f"exec:{tmp_path / 'missing.yaml'}")

@@ -66,6 +66,17 @@ def wait_until(what: str, done: Callable[[], bool], timeout: float) -> float:
     return time.monotonic()
 
 
+def first_refusal(attempt: Callable[[], int], timeout: float) -> datetime:
+    """When the first attempt that failed began (attempts are made back to back)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        began = datetime.now(UTC)
+        if attempt() != 0:
+            return began
+        time.sleep(0.05)
+    raise AssertionError(f"still allowed after {timeout}s")
+
+
 def whole_second(at: datetime) -> datetime:
     return at.replace(microsecond=0)
 
@@ -118,8 +129,7 @@ async def sudo_enforcer(scratch: str) -> dict[str, Any]:
     ends = whole_second(start) + timedelta(seconds=3)
     await enforcer.apply(Cover("alice", "restart", "grt-" + "d" * 32, start, ends))
     seen["native_allowed_before"] = sudo_as("alice", ID_U)[0]
-    wait_until("sudo to refuse", lambda: sudo_as("alice", ID_U)[0] != 0, timeout=15)
-    refused_at = datetime.now(UTC)
+    refused_at = first_refusal(lambda: sudo_as("alice", ID_U)[0], 15)
     seen["native_refused_after_s"] = (refused_at - ends).total_seconds()
     seen["native_file_still_there"] = path.exists()
     return seen
@@ -211,10 +221,7 @@ async def sudo_agent(scratch: str, seconds: int) -> dict[str, Any]:
                     if case == "killed":
                         agent.kill()
                         agent.wait(timeout=10)
-                    wait_until(
-                        "sudo to refuse", lambda: sudo_as("alice", ID_U)[0] != 0, 3 * seconds
-                    )
-                    refused = datetime.now(UTC)
+                    refused = first_refusal(lambda: sudo_as("alice", ID_U)[0], 3 * seconds)
                     seen[f"{case}_refused_after_s"] = (refused - grant.not_after).total_seconds()
                     if case == "running":
                         wait_until(
@@ -256,7 +263,9 @@ class LocalAgent:
     """An engine with the file enforcer, its sessions and its local socket, in this process, on
     the real clock; commands are handed to it directly (no coordinator needed here)."""
 
-    def __init__(self, state: Path, *, grace: float = 1.0, end: str = "exec") -> None:
+    def __init__(
+        self, state: Path, *, grace: float = 1.0, end: str = "exec", enforcers: Any = None
+    ) -> None:
         from agent.app import prepare_state_dir
         from agent.enforcers.base import EnforcerSet
         from agent.enforcers.file import FileEnforcer
@@ -272,7 +281,7 @@ class LocalAgent:
         self.engine = Engine(
             name="web-1",
             store=self.store,
-            enforcers=EnforcerSet([FileEnforcer(state.parent / "markers")]),
+            enforcers=EnforcerSet(enforcers or [FileEnforcer(state.parent / "markers")]),
             clock=clock,
         )
         self.sessions = Sessions(
@@ -435,6 +444,157 @@ async def local_exec(scratch: str) -> dict[str, Any]:
     return seen
 
 
+PAM_SNIPPET = """\
+# /etc/pam.d/{service}: log in only with a live jitmesh grant for the `login` action.
+auth     required pam_permit.so
+account  required pam_exec.so quiet {agent} check --pam --state {state} --action login
+"""
+
+
+async def pam_login(scratch: str) -> dict[str, Any]:
+    """`jitmesh-agent check` as a pam_exec account module, through pamtester."""
+    make_user("alice")
+    make_user("bob")
+    state = Path("/run/jitmesh-test/state")
+    state.parent.mkdir(parents=True)
+    Path("/etc/pam.d/jitmesh-login").write_text(
+        PAM_SNIPPET.format(service="jitmesh-login", agent=BIN / "jitmesh-agent", state=state)
+    )
+    seen: dict[str, Any] = {}
+
+    async def login(user: str) -> int:
+        return (await ash("pamtester", "jitmesh-login", user, "acct_mgmt"))[0]
+
+    async with LocalAgent(state) as agent:
+        seen["without"] = await login("alice")
+        grant = await agent.grant("alice", "login")
+        seen["with"] = await login("alice")
+        seen["other_user"] = await login("bob")
+        await agent.grant("alice", "deploy")
+        await agent.revoke(grant)
+        seen["other_action_only"] = await login("alice")
+        await agent.grant("alice", "login")
+    # The agent stopped: root's check reads the lease table (expiry still by not_after).
+    seen["agent_down"] = await login("alice")
+    seen["agent_down_bob"] = await login("bob")
+    return seen
+
+
+def members(group: str) -> list[str]:
+    import grp
+
+    return sorted(grp.getgrnam(group).gr_mem)
+
+
+async def group_enforcer(scratch: str) -> dict[str, Any]:
+    """Membership per action with gpasswd: a group shared by two actions stays while one holds;
+    a member added by hand is found and removed by the engine's reconcile (audited)."""
+    from agent.enforcers.group import GroupEnforcer, GroupSettings
+
+    for user in ("alice", "mallory"):
+        make_user(user)
+    for group in ("deployers", "builders"):
+        assert sh("groupadd", group)[0] == 0
+    settings = GroupSettings({"deploy": ("deployers", "builders"), "build": ("builders",)})
+    enforcer = GroupEnforcer(settings)
+    now = whole_second(datetime.now(UTC))
+    seen: dict[str, Any] = {}
+
+    def window(action: str) -> Cover:
+        return Cover("alice", action, "grt-" + "e" * 32, now, now + timedelta(hours=1))
+
+    await enforcer.apply(window("deploy"))
+    seen["deploy"] = [members("deployers"), members("builders")]
+    seen["id"] = sh("id", "-nG", "alice")[1]
+    await enforcer.apply(window("build"))
+    await enforcer.remove("alice", "deploy")
+    # builders is still needed by build.
+    seen["after_deploy_removed"] = [members("deployers"), members("builders")]
+    await enforcer.remove("alice", "build")
+    seen["after_both_removed"] = [members("deployers"), members("builders")]
+    # Drift through the engine: the reconcile removes a member nobody granted.
+    state = Path("/run/jitmesh-test/state")
+    state.parent.mkdir(parents=True)
+    async with LocalAgent(state, enforcers=[GroupEnforcer(settings)]) as agent:
+        await agent.grant("alice", "build")
+        assert sh("gpasswd", "-a", "mallory", "builders")[0] == 0
+        seen["engine_applied"] = members("builders")
+        await agent.engine.reconcile()
+        seen["after_reconcile"] = members("builders")
+        seen["events"] = await agent.events()
+    return seen
+
+
+async def ssh_enforcer(scratch: str) -> dict[str, Any]:
+    """A real login over loopback with a key, allowed while the grant holds and refused by sshd
+    itself after expiry-time (the file still in place: nobody removed it)."""
+    from agent.enforcers.ssh import SshEnforcer, SshSettings
+    from tests.e2e.procs import free_port
+
+    root = Path(scratch)
+    make_user("alice")
+    make_user("bob")
+    assert sh("usermod", "-p", "*", "alice")[0] == 0  # not locked (no password, keys only)
+    assert sh("ssh-keygen", "-A")[0] == 0
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    key = root / "alice_key"
+    assert sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))[0] == 0
+    keys = Path("/etc/jitmesh/ssh-keys")
+    keys.mkdir(parents=True)
+    (keys / "alice.pub").write_text(Path(f"{key}.pub").read_text())
+    Path("/etc/ssh/sshd_config.d/jitmesh.conf").write_text(
+        "AuthorizedKeysFile .ssh/authorized_keys /etc/ssh/jitmesh_keys/%u\n"
+    )
+    seen: dict[str, Any] = {}
+    seen["sshd_T"] = [
+        line for line in sh("/usr/sbin/sshd", "-T")[1].splitlines()
+        if line.startswith("authorizedkeysfile")
+    ]  # fmt: skip
+    port = free_port()
+    sshd = subprocess.Popen(
+        ["/usr/sbin/sshd", "-D", "-e", "-p", str(port), "-o", "ListenAddress=127.0.0.1"],
+        stdout=(root / "sshd.log").open("ab"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def login() -> tuple[int, str]:
+        return sh(
+            "ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "alice@127.0.0.1", "id -un",
+        )  # fmt: skip
+
+    try:
+        import socket
+
+        def listening() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until("sshd", listening, timeout=20)
+        enforcer = SshEnforcer(SshSettings(keys, frozenset({"ssh"})))
+        seen["before"] = login()[0]
+        start = datetime.now(UTC)
+        ends = whole_second(start) + timedelta(seconds=3)
+        await enforcer.apply(Cover("alice", "ssh", "grt-" + "f" * 32, start, ends))
+        path = enforcer.path_for("alice")
+        st = path.stat()
+        seen["mode"], seen["owner"] = oct(st.st_mode & 0o777), st.st_uid
+        seen["file"] = path.read_text()
+        seen["login"] = login()
+        seen["observed"] = sorted(await enforcer.observe())
+        seen["refused_after_s"] = (first_refusal(lambda: login()[0], 15) - ends).total_seconds()
+        seen["file_still_there"] = path.exists()
+        try:
+            await enforcer.apply(Cover("bob", "ssh", "grt-" + "f" * 32, start, ends))
+            seen["bob"] = "applied"
+        except Exception as exc:
+            seen["bob"] = str(exc)
+    finally:
+        sshd.terminate()
+        sshd.wait(timeout=10)
+    return seen
+
+
 async def _until(done: Callable[[], bool], timeout: float) -> None:
     async with asyncio.timeout(timeout):
         while not done():
@@ -445,6 +605,9 @@ SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "sudo_enforcer": sudo_enforcer,
     "sudo_agent": sudo_agent,
     "local_exec": local_exec,
+    "pam_login": pam_login,
+    "group_enforcer": group_enforcer,
+    "ssh_enforcer": ssh_enforcer,
 }
 
 

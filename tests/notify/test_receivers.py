@@ -249,8 +249,11 @@ async def slack_endpoint(recorder: HttpRecorder, http: httpx.AsyncClient) -> Any
         reviews.append((user, request_id, decision))
         return "Approved" if decision is ReviewDecision.APPROVE else "Denied"
 
+    async def users(slack_user: str) -> str | None:
+        return {"U0BOB": "bob"}.get(slack_user)
+
     slack = SlackInteractions(
-        SIGNING, {"U0BOB": "bob"}, review, http, real_clock(), response_hosts=("127.0.0.1",)
+        SIGNING, users, review, http, real_clock(), response_hosts=("127.0.0.1",)
     )
     sock = listen("127.0.0.1", 0)
     port = sock.getsockname()[1]

@@ -25,6 +25,9 @@ INTENDED = {
     "JoinTokenInfo",
     "Lock",
     "LockTarget",
+    "NotifyDelivery",
+    "NotifyReceiver",
+    "NotifyRoute",
     "OfflineMode",
     "OfflinePolicy",
     "PolicyDecision",
@@ -34,8 +37,10 @@ INTENDED = {
     "Review",
     "ReviewDecision",
     "Reviewed",
+    "SignInConfig",
     "StageMode",
     "TokenInfo",
+    "UserInfo",
     # errors
     "JitmeshError",
     "AuthenticationError",
@@ -47,7 +52,6 @@ INTENDED = {
     "PermissionDeniedError",
     "RateLimitedError",
     "UnavailableError",
-    "UserInfo",
     # durations
     "DurationError",
     "format_duration",

@@ -189,7 +189,9 @@ def test_all_mode_needs_one_from_each_group() -> None:
     plan = ApprovalPlan(1, "r", (stage,))
 
     def run(*revs: tuple[str, tuple[str, ...], float]) -> RequestState:
-        return outcome([Review(w, APPROVE, "", at(m), g) for w, g, m in revs], plan=plan).state
+        return RequestState(
+            outcome([Review(w, APPROVE, "", at(m), g) for w, g, m in revs], plan=plan).state
+        )
 
     assert run(("a", ("sre",), 1), ("b", ("sre",), 2)) is P
     assert run(("a", ("sre",), 1), ("b", ("dba",), 2)) is A

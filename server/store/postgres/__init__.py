@@ -64,6 +64,15 @@ from server.domain.models import (
     Principal,
     ReplicaInfo,
 )
+from server.domain.notices import NOTIFIABLE, Notice, notice_for
+from server.domain.receivers import (
+    AttemptRecord,
+    Delivery,
+    DeliveryRecord,
+    DeliveryState,
+    ReceiverKind,
+    ReceiverSpec,
+)
 from server.store import rows as rec
 
 log = logging.getLogger(__name__)
@@ -112,6 +121,10 @@ _AUDIT_INSERT = (
     f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({','.join(['%s'] * len(rec.AUDIT_COLUMNS))})"
 )
 _DUE_GRANT_STATES = DUE_GRANT_STATES
+_OUTBOX_INSERT = (
+    f"INSERT INTO outbox ({rec.OUTBOX_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+    "ON CONFLICT (event_id) DO NOTHING"
+)
 
 
 def with_schema(dsn: str, schema: str) -> str:
@@ -705,6 +718,53 @@ class PostgresTx:
             return None
         return JoinToken(dict(json.loads(row["labels"])), row["replaces"], bool(row["reusable"]))
 
+    async def get_user_record(self, name: str) -> tuple[frozenset[str], bool, str] | None:
+        row = await _one(
+            self._conn, "SELECT groups, disabled, managed_by FROM users WHERE name = %s", [name]
+        )
+        if row is None:
+            return None
+        return (frozenset(json.loads(row["groups"])), bool(row["disabled"]), row["managed_by"])
+
+    async def insert_oidc_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
+        await self._conn.execute(
+            "INSERT INTO users (name, groups, created_at, managed_by) VALUES (%s,%s,%s,'oidc')",
+            [name, json.dumps(sorted(groups)), to_ms(at)],
+        )
+
+    async def insert_receiver(self, spec: ReceiverSpec) -> bool:
+        """False (and nothing written) when a receiver of that name exists. The first receiver
+        starts from now: notices written while nobody received them are not sent to it."""
+        first = await _one(self._conn, "SELECT NOT EXISTS (SELECT 1 FROM receivers) AS first")
+        if first is not None and first["first"]:
+            await self._conn.execute(
+                "INSERT INTO meta (key, value) SELECT %s, CAST(COALESCE(MAX(seq), 0) AS TEXT) "
+                "FROM outbox ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [rec.OUTBOX_CURSOR],
+            )
+        count = await _rowcount(
+            self._conn,
+            "INSERT INTO receivers (name, kind, settings, secret, route, created_at, created_by) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
+            [
+                spec.name, spec.kind.value, rec.details_json(dict(spec.settings)), spec.secret,
+                rec.route_json(spec.route), to_ms(spec.created_at), spec.created_by,
+            ],
+        )  # fmt: skip
+        return count == 1
+
+    async def delete_receiver(self, name: str) -> bool:
+        """Removes the receiver; its pending deliveries are given up (attempts stay in the log)."""
+        count = await _rowcount(self._conn, "DELETE FROM receivers WHERE name = %s", [name])
+        if count != 1:
+            return False
+        await self._conn.execute(
+            "UPDATE deliveries SET state = 'GAVE_UP', last_error = 'receiver removed' "
+            "WHERE receiver = %s AND state = 'PENDING'",
+            [name],
+        )
+        return True
+
     async def revoke_join_token(self, token_id: str, at: datetime, by: str) -> bool:
         count = await _rowcount(
             self._conn,
@@ -802,6 +862,18 @@ class PostgresTx:
         async with self._conn.cursor() as cur:
             await cur.executemany(_AUDIT_INSERT, values)
         self._head = (events[-1].seq, events[-1].hash)
+        # Notifiable events go to the outbox in the audit event's own transaction.
+        notices = [
+            (
+                n.id, n.kind.value, to_ms(n.at), n.actor, n.subject, n.agent, n.request_id,
+                n.grant_id, rec.details_json(n.details),
+            )
+            for event in events
+            if event.kind in NOTIFIABLE and (n := notice_for(event)) is not None
+        ]  # fmt: skip
+        if notices:
+            async with self._conn.cursor() as cur:
+                await cur.executemany(_OUTBOX_INSERT, notices)
         await self._conn.execute(
             "UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1", list(self._head)
         )
@@ -1105,6 +1177,17 @@ class PostgresStore:
         grants = [rec.grant(r) for r in rows]
         return grants, rec.next_page(grants, more)
 
+    async def expiring_grants(self, after: datetime, until: datetime, limit: int) -> list[Grant]:
+        """ACTIVE grants ending in (after, until], soonest first."""
+        async with self._read() as conn:
+            rows = await _all(
+                conn,
+                f"SELECT {_GRANT_COLUMNS} FROM grants WHERE state = 'ACTIVE' "
+                "AND not_after > %s AND not_after <= %s ORDER BY not_after LIMIT %s",
+                [to_ms(after), to_ms(until), limit],
+            )
+        return [rec.grant(r) for r in rows]
+
     async def live_grants(self, agent: str) -> list[Grant]:
         async with self._read() as conn:
             return await _live_grants(conn, agent)
@@ -1168,7 +1251,7 @@ class PostgresStore:
         async with self._read() as conn:
             row = await _one(
                 conn,
-                "SELECT name, groups, disabled, created_at FROM users WHERE name = %s",
+                "SELECT name, groups, disabled, created_at, managed_by FROM users WHERE name = %s",
                 [name],
             )
         return None if row is None else rec.user(row)
@@ -1332,6 +1415,233 @@ def _filters(pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
     return where, args
 
 
+class PostgresOutbox:
+    """The sender's side of the outbox (as `SqliteOutbox`): each method its own short
+    transaction. Senders on several replicas share the work: routing moves one cursor by
+    compare-and-set, and deliveries are claimed with FOR UPDATE SKIP LOCKED."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    async def list_receivers(self) -> list[ReceiverSpec]:
+        async with self._store._read() as conn:
+            rows = await _all(
+                conn,
+                "SELECT name, kind, settings, secret, route, created_at, created_by "
+                "FROM receivers ORDER BY name",
+            )
+        return [
+            ReceiverSpec(
+                r["name"], ReceiverKind(r["kind"]), json.loads(r["settings"]), r["secret"],
+                rec.route(r["route"]), from_ms(r["created_at"]), r["created_by"],
+            )
+            for r in rows
+        ]  # fmt: skip
+
+    async def unrouted(self, limit: int) -> tuple[int, list[tuple[int, Notice]]]:
+        cursor = int(await self._store.get_meta(rec.OUTBOX_CURSOR) or "0")
+        async with self._store._read() as conn:
+            cur = await conn.execute(
+                f"SELECT seq, {rec.OUTBOX_COLUMNS} FROM outbox WHERE seq > %s "
+                "ORDER BY seq LIMIT %s",
+                [cursor, limit],
+                prepare=False,
+            )
+            rows = [tuple(r.values()) for r in await cur.fetchall()]
+        return cursor, [(int(r[0]), rec.notice(r[1:])) for r in rows]
+
+    async def route(
+        self, cursor: int, upto: int, deliveries: Sequence[tuple[int, str]], now: datetime
+    ) -> bool:
+        async with self._store.transaction() as tx:
+            conn = tx._conn
+            current = await _one(
+                conn, "SELECT value FROM meta WHERE key = %s FOR UPDATE", [rec.OUTBOX_CURSOR]
+            )
+            if int(current["value"] if current else "0") != cursor:
+                return False
+            if deliveries:
+                async with conn.cursor() as c:
+                    await c.executemany(
+                        "INSERT INTO deliveries (event_seq, receiver, state, next_at) "
+                        "VALUES (%s, %s, 'PENDING', %s) ON CONFLICT DO NOTHING",
+                        [(seq, name, to_ms(now)) for seq, name in deliveries],
+                    )
+            await tx.set_meta(rec.OUTBOX_CURSOR, str(upto))
+        return True
+
+    async def claim(self, now: datetime, until: datetime, limit: int) -> list[Delivery]:
+        async with self._store.transaction() as tx:
+            rows = await _all(
+                tx._conn,
+                "UPDATE deliveries SET claimed_until = %s WHERE (event_seq, receiver) IN "
+                "(SELECT event_seq, receiver FROM deliveries WHERE state = 'PENDING' "
+                "AND next_at <= %s AND claimed_until <= %s ORDER BY next_at LIMIT %s "
+                "FOR UPDATE SKIP LOCKED) RETURNING event_seq, receiver, attempts",
+                [to_ms(until), to_ms(now), to_ms(now), limit],
+            )
+            if not rows:
+                return []
+            seqs = sorted({int(r["event_seq"]) for r in rows})
+            cur = await tx._conn.execute(
+                f"SELECT seq, {rec.OUTBOX_COLUMNS} FROM outbox WHERE seq = ANY(%s)", [seqs]
+            )
+            notices = {
+                int(v[0]): rec.notice(v[1:])
+                for v in (tuple(r.values()) for r in await cur.fetchall())
+            }
+        return sorted(
+            (
+                Delivery(
+                    int(r["event_seq"]), r["receiver"], int(r["attempts"]),
+                    notices[int(r["event_seq"])],
+                )
+                for r in rows
+            ),
+            key=lambda d: (d.event_seq, d.receiver),
+        )  # fmt: skip
+
+    async def record(
+        self,
+        delivery: Delivery,
+        at: datetime,
+        ok: bool,
+        detail: str,
+        next_at: datetime | None,
+    ) -> None:
+        attempt = delivery.attempts + 1
+        if ok:
+            state, due = DeliveryState.DELIVERED, to_ms(at)
+        elif next_at is None:
+            state, due = DeliveryState.GAVE_UP, to_ms(at)
+        else:
+            state, due = DeliveryState.PENDING, to_ms(next_at)
+        async with self._store.transaction() as tx:
+            await tx._conn.execute(
+                "UPDATE deliveries SET state = %s, attempts = %s, next_at = %s, "
+                "claimed_until = 0, last_error = %s, delivered_at = %s "
+                "WHERE event_seq = %s AND receiver = %s AND state = 'PENDING'",
+                [
+                    state.value, attempt, due, "" if ok else detail, to_ms(at) if ok else None,
+                    delivery.event_seq, delivery.receiver,
+                ],
+            )  # fmt: skip
+            await tx._conn.execute(
+                "INSERT INTO delivery_attempts (event_seq, receiver, attempt, at, ok, detail) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                [delivery.event_seq, delivery.receiver, attempt, to_ms(at), int(ok), detail],
+            )
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        async with self._store.transaction() as tx, tx._conn.cursor() as c:
+            await c.executemany(
+                "UPDATE deliveries SET claimed_until = 0 WHERE event_seq = %s "
+                "AND receiver = %s AND state = 'PENDING'",
+                [(d.event_seq, d.receiver) for d in deliveries],
+            )
+
+    async def prune(self, before: datetime) -> int:
+        async with self._store.transaction() as tx:
+            cursor = await _one(
+                tx._conn, "SELECT value FROM meta WHERE key = %s", [rec.OUTBOX_CURSOR]
+            )
+            upto = int(cursor["value"]) if cursor else 0
+            rows = await _all(
+                tx._conn,
+                "SELECT seq FROM outbox o WHERE o.at < %s AND o.seq <= %s AND NOT EXISTS "
+                "(SELECT 1 FROM deliveries d WHERE d.event_seq = o.seq AND d.state = 'PENDING') "
+                "ORDER BY seq LIMIT 5000",
+                [to_ms(before), upto],
+            )
+            seqs = [int(r["seq"]) for r in rows]
+            if seqs:
+                for table, column in (
+                    ("delivery_attempts", "event_seq"),
+                    ("deliveries", "event_seq"),
+                    ("outbox", "seq"),
+                ):
+                    await tx._conn.execute(f"DELETE FROM {table} WHERE {column} = ANY(%s)", [seqs])
+        return len(seqs)
+
+    async def next_due(self) -> datetime | None:
+        async with self._store._read() as conn:
+            row = await _one(
+                conn,
+                "SELECT MIN(GREATEST(next_at, claimed_until)) AS t FROM deliveries "
+                "WHERE state = 'PENDING'",
+            )
+        return from_ms(row["t"]) if row and row["t"] is not None else None
+
+    async def deliveries(
+        self, *, receiver: str, states: Sequence[DeliveryState], limit: int, before: int
+    ) -> list[DeliveryRecord]:
+        where: list[str] = ["true"]
+        args: list[Any] = []
+        if receiver:
+            where.append("d.receiver = %s")
+            args.append(receiver)
+        if states:
+            where.append("d.state = ANY(%s)")
+            args.append([s.value for s in states])
+        if before:
+            where.append("d.event_seq < %s")
+            args.append(before)
+        async with self._store._read() as conn:
+            rows = await _all(
+                conn,
+                "SELECT d.event_seq, o.event_id, o.kind, d.receiver, d.state, d.attempts, "
+                "(SELECT MAX(a.at) FROM delivery_attempts a WHERE a.event_seq = d.event_seq "
+                "AND a.receiver = d.receiver) AS last_at, d.next_at, d.last_error, "
+                "o.request_id, o.grant_id FROM deliveries d JOIN outbox o ON o.seq = d.event_seq "
+                f"WHERE {' AND '.join(where)} ORDER BY d.event_seq DESC, d.receiver LIMIT %s",
+                [*args, limit],
+            )
+        return [
+            DeliveryRecord(
+                int(r["event_seq"]), r["event_id"], r["kind"], r["receiver"],
+                DeliveryState(r["state"]), int(r["attempts"]), rec.at(r["last_at"]),
+                rec.at(r["next_at"]) if r["state"] == "PENDING" else None, r["last_error"],
+                r["request_id"], r["grant_id"],
+            )
+            for r in rows
+        ]  # fmt: skip
+
+    async def log(self, *, request_id: str, receiver: str, limit: int) -> list[AttemptRecord]:
+        where, args = ["true"], []
+        if request_id:
+            where.append("o.request_id = %s")
+            args.append(request_id)
+        if receiver:
+            where.append("a.receiver = %s")
+            args.append(receiver)
+        async with self._store._read() as conn:
+            rows = await _all(
+                conn,
+                "SELECT a.event_seq, o.event_id, o.kind, a.receiver, a.attempt, a.at, a.ok, "
+                "a.detail, COALESCE(d.state, 'GAVE_UP') AS state FROM delivery_attempts a "
+                "JOIN outbox o ON o.seq = a.event_seq "
+                "LEFT JOIN deliveries d ON d.event_seq = a.event_seq AND d.receiver = a.receiver "
+                f"WHERE {' AND '.join(where)} ORDER BY a.id DESC LIMIT %s",
+                [*args, limit],
+            )
+        return [
+            AttemptRecord(
+                int(r["event_seq"]), r["event_id"], r["kind"], r["receiver"], int(r["attempt"]),
+                from_ms(r["at"]), bool(r["ok"]), r["detail"], DeliveryState(r["state"]),
+            )
+            for r in rows
+        ]  # fmt: skip
+
+
 from .importer import import_sqlite  # noqa: E402  (uses `migrate` above)
 
-__all__ = ["PostgresStore", "PostgresTx", "import_sqlite", "migrate", "with_schema"]
+__all__ = [
+    "PostgresOutbox",
+    "PostgresStore",
+    "PostgresTx",
+    "import_sqlite",
+    "migrate",
+    "with_schema",
+]

@@ -1,0 +1,219 @@
+"""jitmesh-web in a real headless browser: Debian's chromium driven by Playwright (never a
+browser Playwright downloads), against a real jitmesh-web process, a real coordinator and a
+real agent process applying grants with its file enforcer.
+
+alice signs in and files a request in the browser; the request reaches approvers by webhook; a
+developer who may not review cannot approve it even by posting the form himself; bob approves
+in a second browser context; alice's page turns APPROVED and then ACTIVE when the agent has
+applied the grant on the host, and alice is notified. Forms without their CSRF token, and a
+form edited to act as someone else, change nothing. With JITMESH_SCREENSHOTS=DIR the main
+pages are saved there (docs/web-*.png were made so)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+
+from jitmesh.clock import SystemClock
+from server.app import Coordinator
+from server.domain.receivers import Route
+from server.notify.webhook import WebhookVerifier
+from tests.e2e.procs import BIN, agent, check, wait_for
+from tests.notify.servers import HttpRecorder
+from tests.notify.test_outbox import SECRET, kinds, running, verifying
+from tests.server.helpers import ADMIN, TOKENS
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+SHOTS = os.environ.get("JITMESH_SCREENSHOTS", "")
+
+
+async def shot(page: Page, name: str) -> None:
+    if SHOTS:
+        await page.screenshot(path=str(Path(SHOTS) / f"web-{name}.png"), full_page=True)
+
+
+async def start_web(coordinator: Coordinator, log: Path) -> tuple[subprocess.Popen[str], str]:
+    with log.open("w") as errors:
+        proc = subprocess.Popen(
+            [str(BIN / "jitmesh-web"), "--coordinator", f"127.0.0.1:{coordinator.port}",
+             "--listen", "127.0.0.1:0", "--dev-token-sign-in", "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+    match = re.match(r"jitmesh-web listening on (http://\S+)", line)
+    if match is None:
+        proc.terminate()
+        raise AssertionError(f"jitmesh-web did not start: {line!r} {log.read_text()}")
+    return proc, match.group(1)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        launched = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def sign_in(browser: Browser, base: str, user: str) -> tuple[BrowserContext, Page]:
+    context = await browser.new_context(viewport={"width": 1100, "height": 800})
+    page = await context.new_page()
+    await page.goto(base + "/")
+    await expect(page).to_have_url(re.compile(r"/signin"))
+    await page.fill("#token", TOKENS[user])
+    await page.click("text=Sign in with token")
+    await expect(page.locator("h1")).to_have_text(f"Hello, {user}")
+    return context, page
+
+
+async def csrf_of(page: Page) -> str:
+    value = await page.locator("form.signout input[name=csrf]").get_attribute("value")
+    assert value
+    return value
+
+
+async def test_request_in_the_browser_approved_by_another_person_applied_on_the_host(
+    tmp_path: Path, recorder: HttpRecorder, browser: Browser
+) -> None:
+    recorder.answer = verifying(WebhookVerifier(SECRET.encode()))
+    async with running(tmp_path / "c", SystemClock()) as (coordinator, clients):
+        assert coordinator.receivers is not None
+        await coordinator.receivers.add(
+            ADMIN, name="hook", kind="webhook", settings={"url": recorder.url},
+            secret=SECRET, route=Route(),
+        )  # fmt: skip
+        join, _ = await coordinator.fleet.create_join_token(ADMIN, {"env": "prod"}, None)
+        state, access = tmp_path / "prod-1", tmp_path / "prod-1-access"
+        access.mkdir()
+        host = agent(f"127.0.0.1:{coordinator.port}", "prod-1", "env=prod", join, state, access)
+        host.start()
+        web, base = await start_web(coordinator, tmp_path / "web.log")
+        try:
+            await wait_for(
+                lambda: (state / "agent.db").exists(), 30, "the agent to open its lease table"
+            )
+            await _walk(coordinator, clients, base, browser, recorder, state)
+        finally:
+            web.terminate()
+            web.wait(10)
+            if web.stdout is not None:
+                web.stdout.close()
+            host.stop()
+
+
+async def _walk(
+    coordinator: Coordinator,
+    clients: dict[str, Any],
+    base: str,
+    browser: Browser,
+    recorder: HttpRecorder,
+    state: Path,
+) -> None:
+    alice_ctx, alice = await sign_in(browser, base, "alice")
+    cookie = next(c for c in await alice_ctx.cookies() if c["name"] == "jm_session")
+    assert cookie["httpOnly"] is True
+    assert cookie["secure"] is True
+    assert cookie["sameSite"] == "Strict"
+    response = await alice.goto(base + "/requests/new")
+    assert response is not None
+    csp = await response.header_value("content-security-policy")
+    assert csp is not None
+    assert "script-src 'self'" in csp
+    assert "frame-ancestors 'none'" in csp
+    await shot(alice, "new-request")
+
+    # A form edited to act as someone else: the extra field changes nothing.
+    await alice.select_option("#agent", "prod-1")
+    await alice.select_option("#action", "deploy")
+    await alice.fill("#duration", "30m")
+    await alice.fill("#reason", "release 2.4")
+    await alice.evaluate(
+        """() => { const f = document.getElementById('new-request');
+                   for (const [k, v] of [['subject', 'bob'], ['user', 'bob']]) {
+                     const i = document.createElement('input');
+                     i.type = 'hidden'; i.name = k; i.value = v; f.appendChild(i); } }"""
+    )
+    await alice.click("text=File request")
+    await expect(alice.locator("#request-state")).to_have_text("PENDING")
+    await expect(alice.locator("#subject")).to_have_text("alice")
+    request_id = alice.url.rsplit("/", 1)[1]
+    got = await recorder.wait_for(lambda r: "request.created" in kinds(r))
+    assert any(r.json()["request_id"] == request_id for r in got)
+    await shot(alice, "request-pending")
+
+    # The same form without its CSRF token: refused, nothing filed.
+    before = len(await clients["alice"].list_requests())
+    forged = await alice.request.post(
+        base + "/requests",
+        form={"agent": "prod-1", "action": "deploy", "duration": "5m", "reason": "x"},
+        max_redirects=0,
+    )
+    assert forged.status == 403
+    assert len(await clients["alice"].list_requests()) == before
+
+    # dave (developers) may not review: no buttons, and posting the form himself does nothing.
+    dave_ctx, dave = await sign_in(browser, base, "dave")
+    await dave.goto(f"{base}/requests/{request_id}")
+    await expect(dave.locator("#request-state")).to_have_text("PENDING")
+    assert await dave.locator("#review").count() == 0
+    posted = await dave.request.post(
+        f"{base}/requests/{request_id}/review",
+        form={"csrf": await csrf_of(dave), "decision": "approve", "reason": "me"},
+    )
+    assert posted.ok
+    assert "Not done:" in await posted.text()
+    # Without the CSRF token even the form's own fields are refused.
+    refused = await dave.request.post(
+        f"{base}/requests/{request_id}/review", form={"decision": "approve"}, max_redirects=0
+    )
+    assert refused.status == 403
+    assert (await clients["alice"].get_request(request_id)).reviews == ()
+    await dave_ctx.close()
+
+    # bob, in his own browser context, sees it waiting for him and approves.
+    bob_ctx, bob = await sign_in(browser, base, "bob")
+    await expect(bob.locator("#to-review")).to_contain_text("deploy on prod-1")
+    await shot(bob, "overview-approver")
+    await bob.click("#to-review >> text=deploy on prod-1")
+    await expect(bob.locator("#history-h")).to_have_text("alice's other requests")
+    await shot(bob, "request-approver")
+    await bob.fill("#review-reason", "looks right")
+    await bob.click("#review >> text=Approve")
+    await expect(bob.locator(".flash.ok")).to_have_text("Approved.")
+
+    # alice's page follows by itself: approved, then applied on the host.
+    await expect(alice.locator("#request-state")).to_have_text("APPROVED", timeout=15_000)
+    await expect(alice.locator("#grant-state")).to_have_text("ACTIVE", timeout=30_000)
+    assert check(state, "alice", "deploy") == 0
+    await shot(alice, "request-applied")
+    await recorder.wait_for(lambda r: {"request.approved", "grant.applied"} <= set(kinds(r)))
+
+    # Her live access, released from the overview.
+    await alice.goto(base + "/")
+    await expect(alice.locator("#grants")).to_contain_text("deploy on prod-1")
+    await shot(alice, "overview")
+    await alice.click("#grants >> text=Release")
+    await expect(alice.locator(".flash.ok")).to_contain_text("Released")
+    await wait_for(lambda: check(state, "alice", "deploy") == 1, 30, "the host to remove it")
+    await bob_ctx.close()
+    await alice_ctx.close()
+    _ = timedelta  # (durations are typed in the form as text)

@@ -1,0 +1,501 @@
+"""The web page: Starlette routes rendering Jinja2 templates, every action through the SDK with
+the signed-in person's own token.
+
+Security: sessions live server-side (the cookie is a random id: Secure, HttpOnly,
+SameSite=Strict); every POST carries the session's CSRF token and, when the browser sends one,
+an Origin equal to ours; a strict Content-Security-Policy (scripts and styles from this origin
+only, no inline code, no framing); no form field ever names the person acting: the coordinator
+sees only the session's token, so nobody can act as someone else by editing a form."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlparse
+
+import grpc
+import httpx
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.datastructures import FormData
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from jitmesh import errors
+from jitmesh.client import Client
+from jitmesh.durations import DurationError, format_duration, parse_duration
+from jitmesh.types import GrantState, RequestState
+from jitmesh.types import Request as AccessRequest
+
+from .sessions import Session, Sessions
+
+HERE = Path(__file__).parent
+SESSION_COOKIE = "jm_session"
+SIGNIN_COOKIE = "jm_signin"  # the pre-session CSRF token of the sign-in form
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+LIVE_GRANT_STATES = (GrantState.PENDING_DELIVERY, GrantState.ACTIVE, GrantState.REVOKING)
+
+
+@dataclass(frozen=True, slots=True)
+class WebSettings:
+    coordinator: str
+    public_url: str
+    # Development: sign in by pasting a jitmesh token (off in production: use single sign-on).
+    token_sign_in: bool = False
+    credentials: grpc.ChannelCredentials | None = None
+    secure_cookies: bool = True
+    session_idle: timedelta = timedelta(hours=8)
+
+    @property
+    def origin(self) -> str:
+        parsed = urlparse(self.public_url)
+        return f"{parsed.scheme}://{parsed.netloc}"
+
+
+class SecurityHeaders(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "same-origin"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+
+class Forbidden(Exception):
+    pass
+
+
+Handler = Callable[[Request, Session], Awaitable[Response]]
+
+
+def create_app(settings: WebSettings) -> Starlette:
+    sessions = Sessions(settings.session_idle.total_seconds())
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(["html"]),
+        enable_async=False,
+    )
+    env.filters["ago"] = _ago
+    env.filters["duration"] = format_duration
+    env.filters["state"] = lambda s: getattr(s, "value", s or "")
+
+    def render(
+        request: Request, name: str, session: Session | None, status: int = 200, **context: Any
+    ) -> HTMLResponse:
+        flashes = list(session.flashes) if session else []
+        if session:
+            session.flashes.clear()
+        html = env.get_template(name).render(
+            session=session, flashes=flashes, path=request.url.path, **context
+        )
+        return HTMLResponse(html, status_code=status)
+
+    async def client_for(session: Session) -> Client:
+        if session.client is None:
+            session.client = await Client.connect(
+                settings.coordinator, token=session.token, credentials=settings.credentials
+            )
+        return session.client
+
+    def set_session_cookie(response: Response, session: Session) -> None:
+        response.set_cookie(
+            SESSION_COOKIE, session.id, httponly=True, secure=settings.secure_cookies,
+            samesite="strict", path="/",
+            max_age=int(session.expires_at - time.monotonic()),
+        )  # fmt: skip
+
+    def origin_ok(request: Request) -> bool:
+        origin = request.headers.get("origin")
+        return origin is None or origin == settings.origin
+
+    def page(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapped(request: Request) -> Response:
+            session = sessions.get(request.cookies.get(SESSION_COOKIE))
+            if session is None:
+                if request.method == "GET" and not request.url.path.endswith("/live"):
+                    return RedirectResponse(f"/signin?{urlencode({'next': request.url.path})}", 303)
+                return PlainTextResponse("sign in first", status_code=401)
+            if request.method == "POST":
+                form = await request.form()
+                if not origin_ok(request) or not session.csrf_ok(str(form.get("csrf", ""))):
+                    return render(
+                        request, "error.html", session, 403,
+                        message="This form has expired or did not come from this page. "
+                        "Go back, reload, and try again.",
+                    )  # fmt: skip
+            try:
+                return await handler(request, session)
+            except errors.AuthenticationError:
+                await sessions.end(session.id)
+                return RedirectResponse("/signin", 303)
+
+        return wrapped
+
+    # Sign-in.
+
+    async def signin_page(request: Request) -> Response:
+        sso = await _sign_in_config(settings)
+        token = secrets.token_urlsafe(24)
+        response = render(
+            request, "signin.html", None, sso=sso is not None,
+            token_sign_in=settings.token_sign_in, csrf=token,
+            next=_safe_next(request.query_params.get("next", "/")),
+            error=request.query_params.get("error", ""),
+        )  # fmt: skip
+        response.set_cookie(
+            SIGNIN_COOKIE, token, httponly=True, secure=settings.secure_cookies,
+            samesite="strict", path="/signin", max_age=900,
+        )  # fmt: skip
+        return response
+
+    def signin_form_ok(request: Request, form: FormData) -> bool:
+        expected = request.cookies.get(SIGNIN_COOKIE, "")
+        given = str(form.get("csrf", ""))
+        return origin_ok(request) and bool(expected) and secrets.compare_digest(expected, given)
+
+    async def signin_token(request: Request) -> Response:
+        form = await request.form()
+        if not settings.token_sign_in:
+            return PlainTextResponse("token sign-in is off", status_code=404)
+        if not signin_form_ok(request, form):
+            return RedirectResponse("/signin?error=expired", 303)
+        token = str(form.get("token", "")).strip()
+        return await _start_session(request, token, None, str(form.get("next", "/")))
+
+    async def _start_session(
+        request: Request, token: str, expires_at: datetime | None, next_path: str
+    ) -> Response:
+        try:
+            async with await Client.connect(
+                settings.coordinator, token=token, credentials=settings.credentials
+            ) as client:
+                me = await client.whoami()
+        except (errors.AuthenticationError, errors.InvalidArgumentError):
+            return RedirectResponse("/signin?error=token", 303)
+        lifetime = settings.session_idle.total_seconds()
+        if expires_at is not None:
+            lifetime = max(0.0, (expires_at - datetime.now(UTC)).total_seconds())
+        session = sessions.create(token, me.name, me.groups, lifetime)
+        response = RedirectResponse(_safe_next(next_path), 303)
+        set_session_cookie(response, session)
+        response.delete_cookie(SIGNIN_COOKIE, path="/signin")
+        return response
+
+    async def signin_sso(request: Request) -> Response:
+        form = await request.form()
+        if not signin_form_ok(request, form):
+            return RedirectResponse("/signin?error=expired", 303)
+        sso = await _sign_in_config(settings)
+        if sso is None:
+            return RedirectResponse("/signin?error=sso", 303)
+        discovery = await _discover(sso.issuer)
+        verifier = secrets.token_urlsafe(48)
+        challenge = (
+            base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+            .rstrip(b"=")
+            .decode()
+        )
+        pending = sessions.begin_sign_in(secrets.token_urlsafe(24), verifier)
+        query = {
+            "client_id": sso.client_id, "response_type": "code",
+            "scope": " ".join(sso.scopes), "redirect_uri": _callback(settings),
+            "code_challenge": challenge, "code_challenge_method": "S256",
+            "state": pending.state, "nonce": pending.nonce,
+        }  # fmt: skip
+        return RedirectResponse(f"{discovery['authorization_endpoint']}?{urlencode(query)}", 303)
+
+    async def signin_callback(request: Request) -> Response:
+        pending = sessions.finish_sign_in(request.query_params.get("state", ""))
+        code = request.query_params.get("code", "")
+        if pending is None or not code:
+            return RedirectResponse("/signin?error=sso", 303)
+        sso = await _sign_in_config(settings)
+        if sso is None:
+            return RedirectResponse("/signin?error=sso", 303)
+        discovery = await _discover(sso.issuer)
+        async with httpx.AsyncClient(timeout=10.0) as http:
+            answer = await http.post(
+                discovery["token_endpoint"],
+                data={
+                    "grant_type": "authorization_code", "code": code,
+                    "redirect_uri": _callback(settings), "client_id": sso.client_id,
+                    "code_verifier": pending.verifier,
+                },
+            )  # fmt: skip
+        if not answer.is_success or "id_token" not in answer.json():
+            return RedirectResponse("/signin?error=sso", 303)
+        try:
+            async with await Client.connect(
+                settings.coordinator, credentials=settings.credentials
+            ) as anonymous:
+                token, info = await anonymous.exchange_id_token(
+                    answer.json()["id_token"], nonce=pending.nonce
+                )
+        except errors.JitmeshError:
+            return RedirectResponse("/signin?error=refused", 303)
+        return await _start_session(request, token, info.expires_at, "/")
+
+    async def signout(request: Request) -> Response:
+        session = sessions.get(request.cookies.get(SESSION_COOKIE))
+        if session is not None:
+            form = await request.form()
+            if session.csrf_ok(str(form.get("csrf", ""))) and origin_ok(request):
+                await sessions.end(session.id)
+        response = RedirectResponse("/signin", 303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    # Pages.
+
+    async def home(request: Request, session: Session) -> Response:
+        client = await client_for(session)
+        mine = await client.list_requests(subject=session.user, limit=20)
+        pending = await client.list_requests(states=[RequestState.PENDING], limit=200)
+        to_review = [r for r in pending if r.subject != session.user and _may_review(r, session)]
+        grants = await client.list_grants(subject=session.user, states=LIVE_GRANT_STATES, limit=50)
+        return render(
+            request, "home.html", session, mine=mine, to_review=to_review, grants=grants,
+            now=datetime.now(UTC),
+        )  # fmt: skip
+
+    async def new_request(request: Request, session: Session) -> Response:
+        client = await client_for(session)
+        agents, actions = await _offer(client)
+        return render(
+            request, "new_request.html", session, agents=agents, actions=actions,
+            form={}, error="",
+        )  # fmt: skip
+
+    async def file_request(request: Request, session: Session) -> Response:
+        client = await client_for(session)
+        form = await request.form()
+        values = {
+            k: str(form.get(k, "")).strip() for k in ("agent", "action", "duration", "reason")
+        }
+        try:
+            duration = parse_duration(values["duration"] or "15m")
+            created, _ = await client.create_request(
+                agent=values["agent"], action=values["action"], duration=duration,
+                reason=values["reason"],
+            )  # fmt: skip
+        except (errors.JitmeshError, DurationError) as exc:
+            agents, actions = await _offer(client)
+            return render(
+                request, "new_request.html", session, 400, agents=agents,
+                actions=actions, form=values, error=str(exc),
+            )  # fmt: skip
+        session.flashes.append(("ok", f"Request {created.id} filed."))
+        return RedirectResponse(f"/requests/{created.id}", 303)
+
+    async def show_request(request: Request, session: Session) -> Response:
+        client = await client_for(session)
+        request_id = request.path_params["request_id"]
+        try:
+            found = await client.get_request(request_id)
+        except (errors.NotFoundError, errors.InvalidArgumentError):
+            return render(request, "error.html", session, 404, message="No such request.")
+        history = [
+            r for r in await client.list_requests(subject=found.subject, limit=11)
+            if r.id != found.id
+        ][:10]  # fmt: skip
+        grant = await client.get_grant(found.grant_id) if found.grant_id else None
+        return render(
+            request, "request.html", session, r=found, grant=grant, history=history,
+            may_review=_may_review(found, session) and found.subject != session.user,
+            now=datetime.now(UTC),
+        )  # fmt: skip
+
+    async def live_request(request: Request, session: Session) -> Response:
+        client = await client_for(session)
+        found = await client.get_request(request.path_params["request_id"])
+        grant = await client.get_grant(found.grant_id) if found.grant_id else None
+        return render(request, "_live.html", session, r=found, grant=grant, now=datetime.now(UTC))
+
+    async def review(request: Request, session: Session) -> Response:
+        client = await client_for(session)
+        request_id = request.path_params["request_id"]
+        form = await request.form()
+        decision = str(form.get("decision", ""))
+        reason = str(form.get("reason", "")).strip()
+        try:
+            if decision == "approve":
+                await client.approve(request_id, reason=reason)
+                session.flashes.append(("ok", "Approved."))
+            elif decision == "deny":
+                await client.deny(request_id, reason=reason)
+                session.flashes.append(("ok", "Denied."))
+            else:
+                session.flashes.append(("error", "Choose approve or deny."))
+        except errors.JitmeshError as exc:
+            session.flashes.append(("error", f"Not done: {exc}"))
+        return RedirectResponse(f"/requests/{request_id}", 303)
+
+    async def cancel(request: Request, session: Session) -> Response:
+        client = await client_for(session)
+        request_id = request.path_params["request_id"]
+        try:
+            await client.cancel(request_id)
+            session.flashes.append(("ok", "Cancelled."))
+        except errors.JitmeshError as exc:
+            session.flashes.append(("error", f"Not done: {exc}"))
+        return RedirectResponse(f"/requests/{request_id}", 303)
+
+    async def release(request: Request, session: Session) -> Response:
+        client = await client_for(session)
+        grant_id = request.path_params["grant_id"]
+        try:
+            await client.release_grant(grant_id)
+            session.flashes.append(("ok", "Released: the host removes it now."))
+        except errors.JitmeshError as exc:
+            session.flashes.append(("error", f"Not done: {exc}"))
+        return RedirectResponse("/", 303)
+
+    async def extend(request: Request, session: Session) -> Response:
+        client = await client_for(session)
+        grant_id = request.path_params["grant_id"]
+        form = await request.form()
+        extend_grant = getattr(client, "extend_grant", None)
+        try:
+            by = parse_duration(str(form.get("by", "")) or "15m")
+            if extend_grant is None:
+                raise errors.ConflictError("extending is not available on this coordinator yet")
+            await extend_grant(grant_id, by=by)
+            session.flashes.append(("ok", f"Extended by {format_duration(by)}."))
+        except (errors.JitmeshError, DurationError) as exc:
+            session.flashes.append(("error", f"Not done: {exc}"))
+        return RedirectResponse("/", 303)
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await sessions.close()
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/signin", signin_page),
+        Route("/signin/token", signin_token, methods=["POST"]),
+        Route("/signin/sso", signin_sso, methods=["POST"]),
+        Route("/signin/callback", signin_callback),
+        Route("/signout", signout, methods=["POST"]),
+        Route("/", page(home)),
+        Route("/requests/new", page(new_request)),
+        Route("/requests", page(file_request), methods=["POST"]),
+        Route("/requests/{request_id}", page(show_request)),
+        Route("/requests/{request_id}/live", page(live_request)),
+        Route("/requests/{request_id}/review", page(review), methods=["POST"]),
+        Route("/requests/{request_id}/cancel", page(cancel), methods=["POST"]),
+        Route("/grants/{grant_id}/release", page(release), methods=["POST"]),
+        Route("/grants/{grant_id}/extend", page(extend), methods=["POST"]),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    app = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)], lifespan=lifespan)
+    app.state.sessions = sessions
+    return app
+
+
+async def _sign_in_config(settings: WebSettings) -> Any:
+    try:
+        async with await Client.connect(
+            settings.coordinator, credentials=settings.credentials
+        ) as anonymous:
+            return await anonymous.sign_in_config()
+    except errors.JitmeshError:
+        return None
+
+
+async def _discover(issuer: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=10.0) as http:
+        response = await http.get(issuer.rstrip("/") + "/.well-known/openid-configuration")
+        response.raise_for_status()
+        document: dict[str, Any] = response.json()
+        return document
+
+
+def _callback(settings: WebSettings) -> str:
+    return settings.public_url.rstrip("/") + "/signin/callback"
+
+
+def _safe_next(value: str) -> str:
+    # Only paths on this site: never "//evil.example" or "https://...".
+    return value if value.startswith("/") and not value.startswith("//") else "/"
+
+
+def _may_review(r: AccessRequest, session: Session) -> bool:
+    """Whether to offer Approve/Deny (the coordinator decides; this only hides useless
+    buttons)."""
+    if r.state is not RequestState.PENDING:
+        return False
+    groups = set(session.groups)
+    if r.stages:
+        return any(groups & set(s.groups) or session.user in s.users for s in r.stages)
+    return bool(groups & set(r.approver_groups))
+
+
+async def _offer(client: Client) -> tuple[list[Any], list[str]]:
+    """The agents and actions to offer: from the workflow's "what may I ask for" call where the
+    SDK has it, else every agent and the policy's actions (the coordinator decides anyway)."""
+    options = getattr(client, "list_request_options", None)
+    if options is not None:
+        try:
+            found = await options()
+            by_agent = {o.agent: o for o in found}
+            offered = [_Named(n, dict(getattr(o, "labels", {}))) for n, o in by_agent.items()]
+            return offered, sorted({o.action for o in found})
+        except errors.JitmeshError:
+            pass
+    listed = await client.list_agents()
+    try:
+        actions = _policy_actions((await client.get_policy()).yaml)
+    except errors.JitmeshError:
+        actions = []
+    return list(listed), actions
+
+
+@dataclass(frozen=True, slots=True)
+class _Named:
+    name: str
+    labels: dict[str, str]
+
+
+def _policy_actions(text: str) -> list[str]:
+    from ruamel.yaml import YAML
+
+    try:
+        data = YAML(typ="safe").load(text) or {}
+    except Exception:
+        return []
+    actions = data.get("actions", []) if isinstance(data, dict) else []
+    return [str(a) for a in actions]
+
+
+def _ago(at: datetime | None, now: datetime | None = None) -> str:
+    if at is None:
+        return ""
+    now = now or datetime.now(UTC)
+    delta = now - at
+    future = delta.total_seconds() < 0
+    seconds = int(abs(delta.total_seconds()))
+    text = format_duration(timedelta(seconds=max(seconds, 1)))
+    return f"in {text}" if future else f"{text} ago"

@@ -1,0 +1,90 @@
+"""Server-side sessions: the browser holds only a random session id (Secure, HttpOnly,
+SameSite=Strict cookie); the person's jitmesh token stays here, in memory, and ends with the
+session (sign-out, idle timeout, the token's expiry, or a restart of jitmesh-web)."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from jitmesh.client import Client
+
+
+@dataclass
+class Session:
+    id: str
+    token: str
+    user: str
+    groups: tuple[str, ...]
+    csrf: str
+    expires_at: float  # monotonic
+    client: Client | None = None
+    # Messages shown once on the next page ("Request filed", "Not allowed: ...").
+    flashes: list[tuple[str, str]] = field(default_factory=list)
+
+    def csrf_ok(self, value: str) -> bool:
+        return bool(value) and hmac.compare_digest(self.csrf, value)
+
+
+@dataclass
+class PendingSignIn:
+    """An OpenID Connect sign-in in flight: what the callback must see again."""
+
+    state: str
+    nonce: str
+    verifier: str
+    expires_at: float
+
+
+class Sessions:
+    def __init__(self, idle: float = 8 * 3600) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._pending: dict[str, PendingSignIn] = {}
+        self._idle = idle
+
+    def create(self, token: str, user: str, groups: tuple[str, ...], lifetime: float) -> Session:
+        session = Session(
+            id=secrets.token_urlsafe(32),
+            token=token,
+            user=user,
+            groups=groups,
+            csrf=secrets.token_urlsafe(32),
+            expires_at=time.monotonic() + min(lifetime, self._idle),
+        )
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str | None) -> Session | None:
+        if not session_id:
+            return None
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        if time.monotonic() >= session.expires_at:
+            self._sessions.pop(session_id, None)
+            return None
+        return session
+
+    async def end(self, session_id: str | None) -> None:
+        session = self._sessions.pop(session_id or "", None)
+        if session is not None and session.client is not None:
+            await session.client.close()
+
+    async def close(self) -> None:
+        for session_id in list(self._sessions):
+            await self.end(session_id)
+
+    def begin_sign_in(self, nonce: str, verifier: str) -> PendingSignIn:
+        now = time.monotonic()
+        self._pending = {k: p for k, p in self._pending.items() if p.expires_at > now}
+        pending = PendingSignIn(secrets.token_urlsafe(24), nonce, verifier, now + 600)
+        self._pending[pending.state] = pending
+        return pending
+
+    def finish_sign_in(self, state: str) -> PendingSignIn | None:
+        pending = self._pending.pop(state, None)
+        if pending is None or pending.expires_at <= time.monotonic():
+            return None
+        return pending
