@@ -1031,6 +1031,7 @@ def _dial_target(target: str) -> str:
         raise errors.InvalidArgumentError("coordinator addresses mix IPv4 and IPv6")
     return ("ipv4:" if families == {4} else "ipv6:") + ",".join(parts)
 
+
 def _receiver(r: notify_pb2.Receiver) -> types.NotifyReceiver:
     kinds = {
         notify_pb2.RECEIVER_KIND_WEBHOOK: "webhook",
