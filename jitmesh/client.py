@@ -565,6 +565,22 @@ class Client:
         )
         return _convert.grant(await self._unary(self._access.RevokeGrant, message))
 
+    async def extend_grant(
+        self, id: str, *, by: timedelta, reason: str = "", ticket: str = ""
+    ) -> types.Extended:
+        """Move the end of the caller's live grant `by` later, in place (same grant, no gap on
+        the host), within its rule's bounds. Where the rule asks for approval again, the grant
+        comes back unchanged with a pending extension `request` (approving it extends)."""
+        message = access_pb2.ExtendGrantRequest(
+            id=_check(validation.ID, id, "grant id"),
+            by=_convert.duration_to_proto(_check_positive(by, "by")),
+            reason=_check_reason(reason),
+            ticket=_check_reason(ticket, field="ticket"),
+        )
+        response = await self._unary(self._access.ExtendGrant, message)
+        pending = _convert.request(response.request) if response.HasField("request") else None
+        return types.Extended(_convert.grant(response.grant), pending)
+
     async def release_grant(self, id: str) -> types.Grant:
         """Hand a grant back before it expires (its subject's own)."""
         message = access_pb2.ReleaseGrantRequest(id=_check(validation.ID, id, "grant id"))

@@ -202,6 +202,14 @@ class Created(NamedTuple):
         return self.request.reused
 
 
+class Extended(NamedTuple):
+    """What `Client.extend_grant` returns: the grant (with its new end, or as it was while an
+    extension `request` waits for approval)."""
+
+    grant: Grant
+    request: Request | None
+
+
 class Reviewed(NamedTuple):
     """What `Client.approve` returns: the request and, when this approval completed it, the
     new grant. Unpacks as `request, grant`."""

@@ -279,7 +279,9 @@ def _check_command(command: object, action: str) -> None:
     where = f"actions.{action}.commands"
     if not isinstance(command, str) or not command.startswith("/"):
         raise ValueError(f"{where}: each command must start with its absolute path")
-    if any(c in command for c in '\n\r\0"') or len(command) > 1024:
+    # `PATH ""` is sudoers' "without arguments"; no other quotes.
+    unquoted = command.removesuffix(' ""')
+    if any(c in unquoted for c in '\n\r\0"') or len(command) > 1024:
         raise ValueError(f"{where}: commands must be one line, without quotes, up to 1024 chars")
     path = command.partition(" ")[0]
     if _SUDOERS_SPECIAL.search(path) or not re.fullmatch(r"/[A-Za-z0-9._/+-]+", path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import click
 
 from jitmesh.cli import output
-from jitmesh.cli.core import POSITIVE, Output, StateType, command, group
+from jitmesh.cli.core import DURATION, POSITIVE, Output, StateType, command, group
 from jitmesh.client import Client
 from jitmesh.types import GrantState
 
@@ -86,6 +88,29 @@ async def _show(client: Client, out: Output, *, id: str) -> None:
 @click.option("--reason", default="", help="Why, for the audit log and the grantee.")
 async def _revoke(client: Client, out: Output, *, id: str, reason: str) -> None:
     grant = await client.revoke_grant(id, reason=reason)
+    out.emit(output.grant_json(grant), output.grant_details(grant, out.now))
+
+
+@command(
+    grants,
+    "extend",
+    help="Make your live grant end later, in place (no gap on the host).",
+    examples=[
+        "jitctl grant extend grt-... --by 30m",
+        "jitctl grant extend grt-... --by 1h --reason 'migration still running'",
+    ],
+)
+@click.argument("id", metavar="ID")
+@click.option("--by", required=True, type=DURATION, help="How much later, such as 30m.")
+@click.option("--reason", default="", help="Why (for the audit log and approvers).")
+@click.option("--ticket", default="", metavar="ID", help="A ticket id (some rules require one).")
+async def _extend(
+    client: Client, out: Output, *, id: str, by: timedelta, reason: str, ticket: str
+) -> None:
+    grant, pending = await client.extend_grant(id, by=by, reason=reason, ticket=ticket)
+    if pending is not None:
+        out.emit(output.request_json(pending), output.request_details(pending, out.now))
+        return
     out.emit(output.grant_json(grant), output.grant_details(grant, out.now))
 
 

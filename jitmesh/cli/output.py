@@ -410,6 +410,8 @@ def grant_json(grant: Grant) -> JSON:
         "grant_seq": grant.grant_seq,
         "revoke_seq": grant.revoke_seq,
         "epoch": grant.epoch,
+        "extensions": grant.extensions,
+        "original_not_after": rfc3339(grant.original_not_after),
     }
 
 
@@ -460,6 +462,9 @@ def grant_details(grant: Grant, now: datetime) -> Table:
         pairs.append(("END REASON", grant.end_reason))
     if grant.failure:
         pairs.append(("FAILURE", grant.failure))
+    if grant.extensions:
+        first = human_time(grant.original_not_after)
+        pairs.append(("EXTENDED", f"{grant.extensions} time(s), first end {first}"))
     return details(pairs)
 
 

@@ -36,9 +36,9 @@ from .approval import (
 )
 from .batching import GroupCommit
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
-from .grants import end_grants, write_grants
+from .grants import end_grants, extend_grant, extension_problem, write_grants
 from .hub import Hub
-from .lifecycle import ENDABLE_GRANT_STATES
+from .lifecycle import ENDABLE_GRANT_STATES, EXTENDABLE_GRANT_STATES
 from .locks import first_lock, refuse_if_locked
 from .models import (
     AuditEntry,
@@ -114,7 +114,12 @@ class AccessService:
         duration: timedelta,
         reason: str,
         ticket: str = "",
+        _extends: Grant | None = None,
     ) -> tuple[Request, Grant | None]:
+        """A new request, checked against the policy and locks. A request for an agent and
+        action the caller already holds live reuses that grant (extending it in place when more
+        time is asked for and the rule allows it) instead of asking approvers again.
+        `_extends`: make the pending request that extends this grant once approved."""
         with invalid_input():
             v.check(v.AGENT, agent, "agent")
             v.check(v.ACTION, action, "action")
@@ -158,7 +163,18 @@ class AccessService:
             raise InvalidArgument(
                 f"rule {rule.name} requires a ticket id matching {rule.ticket} (--ticket)"
             )
-        auto, _ = await self._automatic(principal.name, rule, duration, now)
+        auto = False
+        if _extends is None:
+            auto, _ = await self._automatic(principal.name, rule, duration, now)
+        if _extends is None and not auto:
+            # Reuse spares approvers a question already answered. An automatic approval asks
+            # nobody, so it makes its own grant (overlapping grants are reference-counted on
+            # the host, and a caller may release its own without touching another).
+            live = await self._live_grant(principal.name, agent, action)
+            if live is not None:
+                reused = await self._reuse(principal, live, rule, duration, reason, ticket, now)
+                if reused is not None:
+                    return reused
         plan = replace(plan_for(policy, rule), automatic=auto)
         request = Request(
             id=new_id("req"),
@@ -181,11 +197,89 @@ class AccessService:
             grant_state=None,
             plan=plan,
             ticket=ticket,
+            extends_grant_id=_extends.id if _extends is not None else "",
         )
         grant: Grant | None = None
         if auto:
             grant = self._new_grant(request, rule, now)
         return await self._creations.submit(_Creation(principal.name, request, grant))
+
+    async def _live_grant(self, subject: str, agent: str, action: str) -> Grant | None:
+        """The caller's live grant for this agent and action that ends last, if any."""
+        held, _ = await self._store.list_grants(
+            states=sorted(EXTENDABLE_GRANT_STATES),
+            subject=subject,
+            agent=agent,
+            limit=MAX_PAGE,
+            page_token="",
+        )
+        mine = [g for g in held if g.action == action]
+        return max(mine, key=lambda g: g.not_after) if mine else None
+
+    async def _reuse(
+        self,
+        principal: Principal,
+        live: Grant,
+        rule: Rule,
+        duration: timedelta,
+        reason: str,
+        ticket: str,
+        now: datetime,
+    ) -> tuple[Request, Grant | None] | None:
+        """Answer a request with the live grant `live`: as it is when it lasts long enough,
+        else extended (in place, or by a pending extension request where the rule wants
+        approval again). None when the rule cannot extend it that far: a new request then."""
+        short = now + duration - live.not_after
+        if short > timedelta(0):
+            if extension_problem(rule, live, short):
+                return None
+            if rule.extend.approval == "again":
+                return await self.create_request(
+                    principal,
+                    agent=live.agent,
+                    action=live.action,
+                    duration=short,
+                    reason=reason,
+                    ticket=ticket,
+                    _extends=live,
+                )
+            live = await self._extend_now(principal.name, live, short, reason, rule)
+        request = Request(
+            id=new_id("req"),
+            subject=principal.name,
+            agent=live.agent,
+            action=live.action,
+            duration=duration,
+            reason=reason,
+            state=RequestState.APPROVED,
+            rule=rule.name,
+            approvals_required=0,
+            approver_groups=(),
+            reviews=(),
+            created_at=now,
+            pending_expires_at=None,
+            decided_at=now,
+            decided_by="reused",
+            decision_reason=f"the live grant {live.id} covers it",
+            grant_id=live.id,
+            grant_state=live.state,
+            ticket=ticket,
+            reused=True,
+        )
+        async with self._store.transaction() as tx:
+            await tx.insert_requests([request])
+            await tx.audit(
+                self._entry(
+                    "request.reused",
+                    principal.name,
+                    request,
+                    grant_id=live.id,
+                    extended="yes" if short > timedelta(0) else "",
+                )
+            )
+        self._hub.requests_changed([request.id])
+        await self._hub.audit_written(tx.new_audit)
+        return request, live
 
     async def _automatic(
         self, subject: str, rule: Rule, duration: timedelta, now: datetime
@@ -376,6 +470,71 @@ class AccessService:
         request, _ = await self._after(tx, request_id, None, None)
         return request
 
+    async def extend(
+        self, principal: Principal, grant_id: str, by: timedelta, reason: str, ticket: str = ""
+    ) -> tuple[Grant, Request | None]:
+        """Move the end of the caller's live grant `by` later, in place, within the rule's
+        bounds. Where the rule asks for approval again, nothing moves yet: the answer is the
+        grant as it is and a pending extension request (approving it extends the grant)."""
+        with invalid_input():
+            v.check_reason(reason)
+            v.check_reason(ticket, field="ticket")
+        if by < MIN_DURATION:
+            raise InvalidArgument("an extension must be at least 1s")
+        if by > MAX_DURATION:
+            raise InvalidArgument("an extension must be at most 366d")
+        grant = await self.get_grant(principal, grant_id)
+        if not same_person(principal.name, grant.subject):
+            raise PermissionDenied("only the grant's subject may extend it")
+        if grant.state not in EXTENDABLE_GRANT_STATES:
+            raise Conflict(f"grant is {grant.state.value}; only a live grant can be extended")
+        rule = await self._rule_now(principal, grant.agent, grant.action)
+        problem = extension_problem(rule, grant, by)
+        if problem:
+            raise PermissionDenied(problem)
+        if rule.extend.approval == "again":
+            request, _ = await self.create_request(
+                principal,
+                agent=grant.agent,
+                action=grant.action,
+                duration=by,
+                reason=reason,
+                ticket=ticket,
+                _extends=grant,
+            )
+            return grant, request
+        return await self._extend_now(principal.name, grant, by, reason, rule), None
+
+    async def _extend_now(
+        self, actor: str, grant: Grant, by: timedelta, reason: str, rule: Rule
+    ) -> Grant:
+        now = self._clock.now()
+        async with self._store.transaction() as tx:
+            await refuse_if_locked(tx, grant.subject, grant.agent, grant.action, now)
+            done = await extend_grant(
+                tx, grant, by, now, actor=actor, reason=reason, rule=rule.name
+            )
+            if done is None:
+                raise Conflict("grant changed meanwhile; try again")
+        extended, command = done
+        self._links.push([command])
+        self._deadlines_changed()
+        self._hub.requests_changed([grant.request_id])
+        await self._hub.audit_written(tx.new_audit)
+        return extended
+
+    async def _rule_now(self, principal: Principal, agent: str, action: str) -> Rule:
+        """The allow rule that decides for `principal` now (the current policy and groups)."""
+        target = await self._store.get_agent(agent)
+        if target is None:
+            raise NotFound(f"agent {agent} is not enrolled")
+        found = match(self._policy(), principal, action, agent, target.labels)
+        if found.rule is None:
+            raise PermissionDenied(
+                f"{principal.name} may not {action} on {agent}: {found.explanation}"
+            )
+        return found.rule
+
     async def revoke(self, principal: Principal, grant_id: str, reason: str) -> Grant:
         with invalid_input():
             v.check_reason(reason)
@@ -550,11 +709,32 @@ class AccessService:
         now = self._clock.now()
         # Inside the approving transaction: a lock created a moment ago cannot be slipped past.
         await refuse_if_locked(tx, request.subject, request.agent, request.action, now)
+        if request.extends_grant_id:
+            return await self._approve_extension(tx, request, rule, by, reason, now)
         grant = self._new_grant(request, rule, now)
         await self._decide(tx, request, RequestState.APPROVED, by, reason, grant.id)
         seq = await tx.append_command(grant.agent, CommandKind.GRANT, grant.id, now)
         (command,) = await write_grants(tx, [(request, replace(grant, grant_seq=seq), by)], now)
         return command.grant, command
+
+    async def _approve_extension(
+        self, tx: Tx, request: Request, rule: Rule, by: str, reason: str, now: datetime
+    ) -> tuple[Grant, Command]:
+        """An approved extension request moves its grant's end in place (no new grant)."""
+        grant = await tx.get_grant(request.extends_grant_id)
+        if grant is None or grant.state not in EXTENDABLE_GRANT_STATES:
+            raise Conflict("the grant this request extends has ended")
+        problem = extension_problem(rule, grant, request.duration)
+        if problem:
+            raise PermissionDenied(problem)
+        await self._decide(tx, request, RequestState.APPROVED, by, reason, grant.id)
+        done = await extend_grant(
+            tx, grant, request.duration, now, actor=by, reason=reason, rule=rule.name
+        )
+        if done is None:
+            raise Conflict("grant changed meanwhile; try again")
+        await tx.audit(self._entry("request.approved", by, request, grant_id=grant.id))
+        return done
 
     def _new_grant(self, request: Request, rule: Rule, now: datetime) -> Grant:
         """The grant an approval of `request` under `rule` creates, starting now."""

@@ -654,7 +654,17 @@ class _Moves:
         latency_ms = str(int((now - issued_at).total_seconds() * 1000))
         details = {"action": grant.action, "seq": str(ack.seq)}
         reason = ack.reason[:256]
-        if kind is CommandKind.GRANT and ack.status == "APPLIED":
+        if kind is CommandKind.EXTEND:
+            # The grant stays as it is: only its end moved (and was audited grant.extended
+            # when decided). The ack says whether the host has the new end.
+            applied = ack.status == "APPLIED"
+            what = "grant.extension_applied" if applied else "grant.extension_failed"
+            details["not_after"] = grant.not_after.isoformat()
+            if applied:
+                details["latency_ms"] = latency_ms
+            else:
+                details.update(status=ack.status, reason=reason)
+        elif kind is CommandKind.GRANT and ack.status == "APPLIED":
             self._move(
                 grant.id,
                 (GrantState.PENDING_DELIVERY,),

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from jitmesh.durations import format_duration
 from jitmesh.types import Grant, GrantState, Request
 
 from .lifecycle import ENDABLE_GRANT_STATES
 from .models import AuditEntry, Command, CommandKind, GrantChange
+from .policy import Rule
 from .ports import Tx
 
 
@@ -148,3 +149,63 @@ async def end_grants(
         if g.id in seqs
     ]
     return ended, commands
+
+
+def extension_problem(rule: Rule, grant: Grant, by: timedelta) -> str:
+    """Why `rule` does not let `grant` end `by` later ('' when it does): the count of
+    extensions and the total length from the grant's start are bounded."""
+    limits = rule.extend
+    if grant.extensions >= limits.max_count:
+        return f"rule {rule.name} allows at most {limits.max_count} extension(s) of a grant"
+    total = limits.max_total or rule.max_duration
+    if grant.not_after + by - grant.not_before > total:
+        left = total - (grant.not_after - grant.not_before)
+        return (
+            f"rule {rule.name} allows at most {format_duration(total)} in all from the grant's "
+            f"start ({format_duration(max(left, timedelta(0)))} left to extend)"
+            if left > timedelta(0)
+            else f"rule {rule.name} allows at most {format_duration(total)} in all from the "
+            "grant's start, which this grant has reached"
+        )
+    return ""
+
+
+async def extend_grant(
+    tx: Tx, grant: Grant, by: timedelta, now: datetime, *, actor: str, reason: str, rule: str
+) -> tuple[Grant, Command] | None:
+    """Move a live grant's end `by` later in place, with its command and its audit
+    (`grant.extended`; never a second grant.applied). None when it changed meanwhile."""
+    not_after = grant.not_after + by
+    if not await tx.extend_grant(grant.id, expected_not_after=grant.not_after, not_after=not_after):
+        return None
+    seq = await tx.append_command(grant.agent, CommandKind.EXTEND, grant.id, now)
+    extended = replace(
+        grant,
+        not_after=not_after,
+        extensions=grant.extensions + 1,
+        original_not_after=grant.original_not_after or grant.not_after,
+    )
+    details = {
+        "action": grant.action,
+        "from": grant.not_after.isoformat(),
+        "not_after": not_after.isoformat(),
+        "by": format_duration(by),
+        "extension": str(extended.extensions),
+        "rule": rule,
+        "seq": str(seq),
+    }
+    if reason:
+        details["reason"] = reason
+    await tx.audit(
+        AuditEntry(
+            "grant.extended",
+            actor,
+            now,
+            subject=grant.subject,
+            agent=grant.agent,
+            request_id=grant.request_id,
+            grant_id=grant.id,
+            details=details,
+        )
+    )
+    return extended, Command(grant.agent, seq, CommandKind.EXTEND, extended)

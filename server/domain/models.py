@@ -66,6 +66,9 @@ class JoinToken:
 class CommandKind(enum.StrEnum):
     GRANT = "grant"
     REVOKE = "revoke"
+    # The grant's end moved later in place (same grant id): sent as the grant with its new
+    # not_after, which every agent version applies in place (docs/wire.md, ExtendCommand).
+    EXTEND = "extend"
 
 
 @dataclass(frozen=True, slots=True)

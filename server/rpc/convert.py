@@ -129,7 +129,7 @@ def grant_command(g: Grant) -> agentlink_pb2.GrantCommand:
 
 def command_body(c: Command, epoch: int, now: datetime) -> agentlink_pb2.CommandBody:
     body = agentlink_pb2.CommandBody(agent=c.agent, epoch=epoch, seq=c.seq, issued_at=ts(now))
-    if c.kind is CommandKind.GRANT:
+    if c.kind in (CommandKind.GRANT, CommandKind.EXTEND):
         body.grant.CopyFrom(grant_command(c.grant))
     else:
         body.revoke.CopyFrom(

@@ -194,10 +194,19 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
         principal = await self._auth.operator(context)
         return c.grant(await self._access.release(principal, request.id))
 
+    @mapped
     async def ExtendGrant(
         self, request: access_pb2.ExtendGrantRequest, context: Ctx
     ) -> access_pb2.ExtendGrantResponse:
-        await not_built(context, "ExtendGrant", 11)
+        principal = await self._auth.operator(context)
+        if not request.HasField("by"):
+            raise errors.InvalidArgument("by is required (how much later the grant should end)")
+        grant, pending = await self._access.extend(
+            principal, request.id, _duration(request.by, "by"), request.reason, request.ticket
+        )
+        return access_pb2.ExtendGrantResponse(
+            grant=c.grant(grant), request=c.request(pending) if pending else None
+        )
 
     async def ListRequestOptions(
         self, request: access_pb2.ListRequestOptionsRequest, context: Ctx

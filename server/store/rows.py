@@ -43,12 +43,14 @@ Row = Mapping[str, Any]
 REQUEST_COLUMNS = (
     "id", "subject", "agent", "action", "duration_ms", "reason", "state", "rule",
     "approvals_required", "approver_groups", "created_at", "pending_expires_at", "decided_at",
-    "decided_by", "decision_reason", "grant_id", "plan", "ticket",
+    "decided_by", "decision_reason", "grant_id", "plan", "ticket", "start_at", "selector",
+    "grant_ids", "reused", "extends_grant_id",
 )  # fmt: skip
 GRANT_COLUMNS = (
     "id", "request_id", "agent", "subject", "action", "not_before", "not_after", "state",
     "offline_mode", "offline_grace_ms", "created_at", "ended_at", "ended_by", "end_reason",
-    "grant_seq", "revoke_seq", "applied_at", "failure", "epoch",
+    "grant_seq", "revoke_seq", "applied_at", "failure", "epoch", "extensions",
+    "original_not_after",
 )  # fmt: skip
 AUDIT_COLUMNS = (
     "seq", "id", "at", "actor", "kind", "subject", "agent", "request_id", "grant_id", "details",
@@ -102,6 +104,11 @@ def request(row: Row, reviews: tuple[Review, ...]) -> Request:
         grant_state=GrantState(row["grant_state"]) if row["grant_state"] else None,
         plan=plan_from_json(row["plan"]),
         ticket=row["ticket"],
+        start_at=at(row["start_at"]),
+        selector=json.loads(row["selector"]) if row["selector"] else {},
+        grant_ids=tuple(json.loads(row["grant_ids"])) if row["grant_ids"] else (),
+        reused=bool(row["reused"]),
+        extends_grant_id=row["extends_grant_id"],
     )
 
 
@@ -132,7 +139,9 @@ def request_values(r: Request) -> tuple[Any, ...]:
         r.reason, r.state.value, r.rule, r.approvals_required,
         json.dumps(list(r.approver_groups)), to_ms(r.created_at),
         ms(r.pending_expires_at), ms(r.decided_at), r.decided_by, r.decision_reason,
-        r.grant_id, plan_json(r.plan), r.ticket,
+        r.grant_id, plan_json(r.plan), r.ticket, ms(r.start_at),
+        json.dumps(r.selector) if r.selector else "",
+        json.dumps(list(r.grant_ids)) if r.grant_ids else "", int(r.reused), r.extends_grant_id,
     )  # fmt: skip
 
 
@@ -161,6 +170,8 @@ def grant(row: Row, prefix: str = "") -> Grant:
         applied_at=at(row[p + "applied_at"]),
         failure=row[p + "failure"],
         epoch=row[p + "epoch"],
+        extensions=row[p + "extensions"],
+        original_not_after=at(row[p + "original_not_after"]),
     )
 
 
@@ -171,7 +182,7 @@ def grant_values(g: Grant) -> tuple[Any, ...]:
         to_ms(g.not_after), g.state.value, g.offline.mode.value,
         g.offline.grace // timedelta(milliseconds=1), to_ms(g.created_at),
         ms(g.ended_at), g.ended_by, g.end_reason, g.grant_seq, g.revoke_seq,
-        ms(g.applied_at), g.failure, g.epoch,
+        ms(g.applied_at), g.failure, g.epoch, g.extensions, ms(g.original_not_after),
     )  # fmt: skip
 
 

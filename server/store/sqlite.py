@@ -387,9 +387,26 @@ class SqliteTx:
         await self._conn.execute(
             _COMMAND_INSERT, (agent, seq, kind.value, grant_id, revoke_reason, to_ms(at))
         )
-        column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
-        await self._conn.execute(f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id))
+        if kind is not CommandKind.EXTEND:
+            column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
+            await self._conn.execute(
+                f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id)
+            )
         return seq
+
+    async def extend_grant(
+        self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
+    ) -> bool:
+        """Compare-and-set a live grant's end to a later `not_after` (in place: same grant),
+        counting the extension and keeping the first end. False when the grant is no longer
+        PENDING_DELIVERY or ACTIVE or its end moved meanwhile."""
+        cur = await self._conn.execute(
+            "UPDATE grants SET not_after = ?, extensions = extensions + 1, "
+            "original_not_after = COALESCE(original_not_after, not_after) "
+            "WHERE id = ? AND state IN ('PENDING_DELIVERY', 'ACTIVE') AND not_after = ?",
+            (to_ms(not_after), grant_id, to_ms(expected_not_after)),
+        )
+        return cur.rowcount == 1
 
     async def insert_requests(self, requests: Sequence[Request]) -> None:
         """`insert_request` for many requests, one statement for all (group commit)."""

@@ -43,6 +43,7 @@ def test_bundles_as_lists_or_tables() -> None:
     )  # fmt: skip
     assert bundles["deploy"] == Bundle(("/usr/bin/systemctl restart app",))
     assert bundles["db"] == Bundle(("/usr/bin/psql",), "postgres", False)
+    assert parse_bundles({"id": ['/usr/bin/id ""']})["id"].commands == ('/usr/bin/id ""',)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -195,49 +196,124 @@ def agent_config(root: Path, text: str) -> Path:
 
 
 async def sudo_agent(scratch: str, seconds: int) -> dict[str, Any]:
-    """The README's walk-through: alice gets `restart` on web-1 for a few seconds through the
-    coordinator; with the agent running its expiry removes the drop-in on time; then again with
-    the agent SIGKILLed while the grant is live, and sudo itself refuses after not_after."""
+    """The README's walk-through: alice gets `restart` (sudo) and `logs` (an SSH key) on web-1
+    for a few seconds through the coordinator. With the agent running, its expiry removes both
+    on time; then again with the agent SIGKILLed while the grants are live: sudo and sshd refuse
+    after not_after on their own, and the agent, started again, removes what expired."""
     from jitmesh import Client
 
     root = Path(scratch)
     make_user("alice")
-    config = agent_config(root, f'[enforcers.sudo.actions]\nrestart = ["{ID_U}"]\n')
+    sshd = Sshd(root)
+    config = agent_config(
+        root,
+        f'[enforcers.sudo.actions]\nrestart = ["{ID_U}"]\n'
+        f'[enforcers.ssh]\nkeys = "{sshd.keys}"\nactions = ["logs"]\n',
+    )
     seen: dict[str, Any] = {}
     dropin = Path("/etc/sudoers.d/jitmesh_alice__restart")
+    keyfile = Path("/etc/ssh/jitmesh_keys/alice")
+    enforcers = (f"sudo:{config}", f"ssh:{config}")
     async with Coordinator(root) as coordinator:
-        agent = start_agent(root, coordinator.address, f"sudo:{config}")
+        agent = start_agent(root, coordinator.address, *enforcers)
         try:
             await coordinator.connected("web-1")
             async with await Client.connect(coordinator.address, token="jmt_host-alice") as alice:
                 for case in ("running", "killed"):
-                    _, grant = await alice.create_request(
-                        agent="web-1", action="restart", duration=timedelta(seconds=seconds)
+                    grants = {}
+                    for action in ("restart", "logs"):
+                        _, grant = await alice.create_request(
+                            agent="web-1", action=action, duration=timedelta(seconds=seconds)
+                        )
+                        assert grant is not None
+                        grants[action] = grant
+                    wait_until(
+                        "the drop-in and the keys", lambda: dropin.exists() and keyfile.exists(), 15
                     )
-                    assert grant is not None
-                    wait_until("the drop-in", dropin.exists, timeout=15)
-                    seen[f"{case}_allowed"] = sudo_as("alice", ID_U)[0]
+                    seen[f"{case}_sudo_allowed"] = sudo_as("alice", ID_U)[0]
+                    seen[f"{case}_ssh_allowed"] = sshd.login()[0]
                     seen[f"{case}_file"] = dropin.read_text()
                     if case == "killed":
                         agent.kill()
                         agent.wait(timeout=10)
-                    refused = first_refusal(lambda: sudo_as("alice", ID_U)[0], 3 * seconds)
-                    seen[f"{case}_refused_after_s"] = (refused - grant.not_after).total_seconds()
+                    sudo_refused = first_refusal(lambda: sudo_as("alice", ID_U)[0], 3 * seconds)
+                    ssh_refused = first_refusal(lambda: sshd.login()[0], 3 * seconds)
+                    seen[f"{case}_sudo_refused_after_s"] = (
+                        sudo_refused - grants["restart"].not_after
+                    ).total_seconds()
+                    seen[f"{case}_ssh_refused_after_s"] = (
+                        ssh_refused - grants["logs"].not_after
+                    ).total_seconds()
                     if case == "running":
                         wait_until(
-                            "the agent to remove the drop-in", lambda: not dropin.exists(), 10
+                            "the agent to remove both",
+                            lambda: not (dropin.exists() or keyfile.exists()),
+                            10,
                         )
                         removed = datetime.now(UTC)
                         seen["running_removed_after_s"] = (
-                            removed - grant.not_after
+                            removed - grants["logs"].not_after
                         ).total_seconds()
                     else:
-                        seen["killed_file_still_there"] = dropin.exists()
+                        seen["killed_files_still_there"] = [dropin.exists(), keyfile.exists()]
+                        # Started again, the agent ends what expired while it was down.
+                        agent = start_agent(root, coordinator.address, *enforcers)
+                        wait_until(
+                            "the restarted agent to clean up",
+                            lambda: not (dropin.exists() or keyfile.exists()),
+                            20,
+                        )
+                        seen["restarted_cleaned_up"] = True
         finally:
             if agent.poll() is None:
                 agent.kill()
                 agent.wait(timeout=10)
+            sshd.stop()
     return seen
+
+
+class Sshd:
+    """sshd on a loopback port (host keys made in the overlay), with alice's key registered for
+    the ssh enforcer and the managed file named in AuthorizedKeysFile."""
+
+    def __init__(self, root: Path) -> None:
+        import socket
+
+        from tests.e2e.procs import free_port
+
+        assert sh("usermod", "-p", "*", "alice")[0] == 0  # not locked (no password, keys only)
+        assert sh("ssh-keygen", "-A")[0] == 0
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.key = root / "alice_key"
+        assert sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key))[0] == 0
+        self.keys = Path("/etc/jitmesh/ssh-keys")
+        self.keys.mkdir(parents=True)
+        (self.keys / "alice.pub").write_text(Path(f"{self.key}.pub").read_text())
+        Path("/etc/ssh/sshd_config.d/jitmesh.conf").write_text(
+            "AuthorizedKeysFile .ssh/authorized_keys /etc/ssh/jitmesh_keys/%u\n"
+        )
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/sshd", "-D", "-e", "-p", str(self.port), "-o", "ListenAddress=127.0.0.1"],
+            stdout=(root / "sshd.log").open("ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+        def listening() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until("sshd", listening, timeout=20)
+
+    def login(self) -> tuple[int, str]:
+        return sh(
+            "ssh", "-i", str(self.key), "-p", str(self.port), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "alice@127.0.0.1", "id -un",
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
 
 
 async def ash(*argv: str, timeout: float = 60) -> tuple[int, str]:
@@ -419,11 +495,14 @@ async def local_exec(scratch: str) -> dict[str, Any]:
         seen["revoked_after_s"] = time.monotonic() - started
         # ... then SIGKILL for a command that ignores SIGTERM (grace 1 s).
         grant = await agent.grant("alice", "deploy")
+        trapped = Path("/run/jitmesh-test/alice/trapped")
+        trapped.parent.mkdir()
+        shutil.chown(trapped.parent, "alice")
         stubborn = asyncio.create_task(
             ash(*agent_cli("alice", "exec", "--state", s, "--action", "deploy", "--grace", "30",
-                           "--", "sh", "-c", "trap '' TERM; sleep 60; sleep 60"))
+                           "--", "sh", "-c", f"trap '' TERM; touch {trapped}; sleep 60; sleep 60"))
         )  # fmt: skip
-        await _until(lambda: bool(agent.sessions.runs), 20)
+        await _until(trapped.exists, 20)
         started = time.monotonic()
         await agent.revoke(grant)
         seen["killed_run"] = await stubborn
@@ -529,50 +608,18 @@ async def ssh_enforcer(scratch: str) -> dict[str, Any]:
     """A real login over loopback with a key, allowed while the grant holds and refused by sshd
     itself after expiry-time (the file still in place: nobody removed it)."""
     from agent.enforcers.ssh import SshEnforcer, SshSettings
-    from tests.e2e.procs import free_port
 
-    root = Path(scratch)
     make_user("alice")
     make_user("bob")
-    assert sh("usermod", "-p", "*", "alice")[0] == 0  # not locked (no password, keys only)
-    assert sh("ssh-keygen", "-A")[0] == 0
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-    key = root / "alice_key"
-    assert sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))[0] == 0
-    keys = Path("/etc/jitmesh/ssh-keys")
-    keys.mkdir(parents=True)
-    (keys / "alice.pub").write_text(Path(f"{key}.pub").read_text())
-    Path("/etc/ssh/sshd_config.d/jitmesh.conf").write_text(
-        "AuthorizedKeysFile .ssh/authorized_keys /etc/ssh/jitmesh_keys/%u\n"
-    )
+    sshd = Sshd(Path(scratch))
     seen: dict[str, Any] = {}
     seen["sshd_T"] = [
         line for line in sh("/usr/sbin/sshd", "-T")[1].splitlines()
         if line.startswith("authorizedkeysfile")
     ]  # fmt: skip
-    port = free_port()
-    sshd = subprocess.Popen(
-        ["/usr/sbin/sshd", "-D", "-e", "-p", str(port), "-o", "ListenAddress=127.0.0.1"],
-        stdout=(root / "sshd.log").open("ab"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-
-    def login() -> tuple[int, str]:
-        return sh(
-            "ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR", "alice@127.0.0.1", "id -un",
-        )  # fmt: skip
-
     try:
-        import socket
-
-        def listening() -> bool:
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_until("sshd", listening, timeout=20)
-        enforcer = SshEnforcer(SshSettings(keys, frozenset({"ssh"})))
-        seen["before"] = login()[0]
+        enforcer = SshEnforcer(SshSettings(sshd.keys, frozenset({"ssh"})))
+        seen["before"] = sshd.login()[0]
         start = datetime.now(UTC)
         ends = whole_second(start) + timedelta(seconds=3)
         await enforcer.apply(Cover("alice", "ssh", "grt-" + "f" * 32, start, ends))
@@ -580,9 +627,10 @@ async def ssh_enforcer(scratch: str) -> dict[str, Any]:
         st = path.stat()
         seen["mode"], seen["owner"] = oct(st.st_mode & 0o777), st.st_uid
         seen["file"] = path.read_text()
-        seen["login"] = login()
+        seen["login"] = sshd.login()
         seen["observed"] = sorted(await enforcer.observe())
-        seen["refused_after_s"] = (first_refusal(lambda: login()[0], 15) - ends).total_seconds()
+        refused = first_refusal(lambda: sshd.login()[0], 15)
+        seen["refused_after_s"] = (refused - ends).total_seconds()
         seen["file_still_there"] = path.exists()
         try:
             await enforcer.apply(Cover("bob", "ssh", "grt-" + "f" * 32, start, ends))
@@ -590,8 +638,7 @@ async def ssh_enforcer(scratch: str) -> dict[str, Any]:
         except Exception as exc:
             seen["bob"] = str(exc)
     finally:
-        sshd.terminate()
-        sshd.wait(timeout=10)
+        sshd.stop()
     return seen
 
 

@@ -43,14 +43,18 @@ def test_a_grant_allows_exactly_the_mapped_commands_until_sudo_itself_refuses(
 def test_the_grant_ends_on_time_with_the_agent_running_and_with_it_killed(
     tmp_path: Path,
 ) -> None:
+    """Through a real coordinator and jitmesh-agent: sudo (restart) and an SSH key (logs)."""
     seen = sandbox.run(tmp_path, "sudo_agent", 3)
     for case in ("running", "killed"):
-        assert seen[f"{case}_allowed"] == 0
+        assert seen[f"{case}_sudo_allowed"] == 0
+        assert seen[f"{case}_ssh_allowed"] == 0
         assert "NOTAFTER=" in seen[f"{case}_file"]
-        # Refused by not_after (sudo reads whole seconds: at most one second early, never late;
-        # the margin is the time one `su -c 'sudo ...'` poll takes).
-        assert -1.5 <= seen[f"{case}_refused_after_s"] <= 0.5
-    # The running agent removed the drop-in on time ...
+        # Refused by not_after (whole seconds: at most one second early, never late).
+        assert -1.5 <= seen[f"{case}_sudo_refused_after_s"] <= 0.5
+        assert -1.5 <= seen[f"{case}_ssh_refused_after_s"] <= 0.5
+    # The running agent removed the drop-in and the keys on time ...
     assert -1.0 <= seen["running_removed_after_s"] <= 3.0
-    # ... and with the agent dead, nobody removed it: sudo refused it on its own.
-    assert seen["killed_file_still_there"]
+    # ... with the agent dead nobody removed them: sudo and sshd refused on their own; the
+    # agent, started again, removed what had expired.
+    assert seen["killed_files_still_there"] == [True, True]
+    assert seen["restarted_cleaned_up"]

@@ -54,6 +54,7 @@ INTENDED = {
     "UnavailableError",
     # durations
     "DurationError",
+    "Extended",
     "format_duration",
     "parse_duration",
 }

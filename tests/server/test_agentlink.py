@@ -15,9 +15,16 @@ from tests.server.helpers import T0, Env, agent_link
 M15 = timedelta(minutes=15)
 
 
+# A request for a pair the subject already holds live would reuse that grant: each call asks for
+# another (subject, action) pair, so every call makes a new grant and command.
+_PAIRS = [(who, action) for who in ("alice", "dave") for action in ("deploy", "restart", "logs")]
+
+
 async def approved_prod_grant(env: Env) -> tuple[str, str]:
-    request, _ = await env.alice.create_request(
-        agent="db-1", action="deploy", duration=M15, reason="release 42"
+    held = {(g.subject, g.action) for g in await env.admin.list_grants() if not g.state.terminal}
+    who, action = next(pair for pair in _PAIRS if pair not in held)
+    request, _ = await env.clients[who].create_request(
+        agent="db-1", action=action, duration=M15, reason="release 42"
     )
     request, grant = await env.bob.approve(request.id)
     assert grant is not None

@@ -335,6 +335,9 @@ async def test_concurrent_approve_and_deny(env: Env) -> None:
         else:
             assert final.state is RequestState.DENIED
             assert final.grant_id == ""
+        if final.grant_id:
+            # Ended, so that the next request asks again instead of reusing this grant.
+            await env.admin.revoke_grant(final.grant_id)
     grants = await env.admin.list_grants()
     approved = await env.admin.list_requests(states=[RequestState.APPROVED])
     assert sorted(g.request_id for g in grants) == sorted(r.id for r in approved)
@@ -541,7 +544,11 @@ async def test_removing_an_agent_never_reports_its_grants_as_revoked(env: Env) -
 
 async def test_audit_chain_verifies_after_a_busy_day(env: Env) -> None:
     pending = await prod_request(env)
-    await env.bob.approve(pending)
+    _, approved = await env.bob.approve(pending)
+    assert approved is not None
+    # Ended (never confirmed by the agent: it ends as EXPIRED), so the next requests ask again
+    # instead of reusing it.
+    await env.admin.revoke_grant(approved.id)
     await env.bob.deny(await prod_request(env))
     await env.alice.cancel(await prod_request(env))
     _, revoked = await staging_grant(env)

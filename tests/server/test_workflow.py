@@ -5,17 +5,18 @@ moment of approving, policy versions denying pending requests, budgets, windows 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+import contextlib
+from datetime import UTC, timedelta
 
 import pytest
 
 from jitmesh.client import Client
 from jitmesh.errors import ConflictError, InvalidArgumentError, PermissionDeniedError
-from jitmesh.types import RequestState
+from jitmesh.types import GrantState, RequestState
 from server.domain.access import AccessService
 from server.domain.models import Principal
 from server.domain.policy import DEV_POLICY
-from tests.server.helpers import Env
+from tests.server.helpers import WAIT, Env, agent_link
 
 M15 = timedelta(minutes=15)
 
@@ -255,25 +256,30 @@ async def test_a_new_policy_version_denies_pending_requests_it_would_deny(env: E
 
 async def test_auto_approval_budget_runs_out_then_a_person_decides(env: Env) -> None:
     users = await staged(env)
+
+    async def ask(client: Client, duration: timedelta = M15) -> tuple[RequestState, bool]:
+        """A request, its state, and whether a grant came with it (released at once, so the
+        next request is not answered by reusing it)."""
+        request, grant = await client.create_request(
+            agent="web-1", action="deploy", duration=duration
+        )
+        if grant is not None:
+            await client.release_grant(grant.id)
+        return request.state, grant is not None
+
     try:
         # 2026-01-05 is a Monday; 09:00 UTC is 10:00 in Berlin, inside the window.
         await env.clock.advance(timedelta(days=4, hours=9))
-        first, g1 = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
-        assert first.state is RequestState.APPROVED
-        assert g1 is not None
-        second, _ = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
-        assert second.state is RequestState.APPROVED
+        assert await ask(env.alice) == (RequestState.APPROVED, True)
+        assert await ask(env.alice) == (RequestState.APPROVED, True)
         # Count 2 used up: the third waits for a person.
-        third, g3 = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
-        assert (third.state, g3) == (RequestState.PENDING, None)
+        assert await ask(env.alice) == (RequestState.PENDING, False)
         # Another user has a budget of their own.
-        other, _ = await env.dave.create_request(agent="web-1", action="deploy", duration=M15)
-        assert other.state is RequestState.APPROVED
+        assert await ask(env.dave) == (RequestState.APPROVED, True)
         # 24 hours later the window rolls on.
         await env.clock.advance(timedelta(hours=24))
-        fourth, _ = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
-        assert fourth.state is RequestState.APPROVED
-        # Granted time: 40m in 24h; 15m used, a 30m request exceeds it.
+        assert await ask(env.alice) == (RequestState.APPROVED, True)
+        # Granted time: 40m in 24h; 15m used, a 30m request exceeds it and waits for a person.
         over, _ = await env.alice.create_request(
             agent="web-1", action="deploy", duration=timedelta(minutes=30)
         )
@@ -281,6 +287,8 @@ async def test_auto_approval_budget_runs_out_then_a_person_decides(env: Env) -> 
         approved, grant = await env.bob.approve(over.id)
         assert approved.state is RequestState.APPROVED
         assert grant is not None
+        decision = await env.admin.test_policy(subject="alice", action="deploy", agent="web-1")
+        assert any("budget: 1 of 2 automatic grants" in line for line in decision.trace)
     finally:
         for c in users.values():
             await c.close()
@@ -322,3 +330,171 @@ async def test_version_1_policy_keeps_working(env: Env) -> None:
     assert grant is not None
     with pytest.raises(ConflictError):
         await env.carol.approve(request.id)
+
+
+# Extension in place, reuse of a live grant, and the expiring notice.
+
+EXTENDING = """\
+version: 2
+actions: [deploy, restart, logs]
+rules:
+  - name: staging
+    subjects: {groups: [developers]}
+    actions: [deploy]
+    agents: {labels: {env: staging}}
+    max_duration: 1h
+    approval: auto
+    extend: {max_count: 2, max_total: 1h}
+  - name: prod
+    subjects: {groups: [developers]}
+    actions: [deploy]
+    agents: {labels: {env: prod}}
+    max_duration: 1h
+    approval: {stages: [{groups: [sre]}]}
+    extend: {approval: again}
+"""
+
+
+async def test_extension_moves_the_end_in_place_and_audits_it_once(env: Env) -> None:
+    await env.admin.apply_policy(EXTENDING)
+    async with agent_link(env.address, env.credentials["web-1"]) as link:
+        await link.hello("web-1")
+        _, grant = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+        assert grant is not None
+        seq, _ = await link.command()
+        await link.ack(seq, grant.id)
+        await env.wait_grant_state(grant.request_id, GrantState.ACTIVE)
+        await env.clock.advance(timedelta(minutes=5))
+        extended, pending = await env.alice.extend_grant(grant.id, by=M15, reason="still going")
+        assert pending is None
+        assert extended.id == grant.id
+        assert extended.not_after == grant.not_after + M15
+        assert (extended.extensions, extended.original_not_after) == (1, grant.not_after)
+        assert extended.state is GrantState.ACTIVE
+        # The agent gets the same grant with its new end, under a new sequence number.
+        seq2, body2 = await link.command()
+        assert seq2 == seq + 1
+        assert body2.grant.grant_id == grant.id
+        assert body2.grant.not_after.ToDatetime(tzinfo=UTC) == extended.not_after
+        await link.ack(seq2, grant.id)
+        kinds = await audit_kinds_until(env, grant.id, "grant.extension_applied")
+        assert "grant.extension_failed" not in kinds
+        assert kinds.count("grant.applied") == 1
+        assert kinds.count("grant.extended") == 1
+        (event,) = await env.admin.list_audit(kind="grant.extended", grant_id=grant.id)
+        assert (event.actor, event.details["by"], event.details["extension"]) == (
+            "alice",
+            "15m",
+            "1",
+        )
+        # Bounds: 1h in all from the start (30m used), at most two extensions.
+        with pytest.raises(PermissionDeniedError, match="at most 1h in all"):
+            await env.alice.extend_grant(grant.id, by=timedelta(minutes=31))
+        await env.alice.extend_grant(grant.id, by=timedelta(minutes=10))
+        with pytest.raises(PermissionDeniedError, match="at most 2 extension"):
+            await env.alice.extend_grant(grant.id, by=timedelta(minutes=1))
+        with pytest.raises(PermissionDeniedError, match="subject"):
+            await env.dave.extend_grant(grant.id, by=timedelta(minutes=1))
+        # The coordinator expires it at the new end, not the first one.
+        await env.clock.advance(timedelta(minutes=30))
+        await env.coordinator.expirer.sweep(env.clock.now())
+        assert (await env.alice.get_grant(grant.id)).state is GrantState.ACTIVE
+        await env.clock.advance(timedelta(minutes=6))
+        await env.coordinator.expirer.sweep(env.clock.now())
+        assert (await env.alice.get_grant(grant.id)).state is GrantState.EXPIRED
+
+
+async def test_extension_that_needs_approval_again(env: Env) -> None:
+    await env.admin.apply_policy(EXTENDING)
+    request, _ = await env.alice.create_request(
+        agent="db-1", action="deploy", duration=M15, reason="x"
+    )
+    _, grant = await env.bob.approve(request.id)
+    assert grant is not None
+    same, pending = await env.alice.extend_grant(grant.id, by=M15, reason="more")
+    assert same.not_after == grant.not_after
+    assert pending is not None
+    assert (pending.state, pending.extends_grant_id) == (RequestState.PENDING, grant.id)
+    approved, extended = await env.carol.approve(pending.id)
+    assert approved.state is RequestState.APPROVED
+    assert approved.grant_id == grant.id
+    assert extended is not None
+    assert extended.id == grant.id
+    assert extended.not_after == grant.not_after + M15
+    assert len(await env.admin.list_grants()) == 1
+
+
+async def test_a_request_for_what_is_held_live_reuses_the_grant(env: Env) -> None:
+    # Prod needs an approver; extensions there are automatic within the rule's bounds.
+    await env.admin.apply_policy(EXTENDING.replace("    extend: {approval: again}\n", ""))
+    first, _ = await env.alice.create_request(
+        agent="db-1", action="deploy", duration=M15, reason="x"
+    )
+    _, grant = await env.bob.approve(first.id)
+    assert grant is not None
+    again = await env.alice.create_request(agent="db-1", action="deploy", duration=M15, reason="y")
+    assert again.reused
+    assert again.grant is not None
+    assert again.grant.id == grant.id
+    assert again.request.state is RequestState.APPROVED
+    assert (again.request.grant_id, again.request.decided_by) == (grant.id, "reused")
+    assert await env.bob.list_requests(reviewable=True) == []  # nobody was asked
+    # More time than it has left: extended in place (the rule allows it), still one grant.
+    await env.clock.advance(timedelta(minutes=10))
+    longer = await env.alice.create_request(agent="db-1", action="deploy", duration=M15, reason="z")
+    assert longer.reused
+    assert longer.grant is not None
+    assert longer.grant.id == grant.id
+    assert longer.grant.not_after == env.clock.now() + M15
+    assert longer.grant.extensions == 1
+    assert [g.id for g in await env.admin.list_grants()] == [grant.id]
+    assert len(await env.admin.list_audit(kind="request.reused")) == 2
+    # Someone else holds nothing: their request asks an approver.
+    other, other_grant = await env.dave.create_request(
+        agent="db-1", action="deploy", duration=M15, reason="x"
+    )
+    assert (other.reused, other.state, other_grant) == (False, RequestState.PENDING, None)
+    # An automatic rule makes a grant of its own each time (overlaps are counted on the host).
+    _, one = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+    two = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+    assert one is not None
+    assert two.grant is not None
+    assert not two.reused
+    assert two.grant.id != one.id
+
+
+async def test_grant_expiring_is_audited_before_the_end_and_again_after_an_extension(
+    env: Env,
+) -> None:
+    await env.admin.apply_policy(EXTENDING)
+    warner = env.coordinator.warnings
+    assert warner is not None
+    async with agent_link(env.address, env.credentials["web-1"]) as link:
+        await link.hello("web-1")
+        _, grant = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+        assert grant is not None
+        seq, _ = await link.command()
+        await link.ack(seq, grant.id)
+        await env.wait_grant_state(grant.request_id, GrantState.ACTIVE)
+    grant_id = grant.id
+
+    async def warnings() -> list[str]:
+        await warner.warn_due(env.clock.now())  # the running loop may have done it already
+        events = await env.admin.list_audit(kind="grant.expiring", grant_id=grant_id)
+        return [e.details["expires_at"] for e in events]
+
+    await env.clock.advance(timedelta(minutes=6))  # 9m left, the warning time is 10m
+    assert await warnings() == [grant.not_after.isoformat()]
+    extended, _ = await env.alice.extend_grant(grant.id, by=timedelta(minutes=15))
+    assert await warnings() == [grant.not_after.isoformat()]  # once per end
+    await env.clock.advance(timedelta(minutes=15))  # 9m left of the new end
+    assert await warnings() == [grant.not_after.isoformat(), extended.not_after.isoformat()]
+
+
+async def audit_kinds_until(env: Env, grant_id: str, kind: str) -> list[str]:
+    """The grant's audit kinds once `kind` is among them (waiting on the audit tail)."""
+    async with asyncio.timeout(WAIT), contextlib.aclosing(env.admin.tail_audit()) as tail:
+        async for event in tail:
+            if event.grant_id == grant_id and event.kind == kind:
+                break
+    return [e.kind for e in await env.admin.list_audit(grant_id=grant_id)]

@@ -434,10 +434,26 @@ class PostgresTx:
         await self._conn.execute(
             _COMMAND_INSERT, [agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)]
         )
-        column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
-        await self._conn.execute(f"UPDATE grants SET {column} = %s WHERE id = %s", [seq, grant_id])
+        if kind is not CommandKind.EXTEND:
+            column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
+            await self._conn.execute(
+                f"UPDATE grants SET {column} = %s WHERE id = %s", [seq, grant_id]
+            )
         await self._notify([agent])
         return seq
+
+    async def extend_grant(
+        self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
+    ) -> bool:
+        """Compare-and-set a live grant's end to a later `not_after` (in place)."""
+        count = await _rowcount(
+            self._conn,
+            "UPDATE grants SET not_after = %s, extensions = extensions + 1, "
+            "original_not_after = COALESCE(original_not_after, not_after) "
+            "WHERE id = %s AND state IN ('PENDING_DELIVERY', 'ACTIVE') AND not_after = %s",
+            [to_ms(not_after), grant_id, to_ms(expected_not_after)],
+        )
+        return count == 1
 
     async def _notify(self, agents: Iterable[str]) -> None:
         """Wake the replicas holding these agents' streams once this transaction commits
