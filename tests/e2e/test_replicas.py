@@ -179,6 +179,7 @@ async def test_approve_and_deny_racing_on_two_replicas_are_decided_once(
         request, _ = await alice.create_request(
             agent="db-1", action="logs", duration=MIN, reason=f"race {i}"
         )
+        assert request.state is RequestState.PENDING
         approve, deny = await asyncio.gather(
             bob_a.approve(request.id),
             carol_b.deny(request.id, reason="no"),
@@ -195,6 +196,8 @@ async def test_approve_and_deny_racing_on_two_replicas_are_decided_once(
             assert isinstance(approve, tuple)
             assert isinstance(deny, JitmeshError)
             assert len(grants) == 1
+            # Ended, so that the next round's request is not answered by reusing this grant.
+            await alice.release_grant(grants[0].id)
         outcomes.append(final.state)
     assert (await admin.verify_audit()).ok
 
