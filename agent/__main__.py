@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
+    from agent import settings as agent_settings
     from agent.config import AgentConfig
 
 EXIT_OK = 0
@@ -191,206 +192,170 @@ def _iso_ms(ms: int) -> str:
 
 
 def run(argv: Sequence[str]) -> int:
+    from agent import settings as agent_settings
+
     parser = argparse.ArgumentParser(
         prog="jitmesh-agent",
         description="Run the jitmesh agent (see also: jitmesh-agent check --help).",
+        epilog="Every setting can also come from the TOML file given with --config (key "
+        "log_level) or from the environment (JITMESH_LOG_LEVEL); flags win over the "
+        "environment, which wins over the file. Durations are written as 10s, 5m or 1h.",
     )
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
     parser.add_argument(
-        "--coordinator",
-        default=os.environ.get("JITMESH_COORDINATOR"),
-        help="coordinator address host:port (env JITMESH_COORDINATOR)",
+        "--print-config",
+        action="store_true",
+        help="print the effective settings as TOML (secrets masked) and exit",
     )
-    parser.add_argument("--name", required=True, help="this agent's name")
+    for setting in agent_settings.SETTINGS:
+        if setting.name in ("labels", "enforcer"):
+            continue
+        if setting.name == "insecure":
+            parser.add_argument(
+                "--insecure",
+                dest="insecure",
+                action="store_const",
+                const=True,
+                default=argparse.SUPPRESS,
+                help="plain text, for a development or --insecure coordinator (env "
+                "JITMESH_INSECURE=1); one of --ca-file and --insecure is needed",
+            )
+            continue
+        parser.add_argument(
+            setting.flag,
+            dest=setting.name,
+            default=argparse.SUPPRESS,
+            metavar=setting.name.split("_")[-1].upper(),
+            help=setting.help,
+        )
     parser.add_argument(
         "--label",
+        dest="labels",
         action="append",
-        default=[],
+        default=argparse.SUPPRESS,
         metavar="KEY=VALUE",
         help="repeatable; asked for at enrollment, which the coordinator refuses unless the join "
         "token gives the same label (the agent gets the token's labels)",
     )
     parser.add_argument(
-        "--join-token",
-        default=os.environ.get("JITMESH_JOIN_TOKEN"),
-        help="one-time join token for enrollment (env JITMESH_JOIN_TOKEN)",
-    )
-    parser.add_argument(
-        "--ca-file",
-        type=Path,
-        default=None,
-        help="the coordinator's CA certificate (its DATA/ca/ca.pem): the agent enrolls over TLS "
-        "and connects with mTLS (env JITMESH_CA_FILE); one of --ca-file and --insecure is needed",
-    )
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        default=None,
-        help="plain text, for a development or --insecure coordinator (env JITMESH_INSECURE=1)",
-    )
-    parser.add_argument("--state", required=True, type=Path, help="state directory")
-    parser.add_argument(
         "--enforcer",
         action="append",
-        default=[],
+        default=argparse.SUPPRESS,
         metavar="file:DIR|exec:FILE|sudo:TOML|group:TOML|ssh:TOML",
         help="repeatable; applied in the order given. file,drift=report:DIR (or exec,...) "
         "only reports access on the host no lease holds instead of removing it",
     )
-    parser.add_argument("--backoff-base", type=float, default=1.0, metavar="SECONDS")
-    parser.add_argument("--backoff-cap", type=float, default=60.0, metavar="SECONDS")
-    parser.add_argument(
-        "--heartbeat",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="heartbeat interval when the coordinator's Welcome names none",
-    )
-    # Defaults: the production column of PROMISES.md's starting parameters.
-    parser.add_argument("--keepalive", type=float, default=30.0, metavar="SECONDS")
-    parser.add_argument(
-        "--keepalive-timeout",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="HTTP/2 ping timeout: a silently dead connection is noticed after about "
-        "keepalive + timeout",
-    )
-    parser.add_argument(
-        "--remove-retries",
-        type=int,
-        default=6,
-        help="attempts to remove access for a revoke before it is reported REVOKE_FAILED",
-    )
-    parser.add_argument(
-        "--remove-retry-base",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="first delay between remove attempts (doubling, +-50 %%)",
-    )
-    parser.add_argument(
-        "--skew-tolerance",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="grants issued further than this from the agent's clock are refused",
-    )
-    parser.add_argument(
-        "--reconcile-every",
-        type=float,
-        default=300.0,
-        metavar="SECONDS",
-        help="how often the host is compared with the lease table (drift removed)",
-    )
-    parser.add_argument(
-        "--exec-grace",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="when a grant ends: seconds between SIGTERM and SIGKILL for its exec commands",
-    )
-    parser.add_argument(
-        "--end-sessions",
-        choices=["exec", "user"],
-        default="exec",
-        help="user: also end every process of the subject's user when their last grant here "
-        "ends (for users that exist on the host only for jitmesh access)",
-    )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     args = parser.parse_args(argv)
-    if not args.coordinator:
-        parser.error("--coordinator (or JITMESH_COORDINATOR) is required")
+    flags = {k: v for k, v in vars(args).items() if k in agent_settings.BY_NAME and v is not None}
 
-    from agent.config import AgentConfig, EnforcerConfig, parse_enforcer
-    from agent.domain.errors import AgentError, ConfigError
-    from jitmesh import errors, tls
+    from agent.domain.errors import AgentError
 
     try:
-        # The rule every client keeps (jitmesh.tls); a flag beats the environment. The agent
-        # cannot use the system's trust store: its mTLS port's certificate is the internal CA's.
-        transport = tls.choose(args.coordinator, ca_file=args.ca_file, insecure=args.insecure)
-        if transport.ca_file is not None:
-            tls.read_ca_file(transport.ca_file)
-    except errors.JitmeshError as exc:
-        return _fail(f"configuration: {exc}")
-    try:
-        labels = dict(_label(text) for text in args.label)
-        enforcers: list[EnforcerConfig] = []
-        for number, text in enumerate(args.enforcer, 1):
-            try:
-                enforcers.append(parse_enforcer(text))
-            except ConfigError as exc:
-                raise ConfigError(f"--enforcer number {number}: {exc}") from None
-        config = AgentConfig(
-            coordinator=args.coordinator,
-            name=args.name,
-            labels=labels,
-            join_token=args.join_token or None,
-            ca_file=transport.ca_file,
-            insecure=transport.insecure,
-            state_dir=args.state,
-            enforcers=tuple(enforcers),
-            backoff_base=args.backoff_base,
-            backoff_cap=args.backoff_cap,
-            heartbeat=args.heartbeat,
-            keepalive_time=args.keepalive,
-            keepalive_timeout=args.keepalive_timeout,
-            remove_retries=args.remove_retries,
-            remove_retry_base=args.remove_retry_base,
-            skew_tolerance=args.skew_tolerance,
-            reconcile_every=args.reconcile_every,
-            exec_grace=args.exec_grace,
-            end_sessions=args.end_sessions,
-        )
+        loaded = agent_settings.load(args.config, flags)
+        if args.print_config:
+            import tomli_w
+
+            sys.stdout.write(tomli_w.dumps(agent_settings.printable(loaded)))
+            return EXIT_OK
+        config = _agent_config(loaded)
     except AgentError as exc:
         return _fail(f"configuration: {exc}")
 
-    _setup_logging(config.name, args.log_level)
+    from jitmesh import logs
+
+    logs.setup(
+        loaded.values["log_level"], loaded.values["log_format"], static={"agent": config.name}
+    )
     import asyncio
 
     try:
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, loaded))
     except AgentError as exc:
         return _fail(str(exc))
     return EXIT_OK
 
 
-def _label(text: str) -> tuple[str, str]:
+def _agent_config(loaded: agent_settings.Loaded) -> AgentConfig:
+    from agent.config import AgentConfig, EnforcerConfig, enforcers_from_tables, parse_enforcer
     from agent.domain.errors import ConfigError
 
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise ConfigError("labels must look like KEY=VALUE")
-    return key, value
+    values = loaded.values
+    for required in ("coordinator", "name", "state"):
+        if not values.get(required):
+            flag = "--" + required
+            raise ConfigError(
+                f"{flag} (or JITMESH_{required.upper()}, or {required} in --config) is required"
+            )
+    enforcers: list[EnforcerConfig] = []
+    for number, text in enumerate(values["enforcer"], 1):
+        try:
+            enforcers.append(parse_enforcer(text))
+        except ConfigError as exc:
+            raise ConfigError(f"--enforcer number {number}: {exc}") from None
+    enforcers += enforcers_from_tables(loaded.enforcer_tables, loaded.config_file)
+    from agent import settings as agent_settings
+
+    ca_file, insecure = agent_settings.transport(loaded)
+
+    return AgentConfig(
+        coordinator=values["coordinator"],
+        name=values["name"],
+        labels=values["labels"],
+        join_token=agent_settings.join_token(loaded),
+        ca_file=ca_file,
+        insecure=insecure,
+        state_dir=Path(values["state"]),
+        enforcers=tuple(enforcers),
+        backoff_base=values["backoff_base"],
+        backoff_cap=values["backoff_cap"],
+        heartbeat=values["heartbeat"],
+        keepalive_time=values["keepalive"],
+        keepalive_timeout=values["keepalive_timeout"],
+        remove_retries=values["remove_retries"],
+        remove_retry_base=values["remove_retry_base"],
+        skew_tolerance=values["skew_tolerance"],
+        reconcile_every=values["reconcile_every"],
+        exec_grace=values["exec_grace"],
+        end_sessions=values["end_sessions"],
+        metrics_listen=values.get("metrics_listen"),
+    )
 
 
-async def _serve(config: AgentConfig) -> None:
+async def _serve(config: AgentConfig, loaded: agent_settings.Loaded) -> None:
     import asyncio
+    import logging
     import signal
 
     from agent import app
+    from agent import settings as agent_settings
+    from agent.domain.errors import AgentError
+    from jitmesh import logs, sdnotify
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        sdnotify.stopping("shutting down")
+        stop.set()
+
+    def reload() -> None:
+        # SIGHUP: what can change live (the log level); the rest needs a restart.
+        sdnotify.reloading()
+        try:
+            fresh = agent_settings.load(loaded.config_file, loaded.flags)
+        except AgentError as exc:
+            logging.getLogger("agent").error("configuration not reloaded: %s", exc)
+        else:
+            logs.set_level(fresh.values["log_level"])
+        sdnotify.ready()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, stopping)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     from agent import testclock
 
     # None unless the fault suite's test-only clock variable is set.
     await app.run(config, stop=stop, clock=testclock.from_env())
-
-
-def _setup_logging(agent: str, level: str) -> None:
-    import logging
-
-    from agent.logfmt import AgentField, KeyValueFormatter
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter())
-    handler.addFilter(AgentField(agent))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def _fail(message: str) -> int:

@@ -40,6 +40,7 @@ from agent.store.credential import CredentialFile
 from agent.store.keys import PinnedKeys
 from agent.store.migrate import migrate_isolated
 from agent.store.sqlite import SqliteLeaseStore
+from jitmesh import sdnotify
 from jitmesh.clock import Clock, SystemClock, to_ms
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,8 @@ async def run(
         )
         tighten_state_files(state_dir)
         log.info("agent started", extra={"state_dir": str(state_dir)})
+        # The lease table is reconciled with the host: systemd may count us as started.
+        sdnotify.ready(f"agent {config.name} started")
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(engine.run())
@@ -158,6 +161,14 @@ async def run(
                 tasks.create_task(link.run())
                 if stop is not None:
                     tasks.create_task(_until(stop))
+                if config.watchdog:
+                    tasks.create_task(sdnotify.watchdog())
+                if config.metrics_listen:
+                    # Imported only here: without metrics the agent never loads the exporter.
+                    from agent.metrics import AgentMetrics
+
+                    metrics = AgentMetrics(store, engine, clock, config.metrics_listen)
+                    tasks.create_task(metrics.run())
         except BaseExceptionGroup as group:
             _reraise(group)
         finally:

@@ -205,6 +205,10 @@ class AgentConfig:
     skew_tolerance: float = 60.0
     # Seconds between drift reconciles (host against lease table) while running.
     reconcile_every: float = 300.0
+    # Prometheus metrics on HOST:PORT (None: off, and the exporter is never imported).
+    metrics_listen: str | None = None
+    # Answer systemd's watchdog when it asks for one (WATCHDOG_USEC).
+    watchdog: bool = True
     # Seconds between SIGTERM and SIGKILL when a grant's end ends a command or a session.
     exec_grace: float = 10.0
     # "exec": end what was started through `exec` when its grant ends; "user": also every
@@ -502,3 +506,45 @@ def parse_enforcer(spec: str) -> EnforcerConfig:
     if kind == "ssh":
         return SshEnforcerConfig(path=Path(where), settings=load_ssh(Path(where)), drift=drift)
     return ExecEnforcerConfig(path=Path(where), hooks=load_exec_hooks(Path(where)), drift=drift)
+
+
+def enforcers_from_tables(
+    tables: Mapping[str, Any], config_file: Path | None
+) -> list[EnforcerConfig]:
+    """`[enforcers.KIND]` tables of the agent's --config file, in the file's order:
+    `[enforcers.file] directory = "DIR"` and `[enforcers.exec] hooks = "FILE"` (each with an
+    optional `drift = "remove" | "report"`), and `[enforcers.sudo]`, `[enforcers.group]` and
+    `[enforcers.ssh]` in those enforcers' own formats (the sections `--enforcer KIND:FILE.toml`
+    reads)."""
+    found: list[EnforcerConfig] = []
+    for kind, table in tables.items():
+        where = f"[enforcers.{kind}]" if isinstance(kind, str) and kind.isidentifier() else "?"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where} must be a table")
+        drift = _drift(table.get("drift", "remove"))
+        if kind == "file":
+            if set(table) - {"directory", "drift"}:
+                raise ConfigError(f"{where}: allowed keys are directory and drift")
+            found.append(
+                FileEnforcerConfig(directory=_path(table.get("directory"), where), drift=drift)
+            )
+        elif kind == "exec":
+            if set(table) - {"hooks", "drift"}:
+                raise ConfigError(f"{where}: allowed keys are hooks and drift")
+            path = _path(table.get("hooks"), f"{where} hooks")
+            found.append(ExecEnforcerConfig(path=path, hooks=load_exec_hooks(path), drift=drift))
+        elif kind == "sudo" and config_file is not None:
+            found.append(
+                SudoEnforcerConfig(path=config_file, settings=load_sudo(config_file), drift=drift)
+            )
+        elif kind == "group" and config_file is not None:
+            found.append(
+                GroupEnforcerConfig(path=config_file, settings=load_group(config_file), drift=drift)
+            )
+        elif kind == "ssh" and config_file is not None:
+            found.append(
+                SshEnforcerConfig(path=config_file, settings=load_ssh(config_file), drift=drift)
+            )
+        else:
+            raise ConfigError(f"{where}: unknown enforcer (file, exec, sudo, group or ssh)")
+    return found

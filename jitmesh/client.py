@@ -29,7 +29,7 @@ import grpc
 from grpc import aio
 
 from jitmesh import convert as _convert
-from jitmesh import errors, tls, types, validation
+from jitmesh import errors, profiles, tls, types, validation
 from jitmesh.clock import to_ms
 from jitmesh.durations import format_duration
 from jitmesh.v1 import (
@@ -43,6 +43,8 @@ from jitmesh.v1 import (
     identity_pb2_grpc,
     locks_pb2,
     locks_pb2_grpc,
+    mesh_pb2,
+    mesh_pb2_grpc,
     notify_pb2,
     notify_pb2_grpc,
     policy_pb2,
@@ -222,6 +224,7 @@ class Client:
         self._identity = identity_pb2_grpc.IdentityStub(channel)
         self._locks = locks_pb2_grpc.LocksStub(channel)
         self._notify = notify_pb2_grpc.NotifyStub(channel)
+        self._mesh = mesh_pb2_grpc.MeshStub(channel)
 
     @classmethod
     async def connect(
@@ -272,6 +275,39 @@ class Client:
         else:
             channel = aio.secure_channel(dial, credentials, options=options)
         return cls(channel, target=target, token=token or None, timeout=timeout, trust=trust)
+
+    @classmethod
+    async def from_config(
+        cls,
+        profile: str | None = None,
+        *,
+        coordinator: str | None = None,
+        token: str | None = None,
+        ca_file: str | None = None,
+        insecure: bool | None = None,
+        timeout: float = 10.0,  # noqa: ASYNC109 (a per-call deadline, as in connect)
+    ) -> Self:
+        """Connect the way jitctl does: each setting from the explicit argument, else its
+        JITMESH_* variable, else the profile in ~/.config/jitmesh/config.toml (`profile`, else
+        JITMESH_PROFILE, else the file's default_profile; see `jitmesh.profiles`)."""
+        found = profiles.resolve(
+            coordinator=coordinator,
+            token=token,
+            ca_file=ca_file,
+            insecure=insecure,
+            profile=profile,
+        )
+        if not found.coordinator:
+            raise errors.InvalidArgumentError(
+                "no coordinator: pass coordinator=, set JITMESH_COORDINATOR or use a profile"
+            )
+        return await cls.connect(
+            found.coordinator,
+            token=found.token,
+            ca_file=found.ca_file,
+            insecure=found.insecure,
+            timeout=timeout,
+        )
 
     @property
     def target(self) -> str:
@@ -617,6 +653,26 @@ class Client:
         )
         response = await self._unary(self._locks.CreateLock, message)
         return _convert.lock(response.lock), response.grants_revoked, response.requests_denied
+
+    async def status(self) -> types.MeshStatus:
+        """The mesh at a glance: agents, waiting requests, grants by state, unacknowledged
+        revokes and commands (admins)."""
+        r = await self._unary(self._mesh.Status, mesh_pb2.StatusRequest())
+        return types.MeshStatus(
+            coordinator_time=_convert.time_or_none(r.coordinator_time),
+            version=r.version,
+            replica=r.replica,
+            epoch=r.epoch,
+            agents_enrolled=r.agents_enrolled,
+            agents_connected=r.agents_connected,
+            requests={_convert.request_state(c.state): c.count for c in r.requests},
+            grants={_convert.grant_state(c.state): c.count for c in r.grants},
+            revokes_unacknowledged=r.revokes_unacknowledged,
+            commands_unacknowledged=r.commands_unacknowledged,
+            policy_version=r.policy_version,
+            audit_head_seq=r.audit_head_seq,
+            locks_in_force=r.locks_in_force,
+        )
 
     async def list_locks(self, *, include_ended: bool = False) -> list[types.Lock]:
         """Locks in force, newest first (with `include_ended`, lifted and expired ones too)."""

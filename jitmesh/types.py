@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -439,3 +440,24 @@ class SignInConfig:
     client_id: str
     scopes: tuple[str, ...]
     audience: str
+
+
+@dataclass(frozen=True, slots=True)
+class MeshStatus:
+    """The mesh at a glance (`jitctl status`; admins)."""
+
+    coordinator_time: datetime | None
+    version: str
+    replica: str
+    epoch: int
+    agents_enrolled: int
+    agents_connected: int
+    # Requests waiting (PENDING, SCHEDULED) by state.
+    requests: Mapping[RequestState, int]
+    # Grants not ended, and those ended in the last 24 hours, by state.
+    grants: Mapping[GrantState, int]
+    revokes_unacknowledged: int
+    commands_unacknowledged: int
+    policy_version: int
+    audit_head_seq: int
+    locks_in_force: int

@@ -15,11 +15,19 @@ from pathlib import Path
 import psycopg
 from pydantic import ValidationError
 
+from jitmesh import logs, sdnotify
 from server.app import Coordinator, DirectoryBusy, build
 from server.config import CoordinatorConfig
 from server.domain.models import ADMIN_GROUP, Principal, new_secret, user_name
 from server.domain.policy import DEV_POLICY
 from server.domain.ports import Tx
+from server.settings import (
+    FLAG_NAMES,
+    CoordinatorSettings,
+    SettingsError,
+    split_listen,
+)
+from server.settings import load as load_settings
 from server.shared import SecretKeyError
 from server.store.postgres.importer import StoreImportError
 
@@ -33,11 +41,50 @@ DEV_USERS = {
 }
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise argparse.ArgumentTypeError("expected HOST:PORT, e.g. 127.0.0.1:7443")
-    return host.strip("[]"), int(port)
+SETTINGS_EPILOG = (
+    "Every setting can also come from the TOML file given with --config (key log_level) or "
+    "from the environment (JITMESH_LOG_LEVEL); flags win over the environment, which wins "
+    "over the file. Durations are written as 10s, 15m or 1h30m."
+)
+
+
+def add_settings_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per setting, named after it. Defaults are SUPPRESSed so that only flags really
+    given reach the settings (a default here would hide the file's and the environment's)."""
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective settings as TOML (secrets masked) and exit",
+    )
+    for name, info in CoordinatorSettings.model_fields.items():
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        default = info.get_default(call_default_factory=True)
+        shown = "" if default in (None, (), False) else f" (default: {_shown(default)})"
+        help_text = (info.description or name.replace("_", " ")) + shown
+        if info.annotation is bool:
+            p.add_argument(
+                flag, dest=name, action="store_const", const=True, default=argparse.SUPPRESS,
+                help=help_text,
+            )  # fmt: skip
+        elif name == "tls_names":
+            p.add_argument(
+                flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="NAME",
+                help="extra DNS name or IP for the coordinator's certificate (repeatable)",
+            )  # fmt: skip
+        else:
+            p.add_argument(
+                flag, dest=name, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper(),
+                help=help_text,
+            )  # fmt: skip
+
+
+def _shown(value: object) -> str:
+    from datetime import timedelta
+
+    from jitmesh.durations import format_duration
+
+    return format_duration(value) if isinstance(value, timedelta) else str(value)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -96,103 +143,7 @@ def parser() -> argparse.ArgumentParser:
         ("serve", "run a coordinator"),
         ("dev", "run a development coordinator on loopback with ready-made users and tokens"),
     ):
-        s = sub.add_parser(name, help=text)
-        s.add_argument("--data", type=Path, required=True, help="data directory")
-        s.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 7443))
-        s.add_argument("--log-level", default="INFO")
-        s.add_argument("--heartbeat", type=float, default=10.0, help="agent heartbeat, seconds")
-        s.add_argument("--keepalive", type=float, default=30.0, help="HTTP/2 keepalive, seconds")
-        s.add_argument("--keepalive-timeout", type=float, default=10.0)
-        s.add_argument(
-            "--agent-queue-limit",
-            type=int,
-            default=1000,
-            help="messages queued per agent stream; a slower agent is cut off and resyncs",
-        )
-        s.add_argument(
-            "--store",
-            default="",
-            help="postgresql://USER@HOST/DB to share the state with other replicas "
-            "(default: SQLite in --data)",
-        )
-        s.add_argument(
-            "--replica",
-            default="",
-            help="this replica's id (default: made once and kept in --data/replica.id)",
-        )
-        s.add_argument(
-            "--secret-key-file",
-            type=Path,
-            help="with --store postgresql://: the key that encrypts the shared signing keys "
-            "and CA (else JITMESH_SECRET_KEY)",
-        )
-        # Single sign-on and notifications (docs/sign-in.md, docs/notifications.md).
-        s.add_argument("--oidc-issuer", default="", help="trusted OpenID Connect issuer URL")
-        s.add_argument("--oidc-client-id", default="", help="audience of accepted ID tokens")
-        s.add_argument("--oidc-username-claim", default="preferred_username")
-        s.add_argument("--oidc-groups-claim", default="groups")
-        s.add_argument(
-            "--oidc-token-ttl", type=float, default=3600.0, help="seconds a sign-in token lasts"
-        )
-        s.add_argument("--web-url", default="", help="jitmesh-web's address, for links")
-        s.add_argument(
-            "--slack-signing-secret-file",
-            type=Path,
-            help="serve Slack's interaction endpoint (Approve/Deny) with this signing secret",
-        )
-        s.add_argument(
-            "--slack-listen",
-            type=parse_listen,
-            default=("127.0.0.1", 0),
-            help="HOST:PORT of the Slack interaction endpoint",
-        )
-        if name == "serve":
-            s.add_argument("--policy", type=Path, help="initial policy (used if none is stored)")
-            s.add_argument(
-                "--insecure",
-                action="store_true",
-                help="serve without TLS (agents then use bearer credentials): testing only",
-            )
-            s.add_argument(
-                "--agent-port",
-                type=int,
-                default=None,
-                help="port where agents connect with mTLS (default: the listen port + 1)",
-            )
-            s.add_argument(
-                "--tls-cert",
-                type=Path,
-                help="PEM certificate for the operator port (else the CA's)",
-            )
-            s.add_argument("--tls-key", type=Path, help="PEM key for --tls-cert")
-            s.add_argument(
-                "--request-rate",
-                type=float,
-                default=1.0,
-                help="access requests per second per caller, after a burst of --request-burst",
-            )
-            s.add_argument("--request-burst", type=int, default=30)
-            s.add_argument(
-                "--enroll-rate",
-                type=float,
-                default=0.5,
-                help="enrollments per second per peer address, after a burst of --enroll-burst "
-                "(agents behind one NAT share an address)",
-            )
-            s.add_argument("--enroll-burst", type=int, default=20)
-            s.add_argument(
-                "--enroll-overall-rate",
-                type=float,
-                default=50.0,
-                help="enrollments per second from all addresses, after --enroll-overall-burst",
-            )
-            s.add_argument("--enroll-overall-burst", type=int, default=500)
-            s.add_argument(
-                "--tls-name",
-                action="append",
-                default=[],
-                help="extra DNS name or IP for the coordinator's certificate (repeatable)",
-            )
+        add_settings_flags(sub.add_parser(name, help=text, epilog=SETTINGS_EPILOG))
     return p
 
 
@@ -264,88 +215,45 @@ def main(argv: list[str] | None = None) -> int:
             key_id = SigningKeys.open(args.data, now).rotate(now)
         print(f"new signing key {key_id}")
         return 0
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("yoyo").setLevel(logging.WARNING)
-    host, port = args.listen
-    from datetime import timedelta
-
-    common = {
-        "data_dir": args.data,
-        "host": host,
-        "port": port,
-        "heartbeat": timedelta(seconds=args.heartbeat),
-        "keepalive": timedelta(seconds=args.keepalive),
-        "keepalive_timeout": timedelta(seconds=args.keepalive_timeout),
-        "agent_queue_limit": args.agent_queue_limit,
-        "oidc_issuer": args.oidc_issuer,
-        "oidc_client_id": args.oidc_client_id,
-        "oidc_username_claim": args.oidc_username_claim,
-        "oidc_groups_claim": args.oidc_groups_claim,
-        "oidc_token_ttl": timedelta(seconds=args.oidc_token_ttl),
-        "web_url": args.web_url,
-        "slack_signing_secret_file": args.slack_signing_secret_file,
-        "slack_host": args.slack_listen[0],
-        "slack_port": args.slack_listen[1],
+    flags = {
+        k: v
+        for k, v in vars(args).items()
+        if k in CoordinatorSettings.model_fields and v is not None
     }
     try:
-        if args.command == "dev":
-            if not _loopback(host):
-                print("jitmesh-coordinator: dev mode listens on loopback only", file=sys.stderr)
-                return 2
-            config = CoordinatorConfig(**common, **_store_options(args), default_policy=DEV_POLICY)
-        elif args.insecure:
-            config = CoordinatorConfig(
-                **common,
-                **_store_options(args),
-                initial_policy=args.policy,
-                request_rate=args.request_rate,
-                request_burst=args.request_burst,
-                **_enroll_limits(args),
-            )
-        else:
-            if (args.tls_cert is None) != (args.tls_key is None):
-                print("jitmesh-coordinator: --tls-cert and --tls-key go together", file=sys.stderr)
-                return 2
-            agent_port = args.agent_port if args.agent_port is not None else port + 1 if port else 0
-            config = CoordinatorConfig(
-                **common,
-                **_store_options(args),
-                initial_policy=args.policy,
-                request_rate=args.request_rate,
-                request_burst=args.request_burst,
-                **_enroll_limits(args),
-                tls=True,
-                tls_cert=args.tls_cert,
-                tls_key=args.tls_key,
-                tls_names=tuple(args.tls_name),
-                agent_port=agent_port,
-            )
-    except ValidationError as exc:
-        # Flags out of range (a rate of 0, a burst below 1): one line naming the flag.
-        first = exc.errors()[0]
-        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "a flag"
-        print(f"jitmesh-coordinator: {flag}: {first['msg'].lower()}", file=sys.stderr)
+        settings = load_settings(args.config, flags)
+        if settings.data is None:
+            raise SettingsError("--data / JITMESH_DATA / data: is required")
+        config = coordinator_config(settings, dev=args.command == "dev")
+    except SettingsError as exc:
+        print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import tomli_w
+
+        sys.stdout.write(tomli_w.dumps(settings.masked()))
+        return 0
     try:
-        asyncio.run(_serve(config, dev=args.command == "dev"))
+        admin_token = _secret(settings.admin_token_file, "admin_token_file")
+    except SettingsError as exc:
+        print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level, settings.log_format)
+    serving = _serve(
+        config,
+        settings,
+        dev=args.command == "dev",
+        reload=(args.config, flags),
+        admin_token=admin_token,
+    )
+    try:
+        asyncio.run(serving)
     except KeyboardInterrupt:
         pass
     except (OSError, ValueError, SecretKeyError, psycopg.Error, DirectoryBusy) as exc:
         print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _store_options(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        "store": args.store,
-        "replica": args.replica,
-        "secret_key_file": args.secret_key_file,
-    }
 
 
 async def _rotate_shared(store_url: str, data: Path, key_file: Path | None) -> str:
@@ -412,35 +320,155 @@ async def _maintain(command: str, store_url: str, data: Path | None) -> int:
     return 0
 
 
-def _enroll_limits(args: argparse.Namespace) -> dict[str, float | int]:
-    return {
-        "enroll_rate": args.enroll_rate,
-        "enroll_burst": args.enroll_burst,
-        "enroll_overall_rate": args.enroll_overall_rate,
-        "enroll_overall_burst": args.enroll_overall_burst,
+def _secret(path: Path | None, name: str) -> str | None:
+    """A secret from a file the operator manages (a systemd credential, a vault agent's file):
+    never from the settings file, the environment or a flag, where it would be seen."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        raise SettingsError(f"{name}: cannot read {path}") from None
+    if not text:
+        raise SettingsError(f"{name}: {path} is empty")
+    return text
+
+
+def coordinator_config(settings: CoordinatorSettings, *, dev: bool) -> CoordinatorConfig:
+    """The frozen config the parts are built from. Dev mode: loopback only, no TLS, no limits,
+    the dev policy; serve: TLS from the internal CA unless --insecure, rate limits on."""
+    assert settings.data is not None
+    host, port = split_listen(settings.listen)
+    slack_host, slack_port = split_listen(settings.slack_listen)
+    common = {
+        "data_dir": settings.data,
+        "host": host,
+        "port": port,
+        "heartbeat": settings.heartbeat,
+        "keepalive": settings.keepalive,
+        "keepalive_timeout": settings.keepalive_timeout,
+        "agent_queue_limit": settings.agent_queue_limit,
+        "oidc_issuer": settings.oidc_issuer,
+        "oidc_client_id": settings.oidc_client_id,
+        "oidc_username_claim": settings.oidc_username_claim,
+        "oidc_groups_claim": settings.oidc_groups_claim,
+        "oidc_token_ttl": settings.oidc_token_ttl,
+        "web_url": settings.web_url,
+        "slack_signing_secret_file": settings.slack_signing_secret_file,
+        "slack_host": slack_host,
+        "slack_port": slack_port,
+        "notify_expiry_warning": settings.notify_expiry_warning,
+        "store": settings.store,
+        "replica": settings.replica,
+        "secret_key_file": settings.secret_key_file,
     }
+    try:
+        if dev:
+            if not _loopback(host):
+                raise SettingsError("dev mode listens on loopback only")
+            return CoordinatorConfig(**common, default_policy=DEV_POLICY)
+        limits = {
+            "initial_policy": settings.policy,
+            "request_rate": settings.request_rate,
+            "request_burst": settings.request_burst,
+            "enroll_rate": settings.enroll_rate,
+            "enroll_burst": settings.enroll_burst,
+            "enroll_overall_rate": settings.enroll_overall_rate,
+            "enroll_overall_burst": settings.enroll_overall_burst,
+        }
+        if settings.insecure:
+            return CoordinatorConfig(**common, **limits)
+        if (settings.tls_cert is None) != (settings.tls_key is None):
+            raise SettingsError("--tls-cert and --tls-key go together")
+        agent_port = settings.agent_port
+        if agent_port is None:
+            agent_port = port + 1 if port else 0
+        return CoordinatorConfig(
+            **common,
+            **limits,
+            tls=True,
+            tls_cert=settings.tls_cert,
+            tls_key=settings.tls_key,
+            tls_names=settings.tls_names,
+            agent_port=agent_port,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "a setting"
+        raise SettingsError(f"{name}: {str(first['msg']).lower()}") from None
 
 
-async def _serve(config: CoordinatorConfig, *, dev: bool) -> None:
+async def _serve(
+    config: CoordinatorConfig,
+    settings: CoordinatorSettings,
+    *,
+    dev: bool,
+    reload: tuple[Path | None, dict[str, object]],
+    admin_token: str | None = None,
+) -> None:
     coordinator = await build(config)
     if dev:
         await _dev_setup(coordinator)
     else:
-        await _bootstrap_admin(coordinator)
+        await _bootstrap_admin(coordinator, admin_token)
     if coordinator.ca is not None:
         log.info(
-            "TLS from the internal CA ca_file=%s agent_port=%d",
-            coordinator.ca.directory / "ca.pem",
-            coordinator.agent_port,
+            "TLS from the internal CA",
+            extra={
+                "ca_file": str(coordinator.ca.directory / "ca.pem"),
+                "port": coordinator.agent_port,
+            },
         )
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        sdnotify.stopping("shutting down")
+        task.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await coordinator.run()
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(*reload))
+    metrics = None
+    if settings.metrics_listen:
+        from server.metrics import serve_metrics
+
+        metrics = serve_metrics(coordinator, settings.metrics_listen)
+    # The store is open and the ports listen: systemd may start what depends on us.
+    sdnotify.ready(f"serving on {coordinator.address}")
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            async with asyncio.TaskGroup() as tg:
+                helpers = []
+                if settings.watchdog:
+                    helpers.append(tg.create_task(sdnotify.watchdog()))
+                if metrics is not None:
+                    helpers.append(tg.create_task(metrics.run()))
+                try:
+                    await coordinator.run()
+                finally:
+                    for helper in helpers:
+                        helper.cancel()
+    finally:
+        if metrics is not None:
+            metrics.close()
     log.info("coordinator stopped")
+
+
+def _reload(config_file: Path | None, flags: dict[str, object]) -> None:
+    """SIGHUP: read the file and the environment again and apply what can change live (the log
+    level). The policy changes only through `jitctl policy apply`; other settings need a
+    restart, and a file that no longer validates changes nothing."""
+    sdnotify.reloading()
+    try:
+        fresh = load_settings(config_file, dict(flags))
+    except SettingsError as exc:
+        log.error("configuration not reloaded: %s", exc)
+    else:
+        logs.set_level(fresh.log_level)
+        log.info("configuration reloaded", extra={"log_level": fresh.log_level})
+    sdnotify.ready()
 
 
 async def _dev_setup(coordinator: Coordinator) -> None:
@@ -462,17 +490,20 @@ async def _dev_setup(coordinator: Coordinator) -> None:
     lines = [f"JITMESH_COORDINATOR={coordinator.address}", "JITMESH_INSECURE=1"]
     lines += [f"{k}={v}" for k, v in values.items()]
     _write_private(env_path, "\n".join(lines) + "\n")
-    log.info("dev mode ready env_file=%s address=%s", env_path, coordinator.address)
+    log.info("dev mode ready", extra={"env_file": str(env_path), "address": coordinator.address})
 
 
-async def _bootstrap_admin(coordinator: Coordinator) -> None:
+async def _bootstrap_admin(coordinator: Coordinator, given: str | None) -> None:
+    if given is not None:
+        await coordinator.identity.ensure_user("admin", [ADMIN_GROUP], given, label="bootstrap")
+        return
     path = coordinator.config.data_dir / "admin.token"
     if path.exists():
         token = path.read_text().strip()
     else:
         token = new_secret("jmt")
         _write_private(path, token + "\n")
-        log.info("bootstrap admin token written path=%s", path)
+        log.info("bootstrap admin token written", extra={"path": str(path)})
     await coordinator.identity.ensure_user("admin", [ADMIN_GROUP], token, label="bootstrap")
 
 

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jitmesh import __version__
+from jitmesh import telemetry as t
 from jitmesh.clock import Clock, SystemClock
 from jitmesh.pidlock import DirectoryBusy, lock_directory
 from jitmesh.types import ReviewDecision
@@ -36,6 +37,8 @@ from jitmesh.v1 import (
     identity_pb2_grpc,
     locks_pb2,
     locks_pb2_grpc,
+    mesh_pb2,
+    mesh_pb2_grpc,
     notify_pb2,
     notify_pb2_grpc,
     policy_pb2,
@@ -56,6 +59,7 @@ from server.domain.models import Principal
 from server.domain.ports import Tx
 from server.domain.receivers import ReceiverKind, ReceiverService
 from server.domain.signin import SignInRules, SignInService
+from server.domain.status import StatusService
 from server.notify.base import Links
 from server.notify.factory import users_map
 from server.notify.http import interactions_app, listen, serve
@@ -64,10 +68,12 @@ from server.notify.secrets import Sealer
 from server.notify.sender import Sender
 from server.notify.slack import SlackInteractions
 from server.oidc import OidcSettings, OidcVerifier
+from server.rpc.accesslog import AccessLog
 from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
 from server.rpc.locks import LocksServicer
+from server.rpc.mesh import MeshServicer
 from server.rpc.notify import NotifyServicer
 from server.rpc.services import (
     AccessServicer,
@@ -100,6 +106,7 @@ SERVICES = [
     agentlink_pb2.DESCRIPTOR.services_by_name["AgentLink"].full_name,
     locks_pb2.DESCRIPTOR.services_by_name["Locks"].full_name,
     notify_pb2.DESCRIPTOR.services_by_name["Notify"].full_name,
+    mesh_pb2.DESCRIPTOR.services_by_name["Mesh"].full_name,
 ]
 OPERATOR_SERVICES = [name for name in SERVICES if not name.endswith(".AgentLink")]
 DB_NAME = "coordinator.db"
@@ -149,7 +156,13 @@ class Coordinator:
 
     # The exclusive lock on the data directory (jitmesh.pidlock), released by stop().
     lock_fd: int = -1
-    hub: Hub | None = None
+    hub: Hub = field(default_factory=Hub)
+    # Rate limiters by name ("requests", "enroll_peer", "enroll_overall"), for the metrics.
+    limiters: dict[str, RateLimiter] = field(default_factory=dict)
+
+    def rate_limit_refusals(self) -> dict[str, int]:
+        return {name: limiter.refused for name, limiter in self.limiters.items()}
+
     _stopped: bool = field(default=False, init=False)
 
     @property
@@ -176,7 +189,7 @@ class Coordinator:
                 tg.create_task(self._until_terminated())
                 tg.create_task(self._report_running())
                 if isinstance(self.store, PostgresStore):
-                    changed = None if self.hub is None else self.hub.audit_advanced
+                    changed = self.hub.audit_advanced
                     tg.create_task(self.store.listen(self.registry.wake, changed))
                 if self.shared is not None:
                     tg.create_task(self.shared.run(self.clock, self._shared_changed))
@@ -332,7 +345,8 @@ async def _assemble(
     # Operators (and enrolling agents) send small messages; so do agents. Each server has its
     # own limits because gRPC sets them per server, not per port (docs: THREAT_MODEL.md).
     server = grpc.aio.server(
-        options=_server_options(config, config.max_message_bytes, OPERATOR_MAX_SEND)
+        interceptors=[AccessLog()],
+        options=_server_options(config, config.max_message_bytes, OPERATOR_MAX_SEND),
     )
     servers.append(server)
     agent_server: grpc.aio.Server | None = None
@@ -351,7 +365,8 @@ async def _assemble(
             grpc.ssl_server_credentials([main_pair]),
         )
         agent_server = grpc.aio.server(
-            options=_server_options(config, MAX_AGENT_MESSAGE, AGENT_MAX_SEND)
+            interceptors=[AccessLog()],
+            options=_server_options(config, MAX_AGENT_MESSAGE, AGENT_MAX_SEND),
         )
         servers.append(agent_server)
         agent_port = _listen(
@@ -391,22 +406,19 @@ async def _assemble(
     if config.slack_signing_secret_file is not None:
         slack_app = interactions_app(_slack(config, store, outbox, access, clock, http))
 
-    access_servicer = AccessServicer(
-        auth,
-        access,
-        hub,
-        None
-        if config.request_rate is None
-        else RateLimiter(config.request_rate, config.request_burst, clock.monotonic),
-    )
-    enroll_limits = (
-        None
-        if config.enroll_rate is None
-        else (
+    limiters: dict[str, RateLimiter] = {}
+    if config.request_rate is not None:
+        limiters["requests"] = RateLimiter(
+            config.request_rate, config.request_burst, clock.monotonic
+        )
+    access_servicer = AccessServicer(auth, access, hub, limiters.get("requests"))
+    enroll_limits = None
+    if config.enroll_rate is not None:
+        enroll_limits = (
             RateLimiter(config.enroll_rate, config.enroll_burst, clock.monotonic),
             RateLimiter(config.enroll_overall_rate, config.enroll_overall_burst, clock.monotonic),
         )
-    )
+        limiters["enroll_peer"], limiters["enroll_overall"] = enroll_limits
     agents_servicer = AgentsServicer(
         auth, fleet, keys, ca, agent_port, enroll_limits, config.agent_cert_lifetime
     )
@@ -429,6 +441,9 @@ async def _assemble(
     identity_servicer = IdentityServicer(auth, TokenService(store, hub, clock), oidc, signin, clock)
     audit_servicer = AuditServicer(auth, audit, checkpoints)
     locks_servicer = LocksServicer(auth, LockService(store, registry, hub, clock))
+    mesh_servicer = MeshServicer(
+        auth, StatusService(store, clock, epoch, registry.count, store.audit_head)
+    )
     notify_servicer = NotifyServicer(auth, receivers)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     # Operators with client certificates call the agent port too.
@@ -439,6 +454,7 @@ async def _assemble(
         identity_pb2_grpc.add_IdentityServicer_to_server(identity_servicer, target)
         audit_pb2_grpc.add_AuditServicer_to_server(audit_servicer, target)
         locks_pb2_grpc.add_LocksServicer_to_server(locks_servicer, target)
+        mesh_pb2_grpc.add_MeshServicer_to_server(mesh_servicer, target)
         notify_pb2_grpc.add_NotifyServicer_to_server(notify_servicer, target)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
         # Reflection lists what the port serves: AgentLink only where agents connect.
@@ -467,7 +483,8 @@ async def _assemble(
     started_at = clock.now()
     await store.replica_seen(replica, f"{config.host}:{port}", __version__, started_at, started_at)
     log.info(
-        "coordinator listening address=%s:%d epoch=%d replica=%s", config.host, port, epoch, replica
+        "coordinator listening",
+        extra={t.ADDRESS: f"{config.host}:{port}", t.EPOCH: epoch, "replica": replica},
     )
     return Coordinator(
         config,
@@ -498,6 +515,7 @@ async def _assemble(
         shared=shared,
         started_at=started_at,
         hub=hub,
+        limiters=limiters,
     )
 
 

@@ -23,6 +23,10 @@ class AckStatus(enum.StrEnum):
     APPLIED = "APPLIED"
     FAILED = "FAILED"
     REJECTED = "REJECTED"
+    # This very command (same seq) was handled and answered before (docs/wire.md, "Acks").
+    DUPLICATE = "DUPLICATE"
+    # At or below the last applied seq, but a later snapshot replaced it: not vouched for.
+    NOT_APPLIED = "NOT_APPLIED"
 
 
 class RevokeReason(enum.StrEnum):
@@ -70,18 +74,35 @@ class CommandSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class GrantResult:
+    """One grant's (or tombstone's) outcome in a snapshot's ack."""
+
+    grant_id: str
+    status: AckStatus
+    reason: str = ""
+    applied_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     seq: int
     status: AckStatus
     reason: str = ""
     grant_id: str = ""
+    # For a snapshot: one result per grant and per tombstone it named.
+    results: tuple[GrantResult, ...] = ()
 
 
-def screen(command: CommandSpec, *, own_name: str, last_applied_seq: int) -> Ack | None:
+def screen(
+    command: CommandSpec, *, own_name: str, last_applied_seq: int, snapshot_seq: int = 0
+) -> Ack | None:
     """Checks that need no lease: the answer when the command stops here, else None.
 
     Refusals here change nothing, not even the last applied sequence number: a command meant for
-    another agent must not let a replay move this agent's log position.
+    another agent must not let a replay move this agent's log position. A command at or below
+    the last applied seq was handled before (DUPLICATE), unless the last snapshot, applied after
+    it, replaced what it did (NOT_APPLIED): commands are applied in seq order, so everything
+    between the snapshot and the last applied seq was handled one by one.
     """
     grant_id = command.kind.grant_id if isinstance(command.kind, GrantSpec | RevokeSpec) else ""
     if command.agent != own_name:
@@ -90,7 +111,14 @@ def screen(command: CommandSpec, *, own_name: str, last_applied_seq: int) -> Ack
         return Ack(command.seq, AckStatus.REJECTED, "sequence number mismatch", grant_id)
     # A snapshot replaces everything, so it is never a duplicate, even with a lower number.
     if not isinstance(command.kind, SnapshotSpec) and command.seq <= last_applied_seq:
-        return Ack(command.seq, AckStatus.APPLIED, "duplicate", grant_id)
+        if command.seq < snapshot_seq:
+            return Ack(
+                command.seq,
+                AckStatus.NOT_APPLIED,
+                f"replaced by snapshot {snapshot_seq}",
+                grant_id,
+            )
+        return Ack(command.seq, AckStatus.DUPLICATE, "", grant_id)
     return None
 
 

@@ -22,6 +22,7 @@ from agent.domain.commands import (
     AlreadyEnded,
     Bury,
     CommandSpec,
+    GrantResult,
     GrantSpec,
     Keep,
     Refuse,
@@ -31,7 +32,7 @@ from agent.domain.commands import (
 from agent.domain.errors import StateError
 from agent.domain.leases import EventKind, Lease, LeaseState, Pair, new_event
 from agent.engine.clocktrust import ClockTrust
-from agent.engine.enforcement import Enforcement
+from agent.engine.enforcement import Enforcement, Failures
 from agent.engine.expiry import Expiry
 from agent.engine.linkstate import LinkState
 from agent.engine.removals import Removals
@@ -67,7 +68,10 @@ class Commands:
     async def handle(self, command: CommandSpec) -> Ack:
         async with self._exclusive(command):
             ack = commands.screen(
-                command, own_name=self._name, last_applied_seq=self._link.last_applied_seq
+                command,
+                own_name=self._name,
+                last_applied_seq=self._link.last_applied_seq,
+                snapshot_seq=self._link.snapshot_seq,
             )
             if ack is None:
                 now = self._time.now()
@@ -86,7 +90,7 @@ class Commands:
                     log.error("cannot persist a command", extra={"error": str(exc)})
                     grant_id = "" if isinstance(kind, SnapshotSpec) else kind.grant_id
                     ack = Ack(command.seq, AckStatus.FAILED, "cannot persist the command", grant_id)
-            elif ack.status is AckStatus.APPLIED and isinstance(command.kind, RevokeSpec):
+            elif ack.status is AckStatus.DUPLICATE and isinstance(command.kind, RevokeSpec):
                 # A revoke sent again (its ack was lost): never "done" while its removal is owed.
                 ack = self._removals.still_owed(ack) or ack
         log.info(
@@ -134,8 +138,11 @@ class Commands:
             lock.release()
 
     async def _record(self, command: CommandSpec, writes: Sequence[Lease]) -> None:
-        await self._store.record_command(seq=command.seq, epoch=command.epoch, writes=writes)
-        self._link.applied(command.seq, command.epoch)
+        snapshot = isinstance(command.kind, SnapshotSpec)
+        await self._store.record_command(
+            seq=command.seq, epoch=command.epoch, writes=writes, snapshot=snapshot
+        )
+        self._link.applied(command.seq, command.epoch, snapshot=snapshot)
 
     async def _grant(self, command: CommandSpec, spec: GrantSpec, now: datetime) -> Ack:
         seq, grant_id = command.seq, spec.grant_id
@@ -289,7 +296,47 @@ class Commands:
             f"held {plan.kept + len(plan.starting) - len(failed)}, ended {len(plan.ending)}, "
             f"refused {len(plan.refused)}"
         )
+        results = await self._results(spec, plan, failures, failed, now)
         if failed or failures.remove:
             problems = [*failures.apply.values(), *failures.remove.values()]
-            return Ack(command.seq, AckStatus.FAILED, cut(f"{summary}; {problems[0]}"))
-        return Ack(command.seq, AckStatus.APPLIED, summary)
+            return Ack(
+                command.seq, AckStatus.FAILED, cut(f"{summary}; {problems[0]}"), results=results
+            )
+        return Ack(command.seq, AckStatus.APPLIED, summary, results=results)
+
+    async def _results(
+        self,
+        spec: SnapshotSpec,
+        plan: commands.SnapshotPlan,
+        failures: Failures,
+        failed: Sequence[str],
+        now: datetime,
+    ) -> tuple[GrantResult, ...]:
+        """One result per grant and tombstone the snapshot named (docs/wire.md): what the
+        coordinator books each of them by."""
+        refused = dict(plan.refused)
+        leases = await self._store.leases([g.grant_id for g in spec.grants] + list(spec.tombstones))
+        results: list[GrantResult] = []
+        for grant in spec.grants:
+            gid = grant.grant_id
+            if gid in refused:
+                results.append(GrantResult(gid, AckStatus.REJECTED, cut(refused[gid])))
+            elif gid in failed:
+                reason = failures.apply.get((grant.subject, grant.action), "apply failed")
+                results.append(GrantResult(gid, AckStatus.FAILED, cut(reason)))
+            else:
+                lease = leases.get(gid)
+                applied_at = lease.applied_at if lease is not None else None
+                results.append(GrantResult(gid, AckStatus.APPLIED, "", applied_at))
+        failing = {
+            lease.grant_id: failures.remove[lease.pair]
+            for lease in plan.ending
+            if lease.pair in failures.remove
+        }
+        for gid in spec.tombstones:
+            if gid in failing:
+                reason = cut(f"remove failed (retrying): {failing[gid]}")
+                results.append(GrantResult(gid, AckStatus.FAILED, reason))
+            else:
+                results.append(GrantResult(gid, AckStatus.APPLIED))
+        return tuple(results)

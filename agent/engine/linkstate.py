@@ -17,6 +17,8 @@ class HelloState:
     last_applied_seq: int
     epoch: int
     active_grant_ids: tuple[str, ...]
+    # Ended, their removal from the host still retried (wire 0.2, Hello.removing_grant_ids).
+    removing_grant_ids: tuple[str, ...] = ()
 
 
 class LinkState:
@@ -29,23 +31,31 @@ class LinkState:
         # leases count from here.
         self.offline_since: datetime | None = None
         self.last_applied_seq = 0
+        self.snapshot_seq = 0
         self.epoch = 0
 
     def load(self, meta: Meta) -> None:
         self.last_applied_seq = meta.last_applied_seq
+        self.snapshot_seq = meta.snapshot_seq
         self.epoch = meta.epoch
         # Until the link reaches the coordinator, it has been out of reach since the last contact.
         self.offline_since = meta.last_contact_at
 
-    def applied(self, seq: int, epoch: int) -> None:
+    def applied(self, seq: int, epoch: int, *, snapshot: bool = False) -> None:
         """A command was recorded: the log resumes after it."""
         self.last_applied_seq = seq
         self.epoch = max(self.epoch, epoch)
+        if snapshot:
+            self.snapshot_seq = seq
 
     async def hello_state(self) -> HelloState:
         active = await self._store.active_leases()
+        removing = sorted({gid for r in await self._store.removals() for gid in r.grant_ids})
         return HelloState(
-            self.last_applied_seq, self.epoch, tuple(lease.grant_id for lease in active)
+            self.last_applied_seq,
+            self.epoch,
+            tuple(lease.grant_id for lease in active),
+            tuple(removing),
         )
 
     async def note_epoch(self, epoch: int) -> None:

@@ -33,6 +33,8 @@ _ACK_STATUS = {
     AckStatus.APPLIED: agentlink_pb2.ACK_STATUS_APPLIED,
     AckStatus.FAILED: agentlink_pb2.ACK_STATUS_FAILED,
     AckStatus.REJECTED: agentlink_pb2.ACK_STATUS_REJECTED,
+    AckStatus.DUPLICATE: agentlink_pb2.ACK_STATUS_DUPLICATE,
+    AckStatus.NOT_APPLIED: agentlink_pb2.ACK_STATUS_NOT_APPLIED,
 }
 _REVOKE_REASON = {
     agentlink_pb2.REVOKE_REASON_REVOKED: RevokeReason.REVOKED,
@@ -128,7 +130,19 @@ def _check(pattern: re.Pattern[str], value: str, field: str) -> str:
 def ack_to_pb(ack: Ack) -> agentlink_pb2.AgentMessage:
     return agentlink_pb2.AgentMessage(
         ack=agentlink_pb2.Ack(
-            seq=ack.seq, status=_ACK_STATUS[ack.status], reason=ack.reason, grant_id=ack.grant_id
+            seq=ack.seq,
+            status=_ACK_STATUS[ack.status],
+            reason=ack.reason,
+            grant_id=ack.grant_id,
+            results=[
+                agentlink_pb2.GrantResult(
+                    grant_id=r.grant_id,
+                    status=_ACK_STATUS[r.status],
+                    reason=r.reason,
+                    applied_at=to_timestamp(r.applied_at) if r.applied_at else None,
+                )
+                for r in ack.results
+            ],
         )
     )
 
@@ -158,6 +172,7 @@ def hello_to_pb(
     epoch: int,
     boot_id: str,
     agent_time: datetime,
+    removing_grant_ids: Sequence[str] = (),
 ) -> agentlink_pb2.AgentMessage:
     return agentlink_pb2.AgentMessage(
         hello=agentlink_pb2.Hello(
@@ -169,6 +184,7 @@ def hello_to_pb(
             epoch=epoch,
             boot_id=boot_id,
             agent_time=to_timestamp(agent_time),
+            removing_grant_ids=list(removing_grant_ids),
         )
     )
 

@@ -293,6 +293,7 @@ class Link:
                 epoch=state.epoch,
                 boot_id=self._settings.boot_id,
                 agent_time=self._clock.now(),
+                removing_grant_ids=state.removing_grant_ids,
             )
         )
         self._sent = set()

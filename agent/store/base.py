@@ -23,6 +23,8 @@ class Meta:
     last_wall_at: datetime | None
     # When the agent last knew it had the coordinator (the offline grace counts from here).
     last_contact_at: datetime | None
+    # The seq of the last snapshot applied: commands below it were replaced by it.
+    snapshot_seq: int = 0
 
 
 class LeaseStore(Protocol):
@@ -38,7 +40,9 @@ class LeaseStore(Protocol):
 
     async def active_leases(self) -> list[Lease]: ...
 
-    async def record_command(self, *, seq: int, epoch: int, writes: Sequence[Lease]) -> None:
+    async def record_command(
+        self, *, seq: int, epoch: int, writes: Sequence[Lease], snapshot: bool = False
+    ) -> None:
         """One transaction: the rows a command writes, its sequence number as the last applied
         one (even when lower: a snapshot replaces everything), and the highest epoch seen."""
         ...

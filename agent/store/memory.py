@@ -53,10 +53,17 @@ class MemoryLeaseStore:
         active = [lease for lease in self._leases.values() if lease.state is LeaseState.ACTIVE]
         return sorted(active, key=lambda lease: lease.not_after)
 
-    async def record_command(self, *, seq: int, epoch: int, writes: Sequence[Lease]) -> None:
+    async def record_command(
+        self, *, seq: int, epoch: int, writes: Sequence[Lease], snapshot: bool = False
+    ) -> None:
         for lease in writes:
             self._leases[lease.grant_id] = lease
-        self._meta = replace(self._meta, last_applied_seq=seq, epoch=max(self._meta.epoch, epoch))
+        self._meta = replace(
+            self._meta,
+            last_applied_seq=seq,
+            epoch=max(self._meta.epoch, epoch),
+            snapshot_seq=seq if snapshot else self._meta.snapshot_seq,
+        )
 
     async def mark_applied(
         self, grant_id: str, at: datetime, event: OutboxEvent | None = None

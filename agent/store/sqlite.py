@@ -239,6 +239,7 @@ class SqliteLeaseStore:
             boot_id=values.get("boot_id", ""),
             last_wall_at=from_ms(int(last_wall)) if last_wall else None,
             last_contact_at=from_ms(int(last_contact)) if last_contact else None,
+            snapshot_seq=int(values.get("snapshot_seq", "0")),
         )
 
     async def claim(self, agent: str, boot_id: str) -> None:
@@ -289,7 +290,9 @@ class SqliteLeaseStore:
         ended = self._journal_ends()
         return [_lease(row) for row in rows if row[0] not in ended]
 
-    async def record_command(self, *, seq: int, epoch: int, writes: Sequence[Lease]) -> None:
+    async def record_command(
+        self, *, seq: int, epoch: int, writes: Sequence[Lease], snapshot: bool = False
+    ) -> None:
         with self._tx() as db:
             for lease in writes:
                 db.execute(
@@ -316,6 +319,13 @@ class SqliteLeaseStore:
                 "ELSE excluded.value END",
                 {"seq": str(seq), "epoch": epoch},
             )
+            if snapshot:
+                # A key of the meta table: no migration, and a previous release ignores it.
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('snapshot_seq', :seq) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    {"seq": str(seq)},
+                )
 
     async def mark_applied(
         self, grant_id: str, at: datetime, event: OutboxEvent | None = None
@@ -469,6 +479,11 @@ class SqliteLeaseStore:
             )
             for row in rows
         ]
+
+    async def outbox_depth(self) -> int:
+        """Events waiting for the coordinator (the metrics read it)."""
+        row = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        return int(row[0])
 
     async def delete_events(self, event_ids: Iterable[str]) -> int:
         with self._tx() as db:

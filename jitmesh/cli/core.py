@@ -32,7 +32,7 @@ from typing import Any, Final, TextIO
 import click
 from rich.console import Console
 
-from jitmesh import errors, tls
+from jitmesh import errors, profiles, tls
 from jitmesh.cli import output
 from jitmesh.client import Client
 from jitmesh.clock import Clock, SystemClock
@@ -69,15 +69,31 @@ class Settings:
     token: str | None = None
     ca_file: str | None = None
     insecure: bool | None = None
+    profile: str | None = None
     output: str | None = None
     timeout: timedelta | None = None
     clock: Clock = field(default_factory=SystemClock)
 
+    def connection(self) -> profiles.Connection:
+        """Flags, then JITMESH_* variables, then the profile (~/.config/jitmesh/config.toml)."""
+        return profiles.resolve(
+            coordinator=self.coordinator,
+            token=self.token,
+            ca_file=self.ca_file,
+            insecure=self.insecure,
+            profile=self.profile,
+        )
+
     def resolved_coordinator(self) -> str:
-        return self.coordinator or os.environ.get(ENV_COORDINATOR) or DEFAULT_COORDINATOR
+        return self.connection().coordinator or DEFAULT_COORDINATOR
 
     def resolved_token(self) -> str | None:
-        return self.token or os.environ.get(ENV_TOKEN) or _saved_token()
+        """The token to send; the one `jitctl login` saved when nothing else gives one."""
+        try:
+            found = self.connection().token
+        except errors.JitmeshError:
+            found = self.token or os.environ.get(ENV_TOKEN)
+        return found or _saved_token()
 
 
 ENV_TOKEN_FILE: Final = "JITMESH_TOKEN_FILE"  # noqa: S105 (a variable's name)
@@ -251,6 +267,15 @@ def global_options(*, visible: bool) -> Callable[[Any], Any]:
     hidden = not visible
     options = [
         click.option(
+            "--profile",
+            metavar="NAME",
+            expose_value=False,
+            callback=_store("profile"),
+            hidden=hidden,
+            help="Connection profile in ~/.config/jitmesh/config.toml (default: $JITMESH_PROFILE, "
+            "else the file's default_profile); flags and JITMESH_* variables beat it.",
+        ),
+        click.option(
             "--coordinator",
             metavar="HOST:PORT",
             expose_value=False,
@@ -313,8 +338,8 @@ def global_options(*, visible: bool) -> Callable[[Any], Any]:
 
 
 GLOBAL_NOTE: Final = (
-    "Global options (--coordinator, --token, --ca-file, -o, --timeout) work before or after "
-    "any command; see 'jitctl --help'."
+    "Global options (--profile, --coordinator, --token, --ca-file, --insecure, -o, --timeout) "
+    "work before or after any command; see 'jitctl --help'."
 )
 
 
@@ -371,14 +396,15 @@ Handler = Callable[..., Awaitable[None]]
 
 
 def command(
-    parent: click.Group,
+    parent: click.Group | None,
     name: str,
     *,
     help: str,
     examples: Sequence[str],
     connect: bool = True,
 ) -> Callable[[Handler], click.Command]:
-    """Turn `async def handler(client, out, **params)` into a command of `parent`.
+    """Turn `async def handler(client, out, **params)` into a command of `parent` (None: a
+    top-level command, added to GROUPS in main.py).
 
     With connect=False the handler gets None for the client (commands that work offline)."""
 
@@ -400,7 +426,8 @@ def command(
             epilog=_epilog(examples),
         )
         global_options(visible=False)(made)
-        parent.add_command(made)
+        if parent is not None:
+            parent.add_command(made)
         return made
 
     return decorate
@@ -415,12 +442,13 @@ async def _invoke(
         return
     try:
         # TLS unless told otherwise: the SDK applies $JITMESH_CA_FILE and $JITMESH_INSECURE
-        # (jitmesh.tls), and a flag given here beats them.
+        # (jitmesh.tls), and a flag given here beats them; the profile comes last.
+        found = config.connection()
         client = await Client.connect(
-            config.resolved_coordinator(),
-            token=config.resolved_token(),
-            ca_file=config.ca_file,
-            insecure=config.insecure,
+            found.coordinator or DEFAULT_COORDINATOR,
+            token=found.token or _saved_token(),
+            ca_file=found.ca_file,
+            insecure=found.insecure,
             timeout=(config.timeout or DEFAULT_TIMEOUT).total_seconds(),
         )
     except errors.InvalidArgumentError as exc:

@@ -38,11 +38,13 @@ from jitmesh.cli.login import register as register_login
 from jitmesh.cli.notify import notify
 from jitmesh.cli.policy import policy
 from jitmesh.cli.requests import requests
+from jitmesh.cli.status import status
 from jitmesh.cli.tokens import certs, tokens, users
 from jitmesh.clock import Clock
 
 # The order `jitctl --help` lists them in.
 GROUPS: tuple[click.Command, ...] = (
+    status,
     requests,
     grants,
     agents,

@@ -34,8 +34,10 @@ from jitmesh.types import (
     AuditEvent,
     ChainVerification,
     Grant,
+    GrantState,
     JoinToken,
     Lock,
+    MeshStatus,
     PolicyDecision,
     PolicyDocument,
     Request,
@@ -124,6 +126,7 @@ def dumps_yaml(value: JSON | list[JSON]) -> str:
 # How a state looks on a terminal: green holds access or went well, yellow is on its way, red
 # needs a person, dim is over.
 _GOOD: Final = frozenset({"ACTIVE", "APPROVED", "connected", "ok", "allowed", "active"})
+_WARN_STATES: Final = frozenset({"degraded"})
 _BUSY: Final = frozenset({"PENDING", "PENDING_DELIVERY", "REVOKING", "created"})
 _BAD: Final = frozenset({"DENIED", "FAILED", "REVOKE_FAILED", "disconnected", "broken", "denied"})
 _OVER: Final = frozenset(
@@ -137,7 +140,7 @@ def state_style(value: str) -> str:
     first = value.split(" ", 1)[0]
     if first in _GOOD:
         return "green"
-    if first in _BUSY:
+    if first in _BUSY or first in _WARN_STATES:
         return "yellow"
     if first in _BAD:
         return "bold red"
@@ -823,3 +826,54 @@ def locks_table(locks: Iterable[Lock], now: datetime) -> Table:
             for lock in locks
         ),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh status
+
+
+def status_json(status: MeshStatus) -> JSON:
+    return {
+        "id": status.replica or "coordinator",
+        "state": "degraded" if _degraded(status) else "ok",
+        "coordinator_time": rfc3339(status.coordinator_time),
+        "version": status.version,
+        "epoch": status.epoch,
+        "agents": {"enrolled": status.agents_enrolled, "connected": status.agents_connected},
+        "requests": {s.value: n for s, n in sorted(status.requests.items())},
+        "grants": {s.value: n for s, n in sorted(status.grants.items())},
+        "revokes_unacknowledged": status.revokes_unacknowledged,
+        "commands_unacknowledged": status.commands_unacknowledged,
+        "policy_version": status.policy_version,
+        "audit_head_seq": status.audit_head_seq,
+        "locks_in_force": status.locks_in_force,
+    }
+
+
+def _degraded(status: MeshStatus) -> bool:
+    """Something needs a person: a removal failed on a host, or agents are away."""
+    failed = status.grants.get(GrantState.REVOKE_FAILED, 0)
+    return failed > 0 or status.agents_connected < status.agents_enrolled
+
+
+def status_details(status: MeshStatus) -> Table:
+    def counts(values: Mapping[Any, int]) -> str:
+        return ", ".join(f"{n} {s.value.lower()}" for s, n in sorted(values.items())) or "none"
+
+    away = status.agents_enrolled - status.agents_connected
+    return details(
+        [
+            ("STATE", "degraded" if _degraded(status) else "ok"),
+            ("COORDINATOR", f"v{status.version} epoch {status.epoch}"),
+            ("AGENTS", f"{status.agents_connected} of {status.agents_enrolled} connected"
+             + (f" ({away} away)" if away > 0 else "")),
+            ("REQUESTS WAITING", counts(status.requests)),
+            ("GRANTS", counts(status.grants)),
+            ("REVOKES UNACKED", status.revokes_unacknowledged),
+            ("COMMANDS UNACKED", status.commands_unacknowledged),
+            ("REVOKE FAILED", status.grants.get(GrantState.REVOKE_FAILED, 0)),
+            ("LOCKS IN FORCE", status.locks_in_force),
+            ("POLICY", f"v{status.policy_version}"),
+            ("AUDIT HEAD", status.audit_head_seq),
+        ]
+    )  # fmt: skip

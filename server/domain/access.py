@@ -398,9 +398,8 @@ class AccessService:
         command: Command | None = None
         async with self._store.transaction() as tx:
             request = await self._get_request(tx, request_id)
-            if request.state is not RequestState.PENDING:
-                raise Conflict(f"request is {request.state.value}, not PENDING")
             now = self._clock.now()
+            _still_pending(request, now)
             plan, before = self.outcome(request, now)
             # The rules are apply_review's; asking first means nobody's review is silently
             # ignored: a review that would not count is refused with the reason.
@@ -463,8 +462,7 @@ class AccessService:
             request = await self._get_request(tx, request_id)
             if not (same_person(principal.name, request.subject) or principal.is_admin):
                 raise PermissionDenied("only the requester or an admin may cancel a request")
-            if request.state is not RequestState.PENDING:
-                raise Conflict(f"request is {request.state.value}, not PENDING")
+            _still_pending(request, self._clock.now())
             await self._decide(tx, request, RequestState.CANCELLED, principal.name, "cancelled")
             await tx.audit(self._entry("request.cancelled", principal.name, request))
         request, _ = await self._after(tx, request_id, None, None)
@@ -824,3 +822,12 @@ class AccessService:
             grant_id=grant_id,
             details=info,
         )
+
+
+def _still_pending(request: Request, now: datetime) -> None:
+    """A decision on a request checks its pending deadline itself: between the deadline and the
+    next expiry sweep the request is as good as EXPIRED (the sweep records it)."""
+    if request.state is not RequestState.PENDING:
+        raise Conflict(f"request is {request.state.value}, not PENDING")
+    if request.pending_expires_at is not None and now >= request.pending_expires_at:
+        raise Conflict("request expired unreviewed (its pending time is over): ask again")

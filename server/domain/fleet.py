@@ -3,15 +3,18 @@ observed events). The stream itself lives in rpc/; the decisions live here."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock
 from jitmesh.crashpoints import crash_point
 from jitmesh.types import Agent, Grant, GrantState, JoinTokenInfo, LockTarget
+from jitmesh.versions import older_than
 
 from .access import hash_secret
 from .batching import GroupCommit
@@ -28,7 +31,7 @@ from .grants import end_grants
 from .hub import Hub
 from .lifecycle import DUE_GRANT_STATES, LIVE_GRANT_STATES
 from .models import (
-    NO_CHANGE,
+    AckStatus,
     AgentAck,
     AgentHello,
     AgentObservation,
@@ -361,15 +364,60 @@ class FleetService:
             # or it lost its lease table (moved aside as corrupt, a reinstalled host): only a full
             # snapshot brings it back in line. Replaying the whole log instead would apply, for a
             # moment, grants that were revoked later in it.
-            grants = await self._store.live_grants(agent.name)
-            return Resume(agent.last_seq, (), tuple(grants), agent.last_seq)
-        resume_after = hello.last_applied_seq
+            return await self._snapshot(agent.name, now)
         unacked = await self._store.first_unacked_seq(agent.name)
+        if unacked is not None and unacked <= hello.last_applied_seq:
+            # Acks lost in a coordinator crash: what the Hello proves is settled now.
+            await self._settle_from_hello(agent.name, hello, unacked)
+            unacked = await self._store.first_unacked_seq(agent.name)
+        resume_after = hello.last_applied_seq
         if unacked is not None:
             # Resend what was applied but never acknowledged here (the ack was lost in a crash);
-            # the agent re-acks duplicates without applying them twice.
+            # the agent acks those DUPLICATE (or NOT_APPLIED) and applies nothing twice.
             resume_after = min(resume_after, unacked - 1)
         return Resume(resume_after, (), None, 0)
+
+    async def _snapshot(self, agent: str, now: datetime) -> Resume:
+        """A snapshot under its own, new sequence number: the agent's live grants, and as
+        tombstones its grants with a revoke not yet acknowledged as done."""
+        async with self._store.transaction() as tx:
+            seq = await tx.append_command(agent, CommandKind.SNAPSHOT, "", now)
+            # Read under the write transaction: nothing commits between the seq and the read.
+            grants = await self._store.live_grants(agent)
+            tombstones = [g.id for g in await self._store.unremoved_grants(agent)]
+        return Resume(seq, (), tuple(grants), seq, tuple(tombstones))
+
+    async def _settle_from_hello(self, agent: str, hello: AgentHello, unacked: int) -> None:
+        """Acks for the unacknowledged commands at or below the Hello's last applied seq, where
+        the Hello proves the outcome: a grant it lists as active was applied; a revoke whose
+        grant it lists neither as active nor as removing was done (or failed, when removing).
+        Revokes are settled only for agents that report removals (wire 0.2 and later)."""
+        active = set(hello.active_grant_ids)
+        removing = set(hello.removing_grant_ids)
+        reports_removals = not older_than(hello.version, 0, 2)
+        acks: list[AgentAck] = []
+        after = unacked - 1
+        while after < hello.last_applied_seq:
+            page = await self._store.commands_after(agent, after, BACKLOG_PAGE)
+            for command in page:
+                if command.seq > hello.last_applied_seq:
+                    break
+                grant_id = command.grant.id
+                if command.kind is CommandKind.GRANT and grant_id in active:
+                    status = AckStatus.APPLIED
+                elif command.kind is CommandKind.REVOKE and reports_removals:
+                    if grant_id in active:
+                        continue
+                    status = AckStatus.FAILED if grant_id in removing else AckStatus.APPLIED
+                else:
+                    continue
+                reason = "removal pending on the host" if status is AckStatus.FAILED else ""
+                acks.append(AgentAck(command.seq, status, reason, grant_id, source="hello"))
+            if len(page) < BACKLOG_PAGE or not page:
+                break
+            after = page[-1].seq
+        if acks:
+            await asyncio.gather(*(self._acks.submit(_PendingAck(agent, a)) for a in acks))
 
     async def _hello_batch(self, batch: Sequence[tuple[str, AgentHello, datetime]]) -> list[None]:
         async with self._store.transaction() as tx:
@@ -406,6 +454,13 @@ class FleetService:
         """Record an agent's ack of a command and move its grant on; returns once durable.
         Acks from all streams are group-committed (`batching.GroupCommit`): a fleet-wide
         revoke's thousands of acks cost a few commits, not one per agent."""
+        if ack.results:
+            # A snapshot's results may name only this agent's grants.
+            named = [await self._store.get_grant(gid) for gid in {r.grant_id for r in ack.results}]
+            foreign = [g.agent for g in named if g is not None and g.agent != principal.name]
+            if foreign:
+                await self._refuse_impersonation(principal, "ack", foreign[0])
+                raise PermissionDenied("ack names another agent's grant")
         # The command reached the agent and was applied, the ack is not recorded yet.
         crash_point("after_push")
         await self._acks.submit(_PendingAck(principal.name, ack))
@@ -434,24 +489,41 @@ class FleetService:
         async with self._store.transaction() as tx:
             recorded = [
                 await tx.ack_commands(
-                    [(p.agent, p.ack.seq, p.ack.status, p.ack.reason[:256]) for p in acks], now
+                    [(p.agent, p.ack.seq, p.ack.status.value, p.ack.reason[:256]) for p in acks],
+                    now,
                 )
                 for acks in rounds
             ]
             grant_ids = {grant_id for found in recorded for _, grant_id, _ in found.values()}
+            grant_ids.update(r.grant_id for p in batch for r in p.ack.results)
             grants = await tx.get_grants(sorted(grant_ids))
             moves = _Moves(grants)
             entries: list[AuditEntry] = []
             for pending, k in zip(batch, round_of, strict=True):
                 found = recorded[k].get((pending.agent, pending.ack.seq))
-                grant = None if found is None else grants.get(found[1])
-                if found is None or grant is None:
-                    continue  # an unknown or repeated ack moves nothing
-                kind, _, issued_at = found
-                entries.append(moves.ack(pending.agent, grant, kind, pending.ack, now, issued_at))
-                request_ids.append(grant.request_id)
-            for ids, expected, state, change in moves.grouped():
-                await tx.move_grants(ids, expected=[expected], state=state, change=change)
+                if found is None or pending.ack.status.settles_nothing:
+                    # An unknown or repeated ack, a duplicate, or a command the agent did not
+                    # apply: recorded (for the resume point) and nothing else.
+                    continue
+                kind, grant_id, issued_at = found
+                if kind is CommandKind.SNAPSHOT:
+                    # Every earlier command not yet acknowledged is replaced by the snapshot.
+                    await tx.supersede_commands(pending.agent, pending.ack.seq, now)
+                    for entry in moves.snapshot(pending.agent, pending.ack, now, issued_at):
+                        entries.append(entry)
+                        request_ids.append(entry.request_id)
+                    continue
+                grant = grants.get(grant_id)
+                if grant is None:
+                    continue
+                one = moves.ack(pending.agent, grant, kind, pending.ack, now, issued_at)
+                if one is not None:
+                    entries.append(one)
+                    request_ids.append(grant.request_id)
+            for ids, expected, state, fields in moves.grouped():
+                await tx.move_grants(
+                    ids, expected=[expected], state=state, change=GrantChange(**fields)
+                )
             await tx.audit_many(entries)
         crash_point("after_ack")
         if request_ids:
@@ -466,7 +538,7 @@ class FleetService:
             raise InvalidArgument("event id is not valid (expected 1 to 64 of A-Za-z0-9._:-)")
         now = self._clock.now()
         details = {k[:64]: val[:256] for k, val in list(event.details.items())[:16]}
-        details["observed_at"] = event.observed_at.isoformat()
+        details["observed_at"] = (event.observed_at or now).isoformat()
         if event.action:
             details["action"] = event.action[:64]
         grant = (
@@ -539,6 +611,22 @@ class FleetService:
         else:
             return
         await tx.audit(AuditEntry(kind, f"agent:{agent}", now, agent=agent, details=details))
+
+    async def message_refused(self, principal: Principal, why: str) -> None:
+        """Audit a malformed message from an enrolled agent (its stream is ended by the caller).
+        `why` names the field, never the value."""
+        now = self._clock.now()
+        async with self._store.transaction() as tx:
+            await tx.audit(
+                AuditEntry(
+                    "agent.message_refused",
+                    f"agent:{principal.name}",
+                    now,
+                    agent=principal.name,
+                    details={"why": why[:128]},
+                )
+            )
+        await self._hub.audit_written(tx.new_audit)
 
     async def _refuse_impersonation(self, principal: Principal, via: str, claimed: str) -> None:
         now = self._clock.now()
@@ -615,30 +703,55 @@ class _Moves:
     """The grant moves of a batch of acks, worked out in order in memory (the batch is one
     transaction under the store's writer lock, so what was read is what is there), then written
     as one compare-and-set per (from, to, columns) group. The outcome is the same as moving
-    grant by grant, ack by ack."""
+    grant by grant, ack by ack.
+
+    The record says what the agent did and nothing else: an audit entry is written for a move
+    that happens, for a refusal or failure the agent reports, and for an application reported
+    after the grant had ended here (noted as late, the grant stays ended); never for an ack that
+    moves nothing it could truthfully report."""
 
     def __init__(self, grants: dict[str, Grant]) -> None:
+        self._grants = grants
         self._start = {gid: g.state for gid, g in grants.items()}
         self._state = dict(self._start)
-        self._changes: dict[str, GrantChange] = {}
+        self._applied = {gid for gid, g in grants.items() if g.applied_at is not None}
+        self._fields: dict[str, dict[str, Any]] = {}
 
     def _move(
-        self,
-        grant_id: str,
-        expected: tuple[GrantState, ...],
-        state: GrantState,
-        change: GrantChange,
-    ) -> None:
+        self, grant_id: str, expected: tuple[GrantState, ...], state: GrantState, **fields: Any
+    ) -> bool:
         if self._state[grant_id] in expected:
             self._state[grant_id] = state
-            before = self._changes.get(grant_id, NO_CHANGE)
-            # Later moves of the same grant in the batch win field by field, as one by one.
-            self._changes[grant_id] = GrantChange(
-                *(
-                    new if new is not None else old
-                    for old, new in zip(astuple(before), astuple(change), strict=True)
-                )
-            )
+            self._fields.setdefault(grant_id, {}).update(fields)
+            return True
+        return False
+
+    def snapshot(
+        self, agent: str, ack: AgentAck, now: datetime, issued_at: datetime
+    ) -> list[AuditEntry]:
+        """Book a snapshot's per-grant results. A result counts as the grant command's ack when
+        the grant came before the snapshot (grant_seq below it), as its revoke's ack when the
+        revoke did (a tombstone of the snapshot); a result for anything else moves nothing."""
+        entries: list[AuditEntry] = []
+        for result in ack.results:
+            grant = self._grants.get(result.grant_id)
+            if grant is None or grant.agent != agent or result.status.settles_nothing:
+                continue
+            if 0 < grant.revoke_seq < ack.seq:
+                kind = CommandKind.REVOKE
+            elif 0 < grant.grant_seq < ack.seq:
+                kind = CommandKind.GRANT
+            else:
+                continue
+            applied_at = now
+            if result.applied_at is not None:
+                # The agent's clock: never before the grant existed, never after this ack.
+                applied_at = max(grant.created_at, min(result.applied_at, now))
+            one = AgentAck(ack.seq, result.status, result.reason, grant.id, source="snapshot")
+            entry = self.ack(agent, grant, kind, one, now, issued_at, applied_at=applied_at)
+            if entry is not None:
+                entries.append(entry)
+        return entries
 
     def ack(
         self,
@@ -648,12 +761,17 @@ class _Moves:
         ack: AgentAck,
         now: datetime,
         issued_at: datetime,
-    ) -> AuditEntry:
-        """Move the grant as this ack says; the audit entry it gets (written either way)."""
+        *,
+        applied_at: datetime | None = None,
+    ) -> AuditEntry | None:
+        """Move the grant as this ack says; the audit entry it gets, if any."""
         # From the command's commit to the agent's ack: the propagation a revoke receipt shows.
         latency_ms = str(int((now - issued_at).total_seconds() * 1000))
         details = {"action": grant.action, "seq": str(ack.seq)}
+        if ack.source:
+            details["source"] = ack.source
         reason = ack.reason[:256]
+        at = applied_at or now
         if kind is CommandKind.EXTEND:
             # The grant stays as it is: only its end moved (and was audited grant.extended
             # when decided). The ack says whether the host has the new end.
@@ -664,44 +782,46 @@ class _Moves:
                 details["latency_ms"] = latency_ms
             else:
                 details.update(status=ack.status, reason=reason)
-        elif kind is CommandKind.GRANT and ack.status == "APPLIED":
-            self._move(
-                grant.id,
-                (GrantState.PENDING_DELIVERY,),
-                GrantState.ACTIVE,
-                GrantChange(applied_at=now),
-            )
+        elif kind is CommandKind.GRANT and ack.status is AckStatus.APPLIED:
+            if grant.id in self._applied:
+                return None  # already recorded as applied: nothing new to say
+            self._applied.add(grant.id)
+            if not self._move(
+                grant.id, (GrantState.PENDING_DELIVERY,), GrantState.ACTIVE, applied_at=at
+            ):
+                # Ended here before the ack arrived (expired, revoked): the host did hold it,
+                # so that is recorded, but the grant stays ended.
+                current = self._state[grant.id]
+                self._move(grant.id, (current,), current, applied_at=at)
+                details["late"] = "true"
+                details["state"] = current.value
             what = "grant.applied"
             details["latency_ms"] = latency_ms
         elif kind is CommandKind.GRANT:
             ended = GrantState.EXPIRED if now >= grant.not_after else GrantState.FAILED
             self._move(
-                grant.id,
-                (GrantState.PENDING_DELIVERY,),
-                ended,
-                GrantChange(failure=reason, ended_at=now),
+                grant.id, (GrantState.PENDING_DELIVERY,), ended, failure=reason, ended_at=now
             )
             what = "grant.apply_failed"
-            details.update(status=ack.status, reason=reason)
-        elif ack.status == "APPLIED":
+            details.update(status=ack.status.value, reason=reason)
+        elif ack.status is AckStatus.APPLIED:
             state = GrantState.RELEASED if grant.end_reason == "released" else GrantState.REVOKED
-            self._move(
-                grant.id,
-                (GrantState.REVOKING, GrantState.REVOKE_FAILED),
-                state,
-                GrantChange(ended_at=now),
-            )
+            if not self._move(
+                grant.id, (GrantState.REVOKING, GrantState.REVOKE_FAILED), state, ended_at=now
+            ):
+                return None  # already ended here (expired, or this revoke's earlier ack)
             what = f"grant.{state.value.lower()}"
             details["latency_ms"] = latency_ms
         else:
-            self._move(
-                grant.id,
-                (GrantState.REVOKING,),
-                GrantState.REVOKE_FAILED,
-                GrantChange(failure=reason),
-            )
+            if (
+                not self._move(
+                    grant.id, (GrantState.REVOKING,), GrantState.REVOKE_FAILED, failure=reason
+                )
+                and self._state[grant.id] is GrantState.REVOKE_FAILED
+            ):
+                return None  # already known to have failed
             what = "grant.revoke_failed"
-            details.update(status=ack.status, reason=reason)
+            details.update(status=ack.status.value, reason=reason)
         return AuditEntry(
             what,
             f"agent:{agent}",
@@ -713,11 +833,10 @@ class _Moves:
             details=details,
         )
 
-    def grouped(self) -> list[tuple[list[str], GrantState, GrantState, GrantChange]]:
-        groups: dict[tuple[GrantState, GrantState, GrantChange], list[str]] = {}
-        for grant_id, state in self._state.items():
-            start = self._start[grant_id]
-            if state is start:
-                continue
-            groups.setdefault((start, state, self._changes[grant_id]), []).append(grant_id)
-        return [(ids, start, state, change) for (start, state, change), ids in groups.items()]
+    def grouped(self) -> list[tuple[list[str], GrantState, GrantState, dict[str, Any]]]:
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for grant_id, fields in self._fields.items():
+            start, state = self._start[grant_id], self._state[grant_id]
+            key = (start, state, tuple(sorted(fields.items())))
+            groups.setdefault(key, []).append(grant_id)
+        return [(ids, start, state, dict(fields)) for (start, state, fields), ids in groups.items()]

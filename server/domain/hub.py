@@ -16,6 +16,9 @@ class Hub:
         self._queue_size = queue_size
         self._audit = asyncio.Condition()
         self.audit_head = 0
+        # Told of every audit event written by this process, after its commit (metrics count
+        # them). Must not raise or block: they run inside the writer's call.
+        self.audit_observers: list[Callable[[Sequence[AuditEvent]], None]] = []
         # Called after every commit that wrote audit events (the notify sender's wake-up).
         self.on_audit: list[Callable[[], None]] = []
 
@@ -41,6 +44,8 @@ class Hub:
 
     async def audit_written(self, events: Sequence[AuditEvent]) -> None:
         """Call after a commit with the audit events it wrote."""
+        for observe in self.audit_observers:
+            observe(events)
         if events and events[-1].seq > self.audit_head:
             self.audit_head = events[-1].seq
             for listener in self.on_audit:

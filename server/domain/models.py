@@ -66,6 +66,9 @@ class JoinToken:
 class CommandKind(enum.StrEnum):
     GRANT = "grant"
     REVOKE = "revoke"
+    # A snapshot has its own place in the log (docs/wire.md): its row names no grant, and it is
+    # never replayed (a new Hello that needs one gets a new one).
+    SNAPSHOT = "snapshot"
     # The grant's end moved later in place (same grant id): sent as the grant with its new
     # not_after, which every agent version applies in place (docs/wire.md, ExtendCommand).
     EXTEND = "extend"
@@ -160,14 +163,45 @@ class AgentHello:
     epoch: int
     boot_id: str
     agent_time: datetime | None
+    # Ended on the agent, removal from the host still being retried (since wire 0.2).
+    removing_grant_ids: tuple[str, ...] = ()
+
+
+class AckStatus(enum.StrEnum):
+    """What an agent says it did with a command (docs/wire.md, "Acks")."""
+
+    APPLIED = "APPLIED"
+    FAILED = "FAILED"
+    REJECTED = "REJECTED"
+    # Already applied and acknowledged before: records nothing new, audits nothing.
+    DUPLICATE = "DUPLICATE"
+    # At or below the agent's last applied seq but not applied (a snapshot replaced it).
+    NOT_APPLIED = "NOT_APPLIED"
+
+    @property
+    def settles_nothing(self) -> bool:
+        return self in (AckStatus.DUPLICATE, AckStatus.NOT_APPLIED)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantResult:
+    """One grant's (or tombstone's) outcome in a snapshot's ack."""
+
+    grant_id: str
+    status: AckStatus
+    reason: str = ""
+    applied_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class AgentAck:
     seq: int
-    status: str  # APPLIED, FAILED, REJECTED
+    status: AckStatus
     reason: str
     grant_id: str
+    results: tuple[GrantResult, ...] = ()
+    # "hello" for an ack the coordinator derived from a Hello (the agent's own ack was lost).
+    source: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +213,8 @@ class AgentObservation:
     grant_id: str
     subject: str
     action: str
-    observed_at: datetime
+    # None when the agent did not say (the coordinator's receiving time is recorded instead).
+    observed_at: datetime | None
     details: dict[str, str]
     # The agent's event counter (0: an agent that does not number its events).
     counter: int = 0
@@ -218,3 +253,20 @@ os.register_at_fork(after_in_child=_random_pool.clear)
 
 def new_secret(prefix: str) -> str:
     return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusCounts:
+    """What the store counts for `jitctl status` and the metrics: one read, no lists."""
+
+    agents_enrolled: int
+    # Requests waiting for a decision (or a scheduled start), by state name.
+    requests: dict[str, int]
+    # Grants not ended, and those ended since the time asked for, by state name.
+    grants: dict[str, int]
+    # Grants whose revoke was sent and not yet acknowledged (REVOKING).
+    revokes_unacknowledged: int
+    # Commands of any kind not yet acknowledged: sum over agents of last_seq - last_acked_seq.
+    commands_unacknowledged: int
+    locks_in_force: int
+    policy_version: int

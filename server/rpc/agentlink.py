@@ -19,9 +19,11 @@ from typing import Any
 
 import grpc
 
+from jitmesh import telemetry as t
 from jitmesh.clock import Clock
 from jitmesh.keyset import key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agentlink_pb2_grpc, agents_pb2
+from jitmesh.versions import older_than
 from server.ca import CertificateError, agent_of
 from server.domain import errors
 from server.domain.fleet import BACKLOG_PAGE, FleetService
@@ -54,10 +56,12 @@ WAKE = Wake()
 class Session:
     # Thousands of these live at once: no per-instance __dict__, and a bare future to wait on
     # for the close rather than an Event plus a task waiting on it (docs/performance.md).
-    __slots__ = ("agent", "close_code", "close_reason", "closed", "queue")
+    __slots__ = ("agent", "close_code", "close_reason", "closed", "legacy", "queue")
 
     def __init__(self, agent: str, queue_limit: int) -> None:
         self.agent = agent
+        # An agent older than wire 0.2 (docs/wire.md, "Mixed versions").
+        self.legacy = False
         self.queue: asyncio.Queue[agentlink_pb2.CoordinatorMessage | Command | Wake] = (
             asyncio.Queue(queue_limit)
         )
@@ -153,6 +157,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         self._heartbeat = heartbeat
 
     async def Connect(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
+        principal: Principal | None = None
         try:
             principal = await self._fleet.authenticate_agent(self._credential(context))
             first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
@@ -163,14 +168,21 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 raise errors.InvalidArgument("message too large")
             if not isinstance(first, agentlink_pb2.AgentMessage) or not first.HasField("hello"):
                 raise errors.InvalidArgument("the first message must be a Hello")
-            resume = await self._fleet.hello(principal, c.hello(first.hello))
+            hello = c.hello(first.hello)
+            resume = await self._fleet.hello(principal, hello)
         except errors.DomainError as exc:
+            if principal is not None and isinstance(exc, errors.InvalidArgument):
+                await self._refused(principal, exc)
             await context.abort(status_of(exc), exc.message)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello in time")
         session = Session(principal.name, self._registry.queue_limit)
+        session.legacy = older_than(hello.version, 0, 2)
         self._registry.register(session)
-        log.info("agent connected agent=%s resume_after=%d", session.agent, resume.resume_after_seq)
+        log.info(
+            "agent connected",
+            extra={t.AGENT: session.agent, t.PEER: context.peer(), t.SEQ: resume.resume_after_seq},
+        )
         self._streams += 1
         if self._ticker is None or self._ticker.done():
             # One heartbeat task for all streams, not one per stream: it lives while any stream
@@ -191,8 +203,12 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             if self._streams == 0 and self._ticker is not None:
                 self._ticker.cancel()
                 self._ticker = None
-            reason = session.close_reason or _reason(results)
-            log.info("agent disconnected agent=%s reason=%s", session.agent, reason)
+            failure = _failure(results)
+            if failure and not session.close_reason:
+                # A handler that failed never ends the stream "OK".
+                session.close(failure, grpc.StatusCode.INTERNAL)
+            reason = session.close_reason or "stream ended"
+            log.info("agent disconnected", extra={t.AGENT: session.agent, t.REASON: reason})
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._fleet.disconnected(principal, reason))
         if session.close_reason and not context.done():
@@ -210,7 +226,12 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 if message.ByteSize() > MAX_AGENT_MESSAGE:
                     raise errors.InvalidArgument("message too large")
                 if kind == "ack":
-                    await self._fleet.ack(principal, c.ack(message.ack))
+                    await self._fleet.ack(principal, c.ack(message.ack, legacy=session.legacy))
+                elif kind == "acks":
+                    batch = [c.ack(a, legacy=session.legacy) for a in message.acks.acks]
+                    # Recorded in order, each as if it came alone (docs/wire.md).
+                    for one in batch:
+                        await self._fleet.ack(principal, one)
                 elif kind == "event":
                     await self._fleet.observed(principal, c.observation(message.event))
                     session.offer(
@@ -220,12 +241,20 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                     )
                 elif kind == "hello":
                     raise errors.InvalidArgument("Hello may only be sent once")
+                elif kind != "heartbeat":
+                    raise errors.InvalidArgument("unknown or empty agent message")
             except errors.DomainError as exc:
+                if isinstance(exc, errors.InvalidArgument):
+                    await self._refused(principal, exc)
                 # A refused message ends the stream with its status: an agent acting for another
                 # is cut off at once, not merely refused, and a malformed message is not skipped
                 # silently (the agent would believe it delivered).
                 session.close(exc.message, status_of(exc))
                 return
+
+    async def _refused(self, principal: Principal, exc: errors.DomainError) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._fleet.message_refused(principal, exc.message))
 
     def _credential(self, context: Ctx) -> str:
         pem = peer_certificate(context)
@@ -286,7 +315,12 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         last = resume.resume_after_seq
         if resume.snapshot is not None:
             body = c.snapshot_body(
-                session.agent, resume.snapshot_seq, resume.snapshot, epoch, self._clock.now()
+                session.agent,
+                resume.snapshot_seq,
+                resume.snapshot,
+                epoch,
+                self._clock.now(),
+                resume.tombstones,
             )
             await context.write(self._command(resume.snapshot_seq, body))
             last = resume.snapshot_seq
@@ -340,9 +374,9 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         )
 
 
-def _reason(results: list[Any]) -> str:
+def _failure(results: list[Any]) -> str:
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
             log.warning("agent stream task failed: %r", result)
             return f"stream error: {type(result).__name__}"
-    return "stream ended"
+    return ""

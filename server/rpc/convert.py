@@ -7,17 +7,28 @@ the coordinator needs: request filters and the agent stream.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from jitmesh import convert as shared
+from jitmesh import validation as v
 from jitmesh.errors import JitmeshError
 from jitmesh.types import Grant, GrantState, RequestState, ReviewDecision
 from jitmesh.v1 import agentlink_pb2, types_pb2
-from server.domain.errors import InvalidArgument
-from server.domain.models import AgentAck, AgentHello, AgentObservation, Command, CommandKind
+from server.domain.errors import InvalidArgument, invalid_input
+from server.domain.models import (
+    AckStatus,
+    AgentAck,
+    AgentHello,
+    AgentObservation,
+    Command,
+    CommandKind,
+    GrantResult,
+)
 
 request = shared.request_to_proto
 grant = shared.grant_to_proto
@@ -37,8 +48,27 @@ def ts(at: datetime | None) -> Timestamp | None:
     return shared.time_to_proto(at)
 
 
-def from_ts(value: Timestamp) -> datetime:
+# Everything stored must fit SQLite's signed 64-bit INTEGER (docs/wire.md, "Validation").
+MAX_INT = 2**63 - 1
+# The protobuf Timestamp range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+
+def from_ts(value: Timestamp, field: str = "timestamp") -> datetime:
+    """The instant, or InvalidArgument naming `field` for a timestamp out of protobuf's range
+    (negative or too large nanos, a year outside 1-9999). Instants are stored as epoch
+    milliseconds, which this whole range fits."""
+    if not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos < 1_000_000_000):
+        raise InvalidArgument(f"{field} is out of range")
     return value.ToDatetime(tzinfo=UTC)
+
+
+def number(value: int, field: str, *, low: int = 0) -> int:
+    """A uint64/int64 field that must fit the store (and be at least `low`)."""
+    if not low <= value <= MAX_INT:
+        raise InvalidArgument(f"{field} is out of range")
+    return value
 
 
 def dur(value: timedelta) -> Duration:
@@ -47,7 +77,16 @@ def dur(value: timedelta) -> Duration:
     return out
 
 
-def from_dur(value: Duration) -> timedelta:
+def from_dur(value: Duration, field: str = "duration") -> timedelta:
+    """The duration, or InvalidArgument naming `field` for one outside protobuf's rules (about
+    +-10,000 years; nanos within one second and of the same sign as the seconds)."""
+    seconds, nanos = value.seconds, value.nanos
+    if not (
+        abs(seconds) <= 315_576_000_000
+        and abs(nanos) < 1_000_000_000
+        and (seconds == 0 or nanos == 0 or (seconds > 0) == (nanos > 0))
+    ):
+        raise InvalidArgument(f"{field} is out of range")
     return value.ToTimedelta()
 
 
@@ -76,34 +115,114 @@ def review_decision(value: types_pb2.ReviewDecision.ValueType) -> ReviewDecision
 # The agent stream.
 
 
+# Every field an agent sends is checked here (docs/wire.md, "Validation at the edge"): a bad one
+# is InvalidArgument naming the field, never echoing the value, and ends the stream. Free text
+# (reasons, details) is cut and cleaned rather than refused: it comes from hooks and the host.
+_SHORT = 64
+_EVENT_KIND = re.compile(r"[a-z][a-z0-9._-]{0,47}")
+_MAX_IDS = 100_000
+_ACK_STATUS = {
+    agentlink_pb2.ACK_STATUS_APPLIED: AckStatus.APPLIED,
+    agentlink_pb2.ACK_STATUS_FAILED: AckStatus.FAILED,
+    agentlink_pb2.ACK_STATUS_REJECTED: AckStatus.REJECTED,
+    agentlink_pb2.ACK_STATUS_DUPLICATE: AckStatus.DUPLICATE,
+    agentlink_pb2.ACK_STATUS_NOT_APPLIED: AckStatus.NOT_APPLIED,
+}
+
+
+def _text(value: str, limit: int) -> str:
+    return "".join(c if c.isprintable() else " " for c in value[:limit])
+
+
+def _short(value: str, field: str) -> str:
+    if len(value) > _SHORT or not value.isprintable():
+        raise InvalidArgument(f"{field} is not valid (at most {_SHORT} printable characters)")
+    return value
+
+
+def _grant_ids(values: Sequence[str], field: str) -> tuple[str, ...]:
+    if len(values) > _MAX_IDS:
+        raise InvalidArgument(f"{field}: too many ids")
+    for value in values:
+        if not v.ID.fullmatch(value):
+            raise InvalidArgument(f"{field}: an id is not valid")
+    return tuple(values)
+
+
+def _grant_id(value: str, field: str = "grant_id") -> str:
+    if value and not v.ID.fullmatch(value):
+        raise InvalidArgument(f"{field} is not valid")
+    return value
+
+
+def _ack_status(value: int, field: str) -> AckStatus:
+    status: AckStatus | None = _ACK_STATUS.get(value)  # type: ignore[call-overload]
+    if status is None:
+        raise InvalidArgument(f"{field} is not a known ack status")
+    return status
+
+
 def hello(h: agentlink_pb2.Hello) -> AgentHello:
+    with invalid_input():
+        labels = v.check_labels(dict(h.labels), field="hello labels")
     return AgentHello(
-        name=h.agent,
-        labels=dict(h.labels),
-        last_applied_seq=h.last_applied_seq,
-        active_grant_ids=tuple(h.active_grant_ids),
-        version=h.version,
-        epoch=h.epoch,
-        boot_id=h.boot_id,
-        agent_time=from_ts(h.agent_time) if h.HasField("agent_time") else None,
+        name=_short(h.agent, "hello agent"),
+        labels=labels,
+        last_applied_seq=number(h.last_applied_seq, "hello last_applied_seq"),
+        active_grant_ids=_grant_ids(h.active_grant_ids, "hello active_grant_ids"),
+        version=_short(h.version, "hello version"),
+        epoch=number(h.epoch, "hello epoch"),
+        boot_id=_short(h.boot_id, "hello boot_id"),
+        agent_time=from_ts(h.agent_time, "hello agent_time") if h.HasField("agent_time") else None,
+        removing_grant_ids=_grant_ids(h.removing_grant_ids, "hello removing_grant_ids"),
     )
 
 
-def ack(a: agentlink_pb2.Ack) -> AgentAck:
-    status = agentlink_pb2.AckStatus.Name(a.status).removeprefix("ACK_STATUS_")
-    return AgentAck(seq=a.seq, status=status, reason=a.reason, grant_id=a.grant_id)
+def ack(a: agentlink_pb2.Ack, *, legacy: bool = False) -> AgentAck:
+    """An agent's ack. `legacy`: from an agent older than wire 0.2, which acks a duplicate as
+    APPLIED with reason "duplicate" (also for a command a snapshot had replaced): that is read
+    as DUPLICATE, never as an application."""
+    status = _ack_status(a.status, "ack status")
+    if legacy and status is AckStatus.APPLIED and a.reason == "duplicate":
+        status = AckStatus.DUPLICATE
+    results = tuple(
+        GrantResult(
+            grant_id=_grant_id(r.grant_id, "ack result grant_id") or _missing("ack result"),
+            status=_ack_status(r.status, "ack result status"),
+            reason=_text(r.reason, 256),
+            applied_at=from_ts(r.applied_at, "ack result applied_at")
+            if r.HasField("applied_at")
+            else None,
+        )
+        for r in a.results
+    )
+    return AgentAck(
+        seq=number(a.seq, "ack seq", low=1),
+        status=status,
+        reason=_text(a.reason, 256),
+        grant_id=_grant_id(a.grant_id, "ack grant_id"),
+        results=results,
+    )
+
+
+def _missing(field: str) -> str:
+    raise InvalidArgument(f"{field} names no grant")
 
 
 def observation(ev: agentlink_pb2.AgentEvent) -> AgentObservation:
+    if not _EVENT_KIND.fullmatch(ev.kind):
+        raise InvalidArgument("event kind is not valid (lower-case letters, digits and ._-)")
     return AgentObservation(
         event_id=ev.event_id,
         kind=ev.kind,
-        grant_id=ev.grant_id,
-        subject=ev.subject,
-        action=ev.action,
-        observed_at=from_ts(ev.observed_at),
-        details=dict(ev.details),
-        counter=ev.counter,
+        grant_id=_grant_id(ev.grant_id, "event grant_id"),
+        subject=_text(ev.subject, 128),
+        action=_text(ev.action, 64),
+        observed_at=from_ts(ev.observed_at, "event observed_at")
+        if ev.HasField("observed_at")
+        else None,
+        details={_text(k, 64): _text(val, 256) for k, val in list(ev.details.items())[:16]},
+        counter=number(ev.counter, "event counter"),
     )
 
 
@@ -142,12 +261,19 @@ def command_body(c: Command, epoch: int, now: datetime) -> agentlink_pb2.Command
 
 
 def snapshot_body(
-    agent_name: str, seq: int, grants: tuple[Grant, ...], epoch: int, now: datetime
+    agent_name: str,
+    seq: int,
+    grants: tuple[Grant, ...],
+    epoch: int,
+    now: datetime,
+    tombstones: tuple[str, ...] = (),
 ) -> agentlink_pb2.CommandBody:
     return agentlink_pb2.CommandBody(
         agent=agent_name,
         epoch=epoch,
         seq=seq,
         issued_at=ts(now),
-        snapshot=agentlink_pb2.SnapshotCommand(grants=[grant_command(g) for g in grants]),
+        snapshot=agentlink_pb2.SnapshotCommand(
+            grants=[grant_command(g) for g in grants], tombstones=list(tombstones)
+        ),
     )

@@ -20,6 +20,8 @@ class RateLimiter:
         self._now = monotonic
         # caller -> (tokens, when counted, refusing since the last allowed call)
         self._buckets: dict[str, tuple[float, float, bool]] = {}
+        # Calls refused so far (the metrics read it).
+        self.refused = 0
 
     def take(self, caller: str) -> None:
         now = self._now()
@@ -27,6 +29,7 @@ class RateLimiter:
         tokens = min(self._burst, tokens + (now - at) * self._rate)
         if tokens < 1.0:
             self._buckets[caller] = (tokens, now, True)
+            self.refused += 1
             raise errors.RateLimited("too many requests; slow down", first=not refusing)
         if len(self._buckets) >= MAX_CALLERS and caller not in self._buckets:
             # Bounded memory: with peer addresses as callers a flood from many addresses could

@@ -47,7 +47,7 @@ MAX_CSR = 8192
 
 def _duration(value: Any, field: str) -> timedelta:
     try:
-        return c.from_dur(value)
+        return c.from_dur(value, field)
     except (OverflowError, ValueError):
         raise errors.InvalidArgument(f"{field} is out of range") from None
 
@@ -526,7 +526,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self, request: policy_pb2.ApplyPolicyRequest, context: Ctx
     ) -> policy_pb2.PolicyDocument:
         principal = await self._auth.operator(context)
-        doc = await self._policy.apply(principal, request.yaml, request.expected_version)
+        doc = await self._policy.apply(
+            principal, request.yaml, c.number(request.expected_version, "expected_version")
+        )
         return c.policy_document(doc)
 
     @mapped
@@ -560,13 +562,18 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
         self, request: audit_pb2.ListEventsRequest, context: Ctx
     ) -> audit_pb2.ListEventsResponse:
         principal = await self._auth.operator(context)
-        after = int(request.page_token) if request.page_token.isdigit() else request.after_seq
+        after = c.number(
+            int(request.page_token) if request.page_token.isdigit() else request.after_seq,
+            "after_seq or page_token",
+        )
+        # Owned by the operations issue (export ranges); checked here already.
+        c.number(request.to_seq, "to_seq")
         # Capped here, not only in the domain: a page cut short by the cap must still carry a
         # next_page_token, or the caller silently misses the rest.
         limit = min(request.page_size, MAX_AUDIT_PAGE) if request.page_size > 0 else 1000
         events = await self._audit.list(
             principal,
-            since=c.from_ts(request.since) if request.HasField("since") else None,
+            since=c.from_ts(request.since, "since") if request.HasField("since") else None,
             agent=request.agent,
             subject=request.subject,
             kind=request.kind,
@@ -585,7 +592,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> AsyncIterator[types_pb2.AuditEvent]:
         try:
             principal = await self._auth.operator(context)
-            after = request.after_seq
+            after = c.number(request.after_seq, "after_seq")
             while True:
                 events = await self._audit.list(
                     principal,

@@ -332,9 +332,12 @@ def page(token: str) -> tuple[int, str] | None:
         return None
     ms_text, _, key = token.partition(":")
     try:
-        return int(ms_text), key
+        value = int(ms_text)
     except ValueError:
         raise InvalidArgument("page token is not valid") from None
+    if not 0 <= value < 2**63:
+        raise InvalidArgument("page token is not valid")
+    return value, key
 
 
 def next_page(items: list[Request] | list[Grant], more: bool) -> str:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -50,6 +51,7 @@ from server.domain.models import (
     Moved,
     Principal,
     ReplicaInfo,
+    StatusCounts,
 )
 from server.domain.notices import NOTIFIABLE, Notice, notice_for
 from server.domain.receivers import (
@@ -387,12 +389,22 @@ class SqliteTx:
         await self._conn.execute(
             _COMMAND_INSERT, (agent, seq, kind.value, grant_id, revoke_reason, to_ms(at))
         )
-        if kind is not CommandKind.EXTEND:
+        if kind in (CommandKind.GRANT, CommandKind.REVOKE):
             column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
             await self._conn.execute(
                 f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id)
             )
         return seq
+
+    async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
+        """Mark the agent's commands before `snapshot_seq` that were never acknowledged as
+        replaced by that snapshot (NOT_APPLIED): they are not sent again."""
+        cur = await self._conn.execute(
+            "UPDATE commands SET acked_at = ?, ack_status = 'NOT_APPLIED', ack_reason = ? "
+            "WHERE agent = ? AND seq < ? AND acked_at IS NULL",
+            (to_ms(at), f"replaced by snapshot {snapshot_seq}", agent, snapshot_seq),
+        )
+        return cur.rowcount
 
     async def extend_grant(
         self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
@@ -907,9 +919,9 @@ def _grant_sets(
     expected: Sequence[GrantState], state: GrantState, change: GrantChange
 ) -> tuple[str, list[Any]]:
     """The SET clause (and its arguments) of a grant compare-and-set; only lifecycle steps are
-    allowed."""
+    allowed (staying in the same state updates columns only)."""
     for current in expected:
-        if state not in GRANT_TRANSITIONS[current]:
+        if state is not current and state not in GRANT_TRANSITIONS[current]:
             raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
     sets = ["state = ?"]
     args: list[Any] = [state.value]
@@ -941,6 +953,9 @@ class SqliteStore:
         self._lock = asyncio.Lock()
         self._commits = 0
         self._checkpointing: asyncio.Task[None] | None = None
+        # Told how long each committed write transaction took, from BEGIN to COMMIT, in
+        # seconds (the metrics' histogram); must not raise.
+        self.observe_transaction: Callable[[float], None] | None = None
 
     @property
     def commits(self) -> int:
@@ -975,6 +990,7 @@ class SqliteStore:
         One writer at a time never meets a serialization failure, so nothing here is retried;
         prefer `write`, which is the same on every store."""
         async with self._lock:
+            began = time.monotonic()
             try:
                 await _to_the_end(self._writer.execute("BEGIN IMMEDIATE"))
                 tx = SqliteTx(self, self._writer)
@@ -997,6 +1013,8 @@ class SqliteStore:
                     await _to_the_end(self._writer.execute("ROLLBACK"))
                 raise
             self._commits += 1
+            if self.observe_transaction is not None:
+                self.observe_transaction(time.monotonic() - began)
             if self._commits % CHECKPOINT_EVERY == 0 and (
                 self._checkpointing is None or self._checkpointing.done()
             ):
@@ -1149,8 +1167,68 @@ class SqliteStore:
     async def live_grants(self, agent: str) -> list[Grant]:
         return await _live_grants(self._reader, agent)
 
+    async def unremoved_grants(self, agent: str) -> list[Grant]:
+        rows = await _all(
+            self._reader,
+            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE agent = ? "
+            "AND state IN ('REVOKING', 'REVOKE_FAILED') ORDER BY revoke_seq",
+            [agent],
+        )
+        return [rec.grant(r) for r in rows]
+
     async def get_agent(self, name: str) -> Agent | None:
         return await _get_agent(self._reader, name)
+
+    async def status_counts(self, now: datetime, ended_since: datetime) -> StatusCounts:
+        """Counts for the mesh status and the metrics: live grants by state (the partial index
+        grants_live and the agents table keep this cheap), grants ended since `ended_since`,
+        pending requests, unacknowledged commands."""
+        live = ("PENDING_DELIVERY", "ACTIVE", "REVOKING", "REVOKE_FAILED")
+        marks = ", ".join("?" * len(live))
+        grants = {
+            str(state): int(count)
+            for state, count in await _all(
+                self._reader,
+                f"SELECT state, COUNT(*) FROM grants WHERE state IN ({marks}) GROUP BY state",
+                live,
+            )
+        }
+        for state, count in await _all(
+            self._reader,
+            f"SELECT state, COUNT(*) FROM grants WHERE ended_at >= ? AND state NOT IN ({marks}) "
+            "GROUP BY state",
+            (rec.ms(ended_since), *live),
+        ):
+            grants[str(state)] = int(count)
+        requests = {
+            str(state): int(count)
+            for state, count in await _all(
+                self._reader,
+                "SELECT state, COUNT(*) FROM requests WHERE state IN ('PENDING', 'SCHEDULED') "
+                "GROUP BY state",
+            )
+        }
+        agents = await _one(
+            self._reader,
+            "SELECT COUNT(*), COALESCE(SUM(MAX(last_seq - last_acked_seq, 0)), 0) FROM agents "
+            "WHERE removed_at IS NULL",
+        )
+        locks = await _one(
+            self._reader,
+            "SELECT COUNT(*) FROM locks WHERE lifted_at IS NULL "
+            "AND (expires_at IS NULL OR expires_at > ?)",
+            (rec.ms(now),),
+        )
+        policy = await _one(self._reader, "SELECT COALESCE(MAX(version), 0) FROM policies")
+        return StatusCounts(
+            agents_enrolled=int(agents[0]) if agents else 0,
+            requests=requests,
+            grants=grants,
+            revokes_unacknowledged=grants.get("REVOKING", 0),
+            commands_unacknowledged=int(agents[1]) if agents else 0,
+            locks_in_force=int(locks[0]) if locks else 0,
+            policy_version=int(policy[0]) if policy else 0,
+        )
 
     async def list_agents(self) -> list[Agent]:
         rows = await _all(
@@ -1250,7 +1328,10 @@ class SqliteStore:
     async def first_unacked_seq(self, agent: str) -> int | None:
         row = await _one(
             self._reader,
-            "SELECT MIN(seq) AS seq FROM commands WHERE agent = ? AND acked_at IS NULL",
+            # A snapshot's own row is never resent (a new Hello gets a new snapshot), so an ack
+            # of it lost in a crash must not hold the resume point back for ever.
+            "SELECT MIN(seq) AS seq FROM commands WHERE agent = ? AND acked_at IS NULL "
+            "AND kind <> 'snapshot'",
             [agent],
         )
         return None if row is None or row["seq"] is None else int(row["seq"])

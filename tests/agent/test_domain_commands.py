@@ -56,10 +56,22 @@ def test_screen_rejects_a_body_with_another_sequence_number() -> None:
 
 
 @pytest.mark.parametrize("seq", [1, 4])
-def test_screen_reacks_duplicates_as_applied(seq: int) -> None:
+def test_screen_reacks_duplicates_as_duplicate(seq: int) -> None:
     ack = screen(command(seq, RevokeSpec(gid())), own_name=AGENT, last_applied_seq=4)
     assert ack is not None
-    assert (ack.seq, ack.status, ack.reason) == (seq, AckStatus.APPLIED, "duplicate")
+    assert (ack.seq, ack.status, ack.reason) == (seq, AckStatus.DUPLICATE, "")
+
+
+@pytest.mark.parametrize(
+    ("seq", "status"), [(1, "NOT_APPLIED"), (2, "DUPLICATE"), (4, "DUPLICATE")]
+)
+def test_screen_says_what_a_snapshot_replaced(seq: int, status: str) -> None:
+    """Snapshot 2 was applied after commands 1 (replaced) and before 3-4 (applied one by one)."""
+    ack = screen(
+        command(seq, RevokeSpec(gid())), own_name=AGENT, last_applied_seq=4, snapshot_seq=2
+    )
+    assert ack is not None
+    assert ack.status is AckStatus(status)
 
 
 def test_screen_never_treats_a_snapshot_as_duplicate() -> None:

@@ -131,7 +131,7 @@ async def test_death_between_the_commit_and_the_hook_is_repaired_before_connecti
         assert again.recorder.calls == [("apply", PAIR)]
         assert await again.files.observe() == {PAIR}
         ack = await again.engine.handle(command(1, spec))
-        assert (ack.status, ack.reason) == (AckStatus.APPLIED, "duplicate")
+        assert (ack.status, ack.reason) == (AckStatus.DUPLICATE, "")
         assert again.recorder.calls == [("apply", PAIR)]
     finally:
         again.store.close()
@@ -141,7 +141,7 @@ async def test_duplicate_command_is_reacked_without_a_second_apply(rig: Rig) -> 
     spec = grant()
     await rig.engine.handle(command(1, spec))
     ack = await rig.engine.handle(command(1, spec))
-    assert (ack.status, ack.reason) == (AckStatus.APPLIED, "duplicate")
+    assert (ack.status, ack.reason) == (AckStatus.DUPLICATE, "")
     assert rig.recorder.count("apply", PAIR) == 1
 
 

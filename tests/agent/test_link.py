@@ -33,6 +33,7 @@ from .coordinator import (
 from .factories import T0, gid
 
 APPLIED = agentlink_pb2.ACK_STATUS_APPLIED
+DUPLICATE = agentlink_pb2.ACK_STATUS_DUPLICATE
 FAILED = agentlink_pb2.ACK_STATUS_FAILED
 REJECTED = agentlink_pb2.ACK_STATUS_REJECTED
 MIN = timedelta(minutes=1)
@@ -139,7 +140,7 @@ async def test_duplicate_command_is_reacked_without_a_second_apply(
         assert (await session.command(body)).status == APPLIED
         inode = host.marker().stat().st_ino
         again = await session.command(body)
-        assert (again.seq, again.status, again.reason) == (1, APPLIED, "duplicate")
+        assert (again.seq, again.status, again.reason) == (1, DUPLICATE, "")
         # A second apply would have renamed a new file over the marker.
         assert host.marker().stat().st_ino == inode
 
@@ -271,7 +272,7 @@ async def test_reconnect_resumes_from_the_last_applied_sequence_number(
         assert again.hello.epoch == 7
         assert list(again.hello.active_grant_ids) == [kept]
         duplicate = await again.command(revoke_body(3, gone))
-        assert (duplicate.status, duplicate.reason) == (APPLIED, "duplicate")
+        assert (duplicate.status, duplicate.reason) == (DUPLICATE, "")
 
 
 async def test_restart_resumes_and_removes_what_expired_before_connecting(

@@ -19,6 +19,11 @@ from .procs import BIN, Proc, coordinator, free_port, read_env, wait_for, wait_h
 pytestmark = pytest.mark.subprocess
 
 NOT_IN_THE_AGENT = (
+    # The metrics exporter loads only with --metrics-listen; --print-config alone writes TOML.
+    "prometheus_client",
+    "tomli_w",
+    "click",
+    "rich",
     "pydantic",
     "pydantic_core",
     "cryptography",

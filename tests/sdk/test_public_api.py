@@ -25,6 +25,7 @@ INTENDED = {
     "JoinTokenInfo",
     "Lock",
     "LockTarget",
+    "MeshStatus",
     "NotifyDelivery",
     "NotifyReceiver",
     "NotifyRoute",

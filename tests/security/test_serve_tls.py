@@ -44,7 +44,8 @@ async def test_serve_uses_tls_and_jitctl_needs_the_ca(tmp_path: Path) -> None:
             while not (address and ca_file):
                 line = (await proc.stderr.readline()).decode()
                 assert line, "coordinator exited"
-                if m := re.search(r"listening address=(\S+)", line):
+                # Structured lines: msg="coordinator listening" address=HOST:PORT epoch=N
+                if "coordinator listening" in line and (m := re.search(r" address=(\S+)", line)):
                     address = m.group(1)
                 if m := re.search(r"ca_file=(\S+)", line):
                     ca_file = m.group(1)

@@ -178,7 +178,7 @@ async def test_replays_after_revoke_and_after_expiry_grant_nothing(
         assert host.pairs() == set()
         session.send(grant)  # the exact signed bytes again
         replay = await session.ack()
-        assert (replay.status, replay.reason) == (APPLIED, "duplicate")
+        assert (replay.status, replay.reason) == (agentlink_pb2.ACK_STATUS_DUPLICATE, "")
         assert host.pairs() == set()
 
         # The same grant id under a fresh, validly signed seq: the ended lease wins.

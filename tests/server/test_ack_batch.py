@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from jitmesh import Grant, GrantState, Request
 from jitmesh.v1 import agentlink_pb2
-from server.domain.models import ADMIN_GROUP, AgentAck, Principal
+from server.domain.models import ADMIN_GROUP, AckStatus, AgentAck, Principal
 from tests.server.helpers import AgentLink, Env, agent_link, raw_sql
 from tests.server.test_agentlink import event
 
@@ -137,7 +137,7 @@ async def test_the_same_command_acked_twice_in_one_batch_counts_in_order(env: En
     web = Principal("web-1", frozenset())
     async with env.coordinator.store.transaction():
         acks = [
-            asyncio.create_task(fleet.ack(web, AgentAck(seq, status, "", grant.id)))
+            asyncio.create_task(fleet.ack(web, AgentAck(seq, AckStatus(status), "", grant.id)))
             for status in ("FAILED", "APPLIED")
         ]
         async with asyncio.timeout(10):

@@ -153,9 +153,10 @@ async def test_agent_ahead_of_the_log_gets_a_snapshot(env: Env) -> None:
     _, grant_id = await approved_prod_grant(env)
     async with agent_link(env.address, env.credentials["db-1"]) as link:
         welcome = await link.hello("db-1", last_applied_seq=50)
-        assert welcome.resume_after_seq == 1
+        # The snapshot has its own place in the log, after the grant command (seq 1).
+        assert welcome.resume_after_seq == 2
         seq, body = await link.command()
-        assert (seq, body.WhichOneof("kind")) == (1, "snapshot")
+        assert (seq, body.WhichOneof("kind")) == (2, "snapshot")
         assert [g.grant_id for g in body.snapshot.grants] == [grant_id]
 
 
@@ -186,9 +187,9 @@ async def test_first_message_must_be_hello(env: Env) -> None:
 
 
 async def test_expired_event_is_stored_once_and_acknowledged(env: Env) -> None:
-    request_id, grant_id = await approved_prod_grant(env)
     async with agent_link(env.address, env.credentials["db-1"]) as link:
         await link.hello("db-1")
+        request_id, grant_id = await approved_prod_grant(env)
         seq, _ = await link.command()
         await link.ack(seq, grant_id)
         await env.wait_grant_state(request_id, GrantState.ACTIVE)

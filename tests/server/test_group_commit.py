@@ -12,7 +12,7 @@ from jitmesh import ConflictError, GrantState, RequestState
 from jitmesh.types import Agent
 from server.domain.audit import verify_chain
 from server.domain.batching import GroupCommit
-from server.domain.models import AgentAck, CommandKind, Principal
+from server.domain.models import AckStatus, AgentAck, CommandKind, Principal
 from server.store.sqlite import SqliteStore
 from tests.server.helpers import ADMIN, T0, Env, make_grant
 
@@ -203,9 +203,12 @@ async def test_concurrent_acks_are_each_recorded_once(env: Env) -> None:
     web = Principal("web-1", kind="agent")
     fleet = env.coordinator.fleet
     # A repeat of seq 1 in the same batch, an unknown seq, and a failed apply among them.
-    acks = [AgentAck(seq, "APPLIED", "", grants[seq].id) for seq in range(1, 6)]
-    acks += [AgentAck(1, "APPLIED", "", grants[1].id), AgentAck(99, "APPLIED", "", "")]
-    acks.append(AgentAck(6, "FAILED", "no such user", grants[6].id))
+    acks = [AgentAck(seq, AckStatus.APPLIED, "", grants[seq].id) for seq in range(1, 6)]
+    acks += [
+        AgentAck(1, AckStatus.APPLIED, "", grants[1].id),
+        AgentAck(99, AckStatus.APPLIED, "", ""),
+    ]
+    acks.append(AgentAck(6, AckStatus.FAILED, "no such user", grants[6].id))
     await asyncio.gather(*(fleet.ack(web, ack) for ack in acks))
     for seq, grant in grants.items():
         stored = await env.admin.get_grant(grant.id)

@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -63,6 +64,7 @@ from server.domain.models import (
     Moved,
     Principal,
     ReplicaInfo,
+    StatusCounts,
 )
 from server.domain.notices import NOTIFIABLE, Notice, notice_for
 from server.domain.receivers import (
@@ -290,7 +292,7 @@ def _grant_sets(
     expected: Sequence[GrantState], state: GrantState, change: GrantChange
 ) -> tuple[str, list[Any]]:
     for current in expected:
-        if state not in GRANT_TRANSITIONS[current]:
+        if state is not current and state not in GRANT_TRANSITIONS[current]:
             raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
     sets = ["state = %s"]
     args: list[Any] = [state.value]
@@ -434,13 +436,23 @@ class PostgresTx:
         await self._conn.execute(
             _COMMAND_INSERT, [agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)]
         )
-        if kind is not CommandKind.EXTEND:
+        if kind in (CommandKind.GRANT, CommandKind.REVOKE):
             column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
             await self._conn.execute(
                 f"UPDATE grants SET {column} = %s WHERE id = %s", [seq, grant_id]
             )
         await self._notify([agent])
         return seq
+
+    async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
+        """Mark the agent's commands before `snapshot_seq` that were never acknowledged as
+        replaced by that snapshot (NOT_APPLIED): they are not sent again."""
+        return await _rowcount(
+            self._conn,
+            "UPDATE commands SET acked_at = %s, ack_status = 'NOT_APPLIED', ack_reason = %s "
+            "WHERE agent = %s AND seq < %s AND acked_at IS NULL",
+            [to_ms(at), f"replaced by snapshot {snapshot_seq}", agent, snapshot_seq],
+        )
 
     async def extend_grant(
         self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
@@ -959,6 +971,8 @@ class PostgresStore:
         # has one head (docs/scaling.md, "The audit chain", for the measurement). False: take it
         # at the first audit event only (more overlap, deadlocks retried by `write`).
         self.head_first = True
+        # Told how long each committed write transaction took (the metrics); must not raise.
+        self.observe_transaction: Callable[[float], None] | None = None
 
     @property
     def commits(self) -> int:
@@ -989,6 +1003,7 @@ class PostgresStore:
     async def transaction(self) -> AsyncIterator[PostgresTx]:
         """One write transaction, run once: a serialization failure or deadlock is reported as
         `Conflict` ("try again"); `write` retries instead."""
+        began = time.monotonic()
         try:
             async with self._pool.connection() as conn, conn.transaction():
                 tx = PostgresTx(conn, self.replica)
@@ -998,11 +1013,14 @@ class PostgresStore:
         except _RETRYABLE as exc:
             raise Conflict("the store was busy with a conflicting change; try again") from exc
         self._commits += 1
+        if self.observe_transaction is not None:
+            self.observe_transaction(time.monotonic() - began)
 
     async def write(self, work: Callable[[PostgresTx], Awaitable[T]]) -> T:
         """Run `work` in one transaction and commit; again, from the start, on a serialization
         failure or deadlock (up to RETRIES times, with jittered backoff)."""
         for attempt in range(RETRIES + 1):
+            started = time.monotonic()
             try:
                 async with self._pool.connection() as conn, conn.transaction():
                     tx = PostgresTx(conn, self.replica)
@@ -1018,6 +1036,8 @@ class PostgresStore:
                 await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
                 continue
             self._commits += 1
+            if self.observe_transaction is not None:
+                self.observe_transaction(time.monotonic() - started)
             return result
         raise AssertionError("unreachable")
 
@@ -1204,6 +1224,65 @@ class PostgresStore:
             )
         return [rec.grant(r) for r in rows]
 
+    async def unremoved_grants(self, agent: str) -> list[Grant]:
+        async with self._read() as conn:
+            rows = await _all(
+                conn,
+                f"SELECT {_GRANT_COLUMNS} FROM grants WHERE agent = %s "
+                "AND state IN ('REVOKING', 'REVOKE_FAILED') ORDER BY revoke_seq",
+                [agent],
+            )
+        return [rec.grant(r) for r in rows]
+
+    async def status_counts(self, now: datetime, ended_since: datetime) -> StatusCounts:
+        """Counts for the mesh status and the metrics (as in the SQLite store)."""
+        live = ["PENDING_DELIVERY", "ACTIVE", "REVOKING", "REVOKE_FAILED"]
+        async with self._read() as conn:
+            grants = {
+                str(r["state"]): int(r["n"])
+                for r in await _all(
+                    conn,
+                    "SELECT state, COUNT(*) AS n FROM grants WHERE state = ANY(%s) GROUP BY state",
+                    [live],
+                )
+            }
+            for r in await _all(
+                conn,
+                "SELECT state, COUNT(*) AS n FROM grants WHERE ended_at >= %s "
+                "AND NOT (state = ANY(%s)) GROUP BY state",
+                [to_ms(ended_since), live],
+            ):
+                grants[str(r["state"])] = int(r["n"])
+            requests = {
+                str(r["state"]): int(r["n"])
+                for r in await _all(
+                    conn,
+                    "SELECT state, COUNT(*) AS n FROM requests "
+                    "WHERE state IN ('PENDING', 'SCHEDULED') GROUP BY state",
+                )
+            }
+            agents = await _one(
+                conn,
+                "SELECT COUNT(*) AS n, COALESCE(SUM(GREATEST(last_seq - last_acked_seq, 0)), 0) "
+                "AS unacked FROM agents WHERE removed_at IS NULL",
+            )
+            locks = await _one(
+                conn,
+                "SELECT COUNT(*) AS n FROM locks WHERE lifted_at IS NULL "
+                "AND (expires_at IS NULL OR expires_at > %s)",
+                [to_ms(now)],
+            )
+            policy = await _one(conn, "SELECT COALESCE(MAX(version), 0) AS v FROM policies")
+        return StatusCounts(
+            agents_enrolled=int(agents["n"]) if agents else 0,
+            requests=requests,
+            grants=grants,
+            revokes_unacknowledged=grants.get("REVOKING", 0),
+            commands_unacknowledged=int(agents["unacked"]) if agents else 0,
+            locks_in_force=int(locks["n"]) if locks else 0,
+            policy_version=int(policy["v"]) if policy else 0,
+        )
+
     async def live_grants(self, agent: str) -> list[Grant]:
         async with self._read() as conn:
             return await _live_grants(conn, agent)
@@ -1316,7 +1395,9 @@ class PostgresStore:
         async with self._read() as conn:
             row = await _one(
                 conn,
-                "SELECT MIN(seq) AS seq FROM commands WHERE agent = %s AND acked_at IS NULL",
+                # A snapshot's own row is never resent (as in the SQLite store).
+                "SELECT MIN(seq) AS seq FROM commands WHERE agent = %s AND acked_at IS NULL "
+                "AND kind <> 'snapshot'",
                 [agent],
             )
         return None if row is None or row["seq"] is None else int(row["seq"])

@@ -28,7 +28,7 @@ async def test_a_grant_is_recorded_applied_and_acked(bench: Bench) -> None:
     assert stored is not None
     assert stored.applied_at == T0
     again = await bench.parts.commands.handle(command(1, spec))
-    assert again.status is AckStatus.APPLIED
+    assert again.status is AckStatus.DUPLICATE
     assert bench.hook.count("apply", PAIR) == 1
 
 
@@ -130,3 +130,38 @@ async def test_the_same_grant_with_a_later_deadline_moves_the_hosts_deadline(ben
     assert (ack.status, ack.reason) == (AckStatus.APPLIED, "updated")
     assert bench.hook.windows[PAIR].not_after == later.not_after
     assert bench.hook.count("apply", PAIR) == 1
+
+
+async def test_a_snapshot_answers_for_every_grant_and_tombstone_it_names(bench: Bench) -> None:
+    """Wire 0.2: the snapshot's ack carries one result per grant and tombstone, so the
+    coordinator books each grant as the host holds it (issue 9, item A)."""
+    commands = bench.parts.commands
+    held = grant()
+    await commands.handle(command(1, held))  # applied at T0
+    gone = grant("bob", "restart")
+    await commands.handle(command(2, gone))
+    await bench.clock.advance(timedelta(minutes=1))
+    new = grant("carol", "deploy", length=timedelta(minutes=30))
+    late = grant("dave", "deploy", length=timedelta(seconds=30))  # over by now
+    ack = await commands.handle(
+        command(5, SnapshotSpec(grants=(held, new, late), tombstones=(gone.grant_id,)))
+    )
+    assert ack.status is AckStatus.APPLIED
+    results = {r.grant_id: r for r in ack.results}
+    assert set(results) == {held.grant_id, new.grant_id, late.grant_id, gone.grant_id}
+    assert (results[held.grant_id].status, results[held.grant_id].applied_at) == (
+        AckStatus.APPLIED,
+        T0,
+    )
+    assert (results[new.grant_id].status, results[new.grant_id].applied_at) == (
+        AckStatus.APPLIED,
+        T0 + timedelta(minutes=1),
+    )
+    assert results[late.grant_id].status is AckStatus.REJECTED
+    assert results[late.grant_id].reason
+    assert results[gone.grant_id].status is AckStatus.APPLIED
+    assert bench.hook.in_force == {("alice", "deploy"), ("carol", "deploy")}
+    # Commands below the snapshot were replaced by it; those after it were applied one by one.
+    assert (await commands.handle(command(2, gone))).status is AckStatus.NOT_APPLIED
+    assert bench.parts.link.snapshot_seq == 5
+    assert (await bench.store.meta()).snapshot_seq == 5
