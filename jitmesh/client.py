@@ -54,6 +54,16 @@ from jitmesh.v1 import (
 
 __all__ = ["Client"]
 
+
+def _grant_settled(request: types.Request) -> bool:
+    """Decided, and if approved, its grant applied on the host (or failed there)."""
+    if request.state in (types.RequestState.PENDING, types.RequestState.SCHEDULED):
+        return False
+    if request.state is not types.RequestState.APPROVED:
+        return True
+    return request.grant_state not in (None, types.GrantState.PENDING_DELIVERY)
+
+
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 _T = TypeVar("_T")
@@ -508,8 +518,14 @@ class Client:
         message = access_pb2.CancelRequestRequest(id=_check(validation.ID, id, "request id"))
         return _convert.request(await self._unary(self._access.CancelRequest, message))
 
-    async def watch_requests(self, ids: Iterable[str] = ()) -> AsyncGenerator[types.Request, None]:
+    async def watch_requests(
+        self, ids: Iterable[str] = (), *, after_change_seq: int = 0
+    ) -> AsyncGenerator[types.Request, None]:
         """Snapshots of requests as they or their grants change; `ids` empty means all visible.
+
+        Each snapshot of a change carries `change_seq`, a cursor: subscribing again with
+        `after_change_seq` set to the last one received first sends every request changed
+        since (in its current state), so nothing is lost across a reconnect.
 
         The coordinator sends the current snapshot of each watched request first, then one
         whenever it changes. The stream has no deadline; it ends (or raises
@@ -517,7 +533,8 @@ class Client:
         Close it with `contextlib.aclosing` (or `aclose()`) when done early.
         """
         message = access_pb2.WatchRequestsRequest(
-            ids=[_check(validation.ID, i, "request id") for i in ids]
+            ids=[_check(validation.ID, i, "request id") for i in ids],
+            after_change_seq=max(after_change_seq, 0),
         )
         async for snapshot in self._stream(self._access.WatchRequests, message):
             yield _convert.request(snapshot)
@@ -616,6 +633,67 @@ class Client:
         response = await self._unary(self._access.ExtendGrant, message)
         pending = _convert.request(response.request) if response.HasField("request") else None
         return types.Extended(_convert.grant(response.grant), pending)
+
+    @contextlib.asynccontextmanager
+    async def grant(
+        self,
+        agent: str,
+        action: str,
+        duration: timedelta,
+        *,
+        reason: str = "",
+        ticket: str = "",
+        timeout: timedelta | float = timedelta(minutes=10),  # noqa: ASYNC109
+    ) -> AsyncGenerator[types.Grant, None]:
+        """Access for the body of an `async with`: request it, wait until it is approved and
+        applied on the host, yield the ACTIVE grant, and release it on exit, also on an error
+        or a cancellation.
+
+            async with client.grant("db-1", "deploy", timedelta(minutes=15), reason="INC-7") as g:
+                await run_the_deploy()
+
+        Only a grant this call created is released: when the caller already held a live grant
+        for the agent and action, that grant is yielded (`request.reused`) and left as it was.
+        A request still undecided when the body is left (a timeout, a cancellation) is
+        cancelled. Raises `PermissionDeniedError` when the request is denied (or expires, or is
+        cancelled), `DeadlineExceededError` when `timeout` passes first, and `ConflictError`
+        when the grant could not be applied on the host.
+        """
+        created = await self.create_request(
+            agent=agent, action=action, duration=duration, reason=reason, ticket=ticket
+        )
+        request = created.request
+        # A reused grant (or one an extension request will extend) belongs to an earlier
+        # request: never released here.
+        mine = not (request.reused or request.extends_grant_id)
+        try:
+            final = await self.wait_for_request(request.id, until=_grant_settled, timeout=timeout)
+            if final.state is not types.RequestState.APPROVED:
+                who = f" by {final.decided_by}" if final.decided_by else ""
+                why = f": {final.decision_reason}" if final.decision_reason else ""
+                raise errors.PermissionDeniedError(
+                    f"request {final.id} was {final.state.value.lower()}{who}{why}"
+                )
+            held = await self.get_grant(final.grant_id)
+            if held.state is not types.GrantState.ACTIVE:
+                detail = f": {held.failure}" if held.failure else ""
+                raise errors.ConflictError(
+                    f"grant {held.id} is {held.state.value.lower()} on {held.agent}{detail}"
+                )
+            yield held
+        finally:
+            await asyncio.shield(self._let_go(request.id, mine))
+
+    async def _let_go(self, request_id: str, mine: bool) -> None:
+        """Release the grant the request made (when it is this caller's own) or cancel the
+        request when it is still undecided. Errors are left out: the body's own error, if any,
+        is the one that matters, and an ended grant needs nothing."""
+        with contextlib.suppress(errors.JitmeshError):
+            current = await self.get_request(request_id)
+            if current.state is types.RequestState.PENDING:
+                await self.cancel(request_id)
+            elif mine and current.grant_id and current.state is types.RequestState.APPROVED:
+                await self.release_grant(current.grant_id)
 
     async def release_grant(self, id: str) -> types.Grant:
         """Hand a grant back before it expires (its subject's own)."""

@@ -92,7 +92,9 @@ class Commands:
                     ack = Ack(command.seq, AckStatus.FAILED, "cannot persist the command", grant_id)
             elif ack.status is AckStatus.DUPLICATE and isinstance(command.kind, RevokeSpec):
                 # A revoke sent again (its ack was lost): never "done" while its removal is owed.
-                ack = self._removals.still_owed(ack) or ack
+                ack = self._removals.still_owed(ack) or await self._as_handled(ack, revoke=True)
+            elif ack.status is AckStatus.DUPLICATE:
+                ack = await self._as_handled(ack, revoke=False)
         log.info(
             "command handled",
             extra={
@@ -105,6 +107,27 @@ class Commands:
         if self._expiry.must_look(command, ack):
             self._shared.leases_changed.set()
         return ack
+
+    async def _as_handled(self, ack: Ack, *, revoke: bool) -> Ack:
+        """A duplicate carries what became of its grant here, as a snapshot result would: the
+        coordinator books it only if the first ack was lost (docs/wire.md, "Acks"). For a
+        revoke: done (its removal is not owed, else the ack is FAILED)."""
+        if not ack.grant_id:
+            return ack
+        lease = await self._store.lease(ack.grant_id)
+        if revoke:
+            if lease is not None and lease.state is LeaseState.ACTIVE:
+                return ack
+            return replace(ack, results=(GrantResult(ack.grant_id, AckStatus.APPLIED),))
+        if lease is None or lease.state is LeaseState.TOMBSTONE:
+            result = GrantResult(ack.grant_id, AckStatus.REJECTED, "not applied here")
+        elif lease.state is LeaseState.FAILED:
+            result = GrantResult(ack.grant_id, AckStatus.FAILED, "apply failed")
+        elif lease.state is LeaseState.ACTIVE or lease.applied_at is not None:
+            result = GrantResult(ack.grant_id, AckStatus.APPLIED, "", lease.applied_at)
+        else:
+            result = GrantResult(ack.grant_id, AckStatus.REJECTED, "not applied here")
+        return replace(ack, results=(result,))
 
     async def _pairs_of(self, command: CommandSpec) -> Collection[Pair] | None:
         """The pairs a command may change on the host (None: any, for a snapshot)."""

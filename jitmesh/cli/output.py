@@ -256,6 +256,18 @@ def request_json(request: Request, grant: Grant | None = None) -> JSON:
     return result
 
 
+def request_stream_row(request: Request) -> str:
+    """One line per change for `request watch`."""
+    who = request.agent or ",".join(f"{k}={v}" for k, v in sorted(request.selector.items()))
+    decided = f" by {request.decided_by}" if request.decided_by else ""
+    grant = f" grant {request.grant_id} {request.grant_state.value}" if request.grant_state else ""
+    return (
+        f"{request.change_seq:>6}  {request.id}  {request.state.value}{decided}  "
+        f"{request.subject} {request.action} on {who} for {format_duration(request.duration)}"
+        f"{grant}"
+    )
+
+
 def stage_json(stage: ApprovalStage) -> JSON:
     return {
         "name": stage.name,

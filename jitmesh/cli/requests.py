@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from datetime import timedelta
+from typing import Final
 
 import click
 
+from jitmesh import errors
 from jitmesh.cli import output
 from jitmesh.cli.core import (
     DURATION,
+    NON_NEGATIVE,
     POSITIVE,
     CommandFailed,
     Output,
@@ -236,3 +240,50 @@ async def _deny(client: Client, out: Output, *, id: str, reason: str) -> None:
 async def _cancel(client: Client, out: Output, *, id: str) -> None:
     request = await client.cancel(id)
     out.emit(output.request_json(request), output.request_details(request, out.now))
+
+
+# Back-off between re-subscriptions of `request watch` after the stream ended.
+WATCH_RETRY_MIN: Final = 0.1
+WATCH_RETRY_MAX: Final = 5.0
+
+
+@command(
+    requests,
+    "watch",
+    help="Print requests as they are created and decided (Ctrl-C stops); with -o json one "
+    "object per line, each with its change_seq, resumable with --after.",
+    examples=[
+        "jitctl request watch",
+        "jitctl request watch -o json --after 1200 >> requests.jsonl",
+        "jitctl request watch --id req-...",
+    ],
+)
+@click.option(
+    "--after",
+    type=NON_NEGATIVE,
+    default=0,
+    metavar="SEQ",
+    help="First every request changed after this change_seq (the last one you have).",
+)
+@click.option("--id", "ids", multiple=True, metavar="ID", help="Only this request (repeatable).")
+async def _watch(client: Client, out: Output, *, after: int, ids: tuple[str, ...]) -> None:
+    """When the coordinator ends the stream (a restart, a recycled connection), subscribe
+    again after the last change shown: nothing is skipped. Only a coordinator that cannot be
+    reached at all is an error."""
+    subscribed = False
+    retry = WATCH_RETRY_MIN
+    while True:
+        try:
+            async for request in client.watch_requests(ids, after_change_seq=after):
+                subscribed = True
+                retry = WATCH_RETRY_MIN
+                if request.change_seq and request.change_seq <= after:
+                    continue  # seen already (a change between subscribing and resuming)
+                after = max(after, request.change_seq)
+                out.record(output.request_json(request), output.request_stream_row(request))
+            subscribed = True
+        except errors.UnavailableError:
+            if not subscribed:
+                raise
+        await asyncio.sleep(retry)
+        retry = min(retry * 2, WATCH_RETRY_MAX)

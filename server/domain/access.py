@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 MIN_DURATION = timedelta(seconds=1)
 MAX_PAGE = 1000
 MAX_TICKET = 128
+WATCH_PAGE = 500
 
 
 def plan_groups_in_order(plan: ApprovalPlan) -> list[str]:
@@ -591,6 +592,34 @@ class AccessService:
             now = self._clock.now()
             shown = [r for r in shown if self.may_approve(principal, r, now)]
         return shown, token
+
+    async def changes(
+        self, principal: Principal, after_seq: int, wanted: frozenset[str] = frozenset()
+    ) -> tuple[list[Request], int]:
+        """Requests changed after the cursor `after_seq` (an audit seq), each in its current
+        state with its `change_seq`, in the order of their latest change, and the new cursor.
+        Only `wanted` ids when given. The audit log is the record of changes, so a watcher that
+        resumes from its cursor misses nothing, however many changes it slept through."""
+        out: list[Request] = []
+        cursor = after_seq
+        while True:
+            page = await self._store.requests_changed_after(cursor, WATCH_PAGE)
+            for request_id, seq in page:
+                cursor = max(cursor, seq)
+                if wanted and request_id not in wanted:
+                    continue
+                try:
+                    request = await self.get_request(principal, request_id)
+                except (NotFound, PermissionDenied):
+                    continue  # not a request the caller may see
+                out.append(replace(request, change_seq=seq))
+            if len(page) < WATCH_PAGE:
+                return out, cursor
+
+    async def head(self) -> int:
+        """The newest change number (audit seq): a cursor that resumes with live changes."""
+        ((_, seq),) = await self._store.requests_changed_after(-1, 1)
+        return seq
 
     def may_approve(self, principal: Principal, request: Request, now: datetime) -> bool:
         """Whether `principal` could approve `request` at `now` (the rules of apply_review)."""

@@ -501,11 +501,30 @@ class FleetService:
             entries: list[AuditEntry] = []
             for pending, k in zip(batch, round_of, strict=True):
                 found = recorded[k].get((pending.agent, pending.ack.seq))
-                if found is None or pending.ack.status.settles_nothing:
-                    # An unknown or repeated ack, a duplicate, or a command the agent did not
-                    # apply: recorded (for the resume point) and nothing else.
-                    continue
+                if found is None:
+                    continue  # an unknown or repeated ack
                 kind, grant_id, issued_at = found
+                if pending.ack.status.settles_nothing:
+                    # A duplicate, or a command the agent did not apply: recorded (for the
+                    # resume point). When this is the first ack the coordinator records for the
+                    # command (the original was lost in a crash), the agent's result for the
+                    # grant says what became of it; otherwise nothing changes.
+                    grant = grants.get(grant_id)
+                    result = next(
+                        (r for r in pending.ack.results if grant and r.grant_id == grant.id), None
+                    )
+                    if grant is not None and result is not None and kind is not CommandKind.EXTEND:
+                        one = AgentAck(
+                            pending.ack.seq, result.status, result.reason, grant.id, source="resent"
+                        )
+                        at = _clamped(result.applied_at, grant, now)
+                        entry = moves.ack(
+                            pending.agent, grant, kind, one, now, issued_at, applied_at=at
+                        )
+                        if entry is not None:
+                            entries.append(entry)
+                            request_ids.append(grant.request_id)
+                    continue
                 if kind is CommandKind.SNAPSHOT:
                     # Every earlier command not yet acknowledged is replaced by the snapshot.
                     await tx.supersede_commands(pending.agent, pending.ack.seq, now)
@@ -516,9 +535,9 @@ class FleetService:
                 grant = grants.get(grant_id)
                 if grant is None:
                     continue
-                one = moves.ack(pending.agent, grant, kind, pending.ack, now, issued_at)
-                if one is not None:
-                    entries.append(one)
+                written = moves.ack(pending.agent, grant, kind, pending.ack, now, issued_at)
+                if written is not None:
+                    entries.append(written)
                     request_ids.append(grant.request_id)
             for ids, expected, state, fields in moves.grouped():
                 await tx.move_grants(
@@ -743,10 +762,7 @@ class _Moves:
                 kind = CommandKind.GRANT
             else:
                 continue
-            applied_at = now
-            if result.applied_at is not None:
-                # The agent's clock: never before the grant existed, never after this ack.
-                applied_at = max(grant.created_at, min(result.applied_at, now))
+            applied_at = _clamped(result.applied_at, grant, now)
             one = AgentAck(ack.seq, result.status, result.reason, grant.id, source="snapshot")
             entry = self.ack(agent, grant, kind, one, now, issued_at, applied_at=applied_at)
             if entry is not None:
@@ -840,3 +856,11 @@ class _Moves:
             key = (start, state, tuple(sorted(fields.items())))
             groups.setdefault(key, []).append(grant_id)
         return [(ids, start, state, dict(fields)) for (start, state, fields), ids in groups.items()]
+
+
+def _clamped(applied_at: datetime | None, grant: Grant, now: datetime) -> datetime:
+    """When the agent says it applied the grant, by its clock: never before the grant existed,
+    never after the ack arrived (now, when it does not say)."""
+    if applied_at is None:
+        return now
+    return max(grant.created_at, min(applied_at, now))

@@ -1369,6 +1369,21 @@ class SqliteStore:
         )
         return [rec.audit(r) for r in rows]
 
+    async def requests_changed_after(self, after_seq: int, limit: int) -> list[tuple[str, int]]:
+        """(request id, its latest audit seq) for requests with audit events after
+        `after_seq`, in the order of those latest changes; plus, when `after_seq` is negative,
+        nothing but the head: [("", head seq)]."""
+        if after_seq < 0:
+            row = await _one(self._reader, "SELECT COALESCE(MAX(seq), 0) FROM audit")
+            return [("", int(row[0]))]
+        rows = await _all(
+            self._reader,
+            "SELECT request_id, MAX(seq) AS last FROM audit WHERE seq > ? AND request_id <> '' "
+            "GROUP BY request_id ORDER BY last LIMIT ?",
+            [after_seq, limit],
+        )
+        return [(r[0], int(r[1])) for r in rows]
+
     async def audit_chain(self, after_seq: int, limit: int) -> list[AuditEvent]:
         rows = await _all(
             self._reader,

@@ -287,3 +287,38 @@ async def test_an_applied_ack_for_a_grant_ended_meanwhile_moves_nothing_back(env
     assert grant.applied_at == env.clock.now()
     applied = [e for e in await env.admin.list_audit(kind="grant.applied")]
     assert [(e.grant_id, e.details.get("late")) for e in applied] == [(grant_id, "true")]
+
+
+async def test_a_duplicate_whose_original_ack_was_lost_books_the_agents_result(env: Env) -> None:
+    """The agent applied the grant, its ack was lost, the grant then ended on the host (so the
+    Hello cannot list it): the resent command's DUPLICATE carries what became of it, and that is
+    booked once, as the lost ack would have been. A later duplicate changes nothing."""
+    async with agent_link(env.address, env.credentials["db-1"]) as link:
+        await link.send(hello())
+        await link.next("welcome")
+        _, grant_id = await prod_grant(env)
+        seq, _ = await link.command()
+    applied_at = env.clock.now()
+    for _ in range(2):
+        async with agent_link(env.address, env.credentials["db-1"]) as link:
+            await link.send(hello(last_applied_seq=seq))
+            if (await link.next("welcome")).welcome.resume_after_seq == seq - 1:
+                assert (await link.command())[0] == seq  # resent: its ack is still missing
+            await link.send(
+                ack(
+                    seq,
+                    A.ACK_STATUS_DUPLICATE,
+                    grant_id,
+                    results=[
+                        A.GrantResult(
+                            grant_id=grant_id,
+                            status=A.ACK_STATUS_APPLIED,
+                            applied_at=ts(applied_at),
+                        )
+                    ],
+                )
+            )
+            await barrier(link, 1)
+    grant = await env.admin.get_grant(grant_id)
+    assert (grant.state, grant.applied_at) == (GrantState.ACTIVE, applied_at)
+    assert (await kinds(env, grant_id)).count("grant.applied") == 1

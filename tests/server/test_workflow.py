@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, timedelta
 
 import pytest
 
 from jitmesh.client import Client
-from jitmesh.errors import ConflictError, InvalidArgumentError, PermissionDeniedError
-from jitmesh.types import GrantState, RequestState
+from jitmesh.errors import (
+    ConflictError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+)
+from jitmesh.types import Grant, GrantState, RequestState
 from server.domain.access import AccessService
 from server.domain.models import Principal
 from server.domain.policy import DEV_POLICY
@@ -498,3 +504,129 @@ async def audit_kinds_until(env: Env, grant_id: str, kind: str) -> list[str]:
             if event.grant_id == grant_id and event.kind == kind:
                 break
     return [e.kind for e in await env.admin.list_audit(grant_id=grant_id)]
+
+
+# The SDK's grant context manager.
+
+
+@contextlib.asynccontextmanager
+async def acking_agent(env: Env, name: str) -> AsyncIterator[list[int]]:
+    """A raw AgentLink for `name` that acks every command as applied; yields the seqs acked."""
+    acked: list[int] = []
+    async with agent_link(env.address, env.credentials[name]) as link:
+        await link.hello(name)
+
+        async def ack_all() -> None:
+            while True:
+                seq, body = await link.command()
+                grant_id = body.grant.grant_id or body.revoke.grant_id
+                await link.ack(seq, grant_id)
+                acked.append(seq)
+
+        task = asyncio.create_task(ack_all())
+        try:
+            yield acked
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_grant_context_manager_releases_on_an_exception(env: Env) -> None:
+    seen: list[Grant] = []
+
+    async def deploy() -> None:
+        async with env.alice.grant("web-1", "deploy", M15, reason="ci") as held:
+            seen.append(held)
+            raise RuntimeError("deploy broke")
+
+    async with acking_agent(env, "web-1"):
+        with pytest.raises(RuntimeError, match="deploy broke"):
+            await deploy()
+        (held,) = seen
+        assert held.state is GrantState.ACTIVE
+        assert held.subject == "alice"
+        after = await env.alice.get_grant(held.id)
+        assert after.state in (GrantState.REVOKING, GrantState.RELEASED)
+        assert after.end_reason == "released"
+
+
+async def test_grant_context_manager_leaves_a_reused_grant_alone(env: Env) -> None:
+    async with acking_agent(env, "db-1"):
+        request, _ = await env.alice.create_request(
+            agent="db-1", action="deploy", duration=M15, reason="x"
+        )
+        _, earlier = await env.bob.approve(request.id)
+        assert earlier is not None
+        await env.wait_grant_state(request.id, GrantState.ACTIVE)
+        async with env.alice.grant("db-1", "deploy", timedelta(minutes=5), reason="y") as held:
+            assert held.id == earlier.id
+        assert (await env.alice.get_grant(earlier.id)).state is GrantState.ACTIVE
+
+
+async def test_grant_context_manager_denied_and_cancelled(env: Env) -> None:
+    async def deny_when_asked() -> None:
+        async with contextlib.aclosing(env.bob.watch_requests()) as stream:
+            async for seen in stream:
+                if seen.state is RequestState.PENDING and seen.subject == "alice":
+                    await env.bob.deny(seen.id, reason="not today")
+                    return
+
+    denier = asyncio.create_task(deny_when_asked())
+
+    async def use(timeout: float) -> None:
+        async with env.alice.grant("db-1", "deploy", M15, reason="x", timeout=timeout):
+            raise AssertionError("never entered")
+
+    with pytest.raises(PermissionDeniedError, match="denied by bob: not today"):
+        await use(10)
+    await denier
+    # Given up waiting: the undecided request is cancelled, not left for approvers.
+    with pytest.raises(DeadlineExceededError):
+        await use(0.2)
+    pending = await env.alice.list_requests(states=[RequestState.PENDING])
+    assert pending == []
+    assert len(await env.alice.list_requests(states=[RequestState.CANCELLED])) == 1
+
+
+# Watching requests with a cursor.
+
+
+async def test_watch_resumes_from_its_cursor_without_losing_changes(env: Env) -> None:
+    seen: dict[str, list[RequestState]] = {}
+
+    async def read(n: int, after: int) -> int:
+        watch = env.admin.watch_requests(after_change_seq=after)
+        async with asyncio.timeout(WAIT), contextlib.aclosing(watch) as s:
+            async for request in s:
+                assert request.change_seq > after
+                after = request.change_seq
+                seen.setdefault(request.id, []).append(request.state)
+                n -= 1
+                if n == 0:
+                    break
+        return after
+
+    first = await prod(env)
+    # From the start of the log (seq 1 is the first policy): the one request so far.
+    cursor = await read(1, 1)
+    assert seen == {first: [RequestState.PENDING]}
+    seen.clear()
+    # Disconnected: a burst of changes (more than the hub's queue would hold for a slow
+    # watcher) happens meanwhile.
+    made = [await prod(env) for _ in range(5)]
+    await env.bob.deny(made[0], reason="no")
+    await env.alice.cancel(made[1])
+    _, grant = await env.bob.approve(made[2])
+    assert grant is not None
+    # Resumed from the cursor: every request changed since, once, in its current state.
+    cursor = await read(5, cursor)
+    assert set(seen) == set(made)
+    assert seen[made[0]] == [RequestState.DENIED]
+    assert seen[made[1]] == [RequestState.CANCELLED]
+    assert seen[made[2]] == [RequestState.APPROVED]
+    # And live changes after that.
+    seen.clear()
+    await env.bob.deny(made[3], reason="later")
+    await read(1, cursor)
+    assert seen == {made[3]: [RequestState.DENIED]}
