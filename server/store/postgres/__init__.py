@@ -1439,6 +1439,22 @@ class PostgresStore:
             )
         return [rec.audit(r) for r in rows]
 
+    async def requests_changed_after(self, after_seq: int, limit: int) -> list[tuple[str, int]]:
+        """(request id, its latest audit seq) for requests with audit events after
+        `after_seq`, in the order of those latest changes; with `after_seq` negative, only the
+        head: [("", head seq)] (as in the SQLite store)."""
+        async with self._read() as conn:
+            if after_seq < 0:
+                row = await _one(conn, "SELECT seq FROM audit_head WHERE id = 1")
+                return [("", int(row["seq"]) if row else 0)]
+            rows = await _all(
+                conn,
+                "SELECT request_id, MAX(seq) AS last FROM audit WHERE seq > %s "
+                "AND request_id <> '' GROUP BY request_id ORDER BY last LIMIT %s",
+                [after_seq, limit],
+            )
+        return [(r["request_id"], int(r["last"])) for r in rows]
+
     async def audit_chain(self, after_seq: int, limit: int) -> list[AuditEvent]:
         async with self._read() as conn:
             rows = await _all(
