@@ -330,6 +330,7 @@ async def _assemble(
         # Replicas: a policy applied on another replica is in force here from the next call.
         policy.refresh if isinstance(store, PostgresStore) else None,
     )
+    expirer.start_due = access.start_scheduled
     fleet = FleetService(store, registry, hub, clock, epoch, replica)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())

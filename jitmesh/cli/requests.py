@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import click
@@ -23,6 +23,30 @@ from jitmesh.cli.core import (
 )
 from jitmesh.client import Client
 from jitmesh.types import Grant, GrantState, Request, RequestState
+
+
+class StartType(click.ParamType[datetime]):
+    """An instant in RFC 3339 (a trailing Z for UTC; a time without a zone is refused)."""
+
+    name = "time"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        text = str(value).strip()
+        try:
+            at = datetime.fromisoformat(text.replace("z", "Z"))
+        except ValueError:
+            self.fail("expected RFC 3339 such as 2026-12-24T09:00Z", param, ctx)
+        if at.tzinfo is None:
+            self.fail("give the zone (2026-12-24T09:00Z or +01:00)", param, ctx)
+        return at.astimezone(UTC)
+
+
+START: Final = StartType()
+
 
 requests = group(
     None,
@@ -46,6 +70,8 @@ requests = group(
         "jitctl request create --agent web-1 --action deploy --duration 15m -o json",
         "jitctl request create --agent db-1 --action deploy --duration 30m --reason hotfix "
         "--ticket INC-42",
+        "jitctl request create --agent db-1 --action deploy --start 2026-12-24T09:00Z "
+        "--duration 2h --reason release",
     ],
 )
 @click.option("--agent", required=True, metavar="NAME", help="The host's agent.")
@@ -58,6 +84,14 @@ requests = group(
 @click.option("--duration", required=True, type=DURATION, help="How long, such as 15m or 1h30m.")
 @click.option("--reason", default="", help="Why (some rules require one).")
 @click.option("--ticket", default="", metavar="ID", help="A ticket id (some rules require one).")
+@click.option(
+    "--start",
+    type=START,
+    default=None,
+    metavar="TIME",
+    help="Start later (RFC 3339, such as 2026-12-24T09:00Z): approved before, issued then; "
+    "the duration counts from the start.",
+)
 @click.option(
     "--wait",
     is_flag=True,
@@ -80,11 +114,12 @@ async def _create(
     duration: timedelta,
     reason: str,
     ticket: str,
+    start: datetime | None,
     wait: bool,
     wait_timeout: timedelta,
 ) -> None:
     request, grant = await client.create_request(
-        agent=agent, action=action, duration=duration, reason=reason, ticket=ticket
+        agent=agent, action=action, duration=duration, reason=reason, ticket=ticket, start_at=start
     )
     if not wait:
         out.emit(
@@ -111,7 +146,7 @@ async def _create(
 
 def settled(request: Request) -> bool:
     """Nothing more to wait for: decided, and if approved, the agent has answered."""
-    if request.state is RequestState.PENDING:
+    if request.state in (RequestState.PENDING, RequestState.SCHEDULED):
         return False
     if request.state is not RequestState.APPROVED:
         return True

@@ -115,6 +115,7 @@ class AccessService:
         duration: timedelta,
         reason: str,
         ticket: str = "",
+        start_at: datetime | None = None,
         _extends: Grant | None = None,
     ) -> tuple[Request, Grant | None]:
         """A new request, checked against the policy and locks. A request for an agent and
@@ -142,6 +143,12 @@ class AccessService:
             raise NotFound(f"agent {agent} is not enrolled")
         # Whole milliseconds, as stored: the request is returned as built, not read back.
         now = from_ms(to_ms(self._clock.now()))
+        if start_at is not None:
+            start_at = from_ms(to_ms(start_at))
+            if start_at <= now:
+                start_at = None  # a start in the past is now
+            elif start_at - now > MAX_DURATION:
+                raise InvalidArgument("start must be within 366d")
         lock = await self._store.lock_in_force(principal.name, agent, action, now)
         if lock is not None:
             await self._refused(principal.name, agent, action, f"locked by {lock.id}")
@@ -167,7 +174,7 @@ class AccessService:
         auto = False
         if _extends is None:
             auto, _ = await self._automatic(principal.name, rule, duration, now)
-        if _extends is None and not auto:
+        if _extends is None and not auto and start_at is None:
             # Reuse spares approvers a question already answered. An automatic approval asks
             # nobody, so it makes its own grant (overlapping grants are reference-counted on
             # the host, and a caller may release its own without touching another).
@@ -199,9 +206,18 @@ class AccessService:
             plan=plan,
             ticket=ticket,
             extends_grant_id=_extends.id if _extends is not None else "",
+            start_at=start_at,
         )
         grant: Grant | None = None
-        if auto:
+        if auto and start_at is not None:
+            # Approved now, issued at the start (eligibility and locks checked again then).
+            request = replace(
+                request,
+                state=RequestState.SCHEDULED,
+                decided_at=now,
+                decided_by=f"policy:{rule.name}",
+            )
+        elif auto:
             grant = self._new_grant(request, rule, now)
         return await self._creations.submit(_Creation(principal.name, request, grant))
 
@@ -354,6 +370,8 @@ class AccessService:
                         ticket=request.ticket,
                     )
                 )
+                if request.state is RequestState.SCHEDULED:
+                    entries.append(self._scheduled_entry(request.decided_by, request))
                 if grant is not None:
                     seq = next(seqs)
                     if seq is None:
@@ -420,7 +438,12 @@ class AccessService:
             elif after.state is RequestState.APPROVED:
                 await tx.audit(self._reviewed(principal.actor, request, plan, before.stage))
                 rule = self._rule(request.rule)
-                grant, command = await self._approve(tx, request, rule, principal.actor, reason)
+                if request.start_at is not None and request.start_at > now:
+                    # Approved; the grant is issued at the start, after a second look.
+                    await self._decide(tx, request, RequestState.SCHEDULED, principal.actor, reason)
+                    await tx.audit(self._scheduled_entry(principal.actor, request))
+                else:
+                    grant, command = await self._approve(tx, request, rule, principal.actor, reason)
             else:
                 await tx.audit(self._reviewed(principal.actor, request, plan, before.stage))
                 if after.stage > before.stage:
@@ -463,8 +486,18 @@ class AccessService:
             request = await self._get_request(tx, request_id)
             if not (same_person(principal.name, request.subject) or principal.is_admin):
                 raise PermissionDenied("only the requester or an admin may cancel a request")
-            _still_pending(request, self._clock.now())
-            await self._decide(tx, request, RequestState.CANCELLED, principal.name, "cancelled")
+            if request.state is RequestState.SCHEDULED:
+                await self._decide(
+                    tx,
+                    request,
+                    RequestState.CANCELLED,
+                    principal.name,
+                    "cancelled",
+                    expected=RequestState.SCHEDULED,
+                )
+            else:
+                _still_pending(request, self._clock.now())
+                await self._decide(tx, request, RequestState.CANCELLED, principal.name, "cancelled")
             await tx.audit(self._entry("request.cancelled", principal.name, request))
         request, _ = await self._after(tx, request_id, None, None)
         return request
@@ -763,16 +796,75 @@ class AccessService:
         await tx.audit(self._entry("request.approved", by, request, grant_id=grant.id))
         return done
 
+    def _scheduled_entry(self, by: str, request: Request) -> AuditEntry:
+        start = request.start_at.isoformat() if request.start_at else ""
+        return self._entry("request.scheduled", by, request, start_at=start)
+
+    async def start_scheduled(self, now: datetime) -> int:
+        """Issue the grants of SCHEDULED requests whose start has come, each after checking
+        again that the policy still allows it for the subject's groups now and that no lock
+        stands in the way; otherwise the request is DENIED, saying why. Returns how many were
+        decided."""
+        due = await self._store.due_scheduled(now, MAX_PAGE)
+        for request in due:
+            why, rule = await self._still_allowed(request, now)
+            command: Command | None = None
+            async with self._store.transaction() as tx:
+                lock = await tx.lock_in_force(request.subject, request.agent, request.action, now)
+                if not why and lock is not None:
+                    why = f"{lock.target.describe()} is locked ({lock.id}): {lock.reason}"
+                if why or rule is None:
+                    by = f"policy:v{self._policy().version}" if lock is None else lock.id
+                    await self._decide(
+                        tx, request, RequestState.DENIED, by, why, expected=RequestState.SCHEDULED
+                    )
+                    await tx.audit(self._entry("request.denied", by, request, why=why))
+                else:
+                    grant = self._new_grant(request, rule, now)
+                    await self._decide(
+                        tx,
+                        request,
+                        RequestState.APPROVED,
+                        "scheduler",
+                        "started",
+                        grant.id,
+                        expected=RequestState.SCHEDULED,
+                    )
+                    seq = await tx.append_command(grant.agent, CommandKind.GRANT, grant.id, now)
+                    (command,) = await write_grants(
+                        tx, [(request, replace(grant, grant_seq=seq), "scheduler")], now
+                    )
+            await self._after(tx, request.id, None, command)
+        return len(due)
+
+    async def _still_allowed(self, request: Request, now: datetime) -> tuple[str, Rule | None]:
+        """Why the scheduled `request` may no longer start ('' and its rule when it may)."""
+        assert request.start_at is not None
+        if request.start_at + request.duration <= now:
+            return "its time passed before it could start", None
+        groups = await self._store.user_groups(request.subject) or frozenset()
+        try:
+            rule = await self._rule_now(
+                Principal(request.subject, groups), request.agent, request.action
+            )
+        except (PermissionDenied, NotFound) as exc:
+            return f"no longer allowed at its start: {exc.message}", None
+        if request.duration > rule.max_duration:
+            return f"rule {rule.name} now allows at most {format_duration(rule.max_duration)}", None
+        return "", rule
+
     def _new_grant(self, request: Request, rule: Rule, now: datetime) -> Grant:
-        """The grant an approval of `request` under `rule` creates, starting now."""
+        """The grant an approval of `request` under `rule` creates, starting now (or at its
+        scheduled start: its duration counts from there)."""
+        start = request.start_at if request.start_at is not None and request.start_at < now else now
         return Grant(
             id=new_id("grt"),
             request_id=request.id,
             agent=request.agent,
             subject=request.subject,
             action=request.action,
-            not_before=now,
-            not_after=now + request.duration,
+            not_before=start,
+            not_after=start + request.duration,
             state=GrantState.PENDING_DELIVERY,
             offline=rule.offline.to_policy(),
             created_at=now,
@@ -787,10 +879,12 @@ class AccessService:
         by: str,
         reason: str,
         grant_id: str = "",
+        *,
+        expected: RequestState = RequestState.PENDING,
     ) -> None:
         ok = await tx.decide_request(
             request.id,
-            expected=RequestState.PENDING,
+            expected=expected,
             state=state,
             at=self._clock.now(),
             by=by,

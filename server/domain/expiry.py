@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from jitmesh.clock import Clock
@@ -31,6 +32,8 @@ class Expirer:
         self._hub = hub
         self._clock = clock
         self._wake = asyncio.Event()
+        # Issues the grants of scheduled requests whose start has come (AccessService's).
+        self.start_due: Callable[[datetime], Awaitable[int]] | None = None
 
     def deadlines_changed(self) -> None:
         self._wake.set()
@@ -108,6 +111,8 @@ class Expirer:
             if deadline is not None and deadline <= now:
                 try:
                     await self.sweep(now)
+                    if self.start_due is not None:
+                        await self.start_due(now)
                 except Conflict as exc:
                     # The store gave up on a batch (contention between replicas): the rows are
                     # still due, so the next turn takes them.

@@ -74,6 +74,10 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             self._limiter.take(principal.name)
         if not request.HasField("duration"):
             raise errors.InvalidArgument("duration is required")
+        if request.selector:
+            # Refused rather than ignored: a selector silently dropped would grant something
+            # else than what was asked.
+            raise errors.InvalidArgument("selectors are not supported by this coordinator yet")
         req, grant = await self._access.create_request(
             principal,
             agent=request.agent,
@@ -81,6 +85,9 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             duration=_duration(request.duration, "duration"),
             reason=request.reason,
             ticket=request.ticket,
+            start_at=c.from_ts(request.start_at, "start_at")
+            if request.HasField("start_at")
+            else None,
         )
         return access_pb2.CreateRequestResponse(
             request=c.request(req), grant=c.grant(grant) if grant else None

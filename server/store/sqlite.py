@@ -1369,6 +1369,17 @@ class SqliteStore:
         )
         return [rec.audit(r) for r in rows]
 
+    async def due_scheduled(self, now: datetime, limit: int) -> list[Request]:
+        """SCHEDULED requests whose start has come, earliest first."""
+        rows = await _all(
+            self._reader,
+            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'SCHEDULED' "
+            "AND r.start_at <= ? ORDER BY r.start_at LIMIT ?",
+            [to_ms(now), limit],
+        )
+        reviews = await _reviews(self._reader, [r["id"] for r in rows])
+        return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
+
     async def requests_changed_after(self, after_seq: int, limit: int) -> list[tuple[str, int]]:
         """(request id, its latest audit seq) for requests with audit events after
         `after_seq`, in the order of those latest changes; plus, when `after_seq` is negative,
@@ -1398,7 +1409,8 @@ class SqliteStore:
             "SELECT MIN(t) AS t FROM ("
             "SELECT MIN(not_after) AS t FROM grants "
             "WHERE state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING') "
-            "UNION ALL SELECT MIN(pending_expires_at) FROM requests WHERE state = 'PENDING')",
+            "UNION ALL SELECT MIN(pending_expires_at) FROM requests WHERE state = 'PENDING' "
+            "UNION ALL SELECT MIN(start_at) FROM requests WHERE state = 'SCHEDULED')",
         )
         return None if row is None or row["t"] is None else from_ms(int(row["t"]))
 

@@ -630,3 +630,61 @@ async def test_watch_resumes_from_its_cursor_without_losing_changes(env: Env) ->
     await env.bob.deny(made[3], reason="later")
     await read(1, cursor)
     assert seen == {made[3]: [RequestState.DENIED]}
+
+
+# Scheduled starts.
+
+
+async def test_scheduled_start_issues_the_grant_at_its_start_after_a_second_look(
+    env: Env,
+) -> None:
+    access_ = access(env)
+    start = env.clock.now() + timedelta(hours=2)
+    request, grant = await env.alice.create_request(
+        agent="db-1", action="deploy", duration=timedelta(hours=1), reason="x", start_at=start
+    )
+    assert (request.state, request.start_at, grant) == (RequestState.PENDING, start, None)
+    approved, grant = await env.bob.approve(request.id)
+    assert (approved.state, grant) == (RequestState.SCHEDULED, None)
+    assert await env.admin.list_grants() == []
+    assert await access_.start_scheduled(env.clock.now()) == 0  # not yet
+    await env.clock.advance(timedelta(hours=2))
+    await access_.start_scheduled(env.clock.now())  # the running loop may have done it already
+    started = await env.alice.get_request(request.id)
+    assert (started.state, started.decided_by) == (RequestState.APPROVED, "scheduler")
+    issued = await env.alice.get_grant(started.grant_id)
+    # Its duration counts from the start, not from the approval.
+    assert (issued.not_before, issued.not_after) == (start, start + timedelta(hours=1))
+    kinds = [e.kind for e in await env.admin.list_audit(request_id=request.id)]
+    assert kinds[-2:] == ["request.approved", "grant.created"]
+    assert "request.scheduled" in kinds
+
+
+async def test_scheduled_start_with_eligibility_lost_in_between_gives_nothing(env: Env) -> None:
+    access_ = access(env)
+    start = env.clock.now() + timedelta(hours=1)
+    left, _ = await env.alice.create_request(
+        agent="db-1", action="deploy", duration=M15, reason="x", start_at=start
+    )
+    await env.bob.approve(left.id)
+    locked, _ = await env.dave.create_request(
+        agent="db-1", action="deploy", duration=M15, reason="x", start_at=start
+    )
+    await env.bob.approve(locked.id)
+    cancelled, _ = await env.dave.create_request(
+        agent="db-1", action="restart", duration=M15, reason="x", start_at=start
+    )
+    await env.bob.approve(cancelled.id)
+    assert (await env.dave.cancel(cancelled.id)).state is RequestState.CANCELLED
+    # Meanwhile alice leaves developers, and dave is locked.
+    await env.coordinator.identity.ensure_user("alice", ["sales"], "jmt_alice_new_0123456789")
+    lock, _, _ = await env.admin.create_lock(subject="dave", reason="investigation")
+    await env.clock.advance(timedelta(hours=1))
+    await access_.start_scheduled(env.clock.now())
+    first = await env.admin.get_request(left.id)
+    assert first.state is RequestState.DENIED
+    assert first.decided_by.startswith("policy:v")
+    assert "no longer allowed" in first.decision_reason
+    second = await env.admin.get_request(locked.id)
+    assert (second.state, second.decided_by) == (RequestState.DENIED, lock.id)
+    assert await env.admin.list_grants() == []

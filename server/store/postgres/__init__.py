@@ -1439,6 +1439,18 @@ class PostgresStore:
             )
         return [rec.audit(r) for r in rows]
 
+    async def due_scheduled(self, now: datetime, limit: int) -> list[Request]:
+        """SCHEDULED requests whose start has come, earliest first."""
+        async with self._read() as conn:
+            rows = await _all(
+                conn,
+                f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'SCHEDULED' "
+                "AND r.start_at <= %s ORDER BY r.start_at LIMIT %s",
+                [to_ms(now), limit],
+            )
+            reviews = await _reviews(conn, [r["id"] for r in rows])
+        return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
+
     async def requests_changed_after(self, after_seq: int, limit: int) -> list[tuple[str, int]]:
         """(request id, its latest audit seq) for requests with audit events after
         `after_seq`, in the order of those latest changes; with `after_seq` negative, only the
@@ -1470,7 +1482,8 @@ class PostgresStore:
                 conn,
                 "SELECT LEAST((SELECT MIN(not_after) FROM grants "
                 "WHERE state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING')), "
-                "(SELECT MIN(pending_expires_at) FROM requests WHERE state = 'PENDING')) AS t",
+                "(SELECT MIN(pending_expires_at) FROM requests WHERE state = 'PENDING'), "
+                "(SELECT MIN(start_at) FROM requests WHERE state = 'SCHEDULED')) AS t",
             )
         return None if row is None or row["t"] is None else from_ms(int(row["t"]))
 
