@@ -17,7 +17,6 @@ from typing import Any
 import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from jitmesh import __version__
 from jitmesh import telemetry as t
@@ -68,6 +67,7 @@ from server.notify.secrets import Sealer
 from server.notify.sender import Sender
 from server.notify.slack import SlackInteractions
 from server.oidc import OidcSettings, OidcVerifier
+from server.rpc import reflection
 from server.rpc.accesslog import AccessLog
 from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
@@ -460,9 +460,7 @@ async def _assemble(
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
         # Reflection lists what the port serves: AgentLink only where agents connect.
         served = SERVICES if target is not server or agent_server is None else OPERATOR_SERVICES
-        reflection.enable_server_reflection(
-            [*served, reflection.SERVICE_NAME, health.SERVICE_NAME], target
-        )
+        reflection.enable(target, [*served, health.SERVICE_NAME])
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
         AgentLinkServicer(
             fleet, registry, clock, keys, config.heartbeat, require_certificate=ca is not None

@@ -6,7 +6,8 @@ the grant is revoked, expires or is locked, the agent (and this process) end the
 SIGTERM, then SIGKILL after the grace period. The exit code is passed through (128+N for signal
 N). With `--release` the grant is ended on the host when the command ends, and released on the
 coordinator with the caller's own credentials when they are at hand (JITMESH_COORDINATOR,
-JITMESH_TOKEN, JITMESH_CA_FILE: the subject's, never the agent's). `--request` files the request
+JITMESH_TOKEN, and JITMESH_CA_FILE or JITMESH_INSECURE as the SDK reads them: the subject's,
+never the agent's). `--request` files the request
 with those same credentials first and waits for it to be approved and applied here.
 """
 
@@ -245,21 +246,13 @@ def _exit_code(status: int) -> tuple[int, str]:
 # With the caller's own credentials (heavy imports only here).
 
 
-def _credentials() -> tuple[str, str, str | None] | None:
+def _credentials() -> tuple[str, str] | None:
+    """The caller's own coordinator address and token (the SDK reads JITMESH_CA_FILE and
+    JITMESH_INSECURE itself)."""
     target, token = os.environ.get("JITMESH_COORDINATOR"), os.environ.get("JITMESH_TOKEN")
     if not target or not token:
         return None
-    return target, token, os.environ.get("JITMESH_CA_FILE") or None
-
-
-def _channel(creds: tuple[str, str, str | None]) -> tuple[str, str, Any]:
-    """Address, token and TLS credentials (read before any event loop starts)."""
-    target, token, ca_file = creds
-    if not ca_file:
-        return target, token, None
-    import grpc
-
-    return target, token, grpc.ssl_channel_credentials(Path(ca_file).read_bytes())
+    return target, token
 
 
 def _request(options: ExecOptions) -> None:
@@ -289,13 +282,11 @@ def _request(options: ExecOptions) -> None:
         time.sleep(0.1)
 
 
-async def _file_and_wait(
-    creds: tuple[str, str, str | None], agent_name: str, options: ExecOptions
-) -> None:
+async def _file_and_wait(creds: tuple[str, str], agent_name: str, options: ExecOptions) -> None:
     from jitmesh import Client, RequestState
 
-    target, token, credentials = _channel(creds)
-    async with await Client.connect(target, token=token, credentials=credentials) as client:
+    target, token = creds
+    async with await Client.connect(target, token=token) as client:
         assert options.request_duration is not None
         request, _ = await client.create_request(
             agent=agent_name,
@@ -334,8 +325,8 @@ def _release_upstream(grant_id: str, ended_here: bool) -> None:
     async def release() -> None:
         from jitmesh import Client
 
-        target, token, credentials = _channel(creds)
-        async with await Client.connect(target, token=token, credentials=credentials) as client:
+        target, token = creds
+        async with await Client.connect(target, token=token) as client:
             await client.release_grant(grant_id)
 
     try:

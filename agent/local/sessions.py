@@ -70,6 +70,11 @@ class Sessions:
         self.end = end
         self.runs: dict[str, Run] = {}
         self._queue: asyncio.Queue[tuple[Pair, str]] = asyncio.Queue()
+        self._busy = 0
+
+    def idle(self) -> bool:
+        """Nothing queued and nothing being ended (for tests and shutdown)."""
+        return self._queue.empty() and self._busy == 0
 
     def removed(self, pair: Pair, cause: str) -> None:
         """The engine removed `pair`'s access (a listener: schedules, never waits)."""
@@ -88,6 +93,7 @@ class Sessions:
                 for item in [r for r in self.runs.values() if r.pair == pair and r.cause is None]:
                     tasks.create_task(self.end_run(item, cause))
                 if self.end is EndSessions.USER:
+                    self._busy += 1
                     tasks.create_task(self._end_user(pair, cause))
 
     async def end_run(self, run: Run, cause: str) -> None:
@@ -130,6 +136,12 @@ class Sessions:
         return members
 
     async def _end_user(self, pair: Pair, cause: str) -> None:
+        try:
+            await self._end_user_now(pair, cause)
+        finally:
+            self._busy -= 1
+
+    async def _end_user_now(self, pair: Pair, cause: str) -> None:
         subject = pair[0]
         if await self._holds_any(subject):
             return

@@ -19,7 +19,7 @@ from agent.domain.commands import (
     SnapshotSpec,
 )
 from agent.domain.errors import MalformedCommand
-from agent.domain.leases import OutboxEvent
+from agent.domain.leases import EventKind, OutboxEvent
 from jitmesh import validation
 from jitmesh.clock import EPOCH, from_ms, to_ms
 from jitmesh.durations import MAX_DURATION
@@ -148,18 +148,55 @@ def ack_to_pb(ack: Ack) -> agentlink_pb2.AgentMessage:
 
 
 def event_to_pb(event: OutboxEvent) -> agentlink_pb2.AgentMessage:
-    return agentlink_pb2.AgentMessage(
-        event=agentlink_pb2.AgentEvent(
-            event_id=event.event_id,
-            kind=event.kind,
-            grant_id=event.grant_id,
-            subject=event.subject,
-            action=event.action,
-            observed_at=to_timestamp(event.observed_at),
-            details=dict(event.details),
-            counter=event.counter,
-        )
+    message = agentlink_pb2.AgentEvent(
+        event_id=event.event_id,
+        kind=event.kind,
+        grant_id=event.grant_id,
+        subject=event.subject,
+        action=event.action,
+        observed_at=to_timestamp(event.observed_at),
+        details=dict(event.details),
+        counter=event.counter,
     )
+    # Since 0.2 some kinds carry typed details too (the map keeps the text copy).
+    if event.kind in (EventKind.EXEC_STARTED, EventKind.EXEC_EXITED):
+        message.exec.CopyFrom(_exec_record(event.details))
+    elif event.kind == EventKind.SESSIONS_ENDED:
+        d = event.details
+        message.sessions.CopyFrom(
+            agentlink_pb2.SessionsEnded(
+                user=d.get("user", ""),
+                processes=_int(d.get("processes"), 0, 2**32 - 1),
+                cause=d.get("cause", ""),
+                scope=d.get("scope", ""),
+            )
+        )
+    return agentlink_pb2.AgentMessage(event=message)
+
+
+def _exec_record(d: Mapping[str, str]) -> agentlink_pb2.ExecRecord:
+    record = agentlink_pb2.ExecRecord(
+        run_id=d.get("run_id", ""),
+        command=d.get("command", ""),
+        argc=_int(d.get("argc"), 0, 2**32 - 1),
+        run_as=d.get("run_as", ""),
+        pid=_int(d.get("pid"), 0, 2**63 - 1),
+        exit_code=_int(d.get("exit_code"), -(2**31), 2**31 - 1),
+        signal=d.get("signal", ""),
+        cause=d.get("cause", ""),
+        released=d.get("released") == "true",
+    )
+    if "duration_ms" in d:
+        record.duration.FromMilliseconds(_int(d.get("duration_ms"), 0, 2**40))
+    return record
+
+
+def _int(text: str | None, low: int, high: int) -> int:
+    try:
+        value = int(text or 0)
+    except ValueError:
+        return 0
+    return min(max(value, low), high)
 
 
 def hello_to_pb(

@@ -93,3 +93,25 @@ async def test_garbage_and_oversized_lines_are_dropped(server: LocalServer) -> N
 async def test_breakglass_goes_to_its_handler(server: LocalServer) -> None:
     answer = await ask(server, encode({"method": "breakglass", "code": "abc"}))
     assert answer == {"ok": True, "who": "root", "code": "abc"}
+
+
+def test_exec_events_carry_typed_details_on_the_wire() -> None:
+    from datetime import UTC, datetime
+
+    from agent.domain.leases import EventKind, new_event
+    from agent.rpc.convert import event_to_pb
+
+    details = {"run_id": "run-1", "command": "sleep", "argc": "2", "run_as": "alice",
+               "pid": "42", "exit_code": "143", "signal": "SIGTERM", "duration_ms": "1500",
+               "cause": "revoked", "released": "false"}  # fmt: skip
+    event = new_event(EventKind.EXEC_EXITED, at=datetime.now(UTC), details=details)
+    record = event_to_pb(event).event.exec
+    assert (record.run_id, record.argc, record.pid, record.exit_code) == ("run-1", 2, 42, 143)
+    assert (record.signal, record.cause, record.released) == ("SIGTERM", "revoked", False)
+    assert record.duration.ToMilliseconds() == 1500
+    ended = new_event(
+        EventKind.SESSIONS_ENDED, at=datetime.now(UTC),
+        details={"user": "alice", "processes": "3", "cause": "expired", "scope": "user"},
+    )  # fmt: skip
+    sessions = event_to_pb(ended).event.sessions
+    assert (sessions.user, sessions.processes, sessions.scope) == ("alice", 3, "user")

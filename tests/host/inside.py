@@ -523,6 +523,90 @@ async def local_exec(scratch: str) -> dict[str, Any]:
     return seen
 
 
+async def end_user_sessions(scratch: str) -> dict[str, Any]:
+    """end_sessions = "user": every process of alice ends with her last grant on the host (not
+    with the first of two), audited; bob's processes are left alone."""
+    make_user("alice")
+    make_user("bob")
+    state = Path("/run/jitmesh-test/state")
+    state.parent.mkdir(parents=True)
+    seen: dict[str, Any] = {}
+
+    def login_shell(user: str) -> subprocess.Popen[bytes]:
+        # A session of the user's own, started outside jitmesh (as sshd or login would).
+        return subprocess.Popen(
+            ["su", "-s", "/bin/sh", user, "-c", "sleep 300"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def running(user: str) -> bool:
+        return sh("pgrep", "-u", user, "sleep")[0] == 0
+
+    async with LocalAgent(state, end="user") as agent:
+        first = await agent.grant("alice", "deploy")
+        second = await agent.grant("alice", "logs")
+        alice, bob = login_shell("alice"), login_shell("bob")
+        await _until(lambda: running("alice") and running("bob"), 20)
+        await agent.revoke(first)
+        # The sessions loop has taken the removal and looked: alice still holds `logs`.
+        await _until(agent.sessions.idle, 5)
+        seen["after_first"] = running("alice")
+        await agent.revoke(second)
+        await _until(lambda: not running("alice"), 20)
+        seen["alice_ended"] = True
+        seen["bob_running"] = running("bob")
+        async with asyncio.timeout(20):
+            while not [d for k, d in await agent.events() if k == "sessions.ended"]:
+                await asyncio.sleep(0.05)
+        seen["events"] = [d for k, d in await agent.events() if k == "sessions.ended"]
+        for proc in (alice, bob):
+            proc.kill()
+            proc.wait(timeout=10)
+    return seen
+
+
+async def exec_request(scratch: str) -> dict[str, Any]:
+    """`exec --request --release` as alice with her own token: the request is filed as alice,
+    approved, applied by the real agent, the command runs, and the grant is released on the
+    coordinator when it ends. Without credentials --request refuses to go on."""
+    from jitmesh import Client
+
+    root = Path(scratch)
+    make_user("alice")
+    state = Path("/run/jitmesh-test/state")
+    state.parent.mkdir(parents=True)
+    seen: dict[str, Any] = {}
+    async with Coordinator(root) as coordinator:
+        agent = subprocess.Popen(
+            [str(BIN / "jitmesh-agent"), "--coordinator", coordinator.address, "--name", "web-1",
+             "--label", "env=staging", "--join-token", Coordinator.JOIN, "--state", str(state),
+             "--backoff-base", "0.1", "--enforcer", f"file:{root / 'markers'}"],
+            stdout=(root / "agent.log").open("ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            await coordinator.connected("web-1")
+            wait_until("the socket", (state / "agent.sock").exists, 20)
+            creds = [
+                "env", f"JITMESH_COORDINATOR={coordinator.address}",
+                "JITMESH_TOKEN=jmt_host-alice", "JITMESH_INSECURE=1",
+            ]  # fmt: skip
+            command = [
+                "exec", "--state", str(state), "--action", "restart", "--request",
+                "--duration", "5m", "--reason", "INC-42", "--release", "--", "id", "-un",
+            ]  # fmt: skip
+            argv = agent_cli("alice", *command)
+            argv[-1] = " ".join(shlex.quote(a) for a in creds) + " " + argv[-1]
+            seen["run"] = await ash(*argv)
+            async with await Client.connect(coordinator.address, token="jmt_host-alice") as alice:
+                grants = await alice.list_grants()
+                seen["grants"] = [(g.action, g.state.value) for g in grants]
+            seen["no_creds"] = await ash(*agent_cli("alice", *command))
+        finally:
+            agent.kill()
+            agent.wait(timeout=10)
+    return seen
+
+
 PAM_SNIPPET = """\
 # /etc/pam.d/{service}: log in only with a live jitmesh grant for the `login` action.
 auth     required pam_permit.so
@@ -653,6 +737,8 @@ SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "sudo_agent": sudo_agent,
     "local_exec": local_exec,
     "pam_login": pam_login,
+    "end_user_sessions": end_user_sessions,
+    "exec_request": exec_request,
     "group_enforcer": group_enforcer,
     "ssh_enforcer": ssh_enforcer,
 }

@@ -14,9 +14,11 @@ pamtester: scripts/test installs them when run as root and they are missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +58,7 @@ def missing() -> list[str]:
     return [p for p in PROGRAMS if shutil.which(p, path=path) is None]
 
 
-def run(tmp_path: Path, scenario: str, *args: Any, timeout: float = 120) -> dict[str, Any]:
+def run(tmp_path: Path, scenario: str, *args: Any, timeout: float = 100) -> dict[str, Any]:
     if os.geteuid() != 0:
         raise AssertionError("host tests need root (a private mount namespace with an overlay)")
     absent = missing()
@@ -74,14 +76,29 @@ def run(tmp_path: Path, scenario: str, *args: Any, timeout: float = 120) -> dict
         scenario, json.dumps([str(dirs[4]), *args]),
     ]  # fmt: skip
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
-    proc = subprocess.run(
-        argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    lines = proc.stdout.strip().splitlines()
+    # Its own session: on a timeout everything the scenario started (an agent, sshd, sleeps
+    # holding our pipes) is killed with it.
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(
+            f"scenario {scenario} timed out after {timeout}s\n--- stdout\n{stdout[-4000:]}\n"
+            f"--- stderr\n{stderr[-6000:]}"
+        ) from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise AssertionError(
             f"scenario {scenario} failed (exit {proc.returncode})\n"
-            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+            f"--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-6000:]}"
         )
     result: dict[str, Any] = json.loads(lines[-1])
     return result

@@ -9,7 +9,7 @@ from tests.host import sandbox
 
 
 def test_exec_runs_only_under_a_grant_and_ends_with_it(tmp_path: Path) -> None:
-    seen = sandbox.run(tmp_path, "local_exec", timeout=240)
+    seen = sandbox.run(tmp_path, "local_exec")
     # The socket: a local user may reach it (state directory 0711), asks for themselves only.
     assert seen["mode"] == "0o711"
     assert seen["alice_check_none"] == [1, "not allowed"]
@@ -53,3 +53,20 @@ def test_exec_runs_only_under_a_grant_and_ends_with_it(tmp_path: Path) -> None:
     assert all("sleep 60" not in str(details) for _, details in events)
     ended = [details for kind, details in events if kind == "sessions.ended"]
     assert [(e["scope"], e["cause"]) for e in ended] == [("exec", "revoked"), ("exec", "revoked")]
+
+
+def test_exec_request_files_as_the_subject_and_release_ends_the_grant(tmp_path: Path) -> None:
+    """Through a real coordinator and jitmesh-agent, with alice's own token."""
+    seen = sandbox.run(tmp_path, "exec_request")
+    rc, out = seen["run"]
+    assert rc == 0, out
+    lines = out.splitlines()
+    assert lines[0].startswith("jitmesh-agent exec: request req-")
+    assert lines[0].endswith(" approved")
+    assert "alice" in lines
+    assert lines[-1].endswith(" released")
+    # Filed as alice (her grant), released on the coordinator when the command ended.
+    assert seen["grants"] == [["restart", "RELEASED"]]
+    # Never the agent's credentials: without her own, --request refuses.
+    assert seen["no_creds"][0] == 2
+    assert "needs your own credentials" in seen["no_creds"][1]

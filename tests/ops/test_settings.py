@@ -171,3 +171,22 @@ def test_the_clients_insecure_variable_does_not_make_serve_plain_text(
     config = tmp_path / "c.toml"
     config.write_text("insecure = true\n")
     assert load_coordinator(config, {}).insecure is True
+
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def test_the_example_files_are_valid() -> None:
+    from jitmesh import profiles
+
+    coordinator = load_coordinator(EXAMPLES / "coordinator.toml", {})
+    assert coordinator.metrics_listen == "127.0.0.1:9464"
+    assert coordinator.log_format == "json"
+    agent = agent_settings.load(EXAMPLES / "agent.toml", {}, {})
+    assert agent.values["labels"] == {"env": "prod", "role": "web"}
+    assert set(agent.enforcer_tables) == {"file", "sudo"}
+    profile = profiles.load_profile(
+        environ={"JITMESH_CONFIG": str(EXAMPLES / "jitctl-config.toml")}
+    )
+    assert profile is not None
+    assert (profile.name, profile.coordinator) == ("prod", "jit.example.com:7443")

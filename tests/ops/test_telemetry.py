@@ -5,6 +5,7 @@ parsed with Prometheus' own text parser; every log line parsed as JSON."""
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,3 +119,21 @@ async def test_metrics_move_with_a_real_request_and_logs_are_json(tmp_path: Path
     assert alines
     assert all(line["agent"] == "stage-1" for line in alines)
     assert any(line["msg"] == "agent started" for line in alines)
+
+
+def test_the_dashboard_names_only_metrics_that_exist() -> None:
+    dashboard = Path(__file__).parents[2] / "docs" / "grafana-dashboard.json"
+    exprs = [
+        target["expr"]
+        for panel in json.loads(dashboard.read_text())["panels"]
+        for target in panel["targets"]
+    ]
+    known = {value for name, value in vars(t).items() if name.isupper() and isinstance(value, str)}
+    known |= {t.PREFIX + "_revokes_unacked", t.PREFIX + "_agent_removals_pending"}
+    used = {
+        re.sub(r"_(bucket|total)$", "", name)
+        for expr in exprs
+        for name in re.findall(r"jitmesh_[a-z_]+", expr)
+    }
+    assert used
+    assert used <= known, used - known
