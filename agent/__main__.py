@@ -5,6 +5,7 @@
     jitmesh-agent check --state DIR [--subject USER | --pam] --action ACTION
     jitmesh-agent exec --state DIR [--subject USER] --action ACTION [--release]
                        [--request --duration 15m --reason TEXT] -- COMMAND ...
+    jitmesh-agent breakglass --state DIR CODE
 
 The only place that parses flags, loads configuration and sets up logging. `check` and `exec`
 import as little as possible (check runs on every login or sudo call): they talk to the running
@@ -35,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check(args[1:])
     if args[:1] == ["exec"]:
         return exec_command(args[1:])
+    if args[:1] == ["breakglass"]:
+        return breakglass(args[1:])
     if args[:1] == ["run"]:
         args = args[1:]
     return run(args)
@@ -179,6 +182,29 @@ def exec_command(argv: Sequence[str]) -> int:
             request_reason=parsed.reason,
         )
     )
+
+
+def breakglass(argv: Sequence[str]) -> int:
+    parser = _OneLineParser(
+        prog="jitmesh-agent breakglass",
+        description="Present a break-glass code to the agent (over its socket, as yourself): "
+        "with a valid code the agent grants its access at once, without the coordinator.",
+    )
+    parser.add_argument("--state", required=True, type=Path, help="the agent's state directory")
+    parser.add_argument("code", help="the code as issued (base64url)")
+    args = parser.parse_args(argv)
+    from agent.local.client import Unreachable, ask
+
+    try:
+        answer = ask(args.state, {"method": "breakglass", "code": args.code})
+    except Unreachable as exc:
+        return _fail(f"breakglass: {exc}")
+    if not answer.get("ok"):
+        print(f"jitmesh-agent breakglass: {answer.get('error', 'refused')}", file=sys.stderr)
+        return EXIT_DENIED
+    shown = {k: v for k, v in answer.items() if k != "ok" and isinstance(v, str | int)}
+    print(" ".join(f"{key}={value}" for key, value in sorted(shown.items())) or "granted")
+    return EXIT_OK
 
 
 def _iso_ms(ms: int) -> str:

@@ -16,7 +16,8 @@ import psycopg
 from pydantic import ValidationError
 
 from jitmesh import logs, sdnotify
-from server.app import Coordinator, DirectoryBusy, build
+from jitmesh.clock import SystemClock
+from server.app import Coordinator, DevDataError, DirectoryBusy, build, lock_data_dir, open_store
 from server.config import CoordinatorConfig
 from server.domain.models import ADMIN_GROUP, Principal, new_secret, user_name
 from server.domain.policy import DEV_POLICY
@@ -72,6 +73,11 @@ def add_settings_flags(p: argparse.ArgumentParser) -> None:
                 flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="NAME",
                 help="extra DNS name or IP for the coordinator's certificate (repeatable)",
             )  # fmt: skip
+        elif name == "auditor_groups":
+            p.add_argument(
+                flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="GROUP",
+                help=f"{info.description} (repeatable)",
+            )  # fmt: skip
         else:
             p.add_argument(
                 flag, dest=name, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper(),
@@ -103,6 +109,21 @@ def parser() -> argparse.ArgumentParser:
         "the new key within seconds and reconnects its agents)",
     )
     rotate.add_argument("--secret-key-file", type=Path, help="else JITMESH_SECRET_KEY")
+    retire = sub.add_parser(
+        "retire-dev",
+        help="revoke (and audit) the ready-made tokens and the reusable join token that 'dev' "
+        "made in a data directory, so that 'serve' can use it (run while it is stopped)",
+    )
+    retire.add_argument("--data", type=Path, required=True, help="data directory")
+    rotate_admin = sub.add_parser(
+        "rotate-admin-token",
+        help="replace the bootstrap admin token (DATA/admin.token): the old one is revoked, the "
+        "new one expires after --ttl (run while the coordinator is stopped)",
+    )
+    rotate_admin.add_argument("--data", type=Path, required=True, help="data directory")
+    rotate_admin.add_argument(
+        "--ttl", default="24h", help="lifetime of the new token, e.g. 24h, 7d (default 24h)"
+    )
     issue = sub.add_parser(
         "issue-operator-cert",
         help="sign an operator's CSR with the internal CA (jitmesh://user/NAME); the operator "
@@ -174,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         try:
-            return asyncio.run(_maintain(args.command, args.store, args.data))
+            return asyncio.run(_store_command(args.command, args.store, args.data))
         except (OSError, ValueError) as exc:
             print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
             return 1
@@ -198,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         # What `jitctl cert revoke` takes, should the certificate need to be refused.
         print(f"issued certificate for {user} serial={issued.serial:x}", file=sys.stderr)
         return 0
+    if args.command in ("retire-dev", "rotate-admin-token"):
+        try:
+            return asyncio.run(_maintain(args))
+        except (OSError, DirectoryBusy) as exc:
+            print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
+            return 1
     if args.command == "rotate-signing-key":
         from datetime import UTC, datetime
 
@@ -250,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serving)
     except KeyboardInterrupt:
         pass
-    except (OSError, ValueError, SecretKeyError, psycopg.Error, DirectoryBusy) as exc:
+    except (OSError, ValueError, SecretKeyError, psycopg.Error, DirectoryBusy, DevDataError) as exc:
         print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -300,7 +327,7 @@ async def _migrate_store(source: str, target: str, data: Path | None, key_file: 
     return 0
 
 
-async def _maintain(command: str, store_url: str, data: Path | None) -> int:
+async def _store_command(command: str, store_url: str, data: Path | None) -> int:
     from server.app import open_store_url
 
     store = await open_store_url(store_url, data or Path("."))
@@ -361,6 +388,7 @@ def coordinator_config(settings: CoordinatorSettings, *, dev: bool) -> Coordinat
         "store": settings.store,
         "replica": settings.replica,
         "secret_key_file": settings.secret_key_file,
+        "auditor_groups": settings.auditor_groups,
     }
     try:
         if dev:
@@ -398,6 +426,61 @@ def coordinator_config(settings: CoordinatorSettings, *, dev: bool) -> Coordinat
         raise SettingsError(f"{name}: {str(first['msg']).lower()}") from None
 
 
+async def _maintain(args: argparse.Namespace) -> int:
+    """retire-dev and rotate-admin-token: on the store, under the data directory's lock (so
+    never beside a running coordinator), every change audited."""
+    from datetime import UTC, datetime
+
+    from jitmesh.durations import DurationError, parse_duration
+    from server.domain import bootstrap
+    from server.domain.fleet import FleetService
+    from server.domain.governance import IdentityService, TokenService
+    from server.domain.hub import Hub
+    from server.rpc.agentlink import LinkRegistry
+
+    ttl = None
+    if args.command == "rotate-admin-token":
+        try:
+            ttl = parse_duration(args.ttl)
+        except DurationError as exc:
+            print(f"jitmesh-coordinator: --ttl: {exc}", file=sys.stderr)
+            return 2
+    if not (args.data / "coordinator.db").exists():
+        print(f"jitmesh-coordinator: {args.data} holds no coordinator database", file=sys.stderr)
+        return 1
+    clock = SystemClock()
+    lock_fd = lock_data_dir(args.data)
+    try:
+        store = await open_store(args.data)
+        try:
+            hub = Hub()
+            tokens = TokenService(store, hub, clock)
+            now = datetime.now(UTC)
+            if args.command == "retire-dev":
+                fleet = FleetService(store, LinkRegistry(), hub, clock, 0)
+                retired = await bootstrap.retire_dev(store, tokens, fleet, now)
+                (args.data / "dev.env").unlink(missing_ok=True)
+                for line in retired:
+                    print(f"retired {line}")
+                print(f"{len(retired)} dev credentials retired; dev.env removed")
+                return 0
+            assert ttl is not None
+            token = new_secret("jmt")
+            identity = IdentityService(store, hub, clock)
+            revoked = await bootstrap.rotate_bootstrap(store, identity, tokens, token, now, ttl)
+            _write_private(args.data / "admin.token", token + "\n")
+            print(
+                f"new bootstrap admin token in {args.data / 'admin.token'}, expires "
+                f"{(now + ttl).isoformat(timespec='seconds').replace('+00:00', 'Z')}; "
+                f"revoked: {', '.join(revoked) or 'none'}"
+            )
+            return 0
+        finally:
+            await store.close()
+    finally:
+        os.close(lock_fd)
+
+
 async def _serve(
     config: CoordinatorConfig,
     settings: CoordinatorSettings,
@@ -406,7 +489,7 @@ async def _serve(
     reload: tuple[Path | None, dict[str, object]],
     admin_token: str | None = None,
 ) -> None:
-    coordinator = await build(config)
+    coordinator = await build(config, refuse_dev_data=not dev)
     if dev:
         await _dev_setup(coordinator)
     else:
@@ -494,17 +577,30 @@ async def _dev_setup(coordinator: Coordinator) -> None:
 
 
 async def _bootstrap_admin(coordinator: Coordinator, given: str | None) -> None:
-    if given is not None:
-        await coordinator.identity.ensure_user("admin", [ADMIN_GROUP], given, label="bootstrap")
-        return
+    """The bootstrap admin token (from admin_token_file, or DATA/admin.token made once): it
+    expires like every token (24 h from its first registration; a restart never extends it)."""
+    from server.domain import bootstrap
+    from server.domain.access import hash_secret
+
     path = coordinator.config.data_dir / "admin.token"
-    if path.exists():
+    if given is not None:
+        token = given
+    elif path.exists():
         token = path.read_text().strip()
     else:
         token = new_secret("jmt")
         _write_private(path, token + "\n")
         log.info("bootstrap admin token written", extra={"path": str(path)})
-    await coordinator.identity.ensure_user("admin", [ADMIN_GROUP], token, label="bootstrap")
+    now = coordinator.clock.now()
+    await bootstrap.register_bootstrap(coordinator.identity, token, now)
+    expired = await bootstrap.bootstrap_expired(coordinator.store, hash_secret(token)[:16], now)
+    if expired is not None:
+        log.warning(
+            "the bootstrap admin token expired at %s: make a new one with "
+            "'jitmesh-coordinator rotate-admin-token --data %s' (while stopped)",
+            expired.isoformat(),
+            coordinator.config.data_dir,
+        )
 
 
 def _read_env(path: Path) -> dict[str, str]:

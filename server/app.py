@@ -47,6 +47,7 @@ from server.ca import InternalCA
 from server.checkpoints import Checkpoints
 from server.config import CoordinatorConfig
 from server.domain.access import AccessService
+from server.domain.bootstrap import DevDataError, dev_credentials, refuse_dev_data
 from server.domain.errors import PermissionDenied
 from server.domain.expiring import ExpiryWarnings
 from server.domain.expiry import Expirer
@@ -56,6 +57,7 @@ from server.domain.hub import Hub
 from server.domain.locks import LockService
 from server.domain.models import Principal
 from server.domain.ports import Tx
+from server.domain.reads import Readers
 from server.domain.receivers import ReceiverKind, ReceiverService
 from server.domain.signin import SignInRules, SignInService
 from server.domain.status import StatusService
@@ -112,7 +114,7 @@ OPERATOR_SERVICES = [name for name in SERVICES if not name.endswith(".AgentLink"
 DB_NAME = "coordinator.db"
 LOCK_NAME = "coordinator.lock"
 
-__all__ = ["Coordinator", "DirectoryBusy", "build", "lock_data_dir", "open_store"]
+__all__ = ["Coordinator", "DevDataError", "DirectoryBusy", "build", "lock_data_dir", "open_store"]
 
 
 @dataclass
@@ -252,13 +254,17 @@ class Coordinator:
             self.lock_fd = -1
 
 
-async def build(config: CoordinatorConfig, clock: Clock | None = None) -> Coordinator:
+async def build(
+    config: CoordinatorConfig, clock: Clock | None = None, *, refuse_dev_data: bool = False
+) -> Coordinator:
     """Open the store, load the policy, and start the gRPC server (listening, not yet `run`).
 
-    Raises `DirectoryBusy` when another coordinator holds the data directory."""
+    Raises `DirectoryBusy` when another coordinator holds the data directory, and with
+    `refuse_dev_data` (`serve`) `DevDataError` before listening when the store still holds dev
+    mode's ready-made credentials."""
     lock_fd = lock_data_dir(config.data_dir)
     try:
-        coordinator = await _build(config, clock or SystemClock())
+        coordinator = await _build(config, clock or SystemClock(), refuse_dev_data)
     except BaseException:
         os.close(lock_fd)
         raise
@@ -285,10 +291,12 @@ async def open_store(data_dir: Path) -> SqliteStore:
     return await SqliteStore.open(path)
 
 
-async def _build(config: CoordinatorConfig, clock: Clock) -> Coordinator:
+async def _build(config: CoordinatorConfig, clock: Clock, refuse_dev: bool) -> Coordinator:
     store = await open_store_url(config.store, config.data_dir, config.store_pool_size)
     servers: list[grpc.aio.Server] = []
     try:
+        if refuse_dev:
+            refuse_dev_data(await dev_credentials(store, clock.now()), str(config.data_dir))
         return await _assemble(config, clock, store, servers)
     except BaseException:
         # A port already taken, a bad policy file: stop what was made, so the process exits
@@ -319,6 +327,7 @@ async def _assemble(
     initial = config.initial_policy.read_text() if config.initial_policy else config.default_policy
     policy = await PolicyService.load(store, hub, clock, initial)
     expirer = Expirer(store, hub, clock)
+    readers = Readers(frozenset(config.auditor_groups))
     access = AccessService(
         store,
         registry,
@@ -329,6 +338,7 @@ async def _assemble(
         expirer.deadlines_changed,
         # Replicas: a policy applied on another replica is in force here from the next call.
         policy.refresh if isinstance(store, PostgresStore) else None,
+        readers=readers,
     )
     expirer.start_due = access.start_scheduled
     fleet = FleetService(store, registry, hub, clock, epoch, replica)
@@ -336,7 +346,7 @@ async def _assemble(
     keys = SigningKeys.open(config.data_dir, clock.now())
     checkpoints = Checkpoints(store, keys)
     await checkpoints.import_file(config.data_dir)
-    audit = AuditService(store, hub, checkpoints.verified)
+    audit = AuditService(store, hub, checkpoints.verified, readers=readers)
     ca = InternalCA.open(config.data_dir, clock.now()) if config.tls else None
     if shared is not None and await shared.claim_missing(clock):
         # Another replica made the store's keys and CA first: use those.

@@ -80,4 +80,7 @@ class CoordinatorConfig(BaseModel):
     # Hosts the endpoint may post outcomes to (Slack's `response_url`).
     slack_response_hosts: tuple[str, ...] = ("hooks.slack.com",)
     # Agent certificates; agents renew them once two thirds of this have passed.
+    # Groups that read the whole audit log and every request and grant (domain/reads.py), named
+    # here and never in the policy document, which admins change at run time.
+    auditor_groups: tuple[str, ...] = ()
     agent_cert_lifetime: timedelta = Field(default=timedelta(days=30), ge=timedelta(seconds=1))

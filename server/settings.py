@@ -114,6 +114,11 @@ class CoordinatorSettings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_names: tuple[str, ...] = ()
+    auditor_groups: tuple[str, ...] = Field(
+        default=(),
+        description="a group whose members read the whole audit log and every request and "
+        "grant (never named in the policy document)",
+    )
     admin_token_file: Path | None = Field(
         default=None, description="file holding the bootstrap admin token (default: DATA/)"
     )
@@ -204,7 +209,12 @@ class CoordinatorSettings(BaseSettings):
 
 
 # Settings whose flag was spelled differently before this file existed.
-FLAG_NAMES = {"data": "--data", "policy": "--policy", "tls_names": "--tls-name"}
+FLAG_NAMES = {
+    "data": "--data",
+    "policy": "--policy",
+    "tls_names": "--tls-name",
+    "auditor_groups": "--auditor-group",
+}
 
 
 def load(config_file: Path | None, flags: dict[str, Any]) -> CoordinatorSettings:

@@ -72,9 +72,18 @@ requests = group(
         "--ticket INC-42",
         "jitctl request create --agent db-1 --action deploy --start 2026-12-24T09:00Z "
         "--duration 2h --reason release",
+        "jitctl request create --selector env=staging --action deploy --duration 30m",
     ],
 )
-@click.option("--agent", required=True, metavar="NAME", help="The host's agent.")
+@click.option("--agent", default="", metavar="NAME", help="The host's agent.")
+@click.option(
+    "--selector",
+    "selector",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Instead of --agent: every agent with these labels (repeat for several), one "
+    "request, one approval, a grant per host.",
+)
 @click.option(
     "--action",
     required=True,
@@ -110,6 +119,7 @@ async def _create(
     out: Output,
     *,
     agent: str,
+    selector: tuple[str, ...],
     action: str,
     duration: timedelta,
     reason: str,
@@ -118,8 +128,22 @@ async def _create(
     wait: bool,
     wait_timeout: timedelta,
 ) -> None:
+    labels = {}
+    for item in selector:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter("expected KEY=VALUE", param_hint="--selector")
+        labels[key] = value
+    if bool(agent) == bool(labels):
+        raise click.UsageError("name the host with --agent NAME or the hosts with --selector")
     request, grant = await client.create_request(
-        agent=agent, action=action, duration=duration, reason=reason, ticket=ticket, start_at=start
+        agent=agent,
+        action=action,
+        duration=duration,
+        reason=reason,
+        ticket=ticket,
+        start_at=start,
+        selector=labels,
     )
     if not wait:
         out.emit(

@@ -51,6 +51,7 @@ from .models import (
 )
 from .policy import Policy, Rule, match, pending_ttl, plan_for
 from .ports import CommandSink, Store, Tx
+from .reads import Readers, View, view_of, visible_page
 
 log = logging.getLogger(__name__)
 MIN_DURATION = timedelta(seconds=1)
@@ -88,10 +89,12 @@ class AccessService:
         epoch: int,
         deadlines_changed: Callable[[], None],
         refresh_policy: Callable[[], Awaitable[object]] | None = None,
+        readers: Readers | None = None,
     ) -> None:
         """`refresh_policy` (replicas): called before each request is judged, so a policy
         applied on another replica is in force here from the next call."""
         self._refresh_policy = refresh_policy
+        self._readers = readers or Readers()
         self._store = store
         self._links = links
         self._hub = hub
@@ -116,12 +119,23 @@ class AccessService:
         reason: str,
         ticket: str = "",
         start_at: datetime | None = None,
+        selector: dict[str, str] | None = None,
         _extends: Grant | None = None,
     ) -> tuple[Request, Grant | None]:
         """A new request, checked against the policy and locks. A request for an agent and
         action the caller already holds live reuses that grant (extending it in place when more
         time is asked for and the rule allows it) instead of asking approvers again.
-        `_extends`: make the pending request that extends this grant once approved."""
+        `_extends`: make the pending request that extends this grant once approved.
+        `selector` instead of `agent`: every agent with those labels, one grant each."""
+        if selector:
+            return await self._create_for_selector(
+                principal,
+                selector=selector,
+                action=action,
+                duration=duration,
+                reason=reason,
+                ticket=ticket,
+            )
         with invalid_input():
             v.check(v.AGENT, agent, "agent")
             v.check(v.ACTION, action, "action")
@@ -220,6 +234,143 @@ class AccessService:
         elif auto:
             grant = self._new_grant(request, rule, now)
         return await self._creations.submit(_Creation(principal.name, request, grant))
+
+    async def _create_for_selector(
+        self,
+        principal: Principal,
+        *,
+        selector: dict[str, str],
+        action: str,
+        duration: timedelta,
+        reason: str,
+        ticket: str,
+    ) -> tuple[Request, Grant | None]:
+        """One request for every agent whose labels match `selector`: one plan (all of them
+        must fall under the same allow rule), one approval, and at approval a grant per agent
+        matching then (each pushed and tracked on its own)."""
+        with invalid_input():
+            v.check_labels(selector, field="selector")
+            v.check(v.ACTION, action, "action")
+            v.check_reason(reason)
+            v.check_reason(ticket, field="ticket")
+        if duration < MIN_DURATION or duration > MAX_DURATION:
+            raise InvalidArgument("duration must be between 1s and 366d")
+        policy = self._policy()
+        now = from_ms(to_ms(self._clock.now()))
+        agents = [a for a in await self._store.list_agents() if _selects(selector, a.labels)]
+        if not agents:
+            raise NotFound("no enrolled agent has these labels")
+        rules: dict[str, Rule] = {}
+        for target in agents:
+            found = match(policy, principal, action, target.name, target.labels)
+            if found.rule is None:
+                await self._refused(principal.name, target.name, action, found.explanation)
+                raise PermissionDenied(
+                    f"{principal.name} may not {action} on {target.name}: {found.explanation}"
+                )
+            rules[found.rule.name] = found.rule
+        if len(rules) > 1:
+            raise InvalidArgument(
+                "the selector spans agents under different rules ("
+                + ", ".join(sorted(rules))
+                + "): ask for each group of agents on its own"
+            )
+        (rule,) = rules.values()
+        if duration > rule.max_duration:
+            raise InvalidArgument(
+                f"duration {format_duration(duration)} is above the maximum "
+                f"{format_duration(rule.max_duration)} of rule {rule.name}"
+            )
+        if rule.reason == "required" and not reason.strip():
+            raise InvalidArgument(f"rule {rule.name} requires a reason")
+        if rule.ticket is not None and not rule.ticket_ok(ticket):
+            raise InvalidArgument(
+                f"rule {rule.name} requires a ticket id matching {rule.ticket} (--ticket)"
+            )
+        auto, _ = await self._automatic(principal.name, rule, duration, now)
+        plan = replace(plan_for(policy, rule), automatic=auto)
+        request = Request(
+            id=new_id("req"),
+            subject=principal.name,
+            agent="",
+            action=action,
+            duration=duration,
+            reason=reason,
+            state=RequestState.PENDING,
+            rule=rule.name,
+            approvals_required=0 if auto else sum(s.approvals for s in plan.stages),
+            approver_groups=() if auto else tuple(plan_groups_in_order(plan)),
+            reviews=(),
+            created_at=now,
+            pending_expires_at=None if auto else now + pending_ttl(policy, rule),
+            decided_at=None,
+            decided_by="",
+            decision_reason="",
+            grant_id="",
+            grant_state=None,
+            plan=plan,
+            ticket=ticket,
+            selector=dict(selector),
+        )
+        commands: list[Command] = []
+        async with self._store.transaction() as tx:
+            await tx.insert_requests([request])
+            await tx.audit(
+                self._entry(
+                    "request.created",
+                    principal.name,
+                    request,
+                    rule=rule.name,
+                    selector=_labels_text(selector),
+                    agents=",".join(a.name for a in agents),
+                )
+            )
+            if auto:
+                commands = await self._grant_selected(
+                    tx, request, rule, f"policy:{rule.name}", "", now
+                )
+        grant = commands[0].grant if commands else None
+        await self._after(tx, request.id, None, None)
+        self._links.push(commands)
+        stored = await self._store.get_request(request.id)
+        assert stored is not None
+        return self.shown(stored), grant
+
+    async def _grant_selected(
+        self, tx: Tx, request: Request, rule: Rule, by: str, reason: str, now: datetime
+    ) -> list[Command]:
+        """Approve a selector request: a grant for each agent matching it now (an agent under
+        a lock gets none, audited), the request APPROVED with the first as its grant."""
+        in_force = await tx.locks_in_force(now)
+        grants: list[Grant] = []
+        for target in await tx.list_agents():
+            if not _selects(request.selector, target.labels):
+                continue
+            one = replace(request, agent=target.name)
+            lock = first_lock(in_force, one)
+            if lock is not None:
+                await tx.audit(
+                    AuditEntry(
+                        "request.refused",
+                        by,
+                        now,
+                        subject=request.subject,
+                        agent=target.name,
+                        request_id=request.id,
+                        details={"action": request.action, "why": f"locked by {lock.id}"},
+                    )
+                )
+                continue
+            grants.append(self._new_grant(one, rule, now))
+        if not grants:
+            raise Conflict("no agent matching the selector can be granted now (none, or locked)")
+        seqs = await tx.append_commands([(g.agent, CommandKind.GRANT, g.id, now) for g in grants])
+        numbered = [replace(g, grant_seq=seq) for g, seq in zip(grants, seqs, strict=True) if seq]
+        await self._decide(tx, request, RequestState.APPROVED, by, reason, numbered[0].id)
+        await tx.set_request_grants(request.id, [g.id for g in numbered])
+        return await write_grants(
+            tx, [(replace(request, agent=g.agent), g, by) for g in numbered], now
+        )
 
     async def _live_grant(self, subject: str, agent: str, action: str) -> Grant | None:
         """The caller's live grant for this agent and action that ends last, if any."""
@@ -415,6 +566,7 @@ class AccessService:
             v.check_reason(reason)
         grant: Grant | None = None
         command: Command | None = None
+        more: list[Command] = []
         async with self._store.transaction() as tx:
             request = await self._get_request(tx, request_id)
             now = self._clock.now()
@@ -442,6 +594,11 @@ class AccessService:
                     # Approved; the grant is issued at the start, after a second look.
                     await self._decide(tx, request, RequestState.SCHEDULED, principal.actor, reason)
                     await tx.audit(self._scheduled_entry(principal.actor, request))
+                elif request.selector:
+                    more = await self._grant_selected(
+                        tx, request, rule, principal.actor, reason, now
+                    )
+                    grant = more[0].grant
                 else:
                     grant, command = await self._approve(tx, request, rule, principal.actor, reason)
             else:
@@ -456,6 +613,7 @@ class AccessService:
                             stage=passed, next_stage=opened,
                         )
                     )  # fmt: skip
+        self._links.push(more)
         return await self._after(tx, request_id, grant, command)
 
     def outcome(self, request: Request, now: datetime) -> tuple[ApprovalPlan, Outcome]:
@@ -515,7 +673,8 @@ class AccessService:
             raise InvalidArgument("an extension must be at least 1s")
         if by > MAX_DURATION:
             raise InvalidArgument("an extension must be at most 366d")
-        grant = await self.get_grant(principal, grant_id)
+        # An action checks its own right (below); reads check visibility (domain/reads.py).
+        grant = await self._load_grant(grant_id)
         if not same_person(principal.name, grant.subject):
             raise PermissionDenied("only the grant's subject may extend it")
         if grant.state not in EXTENDABLE_GRANT_STATES:
@@ -592,10 +751,25 @@ class AccessService:
         )
 
     async def get_request(self, principal: Principal, request_id: str) -> Request:
-        request = await self._store.get_request(self._id(request_id, "request"))
+        """The request, if the caller may see it (domain/reads.py); else not found."""
+        request = await self.visible_request(principal, request_id)
         if request is None:
-            raise NotFound("no such request")
+            raise NotFound(f"no such request {request_id} (or not one you may see)")
+        return request
+
+    async def visible_request(self, principal: Principal, request_id: str) -> Request | None:
+        request = await self._store.get_request(self._id(request_id, "request"))
+        if request is None or not (await self._view(principal)).sees_request(request):
+            return None
         return self.shown(request)
+
+    async def _view(self, principal: Principal) -> View:
+        async def pending(token: str, limit: int) -> tuple[list[Request], str]:
+            return await self._store.list_requests(
+                states=[RequestState.PENDING], subject="", agent="", limit=limit, page_token=token
+            )
+
+        return await view_of(principal, self._readers, pending)
 
     async def list_requests(
         self,
@@ -608,23 +782,32 @@ class AccessService:
         page_token: str,
         reviewable: bool = False,
     ) -> tuple[list[Request], str]:
-        """A page of requests, newest first. `reviewable`: only those the caller may approve
-        now (pending, at a stage that names the caller, not the caller's own); a page may then
-        hold fewer than `page_size` and still have a next page."""
+        """A page of requests the caller may see (domain/reads.py), newest first.
+        `reviewable`: only those the caller may approve now (pending, at a stage that names the
+        caller, not the caller's own). A page may hold fewer than `page_size` and still have a
+        next page."""
         if reviewable:
             states = [RequestState.PENDING]
-        items, token = await self._store.list_requests(
-            states=states,
-            subject=user_name(subject),
-            agent=agent,
-            limit=self._page_size(page_size),
-            page_token=page_token,
-        )
-        shown = [self.shown(r) for r in items]
-        if reviewable:
-            now = self._clock.now()
-            shown = [r for r in shown if self.may_approve(principal, r, now)]
-        return shown, token
+        view = await self._view(principal)
+        now = self._clock.now()
+
+        async def fetch(token: str, limit: int) -> tuple[list[Request], str]:
+            return await self._store.list_requests(
+                states=states,
+                subject=user_name(subject),
+                agent=agent,
+                limit=limit,
+                page_token=token,
+            )
+
+        async def visible(rows: Sequence[Request]) -> list[bool]:
+            return [
+                view.sees_request(r) and (not reviewable or self.may_approve(principal, r, now))
+                for r in rows
+            ]
+
+        items, token = await visible_page(fetch, visible, self._page_size(page_size), page_token)
+        return [self.shown(r) for r in items], token
 
     async def changes(
         self, principal: Principal, after_seq: int, wanted: frozenset[str] = frozenset()
@@ -684,10 +867,30 @@ class AccessService:
         )
 
     async def get_grant(self, principal: Principal, grant_id: str) -> Grant:
+        """The grant, if the caller may see it (domain/reads.py); else not found."""
+        grant = await self._load_grant(grant_id)
+        view = await self._view(principal)
+        if not (await self._grants_visible(view, [grant]))[0]:
+            raise NotFound(f"no such grant {grant_id} (or not one you may see)")
+        return grant
+
+    async def _load_grant(self, grant_id: str) -> Grant:
         grant = await self._store.get_grant(self._id(grant_id, "grant"))
         if grant is None:
-            raise NotFound("no such grant")
+            raise NotFound(f"no such grant {grant_id}")
         return grant
+
+    async def _grants_visible(self, view: View, grants: Sequence[Grant]) -> list[bool]:
+        requests: dict[str, Request | None] = {}
+        shown = []
+        for grant in grants:
+            if view.sees_grant(grant, None):
+                shown.append(True)
+                continue
+            if grant.request_id not in requests:
+                requests[grant.request_id] = await self._store.get_request(grant.request_id)
+            shown.append(view.sees_grant(grant, requests[grant.request_id]))
+        return shown
 
     async def list_grants(
         self,
@@ -699,13 +902,22 @@ class AccessService:
         page_size: int,
         page_token: str,
     ) -> tuple[list[Grant], str]:
-        return await self._store.list_grants(
-            states=states,
-            subject=user_name(subject),
-            agent=agent,
-            limit=self._page_size(page_size),
-            page_token=page_token,
-        )
+        """Grants the caller may see (domain/reads.py), newest first, filtered."""
+        view = await self._view(principal)
+
+        async def fetch(token: str, limit: int) -> tuple[list[Grant], str]:
+            return await self._store.list_grants(
+                states=states,
+                subject=user_name(subject),
+                agent=agent,
+                limit=limit,
+                page_token=token,
+            )
+
+        async def visible(rows: Sequence[Grant]) -> list[bool]:
+            return await self._grants_visible(view, rows)
+
+        return await visible_page(fetch, visible, self._page_size(page_size), page_token)
 
     # Internals.
 
@@ -718,7 +930,7 @@ class AccessService:
         allowed: Callable[[Grant], Awaitable[bool]],
         kind: str,
     ) -> Grant:
-        grant = await self.get_grant(principal, grant_id)
+        grant = await self._load_grant(grant_id)
         if not await allowed(grant):
             raise PermissionDenied(f"{principal.name} may not end this grant")
         async with self._store.transaction() as tx:
@@ -954,3 +1166,11 @@ def _still_pending(request: Request, now: datetime) -> None:
         raise Conflict(f"request is {request.state.value}, not PENDING")
     if request.pending_expires_at is not None and now >= request.pending_expires_at:
         raise Conflict("request expired unreviewed (its pending time is over): ask again")
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == want for k, want in selector.items())
+
+
+def _labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={val}" for k, val in sorted(labels.items()))

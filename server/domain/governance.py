@@ -36,6 +36,7 @@ from .hub import Hub
 from .models import ADMIN_GROUP, AuditEntry, Principal, new_secret, same_person, user_name
 from .policy import Policy, decision, match, parse_policy, plan_for
 from .ports import Store, Tx
+from .reads import Readers
 
 VERIFY_PAGE = 5000
 
@@ -64,14 +65,21 @@ class IdentityService:
         return principal
 
     async def ensure_user(
-        self, name: str, groups: Iterable[str], token: str, *, label: str = ""
+        self,
+        name: str,
+        groups: Iterable[str],
+        token: str,
+        *,
+        label: str = "",
+        expires_at: datetime | None = None,
     ) -> None:
-        """Create or update a user and register a bearer token for it (idempotent)."""
+        """Create or update a user and register a bearer token for it (idempotent: a token
+        registered already keeps its expiry)."""
         name = v.check(v.SUBJECT, user_name(name), "user name")
         now = self._clock.now()
         async with self._store.transaction() as tx:
             await tx.upsert_user(name, groups, now)
-            if not await tx.insert_token(hash_secret(token), name, now, None, label):
+            if not await tx.insert_token(hash_secret(token), name, now, expires_at, label):
                 return
             await tx.audit(
                 AuditEntry(
@@ -455,9 +463,11 @@ class AuditService:
         store: Store,
         hub: Hub,
         checkpoints: Callable[[], Awaitable[tuple[dict[int, str], list[int]]]] | None = None,
+        readers: Readers | None = None,
     ) -> None:
         """`checkpoints` returns the signed checkpoints that verify (seq -> hash) and the seqs
-        of those whose signature does not."""
+        of those whose signature does not. Only `readers` (admins, auditors) read the log."""
+        self._readers = readers or Readers()
         self._store = store
         self._hub = hub
         self._checkpoints = checkpoints
@@ -475,6 +485,7 @@ class AuditService:
         after_seq: int,
         limit: int,
     ) -> list[AuditEvent]:
+        self.require_reader(principal)
         return await self._store.list_audit(
             since=since,
             agent=agent,
@@ -486,7 +497,12 @@ class AuditService:
             limit=min(max(limit, 1), 5000),
         )
 
+    def require_reader(self, principal: Principal) -> None:
+        """Admins and auditors only (domain/reads.py); every read of the log passes here."""
+        self._readers.require_audit_reader(principal)
+
     async def verify(self, principal: Principal) -> ChainVerification:
+        self.require_reader(principal)
         trusted, forged = await self._checkpoints() if self._checkpoints else ({}, [])
         if forged:
             return ChainVerification(

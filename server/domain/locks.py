@@ -120,6 +120,7 @@ class LockService:
         return lifted
 
     async def list(self, principal: Principal, *, include_ended: bool) -> list[Lock]:
+        _require_admin(principal)  # locks.proto: admins only (a lock names who is suspected)
         return await self._store.list_locks(include_ended=include_ended, now=self._clock.now())
 
 

@@ -74,10 +74,8 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             self._limiter.take(principal.name)
         if not request.HasField("duration"):
             raise errors.InvalidArgument("duration is required")
-        if request.selector:
-            # Refused rather than ignored: a selector silently dropped would grant something
-            # else than what was asked.
-            raise errors.InvalidArgument("selectors are not supported by this coordinator yet")
+        if request.selector and request.agent:
+            raise errors.InvalidArgument("name an agent or a selector, not both")
         req, grant = await self._access.create_request(
             principal,
             agent=request.agent,
@@ -88,9 +86,14 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             start_at=c.from_ts(request.start_at, "start_at")
             if request.HasField("start_at")
             else None,
+            selector=dict(request.selector),
         )
+        grants = [await self._access.get_grant(principal, gid) for gid in req.grant_ids]
         return access_pb2.CreateRequestResponse(
-            request=c.request(req), grant=c.grant(grant) if grant else None
+            request=c.request(req),
+            grant=c.grant(grant) if grant else None,
+            reused=req.reused,
+            grants=[c.grant(g) for g in grants],
         )
 
     @mapped
@@ -640,7 +643,8 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     async def ListCheckpoints(
         self, request: audit_pb2.ListCheckpointsRequest, context: Ctx
     ) -> audit_pb2.ListCheckpointsResponse:
-        await self._auth.operator(context)
+        principal = await self._auth.operator(context)
+        self._audit.require_reader(principal)
         if self._checkpoints is None:
             return audit_pb2.ListCheckpointsResponse()
         return audit_pb2.ListCheckpointsResponse(

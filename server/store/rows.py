@@ -36,6 +36,7 @@ from server.domain.audit import canonical_details, chain_hash
 from server.domain.errors import InvalidArgument
 from server.domain.models import AuditEntry, Checkpoint, GrantChange, ReplicaInfo
 from server.domain.notices import Notice, NoticeKind
+from server.domain.reads import page_token_after
 from server.domain.receivers import Route
 
 Row = Mapping[str, Any]
@@ -341,7 +342,7 @@ def page(token: str) -> tuple[int, str] | None:
 
 
 def next_page(items: list[Request] | list[Grant], more: bool) -> str:
-    return f"{to_ms(items[-1].created_at)}:{items[-1].id}" if more and items else ""
+    return page_token_after(items[-1]) if more and items else ""
 
 
 # The same text as json.dumps(..., sort_keys=True), without building an encoder per call.

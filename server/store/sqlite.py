@@ -340,6 +340,20 @@ class SqliteTx:
         )
         return cur.rowcount == 1
 
+    async def set_request_grants(self, request_id: str, grant_ids: Sequence[str]) -> None:
+        """The grants a request for several agents made (its `grant_id` is the first)."""
+        await self._conn.execute(
+            "UPDATE requests SET grant_ids = ? WHERE id = ?",
+            (json.dumps(list(grant_ids)), request_id),
+        )
+
+    async def list_agents(self) -> list[Agent]:
+        rows = await _all(
+            self._conn,
+            f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.removed_at IS NULL ORDER BY a.name",
+        )
+        return [rec.agent(r) for r in rows]
+
     async def insert_review(self, request_id: str, review: Review) -> bool:
         """False when this reviewer has reviewed the request already."""
         cur = await self._conn.execute(

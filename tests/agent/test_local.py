@@ -115,3 +115,16 @@ def test_exec_events_carry_typed_details_on_the_wire() -> None:
     )  # fmt: skip
     sessions = event_to_pb(ended).event.sessions
     assert (sessions.user, sessions.processes, sessions.scope) == ("alice", 3, "user")
+
+
+async def test_the_breakglass_command_talks_to_the_socket(server: LocalServer) -> None:
+    import sys
+
+    agent_bin = str(Path(sys.executable).parent / "jitmesh-agent")
+    proc = await asyncio.create_subprocess_exec(
+        agent_bin, "breakglass", "--state", str(server.path.parent), "code-123",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err
+    assert out.decode().split() == ["code=code-123", "who=root"]

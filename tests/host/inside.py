@@ -607,6 +607,38 @@ async def exec_request(scratch: str) -> dict[str, Any]:
     return seen
 
 
+async def sudo_overlap(scratch: str) -> dict[str, Any]:
+    """Overlapping grants through the engine with the real sudo: one drop-in, its NOTAFTER the
+    latest deadline of the live grants, moved back when the longest is revoked, removed with the
+    last; sudo allows all along until then."""
+    import re
+
+    make_user("alice")
+    state = Path("/run/jitmesh-test/state")
+    state.parent.mkdir(parents=True)
+    enforcer = SudoEnforcer(SudoSettings({"restart": Bundle((ID_U,))}))
+    dropin = enforcer.path_for("alice", "restart")
+    seen: dict[str, Any] = {}
+
+    def notafter() -> str:
+        found = re.search(r"NOTAFTER=(\d+Z)", dropin.read_text()) if dropin.exists() else None
+        return found.group(1) if found else ""
+
+    async with LocalAgent(state, enforcers=[enforcer]) as agent:
+        short = await agent.grant("alice", "restart", seconds=3600)
+        seen["one"] = notafter()
+        long = await agent.grant("alice", "restart", seconds=7200)
+        seen["two"] = notafter()
+        seen["two_allowed"] = sudo_as("alice", ID_U)[0]
+        await agent.revoke(long)
+        seen["back_to_one"] = notafter()
+        seen["one_allowed"] = sudo_as("alice", ID_U)[0]
+        await agent.revoke(short)
+        seen["none_left"] = dropin.exists()
+        seen["none_allowed"] = sudo_as("alice", ID_U)[0]
+    return seen
+
+
 PAM_SNIPPET = """\
 # /etc/pam.d/{service}: log in only with a live jitmesh grant for the `login` action.
 auth     required pam_permit.so
@@ -739,6 +771,7 @@ SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "pam_login": pam_login,
     "end_user_sessions": end_user_sessions,
     "exec_request": exec_request,
+    "sudo_overlap": sudo_overlap,
     "group_enforcer": group_enforcer,
     "ssh_enforcer": ssh_enforcer,
 }

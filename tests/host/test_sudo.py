@@ -58,3 +58,15 @@ def test_the_grant_ends_on_time_with_the_agent_running_and_with_it_killed(
     # agent, started again, removed what had expired.
     assert seen["killed_files_still_there"] == [True, True]
     assert seen["restarted_cleaned_up"]
+
+
+def test_overlapping_grants_share_one_drop_in_with_the_latest_deadline(tmp_path: Path) -> None:
+    seen = sandbox.run(tmp_path, "sudo_overlap")
+    assert seen["one"] < seen["two"]
+    assert seen["two_allowed"] == 0
+    # The longest revoked: the deadline comes back to the other grant's; still allowed.
+    assert seen["back_to_one"] == seen["one"]
+    assert seen["one_allowed"] == 0
+    # The last one revoked: the drop-in goes.
+    assert seen["none_left"] is False
+    assert seen["none_allowed"] != 0

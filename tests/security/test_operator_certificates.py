@@ -114,10 +114,18 @@ async def test_a_certificate_naming_a_variant_of_a_user_is_that_user(
             await client.list_requests()
 
 
+@pytest.fixture
+async def tls_developers_audit(tmp_path: Path) -> AsyncIterator[Tls]:
+    # alice (developers) may tail the audit log only as an auditor (domain/reads.py).
+    async with serving_tls(tmp_path, auditor_groups=("developers",)) as serving:
+        yield serving
+
+
 async def test_open_streams_end_when_their_credential_is_revoked_or_the_user_disabled(
-    tls: Tls,
+    tls_developers_audit: Tls,
 ) -> None:
     """An authorization error ends a stream already open (Kubernetes CVE-2018-1002105)."""
+    tls = tls_developers_audit
     await tls.enroll("db-1", await tls.join_token({"env": "prod"}))
     key, cert, serial = issue(tls, "alice")
     head = (await tls.admin.list_audit(since=None))[-1].seq

@@ -16,13 +16,14 @@ from jitmesh.errors import (
     ConflictError,
     DeadlineExceededError,
     InvalidArgumentError,
+    NotFoundError,
     PermissionDeniedError,
 )
 from jitmesh.types import Grant, GrantState, RequestState
 from server.domain.access import AccessService
 from server.domain.models import Principal
 from server.domain.policy import DEV_POLICY
-from tests.server.helpers import WAIT, Env, agent_link
+from tests.server.helpers import ADMIN, WAIT, Env, agent_link
 
 M15 = timedelta(minutes=15)
 
@@ -688,3 +689,42 @@ async def test_scheduled_start_with_eligibility_lost_in_between_gives_nothing(en
     second = await env.admin.get_request(locked.id)
     assert (second.state, second.decided_by) == (RequestState.DENIED, lock.id)
     assert await env.admin.list_grants() == []
+
+
+# Several hosts in one request.
+
+
+async def test_a_request_for_several_hosts_gets_one_approval_and_a_grant_each(env: Env) -> None:
+    for name in ("db-2", "db-3"):
+        join, _ = await env.coordinator.fleet.create_join_token(ADMIN, {"env": "prod"}, None)
+        await env.coordinator.fleet.enroll(join, name, {})
+    created = await env.alice.create_request(
+        selector={"env": "prod"}, action="deploy", duration=M15, reason="fleet release"
+    )
+    request = created.request
+    assert (request.state, request.agent, request.selector) == (
+        RequestState.PENDING,
+        "",
+        {"env": "prod"},
+    )
+    approved, first = await env.bob.approve(request.id)
+    assert approved.state is RequestState.APPROVED
+    assert first is not None
+    grants = [await env.alice.get_grant(g) for g in approved.grant_ids]
+    assert sorted(g.agent for g in grants) == ["db-1", "db-2", "db-3"]
+    assert approved.grant_id == grants[0].id == first.id
+    assert {g.request_id for g in grants} == {request.id}
+    # Each is tracked on its own: revoking one leaves the others.
+    await env.admin.revoke_grant(grants[1].id, reason="that host only")
+    states = [(await env.alice.get_grant(g.id)).state for g in grants]
+    assert states.count(GrantState.REVOKING) == 1
+    assert states.count(GrantState.PENDING_DELIVERY) == 2
+    # Automatic rules grant at once, one per host.
+    auto = await env.alice.create_request(
+        selector={"env": "staging"}, action="deploy", duration=M15
+    )
+    assert auto.request.state is RequestState.APPROVED
+    assert auto.grant is not None
+    assert len(auto.request.grant_ids) == 1
+    with pytest.raises(NotFoundError):
+        await env.alice.create_request(selector={"env": "nowhere"}, action="deploy", duration=M15)

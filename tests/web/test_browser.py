@@ -170,17 +170,18 @@ async def _walk(
     assert forged.status == 403
     assert len(await clients["alice"].list_requests()) == before
 
-    # dave (developers) may not review: no buttons, and posting the form himself does nothing.
+    # dave (developers) may not review, nor read alice's request (the read matrix,
+    # THREAT_MODEL.md): not found, no buttons, and posting the form himself does nothing.
     dave_ctx, dave = await sign_in(browser, base, "dave")
     await dave.goto(f"{base}/requests/{request_id}")
-    await expect(dave.locator("#request-state")).to_have_text("PENDING")
+    await expect(dave.locator("main")).to_contain_text("No such request")
     assert await dave.locator("#review").count() == 0
     posted = await dave.request.post(
         f"{base}/requests/{request_id}/review",
         form={"csrf": await csrf_of(dave), "decision": "approve", "reason": "me"},
     )
-    assert posted.ok
-    assert "Not done:" in await posted.text()
+    assert posted.status == 404
+    assert "No such request" in await posted.text()
     # Without the CSRF token even the form's own fields are refused.
     refused = await dave.request.post(
         f"{base}/requests/{request_id}/review", form={"decision": "approve"}, max_redirects=0

@@ -634,6 +634,20 @@ class PostgresTx:
         reviews = await _reviews(self._conn, [r["id"] for r in rows])
         return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
 
+    async def set_request_grants(self, request_id: str, grant_ids: Sequence[str]) -> None:
+        """The grants a request for several agents made (its `grant_id` is the first)."""
+        await self._conn.execute(
+            "UPDATE requests SET grant_ids = %s WHERE id = %s",
+            [json.dumps(list(grant_ids)), request_id],
+        )
+
+    async def list_agents(self) -> list[Agent]:
+        rows = await _all(
+            self._conn,
+            f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.removed_at IS NULL ORDER BY a.name",
+        )
+        return [rec.agent(r) for r in rows]
+
     async def pending_requests(self) -> list[Request]:
         """Every PENDING request, oldest first (a new policy judges them all)."""
         rows = await _all(
