@@ -31,6 +31,7 @@ from agent.engine import Engine
 from agent.rpc.link import Link, LinkSettings
 from agent.store.credential import CredentialFile
 from agent.store.memory import MemoryLeaseStore
+from jitmesh import __version__
 from jitmesh.clock import Clock, SystemClock
 
 
@@ -129,7 +130,7 @@ class Swarm:
                 name=name,
                 labels=dict(s.labels),
                 join_token=s.join_token,
-                version="swarm",
+                version=__version__,
                 boot_id=f"swarm-{name}",
                 backoff_base=s.backoff_base,
                 backoff_cap=s.backoff_cap,

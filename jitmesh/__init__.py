@@ -45,6 +45,7 @@ from jitmesh.types import (
     PolicyDecision,
     PolicyDocument,
     Request,
+    RequestOption,
     RequestState,
     Review,
     ReviewDecision,
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from jitmesh.client import Client
 
 # The one place the version is written (pyproject.toml reads it from here).
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Agent",
@@ -95,6 +96,7 @@ __all__ = [
     "PolicyDocument",
     "RateLimitedError",
     "Request",
+    "RequestOption",
     "RequestState",
     "Review",
     "ReviewDecision",

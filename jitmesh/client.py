@@ -450,6 +450,18 @@ class Client:
         grant = _convert.grant(response.grant) if response.HasField("grant") else None
         return types.Created(_convert.request(response.request), grant)
 
+    async def request_options(
+        self, *, agent: str = "", action: str = ""
+    ) -> list[types.RequestOption]:
+        """What the caller may ask for now (every agent and action, or only `agent` and
+        `action`): the longest duration and the approval each would get."""
+        message = access_pb2.ListRequestOptionsRequest(
+            agent=_check_optional(validation.AGENT, agent, "agent"),
+            action=_check_optional(validation.ACTION, action, "action"),
+        )
+        response = await self._unary(self._access.ListRequestOptions, message)
+        return [_convert.request_option(o) for o in response.options]
+
     async def get_request(self, id: str) -> types.Request:
         message = access_pb2.GetRequestRequest(id=_check(validation.ID, id, "request id"))
         return _convert.request(await self._unary(self._access.GetRequest, message))

@@ -19,7 +19,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from jitmesh import types
 from jitmesh.errors import InternalError
-from jitmesh.v1 import agents_pb2, audit_pb2, identity_pb2, locks_pb2, policy_pb2, types_pb2
+from jitmesh.v1 import (
+    access_pb2,
+    agents_pb2,
+    audit_pb2,
+    identity_pb2,
+    locks_pb2,
+    policy_pb2,
+    types_pb2,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Scalars
@@ -590,4 +598,30 @@ def lock_to_proto(value: types.Lock) -> locks_pb2.Lock:
         lifted_at=time_to_proto(value.lifted_at),
         lifted_by=value.lifted_by,
         lift_reason=value.lift_reason,
+    )
+
+
+def request_option(msg: access_pb2.RequestOption) -> types.RequestOption:
+    return types.RequestOption(
+        agent=msg.agent,
+        labels=dict(msg.labels),
+        action=msg.action,
+        max_duration=duration(msg.max_duration),
+        plan=approval_plan(msg.plan),
+        automatic_left=msg.automatic_left if msg.HasField("automatic_left") else None,
+        granted_time_left=duration_or_none(msg.granted_time_left),
+        live_grant_id=msg.live_grant_id,
+    )
+
+
+def request_option_to_proto(value: types.RequestOption) -> access_pb2.RequestOption:
+    return access_pb2.RequestOption(
+        agent=value.agent,
+        labels=value.labels,
+        action=value.action,
+        max_duration=duration_to_proto(value.max_duration),
+        plan=approval_plan_to_proto(value.plan),
+        automatic_left=value.automatic_left,
+        granted_time_left=duration_to_proto(value.granted_time_left),
+        live_grant_id=value.live_grant_id,
     )

@@ -191,6 +191,23 @@ class Grant:
         return self.not_after
 
 
+@dataclass(frozen=True, slots=True)
+class RequestOption:
+    """Something the caller may ask for: an agent and action, the longest duration, and the
+    approval a request would get now (`plan.automatic`, or its stages)."""
+
+    agent: str
+    labels: dict[str, str]
+    action: str
+    max_duration: timedelta
+    plan: ApprovalPlan
+    # Automatic approvals and granted time left in the rule's rolling budget (None: no budget).
+    automatic_left: int | None = None
+    granted_time_left: timedelta | None = None
+    # A live grant the caller already holds for it (a request would reuse it).
+    live_grant_id: str = ""
+
+
 class Created(NamedTuple):
     """What `Client.create_request` returns: the request and, when it was approved at once (or
     a live grant was reused: `request.reused`), its grant. Unpacks as `request, grant`."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 from pydantic import ValidationError
 
-from jitmesh import logs, sdnotify
+from jitmesh import __version__, logs, sdnotify
 from jitmesh.clock import SystemClock
 from server.app import Coordinator, DevDataError, DirectoryBusy, build, lock_data_dir, open_store
 from server.config import CoordinatorConfig
@@ -457,7 +457,7 @@ async def _maintain(args: argparse.Namespace) -> int:
             tokens = TokenService(store, hub, clock)
             now = datetime.now(UTC)
             if args.command == "retire-dev":
-                fleet = FleetService(store, LinkRegistry(), hub, clock, 0)
+                fleet = FleetService(store, LinkRegistry(), hub, clock, 0, __version__)
                 retired = await bootstrap.retire_dev(store, tokens, fleet, now)
                 (args.data / "dev.env").unlink(missing_ok=True)
                 for line in retired:

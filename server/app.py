@@ -341,7 +341,7 @@ async def _assemble(
         readers=readers,
     )
     expirer.start_due = access.start_scheduled
-    fleet = FleetService(store, registry, hub, clock, epoch, replica)
+    fleet = FleetService(store, registry, hub, clock, epoch, __version__, replica)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
     checkpoints = Checkpoints(store, keys)

@@ -48,11 +48,14 @@ from agent.engine import Engine
 from agent.identity import IdentityFile, TlsIdentity, new_key_and_csr
 from agent.store.credential import CredentialFile
 from agent.store.keys import PinnedKeys
+from jitmesh import __version__
 from jitmesh.clock import Clock, to_ms
 from jitmesh.keyset import key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agents_pb2
 from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
 from jitmesh.v1.agents_pb2_grpc import AgentsStub
+from jitmesh.versions import coordinator_supported, older_than
+from jitmesh.versions import parse as parse_version
 
 from . import convert
 from .signature import signature_holds
@@ -81,7 +84,7 @@ class LinkSettings:
     # The coordinator's CA (PEM): with it the agent enrolls with a CSR over TLS and connects
     # with mTLS only; without it, plain loopback and a bearer credential (development).
     ca_pem: bytes | None = field(default=None, repr=False)
-    version: str = ""
+    version: str = __version__
     boot_id: str = ""
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
@@ -402,6 +405,21 @@ class Link:
             log.info("signing keys updated", extra={"keys": ",".join(sorted(keys))})
 
     async def _welcome(self, welcome: agentlink_pb2.Welcome) -> float:
+        if not coordinator_supported(welcome.version, self._settings.version):
+            # docs/wire.md, "Mixed versions": one clear line, and the stream ends before any
+            # command is read; the link retries on its schedule (the coordinator may be
+            # upgraded meanwhile) and the leases keep being enforced offline.
+            theirs = welcome.version or "older than 0.2"
+            log.error(
+                "coordinator version %s is not supported by this agent (%s): %s",
+                theirs,
+                self._settings.version,
+                "upgrade the coordinator first"
+                if older_than(welcome.version, *_minor(self._settings.version))
+                else "upgrade the agent",
+                extra={"coordinator_version": theirs, "version": self._settings.version},
+            )
+            raise LinkError(f"coordinator version {theirs} is not supported")
         self._adopt_keys(welcome)
         await self._engine.note_epoch(welcome.epoch)
         self._min_epoch = max(self._min_epoch, welcome.epoch)
@@ -520,3 +538,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
         else:
             found.append(exc)
     return found
+
+
+def _minor(version: str) -> tuple[int, int]:
+    parsed = parse_version(version) or (0, 0, 0)
+    return parsed[0], parsed[1]

@@ -41,6 +41,7 @@ from jitmesh.types import (
     PolicyDecision,
     PolicyDocument,
     Request,
+    RequestOption,
     TokenInfo,
 )
 
@@ -265,6 +266,51 @@ def request_stream_row(request: Request) -> str:
         f"{request.change_seq:>6}  {request.id}  {request.state.value}{decided}  "
         f"{request.subject} {request.action} on {who} for {format_duration(request.duration)}"
         f"{grant}"
+    )
+
+
+def option_json(option: RequestOption) -> JSON:
+    return {
+        "agent": option.agent,
+        "labels": dict(option.labels),
+        "action": option.action,
+        "max_duration": format_duration(option.max_duration),
+        "max_duration_seconds": seconds(option.max_duration),
+        "automatic": option.plan.automatic,
+        "rule": option.plan.rule,
+        "policy_version": option.plan.policy_version,
+        "stages": [stage_json(s) for s in option.plan.stages],
+        "reason_required": option.plan.reason_required,
+        "ticket_pattern": option.plan.ticket_pattern or None,
+        "automatic_left": option.automatic_left,
+        "granted_time_left": format_duration(option.granted_time_left)
+        if option.granted_time_left is not None
+        else None,
+        "live_grant_id": option.live_grant_id or None,
+    }
+
+
+def options_table(options: Iterable[RequestOption]) -> Table:
+    def approval(o: RequestOption) -> str:
+        if o.plan.automatic:
+            return "automatic"
+        return "; ".join(
+            f"{s.approvals} from {', '.join([*s.groups, *s.users])}" for s in o.plan.stages
+        )
+
+    return table(
+        ("AGENT", "ACTION", "MAX", "APPROVAL", "RULE", "HELD"),
+        (
+            (
+                o.agent,
+                o.action,
+                format_duration(o.max_duration),
+                approval(o),
+                o.plan.rule,
+                o.live_grant_id or _NONE,
+            )
+            for o in options
+        ),
     )
 
 

@@ -346,3 +346,21 @@ async def _watch(client: Client, out: Output, *, after: int, ids: tuple[str, ...
                 raise
         await asyncio.sleep(retry)
         retry = min(retry * 2, WATCH_RETRY_MAX)
+
+
+@command(
+    requests,
+    "options",
+    help="What you may ask for: agents, actions, longest durations and the approval each "
+    "would get now.",
+    examples=[
+        "jitctl request options",
+        "jitctl request options --agent db-1",
+        "jitctl request options --action deploy -o json",
+    ],
+)
+@click.option("--agent", default="", metavar="NAME", help="Only this agent.")
+@click.option("--action", default="", metavar="ACTION", help="Only this action.")
+async def _options(client: Client, out: Output, *, agent: str, action: str) -> None:
+    found = await client.request_options(agent=agent, action=action)
+    out.emit([output.option_json(o) for o in found], output.options_table(found))

@@ -18,6 +18,7 @@ from jitmesh.types import (
     Grant,
     GrantState,
     Request,
+    RequestOption,
     RequestState,
     Review,
     ReviewDecision,
@@ -371,6 +372,74 @@ class AccessService:
         return await write_grants(
             tx, [(replace(request, agent=g.agent), g, by) for g in numbered], now
         )
+
+    def policy_version(self) -> int:
+        return self._policy().version
+
+    async def options(
+        self, principal: Principal, *, agent: str = "", action: str = ""
+    ) -> list[RequestOption]:
+        """What the caller may ask for now: each agent and action some allow rule gives them,
+        with the longest duration and the approval a request would get (automatic or its
+        stages), budgets left and any live grant a request would reuse."""
+        with invalid_input():
+            if agent:
+                v.check(v.AGENT, agent, "agent")
+            if action:
+                v.check(v.ACTION, action, "action")
+        policy = self._policy()
+        now = self._clock.now()
+        agents = [a for a in await self._store.list_agents() if not agent or a.name == agent]
+        if agent and not agents:
+            raise NotFound(f"agent {agent} is not enrolled")
+        held, _ = await self._store.list_grants(
+            states=sorted(EXTENDABLE_GRANT_STATES),
+            subject=principal.name,
+            agent=agent,
+            limit=MAX_PAGE,
+            page_token="",
+        )
+        live = {(g.agent, g.action): g.id for g in held}
+        out: list[RequestOption] = []
+        usage_of: dict[str, Usage] = {}
+        for target in agents:
+            for name in policy.model.actions:
+                if action and name != action:
+                    continue
+                rule = match(policy, principal, name, target.name, target.labels).rule
+                if rule is None:
+                    continue
+                auto = rule.approval.auto
+                left: int | None = None
+                time_left: timedelta | None = None
+                automatic = rule.approval.always_auto
+                if auto is not None and auto.limited:
+                    if rule.name not in usage_of:
+                        usage_of[rule.name] = budget_usage(
+                            await self._store.recent_auto_grants(
+                                principal.name, rule.name, now - DAY
+                            ),
+                            now,
+                        )
+                    usage = usage_of[rule.name]
+                    automatic, _ = auto_decision(auto, usage, MIN_DURATION, now)
+                    if auto.budget is not None and auto.budget.count is not None:
+                        left = max(auto.budget.count - usage.grants, 0)
+                    if auto.budget is not None and auto.budget.granted is not None:
+                        time_left = max(auto.budget.granted - usage.granted, timedelta(0))
+                out.append(
+                    RequestOption(
+                        agent=target.name,
+                        labels=dict(target.labels),
+                        action=name,
+                        max_duration=rule.max_duration,
+                        plan=replace(plan_for(policy, rule), automatic=automatic),
+                        automatic_left=left,
+                        granted_time_left=time_left,
+                        live_grant_id=live.get((target.name, name), ""),
+                    )
+                )
+        return out
 
     async def _live_grant(self, subject: str, agent: str, action: str) -> Grant | None:
         """The caller's live grant for this agent and action that ends last, if any."""

@@ -14,7 +14,8 @@ from jitmesh import validation as v
 from jitmesh.clock import Clock
 from jitmesh.crashpoints import crash_point
 from jitmesh.types import Agent, Grant, GrantState, JoinTokenInfo, LockTarget
-from jitmesh.versions import older_than
+from jitmesh.versions import Compatibility, agent_compatibility, older_than
+from jitmesh.versions import parse as parse_version
 
 from .access import hash_secret
 from .batching import GroupCommit
@@ -61,6 +62,7 @@ class FleetService:
         hub: Hub,
         clock: Clock,
         epoch: int,
+        version: str,
         replica: str = "",
     ):
         self._store = store
@@ -70,6 +72,10 @@ class FleetService:
         self._hub = hub
         self._clock = clock
         self.epoch = epoch
+        # This coordinator's version: which agent versions it serves (docs/wire.md).
+        self.version = version
+        parsed = parse_version(version) or (0, 0, 0)
+        self._minor = parsed[0], parsed[1]
         self._acks = GroupCommit(self._ack_batch, ACK_BATCH)
         self._hellos = GroupCommit(self._hello_batch, ACK_BATCH)
 
@@ -355,6 +361,17 @@ class FleetService:
         agent = await self._store.get_agent(principal.name)
         if agent is None:
             raise Unauthenticated("agent is not enrolled")
+        if agent_compatibility(hello.version, self.version) is Compatibility.REFUSED:
+            await self._refuse_version(principal, hello.version)
+            raise Conflict(
+                f"agent version {hello.version or 'unknown'} is not served by this coordinator "
+                f"({self.version}): it serves its own minor version and the one before; "
+                + (
+                    "upgrade the agent"
+                    if older_than(hello.version, *self._minor)
+                    else "upgrade the coordinator first"
+                )
+            )
         # Group-committed: after a coordinator restart thousands of agents say Hello at once.
         await self._hellos.submit((agent.name, hello, now))
         if hello.last_applied_seq > agent.last_seq or (
@@ -630,6 +647,20 @@ class FleetService:
         else:
             return
         await tx.audit(AuditEntry(kind, f"agent:{agent}", now, agent=agent, details=details))
+
+    async def _refuse_version(self, principal: Principal, version: str) -> None:
+        now = self._clock.now()
+        async with self._store.transaction() as tx:
+            await tx.audit(
+                AuditEntry(
+                    "agent.version_refused",
+                    f"agent:{principal.name}",
+                    now,
+                    agent=principal.name,
+                    details={"version": version[:64], "coordinator_version": self.version},
+                )
+            )
+        await self._hub.audit_written(tx.new_audit)
 
     async def message_refused(self, principal: Principal, why: str) -> None:
         """Audit a malformed message from an enrolled agent (its stream is ended by the caller).

@@ -301,6 +301,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         await context.write(
             agentlink_pb2.CoordinatorMessage(
                 welcome=agentlink_pb2.Welcome(
+                    version=self._fleet.version,
                     coordinator_time=c.ts(self._clock.now()),
                     epoch=epoch,
                     resume_after_seq=resume.resume_after_seq,

@@ -32,6 +32,7 @@ from server.domain.models import (
 
 request = shared.request_to_proto
 grant = shared.grant_to_proto
+request_option = shared.request_option_to_proto
 agent = shared.agent_to_proto
 audit_event = shared.audit_event_to_proto
 verification = shared.chain_verification_to_proto

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from jitmesh.clock import Clock, SystemClock, to_ms
-from jitmesh.types import TokenInfo
+from jitmesh.types import Agent, TokenInfo
 from jitmesh.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -23,6 +23,7 @@ from jitmesh.v1 import (
     policy_pb2_grpc,
     types_pb2,
 )
+from jitmesh.versions import agent_compatibility
 from server.ca import AGENT_LIFETIME, CertificateError, InternalCA, Issued, agent_of
 from server.checkpoints import Checkpoints
 from server.domain import errors
@@ -36,7 +37,7 @@ from server.signing import SigningKeys
 
 from . import convert as c
 from .auth import Authenticator, cert_binding, peer_certificate
-from .errors import mapped, not_built, status_of
+from .errors import mapped, status_of
 from .limits import RateLimiter, peer_host
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -223,10 +224,16 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             grant=c.grant(grant), request=c.request(pending) if pending else None
         )
 
+    @mapped
     async def ListRequestOptions(
         self, request: access_pb2.ListRequestOptionsRequest, context: Ctx
     ) -> access_pb2.ListRequestOptionsResponse:
-        await not_built(context, "ListRequestOptions", 11)
+        principal = await self._auth.operator(context)
+        found = await self._access.options(principal, agent=request.agent, action=request.action)
+        return access_pb2.ListRequestOptionsResponse(
+            options=[c.request_option(o) for o in found],
+            policy_version=self._access.policy_version(),
+        )
 
 
 class AgentsServicer(agents_pb2_grpc.AgentsServicer):
@@ -259,12 +266,19 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
     ) -> agents_pb2.ListAgentsResponse:
         principal = await self._auth.operator(context)
         agents = await self._fleet.list_agents(principal)
-        return agents_pb2.ListAgentsResponse(agents=[c.agent(a) for a in agents])
+        return agents_pb2.ListAgentsResponse(agents=[self._agent(a) for a in agents])
 
     @mapped
     async def GetAgent(self, request: agents_pb2.GetAgentRequest, context: Ctx) -> types_pb2.Agent:
         principal = await self._auth.operator(context)
-        return c.agent(await self._fleet.get_agent(principal, request.name))
+        return self._agent(await self._fleet.get_agent(principal, request.name))
+
+    def _agent(self, agent: Agent) -> types_pb2.Agent:
+        """The agent, with how this coordinator serves its version (docs/wire.md)."""
+        out = c.agent(agent)
+        if agent.version:
+            out.compatibility = agent_compatibility(agent.version, self._fleet.version).value
+        return out
 
     @mapped
     async def CreateJoinToken(

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+import jitmesh
 from jitmesh.v1 import agentlink_pb2, agents_pb2, types_pb2
 from jitmesh.v1.agentlink_pb2_grpc import AgentLinkServicer, add_AgentLinkServicer_to_server
 from jitmesh.v1.agents_pb2_grpc import AgentsServicer, add_AgentsServicer_to_server
@@ -137,6 +138,7 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
                 await session.outgoing.get()
                 return
             welcome = agentlink_pb2.Welcome(
+                version=jitmesh.__version__,
                 epoch=self.epoch,
                 resume_after_seq=first.hello.last_applied_seq,
                 agent=first.hello.agent,

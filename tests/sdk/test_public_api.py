@@ -34,6 +34,7 @@ INTENDED = {
     "PolicyDecision",
     "PolicyDocument",
     "Request",
+    "RequestOption",
     "RequestState",
     "Review",
     "ReviewDecision",

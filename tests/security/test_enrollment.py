@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
+import jitmesh
 from agent.identity import new_key_and_csr
 from jitmesh import Client, InvalidArgumentError, NotFoundError, PermissionDeniedError
 from jitmesh.types import AuditEvent
@@ -154,7 +155,11 @@ async def test_a_replacement_token_re_enrolls_only_its_agent_and_cuts_the_old_on
     creds = grpc.ssl_channel_credentials(tls.ca_pem, old_key, old_cert)
     async with grpc.aio.secure_channel(tls.agent_address, creds) as ch:
         call = AgentLinkStub(ch).Connect(None)
-        await call.write(agentlink_pb2.AgentMessage(hello=agentlink_pb2.Hello(agent="web-1")))
+        await call.write(
+            agentlink_pb2.AgentMessage(
+                hello=agentlink_pb2.Hello(agent="web-1", version=jitmesh.__version__)
+            )
+        )
         first = await call.read()
         assert isinstance(first, agentlink_pb2.CoordinatorMessage)
         assert first.HasField("welcome")

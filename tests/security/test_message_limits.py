@@ -12,6 +12,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+import jitmesh
 from jitmesh.v1 import access_pb2, agentlink_pb2, policy_pb2
 from jitmesh.v1.access_pb2_grpc import AccessStub
 from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
@@ -70,14 +71,22 @@ async def test_the_agent_port_refuses_messages_over_64_kib(tls: Tls) -> None:
     steady_creds = grpc.ssl_channel_credentials(tls.ca_pem, steady_key, steady_cert)
     async with grpc.aio.secure_channel(tls.agent_address, steady_creds) as steady_ch:
         steady = AgentLinkStub(steady_ch).Connect(None)
-        await steady.write(agentlink_pb2.AgentMessage(hello=agentlink_pb2.Hello(agent="db-1")))
+        await steady.write(
+            agentlink_pb2.AgentMessage(
+                hello=agentlink_pb2.Hello(agent="db-1", version=jitmesh.__version__)
+            )
+        )
         welcome = await steady.read()
         assert isinstance(welcome, agentlink_pb2.CoordinatorMessage)
         assert welcome.HasField("welcome")
         creds = grpc.ssl_channel_credentials(tls.ca_pem, key, cert)
         async with grpc.aio.secure_channel(tls.agent_address, creds) as ch:
             call = AgentLinkStub(ch).Connect(None, timeout=10)
-            await call.write(agentlink_pb2.AgentMessage(hello=agentlink_pb2.Hello(agent="web-1")))
+            await call.write(
+                agentlink_pb2.AgentMessage(
+                    hello=agentlink_pb2.Hello(agent="web-1", version=jitmesh.__version__)
+                )
+            )
             first = await call.read()
             assert isinstance(first, agentlink_pb2.CoordinatorMessage)
             event = agentlink_pb2.AgentEvent(

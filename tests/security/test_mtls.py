@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import SecretStr
 
+import jitmesh
 from agent import app as agent_app
 from agent.config import AgentConfig, FileEnforcerConfig
 from agent.identity import new_key_and_csr
@@ -143,7 +144,11 @@ async def _connect_once(
     async with grpc.aio.secure_channel(tls.agent_address, creds) as ch:
         call = AgentLinkStub(ch).Connect(None, timeout=10)
         try:
-            await call.write(agentlink_pb2.AgentMessage(hello=agentlink_pb2.Hello(agent=name)))
+            await call.write(
+                agentlink_pb2.AgentMessage(
+                    hello=agentlink_pb2.Hello(agent=name, version=jitmesh.__version__)
+                )
+            )
             first = await call.read()
         except grpc.aio.AioRpcError:
             return await call.code(), await call.details()
@@ -322,7 +327,11 @@ async def test_removing_an_agent_revokes_its_certificate_and_cuts_its_stream(tls
     creds = grpc.ssl_channel_credentials(tls.ca_pem, key_pem, cert_pem)
     async with grpc.aio.secure_channel(tls.agent_address, creds) as ch:
         call = AgentLinkStub(ch).Connect(None)
-        await call.write(agentlink_pb2.AgentMessage(hello=agentlink_pb2.Hello(agent="web-1")))
+        await call.write(
+            agentlink_pb2.AgentMessage(
+                hello=agentlink_pb2.Hello(agent="web-1", version=jitmesh.__version__)
+            )
+        )
         first = await call.read()
         assert isinstance(first, agentlink_pb2.CoordinatorMessage)
         assert first.HasField("welcome")

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+import jitmesh
 from jitmesh import types
 from jitmesh.client import Client
 from jitmesh.clock import FakeClock
@@ -109,7 +110,10 @@ class AgentLink:
         await self.send(
             agentlink_pb2.AgentMessage(
                 hello=agentlink_pb2.Hello(
-                    agent=agent, last_applied_seq=last_applied_seq, version="test", boot_id="b1"
+                    agent=agent,
+                    last_applied_seq=last_applied_seq,
+                    version=jitmesh.__version__,
+                    boot_id="b1",
                 )
             )
         )

@@ -8,6 +8,7 @@ from datetime import timedelta
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+import jitmesh
 from jitmesh import GrantState, RequestState
 from jitmesh.v1 import agentlink_pb2, types_pb2
 from tests.server.helpers import T0, Env, agent_link
@@ -56,7 +57,7 @@ async def test_hello_gets_welcome(env: Env) -> None:
         assert welcome.coordinator_time.ToDatetime() == T0.replace(tzinfo=None)
         agent = await env.admin.get_agent("db-1")
         assert agent.connected
-        assert agent.version == "test"
+        assert agent.version == jitmesh.__version__
     assert "agent.connected" in [e.kind for e in await env.admin.list_audit(agent="db-1")]
 
 

@@ -728,3 +728,28 @@ async def test_a_request_for_several_hosts_gets_one_approval_and_a_grant_each(en
     assert len(auto.request.grant_ids) == 1
     with pytest.raises(NotFoundError):
         await env.alice.create_request(selector={"env": "nowhere"}, action="deploy", duration=M15)
+
+
+async def test_request_options_list_what_the_caller_may_ask_for(env: Env) -> None:
+    users = await staged(env)
+    try:
+        # A Monday morning in Berlin: staging's automatic window is open.
+        await env.clock.advance(timedelta(days=4, hours=9))
+        options = await env.alice.request_options()
+        by_key = {(o.agent, o.action): o for o in options}
+        assert set(by_key) == {("db-1", "deploy"), ("web-1", "deploy")}
+        prod_ = by_key[("db-1", "deploy")]
+        assert (prod_.max_duration, prod_.plan.automatic) == (timedelta(hours=2), False)
+        assert [s.name for s in prod_.plan.stages] == ["team", "security"]
+        staging = by_key[("web-1", "deploy")]
+        assert staging.plan.automatic
+        assert (staging.automatic_left, staging.granted_time_left) == (2, timedelta(minutes=40))
+        _, grant = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+        assert grant is not None
+        (after,) = await env.alice.request_options(agent="web-1")
+        assert (after.automatic_left, after.live_grant_id) == (1, grant.id)
+        # bob (sre) is allowed nothing by this policy.
+        assert await env.bob.request_options() == []
+    finally:
+        for c in users.values():
+            await c.close()
