@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from agent import defaults
 from agent.domain.errors import ConfigError
 from jitmesh import validation
 from jitmesh.durations import DurationError, parse_duration
@@ -189,22 +190,22 @@ class AgentConfig:
     # ca_file and insecure must be given: the agent never falls back to plain text by itself.
     insecure: bool = False
     enforcers: tuple[EnforcerConfig, ...] = ()
-    backoff_base: float = 1.0
-    backoff_cap: float = 60.0
+    backoff_base: float = defaults.BACKOFF_BASE
+    backoff_cap: float = defaults.BACKOFF_CAP
     backoff_reset_after: float = 30.0
     # Used when the coordinator's Welcome names no heartbeat interval.
-    heartbeat: float = 10.0
-    keepalive_time: float = 30.0
-    keepalive_timeout: float = 10.0
+    heartbeat: float = defaults.HEARTBEAT
+    keepalive_time: float = defaults.KEEPALIVE
+    keepalive_timeout: float = defaults.KEEPALIVE_TIMEOUT
     welcome_timeout: float = 30.0
     # A revoke's removal is tried this many times (jittered exponential backoff from the base)
     # before the grant is reported REVOKE_FAILED; the sweep keeps retrying after that.
-    remove_retries: int = 6
-    remove_retry_base: float = 10.0
+    remove_retries: int = defaults.REMOVE_RETRIES
+    remove_retry_base: float = defaults.REMOVE_RETRY_BASE
     # Grants whose issue time differs from the agent's clock by more are refused.
-    skew_tolerance: float = 60.0
+    skew_tolerance: float = defaults.SKEW_TOLERANCE
     # Seconds between drift reconciles (host against lease table) while running.
-    reconcile_every: float = 300.0
+    reconcile_every: float = defaults.RECONCILE_EVERY
     # Prometheus metrics on HOST:PORT (None: off, and the exporter is never imported).
     metrics_listen: str | None = None
     # Answer systemd's watchdog when it asks for one (WATCHDOG_USEC).

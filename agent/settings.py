@@ -22,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
 
+from agent import defaults
 from agent.domain.errors import ConfigError
 from jitmesh.durations import DurationError, format_duration, parse_duration
 
@@ -161,15 +162,34 @@ SETTINGS: Final = (
     Setting("log_level", _level, "info", help="debug, info, warning or error"),
     Setting("log_format", _format, "console", help="console or json"),
     Setting("metrics_listen", _listen, help="serve Prometheus metrics on HOST:PORT"),
-    Setting("backoff_base", _seconds, 1.0, help="first reconnect delay"),
-    Setting("backoff_cap", _seconds, 60.0, help="longest reconnect delay"),
-    Setting("heartbeat", _seconds, 10.0, help="heartbeat when the coordinator names none"),
-    Setting("keepalive", _seconds, 30.0, help="HTTP/2 keepalive interval"),
-    Setting("keepalive_timeout", _seconds, 10.0, help="HTTP/2 ping timeout"),
-    Setting("remove_retries", _int, 6, help="removal attempts before REVOKE_FAILED"),
-    Setting("remove_retry_base", _seconds, 10.0, help="first delay between removal attempts"),
-    Setting("skew_tolerance", _seconds, 60.0, help="refuse grants issued further off"),
-    Setting("reconcile_every", _seconds, 300.0, help="how often the host is reconciled"),
+    Setting("backoff_base", _seconds, defaults.BACKOFF_BASE, help="first reconnect delay"),
+    Setting("backoff_cap", _seconds, defaults.BACKOFF_CAP, help="longest reconnect delay"),
+    Setting(
+        "heartbeat", _seconds, defaults.HEARTBEAT, help="heartbeat when the coordinator names none"
+    ),
+    Setting("keepalive", _seconds, defaults.KEEPALIVE, help="HTTP/2 keepalive interval"),
+    Setting("keepalive_timeout", _seconds, defaults.KEEPALIVE_TIMEOUT, help="HTTP/2 ping timeout"),
+    Setting(
+        "remove_retries",
+        _int,
+        defaults.REMOVE_RETRIES,
+        help="removal attempts before REVOKE_FAILED",
+    ),
+    Setting(
+        "remove_retry_base",
+        _seconds,
+        defaults.REMOVE_RETRY_BASE,
+        help="first delay between removal attempts",
+    ),
+    Setting(
+        "skew_tolerance", _seconds, defaults.SKEW_TOLERANCE, help="refuse grants issued further off"
+    ),
+    Setting(
+        "reconcile_every",
+        _seconds,
+        defaults.RECONCILE_EVERY,
+        help="how often the host is reconciled",
+    ),
     Setting(
         "exec_grace",
         _seconds,

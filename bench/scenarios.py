@@ -164,7 +164,7 @@ async def local(tmp: Path, sizes: Sizes) -> list[Scenario]:
             argv = [
                 bin_path("jitmesh-agent"), "--coordinator", address, "--name", name,
                 "--label", f"env={env}", "--join-token", JOIN, "--state", str(tmp / name),
-                "--enforcer", f"file:{access}", "--log-level", "warning",
+                "--enforcer", f"file:{access}", "--log-level", "warning", "--insecure",
             ]  # fmt: skip
             children.append(spawn(argv, tmp / f"{name}.log"))
         for name in ("bench-staging", "bench-prod"):

@@ -112,6 +112,9 @@ SERVICES = [
 ]
 OPERATOR_SERVICES = [name for name in SERVICES if not name.endswith(".AgentLink")]
 DB_NAME = "coordinator.db"
+# How often health probes the store, and how long a probe may take before it counts as down.
+STORE_PROBE_EVERY = 2.0
+STORE_PROBE_TIMEOUT = 5.0
 LOCK_NAME = "coordinator.lock"
 
 __all__ = ["Coordinator", "DevDataError", "DirectoryBusy", "build", "lock_data_dir", "open_store"]
@@ -195,8 +198,35 @@ class Coordinator:
                     tg.create_task(self.store.listen(self.registry.wake, changed))
                 if self.shared is not None:
                     tg.create_task(self.shared.run(self.clock, self._shared_changed))
+                tg.create_task(self._watch_store())
         finally:
             await self.stop()
+
+    async def _watch_store(self) -> None:
+        """Health tells the truth: NOT_SERVING (every service, and "") while the store does not
+        answer a read within STORE_PROBE_TIMEOUT, SERVING again once it does."""
+        serving = True
+        while True:
+            try:
+                async with asyncio.timeout(STORE_PROBE_TIMEOUT):
+                    await self.store.get_meta("epoch")
+                healthy = True
+            except Exception as exc:  # any failure of the store is "not serving"
+                healthy = False
+                if serving:
+                    log.error("store unreachable; health NOT_SERVING: %s", type(exc).__name__)
+            if healthy != serving:
+                serving = healthy
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if healthy
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for name in [*SERVICES, ""]:
+                    await self.health.set(name, status)
+                if healthy:
+                    log.info("store reachable again; health SERVING")
+            await asyncio.sleep(STORE_PROBE_EVERY)
 
     async def _until_terminated(self) -> None:
         # grpc.aio's wait_for_termination() awaits the server's own shutdown future without a
@@ -237,6 +267,9 @@ class Coordinator:
         if self._stopped:
             return
         self._stopped = True
+        # From the moment shutdown begins, health says NOT_SERVING (and stays so): load
+        # balancers and systemd stop sending work before the ports close.
+        await self.health.enter_graceful_shutdown()
         self.registry.close_all("coordinator shutting down")
         if self.agent_server is not None:
             await asyncio.gather(self.server.stop(grace=1.0), self.agent_server.stop(grace=1.0))

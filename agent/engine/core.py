@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from agent import defaults
 from agent.domain.commands import Ack, CommandSpec
 from agent.domain.leases import EventKind, Lease, OutboxEvent, Pair, new_event
 from agent.domain.removals import RetryPolicy
@@ -52,8 +53,8 @@ def assemble(
     enforcers: EnforcerSet,
     clock: Clock,
     rand: Callable[[], float] = random.random,
-    remove_retries: int = 1,
-    remove_retry_base: float = 0.0,
+    remove_retries: int = defaults.REMOVE_RETRIES,
+    remove_retry_base: float = defaults.REMOVE_RETRY_BASE,
     skew_tolerance: timedelta | None = None,
     reconcile_every: float | None = None,
 ) -> Parts:
@@ -117,8 +118,8 @@ class Engine:
         enforcers: EnforcerSet,
         clock: Clock,
         rand: Callable[[], float] = random.random,
-        remove_retries: int = 1,
-        remove_retry_base: float = 0.0,
+        remove_retries: int = defaults.REMOVE_RETRIES,
+        remove_retry_base: float = defaults.REMOVE_RETRY_BASE,
         skew_tolerance: timedelta | None = None,
         reconcile_every: float | None = None,
     ) -> None:

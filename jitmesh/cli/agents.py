@@ -104,3 +104,30 @@ async def _token_create(
     out.emit(
         output.join_token_json(token, wanted), output.join_token_details(token, wanted, out.now)
     )
+
+
+@command(
+    tokens,
+    "list",
+    help="List join tokens that can still enroll an agent (never the tokens themselves).",
+    examples=["jitctl agent token list", "jitctl agent token list --all -o json"],
+)
+@click.option("--all", "include_ended", is_flag=True, help="Also used, expired and revoked ones.")
+async def _token_list(client: Client, out: Output, *, include_ended: bool) -> None:
+    found = await client.list_join_tokens(include_ended=include_ended)
+    out.emit(
+        [output.join_token_info_json(t) for t in found], output.join_tokens_table(found, out.now)
+    )
+
+
+@command(
+    tokens,
+    "revoke",
+    help="Revoke a join token (a leaked one): it enrolls nothing from now on. Audited.",
+    examples=["jitctl agent token revoke 3f9c0d1e2a4b5c6d --reason 'pasted in a ticket'"],
+)
+@click.argument("id", metavar="ID")
+@click.option("--reason", default="", help="Why, for the audit log.")
+async def _token_revoke(client: Client, out: Output, *, id: str, reason: str) -> None:
+    info = await client.revoke_join_token(id, reason=reason)
+    out.emit(output.join_token_info_json(info), f"revoked join token {info.id}")

@@ -36,6 +36,7 @@ from jitmesh.types import (
     Grant,
     GrantState,
     JoinToken,
+    JoinTokenInfo,
     Lock,
     MeshStatus,
     PolicyDecision,
@@ -43,6 +44,7 @@ from jitmesh.types import (
     Request,
     RequestOption,
     TokenInfo,
+    UserInfo,
 )
 
 JSON = dict[str, Any]
@@ -600,24 +602,80 @@ def agent_details(agent: Agent, now: datetime) -> Table:
 
 
 def join_token_json(token: JoinToken, labels: Mapping[str, str]) -> JSON:
+    # The id `agent token list|revoke` takes, and the labels the token really carries (a
+    # replacement token keeps its agent's labels when none were asked for).
     return {
-        "id": "join-token",
+        "id": token.id or "join-token",
         "state": "created",
         "token": token.token,
         "expires_at": rfc3339(token.expires_at),
-        "labels": dict(labels),
+        "labels": dict(token.labels or labels),
+        "replaces": token.replaces or None,
     }
 
 
 def join_token_details(token: JoinToken, labels: Mapping[str, str], now: datetime) -> Table:
-    return details(
+    rows: list[tuple[str, object]] = [
+        ("TOKEN", token.token),
+        ("ID", token.id or _NONE),
+        ("EXPIRES", f"{human_time(token.expires_at)} ({relative(token.expires_at, now)})"),
+        ("LABELS", _labels(token.labels or labels)),
+    ]
+    if token.replaces:
+        rows.append(("REPLACES", token.replaces))
+    rows.append(("NOTE", "shown only once: the coordinator keeps only its hash"))
+    return details(rows)
+
+
+def join_token_info_json(info: JoinTokenInfo) -> JSON:
+    return {
+        "id": info.id,
+        "labels": dict(info.labels),
+        "replaces": info.replaces or None,
+        "created_by": info.created_by,
+        "created_at": rfc3339(info.created_at),
+        "expires_at": rfc3339(info.expires_at),
+        "uses_left": info.uses_left,
+        "revoked_at": rfc3339(info.revoked_at),
+        "revoked_by": info.revoked_by or None,
+        "used_by": list(info.used_by),
+    }
+
+
+def join_tokens_table(infos: Sequence[JoinTokenInfo], now: datetime) -> Table:
+    def state(info: JoinTokenInfo) -> str:
+        if info.revoked_at is not None:
+            return f"revoked by {info.revoked_by}"
+        if info.expires_at is not None and info.expires_at <= now:
+            return "expired"
+        if info.uses_left == 0:
+            return "used"
+        return "live"
+
+    return table(
+        ("ID", "LABELS", "STATE", "EXPIRES", "USES LEFT", "AGENTS"),
         [
-            ("TOKEN", token.token),
-            ("EXPIRES", f"{human_time(token.expires_at)} ({relative(token.expires_at, now)})"),
-            ("LABELS", _labels(labels)),
-            ("NOTE", "shown only once: the coordinator keeps only its hash"),
-        ]
+            (
+                i.id,
+                _labels(i.labels) + (f" (replaces {i.replaces})" if i.replaces else ""),
+                state(i),
+                _NONE if i.expires_at is None else relative(i.expires_at, now),
+                "unlimited" if i.uses_left is None else i.uses_left,
+                ",".join(i.used_by) or _NONE,
+            )
+            for i in infos
+        ],
     )
+
+
+def user_json(info: UserInfo) -> JSON:
+    return {
+        "id": info.name,
+        "groups": list(info.groups),
+        "disabled": info.disabled,
+        "managed_by": info.managed_by,
+        "created_at": rfc3339(info.created_at),
+    }
 
 
 def removed_json(name: str) -> JSON:

@@ -101,8 +101,12 @@ async def _cert_revoke(client: Client, out: Output, *, serial: str, reason: str)
 users = group(
     None,
     "user",
-    help="Disable or enable operators (admins).",
-    examples=["jitctl user disable mallory", "jitctl user enable mallory"],
+    help="Disable or enable operators, or change their groups (admins).",
+    examples=[
+        "jitctl user disable mallory",
+        "jitctl user enable mallory",
+        "jitctl user set-groups alice --group developers --group sre",
+    ],
 )
 
 
@@ -128,3 +132,22 @@ async def _disable(client: Client, out: Output, *, user: str) -> None:
 async def _enable(client: Client, out: Output, *, user: str) -> None:
     await client.set_user_disabled(user, False)
     out.emit({"id": user, "state": "enabled"}, f"enabled {user}")
+
+
+@command(
+    users,
+    "set-groups",
+    help="Replace a user's groups (the one way they change: a new token never changes them). "
+    "Audited with the groups before and after.",
+    examples=["jitctl user set-groups alice --group developers --group sre --reason 'on call'"],
+)
+@click.argument("user", metavar="USER")
+@click.option(
+    "--group", "groups", multiple=True, required=True, metavar="GROUP", help="A group (repeat)."
+)
+@click.option("--reason", default="", help="Why, for the audit log.")
+async def _set_groups(
+    client: Client, out: Output, *, user: str, groups: tuple[str, ...], reason: str
+) -> None:
+    info = await client.set_user_groups(user, groups, reason=reason)
+    out.emit(output.user_json(info), f"{info.name}: groups {', '.join(info.groups)}")

@@ -30,27 +30,32 @@ TMPFS = ("/home", "/run", "/var/log", "/var/mail")
 
 _SETUP = """
 set -e
-upper=$1; work=$2; rupper=$3; rwork=$4; reach=$5; shift 5
+upper=$1; work=$2; layers=$3; tops=$4; reach=$5; shift 5
 mount -t overlay overlay -o "lowerdir=/etc,upperdir=$upper,workdir=$work" /etc
 for d in {dirs}; do [ -d "$d" ] && mount -t tmpfs -o mode=0755 tmpfs "$d"; done
-# Test users must reach the interpreter and the checkout when they live under /root (0700): an
-# overlay over /root, where directories on those paths get o+x (the real /root is untouched).
-if [ -n "$reach" ]; then
-  mount -t overlay overlay -o "lowerdir=/root,upperdir=$rupper,workdir=$rwork" /root
-  for d in $reach; do chmod o+x "$d"; done
-fi
+# Test users must reach the interpreter and the checkout even where a directory on the way is
+# private (/root, a CI clone in a 0700 temporary directory): the topmost such directories get an
+# overlay, and inside them the directories on the way get o+x (the real ones are untouched).
+i=0
+for d in $tops; do
+  i=$((i+1)); mkdir -p "$layers/$i/u" "$layers/$i/w"
+  mount -t overlay overlay -o "lowerdir=$d,upperdir=$layers/$i/u,workdir=$layers/$i/w" "$d"
+done
+for d in $reach; do chmod o+x "$d"; done
 exec "$@"
 """.format(dirs=" ".join(TMPFS))
 
 
-def _reach() -> str:
-    """Directories under /root on the way to the interpreter and the checkout."""
-    found: set[Path] = set()
-    for target in (Path(os.path.realpath(sys.executable)), ROOT):
-        for parent in (target, *target.parents):
-            if parent == Path("/root") or Path("/root") in parent.parents:
-                found.add(parent)
-    return " ".join(sorted(str(p) for p in found if p.is_dir()))
+def _reach() -> tuple[str, str]:
+    """The directories on the way to the interpreter and the checkout that others cannot
+    traverse, and the topmost of them (the ones that get an overlay)."""
+    needed: set[Path] = set()
+    for target in (Path(os.path.realpath(sys.executable)).parent, ROOT):
+        for directory in (target, *target.parents):
+            if directory.is_dir() and not directory.stat().st_mode & 0o001:
+                needed.add(directory)
+    tops = {d for d in needed if not any(other in d.parents for other in needed)}
+    return " ".join(sorted(map(str, tops))), " ".join(sorted(map(str, needed)))
 
 
 def missing() -> list[str]:
@@ -67,13 +72,14 @@ def run(tmp_path: Path, scenario: str, *args: Any, timeout: float = 100) -> dict
             f"host tests need {', '.join(absent)}: apt-get install -y sudo passwd "
             "openssh-server openssh-client pamtester (scripts/test does it when run as root)"
         )
-    dirs = [tmp_path / n for n in ("etc-upper", "etc-work", "root-upper", "root-work", "scratch")]
+    dirs = [tmp_path / n for n in ("etc-upper", "etc-work", "layers", "scratch")]
     for d in dirs:
         d.mkdir(exist_ok=True)
+    tops, reach = _reach()
     argv = [
         "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _SETUP, "sh",
-        *[str(d) for d in dirs[:4]], _reach(), sys.executable, "-m", "tests.host.inside",
-        scenario, json.dumps([str(dirs[4]), *args]),
+        *[str(d) for d in dirs[:3]], tops, reach, sys.executable, "-m", "tests.host.inside",
+        scenario, json.dumps([str(dirs[3]), *args]),
     ]  # fmt: skip
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
     # Its own session: on a timeout everything the scenario started (an agent, sshd, sleeps

@@ -77,3 +77,32 @@ async def test_an_export_verifies_outside_and_tampering_is_named(env: Env, tmp_p
     code, message = verify(env, path)
     assert code == 1
     assert "signature not valid" in message
+
+
+async def test_the_verifier_says_when_no_key_was_given_and_its_help_is_complete(
+    env: Env, tmp_path: Path
+) -> None:
+    # Issue 10 item 16: without a key it used to answer "signature not valid for a pinned key".
+    path = tmp_path / "audit.jsonl"
+    await export(env, path)
+    done = subprocess.run(
+        [sys.executable, str(VERIFIER), str(path)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "no key given" in done.stderr
+    assert "--key KEY_ID=BASE64" in done.stderr
+    assert "--trust-file-keys" in done.stderr
+    helped = subprocess.run(
+        [sys.executable, str(VERIFIER), "--help"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert helped.returncode == 0
+    for word in ("EXPORT.jsonl", "--key", "--trust-file-keys", "Exit 0", "type=key"):
+        assert word in helped.stdout, word
+    bad = subprocess.run(
+        [sys.executable, str(VERIFIER), str(path), "--key", "no-equals-sign"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "KEY_ID=BASE64" in bad.stderr

@@ -4,6 +4,7 @@ next call; non-admins can do none of it."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -118,3 +119,37 @@ async def test_changing_groups_is_its_own_audited_act(env: Env) -> None:
     [event] = await env.admin.list_audit(kind="user.groups_changed")
     assert (event.actor, event.subject) == ("admin", "alice")
     assert event.details == {"before": "developers", "after": "developers,sre", "reason": "on call"}
+
+
+async def test_jitctl_join_tokens_and_groups(env: Env) -> None:
+    # Issue 10 items 4 and H from the command line.
+    environ = {"JITMESH_TOKEN": TOKENS["admin"], "JITMESH_COORDINATOR": env.address}
+    code, out, err = await procs.jitctl(
+        "agent", "token", "create", "--replace", "web-1", "-o", "json", env=environ
+    )
+    assert code == 0, err
+    made = json.loads(out)
+    assert len(made["id"]) == 16
+    assert (made["labels"], made["replaces"]) == ({"env": "staging"}, "web-1")
+    code, out, err = await procs.jitctl("agent", "token", "list", "-o", "json", env=environ)
+    assert code == 0, err
+    assert [t["id"] for t in json.loads(out)] == [made["id"]]
+    assert made["token"] not in out
+    code, out, err = await procs.jitctl(
+        "agent", "token", "revoke", made["id"], "--reason", "leaked", env=environ
+    )
+    assert (code, out.strip()) == (0, f"revoked join token {made['id']}"), err
+    code, out, err = await procs.jitctl("agent", "token", "list", env=environ)
+    assert made["id"] not in out
+
+    code, out, err = await procs.jitctl(
+        "token", "create", "--user", "alice", "--group", "sre", env=environ
+    )
+    assert code != 0
+    assert "jitctl user set-groups alice" in err
+    code, out, err = await procs.jitctl(
+        "user", "set-groups", "alice", "--group", "developers", "--group", "sre", "-o", "json",
+        env=environ,
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["groups"] == ["developers", "sre"]

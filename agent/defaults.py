@@ -1,0 +1,20 @@
+"""The agent's defaults, in one place (issue 10, item 14): `AgentConfig`, the settings behind
+flags, environment and TOML (`agent/settings.py`) and the `Engine` take them from here, so a
+default can never differ between them again (`remove_retries` was 1 in the engine and 6 in
+the CLI). Values are seconds unless named otherwise; docs/promises.md gives their reasons."""
+
+from __future__ import annotations
+
+from typing import Final
+
+BACKOFF_BASE: Final = 1.0
+BACKOFF_CAP: Final = 60.0
+HEARTBEAT: Final = 10.0
+KEEPALIVE: Final = 30.0
+KEEPALIVE_TIMEOUT: Final = 10.0
+# A revoke's removal is tried this many times (jittered, doubling from the base) before the
+# grant is reported REVOKE_FAILED; the background sweep keeps retrying after that.
+REMOVE_RETRIES: Final = 6
+REMOVE_RETRY_BASE: Final = 10.0
+SKEW_TOLERANCE: Final = 60.0
+RECONCILE_EVERY: Final = 300.0
