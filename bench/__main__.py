@@ -29,6 +29,7 @@ GROUPS: dict[
     "expiry": ({"7"}, sc.expiry),
     "fleet": ({"3", "4", "5", "6"}, sc.fleet),
     "replicas": ({"9", "10", "11"}, replicas.run),
+    "delivery": ({"12"}, sc.flood),
 }
 
 
@@ -62,11 +63,11 @@ def fmt(value: float, unit: str) -> str:
 
 
 def table(results: list[Scenario]) -> str:
-    head = ("scenario", "metric", "jitmesh", "baseline", "ratio", "unit", "target")
+    head = ("scenario", "metric", "jitmesh", "baseline", "ratio", "unit", "target", "status")
     lines: list[tuple[str, ...]] = [head]
     for s in results:
         if s.error:
-            lines.append((s.name, "ERROR", s.error[:60], "", "", "", ""))
+            lines.append((s.name, "ERROR", s.error[:60], "", "", "", "", ""))
         row: Row
         for row in s.rows:
             r = row.ratio
@@ -79,6 +80,7 @@ def table(results: list[Scenario]) -> str:
                     "-" if math.isnan(r) else f"{r:.2f}x",
                     row.unit,
                     row.target,
+                    row.status,
                 )
             )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
@@ -133,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {s.name}: {s.size}. {s.real}")
     print()
     print(table(results))
+    explained = [(f"{s.name}: {r.metric}", r.note) for s in results for r in s.rows if r.note]
+    if explained:
+        print("\nWhat the figures mean:")
+        for what, note in explained:
+            print(f"  {what}: {note}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         document = {

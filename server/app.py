@@ -47,7 +47,9 @@ from server.ca import InternalCA
 from server.checkpoints import Checkpoints
 from server.config import CoordinatorConfig
 from server.domain.access import AccessService
+from server.domain.admission import Admission, AdmissionSettings
 from server.domain.bootstrap import DevDataError, dev_credentials, refuse_dev_data
+from server.domain.delivery import DeliveryGate, DeliveryRates
 from server.domain.errors import PermissionDenied
 from server.domain.expiring import ExpiryWarnings
 from server.domain.expiry import Expirer
@@ -75,6 +77,7 @@ from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegis
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
 from server.rpc.locks import LocksServicer
+from server.rpc.malformed import MalformedRequests
 from server.rpc.mesh import MeshServicer
 from server.rpc.notify import NotifyServicer
 from server.rpc.services import (
@@ -360,6 +363,10 @@ async def _assemble(
     initial = config.initial_policy.read_text() if config.initial_policy else config.default_policy
     policy = await PolicyService.load(store, hub, clock, initial)
     expirer = Expirer(store, hub, clock)
+    # Grant commands an agent would not get in time are refused (server/domain/delivery.py):
+    # never more undelivered than half its stream's queue, so accepted work never cuts it off.
+    rates = DeliveryRates()
+    gate = DeliveryGate(rates, config.agent_queue_limit // 2, registry.connected)
     readers = Readers(frozenset(config.auditor_groups))
     access = AccessService(
         store,
@@ -371,10 +378,11 @@ async def _assemble(
         expirer.deadlines_changed,
         # Replicas: a policy applied on another replica is in force here from the next call.
         policy.refresh if isinstance(store, PostgresStore) else None,
+        delivery=gate,
         readers=readers,
     )
     expirer.start_due = access.start_scheduled
-    fleet = FleetService(store, registry, hub, clock, epoch, __version__, replica)
+    fleet = FleetService(store, registry, hub, clock, epoch, __version__, replica, rates=rates)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
     checkpoints = Checkpoints(store, keys)
@@ -389,7 +397,7 @@ async def _assemble(
     # Operators (and enrolling agents) send small messages; so do agents. Each server has its
     # own limits because gRPC sets them per server, not per port (docs: THREAT_MODEL.md).
     server = grpc.aio.server(
-        interceptors=[AccessLog()],
+        interceptors=[AccessLog(), MalformedRequests()],
         options=_server_options(config, config.max_message_bytes, OPERATOR_MAX_SEND),
     )
     servers.append(server)
@@ -409,7 +417,7 @@ async def _assemble(
             grpc.ssl_server_credentials([main_pair]),
         )
         agent_server = grpc.aio.server(
-            interceptors=[AccessLog()],
+            interceptors=[AccessLog(), MalformedRequests()],
             options=_server_options(config, MAX_AGENT_MESSAGE, AGENT_MAX_SEND),
         )
         servers.append(agent_server)
@@ -506,7 +514,18 @@ async def _assemble(
         reflection.enable(target, [*served, health.SERVICE_NAME])
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
         AgentLinkServicer(
-            fleet, registry, clock, keys, config.heartbeat, require_certificate=ca is not None
+            fleet,
+            registry,
+            clock,
+            keys,
+            config.heartbeat,
+            require_certificate=ca is not None,
+            admission=Admission(
+                AdmissionSettings(
+                    config.agent_admit_rate, config.agent_admit_burst, config.agent_max_handshakes
+                ),
+                clock.monotonic(),
+            ),
         ),
         server if agent_server is None else agent_server,
     )
