@@ -4,7 +4,7 @@ the auditor groups, domain/reads.py): it describes everyone."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -35,7 +35,7 @@ class StatusService:
         clock: Clock,
         epoch: int,
         agents_connected: Callable[[], int],
-        audit_head: Callable[[], int],
+        audit_head: Callable[[], Awaitable[tuple[int, str]]],
         readers: Readers | None = None,
     ) -> None:
         self._readers = readers or Readers()
@@ -50,4 +50,5 @@ class StatusService:
             raise PermissionDenied("only admins and auditors may see the mesh status")
         now = self._clock.now()
         counts = await self._store.status_counts(now, now - ENDED_WINDOW)
-        return MeshStatus(now, self._epoch, self._connected(), self._head(), counts)
+        head_seq, _ = await self._head()
+        return MeshStatus(now, self._epoch, self._connected(), head_seq, counts)
