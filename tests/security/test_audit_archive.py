@@ -29,12 +29,12 @@ async def test_archive_ranges_verify_with_the_live_chain(env: Env, tmp_path: Pat
     assert env.coordinator.checkpoints is not None
     for _ in range(3):
         await env.alice.create_request(agent="web-1", action="logs", duration=timedelta(minutes=1))
-    middle, head = env.coordinator.store.head
-    env.coordinator.checkpoints.append(middle, head, env.clock.now())
+    middle, _ = await env.coordinator.store.audit_head()
+    await env.coordinator.checkpoints.append(env.clock.now())
     for _ in range(2):
         await env.alice.create_request(agent="web-1", action="logs", duration=timedelta(minutes=1))
-    last, head = env.coordinator.store.head
-    env.coordinator.checkpoints.append(last, head, env.clock.now())
+    last, _ = await env.coordinator.store.audit_head()
+    await env.coordinator.checkpoints.append(env.clock.now())
 
     archive = await _export(env, "--to", str(middle))
     live = await _export(env, "--from", str(middle + 1))
