@@ -27,6 +27,7 @@ GROUPS: dict[
     "local": ({"1", "2", "8"}, sc.local),
     "expiry": ({"7"}, sc.expiry),
     "fleet": ({"3", "4", "5", "6"}, sc.fleet),
+    "delivery": ({"12"}, sc.flood),
 }
 
 
@@ -60,11 +61,11 @@ def fmt(value: float, unit: str) -> str:
 
 
 def table(results: list[Scenario]) -> str:
-    head = ("scenario", "metric", "jitmesh", "baseline", "ratio", "unit", "target")
+    head = ("scenario", "metric", "jitmesh", "baseline", "ratio", "unit", "target", "status")
     lines: list[tuple[str, ...]] = [head]
     for s in results:
         if s.error:
-            lines.append((s.name, "ERROR", s.error[:60], "", "", "", ""))
+            lines.append((s.name, "ERROR", s.error[:60], "", "", "", "", ""))
         row: Row
         for row in s.rows:
             r = row.ratio
@@ -77,6 +78,7 @@ def table(results: list[Scenario]) -> str:
                     "-" if math.isnan(r) else f"{r:.2f}x",
                     row.unit,
                     row.target,
+                    row.status,
                 )
             )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
@@ -131,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {s.name}: {s.size}. {s.real}")
     print()
     print(table(results))
+    explained = [(f"{s.name}: {r.metric}", r.note) for s in results for r in s.rows if r.note]
+    if explained:
+        print("\nWhat the figures mean:")
+        for what, note in explained:
+            print(f"  {what}: {note}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         document = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,9 +48,17 @@ class Row:
     def ratio(self) -> float:
         return ratio(self.jitmesh, self.baseline)
 
+    @property
+    def status(self) -> str:
+        """ "met" or "missed" against `target`; "" when there is none, or it is stated for
+        another size than the one measured (a target with its size in parentheses, e.g.
+        "< 1 s (100,000)", is judged only when the metric names that size)."""
+        return verdict(self.target, self.metric, self.jitmesh, self.ratio, self.unit)
+
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["ratio"] = self.ratio
+        out["status"] = self.status
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
 
@@ -65,3 +74,34 @@ class Scenario:
 
     def add(self, metric: str, jitmesh: float, baseline: float = math.nan, **kw: str) -> None:
         self.rows.append(Row(self.name, metric, jitmesh, baseline, **kw))
+
+
+_TARGET = re.compile(r"(<=|>=|<|>)?\s*([0-9][0-9,.]*)\s*(x|s|ms|%|KiB|MiB|MB|/s)?\s*(?:\((.+)\))?$")
+_SCALE = {("s", "ms"): 1000.0, ("MB", "MiB"): 1.0}
+
+
+def verdict(target: str, metric: str, value: float, ratio_: float, unit: str) -> str:
+    """Whether `value` (or the ratio, for a target in "x") meets `target` ("<= 1.5x",
+    ">= 2000", "<= 30 s", "0 %", "< 1 s (100,000)"); "" when it cannot be judged here."""
+    found = _TARGET.match(target.strip())
+    if found is None or math.isnan(value):
+        return ""
+    op, number, tunit, size = found.groups()
+    if size and size.replace(",", "") not in metric.replace(",", ""):
+        return ""
+    bound = float(number.replace(",", ""))
+    subject = value
+    if tunit == "x":
+        if math.isnan(ratio_):
+            return ""
+        subject = ratio_
+    elif tunit and tunit != unit:
+        bound *= _SCALE.get((tunit, unit), 1.0)
+    ok = {
+        "<=": subject <= bound,
+        ">=": subject >= bound,
+        "<": subject < bound,
+        ">": subject > bound,
+        None: subject == bound,
+    }[op]
+    return "met" if ok else "missed"

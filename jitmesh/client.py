@@ -16,15 +16,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import random
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from importlib import metadata
 from os import PathLike
 from types import TracebackType
-from typing import Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from jitmesh import convert as _convert
@@ -34,6 +37,7 @@ from jitmesh.durations import format_duration
 from jitmesh.v1 import (
     access_pb2,
     access_pb2_grpc,
+    agentlink_pb2,
     agents_pb2,
     agents_pb2_grpc,
     audit_pb2,
@@ -74,6 +78,10 @@ _RESUBSCRIBE_MIN: Final = 0.05
 _RESUBSCRIBE_MAX: Final = 2.0
 _MAX_MESSAGE: Final = 300
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# How long calls refused with a retry hint (the agent is behind: docs/wire.md, "Pushback") are
+# retried by default before the refusal is raised; each wait is the hint plus up to a half more.
+PUSHBACK_WAIT: Final = 30.0
+_DETAILS_KEY: Final = "grpc-status-details-bin"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +136,35 @@ def error_from_status(
     else:
         message = message or fallback
     return cls(message, code=code.name)
+
+
+def retry_hint(metadata: Iterable[Any] | None) -> tuple[float, str] | None:
+    """(seconds, agent) from a RESOURCE_EXHAUSTED answer's status details: the RetryHint, or
+    a bare standard RetryInfo; None without either. `metadata`: (key, value) pairs (grpc's
+    stubs and runtime disagree on the type)."""
+    for item in metadata or ():
+        key, value = item[0], item[1]
+        if key != _DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status()
+        try:
+            status.ParseFromString(value)
+        except Exception:  # a malformed detail is no hint
+            return None
+        found: tuple[float, str] | None = None
+        for detail in status.details:
+            hint = agentlink_pb2.RetryHint()
+            info = error_details_pb2.RetryInfo()
+            if detail.Is(hint.DESCRIPTOR) and detail.Unpack(hint):
+                return _seconds(hint.retry_after), hint.agent
+            if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
+                found = (_seconds(info.retry_delay), "")
+        return found
+    return None
+
+
+def _seconds(d: duration_pb2.Duration) -> float:
+    return min(3600.0, max(0.0, d.seconds + d.nanos / 1e9))
 
 
 def _transport_hint(message: str, trust: str) -> str:
@@ -216,7 +253,9 @@ class Client:
         token: str | None,
         timeout: float,
         trust: str = "",
+        pushback_wait: float = PUSHBACK_WAIT,
     ) -> None:
+        self._pushback_wait = pushback_wait
         self._channel = channel
         self._target = target
         self._trust = trust
@@ -247,6 +286,7 @@ class Client:
         insecure: bool | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, str | int]] = (),
+        pushback_wait: float = PUSHBACK_WAIT,
     ) -> Self:
         """Open a channel to the coordinator at `target` ("host:port").
 
@@ -260,6 +300,11 @@ class Client:
         plain text (for a development coordinator on loopback). Unset arguments come from
         `JITMESH_CA_FILE` and `JITMESH_INSECURE`; an explicit argument beats the environment.
         `credentials` (ready-made gRPC credentials, e.g. with a client certificate) beats both.
+
+        `pushback_wait`: for how long, in seconds, a request or approval refused because its
+        agent is behind (RESOURCE_EXHAUSTED with a retry hint) is tried again, each time after
+        the coordinator's hint; then `RateLimitedError` (with `retry_after`) is raised. 0 raises
+        at once.
 
         A coroutine because gRPC channels bind to the running event loop.
         """
@@ -280,7 +325,16 @@ class Client:
             channel = aio.insecure_channel(target, options=options)
         else:
             channel = aio.secure_channel(target, credentials, options=options)
-        return cls(channel, target=target, token=token or None, timeout=timeout, trust=trust)
+        if not pushback_wait >= 0:
+            raise errors.InvalidArgumentError("pushback_wait must not be negative")
+        return cls(
+            channel,
+            target=target,
+            token=token or None,
+            timeout=timeout,
+            trust=trust,
+            pushback_wait=pushback_wait,
+        )
 
     @classmethod
     async def from_config(
@@ -344,7 +398,7 @@ class Client:
     # Plumbing
 
     def _error(self, exc: aio.AioRpcError, timeout: float | None) -> errors.JitmeshError:
-        return error_from_status(
+        error = error_from_status(
             exc.code(),
             exc.details(),
             target=self._target,
@@ -352,6 +406,30 @@ class Client:
             secrets=(self._token or "",),
             trust=self._trust,
         )
+        if isinstance(error, errors.RateLimitedError):
+            hint = retry_hint(exc.trailing_metadata())
+            if hint is not None:
+                error.retry_after, error.agent = hint
+        return error
+
+    async def _honouring_pushback(
+        self, method: aio.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req
+    ) -> _Resp:
+        """`_unary` for calls the coordinator may refuse with a retry hint before it writes
+        anything (docs/wire.md, "Pushback"): waits at least the hint (plus jitter, so refused
+        callers do not come back together) and calls again, for up to `pushback_wait` in all."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._pushback_wait
+        while True:
+            try:
+                return await self._unary(method, request)
+            except errors.RateLimitedError as exc:
+                if exc.retry_after is None:
+                    raise  # a caller's rate limit: slowing down is the caller's choice
+                delay = exc.retry_after * (1.0 + 0.5 * random.random())
+                if loop.time() + delay > give_up:
+                    raise
+                await asyncio.sleep(delay)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -430,6 +508,10 @@ class Client:
         delivered to the agent: see `Grant.state`). When the caller already holds a live grant
         for the agent and action, that grant comes back (`request.reused`) and nothing new is
         made. A named tuple: `request, grant = await client.create_request(...)` works.
+
+        When the agent has more undelivered commands than it could apply before such a grant
+        would end, the coordinator refuses with a retry hint; the call waits and tries again
+        (for up to the client's `pushback_wait`), then raises `RateLimitedError`.
         """
         if bool(agent) == bool(selector):
             raise errors.InvalidArgumentError("name exactly one of agent and selector")
@@ -442,7 +524,7 @@ class Client:
             start_at=_convert.time_to_proto(start_at),
             selector=_check_labels(dict(selector or {}), "selector"),
         )
-        response = await self._unary(self._access.CreateRequest, message)
+        response = await self._honouring_pushback(self._access.CreateRequest, message)
         grant = _convert.grant(response.grant) if response.HasField("grant") else None
         return types.Created(_convert.request(response.request), grant)
 
@@ -517,7 +599,7 @@ class Client:
             decision=decision,
             reason=_check_reason(reason),
         )
-        response = await self._unary(self._access.ReviewRequest, message)
+        response = await self._honouring_pushback(self._access.ReviewRequest, message)
         grant = _convert.grant(response.grant) if response.HasField("grant") else None
         return _convert.request(response.request), grant
 

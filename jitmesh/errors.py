@@ -10,7 +10,9 @@
     ├── NotFoundError             no such request, grant, agent (NOT_FOUND)
     ├── ConflictError             the object is not in a state that allows this
     │                             (FAILED_PRECONDITION, ABORTED, ALREADY_EXISTS)
-    ├── RateLimitedError          too many calls (RESOURCE_EXHAUSTED)
+    ├── RateLimitedError          too many calls, or the agent is behind: try again later
+    │                             (RESOURCE_EXHAUSTED; `retry_after` when the coordinator
+    │                             said when)
     └── InternalError             anything else the coordinator reports
 
 Every error carries the gRPC status code name in `code` and a one-line message.
@@ -61,7 +63,23 @@ class ConflictError(JitmeshError):
 
 
 class RateLimitedError(JitmeshError):
+    """Not now. `retry_after` (seconds) is the coordinator's hint when it gave one (an agent
+    whose undelivered commands reached their bound names `agent`); the SDK has already waited
+    and retried for up to the client's `pushback_wait` before raising this."""
+
     code = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retry_after: float | None = None,
+        agent: str = "",
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+        self.agent = agent
 
 
 class InternalError(JitmeshError):

@@ -45,7 +45,9 @@ from server.ca import InternalCA
 from server.checkpoints import Checkpoints
 from server.config import CoordinatorConfig
 from server.domain.access import AccessService
+from server.domain.admission import Admission, AdmissionSettings
 from server.domain.bootstrap import DevDataError, dev_credentials, refuse_dev_data
+from server.domain.delivery import DeliveryGate, DeliveryRates
 from server.domain.errors import PermissionDenied
 from server.domain.expiring import ExpiryWarnings
 from server.domain.expiry import Expirer
@@ -313,6 +315,10 @@ async def _assemble(
     initial = config.initial_policy.read_text() if config.initial_policy else config.default_policy
     policy = await PolicyService.load(store, hub, clock, initial)
     expirer = Expirer(store, hub, clock)
+    # Grant commands an agent would not get in time are refused (server/domain/delivery.py):
+    # never more undelivered than half its stream's queue, so accepted work never cuts it off.
+    rates = DeliveryRates()
+    gate = DeliveryGate(rates, config.agent_queue_limit // 2, registry.connected)
     readers = Readers(frozenset(config.auditor_groups))
     access = AccessService(
         store,
@@ -322,10 +328,11 @@ async def _assemble(
         policy.current,
         epoch,
         expirer.deadlines_changed,
+        delivery=gate,
         readers=readers,
     )
     expirer.start_due = access.start_scheduled
-    fleet = FleetService(store, registry, hub, clock, epoch, __version__)
+    fleet = FleetService(store, registry, hub, clock, epoch, __version__, rates=rates)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
     checkpoints = Checkpoints(config.data_dir, keys)
@@ -450,7 +457,18 @@ async def _assemble(
         reflection.enable(target, [*served, health.SERVICE_NAME])
     agentlink_pb2_grpc.add_AgentLinkServicer_to_server(
         AgentLinkServicer(
-            fleet, registry, clock, keys, config.heartbeat, require_certificate=ca is not None
+            fleet,
+            registry,
+            clock,
+            keys,
+            config.heartbeat,
+            require_certificate=ca is not None,
+            admission=Admission(
+                AdmissionSettings(
+                    config.agent_admit_rate, config.agent_admit_burst, config.agent_max_handshakes
+                ),
+                clock.monotonic(),
+            ),
         ),
         server if agent_server is None else agent_server,
     )

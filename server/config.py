@@ -23,6 +23,12 @@ class CoordinatorConfig(BaseModel):
     keepalive: timedelta = timedelta(seconds=30)
     keepalive_timeout: timedelta = timedelta(seconds=10)
     agent_queue_limit: int = Field(default=1000, ge=10)
+    # Admission control of agent streams (server/domain/admission.py): new streams per second,
+    # in bursts of, and at most this many between their first byte and their Welcome; the
+    # excess is refused with a retry hint the agents wait out.
+    agent_admit_rate: float = Field(default=1000.0, gt=0)
+    agent_admit_burst: int = Field(default=1000, ge=1)
+    agent_max_handshakes: int = Field(default=1000, ge=1)
     # Largest message the operator port accepts (the agent port: 64 KiB, fixed).
     max_message_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
     # TLS from the internal CA (DATA/ca/). Operators and enrolling agents use `port` with

@@ -28,6 +28,7 @@ from agent.domain.commands import (
     Refuse,
     RevokeSpec,
     SnapshotSpec,
+    Write,
 )
 from agent.domain.errors import StateError
 from agent.domain.leases import EventKind, Lease, LeaseState, Pair, new_event
@@ -107,6 +108,106 @@ class Commands:
         if self._expiry.must_look(command, ack):
             self._shared.leases_changed.set()
         return ack
+
+    async def handle_many(self, batch: Sequence[CommandSpec]) -> list[Ack]:
+        """`handle` for commands received together, in order, with the same acks as one by one.
+        A run of grants that start now is persisted in one commit (their leases and the last
+        seq) and applied together (one enforcer call per pair); anything else (revokes,
+        snapshots, extensions, refusals, grants that start later) goes through `handle`."""
+        acks: list[Ack] = []
+        k = 0
+        while k < len(batch):
+            done = await self._grant_run(batch[k:]) if len(batch) - k > 1 else []
+            if not done:
+                acks.append(await self.handle(batch[k]))
+                k += 1
+                continue
+            acks.extend(done)
+            k += len(done)
+        return acks
+
+    async def _grant_run(self, batch: Sequence[CommandSpec]) -> list[Ack]:
+        """The acks of the longest run of new grants that start now at the head of `batch`,
+        persisted in one commit and applied (empty: the first command is not one; `handle`
+        takes it). Promises as for one grant: the rows are committed (as applied) before any
+        hook runs, a failed apply ends its row, and the acks leave only after both."""
+        lock = self._shared.lock
+        await lock.acquire()
+        try:
+            if self._removals.removing:
+                return []  # a background removal may hold a pair: one by one, as `handle` waits
+            now = self._time.now()
+            last = self._link.last_applied_seq
+            run: list[tuple[CommandSpec, Lease]] = []
+            for command in batch:
+                taken = {lease.grant_id for _, lease in run}
+                lease = await self._starts_now(command, last, now, taken)
+                if lease is None:
+                    break
+                run.append((command, lease))
+                last = command.seq
+            if len(run) < 2:
+                return []
+            holding = await self._enforcement.holding()
+            leases = [lease for _, lease in run]
+            epoch = max(command.epoch for command, _ in run)
+            try:
+                await self._store.record_command(seq=last, epoch=epoch, writes=leases)
+            except StateError:
+                return []  # one by one: each answers its own failure
+            self._link.applied(last, epoch)
+            crash_point("agent_after_record")
+            failures = await self._enforcement.enforce(holding, starting=leases)
+            acks: list[Ack] = []
+            for command, lease in run:
+                reason = failures.apply.get(lease.pair)
+                if reason is not None:
+                    try:
+                        await self._apply_failed(lease, now, reason)
+                    except StateError as exc:
+                        log.error("cannot persist a command", extra={"error": str(exc)})
+                        reason = "cannot persist the command"
+                    acks.append(Ack(command.seq, AckStatus.FAILED, reason, lease.grant_id))
+                else:
+                    log.info("grant applied", extra=lease_fields(lease))
+                    acks.append(Ack(command.seq, AckStatus.APPLIED, "", lease.grant_id))
+            crash_point("agent_after_apply")
+        finally:
+            lock.release()
+        look = False
+        for (command, _), ack in zip(run, acks, strict=True):
+            log.info(
+                "command handled",
+                extra={"seq": ack.seq, "status": ack.status.value, "grant_id": ack.grant_id},
+            )
+            look = look or self._expiry.must_look(command, ack)
+        if look:
+            self._shared.leases_changed.set()
+        return acks
+
+    async def _starts_now(
+        self, command: CommandSpec, last: int, now: datetime, taken: Collection[str]
+    ) -> Lease | None:
+        """The lease of a new grant `handle` would persist as applied and enforce at once
+        (with `last` as the last applied seq); None for any other command."""
+        spec = command.kind
+        if not isinstance(spec, GrantSpec) or spec.grant_id in taken:
+            return None
+        if command.seq != last + 1 or commands.screen(
+            command,
+            own_name=self._name,
+            last_applied_seq=last,
+            snapshot_seq=self._link.snapshot_seq,
+        ):
+            return None
+        if self._time.grant_problem(command, now) is not None:
+            return None
+        decision = commands.decide_grant(
+            spec, await self._store.lease(spec.grant_id), seq=command.seq, now=now
+        )
+        if not isinstance(decision, Write) or not decision.new or not decision.lease.allows(now):
+            return None
+        return replace(decision.lease, applied_at=now)
 
     async def _as_handled(self, ack: Ack, *, revoke: bool) -> Ack:
         """A duplicate carries what became of its grant here, as a snapshot result would: the

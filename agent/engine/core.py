@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -195,6 +195,11 @@ class Engine:
 
     async def handle(self, command: CommandSpec) -> Ack:
         return await self._commands.handle(command)
+
+    async def handle_many(self, commands: Sequence[CommandSpec]) -> list[Ack]:
+        """`handle` for commands received together (in order, the same acks), grants that
+        start now persisted in one commit."""
+        return await self._commands.handle_many(commands)
 
     async def sweep(self) -> float:
         """Start and end what is due; returns the seconds until the next sweep is needed."""

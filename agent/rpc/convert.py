@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2, status_pb2
 
 from agent.domain.commands import (
     Ack,
@@ -147,6 +149,13 @@ def ack_to_pb(ack: Ack) -> agentlink_pb2.AgentMessage:
     )
 
 
+def acks_to_pb(acks: Sequence[Ack]) -> agentlink_pb2.AgentMessage:
+    """Several acks in one message (wire 0.2 and later), in order."""
+    return agentlink_pb2.AgentMessage(
+        acks=agentlink_pb2.AckBatch(acks=[ack_to_pb(a).ack for a in acks])
+    )
+
+
 def event_to_pb(event: OutboxEvent) -> agentlink_pb2.AgentMessage:
     message = agentlink_pb2.AgentEvent(
         event_id=event.event_id,
@@ -230,6 +239,27 @@ def heartbeat_to_pb(sent_at: datetime) -> agentlink_pb2.AgentMessage:
     return agentlink_pb2.AgentMessage(
         heartbeat=agentlink_pb2.Heartbeat(sent_at=to_timestamp(sent_at))
     )
+
+
+def retry_after(metadata: Iterable[Any] | None) -> float | None:
+    """Seconds from a RESOURCE_EXHAUSTED answer's status details (`grpc-status-details-bin`:
+    a google.rpc.Status with our RetryHint or a standard RetryInfo); None without either."""
+    for item in metadata or ():
+        key, value = item[0], item[1]
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status()
+        try:
+            status.ParseFromString(value)
+        except Exception:  # a malformed detail is no hint
+            return None
+        for detail in status.details:
+            hint, info = agentlink_pb2.RetryHint(), error_details_pb2.RetryInfo()
+            if detail.Is(hint.DESCRIPTOR) and detail.Unpack(hint):
+                return duration_seconds(hint.retry_after)
+            if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
+                return duration_seconds(info.retry_delay)
+    return None
 
 
 def duration_seconds(d: Duration) -> float:

@@ -27,7 +27,9 @@ Protocol, as the agent speaks it:
   where it stopped.
 
 Writes to the stream never overlap (two at once crash it): a lock serializes them. The reader
-writes each command's ack itself, at once (no hand-off to another task on the push path); a writer
+hands commands to the applier task, which applies them and writes their acks itself, at once:
+one by one when they come one by one, and when they come faster than they are applied, all those
+waiting together (one commit, one `AckBatch` to a coordinator of wire 0.2 or later). A writer
 task drains a bounded queue for everything else (the Hello, heartbeats, outbox events).
 """
 
@@ -41,7 +43,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from agent.domain.commands import Ack, AckStatus
+from agent import defaults
+from agent.domain.commands import Ack, AckStatus, CommandSpec
 from agent.domain.errors import EnrollmentError, EnrollmentRefused, LinkError, MalformedCommand
 from agent.domain.timekeeping import full_jitter
 from agent.engine import Engine
@@ -68,6 +71,12 @@ OUTBOX_BATCH = 100
 MIN_HEARTBEAT = 0.1
 MAX_RECEIVE = 4 * 1024 * 1024  # snapshots can be large
 MAX_SEND = 64 * 1024
+# Commands received and not yet applied (beyond: the reader stops, and gRPC holds the sender),
+# and the most applied together (their acks fit one message well under MAX_SEND).
+RECEIVED_COMMANDS = 1024
+# A coordinator's retry hint is believed up to this many seconds.
+MAX_HINT = 600.0
+APPLY_BATCH = 128
 
 _Call = grpc.aio.StreamStreamCall[agentlink_pb2.AgentMessage, agentlink_pb2.CoordinatorMessage]
 _Queue = asyncio.Queue[agentlink_pb2.AgentMessage]
@@ -84,8 +93,8 @@ class LinkSettings:
     ca_pem: bytes | None = field(default=None, repr=False)
     version: str = __version__
     boot_id: str = ""
-    backoff_base: float = 1.0
-    backoff_cap: float = 60.0
+    backoff_base: float = defaults.BACKOFF_BASE
+    backoff_cap: float = defaults.BACKOFF_CAP
     backoff_reset_after: float = 30.0
     heartbeat: float = 10.0
     keepalive_time: float = 30.0
@@ -125,6 +134,8 @@ class Link:
         self._rand = rand
         self._welcomed_at: float | None = None
         self._sent: set[str] = set()
+        # The coordinator's "try again after" (seconds) from the last attempt, if it gave one.
+        self._retry_hint = 0.0
 
     async def run(self) -> None:
         """Connect, serve the stream until it breaks, back off, and again; until cancelled."""
@@ -165,11 +176,21 @@ class Link:
                 rand=self._rand(),
             )
             attempt += 1
+            if self._retry_hint > 0:
+                reason = "RESOURCE_EXHAUSTED"  # pushed back, however the stream's end showed
+                # Pushed back: the hint (spread by up to half again, so the refused do not all
+                # return together), never less than the schedule's own delay.
+                hinted = min(MAX_HINT, self._retry_hint) * (1.0 + 0.5 * self._rand())
+                delay = max(delay, hinted)
+                self._retry_hint = 0.0
             log.warning("link down", extra={"reason": reason, "delay": f"{delay:.3f}s"})
             await self._pacing.sleep(delay)
 
     def _refused(self, exc: grpc.aio.AioRpcError) -> str:
         code = exc.code()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and self._retry_hint <= 0:
+            # The hint in the status details (the stream may have ended before it was read).
+            self._retry_hint = convert.retry_after(exc.trailing_metadata()) or 0.0
         if code == grpc.StatusCode.UNAUTHENTICATED:
             # The coordinator no longer accepts the credential (removed agent, reset coordinator).
             # With a join token, drop it and enroll again on the next attempt; without one, keep
@@ -297,7 +318,16 @@ class Link:
                 # `run` could no longer tell a stop (SIGTERM) from a broken stream.
                 await asyncio.wait([writer, reader], return_when=asyncio.FIRST_COMPLETED)
         except BaseExceptionGroup as group:
+            await self._note_hint(call)
             _raise_most_telling(group)
+
+    async def _note_hint(self, call: _Call) -> None:
+        """A stream refused with RESOURCE_EXHAUSTED: keep its retry hint (status details),
+        whichever of the stream's tasks noticed the end first."""
+        if self._retry_hint > 0 or not call.done():
+            return
+        if await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self._retry_hint = convert.retry_after(await call.trailing_metadata()) or 0.0
 
     def _options(self) -> list[tuple[str, int]]:
         s = self._settings
@@ -349,19 +379,28 @@ class Link:
             raise LinkError("no Welcome from the coordinator") from None
         if not isinstance(first, agentlink_pb2.CoordinatorMessage):
             raise _StreamEnded()
+        if first.WhichOneof("body") == "pushback":
+            # Admission control: "not now". The stream ends next (RESOURCE_EXHAUSTED); `run`
+            # waits at least this long, never less than its own schedule.
+            self._retry_hint = convert.duration_seconds(first.pushback.retry_after)
+            await call.read()
+            raise _StreamEnded()
         if first.WhichOneof("body") != "welcome":
             raise LinkError("the coordinator did not start with a Welcome")
         interval = await self._welcome(first.welcome)
+        batched = not older_than(first.welcome.version, 0, 2)
+        received: asyncio.Queue[agentlink_pb2.Command] = asyncio.Queue(RECEIVED_COMMANDS)
         tasks.create_task(self._heartbeats(queue, interval))
         tasks.create_task(self._send_outbox(queue))
+        tasks.create_task(self._apply(received, out, batched=batched))
         while True:
             message = await call.read()
             if not isinstance(message, agentlink_pb2.CoordinatorMessage):
                 raise _StreamEnded()
             kind = message.WhichOneof("body")
             if kind == "command":
-                # Acked from here: the ack leaves as soon as the command is persisted and applied.
-                await out.send(await self._command(message.command))
+                # Full: stop reading, so gRPC's flow control holds the coordinator back.
+                await received.put(message.command)
             elif kind == "event_ack":
                 ids = list(message.event_ack.event_ids)
                 self._sent.difference_update(ids)
@@ -433,14 +472,40 @@ class Link:
         )
         return interval
 
-    async def _command(self, command: agentlink_pb2.Command) -> agentlink_pb2.AgentMessage:
-        try:
-            body = verify(command, self._pinned, min_epoch=self._min_epoch)
-            spec = convert.command_from_pb(command.seq, body)
-        except MalformedCommand as exc:
-            log.warning("command rejected", extra={"seq": command.seq, "reason": str(exc)})
-            return convert.ack_to_pb(Ack(command.seq, AckStatus.REJECTED, str(exc)[:256]))
-        return convert.ack_to_pb(await self._engine.handle(spec))
+    async def _apply(
+        self, received: asyncio.Queue[agentlink_pb2.Command], out: _Writes, *, batched: bool
+    ) -> None:
+        """Apply the commands as they arrive and ack them at once: one at a time when they
+        come one at a time, and all those waiting together when they come faster than they are
+        applied (one commit, one ack message: `Engine.handle_many`, `AckBatch`)."""
+        while True:
+            batch = [await received.get()]
+            while not received.empty() and len(batch) < APPLY_BATCH:
+                batch.append(received.get_nowait())
+            acks = await self._commands(batch)
+            if batched and len(acks) > 1:
+                await out.send(convert.acks_to_pb(acks))
+            else:
+                for ack in acks:
+                    await out.send(convert.ack_to_pb(ack))
+
+    async def _commands(self, batch: list[agentlink_pb2.Command]) -> list[Ack]:
+        """Each command verified (a refused one changes nothing), the others handled in order."""
+        acks: dict[int, Ack] = {}
+        specs: list[tuple[int, CommandSpec]] = []
+        for k, command in enumerate(batch):
+            try:
+                body = verify(command, self._pinned, min_epoch=self._min_epoch)
+                specs.append((k, convert.command_from_pb(command.seq, body)))
+            except MalformedCommand as exc:
+                log.warning("command rejected", extra={"seq": command.seq, "reason": str(exc)})
+                acks[k] = Ack(command.seq, AckStatus.REJECTED, str(exc)[:256])
+        if len(specs) == 1:
+            acks[specs[0][0]] = await self._engine.handle(specs[0][1])
+        elif specs:
+            handled = await self._engine.handle_many([spec for _, spec in specs])
+            acks.update(zip((k for k, _ in specs), handled, strict=True))
+        return [acks[k] for k in range(len(batch))]
 
     async def _heartbeats(self, queue: _Queue, interval: float) -> None:
         while True:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -36,7 +36,15 @@ from .approval import (
     review_refusal,
 )
 from .batching import GroupCommit
-from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
+from .delivery import DeliveryGate
+from .errors import (
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    invalid_input,
+)
 from .grants import end_grants, extend_grant, extension_problem, write_grants
 from .hub import Hub
 from .lifecycle import ENDABLE_GRANT_STATES, EXTENDABLE_GRANT_STATES
@@ -77,6 +85,8 @@ class _Creation:
     actor: str
     request: Request
     grant: Grant | None
+    # The agent's undelivered commands when the request was checked (delivery.py).
+    undelivered: int = 0
 
 
 class AccessService:
@@ -90,9 +100,16 @@ class AccessService:
         epoch: int,
         deadlines_changed: Callable[[], None],
         readers: Readers | None = None,
+        *,
+        delivery: DeliveryGate | None = None,
     ) -> None:
         self._readers = readers or Readers()
         self._store = store
+        # Grant commands an agent would not get in time are refused (delivery.py); None: never.
+        self._delivery = delivery
+        # The last command seq this process gave each agent: a caller's look-up of the agent
+        # may predate a batch committed since, and must not miss that batch's commands.
+        self._appended: dict[str, int] = {}
         self._links = links
         self._hub = hub
         self._clock = clock
@@ -218,6 +235,7 @@ class AccessService:
             start_at=start_at,
         )
         grant: Grant | None = None
+        undelivered = self._undelivered(agent, target.last_seq, target.last_acked_seq)
         if auto and start_at is not None:
             # Approved now, issued at the start (eligibility and locks checked again then).
             request = replace(
@@ -228,7 +246,23 @@ class AccessService:
             )
         elif auto:
             grant = self._new_grant(request, rule, now)
-        return await self._creations.submit(_Creation(principal.name, request, grant))
+            # Early, before the batch: the batch checks again with the batch's own commands.
+            self._refuse_if_behind(agent, undelivered, duration)
+        return await self._creations.submit(_Creation(principal.name, request, grant, undelivered))
+
+    def _undelivered(self, agent: str, last_seq: int, last_acked_seq: int) -> int:
+        return max(0, max(last_seq, self._appended.get(agent, 0)) - last_acked_seq)
+
+    def _appended_seq(self, agent: str, seq: int) -> None:
+        if self._delivery is not None and seq > self._appended.get(agent, 0):
+            self._appended[agent] = seq
+
+    def _refuse_if_behind(self, agent: str, undelivered: int, duration: timedelta) -> None:
+        """Overloaded when the agent would not get one more grant command in time."""
+        if self._delivery is not None:
+            pushback = self._delivery.check(agent, undelivered, duration)
+            if pushback is not None:
+                raise Overloaded(pushback)
 
     async def _create_for_selector(
         self,
@@ -547,17 +581,21 @@ class AccessService:
                 for k, item in enumerate(items)
                 if (lock := first_lock(in_force, item.request)) is not None
             }
+            behind = self._behind(items, locked)
             seqs = iter(
                 await tx.append_commands(
                     [
                         (i.grant.agent, CommandKind.GRANT, i.grant.id, now)
                         for k, i in enumerate(items)
-                        if i.grant and k not in locked
+                        if i.grant and k not in locked and k not in behind
                     ]
                 )
             )
             for k, item in enumerate(items):
                 request, grant = item.request, item.grant
+                if k in behind:
+                    out.append(behind[k])
+                    continue
                 if k in locked:
                     lock = locked[k]
                     entries.append(
@@ -594,6 +632,7 @@ class AccessService:
                         entries.pop()
                         continue
                     by = f"policy:{request.rule}"
+                    self._appended_seq(grant.agent, seq)
                     grant = replace(grant, grant_seq=seq)
                     request = replace(
                         request,
@@ -621,6 +660,27 @@ class AccessService:
         except Exception:
             log.exception("after a committed batch of %d requests", len(requests))
         return out
+
+    def _behind(
+        self, items: Sequence[_Creation], skipped: Collection[int]
+    ) -> dict[int, Overloaded]:
+        """The batch's grants refused for delivery: each agent's undelivered commands as read
+        by its callers, plus those this batch gives it ahead of each one."""
+        refused: dict[int, Overloaded] = {}
+        if self._delivery is None:
+            return refused
+        added: dict[str, int] = {}
+        for k, item in enumerate(items):
+            grant = item.grant
+            if grant is None or k in skipped:
+                continue
+            ahead = item.undelivered + added.get(grant.agent, 0)
+            pushback = self._delivery.check(grant.agent, ahead, item.request.duration)
+            if pushback is not None:
+                refused[k] = Overloaded(pushback)
+            else:
+                added[grant.agent] = added.get(grant.agent, 0) + 1
+        return refused
 
     async def review(
         self, principal: Principal, request_id: str, decision: ReviewDecision, reason: str
@@ -1046,9 +1106,18 @@ class AccessService:
         await refuse_if_locked(tx, request.subject, request.agent, request.action, now)
         if request.extends_grant_id:
             return await self._approve_extension(tx, request, rule, by, reason, now)
+        if self._delivery is not None:
+            # Refused before anything is written: the review is rolled back with it.
+            target = await tx.get_agent(request.agent)
+            if target is not None:
+                undelivered = self._undelivered(
+                    request.agent, target.last_seq, target.last_acked_seq
+                )
+                self._refuse_if_behind(request.agent, undelivered, request.duration)
         grant = self._new_grant(request, rule, now)
         await self._decide(tx, request, RequestState.APPROVED, by, reason, grant.id)
         seq = await tx.append_command(grant.agent, CommandKind.GRANT, grant.id, now)
+        self._appended_seq(grant.agent, seq)
         (command,) = await write_grants(tx, [(request, replace(grant, grant_seq=seq), by)], now)
         return command.grant, command
 
@@ -1105,7 +1174,10 @@ class AccessService:
                         grant.id,
                         expected=RequestState.SCHEDULED,
                     )
+                    # A scheduled start is not refused for delivery (it was accepted when asked
+                    # for); its command counts towards the agent's bound like any other.
                     seq = await tx.append_command(grant.agent, CommandKind.GRANT, grant.id, now)
+                    self._appended_seq(grant.agent, seq)
                     (command,) = await write_grants(
                         tx, [(request, replace(grant, grant_seq=seq), "scheduler")], now
                     )

@@ -40,18 +40,24 @@ class GroupCommit(Generic[T, R]):
         return self._waiting
 
     async def submit(self, item: T) -> R:
+        return await self.enqueue(item)
+
+    def enqueue(self, item: T) -> asyncio.Future[R]:
+        """Submit without waiting: the future is answered after the item's commit. Items are
+        written in the order they are submitted or enqueued."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._waiting += 1
+        future.add_done_callback(self._answered)
         self._pending.append((item, future))
         if self._flushing is None or self._flushing.done():
             # The writer is a task of its own, owned here and awaited by `close`: a caller
             # that is cancelled (its RPC ended) must not cancel the others' batch.
             self._flushing = asyncio.ensure_future(self._flush())
             self._flushing.add_done_callback(self._flush_ended)
-        self._waiting += 1
-        try:
-            return await future
-        finally:
-            self._waiting -= 1
+        return future
+
+    def _answered(self, _: asyncio.Future[R]) -> None:
+        self._waiting -= 1
 
     def _flush_ended(self, flushing: asyncio.Future[None]) -> None:
         """A writer cancelled before it even started leaves its items pending: cancel them."""

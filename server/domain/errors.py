@@ -6,7 +6,8 @@
     ├── InvalidArgument      bad input; nothing was changed
     ├── NotFound             no such object
     ├── Conflict             the object's state does not allow this (approving a denied request)
-    └── RateLimited          too many calls
+    ├── RateLimited          too many calls
+    └── Overloaded           an agent's undelivered commands reached their bound (retry later)
 
 Messages are one line, name fields and rules, and never echo secrets or unchecked input.
 """
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from jitmesh.validation import ValidationError
+
+from .delivery import Pushback
 
 
 class DomainError(Exception):
@@ -51,6 +54,15 @@ class RateLimited(DomainError):
         # The first refusal since the caller's last allowed call: worth one audit entry, where
         # auditing every refusal would let a flood write the audit log.
         self.first = first
+
+
+class Overloaded(DomainError):
+    """Not now: the agent would not get the command in time (`delivery.pushback`). Carries
+    the retry hint; nothing was written."""
+
+    def __init__(self, pushback: Pushback) -> None:
+        super().__init__(pushback.message())
+        self.pushback = pushback
 
 
 @contextmanager

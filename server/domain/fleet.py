@@ -19,6 +19,7 @@ from jitmesh.versions import parse as parse_version
 
 from .access import hash_secret
 from .batching import GroupCommit
+from .delivery import DeliveryRates
 from .errors import (
     Conflict,
     DomainError,
@@ -60,8 +61,12 @@ class FleetService:
         clock: Clock,
         epoch: int,
         version: str,
+        *,
+        rates: DeliveryRates | None = None,
     ):
         self._store = store
+        # Each agent's apply rate, measured from its acks (delivery.py).
+        self.rates = rates if rates is not None else DeliveryRates()
         self._links = links
         self._hub = hub
         self._clock = clock
@@ -470,6 +475,16 @@ class FleetService:
         crash_point("after_push")
         await self._acks.submit(_PendingAck(principal.name, ack))
 
+    def ack_later(self, principal: Principal, acks: Sequence[AgentAck]) -> asyncio.Future[Any]:
+        """`ack` for several acks, in order, without waiting: a stream's reader goes on
+        reading while they are written (each stream used to record one ack per commit). The
+        result is answered once all of them are durable, or with the first failure."""
+        crash_point("after_push")
+        futures = [self._acks.enqueue(_PendingAck(principal.name, ack)) for ack in acks]
+        if len(futures) == 1:
+            return futures[0]
+        return asyncio.gather(*futures)
+
     @property
     def acks_waiting(self) -> int:
         """Acks received and not yet durable (for tests and metrics)."""
@@ -499,6 +514,7 @@ class FleetService:
                 )
                 for acks in rounds
             ]
+            self._measure(recorded, now)
             grant_ids = {grant_id for found in recorded for _, grant_id, _ in found.values()}
             grant_ids.update(r.grant_id for p in batch for r in p.ack.results)
             grants = await tx.get_grants(sorted(grant_ids))
@@ -552,6 +568,21 @@ class FleetService:
             self._hub.requests_changed(request_ids)
         await self._hub.audit_written(tx.new_audit)
         return [None] * len(batch)
+
+    def _measure(
+        self,
+        recorded: Sequence[dict[tuple[str, int], tuple[CommandKind, str, datetime]]],
+        now: datetime,
+    ) -> None:
+        """Feed each agent's apply rate: how many of its commands this batch acks, and since
+        when the oldest of them waited."""
+        acked: dict[str, tuple[int, datetime, datetime]] = {}
+        for found in recorded:
+            for (agent, _), (_, _, created_at) in found.items():
+                count, oldest, newest = acked.get(agent, (0, created_at, created_at))
+                acked[agent] = (count + 1, min(oldest, created_at), max(newest, created_at))
+        for agent, (count, oldest, newest) in acked.items():
+            self.rates.acked(agent, count, oldest, newest, now)
 
     async def observed(self, principal: Principal, event: AgentObservation) -> None:
         """Store an event the agent observed on its host, once per agent and event id."""

@@ -11,6 +11,7 @@ off; it reconnects and resyncs from the log instead of growing the coordinator's
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Sequence
@@ -26,19 +27,22 @@ from jitmesh.v1 import agentlink_pb2, agentlink_pb2_grpc, agents_pb2
 from jitmesh.versions import older_than
 from server.ca import CertificateError, agent_of
 from server.domain import errors
+from server.domain.admission import Admission
 from server.domain.fleet import BACKLOG_PAGE, FleetService
-from server.domain.models import Command, Principal, Resume
+from server.domain.models import AgentHello, Command, Principal, Resume
 from server.signing import SigningKeys
 
 from . import convert as c
 from .auth import CERT_PREFIX, bearer, cert_binding, peer_certificate
-from .errors import status_of
+from .errors import admission_hint, retry_metadata, status_of
 
 log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[agentlink_pb2.AgentMessage, agentlink_pb2.CoordinatorMessage]
 HELLO_TIMEOUT = 10.0
 # Agent messages are small (acks, events, heartbeats); anything bigger is an attack or a bug.
 MAX_AGENT_MESSAGE = 64 * 1024
+# Ack messages of one stream read on while earlier ones are still being written.
+ACKS_IN_FLIGHT = 64
 # grpc-stubs predates the aio EOF sentinel.
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 
@@ -124,7 +128,10 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         heartbeat: timedelta = timedelta(seconds=10),
         *,
         require_certificate: bool = False,
+        admission: Admission | None = None,
     ) -> None:
+        # Streams are admitted at the pace the coordinator takes (admission.py); None: all.
+        self._admission = admission
         self._keys = keys
         self._announcement: tuple[bytes, str, bytes] | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -137,6 +144,30 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         self._heartbeat = heartbeat
 
     async def Connect(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
+        admission = self._admission
+        if admission is not None:
+            wait = admission.admit(self._clock.monotonic())
+            if wait is not None:
+                await self._push_back(context, wait)
+        try:
+            principal, hello, resume = await self._handshake(context)
+        finally:
+            if admission is not None:
+                admission.welcomed()
+        await self._serve(context, principal, hello, resume)
+
+    async def _push_back(self, context: Ctx, seconds: float) -> None:
+        """Refuse the stream for now: the hint in-stream, then RESOURCE_EXHAUSTED (with the
+        hint in the status details too, for clients that do not read the stream)."""
+        hint = admission_hint(seconds)
+        with contextlib.suppress(Exception):
+            await context.write(agentlink_pb2.CoordinatorMessage(pushback=hint))
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, hint.reason, trailing_metadata=retry_metadata(hint)
+        )
+
+    async def _handshake(self, context: Ctx) -> tuple[Principal, AgentHello, Resume]:
+        """The credential, the Hello, and where the agent's log resumes."""
         principal: Principal | None = None
         try:
             principal = await self._fleet.authenticate_agent(self._credential(context))
@@ -156,6 +187,11 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             await context.abort(status_of(exc), exc.message)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello in time")
+        return principal, hello, resume
+
+    async def _serve(
+        self, context: Ctx, principal: Principal, hello: AgentHello, resume: Resume
+    ) -> None:
         session = Session(principal.name, self._registry.queue_limit)
         session.legacy = older_than(hello.version, 0, 2)
         self._registry.register(session)
@@ -195,6 +231,10 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             await context.abort(session.close_code, session.close_reason)
 
     async def _read(self, principal: Principal, session: Session, context: Ctx) -> None:
+        # Acks being written: the reader goes on reading while they are group-committed
+        # (recorded in the order read), up to ACKS_IN_FLIGHT; a failed write ends the stream
+        # (`_watch`) as a refused message does.
+        writing: collections.deque[asyncio.Future[Any]] = collections.deque()
         while True:
             message = await context.read()
             if message is EOF:
@@ -205,13 +245,23 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             try:
                 if message.ByteSize() > MAX_AGENT_MESSAGE:
                     raise errors.InvalidArgument("message too large")
-                if kind == "ack":
-                    await self._fleet.ack(principal, c.ack(message.ack, legacy=session.legacy))
-                elif kind == "acks":
-                    batch = [c.ack(a, legacy=session.legacy) for a in message.acks.acks]
-                    # Recorded in order, each as if it came alone (docs/wire.md).
-                    for one in batch:
-                        await self._fleet.ack(principal, one)
+                if kind in ("ack", "acks"):
+                    # An AckBatch: several commands applied in one commit (docs/wire.md), each
+                    # ack as if alone, in order, written together.
+                    acks = (
+                        [c.ack(message.ack, legacy=session.legacy)]
+                        if kind == "ack"
+                        else [c.ack(one, legacy=session.legacy) for one in message.acks.acks]
+                    )
+                    if any(ack.results for ack in acks):
+                        # A snapshot's ack (rare): its results are checked against the agent's
+                        # grants first, then it is written in its turn.
+                        for ack in acks:
+                            await self._fleet.ack(principal, ack)
+                    elif acks:
+                        writing.append(self._fleet.ack_later(principal, acks))
+                        _watch(session, writing[-1])
+                        await _settle(writing)
                 elif kind == "event":
                     await self._fleet.observed(principal, c.observation(message.event))
                     session.offer(
@@ -350,6 +400,30 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         return agentlink_pb2.CoordinatorMessage(
             command=agentlink_pb2.Command(seq=seq, body=data, key_id=key_id, signature=signature)
         )
+
+
+async def _settle(writing: collections.deque[asyncio.Future[Any]]) -> None:
+    """Take the finished ack writes off the front, and wait for the oldest while too many are
+    in flight (their failures are handled by `_watch`)."""
+    while writing and (writing[0].done() or len(writing) > ACKS_IN_FLIGHT):
+        await asyncio.wait([writing.popleft()])
+
+
+def _watch(session: Session, written: asyncio.Future[Any]) -> None:
+    """End the stream when an ack write failed: with the refusal's status for a refused ack
+    (another agent's grant named), as the reader does for any refused message."""
+
+    def done(future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if isinstance(exc, errors.DomainError):
+            session.close(exc.message, status_of(exc))
+        elif exc is not None:
+            log.warning("recording an agent's acks failed: %r", exc)
+            session.close(f"stream error: {type(exc).__name__}", grpc.StatusCode.INTERNAL)
+
+    written.add_done_callback(done)
 
 
 def _failure(results: list[Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +20,7 @@ import jitmesh
 from jitmesh.v1 import agentlink_pb2, agents_pb2, types_pb2
 from jitmesh.v1.agentlink_pb2_grpc import AgentLinkServicer, add_AgentLinkServicer_to_server
 from jitmesh.v1.agents_pb2_grpc import AgentsServicer, add_AgentsServicer_to_server
+from server.rpc.errors import retry_metadata
 
 AgentMessage = agentlink_pb2.AgentMessage
 CoordinatorMessage = agentlink_pb2.CoordinatorMessage
@@ -87,6 +89,11 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
         self.welcome_extra: agentlink_pb2.Welcome | None = None
         # While set, streams are accepted but never welcomed.
         self.silent = False
+        # While set, streams are refused by admission control: this many seconds in the
+        # in-stream RetryHint, then RESOURCE_EXHAUSTED; each refusal's monotonic time is kept.
+        self.pushback: float | None = None
+        self.pushed_back: list[float] = []
+        self.pushback_in_status = True
         self._enrolled = 0
         self.enroll_attempts = 0
 
@@ -123,6 +130,22 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
     ) -> AsyncIterator[CoordinatorMessage]:
         metadata = dict(context.invocation_metadata() or ())
         authorization = str(metadata.get("authorization", ""))
+        if self.pushback is not None:
+            self.pushed_back.append(time.monotonic())
+            seconds = int(self.pushback)
+            hint = agentlink_pb2.RetryHint(
+                retry_after=Duration(seconds=seconds, nanos=int((self.pushback - seconds) * 1e9)),
+                reason="too many agents connecting",
+            )
+            yield CoordinatorMessage(pushback=hint)
+            # The hint in the status details as well, as the real coordinator sends it; without
+            # `in_status_too`, only in-stream.
+            trailing = retry_metadata(hint) if self.pushback_in_status else ()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many agents connecting",
+                trailing_metadata=trailing,
+            )
         if self.refuse is not None:
             await self.refused.put(authorization)
             await context.abort(self.refuse, "coordinator is down")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import stat
 from collections.abc import AsyncIterator
@@ -396,3 +397,21 @@ async def test_a_refused_enrollment_stops_the_agent_with_the_coordinators_reason
     assert coordinator.enrollments.empty()
     assert coordinator.enroll_attempts == 1
     assert not (host.state / "credential").exists()
+
+
+async def test_a_pushed_back_agent_waits_at_least_the_hint_then_connects(
+    coordinator: Coordinator, host: Host
+) -> None:
+    # The schedule (base 0.05 s, cap 0.2 s) alone would dial again within 0.2 s.
+    coordinator.pushback = 0.4
+    async with running(host, host.config(coordinator)):
+        async with asyncio.timeout(20):
+            while len(coordinator.pushed_back) < 3:
+                await asyncio.sleep(0.01)
+        coordinator.pushback = None
+        session = await coordinator.session()
+        assert session.hello.agent == "web-1"
+    refused = coordinator.pushed_back
+    # Never sooner than the hint (plus its jitter: rand 0.5 makes it 1.25 times the hint).
+    gaps = [b - a for a, b in itertools.pairwise(refused[:3])]
+    assert all(gap >= 0.4 * 1.25 for gap in gaps), gaps

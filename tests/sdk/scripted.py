@@ -192,7 +192,9 @@ class Scripted:
         default_factory=lambda: ChainVerification(True, 3, 0, "", "cd" * 32)
     )
     # Method name -> the status every call to it is aborted with.
-    failures: dict[str, tuple[grpc.StatusCode, str]] = field(default_factory=dict)
+    failures: dict[str, tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...], int | None]] = (
+        field(default_factory=dict)
+    )
     # Methods that never answer; `abandoned` is set when the server sees such a call cancelled.
     hang: set[str] = field(default_factory=set)
     abandoned: asyncio.Event | None = None
@@ -221,8 +223,17 @@ class Scripted:
             else:
                 self.events.append(item)
 
-    def fail(self, method: str, code: grpc.StatusCode, details: str) -> None:
-        self.failures[method] = (code, details)
+    def fail(
+        self,
+        method: str,
+        code: grpc.StatusCode,
+        details: str,
+        *,
+        trailing: tuple[tuple[str, bytes], ...] = (),
+        times: int | None = None,
+    ) -> None:
+        """Answer `method` with this status (and trailing metadata), for ever or `times`."""
+        self.failures[method] = (code, details, trailing, times)
 
     def calls_to(self, method: str) -> list[Message]:
         return [message for name, message in self.calls if name == method]
@@ -250,8 +261,13 @@ class Scripted:
         if self.token is not None and authorization != f"Bearer {self.token}":
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
         if method in self.failures:
-            code, details = self.failures[method]
-            await context.abort(code, details)
+            code, details, trailing, times = self.failures[method]
+            if times is not None:
+                if times <= 1:
+                    del self.failures[method]
+                else:
+                    self.failures[method] = (code, details, trailing, times - 1)
+            await context.abort(code, details, trailing_metadata=trailing)
         if method in self.hang:
             try:
                 await asyncio.Event().wait()

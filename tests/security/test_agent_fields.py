@@ -4,6 +4,7 @@ its handler failed. Driven at the wire with a raw AgentLink stream, plus a seede
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 
@@ -115,7 +116,14 @@ async def test_a_handler_that_fails_never_ends_the_stream_ok(
     async def broken(*_: object) -> None:
         raise RuntimeError("store on fire")
 
+    def written_later(*_: object) -> asyncio.Future[None]:
+        # Acks are recorded without the reader waiting (ack_later): the write fails later.
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed.set_exception(RuntimeError("store on fire"))
+        return failed
+
     monkeypatch.setattr(env.coordinator.fleet, "ack", broken)
+    monkeypatch.setattr(env.coordinator.fleet, "ack_later", written_later)
     async with agent_link(env.address, env.credentials["db-1"]) as link:
         await link.hello("db-1")
         await link.send(ack())

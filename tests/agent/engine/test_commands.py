@@ -7,8 +7,11 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
-from agent.domain.commands import AckStatus, RevokeSpec, SnapshotSpec
+import pytest
+
+from agent.domain.commands import AckStatus, CommandSpec, RevokeSpec, SnapshotSpec
 from agent.domain.leases import EventKind
 from tests.agent.factories import T0, command, grant
 from tests.agent.fakes import RecordingEnforcer
@@ -130,6 +133,73 @@ async def test_the_same_grant_with_a_later_deadline_moves_the_hosts_deadline(ben
     assert (ack.status, ack.reason) == (AckStatus.APPLIED, "updated")
     assert bench.hook.windows[PAIR].not_after == later.not_after
     assert bench.hook.count("apply", PAIR) == 1
+
+
+def _mixed_batch() -> list[CommandSpec]:
+    """Grants that start now (two for one pair, one that fails to apply), a duplicate, a
+    grant for later, a revoke in the middle, a command for another agent."""
+    first, second, third = grant(), grant(), grant("bob", "logs")
+    failing, later, after = grant("carol", "shell"), grant(start=timedelta(minutes=5)), grant()
+    return [
+        command(1, first),
+        command(2, second),
+        command(1, first),  # sent twice: a duplicate
+        command(3, third),
+        command(4, failing),
+        command(5, RevokeSpec(second.grant_id)),
+        command(6, later),
+        command(7, after),
+        command(8, grant("dave", "logs"), agent="another"),
+        command(8, grant("erin", "logs")),
+    ]
+
+
+async def test_a_batch_gets_the_acks_and_the_table_of_one_by_one(
+    build: Callable[..., Bench],
+) -> None:
+    batch = _mixed_batch()
+    benches = [build(), build()]
+    for bench in benches:
+        bench.parts.time.start(await bench.store.meta())
+        bench.hook.fail_apply.add(("carol", "shell"))
+    alone = [await benches[0].parts.commands.handle(c) for c in batch]
+    together = await benches[1].parts.commands.handle_many(batch)
+    assert together == alone
+    tables = [
+        sorted(
+            (lease.grant_id, lease.state, lease.holds) for lease in await b.store.active_leases()
+        )
+        for b in benches
+    ]
+    assert tables[0] == tables[1]
+    assert benches[0].hook.in_force == benches[1].hook.in_force
+    assert [b.parts.link.last_applied_seq for b in benches] == [8, 8]
+    # Persisted: a new table reads the same resume point.
+    assert [(await b.store.meta()).last_applied_seq for b in benches] == [8, 8]
+
+
+async def test_grants_that_start_now_are_committed_together(
+    bench: Bench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits: list[int] = []
+    record = bench.store.record_command
+
+    async def counting(**kw: Any) -> None:
+        commits.append(kw["seq"])
+        await record(**kw)
+
+    monkeypatch.setattr(bench.store, "record_command", counting)
+    specs = [grant("alice", "deploy"), grant("alice", "deploy"), grant("bob", "logs")]
+    acks = await bench.parts.commands.handle_many([command(k + 1, s) for k, s in enumerate(specs)])
+    assert [a.status for a in acks] == [AckStatus.APPLIED] * 3
+    assert commits == [3]
+    # One pair applied once, ref-counted for two leases.
+    assert bench.hook.count("apply", PAIR) == 1
+    assert bench.hook.in_force == {PAIR, ("bob", "logs")}
+    for spec in specs:
+        stored = await bench.store.lease(spec.grant_id)
+        assert stored is not None
+        assert stored.applied_at == T0
 
 
 async def test_a_snapshot_answers_for_every_grant_and_tombstone_it_names(bench: Bench) -> None:
