@@ -74,6 +74,7 @@ from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegis
 from server.rpc.auth import Authenticator
 from server.rpc.limits import RateLimiter
 from server.rpc.locks import LocksServicer
+from server.rpc.malformed import MalformedRequests
 from server.rpc.mesh import MeshServicer
 from server.rpc.notify import NotifyServicer
 from server.rpc.services import (
@@ -342,7 +343,7 @@ async def _assemble(
     # Operators (and enrolling agents) send small messages; so do agents. Each server has its
     # own limits because gRPC sets them per server, not per port (docs: THREAT_MODEL.md).
     server = grpc.aio.server(
-        interceptors=[AccessLog()],
+        interceptors=[AccessLog(), MalformedRequests()],
         options=_server_options(config, config.max_message_bytes, OPERATOR_MAX_SEND),
     )
     servers.append(server)
@@ -362,7 +363,7 @@ async def _assemble(
             grpc.ssl_server_credentials([main_pair]),
         )
         agent_server = grpc.aio.server(
-            interceptors=[AccessLog()],
+            interceptors=[AccessLog(), MalformedRequests()],
             options=_server_options(config, MAX_AGENT_MESSAGE, AGENT_MAX_SEND),
         )
         servers.append(agent_server)

@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -76,6 +77,19 @@ def first_refusal(attempt: Callable[[], int], timeout: float) -> datetime:
             return began
         time.sleep(0.05)
     raise AssertionError(f"still allowed after {timeout}s")
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and everything below it (su's child runs as another user, in its own
+    session: killing su alone leaves it behind)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        kill_tree(int(child))
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def whole_second(at: datetime) -> datetime:
@@ -560,7 +574,7 @@ async def end_user_sessions(scratch: str) -> dict[str, Any]:
                 await asyncio.sleep(0.05)
         seen["events"] = [d for k, d in await agent.events() if k == "sessions.ended"]
         for proc in (alice, bob):
-            proc.kill()
+            kill_tree(proc.pid)
             proc.wait(timeout=10)
     return seen
 

@@ -44,7 +44,7 @@ def test_the_grant_ends_on_time_with_the_agent_running_and_with_it_killed(
     tmp_path: Path,
 ) -> None:
     """Through a real coordinator and jitmesh-agent: sudo (restart) and an SSH key (logs)."""
-    seen = sandbox.run(tmp_path, "sudo_agent", 3)
+    seen = sandbox.run(tmp_path, "sudo_agent", 8)
     for case in ("running", "killed"):
         assert seen[f"{case}_sudo_allowed"] == 0
         assert seen[f"{case}_ssh_allowed"] == 0
