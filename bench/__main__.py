@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from . import replicas
 from . import scenarios as sc
 from .stats import Row, Scenario
 
@@ -27,6 +28,7 @@ GROUPS: dict[
     "local": ({"1", "2", "8"}, sc.local),
     "expiry": ({"7"}, sc.expiry),
     "fleet": ({"3", "4", "5", "6"}, sc.fleet),
+    "replicas": ({"9", "10", "11"}, replicas.run),
     "delivery": ({"12"}, sc.flood),
 }
 

@@ -83,6 +83,8 @@ class DevCoordinator:
     port: int
     child: Child | None = None
     env: dict[str, str] | None = None
+    # More flags for `dev` (--store, --replica, --secret-key-file for replicas).
+    extra: tuple[str, ...] = ()
 
     @property
     def address(self) -> str:
@@ -108,8 +110,9 @@ class DevCoordinator:
                 "60",
                 "--keepalive-timeout",
                 "20",
+                *self.extra,
             ],
-            self.data.parent / "coordinator.log",
+            self.data.parent / f"{self.data.name}.log",
         )
         started = time.monotonic()
         while not env_file.exists():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import random
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -288,7 +289,9 @@ class Client:
         channel_options: Sequence[tuple[str, str | int]] = (),
         pushback_wait: float = PUSHBACK_WAIT,
     ) -> Self:
-        """Open a channel to the coordinator at `target` ("host:port").
+        """Open a channel to the coordinator at `target` ("host:port"; for coordinator
+        replicas, several IP addresses "10.0.0.1:7443,10.0.0.2:7443" or one DNS name resolving
+        to several: calls go to one and move to the next when it fails).
 
         Does not contact the coordinator: the first call does, and reports an unreachable
         coordinator as `UnavailableError`. `token` is sent as `authorization: Bearer <token>` on
@@ -318,13 +321,14 @@ class Client:
         if credentials is not None:
             trust = "the given credentials"
         else:
-            transport = tls.choose(target, ca_file=ca_file, insecure=insecure)
+            transport = tls.choose(target.split(",")[0], ca_file=ca_file, insecure=insecure)
             credentials = transport.credentials()
             trust = transport.trust
+        dial = _dial_target(target)
         if credentials is None:
-            channel = aio.insecure_channel(target, options=options)
+            channel = aio.insecure_channel(dial, options=options)
         else:
-            channel = aio.secure_channel(target, credentials, options=options)
+            channel = aio.secure_channel(dial, credentials, options=options)
         if not pushback_wait >= 0:
             raise errors.InvalidArgumentError("pushback_wait must not be negative")
         return cls(
@@ -1246,6 +1250,30 @@ def _token_info(msg: identity_pb2.TokenInfo) -> types.TokenInfo:
         expires_at=_convert.time_or_none(msg.expires_at),
         revoked_at=_convert.time_or_none(msg.revoked_at),
     )
+
+
+def _dial_target(target: str) -> str:
+    """The gRPC target for `target`: several comma-separated "ip:port" become one `ipv4:` (or
+    `ipv6:`) target, which gRPC's pick_first policy fails over between."""
+    parts = [p.strip() for p in target.split(",") if p.strip()]
+    if len(parts) <= 1:
+        return target
+    families = set()
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        host = host.strip("[]")
+        try:
+            families.add(ipaddress.ip_address(host).version)
+        except ValueError:
+            raise errors.InvalidArgumentError(
+                "several coordinator addresses must be IP addresses (ip:port,ip:port); for "
+                "names, use one DNS name that resolves to every replica"
+            ) from None
+        if not sep or not port.isdigit():
+            raise errors.InvalidArgumentError(f"coordinator address {part!r} has no port")
+    if len(families) > 1:
+        raise errors.InvalidArgumentError("coordinator addresses mix IPv4 and IPv6")
+    return ("ipv4:" if families == {4} else "ipv6:") + ",".join(parts)
 
 
 def _receiver(r: notify_pb2.Receiver) -> types.NotifyReceiver:

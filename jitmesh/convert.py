@@ -370,6 +370,7 @@ def agent(msg: types_pb2.Agent) -> types.Agent:
         last_acked_seq=msg.last_acked_seq,
         last_seq=msg.last_seq,
         active_grants=msg.active_grants,
+        replica=msg.replica,
     )
 
 
@@ -384,6 +385,7 @@ def agent_to_proto(value: types.Agent) -> types_pb2.Agent:
         last_acked_seq=value.last_acked_seq,
         last_seq=value.last_seq,
         active_grants=value.active_grants,
+        replica=value.replica,
     )
 
 

@@ -247,6 +247,8 @@ class Agent:
     last_acked_seq: int = 0
     last_seq: int = 0
     active_grants: int = 0
+    # The coordinator replica holding the agent's stream ('' when none does).
+    replica: str = ""
 
 
 @dataclass(frozen=True, slots=True)

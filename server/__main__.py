@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+import psycopg
 from pydantic import ValidationError
 
 from jitmesh import __version__, logs, sdnotify
@@ -20,6 +21,7 @@ from server.app import Coordinator, DevDataError, DirectoryBusy, build, lock_dat
 from server.config import CoordinatorConfig
 from server.domain.models import ADMIN_GROUP, Principal, new_secret, user_name
 from server.domain.policy import DEV_POLICY
+from server.domain.ports import Tx
 from server.settings import (
     FLAG_NAMES,
     CoordinatorSettings,
@@ -27,6 +29,8 @@ from server.settings import (
     split_listen,
 )
 from server.settings import load as load_settings
+from server.shared import SecretKeyError
+from server.store.postgres.importer import StoreImportError
 
 log = logging.getLogger("jitmesh.coordinator")
 
@@ -98,6 +102,13 @@ def parser() -> argparse.ArgumentParser:
         "one stays valid for a day and agents adopt the new one when they reconnect",
     )
     rotate.add_argument("--data", type=Path, required=True, help="data directory")
+    rotate.add_argument(
+        "--store",
+        default="",
+        help="replicas on postgresql://...: rotate the shared keys (while they run: each loads "
+        "the new key within seconds and reconnects its agents)",
+    )
+    rotate.add_argument("--secret-key-file", type=Path, help="else JITMESH_SECRET_KEY")
     retire = sub.add_parser(
         "retire-dev",
         help="revoke (and audit) the ready-made tokens and the reusable join token that 'dev' "
@@ -121,6 +132,34 @@ def parser() -> argparse.ArgumentParser:
     issue.add_argument("--data", type=Path, required=True, help="data directory")
     issue.add_argument("--user", required=True)
     issue.add_argument("--csr", type=Path, required=True, help="PEM CSR for an ECDSA P-256 key")
+    migrate = sub.add_parser(
+        "migrate",
+        help="bring the store to the newest schema and exit (serve also does this at start)",
+    )
+    _store_flags(migrate, data_required=False)
+    sub.add_parser(
+        "new-secret-key",
+        help="print a new key for --secret-key-file / JITMESH_SECRET_KEY (replicas on "
+        "PostgreSQL encrypt their shared signing keys and CA with it)",
+    )
+    move = sub.add_parser(
+        "migrate-store",
+        help="copy a SQLite installation into an empty PostgreSQL store (coordinator stopped), "
+        "then verify the audit chain there",
+    )
+    move.add_argument("--from", dest="source", required=True, help="sqlite:PATH")
+    move.add_argument("--to", dest="target", required=True, help="postgresql://...")
+    move.add_argument(
+        "--data", type=Path, help="the SQLite coordinator's data directory: its signing keys and "
+        "CA are uploaded (encrypted) for the replicas",
+    )  # fmt: skip
+    move.add_argument("--secret-key-file", type=Path, help="else JITMESH_SECRET_KEY")
+    fence = sub.add_parser(
+        "fence",
+        help="raise the cluster epoch (after restoring the store from a backup): agents then "
+        "refuse every command signed from the older history",
+    )
+    _store_flags(fence, data_required=False)
     for name, text in (
         ("serve", "run a coordinator"),
         ("dev", "run a development coordinator on loopback with ready-made users and tokens"),
@@ -129,8 +168,37 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _store_flags(p: argparse.ArgumentParser, *, data_required: bool) -> None:
+    p.add_argument("--data", type=Path, required=data_required, help="data directory (SQLite)")
+    p.add_argument("--store", default="", help="postgresql://... (else SQLite in --data)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "new-secret-key":
+        from server.shared import new_key
+
+        print(new_key())
+        return 0
+    if args.command == "migrate-store":
+        try:
+            return asyncio.run(
+                _migrate_store(args.source, args.target, args.data, args.secret_key_file)
+            )
+        except (OSError, ValueError, SecretKeyError, StoreImportError, psycopg.Error) as exc:
+            print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
+            return 1
+    if args.command in ("migrate", "fence"):
+        if not args.store and args.data is None:
+            print(
+                "jitmesh-coordinator: give --store postgresql://... or --data DIR", file=sys.stderr
+            )
+            return 2
+        try:
+            return asyncio.run(_store_command(args.command, args.store, args.data))
+        except (OSError, ValueError) as exc:
+            print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
+            return 1
     if args.command == "issue-operator-cert":
         from datetime import UTC, datetime
 
@@ -162,8 +230,16 @@ def main(argv: list[str] | None = None) -> int:
 
         from server.signing import SigningKeys
 
-        now = datetime.now(UTC)
-        key_id = SigningKeys.open(args.data, now).rotate(now)
+        if args.store:
+            args.data.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                key_id = asyncio.run(_rotate_shared(args.store, args.data, args.secret_key_file))
+            except (OSError, ValueError, SecretKeyError, psycopg.Error) as exc:
+                print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
+                return 1
+        else:
+            now = datetime.now(UTC)
+            key_id = SigningKeys.open(args.data, now).rotate(now)
         print(f"new signing key {key_id}")
         return 0
     flags = {
@@ -201,9 +277,73 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serving)
     except KeyboardInterrupt:
         pass
-    except (OSError, DirectoryBusy, DevDataError) as exc:
+    except (OSError, ValueError, SecretKeyError, psycopg.Error, DirectoryBusy, DevDataError) as exc:
         print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+async def _rotate_shared(store_url: str, data: Path, key_file: Path | None) -> str:
+    """Rotate the signing keys the replicas share: take the store's, rotate, upload."""
+    from jitmesh.clock import SystemClock
+    from server.shared import SharedFiles, load_key
+    from server.signing import SigningKeys
+    from server.store.postgres import PostgresStore
+
+    clock = SystemClock()
+    box = load_key(key_file)
+    store = await PostgresStore.open(store_url, min_size=1, max_size=2)
+    try:
+        shared = SharedFiles(store, data, box)
+        await shared.sync(clock)
+        key_id = SigningKeys.open(data, clock.now()).rotate(clock.now())
+        await shared.push("signing_keys.json", clock)
+    finally:
+        await store.close()
+    return key_id
+
+
+async def _migrate_store(source: str, target: str, data: Path | None, key_file: Path | None) -> int:
+    from jitmesh.clock import SystemClock
+    from server.shared import SharedFiles, load_key
+    from server.store.postgres import PostgresStore, import_sqlite
+
+    if not source.startswith("sqlite:"):
+        raise ValueError("--from takes sqlite:PATH")
+    if not target.startswith(("postgresql://", "postgres://")):
+        raise ValueError("--to takes a postgresql:// URL")
+    box = load_key(key_file) if data is not None else None
+    done = await import_sqlite(Path(source.removeprefix("sqlite:")), target)
+    for table, count in done.rows.items():
+        print(f"{table}: {count} rows")
+    print(f"audit chain verified: {done.audit_head[0]} events, head {done.audit_head[1][:16]}")
+    if data is not None and box is not None:
+        store = await PostgresStore.open(target, min_size=1, max_size=2, migrate_now=False)
+        try:
+            await SharedFiles(store, data, box).claim_missing(SystemClock())
+        finally:
+            await store.close()
+        print("signing keys and CA uploaded (encrypted)")
+    return 0
+
+
+async def _store_command(command: str, store_url: str, data: Path | None) -> int:
+    from server.app import open_store_url
+
+    store = await open_store_url(store_url, data or Path("."))
+    try:
+        if command == "fence":
+
+            async def raise_epoch(tx: Tx) -> int:
+                epoch = int(await tx.get_meta("epoch") or "0") + 1
+                await tx.set_meta("epoch", str(epoch))
+                return epoch
+
+            print(f"cluster epoch is now {await store.write(raise_epoch)}")
+        else:
+            print("store schema is up to date")
+    finally:
+        await store.close()
     return 0
 
 
@@ -245,6 +385,9 @@ def coordinator_config(settings: CoordinatorSettings, *, dev: bool) -> Coordinat
         "slack_host": slack_host,
         "slack_port": slack_port,
         "notify_expiry_warning": settings.notify_expiry_warning,
+        "store": settings.store,
+        "replica": settings.replica,
+        "secret_key_file": settings.secret_key_file,
         "auditor_groups": settings.auditor_groups,
     }
     try:

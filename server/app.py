@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,7 @@ from server.domain.governance import AuditService, IdentityService, PolicyServic
 from server.domain.hub import Hub
 from server.domain.locks import LockService
 from server.domain.models import Principal
+from server.domain.ports import Tx
 from server.domain.reads import Readers
 from server.domain.receivers import ReceiverKind, ReceiverService
 from server.domain.signin import SignInRules, SignInService
@@ -84,10 +87,14 @@ from server.rpc.services import (
     IdentityServicer,
     PolicyServicer,
 )
-from server.signing import SigningKeys
+from server.shared import SharedFiles, load_key
+from server.signing import SigningKeys, write_private
+from server.store.postgres import PostgresOutbox, PostgresStore
 from server.store.sqlite import SqliteOutbox, SqliteStore
 
 log = logging.getLogger(__name__)
+# How often a replica reports itself running (FleetService.REPLICA_ALIVE: taken as gone).
+REPLICA_REPORT = timedelta(seconds=10)
 
 # What the coordinator may send: operators get pages of at most a few thousand items; agents
 # get snapshots (the agent accepts up to 4 MiB). What it receives: `max_message_bytes` (1 MiB)
@@ -121,7 +128,7 @@ class Coordinator:
     """A running coordinator: its parts, and the port it listens on."""
 
     config: CoordinatorConfig
-    store: SqliteStore
+    store: SqliteStore | PostgresStore
     server: grpc.aio.Server
     port: int
     registry: LinkRegistry
@@ -140,6 +147,9 @@ class Coordinator:
     # The mTLS agent port's own server (TLS only; else agents share `server`).
     agent_server: grpc.aio.Server | None = None
     access: AccessService | None = None
+    replica: str = ""
+    shared: SharedFiles | None = None
+    started_at: datetime | None = None
     sender: Sender | None = None
     receivers: ReceiverService | None = None
     # Slack's interaction endpoint, when configured: its socket (bound at build) and app.
@@ -161,6 +171,8 @@ class Coordinator:
     def rate_limit_refusals(self) -> dict[str, int]:
         return {name: limiter.refused for name, limiter in self.limiters.items()}
 
+    _stopped: bool = field(default=False, init=False)
+
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
@@ -179,12 +191,16 @@ class Coordinator:
                 if self.checkpoints is not None:
                     tg.create_task(
                         self.checkpoints.run(
-                            lambda: self.store.head,
-                            self.clock,
-                            self.config.checkpoint_interval.total_seconds(),
+                            self.clock, self.config.checkpoint_interval.total_seconds()
                         )
                     )
                 tg.create_task(self._until_terminated())
+                tg.create_task(self._report_running())
+                if isinstance(self.store, PostgresStore):
+                    changed = self.hub.audit_advanced
+                    tg.create_task(self.store.listen(self.registry.wake, changed))
+                if self.shared is not None:
+                    tg.create_task(self.shared.run(self.clock, self._shared_changed))
                 tg.create_task(self._watch_store())
         finally:
             await self.stop()
@@ -221,14 +237,39 @@ class Coordinator:
         # and leaves the server half shut down (the process hangs at exit).
         await asyncio.shield(self.server.wait_for_termination())
 
-    def rotate_signing_key(self) -> str:
+    async def _report_running(self) -> None:
+        """Tell the other replicas (and `jitctl agent list`) this one runs."""
+        started_at = self.started_at or self.clock.now()
+        while True:
+            await self.clock.sleep(REPLICA_REPORT.total_seconds())
+            try:
+                await self.store.replica_seen(
+                    self.replica, self.address, __version__, started_at, self.clock.now()
+                )
+            except Exception as exc:  # the store is down for a moment: report again later
+                log.warning("cannot report this replica as running: %s", exc)
+
+    def _shared_changed(self, names: list[str]) -> None:
+        if "signing_keys.json" in names:
+            self.keys.reload()
+            # Agents learn the new key list from their next Welcome.
+            self.registry.close_all("signing keys changed on another replica; reconnect")
+
+    async def rotate_signing_key(self) -> str:
         """A new command-signing key from now on. Agents are reconnected so their next Welcome
-        announces it (signed by the key they trust); their leases, and so their grants, stay."""
+        announces it (signed by the key they trust); their leases, and so their grants, stay.
+        With replicas, the others take the new keys from the store within a few seconds."""
         key_id = self.keys.rotate(self.clock.now())
+        if self.shared is not None:
+            await self.shared.push("signing_keys.json", self.clock)
         self.registry.close_all("signing key rotated; reconnect")
         return key_id
 
     async def stop(self) -> None:
+        """Stop serving and close the store; a second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         # From the moment shutdown begins, health says NOT_SERVING (and stays so): load
         # balancers and systemd stop sending work before the ports close.
         await self.health.enter_graceful_shutdown()
@@ -238,8 +279,7 @@ class Coordinator:
         else:
             await self.server.stop(grace=1.0)
         if self.checkpoints is not None:
-            seq, head_hash = self.store.head
-            self.checkpoints.append(seq, head_hash, self.clock.now())
+            await self.checkpoints.append(self.clock.now())
         if self.slack_socket is not None:
             self.slack_socket.close()
         if self.http is not None:
@@ -288,7 +328,7 @@ async def open_store(data_dir: Path) -> SqliteStore:
 
 
 async def _build(config: CoordinatorConfig, clock: Clock, refuse_dev: bool) -> Coordinator:
-    store = await open_store(config.data_dir)
+    store = await open_store_url(config.store, config.data_dir, config.store_pool_size)
     servers: list[grpc.aio.Server] = []
     try:
         if refuse_dev:
@@ -304,12 +344,19 @@ async def _build(config: CoordinatorConfig, clock: Clock, refuse_dev: bool) -> C
 
 
 async def _assemble(
-    config: CoordinatorConfig, clock: Clock, store: SqliteStore, servers: list[grpc.aio.Server]
+    config: CoordinatorConfig,
+    clock: Clock,
+    store: SqliteStore | PostgresStore,
+    servers: list[grpc.aio.Server],
 ) -> Coordinator:
-    epoch = int(await store.get_meta("epoch") or "0") + 1
-    async with store.transaction() as tx:
-        # Each process start is a new epoch, so agents can tell a stale coordinator's commands.
-        await tx.set_meta("epoch", str(epoch))
+    replica = config.replica or _replica_id(config.data_dir)
+    shared: SharedFiles | None = None
+    if isinstance(store, PostgresStore):
+        store.replica = replica
+        # Signing keys and the CA come from the store before anything opens them.
+        shared = SharedFiles(store, config.data_dir, load_key(config.secret_key_file))
+        await shared.sync(clock)
+    epoch = await _epoch(store)
     hub = Hub()
     registry = LinkRegistry(queue_limit=config.agent_queue_limit)
     identity = IdentityService(store, hub, clock)
@@ -329,16 +376,23 @@ async def _assemble(
         policy.current,
         epoch,
         expirer.deadlines_changed,
+        # Replicas: a policy applied on another replica is in force here from the next call.
+        policy.refresh if isinstance(store, PostgresStore) else None,
         delivery=gate,
         readers=readers,
     )
     expirer.start_due = access.start_scheduled
-    fleet = FleetService(store, registry, hub, clock, epoch, __version__, rates=rates)
+    fleet = FleetService(store, registry, hub, clock, epoch, __version__, replica, rates=rates)
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
-    checkpoints = Checkpoints(config.data_dir, keys)
+    checkpoints = Checkpoints(store, keys)
+    await checkpoints.import_file(config.data_dir)
     audit = AuditService(store, hub, checkpoints.verified, readers=readers)
     ca = InternalCA.open(config.data_dir, clock.now()) if config.tls else None
+    if shared is not None and await shared.claim_missing(clock):
+        # Another replica made the store's keys and CA first: use those.
+        keys.reload()
+        ca = InternalCA.open(config.data_dir, clock.now()) if config.tls else None
 
     # Operators (and enrolling agents) send small messages; so do agents. Each server has its
     # own limits because gRPC sets them per server, not per port (docs: THREAT_MODEL.md).
@@ -386,7 +440,9 @@ async def _assemble(
     # closed by stop(). The notify sender has its own, owned by its run().
     http = httpx.AsyncClient(timeout=10.0)
     sealer = Sealer.open(config.data_dir)
-    outbox = SqliteOutbox(store)
+    outbox: SqliteOutbox | PostgresOutbox = (
+        PostgresOutbox(store) if isinstance(store, PostgresStore) else SqliteOutbox(store)
+    )
     sender = _sender(config, store, outbox, sealer, clock) if config.notify else None
     if sender is not None:
         hub.on_audit.append(sender.wake)
@@ -438,7 +494,7 @@ async def _assemble(
     audit_servicer = AuditServicer(auth, audit, checkpoints)
     locks_servicer = LocksServicer(auth, LockService(store, registry, hub, clock))
     mesh_servicer = MeshServicer(
-        auth, StatusService(store, clock, epoch, registry.count, lambda: store.head[0])
+        auth, StatusService(store, clock, epoch, registry.count, store.audit_head)
     )
     notify_servicer = NotifyServicer(auth, receivers)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -485,9 +541,11 @@ async def _assemble(
         )
     for name in [*SERVICES, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    started_at = clock.now()
+    await store.replica_seen(replica, f"{config.host}:{port}", __version__, started_at, started_at)
     log.info(
         "coordinator listening",
-        extra={t.ADDRESS: f"{config.host}:{port}", t.EPOCH: epoch},
+        extra={t.ADDRESS: f"{config.host}:{port}", t.EPOCH: epoch, "replica": replica},
     )
     return Coordinator(
         config,
@@ -508,12 +566,15 @@ async def _assemble(
         clock,
         agent_server,
         access,
-        sender,
-        receivers,
-        slack_socket,
-        slack_app,
-        http,
-        warnings,
+        sender=sender,
+        receivers=receivers,
+        slack_socket=slack_socket,
+        slack_app=slack_app,
+        http=http,
+        warnings=warnings,
+        replica=replica,
+        shared=shared,
+        started_at=started_at,
         hub=hub,
         limiters=limiters,
     )
@@ -521,8 +582,8 @@ async def _assemble(
 
 def _sender(
     config: CoordinatorConfig,
-    store: SqliteStore,
-    outbox: SqliteOutbox,
+    store: SqliteStore | PostgresStore,
+    outbox: SqliteOutbox | PostgresOutbox,
     sealer: Sealer,
     clock: Clock,
 ) -> Sender:
@@ -549,8 +610,8 @@ def _sender(
 
 def _slack(
     config: CoordinatorConfig,
-    store: SqliteStore,
-    outbox: SqliteOutbox,
+    store: SqliteStore | PostgresStore,
+    outbox: SqliteOutbox | PostgresOutbox,
     access: AccessService,
     clock: Clock,
     http: httpx.AsyncClient,
@@ -586,6 +647,45 @@ def _slack(
         clock,
         response_hosts=config.slack_response_hosts,
     )
+
+
+async def open_store_url(
+    url: str, data_dir: Path, pool_size: int = 10
+) -> SqliteStore | PostgresStore:
+    """The store `url` names: a PostgreSQL URL, `sqlite:PATH`, or "" for DATA/coordinator.db."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return await PostgresStore.open(url, max_size=pool_size)
+    if url.startswith("sqlite:"):
+        return await SqliteStore.open(Path(url.removeprefix("sqlite:")))
+    if url:
+        raise ValueError("--store takes a postgresql:// URL or sqlite:PATH")
+    return await open_store(data_dir)
+
+
+async def _epoch(store: SqliteStore | PostgresStore) -> int:
+    """The cluster epoch commands carry (docs/wire.md). A single SQLite coordinator raises it at
+    each start (0.1 behaviour); replicas on PostgreSQL share one that only `fence` raises (after
+    a restore from a backup), so an agent accepts commands from any of them."""
+
+    async def work(tx: Tx) -> int:
+        current = int(await tx.get_meta("epoch") or "0")
+        epoch = current + 1 if isinstance(store, SqliteStore) or current == 0 else current
+        if epoch != current:
+            await tx.set_meta("epoch", str(epoch))
+        return epoch
+
+    return await store.write(work)
+
+
+def _replica_id(data_dir: Path) -> str:
+    """This replica's id, made once and kept in its data directory (stable across restarts)."""
+    path = data_dir / "replica.id"
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        made = f"{socket.gethostname().split('.')[0][:40]}-{secrets.token_hex(3)}"
+        write_private(path, made + "\n")
+        return made
 
 
 def _listen(add_port: Callable[..., int], address: str, *credentials: Any) -> int:

@@ -14,6 +14,16 @@ class CoordinatorConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     data_dir: Path
+    # Where the state lives: "" for SQLite in data_dir (one coordinator), or a PostgreSQL URL
+    # (postgresql://...) shared by several replicas (docs/scaling.md).
+    store: str = ""
+    # Connections each replica keeps to PostgreSQL at most.
+    store_pool_size: int = Field(default=10, ge=2)
+    # This replica's stable identity ("" : made once and kept in DATA/replica.id).
+    replica: str = ""
+    # PostgreSQL replicas: the key that encrypts the shared signing keys and CA in the store
+    # (else JITMESH_SECRET_KEY).
+    secret_key_file: Path | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=7443, ge=0, le=65535)
     # Used only when the store holds no policy yet.
@@ -44,7 +54,7 @@ class CoordinatorConfig(BaseModel):
     enroll_rate: float | None = Field(default=None, gt=0)
     enroll_overall_burst: int = Field(default=500, ge=1)
     enroll_overall_rate: float = Field(default=50.0, gt=0)
-    # How often the audit head is signed into DATA/audit_checkpoints.jsonl (when it moved).
+    # How often the audit head is signed into the store's checkpoints (when it moved).
     checkpoint_interval: timedelta = timedelta(seconds=10)
     tls: bool = False
     tls_cert: Path | None = None

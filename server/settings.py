@@ -160,6 +160,18 @@ class CoordinatorSettings(BaseSettings):
     watchdog: bool = Field(
         default=True, description="answer systemd's watchdog when WATCHDOG_USEC is set"
     )
+    # Several replicas on PostgreSQL (docs/scaling.md).
+    store: str = Field(
+        default="",
+        description="postgresql://USER@HOST/DB shared by replicas (default: SQLite in data); "
+        "a password comes from PGPASSWORD or ~/.pgpass, never from here",
+    )
+    replica: str = Field(default="", description="this replica's id (default: DATA/replica.id)")
+    secret_key_file: Path | None = Field(
+        default=None,
+        description="with a PostgreSQL store: the key encrypting the shared signing keys and CA "
+        "(else JITMESH_SECRET_KEY)",
+    )
 
     @field_validator("log_level")
     @classmethod
@@ -190,6 +202,9 @@ class CoordinatorSettings(BaseSettings):
         """The effective values for --print-config: durations as 15m, paths as text, and no
         secret (none is held here: secrets stay in their files, named by path)."""
         values = self.model_dump(mode="json")
+        if values.get("store"):
+            # A password written into the URL anyway is not printed.
+            values["store"] = re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", values["store"])
         return {k: v for k, v in values.items() if v is not None}
 
 

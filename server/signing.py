@@ -83,6 +83,11 @@ class SigningKeys:
             store.rotate(now)
         return store
 
+    def reload(self) -> None:
+        """Read the keys file again (another replica rotated: the file now holds its keys)."""
+        fresh = SigningKeys.open(self._path.parent, datetime.now(UTC))
+        self._keys = fresh._keys
+
     def rotate(self, now: datetime) -> str:
         """Make a new key current; the old ones stay valid for verification for a while."""
         # Retired keys stay on file: commands no longer verify with them after the overlap

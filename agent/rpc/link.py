@@ -84,6 +84,8 @@ _Queue = asyncio.Queue[agentlink_pb2.AgentMessage]
 
 @dataclass(frozen=True, slots=True)
 class LinkSettings:
+    # "host:port", or several separated by commas (coordinator replicas): the agent stays on
+    # one while it works and moves to the next when it fails.
     target: str
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -136,6 +138,12 @@ class Link:
         self._sent: set[str] = set()
         # The coordinator's "try again after" (seconds) from the last attempt, if it gave one.
         self._retry_hint = 0.0
+        self._targets = [t.strip() for t in settings.target.split(",") if t.strip()]
+        self._current = 0
+
+    @property
+    def _target(self) -> str:
+        return self._targets[self._current]
 
     async def run(self) -> None:
         """Connect, serve the stream until it breaks, back off, and again; until cancelled."""
@@ -164,6 +172,10 @@ class Link:
                 # would leave the agent reconnecting forever after SIGTERM.
                 raise asyncio.CancelledError
             await self._engine.coordinator_lost()
+            if len(self._targets) > 1:
+                # Fail over: the next replica. The log is shared, so the agent resumes there
+                # from its last applied sequence number.
+                self._current = (self._current + 1) % len(self._targets)
             healthy_for = (
                 None if self._welcomed_at is None else self._pacing.monotonic() - self._welcomed_at
             )
@@ -212,7 +224,7 @@ class Link:
             # Enrolled before commands were signed: without pinned keys every command would be
             # refused, so enroll again to get them.
             credential = None
-        async with grpc.aio.insecure_channel(self._settings.target, options=self._options()) as ch:
+        async with grpc.aio.insecure_channel(self._target, options=self._options()) as ch:
             if credential is None:
                 credential = await self._enroll(ch)
             await self._stream(ch, (("authorization", f"Bearer {credential}"),))
@@ -222,10 +234,10 @@ class Link:
         if identity is None or not self._keys.read():
             server_only = grpc.ssl_channel_credentials(ca_pem)
             async with grpc.aio.secure_channel(
-                self._settings.target, server_only, options=self._options()
+                self._target, server_only, options=self._options()
             ) as ch:
                 identity = await self._enroll_tls(ch)
-        host = self._settings.target.rpartition(":")[0]
+        host = self._target.rpartition(":")[0]
         target = f"{host}:{identity.port}"
         if self._clock.now() >= identity.renew_at():
             identity = await self._renew(target, ca_pem, identity)
@@ -468,7 +480,7 @@ class Link:
                 interval = max(MIN_HEARTBEAT, given)
         log.info(
             "connected",
-            extra={"coordinator": self._settings.target, "seq": welcome.resume_after_seq},
+            extra={"coordinator": self._target, "seq": welcome.resume_after_seq},
         )
         return interval
 

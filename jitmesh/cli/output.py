@@ -552,10 +552,11 @@ def agent_json(agent: Agent) -> JSON:
         "last_acked_seq": agent.last_acked_seq,
         "last_seq": agent.last_seq,
         "active_grants": agent.active_grants,
+        "replica": agent.replica,
     }
 
 
-AGENT_HEADERS: Final = ("NAME", "STATE", "LABELS", "LAST SEEN", "GRANTS", "VERSION")
+AGENT_HEADERS: Final = ("NAME", "STATE", "LABELS", "LAST SEEN", "GRANTS", "VERSION", "REPLICA")
 
 
 def agents_table(agents: Iterable[Agent], now: datetime) -> Table:
@@ -569,6 +570,7 @@ def agents_table(agents: Iterable[Agent], now: datetime) -> Table:
                 _last_seen(a, now),
                 a.active_grants,
                 a.version,
+                a.replica or "-",
             )
             for a in agents
         ),
@@ -593,6 +595,7 @@ def agent_details(agent: Agent, now: datetime) -> Table:
             ("ENROLLED", human_time(agent.enrolled_at)),
             ("VERSION", agent.version),
             ("ACTIVE GRANTS", agent.active_grants),
+            ("REPLICA", agent.replica or "-"),
             ("COMMANDS ACKED", f"{agent.last_acked_seq} of {agent.last_seq}"),
         ]
     )

@@ -99,10 +99,14 @@ class AccessService:
         policy: Callable[[], Policy],
         epoch: int,
         deadlines_changed: Callable[[], None],
+        refresh_policy: Callable[[], Awaitable[object]] | None = None,
         readers: Readers | None = None,
         *,
         delivery: DeliveryGate | None = None,
     ) -> None:
+        """`refresh_policy` (replicas): called before each request is judged, so a policy
+        applied on another replica is in force here from the next call."""
+        self._refresh_policy = refresh_policy
         self._readers = readers or Readers()
         self._store = store
         # Grant commands an agent would not get in time are refused (delivery.py); None: never.
@@ -161,6 +165,8 @@ class AccessService:
             raise InvalidArgument("duration must be at least 1s")
         if duration > MAX_DURATION:
             raise InvalidArgument("duration must be at most 366d")
+        if self._refresh_policy is not None:
+            await self._refresh_policy()
         policy = self._policy()
         if action not in policy.model.actions:
             raise InvalidArgument(f"unknown action {action}")

@@ -40,6 +40,7 @@ from .models import (
     AuditEntry,
     Command,
     CommandKind,
+    GrantChange,
     Principal,
     Resume,
     new_secret,
@@ -47,6 +48,8 @@ from .models import (
 from .ports import CommandSink, Store, Tx
 
 DEFAULT_JOIN_TTL = timedelta(hours=1)
+# A replica that has not reported itself running for this long is taken as gone.
+REPLICA_ALIVE = timedelta(seconds=30)
 MAX_JOIN_TTL = timedelta(days=7)
 BACKLOG_PAGE = 500
 EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -61,10 +64,13 @@ class FleetService:
         clock: Clock,
         epoch: int,
         version: str,
+        replica: str = "",
         *,
         rates: DeliveryRates | None = None,
     ):
         self._store = store
+        # This coordinator replica: recorded as the holder of each agent stream it serves.
+        self.replica = replica
         # Each agent's apply rate, measured from its acks (delivery.py).
         self.rates = rates if rates is not None else DeliveryRates()
         self._links = links
@@ -81,13 +87,14 @@ class FleetService:
     # Operators.
 
     async def list_agents(self, principal: Principal) -> list[Agent]:
-        return [self._live(a) for a in await self._store.list_agents()]
+        live = await self._live_replicas()
+        return [self._live(a, live) for a in await self._store.list_agents()]
 
     async def get_agent(self, principal: Principal, name: str) -> Agent:
         agent = await self._store.get_agent(name) if v.AGENT.fullmatch(name) else None
         if agent is None:
             raise NotFound("no such agent")
-        return self._live(agent)
+        return self._live(agent, await self._live_replicas())
 
     async def create_join_token(
         self,
@@ -329,8 +336,9 @@ class FleetService:
         working. Refused when the old one is no longer the agent's (removed, re-enrolled)."""
         now = self._clock.now()
         async with self._store.transaction() as tx:
-            # The write lock is held: no removal can commit between this check and the update.
-            if await self._store.agent_for_credential(hash_secret(old)) != principal.name:
+            # Read inside the transaction: no removal can commit between this check and the
+            # update (SQLite holds the write lock; PostgreSQL locks the row it updates).
+            if await tx.agent_for_credential(hash_secret(old)) != principal.name:
                 raise Unauthenticated("agent credential is not valid")
             agent = await tx.get_agent(principal.name)
             if agent is None:
@@ -437,7 +445,11 @@ class FleetService:
         async with self._store.transaction() as tx:
             for name, hello, now in batch:
                 await tx.agent_seen(
-                    name, now, version=hello.version[:64], boot_id=hello.boot_id[:64]
+                    name,
+                    now,
+                    version=hello.version[:64],
+                    boot_id=hello.boot_id[:64],
+                    replica=self.replica,
                 )
             await tx.audit_many(
                 [
@@ -561,7 +573,9 @@ class FleetService:
                     entries.append(written)
                     request_ids.append(grant.request_id)
             for ids, expected, state, fields in moves.grouped():
-                await tx.move_grants(ids, expected=[expected], state=state, **fields)
+                await tx.move_grants(
+                    ids, expected=[expected], state=state, change=GrantChange(**fields)
+                )
             await tx.audit_many(entries)
         crash_point("after_ack")
         if request_ids:
@@ -626,8 +640,7 @@ class FleetService:
                     grant.id,
                     expected=DUE_GRANT_STATES,
                     state=GrantState.EXPIRED,
-                    ended_at=now,
-                    end_reason="expired",
+                    change=GrantChange(ended_at=now, end_reason="expired"),
                 )
             if (
                 stored
@@ -645,7 +658,7 @@ class FleetService:
                         if grant.end_reason == "released"
                         else GrantState.REVOKED
                     ),
-                    ended_at=now,
+                    change=GrantChange(ended_at=now),
                 )
         if grant is not None:
             self._hub.requests_changed([grant.request_id])
@@ -713,7 +726,7 @@ class FleetService:
     async def disconnected(self, principal: Principal, reason: str) -> None:
         now = self._clock.now()
         async with self._store.transaction() as tx:
-            await tx.agent_seen(principal.name, now)
+            await tx.agent_left(principal.name, self.replica, now)
             await tx.audit(
                 AuditEntry(
                     "agent.disconnected",
@@ -725,8 +738,19 @@ class FleetService:
             )
         await self._hub.audit_written(tx.new_audit)
 
-    def _live(self, agent: Agent) -> Agent:
-        return replace(agent, connected=self._links.connected(agent.name))
+    async def _live_replicas(self) -> set[str]:
+        """Replicas that reported themselves running lately (a killed one stops doing so)."""
+        now = self._clock.now()
+        return {
+            r.id for r in await self._store.list_replicas() if now - r.last_seen_at <= REPLICA_ALIVE
+        }
+
+    def _live(self, agent: Agent, live: set[str]) -> Agent:
+        """Connected: its stream is here, or on another replica that is still running."""
+        if self._links.connected(agent.name):
+            return replace(agent, connected=True, replica=self.replica)
+        held = agent.replica if agent.replica in live and agent.replica != self.replica else ""
+        return replace(agent, connected=bool(held), replica=held)
 
 
 JOIN_TOKEN_ID = re.compile(r"[0-9a-f]{16}")

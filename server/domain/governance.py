@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -318,6 +318,16 @@ class PolicyService:
     def current(self) -> Policy:
         return self._policy
 
+    async def refresh(self) -> Policy:
+        """The running policy, reloaded first when the store holds a newer version (applied on
+        another replica): one indexed read of the newest version number, never a stale copy."""
+        version = await self._store.policy_version()
+        if version != self._policy.version:
+            doc = await self._store.current_policy()
+            if doc is not None and doc.version != self._policy.version:
+                self._policy = replace(parse_policy(doc.yaml), version=doc.version)
+        return self._policy
+
     async def get(self, principal: Principal) -> PolicyDocument:
         doc = await self._store.current_policy()
         if doc is None:
@@ -452,7 +462,7 @@ class AuditService:
         self,
         store: Store,
         hub: Hub,
-        checkpoints: Callable[[], tuple[dict[int, str], list[int]]] | None = None,
+        checkpoints: Callable[[], Awaitable[tuple[dict[int, str], list[int]]]] | None = None,
         readers: Readers | None = None,
     ) -> None:
         """`checkpoints` returns the signed checkpoints that verify (seq -> hash) and the seqs
@@ -493,7 +503,7 @@ class AuditService:
 
     async def verify(self, principal: Principal) -> ChainVerification:
         self.require_reader(principal)
-        trusted, forged = self._checkpoints() if self._checkpoints else ({}, [])
+        trusted, forged = await self._checkpoints() if self._checkpoints else ({}, [])
         if forged:
             return ChainVerification(
                 False, 0, min(forged), "checkpoint signature is not valid (forged checkpoint)", ""

@@ -16,7 +16,7 @@ from jitmesh.durations import format_duration
 from jitmesh.types import Grant, GrantState, Request
 
 from .lifecycle import ENDABLE_GRANT_STATES
-from .models import AuditEntry, Command, CommandKind
+from .models import AuditEntry, Command, CommandKind, GrantChange
 from .policy import Rule
 from .ports import Tx
 
@@ -98,11 +98,14 @@ async def end_grants(
     if not grants:
         return [], []
     state = GrantState.REVOKE_FAILED if failure else GrantState.REVOKING
-    fields: dict[str, object] = {"ended_by": by, "end_reason": end_reason}
-    if failure:
-        fields.update(failure=failure, ended_at=now)
+    change = GrantChange(
+        ended_by=by,
+        end_reason=end_reason,
+        failure=failure or None,
+        ended_at=now if failure else None,
+    )
     moved = await tx.move_grants(
-        [g.id for g in grants], expected=list(expected), state=state, **fields
+        [g.id for g in grants], expected=list(expected), state=state, change=change
     )
     ending = [g for g in grants if g.id in moved]
     seqs: dict[str, int] = {}

@@ -53,6 +53,15 @@ class Hub:
             async with self._audit:
                 self._audit.notify_all()
 
+    async def audit_advanced(self, seq: int, request_ids: Sequence[str]) -> None:
+        """Another replica committed audit events up to `seq`, touching `request_ids` ("*":
+        any): wake this replica's watchers as if they were written here."""
+        self.requests_changed(request_ids)
+        if seq > self.audit_head:
+            self.audit_head = seq
+            async with self._audit:
+                self._audit.notify_all()
+
     async def wait_audit_after(self, seq: int) -> None:
         async with self._audit:
             await self._audit.wait_for(lambda: self.audit_head > seq)

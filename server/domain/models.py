@@ -100,6 +100,45 @@ class AuditEntry:
     id: str = field(default_factory=lambda: new_id("evt"))
 
 
+@dataclass(frozen=True, slots=True)
+class GrantChange:
+    """Columns a grant's compare-and-set step writes besides its state; None leaves one as it is
+    (no step ever clears one)."""
+
+    ended_at: datetime | None = None
+    ended_by: str | None = None
+    end_reason: str | None = None
+    applied_at: datetime | None = None
+    failure: str | None = None
+    epoch: int | None = None
+
+
+NO_CHANGE = GrantChange()
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The audit chain's head (seq, hash) at an instant, signed by a command-signing key."""
+
+    seq: int
+    hash: str
+    at: datetime
+    key_id: str
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaInfo:
+    """A coordinator replica as the shared store knows it (it updates `last_seen_at` while it
+    runs)."""
+
+    id: str
+    address: str
+    version: str
+    started_at: datetime
+    last_seen_at: datetime
+
+
 class Moved(NamedTuple):
     """A row that a batched compare-and-set moved (the expiry sweep's), with what its audit event
     names. `was`: the state it left. Requests have no `request_id` of their own and leave it

@@ -1,12 +1,30 @@
-"""What the domain needs from the outside: the store (one interface, several implementations)
-and the link registry that pushes commands to connected agents."""
+"""What the domain needs from the outside: the store (one interface, several implementations,
+one contract suite in tests/store/) and the link registry that pushes commands to connected
+agents.
+
+The store's contract, whatever the implementation:
+- A write runs as a function given a `Tx` (`Store.write`): the store may run it again, from the
+  start, on a serialization failure or deadlock between replicas, so the function's only
+  effects are through the `Tx` and its result (publish, push and notify after it returned).
+- Every read inside a write goes through the `Tx` (never through the `Store`, which may be
+  another connection that does not see the transaction's own writes, or waits for them).
+- Compare-and-set methods return False (or leave an id out) on a lost race; the caller decides.
+- Shared state lives in the store, not in a process: the audit chain's head, checkpoints,
+  meta (epoch and generations), policy versions, locks, tokens and users.
+
+Adding a store method or a column: declare it here (typed: no `**fields`), implement it in
+both stores (server/store/sqlite.py and server/store/postgres/; rows are read by column name
+through server/store/rows.py), add a migration to both migration folders
+(tests/store/test_schema.py fails while their tables or columns differ), and test it in the
+contract suite (tests/store/), which runs every test on both stores.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from jitmesh.types import (
     Agent,
@@ -25,14 +43,20 @@ from jitmesh.types import (
 )
 
 from .models import (
+    NO_CHANGE,
     AuditEntry,
+    Checkpoint,
     Command,
     CommandKind,
+    GrantChange,
     JoinToken,
     Moved,
     Principal,
+    ReplicaInfo,
     StatusCounts,
 )
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from .receivers import ReceiverSpec
@@ -46,6 +70,10 @@ class Tx(Protocol):
     async def get_request(self, request_id: str) -> Request | None: ...
     async def get_grant(self, grant_id: str) -> Grant | None: ...
     async def get_agent(self, name: str) -> Agent | None: ...
+    async def live_grants(self, agent: str) -> list[Grant]: ...
+    async def agent_for_credential(self, credential_hash: str) -> str | None: ...
+    async def user_groups(self, name: str) -> frozenset[str] | None: ...
+    async def get_meta(self, key: str) -> str | None: ...
     async def insert_request(self, r: Request) -> None: ...
     async def decide_request(
         self,
@@ -66,7 +94,12 @@ class Tx(Protocol):
     async def insert_review(self, request_id: str, review: Review) -> bool: ...
     async def insert_grant(self, g: Grant) -> None: ...
     async def move_grant(
-        self, grant_id: str, *, expected: Iterable[GrantState], state: GrantState, **fields: Any
+        self,
+        grant_id: str,
+        *,
+        expected: Iterable[GrantState],
+        state: GrantState,
+        change: GrantChange = NO_CHANGE,
     ) -> bool: ...
     async def move_grants(
         self,
@@ -74,7 +107,7 @@ class Tx(Protocol):
         *,
         expected: Iterable[GrantState],
         state: GrantState,
-        **fields: Any,
+        change: GrantChange = NO_CHANGE,
     ) -> set[str]: ...
     async def append_command(
         self, agent: str, kind: CommandKind, grant_id: str, at: datetime, revoke_reason: str = ""
@@ -100,7 +133,9 @@ class Tx(Protocol):
         labels: dict[str, str] | None = None,
         version: str | None = None,
         boot_id: str | None = None,
+        replica: str | None = None,
     ) -> None: ...
+    async def agent_left(self, name: str, replica: str, at: datetime) -> None: ...
     async def remove_agent(self, name: str, at: datetime) -> bool: ...
     async def insert_join_token(
         self,
@@ -126,7 +161,7 @@ class Tx(Protocol):
     async def audit(self, entry: AuditEntry) -> AuditEvent | None: ...
     async def audit_many(self, entries: Sequence[AuditEntry]) -> list[AuditEvent]: ...
     async def move_due_grants(
-        self, now: datetime, limit: int, *, state: GrantState, **fields: Any
+        self, now: datetime, limit: int, *, state: GrantState, change: GrantChange = NO_CHANGE
     ) -> list[Moved]: ...
     async def move_due_requests(
         self, now: datetime, limit: int, *, state: RequestState, by: str, reason: str
@@ -148,7 +183,6 @@ class Tx(Protocol):
     async def extend_grant(
         self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
     ) -> bool: ...
-    async def user_groups(self, name: str) -> frozenset[str] | None: ...
     async def append_revokes(
         self, grants: Sequence[Grant], at: datetime, revoke_reason: str
     ) -> dict[str, int]: ...
@@ -162,8 +196,31 @@ class Tx(Protocol):
 
 
 class Store(Protocol):
-    def transaction(self) -> AbstractAsyncContextManager[Tx]: ...
+    async def write(self, work: Callable[[Tx], Awaitable[T]]) -> T:
+        """Run `work` in one write transaction and commit; run it again from the start (a new
+        `Tx`) when the store reports a serialization failure or deadlock. Returns what `work`
+        returned; an exception from `work` rolls back and propagates."""
+        ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """One write transaction as a block, run once (never retried): kept for the callers not
+        yet moved to `write`. On a store with several writers a serialization failure surfaces
+        as `Conflict` ("try again")."""
+        ...
+
     async def close(self) -> None: ...
+    async def audit_head(self) -> tuple[int, str]: ...
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> None: ...
+    async def checkpoints(self) -> list[Checkpoint]: ...
+    async def last_checkpoint(self) -> Checkpoint | None: ...
+    async def replica_seen(
+        self, replica: str, address: str, version: str, started_at: datetime, at: datetime
+    ) -> None: ...
+    async def list_replicas(self) -> list[ReplicaInfo]: ...
+    async def get_secret(self, name: str) -> bytes | None: ...
+    async def put_secret(
+        self, name: str, ciphertext: bytes, at: datetime, *, replace: bool = True
+    ) -> bool: ...
     async def status_counts(self, now: datetime, ended_since: datetime) -> StatusCounts: ...
     async def get_request(self, request_id: str) -> Request | None: ...
     async def list_requests(
@@ -207,6 +264,7 @@ class Store(Protocol):
     async def commands_after(self, agent: str, seq: int, limit: int) -> list[Command]: ...
     async def first_unacked_seq(self, agent: str) -> int | None: ...
     async def current_policy(self) -> PolicyDocument | None: ...
+    async def policy_version(self) -> int: ...
     async def list_audit(
         self,
         *,

@@ -3,7 +3,7 @@ agents connected to this coordinator, the audit head. Admins only (it describes 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -33,7 +33,7 @@ class StatusService:
         clock: Clock,
         epoch: int,
         agents_connected: Callable[[], int],
-        audit_head: Callable[[], int],
+        audit_head: Callable[[], Awaitable[tuple[int, str]]],
     ) -> None:
         self._store = store
         self._clock = clock
@@ -46,4 +46,5 @@ class StatusService:
             raise PermissionDenied("only admins may see the mesh status")
         now = self._clock.now()
         counts = await self._store.status_counts(now, now - ENDED_WINDOW)
-        return MeshStatus(now, self._epoch, self._connected(), self._head(), counts)
+        head_seq, _ = await self._head()
+        return MeshStatus(now, self._epoch, self._connected(), head_seq, counts)

@@ -47,6 +47,16 @@ ACKS_IN_FLIGHT = 64
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
+class Wake:
+    """Queued for a stream when another replica committed commands for its agent (a hint from
+    the store): the writer re-reads the log after the last command it sent."""
+
+    __slots__ = ()
+
+
+WAKE = Wake()
+
+
 class Session:
     # Thousands of these live at once: no per-instance __dict__, and a bare future to wait on
     # for the close rather than an Event plus a task waiting on it (docs/performance.md).
@@ -56,14 +66,14 @@ class Session:
         self.agent = agent
         # An agent older than wire 0.2 (docs/wire.md, "Mixed versions").
         self.legacy = False
-        self.queue: asyncio.Queue[agentlink_pb2.CoordinatorMessage | Command] = asyncio.Queue(
-            queue_limit
+        self.queue: asyncio.Queue[agentlink_pb2.CoordinatorMessage | Command | Wake] = (
+            asyncio.Queue(queue_limit)
         )
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.close_reason = ""
         self.close_code = grpc.StatusCode.UNAVAILABLE
 
-    def offer(self, item: agentlink_pb2.CoordinatorMessage | Command) -> None:
+    def offer(self, item: agentlink_pb2.CoordinatorMessage | Command | Wake) -> None:
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -94,6 +104,16 @@ class LinkRegistry:
 
     def connected(self, agent: str) -> bool:
         return agent in self._sessions
+
+    def wake(self, agents: Sequence[str] | None) -> None:
+        """Commands for `agents` (None: for any agent, notifications may have been missed) were
+        committed elsewhere: their streams here re-read the log."""
+        if agents is None:
+            sessions = list(self._sessions.values())
+        else:
+            sessions = [s for a in agents if (s := self._sessions.get(a)) is not None]
+        for session in sessions:
+            session.offer(WAKE)
 
     def count(self) -> int:
         return len(self._sessions)
@@ -358,6 +378,9 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         last = await self._replay(session, last, context)
         while True:
             item = await session.queue.get()
+            if isinstance(item, Wake):
+                last = await self._replay(session, last, context)
+                continue
             if not isinstance(item, Command):
                 await context.write(item)
                 continue

@@ -670,7 +670,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
                     key_id=cp.key_id,
                     signature=cp.signature,
                 )
-                for cp in self._checkpoints.read()
+                for cp in await self._checkpoints.read()
             ],
             keys=[
                 agents_pb2.SigningKey(key_id=k.key_id, public_key=k.public_raw)

@@ -14,8 +14,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,31 +30,30 @@ from jitmesh.types import (
     JoinTokenInfo,
     Lock,
     LockTarget,
-    OfflineMode,
-    OfflinePolicy,
     PolicyDocument,
     Request,
     RequestState,
     Review,
-    ReviewDecision,
     TokenInfo,
     UserInfo,
 )
-from server.domain.approval import plan_from_json, plan_json
-from server.domain.audit import GENESIS, canonical_details, chain_hash, event_hash
-from server.domain.errors import Conflict, InvalidArgument
+from server.domain.audit import GENESIS
+from server.domain.errors import Conflict
 from server.domain.lifecycle import DUE_GRANT_STATES, GRANT_TRANSITIONS, REQUEST_TRANSITIONS
 from server.domain.models import (
+    NO_CHANGE,
     AuditEntry,
+    Checkpoint,
     Command,
     CommandKind,
+    GrantChange,
     JoinToken,
     Moved,
     Principal,
+    ReplicaInfo,
     StatusCounts,
 )
-from server.domain.notices import NOTIFIABLE, Notice, NoticeKind, notice_for
-from server.domain.reads import page_token_after
+from server.domain.notices import NOTIFIABLE, Notice, notice_for
 from server.domain.receivers import (
     AttemptRecord,
     Delivery,
@@ -63,34 +61,25 @@ from server.domain.receivers import (
     DeliveryState,
     ReceiverKind,
     ReceiverSpec,
-    Route,
 )
+from server.store import rows as rec
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-_REQUEST_COLUMNS = (
-    "r.id, r.subject, r.agent, r.action, r.duration_ms, r.reason, r.state, r.rule, "
-    "r.approvals_required, r.approver_groups, r.created_at, r.pending_expires_at, r.decided_at, "
-    "r.decided_by, r.decision_reason, r.grant_id, g.state, r.plan, r.ticket, r.start_at, "
-    "r.selector, r.grant_ids, r.reused, r.extends_grant_id"
-)
+_REQUEST_COLUMNS = rec.columns(rec.REQUEST_COLUMNS, "r.") + ", g.state AS grant_state"
 _REQUEST_FROM = "requests r LEFT JOIN grants g ON g.id = r.grant_id"
-_GRANT_COLUMNS = (
-    "id, request_id, agent, subject, action, not_before, not_after, state, offline_mode, "
-    "offline_grace_ms, created_at, ended_at, ended_by, end_reason, grant_seq, revoke_seq, "
-    "applied_at, failure, epoch, extensions, original_not_after"
-)
-_GRANT_COLUMNS_G = ", ".join("g." + c for c in _GRANT_COLUMNS.split(", "))
-_AUDIT_COLUMNS = (
-    "seq, id, at, actor, kind, subject, agent, request_id, grant_id, details, prev_hash, hash"
-)
+_GRANT_COLUMNS = rec.columns(rec.GRANT_COLUMNS)
+_GRANT_COLUMNS_OF_G = rec.columns(rec.GRANT_COLUMNS, "g.")
+_GRANT_COLUMNS_G = ", ".join(f"g.{c} AS g_{c}" for c in rec.GRANT_COLUMNS)
+_AUDIT_COLUMNS = rec.columns(rec.AUDIT_COLUMNS)
+_LIVE_IN = ", ".join(f"'{s}'" for s in rec.LIVE_STATES)
 _AGENT_COLUMNS = (
     "a.name, a.labels, a.enrolled_at, a.last_seen_at, a.version, a.last_acked_seq, a.last_seq, "
-    "(SELECT COUNT(*) FROM grants g WHERE g.agent = a.name "
-    "AND g.state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING', 'REVOKE_FAILED'))"
+    "a.replica, "
+    f"(SELECT COUNT(*) FROM grants g WHERE g.agent = a.name AND g.state IN ({_LIVE_IN})) "
+    "AS live_grants"
 )
-LIVE_STATES = ("PENDING_DELIVERY", "ACTIVE", "REVOKING", "REVOKE_FAILED")
 
 
 T = TypeVar("T")
@@ -130,6 +119,7 @@ Connection = aiosqlite.Connection
 
 async def _connect(path: Path) -> Connection:
     db = await aiosqlite.connect(path, isolation_level=None)
+    db.row_factory = sqlite3.Row
     for pragma in (
         "PRAGMA journal_mode=WAL",
         "PRAGMA synchronous=NORMAL",
@@ -158,100 +148,6 @@ def _checkpoint(path: Path) -> None:
         log.warning("WAL checkpoint failed: %s", exc)
 
 
-def _ms(at: datetime | None) -> int | None:
-    return None if at is None else to_ms(at)
-
-
-def _at(ms: int | None) -> datetime | None:
-    return None if ms is None else from_ms(ms)
-
-
-def _request(row: Sequence[Any], reviews: tuple[Review, ...]) -> Request:
-    return Request(
-        id=row[0],
-        subject=row[1],
-        agent=row[2],
-        action=row[3],
-        duration=timedelta(milliseconds=row[4]),
-        reason=row[5],
-        state=RequestState(row[6]),
-        rule=row[7],
-        approvals_required=row[8],
-        approver_groups=tuple(json.loads(row[9])),
-        reviews=reviews,
-        created_at=from_ms(row[10]),
-        pending_expires_at=_at(row[11]),
-        decided_at=_at(row[12]),
-        decided_by=row[13],
-        decision_reason=row[14],
-        grant_id=row[15],
-        grant_state=GrantState(row[16]) if row[16] else None,
-        plan=plan_from_json(row[17]),
-        ticket=row[18],
-        start_at=_at(row[19]),
-        selector=json.loads(row[20]) if row[20] else {},
-        grant_ids=tuple(json.loads(row[21])) if row[21] else (),
-        reused=bool(row[22]),
-        extends_grant_id=row[23],
-    )
-
-
-def _grant(row: Sequence[Any]) -> Grant:
-    return Grant(
-        id=row[0],
-        request_id=row[1],
-        agent=row[2],
-        subject=row[3],
-        action=row[4],
-        not_before=from_ms(row[5]),
-        not_after=from_ms(row[6]),
-        state=GrantState(row[7]),
-        offline=OfflinePolicy(OfflineMode(row[8]), timedelta(milliseconds=row[9])),
-        created_at=from_ms(row[10]),
-        ended_at=_at(row[11]),
-        ended_by=row[12],
-        end_reason=row[13],
-        grant_seq=row[14],
-        revoke_seq=row[15],
-        applied_at=_at(row[16]),
-        failure=row[17],
-        epoch=row[18],
-        extensions=row[19],
-        original_not_after=_at(row[20]),
-    )
-
-
-def _audit(row: Sequence[Any]) -> AuditEvent:
-    return AuditEvent(
-        seq=row[0],
-        id=row[1],
-        at=from_ms(row[2]),
-        actor=row[3],
-        kind=row[4],
-        subject=row[5],
-        agent=row[6],
-        request_id=row[7],
-        grant_id=row[8],
-        details=json.loads(row[9]),
-        prev_hash=row[10],
-        hash=row[11],
-    )
-
-
-def _agent(row: Sequence[Any]) -> Agent:
-    return Agent(
-        name=row[0],
-        labels=json.loads(row[1]),
-        connected=False,
-        last_seen_at=_at(row[3]),
-        enrolled_at=from_ms(row[2]),
-        version=row[4],
-        last_acked_seq=row[5],
-        last_seq=row[6],
-        active_grants=row[7],
-    )
-
-
 # Each read is one call on the connection's thread (execute and fetch all rows together), never
 # a cursor held open across awaits: an open statement holds the connection's read snapshot, and
 # another coroutine's read on the same connection in between would see that older snapshot
@@ -272,7 +168,7 @@ async def _get_request(conn: Connection, request_id: str) -> Request | None:
     if row is None:
         return None
     reviews = await _reviews(conn, [request_id])
-    return _request(row, reviews.get(request_id, ()))
+    return rec.request(row, reviews.get(request_id, ()))
 
 
 async def _reviews(conn: Connection, ids: list[str]) -> dict[str, tuple[Review, ...]]:
@@ -281,23 +177,16 @@ async def _reviews(conn: Connection, ids: list[str]) -> dict[str, tuple[Review, 
     marks = ",".join("?" * len(ids))
     rows = await _all(
         conn,
-        "SELECT request_id, reviewer, decision, reason, reviewed_at, groups FROM reviews "
+        f"SELECT {rec.REVIEW_COLUMNS} FROM reviews "
         f"WHERE request_id IN ({marks}) ORDER BY reviewed_at, reviewer",
         ids,
     )
-    out: dict[str, list[Review]] = {}
-    for rid, reviewer, decision, reason, at, groups in rows:
-        out.setdefault(rid, []).append(
-            Review(
-                reviewer, ReviewDecision(decision), reason, from_ms(at), tuple(json.loads(groups))
-            )
-        )
-    return {k: tuple(v) for k, v in out.items()}
+    return rec.reviews_by_request(rows)
 
 
 async def _get_grant(conn: Connection, grant_id: str) -> Grant | None:
     row = await _one(conn, f"SELECT {_GRANT_COLUMNS} FROM grants WHERE id = ?", [grant_id])
-    return None if row is None else _grant(row)
+    return None if row is None else rec.grant(row)
 
 
 async def _get_agent(conn: Connection, name: str) -> Agent | None:
@@ -306,27 +195,45 @@ async def _get_agent(conn: Connection, name: str) -> Agent | None:
         f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.name = ? AND a.removed_at IS NULL",
         [name],
     )
-    return None if row is None else _agent(row)
+    return None if row is None else rec.agent(row)
 
 
-_LOCK_COLUMNS = (
-    "id, subject, agent, action, reason, created_by, created_at, expires_at, lifted_at, "
-    "lifted_by, lift_reason"
-)
+_LOCK_COLUMNS = rec.columns(rec.LOCK_COLUMNS)
+_CHECKPOINT_COLUMNS = "seq, hash, at, key_id, signature"
 
 
-def _lock(row: Sequence[Any]) -> Lock:
-    return Lock(
-        id=row[0],
-        target=LockTarget(subject=row[1], agent=row[2], action=row[3]),
-        reason=row[4],
-        created_by=row[5],
-        created_at=from_ms(row[6]),
-        expires_at=_at(row[7]),
-        lifted_at=_at(row[8]),
-        lifted_by=row[9],
-        lift_reason=row[10],
+async def _audit_head(conn: Connection) -> tuple[int, str]:
+    row = await _one(conn, "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+    return (0, GENESIS) if row is None else (int(row["seq"]), str(row["hash"]))
+
+
+async def _live_grants(conn: Connection, agent: str) -> list[Grant]:
+    rows = await _all(
+        conn,
+        f"SELECT {_GRANT_COLUMNS} FROM grants WHERE agent = ? "
+        "AND state IN ('PENDING_DELIVERY', 'ACTIVE') ORDER BY grant_seq",
+        [agent],
     )
+    return [rec.grant(r) for r in rows]
+
+
+async def _agent_for_credential(conn: Connection, credential_hash: str) -> str | None:
+    row = await _one(
+        conn,
+        "SELECT name FROM agents WHERE credential_hash = ? AND removed_at IS NULL",
+        [credential_hash],
+    )
+    return None if row is None else str(row["name"])
+
+
+async def _user_groups(conn: Connection, name: str) -> frozenset[str] | None:
+    row = await _one(conn, "SELECT groups FROM users WHERE name = ?", [name])
+    return None if row is None else frozenset(json.loads(row["groups"]))
+
+
+async def _get_meta(conn: Connection, key: str) -> str | None:
+    row = await _one(conn, "SELECT value FROM meta WHERE key = ?", [key])
+    return None if row is None else str(row["value"])
 
 
 def _lock_match(target: LockTarget, alias: str) -> tuple[str, list[str]]:
@@ -356,57 +263,20 @@ async def _lock_in_force(
         "AND agent IN ('', ?) AND action IN ('', ?) ORDER BY created_at, id LIMIT 1",
         [to_ms(now), subject.lower(), agent, action],
     )
-    return None if row is None else _lock(row)
-
-
-def _page(token: str) -> tuple[int, str] | None:
-    if not token:
-        return None
-    at, _, key = token.partition(":")
-    try:
-        value = int(at)
-    except ValueError:
-        raise InvalidArgument("page token is not valid") from None
-    if not 0 <= value < 2**63:
-        raise InvalidArgument("page token is not valid")
-    return value, key
+    return None if row is None else rec.lock(row)
 
 
 _REQUEST_INSERT = (
-    "INSERT INTO requests (id, subject, agent, action, duration_ms, reason, state, rule, "
-    "approvals_required, approver_groups, created_at, pending_expires_at, decided_at, "
-    "decided_by, decision_reason, grant_id, plan, ticket, start_at, selector, grant_ids, "
-    "reused, extends_grant_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    f"INSERT INTO requests ({rec.columns(rec.REQUEST_COLUMNS)}) "
+    f"VALUES ({','.join('?' * len(rec.REQUEST_COLUMNS))})"
 )
 _GRANT_INSERT = (
-    f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES ({','.join('?' * len(rec.GRANT_COLUMNS))})"
 )
 _COMMAND_INSERT = (
     "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
     "VALUES (?,?,?,?,?,?)"
 )
-
-
-def _request_row(r: Request) -> tuple[Any, ...]:
-    return (
-        r.id, r.subject, r.agent, r.action, r.duration // timedelta(milliseconds=1),
-        r.reason, r.state.value, r.rule, r.approvals_required,
-        json.dumps(list(r.approver_groups)), to_ms(r.created_at),
-        _ms(r.pending_expires_at), _ms(r.decided_at), r.decided_by, r.decision_reason,
-        r.grant_id, plan_json(r.plan), r.ticket, _ms(r.start_at),
-        json.dumps(r.selector) if r.selector else "",
-        json.dumps(list(r.grant_ids)) if r.grant_ids else "", int(r.reused), r.extends_grant_id,
-    )  # fmt: skip
-
-
-def _grant_row(g: Grant) -> tuple[Any, ...]:
-    return (
-        g.id, g.request_id, g.agent, g.subject, g.action, to_ms(g.not_before),
-        to_ms(g.not_after), g.state.value, g.offline.mode.value,
-        g.offline.grace // timedelta(milliseconds=1), to_ms(g.created_at),
-        _ms(g.ended_at), g.ended_by, g.end_reason, g.grant_seq, g.revoke_seq,
-        _ms(g.applied_at), g.failure, g.epoch, g.extensions, _ms(g.original_not_after),
-    )  # fmt: skip
 
 
 class SqliteTx:
@@ -416,8 +286,27 @@ class SqliteTx:
     def __init__(self, store: SqliteStore, conn: Connection) -> None:
         self._store = store
         self._conn = conn
-        self.head_seq, self.head_hash = store.head
+        # The audit chain's head, read from the database at this transaction's first audit
+        # event (under the write lock, so no other writer moves it meanwhile).
+        self._head: tuple[int, str] | None = None
         self.new_audit: list[AuditEvent] = []
+
+    async def _audit_head(self) -> tuple[int, str]:
+        if self._head is None:
+            self._head = await _audit_head(self._conn)
+        return self._head
+
+    async def live_grants(self, agent: str) -> list[Grant]:
+        return await _live_grants(self._conn, agent)
+
+    async def agent_for_credential(self, credential_hash: str) -> str | None:
+        return await _agent_for_credential(self._conn, credential_hash)
+
+    async def user_groups(self, name: str) -> frozenset[str] | None:
+        return await _user_groups(self._conn, name)
+
+    async def get_meta(self, key: str) -> str | None:
+        return await _get_meta(self._conn, key)
 
     async def get_request(self, request_id: str) -> Request | None:
         return await _get_request(self._conn, request_id)
@@ -429,7 +318,7 @@ class SqliteTx:
         return await _get_agent(self._conn, name)
 
     async def insert_request(self, r: Request) -> None:
-        await self._conn.execute(_REQUEST_INSERT, _request_row(r))
+        await self._conn.execute(_REQUEST_INSERT, rec.request_values(r))
 
     async def decide_request(
         self,
@@ -463,22 +352,20 @@ class SqliteTx:
             self._conn,
             f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.removed_at IS NULL ORDER BY a.name",
         )
-        return [_agent(r) for r in rows]
+        return [rec.agent(r) for r in rows]
 
     async def insert_review(self, request_id: str, review: Review) -> bool:
-        try:
-            await self._conn.execute(
-                "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, "
-                "groups) VALUES (?,?,?,?,?,?)",
-                (request_id, review.reviewer, review.decision.value, review.reason,
-                 to_ms(review.reviewed_at), json.dumps(list(review.groups))),
-            )  # fmt: skip
-        except sqlite3.IntegrityError:
-            return False
-        return True
+        """False when this reviewer has reviewed the request already."""
+        cur = await self._conn.execute(
+            "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, "
+            "groups) VALUES (?,?,?,?,?,?) ON CONFLICT (request_id, reviewer) DO NOTHING",
+            (request_id, review.reviewer, review.decision.value, review.reason,
+             to_ms(review.reviewed_at), json.dumps(list(review.groups))),
+        )  # fmt: skip
+        return cur.rowcount == 1
 
     async def insert_grant(self, g: Grant) -> None:
-        await self._conn.execute(_GRANT_INSERT, _grant_row(g))
+        await self._conn.execute(_GRANT_INSERT, rec.grant_values(g))
 
     async def move_grant(
         self,
@@ -486,13 +373,13 @@ class SqliteTx:
         *,
         expected: Iterable[GrantState],
         state: GrantState,
-        **fields: Any,
+        change: GrantChange = NO_CHANGE,
     ) -> bool:
-        """Compare-and-set the grant's state, with extra column updates (instants as datetimes).
-        Only steps of the grant lifecycle (`GRANT_TRANSITIONS`) may be asked for."""
+        """Compare-and-set the grant's state, with the columns `change` sets. Only steps of the
+        grant lifecycle (`GRANT_TRANSITIONS`) may be asked for."""
         expected = list(expected)
         states = [s.value for s in expected]
-        sets, args = _grant_sets(expected, state, fields)
+        sets, args = _grant_sets(expected, state, change)
         marks = ",".join("?" * len(states))
         cur = await self._conn.execute(
             f"UPDATE grants SET {sets} WHERE id = ? AND state IN ({marks})",
@@ -512,7 +399,7 @@ class SqliteTx:
         )
         if row is None:
             raise Conflict(f"agent {agent} is not enrolled")
-        seq = int(row[0])
+        seq = int(row["last_seq"])
         await self._conn.execute(
             _COMMAND_INSERT, (agent, seq, kind.value, grant_id, revoke_reason, to_ms(at))
         )
@@ -549,11 +436,11 @@ class SqliteTx:
 
     async def insert_requests(self, requests: Sequence[Request]) -> None:
         """`insert_request` for many requests, one statement for all (group commit)."""
-        await self._conn.executemany(_REQUEST_INSERT, [_request_row(r) for r in requests])
+        await self._conn.executemany(_REQUEST_INSERT, [rec.request_values(r) for r in requests])
 
     async def insert_grants(self, grants: Sequence[Grant]) -> None:
         """`insert_grant` for many grants, one statement for all (group commit)."""
-        await self._conn.executemany(_GRANT_INSERT, [_grant_row(g) for g in grants])
+        await self._conn.executemany(_GRANT_INSERT, [rec.grant_values(g) for g in grants])
 
     async def append_commands(
         self, commands: Sequence[tuple[str, CommandKind, str, datetime]], revoke_reason: str = ""
@@ -630,7 +517,7 @@ class SqliteTx:
                 f"SELECT {_GRANT_COLUMNS} FROM grants WHERE id IN ({','.join('?' * len(chunk))})",
                 chunk,
             )
-            found.update((r[0], _grant(r)) for r in rows)
+            found.update((r["id"], rec.grant(r)) for r in rows)
         return found
 
     # Locks.
@@ -641,7 +528,7 @@ class SqliteTx:
             f"INSERT INTO locks ({_LOCK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 lock.id, t.subject, t.agent, t.action, lock.reason, lock.created_by,
-                to_ms(lock.created_at), _ms(lock.expires_at), None, "", "",
+                to_ms(lock.created_at), rec.ms(lock.expires_at), None, "", "",
             ),
         )  # fmt: skip
 
@@ -655,7 +542,7 @@ class SqliteTx:
 
     async def get_lock(self, lock_id: str) -> Lock | None:
         row = await _one(self._conn, f"SELECT {_LOCK_COLUMNS} FROM locks WHERE id = ?", [lock_id])
-        return None if row is None else _lock(row)
+        return None if row is None else rec.lock(row)
 
     async def lock_in_force(
         self, subject: str, agent: str, action: str, now: datetime
@@ -669,7 +556,7 @@ class SqliteTx:
             "AND (expires_at IS NULL OR expires_at > ?) ORDER BY created_at, id",
             [to_ms(now)],
         )
-        return [_lock(r) for r in rows]
+        return [rec.lock(r) for r in rows]
 
     async def locked_grants(self, target: LockTarget, states: Iterable[GrantState]) -> list[Grant]:
         """Grants in `states` that the target matches, on agents still enrolled, per agent in
@@ -678,16 +565,12 @@ class SqliteTx:
         wanted = [s.value for s in states]
         rows = await _all(
             self._conn,
-            f"SELECT {_GRANT_COLUMNS_G} FROM grants g JOIN agents a ON a.name = g.agent "
+            f"SELECT {_GRANT_COLUMNS_OF_G} FROM grants g JOIN agents a ON a.name = g.agent "
             f"WHERE a.removed_at IS NULL AND g.state IN ({','.join('?' * len(wanted))}) {where} "
             "ORDER BY g.agent, g.grant_seq",
             [*wanted, *args],
         )
-        return [_grant(r) for r in rows]
-
-    async def user_groups(self, name: str) -> frozenset[str] | None:
-        row = await _one(self._conn, "SELECT groups FROM users WHERE name = ?", [name])
-        return None if row is None else frozenset(json.loads(row[0]))
+        return [rec.grant(r) for r in rows]
 
     async def pending_requests(self) -> list[Request]:
         """Every PENDING request, oldest first (a new policy judges them all)."""
@@ -696,8 +579,8 @@ class SqliteTx:
             f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'PENDING' "
             "ORDER BY r.created_at, r.id",
         )
-        reviews = await _reviews(self._conn, [r[0] for r in rows])
-        return [_request(r, reviews.get(r[0], ())) for r in rows]
+        reviews = await _reviews(self._conn, [r["id"] for r in rows])
+        return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
 
     async def locked_requests(self, target: LockTarget) -> list[Request]:
         """Pending requests the target matches."""
@@ -708,8 +591,8 @@ class SqliteTx:
             "ORDER BY r.created_at, r.id",
             args,
         )
-        reviews = await _reviews(self._conn, [r[0] for r in rows])
-        return [_request(r, reviews.get(r[0], ())) for r in rows]
+        reviews = await _reviews(self._conn, [r["id"] for r in rows])
+        return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
 
     async def append_revokes(
         self, grants: Sequence[Grant], at: datetime, revoke_reason: str
@@ -748,18 +631,29 @@ class SqliteTx:
 
     async def agent_seen(
         self, name: str, at: datetime, *, labels: dict[str, str] | None = None,
-        version: str | None = None, boot_id: str | None = None,
+        version: str | None = None, boot_id: str | None = None, replica: str | None = None,
     ) -> None:  # fmt: skip
         await self._conn.execute(
             "UPDATE agents SET last_seen_at = ?, labels = COALESCE(?, labels), "
-            "version = COALESCE(?, version), boot_id = COALESCE(?, boot_id) WHERE name = ?",
+            "version = COALESCE(?, version), boot_id = COALESCE(?, boot_id), "
+            "replica = COALESCE(?, replica) WHERE name = ?",
             (
                 to_ms(at),
                 None if labels is None else json.dumps(labels, sort_keys=True),
                 version,
                 boot_id,
+                replica,
                 name,
             ),
+        )
+
+    async def agent_left(self, name: str, replica: str, at: datetime) -> None:
+        """The agent's stream on `replica` ended: seen now, and held by no replica unless
+        another one took it meanwhile."""
+        await self._conn.execute(
+            "UPDATE agents SET last_seen_at = ?, "
+            "replica = CASE WHEN replica = ? THEN '' ELSE replica END WHERE name = ?",
+            [to_ms(at), replica, name],
         )
 
     async def remove_agent(self, name: str, at: datetime) -> bool:
@@ -775,10 +669,14 @@ class SqliteTx:
         expires_at: datetime | None, max_uses: int | None, replaces: str | None = None,
     ) -> None:  # fmt: skip
         await self._conn.execute(
-            "INSERT OR REPLACE INTO join_tokens "
+            # The same secret issued again (development mode's fixed token) starts afresh.
+            "INSERT INTO join_tokens "
             "(hash, labels, created_by, created_at, expires_at, max_uses, replaces) "
-            "VALUES (?,?,?,?,?,?,?)",
-            (token_hash, json.dumps(labels), by, to_ms(at), _ms(expires_at), max_uses, replaces),
+            "VALUES (?,?,?,?,?,?,?) ON CONFLICT (hash) DO UPDATE SET labels = excluded.labels, "
+            "created_by = excluded.created_by, created_at = excluded.created_at, "
+            "expires_at = excluded.expires_at, max_uses = excluded.max_uses, "
+            "replaces = excluded.replaces, uses = 0",
+            (token_hash, json.dumps(labels), by, to_ms(at), rec.ms(expires_at), max_uses, replaces),
         )
 
     async def use_join_token(self, token_hash: str, at: datetime) -> JoinToken | None:
@@ -787,12 +685,12 @@ class SqliteTx:
             self._conn,
             "UPDATE join_tokens SET uses = uses + 1 WHERE hash = ? AND revoked_at IS NULL "
             "AND (expires_at IS NULL OR expires_at > ?) AND (max_uses IS NULL OR uses < max_uses) "
-            "RETURNING labels, replaces, max_uses IS NULL",
+            "RETURNING labels, replaces, max_uses IS NULL AS reusable",
             [token_hash, to_ms(at)],
         )
         if row is None:
             return None
-        return JoinToken(dict(json.loads(row[0])), row[1], bool(row[2]))
+        return JoinToken(dict(json.loads(row["labels"])), row["replaces"], bool(row["reusable"]))
 
     async def revoke_join_token(self, token_id: str, at: datetime, by: str) -> bool:
         cur = await self._conn.execute(
@@ -826,9 +724,9 @@ class SqliteTx:
     ) -> bool:
         """Register a token hash; False when it was already registered."""
         cur = await self._conn.execute(
-            "INSERT OR IGNORE INTO tokens (hash, user_name, label, created_at, expires_at) "
-            "VALUES (?,?,?,?,?)",
-            (token_hash, user, label, to_ms(at), _ms(expires_at)),
+            "INSERT INTO tokens (hash, user_name, label, created_at, expires_at) "
+            "VALUES (?,?,?,?,?) ON CONFLICT (hash) DO NOTHING",
+            (token_hash, user, label, to_ms(at), rec.ms(expires_at)),
         )
         return cur.rowcount == 1
 
@@ -848,15 +746,17 @@ class SqliteTx:
     async def revoke_certificate(self, serial: str, at: datetime, by: str, reason: str) -> bool:
         """False when the serial was revoked before."""
         cur = await self._conn.execute(
-            "INSERT OR IGNORE INTO revoked_certificates (serial, revoked_at, revoked_by, reason) "
-            "VALUES (?,?,?,?)",
+            "INSERT INTO revoked_certificates (serial, revoked_at, revoked_by, reason) "
+            "VALUES (?,?,?,?) ON CONFLICT (serial) DO NOTHING",
             (serial, to_ms(at), by, reason),
         )
         return cur.rowcount == 1
 
     async def insert_policy(self, text: str, sha256: str, at: datetime, by: str) -> int:
-        row = await _one(self._conn, "SELECT COALESCE(MAX(version), 0) + 1 FROM policies")
-        version = int(row[0])
+        row = await _one(
+            self._conn, "SELECT COALESCE(MAX(version), 0) + 1 AS version FROM policies"
+        )
+        version = int(row["version"])
         await self._conn.execute(
             "INSERT INTO policies (version, yaml, sha256, applied_at, applied_by) "
             "VALUES (?,?,?,?,?)",
@@ -874,37 +774,8 @@ class SqliteTx:
     async def audit(self, entry: AuditEntry) -> AuditEvent | None:
         """Append an event to the hash chain. Returns None (and writes nothing) when an event
         with the same id is already stored: agent events are stored exactly once."""
-        event = AuditEvent(
-            seq=self.head_seq + 1,
-            id=entry.id,
-            at=from_ms(to_ms(entry.at)),
-            actor=entry.actor,
-            kind=entry.kind,
-            subject=entry.subject,
-            agent=entry.agent,
-            request_id=entry.request_id,
-            grant_id=entry.grant_id,
-            details=dict(entry.details),
-            prev_hash=self.head_hash,
-            hash="",
-        )
-        event = replace(event, hash=event_hash(event))
-        # One statement: a stored id makes it insert nothing (and the head stays where it is).
-        cur = await self._conn.execute(
-            f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
-            "ON CONFLICT (id) DO NOTHING",
-            (
-                event.seq, event.id, to_ms(event.at), event.actor, event.kind, event.subject,
-                event.agent, event.request_id, event.grant_id, _details_json(event.details),
-                event.prev_hash, event.hash,
-            ),
-        )  # fmt: skip
-        if cur.rowcount != 1:
-            return None
-        self.head_seq, self.head_hash = event.seq, event.hash
-        self.new_audit.append(event)
-        await self._outbox([event])
-        return event
+        events = await self.audit_many([entry])
+        return events[0] if events else None
 
     async def _outbox(self, events: Sequence[AuditEvent]) -> None:
         """Notifiable events go to the outbox in the audit event's own transaction."""
@@ -964,13 +835,13 @@ class SqliteTx:
         *,
         expected: Iterable[GrantState],
         state: GrantState,
-        **fields: Any,
+        change: GrantChange = NO_CHANGE,
     ) -> set[str]:
         """`move_grant` for many grants at once (one statement per chunk, not one per grant).
         Returns the ids that were in an expected state and moved."""
         expected = list(expected)
         states = [s.value for s in expected]
-        sets, args = _grant_sets(expected, state, fields)
+        sets, args = _grant_sets(expected, state, change)
         moved: set[str] = set()
         marks = ",".join("?" * len(states))
         for first in range(0, len(grant_ids), _CHUNK):
@@ -981,32 +852,23 @@ class SqliteTx:
                 f"AND state IN ({marks}) RETURNING id",
                 [*args, *chunk, *states],
             )
-            moved.update(row[0] for row in rows)
+            moved.update(row["id"] for row in rows)
         return moved
 
     async def audit_many(self, entries: Sequence[AuditEntry]) -> list[AuditEvent]:
         """`audit` for many entries, in order, as one batch: the chain is the same as entry by
         entry. Entries whose id is already stored are skipped."""
-        events, rows = _chain(entries, self.head_seq, self.head_hash, set())
+        if not entries:
+            return []
+        # Which ids are stored already (agent events sent again), then one executemany: two
+        # statements whatever the batch, and the same two on every store.
+        stored = await self._stored_audit_ids([entry.id for entry in entries])
+        head_seq, head_hash = await self._audit_head()
+        events, rows = rec.chain(entries, head_seq, head_hash, stored)
         if not rows:
             return []
-        # One executemany for the batch. Ids are almost always fresh (the coordinator's own are
-        # random), so the batch is tried as it is, inside a savepoint; only when an id turns out
-        # to be stored already is it rolled back and chained again without the stored ones.
-        await self._conn.execute("SAVEPOINT audit_many")
-        try:
-            await self._conn.executemany(_AUDIT_INSERT, rows)
-        except sqlite3.IntegrityError:
-            await self._conn.execute("ROLLBACK TO audit_many")
-            await self._conn.execute("RELEASE audit_many")
-            stored = await self._stored_audit_ids([entry.id for entry in entries])
-            events, rows = _chain(entries, self.head_seq, self.head_hash, stored)
-            if not rows:
-                return []
-            await self._conn.executemany(_AUDIT_INSERT, rows)
-        else:
-            await self._conn.execute("RELEASE audit_many")
-        self.head_seq, self.head_hash = events[-1].seq, events[-1].hash
+        await self._conn.executemany(_AUDIT_INSERT, rows)
+        self._head = (events[-1].seq, events[-1].hash)
         self.new_audit.extend(events)
         await self._outbox(events)
         return events
@@ -1020,16 +882,16 @@ class SqliteTx:
                 f"SELECT id FROM audit WHERE id IN ({','.join('?' * len(chunk))})",
                 chunk,
             )
-            stored.update(row[0] for row in rows)
+            stored.update(row["id"] for row in rows)
         return stored
 
     async def move_due_grants(
-        self, now: datetime, limit: int, *, state: GrantState, **fields: Any
+        self, now: datetime, limit: int, *, state: GrantState, change: GrantChange = NO_CHANGE
     ) -> list[Moved]:
         """Compare-and-set up to `limit` grants past their not_after that may still expire
         (PENDING_DELIVERY, ACTIVE, REVOKING) to `state`, set-based: one UPDATE ... RETURNING per
         state left, no row read into Python before it moves."""
-        sets, args = _grant_sets(list(_DUE_GRANT_STATES), state, fields)
+        sets, args = _grant_sets(list(_DUE_GRANT_STATES), state, change)
         moved: list[Moved] = []
         for was in _DUE_GRANT_STATES:
             if len(moved) >= limit:
@@ -1037,13 +899,16 @@ class SqliteTx:
             # The repeated IN list lets SQLite use the partial index grants_live.
             rows = await _all(
                 self._conn,
-                f"UPDATE grants SET {sets} WHERE rowid IN (SELECT rowid FROM grants "
+                f"UPDATE grants SET {sets} WHERE id IN (SELECT id FROM grants "
                 f"WHERE state IN ({_DUE_GRANT_IN}) AND state = ? AND not_after <= ? "
                 "ORDER BY not_after LIMIT ?) RETURNING id, request_id, agent, subject, action",
                 [*args, was.value, to_ms(now), limit - len(moved)],
             )
             w = was.value
-            moved.extend(Moved(r[0], r[1], r[2], r[3], r[4], w) for r in rows)
+            moved.extend(
+                Moved(r["id"], r["request_id"], r["agent"], r["subject"], r["action"], w)
+                for r in rows
+            )
         return moved
 
     async def move_due_requests(
@@ -1055,75 +920,29 @@ class SqliteTx:
         rows = await _all(
             self._conn,
             "UPDATE requests SET state = ?, decided_at = ?, decided_by = ?, decision_reason = ? "
-            "WHERE rowid IN (SELECT rowid FROM requests WHERE state = 'PENDING' "
+            "WHERE id IN (SELECT id FROM requests WHERE state = 'PENDING' "
             "AND pending_expires_at <= ? ORDER BY pending_expires_at LIMIT ?) "
             "RETURNING id, agent, subject, action",
             [state.value, to_ms(now), by, reason, to_ms(now), limit],
         )
-        return [Moved(r[0], "", r[1], r[2], r[3], RequestState.PENDING.value) for r in rows]
+        pending = RequestState.PENDING.value
+        return [Moved(r["id"], "", r["agent"], r["subject"], r["action"], pending) for r in rows]
 
 
 def _grant_sets(
-    expected: Sequence[GrantState], state: GrantState, fields: dict[str, Any]
+    expected: Sequence[GrantState], state: GrantState, change: GrantChange
 ) -> tuple[str, list[Any]]:
-    """The SET clause (and its arguments) of a grant compare-and-set; only lifecycle steps and
-    updatable columns are allowed (staying in the same state updates columns only)."""
+    """The SET clause (and its arguments) of a grant compare-and-set; only lifecycle steps are
+    allowed (staying in the same state updates columns only)."""
     for current in expected:
         if state is not current and state not in GRANT_TRANSITIONS[current]:
             raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
     sets = ["state = ?"]
     args: list[Any] = [state.value]
-    for column, value in fields.items():
-        if column not in _GRANT_UPDATABLE:
-            raise ValueError(f"column {column} cannot be updated")
+    for column, value in rec.grant_change(change):
         sets.append(f"{column} = ?")
-        args.append(to_ms(value) if isinstance(value, datetime) else value)
+        args.append(value)
     return ", ".join(sets), args
-
-
-def _chain(
-    entries: Sequence[AuditEntry], seq: int, prev: str, skip: set[str]
-) -> tuple[list[AuditEvent], list[tuple[Any, ...]]]:
-    """The audit events (and their rows) that extend the chain at (seq, prev) with `entries`,
-    leaving out ids in `skip` and repeated ids. Pure Python, per entry only what differs: the
-    instant's and the details' encodings are reused across entries that share them (a sweep's
-    entries share the instant and a few details shapes)."""
-    events: list[AuditEvent] = []
-    rows: list[tuple[Any, ...]] = []
-    seen = set(skip)
-    instants: dict[datetime, tuple[int, datetime]] = {}
-    shapes: dict[tuple[tuple[str, str], ...], tuple[str, str]] = {}
-    for entry in entries:
-        if entry.id in seen:
-            continue
-        seen.add(entry.id)
-        instant = instants.get(entry.at)
-        if instant is None:
-            at_ms = to_ms(entry.at)
-            instant = instants[entry.at] = (at_ms, from_ms(at_ms))
-        key = tuple(entry.details.items())
-        shape = shapes.get(key)
-        if shape is None:
-            shape = shapes[key] = (canonical_details(entry.details), _details_json(entry.details))
-        seq += 1
-        digest = chain_hash(
-            seq, entry.id, instant[0], entry.actor, entry.kind, entry.subject, entry.agent,
-            entry.request_id, entry.grant_id, shape[0], prev,
-        )  # fmt: skip
-        events.append(
-            AuditEvent(
-                seq, entry.id, instant[1], entry.actor, entry.kind, entry.subject, entry.agent,
-                entry.request_id, entry.grant_id, dict(entry.details), prev, digest,
-            )
-        )  # fmt: skip
-        rows.append(
-            (
-                seq, entry.id, instant[0], entry.actor, entry.kind, entry.subject, entry.agent,
-                entry.request_id, entry.grant_id, shape[1], prev, digest,
-            )
-        )  # fmt: skip
-        prev = digest
-    return events, rows
 
 
 # Grant states the expiry sweep moves, in the order it takes them.
@@ -1135,15 +954,9 @@ _AUDIT_INSERT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?
 # Commits between WAL checkpoints (each commit adds a few pages to the WAL).
 CHECKPOINT_EVERY = 200
 
-# The same text as json.dumps(..., sort_keys=True), without building an encoder per call.
-_details_json = json.JSONEncoder(sort_keys=True).encode
 
 # Ids per statement in batched updates and lookups (well under SQLite's variable limit).
 _CHUNK = 500
-
-_GRANT_UPDATABLE = frozenset(
-    {"ended_at", "ended_by", "end_reason", "applied_at", "failure", "epoch"}
-)
 
 
 class SqliteStore:
@@ -1152,7 +965,6 @@ class SqliteStore:
         self._writer = writer
         self._reader = reader
         self._lock = asyncio.Lock()
-        self.head: tuple[int, str] = (0, GENESIS)
         self._commits = 0
         self._checkpointing: asyncio.Task[None] | None = None
         # Told how long each committed write transaction took, from BEGIN to COMMIT, in
@@ -1170,11 +982,7 @@ class SqliteStore:
         await asyncio.to_thread(migrate, path)
         writer = await _connect(path)
         reader = await _connect(path)
-        store = cls(path, writer, reader)
-        row = await _one(writer, "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-        if row is not None:
-            store.head = (int(row[0]), str(row[1]))
-        return store
+        return cls(path, writer, reader)
 
     async def close(self) -> None:
         if self._checkpointing is not None:
@@ -1190,8 +998,11 @@ class SqliteStore:
         Cancel-safe: BEGIN, COMMIT and ROLLBACK run in aiosqlite's thread whatever happens to
         the awaiting task, so they are awaited to their end and the cancellation re-raised
         after. Otherwise a caller cancelled at the wrong moment (a client opening and cancelling
-        streams as fast as it can) left a transaction open behind a released lock, or a commit
-        without the head moving, and every later write failed."""
+        streams as fast as it can) left a transaction open behind a released lock, and every
+        later write failed.
+
+        One writer at a time never meets a serialization failure, so nothing here is retried;
+        prefer `write`, which is the same on every store."""
         async with self._lock:
             began = time.monotonic()
             try:
@@ -1206,18 +1017,15 @@ class SqliteStore:
                 await _to_the_end(self._writer.execute("COMMIT"))
             except asyncio.CancelledError:
                 # `_to_the_end` raises this only after the statement succeeded: committed, then
-                # cancelled. The head moves with what was stored.
-                self.head = (tx.head_seq, tx.head_hash)
+                # cancelled.
                 self._commits += 1
                 raise
             except BaseException:
                 # The commit failed. SQLite rolls back by itself on an I/O error or a full disk
-                # (the transaction is then no longer open); otherwise roll back here. Either
-                # way nothing was stored, so the head stays where it was.
+                # (the transaction is then no longer open); otherwise roll back here.
                 if self._writer.in_transaction:
                     await _to_the_end(self._writer.execute("ROLLBACK"))
                 raise
-            self.head = (tx.head_seq, tx.head_hash)
             self._commits += 1
             if self.observe_transaction is not None:
                 self.observe_transaction(time.monotonic() - began)
@@ -1227,7 +1035,85 @@ class SqliteStore:
                 # Owned by the store and awaited by `close`; it never raises (failures are logged).
                 self._checkpointing = asyncio.create_task(asyncio.to_thread(_checkpoint, self.path))
 
+    async def write(self, work: Callable[[SqliteTx], Awaitable[T]]) -> T:
+        """Run `work` in one write transaction and commit (see `Store.write`). With one writer
+        there is no serialization failure to retry: `work` runs once."""
+        async with self.transaction() as tx:
+            return await work(tx)
+
+    # Replicas and shared secrets.
+
+    async def replica_seen(
+        self, replica: str, address: str, version: str, started_at: datetime, at: datetime
+    ) -> None:
+        """Record that `replica` runs (at start, and then periodically)."""
+        async with self.transaction() as tx:
+            await tx._conn.execute(
+                "INSERT INTO replicas (id, address, version, started_at, last_seen_at) "
+                "VALUES (?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET address = excluded.address, "
+                "version = excluded.version, started_at = excluded.started_at, "
+                "last_seen_at = excluded.last_seen_at",
+                [replica, address, version, to_ms(started_at), to_ms(at)],
+            )
+            if started_at == at:
+                # Started now: no agent stream is held by this replica yet (a crash left some).
+                await tx._conn.execute(
+                    "UPDATE agents SET replica = '' WHERE replica = ?", [replica]
+                )
+
+    async def list_replicas(self) -> list[ReplicaInfo]:
+        rows = await _all(
+            self._reader,
+            "SELECT id, address, version, started_at, last_seen_at FROM replicas ORDER BY id",
+        )
+        return [rec.replica(r) for r in rows]
+
+    async def get_secret(self, name: str) -> bytes | None:
+        row = await _one(self._reader, "SELECT ciphertext FROM secrets WHERE name = ?", [name])
+        return None if row is None else bytes(row["ciphertext"])
+
+    async def put_secret(
+        self, name: str, ciphertext: bytes, at: datetime, *, replace: bool = True
+    ) -> bool:
+        """Store a secret; with `replace=False` only if none is stored under `name` yet (the
+        first replica to create it wins). True when stored."""
+        conflict = (
+            "DO UPDATE SET ciphertext = excluded.ciphertext, updated_at = excluded.updated_at"
+            if replace
+            else "DO NOTHING"
+        )
+        async with self.transaction() as tx:
+            cur = await tx._conn.execute(
+                "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (?,?,?) "
+                f"ON CONFLICT (name) {conflict}",
+                [name, ciphertext, to_ms(at)],
+            )
+        return cur.rowcount == 1
+
     # Reads: committed data only.
+
+    async def audit_head(self) -> tuple[int, str]:
+        return await _audit_head(self._reader)
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        async with self.transaction() as tx:
+            await tx._conn.execute(
+                "INSERT INTO checkpoints (seq, hash, at, key_id, signature) VALUES (?,?,?,?,?)",
+                (checkpoint.seq, checkpoint.hash, to_ms(checkpoint.at), checkpoint.key_id,
+                 checkpoint.signature),
+            )  # fmt: skip
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        rows = await _all(
+            self._reader, f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY id"
+        )
+        return [rec.checkpoint(r) for r in rows]
+
+    async def last_checkpoint(self) -> Checkpoint | None:
+        row = await _one(
+            self._reader, f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY id DESC LIMIT 1"
+        )
+        return None if row is None else rec.checkpoint(row)
 
     async def get_request(self, request_id: str) -> Request | None:
         return await _get_request(self._reader, request_id)
@@ -1244,9 +1130,9 @@ class SqliteStore:
             page_token,
             limit,
         )
-        reviews = await _reviews(self._reader, [r[0] for r in rows])
-        requests = [_request(r, reviews.get(r[0], ())) for r in rows]
-        return requests, _next_token(requests, more)
+        reviews = await _reviews(self._reader, [r["id"] for r in rows])
+        requests = [rec.request(r, reviews.get(r["id"], ())) for r in rows]
+        return requests, rec.next_page(requests, more)
 
     async def get_grant(self, grant_id: str) -> Grant | None:
         return await _get_grant(self._reader, grant_id)
@@ -1263,7 +1149,9 @@ class SqliteStore:
             "AND r.rule = ? AND r.decided_by LIKE 'policy:%'",
             [to_ms(since), subject, rule],
         )
-        return [(from_ms(a), from_ms(b), _at(c)) for a, b, c in rows]
+        return [
+            (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
+        ]
 
     async def list_grants(
         self, *, states: Sequence[GrantState], subject: str, agent: str, limit: int,
@@ -1277,8 +1165,8 @@ class SqliteStore:
             page_token,
             limit,
         )
-        grants = [_grant(r) for r in rows]
-        return grants, _next_token(grants, more)
+        grants = [rec.grant(r) for r in rows]
+        return grants, rec.next_page(grants, more)
 
     async def expiring_grants(self, after: datetime, until: datetime, limit: int) -> list[Grant]:
         # The repeated IN list lets SQLite use the partial index grants_live.
@@ -1288,16 +1176,10 @@ class SqliteStore:
             "AND state = 'ACTIVE' AND not_after > ? AND not_after <= ? ORDER BY not_after LIMIT ?",
             [to_ms(after), to_ms(until), limit],
         )
-        return [_grant(r) for r in rows]
+        return [rec.grant(r) for r in rows]
 
     async def live_grants(self, agent: str) -> list[Grant]:
-        rows = await _all(
-            self._reader,
-            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE agent = ? "
-            "AND state IN ('PENDING_DELIVERY', 'ACTIVE') ORDER BY grant_seq",
-            [agent],
-        )
-        return [_grant(r) for r in rows]
+        return await _live_grants(self._reader, agent)
 
     async def unremoved_grants(self, agent: str) -> list[Grant]:
         rows = await _all(
@@ -1306,7 +1188,7 @@ class SqliteStore:
             "AND state IN ('REVOKING', 'REVOKE_FAILED') ORDER BY revoke_seq",
             [agent],
         )
-        return [_grant(r) for r in rows]
+        return [rec.grant(r) for r in rows]
 
     async def get_agent(self, name: str) -> Agent | None:
         return await _get_agent(self._reader, name)
@@ -1329,7 +1211,7 @@ class SqliteStore:
             self._reader,
             f"SELECT state, COUNT(*) FROM grants WHERE ended_at >= ? AND state NOT IN ({marks}) "
             "GROUP BY state",
-            (_ms(ended_since), *live),
+            (rec.ms(ended_since), *live),
         ):
             grants[str(state)] = int(count)
         requests = {
@@ -1349,7 +1231,7 @@ class SqliteStore:
             self._reader,
             "SELECT COUNT(*) FROM locks WHERE lifted_at IS NULL "
             "AND (expires_at IS NULL OR expires_at > ?)",
-            (_ms(now),),
+            (rec.ms(now),),
         )
         policy = await _one(self._reader, "SELECT COALESCE(MAX(version), 0) FROM policies")
         return StatusCounts(
@@ -1367,15 +1249,10 @@ class SqliteStore:
             self._reader,
             f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.removed_at IS NULL ORDER BY a.name",
         )
-        return [_agent(r) for r in rows]
+        return [rec.agent(r) for r in rows]
 
     async def agent_for_credential(self, credential_hash: str) -> str | None:
-        row = await _one(
-            self._reader,
-            "SELECT name FROM agents WHERE credential_hash = ? AND removed_at IS NULL",
-            [credential_hash],
-        )
-        return None if row is None else str(row[0])
+        return await _agent_for_credential(self._reader, credential_hash)
 
     async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None:
         row = await _one(
@@ -1387,7 +1264,7 @@ class SqliteStore:
         )
         if row is None:
             return None
-        return Principal(name=row[0], groups=frozenset(json.loads(row[1])))
+        return Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
 
     async def list_tokens(self, user: str) -> list[TokenInfo]:
         rows = await _all(
@@ -1396,28 +1273,22 @@ class SqliteStore:
             "WHERE ? = '' OR user_name = ? ORDER BY created_at, hash",
             [user, user],
         )
-        return [
-            TokenInfo(str(r[0])[:16], r[1], r[2], from_ms(r[3]), _at(r[4]), _at(r[5])) for r in rows
-        ]
+        return [rec.token(r) for r in rows]
 
     async def list_join_tokens(self) -> list[JoinTokenInfo]:
-        rows = await _all(
+        tokens = await _all(
             self._reader,
-            "SELECT substr(j.hash, 1, 16), j.labels, COALESCE(j.replaces, ''), j.created_by, "
-            "j.created_at, j.expires_at, j.max_uses - j.uses, j.revoked_at, j.revoked_by, "
-            "(SELECT json_group_array(a.name) FROM agents a "
-            " WHERE a.join_token_id = substr(j.hash, 1, 16) AND a.removed_at IS NULL) "
-            "FROM join_tokens j ORDER BY j.created_at, j.hash",
-            [],
+            f"SELECT {rec.ENROLLMENT_COLUMNS} FROM join_tokens ORDER BY created_at, hash",
         )
-        return [
-            JoinTokenInfo(
-                r[0], dict(json.loads(r[1])), r[2], r[3], from_ms(r[4]), _at(r[5]),
-                None if r[6] is None else max(int(r[6]), 0), _at(r[7]), r[8],
-                tuple(sorted(json.loads(r[9]))),
-            )
-            for r in rows
-        ]  # fmt: skip
+        agents = await _all(
+            self._reader,
+            "SELECT name, join_token_id FROM agents "
+            "WHERE removed_at IS NULL AND join_token_id <> ''",
+        )
+        used: dict[str, list[str]] = {}
+        for a in agents:
+            used.setdefault(a["join_token_id"], []).append(a["name"])
+        return [rec.join_token_info(t, used.get(t["id"], ())) for t in tokens]
 
     async def principal_for_user(self, name: str, serial: str) -> Principal | None:
         """The enabled user a client certificate names, unless that certificate was revoked."""
@@ -1427,7 +1298,9 @@ class SqliteStore:
             "AND NOT EXISTS (SELECT 1 FROM revoked_certificates WHERE serial = ?)",
             [name, serial],
         )
-        return None if row is None else Principal(name=row[0], groups=frozenset(json.loads(row[1])))
+        if row is None:
+            return None
+        return Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
 
     async def get_user(self, name: str) -> UserInfo | None:
         row = await _one(
@@ -1435,15 +1308,10 @@ class SqliteStore:
             "SELECT name, groups, disabled, created_at, managed_by FROM users WHERE name = ?",
             [name],
         )
-        if row is None:
-            return None
-        return UserInfo(
-            row[0], tuple(sorted(json.loads(row[1]))), bool(row[2]), from_ms(row[3]), row[4]
-        )
+        return None if row is None else rec.user(row)
 
     async def user_groups(self, name: str) -> frozenset[str] | None:
-        row = await _one(self._reader, "SELECT groups FROM users WHERE name = ?", [name])
-        return None if row is None else frozenset(json.loads(row[0]))
+        return await _user_groups(self._reader, name)
 
     async def commands_after(self, agent: str, seq: int, limit: int) -> list[Command]:
         # A grant command the agent has refused (acked FAILED or REJECTED) is never sent again:
@@ -1452,25 +1320,40 @@ class SqliteStore:
         # its restart, for a grant the coordinator shows as failed.
         rows = await _all(
             self._reader,
-            f"SELECT c.seq, c.kind, c.revoke_reason, {_GRANT_COLUMNS_G} "
+            f"SELECT c.seq AS c_seq, c.kind AS c_kind, c.revoke_reason AS c_revoke_reason, "
+            f"{_GRANT_COLUMNS_G} "
             "FROM commands c JOIN grants g ON g.id = c.grant_id "
             "WHERE c.agent = ? AND c.seq > ? "
             "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
             "ORDER BY c.seq LIMIT ?",
             [agent, seq, limit],
         )
-        return [Command(agent, r[0], CommandKind(r[1]), _grant(r[3:]), r[2]) for r in rows]
+        return [
+            Command(
+                agent,
+                r["c_seq"],
+                CommandKind(r["c_kind"]),
+                rec.grant(r, "g_"),
+                r["c_revoke_reason"],
+            )
+            for r in rows
+        ]
 
     async def first_unacked_seq(self, agent: str) -> int | None:
         row = await _one(
             self._reader,
             # A snapshot's own row is never resent (a new Hello gets a new snapshot), so an ack
             # of it lost in a crash must not hold the resume point back for ever.
-            "SELECT MIN(seq) FROM commands WHERE agent = ? AND acked_at IS NULL "
+            "SELECT MIN(seq) AS seq FROM commands WHERE agent = ? AND acked_at IS NULL "
             "AND kind <> 'snapshot'",
             [agent],
         )
-        return None if row is None or row[0] is None else int(row[0])
+        return None if row is None or row["seq"] is None else int(row["seq"])
+
+    async def policy_version(self) -> int:
+        """The newest policy version (0: none)."""
+        row = await _one(self._reader, "SELECT COALESCE(MAX(version), 0) AS v FROM policies")
+        return 0 if row is None else int(row["v"])
 
     async def current_policy(self) -> PolicyDocument | None:
         row = await _one(
@@ -1478,9 +1361,7 @@ class SqliteStore:
             "SELECT yaml, version, sha256, applied_at, applied_by FROM policies "
             "ORDER BY version DESC LIMIT 1",
         )
-        if row is None:
-            return None
-        return PolicyDocument(row[0], row[1], row[2], from_ms(row[3]), row[4])
+        return None if row is None else rec.policy(row)
 
     async def list_audit(
         self, *, since: datetime | None, agent: str, subject: str, kind: str, grant_id: str,
@@ -1500,7 +1381,7 @@ class SqliteStore:
             f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
             [*args, limit],
         )
-        return [_audit(r) for r in rows]
+        return [rec.audit(r) for r in rows]
 
     async def due_scheduled(self, now: datetime, limit: int) -> list[Request]:
         """SCHEDULED requests whose start has come, earliest first."""
@@ -1510,8 +1391,8 @@ class SqliteStore:
             "AND r.start_at <= ? ORDER BY r.start_at LIMIT ?",
             [to_ms(now), limit],
         )
-        reviews = await _reviews(self._reader, [r[0] for r in rows])
-        return [_request(r, reviews.get(r[0], ())) for r in rows]
+        reviews = await _reviews(self._reader, [r["id"] for r in rows])
+        return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
 
     async def requests_changed_after(self, after_seq: int, limit: int) -> list[tuple[str, int]]:
         """(request id, its latest audit seq) for requests with audit events after
@@ -1534,22 +1415,21 @@ class SqliteStore:
             f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
             [after_seq, limit],
         )
-        return [_audit(r) for r in rows]
+        return [rec.audit(r) for r in rows]
 
     async def next_deadline(self) -> datetime | None:
         row = await _one(
             self._reader,
-            "SELECT MIN(t) FROM ("
+            "SELECT MIN(t) AS t FROM ("
             "SELECT MIN(not_after) AS t FROM grants "
             "WHERE state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING') "
             "UNION ALL SELECT MIN(pending_expires_at) FROM requests WHERE state = 'PENDING' "
             "UNION ALL SELECT MIN(start_at) FROM requests WHERE state = 'SCHEDULED')",
         )
-        return None if row is None or row[0] is None else from_ms(int(row[0]))
+        return None if row is None or row["t"] is None else from_ms(int(row["t"]))
 
     async def get_meta(self, key: str) -> str | None:
-        row = await _one(self._reader, "SELECT value FROM meta WHERE key = ?", [key])
-        return None if row is None else str(row[0])
+        return await _get_meta(self._reader, key)
 
     async def list_locks(self, *, include_ended: bool, now: datetime) -> list[Lock]:
         sql = f"SELECT {_LOCK_COLUMNS} FROM locks"
@@ -1558,7 +1438,7 @@ class SqliteStore:
             sql += " WHERE lifted_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
             args.append(to_ms(now))
         rows = await _all(self._reader, sql + " ORDER BY created_at DESC, id DESC LIMIT 1000", args)
-        return [_lock(r) for r in rows]
+        return [rec.lock(r) for r in rows]
 
     async def lock_in_force(
         self, subject: str, agent: str, action: str, now: datetime
@@ -1576,7 +1456,7 @@ async def _newest_first(
 ) -> tuple[list[Any], bool]:
     """One page of rows, newest first, after the page token; and whether more follow."""
     where, args = _filters(filters)
-    after = _page(page_token)
+    after = rec.page(page_token)
     if after:
         where.append(f"({alias}created_at, {alias}id) < (?, ?)")
         args.extend(after)
@@ -1584,10 +1464,6 @@ async def _newest_first(
     order = f" ORDER BY {alias}created_at DESC, {alias}id DESC LIMIT ?"
     rows = await _all(conn, sql + order, [*args, limit + 1])
     return rows[:limit], len(rows) > limit
-
-
-def _next_token(items: Sequence[Request] | Sequence[Grant], more: bool) -> str:
-    return page_token_after(items[-1]) if more and items else ""
 
 
 def _filters(pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
@@ -1604,51 +1480,19 @@ def _filters(pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
     return where, args
 
 
-# Notifications: the outbox, receivers, deliveries and attempts.
+# Notifications: the outbox, receivers, deliveries and attempts (helpers shared by both stores
+# in rows.py).
 
-_OUTBOX_COLUMNS = "event_id, kind, at, actor, subject, agent, request_id, grant_id, details"
+_OUTBOX_COLUMNS = rec.OUTBOX_COLUMNS
 _OUTBOX_INSERT = (
     f"INSERT INTO outbox ({_OUTBOX_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?) "
     "ON CONFLICT (event_id) DO NOTHING"
 )
-_OUTBOX_CURSOR = "outbox_routed"
-
-
-def _route_json(route: Route) -> str:
-    return _details_json(
-        {
-            "kinds": list(route.kinds),
-            "labels": dict(route.labels),
-            "actions": list(route.actions),
-            "rules": list(route.rules),
-            "requester": route.requester,
-        }
-    )
-
-
-def _route(text: str) -> Route:
-    data = json.loads(text)
-    return Route(
-        kinds=tuple(data.get("kinds", ())),
-        labels=dict(data.get("labels", {})),
-        actions=tuple(data.get("actions", ())),
-        rules=tuple(data.get("rules", ())),
-        requester=bool(data.get("requester", False)),
-    )
-
-
-def _notice(row: Sequence[Any]) -> Notice:
-    return Notice(
-        id=row[0],
-        kind=NoticeKind(row[1]),
-        at=from_ms(row[2]),
-        actor=row[3],
-        subject=row[4],
-        agent=row[5],
-        request_id=row[6],
-        grant_id=row[7],
-        details=json.loads(row[8]),
-    )
+_OUTBOX_CURSOR = rec.OUTBOX_CURSOR
+_route_json = rec.route_json
+_route = rec.route
+_notice = rec.notice
+_details_json = rec.details_json
 
 
 class SqliteOutbox:
@@ -1830,8 +1674,8 @@ class SqliteOutbox:
                 r[3],
                 DeliveryState(r[4]),
                 int(r[5]),
-                _at(r[6]),
-                _at(r[7]) if r[4] == "PENDING" else None,
+                rec.at(r[6]),
+                rec.at(r[7]) if r[4] == "PENDING" else None,
                 r[8],
                 r[9],
                 r[10],

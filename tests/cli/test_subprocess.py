@@ -49,6 +49,7 @@ def test_console_script_lists_agents_as_json() -> None:
             "last_acked_seq": 7,
             "last_seq": 7,
             "active_grants": 1,
+            "replica": "",
         }
     ]
     assert result.stderr == ""

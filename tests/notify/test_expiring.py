@@ -11,6 +11,7 @@ from jitmesh.clock import FakeClock
 from jitmesh.types import GrantState
 from server.domain.expiring import ExpiryWarnings
 from server.domain.hub import Hub
+from server.domain.models import GrantChange
 from server.notify.webhook import WebhookVerifier
 from tests.notify.servers import HttpRecorder, Received
 from tests.notify.test_outbox import SECRET, add_webhook, kinds, running
@@ -41,7 +42,7 @@ async def test_each_grant_is_warned_once_before_it_ends(
         async with coordinator.store.transaction() as tx:
             moved = await tx.move_grant(
                 grant.id, expected=[GrantState.PENDING_DELIVERY], state=GrantState.ACTIVE,
-                applied_at=clock.now(),
+                change=GrantChange(applied_at=clock.now()),
             )  # fmt: skip
             assert moved
         warnings = coordinator.warnings

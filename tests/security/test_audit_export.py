@@ -22,8 +22,7 @@ async def export(env: Env, path: Path) -> list[dict[str, object]]:
     for _ in range(3):
         await env.alice.create_request(agent="web-1", action="logs", duration=timedelta(minutes=1))
     assert env.coordinator.checkpoints is not None
-    seq, head = env.coordinator.store.head
-    env.coordinator.checkpoints.append(seq, head, env.clock.now())
+    await env.coordinator.checkpoints.append(env.clock.now())
     code, stdout, stderr = await procs.jitctl(
         "--coordinator", env.address, "audit", "export", env={"JITMESH_TOKEN": TOKENS["admin"]}
     )

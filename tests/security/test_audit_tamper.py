@@ -4,7 +4,6 @@ what a hash chain alone cannot: a cut-off tail and a rewrite of the whole chain.
 
 from __future__ import annotations
 
-import base64
 import json
 import sqlite3
 from datetime import timedelta
@@ -25,8 +24,8 @@ async def chain(env: Env) -> tuple[int, str]:
         await env.alice.create_request(agent="web-1", action="logs", duration=MIN)
     coordinator = env.coordinator
     assert coordinator.checkpoints is not None
-    seq, head = coordinator.store.head
-    assert coordinator.checkpoints.append(seq, head, env.clock.now()) is not None
+    seq, head = await coordinator.store.audit_head()
+    assert await coordinator.checkpoints.append(env.clock.now()) is not None
     assert (await env.admin.verify_audit()).ok
     return seq, head
 
@@ -126,15 +125,19 @@ async def test_a_rewrite_of_the_whole_chain_is_caught_by_the_checkpoint(env: Env
 @pytest.mark.parametrize("change", ["signature", "hash"])
 async def test_a_forged_checkpoint_is_reported(env: Env, change: str) -> None:
     await chain(env)
-    assert env.coordinator.checkpoints is not None
-    path = env.coordinator.checkpoints.path
-    line = json.loads(path.read_text().splitlines()[-1])
+    last: tuple[object, ...] = sql(  # type: ignore[assignment]
+        env, "SELECT seq, hash, at, key_id, signature FROM checkpoints ORDER BY id DESC LIMIT 1"
+    )[0]
+    forged = list(last)
     if change == "signature":
-        line["signature"] = base64.b64encode(b"\x00" * 64).decode()
+        forged[4] = b"\x00" * 64
     else:
-        line["hash"] = "f" * 64
-    with path.open("a") as f:
-        f.write(json.dumps(line) + "\n")
+        forged[1] = "f" * 64
+    sql(
+        env,
+        "INSERT INTO checkpoints (seq, hash, at, key_id, signature) VALUES (?,?,?,?,?)",
+        tuple(forged),
+    )
     result = await env.admin.verify_audit()
     assert result.ok is False
     assert "forged" in result.problem

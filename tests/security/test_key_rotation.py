@@ -76,7 +76,7 @@ async def test_rotation_reaches_a_running_agent_and_keeps_its_grants(tmp_path: P
             await until(lambda: (access / "alice:logs").exists())
             old = set(json.loads((state / "signing_keys.json").read_text()))
 
-            new = coordinator.rotate_signing_key()
+            new = await coordinator.rotate_signing_key()
             await until(lambda: new in json.loads((state / "signing_keys.json").read_text()))
             assert set(json.loads((state / "signing_keys.json").read_text())) == old | {new}
             await until(lambda: coordinator.registry.connected("web-1"))
@@ -137,18 +137,28 @@ def test_rotate_signing_key_command_keeps_the_old_key_for_verification(
     assert keys[1].not_after is None
 
 
-def test_checkpoints_signed_by_a_long_retired_key_still_verify(tmp_path: Path) -> None:
+async def test_checkpoints_signed_by_a_long_retired_key_still_verify(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 
     from server.checkpoints import Checkpoints
+    from server.domain.models import AuditEntry
     from server.signing import SigningKeys
+    from server.store.sqlite import SqliteStore
 
     now = datetime.now(UTC)
     keys = SigningKeys.open(tmp_path, now)
-    checkpoints = Checkpoints(tmp_path, keys)
-    checkpoints.append(3, "a" * 64, now)
-    later = now + timedelta(days=30)
-    keys.rotate(now + timedelta(days=10))
-    keys.rotate(later)
-    assert checkpoints.verified() == ({3: "a" * 64}, [])
+    store = await SqliteStore.open(tmp_path / "c.db")
+    try:
+        async with store.transaction() as tx:
+            for _ in range(3):
+                await tx.audit(AuditEntry("test.event", "alice", now))
+        seq, head = await store.audit_head()
+        checkpoints = Checkpoints(store, keys)
+        await checkpoints.append(now)
+        later = now + timedelta(days=30)
+        keys.rotate(now + timedelta(days=10))
+        keys.rotate(later)
+        assert await checkpoints.verified() == ({seq: head}, [])
+    finally:
+        await store.close()
     assert len(keys.public_keys(later)) == 2  # the first key no longer verifies commands

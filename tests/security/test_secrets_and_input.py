@@ -70,7 +70,7 @@ async def test_a_canary_secret_appears_nowhere(env: Env, caplog: pytest.LogCaptu
     async with agent_link(env.address, credential + "x") as link:
         await link.send(agentlink_pb2.AgentMessage(hello=agentlink_pb2.Hello(agent="canary-1")))
         seen.append(str(await link.ended()))
-    await coordinator.store.close()  # flush the WAL into the files searched below
+    await coordinator.stop()  # closes the store: flushes the WAL into the files searched below
 
     secrets = [CANARY_TOKEN, CANARY_JOIN, credential]
     haystacks = {"logs": caplog.text, "errors": "\n".join(seen)}

@@ -145,7 +145,9 @@ async def test_the_same_command_acked_twice_in_one_batch_counts_in_order(env: En
                 await asyncio.sleep(0.01)
     await asyncio.gather(*acks)
     assert (await env.admin.get_grant(grant.id)).state is GrantState.REVOKED
-    rows = raw_sql(env.coordinator.store.path, "SELECT seq, ack_status FROM commands")
+    rows = raw_sql(
+        env.coordinator.config.data_dir / "coordinator.db", "SELECT seq, ack_status FROM commands"
+    )
     assert (seq, "APPLIED") in rows
     kinds = [e.kind for e in await env.admin.list_audit(grant_id=grant.id)]
     assert kinds[-2:] == ["grant.revoke_failed", "grant.revoked"]

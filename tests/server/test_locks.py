@@ -149,7 +149,12 @@ async def test_only_admins_lock(env: Env) -> None:
     lock, _, _ = await env.admin.create_lock(subject="alice", reason="INC-11")
     with pytest.raises(PermissionDeniedError):
         await env.bob.lift_lock(lock.id)
-    assert raw_sql(env.coordinator.store.path, "SELECT COUNT(*) FROM locks")[0][0] == 1
+    assert (
+        raw_sql(env.coordinator.config.data_dir / "coordinator.db", "SELECT COUNT(*) FROM locks")[
+            0
+        ][0]
+        == 1
+    )
 
 
 @pytest.mark.parametrize(
@@ -169,7 +174,12 @@ async def test_bad_locks_are_refused_and_change_nothing(
     args: dict[str, object] = {"reason": "INC-12", **fields}
     with pytest.raises(InvalidArgumentError, match=message):
         await env.admin.create_lock(**args)  # type: ignore[arg-type]
-    assert raw_sql(env.coordinator.store.path, "SELECT COUNT(*) FROM locks")[0][0] == 0
+    assert (
+        raw_sql(env.coordinator.config.data_dir / "coordinator.db", "SELECT COUNT(*) FROM locks")[
+            0
+        ][0]
+        == 0
+    )
 
 
 async def test_server_checks_lock_input_too(env: Env) -> None:
@@ -187,7 +197,12 @@ async def test_server_checks_lock_input_too(env: Env) -> None:
                     metadata=bearer(TOKENS["admin"]),
                 )
             assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert raw_sql(env.coordinator.store.path, "SELECT COUNT(*) FROM locks")[0][0] == 0
+    assert (
+        raw_sql(env.coordinator.config.data_dir / "coordinator.db", "SELECT COUNT(*) FROM locks")[
+            0
+        ][0]
+        == 0
+    )
 
 
 async def test_unknown_lock(env: Env) -> None:
@@ -208,7 +223,8 @@ async def test_grants_on_many_agents_are_revoked_in_one_lock(env: Env) -> None:
     _, revoked, _ = await env.admin.create_lock(action="restart", reason="bad release")
     assert revoked == 4
     rows = raw_sql(
-        env.coordinator.store.path, "SELECT agent, seq, kind FROM commands ORDER BY agent, seq"
+        env.coordinator.config.data_dir / "coordinator.db",
+        "SELECT agent, seq, kind FROM commands ORDER BY agent, seq",
     )
     assert rows == [
         ("db-1", 1, "grant"),
@@ -220,7 +236,10 @@ async def test_grants_on_many_agents_are_revoked_in_one_lock(env: Env) -> None:
         ("web-1", 5, "revoke"),
         ("web-1", 6, "revoke"),
     ]
-    assert raw_sql(env.coordinator.store.path, "SELECT last_seq FROM agents ORDER BY name") == [
+    assert raw_sql(
+        env.coordinator.config.data_dir / "coordinator.db",
+        "SELECT last_seq FROM agents ORDER BY name",
+    ) == [
         (2,),
         (6,),
     ]
@@ -245,9 +264,15 @@ async def test_a_lock_committed_after_the_callers_check_refuses_the_request(env:
     with pytest.raises(ConflictError, match="locked"):
         await creating
     assert await env.admin.list_requests() == []
-    assert raw_sql(env.coordinator.store.path, "SELECT COUNT(*) FROM commands")[0][0] == 0
+    assert (
+        raw_sql(
+            env.coordinator.config.data_dir / "coordinator.db", "SELECT COUNT(*) FROM commands"
+        )[0][0]
+        == 0
+    )
     assert raw_sql(
-        env.coordinator.store.path, "SELECT last_seq FROM agents WHERE name = 'web-1'"
+        env.coordinator.config.data_dir / "coordinator.db",
+        "SELECT last_seq FROM agents WHERE name = 'web-1'",
     ) == [(0,)]
     refused = await env.admin.list_audit(kind="request.refused")
     assert [e.details["why"] for e in refused] == [

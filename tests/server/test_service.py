@@ -588,7 +588,10 @@ async def test_audit_chain_verifies_after_a_busy_day(env: Env) -> None:
 async def test_audit_verify_names_a_tampered_entry(env: Env) -> None:
     await staging_grant(env)
     # Behind the coordinator's back.
-    raw_sql(env.coordinator.store.path, "UPDATE audit SET actor = 'mallory' WHERE seq = 3")
+    raw_sql(
+        env.coordinator.config.data_dir / "coordinator.db",
+        "UPDATE audit SET actor = 'mallory' WHERE seq = 3",
+    )
     result = await env.admin.verify_audit()
     assert not result.ok
     assert result.first_bad_seq == 3

@@ -9,11 +9,11 @@ import contextlib
 
 from server.domain.audit import verify_chain
 from server.domain.models import AuditEntry
-from server.store.sqlite import SqliteStore
+from server.domain.ports import Store
 from tests.server.helpers import T0
 
 
-async def test_a_writer_cancelled_anywhere_leaves_the_store_usable(store: SqliteStore) -> None:
+async def test_a_writer_cancelled_anywhere_leaves_the_store_usable(store: Store) -> None:
     started = 0
     for steps in range(40):
         entered = asyncio.Event()

@@ -7,12 +7,12 @@ from datetime import timedelta
 
 from jitmesh.types import GrantState
 from server.domain.audit import verify_chain
-from server.domain.models import AuditEntry
-from server.store.sqlite import SqliteStore
+from server.domain.models import AuditEntry, GrantChange
+from server.domain.ports import Store
 from tests.server.helpers import T0, make_grant
 
 
-async def test_move_grants_moves_only_rows_in_an_expected_state(store: SqliteStore) -> None:
+async def test_move_grants_moves_only_rows_in_an_expected_state(store: Store) -> None:
     grants = [make_grant(request_id=f"req{i}", agent="web-1") for i in range(1203)]
     async with store.transaction() as tx:
         for grant in grants:
@@ -24,8 +24,7 @@ async def test_move_grants_moves_only_rows_in_an_expected_state(store: SqliteSto
             [*ids, "grt_unknown"],
             expected=[GrantState.PENDING_DELIVERY],
             state=GrantState.EXPIRED,
-            ended_at=T0 + timedelta(hours=2),
-            end_reason="expired",
+            change=GrantChange(ended_at=T0 + timedelta(hours=2), end_reason="expired"),
         )
     assert moved == set(ids[1:])
     first, last = await store.get_grant(ids[0]), await store.get_grant(ids[-1])
@@ -37,7 +36,7 @@ async def test_move_grants_moves_only_rows_in_an_expected_state(store: SqliteSto
     assert last.end_reason == "expired"
 
 
-async def test_audit_many_extends_the_chain_like_one_by_one(store: SqliteStore) -> None:
+async def test_audit_many_extends_the_chain_like_one_by_one(store: Store) -> None:
     async with store.transaction() as tx:
         await tx.audit(AuditEntry("before", "a", T0, id="evt-0"))
         entries = [
@@ -55,4 +54,4 @@ async def test_audit_many_extends_the_chain_like_one_by_one(store: SqliteStore) 
     assert [e.id for e in chain] == ["evt-0", *(e.id for e in entries), "evt-last"]
     assert verify_chain(chain).ok
     assert after is not None
-    assert store.head == (after.seq, after.hash)
+    assert await store.audit_head() == (after.seq, after.hash)

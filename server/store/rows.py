@@ -1,0 +1,436 @@
+"""Rows <-> records, by column name, for every store (SQLite and PostgreSQL keep the same
+columns: instants as integer epoch milliseconds, lists and objects as JSON text).
+
+A row is any mapping from column name to value (`sqlite3.Row`, psycopg's `dict_row`): no store
+reads a column by its position, so adding a column never shifts another one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from jitmesh.clock import from_ms, to_ms
+from jitmesh.types import (
+    Agent,
+    AuditEvent,
+    Grant,
+    GrantState,
+    JoinTokenInfo,
+    Lock,
+    LockTarget,
+    OfflineMode,
+    OfflinePolicy,
+    PolicyDocument,
+    Request,
+    RequestState,
+    Review,
+    ReviewDecision,
+    TokenInfo,
+    UserInfo,
+)
+from server.domain.approval import plan_from_json, plan_json
+from server.domain.audit import canonical_details, chain_hash
+from server.domain.errors import InvalidArgument
+from server.domain.models import AuditEntry, Checkpoint, GrantChange, ReplicaInfo
+from server.domain.notices import Notice, NoticeKind
+from server.domain.reads import page_token_after
+from server.domain.receivers import Route
+
+Row = Mapping[str, Any]
+
+REQUEST_COLUMNS = (
+    "id", "subject", "agent", "action", "duration_ms", "reason", "state", "rule",
+    "approvals_required", "approver_groups", "created_at", "pending_expires_at", "decided_at",
+    "decided_by", "decision_reason", "grant_id", "plan", "ticket", "start_at", "selector",
+    "grant_ids", "reused", "extends_grant_id",
+)  # fmt: skip
+GRANT_COLUMNS = (
+    "id", "request_id", "agent", "subject", "action", "not_before", "not_after", "state",
+    "offline_mode", "offline_grace_ms", "created_at", "ended_at", "ended_by", "end_reason",
+    "grant_seq", "revoke_seq", "applied_at", "failure", "epoch", "extensions",
+    "original_not_after",
+)  # fmt: skip
+AUDIT_COLUMNS = (
+    "seq", "id", "at", "actor", "kind", "subject", "agent", "request_id", "grant_id", "details",
+    "prev_hash", "hash",
+)  # fmt: skip
+LOCK_COLUMNS = (
+    "id", "subject", "agent", "action", "reason", "created_by", "created_at", "expires_at",
+    "lifted_at", "lifted_by", "lift_reason",
+)  # fmt: skip
+# Grant states in which a grant still holds (or may still hold) access on its host.
+LIVE_STATES = ("PENDING_DELIVERY", "ACTIVE", "REVOKING", "REVOKE_FAILED")
+
+
+def columns(names: tuple[str, ...], alias: str = "") -> str:
+    """`a.x, a.y, ...` for a SELECT list."""
+    return ", ".join(alias + n for n in names)
+
+
+def ms(at: datetime | None) -> int | None:
+    return None if at is None else to_ms(at)
+
+
+def at(value: int | None) -> datetime | None:
+    return None if value is None else from_ms(int(value))
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def request(row: Row, reviews: tuple[Review, ...]) -> Request:
+    """A request row, joined with its grant's state as `grant_state`."""
+    return Request(
+        id=row["id"],
+        subject=row["subject"],
+        agent=row["agent"],
+        action=row["action"],
+        duration=timedelta(milliseconds=row["duration_ms"]),
+        reason=row["reason"],
+        state=RequestState(row["state"]),
+        rule=row["rule"],
+        approvals_required=row["approvals_required"],
+        approver_groups=tuple(json.loads(row["approver_groups"])),
+        reviews=reviews,
+        created_at=from_ms(row["created_at"]),
+        pending_expires_at=at(row["pending_expires_at"]),
+        decided_at=at(row["decided_at"]),
+        decided_by=row["decided_by"],
+        decision_reason=row["decision_reason"],
+        grant_id=row["grant_id"],
+        grant_state=GrantState(row["grant_state"]) if row["grant_state"] else None,
+        plan=plan_from_json(row["plan"]),
+        ticket=row["ticket"],
+        start_at=at(row["start_at"]),
+        selector=json.loads(row["selector"]) if row["selector"] else {},
+        grant_ids=tuple(json.loads(row["grant_ids"])) if row["grant_ids"] else (),
+        reused=bool(row["reused"]),
+        extends_grant_id=row["extends_grant_id"],
+    )
+
+
+def review(row: Row) -> Review:
+    return Review(
+        row["reviewer"],
+        ReviewDecision(row["decision"]),
+        row["reason"],
+        from_ms(row["reviewed_at"]),
+        tuple(json.loads(row["groups"])),
+    )
+
+
+def reviews_by_request(rows: Iterable[Row]) -> dict[str, tuple[Review, ...]]:
+    out: dict[str, list[Review]] = {}
+    for row in rows:
+        out.setdefault(row["request_id"], []).append(review(row))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+REVIEW_COLUMNS = "request_id, reviewer, decision, reason, reviewed_at, groups"
+
+
+def request_values(r: Request) -> tuple[Any, ...]:
+    """In REQUEST_COLUMNS order."""
+    return (
+        r.id, r.subject, r.agent, r.action, r.duration // timedelta(milliseconds=1),
+        r.reason, r.state.value, r.rule, r.approvals_required,
+        json.dumps(list(r.approver_groups)), to_ms(r.created_at),
+        ms(r.pending_expires_at), ms(r.decided_at), r.decided_by, r.decision_reason,
+        r.grant_id, plan_json(r.plan), r.ticket, ms(r.start_at),
+        json.dumps(r.selector) if r.selector else "",
+        json.dumps(list(r.grant_ids)) if r.grant_ids else "", int(r.reused), r.extends_grant_id,
+    )  # fmt: skip
+
+
+def grant(row: Row, prefix: str = "") -> Grant:
+    """A grant row; `prefix` names its columns in a join (`g_id`, ...)."""
+    p = prefix
+    return Grant(
+        id=row[p + "id"],
+        request_id=row[p + "request_id"],
+        agent=row[p + "agent"],
+        subject=row[p + "subject"],
+        action=row[p + "action"],
+        not_before=from_ms(row[p + "not_before"]),
+        not_after=from_ms(row[p + "not_after"]),
+        state=GrantState(row[p + "state"]),
+        offline=OfflinePolicy(
+            OfflineMode(row[p + "offline_mode"]),
+            timedelta(milliseconds=row[p + "offline_grace_ms"]),
+        ),
+        created_at=from_ms(row[p + "created_at"]),
+        ended_at=at(row[p + "ended_at"]),
+        ended_by=row[p + "ended_by"],
+        end_reason=row[p + "end_reason"],
+        grant_seq=row[p + "grant_seq"],
+        revoke_seq=row[p + "revoke_seq"],
+        applied_at=at(row[p + "applied_at"]),
+        failure=row[p + "failure"],
+        epoch=row[p + "epoch"],
+        extensions=row[p + "extensions"],
+        original_not_after=at(row[p + "original_not_after"]),
+    )
+
+
+def grant_values(g: Grant) -> tuple[Any, ...]:
+    """In GRANT_COLUMNS order."""
+    return (
+        g.id, g.request_id, g.agent, g.subject, g.action, to_ms(g.not_before),
+        to_ms(g.not_after), g.state.value, g.offline.mode.value,
+        g.offline.grace // timedelta(milliseconds=1), to_ms(g.created_at),
+        ms(g.ended_at), g.ended_by, g.end_reason, g.grant_seq, g.revoke_seq,
+        ms(g.applied_at), g.failure, g.epoch, g.extensions, ms(g.original_not_after),
+    )  # fmt: skip
+
+
+def grant_change(change: GrantChange) -> list[tuple[str, Any]]:
+    """The columns a typed grant change sets, with their stored values (unset fields stay)."""
+    out: list[tuple[str, Any]] = []
+    if change.ended_at is not None:
+        out.append(("ended_at", to_ms(change.ended_at)))
+    if change.ended_by is not None:
+        out.append(("ended_by", change.ended_by))
+    if change.end_reason is not None:
+        out.append(("end_reason", change.end_reason))
+    if change.applied_at is not None:
+        out.append(("applied_at", to_ms(change.applied_at)))
+    if change.failure is not None:
+        out.append(("failure", change.failure))
+    if change.epoch is not None:
+        out.append(("epoch", change.epoch))
+    return out
+
+
+def audit(row: Row) -> AuditEvent:
+    return AuditEvent(
+        seq=int(row["seq"]),
+        id=row["id"],
+        at=from_ms(row["at"]),
+        actor=row["actor"],
+        kind=row["kind"],
+        subject=row["subject"],
+        agent=row["agent"],
+        request_id=row["request_id"],
+        grant_id=row["grant_id"],
+        details=json.loads(row["details"]),
+        prev_hash=row["prev_hash"],
+        hash=row["hash"],
+    )
+
+
+def agent(row: Row) -> Agent:
+    """An agent row with its count of live grants as `live_grants`."""
+    return Agent(
+        name=row["name"],
+        labels=json.loads(row["labels"]),
+        connected=False,
+        last_seen_at=at(row["last_seen_at"]),
+        enrolled_at=from_ms(row["enrolled_at"]),
+        version=row["version"],
+        last_acked_seq=row["last_acked_seq"],
+        last_seq=row["last_seq"],
+        active_grants=row["live_grants"],
+        replica=row["replica"],
+    )
+
+
+def lock(row: Row) -> Lock:
+    return Lock(
+        id=row["id"],
+        target=LockTarget(subject=row["subject"], agent=row["agent"], action=row["action"]),
+        reason=row["reason"],
+        created_by=row["created_by"],
+        created_at=from_ms(row["created_at"]),
+        expires_at=at(row["expires_at"]),
+        lifted_at=at(row["lifted_at"]),
+        lifted_by=row["lifted_by"],
+        lift_reason=row["lift_reason"],
+    )
+
+
+def lock_values(lock: Lock) -> tuple[Any, ...]:
+    """In LOCK_COLUMNS order."""
+    t = lock.target
+    return (
+        lock.id, t.subject, t.agent, t.action, lock.reason, lock.created_by,
+        to_ms(lock.created_at), ms(lock.expires_at), ms(lock.lifted_at), lock.lifted_by,
+        lock.lift_reason,
+    )  # fmt: skip
+
+
+def token(row: Row) -> TokenInfo:
+    return TokenInfo(
+        str(row["hash"])[:16],
+        row["user_name"],
+        row["label"],
+        from_ms(row["created_at"]),
+        at(row["expires_at"]),
+        at(row["revoked_at"]),
+    )
+
+
+ENROLLMENT_COLUMNS = (
+    "substr(hash, 1, 16) AS id, labels, COALESCE(replaces, '') AS replaces, created_by, "
+    "created_at, expires_at, max_uses - uses AS uses_left, revoked_at, revoked_by"
+)
+
+
+def join_token_info(row: Row, used_by: Iterable[str]) -> JoinTokenInfo:
+    left = row["uses_left"]
+    return JoinTokenInfo(
+        row["id"],
+        dict(json.loads(row["labels"])),
+        row["replaces"],
+        row["created_by"],
+        from_ms(row["created_at"]),
+        at(row["expires_at"]),
+        None if left is None else max(int(left), 0),
+        at(row["revoked_at"]),
+        row["revoked_by"],
+        tuple(sorted(used_by)),
+    )
+
+
+def user(row: Row) -> UserInfo:
+    return UserInfo(
+        row["name"],
+        tuple(sorted(json.loads(row["groups"]))),
+        bool(row["disabled"]),
+        from_ms(row["created_at"]),
+        row["managed_by"],
+    )
+
+
+def policy(row: Row) -> PolicyDocument:
+    return PolicyDocument(
+        row["yaml"], row["version"], row["sha256"], from_ms(row["applied_at"]), row["applied_by"]
+    )
+
+
+def replica(row: Row) -> ReplicaInfo:
+    return ReplicaInfo(
+        row["id"],
+        row["address"],
+        row["version"],
+        from_ms(row["started_at"]),
+        from_ms(row["last_seen_at"]),
+    )
+
+
+def checkpoint(row: Row) -> Checkpoint:
+    return Checkpoint(
+        int(row["seq"]), row["hash"], from_ms(row["at"]), row["key_id"], bytes(row["signature"])
+    )
+
+
+def page(token: str) -> tuple[int, str] | None:
+    """A list page token (`created_at_ms:id` of the last item shown), or None for the first."""
+    if not token:
+        return None
+    ms_text, _, key = token.partition(":")
+    try:
+        value = int(ms_text)
+    except ValueError:
+        raise InvalidArgument("page token is not valid") from None
+    if not 0 <= value < 2**63:
+        raise InvalidArgument("page token is not valid")
+    return value, key
+
+
+def next_page(items: list[Request] | list[Grant], more: bool) -> str:
+    return page_token_after(items[-1]) if more and items else ""
+
+
+# The same text as json.dumps(..., sort_keys=True), without building an encoder per call.
+details_json = json.JSONEncoder(sort_keys=True).encode
+
+
+def chain(
+    entries: Sequence[AuditEntry], seq: int, prev: str, skip: set[str]
+) -> tuple[list[AuditEvent], list[tuple[Any, ...]]]:
+    """The audit events (and their rows) that extend the chain at (seq, prev) with `entries`,
+    leaving out ids in `skip` and repeated ids. Pure Python, per entry only what differs: the
+    instant's and the details' encodings are reused across entries that share them (a sweep's
+    entries share the instant and a few details shapes)."""
+    events: list[AuditEvent] = []
+    rows: list[tuple[Any, ...]] = []
+    seen = set(skip)
+    instants: dict[datetime, tuple[int, datetime]] = {}
+    shapes: dict[tuple[tuple[str, str], ...], tuple[str, str]] = {}
+    for entry in entries:
+        if entry.id in seen:
+            continue
+        seen.add(entry.id)
+        instant = instants.get(entry.at)
+        if instant is None:
+            at_ms = to_ms(entry.at)
+            instant = instants[entry.at] = (at_ms, from_ms(at_ms))
+        key = tuple(entry.details.items())
+        shape = shapes.get(key)
+        if shape is None:
+            shape = shapes[key] = (canonical_details(entry.details), details_json(entry.details))
+        seq += 1
+        digest = chain_hash(
+            seq, entry.id, instant[0], entry.actor, entry.kind, entry.subject, entry.agent,
+            entry.request_id, entry.grant_id, shape[0], prev,
+        )  # fmt: skip
+        events.append(
+            AuditEvent(
+                seq, entry.id, instant[1], entry.actor, entry.kind, entry.subject, entry.agent,
+                entry.request_id, entry.grant_id, dict(entry.details), prev, digest,
+            )
+        )  # fmt: skip
+        rows.append(
+            (
+                seq, entry.id, instant[0], entry.actor, entry.kind, entry.subject, entry.agent,
+                entry.request_id, entry.grant_id, shape[1], prev, digest,
+            )
+        )  # fmt: skip
+        prev = digest
+    return events, rows
+
+
+# Notifications (server/notify/): the outbox's columns and the routing cursor's meta key.
+OUTBOX_COLUMNS = "event_id, kind, at, actor, subject, agent, request_id, grant_id, details"
+OUTBOX_CURSOR = "outbox_routed"
+
+
+def route_json(route: Route) -> str:
+    return details_json(
+        {
+            "kinds": list(route.kinds),
+            "labels": dict(route.labels),
+            "actions": list(route.actions),
+            "rules": list(route.rules),
+            "requester": route.requester,
+        }
+    )
+
+
+def route(text: str) -> Route:
+    data = json.loads(text)
+    return Route(
+        kinds=tuple(data.get("kinds", ())),
+        labels=dict(data.get("labels", {})),
+        actions=tuple(data.get("actions", ())),
+        rules=tuple(data.get("rules", ())),
+        requester=bool(data.get("requester", False)),
+    )
+
+
+def notice(row: Sequence[Any]) -> Notice:
+    return Notice(
+        id=row[0],
+        kind=NoticeKind(row[1]),
+        at=from_ms(row[2]),
+        actor=row[3],
+        subject=row[4],
+        agent=row[5],
+        request_id=row[6],
+        grant_id=row[7],
+        details=json.loads(row[8]),
+    )

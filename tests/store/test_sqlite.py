@@ -1,0 +1,141 @@
+"""What only the SQLite store promises (or can be tested only on it): its schema and WAL mode,
+cancel-safety of its one writer connection, a COMMIT that SQLite itself rolls back, and
+tampering through the database file behind the store's back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.domain.audit import verify_chain
+from server.domain.models import AuditEntry
+from server.store.sqlite import MIGRATIONS, SqliteStore
+from tests.server.helpers import T0, raw_sql
+from tests.store.test_contract import enroll
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    opened = await SqliteStore.open(tmp_path / "store.db")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def test_migrations_are_idempotent_on_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    first = await SqliteStore.open(path)
+    await enroll(first, "web-1")
+    await first.close()
+    schema = raw_sql(path, "SELECT name, sql FROM sqlite_master ORDER BY name")
+    for _ in range(2):
+        again = await SqliteStore.open(path)
+        assert (await again.get_agent("web-1")) is not None
+        await again.close()
+    assert raw_sql(path, "SELECT name, sql FROM sqlite_master ORDER BY name") == schema
+    assert raw_sql(path, "PRAGMA journal_mode") == [("wal",)]
+    # Each migration applied exactly once, and the data survived.
+    migrations = len(list(MIGRATIONS.glob("*.sql")))
+    assert raw_sql(path, "SELECT COUNT(*) FROM _yoyo_migration") == [(migrations,)]
+    assert raw_sql(path, "SELECT name FROM agents") == [("web-1",)]
+
+
+async def test_stored_tampering_is_found(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "c.db")
+    try:
+        async with store.transaction() as tx:
+            for i in range(5):
+                await tx.audit(AuditEntry("test.event", "alice", T0, details={"i": str(i)}))
+        raw_sql(tmp_path / "c.db", "UPDATE audit SET actor = 'mallory' WHERE seq = 3")
+        result = verify_chain(await store.audit_chain(0, 100))
+        assert (result.ok, result.first_bad_seq) == (False, 3)
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_caller_never_leaves_the_writer_inside_a_transaction(
+    store: SqliteStore,
+) -> None:
+    """A caller cancelled at any await of its transaction (a stream closing mid-call): the
+    transaction is rolled back or committed whole, and the next one starts clean."""
+    for steps in range(12):
+
+        async def write(n: int = steps) -> None:
+            async with store.transaction() as tx:
+                await tx.set_meta(f"k{n}", "v")
+                await tx.set_meta(f"k{n}b", "v")
+
+        task = asyncio.create_task(write())
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        async with store.transaction() as tx:  # would fail: "cannot start a transaction..."
+            await tx.set_meta("after", str(steps))
+        first, second = await store.get_meta(f"k{steps}"), await store.get_meta(f"k{steps}b")
+        assert (first, second) in {(None, None), ("v", "v")}  # all or nothing
+        assert await store.get_meta("after") == str(steps)
+
+
+async def test_a_commit_that_fails_leaves_the_audit_head_where_it_was(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A COMMIT that fails on a full disk or an I/O error (SQLite then rolls the transaction back
+    by itself, so none is open afterwards) stored nothing: the chain's head must not move, or
+    every later event would chain onto entries that do not exist. The failing COMMIT is faked
+    (the real one needs the coordinator's own disk to fill); the rollback is SQLite's own."""
+    async with store.transaction() as tx:
+        await tx.audit(AuditEntry("test.event", "alice", T0, details={"i": "0"}))
+    head = await store.audit_head()
+    real = store._writer.execute
+
+    async def commit_fails(sql: str, *args: Any) -> Any:
+        if sql == "COMMIT":
+            await real("ROLLBACK")  # what SQLite does itself on SQLITE_IOERR / SQLITE_FULL
+            raise sqlite3.OperationalError("disk I/O error")
+        return await real(sql, *args)
+
+    monkeypatch.setattr(store._writer, "execute", commit_fails)
+    with pytest.raises(sqlite3.OperationalError):
+        async with store.transaction() as tx:
+            await tx.audit(AuditEntry("test.event", "alice", T0, details={"i": "lost"}))
+    monkeypatch.undo()
+    assert await store.audit_head() == head
+    async with store.transaction() as tx:
+        await tx.audit(AuditEntry("test.event", "bob", T0, details={"i": "1"}))
+    events = await store.audit_chain(0, 100)
+    assert [e.details["i"] for e in events] == ["0", "1"]
+    assert verify_chain(events).ok
+
+
+async def test_a_writer_cancelled_at_any_step_leaves_the_store_and_chain_sound(
+    store: SqliteStore,
+) -> None:
+    # A stream handler's task is cancelled when its call ends, at whatever await it is: in
+    # BEGIN, in a statement, in COMMIT. Statements already queued still run on the connection's
+    # thread, so no transaction may be left open and the chain head must follow what committed.
+    async def write(i: int) -> None:
+        async with store.transaction() as tx:
+            await tx.audit(AuditEntry("cancelled.maybe", "a", T0, id=f"evt-{i}"))
+
+    for i in range(40):
+        task = asyncio.ensure_future(write(i))
+        for _ in range(i % 8):
+            await asyncio.sleep(0)  # lets the cancel land at a different step each time
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        async with store.transaction() as tx:
+            await tx.audit(AuditEntry("after", "a", T0, id=f"evt-after-{i}"))
+    chain = await store.audit_chain(0, 1000)
+    assert verify_chain(chain).ok
+    assert await store.audit_head() == (chain[-1].seq, chain[-1].hash)
+    assert sum(e.kind == "after" for e in chain) == 40
