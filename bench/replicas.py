@@ -85,7 +85,9 @@ class _SetUp:
 
     async def client(self, i: int, user: str) -> Client:
         coord = self.coords[i % len(self.coords)]
-        client = await Client.connect(coord.address, token=coord.token(user), timeout=600)
+        client = await Client.connect(
+            coord.address, token=coord.token(user), timeout=600, insecure=True
+        )
         self.clients.append(client)
         return client
 

@@ -128,6 +128,12 @@ class Sender:
                 await self._outbox.record(delivery, after, result.ok, result.detail, next_at)
                 made += 1
                 self.attempts += 1
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # A client library turned our cancellation into its own error (aiosmtplib
+                    # does while it says QUIT): the attempt is recorded; now stop as asked.
+                    await asyncio.shield(self._outbox.release(claimed[i + 1 :]))
+                    raise asyncio.CancelledError
                 log.log(
                     logging.INFO if result.ok else logging.WARNING,
                     "notice %s receiver=%s event=%s kind=%s attempt=%d detail=%s",

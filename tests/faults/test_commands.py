@@ -84,12 +84,12 @@ async def test_duplicates_replays_and_restarts_apply_once(
         roll = rng.random()
         if roll < 0.2:
             # The same command again (a resend after a lost ack).
-            assert (await engine.handle(command)).reason == "duplicate"
+            assert (await engine.handle(command)).status is AckStatus.DUPLICATE
             faults["duplicate_command"] += 1
         elif roll < 0.3:
             # A replay of everything so far (a reconnect that resumes too early).
             for old in log[: delivered - 1]:
-                assert (await engine.handle(old)).reason == "duplicate"
+                assert (await engine.handle(old)).status is AckStatus.DUPLICATE
             faults["replayed_command"] += 1
         elif roll < 0.35:
             # The agent restarts on the same table: nothing is applied again.
@@ -118,7 +118,8 @@ async def test_revoke_before_grant_leaves_a_tombstone_that_wins(recorder: Record
     # can only fail closed); the coordinator's log resends in order on the next stream.
     await engine.handle(grant_cmd(4, "grt-" + "4" * 32, "restart"))
     stale = await engine.handle(grant_cmd(3, "grt-" + "3" * 32, "logs"))
-    assert stale.reason == "duplicate"
+    # An older seq than the last applied is a duplicate by the resume rule: never applied.
+    assert stale.status is AckStatus.DUPLICATE
     recorder.fault("reordered_command")
     assert enforcer.in_force == {("alice", "restart")}
     doubles = double_applies(enforcer)

@@ -122,6 +122,7 @@ async def test_drift_is_removed_while_running_and_expired_access_never_returns(
     cluster: Cluster, recorder: Recorder
 ) -> None:
     alice = await cluster.client("alice")
+    admin = await cluster.client("admin")  # reads the audit log (admins and auditors only)
     web = cluster.agents["web-1"]
     # Access nobody granted appears on the host: the periodic reconcile removes it.
     rogue = web.oracle.root / "in" / f"mallory:{HOLD[3]}"
@@ -139,7 +140,7 @@ async def test_drift_is_removed_while_running_and_expired_access_never_returns(
     await wait_for(lambda: not back.exists(), 15, "expired access removed again")
     async with asyncio.timeout(15):
         while True:
-            events = await alice.list_audit(agent="web-1")
+            events = await admin.list_audit(agent="web-1")
             drift = [e for e in events if e.kind == "agent.drift.removed"]
             if len(drift) >= 2:
                 break

@@ -47,7 +47,11 @@ async def test_connected_grants_end_on_time(
         await wait_removed(oracle, pair, 30)
     overstays = record_pairs(recorder, oracle, grants, phase="connected")
     assert max(overstays) <= MARGIN_MS, overstays
-    await audit_settled(recorder, alice, {g.id: "agent.grant.expired" for g in grants.values()})
+    await audit_settled(
+        recorder,
+        await cluster.client("admin"),
+        {g.id: "agent.grant.expired" for g in grants.values()},
+    )
 
 
 async def test_partition_longer_than_the_grace(
@@ -88,7 +92,7 @@ async def test_partition_longer_than_the_grace(
     assert held_pair in web.oracle.in_force()
     expected = {g.id: "agent.grant.expired" for g in ending.values()}
     expected[offline.id] = "agent.grant.removed"
-    await audit_settled(recorder, alice, expected)
+    await audit_settled(recorder, await cluster.client("admin"), expected)
 
 
 async def test_partition_shorter_than_the_grace_and_one_way(
