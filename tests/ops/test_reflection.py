@@ -29,6 +29,8 @@ def coordinator(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         env_file = tmp_path / "data" / "dev.env"
         address = f"127.0.0.1:{port}"
         asyncio.run(procs.wait_healthy(address))
+        # The port serves before dev mode has written its tokens: wait for the file.
+        asyncio.run(procs.wait_for(env_file.exists, 30, "dev.env"))
         yield address, read_env(env_file)
     finally:
         proc.stop()

@@ -53,7 +53,10 @@ async def test_metrics_move_with_a_real_request_and_logs_are_json(tmp_path: Path
     try:
         address = f"127.0.0.1:{port}"
         await wait_healthy(address)
-        env = read_env(tmp_path / "coordinator" / "dev.env")
+        # The port serves before dev mode has written its tokens: wait for the file.
+        env_file = tmp_path / "coordinator" / "dev.env"
+        await wait_for(env_file.exists, 30, "dev.env")
+        env = read_env(env_file)
         before = scrape(cmetrics)
         assert value(before, t.AGENTS_CONNECTED) == 0
         assert value(before, t.REQUESTS + "_total", outcome="approved") == 0
