@@ -375,6 +375,7 @@ def coordinator_config(settings: CoordinatorSettings, *, dev: bool) -> Coordinat
         "keepalive": settings.keepalive,
         "keepalive_timeout": settings.keepalive_timeout,
         "agent_queue_limit": settings.agent_queue_limit,
+        "agent_undelivered_limit": settings.agent_undelivered_limit,
         "oidc_issuer": settings.oidc_issuer,
         "oidc_client_id": settings.oidc_client_id,
         "oidc_username_claim": settings.oidc_username_claim,

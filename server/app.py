@@ -366,7 +366,8 @@ async def _assemble(
     # Grant commands an agent would not get in time are refused (server/domain/delivery.py):
     # never more undelivered than half its stream's queue, so accepted work never cuts it off.
     rates = DeliveryRates()
-    gate = DeliveryGate(rates, config.agent_queue_limit // 2, registry.connected)
+    undelivered = config.agent_undelivered_limit or config.agent_queue_limit // 2
+    gate = DeliveryGate(rates, undelivered, registry.connected)
     readers = Readers(frozenset(config.auditor_groups))
     access = AccessService(
         store,

@@ -33,6 +33,9 @@ class CoordinatorConfig(BaseModel):
     keepalive: timedelta = timedelta(seconds=30)
     keepalive_timeout: timedelta = timedelta(seconds=10)
     agent_queue_limit: int = Field(default=1000, ge=10)
+    # Undelivered commands for one agent beyond which new grants for it are pushed back
+    # (server/domain/delivery.py); None: half the stream queue, so accepted work never cuts it.
+    agent_undelivered_limit: int | None = Field(default=None, ge=1)
     # Admission control of agent streams (server/domain/admission.py): new streams per second,
     # in bursts of, and at most this many between their first byte and their Welcome; the
     # excess is refused with a retry hint the agents wait out.

@@ -131,6 +131,12 @@ class CoordinatorSettings(BaseSettings):
     keepalive: Duration = timedelta(seconds=30)
     keepalive_timeout: Duration = timedelta(seconds=10)
     agent_queue_limit: int = Field(default=1000, ge=10)
+    agent_undelivered_limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="grant commands one agent may have undelivered before new grants for it are"
+        " pushed back (default: half of agent_queue_limit)",
+    )
     request_rate: float = Field(default=1.0, gt=0)
     request_burst: int = Field(default=30, ge=1)
     enroll_rate: float = Field(default=0.5, gt=0)

@@ -69,7 +69,9 @@ async def test_sigstopped_agent_is_cut_off_and_resyncs(
     cluster = Cluster(tmp_path, recorder)
     web = None
     try:
-        flags = ["--agent-queue-limit", str(QUEUE_LIMIT)]
+        # The cut itself is under test: pushback (which keeps accepted grants within half the
+        # queue, server/domain/delivery.py) is raised out of the way so commands reach the queue.
+        flags = ["--agent-queue-limit", str(QUEUE_LIMIT), "--agent-undelivered-limit", "1000000"]
         if long_run:
             flags += ["--keepalive", "60", "--keepalive-timeout", "60"]
         await cluster.start_coordinator(flags=flags)
@@ -182,6 +184,8 @@ async def test_stopped_agent_is_cut_off_and_resyncs(tmp_path: Path, recorder: Re
         data_dir=tmp_path / "coordinator",
         port=0,
         agent_queue_limit=10,
+        # The cut itself is under test: pushback is raised out of the way (see above).
+        agent_undelivered_limit=1_000_000,
         heartbeat=timedelta(seconds=1),
         keepalive=timedelta(seconds=2),
         keepalive_timeout=timedelta(seconds=1),
