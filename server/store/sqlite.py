@@ -23,35 +23,25 @@ from yoyo import get_backend, read_migrations
 
 from jitmesh.clock import from_ms, to_ms
 from jitmesh.types import (
-    Agent,
     AuditEvent,
     Grant,
     GrantState,
-    JoinTokenInfo,
     Lock,
-    LockTarget,
-    PolicyDocument,
     Request,
     RequestState,
     Review,
-    TokenInfo,
-    UserInfo,
 )
 from server.domain.audit import GENESIS
 from server.domain.errors import Conflict
-from server.domain.lifecycle import DUE_GRANT_STATES, GRANT_TRANSITIONS, REQUEST_TRANSITIONS
+from server.domain.lifecycle import DUE_GRANT_STATES, REQUEST_TRANSITIONS
 from server.domain.models import (
     NO_CHANGE,
     AuditEntry,
     Checkpoint,
-    Command,
     CommandKind,
     GrantChange,
     JoinToken,
     Moved,
-    Principal,
-    ReplicaInfo,
-    StatusCounts,
 )
 from server.domain.notices import NOTIFIABLE, Notice, notice_for
 from server.domain.receivers import (
@@ -62,24 +52,17 @@ from server.domain.receivers import (
     ReceiverKind,
     ReceiverSpec,
 )
+from server.store import queries
 from server.store import rows as rec
+from server.store.base import SqlStoreReads, SqlTxReads, grant_sets
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-_REQUEST_COLUMNS = rec.columns(rec.REQUEST_COLUMNS, "r.") + ", g.state AS grant_state"
-_REQUEST_FROM = "requests r LEFT JOIN grants g ON g.id = r.grant_id"
-_GRANT_COLUMNS = rec.columns(rec.GRANT_COLUMNS)
-_GRANT_COLUMNS_OF_G = rec.columns(rec.GRANT_COLUMNS, "g.")
-_GRANT_COLUMNS_G = ", ".join(f"g.{c} AS g_{c}" for c in rec.GRANT_COLUMNS)
-_AUDIT_COLUMNS = rec.columns(rec.AUDIT_COLUMNS)
-_LIVE_IN = ", ".join(f"'{s}'" for s in rec.LIVE_STATES)
-_AGENT_COLUMNS = (
-    "a.name, a.labels, a.enrolled_at, a.last_seen_at, a.version, a.last_acked_seq, a.last_seq, "
-    "a.replica, "
-    f"(SELECT COUNT(*) FROM grants g WHERE g.agent = a.name AND g.state IN ({_LIVE_IN})) "
-    "AS live_grants"
-)
+_D = queries.SQLITE_DIALECT
+_GRANT_COLUMNS = queries.GRANT_COLUMNS
+_AUDIT_COLUMNS = queries.AUDIT_COLUMNS
+_LOCK_COLUMNS = queries.LOCK_COLUMNS
 
 
 T = TypeVar("T")
@@ -161,109 +144,9 @@ async def _all(conn: Connection, sql: str, args: Iterable[Any] = ()) -> list[Any
     return list(await conn.execute_fetchall(sql, tuple(args)))
 
 
-async def _get_request(conn: Connection, request_id: str) -> Request | None:
-    row = await _one(
-        conn, f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.id = ?", [request_id]
-    )
-    if row is None:
-        return None
-    reviews = await _reviews(conn, [request_id])
-    return rec.request(row, reviews.get(request_id, ()))
-
-
-async def _reviews(conn: Connection, ids: list[str]) -> dict[str, tuple[Review, ...]]:
-    if not ids:
-        return {}
-    marks = ",".join("?" * len(ids))
-    rows = await _all(
-        conn,
-        f"SELECT {rec.REVIEW_COLUMNS} FROM reviews "
-        f"WHERE request_id IN ({marks}) ORDER BY reviewed_at, reviewer",
-        ids,
-    )
-    return rec.reviews_by_request(rows)
-
-
-async def _get_grant(conn: Connection, grant_id: str) -> Grant | None:
-    row = await _one(conn, f"SELECT {_GRANT_COLUMNS} FROM grants WHERE id = ?", [grant_id])
-    return None if row is None else rec.grant(row)
-
-
-async def _get_agent(conn: Connection, name: str) -> Agent | None:
-    row = await _one(
-        conn,
-        f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.name = ? AND a.removed_at IS NULL",
-        [name],
-    )
-    return None if row is None else rec.agent(row)
-
-
-_LOCK_COLUMNS = rec.columns(rec.LOCK_COLUMNS)
-_CHECKPOINT_COLUMNS = "seq, hash, at, key_id, signature"
-
-
 async def _audit_head(conn: Connection) -> tuple[int, str]:
     row = await _one(conn, "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
     return (0, GENESIS) if row is None else (int(row["seq"]), str(row["hash"]))
-
-
-async def _live_grants(conn: Connection, agent: str) -> list[Grant]:
-    rows = await _all(
-        conn,
-        f"SELECT {_GRANT_COLUMNS} FROM grants WHERE agent = ? "
-        "AND state IN ('PENDING_DELIVERY', 'ACTIVE') ORDER BY grant_seq",
-        [agent],
-    )
-    return [rec.grant(r) for r in rows]
-
-
-async def _agent_for_credential(conn: Connection, credential_hash: str) -> str | None:
-    row = await _one(
-        conn,
-        "SELECT name FROM agents WHERE credential_hash = ? AND removed_at IS NULL",
-        [credential_hash],
-    )
-    return None if row is None else str(row["name"])
-
-
-async def _user_groups(conn: Connection, name: str) -> frozenset[str] | None:
-    row = await _one(conn, "SELECT groups FROM users WHERE name = ?", [name])
-    return None if row is None else frozenset(json.loads(row["groups"]))
-
-
-async def _get_meta(conn: Connection, key: str) -> str | None:
-    row = await _one(conn, "SELECT value FROM meta WHERE key = ?", [key])
-    return None if row is None else str(row["value"])
-
-
-def _lock_match(target: LockTarget, alias: str) -> tuple[str, list[str]]:
-    """SQL conditions (each starting with AND) for rows a lock target matches. Lock subjects are
-    stored case-folded (subjects are ASCII, so SQL lower() folds them the same way)."""
-    where = ""
-    args: list[str] = []
-    if target.subject:
-        where += f" AND lower({alias}subject) = ?"
-        args.append(target.subject)
-    if target.agent:
-        where += f" AND {alias}agent = ?"
-        args.append(target.agent)
-    if target.action:
-        where += f" AND {alias}action = ?"
-        args.append(target.action)
-    return where, args
-
-
-async def _lock_in_force(
-    conn: Connection, subject: str, agent: str, action: str, now: datetime
-) -> Lock | None:
-    row = await _one(
-        conn,
-        f"SELECT {_LOCK_COLUMNS} FROM locks WHERE lifted_at IS NULL "
-        "AND (expires_at IS NULL OR expires_at > ?) AND subject IN ('', ?) "
-        "AND agent IN ('', ?) AND action IN ('', ?) ORDER BY created_at, id LIMIT 1",
-        [to_ms(now), subject.lower(), agent, action],
-    )
-    return None if row is None else rec.lock(row)
 
 
 _REQUEST_INSERT = (
@@ -279,9 +162,12 @@ _COMMAND_INSERT = (
 )
 
 
-class SqliteTx:
+class SqliteTx(SqlTxReads):
     """One write transaction. Methods that change state by compare-and-set return False when the
     row was not in the expected state, so the caller decides what that means."""
+
+    _d = _D
+    _q = queries.SQLITE
 
     def __init__(self, store: SqliteStore, conn: Connection) -> None:
         self._store = store
@@ -296,26 +182,11 @@ class SqliteTx:
             self._head = await _audit_head(self._conn)
         return self._head
 
-    async def live_grants(self, agent: str) -> list[Grant]:
-        return await _live_grants(self._conn, agent)
+    async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return await _one(self._conn, sql, args)
 
-    async def agent_for_credential(self, credential_hash: str) -> str | None:
-        return await _agent_for_credential(self._conn, credential_hash)
-
-    async def user_groups(self, name: str) -> frozenset[str] | None:
-        return await _user_groups(self._conn, name)
-
-    async def get_meta(self, key: str) -> str | None:
-        return await _get_meta(self._conn, key)
-
-    async def get_request(self, request_id: str) -> Request | None:
-        return await _get_request(self._conn, request_id)
-
-    async def get_grant(self, grant_id: str) -> Grant | None:
-        return await _get_grant(self._conn, grant_id)
-
-    async def get_agent(self, name: str) -> Agent | None:
-        return await _get_agent(self._conn, name)
+    async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return await _all(self._conn, sql, args)
 
     async def insert_request(self, r: Request) -> None:
         await self._conn.execute(_REQUEST_INSERT, rec.request_values(r))
@@ -347,13 +218,6 @@ class SqliteTx:
             (json.dumps(list(grant_ids)), request_id),
         )
 
-    async def list_agents(self) -> list[Agent]:
-        rows = await _all(
-            self._conn,
-            f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.removed_at IS NULL ORDER BY a.name",
-        )
-        return [rec.agent(r) for r in rows]
-
     async def insert_review(self, request_id: str, review: Review) -> bool:
         """False when this reviewer has reviewed the request already."""
         cur = await self._conn.execute(
@@ -379,7 +243,7 @@ class SqliteTx:
         grant lifecycle (`GRANT_TRANSITIONS`) may be asked for."""
         expected = list(expected)
         states = [s.value for s in expected]
-        sets, args = _grant_sets(expected, state, change)
+        sets, args = grant_sets(_D, expected, state, change)
         marks = ",".join("?" * len(states))
         cur = await self._conn.execute(
             f"UPDATE grants SET {sets} WHERE id = ? AND state IN ({marks})",
@@ -508,18 +372,6 @@ class SqliteTx:
         )
         return done
 
-    async def get_grants(self, grant_ids: Sequence[str]) -> dict[str, Grant]:
-        found: dict[str, Grant] = {}
-        for first in range(0, len(grant_ids), _CHUNK):
-            chunk = grant_ids[first : first + _CHUNK]
-            rows = await _all(
-                self._conn,
-                f"SELECT {_GRANT_COLUMNS} FROM grants WHERE id IN ({','.join('?' * len(chunk))})",
-                chunk,
-            )
-            found.update((r["id"], rec.grant(r)) for r in rows)
-        return found
-
     # Locks.
 
     async def insert_lock(self, lock: Lock) -> None:
@@ -539,60 +391,6 @@ class SqliteTx:
             (to_ms(at), by, reason, lock_id),
         )
         return cur.rowcount == 1
-
-    async def get_lock(self, lock_id: str) -> Lock | None:
-        row = await _one(self._conn, f"SELECT {_LOCK_COLUMNS} FROM locks WHERE id = ?", [lock_id])
-        return None if row is None else rec.lock(row)
-
-    async def lock_in_force(
-        self, subject: str, agent: str, action: str, now: datetime
-    ) -> Lock | None:
-        return await _lock_in_force(self._conn, subject, agent, action, now)
-
-    async def locks_in_force(self, now: datetime) -> list[Lock]:
-        rows = await _all(
-            self._conn,
-            f"SELECT {_LOCK_COLUMNS} FROM locks WHERE lifted_at IS NULL "
-            "AND (expires_at IS NULL OR expires_at > ?) ORDER BY created_at, id",
-            [to_ms(now)],
-        )
-        return [rec.lock(r) for r in rows]
-
-    async def locked_grants(self, target: LockTarget, states: Iterable[GrantState]) -> list[Grant]:
-        """Grants in `states` that the target matches, on agents still enrolled, per agent in
-        the order they were granted."""
-        where, args = _lock_match(target, "g.")
-        wanted = [s.value for s in states]
-        rows = await _all(
-            self._conn,
-            f"SELECT {_GRANT_COLUMNS_OF_G} FROM grants g JOIN agents a ON a.name = g.agent "
-            f"WHERE a.removed_at IS NULL AND g.state IN ({','.join('?' * len(wanted))}) {where} "
-            "ORDER BY g.agent, g.grant_seq",
-            [*wanted, *args],
-        )
-        return [rec.grant(r) for r in rows]
-
-    async def pending_requests(self) -> list[Request]:
-        """Every PENDING request, oldest first (a new policy judges them all)."""
-        rows = await _all(
-            self._conn,
-            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'PENDING' "
-            "ORDER BY r.created_at, r.id",
-        )
-        reviews = await _reviews(self._conn, [r["id"] for r in rows])
-        return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
-
-    async def locked_requests(self, target: LockTarget) -> list[Request]:
-        """Pending requests the target matches."""
-        where, args = _lock_match(target, "r.")
-        rows = await _all(
-            self._conn,
-            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'PENDING' {where} "
-            "ORDER BY r.created_at, r.id",
-            args,
-        )
-        reviews = await _reviews(self._conn, [r["id"] for r in rows])
-        return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
 
     async def append_revokes(
         self, grants: Sequence[Grant], at: datetime, revoke_reason: str
@@ -706,12 +504,6 @@ class SqliteTx:
             "ON CONFLICT(name) DO UPDATE SET groups = excluded.groups",
             (name, json.dumps(sorted(groups)), to_ms(at)),
         )
-
-    async def get_user_record(self, name: str) -> tuple[frozenset[str], bool, str] | None:
-        row = await _one(
-            self._conn, "SELECT groups, disabled, managed_by FROM users WHERE name = ?", [name]
-        )
-        return None if row is None else (frozenset(json.loads(row[0])), bool(row[1]), row[2])
 
     async def insert_oidc_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
         await self._conn.execute(
@@ -841,7 +633,7 @@ class SqliteTx:
         Returns the ids that were in an expected state and moved."""
         expected = list(expected)
         states = [s.value for s in expected]
-        sets, args = _grant_sets(expected, state, change)
+        sets, args = grant_sets(_D, expected, state, change)
         moved: set[str] = set()
         marks = ",".join("?" * len(states))
         for first in range(0, len(grant_ids), _CHUNK):
@@ -891,7 +683,7 @@ class SqliteTx:
         """Compare-and-set up to `limit` grants past their not_after that may still expire
         (PENDING_DELIVERY, ACTIVE, REVOKING) to `state`, set-based: one UPDATE ... RETURNING per
         state left, no row read into Python before it moves."""
-        sets, args = _grant_sets(list(_DUE_GRANT_STATES), state, change)
+        sets, args = grant_sets(_D, list(_DUE_GRANT_STATES), state, change)
         moved: list[Moved] = []
         for was in _DUE_GRANT_STATES:
             if len(moved) >= limit:
@@ -929,25 +721,9 @@ class SqliteTx:
         return [Moved(r["id"], "", r["agent"], r["subject"], r["action"], pending) for r in rows]
 
 
-def _grant_sets(
-    expected: Sequence[GrantState], state: GrantState, change: GrantChange
-) -> tuple[str, list[Any]]:
-    """The SET clause (and its arguments) of a grant compare-and-set; only lifecycle steps are
-    allowed (staying in the same state updates columns only)."""
-    for current in expected:
-        if state is not current and state not in GRANT_TRANSITIONS[current]:
-            raise ValueError(f"grant lifecycle has no step {current.value} -> {state.value}")
-    sets = ["state = ?"]
-    args: list[Any] = [state.value]
-    for column, value in rec.grant_change(change):
-        sets.append(f"{column} = ?")
-        args.append(value)
-    return ", ".join(sets), args
-
-
 # Grant states the expiry sweep moves, in the order it takes them.
 _DUE_GRANT_STATES = DUE_GRANT_STATES
-_DUE_GRANT_IN = "'PENDING_DELIVERY', 'ACTIVE', 'REVOKING'"  # as in the grants_live index
+_DUE_GRANT_IN = queries.DUE_GRANT_IN
 _AUDIT_INSERT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 
 
@@ -956,10 +732,13 @@ CHECKPOINT_EVERY = 200
 
 
 # Ids per statement in batched updates and lookups (well under SQLite's variable limit).
-_CHUNK = 500
+_CHUNK = queries.SQLITE_CHUNK
 
 
-class SqliteStore:
+class SqliteStore(SqlStoreReads):
+    _d = _D
+    _q = queries.SQLITE
+
     def __init__(self, path: Path, writer: Connection, reader: Connection):
         self.path = path
         self._writer = writer
@@ -1061,17 +840,6 @@ class SqliteStore:
                     "UPDATE agents SET replica = '' WHERE replica = ?", [replica]
                 )
 
-    async def list_replicas(self) -> list[ReplicaInfo]:
-        rows = await _all(
-            self._reader,
-            "SELECT id, address, version, started_at, last_seen_at FROM replicas ORDER BY id",
-        )
-        return [rec.replica(r) for r in rows]
-
-    async def get_secret(self, name: str) -> bytes | None:
-        row = await _one(self._reader, "SELECT ciphertext FROM secrets WHERE name = ?", [name])
-        return None if row is None else bytes(row["ciphertext"])
-
     async def put_secret(
         self, name: str, ciphertext: bytes, at: datetime, *, replace: bool = True
     ) -> bool:
@@ -1090,7 +858,13 @@ class SqliteStore:
             )
         return cur.rowcount == 1
 
-    # Reads: committed data only.
+    # Reads: committed data only (the rest in SqlStoreReads).
+
+    async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return await _one(self._reader, sql, args)
+
+    async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return await _all(self._reader, sql, args)
 
     async def audit_head(self) -> tuple[int, str]:
         return await _audit_head(self._reader)
@@ -1102,382 +876,6 @@ class SqliteStore:
                 (checkpoint.seq, checkpoint.hash, to_ms(checkpoint.at), checkpoint.key_id,
                  checkpoint.signature),
             )  # fmt: skip
-
-    async def checkpoints(self) -> list[Checkpoint]:
-        rows = await _all(
-            self._reader, f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY id"
-        )
-        return [rec.checkpoint(r) for r in rows]
-
-    async def last_checkpoint(self) -> Checkpoint | None:
-        row = await _one(
-            self._reader, f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY id DESC LIMIT 1"
-        )
-        return None if row is None else rec.checkpoint(row)
-
-    async def get_request(self, request_id: str) -> Request | None:
-        return await _get_request(self._reader, request_id)
-
-    async def list_requests(
-        self, *, states: Sequence[RequestState], subject: str, agent: str, limit: int,
-        page_token: str,
-    ) -> tuple[list[Request], str]:  # fmt: skip
-        rows, more = await _newest_first(
-            self._reader,
-            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM}",
-            "r.",
-            [("r.state", [s.value for s in states]), ("r.subject", subject), ("r.agent", agent)],
-            page_token,
-            limit,
-        )
-        reviews = await _reviews(self._reader, [r["id"] for r in rows])
-        requests = [rec.request(r, reviews.get(r["id"], ())) for r in rows]
-        return requests, rec.next_page(requests, more)
-
-    async def get_grant(self, grant_id: str) -> Grant | None:
-        return await _get_grant(self._reader, grant_id)
-
-    async def recent_auto_grants(
-        self, subject: str, rule: str, since: datetime
-    ) -> list[tuple[datetime, datetime, datetime | None]]:
-        """(not_before, not_after, ended_at) of the grants the policy approved by itself for
-        `subject` under `rule` after `since` (an automatic grant is made with its request)."""
-        rows = await _all(
-            self._reader,
-            "SELECT g.not_before, g.not_after, g.ended_at FROM requests r "
-            "JOIN grants g ON g.id = r.grant_id WHERE r.created_at > ? AND r.subject = ? "
-            "AND r.rule = ? AND r.decided_by LIKE 'policy:%'",
-            [to_ms(since), subject, rule],
-        )
-        return [
-            (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
-        ]
-
-    async def list_grants(
-        self, *, states: Sequence[GrantState], subject: str, agent: str, limit: int,
-        page_token: str,
-    ) -> tuple[list[Grant], str]:  # fmt: skip
-        rows, more = await _newest_first(
-            self._reader,
-            f"SELECT {_GRANT_COLUMNS} FROM grants",
-            "",
-            [("state", [s.value for s in states]), ("subject", subject), ("agent", agent)],
-            page_token,
-            limit,
-        )
-        grants = [rec.grant(r) for r in rows]
-        return grants, rec.next_page(grants, more)
-
-    async def expiring_grants(self, after: datetime, until: datetime, limit: int) -> list[Grant]:
-        # The repeated IN list lets SQLite use the partial index grants_live.
-        rows = await _all(
-            self._reader,
-            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE state IN ({_DUE_GRANT_IN}) "
-            "AND state = 'ACTIVE' AND not_after > ? AND not_after <= ? ORDER BY not_after LIMIT ?",
-            [to_ms(after), to_ms(until), limit],
-        )
-        return [rec.grant(r) for r in rows]
-
-    async def live_grants(self, agent: str) -> list[Grant]:
-        return await _live_grants(self._reader, agent)
-
-    async def unremoved_grants(self, agent: str) -> list[Grant]:
-        rows = await _all(
-            self._reader,
-            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE agent = ? "
-            "AND state IN ('REVOKING', 'REVOKE_FAILED') ORDER BY revoke_seq",
-            [agent],
-        )
-        return [rec.grant(r) for r in rows]
-
-    async def get_agent(self, name: str) -> Agent | None:
-        return await _get_agent(self._reader, name)
-
-    async def status_counts(self, now: datetime, ended_since: datetime) -> StatusCounts:
-        """Counts for the mesh status and the metrics: live grants by state (the partial index
-        grants_live and the agents table keep this cheap), grants ended since `ended_since`,
-        pending requests, unacknowledged commands."""
-        live = ("PENDING_DELIVERY", "ACTIVE", "REVOKING", "REVOKE_FAILED")
-        marks = ", ".join("?" * len(live))
-        grants = {
-            str(state): int(count)
-            for state, count in await _all(
-                self._reader,
-                f"SELECT state, COUNT(*) FROM grants WHERE state IN ({marks}) GROUP BY state",
-                live,
-            )
-        }
-        for state, count in await _all(
-            self._reader,
-            f"SELECT state, COUNT(*) FROM grants WHERE ended_at >= ? AND state NOT IN ({marks}) "
-            "GROUP BY state",
-            (rec.ms(ended_since), *live),
-        ):
-            grants[str(state)] = int(count)
-        requests = {
-            str(state): int(count)
-            for state, count in await _all(
-                self._reader,
-                "SELECT state, COUNT(*) FROM requests WHERE state IN ('PENDING', 'SCHEDULED') "
-                "GROUP BY state",
-            )
-        }
-        agents = await _one(
-            self._reader,
-            "SELECT COUNT(*), COALESCE(SUM(MAX(last_seq - last_acked_seq, 0)), 0) FROM agents "
-            "WHERE removed_at IS NULL",
-        )
-        locks = await _one(
-            self._reader,
-            "SELECT COUNT(*) FROM locks WHERE lifted_at IS NULL "
-            "AND (expires_at IS NULL OR expires_at > ?)",
-            (rec.ms(now),),
-        )
-        policy = await _one(self._reader, "SELECT COALESCE(MAX(version), 0) FROM policies")
-        return StatusCounts(
-            agents_enrolled=int(agents[0]) if agents else 0,
-            requests=requests,
-            grants=grants,
-            revokes_unacknowledged=grants.get("REVOKING", 0),
-            commands_unacknowledged=int(agents[1]) if agents else 0,
-            locks_in_force=int(locks[0]) if locks else 0,
-            policy_version=int(policy[0]) if policy else 0,
-        )
-
-    async def list_agents(self) -> list[Agent]:
-        rows = await _all(
-            self._reader,
-            f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.removed_at IS NULL ORDER BY a.name",
-        )
-        return [rec.agent(r) for r in rows]
-
-    async def agent_for_credential(self, credential_hash: str) -> str | None:
-        return await _agent_for_credential(self._reader, credential_hash)
-
-    async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None:
-        row = await _one(
-            self._reader,
-            "SELECT u.name, u.groups FROM tokens t JOIN users u ON u.name = t.user_name "
-            "WHERE t.hash = ? AND t.revoked_at IS NULL AND u.disabled = 0 "
-            "AND (t.expires_at IS NULL OR t.expires_at > ?)",
-            [token_hash, to_ms(now)],
-        )
-        if row is None:
-            return None
-        return Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
-
-    async def list_tokens(self, user: str) -> list[TokenInfo]:
-        rows = await _all(
-            self._reader,
-            "SELECT hash, user_name, label, created_at, expires_at, revoked_at FROM tokens "
-            "WHERE ? = '' OR user_name = ? ORDER BY created_at, hash",
-            [user, user],
-        )
-        return [rec.token(r) for r in rows]
-
-    async def list_join_tokens(self) -> list[JoinTokenInfo]:
-        tokens = await _all(
-            self._reader,
-            f"SELECT {rec.ENROLLMENT_COLUMNS} FROM join_tokens ORDER BY created_at, hash",
-        )
-        agents = await _all(
-            self._reader,
-            "SELECT name, join_token_id FROM agents "
-            "WHERE removed_at IS NULL AND join_token_id <> ''",
-        )
-        used: dict[str, list[str]] = {}
-        for a in agents:
-            used.setdefault(a["join_token_id"], []).append(a["name"])
-        return [rec.join_token_info(t, used.get(t["id"], ())) for t in tokens]
-
-    async def principal_for_user(self, name: str, serial: str) -> Principal | None:
-        """The enabled user a client certificate names, unless that certificate was revoked."""
-        row = await _one(
-            self._reader,
-            "SELECT name, groups FROM users WHERE name = ? AND disabled = 0 "
-            "AND NOT EXISTS (SELECT 1 FROM revoked_certificates WHERE serial = ?)",
-            [name, serial],
-        )
-        if row is None:
-            return None
-        return Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
-
-    async def get_user(self, name: str) -> UserInfo | None:
-        row = await _one(
-            self._reader,
-            "SELECT name, groups, disabled, created_at, managed_by FROM users WHERE name = ?",
-            [name],
-        )
-        return None if row is None else rec.user(row)
-
-    async def user_groups(self, name: str) -> frozenset[str] | None:
-        return await _user_groups(self._reader, name)
-
-    async def commands_after(self, agent: str, seq: int, limit: int) -> list[Command]:
-        # A grant command the agent has refused (acked FAILED or REJECTED) is never sent again:
-        # the grant ended here with that ack, and no revoke follows it in the log. An agent that
-        # could not record its refusal (a full disk) would otherwise apply it on the replay after
-        # its restart, for a grant the coordinator shows as failed.
-        rows = await _all(
-            self._reader,
-            f"SELECT c.seq AS c_seq, c.kind AS c_kind, c.revoke_reason AS c_revoke_reason, "
-            f"{_GRANT_COLUMNS_G} "
-            "FROM commands c JOIN grants g ON g.id = c.grant_id "
-            "WHERE c.agent = ? AND c.seq > ? "
-            "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
-            "ORDER BY c.seq LIMIT ?",
-            [agent, seq, limit],
-        )
-        return [
-            Command(
-                agent,
-                r["c_seq"],
-                CommandKind(r["c_kind"]),
-                rec.grant(r, "g_"),
-                r["c_revoke_reason"],
-            )
-            for r in rows
-        ]
-
-    async def first_unacked_seq(self, agent: str) -> int | None:
-        row = await _one(
-            self._reader,
-            # A snapshot's own row is never resent (a new Hello gets a new snapshot), so an ack
-            # of it lost in a crash must not hold the resume point back for ever.
-            "SELECT MIN(seq) AS seq FROM commands WHERE agent = ? AND acked_at IS NULL "
-            "AND kind <> 'snapshot'",
-            [agent],
-        )
-        return None if row is None or row["seq"] is None else int(row["seq"])
-
-    async def policy_version(self) -> int:
-        """The newest policy version (0: none)."""
-        row = await _one(self._reader, "SELECT COALESCE(MAX(version), 0) AS v FROM policies")
-        return 0 if row is None else int(row["v"])
-
-    async def current_policy(self) -> PolicyDocument | None:
-        row = await _one(
-            self._reader,
-            "SELECT yaml, version, sha256, applied_at, applied_by FROM policies "
-            "ORDER BY version DESC LIMIT 1",
-        )
-        return None if row is None else rec.policy(row)
-
-    async def list_audit(
-        self, *, since: datetime | None, agent: str, subject: str, kind: str, grant_id: str,
-        request_id: str, after_seq: int, limit: int,
-    ) -> list[AuditEvent]:  # fmt: skip
-        where, args = _filters(
-            [("agent", agent), ("subject", subject), ("kind", kind), ("grant_id", grant_id),
-             ("request_id", request_id)]
-        )  # fmt: skip
-        where.append("seq > ?")
-        args.append(after_seq)
-        if since is not None:
-            where.append("at >= ?")
-            args.append(to_ms(since))
-        rows = await _all(
-            self._reader,
-            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
-            [*args, limit],
-        )
-        return [rec.audit(r) for r in rows]
-
-    async def due_scheduled(self, now: datetime, limit: int) -> list[Request]:
-        """SCHEDULED requests whose start has come, earliest first."""
-        rows = await _all(
-            self._reader,
-            f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.state = 'SCHEDULED' "
-            "AND r.start_at <= ? ORDER BY r.start_at LIMIT ?",
-            [to_ms(now), limit],
-        )
-        reviews = await _reviews(self._reader, [r["id"] for r in rows])
-        return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
-
-    async def requests_changed_after(self, after_seq: int, limit: int) -> list[tuple[str, int]]:
-        """(request id, its latest audit seq) for requests with audit events after
-        `after_seq`, in the order of those latest changes; plus, when `after_seq` is negative,
-        nothing but the head: [("", head seq)]."""
-        if after_seq < 0:
-            row = await _one(self._reader, "SELECT COALESCE(MAX(seq), 0) FROM audit")
-            return [("", int(row[0]))]
-        rows = await _all(
-            self._reader,
-            "SELECT request_id, MAX(seq) AS last FROM audit WHERE seq > ? AND request_id <> '' "
-            "GROUP BY request_id ORDER BY last LIMIT ?",
-            [after_seq, limit],
-        )
-        return [(r[0], int(r[1])) for r in rows]
-
-    async def audit_chain(self, after_seq: int, limit: int) -> list[AuditEvent]:
-        rows = await _all(
-            self._reader,
-            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
-            [after_seq, limit],
-        )
-        return [rec.audit(r) for r in rows]
-
-    async def next_deadline(self) -> datetime | None:
-        row = await _one(
-            self._reader,
-            "SELECT MIN(t) AS t FROM ("
-            "SELECT MIN(not_after) AS t FROM grants "
-            "WHERE state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING') "
-            "UNION ALL SELECT MIN(pending_expires_at) FROM requests WHERE state = 'PENDING' "
-            "UNION ALL SELECT MIN(start_at) FROM requests WHERE state = 'SCHEDULED')",
-        )
-        return None if row is None or row["t"] is None else from_ms(int(row["t"]))
-
-    async def get_meta(self, key: str) -> str | None:
-        return await _get_meta(self._reader, key)
-
-    async def list_locks(self, *, include_ended: bool, now: datetime) -> list[Lock]:
-        sql = f"SELECT {_LOCK_COLUMNS} FROM locks"
-        args: list[Any] = []
-        if not include_ended:
-            sql += " WHERE lifted_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
-            args.append(to_ms(now))
-        rows = await _all(self._reader, sql + " ORDER BY created_at DESC, id DESC LIMIT 1000", args)
-        return [rec.lock(r) for r in rows]
-
-    async def lock_in_force(
-        self, subject: str, agent: str, action: str, now: datetime
-    ) -> Lock | None:
-        return await _lock_in_force(self._reader, subject, agent, action, now)
-
-
-async def _newest_first(
-    conn: Connection,
-    select: str,
-    alias: str,
-    filters: list[tuple[str, Any]],
-    page_token: str,
-    limit: int,
-) -> tuple[list[Any], bool]:
-    """One page of rows, newest first, after the page token; and whether more follow."""
-    where, args = _filters(filters)
-    after = rec.page(page_token)
-    if after:
-        where.append(f"({alias}created_at, {alias}id) < (?, ?)")
-        args.extend(after)
-    sql = select + (" WHERE " + " AND ".join(where) if where else "")
-    order = f" ORDER BY {alias}created_at DESC, {alias}id DESC LIMIT ?"
-    rows = await _all(conn, sql + order, [*args, limit + 1])
-    return rows[:limit], len(rows) > limit
-
-
-def _filters(pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
-    where: list[str] = []
-    args: list[Any] = []
-    for column, value in pairs:
-        if isinstance(value, list):
-            if value:
-                where.append(f"{column} IN ({','.join('?' * len(value))})")
-                args.extend(value)
-        elif value:
-            where.append(f"{column} = ?")
-            args.append(value)
-    return where, args
 
 
 # Notifications: the outbox, receivers, deliveries and attempts (helpers shared by both stores
