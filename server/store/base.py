@@ -30,16 +30,22 @@ from jitmesh.types import (
     TokenInfo,
     UserInfo,
 )
-from server.domain.lifecycle import GRANT_TRANSITIONS
+from server.domain.errors import Conflict
+from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
 from server.domain.models import (
+    NO_CHANGE,
+    AuditEntry,
     Checkpoint,
     Command,
     CommandKind,
     GrantChange,
+    JoinToken,
     Principal,
     ReplicaInfo,
     StatusCounts,
 )
+from server.domain.notices import NOTIFIABLE, notice_for
+from server.domain.receivers import ReceiverSpec
 from server.store import rows as rec
 from server.store.queries import (
     AUDIT_COLUMNS,
@@ -174,8 +180,39 @@ class SqlReads(ABC):
         return None if row is None else rec.lock(row)
 
 
-class SqlTxReads(SqlReads):
-    """Reads that only a write transaction makes (on its own connection)."""
+class SqlTx(SqlReads):
+    """One write transaction on one connection: what both stores do the same way. A store adds
+    `_run` and `_many`, its audit head, the agents' sequence numbers, and what only its database
+    does (`ack_commands`, `move_due_grants`, `move_due_requests`)."""
+
+    new_audit: list[AuditEvent]
+    _head: tuple[int, str] | None
+
+    @abstractmethod
+    async def _run(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run one statement; how many rows it changed."""
+
+    @abstractmethod
+    async def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement for each of `rows` (nothing for none)."""
+
+    @abstractmethod
+    async def _audit_head(self) -> tuple[int, str]:
+        """The chain's head, read once per transaction, so that no other writer moves it until
+        this one commits."""
+
+    @abstractmethod
+    async def _advance_seqs(self, wanted: dict[str, int]) -> dict[str, int]:
+        """Move each enrolled agent's last_seq up by its number in `wanted`, in one statement;
+        returns each moved agent's new last_seq (agents not enrolled are left out)."""
+
+    async def _commands_added(self, agents: Iterable[str]) -> None:
+        """Told which agents got commands in this transaction (PostgreSQL wakes the replicas
+        holding their streams at commit; one SQLite coordinator needs nothing)."""
+
+    async def _audit_added(self, events: list[AuditEvent]) -> None:
+        """Told of the events this transaction appended, after `self._head` moved to the last
+        (PostgreSQL moves its head row and tells the other replicas)."""
 
     async def get_grants(self, grant_ids: Sequence[str]) -> dict[str, Grant]:
         found: dict[str, Grant] = {}
@@ -226,6 +263,353 @@ class SqlTxReads(SqlReads):
         if row is None:
             return None
         return frozenset(json.loads(row["groups"])), bool(row["disabled"]), row["managed_by"]
+
+    # Requests and reviews.
+
+    async def insert_request(self, r: Request) -> None:
+        await self._run(self._q.insert_request, rec.request_values(r))
+
+    async def insert_requests(self, requests: Sequence[Request]) -> None:
+        """`insert_request` for many requests, one statement for all (group commit)."""
+        await self._many(self._q.insert_request, [rec.request_values(r) for r in requests])
+
+    async def decide_request(
+        self,
+        request_id: str,
+        *,
+        expected: RequestState,
+        state: RequestState,
+        at: datetime,
+        by: str,
+        reason: str,
+        grant_id: str = "",
+    ) -> bool:
+        if state not in REQUEST_TRANSITIONS[expected]:
+            raise ValueError(f"request lifecycle has no step {expected.value} -> {state.value}")
+        count = await self._run(
+            self._q.decide_request,
+            [state.value, to_ms(at), by, reason, grant_id, request_id, expected.value],
+        )
+        return count == 1
+
+    async def set_request_grants(self, request_id: str, grant_ids: Sequence[str]) -> None:
+        """The grants a request for several agents made (its `grant_id` is the first)."""
+        await self._run(self._q.set_request_grants, [json.dumps(list(grant_ids)), request_id])
+
+    async def insert_review(self, request_id: str, review: Review) -> bool:
+        """False when this reviewer has reviewed the request already."""
+        count = await self._run(
+            self._q.insert_review,
+            [request_id, review.reviewer, review.decision.value, review.reason,
+             to_ms(review.reviewed_at), json.dumps(list(review.groups))],
+        )  # fmt: skip
+        return count == 1
+
+    # Grants.
+
+    async def insert_grant(self, g: Grant) -> None:
+        await self._run(self._q.insert_grant, rec.grant_values(g))
+
+    async def insert_grants(self, grants: Sequence[Grant]) -> None:
+        """`insert_grant` for many grants, one statement for all (group commit)."""
+        await self._many(self._q.insert_grant, [rec.grant_values(g) for g in grants])
+
+    async def move_grant(
+        self,
+        grant_id: str,
+        *,
+        expected: Iterable[GrantState],
+        state: GrantState,
+        change: GrantChange = NO_CHANGE,
+    ) -> bool:
+        """Compare-and-set the grant's state, with the columns `change` sets. Only steps of the
+        grant lifecycle (`GRANT_TRANSITIONS`) may be asked for."""
+        expected = list(expected)
+        states = [s.value for s in expected]
+        sets, args = grant_sets(self._d, expected, state, change)
+        count = await self._run(
+            f"UPDATE grants SET {sets} WHERE id = {self._d.mark} "
+            f"AND {self._d.in_list('state', states)}",
+            [*args, grant_id, *self._d.in_args(states)],
+        )
+        return count == 1
+
+    async def move_grants(
+        self,
+        grant_ids: Sequence[str],
+        *,
+        expected: Iterable[GrantState],
+        state: GrantState,
+        change: GrantChange = NO_CHANGE,
+    ) -> set[str]:
+        """`move_grant` for many grants at once (one statement per chunk, not one per grant).
+        Returns the ids that were in an expected state and moved."""
+        d = self._d
+        expected = list(expected)
+        states = [s.value for s in expected]
+        sets, args = grant_sets(d, expected, state, change)
+        moved: set[str] = set()
+        for chunk in d.chunks(grant_ids):
+            rows = await self._all(
+                f"UPDATE grants SET {sets} WHERE {d.in_list('id', chunk)} "
+                f"AND {d.in_list('state', states)} RETURNING id",
+                [*args, *d.in_args(chunk), *d.in_args(states)],
+            )
+            moved.update(row["id"] for row in rows)
+        return moved
+
+    async def extend_grant(
+        self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
+    ) -> bool:
+        """Compare-and-set a live grant's end to a later `not_after` (in place: same grant),
+        counting the extension and keeping the first end. False when the grant is no longer
+        PENDING_DELIVERY or ACTIVE or its end moved meanwhile."""
+        count = await self._run(
+            self._q.extend_grant, [to_ms(not_after), grant_id, to_ms(expected_not_after)]
+        )
+        return count == 1
+
+    # The per-agent command log.
+
+    async def append_command(
+        self, agent: str, kind: CommandKind, grant_id: str, at: datetime, revoke_reason: str = ""
+    ) -> int:
+        """Give the command the agent's next sequence number (gap-free) and store it."""
+        row = await self._one(self._q.next_command_seq, [agent])
+        if row is None:
+            raise Conflict(f"agent {agent} is not enrolled")
+        seq = int(row["last_seq"])
+        await self._run(
+            self._q.insert_command, [agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)]
+        )
+        if kind is CommandKind.GRANT:
+            await self._run(self._q.set_grant_seq, [seq, grant_id])
+        elif kind is CommandKind.REVOKE:
+            await self._run(self._q.set_revoke_seq, [seq, grant_id])
+        await self._commands_added([agent])
+        return seq
+
+    async def append_commands(
+        self, commands: Sequence[tuple[str, CommandKind, str, datetime]], revoke_reason: str = ""
+    ) -> list[int | None]:
+        """`append_command` for many (agent, kind, grant id, instant) at once: each agent's next
+        sequence numbers, gap-free and in the order given; None for a command whose agent is
+        not enrolled (nothing is stored for it). Does not touch the grants: the caller stores
+        the sequence numbers with them."""
+        wanted: dict[str, int] = {}
+        for agent, *_ in commands:
+            wanted[agent] = wanted.get(agent, 0) + 1
+        if not wanted:
+            return []
+        last = await self._advance_seqs(wanted)
+        next_seq = {name: seq - wanted[name] + 1 for name, seq in last.items()}
+        seqs: list[int | None] = []
+        stored: list[tuple[Any, ...]] = []
+        for agent, kind, grant_id, at in commands:
+            seq = next_seq.get(agent)
+            seqs.append(seq)
+            if seq is not None:
+                next_seq[agent] = seq + 1
+                stored.append((agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)))
+        if stored:
+            await self._many(self._q.insert_command, stored)
+            await self._commands_added(row[0] for row in stored)
+        return seqs
+
+    async def append_revokes(
+        self, grants: Sequence[Grant], at: datetime, revoke_reason: str
+    ) -> dict[str, int]:
+        """A revoke command for each grant (`append_commands`) and the grants' revoke_seq.
+        Returns grant id -> seq."""
+        seqs = await self.append_commands(
+            [(g.agent, CommandKind.REVOKE, g.id, at) for g in grants], revoke_reason
+        )
+        if None in seqs:
+            raise Conflict("an agent was removed meanwhile; try again")
+        by_grant = {g.id: seq for g, seq in zip(grants, seqs, strict=True) if seq is not None}
+        await self._set_revoke_seqs(by_grant)
+        return by_grant
+
+    async def _set_revoke_seqs(self, by_grant: dict[str, int]) -> None:
+        await self._many(self._q.set_revoke_seq, [(q, g) for g, q in by_grant.items()])
+
+    async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
+        """Mark the agent's commands before `snapshot_seq` that were never acknowledged as
+        replaced by that snapshot (NOT_APPLIED): they are not sent again."""
+        return await self._run(
+            self._q.supersede_commands,
+            [to_ms(at), f"replaced by snapshot {snapshot_seq}", agent, snapshot_seq],
+        )
+
+    # Locks.
+
+    async def insert_lock(self, lock: Lock) -> None:
+        await self._run(self._q.insert_lock, rec.lock_values(lock))
+
+    async def lift_lock(self, lock_id: str, at: datetime, by: str, reason: str) -> bool:
+        return await self._run(self._q.lift_lock, [to_ms(at), by, reason, lock_id]) == 1
+
+    # Agents, join tokens, users, tokens, certificates.
+
+    async def enroll_agent(
+        self, name: str, labels: dict[str, str], credential_hash: str, at: datetime,
+        join_token_id: str = "",
+    ) -> bool:  # fmt: skip
+        """Create the agent, or give an existing one a new credential. True when it is new."""
+        labels_json = rec.dumps(labels)
+        count = await self._run(
+            self._q.reenroll_agent, [labels_json, credential_hash, join_token_id, name]
+        )
+        if count == 1:
+            return False
+        await self._run(
+            self._q.enroll_agent, [name, labels_json, credential_hash, to_ms(at), join_token_id]
+        )
+        return True
+
+    async def agent_seen(
+        self, name: str, at: datetime, *, labels: dict[str, str] | None = None,
+        version: str | None = None, boot_id: str | None = None, replica: str | None = None,
+    ) -> None:  # fmt: skip
+        labels_json = None if labels is None else rec.dumps(labels)
+        await self._run(
+            self._q.agent_seen, [to_ms(at), labels_json, version, boot_id, replica, name]
+        )
+
+    async def agent_left(self, name: str, replica: str, at: datetime) -> None:
+        """The agent's stream on `replica` ended: seen now, and held by no replica unless
+        another one took it meanwhile."""
+        await self._run(self._q.agent_left, [to_ms(at), replica, name])
+
+    async def remove_agent(self, name: str, at: datetime) -> bool:
+        return await self._run(self._q.remove_agent, [to_ms(at), name]) == 1
+
+    async def insert_join_token(
+        self, token_hash: str, labels: dict[str, str], by: str, at: datetime,
+        expires_at: datetime | None, max_uses: int | None, replaces: str | None = None,
+    ) -> None:  # fmt: skip
+        await self._run(
+            self._q.insert_join_token,
+            [token_hash, json.dumps(labels), by, to_ms(at), rec.ms(expires_at), max_uses,
+             replaces],
+        )  # fmt: skip
+
+    async def use_join_token(self, token_hash: str, at: datetime) -> JoinToken | None:
+        """Spend one use of a join token (compare-and-set); None if unusable."""
+        row = await self._one(self._q.use_join_token, [token_hash, to_ms(at)])
+        if row is None:
+            return None
+        return JoinToken(dict(json.loads(row["labels"])), row["replaces"], bool(row["reusable"]))
+
+    async def revoke_join_token(self, token_id: str, at: datetime, by: str) -> bool:
+        return await self._run(self._q.revoke_join_token, [to_ms(at), by, token_id]) >= 1
+
+    async def upsert_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
+        await self._run(self._q.upsert_user, [name, json.dumps(sorted(groups)), to_ms(at)])
+
+    async def insert_oidc_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
+        await self._run(self._q.insert_oidc_user, [name, json.dumps(sorted(groups)), to_ms(at)])
+
+    async def set_user_disabled(self, name: str, disabled: bool) -> bool:
+        return await self._run(self._q.set_user_disabled, [int(disabled), name]) == 1
+
+    async def insert_token(
+        self, token_hash: str, user: str, at: datetime, expires_at: datetime | None, label: str
+    ) -> bool:
+        """Register a token hash; False when it was already registered."""
+        count = await self._run(
+            self._q.insert_token, [token_hash, user, label, to_ms(at), rec.ms(expires_at)]
+        )
+        return count == 1
+
+    async def revoke_token(self, token_id: str, at: datetime) -> bool:
+        return await self._run(self._q.revoke_token, [to_ms(at), token_id]) >= 1
+
+    async def revoke_certificate(self, serial: str, at: datetime, by: str, reason: str) -> bool:
+        """False when the serial was revoked before."""
+        return await self._run(self._q.revoke_certificate, [serial, to_ms(at), by, reason]) == 1
+
+    # Policy, meta.
+
+    async def insert_policy(self, text: str, sha256: str, at: datetime, by: str) -> int:
+        row = await self._one(self._q.next_policy_version)
+        version = int(row["version"])
+        await self._run(self._q.insert_policy, [version, text, sha256, to_ms(at), by])
+        return version
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._run(self._q.set_meta, [key, value])
+
+    # The audit chain and the outbox.
+
+    async def audit(self, entry: AuditEntry) -> AuditEvent | None:
+        """Append an event to the hash chain. Returns None (and writes nothing) when an event
+        with the same id is already stored: agent events are stored exactly once."""
+        events = await self.audit_many([entry])
+        return events[0] if events else None
+
+    async def audit_many(self, entries: Sequence[AuditEntry]) -> list[AuditEvent]:
+        """`audit` for many entries, in order, as one batch: the chain is the same as entry by
+        entry. Entries whose id is already stored are skipped."""
+        if not entries:
+            return []
+        # The head first: from here to commit no other transaction can add an event, so the
+        # ids found stored below stay the only ones stored.
+        head_seq, head_hash = await self._audit_head()
+        stored = await self._stored_audit_ids([entry.id for entry in entries])
+        events, rows = rec.chain(entries, head_seq, head_hash, stored)
+        if not rows:
+            return []
+        await self._many(self._q.insert_audit, rows)
+        self._head = (events[-1].seq, events[-1].hash)
+        self.new_audit.extend(events)
+        await self._outbox(events)
+        await self._audit_added(events)
+        return events
+
+    async def _stored_audit_ids(self, ids: Sequence[str]) -> set[str]:
+        stored: set[str] = set()
+        for chunk in self._d.chunks(ids):
+            rows = await self._all(
+                f"SELECT id FROM audit WHERE {self._d.in_list('id', chunk)}",
+                self._d.in_args(chunk),
+            )
+            stored.update(row["id"] for row in rows)
+        return stored
+
+    async def _outbox(self, events: Sequence[AuditEvent]) -> None:
+        """Notifiable events go to the outbox in the audit event's own transaction."""
+        rows = [
+            (
+                n.id, n.kind.value, to_ms(n.at), n.actor, n.subject, n.agent, n.request_id,
+                n.grant_id, rec.details_json(n.details),
+            )
+            for event in events
+            if event.kind in NOTIFIABLE and (n := notice_for(event)) is not None
+        ]  # fmt: skip
+        await self._many(self._q.insert_outbox, rows)
+
+    async def insert_receiver(self, spec: ReceiverSpec) -> bool:
+        """False (and nothing written) when a receiver of that name exists. The first receiver
+        starts from now: notices written while nobody received them are not sent to it."""
+        first = await self._one(self._q.no_receivers)
+        if first is not None and first["first"]:
+            await self._run(self._q.start_outbox_cursor, [rec.OUTBOX_CURSOR])
+        count = await self._run(
+            self._q.insert_receiver,
+            [
+                spec.name, spec.kind.value, rec.details_json(dict(spec.settings)), spec.secret,
+                rec.route_json(spec.route), to_ms(spec.created_at), spec.created_by,
+            ],
+        )  # fmt: skip
+        return count == 1
+
+    async def delete_receiver(self, name: str) -> bool:
+        """Removes the receiver; its pending deliveries are given up (attempts stay in the log)."""
+        if await self._run(self._q.delete_receiver, [name]) != 1:
+            return False
+        await self._run(self._q.abandon_deliveries, [name])
+        return True
 
 
 class SqlStoreReads(SqlReads):

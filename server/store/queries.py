@@ -239,6 +239,160 @@ class Queries:
         "AND (expires_at IS NULL OR expires_at > ?)"
     )
 
+    # Writes in a transaction: requests, reviews, grants, commands.
+    insert_request: str = (
+        f"INSERT INTO requests ({rec.columns(rec.REQUEST_COLUMNS)}) "
+        f"VALUES ({_values(len(rec.REQUEST_COLUMNS))})"
+    )
+    decide_request: str = (
+        "UPDATE requests SET state = ?, decided_at = ?, decided_by = ?, decision_reason = ?, "
+        "grant_id = ? WHERE id = ? AND state = ?"
+    )
+    set_request_grants: str = "UPDATE requests SET grant_ids = ? WHERE id = ?"
+    insert_review: str = (
+        "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, groups) "
+        "VALUES (?,?,?,?,?,?) ON CONFLICT (request_id, reviewer) DO NOTHING"
+    )
+    insert_grant: str = (
+        f"INSERT INTO grants ({GRANT_COLUMNS}) VALUES ({_values(len(rec.GRANT_COLUMNS))})"
+    )
+    extend_grant: str = (
+        "UPDATE grants SET not_after = ?, extensions = extensions + 1, "
+        "original_not_after = COALESCE(original_not_after, not_after) "
+        "WHERE id = ? AND state IN ('PENDING_DELIVERY', 'ACTIVE') AND not_after = ?"
+    )
+    set_grant_seq: str = "UPDATE grants SET grant_seq = ? WHERE id = ?"
+    set_revoke_seq: str = "UPDATE grants SET revoke_seq = ? WHERE id = ?"
+    next_command_seq: str = (
+        "UPDATE agents SET last_seq = last_seq + 1 WHERE name = ? AND removed_at IS NULL "
+        "RETURNING last_seq"
+    )
+    insert_command: str = (
+        "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
+        "VALUES (?,?,?,?,?,?)"
+    )
+    supersede_commands: str = (
+        "UPDATE commands SET acked_at = ?, ack_status = 'NOT_APPLIED', ack_reason = ? "
+        "WHERE agent = ? AND seq < ? AND acked_at IS NULL"
+    )
+    # Locks.
+    insert_lock: str = (
+        f"INSERT INTO locks ({LOCK_COLUMNS}) VALUES ({_values(len(rec.LOCK_COLUMNS))})"
+    )
+    lift_lock: str = (
+        "UPDATE locks SET lifted_at = ?, lifted_by = ?, lift_reason = ? "
+        "WHERE id = ? AND lifted_at IS NULL"
+    )
+    # Agents, join tokens, users, tokens, certificates.
+    reenroll_agent: str = (
+        "UPDATE agents SET labels = ?, credential_hash = ?, removed_at = NULL, "
+        "join_token_id = ? WHERE name = ?"
+    )
+    enroll_agent: str = (
+        "INSERT INTO agents (name, labels, credential_hash, enrolled_at, join_token_id) "
+        "VALUES (?,?,?,?,?)"
+    )
+    agent_seen: str = (
+        "UPDATE agents SET last_seen_at = ?, labels = COALESCE(?, labels), "
+        "version = COALESCE(?, version), boot_id = COALESCE(?, boot_id), "
+        "replica = COALESCE(?, replica) WHERE name = ?"
+    )
+    agent_left: str = (
+        "UPDATE agents SET last_seen_at = ?, "
+        "replica = CASE WHEN replica = ? THEN '' ELSE replica END WHERE name = ?"
+    )
+    remove_agent: str = (
+        "UPDATE agents SET removed_at = ?, credential_hash = NULL "
+        "WHERE name = ? AND removed_at IS NULL"
+    )
+    insert_join_token: str = (
+        # The same secret issued again (development mode's fixed token) starts afresh.
+        "INSERT INTO join_tokens "
+        "(hash, labels, created_by, created_at, expires_at, max_uses, replaces) "
+        "VALUES (?,?,?,?,?,?,?) ON CONFLICT (hash) DO UPDATE SET labels = excluded.labels, "
+        "created_by = excluded.created_by, created_at = excluded.created_at, "
+        "expires_at = excluded.expires_at, max_uses = excluded.max_uses, "
+        "replaces = excluded.replaces, uses = 0"
+    )
+    use_join_token: str = (
+        "UPDATE join_tokens SET uses = uses + 1 WHERE hash = ? AND revoked_at IS NULL "
+        "AND (expires_at IS NULL OR expires_at > ?) AND (max_uses IS NULL OR uses < max_uses) "
+        "RETURNING labels, replaces, max_uses IS NULL AS reusable"
+    )
+    revoke_join_token: str = (
+        "UPDATE join_tokens SET revoked_at = ?, revoked_by = ? "
+        "WHERE substr(hash, 1, 16) = ? AND revoked_at IS NULL"
+    )
+    upsert_user: str = (
+        "INSERT INTO users (name, groups, created_at) VALUES (?,?,?) "
+        "ON CONFLICT (name) DO UPDATE SET groups = excluded.groups"
+    )
+    insert_oidc_user: str = (
+        "INSERT INTO users (name, groups, created_at, managed_by) VALUES (?,?,?,'oidc')"
+    )
+    set_user_disabled: str = "UPDATE users SET disabled = ? WHERE name = ?"
+    insert_token: str = (
+        "INSERT INTO tokens (hash, user_name, label, created_at, expires_at) "
+        "VALUES (?,?,?,?,?) ON CONFLICT (hash) DO NOTHING"
+    )
+    revoke_token: str = (
+        "UPDATE tokens SET revoked_at = ? WHERE substr(hash, 1, 16) = ? AND revoked_at IS NULL"
+    )
+    revoke_certificate: str = (
+        "INSERT INTO revoked_certificates (serial, revoked_at, revoked_by, reason) "
+        "VALUES (?,?,?,?) ON CONFLICT (serial) DO NOTHING"
+    )
+    # Policy, meta, audit, outbox, receivers.
+    next_policy_version: str = "SELECT COALESCE(MAX(version), 0) + 1 AS version FROM policies"
+    insert_policy: str = (
+        "INSERT INTO policies (version, yaml, sha256, applied_at, applied_by) VALUES (?,?,?,?,?)"
+    )
+    set_meta: str = (
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    )
+    insert_audit: str = (
+        f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({_values(len(rec.AUDIT_COLUMNS))})"
+    )
+    insert_outbox: str = (
+        f"INSERT INTO outbox ({rec.OUTBOX_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?) "
+        "ON CONFLICT (event_id) DO NOTHING"
+    )
+    no_receivers: str = "SELECT NOT EXISTS (SELECT 1 FROM receivers) AS first"
+    start_outbox_cursor: str = (
+        # WHERE: SQLite reads `ON` after a bare FROM as a join's.
+        "INSERT INTO meta (key, value) SELECT ?, CAST(COALESCE(MAX(seq), 0) AS TEXT) "
+        "FROM outbox WHERE true ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    )
+    insert_receiver: str = (
+        "INSERT INTO receivers (name, kind, settings, secret, route, created_at, created_by) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING"
+    )
+    delete_receiver: str = "DELETE FROM receivers WHERE name = ?"
+    abandon_deliveries: str = (
+        "UPDATE deliveries SET state = 'GAVE_UP', last_error = 'receiver removed' "
+        "WHERE receiver = ? AND state = 'PENDING'"
+    )
+    # The store's own short writes (outside `Tx`).
+    replica_seen: str = (
+        "INSERT INTO replicas (id, address, version, started_at, last_seen_at) "
+        "VALUES (?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET address = excluded.address, "
+        "version = excluded.version, started_at = excluded.started_at, "
+        "last_seen_at = excluded.last_seen_at"
+    )
+    replica_started: str = "UPDATE agents SET replica = '' WHERE replica = ?"
+    put_secret: str = (
+        "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (?,?,?) ON CONFLICT (name) "
+        "DO UPDATE SET ciphertext = excluded.ciphertext, updated_at = excluded.updated_at"
+    )
+    add_secret: str = (
+        "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (?,?,?) "
+        "ON CONFLICT (name) DO NOTHING"
+    )
+    add_checkpoint: str = (
+        "INSERT INTO checkpoints (seq, hash, at, key_id, signature) VALUES (?,?,?,?,?)"
+    )
+
     def translated(self, to: Callable[[str], str]) -> Queries:
         return Queries(**{f.name: to(getattr(self, f.name)) for f in fields(self)})
 

@@ -24,26 +24,19 @@ from yoyo import get_backend, read_migrations
 from jitmesh.clock import from_ms, to_ms
 from jitmesh.types import (
     AuditEvent,
-    Grant,
     GrantState,
-    Lock,
-    Request,
     RequestState,
-    Review,
 )
 from server.domain.audit import GENESIS
-from server.domain.errors import Conflict
 from server.domain.lifecycle import DUE_GRANT_STATES, REQUEST_TRANSITIONS
 from server.domain.models import (
     NO_CHANGE,
-    AuditEntry,
     Checkpoint,
     CommandKind,
     GrantChange,
-    JoinToken,
     Moved,
 )
-from server.domain.notices import NOTIFIABLE, Notice, notice_for
+from server.domain.notices import Notice
 from server.domain.receivers import (
     AttemptRecord,
     Delivery,
@@ -54,7 +47,7 @@ from server.domain.receivers import (
 )
 from server.store import queries
 from server.store import rows as rec
-from server.store.base import SqlStoreReads, SqlTxReads, grant_sets
+from server.store.base import SqlStoreReads, SqlTx, grant_sets
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -149,20 +142,7 @@ async def _audit_head(conn: Connection) -> tuple[int, str]:
     return (0, GENESIS) if row is None else (int(row["seq"]), str(row["hash"]))
 
 
-_REQUEST_INSERT = (
-    f"INSERT INTO requests ({rec.columns(rec.REQUEST_COLUMNS)}) "
-    f"VALUES ({','.join('?' * len(rec.REQUEST_COLUMNS))})"
-)
-_GRANT_INSERT = (
-    f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES ({','.join('?' * len(rec.GRANT_COLUMNS))})"
-)
-_COMMAND_INSERT = (
-    "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
-    "VALUES (?,?,?,?,?,?)"
-)
-
-
-class SqliteTx(SqlTxReads):
+class SqliteTx(SqlTx):
     """One write transaction. Methods that change state by compare-and-set return False when the
     row was not in the expected state, so the caller decides what that means."""
 
@@ -188,135 +168,15 @@ class SqliteTx(SqlTxReads):
     async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         return await _all(self._conn, sql, args)
 
-    async def insert_request(self, r: Request) -> None:
-        await self._conn.execute(_REQUEST_INSERT, rec.request_values(r))
-
-    async def decide_request(
-        self,
-        request_id: str,
-        *,
-        expected: RequestState,
-        state: RequestState,
-        at: datetime,
-        by: str,
-        reason: str,
-        grant_id: str = "",
-    ) -> bool:
-        if state not in REQUEST_TRANSITIONS[expected]:
-            raise ValueError(f"request lifecycle has no step {expected.value} -> {state.value}")
-        cur = await self._conn.execute(
-            "UPDATE requests SET state = ?, decided_at = ?, decided_by = ?, decision_reason = ?, "
-            "grant_id = ? WHERE id = ? AND state = ?",
-            (state.value, to_ms(at), by, reason, grant_id, request_id, expected.value),
-        )
-        return cur.rowcount == 1
-
-    async def set_request_grants(self, request_id: str, grant_ids: Sequence[str]) -> None:
-        """The grants a request for several agents made (its `grant_id` is the first)."""
-        await self._conn.execute(
-            "UPDATE requests SET grant_ids = ? WHERE id = ?",
-            (json.dumps(list(grant_ids)), request_id),
-        )
-
-    async def insert_review(self, request_id: str, review: Review) -> bool:
-        """False when this reviewer has reviewed the request already."""
-        cur = await self._conn.execute(
-            "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, "
-            "groups) VALUES (?,?,?,?,?,?) ON CONFLICT (request_id, reviewer) DO NOTHING",
-            (request_id, review.reviewer, review.decision.value, review.reason,
-             to_ms(review.reviewed_at), json.dumps(list(review.groups))),
-        )  # fmt: skip
-        return cur.rowcount == 1
-
-    async def insert_grant(self, g: Grant) -> None:
-        await self._conn.execute(_GRANT_INSERT, rec.grant_values(g))
-
-    async def move_grant(
-        self,
-        grant_id: str,
-        *,
-        expected: Iterable[GrantState],
-        state: GrantState,
-        change: GrantChange = NO_CHANGE,
-    ) -> bool:
-        """Compare-and-set the grant's state, with the columns `change` sets. Only steps of the
-        grant lifecycle (`GRANT_TRANSITIONS`) may be asked for."""
-        expected = list(expected)
-        states = [s.value for s in expected]
-        sets, args = grant_sets(_D, expected, state, change)
-        marks = ",".join("?" * len(states))
-        cur = await self._conn.execute(
-            f"UPDATE grants SET {sets} WHERE id = ? AND state IN ({marks})",
-            (*args, grant_id, *states),
-        )
-        return cur.rowcount == 1
-
-    async def append_command(
-        self, agent: str, kind: CommandKind, grant_id: str, at: datetime, revoke_reason: str = ""
-    ) -> int:
-        """Give the command the agent's next sequence number (gap-free) and store it."""
-        row = await _one(
-            self._conn,
-            "UPDATE agents SET last_seq = last_seq + 1 WHERE name = ? AND removed_at IS NULL "
-            "RETURNING last_seq",
-            [agent],
-        )
-        if row is None:
-            raise Conflict(f"agent {agent} is not enrolled")
-        seq = int(row["last_seq"])
-        await self._conn.execute(
-            _COMMAND_INSERT, (agent, seq, kind.value, grant_id, revoke_reason, to_ms(at))
-        )
-        if kind in (CommandKind.GRANT, CommandKind.REVOKE):
-            column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
-            await self._conn.execute(
-                f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id)
-            )
-        return seq
-
-    async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
-        """Mark the agent's commands before `snapshot_seq` that were never acknowledged as
-        replaced by that snapshot (NOT_APPLIED): they are not sent again."""
-        cur = await self._conn.execute(
-            "UPDATE commands SET acked_at = ?, ack_status = 'NOT_APPLIED', ack_reason = ? "
-            "WHERE agent = ? AND seq < ? AND acked_at IS NULL",
-            (to_ms(at), f"replaced by snapshot {snapshot_seq}", agent, snapshot_seq),
-        )
+    async def _run(self, sql: str, args: Sequence[Any] = ()) -> int:
+        cur = await self._conn.execute(sql, args)
         return cur.rowcount
 
-    async def extend_grant(
-        self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
-    ) -> bool:
-        """Compare-and-set a live grant's end to a later `not_after` (in place: same grant),
-        counting the extension and keeping the first end. False when the grant is no longer
-        PENDING_DELIVERY or ACTIVE or its end moved meanwhile."""
-        cur = await self._conn.execute(
-            "UPDATE grants SET not_after = ?, extensions = extensions + 1, "
-            "original_not_after = COALESCE(original_not_after, not_after) "
-            "WHERE id = ? AND state IN ('PENDING_DELIVERY', 'ACTIVE') AND not_after = ?",
-            (to_ms(not_after), grant_id, to_ms(expected_not_after)),
-        )
-        return cur.rowcount == 1
+    async def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            await self._conn.executemany(sql, rows)
 
-    async def insert_requests(self, requests: Sequence[Request]) -> None:
-        """`insert_request` for many requests, one statement for all (group commit)."""
-        await self._conn.executemany(_REQUEST_INSERT, [rec.request_values(r) for r in requests])
-
-    async def insert_grants(self, grants: Sequence[Grant]) -> None:
-        """`insert_grant` for many grants, one statement for all (group commit)."""
-        await self._conn.executemany(_GRANT_INSERT, [rec.grant_values(g) for g in grants])
-
-    async def append_commands(
-        self, commands: Sequence[tuple[str, CommandKind, str, datetime]], revoke_reason: str = ""
-    ) -> list[int | None]:
-        """`append_command` for many (agent, kind, grant id, instant) at once: each agent's next
-        sequence numbers, gap-free and in the order given; None for a command whose agent is
-        not enrolled (nothing is stored for it). Does not touch the grants: the caller stores
-        the sequence numbers with them."""
-        wanted: dict[str, int] = {}
-        for agent, *_ in commands:
-            wanted[agent] = wanted.get(agent, 0) + 1
-        # One statement moves every agent's counter by its number of new commands.
+    async def _advance_seqs(self, wanted: dict[str, int]) -> dict[str, int]:
         rows = await _all(
             self._conn,
             "UPDATE agents SET last_seq = last_seq + w.value FROM json_each(?) AS w "
@@ -324,17 +184,7 @@ class SqliteTx(SqlTxReads):
             "RETURNING agents.name, agents.last_seq",
             [json.dumps(wanted)],
         )
-        next_seq = {name: last - wanted[name] + 1 for name, last in rows}
-        seqs: list[int | None] = []
-        stored: list[tuple[Any, ...]] = []
-        for agent, kind, grant_id, at in commands:
-            seq = next_seq.get(agent)
-            seqs.append(seq)
-            if seq is not None:
-                next_seq[agent] = seq + 1
-                stored.append((agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)))
-        await self._conn.executemany(_COMMAND_INSERT, stored)
-        return seqs
+        return {r["name"]: int(r["last_seq"]) for r in rows}
 
     async def ack_commands(
         self, acks: Sequence[tuple[str, int, str, str]], at: datetime
@@ -371,311 +221,6 @@ class SqliteTx(SqlTxReads):
             [(seq, when, agent) for agent, seq in highest.items()],
         )
         return done
-
-    # Locks.
-
-    async def insert_lock(self, lock: Lock) -> None:
-        t = lock.target
-        await self._conn.execute(
-            f"INSERT INTO locks ({_LOCK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                lock.id, t.subject, t.agent, t.action, lock.reason, lock.created_by,
-                to_ms(lock.created_at), rec.ms(lock.expires_at), None, "", "",
-            ),
-        )  # fmt: skip
-
-    async def lift_lock(self, lock_id: str, at: datetime, by: str, reason: str) -> bool:
-        cur = await self._conn.execute(
-            "UPDATE locks SET lifted_at = ?, lifted_by = ?, lift_reason = ? "
-            "WHERE id = ? AND lifted_at IS NULL",
-            (to_ms(at), by, reason, lock_id),
-        )
-        return cur.rowcount == 1
-
-    async def append_revokes(
-        self, grants: Sequence[Grant], at: datetime, revoke_reason: str
-    ) -> dict[str, int]:
-        """A revoke command for each grant (`append_commands`) and the grants' revoke_seq.
-        Returns grant id -> seq."""
-        seqs = await self.append_commands(
-            [(g.agent, CommandKind.REVOKE, g.id, at) for g in grants], revoke_reason
-        )
-        if None in seqs:
-            raise Conflict("an agent was removed meanwhile; try again")
-        by_grant = {g.id: seq for g, seq in zip(grants, seqs, strict=True) if seq is not None}
-        await self._conn.executemany(
-            "UPDATE grants SET revoke_seq = ? WHERE id = ?", [(q, g) for g, q in by_grant.items()]
-        )
-        return by_grant
-
-    async def enroll_agent(
-        self, name: str, labels: dict[str, str], credential_hash: str, at: datetime,
-        join_token_id: str = "",
-    ) -> bool:  # fmt: skip
-        """Create the agent, or give an existing one a new credential. True when it is new."""
-        cur = await self._conn.execute(
-            "UPDATE agents SET labels = ?, credential_hash = ?, removed_at = NULL, "
-            "join_token_id = ? WHERE name = ?",
-            (json.dumps(labels, sort_keys=True), credential_hash, join_token_id, name),
-        )
-        if cur.rowcount == 1:
-            return False
-        await self._conn.execute(
-            "INSERT INTO agents (name, labels, credential_hash, enrolled_at, join_token_id) "
-            "VALUES (?,?,?,?,?)",
-            (name, json.dumps(labels, sort_keys=True), credential_hash, to_ms(at), join_token_id),
-        )
-        return True
-
-    async def agent_seen(
-        self, name: str, at: datetime, *, labels: dict[str, str] | None = None,
-        version: str | None = None, boot_id: str | None = None, replica: str | None = None,
-    ) -> None:  # fmt: skip
-        await self._conn.execute(
-            "UPDATE agents SET last_seen_at = ?, labels = COALESCE(?, labels), "
-            "version = COALESCE(?, version), boot_id = COALESCE(?, boot_id), "
-            "replica = COALESCE(?, replica) WHERE name = ?",
-            (
-                to_ms(at),
-                None if labels is None else json.dumps(labels, sort_keys=True),
-                version,
-                boot_id,
-                replica,
-                name,
-            ),
-        )
-
-    async def agent_left(self, name: str, replica: str, at: datetime) -> None:
-        """The agent's stream on `replica` ended: seen now, and held by no replica unless
-        another one took it meanwhile."""
-        await self._conn.execute(
-            "UPDATE agents SET last_seen_at = ?, "
-            "replica = CASE WHEN replica = ? THEN '' ELSE replica END WHERE name = ?",
-            [to_ms(at), replica, name],
-        )
-
-    async def remove_agent(self, name: str, at: datetime) -> bool:
-        cur = await self._conn.execute(
-            "UPDATE agents SET removed_at = ?, credential_hash = NULL "
-            "WHERE name = ? AND removed_at IS NULL",
-            (to_ms(at), name),
-        )
-        return cur.rowcount == 1
-
-    async def insert_join_token(
-        self, token_hash: str, labels: dict[str, str], by: str, at: datetime,
-        expires_at: datetime | None, max_uses: int | None, replaces: str | None = None,
-    ) -> None:  # fmt: skip
-        await self._conn.execute(
-            # The same secret issued again (development mode's fixed token) starts afresh.
-            "INSERT INTO join_tokens "
-            "(hash, labels, created_by, created_at, expires_at, max_uses, replaces) "
-            "VALUES (?,?,?,?,?,?,?) ON CONFLICT (hash) DO UPDATE SET labels = excluded.labels, "
-            "created_by = excluded.created_by, created_at = excluded.created_at, "
-            "expires_at = excluded.expires_at, max_uses = excluded.max_uses, "
-            "replaces = excluded.replaces, uses = 0",
-            (token_hash, json.dumps(labels), by, to_ms(at), rec.ms(expires_at), max_uses, replaces),
-        )
-
-    async def use_join_token(self, token_hash: str, at: datetime) -> JoinToken | None:
-        """Spend one use of a join token (compare-and-set); None if unusable."""
-        row = await _one(
-            self._conn,
-            "UPDATE join_tokens SET uses = uses + 1 WHERE hash = ? AND revoked_at IS NULL "
-            "AND (expires_at IS NULL OR expires_at > ?) AND (max_uses IS NULL OR uses < max_uses) "
-            "RETURNING labels, replaces, max_uses IS NULL AS reusable",
-            [token_hash, to_ms(at)],
-        )
-        if row is None:
-            return None
-        return JoinToken(dict(json.loads(row["labels"])), row["replaces"], bool(row["reusable"]))
-
-    async def revoke_join_token(self, token_id: str, at: datetime, by: str) -> bool:
-        cur = await self._conn.execute(
-            "UPDATE join_tokens SET revoked_at = ?, revoked_by = ? "
-            "WHERE substr(hash, 1, 16) = ? AND revoked_at IS NULL",
-            (to_ms(at), by, token_id),
-        )
-        return cur.rowcount >= 1
-
-    async def upsert_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
-        await self._conn.execute(
-            "INSERT INTO users (name, groups, created_at) VALUES (?,?,?) "
-            "ON CONFLICT(name) DO UPDATE SET groups = excluded.groups",
-            (name, json.dumps(sorted(groups)), to_ms(at)),
-        )
-
-    async def insert_oidc_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
-        await self._conn.execute(
-            "INSERT INTO users (name, groups, created_at, managed_by) VALUES (?,?,?,'oidc')",
-            (name, json.dumps(sorted(groups)), to_ms(at)),
-        )
-
-    async def insert_token(
-        self, token_hash: str, user: str, at: datetime, expires_at: datetime | None, label: str
-    ) -> bool:
-        """Register a token hash; False when it was already registered."""
-        cur = await self._conn.execute(
-            "INSERT INTO tokens (hash, user_name, label, created_at, expires_at) "
-            "VALUES (?,?,?,?,?) ON CONFLICT (hash) DO NOTHING",
-            (token_hash, user, label, to_ms(at), rec.ms(expires_at)),
-        )
-        return cur.rowcount == 1
-
-    async def revoke_token(self, token_id: str, at: datetime) -> bool:
-        cur = await self._conn.execute(
-            "UPDATE tokens SET revoked_at = ? WHERE substr(hash, 1, 16) = ? AND revoked_at IS NULL",
-            (to_ms(at), token_id),
-        )
-        return cur.rowcount >= 1
-
-    async def set_user_disabled(self, name: str, disabled: bool) -> bool:
-        cur = await self._conn.execute(
-            "UPDATE users SET disabled = ? WHERE name = ?", (int(disabled), name)
-        )
-        return cur.rowcount == 1
-
-    async def revoke_certificate(self, serial: str, at: datetime, by: str, reason: str) -> bool:
-        """False when the serial was revoked before."""
-        cur = await self._conn.execute(
-            "INSERT INTO revoked_certificates (serial, revoked_at, revoked_by, reason) "
-            "VALUES (?,?,?,?) ON CONFLICT (serial) DO NOTHING",
-            (serial, to_ms(at), by, reason),
-        )
-        return cur.rowcount == 1
-
-    async def insert_policy(self, text: str, sha256: str, at: datetime, by: str) -> int:
-        row = await _one(
-            self._conn, "SELECT COALESCE(MAX(version), 0) + 1 AS version FROM policies"
-        )
-        version = int(row["version"])
-        await self._conn.execute(
-            "INSERT INTO policies (version, yaml, sha256, applied_at, applied_by) "
-            "VALUES (?,?,?,?,?)",
-            (version, text, sha256, to_ms(at), by),
-        )
-        return version
-
-    async def set_meta(self, key: str, value: str) -> None:
-        await self._conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
-
-    async def audit(self, entry: AuditEntry) -> AuditEvent | None:
-        """Append an event to the hash chain. Returns None (and writes nothing) when an event
-        with the same id is already stored: agent events are stored exactly once."""
-        events = await self.audit_many([entry])
-        return events[0] if events else None
-
-    async def _outbox(self, events: Sequence[AuditEvent]) -> None:
-        """Notifiable events go to the outbox in the audit event's own transaction."""
-        rows = [
-            (
-                n.id,
-                n.kind.value,
-                to_ms(n.at),
-                n.actor,
-                n.subject,
-                n.agent,
-                n.request_id,
-                n.grant_id,
-                _details_json(n.details),
-            )
-            for event in events
-            if event.kind in NOTIFIABLE and (n := notice_for(event)) is not None
-        ]
-        if rows:
-            await self._conn.executemany(_OUTBOX_INSERT, rows)
-
-    async def insert_receiver(self, spec: ReceiverSpec) -> bool:
-        """False (and nothing written) when a receiver of that name exists. The first receiver
-        starts from now: notices written while nobody received them are not sent to it."""
-        first = await _one(self._conn, "SELECT NOT EXISTS (SELECT 1 FROM receivers)")
-        if first and first[0]:
-            await self._conn.execute(
-                "INSERT INTO meta (key, value) SELECT ?, CAST(COALESCE(MAX(seq), 0) AS TEXT) "
-                "FROM outbox WHERE 1 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (_OUTBOX_CURSOR,),
-            )
-        cur = await self._conn.execute(
-            "INSERT INTO receivers (name, kind, settings, secret, route, created_at, created_by) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
-            (
-                spec.name, spec.kind.value, _details_json(dict(spec.settings)), spec.secret,
-                _route_json(spec.route), to_ms(spec.created_at), spec.created_by,
-            ),
-        )  # fmt: skip
-        return cur.rowcount == 1
-
-    async def delete_receiver(self, name: str) -> bool:
-        """Removes the receiver; its pending deliveries are given up (attempts stay in the log)."""
-        cur = await self._conn.execute("DELETE FROM receivers WHERE name = ?", (name,))
-        if cur.rowcount != 1:
-            return False
-        await self._conn.execute(
-            "UPDATE deliveries SET state = 'GAVE_UP', last_error = 'receiver removed' "
-            "WHERE receiver = ? AND state = 'PENDING'",
-            (name,),
-        )
-        return True
-
-    async def move_grants(
-        self,
-        grant_ids: Sequence[str],
-        *,
-        expected: Iterable[GrantState],
-        state: GrantState,
-        change: GrantChange = NO_CHANGE,
-    ) -> set[str]:
-        """`move_grant` for many grants at once (one statement per chunk, not one per grant).
-        Returns the ids that were in an expected state and moved."""
-        expected = list(expected)
-        states = [s.value for s in expected]
-        sets, args = grant_sets(_D, expected, state, change)
-        moved: set[str] = set()
-        marks = ",".join("?" * len(states))
-        for first in range(0, len(grant_ids), _CHUNK):
-            chunk = grant_ids[first : first + _CHUNK]
-            rows = await _all(
-                self._conn,
-                f"UPDATE grants SET {sets} WHERE id IN ({','.join('?' * len(chunk))}) "
-                f"AND state IN ({marks}) RETURNING id",
-                [*args, *chunk, *states],
-            )
-            moved.update(row["id"] for row in rows)
-        return moved
-
-    async def audit_many(self, entries: Sequence[AuditEntry]) -> list[AuditEvent]:
-        """`audit` for many entries, in order, as one batch: the chain is the same as entry by
-        entry. Entries whose id is already stored are skipped."""
-        if not entries:
-            return []
-        # Which ids are stored already (agent events sent again), then one executemany: two
-        # statements whatever the batch, and the same two on every store.
-        stored = await self._stored_audit_ids([entry.id for entry in entries])
-        head_seq, head_hash = await self._audit_head()
-        events, rows = rec.chain(entries, head_seq, head_hash, stored)
-        if not rows:
-            return []
-        await self._conn.executemany(_AUDIT_INSERT, rows)
-        self._head = (events[-1].seq, events[-1].hash)
-        self.new_audit.extend(events)
-        await self._outbox(events)
-        return events
-
-    async def _stored_audit_ids(self, ids: Sequence[str]) -> set[str]:
-        stored: set[str] = set()
-        for first in range(0, len(ids), _CHUNK):
-            chunk = ids[first : first + _CHUNK]
-            rows = await _all(
-                self._conn,
-                f"SELECT id FROM audit WHERE id IN ({','.join('?' * len(chunk))})",
-                chunk,
-            )
-            stored.update(row["id"] for row in rows)
-        return stored
 
     async def move_due_grants(
         self, now: datetime, limit: int, *, state: GrantState, change: GrantChange = NO_CHANGE
@@ -724,9 +269,6 @@ class SqliteTx(SqlTxReads):
 # Grant states the expiry sweep moves, in the order it takes them.
 _DUE_GRANT_STATES = DUE_GRANT_STATES
 _DUE_GRANT_IN = queries.DUE_GRANT_IN
-_AUDIT_INSERT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-
-
 # Commits between WAL checkpoints (each commit adds a few pages to the WAL).
 CHECKPOINT_EVERY = 200
 
@@ -882,10 +424,6 @@ class SqliteStore(SqlStoreReads):
 # in rows.py).
 
 _OUTBOX_COLUMNS = rec.OUTBOX_COLUMNS
-_OUTBOX_INSERT = (
-    f"INSERT INTO outbox ({_OUTBOX_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?) "
-    "ON CONFLICT (event_id) DO NOTHING"
-)
 _OUTBOX_CURSOR = rec.OUTBOX_CURSOR
 _route_json = rec.route_json
 _route = rec.route

@@ -37,26 +37,20 @@ from psycopg_pool import AsyncConnectionPool
 from jitmesh.clock import from_ms, to_ms
 from jitmesh.types import (
     AuditEvent,
-    Grant,
     GrantState,
-    Lock,
-    Request,
     RequestState,
-    Review,
 )
 from server.domain.audit import GENESIS
 from server.domain.errors import Conflict
 from server.domain.lifecycle import DUE_GRANT_STATES, REQUEST_TRANSITIONS
 from server.domain.models import (
     NO_CHANGE,
-    AuditEntry,
     Checkpoint,
     CommandKind,
     GrantChange,
-    JoinToken,
     Moved,
 )
-from server.domain.notices import NOTIFIABLE, Notice, notice_for
+from server.domain.notices import Notice
 from server.domain.receivers import (
     AttemptRecord,
     Delivery,
@@ -67,7 +61,7 @@ from server.domain.receivers import (
 )
 from server.store import queries
 from server.store import rows as rec
-from server.store.base import SqlStoreReads, SqlTxReads, grant_sets
+from server.store.base import SqlStoreReads, SqlTx, grant_sets
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -90,25 +84,7 @@ _D = queries.POSTGRES_DIALECT
 _GRANT_COLUMNS = queries.GRANT_COLUMNS
 _AUDIT_COLUMNS = queries.AUDIT_COLUMNS
 _LOCK_COLUMNS = queries.LOCK_COLUMNS
-_REQUEST_INSERT = (
-    f"INSERT INTO requests ({rec.columns(rec.REQUEST_COLUMNS)}) "
-    f"VALUES ({','.join(['%s'] * len(rec.REQUEST_COLUMNS))})"
-)
-_GRANT_INSERT = (
-    f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES ({','.join(['%s'] * len(rec.GRANT_COLUMNS))})"
-)
-_COMMAND_INSERT = (
-    "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
-    "VALUES (%s,%s,%s,%s,%s,%s)"
-)
-_AUDIT_INSERT = (
-    f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({','.join(['%s'] * len(rec.AUDIT_COLUMNS))})"
-)
 _DUE_GRANT_STATES = DUE_GRANT_STATES
-_OUTBOX_INSERT = (
-    f"INSERT INTO outbox ({rec.OUTBOX_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-    "ON CONFLICT (event_id) DO NOTHING"
-)
 
 
 def with_schema(dsn: str, schema: str) -> str:
@@ -170,7 +146,7 @@ async def migrate(dsn: str) -> list[str]:
     return applied_now
 
 
-class PostgresTx(SqlTxReads):
+class PostgresTx(SqlTx):
     """One write transaction on one pooled connection."""
 
     _d = _D
@@ -194,136 +170,50 @@ class PostgresTx(SqlTxReads):
     async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         return await _all(self._conn, sql, args)
 
-    async def insert_request(self, r: Request) -> None:
-        await self._conn.execute(_REQUEST_INSERT, rec.request_values(r))
+    async def _run(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return await _rowcount(self._conn, sql, args)
 
-    async def insert_requests(self, requests: Sequence[Request]) -> None:
-        if requests:
+    async def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
             async with self._conn.cursor() as cur:
-                await cur.executemany(_REQUEST_INSERT, [rec.request_values(r) for r in requests])
+                await cur.executemany(sql, rows)
 
-    async def decide_request(
-        self,
-        request_id: str,
-        *,
-        expected: RequestState,
-        state: RequestState,
-        at: datetime,
-        by: str,
-        reason: str,
-        grant_id: str = "",
-    ) -> bool:
-        if state not in REQUEST_TRANSITIONS[expected]:
-            raise ValueError(f"request lifecycle has no step {expected.value} -> {state.value}")
-        count = await _rowcount(
-            self._conn,
-            "UPDATE requests SET state = %s, decided_at = %s, decided_by = %s, "
-            "decision_reason = %s, grant_id = %s WHERE id = %s AND state = %s",
-            [state.value, to_ms(at), by, reason, grant_id, request_id, expected.value],
-        )
-        return count == 1
-
-    async def insert_review(self, request_id: str, review: Review) -> bool:
-        count = await _rowcount(
-            self._conn,
-            "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, groups) "
-            "VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (request_id, reviewer) DO NOTHING",
-            [request_id, review.reviewer, review.decision.value, review.reason,
-             to_ms(review.reviewed_at), json.dumps(list(review.groups))],
-        )  # fmt: skip
-        return count == 1
-
-    async def insert_grant(self, g: Grant) -> None:
-        await self._conn.execute(_GRANT_INSERT, rec.grant_values(g))
-
-    async def insert_grants(self, grants: Sequence[Grant]) -> None:
-        if grants:
-            async with self._conn.cursor() as cur:
-                await cur.executemany(_GRANT_INSERT, [rec.grant_values(g) for g in grants])
-
-    async def move_grant(
-        self,
-        grant_id: str,
-        *,
-        expected: Iterable[GrantState],
-        state: GrantState,
-        change: GrantChange = NO_CHANGE,
-    ) -> bool:
-        expected = list(expected)
-        sets, args = grant_sets(_D, expected, state, change)
-        count = await _rowcount(
-            self._conn,
-            f"UPDATE grants SET {sets} WHERE id = %s AND state = ANY(%s)",
-            [*args, grant_id, [s.value for s in expected]],
-        )
-        return count == 1
-
-    async def move_grants(
-        self,
-        grant_ids: Sequence[str],
-        *,
-        expected: Iterable[GrantState],
-        state: GrantState,
-        change: GrantChange = NO_CHANGE,
-    ) -> set[str]:
-        expected = list(expected)
-        sets, args = grant_sets(_D, expected, state, change)
-        if not grant_ids:
-            return set()
+    async def _advance_seqs(self, wanted: dict[str, int]) -> dict[str, int]:
+        # Agents in name order: two replicas numbering overlapping agents lock them in the same
+        # order, so they wait for each other instead of deadlocking.
+        names = sorted(wanted)
         rows = await _all(
             self._conn,
-            f"UPDATE grants SET {sets} WHERE id = ANY(%s) AND state = ANY(%s) RETURNING id",
-            [*args, list(grant_ids), [s.value for s in expected]],
+            "UPDATE agents SET last_seq = agents.last_seq + w.n "
+            "FROM (SELECT * FROM unnest(%s::text[], %s::bigint[]) AS u(name, n) ORDER BY name) w "
+            "WHERE agents.name = w.name AND agents.removed_at IS NULL "
+            "RETURNING agents.name, agents.last_seq",
+            [names, [wanted[n] for n in names]],
         )
-        return {r["id"] for r in rows}
+        return {r["name"]: int(r["last_seq"]) for r in rows}
 
-    async def append_command(
-        self, agent: str, kind: CommandKind, grant_id: str, at: datetime, revoke_reason: str = ""
-    ) -> int:
-        row = await _one(
-            self._conn,
-            "UPDATE agents SET last_seq = last_seq + 1 WHERE name = %s AND removed_at IS NULL "
-            "RETURNING last_seq",
-            [agent],
-        )
-        if row is None:
-            raise Conflict(f"agent {agent} is not enrolled")
-        seq = int(row["last_seq"])
-        await self._conn.execute(
-            _COMMAND_INSERT, [agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)]
-        )
-        if kind in (CommandKind.GRANT, CommandKind.REVOKE):
-            column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
+    async def _set_revoke_seqs(self, by_grant: dict[str, int]) -> None:
+        if by_grant:
             await self._conn.execute(
-                f"UPDATE grants SET {column} = %s WHERE id = %s", [seq, grant_id]
+                "UPDATE grants SET revoke_seq = u.seq FROM unnest(%s::text[], %s::bigint[]) "
+                "AS u(id, seq) WHERE grants.id = u.id",
+                [list(by_grant), list(by_grant.values())],
             )
-        await self._notify([agent])
-        return seq
 
-    async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
-        """Mark the agent's commands before `snapshot_seq` that were never acknowledged as
-        replaced by that snapshot (NOT_APPLIED): they are not sent again."""
-        return await _rowcount(
-            self._conn,
-            "UPDATE commands SET acked_at = %s, ack_status = 'NOT_APPLIED', ack_reason = %s "
-            "WHERE agent = %s AND seq < %s AND acked_at IS NULL",
-            [to_ms(at), f"replaced by snapshot {snapshot_seq}", agent, snapshot_seq],
+    async def _audit_added(self, events: list[AuditEvent]) -> None:
+        assert self._head is not None
+        await self._conn.execute(
+            "UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1", list(self._head)
+        )
+        # Watchers on the other replicas (request watch, audit tail) learn of it at commit.
+        ids = sorted({e.request_id for e in events if e.request_id})
+        listed = ",".join(ids) if sum(len(i) + 1 for i in ids) < NOTIFY_PAYLOAD else "*"
+        await self._conn.execute(
+            "SELECT pg_notify(%s, %s)",
+            [AUDIT_CHANNEL, f"{self._replica}|{events[-1].seq}|{listed}"],
         )
 
-    async def extend_grant(
-        self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
-    ) -> bool:
-        """Compare-and-set a live grant's end to a later `not_after` (in place)."""
-        count = await _rowcount(
-            self._conn,
-            "UPDATE grants SET not_after = %s, extensions = extensions + 1, "
-            "original_not_after = COALESCE(original_not_after, not_after) "
-            "WHERE id = %s AND state IN ('PENDING_DELIVERY', 'ACTIVE') AND not_after = %s",
-            [to_ms(not_after), grant_id, to_ms(expected_not_after)],
-        )
-        return count == 1
-
-    async def _notify(self, agents: Iterable[str]) -> None:
+    async def _commands_added(self, agents: Iterable[str]) -> None:
         """Wake the replicas holding these agents' streams once this transaction commits
         (NOTIFY is delivered at commit, never for a rollback). A hint only: a replica that
         misses it re-reads the log when the agent reconnects or the listener reconnects."""
@@ -340,40 +230,6 @@ class PostgresTx(SqlTxReads):
             payloads.append(f"{self._replica}|{','.join(chunk)}")
         for payload in payloads:
             await self._conn.execute("SELECT pg_notify(%s, %s)", [COMMANDS_CHANNEL, payload])
-
-    async def append_commands(
-        self, commands: Sequence[tuple[str, CommandKind, str, datetime]], revoke_reason: str = ""
-    ) -> list[int | None]:
-        wanted: dict[str, int] = {}
-        for agent, *_ in commands:
-            wanted[agent] = wanted.get(agent, 0) + 1
-        if not wanted:
-            return []
-        # Agents in name order: two replicas numbering overlapping agents lock them in the same
-        # order, so they wait for each other instead of deadlocking.
-        names = sorted(wanted)
-        rows = await _all(
-            self._conn,
-            "UPDATE agents SET last_seq = agents.last_seq + w.n "
-            "FROM (SELECT * FROM unnest(%s::text[], %s::bigint[]) AS u(name, n) ORDER BY name) w "
-            "WHERE agents.name = w.name AND agents.removed_at IS NULL "
-            "RETURNING agents.name, agents.last_seq",
-            [names, [wanted[n] for n in names]],
-        )
-        next_seq = {r["name"]: int(r["last_seq"]) - wanted[r["name"]] + 1 for r in rows}
-        seqs: list[int | None] = []
-        stored: list[tuple[Any, ...]] = []
-        for agent, kind, grant_id, at in commands:
-            seq = next_seq.get(agent)
-            seqs.append(seq)
-            if seq is not None:
-                next_seq[agent] = seq + 1
-                stored.append((agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)))
-        if stored:
-            async with self._conn.cursor() as cur:
-                await cur.executemany(_COMMAND_INSERT, stored)
-            await self._notify(row[0] for row in stored)
-        return seqs
 
     async def ack_commands(
         self, acks: Sequence[tuple[str, int, str, str]], at: datetime
@@ -421,293 +277,10 @@ class PostgresTx(SqlTxReads):
             )
         return done
 
-    # Locks.
-
-    async def insert_lock(self, lock: Lock) -> None:
-        await self._conn.execute(
-            f"INSERT INTO locks ({_LOCK_COLUMNS}) "
-            f"VALUES ({','.join(['%s'] * len(rec.LOCK_COLUMNS))})",
-            rec.lock_values(lock),
-        )
-
-    async def lift_lock(self, lock_id: str, at: datetime, by: str, reason: str) -> bool:
-        count = await _rowcount(
-            self._conn,
-            "UPDATE locks SET lifted_at = %s, lifted_by = %s, lift_reason = %s "
-            "WHERE id = %s AND lifted_at IS NULL",
-            [to_ms(at), by, reason, lock_id],
-        )
-        return count == 1
-
-    async def set_request_grants(self, request_id: str, grant_ids: Sequence[str]) -> None:
-        """The grants a request for several agents made (its `grant_id` is the first)."""
-        await self._conn.execute(
-            "UPDATE requests SET grant_ids = %s WHERE id = %s",
-            [json.dumps(list(grant_ids)), request_id],
-        )
-
-    async def append_revokes(
-        self, grants: Sequence[Grant], at: datetime, revoke_reason: str
-    ) -> dict[str, int]:
-        seqs = await self.append_commands(
-            [(g.agent, CommandKind.REVOKE, g.id, at) for g in grants], revoke_reason
-        )
-        if None in seqs:
-            raise Conflict("an agent was removed meanwhile; try again")
-        by_grant = {g.id: seq for g, seq in zip(grants, seqs, strict=True) if seq is not None}
-        if by_grant:
-            await self._conn.execute(
-                "UPDATE grants SET revoke_seq = u.seq FROM unnest(%s::text[], %s::bigint[]) "
-                "AS u(id, seq) WHERE grants.id = u.id",
-                [list(by_grant), list(by_grant.values())],
-            )
-        return by_grant
-
-    # Agents, tokens, users.
-
-    async def enroll_agent(
-        self, name: str, labels: dict[str, str], credential_hash: str, at: datetime,
-        join_token_id: str = "",
-    ) -> bool:  # fmt: skip
-        count = await _rowcount(
-            self._conn,
-            "UPDATE agents SET labels = %s, credential_hash = %s, removed_at = NULL, "
-            "join_token_id = %s WHERE name = %s",
-            [rec.dumps(labels), credential_hash, join_token_id, name],
-        )
-        if count == 1:
-            return False
-        await self._conn.execute(
-            "INSERT INTO agents (name, labels, credential_hash, enrolled_at, join_token_id) "
-            "VALUES (%s,%s,%s,%s,%s)",
-            [name, rec.dumps(labels), credential_hash, to_ms(at), join_token_id],
-        )
-        return True
-
-    async def agent_seen(
-        self, name: str, at: datetime, *, labels: dict[str, str] | None = None,
-        version: str | None = None, boot_id: str | None = None, replica: str | None = None,
-    ) -> None:  # fmt: skip
-        await self._conn.execute(
-            "UPDATE agents SET last_seen_at = %s, labels = COALESCE(%s, labels), "
-            "version = COALESCE(%s, version), boot_id = COALESCE(%s, boot_id), "
-            "replica = COALESCE(%s, replica) WHERE name = %s",
-            [
-                to_ms(at),
-                None if labels is None else rec.dumps(labels),
-                version,
-                boot_id,
-                replica,
-                name,
-            ],
-        )
-
-    async def agent_left(self, name: str, replica: str, at: datetime) -> None:
-        """The agent's stream on `replica` ended: seen now, and held by no replica unless
-        another one took it meanwhile."""
-        await self._conn.execute(
-            "UPDATE agents SET last_seen_at = %s, "
-            "replica = CASE WHEN replica = %s THEN '' ELSE replica END WHERE name = %s",
-            [to_ms(at), replica, name],
-        )
-
-    async def remove_agent(self, name: str, at: datetime) -> bool:
-        count = await _rowcount(
-            self._conn,
-            "UPDATE agents SET removed_at = %s, credential_hash = NULL "
-            "WHERE name = %s AND removed_at IS NULL",
-            [to_ms(at), name],
-        )
-        return count == 1
-
-    async def insert_join_token(
-        self, token_hash: str, labels: dict[str, str], by: str, at: datetime,
-        expires_at: datetime | None, max_uses: int | None, replaces: str | None = None,
-    ) -> None:  # fmt: skip
-        await self._conn.execute(
-            "INSERT INTO join_tokens "
-            "(hash, labels, created_by, created_at, expires_at, max_uses, replaces) "
-            "VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (hash) DO UPDATE SET "
-            "labels = excluded.labels, created_by = excluded.created_by, "
-            "created_at = excluded.created_at, expires_at = excluded.expires_at, "
-            "max_uses = excluded.max_uses, replaces = excluded.replaces, uses = 0",
-            [token_hash, json.dumps(labels), by, to_ms(at), rec.ms(expires_at), max_uses,
-             replaces],
-        )  # fmt: skip
-
-    async def use_join_token(self, token_hash: str, at: datetime) -> JoinToken | None:
-        row = await _one(
-            self._conn,
-            "UPDATE join_tokens SET uses = uses + 1 WHERE hash = %s AND revoked_at IS NULL "
-            "AND (expires_at IS NULL OR expires_at > %s) "
-            "AND (max_uses IS NULL OR uses < max_uses) "
-            "RETURNING labels, replaces, max_uses IS NULL AS reusable",
-            [token_hash, to_ms(at)],
-        )
-        if row is None:
-            return None
-        return JoinToken(dict(json.loads(row["labels"])), row["replaces"], bool(row["reusable"]))
-
-    async def insert_oidc_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
-        await self._conn.execute(
-            "INSERT INTO users (name, groups, created_at, managed_by) VALUES (%s,%s,%s,'oidc')",
-            [name, json.dumps(sorted(groups)), to_ms(at)],
-        )
-
-    async def insert_receiver(self, spec: ReceiverSpec) -> bool:
-        """False (and nothing written) when a receiver of that name exists. The first receiver
-        starts from now: notices written while nobody received them are not sent to it."""
-        first = await _one(self._conn, "SELECT NOT EXISTS (SELECT 1 FROM receivers) AS first")
-        if first is not None and first["first"]:
-            await self._conn.execute(
-                "INSERT INTO meta (key, value) SELECT %s, CAST(COALESCE(MAX(seq), 0) AS TEXT) "
-                "FROM outbox ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [rec.OUTBOX_CURSOR],
-            )
-        count = await _rowcount(
-            self._conn,
-            "INSERT INTO receivers (name, kind, settings, secret, route, created_at, created_by) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
-            [
-                spec.name, spec.kind.value, rec.details_json(dict(spec.settings)), spec.secret,
-                rec.route_json(spec.route), to_ms(spec.created_at), spec.created_by,
-            ],
-        )  # fmt: skip
-        return count == 1
-
-    async def delete_receiver(self, name: str) -> bool:
-        """Removes the receiver; its pending deliveries are given up (attempts stay in the log)."""
-        count = await _rowcount(self._conn, "DELETE FROM receivers WHERE name = %s", [name])
-        if count != 1:
-            return False
-        await self._conn.execute(
-            "UPDATE deliveries SET state = 'GAVE_UP', last_error = 'receiver removed' "
-            "WHERE receiver = %s AND state = 'PENDING'",
-            [name],
-        )
-        return True
-
-    async def revoke_join_token(self, token_id: str, at: datetime, by: str) -> bool:
-        count = await _rowcount(
-            self._conn,
-            "UPDATE join_tokens SET revoked_at = %s, revoked_by = %s "
-            "WHERE substr(hash, 1, 16) = %s AND revoked_at IS NULL",
-            [to_ms(at), by, token_id],
-        )
-        return count >= 1
-
-    async def upsert_user(self, name: str, groups: Iterable[str], at: datetime) -> None:
-        await self._conn.execute(
-            "INSERT INTO users (name, groups, created_at) VALUES (%s,%s,%s) "
-            "ON CONFLICT (name) DO UPDATE SET groups = excluded.groups",
-            [name, json.dumps(sorted(groups)), to_ms(at)],
-        )
-
-    async def insert_token(
-        self, token_hash: str, user: str, at: datetime, expires_at: datetime | None, label: str
-    ) -> bool:
-        count = await _rowcount(
-            self._conn,
-            "INSERT INTO tokens (hash, user_name, label, created_at, expires_at) "
-            "VALUES (%s,%s,%s,%s,%s) ON CONFLICT (hash) DO NOTHING",
-            [token_hash, user, label, to_ms(at), rec.ms(expires_at)],
-        )
-        return count == 1
-
-    async def revoke_token(self, token_id: str, at: datetime) -> bool:
-        count = await _rowcount(
-            self._conn,
-            "UPDATE tokens SET revoked_at = %s WHERE substr(hash, 1, 16) = %s "
-            "AND revoked_at IS NULL",
-            [to_ms(at), token_id],
-        )
-        return count >= 1
-
-    async def set_user_disabled(self, name: str, disabled: bool) -> bool:
-        count = await _rowcount(
-            self._conn, "UPDATE users SET disabled = %s WHERE name = %s", [int(disabled), name]
-        )
-        return count == 1
-
-    async def revoke_certificate(self, serial: str, at: datetime, by: str, reason: str) -> bool:
-        count = await _rowcount(
-            self._conn,
-            "INSERT INTO revoked_certificates (serial, revoked_at, revoked_by, reason) "
-            "VALUES (%s,%s,%s,%s) ON CONFLICT (serial) DO NOTHING",
-            [serial, to_ms(at), by, reason],
-        )
-        return count == 1
-
     async def insert_policy(self, text: str, sha256: str, at: datetime, by: str) -> int:
         # Versions are numbered in one order across replicas.
         await self._conn.execute("SELECT pg_advisory_xact_lock(%s)", [_POLICY_LOCK])
-        row = await _one(
-            self._conn, "SELECT COALESCE(MAX(version), 0) + 1 AS version FROM policies"
-        )
-        assert row is not None
-        version = int(row["version"])
-        await self._conn.execute(
-            "INSERT INTO policies (version, yaml, sha256, applied_at, applied_by) "
-            "VALUES (%s,%s,%s,%s,%s)",
-            [version, text, sha256, to_ms(at), by],
-        )
-        return version
-
-    async def set_meta(self, key: str, value: str) -> None:
-        await self._conn.execute(
-            "INSERT INTO meta (key, value) VALUES (%s, %s) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [key, value],
-        )
-
-    # Audit.
-
-    async def audit(self, entry: AuditEntry) -> AuditEvent | None:
-        events = await self.audit_many([entry])
-        return events[0] if events else None
-
-    async def audit_many(self, entries: Sequence[AuditEntry]) -> list[AuditEvent]:
-        if not entries:
-            return []
-        # The head first: from here to commit no other transaction can add an event, so the
-        # ids found stored below stay the only ones stored.
-        head_seq, head_hash = await self._audit_head()
-        rows = await _all(
-            self._conn,
-            "SELECT id FROM audit WHERE id = ANY(%s)",
-            [[entry.id for entry in entries]],
-        )
-        stored = {r["id"] for r in rows}
-        events, values = rec.chain(entries, head_seq, head_hash, stored)
-        if not values:
-            return []
-        async with self._conn.cursor() as cur:
-            await cur.executemany(_AUDIT_INSERT, values)
-        self._head = (events[-1].seq, events[-1].hash)
-        # Notifiable events go to the outbox in the audit event's own transaction.
-        notices = [
-            (
-                n.id, n.kind.value, to_ms(n.at), n.actor, n.subject, n.agent, n.request_id,
-                n.grant_id, rec.details_json(n.details),
-            )
-            for event in events
-            if event.kind in NOTIFIABLE and (n := notice_for(event)) is not None
-        ]  # fmt: skip
-        if notices:
-            async with self._conn.cursor() as cur:
-                await cur.executemany(_OUTBOX_INSERT, notices)
-        await self._conn.execute(
-            "UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1", list(self._head)
-        )
-        self.new_audit.extend(events)
-        # Watchers on the other replicas (request watch, audit tail) learn of it at commit.
-        ids = sorted({e.request_id for e in events if e.request_id})
-        listed = ",".join(ids) if sum(len(i) + 1 for i in ids) < NOTIFY_PAYLOAD else "*"
-        await self._conn.execute(
-            "SELECT pg_notify(%s, %s)",
-            [AUDIT_CHANNEL, f"{self._replica}|{events[-1].seq}|{listed}"],
-        )
-        return events
+        return await super().insert_policy(text, sha256, at, by)
 
     # Sweeps.
 
