@@ -514,11 +514,18 @@ class SqlTx(SqlReads):
         return await self._run(self._q.set_user_disabled, [int(disabled), name]) == 1
 
     async def insert_token(
-        self, token_hash: str, user: str, at: datetime, expires_at: datetime | None, label: str
+        self,
+        token_hash: str,
+        user: str,
+        at: datetime,
+        expires_at: datetime | None,
+        label: str,
+        scopes: Iterable[str] = (),
     ) -> bool:
         """Register a token hash; False when it was already registered."""
         count = await self._run(
-            self._q.insert_token, [token_hash, user, label, to_ms(at), rec.ms(expires_at)]
+            self._q.insert_token,
+            [token_hash, user, label, to_ms(at), rec.ms(expires_at), rec.scopes_text(scopes)],
         )
         return count == 1
 
@@ -734,9 +741,7 @@ class SqlStoreReads(SqlReads):
 
     async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None:
         row = await self._one(self._q.principal_for_token, [token_hash, to_ms(now)])
-        if row is None:
-            return None
-        return Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
+        return None if row is None else rec.token_principal(row)
 
     async def list_tokens(self, user: str) -> list[TokenInfo]:
         return [rec.token(r) for r in await self._all(self._q.list_tokens, [user, user])]

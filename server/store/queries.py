@@ -178,7 +178,7 @@ class Queries:
     )
     get_user_record: str = "SELECT groups, disabled, managed_by FROM users WHERE name = ?"
     principal_for_token: str = (
-        "SELECT u.name, u.groups FROM tokens t JOIN users u ON u.name = t.user_name "
+        "SELECT u.name, u.groups, t.scopes FROM tokens t JOIN users u ON u.name = t.user_name "
         "WHERE t.hash = ? AND t.revoked_at IS NULL AND u.disabled = 0 "
         "AND (t.expires_at IS NULL OR t.expires_at > ?)"
     )
@@ -187,7 +187,7 @@ class Queries:
         "AND NOT EXISTS (SELECT 1 FROM revoked_certificates WHERE serial = ?)"
     )
     list_tokens: str = (
-        "SELECT hash, user_name, label, created_at, expires_at, revoked_at FROM tokens "
+        "SELECT hash, user_name, label, created_at, expires_at, revoked_at, scopes FROM tokens "
         "WHERE ? = '' OR user_name = ? ORDER BY created_at, hash"
     )
     list_join_tokens: str = (
@@ -332,8 +332,8 @@ class Queries:
     )
     set_user_disabled: str = "UPDATE users SET disabled = ? WHERE name = ?"
     insert_token: str = (
-        "INSERT INTO tokens (hash, user_name, label, created_at, expires_at) "
-        "VALUES (?,?,?,?,?) ON CONFLICT (hash) DO NOTHING"
+        "INSERT INTO tokens (hash, user_name, label, created_at, expires_at, scopes) "
+        "VALUES (?,?,?,?,?,?) ON CONFLICT (hash) DO NOTHING"
     )
     revoke_token: str = (
         "UPDATE tokens SET revoked_at = ? WHERE substr(hash, 1, 16) = ? AND revoked_at IS NULL"
