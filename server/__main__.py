@@ -390,6 +390,7 @@ def coordinator_config(settings: CoordinatorSettings, *, dev: bool) -> Coordinat
         "replica": settings.replica,
         "secret_key_file": settings.secret_key_file,
         "auditor_groups": settings.auditor_groups,
+        "command_log_retention": settings.command_log_retention,
     }
     try:
         if dev:

@@ -61,6 +61,7 @@ from server.domain.models import Principal
 from server.domain.ports import Tx
 from server.domain.reads import Readers
 from server.domain.receivers import ReceiverKind, ReceiverService
+from server.domain.retention import CommandLogRetention
 from server.domain.signin import SignInRules, SignInService
 from server.domain.status import StatusService
 from server.notify.base import Links
@@ -157,6 +158,7 @@ class Coordinator:
     slack_app: Any = None
     http: httpx.AsyncClient | None = None
     warnings: ExpiryWarnings | None = None
+    retention: CommandLogRetention | None = None
 
     @property
     def slack_port(self) -> int:
@@ -194,6 +196,8 @@ class Coordinator:
                             self.clock, self.config.checkpoint_interval.total_seconds()
                         )
                     )
+                if self.retention is not None:
+                    tg.create_task(self.retention.run())
                 tg.create_task(self._until_terminated())
                 tg.create_task(self._report_running())
                 if isinstance(self.store, PostgresStore):
@@ -548,6 +552,9 @@ async def _assemble(
         "coordinator listening",
         extra={t.ADDRESS: f"{config.host}:{port}", t.EPOCH: epoch, "replica": replica},
     )
+    retention = None
+    if config.command_log_retention > timedelta(0):
+        retention = CommandLogRetention(store, clock, config.command_log_retention)
     return Coordinator(
         config,
         store,
@@ -573,6 +580,7 @@ async def _assemble(
         slack_app=slack_app,
         http=http,
         warnings=warnings,
+        retention=retention,
         replica=replica,
         shared=shared,
         started_at=started_at,

@@ -127,6 +127,11 @@ class CoordinatorSettings(BaseSettings):
     metrics_listen: Listen | None = Field(
         default=None, description="serve Prometheus metrics on HOST:PORT (off by default)"
     )
+    command_log_retention: Duration = Field(
+        default=timedelta(minutes=1),
+        description="how often each agent's command log is truncated behind its acknowledged "
+        "position (0: never)",
+    )
     heartbeat: Duration = timedelta(seconds=10)
     keepalive: Duration = timedelta(seconds=30)
     keepalive_timeout: Duration = timedelta(seconds=10)

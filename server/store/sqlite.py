@@ -420,6 +420,30 @@ class SqliteTx:
         )
         return cur.rowcount
 
+    async def truncate_command_log(self, limit: int) -> int:
+        """Command-log retention: move each agent's `log_start` up to its acknowledged prefix
+        and delete at most `limit` of the commands at or below it; returns how many went.
+
+        The prefix ends at the lower of the agent's highest acked seq and its first
+        unacknowledged (non-snapshot) command less one: every command at or below it is acked,
+        or a snapshot whose ack was lost and that later acked commands passed. A resume
+        (min(last_applied, first_unacked - 1)) never starts below it unless the agent lost
+        state it had acknowledged; the Hello then answers with a snapshot."""
+        await self._conn.execute(
+            "UPDATE agents SET log_start = MIN(last_acked_seq, COALESCE(("
+            "SELECT MIN(c.seq) - 1 FROM commands c WHERE c.agent = agents.name "
+            "AND c.acked_at IS NULL AND c.kind <> 'snapshot'), last_acked_seq)) "
+            "WHERE last_acked_seq > log_start"
+        )
+        cur = await self._conn.execute(
+            "DELETE FROM commands WHERE (agent, seq) IN ("
+            "SELECT c.agent, c.seq FROM agents a JOIN commands c "
+            "ON c.agent = a.name AND c.seq <= a.log_start "
+            "WHERE c.acked_at IS NOT NULL OR c.kind = 'snapshot' LIMIT ?)",
+            (limit,),
+        )
+        return cur.rowcount
+
     async def extend_grant(
         self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
     ) -> bool:
@@ -1338,6 +1362,11 @@ class SqliteStore:
             )
             for r in rows
         ]
+
+    async def command_log_start(self, agent: str) -> int:
+        """The seq at or below which the agent's commands may be truncated away (0: none)."""
+        row = await _one(self._reader, "SELECT log_start FROM agents WHERE name = ?", [agent])
+        return 0 if row is None else int(row["log_start"])
 
     async def first_unacked_seq(self, agent: str) -> int | None:
         row = await _one(

@@ -454,6 +454,23 @@ class PostgresTx:
             [to_ms(at), f"replaced by snapshot {snapshot_seq}", agent, snapshot_seq],
         )
 
+    async def truncate_command_log(self, limit: int) -> int:
+        """Command-log retention (the SQLite store's docstring says why this is safe)."""
+        await self._conn.execute(
+            "UPDATE agents SET log_start = LEAST(last_acked_seq, COALESCE(("
+            "SELECT MIN(c.seq) - 1 FROM commands c WHERE c.agent = agents.name "
+            "AND c.acked_at IS NULL AND c.kind <> 'snapshot'), last_acked_seq)) "
+            "WHERE last_acked_seq > log_start"
+        )
+        return await _rowcount(
+            self._conn,
+            "DELETE FROM commands WHERE (agent, seq) IN ("
+            "SELECT c.agent, c.seq FROM agents a JOIN commands c "
+            "ON c.agent = a.name AND c.seq <= a.log_start "
+            "WHERE c.acked_at IS NOT NULL OR c.kind = 'snapshot' LIMIT %s)",
+            [limit],
+        )
+
     async def extend_grant(
         self, grant_id: str, *, expected_not_after: datetime, not_after: datetime
     ) -> bool:
@@ -1404,6 +1421,12 @@ class PostgresStore:
             )
             for r in rows
         ]
+
+    async def command_log_start(self, agent: str) -> int:
+        """The seq at or below which the agent's commands may be truncated away (0: none)."""
+        async with self._read() as conn:
+            row = await _one(conn, "SELECT log_start FROM agents WHERE name = %s", [agent])
+        return 0 if row is None else int(row["log_start"])
 
     async def first_unacked_seq(self, agent: str) -> int | None:
         async with self._read() as conn:
