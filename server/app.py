@@ -499,7 +499,18 @@ async def _assemble(
     audit_servicer = AuditServicer(auth, audit, checkpoints)
     locks_servicer = LocksServicer(auth, LockService(store, registry, hub, clock))
     mesh_servicer = MeshServicer(
-        auth, StatusService(store, clock, epoch, registry.count, store.audit_head, readers)
+        auth,
+        StatusService(
+            store,
+            clock,
+            epoch,
+            registry.count,
+            store.audit_head,
+            readers,
+            replica=replica,
+            shared_store=isinstance(store, PostgresStore),
+        ),
+        replica,
     )
     notify_servicer = NotifyServicer(auth, receivers)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]

@@ -1258,6 +1258,14 @@ class SqliteStore:
             (rec.ms(now),),
         )
         policy = await _one(self._reader, "SELECT COALESCE(MAX(version), 0) FROM policies")
+        held = {
+            str(replica): int(count)
+            for replica, count in await _all(
+                self._reader,
+                "SELECT replica, COUNT(*) FROM agents WHERE removed_at IS NULL AND replica <> '' "
+                "GROUP BY replica",
+            )
+        }
         return StatusCounts(
             agents_enrolled=int(agents[0]) if agents else 0,
             requests=requests,
@@ -1266,6 +1274,7 @@ class SqliteStore:
             commands_unacknowledged=int(agents[1]) if agents else 0,
             locks_in_force=int(locks[0]) if locks else 0,
             policy_version=int(policy[0]) if policy else 0,
+            connected_by_replica=held,
         )
 
     async def list_agents(self) -> list[Agent]:

@@ -1304,6 +1304,14 @@ class PostgresStore:
                 [to_ms(now)],
             )
             policy = await _one(conn, "SELECT COALESCE(MAX(version), 0) AS v FROM policies")
+            held = {
+                str(r["replica"]): int(r["n"])
+                for r in await _all(
+                    conn,
+                    "SELECT replica, COUNT(*) AS n FROM agents WHERE removed_at IS NULL "
+                    "AND replica <> '' GROUP BY replica",
+                )
+            }
         return StatusCounts(
             agents_enrolled=int(agents["n"]) if agents else 0,
             requests=requests,
@@ -1312,6 +1320,7 @@ class PostgresStore:
             commands_unacknowledged=int(agents["unacked"]) if agents else 0,
             locks_in_force=int(locks["n"]) if locks else 0,
             policy_version=int(policy["v"]) if policy else 0,
+            connected_by_replica=held,
         )
 
     async def live_grants(self, agent: str) -> list[Grant]:
