@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Final, TextIO
 
@@ -25,6 +25,23 @@ _RECORD_ATTRS: Final = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
 )
 _HEAD: Final = telemetry.LEADING_KEYS[4:]  # after ts, level, logger, msg
+
+
+# Functions giving fields of the moment to every line, called as the line is formatted (in the
+# caller's thread and context): the trace id of the active span when tracing is on
+# (server/tracing.py). A caller's own `extra` wins over them.
+_CONTEXT: list[Callable[[], Mapping[str, object]]] = []
+
+
+def add_context(provider: Callable[[], Mapping[str, object]]) -> None:
+    """Add `provider`'s fields to every line from now on (once per provider)."""
+    if provider not in _CONTEXT:
+        _CONTEXT.append(provider)
+
+
+def remove_context(provider: Callable[[], Mapping[str, object]]) -> None:
+    if provider in _CONTEXT:
+        _CONTEXT.remove(provider)
 
 
 class LogLevelError(ValueError):
@@ -52,6 +69,9 @@ def fields(record: logging.LogRecord, static: Mapping[str, object] = {}) -> dict
     extras = {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
     for key, value in static.items():
         extras.setdefault(key, value)
+    for provider in _CONTEXT:
+        for key, value in provider().items():
+            extras.setdefault(key, value)
     for key in _HEAD:
         value = extras.pop(key, None)
         if value is not None and value != "":

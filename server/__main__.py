@@ -391,6 +391,7 @@ def coordinator_config(settings: CoordinatorSettings, *, dev: bool) -> Coordinat
         "secret_key_file": settings.secret_key_file,
         "auditor_groups": settings.auditor_groups,
         "command_log_retention": settings.command_log_retention,
+        "otel": settings.otel,
     }
     try:
         if dev:

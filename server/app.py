@@ -159,6 +159,8 @@ class Coordinator:
     http: httpx.AsyncClient | None = None
     warnings: ExpiryWarnings | None = None
     retention: CommandLogRetention | None = None
+    # OpenTelemetry (server/tracing.Tracing) when `otel` is on: flushed and closed by stop().
+    tracing: Any = None
 
     @property
     def slack_port(self) -> int:
@@ -289,13 +291,19 @@ class Coordinator:
         if self.http is not None:
             await self.http.aclose()
         await self.store.close()
+        if self.tracing is not None:
+            self.tracing.close()
         if self.lock_fd >= 0:
             os.close(self.lock_fd)
             self.lock_fd = -1
 
 
 async def build(
-    config: CoordinatorConfig, clock: Clock | None = None, *, refuse_dev_data: bool = False
+    config: CoordinatorConfig,
+    clock: Clock | None = None,
+    *,
+    refuse_dev_data: bool = False,
+    span_exporter: Any = None,
 ) -> Coordinator:
     """Open the store, load the policy, and start the gRPC server (listening, not yet `run`).
 
@@ -304,7 +312,7 @@ async def build(
     mode's ready-made credentials."""
     lock_fd = lock_data_dir(config.data_dir)
     try:
-        coordinator = await _build(config, clock or SystemClock(), refuse_dev_data)
+        coordinator = await _build(config, clock or SystemClock(), refuse_dev_data, span_exporter)
     except BaseException:
         os.close(lock_fd)
         raise
@@ -331,13 +339,15 @@ async def open_store(data_dir: Path) -> SqliteStore:
     return await SqliteStore.open(path)
 
 
-async def _build(config: CoordinatorConfig, clock: Clock, refuse_dev: bool) -> Coordinator:
+async def _build(
+    config: CoordinatorConfig, clock: Clock, refuse_dev: bool, span_exporter: Any = None
+) -> Coordinator:
     store = await open_store_url(config.store, config.data_dir, config.store_pool_size)
     servers: list[grpc.aio.Server] = []
     try:
         if refuse_dev:
             refuse_dev_data(await dev_credentials(store, clock.now()), str(config.data_dir))
-        return await _assemble(config, clock, store, servers)
+        return await _assemble(config, clock, store, servers, span_exporter)
     except BaseException:
         # A port already taken, a bad policy file: stop what was made, so the process exits
         # with its message instead of hanging on a half-built gRPC server.
@@ -352,8 +362,14 @@ async def _assemble(
     clock: Clock,
     store: SqliteStore | PostgresStore,
     servers: list[grpc.aio.Server],
+    span_exporter: Any = None,
 ) -> Coordinator:
     replica = config.replica or _replica_id(config.data_dir)
+    tracing = _tracing(config, replica, span_exporter)
+    interceptors: list[Any] = [AccessLog(), MalformedRequests()]
+    if tracing is not None:
+        # Outermost: the access log line and everything the call logs fall inside its span.
+        interceptors.insert(0, tracing.interceptor)
     shared: SharedFiles | None = None
     if isinstance(store, PostgresStore):
         store.replica = replica
@@ -402,7 +418,7 @@ async def _assemble(
     # Operators (and enrolling agents) send small messages; so do agents. Each server has its
     # own limits because gRPC sets them per server, not per port (docs: THREAT_MODEL.md).
     server = grpc.aio.server(
-        interceptors=[AccessLog(), MalformedRequests()],
+        interceptors=interceptors,
         options=_server_options(config, config.max_message_bytes, OPERATOR_MAX_SEND),
     )
     servers.append(server)
@@ -422,7 +438,7 @@ async def _assemble(
             grpc.ssl_server_credentials([main_pair]),
         )
         agent_server = grpc.aio.server(
-            interceptors=[AccessLog(), MalformedRequests()],
+            interceptors=interceptors,
             options=_server_options(config, MAX_AGENT_MESSAGE, AGENT_MAX_SEND),
         )
         servers.append(agent_server)
@@ -592,12 +608,25 @@ async def _assemble(
         http=http,
         warnings=warnings,
         retention=retention,
+        tracing=tracing,
         replica=replica,
         shared=shared,
         started_at=started_at,
         hub=hub,
         limiters=limiters,
     )
+
+
+def _tracing(config: CoordinatorConfig, replica: str, exporter: Any) -> Any:
+    """The OpenTelemetry part when `otel` is on (server/tracing.py), else None; the extra must
+    be installed for it."""
+    if not config.otel:
+        return None
+    try:
+        from server.tracing import Tracing
+    except ImportError:
+        raise ValueError("otel = true needs OpenTelemetry: pip install 'jitmesh[otel]'") from None
+    return Tracing(exporter, replica)
 
 
 def _sender(

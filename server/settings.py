@@ -132,6 +132,11 @@ class CoordinatorSettings(BaseSettings):
         description="how often each agent's command log is truncated behind its acknowledged "
         "position (0: never)",
     )
+    otel: bool = Field(
+        default=False,
+        description="trace gRPC calls with OpenTelemetry, exported over OTLP as the OTEL_* "
+        "variables say (needs pip install 'jitmesh[otel]')",
+    )
     heartbeat: Duration = timedelta(seconds=10)
     keepalive: Duration = timedelta(seconds=30)
     keepalive_timeout: Duration = timedelta(seconds=10)
