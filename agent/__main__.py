@@ -289,9 +289,17 @@ def run(argv: Sequence[str]) -> int:
 
     from jitmesh import logs
 
-    logs.setup(
-        loaded.values["log_level"], loaded.values["log_format"], static={"agent": config.name}
-    )
+    try:
+        logs.setup(
+            loaded.values["log_level"],
+            loaded.values["log_format"],
+            static={"agent": config.name},
+            target=loaded.values["log_target"],
+            syslog_address=loaded.values["syslog_address"],
+            ident="jitmesh-agent",
+        )
+    except logs.LogTargetError as exc:
+        return _fail(f"configuration: {exc}")
     import asyncio
 
     try:

@@ -265,7 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
         return 2
-    logs.setup(settings.log_level, settings.log_format)
+    try:
+        logs.setup(
+            settings.log_level,
+            settings.log_format,
+            target=settings.log_target,
+            syslog_address=settings.syslog_address,
+            ident="jitmesh-coordinator",
+        )
+    except logs.LogTargetError as exc:
+        print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
+        return 2
     serving = _serve(
         config,
         settings,

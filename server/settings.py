@@ -124,6 +124,13 @@ class CoordinatorSettings(BaseSettings):
     )
     log_level: str = Field(default="info", description=f"one of {', '.join(LEVELS)}")
     log_format: Literal["console", "json"] = "console"
+    log_target: Literal["stderr", "syslog"] = Field(
+        default="stderr", description="where log lines go: stderr or syslog"
+    )
+    syslog_address: str = Field(
+        default="/dev/log",
+        description="with log_target syslog: the daemon's socket path, or HOST:PORT over UDP",
+    )
     metrics_listen: Listen | None = Field(
         default=None, description="serve Prometheus metrics on HOST:PORT (off by default)"
     )
