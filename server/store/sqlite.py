@@ -430,9 +430,10 @@ class SqliteTx:
         (min(last_applied, first_unacked - 1)) never starts below it unless the agent lost
         state it had acknowledged; the Hello then answers with a snapshot."""
         await self._conn.execute(
-            "UPDATE agents SET log_start = MIN(last_acked_seq, COALESCE(("
+            # Never down (MAX with itself): what was truncated stays so.
+            "UPDATE agents SET log_start = MAX(log_start, MIN(last_acked_seq, COALESCE(("
             "SELECT MIN(c.seq) - 1 FROM commands c WHERE c.agent = agents.name "
-            "AND c.acked_at IS NULL AND c.kind <> 'snapshot'), last_acked_seq)) "
+            "AND c.acked_at IS NULL AND c.kind <> 'snapshot'), last_acked_seq))) "
             "WHERE last_acked_seq > log_start"
         )
         cur = await self._conn.execute(

@@ -457,9 +457,9 @@ class PostgresTx:
     async def truncate_command_log(self, limit: int) -> int:
         """Command-log retention (the SQLite store's docstring says why this is safe)."""
         await self._conn.execute(
-            "UPDATE agents SET log_start = LEAST(last_acked_seq, COALESCE(("
+            "UPDATE agents SET log_start = GREATEST(log_start, LEAST(last_acked_seq, COALESCE(("
             "SELECT MIN(c.seq) - 1 FROM commands c WHERE c.agent = agents.name "
-            "AND c.acked_at IS NULL AND c.kind <> 'snapshot'), last_acked_seq)) "
+            "AND c.acked_at IS NULL AND c.kind <> 'snapshot'), last_acked_seq))) "
             "WHERE last_acked_seq > log_start"
         )
         return await _rowcount(
