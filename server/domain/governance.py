@@ -334,14 +334,26 @@ class PolicyService:
             raise NotFound("no policy has been applied")
         return doc
 
-    async def apply(self, principal: Principal, text: str, expected_version: int) -> PolicyDocument:
+    async def apply(
+        self, principal: Principal, text: str, expected_version: int, *, dry_run: bool = False
+    ) -> PolicyDocument:
+        """Validate `text` and make it the running policy. With `dry_run`, only validate: the
+        answer is the document as it would be applied (the next version), nothing is stored
+        or audited."""
         if not principal.is_admin:
             raise PermissionDenied("applying policy needs the admins group")
         policy = parse_policy(text)
-        if expected_version:
-            current = await self._store.current_policy()
-            if current is None or current.version != expected_version:
-                raise Conflict("policy changed meanwhile (expected version does not match)")
+        current = await self._store.current_policy()
+        if expected_version and (current is None or current.version != expected_version):
+            raise Conflict("policy changed meanwhile (expected version does not match)")
+        if dry_run:
+            return PolicyDocument(
+                yaml=policy.text,
+                version=(current.version if current else 0) + 1,
+                sha256=policy.sha256,
+                applied_at=None,
+                applied_by="",
+            )
         doc = await self._store_policy(policy, principal.name)
         return doc
 
@@ -354,7 +366,11 @@ class PolicyService:
         agent: str,
         duration: timedelta | None,
         groups: Iterable[str],
+        document: str = "",
     ) -> PolicyDecision:
+        """The running policy's answer, or that of `document` (YAML, validated as apply would
+        and never stored) when one is given."""
+        policy = parse_policy(document) if document else self._policy
         with invalid_input():
             subject = v.check(v.SUBJECT, user_name(subject), "subject")
             v.check(v.ACTION, action, "action")
@@ -365,7 +381,7 @@ class PolicyService:
         if target is None:
             raise NotFound(f"agent {agent} is not enrolled")
         known = frozenset(groups) or await self._store.user_groups(subject) or frozenset()
-        found = match(self._policy, Principal(subject, known), action, agent, target.labels)
+        found = match(policy, Principal(subject, known), action, agent, target.labels)
         notes: tuple[str, ...] = ()
         rule = found.rule
         if rule is None:
@@ -379,7 +395,7 @@ class PolicyService:
             auto, notes = auto_decision(
                 rule.approval.auto, usage, duration or timedelta(seconds=1), now
             )
-        plan = replace(plan_for(self._policy, rule), automatic=auto)
+        plan = replace(plan_for(policy, rule), automatic=auto)
         return decision(found, duration, notes, plan)
 
     async def _store_policy(self, policy: Policy, by: str) -> PolicyDocument:

@@ -81,7 +81,7 @@ def test_agent_show_and_remove(model: Scripted, jitctl: Jitctl) -> None:
     removed = jitctl("agent", "remove", "web-1", "-o", "json").json()
     assert removed == {"id": "web-1", "state": "removed"}
     gone = jitctl("agent", "show", "web-1")
-    assert gone.code == 1
+    assert gone.code == 3
     assert gone.error_line() == "jitctl: no such agent"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 from jitmesh.types import GrantState, RequestState
@@ -125,7 +126,13 @@ def test_wait_fails_when_the_agent_cannot_apply(model: Scripted, jitctl: Jitctl)
     _script_approval(model, GrantState.FAILED, failure="hook exited 3")
     result = jitctl(*CREATE, "--wait", "-o", "json")
     assert result.code == 1
-    assert result.error_line() == f"jitctl: grant {gid(NEW)} failed on agent web-1: hook exited 3"
+    assert json.loads(result.err) == {
+        "error": {
+            "kind": "failed",
+            "exit_code": 1,
+            "message": f"grant {gid(NEW)} failed on agent web-1: hook exited 3",
+        }
+    }
     assert result.json()["grant"]["state"] == "FAILED"
 
 
@@ -150,7 +157,7 @@ def test_wait_fails_when_the_request_expires(model: Scripted, jitctl: Jitctl) ->
 
 def test_wait_gives_up_after_the_wait_timeout(jitctl: Jitctl) -> None:
     result = jitctl(*CREATE, "--wait", "--wait-timeout", "300ms")
-    assert result.code == 1
+    assert result.code == 7  # timed out
     line = result.error_line()
     assert line.startswith(f"jitctl: gave up waiting for request {rid(NEW)} after 300ms")
     assert line.endswith("(still pending)")
