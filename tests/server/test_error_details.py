@@ -6,9 +6,11 @@ it into its exception tree."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any, cast
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -21,7 +23,8 @@ FIFTEEN = timedelta(minutes=15)
 
 
 def _info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status: status_pb2.Status | None = rpc_status.from_call(exc)
+    # grpc-stubs types from_call for grpc.Call; an AioRpcError has the same three methods.
+    status: status_pb2.Status | None = rpc_status.from_call(cast(Any, exc))
     assert status is not None, "no google.rpc.Status in the trailers"
     assert status.code == exc.code().value[0]
     assert status.message == exc.details()
@@ -41,7 +44,7 @@ async def test_a_raw_grpc_client_reads_the_reason(env: Env) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await access.CreateRequest(
                 access_pb2.CreateRequestRequest(
-                    agent="web-1", action="shell", duration={"seconds": 900}
+                    agent="web-1", action="shell", duration=duration_pb2.Duration(seconds=900)
                 ),
                 metadata=bearer(TOKENS["alice"]),
             )
