@@ -10,6 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
 PAGE = ROOT / "docs" / "promises.md"
+# The upper-case name of the file that was never in the repository (spelt in two halves so that
+# this test does not find itself).
+CITATION = re.compile(r"(?<![/\w])" + "PROM" + r"ISES(\.md)?\b")
 
 
 def test_every_promise_names_tests_that_exist() -> None:
@@ -37,6 +40,6 @@ def test_nothing_cites_a_promises_file_the_repository_lacks() -> None:
             text = path.read_text()
         except UnicodeDecodeError:
             continue
-        if re.search(r"(?<![/\w])PROMISES(\.md)?\b", text):
+        if CITATION.search(text):
             cited.append(name)
     assert cited == []
