@@ -30,6 +30,7 @@ from .errors import (
     NotFound,
     PermissionDenied,
     Unauthenticated,
+    UserDisabled,
     invalid_input,
 )
 from .hub import Hub
@@ -59,9 +60,24 @@ class IdentityService:
         """Look the token up on every call: a revoked token or disabled user is refused at once."""
         if not token or len(token) > 512:
             raise Unauthenticated("missing or malformed bearer token")
-        principal = await self._store.principal_for_token(hash_secret(token), self._clock.now())
+        now = self._clock.now()
+        principal = await self._store.principal_for_token(hash_secret(token), now)
         if principal is None:
-            raise Unauthenticated("bearer token is not valid or has expired")
+            # Told only to whoever holds the token itself: its hash is the lookup key.
+            why, user = await self._store.token_refusal(hash_secret(token), now)
+            if why == "disabled":
+                raise UserDisabled(
+                    f"user {user} is disabled: an admin enables it again with "
+                    f"'jitctl user enable {user}'"
+                )
+            if why == "expired":
+                raise Unauthenticated(
+                    "bearer token has expired: get a new one (jitctl login, or an admin's "
+                    "'jitctl token create')"
+                )
+            if why == "revoked":
+                raise Unauthenticated("bearer token was revoked: get a new one")
+            raise Unauthenticated("bearer token is not valid")
         return principal
 
     async def authenticate_user(self, name: str, serial: int) -> Principal:

@@ -1272,6 +1272,15 @@ class SqliteStore:
             return None
         return rec.token_principal(row)
 
+    async def token_refusal(self, token_hash: str, now: datetime) -> tuple[str, str]:
+        row = await _one(
+            self._reader,
+            "SELECT u.name, u.disabled, t.revoked_at, t.expires_at "
+            "FROM tokens t JOIN users u ON u.name = t.user_name WHERE t.hash = ?",
+            [token_hash],
+        )
+        return rec.token_refusal(row, now)
+
     async def list_tokens(self, user: str) -> list[TokenInfo]:
         rows = await _all(
             self._reader,

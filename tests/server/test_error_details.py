@@ -101,6 +101,16 @@ async def test_the_sdk_maps_reasons_to_its_exception_tree(env: Env) -> None:
     assert f"jitctl lock lift {lock.id}" in str(locked.value)
 
 
+async def test_a_disabled_user_is_told_so(env: Env) -> None:
+    await env.admin.set_user_disabled("dave")
+    with pytest.raises(errors.AuthenticationError) as caught:
+        await env.dave.list_grants()
+    assert caught.value.reason == "USER_DISABLED"
+    assert str(caught.value) == (
+        "user dave is disabled: an admin enables it again with 'jitctl user enable dave'"
+    )
+
+
 async def test_unknown_action_lists_the_valid_ones(env: Env) -> None:
     with pytest.raises(errors.InvalidArgumentError) as caught:
         await env.alice.create_request(agent="web-1", action="deplyo", duration=FIFTEEN)

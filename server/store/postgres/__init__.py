@@ -1337,6 +1337,16 @@ class PostgresStore:
             return None
         return rec.token_principal(row)
 
+    async def token_refusal(self, token_hash: str, now: datetime) -> tuple[str, str]:
+        async with self._read() as conn:
+            row = await _one(
+                conn,
+                "SELECT u.name, u.disabled, t.revoked_at, t.expires_at "
+                "FROM tokens t JOIN users u ON u.name = t.user_name WHERE t.hash = %s",
+                [token_hash],
+            )
+        return rec.token_refusal(row, now)
+
     async def list_tokens(self, user: str) -> list[TokenInfo]:
         async with self._read() as conn:
             rows = await _all(
