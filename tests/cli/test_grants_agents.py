@@ -102,7 +102,7 @@ def test_agent_token_create(model: Scripted, jitctl: Jitctl) -> None:
     body = result.json()
     assert (body["id"], body["state"]) == ("join-token", "created")
     assert body["token"] == "join-secret-0123456789"
-    assert body["expires_at"] == "2026-01-01T14:00:00Z"
+    assert body["expires_at"] == "2026-01-01T14:00:00.000Z"
     sent = model.calls_to("CreateJoinToken")[0]
     assert isinstance(sent, agents_pb2.CreateJoinTokenRequest)
     assert dict(sent.labels) == {"env": "prod", "role": "web"}

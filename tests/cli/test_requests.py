@@ -23,7 +23,7 @@ def test_create_prints_the_request_as_json(jitctl: Jitctl) -> None:
     assert (body["agent"], body["subject"], body["action"]) == ("web-1", "alice", "deploy")
     assert body["duration"] == "15m"
     assert body["duration_seconds"] == 900
-    assert body["created_at"] == "2026-01-01T12:00:00Z"
+    assert body["created_at"] == "2026-01-01T12:00:00.000Z"
     assert body["grant_id"] is None
     assert "grant" not in body
     assert result.err == ""
@@ -38,7 +38,7 @@ def test_create_approved_at_once_carries_the_grant(model: Scripted, jitctl: Jitc
     assert grant["id"] == gid(NEW)
     assert grant["state"] == "PENDING_DELIVERY"
     assert (grant["agent"], grant["subject"], grant["action"]) == ("web-1", "alice", "deploy")
-    assert grant["expires_at"] == "2026-01-01T12:15:00Z"
+    assert grant["expires_at"] == "2026-01-01T12:15:00.000Z"
     assert grant["offline"] == {"mode": "REVOKE_AFTER", "grace": "5m", "grace_seconds": 300}
 
 
