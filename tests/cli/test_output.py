@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+from jitmesh import clock
 from jitmesh.cli import output
 from tests.sdk.scripted import NOW, make_agent, make_event, make_grant, make_request
 
@@ -18,8 +19,8 @@ def test_rfc3339_is_utc_with_z_and_always_milliseconds() -> None:
     # Fixed precision: the texts sort as the instants do (with the fraction only when there
     # was one, "12:00:00Z" sorted after "12:00:00.005Z").
     instants = [NOW + timedelta(milliseconds=ms) for ms in (1000, 0, 5, 999, 10)]
-    texts = [output.rfc3339(at) for at in instants]
-    assert sorted(texts) == [output.rfc3339(at) for at in sorted(instants)]
+    texts = [clock.rfc3339(at) for at in instants]
+    assert sorted(texts) == [clock.rfc3339(at) for at in sorted(instants)]
 
 
 def test_human_and_relative_times() -> None:
