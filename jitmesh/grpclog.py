@@ -28,6 +28,7 @@ import io
 import logging
 import os
 import re
+import select
 import sys
 import threading
 import time
@@ -64,6 +65,8 @@ _INFO_WARNING = "Log level INFO is not suitable for production"
 # A pipe larger than the default 64 KiB: the core's threads never wait on a slow reader.
 _PIPE_SIZE: Final = 1 << 20
 _F_SETPIPE_SZ: Final = 1031
+# Seconds of quiet after which the record read last is complete.
+_PAUSE: Final = 0.05
 
 
 def user_chose() -> bool:
@@ -112,27 +115,43 @@ class CoreLog:
     handshakes: logging.Logger | None
     limit: _Limit = field(default_factory=_Limit)
     _pending: list[str] = field(default_factory=list)
+    # The last line read was the core's (a record or its continuation).
+    _in_core: bool = False
 
     def run(self) -> None:
         buffer = b""
         with os.fdopen(self.reader, "rb", buffering=0) as pipe:
-            while chunk := pipe.read(65536):
+            while True:
+                if self._pending or buffer:
+                    # A record may go on in the next write (a long one is split): wait briefly
+                    # for it; a record is complete once the core has paused.
+                    ready, _, _ = select.select([pipe], [], [], _PAUSE)
+                    if not ready:
+                        if buffer:
+                            self.line(buffer.decode(errors="replace"))
+                            buffer = b""
+                        self.flush()
+                        continue
+                chunk = pipe.read(65536)
+                if not chunk:
+                    break
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
                     self.line(line.decode(errors="replace"))
-                if not buffer:
-                    # Everything written so far is read: a record cannot continue after a pause
-                    # the core never makes mid-record, so the last one is complete.
-                    self.flush()
+        if buffer:
+            self.line(buffer.decode(errors="replace"))
         self.flush()
 
     def line(self, text: str) -> None:
-        if self._pending and (not text.strip() or _CONTINUATION.match(text)):
-            self._pending.append(text)
+        if self._in_core and (not text.strip() or _CONTINUATION.match(text)):
+            # Part of the core's record (its status's source locations, the rest of a message).
+            if self._pending:
+                self._pending.append(text)
             return
         self.flush()
-        if _RECORD.match(text):
+        self._in_core = _RECORD.match(text) is not None
+        if self._in_core:
             self._pending.append(text)
         else:
             self._raw(text + "\n")

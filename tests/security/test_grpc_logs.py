@@ -6,6 +6,7 @@ pinning the CA of another coordinator."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -101,3 +102,65 @@ def test_failed_handshakes_are_logged_at_most_ten_a_minute() -> None:
     # A minute after the window opened: the next line says how many were held back.
     assert limit.take(160.0) == 2
     assert limit.take(161.0) == 0
+
+
+# The core's handshake trace for a server-side handshake that failed (grpcio 1.85, trimmed).
+FAILED_HANDSHAKE = """\
+I1206 18:25:35.970570    7999 handshaker.cc:80] handshake_manager 0x7feb: adding handshaker \
+security [0x7feb] at index 1
+I1206 18:25:35.971439    7999 handshaker.cc:155] CallNextHandshakerLocked: error=UNAVAILABLE: \
+Handshake read failed (Socket closed)
+=== Source Location Trace: ===
+src/core/util/status_helper.cc:124
+ shutdown=false index=2, args={endpoint=0x7feb, args={grpc.internal.endpoint_local_address=\
+ipv4:127.0.0.1:7443, grpc.internal.endpoint_peer_address=ipv4:10.0.0.7:45134, \
+grpc.internal.server_credentials=0x5610}, read_buffer.Length()=0, exit_early=0}
+
+I1206 18:25:35.971460    7999 channel_trace.h:396] handshake manager 0x7feb: Failed with error: \
+UNAVAILABLE: Handshake read failed (Socket closed)
+=== Source Location Trace: ===
+src/core/util/status_helper.cc:124
+I1206 18:25:36.000000    7999 chttp2_transport.cc:1403] ipv4:127.0.0.1:1: Got goaway [2]
+E1206 18:25:36.100000    7999 ssl_utils.cc:490] Handshaker factory creation failed
+a line that is not the core's
+"""
+
+
+def test_core_records_become_log_records_and_a_failed_handshake_one_line(
+    tmp_path: Path,
+) -> None:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep()
+    core_logger = logging.getLogger(grpclog.CORE_LOGGER)
+    core_logger.addHandler(keep)
+    core_logger.setLevel(logging.DEBUG)
+    handshakes = logging.getLogger("test.handshakes")
+    handshakes.addHandler(keep)
+    raw = tmp_path / "raw"
+    out = os.open(raw, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        core = grpclog.CoreLog(stderr=out, reader=-1, handshakes=handshakes)
+        for line in FAILED_HANDSHAKE.splitlines():
+            core.line(line)
+        core.flush()
+    finally:
+        os.close(out)
+        core_logger.removeHandler(keep)
+        core_logger.setLevel(logging.NOTSET)
+        handshakes.removeHandler(keep)
+    seen = [(r.name, r.levelno, r.getMessage()) for r in records]
+    assert seen == [
+        ("test.handshakes", logging.WARNING, "TLS handshake failed"),
+        ("grpc.core", logging.DEBUG, "ipv4:127.0.0.1:1: Got goaway [2]"),
+        ("grpc.core", logging.ERROR, "Handshaker factory creation failed"),
+    ]
+    failed = vars(records[0])
+    assert failed["peer"] == "10.0.0.7:45134"
+    assert failed["address"] == "127.0.0.1:7443"
+    assert failed["error"] == "UNAVAILABLE: Handshake read failed (Socket closed)"
+    assert raw.read_text() == "a line that is not the core's\n"
