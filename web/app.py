@@ -252,9 +252,13 @@ def create_app(settings: WebSettings) -> Starlette:
         )  # fmt: skip
         return response
 
-    def refused(request: Request, message: str) -> Response:
+    def refused(request: Request, message: str, *, spent: bool = True) -> Response:
+        """A sign-in that does not finish. `spent`: it was this browser's own sign-in, whose
+        binding is then cleared; a foreign callback leaves the browser's own sign-in in flight
+        (else anyone could cancel it by sending a link)."""
         response = render(request, "error.html", None, 400, message=message, retry=True)
-        response.delete_cookie(signin.COOKIE, path=signin.COOKIE_PATH)
+        if spent:
+            response.delete_cookie(signin.COOKIE, path=signin.COOKIE_PATH)
         return response
 
     async def signin_callback(request: Request) -> Response:
@@ -267,6 +271,7 @@ def create_app(settings: WebSettings) -> Starlette:
                 request,
                 "This sign-in did not start in this browser (or took too long). "
                 "Sign in again from this page.",
+                spent=binding is None,
             )
         pending = sessions.finish_sign_in(state)
         code = request.query_params.get("code", "")
