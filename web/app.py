@@ -365,8 +365,9 @@ def create_app(settings: WebSettings) -> Starlette:
         try:
             duration = parse_duration(values["duration"] or "15m")
             # Checked here only to say it plainly; the coordinator decides either way.
-            offered = await client.request_options(agent=agent, action=action) if (
-                agent and action) else []  # fmt: skip
+            offered = (
+                await client.request_options(agent=agent, action=action) if agent and action else []
+            )
             option = next((o for o in offered if (o.agent, o.action) == (agent, action)), None)
             if option is None:
                 raise errors.PermissionDeniedError(f"you may not ask for {action} on {agent}")
@@ -550,7 +551,7 @@ def _approval(option: RequestOption) -> str:
     if plan.automatic:
         return "approved at once"
     who = [" or ".join([*s.groups, *s.users]) or s.name for s in plan.stages]
-    return "needs approval: " + ", then ".join(who) if who else "needs approval"
+    return f"needs approval: {', then '.join(who)}" if who else "needs approval"
 
 
 def _ago(at: datetime | None, now: datetime | None = None) -> str:

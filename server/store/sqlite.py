@@ -358,9 +358,9 @@ class SqliteTx:
         """False when this reviewer has reviewed the request already."""
         cur = await self._conn.execute(
             "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, "
-            "groups) VALUES (?,?,?,?,?,?) ON CONFLICT (request_id, reviewer) DO NOTHING",
+            "groups, via) VALUES (?,?,?,?,?,?,?) ON CONFLICT (request_id, reviewer) DO NOTHING",
             (request_id, review.reviewer, review.decision.value, review.reason,
-             to_ms(review.reviewed_at), json.dumps(list(review.groups))),
+             to_ms(review.reviewed_at), json.dumps(list(review.groups)), review.via),
         )  # fmt: skip
         return cur.rowcount == 1
 

@@ -370,10 +370,10 @@ class PostgresTx:
     async def insert_review(self, request_id: str, review: Review) -> bool:
         count = await _rowcount(
             self._conn,
-            "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, groups) "
-            "VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (request_id, reviewer) DO NOTHING",
+            "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, groups, "
+            "via) VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (request_id, reviewer) DO NOTHING",
             [request_id, review.reviewer, review.decision.value, review.reason,
-             to_ms(review.reviewed_at), json.dumps(list(review.groups))],
+             to_ms(review.reviewed_at), json.dumps(list(review.groups)), review.via],
         )  # fmt: skip
         return count == 1
 
