@@ -202,6 +202,8 @@ class Coordinator:
                 if self.shared is not None:
                     tg.create_task(self.shared.run(self.clock, self._shared_changed))
                 tg.create_task(self._watch_store())
+                if isinstance(self.store, SqliteStore):
+                    tg.create_task(self.store.truncate_when_idle(self.clock))
         finally:
             await self.stop()
 

@@ -728,7 +728,10 @@ class AccessService:
                 raise SelfApproval(refusal)
             if refusal:
                 raise PermissionDenied(refusal)
-            review = Review(principal.name, decision, reason, now, recorded_groups(plan, principal))
+            review = Review(
+                principal.name, decision, reason, now, recorded_groups(plan, principal),
+                via=principal.via,
+            )  # fmt: skip
             if not await tx.insert_review(request.id, review):
                 raise Conflict("you have already reviewed this request")
             after = self._apply(plan, request, (*request.reviews, review), now)

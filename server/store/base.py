@@ -301,7 +301,7 @@ class SqlTx(SqlReads):
         count = await self._run(
             self._q.insert_review,
             [request_id, review.reviewer, review.decision.value, review.reason,
-             to_ms(review.reviewed_at), json.dumps(list(review.groups))],
+             to_ms(review.reviewed_at), json.dumps(list(review.groups)), review.via],
         )  # fmt: skip
         return count == 1
 

@@ -254,8 +254,8 @@ class Queries:
     )
     set_request_grants: str = "UPDATE requests SET grant_ids = ? WHERE id = ?"
     insert_review: str = (
-        "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, groups) "
-        "VALUES (?,?,?,?,?,?) ON CONFLICT (request_id, reviewer) DO NOTHING"
+        "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, groups, via) "
+        "VALUES (?,?,?,?,?,?,?) ON CONFLICT (request_id, reviewer) DO NOTHING"
     )
     insert_grant: str = (
         f"INSERT INTO grants ({GRANT_COLUMNS}) VALUES ({_values(len(rec.GRANT_COLUMNS))})"
