@@ -301,7 +301,7 @@ class SqlTx(SqlReads):
         count = await self._run(
             self._q.insert_review,
             [request_id, review.reviewer, review.decision.value, review.reason,
-             to_ms(review.reviewed_at), json.dumps(list(review.groups))],
+             to_ms(review.reviewed_at), json.dumps(list(review.groups)), review.via],
         )  # fmt: skip
         return count == 1
 
@@ -758,6 +758,9 @@ class SqlStoreReads(SqlReads):
     async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None:
         row = await self._one(self._q.principal_for_token, [token_hash, to_ms(now)])
         return None if row is None else rec.token_principal(row)
+
+    async def token_refusal(self, token_hash: str, now: datetime) -> tuple[str, str]:
+        return rec.token_refusal(await self._one(self._q.token_refusal, [token_hash]), now)
 
     async def list_tokens(self, user: str) -> list[TokenInfo]:
         return [rec.token(r) for r in await self._all(self._q.list_tokens, [user, user])]
