@@ -382,6 +382,10 @@ async def _assemble(
     if tracing is not None:
         # Outermost: the access log line and everything the call logs fall inside its span.
         interceptors.insert(0, tracing.interceptor)
+    if tracing is not None:
+        store.observe_transaction = tracing.transaction(
+            "postgresql" if isinstance(store, PostgresStore) else "sqlite"
+        )
     shared: SharedFiles | None = None
     if isinstance(store, PostgresStore):
         store.replica = replica

@@ -1,7 +1,7 @@
 """OpenTelemetry for the coordinator (`otel = true`; the optional extra `jitmesh[otel]`): a span
-per gRPC call on the operator and agent ports, exported over OTLP (configured the standard way,
-by OTEL_EXPORTER_OTLP_ENDPOINT and the other OTEL_* variables), and the active span's trace id
-in every log line written while it is active.
+per gRPC call on the operator and agent ports and one per committed store write transaction,
+exported over OTLP (configured the standard way, by OTEL_EXPORTER_OTLP_ENDPOINT and the other
+OTEL_* variables), and the active span's trace id in every log line written while it is active.
 
 Imported only when tracing is on: without it the coordinator never loads OpenTelemetry. The
 spans come from opentelemetry-instrumentation-grpc's aio server interceptor, which also joins a
@@ -14,7 +14,8 @@ interceptor can only wrap response streams written by `yield` (AgentLink writes 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -26,6 +27,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.trace import SpanKind
 
 from jitmesh import __version__, logs
 from jitmesh import telemetry as t
@@ -67,8 +69,26 @@ class Tracing:
         self.interceptor: Any = aio_server_interceptor(  # type: ignore[no-untyped-call]
             tracer_provider=self.provider, filter_=only
         )
+        self._tracer = self.provider.get_tracer(__name__, __version__)
         logs.add_context(trace_fields)
         log.info("tracing on", extra={"exporter": type(exporter).__name__ if exporter else "otlp"})
+
+    def transaction(self, store: str) -> Callable[[float], None]:
+        """An observer of the store's committed write transactions (`observe_transaction`,
+        told each one's BEGIN-to-COMMIT seconds just after its COMMIT): each becomes a span,
+        drawn after the fact over exactly that time, a child of the call that ran it."""
+
+        def observe(seconds: float) -> None:
+            end = time.time_ns()
+            span = self._tracer.start_span(
+                "store.transaction",
+                kind=SpanKind.INTERNAL,
+                start_time=end - int(seconds * 1e9),
+                attributes={"db.system": store},
+            )
+            span.end(end_time=end)
+
+        return observe
 
     def close(self) -> None:
         logs.remove_context(trace_fields)

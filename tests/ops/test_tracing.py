@@ -73,6 +73,17 @@ async def test_a_create_request_makes_a_span_and_its_log_lines_carry_the_trace_i
     assert span.context is not None
     trace_id = format(span.context.trace_id, "032x")
 
+    # The request's write transaction, a span of its own inside the call's trace.
+    writes = [
+        s for s in exporter.get_finished_spans()
+        if s.name == "store.transaction" and s.context is not None
+        and s.context.trace_id == span.context.trace_id
+    ]  # fmt: skip
+    assert writes
+    assert all(w.attributes == {"db.system": "sqlite"} for w in writes)
+    assert all(w.start_time is not None and w.end_time is not None for w in writes)
+    assert all(span.start_time <= w.start_time <= w.end_time <= span.end_time for w in writes)  # type: ignore[operator]
+
     parsed = [json.loads(line) for line in lines.getvalue().splitlines()]
     access = [line for line in parsed if line["msg"] == "rpc" and line.get("method") == CREATE]
     assert len(access) == 1
