@@ -297,11 +297,21 @@ def run(argv: Sequence[str], *, clock: Clock | None = None, step: StepHook | Non
     except AgentError as exc:
         return _fail(f"configuration: {exc}")
 
-    from jitmesh import logs
+    from jitmesh import grpclog, logs
 
-    logs.setup(
-        loaded.values["log_level"], loaded.values["log_format"], static={"agent": config.name}
-    )
+    # Before grpc is imported (by agent.app): gRPC's own lines become our log records.
+    grpclog.capture()
+    try:
+        logs.setup(
+            loaded.values["log_level"],
+            loaded.values["log_format"],
+            static={"agent": config.name},
+            target=loaded.values["log_target"],
+            syslog_address=loaded.values["syslog_address"],
+            ident="jitmesh-agent",
+        )
+    except logs.LogTargetError as exc:
+        return _fail(f"configuration: {exc}")
     import asyncio
 
     try:
@@ -351,6 +361,7 @@ def _agent_config(loaded: agent_settings.Loaded) -> AgentConfig:
         remove_retry_base=values["remove_retry_base"],
         skew_tolerance=values["skew_tolerance"],
         reconcile_every=values["reconcile_every"],
+        lease_retention=values["lease_retention"],
         exec_grace=values["exec_grace"],
         end_sessions=values["end_sessions"],
         metrics_listen=values.get("metrics_listen"),
