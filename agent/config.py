@@ -411,7 +411,7 @@ def load_exec_hooks(path: Path) -> ExecHooksConfig:
     except OSError as exc:
         raise ConfigError(
             f"cannot read exec hooks file {path} ({exc.strerror}): write one (docs/host.md, "
-            "'The exec enforcer') or fix the path after exec:"
+            '"The exec enforcer\'s hooks file") or fix the path after exec:'
         ) from None
     hooks = parse_exec_hooks(text)
     for argv in (hooks.apply, hooks.remove, hooks.observe):
