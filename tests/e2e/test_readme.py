@@ -160,6 +160,8 @@ def test_the_tls_walkthrough_ends_in_a_working_grant(tmp_path: Path) -> None:
             timeout=240,
             check=False,
         )
+        if done.returncode == 0:
+            _wrong_or_missing_ca_file_says_what_to_do(work, env, port, tmp_path)
     finally:
         pids = work / "background.pids"
         for pid in pids.read_text().split() if pids.exists() else ():
@@ -188,3 +190,58 @@ def test_the_hooks_file_reference_parses() -> None:
     assert hooks.apply == ("/usr/local/sbin/grant-deploy", "{subject}", "{action}")
     assert hooks.observe == ("/usr/local/sbin/list-access",)
     assert dict(hooks.env) == {"APP_ENV": "prod"}
+
+
+def _wrong_or_missing_ca_file_says_what_to_do(
+    work: Path, env: dict[str, str], port: int, tmp_path: Path
+) -> None:
+    """Item 9, seen from outside: jitctl against the walkthrough's TLS coordinator with another
+    CA, or a CA file that is not there, names --ca-file / JITMESH_CA_FILE and says what failed
+    (was `UNAVAILABLE: Socket closed` and C-core lines)."""
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(_self_signed_ca())
+    token = (work / "jit/coordinator/admin.token").read_text().strip()
+    base = {**env, "JITMESH_COORDINATOR": f"localhost:{port}", "JITMESH_TOKEN": token}
+    for ca_file, code, words in (
+        (str(other), 6, ("did not verify", "--ca-file", "JITMESH_CA_FILE")),
+        (str(tmp_path / "missing.pem"), 2, ("cannot read the CA file", "--ca-file")),
+    ):
+        done = subprocess.run(
+            ["jitctl", "agent", "list"],
+            cwd=work,
+            env={**base, "JITMESH_CA_FILE": ca_file},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == code, done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+        for word in words:
+            assert word in done.stderr, done.stderr
+        assert "Socket closed" not in done.stderr
+        assert token not in done.stderr
+
+
+def _self_signed_ca() -> bytes:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "another CA")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
