@@ -43,6 +43,7 @@ from server.domain.models import (
     Principal,
     ReplicaInfo,
     StatusCounts,
+    Truncated,
 )
 from server.domain.notices import NOTIFIABLE, notice_for
 from server.domain.receivers import ReceiverSpec
@@ -433,17 +434,17 @@ class SqlTx(SqlReads):
     async def _set_revoke_seqs(self, by_grant: dict[str, int]) -> None:
         await self._many(self._q.set_revoke_seq, [(q, g) for g, q in by_grant.items()])
 
-    async def truncate_command_log(self, limit: int) -> int:
-        """Command-log retention: move each agent's `log_start` up to its acknowledged prefix
-        and delete at most `limit` of the commands at or below it; returns how many went.
+    async def truncate_command_log(self, limit: int) -> Truncated:
+        """Command-log retention: move at most `limit` agents' `log_start` up to their
+        acknowledged prefix, then delete at most `limit` of the commands at or below it.
 
         The prefix ends at the lower of the agent's highest acked seq and its first
         unacknowledged (non-snapshot) command less one: every command at or below it is acked,
         or a snapshot whose ack was lost and that later acked commands passed. A resume
         (min(last_applied, first_unacked - 1)) never starts below it unless the agent lost
         state it had acknowledged; the Hello then answers with a snapshot."""
-        await self._run(self._q.advance_log_start)
-        return await self._run(self._q.truncate_commands, [limit])
+        agents = await self._run(self._q.advance_log_start, [limit])
+        return Truncated(agents, await self._run(self._q.truncate_commands, [limit]))
 
     async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
         """Mark the agent's commands before `snapshot_seq` that were never acknowledged as

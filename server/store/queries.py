@@ -176,7 +176,9 @@ class Queries:
         "UPDATE agents SET log_start = GREATEST(log_start, LEAST(last_acked_seq, COALESCE(("
         "SELECT MIN(c.seq) - 1 FROM commands c WHERE c.agent = agents.name "
         "AND c.acked_at IS NULL AND c.kind <> 'snapshot'), last_acked_seq))) "
-        "WHERE last_acked_seq > log_start"
+        # A batch of agents at a time: every write holds the one writer (SQLite) or the audit
+        # head (PostgreSQL), and 10,000 agents at once held it for 0.7 s on PostgreSQL.
+        "WHERE name IN (SELECT name FROM agents WHERE last_acked_seq > log_start LIMIT ?)"
     )
     truncate_commands: str = (
         "DELETE FROM commands WHERE (agent, seq) IN ("
