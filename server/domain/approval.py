@@ -209,7 +209,7 @@ SELF_REVIEW: Final = "nobody may review their own request"
 def _by_requester(reviewer: str, via: str, requester: str) -> bool:
     """The requester acting on their own request: in person, or as the delegate relaying
     someone else's review of it (self-approval under another name)."""
-    return same_person(reviewer, requester) or bool(via) and same_person(via, requester)
+    return same_person(reviewer, requester) or (bool(via) and same_person(via, requester))
 
 
 def review_refusal(
