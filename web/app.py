@@ -204,7 +204,12 @@ def create_app(settings: WebSettings) -> Starlette:
                 settings.coordinator, token=token, credentials=settings.credentials
             ) as client:
                 me = await client.whoami()
-        except (errors.AuthenticationError, errors.InvalidArgumentError):
+        except (
+            errors.AuthenticationError,
+            errors.PermissionDeniedError,
+            errors.InvalidArgumentError,
+        ):
+            # PermissionDenied: a scoped token (a bridge's), which acts for no person here.
             return RedirectResponse("/signin?error=token", 303)
         lifetime = settings.session_idle.total_seconds()
         if expires_at is not None:
