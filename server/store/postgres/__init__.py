@@ -1317,6 +1317,26 @@ class PostgresStore:
         async with self._read() as conn:
             return await _agent_for_credential(conn, credential_hash)
 
+    async def identity_generation(self) -> int:
+        # One indexed read: a change committed on any replica is seen by the next call here.
+        async with self._read() as conn:
+            value = await _get_meta(conn, "identity_generation")
+        return int(value) if value is not None else 0
+
+    async def token_holder(self, token_hash: str) -> tuple[Principal, datetime | None] | None:
+        async with self._read() as conn:
+            row = await _one(
+                conn,
+                "SELECT u.name, u.groups, t.expires_at FROM tokens t "
+                "JOIN users u ON u.name = t.user_name "
+                "WHERE t.hash = %s AND t.revoked_at IS NULL AND u.disabled = 0",
+                [token_hash],
+            )
+        if row is None:
+            return None
+        principal = Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
+        return principal, rec.at(row["expires_at"])
+
     async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None:
         async with self._read() as conn:
             row = await _one(
