@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import os
 import signal
 import time
@@ -137,7 +138,7 @@ async def test_agents_refused_by_admission_wait_out_their_hint_and_all_come_back
         # The last attempt was admitted (every agent was served)...
         assert any(a.hint is None for a in mine)
         # ...and after each refusal the agent waited at least its hint before dialling again.
-        for refusal, following in zip(mine, mine[1:], strict=False):
+        for refusal, following in itertools.pairwise(mine):
             if refusal.hint is not None:
                 waited = following.at - refusal.at
                 assert waited >= refusal.hint - 0.005, (refusal.hint, waited)
