@@ -28,6 +28,7 @@ from agent.config import (
 from agent.domain.coverage import DriftMode
 from agent.domain.errors import AgentError, EnrollmentError, StateError
 from agent.domain.leases import EventKind, new_event
+from agent.domain.steps import StepHook, no_hook
 from agent.enforcers.base import Enforcer, EnforcerSet
 from agent.enforcers.file import FileEnforcer
 from agent.engine import Engine
@@ -62,11 +63,14 @@ async def run(
     pacing: Clock | None = None,
     stop: asyncio.Event | None = None,
     rand: Callable[[], float] = random.random,
+    step: StepHook = no_hook,
 ) -> None:
     """Run the agent until `stop` is set (or the task is cancelled).
 
     `clock` decides lease time and stamps messages; `pacing` times reconnect backoff and
-    heartbeats (tests give leases a fake clock and the network a real one).
+    heartbeats (tests give leases a fake clock and the network a real one). `step` is told each
+    step of an apply and a revoke (the fault suite's crash points). Both are given here, by
+    the caller, and never read from the environment.
     """
     clock = clock or SystemClock()
     pacing = pacing or clock
@@ -103,6 +107,7 @@ async def run(
             remove_retry_base=config.remove_retry_base,
             skew_tolerance=timedelta(seconds=config.skew_tolerance),
             reconcile_every=config.reconcile_every,
+            step=step,
         )
         if moved_aside:
             # Fail closed: with an empty table the start-up reconcile removes every access the

@@ -22,6 +22,7 @@ from server.config import CoordinatorConfig
 from server.domain.models import ADMIN_GROUP, Principal, new_secret, user_name
 from server.domain.policy import DEV_POLICY
 from server.domain.ports import Tx
+from server.domain.steps import StepHook, no_hook
 from server.settings import (
     FLAG_NAMES,
     CoordinatorSettings,
@@ -173,7 +174,9 @@ def _store_flags(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     p.add_argument("--store", default="", help="postgresql://... (else SQLite in --data)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, step: StepHook = no_hook) -> int:
+    """The command line. `step` reaches `server.app.build` (the fault suite's launcher passes a
+    crash point there); no flag or environment variable sets it."""
     args = parser().parse_args(argv)
     if args.command == "new-secret-key":
         from server.shared import new_key
@@ -272,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         dev=args.command == "dev",
         reload=(args.config, flags),
         admin_token=admin_token,
+        step=step,
     )
     try:
         asyncio.run(serving)
@@ -489,8 +493,9 @@ async def _serve(
     dev: bool,
     reload: tuple[Path | None, dict[str, object]],
     admin_token: str | None = None,
+    step: StepHook = no_hook,
 ) -> None:
-    coordinator = await build(config, refuse_dev_data=not dev)
+    coordinator = await build(config, refuse_dev_data=not dev, step=step)
     if dev:
         await _dev_setup(coordinator)
     else:

@@ -50,7 +50,6 @@ from server.domain.access import AccessService
 from server.domain.admission import Admission, AdmissionSettings
 from server.domain.bootstrap import DevDataError, dev_credentials, refuse_dev_data
 from server.domain.delivery import DeliveryGate, DeliveryRates
-from server.domain.errors import PermissionDenied
 from server.domain.expiring import ExpiryWarnings
 from server.domain.expiry import Expirer
 from server.domain.fleet import FleetService
@@ -63,6 +62,7 @@ from server.domain.reads import Readers
 from server.domain.receivers import ReceiverKind, ReceiverService
 from server.domain.signin import SignInRules, SignInService
 from server.domain.status import StatusService
+from server.domain.steps import StepHook, no_hook
 from server.notify.base import Links
 from server.notify.factory import users_map
 from server.notify.http import interactions_app, listen, serve
@@ -291,16 +291,21 @@ class Coordinator:
 
 
 async def build(
-    config: CoordinatorConfig, clock: Clock | None = None, *, refuse_dev_data: bool = False
+    config: CoordinatorConfig,
+    clock: Clock | None = None,
+    *,
+    refuse_dev_data: bool = False,
+    step: StepHook = no_hook,
 ) -> Coordinator:
     """Open the store, load the policy, and start the gRPC server (listening, not yet `run`).
 
     Raises `DirectoryBusy` when another coordinator holds the data directory, and with
     `refuse_dev_data` (`serve`) `DevDataError` before listening when the store still holds dev
-    mode's ready-made credentials."""
+    mode's ready-made credentials. `step` is told each step of an approval and an ack
+    (`server.domain.steps`: the fault suite's crash points; production passes none)."""
     lock_fd = lock_data_dir(config.data_dir)
     try:
-        coordinator = await _build(config, clock or SystemClock(), refuse_dev_data)
+        coordinator = await _build(config, clock or SystemClock(), refuse_dev_data, step)
     except BaseException:
         os.close(lock_fd)
         raise
@@ -327,13 +332,15 @@ async def open_store(data_dir: Path) -> SqliteStore:
     return await SqliteStore.open(path)
 
 
-async def _build(config: CoordinatorConfig, clock: Clock, refuse_dev: bool) -> Coordinator:
+async def _build(
+    config: CoordinatorConfig, clock: Clock, refuse_dev: bool, step: StepHook
+) -> Coordinator:
     store = await open_store_url(config.store, config.data_dir, config.store_pool_size)
     servers: list[grpc.aio.Server] = []
     try:
         if refuse_dev:
             refuse_dev_data(await dev_credentials(store, clock.now()), str(config.data_dir))
-        return await _assemble(config, clock, store, servers)
+        return await _assemble(config, clock, store, servers, step)
     except BaseException:
         # A port already taken, a bad policy file: stop what was made, so the process exits
         # with its message instead of hanging on a half-built gRPC server.
@@ -348,6 +355,7 @@ async def _assemble(
     clock: Clock,
     store: SqliteStore | PostgresStore,
     servers: list[grpc.aio.Server],
+    step: StepHook,
 ) -> Coordinator:
     replica = config.replica or _replica_id(config.data_dir)
     shared: SharedFiles | None = None
@@ -381,9 +389,12 @@ async def _assemble(
         policy.refresh if isinstance(store, PostgresStore) else None,
         delivery=gate,
         readers=readers,
+        step=step,
     )
     expirer.start_due = access.start_scheduled
-    fleet = FleetService(store, registry, hub, clock, epoch, __version__, replica, rates=rates)
+    fleet = FleetService(
+        store, registry, hub, clock, epoch, __version__, replica, rates=rates, step=step
+    )
     auth = Authenticator(identity)
     keys = SigningKeys.open(config.data_dir, clock.now())
     checkpoints = Checkpoints(store, keys)
@@ -457,7 +468,7 @@ async def _assemble(
     )
     slack_socket, slack_app = None, None
     if config.slack_signing_secret_file is not None:
-        slack_app = interactions_app(_slack(config, store, outbox, access, clock, http))
+        slack_app = interactions_app(_slack(config, identity, outbox, access, clock, http))
 
     limiters: dict[str, RateLimiter] = {}
     if config.request_rate is not None:
@@ -609,9 +620,12 @@ def _sender(
     )
 
 
+SLACK = Principal("slack")
+
+
 def _slack(
     config: CoordinatorConfig,
-    store: SqliteStore | PostgresStore,
+    identity: IdentityService,
     outbox: SqliteOutbox | PostgresOutbox,
     access: AccessService,
     clock: Clock,
@@ -631,10 +645,8 @@ def _slack(
         return None
 
     async def review(user: str, request_id: str, decision: ReviewDecision) -> str:
-        found = await store.principal_for_user(user, "")
-        if found is None:
-            raise PermissionDenied(f"{user} is not an enabled jitmesh user")
-        principal = Principal(found.name, found.groups, via="slack")
+        # The same delegation a bridge's review-on-behalf token gets over the wire.
+        principal = await identity.acting_for(SLACK, user)
         _request, grant = await access.review(principal, request_id, decision, "via Slack")
         if decision is ReviewDecision.DENY:
             return "Denied"

@@ -21,6 +21,7 @@ from agent import defaults
 from agent.domain.commands import Ack, CommandSpec
 from agent.domain.leases import EventKind, Lease, OutboxEvent, Pair, new_event
 from agent.domain.removals import RetryPolicy
+from agent.domain.steps import StepHook, no_hook
 from agent.enforcers.base import EnforcerSet
 from agent.engine.clocktrust import ClockTrust
 from agent.engine.commands import Commands
@@ -57,6 +58,7 @@ def assemble(
     remove_retry_base: float = defaults.REMOVE_RETRY_BASE,
     skew_tolerance: timedelta | None = None,
     reconcile_every: float | None = None,
+    step: StepHook = no_hook,
 ) -> Parts:
     """The parts, each given the others it needs (the engine's tests build them here too)."""
     shared = Shared()
@@ -105,6 +107,7 @@ def assemble(
         enforcement=enforcement,
         removals=removals,
         expiry=expiry,
+        step=step,
     )
     return Parts(shared, time, link, removals, enforcement, reconciler, expiry, commands)
 
@@ -122,13 +125,15 @@ class Engine:
         remove_retry_base: float = defaults.REMOVE_RETRY_BASE,
         skew_tolerance: timedelta | None = None,
         reconcile_every: float | None = None,
+        step: StepHook = no_hook,
     ) -> None:
         """`remove_retries`: attempts at a revoke's removal before its grant is reported
         `grant.revoke_failed`, `remove_retry_base` apart, doubling, +-50 % (the revoke itself is
         acked FAILED after the first, inline, attempt; REVOKED follows a removal that worked).
         `skew_tolerance`: grants issued further from the agent's time are refused (None: no
         check). `reconcile_every`: seconds between drift reconciles while running (None: only
-        at start)."""
+        at start). `step`: told each step of an apply and a revoke (`agent.domain.steps`: the
+        fault suite's crash points; production passes none)."""
         self.name = name
         self._store = store
         parts = assemble(
@@ -141,6 +146,7 @@ class Engine:
             remove_retry_base=remove_retry_base,
             skew_tolerance=skew_tolerance,
             reconcile_every=reconcile_every,
+            step=step,
         )
         self._shared = parts.shared
         self._time = parts.time

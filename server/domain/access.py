@@ -11,7 +11,6 @@ from datetime import datetime, timedelta
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock, from_ms, to_ms
-from jitmesh.crashpoints import crash_point
 from jitmesh.durations import MAX_DURATION, format_duration
 from jitmesh.types import (
     ApprovalPlan,
@@ -61,6 +60,7 @@ from .models import (
 from .policy import Policy, Rule, match, pending_ttl, plan_for
 from .ports import CommandSink, Store, Tx
 from .reads import Readers, View, view_of, visible_page
+from .steps import Step, StepHook, no_hook
 
 log = logging.getLogger(__name__)
 MIN_DURATION = timedelta(seconds=1)
@@ -103,9 +103,12 @@ class AccessService:
         readers: Readers | None = None,
         *,
         delivery: DeliveryGate | None = None,
+        step: StepHook = no_hook,
     ) -> None:
         """`refresh_policy` (replicas): called before each request is judged, so a policy
-        applied on another replica is in force here from the next call."""
+        applied on another replica is in force here from the next call. `step` is told each
+        step of an approval (the fault suite's crash points; nothing in production)."""
+        self._step = step
         self._refresh_policy = refresh_policy
         self._readers = readers or Readers()
         self._store = store
@@ -653,9 +656,9 @@ class AccessService:
                 out.append((request, grant))
             await tx.insert_requests(requests)
             commands = await write_grants(tx, approved, now, audit_first=entries)
-            crash_point("before_commit")
+            self._step(Step.BEFORE_COMMIT)
         if commands:
-            crash_point("after_commit")
+            self._step(Step.AFTER_COMMIT)
         try:
             # Committed: nothing below may fail the batch, or GroupCommit would write each
             # request again (the push and the notices are hints; the log and the store are not).
@@ -1297,7 +1300,7 @@ class AccessService:
         """After a commit: push, wake, publish; the request as stored (`built`: as the caller
         built it, equal to what a read would return)."""
         if command is not None:
-            crash_point("after_commit")
+            self._step(Step.AFTER_COMMIT)
             self._links.push([command])
         self._deadlines_changed()
         self._hub.requests_changed([request_id])

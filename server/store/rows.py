@@ -34,7 +34,7 @@ from jitmesh.types import (
 from server.domain.approval import plan_from_json, plan_json
 from server.domain.audit import canonical_details, chain_hash
 from server.domain.errors import InvalidArgument
-from server.domain.models import AuditEntry, Checkpoint, GrantChange, ReplicaInfo
+from server.domain.models import AuditEntry, Checkpoint, GrantChange, Principal, ReplicaInfo
 from server.domain.notices import Notice, NoticeKind
 from server.domain.reads import page_token_after
 from server.domain.receivers import Route
@@ -270,7 +270,26 @@ def token(row: Row) -> TokenInfo:
         from_ms(row["created_at"]),
         at(row["expires_at"]),
         at(row["revoked_at"]),
+        scopes=scopes_of(row["scopes"]),
     )
+
+
+def token_principal(row: Row) -> Principal:
+    """The caller a bearer token stands for (name, groups, scopes)."""
+    return Principal(
+        name=row["name"],
+        groups=frozenset(json.loads(row["groups"])),
+        scopes=frozenset(scopes_of(row["scopes"])),
+    )
+
+
+def scopes_text(scopes: Iterable[str]) -> str:
+    """Scopes as the tokens table keeps them: sorted, space-separated ('' = unrestricted)."""
+    return " ".join(sorted(set(scopes)))
+
+
+def scopes_of(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
 
 
 ENROLLMENT_COLUMNS = (
