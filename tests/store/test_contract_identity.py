@@ -13,7 +13,7 @@ from server.domain.access import hash_secret
 from server.domain.errors import Unauthenticated
 from server.domain.governance import IdentityService
 from server.domain.hub import Hub
-from server.domain.models import AuditEntry
+from server.domain.models import AuditEntry, Scope
 from server.domain.ports import Store
 from tests.server.helpers import T0
 from tests.store.conftest import Opener
@@ -81,6 +81,17 @@ async def test_token_holder_names_the_user_and_the_expiry(store: Store) -> None:
     assert holder[1] == T0 + timedelta(hours=1)
     assert await store.token_holder(hash_secret("jmt_b")) == (holder[0], None)
     assert await store.token_holder(hash_secret("jmt_unknown")) is None
+
+
+async def test_a_scoped_token_keeps_its_scopes_when_remembered(store: Store) -> None:
+    async with store.transaction() as tx:
+        await tx.upsert_user("bridge", [], T0)
+        await tx.insert_token(
+            hash_secret("jmt_bridge"), "bridge", T0, None, "", [Scope.REVIEW_ON_BEHALF]
+        )
+    identity = _identity(store)
+    for _ in range(2):  # looked up, then remembered
+        assert (await identity.authenticate("jmt_bridge")).scopes == {"review-on-behalf"}
 
 
 @pytest.mark.parametrize("change", ["revoke token", "disable user", "delete token"])

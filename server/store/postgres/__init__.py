@@ -1333,15 +1333,14 @@ class PostgresStore:
         async with self._read() as conn:
             row = await _one(
                 conn,
-                "SELECT u.name, u.groups, t.expires_at FROM tokens t "
+                "SELECT u.name, u.groups, t.scopes, t.expires_at FROM tokens t "
                 "JOIN users u ON u.name = t.user_name "
                 "WHERE t.hash = %s AND t.revoked_at IS NULL AND u.disabled = 0",
                 [token_hash],
             )
         if row is None:
             return None
-        principal = Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
-        return principal, rec.at(row["expires_at"])
+        return rec.token_principal(row), rec.at(row["expires_at"])
 
     async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None:
         async with self._read() as conn:
