@@ -141,6 +141,14 @@ class _Writer(aiosqlite.Connection):
     def deferred(self) -> int:
         return len(self._deferred)
 
+    async def fetch_each(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        """All rows of each statement, in one trip (after what was deferred)."""
+
+        def each() -> list[list[Any]]:
+            return [self._conn.execute(sql, args).fetchall() for sql, args in statements]
+
+        return await self._execute(each)
+
     async def _execute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if not self._deferred:
             return await super()._execute(fn, *args, **kwargs)  # type: ignore[no-untyped-call,no-any-return]
@@ -376,6 +384,13 @@ class SqliteTx:
             self._head = await _audit_head(self._conn)
         return self._head
 
+    def _later(self, sql: str, args: Sequence[Any] = (), *, many: bool = False) -> None:
+        """A statement whose result is not needed: it runs with the transaction's next
+        statement or its COMMIT (`_Writer`), not in a trip of its own."""
+        writer = self._conn
+        assert isinstance(writer, _Writer)
+        writer.defer(sql, args, many=many)
+
     async def live_grants(self, agent: str) -> list[Grant]:
         return await _live_grants(self._conn, agent)
 
@@ -389,7 +404,22 @@ class SqliteTx:
         return await _get_meta(self._conn, key)
 
     async def get_request(self, request_id: str) -> Request | None:
-        return await _get_request(self._conn, request_id)
+        # The request and its reviews in one trip.
+        writer = self._conn
+        assert isinstance(writer, _Writer)
+        rows, reviews = await writer.fetch_each(
+            [
+                (f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.id = ?", [request_id]),
+                (
+                    f"SELECT {rec.REVIEW_COLUMNS} FROM reviews WHERE request_id = ? "
+                    "ORDER BY reviewed_at, reviewer",
+                    [request_id],
+                ),
+            ]
+        )
+        if not rows:
+            return None
+        return rec.request(rows[0], rec.reviews_by_request(reviews).get(request_id, ()))
 
     async def get_grant(self, grant_id: str) -> Grant | None:
         return await _get_grant(self._conn, grant_id)
@@ -398,7 +428,7 @@ class SqliteTx:
         return await _get_agent(self._conn, name)
 
     async def insert_request(self, r: Request) -> None:
-        await self._conn.execute(_REQUEST_INSERT, rec.request_values(r))
+        self._later(_REQUEST_INSERT, rec.request_values(r))
 
     async def decide_request(
         self,
@@ -445,7 +475,7 @@ class SqliteTx:
         return cur.rowcount == 1
 
     async def insert_grant(self, g: Grant) -> None:
-        await self._conn.execute(_GRANT_INSERT, rec.grant_values(g))
+        self._later(_GRANT_INSERT, rec.grant_values(g))
 
     async def move_grant(
         self,
@@ -480,14 +510,10 @@ class SqliteTx:
         if row is None:
             raise Conflict(f"agent {agent} is not enrolled")
         seq = int(row["last_seq"])
-        await self._conn.execute(
-            _COMMAND_INSERT, (agent, seq, kind.value, grant_id, revoke_reason, to_ms(at))
-        )
+        self._later(_COMMAND_INSERT, (agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)))
         if kind in (CommandKind.GRANT, CommandKind.REVOKE):
             column = "grant_seq" if kind is CommandKind.GRANT else "revoke_seq"
-            await self._conn.execute(
-                f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id)
-            )
+            self._later(f"UPDATE grants SET {column} = ? WHERE id = ?", (seq, grant_id))
         return seq
 
     async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
@@ -516,11 +542,11 @@ class SqliteTx:
 
     async def insert_requests(self, requests: Sequence[Request]) -> None:
         """`insert_request` for many requests, one statement for all (group commit)."""
-        await self._conn.executemany(_REQUEST_INSERT, [rec.request_values(r) for r in requests])
+        self._later(_REQUEST_INSERT, [rec.request_values(r) for r in requests], many=True)
 
     async def insert_grants(self, grants: Sequence[Grant]) -> None:
         """`insert_grant` for many grants, one statement for all (group commit)."""
-        await self._conn.executemany(_GRANT_INSERT, [rec.grant_values(g) for g in grants])
+        self._later(_GRANT_INSERT, [rec.grant_values(g) for g in grants], many=True)
 
     async def append_commands(
         self, commands: Sequence[tuple[str, CommandKind, str, datetime]], revoke_reason: str = ""
@@ -549,7 +575,7 @@ class SqliteTx:
             if seq is not None:
                 next_seq[agent] = seq + 1
                 stored.append((agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)))
-        await self._conn.executemany(_COMMAND_INSERT, stored)
+        self._later(_COMMAND_INSERT, stored, many=True)
         return seqs
 
     async def ack_commands(
@@ -581,10 +607,11 @@ class SqliteTx:
         highest: dict[str, int] = {}
         for agent, seq in done:
             highest[agent] = max(seq, highest.get(agent, 0))
-        await self._conn.executemany(
+        self._later(
             "UPDATE agents SET last_acked_seq = MAX(last_acked_seq, ?), last_seen_at = ? "
             "WHERE name = ?",
             [(seq, when, agent) for agent, seq in highest.items()],
+            many=True,
         )
         return done
 
@@ -685,8 +712,10 @@ class SqliteTx:
         if None in seqs:
             raise Conflict("an agent was removed meanwhile; try again")
         by_grant = {g.id: seq for g, seq in zip(grants, seqs, strict=True) if seq is not None}
-        await self._conn.executemany(
-            "UPDATE grants SET revoke_seq = ? WHERE id = ?", [(q, g) for g, q in by_grant.items()]
+        self._later(
+            "UPDATE grants SET revoke_seq = ? WHERE id = ?",
+            [(q, g) for g, q in by_grant.items()],
+            many=True,
         )
         return by_grant
 
@@ -881,7 +910,7 @@ class SqliteTx:
             if event.kind in NOTIFIABLE and (n := notice_for(event)) is not None
         ]
         if rows:
-            await self._conn.executemany(_OUTBOX_INSERT, rows)
+            self._later(_OUTBOX_INSERT, rows, many=True)
 
     async def insert_receiver(self, spec: ReceiverSpec) -> bool:
         """False (and nothing written) when a receiver of that name exists. The first receiver
@@ -947,29 +976,35 @@ class SqliteTx:
         if not entries:
             return []
         # Which ids are stored already (agent events sent again), then one executemany: two
-        # statements whatever the batch, and the same two on every store.
+        # statements whatever the batch, and the same two on every store. The head (read once
+        # per transaction) travels with the first look-up; the insert waits for the next trip.
         stored = await self._stored_audit_ids([entry.id for entry in entries])
         head_seq, head_hash = await self._audit_head()
         events, rows = rec.chain(entries, head_seq, head_hash, stored)
         if not rows:
             return []
-        await self._conn.executemany(_AUDIT_INSERT, rows)
+        self._later(_AUDIT_INSERT, rows, many=True)
         self._head = (events[-1].seq, events[-1].hash)
         self.new_audit.extend(events)
         await self._outbox(events)
         return events
 
     async def _stored_audit_ids(self, ids: Sequence[str]) -> set[str]:
-        stored: set[str] = set()
+        statements: list[tuple[str, Sequence[Any]]] = []
+        if self._head is None:
+            statements.append(("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", ()))
         for first in range(0, len(ids), _CHUNK):
             chunk = ids[first : first + _CHUNK]
-            rows = await _all(
-                self._conn,
-                f"SELECT id FROM audit WHERE id IN ({','.join('?' * len(chunk))})",
-                chunk,
+            statements.append(
+                (f"SELECT id FROM audit WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             )
-            stored.update(row["id"] for row in rows)
-        return stored
+        writer = self._conn
+        assert isinstance(writer, _Writer)
+        results = await writer.fetch_each(statements)
+        if self._head is None:
+            head = results.pop(0)
+            self._head = (0, GENESIS) if not head else (int(head[0]["seq"]), str(head[0]["hash"]))
+        return {row["id"] for rows in results for row in rows}
 
     async def move_due_grants(
         self, now: datetime, limit: int, *, state: GrantState, change: GrantChange = NO_CHANGE
