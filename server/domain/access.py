@@ -719,10 +719,12 @@ class AccessService:
             review = Review(principal.name, decision, reason, now, recorded_groups(plan, principal))
             if not await tx.insert_review(request.id, review):
                 raise Conflict("you have already reviewed this request")
+            # Judged in arrival order (as before); the answer lists them as a read does, by
+            # time then reviewer (two reviews in one millisecond keep arrival order here).
+            after = self._apply(plan, request, (*request.reviews, review), now)
             reviews = tuple(
                 sorted((*request.reviews, review), key=lambda r: (r.reviewed_at, r.reviewer))
             )
-            after = self._apply(plan, request, reviews, now)
             decided = replace(
                 request,
                 reviews=reviews,
