@@ -111,6 +111,11 @@ class Queries:
 
     # Requests, grants, agents: reads.
     get_request: str = f"SELECT {REQUEST_COLUMNS} FROM {REQUEST_FROM} WHERE r.id = ?"
+    reviews_of_request: str = (
+        f"SELECT {rec.REVIEW_COLUMNS} FROM reviews WHERE request_id = ? "
+        "ORDER BY reviewed_at, reviewer"
+    )
+    audit_head: str = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
     get_grant: str = f"SELECT {GRANT_COLUMNS} FROM grants WHERE id = ?"
     get_agent: str = (
         f"SELECT {AGENT_COLUMNS} FROM agents a WHERE a.name = ? AND a.removed_at IS NULL"

@@ -279,11 +279,7 @@ class SqliteTx(SqlTx):
         rows, reviews = await self._writer.fetch_each(
             [
                 (self._q.get_request, [request_id]),
-                (
-                    f"SELECT {rec.REVIEW_COLUMNS} FROM reviews WHERE request_id = ? "
-                    "ORDER BY reviewed_at, reviewer",
-                    [request_id],
-                ),
+                (self._q.reviews_of_request, [request_id]),
             ]
         )
         if not rows:
@@ -294,7 +290,7 @@ class SqliteTx(SqlTx):
         # Both in one trip (the head first, under the write lock the trip's BEGIN takes).
         statements: list[tuple[str, Sequence[Any]]] = []
         if self._head is None:
-            statements.append(("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", ()))
+            statements.append((self._q.audit_head, ()))
         for chunk in self._d.chunks(ids):
             statements.append(
                 (
