@@ -297,8 +297,10 @@ def run(argv: Sequence[str], *, clock: Clock | None = None, step: StepHook | Non
     except AgentError as exc:
         return _fail(f"configuration: {exc}")
 
-    from jitmesh import logs
+    from jitmesh import grpclog, logs
 
+    # Before grpc is imported (by agent.app): gRPC's own lines become our log records.
+    grpclog.capture()
     logs.setup(
         loaded.values["log_level"], loaded.values["log_format"], static={"agent": config.name}
     )
@@ -351,6 +353,7 @@ def _agent_config(loaded: agent_settings.Loaded) -> AgentConfig:
         remove_retry_base=values["remove_retry_base"],
         skew_tolerance=values["skew_tolerance"],
         reconcile_every=values["reconcile_every"],
+        lease_retention=values["lease_retention"],
         exec_grace=values["exec_grace"],
         end_sessions=values["end_sessions"],
         metrics_listen=values.get("metrics_listen"),

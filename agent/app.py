@@ -13,9 +13,10 @@ import os
 import random
 import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 from agent.config import (
     AgentConfig,
@@ -50,6 +51,9 @@ CREDENTIAL_NAME = "credential"
 STATE_DIR_MODE = 0o711
 KEYS_NAME = "signing_keys.json"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+T = TypeVar("T")
 
 
 class _Stopped(Exception):
@@ -87,10 +91,16 @@ async def run(
             "no credential in the state directory and no join token: "
             "pass --join-token or set JITMESH_JOIN_TOKEN"
         )
-    # Pending migrations run in a child process: yoyo never stays resident in the agent.
-    store, moved_aside = SqliteLeaseStore.open_or_recover(
+    # Pending migrations run in a child process: yoyo never stays resident in the agent. A stop
+    # (SIGTERM) while it runs ends the wait at once, and the child with it.
+    opening = SqliteLeaseStore.open_or_recover(
         state_dir, now_ms=to_ms(clock.now()), migrations=migrate_isolated
     )
+    try:
+        store, moved_aside = await _unless_stopped(opening, stop)
+    except _Stopped:
+        log.info("agent stopped before it started")
+        return
     try:
         boot_id = read_boot_id()
         await store.claim(config.name, boot_id)
@@ -107,6 +117,7 @@ async def run(
             remove_retry_base=config.remove_retry_base,
             skew_tolerance=timedelta(seconds=config.skew_tolerance),
             reconcile_every=config.reconcile_every,
+            lease_retention=timedelta(seconds=config.lease_retention),
             step=step,
         )
         if moved_aside:
@@ -257,6 +268,25 @@ def agent_version() -> str:
     from jitmesh import __version__
 
     return __version__
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event | None) -> T:
+    """`work`'s result, or _Stopped (with `work` cancelled) as soon as `stop` is set."""
+    if stop is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            # Its clean-up (killing the migration child, releasing the lock) finishes first.
+            await asyncio.wait((task,))
+    if task.cancelled():
+        raise _Stopped()
+    return task.result()
 
 
 async def _until(stop: asyncio.Event) -> None:

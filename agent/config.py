@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from agent import defaults
 from agent.domain.errors import ConfigError
 from jitmesh import validation
-from jitmesh.durations import DurationError, parse_duration
+from jitmesh.durations import MAX_DURATION, DurationError, parse_duration
 
 if TYPE_CHECKING:
     from agent.enforcers.group import GroupSettings
@@ -206,6 +206,8 @@ class AgentConfig:
     skew_tolerance: float = defaults.SKEW_TOLERANCE
     # Seconds between drift reconciles (host against lease table) while running.
     reconcile_every: float = defaults.RECONCILE_EVERY
+    # Ended leases stay in the lease table at least this long (agent/domain/retention.py).
+    lease_retention: float = defaults.LEASE_RETENTION
     # Prometheus metrics on HOST:PORT (None: off, and the exporter is never imported).
     metrics_listen: str | None = None
     # Answer systemd's watchdog when it asks for one (WATCHDOG_USEC).
@@ -261,6 +263,13 @@ class AgentConfig:
             raise ConfigError("end_sessions: must be exec or user")
         for name in ("skew_tolerance", "reconcile_every"):
             _set(self, name, _number(getattr(self, name), name, low=0, high=86400, open_low=True))
+        _set(
+            self,
+            "lease_retention",
+            _number(
+                self.lease_retention, "lease_retention", low=0, high=MAX_DURATION.total_seconds()
+            ),
+        )
         retries = self.remove_retries
         if isinstance(retries, bool) or not isinstance(retries, int) or not 1 <= retries <= 20:
             raise ConfigError("remove_retries: must be a whole number from 1 to 20")
@@ -400,18 +409,24 @@ def load_exec_hooks(path: Path) -> ExecHooksConfig:
         check_private(path, "exec hooks file")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read exec hooks file ({exc.strerror})") from None
+        raise ConfigError(
+            f"cannot read exec hooks file {path} ({exc.strerror}): write one (docs/host.md, "
+            "'The exec enforcer') or fix the path after exec:"
+        ) from None
     hooks = parse_exec_hooks(text)
     for argv in (hooks.apply, hooks.remove, hooks.observe):
         if argv is None:
             continue
         program = shutil.which(argv[0])
         if program is None:
-            raise ConfigError("exec hook program not found or not executable")
+            # The hooks file's own text, not the caller's: its owner wrote it (check_private).
+            raise ConfigError(f"exec hook program {argv[0]} not found or not executable")
         try:
             check_private(Path(program), "exec hook program")
         except OSError as exc:
-            raise ConfigError(f"cannot check exec hook program ({exc.strerror})") from None
+            raise ConfigError(
+                f"cannot check exec hook program {program} ({exc.strerror})"
+            ) from None
     return hooks
 
 
@@ -438,7 +453,7 @@ def _section(path: Path, kind: str) -> dict[str, Any]:
         check_private(path, f"{kind} configuration")
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"cannot read {kind} configuration ({exc.strerror})") from None
+        raise ConfigError(f"cannot read {kind} configuration {path} ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError):
         raise ConfigError(f"{kind} configuration is not valid TOML") from None
     enforcers = data.get("enforcers")

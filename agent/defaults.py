@@ -22,3 +22,8 @@ REMOVE_RETRIES: Final = 6
 REMOVE_RETRY_BASE: Final = 10.0
 SKEW_TOLERANCE: Final = 60.0
 RECONCILE_EVERY: Final = 300.0
+# An ended lease's row stays in the lease table this long at least (a revoked one, or a
+# tombstone, stays until no copy of its grant can still arrive: agent/domain/retention.py).
+LEASE_RETENTION: Final = 7 * 24 * 3600.0
+# Seconds between two passes that delete the ended rows kept long enough.
+PRUNE_EVERY: Final = 3600.0

@@ -11,14 +11,16 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 from pydantic import ValidationError
 
-from jitmesh import __version__, logs, sdnotify
+from jitmesh import __version__, grpclog, logs, sdnotify
 from jitmesh.clock import SystemClock
-from server.app import Coordinator, DevDataError, DirectoryBusy, build, lock_data_dir, open_store
+from jitmesh.pidlock import DirectoryBusy
 from server.config import CoordinatorConfig
+from server.domain.bootstrap import DevDataError
 from server.domain.models import ADMIN_GROUP, Principal, new_secret, user_name
 from server.domain.policy import DEV_POLICY
 from server.domain.ports import Tx
@@ -32,6 +34,11 @@ from server.settings import (
 from server.settings import load as load_settings
 from server.shared import SecretKeyError
 from server.store.postgres.importer import StoreImportError
+
+if TYPE_CHECKING:
+    # server.app imports grpc: the commands import it only after choosing gRPC's own logging
+    # (jitmesh.grpclog), which its core reads at that first import.
+    from server.app import Coordinator
 
 log = logging.getLogger("jitmesh.coordinator")
 
@@ -268,6 +275,9 @@ def main(argv: list[str] | None = None, *, step: StepHook = no_hook) -> int:
     except SettingsError as exc:
         print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
         return 2
+    # Before grpc is imported (by server.app): gRPC's own lines become our log records, and
+    # with TLS each failed handshake is logged with its peer (jitmesh/grpclog.py).
+    grpclog.capture(handshakes=log if config.tls else None)
     logs.setup(settings.log_level, settings.log_format)
     serving = _serve(
         config,
@@ -454,6 +464,9 @@ async def _maintain(args: argparse.Namespace) -> int:
         print(f"jitmesh-coordinator: {args.data} holds no coordinator database", file=sys.stderr)
         return 1
     clock = SystemClock()
+    grpclog.quiet("ERROR")
+    from server.app import lock_data_dir, open_store
+
     lock_fd = lock_data_dir(args.data)
     try:
         store = await open_store(args.data)
@@ -495,6 +508,8 @@ async def _serve(
     admin_token: str | None = None,
     step: StepHook = no_hook,
 ) -> None:
+    from server.app import build
+
     coordinator = await build(config, refuse_dev_data=not dev, step=step)
     if dev:
         await _dev_setup(coordinator)

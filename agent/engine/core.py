@@ -30,6 +30,7 @@ from agent.engine.expiry import Expiry
 from agent.engine.linkstate import HelloState, LinkState
 from agent.engine.reconcile import Reconciler
 from agent.engine.removals import Removals
+from agent.engine.retention import Retention
 from agent.engine.shared import Shared, best_effort
 from agent.store.base import LeaseStore
 from jitmesh.clock import Clock
@@ -45,6 +46,7 @@ class Parts:
     reconciler: Reconciler
     expiry: Expiry
     commands: Commands
+    retention: Retention
 
 
 def assemble(
@@ -58,6 +60,7 @@ def assemble(
     remove_retry_base: float = defaults.REMOVE_RETRY_BASE,
     skew_tolerance: timedelta | None = None,
     reconcile_every: float | None = None,
+    lease_retention: timedelta = timedelta(seconds=defaults.LEASE_RETENTION),
     step: StepHook = no_hook,
 ) -> Parts:
     """The parts, each given the others it needs (the engine's tests build them here too)."""
@@ -66,7 +69,7 @@ def assemble(
     now = time.now
     link = LinkState(store=store, shared=shared, now=now)
     # A revoke's attempts (the first inline, the others in the background), then REVOKE_FAILED
-    # and a retry every base * 2^retries, at most every 10 minutes (PROMISES.md).
+    # and a retry every base * 2^retries, at most every 10 minutes (docs/promises.md, P4).
     policy = RetryPolicy.from_settings(remove_retries, remove_retry_base)
     removals = Removals(
         store=store,
@@ -87,6 +90,7 @@ def assemble(
         now=now,
         every=reconcile_every,
     )
+    retention = Retention(store=store, clock=clock, shared=shared, time=time, keep=lease_retention)
     expiry = Expiry(
         store=store,
         clock=clock,
@@ -96,6 +100,7 @@ def assemble(
         enforcement=enforcement,
         removals=removals,
         reconciler=reconciler,
+        retention=retention,
         rand=rand,
     )
     commands = Commands(
@@ -109,7 +114,7 @@ def assemble(
         expiry=expiry,
         step=step,
     )
-    return Parts(shared, time, link, removals, enforcement, reconciler, expiry, commands)
+    return Parts(shared, time, link, removals, enforcement, reconciler, expiry, commands, retention)
 
 
 class Engine:
@@ -125,6 +130,7 @@ class Engine:
         remove_retry_base: float = defaults.REMOVE_RETRY_BASE,
         skew_tolerance: timedelta | None = None,
         reconcile_every: float | None = None,
+        lease_retention: timedelta = timedelta(seconds=defaults.LEASE_RETENTION),
         step: StepHook = no_hook,
     ) -> None:
         """`remove_retries`: attempts at a revoke's removal before its grant is reported
@@ -132,8 +138,9 @@ class Engine:
         acked FAILED after the first, inline, attempt; REVOKED follows a removal that worked).
         `skew_tolerance`: grants issued further from the agent's time are refused (None: no
         check). `reconcile_every`: seconds between drift reconciles while running (None: only
-        at start). `step`: told each step of an apply and a revoke (`agent.domain.steps`: the
-        fault suite's crash points; production passes none)."""
+        at start). `lease_retention`: ended leases stay in the table at least this long
+        (`agent.domain.retention`). `step`: told each step of an apply and a revoke
+        (`agent.domain.steps`: the fault suite's crash points; production passes none)."""
         self.name = name
         self._store = store
         parts = assemble(
@@ -146,6 +153,7 @@ class Engine:
             remove_retry_base=remove_retry_base,
             skew_tolerance=skew_tolerance,
             reconcile_every=reconcile_every,
+            lease_retention=lease_retention,
             step=step,
         )
         self._shared = parts.shared
@@ -156,6 +164,7 @@ class Engine:
         self._enforcement = parts.enforcement
         self._expiry = parts.expiry
         self._commands = parts.commands
+        self._retention = parts.retention
 
     @property
     def outbox_changed(self) -> asyncio.Event:
@@ -196,8 +205,13 @@ class Engine:
             await self._reconciler.reconcile_locked()
 
     async def run(self) -> None:
-        """The expiry loop and, beside it, the loop retrying pending removals."""
+        """The expiry loop and, beside it, the loop retrying pending removals and the one
+        pruning ended leases."""
         await self._expiry.run()
+
+    async def prune(self) -> int:
+        """Delete the ended leases kept long enough now; how many."""
+        return await self._retention.prune()
 
     async def handle(self, command: CommandSpec) -> Ack:
         return await self._commands.handle(command)

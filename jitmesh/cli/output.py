@@ -1,9 +1,10 @@
 """How jitctl shows things: JSON or YAML objects for programs, aligned tables for people.
 
-JSON and YAML: every object carries `id` and `state`; instants are RFC 3339 UTC strings ending
-in Z (or null when unset); durations appear twice, as "15m" and in seconds. Tables: a header row,
-aligned columns, UTC times with a relative hint ("in 12m"), states coloured on a terminal, and
-nothing from the coordinator that could steer a terminal (control characters are replaced).
+JSON and YAML: every object carries `id` and `state`; instants are RFC 3339 UTC strings with
+exactly three fraction digits, ending in Z (or null when unset); durations appear twice, as
+"15m" and in seconds. Tables: a header row, aligned columns, UTC times with a relative hint
+("in 12m"), states coloured on a terminal, and nothing from the coordinator that could steer a
+terminal (control characters are replaced).
 
 Tables are laid out here rather than by `rich.table.Table`: rich fits a table into the
 terminal's width by wrapping or cutting cells, which breaks copying an id and `grep`; we never
@@ -27,6 +28,7 @@ from rich.cells import cell_len
 from rich.text import Text
 from ruamel.yaml import YAML
 
+from jitmesh import clock
 from jitmesh.durations import format_duration
 from jitmesh.types import (
     Agent,
@@ -43,6 +45,7 @@ from jitmesh.types import (
     PolicyDocument,
     Request,
     RequestOption,
+    Review,
     TokenInfo,
     UserInfo,
 )
@@ -58,13 +61,8 @@ _NONE: Final = "-"
 
 
 def rfc3339(at: datetime | None) -> str | None:
-    """2026-01-01T12:00:00Z, with milliseconds only when there are any."""
-    if at is None:
-        return None
-    at = at.astimezone(UTC)
-    if at.microsecond:
-        return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
-    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """2026-01-01T12:00:00.000Z (jitmesh.clock.rfc3339), or None when unset."""
+    return None if at is None else clock.rfc3339(at)
 
 
 def seconds(value: timedelta) -> int | float:
@@ -230,6 +228,7 @@ def request_json(request: Request, grant: Grant | None = None) -> JSON:
         "reviews": [
             {
                 "reviewer": r.reviewer,
+                "via": r.via,
                 "decision": r.decision.value,
                 "reason": r.reason,
                 "reviewed_at": rfc3339(r.reviewed_at),
@@ -422,7 +421,7 @@ def request_details(request: Request, now: datetime, grant: Grant | None = None)
         pairs.append(("DECIDED", f"{human_time(request.decided_at)} by {request.decided_by}"))
         pairs.append(("DECISION REASON", request.decision_reason))
     pairs.extend(
-        ("REVIEW", f"{r.decision.value.lower()} by {r.reviewer}: {r.reason}".rstrip(": "))
+        ("REVIEW", f"{r.decision.value.lower()} by {_by(r)}: {r.reason}".rstrip(": "))
         for r in request.reviews
     )
     pairs.append(("GRANT", _grant_ref(request)))
@@ -898,6 +897,10 @@ def tokens_table(tokens: Iterable[TokenInfo], now: datetime) -> Table:
             for t in tokens
         ),
     )
+
+
+def _by(review: Review) -> str:
+    return f"{review.reviewer} via {review.via}" if review.via else review.reviewer
 
 
 def _when(at: datetime | None, now: datetime, unset: str = _NONE) -> str:

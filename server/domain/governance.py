@@ -30,6 +30,7 @@ from .errors import (
     NotFound,
     PermissionDenied,
     Unauthenticated,
+    UserDisabled,
     invalid_input,
 )
 from .hub import Hub
@@ -87,19 +88,38 @@ class IdentityService:
         await self._current()
         generation = self._generation
         token_hash = hash_secret(token)
+        now = self._clock.now()
         known = self._tokens.get(token_hash)
         if known is None:
             known = await self._store.token_holder(token_hash)
             if known is None:
-                raise Unauthenticated("bearer token is not valid or has expired")
+                await self._refuse(token_hash, now)
+            assert known is not None
             if self._generation == generation:
                 if len(self._tokens) >= MAX_KNOWN:
                     self._tokens.clear()
                 self._tokens[token_hash] = known
         principal, expires_at = known
-        if expires_at is not None and expires_at <= self._clock.now():
-            raise Unauthenticated("bearer token is not valid or has expired")
+        if expires_at is not None and expires_at <= now:
+            await self._refuse(token_hash, now)
         return principal
+
+    async def _refuse(self, token_hash: str, now: datetime) -> None:
+        """Why the token is refused, told only to whoever holds it (its hash is the key)."""
+        why, user = await self._store.token_refusal(token_hash, now)
+        if why == "disabled":
+            raise UserDisabled(
+                f"user {user} is disabled: an admin enables it again with "
+                f"'jitctl user enable {user}'"
+            )
+        if why == "expired":
+            raise Unauthenticated(
+                "bearer token has expired: get a new one (jitctl login, or an admin's "
+                "'jitctl token create')"
+            )
+        if why == "revoked":
+            raise Unauthenticated("bearer token was revoked: get a new one")
+        raise Unauthenticated("bearer token is not valid")
 
     async def authenticate_user(self, name: str, serial: int) -> Principal:
         """An operator identified by a client certificate: a disabled (or deleted) user, or a
@@ -408,14 +428,26 @@ class PolicyService:
             raise NotFound("no policy has been applied")
         return doc
 
-    async def apply(self, principal: Principal, text: str, expected_version: int) -> PolicyDocument:
+    async def apply(
+        self, principal: Principal, text: str, expected_version: int, *, dry_run: bool = False
+    ) -> PolicyDocument:
+        """Validate `text` and make it the running policy. With `dry_run`, only validate: the
+        answer is the document as it would be applied (the next version), nothing is stored
+        or audited."""
         if not principal.is_admin:
             raise PermissionDenied("applying policy needs the admins group")
         policy = parse_policy(text)
-        if expected_version:
-            current = await self._store.current_policy()
-            if current is None or current.version != expected_version:
-                raise Conflict("policy changed meanwhile (expected version does not match)")
+        current = await self._store.current_policy()
+        if expected_version and (current is None or current.version != expected_version):
+            raise Conflict("policy changed meanwhile (expected version does not match)")
+        if dry_run:
+            return PolicyDocument(
+                yaml=policy.text,
+                version=(current.version if current else 0) + 1,
+                sha256=policy.sha256,
+                applied_at=None,
+                applied_by="",
+            )
         doc = await self._store_policy(policy, principal.name)
         return doc
 
@@ -428,7 +460,11 @@ class PolicyService:
         agent: str,
         duration: timedelta | None,
         groups: Iterable[str],
+        document: str = "",
     ) -> PolicyDecision:
+        """The running policy's answer, or that of `document` (YAML, validated as apply would
+        and never stored) when one is given."""
+        policy = parse_policy(document) if document else self._policy
         with invalid_input():
             subject = v.check(v.SUBJECT, user_name(subject), "subject")
             v.check(v.ACTION, action, "action")
@@ -439,7 +475,7 @@ class PolicyService:
         if target is None:
             raise NotFound(f"agent {agent} is not enrolled")
         known = frozenset(groups) or await self._store.user_groups(subject) or frozenset()
-        found = match(self._policy, Principal(subject, known), action, agent, target.labels)
+        found = match(policy, Principal(subject, known), action, agent, target.labels)
         notes: tuple[str, ...] = ()
         rule = found.rule
         if rule is None:
@@ -453,7 +489,7 @@ class PolicyService:
             auto, notes = auto_decision(
                 rule.approval.auto, usage, duration or timedelta(seconds=1), now
             )
-        plan = replace(plan_for(self._policy, rule), automatic=auto)
+        plan = replace(plan_for(policy, rule), automatic=auto)
         return decision(found, duration, notes, plan)
 
     async def _store_policy(self, policy: Policy, by: str) -> PolicyDocument:

@@ -309,7 +309,7 @@ class SqlTx(SqlReads):
         count = await self._run(
             self._q.insert_review,
             [request_id, review.reviewer, review.decision.value, review.reason,
-             to_ms(review.reviewed_at), json.dumps(list(review.groups))],
+             to_ms(review.reviewed_at), json.dumps(list(review.groups)), review.via],
         )  # fmt: skip
         return count == 1
 
@@ -767,6 +767,9 @@ class SqlStoreReads(SqlReads):
         # call (SQLite overrides this with an inline read).
         row = await self._one(self._q.identity_generation)
         return 0 if row is None else int(row["value"])
+
+    async def token_refusal(self, token_hash: str, now: datetime) -> tuple[str, str]:
+        return rec.token_refusal(await self._one(self._q.token_refusal, [token_hash]), now)
 
     async def list_tokens(self, user: str) -> list[TokenInfo]:
         return [rec.token(r) for r in await self._all(self._q.list_tokens, [user, user])]

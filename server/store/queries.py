@@ -195,6 +195,10 @@ class Queries:
     # Moved by triggers on users, tokens and revoked_certificates (the migrations named
     # identity-generation); no row yet reads as 0.
     identity_generation: str = "SELECT value FROM meta WHERE key = 'identity_generation'"
+    token_refusal: str = (
+        "SELECT u.name, u.disabled, t.revoked_at, t.expires_at "
+        "FROM tokens t JOIN users u ON u.name = t.user_name WHERE t.hash = ?"
+    )
     principal_for_user: str = (
         "SELECT name, groups FROM users WHERE name = ? AND disabled = 0 "
         "AND NOT EXISTS (SELECT 1 FROM revoked_certificates WHERE serial = ?)"
@@ -263,8 +267,8 @@ class Queries:
     )
     set_request_grants: str = "UPDATE requests SET grant_ids = ? WHERE id = ?"
     insert_review: str = (
-        "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, groups) "
-        "VALUES (?,?,?,?,?,?) ON CONFLICT (request_id, reviewer) DO NOTHING"
+        "INSERT INTO reviews (request_id, reviewer, decision, reason, reviewed_at, groups, via) "
+        "VALUES (?,?,?,?,?,?,?) ON CONFLICT (request_id, reviewer) DO NOTHING"
     )
     insert_grant: str = (
         f"INSERT INTO grants ({GRANT_COLUMNS}) VALUES ({_values(len(rec.GRANT_COLUMNS))})"

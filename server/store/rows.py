@@ -120,6 +120,7 @@ def review(row: Row) -> Review:
         row["reason"],
         from_ms(row["reviewed_at"]),
         tuple(json.loads(row["groups"])),
+        via=row["via"],
     )
 
 
@@ -130,7 +131,7 @@ def reviews_by_request(rows: Iterable[Row]) -> dict[str, tuple[Review, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
-REVIEW_COLUMNS = "request_id, reviewer, decision, reason, reviewed_at, groups"
+REVIEW_COLUMNS = "request_id, reviewer, decision, reason, reviewed_at, groups, via"
 
 
 def request_values(r: Request) -> tuple[Any, ...]:
@@ -281,6 +282,19 @@ def token_principal(row: Row) -> Principal:
         groups=frozenset(json.loads(row["groups"])),
         scopes=frozenset(scopes_of(row["scopes"])),
     )
+
+
+def token_refusal(row: Row | None, now: datetime) -> tuple[str, str]:
+    """Why a bearer token is refused (Store.token_refusal), from its row and its user's."""
+    if row is None:
+        return "unknown", ""
+    if row["disabled"]:
+        return "disabled", str(row["name"])
+    if row["revoked_at"] is not None:
+        return "revoked", str(row["name"])
+    if row["expires_at"] is not None and row["expires_at"] <= to_ms(now):
+        return "expired", str(row["name"])
+    return "unknown", ""  # refused for another reason (changed meanwhile): say nothing more
 
 
 def scopes_text(scopes: Iterable[str]) -> str:

@@ -52,6 +52,8 @@ INTENDED = {
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",
+    "PolicyDeniedError",
+    "LockedError",
     "RateLimitedError",
     "UnavailableError",
     # durations
