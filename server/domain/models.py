@@ -154,6 +154,13 @@ class ReplicaInfo:
     last_seen_at: datetime
 
 
+class Truncated(NamedTuple):
+    """What one command-log retention step did: agents whose log_start moved, commands deleted."""
+
+    agents: int
+    commands: int
+
+
 class Moved(NamedTuple):
     """A row that a batched compare-and-set moved (the expiry sweep's), with what its audit event
     names. `was`: the state it left. Requests have no `request_id` of their own and leave it
@@ -285,3 +292,5 @@ class StatusCounts:
     commands_unacknowledged: int
     locks_in_force: int
     policy_version: int
+    # Agents whose stream each replica holds, as the store records it (replica id -> count).
+    connected_by_replica: dict[str, int] = field(default_factory=dict)

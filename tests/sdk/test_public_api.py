@@ -33,6 +33,7 @@ INTENDED = {
     "OfflinePolicy",
     "PolicyDecision",
     "PolicyDocument",
+    "Replica",
     "Request",
     "RequestOption",
     "RequestState",
