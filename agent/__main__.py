@@ -229,7 +229,11 @@ def _iso_ms(ms: int) -> str:
 
 def run(argv: Sequence[str], *, clock: Clock | None = None, step: StepHook | None = None) -> int:
     from agent import settings as agent_settings
+    from jitmesh import grpclog
 
+    # First, before anything imports grpc (checking the CA file does): gRPC's own lines become
+    # the agent's log records (jitmesh/grpclog.py).
+    grpclog.capture()
     parser = argparse.ArgumentParser(
         prog="jitmesh-agent",
         description="Run the jitmesh agent (see also: jitmesh-agent check --help).",
@@ -297,10 +301,8 @@ def run(argv: Sequence[str], *, clock: Clock | None = None, step: StepHook | Non
     except AgentError as exc:
         return _fail(f"configuration: {exc}")
 
-    from jitmesh import grpclog, logs
+    from jitmesh import logs
 
-    # Before grpc is imported (by agent.app): gRPC's own lines become our log records.
-    grpclog.capture()
     logs.setup(
         loaded.values["log_level"], loaded.values["log_format"], static={"agent": config.name}
     )
