@@ -177,6 +177,12 @@ def exec_command(argv: Sequence[str]) -> int:
             return _fail(f"exec: --duration: {exc}")
     elif parsed.duration or parsed.reason:
         return _fail("exec: --duration and --reason go with --request")
+    if parsed.request or parsed.release:
+        # These reach the coordinator through the SDK: gRPC's core prints nothing of its own
+        # (the SDK's error carries its reason), as in jitctl (jitmesh/grpclog.py).
+        from jitmesh import grpclog
+
+        grpclog.quiet("NONE")
     from agent.local.runner import ExecOptions, run
 
     return run(
