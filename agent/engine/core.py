@@ -69,7 +69,7 @@ def assemble(
     now = time.now
     link = LinkState(store=store, shared=shared, now=now)
     # A revoke's attempts (the first inline, the others in the background), then REVOKE_FAILED
-    # and a retry every base * 2^retries, at most every 10 minutes (PROMISES.md).
+    # and a retry every base * 2^retries, at most every 10 minutes (docs/promises.md, P4).
     policy = RetryPolicy.from_settings(remove_retries, remove_retry_base)
     removals = Removals(
         store=store,
@@ -143,6 +143,7 @@ class Engine:
         (`agent.domain.steps`: the fault suite's crash points; production passes none)."""
         self.name = name
         self._store = store
+        self._enforcers = enforcers
         parts = assemble(
             name=name,
             store=store,
@@ -250,6 +251,18 @@ class Engine:
     async def release(self, grant_id: str) -> bool:
         """End a lease on the host now (released: `exec --release`)."""
         return await self._expiry.end_now(grant_id, "released")
+
+    def instrument(
+        self,
+        *,
+        overstay: Callable[[float], None],
+        enforcer_failed: Callable[[str, str], None],
+    ) -> None:
+        """Metrics hooks: `overstay(seconds)` for each lease ended by expiry (how long its
+        access outlived its not_after), `enforcer_failed(kind, operation)` for each failed call
+        to an enforcer. Plain callables: the engine never imports the exporter."""
+        self._expiry.on_overstay = overstay
+        self._enforcers.on_failure = enforcer_failed
 
     def on_access_removed(self, listener: Callable[[Pair, str], None]) -> None:
         """`listener(pair, cause)` after a pair's access was really removed from the host."""

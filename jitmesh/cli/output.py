@@ -1,9 +1,10 @@
 """How jitctl shows things: JSON or YAML objects for programs, aligned tables for people.
 
-JSON and YAML: every object carries `id` and `state`; instants are RFC 3339 UTC strings ending
-in Z (or null when unset); durations appear twice, as "15m" and in seconds. Tables: a header row,
-aligned columns, UTC times with a relative hint ("in 12m"), states coloured on a terminal, and
-nothing from the coordinator that could steer a terminal (control characters are replaced).
+JSON and YAML: every object carries `id` and `state`; instants are RFC 3339 UTC strings with
+exactly three fraction digits, ending in Z (or null when unset); durations appear twice, as
+"15m" and in seconds. Tables: a header row, aligned columns, UTC times with a relative hint
+("in 12m"), states coloured on a terminal, and nothing from the coordinator that could steer a
+terminal (control characters are replaced).
 
 Tables are laid out here rather than by `rich.table.Table`: rich fits a table into the
 terminal's width by wrapping or cutting cells, which breaks copying an id and `grep`; we never
@@ -27,6 +28,7 @@ from rich.cells import cell_len
 from rich.text import Text
 from ruamel.yaml import YAML
 
+from jitmesh import clock
 from jitmesh.durations import format_duration
 from jitmesh.types import (
     Agent,
@@ -59,13 +61,8 @@ _NONE: Final = "-"
 
 
 def rfc3339(at: datetime | None) -> str | None:
-    """2026-01-01T12:00:00Z, with milliseconds only when there are any."""
-    if at is None:
-        return None
-    at = at.astimezone(UTC)
-    if at.microsecond:
-        return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
-    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """2026-01-01T12:00:00.000Z (jitmesh.clock.rfc3339), or None when unset."""
+    return None if at is None else clock.rfc3339(at)
 
 
 def seconds(value: timedelta) -> int | float:
@@ -972,6 +969,17 @@ def status_json(status: MeshStatus) -> JSON:
         "policy_version": status.policy_version,
         "audit_head_seq": status.audit_head_seq,
         "locks_in_force": status.locks_in_force,
+        "replicas": [
+            {
+                "id": r.id,
+                "address": r.address,
+                "version": r.version,
+                "started_at": rfc3339(r.started_at),
+                "last_seen_at": rfc3339(r.last_seen_at),
+                "agents_connected": r.agents_connected,
+            }
+            for r in status.replicas
+        ],
     }
 
 
@@ -979,6 +987,17 @@ def _degraded(status: MeshStatus) -> bool:
     """Something needs a person: a removal failed on a host, or agents are away."""
     failed = status.grants.get(GrantState.REVOKE_FAILED, 0)
     return failed > 0 or status.agents_connected < status.agents_enrolled
+
+
+def _replicas(status: MeshStatus) -> str:
+    """ "2 running: ra (this, 3 agents), rb (5 agents)"."""
+    if not status.replicas:
+        return _NONE
+    named = [
+        f"{r.id} ({'this, ' if r.id == status.replica else ''}{r.agents_connected} agents)"
+        for r in status.replicas
+    ]
+    return f"{len(named)} running: " + ", ".join(named)
 
 
 def status_details(status: MeshStatus) -> Table:
@@ -990,6 +1009,7 @@ def status_details(status: MeshStatus) -> Table:
         [
             ("STATE", "degraded" if _degraded(status) else "ok"),
             ("COORDINATOR", f"v{status.version} epoch {status.epoch}"),
+            ("REPLICAS", _replicas(status)),
             ("AGENTS", f"{status.agents_connected} of {status.agents_enrolled} connected"
              + (f" ({away} away)" if away > 0 else "")),
             ("REQUESTS WAITING", counts(status.requests)),

@@ -433,6 +433,18 @@ class SqlTx(SqlReads):
     async def _set_revoke_seqs(self, by_grant: dict[str, int]) -> None:
         await self._many(self._q.set_revoke_seq, [(q, g) for g, q in by_grant.items()])
 
+    async def truncate_command_log(self, limit: int) -> int:
+        """Command-log retention: move each agent's `log_start` up to its acknowledged prefix
+        and delete at most `limit` of the commands at or below it; returns how many went.
+
+        The prefix ends at the lower of the agent's highest acked seq and its first
+        unacknowledged (non-snapshot) command less one: every command at or below it is acked,
+        or a snapshot whose ack was lost and that later acked commands passed. A resume
+        (min(last_applied, first_unacked - 1)) never starts below it unless the agent lost
+        state it had acknowledged; the Hello then answers with a snapshot."""
+        await self._run(self._q.advance_log_start)
+        return await self._run(self._q.truncate_commands, [limit])
+
     async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
         """Mark the agent's commands before `snapshot_seq` that were never acknowledged as
         replaced by that snapshot (NOT_APPLIED): they are not sent again."""
@@ -729,6 +741,9 @@ class SqlStoreReads(SqlReads):
         agents = await self._one(self._q.count_agents)
         locks = await self._one(self._q.count_locks, [to_ms(now)])
         policy = await self._one(self._q.policy_version)
+        held = {
+            str(r["replica"]): int(r["n"]) for r in await self._all(self._q.count_held_by_replica)
+        }
         return StatusCounts(
             agents_enrolled=int(agents["n"]) if agents else 0,
             requests=requests,
@@ -737,11 +752,15 @@ class SqlStoreReads(SqlReads):
             commands_unacknowledged=int(agents["unacked"]) if agents else 0,
             locks_in_force=int(locks["n"]) if locks else 0,
             policy_version=int(policy["v"]) if policy else 0,
+            connected_by_replica=held,
         )
 
     async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None:
         row = await self._one(self._q.principal_for_token, [token_hash, to_ms(now)])
         return None if row is None else rec.token_principal(row)
+
+    async def token_refusal(self, token_hash: str, now: datetime) -> tuple[str, str]:
+        return rec.token_refusal(await self._one(self._q.token_refusal, [token_hash]), now)
 
     async def list_tokens(self, user: str) -> list[TokenInfo]:
         return [rec.token(r) for r in await self._all(self._q.list_tokens, [user, user])]
@@ -776,6 +795,11 @@ class SqlStoreReads(SqlReads):
             )
             for r in rows
         ]
+
+    async def command_log_start(self, agent: str) -> int:
+        """The seq at or below which the agent's commands may be truncated away (0: none)."""
+        row = await self._one(self._q.command_log_start, [agent])
+        return 0 if row is None else int(row["log_start"])
 
     async def first_unacked_seq(self, agent: str) -> int | None:
         row = await self._one(self._q.first_unacked_seq, [agent])

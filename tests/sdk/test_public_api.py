@@ -33,6 +33,7 @@ INTENDED = {
     "OfflinePolicy",
     "PolicyDecision",
     "PolicyDocument",
+    "Replica",
     "Request",
     "RequestOption",
     "RequestState",
@@ -52,6 +53,8 @@ INTENDED = {
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",
+    "PolicyDeniedError",
+    "LockedError",
     "RateLimitedError",
     "UnavailableError",
     # durations
