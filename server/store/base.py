@@ -736,6 +736,13 @@ class SqlStore(SqlReads):
                 # Started now: no agent stream is held by this replica yet (a crash left some).
                 await tx._run(self._q.replica_started, [replica])
 
+    async def replica_stopped(self, replica: str) -> None:
+        """`replica` stopped on purpose: it is no longer listed as running (a killed one is
+        taken as gone once it stops reporting), and it holds no agent stream."""
+        async with self._short_write() as tx:
+            await tx._run(self._q.delete_replica, [replica])
+            await tx._run(self._q.replica_started, [replica])
+
     async def put_secret(
         self, name: str, ciphertext: bytes, at: datetime, *, replace: bool = True
     ) -> bool:

@@ -453,6 +453,7 @@ class Queries:
         "last_seen_at = excluded.last_seen_at"
     )
     replica_started: str = "UPDATE agents SET replica = '' WHERE replica = ?"
+    delete_replica: str = "DELETE FROM replicas WHERE id = ?"
     put_secret: str = (
         "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (?,?,?) ON CONFLICT (name) "
         "DO UPDATE SET ciphertext = excluded.ciphertext, updated_at = excluded.updated_at"
