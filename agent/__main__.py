@@ -342,6 +342,7 @@ def _agent_config(loaded: agent_settings.Loaded) -> AgentConfig:
         skew_tolerance=values["skew_tolerance"],
         reconcile_every=values["reconcile_every"],
         exec_grace=values["exec_grace"],
+        breakglass_max=values["breakglass_max"],
         end_sessions=values["end_sessions"],
         metrics_listen=values.get("metrics_listen"),
     )

@@ -22,3 +22,5 @@ REMOVE_RETRIES: Final = 6
 REMOVE_RETRY_BASE: Final = 10.0
 SKEW_TOLERANCE: Final = 60.0
 RECONCILE_EVERY: Final = 300.0
+# The longest lease a break-glass code gives on this host, whatever the code says (seconds).
+BREAKGLASS_MAX: Final = 3600.0

@@ -43,6 +43,8 @@ from jitmesh.v1 import (
     agents_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
+    breakglass_pb2,
+    breakglass_pb2_grpc,
     identity_pb2,
     identity_pb2_grpc,
     locks_pb2,
@@ -272,6 +274,7 @@ class Client:
         self._audit = audit_pb2_grpc.AuditStub(channel)
         self._identity = identity_pb2_grpc.IdentityStub(channel)
         self._locks = locks_pb2_grpc.LocksStub(channel)
+        self._breakglass = breakglass_pb2_grpc.BreakglassStub(channel)
         self._notify = notify_pb2_grpc.NotifyStub(channel)
         self._mesh = mesh_pb2_grpc.MeshStub(channel)
 
@@ -859,6 +862,61 @@ class Client:
             id=_check(validation.ID, id, "lock id"), reason=_check_reason(reason)
         )
         return _convert.lock(await self._unary(self._locks.LiftLock, message))
+
+    # -----------------------------------------------------------------------------------------
+    # Break-glass (admins)
+
+    async def issue_breakglass_codes(
+        self,
+        agent: str,
+        action: str,
+        subject: str,
+        duration: timedelta,
+        *,
+        valid_for: timedelta,
+        count: int = 1,
+        reason: str = "",
+    ) -> list[tuple[types.BreakglassCode, str]]:
+        """Single-use codes for `subject` to get `action` on `agent` for `duration`, usable
+        until `valid_for` from now, each with its text. The text is shown only here: hand it
+        over out of band (the coordinator keeps only its hash). The agent verifies a code
+        itself, also while cut off from the coordinator (`jitmesh-agent breakglass CODE`)."""
+        message = breakglass_pb2.IssueBreakglassCodesRequest(
+            agent=_check(validation.AGENT, agent, "agent"),
+            subject=_check(validation.SUBJECT, subject, "subject"),
+            action=_check(validation.ACTION, action, "action"),
+            duration=_convert.duration_to_proto(_check_positive(duration, "duration")),
+            valid_for=_convert.duration_to_proto(_check_positive(valid_for, "valid_for")),
+            count=count,
+            reason=_check_reason(reason),
+        )
+        response = await self._unary(self._breakglass.IssueBreakglassCodes, message)
+        return [(_convert.breakglass_code(c.info), c.code) for c in response.codes]
+
+    async def list_breakglass_codes(
+        self,
+        *,
+        unreviewed: bool = False,
+        agent: str = "",
+        subject: str = "",
+        include_expired: bool = False,
+    ) -> list[types.BreakglassCode]:
+        """Codes, newest first: with `unreviewed`, only used codes nobody has reviewed yet;
+        otherwise unused expired codes only with `include_expired`."""
+        message = breakglass_pb2.ListBreakglassCodesRequest(
+            unreviewed=unreviewed, agent=agent, subject=subject, include_expired=include_expired
+        )
+        response = await self._unary(self._breakglass.ListBreakglassCodes, message)
+        return [_convert.breakglass_code(c) for c in response.codes]
+
+    async def review_breakglass_use(self, id: str, *, note: str = "") -> types.BreakglassCode:
+        """Mark a used code as reviewed, with what the reviewer found."""
+        message = breakglass_pb2.ReviewBreakglassUseRequest(
+            id=id, note=_check_reason(note, field="note")
+        )
+        return _convert.breakglass_code(
+            await self._unary(self._breakglass.ReviewBreakglassUse, message)
+        )
 
     # -----------------------------------------------------------------------------------------
     # Agents

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from agent import defaults
+from agent.domain.breakglass import Code, Refused
 from agent.domain.commands import Ack, CommandSpec
 from agent.domain.leases import EventKind, Lease, OutboxEvent, Pair, new_event
 from agent.domain.removals import RetryPolicy
 from agent.enforcers.base import EnforcerSet
+from agent.engine.breakglass import Breakglass
 from agent.engine.clocktrust import ClockTrust
 from agent.engine.commands import Commands
 from agent.engine.enforcement import Enforcement
@@ -44,6 +46,7 @@ class Parts:
     reconciler: Reconciler
     expiry: Expiry
     commands: Commands
+    breakglass: Breakglass
 
 
 def assemble(
@@ -106,7 +109,12 @@ def assemble(
         removals=removals,
         expiry=expiry,
     )
-    return Parts(shared, time, link, removals, enforcement, reconciler, expiry, commands)
+    breakglass = Breakglass(
+        name=name, store=store, shared=shared, time=time, enforcement=enforcement
+    )
+    return Parts(
+        shared, time, link, removals, enforcement, reconciler, expiry, commands, breakglass
+    )
 
 
 class Engine:
@@ -150,6 +158,7 @@ class Engine:
         self._enforcement = parts.enforcement
         self._expiry = parts.expiry
         self._commands = parts.commands
+        self._breakglass = parts.breakglass
 
     @property
     def outbox_changed(self) -> asyncio.Event:
@@ -240,6 +249,20 @@ class Engine:
         with best_effort("an event"):
             await self._store.add_event(event)
         self._shared.outbox_changed.set()
+
+    async def use_breakglass(
+        self, code: Code, *, caller: str | None, caller_is_root: bool, cap: timedelta
+    ) -> Lease | Refused:
+        """Grant the lease a verified break-glass code allows (at most `cap` long), or say why
+        not (docs/wire.md, "Break-glass codes")."""
+        return await self._breakglass.use(
+            code, caller=caller, caller_is_root=caller_is_root, cap=cap
+        )
+
+    async def breakglass_adopted(self, code_ids: Iterable[str]) -> None:
+        """The coordinator answered a Hello that reported these uses: they are adopted."""
+        with best_effort("adopted break-glass uses"):
+            await self._store.breakglass_adopted(code_ids)
 
     # Clock trust.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -11,6 +12,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
+from agent.domain.breakglass import Use
 from agent.domain.commands import (
     Ack,
     AckStatus,
@@ -180,7 +182,53 @@ def event_to_pb(event: OutboxEvent) -> agentlink_pb2.AgentMessage:
                 scope=d.get("scope", ""),
             )
         )
+    elif event.kind == EventKind.BREAKGLASS_USED:
+        # The spent code travels in the typed detail only, never in the text copy (which the
+        # coordinator may store in its audit log as it is).
+        details = dict(event.details)
+        code = details.pop("code", "")
+        message.details.clear()
+        message.details.update(details)
+        message.breakglass.CopyFrom(
+            agentlink_pb2.BreakglassUse(
+                code_id=details.get("code_id", ""),
+                code=_unb64(code),
+                grant_id=event.grant_id,
+                subject=event.subject,
+                action=event.action,
+                used_at=to_timestamp(event.observed_at),
+                not_after=_ts_or_none(details.get("not_after", "")),
+                caller=details.get("caller", ""),
+            )
+        )
     return agentlink_pb2.AgentMessage(event=message)
+
+
+def breakglass_use_to_pb(use: Use) -> agentlink_pb2.BreakglassUse:
+    return agentlink_pb2.BreakglassUse(
+        code_id=use.code_id,
+        code=use.code,
+        grant_id=use.grant_id,
+        subject=use.subject,
+        action=use.action,
+        used_at=to_timestamp(use.used_at),
+        not_after=to_timestamp(use.not_after),
+        caller=use.caller,
+    )
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:
+        return b""
+
+
+def _ts_or_none(text: str) -> Timestamp | None:
+    try:
+        return to_timestamp(datetime.fromisoformat(text))
+    except ValueError:
+        return None
 
 
 def _exec_record(d: Mapping[str, str]) -> agentlink_pb2.ExecRecord:
@@ -219,6 +267,7 @@ def hello_to_pb(
     boot_id: str,
     agent_time: datetime,
     removing_grant_ids: Sequence[str] = (),
+    breakglass: Sequence[Use] = (),
 ) -> agentlink_pb2.AgentMessage:
     return agentlink_pb2.AgentMessage(
         hello=agentlink_pb2.Hello(
@@ -231,6 +280,7 @@ def hello_to_pb(
             boot_id=boot_id,
             agent_time=to_timestamp(agent_time),
             removing_grant_ids=list(removing_grant_ids),
+            breakglass=[breakglass_use_to_pb(use) for use in breakglass],
         )
     )
 

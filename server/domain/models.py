@@ -154,6 +154,23 @@ class Moved(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class BreakglassUse:
+    """A break-glass code an agent reports having used (Hello.breakglass, or the typed detail
+    of its breakglass.used event): the lease it granted itself."""
+
+    code_id: str
+    # The serialized BreakglassCode as presented on the host (verified again here).
+    code: bytes
+    grant_id: str
+    subject: str
+    action: str
+    used_at: datetime
+    not_after: datetime
+    # The local user who presented it.
+    caller: str
+
+
+@dataclass(frozen=True, slots=True)
 class AgentHello:
     name: str
     labels: dict[str, str]
@@ -165,6 +182,8 @@ class AgentHello:
     agent_time: datetime | None
     # Ended on the agent, removal from the host still being retried (since wire 0.2).
     removing_grant_ids: tuple[str, ...] = ()
+    # Break-glass leases to adopt before anything else (since wire 0.2).
+    breakglass: tuple[BreakglassUse, ...] = ()
 
 
 class AckStatus(enum.StrEnum):
@@ -218,6 +237,8 @@ class AgentObservation:
     details: dict[str, str]
     # The agent's event counter (0: an agent that does not number its events).
     counter: int = 0
+    # Kind breakglass.used: the use, to adopt.
+    breakglass: BreakglassUse | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from server.domain.models import (
     AgentAck,
     AgentHello,
     AgentObservation,
+    BreakglassUse,
     Command,
     CommandKind,
     GrantResult,
@@ -176,6 +177,36 @@ def hello(h: agentlink_pb2.Hello) -> AgentHello:
         boot_id=_short(h.boot_id, "hello boot_id"),
         agent_time=from_ts(h.agent_time, "hello agent_time") if h.HasField("agent_time") else None,
         removing_grant_ids=_grant_ids(h.removing_grant_ids, "hello removing_grant_ids"),
+        breakglass=tuple(breakglass_use(u, "hello breakglass") for u in h.breakglass[:100]),
+    )
+
+
+_CODE_ID = re.compile(r"[0-9a-f]{32}")
+# A serialized code is a few hundred bytes.
+_MAX_CODE = 2048
+
+
+def breakglass_use(u: agentlink_pb2.BreakglassUse, field: str) -> BreakglassUse:
+    """A break-glass use an agent reports: every field checked (the code itself is verified by
+    the domain, through the signer)."""
+    if not _CODE_ID.fullmatch(u.code_id):
+        raise InvalidArgument(f"{field} code_id is not valid")
+    if not u.code or len(u.code) > _MAX_CODE:
+        raise InvalidArgument(f"{field} code is missing or too long")
+    if not (u.HasField("used_at") and u.HasField("not_after")):
+        raise InvalidArgument(f"{field} needs used_at and not_after")
+    with invalid_input():
+        subject = v.check(v.SUBJECT, u.subject, f"{field} subject")
+        action = v.check(v.ACTION, u.action, f"{field} action")
+    return BreakglassUse(
+        code_id=u.code_id,
+        code=bytes(u.code),
+        grant_id=_grant_id(u.grant_id, f"{field} grant_id") or _missing(f"{field} grant_id"),
+        subject=subject,
+        action=action,
+        used_at=from_ts(u.used_at, f"{field} used_at"),
+        not_after=from_ts(u.not_after, f"{field} not_after"),
+        caller=_text(u.caller, 64),
     )
 
 
@@ -224,6 +255,9 @@ def observation(ev: agentlink_pb2.AgentEvent) -> AgentObservation:
         else None,
         details={_text(k, 64): _text(val, 256) for k, val in list(ev.details.items())[:16]},
         counter=number(ev.counter, "event counter"),
+        breakglass=breakglass_use(ev.breakglass, "event breakglass")
+        if ev.WhichOneof("detail") == "breakglass"
+        else None,
     )
 
 

@@ -16,6 +16,7 @@ from jitmesh.clock import from_ms, to_ms
 from jitmesh.types import (
     Agent,
     AuditEvent,
+    BreakglassCode,
     Grant,
     GrantState,
     JoinTokenInfo,
@@ -51,7 +52,7 @@ GRANT_COLUMNS = (
     "id", "request_id", "agent", "subject", "action", "not_before", "not_after", "state",
     "offline_mode", "offline_grace_ms", "created_at", "ended_at", "ended_by", "end_reason",
     "grant_seq", "revoke_seq", "applied_at", "failure", "epoch", "extensions",
-    "original_not_after",
+    "original_not_after", "breakglass_code_id",
 )  # fmt: skip
 AUDIT_COLUMNS = (
     "seq", "id", "at", "actor", "kind", "subject", "agent", "request_id", "grant_id", "details",
@@ -60,6 +61,11 @@ AUDIT_COLUMNS = (
 LOCK_COLUMNS = (
     "id", "subject", "agent", "action", "reason", "created_by", "created_at", "expires_at",
     "lifted_at", "lifted_by", "lift_reason",
+)  # fmt: skip
+BREAKGLASS_COLUMNS = (
+    "id", "agent", "subject", "action", "duration_ms", "issued_at", "issued_by", "expires_at",
+    "reason", "code_hash", "used_at", "grant_id", "used_by", "reviewed_at", "reviewed_by",
+    "review_note",
 )  # fmt: skip
 # Grant states in which a grant still holds (or may still hold) access on its host.
 LIVE_STATES = ("PENDING_DELIVERY", "ACTIVE", "REVOKING", "REVOKE_FAILED")
@@ -173,6 +179,7 @@ def grant(row: Row, prefix: str = "") -> Grant:
         epoch=row[p + "epoch"],
         extensions=row[p + "extensions"],
         original_not_after=at(row[p + "original_not_after"]),
+        breakglass_code_id=row[p + "breakglass_code_id"],
     )
 
 
@@ -184,6 +191,7 @@ def grant_values(g: Grant) -> tuple[Any, ...]:
         g.offline.grace // timedelta(milliseconds=1), to_ms(g.created_at),
         ms(g.ended_at), g.ended_by, g.end_reason, g.grant_seq, g.revoke_seq,
         ms(g.applied_at), g.failure, g.epoch, g.extensions, ms(g.original_not_after),
+        g.breakglass_code_id,
     )  # fmt: skip
 
 
@@ -250,6 +258,36 @@ def lock(row: Row) -> Lock:
         lifted_by=row["lifted_by"],
         lift_reason=row["lift_reason"],
     )
+
+
+def breakglass_code(row: Row) -> BreakglassCode:
+    return BreakglassCode(
+        id=row["id"],
+        agent=row["agent"],
+        subject=row["subject"],
+        action=row["action"],
+        duration=timedelta(milliseconds=row["duration_ms"]),
+        issued_at=from_ms(row["issued_at"]),
+        issued_by=row["issued_by"],
+        expires_at=from_ms(row["expires_at"]),
+        reason=row["reason"],
+        used_at=at(row["used_at"]),
+        grant_id=row["grant_id"],
+        used_by=row["used_by"],
+        reviewed_at=at(row["reviewed_at"]),
+        reviewed_by=row["reviewed_by"],
+        review_note=row["review_note"],
+    )
+
+
+def breakglass_values(code: BreakglassCode, code_hash: str) -> tuple[Any, ...]:
+    """In BREAKGLASS_COLUMNS order."""
+    return (
+        code.id, code.agent, code.subject, code.action,
+        code.duration // timedelta(milliseconds=1), to_ms(code.issued_at), code.issued_by,
+        to_ms(code.expires_at), code.reason, code_hash, ms(code.used_at), code.grant_id,
+        code.used_by, ms(code.reviewed_at), code.reviewed_by, code.review_note,
+    )  # fmt: skip
 
 
 def lock_values(lock: Lock) -> tuple[Any, ...]:
@@ -434,3 +472,23 @@ def notice(row: Sequence[Any]) -> Notice:
         grant_id=row[7],
         details=json.loads(row[8]),
     )
+
+
+def breakglass_filter(
+    *, unreviewed: bool, agent: str, subject: str, include_expired: bool, now: datetime, mark: str
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (and its arguments, `mark` their placeholder) of a code listing."""
+    where = ["1 = 1"]
+    args: list[Any] = []
+    if unreviewed:
+        where.append("used_at IS NOT NULL AND reviewed_at IS NULL")
+    elif not include_expired:
+        where.append(f"(used_at IS NOT NULL OR expires_at > {mark})")
+        args.append(to_ms(now))
+    if agent:
+        where.append(f"agent = {mark}")
+        args.append(agent)
+    if subject:
+        where.append(f"subject = {mark}")
+        args.append(subject)
+    return " AND ".join(where), args

@@ -25,6 +25,7 @@ from jitmesh.clock import from_ms, to_ms
 from jitmesh.types import (
     Agent,
     AuditEvent,
+    BreakglassCode,
     Grant,
     GrantState,
     JoinTokenInfo,
@@ -199,6 +200,7 @@ async def _get_agent(conn: Connection, name: str) -> Agent | None:
 
 
 _LOCK_COLUMNS = rec.columns(rec.LOCK_COLUMNS)
+_BREAKGLASS_COLUMNS = rec.columns(rec.BREAKGLASS_COLUMNS)
 _CHECKPOINT_COLUMNS = "seq, hash, at, key_id, signature"
 
 
@@ -521,6 +523,39 @@ class SqliteTx:
         return found
 
     # Locks.
+
+    async def insert_breakglass_codes(self, codes: Sequence[tuple[BreakglassCode, str]]) -> None:
+        await self._conn.executemany(
+            f"INSERT INTO breakglass_codes ({_BREAKGLASS_COLUMNS}) "
+            f"VALUES ({','.join('?' * len(rec.BREAKGLASS_COLUMNS))})",
+            [rec.breakglass_values(code, digest) for code, digest in codes],
+        )
+
+    async def get_breakglass_code(self, code_id: str) -> BreakglassCode | None:
+        row = await _one(
+            self._conn,
+            f"SELECT {_BREAKGLASS_COLUMNS} FROM breakglass_codes WHERE id = ?",
+            [code_id],
+        )
+        return None if row is None else rec.breakglass_code(row)
+
+    async def mark_breakglass_used(
+        self, code_id: str, *, used_at: datetime, grant_id: str, used_by: str
+    ) -> bool:
+        cur = await self._conn.execute(
+            "UPDATE breakglass_codes SET used_at = ?, grant_id = ?, used_by = ? "
+            "WHERE id = ? AND used_at IS NULL",
+            (to_ms(used_at), grant_id, used_by, code_id),
+        )
+        return cur.rowcount == 1
+
+    async def review_breakglass(self, code_id: str, *, at: datetime, by: str, note: str) -> bool:
+        cur = await self._conn.execute(
+            "UPDATE breakglass_codes SET reviewed_at = ?, reviewed_by = ?, review_note = ? "
+            "WHERE id = ? AND used_at IS NOT NULL AND reviewed_at IS NULL",
+            (to_ms(at), by, note, code_id),
+        )
+        return cur.rowcount == 1
 
     async def insert_lock(self, lock: Lock) -> None:
         t = lock.target
@@ -1444,6 +1479,25 @@ class SqliteStore:
         self, subject: str, agent: str, action: str, now: datetime
     ) -> Lock | None:
         return await _lock_in_force(self._reader, subject, agent, action, now)
+
+    async def list_breakglass_codes(
+        self, *, unreviewed: bool, agent: str, subject: str, include_expired: bool, now: datetime
+    ) -> list[BreakglassCode]:
+        where, args = rec.breakglass_filter(
+            unreviewed=unreviewed,
+            agent=agent,
+            subject=subject,
+            include_expired=include_expired,
+            now=now,
+            mark="?",
+        )
+        rows = await _all(
+            self._reader,
+            f"SELECT {_BREAKGLASS_COLUMNS} FROM breakglass_codes WHERE {where} "
+            "ORDER BY issued_at DESC, id DESC LIMIT 1000",
+            args,
+        )
+        return [rec.breakglass_code(r) for r in rows]
 
 
 async def _newest_first(

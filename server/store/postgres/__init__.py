@@ -38,6 +38,7 @@ from jitmesh.clock import from_ms, to_ms
 from jitmesh.types import (
     Agent,
     AuditEvent,
+    BreakglassCode,
     Grant,
     GrantState,
     JoinTokenInfo,
@@ -100,6 +101,7 @@ _GRANT_COLUMNS = rec.columns(rec.GRANT_COLUMNS)
 _GRANT_COLUMNS_G = ", ".join(f"g.{c} AS g_{c}" for c in rec.GRANT_COLUMNS)
 _AUDIT_COLUMNS = rec.columns(rec.AUDIT_COLUMNS)
 _LOCK_COLUMNS = rec.columns(rec.LOCK_COLUMNS)
+_BREAKGLASS_COLUMNS = rec.columns(rec.BREAKGLASS_COLUMNS)
 _CHECKPOINT_COLUMNS = "seq, hash, at, key_id, signature"
 _LIVE_IN = ", ".join(f"'{s}'" for s in rec.LIVE_STATES)
 _AGENT_COLUMNS = (
@@ -576,6 +578,42 @@ class PostgresTx:
         return {r["id"]: rec.grant(r) for r in rows}
 
     # Locks.
+
+    async def insert_breakglass_codes(self, codes: Sequence[tuple[BreakglassCode, str]]) -> None:
+        async with self._conn.cursor() as cur:
+            await cur.executemany(
+                f"INSERT INTO breakglass_codes ({_BREAKGLASS_COLUMNS}) "
+                f"VALUES ({','.join(['%s'] * len(rec.BREAKGLASS_COLUMNS))})",
+                [rec.breakglass_values(code, digest) for code, digest in codes],
+            )
+
+    async def get_breakglass_code(self, code_id: str) -> BreakglassCode | None:
+        row = await _one(
+            self._conn,
+            f"SELECT {_BREAKGLASS_COLUMNS} FROM breakglass_codes WHERE id = %s",
+            [code_id],
+        )
+        return None if row is None else rec.breakglass_code(row)
+
+    async def mark_breakglass_used(
+        self, code_id: str, *, used_at: datetime, grant_id: str, used_by: str
+    ) -> bool:
+        count = await _rowcount(
+            self._conn,
+            "UPDATE breakglass_codes SET used_at = %s, grant_id = %s, used_by = %s "
+            "WHERE id = %s AND used_at IS NULL",
+            [to_ms(used_at), grant_id, used_by, code_id],
+        )
+        return count == 1
+
+    async def review_breakglass(self, code_id: str, *, at: datetime, by: str, note: str) -> bool:
+        count = await _rowcount(
+            self._conn,
+            "UPDATE breakglass_codes SET reviewed_at = %s, reviewed_by = %s, review_note = %s "
+            "WHERE id = %s AND used_at IS NOT NULL AND reviewed_at IS NULL",
+            [to_ms(at), by, note, code_id],
+        )
+        return count == 1
 
     async def insert_lock(self, lock: Lock) -> None:
         await self._conn.execute(
@@ -1514,6 +1552,26 @@ class PostgresStore:
         async with self._read() as conn:
             rows = await _all(conn, sql + " ORDER BY created_at DESC, id DESC LIMIT 1000", args)
         return [rec.lock(r) for r in rows]
+
+    async def list_breakglass_codes(
+        self, *, unreviewed: bool, agent: str, subject: str, include_expired: bool, now: datetime
+    ) -> list[BreakglassCode]:
+        where, args = rec.breakglass_filter(
+            unreviewed=unreviewed,
+            agent=agent,
+            subject=subject,
+            include_expired=include_expired,
+            now=now,
+            mark="%s",
+        )
+        async with self._read() as conn:
+            rows = await _all(
+                conn,
+                f"SELECT {_BREAKGLASS_COLUMNS} FROM breakglass_codes WHERE {where} "
+                "ORDER BY issued_at DESC, id DESC LIMIT 1000",
+                args,
+            )
+        return [rec.breakglass_code(r) for r in rows]
 
     async def lock_in_force(
         self, subject: str, agent: str, action: str, now: datetime
