@@ -42,7 +42,6 @@ breakglass = group(
     "--duration",
     type=DURATION,
     required=True,
-    metavar="DURATION",
     help="Access from the moment of use (the agent caps it: breakglass_max, 1h by default).",
 )
 @click.option(
