@@ -1124,8 +1124,9 @@ class AccessService:
         await self._decide(tx, request, RequestState.APPROVED, by, reason, grant.id)
         seq = await tx.append_command(grant.agent, CommandKind.GRANT, grant.id, now)
         self._appended_seq(grant.agent, seq)
-        (command,) = await write_grants(tx, [(request, replace(grant, grant_seq=seq), by)], now)
-        return command.grant, command
+        stored = replace(grant, grant_seq=seq)
+        (command,) = await write_grants(tx, [(request, stored, by)], now)
+        return stored, command
 
     async def _approve_extension(
         self, tx: Tx, request: Request, rule: Rule, by: str, reason: str, now: datetime

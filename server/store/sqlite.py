@@ -200,6 +200,7 @@ async def _get_agent(conn: Connection, name: str) -> Agent | None:
 
 
 _LOCK_COLUMNS = rec.columns(rec.LOCK_COLUMNS)
+_COMMANDS_AFTER = rec.commands_after_sql("?")
 _BREAKGLASS_COLUMNS = rec.columns(rec.BREAKGLASS_COLUMNS)
 _CHECKPOINT_COLUMNS = "seq, hash, at, key_id, signature"
 
@@ -1349,30 +1350,8 @@ class SqliteStore:
         return await _user_groups(self._reader, name)
 
     async def commands_after(self, agent: str, seq: int, limit: int) -> list[Command]:
-        # A grant command the agent has refused (acked FAILED or REJECTED) is never sent again:
-        # the grant ended here with that ack, and no revoke follows it in the log. An agent that
-        # could not record its refusal (a full disk) would otherwise apply it on the replay after
-        # its restart, for a grant the coordinator shows as failed.
-        rows = await _all(
-            self._reader,
-            f"SELECT c.seq AS c_seq, c.kind AS c_kind, c.revoke_reason AS c_revoke_reason, "
-            f"{_GRANT_COLUMNS_G} "
-            "FROM commands c JOIN grants g ON g.id = c.grant_id "
-            "WHERE c.agent = ? AND c.seq > ? "
-            "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
-            "ORDER BY c.seq LIMIT ?",
-            [agent, seq, limit],
-        )
-        return [
-            Command(
-                agent,
-                r["c_seq"],
-                CommandKind(r["c_kind"]),
-                rec.grant(r, "g_"),
-                r["c_revoke_reason"],
-            )
-            for r in rows
-        ]
+        rows = await _all(self._reader, _COMMANDS_AFTER, [agent, seq, limit])
+        return [rec.command(r, agent) for r in rows]
 
     async def first_unacked_seq(self, agent: str) -> int | None:
         row = await _one(

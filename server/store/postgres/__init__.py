@@ -101,6 +101,7 @@ _GRANT_COLUMNS = rec.columns(rec.GRANT_COLUMNS)
 _GRANT_COLUMNS_G = ", ".join(f"g.{c} AS g_{c}" for c in rec.GRANT_COLUMNS)
 _AUDIT_COLUMNS = rec.columns(rec.AUDIT_COLUMNS)
 _LOCK_COLUMNS = rec.columns(rec.LOCK_COLUMNS)
+_COMMANDS_AFTER = rec.commands_after_sql("%s")
 _BREAKGLASS_COLUMNS = rec.columns(rec.BREAKGLASS_COLUMNS)
 _CHECKPOINT_COLUMNS = "seq, hash, at, key_id, signature"
 _LIVE_IN = ", ".join(f"'{s}'" for s in rec.LIVE_STATES)
@@ -1420,28 +1421,9 @@ class PostgresStore:
             return await _user_groups(conn, name)
 
     async def commands_after(self, agent: str, seq: int, limit: int) -> list[Command]:
-        # A grant command the agent has refused (acked FAILED or REJECTED) is never sent again
-        # (as in the SQLite store).
         async with self._read() as conn:
-            rows = await _all(
-                conn,
-                "SELECT c.seq AS c_seq, c.kind AS c_kind, c.revoke_reason AS c_revoke_reason, "
-                f"{_GRANT_COLUMNS_G} FROM commands c JOIN grants g ON g.id = c.grant_id "
-                "WHERE c.agent = %s AND c.seq > %s "
-                "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
-                "ORDER BY c.seq LIMIT %s",
-                [agent, seq, limit],
-            )
-        return [
-            Command(
-                agent,
-                r["c_seq"],
-                CommandKind(r["c_kind"]),
-                rec.grant(r, "g_"),
-                r["c_revoke_reason"],
-            )
-            for r in rows
-        ]
+            rows = await _all(conn, _COMMANDS_AFTER, [agent, seq, limit])
+        return [rec.command(r, agent) for r in rows]
 
     async def first_unacked_seq(self, agent: str) -> int | None:
         async with self._read() as conn:
