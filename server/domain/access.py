@@ -433,7 +433,7 @@ class AccessService:
             limit=MAX_PAGE,
             page_token="",
         )
-        live = {(g.agent, g.action): g.id for g in held}
+        live = {(g.agent, g.action): g.id for g in await self._reusable(held)}
         out: list[RequestOption] = []
         usage_of: dict[str, Usage] = {}
         for target in agents:
@@ -476,7 +476,8 @@ class AccessService:
         return out
 
     async def _live_grant(self, subject: str, agent: str, action: str) -> Grant | None:
-        """The caller's live grant for this agent and action that ends last, if any."""
+        """The caller's live grant for this agent and action that ends last, among those a
+        request may reuse (`_reusable`), if any."""
         held, _ = await self._store.list_grants(
             states=sorted(EXTENDABLE_GRANT_STATES),
             subject=subject,
@@ -484,8 +485,23 @@ class AccessService:
             limit=MAX_PAGE,
             page_token="",
         )
-        mine = [g for g in held if g.action == action]
+        mine = await self._reusable([g for g in held if g.action == action])
         return max(mine, key=lambda g: g.not_after) if mine else None
+
+    async def _reusable(self, grants: Sequence[Grant]) -> list[Grant]:
+        """The grants a new request may be answered with: those people approved. Reuse spares
+        approvers a question they already answered; a grant the policy approved by itself (or
+        a break-glass grant) answered no person, so it never stands in for their approval."""
+        out = []
+        for grant in grants:
+            if grant.breakglass_code_id or not grant.request_id:
+                continue
+            request = await self._store.get_request(grant.request_id)
+            if request is not None and any(
+                r.decision is ReviewDecision.APPROVE for r in request.reviews
+            ):
+                out.append(grant)
+        return out
 
     async def _reuse(
         self,

@@ -301,6 +301,38 @@ async def test_auto_approval_budget_runs_out_then_a_person_decides(env: Env) -> 
             await c.close()
 
 
+async def test_only_a_grant_people_approved_is_reused(env: Env) -> None:
+    users = await staged(env)
+    try:
+        await env.clock.advance(timedelta(days=4, hours=9))  # Monday, inside the window
+        grants = []
+        for _ in range(2):
+            request, grant = await env.alice.create_request(
+                agent="web-1", action="deploy", duration=M15
+            )
+            assert request.state is RequestState.APPROVED
+            assert grant is not None
+            grants.append(grant.id)
+        # The budget is used up and both automatic grants are still live: the next request
+        # waits for a person (an automatic grant answered nobody, so it is never reused).
+        waiting = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+        assert not waiting.reused
+        assert (waiting.request.state, waiting.grant) == (RequestState.PENDING, None)
+        options = await env.alice.request_options(agent="web-1")
+        assert [o.live_grant_id for o in options if o.action == "deploy"] == [""]
+        _, approved = await env.bob.approve(waiting.request.id)
+        assert approved is not None
+        # A grant a person approved is reused by the next request.
+        again = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+        assert again.reused
+        assert again.grant is not None
+        assert again.grant.id == approved.id
+        assert approved.id not in grants
+    finally:
+        for c in users.values():
+            await c.close()
+
+
 async def test_auto_approval_only_inside_its_time_window(env: Env) -> None:
     users = await staged(env)
     try:
@@ -747,7 +779,8 @@ async def test_request_options_list_what_the_caller_may_ask_for(env: Env) -> Non
         _, grant = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
         assert grant is not None
         (after,) = await env.alice.request_options(agent="web-1")
-        assert (after.automatic_left, after.live_grant_id) == (1, grant.id)
+        # The automatic grant is live but no request would reuse it (nobody approved it).
+        assert (after.automatic_left, after.live_grant_id) == (1, "")
         # bob (sre) is allowed nothing by this policy.
         assert await env.bob.request_options() == []
     finally:
