@@ -87,6 +87,9 @@ class _Creation:
     grant: Grant | None
     # The agent's undelivered commands when the request was checked (delivery.py).
     undelivered: int = 0
+    # An automatic approval under a budget: the rule, and the request as it is when the
+    # budget turns out to be used up inside the writing transaction (waiting for people).
+    budget: tuple[Rule, Request] | None = None
 
 
 class AccessService:
@@ -241,7 +244,22 @@ class AccessService:
             start_at=start_at,
         )
         grant: Grant | None = None
+        budget: tuple[Rule, Request] | None = None
         undelivered = self._undelivered(agent, target.last_seq, target.last_acked_seq)
+        if auto and start_at is None and rule.approval.auto and rule.approval.auto.budget:
+            # The budget read above is checked again where the grant is written (one
+            # transaction): two requests at once never both fit a budget of one.
+            people = replace(plan_for(policy, rule), automatic=False)
+            budget = (
+                rule,
+                replace(
+                    request,
+                    plan=people,
+                    approvals_required=sum(s.approvals for s in people.stages),
+                    approver_groups=tuple(plan_groups_in_order(people)),
+                    pending_expires_at=now + pending_ttl(policy, rule),
+                ),
+            )
         if auto and start_at is not None:
             # Approved now, issued at the start (eligibility and locks checked again then).
             request = replace(
@@ -254,7 +272,9 @@ class AccessService:
             grant = self._new_grant(request, rule, now)
             # Early, before the batch: the batch checks again with the batch's own commands.
             self._refuse_if_behind(agent, undelivered, duration)
-        return await self._creations.submit(_Creation(principal.name, request, grant, undelivered))
+        return await self._creations.submit(
+            _Creation(principal.name, request, grant, undelivered, budget)
+        )
 
     def _undelivered(self, agent: str, last_seq: int, last_acked_seq: int) -> int:
         return max(0, max(last_seq, self._appended.get(agent, 0)) - last_acked_seq)
@@ -595,6 +615,9 @@ class AccessService:
         approved: list[tuple[Request, Grant, str]] = []
         entries: list[AuditEntry] = []
         async with self._store.transaction() as tx:
+            # Budgets too: the usage read when each request was checked may be stale by now
+            # (another request committed meanwhile, or is in this very batch).
+            items = await self._within_budgets(tx, items, now)
             # Locks are checked again inside the transaction, before any sequence number is
             # given out: a lock committed after a caller's own check refuses it here.
             in_force = await tx.locks_in_force(now)
@@ -681,6 +704,31 @@ class AccessService:
             await self._hub.audit_written(tx.new_audit)
         except Exception:
             log.exception("after a committed batch of %d requests", len(requests))
+        return out
+
+    async def _within_budgets(
+        self, tx: Tx, items: Sequence[_Creation], now: datetime
+    ) -> list[_Creation]:
+        """`items`, where an automatic approval that no longer fits its rule's budget (counting
+        what is committed and what this batch approves before it) waits for people instead."""
+        out: list[_Creation] = []
+        used: dict[tuple[str, str], list[tuple[datetime, datetime, datetime | None]]] = {}
+        for item in items:
+            if item.budget is None or item.grant is None:
+                out.append(item)
+                continue
+            rule, people = item.budget
+            key = (item.request.subject, rule.name)
+            if key not in used:
+                used[key] = await tx.recent_auto_grants(key[0], key[1], now - DAY)
+            auto = rule.approval.auto
+            assert auto is not None
+            fits, _ = auto_decision(auto, budget_usage(used[key], now), item.request.duration, now)
+            if fits:
+                used[key].append((item.grant.not_before, item.grant.not_after, None))
+                out.append(item)
+            else:
+                out.append(replace(item, request=people, grant=None, budget=None))
         return out
 
     def _behind(

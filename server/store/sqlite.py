@@ -162,6 +162,21 @@ async def _all(conn: Connection, sql: str, args: Iterable[Any] = ()) -> list[Any
     return list(await conn.execute_fetchall(sql, tuple(args)))
 
 
+async def _recent_auto_grants(
+    conn: Connection, subject: str, rule: str, since: datetime
+) -> list[tuple[datetime, datetime, datetime | None]]:
+    rows = await _all(
+        conn,
+        "SELECT g.not_before, g.not_after, g.ended_at FROM requests r "
+        "JOIN grants g ON g.id = r.grant_id WHERE r.created_at > ? AND r.subject = ? "
+        "AND r.rule = ? AND r.decided_by LIKE 'policy:%'",
+        [to_ms(since), subject, rule],
+    )
+    return [
+        (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
+    ]
+
+
 async def _get_request(conn: Connection, request_id: str) -> Request | None:
     row = await _one(
         conn, f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.id = ?", [request_id]
@@ -524,6 +539,12 @@ class SqliteTx:
         return found
 
     # Locks.
+
+    async def recent_auto_grants(
+        self, subject: str, rule: str, since: datetime
+    ) -> list[tuple[datetime, datetime, datetime | None]]:
+        # One writer at a time (BEGIN IMMEDIATE): nothing else commits until this one does.
+        return await _recent_auto_grants(self._conn, subject, rule, since)
 
     async def insert_breakglass_codes(self, codes: Sequence[tuple[BreakglassCode, str]]) -> None:
         await self._conn.executemany(
@@ -1178,16 +1199,7 @@ class SqliteStore:
     ) -> list[tuple[datetime, datetime, datetime | None]]:
         """(not_before, not_after, ended_at) of the grants the policy approved by itself for
         `subject` under `rule` after `since` (an automatic grant is made with its request)."""
-        rows = await _all(
-            self._reader,
-            "SELECT g.not_before, g.not_after, g.ended_at FROM requests r "
-            "JOIN grants g ON g.id = r.grant_id WHERE r.created_at > ? AND r.subject = ? "
-            "AND r.rule = ? AND r.decided_by LIKE 'policy:%'",
-            [to_ms(since), subject, rule],
-        )
-        return [
-            (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
-        ]
+        return await _recent_auto_grants(self._reader, subject, rule, since)
 
     async def list_grants(
         self, *, states: Sequence[GrantState], subject: str, agent: str, limit: int,

@@ -301,6 +301,32 @@ async def test_auto_approval_budget_runs_out_then_a_person_decides(env: Env) -> 
             await c.close()
 
 
+async def test_concurrent_requests_never_both_fit_a_budget_of_one(env: Env) -> None:
+    await env.admin.apply_policy(
+        STAGED.replace("budget: {count: 2, granted: 40m}", "budget: {count: 1}")
+    )
+    users = await more_users(env)
+    try:
+        await env.clock.advance(timedelta(days=4, hours=9))  # Monday, inside the window
+        made = await asyncio.gather(
+            *(
+                env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+                for _ in range(6)
+            )
+        )
+        states = sorted(r.request.state.value for r in made)
+        assert states == ["APPROVED"] + ["PENDING"] * 5
+        assert sum(r.grant is not None for r in made) == 1
+        assert len(await env.admin.list_audit(kind="grant.created")) == 1
+        # The ones that did not fit wait for people, with the rule's stages pinned.
+        waiting = [r.request for r in made if r.grant is None]
+        assert all(r.approvals_required == 1 and r.plan is not None for r in waiting)
+        assert all(r.plan is not None and not r.plan.automatic for r in waiting)
+    finally:
+        for c in users.values():
+            await c.close()
+
+
 async def test_only_a_grant_people_approved_is_reused(env: Env) -> None:
     users = await staged(env)
     try:

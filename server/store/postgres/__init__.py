@@ -150,6 +150,21 @@ async def _all(conn: Conn, sql: str, args: Sequence[Any] = ()) -> list[dict[str,
     return await cur.fetchall()
 
 
+async def _recent_auto_grants(
+    conn: Conn, subject: str, rule: str, since: datetime
+) -> list[tuple[datetime, datetime, datetime | None]]:
+    rows = await _all(
+        conn,
+        "SELECT g.not_before, g.not_after, g.ended_at FROM requests r "
+        "JOIN grants g ON g.id = r.grant_id WHERE r.created_at > %s AND r.subject = %s "
+        "AND r.rule = %s AND r.decided_by LIKE 'policy:%%'",
+        [to_ms(since), subject, rule],
+    )
+    return [
+        (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
+    ]
+
+
 async def _rowcount(conn: Conn, sql: str, args: Sequence[Any] = ()) -> int:
     cur = await conn.execute(sql, args)
     return cur.rowcount
@@ -579,6 +594,16 @@ class PostgresTx:
         return {r["id"]: rec.grant(r) for r in rows}
 
     # Locks.
+
+    async def recent_auto_grants(
+        self, subject: str, rule: str, since: datetime
+    ) -> list[tuple[datetime, datetime, datetime | None]]:
+        # Replicas checking the same budget take turns until commit (READ COMMITTED would let
+        # two transactions both read the budget unused and both write a grant).
+        await self._conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"budget:{subject}:{rule}"]
+        )
+        return await _recent_auto_grants(self._conn, subject, rule, since)
 
     async def insert_breakglass_codes(self, codes: Sequence[tuple[BreakglassCode, str]]) -> None:
         async with self._conn.cursor() as cur:
@@ -1239,16 +1264,7 @@ class PostgresStore:
         """(not_before, not_after, ended_at) of the grants the policy approved by itself for
         `subject` under `rule` after `since` (an automatic grant is made with its request)."""
         async with self._read() as conn:
-            rows = await _all(
-                conn,
-                "SELECT g.not_before, g.not_after, g.ended_at FROM requests r "
-                "JOIN grants g ON g.id = r.grant_id WHERE r.created_at > %s AND r.subject = %s "
-                "AND r.rule = %s AND r.decided_by LIKE 'policy:%%'",
-                [to_ms(since), subject, rule],
-            )
-        return [
-            (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
-        ]
+            return await _recent_auto_grants(conn, subject, rule, since)
 
     async def list_grants(
         self, *, states: Sequence[GrantState], subject: str, agent: str, limit: int,
