@@ -751,14 +751,28 @@ class Client:
 
         Only a grant this call created is released: when the caller already held a live grant
         for the agent and action, that grant is yielded (`request.reused`) and left as it was.
-        A request still undecided when the body is left (a timeout, a cancellation) is
-        cancelled. Raises `PermissionDeniedError` when the request is denied (or expires, or is
+        A request still undecided (or scheduled) when the body is left (a timeout, a
+        cancellation, also one that comes while the request is being made) is cancelled.
+        Raises `PermissionDeniedError` when the request is denied (or expires, or is
         cancelled), `DeadlineExceededError` when `timeout` passes first, and `ConflictError`
         when the grant could not be applied on the host.
         """
-        created = await self.create_request(
-            agent=agent, action=action, duration=duration, reason=reason, ticket=ticket
+        creating = asyncio.ensure_future(
+            self.create_request(
+                agent=agent, action=action, duration=duration, reason=reason, ticket=ticket
+            )
         )
+        try:
+            created = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            # Cancelled while the request was being made: the coordinator may have made it all
+            # the same, so it is cancelled (or its grant released) before this gives up.
+            with contextlib.suppress(Exception):
+                made = await creating
+                await self._let_go(
+                    made.request.id, not (made.request.reused or made.request.extends_grant_id)
+                )
+            raise
         request = created.request
         # A reused grant (or one an extension request will extend) belongs to an earlier
         # request: never released here.
@@ -787,7 +801,7 @@ class Client:
         is the one that matters, and an ended grant needs nothing."""
         with contextlib.suppress(errors.JitmeshError):
             current = await self.get_request(request_id)
-            if current.state is types.RequestState.PENDING:
+            if current.state in (types.RequestState.PENDING, types.RequestState.SCHEDULED):
                 await self.cancel(request_id)
             elif mine and current.grant_id and current.state is types.RequestState.APPROVED:
                 await self.release_grant(current.grant_id)

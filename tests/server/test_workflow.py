@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, timedelta
+from typing import Any
 
 import pytest
 
@@ -645,6 +646,51 @@ async def test_grant_context_manager_denied_and_cancelled(env: Env) -> None:
         await use(0.2)
     pending = await env.alice.list_requests(states=[RequestState.PENDING])
     assert pending == []
+    assert len(await env.alice.list_requests(states=[RequestState.CANCELLED])) == 1
+
+
+async def test_grant_context_manager_cancels_its_request_when_the_caller_is_cancelled(
+    env: Env,
+) -> None:
+    async def use() -> None:
+        async with env.alice.grant("db-1", "deploy", M15, reason="x"):
+            raise AssertionError("never entered")
+
+    task = asyncio.create_task(use())
+    async with asyncio.timeout(10):
+        while not await env.alice.list_requests(states=[RequestState.PENDING]):
+            await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await env.alice.list_requests(states=[RequestState.PENDING]) == []
+    (cancelled,) = await env.alice.list_requests(states=[RequestState.CANCELLED])
+    assert cancelled.decided_by == "alice"
+    assert await env.bob.list_requests(reviewable=True) == []
+
+
+async def test_grant_context_manager_cancelled_while_the_request_is_made(env: Env) -> None:
+    """A cancellation that lands while CreateRequest is on its way: the request the
+    coordinator made all the same does not stay behind for approvers."""
+    started = asyncio.Event()
+    original = env.alice.create_request
+
+    async def slow_create(**kwargs: Any) -> Any:
+        started.set()
+        return await original(**kwargs)
+
+    env.alice.create_request = slow_create  # type: ignore[method-assign]
+
+    async def use() -> None:
+        async with env.alice.grant("db-1", "deploy", M15, reason="x"):
+            raise AssertionError("never entered")
+
+    task = asyncio.create_task(use())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await env.alice.list_requests(states=[RequestState.PENDING]) == []
     assert len(await env.alice.list_requests(states=[RequestState.CANCELLED])) == 1
 
 
