@@ -17,6 +17,18 @@ from jitmesh.types import Grant, Lock
 ADMIN_GROUP = "admins"
 
 
+class Scope(enum.StrEnum):
+    """What a scoped bearer token may do (a token without scopes may do what its user may).
+
+    The rpc layer checks them in one place (server/rpc/auth.py): a scoped token is refused by
+    every call except the one its scope names."""
+
+    # A notification bridge's (or other relay's) delegated credential: it may only submit a
+    # review in the name of a user it authenticated. That user's own groups decide whether the
+    # review counts, and the audit log names both ("bob via slack-bridge").
+    REVIEW_ON_BEHALF = "review-on-behalf"
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling: an operator (from a bearer token) or an agent (from its credential)."""
@@ -26,6 +38,9 @@ class Principal:
     kind: str = "user"
     # A delegate relaying this person's own act ("slack"): audited as "bob via slack".
     via: str = ""
+    # The scopes of the bearer token that authenticated the caller; empty = unrestricted. A
+    # scoped credential is only ever accepted where rpc/auth.py asks for its scope.
+    scopes: frozenset[str] = frozenset()
 
     @property
     def is_admin(self) -> bool:

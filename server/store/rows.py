@@ -41,6 +41,7 @@ from server.domain.models import (
     Command,
     CommandKind,
     GrantChange,
+    Principal,
     ReplicaInfo,
 )
 from server.domain.notices import Notice, NoticeKind
@@ -346,7 +347,26 @@ def token(row: Row) -> TokenInfo:
         from_ms(row["created_at"]),
         at(row["expires_at"]),
         at(row["revoked_at"]),
+        scopes=scopes_of(row["scopes"]),
     )
+
+
+def token_principal(row: Row) -> Principal:
+    """The caller a bearer token stands for (name, groups, scopes)."""
+    return Principal(
+        name=row["name"],
+        groups=frozenset(json.loads(row["groups"])),
+        scopes=frozenset(scopes_of(row["scopes"])),
+    )
+
+
+def scopes_text(scopes: Iterable[str]) -> str:
+    """Scopes as the tokens table keeps them: sorted, space-separated ('' = unrestricted)."""
+    return " ".join(sorted(set(scopes)))
+
+
+def scopes_of(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
 
 
 ENROLLMENT_COLUMNS = (

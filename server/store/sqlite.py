@@ -777,13 +777,19 @@ class SqliteTx:
         )
 
     async def insert_token(
-        self, token_hash: str, user: str, at: datetime, expires_at: datetime | None, label: str
+        self,
+        token_hash: str,
+        user: str,
+        at: datetime,
+        expires_at: datetime | None,
+        label: str,
+        scopes: Iterable[str] = (),
     ) -> bool:
         """Register a token hash; False when it was already registered."""
         cur = await self._conn.execute(
-            "INSERT INTO tokens (hash, user_name, label, created_at, expires_at) "
-            "VALUES (?,?,?,?,?) ON CONFLICT (hash) DO NOTHING",
-            (token_hash, user, label, to_ms(at), rec.ms(expires_at)),
+            "INSERT INTO tokens (hash, user_name, label, created_at, expires_at, scopes) "
+            "VALUES (?,?,?,?,?,?) ON CONFLICT (hash) DO NOTHING",
+            (token_hash, user, label, to_ms(at), rec.ms(expires_at), rec.scopes_text(scopes)),
         )
         return cur.rowcount == 1
 
@@ -1305,19 +1311,19 @@ class SqliteStore:
     async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None:
         row = await _one(
             self._reader,
-            "SELECT u.name, u.groups FROM tokens t JOIN users u ON u.name = t.user_name "
+            "SELECT u.name, u.groups, t.scopes FROM tokens t JOIN users u ON u.name = t.user_name "
             "WHERE t.hash = ? AND t.revoked_at IS NULL AND u.disabled = 0 "
             "AND (t.expires_at IS NULL OR t.expires_at > ?)",
             [token_hash, to_ms(now)],
         )
         if row is None:
             return None
-        return Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
+        return rec.token_principal(row)
 
     async def list_tokens(self, user: str) -> list[TokenInfo]:
         rows = await _all(
             self._reader,
-            "SELECT hash, user_name, label, created_at, expires_at, revoked_at FROM tokens "
+            "SELECT hash, user_name, label, created_at, expires_at, revoked_at, scopes FROM tokens "
             "WHERE ? = '' OR user_name = ? ORDER BY created_at, hash",
             [user, user],
         )

@@ -888,13 +888,19 @@ class PostgresTx:
         )
 
     async def insert_token(
-        self, token_hash: str, user: str, at: datetime, expires_at: datetime | None, label: str
+        self,
+        token_hash: str,
+        user: str,
+        at: datetime,
+        expires_at: datetime | None,
+        label: str,
+        scopes: Iterable[str] = (),
     ) -> bool:
         count = await _rowcount(
             self._conn,
-            "INSERT INTO tokens (hash, user_name, label, created_at, expires_at) "
-            "VALUES (%s,%s,%s,%s,%s) ON CONFLICT (hash) DO NOTHING",
-            [token_hash, user, label, to_ms(at), rec.ms(expires_at)],
+            "INSERT INTO tokens (hash, user_name, label, created_at, expires_at, scopes) "
+            "VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (hash) DO NOTHING",
+            [token_hash, user, label, to_ms(at), rec.ms(expires_at), rec.scopes_text(scopes)],
         )
         return count == 1
 
@@ -1376,20 +1382,22 @@ class PostgresStore:
         async with self._read() as conn:
             row = await _one(
                 conn,
-                "SELECT u.name, u.groups FROM tokens t JOIN users u ON u.name = t.user_name "
+                "SELECT u.name, u.groups, t.scopes "
+                "FROM tokens t JOIN users u ON u.name = t.user_name "
                 "WHERE t.hash = %s AND t.revoked_at IS NULL AND u.disabled = 0 "
                 "AND (t.expires_at IS NULL OR t.expires_at > %s)",
                 [token_hash, to_ms(now)],
             )
         if row is None:
             return None
-        return Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
+        return rec.token_principal(row)
 
     async def list_tokens(self, user: str) -> list[TokenInfo]:
         async with self._read() as conn:
             rows = await _all(
                 conn,
-                "SELECT hash, user_name, label, created_at, expires_at, revoked_at FROM tokens "
+                "SELECT hash, user_name, label, created_at, expires_at, revoked_at, scopes "
+                "FROM tokens "
                 "WHERE %s = '' OR user_name = %s ORDER BY created_at, hash",
                 [user, user],
             )
