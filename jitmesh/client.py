@@ -583,28 +583,40 @@ class Client:
 
         return await self._collect(fetch, limit)
 
-    async def approve(self, id: str, *, reason: str = "") -> types.Reviewed:
+    async def approve(self, id: str, *, reason: str = "", on_behalf_of: str = "") -> types.Reviewed:
         """Approve a pending request as the caller.
 
         Returns the request and, when this approval was the last one required, the new grant
         (a named tuple: `request, grant = ...` works). Raises `ConflictError` when the request
         is no longer pending, `PermissionDeniedError` (saying who may) when the caller's
         approval would not count now.
-        """
-        return types.Reviewed(*await self._review(id, types_pb2.REVIEW_DECISION_APPROVE, reason))
 
-    async def deny(self, id: str, *, reason: str = "") -> types.Request:
-        """Deny a pending request. A deny that races an approval wins."""
-        request, _ = await self._review(id, types_pb2.REVIEW_DECISION_DENY, reason)
+        `on_behalf_of`: review in the name of that user (a notification bridge relaying the
+        user's click). Only a token with scope `review-on-behalf` may; the user's own groups
+        decide, and the audit log records "user via <the token's user>".
+        """
+        return types.Reviewed(
+            *await self._review(id, types_pb2.REVIEW_DECISION_APPROVE, reason, on_behalf_of)
+        )
+
+    async def deny(self, id: str, *, reason: str = "", on_behalf_of: str = "") -> types.Request:
+        """Deny a pending request. A deny that races an approval wins. `on_behalf_of` as in
+        `approve`."""
+        request, _ = await self._review(id, types_pb2.REVIEW_DECISION_DENY, reason, on_behalf_of)
         return request
 
     async def _review(
-        self, id: str, decision: types_pb2.ReviewDecision.ValueType, reason: str
+        self,
+        id: str,
+        decision: types_pb2.ReviewDecision.ValueType,
+        reason: str,
+        on_behalf_of: str = "",
     ) -> tuple[types.Request, types.Grant | None]:
         message = access_pb2.ReviewRequestRequest(
             id=_check(validation.ID, id, "request id"),
             decision=decision,
             reason=_check_reason(reason),
+            on_behalf_of=_check_optional(validation.SUBJECT, on_behalf_of, "on_behalf_of"),
         )
         response = await self._honouring_pushback(self._access.ReviewRequest, message)
         grant = _convert.grant(response.grant) if response.HasField("grant") else None
@@ -751,14 +763,28 @@ class Client:
 
         Only a grant this call created is released: when the caller already held a live grant
         for the agent and action, that grant is yielded (`request.reused`) and left as it was.
-        A request still undecided when the body is left (a timeout, a cancellation) is
-        cancelled. Raises `PermissionDeniedError` when the request is denied (or expires, or is
+        A request still undecided (or scheduled) when the body is left (a timeout, a
+        cancellation, also one that comes while the request is being made) is cancelled.
+        Raises `PermissionDeniedError` when the request is denied (or expires, or is
         cancelled), `DeadlineExceededError` when `timeout` passes first, and `ConflictError`
         when the grant could not be applied on the host.
         """
-        created = await self.create_request(
-            agent=agent, action=action, duration=duration, reason=reason, ticket=ticket
+        creating = asyncio.ensure_future(
+            self.create_request(
+                agent=agent, action=action, duration=duration, reason=reason, ticket=ticket
+            )
         )
+        try:
+            created = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            # Cancelled while the request was being made: the coordinator may have made it all
+            # the same, so it is cancelled (or its grant released) before this gives up.
+            with contextlib.suppress(Exception):
+                made = await creating
+                await self._let_go(
+                    made.request.id, not (made.request.reused or made.request.extends_grant_id)
+                )
+            raise
         request = created.request
         # A reused grant (or one an extension request will extend) belongs to an earlier
         # request: never released here.
@@ -787,7 +813,7 @@ class Client:
         is the one that matters, and an ended grant needs nothing."""
         with contextlib.suppress(errors.JitmeshError):
             current = await self.get_request(request_id)
-            if current.state is types.RequestState.PENDING:
+            if current.state in (types.RequestState.PENDING, types.RequestState.SCHEDULED):
                 await self.cancel(request_id)
             elif mine and current.grant_id and current.state is types.RequestState.APPROVED:
                 await self.release_grant(current.grant_id)
@@ -1000,14 +1026,19 @@ class Client:
         groups: Iterable[str] = (),
         ttl: timedelta | None = None,
         label: str = "",
+        scopes: Iterable[str] = (),
     ) -> tuple[str, types.TokenInfo]:
         """A new bearer token for `user` (created with `groups` if new): the token, shown once,
-        and its listing. Every token expires (default 30 days, at most 365)."""
+        and its listing. Every token expires (default 30 days, at most 365).
+
+        `scopes` restricts what the token may do; `("review-on-behalf",)` makes a notification
+        bridge's credential, which may only review in the name of a user it authenticated."""
         message = identity_pb2.CreateTokenRequest(
             user=_check(validation.SUBJECT, user, "user"),
             groups=[_check(validation.GROUP, g, "group") for g in groups],
             ttl=_convert.duration_to_proto(None if ttl is None else _check_positive(ttl, "ttl")),
             label=label,
+            scopes=list(scopes),
         )
         response = await self._unary(self._identity.CreateToken, message)
         return response.token, _token_info(response.info)
@@ -1320,6 +1351,7 @@ def _token_info(msg: identity_pb2.TokenInfo) -> types.TokenInfo:
         created_at=_convert.required_time(msg.created_at, "created_at"),
         expires_at=_convert.time_or_none(msg.expires_at),
         revoked_at=_convert.time_or_none(msg.revoked_at),
+        scopes=tuple(msg.scopes),
     )
 
 

@@ -262,6 +262,9 @@ class TokenInfo:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    # What the token may do: empty means everything its user may do; "review-on-behalf" is a
+    # notification bridge's delegated credential (it may only review as a user it signed in).
+    scopes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,6 @@ from server.domain.admission import Admission, AdmissionSettings
 from server.domain.bootstrap import DevDataError, dev_credentials, refuse_dev_data
 from server.domain.breakglass import BreakglassService
 from server.domain.delivery import DeliveryGate, DeliveryRates
-from server.domain.errors import PermissionDenied
 from server.domain.expiring import ExpiryWarnings
 from server.domain.expiry import Expirer
 from server.domain.fleet import FleetService
@@ -465,7 +464,7 @@ async def _assemble(
     )
     slack_socket, slack_app = None, None
     if config.slack_signing_secret_file is not None:
-        slack_app = interactions_app(_slack(config, store, outbox, access, clock, http))
+        slack_app = interactions_app(_slack(config, identity, outbox, access, clock, http))
 
     limiters: dict[str, RateLimiter] = {}
     if config.request_rate is not None:
@@ -621,9 +620,12 @@ def _sender(
     )
 
 
+SLACK = Principal("slack")
+
+
 def _slack(
     config: CoordinatorConfig,
-    store: SqliteStore | PostgresStore,
+    identity: IdentityService,
     outbox: SqliteOutbox | PostgresOutbox,
     access: AccessService,
     clock: Clock,
@@ -643,10 +645,8 @@ def _slack(
         return None
 
     async def review(user: str, request_id: str, decision: ReviewDecision) -> str:
-        found = await store.principal_for_user(user, "")
-        if found is None:
-            raise PermissionDenied(f"{user} is not an enabled jitmesh user")
-        principal = Principal(found.name, found.groups, via="slack")
+        # The same delegation a bridge's review-on-behalf token gets over the wire.
+        principal = await identity.acting_for(SLACK, user)
         _request, grant = await access.review(principal, request_id, decision, "via Slack")
         if decision is ReviewDecision.DENY:
             return "Denied"

@@ -9,9 +9,7 @@ sees only the session's token, so nobody can act as someone else by editing a fo
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,9 +34,10 @@ from starlette.staticfiles import StaticFiles
 from jitmesh import errors
 from jitmesh.client import Client
 from jitmesh.durations import DurationError, format_duration, parse_duration
-from jitmesh.types import GrantState, RequestState
+from jitmesh.types import GrantState, RequestOption, RequestState
 from jitmesh.types import Request as AccessRequest
 
+from . import signin
 from .sessions import Session, Sessions
 
 HERE = Path(__file__).parent
@@ -49,6 +48,10 @@ CSP = (
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 LIVE_GRANT_STATES = (GrantState.PENDING_DELIVERY, GrantState.ACTIVE, GrantState.REVOKING)
+# The durations offered when asking (up to the longest the person may ask for), and the
+# extensions offered on a live grant (the coordinator bounds both by the rule).
+DURATIONS = tuple(timedelta(minutes=m) for m in (15, 30, 60, 120, 240, 480, 1440))
+EXTENSIONS = (timedelta(minutes=15), timedelta(minutes=30), timedelta(hours=1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +73,8 @@ class WebSettings:
 class SecurityHeaders(BaseHTTPMiddleware):
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         response = await call_next(request)
-        response.headers["Content-Security-Policy"] = CSP
+        # A page may set its own (the sign-in page adds the identity provider to form-action).
+        response.headers.setdefault("Content-Security-Policy", CSP)
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "same-origin"
         response.headers["X-Frame-Options"] = "DENY"
@@ -87,6 +91,8 @@ Handler = Callable[[Request, Session], Awaitable[Response]]
 
 def create_app(settings: WebSettings) -> Starlette:
     sessions = Sessions(settings.session_idle.total_seconds())
+    # Signs the sign-in binding cookies; per process, like the sessions themselves.
+    cookie_key = secrets.token_bytes(32)
     env = Environment(
         loader=FileSystemLoader(HERE / "templates"),
         autoescape=select_autoescape(["html"]),
@@ -163,6 +169,12 @@ def create_app(settings: WebSettings) -> Starlette:
             SIGNIN_COOKIE, token, httponly=True, secure=settings.secure_cookies,
             samesite="strict", path="/signin", max_age=900,
         )  # fmt: skip
+        if sso is not None:
+            # The single sign-on form's answer redirects to the identity provider, and browsers
+            # apply form-action to a form's redirects too: allow that one origin, on this page.
+            response.headers["Content-Security-Policy"] = CSP.replace(
+                "form-action 'self'", f"form-action 'self' {_origin(sso.issuer)}"
+            )
         return response
 
     def signin_form_ok(request: Request, form: FormData) -> bool:
@@ -180,7 +192,12 @@ def create_app(settings: WebSettings) -> Starlette:
         return await _start_session(request, token, None, str(form.get("next", "/")))
 
     async def _start_session(
-        request: Request, token: str, expires_at: datetime | None, next_path: str
+        request: Request,
+        token: str,
+        expires_at: datetime | None,
+        next_path: str,
+        *,
+        interstitial: bool = False,
     ) -> Response:
         try:
             async with await Client.connect(
@@ -193,7 +210,14 @@ def create_app(settings: WebSettings) -> Starlette:
         if expires_at is not None:
             lifetime = max(0.0, (expires_at - datetime.now(UTC)).total_seconds())
         session = sessions.create(token, me.name, me.groups, lifetime)
-        response = RedirectResponse(_safe_next(next_path), 303)
+        response: Response = RedirectResponse(_safe_next(next_path), 303)
+        if interstitial:
+            # The identity provider's redirect is a cross-site navigation: a redirect from it
+            # would not carry the new SameSite=Strict session cookie, so this page moves on by
+            # itself (a same-site navigation) instead.
+            response = render(
+                request, "signed_in.html", None, next=_safe_next(next_path), user=me.name
+            )
         set_session_cookie(response, session)
         response.delete_cookie(SIGNIN_COOKIE, path="/signin")
         return response
@@ -206,29 +230,55 @@ def create_app(settings: WebSettings) -> Starlette:
         if sso is None:
             return RedirectResponse("/signin?error=sso", 303)
         discovery = await _discover(sso.issuer)
-        verifier = secrets.token_urlsafe(48)
-        challenge = (
-            base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
-            .rstrip(b"=")
-            .decode()
-        )
-        pending = sessions.begin_sign_in(secrets.token_urlsafe(24), verifier)
+        verifier, challenge = signin.pkce_pair()
+        binding = signin.Binding.new(time.time())
+        sessions.begin_sign_in(
+            binding.state, binding.nonce, verifier, _safe_next(str(form.get("next", "/"))),
+            signin.LIFETIME,
+        )  # fmt: skip
         query = {
             "client_id": sso.client_id, "response_type": "code",
             "scope": " ".join(sso.scopes), "redirect_uri": _callback(settings),
             "code_challenge": challenge, "code_challenge_method": "S256",
-            "state": pending.state, "nonce": pending.nonce,
+            "state": binding.state, "nonce": binding.nonce,
         }  # fmt: skip
-        return RedirectResponse(f"{discovery['authorization_endpoint']}?{urlencode(query)}", 303)
+        response = RedirectResponse(
+            f"{discovery['authorization_endpoint']}?{urlencode(query)}", 303
+        )
+        response.set_cookie(
+            signin.COOKIE, signin.seal(cookie_key, binding), httponly=True,
+            secure=settings.secure_cookies, samesite="lax", path=signin.COOKIE_PATH,
+            max_age=int(signin.LIFETIME),
+        )  # fmt: skip
+        return response
+
+    def refused(request: Request, message: str) -> Response:
+        response = render(request, "error.html", None, 400, message=message, retry=True)
+        response.delete_cookie(signin.COOKIE, path=signin.COOKIE_PATH)
+        return response
 
     async def signin_callback(request: Request) -> Response:
-        pending = sessions.finish_sign_in(request.query_params.get("state", ""))
+        state = request.query_params.get("state", "")
+        binding = signin.unseal(cookie_key, request.cookies.get(signin.COOKIE), time.time())
+        if binding is None or not binding.matches(state):
+            # Login CSRF: a callback address made for another browser (or forged, replayed,
+            # or older than ten minutes) never signs anyone in here.
+            return refused(
+                request,
+                "This sign-in did not start in this browser (or took too long). "
+                "Sign in again from this page.",
+            )
+        pending = sessions.finish_sign_in(state)
         code = request.query_params.get("code", "")
-        if pending is None or not code:
-            return RedirectResponse("/signin?error=sso", 303)
+        if (
+            pending is None
+            or not code
+            or not secrets.compare_digest(pending.nonce.encode(), binding.nonce.encode())
+        ):
+            return refused(request, "Sign-in did not finish. Sign in again from this page.")
         sso = await _sign_in_config(settings)
         if sso is None:
-            return RedirectResponse("/signin?error=sso", 303)
+            return refused(request, "Single sign-on is not available now.")
         discovery = await _discover(sso.issuer)
         async with httpx.AsyncClient(timeout=10.0) as http:
             answer = await http.post(
@@ -240,17 +290,22 @@ def create_app(settings: WebSettings) -> Starlette:
                 },
             )  # fmt: skip
         if not answer.is_success or "id_token" not in answer.json():
-            return RedirectResponse("/signin?error=sso", 303)
+            return refused(request, "The identity provider did not complete the sign-in.")
         try:
             async with await Client.connect(
                 settings.coordinator, credentials=settings.credentials
             ) as anonymous:
+                # The coordinator checks the ID token, its nonce against this browser's.
                 token, info = await anonymous.exchange_id_token(
-                    answer.json()["id_token"], nonce=pending.nonce
+                    answer.json()["id_token"], nonce=binding.nonce
                 )
         except errors.JitmeshError:
-            return RedirectResponse("/signin?error=refused", 303)
-        return await _start_session(request, token, info.expires_at, "/")
+            return refused(request, "The coordinator refused this sign-in.")
+        response = await _start_session(
+            request, token, info.expires_at, pending.next_path, interstitial=True
+        )
+        response.delete_cookie(signin.COOKIE, path=signin.COOKIE_PATH)
+        return response
 
     async def signout(request: Request) -> Response:
         session = sessions.get(request.cookies.get(SESSION_COOKIE))
@@ -272,35 +327,54 @@ def create_app(settings: WebSettings) -> Starlette:
         grants = await client.list_grants(subject=session.user, states=LIVE_GRANT_STATES, limit=50)
         return render(
             request, "home.html", session, mine=mine, to_review=to_review, grants=grants,
-            now=datetime.now(UTC),
+            now=datetime.now(UTC), extensions=EXTENSIONS,
         )  # fmt: skip
 
     async def new_request(request: Request, session: Session) -> Response:
         client = await client_for(session)
-        agents, actions = await _offer(client)
+        return await request_form(request, session, client, {}, "", 200)
+
+    async def request_form(
+        request: Request,
+        session: Session,
+        client: Client,
+        values: dict[str, str],
+        error: str,
+        status: int,
+    ) -> Response:
+        # Only what the coordinator says this person may ask for now ("what may I ask for"):
+        # each host and action with its longest duration and the approval it would need.
+        offered = await client.request_options()
+        longest = max((o.max_duration for o in offered), default=timedelta(0))
         return render(
-            request, "new_request.html", session, agents=agents, actions=actions,
-            form={}, error="",
+            request, "new_request.html", session, status, options=offered,
+            durations=[d for d in DURATIONS if d <= longest], form=values, error=error,
+            approval=_approval,
         )  # fmt: skip
 
     async def file_request(request: Request, session: Session) -> Response:
         client = await client_for(session)
         form = await request.form()
-        values = {
-            k: str(form.get(k, "")).strip() for k in ("agent", "action", "duration", "reason")
-        }
+        values = {k: str(form.get(k, "")).strip() for k in ("option", "duration", "reason")}
+        agent, _, action = values["option"].partition(" ")
         try:
             duration = parse_duration(values["duration"] or "15m")
+            # Checked here only to say it plainly; the coordinator decides either way.
+            offered = await client.request_options(agent=agent, action=action) if (
+                agent and action) else []  # fmt: skip
+            option = next((o for o in offered if (o.agent, o.action) == (agent, action)), None)
+            if option is None:
+                raise errors.PermissionDeniedError(f"you may not ask for {action} on {agent}")
+            if duration > option.max_duration:
+                raise errors.InvalidArgumentError(
+                    f"{action} on {agent} is given for at most "
+                    f"{format_duration(option.max_duration)}"
+                )
             created, _ = await client.create_request(
-                agent=values["agent"], action=values["action"], duration=duration,
-                reason=values["reason"],
-            )  # fmt: skip
+                agent=agent, action=action, duration=duration, reason=values["reason"]
+            )
         except (errors.JitmeshError, DurationError) as exc:
-            agents, actions = await _offer(client)
-            return render(
-                request, "new_request.html", session, 400, agents=agents,
-                actions=actions, form=values, error=str(exc),
-            )  # fmt: skip
+            return await request_form(request, session, client, values, str(exc), 400)
         session.flashes.append(("ok", f"Request {created.id} filed."))
         return RedirectResponse(f"/requests/{created.id}", 303)
 
@@ -371,13 +445,18 @@ def create_app(settings: WebSettings) -> Starlette:
         client = await client_for(session)
         grant_id = request.path_params["grant_id"]
         form = await request.form()
-        extend_grant = getattr(client, "extend_grant", None)
         try:
             by = parse_duration(str(form.get("by", "")) or "15m")
-            if extend_grant is None:
-                raise errors.ConflictError("extending is not available on this coordinator yet")
-            await extend_grant(grant_id, by=by)
-            session.flashes.append(("ok", f"Extended by {format_duration(by)}."))
+            if by not in EXTENSIONS:
+                raise errors.InvalidArgumentError("choose one of the offered extensions")
+            extended = await client.extend_grant(grant_id, by=by)
+            if extended.request is not None:
+                session.flashes.append(
+                    ("ok", f"Extension asked for: request {extended.request.id} needs approval.")
+                )
+            else:
+                ends = _ago(extended.grant.not_after)
+                session.flashes.append(("ok", f"Extended by {format_duration(by)}: ends {ends}."))
         except (errors.JitmeshError, DurationError) as exc:
             session.flashes.append(("error", f"Not done: {exc}"))
         return RedirectResponse("/", 303)
@@ -433,6 +512,13 @@ async def _discover(issuer: str) -> dict[str, Any]:
         return document
 
 
+def _origin(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError("the identity provider's issuer is not an http(s) URL")
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
 def _callback(settings: WebSettings) -> str:
     return settings.public_url.rstrip("/") + "/signin/callback"
 
@@ -453,41 +539,13 @@ def _may_review(r: AccessRequest, session: Session) -> bool:
     return bool(groups & set(r.approver_groups))
 
 
-async def _offer(client: Client) -> tuple[list[Any], list[str]]:
-    """The agents and actions to offer: from the workflow's "what may I ask for" call where the
-    SDK has it, else every agent and the policy's actions (the coordinator decides anyway)."""
-    options = getattr(client, "list_request_options", None)
-    if options is not None:
-        try:
-            found = await options()
-            by_agent = {o.agent: o for o in found}
-            offered = [_Named(n, dict(getattr(o, "labels", {}))) for n, o in by_agent.items()]
-            return offered, sorted({o.action for o in found})
-        except errors.JitmeshError:
-            pass
-    listed = await client.list_agents()
-    try:
-        actions = _policy_actions((await client.get_policy()).yaml)
-    except errors.JitmeshError:
-        actions = []
-    return list(listed), actions
-
-
-@dataclass(frozen=True, slots=True)
-class _Named:
-    name: str
-    labels: dict[str, str]
-
-
-def _policy_actions(text: str) -> list[str]:
-    from ruamel.yaml import YAML
-
-    try:
-        data = YAML(typ="safe").load(text) or {}
-    except Exception:
-        return []
-    actions = data.get("actions", []) if isinstance(data, dict) else []
-    return [str(a) for a in actions]
+def _approval(option: RequestOption) -> str:
+    """How a request for `option` would be approved, in a few words."""
+    plan = option.plan
+    if plan.automatic:
+        return "approved at once"
+    who = [" or ".join([*s.groups, *s.users]) or s.name for s in plan.stages]
+    return "needs approval: " + ", then ".join(who) if who else "needs approval"
 
 
 def _ago(at: datetime | None, now: datetime | None = None) -> str:

@@ -30,12 +30,19 @@ class Session:
 
 @dataclass
 class PendingSignIn:
-    """An OpenID Connect sign-in in flight: what the callback must see again."""
+    """An OpenID Connect sign-in in flight, by its `state`: the PKCE verifier (which never
+    leaves this process) and where to go afterwards. The browser's binding to it is the signed
+    cookie (web/signin.py)."""
 
     state: str
     nonce: str
     verifier: str
+    next_path: str
     expires_at: float
+
+
+# Sign-ins in flight kept at most (each is one unauthenticated POST away): the oldest go first.
+MAX_PENDING = 10_000
 
 
 class Sessions:
@@ -76,14 +83,19 @@ class Sessions:
         for session_id in list(self._sessions):
             await self.end(session_id)
 
-    def begin_sign_in(self, nonce: str, verifier: str) -> PendingSignIn:
+    def begin_sign_in(
+        self, state: str, nonce: str, verifier: str, next_path: str, lifetime: float
+    ) -> PendingSignIn:
         now = time.monotonic()
         self._pending = {k: p for k, p in self._pending.items() if p.expires_at > now}
-        pending = PendingSignIn(secrets.token_urlsafe(24), nonce, verifier, now + 600)
-        self._pending[pending.state] = pending
+        while len(self._pending) >= MAX_PENDING:
+            self._pending.pop(next(iter(self._pending)))
+        pending = PendingSignIn(state, nonce, verifier, next_path, now + lifetime)
+        self._pending[state] = pending
         return pending
 
     def finish_sign_in(self, state: str) -> PendingSignIn | None:
+        """The sign-in `state` started, once (a second callback with it finds nothing)."""
         pending = self._pending.pop(state, None)
         if pending is None or pending.expires_at <= time.monotonic():
             return None

@@ -12,15 +12,17 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
-from agent.domain.breakglass import Use
+from agent.domain.breakglass import KeptLock, Use
 from agent.domain.commands import (
     Ack,
     AckStatus,
     CommandSpec,
     GrantSpec,
+    LockSpec,
     RevokeReason,
     RevokeSpec,
     SnapshotSpec,
+    UnlockSpec,
 )
 from agent.domain.errors import MalformedCommand
 from agent.domain.leases import EventKind, OutboxEvent
@@ -68,7 +70,7 @@ def from_duration(d: Duration, field: str) -> timedelta:
 
 def command_from_pb(seq: int, body: agentlink_pb2.CommandBody) -> CommandSpec:
     kind = body.WhichOneof("kind")
-    spec: GrantSpec | RevokeSpec | SnapshotSpec
+    spec: GrantSpec | RevokeSpec | SnapshotSpec | LockSpec | UnlockSpec
     if kind == "grant":
         spec = grant_from_pb(body.grant)
     elif kind == "revoke":
@@ -83,7 +85,17 @@ def command_from_pb(seq: int, body: agentlink_pb2.CommandBody) -> CommandSpec:
             tombstones=tuple(
                 _check(validation.ID, t, "tombstone grant_id") for t in body.snapshot.tombstones
             ),
+            locks=tuple(kept_lock(x) for x in body.snapshot.locks)
+            if body.snapshot.locks_complete
+            else None,
         )
+    elif kind == "lock":
+        spec = LockSpec(kept_lock(body.lock))
+    elif kind == "unlock":
+        spec = UnlockSpec(_check(validation.ID, body.unlock.lock_id, "lock_id"))
+    elif kind == "extend":
+        # Never sent: extensions come as grant commands of the same id (docs/wire.md).
+        raise MalformedCommand("extend commands are not used: an extension is a grant command")
     else:
         raise MalformedCommand("command has no kind")
     return CommandSpec(
@@ -95,6 +107,18 @@ def command_from_pb(seq: int, body: agentlink_pb2.CommandBody) -> CommandSpec:
         issued_at=from_timestamp(body.issued_at, "issued_at")
         if body.HasField("issued_at")
         else None,
+    )
+
+
+def kept_lock(lock: agentlink_pb2.LockCommand) -> KeptLock:
+    return KeptLock(
+        lock_id=_check(validation.ID, lock.lock_id, "lock_id"),
+        subject=_check(validation.SUBJECT, lock.subject, "lock subject") if lock.subject else "",
+        action=_check(validation.ACTION, lock.action, "lock action") if lock.action else "",
+        expires_at=from_timestamp(lock.expires_at, "lock expires_at")
+        if lock.HasField("expires_at")
+        else None,
+        reason=lock.reason[:256],
     )
 
 

@@ -18,9 +18,11 @@ raises `CommandFailed` for a failed outcome (exit 1) or `UsageError` for bad inp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -107,6 +109,38 @@ def token_file() -> Path:
         return Path(given)
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "jitmesh" / "token"
+
+
+def login_token_file(config: Settings) -> Path:
+    """Where `jitctl login` keeps the token it gets: the active profile's token_file (the file
+    later commands with that profile read), else `token_file()` (read when no flag, variable
+    or profile gives a token)."""
+    try:
+        chosen = profiles.load_profile(config.profile)
+    except errors.InvalidArgumentError as exc:
+        raise UsageError(str(exc)) from None
+    if chosen is not None and chosen.token_file is not None:
+        return chosen.token_file
+    return token_file()
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Replace `path` with `text`, readable by its owner only (0600, directory made 0700): the
+    new file is written beside it and renamed over it, so a crash leaves the old one whole and
+    no reader ever sees a partly written or wider-permissioned file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
 
 
 def _saved_token() -> str | None:

@@ -3,8 +3,9 @@
 `login` asks the coordinator which identity provider it trusts, signs in there with the
 authorization code flow and PKCE on a loopback redirect (RFC 8252: the browser comes back to
 http://127.0.0.1:PORT/callback, a one-shot listener of this process), exchanges the ID token
-for a short-lived jitmesh token, and keeps it in the CLI's token file (0600), which later
-commands use when no --token or JITMESH_TOKEN is given."""
+for a short-lived jitmesh token, and keeps it (0600) in the active profile's token_file, else
+in the CLI's token file ($JITMESH_TOKEN_FILE or ~/.config/jitmesh/token): the file later
+commands with that profile read when no --token or JITMESH_TOKEN is given."""
 
 from __future__ import annotations
 
@@ -23,7 +24,16 @@ import click
 import httpx
 
 from jitmesh.cli import output
-from jitmesh.cli.core import DURATION, CommandFailed, Output, command, token_file
+from jitmesh.cli.core import (
+    DURATION,
+    ENV_TOKEN,
+    CommandFailed,
+    Output,
+    command,
+    login_token_file,
+    settings,
+    write_secret,
+)
 from jitmesh.client import Client
 
 _PAGE = (
@@ -118,21 +128,24 @@ def register(parent: click.Group) -> None:
     async def _login(
         client: Client, out: Output, *, no_browser: bool, wait: float, ttl: timedelta | None
     ) -> None:
+        config = settings()
+        # Found before signing in: a bad profile fails before the browser is involved.
+        path = login_token_file(config)
         token, info = await _login_flow(client, open_browser=not no_browser, wait=wait, ttl=ttl)
-        path = token_file()
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        os.chmod(path, 0o600)
+        write_secret(path, token + "\n")
         ends = output.relative(info.expires_at, out.now) if info.expires_at else "never"
+        profile = config.connection().profile
+        text = f"signed in as {info.user}; token saved to {path} (expires {ends})"
+        if config.token or os.environ.get(ENV_TOKEN):
+            text += f"\nnote: --token or ${ENV_TOKEN} is given and is used before this file"
         out.emit(
             {
                 "user": info.user,
                 "expires_at": output.rfc3339(info.expires_at),
                 "token_file": str(path),
+                "profile": profile,
             },
-            f"signed in as {info.user}; token saved to {path} (expires {ends})",
+            text,
         )
 
     @command(

@@ -863,6 +863,7 @@ def token_json(info: TokenInfo) -> JSON:
         "created_at": rfc3339(info.created_at),
         "expires_at": rfc3339(info.expires_at),
         "revoked_at": rfc3339(info.revoked_at),
+        "scopes": list(info.scopes),
     }
 
 
@@ -873,12 +874,13 @@ def token_created_details(token: str, info: TokenInfo, now: datetime) -> Table:
             ("ID", info.id),
             ("USER", info.user),
             ("EXPIRES", _when(info.expires_at, now, "never")),
+            ("SCOPES", ", ".join(info.scopes) or "all the user may do"),
             ("NOTE", "shown once: the coordinator keeps only its hash"),
         ]
     )
 
 
-TOKEN_HEADERS: Final = ("ID", "STATE", "USER", "LABEL", "EXPIRES", "REVOKED")
+TOKEN_HEADERS: Final = ("ID", "STATE", "USER", "LABEL", "SCOPES", "EXPIRES", "REVOKED")
 
 
 def tokens_table(tokens: Iterable[TokenInfo], now: datetime) -> Table:
@@ -890,6 +892,7 @@ def tokens_table(tokens: Iterable[TokenInfo], now: datetime) -> Table:
                 "revoked" if t.revoked_at else "active",
                 t.user,
                 t.label,
+                ",".join(t.scopes) or _NONE,
                 _when(t.expires_at, now, "never"),
                 human_time(t.revoked_at),
             )

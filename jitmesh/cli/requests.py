@@ -263,6 +263,12 @@ async def _show(client: Client, out: Output, *, id: str) -> None:
     out.emit(value, table)
 
 
+ON_BEHALF_HELP = (
+    "Review in the name of this user (needs a token with scope review-on-behalf; the user's "
+    "own groups decide)."
+)
+
+
 @command(
     requests,
     "approve",
@@ -271,8 +277,9 @@ async def _show(client: Client, out: Output, *, id: str) -> None:
 )
 @click.argument("id", metavar="ID")
 @click.option("--reason", default="", help="Why, for the audit log.")
-async def _approve(client: Client, out: Output, *, id: str, reason: str) -> None:
-    request, grant = await client.approve(id, reason=reason)
+@click.option("--on-behalf-of", default="", metavar="USER", help=ON_BEHALF_HELP)
+async def _approve(client: Client, out: Output, *, id: str, reason: str, on_behalf_of: str) -> None:
+    request, grant = await client.approve(id, reason=reason, on_behalf_of=on_behalf_of)
     out.emit(output.request_json(request, grant), output.request_details(request, out.now, grant))
 
 
@@ -284,8 +291,9 @@ async def _approve(client: Client, out: Output, *, id: str, reason: str) -> None
 )
 @click.argument("id", metavar="ID")
 @click.option("--reason", default="", help="Why, shown to the requester.")
-async def _deny(client: Client, out: Output, *, id: str, reason: str) -> None:
-    request = await client.deny(id, reason=reason)
+@click.option("--on-behalf-of", default="", metavar="USER", help=ON_BEHALF_HELP)
+async def _deny(client: Client, out: Output, *, id: str, reason: str, on_behalf_of: str) -> None:
+    request = await client.deny(id, reason=reason, on_behalf_of=on_behalf_of)
     out.emit(output.request_json(request), output.request_details(request, out.now))
 
 

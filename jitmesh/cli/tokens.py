@@ -29,6 +29,7 @@ tokens = group(
     examples=[
         "jitctl token create --user erin --group sre --ttl 30d --note laptop",
         "jitctl token create --user ci-bot -o json",
+        "jitctl token create --user slack-bridge --group bridges --scope review-on-behalf",
     ],
 )
 @click.option("--user", required=True, metavar="USER", help="Whose token it is.")
@@ -37,6 +38,14 @@ tokens = group(
 )
 @click.option("--ttl", type=DURATION, metavar="DURATION", help="Default 30d, at most 365d.")
 @click.option("--note", default="", help="A note to tell tokens apart (such as 'laptop').")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    type=click.Choice(["review-on-behalf"]),
+    help="Restrict the token (repeat). review-on-behalf: a notification bridge's credential; "
+    "it may only review in the name of a user it signed in (that user's groups decide).",
+)
 async def _create(
     client: Client,
     out: Output,
@@ -45,8 +54,11 @@ async def _create(
     groups: tuple[str, ...],
     ttl: timedelta | None,
     note: str,
+    scopes: tuple[str, ...],
 ) -> None:
-    token, info = await client.create_token(user, groups=list(groups), ttl=ttl, label=note)
+    token, info = await client.create_token(
+        user, groups=list(groups), ttl=ttl, label=note, scopes=scopes
+    )
     out.emit(
         {**output.token_json(info), "token": token},
         output.token_created_details(token, info, out.now),

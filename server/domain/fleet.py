@@ -442,7 +442,12 @@ class FleetService:
             # Read under the write transaction: nothing commits between the seq and the read.
             grants = await self._store.live_grants(agent)
             tombstones = [g.id for g in await self._store.unremoved_grants(agent)]
-        return Resume(seq, (), tuple(grants), seq, tuple(tombstones))
+            locks = [
+                lock
+                for lock in await tx.locks_in_force(now)
+                if not lock.target.agent or lock.target.agent == agent
+            ]
+        return Resume(seq, (), tuple(grants), seq, tuple(tombstones), tuple(locks))
 
     async def _settle_from_hello(self, agent: str, hello: AgentHello, unacked: int) -> None:
         """Acks for the unacknowledged commands at or below the Hello's last applied seq, where
@@ -459,6 +464,8 @@ class FleetService:
             for command in page:
                 if command.seq > hello.last_applied_seq:
                     break
+                if command.grant is None:
+                    continue  # a lock command: the Hello says nothing of it
                 grant_id = command.grant.id
                 if command.kind is CommandKind.GRANT and grant_id in active:
                     status = AckStatus.APPLIED

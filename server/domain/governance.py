@@ -33,7 +33,15 @@ from .errors import (
     invalid_input,
 )
 from .hub import Hub
-from .models import ADMIN_GROUP, AuditEntry, Principal, new_secret, same_person, user_name
+from .models import (
+    ADMIN_GROUP,
+    AuditEntry,
+    Principal,
+    Scope,
+    new_secret,
+    same_person,
+    user_name,
+)
 from .policy import Policy, decision, match, parse_policy, plan_for
 from .ports import Store, Tx
 from .reads import Readers
@@ -63,6 +71,17 @@ class IdentityService:
         if principal is None:
             raise Unauthenticated("client certificate names no enabled user, or was revoked")
         return principal
+
+    async def acting_for(self, delegate: Principal, user: str) -> Principal:
+        """The enabled user `user` as relayed by `delegate`: that user's own name and groups
+        (looked up now, so a disabled or unknown user acts for nobody), audited as
+        "user via delegate". Whether the delegate may relay at all is the caller's check."""
+        with invalid_input():
+            name = v.check(v.SUBJECT, user_name(user), "on_behalf_of")
+        found = await self._store.principal_for_user(name, "")
+        if found is None:
+            raise PermissionDenied(f"{name} is not an enabled jitmesh user")
+        return Principal(found.name, found.groups, via=delegate.name)
 
     async def ensure_user(
         self,
@@ -122,6 +141,7 @@ class TokenService:
         groups: list[str],
         ttl: timedelta | None,
         label: str,
+        scopes: Sequence[str] = (),
     ) -> tuple[str, TokenInfo]:
         _require_admin(principal)
         with invalid_input():
@@ -129,6 +149,10 @@ class TokenService:
             for group in groups:
                 v.check(v.GROUP, group, "group")
             v.check_reason(label, field="label")
+        known = {s.value for s in Scope}
+        for scope in scopes:
+            if scope not in known:
+                raise InvalidArgument(f"unknown scope (known: {', '.join(sorted(known))})")
         if len(label) > 128:
             raise InvalidArgument("label is longer than 128 characters")
         ttl = TOKEN_TTL if ttl is None else ttl
@@ -152,7 +176,7 @@ class TokenService:
                 if not groups:
                     raise InvalidArgument("a new user needs at least one group (--group)")
                 await tx.upsert_user(user, groups, now)
-            await tx.insert_token(hash_secret(token), user, now, now + ttl, label)
+            await tx.insert_token(hash_secret(token), user, now, now + ttl, label, scopes)
             await tx.audit(
                 AuditEntry(
                     "user.token_created",
@@ -163,11 +187,15 @@ class TokenService:
                         "id": hash_secret(token)[:16],
                         "expires_at": (now + ttl).isoformat(),
                         "groups": ",".join(sorted(groups)),
+                        **({"scopes": ",".join(sorted(set(scopes)))} if scopes else {}),
                     },
                 )
             )
         await self._hub.audit_written(tx.new_audit)
-        info = TokenInfo(hash_secret(token)[:16], user, label, now, now + ttl, None)
+        info = TokenInfo(
+            hash_secret(token)[:16], user, label, now, now + ttl, None,
+            scopes=tuple(sorted(set(scopes))),
+        )  # fmt: skip
         return token, info
 
     async def list(self, principal: Principal, user: str) -> list[TokenInfo]:

@@ -12,9 +12,21 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
-from jitmesh.types import Grant
+from jitmesh.types import Grant, Lock
 
 ADMIN_GROUP = "admins"
+
+
+class Scope(enum.StrEnum):
+    """What a scoped bearer token may do (a token without scopes may do what its user may).
+
+    The rpc layer checks them in one place (server/rpc/auth.py): a scoped token is refused by
+    every call except the one its scope names."""
+
+    # A notification bridge's (or other relay's) delegated credential: it may only submit a
+    # review in the name of a user it authenticated. That user's own groups decide whether the
+    # review counts, and the audit log names both ("bob via slack-bridge").
+    REVIEW_ON_BEHALF = "review-on-behalf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +38,9 @@ class Principal:
     kind: str = "user"
     # A delegate relaying this person's own act ("slack"): audited as "bob via slack".
     via: str = ""
+    # The scopes of the bearer token that authenticated the caller; empty = unrestricted. A
+    # scoped credential is only ever accepted where rpc/auth.py asks for its scope.
+    scopes: frozenset[str] = frozenset()
 
     @property
     def is_admin(self) -> bool:
@@ -70,19 +85,30 @@ class CommandKind(enum.StrEnum):
     # never replayed (a new Hello that needs one gets a new one).
     SNAPSHOT = "snapshot"
     # The grant's end moved later in place (same grant id): sent as the grant with its new
-    # not_after, which every agent version applies in place (docs/wire.md, ExtendCommand).
+    # not_after, which every agent version applies in place (docs/wire.md, "Extensions are
+    # grant commands").
     EXTEND = "extend"
+    # A lock kept by the agent, and its lifting (wire 0.2; never for a 0.1 agent): the row's
+    # grant_id column holds the lock's id.
+    LOCK = "lock"
+    UNLOCK = "unlock"
 
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """One entry of an agent's durable command log."""
+    """One entry of an agent's durable command log: about a grant, or (LOCK, UNLOCK) a lock."""
 
     agent: str
     seq: int
     kind: CommandKind
-    grant: Grant
+    grant: Grant | None
     revoke_reason: str = ""
+    lock: Lock | None = None
+
+    @property
+    def grant_id(self) -> str:
+        """The grant the command is about ("" for a lock command)."""
+        return "" if self.grant is None else self.grant.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +276,8 @@ class Resume:
     snapshot: tuple[Grant, ...] | None
     snapshot_seq: int
     tombstones: tuple[str, ...] = ()
+    # With a snapshot: the locks in force that concern the agent (it keeps exactly these).
+    locks: tuple[Lock, ...] = ()
 
 
 def new_id(prefix: str) -> str:

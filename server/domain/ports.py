@@ -152,7 +152,13 @@ class Tx(Protocol):
     async def revoke_join_token(self, token_id: str, at: datetime, by: str) -> bool: ...
     async def upsert_user(self, name: str, groups: Iterable[str], at: datetime) -> None: ...
     async def insert_token(
-        self, token_hash: str, user: str, at: datetime, expires_at: datetime | None, label: str
+        self,
+        token_hash: str,
+        user: str,
+        at: datetime,
+        expires_at: datetime | None,
+        label: str,
+        scopes: Iterable[str] = (),
     ) -> bool: ...
     async def revoke_token(self, token_id: str, at: datetime) -> bool: ...
     async def set_user_disabled(self, name: str, disabled: bool) -> bool: ...
@@ -167,6 +173,15 @@ class Tx(Protocol):
     async def move_due_requests(
         self, now: datetime, limit: int, *, state: RequestState, by: str, reason: str
     ) -> list[Moved]: ...
+    async def recent_auto_grants(
+        self, subject: str, rule: str, since: datetime
+    ) -> list[tuple[datetime, datetime, datetime | None]]:
+        """As `Store.recent_auto_grants`, inside the transaction; concurrent transactions
+        reading the same (subject, rule) take turns until commit, so a budget checked here and
+        the grant written after it are one step (SQLite: one writer at a time; PostgreSQL: a
+        transaction-level advisory lock on the pair)."""
+        ...
+
     async def insert_breakglass_codes(self, codes: Sequence[tuple[BreakglassCode, str]]) -> None:
         """Each code with the SHA-256 (hex) of its text; the text itself is never stored."""
         ...

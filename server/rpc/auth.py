@@ -8,7 +8,7 @@ import grpc
 
 from server.ca import user_of
 from server.domain import errors
-from server.domain.models import Principal
+from server.domain.models import Principal, Scope
 
 
 def bearer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -21,12 +21,43 @@ def bearer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 
 class Authenticator:
+    """Who is calling, and what their credential lets them do.
+
+    Token scopes are enforced here and nowhere else: `operator` (which every call uses) refuses
+    a scoped token, and `on_behalf` is the one door a scope opens. A new scope is a new method
+    here, never a check scattered through handlers."""
+
     def __init__(self, identity: Any) -> None:
         self._identity = identity
 
     async def operator(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-        """From an operator client certificate (`jitmesh://user/NAME`, verified by TLS against
-        the internal CA on the mTLS port), else from the bearer token."""
+        """The caller acting as themselves: from an operator client certificate
+        (`jitmesh://user/NAME`, verified by TLS against the internal CA on the mTLS port), else
+        from the bearer token. A scoped (delegated) token is refused: it acts for nobody."""
+        principal = await self._credential(context)
+        if principal.scopes:
+            raise errors.PermissionDenied(
+                "this token is scoped ("
+                + ", ".join(sorted(principal.scopes))
+                + ") and cannot make this call"
+            )
+        return principal
+
+    async def on_behalf(
+        self, context: grpc.aio.ServicerContext[Any, Any], user: str, scope: Scope
+    ) -> Principal:
+        """The user `user` as relayed by the caller, who must hold a token with `scope`
+        (certificates and unscoped tokens never act for someone else, admins' included). The
+        result is that user with their own groups and `via` naming the caller."""
+        delegate = await self._credential(context)
+        if scope not in delegate.scopes:
+            raise errors.PermissionDenied(
+                f"acting on behalf of another user needs a token with scope {scope.value}"
+            )
+        acting: Principal = await self._identity.acting_for(delegate, user)
+        return acting
+
+    async def _credential(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
         pem = peer_certificate(context)
         user = user_of(pem) if pem is not None else None
         if user is not None:

@@ -17,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from jitmesh import convert as shared
 from jitmesh import validation as v
 from jitmesh.errors import JitmeshError
-from jitmesh.types import Grant, GrantState, RequestState, ReviewDecision
+from jitmesh.types import Grant, GrantState, Lock, RequestState, ReviewDecision
 from jitmesh.v1 import agentlink_pb2, types_pb2
 from server.domain.errors import InvalidArgument, invalid_input
 from server.domain.models import (
@@ -283,7 +283,15 @@ def grant_command(g: Grant) -> agentlink_pb2.GrantCommand:
 
 def command_body(c: Command, epoch: int, now: datetime) -> agentlink_pb2.CommandBody:
     body = agentlink_pb2.CommandBody(agent=c.agent, epoch=epoch, seq=c.seq, issued_at=ts(now))
-    if c.kind in (CommandKind.GRANT, CommandKind.EXTEND):
+    if c.kind is CommandKind.LOCK and c.lock is not None:
+        body.lock.CopyFrom(lock_command(c.lock))
+    elif c.kind in (CommandKind.LOCK, CommandKind.UNLOCK):
+        # An unlock (or a lock whose row is gone: it can no longer be in force).
+        lock_id = c.lock.id if c.lock is not None else ""
+        body.unlock.CopyFrom(agentlink_pb2.UnlockCommand(lock_id=lock_id))
+    elif c.grant is None:
+        raise ValueError(f"command {c.seq} of {c.agent} names no grant")
+    elif c.kind in (CommandKind.GRANT, CommandKind.EXTEND):
         body.grant.CopyFrom(grant_command(c.grant))
     else:
         body.revoke.CopyFrom(
@@ -295,6 +303,16 @@ def command_body(c: Command, epoch: int, now: datetime) -> agentlink_pb2.Command
     return body
 
 
+def lock_command(lock: Lock) -> agentlink_pb2.LockCommand:
+    return agentlink_pb2.LockCommand(
+        lock_id=lock.id,
+        subject=lock.target.subject,
+        action=lock.target.action,
+        expires_at=ts(lock.expires_at),
+        reason=lock.reason[:256],
+    )
+
+
 def snapshot_body(
     agent_name: str,
     seq: int,
@@ -302,13 +320,18 @@ def snapshot_body(
     epoch: int,
     now: datetime,
     tombstones: tuple[str, ...] = (),
+    locks: tuple[Lock, ...] | None = None,
 ) -> agentlink_pb2.CommandBody:
+    """`locks`: every lock in force for the agent (None for a 0.1 agent: no locks at all)."""
     return agentlink_pb2.CommandBody(
         agent=agent_name,
         epoch=epoch,
         seq=seq,
         issued_at=ts(now),
         snapshot=agentlink_pb2.SnapshotCommand(
-            grants=[grant_command(g) for g in grants], tombstones=list(tombstones)
+            grants=[grant_command(g) for g in grants],
+            tombstones=list(tombstones),
+            locks=[lock_command(x) for x in locks or ()],
+            locks_complete=locks is not None,
         ),
     )

@@ -31,6 +31,7 @@ from server.domain.access import AccessService, hash_secret
 from server.domain.fleet import FleetService
 from server.domain.governance import AuditService, PolicyService, TokenService
 from server.domain.hub import Hub
+from server.domain.models import Scope
 from server.domain.signin import SignInService
 from server.oidc import IdTokenRejected, OidcVerifier
 from server.signing import SigningKeys
@@ -126,7 +127,12 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
     async def ReviewRequest(
         self, request: access_pb2.ReviewRequestRequest, context: Ctx
     ) -> access_pb2.ReviewRequestResponse:
-        principal = await self._auth.operator(context)
+        if request.on_behalf_of:
+            principal = await self._auth.on_behalf(
+                context, request.on_behalf_of, Scope.REVIEW_ON_BEHALF
+            )
+        else:
+            principal = await self._auth.operator(context)
         decision = c.review_decision(request.decision)
         if decision is None:
             raise errors.InvalidArgument("decision must be APPROVE or DENY")
@@ -421,6 +427,7 @@ def _token_info(info: TokenInfo) -> identity_pb2.TokenInfo:
         created_at=c.ts(info.created_at),
         expires_at=c.ts(info.expires_at),
         revoked_at=c.ts(info.revoked_at),
+        scopes=list(info.scopes),
     )
 
 
@@ -491,7 +498,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         principal = await self._auth.operator(context)
         ttl = _duration(request.ttl, "ttl") if request.HasField("ttl") else None
         token, info = await self._tokens.create(
-            principal, request.user, list(request.groups), ttl, request.label
+            principal, request.user, list(request.groups), ttl, request.label, list(request.scopes)
         )
         return identity_pb2.CreateTokenResponse(token=token, info=_token_info(info))
 

@@ -35,7 +35,15 @@ from jitmesh.types import (
 from server.domain.approval import plan_from_json, plan_json
 from server.domain.audit import canonical_details, chain_hash
 from server.domain.errors import InvalidArgument
-from server.domain.models import AuditEntry, Checkpoint, GrantChange, ReplicaInfo
+from server.domain.models import (
+    AuditEntry,
+    Checkpoint,
+    Command,
+    CommandKind,
+    GrantChange,
+    Principal,
+    ReplicaInfo,
+)
 from server.domain.notices import Notice, NoticeKind
 from server.domain.reads import page_token_after
 from server.domain.receivers import Route
@@ -246,18 +254,49 @@ def agent(row: Row) -> Agent:
     )
 
 
-def lock(row: Row) -> Lock:
+def lock(row: Row, prefix: str = "") -> Lock:
+    """A lock row; `prefix` names its columns in a join (`l_id`, ...)."""
+    p = prefix
     return Lock(
-        id=row["id"],
-        target=LockTarget(subject=row["subject"], agent=row["agent"], action=row["action"]),
-        reason=row["reason"],
-        created_by=row["created_by"],
-        created_at=from_ms(row["created_at"]),
-        expires_at=at(row["expires_at"]),
-        lifted_at=at(row["lifted_at"]),
-        lifted_by=row["lifted_by"],
-        lift_reason=row["lift_reason"],
+        id=row[p + "id"],
+        target=LockTarget(
+            subject=row[p + "subject"], agent=row[p + "agent"], action=row[p + "action"]
+        ),
+        reason=row[p + "reason"],
+        created_by=row[p + "created_by"],
+        created_at=from_ms(row[p + "created_at"]),
+        expires_at=at(row[p + "expires_at"]),
+        lifted_at=at(row[p + "lifted_at"]),
+        lifted_by=row[p + "lifted_by"],
+        lift_reason=row[p + "lift_reason"],
     )
+
+
+def commands_after_sql(mark: str) -> str:
+    """An agent's commands after a seq, with the grant (or lock) each names; `mark` is the
+    store's placeholder (agent, seq, limit). A grant command the agent has refused (acked
+    FAILED or REJECTED) is never sent again: the grant ended here with that ack, and no revoke
+    follows it in the log. A snapshot's own row is never resent (it names no grant)."""
+    grant_columns = ", ".join(f"g.{c} AS g_{c}" for c in GRANT_COLUMNS)
+    lock_columns = ", ".join(f"l.{c} AS l_{c}" for c in LOCK_COLUMNS)
+    return (
+        "SELECT c.seq AS c_seq, c.kind AS c_kind, c.revoke_reason AS c_revoke_reason, "
+        f"{grant_columns}, {lock_columns} FROM commands c "
+        "LEFT JOIN grants g ON g.id = c.grant_id AND c.kind NOT IN ('lock', 'unlock') "
+        "LEFT JOIN locks l ON l.id = c.grant_id AND c.kind IN ('lock', 'unlock') "
+        f"WHERE c.agent = {mark} AND c.seq > {mark} "
+        "AND (g.id IS NOT NULL OR l.id IS NOT NULL) "
+        "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
+        f"ORDER BY c.seq LIMIT {mark}"
+    )
+
+
+def command(row: Row, agent: str) -> Command:
+    """A row of `commands_after_sql`."""
+    kind = CommandKind(row["c_kind"])
+    if kind in (CommandKind.LOCK, CommandKind.UNLOCK):
+        return Command(agent, row["c_seq"], kind, None, lock=lock(row, "l_"))
+    return Command(agent, row["c_seq"], kind, grant(row, "g_"), row["c_revoke_reason"])
 
 
 def breakglass_code(row: Row) -> BreakglassCode:
@@ -308,7 +347,26 @@ def token(row: Row) -> TokenInfo:
         from_ms(row["created_at"]),
         at(row["expires_at"]),
         at(row["revoked_at"]),
+        scopes=scopes_of(row["scopes"]),
     )
+
+
+def token_principal(row: Row) -> Principal:
+    """The caller a bearer token stands for (name, groups, scopes)."""
+    return Principal(
+        name=row["name"],
+        groups=frozenset(json.loads(row["groups"])),
+        scopes=frozenset(scopes_of(row["scopes"])),
+    )
+
+
+def scopes_text(scopes: Iterable[str]) -> str:
+    """Scopes as the tokens table keeps them: sorted, space-separated ('' = unrestricted)."""
+    return " ".join(sorted(set(scopes)))
+
+
+def scopes_of(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
 
 
 ENROLLMENT_COLUMNS = (

@@ -162,6 +162,21 @@ async def _all(conn: Connection, sql: str, args: Iterable[Any] = ()) -> list[Any
     return list(await conn.execute_fetchall(sql, tuple(args)))
 
 
+async def _recent_auto_grants(
+    conn: Connection, subject: str, rule: str, since: datetime
+) -> list[tuple[datetime, datetime, datetime | None]]:
+    rows = await _all(
+        conn,
+        "SELECT g.not_before, g.not_after, g.ended_at FROM requests r "
+        "JOIN grants g ON g.id = r.grant_id WHERE r.created_at > ? AND r.subject = ? "
+        "AND r.rule = ? AND r.decided_by LIKE 'policy:%'",
+        [to_ms(since), subject, rule],
+    )
+    return [
+        (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
+    ]
+
+
 async def _get_request(conn: Connection, request_id: str) -> Request | None:
     row = await _one(
         conn, f"SELECT {_REQUEST_COLUMNS} FROM {_REQUEST_FROM} WHERE r.id = ?", [request_id]
@@ -200,6 +215,7 @@ async def _get_agent(conn: Connection, name: str) -> Agent | None:
 
 
 _LOCK_COLUMNS = rec.columns(rec.LOCK_COLUMNS)
+_COMMANDS_AFTER = rec.commands_after_sql("?")
 _BREAKGLASS_COLUMNS = rec.columns(rec.BREAKGLASS_COLUMNS)
 _CHECKPOINT_COLUMNS = "seq, hash, at, key_id, signature"
 
@@ -524,6 +540,12 @@ class SqliteTx:
 
     # Locks.
 
+    async def recent_auto_grants(
+        self, subject: str, rule: str, since: datetime
+    ) -> list[tuple[datetime, datetime, datetime | None]]:
+        # One writer at a time (BEGIN IMMEDIATE): nothing else commits until this one does.
+        return await _recent_auto_grants(self._conn, subject, rule, since)
+
     async def insert_breakglass_codes(self, codes: Sequence[tuple[BreakglassCode, str]]) -> None:
         await self._conn.executemany(
             f"INSERT INTO breakglass_codes ({_BREAKGLASS_COLUMNS}) "
@@ -755,13 +777,19 @@ class SqliteTx:
         )
 
     async def insert_token(
-        self, token_hash: str, user: str, at: datetime, expires_at: datetime | None, label: str
+        self,
+        token_hash: str,
+        user: str,
+        at: datetime,
+        expires_at: datetime | None,
+        label: str,
+        scopes: Iterable[str] = (),
     ) -> bool:
         """Register a token hash; False when it was already registered."""
         cur = await self._conn.execute(
-            "INSERT INTO tokens (hash, user_name, label, created_at, expires_at) "
-            "VALUES (?,?,?,?,?) ON CONFLICT (hash) DO NOTHING",
-            (token_hash, user, label, to_ms(at), rec.ms(expires_at)),
+            "INSERT INTO tokens (hash, user_name, label, created_at, expires_at, scopes) "
+            "VALUES (?,?,?,?,?,?) ON CONFLICT (hash) DO NOTHING",
+            (token_hash, user, label, to_ms(at), rec.ms(expires_at), rec.scopes_text(scopes)),
         )
         return cur.rowcount == 1
 
@@ -1177,16 +1205,7 @@ class SqliteStore:
     ) -> list[tuple[datetime, datetime, datetime | None]]:
         """(not_before, not_after, ended_at) of the grants the policy approved by itself for
         `subject` under `rule` after `since` (an automatic grant is made with its request)."""
-        rows = await _all(
-            self._reader,
-            "SELECT g.not_before, g.not_after, g.ended_at FROM requests r "
-            "JOIN grants g ON g.id = r.grant_id WHERE r.created_at > ? AND r.subject = ? "
-            "AND r.rule = ? AND r.decided_by LIKE 'policy:%'",
-            [to_ms(since), subject, rule],
-        )
-        return [
-            (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
-        ]
+        return await _recent_auto_grants(self._reader, subject, rule, since)
 
     async def list_grants(
         self, *, states: Sequence[GrantState], subject: str, agent: str, limit: int,
@@ -1292,19 +1311,19 @@ class SqliteStore:
     async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None:
         row = await _one(
             self._reader,
-            "SELECT u.name, u.groups FROM tokens t JOIN users u ON u.name = t.user_name "
+            "SELECT u.name, u.groups, t.scopes FROM tokens t JOIN users u ON u.name = t.user_name "
             "WHERE t.hash = ? AND t.revoked_at IS NULL AND u.disabled = 0 "
             "AND (t.expires_at IS NULL OR t.expires_at > ?)",
             [token_hash, to_ms(now)],
         )
         if row is None:
             return None
-        return Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
+        return rec.token_principal(row)
 
     async def list_tokens(self, user: str) -> list[TokenInfo]:
         rows = await _all(
             self._reader,
-            "SELECT hash, user_name, label, created_at, expires_at, revoked_at FROM tokens "
+            "SELECT hash, user_name, label, created_at, expires_at, revoked_at, scopes FROM tokens "
             "WHERE ? = '' OR user_name = ? ORDER BY created_at, hash",
             [user, user],
         )
@@ -1349,30 +1368,8 @@ class SqliteStore:
         return await _user_groups(self._reader, name)
 
     async def commands_after(self, agent: str, seq: int, limit: int) -> list[Command]:
-        # A grant command the agent has refused (acked FAILED or REJECTED) is never sent again:
-        # the grant ended here with that ack, and no revoke follows it in the log. An agent that
-        # could not record its refusal (a full disk) would otherwise apply it on the replay after
-        # its restart, for a grant the coordinator shows as failed.
-        rows = await _all(
-            self._reader,
-            f"SELECT c.seq AS c_seq, c.kind AS c_kind, c.revoke_reason AS c_revoke_reason, "
-            f"{_GRANT_COLUMNS_G} "
-            "FROM commands c JOIN grants g ON g.id = c.grant_id "
-            "WHERE c.agent = ? AND c.seq > ? "
-            "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
-            "ORDER BY c.seq LIMIT ?",
-            [agent, seq, limit],
-        )
-        return [
-            Command(
-                agent,
-                r["c_seq"],
-                CommandKind(r["c_kind"]),
-                rec.grant(r, "g_"),
-                r["c_revoke_reason"],
-            )
-            for r in rows
-        ]
+        rows = await _all(self._reader, _COMMANDS_AFTER, [agent, seq, limit])
+        return [rec.command(r, agent) for r in rows]
 
     async def first_unacked_seq(self, agent: str) -> int | None:
         row = await _one(

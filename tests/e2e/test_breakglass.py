@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sqlite3
 import subprocess
 from datetime import timedelta
 from pathlib import Path
@@ -192,6 +193,75 @@ async def test_breakglass_while_the_coordinator_is_down(tmp_path: Path) -> None:
         async with await Client.connect(address, token=env["JITMESH_TOKEN_ADMIN"]) as admin:
             kinds = [e.kind for e in await admin.list_audit(grant_id=grant_id)]
             assert "breakglass.reviewed" in kinds
+    finally:
+        if host is not None:
+            host.stop()
+        coord.stop()
+
+
+def kept_locks(state: Path) -> list[str]:
+    """The lock ids the agent keeps, read from its lease table (WAL: readers never block it)."""
+    db = sqlite3.connect(state / "agent.db")
+    try:
+        return [row[0] for row in db.execute("SELECT lock_id FROM locks ORDER BY lock_id")]
+    finally:
+        db.close()
+
+
+async def test_a_lock_kept_by_the_agent_refuses_a_code_while_cut_off(tmp_path: Path) -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    data = tmp_path / "coordinator"
+    coord = coordinator(data, port)
+    access = tmp_path / "access"
+    access.mkdir()
+    state = tmp_path / "db-1"
+    coord.start()
+    host = None
+    try:
+        await wait_healthy(address)
+        await wait_for(lambda: (data / "dev.env").exists(), 20, "dev.env")
+        env = read_env(data / "dev.env")
+        admin_env = {"JITMESH_COORDINATOR": address, "JITMESH_TOKEN": env["JITMESH_TOKEN_ADMIN"]}
+        host = agent(address, "db-1", "env=prod", env["JITMESH_JOIN_TOKEN"], state, access)
+        host.start()
+        async with await Client.connect(address, token=env["JITMESH_TOKEN_ADMIN"]) as admin:
+            await wait_connected(admin, "db-1")
+        (issued,) = await jitctl_json(
+            admin_env,
+            "breakglass", "issue", "--agent", "db-1", "--action", "shell", "--subject", "alice",
+            "--duration", "10m", "--valid-for", "1d",
+        )  # fmt: skip
+        lock = await jitctl_json(
+            admin_env, "lock", "create", "--subject", "alice", "--reason", "INC-9: laptop stolen"
+        )
+        await wait_for(lambda: kept_locks(state) == [lock["id"]], 15, "the agent to keep the lock")
+
+        coord.stop()
+        refused = present(state, issued["code"])
+        assert refused.returncode != 0
+        assert f"locked by the coordinator ({lock['id']}): INC-9" in refused.stderr
+        assert not (access / "alice:shell").exists()
+
+        coord.start()
+        await wait_healthy(address)
+        await jitctl_json(admin_env, "lock", "lift", lock["id"], "--reason", "laptop found")
+        await wait_for(lambda: kept_locks(state) == [], 20, "the agent to forget the lock")
+        used = present(state, issued["code"])
+        assert used.returncode == 0, used.stderr
+        assert (access / "alice:shell").exists()
+        async with await Client.connect(address, token=env["JITMESH_TOKEN_ADMIN"]) as admin:
+            grant_id = f"bg-{issued['id']}"
+
+            async def adopted() -> bool:
+                return any(
+                    e.kind == "breakglass.used" for e in await admin.list_audit(grant_id=grant_id)
+                )
+
+            async with asyncio.timeout(20):
+                while not await adopted():
+                    await asyncio.sleep(0.05)
+            assert (await admin.get_grant(grant_id)).state is GrantState.ACTIVE
     finally:
         if host is not None:
             host.stop()

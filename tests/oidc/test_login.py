@@ -70,3 +70,60 @@ async def test_jitctl_login_says_when_single_sign_on_is_not_configured(tmp_path:
     assert code != 0
     assert "single sign-on is not configured" in err
     assert not (tmp_path / "token").exists()
+
+
+async def test_jitctl_login_keeps_the_token_in_the_active_profiles_token_file(
+    coordinator: Coordinator, provider: Provider, tmp_path: Path
+) -> None:
+    # A profile naming its own token file, which holds an old (revoked-looking) token and is
+    # readable by others: login replaces it with the new token, 0600; the CLI's default token
+    # file is not written.
+    profile_token = tmp_path / "corp" / "corp.token"
+    profile_token.parent.mkdir()
+    profile_token.write_text("jmt_old_token_0123456789\n")
+    profile_token.chmod(0o644)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        'default_profile = "other"\n'
+        "[profiles.other]\n"
+        'coordinator = "127.0.0.1:1"\n'
+        "[profiles.corp]\n"
+        f'coordinator = "127.0.0.1:{coordinator.port}"\n'
+        f'token_file = "{profile_token}"\n'
+    )
+    default_token = tmp_path / "default.token"
+    env = {"JITMESH_CONFIG": str(config), "JITMESH_TOKEN_FILE": str(default_token)}
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "jitctl"), "--profile", "corp", "login", "--no-browser", "--wait", "60",
+        "-o", "json",
+        env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    async with asyncio.timeout(30):
+        assert (await proc.stderr.readline()).startswith(b"Open this address to sign in")
+        url = (await proc.stderr.readline()).decode().strip()
+    async with httpx.AsyncClient(timeout=10.0) as browser:
+        redirect = parse_qs(urlparse(url).query)["redirect_uri"][0]
+        back = await sign_in_at(browser, url, "carol", redirect)
+        await browser.get(back)
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert (result["profile"], result["token_file"]) == ("corp", str(profile_token))
+    assert stat.S_IMODE(profile_token.stat().st_mode) == 0o600
+    saved = profile_token.read_text().strip()
+    assert saved.startswith("jmt_")
+    assert "old" not in saved
+    assert not default_token.exists()
+    assert [p.name for p in profile_token.parent.iterdir()] == ["corp.token"]  # no temp left
+    # Later commands with the profile use it (and the token is never printed).
+    code, out_text, err_text = await jitctl("--profile", "corp", "whoami", "-o", "json", env=env)
+    assert code == 0, err_text
+    assert json.loads(out_text)["user"] == "carol"
+    assert saved not in out.decode() + err.decode() + out_text + err_text
+    # The default profile is another coordinator: without --profile, the token is not sent
+    # there (nothing listens at 127.0.0.1:1, and the default token file is empty).
+    code, _, _ = await jitctl("whoami", env=env)
+    assert code != 0

@@ -200,7 +200,7 @@ async def test_append_command_numbers_each_agent_without_gaps(store: Store) -> N
         got["db-1"].append(await tx.append_command("db-1", CommandKind.REVOKE, db, T0, "revoked"))
     assert got == {"web-1": [1, 2, 3], "db-1": [1, 2]}
     commands = await store.commands_after("db-1", 0, 10)
-    assert [(c.seq, c.kind, c.grant.id) for c in commands] == [
+    assert [(c.seq, c.kind, c.grant_id) for c in commands] == [
         (1, CommandKind.GRANT, db),
         (2, CommandKind.REVOKE, db),
     ]
@@ -473,6 +473,19 @@ async def test_tokens_and_users(store: Store) -> None:
     assert await store.principal_for_token("other", T0) is None
     assert await store.user_groups("alice") == frozenset({"developers", "sre"})
     assert await store.user_groups("nobody") is None
+    assert principal.scopes == frozenset()
+
+
+async def test_scoped_tokens(store: Store) -> None:
+    async with store.transaction() as tx:
+        await tx.upsert_user("slack-bridge", ["bridges"], T0)
+        scopes = ["review-on-behalf", "review-on-behalf"]
+        assert await tx.insert_token("bh", "slack-bridge", T0, None, "slack", scopes)
+    principal = await store.principal_for_token("bh", T0)
+    assert principal is not None
+    assert principal.scopes == frozenset({"review-on-behalf"})
+    [info] = await store.list_tokens("slack-bridge")
+    assert info.scopes == ("review-on-behalf",)
 
 
 async def test_removed_agent_loses_its_credential(store: Store) -> None:

@@ -1,5 +1,18 @@
-"""The web tests use the notification tests' real receivers (a webhook server)."""
+"""The web tests: a real chromium (tests/web/browsing.py), and the notification tests' real
+receivers (a webhook server)."""
+
+from collections.abc import AsyncIterator
+
+import pytest
+from playwright.async_api import Browser
 
 from tests.notify.conftest import http, recorder
+from tests.web.browsing import chromium
 
-__all__ = ["http", "recorder"]
+__all__ = ["browser", "http", "recorder"]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with chromium() as launched:
+        yield launched

@@ -11,84 +11,21 @@ pages are saved there (docs/web-*.png were made so)."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import re
-import subprocess
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+from playwright.async_api import Browser, expect
 
 from jitmesh.clock import SystemClock
 from server.app import Coordinator
 from server.domain.receivers import Route
 from server.notify.webhook import WebhookVerifier
-from tests.e2e.procs import BIN, agent, check, wait_for
+from tests.e2e.procs import agent, check, wait_for
 from tests.notify.servers import HttpRecorder
 from tests.notify.test_outbox import SECRET, kinds, running, verifying
-from tests.server.helpers import ADMIN, TOKENS
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
-SHOTS = os.environ.get("JITMESH_SCREENSHOTS", "")
-
-
-async def shot(page: Page, name: str) -> None:
-    if SHOTS:
-        await page.screenshot(path=str(Path(SHOTS) / f"web-{name}.png"), full_page=True)
-
-
-async def start_web(coordinator: Coordinator, log: Path) -> tuple[subprocess.Popen[str], str]:
-    with log.open("w") as errors:
-        proc = subprocess.Popen(
-            [str(BIN / "jitmesh-web"), "--coordinator", f"127.0.0.1:{coordinator.port}",
-             "--listen", "127.0.0.1:0", "--dev-token-sign-in", "--log-level", "warning"],
-            stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
-    match = re.match(r"jitmesh-web listening on (http://\S+)", line)
-    if match is None:
-        proc.terminate()
-        raise AssertionError(f"jitmesh-web did not start: {line!r} {log.read_text()}")
-    return proc, match.group(1)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as p:
-        launched = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
-async def sign_in(browser: Browser, base: str, user: str) -> tuple[BrowserContext, Page]:
-    context = await browser.new_context(viewport={"width": 1100, "height": 800})
-    page = await context.new_page()
-    await page.goto(base + "/")
-    await expect(page).to_have_url(re.compile(r"/signin"))
-    await page.fill("#token", TOKENS[user])
-    await page.click("text=Sign in with token")
-    await expect(page.locator("h1")).to_have_text(f"Hello, {user}")
-    return context, page
-
-
-async def csrf_of(page: Page) -> str:
-    value = await page.locator("form.signout input[name=csrf]").get_attribute("value")
-    assert value
-    return value
+from tests.server.helpers import ADMIN
+from tests.web.browsing import csrf_of, shot, sign_in, start_web, stopping
 
 
 async def test_request_in_the_browser_approved_by_another_person_applied_on_the_host(
@@ -106,17 +43,14 @@ async def test_request_in_the_browser_approved_by_another_person_applied_on_the_
         access.mkdir()
         host = agent(f"127.0.0.1:{coordinator.port}", "prod-1", "env=prod", join, state, access)
         host.start()
-        web, base = await start_web(coordinator, tmp_path / "web.log")
+        web, base = await start_web(coordinator.port, tmp_path / "web.log", "--dev-token-sign-in")
         try:
-            await wait_for(
-                lambda: (state / "agent.db").exists(), 30, "the agent to open its lease table"
-            )
-            await _walk(coordinator, clients, base, browser, recorder, state)
+            with stopping(web):
+                await wait_for(
+                    lambda: (state / "agent.db").exists(), 30, "the agent to open its lease table"
+                )
+                await _walk(coordinator, clients, base, browser, recorder, state)
         finally:
-            web.terminate()
-            web.wait(10)
-            if web.stdout is not None:
-                web.stdout.close()
             host.stop()
 
 
@@ -142,9 +76,8 @@ async def _walk(
     await shot(alice, "new-request")
 
     # A form edited to act as someone else: the extra field changes nothing.
-    await alice.select_option("#agent", "prod-1")
-    await alice.select_option("#action", "deploy")
-    await alice.fill("#duration", "30m")
+    await alice.select_option("#option", "prod-1 deploy")
+    await alice.select_option("#duration", "30m")
     await alice.fill("#reason", "release 2.4")
     await alice.evaluate(
         """() => { const f = document.getElementById('new-request');
@@ -164,7 +97,7 @@ async def _walk(
     before = len(await clients["alice"].list_requests())
     forged = await alice.request.post(
         base + "/requests",
-        form={"agent": "prod-1", "action": "deploy", "duration": "5m", "reason": "x"},
+        form={"option": "prod-1 deploy", "duration": "15m", "reason": "x"},
         max_redirects=0,
     )
     assert forged.status == 403

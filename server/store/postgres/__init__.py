@@ -101,6 +101,7 @@ _GRANT_COLUMNS = rec.columns(rec.GRANT_COLUMNS)
 _GRANT_COLUMNS_G = ", ".join(f"g.{c} AS g_{c}" for c in rec.GRANT_COLUMNS)
 _AUDIT_COLUMNS = rec.columns(rec.AUDIT_COLUMNS)
 _LOCK_COLUMNS = rec.columns(rec.LOCK_COLUMNS)
+_COMMANDS_AFTER = rec.commands_after_sql("%s")
 _BREAKGLASS_COLUMNS = rec.columns(rec.BREAKGLASS_COLUMNS)
 _CHECKPOINT_COLUMNS = "seq, hash, at, key_id, signature"
 _LIVE_IN = ", ".join(f"'{s}'" for s in rec.LIVE_STATES)
@@ -147,6 +148,21 @@ async def _one(conn: Conn, sql: str, args: Sequence[Any] = ()) -> dict[str, Any]
 async def _all(conn: Conn, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
     cur = await conn.execute(sql, args)
     return await cur.fetchall()
+
+
+async def _recent_auto_grants(
+    conn: Conn, subject: str, rule: str, since: datetime
+) -> list[tuple[datetime, datetime, datetime | None]]:
+    rows = await _all(
+        conn,
+        "SELECT g.not_before, g.not_after, g.ended_at FROM requests r "
+        "JOIN grants g ON g.id = r.grant_id WHERE r.created_at > %s AND r.subject = %s "
+        "AND r.rule = %s AND r.decided_by LIKE 'policy:%%'",
+        [to_ms(since), subject, rule],
+    )
+    return [
+        (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
+    ]
 
 
 async def _rowcount(conn: Conn, sql: str, args: Sequence[Any] = ()) -> int:
@@ -579,6 +595,16 @@ class PostgresTx:
 
     # Locks.
 
+    async def recent_auto_grants(
+        self, subject: str, rule: str, since: datetime
+    ) -> list[tuple[datetime, datetime, datetime | None]]:
+        # Replicas checking the same budget take turns until commit (READ COMMITTED would let
+        # two transactions both read the budget unused and both write a grant).
+        await self._conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"budget:{subject}:{rule}"]
+        )
+        return await _recent_auto_grants(self._conn, subject, rule, since)
+
     async def insert_breakglass_codes(self, codes: Sequence[tuple[BreakglassCode, str]]) -> None:
         async with self._conn.cursor() as cur:
             await cur.executemany(
@@ -862,13 +888,19 @@ class PostgresTx:
         )
 
     async def insert_token(
-        self, token_hash: str, user: str, at: datetime, expires_at: datetime | None, label: str
+        self,
+        token_hash: str,
+        user: str,
+        at: datetime,
+        expires_at: datetime | None,
+        label: str,
+        scopes: Iterable[str] = (),
     ) -> bool:
         count = await _rowcount(
             self._conn,
-            "INSERT INTO tokens (hash, user_name, label, created_at, expires_at) "
-            "VALUES (%s,%s,%s,%s,%s) ON CONFLICT (hash) DO NOTHING",
-            [token_hash, user, label, to_ms(at), rec.ms(expires_at)],
+            "INSERT INTO tokens (hash, user_name, label, created_at, expires_at, scopes) "
+            "VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (hash) DO NOTHING",
+            [token_hash, user, label, to_ms(at), rec.ms(expires_at), rec.scopes_text(scopes)],
         )
         return count == 1
 
@@ -1238,16 +1270,7 @@ class PostgresStore:
         """(not_before, not_after, ended_at) of the grants the policy approved by itself for
         `subject` under `rule` after `since` (an automatic grant is made with its request)."""
         async with self._read() as conn:
-            rows = await _all(
-                conn,
-                "SELECT g.not_before, g.not_after, g.ended_at FROM requests r "
-                "JOIN grants g ON g.id = r.grant_id WHERE r.created_at > %s AND r.subject = %s "
-                "AND r.rule = %s AND r.decided_by LIKE 'policy:%%'",
-                [to_ms(since), subject, rule],
-            )
-        return [
-            (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
-        ]
+            return await _recent_auto_grants(conn, subject, rule, since)
 
     async def list_grants(
         self, *, states: Sequence[GrantState], subject: str, agent: str, limit: int,
@@ -1359,20 +1382,22 @@ class PostgresStore:
         async with self._read() as conn:
             row = await _one(
                 conn,
-                "SELECT u.name, u.groups FROM tokens t JOIN users u ON u.name = t.user_name "
+                "SELECT u.name, u.groups, t.scopes "
+                "FROM tokens t JOIN users u ON u.name = t.user_name "
                 "WHERE t.hash = %s AND t.revoked_at IS NULL AND u.disabled = 0 "
                 "AND (t.expires_at IS NULL OR t.expires_at > %s)",
                 [token_hash, to_ms(now)],
             )
         if row is None:
             return None
-        return Principal(name=row["name"], groups=frozenset(json.loads(row["groups"])))
+        return rec.token_principal(row)
 
     async def list_tokens(self, user: str) -> list[TokenInfo]:
         async with self._read() as conn:
             rows = await _all(
                 conn,
-                "SELECT hash, user_name, label, created_at, expires_at, revoked_at FROM tokens "
+                "SELECT hash, user_name, label, created_at, expires_at, revoked_at, scopes "
+                "FROM tokens "
                 "WHERE %s = '' OR user_name = %s ORDER BY created_at, hash",
                 [user, user],
             )
@@ -1420,28 +1445,9 @@ class PostgresStore:
             return await _user_groups(conn, name)
 
     async def commands_after(self, agent: str, seq: int, limit: int) -> list[Command]:
-        # A grant command the agent has refused (acked FAILED or REJECTED) is never sent again
-        # (as in the SQLite store).
         async with self._read() as conn:
-            rows = await _all(
-                conn,
-                "SELECT c.seq AS c_seq, c.kind AS c_kind, c.revoke_reason AS c_revoke_reason, "
-                f"{_GRANT_COLUMNS_G} FROM commands c JOIN grants g ON g.id = c.grant_id "
-                "WHERE c.agent = %s AND c.seq > %s "
-                "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
-                "ORDER BY c.seq LIMIT %s",
-                [agent, seq, limit],
-            )
-        return [
-            Command(
-                agent,
-                r["c_seq"],
-                CommandKind(r["c_kind"]),
-                rec.grant(r, "g_"),
-                r["c_revoke_reason"],
-            )
-            for r in rows
-        ]
+            rows = await _all(conn, _COMMANDS_AFTER, [agent, seq, limit])
+        return [rec.command(r, agent) for r in rows]
 
     async def first_unacked_seq(self, agent: str) -> int | None:
         async with self._read() as conn:

@@ -1,4 +1,4 @@
--- The index of scheduled requests by start (as server/store/migrations/0005): first added by
+-- The index of scheduled requests by start (as server/store/migrations/0006): first added by
 -- editing 0006.grant-extensions after it had been applied; IF NOT EXISTS serves databases
 -- migrated before and after that edit.
 
