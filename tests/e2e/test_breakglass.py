@@ -111,7 +111,7 @@ async def test_breakglass_while_the_coordinator_is_down(tmp_path: Path) -> None:
         issued = await jitctl_json(
             admin_env,
             "breakglass", "issue", "--agent", "db-1", "--action", "shell", "--subject", "alice",
-            "--duration", "3s", "--valid-for", "1d", "--count", "2", "--reason", "on-call kit",
+            "--duration", "6s", "--valid-for", "1d", "--count", "2", "--reason", "on-call kit",
         )  # fmt: skip
         assert [c["state"] for c in issued] == ["unused", "unused"]
         first, second = issued
@@ -141,7 +141,7 @@ async def test_breakglass_while_the_coordinator_is_down(tmp_path: Path) -> None:
         assert "used already" in again.stderr
 
         # The emergency lease ends on its own, coordinator or not.
-        await wait_for(lambda: not marker.exists(), 15, "the break-glass lease to expire")
+        await wait_for(lambda: not marker.exists(), 30, "the break-glass lease to expire")
         assert check(state, "alice", "shell") == 1
         log = (tmp_path / "db-1.log").read_text()
         assert "break-glass code used" in log
@@ -164,7 +164,7 @@ async def test_breakglass_while_the_coordinator_is_down(tmp_path: Path) -> None:
             grant = await admin.get_grant(grant_id)
             assert grant.breakglass_code_id == first["id"]
             assert (grant.subject, grant.agent, grant.action) == ("alice", "db-1", "shell")
-            assert grant.not_after - grant.not_before == timedelta(seconds=3)
+            assert grant.not_after - grant.not_before == timedelta(seconds=6)
             async with asyncio.timeout(20):
                 while (await admin.get_grant(grant_id)).state is not GrantState.EXPIRED:
                     await asyncio.sleep(0.05)
