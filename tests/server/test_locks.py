@@ -243,8 +243,8 @@ async def test_grants_on_many_agents_are_revoked_in_one_lock(env: Env) -> None:
         env.coordinator.config.data_dir / "coordinator.db",
         "SELECT last_seq FROM agents ORDER BY name",
     ) == [
-        (2,),
-        (6,),
+        (3,),
+        (7,),
     ]
     states = {g.state for g in await env.admin.list_grants()}
     assert states == {GrantState.REVOKING}
