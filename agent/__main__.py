@@ -24,13 +24,23 @@ from typing import TYPE_CHECKING, NoReturn
 if TYPE_CHECKING:
     from agent import settings as agent_settings
     from agent.config import AgentConfig
+    from agent.domain.steps import StepHook
+    from jitmesh.clock import Clock
 
 EXIT_OK = 0
 EXIT_DENIED = 1
 EXIT_USAGE = 2
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    clock: Clock | None = None,
+    step: StepHook | None = None,
+) -> int:
+    """The command line. `clock` and `step` reach `agent.app.run` (the fault suite's launcher,
+    tests/support/faulty_agent.py, passes a movable clock and a crash point there); no flag or
+    environment variable sets them."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["check"]:
         return check(args[1:])
@@ -40,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return breakglass(args[1:])
     if args[:1] == ["run"]:
         args = args[1:]
-    return run(args)
+    return run(args, clock=clock, step=step)
 
 
 # check
@@ -217,7 +227,7 @@ def _iso_ms(ms: int) -> str:
 # run
 
 
-def run(argv: Sequence[str]) -> int:
+def run(argv: Sequence[str], *, clock: Clock | None = None, step: StepHook | None = None) -> int:
     from agent import settings as agent_settings
 
     parser = argparse.ArgumentParser(
@@ -287,15 +297,17 @@ def run(argv: Sequence[str]) -> int:
     except AgentError as exc:
         return _fail(f"configuration: {exc}")
 
-    from jitmesh import logs
+    from jitmesh import grpclog, logs
 
+    # Before grpc is imported (by agent.app): gRPC's own lines become our log records.
+    grpclog.capture()
     logs.setup(
         loaded.values["log_level"], loaded.values["log_format"], static={"agent": config.name}
     )
     import asyncio
 
     try:
-        asyncio.run(_serve(config, loaded))
+        asyncio.run(_serve(config, loaded, clock=clock, step=step))
     except AgentError as exc:
         return _fail(str(exc))
     return EXIT_OK
@@ -341,6 +353,7 @@ def _agent_config(loaded: agent_settings.Loaded) -> AgentConfig:
         remove_retry_base=values["remove_retry_base"],
         skew_tolerance=values["skew_tolerance"],
         reconcile_every=values["reconcile_every"],
+        lease_retention=values["lease_retention"],
         exec_grace=values["exec_grace"],
         breakglass_max=values["breakglass_max"],
         end_sessions=values["end_sessions"],
@@ -348,7 +361,13 @@ def _agent_config(loaded: agent_settings.Loaded) -> AgentConfig:
     )
 
 
-async def _serve(config: AgentConfig, loaded: agent_settings.Loaded) -> None:
+async def _serve(
+    config: AgentConfig,
+    loaded: agent_settings.Loaded,
+    *,
+    clock: Clock | None = None,
+    step: StepHook | None = None,
+) -> None:
     import asyncio
     import logging
     import signal
@@ -379,10 +398,9 @@ async def _serve(config: AgentConfig, loaded: agent_settings.Loaded) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping)
     loop.add_signal_handler(signal.SIGHUP, reload)
-    from agent import testclock
+    from agent.domain.steps import no_hook
 
-    # None unless the fault suite's test-only clock variable is set.
-    await app.run(config, stop=stop, clock=testclock.from_env())
+    await app.run(config, stop=stop, clock=clock, step=step or no_hook)
 
 
 def _fail(message: str) -> int:

@@ -13,9 +13,10 @@ import os
 import random
 import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 from agent.config import (
     AgentConfig,
@@ -28,6 +29,7 @@ from agent.config import (
 from agent.domain.coverage import DriftMode
 from agent.domain.errors import AgentError, EnrollmentError, StateError
 from agent.domain.leases import EventKind, new_event
+from agent.domain.steps import StepHook, no_hook
 from agent.enforcers.base import Enforcer, EnforcerSet
 from agent.enforcers.file import FileEnforcer
 from agent.engine import Engine
@@ -52,6 +54,9 @@ KEYS_NAME = "signing_keys.json"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
+T = TypeVar("T")
+
+
 class _Stopped(Exception):
     pass
 
@@ -63,11 +68,14 @@ async def run(
     pacing: Clock | None = None,
     stop: asyncio.Event | None = None,
     rand: Callable[[], float] = random.random,
+    step: StepHook = no_hook,
 ) -> None:
     """Run the agent until `stop` is set (or the task is cancelled).
 
     `clock` decides lease time and stamps messages; `pacing` times reconnect backoff and
-    heartbeats (tests give leases a fake clock and the network a real one).
+    heartbeats (tests give leases a fake clock and the network a real one). `step` is told each
+    step of an apply and a revoke (the fault suite's crash points). Both are given here, by
+    the caller, and never read from the environment.
     """
     clock = clock or SystemClock()
     pacing = pacing or clock
@@ -84,10 +92,16 @@ async def run(
             "no credential in the state directory and no join token: "
             "pass --join-token or set JITMESH_JOIN_TOKEN"
         )
-    # Pending migrations run in a child process: yoyo never stays resident in the agent.
-    store, moved_aside = SqliteLeaseStore.open_or_recover(
+    # Pending migrations run in a child process: yoyo never stays resident in the agent. A stop
+    # (SIGTERM) while it runs ends the wait at once, and the child with it.
+    opening = SqliteLeaseStore.open_or_recover(
         state_dir, now_ms=to_ms(clock.now()), migrations=migrate_isolated
     )
+    try:
+        store, moved_aside = await _unless_stopped(opening, stop)
+    except _Stopped:
+        log.info("agent stopped before it started")
+        return
     try:
         boot_id = read_boot_id()
         await store.claim(config.name, boot_id)
@@ -104,6 +118,8 @@ async def run(
             remove_retry_base=config.remove_retry_base,
             skew_tolerance=timedelta(seconds=config.skew_tolerance),
             reconcile_every=config.reconcile_every,
+            lease_retention=timedelta(seconds=config.lease_retention),
+            step=step,
         )
         if moved_aside:
             # Fail closed: with an empty table the start-up reconcile removes every access the
@@ -261,6 +277,25 @@ def agent_version() -> str:
     from jitmesh import __version__
 
     return __version__
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event | None) -> T:
+    """`work`'s result, or _Stopped (with `work` cancelled) as soon as `stop` is set."""
+    if stop is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            # Its clean-up (killing the migration child, releasing the lock) finishes first.
+            await asyncio.wait((task,))
+    if task.cancelled():
+        raise _Stopped()
+    return task.result()
 
 
 async def _until(stop: asyncio.Event) -> None:

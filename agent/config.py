@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from agent import defaults
 from agent.domain.errors import ConfigError
 from jitmesh import validation
-from jitmesh.durations import DurationError, parse_duration
+from jitmesh.durations import MAX_DURATION, DurationError, parse_duration
 
 if TYPE_CHECKING:
     from agent.enforcers.group import GroupSettings
@@ -206,6 +206,8 @@ class AgentConfig:
     skew_tolerance: float = defaults.SKEW_TOLERANCE
     # Seconds between drift reconciles (host against lease table) while running.
     reconcile_every: float = defaults.RECONCILE_EVERY
+    # Ended leases stay in the lease table at least this long (agent/domain/retention.py).
+    lease_retention: float = defaults.LEASE_RETENTION
     # Prometheus metrics on HOST:PORT (None: off, and the exporter is never imported).
     metrics_listen: str | None = None
     # Answer systemd's watchdog when it asks for one (WATCHDOG_USEC).
@@ -268,6 +270,13 @@ class AgentConfig:
             raise ConfigError("end_sessions: must be exec or user")
         for name in ("skew_tolerance", "reconcile_every"):
             _set(self, name, _number(getattr(self, name), name, low=0, high=86400, open_low=True))
+        _set(
+            self,
+            "lease_retention",
+            _number(
+                self.lease_retention, "lease_retention", low=0, high=MAX_DURATION.total_seconds()
+            ),
+        )
         retries = self.remove_retries
         if isinstance(retries, bool) or not isinstance(retries, int) or not 1 <= retries <= 20:
             raise ConfigError("remove_retries: must be a whole number from 1 to 20")

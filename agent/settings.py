@@ -191,6 +191,12 @@ SETTINGS: Final = (
         help="how often the host is reconciled",
     ),
     Setting(
+        "lease_retention",
+        _seconds,
+        defaults.LEASE_RETENTION,
+        help="how long ended leases stay in the lease table (revoked ones: longer, see docs)",
+    ),
+    Setting(
         "exec_grace",
         _seconds,
         10.0,

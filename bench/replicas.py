@@ -25,10 +25,10 @@ from typing import Any
 
 import psycopg
 
-from agent.swarm import Swarm, SwarmSettings
 from jitmesh import Client
 from server.shared import new_key
 from server.store.postgres import with_schema
+from tests.support.swarm import Swarm, SwarmSettings
 
 from .procs import DevCoordinator, free_port
 from .scenarios import HOUR, MS, Sizes, _fanout_round, _run_links, _say, _throughput

@@ -19,7 +19,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.swarm import Swarm, SwarmAgent, SwarmSettings, raise_fd_limit
 from jitmesh import Client
 from jitmesh.types import Grant, GrantState, OfflinePolicy
 from server.app import build
@@ -29,6 +28,7 @@ from server.domain.hub import Hub
 from server.domain.models import ADMIN_GROUP, AgentAck, Command, Principal
 from server.domain.policy import DEV_POLICY
 from server.store.sqlite import SqliteStore
+from tests.support.swarm import Swarm, SwarmAgent, SwarmSettings, raise_fd_limit
 
 from . import baseline as bl
 from .delivery import delivery

@@ -177,6 +177,7 @@ def review(msg: types_pb2.Review) -> types.Review:
         reason=msg.reason,
         reviewed_at=required_time(msg.reviewed_at, "a review"),
         stage=msg.stage,
+        via=msg.via,
     )
 
 
@@ -187,6 +188,7 @@ def review_to_proto(value: types.Review) -> types_pb2.Review:
         reason=value.reason,
         reviewed_at=time_to_proto(value.reviewed_at),
         stage=value.stage,
+        via=value.via,
     )
 
 

@@ -73,6 +73,9 @@ class Review:
     groups: tuple[str, ...] = ()
     # The stage (0-based) this review counted for.
     stage: int = 0
+    # The delegate that relayed this review for `reviewer` (a notification bridge's token with
+    # scope review-on-behalf, or "slack"); empty when the reviewer acted in person.
+    via: str = ""
 
 
 class StageMode(enum.StrEnum):

@@ -11,17 +11,20 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 from pydantic import ValidationError
 
-from jitmesh import __version__, logs, sdnotify
+from jitmesh import __version__, grpclog, logs, sdnotify
 from jitmesh.clock import SystemClock
-from server.app import Coordinator, DevDataError, DirectoryBusy, build, lock_data_dir, open_store
+from jitmesh.pidlock import DirectoryBusy
 from server.config import CoordinatorConfig
+from server.domain.bootstrap import DevDataError
 from server.domain.models import ADMIN_GROUP, Principal, new_secret, user_name
 from server.domain.policy import DEV_POLICY
 from server.domain.ports import Tx
+from server.domain.steps import StepHook, no_hook
 from server.settings import (
     FLAG_NAMES,
     CoordinatorSettings,
@@ -31,6 +34,11 @@ from server.settings import (
 from server.settings import load as load_settings
 from server.shared import SecretKeyError
 from server.store.postgres.importer import StoreImportError
+
+if TYPE_CHECKING:
+    # server.app imports grpc: the commands import it only after choosing gRPC's own logging
+    # (jitmesh.grpclog), which its core reads at that first import.
+    from server.app import Coordinator
 
 log = logging.getLogger("jitmesh.coordinator")
 
@@ -173,7 +181,9 @@ def _store_flags(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     p.add_argument("--store", default="", help="postgresql://... (else SQLite in --data)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, step: StepHook = no_hook) -> int:
+    """The command line. `step` reaches `server.app.build` (the fault suite's launcher passes a
+    crash point there); no flag or environment variable sets it."""
     args = parser().parse_args(argv)
     if args.command == "new-secret-key":
         from server.shared import new_key
@@ -265,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
         return 2
+    # Before grpc is imported (by server.app): gRPC's own lines become our log records, and
+    # with TLS each failed handshake is logged with its peer (jitmesh/grpclog.py).
+    grpclog.capture(handshakes=log if config.tls else None)
     logs.setup(settings.log_level, settings.log_format)
     serving = _serve(
         config,
@@ -272,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         dev=args.command == "dev",
         reload=(args.config, flags),
         admin_token=admin_token,
+        step=step,
     )
     try:
         asyncio.run(serving)
@@ -450,6 +464,9 @@ async def _maintain(args: argparse.Namespace) -> int:
         print(f"jitmesh-coordinator: {args.data} holds no coordinator database", file=sys.stderr)
         return 1
     clock = SystemClock()
+    grpclog.quiet("ERROR")
+    from server.app import lock_data_dir, open_store
+
     lock_fd = lock_data_dir(args.data)
     try:
         store = await open_store(args.data)
@@ -489,8 +506,11 @@ async def _serve(
     dev: bool,
     reload: tuple[Path | None, dict[str, object]],
     admin_token: str | None = None,
+    step: StepHook = no_hook,
 ) -> None:
-    coordinator = await build(config, refuse_dev_data=not dev)
+    from server.app import build
+
+    coordinator = await build(config, refuse_dev_data=not dev, step=step)
     if dev:
         await _dev_setup(coordinator)
     else:

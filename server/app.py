@@ -65,6 +65,7 @@ from server.domain.reads import Readers
 from server.domain.receivers import ReceiverKind, ReceiverService
 from server.domain.signin import SignInRules, SignInService
 from server.domain.status import StatusService
+from server.domain.steps import StepHook, no_hook
 from server.notify.base import Links
 from server.notify.factory import users_map
 from server.notify.http import interactions_app, listen, serve
@@ -206,6 +207,8 @@ class Coordinator:
                 if self.shared is not None:
                     tg.create_task(self.shared.run(self.clock, self._shared_changed))
                 tg.create_task(self._watch_store())
+                if isinstance(self.store, SqliteStore):
+                    tg.create_task(self.store.truncate_when_idle(self.clock))
         finally:
             await self.stop()
 
@@ -295,16 +298,21 @@ class Coordinator:
 
 
 async def build(
-    config: CoordinatorConfig, clock: Clock | None = None, *, refuse_dev_data: bool = False
+    config: CoordinatorConfig,
+    clock: Clock | None = None,
+    *,
+    refuse_dev_data: bool = False,
+    step: StepHook = no_hook,
 ) -> Coordinator:
     """Open the store, load the policy, and start the gRPC server (listening, not yet `run`).
 
     Raises `DirectoryBusy` when another coordinator holds the data directory, and with
     `refuse_dev_data` (`serve`) `DevDataError` before listening when the store still holds dev
-    mode's ready-made credentials."""
+    mode's ready-made credentials. `step` is told each step of an approval and an ack
+    (`server.domain.steps`: the fault suite's crash points; production passes none)."""
     lock_fd = lock_data_dir(config.data_dir)
     try:
-        coordinator = await _build(config, clock or SystemClock(), refuse_dev_data)
+        coordinator = await _build(config, clock or SystemClock(), refuse_dev_data, step)
     except BaseException:
         os.close(lock_fd)
         raise
@@ -331,13 +339,15 @@ async def open_store(data_dir: Path) -> SqliteStore:
     return await SqliteStore.open(path)
 
 
-async def _build(config: CoordinatorConfig, clock: Clock, refuse_dev: bool) -> Coordinator:
+async def _build(
+    config: CoordinatorConfig, clock: Clock, refuse_dev: bool, step: StepHook
+) -> Coordinator:
     store = await open_store_url(config.store, config.data_dir, config.store_pool_size)
     servers: list[grpc.aio.Server] = []
     try:
         if refuse_dev:
             refuse_dev_data(await dev_credentials(store, clock.now()), str(config.data_dir))
-        return await _assemble(config, clock, store, servers)
+        return await _assemble(config, clock, store, servers, step)
     except BaseException:
         # A port already taken, a bad policy file: stop what was made, so the process exits
         # with its message instead of hanging on a half-built gRPC server.
@@ -352,6 +362,7 @@ async def _assemble(
     clock: Clock,
     store: SqliteStore | PostgresStore,
     servers: list[grpc.aio.Server],
+    step: StepHook,
 ) -> Coordinator:
     replica = config.replica or _replica_id(config.data_dir)
     shared: SharedFiles | None = None
@@ -385,12 +396,22 @@ async def _assemble(
         policy.refresh if isinstance(store, PostgresStore) else None,
         delivery=gate,
         readers=readers,
+        step=step,
     )
     expirer.start_due = access.start_scheduled
     keys = SigningKeys.open(config.data_dir, clock.now())
     codes = BreakglassCodec(keys)
     fleet = FleetService(
-        store, registry, hub, clock, epoch, __version__, replica, rates=rates, codes=codes
+        store,
+        registry,
+        hub,
+        clock,
+        epoch,
+        __version__,
+        replica,
+        rates=rates,
+        step=step,
+        codes=codes,
     )
     auth = Authenticator(identity)
     checkpoints = Checkpoints(store, keys)

@@ -252,9 +252,13 @@ def create_app(settings: WebSettings) -> Starlette:
         )  # fmt: skip
         return response
 
-    def refused(request: Request, message: str) -> Response:
+    def refused(request: Request, message: str, *, spent: bool = True) -> Response:
+        """A sign-in that does not finish. `spent`: it was this browser's own sign-in, whose
+        binding is then cleared; a foreign callback leaves the browser's own sign-in in flight
+        (else anyone could cancel it by sending a link)."""
         response = render(request, "error.html", None, 400, message=message, retry=True)
-        response.delete_cookie(signin.COOKIE, path=signin.COOKIE_PATH)
+        if spent:
+            response.delete_cookie(signin.COOKIE, path=signin.COOKIE_PATH)
         return response
 
     async def signin_callback(request: Request) -> Response:
@@ -267,6 +271,7 @@ def create_app(settings: WebSettings) -> Starlette:
                 request,
                 "This sign-in did not start in this browser (or took too long). "
                 "Sign in again from this page.",
+                spent=binding is None,
             )
         pending = sessions.finish_sign_in(state)
         code = request.query_params.get("code", "")
@@ -360,8 +365,9 @@ def create_app(settings: WebSettings) -> Starlette:
         try:
             duration = parse_duration(values["duration"] or "15m")
             # Checked here only to say it plainly; the coordinator decides either way.
-            offered = await client.request_options(agent=agent, action=action) if (
-                agent and action) else []  # fmt: skip
+            offered = (
+                await client.request_options(agent=agent, action=action) if agent and action else []
+            )
             option = next((o for o in offered if (o.agent, o.action) == (agent, action)), None)
             if option is None:
                 raise errors.PermissionDeniedError(f"you may not ask for {action} on {agent}")
@@ -545,7 +551,7 @@ def _approval(option: RequestOption) -> str:
     if plan.automatic:
         return "approved at once"
     who = [" or ".join([*s.groups, *s.users]) or s.name for s in plan.stages]
-    return "needs approval: " + ", then ".join(who) if who else "needs approval"
+    return f"needs approval: {', then '.join(who)}" if who else "needs approval"
 
 
 def _ago(at: datetime | None, now: datetime | None = None) -> str:

@@ -3,6 +3,8 @@
     AgentError
     ├── ConfigError            bad flags or configuration: the agent does not start
     ├── StateError             the state directory or the lease table cannot be used
+    │   ├── DiskFull           the disk holding the state directory is full
+    │   └── StateUnreadable    the lease table is damaged or not a database (moved aside)
     ├── EnrollmentError        no credential and no join token, or enrollment went wrong
     │   └── EnrollmentRefused  join token, name or labels refused: retrying cannot help
     ├── LinkError              the coordinator broke the stream protocol
@@ -28,6 +30,15 @@ class ConfigError(AgentError):
 
 class StateError(AgentError):
     pass
+
+
+class DiskFull(StateError):
+    """The disk holding the state directory is full: nothing is wrong with the lease table."""
+
+
+class StateUnreadable(StateError):
+    """The lease table is not a database SQLite can read (damaged, truncated, another file):
+    the agent moves it aside and starts with an empty one."""
 
 
 class EnrollmentError(AgentError):

@@ -35,6 +35,7 @@ from agent.domain.commands import (
 )
 from agent.domain.errors import StateError
 from agent.domain.leases import EventKind, Lease, LeaseState, Pair, new_event
+from agent.domain.steps import Step, StepHook, no_hook
 from agent.engine.clocktrust import ClockTrust
 from agent.engine.enforcement import Enforcement, Failures
 from agent.engine.expiry import Expiry
@@ -42,7 +43,6 @@ from agent.engine.linkstate import LinkState
 from agent.engine.removals import Removals
 from agent.engine.shared import Shared, cut, lease_fields
 from agent.store.base import LeaseStore
-from jitmesh.crashpoints import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,11 @@ class Commands:
         enforcement: Enforcement,
         removals: Removals,
         expiry: Expiry,
+        step: StepHook = no_hook,
     ) -> None:
         self._name = name
+        # Told each step of an apply and a revoke (the fault suite's crash points).
+        self._step = step
         self._store = store
         self._shared = shared
         self._time = time
@@ -164,7 +167,7 @@ class Commands:
             except StateError:
                 return []  # one by one: each answers its own failure
             self._link.applied(last, epoch)
-            crash_point("agent_after_record")
+            self._step(Step.AFTER_RECORD)
             failures = await self._enforcement.enforce(holding, starting=leases)
             acks: list[Ack] = []
             for command, lease in run:
@@ -179,7 +182,7 @@ class Commands:
                 else:
                     log.info("grant applied", extra=lease_fields(lease))
                     acks.append(Ack(command.seq, AckStatus.APPLIED, "", lease.grant_id))
-            crash_point("agent_after_apply")
+            self._step(Step.AFTER_APPLY)
         finally:
             lock.release()
         look = False
@@ -355,13 +358,13 @@ class Commands:
         if not starts_now:
             # not_before lies ahead: the expiry loop starts it on time.
             return Ack(seq, AckStatus.APPLIED, "scheduled", grant_id)
-        crash_point("agent_after_record")
+        self._step(Step.AFTER_RECORD)
         failures = await self._enforcement.enforce(holding, starting=[lease])
         reason = failures.apply.get(lease.pair)
         if reason is not None:
             await self._apply_failed(lease, now, reason)
             return Ack(seq, AckStatus.FAILED, reason, grant_id)
-        crash_point("agent_after_apply")
+        self._step(Step.AFTER_APPLY)
         log.info("grant applied", extra=lease_fields(lease))
         return Ack(seq, AckStatus.APPLIED, "", grant_id)
 
@@ -417,11 +420,11 @@ class Commands:
                 return Ack(seq, AckStatus.FAILED, reason, grant_id)
             reason = "access removed; lease table full, revoke kept in the journal"
             return Ack(seq, AckStatus.APPLIED, reason, grant_id)
-        crash_point("agent_after_revoke_record")
+        self._step(Step.AFTER_REVOKE_RECORD)
         failures = await self._enforcement.enforce(
             holding, ending=[decision.before], cause=spec.reason.value
         )
-        crash_point("agent_after_remove")
+        self._step(Step.AFTER_REMOVE)
         if pair in failures.remove:
             # Acked FAILED now (REVOKE_FAILED on the coordinator); retried in the background.
             await self._removals.pend(pair, [grant_id], failures.remove[pair])

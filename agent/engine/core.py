@@ -22,6 +22,7 @@ from agent.domain.breakglass import Code, Refused
 from agent.domain.commands import Ack, CommandSpec
 from agent.domain.leases import EventKind, Lease, OutboxEvent, Pair, new_event
 from agent.domain.removals import RetryPolicy
+from agent.domain.steps import StepHook, no_hook
 from agent.enforcers.base import EnforcerSet
 from agent.engine.breakglass import Breakglass
 from agent.engine.clocktrust import ClockTrust
@@ -31,6 +32,7 @@ from agent.engine.expiry import Expiry
 from agent.engine.linkstate import HelloState, LinkState
 from agent.engine.reconcile import Reconciler
 from agent.engine.removals import Removals
+from agent.engine.retention import Retention
 from agent.engine.shared import Shared, best_effort
 from agent.store.base import LeaseStore
 from jitmesh.clock import Clock
@@ -46,6 +48,7 @@ class Parts:
     reconciler: Reconciler
     expiry: Expiry
     commands: Commands
+    retention: Retention
     breakglass: Breakglass
 
 
@@ -60,6 +63,8 @@ def assemble(
     remove_retry_base: float = defaults.REMOVE_RETRY_BASE,
     skew_tolerance: timedelta | None = None,
     reconcile_every: float | None = None,
+    lease_retention: timedelta = timedelta(seconds=defaults.LEASE_RETENTION),
+    step: StepHook = no_hook,
 ) -> Parts:
     """The parts, each given the others it needs (the engine's tests build them here too)."""
     shared = Shared()
@@ -88,6 +93,7 @@ def assemble(
         now=now,
         every=reconcile_every,
     )
+    retention = Retention(store=store, clock=clock, shared=shared, time=time, keep=lease_retention)
     expiry = Expiry(
         store=store,
         clock=clock,
@@ -97,6 +103,7 @@ def assemble(
         enforcement=enforcement,
         removals=removals,
         reconciler=reconciler,
+        retention=retention,
         rand=rand,
     )
     commands = Commands(
@@ -108,12 +115,22 @@ def assemble(
         enforcement=enforcement,
         removals=removals,
         expiry=expiry,
+        step=step,
     )
     breakglass = Breakglass(
         name=name, store=store, shared=shared, time=time, enforcement=enforcement
     )
     return Parts(
-        shared, time, link, removals, enforcement, reconciler, expiry, commands, breakglass
+        shared,
+        time,
+        link,
+        removals,
+        enforcement,
+        reconciler,
+        expiry,
+        commands,
+        retention,
+        breakglass,
     )
 
 
@@ -130,13 +147,17 @@ class Engine:
         remove_retry_base: float = defaults.REMOVE_RETRY_BASE,
         skew_tolerance: timedelta | None = None,
         reconcile_every: float | None = None,
+        lease_retention: timedelta = timedelta(seconds=defaults.LEASE_RETENTION),
+        step: StepHook = no_hook,
     ) -> None:
         """`remove_retries`: attempts at a revoke's removal before its grant is reported
         `grant.revoke_failed`, `remove_retry_base` apart, doubling, +-50 % (the revoke itself is
         acked FAILED after the first, inline, attempt; REVOKED follows a removal that worked).
         `skew_tolerance`: grants issued further from the agent's time are refused (None: no
         check). `reconcile_every`: seconds between drift reconciles while running (None: only
-        at start)."""
+        at start). `lease_retention`: ended leases stay in the table at least this long
+        (`agent.domain.retention`). `step`: told each step of an apply and a revoke
+        (`agent.domain.steps`: the fault suite's crash points; production passes none)."""
         self.name = name
         self._store = store
         parts = assemble(
@@ -149,6 +170,8 @@ class Engine:
             remove_retry_base=remove_retry_base,
             skew_tolerance=skew_tolerance,
             reconcile_every=reconcile_every,
+            lease_retention=lease_retention,
+            step=step,
         )
         self._shared = parts.shared
         self._time = parts.time
@@ -158,6 +181,7 @@ class Engine:
         self._enforcement = parts.enforcement
         self._expiry = parts.expiry
         self._commands = parts.commands
+        self._retention = parts.retention
         self._breakglass = parts.breakglass
 
     @property
@@ -199,8 +223,13 @@ class Engine:
             await self._reconciler.reconcile_locked()
 
     async def run(self) -> None:
-        """The expiry loop and, beside it, the loop retrying pending removals."""
+        """The expiry loop and, beside it, the loop retrying pending removals and the one
+        pruning ended leases."""
         await self._expiry.run()
+
+    async def prune(self) -> int:
+        """Delete the ended leases kept long enough now; how many."""
+        return await self._retention.prune()
 
     async def handle(self, command: CommandSpec) -> Ack:
         return await self._commands.handle(command)

@@ -22,6 +22,7 @@ from agent.engine.enforcement import Enforcement
 from agent.engine.linkstate import LinkState
 from agent.engine.reconcile import Reconciler
 from agent.engine.removals import Removals
+from agent.engine.retention import Retention
 from agent.engine.shared import Shared, lease_fields, sleep_or_wake
 from agent.store.base import LeaseStore
 from jitmesh.clock import Clock
@@ -45,6 +46,7 @@ class Expiry:
         enforcement: Enforcement,
         removals: Removals,
         reconciler: Reconciler,
+        retention: Retention,
         rand: Callable[[], float],
     ) -> None:
         self._store = store
@@ -55,6 +57,7 @@ class Expiry:
         self._enforcement = enforcement
         self._removals = removals
         self._reconciler = reconciler
+        self._retention = retention
         self._rand = rand
         # Expiry ends whose removal failed (the lease stays active): the sweep's own retries.
         self._retry_attempt = 0
@@ -63,10 +66,12 @@ class Expiry:
 
     async def run(self) -> None:
         """The expiry loop (sweep, then sleep until the next deadline or a change of leases) and,
-        beside it, the loop retrying pending removals in the background."""
+        beside it, the loop retrying pending removals in the background and the one pruning
+        ended leases."""
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._removals.run(tasks))
+                tasks.create_task(self._retention.run())
                 await self._loop()
         except BaseExceptionGroup as group:
             # One failure (a lease table that cannot be read) surfaces as itself, as before.

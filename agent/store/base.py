@@ -87,6 +87,15 @@ class LeaseStore(Protocol):
         The SQLite store keeps an end its table cannot take (a full disk) in its journal."""
         ...
 
+    async def ended_leases(self, *, after: str = "", limit: int = 500) -> list[Lease]:
+        """Rows that no longer grant anything (removed, failed, tombstone), by grant id, the
+        first `limit` of those whose id sorts after `after` (pages of the whole set)."""
+        ...
+
+    async def delete_ended(self, grant_ids: Iterable[str]) -> int:
+        """Delete these rows if they are ended (an active lease is never deleted); how many."""
+        ...
+
     async def removals(self) -> list[Removal]:
         """Pending removals (failed removals of ended leases' pairs), by pair."""
         ...

@@ -141,6 +141,23 @@ class MemoryLeaseStore:
             if code_id in self._breakglass:
                 self._breakglass[code_id] = (self._breakglass[code_id][0], True)
 
+    async def ended_leases(self, *, after: str = "", limit: int = 500) -> list[Lease]:
+        ids = sorted(
+            gid
+            for gid, lease in self._leases.items()
+            if lease.state is not LeaseState.ACTIVE and gid > after
+        )
+        return [self._leases[gid] for gid in ids[:limit]]
+
+    async def delete_ended(self, grant_ids: Iterable[str]) -> int:
+        gone = 0
+        for gid in set(grant_ids):
+            lease = self._leases.get(gid)
+            if lease is not None and lease.state is not LeaseState.ACTIVE:
+                del self._leases[gid]
+                gone += 1
+        return gone
+
     async def removals(self) -> list[Removal]:
         return [self._removals[pair] for pair in sorted(self._removals)]
 

@@ -13,13 +13,13 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from agent.domain.breakglass import KeptLock, LockChange, Use
-from agent.domain.errors import StateError
+from agent.domain.errors import DiskFull, StateError, StateUnreadable
 from agent.domain.leases import Lease, LeaseState, OutboxEvent, Pair
 from agent.domain.removals import Removal
 from jitmesh.clock import from_ms, to_ms
@@ -28,8 +28,9 @@ from jitmesh.types import OfflineMode, OfflinePolicy
 
 from .base import Meta
 from .journal import JOURNAL_NAME, Journal, JournalFull
-from .migrate import migrate
+from .migrate import migrate, migrate_isolated
 from .readonly import DB_NAME
+from .space import disk_full, is_corrupt_error, is_full_error
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,15 @@ class SqliteLeaseStore:
     journal (`journal.py`) instead, and reads lay the journal over the table until it is moved
     in: a lease ended in the journal is never active again."""
 
-    def __init__(self, db: sqlite3.Connection, lock_fd: int, journal: Journal | None) -> None:
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        lock_fd: int,
+        journal: Journal | None,
+        state_dir: Path | None = None,
+    ) -> None:
+        # Where the table lives: a failed write asks its disk whether it is full.
+        self._state_dir = state_dir
         self._db = db
         self._lock_fd = lock_fd
         self._journal = journal
@@ -57,12 +66,27 @@ class SqliteLeaseStore:
     def open(
         cls, state_dir: Path, *, migrations: Callable[[Path], int] = migrate
     ) -> SqliteLeaseStore:
-        """Lock the state directory for this process, migrate the schema, open the table.
-        `migrations` applies what is pending (the agent passes `migrate_isolated`)."""
+        """Lock the state directory for this process, migrate the schema (in this process:
+        tests and tools; the agent uses `open_or_recover`), open the table."""
         lock_fd = _lock(state_dir / LOCK_NAME)
         try:
-            db_path = state_dir / DB_NAME
-            migrations(db_path)
+            try:
+                migrations(state_dir / DB_NAME)
+            except (sqlite3.Error, OSError) as exc:
+                raise _open_error(exc, state_dir) from exc
+            return cls._attach(state_dir, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def _attach(cls, state_dir: Path, lock_fd: int) -> SqliteLeaseStore:
+        """Open the migrated table in the locked directory (the lock then belongs to the
+        store); raises StateError (DiskFull, StateUnreadable) and leaves the lock to the
+        caller."""
+        db_path = state_dir / DB_NAME
+        db: sqlite3.Connection | None = None
+        try:
             db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=True)
             db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit is in the WAL (the OS cache) before the ack leaves,
@@ -78,14 +102,13 @@ class SqliteLeaseStore:
             # A damaged file is found now, at start, not in the middle of a command.
             check = db.execute("PRAGMA quick_check").fetchone()
             if check is None or check[0] != "ok":
-                db.close()
-                raise sqlite3.DatabaseError("quick_check failed")
+                raise StateUnreadable("cannot open the lease table: quick_check failed")
             db.execute("SELECT count(*) FROM leases").fetchone()
-        except (sqlite3.Error, OSError, ValueError) as exc:
-            os.close(lock_fd)
-            raise StateError(f"cannot open the lease table: {type(exc).__name__}") from exc
-        except BaseException:
-            os.close(lock_fd)
+        except BaseException as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, sqlite3.Error | OSError | ValueError):
+                raise _open_error(exc, state_dir) from exc
             raise
         journal_path = state_dir / JOURNAL_NAME
         try:
@@ -94,11 +117,10 @@ class SqliteLeaseStore:
             if journal_path.exists():
                 # It may hold ends the table lacks: starting without them could re-apply access.
                 db.close()
-                os.close(lock_fd)
                 raise StateError(f"cannot read the revoke journal ({exc.strerror})") from None
             log.warning("no revoke journal (cannot allocate it)", extra={"error": exc.strerror})
             journal = None
-        store = cls(db, lock_fd, journal)
+        store = cls(db, lock_fd, journal, state_dir)
         store._flush_journal()
         return store
 
@@ -113,28 +135,54 @@ class SqliteLeaseStore:
         self._lock_fd = -1
 
     @classmethod
-    def open_or_recover(
-        cls, state_dir: Path, *, now_ms: int, migrations: Callable[[Path], int] = migrate
+    async def open_or_recover(
+        cls,
+        state_dir: Path,
+        *,
+        now_ms: int,
+        migrations: Callable[[Path], Awaitable[int]] = migrate_isolated,
     ) -> tuple[SqliteLeaseStore, str]:
-        """Open the lease table; if it cannot be read (corrupt, truncated, not a database), move
-        it aside (`agent.db.corrupt-<ms>`, with its WAL and shared-memory files) and start with
-        an empty one. Returns the store and, if a table was moved aside, why ("" otherwise).
+        """Lock the state directory, migrate (in a child process: cancelling this kills it),
+        open the lease table. If the table cannot be read (corrupt, truncated, not a
+        database), move it aside (`agent.db.corrupt-<ms>`, with its WAL and shared-memory
+        files) and start with an empty one. Returns the store and, if a table was moved aside,
+        why ("" otherwise). A full disk is never taken for a damaged table: DiskFull is raised
+        and nothing is moved.
 
         The caller must then treat every access on the host as unmanaged (an empty table: the
         start-up reconcile removes all the enforcers observe) and resync from the coordinator.
         """
+        lock_fd = _lock(state_dir / LOCK_NAME)
         try:
-            return cls.open(state_dir, migrations=migrations), ""
+            try:
+                return await cls._migrate_and_attach(state_dir, lock_fd, migrations), ""
+            except StateUnreadable as exc:
+                why = str(exc)
+            db_path = state_dir / DB_NAME
+            for suffix in ("", "-wal", "-shm"):
+                part = db_path.with_name(db_path.name + suffix)
+                if part.exists():
+                    os.replace(part, part.with_name(f"{part.name}.corrupt-{now_ms}"))
+            return await cls._migrate_and_attach(state_dir, lock_fd, migrations), why
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    async def _migrate_and_attach(
+        cls, state_dir: Path, lock_fd: int, migrations: Callable[[Path], Awaitable[int]]
+    ) -> SqliteLeaseStore:
+        try:
+            await migrations(state_dir / DB_NAME)
+        except (sqlite3.Error, OSError) as exc:
+            raise _open_error(exc, state_dir) from exc
         except StateError as exc:
-            if not isinstance(exc.__cause__, sqlite3.DatabaseError):
-                raise  # locked by another agent, permissions: not something moving aside fixes
-            why = type(exc.__cause__).__name__
-        db_path = state_dir / DB_NAME
-        for suffix in ("", "-wal", "-shm"):
-            part = db_path.with_name(db_path.name + suffix)
-            if part.exists():
-                os.replace(part, part.with_name(f"{part.name}.corrupt-{now_ms}"))
-        return cls.open(state_dir, migrations=migrations), why
+            # A failure the child could not name (yoyo hides a full disk behind its lock).
+            full = disk_full(state_dir)
+            if full and not isinstance(exc, DiskFull):
+                raise DiskFull(full) from exc
+            raise
+        return cls._attach(state_dir, lock_fd)
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -143,13 +191,13 @@ class SqliteLeaseStore:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StateError(f"lease table unavailable: {type(exc).__name__}") from exc
+            raise self._failed("lease table unavailable", exc) from exc
         try:
             yield self._db
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
-            raise StateError(f"lease table write failed: {exc}") from exc
+            raise self._failed("lease table write failed", exc) from exc
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
@@ -159,9 +207,16 @@ class SqliteLeaseStore:
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
-            raise StateError(f"lease table commit failed: {exc}") from exc
+            raise self._failed("lease table commit failed", exc) from exc
         # The table takes writes again: move what the journal holds into it.
         self._flush_journal()
+
+    def _failed(self, what: str, exc: sqlite3.Error) -> StateError:
+        """A failed write, named: DiskFull when the disk is (whatever SQLite called it)."""
+        full = disk_full(self._state_dir) if self._state_dir is not None else None
+        if full or is_full_error(exc):
+            return DiskFull(f"{what}: {full or 'the disk is full'}")
+        return StateError(f"{what}: {exc}" if str(exc) else f"{what}: {type(exc).__name__}")
 
     # The overflow journal.
 
@@ -480,6 +535,28 @@ class SqliteLeaseStore:
 
     # Pending removals.
 
+    async def ended_leases(self, *, after: str = "", limit: int = 500) -> list[Lease]:
+        # A lease ended only in the journal is still active in the table: not listed (it is
+        # not deletable until the journal is moved in).
+        rows = self._db.execute(
+            f"SELECT {_LEASE_COLUMNS} FROM leases WHERE state != 'active' AND grant_id > ? "
+            "ORDER BY grant_id LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [_lease(row) for row in rows]
+
+    async def delete_ended(self, grant_ids: Iterable[str]) -> int:
+        ids = sorted(set(grant_ids))
+        if not ids:
+            return 0
+        with self._tx() as db:
+            return sum(
+                db.execute(
+                    "DELETE FROM leases WHERE grant_id = ? AND state != 'active'", (gid,)
+                ).rowcount
+                for gid in ids
+            )
+
     async def removals(self) -> list[Removal]:
         rows = self._db.execute(
             "SELECT subject, action, grant_ids, attempts, next_at_ms, since_ms, error, reported "
@@ -582,6 +659,22 @@ def _lock(path: Path) -> int:
         return lock_directory(path, what="agent")
     except DirectoryBusy as exc:
         raise StateError(str(exc)) from None
+    except OSError as exc:
+        raise _open_error(exc, path.parent) from None
+
+
+def _open_error(exc: BaseException, state_dir: Path) -> StateError:
+    """What opening the lease table ran into, named: a full disk first (whatever SQLite called
+    it), then a damaged table (the only kind moved aside), then anything else."""
+    if isinstance(exc, StateError):
+        return exc
+    full = disk_full(state_dir)
+    if full or is_full_error(exc):
+        return DiskFull(full or f"no space left in the state directory {state_dir}")
+    if is_corrupt_error(exc):
+        return StateUnreadable(f"cannot open the lease table: {type(exc).__name__}: {exc}")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return StateError(f"cannot open the lease table: {type(exc).__name__}: {reason}")
 
 
 def _put(db: sqlite3.Connection, key: str, value: str) -> None:

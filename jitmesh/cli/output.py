@@ -44,6 +44,7 @@ from jitmesh.types import (
     PolicyDocument,
     Request,
     RequestOption,
+    Review,
     TokenInfo,
     UserInfo,
 )
@@ -231,6 +232,7 @@ def request_json(request: Request, grant: Grant | None = None) -> JSON:
         "reviews": [
             {
                 "reviewer": r.reviewer,
+                "via": r.via,
                 "decision": r.decision.value,
                 "reason": r.reason,
                 "reviewed_at": rfc3339(r.reviewed_at),
@@ -423,7 +425,7 @@ def request_details(request: Request, now: datetime, grant: Grant | None = None)
         pairs.append(("DECIDED", f"{human_time(request.decided_at)} by {request.decided_by}"))
         pairs.append(("DECISION REASON", request.decision_reason))
     pairs.extend(
-        ("REVIEW", f"{r.decision.value.lower()} by {r.reviewer}: {r.reason}".rstrip(": "))
+        ("REVIEW", f"{r.decision.value.lower()} by {_by(r)}: {r.reason}".rstrip(": "))
         for r in request.reviews
     )
     pairs.append(("GRANT", _grant_ref(request)))
@@ -899,6 +901,10 @@ def tokens_table(tokens: Iterable[TokenInfo], now: datetime) -> Table:
             for t in tokens
         ),
     )
+
+
+def _by(review: Review) -> str:
+    return f"{review.reviewer} via {review.via}" if review.via else review.reviewer
 
 
 def _when(at: datetime | None, now: datetime, unset: str = _NONE) -> str:

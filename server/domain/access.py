@@ -11,7 +11,6 @@ from datetime import datetime, timedelta
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock, from_ms, to_ms
-from jitmesh.crashpoints import crash_point
 from jitmesh.durations import MAX_DURATION, format_duration
 from jitmesh.types import (
     ApprovalPlan,
@@ -61,6 +60,7 @@ from .models import (
 from .policy import Policy, Rule, match, pending_ttl, plan_for
 from .ports import CommandSink, Store, Tx
 from .reads import Readers, View, view_of, visible_page
+from .steps import Step, StepHook, no_hook
 
 log = logging.getLogger(__name__)
 MIN_DURATION = timedelta(seconds=1)
@@ -106,9 +106,12 @@ class AccessService:
         readers: Readers | None = None,
         *,
         delivery: DeliveryGate | None = None,
+        step: StepHook = no_hook,
     ) -> None:
         """`refresh_policy` (replicas): called before each request is judged, so a policy
-        applied on another replica is in force here from the next call."""
+        applied on another replica is in force here from the next call. `step` is told each
+        step of an approval (the fault suite's crash points; nothing in production)."""
+        self._step = step
         self._refresh_policy = refresh_policy
         self._readers = readers or Readers()
         self._store = store
@@ -692,9 +695,9 @@ class AccessService:
                 out.append((request, grant))
             await tx.insert_requests(requests)
             commands = await write_grants(tx, approved, now, audit_first=entries)
-            crash_point("before_commit")
+            self._step(Step.BEFORE_COMMIT)
         if commands:
-            crash_point("after_commit")
+            self._step(Step.AFTER_COMMIT)
         try:
             # Committed: nothing below may fail the batch, or GroupCommit would write each
             # request again (the push and the notices are hints; the log and the store are not).
@@ -772,7 +775,10 @@ class AccessService:
             )
             if refusal:
                 raise PermissionDenied(refusal)
-            review = Review(principal.name, decision, reason, now, recorded_groups(plan, principal))
+            review = Review(
+                principal.name, decision, reason, now, recorded_groups(plan, principal),
+                via=principal.via,
+            )  # fmt: skip
             if not await tx.insert_review(request.id, review):
                 raise Conflict("you have already reviewed this request")
             after = self._apply(plan, request, (*request.reviews, review), now)
@@ -1316,7 +1322,7 @@ class AccessService:
         self, tx: Tx, request_id: str, grant: Grant | None, command: Command | None
     ) -> tuple[Request, Grant | None]:
         if command is not None:
-            crash_point("after_commit")
+            self._step(Step.AFTER_COMMIT)
             self._links.push([command])
         self._deadlines_changed()
         self._hub.requests_changed([request_id])

@@ -12,7 +12,6 @@ from typing import Any
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock
-from jitmesh.crashpoints import crash_point
 from jitmesh.types import Agent, Grant, GrantState, JoinTokenInfo, LockTarget
 from jitmesh.versions import Compatibility, agent_compatibility, older_than
 from jitmesh.versions import parse as parse_version
@@ -49,6 +48,7 @@ from .models import (
     new_secret,
 )
 from .ports import CommandSink, Store, Tx
+from .steps import Step, StepHook, no_hook
 
 DEFAULT_JOIN_TTL = timedelta(hours=1)
 # A replica that has not reported itself running for this long is taken as gone.
@@ -70,9 +70,12 @@ class FleetService:
         replica: str = "",
         *,
         rates: DeliveryRates | None = None,
+        step: StepHook = no_hook,
         codes: CodeSigner | None = None,
     ):
         self._store = store
+        # Told each step of an ack (the fault suite's crash points; nothing in production).
+        self._step = step
         # Reads break-glass codes agents report (None: their uses are refused, audited).
         self._codes = codes
         # This coordinator replica: recorded as the holder of each agent stream it serves.
@@ -526,14 +529,14 @@ class FleetService:
                 await self._refuse_impersonation(principal, "ack", foreign[0])
                 raise PermissionDenied("ack names another agent's grant")
         # The command reached the agent and was applied, the ack is not recorded yet.
-        crash_point("after_push")
+        self._step(Step.AFTER_PUSH)
         await self._acks.submit(_PendingAck(principal.name, ack))
 
     def ack_later(self, principal: Principal, acks: Sequence[AgentAck]) -> asyncio.Future[Any]:
         """`ack` for several acks, in order, without waiting: a stream's reader goes on
         reading while they are written (each stream used to record one ack per commit). The
         result is answered once all of them are durable, or with the first failure."""
-        crash_point("after_push")
+        self._step(Step.AFTER_PUSH)
         futures = [self._acks.enqueue(_PendingAck(principal.name, ack)) for ack in acks]
         if len(futures) == 1:
             return futures[0]
@@ -619,7 +622,7 @@ class FleetService:
                     ids, expected=[expected], state=state, change=GrantChange(**fields)
                 )
             await tx.audit_many(entries)
-        crash_point("after_ack")
+        self._step(Step.AFTER_ACK)
         if request_ids:
             self._hub.requests_changed(request_ids)
         await self._hub.audit_written(tx.new_audit)

@@ -134,6 +134,7 @@ def review(row: Row) -> Review:
         row["reason"],
         from_ms(row["reviewed_at"]),
         tuple(json.loads(row["groups"])),
+        via=row["via"],
     )
 
 
@@ -144,7 +145,7 @@ def reviews_by_request(rows: Iterable[Row]) -> dict[str, tuple[Review, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
-REVIEW_COLUMNS = "request_id, reviewer, decision, reason, reviewed_at, groups"
+REVIEW_COLUMNS = "request_id, reviewer, decision, reason, reviewed_at, groups, via"
 
 
 def request_values(r: Request) -> tuple[Any, ...]:

@@ -215,19 +215,20 @@ def test_migrations_are_idempotent(tmp_path: Path) -> None:
     assert {"leases", "meta", "outbox", "breakglass", "locks"} <= tables
 
 
-def test_pending_migrations_run_in_a_child_process(tmp_path: Path) -> None:
+async def test_pending_migrations_run_in_a_child_process(tmp_path: Path) -> None:
     db = tmp_path / "agent.db"
     assert pending(db)
-    assert migrate_isolated(db) == ALL_MIGRATIONS
+    assert await migrate_isolated(db) == ALL_MIGRATIONS
     assert not pending(db)
-    assert migrate_isolated(db) == 0
+    assert await migrate_isolated(db) == 0
     assert migrate(db) == 0
     # A store opened this way has its schema.
-    store = SqliteLeaseStore.open(tmp_path, migrations=migrate_isolated)
+    store, why = await SqliteLeaseStore.open_or_recover(tmp_path, now_ms=1)
+    assert why == ""
     store.close()
 
 
-def test_the_migration_child_ignores_code_in_the_working_directory(
+async def test_the_migration_child_ignores_code_in_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An `agent` package planted where the agent was started must not run in its place.
@@ -236,25 +237,25 @@ def test_the_migration_child_ignores_code_in_the_working_directory(
     (planted / "__init__.py").write_text("raise SystemExit(99)\n")
     monkeypatch.chdir(tmp_path / "cwd")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "cwd"))
-    assert migrate_isolated(tmp_path / "agent.db") == ALL_MIGRATIONS
+    assert await migrate_isolated(tmp_path / "agent.db") == ALL_MIGRATIONS
 
 
-def test_a_file_that_is_not_a_database_fails_migration_as_a_database_error(
+async def test_a_file_that_is_not_a_database_fails_migration_as_a_database_error(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "agent.db"
     db.write_bytes(b"not a database at all, " * 200)
     with pytest.raises(sqlite3.DatabaseError):
-        migrate_isolated(db)
+        await migrate_isolated(db)
 
 
 async def test_open_or_recover_moves_an_unreadable_table_aside_with_child_migrations(
     tmp_path: Path,
 ) -> None:
     (tmp_path / "agent.db").write_bytes(b"not a database at all, " * 200)
-    store, why = SqliteLeaseStore.open_or_recover(tmp_path, now_ms=1, migrations=migrate_isolated)
+    store, why = await SqliteLeaseStore.open_or_recover(tmp_path, now_ms=1)
     try:
-        assert why == "DatabaseError"
+        assert "file is not a database" in why
         assert (tmp_path / "agent.db.corrupt-1").exists()
         assert await store.active_leases() == []
     finally:

@@ -72,13 +72,23 @@ class Proc:
     def __init__(self, argv: list[str], log: Path) -> None:
         self.argv = argv
         self.log = log
+        # Set over this process's environment for the child.
+        self.env: dict[str, str] = {}
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.popen = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env},
             )
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         assert self.popen is not None

@@ -8,8 +8,8 @@ import contextlib
 from datetime import timedelta
 from pathlib import Path
 
-from agent.swarm import Swarm, SwarmSettings
 from jitmesh import GrantState
+from tests.support.swarm import Swarm, SwarmSettings
 
 from .conftest import JOIN_TOKEN, Mesh, wait_until
 

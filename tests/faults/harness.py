@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -64,6 +65,17 @@ rules:
 """
 
 
+# `python -m tests.support...` from the repository's root: the launchers that build a real
+# coordinator or agent with a fault injected (they are test code, not installed).
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCH = [sys.executable, "-m"]
+
+
+def _crash_option(argv: list[str], i: int) -> bool:
+    """`argv[i]` is `--crash-at` or its value."""
+    return argv[i] == "--crash-at" or (i > 0 and argv[i - 1] == "--crash-at")
+
+
 class Process:
     def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.argv, self.log, self.env = argv, log, env or {}
@@ -77,6 +89,7 @@ class Process:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **self.env},
+                cwd=ROOT,
             )
 
     @property
@@ -146,12 +159,16 @@ class Cluster:
     ) -> None:
         """`flags` come after the suite's own and override them (argparse: the last wins)."""
         data = self.root / "coordinator"
-        env = {"JITMESH_TEST_CRASH_AT": crash_at} if crash_at else {}
+        # With a crash point: the real coordinator, built by the test launcher with the hook.
+        program = (
+            [*LAUNCH, "tests.support.crashing_coordinator", "--crash-at", crash_at, "--"]
+            if crash_at
+            else [str(BIN / "jitmesh-coordinator")]
+        )
         self.coordinator = Process(
-            [str(BIN / "jitmesh-coordinator"), "dev", "--data", str(data),
+            [*program, "dev", "--data", str(data),
              "--listen", self.address, "--log-level", "WARNING", *COORDINATOR_FLAGS, *flags],
             self.root / "coordinator.log",
-            env,
         )  # fmt: skip
         self.coordinator.start()
         if wait:
@@ -201,20 +218,27 @@ class Cluster:
             clock_file = self.root / f"{name}.clock"
             clock_file.write_text("0\n")
             state = self.root / name
+            # The real agent, built by the test launcher with a wall clock the test can move.
             process = Process(
-                [str(BIN / "jitmesh-agent"), "--name", name,
+                [*LAUNCH, "tests.support.faulty_agent", "--clock-offset-file", str(clock_file),
+                 "--", "--name", name,
                  "--coordinator", self.address if direct else proxy.address,
                  "--label", "env=staging", "--join-token", self.env["JITMESH_JOIN_TOKEN"],
                  "--state", str(state), "--enforcer", f"exec:{hooks}", "--log-level", "info",
                  *AGENT_FLAGS],
                 self.root / f"{name}.log",
-                {"JITMESH_TEST_CLOCK_OFFSET_FILE": str(clock_file)},
             )  # fmt: skip
             self.agents[name] = AgentHandle(name, state, oracle, proxy, process, clock_file)
         handle = self.agents[name]
-        handle.process.env.pop("JITMESH_TEST_CRASH_AT", None)
-        if crash_at:
-            handle.process.env["JITMESH_TEST_CRASH_AT"] = crash_at
+        # A crash point for this start only (the launcher's options end at "--").
+        argv = handle.process.argv
+        end = argv.index("--")
+        launcher = [a for i, a in enumerate(argv[:end]) if not _crash_option(argv, i)]
+        handle.process.argv = [
+            *launcher,
+            *(["--crash-at", crash_at] if crash_at else []),
+            *argv[end:],
+        ]
         handle.process.start()
         return handle
 

@@ -14,8 +14,8 @@ from agent.domain.commands import AckStatus, CommandSpec, GrantSpec, RevokeSpec
 from agent.enforcers.base import EnforcerSet
 from agent.engine import Engine
 from agent.store.memory import MemoryLeaseStore
-from agent.swarm import MemoryEnforcer
 from jitmesh.clock import FakeClock
+from tests.support.enforcers import MemoryEnforcer
 
 from .results import Recorder
 

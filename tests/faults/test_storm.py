@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.swarm import Swarm, SwarmSettings
+from tests.support.swarm import Swarm, SwarmSettings
 
 from .harness import Cluster
 from .results import Recorder

@@ -58,7 +58,7 @@ async def test_a_bridge_reviews_as_the_user_it_authenticated(env: Env) -> None:
     assert request.state is RequestState.APPROVED
     assert grant is not None
     assert grant.subject == "alice"
-    assert [r.reviewer for r in request.reviews] == ["bob"]
+    assert [(r.reviewer, r.via) for r in request.reviews] == [("bob", "slack-bridge")]
     events = await env.admin.list_audit(request_id=request_id)
     approved = [e for e in events if e.kind == "request.approved"]
     assert [e.actor for e in approved] == ["bob via slack-bridge"]
@@ -164,7 +164,12 @@ async def test_jitctl_creates_a_bridge_token_and_reviews_on_behalf(env: Env) -> 
         "-o", "json", "request", "approve", request_id, "--on-behalf-of", "bob", env=bridge
     )
     assert code == 0, err
-    assert json.loads(out)["state"] == "APPROVED"
+    approved = json.loads(out)
+    assert approved["state"] == "APPROVED"
+    assert [(r["reviewer"], r["via"]) for r in approved["reviews"]] == [("bob", "slack-bridge")]
+    code, out, err = await procs.jitctl("request", "show", request_id, env=admin)
+    assert code == 0, err
+    assert "approve by bob via slack-bridge" in out
     code, out, err = await procs.jitctl("token", "list", "--user", "slack-bridge", env=admin)
     assert code == 0, err
     assert SCOPE in out

@@ -8,11 +8,13 @@ import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from jitmesh.clock import FakeClock
 from server.domain.audit import verify_chain
 from server.domain.models import AuditEntry
 from server.store.sqlite import MIGRATIONS, SqliteStore
@@ -139,3 +141,38 @@ async def test_a_writer_cancelled_at_any_step_leaves_the_store_and_chain_sound(
     assert verify_chain(chain).ok
     assert await store.audit_head() == (chain[-1].seq, chain[-1].hash)
     assert sum(e.kind == "after" for e in chain) == 40
+
+
+async def test_the_wal_is_emptied_once_writes_stop(tmp_path: Path) -> None:
+    """A burst grows the WAL (its periodic PASSIVE checkpoints copy pages but never shrink the
+    file); once no write has committed for the idle time, a TRUNCATE checkpoint empties it, and
+    every row is still there. (Issue 10, item 13: the WAL had reached 357 MB.)"""
+    path = tmp_path / "c.db"
+    wal = path.with_name(path.name + "-wal")
+    store = await SqliteStore.open(path)
+    clock = FakeClock()
+    idle = asyncio.create_task(store.truncate_when_idle(clock, idle=10.0))
+    try:
+        for batch in range(60):
+            async with store.transaction() as tx:
+                for i in range(20):
+                    details = {"batch": str(batch), "i": str(i), "pad": "x" * 4000}
+                    await tx.audit(AuditEntry("test.burst", "alice", T0, details=details))
+        burst = wal.stat().st_size
+        assert burst > 4 * 1024 * 1024
+        # The loop looks every idle period: the first look saw the burst's commits, the next
+        # one sees none since, and truncates.
+        async with asyncio.timeout(20):
+            while wal.stat().st_size > 0:
+                await clock.advance(timedelta(seconds=10))
+                await asyncio.sleep(0.01)
+        assert raw_sql(path, "SELECT COUNT(*) FROM audit WHERE kind = 'test.burst'") == [(1200,)]
+        # Writes go on after it, and the WAL grows again from nothing.
+        async with store.transaction() as tx:
+            await tx.audit(AuditEntry("test.after", "alice", T0))
+        assert 0 < wal.stat().st_size < burst
+    finally:
+        idle.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await idle
+        await store.close()

@@ -149,11 +149,18 @@ async def test_login_csrf_a_callback_from_another_browser_signs_nobody_in(
         await seen.goto(base + "/")
         await expect(seen).to_have_url(re.compile(r"/signin"))
 
-        # A victim with a sign-in of their own in flight: the states differ, refused too.
-        own, _ = await start_sign_in(victim, base, provider.issuer)
+        # A victim with a sign-in of their own in flight: the states differ, refused too, and
+        # the victim's own sign-in is not cancelled by it: it still finishes, as the victim.
+        own, own_authorization = await start_sign_in(victim, base, provider.issuer)
         await own.goto(callback)
         await expect(own.locator("main")).to_contain_text(REFUSED)
         assert "jm_session" not in await cookies(victim, base)
+        async with httpx.AsyncClient(timeout=10.0) as victims_idp_session:
+            own_callback = await sign_in_at(
+                victims_idp_session, own_authorization, "carol", f"{base}/signin/callback"
+            )
+        await own.goto(own_callback)
+        await expect(own.locator("#me")).to_have_text("carol", timeout=15_000)
 
         # A binding cookie forged for the attacker's state (without this process's key).
         state = re.search(r"[?&]state=([^&]+)", callback)

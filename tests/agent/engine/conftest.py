@@ -47,6 +47,7 @@ async def build(tmp_path: Path) -> AsyncIterator[Callable[..., Bench]]:
         reconcile_every: float | None = None,
         enforcers: EnforcerSet | None = None,
         clock: FakeClock | None = None,
+        lease_retention: timedelta = timedelta(days=7),
     ) -> Bench:
         state = tmp_path / f"state{len(stores)}"
         state.mkdir()
@@ -64,6 +65,7 @@ async def build(tmp_path: Path) -> AsyncIterator[Callable[..., Bench]]:
             remove_retry_base=retry_base,
             skew_tolerance=skew,
             reconcile_every=reconcile_every,
+            lease_retention=lease_retention,
         )
         return Bench(parts, store, clock, hook)
 

@@ -1,11 +1,12 @@
 """Many agents in one process: one Engine, Link and in-memory lease store per agent, one gRPC
-connection each. For reconnect storms (tests/faults) and benchmarks, not for production hosts.
+connection each. For reconnect storms (tests/faults) and benchmarks (bench/): test support, never
+shipped (it lives outside the packages pyproject installs).
 
     swarm = Swarm(SwarmSettings(target="127.0.0.1:7443", join_token=..., count=1000,
                                 credentials_dir=tmp))
     async with asyncio.TaskGroup() as tg:
         tg.create_task(swarm.run())
-        await swarm.wait_connected(1000, timeout=60)
+        await swarm.wait_connected(1000, within=60)
 
 Each agent enrolls once with the (reusable) join token and keeps its credential in
 `credentials_dir/<name>`; enforcement is a `MemoryEnforcer` per agent, so what each agent has in
@@ -15,52 +16,23 @@ force can be inspected (and its apply/remove history too).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import random
 import resource
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from agent.domain.coverage import Cover
-from agent.domain.leases import Pair
 from agent.enforcers.base import EnforcerSet
 from agent.engine import Engine
 from agent.rpc.link import Link, LinkSettings
 from agent.store.credential import CredentialFile
+from agent.store.keys import PinnedKeys
 from agent.store.memory import MemoryLeaseStore
 from jitmesh import __version__
 from jitmesh.clock import Clock, SystemClock
 
-
-class MemoryEnforcer:
-    """Pairs in force, in a set; every apply and remove is logged with its monotonic time."""
-
-    def __init__(self, name: str = "memory", clock: Callable[[], float] = time.monotonic) -> None:
-        self._name = name
-        self._clock = clock
-        self.in_force: set[Pair] = set()
-        self.history: list[tuple[float, str, Pair]] = []
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    async def apply(self, cover: Cover) -> None:
-        self.in_force.add(cover.pair)
-        self.history.append((self._clock(), "apply", cover.pair))
-
-    async def extend(self, cover: Cover) -> None:
-        pass
-
-    async def remove(self, subject: str, action: str) -> None:
-        self.in_force.discard((subject, action))
-        self.history.append((self._clock(), "remove", (subject, action)))
-
-    async def observe(self) -> set[Pair]:
-        return set(self.in_force)
+from .enforcers import MemoryEnforcer
 
 
 class _OwnConnectionLink(Link):
@@ -118,12 +90,6 @@ class Swarm:
         engine = Engine(
             name=name, store=store, enforcers=EnforcerSet([enforcer]), clock=self._clock, rand=rand
         )
-        extra: dict[str, Any] = {}
-        if "keys" in inspect.signature(Link.__init__).parameters:
-            # Command-signing keys pinned at enrollment (the security work), one file per agent.
-            from agent.store import keys
-
-            extra["keys"] = keys.PinnedKeys(s.credentials_dir / f"{name}.keys")
         link = _OwnConnectionLink(
             LinkSettings(
                 target=s.target,
@@ -142,10 +108,11 @@ class Swarm:
             ),
             engine=engine,
             credentials=CredentialFile(s.credentials_dir / name),
+            # Command-signing keys pinned at enrollment, one file per agent.
+            keys=PinnedKeys(s.credentials_dir / f"{name}.keys"),
             clock=self._clock,
             pacing=self._clock,
             rand=rand,
-            **extra,
         )
         return SwarmAgent(name, store, enforcer, engine, link)
 
