@@ -416,18 +416,24 @@ def load_exec_hooks(path: Path) -> ExecHooksConfig:
         check_private(path, "exec hooks file")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read exec hooks file ({exc.strerror})") from None
+        raise ConfigError(
+            f"cannot read exec hooks file {path} ({exc.strerror}): write one (docs/host.md, "
+            "'The exec enforcer') or fix the path after exec:"
+        ) from None
     hooks = parse_exec_hooks(text)
     for argv in (hooks.apply, hooks.remove, hooks.observe):
         if argv is None:
             continue
         program = shutil.which(argv[0])
         if program is None:
-            raise ConfigError("exec hook program not found or not executable")
+            # The hooks file's own text, not the caller's: its owner wrote it (check_private).
+            raise ConfigError(f"exec hook program {argv[0]} not found or not executable")
         try:
             check_private(Path(program), "exec hook program")
         except OSError as exc:
-            raise ConfigError(f"cannot check exec hook program ({exc.strerror})") from None
+            raise ConfigError(
+                f"cannot check exec hook program {program} ({exc.strerror})"
+            ) from None
     return hooks
 
 
@@ -454,7 +460,7 @@ def _section(path: Path, kind: str) -> dict[str, Any]:
         check_private(path, f"{kind} configuration")
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"cannot read {kind} configuration ({exc.strerror})") from None
+        raise ConfigError(f"cannot read {kind} configuration {path} ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError):
         raise ConfigError(f"{kind} configuration is not valid TOML") from None
     enforcers = data.get("enforcers")

@@ -30,6 +30,7 @@ import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
+from grpc_status import rpc_status
 
 from jitmesh import convert as _convert
 from jitmesh import errors, profiles, tls, types, validation
@@ -84,7 +85,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # How long calls refused with a retry hint (the agent is behind: docs/wire.md, "Pushback") are
 # retried by default before the refusal is raised; each wait is the hint plus up to a half more.
 PUSHBACK_WAIT: Final = 30.0
-_DETAILS_KEY: Final = "grpc-status-details-bin"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +111,16 @@ _STATUS_ERRORS: Final[Mapping[grpc.StatusCode, tuple[type[errors.JitmeshError], 
 }
 
 
+# A reason names a subclass of the code's class: the finer error, where the SDK has one.
+_REASON_ERRORS: Final[Mapping[str, type[errors.JitmeshError]]] = {
+    "POLICY_DENIED": errors.PolicyDeniedError,
+    "LOCKED": errors.LockedError,
+}
+_REASON = re.compile(r"[A-Z][A-Z0-9_]{0,62}")
+# The ErrorInfo domain of the coordinator's reasons (server/rpc/errors.py).
+_DOMAIN: Final = "jitmesh.dev"
+
+
 def error_from_status(
     code: grpc.StatusCode,
     details: str | None,
@@ -119,16 +129,22 @@ def error_from_status(
     timeout: float | None = None,
     secrets: Iterable[str] = (),
     trust: str = "",
+    reason: str = "",
 ) -> errors.JitmeshError:
     """The SDK exception for a gRPC status, keeping the server's message on one line.
 
-    `secrets` (the bearer token) are cut out of the message should the other side echo them.
+    `reason` is the ErrorInfo reason the answer carried: it picks the finer class where there
+    is one (POLICY_DENIED, LOCKED) and is kept on the error. `secrets` (the bearer token) are
+    cut out of the message should the other side echo them.
     """
     message = _one_line(details or "")
     for secret in secrets:
         if secret:
             message = message.replace(secret, "[redacted]")
     cls, fallback = _STATUS_ERRORS.get(code, (errors.InternalError, ""))
+    finer = _REASON_ERRORS.get(reason)
+    if finer is not None and issubclass(finer, cls):
+        cls = finer
     if code is grpc.StatusCode.UNAVAILABLE:
         message = f"cannot reach the coordinator at {target}: {_transport_hint(message, trust)}"
     elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -138,32 +154,46 @@ def error_from_status(
         message = f"the coordinator failed ({code.name}): {message or 'no details'}"
     else:
         message = message or fallback
-    return cls(message, code=code.name)
+    return cls(message, code=code.name, reason=reason)
 
 
-def retry_hint(metadata: Iterable[Any] | None) -> tuple[float, str] | None:
+def rich_status(call: Any) -> status_pb2.Status | None:
+    """The google.rpc.Status a failed call carried (grpcio-status reads the standard trailer),
+    or None: without one, or when it does not parse or contradicts the call's own status (the
+    other side is not trusted to send well-formed details)."""
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(call)
+    except Exception:
+        return None
+    return status
+
+
+def error_reason(status: status_pb2.Status | None) -> str:
+    """The coordinator's ErrorInfo reason in `status`, "" without one."""
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if (
+            detail.Is(info.DESCRIPTOR)
+            and detail.Unpack(info)
+            and info.domain == _DOMAIN
+            and _REASON.fullmatch(info.reason)
+        ):
+            return str(info.reason)
+    return ""
+
+
+def retry_hint(status: status_pb2.Status | None) -> tuple[float, str] | None:
     """(seconds, agent) from a RESOURCE_EXHAUSTED answer's status details: the RetryHint, or
-    a bare standard RetryInfo; None without either. `metadata`: (key, value) pairs (grpc's
-    stubs and runtime disagree on the type)."""
-    for item in metadata or ():
-        key, value = item[0], item[1]
-        if key != _DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status()
-        try:
-            status.ParseFromString(value)
-        except Exception:  # a malformed detail is no hint
-            return None
-        found: tuple[float, str] | None = None
-        for detail in status.details:
-            hint = agentlink_pb2.RetryHint()
-            info = error_details_pb2.RetryInfo()
-            if detail.Is(hint.DESCRIPTOR) and detail.Unpack(hint):
-                return _seconds(hint.retry_after), hint.agent
-            if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
-                found = (_seconds(info.retry_delay), "")
-        return found
-    return None
+    a bare standard RetryInfo; None without either."""
+    found: tuple[float, str] | None = None
+    for detail in status.details if status is not None else ():
+        hint = agentlink_pb2.RetryHint()
+        info = error_details_pb2.RetryInfo()
+        if detail.Is(hint.DESCRIPTOR) and detail.Unpack(hint):
+            return _seconds(hint.retry_after), hint.agent
+        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
+            found = (_seconds(info.retry_delay), "")
+    return found
 
 
 def _seconds(d: duration_pb2.Duration) -> float:
@@ -198,6 +228,13 @@ def _invalid(exc: ValueError) -> errors.InvalidArgumentError:
 def _check(pattern: re.Pattern[str], value: str, field: str) -> str:
     try:
         return validation.check(pattern, value, field)
+    except validation.ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _check_id(value: str, kind: str) -> str:
+    try:
+        return validation.check_id(value, kind)
     except validation.ValidationError as exc:
         raise _invalid(exc) from None
 
@@ -405,6 +442,7 @@ class Client:
     # Plumbing
 
     def _error(self, exc: aio.AioRpcError, timeout: float | None) -> errors.JitmeshError:
+        status = rich_status(exc)
         error = error_from_status(
             exc.code(),
             exc.details(),
@@ -412,9 +450,10 @@ class Client:
             timeout=timeout,
             secrets=(self._token or "",),
             trust=self._trust,
+            reason=error_reason(status),
         )
         if isinstance(error, errors.RateLimitedError):
-            hint = retry_hint(exc.trailing_metadata())
+            hint = retry_hint(status)
             if hint is not None:
                 error.retry_after, error.agent = hint
         return error
@@ -548,7 +587,7 @@ class Client:
         return [_convert.request_option(o) for o in response.options]
 
     async def get_request(self, id: str) -> types.Request:
-        message = access_pb2.GetRequestRequest(id=_check(validation.ID, id, "request id"))
+        message = access_pb2.GetRequestRequest(id=_check_id(id, "request"))
         return _convert.request(await self._unary(self._access.GetRequest, message))
 
     async def list_requests(
@@ -613,7 +652,7 @@ class Client:
         on_behalf_of: str = "",
     ) -> tuple[types.Request, types.Grant | None]:
         message = access_pb2.ReviewRequestRequest(
-            id=_check(validation.ID, id, "request id"),
+            id=_check_id(id, "request"),
             decision=decision,
             reason=_check_reason(reason),
             on_behalf_of=_check_optional(validation.SUBJECT, on_behalf_of, "on_behalf_of"),
@@ -624,7 +663,7 @@ class Client:
 
     async def cancel(self, id: str) -> types.Request:
         """Withdraw a pending request (the requester's own)."""
-        message = access_pb2.CancelRequestRequest(id=_check(validation.ID, id, "request id"))
+        message = access_pb2.CancelRequestRequest(id=_check_id(id, "request"))
         return _convert.request(await self._unary(self._access.CancelRequest, message))
 
     async def watch_requests(
@@ -642,7 +681,7 @@ class Client:
         Close it with `contextlib.aclosing` (or `aclose()`) when done early.
         """
         message = access_pb2.WatchRequestsRequest(
-            ids=[_check(validation.ID, i, "request id") for i in ids],
+            ids=[_check_id(i, "request") for i in ids],
             after_change_seq=max(after_change_seq, 0),
         )
         async for snapshot in self._stream(self._access.WatchRequests, message):
@@ -665,7 +704,7 @@ class Client:
         (seconds or a timedelta) passes first; `until` must also accept states from which the
         awaited one can no longer be reached, or the wait runs into the timeout.
         """
-        _check(validation.ID, id, "request id")
+        _check_id(id, "request")
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
         last: types.Request | None = None
         try:
@@ -694,7 +733,7 @@ class Client:
     # Grants
 
     async def get_grant(self, id: str) -> types.Grant:
-        message = access_pb2.GetGrantRequest(id=_check(validation.ID, id, "grant id"))
+        message = access_pb2.GetGrantRequest(id=_check_id(id, "grant"))
         return _convert.grant(await self._unary(self._access.GetGrant, message))
 
     async def list_grants(
@@ -723,7 +762,7 @@ class Client:
         """Take a grant away before it expires. The returned grant is usually REVOKING: the
         agent confirms the removal asynchronously (REVOKED, or REVOKE_FAILED)."""
         message = access_pb2.RevokeGrantRequest(
-            id=_check(validation.ID, id, "grant id"), reason=_check_reason(reason)
+            id=_check_id(id, "grant"), reason=_check_reason(reason)
         )
         return _convert.grant(await self._unary(self._access.RevokeGrant, message))
 
@@ -734,7 +773,7 @@ class Client:
         the host), within its rule's bounds. Where the rule asks for approval again, the grant
         comes back unchanged with a pending extension `request` (approving it extends)."""
         message = access_pb2.ExtendGrantRequest(
-            id=_check(validation.ID, id, "grant id"),
+            id=_check_id(id, "grant"),
             by=_convert.duration_to_proto(_check_positive(by, "by")),
             reason=_check_reason(reason),
             ticket=_check_reason(ticket, field="ticket"),
@@ -820,7 +859,7 @@ class Client:
 
     async def release_grant(self, id: str) -> types.Grant:
         """Hand a grant back before it expires (its subject's own)."""
-        message = access_pb2.ReleaseGrantRequest(id=_check(validation.ID, id, "grant id"))
+        message = access_pb2.ReleaseGrantRequest(id=_check_id(id, "grant"))
         return _convert.grant(await self._unary(self._access.ReleaseGrant, message))
 
     # -----------------------------------------------------------------------------------------
@@ -884,9 +923,7 @@ class Client:
     async def lift_lock(self, id: str, *, reason: str = "") -> types.Lock:
         """End a lock: matching requests may be made and approved again (revoked grants stay
         revoked)."""
-        message = locks_pb2.LiftLockRequest(
-            id=_check(validation.ID, id, "lock id"), reason=_check_reason(reason)
-        )
+        message = locks_pb2.LiftLockRequest(id=_check_id(id, "lock"), reason=_check_reason(reason))
         return _convert.lock(await self._unary(self._locks.LiftLock, message))
 
     # -----------------------------------------------------------------------------------------
@@ -1177,16 +1214,20 @@ class Client:
         )
 
     async def apply_policy(
-        self, yaml_text: str, *, expected_version: int = 0
+        self, yaml_text: str, *, expected_version: int = 0, dry_run: bool = False
     ) -> types.PolicyDocument:
         """Validate and swap in a policy document; a bad document leaves the running one.
 
         With `expected_version` set, the coordinator refuses (`ConflictError`) unless the running
-        version is that one, so two operators cannot overwrite each other unknowingly.
+        version is that one, so two operators cannot overwrite each other unknowingly. With
+        `dry_run`, it only validates: the answer is the document as it would be applied (its
+        version the next one) and nothing changes.
         """
         if expected_version < 0:
             raise errors.InvalidArgumentError("expected version must not be negative")
-        message = policy_pb2.ApplyPolicyRequest(yaml=yaml_text, expected_version=expected_version)
+        message = policy_pb2.ApplyPolicyRequest(
+            yaml=yaml_text, expected_version=expected_version, dry_run=dry_run
+        )
         return _convert.policy_document(await self._unary(self._policy.ApplyPolicy, message))
 
     async def test_policy(
@@ -1197,11 +1238,13 @@ class Client:
         agent: str,
         duration: timedelta | None = None,
         groups: Iterable[str] = (),
+        policy_yaml: str = "",
     ) -> types.PolicyDecision:
         """Would `subject` get `action` on `agent`, and by which rule? Changes nothing.
 
         `groups` empty means the subject's known groups; `duration` is checked against the
-        rule's maximum when given.
+        rule's maximum when given. `policy_yaml` tests that document (validated as
+        `apply_policy` would, never stored) instead of the running policy.
         """
         message = policy_pb2.TestPolicyRequest(
             subject=_check(validation.SUBJECT, subject, "subject"),
@@ -1211,6 +1254,7 @@ class Client:
                 None if duration is None else _check_positive(duration, "duration")
             ),
             groups=[_check(validation.GROUP, g, "group") for g in groups],
+            policy_yaml=policy_yaml,
         )
         return _convert.policy_decision(await self._unary(self._policy.TestPolicy, message))
 

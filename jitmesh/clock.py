@@ -1,4 +1,8 @@
-"""Clocks. Every component takes one; tests pass a `FakeClock` instead of sleeping."""
+"""Clocks. Every component takes one; tests pass a `FakeClock` instead of sleeping.
+
+Also the one way an instant is written for programs (`rfc3339`) and the stored precision
+(`whole_ms`, `MillisecondClock`): instants are kept as whole epoch milliseconds, so a value handed
+back at once equals the same value read back later."""
 
 from __future__ import annotations
 
@@ -66,6 +70,38 @@ class FakeClock:
         async with self._changed:
             self._changed.notify_all()
         await asyncio.sleep(0)
+
+
+class MillisecondClock:
+    """`inner`, its wall-clock time cut to whole milliseconds: what the coordinator stores, so
+    what it returns at once (a grant from approve) equals what it reads back later."""
+
+    def __init__(self, inner: Clock) -> None:
+        self.inner = inner
+
+    def now(self) -> datetime:
+        return whole_ms(self.inner.now())
+
+    def monotonic(self) -> float:
+        return self.inner.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+def whole_ms(at: datetime) -> datetime:
+    """`at` cut to whole milliseconds (the stored precision), in UTC."""
+    return from_ms(to_ms(at))
+
+
+def rfc3339(at: datetime) -> str:
+    """The one text form of an instant for programs (JSON of jitctl, webhooks, logs):
+    RFC 3339 in UTC with exactly three fraction digits, `2026-01-01T12:00:00.000Z`, so that
+    texts sort as the instants do."""
+    if at.tzinfo is None:
+        raise ValueError("naive datetime")
+    at = at.astimezone(UTC)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
 
 
 def to_ms(at: datetime) -> int:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Final, TextIO
 
 from jitmesh import telemetry
+from jitmesh.clock import rfc3339
 
 FORMATS: Final = ("json", "console")
 LEVELS: Final = ("debug", "info", "warning", "error")
@@ -42,7 +43,7 @@ def parse_level(text: str) -> int:
 def fields(record: logging.LogRecord, static: Mapping[str, object] = {}) -> dict[str, object]:
     """Every field of one line, in order: ts, level, logger, msg, the leading keys, then the
     rest alphabetically. Empty values (None, "") are left out; nothing else ever is."""
-    at = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+    at = rfc3339(datetime.fromtimestamp(record.created, UTC))
     out: dict[str, object] = {
         telemetry.TS: at.replace("+00:00", "Z"),
         telemetry.LEVEL: record.levelname.lower(),

@@ -17,6 +17,13 @@ LABEL_KEY = re.compile(r"[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?")
 LABEL_VALUE = re.compile(r"[A-Za-z0-9._-]{0,63}")
 ID = re.compile(r"[a-z]{1,8}-[0-9a-f]{32}")
 
+# The prefix of each kind of id (server/domain/models.new_id): an id of one kind given where
+# another is expected is named for what it is.
+ID_PREFIXES = {"request": "req", "grant": "grt", "lock": "lck", "event": "evt"}
+# Other prefixes an id of a kind may carry: a grant adopted from a break-glass code is
+# "bg-<code id>" (docs/wire.md, "Break-glass codes").
+ID_ALIASES = {"grant": ("bg",)}
+
 MAX_REASON = 1024
 MAX_LABELS = 32
 
@@ -28,6 +35,21 @@ class ValidationError(ValueError):
 def check(pattern: re.Pattern[str], value: str, field: str) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
         raise ValidationError(f"{field} is not valid (expected {_describe(pattern)})")
+    return value
+
+
+def check_id(value: str, kind: str) -> str:
+    """An id of `kind` (request, grant, lock, event): its shape and its prefix."""
+    prefix = ID_PREFIXES[kind]
+    if not isinstance(value, str) or not ID.fullmatch(value):
+        raise ValidationError(f"{kind} id is not valid (expected {prefix}-<32 hex digits>)")
+    given = value.partition("-")[0]
+    if given != prefix and given not in ID_ALIASES.get(kind, ()):
+        other = next((k for k, p in ID_PREFIXES.items() if p == given), "")
+        what = f"a {other} id ({given}-...)" if other else f"not a {kind} id"
+        raise ValidationError(
+            f"{kind} id is not valid: that is {what}; {kind} ids look like {prefix}-<32 hex digits>"
+        )
     return value
 
 
@@ -57,5 +79,5 @@ def _describe(pattern: re.Pattern[str]) -> str:
         RULE.pattern: "letters, digits and ._- up to 64 characters",
         LABEL_KEY.pattern: "lower-case letters, digits and ._/- up to 63 characters",
         LABEL_VALUE.pattern: "letters, digits and ._- up to 63 characters",
-        ID.pattern: "an id such as req-<32 hex digits>",
+        ID.pattern: "an id such as grt-<32 hex digits>",
     }.get(pattern.pattern, "a valid value")

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from jitmesh import __version__
 from jitmesh import telemetry as t
-from jitmesh.clock import Clock, SystemClock
+from jitmesh.clock import Clock, MillisecondClock, SystemClock
 from jitmesh.pidlock import DirectoryBusy, lock_directory
 from jitmesh.types import ReviewDecision
 from jitmesh.v1 import (
@@ -312,7 +312,10 @@ async def build(
     (`server.domain.steps`: the fault suite's crash points; production passes none)."""
     lock_fd = lock_data_dir(config.data_dir)
     try:
-        coordinator = await _build(config, clock or SystemClock(), refuse_dev_data, step)
+        # Every instant the coordinator makes has the stored precision (whole milliseconds):
+        # what a call returns at once equals what a later read returns (issue 10 item 11).
+        stored = MillisecondClock(clock or SystemClock())
+        coordinator = await _build(config, stored, refuse_dev_data, step)
     except BaseException:
         os.close(lock_fd)
         raise

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from .leases import Pair
 from .timekeeping import spread
 
-# PROMISES.md: "then retry every 10 min".
+# docs/promises.md (P4, parameters): "then retried in the background, at most every 10 minutes".
 SLOW_RETRY = 600.0
 MAX_GRANT_IDS = 64
 

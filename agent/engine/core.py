@@ -72,7 +72,7 @@ def assemble(
     now = time.now
     link = LinkState(store=store, shared=shared, now=now)
     # A revoke's attempts (the first inline, the others in the background), then REVOKE_FAILED
-    # and a retry every base * 2^retries, at most every 10 minutes (PROMISES.md).
+    # and a retry every base * 2^retries, at most every 10 minutes (docs/promises.md, P4).
     policy = RetryPolicy.from_settings(remove_retries, remove_retry_base)
     removals = Removals(
         store=store,

@@ -12,7 +12,8 @@ Adding a command (see also COORD.md / docs): in the module of its group (`reques
 The handler gets a connected `Client`, the `Output` and the command's parameters by name. It
 prints through `out.emit(value, table)` (JSON/YAML from `value`, the table for people) and
 raises `CommandFailed` for a failed outcome (exit 1) or `UsageError` for bad input found late
-(exit 2). Never print directly: `-o` decides the format.
+(exit 2); SDK errors get their own exit codes (main.py). Never print directly: `-o` decides the
+format.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ FORMATS: Final = ("table", "json", "yaml")
 
 class CommandFailed(Exception):
     """The command ran but its outcome is a failure (exit 1); the message is the one line."""
+
+
+class PolicyDenies(CommandFailed):
+    """The policy's answer is deny (`policy test`): exit 5, as a refused request."""
 
 
 class UsageError(Exception):

@@ -17,7 +17,7 @@ locks = group(
     examples=[
         "jitctl lock create --subject alice --reason 'INC-99: laptop stolen'",
         "jitctl lock list",
-        "jitctl lock lift lock-... --reason 'laptop found'",
+        "jitctl lock lift lck-... --reason 'laptop found'",
     ],
 )
 
@@ -73,7 +73,7 @@ async def _list(client: Client, out: Output, *, all_: bool) -> None:
     locks,
     "lift",
     help="End a lock.",
-    examples=["jitctl lock lift lock-... --reason 'laptop found'"],
+    examples=["jitctl lock lift lck-... --reason 'laptop found'"],
 )
 @click.argument("id", metavar="ID")
 @click.option("--reason", default="", help="Why, for the audit log.")

@@ -1,9 +1,10 @@
 """How jitctl shows things: JSON or YAML objects for programs, aligned tables for people.
 
-JSON and YAML: every object carries `id` and `state`; instants are RFC 3339 UTC strings ending
-in Z (or null when unset); durations appear twice, as "15m" and in seconds. Tables: a header row,
-aligned columns, UTC times with a relative hint ("in 12m"), states coloured on a terminal, and
-nothing from the coordinator that could steer a terminal (control characters are replaced).
+JSON and YAML: every object carries `id` and `state`; instants are RFC 3339 UTC strings with
+exactly three fraction digits, ending in Z (or null when unset); durations appear twice, as
+"15m" and in seconds. Tables: a header row, aligned columns, UTC times with a relative hint
+("in 12m"), states coloured on a terminal, and nothing from the coordinator that could steer a
+terminal (control characters are replaced).
 
 Tables are laid out here rather than by `rich.table.Table`: rich fits a table into the
 terminal's width by wrapping or cutting cells, which breaks copying an id and `grep`; we never
@@ -27,6 +28,7 @@ from rich.cells import cell_len
 from rich.text import Text
 from ruamel.yaml import YAML
 
+from jitmesh import clock
 from jitmesh.durations import format_duration
 from jitmesh.types import (
     Agent,
@@ -60,13 +62,8 @@ _NONE: Final = "-"
 
 
 def rfc3339(at: datetime | None) -> str | None:
-    """2026-01-01T12:00:00Z, with milliseconds only when there are any."""
-    if at is None:
-        return None
-    at = at.astimezone(UTC)
-    if at.microsecond:
-        return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
-    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """2026-01-01T12:00:00.000Z (jitmesh.clock.rfc3339), or None when unset."""
+    return None if at is None else clock.rfc3339(at)
 
 
 def seconds(value: timedelta) -> int | float:

@@ -25,6 +25,7 @@ from jitmesh.types import (
 
 from .approval import (
     DAY,
+    SELF_REVIEW,
     Outcome,
     Usage,
     apply_review,
@@ -42,12 +43,14 @@ from .errors import (
     NotFound,
     Overloaded,
     PermissionDenied,
+    PolicyDenied,
+    SelfApproval,
     invalid_input,
 )
 from .grants import end_grants, extend_grant, extension_problem, write_grants
 from .hub import Hub
 from .lifecycle import ENDABLE_GRANT_STATES, EXTENDABLE_GRANT_STATES
-from .locks import first_lock, refuse_if_locked
+from .locks import first_lock, lock_refusal, refuse_if_locked
 from .models import (
     AuditEntry,
     Command,
@@ -57,7 +60,7 @@ from .models import (
     same_person,
     user_name,
 )
-from .policy import Policy, Rule, match, pending_ttl, plan_for
+from .policy import Policy, Rule, match, pending_ttl, plan_for, unknown_action
 from .ports import CommandSink, Store, Tx
 from .reads import Readers, View, view_of, visible_page
 from .steps import Step, StepHook, no_hook
@@ -90,6 +93,22 @@ class _Creation:
     # An automatic approval under a budget: the rule, and the request as it is when the
     # budget turns out to be used up inside the writing transaction (waiting for people).
     budget: tuple[Rule, Request] | None = None
+
+
+def _end_refusal(principal: Principal, grant: Grant, how: str) -> str:
+    """Why `principal` may not end `grant`, and who may: its subject releases it, its
+    approvers and admins revoke it."""
+    if how == "released":
+        return (
+            f"{principal.name} may not release this grant: only its subject {grant.subject} "
+            f"may; approvers and admins end it with 'jitctl grant revoke {grant.id}'"
+        )
+    if same_person(principal.name, grant.subject):
+        return (
+            f"{principal.name} may not revoke this grant (its approvers and admins may); as "
+            f"its subject, end it with 'jitctl grant release {grant.id}'"
+        )
+    return f"{principal.name} may not revoke this grant: only its approvers and admins may"
 
 
 class AccessService:
@@ -175,7 +194,7 @@ class AccessService:
             await self._refresh_policy()
         policy = self._policy()
         if action not in policy.model.actions:
-            raise InvalidArgument(f"unknown action {action}")
+            raise InvalidArgument(unknown_action(action, policy))
         target = await self._store.get_agent(agent)
         if target is None:
             raise NotFound(f"agent {agent} is not enrolled")
@@ -190,14 +209,12 @@ class AccessService:
         lock = await self._store.lock_in_force(principal.name, agent, action, now)
         if lock is not None:
             await self._refused(principal.name, agent, action, f"locked by {lock.id}")
-            raise Conflict(f"{lock.target.describe()} is locked ({lock.id}): {lock.reason}")
+            raise lock_refusal(lock)
         found = match(policy, principal, action, agent, target.labels)
         rule = found.rule
         if rule is None:
             await self._refused(principal.name, agent, action, found.explanation)
-            raise PermissionDenied(
-                f"{principal.name} may not {action} on {agent}: {found.explanation}"
-            )
+            raise PolicyDenied(f"{principal.name} may not {action} on {agent}: {found.explanation}")
         if duration > rule.max_duration:
             raise InvalidArgument(
                 f"duration {format_duration(duration)} is above the maximum "
@@ -323,7 +340,7 @@ class AccessService:
             found = match(policy, principal, action, target.name, target.labels)
             if found.rule is None:
                 await self._refused(principal.name, target.name, action, found.explanation)
-                raise PermissionDenied(
+                raise PolicyDenied(
                     f"{principal.name} may not {action} on {target.name}: {found.explanation}"
                 )
             rules[found.rule.name] = found.rule
@@ -656,9 +673,7 @@ class AccessService:
                             details={"action": request.action, "why": f"locked by {lock.id}"},
                         )
                     )
-                    out.append(
-                        Conflict(f"{lock.target.describe()} is locked ({lock.id}): {lock.reason}")
-                    )
+                    out.append(lock_refusal(lock))
                     continue
                 entries.append(
                     self._entry(
@@ -773,6 +788,8 @@ class AccessService:
             refusal = review_refusal(
                 plan, before, principal, decision, now, requester=request.subject
             )
+            if refusal == SELF_REVIEW:
+                raise SelfApproval(refusal)
             if refusal:
                 raise PermissionDenied(refusal)
             review = Review(
@@ -920,9 +937,7 @@ class AccessService:
             raise NotFound(f"agent {agent} is not enrolled")
         found = match(self._policy(), principal, action, agent, target.labels)
         if found.rule is None:
-            raise PermissionDenied(
-                f"{principal.name} may not {action} on {agent}: {found.explanation}"
-            )
+            raise PolicyDenied(f"{principal.name} may not {action} on {agent}: {found.explanation}")
         return found.rule
 
     async def revoke(self, principal: Principal, grant_id: str, reason: str) -> Grant:
@@ -1131,7 +1146,7 @@ class AccessService:
     ) -> Grant:
         grant = await self._load_grant(grant_id)
         if not await allowed(grant):
-            raise PermissionDenied(f"{principal.name} may not end this grant")
+            raise PermissionDenied(_end_refusal(principal, grant, how))
         async with self._store.transaction() as tx:
             current = await tx.get_grant(grant.id)
             assert current is not None
@@ -1233,7 +1248,7 @@ class AccessService:
             async with self._store.transaction() as tx:
                 lock = await tx.lock_in_force(request.subject, request.agent, request.action, now)
                 if not why and lock is not None:
-                    why = f"{lock.target.describe()} is locked ({lock.id}): {lock.reason}"
+                    why = lock_refusal(lock).message
                 if why or rule is None:
                     by = f"policy:v{self._policy().version}" if lock is None else lock.id
                     await self._decide(
@@ -1345,9 +1360,8 @@ class AccessService:
 
     @staticmethod
     def _id(value: str, what: str) -> str:
-        if not v.ID.fullmatch(value):
-            raise InvalidArgument(f"{what} id is not valid")
-        return value
+        with invalid_input():
+            return v.check_id(value, what)
 
     @staticmethod
     def _page_size(size: int) -> int:

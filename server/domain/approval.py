@@ -27,7 +27,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from jitmesh.durations import format_duration
 from jitmesh.types import (
@@ -202,6 +202,9 @@ def apply_review(
     return outcome(RequestState.PENDING, next_change_at=change)
 
 
+SELF_REVIEW: Final = "nobody may review their own request"
+
+
 def review_refusal(
     plan: ApprovalPlan,
     outcome: Outcome,
@@ -215,7 +218,7 @@ def review_refusal(
     `apply_review`, asked before a review is stored so that nobody's review is silently
     ignored."""
     if same_person(principal.name, requester):
-        return "nobody may review their own request"
+        return SELF_REVIEW
     if outcome.state is not RequestState.PENDING:
         return f"request is {outcome.state.value}, not PENDING"
     stages = plan.stages

@@ -2,14 +2,21 @@
 
     DomainError
     ├── Unauthenticated      no or unknown credential
-    ├── PermissionDenied     the principal may not do this, or policy denies it
+    │   └── UserDisabled     the credential is good but its user is disabled
+    ├── PermissionDenied     the principal may not do this
+    │   ├── PolicyDenied     no policy rule gives this subject this action on this agent
+    │   └── SelfApproval     a review of one's own request
     ├── InvalidArgument      bad input; nothing was changed
     ├── NotFound             no such object
     ├── Conflict             the object's state does not allow this (approving a denied request)
+    │   └── Locked           a lock is in force on the target
     ├── RateLimited          too many calls
     └── Overloaded           an agent's undelivered commands reached their bound (retry later)
 
-Messages are one line, name fields and rules, and never echo secrets or unchecked input.
+The class is the machine-readable part: the rpc layer turns each into a gRPC code and a stable
+ErrorInfo reason by one table (server/rpc/errors.py). Messages are one line for people, name
+fields and rules, say what to do where there is something to do, and never echo secrets or
+unchecked input.
 """
 
 from __future__ import annotations
@@ -32,7 +39,19 @@ class Unauthenticated(DomainError):
     pass
 
 
+class UserDisabled(Unauthenticated):
+    pass
+
+
 class PermissionDenied(DomainError):
+    pass
+
+
+class PolicyDenied(PermissionDenied):
+    pass
+
+
+class SelfApproval(PermissionDenied):
     pass
 
 
@@ -45,6 +64,10 @@ class NotFound(DomainError):
 
 
 class Conflict(DomainError):
+    pass
+
+
+class Locked(Conflict):
     pass
 
 

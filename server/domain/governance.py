@@ -30,6 +30,7 @@ from .errors import (
     NotFound,
     PermissionDenied,
     Unauthenticated,
+    UserDisabled,
     invalid_input,
 )
 from .hub import Hub
@@ -59,9 +60,24 @@ class IdentityService:
         """Look the token up on every call: a revoked token or disabled user is refused at once."""
         if not token or len(token) > 512:
             raise Unauthenticated("missing or malformed bearer token")
-        principal = await self._store.principal_for_token(hash_secret(token), self._clock.now())
+        now = self._clock.now()
+        principal = await self._store.principal_for_token(hash_secret(token), now)
         if principal is None:
-            raise Unauthenticated("bearer token is not valid or has expired")
+            # Told only to whoever holds the token itself: its hash is the lookup key.
+            why, user = await self._store.token_refusal(hash_secret(token), now)
+            if why == "disabled":
+                raise UserDisabled(
+                    f"user {user} is disabled: an admin enables it again with "
+                    f"'jitctl user enable {user}'"
+                )
+            if why == "expired":
+                raise Unauthenticated(
+                    "bearer token has expired: get a new one (jitctl login, or an admin's "
+                    "'jitctl token create')"
+                )
+            if why == "revoked":
+                raise Unauthenticated("bearer token was revoked: get a new one")
+            raise Unauthenticated("bearer token is not valid")
         return principal
 
     async def authenticate_user(self, name: str, serial: int) -> Principal:
@@ -362,14 +378,26 @@ class PolicyService:
             raise NotFound("no policy has been applied")
         return doc
 
-    async def apply(self, principal: Principal, text: str, expected_version: int) -> PolicyDocument:
+    async def apply(
+        self, principal: Principal, text: str, expected_version: int, *, dry_run: bool = False
+    ) -> PolicyDocument:
+        """Validate `text` and make it the running policy. With `dry_run`, only validate: the
+        answer is the document as it would be applied (the next version), nothing is stored
+        or audited."""
         if not principal.is_admin:
             raise PermissionDenied("applying policy needs the admins group")
         policy = parse_policy(text)
-        if expected_version:
-            current = await self._store.current_policy()
-            if current is None or current.version != expected_version:
-                raise Conflict("policy changed meanwhile (expected version does not match)")
+        current = await self._store.current_policy()
+        if expected_version and (current is None or current.version != expected_version):
+            raise Conflict("policy changed meanwhile (expected version does not match)")
+        if dry_run:
+            return PolicyDocument(
+                yaml=policy.text,
+                version=(current.version if current else 0) + 1,
+                sha256=policy.sha256,
+                applied_at=None,
+                applied_by="",
+            )
         doc = await self._store_policy(policy, principal.name)
         return doc
 
@@ -382,7 +410,11 @@ class PolicyService:
         agent: str,
         duration: timedelta | None,
         groups: Iterable[str],
+        document: str = "",
     ) -> PolicyDecision:
+        """The running policy's answer, or that of `document` (YAML, validated as apply would
+        and never stored) when one is given."""
+        policy = parse_policy(document) if document else self._policy
         with invalid_input():
             subject = v.check(v.SUBJECT, user_name(subject), "subject")
             v.check(v.ACTION, action, "action")
@@ -393,7 +425,7 @@ class PolicyService:
         if target is None:
             raise NotFound(f"agent {agent} is not enrolled")
         known = frozenset(groups) or await self._store.user_groups(subject) or frozenset()
-        found = match(self._policy, Principal(subject, known), action, agent, target.labels)
+        found = match(policy, Principal(subject, known), action, agent, target.labels)
         notes: tuple[str, ...] = ()
         rule = found.rule
         if rule is None:
@@ -407,7 +439,7 @@ class PolicyService:
             auto, notes = auto_decision(
                 rule.approval.auto, usage, duration or timedelta(seconds=1), now
             )
-        plan = replace(plan_for(self._policy, rule), automatic=auto)
+        plan = replace(plan_for(policy, rule), automatic=auto)
         return decision(found, duration, notes, plan)
 
     async def _store_policy(self, policy: Policy, by: str) -> PolicyDocument:

@@ -18,7 +18,7 @@ from jitmesh.clock import Clock
 from jitmesh.types import Agent, Lock, LockTarget, Request, RequestState
 from jitmesh.versions import older_than
 
-from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
+from .errors import Conflict, InvalidArgument, Locked, NotFound, PermissionDenied, invalid_input
 from .grants import end_grants
 from .hub import Hub
 from .lifecycle import ENDABLE_GRANT_STATES
@@ -106,9 +106,8 @@ class LockService:
 
     async def lift(self, principal: Principal, lock_id: str, reason: str) -> Lock:
         _require_admin(principal)
-        if not v.ID.fullmatch(lock_id):
-            raise InvalidArgument("lock id is not valid")
         with invalid_input():
+            v.check_id(lock_id, "lock")
             v.check_reason(reason)
         now = self._clock.now()
         async with self._store.transaction() as tx:
@@ -156,10 +155,18 @@ async def lock_commands(tx: Tx, lock: Lock, kind: CommandKind, now: datetime) ->
 async def refuse_if_locked(
     store: Store | Tx, subject: str, agent: str, action: str, now: datetime
 ) -> None:
-    """Raise Conflict when a lock in force matches: new requests and approvals are refused."""
+    """Raise Locked when a lock in force matches: new requests and approvals are refused."""
     lock = await store.lock_in_force(subject, agent, action, now)
     if lock is not None:
-        raise Conflict(f"{lock.target.describe()} is locked ({lock.id}): {lock.reason}")
+        raise lock_refusal(lock)
+
+
+def lock_refusal(lock: Lock) -> Locked:
+    """The refusal for anything a lock in force stops (one wording, one reason: LOCKED)."""
+    return Locked(
+        f"{lock.target.describe()} is locked ({lock.id}): {lock.reason}; an admin lifts it "
+        f"with 'jitctl lock lift {lock.id}'"
+    )
 
 
 def first_lock(locks: Sequence[Lock], request: Request) -> Lock | None:

@@ -8,9 +8,11 @@ reason, and says how the request is approved: automatically, or by N people from
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import re
+import typing
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any, Literal
@@ -407,15 +409,73 @@ def parse_policy(text: str) -> Policy:
 
 
 def _first_error(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False, include_input=False)[0]
+    found = exc.errors(include_url=False, include_input=False)
+    # An unknown key first: a misspelt key (`subject`) also makes the right one (`subjects`)
+    # missing, and the misspelling is what to fix.
+    for err in found:
+        loc = err["loc"]
+        if err["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
+            return _unknown_key(loc)
+    err = found[0]
+    return f"{_place(err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+
+
+def _place(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
-    for loc in err["loc"]:
-        if isinstance(loc, int):
-            parts.append(f"[{loc}]")
-        elif "function-" not in loc:  # pydantic's own validator tags are not places
-            parts.append(f".{loc}" if parts else loc)
-    where = "".join(parts) or "document"
-    return f"{where}: {err['msg'].removeprefix('Value error, ')}"
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif "function-" not in item:  # pydantic's own validator tags are not places
+            parts.append(f".{item}" if parts else item)
+    return "".join(parts) or "document"
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """`rules[0]: unknown key 'subject' (did you mean 'subjects'?)`, naming the keys allowed
+    there. The key is the document's own text: shown only when it has the shape of a key."""
+    *parent, key = loc
+    allowed = _keys_at(tuple(parent))
+    where = _place(tuple(parent))
+    if not isinstance(key, str) or not _KEY_SHAPE.fullmatch(key):
+        return f"{where}: unknown key (allowed: {', '.join(allowed)})"
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(allowed)})"
+    return f"{where}: unknown key {key!r}{hint}"
+
+
+_KEY_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the model at `loc` (a path into PolicyModel) allows."""
+    model: type[BaseModel] = PolicyModel
+    for item in loc:
+        if isinstance(item, int):
+            continue
+        field = model.model_fields.get(item)
+        inner = _model_in(field.annotation) if field is not None else None
+        if inner is None:
+            break
+        model = inner
+    return sorted(f.alias or name for name, f in model.model_fields.items())
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def unknown_action(action: str, policy: Policy) -> str:
+    """The refusal of an action the policy's catalogue does not list, listing the ones it does."""
+    known = policy.model.actions
+    close = difflib.get_close_matches(action, known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown action {action}: {hint}the policy's actions are {', '.join(known)}"
 
 
 def match(

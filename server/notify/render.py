@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from jitmesh.clock import to_ms
+from jitmesh.clock import rfc3339, to_ms
 from server.domain.notices import Notice, NoticeKind
 
 from .base import Links
@@ -72,7 +72,7 @@ def json_body(notice: Notice, links: Links) -> dict[str, Any]:
         "id": notice.id,
         "kind": notice.kind.value,
         "title": notice.title,
-        "at": notice.at.isoformat().replace("+00:00", "Z"),
+        "at": rfc3339(notice.at),
         "at_ms": to_ms(notice.at),
         "actor": notice.actor,
         "subject": notice.subject,

@@ -34,7 +34,7 @@ from server.signing import SigningKeys
 
 from . import convert as c
 from .auth import CERT_PREFIX, bearer, cert_binding, peer_certificate
-from .errors import admission_hint, retry_metadata, status_of
+from .errors import abort, admission_hint, retry_metadata, status_of
 
 log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[agentlink_pb2.AgentMessage, agentlink_pb2.CoordinatorMessage]
@@ -183,7 +183,9 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         with contextlib.suppress(Exception):
             await context.write(agentlink_pb2.CoordinatorMessage(pushback=hint))
         await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED, hint.reason, trailing_metadata=retry_metadata(hint)
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            hint.reason,
+            trailing_metadata=retry_metadata(hint, "BUSY"),
         )
 
     async def _handshake(self, context: Ctx) -> tuple[Principal, AgentHello, Resume]:
@@ -204,7 +206,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         except errors.DomainError as exc:
             if principal is not None and isinstance(exc, errors.InvalidArgument):
                 await self._refused(principal, exc)
-            await context.abort(status_of(exc), exc.message)
+            await abort(context, exc)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello in time")
         return principal, hello, resume

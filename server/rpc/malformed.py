@@ -18,6 +18,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
+from server.domain.errors import InvalidArgument
+
+from .errors import abort
+
 log = logging.getLogger(__name__)
 
 LOG_EVERY: Final = 10.0
@@ -79,9 +83,11 @@ class MalformedRequests(_Interceptor):
         async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
             self._log.refused(method, context.peer())
             name = method.rsplit("/", 1)[-1]
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the request is not a valid {name} message (protobuf that does not parse)",
+            await abort(
+                context,
+                InvalidArgument(
+                    f"the request is not a valid {name} message (protobuf that does not parse)"
+                ),
             )
 
         serialize = handler.response_serializer

@@ -38,7 +38,7 @@ from server.signing import SigningKeys
 
 from . import convert as c
 from .auth import Authenticator, cert_binding, peer_certificate
-from .errors import mapped, status_of
+from .errors import abort, mapped
 from .limits import RateLimiter, peer_host
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -178,7 +178,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
                     # disabled, ends the stream here instead of watching on.
                     principal = await self._auth.operator(context)
         except errors.DomainError as exc:
-            await context.abort(status_of(exc), exc.message)
+            await abort(context, exc)
 
     @mapped
     async def GetGrant(self, request: access_pb2.GetGrantRequest, context: Ctx) -> types_pb2.Grant:
@@ -563,7 +563,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     ) -> policy_pb2.PolicyDocument:
         principal = await self._auth.operator(context)
         doc = await self._policy.apply(
-            principal, request.yaml, c.number(request.expected_version, "expected_version")
+            principal,
+            request.yaml,
+            c.number(request.expected_version, "expected_version"),
+            dry_run=request.dry_run,
         )
         return c.policy_document(doc)
 
@@ -581,6 +584,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             if request.HasField("duration")
             else None,
             groups=list(request.groups),
+            document=request.policy_yaml,
         )
         return c.policy_decision(result)
 
@@ -651,7 +655,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
                 if not events:
                     await self._audit.wait_after(after)
         except errors.DomainError as exc:
-            await context.abort(status_of(exc), exc.message)
+            await abort(context, exc)
 
     @mapped
     async def VerifyChain(

@@ -781,6 +781,9 @@ class SqlStoreReads(SqlReads):
         row = await self._one(self._q.principal_for_token, [token_hash, to_ms(now)])
         return None if row is None else rec.token_principal(row)
 
+    async def token_refusal(self, token_hash: str, now: datetime) -> tuple[str, str]:
+        return rec.token_refusal(await self._one(self._q.token_refusal, [token_hash]), now)
+
     async def list_tokens(self, user: str) -> list[TokenInfo]:
         return [rec.token(r) for r in await self._all(self._q.list_tokens, [user, user])]
 

@@ -174,6 +174,10 @@ class Queries:
         "WHERE t.hash = ? AND t.revoked_at IS NULL AND u.disabled = 0 "
         "AND (t.expires_at IS NULL OR t.expires_at > ?)"
     )
+    token_refusal: str = (
+        "SELECT u.name, u.disabled, t.revoked_at, t.expires_at "
+        "FROM tokens t JOIN users u ON u.name = t.user_name WHERE t.hash = ?"
+    )
     principal_for_user: str = (
         "SELECT name, groups FROM users WHERE name = ? AND disabled = 0 "
         "AND NOT EXISTS (SELECT 1 FROM revoked_certificates WHERE serial = ?)"

@@ -361,6 +361,19 @@ def token_principal(row: Row) -> Principal:
     )
 
 
+def token_refusal(row: Row | None, now: datetime) -> tuple[str, str]:
+    """Why a bearer token is refused (Store.token_refusal), from its row and its user's."""
+    if row is None:
+        return "unknown", ""
+    if row["disabled"]:
+        return "disabled", str(row["name"])
+    if row["revoked_at"] is not None:
+        return "revoked", str(row["name"])
+    if row["expires_at"] is not None and row["expires_at"] <= to_ms(now):
+        return "expired", str(row["name"])
+    return "unknown", ""  # refused for another reason (changed meanwhile): say nothing more
+
+
 def scopes_text(scopes: Iterable[str]) -> str:
     """Scopes as the tokens table keeps them: sorted, space-separated ('' = unrestricted)."""
     return " ".join(sorted(set(scopes)))

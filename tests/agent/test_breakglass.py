@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from agent.domain.breakglass import Code, KeptLock, Refused, Use, decide_use
+from agent.domain.breakglass import Code, KeptLock, Refused, Use, decide_use, grant_id_of
 from agent.domain.leases import EventKind, Lease, LeaseState, new_event
 from agent.rpc.breakglass import SIGNED_PREFIX, BadCode, read_code
 from agent.store.memory import MemoryLeaseStore
@@ -149,3 +149,12 @@ async def test_a_code_is_recorded_once(kind: str, tmp_path: Path) -> None:
         assert [e.kind for e in await store.pending_events(10)] == ["breakglass.used"]
     finally:
         store.close()
+
+
+def test_a_break_glass_grant_id_is_a_grant_id_everywhere() -> None:
+    from jitmesh import validation
+
+    grant_id = grant_id_of("c" * 32)
+    assert validation.check_id(grant_id, "grant") == grant_id
+    with pytest.raises(validation.ValidationError):
+        validation.check_id(grant_id, "request")

@@ -233,3 +233,29 @@ async def test_agent_process_enrolls_applies_and_stops_on_sigterm(tmp_path: Path
     # Stopped, not revoked: the lease table still allows it, and the marker is still there.
     assert check(state, "alice", "deploy").returncode == ALLOWED
     assert json.loads((markers / "alice:deploy").read_text())["subject"] == "alice"
+
+
+def test_a_missing_hooks_file_is_named_with_its_path(tmp_path: Path) -> None:
+    hooks = tmp_path / "etc" / "hooks.yaml"
+    done = agent(
+        *("--coordinator", "127.0.0.1:1", "--insecure", "--name", "web-1"),
+        *("--state", str(tmp_path / "state"), "--join-token-file", str(tmp_path / "none")),
+        *("--enforcer", f"exec:{hooks}"),
+    )
+    assert done.returncode == USAGE
+    assert f"cannot read exec hooks file {hooks} (No such file or directory)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_hook_program_that_is_missing_is_named(tmp_path: Path) -> None:
+    hooks = tmp_path / "hooks.yaml"
+    hooks.write_text("apply: [/opt/nowhere/grant-access, '{subject}']\nremove: [/bin/true]\n")
+    hooks.chmod(0o600)
+    done = agent(
+        *("--coordinator", "127.0.0.1:1", "--insecure", "--name", "web-1"),
+        *("--state", str(tmp_path / "state"), "--enforcer", f"exec:{hooks}"),
+    )
+    assert done.returncode == USAGE
+    assert "exec hook program /opt/nowhere/grant-access not found or not executable" in (
+        done.stderr
+    )

@@ -18,7 +18,7 @@ def test_wrong_token_is_one_line_without_the_token(
 ) -> None:
     monkeypatch.setenv("JITMESH_TOKEN", "wrong-secret-token")
     result = jitctl("request", "list")
-    assert result.code == 1
+    assert result.code == 4
     assert result.error_line() == "jitctl: invalid bearer token"
     assert "wrong-secret-token" not in result.err + result.out
 
@@ -28,7 +28,7 @@ def test_missing_token_hints_where_to_set_it(
 ) -> None:
     monkeypatch.delenv("JITMESH_TOKEN")
     result = jitctl("grant", "list")
-    assert result.code == 1
+    assert result.code == 4
     assert result.error_line() == (
         "jitctl: invalid bearer token (no token given: use --token or $JITMESH_TOKEN)"
     )
@@ -37,21 +37,21 @@ def test_missing_token_hints_where_to_set_it(
 def test_server_echo_of_the_token_is_not_printed(model: Scripted, jitctl: Jitctl) -> None:
     model.fail("ListAgents", grpc.StatusCode.PERMISSION_DENIED, f"{TOKEN} may not list agents")
     result = jitctl("agent", "list")
-    assert result.code == 1
+    assert result.code == 4
     assert TOKEN not in result.err
     assert result.error_line() == "jitctl: [redacted] may not list agents"
 
 
 def test_not_found(jitctl: Jitctl) -> None:
     result = jitctl("request", "show", rid(42))
-    assert result.code == 1
+    assert result.code == 3
     assert result.error_line() == "jitctl: no such request"
     assert result.out == ""
 
 
 def test_invalid_name_is_refused_with_the_field_named(model: Scripted, jitctl: Jitctl) -> None:
     result = jitctl("request", "create", "--agent", "Web 1", "--action", "x", "--duration", "5m")
-    assert result.code == 1
+    assert result.code == 2
     assert result.error_line().startswith("jitctl: agent is not valid")
     assert model.calls == []
 
@@ -115,7 +115,7 @@ def _closed_port() -> int:
 def test_unreachable_coordinator(jitctl: Jitctl) -> None:
     target = f"127.0.0.1:{_closed_port()}"
     result = jitctl("--coordinator", target, "agent", "list")
-    assert result.code == 1
+    assert result.code == 6
     assert result.error_line().startswith(f"jitctl: cannot reach the coordinator at {target}")
     assert TOKEN not in result.err
 

@@ -81,7 +81,7 @@ def test_agent_show_and_remove(model: Scripted, jitctl: Jitctl) -> None:
     removed = jitctl("agent", "remove", "web-1", "-o", "json").json()
     assert removed == {"id": "web-1", "state": "removed"}
     gone = jitctl("agent", "show", "web-1")
-    assert gone.code == 1
+    assert gone.code == 3
     assert gone.error_line() == "jitctl: no such agent"
 
 
@@ -102,7 +102,7 @@ def test_agent_token_create(model: Scripted, jitctl: Jitctl) -> None:
     body = result.json()
     assert (body["id"], body["state"]) == ("join-token", "created")
     assert body["token"] == "join-secret-0123456789"
-    assert body["expires_at"] == "2026-01-01T14:00:00Z"
+    assert body["expires_at"] == "2026-01-01T14:00:00.000Z"
     sent = model.calls_to("CreateJoinToken")[0]
     assert isinstance(sent, agents_pb2.CreateJoinTokenRequest)
     assert dict(sent.labels) == {"env": "prod", "role": "web"}

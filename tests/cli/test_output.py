@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+from jitmesh import clock
 from jitmesh.cli import output
 from tests.sdk.scripted import NOW, make_agent, make_event, make_grant, make_request
 
 
-def test_rfc3339_is_utc_with_z() -> None:
-    assert output.rfc3339(NOW) == "2026-01-01T12:00:00Z"
+def test_rfc3339_is_utc_with_z_and_always_milliseconds() -> None:
+    assert output.rfc3339(NOW) == "2026-01-01T12:00:00.000Z"
     assert output.rfc3339(NOW + timedelta(milliseconds=5)) == "2026-01-01T12:00:00.005Z"
+    assert output.rfc3339(NOW + timedelta(microseconds=999)) == "2026-01-01T12:00:00.000Z"
     plus_two = datetime(2026, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
-    assert output.rfc3339(plus_two) == "2026-01-01T12:00:00Z"
+    assert output.rfc3339(plus_two) == "2026-01-01T12:00:00.000Z"
     assert output.rfc3339(None) is None
+    # Fixed precision: the texts sort as the instants do (with the fraction only when there
+    # was one, "12:00:00Z" sorted after "12:00:00.005Z").
+    instants = [NOW + timedelta(milliseconds=ms) for ms in (1000, 0, 5, 999, 10)]
+    texts = [clock.rfc3339(at) for at in instants]
+    assert sorted(texts) == [clock.rfc3339(at) for at in sorted(instants)]
 
 
 def test_human_and_relative_times() -> None:

@@ -135,11 +135,11 @@ def test_audit_list_since_a_duration_ago(model: Scripted, jitctl: Jitctl) -> Non
 
 def test_audit_list_json_since_an_instant(model: Scripted, jitctl: Jitctl) -> None:
     model.put(*(make_event(n) for n in range(1, 4)))
-    body = jitctl("audit", "list", "--since", "2026-01-01T12:00:02Z", "-o", "json").json()
+    body = jitctl("audit", "list", "--since", "2026-01-01T12:00:02.000Z", "-o", "json").json()
     assert [(e["seq"], e["state"]) for e in body] == [(2, "recorded"), (3, "recorded")]
     assert body[0]["id"] == make_event(2).id
     assert body[0]["hash"] == make_event(2).hash
-    assert body[0]["at"] == "2026-01-01T12:00:02Z"
+    assert body[0]["at"] == "2026-01-01T12:00:02.000Z"
 
 
 @pytest.mark.parametrize("since", ["yesterday", "2026-01-01T12:00:00"])

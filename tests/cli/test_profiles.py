@@ -49,15 +49,15 @@ def test_flag_beats_environment_beats_profile(
     jitctl: Jitctl, config: Path, coordinator: ServerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The named profile points nowhere: it fails...
-    assert jitctl("--profile", "nowhere", "agent", "list").code == 1
+    assert jitctl("--profile", "nowhere", "agent", "list").code == 6
     # ...unless the environment names the coordinator, which beats the profile...
     monkeypatch.setenv("JITMESH_COORDINATOR", coordinator.target)
     assert jitctl("--profile", "nowhere", "agent", "list").code == 0
     # ...unless a flag names another, which beats the environment.
-    assert jitctl("--coordinator", _closed(), "agent", "list").code == 1
+    assert jitctl("--coordinator", _closed(), "agent", "list").code == 6
     monkeypatch.setenv("JITMESH_PROFILE", "nowhere")
     monkeypatch.delenv("JITMESH_COORDINATOR")
-    assert jitctl("agent", "list").code == 1
+    assert jitctl("agent", "list").code == 6
     assert jitctl("agent", "list", "--profile", "ops").code == 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 from jitmesh.types import GrantState, RequestState
@@ -22,7 +23,7 @@ def test_create_prints_the_request_as_json(jitctl: Jitctl) -> None:
     assert (body["agent"], body["subject"], body["action"]) == ("web-1", "alice", "deploy")
     assert body["duration"] == "15m"
     assert body["duration_seconds"] == 900
-    assert body["created_at"] == "2026-01-01T12:00:00Z"
+    assert body["created_at"] == "2026-01-01T12:00:00.000Z"
     assert body["grant_id"] is None
     assert "grant" not in body
     assert result.err == ""
@@ -37,7 +38,7 @@ def test_create_approved_at_once_carries_the_grant(model: Scripted, jitctl: Jitc
     assert grant["id"] == gid(NEW)
     assert grant["state"] == "PENDING_DELIVERY"
     assert (grant["agent"], grant["subject"], grant["action"]) == ("web-1", "alice", "deploy")
-    assert grant["expires_at"] == "2026-01-01T12:15:00Z"
+    assert grant["expires_at"] == "2026-01-01T12:15:00.000Z"
     assert grant["offline"] == {"mode": "REVOKE_AFTER", "grace": "5m", "grace_seconds": 300}
 
 
@@ -125,7 +126,13 @@ def test_wait_fails_when_the_agent_cannot_apply(model: Scripted, jitctl: Jitctl)
     _script_approval(model, GrantState.FAILED, failure="hook exited 3")
     result = jitctl(*CREATE, "--wait", "-o", "json")
     assert result.code == 1
-    assert result.error_line() == f"jitctl: grant {gid(NEW)} failed on agent web-1: hook exited 3"
+    assert json.loads(result.err) == {
+        "error": {
+            "kind": "failed",
+            "exit_code": 1,
+            "message": f"grant {gid(NEW)} failed on agent web-1: hook exited 3",
+        }
+    }
     assert result.json()["grant"]["state"] == "FAILED"
 
 
@@ -150,7 +157,7 @@ def test_wait_fails_when_the_request_expires(model: Scripted, jitctl: Jitctl) ->
 
 def test_wait_gives_up_after_the_wait_timeout(jitctl: Jitctl) -> None:
     result = jitctl(*CREATE, "--wait", "--wait-timeout", "300ms")
-    assert result.code == 1
+    assert result.code == 7  # timed out
     line = result.error_line()
     assert line.startswith(f"jitctl: gave up waiting for request {rid(NEW)} after 300ms")
     assert line.endswith("(still pending)")

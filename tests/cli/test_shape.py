@@ -72,7 +72,7 @@ def test_yaml_output(model: Scripted, jitctl: Jitctl) -> None:
     model.put(make_grant(1), make_agent("web-1"))
     listed = YAML(typ="safe").load(jitctl("grant", "list", "-o", "yaml").out)
     assert [(g["id"], g["state"], g["expires_at"]) for g in listed] == [
-        (gid(1), "ACTIVE", "2026-01-01T12:15:00Z")
+        (gid(1), "ACTIVE", "2026-01-01T12:15:00.000Z")
     ]
     shown = YAML(typ="safe").load(jitctl("-o", "yaml", "agent", "show", "web-1").out)
     assert shown == jitctl("agent", "show", "web-1", "-o", "json").json()

@@ -1,6 +1,6 @@
 """A loopback cluster of real processes for the fault suite: the coordinator (dev mode) and
 agents (exec enforcer = the oracle) as subprocesses, each agent reaching the coordinator through
-its own fault proxy, with the test parameters of PROMISES.md."""
+its own fault proxy, with the test parameters of docs/promises.md."""
 
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from .oracle import History, Oracle
 from .proxy import FaultProxy
 from .results import Recorder
 
-# PROMISES.md, "in tests" column.
+# docs/promises.md, parameters, "in the fault suite" column.
 COORDINATOR_FLAGS = [
     "--heartbeat", "1", "--keepalive", "2", "--keepalive-timeout", "1",
     "--agent-queue-limit", "100",
 ]  # fmt: skip
-# The backoff cap stays under the offline grace: with the PROMISES cap (5 s, equal to the grace)
+# The backoff cap stays under the offline grace: with a cap equal to the grace (5 s)
 # and backoff that resets only after 30 s healthy, a few short faults in a row could keep an agent
 # away longer than the grace, and `revoke_after` then rightly ends the grant; the short-partition
 # scenario is about faults that stay under the grace.

@@ -60,7 +60,7 @@ async def test_status_follows_agents_grants_and_revokes(mesh: Mesh) -> None:
 
 async def test_status_is_for_admins(mesh: Mesh) -> None:
     code, _out, err = await _status(mesh, user="alice")
-    assert code == 1
+    assert code == 4  # permission
     assert err.strip() == "jitctl: only admins and auditors may see the mesh status"
     try:
         await mesh.client("alice").status()

@@ -66,7 +66,7 @@ def rid(n: int) -> str:
 
 
 def gid(n: int) -> str:
-    return f"grant-{n:032x}"
+    return f"grt-{n:032x}"
 
 
 def make_request(n: int = 1, **changes: Any) -> Request:

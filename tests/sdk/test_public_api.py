@@ -53,6 +53,8 @@ INTENDED = {
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",
+    "PolicyDeniedError",
+    "LockedError",
     "RateLimitedError",
     "UnavailableError",
     # durations

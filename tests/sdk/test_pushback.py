@@ -16,7 +16,10 @@ from server.domain.delivery import Pushback
 from server.rpc.errors import DETAILS_KEY, pushback_metadata
 from tests.sdk.scripted import TOKEN, Scripted
 
-HINT = pushback_metadata(Pushback("web-1", 12, 10, timedelta(milliseconds=40)))
+PUSHBACK = Pushback("web-1", 12, 10, timedelta(milliseconds=40))
+HINT = pushback_metadata(PUSHBACK)
+# The status details carry the same message as the status (grpcio-status checks they agree).
+BEHIND = PUSHBACK.message()
 
 
 async def _create(client: Client) -> None:
@@ -26,15 +29,13 @@ async def _create(client: Client) -> None:
 async def test_a_hinted_refusal_is_waited_out_and_tried_again(
     model: Scripted, client: Client
 ) -> None:
-    model.fail(
-        "CreateRequest", grpc.StatusCode.RESOURCE_EXHAUSTED, "behind", trailing=HINT, times=2
-    )
+    model.fail("CreateRequest", grpc.StatusCode.RESOURCE_EXHAUSTED, BEHIND, trailing=HINT, times=2)
     await _create(client)
     assert len(model.calls_to("CreateRequest")) == 3
 
 
 async def test_without_waiting_the_refusal_carries_the_hint(model: Scripted, target: str) -> None:
-    model.fail("CreateRequest", grpc.StatusCode.RESOURCE_EXHAUSTED, "behind", trailing=HINT)
+    model.fail("CreateRequest", grpc.StatusCode.RESOURCE_EXHAUSTED, BEHIND, trailing=HINT)
     async with await Client.connect(target, token=TOKEN, pushback_wait=0) as client:
         with pytest.raises(errors.RateLimitedError) as caught:
             await _create(client)
@@ -44,7 +45,7 @@ async def test_without_waiting_the_refusal_carries_the_hint(model: Scripted, tar
 
 
 async def test_the_wait_is_bounded(model: Scripted, target: str) -> None:
-    model.fail("CreateRequest", grpc.StatusCode.RESOURCE_EXHAUSTED, "behind", trailing=HINT)
+    model.fail("CreateRequest", grpc.StatusCode.RESOURCE_EXHAUSTED, BEHIND, trailing=HINT)
     async with await Client.connect(target, token=TOKEN, pushback_wait=0.3) as client:
         with pytest.raises(errors.RateLimitedError):
             await _create(client)

@@ -88,7 +88,7 @@ def test_manual_approval_needs_groups() -> None:
 
 def test_unknown_field_is_refused() -> None:
     message = refused(HEADER + rule(aprovals="2"))
-    assert "rules[0].aprovals" in message
+    assert message.endswith("rules[0]: unknown key 'aprovals' (did you mean 'approval'?)")
 
 
 def test_rule_without_subjects_names_is_refused() -> None:

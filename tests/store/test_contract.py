@@ -476,6 +476,23 @@ async def test_tokens_and_users(store: Store) -> None:
     assert principal.scopes == frozenset()
 
 
+async def test_token_refusal_says_why(store: Store) -> None:
+    async with store.transaction() as tx:
+        await tx.upsert_user("alice", ["developers"], T0)
+        await tx.upsert_user("bob", ["sre"], T0)
+        assert await tx.insert_token("ta", "alice", T0, T0 + timedelta(hours=1), "")
+        assert await tx.insert_token("tr", "bob", T0, None, "")
+        assert await tx.set_user_disabled("alice", True)
+        assert await tx.revoke_token("tr", T0)  # ids are hash prefixes: here the whole hash
+    assert await store.token_refusal("ta", T0) == ("disabled", "alice")
+    assert await store.token_refusal("tr", T0) == ("revoked", "bob")
+    assert await store.token_refusal("nothing", T0) == ("unknown", "")
+    async with store.transaction() as tx:
+        assert await tx.set_user_disabled("alice", False)
+    assert await store.token_refusal("ta", T0 + timedelta(hours=1)) == ("expired", "alice")
+    assert await store.token_refusal("ta", T0) == ("unknown", "")  # not refused at all
+
+
 async def test_scoped_tokens(store: Store) -> None:
     async with store.transaction() as tx:
         await tx.upsert_user("slack-bridge", ["bridges"], T0)
