@@ -301,9 +301,17 @@ def run(argv: Sequence[str], *, clock: Clock | None = None, step: StepHook | Non
 
     # Before grpc is imported (by agent.app): gRPC's own lines become our log records.
     grpclog.capture()
-    logs.setup(
-        loaded.values["log_level"], loaded.values["log_format"], static={"agent": config.name}
-    )
+    try:
+        logs.setup(
+            loaded.values["log_level"],
+            loaded.values["log_format"],
+            static={"agent": config.name},
+            target=loaded.values["log_target"],
+            syslog_address=loaded.values["syslog_address"],
+            ident="jitmesh-agent",
+        )
+    except logs.LogTargetError as exc:
+        return _fail(f"configuration: {exc}")
     import asyncio
 
     try:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from agent.engine import Engine
 from agent.store.sqlite import SqliteLeaseStore
@@ -22,6 +22,9 @@ from jitmesh.clock import Clock
 log = logging.getLogger(__name__)
 
 REFRESH_EVERY: Final = 5.0
+# How long access outlived a grant's end: a sweep is due within a second of it (MAX_NAP);
+# minutes or hours mean failing removals or an agent that was down.
+OVERSTAY_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
 
 
 class AgentMetrics:
@@ -48,12 +51,31 @@ class AgentMetrics:
             "Removals that failed and are being retried (their grants are REVOKE_FAILED).",
             registry=r,
         )
+        self.overstay = Histogram(
+            t.AGENT_EXPIRY_OVERSTAY,
+            "Seconds a lease's access outlived its not_after before the expiry sweep removed it.",
+            buckets=OVERSTAY_BUCKETS,
+            registry=r,
+        )
+        self.enforcer_failures = Counter(
+            t.AGENT_ENFORCER_FAILURES,
+            "Failed enforcer calls, by enforcer kind (file, sudo, group, ssh, exec) and operation "
+            "(apply, extend, remove, observe).",
+            ["enforcer", "operation"],
+            registry=r,
+        )
+        # Called from the event loop; prometheus-client's metrics are thread-safe for the
+        # HTTP server's reads.
+        engine.instrument(overstay=self.overstay.observe, enforcer_failed=self._enforcer_failed)
         host, _, port = listen.rpartition(":")
         self._server, self._thread = start_http_server(
             int(port), host.strip("[]"), registry=self.registry
         )
         self.port = self._server.server_port
         log.info("metrics listening", extra={t.ADDRESS: f"{host}:{self.port}"})
+
+    def _enforcer_failed(self, enforcer: str, operation: str) -> None:
+        self.enforcer_failures.labels(enforcer=enforcer, operation=operation).inc()
 
     async def refresh(self) -> None:
         now = self._clock.now()

@@ -112,6 +112,13 @@ def _format(value: object, name: str) -> str:
     return text
 
 
+def _target(value: object, name: str) -> str:
+    text = _text(value, name)
+    if text not in ("stderr", "syslog"):
+        raise ConfigError(f"{name}: must be stderr or syslog")
+    return text
+
+
 def _end_sessions(value: object, name: str) -> str:
     text = _text(value, name)
     if text not in ("exec", "user"):
@@ -161,6 +168,13 @@ SETTINGS: Final = (
     ),
     Setting("log_level", _level, "info", help="debug, info, warning or error"),
     Setting("log_format", _format, "console", help="console or json"),
+    Setting("log_target", _target, "stderr", help="where log lines go: stderr or syslog"),
+    Setting(
+        "syslog_address",
+        _text,
+        "/dev/log",
+        help="with log_target syslog: the daemon's socket path, or HOST:PORT over UDP",
+    ),
     Setting("metrics_listen", _listen, help="serve Prometheus metrics on HOST:PORT"),
     Setting("backoff_base", _seconds, defaults.BACKOFF_BASE, help="first reconnect delay"),
     Setting("backoff_cap", _seconds, defaults.BACKOFF_CAP, help="longest reconnect delay"),

@@ -912,6 +912,17 @@ class Client:
             policy_version=r.policy_version,
             audit_head_seq=r.audit_head_seq,
             locks_in_force=r.locks_in_force,
+            replicas=tuple(
+                types.Replica(
+                    id=x.id,
+                    address=x.address,
+                    version=x.version,
+                    started_at=_convert.time_or_none(x.started_at),
+                    last_seen_at=_convert.time_or_none(x.last_seen_at),
+                    agents_connected=x.agents_connected,
+                )
+                for x in r.replicas
+            ),
         )
 
     async def list_locks(self, *, include_ended: bool = False) -> list[types.Lock]:

@@ -489,6 +489,20 @@ class SignInConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Replica:
+    """A coordinator replica that is running: on a PostgreSQL store each one that reported
+    itself lately, on SQLite the one coordinator."""
+
+    id: str
+    address: str
+    version: str
+    started_at: datetime | None
+    last_seen_at: datetime | None
+    # Agents whose stream this replica holds.
+    agents_connected: int
+
+
+@dataclass(frozen=True, slots=True)
 class MeshStatus:
     """The mesh at a glance (`jitctl status`; admins)."""
 
@@ -507,3 +521,5 @@ class MeshStatus:
     policy_version: int
     audit_head_seq: int
     locks_in_force: int
+    # The replicas running now, the answering one first (since 0.2).
+    replicas: tuple[Replica, ...] = ()

@@ -278,7 +278,17 @@ def main(argv: list[str] | None = None, *, step: StepHook = no_hook) -> int:
     # Before grpc is imported (by server.app): gRPC's own lines become our log records, and
     # with TLS each failed handshake is logged with its peer (jitmesh/grpclog.py).
     grpclog.capture(handshakes=log if config.tls else None)
-    logs.setup(settings.log_level, settings.log_format)
+    try:
+        logs.setup(
+            settings.log_level,
+            settings.log_format,
+            target=settings.log_target,
+            syslog_address=settings.syslog_address,
+            ident="jitmesh-coordinator",
+        )
+    except logs.LogTargetError as exc:
+        print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
+        return 2
     serving = _serve(
         config,
         settings,
@@ -404,6 +414,8 @@ def coordinator_config(settings: CoordinatorSettings, *, dev: bool) -> Coordinat
         "replica": settings.replica,
         "secret_key_file": settings.secret_key_file,
         "auditor_groups": settings.auditor_groups,
+        "command_log_retention": settings.command_log_retention,
+        "otel": settings.otel,
     }
     try:
         if dev:

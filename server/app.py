@@ -63,6 +63,7 @@ from server.domain.models import Principal
 from server.domain.ports import Tx
 from server.domain.reads import Readers
 from server.domain.receivers import ReceiverKind, ReceiverService
+from server.domain.retention import CommandLogRetention
 from server.domain.signin import SignInRules, SignInService
 from server.domain.status import StatusService
 from server.domain.steps import StepHook, no_hook
@@ -162,6 +163,9 @@ class Coordinator:
     slack_app: Any = None
     http: httpx.AsyncClient | None = None
     warnings: ExpiryWarnings | None = None
+    retention: CommandLogRetention | None = None
+    # OpenTelemetry (server/tracing.Tracing) when `otel` is on: flushed and closed by stop().
+    tracing: Any = None
 
     @property
     def slack_port(self) -> int:
@@ -199,6 +203,8 @@ class Coordinator:
                             self.clock, self.config.checkpoint_interval.total_seconds()
                         )
                     )
+                if self.retention is not None:
+                    tg.create_task(self.retention.run())
                 tg.create_task(self._until_terminated())
                 tg.create_task(self._report_running())
                 if isinstance(self.store, PostgresStore):
@@ -292,6 +298,8 @@ class Coordinator:
         if self.http is not None:
             await self.http.aclose()
         await self.store.close()
+        if self.tracing is not None:
+            self.tracing.close()
         if self.lock_fd >= 0:
             os.close(self.lock_fd)
             self.lock_fd = -1
@@ -303,6 +311,7 @@ async def build(
     *,
     refuse_dev_data: bool = False,
     step: StepHook = no_hook,
+    span_exporter: Any = None,
 ) -> Coordinator:
     """Open the store, load the policy, and start the gRPC server (listening, not yet `run`).
 
@@ -315,7 +324,7 @@ async def build(
         # Every instant the coordinator makes has the stored precision (whole milliseconds):
         # what a call returns at once equals what a later read returns (issue 10 item 11).
         stored = MillisecondClock(clock or SystemClock())
-        coordinator = await _build(config, stored, refuse_dev_data, step)
+        coordinator = await _build(config, stored, refuse_dev_data, step, span_exporter)
     except BaseException:
         os.close(lock_fd)
         raise
@@ -343,14 +352,18 @@ async def open_store(data_dir: Path) -> SqliteStore:
 
 
 async def _build(
-    config: CoordinatorConfig, clock: Clock, refuse_dev: bool, step: StepHook
+    config: CoordinatorConfig,
+    clock: Clock,
+    refuse_dev: bool,
+    step: StepHook,
+    span_exporter: Any = None,
 ) -> Coordinator:
     store = await open_store_url(config.store, config.data_dir, config.store_pool_size)
     servers: list[grpc.aio.Server] = []
     try:
         if refuse_dev:
             refuse_dev_data(await dev_credentials(store, clock.now()), str(config.data_dir))
-        return await _assemble(config, clock, store, servers, step)
+        return await _assemble(config, clock, store, servers, step, span_exporter)
     except BaseException:
         # A port already taken, a bad policy file: stop what was made, so the process exits
         # with its message instead of hanging on a half-built gRPC server.
@@ -366,8 +379,18 @@ async def _assemble(
     store: SqliteStore | PostgresStore,
     servers: list[grpc.aio.Server],
     step: StepHook,
+    span_exporter: Any = None,
 ) -> Coordinator:
     replica = config.replica or _replica_id(config.data_dir)
+    tracing = _tracing(config, replica, span_exporter)
+    interceptors: list[Any] = [AccessLog(), MalformedRequests()]
+    if tracing is not None:
+        # Outermost: the access log line and everything the call logs fall inside its span.
+        interceptors.insert(0, tracing.interceptor)
+    if tracing is not None:
+        store.observe_transaction = tracing.transaction(
+            "postgresql" if isinstance(store, PostgresStore) else "sqlite"
+        )
     shared: SharedFiles | None = None
     if isinstance(store, PostgresStore):
         store.replica = replica
@@ -429,7 +452,7 @@ async def _assemble(
     # Operators (and enrolling agents) send small messages; so do agents. Each server has its
     # own limits because gRPC sets them per server, not per port (docs: THREAT_MODEL.md).
     server = grpc.aio.server(
-        interceptors=[AccessLog(), MalformedRequests()],
+        interceptors=interceptors,
         options=_server_options(config, config.max_message_bytes, OPERATOR_MAX_SEND),
     )
     servers.append(server)
@@ -449,7 +472,7 @@ async def _assemble(
             grpc.ssl_server_credentials([main_pair]),
         )
         agent_server = grpc.aio.server(
-            interceptors=[AccessLog(), MalformedRequests()],
+            interceptors=interceptors,
             options=_server_options(config, MAX_AGENT_MESSAGE, AGENT_MAX_SEND),
         )
         servers.append(agent_server)
@@ -529,7 +552,18 @@ async def _assemble(
         auth, BreakglassService(store, codes, hub, clock, epoch)
     )
     mesh_servicer = MeshServicer(
-        auth, StatusService(store, clock, epoch, registry.count, store.audit_head, readers)
+        auth,
+        StatusService(
+            store,
+            clock,
+            epoch,
+            registry.count,
+            store.audit_head,
+            readers,
+            replica=replica,
+            shared_store=isinstance(store, PostgresStore),
+        ),
+        replica,
     )
     notify_servicer = NotifyServicer(auth, receivers)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -583,6 +617,9 @@ async def _assemble(
         "coordinator listening",
         extra={t.ADDRESS: f"{config.host}:{port}", t.EPOCH: epoch, "replica": replica},
     )
+    retention = None
+    if config.command_log_retention > timedelta(0):
+        retention = CommandLogRetention(store, clock, config.command_log_retention)
     return Coordinator(
         config,
         store,
@@ -608,12 +645,26 @@ async def _assemble(
         slack_app=slack_app,
         http=http,
         warnings=warnings,
+        retention=retention,
+        tracing=tracing,
         replica=replica,
         shared=shared,
         started_at=started_at,
         hub=hub,
         limiters=limiters,
     )
+
+
+def _tracing(config: CoordinatorConfig, replica: str, exporter: Any) -> Any:
+    """The OpenTelemetry part when `otel` is on (server/tracing.py), else None; the extra must
+    be installed for it."""
+    if not config.otel:
+        return None
+    try:
+        from server.tracing import Tracing
+    except ImportError:
+        raise ValueError("otel = true needs OpenTelemetry: pip install 'jitmesh[otel]'") from None
+    return Tracing(exporter, replica)
 
 
 def _sender(

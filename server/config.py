@@ -59,6 +59,11 @@ class CoordinatorConfig(BaseModel):
     enroll_overall_rate: float = Field(default=50.0, gt=0)
     # How often the audit head is signed into the store's checkpoints (when it moved).
     checkpoint_interval: timedelta = timedelta(seconds=10)
+    # OpenTelemetry spans for gRPC calls, exported over OTLP (server/tracing.py; the `otel` extra).
+    otel: bool = False
+    # How often each agent's command log is truncated behind its acknowledged position
+    # (domain/retention.py); 0: never.
+    command_log_retention: timedelta = Field(default=timedelta(minutes=1), ge=timedelta(0))
     tls: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -188,5 +188,12 @@ def serve_metrics(coordinator: Coordinator, listen: str) -> MetricsServer:
         rate_limited=coordinator.rate_limit_refusals,
     )
     coordinator.hub.audit_observers.append(metrics.observe_audit)
-    coordinator.store.observe_transaction = metrics.store_transactions.observe
+    traced = coordinator.store.observe_transaction  # the tracing's, when on
+
+    def observe(seconds: float) -> None:
+        metrics.store_transactions.observe(seconds)
+        if traced is not None:
+            traced(seconds)
+
+    coordinator.store.observe_transaction = observe
     return MetricsServer(coordinator, metrics, listen)

@@ -124,8 +124,25 @@ class CoordinatorSettings(BaseSettings):
     )
     log_level: str = Field(default="info", description=f"one of {', '.join(LEVELS)}")
     log_format: Literal["console", "json"] = "console"
+    log_target: Literal["stderr", "syslog"] = Field(
+        default="stderr", description="where log lines go: stderr or syslog"
+    )
+    syslog_address: str = Field(
+        default="/dev/log",
+        description="with log_target syslog: the daemon's socket path, or HOST:PORT over UDP",
+    )
     metrics_listen: Listen | None = Field(
         default=None, description="serve Prometheus metrics on HOST:PORT (off by default)"
+    )
+    command_log_retention: Duration = Field(
+        default=timedelta(minutes=1),
+        description="how often each agent's command log is truncated behind its acknowledged "
+        "position (0: never)",
+    )
+    otel: bool = Field(
+        default=False,
+        description="trace gRPC calls with OpenTelemetry, exported over OTLP as the OTEL_* "
+        "variables say (needs pip install 'jitmesh[otel]')",
     )
     heartbeat: Duration = timedelta(seconds=10)
     keepalive: Duration = timedelta(seconds=30)

@@ -17,7 +17,7 @@ business: the engine (`agent.engine.enforcement`) calls `apply` for a pair's fir
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from agent.domain.coverage import Cover, DriftMode
@@ -52,6 +52,42 @@ class EnforcerSet:
         if len(modes) != len(self.enforcers):
             raise ValueError("one drift mode per enforcer")
         self.drift = modes
+        # Told of every failed enforcer call, as (enforcer kind, operation): the metrics count
+        # them (agent/metrics.py). Every call to an enforcer goes through this class for that.
+        self.on_failure: Callable[[str, str], None] | None = None
+
+    def _failed(self, enforcer: Enforcer, operation: str) -> None:
+        if self.on_failure is not None:
+            # `exec:NAME` enforcers are one kind: the label stays one of a few values.
+            self.on_failure(enforcer.name.partition(":")[0], operation)
+
+    async def apply_one(self, enforcer: Enforcer, cover: Cover) -> None:
+        try:
+            await enforcer.apply(cover)
+        except EnforcerError:
+            self._failed(enforcer, "apply")
+            raise
+
+    async def extend_one(self, enforcer: Enforcer, cover: Cover) -> None:
+        try:
+            await enforcer.extend(cover)
+        except EnforcerError:
+            self._failed(enforcer, "extend")
+            raise
+
+    async def remove_one(self, enforcer: Enforcer, pair: Pair) -> None:
+        try:
+            await enforcer.remove(*pair)
+        except EnforcerError:
+            self._failed(enforcer, "remove")
+            raise
+
+    async def observe_one(self, enforcer: Enforcer) -> set[Pair]:
+        try:
+            return await enforcer.observe()
+        except EnforcerError:
+            self._failed(enforcer, "observe")
+            raise
 
     async def apply(self, cover: Cover) -> None:
         """Apply `cover` with every enforcer. If one fails, the ones that ran (the failing one
@@ -60,7 +96,7 @@ class EnforcerSet:
         for enforcer in self.enforcers:
             ran.append(enforcer)
             try:
-                await enforcer.apply(cover)
+                await self.apply_one(enforcer, cover)
             except EnforcerError as exc:
                 rolled_back = await self._undo(ran, cover.pair)
                 raise ApplyFailed(exc, rolled_back=rolled_back) from exc
@@ -71,7 +107,7 @@ class EnforcerSet:
         errors: list[EnforcerError] = []
         for enforcer in self.enforcers:
             try:
-                await enforcer.extend(cover)
+                await self.extend_one(enforcer, cover)
             except EnforcerError as exc:
                 errors.append(exc)
         if errors:
@@ -88,12 +124,11 @@ class EnforcerSet:
         errors = await self._remove_each(ran, pair)
         return not errors
 
-    @staticmethod
-    async def _remove_each(enforcers: Sequence[Enforcer], pair: Pair) -> list[EnforcerError]:
+    async def _remove_each(self, enforcers: Sequence[Enforcer], pair: Pair) -> list[EnforcerError]:
         errors: list[EnforcerError] = []
         for enforcer in reversed(enforcers):
             try:
-                await enforcer.remove(*pair)
+                await self.remove_one(enforcer, pair)
             except EnforcerError as exc:
                 log.warning(
                     "remove failed",

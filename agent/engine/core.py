@@ -160,6 +160,7 @@ class Engine:
         (`agent.domain.steps`: the fault suite's crash points; production passes none)."""
         self.name = name
         self._store = store
+        self._enforcers = enforcers
         parts = assemble(
             name=name,
             store=store,
@@ -268,6 +269,18 @@ class Engine:
     async def release(self, grant_id: str) -> bool:
         """End a lease on the host now (released: `exec --release`)."""
         return await self._expiry.end_now(grant_id, "released")
+
+    def instrument(
+        self,
+        *,
+        overstay: Callable[[float], None],
+        enforcer_failed: Callable[[str, str], None],
+    ) -> None:
+        """Metrics hooks: `overstay(seconds)` for each lease ended by expiry (how long its
+        access outlived its not_after), `enforcer_failed(kind, operation)` for each failed call
+        to an enforcer. Plain callables: the engine never imports the exporter."""
+        self._expiry.on_overstay = overstay
+        self._enforcers.on_failure = enforcer_failed
 
     def on_access_removed(self, listener: Callable[[Pair, str], None]) -> None:
         """`listener(pair, cause)` after a pair's access was really removed from the host."""

@@ -63,6 +63,9 @@ class Expiry:
         self._retry_attempt = 0
         # When the last sweep planned to look again (engine time).
         self.next_sweep_at: datetime | None = None
+        # Told, for each lease ended by expiry, how many seconds its access outlived its
+        # not_after (a slow sweep, a failing removal, an agent that was down): the metrics.
+        self.on_overstay: Callable[[float], None] | None = None
 
     async def run(self) -> None:
         """The expiry loop (sweep, then sleep until the next deadline or a change of leases) and,
@@ -163,6 +166,8 @@ class Expiry:
             events |= await self._store.end_lease(
                 lease.ended(at=now, reason=cause.value), _end_event(lease, cause, now, while_down)
             )
+            if cause is expiry.EndCause.EXPIRED and self.on_overstay is not None:
+                self.on_overstay(max(0.0, (now - lease.not_after).total_seconds()))
             log.info(
                 "grant expired" if cause is expiry.EndCause.EXPIRED else "grant ended offline",
                 extra=lease_fields(lease),

@@ -62,7 +62,7 @@ class Reconciler:
         seen: set[Pair] | None = None
         for enforcer in self._enforcers.enforcers:
             try:
-                observed = await enforcer.observe()
+                observed = await self._enforcers.observe_one(enforcer)
             except EnforcerError:
                 return  # cannot see: apply again (idempotent) rather than guess
             seen = observed if seen is None else seen & observed
@@ -99,7 +99,7 @@ class Reconciler:
         events = False
         for enforcer, mode in zip(self._enforcers.enforcers, self._enforcers.drift, strict=True):
             try:
-                observed = await enforcer.observe()
+                observed = await self._enforcers.observe_one(enforcer)
             except EnforcerError as exc:
                 # Cannot see: re-apply everything (idempotent), remove nothing.
                 log.warning("observe failed", extra={"enforcer": enforcer.name, "error": str(exc)})
@@ -107,7 +107,7 @@ class Reconciler:
             plan = reconcile(desired, observed)
             for subject, action in sorted(plan.apply - broken.keys()):
                 try:
-                    await enforcer.apply(windows[(subject, action)])
+                    await self._enforcers.apply_one(enforcer, windows[(subject, action)])
                 except EnforcerError as exc:
                     broken[(subject, action)] = str(exc)
                     continue
@@ -121,7 +121,7 @@ class Reconciler:
                 continue
             for subject, action in sorted(drift):
                 try:
-                    await enforcer.remove(subject, action)
+                    await self._enforcers.remove_one(enforcer, (subject, action))
                 except EnforcerError as exc:
                     await self._removals.pend((subject, action), (), str(exc))
                     continue

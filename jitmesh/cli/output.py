@@ -1025,6 +1025,17 @@ def status_json(status: MeshStatus) -> JSON:
         "policy_version": status.policy_version,
         "audit_head_seq": status.audit_head_seq,
         "locks_in_force": status.locks_in_force,
+        "replicas": [
+            {
+                "id": r.id,
+                "address": r.address,
+                "version": r.version,
+                "started_at": rfc3339(r.started_at),
+                "last_seen_at": rfc3339(r.last_seen_at),
+                "agents_connected": r.agents_connected,
+            }
+            for r in status.replicas
+        ],
     }
 
 
@@ -1032,6 +1043,17 @@ def _degraded(status: MeshStatus) -> bool:
     """Something needs a person: a removal failed on a host, or agents are away."""
     failed = status.grants.get(GrantState.REVOKE_FAILED, 0)
     return failed > 0 or status.agents_connected < status.agents_enrolled
+
+
+def _replicas(status: MeshStatus) -> str:
+    """ "2 running: ra (this, 3 agents), rb (5 agents)"."""
+    if not status.replicas:
+        return _NONE
+    named = [
+        f"{r.id} ({'this, ' if r.id == status.replica else ''}{r.agents_connected} agents)"
+        for r in status.replicas
+    ]
+    return f"{len(named)} running: " + ", ".join(named)
 
 
 def status_details(status: MeshStatus) -> Table:
@@ -1043,6 +1065,7 @@ def status_details(status: MeshStatus) -> Table:
         [
             ("STATE", "degraded" if _degraded(status) else "ok"),
             ("COORDINATOR", f"v{status.version} epoch {status.epoch}"),
+            ("REPLICAS", _replicas(status)),
             ("AGENTS", f"{status.agents_connected} of {status.agents_enrolled} connected"
              + (f" ({away} away)" if away > 0 else "")),
             ("REQUESTS WAITING", counts(status.requests)),

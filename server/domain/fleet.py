@@ -409,6 +409,13 @@ class FleetService:
             # Resend what was applied but never acknowledged here (the ack was lost in a crash);
             # the agent acks those DUPLICATE (or NOT_APPLIED) and applies nothing twice.
             resume_after = min(resume_after, unacked - 1)
+        if resume_after < agent.last_seq and resume_after < await self._store.command_log_start(
+            agent.name
+        ):
+            # The commands it would need were truncated (domain/retention.py): it acknowledged
+            # them once and lost that state since (a restored lease table). A snapshot replaces
+            # what it missed.
+            return await self._snapshot(agent.name, now)
         return Resume(resume_after, (), None, 0)
 
     async def _adopt_breakglass(

@@ -319,3 +319,5 @@ class StatusCounts:
     commands_unacknowledged: int
     locks_in_force: int
     policy_version: int
+    # Agents whose stream each replica holds, as the store records it (replica id -> count).
+    connected_by_replica: dict[str, int] = field(default_factory=dict)

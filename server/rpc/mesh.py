@@ -50,4 +50,15 @@ class MeshServicer(mesh_pb2_grpc.MeshServicer):
             policy_version=counts.policy_version,
             audit_head_seq=found.audit_head_seq,
             locks_in_force=counts.locks_in_force,
+            replicas=[
+                mesh_pb2.Replica(
+                    id=r.id,
+                    address=r.address,
+                    version=r.version,
+                    started_at=shared.time_to_proto(r.started_at),
+                    last_seen_at=shared.time_to_proto(r.last_seen_at),
+                    agents_connected=r.agents_connected,
+                )
+                for r in found.replicas
+            ],
         )

@@ -471,6 +471,18 @@ class SqlTx(SqlReads):
     async def _set_revoke_seqs(self, by_grant: dict[str, int]) -> None:
         await self._many(self._q.set_revoke_seq, [(q, g) for g, q in by_grant.items()])
 
+    async def truncate_command_log(self, limit: int) -> int:
+        """Command-log retention: move each agent's `log_start` up to its acknowledged prefix
+        and delete at most `limit` of the commands at or below it; returns how many went.
+
+        The prefix ends at the lower of the agent's highest acked seq and its first
+        unacknowledged (non-snapshot) command less one: every command at or below it is acked,
+        or a snapshot whose ack was lost and that later acked commands passed. A resume
+        (min(last_applied, first_unacked - 1)) never starts below it unless the agent lost
+        state it had acknowledged; the Hello then answers with a snapshot."""
+        await self._run(self._q.advance_log_start)
+        return await self._run(self._q.truncate_commands, [limit])
+
     async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
         """Mark the agent's commands before `snapshot_seq` that were never acknowledged as
         replaced by that snapshot (NOT_APPLIED): they are not sent again."""
@@ -767,6 +779,9 @@ class SqlStoreReads(SqlReads):
         agents = await self._one(self._q.count_agents)
         locks = await self._one(self._q.count_locks, [to_ms(now)])
         policy = await self._one(self._q.policy_version)
+        held = {
+            str(r["replica"]): int(r["n"]) for r in await self._all(self._q.count_held_by_replica)
+        }
         return StatusCounts(
             agents_enrolled=int(agents["n"]) if agents else 0,
             requests=requests,
@@ -775,6 +790,7 @@ class SqlStoreReads(SqlReads):
             commands_unacknowledged=int(agents["unacked"]) if agents else 0,
             locks_in_force=int(locks["n"]) if locks else 0,
             policy_version=int(policy["v"]) if policy else 0,
+            connected_by_replica=held,
         )
 
     async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None:
@@ -808,6 +824,11 @@ class SqlStoreReads(SqlReads):
     async def commands_after(self, agent: str, seq: int, limit: int) -> list[Command]:
         rows = await self._all(self._q.commands_after, [agent, seq, limit])
         return [rec.command(r, agent) for r in rows]
+
+    async def command_log_start(self, agent: str) -> int:
+        """The seq at or below which the agent's commands may be truncated away (0: none)."""
+        row = await self._one(self._q.command_log_start, [agent])
+        return 0 if row is None else int(row["log_start"])
 
     async def first_unacked_seq(self, agent: str) -> int | None:
         row = await self._one(self._q.first_unacked_seq, [agent])

@@ -1,11 +1,12 @@
 """The SQL both stores run, written once.
 
-Each statement is written in one neutral style: `?` marks its parameters and `GREATEST(` is the
-larger of its arguments. At import, each store gets its own copy of every text, translated once
-(`SQLITE`, `POSTGRES`), so no call translates anything:
+Each statement is written in one neutral style: `?` marks its parameters, `GREATEST(` is the
+larger of its arguments and `LEAST(` the smaller. At import, each store gets its own copy of
+every text, translated once (`SQLITE`, `POSTGRES`), so no call translates anything:
 
-- SQLite (aiosqlite, `?` marks): `GREATEST(` becomes `MAX(` (SQLite's max() with several
-  arguments is the same function; the arguments here are never NULL, where the two differ).
+- SQLite (aiosqlite, `?` marks): `GREATEST(` becomes `MAX(` and `LEAST(` `MIN(` (SQLite's
+  max() and min() with several arguments are the same functions; the arguments here are never
+  NULL, where the two differ).
 - PostgreSQL (psycopg, `%s` marks): `?` becomes `%s`, and a literal `%` (`LIKE 'policy:%'`)
   becomes `%%`.
 
@@ -24,7 +25,7 @@ from server.store import rows as rec
 
 
 def to_sqlite(sql: str) -> str:
-    return sql.replace("GREATEST(", "MAX(")
+    return sql.replace("GREATEST(", "MAX(").replace("LEAST(", "MIN(")
 
 
 def to_postgres(sql: str) -> str:
@@ -160,6 +161,21 @@ class Queries:
         "SELECT MIN(seq) AS seq FROM commands WHERE agent = ? AND acked_at IS NULL "
         "AND kind <> 'snapshot'"
     )
+    command_log_start: str = "SELECT log_start FROM agents WHERE name = ?"
+    # Command-log retention (`truncate_command_log`): each agent's log_start moves up to its
+    # acknowledged prefix (never down), then commands at or below it go, a batch at a time.
+    advance_log_start: str = (
+        "UPDATE agents SET log_start = GREATEST(log_start, LEAST(last_acked_seq, COALESCE(("
+        "SELECT MIN(c.seq) - 1 FROM commands c WHERE c.agent = agents.name "
+        "AND c.acked_at IS NULL AND c.kind <> 'snapshot'), last_acked_seq))) "
+        "WHERE last_acked_seq > log_start"
+    )
+    truncate_commands: str = (
+        "DELETE FROM commands WHERE (agent, seq) IN ("
+        "SELECT c.agent, c.seq FROM agents a JOIN commands c "
+        "ON c.agent = a.name AND c.seq <= a.log_start "
+        "WHERE c.acked_at IS NOT NULL OR c.kind = 'snapshot' LIMIT ?)"
+    )
     # Users and tokens.
     agent_for_credential: str = (
         "SELECT name FROM agents WHERE credential_hash = ? AND removed_at IS NULL"
@@ -229,6 +245,10 @@ class Queries:
     count_agents: str = (
         "SELECT COUNT(*) AS n, COALESCE(SUM(GREATEST(last_seq - last_acked_seq, 0)), 0) "
         "AS unacked FROM agents WHERE removed_at IS NULL"
+    )
+    count_held_by_replica: str = (
+        "SELECT replica, COUNT(*) AS n FROM agents WHERE removed_at IS NULL AND replica <> '' "
+        "GROUP BY replica"
     )
     count_locks: str = (
         "SELECT COUNT(*) AS n FROM locks WHERE lifted_at IS NULL "

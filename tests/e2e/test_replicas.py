@@ -140,6 +140,30 @@ async def test_a_grant_approved_on_one_replica_is_applied_by_an_agent_on_another
     assert (await admin_a.verify_audit()).ok
 
 
+async def test_status_lists_the_running_replicas_and_whose_agents_they_hold(
+    cluster: Cluster,
+) -> None:
+    a = await cluster.start_replica("ra")
+    b = await cluster.start_replica("rb")
+    cluster.start_agent("db-1", "prod", b)
+    cluster.start_agent("db-2", "prod", b)
+    admin = await cluster.client(a, "admin")
+    await wait(lambda: connected_to(admin, "db-2", "rb"), 20, "db-2 held by rb")
+    await wait(lambda: connected_to(admin, "db-1", "rb"), 20, "db-1 held by rb")
+    status = await admin.status()
+    assert status.replica == "ra"
+    assert [(r.id, r.address, r.agents_connected) for r in status.replicas] == [
+        ("ra", a.address, 0),
+        ("rb", b.address, 2),
+    ]
+    # The mesh's count, not only the answering replica's streams.
+    assert (status.agents_enrolled, status.agents_connected) == (2, 2)
+    env = {"JITMESH_COORDINATOR": a.address, "JITMESH_TOKEN": cluster.env(a)["JITMESH_TOKEN_ADMIN"]}
+    code, out, err = await procs.jitctl("status", env=env)
+    assert code == 0, err
+    assert "2 running: ra (this, 0 agents), rb (2 agents)" in out
+
+
 async def _state_is(client: Client, grant_id: str, state: GrantState) -> bool:
     return (await client.get_grant(grant_id)).state is state
 

@@ -38,6 +38,13 @@ async def test_status_follows_agents_grants_and_revokes(mesh: Mesh) -> None:
     assert body["revokes_unacknowledged"] == 0
     assert body["policy_version"] >= 1
     assert body["audit_head_seq"] > 0
+    # On SQLite the one coordinator is the one replica, holding the one stream.
+    [replica] = body["replicas"]
+    assert replica["id"] == mesh.coordinator.replica != ""
+    assert replica["address"] == mesh.coordinator.address
+    assert replica["agents_connected"] == 1
+    assert replica["started_at"]
+    assert replica["last_seen_at"]
 
     # The agent goes away; a revoke waits for it.
     await web.shutdown()
@@ -56,6 +63,7 @@ async def test_status_follows_agents_grants_and_revokes(mesh: Mesh) -> None:
     assert "degraded" in lines["STATE"]
     assert "0 of 1 connected (1 away)" in lines["AGENTS"]
     assert "1 revoking" in lines["GRANTS"]
+    assert f"1 running: {mesh.coordinator.replica} (this, 0 agents)" in lines["REPLICAS"]
 
 
 async def test_status_is_for_admins(mesh: Mesh) -> None:

@@ -34,6 +34,7 @@ INTENDED = {
     "OfflinePolicy",
     "PolicyDecision",
     "PolicyDocument",
+    "Replica",
     "Request",
     "RequestOption",
     "RequestState",

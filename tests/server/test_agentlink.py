@@ -133,6 +133,34 @@ async def test_reconnect_resends_from_the_last_applied_seq(env: Env) -> None:
         assert (seq, body.grant.grant_id) == (4, grant_id)
 
 
+async def test_an_agent_behind_the_truncated_log_gets_a_snapshot(env: Env) -> None:
+    credential = env.credentials["db-1"]
+    grants = []
+    async with agent_link(env.address, credential) as link:
+        await link.hello("db-1")
+        for _ in range(3):
+            request_id, grant_id = await approved_prod_grant(env)
+            seq, _ = await link.command()
+            await link.ack(seq, grant_id)
+            await env.wait_grant_state(request_id, GrantState.ACTIVE)
+            grants.append(grant_id)
+    retention = env.coordinator.retention
+    assert retention is not None
+    assert await retention.truncate() == 3
+    # Caught up: nothing to resend, and no snapshot.
+    async with agent_link(env.address, credential) as link:
+        welcome = await link.hello("db-1", last_applied_seq=3)
+        assert welcome.resume_after_seq == 3
+    # It lost what it applied after seq 1 (a restored disk), and those commands are gone from
+    # the log: a snapshot, under the next seq, holds the grants instead.
+    async with agent_link(env.address, credential) as link:
+        welcome = await link.hello("db-1", last_applied_seq=1)
+        assert welcome.resume_after_seq == 4
+        seq, body = await link.command()
+        assert (seq, body.WhichOneof("kind")) == (4, "snapshot")
+        assert sorted(g.grant_id for g in body.snapshot.grants) == sorted(grants)
+
+
 async def test_unacknowledged_commands_are_resent(env: Env) -> None:
     credential = env.credentials["db-1"]
     async with agent_link(env.address, credential) as link:
