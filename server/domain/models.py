@@ -165,6 +165,13 @@ class ReplicaInfo:
     last_seen_at: datetime
 
 
+class Truncated(NamedTuple):
+    """What one command-log retention step did: agents whose log_start moved, commands deleted."""
+
+    agents: int
+    commands: int
+
+
 class Moved(NamedTuple):
     """A row that a batched compare-and-set moved (the expiry sweep's), with what its audit event
     names. `was`: the state it left. Requests have no `request_id` of their own and leave it

@@ -55,6 +55,7 @@ from .models import (
     Principal,
     ReplicaInfo,
     StatusCounts,
+    Truncated,
 )
 
 T = TypeVar("T")
@@ -117,9 +118,10 @@ class Tx(Protocol):
         self, acks: Sequence[tuple[str, int, str, str]], at: datetime
     ) -> dict[tuple[str, int], tuple[CommandKind, str, datetime]]: ...
     async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int: ...
-    async def truncate_command_log(self, limit: int) -> int:
-        """Delete at most `limit` commands behind each agent's acknowledged prefix (moving its
-        `command_log_start` up first); how many were deleted. Retention: domain/retention.py."""
+    async def truncate_command_log(self, limit: int) -> Truncated:
+        """One step of retention (domain/retention.py): move at most `limit` agents'
+        `command_log_start` up to their acknowledged prefix, then delete at most `limit` of the
+        commands at or below it; how many of each."""
         ...
 
     async def get_grants(self, grant_ids: Sequence[str]) -> dict[str, Grant]: ...

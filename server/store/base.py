@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -32,7 +33,7 @@ from jitmesh.types import (
     UserInfo,
 )
 from server.domain.errors import Conflict
-from server.domain.lifecycle import GRANT_TRANSITIONS, REQUEST_TRANSITIONS
+from server.domain.lifecycle import DUE_GRANT_STATES, GRANT_TRANSITIONS, REQUEST_TRANSITIONS
 from server.domain.models import (
     NO_CHANGE,
     AuditEntry,
@@ -41,16 +42,26 @@ from server.domain.models import (
     CommandKind,
     GrantChange,
     JoinToken,
+    Moved,
     Principal,
     ReplicaInfo,
     StatusCounts,
+    Truncated,
 )
-from server.domain.notices import NOTIFIABLE, notice_for
-from server.domain.receivers import ReceiverSpec
+from server.domain.notices import NOTIFIABLE, Notice, notice_for
+from server.domain.receivers import (
+    AttemptRecord,
+    Delivery,
+    DeliveryRecord,
+    DeliveryState,
+    ReceiverKind,
+    ReceiverSpec,
+)
 from server.store import rows as rec
 from server.store.queries import (
     AUDIT_COLUMNS,
     BREAKGLASS_COLUMNS,
+    DUE_GRANT_IN,
     GRANT_COLUMNS,
     GRANT_COLUMNS_OF_G,
     LOCK_COLUMNS,
@@ -302,6 +313,57 @@ class SqlTx(SqlReads):
             return None
         return frozenset(json.loads(row["groups"])), bool(row["disabled"]), row["managed_by"]
 
+    # Sweeps.
+
+    # How a sweep takes due rows (appended to its subquery): PostgreSQL skips rows another
+    # replica's sweep holds (FOR UPDATE SKIP LOCKED); SQLite's one writer needs nothing.
+    _take_due: ClassVar[str]
+
+    async def move_due_grants(
+        self, now: datetime, limit: int, *, state: GrantState, change: GrantChange = NO_CHANGE
+    ) -> list[Moved]:
+        """Compare-and-set up to `limit` grants past their not_after that may still expire
+        (PENDING_DELIVERY, ACTIVE, REVOKING) to `state`, set-based: one UPDATE ... RETURNING per
+        state left, no row read into Python before it moves."""
+        mark = self._d.mark
+        sets, args = grant_sets(self._d, list(DUE_GRANT_STATES), state, change)
+        moved: list[Moved] = []
+        for was in DUE_GRANT_STATES:
+            if len(moved) >= limit:
+                break
+            # The repeated IN list lets SQLite use the partial index grants_live.
+            rows = await self._all(
+                f"UPDATE grants SET {sets} WHERE id IN (SELECT id FROM grants "
+                f"WHERE state IN ({DUE_GRANT_IN}) AND state = {mark} AND not_after <= {mark} "
+                f"ORDER BY not_after LIMIT {mark}{self._take_due}) AND state = {mark} "
+                "RETURNING id, request_id, agent, subject, action",
+                [*args, was.value, to_ms(now), limit - len(moved), was.value],
+            )
+            w = was.value
+            moved.extend(
+                Moved(r["id"], r["request_id"], r["agent"], r["subject"], r["action"], w)
+                for r in rows
+            )
+        return moved
+
+    async def move_due_requests(
+        self, now: datetime, limit: int, *, state: RequestState, by: str, reason: str
+    ) -> list[Moved]:
+        """Compare-and-set up to `limit` PENDING requests past their TTL to `state`, set-based."""
+        if state not in REQUEST_TRANSITIONS[RequestState.PENDING]:
+            raise ValueError(f"request lifecycle has no step PENDING -> {state.value}")
+        mark = self._d.mark
+        rows = await self._all(
+            f"UPDATE requests SET state = {mark}, decided_at = {mark}, decided_by = {mark}, "
+            f"decision_reason = {mark} WHERE id IN (SELECT id FROM requests "
+            f"WHERE state = 'PENDING' AND pending_expires_at <= {mark} "
+            f"ORDER BY pending_expires_at LIMIT {mark}{self._take_due}) AND state = 'PENDING' "
+            "RETURNING id, agent, subject, action",
+            [state.value, to_ms(now), by, reason, to_ms(now), limit],
+        )
+        pending = RequestState.PENDING.value
+        return [Moved(r["id"], "", r["agent"], r["subject"], r["action"], pending) for r in rows]
+
     # Requests and reviews.
 
     async def insert_request(self, r: Request) -> None:
@@ -471,17 +533,17 @@ class SqlTx(SqlReads):
     async def _set_revoke_seqs(self, by_grant: dict[str, int]) -> None:
         await self._many(self._q.set_revoke_seq, [(q, g) for g, q in by_grant.items()])
 
-    async def truncate_command_log(self, limit: int) -> int:
-        """Command-log retention: move each agent's `log_start` up to its acknowledged prefix
-        and delete at most `limit` of the commands at or below it; returns how many went.
+    async def truncate_command_log(self, limit: int) -> Truncated:
+        """Command-log retention: move at most `limit` agents' `log_start` up to their
+        acknowledged prefix, then delete at most `limit` of the commands at or below it.
 
         The prefix ends at the lower of the agent's highest acked seq and its first
         unacknowledged (non-snapshot) command less one: every command at or below it is acked,
         or a snapshot whose ack was lost and that later acked commands passed. A resume
         (min(last_applied, first_unacked - 1)) never starts below it unless the agent lost
         state it had acknowledged; the Hello then answers with a snapshot."""
-        await self._run(self._q.advance_log_start)
-        return await self._run(self._q.truncate_commands, [limit])
+        agents = await self._run(self._q.advance_log_start, [limit])
+        return Truncated(agents, await self._run(self._q.truncate_commands, [limit]))
 
     async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
         """Mark the agent's commands before `snapshot_seq` that were never acknowledged as
@@ -669,12 +731,51 @@ class SqlTx(SqlReads):
         return True
 
 
-class SqlStoreReads(SqlReads):
-    """The store's reads of committed data."""
+class SqlStore(SqlReads):
+    """The store's reads of committed data, and its own short writes (outside a `Tx`)."""
 
     @abstractmethod
     async def audit_head(self) -> tuple[int, str]:
         """(seq, hash) of the chain's newest event; (0, GENESIS) when empty."""
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[SqlTx]:
+        """One write transaction as a block (see `Store.transaction`)."""
+
+    @abstractmethod
+    def _short_write(self) -> AbstractAsyncContextManager[SqlTx]:
+        """A transaction for the store's own writes of a statement or two (replicas, secrets,
+        checkpoints): on PostgreSQL without the audit head's lock that every `Tx` takes."""
+
+    async def replica_seen(
+        self, replica: str, address: str, version: str, started_at: datetime, at: datetime
+    ) -> None:
+        """Record that `replica` runs (at start, and then periodically)."""
+        async with self._short_write() as tx:
+            await tx._run(
+                self._q.replica_seen, [replica, address, version, to_ms(started_at), to_ms(at)]
+            )
+            if started_at == at:
+                # Started now: no agent stream is held by this replica yet (a crash left some).
+                await tx._run(self._q.replica_started, [replica])
+
+    async def put_secret(
+        self, name: str, ciphertext: bytes, at: datetime, *, replace: bool = True
+    ) -> bool:
+        """Store a secret; with `replace=False` only if none is stored under `name` yet (the
+        first replica to create it wins). True when stored."""
+        sql = self._q.put_secret if replace else self._q.add_secret
+        async with self._short_write() as tx:
+            count = await tx._run(sql, [name, ciphertext, to_ms(at)])
+        return count == 1
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        async with self._short_write() as tx:
+            await tx._run(
+                self._q.add_checkpoint,
+                [checkpoint.seq, checkpoint.hash, to_ms(checkpoint.at), checkpoint.key_id,
+                 checkpoint.signature],
+            )  # fmt: skip
 
     async def list_replicas(self) -> list[ReplicaInfo]:
         return [rec.replica(r) for r in await self._all(self._q.list_replicas)]
@@ -912,3 +1013,199 @@ class SqlStoreReads(SqlReads):
             args,
         )
         return [rec.breakglass_code(r) for r in rows]
+
+
+class SqlOutbox(ABC):
+    """The sender's side of the outbox. Each method is its own short transaction, so the sender
+    never holds a writer while it talks to a receiver. A store gives the two statements that
+    lock differently: reading the routing cursor, and claiming due deliveries."""
+
+    # The routing cursor's row (locked on PostgreSQL until the route is written).
+    _cursor_sql: ClassVar[str]
+    # Claim due deliveries (arguments: until, now, now, limit), returning event_seq, receiver,
+    # attempts; on PostgreSQL skipping rows another sender holds.
+    _claim_sql: ClassVar[str]
+
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+
+    async def list_receivers(self) -> list[ReceiverSpec]:
+        rows = await self._store._all(self._store._q.list_receivers)
+        return [
+            ReceiverSpec(
+                r["name"], ReceiverKind(r["kind"]), json.loads(r["settings"]), r["secret"],
+                rec.route(r["route"]), from_ms(r["created_at"]), r["created_by"],
+            )
+            for r in rows
+        ]  # fmt: skip
+
+    async def unrouted(self, limit: int) -> tuple[int, list[tuple[int, Notice]]]:
+        """The routing cursor, and the outbox entries after it (oldest first)."""
+        cursor = int(await self._store.get_meta(rec.OUTBOX_CURSOR) or "0")
+        rows = await self._store._all(self._store._q.unrouted, [cursor, limit])
+        return cursor, [(int(r["seq"]), rec.notice(r)) for r in rows]
+
+    async def route(
+        self, cursor: int, upto: int, deliveries: Sequence[tuple[int, str]], now: datetime
+    ) -> bool:
+        """Create the deliveries of outbox entries (cursor, upto] and move the cursor, at once;
+        False when another sender moved the cursor first (nothing written)."""
+        async with self._store.transaction() as tx:
+            current = await tx._one(self._cursor_sql, [rec.OUTBOX_CURSOR])
+            if int(current["value"] if current else "0") != cursor:
+                return False
+            await tx._many(
+                tx._q.insert_delivery, [(seq, name, to_ms(now)) for seq, name in deliveries]
+            )
+            await tx.set_meta(rec.OUTBOX_CURSOR, str(upto))
+        return True
+
+    async def claim(self, now: datetime, until: datetime, limit: int) -> list[Delivery]:
+        """Claim up to `limit` due deliveries until `until` (others leave them alone meanwhile;
+        a claim left by a crashed sender lapses then)."""
+        async with self._store.transaction() as tx:
+            rows = await tx._all(self._claim_sql, [to_ms(until), to_ms(now), to_ms(now), limit])
+            if not rows:
+                return []
+            seqs = sorted({int(r["event_seq"]) for r in rows})
+            notices = {
+                int(r["seq"]): rec.notice(r)
+                for r in await tx._all(
+                    f"SELECT seq, {rec.OUTBOX_COLUMNS} FROM outbox "
+                    f"WHERE {tx._d.in_list('seq', seqs)}",
+                    tx._d.in_args(seqs),
+                )
+            }
+        return sorted(
+            (
+                Delivery(
+                    int(r["event_seq"]), r["receiver"], int(r["attempts"]),
+                    notices[int(r["event_seq"])],
+                )
+                for r in rows
+            ),
+            key=lambda d: (d.event_seq, d.receiver),
+        )  # fmt: skip
+
+    async def record(
+        self,
+        delivery: Delivery,
+        at: datetime,
+        ok: bool,
+        detail: str,
+        next_at: datetime | None,
+    ) -> None:
+        """One attempt: logged; the delivery DELIVERED, PENDING again at `next_at`, or GAVE_UP
+        (`next_at` None after a failure)."""
+        attempt = delivery.attempts + 1
+        if ok:
+            state, due = DeliveryState.DELIVERED, to_ms(at)
+        elif next_at is None:
+            state, due = DeliveryState.GAVE_UP, to_ms(at)
+        else:
+            state, due = DeliveryState.PENDING, to_ms(next_at)
+        async with self._store.transaction() as tx:
+            await tx._run(
+                tx._q.record_delivery,
+                [
+                    state.value, attempt, due, "" if ok else detail, to_ms(at) if ok else None,
+                    delivery.event_seq, delivery.receiver,
+                ],
+            )  # fmt: skip
+            await tx._run(
+                tx._q.insert_attempt,
+                [delivery.event_seq, delivery.receiver, attempt, to_ms(at), int(ok), detail],
+            )
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Give claims back (a sender stopping before it tried them)."""
+        if not deliveries:
+            return
+        async with self._store.transaction() as tx:
+            await tx._many(tx._q.release_delivery, [(d.event_seq, d.receiver) for d in deliveries])
+
+    async def prune(self, before: datetime) -> int:
+        """Delete notices written before `before` that are routed and have no PENDING delivery
+        (with their deliveries and attempts); how many."""
+        async with self._store.transaction() as tx:
+            cursor = await tx._one(tx._q.get_meta, [rec.OUTBOX_CURSOR])
+            upto = int(cursor["value"]) if cursor else 0
+            rows = await tx._all(tx._q.prunable_notices, [to_ms(before), upto])
+            seqs = [int(r["seq"]) for r in rows]
+            d = tx._d
+            for chunk in d.chunks(seqs):
+                for table, column in (
+                    ("delivery_attempts", "event_seq"),
+                    ("deliveries", "event_seq"),
+                    ("outbox", "seq"),
+                ):
+                    await tx._run(
+                        f"DELETE FROM {table} WHERE {d.in_list(column, chunk)}", d.in_args(chunk)
+                    )
+        return len(seqs)
+
+    async def next_due(self) -> datetime | None:
+        row = await self._store._one(self._store._q.next_delivery_due)
+        return from_ms(row["t"]) if row and row["t"] is not None else None
+
+    async def deliveries(
+        self, *, receiver: str, states: Sequence[DeliveryState], limit: int, before: int
+    ) -> list[DeliveryRecord]:
+        """Deliveries, newest notice first; `before`: only notices older than this outbox seq
+        (the page cursor)."""
+        d = self._store._d
+        where: list[str] = ["1 = 1"]
+        args: list[Any] = []
+        if receiver:
+            where.append(f"d.receiver = {d.mark}")
+            args.append(receiver)
+        if states:
+            values = [s.value for s in states]
+            where.append(d.in_list("d.state", values))
+            args.extend(d.in_args(values))
+        if before:
+            where.append(f"d.event_seq < {d.mark}")
+            args.append(before)
+        rows = await self._store._all(
+            "SELECT d.event_seq, o.event_id, o.kind, d.receiver, d.state, d.attempts, "
+            "(SELECT MAX(a.at) FROM delivery_attempts a WHERE a.event_seq = d.event_seq "
+            "AND a.receiver = d.receiver) AS last_at, d.next_at, d.last_error, "
+            "o.request_id, o.grant_id FROM deliveries d JOIN outbox o ON o.seq = d.event_seq "
+            f"WHERE {' AND '.join(where)} ORDER BY d.event_seq DESC, d.receiver LIMIT {d.mark}",
+            [*args, limit],
+        )
+        return [
+            DeliveryRecord(
+                int(r["event_seq"]), r["event_id"], r["kind"], r["receiver"],
+                DeliveryState(r["state"]), int(r["attempts"]), rec.at(r["last_at"]),
+                rec.at(r["next_at"]) if r["state"] == "PENDING" else None, r["last_error"],
+                r["request_id"], r["grant_id"],
+            )
+            for r in rows
+        ]  # fmt: skip
+
+    async def log(self, *, request_id: str, receiver: str, limit: int) -> list[AttemptRecord]:
+        """Attempts, newest first, optionally for one request or one receiver."""
+        mark = self._store._d.mark
+        where, args = ["1 = 1"], []
+        if request_id:
+            where.append(f"o.request_id = {mark}")
+            args.append(request_id)
+        if receiver:
+            where.append(f"a.receiver = {mark}")
+            args.append(receiver)
+        rows = await self._store._all(
+            "SELECT a.event_seq, o.event_id, o.kind, a.receiver, a.attempt, a.at, a.ok, "
+            "a.detail, COALESCE(d.state, 'GAVE_UP') AS state FROM delivery_attempts a "
+            "JOIN outbox o ON o.seq = a.event_seq "
+            "LEFT JOIN deliveries d ON d.event_seq = a.event_seq AND d.receiver = a.receiver "
+            f"WHERE {' AND '.join(where)} ORDER BY a.id DESC LIMIT {mark}",
+            [*args, limit],
+        )
+        return [
+            AttemptRecord(
+                int(r["event_seq"]), r["event_id"], r["kind"], r["receiver"], int(r["attempt"]),
+                from_ms(r["at"]), bool(r["ok"]), r["detail"], DeliveryState(r["state"]),
+            )
+            for r in rows
+        ]  # fmt: skip

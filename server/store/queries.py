@@ -168,7 +168,9 @@ class Queries:
         "UPDATE agents SET log_start = GREATEST(log_start, LEAST(last_acked_seq, COALESCE(("
         "SELECT MIN(c.seq) - 1 FROM commands c WHERE c.agent = agents.name "
         "AND c.acked_at IS NULL AND c.kind <> 'snapshot'), last_acked_seq))) "
-        "WHERE last_acked_seq > log_start"
+        # A batch of agents at a time: every write holds the one writer (SQLite) or the audit
+        # head (PostgreSQL), and 10,000 agents at once held it for 0.7 s on PostgreSQL.
+        "WHERE name IN (SELECT name FROM agents WHERE last_acked_seq > log_start LIMIT ?)"
     )
     truncate_commands: str = (
         "DELETE FROM commands WHERE (agent, seq) IN ("
@@ -402,6 +404,39 @@ class Queries:
     abandon_deliveries: str = (
         "UPDATE deliveries SET state = 'GAVE_UP', last_error = 'receiver removed' "
         "WHERE receiver = ? AND state = 'PENDING'"
+    )
+    # The outbox's sender (`SqlOutbox`).
+    list_receivers: str = (
+        "SELECT name, kind, settings, secret, route, created_at, created_by "
+        "FROM receivers ORDER BY name"
+    )
+    unrouted: str = (
+        f"SELECT seq, {rec.OUTBOX_COLUMNS} FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?"
+    )
+    insert_delivery: str = (
+        "INSERT INTO deliveries (event_seq, receiver, state, next_at) "
+        "VALUES (?, ?, 'PENDING', ?) ON CONFLICT DO NOTHING"
+    )
+    record_delivery: str = (
+        "UPDATE deliveries SET state = ?, attempts = ?, next_at = ?, claimed_until = 0, "
+        "last_error = ?, delivered_at = ? WHERE event_seq = ? AND receiver = ? "
+        "AND state = 'PENDING'"
+    )
+    insert_attempt: str = (
+        "INSERT INTO delivery_attempts (event_seq, receiver, attempt, at, ok, detail) "
+        "VALUES (?, ?, ?, ?, ?, ?)"
+    )
+    release_delivery: str = (
+        "UPDATE deliveries SET claimed_until = 0 WHERE event_seq = ? AND receiver = ? "
+        "AND state = 'PENDING'"
+    )
+    prunable_notices: str = (
+        "SELECT seq FROM outbox o WHERE o.at < ? AND o.seq <= ? AND NOT EXISTS "
+        "(SELECT 1 FROM deliveries d WHERE d.event_seq = o.seq AND d.state = 'PENDING') "
+        "ORDER BY seq LIMIT 5000"
+    )
+    next_delivery_due: str = (
+        "SELECT MIN(GREATEST(next_at, claimed_until)) AS t FROM deliveries WHERE state = 'PENDING'"
     )
     # The store's own short writes (outside `Tx`).
     replica_seen: str = (

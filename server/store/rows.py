@@ -532,17 +532,18 @@ def route(text: str) -> Route:
     )
 
 
-def notice(row: Sequence[Any]) -> Notice:
+def notice(row: Row) -> Notice:
+    """An outbox row (OUTBOX_COLUMNS)."""
     return Notice(
-        id=row[0],
-        kind=NoticeKind(row[1]),
-        at=from_ms(row[2]),
-        actor=row[3],
-        subject=row[4],
-        agent=row[5],
-        request_id=row[6],
-        grant_id=row[7],
-        details=json.loads(row[8]),
+        id=row["event_id"],
+        kind=NoticeKind(row["kind"]),
+        at=from_ms(row["at"]),
+        actor=row["actor"],
+        subject=row["subject"],
+        agent=row["agent"],
+        request_id=row["request_id"],
+        grant_id=row["grant_id"],
+        details=json.loads(row["details"]),
     )
 
 

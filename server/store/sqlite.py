@@ -1,4 +1,5 @@
-"""The SQLite store (aiosqlite, WAL): the only SQL of the coordinator.
+"""The SQLite store (aiosqlite, WAL). The statements and code it shares with the PostgreSQL store
+are in server/store/queries.py and base.py; here is what only SQLite does.
 
 One connection writes, under an asyncio lock, one `BEGIN IMMEDIATE` transaction at a time; a
 second connection reads committed data without waiting for the writer (WAL). Schema migrations
@@ -13,7 +14,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,32 +23,13 @@ import aiosqlite
 from yoyo import get_backend, read_migrations
 
 from jitmesh.clock import Clock, from_ms, to_ms
-from jitmesh.types import (
-    AuditEvent,
-    GrantState,
-    RequestState,
-)
+from jitmesh.types import AuditEvent
 from server.domain.audit import GENESIS
-from server.domain.lifecycle import DUE_GRANT_STATES, REQUEST_TRANSITIONS
 from server.domain.models import (
-    NO_CHANGE,
-    Checkpoint,
     CommandKind,
-    GrantChange,
-    Moved,
-)
-from server.domain.notices import Notice
-from server.domain.receivers import (
-    AttemptRecord,
-    Delivery,
-    DeliveryRecord,
-    DeliveryState,
-    ReceiverKind,
-    ReceiverSpec,
 )
 from server.store import queries
-from server.store import rows as rec
-from server.store.base import SqlStoreReads, SqlTx, grant_sets
+from server.store.base import SqlOutbox, SqlStore, SqlTx
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -55,9 +37,6 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 _D = queries.SQLITE_DIALECT
-_GRANT_COLUMNS = queries.GRANT_COLUMNS
-_AUDIT_COLUMNS = queries.AUDIT_COLUMNS
-_LOCK_COLUMNS = queries.LOCK_COLUMNS
 
 
 T = TypeVar("T")
@@ -157,6 +136,7 @@ class SqliteTx(SqlTx):
 
     _d = _D
     _q = queries.SQLITE
+    _take_due = ""
 
     def __init__(self, store: SqliteStore, conn: Connection) -> None:
         self._store = store
@@ -231,53 +211,7 @@ class SqliteTx(SqlTx):
         )
         return done
 
-    async def move_due_grants(
-        self, now: datetime, limit: int, *, state: GrantState, change: GrantChange = NO_CHANGE
-    ) -> list[Moved]:
-        """Compare-and-set up to `limit` grants past their not_after that may still expire
-        (PENDING_DELIVERY, ACTIVE, REVOKING) to `state`, set-based: one UPDATE ... RETURNING per
-        state left, no row read into Python before it moves."""
-        sets, args = grant_sets(_D, list(_DUE_GRANT_STATES), state, change)
-        moved: list[Moved] = []
-        for was in _DUE_GRANT_STATES:
-            if len(moved) >= limit:
-                break
-            # The repeated IN list lets SQLite use the partial index grants_live.
-            rows = await _all(
-                self._conn,
-                f"UPDATE grants SET {sets} WHERE id IN (SELECT id FROM grants "
-                f"WHERE state IN ({_DUE_GRANT_IN}) AND state = ? AND not_after <= ? "
-                "ORDER BY not_after LIMIT ?) RETURNING id, request_id, agent, subject, action",
-                [*args, was.value, to_ms(now), limit - len(moved)],
-            )
-            w = was.value
-            moved.extend(
-                Moved(r["id"], r["request_id"], r["agent"], r["subject"], r["action"], w)
-                for r in rows
-            )
-        return moved
 
-    async def move_due_requests(
-        self, now: datetime, limit: int, *, state: RequestState, by: str, reason: str
-    ) -> list[Moved]:
-        """Compare-and-set up to `limit` PENDING requests past their TTL to `state`, set-based."""
-        if state not in REQUEST_TRANSITIONS[RequestState.PENDING]:
-            raise ValueError(f"request lifecycle has no step PENDING -> {state.value}")
-        rows = await _all(
-            self._conn,
-            "UPDATE requests SET state = ?, decided_at = ?, decided_by = ?, decision_reason = ? "
-            "WHERE id IN (SELECT id FROM requests WHERE state = 'PENDING' "
-            "AND pending_expires_at <= ? ORDER BY pending_expires_at LIMIT ?) "
-            "RETURNING id, agent, subject, action",
-            [state.value, to_ms(now), by, reason, to_ms(now), limit],
-        )
-        pending = RequestState.PENDING.value
-        return [Moved(r["id"], "", r["agent"], r["subject"], r["action"], pending) for r in rows]
-
-
-# Grant states the expiry sweep moves, in the order it takes them.
-_DUE_GRANT_STATES = DUE_GRANT_STATES
-_DUE_GRANT_IN = queries.DUE_GRANT_IN
 # Commits between WAL checkpoints (each commit adds a few pages to the WAL).
 CHECKPOINT_EVERY = 200
 # Seconds without a commit after which the WAL is checkpointed with TRUNCATE (its file emptied).
@@ -288,7 +222,7 @@ IDLE_CHECKPOINT_AFTER = 10.0
 _CHUNK = queries.SQLITE_CHUNK
 
 
-class SqliteStore(SqlStoreReads):
+class SqliteStore(SqlStore):
     _d = _D
     _q = queries.SQLITE
 
@@ -391,45 +325,11 @@ class SqliteStore(SqlStoreReads):
         async with self.transaction() as tx:
             return await work(tx)
 
-    # Replicas and shared secrets.
+    def _short_write(self) -> AbstractAsyncContextManager[SqliteTx]:
+        # One writer: the store's own writes take their turn like every other.
+        return self.transaction()
 
-    async def replica_seen(
-        self, replica: str, address: str, version: str, started_at: datetime, at: datetime
-    ) -> None:
-        """Record that `replica` runs (at start, and then periodically)."""
-        async with self.transaction() as tx:
-            await tx._conn.execute(
-                "INSERT INTO replicas (id, address, version, started_at, last_seen_at) "
-                "VALUES (?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET address = excluded.address, "
-                "version = excluded.version, started_at = excluded.started_at, "
-                "last_seen_at = excluded.last_seen_at",
-                [replica, address, version, to_ms(started_at), to_ms(at)],
-            )
-            if started_at == at:
-                # Started now: no agent stream is held by this replica yet (a crash left some).
-                await tx._conn.execute(
-                    "UPDATE agents SET replica = '' WHERE replica = ?", [replica]
-                )
-
-    async def put_secret(
-        self, name: str, ciphertext: bytes, at: datetime, *, replace: bool = True
-    ) -> bool:
-        """Store a secret; with `replace=False` only if none is stored under `name` yet (the
-        first replica to create it wins). True when stored."""
-        conflict = (
-            "DO UPDATE SET ciphertext = excluded.ciphertext, updated_at = excluded.updated_at"
-            if replace
-            else "DO NOTHING"
-        )
-        async with self.transaction() as tx:
-            cur = await tx._conn.execute(
-                "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (?,?,?) "
-                f"ON CONFLICT (name) {conflict}",
-                [name, ciphertext, to_ms(at)],
-            )
-        return cur.rowcount == 1
-
-    # Reads: committed data only (the rest in SqlStoreReads).
+    # Reads: committed data only (the rest in SqlStore).
 
     async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         return await _one(self._reader, sql, args)
@@ -440,243 +340,13 @@ class SqliteStore(SqlStoreReads):
     async def audit_head(self) -> tuple[int, str]:
         return await _audit_head(self._reader)
 
-    async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
-        async with self.transaction() as tx:
-            await tx._conn.execute(
-                "INSERT INTO checkpoints (seq, hash, at, key_id, signature) VALUES (?,?,?,?,?)",
-                (checkpoint.seq, checkpoint.hash, to_ms(checkpoint.at), checkpoint.key_id,
-                 checkpoint.signature),
-            )  # fmt: skip
 
+class SqliteOutbox(SqlOutbox):
+    """The sender's side of the outbox (SqlOutbox). One writer at a time: nothing to lock."""
 
-# Notifications: the outbox, receivers, deliveries and attempts (helpers shared by both stores
-# in rows.py).
-
-_OUTBOX_COLUMNS = rec.OUTBOX_COLUMNS
-_OUTBOX_CURSOR = rec.OUTBOX_CURSOR
-_route_json = rec.route_json
-_route = rec.route
-_notice = rec.notice
-_details_json = rec.details_json
-
-
-class SqliteOutbox:
-    """The sender's side of the outbox. Each method is its own short transaction, so the sender
-    never holds the store's writer while it talks to a receiver."""
-
-    def __init__(self, store: SqliteStore) -> None:
-        self._store = store
-
-    async def list_receivers(self) -> list[ReceiverSpec]:
-        rows = await _all(
-            self._store._reader,
-            "SELECT name, kind, settings, secret, route, created_at, created_by "
-            "FROM receivers ORDER BY name",
-        )
-        return [
-            ReceiverSpec(
-                r[0], ReceiverKind(r[1]), json.loads(r[2]), r[3], _route(r[4]), from_ms(r[5]), r[6]
-            )
-            for r in rows
-        ]
-
-    async def unrouted(self, limit: int) -> tuple[int, list[tuple[int, Notice]]]:
-        """The routing cursor, and the outbox entries after it (oldest first)."""
-        cursor = int(await self._store.get_meta(_OUTBOX_CURSOR) or "0")
-        rows = await _all(
-            self._store._reader,
-            f"SELECT seq, {_OUTBOX_COLUMNS} FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-            (cursor, limit),
-        )
-        return cursor, [(int(r[0]), _notice(r[1:])) for r in rows]
-
-    async def route(
-        self, cursor: int, upto: int, deliveries: Sequence[tuple[int, str]], now: datetime
-    ) -> bool:
-        """Create the deliveries of outbox entries (cursor, upto] and move the cursor, at once;
-        False when another sender moved the cursor first (nothing written)."""
-        async with self._store.transaction() as tx:
-            conn = tx._conn
-            current = await _one(conn, "SELECT value FROM meta WHERE key = ?", (_OUTBOX_CURSOR,))
-            if int(current[0] if current else "0") != cursor:
-                return False
-            await conn.executemany(
-                "INSERT INTO deliveries (event_seq, receiver, state, next_at) "
-                "VALUES (?, ?, 'PENDING', ?) ON CONFLICT DO NOTHING",
-                [(seq, name, to_ms(now)) for seq, name in deliveries],
-            )
-            await tx.set_meta(_OUTBOX_CURSOR, str(upto))
-        return True
-
-    async def claim(self, now: datetime, until: datetime, limit: int) -> list[Delivery]:
-        """Claim up to `limit` due deliveries until `until` (others leave them alone meanwhile;
-        a claim left by a crashed sender lapses then)."""
-        async with self._store.transaction() as tx:
-            rows = await _all(
-                tx._conn,
-                "UPDATE deliveries SET claimed_until = ? WHERE rowid IN (SELECT rowid FROM "
-                "deliveries WHERE state = 'PENDING' AND next_at <= ? AND claimed_until <= ? "
-                "ORDER BY next_at LIMIT ?) RETURNING event_seq, receiver, attempts",
-                (to_ms(until), to_ms(now), to_ms(now), limit),
-            )
-            if not rows:
-                return []
-            seqs = sorted({int(r[0]) for r in rows})
-            notices = {
-                int(r[0]): _notice(r[1:])
-                for r in await _all(
-                    tx._conn,
-                    f"SELECT seq, {_OUTBOX_COLUMNS} FROM outbox "
-                    f"WHERE seq IN ({','.join('?' * len(seqs))})",
-                    seqs,
-                )
-            }
-        return sorted(
-            (Delivery(int(r[0]), r[1], int(r[2]), notices[int(r[0])]) for r in rows),
-            key=lambda d: (d.event_seq, d.receiver),
-        )
-
-    async def record(
-        self,
-        delivery: Delivery,
-        at: datetime,
-        ok: bool,
-        detail: str,
-        next_at: datetime | None,
-    ) -> None:
-        """One attempt: logged; the delivery DELIVERED, PENDING again at `next_at`, or GAVE_UP
-        (`next_at` None after a failure)."""
-        attempt = delivery.attempts + 1
-        if ok:
-            state, due = DeliveryState.DELIVERED, to_ms(at)
-        elif next_at is None:
-            state, due = DeliveryState.GAVE_UP, to_ms(at)
-        else:
-            state, due = DeliveryState.PENDING, to_ms(next_at)
-        async with self._store.transaction() as tx:
-            await tx._conn.execute(
-                "UPDATE deliveries SET state = ?, attempts = ?, next_at = ?, claimed_until = 0, "
-                "last_error = ?, delivered_at = ? WHERE event_seq = ? AND receiver = ? "
-                "AND state = 'PENDING'",
-                (
-                    state.value, attempt, due, "" if ok else detail, to_ms(at) if ok else None,
-                    delivery.event_seq, delivery.receiver,
-                ),
-            )  # fmt: skip
-            await tx._conn.execute(
-                "INSERT INTO delivery_attempts (event_seq, receiver, attempt, at, ok, detail) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (delivery.event_seq, delivery.receiver, attempt, to_ms(at), int(ok), detail),
-            )
-
-    async def release(self, deliveries: Sequence[Delivery]) -> None:
-        """Give claims back (a sender stopping before it tried them)."""
-        if not deliveries:
-            return
-        async with self._store.transaction() as tx:
-            await tx._conn.executemany(
-                "UPDATE deliveries SET claimed_until = 0 WHERE event_seq = ? AND receiver = ? "
-                "AND state = 'PENDING'",
-                [(d.event_seq, d.receiver) for d in deliveries],
-            )
-
-    async def prune(self, before: datetime) -> int:
-        """Delete notices written before `before` that are routed and have no PENDING delivery
-        (with their deliveries and attempts); how many."""
-        async with self._store.transaction() as tx:
-            cursor = await _one(tx._conn, "SELECT value FROM meta WHERE key = ?", (_OUTBOX_CURSOR,))
-            upto = int(cursor[0]) if cursor else 0
-            rows = await _all(
-                tx._conn,
-                "SELECT seq FROM outbox o WHERE o.at < ? AND o.seq <= ? AND NOT EXISTS "
-                "(SELECT 1 FROM deliveries d WHERE d.event_seq = o.seq AND d.state = 'PENDING') "
-                "ORDER BY seq LIMIT 5000",
-                (to_ms(before), upto),
-            )
-            seqs = [(int(r[0]),) for r in rows]
-            await tx._conn.executemany("DELETE FROM delivery_attempts WHERE event_seq = ?", seqs)
-            await tx._conn.executemany("DELETE FROM deliveries WHERE event_seq = ?", seqs)
-            await tx._conn.executemany("DELETE FROM outbox WHERE seq = ?", seqs)
-        return len(seqs)
-
-    async def next_due(self) -> datetime | None:
-        row = await _one(
-            self._store._reader,
-            "SELECT MIN(MAX(next_at, claimed_until)) FROM deliveries WHERE state = 'PENDING'",
-        )
-        return from_ms(row[0]) if row and row[0] is not None else None
-
-    async def deliveries(
-        self, *, receiver: str, states: Sequence[DeliveryState], limit: int, before: int
-    ) -> list[DeliveryRecord]:
-        """Deliveries, newest notice first; `before`: only notices older than this outbox seq
-        (the page cursor)."""
-        where: list[str] = ["1 = 1"]
-        args: list[Any] = []
-        if receiver:
-            where.append("d.receiver = ?")
-            args.append(receiver)
-        if states:
-            where.append(f"d.state IN ({','.join('?' * len(states))})")
-            args.extend(s.value for s in states)
-        if before:
-            where.append("d.event_seq < ?")
-            args.append(before)
-        rows = await _all(
-            self._store._reader,
-            "SELECT d.event_seq, o.event_id, o.kind, d.receiver, d.state, d.attempts, "
-            "(SELECT MAX(a.at) FROM delivery_attempts a WHERE a.event_seq = d.event_seq "
-            "AND a.receiver = d.receiver), d.next_at, d.last_error, o.request_id, o.grant_id "
-            "FROM deliveries d JOIN outbox o ON o.seq = d.event_seq "
-            f"WHERE {' AND '.join(where)} ORDER BY d.event_seq DESC, d.receiver LIMIT ?",
-            [*args, limit],
-        )
-        return [
-            DeliveryRecord(
-                int(r[0]),
-                r[1],
-                r[2],
-                r[3],
-                DeliveryState(r[4]),
-                int(r[5]),
-                rec.at(r[6]),
-                rec.at(r[7]) if r[4] == "PENDING" else None,
-                r[8],
-                r[9],
-                r[10],
-            )
-            for r in rows
-        ]
-
-    async def log(self, *, request_id: str, receiver: str, limit: int) -> list[AttemptRecord]:
-        """Attempts, newest first, optionally for one request or one receiver."""
-        where, args = ["1 = 1"], []
-        if request_id:
-            where.append("o.request_id = ?")
-            args.append(request_id)
-        if receiver:
-            where.append("a.receiver = ?")
-            args.append(receiver)
-        rows = await _all(
-            self._store._reader,
-            "SELECT a.event_seq, o.event_id, o.kind, a.receiver, a.attempt, a.at, a.ok, a.detail, "
-            "COALESCE(d.state, 'GAVE_UP') FROM delivery_attempts a "
-            "JOIN outbox o ON o.seq = a.event_seq "
-            "LEFT JOIN deliveries d ON d.event_seq = a.event_seq AND d.receiver = a.receiver "
-            f"WHERE {' AND '.join(where)} ORDER BY a.id DESC LIMIT ?",
-            [*args, limit],
-        )
-        return [
-            AttemptRecord(
-                int(r[0]),
-                r[1],
-                r[2],
-                r[3],
-                int(r[4]),
-                from_ms(r[5]),
-                bool(r[6]),
-                r[7],
-                DeliveryState(r[8]),
-            )
-            for r in rows
-        ]
+    _cursor_sql = queries.SQLITE.get_meta
+    _claim_sql = (
+        "UPDATE deliveries SET claimed_until = ? WHERE rowid IN (SELECT rowid FROM "
+        "deliveries WHERE state = 'PENDING' AND next_at <= ? AND claimed_until <= ? "
+        "ORDER BY next_at LIMIT ?) RETURNING event_seq, receiver, attempts"
+    )

@@ -1,5 +1,7 @@
 """The PostgreSQL store (psycopg 3 with psycopg_pool): the coordinator's store when several
-replicas share one database. The same contract as the SQLite store (tests/store/).
+replicas share one database. The same contract as the SQLite store (tests/store/); the
+statements and code both stores share are in server/store/queries.py and base.py, and here is
+what only PostgreSQL does.
 
 - Writes run at READ COMMITTED with explicit row locks: compare-and-set is `UPDATE ... WHERE
   state = ...` (a waiting writer re-checks the row once the other commits); per-agent sequence
@@ -18,7 +20,6 @@ replicas share one database. The same contract as the SQLite store (tests/store/
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -35,33 +36,12 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from jitmesh.clock import from_ms, to_ms
-from jitmesh.types import (
-    AuditEvent,
-    GrantState,
-    RequestState,
-)
+from jitmesh.types import AuditEvent
 from server.domain.audit import GENESIS
 from server.domain.errors import Conflict
-from server.domain.lifecycle import DUE_GRANT_STATES, REQUEST_TRANSITIONS
-from server.domain.models import (
-    NO_CHANGE,
-    Checkpoint,
-    CommandKind,
-    GrantChange,
-    Moved,
-)
-from server.domain.notices import Notice
-from server.domain.receivers import (
-    AttemptRecord,
-    Delivery,
-    DeliveryRecord,
-    DeliveryState,
-    ReceiverKind,
-    ReceiverSpec,
-)
+from server.domain.models import CommandKind
 from server.store import queries
-from server.store import rows as rec
-from server.store.base import SqlStoreReads, SqlTx, grant_sets
+from server.store.base import SqlOutbox, SqlStore, SqlTx
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -81,10 +61,6 @@ _MIGRATE_LOCK = 0x6A69_746D_0001
 _POLICY_LOCK = 0x6A69_746D_0002
 
 _D = queries.POSTGRES_DIALECT
-_GRANT_COLUMNS = queries.GRANT_COLUMNS
-_AUDIT_COLUMNS = queries.AUDIT_COLUMNS
-_LOCK_COLUMNS = queries.LOCK_COLUMNS
-_DUE_GRANT_STATES = DUE_GRANT_STATES
 
 
 def with_schema(dsn: str, schema: str) -> str:
@@ -151,6 +127,8 @@ class PostgresTx(SqlTx):
 
     _d = _D
     _q = queries.POSTGRES
+    # Replicas sweeping at the same moment never wait for each other, never move a row twice.
+    _take_due = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, conn: Conn, replica: str = "") -> None:
         self._conn = conn
@@ -291,48 +269,8 @@ class PostgresTx(SqlTx):
 
     # Sweeps.
 
-    async def move_due_grants(
-        self, now: datetime, limit: int, *, state: GrantState, change: GrantChange = NO_CHANGE
-    ) -> list[Moved]:
-        """Up to `limit` due grants to `state`. Rows another replica's sweep holds are skipped
-        (SKIP LOCKED): that sweep moves them."""
-        sets, args = grant_sets(_D, list(_DUE_GRANT_STATES), state, change)
-        moved: list[Moved] = []
-        for was in _DUE_GRANT_STATES:
-            if len(moved) >= limit:
-                break
-            rows = await _all(
-                self._conn,
-                f"UPDATE grants SET {sets} WHERE id IN (SELECT id FROM grants "
-                "WHERE state IN ('PENDING_DELIVERY', 'ACTIVE', 'REVOKING') AND state = %s "
-                "AND not_after <= %s ORDER BY not_after LIMIT %s FOR UPDATE SKIP LOCKED) "
-                "AND state = %s RETURNING id, request_id, agent, subject, action",
-                [*args, was.value, to_ms(now), limit - len(moved), was.value],
-            )
-            moved.extend(
-                Moved(r["id"], r["request_id"], r["agent"], r["subject"], r["action"], was.value)
-                for r in rows
-            )
-        return moved
 
-    async def move_due_requests(
-        self, now: datetime, limit: int, *, state: RequestState, by: str, reason: str
-    ) -> list[Moved]:
-        if state not in REQUEST_TRANSITIONS[RequestState.PENDING]:
-            raise ValueError(f"request lifecycle has no step PENDING -> {state.value}")
-        rows = await _all(
-            self._conn,
-            "UPDATE requests SET state = %s, decided_at = %s, decided_by = %s, "
-            "decision_reason = %s WHERE id IN (SELECT id FROM requests WHERE state = 'PENDING' "
-            "AND pending_expires_at <= %s ORDER BY pending_expires_at LIMIT %s "
-            "FOR UPDATE SKIP LOCKED) AND state = 'PENDING' RETURNING id, agent, subject, action",
-            [state.value, to_ms(now), by, reason, to_ms(now), limit],
-        )
-        pending = RequestState.PENDING.value
-        return [Moved(r["id"], "", r["agent"], r["subject"], r["action"], pending) for r in rows]
-
-
-class PostgresStore(SqlStoreReads):
+class PostgresStore(SqlStore):
     _d = _D
     _q = queries.POSTGRES
 
@@ -418,42 +356,10 @@ class PostgresStore(SqlStoreReads):
             return result
         raise AssertionError("unreachable")
 
-    # Replicas and shared secrets.
-
-    async def replica_seen(
-        self, replica: str, address: str, version: str, started_at: datetime, at: datetime
-    ) -> None:
-        """Record that `replica` runs (at start, and then periodically)."""
+    @asynccontextmanager
+    async def _short_write(self) -> AsyncIterator[PostgresTx]:
         async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO replicas (id, address, version, started_at, last_seen_at) "
-                "VALUES (%s,%s,%s,%s,%s) ON CONFLICT (id) DO UPDATE SET "
-                "address = excluded.address, "
-                "version = excluded.version, started_at = excluded.started_at, "
-                "last_seen_at = excluded.last_seen_at",
-                [replica, address, version, to_ms(started_at), to_ms(at)],
-            )
-            if started_at == at:
-                # Started now: no agent stream is held by this replica yet (a crash left some).
-                await conn.execute("UPDATE agents SET replica = '' WHERE replica = %s", [replica])
-
-    async def put_secret(
-        self, name: str, ciphertext: bytes, at: datetime, *, replace: bool = True
-    ) -> bool:
-        """Store a secret; with `replace=False` only if none is stored under `name` yet (the
-        first replica to create it wins). True when stored."""
-        conflict = (
-            "DO UPDATE SET ciphertext = excluded.ciphertext, updated_at = excluded.updated_at"
-            if replace
-            else "DO NOTHING"
-        )
-        async with self._read() as conn:
-            cur = await conn.execute(
-                "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (%s,%s,%s) "
-                f"ON CONFLICT (name) {conflict}",
-                [name, ciphertext, to_ms(at)],
-            )
-        return cur.rowcount == 1
+            yield PostgresTx(conn, self.replica)
 
     async def listen(
         self,
@@ -508,234 +414,19 @@ class PostgresStore(SqlStoreReads):
             row = await _one(conn, "SELECT seq, hash FROM audit_head WHERE id = 1")
         return (0, GENESIS) if row is None else (int(row["seq"]), str(row["hash"]))
 
-    async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
-        async with self._read() as conn:
-            await conn.execute(
-                "INSERT INTO checkpoints (seq, hash, at, key_id, signature) "
-                "VALUES (%s,%s,%s,%s,%s)",
-                [checkpoint.seq, checkpoint.hash, to_ms(checkpoint.at), checkpoint.key_id,
-                 checkpoint.signature],
-            )  # fmt: skip
 
+class PostgresOutbox(SqlOutbox):
+    """The sender's side of the outbox (SqlOutbox). Senders on several replicas share the work:
+    routing moves one cursor by compare-and-set under the cursor row's lock, and deliveries are
+    claimed with FOR UPDATE SKIP LOCKED."""
 
-class PostgresOutbox:
-    """The sender's side of the outbox (as `SqliteOutbox`): each method its own short
-    transaction. Senders on several replicas share the work: routing moves one cursor by
-    compare-and-set, and deliveries are claimed with FOR UPDATE SKIP LOCKED."""
-
-    def __init__(self, store: PostgresStore) -> None:
-        self._store = store
-
-    async def list_receivers(self) -> list[ReceiverSpec]:
-        async with self._store._read() as conn:
-            rows = await _all(
-                conn,
-                "SELECT name, kind, settings, secret, route, created_at, created_by "
-                "FROM receivers ORDER BY name",
-            )
-        return [
-            ReceiverSpec(
-                r["name"], ReceiverKind(r["kind"]), json.loads(r["settings"]), r["secret"],
-                rec.route(r["route"]), from_ms(r["created_at"]), r["created_by"],
-            )
-            for r in rows
-        ]  # fmt: skip
-
-    async def unrouted(self, limit: int) -> tuple[int, list[tuple[int, Notice]]]:
-        cursor = int(await self._store.get_meta(rec.OUTBOX_CURSOR) or "0")
-        async with self._store._read() as conn:
-            cur = await conn.execute(
-                f"SELECT seq, {rec.OUTBOX_COLUMNS} FROM outbox WHERE seq > %s "
-                "ORDER BY seq LIMIT %s",
-                [cursor, limit],
-                prepare=False,
-            )
-            rows = [tuple(r.values()) for r in await cur.fetchall()]
-        return cursor, [(int(r[0]), rec.notice(r[1:])) for r in rows]
-
-    async def route(
-        self, cursor: int, upto: int, deliveries: Sequence[tuple[int, str]], now: datetime
-    ) -> bool:
-        async with self._store.transaction() as tx:
-            conn = tx._conn
-            current = await _one(
-                conn, "SELECT value FROM meta WHERE key = %s FOR UPDATE", [rec.OUTBOX_CURSOR]
-            )
-            if int(current["value"] if current else "0") != cursor:
-                return False
-            if deliveries:
-                async with conn.cursor() as c:
-                    await c.executemany(
-                        "INSERT INTO deliveries (event_seq, receiver, state, next_at) "
-                        "VALUES (%s, %s, 'PENDING', %s) ON CONFLICT DO NOTHING",
-                        [(seq, name, to_ms(now)) for seq, name in deliveries],
-                    )
-            await tx.set_meta(rec.OUTBOX_CURSOR, str(upto))
-        return True
-
-    async def claim(self, now: datetime, until: datetime, limit: int) -> list[Delivery]:
-        async with self._store.transaction() as tx:
-            rows = await _all(
-                tx._conn,
-                "UPDATE deliveries SET claimed_until = %s WHERE (event_seq, receiver) IN "
-                "(SELECT event_seq, receiver FROM deliveries WHERE state = 'PENDING' "
-                "AND next_at <= %s AND claimed_until <= %s ORDER BY next_at LIMIT %s "
-                "FOR UPDATE SKIP LOCKED) RETURNING event_seq, receiver, attempts",
-                [to_ms(until), to_ms(now), to_ms(now), limit],
-            )
-            if not rows:
-                return []
-            seqs = sorted({int(r["event_seq"]) for r in rows})
-            cur = await tx._conn.execute(
-                f"SELECT seq, {rec.OUTBOX_COLUMNS} FROM outbox WHERE seq = ANY(%s)", [seqs]
-            )
-            notices = {
-                int(v[0]): rec.notice(v[1:])
-                for v in (tuple(r.values()) for r in await cur.fetchall())
-            }
-        return sorted(
-            (
-                Delivery(
-                    int(r["event_seq"]), r["receiver"], int(r["attempts"]),
-                    notices[int(r["event_seq"])],
-                )
-                for r in rows
-            ),
-            key=lambda d: (d.event_seq, d.receiver),
-        )  # fmt: skip
-
-    async def record(
-        self,
-        delivery: Delivery,
-        at: datetime,
-        ok: bool,
-        detail: str,
-        next_at: datetime | None,
-    ) -> None:
-        attempt = delivery.attempts + 1
-        if ok:
-            state, due = DeliveryState.DELIVERED, to_ms(at)
-        elif next_at is None:
-            state, due = DeliveryState.GAVE_UP, to_ms(at)
-        else:
-            state, due = DeliveryState.PENDING, to_ms(next_at)
-        async with self._store.transaction() as tx:
-            await tx._conn.execute(
-                "UPDATE deliveries SET state = %s, attempts = %s, next_at = %s, "
-                "claimed_until = 0, last_error = %s, delivered_at = %s "
-                "WHERE event_seq = %s AND receiver = %s AND state = 'PENDING'",
-                [
-                    state.value, attempt, due, "" if ok else detail, to_ms(at) if ok else None,
-                    delivery.event_seq, delivery.receiver,
-                ],
-            )  # fmt: skip
-            await tx._conn.execute(
-                "INSERT INTO delivery_attempts (event_seq, receiver, attempt, at, ok, detail) "
-                "VALUES (%s, %s, %s, %s, %s, %s)",
-                [delivery.event_seq, delivery.receiver, attempt, to_ms(at), int(ok), detail],
-            )
-
-    async def release(self, deliveries: Sequence[Delivery]) -> None:
-        if not deliveries:
-            return
-        async with self._store.transaction() as tx, tx._conn.cursor() as c:
-            await c.executemany(
-                "UPDATE deliveries SET claimed_until = 0 WHERE event_seq = %s "
-                "AND receiver = %s AND state = 'PENDING'",
-                [(d.event_seq, d.receiver) for d in deliveries],
-            )
-
-    async def prune(self, before: datetime) -> int:
-        async with self._store.transaction() as tx:
-            cursor = await _one(
-                tx._conn, "SELECT value FROM meta WHERE key = %s", [rec.OUTBOX_CURSOR]
-            )
-            upto = int(cursor["value"]) if cursor else 0
-            rows = await _all(
-                tx._conn,
-                "SELECT seq FROM outbox o WHERE o.at < %s AND o.seq <= %s AND NOT EXISTS "
-                "(SELECT 1 FROM deliveries d WHERE d.event_seq = o.seq AND d.state = 'PENDING') "
-                "ORDER BY seq LIMIT 5000",
-                [to_ms(before), upto],
-            )
-            seqs = [int(r["seq"]) for r in rows]
-            if seqs:
-                for table, column in (
-                    ("delivery_attempts", "event_seq"),
-                    ("deliveries", "event_seq"),
-                    ("outbox", "seq"),
-                ):
-                    await tx._conn.execute(f"DELETE FROM {table} WHERE {column} = ANY(%s)", [seqs])
-        return len(seqs)
-
-    async def next_due(self) -> datetime | None:
-        async with self._store._read() as conn:
-            row = await _one(
-                conn,
-                "SELECT MIN(GREATEST(next_at, claimed_until)) AS t FROM deliveries "
-                "WHERE state = 'PENDING'",
-            )
-        return from_ms(row["t"]) if row and row["t"] is not None else None
-
-    async def deliveries(
-        self, *, receiver: str, states: Sequence[DeliveryState], limit: int, before: int
-    ) -> list[DeliveryRecord]:
-        where: list[str] = ["true"]
-        args: list[Any] = []
-        if receiver:
-            where.append("d.receiver = %s")
-            args.append(receiver)
-        if states:
-            where.append("d.state = ANY(%s)")
-            args.append([s.value for s in states])
-        if before:
-            where.append("d.event_seq < %s")
-            args.append(before)
-        async with self._store._read() as conn:
-            rows = await _all(
-                conn,
-                "SELECT d.event_seq, o.event_id, o.kind, d.receiver, d.state, d.attempts, "
-                "(SELECT MAX(a.at) FROM delivery_attempts a WHERE a.event_seq = d.event_seq "
-                "AND a.receiver = d.receiver) AS last_at, d.next_at, d.last_error, "
-                "o.request_id, o.grant_id FROM deliveries d JOIN outbox o ON o.seq = d.event_seq "
-                f"WHERE {' AND '.join(where)} ORDER BY d.event_seq DESC, d.receiver LIMIT %s",
-                [*args, limit],
-            )
-        return [
-            DeliveryRecord(
-                int(r["event_seq"]), r["event_id"], r["kind"], r["receiver"],
-                DeliveryState(r["state"]), int(r["attempts"]), rec.at(r["last_at"]),
-                rec.at(r["next_at"]) if r["state"] == "PENDING" else None, r["last_error"],
-                r["request_id"], r["grant_id"],
-            )
-            for r in rows
-        ]  # fmt: skip
-
-    async def log(self, *, request_id: str, receiver: str, limit: int) -> list[AttemptRecord]:
-        where, args = ["true"], []
-        if request_id:
-            where.append("o.request_id = %s")
-            args.append(request_id)
-        if receiver:
-            where.append("a.receiver = %s")
-            args.append(receiver)
-        async with self._store._read() as conn:
-            rows = await _all(
-                conn,
-                "SELECT a.event_seq, o.event_id, o.kind, a.receiver, a.attempt, a.at, a.ok, "
-                "a.detail, COALESCE(d.state, 'GAVE_UP') AS state FROM delivery_attempts a "
-                "JOIN outbox o ON o.seq = a.event_seq "
-                "LEFT JOIN deliveries d ON d.event_seq = a.event_seq AND d.receiver = a.receiver "
-                f"WHERE {' AND '.join(where)} ORDER BY a.id DESC LIMIT %s",
-                [*args, limit],
-            )
-        return [
-            AttemptRecord(
-                int(r["event_seq"]), r["event_id"], r["kind"], r["receiver"], int(r["attempt"]),
-                from_ms(r["at"]), bool(r["ok"]), r["detail"], DeliveryState(r["state"]),
-            )
-            for r in rows
-        ]  # fmt: skip
+    _cursor_sql = queries.POSTGRES.get_meta + " FOR UPDATE"
+    _claim_sql = (
+        "UPDATE deliveries SET claimed_until = %s WHERE (event_seq, receiver) IN "
+        "(SELECT event_seq, receiver FROM deliveries WHERE state = 'PENDING' "
+        "AND next_at <= %s AND claimed_until <= %s ORDER BY next_at LIMIT %s "
+        "FOR UPDATE SKIP LOCKED) RETURNING event_seq, receiver, attempts"
+    )
 
 
 from .importer import import_sqlite  # noqa: E402  (uses `migrate` above)
