@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from jitmesh.types import (
     Agent,
     AuditEvent,
+    BreakglassCode,
     Grant,
     GrantState,
     JoinTokenInfo,
@@ -54,6 +55,7 @@ from .models import (
     Principal,
     ReplicaInfo,
     StatusCounts,
+    Truncated,
 )
 
 T = TypeVar("T")
@@ -116,9 +118,10 @@ class Tx(Protocol):
         self, acks: Sequence[tuple[str, int, str, str]], at: datetime
     ) -> dict[tuple[str, int], tuple[CommandKind, str, datetime]]: ...
     async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int: ...
-    async def truncate_command_log(self, limit: int) -> int:
-        """Delete at most `limit` commands behind each agent's acknowledged prefix (moving its
-        `command_log_start` up first); how many were deleted. Retention: domain/retention.py."""
+    async def truncate_command_log(self, limit: int) -> Truncated:
+        """One step of retention (domain/retention.py): move at most `limit` agents'
+        `command_log_start` up to their acknowledged prefix, then delete at most `limit` of the
+        commands at or below it; how many of each."""
         ...
 
     async def get_grants(self, grant_ids: Sequence[str]) -> dict[str, Grant]: ...
@@ -177,6 +180,30 @@ class Tx(Protocol):
     async def move_due_requests(
         self, now: datetime, limit: int, *, state: RequestState, by: str, reason: str
     ) -> list[Moved]: ...
+    async def recent_auto_grants(
+        self, subject: str, rule: str, since: datetime
+    ) -> list[tuple[datetime, datetime, datetime | None]]:
+        """As `Store.recent_auto_grants`, inside the transaction; concurrent transactions
+        reading the same (subject, rule) take turns until commit, so a budget checked here and
+        the grant written after it are one step (SQLite: one writer at a time; PostgreSQL: a
+        transaction-level advisory lock on the pair)."""
+        ...
+
+    async def insert_breakglass_codes(self, codes: Sequence[tuple[BreakglassCode, str]]) -> None:
+        """Each code with the SHA-256 (hex) of its text; the text itself is never stored."""
+        ...
+
+    async def get_breakglass_code(self, code_id: str) -> BreakglassCode | None: ...
+    async def mark_breakglass_used(
+        self, code_id: str, *, used_at: datetime, grant_id: str, used_by: str
+    ) -> bool:
+        """Compare-and-set: only a code not yet used. False when it was (or is unknown)."""
+        ...
+
+    async def review_breakglass(self, code_id: str, *, at: datetime, by: str, note: str) -> bool:
+        """Compare-and-set: only a used code not yet reviewed."""
+        ...
+
     async def insert_lock(self, lock: Lock) -> None: ...
     async def lift_lock(self, lock_id: str, at: datetime, by: str, reason: str) -> bool: ...
     async def get_lock(self, lock_id: str) -> Lock | None: ...
@@ -227,6 +254,7 @@ class Store(Protocol):
     async def replica_seen(
         self, replica: str, address: str, version: str, started_at: datetime, at: datetime
     ) -> None: ...
+    async def replica_stopped(self, replica: str) -> None: ...
     async def list_replicas(self) -> list[ReplicaInfo]: ...
     async def get_secret(self, name: str) -> bytes | None: ...
     async def put_secret(
@@ -267,6 +295,17 @@ class Store(Protocol):
     async def list_agents(self) -> list[Agent]: ...
     async def agent_for_credential(self, credential_hash: str) -> str | None: ...
     async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None: ...
+    async def token_holder(self, token_hash: str) -> tuple[Principal, datetime | None] | None:
+        """Who an operator token (by its hash) stands for while it is valid, with when it
+        expires (None: never); None when it is unknown, revoked or its user disabled."""
+        ...
+
+    async def identity_generation(self) -> int:
+        """A number that changes (in the changing transaction, whichever process commits it)
+        whenever users, operator tokens or revoked certificates change: while it stays the
+        same, what a credential stood for still holds. Cheap: called on every operator call."""
+        ...
+
     async def token_refusal(self, token_hash: str, now: datetime) -> tuple[str, str]:
         """Why a token `principal_for_token` refused is refused: ("disabled", user),
         ("revoked", user), ("expired", user), or ("unknown", "") for no such token."""
@@ -307,6 +346,12 @@ class Store(Protocol):
     async def lock_in_force(
         self, subject: str, agent: str, action: str, now: datetime
     ) -> Lock | None: ...
+    async def list_breakglass_codes(
+        self, *, unreviewed: bool, agent: str, subject: str, include_expired: bool, now: datetime
+    ) -> list[BreakglassCode]:
+        """Newest first (at most 1000). `unreviewed`: used and not reviewed only; otherwise
+        codes unused and past their expiry only with `include_expired`."""
+        ...
 
 
 class CommandSink(Protocol):

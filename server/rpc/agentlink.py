@@ -29,7 +29,7 @@ from server.ca import CertificateError, agent_of
 from server.domain import errors
 from server.domain.admission import Admission
 from server.domain.fleet import BACKLOG_PAGE, FleetService
-from server.domain.models import AgentHello, Command, Principal, Resume
+from server.domain.models import AgentHello, Command, CommandKind, Principal, Resume
 from server.signing import SigningKeys
 
 from . import convert as c
@@ -39,6 +39,8 @@ from .errors import abort, admission_hint, retry_metadata, status_of
 log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[agentlink_pb2.AgentMessage, agentlink_pb2.CoordinatorMessage]
 HELLO_TIMEOUT = 10.0
+# How long a stream refused by admission control waits for the agent's Hello before the refusal.
+PUSHBACK_READ = 1.0
 # Agent messages are small (acks, events, heartbeats); anything bigger is an attack or a bug.
 MAX_AGENT_MESSAGE = 64 * 1024
 # Ack messages of one stream read on while earlier ones are still being written.
@@ -180,6 +182,12 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         """Refuse the stream for now: the hint in-stream, then RESOURCE_EXHAUSTED (with the
         hint in the status details too, for clients that do not read the stream)."""
         hint = admission_hint(seconds)
+        with contextlib.suppress(Exception):
+            # The agent's Hello first (it is on its way already): a stream refused while the
+            # agent is still writing it can reach the agent as INTERNAL, without the status or
+            # the hint, and the agent then dials again at once on its own schedule.
+            async with asyncio.timeout(PUSHBACK_READ):
+                await context.read()
         with contextlib.suppress(Exception):
             await context.write(agentlink_pb2.CoordinatorMessage(pushback=hint))
         await context.abort(
@@ -374,6 +382,8 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 epoch,
                 self._clock.now(),
                 resume.tombstones,
+                # A 0.1 agent cannot read locks: its snapshot says nothing of them.
+                None if session.legacy else resume.locks,
             )
             await context.write(self._command(resume.snapshot_seq, body))
             last = resume.snapshot_seq
@@ -391,6 +401,9 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             if item.seq > last + 1:
                 last = await self._replay(session, last, context)
                 continue
+            if not _sendable(session, item):
+                last = item.seq
+                continue
             body = c.command_body(item, epoch, self._clock.now())
             await context.write(self._command(item.seq, body))
             last = item.seq
@@ -400,6 +413,9 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         while True:
             page = await self._fleet.backlog(session.agent, last)
             for command in page:
+                if not _sendable(session, command):
+                    last = command.seq
+                    continue
                 body = c.command_body(command, epoch, self._clock.now())
                 await context.write(self._command(command.seq, body))
                 last = command.seq
@@ -425,6 +441,12 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         return agentlink_pb2.CoordinatorMessage(
             command=agentlink_pb2.Command(seq=seq, body=data, key_id=key_id, signature=signature)
         )
+
+
+def _sendable(session: Session, command: Command) -> bool:
+    """A 0.1 agent cannot parse lock commands (none are written for an agent known to be 0.1;
+    one written before it said Hello with its version is skipped: its revokes still come)."""
+    return not (session.legacy and command.kind in (CommandKind.LOCK, CommandKind.UNLOCK))
 
 
 async def _settle(writing: collections.deque[asyncio.Future[Any]]) -> None:

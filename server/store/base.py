@@ -19,6 +19,7 @@ from jitmesh.clock import from_ms, to_ms
 from jitmesh.types import (
     Agent,
     AuditEvent,
+    BreakglassCode,
     Grant,
     GrantState,
     JoinTokenInfo,
@@ -45,6 +46,7 @@ from server.domain.models import (
     Principal,
     ReplicaInfo,
     StatusCounts,
+    Truncated,
 )
 from server.domain.notices import NOTIFIABLE, Notice, notice_for
 from server.domain.receivers import (
@@ -58,6 +60,7 @@ from server.domain.receivers import (
 from server.store import rows as rec
 from server.store.queries import (
     AUDIT_COLUMNS,
+    BREAKGLASS_COLUMNS,
     DUE_GRANT_IN,
     GRANT_COLUMNS,
     GRANT_COLUMNS_OF_G,
@@ -231,7 +234,15 @@ class SqlTx(SqlReads):
 
     @abstractmethod
     async def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Run one statement for each of `rows` (nothing for none)."""
+        """Run one statement for each of `rows` (nothing for none). Nothing is returned, so a
+        store may run it later in the transaction, as `_later`."""
+
+    async def _later(self, sql: str, args: Sequence[Any] = ()) -> None:
+        """Run a statement whose result nobody needs. A store may run it later in the
+        transaction, before its next statement or with its COMMIT (SQLite: in that trip to the
+        connection's thread instead of one of its own); an error then surfaces there and fails
+        the transaction as any error in it does."""
+        await self._run(sql, args)
 
     @abstractmethod
     async def _audit_head(self) -> tuple[int, str]:
@@ -264,6 +275,42 @@ class SqlTx(SqlReads):
     async def get_lock(self, lock_id: str) -> Lock | None:
         row = await self._one(self._q.get_lock, [lock_id])
         return None if row is None else rec.lock(row)
+
+    async def _budget_turn(self, subject: str, rule: str) -> None:
+        """Wait until no other transaction is checking the budget of (subject, rule), and keep
+        it so until commit (PostgreSQL: an advisory lock). SQLite needs nothing: one writer at
+        a time on the file (BEGIN IMMEDIATE)."""
+
+    async def recent_auto_grants(
+        self, subject: str, rule: str, since: datetime
+    ) -> list[tuple[datetime, datetime, datetime | None]]:
+        await self._budget_turn(subject, rule)
+        rows = await self._all(self._q.recent_auto_grants, [to_ms(since), subject, rule])
+        return [
+            (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
+        ]
+
+    async def insert_breakglass_codes(self, codes: Sequence[tuple[BreakglassCode, str]]) -> None:
+        await self._many(
+            self._q.insert_breakglass_code,
+            [rec.breakglass_values(code, digest) for code, digest in codes],
+        )
+
+    async def get_breakglass_code(self, code_id: str) -> BreakglassCode | None:
+        row = await self._one(self._q.get_breakglass_code, [code_id])
+        return None if row is None else rec.breakglass_code(row)
+
+    async def mark_breakglass_used(
+        self, code_id: str, *, used_at: datetime, grant_id: str, used_by: str
+    ) -> bool:
+        changed = await self._run(
+            self._q.mark_breakglass_used, [to_ms(used_at), grant_id, used_by, code_id]
+        )
+        return changed == 1
+
+    async def review_breakglass(self, code_id: str, *, at: datetime, by: str, note: str) -> bool:
+        changed = await self._run(self._q.review_breakglass, [to_ms(at), by, note, code_id])
+        return changed == 1
 
     async def locks_in_force(self, now: datetime) -> list[Lock]:
         return [rec.lock(r) for r in await self._all(self._q.locks_in_force, [to_ms(now)])]
@@ -355,7 +402,7 @@ class SqlTx(SqlReads):
     # Requests and reviews.
 
     async def insert_request(self, r: Request) -> None:
-        await self._run(self._q.insert_request, rec.request_values(r))
+        await self._later(self._q.insert_request, rec.request_values(r))
 
     async def insert_requests(self, requests: Sequence[Request]) -> None:
         """`insert_request` for many requests, one statement for all (group commit)."""
@@ -382,7 +429,7 @@ class SqlTx(SqlReads):
 
     async def set_request_grants(self, request_id: str, grant_ids: Sequence[str]) -> None:
         """The grants a request for several agents made (its `grant_id` is the first)."""
-        await self._run(self._q.set_request_grants, [json.dumps(list(grant_ids)), request_id])
+        await self._later(self._q.set_request_grants, [json.dumps(list(grant_ids)), request_id])
 
     async def insert_review(self, request_id: str, review: Review) -> bool:
         """False when this reviewer has reviewed the request already."""
@@ -396,7 +443,7 @@ class SqlTx(SqlReads):
     # Grants.
 
     async def insert_grant(self, g: Grant) -> None:
-        await self._run(self._q.insert_grant, rec.grant_values(g))
+        await self._later(self._q.insert_grant, rec.grant_values(g))
 
     async def insert_grants(self, grants: Sequence[Grant]) -> None:
         """`insert_grant` for many grants, one statement for all (group commit)."""
@@ -467,13 +514,13 @@ class SqlTx(SqlReads):
         if row is None:
             raise Conflict(f"agent {agent} is not enrolled")
         seq = int(row["last_seq"])
-        await self._run(
+        await self._later(
             self._q.insert_command, [agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)]
         )
         if kind is CommandKind.GRANT:
-            await self._run(self._q.set_grant_seq, [seq, grant_id])
+            await self._later(self._q.set_grant_seq, [seq, grant_id])
         elif kind is CommandKind.REVOKE:
-            await self._run(self._q.set_revoke_seq, [seq, grant_id])
+            await self._later(self._q.set_revoke_seq, [seq, grant_id])
         await self._commands_added([agent])
         return seq
 
@@ -521,17 +568,17 @@ class SqlTx(SqlReads):
     async def _set_revoke_seqs(self, by_grant: dict[str, int]) -> None:
         await self._many(self._q.set_revoke_seq, [(q, g) for g, q in by_grant.items()])
 
-    async def truncate_command_log(self, limit: int) -> int:
-        """Command-log retention: move each agent's `log_start` up to its acknowledged prefix
-        and delete at most `limit` of the commands at or below it; returns how many went.
+    async def truncate_command_log(self, limit: int) -> Truncated:
+        """Command-log retention: move at most `limit` agents' `log_start` up to their
+        acknowledged prefix, then delete at most `limit` of the commands at or below it.
 
         The prefix ends at the lower of the agent's highest acked seq and its first
         unacknowledged (non-snapshot) command less one: every command at or below it is acked,
         or a snapshot whose ack was lost and that later acked commands passed. A resume
         (min(last_applied, first_unacked - 1)) never starts below it unless the agent lost
         state it had acknowledged; the Hello then answers with a snapshot."""
-        await self._run(self._q.advance_log_start)
-        return await self._run(self._q.truncate_commands, [limit])
+        agents = await self._run(self._q.advance_log_start, [limit])
+        return Truncated(agents, await self._run(self._q.truncate_commands, [limit]))
 
     async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
         """Mark the agent's commands before `snapshot_seq` that were never acknowledged as
@@ -544,7 +591,7 @@ class SqlTx(SqlReads):
     # Locks.
 
     async def insert_lock(self, lock: Lock) -> None:
-        await self._run(self._q.insert_lock, rec.lock_values(lock))
+        await self._later(self._q.insert_lock, rec.lock_values(lock))
 
     async def lift_lock(self, lock_id: str, at: datetime, by: str, reason: str) -> bool:
         return await self._run(self._q.lift_lock, [to_ms(at), by, reason, lock_id]) == 1
@@ -645,7 +692,7 @@ class SqlTx(SqlReads):
         return version
 
     async def set_meta(self, key: str, value: str) -> None:
-        await self._run(self._q.set_meta, [key, value])
+        await self._later(self._q.set_meta, [key, value])
 
     # The audit chain and the outbox.
 
@@ -662,8 +709,9 @@ class SqlTx(SqlReads):
             return []
         # The head first: from here to commit no other transaction can add an event, so the
         # ids found stored below stay the only ones stored.
-        head_seq, head_hash = await self._audit_head()
-        stored = await self._stored_audit_ids([entry.id for entry in entries])
+        (head_seq, head_hash), stored = await self._head_and_stored_ids(
+            [entry.id for entry in entries]
+        )
         events, rows = rec.chain(entries, head_seq, head_hash, stored)
         if not rows:
             return []
@@ -673,6 +721,12 @@ class SqlTx(SqlReads):
         await self._outbox(events)
         await self._audit_added(events)
         return events
+
+    async def _head_and_stored_ids(self, ids: Sequence[str]) -> tuple[tuple[int, str], set[str]]:
+        """The chain's head, then which of `ids` are stored already (a store may read both at
+        once, as long as the head is read first or together)."""
+        head = await self._audit_head()
+        return head, await self._stored_audit_ids(ids)
 
     async def _stored_audit_ids(self, ids: Sequence[str]) -> set[str]:
         stored: set[str] = set()
@@ -746,6 +800,13 @@ class SqlStore(SqlReads):
             if started_at == at:
                 # Started now: no agent stream is held by this replica yet (a crash left some).
                 await tx._run(self._q.replica_started, [replica])
+
+    async def replica_stopped(self, replica: str) -> None:
+        """`replica` stopped on purpose: it is no longer listed as running (a killed one is
+        taken as gone once it stops reporting), and it holds no agent stream."""
+        async with self._short_write() as tx:
+            await tx._run(self._q.delete_replica, [replica])
+            await tx._run(self._q.replica_started, [replica])
 
     async def put_secret(
         self, name: str, ciphertext: bytes, at: datetime, *, replace: bool = True
@@ -869,6 +930,16 @@ class SqlStore(SqlReads):
         row = await self._one(self._q.principal_for_token, [token_hash, to_ms(now)])
         return None if row is None else rec.token_principal(row)
 
+    async def token_holder(self, token_hash: str) -> tuple[Principal, datetime | None] | None:
+        row = await self._one(self._q.token_holder, [token_hash])
+        return None if row is None else (rec.token_principal(row), rec.at(row["expires_at"]))
+
+    async def identity_generation(self) -> int:
+        # One indexed read: a change committed by any process or replica is seen by the next
+        # call (SQLite overrides this with an inline read).
+        row = await self._one(self._q.identity_generation)
+        return 0 if row is None else int(row["value"])
+
     async def token_refusal(self, token_hash: str, now: datetime) -> tuple[str, str]:
         return rec.token_refusal(await self._one(self._q.token_refusal, [token_hash]), now)
 
@@ -897,16 +968,7 @@ class SqlStore(SqlReads):
 
     async def commands_after(self, agent: str, seq: int, limit: int) -> list[Command]:
         rows = await self._all(self._q.commands_after, [agent, seq, limit])
-        return [
-            Command(
-                agent,
-                r["c_seq"],
-                CommandKind(r["c_kind"]),
-                rec.grant(r, "g_"),
-                r["c_revoke_reason"],
-            )
-            for r in rows
-        ]
+        return [rec.command(r, agent) for r in rows]
 
     async def command_log_start(self, agent: str) -> int:
         """The seq at or below which the agent's commands may be truncated away (0: none)."""
@@ -978,6 +1040,24 @@ class SqlStore(SqlReads):
             args.append(to_ms(now))
         rows = await self._all(sql + " ORDER BY created_at DESC, id DESC LIMIT 1000", args)
         return [rec.lock(r) for r in rows]
+
+    async def list_breakglass_codes(
+        self, *, unreviewed: bool, agent: str, subject: str, include_expired: bool, now: datetime
+    ) -> list[BreakglassCode]:
+        where, args = rec.breakglass_filter(
+            unreviewed=unreviewed,
+            agent=agent,
+            subject=subject,
+            include_expired=include_expired,
+            now=now,
+            mark=self._d.mark,
+        )
+        rows = await self._all(
+            f"SELECT {BREAKGLASS_COLUMNS} FROM breakglass_codes WHERE {where} "
+            "ORDER BY issued_at DESC, id DESC LIMIT 1000",
+            args,
+        )
+        return [rec.breakglass_code(r) for r in rows]
 
 
 class SqlOutbox(ABC):

@@ -19,7 +19,7 @@ from jitmesh import Client
 from jitmesh.types import NotifyRoute
 from server.notify.webhook import WebhookVerifier
 from tests.e2e import procs
-from tests.e2e.procs import free_port, read_env, wait_healthy
+from tests.e2e.procs import free_port, read_env, wait_for, wait_healthy
 from tests.notify.servers import HttpRecorder, SmtpServer
 from tests.notify.test_outbox import SECRET, verifying
 
@@ -56,7 +56,14 @@ async def test_sigkill_with_notices_in_the_outbox_sends_each_exactly_once(
     coordinator.start()
     try:
         await wait_healthy(address)
-        env = read_env(data / "dev.env")
+        # Dev mode writes its tokens just after the port serves.
+        env_file = data / "dev.env"
+        await wait_for(
+            lambda: env_file.exists() and "JITMESH_TOKEN_ADMIN=" in env_file.read_text(),
+            30,
+            "dev.env",
+        )
+        env = read_env(env_file)
         async with await Client.connect(address, token=env["JITMESH_TOKEN_ADMIN"]) as admin:
             route = NotifyRoute(events=("lock.created",))
             await admin.add_receiver(

@@ -24,8 +24,10 @@ async def ack(store: Store, agent: str, *seqs: int, status: str = "APPLIED") -> 
 
 
 async def truncate(store: Store, limit: int = 1000) -> int:
+    """One step; how many commands it deleted."""
+
     async def work(tx: Tx) -> int:
-        return await tx.truncate_command_log(limit)
+        return (await tx.truncate_command_log(limit)).commands
 
     return await store.write(work)
 
@@ -118,3 +120,24 @@ async def test_the_log_stays_bounded_under_a_stream_of_grants(store: Store) -> N
     assert max(sizes) <= 3
     assert await store.first_unacked_seq("web-1") == 78
     assert await kept(store, "web-1") == [78, 79, 80]
+
+
+async def test_agents_are_advanced_in_batches_too(store: Store) -> None:
+    names = [f"web-{i}" for i in range(5)]
+    await enroll(store, *names)
+    for name in names:
+        await append(store, name, CommandKind.GRANT, await grant_for(store, name))
+        await ack(store, name, 1)
+
+    async def step(tx: Tx) -> tuple[int, int]:
+        done = await tx.truncate_command_log(2)
+        return done.agents, done.commands
+
+    # Two agents move their log_start, and only their commands can go.
+    assert await store.write(step) == (2, 2)
+    starts = [await store.command_log_start(name) for name in names]
+    assert sorted(starts) == [0, 0, 0, 1, 1]
+    assert await store.write(step) == (2, 2)
+    assert await store.write(step) == (1, 1)
+    assert await store.write(step) == (0, 0)
+    assert [await store.command_log_start(name) for name in names] == [1] * 5

@@ -25,6 +25,9 @@ ARGS = [
     "--no-first-run",
 ]
 SHOTS = os.environ.get("JITMESH_SCREENSHOTS", "")
+# Each expectation waits for its condition up to this long (Playwright's default is 5 s; the
+# test machine's two cores are shared, and a page behind a gRPC call can take longer).
+expect.set_options(timeout=15_000)
 
 
 async def shot(page: Page, name: str) -> None:
