@@ -177,6 +177,12 @@ def exec_command(argv: Sequence[str]) -> int:
             return _fail(f"exec: --duration: {exc}")
     elif parsed.duration or parsed.reason:
         return _fail("exec: --duration and --reason go with --request")
+    if parsed.request or parsed.release:
+        # These reach the coordinator through the SDK: gRPC's core prints nothing of its own
+        # (the SDK's error carries its reason), as in jitctl (jitmesh/grpclog.py).
+        from jitmesh import grpclog
+
+        grpclog.quiet("NONE")
     from agent.local.runner import ExecOptions, run
 
     return run(
@@ -229,7 +235,11 @@ def _iso_ms(ms: int) -> str:
 
 def run(argv: Sequence[str], *, clock: Clock | None = None, step: StepHook | None = None) -> int:
     from agent import settings as agent_settings
+    from jitmesh import grpclog
 
+    # First, before anything imports grpc (checking the CA file does): gRPC's own lines become
+    # the agent's log records (jitmesh/grpclog.py).
+    grpclog.capture()
     parser = argparse.ArgumentParser(
         prog="jitmesh-agent",
         description="Run the jitmesh agent (see also: jitmesh-agent check --help).",
@@ -297,10 +307,8 @@ def run(argv: Sequence[str], *, clock: Clock | None = None, step: StepHook | Non
     except AgentError as exc:
         return _fail(f"configuration: {exc}")
 
-    from jitmesh import grpclog, logs
+    from jitmesh import logs
 
-    # Before grpc is imported (by agent.app): gRPC's own lines become our log records.
-    grpclog.capture()
     try:
         logs.setup(
             loaded.values["log_level"],

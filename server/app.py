@@ -292,6 +292,11 @@ class Coordinator:
             self.slack_socket.close()
         if self.http is not None:
             await self.http.aclose()
+        try:
+            # Off the list of running replicas at once (`jitctl status`), not 30 s later.
+            await self.store.replica_stopped(self.replica)
+        except Exception as exc:  # the store is away: the others stop counting it in 30 s
+            log.warning("cannot record this replica as stopped: %s", type(exc).__name__)
         await self.store.close()
         if self.tracing is not None:
             self.tracing.close()

@@ -714,9 +714,14 @@ class AccessService:
         grant: Grant | None = None
         command: Command | None = None
         more: list[Command] = []
+        # The request as it is after this review, built rather than read back after the commit
+        # (one read less on the approval path); None where that is not simple (several grants,
+        # an extension): read back then.
+        built: Request | None = None
         async with self._store.transaction() as tx:
             request = await self._get_request(tx, request_id)
-            now = self._clock.now()
+            # Whole milliseconds, as stored, so the built request equals the stored one.
+            now = from_ms(to_ms(self._clock.now()))
             _still_pending(request, now)
             plan, before = self.outcome(request, now)
             # The rules are apply_review's; asking first means nobody's review is silently
@@ -734,25 +739,52 @@ class AccessService:
             )  # fmt: skip
             if not await tx.insert_review(request.id, review):
                 raise Conflict("you have already reviewed this request")
+            # Judged in arrival order (as before); the answer lists them as a read does, by
+            # time then reviewer (two reviews in one millisecond keep arrival order here).
             after = self._apply(plan, request, (*request.reviews, review), now)
+            reviews = tuple(
+                sorted((*request.reviews, review), key=lambda r: (r.reviewed_at, r.reviewer))
+            )
+            decided = replace(
+                request,
+                reviews=reviews,
+                decided_at=now,
+                decided_by=principal.actor,
+                decision_reason=reason,
+            )
             if after.state is RequestState.DENIED:
                 # Deny wins: one denial ends the request whatever approvals it already has.
-                await self._decide(tx, request, RequestState.DENIED, principal.actor, reason)
+                await self._decide(
+                    tx, request, RequestState.DENIED, principal.actor, reason, at=now
+                )
                 await tx.audit(self._entry("request.denied", principal.actor, request, why=reason))
+                built = replace(decided, state=RequestState.DENIED)
             elif after.state is RequestState.APPROVED:
                 await tx.audit(self._reviewed(principal.actor, request, plan, before.stage))
                 rule = self._rule(request.rule)
                 if request.start_at is not None and request.start_at > now:
                     # Approved; the grant is issued at the start, after a second look.
-                    await self._decide(tx, request, RequestState.SCHEDULED, principal.actor, reason)
+                    await self._decide(
+                        tx, request, RequestState.SCHEDULED, principal.actor, reason, at=now
+                    )
                     await tx.audit(self._scheduled_entry(principal.actor, request))
+                    built = replace(decided, state=RequestState.SCHEDULED)
                 elif request.selector:
                     more = await self._grant_selected(
                         tx, request, rule, principal.actor, reason, now
                     )
                     grant = more[0].grant
                 else:
-                    grant, command = await self._approve(tx, request, rule, principal.actor, reason)
+                    grant, command = await self._approve(
+                        tx, request, rule, principal.actor, reason, now=now
+                    )
+                    if not request.extends_grant_id:
+                        built = replace(
+                            decided,
+                            state=RequestState.APPROVED,
+                            grant_id=grant.id,
+                            grant_state=grant.state,
+                        )
             else:
                 await tx.audit(self._reviewed(principal.actor, request, plan, before.stage))
                 if after.stage > before.stage:
@@ -765,8 +797,9 @@ class AccessService:
                             stage=passed, next_stage=opened,
                         )
                     )  # fmt: skip
+                built = replace(request, reviews=reviews)
         self._links.push(more)
-        return await self._after(tx, request_id, grant, command)
+        return await self._after(tx, request_id, grant, command, built)
 
     def outcome(self, request: Request, now: datetime) -> tuple[ApprovalPlan, Outcome]:
         """The request's plan and where its approval stands at `now`."""
@@ -1126,9 +1159,16 @@ class AccessService:
         await self._hub.audit_written(tx.new_audit)
 
     async def _approve(
-        self, tx: Tx, request: Request, rule: Rule, by: str, reason: str = ""
+        self,
+        tx: Tx,
+        request: Request,
+        rule: Rule,
+        by: str,
+        reason: str = "",
+        *,
+        now: datetime | None = None,
     ) -> tuple[Grant, Command]:
-        now = self._clock.now()
+        now = now or self._clock.now()
         # Inside the approving transaction: a lock created a moment ago cannot be slipped past.
         await refuse_if_locked(tx, request.subject, request.agent, request.action, now)
         if request.extends_grant_id:
@@ -1142,7 +1182,7 @@ class AccessService:
                 )
                 self._refuse_if_behind(request.agent, undelivered, request.duration)
         grant = self._new_grant(request, rule, now)
-        await self._decide(tx, request, RequestState.APPROVED, by, reason, grant.id)
+        await self._decide(tx, request, RequestState.APPROVED, by, reason, grant.id, at=now)
         seq = await tx.append_command(grant.agent, CommandKind.GRANT, grant.id, now)
         self._appended_seq(grant.agent, seq)
         (command,) = await write_grants(tx, [(request, replace(grant, grant_seq=seq), by)], now)
@@ -1255,12 +1295,13 @@ class AccessService:
         grant_id: str = "",
         *,
         expected: RequestState = RequestState.PENDING,
+        at: datetime | None = None,
     ) -> None:
         ok = await tx.decide_request(
             request.id,
             expected=expected,
             state=state,
-            at=self._clock.now(),
+            at=at or self._clock.now(),
             by=by,
             reason=reason,
             grant_id=grant_id,
@@ -1269,15 +1310,22 @@ class AccessService:
             raise Conflict("request was decided meanwhile")
 
     async def _after(
-        self, tx: Tx, request_id: str, grant: Grant | None, command: Command | None
+        self,
+        tx: Tx,
+        request_id: str,
+        grant: Grant | None,
+        command: Command | None,
+        built: Request | None = None,
     ) -> tuple[Request, Grant | None]:
+        """After a commit: push, wake, publish; the request as stored (`built`: as the caller
+        built it, equal to what a read would return)."""
         if command is not None:
             self._step(Step.AFTER_COMMIT)
             self._links.push([command])
         self._deadlines_changed()
         self._hub.requests_changed([request_id])
         await self._hub.audit_written(tx.new_audit)
-        request = await self._store.get_request(request_id)
+        request = built or await self._store.get_request(request_id)
         assert request is not None
         return self.shown(request), grant
 

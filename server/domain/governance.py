@@ -50,42 +50,92 @@ from .reads import Readers
 VERIFY_PAGE = 5000
 
 
+# Credentials remembered at most; past it the cache starts again (a flood of distinct tokens
+# cannot grow the coordinator's memory).
+MAX_KNOWN = 10_000
+
+
 class IdentityService:
+    """Who a credential stands for. What a token or certificate stood for is remembered while
+    the store's identity generation stays the same: every change to users, tokens or revoked
+    certificates moves it (a trigger, on every replica's commits), and it is read on every
+    call, so a revoked token, a disabled user or a revoked certificate is refused at the very
+    next call, on every replica, without looking the credential up each time."""
+
     def __init__(self, store: Store, hub: Hub, clock: Clock) -> None:
         self._store = store
         self._hub = hub
         self._clock = clock
+        self._generation = -1
+        # token hash -> (principal, expires_at); (user, serial) -> principal.
+        self._tokens: dict[str, tuple[Principal, datetime | None]] = {}
+        self._users: dict[tuple[str, str], Principal] = {}
+
+    async def _current(self) -> None:
+        """Forget everything remembered when the identity generation moved."""
+        generation = await self._store.identity_generation()
+        if generation != self._generation:
+            self._tokens.clear()
+            self._users.clear()
+            self._generation = generation
 
     async def authenticate(self, token: str) -> Principal:
-        """Look the token up on every call: a revoked token or disabled user is refused at once."""
+        """A revoked token or disabled user is refused at once (see the class)."""
         if not token or len(token) > 512:
             raise Unauthenticated("missing or malformed bearer token")
+        # The generation is read before the look-up: a change committed after this read moves
+        # it again, so what the look-up saw is never kept past the next call.
+        await self._current()
+        generation = self._generation
+        token_hash = hash_secret(token)
         now = self._clock.now()
-        principal = await self._store.principal_for_token(hash_secret(token), now)
-        if principal is None:
-            # Told only to whoever holds the token itself: its hash is the lookup key.
-            why, user = await self._store.token_refusal(hash_secret(token), now)
-            if why == "disabled":
-                raise UserDisabled(
-                    f"user {user} is disabled: an admin enables it again with "
-                    f"'jitctl user enable {user}'"
-                )
-            if why == "expired":
-                raise Unauthenticated(
-                    "bearer token has expired: get a new one (jitctl login, or an admin's "
-                    "'jitctl token create')"
-                )
-            if why == "revoked":
-                raise Unauthenticated("bearer token was revoked: get a new one")
-            raise Unauthenticated("bearer token is not valid")
+        known = self._tokens.get(token_hash)
+        if known is None:
+            known = await self._store.token_holder(token_hash)
+            if known is None:
+                await self._refuse(token_hash, now)
+            assert known is not None
+            if self._generation == generation:
+                if len(self._tokens) >= MAX_KNOWN:
+                    self._tokens.clear()
+                self._tokens[token_hash] = known
+        principal, expires_at = known
+        if expires_at is not None and expires_at <= now:
+            await self._refuse(token_hash, now)
         return principal
 
+    async def _refuse(self, token_hash: str, now: datetime) -> None:
+        """Why the token is refused, told only to whoever holds it (its hash is the key)."""
+        why, user = await self._store.token_refusal(token_hash, now)
+        if why == "disabled":
+            raise UserDisabled(
+                f"user {user} is disabled: an admin enables it again with "
+                f"'jitctl user enable {user}'"
+            )
+        if why == "expired":
+            raise Unauthenticated(
+                "bearer token has expired: get a new one (jitctl login, or an admin's "
+                "'jitctl token create')"
+            )
+        if why == "revoked":
+            raise Unauthenticated("bearer token was revoked: get a new one")
+        raise Unauthenticated("bearer token is not valid")
+
     async def authenticate_user(self, name: str, serial: int) -> Principal:
-        """An operator identified by a client certificate: looked up on every call, so a
-        disabled (or deleted) user, or a revoked certificate, is refused at once."""
-        principal = await self._store.principal_for_user(user_name(name), f"{serial:x}")
+        """An operator identified by a client certificate: a disabled (or deleted) user, or a
+        revoked certificate, is refused at once (see the class)."""
+        await self._current()
+        generation = self._generation
+        key = (user_name(name), f"{serial:x}")
+        principal = self._users.get(key)
         if principal is None:
-            raise Unauthenticated("client certificate names no enabled user, or was revoked")
+            principal = await self._store.principal_for_user(*key)
+            if principal is None:
+                raise Unauthenticated("client certificate names no enabled user, or was revoked")
+            if self._generation == generation:
+                if len(self._users) >= MAX_KNOWN:
+                    self._users.clear()
+                self._users[key] = principal
         return principal
 
     async def acting_for(self, delegate: Principal, user: str) -> Principal:

@@ -39,6 +39,8 @@ from .errors import abort, admission_hint, retry_metadata, status_of
 log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[agentlink_pb2.AgentMessage, agentlink_pb2.CoordinatorMessage]
 HELLO_TIMEOUT = 10.0
+# How long a stream refused by admission control waits for the agent's Hello before the refusal.
+PUSHBACK_READ = 1.0
 # Agent messages are small (acks, events, heartbeats); anything bigger is an attack or a bug.
 MAX_AGENT_MESSAGE = 64 * 1024
 # Ack messages of one stream read on while earlier ones are still being written.
@@ -194,6 +196,12 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         """Refuse the stream for now: the hint in-stream, then RESOURCE_EXHAUSTED (with the
         hint in the status details too, for clients that do not read the stream)."""
         hint = admission_hint(seconds)
+        with contextlib.suppress(Exception):
+            # The agent's Hello first (it is on its way already): a stream refused while the
+            # agent is still writing it can reach the agent as INTERNAL, without the status or
+            # the hint, and the agent then dials again at once on its own schedule.
+            async with asyncio.timeout(PUSHBACK_READ):
+                await context.read()
         with contextlib.suppress(Exception):
             await context.write(agentlink_pb2.CoordinatorMessage(pushback=hint))
         await context.abort(

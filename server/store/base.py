@@ -205,7 +205,15 @@ class SqlTx(SqlReads):
 
     @abstractmethod
     async def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Run one statement for each of `rows` (nothing for none)."""
+        """Run one statement for each of `rows` (nothing for none). Nothing is returned, so a
+        store may run it later in the transaction, as `_later`."""
+
+    async def _later(self, sql: str, args: Sequence[Any] = ()) -> None:
+        """Run a statement whose result nobody needs. A store may run it later in the
+        transaction, before its next statement or with its COMMIT (SQLite: in that trip to the
+        connection's thread instead of one of its own); an error then surfaces there and fails
+        the transaction as any error in it does."""
+        await self._run(sql, args)
 
     @abstractmethod
     async def _audit_head(self) -> tuple[int, str]:
@@ -329,7 +337,7 @@ class SqlTx(SqlReads):
     # Requests and reviews.
 
     async def insert_request(self, r: Request) -> None:
-        await self._run(self._q.insert_request, rec.request_values(r))
+        await self._later(self._q.insert_request, rec.request_values(r))
 
     async def insert_requests(self, requests: Sequence[Request]) -> None:
         """`insert_request` for many requests, one statement for all (group commit)."""
@@ -356,7 +364,7 @@ class SqlTx(SqlReads):
 
     async def set_request_grants(self, request_id: str, grant_ids: Sequence[str]) -> None:
         """The grants a request for several agents made (its `grant_id` is the first)."""
-        await self._run(self._q.set_request_grants, [json.dumps(list(grant_ids)), request_id])
+        await self._later(self._q.set_request_grants, [json.dumps(list(grant_ids)), request_id])
 
     async def insert_review(self, request_id: str, review: Review) -> bool:
         """False when this reviewer has reviewed the request already."""
@@ -370,7 +378,7 @@ class SqlTx(SqlReads):
     # Grants.
 
     async def insert_grant(self, g: Grant) -> None:
-        await self._run(self._q.insert_grant, rec.grant_values(g))
+        await self._later(self._q.insert_grant, rec.grant_values(g))
 
     async def insert_grants(self, grants: Sequence[Grant]) -> None:
         """`insert_grant` for many grants, one statement for all (group commit)."""
@@ -441,13 +449,13 @@ class SqlTx(SqlReads):
         if row is None:
             raise Conflict(f"agent {agent} is not enrolled")
         seq = int(row["last_seq"])
-        await self._run(
+        await self._later(
             self._q.insert_command, [agent, seq, kind.value, grant_id, revoke_reason, to_ms(at)]
         )
         if kind is CommandKind.GRANT:
-            await self._run(self._q.set_grant_seq, [seq, grant_id])
+            await self._later(self._q.set_grant_seq, [seq, grant_id])
         elif kind is CommandKind.REVOKE:
-            await self._run(self._q.set_revoke_seq, [seq, grant_id])
+            await self._later(self._q.set_revoke_seq, [seq, grant_id])
         await self._commands_added([agent])
         return seq
 
@@ -518,7 +526,7 @@ class SqlTx(SqlReads):
     # Locks.
 
     async def insert_lock(self, lock: Lock) -> None:
-        await self._run(self._q.insert_lock, rec.lock_values(lock))
+        await self._later(self._q.insert_lock, rec.lock_values(lock))
 
     async def lift_lock(self, lock_id: str, at: datetime, by: str, reason: str) -> bool:
         return await self._run(self._q.lift_lock, [to_ms(at), by, reason, lock_id]) == 1
@@ -619,7 +627,7 @@ class SqlTx(SqlReads):
         return version
 
     async def set_meta(self, key: str, value: str) -> None:
-        await self._run(self._q.set_meta, [key, value])
+        await self._later(self._q.set_meta, [key, value])
 
     # The audit chain and the outbox.
 
@@ -636,8 +644,9 @@ class SqlTx(SqlReads):
             return []
         # The head first: from here to commit no other transaction can add an event, so the
         # ids found stored below stay the only ones stored.
-        head_seq, head_hash = await self._audit_head()
-        stored = await self._stored_audit_ids([entry.id for entry in entries])
+        (head_seq, head_hash), stored = await self._head_and_stored_ids(
+            [entry.id for entry in entries]
+        )
         events, rows = rec.chain(entries, head_seq, head_hash, stored)
         if not rows:
             return []
@@ -647,6 +656,12 @@ class SqlTx(SqlReads):
         await self._outbox(events)
         await self._audit_added(events)
         return events
+
+    async def _head_and_stored_ids(self, ids: Sequence[str]) -> tuple[tuple[int, str], set[str]]:
+        """The chain's head, then which of `ids` are stored already (a store may read both at
+        once, as long as the head is read first or together)."""
+        head = await self._audit_head()
+        return head, await self._stored_audit_ids(ids)
 
     async def _stored_audit_ids(self, ids: Sequence[str]) -> set[str]:
         stored: set[str] = set()
@@ -720,6 +735,13 @@ class SqlStore(SqlReads):
             if started_at == at:
                 # Started now: no agent stream is held by this replica yet (a crash left some).
                 await tx._run(self._q.replica_started, [replica])
+
+    async def replica_stopped(self, replica: str) -> None:
+        """`replica` stopped on purpose: it is no longer listed as running (a killed one is
+        taken as gone once it stops reporting), and it holds no agent stream."""
+        async with self._short_write() as tx:
+            await tx._run(self._q.delete_replica, [replica])
+            await tx._run(self._q.replica_started, [replica])
 
     async def put_secret(
         self, name: str, ciphertext: bytes, at: datetime, *, replace: bool = True
@@ -859,6 +881,16 @@ class SqlStore(SqlReads):
     async def principal_for_token(self, token_hash: str, now: datetime) -> Principal | None:
         row = await self._one(self._q.principal_for_token, [token_hash, to_ms(now)])
         return None if row is None else rec.token_principal(row)
+
+    async def token_holder(self, token_hash: str) -> tuple[Principal, datetime | None] | None:
+        row = await self._one(self._q.token_holder, [token_hash])
+        return None if row is None else (rec.token_principal(row), rec.at(row["expires_at"]))
+
+    async def identity_generation(self) -> int:
+        # One indexed read: a change committed by any process or replica is seen by the next
+        # call (SQLite overrides this with an inline read).
+        row = await self._one(self._q.identity_generation)
+        return 0 if row is None else int(row["value"])
 
     async def token_refusal(self, token_hash: str, now: datetime) -> tuple[str, str]:
         return rec.token_refusal(await self._one(self._q.token_refusal, [token_hash]), now)

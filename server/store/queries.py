@@ -112,6 +112,11 @@ class Queries:
 
     # Requests, grants, agents: reads.
     get_request: str = f"SELECT {REQUEST_COLUMNS} FROM {REQUEST_FROM} WHERE r.id = ?"
+    reviews_of_request: str = (
+        f"SELECT {rec.REVIEW_COLUMNS} FROM reviews WHERE request_id = ? "
+        "ORDER BY reviewed_at, reviewer"
+    )
+    audit_head: str = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
     get_grant: str = f"SELECT {GRANT_COLUMNS} FROM grants WHERE id = ?"
     get_agent: str = (
         f"SELECT {AGENT_COLUMNS} FROM agents a WHERE a.name = ? AND a.removed_at IS NULL"
@@ -200,6 +205,14 @@ class Queries:
         "WHERE t.hash = ? AND t.revoked_at IS NULL AND u.disabled = 0 "
         "AND (t.expires_at IS NULL OR t.expires_at > ?)"
     )
+    token_holder: str = (
+        "SELECT u.name, u.groups, t.scopes, t.expires_at FROM tokens t "
+        "JOIN users u ON u.name = t.user_name "
+        "WHERE t.hash = ? AND t.revoked_at IS NULL AND u.disabled = 0"
+    )
+    # Moved by triggers on users, tokens and revoked_certificates (the migrations named
+    # identity-generation); no row yet reads as 0.
+    identity_generation: str = "SELECT value FROM meta WHERE key = 'identity_generation'"
     token_refusal: str = (
         "SELECT u.name, u.disabled, t.revoked_at, t.expires_at "
         "FROM tokens t JOIN users u ON u.name = t.user_name WHERE t.hash = ?"
@@ -440,6 +453,7 @@ class Queries:
         "last_seen_at = excluded.last_seen_at"
     )
     replica_started: str = "UPDATE agents SET replica = '' WHERE replica = ?"
+    delete_replica: str = "DELETE FROM replicas WHERE id = ?"
     put_secret: str = (
         "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (?,?,?) ON CONFLICT (name) "
         "DO UPDATE SET ciphertext = excluded.ciphertext, updated_at = excluded.updated_at"

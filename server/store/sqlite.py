@@ -23,12 +23,13 @@ import aiosqlite
 from yoyo import get_backend, read_migrations
 
 from jitmesh.clock import Clock, from_ms, to_ms
-from jitmesh.types import AuditEvent
+from jitmesh.types import AuditEvent, Request
 from server.domain.audit import GENESIS
 from server.domain.models import (
     CommandKind,
 )
 from server.store import queries
+from server.store import rows as rec
 from server.store.base import SqlOutbox, SqlStore, SqlTx
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,61 @@ def migrate(path: Path) -> None:
 Connection = aiosqlite.Connection
 
 
-async def _connect(path: Path) -> Connection:
-    db = await aiosqlite.connect(path, isolation_level=None)
+class _Writer(aiosqlite.Connection):
+    """The writing connection. A statement whose result nobody needs (`defer`) waits, and runs
+    on the connection's thread in the same trip as the next statement or COMMIT: a transaction
+    of ten statements made ten trips (each one a thread hand-off both ways, 45 us or more, and
+    a turn of the event loop, while holding the write lock); now only the statements whose
+    result is needed make one. Every statement and cursor of aiosqlite goes through `_execute`,
+    so whatever runs next on this connection runs after what was deferred: order is kept, and
+    an error of a deferred statement surfaces at that next statement (the transaction then
+    rolls back as for any error in it). `discard` drops what waits (before a rollback)."""
+
+    def __init__(self, connector: Callable[[], sqlite3.Connection], iter_chunk_size: int) -> None:
+        super().__init__(connector, iter_chunk_size)
+        self._deferred: list[tuple[str, Sequence[Any], bool]] = []
+
+    def defer(self, sql: str, args: Sequence[Any] = (), *, many: bool = False) -> None:
+        self._deferred.append((sql, args, many))
+
+    def discard(self) -> None:
+        self._deferred.clear()
+
+    @property
+    def deferred(self) -> int:
+        return len(self._deferred)
+
+    async def fetch_each(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        """All rows of each statement, in one trip (after what was deferred)."""
+
+        def each() -> list[list[Any]]:
+            return [self._conn.execute(sql, args).fetchall() for sql, args in statements]
+
+        return await self._execute(each)
+
+    async def _execute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if not self._deferred:
+            return await super()._execute(fn, *args, **kwargs)  # type: ignore[no-untyped-call,no-any-return]
+        deferred, self._deferred = self._deferred, []
+
+        def deferred_first() -> T:
+            conn = self._conn
+            for sql, params, many in deferred:
+                if many:
+                    conn.executemany(sql, params)
+                else:
+                    conn.execute(sql, params)
+            return fn(*args, **kwargs)
+
+        return await super()._execute(deferred_first)  # type: ignore[no-untyped-call,no-any-return]
+
+
+async def _connect(path: Path, *, writer: bool = False) -> Connection:
+    if writer:
+        db: Connection = _Writer(lambda: sqlite3.connect(path, isolation_level=None), 64)
+        await db
+    else:
+        db = await aiosqlite.connect(path, isolation_level=None)
     db.row_factory = sqlite3.Row
     for pragma in (
         "PRAGMA journal_mode=WAL",
@@ -91,6 +145,41 @@ async def _connect(path: Path) -> Connection:
         f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}",
     ):
         await db.execute(pragma)
+    return db
+
+
+def _commit(writer: _Writer) -> None:
+    """On the writer's thread, after what was deferred: COMMIT."""
+    conn = writer._conn
+    if conn.in_transaction:
+        conn.execute("COMMIT")
+
+
+async def _rollback(writer: _Writer) -> None:
+    """Drop what waits, then roll back if a transaction is open. Decided on the writer's
+    thread, after every statement queued before (a cancelled caller's last statement, and the
+    BEGIN it carried, may still be on its way): deciding here, before they ran, left the
+    connection inside a transaction behind a released lock."""
+    writer.discard()
+
+    def rollback() -> None:
+        conn = writer._conn
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+    await _to_the_end(writer._execute(rollback))
+
+
+def _peek(path: Path) -> sqlite3.Connection:
+    """A read-only connection used inline on the event loop, for single-row reads by primary
+    key only (the identity generation, checked on every operator call). Such a read takes
+    about 10 us here against 45 us or more for a hop to aiosqlite's thread, and it cannot wait
+    on a disk write: in WAL mode a reader never waits for the writer, and the page is cached.
+    The short busy timeout bounds the rare case (a WAL being reset) that can: the caller then
+    reads through aiosqlite instead."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout=50")
+    db.execute("PRAGMA query_only=1")
     return db
 
 
@@ -163,7 +252,46 @@ class SqliteTx(SqlTx):
 
     async def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
-            await self._conn.executemany(sql, rows)
+            self._writer.defer(sql, rows, many=True)
+
+    async def _later(self, sql: str, args: Sequence[Any] = ()) -> None:
+        self._writer.defer(sql, args)
+
+    @property
+    def _writer(self) -> _Writer:
+        writer = self._conn
+        assert isinstance(writer, _Writer)
+        return writer
+
+    async def get_request(self, request_id: str) -> Request | None:
+        # The request and its reviews in one trip.
+        rows, reviews = await self._writer.fetch_each(
+            [
+                (self._q.get_request, [request_id]),
+                (self._q.reviews_of_request, [request_id]),
+            ]
+        )
+        if not rows:
+            return None
+        return rec.request(rows[0], rec.reviews_by_request(reviews).get(request_id, ()))
+
+    async def _head_and_stored_ids(self, ids: Sequence[str]) -> tuple[tuple[int, str], set[str]]:
+        # Both in one trip (the head first, under the write lock the trip's BEGIN takes).
+        statements: list[tuple[str, Sequence[Any]]] = []
+        if self._head is None:
+            statements.append((self._q.audit_head, ()))
+        for chunk in self._d.chunks(ids):
+            statements.append(
+                (
+                    f"SELECT id FROM audit WHERE {self._d.in_list('id', chunk)}",
+                    self._d.in_args(chunk),
+                )
+            )
+        results = await self._writer.fetch_each(statements)
+        if self._head is None:
+            head = results.pop(0)
+            self._head = (0, GENESIS) if not head else (int(head[0]["seq"]), str(head[0]["hash"]))
+        return self._head, {row["id"] for rows in results for row in rows}
 
     async def _advance_seqs(self, wanted: dict[str, int]) -> dict[str, int]:
         rows = await _all(
@@ -204,7 +332,7 @@ class SqliteTx(SqlTx):
         highest: dict[str, int] = {}
         for agent, seq in done:
             highest[agent] = max(seq, highest.get(agent, 0))
-        await self._conn.executemany(
+        await self._many(
             "UPDATE agents SET last_acked_seq = MAX(last_acked_seq, ?), last_seen_at = ? "
             "WHERE name = ?",
             [(seq, when, agent) for agent, seq in highest.items()],
@@ -226,10 +354,14 @@ class SqliteStore(SqlStore):
     _d = _D
     _q = queries.SQLITE
 
-    def __init__(self, path: Path, writer: Connection, reader: Connection):
+    def __init__(
+        self, path: Path, writer: Connection, reader: Connection, peek: sqlite3.Connection
+    ):
         self.path = path
         self._writer = writer
         self._reader = reader
+        # Read inline on the event loop, for one value only: `identity_generation`.
+        self._peek = peek
         self._lock = asyncio.Lock()
         self._commits = 0
         self._checkpointing: asyncio.Task[bool] | None = None
@@ -246,13 +378,14 @@ class SqliteStore(SqlStore):
     async def open(cls, path: Path) -> SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(migrate, path)
-        writer = await _connect(path)
+        writer = await _connect(path, writer=True)
         reader = await _connect(path)
-        return cls(path, writer, reader)
+        return cls(path, writer, reader, _peek(path))
 
     async def close(self) -> None:
         if self._checkpointing is not None:
             await self._checkpointing
+        self._peek.close()
         await self._reader.close()
         await self._writer.close()
         await asyncio.to_thread(_checkpoint, self.path)
@@ -269,28 +402,31 @@ class SqliteStore(SqlStore):
 
         One writer at a time never meets a serialization failure, so nothing here is retried;
         prefer `write`, which is the same on every store."""
+        writer = self._writer
+        assert isinstance(writer, _Writer)
         async with self._lock:
             began = time.monotonic()
             try:
-                await _to_the_end(self._writer.execute("BEGIN IMMEDIATE"))
-                tx = SqliteTx(self, self._writer)
+                # BEGIN goes with the transaction's first statement (one trip less).
+                writer.defer("BEGIN IMMEDIATE")
+                tx = SqliteTx(self, writer)
                 yield tx
             except BaseException:
-                if self._writer.in_transaction:
-                    await _to_the_end(self._writer.execute("ROLLBACK"))
+                await _rollback(writer)
                 raise
             try:
-                await _to_the_end(self._writer.execute("COMMIT"))
+                # With whatever is still deferred, in one trip.
+                await _to_the_end(writer._execute(_commit, writer))
             except asyncio.CancelledError:
                 # `_to_the_end` raises this only after the statement succeeded: committed, then
                 # cancelled.
                 self._commits += 1
                 raise
             except BaseException:
-                # The commit failed. SQLite rolls back by itself on an I/O error or a full disk
-                # (the transaction is then no longer open); otherwise roll back here.
-                if self._writer.in_transaction:
-                    await _to_the_end(self._writer.execute("ROLLBACK"))
+                # The commit (or a deferred statement before it) failed. SQLite rolls back by
+                # itself on an I/O error or a full disk (the transaction is then no longer
+                # open); otherwise roll back here.
+                await _rollback(writer)
                 raise
             self._commits += 1
             if self.observe_transaction is not None:
@@ -330,6 +466,15 @@ class SqliteStore(SqlStore):
         return self.transaction()
 
     # Reads: committed data only (the rest in SqlStore).
+
+    async def identity_generation(self) -> int:
+        sql = self._q.identity_generation
+        try:
+            # fetchall: the statement is finished (its read snapshot released) before returning.
+            rows = self._peek.execute(sql).fetchall()
+        except sqlite3.OperationalError:
+            rows = list(await self._reader.execute_fetchall(sql))
+        return int(rows[0][0]) if rows else 0
 
     async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         return await _one(self._reader, sql, args)

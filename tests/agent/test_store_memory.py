@@ -63,3 +63,18 @@ async def test_pending_removals_same_rules(store: LeaseStore) -> None:
     await store.drop_removal(("carol", "none"))
     assert [r.pair for r in await store.removals()] == [("bob", "ssh")]
     assert [e.event_id for e in await store.pending_events(10)] == [event.event_id, done.event_id]
+
+
+async def test_ended_rows_are_listed_in_pages_and_only_they_are_deleted(store: LeaseStore) -> None:
+    live = lease(action="live")
+    ended = [lease(action=f"a{i}").ended(at=T0, reason="expired") for i in range(5)]
+    await store.record_command(seq=1, epoch=1, writes=[live, *ended])
+    ids = sorted(row.grant_id for row in ended)
+    first = await store.ended_leases(limit=3)
+    rest = await store.ended_leases(after=first[-1].grant_id, limit=3)
+    assert [row.grant_id for row in [*first, *rest]] == ids
+    assert all(row.state is LeaseState.REMOVED for row in first)
+    # An active lease is never deleted, even when named.
+    assert await store.delete_ended([live.grant_id, ids[0], ids[1], "grt-unknown"]) == 2
+    assert [row.grant_id for row in await store.ended_leases()] == ids[2:]
+    assert [row.grant_id for row in await store.active_leases()] == [live.grant_id]

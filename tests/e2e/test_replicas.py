@@ -162,6 +162,11 @@ async def test_status_lists_the_running_replicas_and_whose_agents_they_hold(
     code, out, err = await procs.jitctl("status", env=env)
     assert code == 0, err
     assert "2 running: ra (this, 0 agents), rb (2 agents)" in out
+    # Stopped on purpose, rb is off the list at once (a killed one goes after 30 s silent).
+    b.proc.stop()
+    status = await admin.status()
+    assert [r.id for r in status.replicas] == ["ra"]
+    assert status.agents_connected == 0
 
 
 async def _state_is(client: Client, grant_id: str, state: GrantState) -> bool:

@@ -87,6 +87,32 @@ async def test_core_lines_stay_out_and_the_coordinator_names_the_peer(tmp_path: 
         code, err = await jitctl({**env, grpclog.VERBOSITY: "INFO"})
         assert code != 0
         assert CORE_LINE.search(err), err
+
+        # The agent pinning the wrong CA: its attempts fail (the coordinator logs them), and
+        # its own output holds none of the core's lines.
+        before = log.read_text().count('msg="TLS handshake failed"')
+        agent_out = tmp_path / "agent.log"
+        (tmp_path / "access").mkdir()
+        with open(agent_out, "wb") as out:
+            agent = await asyncio.create_subprocess_exec(
+                str(BIN / "jitmesh-agent"), "--coordinator", address, "--name", "web-1",
+                "--join-token", "jmj_wrong", "--ca-file", str(wrong_ca),
+                "--state", str(tmp_path / "state"), "--enforcer", f"file:{tmp_path / 'access'}",
+                "--backoff-base", "0.1", "--backoff-cap", "0.2",
+                stdout=out, stderr=asyncio.subprocess.STDOUT, env=own_env(),
+            )  # fmt: skip
+        try:
+            await wait_for(
+                lambda: log.read_text().count('msg="TLS handshake failed"') >= before + 2,
+                30,
+                "the agent's failed handshakes",
+            )
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                await agent.wait()
+        said = agent_out.read_text()
+        assert not CORE_LINE.search(said), said
     finally:
         coordinator.send_signal(signal.SIGTERM)
         async with asyncio.timeout(30):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 
 import grpc
@@ -20,6 +21,7 @@ from jitmesh import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    Request,
     RequestState,
     ReviewDecision,
 )
@@ -316,6 +318,33 @@ async def test_deny_wins_over_earlier_approvals(env: Env) -> None:
     async with await Client.connect(env.address, token="jmt_erin_0123456789abcdef") as erin:
         with pytest.raises(ConflictError):
             await erin.approve(request_id)
+
+
+async def test_a_review_answers_the_request_as_stored(env: Env) -> None:
+    # The answer is built, not read back after the commit: it must equal a read.
+    def same(answered: Request, stored: Request) -> None:
+        # The grant may have been applied between the answer and the read.
+        assert replace(answered, grant_state=None) == replace(stored, grant_state=None)
+
+    two = DEV_POLICY.replace(
+        "approval: {approvals: 1, from_groups: [sre]}\n  - name: sre-prod",
+        "approval: {approvals: 2, from_groups: [sre]}\n  - name: sre-prod",
+    )
+    await env.admin.apply_policy(two)
+    await env.coordinator.identity.ensure_user("erin", ["sre"], "jmt_erin_0123456789abcdef")
+    denied_id, approved_id = await prod_request(env), await prod_request(env, "release 43")
+    pending, _ = await env.bob.approve(denied_id, reason="first look")
+    assert pending.state is RequestState.PENDING
+    assert pending.current_stage == 0
+    same(pending, await env.alice.get_request(denied_id))
+    denied = await env.carol.deny(denied_id, reason="not now")
+    same(denied, await env.alice.get_request(denied_id))
+    await env.bob.approve(approved_id)
+    async with await Client.connect(env.address, token="jmt_erin_0123456789abcdef") as erin:
+        approved, grant = await erin.approve(approved_id, reason="second look")
+    assert grant is not None
+    assert approved.grant_state is GrantState.PENDING_DELIVERY
+    same(approved, await env.alice.get_request(approved_id))
 
 
 async def test_concurrent_approve_and_deny(env: Env) -> None:

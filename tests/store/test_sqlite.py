@@ -17,6 +17,7 @@ import pytest
 from jitmesh.clock import FakeClock
 from server.domain.audit import verify_chain
 from server.domain.models import AuditEntry
+from server.store import sqlite as sqlite_store
 from server.store.sqlite import MIGRATIONS, SqliteStore
 from tests.server.helpers import T0, raw_sql
 from tests.store.test_contract import enroll
@@ -97,15 +98,13 @@ async def test_a_commit_that_fails_leaves_the_audit_head_where_it_was(
     async with store.transaction() as tx:
         await tx.audit(AuditEntry("test.event", "alice", T0, details={"i": "0"}))
     head = await store.audit_head()
-    real = store._writer.execute
 
-    async def commit_fails(sql: str, *args: Any) -> Any:
-        if sql == "COMMIT":
-            await real("ROLLBACK")  # what SQLite does itself on SQLITE_IOERR / SQLITE_FULL
-            raise sqlite3.OperationalError("disk I/O error")
-        return await real(sql, *args)
+    def commit_fails(writer: Any) -> None:
+        # On the writer's thread, where the store commits.
+        writer._conn.execute("ROLLBACK")  # what SQLite does itself on SQLITE_IOERR / SQLITE_FULL
+        raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(store._writer, "execute", commit_fails)
+    monkeypatch.setattr(sqlite_store, "_commit", commit_fails)
     with pytest.raises(sqlite3.OperationalError):
         async with store.transaction() as tx:
             await tx.audit(AuditEntry("test.event", "alice", T0, details={"i": "lost"}))
@@ -141,6 +140,44 @@ async def test_a_writer_cancelled_at_any_step_leaves_the_store_and_chain_sound(
     assert verify_chain(chain).ok
     assert await store.audit_head() == (chain[-1].seq, chain[-1].hash)
     assert sum(e.kind == "after" for e in chain) == 40
+
+
+async def test_deferred_statements_run_in_order_with_the_next_one_and_never_after_a_rollback(
+    store: SqliteStore,
+) -> None:
+    """What the writer defers (no result needed) runs in the same trip as the next statement,
+    before it, or with COMMIT; a rollback drops it; its error fails the transaction."""
+    writer = store._writer
+    assert isinstance(writer, sqlite_store._Writer)
+    async with store.transaction() as tx:
+        writer.defer("INSERT INTO meta (key, value) VALUES ('a', '1')")
+        writer.defer("UPDATE meta SET value = '2' WHERE key = 'a'")
+        assert await tx.get_meta("a") == "2"  # seen by the next statement, in order
+        assert writer.deferred == 0
+        writer.defer("INSERT INTO meta (key, value) VALUES ('b', '1')")
+    assert await store.get_meta("b") == "1"  # committed with COMMIT
+
+    async def caller_fails() -> None:
+        async with store.transaction():
+            writer.defer("INSERT INTO meta (key, value) VALUES ('c', '1')")
+            raise RuntimeError("the caller failed")
+
+    with pytest.raises(RuntimeError):
+        await caller_fails()
+    assert writer.deferred == 0
+    assert await store.get_meta("c") is None
+
+    async def deferred_fails() -> None:
+        async with store.transaction() as tx:
+            await tx.set_meta("d", "1")
+            writer.defer("INSERT INTO meta (key, value) VALUES ('a', 'again')")  # key taken
+
+    with pytest.raises(sqlite3.IntegrityError):
+        await deferred_fails()
+    assert await store.get_meta("d") is None  # all or nothing
+    async with store.transaction() as tx:  # and the writer is sound afterwards
+        await tx.set_meta("e", "1")
+    assert await store.get_meta("e") == "1"
 
 
 async def test_the_wal_is_emptied_once_writes_stop(tmp_path: Path) -> None:

@@ -43,6 +43,52 @@ class _OwnConnectionLink(Link):
         return [*super()._options(), ("grpc.use_local_subchannel_pool", 1)]
 
 
+class _RememberedCredential(CredentialFile):
+    """The credential file, read once: a Link reads it at every attempt, and thousands of
+    links in one process dialling again after a restart made those reads about 8 % of the
+    swarm's samples (docs/performance.md). Only this Link writes it, so memory stays true."""
+
+    _unread = object()
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._known: object = self._unread
+
+    def read(self) -> str | None:
+        if self._known is self._unread:
+            self._known = super().read()
+        return self._known  # type: ignore[return-value]
+
+    def write(self, secret: str) -> None:
+        super().write(secret)
+        self._known = secret
+
+    def delete(self) -> None:
+        super().delete()
+        self._known = None
+
+
+class _RememberedKeys(PinnedKeys):
+    """The pinned command-signing keys, read once (as `_RememberedCredential`)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._known: dict[str, bytes] | None = None
+
+    def read(self) -> dict[str, bytes]:
+        if self._known is None:
+            self._known = super().read()
+        return dict(self._known)
+
+    def write(self, keys: dict[str, bytes]) -> None:
+        super().write(keys)
+        self._known = dict(keys)
+
+    def delete(self) -> None:
+        super().delete()
+        self._known = None
+
+
 @dataclass(frozen=True, slots=True)
 class SwarmSettings:
     target: str
@@ -107,9 +153,9 @@ class Swarm:
                 welcome_timeout=s.welcome_timeout,
             ),
             engine=engine,
-            credentials=CredentialFile(s.credentials_dir / name),
+            credentials=_RememberedCredential(s.credentials_dir / name),
             # Command-signing keys pinned at enrollment, one file per agent.
-            keys=PinnedKeys(s.credentials_dir / f"{name}.keys"),
+            keys=_RememberedKeys(s.credentials_dir / f"{name}.keys"),
             clock=self._clock,
             pacing=self._clock,
             rand=rand,

@@ -1,0 +1,177 @@
+"""The identity generation, on every store: any change to users, operator tokens or revoked
+certificates moves it, whichever process commits it; what `IdentityService` remembers of a
+credential is forgotten when it moves, so a revoke or disable made through one replica (or
+another store on the same SQLite file) refuses the very next call on another."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+
+from server.domain.access import hash_secret
+from server.domain.errors import Unauthenticated
+from server.domain.governance import IdentityService
+from server.domain.hub import Hub
+from server.domain.models import AuditEntry, Scope
+from server.domain.ports import Store
+from tests.server.helpers import T0
+from tests.store.conftest import Opener
+
+
+class _Clock:
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def now(self) -> datetime:
+        return self.at
+
+
+def _identity(store: Store, clock: _Clock | None = None) -> IdentityService:
+    return IdentityService(store, Hub(), clock or _Clock(T0))  # type: ignore[arg-type]
+
+
+async def test_every_change_to_users_tokens_and_certificates_moves_the_generation(
+    store: Store,
+) -> None:
+    seen = [await store.identity_generation()]
+
+    async def moved() -> None:
+        now = await store.identity_generation()
+        assert now != seen[-1]
+        seen.append(now)
+
+    async with store.transaction() as tx:
+        await tx.upsert_user("alice", ["developers"], T0)
+    await moved()
+    async with store.transaction() as tx:
+        await tx.upsert_user("alice", ["developers", "sre"], T0)
+    await moved()
+    async with store.transaction() as tx:
+        await tx.insert_oidc_user("carol", ["sre"], T0)
+    await moved()
+    async with store.transaction() as tx:
+        await tx.insert_token(hash_secret("jmt_a"), "alice", T0, None, "")
+    await moved()
+    async with store.transaction() as tx:
+        assert await tx.revoke_token(hash_secret("jmt_a")[:16], T0)
+    await moved()
+    async with store.transaction() as tx:
+        assert await tx.set_user_disabled("alice", True)
+    await moved()
+    async with store.transaction() as tx:
+        assert await tx.revoke_certificate("1f", T0, "admin", "lost")
+    await moved()
+    # Other writes leave it alone.
+    async with store.transaction() as tx:
+        await tx.set_meta("something", "else")
+        await tx.audit(AuditEntry("test.event", "admin", T0))
+    assert await store.identity_generation() == seen[-1]
+
+
+async def test_token_holder_names_the_user_and_the_expiry(store: Store) -> None:
+    async with store.transaction() as tx:
+        await tx.upsert_user("alice", ["developers"], T0)
+        await tx.insert_token(hash_secret("jmt_a"), "alice", T0, T0 + timedelta(hours=1), "")
+        await tx.insert_token(hash_secret("jmt_b"), "alice", T0, None, "")
+    holder = await store.token_holder(hash_secret("jmt_a"))
+    assert holder is not None
+    assert holder[0].name == "alice"
+    assert holder[0].groups == {"developers"}
+    assert holder[1] == T0 + timedelta(hours=1)
+    assert await store.token_holder(hash_secret("jmt_b")) == (holder[0], None)
+    assert await store.token_holder(hash_secret("jmt_unknown")) is None
+
+
+async def test_a_scoped_token_keeps_its_scopes_when_remembered(store: Store) -> None:
+    async with store.transaction() as tx:
+        await tx.upsert_user("bridge", [], T0)
+        await tx.insert_token(
+            hash_secret("jmt_bridge"), "bridge", T0, None, "", [Scope.REVIEW_ON_BEHALF]
+        )
+    identity = _identity(store)
+    for _ in range(2):  # looked up, then remembered
+        assert (await identity.authenticate("jmt_bridge")).scopes == {"review-on-behalf"}
+
+
+@pytest.mark.parametrize("change", ["revoke token", "disable user", "delete token"])
+async def test_a_change_on_another_replica_refuses_the_next_call(
+    store: Store, reopen: Opener, change: str
+) -> None:
+    other = await reopen()  # a second replica (PostgreSQL) or a second store on the file
+    async with store.transaction() as tx:
+        await tx.upsert_user("alice", ["developers"], T0)
+        await tx.insert_token(hash_secret("jmt_alice"), "alice", T0, None, "")
+    identity = _identity(store)
+    for _ in range(3):  # remembered after the first call
+        assert (await identity.authenticate("jmt_alice")).name == "alice"
+    async with other.transaction() as tx:
+        if change == "revoke token":
+            assert await tx.revoke_token(hash_secret("jmt_alice")[:16], T0)
+        elif change == "disable user":
+            assert await tx.set_user_disabled("alice", True)
+        else:
+            # Not a store method: whatever writes the table, the trigger moves the generation.
+            sql = (
+                "DELETE FROM tokens WHERE hash = ?"
+                if type(other).__name__ == "SqliteStore"
+                else "DELETE FROM tokens WHERE hash = %s"
+            )
+            await tx._conn.execute(sql, [hash_secret("jmt_alice")])  # type: ignore[attr-defined]
+    with pytest.raises(Unauthenticated):
+        await identity.authenticate("jmt_alice")
+
+
+async def test_a_new_group_is_in_force_at_the_next_call(store: Store, reopen: Opener) -> None:
+    other = await reopen()
+    async with store.transaction() as tx:
+        await tx.upsert_user("alice", ["developers"], T0)
+        await tx.insert_token(hash_secret("jmt_alice"), "alice", T0, None, "")
+    identity = _identity(store)
+    assert (await identity.authenticate("jmt_alice")).groups == {"developers"}
+    async with other.transaction() as tx:
+        await tx.upsert_user("alice", [], T0)
+    assert (await identity.authenticate("jmt_alice")).groups == frozenset()
+
+
+async def test_a_remembered_token_still_expires_on_time(store: Store) -> None:
+    async with store.transaction() as tx:
+        await tx.upsert_user("alice", ["developers"], T0)
+        await tx.insert_token(hash_secret("jmt_alice"), "alice", T0, T0 + timedelta(hours=1), "")
+    clock = _Clock(T0)
+    identity = _identity(store, clock)
+    assert (await identity.authenticate("jmt_alice")).name == "alice"
+    clock.at = T0 + timedelta(hours=1)
+    with pytest.raises(Unauthenticated):
+        await identity.authenticate("jmt_alice")
+
+
+async def test_a_certificate_revoked_or_its_user_disabled_on_another_replica(
+    store: Store, reopen: Opener
+) -> None:
+    other = await reopen()
+    async with store.transaction() as tx:
+        await tx.upsert_user("alice", ["developers"], T0)
+        await tx.upsert_user("bob", ["sre"], T0)
+    identity = _identity(store)
+    assert (await identity.authenticate_user("alice", 0x1F)).name == "alice"
+    assert (await identity.authenticate_user("bob", 0x2F)).name == "bob"
+    async with other.transaction() as tx:
+        assert await tx.revoke_certificate("1f", T0, "admin", "lost")
+    with pytest.raises(Unauthenticated):
+        await identity.authenticate_user("alice", 0x1F)
+    assert (await identity.authenticate_user("bob", 0x2F)).name == "bob"
+    async with other.transaction() as tx:
+        assert await tx.set_user_disabled("bob", True)
+    with pytest.raises(Unauthenticated):
+        await identity.authenticate_user("bob", 0x2F)
+
+
+async def test_an_unknown_token_is_never_remembered(store: Store) -> None:
+    identity = _identity(store)
+    with pytest.raises(Unauthenticated):
+        await identity.authenticate("jmt_later")
+    async with store.transaction() as tx:
+        await tx.upsert_user("alice", ["developers"], T0)
+        await tx.insert_token(hash_secret("jmt_later"), "alice", T0, None, "")
+    assert (await identity.authenticate("jmt_later")).name == "alice"
