@@ -371,6 +371,7 @@ def _agent_config(loaded: agent_settings.Loaded) -> AgentConfig:
         reconcile_every=values["reconcile_every"],
         lease_retention=values["lease_retention"],
         exec_grace=values["exec_grace"],
+        breakglass_max=values["breakglass_max"],
         end_sessions=values["end_sessions"],
         metrics_listen=values.get("metrics_listen"),
     )

@@ -34,6 +34,7 @@ from agent.enforcers.base import Enforcer, EnforcerSet
 from agent.enforcers.file import FileEnforcer
 from agent.engine import Engine
 from agent.identity import IdentityFile
+from agent.local.breakglass import BreakglassDesk
 from agent.local.protocol import SOCKET_NAME
 from agent.local.server import LocalServer
 from agent.local.sessions import EndSessions, Sessions
@@ -162,8 +163,16 @@ async def run(
             end=EndSessions(config.end_sessions),
         )
         engine.on_access_removed(sessions.removed)
+        pinned = PinnedKeys(state_dir / KEYS_NAME)
         local = LocalServer(
-            state_dir=state_dir, name=config.name, engine=engine, sessions=sessions, clock=clock
+            state_dir=state_dir,
+            name=config.name,
+            engine=engine,
+            sessions=sessions,
+            clock=clock,
+            breakglass=BreakglassDesk(
+                engine, pinned.read, timedelta(seconds=config.breakglass_max)
+            ),
         )
         tighten_state_files(state_dir)
         log.info("agent started", extra={"state_dir": str(state_dir)})

@@ -214,6 +214,8 @@ class AgentConfig:
     watchdog: bool = True
     # Seconds between SIGTERM and SIGKILL when a grant's end ends a command or a session.
     exec_grace: float = 10.0
+    # The longest lease a break-glass code gives here (seconds), whatever the code says.
+    breakglass_max: float = defaults.BREAKGLASS_MAX
     # "exec": end what was started through `exec` when its grant ends; "user": also every
     # process of the subject's user when their last grant on the host ends.
     end_sessions: str = "exec"
@@ -259,6 +261,11 @@ class AgentConfig:
         for name in ("heartbeat", "keepalive_time", "keepalive_timeout", "welcome_timeout"):
             _set(self, name, _number(getattr(self, name), name, low=0, high=3600, open_low=True))
         _set(self, "exec_grace", _number(self.exec_grace, "exec_grace", low=0, high=3600))
+        _set(
+            self,
+            "breakglass_max",
+            _number(self.breakglass_max, "breakglass_max", low=1, high=86400),
+        )
         if self.end_sessions not in ("exec", "user"):
             raise ConfigError("end_sessions: must be exec or user")
         for name in ("skew_tolerance", "reconcile_every"):
@@ -411,7 +418,7 @@ def load_exec_hooks(path: Path) -> ExecHooksConfig:
     except OSError as exc:
         raise ConfigError(
             f"cannot read exec hooks file {path} ({exc.strerror}): write one (docs/host.md, "
-            "'The exec enforcer') or fix the path after exec:"
+            '"The exec enforcer\'s hooks file") or fix the path after exec:'
         ) from None
     hooks = parse_exec_hooks(text)
     for argv in (hooks.apply, hooks.remove, hooks.observe):

@@ -22,6 +22,8 @@ REMOVE_RETRIES: Final = 6
 REMOVE_RETRY_BASE: Final = 10.0
 SKEW_TOLERANCE: Final = 60.0
 RECONCILE_EVERY: Final = 300.0
+# The longest lease a break-glass code gives on this host, whatever the code says (seconds).
+BREAKGLASS_MAX: Final = 3600.0
 # An ended lease's row stays in the lease table this long at least (a revoked one, or a
 # tombstone, stays until no copy of its grant can still arrive: agent/domain/retention.py).
 LEASE_RETENTION: Final = 7 * 24 * 3600.0

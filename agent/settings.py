@@ -217,6 +217,12 @@ SETTINGS: Final = (
         help="when a grant ends: time between SIGTERM and SIGKILL for its exec commands",
     ),
     Setting(
+        "breakglass_max",
+        _seconds,
+        defaults.BREAKGLASS_MAX,
+        help="the longest access a break-glass code gives on this host",
+    ),
+    Setting(
         "end_sessions",
         _end_sessions,
         "exec",

@@ -123,7 +123,7 @@ class _Probe:
     def on_push(self, commands: Sequence[Command]) -> None:
         now = time.perf_counter()
         for command in commands:
-            self.pushed.setdefault(command.grant.id, now)
+            self.pushed.setdefault(command.grant_id, now)
 
     def on_ack(self, grant_id: str, at: float) -> None:
         times = self.acked.setdefault(grant_id, [])

@@ -44,6 +44,8 @@ from jitmesh.v1 import (
     agents_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
+    breakglass_pb2,
+    breakglass_pb2_grpc,
     identity_pb2,
     identity_pb2_grpc,
     locks_pb2,
@@ -309,6 +311,7 @@ class Client:
         self._audit = audit_pb2_grpc.AuditStub(channel)
         self._identity = identity_pb2_grpc.IdentityStub(channel)
         self._locks = locks_pb2_grpc.LocksStub(channel)
+        self._breakglass = breakglass_pb2_grpc.BreakglassStub(channel)
         self._notify = notify_pb2_grpc.NotifyStub(channel)
         self._mesh = mesh_pb2_grpc.MeshStub(channel)
 
@@ -799,14 +802,28 @@ class Client:
 
         Only a grant this call created is released: when the caller already held a live grant
         for the agent and action, that grant is yielded (`request.reused`) and left as it was.
-        A request still undecided when the body is left (a timeout, a cancellation) is
-        cancelled. Raises `PermissionDeniedError` when the request is denied (or expires, or is
+        A request still undecided (or scheduled) when the body is left (a timeout, a
+        cancellation, also one that comes while the request is being made) is cancelled.
+        Raises `PermissionDeniedError` when the request is denied (or expires, or is
         cancelled), `DeadlineExceededError` when `timeout` passes first, and `ConflictError`
         when the grant could not be applied on the host.
         """
-        created = await self.create_request(
-            agent=agent, action=action, duration=duration, reason=reason, ticket=ticket
+        creating = asyncio.ensure_future(
+            self.create_request(
+                agent=agent, action=action, duration=duration, reason=reason, ticket=ticket
+            )
         )
+        try:
+            created = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            # Cancelled while the request was being made: the coordinator may have made it all
+            # the same, so it is cancelled (or its grant released) before this gives up.
+            with contextlib.suppress(Exception):
+                made = await creating
+                await self._let_go(
+                    made.request.id, not (made.request.reused or made.request.extends_grant_id)
+                )
+            raise
         request = created.request
         # A reused grant (or one an extension request will extend) belongs to an earlier
         # request: never released here.
@@ -835,7 +852,7 @@ class Client:
         is the one that matters, and an ended grant needs nothing."""
         with contextlib.suppress(errors.JitmeshError):
             current = await self.get_request(request_id)
-            if current.state is types.RequestState.PENDING:
+            if current.state in (types.RequestState.PENDING, types.RequestState.SCHEDULED):
                 await self.cancel(request_id)
             elif mine and current.grant_id and current.state is types.RequestState.APPROVED:
                 await self.release_grant(current.grant_id)
@@ -919,6 +936,61 @@ class Client:
         revoked)."""
         message = locks_pb2.LiftLockRequest(id=_check_id(id, "lock"), reason=_check_reason(reason))
         return _convert.lock(await self._unary(self._locks.LiftLock, message))
+
+    # -----------------------------------------------------------------------------------------
+    # Break-glass (admins)
+
+    async def issue_breakglass_codes(
+        self,
+        agent: str,
+        action: str,
+        subject: str,
+        duration: timedelta,
+        *,
+        valid_for: timedelta,
+        count: int = 1,
+        reason: str = "",
+    ) -> list[tuple[types.BreakglassCode, str]]:
+        """Single-use codes for `subject` to get `action` on `agent` for `duration`, usable
+        until `valid_for` from now, each with its text. The text is shown only here: hand it
+        over out of band (the coordinator keeps only its hash). The agent verifies a code
+        itself, also while cut off from the coordinator (`jitmesh-agent breakglass CODE`)."""
+        message = breakglass_pb2.IssueBreakglassCodesRequest(
+            agent=_check(validation.AGENT, agent, "agent"),
+            subject=_check(validation.SUBJECT, subject, "subject"),
+            action=_check(validation.ACTION, action, "action"),
+            duration=_convert.duration_to_proto(_check_positive(duration, "duration")),
+            valid_for=_convert.duration_to_proto(_check_positive(valid_for, "valid_for")),
+            count=count,
+            reason=_check_reason(reason),
+        )
+        response = await self._unary(self._breakglass.IssueBreakglassCodes, message)
+        return [(_convert.breakglass_code(c.info), c.code) for c in response.codes]
+
+    async def list_breakglass_codes(
+        self,
+        *,
+        unreviewed: bool = False,
+        agent: str = "",
+        subject: str = "",
+        include_expired: bool = False,
+    ) -> list[types.BreakglassCode]:
+        """Codes, newest first: with `unreviewed`, only used codes nobody has reviewed yet;
+        otherwise unused expired codes only with `include_expired`."""
+        message = breakglass_pb2.ListBreakglassCodesRequest(
+            unreviewed=unreviewed, agent=agent, subject=subject, include_expired=include_expired
+        )
+        response = await self._unary(self._breakglass.ListBreakglassCodes, message)
+        return [_convert.breakglass_code(c) for c in response.codes]
+
+    async def review_breakglass_use(self, id: str, *, note: str = "") -> types.BreakglassCode:
+        """Mark a used code as reviewed, with what the reviewer found."""
+        message = breakglass_pb2.ReviewBreakglassUseRequest(
+            id=id, note=_check_reason(note, field="note")
+        )
+        return _convert.breakglass_code(
+            await self._unary(self._breakglass.ReviewBreakglassUse, message)
+        )
 
     # -----------------------------------------------------------------------------------------
     # Agents

@@ -23,6 +23,7 @@ from jitmesh.v1 import (
     access_pb2,
     agents_pb2,
     audit_pb2,
+    breakglass_pb2,
     identity_pb2,
     locks_pb2,
     policy_pb2,
@@ -626,4 +627,44 @@ def request_option_to_proto(value: types.RequestOption) -> access_pb2.RequestOpt
         automatic_left=value.automatic_left,
         granted_time_left=duration_to_proto(value.granted_time_left),
         live_grant_id=value.live_grant_id,
+    )
+
+
+def breakglass_code(msg: breakglass_pb2.BreakglassCodeInfo) -> types.BreakglassCode:
+    return types.BreakglassCode(
+        id=msg.id,
+        agent=msg.agent,
+        subject=msg.subject,
+        action=msg.action,
+        duration=duration(msg.duration),
+        issued_at=required_time(msg.issued_at, "a break-glass code"),
+        issued_by=msg.issued_by,
+        expires_at=required_time(msg.expires_at, "a break-glass code's expiry"),
+        reason=msg.reason,
+        used_at=time_or_none(msg.used_at),
+        grant_id=msg.grant_id,
+        used_by=msg.used_by,
+        reviewed_at=time_or_none(msg.reviewed_at),
+        reviewed_by=msg.reviewed_by,
+        review_note=msg.review_note,
+    )
+
+
+def breakglass_code_to_proto(value: types.BreakglassCode) -> breakglass_pb2.BreakglassCodeInfo:
+    return breakglass_pb2.BreakglassCodeInfo(
+        id=value.id,
+        agent=value.agent,
+        subject=value.subject,
+        action=value.action,
+        duration=duration_to_proto(value.duration),
+        issued_at=time_to_proto(value.issued_at),
+        issued_by=value.issued_by,
+        expires_at=time_to_proto(value.expires_at),
+        reason=value.reason,
+        used_at=time_to_proto(value.used_at),
+        grant_id=value.grant_id,
+        used_by=value.used_by,
+        reviewed_at=time_to_proto(value.reviewed_at),
+        reviewed_by=value.reviewed_by,
+        review_note=value.review_note,
     )

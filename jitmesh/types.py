@@ -395,6 +395,29 @@ class LockTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakglassCode:
+    """A single-use break-glass code as the coordinator records it (never the code itself,
+    which is shown once when issued): what it allows, and once an agent reported its use, the
+    grant it made and who reviewed that."""
+
+    id: str
+    agent: str
+    subject: str
+    action: str
+    duration: timedelta
+    issued_at: datetime
+    issued_by: str
+    expires_at: datetime
+    reason: str = ""
+    used_at: datetime | None = None
+    grant_id: str = ""
+    used_by: str = ""
+    reviewed_at: datetime | None = None
+    reviewed_by: str = ""
+    review_note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Lock:
     """An emergency stop: while in force, the grants it matches are revoked and new requests
     and approvals it matches are refused."""

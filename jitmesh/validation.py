@@ -20,6 +20,9 @@ ID = re.compile(r"[a-z]{1,8}-[0-9a-f]{32}")
 # The prefix of each kind of id (server/domain/models.new_id): an id of one kind given where
 # another is expected is named for what it is.
 ID_PREFIXES = {"request": "req", "grant": "grt", "lock": "lck", "event": "evt"}
+# Other prefixes an id of a kind may carry: a grant adopted from a break-glass code is
+# "bg-<code id>" (docs/wire.md, "Break-glass codes").
+ID_ALIASES = {"grant": ("bg",)}
 
 MAX_REASON = 1024
 MAX_LABELS = 32
@@ -41,7 +44,7 @@ def check_id(value: str, kind: str) -> str:
     if not isinstance(value, str) or not ID.fullmatch(value):
         raise ValidationError(f"{kind} id is not valid (expected {prefix}-<32 hex digits>)")
     given = value.partition("-")[0]
-    if given != prefix:
+    if given != prefix and given not in ID_ALIASES.get(kind, ()):
         other = next((k for k, p in ID_PREFIXES.items() if p == given), "")
         what = f"a {other} id ({given}-...)" if other else f"not a {kind} id"
         raise ValidationError(

@@ -32,6 +32,8 @@ from jitmesh.v1 import (
     agents_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
+    breakglass_pb2,
+    breakglass_pb2_grpc,
     identity_pb2,
     identity_pb2_grpc,
     locks_pb2,
@@ -49,6 +51,7 @@ from server.config import CoordinatorConfig
 from server.domain.access import AccessService
 from server.domain.admission import Admission, AdmissionSettings
 from server.domain.bootstrap import DevDataError, dev_credentials, refuse_dev_data
+from server.domain.breakglass import BreakglassService
 from server.domain.delivery import DeliveryGate, DeliveryRates
 from server.domain.expiring import ExpiryWarnings
 from server.domain.expiry import Expirer
@@ -76,6 +79,7 @@ from server.rpc import reflection
 from server.rpc.accesslog import AccessLog
 from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
+from server.rpc.breakglass import BreakglassCodec, BreakglassServicer
 from server.rpc.limits import RateLimiter
 from server.rpc.locks import LocksServicer
 from server.rpc.malformed import MalformedRequests
@@ -111,6 +115,7 @@ SERVICES = [
     identity_pb2.DESCRIPTOR.services_by_name["Identity"].full_name,
     agentlink_pb2.DESCRIPTOR.services_by_name["AgentLink"].full_name,
     locks_pb2.DESCRIPTOR.services_by_name["Locks"].full_name,
+    breakglass_pb2.DESCRIPTOR.services_by_name["Breakglass"].full_name,
     notify_pb2.DESCRIPTOR.services_by_name["Notify"].full_name,
     mesh_pb2.DESCRIPTOR.services_by_name["Mesh"].full_name,
 ]
@@ -433,11 +438,21 @@ async def _assemble(
         step=step,
     )
     expirer.start_due = access.start_scheduled
+    keys = SigningKeys.open(config.data_dir, clock.now())
+    codes = BreakglassCodec(keys)
     fleet = FleetService(
-        store, registry, hub, clock, epoch, __version__, replica, rates=rates, step=step
+        store,
+        registry,
+        hub,
+        clock,
+        epoch,
+        __version__,
+        replica,
+        rates=rates,
+        step=step,
+        codes=codes,
     )
     auth = Authenticator(identity)
-    keys = SigningKeys.open(config.data_dir, clock.now())
     checkpoints = Checkpoints(store, keys)
     await checkpoints.import_file(config.data_dir)
     audit = AuditService(store, hub, checkpoints.verified, readers=readers)
@@ -546,6 +561,9 @@ async def _assemble(
     identity_servicer = IdentityServicer(auth, TokenService(store, hub, clock), oidc, signin, clock)
     audit_servicer = AuditServicer(auth, audit, checkpoints)
     locks_servicer = LocksServicer(auth, LockService(store, registry, hub, clock))
+    breakglass_servicer = BreakglassServicer(
+        auth, BreakglassService(store, codes, hub, clock, epoch)
+    )
     mesh_servicer = MeshServicer(
         auth,
         StatusService(
@@ -570,6 +588,7 @@ async def _assemble(
         identity_pb2_grpc.add_IdentityServicer_to_server(identity_servicer, target)
         audit_pb2_grpc.add_AuditServicer_to_server(audit_servicer, target)
         locks_pb2_grpc.add_LocksServicer_to_server(locks_servicer, target)
+        breakglass_pb2_grpc.add_BreakglassServicer_to_server(breakglass_servicer, target)
         mesh_pb2_grpc.add_MeshServicer_to_server(mesh_servicer, target)
         notify_pb2_grpc.add_NotifyServicer_to_server(notify_servicer, target)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)

@@ -204,7 +204,12 @@ def create_app(settings: WebSettings) -> Starlette:
                 settings.coordinator, token=token, credentials=settings.credentials
             ) as client:
                 me = await client.whoami()
-        except (errors.AuthenticationError, errors.InvalidArgumentError):
+        except (
+            errors.AuthenticationError,
+            errors.PermissionDeniedError,
+            errors.InvalidArgumentError,
+        ):
+            # PermissionDenied: a scoped token (a bridge's), which acts for no person here.
             return RedirectResponse("/signin?error=token", 303)
         lifetime = settings.session_idle.total_seconds()
         if expires_at is not None:
@@ -530,8 +535,19 @@ def _callback(settings: WebSettings) -> str:
 
 
 def _safe_next(value: str) -> str:
-    # Only paths on this site: never "//evil.example" or "https://...".
-    return value if value.startswith("/") and not value.startswith("//") else "/"
+    r"""Only a path on this site, as a browser reads it: never "//evil.example" or "https://...",
+    nor what a browser turns into "//evil.example" ("/\evil.example": a backslash is a slash in
+    http(s) addresses; "/<TAB>/evil.example": tabs and newlines are dropped). The signed-in
+    page follows it by a meta refresh and a link, where nothing escapes it (a redirect's
+    Location does)."""
+    if (
+        not value.startswith("/")
+        or value.startswith("//")
+        or "\\" in value
+        or any(ord(char) < 0x20 or ord(char) == 0x7F for char in value)
+    ):
+        return "/"
+    return value
 
 
 def _may_review(r: AccessRequest, session: Session) -> bool:

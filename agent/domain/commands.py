@@ -16,6 +16,7 @@ from datetime import datetime
 from jitmesh.durations import MAX_DURATION
 from jitmesh.types import OfflinePolicy
 
+from .breakglass import KeptLock
 from .leases import HOLD, Lease, LeaseState, tombstone
 
 
@@ -59,6 +60,21 @@ class SnapshotSpec:
 
     grants: tuple[GrantSpec, ...]
     tombstones: tuple[str, ...] = ()
+    # Every lock in force for this agent (the kept locks are replaced by them); None: a
+    # snapshot that says nothing of locks (the kept ones stay).
+    locks: tuple[KeptLock, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LockSpec:
+    """Keep a lock (LockCommand): matching grants and break-glass codes are refused here."""
+
+    lock: KeptLock
+
+
+@dataclass(frozen=True, slots=True)
+class UnlockSpec:
+    lock_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +84,7 @@ class CommandSpec:
     agent: str
     body_seq: int
     epoch: int
-    kind: GrantSpec | RevokeSpec | SnapshotSpec
+    kind: GrantSpec | RevokeSpec | SnapshotSpec | LockSpec | UnlockSpec
     # When the coordinator issued (or re-sent) it, by the coordinator's clock.
     issued_at: datetime | None = None
 
@@ -110,6 +126,7 @@ def screen(
     if command.body_seq != command.seq:
         return Ack(command.seq, AckStatus.REJECTED, "sequence number mismatch", grant_id)
     # A snapshot replaces everything, so it is never a duplicate, even with a lower number.
+    # (Lock commands are numbered like any other and screened the same way.)
     if not isinstance(command.kind, SnapshotSpec) and command.seq <= last_applied_seq:
         if command.seq < snapshot_seq:
             return Ack(

@@ -104,6 +104,8 @@ class EventKind(enum.StrEnum):
     # Processes ended because a grant ended: an exec run, or every process of the subject's user
     # (end_sessions = "user").
     SESSIONS_ENDED = "sessions.ended"
+    # A break-glass code was used on the host: the lease the agent granted itself.
+    BREAKGLASS_USED = "breakglass.used"
 
 
 @dataclass(frozen=True, slots=True)

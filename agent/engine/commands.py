@@ -16,6 +16,7 @@ from dataclasses import replace
 from datetime import datetime
 
 from agent.domain import commands
+from agent.domain.breakglass import KeptLock, LockChange, first_lock
 from agent.domain.commands import (
     Ack,
     AckStatus,
@@ -25,9 +26,11 @@ from agent.domain.commands import (
     GrantResult,
     GrantSpec,
     Keep,
+    LockSpec,
     Refuse,
     RevokeSpec,
     SnapshotSpec,
+    UnlockSpec,
     Write,
 )
 from agent.domain.errors import StateError
@@ -68,6 +71,9 @@ class Commands:
         self._enforcement = enforcement
         self._removals = removals
         self._expiry = expiry
+        # The kept locks (LockCommand), read from the table once and then kept in step with
+        # every command that changes them: a grant is checked against them on the push path.
+        self._locks: list[KeptLock] | None = None
 
     async def handle(self, command: CommandSpec) -> Ack:
         async with self._exclusive(command):
@@ -85,6 +91,8 @@ class Commands:
                         ack = await self._grant(command, kind, now)
                     elif isinstance(kind, RevokeSpec):
                         ack = await self._revoke(command, kind, now)
+                    elif isinstance(kind, LockSpec | UnlockSpec):
+                        ack = await self._lock(command, kind)
                     else:
                         ack = await self._snapshot(command, kind, now)
                 except StateError as exc:
@@ -92,7 +100,7 @@ class Commands:
                     # failed ack, not a crash. Nothing was recorded, so the next resync after a
                     # restart starts before this command again (a refused grant excepted).
                     log.error("cannot persist a command", extra={"error": str(exc)})
-                    grant_id = "" if isinstance(kind, SnapshotSpec) else kind.grant_id
+                    grant_id = kind.grant_id if isinstance(kind, GrantSpec | RevokeSpec) else ""
                     ack = Ack(command.seq, AckStatus.FAILED, "cannot persist the command", grant_id)
             elif ack.status is AckStatus.DUPLICATE and isinstance(command.kind, RevokeSpec):
                 # A revoke sent again (its ack was lost): never "done" while its removal is owed.
@@ -205,6 +213,8 @@ class Commands:
             return None
         if self._time.grant_problem(command, now) is not None:
             return None
+        if first_lock(await self.kept_locks(), spec.subject, spec.action, now) is not None:
+            return None  # refused one by one, by `handle`
         decision = commands.decide_grant(
             spec, await self._store.lease(spec.grant_id), seq=command.seq, now=now
         )
@@ -233,9 +243,31 @@ class Commands:
             result = GrantResult(ack.grant_id, AckStatus.REJECTED, "not applied here")
         return replace(ack, results=(result,))
 
+    async def kept_locks(self) -> list[KeptLock]:
+        if self._locks is None:
+            self._locks = await self._store.locks()
+        return self._locks
+
+    async def _lock(self, command: CommandSpec, spec: LockSpec | UnlockSpec) -> Ack:
+        """Keep or forget a lock: no access changes here (the lock's revokes come as revoke
+        commands); grants and break-glass codes it matches are refused while it holds."""
+        if isinstance(spec, LockSpec):
+            change = LockChange(put=(spec.lock,))
+        else:
+            change = LockChange(drop=(spec.lock_id,))
+        await self._record(command, (), locks=change)
+        self._locks = await self._store.locks()
+        lock_id = spec.lock.lock_id if isinstance(spec, LockSpec) else spec.lock_id
+        log.info(
+            "lock kept" if isinstance(spec, LockSpec) else "lock lifted", extra={"lock": lock_id}
+        )
+        return Ack(command.seq, AckStatus.APPLIED, "locked" if isinstance(spec, LockSpec) else "")
+
     async def _pairs_of(self, command: CommandSpec) -> Collection[Pair] | None:
         """The pairs a command may change on the host (None: any, for a snapshot)."""
         kind = command.kind
+        if isinstance(kind, LockSpec | UnlockSpec):
+            return set()
         if isinstance(kind, GrantSpec):
             return {(kind.subject, kind.action)}
         if isinstance(kind, RevokeSpec):
@@ -264,10 +296,12 @@ class Commands:
         finally:
             lock.release()
 
-    async def _record(self, command: CommandSpec, writes: Sequence[Lease]) -> None:
+    async def _record(
+        self, command: CommandSpec, writes: Sequence[Lease], locks: LockChange | None = None
+    ) -> None:
         snapshot = isinstance(command.kind, SnapshotSpec)
         await self._store.record_command(
-            seq=command.seq, epoch=command.epoch, writes=writes, snapshot=snapshot
+            seq=command.seq, epoch=command.epoch, writes=writes, snapshot=snapshot, locks=locks
         )
         self._link.applied(command.seq, command.epoch, snapshot=snapshot)
 
@@ -287,7 +321,13 @@ class Commands:
             )
             self._shared.outbox_changed.set()
             return Ack(seq, AckStatus.REJECTED, refusal, grant_id)
-        decision = commands.decide_grant(spec, await self._store.lease(grant_id), seq=seq, now=now)
+        existing = await self._store.lease(grant_id)
+        lock = first_lock(await self.kept_locks(), spec.subject, spec.action, now)
+        if lock is not None and existing is None:
+            # A lock this agent keeps matches: no new access for it (docs/wire.md).
+            await self._record(command, ())
+            return Ack(seq, AckStatus.REJECTED, cut(f"locked ({lock.lock_id})"), grant_id)
+        decision = commands.decide_grant(spec, existing, seq=seq, now=now)
         if isinstance(decision, Refuse):
             await self._record(command, ())
             return Ack(seq, AckStatus.REJECTED, decision.reason, grant_id)
@@ -403,7 +443,10 @@ class Commands:
         known = await self._store.leases(named)
         known.update({lease.grant_id: lease for lease in active})
         plan = commands.plan_snapshot(spec, known, active, seq=command.seq, now=now)
-        await self._record(command, plan.writes)
+        locks = None if spec.locks is None else LockChange(put=spec.locks, replace=True)
+        await self._record(command, plan.writes, locks=locks)
+        if locks is not None:
+            self._locks = list(spec.locks or ())
         starting = [lease for lease in plan.starting if lease.allows(now)]
         failures = await self._enforcement.enforce(
             [lease for lease in active if lease.holds], starting=starting, ending=plan.ending

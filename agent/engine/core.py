@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from agent import defaults
+from agent.domain.breakglass import Code, Refused
 from agent.domain.commands import Ack, CommandSpec
 from agent.domain.leases import EventKind, Lease, OutboxEvent, Pair, new_event
 from agent.domain.removals import RetryPolicy
 from agent.domain.steps import StepHook, no_hook
 from agent.enforcers.base import EnforcerSet
+from agent.engine.breakglass import Breakglass
 from agent.engine.clocktrust import ClockTrust
 from agent.engine.commands import Commands
 from agent.engine.enforcement import Enforcement
@@ -47,6 +49,7 @@ class Parts:
     expiry: Expiry
     commands: Commands
     retention: Retention
+    breakglass: Breakglass
 
 
 def assemble(
@@ -114,7 +117,21 @@ def assemble(
         expiry=expiry,
         step=step,
     )
-    return Parts(shared, time, link, removals, enforcement, reconciler, expiry, commands, retention)
+    breakglass = Breakglass(
+        name=name, store=store, shared=shared, time=time, enforcement=enforcement
+    )
+    return Parts(
+        shared,
+        time,
+        link,
+        removals,
+        enforcement,
+        reconciler,
+        expiry,
+        commands,
+        retention,
+        breakglass,
+    )
 
 
 class Engine:
@@ -166,6 +183,7 @@ class Engine:
         self._expiry = parts.expiry
         self._commands = parts.commands
         self._retention = parts.retention
+        self._breakglass = parts.breakglass
 
     @property
     def outbox_changed(self) -> asyncio.Event:
@@ -273,6 +291,20 @@ class Engine:
         with best_effort("an event"):
             await self._store.add_event(event)
         self._shared.outbox_changed.set()
+
+    async def use_breakglass(
+        self, code: Code, *, caller: str | None, caller_is_root: bool, cap: timedelta
+    ) -> Lease | Refused:
+        """Grant the lease a verified break-glass code allows (at most `cap` long), or say why
+        not (docs/wire.md, "Break-glass codes")."""
+        return await self._breakglass.use(
+            code, caller=caller, caller_is_root=caller_is_root, cap=cap
+        )
+
+    async def breakglass_adopted(self, code_ids: Iterable[str]) -> None:
+        """The coordinator answered a Hello that reported these uses: they are adopted."""
+        with best_effort("adopted break-glass uses"):
+            await self._store.breakglass_adopted(code_ids)
 
     # Clock trust.
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+from agent.domain.breakglass import Use
 from agent.domain.leases import OutboxEvent
 from agent.engine.shared import Shared, best_effort
 from agent.store.base import LeaseStore, Meta
@@ -19,6 +20,8 @@ class HelloState:
     active_grant_ids: tuple[str, ...]
     # Ended, their removal from the host still retried (wire 0.2, Hello.removing_grant_ids).
     removing_grant_ids: tuple[str, ...] = ()
+    # Break-glass uses the coordinator has not adopted yet (wire 0.2, Hello.breakglass).
+    breakglass: tuple[Use, ...] = ()
 
 
 class LinkState:
@@ -56,6 +59,7 @@ class LinkState:
             self.epoch,
             tuple(lease.grant_id for lease in active),
             tuple(removing),
+            tuple(await self._store.breakglass_unadopted()),
         )
 
     async def note_epoch(self, epoch: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -11,14 +12,17 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
+from agent.domain.breakglass import KeptLock, Use
 from agent.domain.commands import (
     Ack,
     AckStatus,
     CommandSpec,
     GrantSpec,
+    LockSpec,
     RevokeReason,
     RevokeSpec,
     SnapshotSpec,
+    UnlockSpec,
 )
 from agent.domain.errors import MalformedCommand
 from agent.domain.leases import EventKind, OutboxEvent
@@ -66,7 +70,7 @@ def from_duration(d: Duration, field: str) -> timedelta:
 
 def command_from_pb(seq: int, body: agentlink_pb2.CommandBody) -> CommandSpec:
     kind = body.WhichOneof("kind")
-    spec: GrantSpec | RevokeSpec | SnapshotSpec
+    spec: GrantSpec | RevokeSpec | SnapshotSpec | LockSpec | UnlockSpec
     if kind == "grant":
         spec = grant_from_pb(body.grant)
     elif kind == "revoke":
@@ -81,7 +85,17 @@ def command_from_pb(seq: int, body: agentlink_pb2.CommandBody) -> CommandSpec:
             tombstones=tuple(
                 _check(validation.ID, t, "tombstone grant_id") for t in body.snapshot.tombstones
             ),
+            locks=tuple(kept_lock(x) for x in body.snapshot.locks)
+            if body.snapshot.locks_complete
+            else None,
         )
+    elif kind == "lock":
+        spec = LockSpec(kept_lock(body.lock))
+    elif kind == "unlock":
+        spec = UnlockSpec(_check(validation.ID, body.unlock.lock_id, "lock_id"))
+    elif kind == "extend":
+        # Never sent: extensions come as grant commands of the same id (docs/wire.md).
+        raise MalformedCommand("extend commands are not used: an extension is a grant command")
     else:
         raise MalformedCommand("command has no kind")
     return CommandSpec(
@@ -93,6 +107,18 @@ def command_from_pb(seq: int, body: agentlink_pb2.CommandBody) -> CommandSpec:
         issued_at=from_timestamp(body.issued_at, "issued_at")
         if body.HasField("issued_at")
         else None,
+    )
+
+
+def kept_lock(lock: agentlink_pb2.LockCommand) -> KeptLock:
+    return KeptLock(
+        lock_id=_check(validation.ID, lock.lock_id, "lock_id"),
+        subject=_check(validation.SUBJECT, lock.subject, "lock subject") if lock.subject else "",
+        action=_check(validation.ACTION, lock.action, "lock action") if lock.action else "",
+        expires_at=from_timestamp(lock.expires_at, "lock expires_at")
+        if lock.HasField("expires_at")
+        else None,
+        reason=lock.reason[:256],
     )
 
 
@@ -180,7 +206,53 @@ def event_to_pb(event: OutboxEvent) -> agentlink_pb2.AgentMessage:
                 scope=d.get("scope", ""),
             )
         )
+    elif event.kind == EventKind.BREAKGLASS_USED:
+        # The spent code travels in the typed detail only, never in the text copy (which the
+        # coordinator may store in its audit log as it is).
+        details = dict(event.details)
+        code = details.pop("code", "")
+        message.details.clear()
+        message.details.update(details)
+        message.breakglass.CopyFrom(
+            agentlink_pb2.BreakglassUse(
+                code_id=details.get("code_id", ""),
+                code=_unb64(code),
+                grant_id=event.grant_id,
+                subject=event.subject,
+                action=event.action,
+                used_at=to_timestamp(event.observed_at),
+                not_after=_ts_or_none(details.get("not_after", "")),
+                caller=details.get("caller", ""),
+            )
+        )
     return agentlink_pb2.AgentMessage(event=message)
+
+
+def breakglass_use_to_pb(use: Use) -> agentlink_pb2.BreakglassUse:
+    return agentlink_pb2.BreakglassUse(
+        code_id=use.code_id,
+        code=use.code,
+        grant_id=use.grant_id,
+        subject=use.subject,
+        action=use.action,
+        used_at=to_timestamp(use.used_at),
+        not_after=to_timestamp(use.not_after),
+        caller=use.caller,
+    )
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:
+        return b""
+
+
+def _ts_or_none(text: str) -> Timestamp | None:
+    try:
+        return to_timestamp(datetime.fromisoformat(text))
+    except ValueError:
+        return None
 
 
 def _exec_record(d: Mapping[str, str]) -> agentlink_pb2.ExecRecord:
@@ -219,6 +291,7 @@ def hello_to_pb(
     boot_id: str,
     agent_time: datetime,
     removing_grant_ids: Sequence[str] = (),
+    breakglass: Sequence[Use] = (),
 ) -> agentlink_pb2.AgentMessage:
     return agentlink_pb2.AgentMessage(
         hello=agentlink_pb2.Hello(
@@ -231,6 +304,7 @@ def hello_to_pb(
             boot_id=boot_id,
             agent_time=to_timestamp(agent_time),
             removing_grant_ids=list(removing_grant_ids),
+            breakglass=[breakglass_use_to_pb(use) for use in breakglass],
         )
     )
 

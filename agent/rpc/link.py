@@ -130,6 +130,8 @@ class Link:
         self._credentials = credentials
         self._keys = keys
         self._pinned: dict[str, bytes] = {}
+        # Break-glass uses the current Hello reported (adopted once its Welcome arrives).
+        self._reported_breakglass: list[str] = []
         self._min_epoch = 0
         self._clock = clock
         self._pacing = pacing
@@ -318,8 +320,11 @@ class Link:
                 boot_id=self._settings.boot_id,
                 agent_time=self._clock.now(),
                 removing_grant_ids=state.removing_grant_ids,
+                breakglass=state.breakglass,
             )
         )
+        # Adopted by the coordinator before it answers this Hello (docs/wire.md, "Resume").
+        self._reported_breakglass = [use.code_id for use in state.breakglass]
         self._sent = set()
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -400,6 +405,9 @@ class Link:
         if first.WhichOneof("body") != "welcome":
             raise LinkError("the coordinator did not start with a Welcome")
         interval = await self._welcome(first.welcome)
+        if self._reported_breakglass:
+            await self._engine.breakglass_adopted(self._reported_breakglass)
+            self._reported_breakglass = []
         batched = not older_than(first.welcome.version, 0, 2)
         received: asyncio.Queue[agentlink_pb2.Command] = asyncio.Queue(RECEIVED_COMMANDS)
         tasks.create_task(self._heartbeats(queue, interval))

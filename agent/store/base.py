@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from agent.domain.breakglass import KeptLock, LockChange, Use
 from agent.domain.leases import Lease, OutboxEvent, Pair
 from agent.domain.removals import Removal
 
@@ -41,11 +42,35 @@ class LeaseStore(Protocol):
     async def active_leases(self) -> list[Lease]: ...
 
     async def record_command(
-        self, *, seq: int, epoch: int, writes: Sequence[Lease], snapshot: bool = False
+        self,
+        *,
+        seq: int,
+        epoch: int,
+        writes: Sequence[Lease],
+        snapshot: bool = False,
+        locks: LockChange | None = None,
     ) -> None:
-        """One transaction: the rows a command writes, its sequence number as the last applied
-        one (even when lower: a snapshot replaces everything), and the highest epoch seen."""
+        """One transaction: the rows a command writes, the kept locks it changes, its sequence
+        number as the last applied one (even when lower: a snapshot replaces everything), and
+        the highest epoch seen."""
         ...
+
+    async def locks(self) -> list[KeptLock]:
+        """The locks kept from the coordinator (expired ones included: callers judge time)."""
+        ...
+
+    async def record_breakglass(self, lease: Lease, use: Use, event: OutboxEvent) -> bool:
+        """One transaction: the code's use, its lease and its event. False (nothing written)
+        when the code was used before: a code makes at most one lease."""
+        ...
+
+    async def breakglass_used(self, code_id: str) -> bool: ...
+
+    async def breakglass_unadopted(self) -> list[Use]:
+        """Uses the coordinator has not adopted yet (reported in every Hello until then)."""
+        ...
+
+    async def breakglass_adopted(self, code_ids: Iterable[str]) -> None: ...
 
     async def mark_applied(
         self, grant_id: str, at: datetime, event: OutboxEvent | None = None

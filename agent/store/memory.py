@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
 
+from agent.domain.breakglass import KeptLock, LockChange, Use
 from agent.domain.errors import StateError
 from agent.domain.leases import Lease, LeaseState, OutboxEvent, Pair
 from agent.domain.removals import Removal
@@ -34,6 +35,9 @@ class MemoryLeaseStore:
         self._outbox: dict[str, OutboxEvent] = {}
         self._counter = 0
         self._removals: dict[Pair, Removal] = {}
+        self._locks: dict[str, KeptLock] = {}
+        # code id -> (use, adopted)
+        self._breakglass: dict[str, tuple[Use, bool]] = {}
 
     async def meta(self) -> Meta:
         return self._meta
@@ -54,8 +58,20 @@ class MemoryLeaseStore:
         return sorted(active, key=lambda lease: lease.not_after)
 
     async def record_command(
-        self, *, seq: int, epoch: int, writes: Sequence[Lease], snapshot: bool = False
+        self,
+        *,
+        seq: int,
+        epoch: int,
+        writes: Sequence[Lease],
+        snapshot: bool = False,
+        locks: LockChange | None = None,
     ) -> None:
+        if locks is not None:
+            if locks.replace:
+                self._locks.clear()
+            for lock_id in locks.drop:
+                self._locks.pop(lock_id, None)
+            self._locks.update((lock.lock_id, lock) for lock in locks.put)
         for lease in writes:
             self._leases[lease.grant_id] = lease
         self._meta = replace(
@@ -102,6 +118,28 @@ class MemoryLeaseStore:
         if event is not None:
             self._keep(event)
         return True
+
+    async def locks(self) -> list[KeptLock]:
+        return [self._locks[k] for k in sorted(self._locks)]
+
+    async def record_breakglass(self, lease: Lease, use: Use, event: OutboxEvent) -> bool:
+        if use.code_id in self._breakglass:
+            return False
+        self._breakglass[use.code_id] = (use, False)
+        self._leases[lease.grant_id] = lease
+        self._keep(event)
+        return True
+
+    async def breakglass_used(self, code_id: str) -> bool:
+        return code_id in self._breakglass
+
+    async def breakglass_unadopted(self) -> list[Use]:
+        return [use for use, adopted in self._breakglass.values() if not adopted]
+
+    async def breakglass_adopted(self, code_ids: Iterable[str]) -> None:
+        for code_id in code_ids:
+            if code_id in self._breakglass:
+                self._breakglass[code_id] = (self._breakglass[code_id][0], True)
 
     async def ended_leases(self, *, after: str = "", limit: int = 500) -> list[Lease]:
         ids = sorted(

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from agent.domain.breakglass import KeptLock, LockChange, Use
 from agent.domain.errors import DiskFull, StateError, StateUnreadable
 from agent.domain.leases import Lease, LeaseState, OutboxEvent, Pair
 from agent.domain.removals import Removal
@@ -346,9 +347,17 @@ class SqliteLeaseStore:
         return [_lease(row) for row in rows if row[0] not in ended]
 
     async def record_command(
-        self, *, seq: int, epoch: int, writes: Sequence[Lease], snapshot: bool = False
+        self,
+        *,
+        seq: int,
+        epoch: int,
+        writes: Sequence[Lease],
+        snapshot: bool = False,
+        locks: LockChange | None = None,
     ) -> None:
         with self._tx() as db:
+            if locks is not None:
+                _change_locks(db, locks)
             for lease in writes:
                 db.execute(
                     f"INSERT INTO leases ({_LEASE_COLUMNS}) VALUES "
@@ -448,6 +457,81 @@ class SqliteLeaseStore:
             )
             return True
         return bool(changed)
+
+    # Locks kept from the coordinator, and break-glass uses.
+
+    async def locks(self) -> list[KeptLock]:
+        rows = self._db.execute(
+            "SELECT lock_id, subject, action, expires_at_ms, reason FROM locks ORDER BY lock_id"
+        ).fetchall()
+        return [
+            KeptLock(
+                lock_id=row[0],
+                subject=row[1],
+                action=row[2],
+                expires_at=None if row[3] is None else from_ms(row[3]),
+                reason=row[4],
+            )
+            for row in rows
+        ]
+
+    async def record_breakglass(self, lease: Lease, use: Use, event: OutboxEvent) -> bool:
+        with self._tx() as db:
+            taken = db.execute(
+                "INSERT INTO breakglass (code_id, grant_id, code, subject, action, caller, "
+                "used_at_ms, not_after_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (code_id) DO NOTHING",
+                (
+                    use.code_id,
+                    use.grant_id,
+                    use.code,
+                    use.subject,
+                    use.action,
+                    use.caller,
+                    to_ms(use.used_at),
+                    to_ms(use.not_after),
+                ),
+            ).rowcount
+            if not taken:
+                return False
+            db.execute(
+                f"INSERT INTO leases ({_LEASE_COLUMNS}) VALUES "
+                "(:grant_id, :subject, :action, :request_id, :not_before_ms, :not_after_ms, "
+                ":offline_mode, :offline_grace_ms, :state, :seq, :applied_at_ms, "
+                ":removed_at_ms, :remove_reason)",
+                _lease_row(lease),
+            )
+            _insert_event(db, event)
+        return True
+
+    async def breakglass_used(self, code_id: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM breakglass WHERE code_id = ?", (code_id,)).fetchone()
+        return row is not None
+
+    async def breakglass_unadopted(self) -> list[Use]:
+        rows = self._db.execute(
+            "SELECT code_id, grant_id, code, subject, action, caller, used_at_ms, not_after_ms "
+            "FROM breakglass WHERE adopted = 0 ORDER BY used_at_ms"
+        ).fetchall()
+        return [
+            Use(
+                code_id=row[0],
+                grant_id=row[1],
+                code=bytes(row[2]),
+                subject=row[3],
+                action=row[4],
+                caller=row[5],
+                used_at=from_ms(row[6]),
+                not_after=from_ms(row[7]),
+            )
+            for row in rows
+        ]
+
+    async def breakglass_adopted(self, code_ids: Iterable[str]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE breakglass SET adopted = 1 WHERE code_id = ?", [(c,) for c in code_ids]
+            )
 
     # Pending removals.
 
@@ -607,6 +691,27 @@ def _raise_epoch(db: sqlite3.Connection, epoch: int) -> None:
         "DO UPDATE SET value = max(CAST(value AS INTEGER), :v)",
         {"v": epoch},
     )
+
+
+def _change_locks(db: sqlite3.Connection, change: LockChange) -> None:
+    if change.replace:
+        db.execute("DELETE FROM locks")
+    for lock_id in change.drop:
+        db.execute("DELETE FROM locks WHERE lock_id = ?", (lock_id,))
+    for lock in change.put:
+        db.execute(
+            "INSERT INTO locks (lock_id, subject, action, expires_at_ms, reason) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (lock_id) DO UPDATE SET "
+            "subject = excluded.subject, action = excluded.action, "
+            "expires_at_ms = excluded.expires_at_ms, reason = excluded.reason",
+            (
+                lock.lock_id,
+                lock.subject,
+                lock.action,
+                None if lock.expires_at is None else to_ms(lock.expires_at),
+                lock.reason,
+            ),
+        )
 
 
 def _insert_event(db: sqlite3.Connection, event: OutboxEvent) -> None:

@@ -29,6 +29,7 @@ from jitmesh import errors
 from jitmesh.cli import output
 from jitmesh.cli.agents import agents
 from jitmesh.cli.audit import audit
+from jitmesh.cli.breakglass import breakglass
 from jitmesh.cli.completion import COMPLETE_VAR, completion
 from jitmesh.cli.core import (
     ENV_TOKEN,
@@ -56,6 +57,7 @@ GROUPS: tuple[click.Command, ...] = (
     grants,
     agents,
     locks,
+    breakglass,
     notify,
     policy,
     audit,

@@ -34,6 +34,7 @@ from jitmesh.types import (
     Agent,
     ApprovalStage,
     AuditEvent,
+    BreakglassCode,
     ChainVerification,
     Grant,
     GrantState,
@@ -946,6 +947,61 @@ def locks_table(locks: Iterable[Lock], now: datetime) -> Table:
                 lock.reason,
             )
             for lock in locks
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Break-glass codes
+
+
+def breakglass_state(code: BreakglassCode, now: datetime) -> str:
+    if code.reviewed_at is not None:
+        return "reviewed"
+    if code.used_at is not None:
+        return "used"
+    return "unused" if now < code.expires_at else "expired"
+
+
+def breakglass_json(code: BreakglassCode, now: datetime) -> JSON:
+    return {
+        "id": code.id,
+        "state": breakglass_state(code, now),
+        "agent": code.agent,
+        "subject": code.subject,
+        "action": code.action,
+        "duration": format_duration(code.duration),
+        "issued_at": rfc3339(code.issued_at),
+        "issued_by": code.issued_by,
+        "expires_at": rfc3339(code.expires_at),
+        "reason": code.reason,
+        "used_at": rfc3339(code.used_at),
+        "grant_id": code.grant_id,
+        "used_by": code.used_by,
+        "reviewed_at": rfc3339(code.reviewed_at),
+        "reviewed_by": code.reviewed_by,
+        "review_note": code.review_note,
+    }
+
+
+BREAKGLASS_HEADERS: Final = ("ID", "STATE", "AGENT", "SUBJECT", "ACTION", "FOR", "USED", "EXPIRES")
+
+
+def breakglass_table(codes: Iterable[BreakglassCode], now: datetime) -> Table:
+    return table(
+        BREAKGLASS_HEADERS,
+        (
+            (
+                code.id,
+                breakglass_state(code, now),
+                code.agent,
+                code.subject,
+                code.action,
+                format_duration(code.duration),
+                _when(code.used_at, now),
+                _when(code.expires_at, now),
+            )
+            for code in codes
         ),
     )
 

@@ -602,11 +602,10 @@ Global___UnlockCommand: _TypeAlias = UnlockCommand  # noqa: Y015
 
 @_typing.final
 class ExtendCommand(_message.Message):
-    """Since 0.2. The grant's end moves to `not_after` in place: same grant id, subject and action,
-    no second apply. The agent persists the new deadline and tells its enforcers (host-native
-    expiry moves too); access has no gap. An extension never shortens a grant (the coordinator
-    revokes instead); an agent refuses one that would (REJECTED). For an unknown, ended or
-    tombstoned grant the ack is REJECTED with the reason.
+    """Since 0.2, unused: never sent. An extension is sent as the GrantCommand of the same grant id
+    with its new not_after, which every agent version applies in place (docs/wire.md, "Extensions
+    are grant commands"); an agent acks an ExtendCommand REJECTED. Kept: field numbers are for
+    ever.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

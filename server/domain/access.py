@@ -90,6 +90,9 @@ class _Creation:
     grant: Grant | None
     # The agent's undelivered commands when the request was checked (delivery.py).
     undelivered: int = 0
+    # An automatic approval under a budget: the rule, and the request as it is when the
+    # budget turns out to be used up inside the writing transaction (waiting for people).
+    budget: tuple[Rule, Request] | None = None
 
 
 def _end_refusal(principal: Principal, grant: Grant, how: str) -> str:
@@ -261,7 +264,22 @@ class AccessService:
             start_at=start_at,
         )
         grant: Grant | None = None
+        budget: tuple[Rule, Request] | None = None
         undelivered = self._undelivered(agent, target.last_seq, target.last_acked_seq)
+        if auto and start_at is None and rule.approval.auto and rule.approval.auto.budget:
+            # The budget read above is checked again where the grant is written (one
+            # transaction): two requests at once never both fit a budget of one.
+            people = replace(plan_for(policy, rule), automatic=False)
+            budget = (
+                rule,
+                replace(
+                    request,
+                    plan=people,
+                    approvals_required=sum(s.approvals for s in people.stages),
+                    approver_groups=tuple(plan_groups_in_order(people)),
+                    pending_expires_at=now + pending_ttl(policy, rule),
+                ),
+            )
         if auto and start_at is not None:
             # Approved now, issued at the start (eligibility and locks checked again then).
             request = replace(
@@ -274,7 +292,9 @@ class AccessService:
             grant = self._new_grant(request, rule, now)
             # Early, before the batch: the batch checks again with the batch's own commands.
             self._refuse_if_behind(agent, undelivered, duration)
-        return await self._creations.submit(_Creation(principal.name, request, grant, undelivered))
+        return await self._creations.submit(
+            _Creation(principal.name, request, grant, undelivered, budget)
+        )
 
     def _undelivered(self, agent: str, last_seq: int, last_acked_seq: int) -> int:
         return max(0, max(last_seq, self._appended.get(agent, 0)) - last_acked_seq)
@@ -453,7 +473,7 @@ class AccessService:
             limit=MAX_PAGE,
             page_token="",
         )
-        live = {(g.agent, g.action): g.id for g in held}
+        live = {(g.agent, g.action): g.id for g in await self._reusable(held)}
         out: list[RequestOption] = []
         usage_of: dict[str, Usage] = {}
         for target in agents:
@@ -496,7 +516,8 @@ class AccessService:
         return out
 
     async def _live_grant(self, subject: str, agent: str, action: str) -> Grant | None:
-        """The caller's live grant for this agent and action that ends last, if any."""
+        """The caller's live grant for this agent and action that ends last, among those a
+        request may reuse (`_reusable`), if any."""
         held, _ = await self._store.list_grants(
             states=sorted(EXTENDABLE_GRANT_STATES),
             subject=subject,
@@ -504,8 +525,23 @@ class AccessService:
             limit=MAX_PAGE,
             page_token="",
         )
-        mine = [g for g in held if g.action == action]
+        mine = await self._reusable([g for g in held if g.action == action])
         return max(mine, key=lambda g: g.not_after) if mine else None
+
+    async def _reusable(self, grants: Sequence[Grant]) -> list[Grant]:
+        """The grants a new request may be answered with: those people approved. Reuse spares
+        approvers a question they already answered; a grant the policy approved by itself (or
+        a break-glass grant) answered no person, so it never stands in for their approval."""
+        out = []
+        for grant in grants:
+            if grant.breakglass_code_id or not grant.request_id:
+                continue
+            request = await self._store.get_request(grant.request_id)
+            if request is not None and any(
+                r.decision is ReviewDecision.APPROVE for r in request.reviews
+            ):
+                out.append(grant)
+        return out
 
     async def _reuse(
         self,
@@ -599,6 +635,9 @@ class AccessService:
         approved: list[tuple[Request, Grant, str]] = []
         entries: list[AuditEntry] = []
         async with self._store.transaction() as tx:
+            # Budgets too: the usage read when each request was checked may be stale by now
+            # (another request committed meanwhile, or is in this very batch).
+            items = await self._within_budgets(tx, items, now)
             # Locks are checked again inside the transaction, before any sequence number is
             # given out: a lock committed after a caller's own check refuses it here.
             in_force = await tx.locks_in_force(now)
@@ -683,6 +722,31 @@ class AccessService:
             await self._hub.audit_written(tx.new_audit)
         except Exception:
             log.exception("after a committed batch of %d requests", len(requests))
+        return out
+
+    async def _within_budgets(
+        self, tx: Tx, items: Sequence[_Creation], now: datetime
+    ) -> list[_Creation]:
+        """`items`, where an automatic approval that no longer fits its rule's budget (counting
+        what is committed and what this batch approves before it) waits for people instead."""
+        out: list[_Creation] = []
+        used: dict[tuple[str, str], list[tuple[datetime, datetime, datetime | None]]] = {}
+        for item in items:
+            if item.budget is None or item.grant is None:
+                out.append(item)
+                continue
+            rule, people = item.budget
+            key = (item.request.subject, rule.name)
+            if key not in used:
+                used[key] = await tx.recent_auto_grants(key[0], key[1], now - DAY)
+            auto = rule.approval.auto
+            assert auto is not None
+            fits, _ = auto_decision(auto, budget_usage(used[key], now), item.request.duration, now)
+            if fits:
+                used[key].append((item.grant.not_before, item.grant.not_after, None))
+                out.append(item)
+            else:
+                out.append(replace(item, request=people, grant=None, budget=None))
         return out
 
     def _behind(
@@ -1185,8 +1249,9 @@ class AccessService:
         await self._decide(tx, request, RequestState.APPROVED, by, reason, grant.id, at=now)
         seq = await tx.append_command(grant.agent, CommandKind.GRANT, grant.id, now)
         self._appended_seq(grant.agent, seq)
-        (command,) = await write_grants(tx, [(request, replace(grant, grant_seq=seq), by)], now)
-        return command.grant, command
+        stored = replace(grant, grant_seq=seq)
+        (command,) = await write_grants(tx, [(request, stored, by)], now)
+        return stored, command
 
     async def _approve_extension(
         self, tx: Tx, request: Request, rule: Rule, by: str, reason: str, now: datetime

@@ -13,7 +13,8 @@ Rules, all judged here and nowhere else:
 - Eligibility is judged at the moment of reviewing, from the groups the reviewer was in then
   (recorded on the review): a reviewer who leaves a group later still counted; one who joins
   later did not.
-- Nobody reviews their own request, under any spelling of their name.
+- Nobody reviews their own request, under any spelling of their name, nor relays a review of
+  it in someone else's name (a review whose delegate is the requester does not count).
 - A deny from anyone eligible for the open stage or a later one ends the request (deny wins);
   a deny from anyone else is ignored.
 - Approvals outside the plan's approve windows do not count.
@@ -154,7 +155,7 @@ def apply_review(
         if at < opened_at:
             ignored.append((who, "before the request"))
             continue
-        if same_person(who, requester):
+        if _by_requester(who, review.via, requester):
             ignored.append((who, "own request"))
             continue
         key = user_name(who)
@@ -205,6 +206,12 @@ def apply_review(
 SELF_REVIEW: Final = "nobody may review their own request"
 
 
+def _by_requester(reviewer: str, via: str, requester: str) -> bool:
+    """The requester acting on their own request: in person, or as the delegate relaying
+    someone else's review of it (self-approval under another name)."""
+    return same_person(reviewer, requester) or (bool(via) and same_person(via, requester))
+
+
 def review_refusal(
     plan: ApprovalPlan,
     outcome: Outcome,
@@ -217,7 +224,7 @@ def review_refusal(
     """Why `principal` may not review now (empty when they may): the same rules as
     `apply_review`, asked before a review is stored so that nobody's review is silently
     ignored."""
-    if same_person(principal.name, requester):
+    if _by_requester(principal.name, principal.via, requester):
         return SELF_REVIEW
     if outcome.state is not RequestState.PENDING:
         return f"request is {outcome.state.value}, not PENDING"

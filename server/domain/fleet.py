@@ -16,8 +16,10 @@ from jitmesh.types import Agent, Grant, GrantState, JoinTokenInfo, LockTarget
 from jitmesh.versions import Compatibility, agent_compatibility, older_than
 from jitmesh.versions import parse as parse_version
 
+from . import breakglass
 from .access import hash_secret
 from .batching import GroupCommit
+from .breakglass import CodeSigner
 from .delivery import DeliveryRates
 from .errors import (
     Conflict,
@@ -37,6 +39,7 @@ from .models import (
     AgentHello,
     AgentObservation,
     AuditEntry,
+    BreakglassUse,
     Command,
     CommandKind,
     GrantChange,
@@ -68,10 +71,13 @@ class FleetService:
         *,
         rates: DeliveryRates | None = None,
         step: StepHook = no_hook,
+        codes: CodeSigner | None = None,
     ):
         self._store = store
         # Told each step of an ack (the fault suite's crash points; nothing in production).
         self._step = step
+        # Reads break-glass codes agents report (None: their uses are refused, audited).
+        self._codes = codes
         # This coordinator replica: recorded as the holder of each agent stream it serves.
         self.replica = replica
         # Each agent's apply rate, measured from its acks (delivery.py).
@@ -380,6 +386,9 @@ class FleetService:
                     else "upgrade the coordinator first"
                 )
             )
+        if hello.breakglass:
+            # Before anything else: the leases exist on the host, so no snapshot may end them.
+            await self._adopt_breakglass(agent.name, hello.breakglass, now)
         # Group-committed: after a coordinator restart thousands of agents say Hello at once.
         await self._hellos.submit((agent.name, hello, now))
         if hello.last_applied_seq > agent.last_seq or (
@@ -409,6 +418,32 @@ class FleetService:
             return await self._snapshot(agent.name, now)
         return Resume(resume_after, (), None, 0)
 
+    async def _adopt_breakglass(
+        self, agent: str, uses: Sequence[BreakglassUse], now: datetime
+    ) -> None:
+        """Adopt the break-glass leases an agent reports as grants (docs/wire.md)."""
+        async with self._store.transaction() as tx:
+            for use in uses:
+                await self._adopt_one(tx, agent, use, now)
+        await self._hub.audit_written(tx.new_audit)
+
+    async def _adopt_one(self, tx: Tx, agent: str, use: BreakglassUse, now: datetime) -> None:
+        signer = self._codes
+        if signer is None:
+            await tx.audit(
+                AuditEntry(
+                    "breakglass.refused",
+                    f"agent:{agent}",
+                    now,
+                    subject=use.subject,
+                    agent=agent,
+                    details={"code_id": use.code_id, "why": "break-glass is not set up here"},
+                    id=f"{agent}:breakglass-refused:{use.code_id}",
+                )
+            )
+            return
+        await breakglass.adopt(tx, signer, agent, use, now)
+
     async def _snapshot(self, agent: str, now: datetime) -> Resume:
         """A snapshot under its own, new sequence number: the agent's live grants, and as
         tombstones its grants with a revoke not yet acknowledged as done."""
@@ -417,7 +452,12 @@ class FleetService:
             # Read under the write transaction: nothing commits between the seq and the read.
             grants = await self._store.live_grants(agent)
             tombstones = [g.id for g in await self._store.unremoved_grants(agent)]
-        return Resume(seq, (), tuple(grants), seq, tuple(tombstones))
+            locks = [
+                lock
+                for lock in await tx.locks_in_force(now)
+                if not lock.target.agent or lock.target.agent == agent
+            ]
+        return Resume(seq, (), tuple(grants), seq, tuple(tombstones), tuple(locks))
 
     async def _settle_from_hello(self, agent: str, hello: AgentHello, unacked: int) -> None:
         """Acks for the unacknowledged commands at or below the Hello's last applied seq, where
@@ -434,6 +474,8 @@ class FleetService:
             for command in page:
                 if command.seq > hello.last_applied_seq:
                     break
+                if command.grant is None:
+                    continue  # a lock command: the Hello says nothing of it
                 grant_id = command.grant.id
                 if command.kind is CommandKind.GRANT and grant_id in active:
                     status = AckStatus.APPLIED
@@ -645,6 +687,9 @@ class FleetService:
             )
             if stored and event.counter:
                 await self._check_counter(tx, principal.name, event.counter, now)
+            if event.breakglass is not None:
+                # Adopted once, whichever comes first: this event or a Hello listing the use.
+                await self._adopt_one(tx, principal.name, event.breakglass, now)
             if stored and grant is not None and event.kind == "grant.expired":
                 await tx.move_grant(
                     grant.id,

@@ -144,6 +144,9 @@ class IdentityService:
         "user via delegate". Whether the delegate may relay at all is the caller's check."""
         with invalid_input():
             name = v.check(v.SUBJECT, user_name(user), "on_behalf_of")
+        if same_person(name, delegate.name):
+            # A delegate only relays others: as itself it is refused everywhere (operator()).
+            raise PermissionDenied("a delegate never acts on behalf of itself")
         found = await self._store.principal_for_user(name, "")
         if found is None:
             raise PermissionDenied(f"{name} is not an enabled jitmesh user")

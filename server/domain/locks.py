@@ -1,7 +1,10 @@
 """Locks: the emergency stop. A lock names a subject, an agent, an action or a combination of
 them. Creating one ends, in one transaction, everything it matches: live grants move to REVOKING
 with one revoke command each in their agents' logs (pushed to every agent at once after the
-commit), pending requests are denied. While the lock is in force, new requests and approvals it
+commit), pending requests are denied. Every agent the lock concerns (its agent, or all of them)
+also gets a lock command to keep (wire 0.2; a 0.1 agent gets only the revokes), so that it
+refuses matching grants and break-glass codes itself, also while cut off; lifting the lock sends
+the unlock. While the lock is in force, new requests and approvals it
 matches are refused (checked inside the approving transaction, so an approval cannot slip in
 between). A lock ends when an admin lifts it or at its optional expiry."""
 
@@ -12,13 +15,14 @@ from datetime import datetime, timedelta
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock
-from jitmesh.types import Lock, LockTarget, Request, RequestState
+from jitmesh.types import Agent, Lock, LockTarget, Request, RequestState
+from jitmesh.versions import older_than
 
 from .errors import Conflict, InvalidArgument, Locked, NotFound, PermissionDenied, invalid_input
 from .grants import end_grants
 from .hub import Hub
 from .lifecycle import ENDABLE_GRANT_STATES
-from .models import AuditEntry, Principal, new_id
+from .models import AuditEntry, Command, CommandKind, Principal, new_id
 from .ports import CommandSink, Store, Tx
 
 MAX_LOCK_TTL = timedelta(days=366)
@@ -94,6 +98,7 @@ class LockService:
                         )
                     )
             await tx.audit_many(entries)
+            commands += await lock_commands(tx, lock, CommandKind.LOCK, now)
         self._links.push(commands)
         self._hub.requests_changed([g.request_id for g in ending] + denied)
         await self._hub.audit_written(tx.new_audit)
@@ -115,12 +120,36 @@ class LockService:
             lifted = await tx.get_lock(lock_id)
             assert lifted is not None
             await tx.audit(_lock_entry("lock.lifted", principal.name, lifted, now, reason))
+            commands = await lock_commands(tx, lifted, CommandKind.UNLOCK, now)
+        self._links.push(commands)
         await self._hub.audit_written(tx.new_audit)
         return lifted
 
     async def list(self, principal: Principal, *, include_ended: bool) -> list[Lock]:
         _require_admin(principal)  # locks.proto: admins only (a lock names who is suspected)
         return await self._store.list_locks(include_ended=include_ended, now=self._clock.now())
+
+
+def keeps_locks(agent: Agent) -> bool:
+    """Whether the agent understands lock commands: wire 0.2 and later, or not known yet (never
+    said Hello: it will be of this release)."""
+    return not agent.version or not older_than(agent.version, 0, 2)
+
+
+async def lock_commands(tx: Tx, lock: Lock, kind: CommandKind, now: datetime) -> list[Command]:
+    """A LOCK (or UNLOCK) command in the log of every agent `lock` concerns that keeps locks;
+    the commands to push once committed."""
+    agents = [
+        a.name
+        for a in await tx.list_agents()
+        if keeps_locks(a) and (not lock.target.agent or a.name == lock.target.agent)
+    ]
+    seqs = await tx.append_commands([(name, kind, lock.id, now) for name in agents])
+    return [
+        Command(name, seq, kind, None, lock=lock)
+        for name, seq in zip(agents, seqs, strict=True)
+        if seq is not None
+    ]
 
 
 async def refuse_if_locked(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
-from jitmesh.types import Grant
+from jitmesh.types import Grant, Lock
 
 ADMIN_GROUP = "admins"
 
@@ -85,19 +85,30 @@ class CommandKind(enum.StrEnum):
     # never replayed (a new Hello that needs one gets a new one).
     SNAPSHOT = "snapshot"
     # The grant's end moved later in place (same grant id): sent as the grant with its new
-    # not_after, which every agent version applies in place (docs/wire.md, ExtendCommand).
+    # not_after, which every agent version applies in place (docs/wire.md, "Extensions are
+    # grant commands").
     EXTEND = "extend"
+    # A lock kept by the agent, and its lifting (wire 0.2; never for a 0.1 agent): the row's
+    # grant_id column holds the lock's id.
+    LOCK = "lock"
+    UNLOCK = "unlock"
 
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """One entry of an agent's durable command log."""
+    """One entry of an agent's durable command log: about a grant, or (LOCK, UNLOCK) a lock."""
 
     agent: str
     seq: int
     kind: CommandKind
-    grant: Grant
+    grant: Grant | None
     revoke_reason: str = ""
+    lock: Lock | None = None
+
+    @property
+    def grant_id(self) -> str:
+        """The grant the command is about ("" for a lock command)."""
+        return "" if self.grant is None else self.grant.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +187,23 @@ class Moved(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class BreakglassUse:
+    """A break-glass code an agent reports having used (Hello.breakglass, or the typed detail
+    of its breakglass.used event): the lease it granted itself."""
+
+    code_id: str
+    # The serialized BreakglassCode as presented on the host (verified again here).
+    code: bytes
+    grant_id: str
+    subject: str
+    action: str
+    used_at: datetime
+    not_after: datetime
+    # The local user who presented it.
+    caller: str
+
+
+@dataclass(frozen=True, slots=True)
 class AgentHello:
     name: str
     labels: dict[str, str]
@@ -187,6 +215,8 @@ class AgentHello:
     agent_time: datetime | None
     # Ended on the agent, removal from the host still being retried (since wire 0.2).
     removing_grant_ids: tuple[str, ...] = ()
+    # Break-glass leases to adopt before anything else (since wire 0.2).
+    breakglass: tuple[BreakglassUse, ...] = ()
 
 
 class AckStatus(enum.StrEnum):
@@ -240,6 +270,8 @@ class AgentObservation:
     details: dict[str, str]
     # The agent's event counter (0: an agent that does not number its events).
     counter: int = 0
+    # Kind breakglass.used: the use, to adopt.
+    breakglass: BreakglassUse | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +283,8 @@ class Resume:
     snapshot: tuple[Grant, ...] | None
     snapshot_seq: int
     tombstones: tuple[str, ...] = ()
+    # With a snapshot: the locks in force that concern the agent (it keeps exactly these).
+    locks: tuple[Lock, ...] = ()
 
 
 def new_id(prefix: str) -> str:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from jitmesh.types import (
     Agent,
     AuditEvent,
+    BreakglassCode,
     Grant,
     GrantState,
     JoinTokenInfo,
@@ -179,6 +180,30 @@ class Tx(Protocol):
     async def move_due_requests(
         self, now: datetime, limit: int, *, state: RequestState, by: str, reason: str
     ) -> list[Moved]: ...
+    async def recent_auto_grants(
+        self, subject: str, rule: str, since: datetime
+    ) -> list[tuple[datetime, datetime, datetime | None]]:
+        """As `Store.recent_auto_grants`, inside the transaction; concurrent transactions
+        reading the same (subject, rule) take turns until commit, so a budget checked here and
+        the grant written after it are one step (SQLite: one writer at a time; PostgreSQL: a
+        transaction-level advisory lock on the pair)."""
+        ...
+
+    async def insert_breakglass_codes(self, codes: Sequence[tuple[BreakglassCode, str]]) -> None:
+        """Each code with the SHA-256 (hex) of its text; the text itself is never stored."""
+        ...
+
+    async def get_breakglass_code(self, code_id: str) -> BreakglassCode | None: ...
+    async def mark_breakglass_used(
+        self, code_id: str, *, used_at: datetime, grant_id: str, used_by: str
+    ) -> bool:
+        """Compare-and-set: only a code not yet used. False when it was (or is unknown)."""
+        ...
+
+    async def review_breakglass(self, code_id: str, *, at: datetime, by: str, note: str) -> bool:
+        """Compare-and-set: only a used code not yet reviewed."""
+        ...
+
     async def insert_lock(self, lock: Lock) -> None: ...
     async def lift_lock(self, lock_id: str, at: datetime, by: str, reason: str) -> bool: ...
     async def get_lock(self, lock_id: str) -> Lock | None: ...
@@ -321,6 +346,12 @@ class Store(Protocol):
     async def lock_in_force(
         self, subject: str, agent: str, action: str, now: datetime
     ) -> Lock | None: ...
+    async def list_breakglass_codes(
+        self, *, unreviewed: bool, agent: str, subject: str, include_expired: bool, now: datetime
+    ) -> list[BreakglassCode]:
+        """Newest first (at most 1000). `unreviewed`: used and not reviewed only; otherwise
+        codes unused and past their expiry only with `include_expired`."""
+        ...
 
 
 class CommandSink(Protocol):

@@ -29,7 +29,7 @@ from server.ca import CertificateError, agent_of
 from server.domain import errors
 from server.domain.admission import Admission
 from server.domain.fleet import BACKLOG_PAGE, FleetService
-from server.domain.models import AgentHello, Command, Principal, Resume
+from server.domain.models import AgentHello, Command, CommandKind, Principal, Resume
 from server.signing import SigningKeys
 
 from . import convert as c
@@ -399,6 +399,8 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 epoch,
                 self._clock.now(),
                 resume.tombstones,
+                # A 0.1 agent cannot read locks: its snapshot says nothing of them.
+                None if session.legacy else resume.locks,
             )
             await _send(session, context, self._command(resume.snapshot_seq, body))
             last = resume.snapshot_seq
@@ -416,6 +418,9 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             if item.seq > last + 1:
                 last = await self._replay(session, last, context)
                 continue
+            if not _sendable(session, item):
+                last = item.seq
+                continue
             body = c.command_body(item, epoch, self._clock.now())
             await _send(session, context, self._command(item.seq, body))
             last = item.seq
@@ -425,6 +430,9 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         while True:
             page = await self._fleet.backlog(session.agent, last)
             for command in page:
+                if not _sendable(session, command):
+                    last = command.seq
+                    continue
                 body = c.command_body(command, epoch, self._clock.now())
                 await _send(session, context, self._command(command.seq, body))
                 last = command.seq
@@ -481,6 +489,12 @@ async def _stop_writer(session: Session, writer: asyncio.Task[None]) -> None:
     if session.writing and not writer.done():
         await asyncio.wait([writer], timeout=WRITE_GRACE)
     writer.cancel()
+
+
+def _sendable(session: Session, command: Command) -> bool:
+    """A 0.1 agent cannot parse lock commands (none are written for an agent known to be 0.1;
+    one written before it said Hello with its version is skipped: its revokes still come)."""
+    return not (session.legacy and command.kind in (CommandKind.LOCK, CommandKind.UNLOCK))
 
 
 async def _settle(writing: collections.deque[asyncio.Future[Any]]) -> None:

@@ -17,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from jitmesh import convert as shared
 from jitmesh import validation as v
 from jitmesh.errors import JitmeshError
-from jitmesh.types import Grant, GrantState, RequestState, ReviewDecision
+from jitmesh.types import Grant, GrantState, Lock, RequestState, ReviewDecision
 from jitmesh.v1 import agentlink_pb2, types_pb2
 from server.domain.errors import InvalidArgument, invalid_input
 from server.domain.models import (
@@ -25,6 +25,7 @@ from server.domain.models import (
     AgentAck,
     AgentHello,
     AgentObservation,
+    BreakglassUse,
     Command,
     CommandKind,
     GrantResult,
@@ -176,6 +177,36 @@ def hello(h: agentlink_pb2.Hello) -> AgentHello:
         boot_id=_short(h.boot_id, "hello boot_id"),
         agent_time=from_ts(h.agent_time, "hello agent_time") if h.HasField("agent_time") else None,
         removing_grant_ids=_grant_ids(h.removing_grant_ids, "hello removing_grant_ids"),
+        breakglass=tuple(breakglass_use(u, "hello breakglass") for u in h.breakglass[:100]),
+    )
+
+
+_CODE_ID = re.compile(r"[0-9a-f]{32}")
+# A serialized code is a few hundred bytes.
+_MAX_CODE = 2048
+
+
+def breakglass_use(u: agentlink_pb2.BreakglassUse, field: str) -> BreakglassUse:
+    """A break-glass use an agent reports: every field checked (the code itself is verified by
+    the domain, through the signer)."""
+    if not _CODE_ID.fullmatch(u.code_id):
+        raise InvalidArgument(f"{field} code_id is not valid")
+    if not u.code or len(u.code) > _MAX_CODE:
+        raise InvalidArgument(f"{field} code is missing or too long")
+    if not (u.HasField("used_at") and u.HasField("not_after")):
+        raise InvalidArgument(f"{field} needs used_at and not_after")
+    with invalid_input():
+        subject = v.check(v.SUBJECT, u.subject, f"{field} subject")
+        action = v.check(v.ACTION, u.action, f"{field} action")
+    return BreakglassUse(
+        code_id=u.code_id,
+        code=bytes(u.code),
+        grant_id=_grant_id(u.grant_id, f"{field} grant_id") or _missing(f"{field} grant_id"),
+        subject=subject,
+        action=action,
+        used_at=from_ts(u.used_at, f"{field} used_at"),
+        not_after=from_ts(u.not_after, f"{field} not_after"),
+        caller=_text(u.caller, 64),
     )
 
 
@@ -224,6 +255,9 @@ def observation(ev: agentlink_pb2.AgentEvent) -> AgentObservation:
         else None,
         details={_text(k, 64): _text(val, 256) for k, val in list(ev.details.items())[:16]},
         counter=number(ev.counter, "event counter"),
+        breakglass=breakglass_use(ev.breakglass, "event breakglass")
+        if ev.WhichOneof("detail") == "breakglass"
+        else None,
     )
 
 
@@ -249,7 +283,15 @@ def grant_command(g: Grant) -> agentlink_pb2.GrantCommand:
 
 def command_body(c: Command, epoch: int, now: datetime) -> agentlink_pb2.CommandBody:
     body = agentlink_pb2.CommandBody(agent=c.agent, epoch=epoch, seq=c.seq, issued_at=ts(now))
-    if c.kind in (CommandKind.GRANT, CommandKind.EXTEND):
+    if c.kind is CommandKind.LOCK and c.lock is not None:
+        body.lock.CopyFrom(lock_command(c.lock))
+    elif c.kind in (CommandKind.LOCK, CommandKind.UNLOCK):
+        # An unlock (or a lock whose row is gone: it can no longer be in force).
+        lock_id = c.lock.id if c.lock is not None else ""
+        body.unlock.CopyFrom(agentlink_pb2.UnlockCommand(lock_id=lock_id))
+    elif c.grant is None:
+        raise ValueError(f"command {c.seq} of {c.agent} names no grant")
+    elif c.kind in (CommandKind.GRANT, CommandKind.EXTEND):
         body.grant.CopyFrom(grant_command(c.grant))
     else:
         body.revoke.CopyFrom(
@@ -261,6 +303,16 @@ def command_body(c: Command, epoch: int, now: datetime) -> agentlink_pb2.Command
     return body
 
 
+def lock_command(lock: Lock) -> agentlink_pb2.LockCommand:
+    return agentlink_pb2.LockCommand(
+        lock_id=lock.id,
+        subject=lock.target.subject,
+        action=lock.target.action,
+        expires_at=ts(lock.expires_at),
+        reason=lock.reason[:256],
+    )
+
+
 def snapshot_body(
     agent_name: str,
     seq: int,
@@ -268,13 +320,18 @@ def snapshot_body(
     epoch: int,
     now: datetime,
     tombstones: tuple[str, ...] = (),
+    locks: tuple[Lock, ...] | None = None,
 ) -> agentlink_pb2.CommandBody:
+    """`locks`: every lock in force for the agent (None for a 0.1 agent: no locks at all)."""
     return agentlink_pb2.CommandBody(
         agent=agent_name,
         epoch=epoch,
         seq=seq,
         issued_at=ts(now),
         snapshot=agentlink_pb2.SnapshotCommand(
-            grants=[grant_command(g) for g in grants], tombstones=list(tombstones)
+            grants=[grant_command(g) for g in grants],
+            tombstones=list(tombstones),
+            locks=[lock_command(x) for x in locks or ()],
+            locks_complete=locks is not None,
         ),
     )

@@ -19,6 +19,7 @@ from jitmesh.clock import from_ms, to_ms
 from jitmesh.types import (
     Agent,
     AuditEvent,
+    BreakglassCode,
     Grant,
     GrantState,
     JoinTokenInfo,
@@ -59,6 +60,7 @@ from server.domain.receivers import (
 from server.store import rows as rec
 from server.store.queries import (
     AUDIT_COLUMNS,
+    BREAKGLASS_COLUMNS,
     DUE_GRANT_IN,
     GRANT_COLUMNS,
     GRANT_COLUMNS_OF_G,
@@ -246,6 +248,42 @@ class SqlTx(SqlReads):
     async def get_lock(self, lock_id: str) -> Lock | None:
         row = await self._one(self._q.get_lock, [lock_id])
         return None if row is None else rec.lock(row)
+
+    async def _budget_turn(self, subject: str, rule: str) -> None:
+        """Wait until no other transaction is checking the budget of (subject, rule), and keep
+        it so until commit (PostgreSQL: an advisory lock). SQLite needs nothing: one writer at
+        a time on the file (BEGIN IMMEDIATE)."""
+
+    async def recent_auto_grants(
+        self, subject: str, rule: str, since: datetime
+    ) -> list[tuple[datetime, datetime, datetime | None]]:
+        await self._budget_turn(subject, rule)
+        rows = await self._all(self._q.recent_auto_grants, [to_ms(since), subject, rule])
+        return [
+            (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
+        ]
+
+    async def insert_breakglass_codes(self, codes: Sequence[tuple[BreakglassCode, str]]) -> None:
+        await self._many(
+            self._q.insert_breakglass_code,
+            [rec.breakglass_values(code, digest) for code, digest in codes],
+        )
+
+    async def get_breakglass_code(self, code_id: str) -> BreakglassCode | None:
+        row = await self._one(self._q.get_breakglass_code, [code_id])
+        return None if row is None else rec.breakglass_code(row)
+
+    async def mark_breakglass_used(
+        self, code_id: str, *, used_at: datetime, grant_id: str, used_by: str
+    ) -> bool:
+        changed = await self._run(
+            self._q.mark_breakglass_used, [to_ms(used_at), grant_id, used_by, code_id]
+        )
+        return changed == 1
+
+    async def review_breakglass(self, code_id: str, *, at: datetime, by: str, note: str) -> bool:
+        changed = await self._run(self._q.review_breakglass, [to_ms(at), by, note, code_id])
+        return changed == 1
 
     async def locks_in_force(self, now: datetime) -> list[Lock]:
         return [rec.lock(r) for r in await self._all(self._q.locks_in_force, [to_ms(now)])]
@@ -918,16 +956,7 @@ class SqlStore(SqlReads):
 
     async def commands_after(self, agent: str, seq: int, limit: int) -> list[Command]:
         rows = await self._all(self._q.commands_after, [agent, seq, limit])
-        return [
-            Command(
-                agent,
-                r["c_seq"],
-                CommandKind(r["c_kind"]),
-                rec.grant(r, "g_"),
-                r["c_revoke_reason"],
-            )
-            for r in rows
-        ]
+        return [rec.command(r, agent) for r in rows]
 
     async def command_log_start(self, agent: str) -> int:
         """The seq at or below which the agent's commands may be truncated away (0: none)."""
@@ -998,6 +1027,24 @@ class SqlStore(SqlReads):
             args.append(to_ms(now))
         rows = await self._all(sql + " ORDER BY created_at DESC, id DESC LIMIT 1000", args)
         return [rec.lock(r) for r in rows]
+
+    async def list_breakglass_codes(
+        self, *, unreviewed: bool, agent: str, subject: str, include_expired: bool, now: datetime
+    ) -> list[BreakglassCode]:
+        where, args = rec.breakglass_filter(
+            unreviewed=unreviewed,
+            agent=agent,
+            subject=subject,
+            include_expired=include_expired,
+            now=now,
+            mark=self._d.mark,
+        )
+        rows = await self._all(
+            f"SELECT {BREAKGLASS_COLUMNS} FROM breakglass_codes WHERE {where} "
+            "ORDER BY issued_at DESC, id DESC LIMIT 1000",
+            args,
+        )
+        return [rec.breakglass_code(r) for r in rows]
 
 
 class SqlOutbox(ABC):

@@ -88,6 +88,7 @@ GRANT_COLUMNS_OF_G = rec.columns(rec.GRANT_COLUMNS, "g.")
 GRANT_COLUMNS_G = ", ".join(f"g.{c} AS g_{c}" for c in rec.GRANT_COLUMNS)
 AUDIT_COLUMNS = rec.columns(rec.AUDIT_COLUMNS)
 LOCK_COLUMNS = rec.columns(rec.LOCK_COLUMNS)
+BREAKGLASS_COLUMNS = rec.columns(rec.BREAKGLASS_COLUMNS)
 CHECKPOINT_COLUMNS = "seq, hash, at, key_id, signature"
 LIVE_IN = ", ".join(f"'{s}'" for s in rec.LIVE_STATES)
 # Grant states the expiry sweep moves; as in SQLite's partial index grants_live, whose IN list
@@ -157,17 +158,8 @@ class Queries:
         "UNION ALL SELECT MIN(start_at) FROM requests WHERE state = 'SCHEDULED') AS d"
     )
     # Commands.
-    commands_after: str = (
-        # A grant command the agent has refused (acked FAILED or REJECTED) is never sent again:
-        # the grant ended here with that ack, and no revoke follows it in the log. An agent that
-        # could not record its refusal (a full disk) would otherwise apply it on the replay
-        # after its restart, for a grant the coordinator shows as failed.
-        "SELECT c.seq AS c_seq, c.kind AS c_kind, c.revoke_reason AS c_revoke_reason, "
-        f"{GRANT_COLUMNS_G} FROM commands c JOIN grants g ON g.id = c.grant_id "
-        "WHERE c.agent = ? AND c.seq > ? "
-        "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
-        "ORDER BY c.seq LIMIT ?"
-    )
+    # With the grant (or, for LOCK and UNLOCK, the lock) each names: rows.commands_after_sql.
+    commands_after: str = rec.commands_after_sql("?")
     first_unacked_seq: str = (
         # A snapshot's own row is never resent (a new Hello gets a new snapshot), so an ack of
         # it lost in a crash must not hold the resume point back for ever.
@@ -321,6 +313,20 @@ class Queries:
     lift_lock: str = (
         "UPDATE locks SET lifted_at = ?, lifted_by = ?, lift_reason = ? "
         "WHERE id = ? AND lifted_at IS NULL"
+    )
+    # Break-glass codes.
+    insert_breakglass_code: str = (
+        f"INSERT INTO breakglass_codes ({BREAKGLASS_COLUMNS}) "
+        f"VALUES ({_values(len(rec.BREAKGLASS_COLUMNS))})"
+    )
+    get_breakglass_code: str = f"SELECT {BREAKGLASS_COLUMNS} FROM breakglass_codes WHERE id = ?"
+    mark_breakglass_used: str = (
+        "UPDATE breakglass_codes SET used_at = ?, grant_id = ?, used_by = ? "
+        "WHERE id = ? AND used_at IS NULL"
+    )
+    review_breakglass: str = (
+        "UPDATE breakglass_codes SET reviewed_at = ?, reviewed_by = ?, review_note = ? "
+        "WHERE id = ? AND used_at IS NOT NULL AND reviewed_at IS NULL"
     )
     # Agents, join tokens, users, tokens, certificates.
     reenroll_agent: str = (

@@ -16,6 +16,7 @@ from jitmesh.clock import from_ms, to_ms
 from jitmesh.types import (
     Agent,
     AuditEvent,
+    BreakglassCode,
     Grant,
     GrantState,
     JoinTokenInfo,
@@ -34,7 +35,15 @@ from jitmesh.types import (
 from server.domain.approval import plan_from_json, plan_json
 from server.domain.audit import canonical_details, chain_hash
 from server.domain.errors import InvalidArgument
-from server.domain.models import AuditEntry, Checkpoint, GrantChange, Principal, ReplicaInfo
+from server.domain.models import (
+    AuditEntry,
+    Checkpoint,
+    Command,
+    CommandKind,
+    GrantChange,
+    Principal,
+    ReplicaInfo,
+)
 from server.domain.notices import Notice, NoticeKind
 from server.domain.reads import page_token_after
 from server.domain.receivers import Route
@@ -51,7 +60,7 @@ GRANT_COLUMNS = (
     "id", "request_id", "agent", "subject", "action", "not_before", "not_after", "state",
     "offline_mode", "offline_grace_ms", "created_at", "ended_at", "ended_by", "end_reason",
     "grant_seq", "revoke_seq", "applied_at", "failure", "epoch", "extensions",
-    "original_not_after",
+    "original_not_after", "breakglass_code_id",
 )  # fmt: skip
 AUDIT_COLUMNS = (
     "seq", "id", "at", "actor", "kind", "subject", "agent", "request_id", "grant_id", "details",
@@ -60,6 +69,11 @@ AUDIT_COLUMNS = (
 LOCK_COLUMNS = (
     "id", "subject", "agent", "action", "reason", "created_by", "created_at", "expires_at",
     "lifted_at", "lifted_by", "lift_reason",
+)  # fmt: skip
+BREAKGLASS_COLUMNS = (
+    "id", "agent", "subject", "action", "duration_ms", "issued_at", "issued_by", "expires_at",
+    "reason", "code_hash", "used_at", "grant_id", "used_by", "reviewed_at", "reviewed_by",
+    "review_note",
 )  # fmt: skip
 # Grant states in which a grant still holds (or may still hold) access on its host.
 LIVE_STATES = ("PENDING_DELIVERY", "ACTIVE", "REVOKING", "REVOKE_FAILED")
@@ -174,6 +188,7 @@ def grant(row: Row, prefix: str = "") -> Grant:
         epoch=row[p + "epoch"],
         extensions=row[p + "extensions"],
         original_not_after=at(row[p + "original_not_after"]),
+        breakglass_code_id=row[p + "breakglass_code_id"],
     )
 
 
@@ -185,6 +200,7 @@ def grant_values(g: Grant) -> tuple[Any, ...]:
         g.offline.grace // timedelta(milliseconds=1), to_ms(g.created_at),
         ms(g.ended_at), g.ended_by, g.end_reason, g.grant_seq, g.revoke_seq,
         ms(g.applied_at), g.failure, g.epoch, g.extensions, ms(g.original_not_after),
+        g.breakglass_code_id,
     )  # fmt: skip
 
 
@@ -239,18 +255,79 @@ def agent(row: Row) -> Agent:
     )
 
 
-def lock(row: Row) -> Lock:
+def lock(row: Row, prefix: str = "") -> Lock:
+    """A lock row; `prefix` names its columns in a join (`l_id`, ...)."""
+    p = prefix
     return Lock(
-        id=row["id"],
-        target=LockTarget(subject=row["subject"], agent=row["agent"], action=row["action"]),
-        reason=row["reason"],
-        created_by=row["created_by"],
-        created_at=from_ms(row["created_at"]),
-        expires_at=at(row["expires_at"]),
-        lifted_at=at(row["lifted_at"]),
-        lifted_by=row["lifted_by"],
-        lift_reason=row["lift_reason"],
+        id=row[p + "id"],
+        target=LockTarget(
+            subject=row[p + "subject"], agent=row[p + "agent"], action=row[p + "action"]
+        ),
+        reason=row[p + "reason"],
+        created_by=row[p + "created_by"],
+        created_at=from_ms(row[p + "created_at"]),
+        expires_at=at(row[p + "expires_at"]),
+        lifted_at=at(row[p + "lifted_at"]),
+        lifted_by=row[p + "lifted_by"],
+        lift_reason=row[p + "lift_reason"],
     )
+
+
+def commands_after_sql(mark: str) -> str:
+    """An agent's commands after a seq, with the grant (or lock) each names; `mark` is the
+    store's placeholder (agent, seq, limit). A grant command the agent has refused (acked
+    FAILED or REJECTED) is never sent again: the grant ended here with that ack, and no revoke
+    follows it in the log. A snapshot's own row is never resent (it names no grant)."""
+    grant_columns = ", ".join(f"g.{c} AS g_{c}" for c in GRANT_COLUMNS)
+    lock_columns = ", ".join(f"l.{c} AS l_{c}" for c in LOCK_COLUMNS)
+    return (
+        "SELECT c.seq AS c_seq, c.kind AS c_kind, c.revoke_reason AS c_revoke_reason, "
+        f"{grant_columns}, {lock_columns} FROM commands c "
+        "LEFT JOIN grants g ON g.id = c.grant_id AND c.kind NOT IN ('lock', 'unlock') "
+        "LEFT JOIN locks l ON l.id = c.grant_id AND c.kind IN ('lock', 'unlock') "
+        f"WHERE c.agent = {mark} AND c.seq > {mark} "
+        "AND (g.id IS NOT NULL OR l.id IS NOT NULL) "
+        "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
+        f"ORDER BY c.seq LIMIT {mark}"
+    )
+
+
+def command(row: Row, agent: str) -> Command:
+    """A row of `commands_after_sql`."""
+    kind = CommandKind(row["c_kind"])
+    if kind in (CommandKind.LOCK, CommandKind.UNLOCK):
+        return Command(agent, row["c_seq"], kind, None, lock=lock(row, "l_"))
+    return Command(agent, row["c_seq"], kind, grant(row, "g_"), row["c_revoke_reason"])
+
+
+def breakglass_code(row: Row) -> BreakglassCode:
+    return BreakglassCode(
+        id=row["id"],
+        agent=row["agent"],
+        subject=row["subject"],
+        action=row["action"],
+        duration=timedelta(milliseconds=row["duration_ms"]),
+        issued_at=from_ms(row["issued_at"]),
+        issued_by=row["issued_by"],
+        expires_at=from_ms(row["expires_at"]),
+        reason=row["reason"],
+        used_at=at(row["used_at"]),
+        grant_id=row["grant_id"],
+        used_by=row["used_by"],
+        reviewed_at=at(row["reviewed_at"]),
+        reviewed_by=row["reviewed_by"],
+        review_note=row["review_note"],
+    )
+
+
+def breakglass_values(code: BreakglassCode, code_hash: str) -> tuple[Any, ...]:
+    """In BREAKGLASS_COLUMNS order."""
+    return (
+        code.id, code.agent, code.subject, code.action,
+        code.duration // timedelta(milliseconds=1), to_ms(code.issued_at), code.issued_by,
+        to_ms(code.expires_at), code.reason, code_hash, ms(code.used_at), code.grant_id,
+        code.used_by, ms(code.reviewed_at), code.reviewed_by, code.review_note,
+    )  # fmt: skip
 
 
 def lock_values(lock: Lock) -> tuple[Any, ...]:
@@ -468,3 +545,23 @@ def notice(row: Row) -> Notice:
         grant_id=row["grant_id"],
         details=json.loads(row["details"]),
     )
+
+
+def breakglass_filter(
+    *, unreviewed: bool, agent: str, subject: str, include_expired: bool, now: datetime, mark: str
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (and its arguments, `mark` their placeholder) of a code listing."""
+    where = ["1 = 1"]
+    args: list[Any] = []
+    if unreviewed:
+        where.append("used_at IS NOT NULL AND reviewed_at IS NULL")
+    elif not include_expired:
+        where.append(f"(used_at IS NOT NULL OR expires_at > {mark})")
+        args.append(to_ms(now))
+    if agent:
+        where.append(f"agent = {mark}")
+        args.append(agent)
+    if subject:
+        where.append(f"subject = {mark}")
+        args.append(subject)
+    return " AND ".join(where), args

@@ -6,7 +6,14 @@ import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from agent.domain.commands import CommandSpec, GrantSpec, RevokeSpec, SnapshotSpec
+from agent.domain.commands import (
+    CommandSpec,
+    GrantSpec,
+    LockSpec,
+    RevokeSpec,
+    SnapshotSpec,
+    UnlockSpec,
+)
 from agent.domain.coverage import Cover
 from agent.domain.leases import HOLD, Lease, LeaseState
 from jitmesh.types import OfflineMode, OfflinePolicy
@@ -69,7 +76,7 @@ def revoke_after(grace: timedelta) -> OfflinePolicy:
 
 def command(
     seq: int,
-    kind: GrantSpec | RevokeSpec | SnapshotSpec,
+    kind: GrantSpec | RevokeSpec | SnapshotSpec | LockSpec | UnlockSpec,
     *,
     agent: str = AGENT,
     epoch: int = 1,

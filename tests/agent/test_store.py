@@ -204,7 +204,7 @@ def test_one_agent_process_per_state_directory(store: SqliteLeaseStore, tmp_path
 
 def test_migrations_are_idempotent(tmp_path: Path) -> None:
     db = tmp_path / "agent.db"
-    assert migrate(db) == 3
+    assert migrate(db) == 4
     assert migrate(db) == 0
     conn = sqlite3.connect(db)
     try:
@@ -212,7 +212,7 @@ def test_migrations_are_idempotent(tmp_path: Path) -> None:
     finally:
         conn.close()
     tables = {row[0] for row in rows}
-    assert {"leases", "meta", "outbox"} <= tables
+    assert {"leases", "meta", "outbox", "breakglass", "locks"} <= tables
 
 
 async def test_pending_migrations_run_in_a_child_process(tmp_path: Path) -> None:

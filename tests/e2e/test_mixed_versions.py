@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 from datetime import timedelta
@@ -128,6 +129,34 @@ async def test_the_previous_release_agent_is_served_by_this_coordinator(
                     await asyncio.sleep(0.05)
             events = await admin.list_audit(since=None, grant_id=grant.id)
             assert [e.kind for e in events].count("grant.applied") == 1
+
+            # A lock reaches the old agent as revokes only (it cannot read lock commands): its
+            # access goes, its stream stays up, and no lock command is in its log.
+            request, grant = await alice.create_request(
+                agent="web-1", action="deploy", duration=timedelta(minutes=10), reason="lock"
+            )
+            assert grant is not None
+            await wait_for(marker.exists, 20, "the old agent to apply the grant")
+            lock, revoked_count, _ = await admin.create_lock(subject="alice", reason="INC-9")
+            assert revoked_count == 1
+            await wait_for(lambda: not marker.exists(), 20, "the lock's revoke on the old agent")
+            await admin.lift_lock(lock.id, reason="done")
+            request, grant = await alice.create_request(
+                agent="web-1", action="deploy", duration=timedelta(minutes=10), reason="after"
+            )
+            assert grant is not None
+            await wait_for(marker.exists, 20, "the old agent to apply a grant after the lock")
+            assert (await admin.get_agent("web-1")).connected
+            db = sqlite3.connect(data / "coordinator.db")
+            try:
+                kinds = [
+                    row[0] for row in db.execute("SELECT kind FROM commands WHERE agent = 'web-1'")
+                ]
+            finally:
+                db.close()
+            assert "revoke" in kinds
+            assert "lock" not in kinds
+            assert "unlock" not in kinds
             assert (await admin.verify_audit()).ok
     finally:
         if web is not None:

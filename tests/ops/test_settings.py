@@ -190,3 +190,36 @@ def test_the_example_files_are_valid() -> None:
     )
     assert profile is not None
     assert (profile.name, profile.coordinator) == ("prod", "jit.example.com:7443")
+
+
+@pytest.mark.parametrize("level", ["WARNING", "Warning", "warning"])
+def test_both_daemons_take_the_same_log_levels_in_any_case(tmp_path: Path, level: str) -> None:
+    coordinator = _run(
+        str(BIN / "jitmesh-coordinator"), "serve", "--insecure", "--data", str(tmp_path / "d"),
+        "--log-level", level, "--print-config",
+    )  # fmt: skip
+    agent = _run(
+        str(BIN / "jitmesh-agent"), "--coordinator", "127.0.0.1:1", "--insecure", "--name", "a",
+        "--state", str(tmp_path / "s"), "--enforcer", f"file:{tmp_path / 'f'}",
+        "--log-level", level, "--print-config",
+    )  # fmt: skip
+    for done in (coordinator, agent):
+        assert done.returncode == 0, done.stderr
+        assert 'log_level = "warning"' in done.stdout
+
+
+def test_a_bad_log_level_is_a_usage_error_in_both_daemons(tmp_path: Path) -> None:
+    coordinator = _run(
+        str(BIN / "jitmesh-coordinator"), "serve", "--insecure", "--data", str(tmp_path / "d"),
+        "--log-level", "loud",
+    )  # fmt: skip
+    agent = _run(
+        str(BIN / "jitmesh-agent"), "--coordinator", "127.0.0.1:1", "--insecure", "--name", "a",
+        "--state", str(tmp_path / "s"), "--enforcer", f"file:{tmp_path / 'f'}",
+        "--log-level", "loud",
+    )  # fmt: skip
+    for done in (coordinator, agent):
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert "log level must be one of debug, info, warning, error" in done.stderr
+        assert "Traceback" not in done.stderr

@@ -17,6 +17,7 @@ INTENDED = {
     "ApprovalPlan",
     "ApprovalStage",
     "AuditEvent",
+    "BreakglassCode",
     "ChainVerification",
     "Created",
     "Grant",

@@ -26,9 +26,11 @@ M15 = timedelta(minutes=15)
 SCOPE = "review-on-behalf"
 
 
-async def bridge_token(env: Env, user: str = "slack-bridge") -> str:
+async def bridge_token(
+    env: Env, user: str = "slack-bridge", groups: tuple[str, ...] | list[str] = ("bridges",)
+) -> str:
     token, info = await env.admin.create_token(
-        user, groups=["bridges"], ttl=timedelta(hours=1), label="slack", scopes=[SCOPE]
+        user, groups=list(groups), ttl=timedelta(hours=1), label="slack", scopes=[SCOPE]
     )
     assert info.scopes == (SCOPE,)
     return token
@@ -174,3 +176,32 @@ async def test_jitctl_creates_a_bridge_token_and_reviews_on_behalf(env: Env) -> 
     assert code == 0, err
     assert SCOPE in out
     assert made["token"] not in out
+
+
+async def test_a_bridge_never_approves_its_own_request_nor_reviews_as_itself(env: Env) -> None:
+    # A scoped token made for a person who also files requests (alice): relaying bob's name does
+    # not let alice approve her own request under it; the refusal is the self-approval one.
+    token = await bridge_token_of_existing(env, "alice")
+    request_id = await prod_request(env)
+    async with await Client.connect(env.address, token=token) as bridge:
+        with pytest.raises(PermissionDeniedError, match="own request") as refused:
+            await bridge.approve(request_id, reason="lgtm", on_behalf_of="bob")
+        assert refused.value.reason == "SELF_APPROVAL"
+    assert (await env.bob.get_request(request_id)).reviews == ()
+    # A bridge in an approver group (sre-bridge) may not name itself: it never reviews as
+    # itself, with or without on_behalf_of.
+    relay = await bridge_token(env, "sre-bridge", groups=["sre"])
+    async with await Client.connect(env.address, token=relay) as bridge:
+        with pytest.raises(PermissionDeniedError, match="itself"):
+            await bridge.approve(request_id, on_behalf_of="SRE-Bridge")
+    request = await env.bob.get_request(request_id)
+    assert request.state is RequestState.PENDING
+    assert request.reviews == ()
+
+
+async def bridge_token_of_existing(env: Env, user: str) -> str:
+    token, info = await env.admin.create_token(
+        user, ttl=timedelta(hours=1), label="relay", scopes=[SCOPE]
+    )
+    assert info.scopes == (SCOPE,)
+    return token

@@ -5,6 +5,7 @@ instant is an argument."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -159,6 +160,20 @@ def test_own_request_never_counts_under_any_spelling(name: str) -> None:
     refusal = review_refusal(
         PLAN, result, Principal(name, frozenset(groups)), APPROVE, at(3), requester="alice"
     )
+    assert refusal == "nobody may review their own request"
+
+
+def test_the_requester_relaying_someone_elses_review_never_counts() -> None:
+    # Self-approval under another name: a review of alice's request relayed by alice (holding a
+    # delegated token) is hers, whoever it names; relayed by another delegate it counts.
+    relayed = [replace(review("sre1", APPROVE, 1), via="Alice")]
+    assert outcome(relayed).counted == ((), ())
+    deny = [replace(review("sre1", DENY, 1), via="alice")]
+    assert outcome(deny).state is P
+    bridged = [replace(review("sre1", APPROVE, 1), via="slack-bridge")]
+    assert outcome(bridged).counted == (("sre1",), ())
+    as_bob = Principal("sre1", frozenset({"sre"}), via="ALICE")
+    refusal = review_refusal(PLAN, outcome([]), as_bob, APPROVE, at(3), requester="alice")
     assert refusal == "nobody may review their own request"
 
 

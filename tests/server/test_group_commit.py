@@ -116,7 +116,7 @@ async def test_concurrent_creates_each_get_their_request_and_a_gap_free_command_
     store = env.coordinator.store
     commands = await store.commands_after("web-1", 0, 100)
     assert [c.seq for c in commands] == list(range(1, 13))
-    assert {c.grant.id for c in commands} == {g.id for _, g in answers if g is not None}
+    assert {c.grant_id for c in commands} == {g.id for _, g in answers if g is not None}
     chain = await store.audit_chain(0, 10_000)
     assert verify_chain(chain).ok
     kinds = [e.kind for e in chain if e.request_id == answers[0][0].id]
@@ -180,7 +180,7 @@ async def test_append_commands_numbers_each_agent_gap_free(store: SqliteStore) -
     # In the order given, after the one already there; nothing for the removed agent.
     assert seqs == [2, 3, None, 4]
     commands = await store.commands_after("a", 0, 10)
-    assert [(c.seq, c.grant.id) for c in commands] == [
+    assert [(c.seq, c.grant_id) for c in commands] == [
         (1, grants[0].id),
         (2, grants[1].id),
         (3, grants[2].id),

@@ -229,19 +229,22 @@ async def test_grants_on_many_agents_are_revoked_in_one_lock(env: Env) -> None:
     assert rows == [
         ("db-1", 1, "grant"),
         ("db-1", 2, "revoke"),
+        # Every agent the lock concerns keeps it too (wire 0.2), after the revokes.
+        ("db-1", 3, "lock"),
         ("web-1", 1, "grant"),
         ("web-1", 2, "grant"),
         ("web-1", 3, "grant"),
         ("web-1", 4, "revoke"),
         ("web-1", 5, "revoke"),
         ("web-1", 6, "revoke"),
+        ("web-1", 7, "lock"),
     ]
     assert raw_sql(
         env.coordinator.config.data_dir / "coordinator.db",
         "SELECT last_seq FROM agents ORDER BY name",
     ) == [
-        (2,),
-        (6,),
+        (3,),
+        (7,),
     ]
     states = {g.state for g in await env.admin.list_grants()}
     assert states == {GrantState.REVOKING}

@@ -518,7 +518,7 @@ async def test_revoke_by_admin(env: Env) -> None:
     again = await env.admin.revoke_grant(grant_id)
     assert (again.state, again.revoke_seq) == (GrantState.REVOKING, grant.revoke_seq)
     commands = await env.coordinator.store.commands_after("web-1", 0, 10)
-    assert [(c.seq, c.kind.value, c.grant.id) for c in commands] == [
+    assert [(c.seq, c.kind.value, c.grant_id) for c in commands] == [
         (grant.grant_seq, "grant", grant_id),
         (grant.revoke_seq, "revoke", grant_id),
     ]

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, timedelta
+from typing import Any
 
 import pytest
 
@@ -296,6 +297,64 @@ async def test_auto_approval_budget_runs_out_then_a_person_decides(env: Env) -> 
         assert grant is not None
         decision = await env.admin.test_policy(subject="alice", action="deploy", agent="web-1")
         assert any("budget: 1 of 2 automatic grants" in line for line in decision.trace)
+    finally:
+        for c in users.values():
+            await c.close()
+
+
+async def test_concurrent_requests_never_both_fit_a_budget_of_one(env: Env) -> None:
+    await env.admin.apply_policy(
+        STAGED.replace("budget: {count: 2, granted: 40m}", "budget: {count: 1}")
+    )
+    users = await more_users(env)
+    try:
+        await env.clock.advance(timedelta(days=4, hours=9))  # Monday, inside the window
+        made = await asyncio.gather(
+            *(
+                env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+                for _ in range(6)
+            )
+        )
+        states = sorted(r.request.state.value for r in made)
+        assert states == ["APPROVED"] + ["PENDING"] * 5
+        assert sum(r.grant is not None for r in made) == 1
+        assert len(await env.admin.list_audit(kind="grant.created")) == 1
+        # The ones that did not fit wait for people, with the rule's stages pinned.
+        waiting = [r.request for r in made if r.grant is None]
+        assert all(r.approvals_required == 1 and r.plan is not None for r in waiting)
+        assert all(r.plan is not None and not r.plan.automatic for r in waiting)
+    finally:
+        for c in users.values():
+            await c.close()
+
+
+async def test_only_a_grant_people_approved_is_reused(env: Env) -> None:
+    users = await staged(env)
+    try:
+        await env.clock.advance(timedelta(days=4, hours=9))  # Monday, inside the window
+        grants = []
+        for _ in range(2):
+            request, grant = await env.alice.create_request(
+                agent="web-1", action="deploy", duration=M15
+            )
+            assert request.state is RequestState.APPROVED
+            assert grant is not None
+            grants.append(grant.id)
+        # The budget is used up and both automatic grants are still live: the next request
+        # waits for a person (an automatic grant answered nobody, so it is never reused).
+        waiting = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+        assert not waiting.reused
+        assert (waiting.request.state, waiting.grant) == (RequestState.PENDING, None)
+        options = await env.alice.request_options(agent="web-1")
+        assert [o.live_grant_id for o in options if o.action == "deploy"] == [""]
+        _, approved = await env.bob.approve(waiting.request.id)
+        assert approved is not None
+        # A grant a person approved is reused by the next request.
+        again = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
+        assert again.reused
+        assert again.grant is not None
+        assert again.grant.id == approved.id
+        assert approved.id not in grants
     finally:
         for c in users.values():
             await c.close()
@@ -590,6 +649,51 @@ async def test_grant_context_manager_denied_and_cancelled(env: Env) -> None:
     assert len(await env.alice.list_requests(states=[RequestState.CANCELLED])) == 1
 
 
+async def test_grant_context_manager_cancels_its_request_when_the_caller_is_cancelled(
+    env: Env,
+) -> None:
+    async def use() -> None:
+        async with env.alice.grant("db-1", "deploy", M15, reason="x"):
+            raise AssertionError("never entered")
+
+    task = asyncio.create_task(use())
+    async with asyncio.timeout(10):
+        while not await env.alice.list_requests(states=[RequestState.PENDING]):
+            await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await env.alice.list_requests(states=[RequestState.PENDING]) == []
+    (cancelled,) = await env.alice.list_requests(states=[RequestState.CANCELLED])
+    assert cancelled.decided_by == "alice"
+    assert await env.bob.list_requests(reviewable=True) == []
+
+
+async def test_grant_context_manager_cancelled_while_the_request_is_made(env: Env) -> None:
+    """A cancellation that lands while CreateRequest is on its way: the request the
+    coordinator made all the same does not stay behind for approvers."""
+    started = asyncio.Event()
+    original = env.alice.create_request
+
+    async def slow_create(**kwargs: Any) -> Any:
+        started.set()
+        return await original(**kwargs)
+
+    env.alice.create_request = slow_create  # type: ignore[method-assign]
+
+    async def use() -> None:
+        async with env.alice.grant("db-1", "deploy", M15, reason="x"):
+            raise AssertionError("never entered")
+
+    task = asyncio.create_task(use())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await env.alice.list_requests(states=[RequestState.PENDING]) == []
+    assert len(await env.alice.list_requests(states=[RequestState.CANCELLED])) == 1
+
+
 # Watching requests with a cursor.
 
 
@@ -747,7 +851,8 @@ async def test_request_options_list_what_the_caller_may_ask_for(env: Env) -> Non
         _, grant = await env.alice.create_request(agent="web-1", action="deploy", duration=M15)
         assert grant is not None
         (after,) = await env.alice.request_options(agent="web-1")
-        assert (after.automatic_left, after.live_grant_id) == (1, grant.id)
+        # The automatic grant is live but no request would reuse it (nobody approved it).
+        assert (after.automatic_left, after.live_grant_id) == (1, "")
         # bob (sre) is allowed nothing by this policy.
         assert await env.bob.request_options() == []
     finally:

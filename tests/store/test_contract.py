@@ -200,7 +200,7 @@ async def test_append_command_numbers_each_agent_without_gaps(store: Store) -> N
         got["db-1"].append(await tx.append_command("db-1", CommandKind.REVOKE, db, T0, "revoked"))
     assert got == {"web-1": [1, 2, 3], "db-1": [1, 2]}
     commands = await store.commands_after("db-1", 0, 10)
-    assert [(c.seq, c.kind, c.grant.id) for c in commands] == [
+    assert [(c.seq, c.kind, c.grant_id) for c in commands] == [
         (1, CommandKind.GRANT, db),
         (2, CommandKind.REVOKE, db),
     ]

@@ -55,7 +55,7 @@ async def test_concurrent_writers_extend_one_chain_and_number_commands_without_g
     assert await store.audit_head() == (chain[-1].seq, chain[-1].hash)
     commands = await store.commands_after("web-1", 0, 1000)
     assert [c.seq for c in commands] == list(range(1, len(grants) + 1))
-    assert sorted(c.grant.id for c in commands) == sorted(g.id for g in grants)
+    assert sorted(c.grant_id for c in commands) == sorted(g.id for g in grants)
 
 
 async def test_write_runs_the_function_again_after_a_deadlock(store: Store, reopen: Opener) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -184,3 +185,35 @@ async def test_login_csrf_a_callback_from_another_browser_signs_nobody_in(
         await expect(again.locator("main")).to_contain_text(REFUSED)
         for context in (attacker, victim, forged):
             await context.close()
+
+
+@pytest.mark.parametrize(
+    "trick", ["/\\{host}/", "/\t/{host}/", "/\n/{host}/"], ids=["backslash", "tab", "newline"]
+)
+async def test_after_sign_in_the_page_never_sends_the_browser_to_another_site(
+    tmp_path: Path,
+    base: str,
+    provider: Provider,
+    coordinator: Coordinator,
+    browser: Browser,
+    trick: str,
+) -> None:
+    # Open redirect: a link to the sign-in page whose `next` a browser reads as another site
+    # ("/\\evil.example" is "//evil.example" to a browser, and tabs and newlines are dropped from
+    # addresses). After signing in the browser must stay on the page; here "another site" is
+    # the provider's, a real server, so a redirect there would load.
+    other = provider.issuer.split("://", 1)[1].split("/", 1)[0]
+    port = int(base.rsplit(":", 1)[1])
+    web, _ = await start_web(
+        coordinator.port, tmp_path / "web.log", "--public-url", base, listen=f"127.0.0.1:{port}"
+    )
+    with stopping(web):
+        context = await browser.new_context()
+        page = await context.new_page()
+        await page.goto(f"{base}/signin?{urlencode({'next': trick.format(host=other)})}")
+        async with page.expect_request(lambda r: r.url.startswith(f"{provider.issuer}/auth?")):
+            await page.click("text=Sign in with single sign-on")
+        await at_provider(page, "carol")
+        await expect(page.locator("#me")).to_have_text("carol", timeout=15_000)
+        assert page.url.startswith(base + "/"), page.url
+        await context.close()

@@ -11,4 +11,3 @@ ALTER TABLE requests ADD COLUMN selector TEXT NOT NULL DEFAULT '';
 ALTER TABLE requests ADD COLUMN grant_ids TEXT NOT NULL DEFAULT '';
 ALTER TABLE requests ADD COLUMN reused INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE requests ADD COLUMN extends_grant_id TEXT NOT NULL DEFAULT '';
-CREATE INDEX requests_scheduled ON requests(start_at) WHERE state = 'SCHEDULED';

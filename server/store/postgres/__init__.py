@@ -136,6 +136,13 @@ class PostgresTx(SqlTx):
         self._head: tuple[int, str] | None = None
         self.new_audit: list[AuditEvent] = []
 
+    async def _budget_turn(self, subject: str, rule: str) -> None:
+        # Replicas checking the same budget take turns until commit (READ COMMITTED would let
+        # two transactions both read the budget unused and both write a grant).
+        await self._conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"budget:{subject}:{rule}"]
+        )
+
     async def _audit_head(self) -> tuple[int, str]:
         if self._head is None:
             row = await _one(self._conn, "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")

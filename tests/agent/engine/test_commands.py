@@ -11,7 +11,15 @@ from typing import Any
 
 import pytest
 
-from agent.domain.commands import AckStatus, CommandSpec, RevokeSpec, SnapshotSpec
+from agent.domain.breakglass import KeptLock
+from agent.domain.commands import (
+    AckStatus,
+    CommandSpec,
+    LockSpec,
+    RevokeSpec,
+    SnapshotSpec,
+    UnlockSpec,
+)
 from agent.domain.leases import EventKind
 from tests.agent.factories import T0, command, grant
 from tests.agent.fakes import RecordingEnforcer
@@ -235,3 +243,39 @@ async def test_a_snapshot_answers_for_every_grant_and_tombstone_it_names(bench: 
     assert (await commands.handle(command(2, gone))).status is AckStatus.NOT_APPLIED
     assert bench.parts.link.snapshot_seq == 5
     assert (await bench.store.meta()).snapshot_seq == 5
+
+
+async def test_a_kept_lock_refuses_matching_grants_until_unlocked(bench: Bench) -> None:
+    commands = bench.parts.commands
+    lock = KeptLock("lck-" + "1" * 32, subject="alice", reason="INC-9")
+    assert (await commands.handle(command(1, LockSpec(lock)))).status is AckStatus.APPLIED
+    assert await bench.store.locks() == [lock]
+    refused = await commands.handle(command(2, grant()))
+    assert (refused.status, refused.reason) == (AckStatus.REJECTED, f"locked ({lock.lock_id})")
+    # Batched grants are checked too (one by one under the lock), another pair is not locked.
+    acks = await commands.handle_many(
+        [command(3, grant()), command(4, grant(subject="bob")), command(5, grant())]
+    )
+    assert [a.status for a in acks] == [
+        AckStatus.REJECTED,
+        AckStatus.APPLIED,
+        AckStatus.REJECTED,
+    ]
+    assert bench.hook.in_force == {("bob", "deploy")}
+    unlocked = await commands.handle(command(6, UnlockSpec(lock.lock_id)))
+    assert unlocked.status is AckStatus.APPLIED
+    assert await bench.store.locks() == []
+    assert (await commands.handle(command(7, grant()))).status is AckStatus.APPLIED
+    assert PAIR in bench.hook.in_force
+
+
+async def test_a_snapshot_replaces_the_kept_locks_only_when_it_says_so(bench: Bench) -> None:
+    commands = bench.parts.commands
+    old = KeptLock("lck-" + "1" * 32, action="deploy")
+    new = KeptLock("lck-" + "2" * 32, subject="carol")
+    await commands.handle(command(1, LockSpec(old)))
+    await commands.handle(command(2, SnapshotSpec(grants=())))
+    assert await bench.store.locks() == [old]
+    await commands.handle(command(3, SnapshotSpec(grants=(), locks=(new,))))
+    assert await bench.store.locks() == [new]
+    assert (await commands.handle(command(4, grant()))).status is AckStatus.APPLIED

@@ -1,0 +1,41 @@
+"""Signing in to jitmesh-web with a development token (`--dev-token-sign-in`), over plain HTTP:
+a token the coordinator refuses for whoami is answered on the sign-in page, never with a server
+error, and signs nobody in."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+
+from jitmesh.clock import SystemClock
+from tests.notify.test_outbox import running
+from tests.web.browsing import start_web, stopping
+
+
+async def test_a_bridge_token_does_not_sign_in_to_the_web_page(tmp_path: Path) -> None:
+    async with running(tmp_path / "c", SystemClock()) as (coordinator, clients):
+        bridge, _ = await clients["admin"].create_token(
+            "slack-bridge", groups=["bridges"], ttl=timedelta(hours=1),
+            scopes=["review-on-behalf"],
+        )  # fmt: skip
+        web, base = await start_web(
+            coordinator.port, tmp_path / "web.log", "--dev-token-sign-in", "--insecure-cookies"
+        )
+        with stopping(web):
+            async with httpx.AsyncClient(base_url=base, timeout=10.0) as browser:
+                page = await browser.get("/signin")
+                found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+                assert found is not None
+                answer = await browser.post(
+                    "/signin/token",
+                    data={"csrf": found.group(1), "token": bridge, "next": "/"},
+                    headers={"origin": base},
+                )
+                # A scoped token may make no call but a delegated review: not a person's.
+                assert answer.status_code == 303, answer.text
+                assert answer.headers["location"] == "/signin?error=token"
+                assert "jm_session" not in browser.cookies
+        assert bridge not in (tmp_path / "web.log").read_text()
