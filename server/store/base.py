@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -138,6 +138,12 @@ class SqlReads(ABC):
     async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         """All the statement's rows (read at once: no cursor is held across awaits)."""
 
+    def _session(self) -> AbstractAsyncContextManager[SqlReads]:
+        """Reads of several statements run on what this gives: one connection. A transaction
+        and the SQLite store are that already; the PostgreSQL store lends one pooled connection
+        (taking one per statement cost more than the statements, measured)."""
+        return nullcontext(self)
+
     async def _reviews(self, ids: list[str]) -> dict[str, tuple[Review, ...]]:
         if not ids:
             return {}
@@ -153,11 +159,32 @@ class SqlReads(ABC):
         reviews = await self._reviews([r["id"] for r in rows])
         return [rec.request(r, reviews.get(r["id"], ())) for r in rows]
 
+    async def _newest_first(
+        self,
+        select: str,
+        alias: str,
+        pairs: list[tuple[str, Any]],
+        page_token: str,
+        limit: int,
+    ) -> tuple[list[Any], bool]:
+        """One page of rows, newest first, after the page token; and whether more follow."""
+        mark = self._d.mark
+        where, args = filters(self._d, pairs)
+        after = rec.page(page_token)
+        if after:
+            where.append(f"({alias}created_at, {alias}id) < ({mark}, {mark})")
+            args.extend(after)
+        sql = select + (" WHERE " + " AND ".join(where) if where else "")
+        order = f" ORDER BY {alias}created_at DESC, {alias}id DESC LIMIT {mark}"
+        rows = await self._all(sql + order, [*args, limit + 1])
+        return rows[:limit], len(rows) > limit
+
     async def get_request(self, request_id: str) -> Request | None:
-        row = await self._one(self._q.get_request, [request_id])
-        if row is None:
-            return None
-        reviews = await self._reviews([request_id])
+        async with self._session() as db:
+            row = await db._one(self._q.get_request, [request_id])
+            if row is None:
+                return None
+            reviews = await db._reviews([request_id])
         return rec.request(row, reviews.get(request_id, ()))
 
     async def get_grant(self, grant_id: str) -> Grant | None:
@@ -813,38 +840,20 @@ class SqlStore(SqlReads):
         row = await self._one(self._q.last_checkpoint)
         return None if row is None else rec.checkpoint(row)
 
-    async def _newest_first(
-        self,
-        select: str,
-        alias: str,
-        pairs: list[tuple[str, Any]],
-        page_token: str,
-        limit: int,
-    ) -> tuple[list[Any], bool]:
-        """One page of rows, newest first, after the page token; and whether more follow."""
-        mark = self._d.mark
-        where, args = filters(self._d, pairs)
-        after = rec.page(page_token)
-        if after:
-            where.append(f"({alias}created_at, {alias}id) < ({mark}, {mark})")
-            args.extend(after)
-        sql = select + (" WHERE " + " AND ".join(where) if where else "")
-        order = f" ORDER BY {alias}created_at DESC, {alias}id DESC LIMIT {mark}"
-        rows = await self._all(sql + order, [*args, limit + 1])
-        return rows[:limit], len(rows) > limit
-
     async def list_requests(
         self, *, states: Sequence[RequestState], subject: str, agent: str, limit: int,
         page_token: str,
     ) -> tuple[list[Request], str]:  # fmt: skip
-        rows, more = await self._newest_first(
-            f"SELECT {REQUEST_COLUMNS} FROM {REQUEST_FROM}",
-            "r.",
-            [("r.state", [s.value for s in states]), ("r.subject", subject), ("r.agent", agent)],
-            page_token,
-            limit,
-        )
-        requests = await self._requests(rows)
+        async with self._session() as db:
+            rows, more = await db._newest_first(
+                f"SELECT {REQUEST_COLUMNS} FROM {REQUEST_FROM}",
+                "r.",
+                [("r.state", [s.value for s in states]), ("r.subject", subject),
+                 ("r.agent", agent)],
+                page_token,
+                limit,
+            )  # fmt: skip
+            requests = await db._requests(rows)
         return requests, rec.next_page(requests, more)
 
     async def recent_auto_grants(
@@ -884,27 +893,28 @@ class SqlStore(SqlReads):
         grants_live and the agents table keep this cheap), grants ended since `ended_since`,
         pending requests, unacknowledged commands."""
         d = self._d
-        grants = {
-            str(r["state"]): int(r["n"])
-            for r in await self._all(
-                f"SELECT state, COUNT(*) AS n FROM grants WHERE {d.in_list('state', _LIVE)} "
-                "GROUP BY state",
-                d.in_args(_LIVE),
-            )
-        }
-        for r in await self._all(
-            f"SELECT state, COUNT(*) AS n FROM grants WHERE ended_at >= {d.mark} "
-            f"AND {d.in_list('state', _LIVE, negate=True)} GROUP BY state",
-            [to_ms(ended_since), *d.in_args(_LIVE)],
-        ):
-            grants[str(r["state"])] = int(r["n"])
-        requests = {str(r["state"]): int(r["n"]) for r in await self._all(self._q.count_requests)}
-        agents = await self._one(self._q.count_agents)
-        locks = await self._one(self._q.count_locks, [to_ms(now)])
-        policy = await self._one(self._q.policy_version)
-        held = {
-            str(r["replica"]): int(r["n"]) for r in await self._all(self._q.count_held_by_replica)
-        }
+        async with self._session() as db:
+            grants = {
+                str(r["state"]): int(r["n"])
+                for r in await db._all(
+                    f"SELECT state, COUNT(*) AS n FROM grants WHERE {d.in_list('state', _LIVE)} "
+                    "GROUP BY state",
+                    d.in_args(_LIVE),
+                )
+            }
+            for r in await db._all(
+                f"SELECT state, COUNT(*) AS n FROM grants WHERE ended_at >= {d.mark} "
+                f"AND {d.in_list('state', _LIVE, negate=True)} GROUP BY state",
+                [to_ms(ended_since), *d.in_args(_LIVE)],
+            ):
+                grants[str(r["state"])] = int(r["n"])
+            requests = {str(r["state"]): int(r["n"]) for r in await db._all(self._q.count_requests)}
+            agents = await db._one(self._q.count_agents)
+            locks = await db._one(self._q.count_locks, [to_ms(now)])
+            policy = await db._one(self._q.policy_version)
+            held = {
+                str(r["replica"]): int(r["n"]) for r in await db._all(self._q.count_held_by_replica)
+            }
         return StatusCounts(
             agents_enrolled=int(agents["n"]) if agents else 0,
             requests=requests,
@@ -937,9 +947,11 @@ class SqlStore(SqlReads):
         return [rec.token(r) for r in await self._all(self._q.list_tokens, [user, user])]
 
     async def list_join_tokens(self) -> list[JoinTokenInfo]:
-        tokens = await self._all(self._q.list_join_tokens)
+        async with self._session() as db:
+            tokens = await db._all(self._q.list_join_tokens)
+            users = await db._all(self._q.join_token_users)
         used: dict[str, list[str]] = {}
-        for a in await self._all(self._q.join_token_users):
+        for a in users:
             used.setdefault(a["join_token_id"], []).append(a["name"])
         return [rec.join_token_info(t, used.get(t["id"], ())) for t in tokens]
 
@@ -1000,7 +1012,8 @@ class SqlStore(SqlReads):
 
     async def due_scheduled(self, now: datetime, limit: int) -> list[Request]:
         """SCHEDULED requests whose start has come, earliest first."""
-        return await self._requests(await self._all(self._q.due_scheduled, [to_ms(now), limit]))
+        async with self._session() as db:
+            return await db._requests(await db._all(self._q.due_scheduled, [to_ms(now), limit]))
 
     async def requests_changed_after(self, after_seq: int, limit: int) -> list[tuple[str, int]]:
         """(request id, its latest audit seq) for requests with audit events after

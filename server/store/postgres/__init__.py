@@ -41,7 +41,7 @@ from server.domain.audit import GENESIS
 from server.domain.errors import Conflict
 from server.domain.models import CommandKind
 from server.store import queries
-from server.store.base import SqlOutbox, SqlStore, SqlTx
+from server.store.base import SqlOutbox, SqlReads, SqlStore, SqlTx
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -122,7 +122,23 @@ async def migrate(dsn: str) -> list[str]:
     return applied_now
 
 
-class PostgresTx(SqlTx):
+class PostgresReads(SqlReads):
+    """Reads on one pooled connection."""
+
+    _d = _D
+    _q = queries.POSTGRES
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+
+    async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return await _one(self._conn, sql, args)
+
+    async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return await _all(self._conn, sql, args)
+
+
+class PostgresTx(PostgresReads, SqlTx):
     """One write transaction on one pooled connection."""
 
     _d = _D
@@ -148,12 +164,6 @@ class PostgresTx(SqlTx):
             row = await _one(self._conn, "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
             self._head = (0, GENESIS) if row is None else (int(row["seq"]), str(row["hash"]))
         return self._head
-
-    async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        return await _one(self._conn, sql, args)
-
-    async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        return await _all(self._conn, sql, args)
 
     async def _run(self, sql: str, args: Sequence[Any] = ()) -> int:
         return await _rowcount(self._conn, sql, args)
@@ -398,8 +408,13 @@ class PostgresStore(SqlStore):
         async with self._pool.connection() as conn:
             yield conn
 
-    # Each read statement on any pooled connection (autocommit: a statement sees what was
-    # committed when it started, on one connection or several alike).
+    # A read on any pooled connection (autocommit: each statement sees what was committed when
+    # it started); reads of several statements borrow one connection for all (_session).
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[SqlReads]:
+        async with self._pool.connection() as conn:
+            yield PostgresReads(conn)
 
     async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         async with self._pool.connection() as conn:
