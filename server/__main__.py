@@ -522,11 +522,17 @@ async def _serve(
 ) -> None:
     from server.app import build
 
-    coordinator = await build(config, refuse_dev_data=not dev, step=step)
-    if dev:
-        await _dev_setup(coordinator)
-    else:
-        await _bootstrap_admin(coordinator, admin_token)
+    async def credentials(coordinator: Coordinator) -> None:
+        if dev:
+            await _dev_setup(coordinator)
+        else:
+            await _bootstrap_admin(coordinator, admin_token)
+
+    # Written before the port serves (dev.env, admin.token): a client that saw the coordinator
+    # healthy finds them complete.
+    coordinator = await build(
+        config, refuse_dev_data=not dev, step=step, before_serving=credentials
+    )
     if coordinator.ca is not None:
         log.info(
             "TLS from the internal CA",

@@ -8,7 +8,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -317,8 +317,12 @@ async def build(
     refuse_dev_data: bool = False,
     step: StepHook = no_hook,
     span_exporter: Any = None,
+    before_serving: Callable[[Coordinator], Awaitable[None]] | None = None,
 ) -> Coordinator:
     """Open the store, load the policy, and start the gRPC server (listening, not yet `run`).
+
+    `before_serving` runs on the built coordinator before its ports accept calls and health says
+    SERVING: what it makes (dev mode's dev.env) exists once the coordinator reports ready.
 
     Raises `DirectoryBusy` when another coordinator holds the data directory, and with
     `refuse_dev_data` (`serve`) `DevDataError` before listening when the store still holds dev
@@ -329,7 +333,9 @@ async def build(
         # Every instant the coordinator makes has the stored precision (whole milliseconds):
         # what a call returns at once equals what a later read returns (issue 10 item 11).
         stored = MillisecondClock(clock or SystemClock())
-        coordinator = await _build(config, stored, refuse_dev_data, step, span_exporter)
+        coordinator = await _build(
+            config, stored, refuse_dev_data, step, span_exporter, before_serving
+        )
     except BaseException:
         os.close(lock_fd)
         raise
@@ -362,13 +368,14 @@ async def _build(
     refuse_dev: bool,
     step: StepHook,
     span_exporter: Any = None,
+    before_serving: Callable[[Coordinator], Awaitable[None]] | None = None,
 ) -> Coordinator:
     store = await open_store_url(config.store, config.data_dir, config.store_pool_size)
     servers: list[grpc.aio.Server] = []
     try:
         if refuse_dev:
             refuse_dev_data(await dev_credentials(store, clock.now()), str(config.data_dir))
-        return await _assemble(config, clock, store, servers, step, span_exporter)
+        return await _assemble(config, clock, store, servers, step, span_exporter, before_serving)
     except BaseException:
         # A port already taken, a bad policy file: stop what was made, so the process exits
         # with its message instead of hanging on a half-built gRPC server.
@@ -385,6 +392,7 @@ async def _assemble(
     servers: list[grpc.aio.Server],
     step: StepHook,
     span_exporter: Any = None,
+    before_serving: Callable[[Coordinator], Awaitable[None]] | None = None,
 ) -> Coordinator:
     replica = config.replica or _replica_id(config.data_dir)
     tracing = _tracing(config, replica, span_exporter)
@@ -514,7 +522,7 @@ async def _assemble(
     receivers = ReceiverService(
         store, outbox, clock, sealer.seal, sender.wake if sender is not None else lambda: None
     )
-    slack_socket, slack_app = None, None
+    slack_app = None
     if config.slack_signing_secret_file is not None:
         slack_app = interactions_app(_slack(config, identity, outbox, access, clock, http))
 
@@ -604,28 +612,11 @@ async def _assemble(
         ),
         server if agent_server is None else agent_server,
     )
-    await server.start()
-    if agent_server is not None:
-        await agent_server.start()
-    if slack_app is not None:
-        # A taken port raises here; _build stops the servers and closes the store.
-        slack_socket = listen(config.slack_host, config.slack_port)
-        log.info(
-            "slack interactions endpoint address=http://%s:%d/slack/interactions",
-            *slack_socket.getsockname()[:2],
-        )
-    for name in [*SERVICES, ""]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    started_at = clock.now()
-    await store.replica_seen(replica, f"{config.host}:{port}", __version__, started_at, started_at)
-    log.info(
-        "coordinator listening",
-        extra={t.ADDRESS: f"{config.host}:{port}", t.EPOCH: epoch, "replica": replica},
-    )
     retention = None
     if config.command_log_retention > timedelta(0):
         retention = CommandLogRetention(store, clock, config.command_log_retention)
-    return Coordinator(
+    started_at = clock.now()
+    coordinator = Coordinator(
         config,
         store,
         server,
@@ -646,7 +637,6 @@ async def _assemble(
         access,
         sender=sender,
         receivers=receivers,
-        slack_socket=slack_socket,
         slack_app=slack_app,
         http=http,
         warnings=warnings,
@@ -658,6 +648,28 @@ async def _assemble(
         hub=hub,
         limiters=limiters,
     )
+    if before_serving is not None:
+        # Before the ports accept a call: a port that answers (health's "" service says SERVING
+        # from the start) means what this makes exists.
+        await before_serving(coordinator)
+    await server.start()
+    if agent_server is not None:
+        await agent_server.start()
+    if slack_app is not None:
+        # A taken port raises here; _build stops the servers and closes the store.
+        coordinator.slack_socket = listen(config.slack_host, config.slack_port)
+        log.info(
+            "slack interactions endpoint address=http://%s:%d/slack/interactions",
+            *coordinator.slack_socket.getsockname()[:2],
+        )
+    for name in [*SERVICES, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await store.replica_seen(replica, f"{config.host}:{port}", __version__, started_at, started_at)
+    log.info(
+        "coordinator listening",
+        extra={t.ADDRESS: f"{config.host}:{port}", t.EPOCH: epoch, "replica": replica},
+    )
+    return coordinator
 
 
 def _tracing(config: CoordinatorConfig, replica: str, exporter: Any) -> Any:

@@ -45,6 +45,8 @@ PUSHBACK_READ = 1.0
 MAX_AGENT_MESSAGE = 64 * 1024
 # Ack messages of one stream read on while earlier ones are still being written.
 ACKS_IN_FLIGHT = 64
+# How long a stream that is ending waits for the write in flight (see `_stop_writer`).
+WRITE_GRACE = 2.0
 # grpc-stubs predates the aio EOF sentinel.
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 
@@ -62,7 +64,16 @@ WAKE = Wake()
 class Session:
     # Thousands of these live at once: no per-instance __dict__, and a bare future to wait on
     # for the close rather than an Event plus a task waiting on it (docs/performance.md).
-    __slots__ = ("agent", "close_code", "close_reason", "closed", "legacy", "queue")
+    __slots__ = (
+        "agent",
+        "close_code",
+        "close_reason",
+        "closed",
+        "legacy",
+        "queue",
+        "stopping",
+        "writing",
+    )
 
     def __init__(self, agent: str, queue_limit: int) -> None:
         self.agent = agent
@@ -74,6 +85,9 @@ class Session:
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.close_reason = ""
         self.close_code = grpc.StatusCode.UNAVAILABLE
+        # The writer is inside context.write; once `stopping`, it returns after that write.
+        self.writing = False
+        self.stopping = False
 
     def offer(self, item: agentlink_pb2.CoordinatorMessage | Command | Wake) -> None:
         try:
@@ -234,15 +248,16 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             # One heartbeat task for all streams, not one per stream: it lives while any stream
             # does (the last stream to end cancels it).
             self._ticker = asyncio.create_task(self._tick())
-        tasks = [
-            asyncio.create_task(self._read(principal, session, context)),
-            asyncio.create_task(self._write(session, resume, context)),
-        ]
+        reader = asyncio.create_task(self._read(principal, session, context))
+        writer = asyncio.create_task(self._write(session, resume, context))
+        tasks = [reader, writer]
         try:
             await asyncio.wait([*tasks, session.closed], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
+            reader.cancel()
+            # The writer stops between writes, so that the abort below is the only operation
+            # left on the stream (one writer per stream).
+            await _stop_writer(session, writer)
             results = await asyncio.gather(*tasks, return_exceptions=True)
             self._registry.unregister(session)
             self._streams -= 1
@@ -358,7 +373,9 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
     async def _write(self, session: Session, resume: Resume, context: Ctx) -> None:
         epoch = self._fleet.epoch
         keys, keys_key_id, keys_signature = self._announced_keys()
-        await context.write(
+        await _send(
+            session,
+            context,
             agentlink_pb2.CoordinatorMessage(
                 welcome=agentlink_pb2.Welcome(
                     version=self._fleet.version,
@@ -371,7 +388,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                     keys_key_id=keys_key_id,
                     keys_signature=keys_signature,
                 )
-            )
+            ),
         )
         last = resume.resume_after_seq
         if resume.snapshot is not None:
@@ -385,7 +402,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 # A 0.1 agent cannot read locks: its snapshot says nothing of them.
                 None if session.legacy else resume.locks,
             )
-            await context.write(self._command(resume.snapshot_seq, body))
+            await _send(session, context, self._command(resume.snapshot_seq, body))
             last = resume.snapshot_seq
         last = await self._replay(session, last, context)
         while True:
@@ -394,7 +411,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 last = await self._replay(session, last, context)
                 continue
             if not isinstance(item, Command):
-                await context.write(item)
+                await _send(session, context, item)
                 continue
             if item.seq <= last:
                 continue
@@ -405,7 +422,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 last = item.seq
                 continue
             body = c.command_body(item, epoch, self._clock.now())
-            await context.write(self._command(item.seq, body))
+            await _send(session, context, self._command(item.seq, body))
             last = item.seq
 
     async def _replay(self, session: Session, last: int, context: Ctx) -> int:
@@ -417,7 +434,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                     last = command.seq
                     continue
                 body = c.command_body(command, epoch, self._clock.now())
-                await context.write(self._command(command.seq, body))
+                await _send(session, context, self._command(command.seq, body))
                 last = command.seq
             if len(page) < BACKLOG_PAGE:
                 return last
@@ -441,6 +458,37 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         return agentlink_pb2.CoordinatorMessage(
             command=agentlink_pb2.Command(seq=seq, body=data, key_id=key_id, signature=signature)
         )
+
+
+class _Stopped(Exception):
+    """The writer was asked to stop while it wrote: it ends after that write."""
+
+
+async def _send(session: Session, context: Ctx, message: agentlink_pb2.CoordinatorMessage) -> None:
+    session.writing = True
+    try:
+        await context.write(message)
+    finally:
+        session.writing = False
+    if session.stopping:
+        raise _Stopped
+
+
+async def _stop_writer(session: Session, writer: asyncio.Task[None]) -> None:
+    """Stop the stream's writer before the stream is ended.
+
+    Cancelling a task inside `context.write` does not cancel the write: its batch stays in flight
+    in gRPC core, and on the stream's first write (the Welcome) the servicer context has not yet
+    recorded the initial metadata as sent, so `context.abort` sends it a second time and fails
+    with TOO_MANY_OPERATIONS instead of ending the stream with its status (seen with a malformed
+    message read while the Welcome was being written). So a write in flight is let finish (the
+    writer returns after it); an idle writer (waiting on its queue or the store) is cancelled.
+    A write still blocked after WRITE_GRACE (an agent that stopped reading, past its first
+    message) is cancelled too: the stream's initial metadata went out with that first message."""
+    session.stopping = True
+    if session.writing and not writer.done():
+        await asyncio.wait([writer], timeout=WRITE_GRACE)
+    writer.cancel()
 
 
 def _sendable(session: Session, command: Command) -> bool:
@@ -475,7 +523,9 @@ def _watch(session: Session, written: asyncio.Future[Any]) -> None:
 
 def _failure(results: list[Any]) -> str:
     for result in results:
-        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+        if isinstance(result, BaseException) and not isinstance(
+            result, asyncio.CancelledError | _Stopped
+        ):
             log.warning("agent stream task failed: %r", result)
             return f"stream error: {type(result).__name__}"
     return ""

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jitmesh import AuthenticationError, Client
 from jitmesh.v1 import agents_pb2
@@ -49,6 +51,62 @@ async def _run_dev_once(data: Path) -> dict[str, str]:
         return read_env(data / "dev.env")
     finally:
         dev.stop()
+
+
+async def first_answer(address: str, timeout: float = 30.0) -> None:
+    """Return at the first moment the port answers a health check: a fresh channel per attempt
+    (a channel's reconnect backoff would look long after), each attempt queued while its
+    connection is being set up, so the answer comes as soon as the server starts serving."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with grpc.aio.insecure_channel(address) as channel:
+            try:
+                response = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=timeout
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+            else:
+                assert response.status == health_pb2.HealthCheckResponse.SERVING
+                return
+        await asyncio.sleep(0.005)
+
+
+async def test_a_coordinator_that_answers_has_written_its_credentials(tmp_path: Path) -> None:
+    """Readiness implies the credential files: dev.env (dev) and admin.token (serve) are complete
+    and private the moment the port first answers, not written just after (a race that tests
+    reading them right after the health check lost under load)."""
+    data = tmp_path / "coordinator"
+    port = free_port()
+    dev = coordinator(data, port)
+    dev.start()
+    try:
+        await first_answer(f"127.0.0.1:{port}")
+        env_file = data / "dev.env"
+        assert env_file.exists(), "healthy before dev.env was written"
+        env = read_env(env_file)
+        assert env["JITMESH_COORDINATOR"] == f"127.0.0.1:{port}"
+        for key in ("ALICE", "BOB", "CAROL", "ADMIN"):
+            assert env[f"JITMESH_TOKEN_{key}"].startswith("jmt")
+        assert env["JITMESH_JOIN_TOKEN"].startswith("jmj")
+        assert env_file.stat().st_mode & 0o777 == 0o600
+        assert not (data / "dev.tmp").exists()
+    finally:
+        dev.stop()
+
+    served = tmp_path / "served"
+    port = free_port()
+    proc = serve(served, port)
+    proc.start()
+    try:
+        await first_answer(f"127.0.0.1:{port}")
+        token_file = served / "admin.token"
+        assert token_file.exists(), "healthy before admin.token was written"
+        assert token_file.read_text().strip().startswith("jmt")
+        assert token_file.stat().st_mode & 0o777 == 0o600
+    finally:
+        proc.stop()
 
 
 async def test_serve_refuses_a_dev_directory_until_its_credentials_are_retired(

@@ -13,6 +13,8 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from jitmesh.v1 import agentlink_pb2 as A
+from server.rpc import convert
+from server.rpc.agentlink import AgentLinkServicer
 from tests.server.helpers import T0, AgentLink, Env, agent_link
 
 U64 = 2**64 - 1
@@ -201,3 +203,69 @@ async def test_fuzzed_agent_messages_end_the_stream_only_with_a_status_that_says
     assert endings.get("open", 0) > 0
     assert endings.get("INVALID_ARGUMENT", 0) > 0
     assert (await env.admin.verify_audit()).ok
+
+
+class WriteInFlight:
+    """A stream context whose writes stay in flight until `released`, as gRPC core's do: a task
+    cancelled inside `write` leaves its write in flight, and ending the stream then (the Welcome
+    not yet recorded as sent) fails with TOO_MANY_OPERATIONS instead of sending the status."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[object] = asyncio.Queue()
+        self.write_started = asyncio.Event()
+        self.released = asyncio.Event()
+        self.status: tuple[grpc.StatusCode, str] | None = None
+
+    async def read(self) -> object:
+        return await self.inbox.get()
+
+    async def write(self, message: object) -> None:
+        self.write_started.set()
+        await self.released.wait()
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        if self.write_started.is_set() and not self.released.is_set():
+            raise RuntimeError("TOO_MANY_OPERATIONS: the stream ended while a write was in flight")
+        self.status = (code, details)
+        raise Aborted
+
+    def done(self) -> bool:
+        return self.status is not None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+class Aborted(Exception):
+    pass
+
+
+async def test_a_malformed_message_read_while_the_welcome_is_written_ends_with_its_status(
+    env: Env,
+) -> None:
+    """The reader refuses a message while the writer's Welcome is still in flight: the stream
+    ends with INVALID_ARGUMENT only after that write finished (one writer per stream), never with
+    the writer cancelled mid-write and a second operation on the stream."""
+    coordinator = env.coordinator
+    servicer = AgentLinkServicer(
+        coordinator.fleet, coordinator.registry, coordinator.clock, coordinator.keys
+    )
+    principal = await coordinator.fleet.authenticate_agent(env.credentials["db-1"])
+    agent_hello = convert.hello(hello().hello)
+    resume = await coordinator.fleet.hello(principal, agent_hello)
+    context = WriteInFlight()
+    serving = asyncio.create_task(
+        servicer._serve(context, principal, agent_hello, resume)  # type: ignore[arg-type]
+    )
+    async with asyncio.timeout(10):
+        await context.write_started.wait()
+        session = next(s for s in coordinator.registry.sessions() if s.agent == "db-1")
+        await context.inbox.put(A.AgentMessage())  # empty: refused
+        await session.closed
+        # Until the servicer either asks the writer to stop or ends the stream at once.
+        while not (getattr(session, "stopping", False) or serving.done()):
+            await asyncio.sleep(0)
+        context.released.set()
+        with pytest.raises(Aborted):
+            await serving
+    assert context.status == (grpc.StatusCode.INVALID_ARGUMENT, "unknown or empty agent message")
