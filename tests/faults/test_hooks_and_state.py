@@ -168,7 +168,10 @@ async def test_a_hanging_remove_hook_does_not_delay_a_following_grant(
     web.oracle.misbehave("fail-remove", on=False)
     recorder.fault("hook_hang_remove")
     hang_pid = web.oracle.root / "hang.pid"
-    await wait_for(hang_pid.exists, 20, "a retry hanging")
+    # The hook's shell creates hang.pid before it writes its pid and newline into it.
+    await wait_for(
+        lambda: hang_pid.exists() and hang_pid.read_text().endswith("\n"), 20, "a retry hanging"
+    )
     pid = int(hang_pid.read_text().strip())
     following = await cluster.grant(alice, "web-2", HOLD[6], 60)
     await wait_in_force(web.oracle, ("alice", HOLD[6]))
