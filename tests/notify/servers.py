@@ -58,12 +58,15 @@ class HttpRecorder:
                 status, reply = recorder.answer(item)
                 item.status = status
                 data = json.dumps(reply).encode() if reply is not None else b""
+                # Recorded before the reply goes out: once the sender has its answer, a test
+                # can read `received` without waiting (waiters are woken on the loop).
+                recorder.received.append(item)
+                recorder.loop.call_soon_threadsafe(recorder._notify)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                recorder.loop.call_soon_threadsafe(recorder._record, item)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -86,9 +89,7 @@ class HttpRecorder:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _record(self, item: Received) -> None:
-        self.received.append(item)
-
+    def _notify(self) -> None:
         async def notify() -> None:
             async with self._changed:
                 self._changed.notify_all()
