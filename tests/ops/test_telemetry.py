@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,15 @@ def scrape(port: int) -> Samples:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+def accepts(port: int) -> bool:
+    """Whether the metrics port takes connections yet (it opens after the daemon's gRPC port)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -57,6 +67,7 @@ async def test_metrics_move_with_a_real_request_and_logs_are_json(tmp_path: Path
         env_file = tmp_path / "coordinator" / "dev.env"
         await wait_for(env_file.exists, 30, "dev.env")
         env = read_env(env_file)
+        await wait_for(lambda: accepts(cmetrics), 30, "the coordinator's metrics port")
         before = scrape(cmetrics)
         assert value(before, t.AGENTS_CONNECTED) == 0
         assert value(before, t.REQUESTS + "_total", outcome="approved") == 0
@@ -67,6 +78,7 @@ async def test_metrics_move_with_a_real_request_and_logs_are_json(tmp_path: Path
             access, "--metrics-listen", f"127.0.0.1:{ametrics}", "--log-format", "json",
         )  # fmt: skip
         agent.start()
+        await wait_for(lambda: accepts(ametrics), 30, "the agent's metrics port")
         await wait_for(
             lambda: value(scrape(cmetrics), t.AGENTS_CONNECTED) == 1, 30, "the agent connected"
         )
