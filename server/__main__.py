@@ -497,7 +497,7 @@ async def _maintain(args: argparse.Namespace) -> int:
             assert ttl is not None
             token = new_secret("jmt")
             identity = IdentityService(store, hub, clock)
-            revoked = await bootstrap.rotate_bootstrap(store, identity, tokens, token, now, ttl)
+            revoked = await bootstrap.rotate_bootstrap(store, identity, tokens, token, ttl)
             _write_private(args.data / "admin.token", token + "\n")
             print(
                 f"new bootstrap admin token in {args.data / 'admin.token'}, expires "
@@ -630,8 +630,8 @@ async def _bootstrap_admin(coordinator: Coordinator, given: str | None) -> None:
         token = new_secret("jmt")
         _write_private(path, token + "\n")
         log.info("bootstrap admin token written", extra={"path": str(path)})
+    await bootstrap.register_bootstrap(coordinator.identity, token)
     now = coordinator.clock.now()
-    await bootstrap.register_bootstrap(coordinator.identity, token, now)
     expired = await bootstrap.bootstrap_expired(coordinator.store, hash_secret(token)[:16], now)
     if expired is not None:
         log.warning(

@@ -91,13 +91,11 @@ async def retire_dev(
 
 
 async def register_bootstrap(
-    identity: IdentityService, token: str, now: datetime, ttl: timedelta = BOOTSTRAP_TTL
+    identity: IdentityService, token: str, ttl: timedelta = BOOTSTRAP_TTL
 ) -> None:
-    """The admin user with this bootstrap token, expiring after `ttl` (kept as it is when the
-    token is registered already: a restart never extends it)."""
-    await identity.ensure_user(
-        BOOTSTRAP_USER, [ADMIN_GROUP], token, label=BOOTSTRAP_LABEL, expires_at=now + ttl
-    )
+    """The admin user with this bootstrap token, expiring `ttl` after it is registered (kept as
+    it is when the token is registered already: a restart never extends it)."""
+    await identity.ensure_user(BOOTSTRAP_USER, [ADMIN_GROUP], token, label=BOOTSTRAP_LABEL, ttl=ttl)
 
 
 async def bootstrap_expired(store: Store, token_id: str, now: datetime) -> datetime | None:
@@ -113,7 +111,6 @@ async def rotate_bootstrap(
     identity: IdentityService,
     tokens: TokenService,
     token: str,
-    now: datetime,
     ttl: timedelta = BOOTSTRAP_TTL,
 ) -> list[str]:
     """Revoke every live bootstrap token and register `token` in their place; the ids revoked."""
@@ -122,5 +119,5 @@ async def rotate_bootstrap(
         if info.label == BOOTSTRAP_LABEL and info.revoked_at is None:
             await tokens.revoke(ROTATE_ACTOR, info.id)
             revoked.append(info.id)
-    await register_bootstrap(identity, token, now, ttl)
+    await register_bootstrap(identity, token, ttl)
     return revoked

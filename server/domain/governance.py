@@ -159,12 +159,14 @@ class IdentityService:
         token: str,
         *,
         label: str = "",
-        expires_at: datetime | None = None,
+        ttl: timedelta | None = None,
     ) -> None:
-        """Create or update a user and register a bearer token for it (idempotent: a token
-        registered already keeps its expiry)."""
+        """Create or update a user and register a bearer token for it, expiring `ttl` after its
+        creation (idempotent: a token registered already keeps its expiry). Both times come from
+        one clock read, so the lifetime is exactly `ttl`."""
         name = v.check(v.SUBJECT, user_name(name), "user name")
         now = self._clock.now()
+        expires_at = now + ttl if ttl is not None else None
         async with self._store.transaction() as tx:
             await tx.upsert_user(name, groups, now)
             if not await tx.insert_token(hash_secret(token), name, now, expires_at, label):
