@@ -60,8 +60,8 @@ async def test_concurrent_writers_extend_one_chain_and_number_commands_without_g
 
 async def test_write_runs_the_function_again_after_a_deadlock(store: Store, reopen: Opener) -> None:
     """Two writers lock two rows in opposite orders: on PostgreSQL one of them is chosen as
-    the deadlock victim and run again from the start; on SQLite they simply take turns. Both
-    commit, each exactly once."""
+    the deadlock victim and run again from the start (at least once); on SQLite they simply
+    take turns. Both commit, each exactly once."""
     await enroll(store, "web-1", "db-1")
     stores = await replicas(store, reopen, 2)
     for s in stores:
@@ -92,7 +92,9 @@ async def test_write_runs_the_function_again_after_a_deadlock(store: Store, reop
     assert sorted(e.actor for e in chain) == ["a", "b"]
     assert verify_chain(chain).ok
     if both_hold_one is not None:
-        assert sum(runs.values()) == 3  # one of them ran twice
+        # A victim ran again (its retry may meet another conflict under load: the count of
+        # retries is the server's to choose; each writer committing once is checked above).
+        assert max(runs.values()) >= 2, runs
 
 
 async def test_write_returns_the_function_result_and_rolls_back_on_error(store: Store) -> None:
