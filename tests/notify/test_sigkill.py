@@ -56,7 +56,8 @@ async def test_sigkill_with_notices_in_the_outbox_sends_each_exactly_once(
     coordinator.start()
     try:
         await wait_healthy(address)
-        # Dev mode writes its tokens just after the port serves.
+        # Dev mode writes dev.env (atomically) before the port serves (376115f): the wait is
+        # only a guard, it holds at once.
         env_file = data / "dev.env"
         await wait_for(
             lambda: env_file.exists() and "JITMESH_TOKEN_ADMIN=" in env_file.read_text(),

@@ -63,7 +63,8 @@ async def test_metrics_move_with_a_real_request_and_logs_are_json(tmp_path: Path
     try:
         address = f"127.0.0.1:{port}"
         await wait_healthy(address)
-        # The port serves before dev mode has written its tokens: wait for the file.
+        # Dev mode writes dev.env (atomically) before the port serves (376115f): the wait is
+        # only a guard, it holds at once.
         env_file = tmp_path / "coordinator" / "dev.env"
         await wait_for(env_file.exists, 30, "dev.env")
         env = read_env(env_file)
