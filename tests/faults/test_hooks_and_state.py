@@ -175,7 +175,8 @@ async def test_a_hanging_remove_hook_does_not_delay_a_following_grant(
     pid = int(hang_pid.read_text().strip())
     following = await cluster.grant(alice, "web-2", HOLD[6], 60)
     await wait_in_force(web.oracle, ("alice", HOLD[6]))
-    assert (await admin.get_grant(following.id)).state is GrantState.ACTIVE
+    # The host has it; the agent's ack reaches the coordinator just after (well inside the hang).
+    await cluster.wait_grant(admin, following.id, {GrantState.ACTIVE}, timeout=10)
     os.kill(pid, 0)  # the hanging remove hook is still running: the grant did not wait for it
     web.oracle.misbehave("hang-remove", on=False)
     web.oracle.kill_hung_hook()
