@@ -19,6 +19,7 @@ from agent.engine.clocktrust import ClockTrust
 from agent.engine.enforcement import Enforcement
 from agent.engine.shared import Shared
 from agent.store.base import LeaseStore
+from jitmesh.clock import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,8 @@ class Breakglass:
                 details={
                     "code_id": use.code_id,
                     "caller": use.caller,
-                    "used_at": now.isoformat(),
-                    "not_after": use.not_after.isoformat(),
+                    "used_at": rfc3339(now),
+                    "not_after": rfc3339(use.not_after),
                     # The spent code, for the coordinator's own check; the link moves it into
                     # the typed detail and never into the text copy (docs/wire.md).
                     "code": base64.urlsafe_b64encode(use.code).decode().rstrip("="),
@@ -107,7 +108,7 @@ class Breakglass:
                     "subject": lease.subject,
                     "action": lease.action,
                     "caller": use.caller,
-                    "not_after": lease.not_after.isoformat(),
+                    "not_after": rfc3339(lease.not_after),
                 },
             )
         self._shared.leases_changed.set()

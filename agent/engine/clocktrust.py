@@ -16,7 +16,7 @@ from agent.domain.leases import EventKind, new_event
 from agent.domain.timekeeping import FailClosedTime
 from agent.engine.shared import Shared, best_effort
 from agent.store.base import LeaseStore, Meta
-from jitmesh.clock import Clock
+from jitmesh.clock import Clock, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class ClockTrust:
                     new_event(
                         EventKind.CLOCK_TRUSTED,
                         at=self.now(),
-                        details={"coordinator": at.isoformat()},
+                        details={"coordinator": rfc3339(at)},
                     )
                 )
             self._shared.outbox_changed.set()

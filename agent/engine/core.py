@@ -35,7 +35,7 @@ from agent.engine.removals import Removals
 from agent.engine.retention import Retention
 from agent.engine.shared import Shared, best_effort
 from agent.store.base import LeaseStore
-from jitmesh.clock import Clock
+from jitmesh.clock import Clock, rfc3339
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +214,8 @@ class Engine:
                         EventKind.CLOCK_UNTRUSTED,
                         at=self.now(),
                         details={
-                            "wall": wall.isoformat(),
-                            "last_seen": meta.last_wall_at.isoformat() if meta.last_wall_at else "",
+                            "wall": rfc3339(wall),
+                            "last_seen": rfc3339(meta.last_wall_at) if meta.last_wall_at else "",
                         },
                     ),
                 )

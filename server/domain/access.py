@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from jitmesh import validation as v
-from jitmesh.clock import Clock, from_ms, to_ms
+from jitmesh.clock import Clock, from_ms, rfc3339, to_ms
 from jitmesh.durations import MAX_DURATION, format_duration
 from jitmesh.types import (
     ApprovalPlan,
@@ -1273,7 +1273,7 @@ class AccessService:
         return done
 
     def _scheduled_entry(self, by: str, request: Request) -> AuditEntry:
-        start = request.start_at.isoformat() if request.start_at else ""
+        start = rfc3339(request.start_at) if request.start_at else ""
         return self._entry("request.scheduled", by, request, start_at=start)
 
     async def start_scheduled(self, now: datetime) -> int:

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from jitmesh import validation as v
-from jitmesh.clock import Clock
+from jitmesh.clock import Clock, rfc3339
 from jitmesh.durations import format_duration
 from jitmesh.types import BreakglassCode, Grant, GrantState, OfflinePolicy
 
@@ -150,7 +150,7 @@ class BreakglassService:
                             "action": action,
                             "code_id": code.id,
                             "duration": format_duration(duration),
-                            "expires_at": code.expires_at.isoformat(),
+                            "expires_at": rfc3339(code.expires_at),
                             **({"reason": reason} if reason else {}),
                         },
                     )
@@ -275,8 +275,8 @@ async def adopt(tx: Tx, signer: CodeSigner, agent: str, use: BreakglassUse, now:
         "action": terms.action,
         "code_id": terms.code_id,
         "caller": use.caller,
-        "used_at": use.used_at.isoformat(),
-        "not_after": use.not_after.isoformat(),
+        "used_at": rfc3339(use.used_at),
+        "not_after": rfc3339(use.not_after),
         "issued_by": terms.issued_by,
     }
     if not known:

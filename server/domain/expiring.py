@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta
 
-from jitmesh.clock import Clock, to_ms
+from jitmesh.clock import Clock, rfc3339, to_ms
 from jitmesh.durations import format_duration
 from jitmesh.types import Grant
 
@@ -35,7 +35,7 @@ def _warning(g: Grant, now: datetime) -> AuditEntry:
         grant_id=g.id,
         details={
             "action": g.action,
-            "expires_at": g.not_after.isoformat(),
+            "expires_at": rfc3339(g.not_after),
             "left": format_duration(
                 timedelta(seconds=max(1, round((g.not_after - now).total_seconds())))
             ),

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from jitmesh import validation as v
-from jitmesh.clock import Clock
+from jitmesh.clock import Clock, rfc3339
 from jitmesh.types import Agent, Grant, GrantState, JoinTokenInfo, LockTarget
 from jitmesh.versions import Compatibility, agent_compatibility, older_than
 from jitmesh.versions import parse as parse_version
@@ -657,7 +657,7 @@ class FleetService:
             raise InvalidArgument("event id is not valid (expected 1 to 64 of A-Za-z0-9._:-)")
         now = self._clock.now()
         details = {k[:64]: val[:256] for k, val in list(event.details.items())[:16]}
-        details["observed_at"] = (event.observed_at or now).isoformat()
+        details["observed_at"] = rfc3339(event.observed_at or now)
         if event.action:
             details["action"] = event.action[:64]
         grant = (
@@ -910,7 +910,7 @@ class _Moves:
             # when decided). The ack says whether the host has the new end.
             applied = ack.status == "APPLIED"
             what = "grant.extension_applied" if applied else "grant.extension_failed"
-            details["not_after"] = grant.not_after.isoformat()
+            details["not_after"] = rfc3339(grant.not_after)
             if applied:
                 details["latency_ms"] = latency_ms
             else:

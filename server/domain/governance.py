@@ -8,7 +8,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from jitmesh import validation as v
-from jitmesh.clock import Clock
+from jitmesh.clock import Clock, rfc3339
 from jitmesh.durations import format_duration
 from jitmesh.types import (
     AuditEvent,
@@ -256,7 +256,7 @@ class TokenService:
                     subject=user,
                     details={
                         "id": hash_secret(token)[:16],
-                        "expires_at": (now + ttl).isoformat(),
+                        "expires_at": rfc3339(now + ttl),
                         "groups": ",".join(sorted(groups)),
                         **({"scopes": ",".join(sorted(set(scopes)))} if scopes else {}),
                     },

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+from jitmesh.clock import rfc3339
 from jitmesh.durations import format_duration
 from jitmesh.types import Grant, GrantState, Request
 
@@ -50,7 +51,7 @@ def approved_entries(by: str, request: Request, grant: Grant, now: datetime) -> 
             grant_id=grant.id,
             details={
                 "action": grant.action,
-                "not_after": grant.not_after.isoformat(),
+                "not_after": rfc3339(grant.not_after),
                 "offline": grant.offline.mode.value,
                 "seq": str(grant.grant_seq),
             },
@@ -187,8 +188,8 @@ async def extend_grant(
     )
     details = {
         "action": grant.action,
-        "from": grant.not_after.isoformat(),
-        "not_after": not_after.isoformat(),
+        "from": rfc3339(grant.not_after),
+        "not_after": rfc3339(not_after),
         "by": format_duration(by),
         "extension": str(extended.extensions),
         "rule": rule,

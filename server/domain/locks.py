@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from jitmesh import validation as v
-from jitmesh.clock import Clock
+from jitmesh.clock import Clock, rfc3339
 from jitmesh.types import Agent, Lock, LockTarget, Request, RequestState
 from jitmesh.versions import older_than
 
@@ -197,7 +197,7 @@ def _lock_entry(
 ) -> AuditEntry:
     details = {"lock": lock.id, "target": lock.target.describe(), "reason": lock.reason}
     if lock.expires_at is not None:
-        details["expires_at"] = lock.expires_at.isoformat()
+        details["expires_at"] = rfc3339(lock.expires_at)
     if lift_reason:
         details["lift_reason"] = lift_reason
     return AuditEntry(

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from jitmesh import validation as v
+from jitmesh.clock import rfc3339
 
 from .errors import InvalidArgument, PermissionDenied, Unauthenticated
 from .models import AuditEntry, new_secret, user_name
@@ -115,7 +116,7 @@ class SignInService:
                 await tx.audit(
                     AuditEntry(
                         "user.signed_in", f"oidc:{issuer}", now, subject=name,
-                        details={"expires_at": expires_at.isoformat(), "issuer": issuer},
+                        details={"expires_at": rfc3339(expires_at), "issuer": issuer},
                     )
                 )  # fmt: skip
         if refused:

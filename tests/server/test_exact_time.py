@@ -4,12 +4,15 @@ the store keeps whole milliseconds)."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from jitmesh.clock import FakeClock
-from tests.server.helpers import Env
+from jitmesh.types import GrantState
+from tests.server.helpers import Env, agent_link
+from tests.server.test_workflow import EXTENDING
 
 FIFTEEN = timedelta(minutes=15)
 
@@ -37,3 +40,31 @@ async def test_a_grant_approved_by_policy_equals_the_grant_read_back(env: Env) -
     assert created.grant is not None
     assert await env.alice.get_grant(created.grant.id) == created.grant
     assert await env.alice.get_request(created.request.id) == created.request
+
+
+RFC3339_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
+LOOKS_LIKE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
+
+
+async def test_times_in_audit_details_have_the_one_format(env: Env) -> None:
+    """Audit details reach webhooks and `jitctl audit -o json` beside `.mmmZ` times: each time
+    in them is written the same way (before, `isoformat()` gave `+00:00` and microseconds)."""
+    await env.admin.apply_policy(EXTENDING)
+    async with agent_link(env.address, env.credentials["web-1"]) as link:
+        await link.hello("web-1")
+        _, grant = await env.alice.create_request(agent="web-1", action="deploy", duration=FIFTEEN)
+        assert grant is not None
+        seq, _ = await link.command()
+        await link.ack(seq, grant.id)
+        await env.wait_grant_state(grant.request_id, GrantState.ACTIVE)
+        await env.clock.advance(timedelta(minutes=5, microseconds=4321))
+        await env.alice.extend_grant(grant.id, by=FIFTEEN, reason="still going")
+        await env.admin.create_lock(agent="db-1", reason="INC-3", ttl=timedelta(minutes=7))
+    times = {
+        (event.kind, key): value
+        for event in await env.admin.list_audit()
+        for key, value in event.details.items()
+        if LOOKS_LIKE_TIME.match(value)
+    }
+    assert {kind for kind, _ in times} >= {"grant.created", "grant.extended", "lock.created"}
+    assert {k: v for k, v in times.items() if not RFC3339_MS.fullmatch(v)} == {}

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from jitmesh.client import Client
+from jitmesh.clock import rfc3339
 from jitmesh.errors import (
     ConflictError,
     DeadlineExceededError,
@@ -550,11 +551,11 @@ async def test_grant_expiring_is_audited_before_the_end_and_again_after_an_exten
         return [e.details["expires_at"] for e in events]
 
     await env.clock.advance(timedelta(minutes=6))  # 9m left, the warning time is 10m
-    assert await warnings() == [grant.not_after.isoformat()]
+    assert await warnings() == [rfc3339(grant.not_after)]
     extended, _ = await env.alice.extend_grant(grant.id, by=timedelta(minutes=15))
-    assert await warnings() == [grant.not_after.isoformat()]  # once per end
+    assert await warnings() == [rfc3339(grant.not_after)]  # once per end
     await env.clock.advance(timedelta(minutes=15))  # 9m left of the new end
-    assert await warnings() == [grant.not_after.isoformat(), extended.not_after.isoformat()]
+    assert await warnings() == [rfc3339(grant.not_after), rfc3339(extended.not_after)]
 
 
 async def audit_kinds_until(env: Env, grant_id: str, kind: str) -> list[str]:
