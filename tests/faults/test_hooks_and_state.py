@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -91,10 +92,16 @@ async def test_damaged_lease_table(cluster: Cluster, recorder: Recorder, damage:
     grant = await cluster.grant(alice, "web-1", HOLD[2], 120)
     await cluster.wait_grant(alice, grant.id, {GrantState.ACTIVE})
     await wait_in_force(web.oracle, pair)
-    # A clean stop first: the table is checkpointed into agent.db (otherwise page 1 may still
-    # live in the WAL and damage to the main file would go unseen until the next checkpoint).
+    # A clean stop first, then the table checkpointed into agent.db here: otherwise its pages may
+    # still live in the WAL (the agent's own checkpoint at close is skipped when another
+    # connection is open at that moment), and damage to the main file would go unseen.
     web.process.stop()
     db = web.state / "agent.db"
+    checkpoint = sqlite3.connect(db)
+    try:
+        assert checkpoint.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    finally:
+        checkpoint.close()
     damage(db)  # type: ignore[operator]
     recorder.fault(f"disk_{damage.__name__}")  # type: ignore[attr-defined]
     await cluster.start_agent("web-1", new=False)
