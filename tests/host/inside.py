@@ -68,6 +68,16 @@ def wait_until(what: str, done: Callable[[], bool], timeout: float) -> float:
     return time.monotonic()
 
 
+async def until(what: str, done: Callable[[], bool], timeout: float) -> None:
+    """`wait_until` for scenarios whose event loop also runs the coordinator or the agent: the
+    loop keeps serving (pushes, acks) while we wait."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 def first_refusal(attempt: Callable[[], int], timeout: float) -> datetime:
     """When the first attempt that failed began (attempts are made back to back)."""
     deadline = time.monotonic() + timeout
@@ -241,7 +251,7 @@ async def sudo_agent(scratch: str, seconds: int) -> dict[str, Any]:
                         )
                         assert grant is not None
                         grants[action] = grant
-                    wait_until(
+                    await until(
                         "the drop-in and the keys", lambda: dropin.exists() and keyfile.exists(), 15
                     )
                     seen[f"{case}_sudo_allowed"] = sudo_as("alice", ID_U)[0]
@@ -250,8 +260,13 @@ async def sudo_agent(scratch: str, seconds: int) -> dict[str, Any]:
                     if case == "killed":
                         agent.kill()
                         agent.wait(timeout=10)
-                    sudo_refused = first_refusal(lambda: sudo_as("alice", ID_U)[0], 3 * seconds)
-                    ssh_refused = first_refusal(lambda: sshd.login()[0], 3 * seconds)
+                    # In a thread: the coordinator in this loop keeps serving meanwhile.
+                    sudo_refused = await asyncio.to_thread(
+                        first_refusal, lambda: sudo_as("alice", ID_U)[0], 3 * seconds
+                    )
+                    ssh_refused = await asyncio.to_thread(
+                        first_refusal, lambda: sshd.login()[0], 3 * seconds
+                    )
                     seen[f"{case}_sudo_refused_after_s"] = (
                         sudo_refused - grants["restart"].not_after
                     ).total_seconds()
@@ -259,7 +274,7 @@ async def sudo_agent(scratch: str, seconds: int) -> dict[str, Any]:
                         ssh_refused - grants["logs"].not_after
                     ).total_seconds()
                     if case == "running":
-                        wait_until(
+                        await until(
                             "the agent to remove both",
                             lambda: not (dropin.exists() or keyfile.exists()),
                             10,
@@ -272,7 +287,7 @@ async def sudo_agent(scratch: str, seconds: int) -> dict[str, Any]:
                         seen["killed_files_still_there"] = [dropin.exists(), keyfile.exists()]
                         # Started again, the agent ends what expired while it was down.
                         agent = start_agent(root, coordinator.address, *enforcers)
-                        wait_until(
+                        await until(
                             "the restarted agent to clean up",
                             lambda: not (dropin.exists() or keyfile.exists()),
                             20,
@@ -502,7 +517,7 @@ async def local_exec(scratch: str) -> dict[str, Any]:
                 *agent_cli("alice", "exec", "--state", s, "--action", "deploy", "--", "sleep", "60")
             )
         )
-        await _until(lambda: bool(agent.sessions.runs), 20)
+        await until("the run to start", lambda: bool(agent.sessions.runs), 20)
         started = time.monotonic()
         await agent.revoke(grant)
         seen["revoked_run"] = await running
@@ -516,7 +531,7 @@ async def local_exec(scratch: str) -> dict[str, Any]:
             ash(*agent_cli("alice", "exec", "--state", s, "--action", "deploy", "--grace", "30",
                            "--", "sh", "-c", f"trap '' TERM; touch {trapped}; sleep 60; sleep 60"))
         )  # fmt: skip
-        await _until(trapped.exists, 20)
+        await until("the trap file", trapped.exists, 20)
         started = time.monotonic()
         await agent.revoke(grant)
         seen["killed_run"] = await stubborn
@@ -560,13 +575,13 @@ async def end_user_sessions(scratch: str) -> dict[str, Any]:
         first = await agent.grant("alice", "deploy")
         second = await agent.grant("alice", "logs")
         alice, bob = login_shell("alice"), login_shell("bob")
-        await _until(lambda: running("alice") and running("bob"), 20)
+        await until("both sessions", lambda: running("alice") and running("bob"), 20)
         await agent.revoke(first)
         # The sessions loop has taken the removal and looked: alice still holds `logs`.
-        await _until(agent.sessions.idle, 5)
+        await until("the sessions to settle", agent.sessions.idle, 5)
         seen["after_first"] = running("alice")
         await agent.revoke(second)
-        await _until(lambda: not running("alice"), 20)
+        await until("alice's session to end", lambda: not running("alice"), 20)
         seen["alice_ended"] = True
         seen["bob_running"] = running("bob")
         async with asyncio.timeout(20):
@@ -599,7 +614,7 @@ async def exec_request(scratch: str) -> dict[str, Any]:
         )  # fmt: skip
         try:
             await coordinator.connected("web-1")
-            wait_until("the socket", (state / "agent.sock").exists, 20)
+            await until("the socket", (state / "agent.sock").exists, 20)
             creds = [
                 "env", f"JITMESH_COORDINATOR={coordinator.address}",
                 "JITMESH_TOKEN=jmt_host-alice", "JITMESH_INSECURE=1",
@@ -772,10 +787,6 @@ async def ssh_enforcer(scratch: str) -> dict[str, Any]:
     return seen
 
 
-async def _until(done: Callable[[], bool], timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while not done():
-            await asyncio.sleep(0.02)
 
 
 SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
