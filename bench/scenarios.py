@@ -103,7 +103,7 @@ class Sizes:
 
     @staticmethod
     def quick() -> Sizes:
-        return Sizes(5, 60, 20, 1000, 2, 32, 4.0, 10_000, (2, 24, 6.0, 5.0), (16, 2.0, 2))
+        return Sizes(5, 60, 20, 1000, 2, 32, 4.0, 10_000, (2, 24, 6.0, 5.0), (16, 2.0, 1))
 
     @staticmethod
     def full() -> Sizes:
