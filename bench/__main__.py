@@ -33,10 +33,11 @@ GROUPS: dict[
     "fleet-tls": ({"14"}, sc.fleet_tls),
     "replicas": ({"9", "10", "11"}, replicas.run),
     "delivery": ({"12"}, sc.flood),
+    "failover": ({"17"}, replicas.failover),
 }
 # Not in `--quick` unless asked for with --only: each would add a minute or more to CI's run
-# (another 1,000-agent swarm enrolling with CSRs).
-FULL_ONLY = {"fleet-tls"}
+# (another 1,000-agent swarm enrolling with CSRs; two more PostgreSQL replicas).
+FULL_ONLY = {"fleet-tls", "failover"}
 
 
 def machine() -> dict[str, Any]:
