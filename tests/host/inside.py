@@ -787,8 +787,6 @@ async def ssh_enforcer(scratch: str) -> dict[str, Any]:
     return seen
 
 
-
-
 SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "sudo_enforcer": sudo_enforcer,
     "sudo_agent": sudo_agent,
