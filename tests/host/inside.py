@@ -165,6 +165,7 @@ class Coordinator:
     developers may `restart` on env=staging at once), alice a developer."""
 
     JOIN = "jmj_host-test-join-token"
+    ADMIN = "jmt_host-admin"
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -182,6 +183,7 @@ class Coordinator:
         admin = Principal("admin", frozenset({ADMIN_GROUP}))
         await self.server.fleet.create_join_token(admin, {}, None, max_uses=None, token=self.JOIN)
         await self.server.identity.ensure_user("alice", ["developers"], "jmt_host-alice")
+        await self.server.identity.ensure_user("admin", [ADMIN_GROUP], self.ADMIN)
         self.runner = asyncio.create_task(self.server.run())
         return self
 
@@ -201,7 +203,14 @@ class Coordinator:
 
 
 def start_agent(root: Path, address: str, *enforcers: str) -> subprocess.Popen[bytes]:
-    state = root / "agent-state"
+    return start_agent_at(root, address, root / "agent-state", *enforcers)
+
+
+def start_agent_at(
+    root: Path, address: str, state: Path, *enforcers: str
+) -> subprocess.Popen[bytes]:
+    """`start_agent` with its state directory at `state` (under /run for a socket other local
+    users can reach: the scratch directory may not be)."""
     log = (root / "agent.log").open("ab")
     return subprocess.Popen(
         [str(BIN / "jitmesh-agent"), "--coordinator", address, "--name", "web-1",
@@ -636,6 +645,73 @@ async def exec_request(scratch: str) -> dict[str, Any]:
     return seen
 
 
+async def breakglass_caller(scratch: str) -> dict[str, Any]:
+    """`jitmesh-agent breakglass CODE` over the real agent's socket, the caller told by the
+    kernel (SO_PEERCRED): with a code an admin issued for alice on web-1, bob as himself is
+    refused (the code left unused), alice as herself gets her access, the same code again is
+    refused, and root may present another of alice's codes. The uses reach the coordinator with
+    who presented each."""
+    from jitmesh import Client
+
+    root = Path(scratch)
+    make_user("alice")
+    make_user("bob")
+    state = Path("/run/jitmesh-test/state")
+    state.parent.mkdir(parents=True)
+    markers = root / "markers"
+    seen: dict[str, Any] = {}
+    async with Coordinator(root) as coordinator:
+        agent = start_agent_at(root, coordinator.address, state, f"file:{markers}")
+        try:
+            await coordinator.connected("web-1")
+            await until("the socket", (state / "agent.sock").exists, 20)
+            async with await Client.connect(coordinator.address, token=Coordinator.ADMIN) as admin:
+                issued = await admin.issue_breakglass_codes(
+                    "web-1", "restart", "alice", timedelta(minutes=10),
+                    valid_for=timedelta(days=1), count=2, reason="on-call kit",
+                )  # fmt: skip
+                (first, code), (second, other) = issued
+                seen["codes"] = [first.id, second.id]
+                s = str(state)
+
+                def present(user: str | None, text: str) -> list[Any]:
+                    rc, out = sh(*agent_cli(user, "breakglass", "--state", s, text))
+                    return [rc, out, text in out]
+
+                def check(user: str) -> int:
+                    return sh(*agent_cli(user, "check", "--state", s, "--action", "restart"))[0]
+
+                # Blocking probes in a thread: the coordinator in this loop keeps serving.
+                seen["bob"] = await asyncio.to_thread(present, "bob", code)
+                seen["bob_marker"] = (markers / "alice:restart").exists()
+                seen["alice_check_before"] = await asyncio.to_thread(check, "alice")
+                seen["alice"] = await asyncio.to_thread(present, "alice", code)
+                seen["alice_marker"] = (markers / "alice:restart").exists()
+                seen["alice_check"] = await asyncio.to_thread(check, "alice")
+                seen["bob_check"] = await asyncio.to_thread(check, "bob")
+                seen["alice_again"] = await asyncio.to_thread(present, "alice", code)
+                seen["root"] = await asyncio.to_thread(present, None, other)
+
+                async def adopted() -> list[tuple[str, str, str]]:
+                    events = await admin.list_audit(kind="breakglass.used")
+                    return sorted(
+                        (e.details["code_id"], e.details.get("caller", ""), e.subject)
+                        for e in events
+                    )
+
+                async with asyncio.timeout(20):
+                    while len(await adopted()) < 2:
+                        await asyncio.sleep(0.05)
+                seen["adopted"] = await adopted()
+                everything = json.dumps([e.details for e in await admin.list_audit(limit=1000)])
+                seen["codes_in_audit"] = code in everything or other in everything
+        finally:
+            agent.kill()
+            agent.wait(timeout=10)
+    seen["codes_in_agent_log"] = any(t in (root / "agent.log").read_text() for t in (code, other))
+    return seen
+
+
 async def sudo_overlap(scratch: str) -> dict[str, Any]:
     """Overlapping grants through the engine with the real sudo: one drop-in, its NOTAFTER the
     latest deadline of the live grants, moved back when the longest is revoked, removed with the
@@ -787,8 +863,6 @@ async def ssh_enforcer(scratch: str) -> dict[str, Any]:
     return seen
 
 
-
-
 SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "sudo_enforcer": sudo_enforcer,
     "sudo_agent": sudo_agent,
@@ -797,6 +871,7 @@ SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "end_user_sessions": end_user_sessions,
     "exec_request": exec_request,
     "sudo_overlap": sudo_overlap,
+    "breakglass_caller": breakglass_caller,
     "group_enforcer": group_enforcer,
     "ssh_enforcer": ssh_enforcer,
 }
