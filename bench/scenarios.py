@@ -13,6 +13,7 @@ import os
 import sqlite3
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,7 @@ from typing import Any
 
 from jitmesh import Client
 from jitmesh.types import Grant, GrantState, OfflinePolicy
-from server.app import build
+from server.app import DB_NAME, build
 from server.config import CoordinatorConfig
 from server.domain.expiry import Expirer
 from server.domain.hub import Hub
@@ -83,6 +84,20 @@ REAL_FLEET = (
     "real: jitmesh-coordinator dev process; swarm in the bench process: real Link + Engine per "
     "agent (no expiry loop), one TCP connection each, in-memory lease store and enforcer; "
     "baseline: raw grpc.aio server process, one stream per agent in another process"
+)
+
+
+# Scenarios 3 and 14: what one lock round sends, and why the CPU row is not one message each.
+FANOUT_MESSAGES = (
+    "jitmesh: two commands per agent at the lock (its REVOKE, then a LOCK command the 0.2 agent "
+    "keeps), each written, signed, pushed and acked, plus an UNLOCK at the lift after the timed "
+    "part (commands_per_agent_per_round counts them in the coordinator's log); baseline: one "
+    "400-byte message per stream and its ack"
+)
+FANOUT_CPU_NOTE = (
+    "coordinator CPU from the lock call until the last agent removed the access, divided by the "
+    "agents: it covers both commands of each agent (the LOCK's ack may still be on its way), "
+    "against the baseline's one message per stream"
 )
 
 
@@ -573,116 +588,128 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
             b_times: list[float] = []
             j_cpu: list[float] = []
             b_cpu: list[float] = []
+            sent: Counter[str] = Counter()
             for _ in range(sizes.fanout_rounds):
                 cpu0 = cpu_seconds(base_child.pid)
                 elapsed, _ = await bl.fanout(base_target)
                 b_times.append(elapsed)
                 b_cpu.append((cpu_seconds(base_child.pid) - cpu0) / n)
                 elapsed, cpu = await _fanout_round(
-                    coord.pid, alices, admins, swarm, names, _profiled(coord.pid, "fanout", tmp)
-                )
+                    coord.pid, alices, admins, swarm, names, _profiled(coord.pid, "fanout", tmp),
+                    sent, coord.data / DB_NAME,
+                )  # fmt: skip
                 j_times.append(elapsed)
                 j_cpu.append(cpu / n)
             fanout.add(
                 f"all {n} revoked (median of rounds)", median(j_times) * MS, median(b_times) * MS,
                 target="<= 1.2x",
             )  # fmt: skip
-            fanout.add("CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us")
+            fanout.add(
+                "CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us",
+                note=FANOUT_CPU_NOTE,
+            )  # fmt: skip
             fanout.extra["rounds_ms"] = {
                 "jitmesh": _ms_list(j_times),
                 "baseline": _ms_list(b_times),
             }
             fanout.extra["issued_as"] = "one Locks.CreateLock call (subject alice, action restart)"
+            fanout.extra["commands_per_agent_per_round"] = _per_agent(sent, n, sizes.fanout_rounds)
+            fanout.extra["messages_per_stream"] = FANOUT_MESSAGES
             fanout.extra["timed"] = (
                 "jitmesh: the lock call until the last agent's enforcer removed the access; "
                 "baseline: first push until the last ack is back at the server"
             )
 
-        _say("fleet: reconnect after SIGKILL")
-        # 6. reconnect after SIGKILL.
-        for client in clients:
-            await client.close()
-        clients.clear()
-        downs.count = downs.pushed_back = 0
-        t_kill = time.monotonic()
-        coord.kill()
-        with contextlib.suppress(TimeoutError):
-            await swarm.wait_disconnected(within=10.0)
-        reconnect.extra["still_connected_at_restart"] = swarm.connected()
-        noticed = time.monotonic() - t_kill
-        marks = {50: math.nan, 90: math.nan, 99: math.nan, 100: math.nan}
-        deadline = t_kill + max(120.0, n / 50)
-        back = 0
+        if _wanted("6"):
+            _say("fleet: reconnect after SIGKILL")
+            # 6. reconnect after SIGKILL.
+            for client in clients:
+                await client.close()
+            clients.clear()
+            downs.count = downs.pushed_back = 0
+            t_kill = time.monotonic()
+            coord.kill()
+            with contextlib.suppress(TimeoutError):
+                await swarm.wait_disconnected(within=10.0)
+            reconnect.extra["still_connected_at_restart"] = swarm.connected()
+            noticed = time.monotonic() - t_kill
+            marks = {50: math.nan, 90: math.nan, 99: math.nan, 100: math.nan}
+            deadline = t_kill + max(120.0, n / 50)
+            back = 0
 
-        async def watch() -> None:
-            nonlocal back
-            # Only the agents not yet seen back are looked at, every 100 ms: walking all 10,000
-            # every 20 ms was a sixth of the swarm process's CPU, slowing the very reconnects
-            # it timed.
-            pending = list(swarm.agents)
-            while time.monotonic() < deadline:
-                # Back: connected, with contact noted after the restart began (the Welcome from
-                # the new process; the replay of its log follows on the same stream).
-                still = []
-                for agent in pending:
-                    contact = (await agent.store.meta()).last_contact_at
-                    if not (
-                        contact is not None and contact > restart_at and agent.engine.connected
-                    ):
-                        still.append(agent)
-                pending = still
-                back = n - len(pending)
-                now = time.monotonic()
-                for pct in marks:
-                    if math.isnan(marks[pct]) and back * 100 >= pct * n:
-                        marks[pct] = now - t_kill
-                if back >= n:
-                    return
-                await asyncio.sleep(0.1)
+            async def watch() -> None:
+                nonlocal back
+                # Only the agents not yet seen back are looked at, every 100 ms: walking all 10,000
+                # every 20 ms was a sixth of the swarm process's CPU, slowing the very reconnects
+                # it timed.
+                pending = list(swarm.agents)
+                while time.monotonic() < deadline:
+                    # Back: connected, with contact noted after the restart began (the Welcome from
+                    # the new process; the replay of its log follows on the same stream).
+                    still = []
+                    for agent in pending:
+                        contact = (await agent.store.meta()).last_contact_at
+                        if not (
+                            contact is not None and contact > restart_at and agent.engine.connected
+                        ):
+                            still.append(agent)
+                    pending = still
+                    back = n - len(pending)
+                    now = time.monotonic()
+                    for pct in marks:
+                        if math.isnan(marks[pct]) and back * 100 >= pct * n:
+                            marks[pct] = now - t_kill
+                    if back >= n:
+                        return
+                    await asyncio.sleep(0.1)
 
-        restart_at = datetime.now(UTC)
-        watcher = asyncio.create_task(watch())
-        await coord.start()
-        up = time.monotonic() - t_kill
-        # With --profile: the restarted coordinator and the swarm's own process (py-spy takes a
-        # second to attach, during which this process is blocked: profile runs only).
-        with _profiled(coord.pid, "reconnect", tmp), _profiled(os.getpid(), "reconnect-swarm", tmp):
-            await watcher
-        reconnect.add(
-            "links noticed the kill",
-            noticed * MS,
-            unit="ms",
-            note="from the SIGKILL until every link saw its stream break (at most 10 s: the "
-            "coordinator is restarted then)",
-        )
-        reconnect.add(
-            "coordinator serving again",
-            up * MS,
-            unit="ms",
-            note="from the SIGKILL until the restarted process has written dev.env (listening, "
-            "store open)",
-        )
-        for pct, at in marks.items():
+            restart_at = datetime.now(UTC)
+            watcher = asyncio.create_task(watch())
+            await coord.start()
+            up = time.monotonic() - t_kill
+            # With --profile: the restarted coordinator and the swarm's own process (py-spy takes a
+            # second to attach, during which this process is blocked: profile runs only).
+            with (
+                _profiled(coord.pid, "reconnect", tmp),
+                _profiled(os.getpid(), "reconnect-swarm", tmp),
+            ):
+                await watcher
             reconnect.add(
-                f"{pct} % back", at * MS, unit="ms", target="<= 30 s" if pct == 100 else ""
+                "links noticed the kill",
+                noticed * MS,
+                unit="ms",
+                note="from the SIGKILL until every link saw its stream break (at most 10 s: the "
+                "coordinator is restarted then)",
             )
-        reconnect.add(
-            "failed attempts",
-            float(max(0, downs.count - n - downs.pushed_back)),
-            unit="",
-            note="connection attempts that ended without a stream other than by admission "
-            "control: refused or reset while the coordinator was down or starting (each agent's "
-            "own break at the kill is not counted)",
-        )
-        reconnect.add(
-            "pushed back",
-            float(downs.pushed_back),
-            unit="",
-            note="attempts the restarted coordinator refused at once with a retry hint "
-            "(admission control), each agent then waiting the hint, never less than its schedule",
-        )
-        reconnect.add("left behind", float(n - back), unit="agents", target="0")
-        reconnect.extra["measured_from"] = "SIGKILL; restarted once the links saw it (<= 10 s)"
+            reconnect.add(
+                "coordinator serving again",
+                up * MS,
+                unit="ms",
+                note="from the SIGKILL until the restarted process has written dev.env (listening, "
+                "store open)",
+            )
+            for pct, at in marks.items():
+                reconnect.add(
+                    f"{pct} % back", at * MS, unit="ms", target="<= 30 s" if pct == 100 else ""
+                )
+            reconnect.add(
+                "failed attempts",
+                float(max(0, downs.count - n - downs.pushed_back)),
+                unit="",
+                note="connection attempts that ended without a stream other than by admission "
+                "control: refused or reset while the coordinator was down or starting (each "
+                "agent's own break at the kill is not counted)",
+            )
+            reconnect.add(
+                "pushed back",
+                float(downs.pushed_back),
+                unit="",
+                note="attempts the restarted coordinator refused at once with a retry hint "
+                "(admission control), each agent then waiting the hint, never less than its "
+                "schedule",
+            )
+            reconnect.add("left behind", float(n - back), unit="agents", target="0")
+            reconnect.extra["measured_from"] = "SIGKILL; restarted once the links saw it (<= 10 s)"
     except Exception as exc:  # reported per scenario; what was measured stays
         log.exception("fleet scenarios failed")
         for scenario in scenarios:
@@ -705,8 +732,9 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
 
 
 async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
-    """Scenario 14: scenario 3 (one lock revoking a grant on every agent) with the coordinator
-    serving TLS and every swarm agent on mTLS; the baseline's streams over mTLS too."""
+    """Scenario 14: scenario 3 (one lock: a revoke and a LOCK command to every agent) with the
+    coordinator serving TLS and every swarm agent on mTLS; the baseline's streams over mTLS
+    too."""
     n = sizes.agents
     fanout = Scenario(
         "14 fanout, mTLS", f"{n} agents x {sizes.fanout_rounds} rounds", REAL_FLEET_TLS
@@ -769,22 +797,29 @@ async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
         b_times: list[float] = []
         j_cpu: list[float] = []
         b_cpu: list[float] = []
+        sent: Counter[str] = Counter()
         for _ in range(sizes.fanout_rounds):
             cpu0 = cpu_seconds(base_child.pid)
             elapsed, _ = await bl.fanout(base_target, base_tls)
             b_times.append(elapsed)
             b_cpu.append((cpu_seconds(base_child.pid) - cpu0) / n)
             elapsed, cpu = await _fanout_round(
-                coord.pid, alices, admins, swarm, names, _profiled(coord.pid, "fanout-tls", tmp)
-            )
+                coord.pid, alices, admins, swarm, names, _profiled(coord.pid, "fanout-tls", tmp),
+                sent, coord.data / DB_NAME,
+            )  # fmt: skip
             j_times.append(elapsed)
             j_cpu.append(cpu / n)
         fanout.add(
             f"all {n} revoked (median of rounds)", median(j_times) * MS, median(b_times) * MS,
             target="<= 1.2x",
         )  # fmt: skip
-        fanout.add("CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us")
+        fanout.add(
+            "CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us",
+            note=FANOUT_CPU_NOTE,
+        )  # fmt: skip
         fanout.extra["rounds_ms"] = {"jitmesh": _ms_list(j_times), "baseline": _ms_list(b_times)}
+        fanout.extra["commands_per_agent_per_round"] = _per_agent(sent, n, sizes.fanout_rounds)
+        fanout.extra["messages_per_stream"] = FANOUT_MESSAGES
     except Exception as exc:  # reported; what was measured stays
         log.exception("fleet-tls scenario failed")
         if not fanout.rows:
@@ -934,10 +969,13 @@ async def _fanout_round(
     swarm: Swarm,
     names: Sequence[str],
     profiled: contextlib.AbstractContextManager[None],
+    counts: Counter[str] | None = None,
+    db: Path | None = None,
 ) -> tuple[float, float]:
     """Grant (alice, restart) on every agent (not timed), then revoke them all at once: the
     seconds until the last agent removed it, and the coordinator CPU seconds spent. Only the
-    timed part runs under `profiled`."""
+    timed part runs under `profiled`. With a SQLite coordinator: adds the commands the lock and
+    its lift appended to its log (read from its database `db`) to `counts`, by kind."""
     pair = ("alice", "restart")
     grants: list[str] = []
 
@@ -957,7 +995,7 @@ async def _fanout_round(
     await asyncio.sleep(0.5)
     marks = [len(a.enforcer.history) for a in agents]
     with profiled:
-        return await _revoke_all(pid, admins, agents, pair, marks, len(grants))
+        return await _revoke_all(pid, admins, agents, pair, marks, len(grants), counts, db)
 
 
 async def _revoke_all(
@@ -967,11 +1005,15 @@ async def _revoke_all(
     pair: tuple[str, str],
     marks: list[int],
     expected: int,
+    counts: Counter[str] | None,
+    db: Path | None,
 ) -> tuple[float, float]:
+    before = _command_counts(db)
     cpu0 = cpu_seconds(pid)
     started = time.monotonic()
-    # One lock: one call, one transaction writing a revoke into every agent's log, one push
-    # per stream.
+    # One lock: one call, one transaction writing into every agent's log a revoke and (wire 0.2
+    # agents, as every swarm agent is) a LOCK command the agent keeps; each signed, pushed in
+    # one batch per stream, acked one by one.
     lock, revoked, _ = await admins[0].create_lock(
         subject="alice", action="restart", reason="bench fan-out"
     )
@@ -979,13 +1021,34 @@ async def _revoke_all(
         raise RuntimeError(f"the lock revoked {revoked} grants, expected {expected}")
     await until(lambda: not any(pair in a.enforcer.in_force for a in agents), 300, "revoked")
     cpu = cpu_seconds(pid) - cpu0
+    # The LOCK commands already acked when the CPU was read (their acks may still be on the
+    # way: the revoke comes first in each agent's log).
+    if counts is not None:
+        counts["lock acked at the CPU reading"] += _command_counts(db, acked=True)["lock"]
     await admins[0].lift_lock(lock.id, reason="next round")
+    if counts is not None:
+        counts.update(_command_counts(db) - before)
     last = started
     for agent, mark in zip(agents, marks, strict=True):
         for at, op, what in agent.enforcer.history[mark:]:
             if op == "remove" and what == pair:
                 last = max(last, at)
     return last - started, cpu
+
+
+def _command_counts(db: Path | None, *, acked: bool = False) -> Counter[str]:
+    """Rows of the coordinator's command log by kind (read-only, beside the running process;
+    `acked`: only those acked); nothing without a SQLite database."""
+    if db is None:
+        return Counter()
+    where = " WHERE acked_at IS NOT NULL" if acked else ""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        rows = conn.execute(f"SELECT kind, count(*) FROM commands{where} GROUP BY kind")  # noqa: S608
+        return Counter({kind: count for kind, count in rows})
+
+
+def _per_agent(counts: Counter[str], agents: int, rounds: int) -> dict[str, float]:
+    return {kind: count / (agents * rounds) for kind, count in sorted(counts.items())}
 
 
 # Scenario 7: the coordinator's expiry sweep.
