@@ -28,7 +28,9 @@ from server.domain.expiry import Expirer
 from server.domain.hub import Hub
 from server.domain.models import ADMIN_GROUP, AgentAck, Command, Principal
 from server.domain.policy import DEV_POLICY
-from server.store.sqlite import SqliteStore
+from server.domain.receivers import DeliveryState
+from server.store.base import SqlOutbox
+from server.store.sqlite import SqliteOutbox, SqliteStore
 from tests.support.swarm import Swarm, SwarmAgent, SwarmSettings, raise_fd_limit
 
 from . import baseline as bl
@@ -284,6 +286,7 @@ async def _local(tmp: Path, sizes: Sizes, *, tls: bool, webhook: bool) -> list[S
             clients.append(client)
         alice, bob, admin_client = clients
         hook: _Webhook | None = None
+        outbox = SqliteOutbox(coordinator.store) if webhook else None
         if webhook:
             hook = _Webhook(tmp / "webhook.log", free_port())
             receiver = spawn(
@@ -321,7 +324,10 @@ async def _local(tmp: Path, sizes: Sizes, *, tls: bool, webhook: bool) -> list[S
                 if hook is not None:
                     # The same approvals with a receiver configured: the outbox's notices are
                     # delivered by the sender while the next approvals run. Removed again
-                    # before the next round's plain figures.
+                    # before the next round's plain figures, once the outbox is drained: every
+                    # notice of the round routed and none PENDING for the receiver (the
+                    # grant.applied POSTs follow request.approved; one still in flight would
+                    # load the next round's plain approvals, scenario 2, its comparison).
                     await admin_client.add_receiver(
                         "bench-hook", "webhook", target=hook.url, secret=HOOK_SECRET
                     )
@@ -332,6 +338,7 @@ async def _local(tmp: Path, sizes: Sizes, *, tls: bool, webhook: bool) -> list[S
                     notified_lat += with_hook
                     notified_p50.append(median(with_hook))
                     await hook.wait_approved(decided, 60)
+                    await _wait_drained(outbox, 60)
                     await admin_client.remove_receiver("bench-hook")
         b, p, a = _ms_list(base_rtt), _ms_list(push_lat), _ms_list(approve_lat)
         ratios = [j / r for r, j, _ in round_p50]
@@ -369,6 +376,11 @@ async def _local(tmp: Path, sizes: Sizes, *, tls: bool, webhook: bool) -> list[S
             )  # fmt: skip
             notified.add("webhook p99", percentile(_ms_list(delivered), 99))
             notified.extra["notices_received"] = len(arrivals(hook.log))
+            notified.extra["notices_by_kind"] = dict(Counter(k for _, k, _ in arrivals(hook.log)))
+            notified.extra["between_rounds"] = (
+                "the receiver is removed only once the outbox is drained (all routed, none "
+                "PENDING): no POST of a webhook round overlaps the next plain round"
+            )
             notified.extra["round_p50_ms"] = _ms_list(notified_p50)
         footprint.add(
             "RSS",
@@ -418,6 +430,25 @@ class _Webhook:
         await until(
             lambda: len(self.latencies(decided)) >= len(decided), within, "notices received", 0.05
         )
+
+
+async def _wait_drained(outbox: SqlOutbox | None, within: float) -> None:
+    """Until every outbox entry is routed and no delivery is PENDING (each was sent and
+    answered, or given up)."""
+    assert outbox is not None
+
+    async def drained() -> bool:
+        _, unrouted = await outbox.unrouted(1)
+        pending = await outbox.deliveries(
+            receiver="", states=[DeliveryState.PENDING], limit=1, before=0
+        )
+        return not unrouted and not pending
+
+    deadline = time.monotonic() + within
+    while not await drained():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"notification outbox not drained after {within:.0f} s")
+        await asyncio.sleep(0.02)
 
 
 async def _accepting(port: int, within: float) -> None:
