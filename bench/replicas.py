@@ -277,6 +277,9 @@ async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
         survivor, victim = setup.swarms
         moving = victim.agents
         drops = _count_drops(survivor.agents)
+        # The same count on the agents that move: each should show its one break at the kill
+        # (the check that the count sees a stream ending).
+        moved_drops = _count_drops(moving)
         killed_at = datetime.now(UTC)
         t_kill = time.monotonic()
         setup.coords[1].kill()
@@ -312,6 +315,7 @@ async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
             "transition of each engine counted, not sampled)",
         )  # fmt: skip
         scenario.extra["survivor_stream_ends"] = sum(drops.values())
+        scenario.extra["moved_agents_stream_ends"] = sum(moved_drops.values())
         undisturbed = len(survivor.agents) - survivor.connected()
         scenario.add(
             "survivor's own agents disconnected at the end", float(undisturbed), unit="agents",
