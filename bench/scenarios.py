@@ -15,7 +15,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -621,7 +621,7 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
             b_times: list[float] = []
             j_cpu: list[float] = []
             b_cpu: list[float] = []
-            sent: Counter[str] = Counter()
+            locks = _LockRounds(coord.data / DB_NAME)
             for _ in range(sizes.fanout_rounds):
                 elapsed, _ = await bl.fanout(base_target)
                 b_times.append(elapsed)
@@ -631,7 +631,7 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
                 b_cpu.append((cpu_seconds(base_child.pid) - cpu0) / n)
                 elapsed, cpu = await _fanout_round(
                     coord.pid, alices, admins, swarm, names, _profiled(coord.pid, "fanout", tmp),
-                    sent, coord.data / DB_NAME,
+                    locks,
                 )  # fmt: skip
                 j_times.append(elapsed)
                 j_cpu.append(cpu / n)
@@ -648,7 +648,7 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
                 "baseline": _ms_list(b_times),
             }
             fanout.extra["issued_as"] = "one Locks.CreateLock call (subject alice, action restart)"
-            fanout.extra["commands_per_agent_per_round"] = _per_agent(sent, n, sizes.fanout_rounds)
+            locks.report(fanout, n, j_cpu)
             fanout.extra["messages_per_stream"] = FANOUT_MESSAGES
             fanout.extra["timed"] = (
                 "jitmesh: the lock call until the last agent's enforcer removed the access; "
@@ -832,7 +832,7 @@ async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
         b_times: list[float] = []
         j_cpu: list[float] = []
         b_cpu: list[float] = []
-        sent: Counter[str] = Counter()
+        locks = _LockRounds(coord.data / DB_NAME)
         for _ in range(sizes.fanout_rounds):
             elapsed, _ = await bl.fanout(base_target, base_tls)
             b_times.append(elapsed)
@@ -842,7 +842,7 @@ async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
             b_cpu.append((cpu_seconds(base_child.pid) - cpu0) / n)
             elapsed, cpu = await _fanout_round(
                 coord.pid, alices, admins, swarm, names, _profiled(coord.pid, "fanout-tls", tmp),
-                sent, coord.data / DB_NAME,
+                locks,
             )  # fmt: skip
             j_times.append(elapsed)
             j_cpu.append(cpu / n)
@@ -855,7 +855,7 @@ async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
             note=FANOUT_CPU_NOTE,
         )  # fmt: skip
         fanout.extra["rounds_ms"] = {"jitmesh": _ms_list(j_times), "baseline": _ms_list(b_times)}
-        fanout.extra["commands_per_agent_per_round"] = _per_agent(sent, n, sizes.fanout_rounds)
+        locks.report(fanout, n, j_cpu)
         fanout.extra["messages_per_stream"] = FANOUT_MESSAGES
     except Exception as exc:  # reported; what was measured stays
         log.exception("fleet-tls scenario failed")
@@ -1006,13 +1006,12 @@ async def _fanout_round(
     swarm: Swarm,
     names: Sequence[str],
     profiled: contextlib.AbstractContextManager[None],
-    counts: Counter[str] | None = None,
-    db: Path | None = None,
+    locks: _LockRounds | None = None,
 ) -> tuple[float, float]:
     """Grant (alice, restart) on every agent (not timed), then revoke them all at once: the
     seconds until the last agent removed it, and the coordinator CPU seconds spent. Only the
-    timed part runs under `profiled`. With a SQLite coordinator: adds the commands the lock and
-    its lift appended to its log (read from its database `db`) to `counts`, by kind."""
+    timed part runs under `profiled`. With `locks` (a SQLite coordinator): the CPU is read once
+    every LOCK command is acked too, and `locks` notes what the round sent."""
     pair = ("alice", "restart")
     grants: list[str] = []
 
@@ -1032,7 +1031,7 @@ async def _fanout_round(
     await asyncio.sleep(0.5)
     marks = [len(a.enforcer.history) for a in agents]
     with profiled:
-        return await _revoke_all(pid, admins, agents, pair, marks, len(grants), counts, db)
+        return await _revoke_all(pid, admins, agents, pair, marks, len(grants), locks)
 
 
 async def _revoke_all(
@@ -1042,9 +1041,9 @@ async def _revoke_all(
     pair: tuple[str, str],
     marks: list[int],
     expected: int,
-    counts: Counter[str] | None,
-    db: Path | None,
+    locks: _LockRounds | None,
 ) -> tuple[float, float]:
+    db = locks.db if locks is not None else None
     before = _command_counts(db)
     before_acked = _command_counts(db, acked=True)
     cpu0 = cpu_seconds(pid)
@@ -1058,20 +1057,23 @@ async def _revoke_all(
     if revoked != expected:
         raise RuntimeError(f"the lock revoked {revoked} grants, expected {expected}")
     await until(lambda: not any(pair in a.enforcer.in_force for a in agents), 300, "revoked")
-    if counts is not None:
+    if locks is not None:
         # The revoke is first in each agent's log; the LOCK's ack can still be on its way: the
         # CPU is read once every one is in, so it covers both commands (FANOUT_COMMANDS).
+        locks.cpu_at_revoked.append(cpu_seconds(pid) - cpu0)
         acked = before_acked["lock"] + len(agents)
         await until(
             lambda: _command_counts(db, acked=True)["lock"] >= acked, 300, "LOCK acked", 0.05
         )
+        locks.lock_acked_s.append(time.monotonic() - started)
     cpu = cpu_seconds(pid) - cpu0
     await admins[0].lift_lock(lock.id, reason="next round")
-    if counts is not None:
+    if locks is not None:
         sent = _command_counts(db) - before
         if (sent["revoke"], sent["lock"]) != (expected, len(agents)):
             raise RuntimeError(f"a lock round sent {dict(sent)}, expected a revoke and a LOCK each")
-        counts.update(sent)
+        locks.sent.update(sent)
+        locks.rounds += 1
     last = started
     for agent, mark in zip(agents, marks, strict=True):
         for at, op, what in agent.enforcer.history[mark:]:
@@ -1091,8 +1093,27 @@ def _command_counts(db: Path | None, *, acked: bool = False) -> Counter[str]:
         return Counter({kind: count for kind, count in rows})
 
 
-def _per_agent(counts: Counter[str], agents: int, rounds: int) -> dict[str, float]:
-    return {kind: count / (agents * rounds) for kind, count in sorted(counts.items())}
+@dataclass
+class _LockRounds:
+    """What the lock rounds of 3 and 14 sent, read from the coordinator's database `db`."""
+
+    db: Path
+    sent: Counter[str] = field(default_factory=Counter)
+    rounds: int = 0
+    # Coordinator CPU seconds at the last revoke (the CPU row's end before 2026-12-06 22:20),
+    # and seconds from the lock call until every LOCK command was acked.
+    cpu_at_revoked: list[float] = field(default_factory=list)
+    lock_acked_s: list[float] = field(default_factory=list)
+
+    def report(self, scenario: Scenario, agents: int, cpu_per_agent: Sequence[float]) -> None:
+        scenario.extra["commands_per_agent_per_round"] = {
+            kind: count / (agents * self.rounds) for kind, count in sorted(self.sent.items())
+        }
+        scenario.extra["cpu_per_agent_us"] = {
+            "until_every_lock_acked (the row)": [c * 1e6 for c in cpu_per_agent],
+            "until_the_last_revoke (before 22:20)": [c / agents * 1e6 for c in self.cpu_at_revoked],
+        }
+        scenario.extra["every_lock_acked_after_ms"] = _ms_list(self.lock_acked_s)
 
 
 # Scenario 7: the coordinator's expiry sweep.
