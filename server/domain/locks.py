@@ -132,8 +132,48 @@ class LockService:
 
 def keeps_locks(agent: Agent) -> bool:
     """Whether the agent understands lock commands: wire 0.2 and later, or not known yet (never
-    said Hello: it will be of this release)."""
-    return not agent.version or not older_than(agent.version, 0, 2)
+    said Hello since the coordinator was upgraded: taken to be of this release until it says)."""
+    return keeps_locks_at(agent.version)
+
+
+def keeps_locks_at(version: str) -> bool:
+    """`keeps_locks` for a version as recorded ("": not known yet)."""
+    return not version or not older_than(version, 0, 2)
+
+
+async def settle_unsent(tx: Tx, agent: str, version: str, now: datetime) -> None:
+    """Settle the lock commands in the log of an agent that has just said it is `version` and
+    keeps no locks (0.1): written while it was recorded as keeping them (its version not known
+    yet, or a newer agent rolled back), they are never sent to it (it cannot read them; the
+    lock's revokes are sent as for any agent). Each is marked NOT_APPLIED with why (its agent
+    acknowledged nothing: its last acked seq stays) and audited `lock.not_sent`, so nothing
+    waits on it: the agent's resume point no longer stops before it, and retention drops it
+    with the next command the agent acknowledges."""
+    unsent = await tx.unacked_lock_commands(agent)
+    if not unsent:
+        return
+    why = f"not sent: agent {version} keeps no locks (the lock's revokes are sent)"
+    settled = set(await tx.settle_unsent(agent, [c.seq for c in unsent], now, why))
+    await tx.audit_many(
+        [
+            AuditEntry(
+                "lock.not_sent",
+                "coordinator",
+                now,
+                subject=c.lock.target.subject,
+                agent=agent,
+                details={
+                    "lock": c.lock.id,
+                    "command": c.kind.value,
+                    "seq": str(c.seq),
+                    "version": version,
+                    "why": why,
+                },
+            )
+            for c in unsent
+            if c.lock is not None and c.seq in settled
+        ]
+    )
 
 
 async def lock_commands(tx: Tx, lock: Lock, kind: CommandKind, now: datetime) -> list[Command]:

@@ -195,6 +195,10 @@ class SqlReads(ABC):
         row = await self._one(self._q.get_agent, [name])
         return None if row is None else rec.agent(row)
 
+    async def unacked_lock_commands(self, agent: str) -> list[Command]:
+        rows = await self._all(self._q.unacked_lock_commands, [agent])
+        return [rec.command(r, agent) for r in rows]
+
     async def list_agents(self) -> list[Agent]:
         return [rec.agent(r) for r in await self._all(self._q.list_agents)]
 
@@ -579,6 +583,18 @@ class SqlTx(SqlReads):
         state it had acknowledged; the Hello then answers with a snapshot."""
         agents = await self._run(self._q.advance_log_start, [limit])
         return Truncated(agents, await self._run(self._q.truncate_commands, [limit]))
+
+    async def settle_unsent(
+        self, agent: str, seqs: Sequence[int], at: datetime, reason: str
+    ) -> list[int]:
+        """Mark those of the agent's commands that are still unacknowledged as settled without
+        being sent (NOT_APPLIED, `reason`); the seqs marked now. The agent's last_acked_seq
+        stays: it acknowledged none of them."""
+        marked = []
+        for seq in seqs:
+            if await self._run(self._q.settle_unsent, [to_ms(at), reason, agent, seq]) == 1:
+                marked.append(seq)
+        return marked
 
     async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
         """Mark the agent's commands before `snapshot_seq` that were never acknowledged as

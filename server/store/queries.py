@@ -160,6 +160,7 @@ class Queries:
     # Commands.
     # With the grant (or, for LOCK and UNLOCK, the lock) each names: rows.commands_after_sql.
     commands_after: str = rec.commands_after_sql("?")
+    unacked_lock_commands: str = rec.unacked_lock_commands_sql("?")
     first_unacked_seq: str = (
         # A snapshot's own row is never resent (a new Hello gets a new snapshot), so an ack of
         # it lost in a crash must not hold the resume point back for ever.
@@ -301,6 +302,10 @@ class Queries:
     insert_command: str = (
         "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
         "VALUES (?,?,?,?,?,?)"
+    )
+    settle_unsent: str = (
+        "UPDATE commands SET acked_at = ?, ack_status = 'NOT_APPLIED', ack_reason = ? "
+        "WHERE agent = ? AND seq = ? AND acked_at IS NULL"
     )
     supersede_commands: str = (
         "UPDATE commands SET acked_at = ?, ack_status = 'NOT_APPLIED', ack_reason = ? "
