@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from . import replicas
+from . import fleetlock, replicas
 from . import scenarios as sc
 from .stats import Row, Scenario
 
@@ -30,6 +30,7 @@ GROUPS: dict[
     "fleet": ({"3", "4", "5", "6"}, sc.fleet),
     "replicas": ({"9", "10", "11"}, replicas.run),
     "delivery": ({"12"}, sc.flood),
+    "locks": ({"20"}, fleetlock.run),
 }
 
 

@@ -199,6 +199,21 @@ class SqlReads(ABC):
         rows = await self._all(self._q.unacked_lock_commands, [agent])
         return [rec.command(r, agent) for r in rows]
 
+    async def agents_after(self, after: str, limit: int) -> list[tuple[str, str]]:
+        """Enrolled agents named after `after`, in name order, at most `limit`: (name, version)."""
+        rows = await self._all(self._q.agents_after, [after, limit])
+        return [(r["name"], r["version"]) for r in rows]
+
+    async def lock_handout(self, lock_id: str) -> str | None:
+        """Where the lock's command handout goes on (the last agent handled; "" before the
+        first); None when it is done (or there is no such lock)."""
+        row = await self._one(self._q.lock_handout, [lock_id])
+        return None if row is None else row["handout_after"]
+
+    async def locks_handing_out(self) -> list[str]:
+        """The locks whose command handout is not finished, oldest first."""
+        return [r["id"] for r in await self._all(self._q.locks_handing_out)]
+
     async def list_agents(self) -> list[Agent]:
         return [rec.agent(r) for r in await self._all(self._q.list_agents)]
 
@@ -608,6 +623,9 @@ class SqlTx(SqlReads):
 
     async def insert_lock(self, lock: Lock) -> None:
         await self._later(self._q.insert_lock, rec.lock_values(lock))
+
+    async def set_lock_handout(self, lock_id: str, after: str | None) -> None:
+        await self._later(self._q.set_lock_handout, [after, lock_id])
 
     async def lift_lock(self, lock_id: str, at: datetime, by: str, reason: str) -> bool:
         return await self._run(self._q.lift_lock, [to_ms(at), by, reason, lock_id]) == 1

@@ -312,6 +312,16 @@ class Queries:
         "WHERE agent = ? AND seq < ? AND acked_at IS NULL"
     )
     # Locks.
+    # A whole-fleet lock's commands, handed out in steps (domain/locks.py).
+    lock_handout: str = "SELECT handout_after FROM locks WHERE id = ?"
+    set_lock_handout: str = "UPDATE locks SET handout_after = ? WHERE id = ?"
+    locks_handing_out: str = (
+        "SELECT id FROM locks WHERE handout_after IS NOT NULL ORDER BY created_at, id"
+    )
+    agents_after: str = (
+        "SELECT name, version FROM agents WHERE name > ? AND removed_at IS NULL "
+        "ORDER BY name LIMIT ?"
+    )
     insert_lock: str = (
         f"INSERT INTO locks ({LOCK_COLUMNS}) VALUES ({_values(len(rec.LOCK_COLUMNS))})"
     )

@@ -92,3 +92,37 @@ async def test_unsent_lock_commands_are_settled_once_without_moving_the_acked_se
     agent = await store.get_agent("web-1")
     assert agent is not None
     assert agent.last_acked_seq == 1
+
+
+async def test_a_lock_handout_is_stored_with_the_lock(store: Store) -> None:
+    """Where a whole-fleet lock's handout stands: "" before the first agent, an agent's name,
+    None when done; listed while not done. Agents are read after a name, in name order, without
+    the removed ones."""
+    await enroll(store, "web-2", "db-1", "web-1", "gone")
+    async with store.transaction() as tx:
+        await tx.agent_seen("web-2", T0, version="0.1.0")
+        await tx.remove_agent("gone", T0)
+    lock = Lock(
+        id="lck-" + "3" * 32,
+        target=LockTarget(subject="alice"),
+        reason="INC-9",
+        created_by="admin",
+        created_at=T0,
+    )
+    async with store.transaction() as tx:
+        await tx.insert_lock(lock)
+        assert await tx.lock_handout(lock.id) is None
+        await tx.set_lock_handout(lock.id, "")
+        assert await tx.lock_handout(lock.id) == ""
+        assert await tx.agents_after("", 2) == [("db-1", ""), ("web-1", "")]
+        assert await tx.agents_after("web-1", 2) == [("web-2", "0.1.0")]
+    assert await store.locks_handing_out() == [lock.id]
+    async with store.transaction() as tx:
+        await tx.set_lock_handout(lock.id, "web-1")
+    async with store.transaction() as tx:
+        assert await tx.lock_handout(lock.id) == "web-1"
+        await tx.set_lock_handout(lock.id, None)
+    assert await store.locks_handing_out() == []
+    async with store.transaction() as tx:
+        assert await tx.lock_handout(lock.id) is None
+        assert await tx.lock_handout("lck-" + "4" * 32) is None
