@@ -5,6 +5,10 @@ no policy, no protobuf schema (raw bytes): the floor our stack can reach on this
     python -m bench.baseline serve PORT      # the "coordinator" end, for the multi-agent runs
     python -m bench.baseline client TARGET   # the "agent" end, one stream, acks every message
     python -m bench.baseline clients TARGET N  # N of them, each on its own connection
+
+Each takes `--tls DIR` (files from `tls_files`): then the server wants a client certificate and
+every client presents one, both from one ECDSA P-256 CA like the coordinator's internal CA, so
+the TLS figures compare mTLS with mTLS.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import itertools
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -47,7 +53,7 @@ class BaselineServer:
         self._ids = itertools.count(1)
         self._server: grpc.aio.Server | None = None
 
-    async def start(self, port: int = 0) -> int:
+    async def start(self, port: int = 0, tls: Path | None = None) -> int:
         server = grpc.aio.server(options=[("grpc.server.max_pending_requests", 20000)])
         handler = grpc.method_handlers_generic_handler(
             SERVICE,
@@ -58,7 +64,15 @@ class BaselineServer:
             },
         )
         server.add_generic_rpc_handlers((handler,))
-        bound = server.add_insecure_port(f"127.0.0.1:{port}")
+        if tls is None:
+            bound = server.add_insecure_port(f"127.0.0.1:{port}")
+        else:
+            creds = grpc.ssl_server_credentials(
+                [((tls / "server.key").read_bytes(), (tls / "server.pem").read_bytes())],
+                root_certificates=(tls / "ca.pem").read_bytes(),
+                require_client_auth=True,
+            )
+            bound = server.add_secure_port(f"127.0.0.1:{port}", creds)
         await server.start()
         self._server = server
         return bound
@@ -120,9 +134,46 @@ class BaselineServer:
         return request[:ACK_BYTES]
 
 
-async def client_stream(target: str, on_message: Callable[[float], None] | None = None) -> None:
+def tls_files(directory: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made by the
+    coordinator's own CA code (ECDSA P-256), in `directory`."""
+    from agent.identity import new_key_and_csr
+    from server.ca import InternalCA
+
+    now = datetime.now(UTC)
+    ca = InternalCA.open(directory, now)
+    server = ca.server_tls(["127.0.0.1"], now)
+    key_pem, csr = new_key_and_csr("baseline")
+    files = {
+        "ca.pem": ca.ca_pem,
+        "server.key": server.key_pem,
+        "server.pem": server.cert_pem,
+        "client.key": key_pem,
+        "client.pem": ca.sign_agent_csr(csr, "baseline", now).pem,
+    }
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return directory
+
+
+def _channel(target: str, tls: Path | None, options: list[tuple[str, int]]) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    creds = grpc.ssl_channel_credentials(
+        (tls / "ca.pem").read_bytes(),
+        (tls / "client.key").read_bytes(),
+        (tls / "client.pem").read_bytes(),
+    )
+    return grpc.aio.secure_channel(target, creds, options=options)
+
+
+async def client_stream(
+    target: str,
+    on_message: Callable[[float], None] | None = None,
+    tls: Path | None = None,
+) -> None:
     """One agent-like stream on its own connection: ack every message, until cancelled."""
-    async with grpc.aio.insecure_channel(target, options=[LOCAL_POOL]) as channel:
+    async with _channel(target, tls, [LOCAL_POOL]) as channel:
         connect = channel.stream_stream(CONNECT, None, None)
         call = connect(None)
         while True:
@@ -134,26 +185,26 @@ async def client_stream(target: str, on_message: Callable[[float], None] | None 
             await call.write(message[:8] + bytes(ACK_BYTES - 8))
 
 
-async def fanout(target: str) -> tuple[float, int]:
+async def fanout(target: str, tls: Path | None = None) -> tuple[float, int]:
     """One message to every stream of the server at `target`, timed there from the first push
     until the last ack is in. Returns (seconds, streams)."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with _channel(target, tls, []) as channel:
         reply = await channel.unary_unary(FANOUT, None, None)(b"", timeout=600)
         assert isinstance(reply, bytes)
         elapsed, count = reply.decode().split()
         return float(elapsed), int(count)
 
 
-async def clients(target: str, count: int) -> None:
+async def clients(target: str, count: int, tls: Path | None = None) -> None:
     """`count` agent-like streams, each on its own connection, until cancelled."""
     async with asyncio.TaskGroup() as tasks:
         for _ in range(count):
-            tasks.create_task(client_stream(target))
+            tasks.create_task(client_stream(target, tls=tls))
 
 
-async def _serve(port: int) -> None:
+async def _serve(port: int, tls: Path | None) -> None:
     server = BaselineServer()
-    await server.start(port)
+    await server.start(port, tls)
     await asyncio.Event().wait()
 
 
@@ -165,14 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     many = sub.add_parser("clients")
     many.add_argument("target")
     many.add_argument("count", type=int)
+    p.add_argument("--tls", type=Path, help="mTLS with the files in this directory")
     args = p.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         if args.command == "serve":
-            asyncio.run(_serve(args.port))
+            asyncio.run(_serve(args.port, args.tls))
         elif args.command == "clients":
-            asyncio.run(clients(args.target, args.count))
+            asyncio.run(clients(args.target, args.count, args.tls))
         else:
-            asyncio.run(client_stream(args.target))
+            asyncio.run(client_stream(args.target, tls=args.tls))
     return 0
 
 

@@ -68,9 +68,16 @@ class Child:
                 self.kill()
 
 
-def spawn(argv: list[str], log: Path) -> Child:
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Child:
+    """`argv` in its own process, output to `log`; `env`: more environment variables."""
     out = log.open("ab")
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **env} if env else None,
+    )
     out.close()
     return Child(proc, log)
 
@@ -90,30 +97,18 @@ class DevCoordinator:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def _argv(self) -> list[str]:
+        return [
+            bin_path("jitmesh-coordinator"), "dev", "--data", str(self.data),
+            "--listen", self.address, "--log-level", "WARNING", "--heartbeat", "30",
+            "--keepalive", "60", "--keepalive-timeout", "20", *self.extra,
+        ]  # fmt: skip
+
     async def start(self) -> None:
         env_file = self.data / "dev.env"
         with contextlib.suppress(FileNotFoundError):
             env_file.unlink()
-        self.child = spawn(
-            [
-                bin_path("jitmesh-coordinator"),
-                "dev",
-                "--data",
-                str(self.data),
-                "--listen",
-                self.address,
-                "--log-level",
-                "WARNING",
-                "--heartbeat",
-                "30",
-                "--keepalive",
-                "60",
-                "--keepalive-timeout",
-                "20",
-                *self.extra,
-            ],
-            self.data.parent / f"{self.data.name}.log",
-        )
+        self.child = spawn(self._argv(), self.data.parent / f"{self.data.name}.log")
         started = time.monotonic()
         while not env_file.exists():
             if self.child.proc.poll() is not None:
@@ -148,3 +143,21 @@ class DevCoordinator:
     def stop(self) -> None:
         if self.child is not None:
             self.child.stop()
+
+
+@dataclass
+class TlsCoordinator(DevCoordinator):
+    """The same coordinator serving TLS from its internal CA (`bench/tlscoord.py`): operators
+    and enrollment on `port`, AgentLink with client certificates on `agent_port`."""
+
+    agent_port: int = 0
+
+    def _argv(self) -> list[str]:
+        return [
+            sys.executable, "-m", "bench.tlscoord", str(self.data), str(self.port),
+            str(self.agent_port),
+        ]  # fmt: skip
+
+    @property
+    def ca_file(self) -> Path:
+        return self.data / "ca" / "ca.pem"

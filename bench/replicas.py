@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import time
 from datetime import UTC, datetime
@@ -59,14 +60,17 @@ class _SetUp:
             self.coords.append(DevCoordinator(root / f"r{i}", free_port(), extra=extra))
         self.root = root
 
-    async def start(self, agents: int) -> None:
+    async def start(self, agents: int, *, fail_over: bool = False) -> None:
+        """Start the replicas and a swarm for each; with `fail_over`, every agent is given
+        all replicas' addresses, its own first (as a real agent's --coordinator A,B)."""
         for coord in self.coords:  # one after the other: the first makes the shared keys
             await coord.start()
         share = agents // len(self.coords)
         for i, coord in enumerate(self.coords):
+            others = [c.address for c in self.coords if c is not coord] if fail_over else []
             swarm = Swarm(
                 SwarmSettings(
-                    target=coord.address,
+                    target=",".join([coord.address, *others]),
                     join_token=coord.join_token,
                     count=share,
                     credentials_dir=self.root / f"credentials-{i}",
@@ -222,3 +226,74 @@ async def run(tmp: Path, sizes: Sizes) -> list[Scenario]:
     for s in scenarios:
         s.seconds = time.monotonic() - started
     return scenarios
+
+
+REAL_FAILOVER = (
+    "two `jitmesh-coordinator dev --store postgresql://` processes on one database (local "
+    "PostgreSQL 15); swarm agents in the bench process (real Link + Engine), half on each "
+    "replica, each given both addresses (its own first); no baseline"
+)
+
+
+async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
+    """Scenario 17: SIGKILL the replica holding half the agents; the seconds until each of
+    them is served by the other replica (a Welcome from it after the kill)."""
+    n = max(20, min(sizes.agents // 10, 1000))
+    scenario = Scenario("17 failover, 2 replicas", f"{n} agents, {n // 2} on the killed replica",
+                        REAL_FAILOVER)  # fmt: skip
+    started = time.monotonic()
+    why = await _reachable(DSN)
+    if why:
+        scenario.error = f"PostgreSQL at {DSN} not reachable: {why}"
+        return [scenario]
+    schema = "bench_" + secrets.token_hex(4)
+    async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+    setup = _SetUp(tmp, "failover", 2, with_schema(DSN, schema))
+    try:
+        _say(f"failover: two replicas on PostgreSQL, {n} agents")
+        await setup.start(n, fail_over=True)
+        survivor, victim = setup.swarms
+        moving = victim.agents
+        killed_at = datetime.now(UTC)
+        t_kill = time.monotonic()
+        setup.coords[1].kill()
+        marks = {50: math.nan, 90: math.nan, 99: math.nan, 100: math.nan}
+        pending = list(moving)
+        deadline = t_kill + 60.0
+        while pending and time.monotonic() < deadline:
+            still = []
+            for agent in pending:
+                contact = (await agent.store.meta()).last_contact_at
+                # Served again: connected, with a Welcome after the kill (only the other
+                # replica is left to give one).
+                if not (contact is not None and contact > killed_at and agent.engine.connected):
+                    still.append(agent)
+            pending = still
+            back = len(moving) - len(pending)
+            now = time.monotonic()
+            for pct in marks:
+                if math.isnan(marks[pct]) and back * 100 >= pct * len(moving):
+                    marks[pct] = now - t_kill
+            await asyncio.sleep(0.05)
+        for pct, at in marks.items():
+            scenario.add(
+                f"{pct} % served by the other replica", at * MS, unit="ms",
+                target="<= 10 s" if pct == 100 else "",
+            )  # fmt: skip
+        scenario.add("left behind", float(len(pending)), unit="agents", target="0")
+        undisturbed = len(survivor.agents) - survivor.connected()
+        scenario.add(
+            "survivor's own agents disconnected", float(undisturbed), unit="agents", target="0",
+            note="the agents of the replica that stayed up, still connected at the end",
+        )  # fmt: skip
+        scenario.extra["measured_from"] = "SIGKILL of the second replica"
+    except Exception as exc:  # reported; what was measured stays
+        if not scenario.rows:
+            scenario.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        await setup.stop()
+        async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    scenario.seconds = time.monotonic() - started
+    return [scenario]

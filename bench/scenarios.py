@@ -32,7 +32,17 @@ from tests.support.swarm import Swarm, SwarmAgent, SwarmSettings, raise_fd_limit
 
 from . import baseline as bl
 from .delivery import delivery
-from .procs import Child, DevCoordinator, bin_path, cpu_seconds, free_port, rss_bytes, spawn
+from .procs import (
+    Child,
+    DevCoordinator,
+    TlsCoordinator,
+    bin_path,
+    cpu_seconds,
+    free_port,
+    rss_bytes,
+    spawn,
+)
+from .receiver import arrivals
 from .stats import Scenario, median, percentile
 from .waiting import until
 
@@ -49,6 +59,7 @@ def _wanted(number: str) -> bool:
 
 USERS = {"alice": ["developers"], "bob": ["sre"], "admin": [ADMIN_GROUP]}
 JOIN = "jmj_bench-join-token"
+HOOK_SECRET = "bench-webhook-secret"  # noqa: S105 - the bench's own receiver ignores it
 HOUR = timedelta(hours=1)
 MS = 1000.0
 
@@ -56,6 +67,17 @@ REAL_LOCAL = (
     "real: in-process coordinator (gRPC, SQLite, policy, audit), a real jitmesh-agent process "
     "(SQLite lease table, file enforcer), SDK over gRPC; baseline: raw grpc.aio stream to a "
     "separate process"
+)
+REAL_LOCAL_TLS = (
+    "real: in-process coordinator serving TLS from its internal CA, a real jitmesh-agent process "
+    "enrolled with a CSR and connected with its certificate (mTLS), SDK over TLS; baseline: raw "
+    "grpc.aio stream over mTLS to a separate process"
+)
+REAL_FLEET_TLS = (
+    "real: a coordinator process serving TLS from its internal CA (bench/tlscoord.py: "
+    "server.app.build with tls=True, dev policy and users); swarm in the bench process as in 3, "
+    "each agent enrolled with a CSR and on mTLS with its own certificate; baseline: raw "
+    "grpc.aio server and client processes over mTLS"
 )
 REAL_FLEET = (
     "real: jitmesh-coordinator dev process; swarm in the bench process: real Link + Engine per "
@@ -76,14 +98,16 @@ class Sizes:
     expiry_grants: int
     # Scenario 12 (delivery): agent processes, SDK callers, seconds of flooding, grant seconds.
     flood: tuple[int, int, float, float] = (5, 50, 20.0, 20.0)
+    # Scenario 16 (web page): concurrent clients, seconds per round, rounds.
+    web: tuple[int, float, int] = (16, 10.0, 3)
 
     @staticmethod
     def quick() -> Sizes:
-        return Sizes(5, 60, 20, 1000, 2, 32, 4.0, 10_000, (2, 24, 6.0, 5.0))
+        return Sizes(5, 60, 20, 1000, 2, 32, 4.0, 10_000, (2, 24, 6.0, 5.0), (16, 2.0, 1))
 
     @staticmethod
     def full() -> Sizes:
-        return Sizes(10, 500, 100, 10_000, 2, 64, 15.0, 100_000, (5, 50, 20.0, 20.0))
+        return Sizes(10, 500, 100, 10_000, 2, 64, 15.0, 100_000, (5, 50, 20.0, 20.0), (16, 10.0, 3))
 
 
 def _say(text: str) -> None:
@@ -142,13 +166,36 @@ class _Probe:
 
 
 async def local(tmp: Path, sizes: Sizes) -> list[Scenario]:
-    push = Scenario("1 push", f"{sizes.rounds}x{sizes.push_per_round} grants", REAL_LOCAL)
-    approve = Scenario(
-        "2 approve-to-enforced", f"{sizes.rounds}x{sizes.approve_per_round} approvals", REAL_LOCAL
+    """Scenarios 1, 2 and 8 in plain text, and 15 (2 with a webhook receiver) beside them."""
+    return await _local(tmp, sizes, tls=False, webhook=_wanted("15"))
+
+
+async def local_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
+    """Scenario 13: scenario 1 over mTLS (and its baseline over mTLS)."""
+    return await _local(tmp, sizes, tls=True, webhook=False)
+
+
+async def _local(tmp: Path, sizes: Sizes, *, tls: bool, webhook: bool) -> list[Scenario]:
+    real = REAL_LOCAL_TLS if tls else REAL_LOCAL
+    push = Scenario(
+        "13 push, mTLS" if tls else "1 push", f"{sizes.rounds}x{sizes.push_per_round} grants", real
     )
-    footprint = Scenario("8 agent footprint", "1 jitmesh-agent process", REAL_LOCAL)
+    approve = Scenario(
+        "2 approve-to-enforced", f"{sizes.rounds}x{sizes.approve_per_round} approvals", real
+    )
+    notified = Scenario(
+        "15 approve-to-enforced, webhook on",
+        f"{sizes.rounds}x{sizes.approve_per_round} approvals, interleaved with 2",
+        real + "; a webhook receiver process (stdlib HTTP server) takes every notice",
+    )
+    footprint = Scenario("8 agent footprint", "1 jitmesh-agent process", real)
     started = time.monotonic()
-    config = CoordinatorConfig(data_dir=tmp / "coordinator", port=0, default_policy=DEV_POLICY)
+    config = CoordinatorConfig(
+        data_dir=tmp / "coordinator",
+        port=0,
+        default_policy=DEV_POLICY,
+        **({"tls": True, "agent_port": 0} if tls else {}),
+    )
     coordinator = await build(config)
     admin = Principal("admin", frozenset({ADMIN_GROUP}))
     await coordinator.fleet.create_join_token(admin, {}, None, max_uses=None, token=JOIN)
@@ -179,52 +226,98 @@ async def local(tmp: Path, sizes: Sizes) -> list[Scenario]:
     setattr(coordinator.fleet, "ack_later", ack_hook)  # noqa: B010
     runner = asyncio.create_task(coordinator.run())
     address = f"127.0.0.1:{coordinator.port}"
+    ca_file: Path | None = None
+    base_tls: Path | None = None
+    if tls:
+        assert coordinator.ca is not None
+        ca_file = coordinator.ca.directory / "ca.pem"
+        (tmp / "baseline-tls").mkdir()
+        base_tls = bl.tls_files(tmp / "baseline-tls")
+    transport = ["--ca-file", str(ca_file)] if ca_file else ["--insecure"]
     children: list[Child] = []
     server = bl.BaselineServer()
     clients: list[Client] = []
+    receiver: Child | None = None
     try:
-        for name, env in (("bench-staging", "staging"), ("bench-prod", "prod")):
+        agents = (("bench-staging", "staging"),) if tls else (
+            ("bench-staging", "staging"), ("bench-prod", "prod"),
+        )  # fmt: skip
+        for name, env in agents:
             access = tmp / f"{name}-access"
             access.mkdir()
             argv = [
                 bin_path("jitmesh-agent"), "--coordinator", address, "--name", name,
                 "--label", f"env={env}", "--join-token", JOIN, "--state", str(tmp / name),
-                "--enforcer", f"file:{access}", "--log-level", "warning", "--insecure",
+                "--enforcer", f"file:{access}", "--log-level", "warning", *transport,
             ]  # fmt: skip
             children.append(spawn(argv, tmp / f"{name}.log"))
-        for name in ("bench-staging", "bench-prod"):
+        for name, _ in agents:
             await until(lambda n=name: coordinator.registry.connected(n), 30, f"{name} connected")  # type: ignore[misc]
-        port = await server.start()
+        port = await server.start(tls=base_tls)
+        tls_flag = ["--tls", str(base_tls)] if base_tls else []
         base_child = spawn(
-            [sys.executable, "-m", "bench.baseline", "client", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "bench.baseline", *tls_flag, "client", f"127.0.0.1:{port}"],
             tmp / "baseline-client.log",
         )
         children.append(base_child)
         await server.wait_streams(1, 30)
         for user in USERS:
-            clients.append(await Client.connect(address, token=f"jmt_bench-{user}", insecure=True))
-        alice, bob, _ = clients
+            if ca_file:
+                client = await Client.connect(address, token=f"jmt_bench-{user}", ca_file=ca_file)
+            else:
+                client = await Client.connect(address, token=f"jmt_bench-{user}", insecure=True)
+            clients.append(client)
+        alice, bob, admin_client = clients
+        hook: _Webhook | None = None
+        if webhook:
+            hook = _Webhook(tmp / "webhook.log", free_port())
+            receiver = spawn(
+                [sys.executable, "-m", "bench.receiver", str(hook.port), str(hook.log)],
+                tmp / "receiver.log",
+            )
+            await _accepting(hook.port, 30)
 
         base_rtt: list[float] = []
         push_lat: list[float] = []
         approve_lat: list[float] = []
+        notified_lat: list[float] = []
+        decided: dict[str, float] = {}
         round_p50: list[tuple[float, float, float]] = []
+        notified_p50: list[float] = []
         # Warm-up: connections, caches, the first SQLite pages.
         for _ in range(20):
             await server.push()
         for _ in range(3):
             await _push_once(alice, probe)
-        with _profiled(children[0].pid, "agent", tmp):
+        with _profiled(children[0].pid, "agent-tls" if tls else "agent", tmp):
             for _ in range(sizes.rounds):
                 rtts = [await server.push() for _ in range(sizes.push_per_round)]
                 pushes = [await _push_once(alice, probe) for _ in range(sizes.push_per_round)]
+                base_rtt += rtts
+                push_lat += pushes
+                if tls:
+                    round_p50.append((median(rtts), median(pushes), math.nan))
+                    continue
                 approvals = [
                     await _approve_once(alice, bob, probe) for _ in range(sizes.approve_per_round)
                 ]
-                base_rtt += rtts
-                push_lat += pushes
                 approve_lat += approvals
                 round_p50.append((median(rtts), median(pushes), median(approvals)))
+                if hook is not None:
+                    # The same approvals with a receiver configured: the outbox's notices are
+                    # delivered by the sender while the next approvals run. Removed again
+                    # before the next round's plain figures.
+                    await admin_client.add_receiver(
+                        "bench-hook", "webhook", target=hook.url, secret=HOOK_SECRET
+                    )
+                    with_hook = [
+                        await _approve_once(alice, bob, probe, decided)
+                        for _ in range(sizes.approve_per_round)
+                    ]
+                    notified_lat += with_hook
+                    notified_p50.append(median(with_hook))
+                    await hook.wait_approved(decided, 60)
+                    await admin_client.remove_receiver("bench-hook")
         b, p, a = _ms_list(base_rtt), _ms_list(push_lat), _ms_list(approve_lat)
         ratios = [j / r for r, j, _ in round_p50]
         push.add("p50", percentile(p, 50), percentile(b, 50), target="<= 1.5x")
@@ -232,10 +325,36 @@ async def local(tmp: Path, sizes: Sizes) -> list[Scenario]:
         push.add("p99.9", percentile(p, 99.9), percentile(b, 99.9))
         push.extra["median_of_round_p50_ratios"] = median(ratios)
         push.extra["samples"] = len(p)
-        approve.add("p50", percentile(a, 50), percentile(b, 50), target="<= 4x")
-        approve.add("p99", percentile(a, 99), percentile(b, 99))
-        approve.extra["median_of_round_p50_ratios"] = median([x / r for r, _, x in round_p50])
-        approve.extra["measured_until"] = "the agent's ack (sent after persist and apply) arrives"
+        if tls:
+            push.extra["transport"] = (
+                "jitmesh: agent on the mTLS agent port (certificate from the internal CA), SDK "
+                "over server-side TLS; baseline: mTLS, ECDSA P-256 certificates from the same "
+                "CA code"
+            )
+        else:
+            approve.add("p50", percentile(a, 50), percentile(b, 50), target="<= 4x")
+            approve.add("p99", percentile(a, 99), percentile(b, 99))
+            approve.extra["median_of_round_p50_ratios"] = median([x / r for r, _, x in round_p50])
+            approve.extra["measured_until"] = (
+                "the agent's ack (sent after persist and apply) arrives"
+            )
+        if hook is not None:
+            n = _ms_list(notified_lat)
+            approve_plain = percentile(a, 50)
+            notified.add(
+                "p50", percentile(n, 50), approve_plain,
+                note="baseline column: scenario 2's p50 (no receiver) from the same rounds",
+            )  # fmt: skip
+            notified.add("p99", percentile(n, 99), percentile(a, 99))
+            delivered = hook.latencies(decided)
+            notified.add(
+                "webhook p50 (decision -> received)", percentile(_ms_list(delivered), 50),
+                note="from just before the approve call until the receiver process read the "
+                "request.approved notice's POST",
+            )  # fmt: skip
+            notified.add("webhook p99", percentile(_ms_list(delivered), 99))
+            notified.extra["notices_received"] = len(arrivals(hook.log))
+            notified.extra["round_p50_ms"] = _ms_list(notified_p50)
         footprint.add(
             "RSS",
             rss_bytes(children[0].pid) / 2**20,
@@ -249,14 +368,57 @@ async def local(tmp: Path, sizes: Sizes) -> list[Scenario]:
             await client.close()
         for child in children:
             child.stop()
+        if receiver is not None:
+            receiver.stop()
         await server.stop()
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
     elapsed = time.monotonic() - started
-    for s in (push, approve, footprint):
+    for s in (push, approve, notified, footprint):
         s.seconds = elapsed
-    return [push, approve, footprint]
+    if tls:
+        return [push]
+    return [push, approve, footprint] + ([notified] if webhook else [])
+
+
+@dataclass(frozen=True)
+class _Webhook:
+    log: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def latencies(self, decided: dict[str, float]) -> list[float]:
+        """Seconds from each approval's decision until its request.approved notice arrived."""
+        first: dict[str, float] = {}
+        for at, kind, request_id in arrivals(self.log):
+            if kind == "request.approved" and request_id in decided:
+                first.setdefault(request_id, at)
+        return [first[r] - decided[r] for r in decided if r in first]
+
+    async def wait_approved(self, decided: dict[str, float], within: float) -> None:
+        await until(
+            lambda: len(self.latencies(decided)) >= len(decided), within, "notices received", 0.05
+        )
+
+
+async def _accepting(port: int, within: float) -> None:
+    async def ready() -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        writer.close()
+        return True
+
+    deadline = time.monotonic() + within
+    while not await ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listening on port {port} after {within:.0f} s")
+        await asyncio.sleep(0.05)
 
 
 async def _push_once(alice: Client, probe: _Probe) -> float:
@@ -270,10 +432,14 @@ async def _push_once(alice: Client, probe: _Probe) -> float:
     return latency
 
 
-async def _approve_once(alice: Client, bob: Client, probe: _Probe) -> float:
+async def _approve_once(
+    alice: Client, bob: Client, probe: _Probe, decided: dict[str, float] | None = None
+) -> float:
     request, _ = await alice.create_request(
         agent="bench-prod", action="deploy", duration=HOUR, reason="bench"
     )
+    if decided is not None:
+        decided[request.id] = time.monotonic()
     started = time.perf_counter()
     _, grant = await bob.approve(request.id)
     assert grant is not None
@@ -538,6 +704,104 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
     return scenarios
 
 
+async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
+    """Scenario 14: scenario 3 (one lock revoking a grant on every agent) with the coordinator
+    serving TLS and every swarm agent on mTLS; the baseline's streams over mTLS too."""
+    n = sizes.agents
+    fanout = Scenario(
+        "14 fanout, mTLS", f"{n} agents x {sizes.fanout_rounds} rounds", REAL_FLEET_TLS
+    )
+    started = time.monotonic()
+    (tmp / "fleet").mkdir()
+    coord = TlsCoordinator(tmp / "fleet" / "coordinator", free_port(), agent_port=free_port())
+    (tmp / "baseline-tls").mkdir()
+    base_tls = bl.tls_files(tmp / "baseline-tls")
+    tls_flag = ["--tls", str(base_tls)]
+    base_port = free_port()
+    base_child = spawn(
+        [sys.executable, "-m", "bench.baseline", *tls_flag, "serve", str(base_port)],
+        tmp / "baseline.log",
+    )
+    base_target = f"127.0.0.1:{base_port}"
+    tasks: list[asyncio.Task[None]] = []
+    children: list[Child] = [base_child]
+    clients: list[Client] = []
+    try:
+        await coord.start()
+        swarm = Swarm(
+            SwarmSettings(
+                target=coord.address,
+                join_token=coord.join_token,
+                count=n,
+                credentials_dir=tmp / "fleet" / "credentials",
+                prefix="swarm",
+                labels={"env": "staging"},
+                heartbeat=30.0,
+                keepalive_time=60.0,
+                keepalive_timeout=20.0,
+                welcome_timeout=60.0,
+                ca_pem=coord.ca_file.read_bytes(),
+            )
+        )
+        tasks.append(asyncio.create_task(_run_links(swarm)))
+        _say(f"fleet-tls: {n} swarm agents enrolling (CSR) and connecting (mTLS)")
+        connect_s = await swarm.wait_connected(n, within=max(120.0, n / 20))
+        _say(f"fleet-tls: {n} agents connected in {connect_s:.1f} s")
+        fanout.extra["first_connect_and_enroll_s"] = connect_s
+        children.append(
+            spawn(
+                [sys.executable, "-m", "bench.baseline", *tls_flag, "clients", base_target,
+                 str(n)],
+                tmp / "baseline-clients.log",
+            )
+        )  # fmt: skip
+        await _wait_base_streams(base_target, n, base_tls)
+        for user in ("alice", "admin"):
+            for _ in range(4):
+                clients.append(
+                    await Client.connect(
+                        coord.address, token=coord.token(user), timeout=600, ca_file=coord.ca_file
+                    )
+                )
+        alices, admins = clients[:4], clients[4:]
+        names = [agent.name for agent in swarm.agents]
+        j_times: list[float] = []
+        b_times: list[float] = []
+        j_cpu: list[float] = []
+        b_cpu: list[float] = []
+        for _ in range(sizes.fanout_rounds):
+            cpu0 = cpu_seconds(base_child.pid)
+            elapsed, _ = await bl.fanout(base_target, base_tls)
+            b_times.append(elapsed)
+            b_cpu.append((cpu_seconds(base_child.pid) - cpu0) / n)
+            elapsed, cpu = await _fanout_round(
+                coord.pid, alices, admins, swarm, names, _profiled(coord.pid, "fanout-tls", tmp)
+            )
+            j_times.append(elapsed)
+            j_cpu.append(cpu / n)
+        fanout.add(
+            f"all {n} revoked (median of rounds)", median(j_times) * MS, median(b_times) * MS,
+            target="<= 1.2x",
+        )  # fmt: skip
+        fanout.add("CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us")
+        fanout.extra["rounds_ms"] = {"jitmesh": _ms_list(j_times), "baseline": _ms_list(b_times)}
+    except Exception as exc:  # reported; what was measured stays
+        log.exception("fleet-tls scenario failed")
+        if not fanout.rows:
+            fanout.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        for client in clients:
+            await client.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        coord.stop()
+        for child in children:
+            child.stop()
+    fanout.seconds = time.monotonic() - started
+    return [fanout]
+
+
 async def _run_links(swarm: Swarm) -> None:
     """Like `Swarm.run`, without each engine's expiry loop: it wakes every second per agent
     (to notice wall-clock jumps), which at 10,000 agents in one process is a core's worth of
@@ -569,9 +833,9 @@ def _profiled(pid: int, name: str, tmp: Path) -> Iterator[None]:
         child.proc.wait(30)
 
 
-async def _wait_base_streams(target: str, n: int) -> None:
+async def _wait_base_streams(target: str, n: int, tls: Path | None = None) -> None:
     for _ in range(600):
-        _, count = await bl.fanout(target)
+        _, count = await bl.fanout(target, tls)
         if count >= n:
             return
         await asyncio.sleep(0.2)

@@ -26,6 +26,9 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     PublicFormat,
 )
+from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
+
+SIGNATURE_BYTES = 64
 
 ROTATION_OVERLAP = timedelta(days=1)
 FILE_NAME = "signing_keys.json"
@@ -51,11 +54,22 @@ class _Key:
     # Derived from the private key once (every pushed command names its key).
     public_raw: bytes = field(init=False, repr=False)
     key_id: str = field(init=False)
+    # The same key in libsodium's form: it signs every command (see `signature`).
+    _sodium: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         raw = self.private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         object.__setattr__(self, "public_raw", raw)
         object.__setattr__(self, "key_id", key_id(raw))
+        seed = self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        object.__setattr__(self, "_sodium", crypto_sign_seed_keypair(seed)[1])
+
+    def signature(self, data: bytes) -> bytes:
+        """The Ed25519 signature of `data` by libsodium (PyNaCl, which the agent verifies
+        with): about 21 us against 33 us through `cryptography` on this machine, once per
+        command pushed. Ed25519 is deterministic, so the bytes are the same either way
+        (tests/server/test_signing.py)."""
+        return crypto_sign(data, self._sodium)[:SIGNATURE_BYTES]
 
 
 class SigningKeys:
@@ -103,14 +117,14 @@ class SigningKeys:
 
     def sign(self, data: bytes) -> tuple[str, bytes]:
         current = self._keys[-1]
-        return current.key_id, current.private.sign(data)
+        return current.key_id, current.signature(data)
 
     def sign_with_oldest(self, data: bytes, now: datetime) -> tuple[str, bytes]:
         """Sign with the oldest key still valid: the one every agent enrolled within the
         rotation overlap has pinned (used to announce a rotation)."""
         for k in self._keys:
             if k.retired_at is None or k.retired_at + ROTATION_OVERLAP > now:
-                return k.key_id, k.private.sign(data)
+                return k.key_id, k.signature(data)
         return self.sign(data)
 
     def public_keys(

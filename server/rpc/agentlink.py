@@ -501,7 +501,10 @@ def _sendable(session: Session, command: Command) -> bool:
 async def _settle(writing: collections.deque[asyncio.Future[Any]]) -> None:
     """Take the finished ack writes off the front, and wait for the oldest while too many are
     in flight (their failures are handled by `_watch`)."""
-    while writing and (writing[0].done() or len(writing) > ACKS_IN_FLIGHT):
+    while writing and writing[0].done():
+        # Done already: no asyncio.wait (its waiter future, callbacks and a loop turn per ack).
+        writing.popleft()
+    while len(writing) > ACKS_IN_FLIGHT:
         await asyncio.wait([writing.popleft()])
 
 

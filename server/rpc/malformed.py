@@ -62,6 +62,10 @@ else:  # not subscriptable at run time
 class MalformedRequests(_Interceptor):
     def __init__(self) -> None:
         self._log = _OneLine()
+        # The wrapped handler per method, made once: the handlers gRPC looks up are the same
+        # objects call after call (a new one, e.g. the access log's at debug level, is wrapped
+        # anew). Building closures and a handler tuple per call was per-request work.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -72,6 +76,14 @@ class MalformedRequests(_Interceptor):
         if handler is None or handler.request_deserializer is None or handler.request_streaming:
             return handler
         method = details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Any) -> Any:
         parse = handler.request_deserializer
 
         def safe(raw: bytes) -> Any:

@@ -47,6 +47,7 @@ from server.domain.models import (
     ReplicaInfo,
     StatusCounts,
     Truncated,
+    gc_paused,
 )
 from server.domain.notices import NOTIFIABLE, Notice, notice_for
 from server.domain.receivers import (
@@ -736,17 +737,25 @@ class SqlTx(SqlReads):
         events = await self.audit_many([entry])
         return events[0] if events else None
 
-    async def audit_many(self, entries: Sequence[AuditEntry]) -> list[AuditEvent]:
+    async def audit_many(
+        self, entries: Sequence[AuditEntry], *, fresh: bool = False
+    ) -> list[AuditEvent]:
         """`audit` for many entries, in order, as one batch: the chain is the same as entry by
-        entry. Entries whose id is already stored are skipped."""
+        entry. Entries whose id is already stored are skipped. `fresh`: every id was made for
+        these entries (`new_id`), so none can be stored: no look-up, and no trip to the
+        database once the transaction knows the head."""
         if not entries:
             return []
-        # The head first: from here to commit no other transaction can add an event, so the
-        # ids found stored below stay the only ones stored.
-        (head_seq, head_hash), stored = await self._head_and_stored_ids(
-            [entry.id for entry in entries]
-        )
-        events, rows = rec.chain(entries, head_seq, head_hash, stored)
+        if fresh:
+            (head_seq, head_hash), stored = await self._audit_head(), set[str]()
+        else:
+            # The head first: from here to commit no other transaction can add an event, so
+            # the ids found stored below stay the only ones stored.
+            (head_seq, head_hash), stored = await self._head_and_stored_ids(
+                [entry.id for entry in entries]
+            )
+        with gc_paused():
+            events, rows = rec.chain(entries, head_seq, head_hash, stored)
         if not rows:
             return []
         await self._many(self._q.insert_audit, rows)

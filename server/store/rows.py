@@ -480,12 +480,17 @@ def chain(
     """The audit events (and their rows) that extend the chain at (seq, prev) with `entries`,
     leaving out ids in `skip` and repeated ids. Pure Python, per entry only what differs: the
     instant's and the details' encodings are reused across entries that share them (a sweep's
-    entries share the instant and a few details shapes)."""
+    entries share the instant and a few details objects). Events whose entries share one details
+    object share one copy of it (events are values: nothing changes their details)."""
     events: list[AuditEvent] = []
     rows: list[tuple[Any, ...]] = []
     seen = set(skip)
     instants: dict[datetime, tuple[int, datetime]] = {}
-    shapes: dict[tuple[tuple[str, str], ...], tuple[str, str]] = {}
+    # By the details object (alive in `entries` throughout, so its id is its own), then by
+    # contents: (canonical text, stored JSON, the events' copy).
+    shared: dict[int, tuple[str, str, dict[str, str]]] = {}
+    shapes: dict[tuple[tuple[str, str], ...], tuple[str, str, dict[str, str]]] = {}
+    event = AuditEvent
     for entry in entries:
         if entry.id in seen:
             continue
@@ -494,19 +499,27 @@ def chain(
         if instant is None:
             at_ms = to_ms(entry.at)
             instant = instants[entry.at] = (at_ms, from_ms(at_ms))
-        key = tuple(entry.details.items())
-        shape = shapes.get(key)
+        details = entry.details
+        shape = shared.get(id(details))
         if shape is None:
-            shape = shapes[key] = (canonical_details(entry.details), details_json(entry.details))
+            key = tuple(details.items())
+            shape = shapes.get(key)
+            if shape is None:
+                shape = shapes[key] = (
+                    canonical_details(details),
+                    details_json(details),
+                    dict(details),
+                )
+            shared[id(details)] = shape
         seq += 1
         digest = chain_hash(
             seq, entry.id, instant[0], entry.actor, entry.kind, entry.subject, entry.agent,
             entry.request_id, entry.grant_id, shape[0], prev,
         )  # fmt: skip
         events.append(
-            AuditEvent(
+            event(
                 seq, entry.id, instant[1], entry.actor, entry.kind, entry.subject, entry.agent,
-                entry.request_id, entry.grant_id, dict(entry.details), prev, digest,
+                entry.request_id, entry.grant_id, shape[2], prev, digest,
             )
         )  # fmt: skip
         rows.append(

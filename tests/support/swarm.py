@@ -25,6 +25,7 @@ from pathlib import Path
 
 from agent.enforcers.base import EnforcerSet
 from agent.engine import Engine
+from agent.identity import IdentityFile
 from agent.rpc.link import Link, LinkSettings
 from agent.store.credential import CredentialFile
 from agent.store.keys import PinnedKeys
@@ -104,6 +105,10 @@ class SwarmSettings:
     keepalive_time: float = 30.0
     keepalive_timeout: float = 10.0
     welcome_timeout: float = 30.0
+    # The coordinator's CA: each agent enrolls with a CSR and connects with its certificate
+    # (mTLS, the identity in `credentials_dir/<name>.tls.json`); None: plain text and bearer
+    # credentials.
+    ca_pem: bytes | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -151,11 +156,13 @@ class Swarm:
                 keepalive_time=s.keepalive_time,
                 keepalive_timeout=s.keepalive_timeout,
                 welcome_timeout=s.welcome_timeout,
+                ca_pem=s.ca_pem,
             ),
             engine=engine,
             credentials=_RememberedCredential(s.credentials_dir / name),
             # Command-signing keys pinned at enrollment, one file per agent.
             keys=_RememberedKeys(s.credentials_dir / f"{name}.keys"),
+            identity=IdentityFile(s.credentials_dir / f"{name}.tls.json"),
             clock=self._clock,
             pacing=self._clock,
             rand=rand,
