@@ -11,6 +11,7 @@ state, unacknowledged commands, REVOKE_FAILED).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
@@ -100,19 +101,24 @@ class CoordinatorMetrics:
         r.register(_ScrapeTime(agents_connected, rate_limited))
 
     def observe_audit(self, events: Sequence[AuditEvent]) -> None:
-        """Hub observer: count what this process wrote (runs in the writer's call)."""
-        for event in events:
-            self.audit_events.labels(event.kind).inc()
-            outcome = REQUEST_OUTCOMES.get(event.kind)
+        """Hub observer: count what this process wrote (runs in the writer's call). Counted by
+        kind first: a sweep writes 100,000 events of one kind, one labelled increment each was
+        0.1-0.2 s of the writer's time."""
+        for kind, count in collections.Counter(event.kind for event in events).items():
+            self.audit_events.labels(kind).inc(count)
+            outcome = REQUEST_OUTCOMES.get(kind)
             if outcome is not None:
-                self.requests.labels(outcome).inc()
-            latency = _latency(event)
-            if latency is None:
-                continue
+                self.requests.labels(outcome).inc(count)
+        for event in events:
             if event.kind == "grant.applied":
-                self.push_latency.observe(latency)
+                histogram = self.push_latency
             elif event.kind in ("grant.revoked", "grant.released"):
-                self.revoke_latency.observe(latency)
+                histogram = self.revoke_latency
+            else:
+                continue
+            latency = _latency(event)
+            if latency is not None:
+                histogram.observe(latency)
 
     def set_counts(self, grants: dict[str, int], unacked: int, revoking: int) -> None:
         for state in LIVE_STATES:

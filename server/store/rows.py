@@ -278,6 +278,24 @@ def commands_after_sql(mark: str) -> str:
     store's placeholder (agent, seq, limit). A grant command the agent has refused (acked
     FAILED or REJECTED) is never sent again: the grant ended here with that ack, and no revoke
     follows it in the log. A snapshot's own row is never resent (it names no grant)."""
+    return _commands_sql(
+        f"c.agent = {mark} AND c.seq > {mark} "
+        "AND (g.id IS NOT NULL OR l.id IS NOT NULL) "
+        "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
+        f"ORDER BY c.seq LIMIT {mark}"
+    )
+
+
+def unacked_lock_commands_sql(mark: str) -> str:
+    """An agent's LOCK and UNLOCK commands not acknowledged yet, with their locks (agent)."""
+    return _commands_sql(
+        f"c.agent = {mark} AND c.acked_at IS NULL AND c.kind IN ('lock', 'unlock') "
+        "AND l.id IS NOT NULL ORDER BY c.seq"
+    )
+
+
+def _commands_sql(where: str) -> str:
+    """Commands with the grant (or lock) each names, in the columns `command` reads."""
     grant_columns = ", ".join(f"g.{c} AS g_{c}" for c in GRANT_COLUMNS)
     lock_columns = ", ".join(f"l.{c} AS l_{c}" for c in LOCK_COLUMNS)
     return (
@@ -285,15 +303,12 @@ def commands_after_sql(mark: str) -> str:
         f"{grant_columns}, {lock_columns} FROM commands c "
         "LEFT JOIN grants g ON g.id = c.grant_id AND c.kind NOT IN ('lock', 'unlock') "
         "LEFT JOIN locks l ON l.id = c.grant_id AND c.kind IN ('lock', 'unlock') "
-        f"WHERE c.agent = {mark} AND c.seq > {mark} "
-        "AND (g.id IS NOT NULL OR l.id IS NOT NULL) "
-        "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
-        f"ORDER BY c.seq LIMIT {mark}"
+        f"WHERE {where}"
     )
 
 
 def command(row: Row, agent: str) -> Command:
-    """A row of `commands_after_sql`."""
+    """A row of `commands_after_sql` (or `unacked_lock_commands_sql`)."""
     kind = CommandKind(row["c_kind"])
     if kind in (CommandKind.LOCK, CommandKind.UNLOCK):
         return Command(agent, row["c_seq"], kind, None, lock=lock(row, "l_"))
@@ -465,12 +480,17 @@ def chain(
     """The audit events (and their rows) that extend the chain at (seq, prev) with `entries`,
     leaving out ids in `skip` and repeated ids. Pure Python, per entry only what differs: the
     instant's and the details' encodings are reused across entries that share them (a sweep's
-    entries share the instant and a few details shapes)."""
+    entries share the instant and a few details objects). Events whose entries share one details
+    object share one copy of it (events are values: nothing changes their details)."""
     events: list[AuditEvent] = []
     rows: list[tuple[Any, ...]] = []
     seen = set(skip)
     instants: dict[datetime, tuple[int, datetime]] = {}
-    shapes: dict[tuple[tuple[str, str], ...], tuple[str, str]] = {}
+    # By the details object (alive in `entries` throughout, so its id is its own), then by
+    # contents: (canonical text, stored JSON, the events' copy).
+    shared: dict[int, tuple[str, str, dict[str, str]]] = {}
+    shapes: dict[tuple[tuple[str, str], ...], tuple[str, str, dict[str, str]]] = {}
+    event = AuditEvent
     for entry in entries:
         if entry.id in seen:
             continue
@@ -479,19 +499,27 @@ def chain(
         if instant is None:
             at_ms = to_ms(entry.at)
             instant = instants[entry.at] = (at_ms, from_ms(at_ms))
-        key = tuple(entry.details.items())
-        shape = shapes.get(key)
+        details = entry.details
+        shape = shared.get(id(details))
         if shape is None:
-            shape = shapes[key] = (canonical_details(entry.details), details_json(entry.details))
+            key = tuple(details.items())
+            shape = shapes.get(key)
+            if shape is None:
+                shape = shapes[key] = (
+                    canonical_details(details),
+                    details_json(details),
+                    dict(details),
+                )
+            shared[id(details)] = shape
         seq += 1
         digest = chain_hash(
             seq, entry.id, instant[0], entry.actor, entry.kind, entry.subject, entry.agent,
             entry.request_id, entry.grant_id, shape[0], prev,
         )  # fmt: skip
         events.append(
-            AuditEvent(
+            event(
                 seq, entry.id, instant[1], entry.actor, entry.kind, entry.subject, entry.agent,
-                entry.request_id, entry.grant_id, dict(entry.details), prev, digest,
+                entry.request_id, entry.grant_id, shape[2], prev, digest,
             )
         )  # fmt: skip
         rows.append(

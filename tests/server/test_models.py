@@ -3,9 +3,12 @@ surrounding space."""
 
 from __future__ import annotations
 
+import gc
+import re
+
 import pytest
 
-from server.domain.models import ADMIN_GROUP, Principal, same_person
+from server.domain.models import ADMIN_GROUP, Principal, gc_paused, new_id, new_ids, same_person
 
 
 @pytest.mark.parametrize(
@@ -57,3 +60,28 @@ def test_only_users_in_the_admin_group_are_admins() -> None:
     assert Principal("root", frozenset({ADMIN_GROUP})).is_admin
     assert not Principal("root", frozenset({"sre"})).is_admin
     assert not Principal("web-1", frozenset({ADMIN_GROUP}), kind="agent").is_admin
+
+
+def test_new_ids_are_new_id_shaped_unique_and_time_prefixed() -> None:
+    ids = new_ids("evt", 3000)
+    one = new_id("evt")
+    assert len(ids) == 3000 == len(set(ids))
+    shape = re.compile(r"evt-[0-9a-f]{32}")
+    assert all(shape.fullmatch(i) for i in [*ids, one])
+    # 48 bits of milliseconds first: ids made later never sort before them.
+    assert max(i[:16] for i in ids) <= new_id("evt")[:16]
+    assert new_ids("evt", 0) == []
+
+
+def test_gc_paused_pauses_only_inside_and_keeps_a_disabled_collector_disabled() -> None:
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from jitmesh.types import GrantState
-from server.domain.audit import verify_chain
-from server.domain.models import AuditEntry, GrantChange
+from server.domain.audit import reference_hash, verify_chain
+from server.domain.models import AuditEntry, GrantChange, new_ids
 from server.domain.ports import Store
 from tests.server.helpers import T0, make_grant
 
@@ -55,3 +55,27 @@ async def test_audit_many_extends_the_chain_like_one_by_one(store: Store) -> Non
     assert verify_chain(chain).ok
     assert after is not None
     assert await store.audit_head() == (after.seq, after.hash)
+
+
+async def test_fresh_audit_batch_with_shared_details_chains_like_one_by_one(store: Store) -> None:
+    # The sweep's form: ids made for the batch (no look-up), one details object shared by
+    # many entries. The stored chain is the same as entry by entry, and the events keep the
+    # details they were written with when the shared object changes later.
+    shared = {"action": "deploy", "was": "ACTIVE"}
+    ids = new_ids("evt", 1203)
+    entries = [
+        AuditEntry("grant.expired", "coordinator", T0, subject="alice", agent=f"web-{i % 7}",
+                   request_id=f"req{i}", grant_id=f"g{i}", details=shared, id=event_id)
+        for i, event_id in enumerate(ids)
+    ]  # fmt: skip
+    async with store.transaction() as tx:
+        await tx.audit(AuditEntry("before", "a", T0, id="evt-0"))
+        written = await tx.audit_many(entries, fresh=True)
+    shared["was"] = "REVOKING"
+    assert [e.id for e in written] == ids
+    assert all(e.details == {"action": "deploy", "was": "ACTIVE"} for e in written)
+    assert all(e.hash == reference_hash(e) for e in written)
+    chain = await store.audit_chain(0, 10_000)
+    assert chain[1:] == written
+    assert verify_chain(chain).ok
+    assert await store.audit_head() == (written[-1].seq, written[-1].hash)
