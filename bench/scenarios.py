@@ -1048,9 +1048,9 @@ async def _revoke_all(
     before_acked = _command_counts(db, acked=True)
     cpu0 = cpu_seconds(pid)
     started = time.monotonic()
-    # One lock: one call, one transaction writing into every agent's log a revoke and (wire 0.2
-    # agents, as every swarm agent is) a LOCK command the agent keeps; each signed, pushed in
-    # one batch per stream, acked one by one.
+    # One lock: one call; one transaction writes a revoke into every agent's log, then the
+    # handout steps (1,000 agents each, before the call returns) a LOCK command the wire 0.2
+    # agent (every swarm agent) keeps; each signed, pushed and acked.
     lock, revoked, _ = await admins[0].create_lock(
         subject="alice", action="restart", reason="bench fan-out"
     )
