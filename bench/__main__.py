@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from . import replicas, web
+from . import fleetlock, replicas, web
 from . import scenarios as sc
 from .stats import Row, Scenario
 
@@ -34,6 +34,7 @@ GROUPS: dict[
     "replicas": ({"9", "10", "11"}, replicas.run),
     "delivery": ({"12"}, sc.flood),
     "failover": ({"17"}, replicas.failover),
+    "locks": ({"20"}, fleetlock.run),
 }
 # Not in `--quick` unless asked for with --only: each would add a minute or more to CI's run
 # (another 1,000-agent swarm enrolling with CSRs; two more PostgreSQL replicas).

@@ -164,6 +164,8 @@ class Coordinator:
     http: httpx.AsyncClient | None = None
     warnings: ExpiryWarnings | None = None
     retention: CommandLogRetention | None = None
+    # Finishes whole-fleet lock handouts a stopped coordinator left half-way.
+    locks: LockService | None = None
     # OpenTelemetry (server/tracing.Tracing) when `otel` is on: flushed and closed by stop().
     tracing: Any = None
 
@@ -205,6 +207,8 @@ class Coordinator:
                     )
                 if self.retention is not None:
                     tg.create_task(self.retention.run())
+                if self.locks is not None:
+                    tg.create_task(self.locks.run())
                 tg.create_task(self._until_terminated())
                 tg.create_task(self._report_running())
                 if isinstance(self.store, PostgresStore):
@@ -560,7 +564,8 @@ async def _assemble(
         )
     identity_servicer = IdentityServicer(auth, TokenService(store, hub, clock), oidc, signin, clock)
     audit_servicer = AuditServicer(auth, audit, checkpoints)
-    locks_servicer = LocksServicer(auth, LockService(store, registry, hub, clock))
+    locks = LockService(store, registry, hub, clock)
+    locks_servicer = LocksServicer(auth, locks)
     breakglass_servicer = BreakglassServicer(
         auth, BreakglassService(store, codes, hub, clock, epoch)
     )
@@ -641,6 +646,7 @@ async def _assemble(
         http=http,
         warnings=warnings,
         retention=retention,
+        locks=locks,
         tracing=tracing,
         replica=replica,
         shared=shared,

@@ -16,7 +16,7 @@ from jitmesh.types import Agent, Grant, GrantState, JoinTokenInfo, LockTarget
 from jitmesh.versions import Compatibility, agent_compatibility, older_than
 from jitmesh.versions import parse as parse_version
 
-from . import breakglass
+from . import breakglass, locks
 from .access import hash_secret
 from .batching import GroupCommit
 from .breakglass import CodeSigner
@@ -391,6 +391,11 @@ class FleetService:
             await self._adopt_breakglass(agent.name, hello.breakglass, now)
         # Group-committed: after a coordinator restart thousands of agents say Hello at once.
         await self._hellos.submit((agent.name, hello, now))
+        if not locks.keeps_locks_at(hello.version):
+            # After its version is recorded: a lock written from now on skips this agent, and
+            # one written before is settled here (locks.settle_unsent), before the resume point
+            # is worked out from what is unacknowledged.
+            await self._settle_unsent_locks(agent.name, hello.version[:64], now)
         if hello.last_applied_seq > agent.last_seq or (
             hello.last_applied_seq == 0 and agent.last_seq > 0
         ):
@@ -426,6 +431,13 @@ class FleetService:
         live = await self._store.live_breakglass_codes(self._clock.now())
         return breakglass.key_ends(live, self._codes.signed_between)
 
+    async def _settle_unsent_locks(self, agent: str, version: str, now: datetime) -> None:
+        if not await self._store.unacked_lock_commands(agent):
+            return  # the usual case: no write transaction for it
+        async with self._store.transaction() as tx:
+            await locks.settle_unsent(tx, agent, version, now)
+        await self._hub.audit_written(tx.new_audit)
+
     async def _adopt_breakglass(
         self, agent: str, uses: Sequence[BreakglassUse], now: datetime
     ) -> None:
@@ -460,12 +472,12 @@ class FleetService:
             # Read under the write transaction: nothing commits between the seq and the read.
             grants = await self._store.live_grants(agent)
             tombstones = [g.id for g in await self._store.unremoved_grants(agent)]
-            locks = [
+            kept = [
                 lock
                 for lock in await tx.locks_in_force(now)
                 if not lock.target.agent or lock.target.agent == agent
             ]
-        return Resume(seq, (), tuple(grants), seq, tuple(tombstones), tuple(locks))
+        return Resume(seq, (), tuple(grants), seq, tuple(tombstones), tuple(kept))
 
     async def _settle_from_hello(self, agent: str, hello: AgentHello, unacked: int) -> None:
         """Acks for the unacknowledged commands at or below the Hello's last applied seq, where

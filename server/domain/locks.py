@@ -6,34 +6,71 @@ also gets a lock command to keep (wire 0.2; a 0.1 agent gets only the revokes), 
 refuses matching grants and break-glass codes itself, also while cut off; lifting the lock sends
 the unlock. While the lock is in force, new requests and approvals it
 matches are refused (checked inside the approving transaction, so an approval cannot slip in
-between). A lock ends when an admin lifts it or at its optional expiry."""
+between). A lock ends when an admin lifts it or at its optional expiry.
+
+A lock that names no agent concerns the whole fleet: its lock (unlock) commands are handed out
+after that transaction, in steps of HANDOUT_BATCH agents, one short write transaction each, so
+that the one writer (SQLite) or the audit head (PostgreSQL) is never held for the whole fleet
+(10,000 agents in one transaction held it for about a second: docs/performance.md, scenario 20).
+What the lock promises does not wait for the handout: the lock row, the revokes and the denials
+commit first, every approval checks the lock row, and a snapshot carries the locks in force.
+Where the handout stands is stored with the lock (`handout_after`) and moved in each step's own
+transaction, so a coordinator stopped half-way finishes it when it starts again (`run`), and two
+callers stepping the same lock (the creator and `run`, or two replicas) never write an agent's
+command twice."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from functools import partial
 
 from jitmesh import validation as v
 from jitmesh.clock import Clock, rfc3339
 from jitmesh.types import Agent, Lock, LockTarget, Request, RequestState
 from jitmesh.versions import older_than
 
-from .errors import Conflict, InvalidArgument, Locked, NotFound, PermissionDenied, invalid_input
+from .errors import (
+    Conflict,
+    InvalidArgument,
+    Locked,
+    NotFound,
+    PermissionDenied,
+    invalid_input,
+)
 from .grants import end_grants
 from .hub import Hub
 from .lifecycle import ENDABLE_GRANT_STATES
 from .models import AuditEntry, Command, CommandKind, Principal, new_id
 from .ports import CommandSink, Store, Tx
 
+log = logging.getLogger(__name__)
+
 MAX_LOCK_TTL = timedelta(days=366)
+# Agents per handout step: a step of 1,000 holds the writer for 1/10 of a 10,000-agent lock
+# (docs/performance.md, scenario 20).
+HANDOUT_BATCH = 1000
+# How often `run` looks for handouts left unfinished (by a coordinator that stopped half-way).
+HANDOUT_CHECK = timedelta(minutes=1)
 
 
 class LockService:
-    def __init__(self, store: Store, links: CommandSink, hub: Hub, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: Store,
+        links: CommandSink,
+        hub: Hub,
+        clock: Clock,
+        batch: int = HANDOUT_BATCH,
+        check_every: timedelta = HANDOUT_CHECK,
+    ) -> None:
         self._store = store
         self._links = links
         self._hub = hub
         self._clock = clock
+        self._batch = batch
+        self._check_every = check_every
 
     async def create(
         self,
@@ -102,6 +139,8 @@ class LockService:
         self._links.push(commands)
         self._hub.requests_changed([g.request_id for g in ending] + denied)
         await self._hub.audit_written(tx.new_audit)
+        if not target.agent:
+            await self._hand_out_or_leave(lock.id)
         return lock, len(ending), len(denied)
 
     async def lift(self, principal: Principal, lock_id: str, reason: str) -> Lock:
@@ -123,7 +162,45 @@ class LockService:
             commands = await lock_commands(tx, lifted, CommandKind.UNLOCK, now)
         self._links.push(commands)
         await self._hub.audit_written(tx.new_audit)
+        if not lifted.target.agent:
+            await self._hand_out_or_leave(lock_id)
         return lifted
+
+    async def _hand_out_or_leave(self, lock_id: str) -> None:
+        """Hand the commands out now; if the store fails half-way, the lock (or its lifting) is
+        committed all the same, and `run` finishes the handout at its next pass."""
+        try:
+            await self.hand_out(lock_id)
+        except Exception as exc:  # any store failure: `run` goes on from where it stopped
+            log.warning(
+                "lock command handout stopped half-way, finished by the next pass: %s",
+                type(exc).__name__,
+                extra={"lock": lock_id},
+            )
+
+    async def hand_out(self, lock_id: str) -> None:
+        """Step the lock's command handout until it is done (nothing to do when it is)."""
+        while True:
+            step = partial(handout_step, lock_id=lock_id, now=self._clock.now(), batch=self._batch)
+            commands, done = await self._store.write(step)
+            self._links.push(commands)
+            if done:
+                return
+
+    async def finish_handouts(self) -> None:
+        """Finish every handout left unfinished (by a coordinator stopped half-way)."""
+        for lock_id in await self._store.locks_handing_out():
+            await self.hand_out(lock_id)
+
+    async def run(self) -> None:
+        """At start and every `check_every`: finish what a stopped coordinator left; a failing
+        pass (the store away for a moment) is tried again at the next."""
+        while True:
+            try:
+                await self.finish_handouts()
+            except Exception as exc:  # any store failure: the next pass tries again
+                log.warning("lock command handout failed: %s", type(exc).__name__)
+            await self._clock.sleep(self._check_every.total_seconds())
 
     async def list(self, principal: Principal, *, include_ended: bool) -> list[Lock]:
         _require_admin(principal)  # locks.proto: admins only (a lock names who is suspected)
@@ -132,18 +209,86 @@ class LockService:
 
 def keeps_locks(agent: Agent) -> bool:
     """Whether the agent understands lock commands: wire 0.2 and later, or not known yet (never
-    said Hello: it will be of this release)."""
-    return not agent.version or not older_than(agent.version, 0, 2)
+    said Hello since the coordinator was upgraded: taken to be of this release until it says)."""
+    return keeps_locks_at(agent.version)
+
+
+def keeps_locks_at(version: str) -> bool:
+    """`keeps_locks` for a version as recorded ("": not known yet)."""
+    return not version or not older_than(version, 0, 2)
+
+
+async def settle_unsent(tx: Tx, agent: str, version: str, now: datetime) -> None:
+    """Settle the lock commands in the log of an agent that has just said it is `version` and
+    keeps no locks (0.1): written while it was recorded as keeping them (its version not known
+    yet, or a newer agent rolled back), they are never sent to it (it cannot read them; the
+    lock's revokes are sent as for any agent). Each is marked NOT_APPLIED with why (its agent
+    acknowledged nothing: its last acked seq stays) and audited `lock.not_sent`, so nothing
+    waits on it: the agent's resume point no longer stops before it, and retention drops it
+    with the next command the agent acknowledges."""
+    unsent = await tx.unacked_lock_commands(agent)
+    if not unsent:
+        return
+    why = f"not sent: agent {version} keeps no locks (the lock's revokes are sent)"
+    settled = set(await tx.settle_unsent(agent, [c.seq for c in unsent], now, why))
+    await tx.audit_many(
+        [
+            AuditEntry(
+                "lock.not_sent",
+                "coordinator",
+                now,
+                subject=c.lock.target.subject,
+                agent=agent,
+                details={
+                    "lock": c.lock.id,
+                    "command": c.kind.value,
+                    "seq": str(c.seq),
+                    "version": version,
+                    "why": why,
+                },
+            )
+            for c in unsent
+            if c.lock is not None and c.seq in settled
+        ]
+    )
 
 
 async def lock_commands(tx: Tx, lock: Lock, kind: CommandKind, now: datetime) -> list[Command]:
-    """A LOCK (or UNLOCK) command in the log of every agent `lock` concerns that keeps locks;
-    the commands to push once committed."""
-    agents = [
-        a.name
-        for a in await tx.list_agents()
-        if keeps_locks(a) and (not lock.target.agent or a.name == lock.target.agent)
-    ]
+    """For a lock that names an agent: a LOCK (or UNLOCK) command in that agent's log when it
+    keeps locks; the commands to push once committed. For one that names none (the whole
+    fleet): the handout is started over from the first agent (`handout_step` writes them)."""
+    if not lock.target.agent:
+        await tx.set_lock_handout(lock.id, "")
+        return []
+    agent = await tx.get_agent(lock.target.agent)
+    if agent is None or not keeps_locks(agent):
+        return []
+    return await _append(tx, lock, kind, [agent.name], now)
+
+
+async def handout_step(
+    tx: Tx, lock_id: str, now: datetime, batch: int
+) -> tuple[list[Command], bool]:
+    """One step of a whole-fleet lock's handout: the lock's command (LOCK while it is not
+    lifted, UNLOCK once it is) for the next `batch` agents after where the handout stands,
+    then the handout moved on (or marked done). The commands to push, and whether it is done.
+    A lock lifted half-way restarts the handout from the first agent with UNLOCK (`lift`): an
+    agent that never got the LOCK is told to forget an unknown lock, which it takes as done."""
+    after = await tx.lock_handout(lock_id)
+    lock = await tx.get_lock(lock_id)
+    if after is None or lock is None:
+        return [], True
+    kind = CommandKind.UNLOCK if lock.lifted_at is not None else CommandKind.LOCK
+    agents = await tx.agents_after(after, batch)
+    done = len(agents) < batch
+    await tx.set_lock_handout(lock_id, None if done else agents[-1][0])
+    names = [name for name, version in agents if keeps_locks_at(version)]
+    return await _append(tx, lock, kind, names, now), done
+
+
+async def _append(
+    tx: Tx, lock: Lock, kind: CommandKind, agents: list[str], now: datetime
+) -> list[Command]:
     seqs = await tx.append_commands([(name, kind, lock.id, now) for name in agents])
     return [
         Command(name, seq, kind, None, lock=lock)

@@ -547,7 +547,8 @@ async def _stop_writer(session: Session, writer: asyncio.Task[None]) -> None:
 
 def _sendable(session: Session, command: Command) -> bool:
     """A 0.1 agent cannot parse lock commands (none are written for an agent known to be 0.1;
-    one written before it said Hello with its version is skipped: its revokes still come)."""
+    one written while it was not, is settled at its Hello, `locks.settle_unsent`, and skipped
+    here: its revokes still come)."""
     return not (session.legacy and command.kind in (CommandKind.LOCK, CommandKind.UNLOCK))
 
 

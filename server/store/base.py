@@ -198,6 +198,25 @@ class SqlReads(ABC):
         row = await self._one(self._q.get_agent, [name])
         return None if row is None else rec.agent(row)
 
+    async def unacked_lock_commands(self, agent: str) -> list[Command]:
+        rows = await self._all(self._q.unacked_lock_commands, [agent])
+        return [rec.command(r, agent) for r in rows]
+
+    async def agents_after(self, after: str, limit: int) -> list[tuple[str, str]]:
+        """Enrolled agents named after `after`, in name order, at most `limit`: (name, version)."""
+        rows = await self._all(self._q.agents_after, [after, limit])
+        return [(r["name"], r["version"]) for r in rows]
+
+    async def lock_handout(self, lock_id: str) -> str | None:
+        """Where the lock's command handout goes on (the last agent handled; "" before the
+        first); None when it is done (or there is no such lock)."""
+        row = await self._one(self._q.lock_handout, [lock_id])
+        return None if row is None else row["handout_after"]
+
+    async def locks_handing_out(self) -> list[str]:
+        """The locks whose command handout is not finished, oldest first."""
+        return [r["id"] for r in await self._all(self._q.locks_handing_out)]
+
     async def list_agents(self) -> list[Agent]:
         return [rec.agent(r) for r in await self._all(self._q.list_agents)]
 
@@ -583,6 +602,18 @@ class SqlTx(SqlReads):
         agents = await self._run(self._q.advance_log_start, [limit])
         return Truncated(agents, await self._run(self._q.truncate_commands, [limit]))
 
+    async def settle_unsent(
+        self, agent: str, seqs: Sequence[int], at: datetime, reason: str
+    ) -> list[int]:
+        """Mark those of the agent's commands that are still unacknowledged as settled without
+        being sent (NOT_APPLIED, `reason`); the seqs marked now. The agent's last_acked_seq
+        stays: it acknowledged none of them."""
+        marked = []
+        for seq in seqs:
+            if await self._run(self._q.settle_unsent, [to_ms(at), reason, agent, seq]) == 1:
+                marked.append(seq)
+        return marked
+
     async def supersede_commands(self, agent: str, snapshot_seq: int, at: datetime) -> int:
         """Mark the agent's commands before `snapshot_seq` that were never acknowledged as
         replaced by that snapshot (NOT_APPLIED): they are not sent again."""
@@ -595,6 +626,9 @@ class SqlTx(SqlReads):
 
     async def insert_lock(self, lock: Lock) -> None:
         await self._later(self._q.insert_lock, rec.lock_values(lock))
+
+    async def set_lock_handout(self, lock_id: str, after: str | None) -> None:
+        await self._later(self._q.set_lock_handout, [after, lock_id])
 
     async def lift_lock(self, lock_id: str, at: datetime, by: str, reason: str) -> bool:
         return await self._run(self._q.lift_lock, [to_ms(at), by, reason, lock_id]) == 1

@@ -160,6 +160,7 @@ class Queries:
     # Commands.
     # With the grant (or, for LOCK and UNLOCK, the lock) each names: rows.commands_after_sql.
     commands_after: str = rec.commands_after_sql("?")
+    unacked_lock_commands: str = rec.unacked_lock_commands_sql("?")
     first_unacked_seq: str = (
         # A snapshot's own row is never resent (a new Hello gets a new snapshot), so an ack of
         # it lost in a crash must not hold the resume point back for ever.
@@ -302,11 +303,25 @@ class Queries:
         "INSERT INTO commands (agent, seq, kind, grant_id, revoke_reason, created_at) "
         "VALUES (?,?,?,?,?,?)"
     )
+    settle_unsent: str = (
+        "UPDATE commands SET acked_at = ?, ack_status = 'NOT_APPLIED', ack_reason = ? "
+        "WHERE agent = ? AND seq = ? AND acked_at IS NULL"
+    )
     supersede_commands: str = (
         "UPDATE commands SET acked_at = ?, ack_status = 'NOT_APPLIED', ack_reason = ? "
         "WHERE agent = ? AND seq < ? AND acked_at IS NULL"
     )
     # Locks.
+    # A whole-fleet lock's commands, handed out in steps (domain/locks.py).
+    lock_handout: str = "SELECT handout_after FROM locks WHERE id = ?"
+    set_lock_handout: str = "UPDATE locks SET handout_after = ? WHERE id = ?"
+    locks_handing_out: str = (
+        "SELECT id FROM locks WHERE handout_after IS NOT NULL ORDER BY created_at, id"
+    )
+    agents_after: str = (
+        "SELECT name, version FROM agents WHERE name > ? AND removed_at IS NULL "
+        "ORDER BY name LIMIT ?"
+    )
     insert_lock: str = (
         f"INSERT INTO locks ({LOCK_COLUMNS}) VALUES ({_values(len(rec.LOCK_COLUMNS))})"
     )

@@ -282,6 +282,24 @@ def commands_after_sql(mark: str) -> str:
     store's placeholder (agent, seq, limit). A grant command the agent has refused (acked
     FAILED or REJECTED) is never sent again: the grant ended here with that ack, and no revoke
     follows it in the log. A snapshot's own row is never resent (it names no grant)."""
+    return _commands_sql(
+        f"c.agent = {mark} AND c.seq > {mark} "
+        "AND (g.id IS NOT NULL OR l.id IS NOT NULL) "
+        "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
+        f"ORDER BY c.seq LIMIT {mark}"
+    )
+
+
+def unacked_lock_commands_sql(mark: str) -> str:
+    """An agent's LOCK and UNLOCK commands not acknowledged yet, with their locks (agent)."""
+    return _commands_sql(
+        f"c.agent = {mark} AND c.acked_at IS NULL AND c.kind IN ('lock', 'unlock') "
+        "AND l.id IS NOT NULL ORDER BY c.seq"
+    )
+
+
+def _commands_sql(where: str) -> str:
+    """Commands with the grant (or lock) each names, in the columns `command` reads."""
     grant_columns = ", ".join(f"g.{c} AS g_{c}" for c in GRANT_COLUMNS)
     lock_columns = ", ".join(f"l.{c} AS l_{c}" for c in LOCK_COLUMNS)
     return (
@@ -289,15 +307,12 @@ def commands_after_sql(mark: str) -> str:
         f"{grant_columns}, {lock_columns} FROM commands c "
         "LEFT JOIN grants g ON g.id = c.grant_id AND c.kind NOT IN ('lock', 'unlock') "
         "LEFT JOIN locks l ON l.id = c.grant_id AND c.kind IN ('lock', 'unlock') "
-        f"WHERE c.agent = {mark} AND c.seq > {mark} "
-        "AND (g.id IS NOT NULL OR l.id IS NOT NULL) "
-        "AND NOT (c.kind = 'grant' AND c.ack_status IN ('FAILED', 'REJECTED')) "
-        f"ORDER BY c.seq LIMIT {mark}"
+        f"WHERE {where}"
     )
 
 
 def command(row: Row, agent: str) -> Command:
-    """A row of `commands_after_sql`."""
+    """A row of `commands_after_sql` (or `unacked_lock_commands_sql`)."""
     kind = CommandKind(row["c_kind"])
     if kind in (CommandKind.LOCK, CommandKind.UNLOCK):
         return Command(agent, row["c_seq"], kind, None, lock=lock(row, "l_"))

@@ -10,6 +10,8 @@ import base64
 import json
 import sqlite3
 import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from jitmesh.v1 import breakglass_pb2
 
 from .procs import (
     BIN,
+    Proc,
     agent,
     check,
     coordinator,
@@ -88,7 +91,22 @@ async def wait_connected(client: Client, name: str, connected: bool = True) -> N
             await asyncio.sleep(0.05)
 
 
-async def test_breakglass_while_the_coordinator_is_down(tmp_path: Path) -> None:
+@dataclass
+class Host:
+    """A `jitmesh-coordinator dev` process and one real agent, db-1 (env=prod, file enforcer
+    writing into `access`), connected."""
+
+    address: str
+    coord: Proc
+    agent: Proc
+    state: Path
+    access: Path
+    admin_token: str
+    admin_env: dict[str, str]
+
+
+@pytest.fixture
+async def host(tmp_path: Path) -> AsyncIterator[Host]:
     port = free_port()
     address = f"127.0.0.1:{port}"
     data = tmp_path / "coordinator"
@@ -96,107 +114,115 @@ async def test_breakglass_while_the_coordinator_is_down(tmp_path: Path) -> None:
     access = tmp_path / "access"
     access.mkdir()
     state = tmp_path / "db-1"
-    marker = access / "alice:shell"
     coord.start()
-    host = None
+    db1 = None
     try:
         await wait_healthy(address)
         await wait_for(lambda: (data / "dev.env").exists(), 20, "dev.env")
         env = read_env(data / "dev.env")
-        admin_env = {"JITMESH_COORDINATOR": address, "JITMESH_TOKEN": env["JITMESH_TOKEN_ADMIN"]}
-        host = agent(address, "db-1", "env=prod", env["JITMESH_JOIN_TOKEN"], state, access)
-        host.start()
-        async with await Client.connect(address, token=env["JITMESH_TOKEN_ADMIN"]) as admin:
+        token = env["JITMESH_TOKEN_ADMIN"]
+        db1 = agent(address, "db-1", "env=prod", env["JITMESH_JOIN_TOKEN"], state, access)
+        db1.start()
+        async with await Client.connect(address, token=token) as admin:
             await wait_connected(admin, "db-1")
-        issued = await jitctl_json(
-            admin_env,
-            "breakglass", "issue", "--agent", "db-1", "--action", "shell", "--subject", "alice",
-            "--duration", "6s", "--valid-for", "1d", "--count", "2", "--reason", "on-call kit",
+        yield Host(
+            address, coord, db1, state, access, token,
+            {"JITMESH_COORDINATOR": address, "JITMESH_TOKEN": token},
         )  # fmt: skip
-        assert [c["state"] for c in issued] == ["unused", "unused"]
-        first, second = issued
-        listed = await jitctl_json(admin_env, "breakglass", "list")
-        assert {c["id"] for c in listed} == {first["id"], second["id"]}
-        assert all("code" not in c for c in listed)  # the text is shown once, at issue
-
-        # The coordinator goes away; the host is on its own.
-        coord.stop()
-        for fake in forged(second["code"]):
-            refused = present(state, fake)
-            assert refused.returncode != 0
-            assert "not issued by this host's coordinator" in refused.stderr
-        assert fake not in refused.stderr
-        assert fake not in refused.stdout
-        assert not marker.exists()
-
-        used = present(state, first["code"])
-        assert used.returncode == 0, used.stderr
-        grant_id = f"bg-{first['id']}"
-        assert f"grant_id={grant_id}" in used.stdout
-        assert marker.exists()
-        assert check(state, "alice", "shell") == 0
-
-        again = present(state, first["code"])
-        assert again.returncode != 0
-        assert "used already" in again.stderr
-
-        # The emergency lease ends on its own, coordinator or not.
-        await wait_for(lambda: not marker.exists(), 30, "the break-glass lease to expire")
-        assert check(state, "alice", "shell") == 1
-        log = (tmp_path / "db-1.log").read_text()
-        assert "break-glass code used" in log
-        assert first["code"] not in log
-        assert second["code"] not in log
-
-        # Back: the use is adopted into the record and the audit log, listed for review.
-        coord.start()
-        await wait_healthy(address)
-        async with await Client.connect(address, token=env["JITMESH_TOKEN_ADMIN"]) as admin:
-            await wait_connected(admin, "db-1")
-
-            async def adopted() -> bool:
-                events = await admin.list_audit(grant_id=grant_id)
-                return any(e.kind == "breakglass.used" for e in events)
-
-            async with asyncio.timeout(20):
-                while not await adopted():
-                    await asyncio.sleep(0.05)
-            grant = await admin.get_grant(grant_id)
-            assert grant.breakglass_code_id == first["id"]
-            assert (grant.subject, grant.agent, grant.action) == ("alice", "db-1", "shell")
-            assert grant.not_after - grant.not_before == timedelta(seconds=6)
-            async with asyncio.timeout(20):
-                while (await admin.get_grant(grant_id)).state is not GrantState.EXPIRED:
-                    await asyncio.sleep(0.05)
-            events = await admin.list_audit(grant_id=grant_id)
-            assert [e.kind for e in events].count("breakglass.used") == 1
-            used_event = next(e for e in events if e.kind == "breakglass.used")
-            assert used_event.subject == "alice"
-            assert used_event.details["code_id"] == first["id"]
-            assert used_event.details["caller"] == "root"
-            everything = json.dumps([e.details for e in await admin.list_audit(limit=1000)])
-            assert first["code"] not in everything
-            assert second["code"] not in everything
-
-        unreviewed = await jitctl_json(admin_env, "breakglass", "list", "--unreviewed")
-        assert [(c["id"], c["state"], c["grant_id"]) for c in unreviewed] == [
-            (first["id"], "used", grant_id)
-        ]
-        reviewed = await jitctl_json(
-            admin_env, "breakglass", "review", first["id"], "--note", "INC-7: checked"
-        )
-        assert (reviewed["state"], reviewed["reviewed_by"]) == ("reviewed", "admin")
-        assert await jitctl_json(admin_env, "breakglass", "list", "--unreviewed") == []
-        code, _, err = await jitctl("breakglass", "review", first["id"], env=admin_env)
-        assert code != 0
-        assert "reviewed already" in err
-        async with await Client.connect(address, token=env["JITMESH_TOKEN_ADMIN"]) as admin:
-            kinds = [e.kind for e in await admin.list_audit(grant_id=grant_id)]
-            assert "breakglass.reviewed" in kinds
     finally:
-        if host is not None:
-            host.stop()
+        if db1 is not None:
+            db1.stop()
         coord.stop()
+
+
+async def test_breakglass_while_the_coordinator_is_down(host: Host, tmp_path: Path) -> None:
+    address, coord, state, admin_env = host.address, host.coord, host.state, host.admin_env
+    marker = host.access / "alice:shell"
+    issued = await jitctl_json(
+        admin_env,
+        "breakglass", "issue", "--agent", "db-1", "--action", "shell", "--subject", "alice",
+        "--duration", "6s", "--valid-for", "1d", "--count", "2", "--reason", "on-call kit",
+    )  # fmt: skip
+    assert [c["state"] for c in issued] == ["unused", "unused"]
+    first, second = issued
+    listed = await jitctl_json(admin_env, "breakglass", "list")
+    assert {c["id"] for c in listed} == {first["id"], second["id"]}
+    assert all("code" not in c for c in listed)  # the text is shown once, at issue
+
+    # The coordinator goes away; the host is on its own.
+    coord.stop()
+    for fake in forged(second["code"]):
+        refused = present(state, fake)
+        assert refused.returncode != 0
+        assert "not issued by this host's coordinator" in refused.stderr
+    assert fake not in refused.stderr
+    assert fake not in refused.stdout
+    assert not marker.exists()
+
+    used = present(state, first["code"])
+    assert used.returncode == 0, used.stderr
+    grant_id = f"bg-{first['id']}"
+    assert f"grant_id={grant_id}" in used.stdout
+    assert marker.exists()
+    assert check(state, "alice", "shell") == 0
+
+    again = present(state, first["code"])
+    assert again.returncode != 0
+    assert "used already" in again.stderr
+
+    # The emergency lease ends on its own, coordinator or not.
+    await wait_for(lambda: not marker.exists(), 30, "the break-glass lease to expire")
+    assert check(state, "alice", "shell") == 1
+    log = (tmp_path / "db-1.log").read_text()
+    assert "break-glass code used" in log
+    assert first["code"] not in log
+    assert second["code"] not in log
+
+    # Back: the use is adopted into the record and the audit log, listed for review.
+    coord.start()
+    await wait_healthy(address)
+    async with await Client.connect(address, token=host.admin_token) as admin:
+        await wait_connected(admin, "db-1")
+
+        async def adopted() -> bool:
+            events = await admin.list_audit(grant_id=grant_id)
+            return any(e.kind == "breakglass.used" for e in events)
+
+        async with asyncio.timeout(20):
+            while not await adopted():
+                await asyncio.sleep(0.05)
+        grant = await admin.get_grant(grant_id)
+        assert grant.breakglass_code_id == first["id"]
+        assert (grant.subject, grant.agent, grant.action) == ("alice", "db-1", "shell")
+        assert grant.not_after - grant.not_before == timedelta(seconds=6)
+        async with asyncio.timeout(20):
+            while (await admin.get_grant(grant_id)).state is not GrantState.EXPIRED:
+                await asyncio.sleep(0.05)
+        events = await admin.list_audit(grant_id=grant_id)
+        assert [e.kind for e in events].count("breakglass.used") == 1
+        used_event = next(e for e in events if e.kind == "breakglass.used")
+        assert used_event.subject == "alice"
+        assert used_event.details["code_id"] == first["id"]
+        assert used_event.details["caller"] == "root"
+        everything = json.dumps([e.details for e in await admin.list_audit(limit=1000)])
+        assert first["code"] not in everything
+        assert second["code"] not in everything
+
+    unreviewed = await jitctl_json(admin_env, "breakglass", "list", "--unreviewed")
+    assert [(c["id"], c["state"], c["grant_id"]) for c in unreviewed] == [
+        (first["id"], "used", grant_id)
+    ]
+    reviewed = await jitctl_json(
+        admin_env, "breakglass", "review", first["id"], "--note", "INC-7: checked"
+    )
+    assert (reviewed["state"], reviewed["reviewed_by"]) == ("reviewed", "admin")
+    assert await jitctl_json(admin_env, "breakglass", "list", "--unreviewed") == []
+    code, _, err = await jitctl("breakglass", "review", first["id"], env=admin_env)
+    assert code != 0
+    assert "reviewed already" in err
+    async with await Client.connect(address, token=host.admin_token) as admin:
+        kinds = [e.kind for e in await admin.list_audit(grant_id=grant_id)]
+        assert "breakglass.reviewed" in kinds
 
 
 def kept_locks(state: Path) -> list[str]:
@@ -208,61 +234,41 @@ def kept_locks(state: Path) -> list[str]:
         db.close()
 
 
-async def test_a_lock_kept_by_the_agent_refuses_a_code_while_cut_off(tmp_path: Path) -> None:
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    data = tmp_path / "coordinator"
-    coord = coordinator(data, port)
-    access = tmp_path / "access"
-    access.mkdir()
-    state = tmp_path / "db-1"
+async def test_a_lock_kept_by_the_agent_refuses_a_code_while_cut_off(host: Host) -> None:
+    address, coord, state, admin_env = host.address, host.coord, host.state, host.admin_env
+    access = host.access
+    (issued,) = await jitctl_json(
+        admin_env,
+        "breakglass", "issue", "--agent", "db-1", "--action", "shell", "--subject", "alice",
+        "--duration", "10m", "--valid-for", "1d",
+    )  # fmt: skip
+    lock = await jitctl_json(
+        admin_env, "lock", "create", "--subject", "alice", "--reason", "INC-9: laptop stolen"
+    )
+    await wait_for(lambda: kept_locks(state) == [lock["id"]], 15, "the agent to keep the lock")
+
+    coord.stop()
+    refused = present(state, issued["code"])
+    assert refused.returncode != 0
+    assert f"locked by the coordinator ({lock['id']}): INC-9" in refused.stderr
+    assert not (access / "alice:shell").exists()
+
     coord.start()
-    host = None
-    try:
-        await wait_healthy(address)
-        await wait_for(lambda: (data / "dev.env").exists(), 20, "dev.env")
-        env = read_env(data / "dev.env")
-        admin_env = {"JITMESH_COORDINATOR": address, "JITMESH_TOKEN": env["JITMESH_TOKEN_ADMIN"]}
-        host = agent(address, "db-1", "env=prod", env["JITMESH_JOIN_TOKEN"], state, access)
-        host.start()
-        async with await Client.connect(address, token=env["JITMESH_TOKEN_ADMIN"]) as admin:
-            await wait_connected(admin, "db-1")
-        (issued,) = await jitctl_json(
-            admin_env,
-            "breakglass", "issue", "--agent", "db-1", "--action", "shell", "--subject", "alice",
-            "--duration", "10m", "--valid-for", "1d",
-        )  # fmt: skip
-        lock = await jitctl_json(
-            admin_env, "lock", "create", "--subject", "alice", "--reason", "INC-9: laptop stolen"
-        )
-        await wait_for(lambda: kept_locks(state) == [lock["id"]], 15, "the agent to keep the lock")
+    await wait_healthy(address)
+    await jitctl_json(admin_env, "lock", "lift", lock["id"], "--reason", "laptop found")
+    await wait_for(lambda: kept_locks(state) == [], 20, "the agent to forget the lock")
+    used = present(state, issued["code"])
+    assert used.returncode == 0, used.stderr
+    assert (access / "alice:shell").exists()
+    async with await Client.connect(address, token=host.admin_token) as admin:
+        grant_id = f"bg-{issued['id']}"
 
-        coord.stop()
-        refused = present(state, issued["code"])
-        assert refused.returncode != 0
-        assert f"locked by the coordinator ({lock['id']}): INC-9" in refused.stderr
-        assert not (access / "alice:shell").exists()
+        async def adopted() -> bool:
+            return any(
+                e.kind == "breakglass.used" for e in await admin.list_audit(grant_id=grant_id)
+            )
 
-        coord.start()
-        await wait_healthy(address)
-        await jitctl_json(admin_env, "lock", "lift", lock["id"], "--reason", "laptop found")
-        await wait_for(lambda: kept_locks(state) == [], 20, "the agent to forget the lock")
-        used = present(state, issued["code"])
-        assert used.returncode == 0, used.stderr
-        assert (access / "alice:shell").exists()
-        async with await Client.connect(address, token=env["JITMESH_TOKEN_ADMIN"]) as admin:
-            grant_id = f"bg-{issued['id']}"
-
-            async def adopted() -> bool:
-                return any(
-                    e.kind == "breakglass.used" for e in await admin.list_audit(grant_id=grant_id)
-                )
-
-            async with asyncio.timeout(20):
-                while not await adopted():
-                    await asyncio.sleep(0.05)
-            assert (await admin.get_grant(grant_id)).state is GrantState.ACTIVE
-    finally:
-        if host is not None:
-            host.stop()
-        coord.stop()
+        async with asyncio.timeout(20):
+            while not await adopted():
+                await asyncio.sleep(0.05)
+        assert (await admin.get_grant(grant_id)).state is GrantState.ACTIVE

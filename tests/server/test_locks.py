@@ -18,7 +18,7 @@ from jitmesh import (
     RequestState,
 )
 from jitmesh.types import Lock, LockTarget
-from jitmesh.v1 import locks_pb2, locks_pb2_grpc
+from jitmesh.v1 import agentlink_pb2, locks_pb2, locks_pb2_grpc
 from server.domain.models import new_id
 from tests.server.helpers import T0, TOKENS, Env, agent_link, bearer, channel, raw_sql
 
@@ -285,3 +285,83 @@ async def test_a_lock_committed_after_the_callers_check_refuses_the_request(env:
     _, grant = await env.dave.create_request(agent="web-1", action="deploy", duration=M15)
     assert grant is not None
     assert grant.grant_seq == 1
+
+
+async def test_a_lock_command_a_previous_release_agent_cannot_read_is_settled_at_its_hello(
+    env: Env,
+) -> None:
+    """web-1 ran this release when the lock was created, so its log got the lock command; it
+    comes back as a 0.1 agent (rolled back), which cannot read one. The command is never sent
+    (the lock's revoke is) and is settled at the Hello: marked NOT_APPLIED with why, audited,
+    so that nothing waits on it: not the resume point, not the log's retention."""
+    data = env.coordinator.config.data_dir / "coordinator.db"
+    store = env.coordinator.store
+
+    def hello(last_applied_seq: int, *active: str) -> agentlink_pb2.AgentMessage:
+        return agentlink_pb2.AgentMessage(
+            hello=agentlink_pb2.Hello(
+                agent="web-1",
+                last_applied_seq=last_applied_seq,
+                active_grant_ids=active,
+                version="0.1.0",
+                boot_id="b2",
+            )
+        )
+
+    async def retention() -> int:
+        async with store.transaction() as tx:
+            await tx.truncate_command_log(100)
+        return await store.command_log_start("web-1")
+
+    async with agent_link(env.address, env.credentials["web-1"]) as link:
+        await link.hello("web-1")
+        request, grant = await auto_grant(env)
+        assert (await link.command())[0] == 1
+        await link.ack(1, grant)
+        await env.wait_grant_state(request, GrantState.ACTIVE)
+    lock, revoked, _ = await env.admin.create_lock(subject="alice", reason="INC-7")
+    assert revoked == 1
+    assert raw_sql(data, "SELECT seq, kind FROM commands WHERE agent = 'web-1' AND seq > 1") == [
+        (2, "revoke"),
+        (3, "lock"),
+    ]
+    async with agent_link(env.address, env.credentials["web-1"]) as link:
+        await link.send(hello(1, grant))
+        assert (await link.next("welcome")).welcome.resume_after_seq == 1
+        seq, body = await link.command()
+        assert (seq, body.WhichOneof("kind"), body.revoke.grant_id) == (2, "revoke", grant)
+        await link.ack(2, grant)
+        await env.wait_grant_state(request, GrantState.REVOKED)
+    why = "not sent: agent 0.1.0 keeps no locks (the lock's revokes are sent)"
+    assert raw_sql(
+        data, "SELECT ack_status, ack_reason FROM commands WHERE agent = 'web-1' AND seq = 3"
+    ) == [("NOT_APPLIED", why)]
+    assert await store.first_unacked_seq("web-1") is None
+    # Told truthfully: not sent, to whom, which lock, and why.
+    (event,) = await env.admin.list_audit(kind="lock.not_sent")
+    assert (event.actor, event.agent, event.subject) == ("coordinator", "web-1", "alice")
+    assert event.details == {
+        "lock": lock.id,
+        "command": "lock",
+        "seq": "3",
+        "version": "0.1.0",
+        "why": why,
+    }
+    # The agent acknowledged up to 2: the log is kept from there (a reconnect resumes at 2,
+    # no snapshot), and settled once (the next Hello finds nothing to settle).
+    assert await retention() == 2
+    await env.admin.lift_lock(lock.id, reason="laptop found")
+    async with agent_link(env.address, env.credentials["web-1"]) as link:
+        await link.send(hello(2))
+        assert (await link.next("welcome")).welcome.resume_after_seq == 2
+        # The next command (no unlock for a 0.1 agent) is acknowledged: retention passes the
+        # lock command.
+        request, grant = await auto_grant(env)
+        seq, body = await link.command()
+        assert (seq, body.grant.grant_id) == (4, grant)
+        await link.ack(4, grant)
+        await env.wait_grant_state(request, GrantState.ACTIVE)
+    assert await retention() == 4
+    assert raw_sql(data, "SELECT seq FROM commands WHERE agent = 'web-1'") == []
+    assert len(await env.admin.list_audit(kind="lock.not_sent")) == 1
+    assert (await env.admin.verify_audit()).ok
