@@ -306,6 +306,9 @@ class Link:
         if not keys:
             raise EnrollmentError("enrollment returned no command-signing key")
         self._keys.write(keys)
+        # Break-glass keys were announced by the coordinator this agent was enrolled with
+        # before: none of them holds for the new enrolment until its own Welcome says so.
+        self._breakglass_keys.delete()
 
     async def _stream(self, ch: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
         state = await self._engine.hello_state()

@@ -77,3 +77,6 @@ class BreakglassKeys:
                 }
             )
         )
+
+    def delete(self) -> None:
+        self._file.delete()

@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf.duration_pb2 import Duration
 
+from agent.domain.breakglass import BreakglassKey
 from agent.local.client import ask
+from agent.store.keys import BreakglassKeys
 from jitmesh.keyset import breakglass_keys_bytes, key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agents_pb2, breakglass_pb2
 from tests.agent.coordinator import (
@@ -216,4 +218,20 @@ async def test_break_glass_keys_not_signed_by_a_pinned_key_are_ignored(tmp_path:
             text = code(attacker, "ed25519:attacker", "d" * 32, T0 + 6 * DAY)
             refused = await present(host, text)
             assert "not issued by this host's coordinator" in refused["error"]
+        assert "alice:shell" not in host.pairs()
+
+
+async def test_enrolling_again_drops_the_kept_break_glass_keys(tmp_path: Path) -> None:
+    """Keys the coordinator of an earlier enrolment announced hold for nothing once the agent
+    enrolls again: not even until the first Welcome (here one from a coordinator that sends no
+    list, which would otherwise leave the kept keys as they are)."""
+    host = Host(tmp_path)
+    host.state.mkdir(mode=0o700, parents=True)
+    BreakglassKeys(host.state / KEPT).write({RETIRED_ID: BreakglassKey(raw(RETIRED), T0 + 6 * DAY)})
+    async with serving() as coordinator, running(host, coordinator):
+        await coordinator.enrollments.get()
+        await welcomed(coordinator, 1)
+        assert not (host.state / KEPT).exists()
+        refused = await present(host, code(RETIRED, RETIRED_ID, "e" * 32, T0 + 6 * DAY))
+        assert "not issued by this host's coordinator" in refused["error"]
         assert "alice:shell" not in host.pairs()
