@@ -647,6 +647,7 @@ def breakglass_code(msg: breakglass_pb2.BreakglassCodeInfo) -> types.BreakglassC
         reviewed_at=time_or_none(msg.reviewed_at),
         reviewed_by=msg.reviewed_by,
         review_note=msg.review_note,
+        voided_at=time_or_none(msg.voided_at),
     )
 
 
@@ -667,4 +668,5 @@ def breakglass_code_to_proto(value: types.BreakglassCode) -> breakglass_pb2.Brea
         reviewed_at=time_to_proto(value.reviewed_at),
         reviewed_by=value.reviewed_by,
         review_note=value.review_note,
+        voided_at=time_to_proto(value.voided_at),
     )

@@ -415,6 +415,8 @@ class BreakglassCode:
     reviewed_at: datetime | None = None
     reviewed_by: str = ""
     review_note: str = ""
+    # Since 0.2: set when the code was voided before use (its signing key leaked).
+    voided_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

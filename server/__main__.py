@@ -39,7 +39,13 @@ from server.store.postgres.importer import StoreImportError
 if TYPE_CHECKING:
     # server.app imports grpc: the commands import it only after choosing gRPC's own logging
     # (jitmesh.grpclog), which its core reads at that first import.
+    from collections.abc import Sequence
+    from datetime import datetime
+
     from server.app import Coordinator
+    from server.domain.breakglass import Voided
+    from server.domain.ports import Store
+    from server.signing import SigningKeys
 
 log = logging.getLogger("jitmesh.coordinator")
 
@@ -118,6 +124,13 @@ def parser() -> argparse.ArgumentParser:
         "the new key within seconds and reconnects its agents)",
     )
     rotate.add_argument("--secret-key-file", type=Path, help="else JITMESH_SECRET_KEY")
+    rotate.add_argument(
+        "--compromised",
+        action="store_true",
+        help="the current key leaked: trust it for nothing from now on (no overlap; never "
+        "announced for break-glass codes) and void the unused break-glass codes it signed; "
+        "agents that pinned only it must enroll again",
+    )
     retire = sub.add_parser(
         "retire-dev",
         help="revoke (and audit) the ready-made tokens and the reusable join token that 'dev' "
@@ -246,8 +259,18 @@ def main(
         if args.store:
             args.data.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:
-                key_id = asyncio.run(_rotate_shared(args.store, args.data, args.secret_key_file))
+                key_id = asyncio.run(
+                    _rotate_shared(
+                        args.store, args.data, args.secret_key_file, compromised=args.compromised
+                    )
+                )
             except (OSError, ValueError, SecretKeyError, psycopg.Error) as exc:
+                print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
+                return 1
+        elif args.compromised:
+            try:
+                key_id = asyncio.run(_rotate_compromised_local(args.data))
+            except (OSError, DirectoryBusy) as exc:
                 print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
                 return 1
         else:
@@ -311,7 +334,55 @@ def main(
     return 0
 
 
-async def _rotate_shared(store_url: str, data: Path, key_file: Path | None) -> str:
+async def _rotate_compromised_local(data: Path) -> str:
+    """`rotate-signing-key --compromised` beside a SQLite store: under the data directory's lock
+    (so never beside a running coordinator)."""
+    from jitmesh.clock import SystemClock
+    from server.app import lock_data_dir, open_store
+    from server.signing import SigningKeys
+
+    clock = SystemClock()
+    lock_fd = lock_data_dir(data)
+    try:
+        keys = SigningKeys.open(data, clock.now())
+        if not (data / "coordinator.db").exists():
+            # No store: no code was ever issued.
+            _print_voided(keys.current()[0], [])
+            return keys.rotate(clock.now(), compromised=True)
+        store = await open_store(data)
+        try:
+            return await _rotate_compromised(store, keys, clock.now())
+        finally:
+            await store.close()
+    finally:
+        os.close(lock_fd)
+
+
+async def _rotate_compromised(store: Store, keys: SigningKeys, now: datetime) -> str:
+    from server.domain import breakglass
+    from server.domain.hub import Hub
+
+    done = await breakglass.rotate_compromised(store, Hub(), keys, "rotate-signing-key", now)
+    _print_voided(done.leaked, done.voided)
+    return done.new
+
+
+def _print_voided(leaked: str, voided: Sequence[Voided]) -> None:
+    agents = sorted({v.agent for v in voided})
+    print(f"compromised key {leaked}: trusted from now on for old audit checkpoints only")
+    print(
+        f"voided {len(voided)} unused break-glass code(s) it signed (audited breakglass.voided), "
+        f"on {len(agents)} agent(s): {', '.join(agents) or 'none'}; issue them new codes"
+    )
+    print(
+        "agents that pinned only this key (not connected since it became current) refuse the "
+        "new key's commands: enroll them again (a join token)"
+    )
+
+
+async def _rotate_shared(
+    store_url: str, data: Path, key_file: Path | None, *, compromised: bool = False
+) -> str:
     """Rotate the signing keys the replicas share: take the store's, rotate, upload."""
     from jitmesh.clock import SystemClock
     from server.shared import SharedFiles, load_key
@@ -324,7 +395,11 @@ async def _rotate_shared(store_url: str, data: Path, key_file: Path | None) -> s
     try:
         shared = SharedFiles(store, data, box)
         await shared.sync(clock)
-        key_id = SigningKeys.open(data, clock.now()).rotate(clock.now())
+        keys = SigningKeys.open(data, clock.now())
+        if compromised:
+            key_id = await _rotate_compromised(store, keys, clock.now())
+        else:
+            key_id = keys.rotate(clock.now())
         await shared.push("signing_keys.json", clock)
     finally:
         await store.close()

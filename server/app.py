@@ -48,6 +48,7 @@ from jitmesh.v1 import (
 from server.ca import InternalCA
 from server.checkpoints import Checkpoints
 from server.config import CoordinatorConfig
+from server.domain import breakglass
 from server.domain.access import AccessService
 from server.domain.admission import Admission, AdmissionSettings
 from server.domain.bootstrap import DevDataError, dev_credentials, refuse_dev_data
@@ -272,11 +273,18 @@ class Coordinator:
             # Agents learn the new key list from their next Welcome.
             self.registry.close_all("signing keys changed on another replica; reconnect")
 
-    async def rotate_signing_key(self) -> str:
+    async def rotate_signing_key(self, *, compromised: bool = False) -> str:
         """A new command-signing key from now on. Agents are reconnected so their next Welcome
         announces it (signed by the key they trust); their leases, and so their grants, stay.
-        With replicas, the others take the new keys from the store within a few seconds."""
-        key_id = self.keys.rotate(self.clock.now())
+        With replicas, the others take the new keys from the store within a few seconds.
+        `compromised`: the current key leaked (`breakglass.rotate_compromised`)."""
+        if compromised:
+            done = await breakglass.rotate_compromised(
+                self.store, self.hub, self.keys, "rotate-signing-key", self.clock.now()
+            )
+            key_id = done.new
+        else:
+            key_id = self.keys.rotate(self.clock.now())
         if self.shared is not None:
             await self.shared.push("signing_keys.json", self.clock)
         self.registry.close_all("signing key rotated; reconnect")

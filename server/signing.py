@@ -12,6 +12,11 @@ Break-glass codes are signed by the current key too, but live up to 90 days: a r
 signed codes still usable is announced to their agents apart (`breakglass_keys`), valid until
 the last of those codes expires, for codes only. Retired keys stay on file for good (old audit
 checkpoints and adopted codes are verified with them); what agents trust each for ends as said.
+
+A key retired because it leaked (`rotate(compromised=True)`) is trusted for nothing from then on
+but old audit checkpoints: it signs nothing (not even the announcement of the new key, during
+the overlap), is never announced to agents (commands or codes), and no code it signed is
+adopted (THREAT_MODEL.md, "Signing key compromise").
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class _Key:
     private: Ed25519PrivateKey
     created_at: datetime
     retired_at: datetime | None
+    # Retired because it leaked: trusted for audit checkpoints only.
+    compromised: bool = False
     # Derived from the private key once (every pushed command names its key).
     public_raw: bytes = field(init=False, repr=False)
     key_id: str = field(init=False)
@@ -96,6 +103,7 @@ class SigningKeys:
                         Ed25519PrivateKey.from_private_bytes(base64.b64decode(item["private"])),
                         datetime.fromisoformat(item["created_at"]),
                         datetime.fromisoformat(item["retired_at"]) if item["retired_at"] else None,
+                        bool(item.get("compromised", False)),
                     )
                 )
         store = cls(path, keys)
@@ -108,12 +116,20 @@ class SigningKeys:
         fresh = SigningKeys.open(self._path.parent, datetime.now(UTC))
         self._keys = fresh._keys
 
-    def rotate(self, now: datetime) -> str:
-        """Make a new key current; the old ones stay valid for verification for a while."""
+    def current(self) -> tuple[str, datetime]:
+        """The current key's id and when it was made."""
+        return self._keys[-1].key_id, self._keys[-1].created_at
+
+    def rotate(self, now: datetime, *, compromised: bool = False) -> str:
+        """Make a new key current; the old ones stay valid for verification for a while, except
+        the current one when it is `compromised`: then it is trusted at once for nothing but
+        old audit checkpoints (see the module's docstring)."""
         # Retired keys stay on file: commands no longer verify with them after the overlap
         # (`public_keys`), but audit checkpoints they signed must keep verifying.
         self._keys = [
-            k if k.retired_at is not None else _Key(k.private, k.created_at, now)
+            k
+            if k.retired_at is not None
+            else _Key(k.private, k.created_at, now, compromised or k.compromised)
             for k in self._keys
         ]
         new = _Key(Ed25519PrivateKey.generate(), now, None)
@@ -134,6 +150,8 @@ class SigningKeys:
         """Sign with the oldest key still valid: the one every agent enrolled within the
         rotation overlap has pinned (used to announce a rotation)."""
         for k in self._keys:
+            if k.compromised:
+                continue
             if k.retired_at is None or k.retired_at + ROTATION_OVERLAP > now:
                 return k.key_id, k.signature(data)
         return self.sign(data)
@@ -141,15 +159,21 @@ class SigningKeys:
     def public_keys(
         self, now: datetime | None = None, *, all_keys: bool = False
     ) -> list[PublicKey]:
-        """The keys valid now (for agents), or with `all_keys` every key still on file (for
-        checking old audit checkpoints)."""
+        """The keys valid now (for agents; never a compromised one), or with `all_keys` every
+        key still on file (for checking old audit checkpoints)."""
         now = now or datetime.now(UTC)
         out = []
         for k in self._keys:
+            if k.compromised and not all_keys:
+                continue
             not_after = None if k.retired_at is None else k.retired_at + ROTATION_OVERLAP
             if all_keys or not_after is None or not_after > now:
                 out.append(PublicKey(k.key_id, k.public_raw, not_after))
         return out
+
+    def compromised(self, key_id: str) -> bool:
+        """Whether `key_id` was retired because it leaked (nothing it signed is trusted)."""
+        return any(k.compromised for k in self._keys if k.key_id == key_id)
 
     def retired(self) -> bool:
         """Whether any key was ever retired (without, no code can outlive its key)."""
@@ -167,11 +191,15 @@ class SigningKeys:
     def breakglass_keys(self, ends: Mapping[str, datetime], now: datetime) -> list[PublicKey]:
         """The retired keys in `ends` (key id -> the latest expiry of the usable break-glass
         codes it signed), each valid until that expiry, for codes only. The current key is left
-        out (agents have it for commands, and so for codes); so is an end already past."""
+        out (agents have it for commands, and so for codes); so are a compromised key and an end
+        already past."""
         return [
             PublicKey(k.key_id, k.public_raw, ends[k.key_id])
             for k in self._keys
-            if k.retired_at is not None and k.key_id in ends and ends[k.key_id] > now
+            if k.retired_at is not None
+            and not k.compromised
+            and k.key_id in ends
+            and ends[k.key_id] > now
         ]
 
     def _save(self) -> None:
@@ -182,6 +210,7 @@ class SigningKeys:
                 ).decode(),
                 "created_at": k.created_at.isoformat(),
                 "retired_at": k.retired_at.isoformat() if k.retired_at else None,
+                **({"compromised": True} if k.compromised else {}),
             }
             for k in self._keys
         ]

@@ -960,6 +960,8 @@ def breakglass_state(code: BreakglassCode, now: datetime) -> str:
         return "reviewed"
     if code.used_at is not None:
         return "used"
+    if code.voided_at is not None:
+        return "voided"
     return "unused" if now < code.expires_at else "expired"
 
 
@@ -981,6 +983,7 @@ def breakglass_json(code: BreakglassCode, now: datetime) -> JSON:
         "reviewed_at": rfc3339(code.reviewed_at),
         "reviewed_by": code.reviewed_by,
         "review_note": code.review_note,
+        "voided_at": rfc3339(code.voided_at),
     }
 
 

@@ -209,6 +209,7 @@ class BreakglassCodeInfo(_message.Message):
     REVIEWED_AT_FIELD_NUMBER: _builtins.int
     REVIEWED_BY_FIELD_NUMBER: _builtins.int
     REVIEW_NOTE_FIELD_NUMBER: _builtins.int
+    VOIDED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     agent: _builtins.str
     subject: _builtins.str
@@ -231,6 +232,12 @@ class BreakglassCodeInfo(_message.Message):
 
     @_builtins.property
     def reviewed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def voided_at(self) -> _timestamp_pb2.Timestamp:
+        """Since 0.2: set when the code was voided before use, its signing key having leaked
+        (`jitmesh-coordinator rotate-signing-key --compromised`); it can no longer be used.
+        """
+
     def __init__(
         self,
         *,
@@ -249,10 +256,11 @@ class BreakglassCodeInfo(_message.Message):
         reviewed_at: _timestamp_pb2.Timestamp | None = ...,
         reviewed_by: _builtins.str = ...,
         review_note: _builtins.str = ...,
+        voided_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "expires_at", b"expires_at", "issued_at", b"issued_at", "reviewed_at", b"reviewed_at", "used_at", b"used_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "expires_at", b"expires_at", "issued_at", b"issued_at", "reviewed_at", b"reviewed_at", "used_at", b"used_at", "voided_at", b"voided_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent", b"agent", "duration", b"duration", "expires_at", b"expires_at", "grant_id", b"grant_id", "id", b"id", "issued_at", b"issued_at", "issued_by", b"issued_by", "reason", b"reason", "review_note", b"review_note", "reviewed_at", b"reviewed_at", "reviewed_by", b"reviewed_by", "subject", b"subject", "used_at", b"used_at", "used_by", b"used_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent", b"agent", "duration", b"duration", "expires_at", b"expires_at", "grant_id", b"grant_id", "id", b"id", "issued_at", b"issued_at", "issued_by", b"issued_by", "reason", b"reason", "review_note", b"review_note", "reviewed_at", b"reviewed_at", "reviewed_by", b"reviewed_by", "subject", b"subject", "used_at", b"used_at", "used_by", b"used_by", "voided_at", b"voided_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -58,6 +58,8 @@ class CodeTerms:
     expires_at: datetime
     issued_by: str
     epoch: int = 0
+    # The key that signed it (as read back by `CodeSigner.verify`).
+    key_id: str = ""
 
 
 class CodeSigner(Protocol):
@@ -74,6 +76,10 @@ class CodeSigner(Protocol):
     def verify(self, code: bytes) -> CodeTerms | None:
         """The terms of a serialized BreakglassCode signed by one of this coordinator's keys
         (retired ones included), or None."""
+        ...
+
+    def compromised(self, key_id: str) -> bool:
+        """Whether `key_id` was retired because it leaked: nothing it signed is adopted."""
         ...
 
 
@@ -232,11 +238,19 @@ class BreakglassService:
 async def adopt(tx: Tx, signer: CodeSigner, agent: str, use: BreakglassUse, now: datetime) -> bool:
     """Record a use `agent` reported: its grant, the code as used, `breakglass.used`. True when
     this call adopted it; False when it was adopted before, or refused (audited
-    `breakglass.refused`: a code that does not verify, or names another agent or terms)."""
+    `breakglass.refused`: a code that does not verify, was voided or signed by a compromised
+    key, or names another agent or terms)."""
     terms = signer.verify(use.code)
+    record = None if terms is None else await tx.get_breakglass_code(terms.code_id)
     problem = ""
     if terms is None:
         problem = "the code does not verify under this coordinator's keys"
+    elif record is not None and record.voided_at is not None:
+        problem = "the code was voided (its signing key was compromised)"
+    elif signer.compromised(terms.key_id) and (record is None or record.used_at is None):
+        # Not on record (made up by whoever stole the key): refused all the same. A use
+        # adopted before the leak, reported again, is left as it was (below).
+        problem = "the code is signed by a compromised key"
     elif terms.code_id != use.code_id or use.grant_id != GRANT_PREFIX + terms.code_id:
         problem = "the reported use does not match its code"
     elif terms.agent != agent:
@@ -335,3 +349,81 @@ def key_ends(
 def _require_admin(principal: Principal) -> None:
     if not principal.is_admin:
         raise PermissionDenied("only admins may issue, list or review break-glass codes")
+
+
+class RotatingKeys(Protocol):
+    def current(self) -> tuple[str, datetime]:
+        """The current key's id and when it became current."""
+        ...
+
+    def rotate(self, now: datetime, *, compromised: bool = False) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CompromiseRotation:
+    leaked: str
+    new: str
+    voided: list[Voided]
+
+
+async def rotate_compromised(
+    store: Store, hub: Hub, keys: RotatingKeys, actor: str, now: datetime
+) -> CompromiseRotation:
+    """The current key leaked: void the usable codes it signed (`void_codes`), then retire it
+    as compromised (trusted for nothing but old audit checkpoints). In this order: should the
+    rotation fail, the codes are void all the same (failing closed), and running it again
+    finishes it."""
+    leaked, since = keys.current()
+    voided = await void_codes(
+        store, hub, actor, leaked, current_from=since, current_to=now, now=now
+    )
+    return CompromiseRotation(leaked, keys.rotate(now, compromised=True), voided)
+
+
+@dataclass(frozen=True, slots=True)
+class Voided:
+    """A usable code voided because its signing key leaked."""
+
+    code_id: str
+    agent: str
+    subject: str
+
+
+async def void_codes(
+    store: Store,
+    hub: Hub,
+    actor: str,
+    key_id: str,
+    *,
+    current_from: datetime,
+    current_to: datetime,
+    now: datetime,
+) -> list[Voided]:
+    """Void every usable code `key_id` signed, as its key leaked (`rotate-signing-key
+    --compromised`): never announced for again, never adopted (`adopt`). Codes whose key was not
+    recorded count as its when issued from `current_from` to `current_to` (while it was current).
+    One `breakglass.voided` audit entry per code (they name the key), in one transaction."""
+    async with store.transaction() as tx:
+        rows = await tx.void_breakglass_codes(
+            key_id, issued_from=current_from, issued_to=current_to, now=now
+        )
+        voided = [Voided(*row) for row in rows]
+        await tx.audit_many(
+            [
+                AuditEntry(
+                    "breakglass.voided",
+                    actor,
+                    now,
+                    subject=code.subject,
+                    agent=code.agent,
+                    details={
+                        "code_id": code.code_id,
+                        "key_id": key_id,
+                        "why": "its signing key was compromised",
+                    },
+                )
+                for code in voided
+            ]
+        )
+    await hub.audit_written(tx.new_audit)
+    return voided

@@ -209,6 +209,15 @@ class Tx(Protocol):
         ...
 
     async def get_breakglass_code(self, code_id: str) -> BreakglassCode | None: ...
+
+    async def void_breakglass_codes(
+        self, key_id: str, *, issued_from: datetime, issued_to: datetime, now: datetime
+    ) -> list[tuple[str, str, str]]:
+        """Void the codes neither used, voided nor expired at `now` that `key_id` signed (or,
+        unrecorded, were issued from `issued_from` to `issued_to`, while it was current); each
+        voided code's (id, agent, subject)."""
+        ...
+
     async def mark_breakglass_used(
         self, code_id: str, *, used_at: datetime, grant_id: str, used_by: str
     ) -> bool:

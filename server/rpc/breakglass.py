@@ -48,6 +48,9 @@ class BreakglassCodec:
     def signed_between(self, first: datetime, last: datetime) -> list[str]:
         return self._keys.signed_between(first, last)
 
+    def compromised(self, key_id: str) -> bool:
+        return self._keys.compromised(key_id)
+
     def verify(self, code: bytes) -> CodeTerms | None:
         try:
             signed = breakglass_pb2.BreakglassCode.FromString(code)
@@ -73,6 +76,7 @@ class BreakglassCodec:
                 expires_at=c.from_ts(body.expires_at, "expires_at"),
                 issued_by=body.issued_by,
                 epoch=body.epoch,
+                key_id=key.key_id,
             )
         except (InvalidSignature, DecodeError, ValueError):
             return None

@@ -330,6 +330,19 @@ class SqlTx(SqlReads):
         )
         return changed == 1
 
+    async def void_breakglass_codes(
+        self, key_id: str, *, issued_from: datetime, issued_to: datetime, now: datetime
+    ) -> list[tuple[str, str, str]]:
+        rows = await self._all(
+            self._q.voidable_breakglass_codes,
+            [to_ms(now), key_id, to_ms(issued_from), to_ms(issued_to)],
+        )
+        voided = []
+        for r in rows:
+            if await self._run(self._q.void_breakglass_code, [to_ms(now), r["id"]]) == 1:
+                voided.append((r["id"], r["agent"], r["subject"]))
+        return voided
+
     async def review_breakglass(self, code_id: str, *, at: datetime, by: str, note: str) -> bool:
         changed = await self._run(self._q.review_breakglass, [to_ms(at), by, note, code_id])
         return changed == 1

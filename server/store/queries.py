@@ -338,12 +338,25 @@ class Queries:
     live_breakglass_codes: str = (
         "SELECT agent, key_id, MIN(issued_at) AS first_issued_at, "
         "MAX(issued_at) AS last_issued_at, MAX(expires_at) AS last_expires_at "
-        "FROM breakglass_codes WHERE used_at IS NULL AND expires_at > ? GROUP BY agent, key_id"
+        "FROM breakglass_codes WHERE used_at IS NULL AND voided_at IS NULL AND expires_at > ? "
+        "GROUP BY agent, key_id"
+    )
+    # The usable codes a key may have signed: recorded as its, or unrecorded (before migration
+    # 0008) and issued while it was current.
+    voidable_breakglass_codes: str = (
+        "SELECT id, agent, subject FROM breakglass_codes "
+        "WHERE used_at IS NULL AND voided_at IS NULL AND expires_at > ? "
+        "AND (key_id = ? OR (key_id = '' AND issued_at >= ? AND issued_at <= ?)) "
+        "ORDER BY agent, id"
+    )
+    void_breakglass_code: str = (
+        "UPDATE breakglass_codes SET voided_at = ? "
+        "WHERE id = ? AND used_at IS NULL AND voided_at IS NULL"
     )
     get_breakglass_code: str = f"SELECT {BREAKGLASS_COLUMNS} FROM breakglass_codes WHERE id = ?"
     mark_breakglass_used: str = (
         "UPDATE breakglass_codes SET used_at = ?, grant_id = ?, used_by = ? "
-        "WHERE id = ? AND used_at IS NULL"
+        "WHERE id = ? AND used_at IS NULL AND voided_at IS NULL"
     )
     review_breakglass: str = (
         "UPDATE breakglass_codes SET reviewed_at = ?, reviewed_by = ?, review_note = ? "

@@ -75,7 +75,7 @@ LOCK_COLUMNS = (
 BREAKGLASS_COLUMNS = (
     "id", "agent", "subject", "action", "duration_ms", "issued_at", "issued_by", "expires_at",
     "reason", "code_hash", "used_at", "grant_id", "used_by", "reviewed_at", "reviewed_by",
-    "review_note",
+    "review_note", "voided_at",
 )  # fmt: skip
 # Written at issue only: the key that signed the code (read grouped, by `live_breakglass_codes`).
 BREAKGLASS_INSERT_COLUMNS = (*BREAKGLASS_COLUMNS, "key_id")
@@ -336,6 +336,7 @@ def breakglass_code(row: Row) -> BreakglassCode:
         reviewed_at=at(row["reviewed_at"]),
         reviewed_by=row["reviewed_by"],
         review_note=row["review_note"],
+        voided_at=at(row["voided_at"]),
     )
 
 
@@ -346,7 +347,8 @@ def breakglass_values(issued: IssuedCode) -> tuple[Any, ...]:
         code.id, code.agent, code.subject, code.action,
         code.duration // timedelta(milliseconds=1), to_ms(code.issued_at), code.issued_by,
         to_ms(code.expires_at), code.reason, issued.code_hash, ms(code.used_at), code.grant_id,
-        code.used_by, ms(code.reviewed_at), code.reviewed_by, code.review_note, issued.key_id,
+        code.used_by, ms(code.reviewed_at), code.reviewed_by, code.review_note,
+        ms(code.voided_at), issued.key_id,
     )  # fmt: skip
 
 

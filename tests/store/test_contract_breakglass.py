@@ -138,3 +138,37 @@ async def test_usable_codes_are_read_by_agent_and_signing_key(store: Store) -> N
         LiveCodes("web-1", "ed25519:k1", other.issued_at, other.issued_at, other.expires_at),
     ]
     assert await store.live_breakglass_codes(T0 + 30 * day) == []
+
+
+async def test_the_usable_codes_a_leaked_key_signed_are_voided_once(store: Store) -> None:
+    day = timedelta(days=1)
+    mine = replace(CODE, id="1" * 32)
+    used = replace(CODE, id="2" * 32)
+    expired = replace(CODE, id="3" * 32, expires_at=T0 + timedelta(hours=1))
+    other_key = replace(CODE, id="4" * 32, agent="web-1")
+    # Unrecorded key (before migration 0008): voided when issued while the key was current.
+    legacy_then = replace(CODE, id="5" * 32, agent="web-1", subject="bob", issued_at=T0 + day)
+    legacy_before = replace(CODE, id="6" * 32, issued_at=T0 - day)
+    await issue(store, mine, used, expired)
+    await issue(store, other_key, key_id="ed25519:k2")
+    await issue(store, legacy_then, legacy_before, key_id="")
+    now = T0 + 2 * day
+    async with store.transaction() as tx:
+        assert await tx.mark_breakglass_used(used.id, used_at=T0, grant_id="bg-2", used_by="alice")
+
+    async def void() -> list[tuple[str, str, str]]:
+        async with store.transaction() as tx:
+            return await tx.void_breakglass_codes(
+                "ed25519:k1", issued_from=T0, issued_to=now, now=now
+            )
+
+    assert await void() == [(mine.id, "db-1", "alice"), (legacy_then.id, "web-1", "bob")]
+    assert await void() == []
+    async with store.transaction() as tx:
+        codes = [await tx.get_breakglass_code(c * 32) for c in "123456"]
+        voided = {c.id[0] for c in codes if c is not None and c.voided_at is not None}
+        assert voided == {"1", "5"}
+        # A voided code is used no more, and is no longer among the usable codes.
+        assert not await tx.mark_breakglass_used(mine.id, used_at=now, grant_id="bg-1", used_by="x")
+    live = await store.live_breakglass_codes(now)
+    assert {(c.agent, c.key_id) for c in live} == {("web-1", "ed25519:k2"), ("db-1", "")}
