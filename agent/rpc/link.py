@@ -55,7 +55,7 @@ from agent.store.credential import CredentialFile
 from agent.store.keys import BREAKGLASS_KEYS_NAME, BreakglassKeys, PinnedKeys
 from jitmesh import __version__
 from jitmesh.clock import Clock, from_ms, to_ms
-from jitmesh.keyset import breakglass_keys_bytes, key_entries, keys_bytes
+from jitmesh.keyset import MAX_CODE_VALID_FOR, breakglass_keys_bytes, key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agents_pb2
 from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
 from jitmesh.v1.agents_pb2_grpc import AgentsStub
@@ -467,21 +467,36 @@ class Link:
     def _adopt_breakglass_keys(self, welcome: agentlink_pb2.Welcome, public: bytes | None) -> None:
         """Replace the kept break-glass keys by the Welcome's list (docs/wire.md, "Break-glass
         codes"). They verify codes only (`code_keys`), never a command: `_pinned` stays as
-        it is. A key without a not_after, or past it, is not kept."""
+        it is. The signature binds this agent's name and the Welcome's time: a list older
+        than the one kept is refused (a replay). A key without a not_after, or past it, is not
+        kept; none is kept past this agent's time + the longest a code is valid."""
         entries = key_entries(welcome.breakglass_keys)
-        if public is None or not signature_holds(
-            public, welcome.breakglass_keys_signature, breakglass_keys_bytes(entries)
+        at_ms = (
+            welcome.coordinator_time.ToMilliseconds() if welcome.HasField("coordinator_time") else 0
+        )
+        signed = breakglass_keys_bytes(entries, agent=self._settings.name, at_ms=at_ms)
+        if (
+            public is None
+            or at_ms <= 0
+            or not signature_holds(public, welcome.breakglass_keys_signature, signed)
         ):
-            log.warning("ignoring break-glass keys not signed by a pinned key")
+            log.warning("ignoring break-glass keys not signed for this agent by a pinned key")
             return
-        now_ms = to_ms(self._clock.now())
+        kept_at = self._breakglass_keys.listed_at()
+        if kept_at is not None and at_ms < to_ms(kept_at):
+            log.warning("ignoring a break-glass key list older than the one kept")
+            return
+        now = self._engine.now()
+        now_ms, cap_ms = to_ms(now), to_ms(now + MAX_CODE_VALID_FOR)
         keys = {
-            kid: BreakglassKey(pub, from_ms(not_after))
+            kid: BreakglassKey(pub, from_ms(min(not_after, cap_ms)))
             for kid, pub, not_after in entries
             if len(pub) == 32 and not_after > now_ms
         }
         if keys != self._breakglass_keys.read():
-            self._breakglass_keys.write(keys)
+            # Written only when the keys change: every list between the kept one's time and
+            # the latest then holds these same keys, so a replay of one changes nothing.
+            self._breakglass_keys.write(keys, from_ms(at_ms))
             log.info("break-glass keys updated", extra={"keys": ",".join(sorted(keys))})
 
     async def _welcome(self, welcome: agentlink_pb2.Welcome) -> float:

@@ -4,7 +4,8 @@ atomically:
 - `STATE/signing_keys.json`: the command-signing keys, pinned at enrollment and replaced by each
   Welcome's signed list. Commands signed by any other key are refused.
 - `STATE/breakglass_keys.json` (since 0.2): retired keys announced for break-glass codes only,
-  each with the instant it stops verifying them (docs/wire.md, "Break-glass codes").
+  each with the instant it stops verifying them, and the coordinator's time of the list they
+  came in (an older list is refused: docs/wire.md, "Break-glass codes").
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from agent.domain.breakglass import BreakglassKey
 from agent.store.credential import CredentialFile
@@ -50,30 +53,41 @@ class BreakglassKeys:
     def read(self) -> dict[str, BreakglassKey]:
         """key id -> key; empty when there is none or the file does not parse (codes are then
         checked under the command keys alone)."""
+        return self._read()[0]
+
+    def listed_at(self) -> datetime | None:
+        """The coordinator's time of the list last kept (None: none kept, or unreadable)."""
+        return self._read()[1]
+
+    def _read(self) -> tuple[dict[str, BreakglassKey], datetime | None]:
         text = self._file.read()
         if text is None:
-            return {}
+            return {}, None
         try:
-            items = json.loads(text)
-            return {
+            data: dict[str, Any] = json.loads(text)
+            keys = {
                 str(kid): BreakglassKey(
                     base64.b64decode(item["public_key"], validate=True),
                     from_ms(int(item["not_after_ms"])),
                 )
-                for kid, item in items.items()
+                for kid, item in data["keys"].items()
             }
+            return keys, from_ms(int(data["listed_at_ms"]))
         except (ValueError, AttributeError, KeyError, TypeError, OverflowError):
-            return {}
+            return {}, None
 
-    def write(self, keys: Mapping[str, BreakglassKey]) -> None:
+    def write(self, keys: Mapping[str, BreakglassKey], listed_at: datetime) -> None:
         self._file.write(
             json.dumps(
                 {
-                    kid: {
-                        "public_key": base64.b64encode(key.public_key).decode(),
-                        "not_after_ms": to_ms(key.not_after),
-                    }
-                    for kid, key in sorted(keys.items())
+                    "listed_at_ms": to_ms(listed_at),
+                    "keys": {
+                        kid: {
+                            "public_key": base64.b64encode(key.public_key).decode(),
+                            "not_after_ms": to_ms(key.not_after),
+                        }
+                        for kid, key in sorted(keys.items())
+                    },
                 }
             )
         )

@@ -30,6 +30,7 @@ from typing import Protocol
 from jitmesh import validation as v
 from jitmesh.clock import Clock, rfc3339
 from jitmesh.durations import format_duration
+from jitmesh.keyset import MAX_CODE_VALID_FOR
 from jitmesh.types import BreakglassCode, Grant, GrantState, OfflinePolicy
 
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
@@ -41,7 +42,7 @@ GRANT_PREFIX = "bg-"
 CODE_ID = re.compile(r"[0-9a-f]{32}")
 # Bounds: a code's access is short, and every code expires.
 MAX_ACCESS = timedelta(hours=8)
-MAX_VALID_FOR = timedelta(days=90)
+MAX_VALID_FOR = MAX_CODE_VALID_FOR
 MAX_COUNT = 20
 
 

@@ -51,8 +51,6 @@ WRITE_GRACE = 2.0
 # safe: a code's key is among the command keys (which verify codes too) for ROTATION_OVERLAP
 # after its rotation, far longer, and a used code's key lingers this long at most.
 BREAKGLASS_REFRESH = 60.0
-# Break-glass key lists whose signature is kept (one per distinct list: most agents have none).
-BREAKGLASS_SIGNATURES = 1024
 # grpc-stubs predates the aio EOF sentinel.
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 
@@ -181,7 +179,6 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         self._breakglass_ends: dict[str, dict[str, datetime]] = {}
         self._breakglass_read_at: float | None = None
         self._breakglass_reading = asyncio.Lock()
-        self._breakglass_signed: dict[tuple[str, bytes], bytes] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._streams = 0
         # With mTLS, identity comes only from the verified client certificate.
@@ -383,12 +380,14 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         return listed, cached[1], cached[2]
 
     async def _breakglass_keys(
-        self, agent: str, keys_key_id: str
+        self, agent: str, keys_key_id: str, at_ms: int
     ) -> tuple[list[agents_pb2.SigningKey], bytes]:
         """The retired keys that signed `agent`'s usable break-glass codes, each valid until the
         last of those codes expires, for codes only; signed by `keys_key_id`, the key that
-        signed the key list (docs/wire.md, "Break-glass codes"). Always sent, empty too, so an
-        agent drops the keys whose codes were all used."""
+        signed the key list, together with the agent's name and the Welcome's time `at_ms`
+        (docs/wire.md, "Break-glass codes"). Always sent, empty too, so an agent drops the keys
+        whose codes were all used. One signature per Welcome (about 21 us): the bytes name the
+        agent and the instant, so there is nothing to share between Welcomes."""
         ends: dict[str, datetime] = {}
         if self._keys.retired():
             # Without a retired key, no code can outlive its key: nothing to read.
@@ -401,14 +400,8 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             )
             for k in self._keys.breakglass_keys(ends, self._clock.now())
         ]
-        data = breakglass_keys_bytes(key_entries(listed))
-        signature = self._breakglass_signed.get((keys_key_id, data))
-        if signature is None:
-            if len(self._breakglass_signed) >= BREAKGLASS_SIGNATURES:
-                self._breakglass_signed.clear()
-            signature = self._keys.sign_with(keys_key_id, data)
-            self._breakglass_signed[keys_key_id, data] = signature
-        return listed, signature
+        data = breakglass_keys_bytes(key_entries(listed), agent=agent, at_ms=at_ms)
+        return listed, self._keys.sign_with(keys_key_id, data)
 
     async def _key_ends(self) -> dict[str, dict[str, datetime]]:
         async with self._breakglass_reading:
@@ -422,8 +415,13 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
     async def _write(self, session: Session, resume: Resume, context: Ctx) -> None:
         epoch = self._fleet.epoch
         keys, keys_key_id, keys_signature = self._announced_keys()
+        coordinator_time = c.ts(self._clock.now())
+        assert coordinator_time is not None
         breakglass_keys, breakglass_signature = await self._breakglass_keys(
-            session.agent, keys_key_id
+            # The instant exactly as the Welcome carries it (what the agent reads back).
+            session.agent,
+            keys_key_id,
+            coordinator_time.ToMilliseconds(),
         )
         await _send(
             session,
@@ -431,7 +429,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             agentlink_pb2.CoordinatorMessage(
                 welcome=agentlink_pb2.Welcome(
                     version=self._fleet.version,
-                    coordinator_time=c.ts(self._clock.now()),
+                    coordinator_time=coordinator_time,
                     epoch=epoch,
                     resume_after_seq=resume.resume_after_seq,
                     agent=session.agent,

@@ -39,8 +39,13 @@ def coordinator(data: Path, port: int, clock_file: Path) -> Proc:
 
 
 def pinned(state: Path, name: str) -> set[str]:
+    """The key ids the agent keeps in `name` (the break-glass file holds them under "keys",
+    beside the time of the list they came in)."""
     path = state / name
-    return set(json.loads(path.read_text())) if path.exists() else set()
+    if not path.exists():
+        return set()
+    kept = json.loads(path.read_text())
+    return set(kept["keys"] if name == "breakglass_keys.json" else kept)
 
 
 async def test_a_code_issued_before_a_rotation_works_after_the_overlap(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from google.protobuf.duration_pb2 import Duration
 from agent.domain.breakglass import BreakglassKey
 from agent.local.client import ask
 from agent.store.keys import BreakglassKeys
-from jitmesh.keyset import breakglass_keys_bytes, key_entries, keys_bytes
+from jitmesh.keyset import MAX_CODE_VALID_FOR, breakglass_keys_bytes, key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agents_pb2, breakglass_pb2
 from tests.agent.coordinator import (
     KEY_ID,
@@ -59,21 +59,26 @@ def welcome(
     signer: Ed25519PrivateKey = SIGNING_KEY,
     *,
     signature: bytes | None = None,
+    at: datetime = T0,
+    agent: str = "web-1",
 ) -> agentlink_pb2.Welcome:
-    """What a coordinator a day past a rotation announces: the current key for commands (the
-    one the agent pinned at enrollment), and `breakglass` for codes, signed by `signer`."""
+    """What a coordinator a day past a rotation announces at `at`: the current key for
+    commands (the one the agent pinned at enrollment), and `breakglass` for codes, signed by
+    `signer` for `agent` at `at`."""
     command_keys = [agents_pb2.SigningKey(key_id=KEY_ID, public_key=PUBLIC_KEY)]
+    signed = breakglass_keys_bytes(key_entries(breakglass), agent=agent, at_ms=ms(at))
     return agentlink_pb2.Welcome(
+        coordinator_time=ts(at),
         signing_keys=command_keys,
         keys_key_id=KEY_ID,
         keys_signature=SIGNING_KEY.sign(keys_bytes(key_entries(command_keys))),
         breakglass_keys=breakglass,
-        breakglass_keys_signature=(
-            signature
-            if signature is not None
-            else signer.sign(breakglass_keys_bytes(key_entries(breakglass)))
-        ),
+        breakglass_keys_signature=signature if signature is not None else signer.sign(signed),
     )
+
+
+def ms(at: datetime) -> int:
+    return ts(at).ToMilliseconds()
 
 
 def code(key: Ed25519PrivateKey, key_id: str, code_id: str, expires_at: datetime) -> str:
@@ -100,15 +105,16 @@ async def present(host: Host, text: str) -> dict[str, Any]:
 
 
 def kept(host: Host) -> dict[str, Any]:
+    """The kept keys, by id."""
     path = host.state / KEPT
-    return json.loads(path.read_text()) if path.exists() else {}
+    return dict(json.loads(path.read_text())["keys"]) if path.exists() else {}
 
 
-async def welcomed(coordinator: Coordinator, seq: int) -> Session:
+async def welcomed(coordinator: Coordinator, seq: int, at: datetime = T0) -> Session:
     """The next stream, once the agent has handled its Welcome (it applies a command, sequence
-    number `seq`, only after that)."""
+    number `seq`, only after that; a grant from `at`)."""
     session = await coordinator.session()
-    body = grant_body(seq, gid(), T0, T0 + timedelta(minutes=10), action="logs")
+    body = grant_body(seq, gid(), at, at + timedelta(minutes=10), action="logs")
     assert (await session.command(body)).status == APPLIED
     return session
 
@@ -200,7 +206,12 @@ async def test_break_glass_keys_not_signed_by_a_pinned_key_are_ignored(tmp_path:
         # signed under different prefixes, so it does not hold.
         welcome(theirs, signature=SIGNING_KEY.sign(keys_bytes(key_entries(theirs)))),
         # A genuine signature over another list.
-        welcome(theirs, signature=SIGNING_KEY.sign(breakglass_keys_bytes(key_entries([])))),
+        welcome(
+            theirs,
+            signature=SIGNING_KEY.sign(breakglass_keys_bytes([], agent="web-1", at_ms=ms(T0))),
+        ),
+        # Genuine, but for another agent.
+        welcome(theirs, agent="db-1"),
     ]
     # And one that names the attacker's key as the announcing key (the agent has not pinned it).
     named = welcome(theirs, attacker)
@@ -227,7 +238,9 @@ async def test_enrolling_again_drops_the_kept_break_glass_keys(tmp_path: Path) -
     list, which would otherwise leave the kept keys as they are)."""
     host = Host(tmp_path)
     host.state.mkdir(mode=0o700, parents=True)
-    BreakglassKeys(host.state / KEPT).write({RETIRED_ID: BreakglassKey(raw(RETIRED), T0 + 6 * DAY)})
+    BreakglassKeys(host.state / KEPT).write(
+        {RETIRED_ID: BreakglassKey(raw(RETIRED), T0 + 6 * DAY)}, T0
+    )
     async with serving() as coordinator, running(host, coordinator):
         await coordinator.enrollments.get()
         await welcomed(coordinator, 1)
@@ -235,3 +248,43 @@ async def test_enrolling_again_drops_the_kept_break_glass_keys(tmp_path: Path) -
         refused = await present(host, code(RETIRED, RETIRED_ID, "e" * 32, T0 + 6 * DAY))
         assert "not issued by this host's coordinator" in refused["error"]
         assert "alice:shell" not in host.pairs()
+
+
+async def test_a_list_older_than_the_kept_one_is_refused(tmp_path: Path) -> None:
+    """A replayed Welcome (a genuine list, since replaced) cannot bring a dropped key back."""
+    host = Host(tmp_path)
+    old_list = welcome([announced(RETIRED_ID, RETIRED, T0 + 6 * DAY)])
+    async with serving() as coordinator, running(host, coordinator):
+        coordinator.welcome_extra = old_list
+        session = await welcomed(coordinator, 1)
+        assert set(kept(host)) == {RETIRED_ID}
+        # An hour later its codes were all used: a newer, empty list drops the key.
+        await host.clock.advance(timedelta(hours=1))
+        coordinator.welcome_extra = welcome([], at=T0 + timedelta(hours=1))
+        session.end()
+        session = await welcomed(coordinator, 2, T0 + timedelta(hours=1))
+        assert kept(host) == {}
+        # The older Welcome again (replayed whole): its list is refused. (Its time, an hour
+        # behind, also makes the agent distrust its clock: the command after it is rejected,
+        # which tells the Welcome was handled.)
+        coordinator.welcome_extra = old_list
+        session.end()
+        session = await coordinator.session()
+        body = grant_body(3, gid(), T0 + timedelta(hours=1), T0 + timedelta(hours=2))
+        assert (await session.command(body)).status == REJECTED
+        assert kept(host) == {}
+        refused = await present(host, code(RETIRED, RETIRED_ID, "a" * 32, T0 + 6 * DAY))
+        assert "not issued by this host's coordinator" in refused["error"]
+
+
+async def test_a_kept_key_lasts_no_longer_than_a_code_can(tmp_path: Path) -> None:
+    """However far the list's not_after, the agent keeps the key no longer than its own time
+    plus the longest a code is valid (90 days)."""
+    host = Host(tmp_path)
+    async with serving() as coordinator, running(host, coordinator):
+        coordinator.welcome_extra = welcome([announced(RETIRED_ID, RETIRED, T0 + 400 * DAY)])
+        await welcomed(coordinator, 1)
+        assert kept(host)[RETIRED_ID]["not_after_ms"] == ms(T0 + MAX_CODE_VALID_FOR)
+        await host.clock.advance(MAX_CODE_VALID_FOR + timedelta(seconds=1))
+        refused = await present(host, code(RETIRED, RETIRED_ID, "a" * 32, T0 + 200 * DAY))
+        assert "not issued by this host's coordinator" in refused["error"]

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -41,11 +42,15 @@ def key_of(text: str) -> str:
 
 def breakglass_list(welcome: agentlink_pb2.Welcome) -> list[tuple[str, datetime]]:
     """The announced break-glass keys, once their signature is checked under the key that
-    signed the Welcome's key list."""
+    signed the Welcome's key list (bound to the agent and the Welcome's time)."""
     announcer = next(k for k in welcome.signing_keys if k.key_id == welcome.keys_key_id)
     Ed25519PublicKey.from_public_bytes(announcer.public_key).verify(
         welcome.breakglass_keys_signature,
-        breakglass_keys_bytes(key_entries(welcome.breakglass_keys)),
+        breakglass_keys_bytes(
+            key_entries(welcome.breakglass_keys),
+            agent=welcome.agent,
+            at_ms=welcome.coordinator_time.ToMilliseconds(),
+        ),
     )
     return [(k.key_id, k.not_after.ToDatetime(T0.tzinfo)) for k in welcome.breakglass_keys]
 
@@ -314,3 +319,28 @@ def test_the_compromise_rotation_command_voids_codes_and_says_so(
     assert keys.compromised(leaked)
     assert [k.key_id for k in keys.public_keys(now)] == [new]
     assert asyncio.run(voided()) == ["1", "2", "3"]
+
+
+async def test_the_break_glass_list_is_signed_for_its_agent_and_instant(
+    env: Env, clock: FakeClock
+) -> None:
+    await env.admin.issue_breakglass_codes(
+        "db-1", "shell", "alice", timedelta(minutes=30), valid_for=7 * DAY
+    )
+    await env.coordinator.rotate_signing_key()
+    await clock.advance(timedelta(minutes=5))
+    db = await welcome(env, "db-1")
+    assert db.coordinator_time.ToDatetime(T0.tzinfo) == clock.now()
+    assert len(breakglass_list(db)) == 1
+    announcer = next(k for k in db.signing_keys if k.key_id == db.keys_key_id)
+    entries = key_entries(db.breakglass_keys)
+    at_ms = db.coordinator_time.ToMilliseconds()
+    # The same list for another agent, or at another instant, is other bytes.
+    for other in (
+        breakglass_keys_bytes(entries, agent="web-1", at_ms=at_ms),
+        breakglass_keys_bytes(entries, agent="db-1", at_ms=at_ms - 1),
+    ):
+        with pytest.raises(InvalidSignature):
+            Ed25519PublicKey.from_public_bytes(announcer.public_key).verify(
+                db.breakglass_keys_signature, other
+            )
