@@ -375,8 +375,10 @@ def _print_voided(leaked: str, voided: Sequence[Voided]) -> None:
         f"on {len(agents)} agent(s): {', '.join(agents) or 'none'}; issue them new codes"
     )
     print(
-        "agents that pinned only this key (not connected since it became current) refuse the "
-        "new key's commands: enroll them again (a join token)"
+        "agents cannot take the new key from a Welcome (only a key they pinned may announce it, "
+        "and the leaked one no longer does): every agent whose pinned keys are only the leaked "
+        "one (all, unless a rotation less than a day ago left them an older key) refuses the "
+        "new key's commands until you enroll it again (a join token)"
     )
 
 

@@ -313,7 +313,7 @@ def test_the_compromise_rotation_command_voids_codes_and_says_so(
     assert f"compromised key {leaked}" in out
     assert "voided 3 unused break-glass code(s)" in out
     assert "on 2 agent(s): db-1, web-1" in out
-    assert "enroll them again" in out
+    assert "until you enroll it again" in out
     new = out.split()[-1]
     keys = SigningKeys.open(tmp_path, now)
     assert keys.compromised(leaked)
