@@ -46,7 +46,8 @@ class _Session:
 
 
 class BaselineServer:
-    """Holds the streams; `push` times one round trip, `fanout` one message to every stream."""
+    """Holds the streams; `push` times one round trip, `fanout` one message (or a few) to every
+    stream."""
 
     def __init__(self) -> None:
         self.sessions: list[_Session] = []
@@ -97,9 +98,11 @@ class BaselineServer:
         await self._send(self.sessions[index])
         return time.perf_counter() - started
 
-    async def fanout(self) -> float:
+    async def fanout(self, messages: int = 1) -> float:
+        """`messages` to every stream at once (queued back to back, as the coordinator pushes a
+        batch), until every ack is in."""
         started = time.perf_counter()
-        await asyncio.gather(*(self._send(s) for s in list(self.sessions)))
+        await asyncio.gather(*(self._send(s) for s in list(self.sessions) for _ in range(messages)))
         return time.perf_counter() - started
 
     async def _connect(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -125,9 +128,9 @@ class BaselineServer:
                 await task
             self.sessions.remove(session)
 
-    async def _fanout(self, _request: bytes, _context: Any) -> bytes:
+    async def _fanout(self, request: bytes, _context: Any) -> bytes:
         count = len(self.sessions)
-        elapsed = await self.fanout()
+        elapsed = await self.fanout(int(request or b"1"))
         return f"{elapsed} {count}".encode()
 
     async def _echo(self, request: bytes, _context: Any) -> bytes:
@@ -185,11 +188,11 @@ async def client_stream(
             await call.write(message[:8] + bytes(ACK_BYTES - 8))
 
 
-async def fanout(target: str, tls: Path | None = None) -> tuple[float, int]:
-    """One message to every stream of the server at `target`, timed there from the first push
-    until the last ack is in. Returns (seconds, streams)."""
+async def fanout(target: str, tls: Path | None = None, messages: int = 1) -> tuple[float, int]:
+    """`messages` (one by default) to every stream of the server at `target`, timed there from
+    the first push until the last ack is in. Returns (seconds, streams)."""
     async with _channel(target, tls, []) as channel:
-        reply = await channel.unary_unary(FANOUT, None, None)(b"", timeout=600)
+        reply = await channel.unary_unary(FANOUT, None, None)(str(messages).encode(), timeout=600)
         assert isinstance(reply, bytes)
         elapsed, count = reply.decode().split()
         return float(elapsed), int(count)

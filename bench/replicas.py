@@ -19,6 +19,8 @@ import contextlib
 import math
 import secrets
 import time
+from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +31,7 @@ import psycopg
 from jitmesh import Client
 from server.shared import new_key
 from server.store.postgres import with_schema
-from tests.support.swarm import Swarm, SwarmSettings
+from tests.support.swarm import Swarm, SwarmAgent, SwarmSettings
 
 from .procs import DevCoordinator, free_port
 from .scenarios import HOUR, MS, Sizes, _fanout_round, _run_links, _say, _throughput
@@ -228,6 +230,25 @@ async def run(tmp: Path, sizes: Sizes) -> list[Scenario]:
     return scenarios
 
 
+def _count_drops(agents: Sequence[SwarmAgent]) -> Counter[str]:
+    """From now on, counts per agent each time its engine goes from connected to lost (the
+    link calls `coordinator_lost` whenever a stream ends or an attempt fails; only the calls
+    while connected are an established stream ending)."""
+    drops: Counter[str] = Counter()
+    for agent in agents:
+        engine = agent.engine
+        lost = engine.coordinator_lost
+
+        async def counted(name: str = agent.name, engine: Any = engine, lost: Any = lost) -> None:
+            if engine.connected:
+                drops[name] += 1
+            await lost()
+
+        # The instance attribute shadows the method: the link calls through it.
+        setattr(engine, "coordinator_lost", counted)  # noqa: B010
+    return drops
+
+
 REAL_FAILOVER = (
     "two `jitmesh-coordinator dev --store postgresql://` processes on one database (local "
     "PostgreSQL 15); swarm agents in the bench process (real Link + Engine), half on each "
@@ -255,6 +276,10 @@ async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
         await setup.start(n, fail_over=True)
         survivor, victim = setup.swarms
         moving = victim.agents
+        drops = _count_drops(survivor.agents)
+        # The same count on the agents that move: each should show its one break at the kill
+        # (the check that the count sees a stream ending).
+        moved_drops = _count_drops(moving)
         killed_at = datetime.now(UTC)
         t_kill = time.monotonic()
         setup.coords[1].kill()
@@ -282,10 +307,19 @@ async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
                 target="<= 10 s" if pct == 100 else "",
             )  # fmt: skip
         scenario.add("left behind", float(len(pending)), unit="agents", target="0")
+        scenario.add(
+            "survivor's agents disconnected during failover", float(len(drops)), unit="agents",
+            target="0",
+            note="agents of the replica that stayed up whose stream ended at any moment from "
+            "the SIGKILL until the last moved agent was served (every connected -> lost "
+            "transition of each engine counted, not sampled)",
+        )  # fmt: skip
+        scenario.extra["survivor_stream_ends"] = sum(drops.values())
+        scenario.extra["moved_agents_stream_ends"] = sum(moved_drops.values())
         undisturbed = len(survivor.agents) - survivor.connected()
         scenario.add(
-            "survivor's own agents disconnected", float(undisturbed), unit="agents", target="0",
-            note="the agents of the replica that stayed up, still connected at the end",
+            "survivor's own agents disconnected at the end", float(undisturbed), unit="agents",
+            target="0",
         )  # fmt: skip
         scenario.extra["measured_from"] = "SIGKILL of the second replica"
     except Exception as exc:  # reported; what was measured stays

@@ -13,21 +13,24 @@ import os
 import sqlite3
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from jitmesh import Client
 from jitmesh.types import Grant, GrantState, OfflinePolicy
-from server.app import build
+from server.app import DB_NAME, build
 from server.config import CoordinatorConfig
 from server.domain.expiry import Expirer
 from server.domain.hub import Hub
 from server.domain.models import ADMIN_GROUP, AgentAck, Command, Principal
 from server.domain.policy import DEV_POLICY
-from server.store.sqlite import SqliteStore
+from server.domain.receivers import DeliveryState
+from server.store.base import SqlOutbox
+from server.store.sqlite import SqliteOutbox, SqliteStore
 from tests.support.swarm import Swarm, SwarmAgent, SwarmSettings, raise_fd_limit
 
 from . import baseline as bl
@@ -83,6 +86,22 @@ REAL_FLEET = (
     "real: jitmesh-coordinator dev process; swarm in the bench process: real Link + Engine per "
     "agent (no expiry loop), one TCP connection each, in-memory lease store and enforcer; "
     "baseline: raw grpc.aio server process, one stream per agent in another process"
+)
+
+
+# Scenarios 3 and 14: a lock on a subject sends every (wire 0.2) agent two commands, its REVOKE
+# and a LOCK command the agent keeps (server/domain/locks.py); each round checks the count in the
+# coordinator's log. The CPU row compares them with as many baseline messages per stream.
+FANOUT_COMMANDS = 2
+FANOUT_MESSAGES = (
+    "jitmesh: two commands per agent at the lock (its REVOKE, then a LOCK command the 0.2 agent "
+    "keeps), each written, signed, pushed and acked, plus an UNLOCK at the lift after the timed "
+    "part (commands_per_agent_per_round counts them in the coordinator's log); baseline: one "
+    "400-byte message per stream for the time row, two back to back for the CPU row"
+)
+FANOUT_CPU_NOTE = (
+    "coordinator CPU from the lock call until every agent's REVOKE and LOCK are acked, per "
+    "agent; baseline: server CPU for two messages per stream (pushed back to back, both acked)"
 )
 
 
@@ -269,6 +288,7 @@ async def _local(tmp: Path, sizes: Sizes, *, tls: bool, webhook: bool) -> list[S
             clients.append(client)
         alice, bob, admin_client = clients
         hook: _Webhook | None = None
+        outbox = SqliteOutbox(coordinator.store) if webhook else None
         if webhook:
             hook = _Webhook(tmp / "webhook.log", free_port())
             receiver = spawn(
@@ -306,7 +326,10 @@ async def _local(tmp: Path, sizes: Sizes, *, tls: bool, webhook: bool) -> list[S
                 if hook is not None:
                     # The same approvals with a receiver configured: the outbox's notices are
                     # delivered by the sender while the next approvals run. Removed again
-                    # before the next round's plain figures.
+                    # before the next round's plain figures, once the outbox is drained: every
+                    # notice of the round routed and none PENDING for the receiver (the
+                    # grant.applied POSTs follow request.approved; one still in flight would
+                    # load the next round's plain approvals, scenario 2, its comparison).
                     await admin_client.add_receiver(
                         "bench-hook", "webhook", target=hook.url, secret=HOOK_SECRET
                     )
@@ -317,6 +340,7 @@ async def _local(tmp: Path, sizes: Sizes, *, tls: bool, webhook: bool) -> list[S
                     notified_lat += with_hook
                     notified_p50.append(median(with_hook))
                     await hook.wait_approved(decided, 60)
+                    await _wait_drained(outbox, 60)
                     await admin_client.remove_receiver("bench-hook")
         b, p, a = _ms_list(base_rtt), _ms_list(push_lat), _ms_list(approve_lat)
         ratios = [j / r for r, j, _ in round_p50]
@@ -354,6 +378,11 @@ async def _local(tmp: Path, sizes: Sizes, *, tls: bool, webhook: bool) -> list[S
             )  # fmt: skip
             notified.add("webhook p99", percentile(_ms_list(delivered), 99))
             notified.extra["notices_received"] = len(arrivals(hook.log))
+            notified.extra["notices_by_kind"] = dict(Counter(k for _, k, _ in arrivals(hook.log)))
+            notified.extra["between_rounds"] = (
+                "the receiver is removed only once the outbox is drained (all routed, none "
+                "PENDING): no POST of a webhook round overlaps the next plain round"
+            )
             notified.extra["round_p50_ms"] = _ms_list(notified_p50)
         footprint.add(
             "RSS",
@@ -403,6 +432,25 @@ class _Webhook:
         await until(
             lambda: len(self.latencies(decided)) >= len(decided), within, "notices received", 0.05
         )
+
+
+async def _wait_drained(outbox: SqlOutbox | None, within: float) -> None:
+    """Until every outbox entry is routed and no delivery is PENDING (each was sent and
+    answered, or given up)."""
+    assert outbox is not None
+
+    async def drained() -> bool:
+        _, unrouted = await outbox.unrouted(1)
+        pending = await outbox.deliveries(
+            receiver="", states=[DeliveryState.PENDING], limit=1, before=0
+        )
+        return not unrouted and not pending
+
+    deadline = time.monotonic() + within
+    while not await drained():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"notification outbox not drained after {within:.0f} s")
+        await asyncio.sleep(0.02)
 
 
 async def _accepting(port: int, within: float) -> None:
@@ -573,116 +621,130 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
             b_times: list[float] = []
             j_cpu: list[float] = []
             b_cpu: list[float] = []
+            locks = _LockRounds(coord.data / DB_NAME)
             for _ in range(sizes.fanout_rounds):
-                cpu0 = cpu_seconds(base_child.pid)
                 elapsed, _ = await bl.fanout(base_target)
                 b_times.append(elapsed)
+                # CPU like for like: as many messages per stream as a lock sends commands.
+                cpu0 = cpu_seconds(base_child.pid)
+                await bl.fanout(base_target, messages=FANOUT_COMMANDS)
                 b_cpu.append((cpu_seconds(base_child.pid) - cpu0) / n)
                 elapsed, cpu = await _fanout_round(
-                    coord.pid, alices, admins, swarm, names, _profiled(coord.pid, "fanout", tmp)
-                )
+                    coord.pid, alices, admins, swarm, names, _profiled(coord.pid, "fanout", tmp),
+                    locks,
+                )  # fmt: skip
                 j_times.append(elapsed)
                 j_cpu.append(cpu / n)
             fanout.add(
                 f"all {n} revoked (median of rounds)", median(j_times) * MS, median(b_times) * MS,
                 target="<= 1.2x",
             )  # fmt: skip
-            fanout.add("CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us")
+            fanout.add(
+                "CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us",
+                note=FANOUT_CPU_NOTE,
+            )  # fmt: skip
             fanout.extra["rounds_ms"] = {
                 "jitmesh": _ms_list(j_times),
                 "baseline": _ms_list(b_times),
             }
             fanout.extra["issued_as"] = "one Locks.CreateLock call (subject alice, action restart)"
+            locks.report(fanout, n, j_cpu)
+            fanout.extra["messages_per_stream"] = FANOUT_MESSAGES
             fanout.extra["timed"] = (
                 "jitmesh: the lock call until the last agent's enforcer removed the access; "
                 "baseline: first push until the last ack is back at the server"
             )
 
-        _say("fleet: reconnect after SIGKILL")
-        # 6. reconnect after SIGKILL.
-        for client in clients:
-            await client.close()
-        clients.clear()
-        downs.count = downs.pushed_back = 0
-        t_kill = time.monotonic()
-        coord.kill()
-        with contextlib.suppress(TimeoutError):
-            await swarm.wait_disconnected(within=10.0)
-        reconnect.extra["still_connected_at_restart"] = swarm.connected()
-        noticed = time.monotonic() - t_kill
-        marks = {50: math.nan, 90: math.nan, 99: math.nan, 100: math.nan}
-        deadline = t_kill + max(120.0, n / 50)
-        back = 0
+        if _wanted("6"):
+            _say("fleet: reconnect after SIGKILL")
+            # 6. reconnect after SIGKILL.
+            for client in clients:
+                await client.close()
+            clients.clear()
+            downs.count = downs.pushed_back = 0
+            t_kill = time.monotonic()
+            coord.kill()
+            with contextlib.suppress(TimeoutError):
+                await swarm.wait_disconnected(within=10.0)
+            reconnect.extra["still_connected_at_restart"] = swarm.connected()
+            noticed = time.monotonic() - t_kill
+            marks = {50: math.nan, 90: math.nan, 99: math.nan, 100: math.nan}
+            deadline = t_kill + max(120.0, n / 50)
+            back = 0
 
-        async def watch() -> None:
-            nonlocal back
-            # Only the agents not yet seen back are looked at, every 100 ms: walking all 10,000
-            # every 20 ms was a sixth of the swarm process's CPU, slowing the very reconnects
-            # it timed.
-            pending = list(swarm.agents)
-            while time.monotonic() < deadline:
-                # Back: connected, with contact noted after the restart began (the Welcome from
-                # the new process; the replay of its log follows on the same stream).
-                still = []
-                for agent in pending:
-                    contact = (await agent.store.meta()).last_contact_at
-                    if not (
-                        contact is not None and contact > restart_at and agent.engine.connected
-                    ):
-                        still.append(agent)
-                pending = still
-                back = n - len(pending)
-                now = time.monotonic()
-                for pct in marks:
-                    if math.isnan(marks[pct]) and back * 100 >= pct * n:
-                        marks[pct] = now - t_kill
-                if back >= n:
-                    return
-                await asyncio.sleep(0.1)
+            async def watch() -> None:
+                nonlocal back
+                # Only the agents not yet seen back are looked at, every 100 ms: walking all 10,000
+                # every 20 ms was a sixth of the swarm process's CPU, slowing the very reconnects
+                # it timed.
+                pending = list(swarm.agents)
+                while time.monotonic() < deadline:
+                    # Back: connected, with contact noted after the restart began (the Welcome from
+                    # the new process; the replay of its log follows on the same stream).
+                    still = []
+                    for agent in pending:
+                        contact = (await agent.store.meta()).last_contact_at
+                        if not (
+                            contact is not None and contact > restart_at and agent.engine.connected
+                        ):
+                            still.append(agent)
+                    pending = still
+                    back = n - len(pending)
+                    now = time.monotonic()
+                    for pct in marks:
+                        if math.isnan(marks[pct]) and back * 100 >= pct * n:
+                            marks[pct] = now - t_kill
+                    if back >= n:
+                        return
+                    await asyncio.sleep(0.1)
 
-        restart_at = datetime.now(UTC)
-        watcher = asyncio.create_task(watch())
-        await coord.start()
-        up = time.monotonic() - t_kill
-        # With --profile: the restarted coordinator and the swarm's own process (py-spy takes a
-        # second to attach, during which this process is blocked: profile runs only).
-        with _profiled(coord.pid, "reconnect", tmp), _profiled(os.getpid(), "reconnect-swarm", tmp):
-            await watcher
-        reconnect.add(
-            "links noticed the kill",
-            noticed * MS,
-            unit="ms",
-            note="from the SIGKILL until every link saw its stream break (at most 10 s: the "
-            "coordinator is restarted then)",
-        )
-        reconnect.add(
-            "coordinator serving again",
-            up * MS,
-            unit="ms",
-            note="from the SIGKILL until the restarted process has written dev.env (listening, "
-            "store open)",
-        )
-        for pct, at in marks.items():
+            restart_at = datetime.now(UTC)
+            watcher = asyncio.create_task(watch())
+            await coord.start()
+            up = time.monotonic() - t_kill
+            # With --profile: the restarted coordinator and the swarm's own process (py-spy takes a
+            # second to attach, during which this process is blocked: profile runs only).
+            with (
+                _profiled(coord.pid, "reconnect", tmp),
+                _profiled(os.getpid(), "reconnect-swarm", tmp),
+            ):
+                await watcher
             reconnect.add(
-                f"{pct} % back", at * MS, unit="ms", target="<= 30 s" if pct == 100 else ""
+                "links noticed the kill",
+                noticed * MS,
+                unit="ms",
+                note="from the SIGKILL until every link saw its stream break (at most 10 s: the "
+                "coordinator is restarted then)",
             )
-        reconnect.add(
-            "failed attempts",
-            float(max(0, downs.count - n - downs.pushed_back)),
-            unit="",
-            note="connection attempts that ended without a stream other than by admission "
-            "control: refused or reset while the coordinator was down or starting (each agent's "
-            "own break at the kill is not counted)",
-        )
-        reconnect.add(
-            "pushed back",
-            float(downs.pushed_back),
-            unit="",
-            note="attempts the restarted coordinator refused at once with a retry hint "
-            "(admission control), each agent then waiting the hint, never less than its schedule",
-        )
-        reconnect.add("left behind", float(n - back), unit="agents", target="0")
-        reconnect.extra["measured_from"] = "SIGKILL; restarted once the links saw it (<= 10 s)"
+            reconnect.add(
+                "coordinator serving again",
+                up * MS,
+                unit="ms",
+                note="from the SIGKILL until the restarted process has written dev.env (listening, "
+                "store open)",
+            )
+            for pct, at in marks.items():
+                reconnect.add(
+                    f"{pct} % back", at * MS, unit="ms", target="<= 30 s" if pct == 100 else ""
+                )
+            reconnect.add(
+                "failed attempts",
+                float(max(0, downs.count - n - downs.pushed_back)),
+                unit="",
+                note="connection attempts that ended without a stream other than by admission "
+                "control: refused or reset while the coordinator was down or starting (each "
+                "agent's own break at the kill is not counted)",
+            )
+            reconnect.add(
+                "pushed back",
+                float(downs.pushed_back),
+                unit="",
+                note="attempts the restarted coordinator refused at once with a retry hint "
+                "(admission control), each agent then waiting the hint, never less than its "
+                "schedule",
+            )
+            reconnect.add("left behind", float(n - back), unit="agents", target="0")
+            reconnect.extra["measured_from"] = "SIGKILL; restarted once the links saw it (<= 10 s)"
     except Exception as exc:  # reported per scenario; what was measured stays
         log.exception("fleet scenarios failed")
         for scenario in scenarios:
@@ -705,8 +767,9 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
 
 
 async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
-    """Scenario 14: scenario 3 (one lock revoking a grant on every agent) with the coordinator
-    serving TLS and every swarm agent on mTLS; the baseline's streams over mTLS too."""
+    """Scenario 14: scenario 3 (one lock: a revoke and a LOCK command to every agent) with the
+    coordinator serving TLS and every swarm agent on mTLS; the baseline's streams over mTLS
+    too."""
     n = sizes.agents
     fanout = Scenario(
         "14 fanout, mTLS", f"{n} agents x {sizes.fanout_rounds} rounds", REAL_FLEET_TLS
@@ -769,22 +832,31 @@ async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
         b_times: list[float] = []
         j_cpu: list[float] = []
         b_cpu: list[float] = []
+        locks = _LockRounds(coord.data / DB_NAME)
         for _ in range(sizes.fanout_rounds):
-            cpu0 = cpu_seconds(base_child.pid)
             elapsed, _ = await bl.fanout(base_target, base_tls)
             b_times.append(elapsed)
+            # CPU like for like: as many messages per stream as a lock sends commands.
+            cpu0 = cpu_seconds(base_child.pid)
+            await bl.fanout(base_target, base_tls, messages=FANOUT_COMMANDS)
             b_cpu.append((cpu_seconds(base_child.pid) - cpu0) / n)
             elapsed, cpu = await _fanout_round(
-                coord.pid, alices, admins, swarm, names, _profiled(coord.pid, "fanout-tls", tmp)
-            )
+                coord.pid, alices, admins, swarm, names, _profiled(coord.pid, "fanout-tls", tmp),
+                locks,
+            )  # fmt: skip
             j_times.append(elapsed)
             j_cpu.append(cpu / n)
         fanout.add(
             f"all {n} revoked (median of rounds)", median(j_times) * MS, median(b_times) * MS,
             target="<= 1.2x",
         )  # fmt: skip
-        fanout.add("CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us")
+        fanout.add(
+            "CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us",
+            note=FANOUT_CPU_NOTE,
+        )  # fmt: skip
         fanout.extra["rounds_ms"] = {"jitmesh": _ms_list(j_times), "baseline": _ms_list(b_times)}
+        locks.report(fanout, n, j_cpu)
+        fanout.extra["messages_per_stream"] = FANOUT_MESSAGES
     except Exception as exc:  # reported; what was measured stays
         log.exception("fleet-tls scenario failed")
         if not fanout.rows:
@@ -934,10 +1006,12 @@ async def _fanout_round(
     swarm: Swarm,
     names: Sequence[str],
     profiled: contextlib.AbstractContextManager[None],
+    locks: _LockRounds | None = None,
 ) -> tuple[float, float]:
     """Grant (alice, restart) on every agent (not timed), then revoke them all at once: the
     seconds until the last agent removed it, and the coordinator CPU seconds spent. Only the
-    timed part runs under `profiled`."""
+    timed part runs under `profiled`. With `locks` (a SQLite coordinator): the CPU is read once
+    every LOCK command is acked too, and `locks` notes what the round sent."""
     pair = ("alice", "restart")
     grants: list[str] = []
 
@@ -957,7 +1031,7 @@ async def _fanout_round(
     await asyncio.sleep(0.5)
     marks = [len(a.enforcer.history) for a in agents]
     with profiled:
-        return await _revoke_all(pid, admins, agents, pair, marks, len(grants))
+        return await _revoke_all(pid, admins, agents, pair, marks, len(grants), locks)
 
 
 async def _revoke_all(
@@ -967,25 +1041,79 @@ async def _revoke_all(
     pair: tuple[str, str],
     marks: list[int],
     expected: int,
+    locks: _LockRounds | None,
 ) -> tuple[float, float]:
+    db = locks.db if locks is not None else None
+    before = _command_counts(db)
+    before_acked = _command_counts(db, acked=True)
     cpu0 = cpu_seconds(pid)
     started = time.monotonic()
-    # One lock: one call, one transaction writing a revoke into every agent's log, one push
-    # per stream.
+    # One lock: one call; one transaction writes a revoke into every agent's log, then the
+    # handout steps (1,000 agents each, before the call returns) a LOCK command the wire 0.2
+    # agent (every swarm agent) keeps; each signed, pushed and acked.
     lock, revoked, _ = await admins[0].create_lock(
         subject="alice", action="restart", reason="bench fan-out"
     )
     if revoked != expected:
         raise RuntimeError(f"the lock revoked {revoked} grants, expected {expected}")
     await until(lambda: not any(pair in a.enforcer.in_force for a in agents), 300, "revoked")
+    if locks is not None:
+        # The revoke is first in each agent's log; the LOCK's ack can still be on its way: the
+        # CPU is read once every one is in, so it covers both commands (FANOUT_COMMANDS).
+        locks.cpu_at_revoked.append(cpu_seconds(pid) - cpu0)
+        acked = before_acked["lock"] + len(agents)
+        await until(
+            lambda: _command_counts(db, acked=True)["lock"] >= acked, 300, "LOCK acked", 0.05
+        )
+        locks.lock_acked_s.append(time.monotonic() - started)
     cpu = cpu_seconds(pid) - cpu0
     await admins[0].lift_lock(lock.id, reason="next round")
+    if locks is not None:
+        sent = _command_counts(db) - before
+        if (sent["revoke"], sent["lock"]) != (expected, len(agents)):
+            raise RuntimeError(f"a lock round sent {dict(sent)}, expected a revoke and a LOCK each")
+        locks.sent.update(sent)
+        locks.rounds += 1
     last = started
     for agent, mark in zip(agents, marks, strict=True):
         for at, op, what in agent.enforcer.history[mark:]:
             if op == "remove" and what == pair:
                 last = max(last, at)
     return last - started, cpu
+
+
+def _command_counts(db: Path | None, *, acked: bool = False) -> Counter[str]:
+    """Rows of the coordinator's command log by kind (read-only, beside the running process;
+    `acked`: only those acked); nothing without a SQLite database."""
+    if db is None:
+        return Counter()
+    where = " WHERE acked_at IS NOT NULL" if acked else ""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        rows = conn.execute(f"SELECT kind, count(*) FROM commands{where} GROUP BY kind")  # noqa: S608
+        return Counter({kind: count for kind, count in rows})
+
+
+@dataclass
+class _LockRounds:
+    """What the lock rounds of 3 and 14 sent, read from the coordinator's database `db`."""
+
+    db: Path
+    sent: Counter[str] = field(default_factory=Counter)
+    rounds: int = 0
+    # Coordinator CPU seconds at the last revoke (the CPU row's end before 2026-12-06 22:20),
+    # and seconds from the lock call until every LOCK command was acked.
+    cpu_at_revoked: list[float] = field(default_factory=list)
+    lock_acked_s: list[float] = field(default_factory=list)
+
+    def report(self, scenario: Scenario, agents: int, cpu_per_agent: Sequence[float]) -> None:
+        scenario.extra["commands_per_agent_per_round"] = {
+            kind: count / (agents * self.rounds) for kind, count in sorted(self.sent.items())
+        }
+        scenario.extra["cpu_per_agent_us"] = {
+            "until_every_lock_acked (the row)": [c * 1e6 for c in cpu_per_agent],
+            "until_the_last_revoke (before 22:20)": [c / agents * 1e6 for c in self.cpu_at_revoked],
+        }
+        scenario.extra["every_lock_acked_after_ms"] = _ms_list(self.lock_acked_s)
 
 
 # Scenario 7: the coordinator's expiry sweep.

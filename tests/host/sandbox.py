@@ -108,3 +108,13 @@ def run(tmp_path: Path, scenario: str, *args: Any, timeout: float = 100) -> dict
         )
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+def assert_refused_on_time(refused: dict[str, float]) -> None:
+    """What `inside.first_refusal` saw around a deadline that sudo or sshd enforce themselves
+    (whole seconds): never allowed late (no allowed attempt began more than 0.5 s after it) and
+    at most a second early (the first refused attempt did not end more than 1.5 s before it).
+    An attempt's own time check lies somewhere inside it, so these are the bounds that hold
+    however slowly `su` and `sudo` run on a loaded machine."""
+    assert refused["allowed_began_s"] <= 0.5, f"allowed late: {refused}"
+    assert refused["refused_ended_s"] >= -1.5, f"refused early: {refused}"
