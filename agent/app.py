@@ -26,6 +26,7 @@ from agent.config import (
     SshEnforcerConfig,
     SudoEnforcerConfig,
 )
+from agent.domain import breakglass
 from agent.domain.coverage import DriftMode
 from agent.domain.errors import AgentError, EnrollmentError, StateError
 from agent.domain.leases import EventKind, new_event
@@ -40,7 +41,7 @@ from agent.local.server import LocalServer
 from agent.local.sessions import EndSessions, Sessions
 from agent.rpc.link import Link, LinkSettings
 from agent.store.credential import CredentialFile
-from agent.store.keys import PinnedKeys
+from agent.store.keys import BREAKGLASS_KEYS_NAME, BreakglassKeys, PinnedKeys
 from agent.store.migrate import migrate_isolated
 from agent.store.sqlite import SqliteLeaseStore
 from jitmesh import sdnotify
@@ -131,6 +132,7 @@ async def run(
                 )
             )
         await engine.start()
+        breakglass_keys = BreakglassKeys(state_dir / BREAKGLASS_KEYS_NAME)
         link = Link(
             LinkSettings(
                 target=config.coordinator,
@@ -151,6 +153,7 @@ async def run(
             engine=engine,
             credentials=credentials,
             keys=PinnedKeys(state_dir / KEYS_NAME),
+            breakglass_keys=breakglass_keys,
             clock=clock,
             pacing=pacing,
             rand=rand,
@@ -164,15 +167,19 @@ async def run(
         )
         engine.on_access_removed(sessions.removed)
         pinned = PinnedKeys(state_dir / KEYS_NAME)
+
+        def code_keys() -> dict[str, bytes]:
+            # Read at each use (a Welcome may have changed either file since), against the
+            # engine's time: never behind the coordinator's, never going back.
+            return breakglass.code_keys(pinned.read(), breakglass_keys.read(), engine.now())
+
         local = LocalServer(
             state_dir=state_dir,
             name=config.name,
             engine=engine,
             sessions=sessions,
             clock=clock,
-            breakglass=BreakglassDesk(
-                engine, pinned.read, timedelta(seconds=config.breakglass_max)
-            ),
+            breakglass=BreakglassDesk(engine, code_keys, timedelta(seconds=config.breakglass_max)),
         )
         tighten_state_files(state_dir)
         log.info("agent started", extra={"state_dir": str(state_dir)})

@@ -18,7 +18,7 @@ import psycopg
 from pydantic import ValidationError
 
 from jitmesh import __version__, grpclog, logs, sdnotify
-from jitmesh.clock import SystemClock
+from jitmesh.clock import Clock, SystemClock
 from jitmesh.pidlock import DirectoryBusy
 from server.config import CoordinatorConfig
 from server.domain.bootstrap import DevDataError
@@ -182,9 +182,11 @@ def _store_flags(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     p.add_argument("--store", default="", help="postgresql://... (else SQLite in --data)")
 
 
-def main(argv: list[str] | None = None, *, step: StepHook = no_hook) -> int:
-    """The command line. `step` reaches `server.app.build` (the fault suite's launcher passes a
-    crash point there); no flag or environment variable sets it."""
+def main(
+    argv: list[str] | None = None, *, step: StepHook = no_hook, clock: Clock | None = None
+) -> int:
+    """The command line. `step` and `clock` reach `server.app.build` (test launchers pass a
+    crash point, or a wall clock they move); no flag or environment variable sets either."""
     args = parser().parse_args(argv)
     if args.command == "new-secret-key":
         from server.shared import new_key
@@ -297,6 +299,7 @@ def main(argv: list[str] | None = None, *, step: StepHook = no_hook) -> int:
         reload=(args.config, flags),
         admin_token=admin_token,
         step=step,
+        clock=clock,
     )
     try:
         asyncio.run(serving)
@@ -520,6 +523,7 @@ async def _serve(
     reload: tuple[Path | None, dict[str, object]],
     admin_token: str | None = None,
     step: StepHook = no_hook,
+    clock: Clock | None = None,
 ) -> None:
     from server.app import build
 
@@ -532,7 +536,7 @@ async def _serve(
     # Written before the port serves (dev.env, admin.token): a client that saw the coordinator
     # healthy finds them complete.
     coordinator = await build(
-        config, refuse_dev_data=not dev, step=step, before_serving=credentials
+        config, clock, refuse_dev_data=not dev, step=step, before_serving=credentials
     )
     _tune_gc()
     if coordinator.ca is not None:

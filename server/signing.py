@@ -7,6 +7,11 @@ parses anything, that the coordinator it enrolled with produced those bytes for 
 Rotation adds a new key that signs from then on; the previous keys stay valid for verification
 until `retired_at + ROTATION_OVERLAP`, so commands signed just before a rotation still verify.
 Agents receive every valid public key at enrollment and pin them in their state directory.
+
+Break-glass codes are signed by the current key too, but live up to 90 days: a retired key that
+signed codes still usable is announced to their agents apart (`breakglass_keys`), valid until
+the last of those codes expires, for codes only. Retired keys stay on file for good (old audit
+checkpoints and adopted codes are verified with them); what agents trust each for ends as said.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -119,6 +125,11 @@ class SigningKeys:
         current = self._keys[-1]
         return current.key_id, current.signature(data)
 
+    def sign_with(self, key_id: str, data: bytes) -> bytes:
+        """Sign with the key `key_id` (one `sign_with_oldest` chose: both announced lists of a
+        Welcome are signed by the same key)."""
+        return next(k for k in self._keys if k.key_id == key_id).signature(data)
+
     def sign_with_oldest(self, data: bytes, now: datetime) -> tuple[str, bytes]:
         """Sign with the oldest key still valid: the one every agent enrolled within the
         rotation overlap has pinned (used to announce a rotation)."""
@@ -139,6 +150,29 @@ class SigningKeys:
             if all_keys or not_after is None or not_after > now:
                 out.append(PublicKey(k.key_id, k.public_raw, not_after))
         return out
+
+    def retired(self) -> bool:
+        """Whether any key was ever retired (without, no code can outlive its key)."""
+        return any(k.retired_at is not None for k in self._keys)
+
+    def signed_between(self, first: datetime, last: datetime) -> list[str]:
+        """The keys that were current at some instant from `first` to `last`: those that may
+        have signed what was signed then."""
+        return [
+            k.key_id
+            for k in self._keys
+            if k.created_at <= last and (k.retired_at is None or k.retired_at > first)
+        ]
+
+    def breakglass_keys(self, ends: Mapping[str, datetime], now: datetime) -> list[PublicKey]:
+        """The retired keys in `ends` (key id -> the latest expiry of the usable break-glass
+        codes it signed), each valid until that expiry, for codes only. The current key is left
+        out (agents have it for commands, and so for codes); so is an end already past."""
+        return [
+            PublicKey(k.key_id, k.public_raw, ends[k.key_id])
+            for k in self._keys
+            if k.retired_at is not None and k.key_id in ends and ends[k.key_id] > now
+        ]
 
     def _save(self) -> None:
         items = [

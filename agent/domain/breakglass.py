@@ -1,7 +1,8 @@
 """Break-glass on the host, and the locks the coordinator keeps here (docs/wire.md).
 
-A code is checked by the link's edge (signature under a pinned key: `agent.rpc.breakglass`); what
-it may then do is decided here, from the code, the caller, the kept locks and the time alone:
+A code is checked by the link's edge (signature under a pinned key: `agent.rpc.breakglass`;
+the keys it may be signed by: `code_keys`); what it may then do is decided here, from the code,
+the caller, the kept locks and the time alone:
 `decide_use` answers a refusal (said to the caller, never echoing the code) or the lease the
 agent grants itself. A code makes at most one lease, `bg-<code id>`, for at most the agent's own
 cap, and never after the code's `expires_at`.
@@ -9,7 +10,7 @@ cap, and never after the code's `expires_at`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -74,6 +75,25 @@ class Use:
 @dataclass(frozen=True, slots=True)
 class Refused:
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BreakglassKey:
+    """A retired command-signing key the coordinator announced for break-glass codes only
+    (Welcome.breakglass_keys): it verifies codes until `not_after`, never a command."""
+
+    public_key: bytes
+    not_after: datetime
+
+
+def code_keys(
+    command_keys: Mapping[str, bytes], breakglass_keys: Mapping[str, BreakglassKey], now: datetime
+) -> dict[str, bytes]:
+    """The keys a code may be signed by at `now`: the command-signing keys pinned now, and the
+    break-glass keys whose `not_after` is still ahead by this host's clock."""
+    keys = {kid: key.public_key for kid, key in breakglass_keys.items() if now < key.not_after}
+    keys.update(command_keys)
+    return keys
 
 
 def grant_id_of(code_id: str) -> str:

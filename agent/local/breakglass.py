@@ -1,6 +1,7 @@
-"""The socket's `breakglass {code}` method: verify the code under the pinned keys, then let the
-engine grant what it allows (docs/host.md, "Break-glass"). The caller is who the kernel says;
-the code's subject must be that user, or the caller root."""
+"""The socket's `breakglass {code}` method: verify the code under the keys a code may be signed
+by (the pinned command keys and the break-glass keys: `agent.domain.breakglass.code_keys`), then
+let the engine grant what it allows (docs/host.md, "Break-glass"). The caller is who the kernel
+says; the code's subject must be that user, or the caller root."""
 
 from __future__ import annotations
 
@@ -27,13 +28,13 @@ class BreakglassDesk:
     def __init__(
         self,
         engine: BreakglassEngine,
-        pinned: Callable[[], Mapping[str, bytes]],
+        keys: Callable[[], Mapping[str, bytes]],
         cap: timedelta,
     ) -> None:
-        """`pinned` reads the coordinator's command-signing keys as pinned now (after a
-        rotation too); `cap` bounds a break-glass lease whatever the code says."""
+        """`keys` reads the keys a code may be signed by now (after a rotation too); `cap`
+        bounds a break-glass lease whatever the code says."""
         self._engine = engine
-        self._pinned = pinned
+        self._keys = keys
         self._cap = cap
 
     async def __call__(self, caller: Caller, request: Message) -> Message:
@@ -41,7 +42,7 @@ class BreakglassDesk:
         if not isinstance(text, str):
             raise Answer("breakglass: a code is required", "invalid")
         try:
-            code = read_code(text, self._pinned())
+            code = read_code(text, self._keys())
         except BadCode as exc:
             raise Answer(str(exc), "denied") from None
         result = await self._engine.use_breakglass(

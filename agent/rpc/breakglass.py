@@ -1,6 +1,7 @@
 """Break-glass codes at the agent's edge: base64url text to a verified `Code` (docs/wire.md,
-"Break-glass codes"). The signature is checked under the pinned command-signing keys before the
-body is parsed; nothing of the code is echoed in errors or logs."""
+"Break-glass codes"). The signature is checked, before the body is parsed, under the keys a code
+may be signed by: the pinned command-signing keys and the retired keys kept for codes
+(`agent.domain.breakglass.code_keys`); nothing of the code is echoed in errors or logs."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class BadCode(Exception):
     """The text is not a code this agent can trust. The message says why, echoing nothing."""
 
 
-def read_code(text: str, pinned: Mapping[str, bytes]) -> Code:
+def read_code(text: str, keys: Mapping[str, bytes]) -> Code:
     text = "".join(text.split())
     if not text or len(text) > MAX_TEXT:
         raise BadCode("this is not a break-glass code")
@@ -38,7 +39,7 @@ def read_code(text: str, pinned: Mapping[str, bytes]) -> Code:
         signed = breakglass_pb2.BreakglassCode.FromString(raw)
     except (binascii.Error, ValueError, DecodeError):
         raise BadCode("this is not a break-glass code") from None
-    public = pinned.get(signed.key_id)
+    public = keys.get(signed.key_id)
     if public is None or not signature_holds(public, signed.signature, SIGNED_PREFIX + signed.body):
         raise BadCode("this code was not issued by this host's coordinator (signature)")
     try:

@@ -8,8 +8,9 @@ Protocol, as the agent speaks it:
   and, when a join token is configured, the next attempt enrolls again.
 - The agent's first message is `Hello` (name, labels, last applied sequence number, active grant
   ids, version, highest epoch seen, boot id, agent time). The coordinator's first message must be
-  `Welcome` (coordinator time, epoch, resume point, heartbeat interval); then `Command`s follow in
-  sequence order.
+  `Welcome` (coordinator time, epoch, resume point, heartbeat interval, the signed key lists:
+  command-signing keys, and since 0.2 the retired keys kept for break-glass codes only, in
+  `STATE/breakglass_keys.json`); then `Command`s follow in sequence order.
 - Each `Command` is verified (`verify.py`: Ed25519 signature over the body bytes by a key pinned
   at enrollment in `STATE/signing_keys.json`; not from an earlier epoch), parsed, persisted,
   applied and then acknowledged with
@@ -44,16 +45,17 @@ from dataclasses import dataclass, field
 import grpc
 
 from agent import defaults
+from agent.domain.breakglass import BreakglassKey
 from agent.domain.commands import Ack, AckStatus, CommandSpec
 from agent.domain.errors import EnrollmentError, EnrollmentRefused, LinkError, MalformedCommand
 from agent.domain.timekeeping import full_jitter
 from agent.engine import Engine
 from agent.identity import IdentityFile, TlsIdentity, new_key_and_csr
 from agent.store.credential import CredentialFile
-from agent.store.keys import PinnedKeys
+from agent.store.keys import BREAKGLASS_KEYS_NAME, BreakglassKeys, PinnedKeys
 from jitmesh import __version__
-from jitmesh.clock import Clock, to_ms
-from jitmesh.keyset import key_entries, keys_bytes
+from jitmesh.clock import Clock, from_ms, to_ms
+from jitmesh.keyset import breakglass_keys_bytes, key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agents_pb2
 from jitmesh.v1.agentlink_pb2_grpc import AgentLinkStub
 from jitmesh.v1.agents_pb2_grpc import AgentsStub
@@ -118,6 +120,7 @@ class Link:
         engine: Engine,
         credentials: CredentialFile,
         keys: PinnedKeys,
+        breakglass_keys: BreakglassKeys | None = None,
         clock: Clock,
         pacing: Clock,
         rand: Callable[[], float] = random.random,
@@ -129,6 +132,9 @@ class Link:
         self._engine = engine
         self._credentials = credentials
         self._keys = keys
+        self._breakglass_keys = breakglass_keys or BreakglassKeys(
+            credentials.path.with_name(BREAKGLASS_KEYS_NAME)
+        )
         self._pinned: dict[str, bytes] = {}
         # Break-glass uses the current Hello reported (adopted once its Welcome arrives).
         self._reported_breakglass: list[str] = []
@@ -430,11 +436,15 @@ class Link:
             # Coordinator heartbeats need no answer; keepalive pings watch the connection.
 
     def _adopt_keys(self, welcome: agentlink_pb2.Welcome) -> None:
-        """Pin the signing keys the Welcome announces (a rotation), but only when a key already
-        pinned signed the announcement; keys past their not_after are dropped."""
+        """Pin the signing keys the Welcome announces (a rotation), and keep the break-glass
+        keys it announces, each list only when a key already pinned signed it (the same key,
+        under each list's own prefix); keys past their not_after are dropped."""
+        public = self._pinned.get(welcome.keys_key_id)
+        if welcome.breakglass_keys_signature:
+            # Checked under the keys pinned before this Welcome, as the key list is.
+            self._adopt_breakglass_keys(welcome, public)
         if not welcome.signing_keys:
             return
-        public = self._pinned.get(welcome.keys_key_id)
         if public is None or not signature_holds(
             public, welcome.keys_signature, keys_bytes(key_entries(welcome.signing_keys))
         ):
@@ -450,6 +460,26 @@ class Link:
             self._keys.write(keys)
             self._pinned = keys
             log.info("signing keys updated", extra={"keys": ",".join(sorted(keys))})
+
+    def _adopt_breakglass_keys(self, welcome: agentlink_pb2.Welcome, public: bytes | None) -> None:
+        """Replace the kept break-glass keys by the Welcome's list (docs/wire.md, "Break-glass
+        codes"). They verify codes only (`code_keys`), never a command: `_pinned` stays as
+        it is. A key without a not_after, or past it, is not kept."""
+        entries = key_entries(welcome.breakglass_keys)
+        if public is None or not signature_holds(
+            public, welcome.breakglass_keys_signature, breakglass_keys_bytes(entries)
+        ):
+            log.warning("ignoring break-glass keys not signed by a pinned key")
+            return
+        now_ms = to_ms(self._clock.now())
+        keys = {
+            kid: BreakglassKey(pub, from_ms(not_after))
+            for kid, pub, not_after in entries
+            if len(pub) == 32 and not_after > now_ms
+        }
+        if keys != self._breakglass_keys.read():
+            self._breakglass_keys.write(keys)
+            log.info("break-glass keys updated", extra={"keys": ",".join(sorted(keys))})
 
     async def _welcome(self, welcome: agentlink_pb2.Welcome) -> float:
         if not coordinator_supported(welcome.version, self._settings.version):

@@ -280,6 +280,8 @@ class Welcome(_message.Message):
     KEYS_SIGNATURE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     REPLICA_FIELD_NUMBER: _builtins.int
+    BREAKGLASS_KEYS_FIELD_NUMBER: _builtins.int
+    BREAKGLASS_KEYS_SIGNATURE_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     resume_after_seq: _builtins.int
     """Commands with seq greater than this follow on the stream (or a snapshot does)."""
@@ -295,6 +297,7 @@ class Welcome(_message.Message):
     """Since 0.2: the identity of the replica that holds this stream (stable across restarts of
     that replica; unique among the replicas sharing one store). Informational for the agent.
     """
+    breakglass_keys_signature: _builtins.bytes
     @_builtins.property
     def coordinator_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -305,6 +308,18 @@ class Welcome(_message.Message):
         the previous ones until their not_after). The agent adopts them only when `keys_signature`
         verifies, under `keys_key_id`, with a key it already pinned. Signed bytes: see
         jitmesh/keyset.py.
+        """
+
+    @_builtins.property
+    def breakglass_keys(self) -> _containers.RepeatedCompositeFieldContainer[_agents_pb2.SigningKey]:
+        """Since 0.2 (issue 11): retired command-signing keys that signed break-glass codes for this
+        agent that are still usable (not used, not expired), each with `not_after` = the latest
+        expires_at of those codes. They verify break-glass codes only, never a command (a key may
+        be retired because it leaked). The agent adopts the list only when
+        `breakglass_keys_signature` verifies, under `keys_key_id`, with a key it already pinned;
+        it then replaces the break-glass keys it kept (an empty list, signed, drops them all).
+        Without a signature (an older coordinator) the agent keeps what it has. Signed bytes:
+        jitmesh/keyset.py, `breakglass_keys_bytes`. See docs/wire.md, "Break-glass codes".
         """
 
     def __init__(
@@ -320,10 +335,12 @@ class Welcome(_message.Message):
         keys_signature: _builtins.bytes = ...,
         version: _builtins.str = ...,
         replica: _builtins.str = ...,
+        breakglass_keys: _abc.Iterable[_agents_pb2.SigningKey] | None = ...,
+        breakglass_keys_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["coordinator_time", b"coordinator_time", "heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "coordinator_time", b"coordinator_time", "epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "keys_key_id", b"keys_key_id", "keys_signature", b"keys_signature", "replica", b"replica", "resume_after_seq", b"resume_after_seq", "signing_keys", b"signing_keys", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "breakglass_keys", b"breakglass_keys", "breakglass_keys_signature", b"breakglass_keys_signature", "coordinator_time", b"coordinator_time", "epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "keys_key_id", b"keys_key_id", "keys_signature", b"keys_signature", "replica", b"replica", "resume_after_seq", b"resume_after_seq", "signing_keys", b"signing_keys", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,6 +6,10 @@ A code is signed with a command-signing key so that its agent verifies it alone,
 Its text is shown once; the store keeps what it allows and the SHA-256 of the text. Signing and
 reading a code's bytes is the rpc edge's work (`CodeSigner`): the domain sees only its terms.
 
+Codes outlive key rotations: each code's signing key is stored with it, and `key_ends` says,
+per agent, until when each key must still verify that agent's usable codes (the Welcome
+announces the retired ones among them as break-glass keys: docs/wire.md, "Break-glass codes").
+
 Adoption (`adopt`) runs inside the transaction of a Hello (before the resume point is worked
 out, so no snapshot removes the lease) or of the agent's `breakglass.used` event, whichever
 comes first, and is idempotent by code id: the grant `bg-<code id>` as the agent reported it
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -30,7 +35,7 @@ from jitmesh.types import BreakglassCode, Grant, GrantState, OfflinePolicy
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
 from .hub import Hub
 from .locks import lock_refusal, refuse_if_locked
-from .models import AuditEntry, BreakglassUse, Principal
+from .models import AuditEntry, BreakglassUse, IssuedCode, LiveCodes, Principal
 from .ports import Store, Tx
 
 GRANT_PREFIX = "bg-"
@@ -57,8 +62,14 @@ class CodeTerms:
 
 
 class CodeSigner(Protocol):
-    def sign(self, terms: CodeTerms) -> str:
-        """The code's text (base64url of the signed BreakglassCode)."""
+    def sign(self, terms: CodeTerms) -> tuple[str, str]:
+        """The id of the key that signed it, and the code's text (base64url of the signed
+        BreakglassCode)."""
+        ...
+
+    def signed_between(self, first: datetime, last: datetime) -> list[str]:
+        """The ids of the keys that may have signed a code issued from `first` to `last` (those
+        current then), for codes whose key was not recorded."""
         ...
 
     def verify(self, code: bytes) -> CodeTerms | None:
@@ -119,6 +130,7 @@ class BreakglassService:
             await self._issue_refused(principal.name, agent, subject, action, lock.id, now)
             raise lock_refusal(lock)
         issued: list[tuple[BreakglassCode, str]] = []
+        stored: list[IssuedCode] = []
         for _ in range(count):
             terms = CodeTerms(
                 code_id=secrets.token_hex(16),
@@ -142,11 +154,13 @@ class BreakglassService:
                 expires_at=terms.expires_at,
                 reason=reason,
             )
-            issued.append((code, self._signer.sign(terms)))
+            key_id, text = self._signer.sign(terms)
+            issued.append((code, text))
+            stored.append(IssuedCode(code, code_hash(text), key_id))
         async with self._store.transaction() as tx:
             # Again inside the writing transaction: no lock commits between check and insert.
             await refuse_if_locked(tx, subject, agent, action, now)
-            await tx.insert_breakglass_codes([(code, code_hash(text)) for code, text in issued])
+            await tx.insert_breakglass_codes(stored)
             await tx.audit_many(
                 [
                     AuditEntry(
@@ -321,6 +335,26 @@ async def adopt(tx: Tx, signer: CodeSigner, agent: str, use: BreakglassUse, now:
         )
     )
     return True
+
+
+def key_ends(
+    live: Iterable[LiveCodes], signed_between: Callable[[datetime, datetime], list[str]]
+) -> dict[str, dict[str, datetime]]:
+    """Per agent, the keys that signed its usable codes, each with the latest expiry of those
+    codes: until then the agent must keep trusting the key for codes, rotation or not. Codes
+    whose key was not recorded (issued before migration 0008) count for every key current
+    while they were issued."""
+    ends: dict[str, dict[str, datetime]] = {}
+    for codes in live:
+        keys = (
+            [codes.key_id]
+            if codes.key_id
+            else signed_between(codes.first_issued_at, codes.last_issued_at)
+        )
+        for key_id in keys:
+            mine = ends.setdefault(codes.agent, {})
+            mine[key_id] = max(mine.get(key_id, codes.last_expires_at), codes.last_expires_at)
+    return ends
 
 
 def _require_admin(principal: Principal) -> None:

@@ -430,6 +430,14 @@ class FleetService:
             return await self._snapshot(agent.name, now)
         return Resume(resume_after, (), None, 0)
 
+    async def breakglass_key_ends(self) -> dict[str, dict[str, datetime]]:
+        """Per agent, the keys that signed its usable break-glass codes, each with the latest
+        expiry of those codes (`breakglass.key_ends`): what its Welcome must keep announcing."""
+        if self._codes is None:
+            return {}
+        live = await self._store.live_breakglass_codes(self._clock.now())
+        return breakglass.key_ends(live, self._codes.signed_between)
+
     async def _settle_unsent_locks(
         self, agent: str, version: str, last_applied_seq: int, now: datetime
     ) -> None:

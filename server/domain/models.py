@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
-from jitmesh.types import Grant, Lock
+from jitmesh.types import BreakglassCode, Grant, Lock
 
 ADMIN_GROUP = "admins"
 
@@ -204,6 +204,30 @@ class BreakglassUse:
     not_after: datetime
     # The local user who presented it.
     caller: str
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCode:
+    """A break-glass code as stored when issued: its terms, the SHA-256 (hex) of its text (the
+    text itself is never stored) and the command-signing key that signed it."""
+
+    code: BreakglassCode
+    code_hash: str
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LiveCodes:
+    """The break-glass codes of one agent signed by one key that are still usable (not used,
+    not expired): while there are any, their agent must keep trusting that key for codes."""
+
+    agent: str
+    # "" for codes issued before the signing key was recorded (migration 0008): see
+    # `breakglass.key_ends`.
+    key_id: str
+    first_issued_at: datetime
+    last_issued_at: datetime
+    last_expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

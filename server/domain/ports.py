@@ -50,7 +50,9 @@ from .models import (
     Command,
     CommandKind,
     GrantChange,
+    IssuedCode,
     JoinToken,
+    LiveCodes,
     Moved,
     Principal,
     ReplicaInfo,
@@ -206,8 +208,9 @@ class Tx(Protocol):
         transaction-level advisory lock on the pair)."""
         ...
 
-    async def insert_breakglass_codes(self, codes: Sequence[tuple[BreakglassCode, str]]) -> None:
-        """Each code with the SHA-256 (hex) of its text; the text itself is never stored."""
+    async def insert_breakglass_codes(self, codes: Sequence[IssuedCode]) -> None:
+        """Each code with the SHA-256 (hex) of its text (the text itself is never stored) and
+        the key that signed it."""
         ...
 
     async def get_breakglass_code(self, code_id: str) -> BreakglassCode | None: ...
@@ -370,6 +373,10 @@ class Store(Protocol):
     ) -> list[BreakglassCode]:
         """Newest first (at most 1000). `unreviewed`: used and not reviewed only; otherwise
         codes unused and past their expiry only with `include_expired`."""
+        ...
+
+    async def live_breakglass_codes(self, now: datetime) -> list[LiveCodes]:
+        """The codes neither used nor expired at `now`, grouped by agent and signing key."""
         ...
 
 

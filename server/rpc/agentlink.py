@@ -15,14 +15,14 @@ import collections
 import contextlib
 import logging
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
 
 from jitmesh import telemetry as t
 from jitmesh.clock import Clock
-from jitmesh.keyset import key_entries, keys_bytes
+from jitmesh.keyset import breakglass_keys_bytes, key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agentlink_pb2_grpc, agents_pb2
 from jitmesh.versions import older_than
 from server.ca import CertificateError, agent_of
@@ -47,6 +47,12 @@ MAX_AGENT_MESSAGE = 64 * 1024
 ACKS_IN_FLIGHT = 64
 # How long a stream that is ending waits for the write in flight (see `_stop_writer`).
 WRITE_GRACE = 2.0
+# How often the usable break-glass codes are read again for Welcomes. A read up to this old is
+# safe: a code's key is among the command keys (which verify codes too) for ROTATION_OVERLAP
+# after its rotation, far longer, and a used code's key lingers this long at most.
+BREAKGLASS_REFRESH = 60.0
+# Break-glass key lists whose signature is kept (one per distinct list: most agents have none).
+BREAKGLASS_SIGNATURES = 1024
 # grpc-stubs predates the aio EOF sentinel.
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 
@@ -170,6 +176,12 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         self._admission = admission
         self._keys = keys
         self._announcement: tuple[bytes, str, bytes] | None = None
+        # Per agent, the keys of its usable break-glass codes with their latest expiry, and the
+        # monotonic time they were read (None: never); one read at a time.
+        self._breakglass_ends: dict[str, dict[str, datetime]] = {}
+        self._breakglass_read_at: float | None = None
+        self._breakglass_reading = asyncio.Lock()
+        self._breakglass_signed: dict[tuple[str, bytes], bytes] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._streams = 0
         # With mTLS, identity comes only from the verified client certificate.
@@ -370,9 +382,49 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             self._announcement = cached
         return listed, cached[1], cached[2]
 
+    async def _breakglass_keys(
+        self, agent: str, keys_key_id: str
+    ) -> tuple[list[agents_pb2.SigningKey], bytes]:
+        """The retired keys that signed `agent`'s usable break-glass codes, each valid until the
+        last of those codes expires, for codes only; signed by `keys_key_id`, the key that
+        signed the key list (docs/wire.md, "Break-glass codes"). Always sent, empty too, so an
+        agent drops the keys whose codes were all used."""
+        ends: dict[str, datetime] = {}
+        if self._keys.retired():
+            # Without a retired key, no code can outlive its key: nothing to read.
+            ends = (await self._key_ends()).get(agent, {})
+        listed = [
+            agents_pb2.SigningKey(
+                key_id=k.key_id,
+                public_key=k.public_raw,
+                not_after=c.ts(k.not_after) if k.not_after else None,
+            )
+            for k in self._keys.breakglass_keys(ends, self._clock.now())
+        ]
+        data = breakglass_keys_bytes(key_entries(listed))
+        signature = self._breakglass_signed.get((keys_key_id, data))
+        if signature is None:
+            if len(self._breakglass_signed) >= BREAKGLASS_SIGNATURES:
+                self._breakglass_signed.clear()
+            signature = self._keys.sign_with(keys_key_id, data)
+            self._breakglass_signed[keys_key_id, data] = signature
+        return listed, signature
+
+    async def _key_ends(self) -> dict[str, dict[str, datetime]]:
+        async with self._breakglass_reading:
+            now = self._clock.monotonic()
+            read_at = self._breakglass_read_at
+            if read_at is None or now - read_at >= BREAKGLASS_REFRESH:
+                self._breakglass_ends = await self._fleet.breakglass_key_ends()
+                self._breakglass_read_at = now
+            return self._breakglass_ends
+
     async def _write(self, session: Session, resume: Resume, context: Ctx) -> None:
         epoch = self._fleet.epoch
         keys, keys_key_id, keys_signature = self._announced_keys()
+        breakglass_keys, breakglass_signature = await self._breakglass_keys(
+            session.agent, keys_key_id
+        )
         await _send(
             session,
             context,
@@ -387,6 +439,8 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                     signing_keys=keys,
                     keys_key_id=keys_key_id,
                     keys_signature=keys_signature,
+                    breakglass_keys=breakglass_keys,
+                    breakglass_keys_signature=breakglass_signature,
                 )
             ),
         )

@@ -4,6 +4,7 @@ translate back (docs/wire.md, "Break-glass codes")."""
 from __future__ import annotations
 
 import base64
+from datetime import datetime
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -28,7 +29,7 @@ class BreakglassCodec:
     def __init__(self, keys: SigningKeys) -> None:
         self._keys = keys
 
-    def sign(self, terms: CodeTerms) -> str:
+    def sign(self, terms: CodeTerms) -> tuple[str, str]:
         body = breakglass_pb2.BreakglassGrant(
             code_id=terms.code_id,
             agent=terms.agent,
@@ -42,7 +43,10 @@ class BreakglassCodec:
         ).SerializeToString(deterministic=True)
         key_id, signature = self._keys.sign(SIGNED_PREFIX + body)
         code = breakglass_pb2.BreakglassCode(body=body, key_id=key_id, signature=signature)
-        return base64.urlsafe_b64encode(code.SerializeToString()).decode().rstrip("=")
+        return key_id, base64.urlsafe_b64encode(code.SerializeToString()).decode().rstrip("=")
+
+    def signed_between(self, first: datetime, last: datetime) -> list[str]:
+        return self._keys.signed_between(first, last)
 
     def verify(self, code: bytes) -> CodeTerms | None:
         try:

@@ -41,7 +41,9 @@ from server.domain.models import (
     Command,
     CommandKind,
     GrantChange,
+    IssuedCode,
     JoinToken,
+    LiveCodes,
     Moved,
     Principal,
     ReplicaInfo,
@@ -310,10 +312,10 @@ class SqlTx(SqlReads):
             (from_ms(r["not_before"]), from_ms(r["not_after"]), rec.at(r["ended_at"])) for r in rows
         ]
 
-    async def insert_breakglass_codes(self, codes: Sequence[tuple[BreakglassCode, str]]) -> None:
+    async def insert_breakglass_codes(self, codes: Sequence[IssuedCode]) -> None:
         await self._many(
             self._q.insert_breakglass_code,
-            [rec.breakglass_values(code, digest) for code, digest in codes],
+            [rec.breakglass_values(issued) for issued in codes],
         )
 
     async def get_breakglass_code(self, code_id: str) -> BreakglassCode | None:
@@ -1107,6 +1109,10 @@ class SqlStore(SqlReads):
             args,
         )
         return [rec.breakglass_code(r) for r in rows]
+
+    async def live_breakglass_codes(self, now: datetime) -> list[LiveCodes]:
+        rows = await self._all(self._q.live_breakglass_codes, [to_ms(now)])
+        return [rec.live_codes(r) for r in rows]
 
 
 class SqlOutbox(ABC):

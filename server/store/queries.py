@@ -331,8 +331,14 @@ class Queries:
     )
     # Break-glass codes.
     insert_breakglass_code: str = (
-        f"INSERT INTO breakglass_codes ({BREAKGLASS_COLUMNS}) "
-        f"VALUES ({_values(len(rec.BREAKGLASS_COLUMNS))})"
+        f"INSERT INTO breakglass_codes ({rec.columns(rec.BREAKGLASS_INSERT_COLUMNS)}) "
+        f"VALUES ({_values(len(rec.BREAKGLASS_INSERT_COLUMNS))})"
+    )
+    # Per agent and signing key, the codes still usable (partial index breakglass_codes_unused).
+    live_breakglass_codes: str = (
+        "SELECT agent, key_id, MIN(issued_at) AS first_issued_at, "
+        "MAX(issued_at) AS last_issued_at, MAX(expires_at) AS last_expires_at "
+        "FROM breakglass_codes WHERE used_at IS NULL AND expires_at > ? GROUP BY agent, key_id"
     )
     get_breakglass_code: str = f"SELECT {BREAKGLASS_COLUMNS} FROM breakglass_codes WHERE id = ?"
     mark_breakglass_used: str = (

@@ -41,6 +41,8 @@ from server.domain.models import (
     Command,
     CommandKind,
     GrantChange,
+    IssuedCode,
+    LiveCodes,
     Principal,
     ReplicaInfo,
 )
@@ -75,6 +77,8 @@ BREAKGLASS_COLUMNS = (
     "reason", "code_hash", "used_at", "grant_id", "used_by", "reviewed_at", "reviewed_by",
     "review_note",
 )  # fmt: skip
+# Written at issue only: the key that signed the code (read grouped, by `live_breakglass_codes`).
+BREAKGLASS_INSERT_COLUMNS = (*BREAKGLASS_COLUMNS, "key_id")
 # Grant states in which a grant still holds (or may still hold) access on its host.
 LIVE_STATES = ("PENDING_DELIVERY", "ACTIVE", "REVOKING", "REVOKE_FAILED")
 
@@ -335,14 +339,26 @@ def breakglass_code(row: Row) -> BreakglassCode:
     )
 
 
-def breakglass_values(code: BreakglassCode, code_hash: str) -> tuple[Any, ...]:
-    """In BREAKGLASS_COLUMNS order."""
+def breakglass_values(issued: IssuedCode) -> tuple[Any, ...]:
+    """In BREAKGLASS_INSERT_COLUMNS order."""
+    code = issued.code
     return (
         code.id, code.agent, code.subject, code.action,
         code.duration // timedelta(milliseconds=1), to_ms(code.issued_at), code.issued_by,
-        to_ms(code.expires_at), code.reason, code_hash, ms(code.used_at), code.grant_id,
-        code.used_by, ms(code.reviewed_at), code.reviewed_by, code.review_note,
+        to_ms(code.expires_at), code.reason, issued.code_hash, ms(code.used_at), code.grant_id,
+        code.used_by, ms(code.reviewed_at), code.reviewed_by, code.review_note, issued.key_id,
     )  # fmt: skip
+
+
+def live_codes(row: Row) -> LiveCodes:
+    """A row of `live_breakglass_codes`."""
+    return LiveCodes(
+        agent=row["agent"],
+        key_id=row["key_id"],
+        first_issued_at=from_ms(row["first_issued_at"]),
+        last_issued_at=from_ms(row["last_issued_at"]),
+        last_expires_at=from_ms(row["last_expires_at"]),
+    )
 
 
 def lock_values(lock: Lock) -> tuple[Any, ...]:

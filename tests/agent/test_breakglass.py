@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from agent.domain.breakglass import Code, KeptLock, Refused, Use, decide_use, grant_id_of
+from agent.domain.breakglass import (
+    BreakglassKey,
+    Code,
+    KeptLock,
+    Refused,
+    Use,
+    code_keys,
+    decide_use,
+    grant_id_of,
+)
 from agent.domain.leases import EventKind, Lease, LeaseState, new_event
 from agent.rpc.breakglass import SIGNED_PREFIX, BadCode, read_code
 from agent.store.memory import MemoryLeaseStore
@@ -158,3 +167,15 @@ def test_a_break_glass_grant_id_is_a_grant_id_everywhere() -> None:
     assert validation.check_id(grant_id, "grant") == grant_id
     with pytest.raises(validation.ValidationError):
         validation.check_id(grant_id, "request")
+
+
+def test_codes_verify_under_the_command_keys_and_the_break_glass_keys_still_valid() -> None:
+    kept = {
+        "retired": BreakglassKey(b"r" * 32, NOW + timedelta(days=6)),
+        "ended": BreakglassKey(b"e" * 32, NOW),
+    }
+    assert code_keys({"current": b"c" * 32}, kept, NOW) == {
+        "current": b"c" * 32,
+        "retired": b"r" * 32,
+    }
+    assert code_keys({}, kept, NOW + timedelta(days=6)) == {}

@@ -1,6 +1,7 @@
 """The store contract for break-glass codes, on every store: codes round-trip without their
 text, a use and a review are each compare-and-set (one of two concurrent uses wins), listings
-filter, and a grant names the code it was adopted from."""
+filter, a grant names the code it was adopted from, and the usable codes are read grouped by
+agent and signing key."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 from jitmesh.types import BreakglassCode, GrantState
+from server.domain.models import IssuedCode, LiveCodes
 from server.domain.ports import Store
 from tests.server.helpers import T0, make_grant
 
@@ -25,9 +27,9 @@ CODE = BreakglassCode(
 )
 
 
-async def issue(store: Store, *codes: BreakglassCode) -> None:
+async def issue(store: Store, *codes: BreakglassCode, key_id: str = "ed25519:k1") -> None:
     async with store.transaction() as tx:
-        await tx.insert_breakglass_codes([(c, f"sha-{c.id}") for c in codes])
+        await tx.insert_breakglass_codes([IssuedCode(c, f"sha-{c.id}", key_id) for c in codes])
 
 
 async def test_a_code_round_trips(store: Store) -> None:
@@ -112,3 +114,27 @@ async def test_a_grant_names_its_code(store: Store) -> None:
     stored = await store.get_grant(grant.id)
     assert stored is not None
     assert stored.breakglass_code_id == "0" * 32
+
+
+async def test_usable_codes_are_read_by_agent_and_signing_key(store: Store) -> None:
+    day = timedelta(days=1)
+    later = replace(CODE, id="1" * 32, issued_at=T0 + day, expires_at=T0 + 9 * day)
+    used = replace(CODE, id="2" * 32, expires_at=T0 + 30 * day)
+    expired = replace(CODE, id="3" * 32, issued_at=T0 - 9 * day, expires_at=T0 + day)
+    other = replace(CODE, id="4" * 32, agent="web-1")
+    await issue(store, CODE, later, used, expired, other)
+    newer = replace(CODE, id="5" * 32, issued_at=T0 + 2 * day, expires_at=T0 + 3 * day)
+    legacy = replace(CODE, id="6" * 32, issued_at=T0 + 3 * day, expires_at=T0 + 4 * day)
+    await issue(store, newer, key_id="ed25519:k2")
+    await issue(store, legacy, key_id="")
+    async with store.transaction() as tx:
+        await tx.mark_breakglass_used(used.id, used_at=T0, grant_id="bg-2", used_by="root")
+
+    live = await store.live_breakglass_codes(T0 + day)
+    assert sorted(live, key=lambda c: (c.agent, c.key_id)) == [
+        LiveCodes("db-1", "", legacy.issued_at, legacy.issued_at, legacy.expires_at),
+        LiveCodes("db-1", "ed25519:k1", CODE.issued_at, later.issued_at, later.expires_at),
+        LiveCodes("db-1", "ed25519:k2", newer.issued_at, newer.issued_at, newer.expires_at),
+        LiveCodes("web-1", "ed25519:k1", other.issued_at, other.issued_at, other.expires_at),
+    ]
+    assert await store.live_breakglass_codes(T0 + 30 * day) == []
