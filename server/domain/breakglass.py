@@ -35,6 +35,7 @@ from jitmesh.types import BreakglassCode, Grant, GrantState, OfflinePolicy
 
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
 from .hub import Hub
+from .locks import lock_refusal, refuse_if_locked
 from .models import AuditEntry, BreakglassUse, IssuedCode, LiveCodes, Principal
 from .ports import Store, Tx
 
@@ -129,6 +130,12 @@ class BreakglassService:
         if await self._store.get_agent(agent) is None:
             raise NotFound("no such agent")
         now = self._clock.now()
+        lock = await self._store.lock_in_force(subject, agent, action, now)
+        if lock is not None:
+            # A code is access: a lock in force stops it as it stops a request (the agent
+            # would refuse the code while it keeps the lock, and accept it once unlocked).
+            await self._issue_refused(principal.name, agent, subject, action, lock.id, now)
+            raise lock_refusal(lock)
         issued: list[tuple[BreakglassCode, str]] = []
         stored: list[IssuedCode] = []
         for _ in range(count):
@@ -158,6 +165,8 @@ class BreakglassService:
             issued.append((code, text))
             stored.append(IssuedCode(code, code_hash(text), key_id))
         async with self._store.transaction() as tx:
+            # Again inside the writing transaction: no lock commits between check and insert.
+            await refuse_if_locked(tx, subject, agent, action, now)
             await tx.insert_breakglass_codes(stored)
             await tx.audit_many(
                 [
@@ -180,6 +189,22 @@ class BreakglassService:
             )
         await self._hub.audit_written(tx.new_audit)
         return issued
+
+    async def _issue_refused(
+        self, by: str, agent: str, subject: str, action: str, lock_id: str, now: datetime
+    ) -> None:
+        async with self._store.transaction() as tx:
+            await tx.audit(
+                AuditEntry(
+                    "breakglass.issue_refused",
+                    by,
+                    now,
+                    subject=subject,
+                    agent=agent,
+                    details={"action": action, "why": f"locked by {lock_id}"},
+                )
+            )
+        await self._hub.audit_written(tx.new_audit)
 
     async def list(
         self,

@@ -296,6 +296,11 @@ class FleetService:
                 created = await tx.enroll_agent(
                     name, given, hash_secret(credential), now, join_token_id(join_token)
                 )
+                enrolled = await tx.get_agent(name)
+                if enrolled is not None and locks.keeps_locks(enrolled):
+                    # The locks in force reach it as to any agent (a whole-fleet lock's handout
+                    # may have passed its name already, or skipped it while it was removed).
+                    await locks.locks_for_agent(tx, name, now)
                 kind = (
                     "agent.enrolled"
                     if created
@@ -390,12 +395,14 @@ class FleetService:
             # Before anything else: the leases exist on the host, so no snapshot may end them.
             await self._adopt_breakglass(agent.name, hello.breakglass, now)
         # Group-committed: after a coordinator restart thousands of agents say Hello at once.
-        await self._hellos.submit((agent.name, hello, now))
+        await self._hellos.submit((agent.name, hello, now, agent.version))
         if not locks.keeps_locks_at(hello.version):
             # After its version is recorded: a lock written from now on skips this agent, and
             # one written before is settled here (locks.settle_unsent), before the resume point
             # is worked out from what is unacknowledged.
-            await self._settle_unsent_locks(agent.name, hello.version[:64], now)
+            await self._settle_unsent_locks(
+                agent.name, hello.version[:64], hello.last_applied_seq, now
+            )
         if hello.last_applied_seq > agent.last_seq or (
             hello.last_applied_seq == 0 and agent.last_seq > 0
         ):
@@ -431,11 +438,13 @@ class FleetService:
         live = await self._store.live_breakglass_codes(self._clock.now())
         return breakglass.key_ends(live, self._codes.signed_between)
 
-    async def _settle_unsent_locks(self, agent: str, version: str, now: datetime) -> None:
+    async def _settle_unsent_locks(
+        self, agent: str, version: str, last_applied_seq: int, now: datetime
+    ) -> None:
         if not await self._store.unacked_lock_commands(agent):
             return  # the usual case: no write transaction for it
         async with self._store.transaction() as tx:
-            await locks.settle_unsent(tx, agent, version, now)
+            await locks.settle_unsent(tx, agent, version, last_applied_seq, now)
         await self._hub.audit_written(tx.new_audit)
 
     async def _adopt_breakglass(
@@ -513,9 +522,12 @@ class FleetService:
         if acks:
             await asyncio.gather(*(self._acks.submit(_PendingAck(agent, a)) for a in acks))
 
-    async def _hello_batch(self, batch: Sequence[tuple[str, AgentHello, datetime]]) -> list[None]:
+    async def _hello_batch(
+        self, batch: Sequence[tuple[str, AgentHello, datetime, str]]
+    ) -> list[None]:
+        """Each Hello's version recorded (the last item: the version recorded before it)."""
         async with self._store.transaction() as tx:
-            for name, hello, now in batch:
+            for name, hello, now, recorded in batch:
                 await tx.agent_seen(
                     name,
                     now,
@@ -523,6 +535,10 @@ class FleetService:
                     boot_id=hello.boot_id[:64],
                     replica=self.replica,
                 )
+                if not locks.keeps_locks_at(recorded) and locks.keeps_locks_at(hello.version):
+                    # A 0.1 agent upgraded: it got no lock commands so far; the locks in force
+                    # go into its log now (read by the resume that follows this Hello).
+                    await locks.locks_for_agent(tx, name, now)
             await tx.audit_many(
                 [
                     AuditEntry(
@@ -535,7 +551,7 @@ class FleetService:
                             "version": hello.version[:64],
                         },
                     )
-                    for name, hello, now in batch
+                    for name, hello, now, _ in batch
                 ]
             )
         await self._hub.audit_written(tx.new_audit)

@@ -8,8 +8,8 @@ the unlock. While the lock is in force, new requests and approvals it
 matches are refused (checked inside the approving transaction, so an approval cannot slip in
 between). A lock ends when an admin lifts it or at its optional expiry.
 
-A lock that names no agent concerns the whole fleet: its lock (unlock) commands are handed out
-after that transaction, in steps of HANDOUT_BATCH agents, one short write transaction each, so
+A lock that names no agent concerns the whole fleet: its lock commands are handed out after
+that transaction, in steps of HANDOUT_BATCH agents, one short write transaction each, so
 that the one writer (SQLite) or the audit head (PostgreSQL) is never held for the whole fleet
 (10,000 agents in one transaction held it for about a second: docs/performance.md, scenario 20).
 What the lock promises does not wait for the handout: the lock row, the revokes and the denials
@@ -17,7 +17,9 @@ commit first, every approval checks the lock row, and a snapshot carries the loc
 Where the handout stands is stored with the lock (`handout_after`) and moved in each step's own
 transaction, so a coordinator stopped half-way finishes it when it starts again (`run`), and two
 callers stepping the same lock (the creator and `run`, or two replicas) never write an agent's
-command twice."""
+command twice. Its unlock commands are written in the lift's own transaction (`lock_commands`
+says why). Agents the handout cannot reach (enrolled later, or upgraded from 0.1) get the locks
+in force when they are enrolled (their version recorded): `locks_for_agent`."""
 
 from __future__ import annotations
 
@@ -150,7 +152,9 @@ class LockService:
             v.check_reason(reason)
         now = self._clock.now()
         async with self._store.transaction() as tx:
-            lock = await tx.get_lock(lock_id)
+            # Held until commit: a handout step of this lock waits for the lift, then finds
+            # the handout done (`lock_commands`).
+            lock = await tx.hold_lock(lock_id)
             if lock is None:
                 raise NotFound("no such lock")
             if lock.lifted_at is not None:
@@ -162,8 +166,6 @@ class LockService:
             commands = await lock_commands(tx, lifted, CommandKind.UNLOCK, now)
         self._links.push(commands)
         await self._hub.audit_written(tx.new_audit)
-        if not lifted.target.agent:
-            await self._hand_out_or_leave(lock_id)
         return lifted
 
     async def _hand_out_or_leave(self, lock_id: str) -> None:
@@ -218,48 +220,108 @@ def keeps_locks_at(version: str) -> bool:
     return not version or not older_than(version, 0, 2)
 
 
-async def settle_unsent(tx: Tx, agent: str, version: str, now: datetime) -> None:
+async def settle_unsent(
+    tx: Tx, agent: str, version: str, last_applied_seq: int, now: datetime
+) -> None:
     """Settle the lock commands in the log of an agent that has just said it is `version` and
     keeps no locks (0.1): written while it was recorded as keeping them (its version not known
-    yet, or a newer agent rolled back), they are never sent to it (it cannot read them; the
+    yet, or a newer agent rolled back), they are never sent to it now (it cannot read them; the
     lock's revokes are sent as for any agent). Each is marked NOT_APPLIED with why (its agent
-    acknowledged nothing: its last acked seq stays) and audited `lock.not_sent`, so nothing
-    waits on it: the agent's resume point no longer stops before it, and retention drops it
-    with the next command the agent acknowledges."""
+    acknowledged nothing: its last acked seq stays), so nothing waits on it: the agent's resume
+    point no longer stops before it, and retention drops it with the next command the agent
+    acknowledges.
+
+    Those above the Hello's `last_applied_seq` were not sent (audited `lock.not_sent`); those at
+    or below it reached the agent before it was rolled back (it applied them, its ack was lost)
+    and are audited `lock.not_acknowledged`: the agent it is now keeps no locks."""
     unsent = await tx.unacked_lock_commands(agent)
     if not unsent:
         return
-    why = f"not sent: agent {version} keeps no locks (the lock's revokes are sent)"
-    settled = set(await tx.settle_unsent(agent, [c.seq for c in unsent], now, why))
-    await tx.audit_many(
-        [
-            AuditEntry(
-                "lock.not_sent",
-                "coordinator",
-                now,
-                subject=c.lock.target.subject,
-                agent=agent,
-                details={
-                    "lock": c.lock.id,
-                    "command": c.kind.value,
-                    "seq": str(c.seq),
-                    "version": version,
-                    "why": why,
-                },
-            )
-            for c in unsent
-            if c.lock is not None and c.seq in settled
-        ]
+    not_sent = f"not sent: agent {version} keeps no locks (the lock's revokes are sent)"
+    applied = (
+        f"not acknowledged: applied by the agent up to seq {last_applied_seq} before it was "
+        f"rolled back; agent now {version} keeps no locks (the lock's revokes are sent)"
     )
+    groups = [
+        ("lock.not_sent", not_sent, [c for c in unsent if c.seq > last_applied_seq]),
+        ("lock.not_acknowledged", applied, [c for c in unsent if c.seq <= last_applied_seq]),
+    ]
+    for kind, why, commands in groups:
+        if not commands:
+            continue
+        settled = set(await tx.settle_unsent(agent, [c.seq for c in commands], now, why))
+        await tx.audit_many(
+            [
+                AuditEntry(
+                    kind,
+                    "coordinator",
+                    now,
+                    subject=c.lock.target.subject,
+                    agent=agent,
+                    details={
+                        "lock": c.lock.id,
+                        "command": c.kind.value,
+                        "seq": str(c.seq),
+                        "version": version,
+                        "why": why,
+                    },
+                )
+                for c in commands
+                if c.lock is not None and c.seq in settled
+            ]
+        )
+
+
+async def locks_for_agent(tx: Tx, agent: str, now: datetime) -> list[Command]:
+    """LOCK commands, in the agent's log, for the locks in force that concern it (the whole
+    fleet, or it by name): for an agent just enrolled, or one that has just said it keeps
+    locks (0.1 upgraded to 0.2). Neither would get them otherwise: a lock's handout went by
+    before it (or passes its name later only if it is ahead of the handout's position), and no
+    lock command is written for a 0.1 agent. In the transaction that enrolls the agent (or
+    records its version), so a lock created at the same moment either sees the agent (and
+    hands it out) or is seen here. A second LOCK of the same lock (the handout reaching it
+    after all) is kept in place by the agent: no harm."""
+    kept = [
+        lock
+        for lock in await tx.locks_in_force(now)
+        if not lock.target.agent or lock.target.agent == agent
+    ]
+    commands: list[Command] = []
+    for lock in kept:
+        commands += await _append(tx, lock, CommandKind.LOCK, [agent], now)
+    return commands
 
 
 async def lock_commands(tx: Tx, lock: Lock, kind: CommandKind, now: datetime) -> list[Command]:
     """For a lock that names an agent: a LOCK (or UNLOCK) command in that agent's log when it
     keeps locks; the commands to push once committed. For one that names none (the whole
-    fleet): the handout is started over from the first agent (`handout_step` writes them)."""
+    fleet): its LOCK handout is started from the first agent (`handout_step` writes them); its
+    UNLOCK goes to every agent that keeps locks here, in the lift's own transaction.
+
+    Why the unlock is not handed out in steps: the coordinator approves grants the lock matched
+    as soon as the lift commits, and a grant command written for an agent the handout had not
+    reached would come before that agent's unlock: the agent, still keeping the lock, would
+    refuse it (the grant FAILED, by our own ordering), and a break-glass code too. Written here,
+    every later command comes after the unlock. The cost is the lift's transaction (about as long
+    as a whole-fleet lock's was in one: docs/performance.md, scenario 20); lifts are rare. A lock
+    is the other way round: until a step reaches an agent, the coordinator refuses what the lock
+    matches (the approving transaction reads the lock row), so no grant can overtake it.
+    A lift half-way through the LOCK handout ends it (`handout_after` NULL): agents the handout
+    never reached are told to forget an unknown lock, which they take as done."""
     if not lock.target.agent:
-        await tx.set_lock_handout(lock.id, "")
-        return []
+        if kind is CommandKind.LOCK:
+            await tx.set_lock_handout(lock.id, "")
+            return []
+        await tx.set_lock_handout(lock.id, None)
+        names: list[str] = []
+        after = ""
+        while True:
+            agents = await tx.agents_after(after, HANDOUT_BATCH)
+            names += [name for name, version in agents if keeps_locks_at(version)]
+            if len(agents) < HANDOUT_BATCH:
+                break
+            after = agents[-1][0]
+        return await _append(tx, lock, kind, names, now)
     agent = await tx.get_agent(lock.target.agent)
     if agent is None or not keeps_locks(agent):
         return []
@@ -272,10 +334,12 @@ async def handout_step(
     """One step of a whole-fleet lock's handout: the lock's command (LOCK while it is not
     lifted, UNLOCK once it is) for the next `batch` agents after where the handout stands,
     then the handout moved on (or marked done). The commands to push, and whether it is done.
-    A lock lifted half-way restarts the handout from the first agent with UNLOCK (`lift`): an
-    agent that never got the LOCK is told to forget an unknown lock, which it takes as done."""
+    A lift writes every UNLOCK in its own transaction and ends the handout (`lock_commands`);
+    a step finds UNLOCK to hand out only for a lift committed by a release that stepped it."""
+    # The lock row first, held until commit: a lift of it waits for this step (or this step
+    # for the lift, and then finds the handout done).
+    lock = await tx.hold_lock(lock_id)
     after = await tx.lock_handout(lock_id)
-    lock = await tx.get_lock(lock_id)
     if after is None or lock is None:
         return [], True
     kind = CommandKind.UNLOCK if lock.lifted_at is not None else CommandKind.LOCK

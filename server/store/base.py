@@ -388,6 +388,8 @@ class SqlTx(SqlReads):
     # How a sweep takes due rows (appended to its subquery): PostgreSQL skips rows another
     # replica's sweep holds (FOR UPDATE SKIP LOCKED); SQLite's one writer needs nothing.
     _take_due: ClassVar[str]
+    # Appended to a one-row read that must hold the row until commit (`hold_lock`).
+    _hold_row: ClassVar[str]
 
     async def move_due_grants(
         self, now: datetime, limit: int, *, state: GrantState, change: GrantChange = NO_CHANGE
@@ -639,6 +641,10 @@ class SqlTx(SqlReads):
 
     async def insert_lock(self, lock: Lock) -> None:
         await self._later(self._q.insert_lock, rec.lock_values(lock))
+
+    async def hold_lock(self, lock_id: str) -> Lock | None:
+        row = await self._one(self._q.get_lock + self._hold_row, [lock_id])
+        return None if row is None else rec.lock(row)
 
     async def set_lock_handout(self, lock_id: str, after: str | None) -> None:
         await self._later(self._q.set_lock_handout, [after, lock_id])

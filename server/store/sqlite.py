@@ -226,6 +226,7 @@ class SqliteTx(SqlTx):
     _d = _D
     _q = queries.SQLITE
     _take_due = ""
+    _hold_row = ""  # the one writer holds every row already
 
     def __init__(self, store: SqliteStore, conn: Connection) -> None:
         self._store = store

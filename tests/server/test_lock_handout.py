@@ -1,12 +1,14 @@
-"""A whole-fleet lock hands its lock (unlock) commands out in short steps, one write transaction
-per batch of agents (server/domain/locks.py): every agent that keeps locks gets exactly one,
-also when the handout stops half-way (`run` finishes it, at start and every minute) or the lock
-is lifted half-way (every agent is then told to forget it, and none gets the lock after the
-unlock). On the real SQLite store; batches of 2 over 5 agents."""
+"""A whole-fleet lock hands its lock commands out in short steps, one write transaction per batch
+of agents (server/domain/locks.py): every agent that keeps locks gets exactly one, also when the
+handout stops half-way (`run` finishes it, at start and every minute) or the lock is lifted
+half-way (every agent is then told to forget it, and none gets the lock after the unlock). A
+lift writes its unlocks in its own transaction (so no command written after the lift overtakes
+them). On both real stores (SQLite, PostgreSQL); batches of 2 over 5 agents."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +19,12 @@ from server.domain.hub import Hub
 from server.domain.locks import LockService
 from server.domain.models import ADMIN_GROUP, Command, Principal
 from server.domain.ports import Tx
+from server.store.postgres import PostgresStore
 from server.store.sqlite import SqliteStore
-from tests.server.helpers import T0, raw_sql
+from tests.server.helpers import T0
+from tests.support import postgres
+
+AnyStore = SqliteStore | PostgresStore
 
 ADMIN = Principal("admin", frozenset({ADMIN_GROUP}))
 AGENTS = ("a-1", "a-2", "a-3", "a-4", "a-5")
@@ -41,7 +47,7 @@ class Sink:
 class Stops:
     """The store, with its `write`s failing after the first `n` (a store gone away)."""
 
-    def __init__(self, store: SqliteStore, n: int) -> None:
+    def __init__(self, store: AnyStore, n: int) -> None:
         self._store = store
         self._left = n
 
@@ -55,8 +61,25 @@ class Stops:
         return await self._store.write(work)
 
 
-@pytest.fixture
-async def fleet(store: SqliteStore) -> SqliteStore:
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
+    store: AnyStore
+    if request.param == "postgresql":
+        async with postgres.fresh_schema() as dsn:
+            store = await PostgresStore.open(dsn, min_size=1, max_size=4)
+            try:
+                yield await _enrolled(store)
+            finally:
+                await store.close()
+    else:
+        store = await SqliteStore.open(tmp_path / "store.db")
+        try:
+            yield await _enrolled(store)
+        finally:
+            await store.close()
+
+
+async def _enrolled(store: AnyStore) -> AnyStore:
     async with store.transaction() as tx:
         for name in AGENTS:
             await tx.enroll_agent(name, {}, f"hash-{name}", T0)
@@ -69,39 +92,46 @@ def service(store: Any, sink: Sink) -> LockService:
     return LockService(store, sink, Hub(), FakeClock(T0), batch=2)
 
 
-def log(store: SqliteStore) -> list[tuple[str, int, str]]:
-    return raw_sql(store.path, "SELECT agent, seq, kind FROM commands ORDER BY agent, seq")
+async def log(store: AnyStore) -> list[tuple[str, int, str]]:
+    return [
+        (name, c.seq, c.kind.value)
+        for name in AGENTS
+        for c in await store.commands_after(name, 0, 100)
+    ]
 
 
-async def test_a_whole_fleet_lock_reaches_every_agent_in_short_steps(fleet: SqliteStore) -> None:
+async def test_a_whole_fleet_lock_reaches_every_agent_in_short_steps(fleet: AnyStore) -> None:
     sink = Sink()
     before = fleet.commits
     lock, _, _ = await service(fleet, sink).create(ADMIN, LockTarget(subject="alice"), "r", None)
     # The lock's own transaction, then one per 2 agents (the last one short: done).
     assert fleet.commits - before == 1 + 3
     expected = [(name, 1, "lock") for name in AGENTS if name != "a-4"]
-    assert log(fleet) == expected
+    assert await log(fleet) == expected
     assert sorted(sink.pushed) == expected
     assert await fleet.locks_handing_out() == []
     sink.pushed.clear()
+    before = fleet.commits
     await service(fleet, sink).lift(ADMIN, lock.id, "done")
-    assert [row for row in log(fleet) if row[2] == "unlock"] == [
+    # One transaction: every unlock comes before anything written after the lift.
+    assert fleet.commits - before == 1
+    assert [row for row in await log(fleet) if row[2] == "unlock"] == [
         (name, 2, "unlock") for name in AGENTS if name != "a-4"
     ]
     assert sorted(sink.pushed) == [(name, 2, "unlock") for name in AGENTS if name != "a-4"]
 
 
-async def test_a_lock_naming_an_agent_is_one_transaction(fleet: SqliteStore) -> None:
+async def test_a_lock_naming_an_agent_is_one_transaction(fleet: AnyStore) -> None:
     sink = Sink()
     before = fleet.commits
     await service(fleet, sink).create(ADMIN, LockTarget(agent="a-2"), "r", None)
     assert fleet.commits - before == 1
-    assert log(fleet) == [("a-2", 1, "lock")]
+    assert await log(fleet) == [("a-2", 1, "lock")]
     assert sink.pushed == [("a-2", 1, "lock")]
 
 
 async def test_a_handout_stopped_half_way_is_finished_once_by_the_next_pass(
-    fleet: SqliteStore,
+    fleet: AnyStore,
 ) -> None:
     sink = Sink()
     # The lock's transaction and one step commit; then the store fails: the lock is created all
@@ -110,24 +140,26 @@ async def test_a_handout_stopped_half_way_is_finished_once_by_the_next_pass(
         ADMIN, LockTarget(subject="alice"), "r", None
     )
     assert [k.id for k in await fleet.list_locks(include_ended=False, now=T0)] == [lock.id]
-    assert log(fleet) == [("a-1", 1, "lock"), ("a-2", 1, "lock")]
+    assert await log(fleet) == [("a-1", 1, "lock"), ("a-2", 1, "lock")]
     assert await fleet.locks_handing_out() == [lock.id]
     # `run`'s pass (at start, and every minute) finishes it; a second finds nothing to do.
     again = service(fleet, sink)
     await again.finish_handouts()
     await again.finish_handouts()
-    assert log(fleet) == [(name, 1, "lock") for name in AGENTS if name != "a-4"]
+    assert await log(fleet) == [(name, 1, "lock") for name in AGENTS if name != "a-4"]
     assert await fleet.locks_handing_out() == []
 
 
-async def test_a_lock_lifted_half_way_ends_with_an_unlock_everywhere(fleet: SqliteStore) -> None:
+async def test_a_lock_lifted_half_way_ends_with_an_unlock_everywhere(fleet: AnyStore) -> None:
     sink = Sink()
     await service(Stops(fleet, 1), sink).create(ADMIN, LockTarget(subject="alice"), "r", None)
     (lock_id,) = await fleet.locks_handing_out()
-    await service(fleet, sink).lift(ADMIN, lock_id, "false alarm")
+    # The handout stalls; the lift still reaches everyone, in its own transaction.
+    await service(Stops(fleet, 0), sink).lift(ADMIN, lock_id, "false alarm")
+    assert await fleet.locks_handing_out() == []
     # Every agent that keeps locks is told to forget it (those that never got it too: an
     # unknown lock is no error), and nobody gets the lock after the unlock.
-    assert log(fleet) == [
+    assert await log(fleet) == [
         ("a-1", 1, "lock"),
         ("a-1", 2, "unlock"),
         ("a-2", 1, "lock"),
@@ -136,4 +168,4 @@ async def test_a_lock_lifted_half_way_ends_with_an_unlock_everywhere(fleet: Sqli
         ("a-5", 1, "unlock"),
     ]
     await service(fleet, sink).finish_handouts()
-    assert len(log(fleet)) == 6
+    assert len(await log(fleet)) == 6

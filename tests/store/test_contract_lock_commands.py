@@ -3,11 +3,16 @@ grant commands, read back with the lock they name (wire 0.2, docs/wire.md)."""
 
 from __future__ import annotations
 
+import psycopg
+import pytest
+
 from jitmesh.types import Lock, LockTarget
 from server.domain.models import CommandKind
 from server.domain.ports import Store
+from server.store.postgres import PostgresStore
 from tests.server.helpers import T0, make_grant, make_request
 from tests.store.test_contract import enroll
+from tests.support import postgres
 
 
 async def test_lock_commands_are_read_back_with_their_lock(store: Store) -> None:
@@ -126,3 +131,50 @@ async def test_a_lock_handout_is_stored_with_the_lock(store: Store) -> None:
     async with store.transaction() as tx:
         assert await tx.lock_handout(lock.id) is None
         assert await tx.lock_handout("lck-" + "4" * 32) is None
+
+
+def _lock(digit: str) -> Lock:
+    return Lock(
+        id="lck-" + digit * 32,
+        target=LockTarget(subject="alice"),
+        reason="INC-9",
+        created_by="admin",
+        created_at=T0,
+    )
+
+
+async def test_a_held_lock_is_read_back(store: Store) -> None:
+    lock = _lock("3")
+    async with store.transaction() as tx:
+        await tx.insert_lock(lock)
+    async with store.transaction() as tx:
+        assert await tx.hold_lock(lock.id) == lock
+        assert await tx.hold_lock("lck-" + "4" * 32) is None
+
+
+async def test_a_held_lock_row_stays_held_until_commit_on_postgresql() -> None:
+    """A lift and a handout step of one lock take turns on its row (domain/locks.py), also when
+    write transactions do not all queue on the audit head first."""
+    lock = _lock("5")
+    async with postgres.fresh_schema() as dsn:
+        store = await PostgresStore.open(dsn, min_size=1, max_size=2)
+        try:
+            store.head_first = False
+            async with store.transaction() as tx:
+                await tx.insert_lock(lock)
+            async with (
+                store.transaction() as tx,
+                await psycopg.AsyncConnection.connect(dsn, autocommit=True) as other,
+            ):
+                await tx.hold_lock(lock.id)
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    await other.execute(
+                        "SELECT id FROM locks WHERE id = %s FOR UPDATE NOWAIT", [lock.id]
+                    )
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as other:
+                # Committed: free again.
+                await other.execute(
+                    "SELECT id FROM locks WHERE id = %s FOR UPDATE NOWAIT", [lock.id]
+                )
+        finally:
+            await store.close()

@@ -145,6 +145,9 @@ class PostgresTx(PostgresReads, SqlTx):
     _q = queries.POSTGRES
     # Replicas sweeping at the same moment never wait for each other, never move a row twice.
     _take_due = " FOR UPDATE SKIP LOCKED"
+    # A lock's lift and its handout steps take turns on the lock row (domain/locks.py), not only
+    # behind the audit head (`head_first`, which may be turned off).
+    _hold_row = " FOR UPDATE"
 
     def __init__(self, conn: Conn, replica: str = "") -> None:
         self._conn = conn
