@@ -16,7 +16,7 @@ checkpoints and adopted codes are verified with them); what agents trust each fo
 A key retired because it leaked (`rotate(compromised=True)`) is trusted for nothing from then on
 but old audit checkpoints: it signs nothing (not even the announcement of the new key, during
 the overlap), is never announced to agents (commands or codes), and no code it signed is
-adopted (THREAT_MODEL.md, "Signing key compromise").
+adopted (docs/operations.md, "Rotating the signing key"; THREAT_MODEL.md).
 """
 
 from __future__ import annotations
