@@ -617,39 +617,11 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
         if _wanted("3"):
             _say("fleet: fan-out rounds")
             # 3. fanout, interleaved rounds.
-            j_times: list[float] = []
-            b_times: list[float] = []
-            j_cpu: list[float] = []
-            b_cpu: list[float] = []
-            locks = _LockRounds(coord.data / DB_NAME)
-            for _ in range(sizes.fanout_rounds):
-                elapsed, _ = await bl.fanout(base_target)
-                b_times.append(elapsed)
-                # CPU like for like: as many messages per stream as a lock sends commands.
-                cpu0 = cpu_seconds(base_child.pid)
-                await bl.fanout(base_target, messages=FANOUT_COMMANDS)
-                b_cpu.append((cpu_seconds(base_child.pid) - cpu0) / n)
-                elapsed, cpu = await _fanout_round(
-                    coord.pid, alices, admins, swarm, names, _profiled(coord.pid, "fanout", tmp),
-                    locks,
-                )  # fmt: skip
-                j_times.append(elapsed)
-                j_cpu.append(cpu / n)
-            fanout.add(
-                f"all {n} revoked (median of rounds)", median(j_times) * MS, median(b_times) * MS,
-                target="<= 1.2x",
+            await _fanout_rounds(
+                fanout, coord, base_target, None, base_child, alices, admins, swarm, names,
+                sizes.fanout_rounds, lambda: _profiled(coord.pid, "fanout", tmp),
             )  # fmt: skip
-            fanout.add(
-                "CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us",
-                note=FANOUT_CPU_NOTE,
-            )  # fmt: skip
-            fanout.extra["rounds_ms"] = {
-                "jitmesh": _ms_list(j_times),
-                "baseline": _ms_list(b_times),
-            }
             fanout.extra["issued_as"] = "one Locks.CreateLock call (subject alice, action restart)"
-            locks.report(fanout, n, j_cpu)
-            fanout.extra["messages_per_stream"] = FANOUT_MESSAGES
             fanout.extra["timed"] = (
                 "jitmesh: the lock call until the last agent's enforcer removed the access; "
                 "baseline: first push until the last ack is back at the server"
@@ -766,6 +738,52 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
     return scenarios
 
 
+async def _fanout_rounds(
+    fanout: Scenario,
+    coord: Any,
+    base_target: str,
+    base_tls: Path | None,
+    base_child: Any,
+    alices: list[Client],
+    admins: list[Client],
+    swarm: Swarm,
+    names: list[str],
+    rounds: int,
+    profiled: Callable[[], contextlib.AbstractContextManager[None]],
+) -> None:
+    """Scenarios 3 and 14: interleaved rounds of the baseline's fan-out and one lock's, and their
+    rows (time until all revoked; CPU per agent like for like)."""
+    n = len(names)
+    j_times: list[float] = []
+    b_times: list[float] = []
+    j_cpu: list[float] = []
+    b_cpu: list[float] = []
+    locks = _LockRounds(coord.data / DB_NAME)
+    for _ in range(rounds):
+        elapsed, _ = await bl.fanout(base_target, base_tls)
+        b_times.append(elapsed)
+        # CPU like for like: as many messages per stream as a lock sends commands.
+        cpu0 = cpu_seconds(base_child.pid)
+        await bl.fanout(base_target, base_tls, messages=FANOUT_COMMANDS)
+        b_cpu.append((cpu_seconds(base_child.pid) - cpu0) / n)
+        elapsed, cpu = await _fanout_round(
+            coord.pid, alices, admins, swarm, names, profiled(), locks
+        )
+        j_times.append(elapsed)
+        j_cpu.append(cpu / n)
+    fanout.add(
+        f"all {n} revoked (median of rounds)", median(j_times) * MS, median(b_times) * MS,
+        target="<= 1.2x",
+    )  # fmt: skip
+    fanout.add(
+        "CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us",
+        note=FANOUT_CPU_NOTE,
+    )  # fmt: skip
+    fanout.extra["rounds_ms"] = {"jitmesh": _ms_list(j_times), "baseline": _ms_list(b_times)}
+    locks.report(fanout, n, j_cpu)
+    fanout.extra["messages_per_stream"] = FANOUT_MESSAGES
+
+
 async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
     """Scenario 14: scenario 3 (one lock: a revoke and a LOCK command to every agent) with the
     coordinator serving TLS and every swarm agent on mTLS; the baseline's streams over mTLS
@@ -828,35 +846,10 @@ async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
                 )
         alices, admins = clients[:4], clients[4:]
         names = [agent.name for agent in swarm.agents]
-        j_times: list[float] = []
-        b_times: list[float] = []
-        j_cpu: list[float] = []
-        b_cpu: list[float] = []
-        locks = _LockRounds(coord.data / DB_NAME)
-        for _ in range(sizes.fanout_rounds):
-            elapsed, _ = await bl.fanout(base_target, base_tls)
-            b_times.append(elapsed)
-            # CPU like for like: as many messages per stream as a lock sends commands.
-            cpu0 = cpu_seconds(base_child.pid)
-            await bl.fanout(base_target, base_tls, messages=FANOUT_COMMANDS)
-            b_cpu.append((cpu_seconds(base_child.pid) - cpu0) / n)
-            elapsed, cpu = await _fanout_round(
-                coord.pid, alices, admins, swarm, names, _profiled(coord.pid, "fanout-tls", tmp),
-                locks,
-            )  # fmt: skip
-            j_times.append(elapsed)
-            j_cpu.append(cpu / n)
-        fanout.add(
-            f"all {n} revoked (median of rounds)", median(j_times) * MS, median(b_times) * MS,
-            target="<= 1.2x",
+        await _fanout_rounds(
+            fanout, coord, base_target, base_tls, base_child, alices, admins, swarm, names,
+            sizes.fanout_rounds, lambda: _profiled(coord.pid, "fanout-tls", tmp),
         )  # fmt: skip
-        fanout.add(
-            "CPU per agent", median(j_cpu) * 1e6, median(b_cpu) * 1e6, unit="us",
-            note=FANOUT_CPU_NOTE,
-        )  # fmt: skip
-        fanout.extra["rounds_ms"] = {"jitmesh": _ms_list(j_times), "baseline": _ms_list(b_times)}
-        locks.report(fanout, n, j_cpu)
-        fanout.extra["messages_per_stream"] = FANOUT_MESSAGES
     except Exception as exc:  # reported; what was measured stays
         log.exception("fleet-tls scenario failed")
         if not fanout.rows:
