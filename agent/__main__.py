@@ -131,16 +131,24 @@ def check(argv: Sequence[str]) -> int:
 
 def exec_command(argv: Sequence[str]) -> int:
     args = list(argv)
-    if "--" not in args:
-        return _fail("exec: put the command after --, e.g. exec --action A -- CMD ARGS")
-    split = args.index("--")
+    # Our flags end at the first `--`; everything after it is the command, untouched.
+    split = args.index("--") if "--" in args else len(args)
     command = args[split + 1 :]
     parser = _OneLineParser(
         prog="jitmesh-agent exec",
-        description="Run COMMAND only while a grant lets SUBJECT (by default: you) do ACTION on "
-        "this host: in its own process group, as the subject's user when run by root, ended "
-        "(SIGTERM, then SIGKILL) when the grant is revoked, expires or is locked. The exit code "
-        "is the command's. Start, exit and duration are audited.",
+        usage="%(prog)s --state DIR [--subject USER] --action ACTION [--release] "
+        "[--request --duration D [--reason TEXT]] -- COMMAND [ARG ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  jitmesh-agent exec --state /var/lib/jitmesh-agent --action restart --release \\\n"
+        "      -- sudo systemctl restart app\n"
+        "  jitmesh-agent exec --state /var/lib/jitmesh-agent --action restart --release \\\n"
+        "      --request --duration 15m --reason INC-42 -- sudo systemctl restart app",
+        description="Run COMMAND only while a grant lets SUBJECT (by default: you) do ACTION on\n"
+        "this host: in its own process group, as the subject's user when run by root, ended\n"
+        "(SIGTERM, then SIGKILL) when the grant is revoked, expires or is locked. The exit\n"
+        "code is the command's. Start, exit and duration are audited. With --release the\n"
+        "grant ends when the command ends (access ends with the action).",
     )
     parser.add_argument("--state", required=True, type=Path, help="the agent's state directory")
     parser.add_argument("--subject", help="root only: the subject (default: the caller)")
@@ -163,6 +171,8 @@ def exec_command(argv: Sequence[str]) -> int:
     parser.add_argument("--duration", help="with --request: how long, e.g. 15m")
     parser.add_argument("--reason", default="", help="with --request: why (e.g. INC-42)")
     parsed = parser.parse_args(args[:split])
+    if split == len(args):
+        return _fail("exec: put the command after --, e.g. exec --action A -- CMD ARGS")
     if not command or not command[0]:
         return _fail("exec: no command after --")
     duration = None
@@ -242,7 +252,8 @@ def run(argv: Sequence[str], *, clock: Clock | None = None, step: StepHook | Non
     grpclog.capture()
     parser = argparse.ArgumentParser(
         prog="jitmesh-agent",
-        description="Run the jitmesh agent (see also: jitmesh-agent check --help).",
+        description="Run the jitmesh agent (see also: jitmesh-agent check --help, exec --help, "
+        "breakglass --help).",
         epilog="Every setting can also come from the TOML file given with --config (key "
         "log_level) or from the environment (JITMESH_LOG_LEVEL); flags win over the "
         "environment, which wins over the file. Durations are written as 10s, 5m or 1h.",

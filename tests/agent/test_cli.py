@@ -108,6 +108,29 @@ def test_check_reports_usage_and_state_errors_with_exit_2(tmp_path: Path, state:
     assert (tmp_path / "empty" / "agent.db").read_bytes() == b""
 
 
+def test_exec_and_breakglass_answer_help_and_name_a_missing_command(tmp_path: Path) -> None:
+    """`exec --help` works before any `--` (it used to say "put the command after --")."""
+    for command in ("exec", "breakglass", "check"):
+        shown = agent(command, "--help")
+        assert shown.returncode == ALLOWED, shown.stderr
+        assert shown.stdout.startswith(f"usage: jitmesh-agent {command}"), shown.stdout
+    shown = agent("exec", "--help")
+    assert "-- COMMAND [ARG ...]" in shown.stdout
+    assert "--release" in shown.stdout and "--request" in shown.stdout
+    assert "exec --help" in agent("--help").stdout
+    state = str(tmp_path)
+    for argv, words in (
+        (("--state", state, "--action", "deploy"), "put the command after --"),
+        (("--state", state, "--action", "deploy", "--"), "no command after --"),
+        (("--action", "deploy", "--", "true"), "--state"),
+        (("--state", state, "--action", "deploy", "--request", "--", "true"), "--duration"),
+    ):
+        done = agent("exec", *argv)
+        assert done.returncode == USAGE, done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert words in done.stderr, done.stderr
+
+
 def test_check_never_writes_the_table(state: Path) -> None:
     db = state / "agent.db"
     before = hashlib.sha256(db.read_bytes()).hexdigest()
