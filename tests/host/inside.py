@@ -872,6 +872,45 @@ async def ssh_enforcer(scratch: str) -> dict[str, Any]:
     return seen
 
 
+SYSTEMCTL = """#!/bin/sh
+# systemctl inside the sandbox (no systemd here): says what it was asked to do, as whom.
+echo "systemctl $*: done as $(id -un)"
+"""
+
+
+async def readme_sudo(scratch: str, text: str) -> dict[str, Any]:
+    """tests/host/test_readme.py: the README's sudo walkthrough as a bash script, run as root
+    from a directory every user can reach (su keeps it as alice's working directory), with
+    this checkout's programs on PATH and no JITMESH_ variables but what the README sets."""
+    root = Path(scratch)
+    stub = root / "systemctl"
+    stub.write_text(SYSTEMCTL)
+    stub.chmod(0o755)
+    assert sh("mount", "--bind", str(stub), "/usr/bin/systemctl")[0] == 0
+    work = Path("/run/readme")
+    work.mkdir(mode=0o755)
+    (work / "walkthrough.sh").write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JITMESH_")}
+    env.update(
+        PATH=f"{BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        HOME="/root",
+        XDG_CONFIG_HOME=str(root / "config"),
+    )
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "walkthrough.sh", cwd=work, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    async with asyncio.timeout(200):
+        out, _ = await proc.communicate()
+    grants = work / "grants.json"
+    return {
+        "rc": proc.returncode,
+        "output": out.decode(),
+        "logs": {p.name: p.read_text() for p in sorted(work.glob("bg-*.log"))},
+        "grants": json.loads(grants.read_text()) if grants.exists() else [],
+    }
+
+
 SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "sudo_enforcer": sudo_enforcer,
     "sudo_agent": sudo_agent,
@@ -883,6 +922,7 @@ SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "breakglass_caller": breakglass_caller,
     "group_enforcer": group_enforcer,
     "ssh_enforcer": ssh_enforcer,
+    "readme_sudo": readme_sudo,
 }
 
 

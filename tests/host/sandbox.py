@@ -4,8 +4,12 @@
 `unshare --mount` after mounting an overlay over /etc (so `useradd`, sudoers drop-ins, sshd and
 PAM configuration change only the overlay's upper directory in tmp_path) and empty tmpfs over
 /home, /run, /var/log and /var/mail (home directories, sudo's timestamps, sshd's run directory,
-lastlog). Whatever the scenario starts (the agent, sshd, sudo, su) inherits the namespace; when
-the last process in it ends, the mounts are gone. The scenario prints one JSON line last; the
+lastlog). It has its own process ids (`--pid`, its own /proc) and its own loopback (`--net`):
+the test users made here get uids that real processes on a shared machine may have (another
+sandbox's alice), so `pgrep -u alice`, `pidof` and the agent's end-sessions scan see only this
+sandbox's processes, and fixed ports (the README's 7443) are free. Whatever the scenario starts
+(the agent, sshd, sudo, su) inherits the namespaces; when the scenario ends, the kernel ends
+every process left in them and the mounts are gone. The scenario prints one JSON line last; the
 test asserts on it.
 
 Needs root (mount namespaces and overlay) and Debian's sudo, passwd, openssh-server and
@@ -25,12 +29,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-PROGRAMS = ("unshare", "visudo", "sudo", "useradd", "gpasswd", "sshd", "ssh", "pamtester")
+PROGRAMS = (
+    "unshare", "ip", "pgrep", "visudo", "sudo", "useradd", "gpasswd", "sshd", "ssh", "pamtester",
+)  # fmt: skip
 TMPFS = ("/home", "/run", "/var/log", "/var/mail")
 
 _SETUP = """
 set -e
 upper=$1; work=$2; layers=$3; tops=$4; reach=$5; shift 5
+ip link set lo up
 mount -t overlay overlay -o "lowerdir=/etc,upperdir=$upper,workdir=$work" /etc
 for d in {dirs}; do [ -d "$d" ] && mount -t tmpfs -o mode=0755 tmpfs "$d"; done
 # Test users must reach the interpreter and the checkout even where a directory on the way is
@@ -42,7 +49,10 @@ for d in $tops; do
   mount -t overlay overlay -o "lowerdir=$d,upperdir=$layers/$i/u,workdir=$layers/$i/w" "$d"
 done
 for d in $reach; do chmod o+x "$d"; done
-exec "$@"
+# This shell is the namespace's pid 1: it stays, so that processes orphaned inside (a session
+# ended under su) are reaped by its wait instead of lingering as zombies that pgrep still lists.
+"$@" &
+wait $!
 """.format(dirs=" ".join(TMPFS))
 
 
@@ -70,14 +80,16 @@ def run(tmp_path: Path, scenario: str, *args: Any, timeout: float = 100) -> dict
     if absent:
         raise AssertionError(
             f"host tests need {', '.join(absent)}: apt-get install -y sudo passwd "
-            "openssh-server openssh-client pamtester (scripts/test does it when run as root)"
+            "openssh-server openssh-client pamtester iproute2 procps (scripts/test does it "
+            "when run as root)"
         )
     dirs = [tmp_path / n for n in ("etc-upper", "etc-work", "layers", "scratch")]
     for d in dirs:
         d.mkdir(exist_ok=True)
     tops, reach = _reach()
     argv = [
-        "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _SETUP, "sh",
+        "unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--net",
+        "--propagation", "private", "--", "sh", "-c", _SETUP, "sh",
         *[str(d) for d in dirs[:3]], tops, reach, sys.executable, "-m", "tests.host.inside",
         scenario, json.dumps([str(dirs[3]), *args]),
     ]  # fmt: skip

@@ -10,7 +10,10 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
-ALL = "systemd sudo passwd openssh-server openssh-client pamtester chromium nodejs npm"
+ALL = (
+    "systemd sudo passwd openssh-server openssh-client pamtester iproute2 procps chromium "
+    "nodejs npm"
+)
 
 
 def _run(tmp_path: Path, uid: int) -> tuple[subprocess.CompletedProcess[str], list[str]]:
