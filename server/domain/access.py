@@ -1185,6 +1185,10 @@ class AccessService:
             assert current is not None
             if current.state is GrantState.REVOKING:
                 return current  # already on its way out: idempotent
+            if how == "released" and current.state is GrantState.RELEASED:
+                # Released already (`exec --release` ended it on the host and the agent said
+                # so before the subject's own release arrived): idempotent too.
+                return current
             if current.state not in ENDABLE_GRANT_STATES:
                 raise Conflict(f"grant is {current.state.value}; nothing to {how[:-1]}")
             now = self._clock.now()

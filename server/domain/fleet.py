@@ -32,7 +32,7 @@ from .errors import (
 )
 from .grants import end_grants
 from .hub import Hub
-from .lifecycle import DUE_GRANT_STATES, LIVE_GRANT_STATES
+from .lifecycle import DUE_GRANT_STATES, LIVE_GRANT_STATES, REVOCABLE_GRANT_STATES
 from .models import (
     AckStatus,
     AgentAck,
@@ -702,6 +702,7 @@ class FleetService:
         if grant is not None and grant.agent != principal.name:
             await self._refuse_impersonation(principal, "event", grant.agent)
             raise PermissionDenied("event names another agent's grant")
+        commands: list[Command] = []
         async with self._store.transaction() as tx:
             grant = await tx.get_grant(event.grant_id) if v.ID.fullmatch(event.grant_id) else None
             if grant is not None and grant.agent != principal.name:
@@ -751,6 +752,30 @@ class FleetService:
                     ),
                     change=GrantChange(ended_at=now),
                 )
+            if (
+                stored
+                and grant is not None
+                and event.kind == "grant.removed"
+                and event.details.get("reason") == "released"
+                and event.details.get("retried") != "true"
+            ):
+                # `jitmesh-agent exec --release` ended the grant on the host when its command
+                # ended. The record follows as for a release asked here: REVOKING with a
+                # revoke, RELEASED when the agent acks it (it holds nothing by then). A grant
+                # already on its way out (released or revoked here first) is left as it is.
+                _, commands = await end_grants(
+                    tx,
+                    [grant],
+                    now,
+                    by=f"agent:{principal.name}",
+                    end_reason="released",
+                    kind="grant.releasing",
+                    revoke_reason="released",
+                    details={"reason": "released", "source": "host"},
+                    expected=REVOCABLE_GRANT_STATES,
+                )
+        if commands:
+            self._links.push(commands)
         if grant is not None:
             self._hub.requests_changed([grant.request_id])
         await self._hub.audit_written(tx.new_audit)

@@ -649,6 +649,24 @@ async def exec_request(scratch: str) -> dict[str, Any]:
                 grants = await alice.list_grants()
                 seen["grants"] = [(g.action, g.state.value) for g in grants]
             seen["no_creds"] = await ash(*agent_cli("alice", *command))
+            # Without her credentials, --release still ends the grant on the host, and the
+            # agent's report of it ends the grant in the coordinator's record too.
+            async with await Client.connect(coordinator.address, token="jmt_host-alice") as alice:
+                _, grant = await alice.create_request(
+                    agent="web-1", action="restart", duration=timedelta(minutes=5)
+                )
+                assert grant is not None
+                s = str(state)
+                check = agent_cli("alice", "check", "--state", s, "--action", "restart")
+                async with asyncio.timeout(20):
+                    while (await ash(*check))[0] != 0:
+                        await asyncio.sleep(0.05)
+                release = ["exec", "--state", s, "--action", "restart", "--release", "--", "true"]
+                seen["host_release"] = await ash(*agent_cli("alice", *release))
+                async with asyncio.timeout(20):
+                    while (await alice.get_grant(grant.id)).state.value != "RELEASED":
+                        await asyncio.sleep(0.05)
+                seen["host_released"] = (await alice.get_grant(grant.id)).state.value
         finally:
             agent.kill()
             agent.wait(timeout=10)

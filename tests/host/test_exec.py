@@ -70,3 +70,9 @@ def test_exec_request_files_as_the_subject_and_release_ends_the_grant(tmp_path: 
     # Never the agent's credentials: without her own, --request refuses.
     assert seen["no_creds"][0] == 2
     assert "needs your own credentials" in seen["no_creds"][1]
+    # Without credentials --release ends the grant on the host; the coordinator follows the
+    # agent's report of it (RELEASED, where it used to stay ACTIVE until its end).
+    rc, out = seen["host_release"]
+    assert rc == 0, out
+    assert out.endswith("ended on this host")
+    assert seen["host_released"] == "RELEASED"
