@@ -571,6 +571,26 @@ async def local_exec(scratch: str) -> dict[str, Any]:
     return seen
 
 
+async def exec_expiry(scratch: str) -> dict[str, Any]:
+    """A command run through exec is ended when its grant expires mid-run (the agent's own
+    expiry, no revoke from anywhere), audited with cause expired."""
+    make_user("alice")
+    state = Path("/run/jitmesh-test/state")
+    state.parent.mkdir(parents=True)
+    seen: dict[str, Any] = {}
+    async with LocalAgent(state) as agent:
+        grant = await agent.grant("alice", "deploy", seconds=3)
+        lease = await agent.store.lease(grant)
+        assert lease is not None
+        run = ["exec", "--state", str(state), "--action", "deploy", "--", "sleep", "60"]
+        seen["run"] = await ash(*agent_cli("alice", *run))
+        seen["ended_after_s"] = (datetime.now(UTC) - lease.not_after).total_seconds()
+        seen["events"] = [
+            d for k, d in await agent.events() if k in ("exec.exited", "sessions.ended")
+        ]
+    return seen
+
+
 async def end_user_sessions(scratch: str) -> dict[str, Any]:
     """end_sessions = "user": every process of alice ends with her last grant on the host (not
     with the first of two), audited; bob's processes are left alone."""
@@ -667,6 +687,24 @@ async def exec_request(scratch: str) -> dict[str, Any]:
                     while (await alice.get_grant(grant.id)).state.value != "RELEASED":
                         await asyncio.sleep(0.05)
                 seen["host_released"] = (await alice.get_grant(grant.id)).state.value
+                # A lock on alice ends a command she runs under a live grant.
+                _, grant = await alice.create_request(
+                    agent="web-1", action="restart", duration=timedelta(minutes=5)
+                )
+                assert grant is not None
+                async with asyncio.timeout(20):
+                    while (await ash(*check))[0] != 0:
+                        await asyncio.sleep(0.05)
+                sleeping = ["exec", "--state", s, "--action", "restart", "--", "sleep", "60"]
+                running = asyncio.create_task(ash(*agent_cli("alice", *sleeping)))
+                async with asyncio.timeout(20):
+                    while sh("pgrep", "-u", "alice", "sleep")[0] != 0:
+                        await asyncio.sleep(0.05)
+                async with await Client.connect(
+                    coordinator.address, token=Coordinator.ADMIN
+                ) as admin:
+                    await admin.create_lock(subject="alice", reason="INC-99")
+                seen["locked_run"] = await running
         finally:
             agent.kill()
             agent.wait(timeout=10)
@@ -933,6 +971,7 @@ SCENARIOS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "sudo_enforcer": sudo_enforcer,
     "sudo_agent": sudo_agent,
     "local_exec": local_exec,
+    "exec_expiry": exec_expiry,
     "pam_login": pam_login,
     "end_user_sessions": end_user_sessions,
     "exec_request": exec_request,

@@ -76,3 +76,23 @@ def test_exec_request_files_as_the_subject_and_release_ends_the_grant(tmp_path: 
     assert rc == 0, out
     assert out.endswith("ended on this host")
     assert seen["host_released"] == "RELEASED"
+    # A lock on alice ends her running command (its grant revoked by the lock).
+    rc, out = seen["locked_run"]
+    assert rc == 143, out
+    assert "access ended (revoked)" in out
+
+
+def test_exec_ends_the_command_when_the_grant_expires(tmp_path: Path) -> None:
+    seen = sandbox.run(tmp_path, "exec_expiry")
+    rc, out = seen["run"]
+    assert rc == 143, out
+    assert "access ended (expired)" in out
+    # Ended by the agent's own expiry, at not_after (SIGTERM at once; the exec client's exit
+    # follows): never before it, and not long after.
+    assert 0 <= seen["ended_after_s"] < 5
+    exited = [e for e in seen["events"] if "exit_code" in e]
+    assert [(e["exit_code"], e["cause"], e["signal"]) for e in exited] == [
+        ("143", "expired", "SIGTERM")
+    ]
+    ended = [e for e in seen["events"] if e.get("scope") == "exec"]
+    assert [e["cause"] for e in ended] == ["expired"]
