@@ -116,7 +116,8 @@ def test_exec_and_breakglass_answer_help_and_name_a_missing_command(tmp_path: Pa
         assert shown.stdout.startswith(f"usage: jitmesh-agent {command}"), shown.stdout
     shown = agent("exec", "--help")
     assert "-- COMMAND [ARG ...]" in shown.stdout
-    assert "--release" in shown.stdout and "--request" in shown.stdout
+    assert "--release" in shown.stdout
+    assert "--request" in shown.stdout
     assert "exec --help" in agent("--help").stdout
     state = str(tmp_path)
     for argv, words in (

@@ -34,21 +34,21 @@ READY = {
     "jitmesh-agent": '[ "$(__count agent.connected)" -gt "$__connected" ]',
 }
 
-PRELUDE = f"""\
+PRELUDE = """\
 set -euo pipefail
-__wait() {{  # poll a condition (90 s at most), as a person watching the other terminal would
+__wait() {  # poll a condition (90 s at most), as a person watching the other terminal would
   for _ in $(seq 900); do
     if eval "$1" >/dev/null 2>&1; then return 0; fi
     sleep 0.1
   done
   echo "not ready after 90s: $1" >&2
   return 1
-}}
-__count() {{  # how many audit events of kind $1 web-1 has
+}
+__count() {  # how many audit events of kind $1 web-1 has
   JITMESH_TOKEN=$JITMESH_TOKEN_ADMIN jitctl audit list --agent web-1 --kind "$1" -o json \\
     | python3 -c 'import json, sys; print(len(json.load(sys.stdin)))'
-}}
-__later() {{  # "15 minutes later": every grant ended on the coordinator, the clock 1 s past
+}
+__later() {  # "15 minutes later": every grant ended on the coordinator, the clock 1 s past
   # the last end, and, while an agent runs, each expiry reported by it
   JITMESH_TOKEN=$JITMESH_TOKEN_ADMIN jitctl grant list --agent web-1 --all -o json \\
     | python3 -c '
@@ -62,7 +62,7 @@ running = subprocess.run(["pidof", "-x", "jitmesh-agent"], capture_output=True).
 expired = sum(g["state"] == "EXPIRED" for g in grants)
 sys.exit(not (done and late and (not running or int(sys.argv[1]) >= expired)))
 ' "$(__count agent.grant.expired)"
-}}
+}
 __connected=0
 """
 
@@ -108,7 +108,7 @@ def script() -> str:
         program = command.split()[0]
         assert program in READY, f"no readiness check for {program}"
         if program == "jitmesh-agent":
-            parts.append('__connected=$(__count agent.connected 2>/dev/null || echo 0)')
+            parts.append("__connected=$(__count agent.connected 2>/dev/null || echo 0)")
         parts.append(f"( exec {command} ) >> bg-{program}.log 2>&1 &")
         parts.append(f"__wait {_quote(READY[program])}")
         background = False
