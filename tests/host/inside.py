@@ -273,8 +273,10 @@ async def sudo_agent(scratch: str, seconds: int) -> dict[str, Any]:
                     await until(
                         "the drop-in and the keys", lambda: dropin.exists() and keyfile.exists(), 15
                     )
-                    seen[f"{case}_sudo_allowed"] = sudo_as("alice", ID_U)[0]
-                    seen[f"{case}_ssh_allowed"] = sshd.login()[0]
+                    # Blocking probes in a thread: the coordinator in this loop keeps serving.
+                    allowed = await asyncio.to_thread(sudo_as, "alice", ID_U)
+                    seen[f"{case}_sudo_allowed"] = allowed[0]
+                    seen[f"{case}_ssh_allowed"] = (await asyncio.to_thread(sshd.login))[0]
                     seen[f"{case}_file"] = dropin.read_text()
                     if case == "killed":
                         agent.kill()
@@ -698,7 +700,7 @@ async def exec_request(scratch: str) -> dict[str, Any]:
                 sleeping = ["exec", "--state", s, "--action", "restart", "--", "sleep", "60"]
                 running = asyncio.create_task(ash(*agent_cli("alice", *sleeping)))
                 async with asyncio.timeout(20):
-                    while sh("pgrep", "-u", "alice", "sleep")[0] != 0:
+                    while (await ash("pgrep", "-u", "alice", "sleep"))[0] != 0:
                         await asyncio.sleep(0.05)
                 async with await Client.connect(
                     coordinator.address, token=Coordinator.ADMIN
