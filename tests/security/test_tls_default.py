@@ -218,6 +218,26 @@ async def test_the_system_trust_store_is_loaded_explicitly(
         assert "--ca-file" in str(refused.value)
 
 
+async def test_plain_text_to_a_tls_coordinator_says_what_to_do(
+    tmp_path: Path, clean_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Item 9: a shell that once sourced dev.env (JITMESH_INSECURE=1) pointed at a TLS
+    # coordinator got gRPC's "failed to connect to all addresses; ... Socket closed".
+    monkeypatch.setenv(tls.ENV_INSECURE, "1")
+    async with (
+        serving_tls(tmp_path) as serving,
+        await Client.connect(serving.address, token="jmt_test-alice") as client,
+    ):
+        with pytest.raises(UnavailableError) as refused:
+            await client.list_requests()
+    said = str(refused.value)
+    assert "speaks TLS" in said
+    assert f"unset {tls.ENV_INSECURE}" in said
+    assert "--ca-file" in said
+    assert "Socket closed" not in said
+    assert "failed to connect to all addresses" not in said
+
+
 @pytest.mark.usefixtures("clean_env")
 async def test_plain_text_to_a_remote_address_warns_every_time(
     caplog: pytest.LogCaptureFixture,
