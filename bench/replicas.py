@@ -34,8 +34,9 @@ from server.store.postgres import with_schema
 from tests.support.swarm import Swarm, SwarmAgent, SwarmSettings
 
 from .procs import DevCoordinator, free_port
-from .scenarios import HOUR, MS, Sizes, _fanout_round, _run_links, _say, _throughput
+from .scenarios import HOUR, MS, Sizes, _fanout_round, _say, _throughput
 from .stats import Scenario, median, percentile
+from .swarmproc import run_links
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 REAL = (
@@ -85,7 +86,7 @@ class _SetUp:
                 )
             )
             self.swarms.append(swarm)
-            self.tasks.append(asyncio.create_task(_run_links(swarm)))
+            self.tasks.append(asyncio.create_task(run_links(swarm)))
         for swarm in self.swarms:
             await swarm.wait_connected(share, within=max(60.0, agents / 10))
 
