@@ -664,9 +664,9 @@ async def reconnect(tmp: Path, sizes: Sizes) -> list[Scenario]:
 
 async def _reconnect(reconnect: Scenario, coord: DevCoordinator, tmp: Path, n: int) -> None:
     _say(f"reconnect: {n} agents in {SWARM_PROCESSES} processes enrolling and connecting")
-    parts = SwarmProcesses(coord.address, tmp / "credentials", coord.join_token, tmp)
+    parts = SwarmProcesses(tmp)
     try:
-        await parts.start(n, SWARM_PROCESSES)
+        await parts.start(coord.address, coord.join_token, tmp / "credentials", n, SWARM_PROCESSES)
         connect_s = await parts.until(
             lambda: sum(parts.connected) >= n, max(120.0, n / 20), f"{n} connected"
         )
@@ -692,9 +692,9 @@ async def _reconnect(reconnect: Scenario, coord: DevCoordinator, tmp: Path, n: i
                     lambda: len(parts.done) == SWARM_PROCESSES, max(120.0, n / 50), "all back"
                 )
         marks = {pct: at - t_kill for pct, at in parts.marks(n, (50, 90, 99, 100)).items()}
-        back = sum(last for _, _, last in _last_per_child(parts.back))
-        downs = sum(int(d["downs"]) for d in parts.done)  # type: ignore[call-overload]
-        pushed_back = sum(int(d["pushed_back"]) for d in parts.done)  # type: ignore[call-overload]
+        back = parts.agents_back()
+        downs = sum(int(d["downs"]) for d in parts.done.values())  # type: ignore[call-overload]
+        pushed_back = sum(int(d["pushed_back"]) for d in parts.done.values())  # type: ignore[call-overload]
     finally:
         await parts.stop()
     reconnect.add(
@@ -730,13 +730,6 @@ async def _reconnect(reconnect: Scenario, coord: DevCoordinator, tmp: Path, n: i
     reconnect.add("left behind", float(n - back), unit="agents", target="0")
     reconnect.extra["measured_from"] = "SIGKILL; restarted once the links saw it (<= 10 s)"
     reconnect.extra["schedule"] = "the real agents': base 1 s, cap 15 s, full jitter"
-
-
-def _last_per_child(back: Sequence[tuple[float, int, int]]) -> list[tuple[float, int, int]]:
-    last: dict[int, tuple[float, int, int]] = {}
-    for event in back:
-        last[event[1]] = event
-    return list(last.values())
 
 
 async def _fanout_rounds(

@@ -1,19 +1,25 @@
-"""A part of a swarm in its own process, for scenario 6 (reconnect after SIGKILL).
+"""A part of a swarm in its own process, for scenarios 6 (reconnect after SIGKILL) and 17
+(failover between replicas).
 
 One process cannot redial 10,000 links fast enough to measure the coordinator: each attempt
 builds a channel and a call in Python, and one event loop did 340 of them a second, saturated,
 while the restarted coordinator idled (docs/performance.md, "Reconnect"). A real fleet redials
 from 10,000 hosts; here the fleet is split over several of these processes, each running its
-share of the agents (the same names and credentials as the in-process swarm, which stops first)
-on the real agents' reconnect schedule (`agent.defaults`: base 1 s, cap 15 s, full jitter).
+share of the agents on the real agents' reconnect schedule (`agent.defaults`: base 1 s, cap
+15 s, full jitter).
 
-    python -m bench.swarmproc TARGET CREDENTIALS_DIR FIRST COUNT   (join token in $JOIN_ENV)
+    python -m bench.swarmproc TARGETS CREDENTIALS_DIR PREFIX FIRST COUNT  (join token: $JOIN_ENV)
+
+TARGETS: the coordinator's address, or several comma-separated (failover, first one first).
+The agents are PREFIX-FIRST... (tests/support/swarm.py).
 
 Talks JSON lines. Out: `{"connected": N}` whenever the count of connected agents changes;
 after `watch SINCE_MS` came in, `{"back": N, "at": T}` whenever the count of agents back
 changes (connected, with contact after SINCE_MS; T is `time.monotonic()`, one clock for every
-process of the machine), then `{"done": ..., "downs": D, "pushed_back": P}`. In: `watch
-SINCE_MS` (also resets the counts of attempts), `quit`.
+process of the machine), then `{"done": ..., "downs": D, "pushed_back": P}`; after `report`,
+`{"report": ..., "connected": N, "dropped": A, "stream_ends": E}` (A: agents whose established
+stream ended since the `watch`; E: such ends in all). In: `watch SINCE_MS` (also resets those
+counts), `report`, `quit`.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from agent import defaults
 from tests.support.swarm import Swarm, SwarmSettings, raise_fd_limit
@@ -85,7 +93,26 @@ async def _commands(queue: asyncio.Queue[str]) -> None:
             return
 
 
-async def main(target: str, credentials: Path, first: int, count: int) -> None:
+def _count_drops(swarm: Swarm) -> Counter[str]:
+    """From now on, counts per agent each time its engine goes from connected to lost (the
+    link calls `coordinator_lost` whenever a stream ends or an attempt fails; only the calls
+    while connected are an established stream ending)."""
+    drops: Counter[str] = Counter()
+    for agent in swarm.agents:
+        engine = agent.engine
+        lost = engine.coordinator_lost
+
+        async def counted(name: str = agent.name, engine: Any = engine, lost: Any = lost) -> None:
+            if engine.connected:
+                drops[name] += 1
+            await lost()
+
+        # The instance attribute shadows the method: the link calls through it.
+        setattr(engine, "coordinator_lost", counted)  # noqa: B010
+    return drops
+
+
+async def main(target: str, credentials: Path, prefix: str, first: int, count: int) -> None:
     downs = LinkDowns()
     link_log = logging.getLogger("agent.rpc.link")
     link_log.setLevel(logging.WARNING)
@@ -97,6 +124,7 @@ async def main(target: str, credentials: Path, first: int, count: int) -> None:
             join_token=os.environ[JOIN_ENV],
             count=count,
             credentials_dir=credentials,
+            prefix=prefix,
             first=first,
             backoff_base=defaults.BACKOFF_BASE,
             backoff_cap=defaults.BACKOFF_CAP,
@@ -106,6 +134,7 @@ async def main(target: str, credentials: Path, first: int, count: int) -> None:
             welcome_timeout=60.0,
         )
     )
+    drops = _count_drops(swarm)
     links = asyncio.create_task(run_links(swarm))
     queue: asyncio.Queue[str] = asyncio.Queue()
     reader = asyncio.create_task(_commands(queue))
@@ -124,6 +153,16 @@ async def main(target: str, credentials: Path, first: int, count: int) -> None:
             if command.startswith("watch "):
                 since = datetime.fromtimestamp(int(command.split()[1]) / 1000, UTC)
                 downs.count = downs.pushed_back = 0
+                drops.clear()
+            if command == "report":
+                _say(
+                    {
+                        "report": True,
+                        "connected": swarm.connected(),
+                        "dropped": len(drops),
+                        "stream_ends": sum(drops.values()),
+                    }
+                )
             now = swarm.connected()
             if now != connected:
                 connected = now
@@ -156,58 +195,76 @@ async def main(target: str, credentials: Path, first: int, count: int) -> None:
 
 
 if __name__ == "__main__":
-    target, credentials, first, count = sys.argv[1:5]
-    asyncio.run(main(target, Path(credentials), int(first), int(count)))
+    target, credentials, prefix, first, count = sys.argv[1:6]
+    asyncio.run(main(target, Path(credentials), prefix, int(first), int(count)))
 
 
 class SwarmProcesses:
-    """The parent's side: `processes` children sharing `count` agents (the in-process swarm's
-    names and credentials: stop its links first)."""
+    """The parent's side: children each running a share of a fleet."""
 
-    def __init__(self, target: str, credentials: Path, join_token: str, logs: Path) -> None:
-        self._target = target
-        self._credentials = credentials
-        self._join_token = join_token
+    def __init__(self, logs: Path) -> None:
         self._logs = logs
         self._children: list[asyncio.subprocess.Process] = []
         self._readers: list[asyncio.Task[None]] = []
         self.connected: list[int] = []
         # (monotonic time, child, agents of that child back), in the order read.
         self.back: list[tuple[float, int, int]] = []
-        self.done: list[dict[str, object]] = []
+        self.done: dict[int, dict[str, object]] = {}
+        self.reports: dict[int, dict[str, int]] = {}
 
     @property
     def pids(self) -> list[int]:
         return [child.pid for child in self._children]
 
-    async def start(self, count: int, processes: int) -> None:
-        env = {**os.environ, JOIN_ENV: self._join_token}
+    async def start(
+        self,
+        targets: str,
+        join_token: str,
+        credentials: Path,
+        count: int,
+        processes: int,
+        prefix: str = "swarm",
+    ) -> list[int]:
+        """`count` agents `{prefix}-00000`... over `processes` more children; returns their
+        indexes."""
         share, extra = divmod(count, processes)
         first = 0
-        for i in range(processes):
-            size = share + (1 if i < extra else 0)
-            log = (self._logs / f"swarm-{i}.log").open("ab")
-            child = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.swarmproc", self._target, str(self._credentials),
-                str(first), str(size),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, env=env,
-            )  # fmt: skip
-            log.close()
-            self._children.append(child)
-            self.connected.append(0)
-            self._readers.append(asyncio.create_task(self._read(i, child)))
+        started = []
+        for k in range(processes):
+            size = share + (1 if k < extra else 0)
+            started.append(await self._spawn(targets, join_token, credentials, prefix, first, size))
             first += size
+        return started
+
+    async def _spawn(
+        self, targets: str, join_token: str, credentials: Path, prefix: str, first: int, count: int
+    ) -> int:
+        i = len(self._children)
+        log = (self._logs / f"swarm-{i}.log").open("ab")
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.swarmproc", targets, str(credentials), prefix,
+            str(first), str(count),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+            env={**os.environ, JOIN_ENV: join_token},
+        )  # fmt: skip
+        log.close()
+        self._children.append(child)
+        self.connected.append(0)
+        self._readers.append(asyncio.create_task(self._read(i, child)))
+        return i
 
     async def _read(self, index: int, child: asyncio.subprocess.Process) -> None:
         assert child.stdout is not None
         async for line in child.stdout:
             message = json.loads(line)
-            if "connected" in message:
+            if message.get("report"):
+                self.reports[index] = {k: int(v) for k, v in message.items() if k != "report"}
+            elif "connected" in message:
                 self.connected[index] = int(message["connected"])
             elif "back" in message:
                 self.back.append((float(message["at"]), index, int(message["back"])))
             elif message.get("done"):
-                self.done.append(message)
+                self.done[index] = message
 
     def _alive(self) -> None:
         for i, child in enumerate(self._children):
@@ -223,19 +280,44 @@ class SwarmProcesses:
             await asyncio.sleep(TICK)
         return time.monotonic() - started
 
-    async def watch(self, since: datetime) -> None:
-        """From now on count the agents back after `since`."""
-        line = f"watch {int(since.timestamp() * 1000)}\n".encode()
-        for child in self._children:
-            assert child.stdin is not None
-            child.stdin.write(line)
-            await child.stdin.drain()
+    async def _tell(self, line: str, children: Sequence[int] | None = None) -> None:
+        for i in range(len(self._children)) if children is None else children:
+            stdin = self._children[i].stdin
+            assert stdin is not None
+            stdin.write(line.encode() + b"\n")
+            await stdin.drain()
 
-    def marks(self, total: int, percents: Sequence[int]) -> dict[int, float]:
-        """The monotonic time at which each percentage of `total` was back (nan: never)."""
+    async def watch(self, since: datetime, children: Sequence[int] | None = None) -> None:
+        """From now on count the agents back after `since`, and the streams that end."""
+        await self._tell(f"watch {int(since.timestamp() * 1000)}", children)
+
+    async def report(self, children: Sequence[int]) -> dict[str, int]:
+        """The children's counts now (connected, dropped, stream_ends), summed."""
+        for i in children:
+            self.reports.pop(i, None)
+        await self._tell("report", children)
+        await self.until(lambda: all(i in self.reports for i in children), 30.0, "reported")
+        return {
+            key: sum(self.reports[i][key] for i in children)
+            for key in ("connected", "dropped", "stream_ends")
+        }
+
+    def agents_back(self, children: Sequence[int] | None = None) -> int:
+        """Agents back now (the latest count of each child of `children`, default all)."""
+        last: dict[int, int] = {}
+        for _, child, back in self.back:
+            last[child] = back
+        return sum(n for i, n in last.items() if children is None or i in children)
+
+    def marks(
+        self, total: int, percents: Sequence[int], children: Sequence[int] | None = None
+    ) -> dict[int, float]:
+        """The monotonic time at which each percentage of `total` was back, counting the agents
+        of `children` (default: all) (nan: never)."""
         by_child = [0] * len(self._children)
         marks = dict.fromkeys(percents, math.nan)
-        for at, child, back in sorted(self.back):
+        counted = set(range(len(self._children)) if children is None else children)
+        for at, child, back in sorted(e for e in self.back if e[1] in counted):
             by_child[child] = back
             now = sum(by_child)
             for pct in percents:
