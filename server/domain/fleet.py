@@ -774,7 +774,7 @@ class FleetService:
                     now,
                     by=f"agent:{principal.name}",
                     end_reason="released",
-                    kind="grant.releasing",
+                    kind=AuditKind.GRANT_RELEASING,
                     revoke_reason="released",
                     details={"reason": "released", "source": "host"},
                     expected=REVOCABLE_GRANT_STATES,
