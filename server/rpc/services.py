@@ -39,7 +39,7 @@ from server.signing import SigningKeys
 from . import convert as c
 from .auth import Authenticator, cert_binding, peer_certificate
 from .errors import abort, mapped
-from .limits import RateLimiter, peer_host
+from .limits import Limiter, peer_host
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_WATCH_IDS = 100
@@ -60,7 +60,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
         auth: Authenticator,
         access: AccessService,
         hub: Hub,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self._auth = auth
         self._access = access
@@ -73,7 +73,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
     ) -> access_pb2.CreateRequestResponse:
         principal = await self._auth.operator(context)
         if self._limiter is not None:
-            self._limiter.take(principal.name)
+            await self._limiter.take(principal.name)
         if not request.HasField("duration"):
             raise errors.InvalidArgument("duration is required")
         if request.selector and request.agent:
@@ -250,14 +250,14 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
         keys: SigningKeys,
         ca: InternalCA | None = None,
         agent_port: int = 0,
-        enroll_limits: tuple[RateLimiter, RateLimiter] | None = None,
+        enroll_limits: tuple[Limiter, Limiter] | None = None,
         cert_lifetime: timedelta = AGENT_LIFETIME,
     ) -> None:
         """`enroll_limits`: (per peer address, overall) for Enroll, which needs no credential."""
         self._auth = auth
         self._cert_lifetime = cert_lifetime
-        self._peer_limit: RateLimiter | None = None
-        self._overall_limit: RateLimiter | None = None
+        self._peer_limit: Limiter | None = None
+        self._overall_limit: Limiter | None = None
         if enroll_limits is not None:
             self._peer_limit, self._overall_limit = enroll_limits
         self._fleet = fleet
@@ -337,7 +337,7 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
             if limiter is None:
                 continue
             try:
-                limiter.take(caller)
+                await limiter.take(caller)
             except errors.RateLimited as exc:
                 if exc.first:
                     await self._fleet.enrollment_refused(

@@ -111,6 +111,12 @@ def grant_sets(
     return ", ".join(sets), args
 
 
+def bucket_args(limiter: str, caller: str, rate: float, burst: int, at: datetime) -> list[Any]:
+    """The arguments of `Queries.take_token`: a new bucket starts full less this call's token;
+    the rate is kept per millisecond (the unit of `at_ms`)."""
+    return [limiter, caller, float(burst - 1), to_ms(at), rate / 1000.0, float(burst)]
+
+
 def filters(d: Dialect, pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
     """WHERE conditions for the pairs whose value is set: a list is any of its values."""
     where: list[str] = []
@@ -871,6 +877,20 @@ class SqlStore(SqlReads):
         async with self._short_write() as tx:
             await tx._run(self._q.delete_replica, [replica])
             await tx._run(self._q.replica_started, [replica])
+
+    async def take_token(
+        self, limiter: str, caller: str, rate: float, burst: int, at: datetime
+    ) -> int:
+        """Take one token from `caller`'s bucket of `limiter` (`burst` tokens at most, refilled
+        at `rate` per second); the calls refused in a row, this one included (0: taken)."""
+        async with self._short_write() as tx:
+            row = await tx._one(self._q.take_token, bucket_args(limiter, caller, rate, burst, at))
+        return int(row["refusals"])
+
+    async def forget_full_buckets(self, limiter: str, at: datetime) -> int:
+        """Delete the buckets of `limiter` that are full again at `at` (bounded storage)."""
+        async with self._short_write() as tx:
+            return await tx._run(self._q.forget_full_buckets, [limiter, to_ms(at)])
 
     async def put_secret(
         self, name: str, ciphertext: bytes, at: datetime, *, replace: bool = True
