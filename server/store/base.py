@@ -111,6 +111,10 @@ def grant_sets(
     return ", ".join(sets), args
 
 
+class _Taken(Exception):
+    """A secret is stored already: `add_secrets` rolls back what it stored."""
+
+
 def bucket_args(limiter: str, caller: str, rate: float, burst: int, at: datetime) -> list[Any]:
     """The arguments of `Queries.take_token`: a new bucket starts full less this call's token;
     the rate is kept per millisecond (the unit of `at_ms`)."""
@@ -901,6 +905,19 @@ class SqlStore(SqlReads):
         async with self._short_write() as tx:
             count = await tx._run(sql, [name, ciphertext, to_ms(at)])
         return count == 1
+
+    async def add_secrets(self, secrets: Sequence[tuple[str, bytes]], at: datetime) -> bool:
+        """Store every (name, ciphertext) of `secrets`, or none of them when the store holds
+        any of those names already (another replica stored them first; on PostgreSQL a replica
+        storing them at the same moment is waited for). True when stored."""
+        try:
+            async with self._short_write() as tx:
+                for name, ciphertext in secrets:
+                    if await tx._run(self._q.add_secret, [name, ciphertext, to_ms(at)]) != 1:
+                        raise _Taken
+        except _Taken:
+            return False
+        return True
 
     async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
         async with self._short_write() as tx:
