@@ -42,8 +42,8 @@ async def running(
     """A coordinator running (sender and Slack endpoint included) with the test users and two
     agents enrolled; clients for each user."""
     config = CoordinatorConfig(
-        data_dir=data, port=0, default_policy=DEV_POLICY, web_url="https://jit.example.com",
-        **settings,
+        data_dir=data, default_policy=DEV_POLICY, web_url="https://jit.example.com",
+        **{"port": 0, **settings},
     )  # fmt: skip
     coordinator = await build(config, clock=clock)
     task = asyncio.create_task(coordinator.run())
