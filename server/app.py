@@ -543,7 +543,9 @@ async def _assemble(
         limiters["requests"] = RateLimiter(
             config.request_rate, config.request_burst, clock.monotonic
         )
-    access_servicer = AccessServicer(auth, access, hub, limiters.get("requests"))
+    access_servicer = AccessServicer(
+        auth, access, hub, limiters.get("requests"), links=Links(config.web_url)
+    )
     enroll_limits = None
     if config.enroll_rate is not None:
         enroll_limits = (
