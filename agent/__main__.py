@@ -403,12 +403,14 @@ async def _serve(
     def reload() -> None:
         # SIGHUP: what can change live (the log level); the rest needs a restart.
         sdnotify.reloading()
+        log = logging.getLogger("agent")
         try:
             fresh = agent_settings.load(loaded.config_file, loaded.flags)
         except AgentError as exc:
-            logging.getLogger("agent").error("configuration not reloaded: %s", exc)
+            log.error("configuration not reloaded", extra={"error": str(exc)})
         else:
             logs.set_level(fresh.values["log_level"])
+            log.info("configuration reloaded", extra={"log_level": fresh.values["log_level"]})
         sdnotify.ready()
 
     for signum in (signal.SIGTERM, signal.SIGINT):

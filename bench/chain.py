@@ -27,7 +27,7 @@ import psycopg
 
 from jitmesh.types import Grant, GrantState, OfflineMode, OfflinePolicy, Request, RequestState
 from server.domain.audit import verify_chain
-from server.domain.models import AuditEntry, CommandKind, new_id
+from server.domain.models import AuditEntry, AuditKind, CommandKind, new_id
 from server.domain.ports import Tx
 from server.store.postgres import PostgresStore, with_schema
 
@@ -80,7 +80,11 @@ async def _run(dsn: str, mode: str, seconds: float, tasks: int, agents: int) -> 
                     await tx.insert_grants([grant])
                     await tx.append_commands([(agent, CommandKind.GRANT, grant.id, T0)])
                     if mode != "no-chain":
-                        kinds = ("request.created", "request.approved", "grant.created")
+                        kinds = (
+                            AuditKind.REQUEST_CREATED,
+                            AuditKind.REQUEST_APPROVED,
+                            AuditKind.GRANT_CREATED,
+                        )
                         await tx.audit_many(
                             [AuditEntry(kind, "alice", T0, grant_id=grant.id) for kind in kinds]
                         )

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import secrets
 import time
-from collections import Counter
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,11 +28,12 @@ import psycopg
 from jitmesh import Client
 from server.shared import new_key
 from server.store.postgres import with_schema
-from tests.support.swarm import Swarm, SwarmAgent, SwarmSettings
+from tests.support.swarm import Swarm, SwarmSettings
 
 from .procs import DevCoordinator, free_port
-from .scenarios import HOUR, MS, Sizes, _fanout_round, _run_links, _say, _throughput
+from .scenarios import HOUR, MS, Sizes, _fanout_round, _say, _throughput
 from .stats import Scenario, median, percentile
+from .swarmproc import SwarmProcesses, run_links
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 REAL = (
@@ -62,11 +60,14 @@ class _SetUp:
             self.coords.append(DevCoordinator(root / f"r{i}", free_port(), extra=extra))
         self.root = root
 
+    async def start_coordinators(self) -> None:
+        for coord in self.coords:  # one after the other: the first makes the shared keys
+            await coord.start()
+
     async def start(self, agents: int, *, fail_over: bool = False) -> None:
         """Start the replicas and a swarm for each; with `fail_over`, every agent is given
         all replicas' addresses, its own first (as a real agent's --coordinator A,B)."""
-        for coord in self.coords:  # one after the other: the first makes the shared keys
-            await coord.start()
+        await self.start_coordinators()
         share = agents // len(self.coords)
         for i, coord in enumerate(self.coords):
             others = [c.address for c in self.coords if c is not coord] if fail_over else []
@@ -85,7 +86,7 @@ class _SetUp:
                 )
             )
             self.swarms.append(swarm)
-            self.tasks.append(asyncio.create_task(_run_links(swarm)))
+            self.tasks.append(asyncio.create_task(run_links(swarm)))
         for swarm in self.swarms:
             await swarm.wait_connected(share, within=max(60.0, agents / 10))
 
@@ -230,37 +231,24 @@ async def run(tmp: Path, sizes: Sizes) -> list[Scenario]:
     return scenarios
 
 
-def _count_drops(agents: Sequence[SwarmAgent]) -> Counter[str]:
-    """From now on, counts per agent each time its engine goes from connected to lost (the
-    link calls `coordinator_lost` whenever a stream ends or an attempt fails; only the calls
-    while connected are an established stream ending)."""
-    drops: Counter[str] = Counter()
-    for agent in agents:
-        engine = agent.engine
-        lost = engine.coordinator_lost
-
-        async def counted(name: str = agent.name, engine: Any = engine, lost: Any = lost) -> None:
-            if engine.connected:
-                drops[name] += 1
-            await lost()
-
-        # The instance attribute shadows the method: the link calls through it.
-        setattr(engine, "coordinator_lost", counted)  # noqa: B010
-    return drops
-
-
+# Swarm processes per replica in scenario 17.
+FAILOVER_PROCESSES = 2
 REAL_FAILOVER = (
     "two `jitmesh-coordinator dev --store postgresql://` processes on one database (local "
-    "PostgreSQL 15); swarm agents in the bench process (real Link + Engine), half on each "
-    "replica, each given both addresses (its own first); no baseline"
+    f"PostgreSQL 15); swarm agents in {2 * FAILOVER_PROCESSES} processes (bench/swarmproc.py: "
+    "real Link + Engine, the real agents' reconnect schedule), half on each replica, each given "
+    "both addresses (its own first); no baseline"
 )
 
 
 async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
     """Scenario 17: SIGKILL the replica holding half the agents; the seconds until each of
-    them is served by the other replica (a Welcome from it after the kill)."""
-    n = max(20, min(sizes.agents // 10, 1000))
-    scenario = Scenario("17 failover, 2 replicas", f"{n} agents, {n // 2} on the killed replica",
+    them is served by the other replica (a Welcome from it after the kill). The agents run in
+    `FAILOVER_PROCESSES` processes per replica (bench/swarmproc.py) on the real agents'
+    reconnect schedule, each given both addresses, its own replica's first."""
+    n = sizes.agents
+    half = n // 2
+    scenario = Scenario("17 failover, 2 replicas", f"{n} agents, {half} on the killed replica",
                         REAL_FAILOVER)  # fmt: skip
     started = time.monotonic()
     why = await _reachable(DSN)
@@ -271,61 +259,64 @@ async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
     async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
         await conn.execute(f"CREATE SCHEMA {schema}")
     setup = _SetUp(tmp, "failover", 2, with_schema(DSN, schema))
+    parts = SwarmProcesses(setup.root)
     try:
-        _say(f"failover: two replicas on PostgreSQL, {n} agents")
-        await setup.start(n, fail_over=True)
-        survivor, victim = setup.swarms
-        moving = victim.agents
-        drops = _count_drops(survivor.agents)
-        # The same count on the agents that move: each should show its one break at the kill
-        # (the check that the count sees a stream ending).
-        moved_drops = _count_drops(moving)
+        _say(f"failover: two replicas on PostgreSQL, {n} agents in swarm processes")
+        await setup.start_coordinators()
+        survivor_coord, victim_coord = setup.coords
+        survivors = await parts.start(
+            f"{survivor_coord.address},{victim_coord.address}", survivor_coord.join_token,
+            setup.root / "credentials-0", half, FAILOVER_PROCESSES, prefix="r0-agent",
+        )  # fmt: skip
+        victims = await parts.start(
+            f"{victim_coord.address},{survivor_coord.address}", victim_coord.join_token,
+            setup.root / "credentials-1", half, FAILOVER_PROCESSES, prefix="r1-agent",
+        )  # fmt: skip
+        connect_s = await parts.until(
+            lambda: sum(parts.connected) >= 2 * half, max(120.0, n / 20), f"{n} connected"
+        )
+        scenario.extra["first_connect_and_enroll_s"] = connect_s
         killed_at = datetime.now(UTC)
+        # From here on, each process counts its agents' stream ends and Welcomes (the report
+        # answers once the watch is taken).
+        await parts.watch(killed_at)
+        await parts.report(survivors + victims)
         t_kill = time.monotonic()
-        setup.coords[1].kill()
-        marks = {50: math.nan, 90: math.nan, 99: math.nan, 100: math.nan}
-        pending = list(moving)
-        deadline = t_kill + 60.0
-        while pending and time.monotonic() < deadline:
-            still = []
-            for agent in pending:
-                contact = (await agent.store.meta()).last_contact_at
-                # Served again: connected, with a Welcome after the kill (only the other
-                # replica is left to give one).
-                if not (contact is not None and contact > killed_at and agent.engine.connected):
-                    still.append(agent)
-            pending = still
-            back = len(moving) - len(pending)
-            now = time.monotonic()
-            for pct in marks:
-                if math.isnan(marks[pct]) and back * 100 >= pct * len(moving):
-                    marks[pct] = now - t_kill
-            await asyncio.sleep(0.05)
+        victim_coord.kill()
+        with contextlib.suppress(TimeoutError):
+            await parts.until(
+                lambda: all(i in parts.done for i in victims), 60.0, "all moved agents served"
+            )
+        marks = parts.marks(half, (50, 90, 99, 100), victims)
         for pct, at in marks.items():
             scenario.add(
-                f"{pct} % served by the other replica", at * MS, unit="ms",
+                f"{pct} % served by the other replica", (at - t_kill) * MS, unit="ms",
                 target="<= 10 s" if pct == 100 else "",
             )  # fmt: skip
-        scenario.add("left behind", float(len(pending)), unit="agents", target="0")
+        moved = await parts.report(victims)
+        stayed = await parts.report(survivors)
+        back = parts.agents_back(victims)
+        scenario.add("left behind", float(half - back), unit="agents", target="0")
         scenario.add(
-            "survivor's agents disconnected during failover", float(len(drops)), unit="agents",
-            target="0",
+            "survivor's agents disconnected during failover", float(stayed["dropped"]),
+            unit="agents", target="0",
             note="agents of the replica that stayed up whose stream ended at any moment from "
             "the SIGKILL until the last moved agent was served (every connected -> lost "
             "transition of each engine counted, not sampled)",
         )  # fmt: skip
-        scenario.extra["survivor_stream_ends"] = sum(drops.values())
-        scenario.extra["moved_agents_stream_ends"] = sum(moved_drops.values())
-        undisturbed = len(survivor.agents) - survivor.connected()
+        scenario.extra["survivor_stream_ends"] = stayed["stream_ends"]
+        scenario.extra["moved_agents_stream_ends"] = moved["stream_ends"]
         scenario.add(
-            "survivor's own agents disconnected at the end", float(undisturbed), unit="agents",
-            target="0",
+            "survivor's own agents disconnected at the end", float(half - stayed["connected"]),
+            unit="agents", target="0",
         )  # fmt: skip
         scenario.extra["measured_from"] = "SIGKILL of the second replica"
+        scenario.extra["swarm_processes"] = 2 * FAILOVER_PROCESSES
     except Exception as exc:  # reported; what was measured stays
         if not scenario.rows:
             scenario.error = f"{type(exc).__name__}: {exc}"
     finally:
+        await parts.stop()
         await setup.stop()
         async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -9,7 +9,6 @@ import hashlib
 import itertools
 import logging
 import math
-import os
 import sqlite3
 import sys
 import time
@@ -31,7 +30,7 @@ from server.domain.policy import DEV_POLICY
 from server.domain.receivers import DeliveryState
 from server.store.base import SqlOutbox
 from server.store.sqlite import SqliteOutbox, SqliteStore
-from tests.support.swarm import Swarm, SwarmAgent, SwarmSettings, raise_fd_limit
+from tests.support.swarm import Swarm, SwarmAgent, SwarmSettings
 
 from . import baseline as bl
 from .delivery import delivery
@@ -47,6 +46,7 @@ from .procs import (
 )
 from .receiver import arrivals
 from .stats import Scenario, median, percentile
+from .swarmproc import SwarmProcesses, run_links
 from .waiting import until
 
 log = logging.getLogger("bench")
@@ -65,7 +65,14 @@ JOIN = "jmj_bench-join-token"
 HOOK_SECRET = "bench-webhook-secret"  # noqa: S105 - the bench's own receiver ignores it
 HOUR = timedelta(hours=1)
 MS = 1000.0
+# Scenario 6's swarm processes (bench/swarmproc.py).
+SWARM_PROCESSES = 4
 
+RECONNECT_FLEET = (
+    "real: jitmesh-coordinator dev process, SIGKILLed and restarted on its data directory; the "
+    f"swarm's agents in {SWARM_PROCESSES} processes (bench/swarmproc.py: real Link + Engine per "
+    "agent, one TCP connection each, the real agents' reconnect schedule)"
+)
 REAL_LOCAL = (
     "real: in-process coordinator (gRPC, SQLite, policy, audit), a real jitmesh-agent process "
     "(SQLite lease table, file enforcer), SDK over gRPC; baseline: raw grpc.aio stream to a "
@@ -498,23 +505,7 @@ async def _approve_once(
     return latency
 
 
-# Scenarios 3, 4, 5 and 6: a real coordinator process and a swarm of agents.
-
-
-class _LinkDowns(logging.Handler):
-    """Counts the swarm's "link down" records: each one is a stream that ended or failed."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.count = 0
-        # Of those, the attempts refused by admission control (RESOURCE_EXHAUSTED, a hint).
-        self.pushed_back = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == "link down":
-            self.count += 1
-            if getattr(record, "reason", "") == "RESOURCE_EXHAUSTED":
-                self.pushed_back += 1
+# Scenarios 3, 4 and 5: a real coordinator process and a swarm of agents in this process.
 
 
 async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
@@ -526,13 +517,12 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
         f"{sizes.callers} callers x {sizes.throughput_seconds:.0f} s over {n} agents",
         REAL_FLEET,
     )
-    reconnect = Scenario("6 reconnect", f"{n} agents", REAL_FLEET)
-    scenarios = [capacity, throughput, fanout, reconnect]
+    scenarios = [capacity, throughput, fanout]
     started = time.monotonic()
-    downs = _LinkDowns()
+    quiet = logging.NullHandler()  # the swarm's "link down" lines, not on the console
     link_log = logging.getLogger("agent.rpc.link")
     link_log.setLevel(logging.WARNING)
-    link_log.addHandler(downs)
+    link_log.addHandler(quiet)
     link_log.propagate = False
     (tmp / "fleet").mkdir()
     coord = DevCoordinator(tmp / "fleet" / "coordinator", free_port())
@@ -563,7 +553,7 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
                 welcome_timeout=60.0,
             )
         )
-        tasks.append(asyncio.create_task(_run_links(swarm)))
+        tasks.append(asyncio.create_task(run_links(swarm)))
         _say(f"fleet: {n} swarm agents enrolling and connecting")
         connect_s = await swarm.wait_connected(n, within=max(120.0, n / 20))
         _say(f"fleet: {n} agents connected in {connect_s:.1f} s")
@@ -627,96 +617,6 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
                 "baseline: first push until the last ack is back at the server"
             )
 
-        if _wanted("6"):
-            _say("fleet: reconnect after SIGKILL")
-            # 6. reconnect after SIGKILL.
-            for client in clients:
-                await client.close()
-            clients.clear()
-            downs.count = downs.pushed_back = 0
-            t_kill = time.monotonic()
-            coord.kill()
-            with contextlib.suppress(TimeoutError):
-                await swarm.wait_disconnected(within=10.0)
-            reconnect.extra["still_connected_at_restart"] = swarm.connected()
-            noticed = time.monotonic() - t_kill
-            marks = {50: math.nan, 90: math.nan, 99: math.nan, 100: math.nan}
-            deadline = t_kill + max(120.0, n / 50)
-            back = 0
-
-            async def watch() -> None:
-                nonlocal back
-                # Only the agents not yet seen back are looked at, every 100 ms: walking all 10,000
-                # every 20 ms was a sixth of the swarm process's CPU, slowing the very reconnects
-                # it timed.
-                pending = list(swarm.agents)
-                while time.monotonic() < deadline:
-                    # Back: connected, with contact noted after the restart began (the Welcome from
-                    # the new process; the replay of its log follows on the same stream).
-                    still = []
-                    for agent in pending:
-                        contact = (await agent.store.meta()).last_contact_at
-                        if not (
-                            contact is not None and contact > restart_at and agent.engine.connected
-                        ):
-                            still.append(agent)
-                    pending = still
-                    back = n - len(pending)
-                    now = time.monotonic()
-                    for pct in marks:
-                        if math.isnan(marks[pct]) and back * 100 >= pct * n:
-                            marks[pct] = now - t_kill
-                    if back >= n:
-                        return
-                    await asyncio.sleep(0.1)
-
-            restart_at = datetime.now(UTC)
-            watcher = asyncio.create_task(watch())
-            await coord.start()
-            up = time.monotonic() - t_kill
-            # With --profile: the restarted coordinator and the swarm's own process (py-spy takes a
-            # second to attach, during which this process is blocked: profile runs only).
-            with (
-                _profiled(coord.pid, "reconnect", tmp),
-                _profiled(os.getpid(), "reconnect-swarm", tmp),
-            ):
-                await watcher
-            reconnect.add(
-                "links noticed the kill",
-                noticed * MS,
-                unit="ms",
-                note="from the SIGKILL until every link saw its stream break (at most 10 s: the "
-                "coordinator is restarted then)",
-            )
-            reconnect.add(
-                "coordinator serving again",
-                up * MS,
-                unit="ms",
-                note="from the SIGKILL until the restarted process has written dev.env (listening, "
-                "store open)",
-            )
-            for pct, at in marks.items():
-                reconnect.add(
-                    f"{pct} % back", at * MS, unit="ms", target="<= 30 s" if pct == 100 else ""
-                )
-            reconnect.add(
-                "failed attempts",
-                float(max(0, downs.count - n - downs.pushed_back)),
-                unit="",
-                note="connection attempts that ended without a stream other than by admission "
-                "control: refused or reset while the coordinator was down or starting (each "
-                "agent's own break at the kill is not counted)",
-            )
-            reconnect.add(
-                "pushed back",
-                float(downs.pushed_back),
-                unit="",
-                note="attempts the restarted coordinator refused at once with a retry hint "
-                "(admission control), each agent then waiting the hint, never less than its "
-                "schedule",
-            )
-            reconnect.add("left behind", float(n - back), unit="agents", target="0")
-            reconnect.extra["measured_from"] = "SIGKILL; restarted once the links saw it (<= 10 s)"
     except Exception as exc:  # reported per scenario; what was measured stays
         log.exception("fleet scenarios failed")
         for scenario in scenarios:
@@ -731,11 +631,105 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
         coord.stop()
         for child in children:
             child.stop()
-        link_log.removeHandler(downs)
+        link_log.removeHandler(quiet)
     elapsed = time.monotonic() - started
     for s in scenarios:
         s.seconds = elapsed
     return scenarios
+
+
+async def reconnect(tmp: Path, sizes: Sizes) -> list[Scenario]:
+    """Scenario 6: a fleet in `SWARM_PROCESSES` processes on the real agents' reconnect schedule
+    (bench/swarmproc.py: one process cannot redial 10,000 links fast enough to measure the
+    coordinator) enrolls and connects; the coordinator is SIGKILLed and restarted on its data
+    directory once every link saw its stream break; timed from the kill until 50/90/99/100 % of
+    the agents have a Welcome from the new process."""
+    n = sizes.agents
+    scenario = Scenario("6 reconnect", f"{n} agents", RECONNECT_FLEET)
+    started = time.monotonic()
+    (tmp / "reconnect").mkdir()
+    coord = DevCoordinator(tmp / "reconnect" / "coordinator", free_port())
+    try:
+        await coord.start()
+        await _reconnect(scenario, coord, tmp / "reconnect", n)
+    except Exception as exc:  # reported per scenario; what was measured stays
+        log.exception("reconnect scenario failed")
+        if not scenario.rows:
+            scenario.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        coord.stop()
+    scenario.seconds = time.monotonic() - started
+    return [scenario]
+
+
+async def _reconnect(reconnect: Scenario, coord: DevCoordinator, tmp: Path, n: int) -> None:
+    _say(f"reconnect: {n} agents in {SWARM_PROCESSES} processes enrolling and connecting")
+    parts = SwarmProcesses(tmp)
+    try:
+        await parts.start(coord.address, coord.join_token, tmp / "credentials", n, SWARM_PROCESSES)
+        connect_s = await parts.until(
+            lambda: sum(parts.connected) >= n, max(120.0, n / 20), f"{n} connected"
+        )
+        _say(f"reconnect: {n} agents connected in {connect_s:.1f} s; SIGKILL")
+        reconnect.extra["swarm_processes"] = SWARM_PROCESSES
+        reconnect.extra["first_connect_and_enroll_s"] = connect_s
+        t_kill = time.monotonic()
+        coord.kill()
+        with contextlib.suppress(TimeoutError):
+            await parts.until(lambda: sum(parts.connected) == 0, 10.0, "all disconnected")
+        reconnect.extra["still_connected_at_restart"] = sum(parts.connected)
+        noticed = time.monotonic() - t_kill
+        restart_at = datetime.now(UTC)
+        await parts.watch(restart_at)
+        await coord.start()
+        up = time.monotonic() - t_kill
+        with contextlib.ExitStack() as profiles:
+            # With --profile: the restarted coordinator and the first swarm process.
+            profiles.enter_context(_profiled(coord.pid, "reconnect", tmp))
+            profiles.enter_context(_profiled(parts.pids[0], "reconnect-swarm", tmp))
+            with contextlib.suppress(TimeoutError):
+                await parts.until(
+                    lambda: len(parts.done) == SWARM_PROCESSES, max(120.0, n / 50), "all back"
+                )
+        marks = {pct: at - t_kill for pct, at in parts.marks(n, (50, 90, 99, 100)).items()}
+        back = parts.agents_back()
+        downs = sum(int(d["downs"]) for d in parts.done.values())  # type: ignore[call-overload]
+        pushed_back = sum(int(d["pushed_back"]) for d in parts.done.values())  # type: ignore[call-overload]
+    finally:
+        await parts.stop()
+    reconnect.add(
+        "links noticed the kill",
+        noticed * MS,
+        unit="ms",
+        note="from the SIGKILL until every link saw its stream break (at most 10 s: the "
+        "coordinator is restarted then)",
+    )
+    reconnect.add(
+        "coordinator serving again",
+        up * MS,
+        unit="ms",
+        note="from the SIGKILL until the restarted process has written dev.env (listening, "
+        "store open)",
+    )
+    for pct, at in marks.items():
+        reconnect.add(f"{pct} % back", at * MS, unit="ms", target="<= 30 s" if pct == 100 else "")
+    reconnect.add(
+        "failed attempts",
+        float(max(0, downs - pushed_back)),
+        unit="",
+        note="connection attempts after the restart began that ended without a stream other "
+        "than by admission control: refused or reset while the coordinator was starting",
+    )
+    reconnect.add(
+        "pushed back",
+        float(pushed_back),
+        unit="",
+        note="attempts the restarted coordinator refused at once with a retry hint (admission "
+        "control), each agent then waiting the hint, never less than its schedule",
+    )
+    reconnect.add("left behind", float(n - back), unit="agents", target="0")
+    reconnect.extra["measured_from"] = "SIGKILL; restarted once the links saw it (<= 10 s)"
+    reconnect.extra["schedule"] = "the real agents': base 1 s, cap 15 s, full jitter"
 
 
 async def _fanout_rounds(
@@ -824,7 +818,7 @@ async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
                 ca_pem=coord.ca_file.read_bytes(),
             )
         )
-        tasks.append(asyncio.create_task(_run_links(swarm)))
+        tasks.append(asyncio.create_task(run_links(swarm)))
         _say(f"fleet-tls: {n} swarm agents enrolling (CSR) and connecting (mTLS)")
         connect_s = await swarm.wait_connected(n, within=max(120.0, n / 20))
         _say(f"fleet-tls: {n} agents connected in {connect_s:.1f} s")
@@ -865,20 +859,6 @@ async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
             child.stop()
     fanout.seconds = time.monotonic() - started
     return [fanout]
-
-
-async def _run_links(swarm: Swarm) -> None:
-    """Like `Swarm.run`, without each engine's expiry loop: it wakes every second per agent
-    (to notice wall-clock jumps), which at 10,000 agents in one process is a core's worth of
-    wake-ups measuring the swarm, not the coordinator. Nothing expires during the benchmark
-    (grants last an hour); every command still goes through the real Engine."""
-    raise_fd_limit()
-    for agent in swarm.agents:
-        await agent.store.claim(agent.name, f"swarm-{agent.name}")
-        await agent.engine.start()
-    async with asyncio.TaskGroup() as tasks:
-        for agent in swarm.agents:
-            tasks.create_task(agent.link.run())
 
 
 @contextlib.contextmanager

@@ -24,8 +24,9 @@ from jitmesh import Client
 from tests.support.swarm import Swarm, SwarmSettings
 
 from .procs import Child, DevCoordinator, bin_path, cpu_seconds, free_port, spawn
-from .scenarios import HOUR, MS, Sizes, _accepting, _run_links, _say
+from .scenarios import HOUR, MS, Sizes, _accepting, _say
 from .stats import Scenario, percentile
+from .swarmproc import run_links
 
 PENDING = 100
 REAL = (
@@ -109,7 +110,7 @@ async def run(tmp: Path, sizes: Sizes) -> list[Scenario]:
                 labels={"env": "prod"},
             )
         )
-        task = asyncio.create_task(_run_links(swarm))
+        task = asyncio.create_task(run_links(swarm))
         await swarm.wait_connected(1, within=60)
         agent = swarm.agents[0].name
         async with await Client.connect(

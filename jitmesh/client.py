@@ -212,6 +212,14 @@ def _transport_hint(message: str, trust: str) -> str:
             "the TLS handshake failed (a development coordinator speaks plain text: use "
             f"--insecure or {tls.ENV_INSECURE}=1 for it on loopback)"
         )
+    if trust == "plain text" and "Socket closed" in message:
+        # A TLS server hangs up on the plain HTTP/2 preface at once: a shell that once sourced
+        # a dev coordinator's dev.env (JITMESH_INSECURE=1) pointed at a `serve` coordinator.
+        return (
+            "it closed the plain-text connection at once (a coordinator started with `serve` "
+            f"speaks TLS: leave out --insecure and unset {tls.ENV_INSECURE}, and give its CA "
+            f"with --ca-file or {tls.ENV_CA_FILE})"
+        )
     return message or "the coordinator is unavailable"
 
 

@@ -376,6 +376,7 @@ def agent(msg: types_pb2.Agent) -> types.Agent:
         last_seq=msg.last_seq,
         active_grants=msg.active_grants,
         replica=msg.replica,
+        compatibility=msg.compatibility,
     )
 
 
@@ -391,6 +392,7 @@ def agent_to_proto(value: types.Agent) -> types_pb2.Agent:
         last_seq=value.last_seq,
         active_grants=value.active_grants,
         replica=value.replica,
+        compatibility=value.compatibility,
     )
 
 

@@ -254,6 +254,10 @@ class Agent:
     active_grants: int = 0
     # The coordinator replica holding the agent's stream ('' when none does).
     replica: str = ""
+    # How the answering coordinator serves this agent's version (docs/wire.md, "Mixed
+    # versions"): "supported" (its own minor version), "compat" (one minor older, served the
+    # older wire), "refused" (to upgrade before it can connect); "" while no version is known.
+    compatibility: str = ""
 
 
 @dataclass(frozen=True, slots=True)

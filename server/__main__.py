@@ -692,7 +692,7 @@ def _reload(config_file: Path | None, flags: dict[str, object]) -> None:
     try:
         fresh = load_settings(config_file, dict(flags))
     except SettingsError as exc:
-        log.error("configuration not reloaded: %s", exc)
+        log.error("configuration not reloaded", extra={"error": str(exc)})
     else:
         logs.set_level(fresh.log_level)
         log.info("configuration reloaded", extra={"log_level": fresh.log_level})

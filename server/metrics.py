@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from jitmesh import telemetry as t
 from jitmesh.types import AuditEvent, GrantState
+from server.domain.models import AuditKind
 from server.settings import split_listen
 
 if TYPE_CHECKING:
@@ -34,13 +35,13 @@ REFRESH_EVERY: Final = 5.0
 # Decision to agent ack: tens of milliseconds on a LAN, seconds for an agent that was away.
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 STORE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
-REQUEST_OUTCOMES: Final = {
-    "request.created": "created",
-    "request.approved": "approved",
-    "request.denied": "denied",
-    "request.cancelled": "cancelled",
-    "request.expired": "expired",
-    "request.refused": "refused",
+REQUEST_OUTCOMES: Final[dict[str, str]] = {
+    AuditKind.REQUEST_CREATED: "created",
+    AuditKind.REQUEST_APPROVED: "approved",
+    AuditKind.REQUEST_DENIED: "denied",
+    AuditKind.REQUEST_CANCELLED: "cancelled",
+    AuditKind.REQUEST_EXPIRED: "expired",
+    AuditKind.REQUEST_REFUSED: "refused",
 }
 LIVE_STATES: Final = tuple(s.value for s in GrantState if not s.terminal)
 
@@ -110,9 +111,9 @@ class CoordinatorMetrics:
             if outcome is not None:
                 self.requests.labels(outcome).inc(count)
         for event in events:
-            if event.kind == "grant.applied":
+            if event.kind == AuditKind.GRANT_APPLIED:
                 histogram = self.push_latency
-            elif event.kind in ("grant.revoked", "grant.released"):
+            elif event.kind in (AuditKind.GRANT_REVOKED, AuditKind.GRANT_RELEASED):
                 histogram = self.revoke_latency
             else:
                 continue

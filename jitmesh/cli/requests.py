@@ -153,8 +153,18 @@ async def _create(
     if not out.structured:
         # Show the id at once: it is what approvers are told while we wait.
         out.show(output.request_details(request, out.now, grant))
-    with out.waiting(f"waiting for request {request.id} to be decided"):
-        final = await client.wait_for_request(request.id, until=settled, timeout=wait_timeout)
+    with out.waiting(f"waiting for request {request.id} to be decided") as say:
+
+        def done(snapshot: Request) -> bool:
+            # The spinner says which part is left: the decision, or the host applying it.
+            if snapshot.state is RequestState.SCHEDULED:
+                say(f"request {snapshot.id} approved; waiting for its start")
+            elif snapshot.state is RequestState.APPROVED and snapshot.grant_id:
+                say(f"request approved; waiting for agent {snapshot.agent} to apply grant "
+                    f"{snapshot.grant_id}")  # fmt: skip
+            return settled(snapshot)
+
+        final = await client.wait_for_request(request.id, until=done, timeout=wait_timeout)
     grant = await client.get_grant(final.grant_id) if final.grant_id else None
     failure = wait_failure(final, grant)
     if out.structured:

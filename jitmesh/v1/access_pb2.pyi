@@ -55,11 +55,15 @@ class CreateRequestRequest(_message.Message):
     agent: _builtins.str
     """The agent; empty when `selector` names several."""
     action: _builtins.str
+    """The action asked for, one of the policy's catalogue (`deploy`)."""
     reason: _builtins.str
+    """Why: shown to approvers and audited; some rules require it."""
     ticket: _builtins.str
     """Since 0.2 (issue 11): a ticket id, checked against the rule's pattern."""
     @_builtins.property
-    def duration(self) -> _duration_pb2.Duration: ...
+    def duration(self) -> _duration_pb2.Duration:
+        """How long the grant should last (at most the rule's max_duration)."""
+
     @_builtins.property
     def start_at(self) -> _timestamp_pb2.Timestamp:
         """Since 0.2: a scheduled start (the request is SCHEDULED between approval and start)."""
@@ -98,7 +102,9 @@ class CreateRequestResponse(_message.Message):
     reused: _builtins.bool
     """Since 0.2."""
     @_builtins.property
-    def request(self) -> _types_pb2.AccessRequest: ...
+    def request(self) -> _types_pb2.AccessRequest:
+        """The request as stored (PENDING, or APPROVED with its grant)."""
+
     @_builtins.property
     def grant(self) -> _types_pb2.Grant:
         """Set when the policy approved the request at once (or a live grant was reused: then
@@ -131,6 +137,7 @@ class GetRequestRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The request to read (req-...)."""
     def __init__(
         self,
         *,
@@ -155,9 +162,13 @@ class ListRequestsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     REVIEWABLE_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
+    """Only requests by this user (empty: any the caller may read)."""
     agent: _builtins.str
+    """Only requests for this agent (empty: any)."""
     page_size: _builtins.int
+    """At most this many per page (0: the server's default)."""
     page_token: _builtins.str
+    """A previous response's next_page_token (empty: the first page)."""
     reviewable: _builtins.bool
     """Since 0.2 (issue 11): only requests the caller may review now (pending, in a stage whose
     groups or users include the caller, not the caller's own).
@@ -191,8 +202,11 @@ class ListRequestsResponse(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass it to get the next page; empty on the last."""
     @_builtins.property
-    def requests(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.AccessRequest]: ...
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.AccessRequest]:
+        """One page."""
+
     def __init__(
         self,
         *,
@@ -216,8 +230,11 @@ class ReviewRequestRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     ON_BEHALF_OF_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The request reviewed (req-...)."""
     decision: _types_pb2.ReviewDecision.ValueType
+    """Approve or deny; a denial decides at once."""
     reason: _builtins.str
+    """Why, audited and shown to the requester."""
     on_behalf_of: _builtins.str
     """Since 0.2 (issue 13): review for this mapped user. Only a caller holding a delegated
     token (scope "review-on-behalf") may set it; the user's own eligibility is checked, and
@@ -246,7 +263,9 @@ class ReviewRequestResponse(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     GRANT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def request(self) -> _types_pb2.AccessRequest: ...
+    def request(self) -> _types_pb2.AccessRequest:
+        """The request after this review (still PENDING if more are needed)."""
+
     @_builtins.property
     def grant(self) -> _types_pb2.Grant:
         """Set when this review completed the approval."""
@@ -271,6 +290,7 @@ class CancelRequestRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The pending request its requester withdraws."""
     def __init__(
         self,
         *,
@@ -320,6 +340,7 @@ class GetGrantRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The grant to read (grt-...)."""
     def __init__(
         self,
         *,
@@ -343,11 +364,17 @@ class ListGrantsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
+    """Only grants held by this user (empty: any the caller may read)."""
     agent: _builtins.str
+    """Only grants on this agent (empty: any)."""
     page_size: _builtins.int
+    """At most this many per page (0: the server's default)."""
     page_token: _builtins.str
+    """A previous response's next_page_token (empty: the first page)."""
     @_builtins.property
-    def states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.GrantState.ValueType]: ...
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.GrantState.ValueType]:
+        """Only grants in these states (empty: every state)."""
+
     def __init__(
         self,
         *,
@@ -372,8 +399,11 @@ class ListGrantsResponse(_message.Message):
     GRANTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass it to get the next page; empty on the last."""
     @_builtins.property
-    def grants(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Grant]: ...
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Grant]:
+        """One page."""
+
     def __init__(
         self,
         *,
@@ -395,7 +425,9 @@ class RevokeGrantRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The grant to end (grt-...)."""
     reason: _builtins.str
+    """Why, audited."""
     def __init__(
         self,
         *,
@@ -416,6 +448,7 @@ class ReleaseGrantRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The grant its holder ends early."""
     def __init__(
         self,
         *,
@@ -438,8 +471,11 @@ class ExtendGrantRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     TICKET_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The grant to extend in place (same id, later not_after)."""
     reason: _builtins.str
+    """Why more time is needed, audited (some rules require it)."""
     ticket: _builtins.str
+    """A ticket id when the rule requires one."""
     @_builtins.property
     def by(self) -> _duration_pb2.Duration:
         """How much later the grant should end (from its current not_after)."""
@@ -547,7 +583,9 @@ class RequestOption(_message.Message):
     GRANTED_TIME_LEFT_FIELD_NUMBER: _builtins.int
     LIVE_GRANT_ID_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
+    """An agent the caller may ask for access on."""
     action: _builtins.str
+    """An action the caller may ask for on that agent."""
     automatic_left: _builtins.int
     """Automatic approvals left in the rule's rolling budget (when it has one) and granted time
     left; unset when the rule has no budget.
@@ -555,15 +593,21 @@ class RequestOption(_message.Message):
     live_grant_id: _builtins.str
     """A live grant the caller holds for this agent and action (a request would reuse it)."""
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The agent's labels."""
+
     @_builtins.property
-    def max_duration(self) -> _duration_pb2.Duration: ...
+    def max_duration(self) -> _duration_pb2.Duration:
+        """The longest duration the matching rule allows."""
+
     @_builtins.property
     def plan(self) -> _types_pb2.ApprovalPlan:
         """The plan a request would be pinned to now (stages, reason and ticket rules, automatic)."""
 
     @_builtins.property
-    def granted_time_left(self) -> _duration_pb2.Duration: ...
+    def granted_time_left(self) -> _duration_pb2.Duration:
+        """Time left on a live grant the caller already holds for it (unset: none)."""
+
     def __init__(
         self,
         *,
@@ -593,8 +637,11 @@ class ListRequestOptionsResponse(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     policy_version: _builtins.int
+    """The policy version the options were computed from."""
     @_builtins.property
-    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestOption]: ...
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestOption]:
+        """Every agent and action the caller may request, by the policy now in force."""
+
     def __init__(
         self,
         *,

@@ -93,13 +93,21 @@ class AgentMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     ACKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def hello(self) -> Global___Hello: ...
+    def hello(self) -> Global___Hello:
+        """First message on every stream."""
+
     @_builtins.property
-    def ack(self) -> Global___Ack: ...
+    def ack(self) -> Global___Ack:
+        """The result of applying one command."""
+
     @_builtins.property
-    def event(self) -> Global___AgentEvent: ...
+    def event(self) -> Global___AgentEvent:
+        """Something observed on the host, for the audit log."""
+
     @_builtins.property
-    def heartbeat(self) -> Global___Heartbeat: ...
+    def heartbeat(self) -> Global___Heartbeat:
+        """Liveness, every Welcome.heartbeat_interval."""
+
     @_builtins.property
     def acks(self) -> Global___AckBatch:
         """Since 0.2: several acks in one message (the agent applied several commands in one
@@ -136,13 +144,21 @@ class CoordinatorMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     PUSHBACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def welcome(self) -> Global___Welcome: ...
+    def welcome(self) -> Global___Welcome:
+        """The answer to Hello: where the command log resumes."""
+
     @_builtins.property
-    def command(self) -> Global___Command: ...
+    def command(self) -> Global___Command:
+        """One signed command of the agent's log."""
+
     @_builtins.property
-    def event_ack(self) -> Global___EventAck: ...
+    def event_ack(self) -> Global___EventAck:
+        """Events stored: the agent may drop them from its outbox."""
+
     @_builtins.property
-    def heartbeat(self) -> Global___Heartbeat: ...
+    def heartbeat(self) -> Global___Heartbeat:
+        """Liveness."""
+
     @_builtins.property
     def pushback(self) -> Global___RetryHint:
         """Since 0.2: sent just before the coordinator ends the stream with RESOURCE_EXHAUSTED
@@ -219,7 +235,9 @@ class Hello(_message.Message):
     boot_id: _builtins.str
     """Changes on every host boot; with agent_time it lets the coordinator judge the agent's clock."""
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The agent's labels as it knows them (informational)."""
+
     @_builtins.property
     def active_grant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Grants the agent holds now (lease ACTIVE, started or waiting for not_before). Since 0.2 the
@@ -228,7 +246,9 @@ class Hello(_message.Message):
         """
 
     @_builtins.property
-    def agent_time(self) -> _timestamp_pb2.Timestamp: ...
+    def agent_time(self) -> _timestamp_pb2.Timestamp:
+        """The agent's wall clock when it sent the Hello."""
+
     @_builtins.property
     def breakglass(self) -> _containers.RepeatedCompositeFieldContainer[Global___BreakglassUse]:
         """Since 0.2: break-glass leases the agent granted on its own (a code used while cut off or
@@ -283,11 +303,15 @@ class Welcome(_message.Message):
     BREAKGLASS_KEYS_FIELD_NUMBER: _builtins.int
     BREAKGLASS_KEYS_SIGNATURE_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
+    """The cluster epoch (see CommandBody.epoch); the agent keeps the highest."""
     resume_after_seq: _builtins.int
     """Commands with seq greater than this follow on the stream (or a snapshot does)."""
     agent: _builtins.str
+    """The agent's name as the coordinator knows it (from its credential)."""
     keys_key_id: _builtins.str
+    """The pinned key that signed the key lists (signing_keys, breakglass_keys)."""
     keys_signature: _builtins.bytes
+    """Signature over signing_keys (jitmesh/keyset.py)."""
     version: _builtins.str
     """Since 0.2: the coordinator's software version ("0.2.0"). An agent refuses (and logs why) a
     coordinator whose version it cannot understand: see docs/wire.md, "Mixed versions". Empty
@@ -298,10 +322,15 @@ class Welcome(_message.Message):
     that replica; unique among the replicas sharing one store). Informational for the agent.
     """
     breakglass_keys_signature: _builtins.bytes
+    """Signature over breakglass_keys, under keys_key_id."""
     @_builtins.property
-    def coordinator_time(self) -> _timestamp_pb2.Timestamp: ...
+    def coordinator_time(self) -> _timestamp_pb2.Timestamp:
+        """The coordinator's clock: the agent measures its skew from it."""
+
     @_builtins.property
-    def heartbeat_interval(self) -> _duration_pb2.Duration: ...
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """How often the agent sends a Heartbeat on this stream."""
+
     @_builtins.property
     def signing_keys(self) -> _containers.RepeatedCompositeFieldContainer[_agents_pb2.SigningKey]:
         """The coordinator's command-signing public keys now valid (after a rotation: the new key and
@@ -359,9 +388,13 @@ class Command(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    """The command's place in the agent's log (same as in the body)."""
     body: _builtins.bytes
+    """A serialized CommandBody: verified before it is parsed."""
     key_id: _builtins.str
+    """Which of the coordinator's signing keys signed `body`."""
     signature: _builtins.bytes
+    """Ed25519 signature over `body`."""
     def __init__(
         self,
         *,
@@ -402,18 +435,27 @@ class CommandBody(_message.Message):
     rises). Agents refuse commands from an epoch lower than the highest they have seen.
     """
     seq: _builtins.int
+    """Gap-free sequence number in this agent's command log."""
     replica: _builtins.str
     """Since 0.2: the replica that signed the command (Welcome.replica of the stream it was
     first sent on). Covered by the signature, so an agent's log names who sent what.
     """
     @_builtins.property
-    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    def issued_at(self) -> _timestamp_pb2.Timestamp:
+        """When the coordinator stored the command."""
+
     @_builtins.property
-    def grant(self) -> Global___GrantCommand: ...
+    def grant(self) -> Global___GrantCommand:
+        """Apply a grant (or, same grant id, move its end)."""
+
     @_builtins.property
-    def revoke(self) -> Global___RevokeCommand: ...
+    def revoke(self) -> Global___RevokeCommand:
+        """Remove a grant."""
+
     @_builtins.property
-    def snapshot(self) -> Global___SnapshotCommand: ...
+    def snapshot(self) -> Global___SnapshotCommand:
+        """Replace everything the agent holds (resume too far behind)."""
+
     @_builtins.property
     def lock(self) -> Global___LockCommand:
         """Since 0.2 (never sent to a 0.1 agent: it gets the GrantCommand/RevokeCommand equivalent
@@ -421,9 +463,13 @@ class CommandBody(_message.Message):
         """
 
     @_builtins.property
-    def unlock(self) -> Global___UnlockCommand: ...
+    def unlock(self) -> Global___UnlockCommand:
+        """Lift a lock the agent keeps."""
+
     @_builtins.property
-    def extend(self) -> Global___ExtendCommand: ...
+    def extend(self) -> Global___ExtendCommand:
+        """Never sent (see ExtendCommand)."""
+
     def __init__(
         self,
         *,
@@ -461,15 +507,25 @@ class GrantCommand(_message.Message):
     OFFLINE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     grant_id: _builtins.str
+    """The grant (grt-...): the lease's id on the host."""
     subject: _builtins.str
+    """The user who gets the access."""
     action: _builtins.str
+    """What the access is; the enforcers map it to privileges."""
     request_id: _builtins.str
+    """The request that led to the grant (for the host's audit)."""
     @_builtins.property
-    def not_before(self) -> _timestamp_pb2.Timestamp: ...
+    def not_before(self) -> _timestamp_pb2.Timestamp:
+        """The access starts here (the agent waits for it)."""
+
     @_builtins.property
-    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def not_after(self) -> _timestamp_pb2.Timestamp:
+        """The access ends here, removed by the agent on its own clock."""
+
     @_builtins.property
-    def offline(self) -> _types_pb2.OfflinePolicy: ...
+    def offline(self) -> _types_pb2.OfflinePolicy:
+        """What to do while the coordinator cannot be reached."""
+
     def __init__(
         self,
         *,
@@ -496,7 +552,9 @@ class RevokeCommand(_message.Message):
     GRANT_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     grant_id: _builtins.str
+    """The grant to remove; unknown ids become tombstones."""
     reason: Global___RevokeReason.ValueType
+    """Why, for the agent's log and event."""
     def __init__(
         self,
         *,
@@ -526,8 +584,11 @@ class SnapshotCommand(_message.Message):
     LOCKS_FIELD_NUMBER: _builtins.int
     LOCKS_COMPLETE_FIELD_NUMBER: _builtins.int
     locks_complete: _builtins.bool
+    """True when `locks` is the complete set (a 0.2 snapshot)."""
     @_builtins.property
-    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantCommand]: ...
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantCommand]:
+        """Every grant the agent should hold now."""
+
     @_builtins.property
     def tombstones(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Grant ids that must never be applied again (revoked before their grant arrived, or revoked
@@ -571,10 +632,13 @@ class LockCommand(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     lock_id: _builtins.str
+    """The lock (lck-...)."""
     subject: _builtins.str
     """Empty fields match anything: both empty locks the whole host."""
     action: _builtins.str
+    """Empty: any action."""
     reason: _builtins.str
+    """Why, for the agent's log."""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """Unset: until an UnlockCommand (or a snapshot without it)."""
@@ -604,6 +668,7 @@ class UnlockCommand(_message.Message):
 
     LOCK_ID_FIELD_NUMBER: _builtins.int
     lock_id: _builtins.str
+    """The lock to lift."""
     def __init__(
         self,
         *,
@@ -631,10 +696,13 @@ class ExtendCommand(_message.Message):
     NOT_AFTER_FIELD_NUMBER: _builtins.int
     EXTENSION_FIELD_NUMBER: _builtins.int
     grant_id: _builtins.str
+    """The grant it would have extended."""
     extension: _builtins.int
     """How many extensions the grant has had, this one included (1, 2, ...): informational."""
     @_builtins.property
-    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def not_after(self) -> _timestamp_pb2.Timestamp:
+        """The new end it would have carried."""
+
     def __init__(
         self,
         *,
@@ -660,7 +728,9 @@ class Ack(_message.Message):
     GRANT_ID_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    """The command acknowledged."""
     status: Global___AckStatus.ValueType
+    """What the agent did with it."""
     reason: _builtins.str
     """Free text for people and the audit log; never parsed."""
     grant_id: _builtins.str
@@ -699,6 +769,7 @@ class GrantResult(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     APPLIED_AT_FIELD_NUMBER: _builtins.int
     grant_id: _builtins.str
+    """A grant or tombstone the snapshot named."""
     status: Global___AckStatus.ValueType
     """For a grant: APPLIED (held now, or scheduled to start at not_before), REJECTED (refused:
     expired, tombstoned, ...), FAILED (an enforcer could not apply it). For a tombstone:
@@ -706,6 +777,7 @@ class GrantResult(_message.Message):
     failed (retried by the agent).
     """
     reason: _builtins.str
+    """Free text for people (why REJECTED or FAILED); never parsed."""
     @_builtins.property
     def applied_at(self) -> _timestamp_pb2.Timestamp:
         """When the agent first applied the grant, by its own clock (may be before the snapshot when
@@ -736,7 +808,9 @@ class AckBatch(_message.Message):
 
     ACKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Ack]: ...
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Ack]:
+        """The acks, in the order the agent applied the commands."""
+
     def __init__(
         self,
         *,
@@ -766,12 +840,17 @@ class RetryHint(_message.Message):
     UNDELIVERED_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
+    """Why, for people and logs."""
     agent: _builtins.str
     """For per-agent pushback: the agent, its undelivered commands and the bound."""
     undelivered: _builtins.int
+    """The agent's commands not yet acknowledged."""
     limit: _builtins.int
+    """The bound on undelivered commands per agent."""
     @_builtins.property
-    def retry_after(self) -> _duration_pb2.Duration: ...
+    def retry_after(self) -> _duration_pb2.Duration:
+        """Wait at least this long before trying again."""
+
     def __init__(
         self,
         *,
@@ -831,16 +910,23 @@ class AgentEvent(_message.Message):
     kind: _builtins.str
     """e.g. grant.expired, grant.applied, grant.removed, grant.revoke_failed, drift.removed"""
     grant_id: _builtins.str
+    """The grant concerned (empty when none)."""
     subject: _builtins.str
+    """The user concerned (empty when none)."""
     action: _builtins.str
+    """The action concerned (empty when none)."""
     counter: _builtins.int
     """1, 2, 3, ... per agent in the order the agent recorded its events (restarting at 1 only
     when its lease table was replaced): a jump tells the coordinator that events were lost.
     """
     @_builtins.property
-    def observed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def observed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the agent saw it, by its own clock."""
+
     @_builtins.property
-    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What else the agent knows, as text (at most 16 keys kept)."""
+
     @_builtins.property
     def exec(self) -> Global___ExecRecord:
         """kinds exec.started and exec.exited"""
@@ -899,19 +985,25 @@ class ExecRecord(_message.Message):
     command: _builtins.str
     """argv[0] and the argument count: arguments may hold secrets and are not sent."""
     argc: _builtins.int
+    """The number of arguments after argv[0]."""
     run_as: _builtins.str
     """The local user the command ran as, and its process id."""
     pid: _builtins.int
+    """The command's process id on the host."""
     exit_code: _builtins.int
     """exec.exited only: the exit code (or 128+N for signal N), the signal's name when one ended
     it, how long it ran, and why it ended: "exited", "revoked", "expired", "locked".
     """
     signal: _builtins.str
+    """exec.exited: the signal that ended it (SIGTERM), empty if it exited."""
     cause: _builtins.str
+    """exec.exited: exited, revoked, expired or locked."""
     released: _builtins.bool
     """Whether the grant was released because the command ended (`exec --release`)."""
     @_builtins.property
-    def duration(self) -> _duration_pb2.Duration: ...
+    def duration(self) -> _duration_pb2.Duration:
+        """exec.exited: how long it ran."""
+
     def __init__(
         self,
         *,
@@ -947,7 +1039,9 @@ class SessionsEnded(_message.Message):
     CAUSE_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
     user: _builtins.str
+    """The local user whose processes were ended."""
     processes: _builtins.int
+    """How many processes were signalled."""
     cause: _builtins.str
     """"revoked", "expired", "locked", "released" """
     scope: _builtins.str
@@ -991,13 +1085,19 @@ class BreakglassUse(_message.Message):
     can only ever make one lease ("bg-" + code id).
     """
     subject: _builtins.str
+    """The user the code was issued for."""
     action: _builtins.str
+    """The action the code allows."""
     caller: _builtins.str
     """The local user who presented it (from SO_PEERCRED), "root" or the subject."""
     @_builtins.property
-    def used_at(self) -> _timestamp_pb2.Timestamp: ...
+    def used_at(self) -> _timestamp_pb2.Timestamp:
+        """When the code was used, by the agent's clock."""
+
     @_builtins.property
-    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def not_after(self) -> _timestamp_pb2.Timestamp:
+        """When the lease it made ends."""
+
     def __init__(
         self,
         *,
@@ -1024,7 +1124,9 @@ class EventAck(_message.Message):
 
     EVENT_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def event_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def event_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The AgentEvents stored (the agent drops them from its outbox)."""
+
     def __init__(
         self,
         *,
@@ -1044,7 +1146,9 @@ class Heartbeat(_message.Message):
 
     SENT_AT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def sent_at(self) -> _timestamp_pb2.Timestamp: ...
+    def sent_at(self) -> _timestamp_pb2.Timestamp:
+        """The sender's clock when it sent the heartbeat."""
+
     def __init__(
         self,
         *,

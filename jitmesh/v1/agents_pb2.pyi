@@ -28,7 +28,9 @@ class ListAgentsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """At most this many per page (0: the server's default)."""
     page_token: _builtins.str
+    """A previous response's next_page_token (empty: the first page)."""
     def __init__(
         self,
         *,
@@ -50,8 +52,11 @@ class ListAgentsResponse(_message.Message):
     AGENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass it to get the next page; empty on the last."""
     @_builtins.property
-    def agents(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Agent]: ...
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Agent]:
+        """One page."""
+
     def __init__(
         self,
         *,
@@ -72,6 +77,7 @@ class GetAgentRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The agent to read."""
     def __init__(
         self,
         *,
@@ -122,7 +128,9 @@ class CreateJoinTokenRequest(_message.Message):
         """The enrolled agent gets exactly these labels; an agent asking for others is refused."""
 
     @_builtins.property
-    def ttl(self) -> _duration_pb2.Duration: ...
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long the token may be used (default 1h, at most 7 days)."""
+
     def __init__(
         self,
         *,
@@ -174,10 +182,15 @@ class CreateJoinTokenResponse(_message.Message):
     ListJoinTokens), the labels the enrolled agent will get, and the agent it replaces.
     """
     replaces: _builtins.str
+    """The enrolled agent this token may replace (empty: none)."""
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """After this the token enrolls nothing."""
+
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The labels an agent enrolling with it gets."""
+
     def __init__(
         self,
         *,
@@ -234,18 +247,29 @@ class JoinTokenInfo(_message.Message):
     id: _builtins.str
     """A prefix of the token's hash (like TokenInfo.id)."""
     replaces: _builtins.str
+    """The enrolled agent the token may replace (empty: none)."""
     created_by: _builtins.str
+    """Who made it."""
     uses_left: _builtins.int
     """Uses left; unset for the reusable development token."""
     revoked_by: _builtins.str
+    """Who revoked it."""
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The labels an agent enrolling with it gets."""
+
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was made."""
+
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """After this it enrolls nothing."""
+
     @_builtins.property
-    def revoked_at(self) -> _timestamp_pb2.Timestamp: ...
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was revoked (unset: not revoked)."""
+
     @_builtins.property
     def used_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Agents enrolled with it."""
@@ -280,6 +304,7 @@ class ListJoinTokensRequest(_message.Message):
 
     INCLUDE_ENDED_FIELD_NUMBER: _builtins.int
     include_ended: _builtins.bool
+    """Also list used up, expired and revoked tokens."""
     def __init__(
         self,
         *,
@@ -299,7 +324,9 @@ class ListJoinTokensResponse(_message.Message):
 
     TOKENS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___JoinTokenInfo]: ...
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___JoinTokenInfo]:
+        """The join tokens (never the secrets)."""
+
     def __init__(
         self,
         *,
@@ -320,7 +347,9 @@ class RevokeJoinTokenRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The token's id (never the token itself)."""
     reason: _builtins.str
+    """Why, audited."""
     def __init__(
         self,
         *,
@@ -341,6 +370,7 @@ class RemoveAgentRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The agent to remove: it can no longer connect, and its live grants become REVOKE_FAILED."""
     def __init__(
         self,
         *,
@@ -398,11 +428,15 @@ class EnrollRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     CSR_FIELD_NUMBER: _builtins.int
     join_token: _builtins.str
+    """The one-time join token (secret; never logged)."""
     name: _builtins.str
+    """The name the agent asks for (unique in the mesh)."""
     csr: _builtins.bytes
     """PEM certificate signing request (mTLS enrollment); empty for bearer credentials."""
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels asked for: refused unless the token gives the same."""
+
     def __init__(
         self,
         *,
@@ -430,11 +464,13 @@ class EnrollResponse(_message.Message):
     SIGNING_KEYS_FIELD_NUMBER: _builtins.int
     AGENT_PORT_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
+    """The name the agent is enrolled under."""
     credential: _builtins.str
     """Bearer credential for AgentLink.Connect, shown once; the coordinator keeps only its hash."""
     certificate: _builtins.bytes
     """PEM certificate and CA chain when the agent sent a CSR."""
     ca_bundle: _builtins.bytes
+    """PEM CA certificates the agent trusts for the coordinator from now on."""
     agent_port: _builtins.int
     """With mTLS: the port (same host as the enrollment address) where AgentLink requires the
     certificate.
@@ -488,7 +524,9 @@ class RenewCertificateResponse(_message.Message):
     CERTIFICATE_FIELD_NUMBER: _builtins.int
     CA_BUNDLE_FIELD_NUMBER: _builtins.int
     certificate: _builtins.bytes
+    """The agent's new client certificate (PEM)."""
     ca_bundle: _builtins.bytes
+    """The CA certificates to trust (PEM), possibly rotated."""
     def __init__(
         self,
         *,
@@ -511,10 +549,13 @@ class SigningKey(_message.Message):
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
+    """The key's id (named by Command.key_id and signatures)."""
     public_key: _builtins.bytes
     """Raw Ed25519 public key."""
     @_builtins.property
-    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def not_after(self) -> _timestamp_pb2.Timestamp:
+        """The key verifies nothing signed after this."""
+
     def __init__(
         self,
         *,

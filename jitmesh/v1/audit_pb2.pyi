@@ -36,19 +36,29 @@ class ListEventsRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TO_SEQ_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
+    """Only events about this agent (empty: any)."""
     subject: _builtins.str
+    """Only events about this user (empty: any)."""
     kind: _builtins.str
+    """Only events of this kind (docs/concepts.md lists them; empty: any)."""
     after_seq: _builtins.int
+    """Only events after this sequence number."""
     page_size: _builtins.int
+    """At most this many per page (0: the server's default, at most 5,000)."""
     page_token: _builtins.str
+    """A previous response's next_page_token (empty: the first page)."""
     grant_id: _builtins.str
+    """Only events about this grant (empty: any)."""
     request_id: _builtins.str
+    """Only events about this request (empty: any)."""
     to_seq: _builtins.int
     """Since 0.2 (issue 12): an inclusive upper bound (0: none). With after_seq = FROM - 1 it
     selects the range FROM..TO for `audit export --from --to`.
     """
     @_builtins.property
-    def since(self) -> _timestamp_pb2.Timestamp: ...
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Only events at or after this instant (unset: from the start)."""
+
     def __init__(
         self,
         *,
@@ -79,12 +89,15 @@ class ListEventsResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass it to get the next page; empty on the last."""
     head_seq: _builtins.int
     """Since 0.2: the chain head's seq when the page was read (an export knows where the live
     chain stands).
     """
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.AuditEvent]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.AuditEvent]:
+        """One page, in sequence order."""
+
     def __init__(
         self,
         *,
@@ -110,6 +123,7 @@ class TailEventsRequest(_message.Message):
 
     AFTER_SEQ_FIELD_NUMBER: _builtins.int
     after_seq: _builtins.int
+    """Resume after this sequence number (the last one you stored)."""
     def __init__(
         self,
         *,
@@ -148,11 +162,15 @@ class VerifyChainResponse(_message.Message):
     PROBLEM_FIELD_NUMBER: _builtins.int
     HEAD_HASH_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
+    """True when every hash and checkpoint verified."""
     events_checked: _builtins.int
+    """How many events were checked."""
     first_bad_seq: _builtins.int
     """The first bad entry (0 if ok) and what is wrong with it."""
     problem: _builtins.str
+    """What is wrong at first_bad_seq, for people (empty when ok)."""
     head_hash: _builtins.str
+    """The hash of the last event checked."""
     def __init__(
         self,
         *,
@@ -197,10 +215,15 @@ class AuditCheckpoint(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    """The last event the checkpoint covers."""
     hash: _builtins.str
+    """That event's hash."""
     at_ms: _builtins.int
+    """When the checkpoint was made, in Unix milliseconds."""
     key_id: _builtins.str
+    """The signing key that signed it."""
     signature: _builtins.bytes
+    """The signature of the checkpoint, by key_id."""
     def __init__(
         self,
         *,
@@ -225,9 +248,13 @@ class ListCheckpointsResponse(_message.Message):
     CHECKPOINTS_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditCheckpoint]: ...
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditCheckpoint]:
+        """Every checkpoint, oldest first."""
+
     @_builtins.property
-    def keys(self) -> _containers.RepeatedCompositeFieldContainer[_agents_pb2.SigningKey]: ...
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[_agents_pb2.SigningKey]:
+        """The public keys that verify them."""
+
     def __init__(
         self,
         *,

@@ -36,10 +36,15 @@ class BreakglassGrant(_message.Message):
     ISSUED_BY_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     code_id: _builtins.str
+    """The code's id; a code makes at most one lease."""
     agent: _builtins.str
+    """The only agent that accepts the code."""
     subject: _builtins.str
+    """The user the code is for."""
     action: _builtins.str
+    """The action it allows."""
     issued_by: _builtins.str
+    """The admin who issued it."""
     epoch: _builtins.int
     """The cluster epoch when it was issued (informational: codes outlive epochs until expiry)."""
     @_builtins.property
@@ -47,7 +52,9 @@ class BreakglassGrant(_message.Message):
         """How long access lasts from the moment of use."""
 
     @_builtins.property
-    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    def issued_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was issued."""
+
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """The code is refused after this instant (never unset: every code expires)."""
@@ -87,8 +94,11 @@ class BreakglassCode(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     body: _builtins.bytes
+    """A serialized BreakglassGrant, verified before it is parsed."""
     key_id: _builtins.str
+    """The signing key that signed `body`."""
     signature: _builtins.bytes
+    """Ed25519 signature over `body`."""
     def __init__(
         self,
         *,
@@ -116,13 +126,19 @@ class IssueBreakglassCodesRequest(_message.Message):
     COUNT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
+    """The agent the codes are for."""
     subject: _builtins.str
+    """The user the codes are for."""
     action: _builtins.str
+    """The action the codes allow."""
     count: _builtins.int
     """How many codes (each single-use); 0 means 1."""
     reason: _builtins.str
+    """Why, audited."""
     @_builtins.property
-    def duration(self) -> _duration_pb2.Duration: ...
+    def duration(self) -> _duration_pb2.Duration:
+        """How long a lease made from a code lasts."""
+
     @_builtins.property
     def valid_for(self) -> _duration_pb2.Duration:
         """How long the codes stay usable (bounded by the coordinator's configured maximum)."""
@@ -155,7 +171,9 @@ class IssuedBreakglassCode(_message.Message):
     code: _builtins.str
     """Shown once; the coordinator keeps only its id and hash."""
     @_builtins.property
-    def info(self) -> Global___BreakglassCodeInfo: ...
+    def info(self) -> Global___BreakglassCodeInfo:
+        """What the code is and allows (the code itself is beside it)."""
+
     def __init__(
         self,
         *,
@@ -176,7 +194,9 @@ class IssueBreakglassCodesResponse(_message.Message):
 
     CODES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def codes(self) -> _containers.RepeatedCompositeFieldContainer[Global___IssuedBreakglassCode]: ...
+    def codes(self) -> _containers.RepeatedCompositeFieldContainer[Global___IssuedBreakglassCode]:
+        """Each code with what it allows; hand them over out of band."""
+
     def __init__(
         self,
         *,
@@ -211,27 +231,45 @@ class BreakglassCodeInfo(_message.Message):
     REVIEW_NOTE_FIELD_NUMBER: _builtins.int
     VOIDED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The code's id."""
     agent: _builtins.str
+    """The only agent that accepts it."""
     subject: _builtins.str
+    """The user it is for."""
     action: _builtins.str
+    """The action it allows."""
     issued_by: _builtins.str
+    """The admin who issued it."""
     reason: _builtins.str
+    """Why it was issued."""
     grant_id: _builtins.str
+    """The grant adopted from its use (empty: not used)."""
     used_by: _builtins.str
+    """Who presented it on the host."""
     reviewed_by: _builtins.str
+    """The admin who reviewed it."""
     review_note: _builtins.str
+    """The reviewer's note."""
     @_builtins.property
-    def duration(self) -> _duration_pb2.Duration: ...
+    def duration(self) -> _duration_pb2.Duration:
+        """How long its lease lasts."""
+
     @_builtins.property
-    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    def issued_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was issued."""
+
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """After this the agent refuses it."""
+
     @_builtins.property
     def used_at(self) -> _timestamp_pb2.Timestamp:
         """Set once the agent reported the use."""
 
     @_builtins.property
-    def reviewed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def reviewed_at(self) -> _timestamp_pb2.Timestamp:
+        """When an admin reviewed its use (unset: not yet)."""
+
     @_builtins.property
     def voided_at(self) -> _timestamp_pb2.Timestamp:
         """Since 0.2: set when the code was voided before use, its signing key having leaked
@@ -277,7 +315,9 @@ class ListBreakglassCodesRequest(_message.Message):
     unreviewed: _builtins.bool
     """Only used codes nobody has reviewed yet."""
     agent: _builtins.str
+    """Only codes for this agent (empty: any)."""
     subject: _builtins.str
+    """Only codes for this user (empty: any)."""
     include_expired: _builtins.bool
     """By default codes that are unused and expired are left out."""
     def __init__(
@@ -302,7 +342,9 @@ class ListBreakglassCodesResponse(_message.Message):
 
     CODES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def codes(self) -> _containers.RepeatedCompositeFieldContainer[Global___BreakglassCodeInfo]: ...
+    def codes(self) -> _containers.RepeatedCompositeFieldContainer[Global___BreakglassCodeInfo]:
+        """The codes that match (never the codes themselves)."""
+
     def __init__(
         self,
         *,
@@ -323,7 +365,9 @@ class ReviewBreakglassUseRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The id of the code that was used."""
     note: _builtins.str
+    """What the reviewer found, audited."""
     def __init__(
         self,
         *,

@@ -45,9 +45,13 @@ class CreateTokenRequest(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
     user: _builtins.str
+    """The user the token authenticates."""
     label: _builtins.str
+    """A note to tell tokens apart (`jitctl token create --note`)."""
     @_builtins.property
-    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The user's groups (they decide what the policy allows)."""
+
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """Default 30 days, at most 365 days: every token expires."""
@@ -85,7 +89,9 @@ class CreateTokenResponse(_message.Message):
     token: _builtins.str
     """Shown once; the coordinator keeps only its hash."""
     @_builtins.property
-    def info(self) -> Global___TokenInfo: ...
+    def info(self) -> Global___TokenInfo:
+        """The token's record (the secret itself only in `token`)."""
+
     def __init__(
         self,
         *,
@@ -115,15 +121,23 @@ class TokenInfo(_message.Message):
     id: _builtins.str
     """A prefix of the token's hash: names it without revealing it."""
     user: _builtins.str
+    """The user it authenticates."""
     label: _builtins.str
+    """The note given at creation."""
     source: _builtins.str
     """Since 0.2: "local" (made by an admin) or "oidc" (from ExchangeIdToken)."""
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was made."""
+
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """After this it authenticates nothing."""
+
     @_builtins.property
-    def revoked_at(self) -> _timestamp_pb2.Timestamp: ...
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was revoked (unset: not revoked)."""
+
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Since 0.2."""
@@ -154,6 +168,7 @@ class ListTokensRequest(_message.Message):
 
     USER_FIELD_NUMBER: _builtins.int
     user: _builtins.str
+    """Only this user's tokens (empty: every user's)."""
     def __init__(
         self,
         *,
@@ -173,7 +188,9 @@ class ListTokensResponse(_message.Message):
 
     TOKENS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenInfo]: ...
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenInfo]:
+        """The tokens (never the secrets)."""
+
     def __init__(
         self,
         *,
@@ -193,6 +210,7 @@ class RevokeTokenRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The token to revoke (its id, never the token)."""
     def __init__(
         self,
         *,
@@ -228,7 +246,9 @@ class SetUserDisabledRequest(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     DISABLED_FIELD_NUMBER: _builtins.int
     user: _builtins.str
+    """The user."""
     disabled: _builtins.bool
+    """True to disable (every token refused), false to enable."""
     def __init__(
         self,
         *,
@@ -267,6 +287,7 @@ class RevokeCertificateRequest(_message.Message):
     serial: _builtins.str
     """The certificate's serial number in hexadecimal (as `openssl x509 -serial` prints it)."""
     reason: _builtins.str
+    """Why, audited."""
     def __init__(
         self,
         *,
@@ -308,15 +329,21 @@ class UserInfo(_message.Message):
     MANAGED_BY_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The user's name (case-folded)."""
     disabled: _builtins.bool
+    """True while disabled."""
     managed_by: _builtins.str
     """"local" (groups set by admins) or "oidc" (groups from the identity provider at sign-in);
     never both.
     """
     @_builtins.property
-    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The user's groups."""
+
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the user was first known."""
+
     def __init__(
         self,
         *,
@@ -342,9 +369,13 @@ class SetUserGroupsRequest(_message.Message):
     GROUPS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     user: _builtins.str
+    """The user."""
     reason: _builtins.str
+    """Why, audited."""
     @_builtins.property
-    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The complete new list of groups."""
+
     def __init__(
         self,
         *,
@@ -368,6 +399,7 @@ class ExchangeIdTokenRequest(_message.Message):
     NONCE_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     id_token: _builtins.str
+    """An OpenID Connect ID token from the configured issuer (secret)."""
     nonce: _builtins.str
     """The nonce the client put in its authorization request."""
     @_builtins.property
@@ -399,9 +431,13 @@ class ExchangeIdTokenResponse(_message.Message):
     token: _builtins.str
     """Shown once."""
     @_builtins.property
-    def info(self) -> Global___TokenInfo: ...
+    def info(self) -> Global___TokenInfo:
+        """The short-lived token's record."""
+
     @_builtins.property
-    def user(self) -> Global___UserInfo: ...
+    def user(self) -> Global___UserInfo:
+        """The user signed in."""
+
     def __init__(
         self,
         *,
@@ -441,11 +477,15 @@ class SignInConfig(_message.Message):
     SCOPES_FIELD_NUMBER: _builtins.int
     AUDIENCE_FIELD_NUMBER: _builtins.int
     issuer: _builtins.str
+    """The OpenID Connect issuer URL (empty: sign-in is off)."""
     client_id: _builtins.str
+    """The client id to sign in with."""
     audience: _builtins.str
     """The audience the coordinator expects in ID tokens (usually client_id)."""
     @_builtins.property
-    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The scopes to ask for."""
+
     def __init__(
         self,
         *,

@@ -30,8 +30,11 @@ class LockTarget(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
+    """The user locked (empty: any)."""
     agent: _builtins.str
+    """The agent locked (empty: any)."""
     action: _builtins.str
+    """The action locked (empty: any)."""
     def __init__(
         self,
         *,
@@ -61,20 +64,31 @@ class Lock(_message.Message):
     LIFTED_BY_FIELD_NUMBER: _builtins.int
     LIFT_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The lock's id (lck-...)."""
     reason: _builtins.str
+    """Why, audited."""
     created_by: _builtins.str
+    """The admin who created it."""
     lifted_by: _builtins.str
+    """The admin who lifted it."""
     lift_reason: _builtins.str
+    """Why it was lifted."""
     @_builtins.property
-    def target(self) -> Global___LockTarget: ...
+    def target(self) -> Global___LockTarget:
+        """What it matches."""
+
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """Unset: in force until lifted."""
 
     @_builtins.property
-    def lifted_at(self) -> _timestamp_pb2.Timestamp: ...
+    def lifted_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was lifted (unset: not lifted)."""
+
     def __init__(
         self,
         *,
@@ -104,8 +118,11 @@ class CreateLockRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
+    """Why, audited."""
     @_builtins.property
-    def target(self) -> Global___LockTarget: ...
+    def target(self) -> Global___LockTarget:
+        """What to lock (at least one field set)."""
+
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """Optional: the lock ends by itself after this long."""
@@ -135,8 +152,11 @@ class CreateLockResponse(_message.Message):
     grants_revoked: _builtins.int
     """Grants moved to REVOKING by this lock, and pending requests denied."""
     requests_denied: _builtins.int
+    """Pending requests it denied."""
     @_builtins.property
-    def lock(self) -> Global___Lock: ...
+    def lock(self) -> Global___Lock:
+        """The lock as stored."""
+
     def __init__(
         self,
         *,
@@ -178,7 +198,9 @@ class ListLocksResponse(_message.Message):
 
     LOCKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def locks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lock]: ...
+    def locks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lock]:
+        """The locks that match."""
+
     def __init__(
         self,
         *,
@@ -199,7 +221,9 @@ class LiftLockRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The lock to lift."""
     reason: _builtins.str
+    """Why, audited."""
     def __init__(
         self,
         *,

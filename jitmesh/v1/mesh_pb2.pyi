@@ -42,7 +42,9 @@ class GrantStateCount(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     state: _types_pb2.GrantState.ValueType
+    """A grant state."""
     count: _builtins.int
+    """How many grants are in it."""
     def __init__(
         self,
         *,
@@ -64,7 +66,9 @@ class RequestStateCount(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     state: _types_pb2.RequestState.ValueType
+    """A request state."""
     count: _builtins.int
+    """How many requests are in it."""
     def __init__(
         self,
         *,
@@ -92,13 +96,21 @@ class Replica(_message.Message):
     LAST_SEEN_AT_FIELD_NUMBER: _builtins.int
     AGENTS_CONNECTED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The replica's identity (stable across its restarts)."""
     address: _builtins.str
+    """Where it listens."""
     version: _builtins.str
+    """Its software version."""
     agents_connected: _builtins.int
+    """Agents holding a stream to it."""
     @_builtins.property
-    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
     @_builtins.property
-    def last_seen_at(self) -> _timestamp_pb2.Timestamp: ...
+    def last_seen_at(self) -> _timestamp_pb2.Timestamp:
+        """When it last reported itself running."""
+
     def __init__(
         self,
         *,
@@ -138,26 +150,39 @@ class StatusResponse(_message.Message):
     version: _builtins.str
     """The answering coordinator's version and replica id."""
     replica: _builtins.str
+    """The answering replica's identity."""
     epoch: _builtins.int
+    """The cluster epoch."""
     agents_enrolled: _builtins.int
+    """Agents enrolled."""
     agents_connected: _builtins.int
+    """Agents with an open stream, to any replica."""
     revokes_unacknowledged: _builtins.int
     """Revoke commands sent and not yet acknowledged by their agent."""
     commands_unacknowledged: _builtins.int
     """Commands of any kind not yet acknowledged."""
     policy_version: _builtins.int
+    """The policy version in force."""
     audit_head_seq: _builtins.int
+    """The last audit event's sequence number."""
     locks_in_force: _builtins.int
+    """Locks not lifted or expired."""
     @_builtins.property
-    def coordinator_time(self) -> _timestamp_pb2.Timestamp: ...
+    def coordinator_time(self) -> _timestamp_pb2.Timestamp:
+        """The answering replica's clock."""
+
     @_builtins.property
-    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestStateCount]: ...
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestStateCount]:
+        """Requests by state."""
+
     @_builtins.property
     def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantStateCount]:
         """Grants not ended (and, for the last 24 hours, those ended) by state."""
 
     @_builtins.property
-    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Replica]: ...
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Replica]:
+        """Every replica seen recently on the same store."""
+
     def __init__(
         self,
         *,

@@ -108,11 +108,17 @@ class Route(_message.Message):
         """Event kinds (e.g. request.created, grant.expiring); empty means every notifiable kind."""
 
     @_builtins.property
-    def agent_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def agent_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only events about agents with all these labels (empty: any)."""
+
     @_builtins.property
-    def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events about these actions (empty: any)."""
+
     @_builtins.property
-    def rules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def rules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events about requests these policy rules matched (empty: any)."""
+
     def __init__(
         self,
         *,
@@ -164,8 +170,11 @@ class Receiver(_message.Message):
     CREATED_BY_FIELD_NUMBER: _builtins.int
     SETTINGS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The receiver's id."""
     name: _builtins.str
+    """Its unique name (`jitctl notify receiver add NAME`)."""
     kind: Global___ReceiverKind.ValueType
+    """Webhook, Slack or e-mail."""
     target: _builtins.str
     """The URL (webhook, Slack incoming webhook or API channel) or the e-mail addresses. Never a
     secret: URLs with secrets in them (Slack incoming webhooks) are stored as secrets and
@@ -176,10 +185,15 @@ class Receiver(_message.Message):
     itself is never returned.
     """
     created_by: _builtins.str
+    """The admin who added it."""
     @_builtins.property
-    def route(self) -> Global___Route: ...
+    def route(self) -> Global___Route:
+        """Which events it gets."""
+
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was added."""
+
     @_builtins.property
     def settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Added by issue 13's implementation: the kind's other settings, never secrets. Webhook:
@@ -223,8 +237,11 @@ class AddReceiverRequest(_message.Message):
     secret_file: a path on the coordinator's host read at send time.
     """
     secret_file: _builtins.str
+    """A file on the coordinator holding its secret (never the secret itself)."""
     @_builtins.property
-    def receiver(self) -> Global___Receiver: ...
+    def receiver(self) -> Global___Receiver:
+        """The receiver to add (id, created_at and created_by are set by the server)."""
+
     def __init__(
         self,
         *,
@@ -261,7 +278,9 @@ class ListReceiversResponse(_message.Message):
 
     RECEIVERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def receivers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Receiver]: ...
+    def receivers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Receiver]:
+        """Every receiver (secrets never included)."""
+
     def __init__(
         self,
         *,
@@ -281,6 +300,7 @@ class RemoveReceiverRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The receiver to remove."""
     def __init__(
         self,
         *,
@@ -325,20 +345,31 @@ class Delivery(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     GRANT_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The delivery's id."""
     receiver_id: _builtins.str
+    """The receiver it goes to."""
     audit_seq: _builtins.int
     """The audit event that made the notification."""
     event_kind: _builtins.str
+    """The audit kind of the event delivered."""
     state: Global___DeliveryState.ValueType
+    """Where the delivery stands."""
     attempts: _builtins.int
+    """Attempts so far."""
     last_error: _builtins.str
     """The last error (HTTP status, SMTP reply), never a secret."""
     request_id: _builtins.str
+    """The request the event is about (empty: none)."""
     grant_id: _builtins.str
+    """The grant the event is about (empty: none)."""
     @_builtins.property
-    def last_attempt_at(self) -> _timestamp_pb2.Timestamp: ...
+    def last_attempt_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was last tried (unset: not yet)."""
+
     @_builtins.property
-    def next_attempt_at(self) -> _timestamp_pb2.Timestamp: ...
+    def next_attempt_at(self) -> _timestamp_pb2.Timestamp:
+        """When it is tried next (unset: no more tries)."""
+
     def __init__(
         self,
         *,
@@ -371,8 +402,11 @@ class ListDeliveriesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     receiver_id: _builtins.str
+    """Only deliveries to this receiver (empty: any)."""
     page_size: _builtins.int
+    """At most this many per page (0: the server's default)."""
     page_token: _builtins.str
+    """A previous response's next_page_token (empty: the first page)."""
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___DeliveryState.ValueType]:
         """Empty means any."""
@@ -400,8 +434,11 @@ class ListDeliveriesResponse(_message.Message):
     DELIVERIES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass it to get the next page; empty on the last."""
     @_builtins.property
-    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Delivery]: ...
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Delivery]:
+        """One page."""
+
     def __init__(
         self,
         *,

@@ -48,10 +48,15 @@ class PolicyDocument(_message.Message):
     yaml: _builtins.str
     """The YAML text as applied."""
     version: _builtins.int
+    """Raised with every apply."""
     sha256: _builtins.str
+    """SHA-256 of `yaml`, hex."""
     applied_by: _builtins.str
+    """Who applied it."""
     @_builtins.property
-    def applied_at(self) -> _timestamp_pb2.Timestamp: ...
+    def applied_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was applied."""
+
     def __init__(
         self,
         *,
@@ -77,6 +82,7 @@ class ApplyPolicyRequest(_message.Message):
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     yaml: _builtins.str
+    """The whole policy document (YAML 1.2); validated before it applies."""
     expected_version: _builtins.int
     """When set, refuse unless the running version is this one (compare-and-set)."""
     dry_run: _builtins.bool
@@ -130,8 +136,11 @@ class TestPolicyRequest(_message.Message):
     POLICY_YAML_FIELD_NUMBER: _builtins.int
     AGENT_LABELS_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
+    """The user to test as (their groups come from the store)."""
     action: _builtins.str
+    """The action to test."""
     agent: _builtins.str
+    """The agent to test on (its labels come from the store)."""
     policy_yaml: _builtins.str
     """Since 0.2 (issue 10): test this policy document (YAML) instead of the running one; it is
     validated as ApplyPolicy would and never stored.
@@ -183,17 +192,27 @@ class TestPolicyResponse(_message.Message):
     PLAN_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
+    """Whether a request would be allowed."""
     rule: _builtins.str
+    """The rule that decided (empty when none matched)."""
     explanation: _builtins.str
     """Human-readable explanation: which rule matched, or why none did."""
     approval_required: _builtins.bool
+    """Whether people must approve it."""
     approvals_required: _builtins.int
+    """How many approvals (first stage)."""
     reason_required: _builtins.bool
+    """Whether a reason is required."""
     policy_version: _builtins.int
+    """The policy version tested."""
     @_builtins.property
-    def approver_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def approver_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Who may approve (first stage)."""
+
     @_builtins.property
-    def max_duration(self) -> _duration_pb2.Duration: ...
+    def max_duration(self) -> _duration_pb2.Duration:
+        """The longest duration the rule allows."""
+
     @_builtins.property
     def trace(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """One line per rule considered, in order."""

@@ -178,8 +178,11 @@ class OfflinePolicy(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     GRACE_FIELD_NUMBER: _builtins.int
     mode: Global___OfflineMode.ValueType
+    """Hold the grant, or remove it after `grace`."""
     @_builtins.property
-    def grace(self) -> _duration_pb2.Duration: ...
+    def grace(self) -> _duration_pb2.Duration:
+        """REVOKE_AFTER: how long without the coordinator before removal."""
+
     def __init__(
         self,
         *,
@@ -209,7 +212,9 @@ class Review(_message.Message):
     delegate).
     """
     decision: Global___ReviewDecision.ValueType
+    """Approve or deny."""
     reason: _builtins.str
+    """Why, as the reviewer gave it."""
     via: _builtins.str
     """Since 0.2: the delegate that relayed the review for `reviewer` ("slack"), empty when the
     reviewer called in person. Audited as "bob via slack".
@@ -217,7 +222,9 @@ class Review(_message.Message):
     stage: _builtins.int
     """Since 0.2: the index (0-based) of the approval stage this review counted for."""
     @_builtins.property
-    def reviewed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def reviewed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the review was recorded."""
+
     def __init__(
         self,
         *,
@@ -256,24 +263,37 @@ class ApprovalStage(_message.Message):
     APPROVED_BY_FIELD_NUMBER: _builtins.int
     PASSED_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The stage's name from the policy (stage-1 when unnamed)."""
     approvals: _builtins.int
+    """Distinct approvals the stage needs."""
     mode: Global___StageMode.ValueType
+    """How approvals count (ANY or ALL)."""
     state: Global___StageState.ValueType
     """Progress (not part of the pinned plan: filled in when a request is returned)."""
     @_builtins.property
-    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Groups whose members may approve."""
+
     @_builtins.property
-    def users(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def users(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Users who may approve."""
+
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """After this long open, the stage also accepts `escalation_groups`."""
 
     @_builtins.property
-    def escalation_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def escalation_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Groups that may approve after `timeout`."""
+
     @_builtins.property
-    def approved_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def approved_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Who approved in this stage so far."""
+
     @_builtins.property
-    def passed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def passed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the stage passed (unset: not yet)."""
+
     def __init__(
         self,
         *,
@@ -310,14 +330,19 @@ class ApprovalPlan(_message.Message):
     TICKET_PATTERN_FIELD_NUMBER: _builtins.int
     AUTOMATIC_FIELD_NUMBER: _builtins.int
     policy_version: _builtins.int
+    """The policy version the request was decided under."""
     rule: _builtins.str
+    """The rule that matched."""
     reason_required: _builtins.bool
+    """Whether the rule requires a reason."""
     ticket_pattern: _builtins.str
     """The pattern a ticket id must match, empty when no ticket is required."""
     automatic: _builtins.bool
     """True when the plan approves at once (no stage, within budget and window)."""
     @_builtins.property
-    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalStage]: ...
+    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalStage]:
+        """The approval stages, in order (none when automatic)."""
+
     @_builtins.property
     def pending_ttl(self) -> _duration_pb2.Duration:
         """How long the request may stay pending (the rule's pending lifetime)."""
@@ -394,19 +419,29 @@ class AccessRequest(_message.Message):
     CHANGE_SEQ_FIELD_NUMBER: _builtins.int
     LINK_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The request's id (req-...)."""
     subject: _builtins.str
+    """The user who asked (and would get the access)."""
     agent: _builtins.str
+    """The agent asked for (empty for a `selector` request)."""
     action: _builtins.str
+    """The action asked for."""
     reason: _builtins.str
+    """Why, as the requester gave it."""
     state: Global___RequestState.ValueType
+    """Where the request is in its lifecycle."""
     rule: _builtins.str
     """The policy rule that allowed the request."""
     approvals_required: _builtins.int
+    """0.1 view of the plan: approvals the first stage needs."""
     decided_by: _builtins.str
+    """Who decided it."""
     decision_reason: _builtins.str
+    """Why it was decided so."""
     grant_id: _builtins.str
     """Set once approved."""
     grant_state: Global___GrantState.ValueType
+    """The state of `grant_id` when the request was read."""
     current_stage: _builtins.int
     """Index of the stage waiting for approvals (meaningful while PENDING)."""
     ticket: _builtins.str
@@ -427,19 +462,29 @@ class AccessRequest(_message.Message):
     told jitmesh-web's address.
     """
     @_builtins.property
-    def duration(self) -> _duration_pb2.Duration: ...
+    def duration(self) -> _duration_pb2.Duration:
+        """How long the grant lasts once it starts."""
+
     @_builtins.property
-    def approver_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def approver_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """0.1 view of the plan: groups that may approve the first stage."""
+
     @_builtins.property
-    def reviews(self) -> _containers.RepeatedCompositeFieldContainer[Global___Review]: ...
+    def reviews(self) -> _containers.RepeatedCompositeFieldContainer[Global___Review]:
+        """Every review so far, in order."""
+
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was asked."""
+
     @_builtins.property
     def pending_expires_at(self) -> _timestamp_pb2.Timestamp:
         """When a still pending request expires (its own TTL, not the grant's duration)."""
 
     @_builtins.property
-    def decided_at(self) -> _timestamp_pb2.Timestamp: ...
+    def decided_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was approved, denied, cancelled or expired."""
+
     @_builtins.property
     def plan(self) -> Global___ApprovalPlan:
         """Since 0.2 (issue 11 owns the behaviour):
@@ -461,7 +506,9 @@ class AccessRequest(_message.Message):
         """
 
     @_builtins.property
-    def grant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def grant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every grant issued for it (several for a selector)."""
+
     def __init__(
         self,
         *,
@@ -529,19 +576,29 @@ class Grant(_message.Message):
     BREAKGLASS_CODE_ID_FIELD_NUMBER: _builtins.int
     REPLICA_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The grant's id (grt-...)."""
     request_id: _builtins.str
+    """The request it was issued for."""
     agent: _builtins.str
+    """The agent that enforces it."""
     subject: _builtins.str
+    """The user who holds it."""
     action: _builtins.str
+    """What it allows."""
     state: Global___GrantState.ValueType
+    """Where the grant is in its lifecycle."""
     ended_by: _builtins.str
+    """Who ended it."""
     end_reason: _builtins.str
+    """Why it ended: revoked, released, expired, ..."""
     grant_seq: _builtins.int
     """The command log sequence number of the grant command, and of its revoke (0 if none)."""
     revoke_seq: _builtins.int
+    """The command log sequence number of its revoke (0: none)."""
     failure: _builtins.str
     """Why the agent could not apply or remove it (FAILED, REVOKE_FAILED)."""
     epoch: _builtins.int
+    """The cluster epoch it was issued in."""
     extensions: _builtins.int
     """Since 0.2 (issue 11): how many times the grant was extended in place (not_after holds the
     current end) and the end it was first given.
@@ -551,21 +608,33 @@ class Grant(_message.Message):
     replica: _builtins.str
     """Since 0.2: the replica that issued the grant command."""
     @_builtins.property
-    def not_before(self) -> _timestamp_pb2.Timestamp: ...
+    def not_before(self) -> _timestamp_pb2.Timestamp:
+        """Access starts here."""
+
     @_builtins.property
-    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def not_after(self) -> _timestamp_pb2.Timestamp:
+        """Access ends here (moved later by an extension)."""
+
     @_builtins.property
-    def offline(self) -> Global___OfflinePolicy: ...
+    def offline(self) -> Global___OfflinePolicy:
+        """What the agent does while the coordinator cannot be reached."""
+
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was issued."""
+
     @_builtins.property
-    def ended_at(self) -> _timestamp_pb2.Timestamp: ...
+    def ended_at(self) -> _timestamp_pb2.Timestamp:
+        """When it ended (unset while live)."""
+
     @_builtins.property
     def applied_at(self) -> _timestamp_pb2.Timestamp:
         """When the agent acknowledged the grant, and the latency from decision to ack."""
 
     @_builtins.property
-    def original_not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def original_not_after(self) -> _timestamp_pb2.Timestamp:
+        """The end it was first given (before any extension)."""
+
     def __init__(
         self,
         *,
@@ -636,11 +705,17 @@ class Agent(_message.Message):
     REPLICA_FIELD_NUMBER: _builtins.int
     COMPATIBILITY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The agent's unique name."""
     connected: _builtins.bool
+    """True while it holds a stream to a replica."""
     version: _builtins.str
+    """Its software version, from its last Hello."""
     last_acked_seq: _builtins.int
+    """The last command it acknowledged."""
     last_seq: _builtins.int
+    """The last command in its log."""
     active_grants: _builtins.int
+    """Grants live on it now."""
     replica: _builtins.str
     """Since 0.2: the replica holding the agent's stream (empty when not connected)."""
     compatibility: _builtins.str
@@ -648,11 +723,17 @@ class Agent(_message.Message):
     the one-minor-older compatibility mode ("compat"), or refuses it ("refused").
     """
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels from the join token it enrolled with (policy selects agents by them)."""
+
     @_builtins.property
-    def last_seen_at(self) -> _timestamp_pb2.Timestamp: ...
+    def last_seen_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was last heard from."""
+
     @_builtins.property
-    def enrolled_at(self) -> _timestamp_pb2.Timestamp: ...
+    def enrolled_at(self) -> _timestamp_pb2.Timestamp:
+        """When it enrolled."""
+
     def __init__(
         self,
         *,
@@ -713,19 +794,33 @@ class AuditEvent(_message.Message):
     PREV_HASH_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    """Gap-free position in the one audit chain."""
     id: _builtins.str
+    """The event's id (evt-..., or AGENT:ID for an agent's event)."""
     actor: _builtins.str
+    """Who did it (a user, `coordinator`, or agent:NAME)."""
     kind: _builtins.str
+    """What happened (docs/concepts.md, "Audit event kinds")."""
     subject: _builtins.str
+    """The user it is about (empty: none)."""
     agent: _builtins.str
+    """The agent it is about (empty: none)."""
     request_id: _builtins.str
+    """The request it is about (empty: none)."""
     grant_id: _builtins.str
+    """The grant it is about (empty: none)."""
     prev_hash: _builtins.str
+    """The previous event's hash (the chain)."""
     hash: _builtins.str
+    """SHA-256 over this event's fields and prev_hash."""
     @_builtins.property
-    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When it happened, by the coordinator's clock."""
+
     @_builtins.property
-    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What else is known, as text (keys differ by kind)."""
+
     def __init__(
         self,
         *,

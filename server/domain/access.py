@@ -53,6 +53,7 @@ from .lifecycle import ENDABLE_GRANT_STATES, EXTENDABLE_GRANT_STATES
 from .locks import first_lock, lock_refusal, refuse_if_locked
 from .models import (
     AuditEntry,
+    AuditKind,
     Command,
     CommandKind,
     Principal,
@@ -392,7 +393,7 @@ class AccessService:
             await tx.insert_requests([request])
             await tx.audit(
                 self._entry(
-                    "request.created",
+                    AuditKind.REQUEST_CREATED,
                     principal.name,
                     request,
                     rule=rule.name,
@@ -426,7 +427,7 @@ class AccessService:
             if lock is not None:
                 await tx.audit(
                     AuditEntry(
-                        "request.refused",
+                        AuditKind.REQUEST_REFUSED,
                         by,
                         now,
                         subject=request.subject,
@@ -597,7 +598,7 @@ class AccessService:
             await tx.insert_requests([request])
             await tx.audit(
                 self._entry(
-                    "request.reused",
+                    AuditKind.REQUEST_REUSED,
                     principal.name,
                     request,
                     grant_id=live.id,
@@ -665,7 +666,7 @@ class AccessService:
                     lock = locked[k]
                     entries.append(
                         AuditEntry(
-                            "request.refused",
+                            AuditKind.REQUEST_REFUSED,
                             item.actor,
                             now,
                             subject=request.subject,
@@ -677,7 +678,7 @@ class AccessService:
                     continue
                 entries.append(
                     self._entry(
-                        "request.created",
+                        AuditKind.REQUEST_CREATED,
                         item.actor,
                         request,
                         rule=request.rule,
@@ -821,7 +822,9 @@ class AccessService:
                 await self._decide(
                     tx, request, RequestState.DENIED, principal.actor, reason, at=now
                 )
-                await tx.audit(self._entry("request.denied", principal.actor, request, why=reason))
+                await tx.audit(
+                    self._entry(AuditKind.REQUEST_DENIED, principal.actor, request, why=reason)
+                )
                 built = replace(decided, state=RequestState.DENIED)
             elif after.state is RequestState.APPROVED:
                 await tx.audit(self._reviewed(principal.actor, request, plan, before.stage))
@@ -857,7 +860,7 @@ class AccessService:
                     opened = plan.stages[after.stage].name if after.stage < len(plan.stages) else ""
                     await tx.audit(
                         self._entry(
-                            "request.stage_approved", principal.actor, request,
+                            AuditKind.REQUEST_STAGE_APPROVED, principal.actor, request,
                             stage=passed, next_stage=opened,
                         )
                     )  # fmt: skip
@@ -886,7 +889,7 @@ class AccessService:
 
     def _reviewed(self, actor: str, request: Request, plan: ApprovalPlan, stage: int) -> AuditEntry:
         name = plan.stages[stage].name if stage < len(plan.stages) else ""
-        return self._entry("request.reviewed", actor, request, stage=name)
+        return self._entry(AuditKind.REQUEST_REVIEWED, actor, request, stage=name)
 
     async def cancel(self, principal: Principal, request_id: str) -> Request:
         async with self._store.transaction() as tx:
@@ -905,7 +908,7 @@ class AccessService:
             else:
                 _still_pending(request, self._clock.now())
                 await self._decide(tx, request, RequestState.CANCELLED, principal.name, "cancelled")
-            await tx.audit(self._entry("request.cancelled", principal.name, request))
+            await tx.audit(self._entry(AuditKind.REQUEST_CANCELLED, principal.name, request))
         request, _ = await self._after(tx, request_id, None, None)
         return request
 
@@ -986,7 +989,7 @@ class AccessService:
             )
 
         return await self._end(
-            principal, grant_id, "revoked", reason or "revoked", allowed, "grant.revoking"
+            principal, grant_id, "revoked", reason or "revoked", allowed, AuditKind.GRANT_REVOKING
         )
 
     async def release(self, principal: Principal, grant_id: str) -> Grant:
@@ -994,7 +997,7 @@ class AccessService:
             return same_person(principal.name, grant.subject)
 
         return await self._end(
-            principal, grant_id, "released", "released", allowed, "grant.releasing"
+            principal, grant_id, "released", "released", allowed, AuditKind.GRANT_RELEASING
         )
 
     async def get_request(self, principal: Principal, request_id: str) -> Request:
@@ -1175,7 +1178,7 @@ class AccessService:
         how: str,
         reason: str,
         allowed: Callable[[Grant], Awaitable[bool]],
-        kind: str,
+        kind: AuditKind,
     ) -> Grant:
         grant = await self._load_grant(grant_id)
         if not await allowed(grant):
@@ -1212,7 +1215,7 @@ class AccessService:
         async with self._store.transaction() as tx:
             await tx.audit(
                 AuditEntry(
-                    "request.refused",
+                    AuditKind.REQUEST_REFUSED,
                     subject,
                     self._clock.now(),
                     subject=subject,
@@ -1269,12 +1272,12 @@ class AccessService:
         )
         if done is None:
             raise Conflict("grant changed meanwhile; try again")
-        await tx.audit(self._entry("request.approved", by, request, grant_id=grant.id))
+        await tx.audit(self._entry(AuditKind.REQUEST_APPROVED, by, request, grant_id=grant.id))
         return done
 
     def _scheduled_entry(self, by: str, request: Request) -> AuditEntry:
         start = rfc3339(request.start_at) if request.start_at else ""
-        return self._entry("request.scheduled", by, request, start_at=start)
+        return self._entry(AuditKind.REQUEST_SCHEDULED, by, request, start_at=start)
 
     async def start_scheduled(self, now: datetime) -> int:
         """Issue the grants of SCHEDULED requests whose start has come, each after checking
@@ -1294,7 +1297,7 @@ class AccessService:
                     await self._decide(
                         tx, request, RequestState.DENIED, by, why, expected=RequestState.SCHEDULED
                     )
-                    await tx.audit(self._entry("request.denied", by, request, why=why))
+                    await tx.audit(self._entry(AuditKind.REQUEST_DENIED, by, request, why=why))
                 else:
                     grant = self._new_grant(request, rule, now)
                     await self._decide(
@@ -1415,7 +1418,7 @@ class AccessService:
     def _page_size(size: int) -> int:
         return MAX_PAGE if size <= 0 else min(size, MAX_PAGE)
 
-    def _entry(self, kind: str, actor: str, request: Request, **details: str) -> AuditEntry:
+    def _entry(self, kind: AuditKind, actor: str, request: Request, **details: str) -> AuditEntry:
         grant_id = details.pop("grant_id", "")
         info = {"action": request.action, "duration": format_duration(request.duration)}
         if request.reason:

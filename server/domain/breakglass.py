@@ -36,7 +36,7 @@ from jitmesh.types import BreakglassCode, Grant, GrantState, OfflinePolicy
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied, invalid_input
 from .hub import Hub
 from .locks import lock_refusal, refuse_if_locked
-from .models import AuditEntry, BreakglassUse, IssuedCode, LiveCodes, Principal
+from .models import AuditEntry, AuditKind, BreakglassUse, IssuedCode, LiveCodes, Principal
 from .ports import Store, Tx
 
 GRANT_PREFIX = "bg-"
@@ -171,7 +171,7 @@ class BreakglassService:
             await tx.audit_many(
                 [
                     AuditEntry(
-                        "breakglass.issued",
+                        AuditKind.BREAKGLASS_ISSUED,
                         principal.name,
                         now,
                         subject=subject,
@@ -196,7 +196,7 @@ class BreakglassService:
         async with self._store.transaction() as tx:
             await tx.audit(
                 AuditEntry(
-                    "breakglass.issue_refused",
+                    AuditKind.BREAKGLASS_ISSUE_REFUSED,
                     by,
                     now,
                     subject=subject,
@@ -242,7 +242,7 @@ class BreakglassService:
                 raise Conflict("this use was reviewed already")
             await tx.audit(
                 AuditEntry(
-                    "breakglass.reviewed",
+                    AuditKind.BREAKGLASS_REVIEWED,
                     principal.name,
                     now,
                     subject=code.subject,
@@ -290,7 +290,7 @@ async def adopt(tx: Tx, signer: CodeSigner, agent: str, use: BreakglassUse, now:
     if terms is None or problem:
         await tx.audit(
             AuditEntry(
-                "breakglass.refused",
+                AuditKind.BREAKGLASS_REFUSED,
                 f"agent:{agent}",
                 now,
                 subject=use.subject[:128],
@@ -339,7 +339,7 @@ async def adopt(tx: Tx, signer: CodeSigner, agent: str, use: BreakglassUse, now:
         details["code_record"] = "missing"
     await tx.audit(
         AuditEntry(
-            "breakglass.used",
+            AuditKind.BREAKGLASS_USED,
             f"agent:{agent}",
             now,
             subject=terms.subject,
@@ -437,7 +437,7 @@ async def void_codes(
         await tx.audit_many(
             [
                 AuditEntry(
-                    "breakglass.voided",
+                    AuditKind.BREAKGLASS_VOIDED,
                     actor,
                     now,
                     subject=code.subject,

@@ -13,7 +13,7 @@ from jitmesh.durations import format_duration
 from jitmesh.types import Grant
 
 from .hub import Hub
-from .models import AuditEntry
+from .models import AuditEntry, AuditKind
 from .ports import Store
 
 BATCH = 500
@@ -26,7 +26,7 @@ def warning_id(grant: Grant) -> str:
 
 def _warning(g: Grant, now: datetime) -> AuditEntry:
     return AuditEntry(
-        "grant.expiring",
+        AuditKind.GRANT_EXPIRING,
         "coordinator",
         now,
         subject=g.subject,

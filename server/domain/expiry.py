@@ -17,7 +17,7 @@ from jitmesh.types import AuditEvent, GrantState, RequestState
 
 from .errors import Conflict
 from .hub import Hub
-from .models import AuditEntry, GrantChange, Moved, gc_paused, new_ids
+from .models import AuditEntry, AuditKind, GrantChange, Moved, gc_paused, new_ids
 from .ports import Store, Tx
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Expirer:
                     # Subject and agent too, so the event shows up in filtered audit lists.
                     + [
                         AuditEntry(
-                            "request.expired",
+                            AuditKind.REQUEST_EXPIRED,
                             "coordinator",
                             now,
                             subject=request.subject,
@@ -139,7 +139,7 @@ def _expired_grants(moved: Sequence[Moved], now: datetime) -> list[AuditEntry]:
                 }
             entries.append(
                 AuditEntry(
-                    "grant.expired", "coordinator", now, grant.subject, grant.agent,
+                    AuditKind.GRANT_EXPIRED, "coordinator", now, grant.subject, grant.agent,
                     grant.request_id, grant.id, details, event_id,
                 )
             )  # fmt: skip

@@ -39,6 +39,7 @@ from .models import (
     AgentHello,
     AgentObservation,
     AuditEntry,
+    AuditKind,
     BreakglassUse,
     Command,
     CommandKind,
@@ -46,6 +47,7 @@ from .models import (
     Principal,
     Resume,
     new_secret,
+    observed,
 )
 from .ports import CommandSink, Store, Tx
 from .steps import Step, StepHook, no_hook
@@ -168,7 +170,7 @@ class FleetService:
                 replaces or None,
             )
             await tx.audit(
-                AuditEntry("agent.join_token_created", principal.name, now, details=details)
+                AuditEntry(AuditKind.AGENT_JOIN_TOKEN_CREATED, principal.name, now, details=details)
             )
         await self._hub.audit_written(tx.new_audit)
         info = JoinTokenInfo(
@@ -205,7 +207,7 @@ class FleetService:
                 raise NotFound("no such join token, or it is revoked already")
             await tx.audit(
                 AuditEntry(
-                    "agent.join_token_revoked",
+                    AuditKind.AGENT_JOIN_TOKEN_REVOKED,
                     by,
                     now,
                     details={"id": token_id, "reason": reason[:256]},
@@ -226,7 +228,7 @@ class FleetService:
             live = await tx.locked_grants(LockTarget(agent=name), LIVE_GRANT_STATES)
             if not await tx.remove_agent(name, now):
                 raise NotFound("no such agent")
-            await tx.audit(AuditEntry("agent.removed", principal.name, now, agent=name))
+            await tx.audit(AuditEntry(AuditKind.AGENT_REMOVED, principal.name, now, agent=name))
             # The agent can no longer connect, so no revoke can be acknowledged: its live grants
             # are REVOKE_FAILED (never reported as revoked); the host still ends them at not_after.
             await end_grants(
@@ -235,7 +237,7 @@ class FleetService:
                 now,
                 by=principal.name,
                 end_reason="agent removed",
-                kind="grant.revoke_failed",
+                kind=AuditKind.GRANT_REVOKE_FAILED,
                 failure="agent removed before a revoke could be acknowledged",
                 expected=LIVE_GRANT_STATES - {GrantState.REVOKE_FAILED},
             )
@@ -302,11 +304,11 @@ class FleetService:
                     # may have passed its name already, or skipped it while it was removed).
                     await locks.locks_for_agent(tx, name, now)
                 kind = (
-                    "agent.enrolled"
+                    AuditKind.AGENT_ENROLLED
                     if created
-                    else "agent.replaced"
+                    else AuditKind.AGENT_REPLACED
                     if replaced
-                    else "agent.reenrolled"
+                    else AuditKind.AGENT_REENROLLED
                 )
                 await tx.audit(
                     AuditEntry(
@@ -336,7 +338,7 @@ class FleetService:
         async with self._store.transaction() as tx:
             await tx.audit(
                 AuditEntry(
-                    "agent.enroll_refused",
+                    AuditKind.AGENT_ENROLL_REFUSED,
                     "anonymous",
                     self._clock.now(),
                     agent=agent,
@@ -360,7 +362,10 @@ class FleetService:
             await tx.enroll_agent(agent.name, agent.labels, hash_secret(new), now)
             await tx.audit(
                 AuditEntry(
-                    "agent.certificate_renewed", f"agent:{agent.name}", now, agent=agent.name
+                    AuditKind.AGENT_CERTIFICATE_RENEWED,
+                    f"agent:{agent.name}",
+                    now,
+                    agent=agent.name,
                 )
             )
         await self._hub.audit_written(tx.new_audit)
@@ -461,7 +466,7 @@ class FleetService:
         if signer is None:
             await tx.audit(
                 AuditEntry(
-                    "breakglass.refused",
+                    AuditKind.BREAKGLASS_REFUSED,
                     f"agent:{agent}",
                     now,
                     subject=use.subject,
@@ -542,7 +547,7 @@ class FleetService:
             await tx.audit_many(
                 [
                     AuditEntry(
-                        "agent.connected",
+                        AuditKind.AGENT_CONNECTED,
                         f"agent:{name}",
                         now,
                         agent=name,
@@ -708,7 +713,7 @@ class FleetService:
                 raise PermissionDenied("event names another agent's grant")
             stored = await tx.audit(
                 AuditEntry(
-                    f"agent.{event.kind[:48]}",
+                    observed(event.kind),
                     f"agent:{principal.name}",
                     now,
                     subject=grant.subject if grant else "",
@@ -726,7 +731,7 @@ class FleetService:
             if event.breakglass is not None:
                 # Adopted once, whichever comes first: this event or a Hello listing the use.
                 await self._adopt_one(tx, principal.name, event.breakglass, now)
-            if stored and grant is not None and event.kind == "grant.expired":
+            if stored and grant is not None and event.kind == AuditKind.GRANT_EXPIRED:
                 await tx.move_grant(
                     grant.id,
                     expected=DUE_GRANT_STATES,
@@ -763,9 +768,15 @@ class FleetService:
         last = int(await self._store.get_meta(key) or "0")
         await tx.set_meta(key, str(counter))
         if counter > last + 1:
-            kind, details = "agent.events_missing", {"from": str(last + 1), "to": str(counter - 1)}
+            kind, details = (
+                AuditKind.AGENT_EVENTS_MISSING,
+                {"from": str(last + 1), "to": str(counter - 1)},
+            )
         elif counter <= last:
-            kind, details = "agent.event_counter_reset", {"last": str(last), "now": str(counter)}
+            kind, details = (
+                AuditKind.AGENT_EVENT_COUNTER_RESET,
+                {"last": str(last), "now": str(counter)},
+            )
         else:
             return
         await tx.audit(AuditEntry(kind, f"agent:{agent}", now, agent=agent, details=details))
@@ -775,7 +786,7 @@ class FleetService:
         async with self._store.transaction() as tx:
             await tx.audit(
                 AuditEntry(
-                    "agent.version_refused",
+                    AuditKind.AGENT_VERSION_REFUSED,
                     f"agent:{principal.name}",
                     now,
                     agent=principal.name,
@@ -791,7 +802,7 @@ class FleetService:
         async with self._store.transaction() as tx:
             await tx.audit(
                 AuditEntry(
-                    "agent.message_refused",
+                    AuditKind.AGENT_MESSAGE_REFUSED,
                     f"agent:{principal.name}",
                     now,
                     agent=principal.name,
@@ -805,7 +816,7 @@ class FleetService:
         async with self._store.transaction() as tx:
             await tx.audit(
                 AuditEntry(
-                    "agent.impersonation_refused",
+                    AuditKind.AGENT_IMPERSONATION_REFUSED,
                     f"agent:{principal.name}",
                     now,
                     agent=principal.name,
@@ -820,7 +831,7 @@ class FleetService:
             await tx.agent_left(principal.name, self.replica, now)
             await tx.audit(
                 AuditEntry(
-                    "agent.disconnected",
+                    AuditKind.AGENT_DISCONNECTED,
                     f"agent:{principal.name}",
                     now,
                     agent=principal.name,
@@ -945,7 +956,9 @@ class _Moves:
             # The grant stays as it is: only its end moved (and was audited grant.extended
             # when decided). The ack says whether the host has the new end.
             applied = ack.status == "APPLIED"
-            what = "grant.extension_applied" if applied else "grant.extension_failed"
+            what = (
+                AuditKind.GRANT_EXTENSION_APPLIED if applied else AuditKind.GRANT_EXTENSION_FAILED
+            )
             details["not_after"] = rfc3339(grant.not_after)
             if applied:
                 details["latency_ms"] = latency_ms
@@ -964,14 +977,14 @@ class _Moves:
                 self._move(grant.id, (current,), current, applied_at=at)
                 details["late"] = "true"
                 details["state"] = current.value
-            what = "grant.applied"
+            what = AuditKind.GRANT_APPLIED
             details["latency_ms"] = latency_ms
         elif kind is CommandKind.GRANT:
             ended = GrantState.EXPIRED if now >= grant.not_after else GrantState.FAILED
             self._move(
                 grant.id, (GrantState.PENDING_DELIVERY,), ended, failure=reason, ended_at=now
             )
-            what = "grant.apply_failed"
+            what = AuditKind.GRANT_APPLY_FAILED
             details.update(status=ack.status.value, reason=reason)
         elif ack.status is AckStatus.APPLIED:
             state = GrantState.RELEASED if grant.end_reason == "released" else GrantState.REVOKED
@@ -979,7 +992,11 @@ class _Moves:
                 grant.id, (GrantState.REVOKING, GrantState.REVOKE_FAILED), state, ended_at=now
             ):
                 return None  # already ended here (expired, or this revoke's earlier ack)
-            what = f"grant.{state.value.lower()}"
+            what = (
+                AuditKind.GRANT_RELEASED
+                if state is GrantState.RELEASED
+                else AuditKind.GRANT_REVOKED
+            )
             details["latency_ms"] = latency_ms
         else:
             if (
@@ -989,7 +1006,7 @@ class _Moves:
                 and self._state[grant.id] is GrantState.REVOKE_FAILED
             ):
                 return None  # already known to have failed
-            what = "grant.revoke_failed"
+            what = AuditKind.GRANT_REVOKE_FAILED
             details.update(status=ack.status.value, reason=reason)
         return AuditEntry(
             what,

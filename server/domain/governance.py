@@ -37,6 +37,7 @@ from .hub import Hub
 from .models import (
     ADMIN_GROUP,
     AuditEntry,
+    AuditKind,
     Principal,
     Scope,
     new_secret,
@@ -173,7 +174,7 @@ class IdentityService:
                 return
             await tx.audit(
                 AuditEntry(
-                    "user.token_registered",
+                    AuditKind.USER_TOKEN_REGISTERED,
                     "coordinator",
                     now,
                     subject=name,
@@ -250,7 +251,7 @@ class TokenService:
             await tx.insert_token(hash_secret(token), user, now, now + ttl, label, scopes)
             await tx.audit(
                 AuditEntry(
-                    "user.token_created",
+                    AuditKind.USER_TOKEN_CREATED,
                     principal.name,
                     now,
                     subject=user,
@@ -283,7 +284,9 @@ class TokenService:
             if not TOKEN_ID.fullmatch(token_id) or not await tx.revoke_token(token_id, now):
                 raise NotFound("no such live token")
             await tx.audit(
-                AuditEntry("user.token_revoked", principal.name, now, details={"id": token_id})
+                AuditEntry(
+                    AuditKind.USER_TOKEN_REVOKED, principal.name, now, details={"id": token_id}
+                )
             )
         await self._hub.audit_written(tx.new_audit)
 
@@ -311,7 +314,7 @@ class TokenService:
             await tx.upsert_user(user, groups, now)
             await tx.audit(
                 AuditEntry(
-                    "user.groups_changed",
+                    AuditKind.USER_GROUPS_CHANGED,
                     principal.name,
                     now,
                     subject=user,
@@ -337,7 +340,7 @@ class TokenService:
         async with self._store.transaction() as tx:
             if not v.SUBJECT.fullmatch(user) or not await tx.set_user_disabled(user, disabled):
                 raise NotFound("no such user")
-            kind = "user.disabled" if disabled else "user.enabled"
+            kind = AuditKind.USER_DISABLED if disabled else AuditKind.USER_ENABLED
             await tx.audit(AuditEntry(kind, principal.name, now, subject=user))
         await self._hub.audit_written(tx.new_audit)
 
@@ -354,7 +357,7 @@ class TokenService:
                 raise Conflict("this certificate is already revoked")
             await tx.audit(
                 AuditEntry(
-                    "user.certificate_revoked",
+                    AuditKind.USER_CERTIFICATE_REVOKED,
                     principal.name,
                     now,
                     details={"serial": canonical, "reason": reason[:256]},
@@ -508,7 +511,7 @@ class PolicyService:
             policy = replace(policy, version=version)
             entries = [
                 AuditEntry(
-                    "policy.applied",
+                    AuditKind.POLICY_APPLIED,
                     by,
                     now,
                     details={
@@ -534,7 +537,7 @@ class PolicyService:
                     denied.append(request.id)
                     entries.append(
                         AuditEntry(
-                            "request.denied",
+                            AuditKind.REQUEST_DENIED,
                             decider,
                             now,
                             subject=request.subject,

@@ -17,7 +17,7 @@ from jitmesh.durations import format_duration
 from jitmesh.types import Grant, GrantState, Request
 
 from .lifecycle import ENDABLE_GRANT_STATES
-from .models import AuditEntry, Command, CommandKind, GrantChange
+from .models import AuditEntry, AuditKind, Command, CommandKind, GrantChange
 from .policy import Rule
 from .ports import Tx
 
@@ -32,7 +32,7 @@ def approved_entries(by: str, request: Request, grant: Grant, now: datetime) -> 
         details["rule"] = request.plan.rule
     return [
         AuditEntry(
-            "request.approved",
+            AuditKind.REQUEST_APPROVED,
             by,
             now,
             subject=request.subject,
@@ -42,7 +42,7 @@ def approved_entries(by: str, request: Request, grant: Grant, now: datetime) -> 
             details=details,
         ),
         AuditEntry(
-            "grant.created",
+            AuditKind.GRANT_CREATED,
             by,
             now,
             subject=grant.subject,
@@ -86,7 +86,7 @@ async def end_grants(
     *,
     by: str,
     end_reason: str,
-    kind: str,
+    kind: AuditKind,
     revoke_reason: str = "revoked",
     details: Mapping[str, str] | None = None,
     expected: Iterable[GrantState] = ENDABLE_GRANT_STATES,
@@ -199,7 +199,7 @@ async def extend_grant(
         details["reason"] = reason
     await tx.audit(
         AuditEntry(
-            "grant.extended",
+            AuditKind.GRANT_EXTENDED,
             actor,
             now,
             subject=grant.subject,

@@ -44,7 +44,7 @@ from .errors import (
 from .grants import end_grants
 from .hub import Hub
 from .lifecycle import ENDABLE_GRANT_STATES
-from .models import AuditEntry, Command, CommandKind, Principal, new_id
+from .models import AuditEntry, AuditKind, Command, CommandKind, Principal, new_id
 from .ports import CommandSink, Store, Tx
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class LockService:
         how = f"locked: {lock.id}"
         async with self._store.transaction() as tx:
             await tx.insert_lock(lock)
-            await tx.audit(_lock_entry("lock.created", principal.name, lock, now))
+            await tx.audit(_lock_entry(AuditKind.LOCK_CREATED, principal.name, lock, now))
             grants = await tx.locked_grants(target, ENDABLE_GRANT_STATES)
             ending, commands = await end_grants(
                 tx,
@@ -110,7 +110,7 @@ class LockService:
                 now,
                 by=principal.name,
                 end_reason=how,
-                kind="grant.revoking",
+                kind=AuditKind.GRANT_REVOKING,
                 details={"reason": reason, "lock": lock.id},
             )
             entries = []
@@ -127,7 +127,7 @@ class LockService:
                     denied.append(request.id)
                     entries.append(
                         AuditEntry(
-                            "request.denied",
+                            AuditKind.REQUEST_DENIED,
                             principal.name,
                             now,
                             subject=request.subject,
@@ -162,7 +162,7 @@ class LockService:
             await tx.lift_lock(lock_id, now, principal.name, reason)
             lifted = await tx.get_lock(lock_id)
             assert lifted is not None
-            await tx.audit(_lock_entry("lock.lifted", principal.name, lifted, now, reason))
+            await tx.audit(_lock_entry(AuditKind.LOCK_LIFTED, principal.name, lifted, now, reason))
             commands = await lock_commands(tx, lifted, CommandKind.UNLOCK, now)
         self._links.push(commands)
         await self._hub.audit_written(tx.new_audit)
@@ -243,8 +243,12 @@ async def settle_unsent(
         f"rolled back; agent now {version} keeps no locks (the lock's revokes are sent)"
     )
     groups = [
-        ("lock.not_sent", not_sent, [c for c in unsent if c.seq > last_applied_seq]),
-        ("lock.not_acknowledged", applied, [c for c in unsent if c.seq <= last_applied_seq]),
+        (AuditKind.LOCK_NOT_SENT, not_sent, [c for c in unsent if c.seq > last_applied_seq]),
+        (
+            AuditKind.LOCK_NOT_ACKNOWLEDGED,
+            applied,
+            [c for c in unsent if c.seq <= last_applied_seq],
+        ),
     ]
     for kind, why, commands in groups:
         if not commands:
@@ -402,7 +406,7 @@ def checked_target(target: LockTarget) -> LockTarget:
 
 
 def _lock_entry(
-    kind: str, actor: str, lock: Lock, now: datetime, lift_reason: str = ""
+    kind: AuditKind, actor: str, lock: Lock, now: datetime, lift_reason: str = ""
 ) -> AuditEntry:
     details = {"lock": lock.id, "target": lock.target.describe(), "reason": lock.reason}
     if lock.expires_at is not None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple
+from typing import NamedTuple, NewType
 
 from jitmesh.types import BreakglassCode, Grant, Lock
 
@@ -114,11 +114,97 @@ class Command:
         return "" if self.grant is None else self.grant.id
 
 
+class AuditKind(enum.StrEnum):
+    """Every kind of audit event the coordinator writes itself: one name per event, used by the
+    audit log, the metrics (`jitmesh_audit_events_total{kind}`), notices and `jitctl audit list
+    --kind`. What an agent reports from its host is stored as `agent.` + the agent's own kind
+    (`observed`): agents newer than the coordinator may send kinds it does not know yet."""
+
+    REQUEST_CREATED = "request.created"
+    REQUEST_REFUSED = "request.refused"
+    REQUEST_APPROVED = "request.approved"
+    REQUEST_STAGE_APPROVED = "request.stage_approved"
+    REQUEST_REVIEWED = "request.reviewed"
+    REQUEST_DENIED = "request.denied"
+    REQUEST_CANCELLED = "request.cancelled"
+    REQUEST_EXPIRED = "request.expired"
+    REQUEST_SCHEDULED = "request.scheduled"
+    REQUEST_REUSED = "request.reused"
+
+    GRANT_CREATED = "grant.created"
+    GRANT_APPLIED = "grant.applied"
+    GRANT_APPLY_FAILED = "grant.apply_failed"
+    GRANT_EXTENDED = "grant.extended"
+    GRANT_EXTENSION_APPLIED = "grant.extension_applied"
+    GRANT_EXTENSION_FAILED = "grant.extension_failed"
+    GRANT_EXPIRING = "grant.expiring"
+    GRANT_EXPIRED = "grant.expired"
+    GRANT_REVOKING = "grant.revoking"
+    GRANT_RELEASING = "grant.releasing"
+    GRANT_REVOKED = "grant.revoked"
+    GRANT_RELEASED = "grant.released"
+    GRANT_REVOKE_FAILED = "grant.revoke_failed"
+
+    LOCK_CREATED = "lock.created"
+    LOCK_LIFTED = "lock.lifted"
+    LOCK_NOT_SENT = "lock.not_sent"
+    LOCK_NOT_ACKNOWLEDGED = "lock.not_acknowledged"
+
+    POLICY_APPLIED = "policy.applied"
+
+    USER_CREATED = "user.created"
+    USER_DISABLED = "user.disabled"
+    USER_ENABLED = "user.enabled"
+    USER_GROUPS_CHANGED = "user.groups_changed"
+    USER_TOKEN_CREATED = "user.token_created"  # noqa: S105 (an event name, not a secret)
+    USER_TOKEN_REGISTERED = "user.token_registered"  # noqa: S105 (an event name, not a secret)
+    USER_TOKEN_REVOKED = "user.token_revoked"  # noqa: S105 (an event name, not a secret)
+    USER_CERTIFICATE_REVOKED = "user.certificate_revoked"
+    USER_SIGNED_IN = "user.signed_in"
+    USER_SIGN_IN_REFUSED = "user.sign_in_refused"
+
+    NOTIFY_RECEIVER_ADDED = "notify.receiver_added"
+    NOTIFY_RECEIVER_REMOVED = "notify.receiver_removed"
+
+    BREAKGLASS_ISSUED = "breakglass.issued"
+    BREAKGLASS_ISSUE_REFUSED = "breakglass.issue_refused"
+    BREAKGLASS_REVIEWED = "breakglass.reviewed"
+    BREAKGLASS_REFUSED = "breakglass.refused"
+    BREAKGLASS_USED = "breakglass.used"
+    BREAKGLASS_VOIDED = "breakglass.voided"
+
+    AGENT_JOIN_TOKEN_CREATED = "agent.join_token_created"  # noqa: S105 (an event name, not a secret)
+    AGENT_JOIN_TOKEN_REVOKED = "agent.join_token_revoked"  # noqa: S105 (an event name, not a secret)
+    AGENT_ENROLLED = "agent.enrolled"
+    AGENT_REENROLLED = "agent.reenrolled"
+    AGENT_REPLACED = "agent.replaced"
+    AGENT_REMOVED = "agent.removed"
+    AGENT_ENROLL_REFUSED = "agent.enroll_refused"
+    AGENT_CERTIFICATE_RENEWED = "agent.certificate_renewed"
+    AGENT_CONNECTED = "agent.connected"
+    AGENT_DISCONNECTED = "agent.disconnected"
+    AGENT_VERSION_REFUSED = "agent.version_refused"
+    AGENT_MESSAGE_REFUSED = "agent.message_refused"
+    AGENT_IMPERSONATION_REFUSED = "agent.impersonation_refused"
+    AGENT_EVENTS_MISSING = "agent.events_missing"
+    AGENT_EVENT_COUNTER_RESET = "agent.event_counter_reset"
+
+
+# An event an agent observed on its host ("agent.grant.expired"): its kind is the agent's.
+ObservedKind = NewType("ObservedKind", str)
+
+
+def observed(kind: str) -> ObservedKind:
+    """The audit kind of an event the agent reported: `agent.` + its kind (48 characters at
+    most, as stored since the first version)."""
+    return ObservedKind(f"agent.{kind[:48]}")
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
     """An audit event to be written; the store assigns seq and the hash chain."""
 
-    kind: str
+    kind: AuditKind | ObservedKind
     actor: str
     at: datetime
     subject: str = ""

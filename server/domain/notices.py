@@ -12,22 +12,24 @@ from datetime import datetime
 
 from jitmesh.types import AuditEvent
 
+from .models import AuditKind
+
 
 class NoticeKind(enum.StrEnum):
     """The audit kinds that become notices. The value is the audit kind itself, so routes,
     webhook bodies and the audit log use one name for one event."""
 
-    REQUEST_CREATED = "request.created"
-    STAGE_APPROVED = "request.stage_approved"
-    REQUEST_APPROVED = "request.approved"
-    REQUEST_DENIED = "request.denied"
-    REQUEST_EXPIRED = "request.expired"
-    GRANT_APPLIED = "grant.applied"
-    GRANT_EXPIRING = "grant.expiring"
-    GRANT_REVOKED = "grant.revoked"
-    GRANT_REVOKE_FAILED = "grant.revoke_failed"
-    BREAKGLASS_USED = "breakglass.used"
-    LOCK_CREATED = "lock.created"
+    REQUEST_CREATED = AuditKind.REQUEST_CREATED.value
+    STAGE_APPROVED = AuditKind.REQUEST_STAGE_APPROVED.value
+    REQUEST_APPROVED = AuditKind.REQUEST_APPROVED.value
+    REQUEST_DENIED = AuditKind.REQUEST_DENIED.value
+    REQUEST_EXPIRED = AuditKind.REQUEST_EXPIRED.value
+    GRANT_APPLIED = AuditKind.GRANT_APPLIED.value
+    GRANT_EXPIRING = AuditKind.GRANT_EXPIRING.value
+    GRANT_REVOKED = AuditKind.GRANT_REVOKED.value
+    GRANT_REVOKE_FAILED = AuditKind.GRANT_REVOKE_FAILED.value
+    BREAKGLASS_USED = AuditKind.BREAKGLASS_USED.value
+    LOCK_CREATED = AuditKind.LOCK_CREATED.value
 
 
 NOTIFIABLE = frozenset(k.value for k in NoticeKind)

@@ -13,7 +13,7 @@ from typing import Protocol
 from jitmesh.clock import Clock
 
 from .errors import Conflict, InvalidArgument, NotFound, PermissionDenied
-from .models import AuditEntry, Principal
+from .models import AuditEntry, AuditKind, Principal
 from .notices import FOR_REQUESTER, NOTIFIABLE, Notice, NoticeKind
 from .ports import Store
 
@@ -268,7 +268,7 @@ class ReceiverService:
                 raise Conflict(f"receiver {name} exists; remove it first")
             await tx.audit(
                 AuditEntry(
-                    "notify.receiver_added",
+                    AuditKind.NOTIFY_RECEIVER_ADDED,
                     principal.name,
                     now,
                     details={
@@ -290,7 +290,10 @@ class ReceiverService:
                 raise NotFound(f"no receiver {name}")
             await tx.audit(
                 AuditEntry(
-                    "notify.receiver_removed", principal.name, now, details={"receiver": name}
+                    AuditKind.NOTIFY_RECEIVER_REMOVED,
+                    principal.name,
+                    now,
+                    details={"receiver": name},
                 )
             )
         self._changed()

@@ -14,7 +14,7 @@ from jitmesh import validation as v
 from jitmesh.clock import rfc3339
 
 from .errors import InvalidArgument, PermissionDenied, Unauthenticated
-from .models import AuditEntry, new_secret, user_name
+from .models import AuditEntry, AuditKind, new_secret, user_name
 from .ports import Store
 
 
@@ -83,7 +83,7 @@ class SignInService:
             if user is not None and user[2] != ManagedBy.OIDC.value:
                 await tx.audit(
                     AuditEntry(
-                        "user.sign_in_refused", f"oidc:{issuer}", now, subject=name,
+                        AuditKind.USER_SIGN_IN_REFUSED, f"oidc:{issuer}", now, subject=name,
                         details={"why": "user is managed locally"},
                     )
                 )  # fmt: skip
@@ -94,7 +94,7 @@ class SignInService:
                     await tx.insert_oidc_user(name, groups, now)
                     await tx.audit(
                         AuditEntry(
-                            "user.created", f"oidc:{issuer}", now, subject=name,
+                            AuditKind.USER_CREATED, f"oidc:{issuer}", now, subject=name,
                             details={"groups": ",".join(sorted(groups)), "managed_by": "oidc"},
                         )
                     )  # fmt: skip
@@ -102,7 +102,7 @@ class SignInService:
                     await tx.upsert_user(name, groups, now)
                     await tx.audit(
                         AuditEntry(
-                            "user.groups_changed", f"oidc:{issuer}", now, subject=name,
+                            AuditKind.USER_GROUPS_CHANGED, f"oidc:{issuer}", now, subject=name,
                             details={
                                 "before": ",".join(sorted(user[0])),
                                 "after": ",".join(sorted(groups)),
@@ -115,7 +115,7 @@ class SignInService:
                 await tx.insert_token(hash_secret(token), name, now, expires_at, "oidc sign-in")
                 await tx.audit(
                     AuditEntry(
-                        "user.signed_in", f"oidc:{issuer}", now, subject=name,
+                        AuditKind.USER_SIGNED_IN, f"oidc:{issuer}", now, subject=name,
                         details={"expires_at": rfc3339(expires_at), "issuer": issuer},
                     )
                 )  # fmt: skip

@@ -4,6 +4,8 @@ STOPPING=1 on SIGTERM, to a real notify socket."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import signal
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from jitmesh import sdnotify
-from tests.e2e.procs import BIN, free_port
+from tests.e2e.procs import BIN, free_port, wait_for, wait_healthy
 
 UNITS = Path(__file__).parents[2] / "packaging" / "systemd"
 
@@ -168,6 +170,113 @@ def test_agent_ready_after_reconcile_watchdog_stopping(
         notify.wait("READY=1")
         assert (tmp_path / "state").is_dir()
         notify.wait("WATCHDOG=1")
+        _stop(proc, notify)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _log_lines(path: Path) -> list[dict[str, object]]:
+    """The JSON lines of a daemon's log so far (gRPC C-core's own lines skipped)."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return lines
+
+
+def _wait_logged(path: Path, msg: str) -> dict[str, object]:
+    """The last line saying `msg`, once there is one."""
+
+    def found() -> list[dict[str, object]]:
+        return [line for line in _log_lines(path) if line["msg"] == msg]
+
+    asyncio.run(wait_for(lambda: bool(found()), 30, f"{msg!r} in {path.name}"))
+    return found()[-1]
+
+
+def _reload(proc: subprocess.Popen[bytes], notify: NotifySocket) -> None:
+    """SIGHUP, as `systemctl reload` sends it: RELOADING=1, then READY=1 again."""
+    notify.messages.clear()
+    proc.send_signal(signal.SIGHUP)
+    notify.wait("RELOADING=1")
+    notify.wait("READY=1")
+
+
+@pytest.mark.subprocess
+def test_coordinator_sighup_rereads_the_log_level(tmp_path: Path, notify: NotifySocket) -> None:
+    """`systemctl reload`: the file is read again and its log level applies at once; a file
+    that no longer validates changes nothing and the coordinator keeps serving."""
+    config = tmp_path / "coordinator.toml"
+    config.write_text('log_level = "warning"\nlog_format = "json"\n')
+    port = free_port()
+    log = tmp_path / "coordinator.log"
+    proc = _run(
+        [str(BIN / "jitmesh-coordinator"), "dev", "--config", str(config),
+         "--data", str(tmp_path / "data"), "--listen", f"127.0.0.1:{port}"],
+        notify,
+        log,
+    )  # fmt: skip
+    try:
+        notify.wait("READY=1")
+        asyncio.run(wait_healthy(f"127.0.0.1:{port}"))
+        # At warning, neither the start nor the call above wrote an info or debug line.
+        assert not [line for line in _log_lines(log) if line["level"] in ("info", "debug")]
+
+        config.write_text('log_level = "debug"\nlog_format = "json"\n')
+        _reload(proc, notify)
+        assert _wait_logged(log, "configuration reloaded")["log_level"] == "debug"
+        asyncio.run(wait_healthy(f"127.0.0.1:{port}"))
+        access = _wait_logged(log, "rpc")  # the access line per RPC, at debug only
+        assert access["method"] == "/grpc.health.v1.Health/Check"
+
+        config.write_text('log_level = "loud"\nlog_format = "json"\n')
+        _reload(proc, notify)
+        refused = _wait_logged(log, "configuration not reloaded")
+        assert refused["level"] == "error"
+        assert "log level must be one of" in str(refused["error"])
+        assert proc.poll() is None
+        asyncio.run(wait_healthy(f"127.0.0.1:{port}"))
+        _stop(proc, notify)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.subprocess
+def test_agent_sighup_rereads_the_log_level(tmp_path: Path, notify: NotifySocket) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('log_level = "warning"\nlog_format = "json"\n')
+    access = tmp_path / "access"
+    access.mkdir()
+    log = tmp_path / "agent.log"
+    proc = _run(
+        [str(BIN / "jitmesh-agent"), "--config", str(config),
+         "--coordinator", f"127.0.0.1:{free_port()}", "--name", "web-1", "--join-token",
+         "jmj_x", "--state", str(tmp_path / "state"), "--enforcer", f"file:{access}",
+         "--insecure"],
+        notify,
+        log,
+    )  # fmt: skip
+    try:
+        notify.wait("READY=1")
+        # At warning, "agent started" (info) is not written.
+        assert not [line for line in _log_lines(log) if line["msg"] == "agent started"]
+
+        config.write_text('log_level = "info"\nlog_format = "json"\n')
+        _reload(proc, notify)
+        reloaded = _wait_logged(log, "configuration reloaded")
+        assert reloaded["log_level"] == "info"
+        assert reloaded["agent"] == "web-1"
+
+        config.write_text('log_level = "info"\nlog_format = "json"\nheartbeat = "soon"\n')
+        _reload(proc, notify)
+        refused = _wait_logged(log, "configuration not reloaded")
+        assert refused["level"] == "error"
+        assert "heartbeat" in str(refused["error"])
+        assert proc.poll() is None
         _stop(proc, notify)
     finally:
         if proc.poll() is None:

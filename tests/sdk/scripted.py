@@ -202,6 +202,9 @@ class Scripted:
     auto_approve: bool = False
     # Snapshots WatchRequests sends after the current one, in order, one per subscription step.
     watch_script: list[Request] = field(default_factory=list)
+    # When set, WatchRequests waits for the next of these (set by the test, in its own thread)
+    # before each scripted snapshot: the client is seen between two steps.
+    watch_gates: list[threading.Event] = field(default_factory=list)
     # Statuses with which the first WatchRequests subscriptions end (after their first snapshot).
     watch_breaks: list[grpc.StatusCode] = field(default_factory=list)
     # TailEvents ends the first subscription with UNAVAILABLE after this many events.
@@ -401,6 +404,9 @@ class AccessService(access_pb2_grpc.AccessServicer):
         if self.m.watch_breaks:
             await context.abort(self.m.watch_breaks.pop(0), "stream recycled")
         while self.m.watch_script:
+            if self.m.watch_gates:
+                gate = self.m.watch_gates.pop(0)
+                await asyncio.to_thread(gate.wait, 60)
             snapshot = self.m.watch_script.pop(0)
             self.m.put(snapshot)
             yield _convert.request_to_proto(snapshot)

@@ -21,7 +21,7 @@ from jitmesh.keyset import key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agents_pb2
 from server.app import build
 from server.config import CoordinatorConfig
-from server.domain.models import ADMIN_GROUP, Principal
+from server.domain.models import ADMIN_GROUP, ObservedKind, Principal
 from server.domain.policy import DEV_POLICY
 from tests.agent.coordinator import grant_body, serving
 from tests.agent.factories import T0, gid
@@ -151,7 +151,7 @@ async def test_checkpoints_signed_by_a_long_retired_key_still_verify(tmp_path: P
     try:
         async with store.transaction() as tx:
             for _ in range(3):
-                await tx.audit(AuditEntry("test.event", "alice", now))
+                await tx.audit(AuditEntry(ObservedKind("test.event"), "alice", now))
         seq, head = await store.audit_head()
         checkpoints = Checkpoints(store, keys)
         await checkpoints.append(now)

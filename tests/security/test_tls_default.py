@@ -144,6 +144,53 @@ async def test_jitctl_speaks_tls_by_default(clean_env: None) -> None:
     assert CANARY.encode() not in listener.received
 
 
+@pytest.mark.subprocess
+async def test_the_agent_speaks_tls_and_its_join_token_never_arrives_in_clear(
+    tmp_path: Path, clean_env: None
+) -> None:
+    # The agent follows the same rule. Told nothing, it refuses to start (it used to connect in
+    # plain text, and this listener received the join token); given the coordinator's CA (here
+    # through JITMESH_CA_FILE, as a unit file's Environment= would), its first bytes are a TLS
+    # ClientHello and the join token is not among them.
+    (tmp_path / "ca").mkdir()
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(InternalCA.open(tmp_path / "ca", datetime.now(UTC)).ca_pem)
+    join = "jmj_canary-0123456789abcdefAGENT"
+
+    async def agent(listener: Listener, **env: str) -> tuple[int | None, bytes]:
+        proc = await asyncio.create_subprocess_exec(
+            str(procs.BIN / "jitmesh-agent"), "--coordinator", listener.address,
+            "--join-token", join, "--name", "web-1", "--state", str(tmp_path / "state"),
+            "--enforcer", f"file:{tmp_path / 'access'}",
+            env={"PATH": "/usr/bin:/bin", **env},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        exited = asyncio.ensure_future(proc.wait())
+        sent = asyncio.ensure_future(listener.got_bytes.wait())
+        try:
+            async with asyncio.timeout(30):
+                await asyncio.wait([exited, sent], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sent.cancel()
+            if proc.returncode is None:
+                proc.terminate()
+            _, err = await proc.communicate()
+            await exited
+        return proc.returncode, err
+
+    async with listening() as listener:
+        code, err = await agent(listener)
+    assert code == 2, err
+    assert b"--ca-file" in err
+    assert b"--insecure" in err
+    assert not listener.received
+    async with listening() as listener:
+        code, err = await agent(listener, JITMESH_CA_FILE=str(ca_file))
+    assert listener.received[:1] == bytes([TLS_HANDSHAKE]), err
+    assert join.encode() not in listener.received
+    assert join.encode() not in err
+
+
 async def test_the_system_trust_store_is_loaded_explicitly(
     tmp_path: Path, clean_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -169,6 +216,26 @@ async def test_the_system_trust_store_is_loaded_explicitly(
                 await client.list_requests()
         assert "did not verify" in str(refused.value)
         assert "--ca-file" in str(refused.value)
+
+
+async def test_plain_text_to_a_tls_coordinator_says_what_to_do(
+    tmp_path: Path, clean_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Item 9: a shell that once sourced dev.env (JITMESH_INSECURE=1) pointed at a TLS
+    # coordinator got gRPC's "failed to connect to all addresses; ... Socket closed".
+    monkeypatch.setenv(tls.ENV_INSECURE, "1")
+    async with (
+        serving_tls(tmp_path) as serving,
+        await Client.connect(serving.address, token="jmt_test-alice") as client,
+    ):
+        with pytest.raises(UnavailableError) as refused:
+            await client.list_requests()
+    said = str(refused.value)
+    assert "speaks TLS" in said
+    assert f"unset {tls.ENV_INSECURE}" in said
+    assert "--ca-file" in said
+    assert "Socket closed" not in said
+    assert "failed to connect to all addresses" not in said
 
 
 @pytest.mark.usefixtures("clean_env")

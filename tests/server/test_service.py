@@ -28,7 +28,7 @@ from jitmesh import (
 from jitmesh.client import Client
 from jitmesh.v1 import access_pb2, access_pb2_grpc, audit_pb2, audit_pb2_grpc, types_pb2
 from server.app import Coordinator
-from server.domain.models import AuditEntry
+from server.domain.models import AuditEntry, ObservedKind
 from server.domain.policy import DEV_POLICY
 from tests.server.helpers import T0, TOKENS, WAIT, Env, bearer, channel, raw_sql
 
@@ -630,7 +630,9 @@ async def test_audit_verify_names_a_tampered_entry(env: Env) -> None:
 async def test_audit_pages_never_end_early(env: Env) -> None:
     async with env.coordinator.store.transaction() as tx:
         for i in range(5100):
-            await tx.audit(AuditEntry("test.bulk", "admin", T0, details={"i": str(i)}))
+            await tx.audit(
+                AuditEntry(ObservedKind("test.bulk"), "admin", T0, details={"i": str(i)})
+            )
     async with channel(env.address) as ch:
         stub = audit_pb2_grpc.AuditStub(ch)
         first = await stub.ListEvents(

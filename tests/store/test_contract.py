@@ -13,7 +13,15 @@ import pytest
 from jitmesh.types import GrantState, RequestState
 from server.domain.audit import GENESIS, verify_chain
 from server.domain.errors import Conflict, InvalidArgument
-from server.domain.models import AuditEntry, CommandKind, GrantChange, JoinToken, Moved
+from server.domain.models import (
+    AuditEntry,
+    AuditKind,
+    CommandKind,
+    GrantChange,
+    JoinToken,
+    Moved,
+    ObservedKind,
+)
 from server.domain.ports import Store
 from tests.server.helpers import T0, make_grant, make_request
 from tests.store.conftest import Opener
@@ -333,14 +341,18 @@ async def test_a_replacement_join_token_names_its_agent(store: Store) -> None:
 async def test_audit_chain_continues_across_reopen(store: Store, reopen: Opener) -> None:
     async with store.transaction() as tx:
         for i in range(3):
-            await tx.audit(AuditEntry("test.event", "alice", T0, details={"i": str(i)}))
+            await tx.audit(
+                AuditEntry(ObservedKind("test.event"), "alice", T0, details={"i": str(i)})
+            )
     head = await store.audit_head()
     await store.close()
 
     again = await reopen()
     assert await again.audit_head() == head
     async with again.transaction() as tx:
-        event = await tx.audit(AuditEntry("test.event", "bob", T0 + timedelta(seconds=1)))
+        event = await tx.audit(
+            AuditEntry(ObservedKind("test.event"), "bob", T0 + timedelta(seconds=1))
+        )
     assert event is not None
     assert (event.seq, event.prev_hash) == (4, head[1])
     events = await again.audit_chain(0, 100)
@@ -352,7 +364,9 @@ async def test_audit_chain_continues_across_reopen(store: Store, reopen: Opener)
 
 
 async def test_agent_event_with_the_same_id_is_stored_once(store: Store) -> None:
-    entry = AuditEntry("agent.grant.expired", "agent:web-1", T0, agent="web-1", id="evt-agent-1")
+    entry = AuditEntry(
+        ObservedKind("agent.grant.expired"), "agent:web-1", T0, agent="web-1", id="evt-agent-1"
+    )
     async with store.transaction() as tx:
         first = await tx.audit(entry)
         in_same_tx = await tx.audit(entry)
@@ -367,9 +381,9 @@ async def test_agent_event_with_the_same_id_is_stored_once(store: Store) -> None
 
 async def test_list_audit_filters(store: Store) -> None:
     async with store.transaction() as tx:
-        await tx.audit(AuditEntry("a", "x", T0, agent="web-1", subject="alice"))
-        await tx.audit(AuditEntry("b", "x", T0 + timedelta(seconds=5), agent="db-1"))
-        await tx.audit(AuditEntry("a", "x", T0 + timedelta(seconds=9), subject="bob"))
+        await tx.audit(AuditEntry(ObservedKind("a"), "x", T0, agent="web-1", subject="alice"))
+        await tx.audit(AuditEntry(ObservedKind("b"), "x", T0 + timedelta(seconds=5), agent="db-1"))
+        await tx.audit(AuditEntry(ObservedKind("a"), "x", T0 + timedelta(seconds=9), subject="bob"))
 
     async def seqs(**filters: object) -> list[int]:
         args: dict[str, object] = {
@@ -400,7 +414,7 @@ async def test_list_audit_filters(store: Store) -> None:
 async def test_a_transaction_that_raises_leaves_nothing_behind(store: Store) -> None:
     await enroll(store, "web-1")
     async with store.transaction() as tx:
-        await tx.audit(AuditEntry("before", "x", T0))
+        await tx.audit(AuditEntry(ObservedKind("before"), "x", T0))
     head = await store.audit_head()
     request = make_request()
     grant = make_grant(request_id=request.id)
@@ -411,7 +425,9 @@ async def test_a_transaction_that_raises_leaves_nothing_behind(store: Store) -> 
             await tx.insert_grant(grant)
             await tx.append_command("web-1", CommandKind.GRANT, grant.id, T0)
             await tx.insert_join_token("h", {}, "admin", T0, None, 1)
-            await tx.audit(AuditEntry("request.created", "alice", T0, request_id=request.id))
+            await tx.audit(
+                AuditEntry(AuditKind.REQUEST_CREATED, "alice", T0, request_id=request.id)
+            )
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
@@ -427,7 +443,7 @@ async def test_a_transaction_that_raises_leaves_nothing_behind(store: Store) -> 
     async with store.transaction() as tx:
         assert await tx.use_join_token("h", T0) is None
         # The next event continues from the committed head, not the rolled-back one.
-        event = await tx.audit(AuditEntry("after", "x", T0))
+        event = await tx.audit(AuditEntry(ObservedKind("after"), "x", T0))
     assert event is not None
     assert (event.seq, event.prev_hash) == (2, head[1])
     assert verify_chain(await store.audit_chain(0, 10)).ok
@@ -441,7 +457,7 @@ async def test_a_cancelled_transaction_leaves_nothing_behind(store: Store) -> No
     async def write() -> None:
         async with store.transaction() as tx:
             await tx.insert_request(request)
-            await tx.audit(AuditEntry("request.created", "alice", T0))
+            await tx.audit(AuditEntry(AuditKind.REQUEST_CREATED, "alice", T0))
             started.set()
             await never.wait()
 
@@ -455,7 +471,7 @@ async def test_a_cancelled_transaction_leaves_nothing_behind(store: Store) -> No
     assert await store.get_request(request.id) is None
     assert await audit_count(store) == 0
     async with store.transaction() as tx:  # the writer is usable again
-        await tx.audit(AuditEntry("after", "x", T0))
+        await tx.audit(AuditEntry(ObservedKind("after"), "x", T0))
     assert (await store.audit_head())[0] == 1
 
 

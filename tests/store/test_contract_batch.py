@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from jitmesh.types import GrantState
 from server.domain.audit import reference_hash, verify_chain
-from server.domain.models import AuditEntry, GrantChange, new_ids
+from server.domain.models import AuditEntry, AuditKind, GrantChange, ObservedKind, new_ids
 from server.domain.ports import Store
 from tests.server.helpers import T0, make_grant
 
@@ -38,18 +38,20 @@ async def test_move_grants_moves_only_rows_in_an_expected_state(store: Store) ->
 
 async def test_audit_many_extends_the_chain_like_one_by_one(store: Store) -> None:
     async with store.transaction() as tx:
-        await tx.audit(AuditEntry("before", "a", T0, id="evt-0"))
+        await tx.audit(AuditEntry(ObservedKind("before"), "a", T0, id="evt-0"))
         entries = [
-            AuditEntry("grant.expired", "coordinator", T0, grant_id=f"g{i}", id=f"evt-{i}",
+            AuditEntry(AuditKind.GRANT_EXPIRED, "coordinator", T0, grant_id=f"g{i}", id=f"evt-{i}",
                        details={"action": "deploy", "was": "ACTIVE"})
             for i in range(1, 1204)
         ]  # fmt: skip
         # An id already stored (here, or earlier) is skipped, as with `audit`.
-        written = await tx.audit_many([*entries, AuditEntry("dup", "a", T0, id="evt-0")])
+        written = await tx.audit_many(
+            [*entries, AuditEntry(ObservedKind("dup"), "a", T0, id="evt-0")]
+        )
         assert len(written) == len(entries)
         assert tx.new_audit[-1] == written[-1]
     async with store.transaction() as tx:
-        after = await tx.audit(AuditEntry("after", "a", T0, id="evt-last"))
+        after = await tx.audit(AuditEntry(ObservedKind("after"), "a", T0, id="evt-last"))
     chain = await store.audit_chain(0, 10_000)
     assert [e.id for e in chain] == ["evt-0", *(e.id for e in entries), "evt-last"]
     assert verify_chain(chain).ok
@@ -64,12 +66,13 @@ async def test_fresh_audit_batch_with_shared_details_chains_like_one_by_one(stor
     shared = {"action": "deploy", "was": "ACTIVE"}
     ids = new_ids("evt", 1203)
     entries = [
-        AuditEntry("grant.expired", "coordinator", T0, subject="alice", agent=f"web-{i % 7}",
-                   request_id=f"req{i}", grant_id=f"g{i}", details=shared, id=event_id)
+        AuditEntry(AuditKind.GRANT_EXPIRED, "coordinator", T0, subject="alice",
+                   agent=f"web-{i % 7}", request_id=f"req{i}", grant_id=f"g{i}", details=shared,
+                   id=event_id)
         for i, event_id in enumerate(ids)
     ]  # fmt: skip
     async with store.transaction() as tx:
-        await tx.audit(AuditEntry("before", "a", T0, id="evt-0"))
+        await tx.audit(AuditEntry(ObservedKind("before"), "a", T0, id="evt-0"))
         written = await tx.audit_many(entries, fresh=True)
     shared["was"] = "REVOKING"
     assert [e.id for e in written] == ids

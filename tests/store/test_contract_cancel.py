@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 
 from server.domain.audit import verify_chain
-from server.domain.models import AuditEntry
+from server.domain.models import AuditEntry, ObservedKind
 from server.domain.ports import Store
 from tests.server.helpers import T0
 
@@ -23,8 +23,12 @@ async def test_a_writer_cancelled_anywhere_leaves_the_store_usable(store: Store)
             started += 1
             entered.set()
             async with store.transaction() as tx:
-                await tx.audit(AuditEntry("test.write", "t", T0, details={"n": str(n)}))
-                await tx.audit(AuditEntry("test.write", "t", T0, details={"n": str(n)}))
+                await tx.audit(
+                    AuditEntry(ObservedKind("test.write"), "t", T0, details={"n": str(n)})
+                )
+                await tx.audit(
+                    AuditEntry(ObservedKind("test.write"), "t", T0, details={"n": str(n)})
+                )
 
         task = asyncio.create_task(write(steps, entered))
         await entered.wait()
@@ -37,7 +41,7 @@ async def test_a_writer_cancelled_anywhere_leaves_the_store_usable(store: Store)
             await task
         # The next writer is never refused and continues the chain from the committed head.
         async with asyncio.timeout(10), store.transaction() as tx:
-            await tx.audit(AuditEntry("test.after", "t", T0))
+            await tx.audit(AuditEntry(ObservedKind("test.after"), "t", T0))
     assert started == 40
     chain = await store.audit_chain(0, 1000)
     assert verify_chain(chain).ok

@@ -13,7 +13,7 @@ from server.domain.access import hash_secret
 from server.domain.errors import Unauthenticated
 from server.domain.governance import IdentityService
 from server.domain.hub import Hub
-from server.domain.models import AuditEntry, Scope
+from server.domain.models import AuditEntry, ObservedKind, Scope
 from server.domain.ports import Store
 from tests.server.helpers import T0
 from tests.store.conftest import Opener
@@ -65,7 +65,7 @@ async def test_every_change_to_users_tokens_and_certificates_moves_the_generatio
     # Other writes leave it alone.
     async with store.transaction() as tx:
         await tx.set_meta("something", "else")
-        await tx.audit(AuditEntry("test.event", "admin", T0))
+        await tx.audit(AuditEntry(ObservedKind("test.event"), "admin", T0))
     assert await store.identity_generation() == seen[-1]
 
 

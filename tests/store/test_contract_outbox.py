@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from server.domain.models import AuditEntry
+from server.domain.models import AuditEntry, AuditKind, ObservedKind
 from server.domain.ports import Store
 from server.domain.receivers import DeliveryState, ReceiverKind, ReceiverSpec, Route
 from server.store.postgres import PostgresOutbox, PostgresStore
@@ -30,9 +30,11 @@ async def test_the_outbox_routes_claims_records_and_prunes(store: Store, reopen:
     async with store.transaction() as tx:
         assert await tx.insert_receiver(spec)
         assert not await tx.insert_receiver(spec)
-        await tx.audit(AuditEntry("request.created", "alice", T0, request_id="req-1", id="e1"))
-        await tx.audit(AuditEntry("test.not_notifiable", "alice", T0, id="e2"))
-        await tx.audit(AuditEntry("request.denied", "bob", T0, request_id="req-1", id="e3"))
+        await tx.audit(
+            AuditEntry(AuditKind.REQUEST_CREATED, "alice", T0, request_id="req-1", id="e1")
+        )
+        await tx.audit(AuditEntry(ObservedKind("test.not_notifiable"), "alice", T0, id="e2"))
+        await tx.audit(AuditEntry(AuditKind.REQUEST_DENIED, "bob", T0, request_id="req-1", id="e3"))
     outbox = outbox_of(store)
     assert [r.name for r in await outbox.list_receivers()] == ["hook"]
     cursor, notices = await outbox.unrouted(100)

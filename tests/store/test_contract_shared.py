@@ -13,7 +13,7 @@ import pytest
 
 from jitmesh.types import GrantState, Lock, LockTarget, RequestState
 from server.domain.audit import verify_chain
-from server.domain.models import AuditEntry, Checkpoint, CommandKind, GrantChange
+from server.domain.models import AuditEntry, Checkpoint, CommandKind, GrantChange, ObservedKind
 from server.domain.ports import Store, Tx
 from server.store.postgres import PostgresStore
 from tests.server.helpers import T0, make_grant, make_request
@@ -41,9 +41,12 @@ async def test_concurrent_writers_extend_one_chain_and_number_commands_without_g
     async def one(k: int, grant_id: str) -> None:
         async def work(tx: Tx) -> None:
             await tx.append_command("web-1", CommandKind.GRANT, grant_id, T0)
-            await tx.audit(AuditEntry("test.write", f"w{k}", T0, grant_id=grant_id))
+            await tx.audit(AuditEntry(ObservedKind("test.write"), f"w{k}", T0, grant_id=grant_id))
             await tx.audit_many(
-                [AuditEntry("test.more", f"w{k}", T0, details={"i": str(i)}) for i in range(3)]
+                [
+                    AuditEntry(ObservedKind("test.more"), f"w{k}", T0, details={"i": str(i)})
+                    for i in range(3)
+                ]
             )
 
         await stores[k % len(stores)].write(work)
@@ -80,7 +83,7 @@ async def test_write_runs_the_function_again_after_a_deadlock(store: Store, reop
                 async with asyncio.timeout(10):
                     await both_hold_one.wait()
             await tx.agent_seen(second, T0)
-            await tx.audit(AuditEntry("test.deadlock", name, T0))
+            await tx.audit(AuditEntry(ObservedKind("test.deadlock"), name, T0))
 
         return work
 

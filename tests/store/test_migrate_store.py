@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from server.domain.audit import verify_chain
-from server.domain.models import AuditEntry, Checkpoint, CommandKind
+from server.domain.models import AuditEntry, Checkpoint, CommandKind, ObservedKind
 from server.shared import new_key
 from server.signing import SigningKeys
 from server.store.postgres import PostgresStore
@@ -49,7 +49,9 @@ async def test_an_installation_moves_to_postgresql_with_its_chain_intact(tmp_pat
         await tx.append_command("web-1", CommandKind.GRANT, grant.id, T0)
         await tx.insert_policy("version: 1\n", "sha", T0, "admin")
         for i in range(50):
-            await tx.audit(AuditEntry("test.event", "alice", T0, details={"i": str(i)}))
+            await tx.audit(
+                AuditEntry(ObservedKind("test.event"), "alice", T0, details={"i": str(i)})
+            )
     seq, head = await source.audit_head()
     original = await source.get_request(request.id)
     await source.add_checkpoint(Checkpoint(seq, head, T0, "ed25519:k", b"s" * 64))
@@ -76,7 +78,7 @@ async def test_an_installation_moves_to_postgresql_with_its_chain_intact(tmp_pat
             assert await target.get_secret("signing_keys.json") is not None
             # The next event continues the moved chain.
             async with target.transaction() as tx:
-                event = await tx.audit(AuditEntry("after.move", "admin", T0))
+                event = await tx.audit(AuditEntry(ObservedKind("after.move"), "admin", T0))
             assert event is not None
             assert (event.seq, event.prev_hash) == (seq + 1, head)
         finally:

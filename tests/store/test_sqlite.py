@@ -16,7 +16,7 @@ import pytest
 
 from jitmesh.clock import FakeClock
 from server.domain.audit import verify_chain
-from server.domain.models import AuditEntry
+from server.domain.models import AuditEntry, ObservedKind
 from server.store import sqlite as sqlite_store
 from server.store.sqlite import MIGRATIONS, SqliteStore
 from tests.server.helpers import T0, raw_sql
@@ -55,7 +55,9 @@ async def test_stored_tampering_is_found(tmp_path: Path) -> None:
     try:
         async with store.transaction() as tx:
             for i in range(5):
-                await tx.audit(AuditEntry("test.event", "alice", T0, details={"i": str(i)}))
+                await tx.audit(
+                    AuditEntry(ObservedKind("test.event"), "alice", T0, details={"i": str(i)})
+                )
         raw_sql(tmp_path / "c.db", "UPDATE audit SET actor = 'mallory' WHERE seq = 3")
         result = verify_chain(await store.audit_chain(0, 100))
         assert (result.ok, result.first_bad_seq) == (False, 3)
@@ -96,7 +98,7 @@ async def test_a_commit_that_fails_leaves_the_audit_head_where_it_was(
     every later event would chain onto entries that do not exist. The failing COMMIT is faked
     (the real one needs the coordinator's own disk to fill); the rollback is SQLite's own."""
     async with store.transaction() as tx:
-        await tx.audit(AuditEntry("test.event", "alice", T0, details={"i": "0"}))
+        await tx.audit(AuditEntry(ObservedKind("test.event"), "alice", T0, details={"i": "0"}))
     head = await store.audit_head()
 
     def commit_fails(writer: Any) -> None:
@@ -107,11 +109,13 @@ async def test_a_commit_that_fails_leaves_the_audit_head_where_it_was(
     monkeypatch.setattr(sqlite_store, "_commit", commit_fails)
     with pytest.raises(sqlite3.OperationalError):
         async with store.transaction() as tx:
-            await tx.audit(AuditEntry("test.event", "alice", T0, details={"i": "lost"}))
+            await tx.audit(
+                AuditEntry(ObservedKind("test.event"), "alice", T0, details={"i": "lost"})
+            )
     monkeypatch.undo()
     assert await store.audit_head() == head
     async with store.transaction() as tx:
-        await tx.audit(AuditEntry("test.event", "bob", T0, details={"i": "1"}))
+        await tx.audit(AuditEntry(ObservedKind("test.event"), "bob", T0, details={"i": "1"}))
     events = await store.audit_chain(0, 100)
     assert [e.details["i"] for e in events] == ["0", "1"]
     assert verify_chain(events).ok
@@ -125,7 +129,7 @@ async def test_a_writer_cancelled_at_any_step_leaves_the_store_and_chain_sound(
     # thread, so no transaction may be left open and the chain head must follow what committed.
     async def write(i: int) -> None:
         async with store.transaction() as tx:
-            await tx.audit(AuditEntry("cancelled.maybe", "a", T0, id=f"evt-{i}"))
+            await tx.audit(AuditEntry(ObservedKind("cancelled.maybe"), "a", T0, id=f"evt-{i}"))
 
     for i in range(40):
         task = asyncio.ensure_future(write(i))
@@ -135,7 +139,7 @@ async def test_a_writer_cancelled_at_any_step_leaves_the_store_and_chain_sound(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         async with store.transaction() as tx:
-            await tx.audit(AuditEntry("after", "a", T0, id=f"evt-after-{i}"))
+            await tx.audit(AuditEntry(ObservedKind("after"), "a", T0, id=f"evt-after-{i}"))
     chain = await store.audit_chain(0, 1000)
     assert verify_chain(chain).ok
     assert await store.audit_head() == (chain[-1].seq, chain[-1].hash)
@@ -194,7 +198,9 @@ async def test_the_wal_is_emptied_once_writes_stop(tmp_path: Path) -> None:
             async with store.transaction() as tx:
                 for i in range(20):
                     details = {"batch": str(batch), "i": str(i), "pad": "x" * 4000}
-                    await tx.audit(AuditEntry("test.burst", "alice", T0, details=details))
+                    await tx.audit(
+                        AuditEntry(ObservedKind("test.burst"), "alice", T0, details=details)
+                    )
         burst = wal.stat().st_size
         assert burst > 4 * 1024 * 1024
         # The loop looks every idle period: the first look saw the burst's commits, the next
@@ -206,7 +212,7 @@ async def test_the_wal_is_emptied_once_writes_stop(tmp_path: Path) -> None:
         assert raw_sql(path, "SELECT COUNT(*) FROM audit WHERE kind = 'test.burst'") == [(1200,)]
         # Writes go on after it, and the WAL grows again from nothing.
         async with store.transaction() as tx:
-            await tx.audit(AuditEntry("test.after", "alice", T0))
+            await tx.audit(AuditEntry(ObservedKind("test.after"), "alice", T0))
         assert 0 < wal.stat().st_size < burst
     finally:
         idle.cancel()

@@ -1,0 +1,342 @@
+"""A part of a swarm in its own process, for scenarios 6 (reconnect after SIGKILL) and 17
+(failover between replicas).
+
+One process cannot redial 10,000 links fast enough to measure the coordinator: each attempt
+builds a channel and a call in Python, and one event loop did 340 of them a second, saturated,
+while the restarted coordinator idled (docs/performance.md, "Reconnect"). A real fleet redials
+from 10,000 hosts; here the fleet is split over several of these processes, each running its
+share of the agents on the real agents' reconnect schedule (`agent.defaults`: base 1 s, cap
+15 s, full jitter).
+
+    python -m bench.swarmproc TARGETS CREDENTIALS_DIR PREFIX FIRST COUNT  (join token: $JOIN_ENV)
+
+TARGETS: the coordinator's address, or several comma-separated (failover, first one first).
+The agents are PREFIX-FIRST... (tests/support/swarm.py).
+
+Talks JSON lines. Out: `{"connected": N}` whenever the count of connected agents changes;
+after `watch SINCE_MS` came in, `{"back": N, "at": T}` whenever the count of agents back
+changes (connected, with contact after SINCE_MS; T is `time.monotonic()`, one clock for every
+process of the machine), then `{"done": ..., "downs": D, "pushed_back": P}`; after `report`,
+`{"report": ..., "connected": N, "dropped": A, "stream_ends": E}` (A: agents whose established
+stream ended since the `watch`; E: such ends in all). In: `watch SINCE_MS` (also resets those
+counts), `report`, `quit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent import defaults
+from tests.support.swarm import Swarm, SwarmSettings, raise_fd_limit
+
+JOIN_ENV = "JITMESH_BENCH_JOIN_TOKEN"
+# How often the counts are looked at.
+TICK = 0.1
+
+
+class LinkDowns(logging.Handler):
+    """Counts the swarm's "link down" records: each one is a stream that ended or failed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+        # Of those, the attempts refused by admission control (RESOURCE_EXHAUSTED, a hint).
+        self.pushed_back = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "link down":
+            self.count += 1
+            if getattr(record, "reason", "") == "RESOURCE_EXHAUSTED":
+                self.pushed_back += 1
+
+
+async def run_links(swarm: Swarm) -> None:
+    """Like `Swarm.run`, without each engine's expiry loop: it wakes every second per agent
+    (to notice wall-clock jumps), which at 10,000 agents in one process is a core's worth of
+    wake-ups measuring the swarm, not the coordinator. Nothing expires during the benchmark
+    (grants last an hour); every command still goes through the real Engine."""
+    raise_fd_limit()
+    for agent in swarm.agents:
+        await agent.store.claim(agent.name, f"swarm-{agent.name}")
+        await agent.engine.start()
+    async with asyncio.TaskGroup() as tasks:
+        for agent in swarm.agents:
+            tasks.create_task(agent.link.run())
+
+
+def _say(message: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+async def _commands(queue: asyncio.Queue[str]) -> None:
+    """The parent's lines from stdin; its end (the parent gone) is a `quit`."""
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = (await reader.readline()).decode()
+        await queue.put(line.strip() or "quit")
+        if not line:
+            return
+
+
+def _count_drops(swarm: Swarm) -> Counter[str]:
+    """From now on, counts per agent each time its engine goes from connected to lost (the
+    link calls `coordinator_lost` whenever a stream ends or an attempt fails; only the calls
+    while connected are an established stream ending)."""
+    drops: Counter[str] = Counter()
+    for agent in swarm.agents:
+        engine = agent.engine
+        lost = engine.coordinator_lost
+
+        async def counted(name: str = agent.name, engine: Any = engine, lost: Any = lost) -> None:
+            if engine.connected:
+                drops[name] += 1
+            await lost()
+
+        # The instance attribute shadows the method: the link calls through it.
+        setattr(engine, "coordinator_lost", counted)  # noqa: B010
+    return drops
+
+
+async def main(target: str, credentials: Path, prefix: str, first: int, count: int) -> None:
+    downs = LinkDowns()
+    link_log = logging.getLogger("agent.rpc.link")
+    link_log.setLevel(logging.WARNING)
+    link_log.addHandler(downs)
+    link_log.propagate = False
+    swarm = Swarm(
+        SwarmSettings(
+            target=target,
+            join_token=os.environ[JOIN_ENV],
+            count=count,
+            credentials_dir=credentials,
+            prefix=prefix,
+            first=first,
+            backoff_base=defaults.BACKOFF_BASE,
+            backoff_cap=defaults.BACKOFF_CAP,
+            heartbeat=30.0,
+            keepalive_time=60.0,
+            keepalive_timeout=20.0,
+            welcome_timeout=60.0,
+        )
+    )
+    drops = _count_drops(swarm)
+    links = asyncio.create_task(run_links(swarm))
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    reader = asyncio.create_task(_commands(queue))
+    connected = -1
+    since: datetime | None = None
+    pending = list(swarm.agents)
+    back = -1
+    try:
+        while True:
+            try:
+                command = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                command = ""
+            if command == "quit":
+                return
+            if command.startswith("watch "):
+                since = datetime.fromtimestamp(int(command.split()[1]) / 1000, UTC)
+                downs.count = downs.pushed_back = 0
+                drops.clear()
+            if command == "report":
+                _say(
+                    {
+                        "report": True,
+                        "connected": swarm.connected(),
+                        "dropped": len(drops),
+                        "stream_ends": sum(drops.values()),
+                    }
+                )
+            now = swarm.connected()
+            if now != connected:
+                connected = now
+                _say({"connected": now})
+            if since is not None and pending:
+                still = []
+                for agent in pending:
+                    # Back: connected, with contact noted after the restart began (the Welcome
+                    # from the new process). Only those not yet seen back are looked at.
+                    if not agent.engine.connected:
+                        still.append(agent)
+                        continue
+                    contact = (await agent.store.meta()).last_contact_at
+                    if contact is None or contact <= since:
+                        still.append(agent)
+                pending = still
+                if count - len(pending) != back:
+                    back = count - len(pending)
+                    _say({"back": back, "at": time.monotonic()})
+                if not pending:
+                    _say({"done": True, "downs": downs.count, "pushed_back": downs.pushed_back})
+            if links.done():
+                links.result()  # the links ended: say why
+                return
+            await asyncio.sleep(TICK)
+    finally:
+        reader.cancel()
+        links.cancel()
+        await asyncio.gather(links, return_exceptions=True)
+
+
+if __name__ == "__main__":
+    target, credentials, prefix, first, count = sys.argv[1:6]
+    asyncio.run(main(target, Path(credentials), prefix, int(first), int(count)))
+
+
+class SwarmProcesses:
+    """The parent's side: children each running a share of a fleet."""
+
+    def __init__(self, logs: Path) -> None:
+        self._logs = logs
+        self._children: list[asyncio.subprocess.Process] = []
+        self._readers: list[asyncio.Task[None]] = []
+        self.connected: list[int] = []
+        # (monotonic time, child, agents of that child back), in the order read.
+        self.back: list[tuple[float, int, int]] = []
+        self.done: dict[int, dict[str, object]] = {}
+        self.reports: dict[int, dict[str, int]] = {}
+
+    @property
+    def pids(self) -> list[int]:
+        return [child.pid for child in self._children]
+
+    async def start(
+        self,
+        targets: str,
+        join_token: str,
+        credentials: Path,
+        count: int,
+        processes: int,
+        prefix: str = "swarm",
+    ) -> list[int]:
+        """`count` agents `{prefix}-00000`... over `processes` more children; returns their
+        indexes."""
+        share, extra = divmod(count, processes)
+        first = 0
+        started = []
+        for k in range(processes):
+            size = share + (1 if k < extra else 0)
+            started.append(await self._spawn(targets, join_token, credentials, prefix, first, size))
+            first += size
+        return started
+
+    async def _spawn(
+        self, targets: str, join_token: str, credentials: Path, prefix: str, first: int, count: int
+    ) -> int:
+        i = len(self._children)
+        log = (self._logs / f"swarm-{i}.log").open("ab")
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.swarmproc", targets, str(credentials), prefix,
+            str(first), str(count),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+            env={**os.environ, JOIN_ENV: join_token},
+        )  # fmt: skip
+        log.close()
+        self._children.append(child)
+        self.connected.append(0)
+        self._readers.append(asyncio.create_task(self._read(i, child)))
+        return i
+
+    async def _read(self, index: int, child: asyncio.subprocess.Process) -> None:
+        assert child.stdout is not None
+        async for line in child.stdout:
+            message = json.loads(line)
+            if message.get("report"):
+                self.reports[index] = {k: int(v) for k, v in message.items() if k != "report"}
+            elif "connected" in message:
+                self.connected[index] = int(message["connected"])
+            elif "back" in message:
+                self.back.append((float(message["at"]), index, int(message["back"])))
+            elif message.get("done"):
+                self.done[index] = message
+
+    def _alive(self) -> None:
+        for i, child in enumerate(self._children):
+            if child.returncode is not None:
+                raise RuntimeError(f"swarm process {i} exited ({self._logs}/swarm-{i}.log)")
+
+    async def until(self, done: Callable[[], bool], within: float, what: str) -> float:
+        started = time.monotonic()
+        while not done():
+            self._alive()
+            if time.monotonic() - started > within:
+                raise TimeoutError(f"swarm processes: not {what} after {within:.0f} s")
+            await asyncio.sleep(TICK)
+        return time.monotonic() - started
+
+    async def _tell(self, line: str, children: Sequence[int] | None = None) -> None:
+        for i in range(len(self._children)) if children is None else children:
+            stdin = self._children[i].stdin
+            assert stdin is not None
+            stdin.write(line.encode() + b"\n")
+            await stdin.drain()
+
+    async def watch(self, since: datetime, children: Sequence[int] | None = None) -> None:
+        """From now on count the agents back after `since`, and the streams that end."""
+        await self._tell(f"watch {int(since.timestamp() * 1000)}", children)
+
+    async def report(self, children: Sequence[int]) -> dict[str, int]:
+        """The children's counts now (connected, dropped, stream_ends), summed."""
+        for i in children:
+            self.reports.pop(i, None)
+        await self._tell("report", children)
+        await self.until(lambda: all(i in self.reports for i in children), 30.0, "reported")
+        return {
+            key: sum(self.reports[i][key] for i in children)
+            for key in ("connected", "dropped", "stream_ends")
+        }
+
+    def agents_back(self, children: Sequence[int] | None = None) -> int:
+        """Agents back now (the latest count of each child of `children`, default all)."""
+        last: dict[int, int] = {}
+        for _, child, back in self.back:
+            last[child] = back
+        return sum(n for i, n in last.items() if children is None or i in children)
+
+    def marks(
+        self, total: int, percents: Sequence[int], children: Sequence[int] | None = None
+    ) -> dict[int, float]:
+        """The monotonic time at which each percentage of `total` was back, counting the agents
+        of `children` (default: all) (nan: never)."""
+        by_child = [0] * len(self._children)
+        marks = dict.fromkeys(percents, math.nan)
+        counted = set(range(len(self._children)) if children is None else children)
+        for at, child, back in sorted(e for e in self.back if e[1] in counted):
+            by_child[child] = back
+            now = sum(by_child)
+            for pct in percents:
+                if math.isnan(marks[pct]) and now * 100 >= pct * total:
+                    marks[pct] = at
+        return marks
+
+    async def stop(self) -> None:
+        for child in self._children:
+            if child.returncode is None and child.stdin is not None:
+                with contextlib.suppress(ConnectionError):
+                    child.stdin.write(b"quit\n")
+                    child.stdin.close()
+        for child in self._children:
+            try:
+                await asyncio.wait_for(child.wait(), 20)
+            except TimeoutError:
+                child.kill()
+                await child.wait()
+        for reader in self._readers:
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
