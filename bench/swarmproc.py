@@ -58,7 +58,7 @@ class LinkDowns(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage() == "link down":
             self.count += 1
-            if getattr(record, "reason", "") == "RESOURCE_EXHAUSTED":
+            if str(getattr(record, "reason", "")).startswith("RESOURCE_EXHAUSTED"):
                 self.pushed_back += 1
 
 

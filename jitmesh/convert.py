@@ -275,6 +275,7 @@ def request(msg: types_pb2.AccessRequest) -> types.Request:
         reused=msg.reused,
         extends_grant_id=msg.extends_grant_id,
         change_seq=msg.change_seq,
+        link=msg.link,
     )
 
 
@@ -307,6 +308,7 @@ def request_to_proto(value: types.Request) -> types_pb2.AccessRequest:
         reused=value.reused,
         extends_grant_id=value.extends_grant_id,
         change_seq=value.change_seq,
+        link=value.link,
     )
 
 
@@ -374,6 +376,7 @@ def agent(msg: types_pb2.Agent) -> types.Agent:
         last_seq=msg.last_seq,
         active_grants=msg.active_grants,
         replica=msg.replica,
+        compatibility=msg.compatibility,
     )
 
 
@@ -389,6 +392,7 @@ def agent_to_proto(value: types.Agent) -> types_pb2.Agent:
         last_seq=value.last_seq,
         active_grants=value.active_grants,
         replica=value.replica,
+        compatibility=value.compatibility,
     )
 
 

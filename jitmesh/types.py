@@ -157,6 +157,8 @@ class Request:
     extends_grant_id: str = ""
     # A resume cursor for WatchRequests: the number of this request's latest change.
     change_seq: int = 0
+    # The request's page on jitmesh-web ("" when the coordinator does not know its address).
+    link: str = ""
 
     @property
     def stages(self) -> tuple[ApprovalStage, ...]:
@@ -252,6 +254,10 @@ class Agent:
     active_grants: int = 0
     # The coordinator replica holding the agent's stream ('' when none does).
     replica: str = ""
+    # How the answering coordinator serves this agent's version (docs/wire.md, "Mixed
+    # versions"): "supported" (its own minor version), "compat" (one minor older, served the
+    # older wire), "refused" (to upgrade before it can connect); "" while no version is known.
+    compatibility: str = ""
 
 
 @dataclass(frozen=True, slots=True)

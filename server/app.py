@@ -547,7 +547,9 @@ async def _assemble(
     limiters: dict[str, Limiter] = {}
     if config.request_rate is not None:
         limiters["requests"] = limiter("requests", config.request_rate, config.request_burst)
-    access_servicer = AccessServicer(auth, access, hub, limiters.get("requests"))
+    access_servicer = AccessServicer(
+        auth, access, hub, limiters.get("requests"), links=Links(config.web_url)
+    )
     enroll_limits = None
     if config.enroll_rate is not None:
         enroll_limits = (

@@ -221,7 +221,14 @@ class Link:
                 log.warning("credential refused; enrolling again")
             else:
                 log.error("credential refused and no join token to enroll again")
-        return code.name if code is not None else "UNKNOWN"
+        name = code.name if code is not None else "UNKNOWN"
+        if code in _REFUSALS:
+            # The coordinator's one-line reason (e.g. this agent's version is not served, and
+            # what to upgrade: docs/wire.md "Mixed versions"), printable and cut short.
+            why = "".join(ch for ch in (exc.details() or "")[:200] if ch.isprintable())
+            if why:
+                return f"{name}: {why}"
+        return name
 
     async def _session(self) -> None:
         if self._settings.ca_pem is not None:

@@ -553,6 +553,7 @@ def agent_json(agent: Agent) -> JSON:
         "last_seq": agent.last_seq,
         "active_grants": agent.active_grants,
         "replica": agent.replica,
+        "compatibility": agent.compatibility,
     }
 
 
@@ -569,12 +570,20 @@ def agents_table(agents: Iterable[Agent], now: datetime) -> Table:
                 _labels(a.labels),
                 _last_seen(a, now),
                 a.active_grants,
-                a.version,
+                _version(a),
                 a.replica or "-",
             )
             for a in agents
         ),
     )
+
+
+def _version(agent: Agent) -> str:
+    """The agent's version, and how the coordinator serves it when that is not fully: "compat"
+    (one minor older, served the older wire) or "refused" (upgrade it: docs/wire.md)."""
+    if agent.compatibility in {"compat", "refused"}:
+        return f"{agent.version} ({agent.compatibility})"
+    return agent.version
 
 
 def _last_seen(agent: Agent, now: datetime) -> str:
@@ -593,7 +602,7 @@ def agent_details(agent: Agent, now: datetime) -> Table:
             ("LABELS", _labels(agent.labels)),
             ("LAST SEEN", _last_seen(agent, now)),
             ("ENROLLED", human_time(agent.enrolled_at)),
-            ("VERSION", agent.version),
+            ("VERSION", _version(agent)),
             ("ACTIVE GRANTS", agent.active_grants),
             ("REPLICA", agent.replica or "-"),
             ("COMMANDS ACKED", f"{agent.last_acked_seq} of {agent.last_seq}"),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 
 from jitmesh.clock import Clock, SystemClock, to_ms
-from jitmesh.types import Agent, TokenInfo
+from jitmesh.types import Agent, Request, TokenInfo
 from jitmesh.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -33,6 +34,7 @@ from server.domain.governance import AuditService, PolicyService, TokenService
 from server.domain.hub import Hub
 from server.domain.models import Scope
 from server.domain.signin import SignInService
+from server.notify.base import Links
 from server.oidc import IdTokenRejected, OidcVerifier
 from server.signing import SigningKeys
 
@@ -61,11 +63,17 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
         access: AccessService,
         hub: Hub,
         limiter: Limiter | None = None,
+        links: Links | None = None,
     ) -> None:
         self._auth = auth
         self._access = access
         self._hub = hub
         self._limiter = limiter
+        self._links = links or Links()
+
+    def _request(self, value: Request) -> types_pb2.AccessRequest:
+        """A request on the wire, with its page on jitmesh-web (the link notices carry)."""
+        return c.request(replace(value, link=self._links.request(value.id)))
 
     @mapped
     async def CreateRequest(
@@ -92,7 +100,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
         )
         grants = [await self._access.get_grant(principal, gid) for gid in req.grant_ids]
         return access_pb2.CreateRequestResponse(
-            request=c.request(req),
+            request=self._request(req),
             grant=c.grant(grant) if grant else None,
             reused=req.reused,
             grants=[c.grant(g) for g in grants],
@@ -103,7 +111,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
         self, request: access_pb2.GetRequestRequest, context: Ctx
     ) -> types_pb2.AccessRequest:
         principal = await self._auth.operator(context)
-        return c.request(await self._access.get_request(principal, request.id))
+        return self._request(await self._access.get_request(principal, request.id))
 
     @mapped
     async def ListRequests(
@@ -120,7 +128,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             reviewable=request.reviewable,
         )
         return access_pb2.ListRequestsResponse(
-            requests=[c.request(r) for r in items], next_page_token=token
+            requests=[self._request(r) for r in items], next_page_token=token
         )
 
     @mapped
@@ -138,7 +146,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             raise errors.InvalidArgument("decision must be APPROVE or DENY")
         req, grant = await self._access.review(principal, request.id, decision, request.reason)
         return access_pb2.ReviewRequestResponse(
-            request=c.request(req), grant=c.grant(grant) if grant else None
+            request=self._request(req), grant=c.grant(grant) if grant else None
         )
 
     @mapped
@@ -146,7 +154,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
         self, request: access_pb2.CancelRequestRequest, context: Ctx
     ) -> types_pb2.AccessRequest:
         principal = await self._auth.operator(context)
-        return c.request(await self._access.cancel(principal, request.id))
+        return self._request(await self._access.cancel(principal, request.id))
 
     async def WatchRequests(
         self, request: access_pb2.WatchRequestsRequest, context: Ctx
@@ -166,11 +174,11 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
                 # The current state of each watched id first, so a watcher never misses a
                 # change made before it subscribed.
                 for rid in sorted(wanted):
-                    yield c.request(await self._access.get_request(principal, rid))
+                    yield self._request(await self._access.get_request(principal, rid))
                 while True:
                     changed, cursor = await self._access.changes(principal, cursor, wanted)
                     for found in changed:
-                        yield c.request(found)
+                        yield self._request(found)
                     await queue.get()
                     while not queue.empty():
                         queue.get_nowait()
@@ -227,7 +235,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             principal, request.id, _duration(request.by, "by"), request.reason, request.ticket
         )
         return access_pb2.ExtendGrantResponse(
-            grant=c.grant(grant), request=c.request(pending) if pending else None
+            grant=c.grant(grant), request=self._request(pending) if pending else None
         )
 
     @mapped

@@ -53,12 +53,14 @@ from server.domain.models import (
 )
 from server.domain.notices import NOTIFIABLE, Notice, notice_for
 from server.domain.receivers import (
+    REQUESTER_SUFFIX,
     AttemptRecord,
     Delivery,
     DeliveryRecord,
     DeliveryState,
     ReceiverKind,
     ReceiverSpec,
+    split_target,
 )
 from server.store import rows as rec
 from server.store.queries import (
@@ -843,7 +845,8 @@ class SqlTx(SqlReads):
         """Removes the receiver; its pending deliveries are given up (attempts stay in the log)."""
         if await self._run(self._q.delete_receiver, [name]) != 1:
             return False
-        await self._run(self._q.abandon_deliveries, [name])
+        # Its deliveries to requesters too (`NAME:requester`, server/domain/receivers.py).
+        await self._run(self._q.abandon_deliveries, [name, name + REQUESTER_SUFFIX])
         return True
 
 
@@ -1307,8 +1310,9 @@ class SqlOutbox(ABC):
         where: list[str] = ["1 = 1"]
         args: list[Any] = []
         if receiver:
-            where.append(f"d.receiver = {d.mark}")
-            args.append(receiver)
+            # A receiver's deliveries to requesters (`NAME:requester`) are its own too.
+            where.append(f"d.receiver IN ({d.mark}, {d.mark})")
+            args.extend(_and_to_requesters(receiver))
         if states:
             values = [s.value for s in states]
             where.append(d.in_list("d.state", values))
@@ -1342,8 +1346,8 @@ class SqlOutbox(ABC):
             where.append(f"o.request_id = {mark}")
             args.append(request_id)
         if receiver:
-            where.append(f"a.receiver = {mark}")
-            args.append(receiver)
+            where.append(f"a.receiver IN ({mark}, {mark})")
+            args.extend(_and_to_requesters(receiver))
         rows = await self._store._all(
             "SELECT a.event_seq, o.event_id, o.kind, a.receiver, a.attempt, a.at, a.ok, "
             "a.detail, COALESCE(d.state, 'GAVE_UP') AS state FROM delivery_attempts a "
@@ -1359,3 +1363,9 @@ class SqlOutbox(ABC):
             )
             for r in rows
         ]  # fmt: skip
+
+
+def _and_to_requesters(receiver: str) -> list[str]:
+    """A receiver's name as filtered on, with its deliveries to requesters."""
+    name, _ = split_target(receiver)
+    return [name, name + REQUESTER_SUFFIX]

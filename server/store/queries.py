@@ -457,7 +457,7 @@ class Queries:
     delete_receiver: str = "DELETE FROM receivers WHERE name = ?"
     abandon_deliveries: str = (
         "UPDATE deliveries SET state = 'GAVE_UP', last_error = 'receiver removed' "
-        "WHERE receiver = ? AND state = 'PENDING'"
+        "WHERE receiver IN (?, ?) AND state = 'PENDING'"
     )
     # The outbox's sender (`SqlOutbox`).
     list_receivers: str = (

@@ -81,6 +81,7 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
         self.join_tokens: set[str] = {"join-1", "join-2"}
         # While set, every Connect is refused with this status (the coordinator is "down").
         self.refuse: grpc.StatusCode | None = None
+        self.refuse_details = "coordinator is down"
         self.refused: asyncio.Queue[str] = asyncio.Queue()
         self.ack_events = True
         self.epoch = 7
@@ -148,7 +149,7 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
             )
         if self.refuse is not None:
             await self.refused.put(authorization)
-            await context.abort(self.refuse, "coordinator is down")
+            await context.abort(self.refuse, self.refuse_details)
         if authorization not in {f"Bearer {c}" for c in self.credentials}:
             await self.refused.put(authorization)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "credential is not valid")

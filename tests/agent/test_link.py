@@ -364,6 +364,28 @@ async def test_refused_credential_is_replaced_by_enrolling_again(
         assert (host.state / "credential").read_text().strip() == "cred-2"
 
 
+async def test_a_coordinator_that_does_not_serve_this_version_is_named_in_the_log(
+    coordinator: Coordinator, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The coordinator refuses the Hello of an agent whose version it does not serve
+    (docs/wire.md, "Mixed versions"): the agent's log says why and what to upgrade, not only
+    the status code; it keeps retrying (the coordinator may be downgraded, the agent upgraded)."""
+    why = (
+        "agent version 0.2.0 is not served by this coordinator (0.4.0): it serves its own minor"
+        " version and the one before; upgrade the agent"
+    )
+    async with running(host, host.config(coordinator)):
+        live = await coordinator.session()  # enrolled and connected once
+        coordinator.refuse = grpc.StatusCode.FAILED_PRECONDITION
+        coordinator.refuse_details = why
+        live.end()
+        caplog.set_level("WARNING", logger="agent.rpc.link")
+        await coordinator.refused.get()
+        await coordinator.refused.get()  # a second attempt: the first one's "link down" is out
+    reasons = [getattr(r, "reason", "") for r in caplog.records if r.getMessage() == "link down"]
+    assert f"FAILED_PRECONDITION: {why}" in reasons
+
+
 async def test_without_credential_or_join_token_the_agent_refuses_to_start(
     coordinator: Coordinator, host: Host
 ) -> None:

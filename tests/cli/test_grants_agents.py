@@ -75,6 +75,28 @@ def test_agent_list(model: Scripted, jitctl: Jitctl) -> None:
     assert "2026-01-01 12:00:00Z (now)" in rows[1]
 
 
+def test_agent_list_says_which_versions_are_served_in_compat_or_refused(
+    model: Scripted, jitctl: Jitctl
+) -> None:
+    model.put(
+        make_agent("web-1", version="0.2.0", compatibility="supported"),
+        make_agent("web-2", version="0.1.0", compatibility="compat"),
+        make_agent("web-3", version="0.0.4", compatibility="refused"),
+    )
+    body = jitctl("agent", "list", "-o", "json").json()
+    assert [(a["version"], a["compatibility"]) for a in body] == [
+        ("0.2.0", "supported"),
+        ("0.1.0", "compat"),
+        ("0.0.4", "refused"),
+    ]
+    _, *rows = jitctl("agent", "list").out.splitlines()
+    assert "0.2.0 " in rows[0]
+    assert "supported" not in rows[0]
+    assert "0.1.0 (compat)" in rows[1]
+    assert "0.0.4 (refused)" in rows[2]
+    assert "0.1.0 (compat)" in jitctl("agent", "show", "web-2").out
+
+
 def test_agent_show_and_remove(model: Scripted, jitctl: Jitctl) -> None:
     model.put(make_agent("web-1"))
     assert jitctl("agent", "show", "web-1", "-o", "json").json()["state"] == "connected"

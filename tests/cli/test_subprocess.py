@@ -66,6 +66,7 @@ def test_console_script_lists_agents_as_json() -> None:
             "last_seq": 7,
             "active_grants": 1,
             "replica": "",
+            "compatibility": "",
         }
     ]
     assert result.stderr == ""

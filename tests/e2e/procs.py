@@ -59,7 +59,9 @@ async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> 
         await asyncio.sleep(0.02)
 
 
-async def wait_healthy(address: str, timeout: float = 20.0) -> None:
+async def wait_healthy(address: str, timeout: float = 60.0) -> None:
+    # 60 s bounds a start that never comes: on a loaded machine (load 11-14 on 2 cores) a
+    # coordinator's start after a SIGKILL or a key rotation took longer than 20 s.
     async with grpc.aio.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         response = await stub.Check(

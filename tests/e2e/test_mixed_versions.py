@@ -21,7 +21,17 @@ import pytest
 
 from jitmesh import Client, GrantState, __version__
 
-from .procs import BIN, Proc, agent, coordinator, free_port, read_env, wait_for, wait_healthy
+from .procs import (
+    BIN,
+    Proc,
+    agent,
+    coordinator,
+    free_port,
+    jitctl,
+    read_env,
+    wait_for,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.subprocess
 
@@ -104,7 +114,13 @@ async def test_the_previous_release_agent_is_served_by_this_coordinator(
             await Client.connect(address, token=env["JITMESH_TOKEN_ADMIN"]) as admin,
         ):
             await connected(admin, "web-1")
-            assert (await admin.get_agent("web-1")).version == "0.1.0"
+            served = await admin.get_agent("web-1")
+            assert (served.version, served.compatibility) == ("0.1.0", "compat")
+            code, out, err = await jitctl(
+                "agent", "list", env={**env, "JITMESH_TOKEN": env["JITMESH_TOKEN_ADMIN"]}
+            )
+            assert code == 0, err
+            assert "0.1.0 (compat)" in out
             request, grant = await alice.create_request(
                 agent="web-1", action="deploy", duration=timedelta(minutes=10), reason="mixed"
             )

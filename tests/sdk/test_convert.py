@@ -58,7 +58,7 @@ def test_grant_round_trip_keeps_every_field() -> None:
 
 
 def test_other_messages_round_trip() -> None:
-    agent = make_agent(last_seen_at=None, connected=False)
+    agent = make_agent(last_seen_at=None, connected=False, compatibility="compat")
     assert _convert.agent(_convert.agent_to_proto(agent)) == agent
     event = make_event(5, details={"a": "1", "b": "2"})
     assert _convert.audit_event(_convert.audit_event_to_proto(event)) == event
