@@ -338,8 +338,8 @@ class Client:
         pushback_wait: float = PUSHBACK_WAIT,
     ) -> Self:
         """Open a channel to the coordinator at `target` ("host:port"; for coordinator
-        replicas, several IP addresses "10.0.0.1:7443,10.0.0.2:7443" or one DNS name resolving
-        to several: calls go to one and move to the next when it fails).
+        replicas, one DNS name resolving to several, or in plain text several IP addresses
+        "10.0.0.1:7443,10.0.0.2:7443": calls go to one and move to the next when it fails).
 
         Does not contact the coordinator: the first call does, and reports an unreachable
         coordinator as `UnavailableError`. `token` is sent as `authorization: Bearer <token>` on
@@ -373,6 +373,15 @@ class Client:
             credentials = transport.credentials()
             trust = transport.trust
         dial = _dial_target(target)
+        if credentials is not None and dial != target:
+            # One channel over several addresses has one TLS name to check, and no name is on
+            # every replica's certificate but the DNS name they share (`--tls-name`): the
+            # handshake would fail with "Hostname Verification Check failed".
+            raise errors.InvalidArgumentError(
+                "several coordinator addresses work in plain text only; over TLS give one DNS "
+                "name that resolves to every replica and that their certificates cover "
+                "(jitmesh-coordinator serve --tls-name NAME), or a TCP load balancer's address"
+            )
         if credentials is None:
             channel = aio.insecure_channel(dial, options=options)
         else:

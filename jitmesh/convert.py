@@ -275,6 +275,7 @@ def request(msg: types_pb2.AccessRequest) -> types.Request:
         reused=msg.reused,
         extends_grant_id=msg.extends_grant_id,
         change_seq=msg.change_seq,
+        link=msg.link,
     )
 
 
@@ -307,6 +308,7 @@ def request_to_proto(value: types.Request) -> types_pb2.AccessRequest:
         reused=value.reused,
         extends_grant_id=value.extends_grant_id,
         change_seq=value.change_seq,
+        link=value.link,
     )
 
 

@@ -14,9 +14,11 @@
 
 Each value is taken from the first place that has it: an explicit argument (a flag), then the
 `JITMESH_*` variable (JITMESH_COORDINATOR, JITMESH_TOKEN, JITMESH_CA_FILE, JITMESH_INSECURE),
-then the profile (chosen by argument, else JITMESH_PROFILE, else default_profile). Tokens are
-never written in this file, only the path of a file that holds one. The file lives at
-$JITMESH_CONFIG, else $XDG_CONFIG_HOME/jitmesh/config.toml. Standard library only.
+then the profile (chosen by argument, else JITMESH_PROFILE, else default_profile), then, for
+the token only, the file `jitctl login` keeps it in when no profile names one
+($JITMESH_TOKEN_FILE, else $XDG_CONFIG_HOME/jitmesh/token). Tokens are never written in this
+file, only the path of a file that holds one. The file lives at $JITMESH_CONFIG, else
+$XDG_CONFIG_HOME/jitmesh/config.toml. Standard library only.
 """
 
 from __future__ import annotations
@@ -36,6 +38,28 @@ ENV_COORDINATOR: Final = "JITMESH_COORDINATOR"
 ENV_TOKEN: Final = "JITMESH_TOKEN"  # noqa: S105 (a variable's name)
 ENV_CA_FILE: Final = "JITMESH_CA_FILE"
 ENV_INSECURE: Final = "JITMESH_INSECURE"
+ENV_TOKEN_FILE: Final = "JITMESH_TOKEN_FILE"  # noqa: S105 (a variable's name)
+
+
+def token_file(environ: Mapping[str, str] | None = None) -> Path:
+    """Where `jitctl login` keeps its token when no profile names a token_file:
+    $JITMESH_TOKEN_FILE, else $XDG_CONFIG_HOME/jitmesh/token (~/.config/jitmesh/token)."""
+    env = os.environ if environ is None else environ
+    given = env.get(ENV_TOKEN_FILE)
+    if given:
+        return Path(given)
+    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "jitmesh" / "token"
+
+
+def saved_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """The token `jitctl login` kept in `token_file()`, or None."""
+    try:
+        return token_file(environ).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
 DEFAULT_PROFILE: Final = "default"
 _KEYS: Final = frozenset({"coordinator", "ca_file", "token_file", "insecure"})
 
@@ -149,7 +173,8 @@ def resolve(
     profile: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Connection:
-    """Explicit arguments, then JITMESH_* variables, then the profile."""
+    """Explicit arguments, then JITMESH_* variables, then the profile; for the token, last,
+    the one `jitctl login` saved (`token_file()`)."""
     env = os.environ if environ is None else environ
     chosen = load_profile(profile, environ=env)
     found_coordinator = coordinator or env.get(ENV_COORDINATOR) or None
@@ -171,6 +196,8 @@ def resolve(
         if not transport_given:
             found_ca = str(chosen.ca_file) if chosen.ca_file else None
             found_insecure = chosen.insecure
+    if found_token is None:
+        found_token = saved_token(env)
     return Connection(
         found_coordinator, found_token, found_ca, found_insecure, chosen.name if chosen else None
     )

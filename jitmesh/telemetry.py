@@ -42,6 +42,7 @@ STATE_DIR: Final = "state_dir"
 ERROR: Final = "error"
 ADDRESS: Final = "address"
 EPOCH: Final = "epoch"
+REPLICA: Final = "replica"  # a coordinator replica's id (docs/scaling.md)
 PATH: Final = "path"
 
 LEADING_KEYS: Final = (TS, LEVEL, LOGGER, MSG, AGENT, GRANT_ID, REQUEST_ID, SUBJECT, ACTION, PEER)

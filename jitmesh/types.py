@@ -157,6 +157,8 @@ class Request:
     extends_grant_id: str = ""
     # A resume cursor for WatchRequests: the number of this request's latest change.
     change_seq: int = 0
+    # The request's page on jitmesh-web ("" when the coordinator does not know its address).
+    link: str = ""
 
     @property
     def stages(self) -> tuple[ApprovalStage, ...]:

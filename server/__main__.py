@@ -425,7 +425,7 @@ async def _migrate_store(source: str, target: str, data: Path | None, key_file: 
     if data is not None and box is not None:
         store = await PostgresStore.open(target, min_size=1, max_size=2, migrate_now=False)
         try:
-            await SharedFiles(store, data, box).claim_missing(SystemClock())
+            await SharedFiles(store, data, box).claim_missing(SystemClock(), adopt=False)
         finally:
             await store.close()
         print("signing keys and CA uploaded (encrypted)")

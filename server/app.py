@@ -81,7 +81,7 @@ from server.rpc.accesslog import AccessLog
 from server.rpc.agentlink import MAX_AGENT_MESSAGE, AgentLinkServicer, LinkRegistry
 from server.rpc.auth import Authenticator
 from server.rpc.breakglass import BreakglassCodec, BreakglassServicer
-from server.rpc.limits import RateLimiter
+from server.rpc.limits import Limiter, RateLimiter, SharedRateLimiter
 from server.rpc.locks import LocksServicer
 from server.rpc.malformed import MalformedRequests
 from server.rpc.mesh import MeshServicer
@@ -178,7 +178,7 @@ class Coordinator:
     lock_fd: int = -1
     hub: Hub = field(default_factory=Hub)
     # Rate limiters by name ("requests", "enroll_peer", "enroll_overall"), for the metrics.
-    limiters: dict[str, RateLimiter] = field(default_factory=dict)
+    limiters: dict[str, Limiter] = field(default_factory=dict)
 
     def rate_limit_refusals(self) -> dict[str, int]:
         return {name: limiter.refused for name, limiter in self.limiters.items()}
@@ -538,17 +538,23 @@ async def _assemble(
     if config.slack_signing_secret_file is not None:
         slack_app = interactions_app(_slack(config, identity, outbox, access, clock, http))
 
-    limiters: dict[str, RateLimiter] = {}
+    def limiter(name: str, rate: float, burst: int) -> Limiter:
+        if isinstance(store, PostgresStore):
+            # Replicas share each caller's budget: spreading calls over them gains nothing.
+            return SharedRateLimiter(name, rate, burst, store, clock)
+        return RateLimiter(rate, burst, clock.monotonic)
+
+    limiters: dict[str, Limiter] = {}
     if config.request_rate is not None:
-        limiters["requests"] = RateLimiter(
-            config.request_rate, config.request_burst, clock.monotonic
-        )
-    access_servicer = AccessServicer(auth, access, hub, limiters.get("requests"))
+        limiters["requests"] = limiter("requests", config.request_rate, config.request_burst)
+    access_servicer = AccessServicer(
+        auth, access, hub, limiters.get("requests"), links=Links(config.web_url)
+    )
     enroll_limits = None
     if config.enroll_rate is not None:
         enroll_limits = (
-            RateLimiter(config.enroll_rate, config.enroll_burst, clock.monotonic),
-            RateLimiter(config.enroll_overall_rate, config.enroll_overall_burst, clock.monotonic),
+            limiter("enroll_peer", config.enroll_rate, config.enroll_burst),
+            limiter("enroll_overall", config.enroll_overall_rate, config.enroll_overall_burst),
         )
         limiters["enroll_peer"], limiters["enroll_overall"] = enroll_limits
     agents_servicer = AgentsServicer(

@@ -113,23 +113,30 @@ class SharedFiles:
         await self._store.put_secret(name, ciphertext, clock.now())
         self._seen[name] = ciphertext
 
-    async def claim_missing(self, clock: Clock) -> bool:
+    async def claim_missing(self, clock: Clock, *, adopt: bool = True) -> bool:
         """Upload the shared files made here at start that the store does not hold yet. Two
-        replicas starting at once on an empty store both make keys: the first upload wins, and
-        the loser takes the winner's files (True: the files on disk changed, open them again)."""
-        lost = False
-        for name in SHARED_FILES:
-            path = self._dir / name
-            if not path.exists() or await self._store.get_secret(name) is not None:
-                continue
-            ciphertext = self._box.encrypt(path.read_bytes())
-            if await self._store.put_secret(name, ciphertext, clock.now(), replace=False):
-                self._seen[name] = ciphertext
-            else:
-                lost = True
-        if lost:
-            await self.sync(clock)
-        return lost
+        replicas starting at once on an empty store both make keys and a CA: the first to
+        upload wins, all files or none (a signing key from one replica beside a CA key from
+        the other would serve nobody), and the other takes the winner's files. True: the files
+        on disk changed, open them again (before serving: a TLS certificate from the losing CA
+        would be refused by every agent and client trusting the store's). `adopt=False`
+        (moving an installation in): the data directory's files are never replaced; a store
+        that holds others already is an error."""
+        made = [n for n in SHARED_FILES if n not in self._seen and (self._dir / n).exists()]
+        if not made:
+            return False
+        mine = [(n, self._box.encrypt((self._dir / n).read_bytes())) for n in made]
+        if await self._store.add_secrets(mine, clock.now()):
+            self._seen.update(mine)
+            return False
+        if not adopt:
+            raise SecretKeyError(
+                "the store already holds signing keys or a CA (another installation's, or a "
+                "replica already started on it): move into an empty database"
+            )
+        changed = await self.sync(clock)
+        log.info("another replica made the shared key material first; using it")
+        return bool(changed)
 
     async def run(self, clock: Clock, on_change: Callable[[list[str]], None]) -> None:
         """Every REFRESH, take the store's newer files; `on_change(names)` reloads them."""

@@ -69,7 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     public_url = args.public_url or f"http://{host}:{bound}"
     credentials = None
     if args.ca_file:
-        credentials = grpc.ssl_channel_credentials(Path(args.ca_file).read_bytes())
+        try:
+            ca = Path(args.ca_file).read_bytes()
+        except OSError as exc:
+            sys.exit(
+                f"jitmesh-web: cannot read --ca-file {args.ca_file}: {exc.strerror} (give the "
+                "coordinator's CA certificate: ca/ca.pem in its data directory)"
+            )
+        credentials = grpc.ssl_channel_credentials(ca)
     settings = WebSettings(
         coordinator=args.coordinator,
         public_url=public_url,

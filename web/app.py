@@ -52,6 +52,8 @@ LIVE_GRANT_STATES = (GrantState.PENDING_DELIVERY, GrantState.ACTIVE, GrantState.
 # extensions offered on a live grant (the coordinator bounds both by the rule).
 DURATIONS = tuple(timedelta(minutes=m) for m in (15, 30, 60, 120, 240, 480, 1440))
 EXTENSIONS = (timedelta(minutes=15), timedelta(minutes=30), timedelta(hours=1))
+# The coordinator could not be reached (restarting, or the network): a 503, never a 500.
+UNREACHABLE = (errors.UnavailableError, errors.DeadlineExceededError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,16 @@ def create_app(settings: WebSettings) -> Starlette:
             max_age=int(session.expires_at - time.monotonic()),
         )  # fmt: skip
 
+    def unavailable(request: Request, session: Session | None) -> Response:
+        message = "jitmesh cannot reach the coordinator right now. Nothing was lost: "
+        if request.method == "GET":
+            message += "reload this page in a moment."
+        else:
+            message += "open the page again in a moment to see whether your action was done."
+        response = render(request, "error.html", session, 503, message=message)
+        response.headers["Retry-After"] = "5"
+        return response
+
     def origin_ok(request: Request) -> bool:
         origin = request.headers.get("origin")
         return origin is None or origin == settings.origin
@@ -151,6 +163,13 @@ def create_app(settings: WebSettings) -> Starlette:
             except errors.AuthenticationError:
                 await sessions.end(session.id)
                 return RedirectResponse("/signin", 303)
+            except UNREACHABLE:
+                # The coordinator is restarting or cannot be reached. A gRPC channel whose
+                # connect failed waits longer and longer (up to two minutes) before it tries
+                # again: drop it, so the next page connects at once. The session stays: its
+                # token is the coordinator's, kept in its store.
+                await session.drop_client()
+                return unavailable(request, session)
 
         return wrapped
 
@@ -211,6 +230,8 @@ def create_app(settings: WebSettings) -> Starlette:
         ):
             # PermissionDenied: a scoped token (a bridge's), which acts for no person here.
             return RedirectResponse("/signin?error=token", 303)
+        except UNREACHABLE:
+            return unavailable(request, None)
         lifetime = settings.session_idle.total_seconds()
         if expires_at is not None:
             lifetime = max(0.0, (expires_at - datetime.now(UTC)).total_seconds())
@@ -428,6 +449,8 @@ def create_app(settings: WebSettings) -> Starlette:
                 session.flashes.append(("ok", "Denied."))
             else:
                 session.flashes.append(("error", "Choose approve or deny."))
+        except UNREACHABLE:
+            raise  # the 503 page (page()): whether it was done is not known
         except errors.JitmeshError as exc:
             session.flashes.append(("error", f"Not done: {exc}"))
         return RedirectResponse(f"/requests/{request_id}", 303)
@@ -438,6 +461,8 @@ def create_app(settings: WebSettings) -> Starlette:
         try:
             await client.cancel(request_id)
             session.flashes.append(("ok", "Cancelled."))
+        except UNREACHABLE:
+            raise  # the 503 page (page()): whether it was done is not known
         except errors.JitmeshError as exc:
             session.flashes.append(("error", f"Not done: {exc}"))
         return RedirectResponse(f"/requests/{request_id}", 303)
@@ -448,6 +473,8 @@ def create_app(settings: WebSettings) -> Starlette:
         try:
             await client.release_grant(grant_id)
             session.flashes.append(("ok", "Released: the host removes it now."))
+        except UNREACHABLE:
+            raise  # the 503 page (page()): whether it was done is not known
         except errors.JitmeshError as exc:
             session.flashes.append(("error", f"Not done: {exc}"))
         return RedirectResponse("/", 303)
@@ -468,6 +495,8 @@ def create_app(settings: WebSettings) -> Starlette:
             else:
                 ends = _ago(extended.grant.not_after)
                 session.flashes.append(("ok", f"Extended by {format_duration(by)}: ends {ends}."))
+        except UNREACHABLE:
+            raise  # the 503 page (page()): whether it was done is not known
         except (errors.JitmeshError, DurationError) as exc:
             session.flashes.append(("error", f"Not done: {exc}"))
         return RedirectResponse("/", 303)

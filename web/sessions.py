@@ -24,6 +24,12 @@ class Session:
     # Messages shown once on the next page ("Request filed", "Not allowed: ...").
     flashes: list[tuple[str, str]] = field(default_factory=list)
 
+    async def drop_client(self) -> None:
+        """Close the session's channel to the coordinator; the next call opens a new one."""
+        client, self.client = self.client, None
+        if client is not None:
+            await client.close()
+
     def csrf_ok(self, value: str) -> bool:
         return bool(value) and hmac.compare_digest(self.csrf, value)
 
@@ -76,8 +82,8 @@ class Sessions:
 
     async def end(self, session_id: str | None) -> None:
         session = self._sessions.pop(session_id or "", None)
-        if session is not None and session.client is not None:
-            await session.client.close()
+        if session is not None:
+            await session.drop_client()
 
     async def close(self) -> None:
         for session_id in list(self._sessions):

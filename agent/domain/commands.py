@@ -87,6 +87,9 @@ class CommandSpec:
     kind: GrantSpec | RevokeSpec | SnapshotSpec | LockSpec | UnlockSpec
     # When the coordinator issued (or re-sent) it, by the coordinator's clock.
     issued_at: datetime | None = None
+    # The coordinator replica that signed it ("" from a 0.1 coordinator): for the log only,
+    # never for a decision (docs/wire.md, "Epoch, generation and replicas").
+    replica: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from agent.engine.linkstate import LinkState
 from agent.engine.removals import Removals
 from agent.engine.shared import Shared, cut, lease_fields
 from agent.store.base import LeaseStore
+from jitmesh import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class Commands:
                 "status": ack.status.value,
                 "grant_id": ack.grant_id,
                 "reason": ack.reason,
+                telemetry.REPLICA: command.replica,
             },
         )
         if self._expiry.must_look(command, ack):
@@ -189,7 +191,12 @@ class Commands:
         for (command, _), ack in zip(run, acks, strict=True):
             log.info(
                 "command handled",
-                extra={"seq": ack.seq, "status": ack.status.value, "grant_id": ack.grant_id},
+                extra={
+                    "seq": ack.seq,
+                    "status": ack.status.value,
+                    "grant_id": ack.grant_id,
+                    telemetry.REPLICA: command.replica,
+                },
             )
             look = look or self._expiry.must_look(command, ack)
         if look:

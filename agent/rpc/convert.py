@@ -34,6 +34,8 @@ from jitmesh.v1 import agentlink_pb2, types_pb2
 
 # 9999-12-31T23:59:59Z: the last second a datetime can hold.
 _MAX_SECONDS = 253_402_300_799
+# A coordinator replica's id as the agent logs it (longer ones are cut).
+MAX_REPLICA = 64
 
 _ACK_STATUS = {
     AckStatus.APPLIED: agentlink_pb2.ACK_STATUS_APPLIED,
@@ -107,6 +109,8 @@ def command_from_pb(seq: int, body: agentlink_pb2.CommandBody) -> CommandSpec:
         issued_at=from_timestamp(body.issued_at, "issued_at")
         if body.HasField("issued_at")
         else None,
+        # Signed, so not forged; cut short all the same (it only goes into log lines).
+        replica=body.replica[:MAX_REPLICA],
     )
 
 

@@ -53,7 +53,7 @@ from agent.engine import Engine
 from agent.identity import IdentityFile, TlsIdentity, new_key_and_csr
 from agent.store.credential import CredentialFile
 from agent.store.keys import BREAKGLASS_KEYS_NAME, BreakglassKeys, PinnedKeys
-from jitmesh import __version__
+from jitmesh import __version__, telemetry
 from jitmesh.clock import Clock, from_ms, to_ms
 from jitmesh.keyset import MAX_CODE_VALID_FOR, breakglass_keys_bytes, key_entries, keys_bytes
 from jitmesh.v1 import agentlink_pb2, agents_pb2
@@ -543,7 +543,11 @@ class Link:
                 interval = max(MIN_HEARTBEAT, given)
         log.info(
             "connected",
-            extra={"coordinator": self._target, "seq": welcome.resume_after_seq},
+            extra={
+                "coordinator": self._target,
+                "seq": welcome.resume_after_seq,
+                telemetry.REPLICA: welcome.replica[: convert.MAX_REPLICA],
+            },
         )
         return interval
 

@@ -97,23 +97,13 @@ class Settings:
     def resolved_token(self) -> str | None:
         """The token to send; the one `jitctl login` saved when nothing else gives one."""
         try:
-            found = self.connection().token
+            return self.connection().token
         except errors.JitmeshError:
-            found = self.token or os.environ.get(ENV_TOKEN)
-        return found or _saved_token()
+            return self.token or os.environ.get(ENV_TOKEN) or profiles.saved_token()
 
 
-ENV_TOKEN_FILE: Final = "JITMESH_TOKEN_FILE"  # noqa: S105 (a variable's name)
-
-
-def token_file() -> Path:
-    """Where `jitctl login` keeps its token: $JITMESH_TOKEN_FILE, else
-    $XDG_CONFIG_HOME/jitmesh/token (~/.config/jitmesh/token)."""
-    given = os.environ.get(ENV_TOKEN_FILE)
-    if given:
-        return Path(given)
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "jitmesh" / "token"
+# Where `jitctl login` keeps its token: one definition, the SDK's (Client.from_config reads it).
+token_file = profiles.token_file
 
 
 def login_token_file(config: Settings) -> Path:
@@ -146,13 +136,6 @@ def write_secret(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-
-
-def _saved_token() -> str | None:
-    try:
-        return token_file().read_text().strip() or None
-    except OSError:
-        return None
 
 
 def settings(ctx: click.Context | None = None) -> Settings:
@@ -485,7 +468,7 @@ async def _invoke(
         found = config.connection()
         client = await Client.connect(
             found.coordinator or DEFAULT_COORDINATOR,
-            token=found.token or _saved_token(),
+            token=found.token,
             ca_file=found.ca_file,
             insecure=found.insecure,
             timeout=(config.timeout or DEFAULT_TIMEOUT).total_seconds(),

@@ -263,10 +263,13 @@ async def _show(client: Client, out: Output, *, id: str) -> None:
     request = await client.get_request(id)
     table = output.request_details(request, out.now)
     value = output.request_json(request)
-    # The request's page on jitmesh-web, when its address is known (JITMESH_WEB_URL).
+    # The request's page on jitmesh-web, as the coordinator gives it (its --web-url), else
+    # from JITMESH_WEB_URL (a coordinator older than 0.2 gives none).
+    link = request.link
     web = os.environ.get("JITMESH_WEB_URL", "").rstrip("/")
-    if web:
+    if not link and web:
         link = f"{web}/requests/{request.id}"
+    if link:
         table = output.Table(table.headers, (*table.rows, ("LINK", link)))
         if isinstance(value, dict):
             value["link"] = link

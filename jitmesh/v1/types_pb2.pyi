@@ -417,6 +417,7 @@ class AccessRequest(_message.Message):
     REUSED_FIELD_NUMBER: _builtins.int
     EXTENDS_GRANT_ID_FIELD_NUMBER: _builtins.int
     CHANGE_SEQ_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The request's id (req-...)."""
     subject: _builtins.str
@@ -454,6 +455,11 @@ class AccessRequest(_message.Message):
     change_seq: _builtins.int
     """A resume cursor: the coordinator's change number of this request's latest change (its
     latest audit event's seq). Increases with every change; WatchRequests resumes after it.
+    """
+    link: _builtins.str
+    """Since 0.2 (issue 13): the request's page on jitmesh-web, as notifications link to it
+    (`--web-url` of the coordinator, then "/requests/ID"). Empty when the coordinator was not
+    told jitmesh-web's address.
     """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
@@ -533,10 +539,11 @@ class AccessRequest(_message.Message):
         reused: _builtins.bool = ...,
         extends_grant_id: _builtins.str = ...,
         change_seq: _builtins.int = ...,
+        link: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "decided_at", b"decided_at", "duration", b"duration", "pending_expires_at", b"pending_expires_at", "plan", b"plan", "start_at", b"start_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent", b"agent", "approvals_required", b"approvals_required", "approver_groups", b"approver_groups", "change_seq", b"change_seq", "created_at", b"created_at", "current_stage", b"current_stage", "decided_at", b"decided_at", "decided_by", b"decided_by", "decision_reason", b"decision_reason", "duration", b"duration", "extends_grant_id", b"extends_grant_id", "grant_id", b"grant_id", "grant_ids", b"grant_ids", "grant_state", b"grant_state", "id", b"id", "pending_expires_at", b"pending_expires_at", "plan", b"plan", "reason", b"reason", "reused", b"reused", "reviews", b"reviews", "rule", b"rule", "selector", b"selector", "start_at", b"start_at", "state", b"state", "subject", b"subject", "ticket", b"ticket"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent", b"agent", "approvals_required", b"approvals_required", "approver_groups", b"approver_groups", "change_seq", b"change_seq", "created_at", b"created_at", "current_stage", b"current_stage", "decided_at", b"decided_at", "decided_by", b"decided_by", "decision_reason", b"decision_reason", "duration", b"duration", "extends_grant_id", b"extends_grant_id", "grant_id", b"grant_id", "grant_ids", b"grant_ids", "grant_state", b"grant_state", "id", b"id", "link", b"link", "pending_expires_at", b"pending_expires_at", "plan", b"plan", "reason", b"reason", "reused", b"reused", "reviews", b"reviews", "rule", b"rule", "selector", b"selector", "start_at", b"start_at", "state", b"state", "subject", b"subject", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

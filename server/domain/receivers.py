@@ -51,7 +51,8 @@ REQUIRED: dict[ReceiverKind, frozenset[str]] = {
 class Route:
     """Which notices go to a receiver. Empty filters match everything; `labels` must all match
     the agent's labels. `requester`: outcomes are also sent to the requester themself (a
-    receiver that can address a person: e-mail with `requester_domain`, Slack with `users`)."""
+    receiver that can address a person: e-mail with `requester_domain`, Slack with `users`),
+    besides what the filters send the receiver's own recipients (see `targets`)."""
 
     kinds: tuple[str, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -138,6 +139,12 @@ def validate(
     missing = REQUIRED[known] - set(settings)
     if missing:
         raise InvalidArgument(f"a {known.value} receiver needs: {', '.join(sorted(missing))}")
+    personal_only = settings.get("requester_domain") and route.requester
+    if known is ReceiverKind.EMAIL and not settings.get("to") and not personal_only:
+        raise InvalidArgument(
+            "an email receiver needs `to` (addresses to send to), or `requester_domain` "
+            "with requesters on (--requesters) to write to each requester"
+        )
     url = settings.get("url", "")
     if url and not url.startswith(("https://", "http://")):
         raise InvalidArgument("url must start with https:// (or http:// on a private network)")
@@ -166,6 +173,42 @@ def to_requester(route: Route, notice: Notice) -> bool:
     return route.requester and notice.kind in FOR_REQUESTER and bool(notice.subject)
 
 
+# A delivery to the requester through receiver R is kept under the name `R:requester`
+# (receiver names never hold ':'), beside R's own: each is tried, retried and logged on its
+# own, so a notice that goes to both is sent to each once, and one that failed for one is
+# never sent again to the other.
+REQUESTER_SUFFIX = ":requester"
+
+
+def targets(
+    spec_name: str,
+    route: Route,
+    notice: Notice,
+    agent_labels: Mapping[str, str],
+    rule: str,
+    *,
+    own: bool,
+    personal: bool,
+) -> list[str]:
+    """The deliveries a notice makes through one receiver. `own`: the receiver has recipients
+    of its own (a URL, a channel, fixed addresses), who get what the route matches.
+    `personal`: it can also address the requester themself (e-mail with `requester_domain`,
+    Slack through the Web API with `users`), who then gets their outcomes besides. A receiver
+    that cannot address a person (a webhook) gets the requester's outcomes itself, once."""
+    mine = own and matches(route, notice, agent_labels, rule)
+    theirs = to_requester(route, notice)
+    if not personal:
+        return [spec_name] if mine or (own and theirs) else []
+    return ([spec_name] if mine else []) + ([spec_name + REQUESTER_SUFFIX] if theirs else [])
+
+
+def split_target(target: str) -> tuple[str, bool]:
+    """(receiver name, for the requester) of a delivery's receiver column."""
+    if target.endswith(REQUESTER_SUFFIX):
+        return target[: -len(REQUESTER_SUFFIX)], True
+    return target, False
+
+
 __all__ = [
     "AttemptRecord",
     "Delivery",
@@ -177,6 +220,8 @@ __all__ = [
     "ReceiverSpec",
     "Route",
     "matches",
+    "split_target",
+    "targets",
     "to_requester",
     "validate",
 ]

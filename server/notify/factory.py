@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import httpx
 
 from jitmesh.clock import Clock
 from server.domain.notices import Notice
-from server.domain.receivers import ReceiverKind, ReceiverSpec, to_requester
+from server.domain.receivers import ReceiverKind, ReceiverSpec
 
 from .base import Links, Receiver
 from .mail import EmailReceiver
@@ -24,38 +25,30 @@ def users_map(text: str) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs if k.strip() and v.strip()}
 
 
-class ToRequester:
-    """Wraps a receiver of a route with `requester`: outcomes go to the requester too."""
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A receiver as the sender uses it: `own` sends to the receiver's own recipients (None
+    when it has none: e-mail with only `requester_domain`), `personal` to the requester
+    themself (None when the receiver cannot address a person, or its route does not ask)."""
 
-    def __init__(self, spec: ReceiverSpec, base: Receiver, personal: Receiver | None) -> None:
-        self._spec = spec
-        self._base = base
-        self._personal = personal
-
-    @property
-    def name(self) -> str:
-        return self._base.name
-
-    async def deliver(self, notice: Notice, links: Links) -> None:
-        if self._personal is not None and to_requester(self._spec.route, notice):
-            await self._personal.deliver(notice, links)
-            return
-        await self._base.deliver(notice, links)
+    own: Receiver | None
+    personal: Receiver | None
 
 
-def build(spec: ReceiverSpec, sealer: Sealer, http: httpx.AsyncClient, clock: Clock) -> Receiver:
+def build(spec: ReceiverSpec, sealer: Sealer, http: httpx.AsyncClient, clock: Clock) -> Built:
     s = spec.settings
     secret = sealer.open_secret(spec.secret)
+    wants = spec.route.requester
     if spec.kind is ReceiverKind.WEBHOOK:
-        return WebhookReceiver(spec.name, s["url"], secret.encode(), http, clock)
+        return Built(WebhookReceiver(spec.name, s["url"], secret.encode(), http, clock), None)
     if spec.kind is ReceiverKind.SLACK:
         if secret.startswith("https://"):
-            return SlackReceiver(spec.name, http, webhook_url=secret)
+            return Built(SlackReceiver(spec.name, http, webhook_url=secret), None)
         api = s.get("api_url", SLACK_API)
         base = SlackReceiver(spec.name, http, token=secret, channel=s["channel"], api_url=api)
         users = {v: k for k, v in users_map(s.get("users", "")).items()}
-        personal = _SlackDirect(spec.name, http, secret, api, users)
-        return ToRequester(spec, base, personal) if spec.route.requester else base
+        personal = _SlackDirect(spec.name, http, secret, api, users) if wants and users else None
+        return Built(base, personal)
     context = None
     if s.get("ca_file"):
         context = ssl.create_default_context(cafile=s["ca_file"])
@@ -71,12 +64,10 @@ def build(spec: ReceiverSpec, sealer: Sealer, http: httpx.AsyncClient, clock: Cl
         tls_context=context,
     ) if s.get("to") else None  # fmt: skip
     domain = s.get("requester_domain", "")
-    direct = _MailDirect(spec.name, s, secret, context, domain) if domain else None
-    if mail is None:
-        if direct is None:
-            raise ValueError("an e-mail receiver needs `to` or `requester_domain`")
-        return direct
-    return ToRequester(spec, mail, direct) if spec.route.requester else mail
+    direct = _MailDirect(spec.name, s, secret, context, domain) if domain and wants else None
+    if mail is None and direct is None:
+        raise ValueError("an e-mail receiver needs `to`, or `requester_domain` with requesters")
+    return Built(mail, direct)
 
 
 class _SlackDirect:

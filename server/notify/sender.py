@@ -18,10 +18,10 @@ import httpx
 
 from jitmesh.clock import Clock
 from server.domain.notices import Notice
-from server.domain.receivers import Delivery, ReceiverSpec, matches, to_requester
+from server.domain.receivers import Delivery, ReceiverSpec, split_target, targets
 
-from .base import Links, Receiver
-from .factory import build
+from .base import Links
+from .factory import Built, build
 from .retry import Attempt, RetryPolicy, attempt
 from .secrets import Sealer, SecretError
 
@@ -107,8 +107,8 @@ class Sender:
         if not specs:
             # Nothing to send to (and nothing written: this runs after every commit).
             return 0
-        await self._route(specs)
-        receivers: dict[str, Receiver | None] = {}
+        receivers: dict[str, Built | None] = {}
+        await self._route(specs, receivers, http)
         made = 0
         while True:
             now = self._clock.now()
@@ -149,22 +149,33 @@ class Sender:
         self,
         delivery: Delivery,
         specs: Mapping[str, ReceiverSpec],
-        receivers: dict[str, Receiver | None],
+        receivers: dict[str, Built | None],
         http: httpx.AsyncClient,
     ) -> Attempt:
-        spec = specs.get(delivery.receiver)
+        name, for_requester = split_target(delivery.receiver)
+        spec = specs.get(name)
         if spec is None:
             return Attempt(False, "receiver removed", retryable=False)
-        if delivery.receiver not in receivers:
+        built = self._built(spec, receivers, http)
+        if built is None:
+            return Attempt(False, "receiver misconfigured (see the coordinator's log)")
+        receiver = built.personal if for_requester else built.own
+        if receiver is None:
+            # Changed since this delivery was routed (re-added without that recipient).
+            who = "the requester" if for_requester else "recipients of its own"
+            return Attempt(False, f"receiver no longer has {who}", retryable=False)
+        return await attempt(receiver, delivery.notice, self._links)
+
+    def _built(
+        self, spec: ReceiverSpec, receivers: dict[str, Built | None], http: httpx.AsyncClient
+    ) -> Built | None:
+        if spec.name not in receivers:
             try:
-                receivers[delivery.receiver] = build(spec, self._sealer, http, self._clock)
+                receivers[spec.name] = build(spec, self._sealer, http, self._clock)
             except (SecretError, ValueError, KeyError) as exc:
                 log.error("receiver %s cannot be built: %s", spec.name, exc)
-                receivers[delivery.receiver] = None
-        receiver = receivers[delivery.receiver]
-        if receiver is None:
-            return Attempt(False, "receiver misconfigured (see the coordinator's log)")
-        return await attempt(receiver, delivery.notice, self._links)
+                receivers[spec.name] = None
+        return receivers[spec.name]
 
     async def _prune(self) -> None:
         """Forget notices older than the retention once every receiver is done with them
@@ -177,7 +188,22 @@ class Sender:
         if removed:
             log.info("notify outbox pruned notices=%d", removed)
 
-    async def _route(self, specs: Mapping[str, ReceiverSpec]) -> None:
+    async def _route(
+        self,
+        specs: Mapping[str, ReceiverSpec],
+        receivers: dict[str, Built | None],
+        http: httpx.AsyncClient,
+    ) -> None:
+        # Whom each receiver can reach: its own recipients, the requester themself. One that
+        # cannot be built is routed as if it had its own (its attempts then say why they fail).
+        reach: dict[str, tuple[bool, bool]] = {}
+        for spec in specs.values():
+            built = self._built(spec, receivers, http)
+            reach[spec.name] = (
+                (True, False)
+                if built is None
+                else (built.own is not None, built.personal is not None)
+            )
         while True:
             cursor, entries = await self._outbox.unrouted(self._batch)
             if not entries:
@@ -187,10 +213,11 @@ class Sender:
                 labels = await self._labels(notice.agent) if notice.agent else {}
                 rule = await self._rule_of(notice.request_id) if notice.request_id else ""
                 for spec in specs.values():
-                    if matches(spec.route, notice, labels, rule) or to_requester(
-                        spec.route, notice
+                    own, personal = reach[spec.name]
+                    for target in targets(
+                        spec.name, spec.route, notice, labels, rule, own=own, personal=personal
                     ):
-                        pairs.append((seq, spec.name))
+                        pairs.append((seq, target))
             if not await self._outbox.route(cursor, entries[-1][0], pairs, self._clock.now()):
                 continue  # another replica routed these; read on from its cursor
             if len(entries) < self._batch:

@@ -439,6 +439,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                     keys_signature=keys_signature,
                     breakglass_keys=breakglass_keys,
                     breakglass_keys_signature=breakglass_signature,
+                    replica=self._fleet.replica,
                 )
             ),
         )
@@ -453,6 +454,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 resume.tombstones,
                 # A 0.1 agent cannot read locks: its snapshot says nothing of them.
                 None if session.legacy else resume.locks,
+                self._fleet.replica,
             )
             await _send(session, context, self._command(resume.snapshot_seq, body))
             last = resume.snapshot_seq
@@ -473,7 +475,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             if not _sendable(session, item):
                 last = item.seq
                 continue
-            body = c.command_body(item, epoch, self._clock.now())
+            body = c.command_body(item, epoch, self._clock.now(), self._fleet.replica)
             await _send(session, context, self._command(item.seq, body))
             last = item.seq
 
@@ -485,7 +487,7 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                 if not _sendable(session, command):
                     last = command.seq
                     continue
-                body = c.command_body(command, epoch, self._clock.now())
+                body = c.command_body(command, epoch, self._clock.now(), self._fleet.replica)
                 await _send(session, context, self._command(command.seq, body))
                 last = command.seq
             if len(page) < BACKLOG_PAGE:

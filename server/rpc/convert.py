@@ -281,8 +281,14 @@ def grant_command(g: Grant) -> agentlink_pb2.GrantCommand:
     )
 
 
-def command_body(c: Command, epoch: int, now: datetime) -> agentlink_pb2.CommandBody:
-    body = agentlink_pb2.CommandBody(agent=c.agent, epoch=epoch, seq=c.seq, issued_at=ts(now))
+def command_body(
+    c: Command, epoch: int, now: datetime, replica: str = ""
+) -> agentlink_pb2.CommandBody:
+    """`replica`: the replica signing it (covered by the signature: the agent's log names who
+    sent what; docs/wire.md, "Epoch, generation and replicas")."""
+    body = agentlink_pb2.CommandBody(
+        agent=c.agent, epoch=epoch, seq=c.seq, issued_at=ts(now), replica=replica
+    )
     if c.kind is CommandKind.LOCK and c.lock is not None:
         body.lock.CopyFrom(lock_command(c.lock))
     elif c.kind in (CommandKind.LOCK, CommandKind.UNLOCK):
@@ -321,13 +327,16 @@ def snapshot_body(
     now: datetime,
     tombstones: tuple[str, ...] = (),
     locks: tuple[Lock, ...] | None = None,
+    replica: str = "",
 ) -> agentlink_pb2.CommandBody:
-    """`locks`: every lock in force for the agent (None for a 0.1 agent: no locks at all)."""
+    """`locks`: every lock in force for the agent (None for a 0.1 agent: no locks at all);
+    `replica`: the replica signing it, as in `command_body`."""
     return agentlink_pb2.CommandBody(
         agent=agent_name,
         epoch=epoch,
         seq=seq,
         issued_at=ts(now),
+        replica=replica,
         snapshot=agentlink_pb2.SnapshotCommand(
             grants=[grant_command(g) for g in grants],
             tombstones=list(tombstones),

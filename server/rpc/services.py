@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 
 from jitmesh.clock import Clock, SystemClock, to_ms
-from jitmesh.types import Agent, TokenInfo
+from jitmesh.types import Agent, Request, TokenInfo
 from jitmesh.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -33,13 +34,14 @@ from server.domain.governance import AuditService, PolicyService, TokenService
 from server.domain.hub import Hub
 from server.domain.models import Scope
 from server.domain.signin import SignInService
+from server.notify.base import Links
 from server.oidc import IdTokenRejected, OidcVerifier
 from server.signing import SigningKeys
 
 from . import convert as c
 from .auth import Authenticator, cert_binding, peer_certificate
 from .errors import abort, mapped
-from .limits import RateLimiter, peer_host
+from .limits import Limiter, peer_host
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_WATCH_IDS = 100
@@ -60,12 +62,18 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
         auth: Authenticator,
         access: AccessService,
         hub: Hub,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
+        links: Links | None = None,
     ) -> None:
         self._auth = auth
         self._access = access
         self._hub = hub
         self._limiter = limiter
+        self._links = links or Links()
+
+    def _request(self, value: Request) -> types_pb2.AccessRequest:
+        """A request on the wire, with its page on jitmesh-web (the link notices carry)."""
+        return c.request(replace(value, link=self._links.request(value.id)))
 
     @mapped
     async def CreateRequest(
@@ -73,7 +81,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
     ) -> access_pb2.CreateRequestResponse:
         principal = await self._auth.operator(context)
         if self._limiter is not None:
-            self._limiter.take(principal.name)
+            await self._limiter.take(principal.name)
         if not request.HasField("duration"):
             raise errors.InvalidArgument("duration is required")
         if request.selector and request.agent:
@@ -92,7 +100,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
         )
         grants = [await self._access.get_grant(principal, gid) for gid in req.grant_ids]
         return access_pb2.CreateRequestResponse(
-            request=c.request(req),
+            request=self._request(req),
             grant=c.grant(grant) if grant else None,
             reused=req.reused,
             grants=[c.grant(g) for g in grants],
@@ -103,7 +111,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
         self, request: access_pb2.GetRequestRequest, context: Ctx
     ) -> types_pb2.AccessRequest:
         principal = await self._auth.operator(context)
-        return c.request(await self._access.get_request(principal, request.id))
+        return self._request(await self._access.get_request(principal, request.id))
 
     @mapped
     async def ListRequests(
@@ -120,7 +128,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             reviewable=request.reviewable,
         )
         return access_pb2.ListRequestsResponse(
-            requests=[c.request(r) for r in items], next_page_token=token
+            requests=[self._request(r) for r in items], next_page_token=token
         )
 
     @mapped
@@ -138,7 +146,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             raise errors.InvalidArgument("decision must be APPROVE or DENY")
         req, grant = await self._access.review(principal, request.id, decision, request.reason)
         return access_pb2.ReviewRequestResponse(
-            request=c.request(req), grant=c.grant(grant) if grant else None
+            request=self._request(req), grant=c.grant(grant) if grant else None
         )
 
     @mapped
@@ -146,7 +154,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
         self, request: access_pb2.CancelRequestRequest, context: Ctx
     ) -> types_pb2.AccessRequest:
         principal = await self._auth.operator(context)
-        return c.request(await self._access.cancel(principal, request.id))
+        return self._request(await self._access.cancel(principal, request.id))
 
     async def WatchRequests(
         self, request: access_pb2.WatchRequestsRequest, context: Ctx
@@ -166,11 +174,11 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
                 # The current state of each watched id first, so a watcher never misses a
                 # change made before it subscribed.
                 for rid in sorted(wanted):
-                    yield c.request(await self._access.get_request(principal, rid))
+                    yield self._request(await self._access.get_request(principal, rid))
                 while True:
                     changed, cursor = await self._access.changes(principal, cursor, wanted)
                     for found in changed:
-                        yield c.request(found)
+                        yield self._request(found)
                     await queue.get()
                     while not queue.empty():
                         queue.get_nowait()
@@ -227,7 +235,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             principal, request.id, _duration(request.by, "by"), request.reason, request.ticket
         )
         return access_pb2.ExtendGrantResponse(
-            grant=c.grant(grant), request=c.request(pending) if pending else None
+            grant=c.grant(grant), request=self._request(pending) if pending else None
         )
 
     @mapped
@@ -250,14 +258,14 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
         keys: SigningKeys,
         ca: InternalCA | None = None,
         agent_port: int = 0,
-        enroll_limits: tuple[RateLimiter, RateLimiter] | None = None,
+        enroll_limits: tuple[Limiter, Limiter] | None = None,
         cert_lifetime: timedelta = AGENT_LIFETIME,
     ) -> None:
         """`enroll_limits`: (per peer address, overall) for Enroll, which needs no credential."""
         self._auth = auth
         self._cert_lifetime = cert_lifetime
-        self._peer_limit: RateLimiter | None = None
-        self._overall_limit: RateLimiter | None = None
+        self._peer_limit: Limiter | None = None
+        self._overall_limit: Limiter | None = None
         if enroll_limits is not None:
             self._peer_limit, self._overall_limit = enroll_limits
         self._fleet = fleet
@@ -337,7 +345,7 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
             if limiter is None:
                 continue
             try:
-                limiter.take(caller)
+                await limiter.take(caller)
             except errors.RateLimited as exc:
                 if exc.first:
                     await self._fleet.enrollment_refused(

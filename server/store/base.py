@@ -53,12 +53,14 @@ from server.domain.models import (
 )
 from server.domain.notices import NOTIFIABLE, Notice, notice_for
 from server.domain.receivers import (
+    REQUESTER_SUFFIX,
     AttemptRecord,
     Delivery,
     DeliveryRecord,
     DeliveryState,
     ReceiverKind,
     ReceiverSpec,
+    split_target,
 )
 from server.store import rows as rec
 from server.store.queries import (
@@ -109,6 +111,16 @@ def grant_sets(
         sets.append(f"{column} = {d.mark}")
         args.append(value)
     return ", ".join(sets), args
+
+
+class _Taken(Exception):
+    """A secret is stored already: `add_secrets` rolls back what it stored."""
+
+
+def bucket_args(limiter: str, caller: str, rate: float, burst: int, at: datetime) -> list[Any]:
+    """The arguments of `Queries.take_token`: a new bucket starts full less this call's token;
+    the rate is kept per millisecond (the unit of `at_ms`)."""
+    return [limiter, caller, float(burst - 1), to_ms(at), rate / 1000.0, float(burst)]
 
 
 def filters(d: Dialect, pairs: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
@@ -833,7 +845,8 @@ class SqlTx(SqlReads):
         """Removes the receiver; its pending deliveries are given up (attempts stay in the log)."""
         if await self._run(self._q.delete_receiver, [name]) != 1:
             return False
-        await self._run(self._q.abandon_deliveries, [name])
+        # Its deliveries to requesters too (`NAME:requester`, server/domain/receivers.py).
+        await self._run(self._q.abandon_deliveries, [name, name + REQUESTER_SUFFIX])
         return True
 
 
@@ -872,6 +885,20 @@ class SqlStore(SqlReads):
             await tx._run(self._q.delete_replica, [replica])
             await tx._run(self._q.replica_started, [replica])
 
+    async def take_token(
+        self, limiter: str, caller: str, rate: float, burst: int, at: datetime
+    ) -> int:
+        """Take one token from `caller`'s bucket of `limiter` (`burst` tokens at most, refilled
+        at `rate` per second); the calls refused in a row, this one included (0: taken)."""
+        async with self._short_write() as tx:
+            row = await tx._one(self._q.take_token, bucket_args(limiter, caller, rate, burst, at))
+        return int(row["refusals"])
+
+    async def forget_full_buckets(self, limiter: str, at: datetime) -> int:
+        """Delete the buckets of `limiter` that are full again at `at` (bounded storage)."""
+        async with self._short_write() as tx:
+            return await tx._run(self._q.forget_full_buckets, [limiter, to_ms(at)])
+
     async def put_secret(
         self, name: str, ciphertext: bytes, at: datetime, *, replace: bool = True
     ) -> bool:
@@ -881,6 +908,19 @@ class SqlStore(SqlReads):
         async with self._short_write() as tx:
             count = await tx._run(sql, [name, ciphertext, to_ms(at)])
         return count == 1
+
+    async def add_secrets(self, secrets: Sequence[tuple[str, bytes]], at: datetime) -> bool:
+        """Store every (name, ciphertext) of `secrets`, or none of them when the store holds
+        any of those names already (another replica stored them first; on PostgreSQL a replica
+        storing them at the same moment is waited for). True when stored."""
+        try:
+            async with self._short_write() as tx:
+                for name, ciphertext in secrets:
+                    if await tx._run(self._q.add_secret, [name, ciphertext, to_ms(at)]) != 1:
+                        raise _Taken
+        except _Taken:
+            return False
+        return True
 
     async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
         async with self._short_write() as tx:
@@ -1270,8 +1310,9 @@ class SqlOutbox(ABC):
         where: list[str] = ["1 = 1"]
         args: list[Any] = []
         if receiver:
-            where.append(f"d.receiver = {d.mark}")
-            args.append(receiver)
+            # A receiver's deliveries to requesters (`NAME:requester`) are its own too.
+            where.append(f"d.receiver IN ({d.mark}, {d.mark})")
+            args.extend(_and_to_requesters(receiver))
         if states:
             values = [s.value for s in states]
             where.append(d.in_list("d.state", values))
@@ -1305,8 +1346,8 @@ class SqlOutbox(ABC):
             where.append(f"o.request_id = {mark}")
             args.append(request_id)
         if receiver:
-            where.append(f"a.receiver = {mark}")
-            args.append(receiver)
+            where.append(f"a.receiver IN ({mark}, {mark})")
+            args.extend(_and_to_requesters(receiver))
         rows = await self._store._all(
             "SELECT a.event_seq, o.event_id, o.kind, a.receiver, a.attempt, a.at, a.ok, "
             "a.detail, COALESCE(d.state, 'GAVE_UP') AS state FROM delivery_attempts a "
@@ -1322,3 +1363,9 @@ class SqlOutbox(ABC):
             )
             for r in rows
         ]  # fmt: skip
+
+
+def _and_to_requesters(receiver: str) -> list[str]:
+    """A receiver's name as filtered on, with its deliveries to requesters."""
+    name, _ = split_target(receiver)
+    return [name, name + REQUESTER_SUFFIX]

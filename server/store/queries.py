@@ -102,6 +102,13 @@ AGENT_COLUMNS = (
 )
 
 
+# The tokens a bucket holds when counted again (`take_token`): `excluded` is the call's row.
+_BUCKET = (
+    "LEAST(excluded.burst, rate_buckets.tokens "
+    "+ GREATEST(excluded.at_ms - rate_buckets.at_ms, 0) * excluded.rate)"
+)
+
+
 def _values(n: int) -> str:
     return ",".join("?" * n)
 
@@ -450,7 +457,7 @@ class Queries:
     delete_receiver: str = "DELETE FROM receivers WHERE name = ?"
     abandon_deliveries: str = (
         "UPDATE deliveries SET state = 'GAVE_UP', last_error = 'receiver removed' "
-        "WHERE receiver = ? AND state = 'PENDING'"
+        "WHERE receiver IN (?, ?) AND state = 'PENDING'"
     )
     # The outbox's sender (`SqlOutbox`).
     list_receivers: str = (
@@ -493,6 +500,22 @@ class Queries:
         "last_seen_at = excluded.last_seen_at"
     )
     replica_started: str = "UPDATE agents SET replica = '' WHERE replica = ?"
+    # One token bucket (server/rpc/limits.py): refilled by the time since it was last counted
+    # (never by a clock that went back), capped at the burst, then one token taken if there is
+    # one; `refusals` counts the calls refused in a row (0: this one was allowed). One
+    # statement, so replicas taking from one bucket at once never both take its last token.
+    take_token: str = (
+        "INSERT INTO rate_buckets (limiter, caller, tokens, at_ms, refusals, rate, burst) "
+        "VALUES (?,?,?,?,0,?,?) ON CONFLICT (limiter, caller) DO UPDATE SET "
+        f"tokens = CASE WHEN {_BUCKET} >= 1 THEN {_BUCKET} - 1 ELSE {_BUCKET} END, "
+        f"refusals = CASE WHEN {_BUCKET} >= 1 THEN 0 ELSE rate_buckets.refusals + 1 END, "
+        "at_ms = GREATEST(rate_buckets.at_ms, excluded.at_ms), rate = excluded.rate, "
+        "burst = excluded.burst RETURNING refusals"
+    )
+    # Buckets full again: forgetting them changes nothing a caller can see.
+    forget_full_buckets: str = (
+        "DELETE FROM rate_buckets WHERE limiter = ? AND tokens + (? - at_ms) * rate >= burst"
+    )
     delete_replica: str = "DELETE FROM replicas WHERE id = ?"
     put_secret: str = (
         "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (?,?,?) ON CONFLICT (name) "

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import stat
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -130,6 +131,32 @@ async def test_grant_is_applied_before_it_is_acked(coordinator: Coordinator, hos
         marker = json.loads(host.marker().read_text())
         assert marker["subject"] == "alice"
         assert marker["action"] == "deploy"
+
+
+async def test_the_log_names_the_replica_that_signed_each_command(
+    coordinator: Coordinator, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    coordinator.welcome_extra = agentlink_pb2.Welcome(replica="ra")
+    caplog.set_level(logging.INFO, logger="agent")
+    async with running(host, host.config(coordinator)):
+        session = await coordinator.session()
+        first, second = gid(), gid()
+        # Two replicas share one log: a command's seq is unique whoever signed it.
+        body = grant_body(1, first, T0, T0 + 10 * MIN)
+        body.replica = "ra"
+        assert (await session.command(body)).status == APPLIED
+        body = grant_body(2, second, T0, T0 + 10 * MIN, action="restart")
+        body.replica = "rb-" + "x" * 100
+        assert (await session.command(body)).status == APPLIED
+    connected = [r for r in caplog.records if r.getMessage() == "connected"]
+    assert [getattr(r, "replica", None) for r in connected] == ["ra"]
+    handled = {
+        getattr(r, "grant_id", ""): getattr(r, "replica", None)
+        for r in caplog.records
+        if r.getMessage() == "command handled"
+    }
+    # Signed, but only ever logged: cut to 64 characters.
+    assert handled == {first: "ra", second: ("rb-" + "x" * 100)[:64]}
 
 
 async def test_duplicate_command_is_reacked_without_a_second_apply(

@@ -233,8 +233,7 @@ async def test_approve_and_deny_racing_on_two_replicas_are_decided_once(
 
 async def test_expiry_with_every_replica_running_is_done_once(cluster: Cluster) -> None:
     replicas = [await cluster.start_replica(f"r{i}") for i in range(3)]
-    for i, replica in enumerate(replicas):
-        cluster.start_agent(f"web-{i}", "staging", replica)
+    accesses = [cluster.start_agent(f"web-{i}", "staging", r)[1] for i, r in enumerate(replicas)]
     admin = await cluster.client(replicas[0], "admin")
     alice = [await cluster.client(r, "alice") for r in replicas]
     for i, replica in enumerate(replicas):
@@ -253,6 +252,9 @@ async def test_expiry_with_every_replica_running_is_done_once(cluster: Cluster) 
         return states <= {GrantState.EXPIRED}
 
     await wait(all_ended, 30, "every grant expired")
+    # No overstay: each host's access is gone with its grants.
+    for access in accesses:
+        await wait(lambda a=access: not (a / "alice:logs").exists(), 10, "access removed")
     # Each grant was moved to EXPIRED once: by one replica's sweep, or by its agent's own
     # expiry report when that came first; never by two sweeps.
     events = await admin.list_audit(kind="grant.expired", limit=1000)

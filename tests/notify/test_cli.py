@@ -9,11 +9,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from jitmesh.clock import FakeClock
+from server.domain.receivers import Route
 from server.notify.webhook import WebhookVerifier
 from tests.e2e.procs import jitctl
 from tests.notify.servers import HttpRecorder
 from tests.notify.test_outbox import file_prod_request, running, verifying
-from tests.server.helpers import TOKENS
+from tests.server.helpers import ADMIN, TOKENS
 
 
 async def test_receivers_and_log_with_jitctl(tmp_path: Path, recorder: HttpRecorder) -> None:
@@ -65,3 +66,30 @@ async def test_receivers_and_log_with_jitctl(tmp_path: Path, recorder: HttpRecor
         assert code == 0, err
         code, out, _ = await jitctl("notify", "receiver", "list", "-o", "json", env=admin)
         assert json.loads(out) == []
+
+
+async def test_jitctl_request_show_prints_the_link_the_notices_carry(
+    tmp_path: Path, recorder: HttpRecorder
+) -> None:
+    recorder.answer = verifying(WebhookVerifier(b"cli-webhook-secret"))
+    async with running(tmp_path / "c", FakeClock(datetime.now(UTC))) as (coordinator, clients):
+        assert coordinator.receivers is not None
+        await coordinator.receivers.add(
+            ADMIN, name="hook", kind="webhook", settings={"url": recorder.url},
+            secret="cli-webhook-secret", route=Route(kinds=("request.created",)),
+        )  # fmt: skip
+        request_id = await file_prod_request(clients["alice"])
+        [notice] = await recorder.wait_for(lambda r: len(r) == 1)
+        link = notice.json()["link"]
+        assert link == f"https://jit.example.com/requests/{request_id}"
+        # Nothing on the client says where jitmesh-web is: the coordinator does.
+        bob = {"JITMESH_COORDINATOR": f"127.0.0.1:{coordinator.port}",
+               "JITMESH_TOKEN": TOKENS["bob"], "JITMESH_WEB_URL": ""}  # fmt: skip
+        code, out, err = await jitctl("request", "show", request_id, env=bob)
+        assert code == 0, err
+        assert ["LINK", link] in [line.split() for line in out.splitlines()]
+        code, out, err = await jitctl("request", "show", request_id, "-o", "json", env=bob)
+        assert code == 0, err
+        assert json.loads(out)["link"] == link
+        # The SDK's value carries it too.
+        assert (await clients["bob"].get_request(request_id)).link == link

@@ -42,8 +42,8 @@ async def running(
     """A coordinator running (sender and Slack endpoint included) with the test users and two
     agents enrolled; clients for each user."""
     config = CoordinatorConfig(
-        data_dir=data, port=0, default_policy=DEV_POLICY, web_url="https://jit.example.com",
-        **settings,
+        data_dir=data, default_policy=DEV_POLICY, web_url="https://jit.example.com",
+        **{"port": 0, **settings},
     )  # fmt: skip
     coordinator = await build(config, clock=clock)
     task = asyncio.create_task(coordinator.run())
@@ -383,3 +383,48 @@ async def test_a_passed_stage_notifies_the_next_stages_approvers(
         body = notice.json()
         assert (body["kind"], body["request_id"]) == ("request.stage_approved", request_id)
         assert (body["details"]["stage"], body["details"]["next_stage"]) == ("team", "security")
+
+
+async def test_the_requester_is_told_the_outcome_by_email_and_the_team_still_is(
+    tmp_path: Path, smtp: SmtpServer, tls_files: tuple[Path, Path, Path]
+) -> None:
+    clock = FakeClock(datetime.now(UTC))
+    async with running(tmp_path / "c", clock) as (coordinator, clients):
+        assert coordinator.receivers is not None
+        await coordinator.receivers.add(
+            ADMIN, name="mail", kind="email",
+            settings={
+                "host": "127.0.0.1", "port": str(smtp.port), "sender": "jit@example.com",
+                "to": "sre@example.com", "requester_domain": "corp.example",
+                "ca_file": str(tls_files[2]),
+            },
+            secret="", route=Route(kinds=("request.created", "request.approved"), requester=True),
+        )  # fmt: skip
+        request_id = await file_prod_request(clients["alice"])
+        await smtp.wait_for(1)
+        await clients["bob"].approve(request_id, reason="ok")
+        mails = await smtp.wait_for(3)
+        got = sorted(
+            (m.rcpt_tos[0], (m.original_content or b"").split(b"Subject: ")[1].split(b"\r\n")[0])
+            for m in mails
+        )
+        assert got == [
+            ("alice@corp.example", b"[jitmesh] Request approved: alice deploy on db-1"),
+            ("sre@example.com", b"[jitmesh] Access requested: alice deploy on db-1"),
+            ("sre@example.com", b"[jitmesh] Request approved: alice deploy on db-1"),
+        ]
+        # Each is its own delivery in the log, under the receiver's name.
+        assert coordinator.sender is not None
+        async with asyncio.timeout(10):
+            while coordinator.sender.attempts < 3:
+                await asyncio.sleep(0.01)
+        deliveries = await coordinator.receivers.deliveries(
+            ADMIN, receiver="mail", states=(), limit=10, before=0
+        )
+        assert sorted((d.kind, d.receiver, d.state) for d in deliveries) == [
+            ("request.approved", "mail", DeliveryState.DELIVERED),
+            ("request.approved", "mail:requester", DeliveryState.DELIVERED),
+            ("request.created", "mail", DeliveryState.DELIVERED),
+        ]
+        await coordinator.receivers.remove(ADMIN, "mail")
+    assert len(smtp.mailbox.messages) == 3

@@ -18,7 +18,9 @@ import pytest
 
 from jitmesh.clock import FakeClock
 from jitmesh.types import ReviewDecision
+from server.domain.errors import InvalidArgument
 from server.domain.notices import Notice, NoticeKind, notice_for
+from server.domain.receivers import Route, split_target, targets, validate
 from server.notify.base import DeliveryFailed, Links
 from server.notify.http import INTERACTIONS_PATH, interactions_app, listen, serve
 from server.notify.mail import EmailReceiver
@@ -385,3 +387,36 @@ def test_only_notifiable_audit_kinds_make_notices() -> None:
     assert made.kind is NoticeKind.REQUEST_CREATED
     assert notice_for(event("grant.expired")) is None
     assert notice_for(event("agent.connected")) is None
+
+
+def test_requesters_get_their_outcomes_beside_what_the_route_sends_its_own_recipients() -> None:
+    everything = Route(requester=True)
+    only_new = Route(kinds=("request.created",), requester=True)
+    created, approved = notice(), notice(NoticeKind.REQUEST_APPROVED)
+    # E-mail with `to` and `requester_domain`: the team gets what the route matches and the
+    # requester their outcomes, each as a delivery of its own.
+    assert targets("mail", everything, approved, {}, "", own=True, personal=True) == [
+        "mail", "mail:requester",
+    ]  # fmt: skip
+    assert targets("mail", everything, created, {}, "", own=True, personal=True) == ["mail"]
+    assert targets("mail", only_new, approved, {}, "", own=True, personal=True) == [
+        "mail:requester"
+    ]
+    # Only `requester_domain`: nothing for anyone but requesters.
+    assert targets("mail", everything, created, {}, "", own=False, personal=True) == []
+    # A webhook cannot address a person: it takes the requester's outcomes itself, once.
+    assert targets("hook", only_new, approved, {}, "", own=True, personal=False) == ["hook"]
+    assert targets("hook", Route(kinds=("request.created",)), approved, {}, "", own=True,
+                   personal=False) == []  # fmt: skip
+    assert split_target("mail:requester") == ("mail", True)
+    assert split_target("mail") == ("mail", False)
+
+
+def test_an_email_receiver_without_addresses_or_requesters_is_refused() -> None:
+    settings = {"host": "smtp.example.com", "sender": "jit@example.com"}
+    with pytest.raises(InvalidArgument, match="needs `to`"):
+        validate("mail", "email", settings, Route())
+    with pytest.raises(InvalidArgument, match="requesters on"):
+        validate("mail", "email", {**settings, "requester_domain": "corp.example"}, Route())
+    validate("mail", "email", {**settings, "requester_domain": "corp.example"},
+             Route(requester=True))  # fmt: skip

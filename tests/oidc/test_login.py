@@ -12,14 +12,16 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import httpx
+import pytest
 
+from jitmesh.client import Client
 from server.app import Coordinator
 from tests.e2e.procs import BIN, jitctl
 from tests.oidc.provider import Provider, sign_in_at
 
 
 async def test_jitctl_login_signs_in_through_the_browser_and_keeps_the_token(
-    coordinator: Coordinator, provider: Provider, tmp_path: Path
+    coordinator: Coordinator, provider: Provider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     token_file = tmp_path / "config" / "token"
     env = {
@@ -52,6 +54,14 @@ async def test_jitctl_login_signs_in_through_the_browser_and_keeps_the_token(
     code, out_text, err_text = await jitctl("whoami", "-o", "json", env=env)
     assert code == 0, err_text
     assert json.loads(out_text) == {"user": "carol", "groups": ["sre"], "managed_by": "oidc"}
+    # So does the SDK, connecting the way jitctl does.
+    monkeypatch.setenv("JITMESH_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.delenv("JITMESH_TOKEN", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    async with await Client.from_config() as client:
+        me = await client.whoami()
+    assert (me.name, me.groups) == ("carol", ("sre",))
 
 
 async def test_jitctl_login_says_when_single_sign_on_is_not_configured(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import asyncio
 from contextlib import aclosing
 from datetime import timedelta
 
+import grpc
 import pytest
 
 from jitmesh import errors
@@ -223,6 +224,18 @@ async def test_connect_refuses_nonsense(target: str) -> None:
         await Client.connect(" ")
     with pytest.raises(errors.InvalidArgumentError, match="timeout must be positive"):
         await Client.connect(target, timeout=0)
+
+
+async def test_several_addresses_over_tls_are_refused_with_what_works() -> None:
+    # One channel over several IPs has one TLS name to check, and only the replicas' shared
+    # DNS name is on all their certificates: say so, instead of a failed handshake later.
+    with pytest.raises(errors.InvalidArgumentError, match="one DNS name") as refused:
+        await Client.connect(
+            "127.0.0.1:7443,127.0.0.2:7443", credentials=grpc.ssl_channel_credentials()
+        )
+    assert "--tls-name" in str(refused.value)
+    with pytest.raises(errors.InvalidArgumentError, match="plain text only"):
+        await Client.connect("10.0.0.1:7443,10.0.0.2:7443", insecure=False)
 
 
 async def test_a_client_serves_one_loop_per_server(model: Scripted) -> None:

@@ -55,6 +55,8 @@ async def test_hello_gets_welcome(env: Env) -> None:
         assert welcome.resume_after_seq == 0
         assert welcome.agent == "db-1"
         assert welcome.coordinator_time.ToDatetime() == T0.replace(tzinfo=None)
+        # The replica holding the stream names itself (stable: kept in DATA/replica.id).
+        assert welcome.replica == env.coordinator.replica != ""
         agent = await env.admin.get_agent("db-1")
         assert agent.connected
         assert agent.version == jitmesh.__version__
@@ -69,6 +71,8 @@ async def test_approval_is_pushed_and_applied(env: Env) -> None:
         assert seq == 1
         assert body.WhichOneof("kind") == "grant"
         assert (body.agent, body.seq, body.epoch) == ("db-1", 1, env.coordinator.epoch)
+        # Inside the signed bytes: the agent's log names the replica that sent each command.
+        assert body.replica == env.coordinator.replica != ""
         assert body.grant.grant_id == grant_id
         assert (body.grant.subject, body.grant.action) == ("alice", "deploy")
         assert body.grant.request_id == request_id
@@ -89,6 +93,7 @@ async def test_approval_is_pushed_and_applied(env: Env) -> None:
         seq, body = await link.command()
         assert (seq, body.WhichOneof("kind")) == (revoking.revoke_seq, "revoke")
         assert body.revoke.grant_id == grant_id
+        assert body.replica == env.coordinator.replica
         await link.ack(seq, grant_id)
         request = await env.wait_grant_state(request_id, GrantState.REVOKED)
         assert request.grant_state is GrantState.REVOKED
@@ -187,6 +192,7 @@ async def test_agent_ahead_of_the_log_gets_a_snapshot(env: Env) -> None:
         seq, body = await link.command()
         assert (seq, body.WhichOneof("kind")) == (2, "snapshot")
         assert [g.grant_id for g in body.snapshot.grants] == [grant_id]
+        assert body.replica == env.coordinator.replica != ""
 
 
 async def test_hello_naming_another_agent_is_refused(env: Env) -> None:

@@ -1,12 +1,27 @@
-"""The token buckets behind request and enrollment limits, on a fake monotonic clock."""
+"""The token buckets behind request and enrollment limits: in memory on a fake monotonic clock,
+and shared by replicas through PostgreSQL."""
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+from datetime import timedelta
+from pathlib import Path
+
 import pytest
 
+from jitmesh import Client, NotFoundError, RateLimitedError
+from jitmesh.clock import FakeClock
+from server.app import Coordinator, build
+from server.config import CoordinatorConfig
 from server.domain.errors import InvalidArgument, RateLimited
 from server.domain.governance import certificate_serial
+from server.domain.policy import DEV_POLICY
 from server.rpc.limits import RateLimiter, peer_host
+from server.shared import new_key
+from tests.server.helpers import TOKENS
+from tests.support import postgres
+
+MIN = timedelta(minutes=1)
 
 
 class Ticks:
@@ -17,31 +32,31 @@ class Ticks:
         return self.now
 
 
-def test_a_burst_then_the_rate_and_only_the_first_refusal_of_a_run_is_marked() -> None:
+async def test_a_burst_then_the_rate_and_only_the_first_refusal_of_a_run_is_marked() -> None:
     ticks = Ticks()
     limiter = RateLimiter(rate=2.0, burst=3, monotonic=ticks)
     for _ in range(3):
-        limiter.take("10.0.0.7")
+        await limiter.take("10.0.0.7")
     firsts = []
     for _ in range(3):
         with pytest.raises(RateLimited) as refused:
-            limiter.take("10.0.0.7")
+            await limiter.take("10.0.0.7")
         firsts.append(refused.value.first)
     assert firsts == [True, False, False]
     # Another caller has its own bucket.
-    limiter.take("10.0.0.8")
+    await limiter.take("10.0.0.8")
     # Half a second at 2/s refills one call; the next refusal starts a new run.
     ticks.now += 0.5
-    limiter.take("10.0.0.7")
+    await limiter.take("10.0.0.7")
     with pytest.raises(RateLimited) as again:
-        limiter.take("10.0.0.7")
+        await limiter.take("10.0.0.7")
     assert again.value.first
     # Never more than the burst, however long the caller waited.
     ticks.now += 3600
     for _ in range(3):
-        limiter.take("10.0.0.7")
+        await limiter.take("10.0.0.7")
     with pytest.raises(RateLimited):
-        limiter.take("10.0.0.7")
+        await limiter.take("10.0.0.7")
 
 
 @pytest.mark.parametrize(
@@ -77,3 +92,44 @@ def test_bad_serials_are_refused_without_echo(typed: str) -> None:
     with pytest.raises(InvalidArgument) as refused:
         certificate_serial(typed)
     assert not typed or typed not in refused.value.message
+
+
+async def test_replicas_on_postgresql_share_each_callers_request_budget(tmp_path: Path) -> None:
+    """Two coordinators built on one PostgreSQL schema (replicas in one process, real gRPC):
+    the budget alice spent on ra is spent on rb too, and the refusal reaches the SDK."""
+    key_file = tmp_path / "secret.key"
+    key_file.write_text(new_key())
+    async with postgres.fresh_schema() as dsn, AsyncExitStack() as stack:
+        replicas: list[Coordinator] = []
+        for name in ("ra", "rb"):
+            config = CoordinatorConfig(
+                data_dir=tmp_path / name,
+                port=0,
+                default_policy=DEV_POLICY,
+                store=dsn,
+                replica=name,
+                secret_key_file=key_file,
+                request_rate=0.001,
+                request_burst=2,
+            )
+            built = await build(config, clock=FakeClock())
+            stack.push_async_callback(built.stop)
+            replicas.append(built)
+        await replicas[0].identity.ensure_user("alice", ["developers"], TOKENS["alice"])
+        on = []
+        for replica in replicas:
+            client = await Client.connect(
+                f"127.0.0.1:{replica.port}", token=TOKENS["alice"], timeout=10.0
+            )
+            stack.push_async_callback(client.close)
+            on.append(client)
+        # Two calls within the burst (each refused for its own reason: no such agent) on ra...
+        for _ in range(2):
+            with pytest.raises(NotFoundError):
+                await on[0].create_request(agent="web-9", action="logs", duration=MIN)
+        # ...and the third, on rb, finds the budget spent (a per-replica limit would allow it).
+        with pytest.raises(RateLimitedError):
+            await on[1].create_request(agent="web-9", action="logs", duration=MIN)
+        with pytest.raises(RateLimitedError):
+            await on[0].create_request(agent="web-9", action="logs", duration=MIN)
+        assert [r.limiters["requests"].refused for r in replicas] == [1, 1]

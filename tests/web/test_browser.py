@@ -2,16 +2,20 @@
 browser Playwright downloads), against a real jitmesh-web process, a real coordinator and a
 real agent process applying grants with its file enforcer.
 
-alice signs in and files a request in the browser; the request reaches approvers by webhook; a
+alice signs in and files a request in the browser; the request reaches approvers by webhook,
+Slack (its Web API, answered by a local server) and e-mail (a real SMTP server over STARTTLS); a
 developer who may not review cannot approve it even by posting the form himself; bob approves
 in a second browser context; alice's page turns APPROVED and then ACTIVE when the agent has
-applied the grant on the host, and alice is notified. Forms without their CSRF token, and a
-form edited to act as someone else, change nothing. With JITMESH_SCREENSHOTS=DIR the main
-pages are saved there (docs/web-*.png were made so)."""
+applied the grant on the host, and alice is told both by e-mail. Forms without their CSRF
+token, and a form edited to act as someone else, change nothing. With JITMESH_SCREENSHOTS=DIR
+the main pages are saved there (docs/web-*.png were made so)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import timedelta
+from email import message_from_bytes
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +24,44 @@ from playwright.async_api import Browser, expect
 from jitmesh.clock import SystemClock
 from server.app import Coordinator
 from server.domain.receivers import Route
+from server.notify.render import APPROVE, DENY
 from server.notify.webhook import WebhookVerifier
 from tests.e2e.procs import agent, check, wait_for
-from tests.notify.servers import HttpRecorder
+from tests.notify.servers import HttpRecorder, SmtpServer
 from tests.notify.test_outbox import SECRET, kinds, running, verifying
 from tests.server.helpers import ADMIN
 from tests.web.browsing import csrf_of, shot, sign_in, start_web, stopping
 
 
 async def test_request_in_the_browser_approved_by_another_person_applied_on_the_host(
-    tmp_path: Path, recorder: HttpRecorder, browser: Browser
+    tmp_path: Path,
+    recorder: HttpRecorder,
+    smtp: SmtpServer,
+    tls_files: tuple[Path, Path, Path],
+    browser: Browser,
 ) -> None:
     recorder.answer = verifying(WebhookVerifier(SECRET.encode()))
+    slack = HttpRecorder(asyncio.get_running_loop()).start()
+    slack.answer = lambda _: (200, {"ok": True, "ts": "1.1"})  # Slack's Web API
     async with running(tmp_path / "c", SystemClock()) as (coordinator, clients):
         assert coordinator.receivers is not None
         await coordinator.receivers.add(
             ADMIN, name="hook", kind="webhook", settings={"url": recorder.url},
             secret=SECRET, route=Route(),
+        )  # fmt: skip
+        await coordinator.receivers.add(
+            ADMIN, name="slack", kind="slack",
+            settings={"channel": "C0APPROVERS", "api_url": slack.url, "users": "U0BOB=bob"},
+            secret="xoxb-bot-token", route=Route(kinds=("request.created",)),
+        )  # fmt: skip
+        await coordinator.receivers.add(
+            ADMIN, name="mail", kind="email",
+            settings={
+                "host": "127.0.0.1", "port": str(smtp.port), "sender": "jit@example.com",
+                "to": "sre@example.com", "requester_domain": "corp.example",
+                "ca_file": str(tls_files[2]),
+            },
+            secret="", route=Route(kinds=("request.created",), requester=True),
         )  # fmt: skip
         join, _ = await coordinator.fleet.create_join_token(ADMIN, {"env": "prod"}, None)
         state, access = tmp_path / "prod-1", tmp_path / "prod-1-access"
@@ -49,9 +74,10 @@ async def test_request_in_the_browser_approved_by_another_person_applied_on_the_
                 await wait_for(
                     lambda: (state / "agent.db").exists(), 30, "the agent to open its lease table"
                 )
-                await _walk(coordinator, clients, base, browser, recorder, state)
+                await _walk(coordinator, clients, base, browser, recorder, state, slack, smtp)
         finally:
             host.stop()
+            slack.stop()
 
 
 async def _walk(
@@ -61,6 +87,8 @@ async def _walk(
     browser: Browser,
     recorder: HttpRecorder,
     state: Path,
+    slack: HttpRecorder,
+    smtp: SmtpServer,
 ) -> None:
     alice_ctx, alice = await sign_in(browser, base, "alice")
     cookie = next(c for c in await alice_ctx.cookies() if c["name"] == "jm_session")
@@ -89,8 +117,20 @@ async def _walk(
     await expect(alice.locator("#request-state")).to_have_text("PENDING")
     await expect(alice.locator("#subject")).to_have_text("alice")
     request_id = alice.url.rsplit("/", 1)[1]
+    # It reaches the approvers by webhook, Slack (with Approve and Deny) and e-mail.
     got = await recorder.wait_for(lambda r: "request.created" in kinds(r))
     assert any(r.json()["request_id"] == request_id for r in got)
+    [message] = await slack.wait_for(lambda r: len(r) == 1)
+    assert message.path == "/chat.postMessage"
+    assert message.json()["channel"] == "C0APPROVERS"
+    [buttons] = [b for b in message.json()["blocks"] if b["type"] == "actions"]
+    assert {e["action_id"]: e["value"] for e in buttons["elements"]} == {
+        APPROVE: request_id, DENY: request_id,
+    }  # fmt: skip
+    assert f"https://jit.example.com/requests/{request_id}" in json.dumps(message.json()["blocks"])
+    [mail] = await smtp.wait_for(1)
+    assert mail.rcpt_tos == ["sre@example.com"]
+    assert f"/requests/{request_id}".encode() in (mail.original_content or b"")
     await shot(alice, "request-pending")
 
     # The same form without its CSRF token: refused, nothing filed.
@@ -140,6 +180,14 @@ async def _walk(
     assert check(state, "alice", "deploy") == 0
     await shot(alice, "request-applied")
     await recorder.wait_for(lambda r: {"request.approved", "grant.applied"} <= set(kinds(r)))
+    # alice is told by e-mail: approved, then applied on the host.
+    mails = await smtp.wait_for(3)
+    to_alice = [m for m in mails if m.rcpt_tos == ["alice@corp.example"]]
+    subjects = sorted(_subject(m.original_content or b"") for m in to_alice)
+    assert subjects == [
+        "[jitmesh] Access applied on the host: alice deploy on prod-1",
+        "[jitmesh] Request approved: alice deploy on prod-1",
+    ]
 
     # Her live access, released from the overview.
     await alice.goto(base + "/")
@@ -151,3 +199,7 @@ async def _walk(
     await bob_ctx.close()
     await alice_ctx.close()
     _ = timedelta  # (durations are typed in the form as text)
+
+
+def _subject(raw: bytes) -> str:
+    return str(message_from_bytes(raw)["Subject"])

@@ -4,6 +4,7 @@ error, and signs nobody in."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from jitmesh.clock import SystemClock
+from tests.e2e.procs import BIN
 from tests.notify.test_outbox import running
 from tests.web.browsing import start_web, stopping
 
@@ -39,3 +41,19 @@ async def test_a_bridge_token_does_not_sign_in_to_the_web_page(tmp_path: Path) -
                 assert answer.headers["location"] == "/signin?error=token"
                 assert "jm_session" not in browser.cookies
         assert bridge not in (tmp_path / "web.log").read_text()
+
+
+async def test_an_unreadable_ca_file_is_a_clear_error(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "jitmesh-web"), "--ca-file", str(tmp_path / "missing.pem"),
+        "--listen", "127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert out == b""
+    assert err.decode().strip() == (
+        f"jitmesh-web: cannot read --ca-file {tmp_path / 'missing.pem'}: No such file or "
+        "directory (give the coordinator's CA certificate: ca/ca.pem in its data directory)"
+    )

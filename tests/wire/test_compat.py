@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,14 @@ def _git(*args: str) -> str:
 
 
 def _descriptors(proto_root: Path) -> descriptor_pb2.FileDescriptorSet:
-    out = proto_root / "set.pb"
+    """The protos under `proto_root` compiled to descriptors (written to a temporary file: the
+    source tree is never written to)."""
     files = sorted(str(p.relative_to(proto_root)) for p in proto_root.glob("jitmesh/v1/*.proto"))
+    with tempfile.TemporaryDirectory() as scratch:
+        return _compiled(proto_root, files, Path(scratch) / "set.pb")
+
+
+def _compiled(proto_root: Path, files: list[str], out: Path) -> descriptor_pb2.FileDescriptorSet:
     subprocess.run(
         [
             sys.executable,

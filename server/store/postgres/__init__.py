@@ -41,7 +41,7 @@ from server.domain.audit import GENESIS
 from server.domain.errors import Conflict
 from server.domain.models import CommandKind
 from server.store import queries
-from server.store.base import SqlOutbox, SqlReads, SqlStore, SqlTx
+from server.store.base import SqlOutbox, SqlReads, SqlStore, SqlTx, bucket_args
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -426,6 +426,15 @@ class PostgresStore(SqlStore):
     async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         async with self._pool.connection() as conn:
             return await _all(conn, sql, args)
+
+    async def take_token(
+        self, limiter: str, caller: str, rate: float, burst: int, at: datetime
+    ) -> int:
+        # One statement in autocommit: one trip, no transaction of its own, and never behind
+        # the audit head's lock (the upsert's row lock orders replicas taking from one bucket).
+        args = bucket_args(limiter, caller, rate, burst, at)
+        row = await self._one(self._q.take_token, args)
+        return int(row["refusals"])
 
     async def audit_head(self) -> tuple[int, str]:
         async with self._read() as conn:

@@ -25,7 +25,8 @@ from . import migrate
 ORDER = ("meta", "users", "tokens", "agents", "requests", "reviews", "grants")
 # Per-installation or per-process rows that do not move: replicas report themselves afresh, and
 # the shared secrets are uploaded from the data directory (encrypted) by the caller.
-SKIP = frozenset({"replicas", "secrets", "audit_head", "jitmesh_migrations"})
+# Rate buckets are a running coordinator's short memory (a SQLite one keeps them in memory).
+SKIP = frozenset({"replicas", "secrets", "audit_head", "jitmesh_migrations", "rate_buckets"})
 BATCH = 5000
 
 
