@@ -235,7 +235,10 @@ class Coordinator:
             except Exception as exc:  # any failure of the store is "not serving"
                 healthy = False
                 if serving:
-                    log.error("store unreachable; health NOT_SERVING: %s", type(exc).__name__)
+                    log.error(
+                        "store did not answer (unreachable or saturated); health NOT_SERVING: %s",
+                        type(exc).__name__,
+                    )
             if healthy != serving:
                 serving = healthy
                 status = (

@@ -79,6 +79,12 @@ class RateLimited(DomainError):
         self.first = first
 
 
+class Unavailable(DomainError):
+    """The store did not answer: unreachable, or too busy to give a connection in time.
+    Nothing was written (a transaction that could not start or finish rolls back); the caller
+    may try again."""
+
+
 class Overloaded(DomainError):
     """Not now: the agent would not get the command in time (`delivery.pushback`). Carries
     the retry hint; nothing was written."""

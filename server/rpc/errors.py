@@ -39,6 +39,7 @@ ERRORS: Final[dict[type[e.DomainError], tuple[grpc.StatusCode, str]]] = {
     e.Locked: (grpc.StatusCode.FAILED_PRECONDITION, "LOCKED"),
     e.RateLimited: (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
     e.Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, "AGENT_BEHIND"),
+    e.Unavailable: (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"),
 }
 # The ErrorInfo domain: whose reasons these are (google.rpc.ErrorInfo, AIP-193).
 DOMAIN: Final = "jitmesh.dev"

@@ -38,7 +38,7 @@ from psycopg_pool import AsyncConnectionPool
 from jitmesh.clock import from_ms, to_ms
 from jitmesh.types import AuditEvent
 from server.domain.audit import GENESIS
-from server.domain.errors import Conflict
+from server.domain.errors import Conflict, Unavailable
 from server.domain.models import CommandKind
 from server.store import queries
 from server.store.base import SqlOutbox, SqlReads, SqlStore, SqlTx, bucket_args
@@ -309,14 +309,23 @@ class PostgresStore(SqlStore):
 
     @classmethod
     async def open(
-        cls, dsn: str, *, min_size: int = 2, max_size: int = 10, migrate_now: bool = True
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        migrate_now: bool = True,
+        pool_timeout: float = 30.0,
     ) -> PostgresStore:
+        """`pool_timeout`: the longest a call waits for a free pooled connection before it fails as
+        `Unavailable`."""
         if migrate_now:
             await migrate(dsn)
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             dsn,
             min_size=min_size,
             max_size=max_size,
+            timeout=pool_timeout,
             kwargs={"autocommit": True, "row_factory": dict_row},
             open=False,
             name="jitmesh",
@@ -328,12 +337,30 @@ class PostgresStore(SqlStore):
         await self._pool.close()
 
     @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Conn]:
+        """A pooled connection. The database unreachable, the connection lost, or no connection
+        free within the pool's timeout (a burst: thousands of agents saying Hello at once) is
+        `Unavailable`, one line for the caller to act on, never an unexpected exception with
+        its traceback in the log; serialization failures and deadlocks pass through (`write`
+        retries them)."""
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except _RETRYABLE:
+            raise
+        except psycopg.OperationalError as exc:  # PoolTimeout is one too
+            raise Unavailable(
+                "the coordinator's database is unreachable or too busy "
+                f"({type(exc).__name__}); nothing was changed, try again"
+            ) from exc
+
+    @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PostgresTx]:
         """One write transaction, run once: a serialization failure or deadlock is reported as
         `Conflict` ("try again"); `write` retries instead."""
         began = time.monotonic()
         try:
-            async with self._pool.connection() as conn, conn.transaction():
+            async with self._connection() as conn, conn.transaction():
                 tx = PostgresTx(conn, self.replica)
                 if self.head_first:
                     await tx._audit_head()
@@ -350,7 +377,7 @@ class PostgresStore(SqlStore):
         for attempt in range(RETRIES + 1):
             started = time.monotonic()
             try:
-                async with self._pool.connection() as conn, conn.transaction():
+                async with self._connection() as conn, conn.transaction():
                     tx = PostgresTx(conn, self.replica)
                     if self.head_first:
                         await tx._audit_head()
@@ -371,7 +398,7 @@ class PostgresStore(SqlStore):
 
     @asynccontextmanager
     async def _short_write(self) -> AsyncIterator[PostgresTx]:
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             yield PostgresTx(conn, self.replica)
 
     async def listen(
@@ -408,7 +435,7 @@ class PostgresStore(SqlStore):
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[Conn]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             yield conn
 
     # A read on any pooled connection (autocommit: each statement sees what was committed when
@@ -416,15 +443,15 @@ class PostgresStore(SqlStore):
 
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[SqlReads]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             yield PostgresReads(conn)
 
     async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             return await _one(conn, sql, args)
 
     async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             return await _all(conn, sql, args)
 
     async def take_token(
