@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 import sqlite3
 import sys
 import time
@@ -673,6 +674,7 @@ async def _reconnect(reconnect: Scenario, coord: DevCoordinator, tmp: Path, n: i
         _say(f"reconnect: {n} agents connected in {connect_s:.1f} s; SIGKILL")
         reconnect.extra["swarm_processes"] = SWARM_PROCESSES
         reconnect.extra["first_connect_and_enroll_s"] = connect_s
+        swarm_cpu0 = sum(cpu_seconds(pid) for pid in parts.pids)
         t_kill = time.monotonic()
         coord.kill()
         with contextlib.suppress(TimeoutError):
@@ -691,6 +693,12 @@ async def _reconnect(reconnect: Scenario, coord: DevCoordinator, tmp: Path, n: i
                 await parts.until(
                     lambda: len(parts.done) == SWARM_PROCESSES, max(120.0, n / 50), "all back"
                 )
+        # The restarted process's CPU since it started, and the swarm's since the kill: on a
+        # machine where both share the cores, their sum against the elapsed time says whether
+        # the machine bounded the figure.
+        coord_cpu = cpu_seconds(coord.pid)
+        swarm_cpu = sum(cpu_seconds(pid) for pid in parts.pids) - swarm_cpu0
+        elapsed = time.monotonic() - t_kill
         marks = {pct: at - t_kill for pct, at in parts.marks(n, (50, 90, 99, 100)).items()}
         back = parts.agents_back()
         downs = sum(int(d["downs"]) for d in parts.done.values())  # type: ignore[call-overload]
@@ -711,8 +719,31 @@ async def _reconnect(reconnect: Scenario, coord: DevCoordinator, tmp: Path, n: i
         note="from the SIGKILL until the restarted process has written dev.env (listening, "
         "store open)",
     )
+    reconnect.add(
+        "coordinator start",
+        (up - noticed) * MS,
+        unit="ms",
+        note="from the restart until the new process has written dev.env (listening, store open)",
+    )
     for pct, at in marks.items():
         reconnect.add(f"{pct} % back", at * MS, unit="ms", target="<= 30 s" if pct == 100 else "")
+    reconnect.add(
+        "coordinator CPU, start until all back",
+        coord_cpu,
+        unit="s",
+        note="user + system CPU of the restarted process from its start until the last agent "
+        "was back (or the deadline)",
+    )
+    reconnect.add(
+        "swarm CPU, kill until all back",
+        swarm_cpu,
+        unit="s",
+        note=f"the {SWARM_PROCESSES} swarm processes' CPU over the same time; with the "
+        f"coordinator's, against {os.cpu_count()} cores x the elapsed time, it shows whether "
+        "this machine bounded the figure",
+    )
+    reconnect.extra["elapsed_s"] = elapsed
+    reconnect.extra["cores"] = os.cpu_count()
     reconnect.add(
         "failed attempts",
         float(max(0, downs - pushed_back)),

@@ -145,7 +145,10 @@ def error_from_status(
     finer = _REASON_ERRORS.get(reason)
     if finer is not None and issubclass(finer, cls):
         cls = finer
-    if code is grpc.StatusCode.UNAVAILABLE:
+    if code is grpc.StatusCode.UNAVAILABLE and reason == "STORE_UNAVAILABLE":
+        # The coordinator answered: its database did not (the message says what to do).
+        message = f"the coordinator at {target} could not reach its database: {message}"
+    elif code is grpc.StatusCode.UNAVAILABLE:
         message = f"cannot reach the coordinator at {target}: {_transport_hint(message, trust)}"
     elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
         within = f" within {timeout:g}s" if timeout is not None else ""

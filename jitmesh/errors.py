@@ -39,8 +39,8 @@ REASONS: dict[str, str] = {
     "RATE_LIMITED": "too many calls from this caller; slow down",
     "AGENT_BEHIND": "the agent's undelivered commands reached their bound; retry after the hint",
     "BUSY": "too many agents connecting at once; retry after the hint",
-    "STORE_UNAVAILABLE": "the coordinator's database is unreachable or too busy; nothing was "
-    "changed, try again",
+    "STORE_UNAVAILABLE": "the coordinator's database did not answer; the message says whether "
+    "anything may have changed",
 }
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from cryptography.fernet import Fernet, InvalidToken
 
 from jitmesh.clock import Clock
+from server.domain.errors import Unavailable
 from server.domain.ports import Store
 from server.signing import write_private
 
@@ -81,15 +82,16 @@ class SharedFiles:
         self._seen: dict[str, bytes] = {}
 
     async def sync(self, clock: Clock) -> list[str]:
-        """Make the data directory's shared files the store's; upload those the store lacks.
-        Returns the files that changed on disk."""
+        """Make the data directory's shared files the store's. Returns the files that changed on
+        disk. Never uploads: files the store lacks go up through `claim_missing` only, all or
+        none and never over another replica's (two replicas whose data directories each hold
+        keys, started on an empty store, would otherwise each upload theirs file by file and
+        leave one's signing keys beside the other's CA)."""
         changed: list[str] = []
         for name in SHARED_FILES:
             path = self._dir / name
             stored = await self._store.get_secret(name)
             if stored is None:
-                if path.exists():
-                    await self.push(name, clock)
                 continue
             if self._seen.get(name) == stored:
                 continue
@@ -144,7 +146,7 @@ class SharedFiles:
             await clock.sleep(REFRESH.total_seconds())
             try:
                 changed = await self.sync(clock)
-            except (OSError, SecretKeyError) as exc:
+            except (OSError, SecretKeyError, Unavailable) as exc:
                 log.warning("shared key material not refreshed: %s", exc)
                 continue
             if changed:

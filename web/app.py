@@ -330,6 +330,8 @@ def create_app(settings: WebSettings) -> Starlette:
                 token, info = await anonymous.exchange_id_token(
                     answer.json()["id_token"], nonce=binding.nonce
                 )
+        except UNREACHABLE:
+            return unavailable(request, None)
         except errors.JitmeshError:
             return refused(request, "The coordinator refused this sign-in.")
         response = await _start_session(
@@ -405,6 +407,10 @@ def create_app(settings: WebSettings) -> Starlette:
             created, _ = await client.create_request(
                 agent=agent, action=action, duration=duration, reason=values["reason"]
             )
+        except UNREACHABLE:
+            # The 503 page (page()): filed or not is unknown, and filing again from the form
+            # could make a second request.
+            raise
         except (errors.JitmeshError, DurationError) as exc:
             return await request_form(request, session, client, values, str(exc), 400)
         session.flashes.append(("ok", f"Request {created.id} filed."))

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from jitmesh.clock import Clock
 from jitmesh.types import AuditEvent, GrantState, RequestState
 
-from .errors import Conflict
+from .errors import Conflict, Unavailable
 from .hub import Hub
 from .models import AuditEntry, AuditKind, GrantChange, Moved, gc_paused, new_ids
 from .ports import Store, Tx
@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 BATCH = 5000
 # Never sleep longer than this: a missed wake-up costs at most this much lateness.
 MAX_NAP = timedelta(seconds=30)
+# After a deferred sweep: how soon the next turn tries again.
+CONFLICT_NAP = timedelta(milliseconds=50)
+UNAVAILABLE_NAP = timedelta(seconds=1)
 
 
 class Expirer:
@@ -94,22 +97,28 @@ class Expirer:
     async def run(self) -> None:
         while True:
             self._wake.clear()
-            now = self._clock.now()
-            deadline = await self._store.next_deadline()
-            # Woken by every new deadline (each request created): sweep only when something is
-            # due, not a write transaction per request.
-            if deadline is not None and deadline <= now:
-                try:
-                    await self.sweep(now)
-                    if self.start_due is not None:
-                        await self.start_due(now)
-                except Conflict as exc:
-                    # The store gave up on a batch (contention between replicas): the rows are
-                    # still due, so the next turn takes them.
-                    log.warning("expiry sweep deferred: %s", exc)
-                deadline = await self._store.next_deadline()
-            nap = MAX_NAP if deadline is None else min(MAX_NAP, deadline - self._clock.now())
+            try:
+                nap = await self._turn()
+            except (Conflict, Unavailable) as exc:
+                # The store gave up on a batch (contention between replicas: again at once) or
+                # did not answer (a database restarting: again in a second). The rows are still
+                # due, so a later turn takes them; the coordinator keeps serving meanwhile.
+                log.warning("expiry sweep deferred: %s", exc)
+                nap = CONFLICT_NAP if isinstance(exc, Conflict) else UNAVAILABLE_NAP
             await self._nap(max(nap.total_seconds(), 0.0))
+
+    async def _turn(self) -> timedelta:
+        """Sweep if something is due; how long until the next deadline (at most MAX_NAP)."""
+        now = self._clock.now()
+        deadline = await self._store.next_deadline()
+        # Woken by every new deadline (each request created): sweep only when something is
+        # due, not a write transaction per request.
+        if deadline is not None and deadline <= now:
+            await self.sweep(now)
+            if self.start_due is not None:
+                await self.start_due(now)
+            deadline = await self._store.next_deadline()
+        return MAX_NAP if deadline is None else min(MAX_NAP, deadline - self._clock.now())
 
     async def _nap(self, seconds: float) -> None:
         if seconds <= 0:

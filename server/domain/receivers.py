@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Protocol
 
@@ -72,6 +72,21 @@ class ReceiverSpec:
     route: Route
     created_at: datetime
     created_by: str
+
+
+def as_read(spec: ReceiverSpec) -> ReceiverSpec:
+    """A stored receiver as this release reads it. An e-mail receiver with `requester_domain`
+    and no `to` wrote to each requester before routes had `requester` (it has no recipients of
+    its own): read it with requesters on, as such a receiver must be added now, so that it goes
+    on telling requesters their outcomes after an upgrade instead of failing every delivery."""
+    if (
+        spec.kind is ReceiverKind.EMAIL
+        and spec.settings.get("requester_domain")
+        and not spec.settings.get("to")
+        and not spec.route.requester
+    ):
+        return replace(spec, route=replace(spec.route, requester=True))
+    return spec
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +234,7 @@ __all__ = [
     "ReceiverService",
     "ReceiverSpec",
     "Route",
+    "as_read",
     "matches",
     "split_target",
     "targets",

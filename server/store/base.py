@@ -60,6 +60,7 @@ from server.domain.receivers import (
     DeliveryState,
     ReceiverKind,
     ReceiverSpec,
+    as_read,
     split_target,
 )
 from server.store import rows as rec
@@ -1185,10 +1186,10 @@ class SqlOutbox(ABC):
     async def list_receivers(self) -> list[ReceiverSpec]:
         rows = await self._store._all(self._store._q.list_receivers)
         return [
-            ReceiverSpec(
+            as_read(ReceiverSpec(
                 r["name"], ReceiverKind(r["kind"]), json.loads(r["settings"]), r["secret"],
                 rec.route(r["route"]), from_ms(r["created_at"]), r["created_by"],
-            )
+            ))
             for r in rows
         ]  # fmt: skip
 

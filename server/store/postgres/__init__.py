@@ -338,17 +338,26 @@ class PostgresStore(SqlStore):
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Conn]:
-        """A pooled connection. The database unreachable, the connection lost, or no connection
-        free within the pool's timeout (a burst: thousands of agents saying Hello at once) is
-        `Unavailable`, one line for the caller to act on, never an unexpected exception with
-        its traceback in the log; serialization failures and deadlocks pass through (`write`
+        """A pooled connection. The database unreachable, or no connection free within the
+        pool's timeout (a burst: thousands of agents saying Hello at once), is `Unavailable`
+        with nothing changed; the connection lost once the call had it (a change may have been
+        committed) is `Unavailable` saying so. Never an unexpected exception with its
+        traceback in the log. Serialization failures and deadlocks pass through (`write`
         retries them)."""
+        got = False
         try:
             async with self._pool.connection() as conn:
+                got = True
                 yield conn
         except _RETRYABLE:
             raise
         except psycopg.OperationalError as exc:  # PoolTimeout is one too
+            if got:
+                raise Unavailable(
+                    "the connection to the coordinator's database failed during the call "
+                    f"({type(exc).__name__}): a change may or may not have been made; check "
+                    "before trying again"
+                ) from exc
             raise Unavailable(
                 "the coordinator's database is unreachable or too busy "
                 f"({type(exc).__name__}); nothing was changed, try again"
@@ -427,7 +436,9 @@ class PostgresStore(SqlStore):
                         elif changed is not None:
                             seq, _, ids = rest.partition("|")
                             await changed(int(seq), [i for i in ids.split(",") if i])
-            except psycopg.Error as exc:
+            except (psycopg.Error, Unavailable) as exc:
+                # The database restarting, or a pooled connection found dead on the way back:
+                # listen again (a replica never stops for it; the log is re-read on reconnect).
                 log.warning("command notifications interrupted, listening again: %s", exc)
                 await asyncio.sleep(1.0)
 
