@@ -587,6 +587,11 @@ async def exec_expiry(scratch: str) -> dict[str, Any]:
         run = ["exec", "--state", str(state), "--action", "deploy", "--", "sleep", "60"]
         seen["run"] = await ash(*agent_cli("alice", *run))
         seen["ended_after_s"] = (datetime.now(UTC) - lease.not_after).total_seconds()
+        # The sessions loop records what it ended after the signal, so possibly after the exec
+        # client (which the signal ended) returned: wait for its record.
+        async with asyncio.timeout(20):
+            while not [d for k, d in await agent.events() if k == "sessions.ended"]:
+                await asyncio.sleep(0.05)
         seen["events"] = [
             d for k, d in await agent.events() if k in ("exec.exited", "sessions.ended")
         ]
