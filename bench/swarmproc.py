@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import defaults
-from tests.support.swarm import Swarm, SwarmSettings, raise_fd_limit
+from tests.support.swarm import Swarm, SwarmSettings
 
 JOIN_ENV = "JITMESH_BENCH_JOIN_TOKEN"
 # How often the counts are looked at.
@@ -63,17 +63,10 @@ class LinkDowns(logging.Handler):
 
 
 async def run_links(swarm: Swarm) -> None:
-    """Like `Swarm.run`, without each engine's expiry loop: it wakes every second per agent
-    (to notice wall-clock jumps), which at 10,000 agents in one process is a core's worth of
-    wake-ups measuring the swarm, not the coordinator. Nothing expires during the benchmark
-    (grants last an hour); every command still goes through the real Engine."""
-    raise_fd_limit()
-    for agent in swarm.agents:
-        await agent.store.claim(agent.name, f"swarm-{agent.name}")
-        await agent.engine.start()
-    async with asyncio.TaskGroup() as tasks:
-        for agent in swarm.agents:
-            tasks.create_task(agent.link.run())
+    """`Swarm.run` without the engines' expiry loops, which would measure the swarm, not the
+    coordinator. Nothing expires during the benchmark (grants last an hour); every command
+    still goes through the real Engine."""
+    await swarm.run(expiry_loops=False)
 
 
 def _say(message: dict[str, object]) -> None:

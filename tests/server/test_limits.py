@@ -10,15 +10,12 @@ from pathlib import Path
 import pytest
 
 from jitmesh import Client, NotFoundError, RateLimitedError
-from jitmesh.clock import FakeClock
-from server.app import Coordinator, build
-from server.config import CoordinatorConfig
+from server.app import Coordinator
 from server.domain.errors import InvalidArgument, RateLimited
 from server.domain.governance import certificate_serial
-from server.domain.policy import DEV_POLICY
 from server.rpc.limits import RateLimiter, peer_host
-from server.shared import new_key
 from tests.server.helpers import TOKENS
+from tests.store.test_fence import replica as build_replica
 from tests.support import postgres
 
 MIN = timedelta(minutes=1)
@@ -97,22 +94,10 @@ def test_bad_serials_are_refused_without_echo(typed: str) -> None:
 async def test_replicas_on_postgresql_share_each_callers_request_budget(tmp_path: Path) -> None:
     """Two coordinators built on one PostgreSQL schema (replicas in one process, real gRPC):
     the budget alice spent on ra is spent on rb too, and the refusal reaches the SDK."""
-    key_file = tmp_path / "secret.key"
-    key_file.write_text(new_key())
     async with postgres.fresh_schema() as dsn, AsyncExitStack() as stack:
         replicas: list[Coordinator] = []
         for name in ("ra", "rb"):
-            config = CoordinatorConfig(
-                data_dir=tmp_path / name,
-                port=0,
-                default_policy=DEV_POLICY,
-                store=dsn,
-                replica=name,
-                secret_key_file=key_file,
-                request_rate=0.001,
-                request_burst=2,
-            )
-            built = await build(config, clock=FakeClock())
+            built = await build_replica(tmp_path, dsn, name, request_rate=0.001, request_burst=2)
             stack.push_async_callback(built.stop)
             replicas.append(built)
         await replicas[0].identity.ensure_user("alice", ["developers"], TOKENS["alice"])

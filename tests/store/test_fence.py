@@ -7,6 +7,7 @@ commands (tests/agent/test_verify.py: an earlier epoch is refused)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from jitmesh.clock import FakeClock
 from server.app import Coordinator, build
@@ -17,7 +18,9 @@ from tests.store.test_migrate_store import run
 from tests.support import postgres
 
 
-async def replica(tmp_path: Path, dsn: str, name: str) -> Coordinator:
+async def replica(tmp_path: Path, dsn: str, name: str, **settings: Any) -> Coordinator:
+    """A coordinator replica built in this process on `dsn`, sharing `tmp_path`'s secret key
+    with the others; `settings`: more CoordinatorConfig fields."""
     key_file = tmp_path / "secret.key"
     if not key_file.exists():
         key_file.write_text(new_key())
@@ -28,6 +31,7 @@ async def replica(tmp_path: Path, dsn: str, name: str) -> Coordinator:
         store=dsn,
         replica=name,
         secret_key_file=key_file,
+        **settings,
     )
     return await build(config, clock=FakeClock())
 
