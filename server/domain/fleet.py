@@ -94,6 +94,8 @@ class FleetService:
         self._minor = parsed[0], parsed[1]
         self._acks = GroupCommit(self._ack_batch, ACK_BATCH)
         self._hellos = GroupCommit(self._hello_batch, ACK_BATCH)
+        # Small batches: with mTLS each enrollment signs a certificate inside the transaction.
+        self._enrollments = GroupCommit(self._enroll_batch, ENROLL_BATCH)
 
     # Operators.
 
@@ -265,68 +267,79 @@ class FleetService:
         with invalid_input():
             v.check(v.AGENT, name, "agent name")
             labels = v.check_labels(labels)
-        now = self._clock.now()
         try:
-            async with self._store.transaction() as tx:
-                token = await tx.use_join_token(hash_secret(join_token), now)
-                if token is None:
-                    raise Unauthenticated("join token is not valid, used up or expired")
-                if token.reusable:
-                    # The development-mode token (loopback demo): the agent picks its labels.
-                    given = {**labels, **token.labels}
-                elif any(token.labels.get(k) != val for k, val in labels.items()):
-                    raise PermissionDenied("the agent asks for labels its join token does not give")
-                else:
-                    given = dict(token.labels)
-                if token.replaces is not None and token.replaces != name:
-                    raise PermissionDenied("this join token only enrolls the agent it replaces")
-                replaced = await tx.get_agent(name) is not None
-                if replaced and token.reusable and self._links.connected(name):
-                    # Dev mode lets an agent that lost its credential enroll its name again,
-                    # not a second process take the name from a connected one (the two would
-                    # take it from each other for ever).
-                    raise Conflict(
-                        f"agent {name} is connected now: another agent process already uses "
-                        "this name (stop it, or give this one another --name)"
-                    )
-                if replaced and token.replaces != name and not token.reusable:
-                    raise Conflict(
-                        "an agent with this name is enrolled: remove it, or create a join token "
-                        "that replaces it"
-                    )
-                credential = issue(name) if issue is not None else new_secret("jma")
-                created = await tx.enroll_agent(
-                    name, given, hash_secret(credential), now, join_token_id(join_token)
-                )
-                enrolled = await tx.get_agent(name)
-                if enrolled is not None and locks.keeps_locks(enrolled):
-                    # The locks in force reach it as to any agent (a whole-fleet lock's handout
-                    # may have passed its name already, or skipped it while it was removed).
-                    await locks.locks_for_agent(tx, name, now)
-                kind = (
-                    AuditKind.AGENT_ENROLLED
-                    if created
-                    else AuditKind.AGENT_REPLACED
-                    if replaced
-                    else AuditKind.AGENT_REENROLLED
-                )
-                await tx.audit(
-                    AuditEntry(
-                        kind,
-                        f"agent:{name}",
-                        now,
-                        agent=name,
-                        details={"labels": _labels(given)},
-                    )
-                )
+            credential, replaced = await self._enrollments.submit(
+                _Enrollment(join_token, name, labels, issue)
+            )
         except DomainError as exc:
             await self.enrollment_refused(name, exc.message, peer)
             raise
         if replaced:
             # Its certificate (or credential) no longer binds: end the stream it may still hold.
             self._links.disconnect(name, "agent replaced by a new enrollment")
-        await self._hub.audit_written(tx.new_audit)
         return name, credential
+
+    async def _enroll_batch(self, batch: Sequence[_Enrollment]) -> list[tuple[str, bool]]:
+        """Enrollments that arrived together, in one transaction: a fleet's first rollout is a
+        burst of them, and each one's own commit made the Hellos queued behind them wait for
+        the whole burst. A refusal fails the batch; `GroupCommit` then writes each alone, so
+        the refused one spends nothing and the others go through."""
+        now = self._clock.now()
+        async with self._store.transaction() as tx:
+            answers = [await self._enroll_one(tx, item, now) for item in batch]
+        await self._hub.audit_written(tx.new_audit)
+        return answers
+
+    async def _enroll_one(self, tx: Tx, item: _Enrollment, now: datetime) -> tuple[str, bool]:
+        """One enrollment inside the batch's transaction: (credential, whether it replaced an
+        enrolled agent)."""
+        name, labels = item.name, item.labels
+        token = await tx.use_join_token(hash_secret(item.join_token), now)
+        if token is None:
+            raise Unauthenticated("join token is not valid, used up or expired")
+        if token.reusable:
+            # The development-mode token (loopback demo): the agent picks its labels.
+            given = {**labels, **token.labels}
+        elif any(token.labels.get(k) != val for k, val in labels.items()):
+            raise PermissionDenied("the agent asks for labels its join token does not give")
+        else:
+            given = dict(token.labels)
+        if token.replaces is not None and token.replaces != name:
+            raise PermissionDenied("this join token only enrolls the agent it replaces")
+        replaced = await tx.get_agent(name) is not None
+        if replaced and token.reusable and self._links.connected(name):
+            # Dev mode lets an agent that lost its credential enroll its name again,
+            # not a second process take the name from a connected one (the two would
+            # take it from each other for ever).
+            raise Conflict(
+                f"agent {name} is connected now: another agent process already uses "
+                "this name (stop it, or give this one another --name)"
+            )
+        if replaced and token.replaces != name and not token.reusable:
+            raise Conflict(
+                "an agent with this name is enrolled: remove it, or create a join token "
+                "that replaces it"
+            )
+        credential = item.issue(name) if item.issue is not None else new_secret("jma")
+        created = await tx.enroll_agent(
+            name, given, hash_secret(credential), now, join_token_id(item.join_token)
+        )
+        enrolled = await tx.get_agent(name)
+        if enrolled is not None and locks.keeps_locks(enrolled):
+            # The locks in force reach it as to any agent (a whole-fleet lock's handout
+            # may have passed its name already, or skipped it while it was removed).
+            await locks.locks_for_agent(tx, name, now)
+        kind = (
+            AuditKind.AGENT_ENROLLED
+            if created
+            else AuditKind.AGENT_REPLACED
+            if replaced
+            else AuditKind.AGENT_REENROLLED
+        )
+        await tx.audit(
+            AuditEntry(kind, f"agent:{name}", now, agent=name, details={"labels": _labels(given)})
+        )
+        return credential, replaced
 
     async def enrollment_refused(self, name: str, reason: str, peer: str = "") -> None:
         """Audit a refused enrollment (the name is the one asked for, already validated or
@@ -899,6 +912,16 @@ def _require_admin(principal: Principal) -> None:
 
 # Acks written per transaction at most (a fleet-wide revoke's acks go in a few commits).
 ACK_BATCH = 2000
+ENROLL_BATCH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Enrollment:
+    join_token: str
+    name: str
+    labels: dict[str, str]
+    # Makes the agent's credential once its token is spent (with mTLS: signs its CSR).
+    issue: Callable[[str], str] | None
 
 
 @dataclass(frozen=True, slots=True)

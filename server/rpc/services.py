@@ -369,8 +369,10 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
         issued: list[Issued] = []
 
         def issue(name: str) -> str:
-            # Runs only once the join token has been checked and spent.
-            issued.append(self._issue(csr, name))
+            # Runs only once the join token has been checked and spent; again with the same
+            # certificate if that transaction was rolled back (a batch with a refusal in it).
+            if not issued:
+                issued.append(self._issue(csr, name))
             return cert_binding(name, issued[0].serial)
 
         name, _ = await self._fleet.enroll(

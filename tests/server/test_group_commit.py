@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
 from jitmesh import ConflictError, GrantState, RequestState
 from jitmesh.types import Agent
+from server.app import Coordinator
 from server.domain.audit import verify_chain
 from server.domain.batching import GroupCommit
+from server.domain.errors import PermissionDenied, Unauthenticated
 from server.domain.models import AckStatus, AgentAck, CommandKind, Principal
 from server.store.sqlite import SqliteStore
 from tests.server.helpers import ADMIN, T0, Env, make_grant
@@ -251,3 +254,80 @@ async def test_ack_commands_answers_each_ack(store: SqliteStore) -> None:
     assert agent.last_acked_seq == 3
     assert agent.last_seen_at == T0 + M15
     assert await store.first_unacked_seq("a") is None
+
+
+async def test_enrollments_that_arrive_together_share_a_transaction_and_a_refusal_spends_nothing(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet, store = coordinator.fleet, coordinator.store
+    tokens = [(await fleet.create_join_token(ADMIN, {"env": "staging"}, None))[0] for _ in range(6)]
+    transactions = 0
+    real_transaction = store.transaction
+
+    def counted() -> Any:
+        nonlocal transactions
+        transactions += 1
+        return real_transaction()
+
+    monkeypatch.setattr(store, "transaction", counted)
+    asked = [
+        (tokens[0], "web-1", {}),
+        (tokens[1], "web-2", {}),
+        (tokens[2], "web-3", {"env": "prod"}),  # a label its token does not give: refused
+        (tokens[3], "web-4", {}),
+        (tokens[0], "web-5", {}),  # a single-use token spent by web-1 just before: refused
+        (tokens[4], "web-6", {}),
+    ]
+    results = await asyncio.gather(
+        *(fleet.enroll(token, name, labels) for token, name, labels in asked),
+        return_exceptions=True,
+    )
+    assert isinstance(results[2], PermissionDenied)
+    assert isinstance(results[4], Unauthenticated)
+    enrolled = {}
+    for (_, name, _), answer in zip(asked, results, strict=True):
+        if name in ("web-3", "web-5"):
+            continue
+        assert not isinstance(answer, BaseException)
+        assert answer[0] == name
+        enrolled[name] = answer[1]
+    # The batch (failed by its refusals), then each alone, then a refusal's audit each.
+    assert transactions == 1 + len(asked) + 2
+    for name, credential in enrolled.items():
+        assert (await fleet.authenticate_agent(credential)).name == name
+        stored = await store.get_agent(name)
+        assert stored is not None
+        assert stored.labels == {"env": "staging"}
+    assert await store.get_agent("web-3") is None
+    assert await store.get_agent("web-5") is None
+    # The refused label did not spend web-3's token: it still enrolls with what it gives.
+    name, credential = await fleet.enroll(tokens[2], "web-3", {})
+    assert (await fleet.authenticate_agent(credential)).name == "web-3"
+    chain = await store.audit_chain(0, 10_000)
+    assert verify_chain(chain).ok
+    kinds = [(e.kind, e.agent) for e in chain if e.kind.startswith("agent.enroll")]
+    assert sorted(kinds) == sorted(
+        [("agent.enrolled", n) for n in ["web-1", "web-2", "web-3", "web-4", "web-6"]]
+        + [("agent.enroll_refused", "web-3"), ("agent.enroll_refused", "web-5")]
+    )
+
+
+async def test_a_burst_of_valid_enrollments_is_one_transaction(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet, store = coordinator.fleet, coordinator.store
+    join, _ = await fleet.create_join_token(ADMIN, {"env": "staging"}, None, max_uses=None)
+    transactions = 0
+    real_transaction = store.transaction
+
+    def counted() -> Any:
+        nonlocal transactions
+        transactions += 1
+        return real_transaction()
+
+    monkeypatch.setattr(store, "transaction", counted)
+    answers = await asyncio.gather(*(fleet.enroll(join, f"web-{i}", {}) for i in range(40)))
+    assert transactions == 1
+    assert [name for name, _ in answers] == [f"web-{i}" for i in range(40)]
+    assert len({credential for _, credential in answers}) == 40
+    assert len(await store.list_agents()) == 40
