@@ -685,6 +685,7 @@ async def _reconnect(reconnect: Scenario, coord: DevCoordinator, tmp: Path, n: i
         await parts.watch(restart_at)
         await coord.start()
         up = time.monotonic() - t_kill
+        start_cpu = cpu_seconds(coord.pid)
         with contextlib.ExitStack() as profiles:
             # With --profile: the restarted coordinator and the first swarm process.
             profiles.enter_context(_profiled(coord.pid, "reconnect", tmp))
@@ -733,6 +734,19 @@ async def _reconnect(reconnect: Scenario, coord: DevCoordinator, tmp: Path, n: i
         unit="s",
         note="user + system CPU of the restarted process from its start until the last agent "
         "was back (or the deadline)",
+    )
+    reconnect.add(
+        "coordinator CPU, start",
+        start_cpu,
+        unit="s",
+        note="user + system CPU of the restarted process until it served (written dev.env)",
+    )
+    reconnect.add(
+        "coordinator CPU per returning agent",
+        (coord_cpu - start_cpu) / max(1, back) * MS,
+        unit="ms",
+        note="the restarted process's CPU from serving until all were back, per agent back "
+        "(handshakes, Hellos, Welcomes, resumes and refusals with a hint together)",
     )
     reconnect.add(
         "swarm CPU, kill until all back",
