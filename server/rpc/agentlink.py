@@ -264,15 +264,23 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             await asyncio.wait([*tasks, session.closed], return_when=asyncio.FIRST_COMPLETED)
         finally:
             reader.cancel()
-            # The writer stops between writes, so that the abort below is the only operation
-            # left on the stream (one writer per stream).
-            await _stop_writer(session, writer)
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            self._registry.unregister(session)
-            self._streams -= 1
-            if self._streams == 0 and self._ticker is not None:
-                self._ticker.cancel()
-                self._ticker = None
+            results: list[Any] | None = None
+            try:
+                # The writer stops between writes, so that the abort below is the only
+                # operation left on the stream (one writer per stream).
+                await _stop_writer(session, writer)
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                if results is None:
+                    # This handler was cancelled while it stopped them (the server stopping):
+                    # their outcomes are still collected, and the session still goes.
+                    for task in tasks:
+                        task.add_done_callback(_collect)
+                self._registry.unregister(session)
+                self._streams -= 1
+                if self._streams == 0 and self._ticker is not None:
+                    self._ticker.cancel()
+                    self._ticker = None
             failure = _failure(results)
             if failure and not session.close_reason:
                 # A handler that failed never ends the stream "OK".
@@ -577,6 +585,12 @@ def _watch(session: Session, written: asyncio.Future[Any]) -> None:
             session.close(f"stream error: {type(exc).__name__}", grpc.StatusCode.INTERNAL)
 
     written.add_done_callback(done)
+
+
+def _collect(task: asyncio.Task[None]) -> None:
+    """A stream task's outcome once nobody awaits it: a failure is logged like `_failure`'s."""
+    if not task.cancelled():
+        _failure([task.exception()])
 
 
 def _failure(results: list[Any]) -> str:
