@@ -25,11 +25,17 @@ class GroupCommit(Generic[T, R]):
         self,
         write: Callable[[Sequence[T]], Awaitable[Sequence[R | Exception]]],
         max_batch: int = MAX_BATCH,
+        *,
+        skip_abandoned: bool = False,
     ) -> None:
         """`write` stores the items in one transaction and answers each, in order, with its
-        result or the exception that item alone gets."""
+        result or the exception that item alone gets. With `skip_abandoned`, an item whose
+        caller is gone before its batch is written (the call cancelled: its deadline passed,
+        the client left) is not written at all: the caller was told it failed, and may ask
+        again."""
         self._write = write
         self._max_batch = max_batch
+        self._skip_abandoned = skip_abandoned
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._flushing: asyncio.Future[None] | None = None
         self._waiting = 0
@@ -78,6 +84,10 @@ class GroupCommit(Generic[T, R]):
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
+                if self._skip_abandoned:
+                    batch = [(item, future) for item, future in batch if not future.done()]
+                    if not batch:
+                        continue
                 items = [item for item, _ in batch]
                 try:
                     results = list(await self._write(items))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -331,3 +332,57 @@ async def test_a_burst_of_valid_enrollments_is_one_transaction(
     assert [name for name, _ in answers] == [f"web-{i}" for i in range(40)]
     assert len({credential for _, credential in answers}) == 40
     assert len(await store.list_agents()) == 40
+
+
+@pytest.mark.parametrize("skip", [True, False])
+async def test_an_abandoned_item_is_written_only_when_asked_to_keep_it(skip: bool) -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    group: GroupCommit[int, int] = GroupCommit(recorder.write, skip_abandoned=skip)
+    first = asyncio.ensure_future(group.submit(0))
+    await asyncio.wait_for(recorder.started.wait(), 5)
+    # Queued behind the batch being written; the second's caller leaves before its batch.
+    waiting = [group.enqueue(i) for i in (1, 2, 3)]
+    waiting[1].cancel()
+    recorder.gate.set()
+    assert await first == 0
+    assert await waiting[0] == 10
+    assert await waiting[2] == 30
+    assert waiting[1].cancelled()
+    assert recorder.batches == ([[0], [1, 3]] if skip else [[0], [1, 2, 3]])
+
+
+async def test_an_enrollment_whose_caller_left_before_its_batch_is_not_written(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet, store = coordinator.fleet, coordinator.store
+    tokens = [(await fleet.create_join_token(ADMIN, {"env": "staging"}, None))[0] for _ in range(3)]
+    real_transaction = store.transaction
+    gate, holding = asyncio.Event(), asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def held() -> AsyncIterator[Any]:
+        # The first batch's transaction waits at the gate: the others queue behind it.
+        async with real_transaction() as tx:
+            holding.set()
+            await asyncio.wait_for(gate.wait(), 5)
+            yield tx
+
+    monkeypatch.setattr(store, "transaction", held)
+    first = asyncio.ensure_future(fleet.enroll(tokens[0], "web-1", {}))
+    await asyncio.wait_for(holding.wait(), 5)
+    monkeypatch.setattr(store, "transaction", real_transaction)
+    left = asyncio.ensure_future(fleet.enroll(tokens[1], "web-2", {}))
+    stays = asyncio.ensure_future(fleet.enroll(tokens[2], "web-3", {}))
+    # One loop turn runs both up to their wait for the batch (nothing else awaits before it).
+    await asyncio.sleep(0)
+    left.cancel()  # its RPC's deadline passed while it waited
+    gate.set()
+    assert (await first)[0] == "web-1"
+    assert (await stays)[0] == "web-3"
+    assert left.cancelled()
+    assert await store.get_agent("web-2") is None
+    # Its token was not spent: the agent's next attempt enrolls.
+    assert (await fleet.enroll(tokens[1], "web-2", {}))[0] == "web-2"
+    kinds = [(e.kind, e.agent) for e in await store.audit_chain(0, 10_000)]
+    assert kinds.count(("agent.enrolled", "web-2")) == 1
