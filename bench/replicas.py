@@ -294,6 +294,7 @@ async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
                 target="<= 10 s" if pct == 100 else "",
             )  # fmt: skip
         moved = await parts.report(victims)
+        scenario.extra["moved_down_reasons"] = dict(parts.reasons)
         stayed = await parts.report(survivors)
         back = parts.agents_back(victims)
         scenario.add("left behind", float(half - back), unit="agents", target="0")
@@ -305,6 +306,8 @@ async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
             "transition of each engine counted, not sampled)",
         )  # fmt: skip
         scenario.extra["survivor_stream_ends"] = stayed["stream_ends"]
+        # Why links went down (the links' own "link down" reasons, counted since the kill).
+        scenario.extra["survivor_down_reasons"] = dict(parts.reasons)
         scenario.extra["moved_agents_stream_ends"] = moved["stream_ends"]
         scenario.add(
             "survivor's own agents disconnected at the end", float(half - stayed["connected"]),

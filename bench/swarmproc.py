@@ -54,11 +54,15 @@ class LinkDowns(logging.Handler):
         self.count = 0
         # Of those, the attempts refused by admission control (RESOURCE_EXHAUSTED, a hint).
         self.pushed_back = 0
+        # Each reason's count (its first word: the status code, or what the link saw).
+        self.reasons: Counter[str] = Counter()
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage() == "link down":
             self.count += 1
-            if str(getattr(record, "reason", "")).startswith("RESOURCE_EXHAUSTED"):
+            reason = str(getattr(record, "reason", ""))
+            self.reasons[reason.split(":")[0][:60]] += 1
+            if reason.startswith("RESOURCE_EXHAUSTED"):
                 self.pushed_back += 1
 
 
@@ -146,6 +150,7 @@ async def main(target: str, credentials: Path, prefix: str, first: int, count: i
             if command.startswith("watch "):
                 since = datetime.fromtimestamp(int(command.split()[1]) / 1000, UTC)
                 downs.count = downs.pushed_back = 0
+                downs.reasons.clear()
                 drops.clear()
             if command == "report":
                 _say(
@@ -154,6 +159,7 @@ async def main(target: str, credentials: Path, prefix: str, first: int, count: i
                         "connected": swarm.connected(),
                         "dropped": len(drops),
                         "stream_ends": sum(drops.values()),
+                        "reasons": dict(downs.reasons),
                     }
                 )
             now = swarm.connected()
@@ -204,6 +210,9 @@ class SwarmProcesses:
         self.back: list[tuple[float, int, int]] = []
         self.done: dict[int, dict[str, object]] = {}
         self.reports: dict[int, dict[str, int]] = {}
+        self.report_reasons: dict[int, Counter[str]] = {}
+        # The "link down" reasons of the last `report`'s children, summed.
+        self.reasons: Counter[str] = Counter()
 
     @property
     def pids(self) -> list[int]:
@@ -251,7 +260,10 @@ class SwarmProcesses:
         async for line in child.stdout:
             message = json.loads(line)
             if message.get("report"):
-                self.reports[index] = {k: int(v) for k, v in message.items() if k != "report"}
+                self.reports[index] = {
+                    k: int(v) for k, v in message.items() if k not in ("report", "reasons")
+                }
+                self.report_reasons[index] = Counter(message.get("reasons", {}))
             elif "connected" in message:
                 self.connected[index] = int(message["connected"])
             elif "back" in message:
@@ -290,6 +302,9 @@ class SwarmProcesses:
             self.reports.pop(i, None)
         await self._tell("report", children)
         await self.until(lambda: all(i in self.reports for i in children), 30.0, "reported")
+        self.reasons = Counter()
+        for i in children:
+            self.reasons.update(self.report_reasons.get(i, {}))
         return {
             key: sum(self.reports[i][key] for i in children)
             for key in ("connected", "dropped", "stream_ends")
