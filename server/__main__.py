@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import psycopg
 from pydantic import ValidationError
 
 from jitmesh import __version__, grpclog, logs, sdnotify
@@ -34,7 +33,6 @@ from server.settings import (
 )
 from server.settings import load as load_settings
 from server.shared import SecretKeyError
-from server.store.postgres.importer import StoreImportError
 
 if TYPE_CHECKING:
     # server.app imports grpc: the commands import it only after choosing gRPC's own logging
@@ -207,6 +205,10 @@ def main(
         print(new_key())
         return 0
     if args.command == "migrate-store":
+        import psycopg
+
+        from server.store.postgres.importer import StoreImportError
+
         try:
             return asyncio.run(
                 _migrate_store(args.source, args.target, args.data, args.secret_key_file)
@@ -257,6 +259,8 @@ def main(
         from server.signing import SigningKeys
 
         if args.store:
+            import psycopg
+
             args.data.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:
                 key_id = asyncio.run(
@@ -328,10 +332,20 @@ def main(
         asyncio.run(serving)
     except KeyboardInterrupt:
         pass
-    except (OSError, ValueError, SecretKeyError, psycopg.Error, DirectoryBusy, DevDataError) as exc:
+    except _serve_errors() as exc:
         print(f"jitmesh-coordinator: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _serve_errors() -> tuple[type[Exception], ...]:
+    """What ends `serve` and `dev` with its message rather than a traceback. psycopg's errors
+    only once the PostgreSQL store was opened (only then can one be raised): Python evaluates
+    an `except` clause when an exception reaches it, so a SQLite coordinator never imports
+    psycopg (about a tenth of its start's CPU; docs/performance.md, "Coordinator start")."""
+    errors = (OSError, ValueError, SecretKeyError, DirectoryBusy, DevDataError)
+    psycopg = sys.modules.get("psycopg")
+    return errors if psycopg is None else (*errors, psycopg.Error)
 
 
 async def _rotate_compromised_local(data: Path) -> str:

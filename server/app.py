@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import httpx
@@ -70,7 +70,6 @@ from server.domain.status import StatusService
 from server.domain.steps import StepHook, no_hook
 from server.notify.base import Links
 from server.notify.factory import users_map
-from server.notify.http import interactions_app, listen, serve
 from server.notify.retry import RetryPolicy
 from server.notify.secrets import Sealer
 from server.notify.sender import Sender
@@ -95,8 +94,13 @@ from server.rpc.services import (
 )
 from server.shared import SharedFiles, load_key
 from server.signing import SigningKeys, write_private
-from server.store.postgres import PostgresOutbox, PostgresStore
 from server.store.sqlite import SqliteOutbox, SqliteStore
+
+if TYPE_CHECKING:
+    # Imported where a PostgreSQL store is opened, never by a SQLite coordinator: psycopg and
+    # its pool are about a tenth of every start's CPU (docs/performance.md, "Coordinator
+    # start"). Hence `isinstance(store, SqliteStore)` below, never the PostgreSQL class.
+    from server.store.postgres import PostgresOutbox, PostgresStore
 
 log = logging.getLogger(__name__)
 # How often a replica reports itself running (FleetService.REPLICA_ALIVE: taken as gone).
@@ -199,6 +203,8 @@ class Coordinator:
                 if self.warnings is not None:
                     tg.create_task(self.warnings.run())
                 if self.slack_app is not None:
+                    from server.notify.http import serve
+
                     tg.create_task(serve(self.slack_app, self.slack_socket))
                 if self.checkpoints is not None:
                     tg.create_task(
@@ -212,7 +218,7 @@ class Coordinator:
                     tg.create_task(self.locks.run())
                 tg.create_task(self._until_terminated())
                 tg.create_task(self._report_running())
-                if isinstance(self.store, PostgresStore):
+                if not isinstance(self.store, SqliteStore):
                     changed = self.hub.audit_advanced
                     tg.create_task(self.store.listen(self.registry.wake, changed))
                 if self.shared is not None:
@@ -417,10 +423,10 @@ async def _assemble(
         interceptors.insert(0, tracing.interceptor)
     if tracing is not None:
         store.observe_transaction = tracing.transaction(
-            "postgresql" if isinstance(store, PostgresStore) else "sqlite"
+            "sqlite" if isinstance(store, SqliteStore) else "postgresql"
         )
     shared: SharedFiles | None = None
-    if isinstance(store, PostgresStore):
+    if not isinstance(store, SqliteStore):
         store.replica = replica
         # Signing keys and the CA come from the store before anything opens them.
         shared = SharedFiles(store, config.data_dir, load_key(config.secret_key_file))
@@ -447,7 +453,7 @@ async def _assemble(
         epoch,
         expirer.deadlines_changed,
         # Replicas: a policy applied on another replica is in force here from the next call.
-        policy.refresh if isinstance(store, PostgresStore) else None,
+        None if isinstance(store, SqliteStore) else policy.refresh,
         delivery=gate,
         readers=readers,
         step=step,
@@ -520,12 +526,25 @@ async def _assemble(
         raise OSError(f"cannot listen on {config.host}:{config.port}")
 
     # One HTTP client for the coordinator's own calls out (the IdP's keys, Slack's response_url);
-    # closed by stop(). The notify sender has its own, owned by its run().
-    http = httpx.AsyncClient(timeout=10.0)
+    # closed by stop(). The notify sender has its own, owned by its run(). Made only when one
+    # of them is configured: its TLS context (the CA bundle read and parsed) is about 0.1 s of
+    # CPU, a twelfth of a start (docs/performance.md, "Coordinator start").
+    http: httpx.AsyncClient | None = None
+
+    def http_client() -> httpx.AsyncClient:
+        nonlocal http
+        if http is None:
+            http = httpx.AsyncClient(timeout=10.0)
+        return http
+
     sealer = Sealer.open(config.data_dir)
-    outbox: SqliteOutbox | PostgresOutbox = (
-        PostgresOutbox(store) if isinstance(store, PostgresStore) else SqliteOutbox(store)
-    )
+    outbox: SqliteOutbox | PostgresOutbox
+    if isinstance(store, SqliteStore):
+        outbox = SqliteOutbox(store)
+    else:
+        from server.store.postgres import PostgresOutbox
+
+        outbox = PostgresOutbox(store)
     sender = _sender(config, store, outbox, sealer, clock) if config.notify else None
     if sender is not None:
         hub.on_audit.append(sender.wake)
@@ -539,13 +558,16 @@ async def _assemble(
     )
     slack_app = None
     if config.slack_signing_secret_file is not None:
-        slack_app = interactions_app(_slack(config, identity, outbox, access, clock, http))
+        # Starlette and uvicorn only where Slack's endpoint is served (4 % of a start's CPU).
+        from server.notify.http import interactions_app
+
+        slack_app = interactions_app(_slack(config, identity, outbox, access, clock, http_client()))
 
     def limiter(name: str, rate: float, burst: int) -> Limiter:
-        if isinstance(store, PostgresStore):
-            # Replicas share each caller's budget: spreading calls over them gains nothing.
-            return SharedRateLimiter(name, rate, burst, store, clock)
-        return RateLimiter(rate, burst, clock.monotonic)
+        if isinstance(store, SqliteStore):
+            return RateLimiter(rate, burst, clock.monotonic)
+        # Replicas share each caller's budget: spreading calls over them gains nothing.
+        return SharedRateLimiter(name, rate, burst, store, clock)
 
     limiters: dict[str, Limiter] = {}
     if config.request_rate is not None:
@@ -570,7 +592,7 @@ async def _assemble(
             raise ValueError("oidc_issuer needs oidc_client_id (the audience of ID tokens)")
         oidc = OidcVerifier(
             OidcSettings(config.oidc_issuer, config.oidc_client_id, config.oidc_scopes),
-            http,
+            http_client(),
             clock,
         )
         signin = SignInService(
@@ -596,7 +618,7 @@ async def _assemble(
             store.audit_head,
             readers,
             replica=replica,
-            shared_store=isinstance(store, PostgresStore),
+            shared_store=not isinstance(store, SqliteStore),
         ),
         replica,
     )
@@ -679,6 +701,8 @@ async def _assemble(
     if agent_server is not None:
         await agent_server.start()
     if slack_app is not None:
+        from server.notify.http import listen
+
         # A taken port raises here; _build stops the servers and closes the store.
         coordinator.slack_socket = listen(config.slack_host, config.slack_port)
         log.info(
@@ -782,6 +806,8 @@ async def open_store_url(
 ) -> SqliteStore | PostgresStore:
     """The store `url` names: a PostgreSQL URL, `sqlite:PATH`, or "" for DATA/coordinator.db."""
     if url.startswith(("postgresql://", "postgres://")):
+        from server.store.postgres import PostgresStore
+
         return await PostgresStore.open(url, max_size=pool_size)
     if url.startswith("sqlite:"):
         return await SqliteStore.open(Path(url.removeprefix("sqlite:")))
