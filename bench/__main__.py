@@ -153,7 +153,7 @@ def table(results: list[Scenario]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="small sizes (about 3 minutes)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument(
         "--only", default="", help="comma-separated scenario numbers, e.g. 1,2,7 (default: all)"

@@ -526,7 +526,13 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
     link_log.addHandler(quiet)
     link_log.propagate = False
     (tmp / "fleet").mkdir()
-    coord = DevCoordinator(tmp / "fleet" / "coordinator", free_port())
+    # No command-log retention: each lock round's commands are counted from the log afterwards
+    # (`_LockRounds`), and a retention pass in between deleted acked revokes (a round of 10,000
+    # counted 6,665, 2026-12-07 on a slow machine). Retention's cost is measured by
+    # bench.retention; a pass is a few 1,000-agent batches a minute.
+    coord = DevCoordinator(
+        tmp / "fleet" / "coordinator", free_port(), extra=("--command-log-retention", "0")
+    )
     base_port = free_port()
     base_child = spawn(
         [sys.executable, "-m", "bench.baseline", "serve", str(base_port)], tmp / "baseline.log"

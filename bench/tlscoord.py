@@ -37,6 +37,8 @@ async def serve(data: Path, port: int, agent_port: int) -> None:
         heartbeat=timedelta(seconds=30),
         keepalive=timedelta(seconds=60),
         keepalive_timeout=timedelta(seconds=20),
+        # As the fleet scenarios' coordinator: the lock rounds count their commands from the log.
+        command_log_retention=timedelta(0),
     )
 
     async def credentials(coordinator: Coordinator) -> None:
