@@ -54,14 +54,14 @@ class LinkDowns(logging.Handler):
         self.count = 0
         # Of those, the attempts refused by admission control (RESOURCE_EXHAUSTED, a hint).
         self.pushed_back = 0
-        # Each reason's count (its first word: the status code, or what the link saw).
+        # Each reason's count (the status code and its details, or what the link saw).
         self.reasons: Counter[str] = Counter()
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage() == "link down":
             self.count += 1
             reason = str(getattr(record, "reason", ""))
-            self.reasons[reason.split(":")[0][:60]] += 1
+            self.reasons[reason[:80]] += 1
             if reason.startswith("RESOURCE_EXHAUSTED"):
                 self.pushed_back += 1
 

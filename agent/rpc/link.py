@@ -222,13 +222,12 @@ class Link:
             else:
                 log.error("credential refused and no join token to enroll again")
         name = code.name if code is not None else "UNKNOWN"
-        if code in _REFUSALS:
-            # The coordinator's one-line reason (e.g. this agent's version is not served, and
-            # what to upgrade: docs/wire.md "Mixed versions"), printable and cut short.
-            why = "".join(ch for ch in (exc.details() or "")[:200] if ch.isprintable())
-            if why:
-                return f"{name}: {why}"
-        return name
+        # The one-line reason, printable and cut short: the coordinator's (e.g. this agent's
+        # version is not served and what to upgrade, docs/wire.md "Mixed versions"; or why it
+        # ended the stream) or gRPC's for a transport failure (a keepalive unanswered, a reset):
+        # an UNAVAILABLE alone cannot tell an operator which of them happened.
+        why = "".join(ch for ch in (exc.details() or "")[:200] if ch.isprintable())
+        return f"{name}: {why}" if why else name
 
     async def _session(self) -> None:
         if self._settings.ca_pem is not None:

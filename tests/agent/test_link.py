@@ -386,6 +386,24 @@ async def test_a_coordinator_that_does_not_serve_this_version_is_named_in_the_lo
     assert f"FAILED_PRECONDITION: {why}" in reasons
 
 
+async def test_a_stream_ended_as_unavailable_is_logged_with_why(
+    coordinator: Coordinator, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """UNAVAILABLE is both a transport failure and the coordinator ending the stream (a slow
+    agent's queue full, a replaced stream): the "link down" record says which."""
+    why = "outbound queue full (slow agent); it will resync"
+    async with running(host, host.config(coordinator)):
+        live = await coordinator.session()
+        coordinator.refuse = grpc.StatusCode.UNAVAILABLE
+        coordinator.refuse_details = why
+        live.end()
+        caplog.set_level("WARNING", logger="agent.rpc.link")
+        await coordinator.refused.get()
+        await coordinator.refused.get()  # a second attempt: the first one's "link down" is out
+    reasons = [getattr(r, "reason", "") for r in caplog.records if r.getMessage() == "link down"]
+    assert f"UNAVAILABLE: {why}" in reasons
+
+
 async def test_without_credential_or_join_token_the_agent_refuses_to_start(
     coordinator: Coordinator, host: Host
 ) -> None:
