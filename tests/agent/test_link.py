@@ -364,44 +364,39 @@ async def test_refused_credential_is_replaced_by_enrolling_again(
         assert (host.state / "credential").read_text().strip() == "cred-2"
 
 
-async def test_a_coordinator_that_does_not_serve_this_version_is_named_in_the_log(
-    coordinator: Coordinator, host: Host, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("code", "why"),
+    [
+        # The coordinator refuses the Hello of an agent whose version it does not serve
+        # (docs/wire.md, "Mixed versions"): the log says what to upgrade; it keeps retrying
+        # (the coordinator may be downgraded, the agent upgraded).
+        (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "agent version 0.2.0 is not served by this coordinator (0.4.0): it serves its own"
+            " minor version and the one before; upgrade the agent",
+        ),
+        # UNAVAILABLE is both a transport failure and the coordinator ending the stream (a slow
+        # agent's queue full, a replaced stream): the record says which.
+        (grpc.StatusCode.UNAVAILABLE, "outbound queue full (slow agent); it will resync"),
+    ],
+)
+async def test_the_link_down_record_says_why_not_only_the_status_code(
+    coordinator: Coordinator,
+    host: Host,
+    caplog: pytest.LogCaptureFixture,
+    code: grpc.StatusCode,
+    why: str,
 ) -> None:
-    """The coordinator refuses the Hello of an agent whose version it does not serve
-    (docs/wire.md, "Mixed versions"): the agent's log says why and what to upgrade, not only
-    the status code; it keeps retrying (the coordinator may be downgraded, the agent upgraded)."""
-    why = (
-        "agent version 0.2.0 is not served by this coordinator (0.4.0): it serves its own minor"
-        " version and the one before; upgrade the agent"
-    )
     async with running(host, host.config(coordinator)):
         live = await coordinator.session()  # enrolled and connected once
-        coordinator.refuse = grpc.StatusCode.FAILED_PRECONDITION
+        coordinator.refuse = code
         coordinator.refuse_details = why
         live.end()
         caplog.set_level("WARNING", logger="agent.rpc.link")
         await coordinator.refused.get()
         await coordinator.refused.get()  # a second attempt: the first one's "link down" is out
     reasons = [getattr(r, "reason", "") for r in caplog.records if r.getMessage() == "link down"]
-    assert f"FAILED_PRECONDITION: {why}" in reasons
-
-
-async def test_a_stream_ended_as_unavailable_is_logged_with_why(
-    coordinator: Coordinator, host: Host, caplog: pytest.LogCaptureFixture
-) -> None:
-    """UNAVAILABLE is both a transport failure and the coordinator ending the stream (a slow
-    agent's queue full, a replaced stream): the "link down" record says which."""
-    why = "outbound queue full (slow agent); it will resync"
-    async with running(host, host.config(coordinator)):
-        live = await coordinator.session()
-        coordinator.refuse = grpc.StatusCode.UNAVAILABLE
-        coordinator.refuse_details = why
-        live.end()
-        caplog.set_level("WARNING", logger="agent.rpc.link")
-        await coordinator.refused.get()
-        await coordinator.refused.get()  # a second attempt: the first one's "link down" is out
-    reasons = [getattr(r, "reason", "") for r in caplog.records if r.getMessage() == "link down"]
-    assert f"UNAVAILABLE: {why}" in reasons
+    assert f"{code.name}: {why}" in reasons
 
 
 async def test_without_credential_or_join_token_the_agent_refuses_to_start(

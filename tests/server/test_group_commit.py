@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -17,6 +17,7 @@ from server.domain.audit import verify_chain
 from server.domain.batching import GroupCommit
 from server.domain.errors import PermissionDenied, Unauthenticated
 from server.domain.models import AckStatus, AgentAck, CommandKind, Principal
+from server.domain.ports import Store
 from server.store.sqlite import SqliteStore
 from tests.server.helpers import ADMIN, T0, Env, make_grant
 
@@ -257,20 +258,26 @@ async def test_ack_commands_answers_each_ack(store: SqliteStore) -> None:
     assert await store.first_unacked_seq("a") is None
 
 
+def count_transactions(store: Store, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """From now on, count the write transactions begun on `store`; answers the count so far."""
+    begun = 0
+    real_transaction = store.transaction
+
+    def counted() -> Any:
+        nonlocal begun
+        begun += 1
+        return real_transaction()
+
+    monkeypatch.setattr(store, "transaction", counted)
+    return lambda: begun
+
+
 async def test_enrollments_that_arrive_together_share_a_transaction_and_a_refusal_spends_nothing(
     coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fleet, store = coordinator.fleet, coordinator.store
     tokens = [(await fleet.create_join_token(ADMIN, {"env": "staging"}, None))[0] for _ in range(6)]
-    transactions = 0
-    real_transaction = store.transaction
-
-    def counted() -> Any:
-        nonlocal transactions
-        transactions += 1
-        return real_transaction()
-
-    monkeypatch.setattr(store, "transaction", counted)
+    transactions = count_transactions(store, monkeypatch)
     asked = [
         (tokens[0], "web-1", {}),
         (tokens[1], "web-2", {}),
@@ -293,7 +300,7 @@ async def test_enrollments_that_arrive_together_share_a_transaction_and_a_refusa
         assert answer[0] == name
         enrolled[name] = answer[1]
     # The batch (failed by its refusals), then each alone, then a refusal's audit each.
-    assert transactions == 1 + len(asked) + 2
+    assert transactions() == 1 + len(asked) + 2
     for name, credential in enrolled.items():
         assert (await fleet.authenticate_agent(credential)).name == name
         stored = await store.get_agent(name)
@@ -318,17 +325,9 @@ async def test_a_burst_of_valid_enrollments_is_one_transaction(
 ) -> None:
     fleet, store = coordinator.fleet, coordinator.store
     join, _ = await fleet.create_join_token(ADMIN, {"env": "staging"}, None, max_uses=None)
-    transactions = 0
-    real_transaction = store.transaction
-
-    def counted() -> Any:
-        nonlocal transactions
-        transactions += 1
-        return real_transaction()
-
-    monkeypatch.setattr(store, "transaction", counted)
+    transactions = count_transactions(store, monkeypatch)
     answers = await asyncio.gather(*(fleet.enroll(join, f"web-{i}", {}) for i in range(40)))
-    assert transactions == 1
+    assert transactions() == 1
     assert [name for name, _ in answers] == [f"web-{i}" for i in range(40)]
     assert len({credential for _, credential in answers}) == 40
     assert len(await store.list_agents()) == 40
