@@ -6,7 +6,8 @@
     │   ├── DiskFull           the disk holding the state directory is full
     │   └── StateUnreadable    the lease table is damaged or not a database (moved aside)
     ├── EnrollmentError        no credential and no join token, or enrollment went wrong
-    │   └── EnrollmentRefused  join token, name or labels refused: retrying cannot help
+    │   ├── EnrollmentRefused  join token, name or labels refused: retrying cannot help
+    │   └── NotReached         nothing answered at the coordinator's address (UNAVAILABLE)
     ├── LinkError              the coordinator broke the stream protocol
     ├── MalformedCommand       a command that does not parse or validate (acked REJECTED)
     └── EnforcerError          an enforcer could not apply, remove or observe
@@ -48,6 +49,11 @@ class EnrollmentError(AgentError):
 class EnrollmentRefused(EnrollmentError):
     """Retrying cannot help (a used or expired join token, a name already enrolled, labels the
     token does not give): the agent stops and says why, instead of asking again for ever."""
+
+
+class NotReached(EnrollmentError):
+    """The enrollment got no answer from that address (nothing listening, or the connection
+    failed before the coordinator said anything): another replica may be tried at once."""
 
 
 class LinkError(AgentError):

@@ -25,7 +25,11 @@ Protocol, as the agent speaks it:
   coordinator's heartbeats.
 - When the stream breaks, the agent reconnects after a full-jitter exponential backoff (base and
   cap configurable, reset after a stream that stayed healthy long enough) and says in its Hello
-  where it stopped.
+  where it stopped. With several addresses (replicas) it moves to the next one on a failure; a
+  dial that nothing answered (UNAVAILABLE before any message: nothing listening) moves on at once
+  if the next address has not been dialed since the last wait, so a dead replica costs no wait
+  and no address is dialed twice between waits. A replica that pushed back keeps the agent: it
+  dials that one again after the hint.
 
 Writes to the stream never overlap (two at once crash it): a lock serializes them. The reader
 hands commands to the applier task, which applies them and writes their acks itself, at once:
@@ -47,7 +51,13 @@ import grpc
 from agent import defaults
 from agent.domain.breakglass import BreakglassKey
 from agent.domain.commands import Ack, AckStatus, CommandSpec
-from agent.domain.errors import EnrollmentError, EnrollmentRefused, LinkError, MalformedCommand
+from agent.domain.errors import (
+    EnrollmentError,
+    EnrollmentRefused,
+    LinkError,
+    MalformedCommand,
+    NotReached,
+)
 from agent.domain.timekeeping import full_jitter
 from agent.engine import Engine
 from agent.identity import IdentityFile, TlsIdentity, new_key_and_csr
@@ -146,6 +156,8 @@ class Link:
         self._sent: set[str] = set()
         # The coordinator's "try again after" (seconds) from the last attempt, if it gave one.
         self._retry_hint = 0.0
+        # The current dial got a message from the coordinator (it was reached).
+        self._heard = False
         self._targets = [t.strip() for t in settings.target.split(",") if t.strip()]
         self._current = 0
 
@@ -156,8 +168,13 @@ class Link:
     async def run(self) -> None:
         """Connect, serve the stream until it breaks, back off, and again; until cancelled."""
         attempt = 0
+        # Addresses dialed since the last wait: each at most once per wait of the schedule.
+        dialed: set[int] = set()
         while True:
             self._welcomed_at = None
+            self._heard = False
+            dialed.add(self._current)
+            unreached = False
             enrolled = self._identity.read() if self._settings.ca_pem else self._credentials.read()
             if enrolled is None and not self._settings.join_token:
                 # Nothing to connect or enroll with: retrying cannot help.
@@ -169,10 +186,12 @@ class Link:
                 reason = "stream ended"
             except grpc.aio.AioRpcError as exc:
                 reason = self._refused(exc)
+                unreached = exc.code() == grpc.StatusCode.UNAVAILABLE and not self._heard
             except EnrollmentRefused:
                 raise
             except (LinkError, EnrollmentError) as exc:
                 reason = str(exc)
+                unreached = isinstance(exc, NotReached)
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # A stop that arrived while the stream was already failing: the TaskGroup in
@@ -180,10 +199,17 @@ class Link:
                 # would leave the agent reconnecting forever after SIGTERM.
                 raise asyncio.CancelledError
             await self._engine.coordinator_lost()
-            if len(self._targets) > 1:
+            pushed_back = self._retry_hint > 0
+            if len(self._targets) > 1 and not pushed_back:
                 # Fail over: the next replica. The log is shared, so the agent resumes there
-                # from its last applied sequence number.
+                # from its last applied sequence number. A replica that pushed back stays: it
+                # is up and said when to come back.
                 self._current = (self._current + 1) % len(self._targets)
+            if unreached and self._current not in dialed:
+                # Nothing answered there (a dead replica's address): the next one at once,
+                # without waiting out the schedule for an address that was never reached.
+                log.warning("link down", extra={"reason": reason, "delay": "0.000s"})
+                continue
             healthy_for = (
                 None if self._welcomed_at is None else self._pacing.monotonic() - self._welcomed_at
             )
@@ -204,6 +230,7 @@ class Link:
                 delay = max(delay, hinted)
                 self._retry_hint = 0.0
             log.warning("link down", extra={"reason": reason, "delay": f"{delay:.3f}s"})
+            dialed.clear()
             await self._pacing.sleep(delay)
 
     def _refused(self, exc: grpc.aio.AioRpcError) -> str:
@@ -409,6 +436,7 @@ class Link:
                 first = await call.read()
         except TimeoutError:
             raise LinkError("no Welcome from the coordinator") from None
+        self._heard = True
         if not isinstance(first, agentlink_pb2.CoordinatorMessage):
             raise _StreamEnded()
         if first.WhichOneof("body") == "pushback":
@@ -640,6 +668,8 @@ def _enrollment_error(exc: grpc.aio.AioRpcError) -> EnrollmentError:
     if exc.code() in _REFUSALS:
         why = "".join(ch for ch in (exc.details() or "")[:200] if ch.isprintable())
         return EnrollmentRefused(f"enrollment refused ({_code(exc)}): {why or 'no reason given'}")
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return NotReached(f"enrollment failed: {_code(exc)}")
     return EnrollmentError(f"enrollment failed: {_code(exc)}")
 
 

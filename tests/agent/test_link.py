@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import logging
+import socket
 import stat
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -55,7 +56,7 @@ class Host:
     def pairs(self) -> set[str]:
         return {p.name for p in self.markers.iterdir()} if self.markers.exists() else set()
 
-    def config(self, coordinator: Coordinator, **changes: Any) -> AgentConfig:
+    def config(self, coordinator: Coordinator, /, **changes: Any) -> AgentConfig:
         values: dict[str, Any] = {
             "coordinator": coordinator.address,
             "name": "web-1",
@@ -477,3 +478,64 @@ async def test_a_pushed_back_agent_waits_at_least_the_hint_then_connects(
     # Never sooner than the hint (plus its jitter: rand 0.5 makes it 1.25 times the hint).
     gaps = [b - a for a, b in itertools.pairwise(refused[:3])]
     assert all(gap >= 0.4 * 1.25 for gap in gaps), gaps
+
+
+def _dead_address() -> str:
+    """A loopback address where nothing listens (a killed replica's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+async def test_a_replica_address_where_nothing_answers_is_passed_over_at_once(
+    coordinator: Coordinator, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With several replicas, a dial that nothing answered (nothing listening) moves on to the
+    next address without waiting out the schedule: a dead replica first in the list costs no
+    backoff. On the schedule alone (base 30 s, rand 0.5) the agent would wait 15 s first."""
+    caplog.set_level("WARNING", logger="agent.rpc.link")
+    target = f"{_dead_address()},{coordinator.address}"
+    config = host.config(coordinator, coordinator=target, backoff_base=30.0, backoff_cap=60.0)
+    async with running(host, config):
+        session = await coordinator.session()  # within 10 s
+        assert session.hello.agent == "web-1"
+    downs = [r for r in caplog.records if r.getMessage() == "link down"]
+    assert [getattr(r, "delay", None) for r in downs] == ["0.000s"]
+    assert "UNAVAILABLE" in getattr(downs[0], "reason", "")
+
+
+async def test_each_address_is_dialed_at_most_once_between_waits(
+    coordinator: Coordinator, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When every replica fails, the agent waits its schedule between rounds: it never dials
+    one address twice without a wait in between."""
+    caplog.set_level("WARNING", logger="agent.rpc.link")
+    coordinator.refuse = grpc.StatusCode.UNAVAILABLE  # up, answering "unavailable"
+    target = f"{_dead_address()},{coordinator.address}"
+    async with running(host, host.config(coordinator, coordinator=target)):
+        for _ in range(3):
+            await asyncio.wait_for(coordinator.refused.get(), 10)
+    delays = [getattr(r, "delay", "") for r in caplog.records if r.getMessage() == "link down"]
+    # dead (at once) -> live, refused (wait) -> dead (at once) -> live, refused (wait) -> ...
+    waits = [d != "0.000s" for d in delays]
+    assert waits[:4] == [False, True, False, True], delays
+
+
+async def test_a_replica_that_pushed_back_is_dialed_again_not_passed_over(
+    coordinator: Coordinator, host: Host
+) -> None:
+    """Pushed back by admission control, the agent comes back to the same replica after the
+    hint: it is up and said when; the other replica in the list is not dialed."""
+    async with serving() as other:
+        target = f"{coordinator.address},{other.address}"
+        async with running(host, host.config(coordinator, coordinator=target)):
+            await coordinator.enrollments.get()
+            coordinator.pushback = 0.2
+            async with asyncio.timeout(10):
+                while len(coordinator.pushed_back) < 2:
+                    await asyncio.sleep(0.01)
+            coordinator.pushback = None
+            session = await coordinator.session()
+            assert session.hello.agent == "web-1"
+        assert other.sessions.empty()
+        assert other.enroll_attempts == 0
