@@ -277,41 +277,50 @@ async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
         )
         scenario.extra["first_connect_and_enroll_s"] = connect_s
         killed_at = datetime.now(UTC)
-        # From here on, each process counts its agents' stream ends and Welcomes (the report
-        # answers once the watch is taken).
-        await parts.watch(killed_at)
-        await parts.report(survivors + victims)
+        # From here on, each process watches its agents connected to the replica about to be
+        # killed (an agent is on whichever replica served it last: an address that failed
+        # during the first connection moved it on) and counts the streams of the others that
+        # end (the report answers once the watch is taken).
+        everyone = survivors + victims
+        split = await parts.watch(killed_at, everyone, address=victim_coord.address)
+        moving, staying = split["watching"], split["staying"]
+        scenario.extra["on_the_killed_replica"] = moving
+        scenario.extra["on_the_other_replica"] = staying
+        scenario.extra["first_address_killed"] = half
+        await parts.report(everyone)
         t_kill = time.monotonic()
         victim_coord.kill()
         with contextlib.suppress(TimeoutError):
             await parts.until(
-                lambda: all(i in parts.done for i in victims), 60.0, "all moved agents served"
+                lambda: all(i in parts.done for i in everyone), 60.0, "all moved agents served"
             )
-        marks = parts.marks(half, (50, 90, 99, 100), victims)
+        marks = parts.marks(moving, (50, 90, 99, 100), everyone)
         for pct, at in marks.items():
             scenario.add(
                 f"{pct} % served by the other replica", (at - t_kill) * MS, unit="ms",
                 target="<= 10 s" if pct == 100 else "",
             )  # fmt: skip
-        moved = await parts.report(victims)
-        scenario.extra["moved_down_reasons"] = dict(parts.reasons)
-        stayed = await parts.report(survivors)
-        back = parts.agents_back(victims)
-        scenario.add("left behind", float(half - back), unit="agents", target="0")
+        stayed = await parts.report(everyone)
+        back = parts.agents_back(everyone)
         scenario.add(
-            "survivor's agents disconnected during failover", float(stayed["dropped"]),
-            unit="agents", target="0",
-            note="agents of the replica that stayed up whose stream ended at any moment from "
-            "the SIGKILL until the last moved agent was served (every connected -> lost "
-            "transition of each engine counted, not sampled)",
+            "agents on the killed replica", float(moving), unit="agents",
+            note="connected to the replica SIGKILLed at that moment, whatever their first "
+            f"address (the killed replica's address is first for {half})",
         )  # fmt: skip
-        scenario.extra["survivor_stream_ends"] = stayed["stream_ends"]
-        # Why links went down (the links' own "link down" reasons, counted since the kill).
-        scenario.extra["survivor_down_reasons"] = dict(parts.reasons)
-        scenario.extra["moved_agents_stream_ends"] = moved["stream_ends"]
+        scenario.add("left behind", float(moving - back), unit="agents", target="0")
         scenario.add(
-            "survivor's own agents disconnected at the end", float(half - stayed["connected"]),
+            "other replica's agents disconnected during failover", float(stayed["dropped"]),
             unit="agents", target="0",
+            note="agents connected to the replica that stayed up at the SIGKILL whose stream "
+            "ended at any moment from then until the last moved agent was served (every "
+            "connected -> lost transition of each engine counted, not sampled)",
+        )  # fmt: skip
+        scenario.extra["other_replica_stream_ends"] = stayed["stream_ends"]
+        # Why links went down (the links' own "link down" reasons, all agents, since the kill).
+        scenario.extra["down_reasons"] = dict(parts.reasons)
+        scenario.add(
+            "other replica's agents disconnected at the end",
+            float(staying - stayed["connected"]), unit="agents", target="0",
         )  # fmt: skip
         scenario.extra["measured_from"] = "SIGKILL of the second replica"
         scenario.extra["swarm_processes"] = 2 * FAILOVER_PROCESSES

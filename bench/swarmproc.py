@@ -14,12 +14,20 @@ TARGETS: the coordinator's address, or several comma-separated (failover, first 
 The agents are PREFIX-FIRST... (tests/support/swarm.py).
 
 Talks JSON lines. Out: `{"connected": N}` whenever the count of connected agents changes;
-after `watch SINCE_MS` came in, `{"back": N, "at": T}` whenever the count of agents back
-changes (connected, with contact after SINCE_MS; T is `time.monotonic()`, one clock for every
-process of the machine), then `{"done": ..., "downs": D, "pushed_back": P}`; after `report`,
-`{"report": ..., "connected": N, "dropped": A, "stream_ends": E}` (A: agents whose established
-stream ended since the `watch`; E: such ends in all). In: `watch SINCE_MS` (also resets those
-counts), `report`, `quit`.
+after `watch SINCE_MS [ADDRESS]` came in, `{"watching": M, "staying": S}` (the agents watched,
+and with ADDRESS those connected elsewhere), then `{"back": N, "at": T}` whenever the count of
+agents back changes (connected, with contact after SINCE_MS; T is `time.monotonic()`, one clock
+for every process of the machine), then `{"done": ..., "downs": D, "pushed_back": P}`; after
+`report`, `{"report": ..., "connected": N, "dropped": A, "stream_ends": E}` (A: agents whose
+established stream ended since the `watch`; E: such ends in all; with ADDRESS, N, A and E count
+the staying agents only). In: `watch SINCE_MS [ADDRESS]` (also resets those counts), `report`,
+`quit`.
+
+Without ADDRESS every agent is watched (a restart: all of them come back). With it (a failover:
+ADDRESS is the replica about to be killed) only the agents connected to ADDRESS at that moment
+are watched for their return, and the streams that end are counted for the agents connected to
+another replica: an agent is on whichever replica last served it, not necessarily the first in
+its list (an address that failed during the first connection moves it to the next).
 """
 
 from __future__ import annotations
@@ -109,6 +117,16 @@ def _count_drops(swarm: Swarm) -> Counter[str]:
     return drops
 
 
+def _split(swarm: Swarm, address: str | None) -> tuple[list[Any], set[str] | None]:
+    """The agents to watch for their return, and the names of those staying (None: no
+    address, every agent watched)."""
+    if address is None:
+        return list(swarm.agents), None
+    on = [a for a in swarm.agents if a.engine.connected and a.link.address == address]
+    staying = {a.name for a in swarm.agents if a.engine.connected and a.link.address != address}
+    return on, staying
+
+
 async def main(target: str, credentials: Path, prefix: str, first: int, count: int) -> None:
     downs = LinkDowns()
     link_log = logging.getLogger("agent.rpc.link")
@@ -138,7 +156,10 @@ async def main(target: str, credentials: Path, prefix: str, first: int, count: i
     connected = -1
     since: datetime | None = None
     pending = list(swarm.agents)
+    staying: set[str] | None = None
+    watched = count
     back = -1
+    said_done = False
     try:
         while True:
             try:
@@ -148,17 +169,26 @@ async def main(target: str, credentials: Path, prefix: str, first: int, count: i
             if command == "quit":
                 return
             if command.startswith("watch "):
-                since = datetime.fromtimestamp(int(command.split()[1]) / 1000, UTC)
+                words = command.split()
+                since = datetime.fromtimestamp(int(words[1]) / 1000, UTC)
+                pending, staying = _split(swarm, words[2] if len(words) > 2 else None)
+                _say({"watching": len(pending), "staying": len(staying or ())})
+                watched = len(pending)
+                back = -1
+                said_done = False
                 downs.count = downs.pushed_back = 0
                 downs.reasons.clear()
                 drops.clear()
             if command == "report":
+                counted = staying if staying is not None else {a.name for a in swarm.agents}
                 _say(
                     {
                         "report": True,
-                        "connected": swarm.connected(),
-                        "dropped": len(drops),
-                        "stream_ends": sum(drops.values()),
+                        "connected": sum(
+                            a.engine.connected for a in swarm.agents if a.name in counted
+                        ),
+                        "dropped": sum(1 for name in drops if name in counted),
+                        "stream_ends": sum(n for name, n in drops.items() if name in counted),
                         "reasons": dict(downs.reasons),
                     }
                 )
@@ -166,7 +196,7 @@ async def main(target: str, credentials: Path, prefix: str, first: int, count: i
             if now != connected:
                 connected = now
                 _say({"connected": now})
-            if since is not None and pending:
+            if since is not None and not said_done:
                 still = []
                 for agent in pending:
                     # Back: connected, with contact noted after the restart began (the Welcome
@@ -178,10 +208,11 @@ async def main(target: str, credentials: Path, prefix: str, first: int, count: i
                     if contact is None or contact <= since:
                         still.append(agent)
                 pending = still
-                if count - len(pending) != back:
-                    back = count - len(pending)
+                if watched - len(pending) != back:
+                    back = watched - len(pending)
                     _say({"back": back, "at": time.monotonic()})
                 if not pending:
+                    said_done = True
                     _say({"done": True, "downs": downs.count, "pushed_back": downs.pushed_back})
             if links.done():
                 links.result()  # the links ended: say why
@@ -210,6 +241,8 @@ class SwarmProcesses:
         self.back: list[tuple[float, int, int]] = []
         self.done: dict[int, dict[str, object]] = {}
         self.reports: dict[int, dict[str, int]] = {}
+        # Per child, the agents its last `watch` watched and (with an address) those staying.
+        self.watching: dict[int, dict[str, int]] = {}
         self.report_reasons: dict[int, Counter[str]] = {}
         # The "link down" reasons of the last `report`'s children, summed.
         self.reasons: Counter[str] = Counter()
@@ -264,6 +297,8 @@ class SwarmProcesses:
                     k: int(v) for k, v in message.items() if k not in ("report", "reasons")
                 }
                 self.report_reasons[index] = Counter(message.get("reasons", {}))
+            elif "watching" in message:
+                self.watching[index] = {k: int(v) for k, v in message.items()}
             elif "connected" in message:
                 self.connected[index] = int(message["connected"])
             elif "back" in message:
@@ -292,9 +327,19 @@ class SwarmProcesses:
             stdin.write(line.encode() + b"\n")
             await stdin.drain()
 
-    async def watch(self, since: datetime, children: Sequence[int] | None = None) -> None:
-        """From now on count the agents back after `since`, and the streams that end."""
-        await self._tell(f"watch {int(since.timestamp() * 1000)}", children)
+    async def watch(
+        self, since: datetime, children: Sequence[int] | None = None, address: str = ""
+    ) -> dict[str, int]:
+        """From now on count the agents back after `since`, and the streams that end; with
+        `address`, only the agents connected to it now are watched for their return, and the
+        streams that end are those of the agents connected elsewhere. Returns how many agents
+        are watched and staying, summed."""
+        indexes = list(range(len(self._children))) if children is None else list(children)
+        for i in indexes:
+            self.watching.pop(i, None)
+        await self._tell(f"watch {int(since.timestamp() * 1000)} {address}".rstrip(), indexes)
+        await self.until(lambda: all(i in self.watching for i in indexes), 30.0, "watching")
+        return {key: sum(self.watching[i][key] for i in indexes) for key in ("watching", "staying")}
 
     async def report(self, children: Sequence[int]) -> dict[str, int]:
         """The children's counts now (connected, dropped, stream_ends), summed."""

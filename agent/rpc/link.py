@@ -165,6 +165,11 @@ class Link:
     def _target(self) -> str:
         return self._targets[self._current]
 
+    @property
+    def address(self) -> str:
+        """The coordinator address the link is on (or dials next)."""
+        return self._target
+
     async def run(self) -> None:
         """Connect, serve the stream until it breaks, back off, and again; until cancelled."""
         attempt = 0
