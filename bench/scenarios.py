@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from jitmesh import Client
 from jitmesh.types import Grant, GrantState, OfflinePolicy
@@ -31,7 +31,7 @@ from server.domain.policy import DEV_POLICY
 from server.domain.receivers import DeliveryState
 from server.store.base import SqlOutbox
 from server.store.sqlite import SqliteOutbox, SqliteStore
-from tests.support.swarm import Swarm, SwarmAgent, SwarmSettings
+from tests.support.swarm import Swarm, SwarmAgent, SwarmSettings, agent_name
 
 from . import baseline as bl
 from .delivery import delivery
@@ -86,9 +86,10 @@ REAL_LOCAL_TLS = (
 )
 REAL_FLEET_TLS = (
     "real: a coordinator process serving TLS from its internal CA (bench/tlscoord.py: "
-    "server.app.build with tls=True, dev policy and users); swarm in the bench process as in 3, "
-    "each agent enrolled with a CSR and on mTLS with its own certificate; baseline: raw "
-    "grpc.aio server and client processes over mTLS"
+    "server.app.build with tls=True, dev policy and users); the agents as in 3 (real Link + "
+    f"Engine per agent, no expiry loop, one TCP connection each) but in {SWARM_PROCESSES} swarm "
+    "processes (bench/swarmproc.py), each enrolled with a CSR and on mTLS with its own "
+    "certificate; baseline: raw grpc.aio server and client processes over mTLS"
 )
 REAL_FLEET = (
     "real: jitmesh-coordinator dev process; swarm in the bench process: real Link + Engine per "
@@ -615,8 +616,9 @@ async def fleet(tmp: Path, sizes: Sizes) -> list[Scenario]:
             _say("fleet: fan-out rounds")
             # 3. fanout, interleaved rounds.
             await _fanout_rounds(
-                fanout, coord, base_target, None, base_child, alices, admins, swarm, names,
-                sizes.fanout_rounds, lambda: _profiled(coord.pid, "fanout", tmp),
+                fanout, coord, base_target, None, base_child, alices, admins,
+                _SwarmEnforcers(swarm), names, sizes.fanout_rounds,
+                lambda: _profiled(coord.pid, "fanout", tmp),
             )  # fmt: skip
             fanout.extra["issued_as"] = "one Locks.CreateLock call (subject alice, action restart)"
             fanout.extra["timed"] = (
@@ -791,7 +793,7 @@ async def _fanout_rounds(
     base_child: Any,
     alices: list[Client],
     admins: list[Client],
-    swarm: Swarm,
+    enforced: _Enforcers,
     names: list[str],
     rounds: int,
     profiled: Callable[[], contextlib.AbstractContextManager[None]],
@@ -812,7 +814,7 @@ async def _fanout_rounds(
         await bl.fanout(base_target, base_tls, messages=FANOUT_COMMANDS)
         b_cpu.append((cpu_seconds(base_child.pid) - cpu0) / n)
         elapsed, cpu = await _fanout_round(
-            coord.pid, alices, admins, swarm, names, profiled(), locks
+            coord.pid, alices, admins, enforced, names, profiled(), locks
         )
         j_times.append(elapsed)
         j_cpu.append(cpu / n)
@@ -831,8 +833,9 @@ async def _fanout_rounds(
 
 async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
     """Scenario 14: scenario 3 (one lock: a revoke and a LOCK command to every agent) with the
-    coordinator serving TLS and every swarm agent on mTLS; the baseline's streams over mTLS
-    too."""
+    coordinator serving TLS and every agent on mTLS, the agents in `SWARM_PROCESSES` swarm
+    processes (one process did not enroll and connect 10,000 with CSRs in 500 s); the
+    baseline's streams over mTLS too."""
     n = sizes.agents
     fanout = Scenario(
         "14 fanout, mTLS", f"{n} agents x {sizes.fanout_rounds} rounds", REAL_FLEET_TLS
@@ -849,31 +852,25 @@ async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
         tmp / "baseline.log",
     )
     base_target = f"127.0.0.1:{base_port}"
-    tasks: list[asyncio.Task[None]] = []
     children: list[Child] = [base_child]
     clients: list[Client] = []
+    parts = SwarmProcesses(tmp / "fleet")
     try:
         await coord.start()
-        swarm = Swarm(
-            SwarmSettings(
-                target=coord.address,
-                join_token=coord.join_token,
-                count=n,
-                credentials_dir=tmp / "fleet" / "credentials",
-                prefix="swarm",
-                labels={"env": "staging"},
-                heartbeat=30.0,
-                keepalive_time=60.0,
-                keepalive_timeout=20.0,
-                welcome_timeout=60.0,
-                ca_pem=coord.ca_file.read_bytes(),
-            )
+        _say(
+            f"fleet-tls: {n} agents in {SWARM_PROCESSES} processes enrolling (CSR) and "
+            "connecting (mTLS)"
         )
-        tasks.append(asyncio.create_task(run_links(swarm)))
-        _say(f"fleet-tls: {n} swarm agents enrolling (CSR) and connecting (mTLS)")
-        connect_s = await swarm.wait_connected(n, within=max(120.0, n / 20))
+        await parts.start(
+            coord.address, coord.join_token, tmp / "fleet" / "credentials", n, SWARM_PROCESSES,
+            ca_file=coord.ca_file,
+        )  # fmt: skip
+        connect_s = await parts.until(
+            lambda: sum(parts.connected) >= n, max(120.0, n / 20), f"{n} connected"
+        )
         _say(f"fleet-tls: {n} agents connected in {connect_s:.1f} s")
         fanout.extra["first_connect_and_enroll_s"] = connect_s
+        fanout.extra["swarm_processes"] = SWARM_PROCESSES
         children.append(
             spawn(
                 [sys.executable, "-m", "bench.baseline", *tls_flag, "clients", base_target,
@@ -890,10 +887,11 @@ async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
                     )
                 )
         alices, admins = clients[:4], clients[4:]
-        names = [agent.name for agent in swarm.agents]
+        names = [agent_name("swarm", i) for i in range(n)]
         await _fanout_rounds(
-            fanout, coord, base_target, base_tls, base_child, alices, admins, swarm, names,
-            sizes.fanout_rounds, lambda: _profiled(coord.pid, "fanout-tls", tmp),
+            fanout, coord, base_target, base_tls, base_child, alices, admins,
+            _ProcessEnforcers(parts, n), names, sizes.fanout_rounds,
+            lambda: _profiled(coord.pid, "fanout-tls", tmp),
         )  # fmt: skip
     except Exception as exc:  # reported; what was measured stays
         log.exception("fleet-tls scenario failed")
@@ -902,9 +900,7 @@ async def fleet_tls(tmp: Path, sizes: Sizes) -> list[Scenario]:
     finally:
         for client in clients:
             await client.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await parts.stop()
         coord.stop()
         for child in children:
             child.stop()
@@ -1023,11 +1019,86 @@ async def _throughput(
     return len(created) / (done - started), cpu / len(created), len(created) / (api_done - started)
 
 
+class _Enforcers(Protocol):
+    """Where a fan-out round looks at the agents' enforcers: the swarm in this process (3) or
+    in swarm processes (14). Times are `time.monotonic()`, one clock for every process of the
+    machine."""
+
+    @property
+    def pids(self) -> Sequence[int]:
+        """The processes running the agents (their CPU over the timed part is reported)."""
+
+    async def granted(self, pair: tuple[str, str], within: float) -> None:
+        """Until every agent has `pair` in force."""
+
+    async def mark(self, pair: tuple[str, str]) -> None:
+        """Removals of `pair` count from now on."""
+
+    async def revoked(self, pair: tuple[str, str], within: float) -> float:
+        """Until every agent removed `pair` after the mark; the latest removal's time."""
+
+
+class _SwarmEnforcers:
+    """The enforcers of a swarm in this process."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self._agents: Sequence[SwarmAgent] = swarm.agents
+        self._marks: list[int] = []
+        self.pids = [os.getpid()]
+
+    async def granted(self, pair: tuple[str, str], within: float) -> None:
+        agents = self._agents
+        await until(lambda: all(pair in a.enforcer.in_force for a in agents), within, "granted")
+
+    async def mark(self, pair: tuple[str, str]) -> None:
+        self._marks = [len(a.enforcer.history) for a in self._agents]
+
+    async def revoked(self, pair: tuple[str, str], within: float) -> float:
+        agents = self._agents
+        await until(lambda: not any(pair in a.enforcer.in_force for a in agents), within, "revoked")
+        return max(
+            (
+                at
+                for agent, mark in zip(agents, self._marks, strict=True)
+                for at, op, what in agent.enforcer.history[mark:]
+                if op == "remove" and what == pair
+            ),
+            default=-math.inf,
+        )
+
+
+class _ProcessEnforcers:
+    """The enforcers of a fleet in swarm processes (bench/swarmproc.py, `follow`): each
+    process reports its agents' counts and the enforcer's own stamp of its latest removal."""
+
+    def __init__(self, parts: SwarmProcesses, agents: int) -> None:
+        self._parts = parts
+        self._agents = agents
+        self._follows = itertools.count(1)
+        self.pids = parts.pids
+
+    async def granted(self, pair: tuple[str, str], within: float) -> None:
+        await self._parts.follow(next(self._follows), pair)
+        await self._parts.until(
+            lambda: self._parts.followed()[0] >= self._agents, within, "granted"
+        )
+
+    async def mark(self, pair: tuple[str, str]) -> None:
+        await self._parts.follow(next(self._follows), pair)
+
+    async def revoked(self, pair: tuple[str, str], within: float) -> float:
+        await self._parts.until(
+            lambda: self._parts.followed()[1] >= self._agents, within, "revoked"
+        )
+        last = self._parts.followed()[2]
+        return -math.inf if last is None else last
+
+
 async def _fanout_round(
     pid: int,
     alices: Sequence[Client],
     admins: Sequence[Client],
-    swarm: Swarm,
+    enforced: _Enforcers,
     names: Sequence[str],
     profiled: contextlib.AbstractContextManager[None],
     locks: _LockRounds | None = None,
@@ -1050,20 +1121,19 @@ async def _fanout_round(
         return create
 
     await _gather_limited([creator(i) for i in range(len(names))], 64)
-    agents = swarm.agents
-    await until(lambda: all(pair in a.enforcer.in_force for a in agents), 300, "fan-out granted")
+    await enforced.granted(pair, 300)
     await asyncio.sleep(0.5)
-    marks = [len(a.enforcer.history) for a in agents]
+    await enforced.mark(pair)
     with profiled:
-        return await _revoke_all(pid, admins, agents, pair, marks, len(grants), locks)
+        return await _revoke_all(pid, admins, enforced, pair, len(names), len(grants), locks)
 
 
 async def _revoke_all(
     pid: int,
     admins: Sequence[Client],
-    agents: Sequence[SwarmAgent],
+    enforced: _Enforcers,
     pair: tuple[str, str],
-    marks: list[int],
+    agents: int,
     expected: int,
     locks: _LockRounds | None,
 ) -> tuple[float, float]:
@@ -1071,6 +1141,7 @@ async def _revoke_all(
     before = _command_counts(db)
     before_acked = _command_counts(db, acked=True)
     cpu0 = cpu_seconds(pid)
+    swarm_cpu0 = sum(cpu_seconds(p) for p in enforced.pids)
     started = time.monotonic()
     # One lock: one call; one transaction writes a revoke into every agent's log, then the
     # handout steps (1,000 agents each, before the call returns) a LOCK command the wire 0.2
@@ -1080,12 +1151,15 @@ async def _revoke_all(
     )
     if revoked != expected:
         raise RuntimeError(f"the lock revoked {revoked} grants, expected {expected}")
-    await until(lambda: not any(pair in a.enforcer.in_force for a in agents), 300, "revoked")
+    last = await enforced.revoked(pair, 300)
+    swarm_cpu = sum(cpu_seconds(p) for p in enforced.pids) - swarm_cpu0
     if locks is not None:
+        locks.revoked_seen_s.append(time.monotonic() - started)
+        locks.swarm_cpu.append(swarm_cpu)
         # The revoke is first in each agent's log; the LOCK's ack can still be on its way: the
         # CPU is read once every one is in, so it covers both commands (FANOUT_COMMANDS).
         locks.cpu_at_revoked.append(cpu_seconds(pid) - cpu0)
-        acked = before_acked["lock"] + len(agents)
+        acked = before_acked["lock"] + agents
         await until(
             lambda: _command_counts(db, acked=True)["lock"] >= acked, 300, "LOCK acked", 0.05
         )
@@ -1094,16 +1168,11 @@ async def _revoke_all(
     await admins[0].lift_lock(lock.id, reason="next round")
     if locks is not None:
         sent = _command_counts(db) - before
-        if (sent["revoke"], sent["lock"]) != (expected, len(agents)):
+        if (sent["revoke"], sent["lock"]) != (expected, agents):
             raise RuntimeError(f"a lock round sent {dict(sent)}, expected a revoke and a LOCK each")
         locks.sent.update(sent)
         locks.rounds += 1
-    last = started
-    for agent, mark in zip(agents, marks, strict=True):
-        for at, op, what in agent.enforcer.history[mark:]:
-            if op == "remove" and what == pair:
-                last = max(last, at)
-    return last - started, cpu
+    return max(last, started) - started, cpu
 
 
 def _command_counts(db: Path | None, *, acked: bool = False) -> Counter[str]:
@@ -1128,6 +1197,12 @@ class _LockRounds:
     # and seconds from the lock call until every LOCK command was acked.
     cpu_at_revoked: list[float] = field(default_factory=list)
     lock_acked_s: list[float] = field(default_factory=list)
+    # Seconds from the lock call until this process saw every revoke applied (later than the
+    # last enforcer's own stamp, the timed figure: swarm processes report every 0.1 s), and the
+    # CPU seconds of the process(es) running the swarm over that time (the bench process
+    # itself for 3).
+    revoked_seen_s: list[float] = field(default_factory=list)
+    swarm_cpu: list[float] = field(default_factory=list)
 
     def report(self, scenario: Scenario, agents: int, cpu_per_agent: Sequence[float]) -> None:
         scenario.extra["commands_per_agent_per_round"] = {
@@ -1138,6 +1213,8 @@ class _LockRounds:
             "until_the_last_revoke (before 22:20)": [c / agents * 1e6 for c in self.cpu_at_revoked],
         }
         scenario.extra["every_lock_acked_after_ms"] = _ms_list(self.lock_acked_s)
+        scenario.extra["every_revoke_seen_after_ms"] = _ms_list(self.revoked_seen_s)
+        scenario.extra["swarm_cpu_s_until_every_revoke_seen"] = self.swarm_cpu
 
 
 # Scenario 7: the coordinator's expiry sweep.

@@ -1,5 +1,5 @@
-"""A part of a swarm in its own process, for scenarios 6 (reconnect after SIGKILL) and 17
-(failover between replicas).
+"""A part of a swarm in its own process, for scenarios 6 (reconnect after SIGKILL), 14 (fan-out
+over mTLS) and 17 (failover between replicas).
 
 One process cannot redial 10,000 links fast enough to measure the coordinator: each attempt
 builds a channel and a call in Python, and one event loop did 340 of them a second, saturated,
@@ -8,10 +8,13 @@ from 10,000 hosts; here the fleet is split over several of these processes, each
 share of the agents on the real agents' reconnect schedule (`agent.defaults`: base 1 s, cap
 15 s, full jitter).
 
-    python -m bench.swarmproc TARGETS CREDENTIALS_DIR PREFIX FIRST COUNT  (join token: $JOIN_ENV)
+    python -m bench.swarmproc TARGETS CREDENTIALS_DIR PREFIX FIRST COUNT [CA_FILE]
+    (join token: $JOIN_ENV)
 
 TARGETS: the coordinator's address, or several comma-separated (failover, first one first).
-The agents are PREFIX-FIRST... (tests/support/swarm.py).
+The agents are PREFIX-FIRST... (tests/support/swarm.py). With CA_FILE (the coordinator's CA),
+each agent enrolls with a key and a CSR and connects over mTLS with its own certificate
+(scenario 14); without, plain text and bearer credentials.
 
 Talks JSON lines. Out: `{"connected": N}` whenever the count of connected agents changes;
 after `watch SINCE_MS [ADDRESS]` came in, `{"watching": M, "staying": S}` (the agents watched,
@@ -28,6 +31,12 @@ ADDRESS is the replica about to be killed) only the agents connected to ADDRESS 
 are watched for their return, and the streams that end are counted for the agents connected to
 another replica: an agent is on whichever replica last served it, not necessarily the first in
 its list (an address that failed during the first connection moves it to the next).
+
+For a fan-out (scenario 14): `follow ID SUBJECT ACTION` takes each agent's enforcer history
+length as its mark and from then on says `{"follow": ID, "in_force": F, "removed": R, "last": T}`
+at once and whenever F or R changes: F agents have (SUBJECT, ACTION) in force, R removed it
+after the mark, T is the latest of those removals by the enforcer's own `time.monotonic()`
+stamp (the moment it removed the access, not when this process noticed; null: none yet).
 """
 
 from __future__ import annotations
@@ -127,7 +136,49 @@ def _split(swarm: Swarm, address: str | None) -> tuple[list[Any], set[str] | Non
     return on, staying
 
 
-async def main(target: str, credentials: Path, prefix: str, first: int, count: int) -> None:
+class _Follow:
+    """One `follow`: each agent's history mark for a pair, and which agents removed it since."""
+
+    def __init__(self, ident: int, pair: tuple[str, str], swarm: Swarm) -> None:
+        self.ident = ident
+        self.pair = pair
+        self._agents = swarm.agents
+        self._marks = [len(agent.enforcer.history) for agent in self._agents]
+        # Indexes of the agents not yet seen removing the pair: only those are looked at again.
+        self._waiting = list(range(len(self._agents)))
+        self._last: float | None = None
+        self._said: tuple[int, int] | None = None
+
+    def poll(self) -> dict[str, object] | None:
+        """The message to say, when the counts changed since the last one."""
+        still = []
+        for i in self._waiting:
+            stamps = [
+                at
+                for at, op, what in self._agents[i].enforcer.history[self._marks[i] :]
+                if op == "remove" and what == self.pair
+            ]
+            if not stamps:
+                still.append(i)
+            elif self._last is None or max(stamps) > self._last:
+                self._last = max(stamps)
+        self._waiting = still
+        in_force = sum(self.pair in agent.enforcer.in_force for agent in self._agents)
+        counts = (in_force, len(self._agents) - len(still))
+        if counts == self._said:
+            return None
+        self._said = counts
+        return {
+            "follow": self.ident,
+            "in_force": counts[0],
+            "removed": counts[1],
+            "last": self._last,
+        }
+
+
+async def main(
+    target: str, credentials: Path, prefix: str, first: int, count: int, ca_pem: bytes | None = None
+) -> None:
     downs = LinkDowns()
     link_log = logging.getLogger("agent.rpc.link")
     link_log.setLevel(logging.WARNING)
@@ -147,6 +198,7 @@ async def main(target: str, credentials: Path, prefix: str, first: int, count: i
             keepalive_time=60.0,
             keepalive_timeout=20.0,
             welcome_timeout=60.0,
+            ca_pem=ca_pem,
         )
     )
     drops = _count_drops(swarm)
@@ -160,6 +212,7 @@ async def main(target: str, credentials: Path, prefix: str, first: int, count: i
     watched = count
     back = -1
     said_done = False
+    follow: _Follow | None = None
     try:
         while True:
             try:
@@ -192,6 +245,11 @@ async def main(target: str, credentials: Path, prefix: str, first: int, count: i
                         "reasons": dict(downs.reasons),
                     }
                 )
+            if command.startswith("follow "):
+                ident, subject, action = command.split()[1:4]
+                follow = _Follow(int(ident), (subject, action), swarm)
+            if follow is not None and (said := follow.poll()) is not None:
+                _say(said)
             now = swarm.connected()
             if now != connected:
                 connected = now
@@ -226,7 +284,8 @@ async def main(target: str, credentials: Path, prefix: str, first: int, count: i
 
 if __name__ == "__main__":
     target, credentials, prefix, first, count = sys.argv[1:6]
-    asyncio.run(main(target, Path(credentials), prefix, int(first), int(count)))
+    ca_pem = Path(sys.argv[6]).read_bytes() if len(sys.argv) > 6 else None
+    asyncio.run(main(target, Path(credentials), prefix, int(first), int(count), ca_pem))
 
 
 class SwarmProcesses:
@@ -246,6 +305,8 @@ class SwarmProcesses:
         self.report_reasons: dict[int, Counter[str]] = {}
         # The "link down" reasons of the last `report`'s children, summed.
         self.reasons: Counter[str] = Counter()
+        # Each child's latest `follow` message.
+        self.follows: dict[int, dict[str, Any]] = {}
 
     @property
     def pids(self) -> list[int]:
@@ -259,26 +320,37 @@ class SwarmProcesses:
         count: int,
         processes: int,
         prefix: str = "swarm",
+        ca_file: Path | None = None,
     ) -> list[int]:
         """`count` agents `{prefix}-00000`... over `processes` more children; returns their
-        indexes."""
+        indexes. With `ca_file` (the coordinator's CA) they enroll with CSRs and use mTLS."""
         share, extra = divmod(count, processes)
         first = 0
         started = []
+        tls = [str(ca_file)] if ca_file is not None else []
         for k in range(processes):
             size = share + (1 if k < extra else 0)
-            started.append(await self._spawn(targets, join_token, credentials, prefix, first, size))
+            started.append(
+                await self._spawn(targets, join_token, credentials, prefix, first, size, tls)
+            )
             first += size
         return started
 
     async def _spawn(
-        self, targets: str, join_token: str, credentials: Path, prefix: str, first: int, count: int
+        self,
+        targets: str,
+        join_token: str,
+        credentials: Path,
+        prefix: str,
+        first: int,
+        count: int,
+        tls: list[str],
     ) -> int:
         i = len(self._children)
         log = (self._logs / f"swarm-{i}.log").open("ab")
         child = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.swarmproc", targets, str(credentials), prefix,
-            str(first), str(count),
+            str(first), str(count), *tls,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
             env={**os.environ, JOIN_ENV: join_token},
         )  # fmt: skip
@@ -292,7 +364,9 @@ class SwarmProcesses:
         assert child.stdout is not None
         async for line in child.stdout:
             message = json.loads(line)
-            if message.get("report"):
+            if "follow" in message:
+                self.follows[index] = message
+            elif message.get("report"):
                 self.reports[index] = {
                     k: int(v) for k, v in message.items() if k not in ("report", "reasons")
                 }
@@ -354,6 +428,30 @@ class SwarmProcesses:
             key: sum(self.reports[i][key] for i in children)
             for key in ("connected", "dropped", "stream_ends")
         }
+
+    async def follow(self, ident: int, pair: tuple[str, str]) -> None:
+        """Every child marks its agents' enforcer histories now and follows `pair` (`follow`
+        in the module's docstring); returns once each has said so. `ident` must be new."""
+        await self._tell(f"follow {ident} {pair[0]} {pair[1]}")
+        await self.until(
+            lambda: all(
+                self.follows.get(i, {}).get("follow") == ident for i in range(len(self._children))
+            ),
+            30.0,
+            "following",
+        )
+
+    def followed(self) -> tuple[int, int, float | None]:
+        """Over all children, for the latest `follow`: agents with the pair in force, agents
+        that removed it since the mark, and the latest removal's `time.monotonic()` (None:
+        none yet)."""
+        states = list(self.follows.values())
+        stamps = [float(m["last"]) for m in states if m.get("last") is not None]
+        return (
+            sum(int(m["in_force"]) for m in states),
+            sum(int(m["removed"]) for m in states),
+            max(stamps) if stamps else None,
+        )
 
     def agents_back(self, children: Sequence[int] | None = None) -> int:
         """Agents back now (the latest count of each child of `children`, default all)."""

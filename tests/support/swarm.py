@@ -163,7 +163,7 @@ class Swarm:
 
     def _build(self, index: int, rand: Callable[[], float]) -> SwarmAgent:
         s = self.settings
-        name = f"{s.prefix}-{index:05d}"
+        name = agent_name(s.prefix, index)
         store = MemoryLeaseStore()
         enforcer = MemoryEnforcer()
         engine = Engine(
@@ -233,6 +233,11 @@ class Swarm:
                 raise TimeoutError(f"swarm: not {what} after {within}s")
             await asyncio.sleep(0.02)
         return time.monotonic() - started
+
+
+def agent_name(prefix: str, index: int) -> str:
+    """The name of a swarm's agent number `index` (the same in every process of a fleet)."""
+    return f"{prefix}-{index:05d}"
 
 
 def raise_fd_limit() -> None:
