@@ -190,15 +190,16 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
 
     async def Connect(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
         admission = self._admission
+        admitted = self._clock.monotonic()
         if admission is not None:
-            wait = admission.admit(self._clock.monotonic())
+            wait = admission.admit(admitted)
             if wait is not None:
                 await self._push_back(context, wait)
         try:
             principal, hello, resume = await self._handshake(context)
         finally:
             if admission is not None:
-                admission.welcomed()
+                admission.welcomed(admitted, self._clock.monotonic())
         await self._serve(context, principal, hello, resume)
 
     async def _push_back(self, context: Ctx, seconds: float) -> None:
