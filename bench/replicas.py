@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import time
 from datetime import UTC, datetime
@@ -30,8 +31,8 @@ from server.shared import new_key
 from server.store.postgres import with_schema
 from tests.support.swarm import Swarm, SwarmSettings
 
-from .procs import DevCoordinator, free_port
-from .scenarios import HOUR, MS, Sizes, _fanout_round, _say, _throughput
+from .procs import DevCoordinator, cpu_seconds, free_port
+from .scenarios import HOUR, MS, Sizes, _fanout_round, _profiled, _say, _throughput
 from .stats import Scenario, median, percentile
 from .swarmproc import SwarmProcesses, run_links
 
@@ -288,12 +289,17 @@ async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
         scenario.extra["on_the_other_replica"] = staying
         scenario.extra["first_address_killed"] = half
         await parts.report(everyone)
-        t_kill = time.monotonic()
-        victim_coord.kill()
-        with contextlib.suppress(TimeoutError):
-            await parts.until(
-                lambda: all(i in parts.done for i in everyone), 60.0, "all moved agents served"
-            )
+        # With --profile: the replica that stays, while the agents move to it.
+        with _profiled(survivor_coord.pid, "failover", tmp):
+            cpu0 = cpu_seconds(survivor_coord.pid)
+            t_kill = time.monotonic()
+            victim_coord.kill()
+            with contextlib.suppress(TimeoutError):
+                await parts.until(
+                    lambda: all(i in parts.done for i in everyone), 60.0, "all moved agents served"
+                )
+            cpu = cpu_seconds(survivor_coord.pid) - cpu0
+            elapsed = time.monotonic() - t_kill
         marks = parts.marks(moving, (50, 90, 99, 100), everyone)
         for pct, at in marks.items():
             scenario.add(
@@ -308,6 +314,12 @@ async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
             f"address (the killed replica's address is first for {half})",
         )  # fmt: skip
         scenario.add("left behind", float(moving - back), unit="agents", target="0")
+        scenario.add(
+            "other replica's CPU per moved agent", cpu / max(1, back) * MS, unit="ms",
+            note="user + system CPU of the replica that stayed, from the SIGKILL until the last "
+            f"moved agent was served, per agent moved ({elapsed:.1f} s elapsed, "
+            f"{os.cpu_count()} cores shared with PostgreSQL and the swarm processes)",
+        )  # fmt: skip
         scenario.add(
             "other replica's agents disconnected during failover", float(stayed["dropped"]),
             unit="agents", target="0",
