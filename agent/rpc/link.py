@@ -88,6 +88,8 @@ MAX_SEND = 64 * 1024
 RECEIVED_COMMANDS = 1024
 # A coordinator's retry hint is believed up to this many seconds.
 MAX_HINT = 600.0
+# The most a retry hint is spread by the agent's own jitter (seconds).
+HINT_SPREAD = 1.0
 APPLY_BATCH = 128
 
 _Call = grpc.aio.StreamStreamCall[agentlink_pb2.AgentMessage, agentlink_pb2.CoordinatorMessage]
@@ -229,9 +231,12 @@ class Link:
             attempt += 1
             if self._retry_hint > 0:
                 reason = "RESOURCE_EXHAUSTED"  # pushed back, however the stream's end showed
-                # Pushed back: the hint (spread by up to half again, so the refused do not all
-                # return together), never less than the schedule's own delay.
-                hinted = min(MAX_HINT, self._retry_hint) * (1.0 + 0.5 * self._rand())
+                # Pushed back: the hint, spread by up to half again but by no more than
+                # HINT_SPREAD (the coordinator gives each refused agent its own slot already; a
+                # spread in proportion would push the last slots of a long queue out by many
+                # seconds), never less than the schedule's own delay.
+                hint = min(MAX_HINT, self._retry_hint)
+                hinted = hint + self._rand() * min(0.5 * hint, HINT_SPREAD)
                 delay = max(delay, hinted)
                 self._retry_hint = 0.0
             log.warning("link down", extra={"reason": reason, "delay": f"{delay:.3f}s"})

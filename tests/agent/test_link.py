@@ -539,3 +539,19 @@ async def test_a_replica_that_pushed_back_is_dialed_again_not_passed_over(
             assert session.hello.agent == "web-1"
         assert other.sessions.empty()
         assert other.enroll_attempts == 0
+
+
+async def test_a_long_hint_is_spread_by_at_most_a_second(
+    coordinator: Coordinator, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The coordinator gives each refused agent its own slot; the agent's own jitter on top
+    stays within a second, so the last slots of a long queue are not pushed out by half again
+    (rand 0.5: a 4 s hint waits 4.5 s, not 5 s)."""
+    caplog.set_level("WARNING", logger="agent.rpc.link")
+    coordinator.pushback = 4.0
+    async with running(host, host.config(coordinator)):
+        async with asyncio.timeout(10):
+            while not any(r.getMessage() == "link down" for r in caplog.records):
+                await asyncio.sleep(0.01)
+    delays = [getattr(r, "delay", "") for r in caplog.records if r.getMessage() == "link down"]
+    assert delays[0] == "4.500s"
