@@ -160,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--agents", type=int, help="agents for scenarios 3-6 (overrides the size)")
     p.add_argument("--profile", type=Path, help="py-spy the coordinator into this directory")
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="with --profile: native frames too (py-spy --native, 100 Hz; slows the process)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
@@ -167,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.agents:
         sizes = sc.Sizes(**{**sizes.__dict__, "agents": args.agents})
     sc.PROFILE_DIR = args.profile
+    sc.PROFILE_NATIVE = args.native
     wanted = set(filter(None, args.only.split(",")))
     sc.WANTED = wanted
     work = Path(tempfile.mkdtemp(prefix="jitmesh-bench."))

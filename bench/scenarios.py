@@ -53,6 +53,9 @@ from .waiting import until
 log = logging.getLogger("bench")
 # Set by --profile: py-spy records the coordinator process during the throughput and fan-out runs.
 PROFILE_DIR: Path | None = None
+# Set by --native: py-spy also samples native frames (gRPC core, libsodium, SQLite). It stops the
+# process for each sample to unwind its stack, so it is slower: 100 Hz instead of 200.
+PROFILE_NATIVE = False
 # Scenario numbers asked for with --only (empty: all); the fleet group skips the others' phases.
 WANTED: set[str] = set()
 
@@ -915,7 +918,10 @@ def _profiled(pid: int, name: str, tmp: Path) -> Iterator[None]:
         return
     PROFILE_DIR.mkdir(parents=True, exist_ok=True)
     out = PROFILE_DIR / f"{name}.txt"
-    argv = [bin_path("py-spy"), "record", "-p", str(pid), "-r", "200", "--format", "raw"]
+    rate = "100" if PROFILE_NATIVE else "200"
+    argv = [bin_path("py-spy"), "record", "-p", str(pid), "-r", rate, "--format", "raw"]
+    if PROFILE_NATIVE:
+        argv.append("--native")
     child = spawn([*argv, "-o", str(out)], tmp / f"py-spy-{name}.log")
     time.sleep(1.0)  # py-spy attaches
     try:
