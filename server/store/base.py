@@ -688,14 +688,16 @@ class SqlTx(SqlReads):
         version: str | None = None, boot_id: str | None = None, replica: str | None = None,
     ) -> None:  # fmt: skip
         labels_json = None if labels is None else rec.dumps(labels)
-        await self._run(
+        # Nothing reads its row count: it goes with the transaction's next trip (a group of
+        # Hellos made one trip per agent here, while holding the write lock).
+        await self._later(
             self._q.agent_seen, [to_ms(at), labels_json, version, boot_id, replica, name]
         )
 
     async def agent_left(self, name: str, replica: str, at: datetime) -> None:
         """The agent's stream on `replica` ended: seen now, and held by no replica unless
         another one took it meanwhile."""
-        await self._run(self._q.agent_left, [to_ms(at), replica, name])
+        await self._later(self._q.agent_left, [to_ms(at), replica, name])
 
     async def remove_agent(self, name: str, at: datetime) -> bool:
         return await self._run(self._q.remove_agent, [to_ms(at), name]) == 1
