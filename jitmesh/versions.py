@@ -14,6 +14,7 @@ Versions are "MAJOR.MINOR.PATCH" (a suffix after the patch number, such as "0.2.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 
 _VERSION = re.compile(r"(\d{1,4})\.(\d{1,4})\.(\d{1,6})(?:[.+-][0-9A-Za-z.+-]{0,40})?")
@@ -25,6 +26,9 @@ class Compatibility(enum.StrEnum):
     REFUSED = "refused"
 
 
+# Each Hello asks about its version several times (compatibility, locks, the older wire), and
+# a fleet says few distinct versions: a small cache (made-up versions only churn it).
+@functools.lru_cache(maxsize=64)
 def parse(version: str) -> tuple[int, int, int] | None:
     match = _VERSION.fullmatch(version)
     if match is None:

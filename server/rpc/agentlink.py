@@ -173,7 +173,9 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         # Streams are admitted at the pace the coordinator takes (admission.py); None: all.
         self._admission = admission
         self._keys = keys
-        self._announcement: tuple[bytes, str, bytes] | None = None
+        # The Welcome's fields that are the same for every agent, with what they were made
+        # from (the valid public keys and the epoch): see `_welcome_template`.
+        self._template: tuple[tuple[object, ...], agentlink_pb2.Welcome] | None = None
         # Per agent, the keys of its usable break-glass codes with their latest expiry, and the
         # monotonic time they were read (None: never); one read at a time.
         self._breakglass_ends: dict[str, dict[str, datetime]] = {}
@@ -225,7 +227,8 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         principal: Principal | None = None
         try:
             principal = await self._fleet.authenticate_agent(self._credential(context))
-            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                first = await context.read()
             if (
                 isinstance(first, agentlink_pb2.AgentMessage)
                 and first.ByteSize() > MAX_AGENT_MESSAGE
@@ -249,10 +252,15 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
         session = Session(principal.name, self._registry.queue_limit)
         session.legacy = older_than(hello.version, 0, 2)
         self._registry.register(session)
-        log.info(
-            "agent connected",
-            extra={t.AGENT: session.agent, t.PEER: context.peer(), t.SEQ: resume.resume_after_seq},
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "agent connected",
+                extra={
+                    t.AGENT: session.agent,
+                    t.PEER: context.peer(),
+                    t.SEQ: resume.resume_after_seq,
+                },
+            )
         self._streams += 1
         if self._ticker is None or self._ticker.done():
             # One heartbeat task for all streams, not one per stream: it lives while any stream
@@ -350,8 +358,13 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             await asyncio.shield(self._fleet.message_refused(principal, exc.message))
 
     def _credential(self, context: Ctx) -> str:
-        pem = peer_certificate(context)
-        if pem is not None:
+        if self._require_certificate:
+            # The agent port with TLS asks every client for a certificate from the CA; without
+            # TLS (`require_certificate` off: app.py) no call can carry one, so the auth
+            # context (a dict built per call) is not read there.
+            pem = peer_certificate(context)
+            if pem is None:
+                raise errors.Unauthenticated("AgentLink needs a client certificate from the CA")
             try:
                 name, serial = agent_of(pem)
             except CertificateError as exc:
@@ -359,34 +372,49 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             # Only the agent's current certificate is bound: a removed agent's, or one replaced
             # by renewal or re-enrollment, no longer authenticates.
             return cert_binding(name, serial)
-        if self._require_certificate:
-            raise errors.Unauthenticated("AgentLink needs a client certificate from the CA")
         credential = bearer(context)
         if credential.startswith(CERT_PREFIX):
             # Certificate bindings are derived from public data: never accepted as a bearer.
             raise errors.Unauthenticated("agent credential is not valid")
         return credential
 
-    def _announced_keys(self) -> tuple[list[agents_pb2.SigningKey], str, bytes]:
-        """The valid public keys, signed with the oldest valid key: agents adopt a rotated key
-        only on a signature by a key they already trust."""
+    def _welcome_template(self) -> agentlink_pb2.Welcome:
+        """The Welcome's fields that are the same for every agent: version, epoch, heartbeat
+        interval, replica, and the valid public keys signed with the oldest valid key (agents
+        adopt a rotated key only on a signature by a key they already trust). Made again only
+        when the valid keys (a rotation, a reload, a retired key past its overlap) or the epoch
+        change: the signer is the oldest of the same valid keys, and Ed25519 signatures are
+        deterministic, so the same list signed by the same key gives the same bytes. Each
+        Welcome copies it and adds the agent's own fields (`_write`): ten thousand agents
+        reconnecting built and signed it ten thousand times."""
+        now = self._clock.now()
+        public = self._keys.public_keys(now)
+        made_of = (*public, self._fleet.epoch)
+        cached = self._template
+        if cached is not None and cached[0] == made_of:
+            return cached[1]
         listed = [
             agents_pb2.SigningKey(
                 key_id=k.key_id,
                 public_key=k.public_raw,
                 not_after=c.ts(k.not_after) if k.not_after else None,
             )
-            for k in self._keys.public_keys(self._clock.now())
+            for k in public
         ]
-        data = keys_bytes(key_entries(listed))
-        cached = self._announcement
-        if cached is None or cached[0] != data:
-            # Ed25519 signatures are deterministic: the same key list signed by the same key
-            # gives the same bytes, so one signature serves every Welcome until the keys change
-            # (ten thousand agents reconnecting would otherwise sign it ten thousand times).
-            cached = (data, *self._keys.sign_with_oldest(data, self._clock.now()))
-            self._announcement = cached
-        return listed, cached[1], cached[2]
+        keys_key_id, keys_signature = self._keys.sign_with_oldest(
+            keys_bytes(key_entries(listed)), now
+        )
+        template = agentlink_pb2.Welcome(
+            version=self._fleet.version,
+            epoch=self._fleet.epoch,
+            heartbeat_interval=c.dur(self._heartbeat),
+            signing_keys=listed,
+            keys_key_id=keys_key_id,
+            keys_signature=keys_signature,
+            replica=self._fleet.replica,
+        )
+        self._template = (made_of, template)
+        return template
 
     async def _breakglass_keys(
         self, agent: str, keys_key_id: str, at_ms: int
@@ -423,35 +451,23 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
 
     async def _write(self, session: Session, resume: Resume, context: Ctx) -> None:
         epoch = self._fleet.epoch
-        keys, keys_key_id, keys_signature = self._announced_keys()
+        message = agentlink_pb2.CoordinatorMessage()
+        welcome = message.welcome
+        welcome.CopyFrom(self._welcome_template())
         coordinator_time = c.ts(self._clock.now())
         assert coordinator_time is not None
+        welcome.coordinator_time.CopyFrom(coordinator_time)
+        welcome.resume_after_seq = resume.resume_after_seq
+        welcome.agent = session.agent
         breakglass_keys, breakglass_signature = await self._breakglass_keys(
             # The instant exactly as the Welcome carries it (what the agent reads back).
             session.agent,
-            keys_key_id,
-            coordinator_time.ToMilliseconds(),
+            welcome.keys_key_id,
+            welcome.coordinator_time.ToMilliseconds(),
         )
-        await _send(
-            session,
-            context,
-            agentlink_pb2.CoordinatorMessage(
-                welcome=agentlink_pb2.Welcome(
-                    version=self._fleet.version,
-                    coordinator_time=coordinator_time,
-                    epoch=epoch,
-                    resume_after_seq=resume.resume_after_seq,
-                    agent=session.agent,
-                    heartbeat_interval=c.dur(self._heartbeat),
-                    signing_keys=keys,
-                    keys_key_id=keys_key_id,
-                    keys_signature=keys_signature,
-                    breakglass_keys=breakglass_keys,
-                    breakglass_keys_signature=breakglass_signature,
-                    replica=self._fleet.replica,
-                )
-            ),
-        )
+        welcome.breakglass_keys.extend(breakglass_keys)
+        welcome.breakglass_keys_signature = breakglass_signature
+        await _send(session, context, message)
         last = resume.resume_after_seq
         if resume.snapshot is not None:
             body = c.snapshot_body(
