@@ -136,6 +136,27 @@ async def _push(setup: _SetUp, rounds: int) -> list[float]:
     return out
 
 
+def _postgres_cpu() -> dict[int, float]:
+    """CPU seconds used so far by each process named postgres on this machine (the local
+    server's backends, its writer and checkpointer), by pid."""
+    used: dict[int, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() == "postgres":
+                used[int(proc.name)] = cpu_seconds(int(proc.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended meanwhile
+    return used
+
+
+def _postgres_cpu_since(before: dict[int, float]) -> float:
+    """CPU used since `before` by the postgres processes running now (a backend that ended
+    meanwhile, e.g. the killed replica's, takes its last seconds with it)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in _postgres_cpu().items())
+
+
 async def _reachable(dsn: str) -> str:
     try:
         async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=3) as conn:
@@ -292,6 +313,8 @@ async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
         # With --profile: the replica that stays, while the agents move to it.
         with _profiled(survivor_coord.pid, "failover", tmp):
             cpu0 = cpu_seconds(survivor_coord.pid)
+            swarm0 = sum(cpu_seconds(pid) for pid in parts.pids)
+            database0 = _postgres_cpu()
             t_kill = time.monotonic()
             victim_coord.kill()
             with contextlib.suppress(TimeoutError):
@@ -299,6 +322,8 @@ async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
                     lambda: all(i in parts.done for i in everyone), 60.0, "all moved agents served"
                 )
             cpu = cpu_seconds(survivor_coord.pid) - cpu0
+            swarm = sum(cpu_seconds(pid) for pid in parts.pids) - swarm0
+            database = _postgres_cpu_since(database0)
             elapsed = time.monotonic() - t_kill
         marks = parts.marks(moving, (50, 90, 99, 100), everyone)
         for pct, at in marks.items():
@@ -320,6 +345,18 @@ async def failover(tmp: Path, sizes: Sizes) -> list[Scenario]:
             f"moved agent was served, per agent moved ({elapsed:.1f} s elapsed, "
             f"{os.cpu_count()} cores shared with PostgreSQL and the swarm processes)",
         )  # fmt: skip
+        scenario.add(
+            "swarm CPU, kill until all moved", swarm, unit="s",
+            note=f"the {2 * FAILOVER_PROCESSES} swarm processes' CPU over the same time",
+        )  # fmt: skip
+        scenario.add(
+            "PostgreSQL CPU, kill until all moved", database, unit="s",
+            note="every postgres process's CPU over the same time; with the replica's and the "
+            f"swarm's, against {os.cpu_count()} cores x the elapsed time, it shows whether this "
+            "machine bounded the figure",
+        )  # fmt: skip
+        scenario.extra["elapsed_s"] = elapsed
+        scenario.extra["other_replica_cpu_s"] = cpu
         scenario.add(
             "other replica's agents disconnected during failover", float(stayed["dropped"]),
             unit="agents", target="0",
