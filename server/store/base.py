@@ -65,6 +65,7 @@ from server.domain.receivers import (
 )
 from server.store import rows as rec
 from server.store.queries import (
+    AGENT_COLUMNS,
     AUDIT_COLUMNS,
     BREAKGLASS_COLUMNS,
     DUE_GRANT_IN,
@@ -211,6 +212,17 @@ class SqlReads(ABC):
         row = await self._one(self._q.get_agent, [name])
         return None if row is None else rec.agent(row)
 
+    async def agents_named(self, names: Sequence[str]) -> dict[str, Agent]:
+        found: dict[str, Agent] = {}
+        for part in self._d.chunks(names):
+            rows = await self._all(
+                f"SELECT {AGENT_COLUMNS} FROM agents a "
+                f"WHERE {self._d.in_list('a.name', part)} AND a.removed_at IS NULL",
+                self._d.in_args(part),
+            )
+            found.update((agent.name, agent) for agent in map(rec.agent, rows))
+        return found
+
     async def unacked_lock_commands(self, agent: str) -> list[Command]:
         rows = await self._all(self._q.unacked_lock_commands, [agent])
         return [rec.command(r, agent) for r in rows]
@@ -239,6 +251,17 @@ class SqlReads(ABC):
     async def agent_for_credential(self, credential_hash: str) -> str | None:
         row = await self._one(self._q.agent_for_credential, [credential_hash])
         return None if row is None else str(row["name"])
+
+    async def agents_for_credentials(self, credential_hashes: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for part in self._d.chunks(credential_hashes):
+            rows = await self._all(
+                "SELECT name, credential_hash FROM agents "
+                f"WHERE {self._d.in_list('credential_hash', part)} AND removed_at IS NULL",
+                self._d.in_args(part),
+            )
+            found.update((str(r["credential_hash"]), str(r["name"])) for r in rows)
+        return found
 
     async def user_groups(self, name: str) -> frozenset[str] | None:
         row = await self._one(self._q.user_groups, [name])
@@ -1085,6 +1108,19 @@ class SqlStore(SqlReads):
     async def first_unacked_seq(self, agent: str) -> int | None:
         row = await self._one(self._q.first_unacked_seq, [agent])
         return None if row is None or row["seq"] is None else int(row["seq"])
+
+    async def first_unacked_seqs(self, agents: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for part in self._d.chunks(agents):
+            rows = await self._all(
+                # As `first_unacked_seq`, per agent.
+                "SELECT agent, MIN(seq) AS seq FROM commands "
+                f"WHERE {self._d.in_list('agent', part)} AND acked_at IS NULL "
+                "AND kind <> 'snapshot' GROUP BY agent",
+                self._d.in_args(part),
+            )
+            found.update((str(r["agent"]), int(r["seq"])) for r in rows)
+        return found
 
     async def policy_version(self) -> int:
         """The newest policy version (0: none)."""

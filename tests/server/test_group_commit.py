@@ -385,3 +385,31 @@ async def test_an_enrollment_whose_caller_left_before_its_batch_is_not_written(
     assert (await fleet.enroll(tokens[1], "web-2", {}))[0] == "web-2"
     kinds = [(e.kind, e.agent) for e in await store.audit_chain(0, 10_000)]
     assert kinds.count(("agent.enrolled", "web-2")) == 1
+
+
+async def test_handshakes_that_arrive_together_read_their_credentials_at_once(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 agents authenticating at the same moment (a restart, a failover) read their
+    credentials in one statement, not 40; a wrong credential among them is refused on its own.
+    (The Hello's agent and unacknowledged-seq reads are batched the same way.)"""
+    fleet, store = coordinator.fleet, coordinator.store
+    join, _ = await fleet.create_join_token(ADMIN, {"env": "staging"}, None, max_uses=None)
+    enrolled = await asyncio.gather(*(fleet.enroll(join, f"web-{i}", {}) for i in range(40)))
+    calls: dict[str, int] = {"agents_for_credentials": 0}
+    for method in calls:
+        real = getattr(store, method)
+
+        async def counted(keys: Sequence[str], real: Any = real, method: str = method) -> Any:
+            calls[method] += 1
+            return await real(keys)
+
+        monkeypatch.setattr(store, method, counted)
+    answers = await asyncio.gather(
+        *(fleet.authenticate_agent(credential) for _, credential in enrolled),
+        fleet.authenticate_agent("not-a-credential"),
+        return_exceptions=True,
+    )
+    assert [a.name for a in answers[:40]] == [name for name, _ in enrolled]  # type: ignore[union-attr]
+    assert isinstance(answers[40], Unauthenticated)
+    assert calls["agents_for_credentials"] == 1

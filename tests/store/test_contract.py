@@ -608,3 +608,33 @@ async def test_move_due_grants_takes_only_due_grants_that_may_expire(store: Stor
 
 
 # Cancellation.
+
+
+async def test_handshake_reads_for_many_agents_at_once_answer_as_one_by_one(
+    store: Store,
+) -> None:
+    """The batched reads of handshakes that arrive together (credentials, agents, first
+    unacknowledged seqs) say what the one-agent reads say, and leave out what those answer
+    None: unknown and removed agents, agents with nothing unacknowledged."""
+    for name in ("web-1", "web-2", "db-1"):
+        await enroll(store, name)
+    grant_id = await grant_for(store)
+    async with store.transaction() as tx:
+        first = await tx.append_command("web-1", CommandKind.GRANT, grant_id, T0)
+        await tx.append_command("web-1", CommandKind.GRANT, grant_id, T0)
+        acked = await tx.append_command("web-2", CommandKind.GRANT, grant_id, T0)
+        await tx.ack_commands([("web-2", acked, "APPLIED", "")], T0)
+        assert await tx.remove_agent("db-1", T0)
+    hashes = ["hash-web-1", "hash-web-2", "hash-db-1", "hash-nobody"]
+    assert await store.agents_for_credentials(hashes) == {
+        "hash-web-1": "web-1",
+        "hash-web-2": "web-2",
+    }
+    names = ["web-1", "web-2", "db-1", "nobody"]
+    agents = await store.agents_named(names)
+    assert sorted(agents) == ["web-1", "web-2"]
+    for name, agent in agents.items():
+        assert agent == await store.get_agent(name)
+    assert await store.first_unacked_seqs(names) == {"web-1": first}
+    assert await store.first_unacked_seq("web-1") == first
+    assert await store.first_unacked_seqs([]) == {}
