@@ -25,11 +25,13 @@ Protocol, as the agent speaks it:
   coordinator's heartbeats.
 - When the stream breaks, the agent reconnects after a full-jitter exponential backoff (base and
   cap configurable, reset after a stream that stayed healthy long enough) and says in its Hello
-  where it stopped. With several addresses (replicas) it moves to the next one on a failure; a
-  dial that nothing answered (UNAVAILABLE before any message: nothing listening) moves on at once
-  if the next address has not been dialed since the last wait, so a dead replica costs no wait
-  and no address is dialed twice between waits. A replica that pushed back keeps the agent: it
-  dials that one again after the hint.
+  where it stopped. Pushed back by admission control, it waits the coordinator's hint (never
+  less than the schedule's delay); a pushback does not grow the schedule. With several addresses
+  (replicas) it moves to the next one on a failure; a dial that nothing answered (UNAVAILABLE
+  before any message: nothing listening) moves on at once if the next address has not been
+  dialed since the last wait, so a dead replica costs no wait and no address is dialed twice
+  between waits. A replica that pushed back keeps the agent: it dials that one again after the
+  hint.
 
 Writes to the stream never overlap (two at once crash it): a lock serializes them. The reader
 hands commands to the applier task, which applies them and writes their acks itself, at once:
@@ -228,17 +230,21 @@ class Link:
                 cap=self._settings.backoff_cap,
                 rand=self._rand(),
             )
-            attempt += 1
             if self._retry_hint > 0:
                 reason = "RESOURCE_EXHAUSTED"  # pushed back, however the stream's end showed
                 # Pushed back: the hint, spread by up to half again but by no more than
                 # HINT_SPREAD (the coordinator gives each refused agent its own slot already; a
                 # spread in proportion would push the last slots of a long queue out by many
-                # seconds), never less than the schedule's own delay.
+                # seconds), never less than the schedule's own delay. A pushback is an answer,
+                # not a failure: it does not grow the schedule (the coordinator paces the
+                # refused itself; agents refused several times in a burst otherwise came back
+                # on a doubled backoff long after their slot).
                 hint = min(MAX_HINT, self._retry_hint)
                 hinted = hint + self._rand() * min(0.5 * hint, HINT_SPREAD)
                 delay = max(delay, hinted)
                 self._retry_hint = 0.0
+            else:
+                attempt += 1
             log.warning("link down", extra={"reason": reason, "delay": f"{delay:.3f}s"})
             dialed.clear()
             await self._pacing.sleep(delay)

@@ -555,3 +555,19 @@ async def test_a_long_hint_is_spread_by_at_most_a_second(
                 await asyncio.sleep(0.01)
     delays = [getattr(r, "delay", "") for r in caplog.records if r.getMessage() == "link down"]
     assert delays[0] == "4.500s"
+
+
+async def test_pushbacks_do_not_grow_the_backoff(
+    coordinator: Coordinator, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pushback is the coordinator's answer, not a failure: refused three times with a short
+    hint, the agent waits its first backoff each time (base 1 s, rand 0.5: 0.5 s), not 0.5,
+    1 and 2 s as after three failures."""
+    caplog.set_level("WARNING", logger="agent.rpc.link")
+    coordinator.pushback = 0.1
+    async with running(host, host.config(coordinator, backoff_base=1.0, backoff_cap=60.0)):
+        async with asyncio.timeout(10):
+            while len(coordinator.pushed_back) < 4:
+                await asyncio.sleep(0.01)
+    delays = [getattr(r, "delay", "") for r in caplog.records if r.getMessage() == "link down"]
+    assert delays[:3] == ["0.500s", "0.500s", "0.500s"]
