@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import ipaddress
 import logging
 import os
@@ -616,7 +615,7 @@ async def _serve(
     step: StepHook = no_hook,
     clock: Clock | None = None,
 ) -> None:
-    from server.app import build
+    from server.app import build, tune_gc
 
     async def credentials(coordinator: Coordinator) -> None:
         if dev:
@@ -629,7 +628,7 @@ async def _serve(
     coordinator = await build(
         config, clock, refuse_dev_data=not dev, step=step, before_serving=credentials
     )
-    _tune_gc()
+    tune_gc()
     if coordinator.ca is not None:
         log.info(
             "TLS from the internal CA",
@@ -673,29 +672,6 @@ async def _serve(
         if metrics is not None:
             metrics.close()
     log.info("coordinator stopped")
-
-
-# Allocations between young-generation collections (CPython's default: 700); see _tune_gc.
-GC_YOUNG = 50_000
-
-
-def _tune_gc() -> None:
-    """The cyclic garbage collector, set for a server holding thousands of streams.
-
-    With CPython's defaults the coordinator spent about a quarter of its event loop's time in
-    the collector during a fan-out to 1,000 agents (docs/performance.md, "Where the
-    coordinator's CPU goes"): every 700 allocations a young collection promoted what was in
-    flight at that moment (futures of a group commit, messages being written), so the old
-    generation grew with objects that die a moment later, and each full collection walked
-    every object of every stream (0.25-0.35 s at 1,000 agents). Everything that exists once
-    the coordinator is built (modules, protobuf descriptors, policy, keys) lives as long as the
-    process: frozen, no collection walks it again. A larger young generation lets a request's
-    and a push's short-lived objects die young. Garbage cycles are still collected, only later:
-    at most GC_YOUNG young objects (a few MiB) wait for it."""
-    gc.collect()
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG, middle, old)
 
 
 def _reload(config_file: Path | None, flags: dict[str, object]) -> None:
