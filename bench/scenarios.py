@@ -1155,11 +1155,13 @@ async def _revoke_all(
     lock, revoked, _ = await admins[0].create_lock(
         subject="alice", action="restart", reason="bench fan-out"
     )
+    returned = time.monotonic() - started
     if revoked != expected:
         raise RuntimeError(f"the lock revoked {revoked} grants, expected {expected}")
     last = await enforced.revoked(pair, 300)
     swarm_cpu = sum(cpu_seconds(p) for p in enforced.pids) - swarm_cpu0
     if locks is not None:
+        locks.call_returned_s.append(returned)
         locks.revoked_seen_s.append(time.monotonic() - started)
         locks.swarm_cpu.append(swarm_cpu)
         # The revoke is first in each agent's log; the LOCK's ack can still be on its way: the
@@ -1203,10 +1205,11 @@ class _LockRounds:
     # and seconds from the lock call until every LOCK command was acked.
     cpu_at_revoked: list[float] = field(default_factory=list)
     lock_acked_s: list[float] = field(default_factory=list)
-    # Seconds from the lock call until this process saw every revoke applied (later than the
-    # last enforcer's own stamp, the timed figure: swarm processes report every 0.1 s), and the
-    # CPU seconds of the process(es) running the swarm over that time (the bench process
-    # itself for 3).
+    # Seconds from the lock call until it returned (after its LOCK handout steps), until this
+    # process saw every revoke applied (not before the call returned, and later than the last
+    # enforcer's own stamp, the timed figure: swarm processes report every 0.1 s), and the CPU
+    # seconds of the process(es) running the swarm until then (the bench process itself for 3).
+    call_returned_s: list[float] = field(default_factory=list)
     revoked_seen_s: list[float] = field(default_factory=list)
     swarm_cpu: list[float] = field(default_factory=list)
 
@@ -1219,6 +1222,7 @@ class _LockRounds:
             "until_the_last_revoke (before 22:20)": [c / agents * 1e6 for c in self.cpu_at_revoked],
         }
         scenario.extra["every_lock_acked_after_ms"] = _ms_list(self.lock_acked_s)
+        scenario.extra["lock_call_returned_after_ms"] = _ms_list(self.call_returned_s)
         scenario.extra["every_revoke_seen_after_ms"] = _ms_list(self.revoked_seen_s)
         scenario.extra["swarm_cpu_s_until_every_revoke_seen"] = self.swarm_cpu
 
