@@ -1175,6 +1175,13 @@ async def _revoke_all(
     cpu = cpu_seconds(pid) - cpu0
     await admins[0].lift_lock(lock.id, reason="next round")
     if locks is not None:
+        # The next round begins with the baseline's: it waits until every agent acked the
+        # lift's UNLOCK. Before 2026-12-07 it did not, and each second baseline round at 10,000
+        # ran beside that tail: 1.35-3.1x the first (five runs of 3 and 14).
+        unlocked = before_acked["unlock"] + agents
+        await until(
+            lambda: _command_counts(db, acked=True)["unlock"] >= unlocked, 300, "UNLOCK acked", 0.05
+        )
         sent = _command_counts(db) - before
         if (sent["revoke"], sent["lock"]) != (expected, agents):
             raise RuntimeError(f"a lock round sent {dict(sent)}, expected a revoke and a LOCK each")
