@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --profile: native frames too (py-spy --native, 100 Hz; slows the process)",
     )
+    p.add_argument(
+        "--perf",
+        action="store_true",
+        help="with --profile: Linux perf instead of py-spy (threads and libraries, native only)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
@@ -173,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = sc.Sizes(**{**sizes.__dict__, "agents": args.agents})
     sc.PROFILE_DIR = args.profile
     sc.PROFILE_NATIVE = args.native
+    sc.PROFILE_PERF = args.perf
     wanted = set(filter(None, args.only.split(",")))
     sc.WANTED = wanted
     work = Path(tempfile.mkdtemp(prefix="jitmesh-bench."))

@@ -56,6 +56,9 @@ PROFILE_DIR: Path | None = None
 # Set by --native: py-spy also samples native frames (gRPC core, libsodium, SQLite). It stops the
 # process for each sample to unwind its stack, so it is slower: 100 Hz instead of 200.
 PROFILE_NATIVE = False
+# Set by --perf: Linux perf records instead of py-spy (every thread, native only, without stopping
+# the process): which thread and library the CPU goes to. Read with `perf report -i FILE`.
+PROFILE_PERF = False
 # Scenario numbers asked for with --only (empty: all); the fleet group skips the others' phases.
 WANTED: set[str] = set()
 
@@ -917,12 +920,16 @@ def _profiled(pid: int, name: str, tmp: Path) -> Iterator[None]:
         yield
         return
     PROFILE_DIR.mkdir(parents=True, exist_ok=True)
-    out = PROFILE_DIR / f"{name}.txt"
-    rate = "100" if PROFILE_NATIVE else "200"
-    argv = [bin_path("py-spy"), "record", "-p", str(pid), "-r", rate, "--format", "raw"]
-    if PROFILE_NATIVE:
-        argv.append("--native")
-    child = spawn([*argv, "-o", str(out)], tmp / f"py-spy-{name}.log")
+    if PROFILE_PERF:
+        out = PROFILE_DIR / f"{name}.perf.data"
+        argv = ["perf", "record", "-F", "499", "-g", "-p", str(pid)]
+    else:
+        out = PROFILE_DIR / f"{name}.txt"
+        rate = "100" if PROFILE_NATIVE else "200"
+        argv = [bin_path("py-spy"), "record", "-p", str(pid), "-r", rate, "--format", "raw"]
+        if PROFILE_NATIVE:
+            argv.append("--native")
+    child = spawn([*argv, "-o", str(out)], tmp / f"profile-{name}.log")
     time.sleep(1.0)  # py-spy attaches
     try:
         yield
