@@ -16,9 +16,9 @@ when the handshakes in flight are at their bound it is the pace at which they en
 Little's law is the bound divided by how long a handshake takes now (a moving average of the
 last ones). A coordinator slower than `rate` (a replica taking over thousands of agents, on
 PostgreSQL) would otherwise hand out slots that come round before it can take their agents, and
-each agent would be refused again and again, its own backoff growing with every refusal
-(10,000-agent failover, 2026-12-07: 4,419 refusals for 5,209 agents moving, the last served
-after 39 s while the replica was busy less than half of that time). The average follows the
+each agent would be refused again and again (10,000-agent failover, 2026-12-07: 4,419 refusals
+for 5,209 agents moving, the last served after 39 s while the replica was busy less than half of
+that time; the agents then also doubled their backoff at each refusal, which they no longer do). The average follows the
 handshakes as they end, so a burst after a quiet time starts from the quiet time's (short)
 figure: the first refusals of a burst may come back early and be refused once more, never
 later than needed.
