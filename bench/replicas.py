@@ -32,7 +32,16 @@ from server.store.postgres import with_schema
 from tests.support.swarm import Swarm, SwarmSettings
 
 from .procs import DevCoordinator, cpu_seconds, free_port
-from .scenarios import HOUR, MS, Sizes, _fanout_round, _profiled, _say, _throughput
+from .scenarios import (
+    HOUR,
+    MS,
+    Sizes,
+    _fanout_round,
+    _profiled,
+    _say,
+    _SwarmEnforcers,
+    _throughput,
+)
 from .stats import Scenario, median, percentile
 from .swarmproc import SwarmProcesses, run_links
 
@@ -208,7 +217,7 @@ async def run(tmp: Path, sizes: Sizes) -> list[Scenario]:
                         setup.coords[0].pid,
                         alices,
                         admins,
-                        setup.agents,
+                        _SwarmEnforcers(setup.agents),
                         names,
                         contextlib.nullcontext(),
                     )
