@@ -18,10 +18,10 @@ last ones). A coordinator slower than `rate` (a replica taking over thousands of
 PostgreSQL) would otherwise hand out slots that come round before it can take their agents, and
 each agent would be refused again and again (10,000-agent failover, 2026-12-07: 4,419 refusals
 for 5,209 agents moving, the last served after 39 s while the replica was busy less than half of
-that time; the agents then also doubled their backoff at each refusal, which they no longer do). The average follows the
-handshakes as they end, so a burst after a quiet time starts from the quiet time's (short)
-figure: the first refusals of a burst may come back early and be refused once more, never
-later than needed.
+that time; the agents then also doubled their backoff at each refusal, which they no longer
+do). The average follows the handshakes as they end, so a burst after a quiet time starts from
+the quiet time's (short) figure: the first refusals of a burst may come back early and be
+refused once more, never later than needed.
 
 Pure: the caller passes the monotonic time.
 """
