@@ -94,9 +94,15 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
         # in-stream RetryHint, then RESOURCE_EXHAUSTED; each refusal's monotonic time is kept.
         self.pushback: float | None = None
         self.pushed_back: list[float] = []
+        self._pushes = asyncio.Condition()
         self.pushback_in_status = True
         self._enrolled = 0
         self.enroll_attempts = 0
+
+    async def pushbacks(self, count: int) -> None:
+        """Until `count` streams in all were refused by admission control (10 s at most)."""
+        async with asyncio.timeout(10), self._pushes:
+            await self._pushes.wait_for(lambda: len(self.pushed_back) >= count)
 
     async def session(self) -> Session:
         async with asyncio.timeout(10):
@@ -133,6 +139,8 @@ class Coordinator(AgentLinkServicer, AgentsServicer):
         authorization = str(metadata.get("authorization", ""))
         if self.pushback is not None:
             self.pushed_back.append(time.monotonic())
+            async with self._pushes:
+                self._pushes.notify_all()
             seconds = int(self.pushback)
             hint = agentlink_pb2.RetryHint(
                 retry_after=Duration(seconds=seconds, nanos=int((self.pushback - seconds) * 1e9)),

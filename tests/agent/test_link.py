@@ -9,7 +9,7 @@ import json
 import logging
 import socket
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -468,9 +468,7 @@ async def test_a_pushed_back_agent_waits_at_least_the_hint_then_connects(
     # The schedule (base 0.05 s, cap 0.2 s) alone would dial again within 0.2 s.
     coordinator.pushback = 0.4
     async with running(host, host.config(coordinator)):
-        async with asyncio.timeout(20):
-            while len(coordinator.pushed_back) < 3:
-                await asyncio.sleep(0.01)
+        await coordinator.pushbacks(3)
         coordinator.pushback = None
         session = await coordinator.session()
         assert session.hello.agent == "web-1"
@@ -478,6 +476,38 @@ async def test_a_pushed_back_agent_waits_at_least_the_hint_then_connects(
     # Never sooner than the hint (plus its jitter: rand 0.5 makes it 1.25 times the hint).
     gaps = [b - a for a, b in itertools.pairwise(refused[:3])]
     assert all(gap >= 0.4 * 1.25 for gap in gaps), gaps
+
+
+class LinkDowns(logging.Handler):
+    """The link's "link down" records, as they come (an event instead of polling the log)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self._more = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "link down":
+            self.records.append(record)
+            self._more.set()
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        link_log = logging.getLogger("agent.rpc.link")
+        level = link_log.level
+        link_log.setLevel(logging.WARNING)
+        link_log.addHandler(self)
+        try:
+            yield
+        finally:
+            link_log.removeHandler(self)
+            link_log.setLevel(level)
+
+    async def wait(self, count: int) -> None:
+        async with asyncio.timeout(10):
+            while len(self.records) < count:
+                self._more.clear()
+                await self._more.wait()
 
 
 def _dead_address() -> str:
@@ -531,9 +561,7 @@ async def test_a_replica_that_pushed_back_is_dialed_again_not_passed_over(
         async with running(host, host.config(coordinator, coordinator=target)):
             await coordinator.enrollments.get()
             coordinator.pushback = 0.2
-            async with asyncio.timeout(10):
-                while len(coordinator.pushed_back) < 2:
-                    await asyncio.sleep(0.01)
+            await coordinator.pushbacks(2)
             coordinator.pushback = None
             session = await coordinator.session()
             assert session.hello.agent == "web-1"
@@ -547,13 +575,12 @@ async def test_a_long_hint_is_spread_by_at_most_a_second(
     """The coordinator gives each refused agent its own slot; the agent's own jitter on top
     stays within a second, so the last slots of a long queue are not pushed out by half again
     (rand 0.5: a 4 s hint waits 4.5 s, not 5 s)."""
-    caplog.set_level("WARNING", logger="agent.rpc.link")
     coordinator.pushback = 4.0
-    async with running(host, host.config(coordinator)):
-        async with asyncio.timeout(10):
-            while not any(r.getMessage() == "link down" for r in caplog.records):
-                await asyncio.sleep(0.01)
-    delays = [getattr(r, "delay", "") for r in caplog.records if r.getMessage() == "link down"]
+    downs = LinkDowns()
+    with downs.watching():
+        async with running(host, host.config(coordinator)):
+            await downs.wait(1)
+    delays = [getattr(r, "delay", "") for r in downs.records]
     assert delays[0] == "4.500s"
 
 
@@ -566,8 +593,6 @@ async def test_pushbacks_do_not_grow_the_backoff(
     caplog.set_level("WARNING", logger="agent.rpc.link")
     coordinator.pushback = 0.1
     async with running(host, host.config(coordinator, backoff_base=1.0, backoff_cap=60.0)):
-        async with asyncio.timeout(10):
-            while len(coordinator.pushed_back) < 4:
-                await asyncio.sleep(0.01)
+        await coordinator.pushbacks(4)
     delays = [getattr(r, "delay", "") for r in caplog.records if r.getMessage() == "link down"]
     assert delays[:3] == ["0.500s", "0.500s", "0.500s"]
