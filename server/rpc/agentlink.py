@@ -6,6 +6,11 @@ command log from where the agent's Hello says it stopped (or sends a snapshot), 
 commands pushed live after each commit. A live command that does not follow the last one sent
 makes the writer re-read the log, so nothing is skipped. An agent whose queue overflows is cut
 off; it reconnects and resyncs from the log instead of growing the coordinator's memory.
+
+The queue is a plain deque (`Session.offer`): an idle writer is woken once, and then writes
+everything queued by then and since, in order, before it waits again. A queue hop per item
+(`asyncio.Queue`: a future per item taken while empty, an Event cleared per put) was part of
+the writers' cost in a fleet-wide revoke (docs/performance.md, "Where the time goes").
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ class Wake:
 WAKE = Wake()
 
 
+Item = agentlink_pb2.CoordinatorMessage | Command | Wake
+
+
 class Session:
     # Thousands of these live at once: no per-instance __dict__, and a bare future to wait on
     # for the close rather than an Event plus a task waiting on it (docs/performance.md).
@@ -73,7 +81,9 @@ class Session:
         "close_code",
         "close_reason",
         "closed",
+        "idle",
         "legacy",
+        "limit",
         "queue",
         "stopping",
         "writing",
@@ -83,9 +93,13 @@ class Session:
         self.agent = agent
         # An agent older than wire 0.2 (docs/wire.md, "Mixed versions").
         self.legacy = False
-        self.queue: asyncio.Queue[agentlink_pb2.CoordinatorMessage | Command | Wake] = (
-            asyncio.Queue(queue_limit)
-        )
+        # Items offered and not yet taken by the writer, at most `limit` (as asyncio.Queue's
+        # bound: the item being written is not counted).
+        self.queue: collections.deque[Item] = collections.deque()
+        self.limit = queue_limit
+        # Set by the writer when it found the queue empty and waits; the first offer after
+        # answers it and clears it, so a wake costs one future however many items follow.
+        self.idle: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.close_reason = ""
         self.close_code = grpc.StatusCode.UNAVAILABLE
@@ -93,11 +107,31 @@ class Session:
         self.writing = False
         self.stopping = False
 
-    def offer(self, item: agentlink_pb2.CoordinatorMessage | Command | Wake) -> None:
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
+    def offer(self, item: Item) -> None:
+        queue = self.queue
+        if len(queue) >= self.limit:
             self.close("outbound queue full (slow agent); it will resync")
+            return
+        queue.append(item)
+        idle = self.idle
+        if idle is not None:
+            self.idle = None
+            if not idle.done():  # not cancelled with the writer
+                idle.set_result(None)
+
+    async def take(self) -> Item:
+        """The oldest item offered; waits (one future) only when there is none."""
+        queue = self.queue
+        while not queue:
+            # The loop from `closed`: get_running_loop calls getpid on Python 3.11.
+            idle = self.idle = self.closed.get_loop().create_future()
+            try:
+                await idle
+            finally:
+                # Cancelled while idle: an offer must not answer a future nobody awaits.
+                if self.idle is idle:
+                    self.idle = None
+        return queue.popleft()
 
     def close(self, reason: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         if not self.closed.done():
@@ -489,7 +523,9 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
             last = resume.snapshot_seq
         last = await self._replay(session, last, context)
         while True:
-            item = await session.queue.get()
+            queue = session.queue
+            # Everything queued is taken without a wait; only an empty queue waits (`take`).
+            item = queue.popleft() if queue else await session.take()
             if isinstance(item, Wake):
                 last = await self._replay(session, last, context)
                 continue
