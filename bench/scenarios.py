@@ -24,6 +24,7 @@ from jitmesh import Client
 from jitmesh.types import Grant, GrantState, OfflinePolicy
 from server.app import DB_NAME, build
 from server.config import CoordinatorConfig
+from server.domain.batching import Answer
 from server.domain.expiry import Expirer
 from server.domain.hub import Hub
 from server.domain.models import ADMIN_GROUP, AgentAck, Command, Principal
@@ -243,17 +244,16 @@ async def _local(tmp: Path, sizes: Sizes, *, tls: bool, webhook: bool) -> list[S
         probe.on_push(commands)
         registry_push(commands)
 
-    def ack_hook(principal: Principal, acks: Sequence[AgentAck]) -> asyncio.Future[Any]:
+    def ack_hook(principal: Principal, acks: Sequence[AgentAck], answer: Answer) -> None:
         # Timed when the ack is read off the stream, as before its write.
         at = time.perf_counter()
-        written = fleet_ack_later(principal, acks)
 
-        def done(_: asyncio.Future[Any]) -> None:
+        def done(failure: BaseException | None) -> None:
             for ack in acks:
                 probe.on_ack(ack.grant_id, at)
+            answer(failure)
 
-        written.add_done_callback(done)
-        return written
+        fleet_ack_later(principal, acks, done)
 
     # Instance attributes shadow the methods: the servicers call through them.
     setattr(coordinator.registry, "push", push_hook)  # noqa: B010

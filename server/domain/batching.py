@@ -19,6 +19,31 @@ R = TypeVar("R")
 # Items per transaction: bounds how long one batch holds the writer.
 MAX_BATCH = 256
 
+# Called once for a group of items (`GroupCommit.enqueue_all`): None once all are durable,
+# else the first failure (CancelledError when the writer was cancelled before they were).
+Answer = Callable[[BaseException | None], None]
+
+
+class _Group:
+    """Items enqueued together and answered once (`enqueue_all`)."""
+
+    __slots__ = ("answer", "left")
+
+    def __init__(self, left: int, answer: Answer) -> None:
+        self.left = left
+        self.answer = answer
+
+    def settle(self, result: object) -> None:
+        if self.left <= 0:
+            return  # answered already, with an earlier item's failure
+        if isinstance(result, BaseException):
+            self.left = 0
+            self.answer(result)
+            return
+        self.left -= 1
+        if self.left == 0:
+            self.answer(None)
+
 
 class GroupCommit(Generic[T, R]):
     def __init__(
@@ -36,7 +61,7 @@ class GroupCommit(Generic[T, R]):
         self._write = write
         self._max_batch = max_batch
         self._skip_abandoned = skip_abandoned
-        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._pending: list[tuple[T, asyncio.Future[R] | _Group]] = []
         self._flushing: asyncio.Future[None] | None = None
         self._waiting = 0
 
@@ -55,12 +80,29 @@ class GroupCommit(Generic[T, R]):
         self._waiting += 1
         future.add_done_callback(self._answered)
         self._pending.append((item, future))
+        self._start()
+        return future
+
+    def enqueue_all(self, items: Sequence[T], answer: Answer) -> None:
+        """Submit `items` in order without a future each: `answer` is called once, by the
+        writer, with None after the last one's commit, or with the first failure (the others
+        are still written). For callers that need only "all durable, or not": a stream's
+        reader recording its acks made a future, two callbacks and two event-loop turns per
+        ack. `answer` must not raise."""
+        if not items:
+            answer(None)
+            return
+        group = _Group(len(items), answer)
+        self._waiting += len(items)
+        self._pending.extend((item, group) for item in items)
+        self._start()
+
+    def _start(self) -> None:
         if self._flushing is None or self._flushing.done():
             # The writer is a task of its own, owned here and awaited by `close`: a caller
             # that is cancelled (its RPC ended) must not cancel the others' batch.
             self._flushing = asyncio.ensure_future(self._flush())
             self._flushing.add_done_callback(self._flush_ended)
-        return future
 
     def _answered(self, _: asyncio.Future[R]) -> None:
         self._waiting -= 1
@@ -68,10 +110,16 @@ class GroupCommit(Generic[T, R]):
     def _flush_ended(self, flushing: asyncio.Future[None]) -> None:
         """A writer cancelled before it even started leaves its items pending: cancel them."""
         if flushing is self._flushing:
-            for _, future in self._pending:
-                if not future.done():
-                    future.cancel()
+            self._cancel(self._pending)
             self._pending.clear()
+
+    def _cancel(self, entries: list[tuple[T, asyncio.Future[R] | _Group]]) -> None:
+        for _, target in entries:
+            if isinstance(target, _Group):
+                self._waiting -= 1
+                target.settle(asyncio.CancelledError())
+            elif not target.done():
+                target.cancel()
 
     async def close(self) -> None:
         """Wait for the batches already submitted."""
@@ -79,13 +127,18 @@ class GroupCommit(Generic[T, R]):
             await self._flushing
 
     async def _flush(self) -> None:
-        batch: list[tuple[T, asyncio.Future[R]]] = []
+        batch: list[tuple[T, asyncio.Future[R] | _Group]] = []
         try:
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
                 if self._skip_abandoned:
-                    batch = [(item, future) for item, future in batch if not future.done()]
+                    # A group has no caller to leave: its items are always written.
+                    batch = [
+                        (item, target)
+                        for item, target in batch
+                        if isinstance(target, _Group) or not target.done()
+                    ]
                     if not batch:
                         continue
                 items = [item for item, _ in batch]
@@ -97,19 +150,20 @@ class GroupCommit(Generic[T, R]):
                     else:
                         # Something in the batch failed the whole transaction: each alone.
                         results = [await self._one(item) for item in items]
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():  # the caller is gone
+                for (_, target), result in zip(batch, results, strict=True):
+                    if isinstance(target, _Group):
+                        self._waiting -= 1
+                        target.settle(result)
+                    elif target.done():  # the caller is gone
                         continue
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
+                    elif isinstance(result, Exception):
+                        target.set_exception(result)
                     else:
-                        future.set_result(result)
+                        target.set_result(result)
                 batch = []
         except BaseException:
             # Cancelled (the loop is shutting down): nobody is left waiting forever.
-            for _, future in batch + self._pending:
-                if not future.done():
-                    future.cancel()
+            self._cancel(batch + self._pending)
             self._pending.clear()
             raise
 

@@ -18,7 +18,7 @@ from jitmesh.versions import parse as parse_version
 
 from . import breakglass, locks
 from .access import hash_secret
-from .batching import GroupCommit
+from .batching import Answer, GroupCommit
 from .breakglass import CodeSigner
 from .delivery import DeliveryRates
 from .errors import (
@@ -615,15 +615,14 @@ class FleetService:
         self._step(Step.AFTER_PUSH)
         await self._acks.submit(_PendingAck(principal.name, ack))
 
-    def ack_later(self, principal: Principal, acks: Sequence[AgentAck]) -> asyncio.Future[Any]:
+    def ack_later(self, principal: Principal, acks: Sequence[AgentAck], answer: Answer) -> None:
         """`ack` for several acks, in order, without waiting: a stream's reader goes on
-        reading while they are written (each stream used to record one ack per commit). The
-        result is answered once all of them are durable, or with the first failure."""
+        reading while they are written (each stream used to record one ack per commit).
+        `answer` is called once (`GroupCommit.enqueue_all`): with None once all of them are
+        durable, or with the first failure."""
         self._step(Step.AFTER_PUSH)
-        futures = [self._acks.enqueue(_PendingAck(principal.name, ack)) for ack in acks]
-        if len(futures) == 1:
-            return futures[0]
-        return asyncio.gather(*futures)
+        name = principal.name
+        self._acks.enqueue_all([_PendingAck(name, ack) for ack in acks], answer)
 
     @property
     def acks_waiting(self) -> int:

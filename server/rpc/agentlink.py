@@ -341,9 +341,9 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
 
     async def _read(self, principal: Principal, session: Session, context: Ctx) -> None:
         # Acks being written: the reader goes on reading while they are group-committed
-        # (recorded in the order read), up to ACKS_IN_FLIGHT; a failed write ends the stream
-        # (`_watch`) as a refused message does.
-        writing: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # (recorded in the order read), up to ACKS_IN_FLIGHT messages; a failed write ends the
+        # stream (`_AckWrites.written`) as a refused message does.
+        writing = _AckWrites(session)
         while True:
             message = await context.read()
             if message is EOF:
@@ -368,9 +368,10 @@ class AgentLinkServicer(agentlink_pb2_grpc.AgentLinkServicer):
                         for ack in acks:
                             await self._fleet.ack(principal, ack)
                     elif acks:
-                        writing.append(self._fleet.ack_later(principal, acks))
-                        _watch(session, writing[-1])
-                        await _settle(writing)
+                        writing.in_flight += 1
+                        self._fleet.ack_later(principal, acks, writing.written)
+                        if writing.in_flight > ACKS_IN_FLIGHT:
+                            await writing.room()
                 elif kind == "event":
                     await self._fleet.observed(principal, c.observation(message.event))
                     session.offer(
@@ -617,31 +618,41 @@ def _sendable(session: Session, command: Command) -> bool:
     return not (session.legacy and command.kind in (CommandKind.LOCK, CommandKind.UNLOCK))
 
 
-async def _settle(writing: collections.deque[asyncio.Future[Any]]) -> None:
-    """Take the finished ack writes off the front, and wait for the oldest while too many are
-    in flight (their failures are handled by `_watch`)."""
-    while writing and writing[0].done():
-        # Done already: no asyncio.wait (its waiter future, callbacks and a loop turn per ack).
-        writing.popleft()
-    while len(writing) > ACKS_IN_FLIGHT:
-        await asyncio.wait([writing.popleft()])
+class _AckWrites:
+    """A stream's ack messages being group-committed (`FleetService.ack_later`): counted, and
+    answered by one call each from the batch's writer, not a future each (a future, two
+    callbacks and two event-loop turns per ack in a fleet-wide revoke)."""
 
+    __slots__ = ("in_flight", "session", "waiter")
 
-def _watch(session: Session, written: asyncio.Future[Any]) -> None:
-    """End the stream when an ack write failed: with the refusal's status for a refused ack
-    (another agent's grant named), as the reader does for any refused message."""
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.in_flight = 0
+        # Set while the reader waits for the in-flight messages to drop to ACKS_IN_FLIGHT.
+        self.waiter: asyncio.Future[None] | None = None
 
-    def done(future: asyncio.Future[Any]) -> None:
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if isinstance(exc, errors.DomainError):
-            session.close(exc.message, status_of(exc))
-        elif exc is not None:
-            log.warning("recording an agent's acks failed: %r", exc)
-            session.close(f"stream error: {type(exc).__name__}", grpc.StatusCode.INTERNAL)
+    async def room(self) -> None:
+        while self.in_flight > ACKS_IN_FLIGHT:
+            waiter = self.waiter = self.session.closed.get_loop().create_future()
+            await waiter
 
-    written.add_done_callback(done)
+    def written(self, failure: BaseException | None) -> None:
+        """One message's acks are durable, or were not written: end the stream with the
+        refusal's status for a refused ack (another agent's grant named), as the reader does
+        for any refused message."""
+        self.in_flight -= 1
+        if failure is not None and not isinstance(failure, asyncio.CancelledError):
+            session = self.session
+            if isinstance(failure, errors.DomainError):
+                session.close(failure.message, status_of(failure))
+            else:
+                log.warning("recording an agent's acks failed: %r", failure)
+                session.close(f"stream error: {type(failure).__name__}", grpc.StatusCode.INTERNAL)
+        waiter = self.waiter
+        if waiter is not None and self.in_flight <= ACKS_IN_FLIGHT:
+            self.waiter = None
+            if not waiter.done():  # not cancelled with the reader
+                waiter.set_result(None)
 
 
 def _collect(task: asyncio.Task[None]) -> None:

@@ -13,6 +13,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from jitmesh.v1 import agentlink_pb2 as A
+from server.domain.batching import Answer
 from server.rpc import convert
 from server.rpc.agentlink import AgentLinkServicer
 from tests.server.helpers import T0, AgentLink, Env, agent_link
@@ -118,11 +119,9 @@ async def test_a_handler_that_fails_never_ends_the_stream_ok(
     async def broken(*_: object) -> None:
         raise RuntimeError("store on fire")
 
-    def written_later(*_: object) -> asyncio.Future[None]:
+    def written_later(_: object, __: object, answer: Answer) -> None:
         # Acks are recorded without the reader waiting (ack_later): the write fails later.
-        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        failed.set_exception(RuntimeError("store on fire"))
-        return failed
+        answer(RuntimeError("store on fire"))
 
     monkeypatch.setattr(env.coordinator.fleet, "ack", broken)
     monkeypatch.setattr(env.coordinator.fleet, "ack_later", written_later)

@@ -10,7 +10,8 @@ import grpc
 import pytest
 
 from jitmesh.v1 import agentlink_pb2
-from server.rpc.agentlink import Session
+from server.domain import errors
+from server.rpc.agentlink import ACKS_IN_FLIGHT, Session, _AckWrites
 from tests.server.helpers import WAIT, Env, agent_link
 
 FULL = "outbound queue full (slow agent); it will resync"
@@ -129,3 +130,33 @@ async def test_an_idle_writer_is_woken_once_for_items_offered_together() -> None
     session.offer(event_ack("e3"))
     async with asyncio.timeout(WAIT):
         assert event_id(await again) == "e3"
+
+
+async def test_the_reader_waits_for_room_among_its_acks_being_written() -> None:
+    session = Session("web-1", 10)
+    writing = _AckWrites(session)
+    writing.in_flight = ACKS_IN_FLIGHT + 2
+    room = asyncio.ensure_future(writing.room())
+    await asyncio.sleep(0)
+    writing.written(None)
+    await asyncio.sleep(0)
+    assert not room.done()
+    # Not written because the batch's writer was cancelled (shutdown): no close of its own.
+    writing.written(asyncio.CancelledError())
+    async with asyncio.timeout(WAIT):
+        await room
+    assert writing.in_flight == ACKS_IN_FLIGHT
+    assert not session.closed.done()
+
+
+async def test_a_refused_ack_write_ends_the_stream_with_the_refusals_status() -> None:
+    session = Session("web-1", 10)
+    writing = _AckWrites(session)
+    writing.in_flight = 2
+    writing.written(errors.PermissionDenied("ack names another agent's grant"))
+    assert session.close_code == grpc.StatusCode.PERMISSION_DENIED
+    assert session.close_reason == "ack names another agent's grant"
+    # A later failure does not replace the first reason.
+    writing.written(RuntimeError("store on fire"))
+    assert session.close_code == grpc.StatusCode.PERMISSION_DENIED
+    assert writing.in_flight == 0
