@@ -24,6 +24,7 @@ from jitmesh.types import (
 from .access import hash_secret
 from .approval import DAY, auto_decision, budget_usage
 from .audit import ChainVerifier
+from .batching import GroupCommit
 from .errors import (
     Conflict,
     InvalidArgument,
@@ -54,6 +55,8 @@ VERIFY_PAGE = 5000
 # Credentials remembered at most; past it the cache starts again (a flood of distinct tokens
 # cannot grow the coordinator's memory).
 MAX_KNOWN = 10_000
+# Callers answered by one shared read at most (a burst larger than this takes a few reads).
+SHARED_READ_BATCH = 10_000
 
 
 class IdentityService:
@@ -71,10 +74,24 @@ class IdentityService:
         # token hash -> (principal, expires_at); (user, serial) -> principal.
         self._tokens: dict[str, tuple[Principal, datetime | None]] = {}
         self._users: dict[tuple[str, str], Principal] = {}
+        # One read of the generation for all the calls that asked before it started (a read
+        # per loop turn under load, not one per call). Each call's read still starts after the
+        # call arrived, so "refused at the very next call" holds: a call that arrives while a
+        # read is under way waits for the next one.
+        self._generations = GroupCommit(self._read_generation, SHARED_READ_BATCH)
+
+    @property
+    def reads_waiting(self) -> int:
+        """Calls waiting for a read of the identity generation (for tests)."""
+        return self._generations.waiting
+
+    async def _read_generation(self, callers: Sequence[None]) -> list[int]:
+        generation = await self._store.identity_generation()
+        return [generation] * len(callers)
 
     async def _current(self) -> None:
         """Forget everything remembered when the identity generation moved."""
-        generation = await self._store.identity_generation()
+        generation = await self._generations.submit(None)
         if generation != self._generation:
             self._tokens.clear()
             self._users.clear()

@@ -5,7 +5,9 @@ another store on the same SQLite file) refuses the very next call on another."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -175,3 +177,77 @@ async def test_an_unknown_token_is_never_remembered(store: Store) -> None:
         await tx.upsert_user("alice", ["developers"], T0)
         await tx.insert_token(hash_secret("jmt_later"), "alice", T0, None, "")
     assert (await identity.authenticate("jmt_later")).name == "alice"
+
+
+class _CountedReads:
+    """The store, with its identity-generation reads counted; with `hold` set, each read (once
+    it has read) waits for `release`, so a test can act while a read is under way."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.reads = 0
+        self.hold = False
+        self.reading = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def identity_generation(self) -> int:
+        self.reads += 1
+        generation = await self._store.identity_generation()
+        if self.hold:
+            self.reading.set()
+            await self.release.wait()
+        return generation
+
+
+async def _alice(store: Store) -> None:
+    async with store.transaction() as tx:
+        await tx.upsert_user("alice", ["developers"], T0)
+        await tx.insert_token(hash_secret("jmt_alice"), "alice", T0, None, "")
+
+
+async def test_calls_that_arrive_together_share_one_read(store: Store) -> None:
+    await _alice(store)
+    counted = _CountedReads(store)
+    identity = _identity(counted)
+    assert (await identity.authenticate("jmt_alice")).name == "alice"
+    counted.reads = 0
+    calls = [identity.authenticate("jmt_alice") for _ in range(20)]
+    assert {p.name for p in await asyncio.gather(*calls)} == {"alice"}
+    assert counted.reads == 1
+
+
+async def test_a_call_arriving_during_a_read_waits_for_the_next_one(
+    store: Store, reopen: Opener
+) -> None:
+    """Revoked while the first call's read is under way: that call may still pass (it arrived
+    before the revoke), the second must not (a read it shared would predate its arrival)."""
+    other = await reopen()
+    await _alice(store)
+    counted = _CountedReads(store)
+    identity = _identity(counted)
+    assert (await identity.authenticate("jmt_alice")).name == "alice"  # remembered
+    counted.hold = True
+    first = asyncio.create_task(identity.authenticate("jmt_alice"))
+    async with asyncio.timeout(10):
+        await counted.reading.wait()
+    async with other.transaction() as tx:
+        assert await tx.revoke_token(hash_secret("jmt_alice")[:16], T0)
+    waiting: list[int] = []
+
+    def release() -> None:
+        waiting.append(identity.reads_waiting)
+        counted.release.set()
+
+    second = asyncio.create_task(identity.authenticate("jmt_alice"))
+    # Callbacks run in the order scheduled: the read is let go after the second call's first
+    # step, where it asks for its read.
+    asyncio.get_running_loop().call_soon(release)
+    async with asyncio.timeout(10):
+        assert (await first).name == "alice"
+        with pytest.raises(Unauthenticated):
+            await second
+    assert waiting == [2]
+    assert counted.reads == 3
