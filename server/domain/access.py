@@ -13,9 +13,11 @@ from jitmesh import validation as v
 from jitmesh.clock import Clock, from_ms, rfc3339, to_ms
 from jitmesh.durations import MAX_DURATION, format_duration
 from jitmesh.types import (
+    Agent,
     ApprovalPlan,
     Grant,
     GrantState,
+    Lock,
     Request,
     RequestOption,
     RequestState,
@@ -50,7 +52,7 @@ from .errors import (
 from .grants import end_grants, extend_grant, extension_problem, write_grants
 from .hub import Hub
 from .lifecycle import ENDABLE_GRANT_STATES, EXTENDABLE_GRANT_STATES
-from .locks import first_lock, lock_refusal, refuse_if_locked
+from .locks import first_lock, first_lock_at, lock_refusal, refuse_if_locked
 from .models import (
     AuditEntry,
     AuditKind,
@@ -80,6 +82,20 @@ def plan_groups_in_order(plan: ApprovalPlan) -> list[str]:
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """What a new request reads before it is judged: its agent, and a lock for it at `now`."""
+
+    agent: str
+    subject: str
+    action: str
+    now: datetime
+
+
+# Requests whose agent and lock reads share one read at most.
+READ_BATCH = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +163,10 @@ class AccessService:
         self._epoch = epoch
         self._deadlines_changed = deadlines_changed
         self._creations = GroupCommit(self._create_many)
+        # The agent and the locks in force, one read for all the requests that asked before it
+        # started (each request's read starts after it arrived, so it sees every lock and
+        # enrollment committed before; locks are checked again in the writing transaction).
+        self._targets = GroupCommit(self._read_targets, READ_BATCH)
 
     @property
     def creations_waiting(self) -> int:
@@ -196,18 +216,17 @@ class AccessService:
         policy = self._policy()
         if action not in policy.model.actions:
             raise InvalidArgument(unknown_action(action, policy))
-        target = await self._store.get_agent(agent)
-        if target is None:
-            raise NotFound(f"agent {agent} is not enrolled")
         # Whole milliseconds, as stored: the request is returned as built, not read back.
         now = from_ms(to_ms(self._clock.now()))
+        target, lock = await self._targets.submit(_Target(agent, principal.name, action, now))
+        if target is None:
+            raise NotFound(f"agent {agent} is not enrolled")
         if start_at is not None:
             start_at = from_ms(to_ms(start_at))
             if start_at <= now:
                 start_at = None  # a start in the past is now
             elif start_at - now > MAX_DURATION:
                 raise InvalidArgument("start must be within 366d")
-        lock = await self._store.lock_in_force(principal.name, agent, action, now)
         if lock is not None:
             await self._refused(principal.name, agent, action, f"locked by {lock.id}")
             raise lock_refusal(lock)
@@ -296,6 +315,18 @@ class AccessService:
         return await self._creations.submit(
             _Creation(principal.name, request, grant, undelivered, budget)
         )
+
+    async def _read_targets(
+        self, asked: Sequence[_Target]
+    ) -> list[tuple[Agent | None, Lock | None]]:
+        # Locks in force at the earliest caller's time, then each caller's at its own time.
+        agents, locks = await self._store.agents_and_locks(
+            list({t.agent for t in asked}), min(t.now for t in asked)
+        )
+        return [
+            (agents.get(t.agent), first_lock_at(locks, t.subject, t.agent, t.action, t.now))
+            for t in asked
+        ]
 
     def _undelivered(self, agent: str, last_seq: int, last_acked_seq: int) -> int:
         return max(0, max(last_seq, self._appended.get(agent, 0)) - last_acked_seq)

@@ -391,6 +391,18 @@ def first_lock(locks: Sequence[Lock], request: Request) -> Lock | None:
     return None
 
 
+def first_lock_at(
+    locks: Sequence[Lock], subject: str, agent: str, action: str, now: datetime
+) -> Lock | None:
+    """The first of `locks` in force at `now` that matches the subject (in any case), agent and
+    action: as `Store.lock_in_force`, from a list read once for several callers."""
+    subject = subject.lower()
+    for lock in locks:
+        if lock.in_force(now) and lock.target.matches(subject, agent, action):
+            return lock
+    return None
+
+
 def checked_target(target: LockTarget) -> LockTarget:
     if not (target.subject or target.agent or target.action):
         raise InvalidArgument("a lock needs a subject, an agent or an action")

@@ -343,6 +343,14 @@ class Store(Protocol):
         together read their agents at once)."""
         ...
 
+    async def agents_and_locks(
+        self, names: Sequence[str], now: datetime
+    ) -> tuple[dict[str, Agent], list[Lock]]:
+        """`agents_named(names)`, and the locks in force at `now` oldest first (as
+        `Tx.locks_in_force`), in one trip where the store can: requests that arrive together
+        check their agents and locks at once."""
+        ...
+
     async def list_agents(self) -> list[Agent]: ...
     async def agent_for_credential(self, credential_hash: str) -> str | None: ...
     async def agents_for_credentials(self, credential_hashes: Sequence[str]) -> dict[str, str]:

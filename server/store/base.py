@@ -214,14 +214,21 @@ class SqlReads(ABC):
 
     async def agents_named(self, names: Sequence[str]) -> dict[str, Agent]:
         found: dict[str, Agent] = {}
-        for part in self._d.chunks(names):
-            rows = await self._all(
+        for sql, args in self._agents_named_sql(names):
+            found.update(
+                (agent.name, agent) for agent in map(rec.agent, await self._all(sql, args))
+            )
+        return found
+
+    def _agents_named_sql(self, names: Sequence[str]) -> list[tuple[str, list[Any]]]:
+        return [
+            (
                 f"SELECT {AGENT_COLUMNS} FROM agents a "
                 f"WHERE {self._d.in_list('a.name', part)} AND a.removed_at IS NULL",
                 self._d.in_args(part),
             )
-            found.update((agent.name, agent) for agent in map(rec.agent, rows))
-        return found
+            for part in self._d.chunks(names)
+        ]
 
     async def unacked_lock_commands(self, agent: str) -> list[Command]:
         rows = await self._all(self._q.unacked_lock_commands, [agent])
@@ -891,6 +898,14 @@ class SqlStore(SqlReads):
     def _short_write(self) -> AbstractAsyncContextManager[SqlTx]:
         """A transaction for the store's own writes of a statement or two (replicas, secrets,
         checkpoints): on PostgreSQL without the audit head's lock that every `Tx` takes."""
+
+    async def agents_and_locks(
+        self, names: Sequence[str], now: datetime
+    ) -> tuple[dict[str, Agent], list[Lock]]:
+        async with self._session() as db:
+            agents = await db.agents_named(names)
+            locks = await db._all(self._q.locks_in_force, [to_ms(now)])
+        return agents, [rec.lock(r) for r in locks]
 
     async def replica_seen(
         self, replica: str, address: str, version: str, started_at: datetime, at: datetime

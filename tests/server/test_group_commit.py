@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 
-from jitmesh import ConflictError, GrantState, RequestState
-from jitmesh.types import Agent
+from jitmesh import GrantState, RequestState
 from server.app import Coordinator
 from server.domain.audit import verify_chain
 from server.domain.batching import GroupCommit
-from server.domain.errors import PermissionDenied, Unauthenticated
+from server.domain.errors import Conflict, Locked, NotFound, PermissionDenied, Unauthenticated
 from server.domain.models import AckStatus, AgentAck, CommandKind, Principal
 from server.domain.ports import Store
 from server.store.sqlite import SqliteStore
@@ -134,26 +133,34 @@ async def test_a_create_that_fails_inside_the_batch_does_not_spoil_the_others(
     store = env.coordinator.store
     join, _ = await env.coordinator.fleet.create_join_token(ADMIN, {"env": "staging"}, None)
     await env.coordinator.fleet.enroll(join, "web-2", {})
-    real_get_agent = store.get_agent
-    agents = ["web-1", "web-1", "web-2", "web-1"]
-    # All four are checked before any is written, so they go into one batch.
-    checked = asyncio.Barrier(len(agents))
+    access = env.coordinator.access
+    assert access is not None
+    read = store.agents_and_locks
+    reads = 0
 
-    async def get_agent_then_remove(name: str) -> Agent | None:
+    async def read_then_remove(names: Sequence[str], now: Any) -> Any:
         # web-2 is removed between its request's checks and the batch write.
-        agent = await real_get_agent(name)
-        if name == "web-2":
+        nonlocal reads
+        reads += 1
+        found = await read(names, now)
+        if "web-2" in names:
             async with store.transaction() as tx:
                 await tx.remove_agent("web-2", T0)
-        await asyncio.wait_for(checked.wait(), 5)
-        return agent
+        return found
 
-    monkeypatch.setattr(store, "get_agent", get_agent_then_remove)
+    monkeypatch.setattr(store, "agents_and_locks", read_then_remove)
+    alice = Principal("alice", frozenset({"developers"}))
+    # Asked together (in one turn of the loop): one read, then all four checked before any is
+    # written, so they go into one batch.
     results = await asyncio.gather(
-        *(env.alice.create_request(agent=a, action="deploy", duration=M15) for a in agents),
+        *(
+            access.create_request(alice, agent=a, action="deploy", duration=M15, reason="")
+            for a in ["web-1", "web-1", "web-2", "web-1"]
+        ),
         return_exceptions=True,
     )
-    assert isinstance(results[2], ConflictError)
+    assert reads == 1
+    assert isinstance(results[2], Conflict)
     seqs = []
     for answer in [r for i, r in enumerate(results) if i != 2]:
         assert not isinstance(answer, BaseException)
@@ -413,3 +420,43 @@ async def test_handshakes_that_arrive_together_read_their_credentials_at_once(
     assert [a.name for a in answers[:40]] == [name for name, _ in enrolled]  # type: ignore[union-attr]
     assert isinstance(answers[40], Unauthenticated)
     assert calls["agents_for_credentials"] == 1
+
+
+async def test_requests_arriving_together_read_their_agents_and_locks_once(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read of agents and locks for the requests that asked together, and each still
+    judged by its own: the locked one refused, the unknown agent not found, the rest made."""
+    lock, _, _ = await env.admin.create_lock(agent="db-1", action="deploy", reason="INC-9")
+    store, access = env.coordinator.store, env.coordinator.access
+    assert access is not None
+    reads: list[list[str]] = []
+    read = store.agents_and_locks
+
+    async def counted(names: Sequence[str], now: Any) -> Any:
+        reads.append(sorted(names))
+        return await read(names, now)
+
+    monkeypatch.setattr(store, "agents_and_locks", counted)
+    alice = Principal("alice", frozenset({"developers"}))
+    agents = ["web-1", "db-1", "web-1", "nobody", "web-1"]
+    calls = [
+        access.create_request(alice, agent=agent, action="deploy", duration=M15, reason="r")
+        for agent in agents
+    ]
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    assert reads == [["db-1", "nobody", "web-1"]]
+    assert isinstance(answers[1], Locked)
+    assert lock.id in str(answers[1])
+    assert isinstance(answers[3], NotFound)
+    for k in (0, 2, 4):
+        request, grant = answers[k]  # type: ignore[misc]
+        assert request.state is RequestState.APPROVED
+        assert grant is not None
+    # The next request reads again (nothing is kept from one read to the next).
+    await env.admin.lift_lock(lock.id, reason="over")
+    request, _ = await access.create_request(
+        alice, agent="db-1", action="deploy", duration=M15, reason="r"
+    )
+    assert request.state is RequestState.PENDING
+    assert len(reads) == 2

@@ -190,3 +190,29 @@ async def test_locks_match_and_end(store: Store) -> None:
     assert await store.lock_in_force("alice", "web-1", "deploy", T0) is None
     assert [x.id for x in await store.list_locks(include_ended=True, now=T0)] == ["lck-1"]
     assert await store.list_locks(include_ended=False, now=T0) == []
+
+
+async def test_agents_and_locks_read_together(store: Store) -> None:
+    """What a new request reads: the enrolled agents among the names, and the locks in force
+    at the time given, oldest first (lifted and expired ones left out)."""
+    await enroll(store, "web-1", "db-1", "gone-1")
+    at = T0 + timedelta(minutes=1)
+    older = Lock("lck-b", LockTarget(agent="web-1"), "incident", "admin", T0)
+    newer = Lock(
+        "lck-a", LockTarget(subject="alice"), "x", "admin", at, expires_at=at + timedelta(hours=1)
+    )
+    lifted = Lock("lck-c", LockTarget(action="deploy"), "x", "admin", T0)
+    expired = Lock("lck-d", LockTarget(action="deploy"), "x", "admin", T0, expires_at=at)
+    lasting = Lock(
+        "lck-e", LockTarget(action="ssh"), "x", "admin", at, expires_at=at + timedelta(hours=2)
+    )
+    async with store.transaction() as tx:
+        for lock in (newer, older, lifted, expired, lasting):
+            await tx.insert_lock(lock)
+        assert await tx.lift_lock("lck-c", T0, "admin", "over")
+        assert await tx.remove_agent("gone-1", T0)
+    agents, locks = await store.agents_and_locks(["web-1", "db-1", "gone-1", "nobody"], at)
+    assert agents == await store.agents_named(["web-1", "db-1"])
+    assert sorted(agents) == ["db-1", "web-1"]
+    assert [lock.id for lock in locks] == ["lck-b", "lck-a", "lck-e"]
+    assert await store.agents_and_locks([], at) == ({}, locks)
