@@ -1272,12 +1272,16 @@ class AccessService:
     ) -> tuple[Grant, Command]:
         now = now or self._clock.now()
         # Inside the approving transaction: a lock created a moment ago cannot be slipped past.
-        await refuse_if_locked(tx, request.subject, request.agent, request.action, now)
+        # The agent (for the delivery gate) comes with the locks, in one trip.
+        agents, locks = await tx.agents_and_locks([request.agent], now)
+        lock = first_lock_at(locks, request.subject, request.agent, request.action, now)
+        if lock is not None:
+            raise lock_refusal(lock)
         if request.extends_grant_id:
             return await self._approve_extension(tx, request, rule, by, reason, now)
         if self._delivery is not None:
             # Refused before anything is written: the review is rolled back with it.
-            target = await tx.get_agent(request.agent)
+            target = agents.get(request.agent)
             if target is not None:
                 undelivered = self._undelivered(
                     request.agent, target.last_seq, target.last_acked_seq

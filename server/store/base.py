@@ -161,6 +161,12 @@ class SqlReads(ABC):
         (taking one per statement cost more than the statements, measured)."""
         return nullcontext(self)
 
+    async def _fetch_each(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        """All rows of each statement, on one connection; SQLite runs them in one trip to the
+        connection's thread (each trip is a hand-off both ways and a turn of the loop)."""
+        async with self._session() as db:
+            return [await db._all(sql, args) for sql, args in statements]
+
     async def _reviews(self, ids: list[str]) -> dict[str, tuple[Review, ...]]:
         if not ids:
             return {}
@@ -219,6 +225,15 @@ class SqlReads(ABC):
                 (agent.name, agent) for agent in map(rec.agent, await self._all(sql, args))
             )
         return found
+
+    async def agents_and_locks(
+        self, names: Sequence[str], now: datetime
+    ) -> tuple[dict[str, Agent], list[Lock]]:
+        *agents, locks = await self._fetch_each(
+            [*self._agents_named_sql(names), (self._q.locks_in_force, [to_ms(now)])]
+        )
+        found = {a.name: a for a in map(rec.agent, (row for rows in agents for row in rows))}
+        return found, [rec.lock(r) for r in locks]
 
     def _agents_named_sql(self, names: Sequence[str]) -> list[tuple[str, list[Any]]]:
         return [
@@ -898,14 +913,6 @@ class SqlStore(SqlReads):
     def _short_write(self) -> AbstractAsyncContextManager[SqlTx]:
         """A transaction for the store's own writes of a statement or two (replicas, secrets,
         checkpoints): on PostgreSQL without the audit head's lock that every `Tx` takes."""
-
-    async def agents_and_locks(
-        self, names: Sequence[str], now: datetime
-    ) -> tuple[dict[str, Agent], list[Lock]]:
-        async with self._session() as db:
-            agents = await db.agents_named(names)
-            locks = await db._all(self._q.locks_in_force, [to_ms(now)])
-        return agents, [rec.lock(r) for r in locks]
 
     async def replica_seen(
         self, replica: str, address: str, version: str, started_at: datetime, at: datetime

@@ -23,7 +23,7 @@ import aiosqlite
 from yoyo import get_backend, read_migrations
 
 from jitmesh.clock import Clock, from_ms, to_ms
-from jitmesh.types import Agent, AuditEvent, Lock, Request
+from jitmesh.types import AuditEvent, Request
 from server.domain.audit import GENESIS
 from server.domain.models import (
     CommandKind,
@@ -265,6 +265,9 @@ class SqliteTx(SqlTx):
         writer = self._conn
         assert isinstance(writer, _Writer)
         return writer
+
+    async def _fetch_each(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        return await self._writer.fetch_each(statements)
 
     async def get_request(self, request_id: str) -> Request | None:
         # The request and its reviews in one trip.
@@ -513,19 +516,15 @@ class SqliteStore(SqlStore):
             rows = list(await self._reader.execute_fetchall(sql))
         return int(rows[0][0]) if rows else 0
 
-    async def agents_and_locks(
-        self, names: Sequence[str], now: datetime
-    ) -> tuple[dict[str, Agent], list[Lock]]:
-        # One trip to the reader's thread for all of it (each trip is a hand-off both ways).
-        statements = [*self._agents_named_sql(names), (self._q.locks_in_force, [to_ms(now)])]
+    async def _fetch_each(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        # One trip to the reader's thread for all of them.
         conn = self._reader
 
         def each() -> list[list[Any]]:
             return [conn._conn.execute(sql, args).fetchall() for sql, args in statements]
 
-        *agents, locks = await conn._execute(each)  # type: ignore[no-untyped-call]
-        found = {a.name: a for a in map(rec.agent, (row for rows in agents for row in rows))}
-        return found, [rec.lock(r) for r in locks]
+        rows: list[list[Any]] = await conn._execute(each)  # type: ignore[no-untyped-call]
+        return rows
 
     async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         return await _one(self._reader, sql, args)
