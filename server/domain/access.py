@@ -858,7 +858,10 @@ class AccessService:
                 )
                 built = replace(decided, state=RequestState.DENIED)
             elif after.state is RequestState.APPROVED:
-                await tx.audit(self._reviewed(principal.actor, request, plan, before.stage))
+                # A new event (its id made now): no look-up of stored ids.
+                await tx.audit_many(
+                    [self._reviewed(principal.actor, request, plan, before.stage)], fresh=True
+                )
                 rule = self._rule(request.rule)
                 if request.start_at is not None and request.start_at > now:
                     # Approved; the grant is issued at the start, after a second look.

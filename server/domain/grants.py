@@ -68,12 +68,14 @@ async def write_grants(
 ) -> list[Command]:
     """Store new grants (each already numbered in its agent's command log) and audit them
     (`request.approved` by the approver named with each, `grant.created`), after the events in
-    `audit_first`. Returns the grant commands to push once committed."""
+    `audit_first`, which must be new entries too (ids made by `new_id` for them, never an
+    agent's). Returns the grant commands to push once committed."""
     entries = list(audit_first)
     for request, grant, by in approved:
         entries.extend(approved_entries(by, request, grant, now))
     await tx.insert_grants([grant for _, grant, _ in approved])
-    await tx.audit_many(entries)
+    # Every id was made just now: no look-up of stored ids (a trip while holding the writer).
+    await tx.audit_many(entries, fresh=True)
     return [
         Command(grant.agent, grant.grant_seq, CommandKind.GRANT, grant) for _, grant, _ in approved
     ]

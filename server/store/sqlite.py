@@ -99,6 +99,11 @@ class _Writer(aiosqlite.Connection):
     def deferred(self) -> int:
         return len(self._deferred)
 
+    @property
+    def beginning(self) -> bool:
+        """A transaction's BEGIN waits to go with the next trip: that trip is its first."""
+        return bool(self._deferred) and self._deferred[0][0] == "BEGIN IMMEDIATE"
+
     async def fetch_each(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
         """All rows of each statement, in one trip (after what was deferred)."""
 
@@ -218,7 +223,11 @@ async def _all(conn: Connection, sql: str, args: Iterable[Any] = ()) -> list[Any
 
 async def _audit_head(conn: Connection) -> tuple[int, str]:
     row = await _one(conn, "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-    return (0, GENESIS) if row is None else (int(row["seq"]), str(row["hash"]))
+    return (0, GENESIS) if row is None else _head_of(row)
+
+
+def _head_of(row: Any) -> tuple[int, str]:
+    return int(row["seq"]), str(row["hash"])
 
 
 class SqliteTx(SqlTx):
@@ -244,9 +253,17 @@ class SqliteTx(SqlTx):
         return self._head
 
     async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        return await _one(self._conn, sql, args)
+        rows = await self._all(sql, args)
+        return rows[0] if rows else None
 
     async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        if self._head is None and self._writer.beginning:
+            # The transaction's first trip (its BEGIN goes with it) reads the audit chain's
+            # head too: nearly every transaction audits, and the head is then one trip less.
+            # Read under the write lock that BEGIN takes; only audit_many adds events after.
+            rows, head = await self._writer.fetch_each([(sql, args), (self._q.audit_head, ())])
+            self._head = (0, GENESIS) if not head else _head_of(head[0])
+            return rows
         return await _all(self._conn, sql, args)
 
     async def _run(self, sql: str, args: Sequence[Any] = ()) -> int:
@@ -270,13 +287,17 @@ class SqliteTx(SqlTx):
         return await self._writer.fetch_each(statements)
 
     async def get_request(self, request_id: str) -> Request | None:
-        # The request and its reviews in one trip.
-        rows, reviews = await self._writer.fetch_each(
-            [
-                (self._q.get_request, [request_id]),
-                (self._q.reviews_of_request, [request_id]),
-            ]
-        )
+        # The request and its reviews in one trip; on the transaction's first trip the audit
+        # chain's head too, as `_all` does.
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (self._q.get_request, [request_id]),
+            (self._q.reviews_of_request, [request_id]),
+        ]
+        if self._head is None and self._writer.beginning:
+            statements.append((self._q.audit_head, ()))
+        rows, reviews, *head = await self._writer.fetch_each(statements)
+        if head:
+            self._head = (0, GENESIS) if not head[0] else _head_of(head[0][0])
         if not rows:
             return None
         return rec.request(rows[0], rec.reviews_by_request(reviews).get(request_id, ()))
@@ -296,7 +317,7 @@ class SqliteTx(SqlTx):
         results = await self._writer.fetch_each(statements)
         if self._head is None:
             head = results.pop(0)
-            self._head = (0, GENESIS) if not head else (int(head[0]["seq"]), str(head[0]["hash"]))
+            self._head = (0, GENESIS) if not head else _head_of(head[0])
         return self._head, {row["id"] for rows in results for row in rows}
 
     async def _advance_seqs(self, wanted: dict[str, int]) -> dict[str, int]:
