@@ -58,7 +58,13 @@ from server.domain.delivery import DeliveryGate, DeliveryRates
 from server.domain.expiring import ExpiryWarnings
 from server.domain.expiry import Expirer
 from server.domain.fleet import FleetService
-from server.domain.governance import AuditService, IdentityService, PolicyService, TokenService
+from server.domain.governance import (
+    AuditService,
+    IdentityService,
+    PolicyService,
+    StoreVersions,
+    TokenService,
+)
 from server.domain.hub import Hub
 from server.domain.locks import LockService
 from server.domain.models import Principal
@@ -460,9 +466,12 @@ async def _assemble(
     epoch = await _epoch(store)
     hub = Hub()
     registry = LinkRegistry(queue_limit=config.agent_queue_limit)
-    identity = IdentityService(store, hub, clock)
+    # Replicas read the identity generation and the policy version together (one round trip
+    # to PostgreSQL for both, shared by the calls that arrive together).
+    versions = None if isinstance(store, SqliteStore) else StoreVersions(store)
+    identity = IdentityService(store, hub, clock, versions)
     initial = config.initial_policy.read_text() if config.initial_policy else config.default_policy
-    policy = await PolicyService.load(store, hub, clock, initial)
+    policy = await PolicyService.load(store, hub, clock, initial, versions=versions)
     expirer = Expirer(store, hub, clock)
     # Grant commands an agent would not get in time are refused (server/domain/delivery.py):
     # never more undelivered than half its stream's queue, so accepted work never cuts it off.

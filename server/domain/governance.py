@@ -59,6 +59,31 @@ MAX_KNOWN = 10_000
 SHARED_READ_BATCH = 10_000
 
 
+class StoreVersions:
+    """The identity generation and the policy version, read together by one statement
+    (`Store.versions`) and shared by every call that asked before the read started. Replicas
+    check both on their calls (who the caller is; whether another replica applied a policy),
+    and on PostgreSQL each read alone is a round trip: with this, the calls that arrive
+    together make one read between them, whichever of the two each wants."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._reads = GroupCommit(self._read, SHARED_READ_BATCH)
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for a read (for tests)."""
+        return self._reads.waiting
+
+    async def read(self) -> tuple[int, int]:
+        """(identity generation, policy version), from a read that started after this call."""
+        return await self._reads.submit(None)
+
+    async def _read(self, callers: Sequence[None]) -> list[tuple[int, int]]:
+        versions = await self._store.versions()
+        return [versions] * len(callers)
+
+
 class IdentityService:
     """Who a credential stands for. What a token or certificate stood for is remembered while
     the store's identity generation stays the same: every change to users, tokens or revoked
@@ -66,10 +91,15 @@ class IdentityService:
     call, so a revoked token, a disabled user or a revoked certificate is refused at the very
     next call, on every replica, without looking the credential up each time."""
 
-    def __init__(self, store: Store, hub: Hub, clock: Clock) -> None:
+    def __init__(
+        self, store: Store, hub: Hub, clock: Clock, versions: StoreVersions | None = None
+    ) -> None:
+        """`versions` (replicas): the generation comes with the policy version, one read for
+        both (`StoreVersions`); without it, from a read of the generation alone."""
         self._store = store
         self._hub = hub
         self._clock = clock
+        self._versions = versions
         self._generation = -1
         # token hash -> (principal, expires_at); (user, serial) -> principal.
         self._tokens: dict[str, tuple[Principal, datetime | None]] = {}
@@ -86,7 +116,10 @@ class IdentityService:
         return self._generations.waiting
 
     async def _read_generation(self, callers: Sequence[None]) -> list[int]:
-        generation = await self._store.identity_generation()
+        if self._versions is not None:
+            generation, _ = await self._versions.read()
+        else:
+            generation = await self._store.identity_generation()
         return [generation] * len(callers)
 
     async def _current(self) -> None:
@@ -415,19 +448,37 @@ class PolicyService:
     """Holds the running policy. A new document is validated first and swapped in atomically;
     a bad one leaves the running policy in force."""
 
-    def __init__(self, store: Store, hub: Hub, clock: Clock, policy: Policy) -> None:
+    def __init__(
+        self,
+        store: Store,
+        hub: Hub,
+        clock: Clock,
+        policy: Policy,
+        versions: StoreVersions | None = None,
+    ) -> None:
+        """`versions` (replicas): `refresh` reads the policy version with the identity
+        generation, one read for both (`StoreVersions`)."""
         self._store = store
         self._hub = hub
         self._clock = clock
         self._policy = policy
+        self._versions = versions
 
     @classmethod
     async def load(
-        cls, store: Store, hub: Hub, clock: Clock, initial: str, *, by: str = "coordinator"
+        cls,
+        store: Store,
+        hub: Hub,
+        clock: Clock,
+        initial: str,
+        *,
+        by: str = "coordinator",
+        versions: StoreVersions | None = None,
     ) -> PolicyService:
         """The stored policy if there is one; otherwise `initial`, stored as version 1."""
         current = await store.current_policy()
-        service = cls(store, hub, clock, parse_policy(current.yaml if current else initial))
+        text = current.yaml if current else initial
+        service = cls(store, hub, clock, parse_policy(text), versions)
         if current is None:
             await service._store_policy(service._policy, by)
         else:
@@ -439,8 +490,12 @@ class PolicyService:
 
     async def refresh(self) -> Policy:
         """The running policy, reloaded first when the store holds a newer version (applied on
-        another replica): one indexed read of the newest version number, never a stale copy."""
-        version = await self._store.policy_version()
+        another replica): one indexed read of the newest version number, never a stale copy
+        (with `versions`, a read shared with the calls that asked before it started)."""
+        if self._versions is not None:
+            _, version = await self._versions.read()
+        else:
+            version = await self._store.policy_version()
         if version != self._policy.version:
             doc = await self._store.current_policy()
             if doc is not None and doc.version != self._policy.version:

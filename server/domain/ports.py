@@ -375,6 +375,11 @@ class Store(Protocol):
         same, what a credential stood for still holds. Cheap: called on every operator call."""
         ...
 
+    async def versions(self) -> tuple[int, int]:
+        """`identity_generation()` and `policy_version()` in one read (replicas check both
+        on their calls; on PostgreSQL each read is a round trip)."""
+        ...
+
     async def token_refusal(self, token_hash: str, now: datetime) -> tuple[str, str]:
         """Why a token `principal_for_token` refused is refused: ("disabled", user),
         ("revoked", user), ("expired", user), or ("unknown", "") for no such token."""

@@ -1092,6 +1092,12 @@ class SqlStore(SqlReads):
         row = await self._one(self._q.identity_generation)
         return 0 if row is None else int(row["value"])
 
+    async def versions(self) -> tuple[int, int]:
+        row = await self._one(self._q.versions)
+        if row is None:
+            return 0, 0
+        return int(row["g"] or 0), int(row["v"] or 0)
+
     async def token_refusal(self, token_hash: str, now: datetime) -> tuple[str, str]:
         return rec.token_refusal(await self._one(self._q.token_refusal, [token_hash]), now)
 

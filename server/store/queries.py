@@ -213,6 +213,10 @@ class Queries:
     # Moved by triggers on users, tokens and revoked_certificates (the migrations named
     # identity-generation); no row yet reads as 0.
     identity_generation: str = "SELECT value FROM meta WHERE key = 'identity_generation'"
+    versions: str = (
+        "SELECT (SELECT value FROM meta WHERE key = 'identity_generation') AS g, "
+        "(SELECT COALESCE(MAX(version), 0) FROM policies) AS v"
+    )
     token_refusal: str = (
         "SELECT u.name, u.disabled, t.revoked_at, t.expires_at "
         "FROM tokens t JOIN users u ON u.name = t.user_name WHERE t.hash = ?"

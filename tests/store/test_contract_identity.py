@@ -13,9 +13,10 @@ import pytest
 
 from server.domain.access import hash_secret
 from server.domain.errors import Unauthenticated
-from server.domain.governance import IdentityService
+from server.domain.governance import IdentityService, PolicyService, StoreVersions
 from server.domain.hub import Hub
 from server.domain.models import AuditEntry, ObservedKind, Scope
+from server.domain.policy import DEV_POLICY
 from server.domain.ports import Store
 from tests.server.helpers import T0
 from tests.store.conftest import Opener
@@ -251,3 +252,55 @@ async def test_a_call_arriving_during_a_read_waits_for_the_next_one(
             await second
     assert waiting == [2]
     assert counted.reads == 3
+
+
+async def test_versions_reads_the_generation_and_the_policy_version(store: Store) -> None:
+    assert await store.versions() == (
+        await store.identity_generation(),
+        await store.policy_version(),
+    )
+    async with store.transaction() as tx:
+        await tx.upsert_user("alice", ["developers"], T0)
+        await tx.insert_policy(DEV_POLICY, "sha-1", T0, "admin")
+    generation, version = await store.versions()
+    assert generation == await store.identity_generation() != 0
+    assert version == await store.policy_version() == 1
+
+
+class _CountedVersions(_CountedReads):
+    async def versions(self) -> tuple[int, int]:
+        self.reads += 1
+        versions: tuple[int, int] = await self._store.versions()
+        return versions
+
+
+async def test_identity_and_policy_checks_that_arrive_together_share_one_read(
+    store: Store, reopen: Opener
+) -> None:
+    """Replicas: who the callers are and whether another replica applied a policy, for calls
+    that arrive together, from one read; a policy applied elsewhere is in force at the next."""
+    await _alice(store)
+    counted = _CountedVersions(store)
+    versions = StoreVersions(counted)
+    identity = IdentityService(counted, Hub(), _Clock(T0), versions)  # type: ignore[arg-type]
+    policy = await PolicyService.load(
+        counted,
+        Hub(),
+        _Clock(T0),  # type: ignore[arg-type]
+        DEV_POLICY,
+        versions=versions,
+    )
+    assert (await identity.authenticate("jmt_alice")).name == "alice"
+    counted.reads = 0
+    callers, policies = await asyncio.gather(
+        asyncio.gather(*(identity.authenticate("jmt_alice") for _ in range(5))),
+        asyncio.gather(*(policy.refresh() for _ in range(5))),
+    )
+    assert counted.reads == 1
+    assert {p.name for p in callers} == {"alice"}
+    assert {p.version for p in policies} == {1}
+    other = await reopen()
+    async with other.transaction() as tx:
+        await tx.insert_policy(DEV_POLICY, "sha-2", T0, "admin")
+    assert (await policy.refresh()).version == 2
+    assert counted.reads == 2
