@@ -703,7 +703,8 @@ class FleetService:
                 await tx.move_grants(
                     ids, expected=[expected], state=state, change=GrantChange(**fields)
                 )
-            await tx.audit_many(entries)
+            # Every entry was made here (`_Moves`, ids by `new_id`): no look-up of stored ids.
+            await tx.audit_many(entries, fresh=True)
         self._step(Step.AFTER_ACK)
         if request_ids:
             self._hub.requests_changed(request_ids)

@@ -341,8 +341,7 @@ class SqliteTx(SqlTx):
         when = to_ms(at)
         for first in range(0, len(acks), _CHUNK):
             chunk = acks[first : first + _CHUNK]
-            rows = await _all(
-                self._conn,
+            rows = await self._all(
                 "UPDATE commands SET acked_at = ?, ack_status = a.column3, ack_reason = a.column4 "
                 f"FROM (VALUES {','.join(['(?,?,?,?)'] * len(chunk))}) AS a "
                 "WHERE commands.agent = a.column1 AND commands.seq = a.column2 "

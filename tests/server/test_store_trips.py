@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from jitmesh.types import RequestState
-from tests.server.helpers import Env
+from jitmesh.types import GrantState, RequestState
+from tests.server.helpers import Env, agent_link
 
 M15 = timedelta(minutes=15)
 
@@ -57,3 +57,19 @@ async def test_an_approval_and_an_automatic_request_take_few_trips(
     # [agent, locks]; then the batch: [BEGIN, locks, audit head], the seqs, [request, grant,
     # command, audit, outbox, COMMIT].
     assert counts == {"writer": 3, "reader": 1}
+
+
+async def test_an_ack_takes_few_trips(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with agent_link(env.address, env.credentials["web-1"]) as link:
+        await link.hello("web-1")
+        request, grant = await env.alice.create_request(
+            agent="web-1", action="deploy", duration=M15
+        )
+        assert grant is not None
+        await link.command()
+        counts = _count_trips(env, monkeypatch)
+        await link.ack(1, grant.id)
+        await env.wait_grant_state(request.id, GrantState.ACTIVE)
+    # [BEGIN, the ack, audit head], the grant, its compare-and-set move, [audit, outbox,
+    # COMMIT].
+    assert counts["writer"] == 4
