@@ -113,18 +113,20 @@ class IdentityService:
     @property
     def reads_waiting(self) -> int:
         """Calls waiting for a read of the identity generation (for tests)."""
+        if self._versions is not None:
+            return self._versions.waiting
         return self._generations.waiting
 
     async def _read_generation(self, callers: Sequence[None]) -> list[int]:
-        if self._versions is not None:
-            generation, _ = await self._versions.read()
-        else:
-            generation = await self._store.identity_generation()
+        generation = await self._store.identity_generation()
         return [generation] * len(callers)
 
     async def _current(self) -> None:
         """Forget everything remembered when the identity generation moved."""
-        generation = await self._generations.submit(None)
+        if self._versions is not None:
+            generation, _ = await self._versions.read()
+        else:
+            generation = await self._generations.submit(None)
         if generation != self._generation:
             self._tokens.clear()
             self._users.clear()

@@ -197,10 +197,19 @@ class _CountedReads:
     async def identity_generation(self) -> int:
         self.reads += 1
         generation = await self._store.identity_generation()
+        await self._held()
+        return generation
+
+    async def versions(self) -> tuple[int, int]:
+        self.reads += 1
+        versions: tuple[int, int] = await self._store.versions()
+        await self._held()
+        return versions
+
+    async def _held(self) -> None:
         if self.hold:
             self.reading.set()
             await self.release.wait()
-        return generation
 
 
 async def _alice(store: Store) -> None:
@@ -220,15 +229,17 @@ async def test_calls_that_arrive_together_share_one_read(store: Store) -> None:
     assert counted.reads == 1
 
 
+@pytest.mark.parametrize("shared", ["generation alone", "with the policy version"])
 async def test_a_call_arriving_during_a_read_waits_for_the_next_one(
-    store: Store, reopen: Opener
+    store: Store, reopen: Opener, shared: str
 ) -> None:
     """Revoked while the first call's read is under way: that call may still pass (it arrived
     before the revoke), the second must not (a read it shared would predate its arrival)."""
     other = await reopen()
     await _alice(store)
     counted = _CountedReads(store)
-    identity = _identity(counted)
+    versions = StoreVersions(counted) if shared == "with the policy version" else None
+    identity = IdentityService(counted, Hub(), _Clock(T0), versions)  # type: ignore[arg-type]
     assert (await identity.authenticate("jmt_alice")).name == "alice"  # remembered
     counted.hold = True
     first = asyncio.create_task(identity.authenticate("jmt_alice"))
@@ -267,20 +278,13 @@ async def test_versions_reads_the_generation_and_the_policy_version(store: Store
     assert version == await store.policy_version() == 1
 
 
-class _CountedVersions(_CountedReads):
-    async def versions(self) -> tuple[int, int]:
-        self.reads += 1
-        versions: tuple[int, int] = await self._store.versions()
-        return versions
-
-
 async def test_identity_and_policy_checks_that_arrive_together_share_one_read(
     store: Store, reopen: Opener
 ) -> None:
     """Replicas: who the callers are and whether another replica applied a policy, for calls
     that arrive together, from one read; a policy applied elsewhere is in force at the next."""
     await _alice(store)
-    counted = _CountedVersions(store)
+    counted = _CountedReads(store)
     versions = StoreVersions(counted)
     identity = IdentityService(counted, Hub(), _Clock(T0), versions)  # type: ignore[arg-type]
     policy = await PolicyService.load(
