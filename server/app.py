@@ -468,8 +468,10 @@ async def _assemble(
     registry = LinkRegistry(queue_limit=config.agent_queue_limit)
     # Replicas read the identity generation and the policy version together (one round trip
     # to PostgreSQL for both, shared by the calls that arrive together).
-    versions = None if isinstance(store, SqliteStore) else StoreVersions(store)
-    identity = IdentityService(store, hub, clock, versions)
+    # SQLite answers from its WAL index on the event loop: nothing to share.
+    sqlite = isinstance(store, SqliteStore)
+    versions = None if sqlite else StoreVersions(store)
+    identity = IdentityService(store, hub, clock, versions, shared_reads=not sqlite)
     initial = config.initial_policy.read_text() if config.initial_policy else config.default_policy
     policy = await PolicyService.load(store, hub, clock, initial, versions=versions)
     expirer = Expirer(store, hub, clock)

@@ -92,14 +92,24 @@ class IdentityService:
     next call, on every replica, without looking the credential up each time."""
 
     def __init__(
-        self, store: Store, hub: Hub, clock: Clock, versions: StoreVersions | None = None
+        self,
+        store: Store,
+        hub: Hub,
+        clock: Clock,
+        versions: StoreVersions | None = None,
+        *,
+        shared_reads: bool = True,
     ) -> None:
         """`versions` (replicas): the generation comes with the policy version, one read for
-        both (`StoreVersions`); without it, from a read of the generation alone."""
+        both (`StoreVersions`); without it, from a read of the generation alone, shared by the
+        calls that asked before it started unless `shared_reads` is False: for a store that
+        answers on the event loop without waiting (SQLite, from its WAL index), where sharing
+        would only add a task and two turns of the loop to every call."""
         self._store = store
         self._hub = hub
         self._clock = clock
         self._versions = versions
+        self._shared_reads = shared_reads
         self._generation = -1
         # token hash -> (principal, expires_at); (user, serial) -> principal.
         self._tokens: dict[str, tuple[Principal, datetime | None]] = {}
@@ -125,8 +135,10 @@ class IdentityService:
         """Forget everything remembered when the identity generation moved."""
         if self._versions is not None:
             generation, _ = await self._versions.read()
-        else:
+        elif self._shared_reads:
             generation = await self._generations.submit(None)
+        else:
+            generation = await self._store.identity_generation()
         if generation != self._generation:
             self._tokens.clear()
             self._users.clear()

@@ -276,3 +276,49 @@ async def test_the_wal_starts_over_under_steady_writes_and_reads(
         assert verify_chain(await reopened.audit_chain(0, 100_000)).ok
     finally:
         await reopened.close()
+
+
+class _CountedPeek:
+    """The store's inline connection, with its statements counted."""
+
+    def __init__(self, peek: sqlite3.Connection) -> None:
+        self._peek = peek
+        self.statements = 0
+
+    def execute(self, sql: str) -> sqlite3.Cursor:
+        self.statements += 1
+        return self._peek.execute(sql)
+
+    def close(self) -> None:
+        self._peek.close()
+
+
+async def test_the_identity_generation_is_read_only_after_a_commit(tmp_path: Path) -> None:
+    """Checked on every operator call: while the WAL index shows no commit (by this store or
+    another process on the file), no statement runs; after any commit one does, and a change
+    to users made by another store on the file is seen at once."""
+    store = await SqliteStore.open(tmp_path / "store.db")
+    other = await SqliteStore.open(tmp_path / "store.db")
+    try:
+        peek = _CountedPeek(store._peek)
+        store._peek = peek  # type: ignore[assignment]
+        first = await store.identity_generation()
+        for _ in range(20):
+            assert await store.identity_generation() == first
+        assert peek.statements == 1
+        async with other.transaction() as tx:
+            await tx.set_meta("something", "else")
+        assert await store.identity_generation() == first
+        assert peek.statements == 2
+        async with other.transaction() as tx:
+            await tx.upsert_user("alice", ["developers"], T0)
+        moved = await store.identity_generation()
+        assert moved != first
+        assert peek.statements == 3
+        async with store.transaction() as tx:
+            assert await tx.set_user_disabled("alice", True)
+        assert await store.identity_generation() != moved
+        assert peek.statements == 4
+    finally:
+        await other.close()
+        await store.close()
