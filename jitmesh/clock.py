@@ -91,6 +91,13 @@ class MillisecondClock:
 
 def whole_ms(at: datetime) -> datetime:
     """`at` cut to whole milliseconds (the stored precision), in UTC."""
+    if at.tzinfo is UTC:
+        # The same instant as from_ms(to_ms(at)) with fewer objects: every `now` of the
+        # coordinator comes here (once per command a stream writer signs: MillisecondClock.now
+        # 2.1 -> 0.9 us). The epoch and whole seconds are whole milliseconds, so flooring the
+        # instant to a millisecond drops the microsecond field's sub-millisecond digits, before
+        # 1970 too. (`replace(microsecond=...)` costs twice this subtraction.)
+        return at - timedelta(0, 0, at.microsecond % 1000)
     return from_ms(to_ms(at))
 
 
@@ -108,7 +115,7 @@ def to_ms(at: datetime) -> int:
     """Aware datetime to integer epoch milliseconds, the stored form of every instant."""
     if at.tzinfo is None:
         raise ValueError("naive datetime")
-    return (at - EPOCH) // timedelta(milliseconds=1)
+    return (at - EPOCH) // _MILLISECOND
 
 
 def from_ms(ms: int) -> datetime:
@@ -116,3 +123,4 @@ def from_ms(ms: int) -> datetime:
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)

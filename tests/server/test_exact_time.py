@@ -4,12 +4,13 @@ the store keeps whole milliseconds)."""
 
 from __future__ import annotations
 
+import random
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from jitmesh.clock import FakeClock
+from jitmesh.clock import EPOCH, FakeClock, to_ms, whole_ms
 from jitmesh.types import GrantState
 from tests.server.helpers import Env, agent_link
 from tests.server.test_workflow import EXTENDING
@@ -68,3 +69,20 @@ async def test_times_in_audit_details_have_the_one_format(env: Env) -> None:
     }
     assert {kind for kind, _ in times} >= {"grant.created", "grant.extended", "lock.created"}
     assert {k: v for k, v in times.items() if not RFC3339_MS.fullmatch(v)} == {}
+
+
+def test_whole_ms_is_the_instant_floored_to_a_millisecond_in_utc() -> None:
+    """`whole_ms` against its definition (epoch milliseconds, floored, back to an instant), for
+    instants before and after 1970, each microsecond digit pattern, and zones other than UTC."""
+    rng = random.Random(16)
+    low, high = -(6 * 10**16), 6 * 10**16  # microseconds from the epoch: 1,900 years each way
+    edges = [0, 1, 999, 1000, 1001, 999_999, -1, -999, -1000, -1001]
+    zones = [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]
+    for micros in edges + [rng.randrange(low, high) for _ in range(2000)]:
+        for zone in zones:
+            at = (EPOCH + timedelta(microseconds=micros)).astimezone(zone)
+            expected = EPOCH + timedelta(milliseconds=(at - EPOCH) // timedelta(milliseconds=1))
+            cut = whole_ms(at)
+            assert cut == expected
+            assert cut.tzinfo is UTC
+            assert to_ms(cut) == micros // 1000
