@@ -292,20 +292,17 @@ def command_body(
     if c.kind is CommandKind.LOCK and c.lock is not None:
         body.lock.CopyFrom(lock_command(c.lock))
     elif c.kind in (CommandKind.LOCK, CommandKind.UNLOCK):
-        # An unlock (or a lock whose row is gone: it can no longer be in force).
-        lock_id = c.lock.id if c.lock is not None else ""
-        body.unlock.CopyFrom(agentlink_pb2.UnlockCommand(lock_id=lock_id))
+        # An unlock (or a lock whose row is gone: it can no longer be in force). Set in place,
+        # as the revoke below: one per agent at a fleet-wide lift or lock.
+        body.unlock.lock_id = c.lock.id if c.lock is not None else ""
     elif c.grant is None:
         raise ValueError(f"command {c.seq} of {c.agent} names no grant")
     elif c.kind in (CommandKind.GRANT, CommandKind.EXTEND):
         body.grant.CopyFrom(grant_command(c.grant))
     else:
-        body.revoke.CopyFrom(
-            agentlink_pb2.RevokeCommand(
-                grant_id=c.grant.id,
-                reason=_REVOKE_REASONS.get(c.revoke_reason, agentlink_pb2.REVOKE_REASON_REVOKED),
-            )
-        )
+        revoke = body.revoke
+        revoke.grant_id = c.grant.id
+        revoke.reason = _REVOKE_REASONS.get(c.revoke_reason, agentlink_pb2.REVOKE_REASON_REVOKED)
     return body
 
 
