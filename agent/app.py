@@ -188,6 +188,7 @@ async def run(
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(engine.run())
+                tasks.create_task(store.run_checkpoints())
                 tasks.create_task(sessions.run())
                 tasks.create_task(local.run())
                 tasks.create_task(link.run())

@@ -4,16 +4,23 @@ The stdlib `sqlite3` module is called synchronously inside the async methods, on
 one writer, every transaction takes well under a millisecond (WAL, synchronous=NORMAL), and the
 push-latency budget allows at most one thread hand-off per command; running the calls inline costs
 less than any hand-off to a worker thread would.
+
+WAL checkpoints are the exception: they copy the WAL back into the database and sync both (a few
+milliseconds, more on a busy disk), so they never run inside a command's commit (SQLite's
+automatic checkpoint did, in the commit that crossed its mark of 1,000 pages: the push's p99).
+`run_checkpoints` runs them on a worker thread with a connection of their own, beside the commits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,6 +49,21 @@ _LEASE_COLUMNS = (
 )
 _EVENT_COLUMNS = "event_id, kind, grant_id, subject, action, observed_at_ms, details, counter"
 
+# Commits between two WAL checkpoints. A command's commit adds 3-4 pages to the WAL, so this is
+# about the 1,000 pages at which SQLite's own automatic checkpoint ran.
+CHECKPOINT_EVERY = 256
+# A checkpoint beside the commits copies only what the WAL held when it began, and SQLite starts
+# the WAL over only at a write that finds all of it copied: under commands that never pause, the
+# WAL would grow without end (the coordinator's did: `server/store/sqlite.py`). Past this many
+# frames (pages), the checkpoint runs once more on the writer's own connection, between two
+# transactions, where no commit adds frames meanwhile: the next commit starts the WAL over. A
+# command then waits for it (once per 16 MiB of WAL, and only when the agent never paused).
+WAL_MAX_FRAMES = 4096
+# Checkpoint passes on the worker thread, at most, before the one inline (`checkpoint`).
+CHECKPOINT_PASSES = 3
+# The WAL's file is cut down to this size when it starts over (else it keeps its largest size).
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+
 
 class SqliteLeaseStore:
     """Writes that fail (a full disk) for a lease's end or a pending removal go to the overflow
@@ -54,6 +76,9 @@ class SqliteLeaseStore:
         lock_fd: int,
         journal: Journal | None,
         state_dir: Path | None = None,
+        *,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        wal_max_frames: int = WAL_MAX_FRAMES,
     ) -> None:
         # Where the table lives: a failed write asks its disk whether it is full.
         self._state_dir = state_dir
@@ -61,10 +86,24 @@ class SqliteLeaseStore:
         self._lock_fd = lock_fd
         self._journal = journal
         self._flushing = False
+        # WAL checkpoints (`run_checkpoints`): commits since the last one, set once there are
+        # `checkpoint_every`; the worker thread and its connection, made at the first one.
+        self._checkpoint_every = checkpoint_every
+        self._wal_max_frames = wal_max_frames
+        self._commits = 0
+        self._uncheckpointed = 0
+        self._checkpoint_due = asyncio.Event()
+        self._worker: ThreadPoolExecutor | None = None
+        self._beside: sqlite3.Connection | None = None
 
     @classmethod
     def open(
-        cls, state_dir: Path, *, migrations: Callable[[Path], int] = migrate
+        cls,
+        state_dir: Path,
+        *,
+        migrations: Callable[[Path], int] = migrate,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        wal_max_frames: int = WAL_MAX_FRAMES,
     ) -> SqliteLeaseStore:
         """Lock the state directory for this process, migrate the schema (in this process:
         tests and tools; the agent uses `open_or_recover`), open the table."""
@@ -74,13 +113,25 @@ class SqliteLeaseStore:
                 migrations(state_dir / DB_NAME)
             except (sqlite3.Error, OSError) as exc:
                 raise _open_error(exc, state_dir) from exc
-            return cls._attach(state_dir, lock_fd)
+            return cls._attach(
+                state_dir,
+                lock_fd,
+                checkpoint_every=checkpoint_every,
+                wal_max_frames=wal_max_frames,
+            )
         except BaseException:
             os.close(lock_fd)
             raise
 
     @classmethod
-    def _attach(cls, state_dir: Path, lock_fd: int) -> SqliteLeaseStore:
+    def _attach(
+        cls,
+        state_dir: Path,
+        lock_fd: int,
+        *,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        wal_max_frames: int = WAL_MAX_FRAMES,
+    ) -> SqliteLeaseStore:
         """Open the migrated table in the locked directory (the lock then belongs to the
         store); raises StateError (DiskFull, StateUnreadable) and leaves the lock to the
         caller."""
@@ -95,6 +146,9 @@ class SqliteLeaseStore:
             # never corrupt the file: the Hello then says where the table stopped and the
             # coordinator resends from there (docs/performance.md, "Durability").
             db.execute("PRAGMA synchronous=NORMAL")
+            # Never a checkpoint inside a commit: `run_checkpoints` runs them beside the commits.
+            db.execute("PRAGMA wal_autocheckpoint=0")
+            db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             db.execute("PRAGMA busy_timeout=5000")
             # At most 512 KiB of page cache (SQLite's default is 2 MiB): the hot pages (active
             # leases, meta) are few, the rest is history, and the agent's memory budget is small.
@@ -120,7 +174,14 @@ class SqliteLeaseStore:
                 raise StateError(f"cannot read the revoke journal ({exc.strerror})") from None
             log.warning("no revoke journal (cannot allocate it)", extra={"error": exc.strerror})
             journal = None
-        store = cls(db, lock_fd, journal, state_dir)
+        store = cls(
+            db,
+            lock_fd,
+            journal,
+            state_dir,
+            checkpoint_every=checkpoint_every,
+            wal_max_frames=wal_max_frames,
+        )
         store._flush_journal()
         return store
 
@@ -128,6 +189,11 @@ class SqliteLeaseStore:
         """Idempotent: the lock's file descriptor is closed once, never a reused number."""
         if self._lock_fd < 0:
             return
+        if self._worker is not None:
+            # A checkpoint still running on its thread ends first (a few milliseconds).
+            self._worker.shutdown(wait=True)
+        if self._beside is not None:
+            self._beside.close()
         self._db.close()
         if self._journal is not None:
             self._journal.close()
@@ -208,6 +274,10 @@ class SqliteLeaseStore:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
             raise self._failed("lease table commit failed", exc) from exc
+        self._commits += 1
+        self._uncheckpointed += 1
+        if self._uncheckpointed >= self._checkpoint_every:
+            self._checkpoint_due.set()
         # The table takes writes again: move what the journal holds into it.
         self._flush_journal()
 
@@ -217,6 +287,64 @@ class SqliteLeaseStore:
         if full or is_full_error(exc):
             return DiskFull(f"{what}: {full or 'the disk is full'}")
         return StateError(f"{what}: {exc}" if str(exc) else f"{what}: {type(exc).__name__}")
+
+    # WAL checkpoints.
+
+    async def run_checkpoints(self) -> None:
+        """Until cancelled: a WAL checkpoint after every `checkpoint_every` commits, beside the
+        commits (`checkpoint`). Without it the WAL only grows (the store never checkpoints in a
+        commit); closing the store checkpoints what is left."""
+        due = self._checkpoint_due
+        while True:
+            await due.wait()
+            due.clear()
+            try:
+                await self.checkpoint()
+            except (sqlite3.Error, OSError, RuntimeError) as exc:
+                # Never the agent's end: nothing is lost, the WAL only grows until the next
+                # one (RuntimeError: no thread could be started).
+                log.warning("WAL checkpoint failed", extra={"error": str(exc)})
+
+    async def checkpoint(self) -> tuple[bool, int]:
+        """Copy the WAL back into the database: PASSIVE, on the worker thread with its own
+        connection, so commits go on meanwhile (a checkpoint never waits for the writer, nor the
+        writer for it; the GIL is released while SQLite works). Returns whether all of the WAL
+        was copied (the next commit then starts it over) and how many frames it holds.
+
+        A pass copies what the WAL held when it began: a commit made meanwhile leaves frames
+        behind it, and the WAL is not started over. Then another pass copies that tail (a few
+        frames: short, so no commit usually falls into it), up to CHECKPOINT_PASSES in all; if
+        commits fell into each of them and the WAL holds more than `wal_max_frames`, a last
+        pass runs on the writer's own connection, inline (see WAL_MAX_FRAMES)."""
+        self._uncheckpointed = 0
+        if self._state_dir is None:
+            return _checkpoint(self._db)
+        if self._worker is None:
+            try:
+                # Opened here, not on the worker: its memory then comes from the main thread's
+                # allocator arena, not a new one (agent RSS budget).
+                self._beside = sqlite3.connect(
+                    self._state_dir / DB_NAME, isolation_level=None, check_same_thread=False
+                )
+            except sqlite3.Error as exc:
+                log.warning("WAL checkpoint failed", extra={"error": str(exc)})
+                return False, 0
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="agent-wal")
+        loop = asyncio.get_running_loop()
+        for _ in range(CHECKPOINT_PASSES):
+            commits = self._commits
+            done_all, frames = await loop.run_in_executor(self._worker, self._checkpoint_beside)
+            if self._commits == commits:
+                # Nothing committed during the pass: what it says is still true.
+                return done_all, frames
+        if frames > self._wal_max_frames:
+            return _checkpoint(self._db)
+        return False, frames
+
+    def _checkpoint_beside(self) -> tuple[bool, int]:
+        """On the worker thread (one at a time: the worker has one thread)."""
+        assert self._beside is not None
+        return _checkpoint(self._beside)
 
     # The overflow journal.
 
@@ -652,6 +780,17 @@ class SqliteLeaseStore:
                 db.execute("DELETE FROM outbox WHERE event_id = ?", (event_id,)).rowcount
                 for event_id in set(event_ids)
             )
+
+
+def _checkpoint(db: sqlite3.Connection) -> tuple[bool, int]:
+    """A PASSIVE checkpoint on `db`: whether the whole WAL was copied, and its frames."""
+    try:
+        busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    except sqlite3.Error as exc:
+        # Nothing is lost: the WAL grows until a checkpoint succeeds.
+        log.warning("WAL checkpoint failed", extra={"error": str(exc)})
+        return False, 0
+    return not busy and frames == copied, max(int(frames), 0)
 
 
 def _lock(path: Path) -> int:
