@@ -54,7 +54,10 @@ class Host:
         return self.markers / f"{subject}:{action}"
 
     def pairs(self) -> set[str]:
-        return {p.name for p in self.markers.iterdir()} if self.markers.exists() else set()
+        """The markers in force (not the file enforcer's spares: dot files)."""
+        if not self.markers.exists():
+            return set()
+        return {p.name for p in self.markers.iterdir() if not p.name.startswith(".")}
 
     def config(self, coordinator: Coordinator, /, **changes: Any) -> AgentConfig:
         values: dict[str, Any] = {

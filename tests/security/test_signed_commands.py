@@ -41,7 +41,10 @@ class Host:
         self.clock = FakeClock(T0)
 
     def pairs(self) -> set[str]:
-        return {p.name for p in self.markers.iterdir()} if self.markers.exists() else set()
+        """The markers in force (not the file enforcer's spares: dot files)."""
+        if not self.markers.exists():
+            return set()
+        return {p.name for p in self.markers.iterdir() if not p.name.startswith(".")}
 
     def config(self, coordinator: Coordinator) -> AgentConfig:
         return AgentConfig(
