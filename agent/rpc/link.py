@@ -480,6 +480,12 @@ class Link:
             if kind == "command":
                 # Full: stop reading, so gRPC's flow control holds the coordinator back.
                 await received.put(message.command)
+                if received.qsize() == 1:
+                    # The applier may be waiting for just this one: let it apply the command
+                    # and start its ack's write before this task asks gRPC for the next message
+                    # (tens of microseconds of Python that came first, on the push's path).
+                    # Commands arriving meanwhile wait in gRPC's buffer, read right after.
+                    await asyncio.sleep(0)
             elif kind == "event_ack":
                 ids = list(message.event_ack.event_ids)
                 self._sent.difference_update(ids)
