@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from agent.domain import expiry
-from agent.domain.commands import Ack, AckStatus, CommandSpec, GrantSpec
+from agent.domain.commands import Ack, AckStatus, CommandSpec, GrantSpec, RevokeSpec
 from agent.domain.errors import StateError
 from agent.domain.leases import EventKind, Lease, LeaseState, OutboxEvent, new_event
 from agent.domain.timekeeping import spread
@@ -110,9 +110,13 @@ class Expiry:
         """Whether the expiry loop must sweep before the wake it planned. Not for a grant that
         was applied (or scheduled) and whose start and end both lie beyond that wake: the usual
         case, where a sweep after every command would cost a table read and task churn on the
-        push path for nothing. Always for anything else."""
+        push path for nothing. Nor for a revoke that was applied: a lease that ended makes no
+        other one due sooner (each is due by its own times and the link's offline time), so the
+        planned wake still comes first. Always for anything else."""
         kind = command.kind
         planned = self.next_sweep_at
+        if planned is not None and ack.status is AckStatus.APPLIED and isinstance(kind, RevokeSpec):
+            return False
         if (
             planned is None
             or ack.status is not AckStatus.APPLIED
