@@ -667,10 +667,25 @@ def _collect(task: asyncio.Task[None]) -> None:
 
 
 def _failure(results: list[Any]) -> str:
+    """The reason a stream's task failed ("" if none did), logged as a warning; a write that
+    failed because the stream had ended under it is the agent gone, not a fault."""
     for result in results:
         if isinstance(result, BaseException) and not isinstance(
             result, asyncio.CancelledError | _Stopped
         ):
+            if _ended_under_write(result):
+                log.debug("the stream ended while a write was in flight: %r", result)
+                return "stream ended during a write"
             log.warning("agent stream task failed: %r", result)
             return f"stream error: {type(result).__name__}"
     return ""
+
+
+def _ended_under_write(exc: BaseException) -> bool:
+    """gRPC core completed a write batch without success: the call was over by then (the
+    agent's connection went, it cancelled, or the server is stopping), and thousands of agents
+    leaving at once must not log a warning each. A write that gRPC refused to start (e.g. two
+    writes at once, a bug of ours) says "Failed grpc_call_start_batch" instead and stays a
+    warning. grpc.aio has no public type for the difference; the message is grpcio's
+    `CallbackFailureHandler` for `execute_batch` (tests/server/test_stream_writer.py)."""
+    return isinstance(exc, grpc.aio.InternalError) and str(exc).startswith('Failed "execute_batch"')

@@ -5,6 +5,7 @@ what matters, and through `Session` alone where the order of events must be exac
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
@@ -160,3 +161,44 @@ async def test_a_refused_ack_write_ends_the_stream_with_the_refusals_status() ->
     writing.written(RuntimeError("store on fire"))
     assert session.close_code == grpc.StatusCode.PERMISSION_DENIED
     assert writing.in_flight == 0
+
+
+async def test_an_agent_gone_during_a_write_is_a_disconnect_not_a_failure(env: Env) -> None:
+    """An agent whose connection goes while a write to it is in flight (thousands at once when a
+    fleet's host or network fails) makes that write fail in gRPC core; the stream ended, nothing
+    on the coordinator failed: one "agent disconnected" line, no warning, no INTERNAL reason."""
+    records: list[logging.LogRecord] = []
+    disconnected = asyncio.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+            if record.getMessage() == "agent disconnected":
+                disconnected.set()
+
+    seen = Seen(logging.DEBUG)
+    logger = logging.getLogger("server.rpc.agentlink")
+    logger.addHandler(seen)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        async with agent_link(env.address, env.credentials["db-1"]) as link:
+            await link.hello("db-1")
+            session = session_of(env, "db-1")
+            session.limit = 50_000
+            # About 20 MB the agent never reads: far more than HTTP/2's windows hold, so the
+            # writer is inside a write (blocked on flow control) when the agent goes.
+            for i in range(20_000):
+                session.offer(event_ack(f"{i:0>1000}"))
+            await link.next("event_ack")
+            assert session.writing
+        async with asyncio.timeout(WAIT):
+            await disconnected.wait()
+    finally:
+        logger.removeHandler(seen)
+        logger.setLevel(level)
+    ended = next(r for r in records if r.getMessage() == "agent disconnected")
+    assert not [r for r in records if r.levelno >= logging.WARNING], [
+        r.getMessage() for r in records if r.levelno >= logging.WARNING
+    ]
+    assert "stream error" not in getattr(ended, "reason", "")
