@@ -84,7 +84,7 @@ class Breakglass:
                     "code": base64.urlsafe_b64encode(use.code).decode().rstrip("="),
                 },
             )
-            holding = await self._enforcement.holding()
+            holding = await self._enforcement.holding([lease.pair])
             try:
                 if not await self._store.record_breakglass(lease, use, event):
                     return Refused("this code was used already (each code works once)")

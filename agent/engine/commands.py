@@ -161,8 +161,8 @@ class Commands:
                 last = command.seq
             if len(run) < 2:
                 return []
-            holding = await self._enforcement.holding()
             leases = [lease for _, lease in run]
+            holding = await self._enforcement.holding(lease.pair for lease in leases)
             epoch = max(command.epoch for command, _ in run)
             try:
                 await self._store.record_command(seq=last, epoch=epoch, writes=leases)
@@ -349,7 +349,7 @@ class Commands:
             # ahead of the host; the start-up reconcile applies what active leases hold and the
             # host lacks, before the agent connects again.
             lease = replace(lease, applied_at=now)
-        holding = await self._enforcement.holding()
+        holding = await self._enforcement.holding([lease.pair])
         try:
             await self._record(command, (lease,))
         except StateError as exc:
@@ -399,8 +399,8 @@ class Commands:
             await self._record(command, ())
             ack = Ack(seq, AckStatus.APPLIED, decision.reason, grant_id)
             return self._removals.still_owed(ack) or ack
-        holding = await self._enforcement.holding()
         pair = decision.before.pair
+        holding = await self._enforcement.holding([pair])
         journaled = False
         try:
             await self._record(command, (decision.after,))

@@ -47,8 +47,10 @@ class Enforcement:
         # Told (synchronously: schedule, never wait) after a pair's access was really removed.
         self.on_removed: list[Callable[[Pair, str], None]] = []
 
-    async def holding(self) -> list[Lease]:
-        return [lease for lease in await self._store.active_leases() if lease.holds]
+    async def holding(self, pairs: Iterable[Pair]) -> list[Lease]:
+        """The leases in force for `pairs`: all `enforce` needs to count the holders of the
+        pairs its starting and ending leases touch (other pairs' leases change nothing there)."""
+        return [lease for lease in await self._store.active_leases_of(pairs) if lease.holds]
 
     async def enforce(
         self,
@@ -100,8 +102,9 @@ class Enforcement:
     async def moved(self, pairs: Iterable[Pair]) -> None:
         """The window of `pairs` may have moved in the table (a grant's `not_after` changed in
         place: an extension): tell the enforcers the pair's deadline as the table now has it."""
-        now_covering = covers(await self.holding())
-        for pair in sorted(set(pairs)):
+        moved = set(pairs)
+        now_covering = covers(await self.holding(moved))
+        for pair in sorted(moved):
             cover = now_covering.get(pair)
             if cover is not None:
                 await self._extend(cover)

@@ -205,7 +205,7 @@ class Expiry:
             if lease is None or lease.state is not LeaseState.ACTIVE:
                 return False
             now = self._time.now()
-            holding = await self._enforcement.holding()
+            holding = await self._enforcement.holding([lease.pair])
             failures = await self._enforcement.enforce(holding, ending=[lease], cause=reason)
             await self._store.end_lease(
                 lease.ended(at=now, reason=reason),

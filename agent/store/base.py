@@ -41,6 +41,11 @@ class LeaseStore(Protocol):
 
     async def active_leases(self) -> list[Lease]: ...
 
+    async def active_leases_of(self, pairs: Iterable[Pair]) -> list[Lease]:
+        """The active leases of `pairs` only, in `active_leases`'s order: what a command needs
+        to count a pair's holders, read without every other pair's leases."""
+        ...
+
     async def record_command(
         self,
         *,

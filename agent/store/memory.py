@@ -57,6 +57,10 @@ class MemoryLeaseStore:
         active = [lease for lease in self._leases.values() if lease.state is LeaseState.ACTIVE]
         return sorted(active, key=lambda lease: lease.not_after)
 
+    async def active_leases_of(self, pairs: Iterable[Pair]) -> list[Lease]:
+        wanted = set(pairs)
+        return [lease for lease in await self.active_leases() if lease.pair in wanted]
+
     async def record_command(
         self,
         *,

@@ -474,6 +474,20 @@ class SqliteLeaseStore:
         ended = self._journal_ends()
         return [_lease(row) for row in rows if row[0] not in ended]
 
+    async def active_leases_of(self, pairs: Iterable[Pair]) -> list[Lease]:
+        # One indexed look-up per pair (`leases_active`), not a scan of every active lease: a
+        # host holding many grants pays per command for the pairs the command touches only.
+        rows: list[Any] = []
+        for subject, action in sorted(set(pairs)):
+            rows += self._db.execute(
+                f"SELECT {_LEASE_COLUMNS} FROM leases "
+                "WHERE state = 'active' AND subject = ? AND action = ?",
+                (subject, action),
+            ).fetchall()
+        rows.sort(key=lambda row: row[5])  # not_after_ms, as active_leases orders them
+        ended = self._journal_ends()
+        return [_lease(row) for row in rows if row[0] not in ended]
+
     async def record_command(
         self,
         *,

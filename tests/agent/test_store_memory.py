@@ -78,3 +78,27 @@ async def test_ended_rows_are_listed_in_pages_and_only_they_are_deleted(store: L
     assert await store.delete_ended([live.grant_id, ids[0], ids[1], "grt-unknown"]) == 2
     assert [row.grant_id for row in await store.ended_leases()] == ids[2:]
     assert [row.grant_id for row in await store.active_leases()] == [live.grant_id]
+
+
+async def test_active_leases_of_reads_the_pairs_asked_only(store: LeaseStore) -> None:
+    early = lease("alice", "deploy", length=timedelta(minutes=5))
+    late = lease("alice", "deploy", length=timedelta(minutes=30))
+    other = lease("alice", "restart")
+    bob = lease("bob", "deploy")
+    ended = lease("alice", "deploy", state=LeaseState.REMOVED)
+    await store.record_command(seq=1, epoch=1, writes=[late, other, bob, early, ended])
+    of = store.active_leases_of
+    # Only active leases of the pairs named, in active_leases' order (by not_after).
+    assert [x.grant_id for x in await of([("alice", "deploy")])] == [early.grant_id, late.grant_id]
+    assert [x.grant_id for x in await of([("bob", "deploy"), ("alice", "restart")])] == [
+        other.grant_id,
+        bob.grant_id,
+    ]
+    assert await of([("carol", "deploy")]) == []
+    assert await of([]) == []
+    # An end the store keeps elsewhere than the row counts the same in both reads.
+    await store.end_lease(early.ended(at=T0, reason="expired"))
+    assert [x.grant_id for x in await of([("alice", "deploy")])] == [late.grant_id]
+    assert [x for x in await store.active_leases() if x.pair == ("alice", "deploy")] == (
+        await of([("alice", "deploy")])
+    )

@@ -74,10 +74,17 @@ async def test_a_removal_that_works_completes_one_owed_for_the_pair(bench: Bench
     assert removals.pending == {}
 
 
-async def test_holding_is_the_active_leases_that_hold(bench: Bench) -> None:
+async def test_holding_is_the_active_leases_that_hold_for_the_pairs_asked(bench: Bench) -> None:
     live, later = lease(), lease(start=timedelta(hours=1), applied=False)
-    await bench.put(live, later)
-    assert [x.grant_id for x in await bench.parts.enforcement.holding()] == [live.grant_id]
+    other = lease("bob")
+    await bench.put(live, later, other)
+    holding = bench.parts.enforcement.holding
+    assert [x.grant_id for x in await holding([PAIR])] == [live.grant_id]
+    assert [x.grant_id for x in await holding([other.pair])] == [other.grant_id]
+    assert {x.grant_id for x in await holding([PAIR, other.pair])} == {
+        live.grant_id,
+        other.grant_id,
+    }
 
 
 async def test_enforcers_hear_when_only_the_deadline_moves(bench: Bench) -> None:
