@@ -468,7 +468,7 @@ async def _assemble(
     registry = LinkRegistry(queue_limit=config.agent_queue_limit)
     # Replicas read the identity generation and the policy version together (one round trip
     # to PostgreSQL for both, shared by the calls that arrive together).
-    # SQLite answers from its WAL index on the event loop: nothing to share.
+    # SQLite reads the generation inline on the event loop (no wait): nothing to share.
     sqlite = isinstance(store, SqliteStore)
     versions = None if sqlite else StoreVersions(store)
     identity = IdentityService(store, hub, clock, versions, shared_reads=not sqlite)

@@ -103,7 +103,7 @@ class IdentityService:
         """`versions` (replicas): the generation comes with the policy version, one read for
         both (`StoreVersions`); without it, from a read of the generation alone, shared by the
         calls that asked before it started unless `shared_reads` is False: for a store that
-        answers on the event loop without waiting (SQLite, from its WAL index), where sharing
+        answers on the event loop without waiting (SQLite, one inline statement), where sharing
         would only add a task and two turns of the loop to every call."""
         self._store = store
         self._hub = hub

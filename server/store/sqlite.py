@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import mmap
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -187,37 +186,6 @@ def _peek(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA busy_timeout=50")
     db.execute("PRAGMA query_only=1")
     return db
-
-
-# The two copies of the WAL-index header at the start of the `-shm` file (48 bytes each;
-# https://sqlite.org/walformat.html, "The WAL-Index Header"): every commit, by any connection
-# or process on the file, writes both (its change counter, last frame and checksums move).
-WAL_INDEX_HEADERS = 96
-
-
-class _WalIndex:
-    """Whether anything was committed to the database since a moment seen before, told by the
-    WAL-index header in the shared-memory file, read from memory: no statement, no system
-    call, no release of the GIL. It is what SQLite itself compares when a read transaction
-    starts (a header that did not change means the database did not either), and a commit is
-    visible to readers only once its header is written, so an unchanged header means a read
-    now would find what the last one found."""
-
-    def __init__(self, path: Path) -> None:
-        self._map: mmap.mmap | None = None
-        try:
-            with open(f"{path}-shm", "rb") as shm:
-                self._map = mmap.mmap(shm.fileno(), WAL_INDEX_HEADERS, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):
-            # No shared-memory file (not in WAL mode, or too short yet): always read.
-            self._map = None
-
-    def header(self) -> bytes | None:
-        return None if self._map is None else self._map[:WAL_INDEX_HEADERS]
-
-    def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
 
 
 def _checkpoint(path: Path, mode: str = "PASSIVE", wait_ms: int = 5000) -> tuple[bool, int]:
@@ -422,11 +390,8 @@ class SqliteStore(SqlStore):
         self.path = path
         self._writer = writer
         self._reader = reader
-        # Read inline on the event loop, for one value only: `identity_generation`, and only
-        # when the WAL index says something was committed since the last read of it.
+        # Read inline on the event loop, for one value only: `identity_generation`.
         self._peek = peek
-        self._wal_index = _WalIndex(path)
-        self._generation_seen: tuple[bytes, int] | None = None
         self._lock = asyncio.Lock()
         self._commits = 0
         self._checkpointing: asyncio.Task[bool] | None = None
@@ -481,7 +446,6 @@ class SqliteStore(SqlStore):
         if self._checkpointing is not None:
             await self._checkpointing
         self._peek.close()
-        self._wal_index.close()
         await self._reader.close()
         await self._writer.close()
         await asyncio.to_thread(_checkpoint, self.path)
@@ -564,23 +528,13 @@ class SqliteStore(SqlStore):
     # Reads: committed data only (the rest in SqlStore).
 
     async def identity_generation(self) -> int:
-        # Nothing committed since the last read (by this process or another on the file): the
-        # generation is what that read found. The header is taken before the read, so a commit
-        # landing in between is read now and still moves the header for the next call.
-        header = self._wal_index.header()
-        seen = self._generation_seen
-        if header is not None and seen is not None and seen[0] == header:
-            return seen[1]
         sql = self._q.identity_generation
         try:
             # fetchall: the statement is finished (its read snapshot released) before returning.
             rows = self._peek.execute(sql).fetchall()
         except sqlite3.OperationalError:
             rows = list(await self._reader.execute_fetchall(sql))
-        generation = int(rows[0][0]) if rows else 0
-        if header is not None:
-            self._generation_seen = (header, generation)
-        return generation
+        return int(rows[0][0]) if rows else 0
 
     async def _fetch_each(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
         # One trip to the reader's thread for all of them.
