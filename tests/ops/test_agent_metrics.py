@@ -75,7 +75,10 @@ async def test_overstay_and_enforcer_failures_on_the_agent_endpoint(tmp_path: Pa
             assert value(samples, OVERSTAY + "_bucket", le="+Inf") == 1
 
             # The marker directory becomes a file: the file enforcer cannot write its marker,
-            # the apply fails (and so does its roll-back's remove), the grant FAILED.
+            # the apply fails (and so does its roll-back's remove), the grant FAILED. The
+            # expired grant left no marker, only the pair's spare (`agent/enforcers/file.py`).
+            assert [path.name for path in access.iterdir()] == [".alice:deploy.spare"]
+            (access / ".alice:deploy.spare").unlink()
             access.rmdir()
             access.write_text("not a directory\n")
             _, broken = await alice.create_request(
